@@ -7,11 +7,11 @@ Docs: https://influence-nb.github.io/influence_nb/api.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_api.ipynb #54286b84
+# %% ../nbs/99_api.ipynb #53567df6
 __version__ = "0.1.0"
 
 from .data import (IGNORE_INDEX, data_dir, as_sequences, tokenize, tokenize_pairs, collate, batches,
                                n_scored, check_sequences)
 from .modules import find_modules, candidate_modules, tiny_model, TrackedLayer, MLP_LEAVES
 from .ekfac import Factors, fit_factors, fingerprint, STRATEGIES
-from .scores import Scores, pairwise_scores, self_scores, ClassifierAsLM
+from .scores import Scores, pairwise_scores, self_scores, ClassifierAsLM, RegressorAsLM
