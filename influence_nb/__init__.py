@@ -7,7 +7,7 @@ Docs: https://influence-nb.github.io/influence_nb/api.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_api.ipynb #53567df6
+# %% ../nbs/99_api.ipynb #a58d3835
 __version__ = "0.1.0"
 
 from .data import (IGNORE_INDEX, data_dir, as_sequences, tokenize, tokenize_pairs, collate, batches,
