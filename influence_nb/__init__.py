@@ -7,7 +7,7 @@ Docs: https://influence-nb.github.io/influence_nb/api.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_api.ipynb #a58d3835
+# %% ../nbs/99_api.ipynb #5c3dad36
 __version__ = "0.1.0"
 
 from .data import (IGNORE_INDEX, data_dir, as_sequences, tokenize, tokenize_pairs, collate, batches,
@@ -15,3 +15,4 @@ from .data import (IGNORE_INDEX, data_dir, as_sequences, tokenize, tokenize_pair
 from .modules import find_modules, candidate_modules, tiny_model, TrackedLayer, MLP_LEAVES
 from .ekfac import Factors, fit_factors, fingerprint, STRATEGIES
 from .scores import Scores, pairwise_scores, self_scores, ClassifierAsLM, RegressorAsLM
+from .search import scan, ScanResult, read_scores

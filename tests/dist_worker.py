@@ -1,0 +1,54 @@
+"""Worker for tests/test_distributed.py: fit EK-FAC factors on a tiny model and compute pairwise, self and scan
+scores, either alone (`python tests/dist_worker.py OUT CORPUS`) or as every rank of
+`torchrun --standalone --nproc_per_node N tests/dist_worker.py OUT CORPUS` (gloo on CPU). Rank 0 writes
+everything to OUT/results.safetensors so the test can compare a single process with N."""
+import os, sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+torch.set_num_threads(1)
+import influence_nb as inf
+from influence_nb.kfac import dist_info
+from influence_nb.search import scan, read_scores
+
+
+def data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    train = inf.as_sequences([torch.randint(1, 32, (int(torch.randint(4, 16, (1,), generator=g)),), generator=g)
+                              for _ in range(37)])                       # 37: shards of unequal size
+    queries = inf.as_sequences([{'input_ids': torch.randint(1, 32, (8,), generator=g),
+                                 'labels': [-100] * 5 + torch.randint(1, 32, (3,), generator=g).tolist()} for _ in range(3)])
+    return train, queries
+
+
+def main(out, corpus_path):
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1: dist.init_process_group('gloo')
+    rank, world = dist_info()
+    out = Path(out)
+    model = inf.tiny_model('gpt2', layers=2).double()
+    train, queries = data()
+    f = inf.fit_factors(model, train, 'ekfac', batch_size=4, progress=False)
+    res = {}
+    for n in f.modules:
+        for key in ('A', 'S', 'Lambda'): res[f'{n}::{key}'] = f.tensors[n][key]
+    res['pairwise'] = inf.pairwise_scores(model, f, queries, train, batch_size=4, progress=False).total
+    res['self'] = inf.self_scores(model, f, train, batch_size=4, progress=False)
+    s1 = scan(model, f, queries, train, k=5, chunk_size=10, batch_size=3, progress=False)
+    s2 = scan(model, f, queries, corpus_path, k=6, query_rank=1, refine=True, chunk_size=8, batch_size=4,
+              scores_path=out/f'scores-{world}', checkpoint=out/f'scan-{world}.ckpt', checkpoint_every=8, progress=False)
+    res.update({'scan_indices': s1.indices, 'scan_scores': s1.scores, 'refined_indices': s2.indices,
+                'refined_scores': s2.scores})
+    if world > 1:   # every rank holds the same top-k: check it here
+        for t in (s1.indices, s2.indices):
+            ref = t.clone(); dist.broadcast(ref, 0)
+            assert torch.equal(ref, t), f"rank {rank} disagrees with rank 0 on the scan result"
+    if rank == 0:
+        res['scan_all_scores'] = torch.tensor(read_scores(out/f'scores-{world}').to_numpy())
+        save_file({k: v.contiguous() for k, v in res.items()}, str(out/'results.safetensors'))
+    if world > 1: dist.barrier(); dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1], sys.argv[2])

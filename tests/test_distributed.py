@@ -1,0 +1,63 @@
+"""The same `fit_factors`, `pairwise_scores`, `self_scores` and `scan` under `torchrun --nproc_per_node 2`
+(gloo, CPU) give a single process's results: each rank works on its strided shard and the sums are all-reduced."""
+import json, os, subprocess, sys, shutil
+from pathlib import Path
+import pytest, torch
+from safetensors.torch import load_file
+
+HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason='torch.distributed with gloo is not available')
+
+
+def run(cmd, out):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    return load_file(str(out/'results.safetensors'))
+
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+    sys.path.insert(0, str(HERE))
+    from dist_worker import data, main
+    d = tmp_path_factory.mktemp('dist')
+    train, _ = data()
+    corpus = d/'corpus.jsonl'
+    corpus.write_text(''.join(json.dumps({'input_ids': s['input_ids'].tolist()}) + '\n' for s in train))
+    (d/'one').mkdir(); (d/'two').mkdir()
+    main(str(d/'one'), str(corpus))                                     # a single process: this one
+    one = load_file(str(d/'one'/'results.safetensors'))
+    torchrun = [sys.executable, '-m', 'torch.distributed.run']
+    two = run(torchrun + ['--standalone', '--nproc_per_node', '2', str(HERE/'dist_worker.py'), str(d/'two'), str(corpus)], d/'two')
+    return one, two
+
+
+def close(a, b, rtol=1e-9):
+    return torch.allclose(a, b, rtol=0, atol=rtol * float(a.abs().max()))
+
+
+def test_factors_equal(results):
+    one, two = results
+    keys = [k for k in one if '::' in k]
+    assert {k.split('::')[1] for k in keys} == {'A', 'S', 'Lambda'}
+    for k in keys: assert close(one[k], two[k]), k
+
+
+def test_self_scores_equal(results):
+    one, two = results
+    assert close(one['self'], two['self'])
+
+
+def test_scan_equal(results):
+    one, two = results
+    assert torch.equal(one['scan_indices'], two['scan_indices']) and close(one['scan_scores'], two['scan_scores'])
+    assert torch.equal(one['refined_indices'], two['refined_indices']) and close(one['refined_scores'], two['refined_scores'])
+    assert close(one['scan_all_scores'], two['scan_all_scores'])
+    # and the scan agrees with the single process's pairwise scores
+    assert close(one['scan_scores'], one['pairwise'].topk(5, dim=1).values)
+
+
+def test_pairwise_scores_equal(results):
+    one, two = results
+    assert close(one['pairwise'], two['pairwise'])

@@ -1,0 +1,135 @@
+"Streaming scans (`influence_nb.search`): agreement with pairwise scores, chunking invariance, kill -9 and resume."
+import json, signal, subprocess, sys, time
+from pathlib import Path
+import pytest, torch
+from hypothesis import given, settings, strategies as st
+import influence_nb as inf
+from influence_nb.ekfac import Factors
+from influence_nb.search import scan, merge_topk, read_scores, ScanResult, _empty_topk
+
+torch.set_num_threads(1)
+
+
+def rand_seqs(n, vocab=32, lo=3, hi=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return inf.as_sequences([torch.randint(1, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g) for _ in range(n)])
+
+
+def rand_queries(n, vocab=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return inf.as_sequences([{'input_ids': torch.randint(1, vocab, (8,), generator=g),
+                              'labels': [-100] * 5 + torch.randint(1, vocab, (3,), generator=g).tolist()} for _ in range(n)])
+
+
+@pytest.fixture(scope='module')
+def setup():
+    model = inf.tiny_model('gpt2', layers=2).double()
+    corpus, queries = rand_seqs(64), rand_queries(3)
+    factors = inf.fit_factors(model, corpus[:32], batch_size=8, progress=False)
+    full = inf.pairwise_scores(model, factors, queries, corpus, batch_size=8, progress=False).total
+    return model, factors, queries, corpus, full
+
+
+def write_jsonl(path, seqs):
+    path.write_text(''.join(json.dumps({'input_ids': s['input_ids'].tolist()}) + '\n' for s in seqs))
+    return path
+
+
+def test_scan_equals_pairwise_topk(setup, tmp_path):
+    model, factors, queries, corpus, full = setup
+    v, i = full.topk(8, dim=1)
+    r = scan(model, factors, queries, corpus, k=8, chunk_size=64, progress=False)
+    assert torch.equal(r.indices, i) and torch.equal(r.scores, v)            # same batches: bit for bit
+    for cs, bs in ((5, 2), (17, 8)):
+        r = scan(model, factors, queries, write_jsonl(tmp_path/'c.jsonl', corpus), k=8, chunk_size=cs, batch_size=bs,
+                 scores_path=tmp_path/f's{cs}', progress=False)
+        assert torch.equal(r.indices, i)
+        assert torch.allclose(r.scores, v, rtol=0, atol=1e-10 * float(v.abs().max()))
+        df = read_scores(tmp_path/f's{cs}')
+        assert torch.allclose(torch.tensor(df.to_numpy().T), full, rtol=0, atol=1e-10 * float(full.abs().max()))
+
+
+def test_result_roundtrip_and_table(setup, tmp_path):
+    model, factors, queries, corpus, full = setup
+    r = scan(model, factors, queries, corpus, k=4, progress=False)
+    r2 = ScanResult.load(r.save(tmp_path/'r.parquet'))
+    assert torch.equal(r2.indices, r.indices) and torch.equal(r2.scores, r.scores) and r2.n_scanned == 64
+    top = r.top(1, 3, corpus=corpus)
+    assert top['index'].tolist() == full[1].topk(3).indices.tolist()
+    assert top['text'].tolist() == [' '.join(map(str, corpus[j]['input_ids'].tolist())) for j in top['index']]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=40), st.integers(1, 10), st.integers(1, 12), st.randoms())
+def test_merge_topk_is_order_free(vals, k, chunk, rnd):
+    "Any arrival order and chunking gives the brute-force top-k by (score desc, index asc) — ties included."
+    s = torch.tensor(vals, dtype=torch.float64)[None]
+    want = sorted(range(len(vals)), key=lambda j: (-vals[j], j))[:k]
+    order = list(range(len(vals))); rnd.shuffle(order)
+    v, i = _empty_topk(1, k, torch.float64)
+    for a in range(0, len(order), chunk):
+        part = torch.tensor(order[a:a + chunk])
+        v, i = merge_topk(v, i, s[:, part], part, k)
+    assert i[0, :len(want)].tolist() == want
+
+
+def test_bad_line_named_or_skipped(setup, tmp_path):
+    model, factors, queries, corpus, full = setup
+    p = write_jsonl(tmp_path/'c.jsonl', corpus[:10])
+    lines = p.read_text().splitlines(); lines[4] = '{"input_ids": [1, 2'
+    p.write_text('\n'.join(lines) + '\n')
+    with pytest.raises(ValueError, match='line 5 of c.jsonl'): scan(model, factors, queries, p, progress=False)
+    r = scan(model, factors, queries, p, k=3, on_bad_record='skip', progress=False)
+    assert (r.n_scanned, r.n_skipped) == (9, 1) and 4 not in r.indices.tolist()
+
+
+CHILD = '''
+import sys, time, torch
+torch.set_num_threads(1)
+from influence_nb.modules import tiny_model
+from influence_nb.ekfac import Factors
+from influence_nb.search import scan
+model = tiny_model('gpt2', layers=2).double()
+fwd = model.forward
+def slow(*a, **kw): time.sleep(0.03); return fwd(*a, **kw)
+model.forward = slow
+d = sys.argv[1]
+queries = [{'input_ids': q[0], 'labels': q[1]} for q in torch.load(d + '/queries.pt', weights_only=True)]
+scan(model, Factors.load(d + '/factors'), queries, d + '/corpus.jsonl', k=6, chunk_size=8, batch_size=4,
+     checkpoint=d + '/scan.ckpt', checkpoint_every=8, scores_path=d + '/scores', progress=False)
+'''
+
+
+def test_kill9_then_resume_is_identical(setup, tmp_path):
+    model, factors, queries, corpus, full = setup
+    factors.save(tmp_path/'factors'); factors = Factors.load(tmp_path/'factors')      # as a fresh process sees them
+    torch.save([(q['input_ids'], q['labels']) for q in queries], tmp_path/'queries.pt')
+    src = write_jsonl(tmp_path/'corpus.jsonl', corpus)
+    kw = dict(k=6, chunk_size=8, batch_size=4, progress=False)
+    clean = scan(model, factors, queries, src, scores_path=tmp_path/'clean', **kw)
+    proc = subprocess.Popen([sys.executable, '-c', CHILD, str(tmp_path)], stderr=subprocess.PIPE)
+    ck, t0, done = tmp_path/'scan.ckpt', time.time(), 0
+    while done < 16 and time.time() - t0 < 120:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        try: done = json.loads(ck.read_text())['n_records']
+        except (OSError, ValueError, KeyError): pass
+        time.sleep(0.02)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL); proc.wait()
+    at = json.loads(ck.read_text())['n_records']
+    assert 16 <= at < 64, at
+    resumed = scan(model, factors, queries, src, checkpoint=ck, checkpoint_every=8, scores_path=tmp_path/'scores', **kw)
+    assert torch.equal(resumed.indices, clean.indices) and torch.equal(resumed.scores, clean.scores)
+    assert read_scores(tmp_path/'scores').equals(read_scores(tmp_path/'clean'))
+
+
+def test_corrupt_or_foreign_checkpoint_refused(setup, tmp_path):
+    model, factors, queries, corpus, full = setup
+    ck = tmp_path/'scan.ckpt'
+    scan(model, factors, queries, corpus, k=4, chunk_size=16, checkpoint=ck, progress=False)
+    with pytest.raises(ValueError, match='different scan'):
+        scan(model, factors, queries, corpus, k=4, chunk_size=32, checkpoint=ck, progress=False)
+    meta = json.loads(ck.read_text())
+    (tmp_path/meta['tensors']).write_bytes(b'\0' * 10)
+    with pytest.raises(ValueError, match='damaged'):
+        scan(model, factors, queries, corpus, k=4, chunk_size=16, checkpoint=ck, progress=False)
