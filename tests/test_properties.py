@@ -1,0 +1,131 @@
+"""Never silently wrong (issue 9, rows P1–P3 of tests/README.md): property tests with hypothesis.
+
+Scores do not depend on batch size, padding or data order; a scan interrupted anywhere and resumed equals the
+uninterrupted scan bit for bit; and no public call — finishing or failing midway — changes the model's parameters,
+gradients, hooks, `requires_grad` flags or any module's train/eval mode."""
+import functools, tempfile
+from pathlib import Path
+import pytest, torch
+from hypothesis import given, settings, HealthCheck, strategies as st
+import influence_nb as inf
+from influence_nb.search import scan, read_scores
+
+torch.set_num_threads(1)
+VOCAB = 32
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def rand_seqs(n, lo=3, hi=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return inf.as_sequences([torch.randint(1, VOCAB - 1, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g)
+                             for _ in range(n)])
+
+
+def rand_queries(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return inf.as_sequences([{'input_ids': torch.randint(1, VOCAB - 1, (6,), generator=g),
+                              'labels': [-100] * 4 + torch.randint(1, VOCAB - 1, (2,), generator=g).tolist()} for _ in range(n)])
+
+
+@functools.lru_cache(None)
+def setup():
+    "float64 model so that reordering sums moves scores by ~1e-15 relative, far below the 1e-9 asserted."
+    m = inf.tiny_model('gpt2', layers=1).double()
+    train, queries = rand_seqs(10), rand_queries(2)
+    f = inf.fit_factors(m, train, 'ekfac', batch_size=4, progress=False)
+    ref = inf.pairwise_scores(m, f, queries, train, per_layer=True, per_token=True, batch_size=1, progress=False)
+    return m, f, train, queries, ref
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(perm=st.permutations(range(10)), bs=st.integers(1, 10),
+       pads=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=10, max_size=10))
+def test_P1_scores_invariant_to_batch_order_padding(perm, bs, pads):
+    m, f, train, queries, ref = setup()
+    data = []
+    for j, i in enumerate(perm):
+        ids = train[i]['input_ids'].tolist(); lft, rgt = pads[j]
+        data.append({'input_ids': [0] * lft + ids + [7] * rgt, 'attention_mask': [0] * lft + [1] * len(ids) + [0] * rgt})
+    got = inf.pairwise_scores(m, f, queries, data, per_layer=True, per_token=True, batch_size=bs, progress=False)
+    tol = 1e-9 * float(ref.total.abs().max())
+    assert torch.allclose(got.total, ref.total[:, list(perm)], rtol=0, atol=tol)
+    for n in ref.per_layer: assert torch.allclose(got.per_layer[n], ref.per_layer[n][:, list(perm)], rtol=0, atol=tol)
+    assert torch.allclose(got.per_token, ref.per_token[:, list(perm)], rtol=0, atol=tol)   # padding removed: tokens line up
+    self_ = inf.self_scores(m, f, data, batch_size=bs, progress=False)
+    assert torch.allclose(self_, inf.self_scores(m, f, train, batch_size=1, progress=False)[list(perm)], rtol=0, atol=tol)
+
+
+class Flaky:
+    "An indexable corpus that fails (like a kill or a network error) when record `stop` is read."
+    def __init__(self, seqs, stop): self.seqs, self.stop = seqs, stop
+    def __len__(self): return len(self.seqs)
+    def __getitem__(self, i):
+        if i == self.stop: raise KeyboardInterrupt(f'interrupted at {i}')
+        return self.seqs[i]
+
+
+@settings(max_examples=6, **SETTINGS)
+@given(stop=st.integers(1, 19), chunk=st.integers(1, 6), every=st.integers(1, 8), bs=st.integers(1, 4),
+       rank=st.sampled_from([None, 2]))
+def test_P2_scan_resumed_in_pieces_is_identical(stop, chunk, every, bs, rank):
+    m, f, _, queries, _ = setup()
+    corpus = rand_seqs(20, seed=3)
+    kw = dict(k=5, chunk_size=chunk, batch_size=bs, checkpoint_every=every, query_rank=rank, progress=False)
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        clean = scan(m, f, queries, corpus, scores_path=d/'clean', **kw)
+        with pytest.raises(KeyboardInterrupt):
+            scan(m, f, queries, Flaky(corpus, stop), checkpoint=d/'c.ckpt', scores_path=d/'s', **kw)
+        with pytest.raises(KeyboardInterrupt):          # a second interruption, later on
+            scan(m, f, queries, Flaky(corpus, min(stop + chunk + every, 19)), checkpoint=d/'c.ckpt', scores_path=d/'s', **kw)
+        r = scan(m, f, queries, corpus, checkpoint=d/'c.ckpt', scores_path=d/'s', **kw)
+        assert torch.equal(r.indices, clean.indices) and torch.equal(r.scores, clean.scores) and r.n_scanned == 20
+        assert read_scores(d/'s').equals(read_scores(d/'clean'))
+
+
+def snapshot(m):
+    return ({k: v.clone() for k, v in m.state_dict().items()}, [x.training for x in m.modules()],
+            [p.requires_grad for p in m.parameters()])
+
+
+def unchanged(m, snap):
+    sd, modes, flags = snap
+    assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items()), 'parameters changed'
+    assert [x.training for x in m.modules()] == modes, 'a module changed train/eval mode'
+    assert [p.requires_grad for p in m.parameters()] == flags, 'requires_grad changed'
+    assert all(p.grad is None for p in m.parameters()), 'a .grad was left behind'
+    assert sum(len(x._forward_hooks) + len(x._backward_hooks) for x in m.modules()) == 0, 'a hook was left behind'
+
+
+CALLS = {
+    'fit_factors': lambda m, f, tr, q: inf.fit_factors(m, tr, 'ekfac', batch_size=3, progress=False),
+    'fit_factors(diagonal)': lambda m, f, tr, q: inf.fit_factors(m, tr, 'diagonal', progress=False),
+    'pairwise_scores': lambda m, f, tr, q: inf.pairwise_scores(m, f, q, tr, per_layer=True, per_token=True, progress=False),
+    'pairwise_scores(rank)': lambda m, f, tr, q: inf.pairwise_scores(m, f, q, tr, query_rank=2, batch_size=3, progress=False),
+    'self_scores': lambda m, f, tr, q: inf.self_scores(m, f, tr, progress=False),
+    'scan': lambda m, f, tr, q: scan(m, f, q, tr, k=3, chunk_size=4, progress=False),
+    'scan(refine)': lambda m, f, tr, q: scan(m, f, q, tr, k=3, query_rank=2, refine=True, progress=False),
+}
+
+
+@settings(max_examples=14, **SETTINGS)
+@given(call=st.sampled_from(sorted(CALLS)), modes=st.lists(st.booleans(), min_size=40, max_size=40),
+       frozen=st.lists(st.booleans(), min_size=20, max_size=20), fail=st.booleans())
+def test_P3_model_state_unchanged(call, modes, frozen, fail):
+    "After any public call — or its failure midway through a pass — the model is exactly as it was."
+    m, f, train, queries, _ = setup()
+    mods, params = list(m.modules()), list(m.parameters())
+    for x, t in zip(mods, modes): x.training = t
+    for p, fr in zip(params, frozen): p.requires_grad_(not fr)
+    snap = snapshot(m)
+    data = train + [[3, VOCAB - 1, 5]] if fail else train
+    h = m.transformer.wte.register_forward_hook(lambda mod, i, out: out.masked_fill((i[0] == VOCAB - 1)[..., None], float('nan')))
+    try:
+        if fail:
+            with pytest.raises(ValueError, match='Non-finite'): CALLS[call](m, f, data, queries)
+        else: CALLS[call](m, f, data, queries)
+    finally:
+        h.remove()
+        try: unchanged(m, snap)
+        finally:                                    # leave the shared model as setup() made it
+            m.eval(); m.requires_grad_(True)
