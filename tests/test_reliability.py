@@ -309,9 +309,12 @@ def test_F2_missing_file(env, tmp_path):
 def test_F2_roundtrip_is_exact(env, tmp_path, strategy):
     m, f, tr, q = env
     f = f if strategy == 'ekfac' else inf.fit_factors(m, tr, strategy, progress=False)
-    g = Factors.load(f.save(tmp_path))
+    g = Factors.load(f.save(tmp_path), covariances=True)
     assert same_factors(g, f) and g.info == f.info and g.n_tokens == f.n_tokens
     assert torch.equal(inf.pairwise_scores(m, g, q, tr, progress=False).total, inf.pairwise_scores(m, f, q, tr, progress=False).total)
+    lean = Factors.load(tmp_path)          # the default leaves A and S (never used to precondition) on disk
+    assert all(set(lean.tensors[n]) == set(f.tensors[n]) - {'A', 'S'} for n in f.modules)
+    assert torch.equal(inf.pairwise_scores(m, lean, q, tr, progress=False).total, inf.pairwise_scores(m, f, q, tr, progress=False).total)
 
 
 def test_F4_nan_in_memory_factors_named(env):
@@ -497,7 +500,7 @@ def test_S3_two_writers_one_reader(env, tmp_path):
     for t in ts: t.start()
     for t in ts: t.join()
     assert errors == [] and seen <= {'ekfac', 'kfac'}
-    last = Factors.load(tmp_path)
+    last = Factors.load(tmp_path, covariances=True)
     assert (same_factors(last, f) or same_factors(last, g)) and sorted(p.name for p in tmp_path.iterdir()) == ['factors.json', 'factors.safetensors']
 
 
