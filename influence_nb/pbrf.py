@@ -18,7 +18,7 @@ from .data import IGNORE_INDEX, as_sequences, collate, require_scored
 __all__ = ['bregman_objective', 'gnvp', 'PBRFResponse', 'pbrf_response', 'PBRFInfluence', 'pbrf_influence', 'cg_ihvp',
            'lissa_ihvp']
 
-# %% ../nbs/02_pbrf.ipynb #21f5e3ff
+# %% ../nbs/02_pbrf.ipynb #42d87da7
 _LOSSES = ('ce', 'mse')
 
 @dataclass
@@ -38,8 +38,9 @@ def _is_xy(data) -> bool:
 class _Examples:
     "Normalised examples of one argument (`data`, `z_m` or `query`), cut into batches on demand."
     def __init__(self, data, name: str, loss: str, dtype: torch.dtype, batch_size: int, single: bool = False,
-                 x_dim: int|None = None, device=None):
+                 x_dim: int|None = None, device=None, lm_targets=None):
         self.name, self.loss, self.dtype, self.batch_size, self.device = name, loss, dtype, batch_size, device
+        self.lm_targets = lm_targets   # sequences with loss='mse': scored labels [n_rows] -> target values [n_rows, d_out]
         if _is_xy(data):
             X, y = data
             if single and x_dim is not None and X.dim() == x_dim - 1: X, y = X[None], y[None]   # one example (x, y)
@@ -61,9 +62,11 @@ class _Examples:
                     and data[1].dim() < data[0].dim():
                 raise TypeError(f"`{name}` looks like an (X, y) pair but X has dtype {data[0].dtype}; "
                                 "(X, y) data needs a floating X. Language-model sequences are dicts with 'input_ids'.")
-            if loss != 'ce':
-                raise ValueError(f"loss={loss!r} needs (X, y) tensors; language-model sequences use loss='ce' "
-                                 "(the cross-entropy summed over scored tokens).")
+            if loss != 'ce' and lm_targets is None:
+                raise ValueError(f"loss={loss!r} on sequences needs a model that turns a scored label into its target "
+                                 "values: a floating buffer `Y` [n, d_out] indexed by the label (as `RegressorAsLM` has) or "
+                                 "a method `pbrf_targets(labels) -> [n_rows, d_out]`. Otherwise pass (X, y) tensors, or use "
+                                 "loss='ce' (the cross-entropy summed over scored tokens) for a language model.")
             if single and (isinstance(data, Mapping) or (isinstance(data, torch.Tensor) and data.dim() == 1)
                            or (isinstance(data, (list, tuple)) and len(data) and isinstance(data[0], int))):
                 data = [data]
@@ -84,8 +87,10 @@ class _Examples:
                 b = {k: t.to(self.device) for k, t in collate([self.seqs[i] for i in sel.tolist()]).items()}
                 labels = b['labels'][:, 1:]                       # [B, T-1], shifted as in transformers
                 scored = labels != IGNORE_INDEX
+                targets = labels[scored]                          # [n_rows] token ids (ce) or labels naming targets (mse)
+                if self.loss == 'mse': targets = self.lm_targets(targets)   # [n_rows, d_out]
                 out.append(_Batch('lm', {'input_ids': b['input_ids'], 'attention_mask': b['attention_mask']},
-                                  labels[scored], scored.nonzero()[:, 0], scored, len(sel)))
+                                  targets, scored.nonzero()[:, 0], scored, len(sel)))
         return out
 
 # %% ../nbs/02_pbrf.ipynb #40595a57
@@ -125,7 +130,7 @@ def _eval_mode(model):
     try: yield
     finally: model.train(was)
 
-# %% ../nbs/02_pbrf.ipynb #567608cc
+# %% ../nbs/02_pbrf.ipynb #beae68b3
 class _Problem:
     "A model as a function of the flat vector of its tracked parameters, plus the fit data."
     def __init__(self, model, param_names, data, loss='ce', batch_size=64, dtype=None, name='data'):
@@ -144,12 +149,28 @@ class _Problem:
         cast = lambda t: t.detach().to(self.dtype) if t.is_floating_point() else t.detach()
         self.fixed = {n: cast(t) for n, t in list(model.named_parameters()) + list(model.named_buffers())
                       if n not in self.names}
+        self.lm_targets = self._lm_targets()
         self.data = self.examples(data, name)
         self.N = self.data.n
 
+    def _lm_targets(self):
+        "For loss='mse' on sequences: scored labels [n_rows] -> targets [n_rows, d_out], from the model (None if it has none)."
+        if self.loss != 'mse': return None
+        custom = getattr(self.model, 'pbrf_targets', None)
+        if callable(custom): return lambda lab: custom(lab).to(self.device, self.dtype).reshape(len(lab), -1)
+        Y = self.fixed.get('Y')
+        if not isinstance(Y, torch.Tensor) or not Y.is_floating_point() or Y.dim() == 0: return None
+        Y = Y.reshape(len(Y), -1)                                         # [n_examples, d_out]
+        def lookup(lab):
+            bad = (lab < 0) | (lab >= len(Y))
+            if bad.any(): raise ValueError(f"A scored label ({int(lab[bad][0])}) is not a row of the model's `Y` "
+                                           f"({len(Y)} rows): with loss='mse' a sequence's label names its target row.")
+            return Y[lab]
+        return lookup
+
     def examples(self, data, name, single=False) -> _Examples:
         x_dim = self.data.X.dim() if hasattr(self, 'data') and self.data.kind == 'xy' else None
-        ex = _Examples(data, name, self.loss, self.dtype, self.batch_size, single, x_dim, self.device)
+        ex = _Examples(data, name, self.loss, self.dtype, self.batch_size, single, x_dim, self.device, self.lm_targets)
         if hasattr(self, 'data') and ex.kind != self.data.kind:
             raise TypeError(f"`{name}` is {'(X, y) tensors' if ex.kind == 'xy' else 'sequences'} but `data` is "
                             f"{'(X, y) tensors' if self.data.kind == 'xy' else 'sequences'}; use one kind for both.")
@@ -166,10 +187,11 @@ class _Problem:
         if batch.kind == 'lm':
             out = functional_call(self.model, self.params(theta), args=(), kwargs=batch.inputs)
             logits = getattr(out, 'logits', out)                         # [B, T, V]
-            return logits[:, :-1][batch.scored]                           # [n_rows, V]
-        out = functional_call(self.model, self.params(theta), (batch.inputs,))
-        out = getattr(out, 'logits', out)
-        out = out.reshape(out.shape[0], -1)                               # [B, d_out]
+            out = logits[:, :-1][batch.scored]                            # [n_rows, V]
+        else:
+            out = functional_call(self.model, self.params(theta), (batch.inputs,))
+            out = getattr(out, 'logits', out)
+            out = out.reshape(out.shape[0], -1)                           # [B, d_out]
         if self.loss == 'mse' and out.shape != batch.targets.shape:
             raise ValueError(f"The model's outputs have shape {tuple(out.shape)} but y has shape "
                              f"{tuple(batch.targets.shape)}; with loss='mse' they must match.")
