@@ -532,6 +532,30 @@ def main_bench(args):
     print('\n\n'.join(tables))
 
 
+def report(path):
+    "Markdown tables from a results file (no measuring)."
+    data = load_results(path)
+    out = []
+    m = data.get('meta', {})
+    if m: out.append(f"threads {m.get('threads')}, torch {m.get('torch')}, kronfluence {m.get('kronfluence')}, "
+                     f"load average {m.get('loadavg_start')} -> {m.get('loadavg_end')}, engine {m.get('engine', {}).get('git_commit')}"
+                     f"{' (+uncommitted)' if m.get('engine', {}).get('engine_dirty') else ''} {m.get('engine', {}).get('sha256', '')}")
+    for name, w in data.get('workloads', {}).items():
+        s = w['summary']
+        out.append(table(f"{name} ({describe(w['spec'])}; {len(w['runs'])} repeat(s)) — wall time", s))
+        cpu = dict(s, seconds=s['cpu_seconds'], ratios=s['cpu_ratios'])
+        out.append(table(f"{name} — process CPU time", cpu))
+        a = w.get('agreement')
+        if a: out.append('Agreement: ' + json.dumps({k: v for k, v in a.items() if k != 'stage'}))
+        if s.get('pearson_true_fisher_vs_kron'): out.append(f"true-Fisher runs (independent pseudo-labels): Pearson {s['pearson_true_fisher_vs_kron']}")
+    if 'scaling' in data: out.append(scaling_table(data['scaling']['rows']))
+    if 'micro' in data:
+        out.append('| hot spot | current ms | alternative ms | speed-up | alternative |\n|---|---|---|---|---|\n' + '\n'.join(
+            f"| {r['what']} | {r['current_ms']:.1f} | {r['alternative_ms']:.1f} | {r['current_ms'] / r['alternative_ms']:.1f}× | {r['note']} |"
+            for r in data['micro']['rows']))
+    print('\n\n'.join(out))
+
+
 def describe(spec):
     if spec['kind'] == 'llama':
         return (f"Llama config, {spec['layers']} layers, hidden {spec['hidden']}, MLP {spec['mlp']}, vocab {spec['vocab']}, "
@@ -658,7 +682,7 @@ def _label_engine():
     wrap(E, 'check_factors_finite', '#check_factors_finite')
     wrap(E.Factors, 'save', '#Factors.save')
     wrap(S, 'query_gradients', '#scores: query_gradients')
-    wrap(S, 'precondition_queries', '#scores: precondition_queries (float64 rotations + SVD)')
+    wrap(S, 'precondition_queries', '#scores: precondition_queries (rotations, rank truncation)')
     wrap(S, '_contract', '#scores: _contract')
     wrap(S, 'seq_grads', '#scores: seq_grads (per-sequence gradient)')
     wrap(E.Factors, 'check', '#scores: Factors.check (fingerprint)')
@@ -862,6 +886,22 @@ def micro(threads=1, B=8, T=128, q=16, r=RANK):
             lambda: A32.addmm_(a2.T, a2), 'float32 addmm_ into a preallocated buffer (convert once at the end)')
         add(f'pass 1: same, keeping a float64 accumulator {shape}', lambda: A64.add_((a2.T @ a2).double().cpu()),
             lambda: A64.add_(torch.mm(a2.T, a2, out=buf)), 'mm(out=buffer) then in-place add_ into float64')
+        # pass 1, the 1024-wide side: symmetric rank-k update (BLAS syrk computes one triangle: half the multiply-adds)
+        if o >= i:
+            try:
+                import numpy as np
+                from scipy.linalg import blas
+                from threadpoolctl import threadpool_limits
+                S32 = torch.zeros(o, o); SF = np.zeros((o, o), dtype=np.float32, order='F'); gF = g2.numpy().T
+                def syrk():
+                    with threadpool_limits(threads): blas.ssyrk(1.0, gF, beta=1.0, c=SF, trans=0, lower=0, overwrite_c=1)
+                def check_syrk():
+                    c = blas.ssyrk(1.0, gF, trans=0, lower=0); c = np.triu(c) + np.triu(c, 1).T
+                    torch.testing.assert_close(torch.from_numpy(c), g2.T @ g2, rtol=1e-4, atol=1e-3)
+                add(f'pass 1: S += dᵀd, d_out={o} (torch addmm_ vs BLAS ssyrk)', lambda: S32.addmm_(g2.T, g2), syrk,
+                    'scipy.linalg.blas.ssyrk on a numpy view (CPU only): upper triangle, symmetrise once at the end',
+                    check=check_syrk)
+            except ImportError: pass
         # pass 2: Λ
         QA, QS = orth(i), orth(o)
         lam = torch.zeros(o, i, dtype=torch.float64)
@@ -907,6 +947,13 @@ def micro(threads=1, B=8, T=128, q=16, r=RANK):
         # dense reconstruction per batch in the "grad" path
         U, Vr = svd_cur(); G = torch.randn(B, o, i)
         U32, Vr32 = U.float(), Vr.float(); Pd = (U32 @ Vr32.transpose(-1, -2))
+        G32 = torch.randn(B, o, i); P32 = V.float()
+        Pflat = P32.reshape(q, -1).contiguous()
+        add(f'"grad" path contraction ⟨q̃, DW̄_b⟩ per batch {shape}', lambda: torch.einsum('qoi,boi->qb', P32, G32),
+            lambda: Pflat @ G32.reshape(B, -1).T, 'one mm against the query matrix flattened once (einsum permutes/copies '
+            'the 16 preconditioned queries in every batch)',
+            check=lambda: torch.testing.assert_close(torch.einsum('qoi,boi->qb', P32, G32), Pflat @ G32.reshape(B, -1).T,
+                                                     rtol=1e-4, atol=1e-2))
         add(f'rank-{r} "grad" contraction per batch {shape}',
             lambda: torch.einsum('qoi,boi->qb', U32 @ Vr32.transpose(-1, -2), G),
             lambda: torch.einsum('qoi,boi->qb', Pd, G), 'reconstruct U Vᵀ once, not in every batch')
@@ -955,6 +1002,7 @@ def parse(argv=None):
     ap.add_argument('--profile', action='store_true', help='write benchmarks/profile_fit.txt and profile_scores.txt')
     ap.add_argument('--profile-what', default='fit,scores')
     ap.add_argument('--micro', action='store_true', help='micro-benchmarks of hot spots against alternatives')
+    ap.add_argument('--report', action='store_true', help='print the markdown tables of --out (or the default results file)')
     ap.add_argument('--no-kron', action='store_true', help='skip Kronfluence even when importable')
     ap.add_argument('--no-agree', action='store_true', help='skip the agreement check')
     ap.add_argument('--out', default=None, help=f'results JSON (default {RESULTS.relative_to(ROOT)}; --quick: none)')
@@ -982,4 +1030,5 @@ if __name__ == '__main__':
     elif args.scaling: main_scaling(args)
     elif args.profile: main_profile(args)
     elif args.micro: main_micro(args)
+    elif args.report: report(args.out)
     else: main_bench(args)
