@@ -10,21 +10,13 @@ from hypothesis import given, settings, HealthCheck, strategies as st
 import influence_nb as inf
 from influence_nb.search import scan, read_scores
 
+from randdata import VOCAB, rand_queries, rand_seqs as _rand_seqs
+
 torch.set_num_threads(1)
-VOCAB = 32
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def rand_seqs(n, lo=3, hi=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return inf.as_sequences([torch.randint(1, VOCAB - 1, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g)
-                             for _ in range(n)])
-
-
-def rand_queries(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return inf.as_sequences([{'input_ids': torch.randint(1, VOCAB - 1, (6,), generator=g),
-                              'labels': [-100] * 4 + torch.randint(1, VOCAB - 1, (2,), generator=g).tolist()} for _ in range(n)])
+def rand_seqs(n, lo=3, hi=12, seed=0): return _rand_seqs(n, lo, hi, seed)   # sequences from 3 tokens up
 
 
 @functools.lru_cache(None)

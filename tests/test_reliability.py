@@ -12,21 +12,11 @@ import influence_nb.search as search_mod
 from influence_nb.ekfac import Factors
 from influence_nb.search import scan, ScanResult
 
+from randdata import VOCAB, rand_seqs, rand_queries
+
 torch.set_num_threads(1)
-VOCAB, CTX = 32, 32
+CTX = 32
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def rand_seqs(n, lo=4, hi=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return inf.as_sequences([torch.randint(1, VOCAB - 1, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g)
-                             for _ in range(n)])
-
-
-def rand_queries(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return inf.as_sequences([{'input_ids': torch.randint(1, VOCAB - 1, (6,), generator=g),
-                              'labels': [-100] * 4 + torch.randint(1, VOCAB - 1, (2,), generator=g).tolist()} for _ in range(n)])
 
 
 @pytest.fixture(scope='module')
