@@ -7,13 +7,7 @@ from influence_nb.pbrf import (bregman_objective, pbrf_response, pbrf_influence,
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run fastest on one thread; the CI machine is shared."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 @pytest.fixture(scope='module')

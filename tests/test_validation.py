@@ -27,13 +27,7 @@ def _script():
     return mod
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run fastest on one thread; the CI machine is shared."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 
 
 def _trained(net, X, loss_fn, steps=60, lr=0.03):
