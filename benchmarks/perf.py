@@ -698,12 +698,9 @@ def _phase_table(total_label):
     return lines
 
 
-def child_profile(which, spec, workdir, threads):
-    """Phase timing of the engine at the workload's size (no profiler), then torch.profiler operator tables.
-    The scores profiler run uses N=64 training sequences: torch.profiler's memory grew past 5 GB on the full
-    scoring loop (its per-op records), and per-batch operators scale linearly in N anyway."""
+def _profile_setup(which, spec, workdir, threads):
+    "Model, data and (for `which='scores'`) fitted factors of a profiling child, warmed up: `(model, train, queries, names, fdir)`."
     import torch, influence_nb as inf
-    from torch.profiler import profile, ProfilerActivity
     torch.set_num_threads(threads)
     warnings.filterwarnings('ignore')
     model, train, queries, names = build(spec)
@@ -711,6 +708,16 @@ def child_profile(which, spec, workdir, threads):
     fdir = Path(workdir) / 'ours_factors_true'
     if which == 'scores' and not (fdir / 'factors.json').exists():
         inf.fit_factors(model, train, modules=names, batch_size=spec['batch'], progress=False).save(fdir)
+    return model, train, queries, names, fdir
+
+
+def child_profile(which, spec, workdir, threads):
+    """Phase timing of the engine at the workload's size (no profiler), then torch.profiler operator tables.
+    The scores profiler run uses N=64 training sequences: torch.profiler's memory grew past 5 GB on the full
+    scoring loop (its per-op records), and per-batch operators scale linearly in N anyway."""
+    import torch, influence_nb as inf
+    from torch.profiler import profile, ProfilerActivity
+    model, train, queries, names, fdir = _profile_setup(which, spec, workdir, threads)
     phase = _label_engine()
     fwd = model.forward
     def labelled_forward(*a, **k):
@@ -771,13 +778,7 @@ def child_memprofile(which, spec, workdir, threads):
     read when it ends. Phases are top-level engine functions (never nested), so resets do not interfere."""
     import torch, influence_nb as inf
     import influence_nb.ekfac as E, influence_nb.scores as S
-    torch.set_num_threads(threads)
-    warnings.filterwarnings('ignore')
-    model, train, queries, names = build(spec)
-    warm_up(model, train, spec['batch'])
-    fdir = Path(workdir) / 'ours_factors_true'
-    if which == 'scores' and not (fdir / 'factors.json').exists():
-        inf.fit_factors(model, train, modules=names, batch_size=spec['batch'], progress=False).save(fdir)
+    model, train, queries, names, fdir = _profile_setup(which, spec, workdir, threads)
     rows = []
 
     def wrap(obj, name, label):
