@@ -270,10 +270,30 @@ def test_claims_function_on_planted_results(V):
     methods = {'ekfac': m(0.95, 1.0, 'ekfac'), 'kfac': m(0.9, 1.0, 'kfac'), 'diagonal': m(0.5, 1.0, 'diagonal'),
                'identity': m(0.3, 0.5, 'identity'), 'cg': m(1.0, 50., 'cg'),
                'lissa-10': m(0.5, 10., 'lissa', {'depth': 10}), 'lissa-1000': m(0.97, 100., 'lissa', {'depth': 1000})}
-    prob = dict(methods=methods, pbrf=dict(max_rel_dev_from_cg=1e-6, solver=dict(failed=0)), damping_sweep=[])
+    prob = dict(methods=methods, pbrf=dict(max_rel_dev_from_cg=1e-6, solver=dict(failed=0, solves=200)), damping_sweep=[])
     cl = V.claims({'problems': {'regression': prob}})
     assert cl['target_ekfac_pearson_0.9_regression']['holds'] and cl['target_ekfac_near_lissa_regression']['holds']
     methods['lissa-1000']['seconds'] = 5.                              # only 5x slower than EK-FAC: missed
     assert not V.claims({'problems': {'regression': prob}})['target_ekfac_near_lissa_regression']['holds']
     methods['lissa-1000'].update(seconds=100., pearson=0.99); methods['ekfac']['pearson'] = 0.9   # gap 0.09: missed
     assert not V.claims({'problems': {'regression': prob}})['target_ekfac_near_lissa_regression']['holds']
+
+
+def test_pbrf_scores_resume(regressor, V, tmp_path):
+    """An interrupted PBRF run resumes from its cache: finished points are read back, a cut line is ignored, the answer
+    is the same; another key (another configuration) shares nothing."""
+    reg, net, X, Y, fit, queries = regressor
+    names = ['net.' + n for n, _ in net.named_parameters()]
+    cache = tmp_path / 'pbrf.jsonl'
+    args = (reg, names, fit, [0, 3, 5, 8], queries, 0.05, 1e-5, 1e-8, 20)
+    full, _, rec = V.pbrf_scores(*args, cache=cache, key='a')
+    assert rec['resumed_points'] == 0 and rec['solves'] == 8 and rec['warm_starts'] == 4
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 4
+    cache.write_text('\n'.join(lines[:2]) + '\n' + lines[2][:25])     # two points done, the third cut mid-line
+    again, _, rec = V.pbrf_scores(*args, cache=cache, key='a')
+    assert rec['resumed_points'] == 2
+    torch.testing.assert_close(again, full, rtol=0, atol=0)         # the cached values are the computed ones, exactly
+    other, _, rec = V.pbrf_scores(*args, cache=cache, key='b')
+    assert rec['resumed_points'] == 0
+    torch.testing.assert_close(other, full, rtol=0, atol=1e-12 * full.abs().max().item())
