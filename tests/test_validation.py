@@ -205,20 +205,20 @@ def test_results_schema(results, V):
         assert [r['damping_rel'] for r in p['damping_sweep']] == p['config']['sweep_rel']
         if 'exact' in p:
             assert p['exact']['rebuilt_identity_max_rel_dev'] < 1e-6 and p['exact']['exact_full']['pearson'] > 0.999
-    if 'lds' not in results: return
-    L = results['lds']
-    cfg = L['config']
-    assert cfg['n_subsets'] >= 50
-    actual = np.array(L['actual'])                                     # [seeds, J, Q]
-    assert actual.shape == (len(cfg['seeds']), cfg['n_subsets'], cfg['n_queries'])
-    assert {'ekfac', 'kfac', 'diagonal', 'identity'} <= set(L['methods'])
-    for name, m in L['methods'].items():
-        assert {'lds', 'sem', 'per_query', 'seconds'} <= set(m), name
-        assert len(m['per_query']) == cfg['n_queries']
-        assert np.array(L['predicted'][name]).shape == actual.shape[1:], name
-    masks = np.array([[int(b) for b in bin(int(h, 16))[2:].zfill(cfg['n_sample'])] for h in L['subsets_hex']])
-    assert masks.shape == (cfg['n_subsets'], cfg['n_sample'])
-    assert (masks.sum(1) == int(cfg['alpha'] * cfg['n_sample'])).all()
+    for task in [t for t in V.LDS_TASKS if t in results]:
+        L = results[task]
+        cfg = L['config']
+        assert cfg['n_subsets'] >= 50
+        actual = np.array(L['actual'])                                 # [seeds, J, Q]
+        assert actual.shape == (len(cfg['seeds']), cfg['n_subsets'], cfg['n_queries'])
+        assert {'ekfac', 'kfac', 'diagonal', 'identity'} <= set(L['methods'])
+        for name, m in L['methods'].items():
+            assert {'lds', 'sem', 'per_query', 'seconds'} <= set(m), name
+            assert len(m['per_query']) == cfg['n_queries']
+            assert np.array(L['predicted'][name]).shape == actual.shape[1:], name
+        masks = np.array([[int(b) for b in bin(int(h, 16))[2:].zfill(cfg['n_sample'])] for h in L['subsets_hex']])
+        assert masks.shape == (cfg['n_subsets'], cfg['n_sample'])
+        assert (masks.sum(1) == int(cfg['alpha'] * cfg['n_sample'])).all()
 
 
 def test_results_summaries_are_the_data(results, V):
@@ -232,18 +232,18 @@ def test_results_summaries_are_the_data(results, V):
             per_q = np.mean([spearmanr(s[q], truth[q])[0] for q in range(len(truth))])
             assert abs(per_q - row['spearman']) < 1e-6, (name, m)
             assert abs(pearsonr(s.ravel(), truth.ravel())[0] - row['pearson_pooled']) < 1e-6, (name, m)
-    if 'lds' not in results: return
-    L = results['lds']
-    actual = np.array(L['actual']).mean(0)
-    for name, m in L['methods'].items():
-        per_q = [spearmanr(actual[:, q], np.array(L['predicted'][name])[:, q])[0] for q in range(actual.shape[1])]
-        np.testing.assert_allclose(per_q, m['per_query'], atol=1e-6)
-        assert abs(np.mean(per_q) - m['lds']) < 1e-6, name
+    for task in [t for t in V.LDS_TASKS if t in results]:
+        L = results[task]
+        actual = np.array(L['actual']).mean(0)
+        for name, m in L['methods'].items():
+            per_q = [spearmanr(actual[:, q], np.array(L['predicted'][name])[:, q])[0] for q in range(actual.shape[1])]
+            np.testing.assert_allclose(per_q, m['per_query'], atol=1e-6)
+            assert abs(np.mean(per_q) - m['lds']) < 1e-6, (task, name)
 
 
 def test_results_complete(results, V):
     "Every problem and the LDS are in the file (skipped, naming the command, while some are still to be computed)."
-    missing = [k for k in V.PROBLEMS if k not in results['problems']] + ([] if 'lds' in results else ['lds'])
+    missing = [k for k in V.PROBLEMS if k not in results['problems']] + [t for t in V.LDS_TASKS if t not in results]
     if missing: pytest.skip(f"not computed yet: {missing}; run python benchmarks/validation.py --tasks {','.join(missing)}")
     assert all('exact' in results['problems'][k] for k in ('regression', 'classification'))
 
