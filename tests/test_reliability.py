@@ -385,7 +385,8 @@ def test_N3_query_rank_above_layer_is_exact(env):
 
 
 @pytest.mark.parametrize('kw', [dict(batch_size=0), dict(batch_size=2.0), dict(strategy='EKFAC'), dict(fisher='emp'),
-                                dict(seed='0'), dict(seed=None)])
+                                dict(seed='0'), dict(seed=None), dict(fisher_samples=0), dict(fisher_samples=2.0),
+                                dict(fisher_samples=True), dict(fisher_samples=2, fisher='empirical')])
 def test_N_other_fit_arguments(env, kw):
     m, f, tr, q = env
     with pytest.raises((ValueError, TypeError), match=next(iter(kw)) if 'strategy' not in kw else 'strategy'):
