@@ -20,13 +20,14 @@ Problems (Grosse et al. 2023, Figs. 6-7, at small scale; and the linear datamode
 
 Every influence method goes through the same code path, `inf.fit_factors(strategy=...)` + `inf.pairwise_scores`
 (strategies ekfac, kfac, diagonal, identity = gradient dot product, lissa, cg), at one absolute damping per problem.
-The PBRF ground truth is `influence_nb.pbrf.pbrf_influence` (a central difference of proximal Bregman solves). Each
+The PBRF ground truth is `influence_nb.pbrf.pbrf_scores` (central differences of proximal Bregman solves). Each
 training point's PBRF result is appended to benchmarks/results/.cache/pbrf_<task>.jsonl as soon as it is solved, so an
-interrupted run resumes where it stopped (the cache is keyed by the configuration, damping and model).
+interrupted run resumes where it stopped (a line is used only if the model, the data and every setting that
+changes the answer are the same).
 Wall times are seconds on one CPU thread (`torch.set_num_threads(1)`); on a shared machine only ratios are meaningful.
 """
 from __future__ import annotations
-import argparse, copy, datetime, hashlib, json, os, platform, random, sys, tempfile, time, warnings
+import argparse, copy, datetime, json, os, platform, random, sys, tempfile, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))                                          # run fro
 
 import influence_nb as inf                                             # noqa: E402
 from influence_nb.modules import find_modules                          # noqa: E402
-from influence_nb.pbrf import pbrf_influence                           # noqa: E402
+from influence_nb import pbrf                                          # noqa: E402
 
 SCHEMA_VERSION = 1
 PROBLEMS = ('regression', 'classification', 'lm')
@@ -133,58 +134,13 @@ def influence_methods(model, fit, points, queries, modules, methods: dict, dampi
     return scores, secs, lam, f_ek
 
 
-def run_key(**what) -> str:
-    "A digest of everything a cached PBRF result depends on."
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def pbrf_config(cfg) -> dict:
-    "The part of a problem's configuration its PBRF results depend on (not the list of methods compared with them)."
-    return {k: v for k, v in cfg.items() if k not in ('methods', 'sweep_rel')}
-
-
-def _solve_record(s) -> dict:
-    return dict(converged=bool(s.converged), stalled=bool(s.stalled), grad_over_tol=float(s.grad_norm / s.tol),
-                n_newton=s.n_newton, n_iter=s.n_iter, n_cg=s.n_cg, warm_start=bool(s.warm_start), seconds=s.seconds)
-
-
-def pbrf_scores(model, param_names, fit, points, queries, lam, eps, rtol, batch_size, log=None, cache=None, key=None):
-    """PBRF influence `[n_q, n_points]` of each point on each query (two solves per point), seconds, solver record.
-
-    With `cache` (a JSON-lines file) and `key` (a digest of what the result depends on, see `run_key`), every point is
-    appended to the file as soon as it is solved, and points already there under the same key are read instead of
-    solved: an interrupted run resumes where it stopped. The seconds include those of the earlier, cached solves."""
-    done = {}
-    if cache is not None and Path(cache).exists():
-        for line in Path(cache).read_text().splitlines():
-            try: rec = json.loads(line)
-            except json.JSONDecodeError: continue                      # a line cut short by an interruption
-            if rec.get('key') == key: done[rec['point']] = rec
-    if cache is not None: Path(cache).parent.mkdir(parents=True, exist_ok=True)
-    cols, solves, resumed = [], [], 0
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')                                   # outcomes are recorded, not printed
-        for k, m in enumerate(points):
-            if m in done: rec, resumed = done[m], resumed + 1
-            else:
-                r = pbrf_influence(model, param_names, fit, fit[m], queries, lam, eps=eps, rtol=rtol,
-                                   loss=getattr(model, 'pbrf_loss', 'ce'), batch_size=batch_size)
-                rec = dict(key=key, point=m, influence=r.influence.tolist(), solves=[_solve_record(r.plus),
-                                                                                    _solve_record(r.minus)])
-                if cache is not None:
-                    with open(cache, 'a') as fh:
-                        fh.write(json.dumps(rec) + '\n'); fh.flush(); os.fsync(fh.fileno())
-            cols.append(torch.tensor(rec['influence'], dtype=torch.float64)); solves += rec['solves']
-            if log and (k + 1) % 20 == 0: log(f"  PBRF {k + 1}/{len(points)} points")
-    record = dict(solves=len(solves), converged=sum(s['converged'] for s in solves),
-                  stalled_at_floor=sum(s['stalled'] and not s['converged'] for s in solves),
-                  failed=sum(not (s['converged'] or s['stalled']) for s in solves),
-                  worst_grad_over_tol=float(max(s['grad_over_tol'] for s in solves)),
-                  newton_steps_mean=float(np.mean([s['n_newton'] for s in solves])),
-                  cg_iterations_mean=float(np.mean([s['n_cg'] for s in solves])),
-                  warm_starts=sum(s['warm_start'] for s in solves),
-                  lbfgs_used=sum(s['n_iter'] > 0 for s in solves), resumed_points=resumed)
-    return torch.stack(cols, 1), float(sum(s['seconds'] for s in solves)), record
+def pbrf_scores(model, param_names, fit, points, queries, lam, eps, rtol, batch_size, log=None, cache=None):
+    """PBRF influence `[n_q, n_points]` of each point on each query (`influence_nb.pbrf.pbrf_scores`: two solves per
+    point), the seconds of all solves, and a record of their outcomes. With `cache` (a JSON-lines file) each point is
+    appended as soon as it is solved and an interrupted run resumes from there; the seconds include the earlier runs'."""
+    r = pbrf.pbrf_scores(model, param_names, fit, queries, lam, points=points, eps=eps, rtol=rtol, batch_size=batch_size,
+                         loss=getattr(model, 'pbrf_loss', 'ce'), cache=cache, progress=log is not None)
+    return r.influence, r.seconds, r.summary()
 
 
 def method_table(methods, scores, secs, truth_name):
@@ -244,9 +200,8 @@ def mlp_problem(task, cfg, log=print):
                                                 batch_size=n, seed=cfg['seed'])
     log(f"{task}: λ = {lam:.3g}; " + ', '.join(f'{k} {v:.1f} s' for k, v in secs.items()))
     names = [nm for l in find_modules(model, 'all') for nm, _ in l.params()]
-    key = run_key(task=task, config=pbrf_config(cfg), damping=lam, torch=torch.__version__)
     truth, t_pbrf, record = pbrf_scores(model, names, fit, points, queries, lam, cfg['eps'], cfg['rtol'], n, log=log,
-                                        cache=CACHE / f'pbrf_{task}.jsonl', key=key)
+                                        cache=CACHE / f'pbrf_{task}.jsonl')
     log(f"{task}: PBRF {t_pbrf:.0f} s, {record}")
     scores['pbrf'], secs['pbrf'] = truth, t_pbrf
     dev_cg = float((truth - scores['cg']).abs().max() / truth.abs().max())
@@ -403,10 +358,8 @@ def lm_problem(cfg, log=print):
                                              batch_size=cfg['batch_size'], seed=cfg['seed'])
     log(f"lm: λ = {lam:.3g}; " + ', '.join(f'{k} {v:.1f} s' for k, v in secs.items()))
     fp = fingerprint(find_modules(model, 'all'))
-    key = run_key(task='lm', config=pbrf_config(cfg), damping=lam, model=fp, sample=[records[j]['id'] for j in chosen],
-                  queries=[q['id'] for q in queries], torch=torch.__version__)
     truth, t_pb, record = pbrf_scores(ft, ['c_proj.weight', 'c_proj.bias'], fit, points, qseqs, lam, cfg['eps'],
-                                      cfg['rtol'], cfg['batch_size'], log=log, cache=CACHE / 'pbrf_lm.jsonl', key=key)
+                                      cfg['rtol'], cfg['batch_size'], log=log, cache=CACHE / 'pbrf_lm.jsonl')
     scores['pbrf'], secs['pbrf'] = truth, t_pb
     dev = float((truth - scores['cg']).abs().max() / truth.abs().max())
     log(f"lm: PBRF on {len(points)} points: {t_pb:.0f} s, max deviation from CG {dev:.2e} of the largest; {record}")

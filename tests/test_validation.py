@@ -280,20 +280,20 @@ def test_claims_function_on_planted_results(V):
 
 
 def test_pbrf_scores_resume(regressor, V, tmp_path):
-    """An interrupted PBRF run resumes from its cache: finished points are read back, a cut line is ignored, the answer
-    is the same; another key (another configuration) shares nothing."""
+    """The script's PBRF runs resume from their cache (`pbrf.pbrf_scores`): finished points are read back, a line cut
+    by the interruption is skipped, the answer is the same; another damping shares nothing."""
     reg, net, X, Y, fit, queries = regressor
     names = ['net.' + n for n, _ in net.named_parameters()]
     cache = tmp_path / 'pbrf.jsonl'
     args = (reg, names, fit, [0, 3, 5, 8], queries, 0.05, 1e-5, 1e-8, 20)
-    full, _, rec = V.pbrf_scores(*args, cache=cache, key='a')
-    assert rec['resumed_points'] == 0 and rec['solves'] == 8 and rec['warm_starts'] == 4
+    full, _, rec = V.pbrf_scores(*args, cache=cache)
+    assert rec['resumed_points'] == 0 and rec['solves'] == 8 and rec['warm_starts'] == 4 and rec['failed'] == 0
     lines = cache.read_text().splitlines()
     assert len(lines) == 4
-    cache.write_text('\n'.join(lines[:2]) + '\n' + lines[2][:25])     # two points done, the third cut mid-line
-    again, _, rec = V.pbrf_scores(*args, cache=cache, key='a')
+    cache.write_text('\n'.join(lines[:2]) + '\n' + lines[2][:25])  # two points done, the third cut mid-line
+    again, _, rec = V.pbrf_scores(*args, cache=cache)
     assert rec['resumed_points'] == 2
     torch.testing.assert_close(again, full, rtol=0, atol=0)         # the cached values are the computed ones, exactly
-    other, _, rec = V.pbrf_scores(*args, cache=cache, key='b')
+    assert V.pbrf_scores(*args, cache=cache)[2]['resumed_points'] == 4
+    other, _, rec = V.pbrf_scores(reg, names, fit, [0, 3], queries, 0.06, 1e-5, 1e-8, 20, cache=cache)
     assert rec['resumed_points'] == 0
-    torch.testing.assert_close(other, full, rtol=0, atol=1e-12 * full.abs().max().item())
