@@ -27,7 +27,7 @@ changes the answer are the same).
 Wall times are seconds on one CPU thread (`torch.set_num_threads(1)`); on a shared machine only ratios are meaningful.
 """
 from __future__ import annotations
-import argparse, copy, datetime, json, os, platform, random, sys, tempfile, time, warnings
+import argparse, copy, datetime, json, os, platform, random, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
