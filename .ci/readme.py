@@ -1,13 +1,30 @@
 #!/usr/bin/env python3
 "Write README.md from nbs/index.ipynb (Quarto, which nbdev-readme needs, is not installable here)."
-import json, sys
+import json, re, sys
 from pathlib import Path
 root = Path(sys.argv[1] if len(sys.argv) > 1 else '.')
 nb = json.loads((root/'nbs'/'index.ipynb').read_text())
+
+def outputs(cell) -> list[str]:
+    "The stored outputs of a code cell as README blocks: printed text and results as text, tables as HTML."
+    out = []
+    for o in cell.get('outputs', []):
+        data = o.get('data', {})
+        if o.get('output_type') == 'stream' and o.get('name') == 'stdout': text = ''.join(o['text'])
+        elif '<table' in ''.join(data.get('text/html', '')):   # a DataFrame: GitHub renders the HTML table
+            html = re.sub(r'<style[^>]*>.*?</style>', '', ''.join(data['text/html']), flags=re.S)
+            out.append('\n'.join(l.strip() for l in html.splitlines() if l.strip())); continue   # one HTML block: no blank lines
+        elif 'text/plain' in data: text = ''.join(data['text/plain'])
+        else: continue
+        if text.strip(): out.append('```text\n' + text.rstrip() + '\n```')
+    return out
+
 parts = ['<!-- Generated from nbs/index.ipynb; edit the notebook, not this file. -->']
 for c in nb['cells']:
     src = ''.join(c['source']).rstrip()
     if not src: continue
     if c['cell_type'] == 'markdown': parts.append(src)
-    elif not src.startswith('#|') and not src.lstrip().startswith('assert'): parts.append('```python\n' + src + '\n```')
+    elif not src.startswith('#|') and not src.lstrip().startswith('assert'):
+        parts.append('```python\n' + src + '\n```')
+        parts += outputs(c)
 (root/'README.md').write_text('\n\n'.join(parts) + '\n')

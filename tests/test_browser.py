@@ -2,8 +2,10 @@
 headless Chromium, driven by Playwright, uses it as a person would.
 
 Needs Chromium at /usr/bin/chromium (or $INFLUENCE_NB_CHROMIUM) and the `browser` extra (voila, playwright);
-`.ci/browser_setup.sh` installs all three. Without them the test is skipped, saying what is missing.
-Screenshots go to tests/artifacts/ (ignored by git).
+`.ci/browser_setup.sh` installs all three. Without them the tests FAIL, saying what is missing (a check whose
+input is missing is not a passed check). The second test serves the app on a user's own model: a tiny Llama with
+its own tokenizer, trained on its own facts (tests/own_model.py), served by `influence-nb explore --model DIR
+--corpus FILE --queries FILE` itself. Screenshots go to tests/artifacts/ (ignored by git).
 """
 import importlib.util
 import os
@@ -31,8 +33,11 @@ def _missing() -> list[str]:
     miss = [] if (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)) else [f"Chromium ({CHROMIUM})"]
     return miss + [m for m in ('voila', 'playwright') if importlib.util.find_spec(m) is None]
 
-pytestmark = pytest.mark.skipif(bool(_missing()), reason=f"the browser test needs {', '.join(_missing())}: "
-                                "run `bash .ci/browser_setup.sh` (apt chromium + pip install '.[browser]')")
+@pytest.fixture(scope='module', autouse=True)
+def _requirements():   # module scope: checked before any other module fixture starts
+    if _missing():
+        pytest.fail(f"the browser test needs {', '.join(_missing())}: run `bash .ci/browser_setup.sh` "
+                    "(apt chromium + pip install '.[browser]')", pytrace=False)
 
 
 def _free_port() -> int:
@@ -46,10 +51,8 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp('influence_nb_cache')
 
 
-@pytest.fixture(scope='module')
-def voila_url(tmp_path_factory, cache_dir):
-    "Start Voilà on a free localhost port; yield its URL; stop it."
-    tmp = tmp_path_factory.mktemp('voila')
+def _serve(argv, tmp, cache_dir, name):
+    "Start `argv(port)` (Voilà, or `influence-nb explore`) on a free localhost port; yield its URL; stop its process group."
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', MPLBACKEND='Agg', PYTHONUNBUFFERED='1',
                INFLUENCE_NB_CACHE=str(cache_dir), INFLUENCE_NB_THREADS='1',
@@ -57,9 +60,7 @@ def voila_url(tmp_path_factory, cache_dir):
                JUPYTER_CONFIG_DIR=str(tmp/'config'), JUPYTER_PLATFORM_DIRS='1')
     log_path = tmp/'voila.log'
     with open(log_path, 'w') as log:
-        proc = subprocess.Popen([sys.executable, '-m', 'voila', str(APP), '--no-browser', f'--port={port}',
-                                 '--Voila.ip=127.0.0.1'],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv(port), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         t0 = time.time()
         while True:       # a TCP connect, not a GET: every GET of the page starts a kernel
@@ -73,11 +74,20 @@ def voila_url(tmp_path_factory, cache_dir):
                 time.sleep(0.3)
         yield f'http://127.0.0.1:{port}/'
     finally:
-        proc.terminate()
+        import signal
+        try: os.killpg(proc.pid, signal.SIGTERM)             # the group: `explore` runs Voilà as its child
+        except ProcessLookupError: pass
         try: proc.wait(15)
-        except subprocess.TimeoutExpired: proc.kill(); proc.wait(5)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait(5)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(log_path, ARTIFACTS/'voila.log')      # for reading after a CI failure
+        shutil.copy(log_path, ARTIFACTS/f'voila-{name}.log')      # for reading after a CI failure
+
+
+@pytest.fixture(scope='module')
+def voila_url(tmp_path_factory, cache_dir):
+    "Voilà serving the bundled-model app."
+    voila = lambda port: [sys.executable, '-m', 'voila', str(APP), '--no-browser', f'--port={port}', '--Voila.ip=127.0.0.1']
+    yield from _serve(voila, tmp_path_factory.mktemp('voila'), cache_dir, 'bundled')
 
 
 @pytest.fixture(scope='module')
@@ -221,3 +231,48 @@ def test_explorer_in_browser(voila_url, expected):
             browser.close()
     assert not errors, "JavaScript errors in the page:\n" + "\n".join(errors)
     assert all('cdn.jsdelivr.net' in u for u in external), f"unexpected off-machine requests: {external}"
+
+
+@pytest.fixture(scope='module')
+def own(tmp_path_factory):
+    "A user's model folder, corpus and queries (tests/own_model.py)."
+    sys.path.insert(0, str(ROOT/'tests'))
+    import own_model
+    return own_model.build(tmp_path_factory.mktemp('own'))
+
+
+@pytest.fixture(scope='module')
+def own_url(tmp_path_factory, cache_dir, own):
+    "`influence-nb explore --model DIR --corpus FILE --queries FILE` serving the app on the user's model."
+    explore = lambda port: [sys.executable, '-c', 'import sys; from influence_nb.cli import main; sys.exit(main())', 'explore',
+                            '--model', str(own['model']), '--corpus', str(own['corpus']), '--queries', str(own['queries']),
+                            '--fit-sample', '0', '--port', str(port)]
+    yield from _serve(explore, tmp_path_factory.mktemp('voila-own'), cache_dir, 'own')
+
+
+def test_explorer_on_own_llama_in_browser(own_url, own):
+    "The app on a tiny Llama: opens on the first query, fits factors, and ranks the record stating the fact first."
+    from playwright.sync_api import sync_playwright
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    errors = []
+    q = own['query_records'][0]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={'width': 1500, 'height': 1000})
+            page.on('pageerror', lambda e: errors.append(f"pageerror: {e}"))
+            page.route(lambda url: not url.startswith(own_url.rstrip('/')) and not url.startswith('data:'),
+                       lambda route: route.fulfill(status=200, body=''))
+            page.goto(own_url, wait_until='domcontentloaded', timeout=60_000)
+            page.wait_for_selector('.inb-run', timeout=APP_TIMEOUT * 1000)
+            assert page.locator('.inb-model select').input_value() == 'model'       # the folder's name
+            assert page.locator('.inb-completion input').input_value() == q['completion']
+            _run_ok(page, q['id'], RUN_TIMEOUT)
+            rows = _top_rows(page)
+            assert rows[0]['id'] == q['record'], rows
+            assert 'exceed |log p|' in page.inner_text('.inb-summary')           # the units legend is shown
+            assert page.locator('.inb-results .inb-heatmap').count() == len(rows)
+            _screenshot(page, ARTIFACTS/'explorer_llama.png')
+        finally:
+            browser.close()
+    assert not errors, "JavaScript errors in the page:\n" + "\n".join(errors)

@@ -47,3 +47,10 @@ def test_constraints_pin_torch_cpu():
     assert pins['torch'] == '2.13.0', "torch must stay pinned to the CPU wheel on disk"
     assert pins['nbdev'] == '3.3.26'
     assert all('==' in l for l in lines), "constraints.txt holds exact pins only"
+
+def test_no_docs_url_that_does_not_exist():
+    "nbdev appends `Docs: <url>` to every module docstring when a docs host is configured; none is published."
+    pp, ini = load()
+    assert 'Documentation' not in pp['project'].get('urls', {}) and 'doc_host' not in ini and 'doc_baseurl' not in ini
+    stale = [p.name for p in (ROOT/'influence_nb').rglob('*.py') if 'github.io' in p.read_text(encoding='utf-8')]
+    assert not stale, f"modules still name a docs URL (run nbdev-export): {stale}"

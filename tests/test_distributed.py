@@ -61,3 +61,30 @@ def test_scan_equal(results):
 def test_pairwise_scores_equal(results):
     one, two = results
     assert close(one['pairwise'], two['pairwise'])
+
+
+def test_cli_scan_torchrun_equals_one_process(tmp_path):
+    "`torchrun --nproc_per_node 2 influence-nb scan ...` shards the corpus and writes the one-process result."
+    sys.path.insert(0, str(HERE))
+    import own_model
+    import influence_nb as inf
+    from influence_nb.data import load_model
+    from influence_nb.search import ScanResult
+    torch.set_num_threads(1)
+    r = own_model.build(tmp_path)
+    model, tok = load_model(r['model'])
+    inf.fit_factors(model, inf.tokenize(tok, [x['text'] for x in r['records']], 32), 'ekfac', progress=False).save(tmp_path/'factors')
+    args = ['scan', '--model', r['model'], '--factors', tmp_path/'factors', '--queries', r['queries'], '--corpus', r['corpus'],
+            '--k', 5, '--chunk-size', 4, '--batch-size', 3, '--quiet']
+    script = HERE/'cli_main.py'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    for cmd, out in (([sys.executable, str(script)], 'one.parquet'),
+                     ([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script)], 'two.parquet')):
+        p = subprocess.run(cmd + [str(a) for a in args] + ['--out', str(tmp_path/out)], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    assert 'in 2 processes' in p.stdout, p.stdout
+    one, two = ScanResult.load(tmp_path/'one.parquet'), ScanResult.load(tmp_path/'two.parquet')
+    assert one.n_scanned == two.n_scanned == len(r['records'])
+    assert torch.equal(one.indices, two.indices)
+    rel = float((one.scores - two.scores).abs().max() / one.scores.abs().max())
+    assert rel < 1e-6, rel

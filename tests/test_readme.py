@@ -18,3 +18,27 @@ def test_quick_start_has_two_commands():
     assert len(cmds) == 2
     assert 'constraints.txt' in cmds[0] and 'influence-nb demo' in cmds[0]
     assert 'constraints.txt' in cmds[1] and '.ci/test' in cmds[1]
+
+
+def _section(text, title):
+    return text.split(f'## {title}', 1)[1].split('\n## ', 1)[0]
+
+
+def test_use_your_own_model_section_runs():
+    "The README's 'Use your own model' example: its Python runs, and each shell command parses as the CLI's."
+    import shlex, torch
+    import influence_nb as inf
+    from influence_nb.cli import build_parser
+    sec = _section((ROOT/'README.md').read_text(), 'Use your own model')
+    code = sec.split('```python\n', 1)[1].split('```', 1)[0]
+    assert len(code.strip().splitlines()) <= 10
+    torch.set_num_threads(1)
+    ns = {'inf': inf}
+    exec(compile(code, 'README:Use your own model', 'exec'), ns)
+    assert tuple(ns['scores'].total.shape) == (1, 100)
+    assert type(ns['llama']).__name__ == 'LlamaForCausalLM' and all('.mlp.' in m for m in ns['factors'].modules)
+    cmds = [l for l in sec.split('```bash\n', 1)[1].split('```', 1)[0].splitlines() if l.strip()]
+    assert {c.split()[1] for c in cmds} == {'fit-factors', 'scan', 'top', 'explore'}
+    for c in cmds:
+        args = build_parser().parse_args(shlex.split(c)[1:])
+        assert args.model in ('my-llama', None) and args.command == c.split()[1]

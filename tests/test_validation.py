@@ -1,7 +1,8 @@
 """The iterative strategies ('cg', 'lissa') through `pairwise_scores` against exact influence, the regressor adapter's
-PBRF derivative, and benchmarks/results/validation.json (written by `python benchmarks/validation.py`, read by
-nbs/20_validation and nbs/22_lds): its schema, that its summaries are its data's, and that the claims the notebooks
-state (`validation.STATED`) hold on it."""
+PBRF derivative, and nbs/results/validation.json (written by `influence_nb.evaluate.main`, e.g. through
+`python benchmarks/validation.py`; read by nbs/20_validation and nbs/22_lds): its schema, that its summaries are its
+data's, and that the claims the notebooks state (`influence_nb.evaluate.STATED`) hold on it. A missing file, task or
+entry is a failure, never a skip."""
 import json
 from pathlib import Path
 import numpy as np
@@ -15,16 +16,7 @@ from influence_nb.pbrf import pbrf_response, pbrf_influence
 
 f64 = torch.float64
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / 'benchmarks' / 'results' / 'validation.json'
-
-
-def _script():
-    "benchmarks/validation.py as a module (the code that wrote the file and that the notebooks import)."
-    import importlib.util, sys
-    spec = importlib.util.spec_from_file_location('validation', ROOT / 'benchmarks' / 'validation.py')
-    mod = importlib.util.module_from_spec(spec); sys.modules['validation'] = mod
-    spec.loader.exec_module(mod)
-    return mod
+RESULTS = ROOT / 'nbs' / 'results' / 'validation.json'
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
@@ -165,7 +157,7 @@ def test_mse_sequences_need_targets(regressor):
         gnvp(reg, names, [{'input_ids': [0, 99], 'labels': [-100, 99]}], v, loss='mse')
 
 
-# ---- benchmarks/results/validation.json ---------------------------------------------------------------------
+# ---- nbs/results/validation.json ----------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
 def results():
@@ -175,7 +167,8 @@ def results():
 
 @pytest.fixture(scope='module')
 def V():
-    return _script()
+    import influence_nb.evaluate
+    return influence_nb.evaluate
 
 
 METHOD_KEYS = {'strategy', 'solver', 'seconds', 'pearson', 'spearman', 'pearson_pooled', 'spearman_pooled'}
@@ -184,7 +177,7 @@ METHOD_KEYS = {'strategy', 'solver', 'seconds', 'pearson', 'spearman', 'pearson_
 def test_results_schema(results, V):
     assert results['schema_version'] == V.SCHEMA_VERSION
     for k in ('updated', 'torch', 'python', 'threads', 'command', 'problems'): assert k in results, k
-    assert set(results['problems']) <= set(V.PROBLEMS)
+    assert set(results['problems']) == set(V.PROBLEMS)
     for name, p in results['problems'].items():
         for k in ('written', 'torch', 'config', 'truth', 'model', 'n_params', 'damping', 'damping_rule', 'train_idx',
                   'query_idx', 'n_points', 'n_queries', 'methods', 'pbrf', 'scores'):
@@ -199,13 +192,12 @@ def test_results_schema(results, V):
             assert row['seconds'] >= 0 and -1 <= row['pearson'] <= 1 and -1 <= row['spearman'] <= 1
             assert np.array(p['scores'][m]).shape == (p['n_queries'], p['n_points']), (name, m)
         assert p['pbrf']['solver']['solves'] > 0
-    for name in [k for k in ('regression', 'classification') if k in results['problems']]:
+    for name in ('regression', 'classification'):
         p = results['problems'][name]
         assert p['truth'] == 'pbrf' and p['pbrf']['solver']['solves'] == 2 * p['n_points']
         assert [r['damping_rel'] for r in p['damping_sweep']] == p['config']['sweep_rel']
-        if 'exact' in p:
-            assert p['exact']['rebuilt_identity_max_rel_dev'] < 1e-6 and p['exact']['exact_full']['pearson'] > 0.999
-    for task in [t for t in V.LDS_TASKS if t in results]:
+        assert p['exact']['rebuilt_identity_max_rel_dev'] < 1e-6 and p['exact']['exact_full']['pearson'] > 0.999
+    for task in V.LDS_TASKS:
         L = results[task]
         cfg = L['config']
         assert cfg['n_subsets'] >= 50
@@ -232,7 +224,7 @@ def test_results_summaries_are_the_data(results, V):
             per_q = np.mean([spearmanr(s[q], truth[q])[0] for q in range(len(truth))])
             assert abs(per_q - row['spearman']) < 1e-6, (name, m)
             assert abs(pearsonr(s.ravel(), truth.ravel())[0] - row['pearson_pooled']) < 1e-6, (name, m)
-    for task in [t for t in V.LDS_TASKS if t in results]:
+    for task in V.LDS_TASKS:
         L = results[task]
         actual = np.array(L['actual']).mean(0)
         for name, m in L['methods'].items():
@@ -242,26 +234,40 @@ def test_results_summaries_are_the_data(results, V):
 
 
 def test_results_complete(results, V):
-    "Every problem and the LDS are in the file (skipped, naming the command, while some are still to be computed)."
+    "Every problem, the exact references and both LDS tasks are in the file: a missing one fails, naming the command."
     missing = [k for k in V.PROBLEMS if k not in results['problems']] + [t for t in V.LDS_TASKS if t not in results]
-    if missing: pytest.skip(f"not computed yet: {missing}; run python benchmarks/validation.py --tasks {','.join(missing)}")
-    assert all('exact' in results['problems'][k] for k in ('regression', 'classification'))
+    missing += ['exact'] if not all('exact' in results['problems'].get(k, {}) for k in ('regression', 'classification')) else []
+    assert not missing, f"not in {RESULTS}: {missing}; run python benchmarks/validation.py --tasks {','.join(missing)}"
 
 
 def test_results_claims_match_notebooks(results, V):
     "The notebooks assert `claims(file) == STATED`; so does CI, and every claim they discuss is stated."
     cl = V.claims(results)
-    assert set(cl) <= set(V.STATED), set(cl) - set(V.STATED)
+    assert set(cl) == set(V.STATED), set(cl) ^ set(V.STATED)          # every stated claim is evaluated: none missing
     wrong = {k: v['detail'] for k, v in cl.items() if v['holds'] != V.STATED[k]}
     assert not wrong, wrong
 
 
-def test_notebooks_read_the_file():
-    "The experiment notebooks read validation.json through the script (no numbers of their own)."
-    for nb in ('20_validation.ipynb', '22_lds.ipynb'):
+def test_notebooks_define_the_method_and_read_the_file():
+    "20 and 22 export the evaluation API, read results/validation.json next to them, and never load from benchmarks/."
+    for nb, module in (('20_validation.ipynb', 'evaluate'), ('22_lds.ipynb', 'lds'), ('21_exact.ipynb', 'exact')):
         text = (ROOT / 'nbs' / nb).read_text()
-        assert 'benchmarks/results/validation.json' in text and 'V.claims(res)' in text and 'V.STATED' in text, nb
-        assert '#| default_exp' not in text, nb
+        assert f'#| default_exp {module}' in text, nb
+        assert '../benchmarks' not in text and 'sys.path' not in text and 'importlib' not in text, nb
+        if module != 'exact':
+            assert "Path('results/validation.json')" in text and 'claims(res)' in text and 'STATED[k]' in text, nb
+
+
+def test_wrapper_is_thin_and_defaults_to_the_notebooks_file(tmp_path):
+    "benchmarks/validation.py is a short command line over `influence_nb.evaluate.main`, writing nbs/results/ by default."
+    import importlib.util
+    path = ROOT / 'benchmarks' / 'validation.py'
+    assert len(path.read_text().splitlines()) <= 100
+    spec = importlib.util.spec_from_file_location('validation_wrapper', path)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    assert mod.RESULTS == RESULTS
+    assert mod.main(['--tasks', 'no-such-task']) == 2                 # refused before anything runs
+    assert not (tmp_path / 'v.json').exists()
 
 
 def test_claims_function_on_planted_results(V):
@@ -280,20 +286,20 @@ def test_claims_function_on_planted_results(V):
 
 
 def test_pbrf_scores_resume(regressor, V, tmp_path):
-    """The script's PBRF runs resume from their cache (`pbrf.pbrf_scores`): finished points are read back, a line cut
+    """The harness's PBRF runs resume from their cache (`pbrf.pbrf_scores`): finished points are read back, a line cut
     by the interruption is skipped, the answer is the same; another damping shares nothing."""
     reg, net, X, Y, fit, queries = regressor
     names = ['net.' + n for n, _ in net.named_parameters()]
     cache = tmp_path / 'pbrf.jsonl'
     args = (reg, names, fit, [0, 3, 5, 8], queries, 0.05, 1e-5, 1e-8, 20)
-    full, _, rec = V.pbrf_scores(*args, cache=cache)
+    full, _, rec = V.pbrf_truth(*args, cache=cache)
     assert rec['resumed_points'] == 0 and rec['solves'] == 8 and rec['warm_starts'] == 4 and rec['failed'] == 0
     lines = cache.read_text().splitlines()
     assert len(lines) == 4
     cache.write_text('\n'.join(lines[:2]) + '\n' + lines[2][:25])  # two points done, the third cut mid-line
-    again, _, rec = V.pbrf_scores(*args, cache=cache)
+    again, _, rec = V.pbrf_truth(*args, cache=cache)
     assert rec['resumed_points'] == 2
     torch.testing.assert_close(again, full, rtol=0, atol=0)         # the cached values are the computed ones, exactly
-    assert V.pbrf_scores(*args, cache=cache)[2]['resumed_points'] == 4
-    other, _, rec = V.pbrf_scores(reg, names, fit, [0, 3], queries, 0.06, 1e-5, 1e-8, 20, cache=cache)
+    assert V.pbrf_truth(*args, cache=cache)[2]['resumed_points'] == 4
+    other, _, rec = V.pbrf_truth(reg, names, fit, [0, 3], queries, 0.06, 1e-5, 1e-8, 20, cache=cache)
     assert rec['resumed_points'] == 0

@@ -1,0 +1,274 @@
+"""Build the docs site: the notebooks' stored outputs plus the API of every exported module, rendered by Sphinx.
+
+    python docs/build.py [--nbs nbs] [--out _docs] [--keep-src DIR]
+
+Nothing is executed: each notebook page shows the outputs committed with it. The notebooks are first copied
+into a temporary Sphinx source folder with nbdev's directive lines removed (`#| hide` cells dropped whole),
+the index notebook becomes the home page with the navigation in reading order, and one API page per module
+of `influence_nb` is written for `sphinx.ext.autodoc`. See docs/README.md for why Sphinx + MyST-NB.
+"""
+from __future__ import annotations
+import argparse, importlib, importlib.util, json, pkgutil, re, shutil, subprocess, sys, tempfile, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT/'docs'
+PKG = 'influence_nb'
+DIRECTIVE = re.compile(r'^\s*#\s*\|\s*([\w-]+)\s*:?\s*(.*?)\s*$')
+WIDGET_MIMES = ('application/vnd.jupyter.widget-view+json', 'application/vnd.jupyter.widget-state+json')
+
+
+def directives(src: str) -> tuple[dict, str]:
+    "nbdev/Quarto directives at the top of a code cell (`#| name [value]`), and the source without them."
+    lines, found = src.splitlines(), {}
+    i = 0
+    while i < len(lines) and (not lines[i].strip() or DIRECTIVE.match(lines[i])):
+        if m := DIRECTIVE.match(lines[i]): found[m.group(1).lower()] = m.group(2).lower()
+        i += 1
+    return found, '\n'.join(lines[i:]).strip('\n')
+
+
+def clean_code_cell(cell: dict) -> dict | None:
+    "The cell as the docs show it, or None when it is not shown at all."
+    found, src = directives(''.join(cell['source']))
+    if 'hide' in found or found.get('include') == 'false': return None
+    tags = set(cell.get('metadata', {}).get('tags', []))
+    if found.get('echo') == 'false' or 'hide_input' in found: tags.add('remove-input')
+    if 'code-fold' in found and found['code-fold'] != 'false': tags.add('hide-input')
+    outputs = [] if found.get('output') == 'false' else [clean_output(o) for o in cell.get('outputs', [])]
+    outputs = [o for o in outputs if o is not None]
+    if not src.strip() and not outputs: return None
+    meta = {'tags': sorted(tags)} if tags else {}
+    return dict(cell, source=src, outputs=outputs, metadata=meta)
+
+
+def clean_output(out: dict) -> dict | None:
+    """Widget views are dropped: their JavaScript would come from a CDN, and their text fallback is a snapshot
+    (`HBox(...)`, a progress bar at 0%) that means nothing on a static page."""
+    if 'data' in out and any(k in WIDGET_MIMES for k in out['data']): return None
+    return out
+
+
+def clean_notebook(nb: dict) -> dict:
+    "Directive lines removed, hidden cells dropped, widget state removed, a Python kernelspec guaranteed."
+    cells = []
+    for c in nb['cells']:
+        if c['cell_type'] == 'code': c = clean_code_cell(c)
+        elif c['cell_type'] == 'raw': c = None
+        else: c = dict(c, metadata={k: v for k, v in c.get('metadata', {}).items() if k == 'tags'})
+        if c is not None: cells.append(c)
+    cells = title_first(cells)
+    meta = {k: v for k, v in nb.get('metadata', {}).items() if k not in ('widgets',)}
+    meta.setdefault('kernelspec', {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'})
+    meta.setdefault('language_info', {'name': 'python'})
+    return dict(nb, cells=cells, metadata=meta)
+
+
+def title_first(cells: list[dict]) -> list[dict]:
+    """The page opens with the notebook's title: cells above the first `# ` heading (nbdev's exported imports)
+    move just below it, and any later `# ` heading becomes `## ` so that a page has one title in the navigation."""
+    is_h1 = lambda line: re.match(r'#(?:[ \t]|$)', line) is not None
+    t = next((i for i, c in enumerate(cells) if c['cell_type'] == 'markdown'
+              and any(is_h1(l) for l in ''.join(c['source']).splitlines())), None)
+    if t is None: return cells
+    cells = [cells[t]] + cells[:t] + cells[t + 1:]
+    out, seen = [], False
+    for c in cells:
+        if c['cell_type'] == 'markdown':
+            lines, fenced = ''.join(c['source']).splitlines(keepends=True), False
+            for j, line in enumerate(lines):
+                if FENCE.match(line): fenced = not fenced
+                if not fenced and is_h1(line):
+                    if seen: lines[j] = '#' + line
+                    seen = True
+            c = dict(c, source=''.join(lines))
+        out.append(c)
+    return out
+
+
+def title_of(nb: dict, default: str) -> str:
+    "The notebook's first `# ` heading (its page title)."
+    for c in nb['cells']:
+        if c['cell_type'] == 'markdown':
+            for line in ''.join(c['source']).splitlines():
+                if line.startswith('# '): return line[2:].strip()
+    return default
+
+
+def md_cell(text: str) -> dict:
+    return {'cell_type': 'markdown', 'id': 'docs-nav', 'metadata': {}, 'source': text}
+
+
+# ---- links: `06_scores` -> that notebook's page, `fit_factors` -> its API entry (as nbdev's docs do) ----------
+CODE_SPAN = re.compile(r'(?<![\[`\w])`(\w[\w.]*)`(?![`\]])')
+FENCE = re.compile(r'^\s*(```|~~~)')
+
+def symbol_index() -> dict[str, str]:
+    "Short names (`fit_factors`, `Scores.top`, `inf.fit_factors`) -> full dotted names, where unambiguous."
+    from influence_nb._modidx import d
+    seen: dict[str, set] = {}
+    for mod, syms in d['syms'].items():
+        for full in syms:
+            short = full[len(mod) + 1:]
+            if short.split('.')[0].startswith('_'): continue
+            for key in (short, f'{mod}.{short}', full, f'inf.{short}'):
+                seen.setdefault(key, set()).add(full)
+    return {k: next(iter(v)) for k, v in seen.items() if len(v) == 1}
+
+
+def link_markdown(text: str, pages: set[str], syms: dict[str, str], prefix: str = '') -> str:
+    "Backticked notebook names and exported symbols become links; fenced code blocks are left alone."
+    out, fenced = [], False
+    for line in text.splitlines(keepends=True):
+        if FENCE.match(line): fenced = not fenced
+        if not fenced:
+            def sub(m):
+                name = m.group(1)
+                if name in pages: return f'[`{name}`]({prefix}{name}.ipynb)'
+                if name in syms: return f'{{py:obj}}`{name} <{syms[name]}>`'
+                return m.group(0)
+            line = CODE_SPAN.sub(sub, line)
+        out.append(line)
+    return ''.join(out)
+
+
+def link_notebook(nb: dict, pages: set[str], syms: dict[str, str]) -> dict:
+    cells = [dict(c, source=link_markdown(''.join(c['source']), pages, syms)) if c['cell_type'] == 'markdown' else c
+             for c in nb['cells']]
+    return dict(nb, cells=cells)
+
+
+# ---- API pages: one per module, rendered by sphinx.ext.autodoc (+ docments, see conf.py) -------------------
+def modules() -> list[str]:
+    "Every exported module of the package (private ones such as `_modidx` excluded), in name order."
+    pkg = importlib.import_module(PKG)   # only the package itself: its submodules are imported by Sphinx
+    names = [m.name for m in pkgutil.walk_packages(pkg.__path__, PKG + '.')
+             if not any(p.startswith('_') for p in m.name.split('.')[1:])]
+    return sorted(names)
+
+
+def source_notebook(module: str) -> str | None:
+    "The notebook a module is exported from, read from nbdev's header line in the module file."
+    spec = importlib.util.find_spec(module)
+    m = re.search(r'File to edit: \S*?nbs/([\w.-]+)\.ipynb', Path(spec.origin).read_text(encoding='utf-8'))
+    return m.group(1) if m else None
+
+
+def package_names() -> list[tuple[str, str]]:
+    "(name, defining module) for each name `import influence_nb as inf` re-exports, read from __init__.py."
+    import ast
+    tree = ast.parse((ROOT/PKG/'__init__.py').read_text(encoding='utf-8'))
+    return [(a.asname or a.name, f'{PKG}.{n.module}') for n in tree.body
+            if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module for a in n.names]
+
+
+def api_pages(src: Path, mods: list[str]) -> list[str]:
+    "Write api/index.md and api/<module>.md; return the page names in order."
+    (src/'api').mkdir()
+    pages = []
+    for mod in mods:
+        nb = source_notebook(mod)
+        origin = f'Defined, explained and tested in [`{nb}`](../{nb}.ipynb).\n\n' if nb else ''
+        (src/'api'/f'{mod}.md').write_text(
+            f'# `{mod}`\n\n{origin}```{{eval-rst}}\n.. automodule:: {mod}\n   :members:\n   :undoc-members:\n'
+            '   :show-inheritance:\n```\n',
+            encoding='utf-8')
+        pages.append(f'api/{mod}')
+    rows = '\n'.join(f'| {{py:obj}}`{n} <{m}.{n}>` | {{doc}}`{m} <{m}>` |' for n, m in package_names() if m in mods)
+    toc = '\n'.join(p.split('/', 1)[1] for p in pages)
+    (src/'api'/'index.md').write_text(
+        '# API reference\n\nOne page per module of `influence_nb`, generated from the code the notebooks export: '
+        'signatures, docstrings and the comment documenting each argument.\n\n'
+        '## `import influence_nb as inf`\n\n| name | module |\n|---|---|\n' + rows +
+        f'\n\n## Modules\n\n```{{toctree}}\n:maxdepth: 1\n\n{toc}\n```\n', encoding='utf-8')
+    return ['api/index'] + pages
+
+
+# ---- assembling the Sphinx source and building -------------------------------------------------------------
+def copy_mathjax(static: Path):
+    "MathJax 2 with its STIX web fonts, from the jupyter-server-mathjax wheel, so that pages need no CDN."
+    import jupyter_server_mathjax
+    def unused(folder, names):                 # SVG fonts (HTML-CSS output is used) and other languages' strings
+        folder = Path(folder).as_posix()
+        if folder.endswith('jax/output'): return ['SVG']
+        if folder.endswith('static/localization'):
+            return [n for n in names if n != 'en']
+        return []
+    shutil.copytree(Path(jupyter_server_mathjax.__file__).parent/'static', static/'mathjax', ignore=unused)
+
+
+LOCAL_REF = re.compile(r'!\[[^\]]*\]\(\s*<?([^)\s>]+)|<img[^>]*\ssrc=["\']([^"\']+)')
+
+def copy_local_files(nb: dict, nbs: Path, src: Path):
+    "Images that markdown cells show from files beside the notebooks (e.g. `images/explorer.png`) go along."
+    for c in nb['cells']:
+        if c['cell_type'] != 'markdown': continue
+        for m in LOCAL_REF.finditer(''.join(c['source'])):
+            ref = m.group(1) or m.group(2)
+            if re.match(r'^[a-z]+:', ref) or ref.startswith('/'): continue      # URLs, data:, attachment:
+            f = (nbs/ref).resolve()
+            if f.is_file() and f.is_relative_to(nbs):
+                (src/ref).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, src/ref)
+
+
+def write_source(nbs: Path, src: Path) -> list[str]:
+    "Fill `src` with conf.py, static files, the cleaned notebooks and the API pages; return all page names."
+    shutil.copy2(DOCS/'conf.py', src/'conf.py')
+    shutil.copytree(DOCS/'_static', src/'_static')
+    copy_mathjax(src/'_static')
+    paths = sorted(nbs.glob('*.ipynb'))
+    if not any(p.stem == 'index' for p in paths): raise ValueError(f"--nbs {nbs}: no index.ipynb (the home page)")
+    chapters = [p.stem for p in paths if p.stem != 'index']
+    pages, syms = {p.stem for p in paths}, symbol_index()
+    api = api_pages(src, modules())
+    for p in paths:
+        nb = link_notebook(clean_notebook(json.loads(p.read_text(encoding='utf-8'))), pages, syms)
+        if p.stem == 'index':   # the home page carries the navigation: notebooks in reading order, then the API
+            nb['cells'].append(md_cell('```{toctree}\n:hidden:\n:caption: Notebooks\n\n' + '\n'.join(chapters) +
+                                       '\n```\n\n```{toctree}\n:hidden:\n:caption: Reference\n\napi/index\n```\n'))
+        (src/p.name).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
+        copy_local_files(nb, nbs, src)
+    return ['index'] + chapters + api
+
+
+def build(nbs: Path, out: Path, keep_src: Path | None = None) -> dict:
+    "Build the site into `out` (replaced whole); return what was built."
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix='influence_nb_docs_') as tmp:
+        src = keep_src or Path(tmp)/'src'
+        if src.exists(): shutil.rmtree(src)
+        src.mkdir(parents=True)
+        pages = write_source(nbs, src)
+        html = Path(tmp)/'build'/'html'      # MyST-NB writes its jupyter_execute/ beside the output folder
+        warn = Path(tmp)/'warnings.txt'
+        cmd = [sys.executable, '-m', 'sphinx', '-b', 'html', '-q', '-j', '1', '-E', '-d', str(Path(tmp)/'doctrees'),
+               '-w', str(warn), str(src), str(html)]
+        r = subprocess.run(cmd, cwd=ROOT)
+        warnings = warn.read_text(encoding='utf-8') if warn.exists() else ''
+        if r.returncode: raise SystemExit(f"sphinx-build failed (exit {r.returncode}):\n{warnings[-5000:]}")
+        if failed := [l for l in warnings.splitlines() if 'failed to import' in l]:   # an API page would be empty
+            raise SystemExit("the API pages need influence_nb and its dependencies importable by this Python "
+                             "(pip install -c constraints.txt -e .):\n" + '\n'.join(failed[:5]))
+        if out.exists(): shutil.rmtree(out)
+        shutil.move(html, out)
+    (out/'.nojekyll').touch()
+    (out/'build_warnings.txt').write_text(warnings, encoding='utf-8')
+    info = {'pages': pages, 'seconds': round(time.time() - t0, 1), 'warnings': len(re.findall(r': (?:WARNING|ERROR|SEVERE):', warnings))}
+    (out/'build.json').write_text(json.dumps(info, indent=1) + '\n', encoding='utf-8')
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--nbs', type=Path, default=ROOT/'nbs', help='folder of the notebooks to render (stored outputs)')
+    ap.add_argument('--out', type=Path, default=ROOT/'_docs', help='where the site goes (replaced)')
+    ap.add_argument('--keep-src', type=Path, default=None, help='also keep the generated Sphinx source here')
+    a = ap.parse_args(argv)
+    if not a.nbs.is_dir(): ap.error(f"--nbs {a.nbs} is not a folder")
+    info = build(a.nbs.resolve(), a.out.resolve(), a.keep_src and a.keep_src.resolve())
+    print(f"docs: {len(info['pages'])} pages in {a.out} ({info['seconds']} s, {info['warnings']} Sphinx warnings: "
+          f"{a.out}/build_warnings.txt)")
+
+
+if __name__ == '__main__': main()
