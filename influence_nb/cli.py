@@ -4,16 +4,19 @@
 
 # %% ../nbs/13_cli.ipynb #7054df1b
 from __future__ import annotations
-import os, sys, json, time, argparse, random, tempfile, subprocess, traceback
+import os, re, sys, json, time, argparse, random, tempfile, subprocess, traceback
+from collections.abc import Mapping
 from pathlib import Path
 import torch
 import pandas as pd
 from .data import (data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
-                               read_corpus, corpus_sequences, load_tokenizer, completion_logprobs)
+                               read_corpus, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
+                               require_scored)
 from .ekfac import Factors, fit_factors
 from .scores import pairwise_scores
 from .search import scan, ScanResult
+from .explorer import query_records, factor_cache_tag, _query_rows, _query_record, _record_where
 
 # %% auto #0
 __all__ = ['demo', 'build_parser', 'main']
@@ -26,13 +29,21 @@ def _pick_query(queries, model, tok, query_id=None):
         raise ValueError(f"No query with id {query_id!r} in queries.jsonl.")
     # The first English fact stated in both orders that the model recalls but is not yet certain of
     # (−2.5 < log p < −0.2): a completion at log p ≈ 0 has a vanishing gradient and says little.
-    cands = [q for q in queries if q['kind'] == 'fact' and q['lang'] == 'en'
+    cands = [q for q in queries if q.get('kind') == 'fact' and q.get('lang') == 'en'
              and set(q.get('orders_in_training') or []) >= {'forward', 'reverse'}][:300]
+    if not cands: raise ValueError("queries.jsonl holds no English fact stated in both word orders: pass --query ID.")
     lps = completion_logprobs(model, tokenize_pairs(tok, [(q['prompt'], q['completion']) for q in cands]))
     ok = ((lps > -2.5) & (lps < -0.2)).nonzero()
     return cands[int(ok[0])] if len(ok) else cands[0]
 
-def _read_jsonl(p): return [json.loads(l) for l in Path(p).read_text().splitlines() if l.strip()]
+def _read_jsonl(p) -> list[dict]:
+    "The JSON objects of a JSONL file; a line that is not UTF-8, not JSON or not an object is refused naming file and line."
+    rows = []
+    for where, r in _query_rows(p):
+        if isinstance(r, Exception) or not isinstance(r, Mapping):
+            raise ValueError(f"{where}: {r if isinstance(r, Exception) else f'expected a JSON object, got {type(r).__name__}'}.")
+        rows.append(r)
+    return rows
 
 def _say_queries(names, log_ps, say=print):
     "Print each query's log p(completion) and the one-line legend of the scores' sign and units."
@@ -59,8 +70,8 @@ def demo(model_name:str='gpt2-l', # bundled model
     torch.manual_seed(seed)
     model, tok = load_model(model_name, tokenizer)
     corpus = data_dir()/'corpus'
-    records = _read_jsonl(corpus/'train.jsonl')
-    q = _pick_query(_read_jsonl(corpus/'queries.jsonl'), model, tok, query_id)
+    records = read_corpus(corpus/'train.jsonl')                      # every file checked, line by line
+    q = _pick_query(query_records(corpus/'queries.jsonl'), model, tok, query_id)
     train = tokenize(tok, [r['text'] for r in records], max_length=context_length(model, tok))
     query = tokenize_pairs(tok, [(q['prompt'], q['completion'])])
     n_params = sum(p.numel() for p in model.parameters())
@@ -71,7 +82,8 @@ def demo(model_name:str='gpt2-l', # bundled model
 
     rng = random.Random(seed)
     fit_idx = sorted(rng.sample(range(len(train)), fit_sample)) if 0 < fit_sample < len(train) else list(range(len(train)))
-    factors, hit = cached_factors(model, [train[i] for i in fit_idx], f'{model_name}-fit{len(fit_idx)}',
+    fit = [train[i] for i in fit_idx]                                # the cache key binds their tokens and the weights
+    factors, hit = cached_factors(model, fit, factor_cache_tag(str(model_name), model, fit),
                                   strategy='ekfac', fisher='true', seed=seed, batch_size=16)
     say(f"EK-FAC factors on {len(fit_idx):,} sequences: {'loaded from cache' if hit else 'fitted and cached'} ({time.time()-t0:.0f} s so far)")
 
@@ -101,34 +113,77 @@ def demo(model_name:str='gpt2-l', # bundled model
     return {'query': q['id'], 'log_p': lp, 'top': rows, 'layer_shares': shares.to_dict(), 'seconds': secs, 'cached': hit}
 
 # %% ../nbs/13_cli.ipynb #3f76840c
-def _read_queries(path, tok) -> tuple[list[dict], list[str]]:
-    "Query sequences and names from a JSONL file of `prompt`/`completion` records (or `input_ids`/`labels` records)."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"--queries {path} does not exist.")
+def _again(e: Exception, msg: str) -> Exception:
+    "`e` re-worded: the same kind of error (FileNotFoundError, TypeError or ValueError) with message `msg`."
+    return next(t for t in (FileNotFoundError, TypeError, ValueError, Exception) if isinstance(e, t))(msg)
+
+def _reword(e) -> str:
+    "A message about `name[0]` (one record checked on its own) as one about *this* record and its field."
+    msg = re.sub(r"^\w+\[0\]\['(\w+)'\]", r"field '\1'", str(e))
+    return re.sub(r"^\w+\[0\]", 'the record', msg)
+
+def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
+    "Query sequences and ids from a JSONL file of `prompt`/`completion` (or `input_ids`/`labels`) records, checked one by one."
     seqs, names = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip(): continue
-        try: r = json.loads(line)
-        except ValueError as e: raise ValueError(f"--queries {path}, line {n}: not valid JSON ({e}).") from None
-        if not isinstance(r, dict): raise ValueError(f"--queries {path}, line {n}: expected a JSON object.")
-        if 'prompt' in r and 'completion' in r:
-            seqs += tokenize_pairs(tok, [(r['prompt'], r['completion'])])
-            names.append(str(r.get('id', f"{r['prompt']!r} -> {r['completion']!r}")))
-        elif 'input_ids' in r:
-            seqs += as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], name=f'queries line {n}')
-            names.append(str(r.get('id', f'q{len(names)}')))
-        else: raise ValueError(f"--queries {path}, line {n}: needs 'prompt' and 'completion' (or 'input_ids') fields, has {sorted(r)}.")
-    if not seqs: raise ValueError(f"--queries {path} holds no queries.")
+    try: rows = _query_rows(path)
+    except (ValueError, FileNotFoundError) as e: raise _again(e, f"--queries {e}") from None
+    for i, (where, r) in enumerate(rows):
+        try:
+            if isinstance(r, Mapping) and 'input_ids' in r and 'prompt' not in r:
+                seq = as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')
+                name = _query_record(where, {**r, 'prompt': '', 'completion': '-'}, i)['id']   # checks the 'id' field
+            else:
+                q = _query_record(where, r, i)
+                seq, name = tokenize_pairs(tok, [(q['prompt'], q['completion'])]), q['id']
+            if model is not None: seq = check_sequences(model, seq, 'record')          # vocabulary and context
+            require_scored(seq, 'record')
+        except (ValueError, TypeError) as e:
+            msg = str(e) if str(e).startswith(where) else f"{where}: {_reword(e)}"
+            raise _again(e, f"--queries {msg}") from None
+        seqs += seq; names.append(name)
     dup = sorted({x for x in names if names.count(x) > 1})
-    if dup: raise ValueError(f"--queries {path}: the ids {dup} appear more than once; give every query its own 'id'.")
+    if dup: raise ValueError(f"--queries {Path(path).name}: the ids {dup} appear more than once; give every query its own 'id'.")
     return seqs, names
 
+# %% ../nbs/13_cli.ipynb #c16b0001
 def _corpus(a, tok, model, flag='--data'):
-    "The sequences of the corpus file named by `flag`, truncated to the model's context (or --max-length)."
-    path = getattr(a, flag.strip('-').replace('-', '_'))
+    "The sequences of the corpus file named by `flag` (texts truncated to the context or --max-length), checked for `model`."
+    path = Path(getattr(a, flag.strip('-').replace('-', '_')))
     n = getattr(a, 'max_length', None) or context_length(model, tok)
-    return corpus_sequences(read_corpus(path, a.text_field), tok, n)
+    try: recs = read_corpus(path, a.text_field)                            # names the file and line of a bad line
+    except (ValueError, FileNotFoundError) as e: raise _again(e, f"{flag} {e}") from None
+    try:
+        seqs = check_sequences(model, corpus_sequences(recs, tok, n), 'corpus')
+        require_scored(seqs, 'corpus')
+        return seqs
+    except (ValueError, TypeError):
+        for j, r in enumerate(recs):                                         # find the first bad record, name its line
+            try: require_scored(check_sequences(model, corpus_sequences([r], tok, n), 'record'), 'record')
+            except (ValueError, TypeError) as e:
+                raise _again(e, f"{flag} {path.name}, {_record_where(path, j)}: {_reword(e)}") from None
+        raise
 
+def _check_corpus_file(path, text_field='text', flag='--corpus'):
+    "Cheap checks of a corpus file that is streamed (scan, top, explore): it exists, has a known format and a record."
+    try: kind = corpus_format(path)
+    except (ValueError, FileNotFoundError) as e: raise _again(e, f"{flag} {e}") from None
+    p = Path(path)
+    if kind == 'parquet':                                                   # the footer only: no row is read
+        import pyarrow.parquet as pq
+        try: pf = pq.ParquetFile(p)
+        except Exception as e:
+            raise ValueError(f"{flag} {p.name}: not a readable Parquet file ({type(e).__name__}: {e}); is it truncated? "
+                             "Write it again.") from None
+        cols = pf.schema_arrow.names
+        if pf.metadata.num_rows == 0: raise ValueError(f"{flag} {p.name} holds no records.")
+        if text_field not in cols and 'input_ids' not in cols:
+            raise ValueError(f"{flag} {p.name} has no column {text_field!r} or 'input_ids' (columns: {cols}); pass --text-field.")
+        return
+    with open(p, 'rb') as f:
+        if not any(raw.strip() for raw in f):                                # stops at the first record
+            raise ValueError(f"{flag} {p.name} holds no records (it is empty). Accepted formats: {CORPUS_FORMATS}.")
+
+# %% ../nbs/13_cli.ipynb #c16b0002
 _EPILOG = """exit codes: 0 success; 2 bad arguments or input (the message says what to fix); 1 any other failure.
 corpus files: """ + CORPUS_FORMATS + """.
 
@@ -244,6 +299,13 @@ def _check_out(path, what='--out'):
     parent = Path(path).resolve().parent
     if not parent.is_dir(): raise ValueError(f"{what} {path}: the folder {parent} does not exist; create it first.")
 
+def _load_factors(path) -> Factors:
+    "`Factors.load`, every failure to read the folder reported as bad input naming --factors."
+    try: return Factors.load(path)
+    except (ValueError, TypeError, FileNotFoundError) as e: raise _again(e, f"--factors: {e}") from None
+    except Exception as e:                                    # e.g. a safetensors or OS error on a damaged file
+        raise ValueError(f"--factors {path}: could not be read ({type(e).__name__}: {e}); refit the factors and save them again.") from None
+
 def _cmd_fit(a):
     model, tok = load_model(a.model, a.tokenizer)
     train = _corpus(a, tok, model)
@@ -254,10 +316,11 @@ def _cmd_fit(a):
 def _cmd_score(a):
     _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer)
-    queries, names = _read_queries(a.queries, tok)
+    factors = _load_factors(a.factors)
+    queries, names = _read_queries(a.queries, tok, model)
     train = _corpus(a, tok, model)
     _say_queries(names, completion_logprobs(model, queries))
-    sc = pairwise_scores(model, Factors.load(a.factors), queries, train, a.damping, a.query_rank, batch_size=a.batch_size)
+    sc = pairwise_scores(model, factors, queries, train, a.damping, a.query_rank, batch_size=a.batch_size)
     df = pd.DataFrame(sc.total.numpy().T, columns=names).rename_axis('train_index')
     df.to_parquet(a.out); print(f"wrote {tuple(sc.total.shape)} scores (columns: query ids) to {a.out}")
 
@@ -267,11 +330,27 @@ def _init_dist() -> bool:
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or not dist.is_available() or dist.is_initialized(): return False
     dist.init_process_group('gloo'); return True
 
+# %% ../nbs/13_cli.ipynb #c16b0003
+def _scan(a, model, tok, factors, queries):
+    "`search.scan` on the --corpus file; a record or a Parquet page it cannot read is reported naming the file."
+    try:
+        return scan(model, factors, queries, a.corpus, k=a.k, query_rank=a.query_rank, damping=a.damping, batch_size=a.batch_size,
+                    chunk_size=a.chunk_size, tokenizer=tok, max_length=a.max_length or context_length(model, tok),
+                    text_field=a.text_field, on_bad_record='skip' if a.skip_bad_records else 'raise',
+                    scores_path=a.scores_dir, checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every,
+                    refine=a.refine, progress=not a.quiet)
+    except Exception as e:
+        if type(e).__module__.startswith('pyarrow'):          # a damaged page of a Parquet corpus (its footer was fine)
+            raise ValueError(f"--corpus {Path(a.corpus).name}: could not be read as Parquet ({type(e).__name__}: {e}).") from None
+        if isinstance(e, ValueError) and 'Bad corpus record' in str(e):
+            raise ValueError(f"--corpus: {e} Accepted formats: {CORPUS_FORMATS}.") from None
+        raise
+
 def _cmd_scan(a):
-    corpus_format(a.corpus); _check_out(a.out)
+    _check_corpus_file(a.corpus, a.text_field); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer)
-    factors = Factors.load(a.factors)
-    queries, names = _read_queries(a.queries, tok)
+    factors = _load_factors(a.factors)
+    queries, names = _read_queries(a.queries, tok, model)
     resuming = a.checkpoint is not None and Path(a.checkpoint).exists()
     joined, done = _init_dist(), False
     from influence_nb.kfac import dist_info
@@ -279,15 +358,7 @@ def _cmd_scan(a):
     try:
         lps = completion_logprobs(model, queries)
         if rank == 0: _say_queries(names, lps)
-        try:
-            res = scan(model, factors, queries, a.corpus, k=a.k, query_rank=a.query_rank, damping=a.damping, batch_size=a.batch_size,
-                       chunk_size=a.chunk_size, tokenizer=tok, max_length=a.max_length or context_length(model, tok),
-                       text_field=a.text_field, on_bad_record='skip' if a.skip_bad_records else 'raise',
-                       scores_path=a.scores_dir, checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every,
-                       refine=a.refine, progress=not a.quiet)
-        except ValueError as e:
-            if 'Bad corpus record' in str(e): raise ValueError(f"{e} Accepted formats: {CORPUS_FORMATS}.") from None
-            raise
+        res = _scan(a, model, tok, factors, queries)
         res.query_names, res.query_log_p = names, [round(float(x), 6) for x in lps]
         if rank == 0: res.save(a.out)
         done = True
@@ -312,14 +383,43 @@ def _query_index(res, q:str) -> int:
         return i
     raise ValueError(f"--query {q!r} is neither a query id of this result ({', '.join(names[:10]) or 'none stored'}) nor a position.")
 
+def _unreadable(r, text_field, _Bad, _text_of) -> str|None:
+    "Why corpus record `r` (as `search` reads it) has no text to show, or None."
+    if isinstance(r, _Bad): return r.why
+    if not isinstance(r, (Mapping, str)): return f"expected a JSON object, got {type(r).__name__}"
+    if isinstance(_text_of(r, text_field), str): return None
+    if not (isinstance(r, Mapping) and 'input_ids' in r):
+        return f"no string field {text_field!r} and no 'input_ids' (fields: {sorted(r)}); pass --text-field"
+    try: as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')
+    except (ValueError, TypeError) as e: return _reword(e)
+
+def _top_texts(res, qi:int, k:int, corpus, tok, text_field) -> dict|None:
+    "`{index: text}` of one query's top `k`, read from the corpus; a record that cannot be read is named, never shown as junk."
+    from influence_nb.search import _Stream, _Bad, _text_of, _record_text
+    if corpus is None: return None
+    _check_corpus_file(corpus, text_field)
+    want, texts = {int(i) for i in res.indices[qi, :k].tolist() if i >= 0}, {}
+    try: items = list(_Stream(corpus, text_field).select(want))
+    except Exception as e:
+        if not (isinstance(e, (ValueError, TypeError)) or type(e).__module__.startswith('pyarrow')): raise
+        raise ValueError(f"--corpus {Path(corpus).name}: could not read the texts ({type(e).__name__}: {e}).") from None
+    for it in items:
+        why = _unreadable(it.raw, text_field, _Bad, _text_of)
+        if why: raise ValueError(f"--corpus: {it.where}: {why}. This result ranks that record: fix the file, or pass the corpus that was scanned.")
+        texts[it.index] = _record_text(it.raw, tok, text_field)
+    missing = sorted(want - set(texts))
+    if missing:
+        raise ValueError(f"--corpus {Path(corpus).name} has fewer records than the result's sequence {missing[0]}: it is not the "
+                         f"corpus that was scanned ({res.n_scanned:,} records). Pass the scanned corpus.")
+    return texts
+
 def _cmd_top(a):
     res = ScanResult.load(a.result)
-    if a.corpus is not None: corpus_format(a.corpus)
     if a.k < 1: raise ValueError(f"--k must be at least 1, got {a.k}.")
     qi = _query_index(res, a.query)
     corpus = a.corpus or (res.source if res.source and Path(res.source).exists() else None)
     tok = load_model(a.model, a.tokenizer)[1] if a.model else load_tokenizer(a.tokenizer) if a.tokenizer else None
-    df = res.top(qi, a.k, corpus=corpus, tokenizer=tok, text_field=a.text_field)
+    df = res.top(qi, a.k, texts=_top_texts(res, qi, a.k, corpus, tok, a.text_field))
     name = res.query_names[qi] if res.query_names else f'query {qi}'
     print(f"{name}: top {len(df)} of {res.n_scanned:,} sequences (query rank {res.query_rank or 'full'}"
           f"{', refined' if res.refined else ''})")
@@ -329,10 +429,27 @@ def _cmd_top(a):
     with pd.option_context('display.max_colwidth', a.width + 2, 'display.width', 250):
         print(df.to_string(float_format=lambda x: f'{x:.4g}'))
 
+# %% ../nbs/13_cli.ipynb #c16b0004
+def _check_explore_files(a):
+    "Read every file `explore` was given before anything is served, so that a bad one exits with 2 naming it."
+    if a.model is not None and a.corpus is None: raise ValueError("--corpus is required with --model: the training texts to search.")
+    if a.corpus is not None:
+        _check_corpus_file(a.corpus, a.text_field)
+        try: recs = read_corpus(a.corpus, a.text_field)
+        except (ValueError, FileNotFoundError) as e: raise _again(e, f"--corpus {e}") from None
+        for j, r in enumerate(recs):                                    # token-id records: checked here, named by line
+            if 'input_ids' not in r: continue
+            try: as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')
+            except (ValueError, TypeError) as e:
+                raise _again(e, f"--corpus {Path(a.corpus).name}, {_record_where(a.corpus, j)}: {_reword(e)}") from None
+    if a.queries is not None:
+        try: query_records(a.queries)
+        except (ValueError, TypeError, FileNotFoundError) as e: raise _again(e, f"--queries {e}") from None
+    if a.factors is not None: _load_factors(a.factors)
+
 def _cmd_explore(a):
     from influence_nb.explorer import explorer, app_notebook
-    if a.model is not None and a.corpus is None: raise ValueError("--corpus is required with --model: the training texts to search.")
-    if a.corpus is not None: corpus_format(a.corpus)
+    _check_explore_files(a)
     kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, factors=a.factors,
               text_field=a.text_field, fit_sample=a.fit_sample)
     if a.no_serve:
@@ -351,12 +468,25 @@ def _cmd_explore(a):
 # %% ../nbs/13_cli.ipynb #47b47a94
 _DISPATCH = {'experiment': 'influence_nb.experiments.harness', 'validate': 'influence_nb.evaluate'}
 
+def _check_results_file(argv):
+    "`experiment`/`validate` merge into their --out JSON file: an existing one must be a JSON object (named, with its line)."
+    out = next((v for k, v in zip(argv, argv[1:]) if k == '--out'), None) or next((x[6:] for x in argv if x.startswith('--out=')), None)
+    if out is None or not Path(out).is_file(): return
+    try: res = json.loads(Path(out).read_bytes().decode('utf-8'))
+    except UnicodeDecodeError as e: raise ValueError(f"--out {out} is not UTF-8 text ({e}); it is merged into: fix it or pass a new file.") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--out {out}, line {e.lineno}: not valid JSON ({e.msg}); the results file is merged into: fix it or "
+                         "pass a new file.") from None
+    if not isinstance(res, dict): raise ValueError(f"--out {out} holds a JSON {type(res).__name__}, not a results object.")
+
 def _dispatch(command, argv) -> int:
     "`influence-nb experiment|validate ARGS...`: the module's own `main(argv)` (imported only when asked for)."
     import importlib
     try: mod = importlib.import_module(_DISPATCH[command])
     except ModuleNotFoundError as e:
         print(f"influence-nb {command}: error: {_DISPATCH[command]} is not available ({e}).", file=sys.stderr); return 2
+    try: _check_results_file(list(argv))
+    except ValueError as e: print(f"influence-nb {command}: error: {e}", file=sys.stderr); return 2
     return int(mod.main(list(argv)) or 0)
 
 def main(argv=None) -> int:

@@ -4,17 +4,18 @@
 
 # %% ../nbs/00_data.ipynb #32d43130
 from __future__ import annotations
-import os, sys, json, math, warnings
+import os, sys, json, math, warnings, numbers, functools
 from pathlib import Path
 from collections.abc import Mapping, Sequence, Iterable, Iterator
+import numpy as np
 import torch
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir', 'as_sequence',
-           'as_sequences', 'n_scored', 'require_scored', 'tokenize', 'tokenize_pairs', 'collate', 'batches',
-           'model_context', 'model_vocab', 'check_sequences', 'context_length', 'load_tokenizer', 'load_model',
-           'load_bundled', 'completion_logprobs', 'corpus_format', 'read_corpus', 'corpus_sequences', 'cache_dir',
-           'cached_factors']
+           'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_max_length', 'tokenize',
+           'tokenize_pairs', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
+           'context_length', 'load_tokenizer', 'load_model', 'load_bundled', 'completion_logprobs', 'corpus_format',
+           'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -38,6 +39,7 @@ IGNORE_INDEX = -100  # label value that marks a token as not scored (transformer
 
 def _as_1d_long(x, key, i, name):
     "Convert one field of sequence `i` to a 1-D int64 tensor, or raise naming what is wrong."
+    if isinstance(x, np.ndarray) and x.dtype == object: x = x.tolist()   # a row of an object array: plain Python ints
     if isinstance(x, torch.Tensor): t = x
     else:
         try: t = torch.as_tensor(x)
@@ -52,17 +54,22 @@ def _as_1d_long(x, key, i, name):
                          "Pass one dict per sequence (un-batched).")
     if t.device.type == 'meta':
         raise ValueError(f"{name}[{i}]['{key}'] is a meta tensor (no data); pass real token ids.")
-    return t.detach().to('cpu', torch.long)   # sequences are small: keep them on the CPU, batches move to the model
+    t = t.detach().to('cpu', torch.long)   # sequences are small: keep them on the CPU, batches move to the model
+    if t.is_inference():                   # made under torch.inference_mode(): autograd cannot save it for backward
+        with torch.inference_mode(False): t = t.clone()
+    return t
 
 def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attention_mask`) or a list of ids
                 i:int=0, # position, used in error messages
                 name:str='data', # argument name, used in error messages
                ) -> dict:
     "One sequence as a dict of 1-D int64 tensors `input_ids`, `labels`, `attention_mask`."
-    if isinstance(x, (list, tuple, torch.Tensor)) and not isinstance(x, Mapping): x = {'input_ids': x}
+    if isinstance(x, (list, tuple, torch.Tensor, np.ndarray)) and not isinstance(x, Mapping): x = {'input_ids': x}
     if not isinstance(x, Mapping):
-        raise TypeError(f"{name}[{i}] is a {type(x).__name__}; expected a mapping with 'input_ids' "
-                        "(use `inf.tokenize(tokenizer, texts)` to make sequences from text).")
+        flat = isinstance(x, numbers.Integral) and not isinstance(x, bool)   # `[5, 6, 7]` passed where a list of sequences goes
+        raise TypeError(f"{name}[{i}] is a {type(x).__name__}; expected a mapping with 'input_ids' or a list of token ids "
+                        + (f"— `{name}` looks like the token ids of ONE sequence: pass a list of sequences, e.g. [ids]." if flat else
+                           "(use `inf.tokenize(tokenizer, texts)` to make sequences from text)."))
     if 'input_ids' not in x:
         text = next((k for k, v in x.items() if isinstance(v, str)), None)   # raw text, e.g. a `datasets` row
         hint = (f" It holds raw text ({text!r}): tokenize it first, e.g. `inf.tokenize(tokenizer, {name}, text_field={text!r})` "
@@ -98,11 +105,34 @@ def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attenti
     return out
 
 # %% ../nbs/00_data.ipynb #8ab0c37e
+def _is_batch(data) -> bool:
+    "A mapping holding a whole batch: `tokenizer(texts, padding=True)` (a `BatchEncoding`) or a dict of 2-D `input_ids`."
+    if not isinstance(data, Mapping) or 'input_ids' not in data: return False
+    ids = data['input_ids']
+    if isinstance(ids, (torch.Tensor, np.ndarray)): return ids.ndim == 2
+    return isinstance(ids, (list, tuple)) and len(ids) > 0 and all(isinstance(r, (list, tuple, torch.Tensor, np.ndarray)) for r in ids)
+
+def as_collection(data, # what a user passed as sequences (or texts)
+                  name:str='data', # argument name, used in error messages
+                 ):
+    "`data` as something `len`/index-able or iterable whose items are single records: batches, DataFrames and Series unpacked."
+    if _is_batch(data):   # one dict per row; padding stays in 'attention_mask' and is dropped by `as_sequence`
+        cols = {k: data[k].tolist() if hasattr(data[k], 'tolist') else list(data[k])
+                for k in ('input_ids', 'labels', 'attention_mask') if k in data}
+        n = len(cols['input_ids'])
+        for k, v in cols.items():
+            if len(v) != n: raise ValueError(f"`{name}`['{k}'] has {len(v)} rows but `{name}`['input_ids'] has {n}; they must match.")
+        return [{k: v[r] for k, v in cols.items()} for r in range(n)]
+    if hasattr(data, 'iloc') and hasattr(data, 'columns'): return data.to_dict('records')   # pandas DataFrame: one dict per row
+    if hasattr(data, 'iloc'): return data.tolist()       # pandas Series: by position, whatever its index labels
+    return data
+
 def _iter_data(data, name):
+    data = as_collection(data, name)
     if isinstance(data, (str, bytes)) or isinstance(data, Mapping):
         raise TypeError(f"`{name}` must be a collection of sequences, got a single {type(data).__name__}. "
                         f"Wrap one sequence in a list: [{name}].")
-    if hasattr(data, '__len__') and hasattr(data, '__getitem__') and not isinstance(data, (list, tuple)):
+    if hasattr(data, '__len__') and hasattr(data, '__getitem__') and not isinstance(data, (list, tuple, np.ndarray)):
         return (data[i] for i in range(len(data)))   # torch Dataset / datasets.Dataset
     if isinstance(data, Iterable): return iter(data)
     raise TypeError(f"`{name}` must be a list, a torch/HF Dataset or an iterable of sequences, got {type(data).__name__}.")
@@ -142,6 +172,16 @@ def require_scored(seqs:list[dict], name:str='queries'):
                              "A query needs a non-empty completion; a training sequence needs at least 2 tokens.")
 
 # %% ../nbs/00_data.ipynb #fa5453c6
+def check_max_length(max_length, # None (no limit) or a positive int
+                     name:str='max_length', # argument name, used in error messages
+                    ):
+    "Refuse the `max_length` values a tokenizer silently ignores (0, False), misreads (True = 1) or crashes on (negative, float)."
+    if max_length is None: return
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
+        raise TypeError(f"`{name}` must be None (no truncation) or a positive integer, got {max_length!r} ({type(max_length).__name__}).")
+    if max_length < 1:
+        raise ValueError(f"`{name}` must be a positive integer (tokens kept per sequence), got {max_length}; pass None for no truncation.")
+
 def tokenize(tokenizer, # a Hugging Face tokenizer
              texts:str|Sequence[str], # one text, a list of texts, or records / a `datasets.(Iterable)Dataset` with `text_field`
              max_length:int|None=128, # truncate to this many tokens (None: no limit)
@@ -149,8 +189,9 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
             ) -> list[dict]:
     "Training sequences from `texts`: every token is scored."
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
+    check_max_length(max_length)
     if isinstance(texts, str): texts = [texts]
-    texts = list(texts)
+    texts = list(as_collection(texts, 'texts'))
     if not texts: raise ValueError("`texts` is empty: pass at least one text.")
     for i, t in enumerate(texts):
         if isinstance(t, Mapping):
@@ -229,6 +270,19 @@ def model_vocab(model) -> int|None:
 def check_sequences(model, data, name:str='data') -> list[dict]:
     "`as_sequences` with the vocabulary and context limits of `model`."
     return as_sequences(data, name=name, vocab_size=model_vocab(model), max_length=model_context(model))
+
+# %% ../nbs/00_data.ipynb #83059270
+def grad_enabled(fn):
+    "Decorate an entry point whose first argument is the model so it works under `torch.no_grad()`/`torch.inference_mode()`."
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        model = args[0] if args else kwargs.get('model')
+        if isinstance(model, torch.nn.Module) and any(t.is_inference() for t in [*model.parameters(), *model.buffers()]):
+            raise ValueError(f"`model` was created or loaded under torch.inference_mode(): its weights are inference tensors, "
+                             f"which autograd cannot differentiate. Create or load the model outside inference mode, then call "
+                             f"{fn.__name__} (calling it inside inference_mode or no_grad is fine).")
+        with torch.inference_mode(False), torch.enable_grad(): return fn(*args, **kwargs)
+    return wrapper
 
 # %% ../nbs/00_data.ipynb #a1d8cc8d
 def context_length(model, # a transformers model
@@ -384,6 +438,7 @@ def cache_dir() -> Path:
     "Where fitted factors are cached (`INFLUENCE_NB_CACHE` or `~/.cache/influence_nb`)."
     return Path(os.environ.get('INFLUENCE_NB_CACHE', Path.home()/'.cache'/'influence_nb'))
 
+@grad_enabled
 def cached_factors(model, train, tag:str, progress=True, **fit_kw) -> tuple:
     "`(factors, from_cache)`: load the factors for this model, data tag and arguments, or fit and save them."
     from influence_nb.ekfac import Factors, fit_factors, fingerprint

@@ -4,19 +4,20 @@
 
 # %% ../nbs/05_ekfac.ipynb #45563c88
 from __future__ import annotations
-import os, json, hashlib, tempfile, time, contextlib
+import os, json, hashlib, tempfile, time, contextlib, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from safetensors.torch import save_file, load_file
 from safetensors import safe_open
-from .data import check_sequences, require_scored
+from .data import check_sequences, require_scored, grad_enabled
 from .modules import TrackedLayer, find_modules, check_model
 from .kfac import fit_covariances, eigen, layer_passes, precondition_eigen, all_reduce_sum
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'ITERATIVE', 'FORMAT_VERSION', 'seq_grads', 'fit_lambda', 'fit_diagonal', 'fingerprint', 'Factors',
-           'check_damping', 'check_factors_finite', 'fit_factors']
+__all__ = ['STRATEGIES', 'ITERATIVE', 'FORMAT_VERSION', 'SAMPLE', 'SAMPLE_OTHER', 'seq_grads', 'fit_lambda', 'fit_diagonal',
+           'fingerprint', 'model_digest', 'model_changes', 'Factors', 'check_damping', 'check_factors_finite',
+           'fit_factors']
 
 # %% ../nbs/05_ekfac.ipynb #a4f25866
 STRATEGIES = ('identity', 'diagonal', 'kfac', 'ekfac', 'lissa', 'cg')
@@ -61,14 +62,56 @@ def fit_diagonal(model, layers, seqs, fisher='true', batch_size=8, seed=0, progr
     return {n: all_reduce_sum(v) / len(seqs) for n, v in diag.items()}
 
 # %% ../nbs/05_ekfac.ipynb #533f8338
+SAMPLE = 1 << 20         # values hashed per tracked tensor; larger ones are hashed on a strided sample of this many
+SAMPLE_OTHER = 1 << 16   # the same for every other parameter (`model_digest`)
+
+def _values(t:torch.Tensor, limit:int=SAMPLE) -> bytes:
+    "The float32 values of `t` a fingerprint hashes: all up to `limit`, else every `stride`-th (an odd stride)."
+    t = t.detach().reshape(-1)
+    if t.numel() > limit: t = t[::(-(-t.numel() // limit)) | 1]    # ≤ limit values, spread across rows and columns
+    return t.float().cpu().contiguous().numpy().tobytes()
+
 def fingerprint(layers:list[TrackedLayer]) -> str:
-    "SHA-256 over the names, shapes and float32 values of the tracked layers' parameters."
+    "SHA-256 over the names, shapes and float32 values (sampled beyond `SAMPLE`) of the tracked layers' parameters."
     h = hashlib.sha256()
     for l in layers:
         for name, p in l.params():
-            t = p.detach().float().cpu().contiguous()
-            h.update(f'{name}:{tuple(t.shape)};'.encode()); h.update(t.numpy().tobytes())
+            h.update(f'{name}:{tuple(p.shape)};'.encode()); h.update(_values(p))
     return h.hexdigest()
+
+# %% ../nbs/05_ekfac.ipynb #a16c0501
+_CONFIG_IGNORED = {'name_or_path', 'torch_dtype', 'dtype', 'transformers_version', 'architectures', 'use_cache',
+                   'output_attentions', 'output_hidden_states', 'return_dict', 'torchscript', 'id2label', 'label2id',
+                   'bos_token_id', 'eos_token_id', 'pad_token_id', 'sep_token_id', 'decoder_start_token_id',
+                   'initializer_range', 'problem_type'}   # and dropout rates: passes run in eval mode
+
+def _ignored(k) -> bool: return str(k).startswith(('_', 'summary_')) or k in _CONFIG_IGNORED or 'dropout' in k or 'pdrop' in k
+
+def _config(model) -> dict:
+    "`model.config` as plain JSON, without fields that do not change what the model computes (and `_private` ones)."
+    cfg = getattr(model, 'config', None)
+    def keep(x):
+        if isinstance(x, dict): return {k: keep(v) for k, v in x.items() if not _ignored(str(k))}
+        return x
+    return json.loads(json.dumps(keep(cfg.to_dict() if hasattr(cfg, 'to_dict') else {}), sort_keys=True, default=str))
+
+def model_digest(model) -> dict:
+    "What factors are bound to: the config and a 16-hex digest of each parameter's name, shape and (sampled) values."
+    params = {}
+    for n, p in model.named_parameters():          # tied weights appear once
+        h = hashlib.sha256(f'{n}:{tuple(p.shape)};'.encode()); h.update(_values(p, SAMPLE_OTHER))
+        params[n] = h.hexdigest()[:16]
+    return {'config': _config(model), 'params': params}
+
+def model_changes(bound:dict, model) -> list[str]:
+    "How `model` differs from the digest `bound` (changed, missing or new parameters; config fields); [] if it does not."
+    now, out = model_digest(model), []
+    a, b = bound.get('params', {}), now['params']
+    out += [f'weights of {n}' for n in b if n in a and a[n] != b[n]]
+    out += [f'{n} (missing now)' for n in a if n not in b] + [f'{n} (new)' for n in b if n not in a]
+    ca, cb = bound.get('config', {}), now['config']
+    out += [f'config.{k}' for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
+    return out
 
 # %% ../nbs/05_ekfac.ipynb #c38d255c
 @dataclass
@@ -143,6 +186,16 @@ class Factors:
             raise ValueError("These factors were fitted on different weights (fingerprint mismatch: "
                              f"factors {self.fingerprint[:12]}, model {fp[:12]}). Refit them for this model "
                              "with `fit_factors`, or load the factors that belong to it.")
+        bound = self.info.get('model_digest')
+        if bound is None:
+            warnings.warn("These factors carry no digest of the whole model (fitted by an older influence_nb): only the tracked "
+                          "layers' weights were checked, so a change elsewhere (e.g. attention fine-tuned) would go unnoticed. "
+                          "Refit them with `fit_factors` to bind them to every weight and the config.", stacklevel=2)
+        elif changes := model_changes(bound, model):
+            raise ValueError(f"These factors were fitted on another state of this model (model fingerprint mismatch): "
+                             f"{changes[:5]}{f' and {len(changes) - 5} more' if len(changes) > 5 else ''} changed since fitting. "
+                             "Every weight shapes the tracked layers' inputs and output gradients, so the factors are stale: "
+                             "refit them with `fit_factors` (or load the factors that belong to this model).")
         check_factors_finite(self)
         return layers
 
@@ -160,10 +213,11 @@ class Factors:
         meta = {k: getattr(self, k) for k in ('strategy', 'modules', 'shapes', 'fisher', 'n_sequences', 'n_tokens',
                                               'seed', 'fingerprint', 'model_class', 'info')}
         meta['format_version'] = FORMAT_VERSION
-        mine = []   # this call's temporary files (another writer's are not ours to delete)
+        mine, committed = [], False   # this call's files to discard if it stops before its commit
         try:
             path.mkdir(parents=True, exist_ok=True)
             with _dir_lock(path, exclusive=True):    # one writer at a time swaps the pair of files
+                _settle(path)                          # finish, or drop, what an interrupted save left behind
                 mine.append(tmp_t := _tmp_name(path, 'factors.safetensors'))
                 # a copy of the metadata travels inside the tensor file, so a hand-edited JSON is recognised on load
                 save_file(flat, str(tmp_t), metadata={'format': 'influence_nb.factors', 'meta': json.dumps(meta, sort_keys=True)})
@@ -171,12 +225,18 @@ class Factors:
                 meta['sha256'] = _sha256(tmp_t)
                 mine.append(tmp_j := _tmp_name(path, 'factors.json'))
                 tmp_j.write_text(json.dumps(meta, indent=1)); _fsync(tmp_j)
-                os.replace(tmp_t, path/'factors.safetensors'); os.replace(tmp_j, path/'factors.json')
+                mine.append(path/_PENDING)
+                os.replace(tmp_t, path/_PENDING); _fsync_dir(path)   # 1. the new tensors, beside the old pair
+                os.replace(tmp_j, path/'factors.json')               # 2. the commit: the JSON's checksum now names them
+                committed = True
+                _fsync_dir(path)
+                os.replace(path/_PENDING, path/'factors.safetensors'); _fsync_dir(path)   # 3. tidy: the usual name
         except OSError as e:
+            if committed: return path   # the new factors are in place; `load` and the next `save` finish the tidying
             raise type(e)(e.errno, f"Could not write factors to {path} ({e.strerror or e}). Check that the folder is "
                                    "writable and has free space; factors saved there before are unchanged.") from None
         finally:
-            for p in mine: p.unlink(missing_ok=True)
+            if not committed: _discard(mine)
         return path
 
     @classmethod
@@ -186,7 +246,7 @@ class Factors:
         "Load factors saved with `save`; corrupt, truncated or foreign files raise a ValueError."
         path = Path(path)
         jf, tf = path/'factors.json', path/'factors.safetensors'
-        if not jf.exists() or not tf.exists():
+        if not jf.exists() or not (tf.exists() or (path/_PENDING).exists()):
             raise FileNotFoundError(f"No factors in {path}: expected factors.json and factors.safetensors (written by Factors.save).")
         with _dir_lock(path, exclusive=False):     # never read a pair that a writer is swapping
             try: meta = json.loads(jf.read_text())
@@ -198,7 +258,8 @@ class Factors:
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= FORMAT_VERSION:
                 raise ValueError(f"{jf} has format_version {v!r}; this influence_nb reads versions 1 to {FORMAT_VERSION}. "
                                  "A newer file needs a newer influence_nb: upgrade it (or refit the factors with this one).")
-            if _sha256(tf) != meta.get('sha256'):
+            if _committed_pending(path, meta): tf = path/_PENDING   # a save stopped between its commit and its tidy step
+            elif not tf.exists() or _sha256(tf) != meta.get('sha256'):
                 raise ValueError(f"{tf} does not match the checksum in {jf.name}: the file is truncated, corrupt or was "
                                  "replaced. Refit the factors and save them again.")
             try:
@@ -268,6 +329,31 @@ def _dir_lock(folder, exclusive:bool):
 def _fsync(p):
     with open(p, 'rb') as fh: os.fsync(fh.fileno())
 
+def _fsync_dir(folder):   # make renames durable (POSIX); a no-op where folders cannot be opened
+    try: fd = os.open(folder, os.O_RDONLY)
+    except OSError: return
+    try: os.fsync(fd)
+    except OSError: pass
+    finally: os.close(fd)
+
+_PENDING = '.factors.pending.safetensors'   # new tensors between steps 1 and 3 of `save`
+
+def _committed_pending(folder, meta) -> bool:
+    "Does `folder` hold pending tensors that the committed JSON `meta` names by checksum?"
+    p = Path(folder)/_PENDING
+    return isinstance(meta, dict) and p.exists() and _sha256(p) == meta.get('sha256')
+
+def _settle(folder):
+    "Under the writer's lock: rename committed pending tensors into place, delete anything an interrupted save left."
+    folder = Path(folder)
+    try: meta = json.loads((folder/'factors.json').read_text())
+    except (OSError, ValueError, UnicodeDecodeError): meta = None
+    if _committed_pending(folder, meta): os.replace(folder/_PENDING, folder/'factors.safetensors')
+    _discard([folder/_PENDING, *folder.glob('.tmp-factors.*')])   # no other writer holds the lock: these are orphans
+
+def _discard(paths):
+    for p in paths: Path(p).unlink(missing_ok=True)
+
 def _tmp_name(folder, name):
     fd, p = tempfile.mkstemp(prefix=f'.tmp-{name}.', dir=folder); os.close(fd); return Path(p)
 
@@ -292,6 +378,7 @@ def check_factors_finite(f:Factors):
                 raise ValueError(f"Factors of layer '{n}' contain NaN/Inf in '{k}'; refit them (check the model and data for NaN).")
 
 # %% ../nbs/05_ekfac.ipynb #49baf012
+@grad_enabled   # works when called under torch.no_grad() or torch.inference_mode()
 def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or a compatible module
                 train, # training sequences (see `00_data`): list of dicts, torch or HF Dataset
                 strategy:str='ekfac', # identity | diagonal | kfac | ekfac
@@ -337,7 +424,7 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
             for n in lam: tensors[n]['Lambda'] = lam[n]
     elif strategy == 'diagonal':
         for n, d in fit_diagonal(model, layers, passes, fisher, batch_size, seed, progress).items(): tensors[n]['diag'] = d
-    info = {'fit_seconds': round(time.time() - t0, 3)}
+    info = {'fit_seconds': round(time.time() - t0, 3), 'model_digest': model_digest(model)}
     if fisher_samples > 1: info['fisher_samples'] = fisher_samples
     if strategy in ITERATIVE: info['solver'] = dict(solver or {}, seed=seed, batch_size=batch_size)
     f = Factors(strategy, [l.name for l in layers], {l.name: [l.d_out, l.d_in1] for l in layers}, fisher, len(seqs), n_tok,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import html as _html
 import io
 import math
@@ -29,20 +30,20 @@ from . import viz
 import json
 import os
 from collections.abc import Mapping
-from .data import (MODEL_NAMES, SCORE_LEGEND, cached_factors, completion_logprobs, context_length,
-                               corpus_sequences, load_bundled, load_model, read_corpus)
+from .data import (MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
+                               corpus_sequences, load_bundled, load_model, read_corpus, _corpus_rows)
 from .corpus import load_corpus, load_queries
 from .data import data_dir, tokenize_pairs
-from .ekfac import Factors, check_damping, fingerprint
+from .ekfac import Factors, check_damping, fingerprint, model_digest
 from .modules import find_modules
 from .scores import pairwise_scores
 from .tfidf import TokenIndex
 
 # %% auto #0
 __all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'layer_blocks', 'default_query', 'corpus_records', 'query_records',
-           'ExplorerSession', 'restrict_factors', 'ExplorerResult', 'run_query', 'summary_html', 'top_html',
-           'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'explorer',
-           'app_notebook']
+           'ExplorerSession', 'sequences_digest', 'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'run_query',
+           'summary_html', 'top_html', 'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping',
+           'Explorer', 'explorer', 'app_notebook']
 
 # %% ../nbs/10_explorer.ipynb #6860dd62
 FIT_SAMPLE = 600  # training sequences the explorer fits curvature factors on (a seeded sample; 0 = all)
@@ -70,6 +71,16 @@ def default_query(queries: list[dict]) -> dict:
     return queries[0]
 
 # %% ../nbs/10_explorer.ipynb #77fe3a3a
+def _record_where(path, j:int) -> str:
+    "Where record `j` of a corpus file is: 'row j' of a Parquet file, else its line (blank lines hold no record)."
+    if Path(path).suffix.lower() == '.parquet': return f'row {j}'
+    with open(path, 'rb') as f:
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                if j == 0: return f'line {n}'
+                j -= 1
+    return f'record {j}'
+
 def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or records with a text / 'input_ids'
                    tokenizer=None, # decodes 'input_ids' records into the text shown
                    text_field: str = 'text', # the field holding a record's text
@@ -78,42 +89,57 @@ def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or 
     if isinstance(corpus, (str, os.PathLike)): rows = read_corpus(corpus, text_field)
     elif isinstance(corpus, (bytes, Mapping)): raise TypeError("`corpus` must be a collection of texts or records, or a file path.")
     else: rows = [{'text': r} if isinstance(r, str) else r for r in corpus]
-    out = []
+    out, path = [], corpus if isinstance(corpus, (str, os.PathLike)) else None
+    at = lambda i: f"{Path(path).name}, {_record_where(path, i)}" if path is not None else f"corpus[{i}]"   # named by line in a file
     for i, r in enumerate(rows):
-        if not isinstance(r, Mapping): raise TypeError(f"corpus[{i}] is a {type(r).__name__}; expected a text or a record.")
+        if not isinstance(r, Mapping): raise TypeError(f"{at(i)} is a {type(r).__name__}; expected a text or a record.")
         if isinstance(r.get(text_field), str): text = r[text_field]
-        elif 'input_ids' in r and tokenizer is not None: text = tokenizer.decode([int(t) for t in r['input_ids']])
-        else: raise ValueError(f"corpus[{i}] has no text field {text_field!r} and no 'input_ids' (fields: {sorted(r)}).")
+        elif 'input_ids' in r:
+            try: ids = as_sequence(r, 0, 'record')['input_ids']
+            except (ValueError, TypeError) as e: raise type(e)(f"{at(i)}: {str(e).replace('record[0]', 'the record')}") from None
+            text = tokenizer.decode(ids.tolist()) if tokenizer is not None else ' '.join(map(str, ids.tolist()))
+        else: raise ValueError(f"{at(i)} has no text field {text_field!r} and no 'input_ids' (fields: {sorted(r)}).")
         out.append({**r, 'id': str(r.get('id', i)), 'kind': str(r.get('kind', '')), 'text': text})
     if not out: raise ValueError("`corpus` is empty: pass at least one training text.")
     return out
+
+def _query_rows(queries) -> list[tuple[str, object]]:
+    "`(where, row)` of each query: 'queries[i]' for a collection, 'FILE, line n' for a JSONL file (blank lines skipped)."
+    if not isinstance(queries, (str, os.PathLike)): return [(f'queries[{i}]', q) for i, q in enumerate(queries)]
+    p = Path(queries)
+    if not p.is_file(): raise FileNotFoundError(f"`queries` file {p} " + ("is a directory; pass a JSONL file." if p.is_dir() else "does not exist."))
+    rows = [(f'{p.name}, {where}', r) for where, r in _corpus_rows(p, 'jsonl')]   # UTF-8 and JSON checked per line
+    if not rows: raise ValueError(f"{p.name} holds no queries: write one JSON object per line with 'prompt' and 'completion'.")
+    return rows
+
+def _query_record(where: str, q, i: int) -> dict:
+    "One query row checked field by field (`where` names it in messages): a dict with `id`, `prompt`, `completion`."
+    if isinstance(q, Exception): raise ValueError(f"{where}: {q}.")
+    if isinstance(q, (tuple, list)) and len(q) == 2: q = {'prompt': q[0], 'completion': q[1]}
+    if not isinstance(q, Mapping):
+        raise ValueError(f"{where} must be a (prompt, completion) pair or a dict with 'prompt' and 'completion' strings, "
+                         f"got a {type(q).__name__}.")
+    for key in ('prompt', 'completion'):
+        if key not in q: raise ValueError(f"{where} has no '{key}' field (fields: {sorted(q)}); a query needs 'prompt' and 'completion'.")
+        if not isinstance(q[key], str): raise TypeError(f"{where}: field '{key}' is a {type(q[key]).__name__}; it must be a string.")
+    if not q['completion']:
+        raise ValueError(f"{where}: field 'completion' is empty; give the text the model should produce after the prompt.")
+    if 'id' in q and (isinstance(q['id'], bool) or not isinstance(q['id'], (str, int))):
+        raise TypeError(f"{where}: field 'id' is a {type(q['id']).__name__}; it must be a string or an integer.")
+    return {'kind': 'query', 'lang': None, 'fact_id': None, 'passage_id': None, **q, 'id': str(q.get('id', f'q{i}'))}
 
 def query_records(queries, # None, (prompt, completion) pairs, dicts with 'prompt' and 'completion' (+ 'id'), or a JSONL path
                  ) -> list[dict]:
     "The explorer's queries: dicts with `id`, `prompt`, `completion` (and the query file's fields)."
     if queries is None: return []
-    if isinstance(queries, (str, os.PathLike)):
-        rows = []
-        for n, line in enumerate(Path(queries).read_text().splitlines(), 1):
-            try: rows += [json.loads(line)] if line.strip() else []
-            except ValueError as e: raise ValueError(f"{Path(queries).name}, line {n}: not valid JSON ({e}).") from None
-    else: rows = list(queries)
-    out = []
-    for i, q in enumerate(rows):
-        if isinstance(q, (tuple, list)) and len(q) == 2: q = {'prompt': q[0], 'completion': q[1]}
-        if not (isinstance(q, Mapping) and isinstance(q.get('prompt'), str) and isinstance(q.get('completion'), str)):
-            raise ValueError(f"queries[{i}] must be a (prompt, completion) pair or a dict with 'prompt' and 'completion' strings.")
-        out.append({'kind': 'query', 'lang': None, 'fact_id': None, 'passage_id': None, **q, 'id': str(q.get('id', f'q{i}'))})
+    out = [_query_record(where, q, i) for i, (where, q) in enumerate(_query_rows(queries))]
     ids = [q['id'] for q in out]
-    if len(set(ids)) < len(ids): raise ValueError(f"query ids must be unique; repeated: {sorted({x for x in ids if ids.count(x) > 1})}.")
+    if len(set(ids)) < len(ids):
+        src = f"{Path(queries).name}: " if isinstance(queries, (str, os.PathLike)) else ''
+        raise ValueError(f"{src}query ids must be unique: the ids {sorted({x for x in ids if ids.count(x) > 1})} appear "
+                         "more than once; give every query its own 'id'.")
     return out
 
-def _records_digest(records) -> str:
-    "A short digest of the corpus texts: part of the factor-cache key of a user's corpus."
-    import hashlib
-    h = hashlib.sha256()
-    for r in records: h.update(r['text'].encode()); h.update(b'\0')
-    return h.hexdigest()[:12]
 
 # %% ../nbs/10_explorer.ipynb #a862e949
 class ExplorerSession:
@@ -134,7 +160,7 @@ class ExplorerSession:
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"`{n}` must be an integer >= {lo}, got {v!r}.")
         self.fit_sample, self.seed, self.batch_size = fit_sample, seed, batch_size
-        self._models, self._train, self._index, self._factors = {}, {}, {}, {}
+        self._models, self._train, self._index, self._factors, self._given = {}, {}, {}, {}, set()
         self._records = self._queries = None
         self.custom = None                # the name of the user's model, when one was given
         if model is not None: self._setup_custom(model, tokenizer, corpus, queries, factors, text_field, name)
@@ -155,6 +181,7 @@ class ExplorerSession:
             if not isinstance(f, Factors): raise TypeError(f"`factors` must be Factors or their folder, got {type(f).__name__}.")
             f.check(mdl)
             self._factors[self.custom, f.strategy] = f
+            self._given.add((self.custom, f.strategy))
 
     @property
     def records(self) -> list[dict]:
@@ -212,6 +239,24 @@ def model(self: ExplorerSession, name: str):
     if name not in self._models: self._models[name] = load_bundled(name)
     return self._models[name]
 
+# %% ../nbs/10_explorer.ipynb #c16a0f04
+def sequences_digest(seqs, # sequences (anything `as_sequences` accepts)
+                    ) -> str:
+    "SHA-256 of the token ids, labels and attention masks of `seqs`, in order: the data a fit depends on."
+    h = hashlib.sha256()
+    for s in as_sequences(seqs, 'seqs'):
+        for k in ('input_ids', 'labels', 'attention_mask'):
+            h.update(f'{k}:{len(s[k])};'.encode()); h.update(s[k].numpy().astype('<i8').tobytes())
+    return h.hexdigest()
+
+def factor_cache_tag(name: str, # a readable prefix (the model's name)
+                     model,     # the model the factors are fitted on
+                     seqs,      # the sequences they are fitted on
+                    ) -> str:
+    "The data- and weight-bound part of a factor-cache key (`data.cached_factors` adds the fit arguments)."
+    weights = hashlib.sha256(json.dumps(model_digest(model), sort_keys=True).encode()).hexdigest()  # every parameter + config
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-fit{len(seqs)}-data{sequences_digest(seqs)[:16]}-weights{weights[:16]}"
+
 # %% ../nbs/10_explorer.ipynb #40150882
 @patch
 def _tok_key(self: ExplorerSession, name):
@@ -247,11 +292,16 @@ def fit_indices(self: ExplorerSession, n_train: int) -> list[int]:
 def factors(self: ExplorerSession, name: str, strategy: str = 'ekfac') -> tuple[Factors, str]:
     "`(factors, source)` for model `name`; source is 'memory', 'disk' (cache) or 'fitted'."
     if strategy not in STRATEGIES_SHOWN: raise ValueError(f"Unknown strategy {strategy!r}; choose one of {STRATEGIES_SHOWN}.")
-    if (name, strategy) in self._factors: return self._factors[name, strategy], 'memory'
-    model, train = self.model(name)[0], self.train(name)
-    idx = self.fit_indices(len(train))
-    tag = f'{name}-fit{len(idx)}' if not self.custom else f'{name}-{_records_digest(self.records)}-fit{len(idx)}'
-    f, hit = cached_factors(model, [train[i] for i in idx], tag, progress=bool(self.custom),
+    model = self.model(name)[0]
+    if (name, strategy) in self._factors:          # the model object may have been changed in place since
+        f = self._factors[name, strategy]
+        try: f.check(model); return f, 'memory'
+        except ValueError:
+            if (name, strategy) in self._given: raise  # the user's own factors: never replaced behind their back
+            del self._factors[name, strategy]
+    train = self.train(name)
+    fit = [train[i] for i in self.fit_indices(len(train))]
+    f, hit = cached_factors(model, fit, factor_cache_tag(name, model, fit), progress=bool(self.custom),
                             strategy=strategy, fisher='true', seed=self.seed, batch_size=self.batch_size)
     self._factors[name, strategy] = f
     return f, 'disk' if hit else 'fitted'
@@ -496,7 +546,7 @@ def layer_figure(result: ExplorerResult): # -> matplotlib Figure
     "Top sequences × counted layers: each sequence's influence by layer (shares when all are positive)."
     df = result.per_layer.loc[result.top['train_index'], result.layers]
     df.index = [f"#{i} {sid}" for i, sid in zip(result.top.index, result.top['id'])]
-    positive = bool((df.sum(1) > 0).all())
+    positive = bool((df.sum(axis=1) > 0).all())
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         fig = viz.layer_heatmap(df, normalize=positive)

@@ -11,8 +11,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'is_experts', 'expert_params', 'TrackedLayer', 'candidate_modules',
-           'blocks', 'block_coverage', 'check_model', 'find_modules', 'tiny_model', 'Capture', 'experts_forward',
-           'capture']
+           'blocks', 'block_coverage', 'check_not_reused', 'check_unshared', 'check_model', 'find_modules',
+           'tiny_model', 'Capture', 'experts_forward', 'capture']
 
 # %% ../nbs/03_modules.ipynb #8ec08ef3
 MLP_LEAVES = {   # how `modules="mlp"` recognises a block's feed-forward weights, whatever the architecture
@@ -165,6 +165,7 @@ def _mlp_names(model, cands):
         if names: return names
         raise ValueError(f"modules='mlp' found no blocks (nn.ModuleList) and no layer named like an MLP in {type(model).__name__}. "
                          f"Pass their names explicitly, e.g. modules={list(cands)[:4]!r} (all candidates: modules='all').")
+    check_not_reused(model, cands.values())   # before coverage, which would only see the first copy
     names = []
     for n, l in cands.items():
         b = next((b for b in bl if n.startswith(b + '.')), None)   # the block holding layer n (None: outside blocks)
@@ -205,6 +206,31 @@ def _warn_left_out(model, names):
     if left:
         warnings.warn("`modules` leaves out these feed-forward weights (kind: block numbers): "
                       + '; '.join(f'{k}: {v}' for k, v in left.items()) + ". Use modules='mlp' to track them all.", stacklevel=3)
+
+def check_not_reused(model:nn.Module, layers):
+    "Raise if a layer is registered at two places (a block or layer reused): it runs more than once per forward."
+    alias = {}
+    for n, m in model.named_modules(remove_duplicate=False): alias.setdefault(id(m), []).append(n)
+    for l in layers:
+        if len(where := alias.get(id(l.module), [])) > 1:
+            raise ValueError(f"`modules`: layer '{where[0]}' is used again as {where[1:]} (a block or layer reused), so it is "
+                             "called more than once per forward pass and per-layer hooks would see only part of its gradient. "
+                             "Track layers outside reused modules.")
+
+def check_unshared(model:nn.Module, layers:list[TrackedLayer]):
+    "Raise if a tracked layer's weight or bias is also a parameter of another module (tied weights)."
+    owners = {}   # id(parameter) -> {id(module): 'module.param'}; a module registered under two names is one owner
+    for n, m in model.named_modules(remove_duplicate=False):
+        for pn, p in m._parameters.items():
+            if p is not None: owners.setdefault(id(p), {}).setdefault(id(m), f'{n}.{pn}' if n else pn)
+    for l in layers:
+        if l.expert is not None: continue   # expert slices are indexed views of one 3-D parameter: checked by calls
+        for pn in ('weight', 'bias') if l.bias else ('weight',):
+            others = [v for k, v in owners.get(id(getattr(l.module, pn)), {}).items() if k != id(l.module)]
+            if others:
+                raise ValueError(f"Layer '{l.name}' shares its {pn} with {others} (tied weights): the gradient of a shared "
+                                 "weight sums the contributions of every module using it, which per-layer hooks cannot see. "
+                                 "Leave it out of `modules`, and the modules it is tied to.")
 
 # %% ../nbs/03_modules.ipynb #f9a9a3a7
 def check_model(model:nn.Module):
@@ -249,7 +275,9 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
         names = sorted(names, key=order.get)
         if warn: _warn_left_out(model, names)
     if not names: raise ValueError(f"modules={modules!r} selected no layer of {type(model).__name__}; candidates: {list(cands)}")
-    return [cands[n] for n in names]
+    out = [cands[n] for n in names]
+    check_not_reused(model, out); check_unshared(model, out)   # (`capture` also refuses a second call at run time)
+    return out
 
 # %% ../nbs/03_modules.ipynb #cd18e1d8
 def tiny_model(family:str='gpt2', # gpt2, gpt_neox, llama, mistral, opt, qwen2, gptj, phi3 (fused gate_up_proj), mixtral or qwen2_moe (MoE)
@@ -292,14 +320,17 @@ def tiny_model(family:str='gpt2', # gpt2, gpt_neox, llama, mistral, opt, qwen2, 
 # %% ../nbs/03_modules.ipynb #abfe050d
 class Capture:
     "Per-batch storage filled by the hooks of `capture`; `rows[name]` says which input rows an expert saw."
-    def __init__(self, layers): self.layers, self.inputs, self.outputs, self.rows, self.n_rows = layers, {}, {}, {}, {}
-    def clear(self): self.inputs.clear(); self.outputs.clear(); self.rows.clear(); self.n_rows.clear()
+    def __init__(self, layers):
+        self.layers, self.inputs, self.outputs, self.rows, self.n_rows = layers, {}, {}, {}, {}
+        self.backward = False   # True between `out_grads` and `clear`: a recomputed forward (checkpointing) is not a new call
+    def clear(self): self.inputs.clear(); self.outputs.clear(); self.rows.clear(); self.n_rows.clear(); self.backward = False
 
     def out_grads(self, loss:torch.Tensor) -> dict[str, torch.Tensor]:
         "Gradients of `loss` w.r.t. each tracked layer's output, `{name: [batch, T, d_out]}` (experts: `[routed rows, d_out]`)."
         names = [l.name for l in self.layers]
         missing = [n for n in names if n not in self.outputs]
         if missing: raise RuntimeError(f"Layers {missing} were not called in the forward pass.")
+        self.backward = True
         grads = torch.autograd.grad(loss, [self.outputs[n] for n in names], allow_unused=True)
         return {n: (torch.zeros_like(self.outputs[n]) if g is None else g) for n, g in zip(names, grads)}
 
@@ -329,6 +360,13 @@ def experts_forward(mod:nn.Module, # an experts module (`is_experts`)
         return out
     return forward
 
+# %% ../nbs/03_modules.ipynb #a16c0002
+def _twice_msg(name):
+    return (f"Layer '{name}' was called more than once in one forward pass (a block or layer reused): its weight's gradient "
+            "is the sum over the calls, and influence_nb's per-layer hooks see one call per pass. Leave it out of `modules` "
+            "(track layers that run once per pass).")
+
+
 # %% ../nbs/03_modules.ipynb #fdc1e5aa
 @contextlib.contextmanager
 def capture(model:nn.Module, # the model whose layers are hooked
@@ -338,6 +376,8 @@ def capture(model:nn.Module, # the model whose layers are hooked
     "Context manager: hook `layers`, yield a `Capture`; hooks, forwards, `requires_grad` flags and mode are restored on exit."
     cap = Capture(layers)
     def keep(name, x, s):
+        if cap.backward: return s                                      # recomputation during backward: already kept
+        if name in cap.inputs: raise ValueError(_twice_msg(name))
         cap.inputs[name] = x.detach()                                  # [batch, T, d_in] (experts: [rows, d_in])
         if grads and torch.is_grad_enabled() and not s.requires_grad: s.requires_grad_()
         cap.outputs[name] = s                                          # [batch, T, d_out]
@@ -363,6 +403,7 @@ def capture(model:nn.Module, # the model whose layers are hooked
     flags = [(p, p.requires_grad) for p in model.parameters()]
     handles, modes = [], [(mod, mod.training) for mod in model.modules()]   # per module: a mixed state comes back as it was
     saved = {m: m.__dict__.get('forward') for m in experts}                 # an instance-level forward (e.g. accelerate's)
+    check_unshared(model, layers)
     try:
         for p, _ in flags: p.requires_grad_(False)
         handles = [l.module.register_forward_hook(make_hook(l.name)) for l in layers if l.expert is None]

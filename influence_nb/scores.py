@@ -4,21 +4,21 @@
 
 # %% ../nbs/06_scores.ipynb #07215044
 from __future__ import annotations
-import math
+import math, numbers
 from dataclasses import dataclass, field
 import torch
 from torch import nn
 import pandas as pd
 from tqdm.auto import tqdm
-from .data import check_sequences, require_scored
+from .data import check_sequences, require_scored, grad_enabled
 from .modules import find_modules
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, seq_grads, check_damping, ITERATIVE
 
 # %% auto #0
-__all__ = ['UNITS', 'DENSE_CACHE_BYTES', 'ScoreTable', 'Scores', 'PrecondQuery', 'query_gradients', 'truncated_svd',
-           'precondition_queries', 'contraction_costs', 'pairwise_scores', 'self_scores', 'ClassifierAsLM',
-           'RegressorAsLM']
+__all__ = ['UNITS', 'DENSE_CACHE_BYTES', 'ScoreTable', 'check_query', 'check_k', 'Scores', 'PrecondQuery', 'query_gradients',
+           'truncated_svd', 'precondition_queries', 'contraction_costs', 'pairwise_scores', 'self_scores',
+           'ClassifierAsLM', 'RegressorAsLM']
 
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
@@ -33,6 +33,28 @@ class ScoreTable(pd.DataFrame):
         import html
         leg = self.attrs.get('legend')
         return super()._repr_html_() + (f'<p style="font-size:smaller">{html.escape(leg)}</p>' if leg else '')
+
+def check_query(query, # a row index
+                n:int, # number of queries (rows)
+                what:str='these scores', # for the message
+               ) -> int:
+    "`query` as an int in `[0, n)`, or a TypeError/ValueError naming `query` (no negative indices, no ids, no bools)."
+    rng = f"0 to {n - 1}" if n else "none"
+    if isinstance(query, str):
+        raise TypeError(f"`query` must be an integer row index ({rng}), got the string {query!r}; find its row first "
+                        f"(e.g. `names.index({query!r})`).")
+    if isinstance(query, bool) or not isinstance(query, numbers.Integral):
+        raise TypeError(f"`query` must be an integer row index ({rng}), got {query!r} ({type(query).__name__}).")
+    if not 0 <= query < n:
+        raise ValueError(f"`query`={query} is out of range: {what} have {n} queries (rows {rng}; negative indices are not accepted).")
+    return int(query)
+
+def check_k(k, allow_none:bool=True) -> None:
+    "`k` must be a positive integer (or None for all, when allowed)."
+    if k is None and allow_none: return
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise (ValueError if isinstance(k, numbers.Integral) and not isinstance(k, bool) else TypeError)(
+            f"`k` must be a positive integer{' or None (all)' if allow_none else ''}, got {k!r}.")
 
 @dataclass
 class Scores:
@@ -51,14 +73,14 @@ class Scores:
         return self.total / self.n_train
 
     def top(self, query:int=0, # which query (row)
-            k:int=10, # how many
+            k:int|None=10, # how many (None: all)
             texts:list[str]|None=None, # the training texts, for display
             tokenizer=None, train=None, # or: decode `train[i]['input_ids']` with `tokenizer`
             largest:bool=True, # most positive first (False: most negative)
            ) -> pd.DataFrame:
         "The top-`k` training sequences of one query as a DataFrame (rank, index, score, nats, text) that prints its units."
-        row = self.total[query]
-        k = min(k, row.numel())
+        row = self.total[check_query(query, self.total.shape[0])]
+        check_k(k); k = row.numel() if k is None else min(int(k), row.numel())
         vals, idx = row.topk(k, largest=largest)
         df = pd.DataFrame({'rank': range(1, k + 1), 'index': idx.tolist(), 'score': vals.tolist()})
         if self.n_train: df['nats'] = df['score'] / self.n_train
@@ -214,6 +236,7 @@ def _prepare(model, factors, modules=None):
         raise TypeError(f"`factors` must be an influence_nb Factors (from `fit_factors` or `Factors.load`), got {type(factors).__name__}.")
     return factors.check(model, modules)
 
+@grad_enabled
 def pairwise_scores(model, # the model the factors were fitted on
                     factors:Factors, # from `fit_factors` / `Factors.load`
                     queries, # query sequences (`tokenize_pairs`): only completion tokens are measured
@@ -248,6 +271,7 @@ def pairwise_scores(model, # the model the factors were fitted on
             if t is not None: all_reduce_sum(t)
     return Scores(total, layer_scores, tok_scores, factors.n_sequences, [l.name for l in layers], factors.strategy, query_rank)
 
+@grad_enabled
 def self_scores(model, # the model the factors were fitted on
                 factors:Factors, # from `fit_factors`
                 train, # sequences to score

@@ -12,10 +12,11 @@ import torch
 import pandas as pd
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
-from .data import as_sequence, check_sequences, require_scored, model_vocab, model_context
+from .data import (as_sequence, check_sequences, require_scored, model_vocab, model_context, as_collection,
+                               grad_enabled, check_max_length)
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, check_damping
-from .scores import query_gradients, precondition_queries, _contract, _check_rank, _prepare
+from .scores import query_gradients, precondition_queries, _contract, _check_rank, _prepare, check_query, check_k
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'merge_topk', 'ScanResult', 'read_scores', 'scan']
@@ -35,6 +36,7 @@ class _Bad:
 class _Stream:
     "A corpus that can be read from any position: a JSONL or Parquet file, an indexable collection or an iterable."
     def __init__(self, corpus, text_field='text'):
+        if not isinstance(corpus, (str, os.PathLike)): corpus = as_collection(corpus, 'corpus')   # batches, DataFrames, Series
         self.corpus, self.path, self.text_field = corpus, None, text_field
         if isinstance(corpus, (str, os.PathLike)):
             p = Path(corpus)
@@ -324,7 +326,7 @@ class ScanResult:
             **kw, # `texts`, `corpus`, `tokenizer`, `text_field` as in `to_frame`
            ) -> pd.DataFrame:
         "One query's top sequences, indexed by rank."
-        if not 0 <= query < self.n_queries: raise ValueError(f"`query`={query} is out of range: this result has {self.n_queries} queries.")
+        query = check_query(query, self.n_queries, 'this result'); check_k(k)
         sub = ScanResult(self.indices[query:query + 1, :k], self.scores[query:query + 1, :k], self.n_scanned, self.n_skipped,
                          self.n_train, self.query_rank, self.refined, self.source, self.seconds)
         return sub.to_frame(**kw).drop(columns='query').set_index('rank')
@@ -390,13 +392,36 @@ def _config(factors, qs, stream, tokenizer, **args) -> dict:
                                factors.info.get('solver'), *ft, *fit),
             'tokenizer': _tokenizer_digest(tokenizer), 'source': stream.kind, **args}
 
-def _scores_dir(path:Path, cfg_digest:str, state:dict, resuming:bool):
+def _check_paths(ckpt:Path|None, spath:Path|None):
+    "Refuse a `checkpoint` that is a directory or that would collide with the files of the `scores_path` directory."
+    if ckpt is not None and spath is not None and ckpt.resolve() == spath.resolve():
+        raise ValueError(f"`checkpoint` and `scores_path` are the same path {str(ckpt)!r}; pass a file for `checkpoint` "
+                         f"(it may live inside the scores directory, e.g. {str(spath / 'scan.ckpt')!r}).")
+    if ckpt is not None and ckpt.is_dir():
+        raise ValueError(f"`checkpoint`={str(ckpt)!r} is a directory; pass a file path, e.g. {str(ckpt / 'scan.ckpt')!r}.")
+    if ckpt is None or spath is None: return
+    if ckpt.resolve().parent == spath.resolve() and (ckpt.name in ('scan.json', '.lock') or ckpt.name.startswith(('part-', '.tmp-'))):
+        raise ValueError(f"`checkpoint` {ckpt.name!r} would overwrite a file the scan writes in `scores_path` {spath}; "
+                         "give it another name (e.g. 'scan.ckpt').")
+
+def _ckpt_file(p:Path, ckpt:Path|None) -> bool:
+    "Is `p` one of the checkpoint's own files (the JSON, its lock, its tensors)? They may share the scores directory."
+    if ckpt is None or p.parent.resolve() != ckpt.parent.resolve(): return False
+    return p.name in (ckpt.name, f'{ckpt.name}.lock') or (p.name.startswith(f'{ckpt.name}.') and p.name.endswith('.safetensors'))
+
+def _scores_dir(path:Path, cfg_digest:str, state:dict, resuming:bool, ckpt:Path|None=None):
     "Prepare the Parquet scores directory: new or empty, or the one this very scan (`resuming` from a checkpoint) wrote."
     path.mkdir(parents=True, exist_ok=True)
     for t in path.glob('.tmp-*'): t.unlink(missing_ok=True)
     man, parts = path/'scan.json', sorted(path.glob('part-*.parquet'))
-    others = [p for p in path.iterdir() if p.name not in ('.lock', 'scan.json') and not p.name.startswith('part-')]
+    others = [p for p in path.iterdir() if p.name not in ('.lock', 'scan.json') and not p.name.startswith('part-')
+              and not _ckpt_file(p, ckpt)]
     if not man.exists() and not parts and not others:
+        if state['n_chunks']:   # resuming into a new folder: the parts scored before the checkpoint are elsewhere
+            raise ValueError(f"`scores_path` {path} is empty, but checkpoint {ckpt} resumes after {state['n_chunks']} chunks "
+                             f"({state['n_records']:,} records) whose scores were written to another `scores_path`"
+                             f"{' (' + state['scores_path'] + ')' if state.get('scores_path') else ''}. Pass that directory "
+                             "(moving it is fine), or a new `checkpoint` to start the scan over.")
         _atomic_write(man, json.dumps({'format': 'influence_nb.scan-scores', 'fingerprint': cfg_digest}).encode()); return
     try: mine = json.loads(man.read_text()).get('fingerprint') == cfg_digest
     except (OSError, ValueError): mine = False
@@ -430,6 +455,7 @@ def _check_int(v, name, lo=1):
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"`{name}` must be an integer ≥ {lo}, got {v!r}.")
 
+@grad_enabled
 def scan(model, # the model the factors were fitted on
          factors:Factors, # from `fit_factors` / `Factors.load`
          queries, # query sequences (`tokenize_pairs`): only completion tokens are measured
@@ -461,6 +487,10 @@ def scan(model, # the model the factors were fitted on
         raise ValueError("`refine=True` reads the candidates a second time, which a one-shot iterator cannot do: pass a list, "
                          "a Dataset or a file path as `corpus`, or refine=False.")
     ctx = model_context(model)
+    check_max_length(max_length)
+    if max_length is not None and ctx is not None and max_length > ctx:
+        raise ValueError(f"`max_length`={max_length} exceeds the model's context {ctx}: every longer text would be refused. "
+                         f"Pass at most {ctx}, or None (the model's context).")
     max_length = ctx if max_length is None else max_length
     cfg = _config(factors, qs, stream, tokenizer, k=k, query_rank=query_rank, damping=damping, batch_size=batch_size,
                   chunk_size=chunk_size, max_length=max_length, text_field=text_field, on_bad_record=on_bad_record,
@@ -470,6 +500,7 @@ def scan(model, # the model the factors were fitted on
     convert = lambda items: _convert(items, tokenizer, model_vocab(model), ctx, max_length, text_field, on_bad_record == 'skip')
     ckpt = Path(checkpoint) if checkpoint is not None else None
     spath = Path(scores_path) if scores_path is not None else None
+    _check_paths(ckpt, spath)
     with contextlib.ExitStack() as locks:
         if rank == 0 and ckpt is not None:
             _writable_dir(ckpt.parent, '`checkpoint`')
@@ -487,11 +518,11 @@ def scan(model, # the model the factors were fitted on
                 raise ValueError(f"Checkpoint {ckpt} belongs to a different scan — " + '; '.join(diff) +
                                  f". Resume with the same queries, factors and arguments, or pass a new `checkpoint` path.")
         else:
-            state = {'fingerprint': fp, 'config': cfg, 'n_records': 0, 'n_scanned': 0, 'n_skipped': 0, 'n_chunks': 0,
+            state = {'fingerprint': fp, 'config': cfg, 'scores_path': str(spath.resolve()) if spath else None, 'n_records': 0, 'n_scanned': 0, 'n_skipped': 0, 'n_chunks': 0,
                      'offset': 0, 'line': 0, 'last': None}
             vals, inds = _empty_topk(len(qs), k, dtype)
         # with a checkpoint, parts of this very scan are reused up to it — none if it was stopped before its first
-        if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None)
+        if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt)
 
         pq = precondition_queries(factors, query_gradients(model, layers, qs, batch_size), damping, query_rank, model)
         last = state['last']

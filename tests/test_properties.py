@@ -121,3 +121,85 @@ def test_P3_model_state_unchanged(call, modes, frozen, fail):
         try: unchanged(m, snap)
         finally:                                    # leave the shared model as setup() made it
             m.eval(); m.requires_grad_(True)
+
+
+# ------------------------------------------------------------------ P4 (issue 16): any container, any family, identity
+FAMILIES = ('gpt2', 'llama', 'gpt_neox', 'opt')
+CONTAINERS = ('list of dicts', 'list of lists', 'tuple of tensors', 'DataFrame', 'Series', 'HF Dataset',
+              'BatchEncoding', 'BatchEncoding pt', 'numpy object', 'numpy 2-D')
+BAD = (None, 'id >= vocab', 'float ids', 'empty sequence', 'too long', 'a string', 'flat ids')
+
+
+@functools.lru_cache(None)
+def family_setup(family):
+    m = inf.tiny_model(family, layers=1, vocab=VOCAB, ctx=32).double()
+    f = inf.fit_factors(m, rand_seqs(3), 'identity', progress=False)
+    return m, f, inf.find_modules(m, 'mlp')
+
+
+def autograd_grads(m, layers, rows):
+    "Per-sequence gradient of the summed loss over the tracked layers' parameters, by plain autograd: `[n, P]`."
+    out = []
+    for ids, lab in rows:
+        m.zero_grad()
+        logits = m(input_ids=torch.tensor([ids])).logits[0]
+        torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(lab[1:]), ignore_index=-100, reduction='sum').backward()
+        out.append(torch.cat([p.grad.reshape(-1) for l in layers for _, p in l.params()]))
+    m.zero_grad(set_to_none=True)
+    return torch.stack(out)
+
+
+def container(kind, rows):
+    "The token-id lists `rows` (every token scored) in container `kind`."
+    import numpy as np, pandas as pd, datasets
+    from transformers import BatchEncoding
+    if kind == 'list of dicts': return [{'input_ids': r} for r in rows]
+    if kind == 'list of lists': return [list(r) for r in rows]
+    if kind == 'tuple of tensors': return tuple(torch.tensor(r) for r in rows)
+    if kind == 'DataFrame': return pd.DataFrame({'input_ids': rows})
+    if kind == 'Series': return pd.Series(rows, index=range(50, 50 + len(rows)))
+    if kind == 'HF Dataset': return datasets.Dataset.from_dict({'input_ids': rows})
+    if kind == 'numpy object':
+        a = np.empty(len(rows), dtype=object)
+        for i, r in enumerate(rows): a[i] = np.array(r)
+        return a
+    if kind == 'numpy 2-D': return np.array(rows)
+    L = max(map(len, rows))
+    pad = {'input_ids': [r + [0] * (L - len(r)) for r in rows], 'attention_mask': [[1] * len(r) + [0] * (L - len(r)) for r in rows]}
+    return BatchEncoding({k: torch.tensor(v) for k, v in pad.items()} if kind == 'BatchEncoding pt' else pad)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(family=st.sampled_from(FAMILIES), kind=st.sampled_from(CONTAINERS), role=st.sampled_from(['train', 'queries', 'self']),
+       rows=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=2, max_size=9), min_size=1, max_size=4),
+       bad=st.sampled_from(BAD), where=st.integers(0, 3))
+def test_P4_identity_equals_autograd_or_named_refusal(family, kind, role, rows, bad, where):
+    "`strategy='identity'` scores from any container equal plain autograd dot products; bad data is refused naming the argument."
+    m, f, layers = family_setup(family)
+    if kind == 'numpy 2-D' and bad in ('empty sequence', 'too long'): kind = 'numpy object'   # no longer a rectangle
+    if kind == 'numpy 2-D': rows = [r[:min(map(len, rows))] for r in rows]        # a rectangle
+    where = where % len(rows)
+    if bad == 'id >= vocab': rows[where] = rows[where][:-1] + [VOCAB + 3]
+    if bad == 'empty sequence': rows[where] = []
+    if bad == 'too long': rows[where] = (rows[where] * 40)[:33]
+    data = container(kind, rows)
+    if bad == 'float ids': data = [[float(x) for x in r] for r in rows]
+    if bad == 'a string': data = [list(r) for r in rows]; data[where] = 'some text'
+    if bad == 'flat ids': data = rows[0]
+    queries = rand_queries(2)
+    name = 'queries' if role == 'queries' else 'train'
+    call = {'train': lambda: inf.pairwise_scores(m, f, queries, data, progress=False).total,
+            'queries': lambda: inf.pairwise_scores(m, f, data, queries, progress=False).total,
+            'self': lambda: inf.self_scores(m, f, data, progress=False)}[role]
+    if bad is not None:
+        with pytest.raises((ValueError, TypeError)) as e: call()
+        assert name in str(e.value), f"the message does not name `{name}`: {e.value}"
+        return
+    mine = [(r, r) for r in rows]
+    other = [(s['input_ids'].tolist(), s['labels'].tolist()) for s in queries]
+    gq, gt = ((autograd_grads(m, layers, mine), autograd_grads(m, layers, other)) if role == 'queries'
+              else (autograd_grads(m, layers, other), autograd_grads(m, layers, mine)))
+    want = (gt * gt).sum(1) if role == 'self' else gq @ gt.T
+    got = call()
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max())), (got, want)

@@ -569,7 +569,8 @@ def test_X2_factor_files_hold_no_code(env, tmp_path):
     raw = (tmp_path/'factors.safetensors').read_bytes()
     n = int.from_bytes(raw[:8], 'little')
     assert json.loads(raw[8:8 + n])['__metadata__']['format'] == 'influence_nb.factors'
-    assert not raw.startswith(b'\x80') and b'PK\x03\x04' not in raw[:4]          # not a pickle, not a torch zip
+    # the 8 bytes are the header's length (its low byte may be 0x80, pickle's PROTO opcode): a JSON header follows at once
+    assert raw[8:9] == b'{' and not raw.startswith(b'PK\x03\x04') and b'\x80\x04\x95' not in raw[:16]   # no pickle, no torch zip
     json.loads((tmp_path/'factors.json').read_text())
 
 
@@ -640,3 +641,263 @@ def test_S4_scan_result_files(env, tmp_path):
     scan(m, f, q, tr, k=2, scores_path=tmp_path/'s', progress=False)
     part = next((tmp_path/'s').glob('part-*.parquet')); part.write_bytes(part.read_bytes()[:50])
     with pytest.raises(ValueError, match='part-000000.parquet'): search_mod.read_scores(tmp_path/'s')
+
+
+# ------------------------------------------------- issue 16, areas 4–7 (scan outputs, arguments, context, containers)
+def test_A4_resume_into_another_scores_path(env, tmp_path):
+    "A resumed scan never writes fewer score rows than it scanned: another (empty) scores folder is refused, a moved one works."
+    m, f, tr, q = env
+    corpus = rand_seqs(12, seed=5)
+    full = scan(m, f, q, corpus, k=3, chunk_size=2, progress=False)
+    ck, s1 = tmp_path/'scan.ckpt', tmp_path/'s1'
+    from test_properties import Flaky
+    with pytest.raises(KeyboardInterrupt):
+        scan(m, f, q, Flaky(corpus, 7), k=3, chunk_size=2, checkpoint=ck, checkpoint_every=2, scores_path=s1, progress=False)
+    with pytest.raises(ValueError, match=r"`scores_path` .*s2 is empty, but checkpoint .* resumes after 3 chunks"):
+        scan(m, f, q, corpus, k=3, chunk_size=2, checkpoint=ck, checkpoint_every=2, scores_path=tmp_path/'s2', progress=False)
+    os.rename(s1, tmp_path/'moved')                                   # the same folder under another name: works
+    r = scan(m, f, q, corpus, k=3, chunk_size=2, checkpoint=ck, checkpoint_every=2, scores_path=tmp_path/'moved', progress=False)
+    assert torch.equal(r.indices, full.indices) and torch.equal(r.scores, full.scores) and r.n_scanned == 12
+    rows = search_mod.read_scores(tmp_path/'moved')
+    assert sorted(rows.index.tolist()) == list(range(12))            # every scanned record has its row
+
+
+def test_A4_checkpoint_inside_scores_path(env, tmp_path):
+    "A checkpoint inside the scores folder works through an interruption; colliding names and a directory are refused."
+    m, f, tr, q = env
+    corpus = rand_seqs(10, seed=6)
+    full = scan(m, f, q, corpus, k=3, chunk_size=2, scores_path=tmp_path/'ref', progress=False)
+    s = tmp_path/'out'; ck = s/'scan.ckpt'
+    from test_properties import Flaky
+    with pytest.raises(KeyboardInterrupt):
+        scan(m, f, q, Flaky(corpus, 5), k=3, chunk_size=2, checkpoint=ck, checkpoint_every=2, scores_path=s, progress=False)
+    r = scan(m, f, q, corpus, k=3, chunk_size=2, checkpoint=ck, checkpoint_every=2, scores_path=s, progress=False)
+    assert torch.equal(r.indices, full.indices) and torch.equal(r.scores, full.scores)
+    got, ref = search_mod.read_scores(s), search_mod.read_scores(tmp_path/'ref')
+    assert got.sort_index().equals(ref.sort_index())
+    for bad, msg in ((s/'scan.json', 'would overwrite'), (s/'part-9.json', 'would overwrite'), (s, 'same path'),
+                     (tmp_path, 'is a directory')):
+        with pytest.raises(ValueError, match=msg):
+            scan(m, f, q, corpus, k=3, checkpoint=bad, scores_path=s if bad != tmp_path else None, progress=False)
+
+
+@pytest.mark.parametrize('bad', [0, -1, True, False, 2.5, '8'])
+def test_A5_max_length_refused(env, bad):
+    tok = inf.load_tokenizer(inf.data_dir()/'tokenizer')
+    with pytest.raises((ValueError, TypeError), match='`max_length`'): inf.tokenize(tok, ['a b c'], max_length=bad)
+    m, f, tr, q = env
+    with pytest.raises((ValueError, TypeError), match='`max_length`'): scan(m, f, q, ['a b c'], tokenizer=tok, max_length=bad, progress=False)
+
+
+def test_A5_max_length_above_context(env):
+    m, f, tr, q = env
+    tok = inf.load_tokenizer(inf.data_dir()/'tokenizer')
+    with pytest.raises(ValueError, match="exceeds the model's context 32"): scan(m, f, q, ['a b'], tokenizer=tok, max_length=33, progress=False)
+    long = inf.tokenize(tok, [' '.join(['the'] * 60)], max_length=40)          # tokenize does not know the model ...
+    with pytest.raises(ValueError, match=r"train\[0\] has 40 tokens but the model's context is 32"):   # ... the entry point does
+        inf.pairwise_scores(m, f, q, [{'input_ids': s['input_ids'] % (VOCAB - 1)} for s in long], progress=False)   # tiny vocab
+
+
+@pytest.mark.parametrize('query,err,msg', [(2, ValueError, 'out of range'), (-1, ValueError, 'out of range'),
+                                           ('q0', TypeError, 'the string'), (True, TypeError, 'integer row index'),
+                                           (0.0, TypeError, 'integer row index'), (None, TypeError, 'integer row index')])
+def test_A5_top_query_index(env, query, err, msg):
+    m, f, tr, q = env
+    s = inf.pairwise_scores(m, f, q, tr, progress=False)
+    r = scan(m, f, q, tr, k=3, progress=False)
+    for obj in (s, r):
+        with pytest.raises(err, match=msg): obj.top(query=query)
+    assert s.top(query=1, k=3)['index'].tolist() == s.total[1].topk(3).indices.tolist()
+
+
+@pytest.mark.parametrize('ctx', ['no_grad', 'inference_mode', 'train_mode'])
+def test_A6_callers_context(env, ctx):
+    "Under no_grad / inference_mode, or with the model in train mode, every entry point equals the plain call."
+    import contextlib
+    m, f, tr, q = env
+    ref = (inf.pairwise_scores(m, f, q, tr, progress=False).total, inf.self_scores(m, f, tr, progress=False),
+           scan(m, f, q, tr, k=3, progress=False).scores)
+    cm = {'no_grad': torch.no_grad, 'inference_mode': torch.inference_mode, 'train_mode': contextlib.nullcontext}[ctx]
+    if ctx == 'train_mode': m.train()
+    try:
+        with cm():
+            got = (inf.pairwise_scores(m, f, q, tr, progress=False).total, inf.self_scores(m, f, tr, progress=False),
+                   scan(m, f, q, tr, k=3, progress=False).scores)
+    finally: m.eval()
+    for a, b in zip(got, ref): assert torch.equal(a, b)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def test_A6_inference_tensors(env):
+    m, f, tr, q = env
+    with torch.inference_mode():
+        q_inf = [{k: v.clone() for k, v in s.items()} for s in q]          # token tensors made under inference_mode
+        m_inf = inf.tiny_model('gpt2', layers=1, ctx=CTX)
+    assert torch.equal(inf.pairwise_scores(m, f, q_inf, tr, progress=False).total, inf.pairwise_scores(m, f, q, tr, progress=False).total)
+    with pytest.raises(ValueError, match='`model` was created or loaded under torch.inference_mode'):
+        inf.pairwise_scores(m_inf, f, q, tr, progress=False)
+
+
+def _containers(seqs):
+    "The same sequences in the containers users pass (padding where the container needs rectangles)."
+    import numpy as np, pandas as pd, datasets
+    from transformers import BatchEncoding
+    ids = [s['input_ids'].tolist() for s in seqs]; L = max(map(len, ids))
+    pad = {'input_ids': [x + [0] * (L - len(x)) for x in ids], 'attention_mask': [[1] * len(x) + [0] * (L - len(x)) for x in ids]}
+    obj = np.empty(len(ids), dtype=object)
+    for i, x in enumerate(ids): obj[i] = np.array(x)
+    return {'list of lists': ids, 'DataFrame': pd.DataFrame({'input_ids': ids}), 'Series': pd.Series(ids, index=range(100, 100 + len(ids))),
+            'HF Dataset': datasets.Dataset.from_dict({'input_ids': ids}), 'BatchEncoding lists': BatchEncoding(pad),
+            'BatchEncoding pt': BatchEncoding({k: torch.tensor(v) for k, v in pad.items()}), 'numpy object 1-D': obj}
+
+
+def test_A7_containers_equal_list_of_dicts(env):
+    import numpy as np
+    m, f, tr, q = env
+    ref = inf.pairwise_scores(m, f, q, tr, progress=False).total
+    ref_scan = scan(m, f, q, tr, k=3, progress=False)
+    for name, c in _containers(tr).items():
+        assert torch.equal(inf.pairwise_scores(m, f, q, c, progress=False).total, ref), name
+        r = scan(m, f, q, c, k=3, progress=False)
+        assert torch.equal(r.indices, ref_scan.indices) and torch.equal(r.scores, ref_scan.scores), name
+    rect = [s['input_ids'][:4].tolist() for s in tr]                   # a 2-D int array: one sequence per row
+    assert torch.equal(inf.pairwise_scores(m, f, q, np.array(rect), progress=False).total, inf.pairwise_scores(m, f, q, rect, progress=False).total)
+    for flat in ([5, 6, 7], np.array([5, 6, 7])):                     # one sequence where a list of them goes: ambiguous
+        with pytest.raises(TypeError, match='`train` looks like the token ids of ONE sequence'): inf.pairwise_scores(m, f, q, flat, progress=False)
+
+
+# ------------------------------------------------ issue 16, areas 1, 2, 8: stale factors, reused layers, interrupted saves
+def _copy(m):
+    c = inf.tiny_model('gpt2', layers=1, ctx=CTX); c.load_state_dict(m.state_dict()); return c
+
+
+def test_A1_stale_factors_refused_everywhere(env, tmp_path):
+    "Factors are bound to every weight and the config, not only the tracked layers: any change is refused by every entry point."
+    m, f, tr, q = env
+    f.save(tmp_path); g = Factors.load(tmp_path)                          # the binding survives a save/load round trip
+    calls = (lambda x, fa: inf.pairwise_scores(x, fa, q, tr, progress=False), lambda x, fa: inf.self_scores(x, fa, tr, progress=False),
+             lambda x, fa: scan(x, fa, q, tr, k=2, progress=False), lambda x, fa: fa.check(x))
+    edits = {'attention weight fine-tuned': ('transformer.h.0.attn.c_attn.weight', lambda t: t.add_(1e-3 * torch.randn_like(t))),
+             'embedding edited': ('transformer.wte.weight', lambda t: t[3].mul_(1.01)),
+             'final LayerNorm': ('transformer.ln_f.bias', lambda t: t.add_(1e-4))}
+    for what, (name, edit) in edits.items():
+        x = _copy(m)
+        with torch.no_grad(): edit(dict(x.named_parameters())[name])
+        assert inf.fingerprint(inf.find_modules(x, f.modules)) == f.fingerprint, what   # the tracked layers did not move
+        for fa in (f, g):
+            for call in calls:
+                with pytest.raises(ValueError, match=rf"model fingerprint mismatch\): \['weights of {name}'\]"): call(x, fa)
+    x = _copy(m); x.config.layer_norm_epsilon = 1e-2                      # same weights, another computation
+    with pytest.raises(ValueError, match=r"\['config.layer_norm_epsilon'\] changed"): f.check(x)
+    x = _copy(m); x.config.use_cache = False; x.config._name_or_path = 'elsewhere'   # fields that change nothing in eval mode
+    x.config.pad_token_id, x.config.resid_pdrop = 5, 0.3
+    assert f.check(x) and g.check(_copy(m).double())
+    legacy = Factors(**{**f.__dict__, 'info': {k: v for k, v in f.info.items() if k != 'model_digest'}})
+    with pytest.warns(UserWarning, match='no digest of the whole model'): legacy.check(m)
+
+
+def test_A1_fingerprint_sampling_is_cheap_and_catches_training():
+    "Beyond SAMPLE values a tensor is hashed on an odd-strided sample: a change of every value is caught, its cost is bounded."
+    big = torch.randn(1500, 1401)
+    vals = ekfac_mod._values(big, 4096)
+    stride = -(-big.numel() // 4096) | 1
+    assert len(vals) == 4 * len(big.view(-1)[::stride]) <= 4 * 4096 and stride % 2 == 1
+    cols = {i % 1401 for i in range(0, big.numel(), stride)}
+    assert len(cols) > 1000                                                  # the sample spreads over the columns
+    assert ekfac_mod._values(big + 1e-7 * torch.randn_like(big), 4096) != vals   # a training-like change anywhere: caught
+    assert ekfac_mod._values(big.double(), 4096) == vals                          # float64 copy of the same values: same
+    small = big[:700]                                                             # 980,700 values <= SAMPLE = 2**20: all hashed
+    assert ekfac_mod._values(small) == small.numpy().tobytes() and len(ekfac_mod._values(big)) == 4 * len(big.view(-1)[::3])
+
+
+def _mlp_applied_twice(m):
+    "A copy of `m` whose MLP runs twice per block (registered once, called twice)."
+    x = _copy(m); mlp = x.transformer.h[0].mlp; once = mlp.forward
+    mlp.forward = lambda h: once(once(h))
+    return x
+
+
+def test_A2_reused_or_tied_layers_refused(env):
+    "A layer called twice per forward, registered twice, or whose weight another module shares, is refused by every entry point."
+    m, f, tr, q = env
+    solver = {'lissa': {'solver': {'depth': 2}}}
+    reused = inf.tiny_model('llama', layers=2, ctx=CTX); reused.model.layers[1].mlp = reused.model.layers[0].mlp   # one MLP, two blocks
+    tied = inf.tiny_model('llama', layers=1, ctx=CTX); mlp = tied.model.layers[0].mlp; mlp.up_proj.weight = mlp.gate_proj.weight
+    twice = _mlp_applied_twice(m)
+    for strategy in ('identity', 'diagonal', 'kfac', 'ekfac', 'lissa'):
+        kw = dict(progress=False, **solver.get(strategy, {}))
+        with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.gate_proj' is used again as \['model.layers.1.mlp.gate_proj'\]"):
+            inf.fit_factors(reused, tr, strategy, **kw)
+        with pytest.raises(ValueError, match=r"Layer 'model.layers.0.mlp.gate_proj' shares its weight with \['model.layers.0.mlp.up_proj.weight'\]"):
+            inf.fit_factors(tied, tr, strategy, **kw)
+        if strategy in ('diagonal', 'kfac', 'ekfac'):   # these run passes while fitting
+            with pytest.raises(ValueError, match=r"Layer 'transformer.h.0.mlp.c_fc' was called more than once in one forward pass"):
+                inf.fit_factors(twice, tr, strategy, **kw)
+    # factors fitted before the MLP was applied twice (weights unchanged): every scoring entry point refuses
+    for fa in (f, inf.fit_factors(m, tr, 'identity', progress=False)):
+        for call in (lambda: inf.pairwise_scores(twice, fa, q, tr, progress=False), lambda: inf.self_scores(twice, fa, tr, progress=False),
+                     lambda: scan(twice, fa, q, tr, k=2, progress=False)):
+            with pytest.raises(ValueError, match=r"Layer 'transformer.h.0.mlp.c_fc' was called more than once"): call()
+    one = ['model.layers.0.mlp.down_proj']                                     # an untied layer of a tied model is fine
+    ok = inf.fit_factors(tied, tr, 'identity', modules=one, progress=False)
+    assert torch.isfinite(inf.self_scores(tied, ok, tr, progress=False)).all()
+    assert not any(mod._forward_hooks for x in (reused, tied, twice) for mod in x.modules())
+
+
+class _Killed(BaseException): pass
+
+
+@pytest.mark.parametrize('kill', [False, True], ids=['exception', 'killed'])
+def test_A8_save_interrupted_at_every_step(env, tmp_path, monkeypatch, kill):
+    "Stop `Factors.save` at each of its writes, flushes and renames: the folder always loads the old or the new factors."
+    m, f, tr, q = env
+    new = inf.fit_factors(m, tr[:5], 'kfac', progress=False)
+    f.save(tmp_path)
+    seen, k = [], 0
+    while True:
+        k += 1
+        calls = [0]
+        def step(fn):
+            def wrapped(*a, **kw):
+                calls[0] += 1
+                if calls[0] == k: raise _Killed(getattr(fn, '__name__', 'step'))
+                return fn(*a, **kw)
+            return wrapped
+        with monkeypatch.context() as mp:
+            for name in ('save_file', '_fsync', '_fsync_dir'): mp.setattr(ekfac_mod, name, step(getattr(ekfac_mod, name)))
+            mp.setattr(os, 'replace', step(os.replace)); mp.setattr(Path, 'write_text', step(Path.write_text))
+            if kill: mp.setattr(ekfac_mod, '_discard', lambda paths: None)      # a killed process cleans nothing up
+            try: new.save(tmp_path); done = True
+            except _Killed: done = False
+        got = Factors.load(tmp_path, covariances=True)                        # never raises
+        assert same_factors(got, f) or same_factors(got, new), k
+        seen.append('new' if same_factors(got, new) else 'old')
+        f.save(tmp_path)                                                      # tidies, and restores the old factors
+        assert sorted(p.name for p in tmp_path.iterdir()) == ['factors.json', 'factors.safetensors']
+        if done: break
+    steps = seen[:-1]                                                         # the last round finished the save
+    assert steps == ['old'] * 7 + ['new'] * 3   # 10 steps; the 7th is the JSON rename (the commit): stopped before it, old
+
+
+def test_A8_committed_then_interrupted_first_save(env, tmp_path, monkeypatch):
+    "A first save stopped after its commit (JSON in place, tensors under the pending name) still loads, and the next save tidies."
+    m, f, tr, q = env
+    real = os.replace
+    def replace(a, b):
+        if Path(b).name == 'factors.safetensors': raise _Killed('before the tidy step')
+        return real(a, b)
+    monkeypatch.setattr(os, 'replace', replace)
+    with pytest.raises(_Killed): f.save(tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.factors.pending.safetensors', 'factors.json']
+    assert same_factors(Factors.load(tmp_path, covariances=True), f)
+    (tmp_path/'.factors.pending.safetensors').write_bytes(b'junk')             # a damaged pending file is not accepted
+    with pytest.raises(ValueError, match='checksum'): Factors.load(tmp_path)
+
+
+@pytest.mark.parametrize('ctx', ['no_grad', 'inference_mode'])
+def test_A6_fit_factors_in_callers_context(env, ctx):
+    "fit_factors under torch.no_grad() / torch.inference_mode() fits the same factors, bit for bit (area 6, 05_ekfac)."
+    m, f, tr, q = env
+    with getattr(torch, ctx)(): g = inf.fit_factors(m, tr, 'ekfac', batch_size=4, progress=False)
+    assert torch.is_grad_enabled() and same_factors(g, f)
