@@ -407,6 +407,7 @@ def _top_texts(res, qi:int, k:int, corpus, tok, text_field) -> dict|None:
         why = _unreadable(it.raw, text_field, _Bad, _text_of)
         if why: raise ValueError(f"--corpus: {it.where}: {why}. This result ranks that record: fix the file, or pass the corpus that was scanned.")
         texts[it.index] = _record_text(it.raw, tok, text_field)
+    res.check_corpus(corpus, '--corpus')   # readable, but is it the content that was scanned?
     missing = sorted(want - set(texts))
     if missing:
         raise ValueError(f"--corpus {Path(corpus).name} has fewer records than the result's sequence {missing[0]}: it is not the "

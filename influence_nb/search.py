@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_search.ipynb #f851d976
 from __future__ import annotations
-import os, json, time, socket, hashlib, tempfile, itertools, contextlib
+import os, json, time, socket, hashlib, tempfile, itertools, contextlib, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping, Iterable, Iterator
@@ -19,7 +19,7 @@ from .ekfac import Factors, check_damping
 from .scores import query_gradients, precondition_queries, _contract, _check_rank, _prepare, check_query, check_k
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'merge_topk', 'ScanResult', 'read_scores', 'scan']
+__all__ = ['CKPT_FORMAT', 'merge_topk', 'file_digest', 'ScanResult', 'read_scores', 'scan']
 
 # %% ../nbs/08_search.ipynb #58afcf5b
 @dataclass
@@ -275,6 +275,13 @@ def _record_text(raw, tokenizer=None, text_field='text') -> str:
     except (TypeError, ValueError): return repr(raw)[:200]
     return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ' '.join(map(str, ids))
 
+def file_digest(path) -> str:
+    "blake2b of a file's bytes, read in blocks: what a scan result binds its corpus indices to."
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
+    return h.hexdigest()
+
 @dataclass
 class ScanResult:
     indices: torch.Tensor          # [n_q, k] corpus indices, best first (k = min(k, n_scanned))
@@ -288,6 +295,7 @@ class ScanResult:
     seconds: float|None = None     # wall time of the scan
     query_names: list|None = None  # a name per query (e.g. its id), for display
     query_log_p: list|None = None  # log p(completion) of each query under the model, for display (nats)
+    source_digest: str|None = None # `file_digest` of the corpus file when it was scanned: texts come only from that content
 
     @property
     def n_queries(self) -> int: return self.indices.shape[0]
@@ -305,8 +313,19 @@ class ScanResult:
         "`{index: text}` for every index in the result (one pass over a file corpus)."
         corpus = self.source if corpus is None else corpus
         if corpus is None: raise ValueError("Pass `corpus=` (the scanned corpus): this result was not scanned from a file.")
+        self.check_corpus(corpus)
         want = {int(i) for i in self.indices.flatten().tolist() if i >= 0}
         return {it.index: _record_text(it.raw, tokenizer, text_field) for it in _Stream(corpus, text_field).select(want)}
+
+    def check_corpus(self, corpus, # a path (checked against `source_digest`) or an in-memory collection (not checked)
+                     name:str='`corpus`'):
+        "Refuse a corpus file whose content is not the one scanned: its indices would name the wrong records."
+        if not (self.source_digest and isinstance(corpus, (str, os.PathLike))) or file_digest(corpus) == self.source_digest: return
+        if self.source and Path(corpus).resolve() == Path(self.source).resolve():
+            raise ValueError(f"{name} {Path(corpus).name} is not the corpus this result scanned: the file changed since the scan, "
+                             "so the result's indices would name the wrong records. Restore the scanned file, or scan again.")
+        warnings.warn(f"{name} {Path(corpus).name} is another file than the one scanned ({self.source}); its records are "
+                      "assumed to be the scanned ones, in the same order (e.g. the same corpus in another format).", stacklevel=2)
 
     def to_frame(self, texts=None, # `{index: text}` or a list, to add a text column
                  corpus=None, tokenizer=None, text_field:str='text', # or: read texts from the corpus (see `texts`)
@@ -328,7 +347,8 @@ class ScanResult:
         "One query's top sequences, indexed by rank."
         query = check_query(query, self.n_queries, 'this result'); check_k(k)
         sub = ScanResult(self.indices[query:query + 1, :k], self.scores[query:query + 1, :k], self.n_scanned, self.n_skipped,
-                         self.n_train, self.query_rank, self.refined, self.source, self.seconds)
+                         self.n_train, self.query_rank, self.refined, self.source, self.seconds,
+                         source_digest=self.source_digest)
         return sub.to_frame(**kw).drop(columns='query').set_index('rank')
 
     def save(self, path:str|Path) -> Path:
@@ -338,7 +358,7 @@ class ScanResult:
         _writable_dir(path.parent if str(path.parent) else Path('.'), '`path`')
         meta = {'n_scanned': self.n_scanned, 'n_skipped': self.n_skipped, 'n_train': self.n_train, 'query_rank': self.query_rank,
                 'refined': self.refined, 'source': self.source, 'seconds': self.seconds, 'query_names': self.query_names,
-                'query_log_p': self.query_log_p,
+                'query_log_p': self.query_log_p, 'source_digest': self.source_digest,
                 'shape': list(self.indices.shape),
                 'dtype': str(self.scores.dtype).replace('torch.', '')}
         df = pd.DataFrame({'query': torch.arange(self.n_queries).repeat_interleave(self.k).numpy(),
@@ -566,7 +586,8 @@ def scan(model, # the model the factors were fitted on
     refined = bool(refine and query_rank is not None)
     if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype)
     return ScanResult(inds, vals, state['n_scanned'], state['n_skipped'], factors.n_sequences, query_rank, refined,
-                      str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - t0, 3))
+                      str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - t0, 3),
+                      source_digest=file_digest(stream.path) if stream.path is not None else None)
 
 def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype):
     "Full-rank scores of each query's candidates `inds` `[n_q, k]`, re-sorted: `(scores, indices)`."
