@@ -15,8 +15,8 @@ from .data import (data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES
                                require_scored)
 from .ekfac import Factors, fit_factors
 from .scores import pairwise_scores
-from .search import scan, ScanResult
-from .explorer import query_records, factor_cache_tag, _query_rows, _query_record, _record_where
+from .search import scan, ScanResult, CorpusStream, BadRecord, text_of, record_text
+from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where
 
 # %% auto #0
 __all__ = ['demo', 'build_parser', 'main']
@@ -39,7 +39,7 @@ def _pick_query(queries, model, tok, query_id=None):
 def _read_jsonl(p) -> list[dict]:
     "The JSON objects of a JSONL file; a line that is not UTF-8, not JSON or not an object is refused naming file and line."
     rows = []
-    for where, r in _query_rows(p):
+    for where, r in query_rows(p):
         if isinstance(r, Exception) or not isinstance(r, Mapping):
             raise ValueError(f"{where}: {r if isinstance(r, Exception) else f'expected a JSON object, got {type(r).__name__}'}.")
         rows.append(r)
@@ -49,6 +49,25 @@ def _say_queries(names, log_ps, say=print):
     "Print each query's log p(completion) and the one-line legend of the scores' sign and units."
     for n, lp in zip(names, log_ps): say(f"query {n}: log p(completion) = {float(lp):.3f} nats")
     say(f"legend: {SCORE_LEGEND}")
+
+# %% ../nbs/13_cli.ipynb #48e43280
+def _demo_candidates(query, train, candidates:int, tok, say) -> list[int]:
+    "The training indices the demo scores: the query's `candidates` best BM25 matches (the paper's filter), or all."
+    from influence_nb.tfidf import top_candidates
+    if not 0 < candidates < len(train):
+        say(f"scoring all {len(train):,} training sequences"); return list(range(len(train)))
+    cand = top_candidates(query, train, candidates, ignore_ids=(tok.bos_token_id, tok.pad_token_id))[0][0].tolist()
+    say(f"scoring the {len(cand):,} best BM25 matches of the query (the paper's TF-IDF filter)")
+    return cand
+
+def _say_token_shading(model, factors, query, seqs:list[dict], tok, say):
+    "Print each of `seqs` (the top sequences, best first) with its tokens shaded by their influence on `query`."
+    from influence_nb.viz import token_heatmap_ansi
+    pt = pairwise_scores(model, factors, query, seqs, per_token=True, progress=False).per_token[0]   # [len(seqs), T]
+    say(f"\nToken-wise influence of the top {len(seqs)} (each value drawn on the token whose activation carries it):")
+    for r, s in enumerate(seqs):
+        ids = s['input_ids']
+        say(f"#{r+1}: " + token_heatmap_ansi(tok.convert_ids_to_tokens(ids), pt[r, :len(ids)].numpy(), legend=r == 0))
 
 # %% ../nbs/13_cli.ipynb #3281e085
 def demo(model_name:str='gpt2-l', # bundled model
@@ -62,8 +81,6 @@ def demo(model_name:str='gpt2-l', # bundled model
          tokenizer=None, # a tokenizer or its folder (default: the model's own; bundled models: data/tokenizer)
         ) -> dict:
     "Run one influence query on a bundled model and print what it finds; returns the numbers shown."
-    from influence_nb.tfidf import top_candidates
-    from influence_nb.viz import token_heatmap_ansi
     out = out or sys.stdout
     say = lambda *a: print(*a, file=out, flush=True)
     t0 = time.time()
@@ -87,11 +104,7 @@ def demo(model_name:str='gpt2-l', # bundled model
                                   strategy='ekfac', fisher='true', seed=seed, batch_size=16)
     say(f"EK-FAC factors on {len(fit_idx):,} sequences: {'loaded from cache' if hit else 'fitted and cached'} ({time.time()-t0:.0f} s so far)")
 
-    if 0 < candidates < len(train):
-        cand = top_candidates(query, train, candidates, ignore_ids=(tok.bos_token_id, tok.pad_token_id))[0][0].tolist()
-        say(f"scoring the {len(cand):,} best BM25 matches of the query (the paper's TF-IDF filter)")
-    else:
-        cand = list(range(len(train))); say(f"scoring all {len(cand):,} training sequences")
+    cand = _demo_candidates(query, train, candidates, tok, say)
     sc = pairwise_scores(model, factors, query, [train[i] for i in cand], per_layer=True, batch_size=16)
     top = sc.total[0].topk(min(k, len(cand)))
     rows = [{'rank': r + 1, 'train_index': cand[j], 'score': v, 'nats (per copy, N=%d)' % len(train): v / len(train),
@@ -102,12 +115,7 @@ def demo(model_name:str='gpt2-l', # bundled model
     shares = sc.layer_shares(top=k).iloc[0]
     say(f"\nShare of the top-{len(rows)} influence per layer:")
     for name, v in shares.items(): say(f"  {name:<28s} {100*v:6.1f} %")
-    pt = pairwise_scores(model, factors, query, [train[cand[j]] for j in top.indices[:show_tokens].tolist()],
-                         per_token=True, progress=False).per_token[0]
-    say(f"\nToken-wise influence of the top {min(show_tokens, len(rows))} (each value drawn on the token whose activation carries it):")
-    for r, j in enumerate(top.indices[:show_tokens].tolist()):
-        ids = train[cand[j]]['input_ids']
-        say(f"#{r+1}: " + token_heatmap_ansi(tok.convert_ids_to_tokens(ids), pt[r, :len(ids)].numpy(), legend=r == 0))
+    _say_token_shading(model, factors, query, [train[cand[j]] for j in top.indices[:show_tokens].tolist()], tok, say)
     secs = time.time() - t0
     say(f"\ndone in {secs:.0f} s")
     return {'query': q['id'], 'log_p': lp, 'top': rows, 'layer_shares': shares.to_dict(), 'seconds': secs, 'cached': hit}
@@ -125,15 +133,15 @@ def _reword(e) -> str:
 def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
     "Query sequences and ids from a JSONL file of `prompt`/`completion` (or `input_ids`/`labels`) records, checked one by one."
     seqs, names = [], []
-    try: rows = _query_rows(path)
+    try: rows = query_rows(path)
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"--queries {e}") from None
     for i, (where, r) in enumerate(rows):
         try:
             if isinstance(r, Mapping) and 'input_ids' in r and 'prompt' not in r:
                 seq = as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')
-                name = _query_record(where, {**r, 'prompt': '', 'completion': '-'}, i)['id']   # checks the 'id' field
+                name = query_record(where, {**r, 'prompt': '', 'completion': '-'}, i)['id']   # checks the 'id' field
             else:
-                q = _query_record(where, r, i)
+                q = query_record(where, r, i)
                 seq, name = tokenize_pairs(tok, [(q['prompt'], q['completion'])]), q['id']
             if model is not None: seq = check_sequences(model, seq, 'record')          # vocabulary and context
             require_scored(seq, 'record')
@@ -160,7 +168,7 @@ def _corpus(a, tok, model, flag='--data'):
         for j, r in enumerate(recs):                                         # find the first bad record, name its line
             try: require_scored(check_sequences(model, corpus_sequences([r], tok, n), 'record'), 'record')
             except (ValueError, TypeError) as e:
-                raise _again(e, f"{flag} {path.name}, {_record_where(path, j)}: {_reword(e)}") from None
+                raise _again(e, f"{flag} {path.name}, {record_where(path, j)}: {_reword(e)}") from None
         raise
 
 def _check_corpus_file(path, text_field='text', flag='--corpus'):
@@ -383,11 +391,11 @@ def _query_index(res, q:str) -> int:
         return i
     raise ValueError(f"--query {q!r} is neither a query id of this result ({', '.join(names[:10]) or 'none stored'}) nor a position.")
 
-def _unreadable(r, text_field, _Bad, _text_of) -> str|None:
+def _unreadable(r, text_field) -> str|None:
     "Why corpus record `r` (as `search` reads it) has no text to show, or None."
-    if isinstance(r, _Bad): return r.why
+    if isinstance(r, BadRecord): return r.why
     if not isinstance(r, (Mapping, str)): return f"expected a JSON object, got {type(r).__name__}"
-    if isinstance(_text_of(r, text_field), str): return None
+    if isinstance(text_of(r, text_field), str): return None
     if not (isinstance(r, Mapping) and 'input_ids' in r):
         return f"no string field {text_field!r} and no 'input_ids' (fields: {sorted(r)}); pass --text-field"
     try: as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')
@@ -395,18 +403,17 @@ def _unreadable(r, text_field, _Bad, _text_of) -> str|None:
 
 def _top_texts(res, qi:int, k:int, corpus, tok, text_field) -> dict|None:
     "`{index: text}` of one query's top `k`, read from the corpus; a record that cannot be read is named, never shown as junk."
-    from influence_nb.search import _Stream, _Bad, _text_of, _record_text
     if corpus is None: return None
     _check_corpus_file(corpus, text_field)
     want, texts = {int(i) for i in res.indices[qi, :k].tolist() if i >= 0}, {}
-    try: items = list(_Stream(corpus, text_field).select(want))
+    try: items = list(CorpusStream(corpus, text_field).select(want))
     except Exception as e:
         if not (isinstance(e, (ValueError, TypeError)) or type(e).__module__.startswith('pyarrow')): raise
         raise ValueError(f"--corpus {Path(corpus).name}: could not read the texts ({type(e).__name__}: {e}).") from None
     for it in items:
-        why = _unreadable(it.raw, text_field, _Bad, _text_of)
+        why = _unreadable(it.raw, text_field)
         if why: raise ValueError(f"--corpus: {it.where}: {why}. This result ranks that record: fix the file, or pass the corpus that was scanned.")
-        texts[it.index] = _record_text(it.raw, tok, text_field)
+        texts[it.index] = record_text(it.raw, tok, text_field)
     res.check_corpus(corpus, '--corpus')   # readable, but is it the content that was scanned?
     missing = sorted(want - set(texts))
     if missing:
@@ -442,7 +449,7 @@ def _check_explore_files(a):
             if 'input_ids' not in r: continue
             try: as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')
             except (ValueError, TypeError) as e:
-                raise _again(e, f"--corpus {Path(a.corpus).name}, {_record_where(a.corpus, j)}: {_reword(e)}") from None
+                raise _again(e, f"--corpus {Path(a.corpus).name}, {record_where(a.corpus, j)}: {_reword(e)}") from None
     if a.queries is not None:
         try: query_records(a.queries)
         except (ValueError, TypeError, FileNotFoundError) as e: raise _again(e, f"--queries {e}") from None

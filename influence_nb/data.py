@@ -12,10 +12,10 @@ import torch
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir', 'as_sequence',
-           'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_max_length', 'tokenize',
+           'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_int', 'check_max_length', 'tokenize',
            'tokenize_pairs', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
            'context_length', 'load_tokenizer', 'load_model', 'load_bundled', 'completion_logprobs', 'corpus_format',
-           'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
+           'corpus_rows', 'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -59,6 +59,7 @@ def _as_1d_long(x, key, i, name):
         with torch.inference_mode(False): t = t.clone()
     return t
 
+# %% ../nbs/00_data.ipynb #61d8b05a
 def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attention_mask`) or a list of ids
                 i:int=0, # position, used in error messages
                 name:str='data', # argument name, used in error messages
@@ -171,6 +172,18 @@ def require_scored(seqs:list[dict], name:str='queries'):
             raise ValueError(f"{name}[{i}] has no scored token: all labels after the first are -100. "
                              "A query needs a non-empty completion; a training sequence needs at least 2 tokens.")
 
+# %% ../nbs/00_data.ipynb #0852871f
+def check_int(value, # the argument's value
+              name:str, # the argument's name, for the message
+              lo:int=1, # smallest allowed value
+              hi:int|None=None, # largest allowed value (None: no upper bound)
+             ) -> int:
+    "`value` as a Python int if it is a whole number in [lo, hi]; else a ValueError naming `name`."
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo or (hi is not None and value > hi):
+        rng = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"`{name}` must be an integer {rng}, got {value!r}.")
+    return int(value)
+
 # %% ../nbs/00_data.ipynb #fa5453c6
 def check_max_length(max_length, # None (no limit) or a positive int
                      name:str='max_length', # argument name, used in error messages
@@ -245,8 +258,7 @@ def batches(seqs:list[dict], # normalised sequences
             pad_id:int=0, # token id for padding
            ) -> Iterator[tuple[list[int], dict]]:
     "Yield `(indices, batch)` pairs covering `seqs`; `indices` are positions in `seqs`."
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    batch_size = check_int(batch_size, 'batch_size')
     order = list(range(len(seqs)))
     if sort_by_length: order.sort(key=lambda i: -len(seqs[i]['input_ids']))
     for j in range(0, len(order), batch_size):
@@ -390,8 +402,10 @@ def corpus_format(path) -> str:
     raise ValueError(f"{p.name}: unknown corpus format {p.suffix or '(no suffix)'!r}. Accepted formats: {CORPUS_FORMATS}.")
 
 # %% ../nbs/00_data.ipynb #f82bf6ff
-def _corpus_rows(p, kind):
-    "`(where, row)` pairs of corpus file `p`; a row that cannot be parsed is an Exception."
+def corpus_rows(p, # a corpus file
+                kind:str, # its format: `corpus_format(p)`
+               ):
+    "`(where, row)` pairs of corpus file `p`, in file order; a row that cannot be parsed is yielded as an Exception, not raised."
     if kind == 'parquet':
         import pandas as pd
         try: df = pd.read_parquet(p)
@@ -413,7 +427,7 @@ def read_corpus(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
     "Every record of a corpus file, each with a 'text' (or 'input_ids') entry; bad records raise naming file and line."
     p = Path(path); kind = corpus_format(p)
     recs = []
-    for where, r in _corpus_rows(p, kind):
+    for where, r in corpus_rows(p, kind):
         why = (str(r) if isinstance(r, Exception) else f"expected a JSON object, got {type(r).__name__}" if not isinstance(r, Mapping)
                else None if 'input_ids' in r or isinstance(r.get(text_field), str)
                else f"no string field {text_field!r} and no 'input_ids' (fields: {sorted(r)}); pass the text field's name")

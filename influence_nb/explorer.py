@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import difflib
 import hashlib
 import html as _html
@@ -31,7 +32,7 @@ import json
 import os
 from collections.abc import Mapping
 from .data import (MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
-                               corpus_sequences, load_bundled, load_model, read_corpus, _corpus_rows)
+                               corpus_sequences, load_bundled, load_model, read_corpus, corpus_rows, check_int)
 from .corpus import load_corpus, load_queries
 from .data import data_dir, tokenize_pairs
 from .ekfac import Factors, check_damping, fingerprint, model_digest
@@ -40,10 +41,10 @@ from .scores import pairwise_scores
 from .tfidf import TokenIndex
 
 # %% auto #0
-__all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'layer_blocks', 'default_query', 'corpus_records', 'query_records',
-           'ExplorerSession', 'sequences_digest', 'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'run_query',
-           'summary_html', 'top_html', 'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping',
-           'Explorer', 'explorer', 'app_notebook']
+__all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'layer_blocks', 'default_query', 'record_where', 'corpus_records', 'query_rows',
+           'query_record', 'query_records', 'ExplorerSession', 'sequences_digest', 'factor_cache_tag',
+           'restrict_factors', 'ExplorerResult', 'run_query', 'summary_html', 'top_html', 'heatmaps_html',
+           'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'explorer', 'app_notebook']
 
 # %% ../nbs/10_explorer.ipynb #6860dd62
 FIT_SAMPLE = 600  # training sequences the explorer fits curvature factors on (a seeded sample; 0 = all)
@@ -71,7 +72,9 @@ def default_query(queries: list[dict]) -> dict:
     return queries[0]
 
 # %% ../nbs/10_explorer.ipynb #77fe3a3a
-def _record_where(path, j:int) -> str:
+def record_where(path, # a corpus file
+                 j:int, # a record number (0-based, blank lines not counted)
+                ) -> str:
     "Where record `j` of a corpus file is: 'row j' of a Parquet file, else its line (blank lines hold no record)."
     if Path(path).suffix.lower() == '.parquet': return f'row {j}'
     with open(path, 'rb') as f:
@@ -90,7 +93,7 @@ def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or 
     elif isinstance(corpus, (bytes, Mapping)): raise TypeError("`corpus` must be a collection of texts or records, or a file path.")
     else: rows = [{'text': r} if isinstance(r, str) else r for r in corpus]
     out, path = [], corpus if isinstance(corpus, (str, os.PathLike)) else None
-    at = lambda i: f"{Path(path).name}, {_record_where(path, i)}" if path is not None else f"corpus[{i}]"   # named by line in a file
+    at = lambda i: f"{Path(path).name}, {record_where(path, i)}" if path is not None else f"corpus[{i}]"   # named by line in a file
     for i, r in enumerate(rows):
         if not isinstance(r, Mapping): raise TypeError(f"{at(i)} is a {type(r).__name__}; expected a text or a record.")
         if isinstance(r.get(text_field), str): text = r[text_field]
@@ -103,16 +106,21 @@ def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or 
     if not out: raise ValueError("`corpus` is empty: pass at least one training text.")
     return out
 
-def _query_rows(queries) -> list[tuple[str, object]]:
+# %% ../nbs/10_explorer.ipynb #4683717f
+def query_rows(queries, # a collection of query rows, or a JSONL path
+              ) -> list[tuple[str, object]]:
     "`(where, row)` of each query: 'queries[i]' for a collection, 'FILE, line n' for a JSONL file (blank lines skipped)."
     if not isinstance(queries, (str, os.PathLike)): return [(f'queries[{i}]', q) for i, q in enumerate(queries)]
     p = Path(queries)
     if not p.is_file(): raise FileNotFoundError(f"`queries` file {p} " + ("is a directory; pass a JSONL file." if p.is_dir() else "does not exist."))
-    rows = [(f'{p.name}, {where}', r) for where, r in _corpus_rows(p, 'jsonl')]   # UTF-8 and JSON checked per line
+    rows = [(f'{p.name}, {where}', r) for where, r in corpus_rows(p, 'jsonl')]   # UTF-8 and JSON checked per line
     if not rows: raise ValueError(f"{p.name} holds no queries: write one JSON object per line with 'prompt' and 'completion'.")
     return rows
 
-def _query_record(where: str, q, i: int) -> dict:
+def query_record(where: str, # names the row in messages, e.g. "q.jsonl, line 3"
+                 q, # the row: a (prompt, completion) pair or a mapping
+                 i: int, # its position (the default id is f"q{i}")
+                ) -> dict:
     "One query row checked field by field (`where` names it in messages): a dict with `id`, `prompt`, `completion`."
     if isinstance(q, Exception): raise ValueError(f"{where}: {q}.")
     if isinstance(q, (tuple, list)) and len(q) == 2: q = {'prompt': q[0], 'completion': q[1]}
@@ -132,14 +140,13 @@ def query_records(queries, # None, (prompt, completion) pairs, dicts with 'promp
                  ) -> list[dict]:
     "The explorer's queries: dicts with `id`, `prompt`, `completion` (and the query file's fields)."
     if queries is None: return []
-    out = [_query_record(where, q, i) for i, (where, q) in enumerate(_query_rows(queries))]
+    out = [query_record(where, q, i) for i, (where, q) in enumerate(query_rows(queries))]
     ids = [q['id'] for q in out]
     if len(set(ids)) < len(ids):
         src = f"{Path(queries).name}: " if isinstance(queries, (str, os.PathLike)) else ''
         raise ValueError(f"{src}query ids must be unique: the ids {sorted({x for x in ids if ids.count(x) > 1})} appear "
                          "more than once; give every query its own 'id'.")
     return out
-
 
 # %% ../nbs/10_explorer.ipynb #a862e949
 class ExplorerSession:
@@ -156,10 +163,8 @@ class ExplorerSession:
                  text_field: str = 'text',     # the field holding each corpus record's text
                  name: str|None = None,        # the model's name in the app (default: its folder's name)
                 ):
-        for n, v, lo in (('fit_sample', fit_sample, 0), ('seed', seed, 0), ('batch_size', batch_size, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"`{n}` must be an integer >= {lo}, got {v!r}.")
-        self.fit_sample, self.seed, self.batch_size = fit_sample, seed, batch_size
+        self.fit_sample, self.seed, self.batch_size = (check_int(v, n, lo) for n, v, lo in
+                                                       (('fit_sample', fit_sample, 0), ('seed', seed, 0), ('batch_size', batch_size, 1)))
         self._models, self._train, self._index, self._factors, self._given = {}, {}, {}, {}, set()
         self._records = self._queries = None
         self.custom = None                # the name of the user's model, when one was given
@@ -221,7 +226,7 @@ def n_blocks(self: ExplorerSession, name: str) -> int:
     "Transformer blocks of bundled model `name`, from its config (without loading the weights)."
     from transformers import AutoConfig
     self._check_model(name)
-    if self.custom: return max(layer_blocks([l.name for l in find_modules(self.model(name)[0], 'mlp')])) + 1
+    if self.custom: return max(layer_blocks([layer.name for layer in find_modules(self.model(name)[0], 'mlp')])) + 1
     return int(AutoConfig.from_pretrained(data_dir()/'models'/name).num_hidden_layers)
 
 @patch
@@ -352,12 +357,6 @@ class ExplorerResult:
                 f"blocks {self.blocks}, {len(self.candidates)} candidates, top {len(self.top)})")
 
 # %% ../nbs/10_explorer.ipynb #45329622
-def _check_int(name, v, lo, hi=None):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
-        rng = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"`{name}` must be a whole number {rng}, got {v!r}.")
-    return int(v)
-
 def _resolve_query(session, query_id, prompt, completion) -> dict:
     if query_id is not None:
         if prompt is not None or completion is not None:
@@ -374,7 +373,7 @@ def _check_blocks(blocks, n_blocks):
     if blocks is None: return (0, n_blocks - 1)
     if not (isinstance(blocks, (tuple, list)) and len(blocks) == 2):
         raise ValueError(f"`blocks` must be None or a (first, last) pair of block numbers, got {blocks!r}.")
-    lo, hi = (_check_int('blocks', b, 0, n_blocks - 1) for b in blocks)
+    lo, hi = (check_int(b, 'blocks', 0, n_blocks - 1) for b in blocks)
     if lo > hi: raise ValueError(f"`blocks` must have first <= last, got {tuple(blocks)}.")
     return (lo, hi)
 
@@ -400,9 +399,9 @@ def _check_run_args(session, model, strategy, damping, k, prefilter, candidates,
     if strategy not in STRATEGIES_SHOWN:
         raise ValueError(f"Unknown `strategy` {strategy!r}; the explorer offers {STRATEGIES_SHOWN}.")
     check_damping(damping)
-    k = _check_int('k', k, 1)
+    k = check_int(k, 'k')
     if not isinstance(prefilter, bool): raise TypeError(f"`prefilter` must be True or False, got {prefilter!r}.")
-    if prefilter: candidates = _check_int('candidates', candidates, 1)
+    if prefilter: candidates = check_int(candidates, 'candidates')
     return session, k, candidates, _check_blocks(blocks, session.n_blocks(model))
 
 def _candidate_scores(mdl, factors, query, seqs, names, damping, batch_size, say, label) -> np.ndarray:
@@ -443,7 +442,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     q = _resolve_query(session, query_id, prompt, completion)
     say(f"Loading {model}", 0.02)                                                       # 1. model, data, factors
     mdl, tok = session.model(model)
-    names = [l.name for l in find_modules(mdl, 'mlp')]
+    names = [layer.name for layer in find_modules(mdl, 'mlp')]
     counted = [n for n, b in zip(names, layer_blocks(names)) if blocks[0] <= b <= blocks[1]]
     if not counted: raise ValueError(f"No tracked layer lies in blocks {blocks}; the tracked layers are {names}.")
     laps('model')
@@ -502,11 +501,11 @@ def summary_html(result: ExplorerResult) -> str:
     cand = (f"the {len(result.candidates):,} best BM25 matches" if result.prefiltered
             else f"all {len(result.candidates):,}") + f" of {result.n_train:,} training sequences"
     blocks = f"blocks {result.blocks[0]}–{result.blocks[1]} ({len(result.layers)} of {len(result.all_layers)} tracked layers)"
-    lam = "0.1 × mean eigenvalue" if result.damping is None else f"{result.damping:g}"
+    damping_text = "0.1 × mean eigenvalue" if result.damping is None else f"{result.damping:g}"
     secs = sum(result.timings.values())
     return (f'<div class="inb-summary" data-query-id="{_esc(q.get("id") or "")}"><b>{_esc(which)}</b>: <span class="inb-prompt-text">{_esc(q["prompt"])}</span>'
             f'<span class="inb-completion-text">{_esc(q["completion"])}</span> · log p = {result.log_p:.3f} nats<br>'
-            f'<span class="inb-muted">{_esc(result.model)} · {_esc(result.strategy)} (damping {lam}) · {cand} · {blocks} · '
+            f'<span class="inb-muted">{_esc(result.model)} · {_esc(result.strategy)} (damping {damping_text}) · {cand} · {blocks} · '
             f'factors {result.factors_source} · {secs:.1f} s</span><br><span class="inb-muted inb-legend">{_esc(SCORE_LEGEND)}</span></div>')
 
 def top_html(result: ExplorerResult, # from `run_query`
@@ -592,30 +591,11 @@ def parse_damping(text: str # the damping box: empty or 'None' for the default, 
     return v
 
 # %% ../nbs/10_explorer.ipynb #403c43ab
-_CSS = """<style>
-.inb-app { --inb-pos: rgb(202,0,32); --inb-neg: rgb(5,113,176); font-family: system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif; max-width: 1400px; }
-.inb-app h2 { margin: 4px 0 2px 0; font-size: 1.35em; }
-.inb-app .inb-muted { color: #666; font-size: 90%; }
-.inb-panel { border: 1px solid #ddd; border-radius: 6px; padding: 6px 10px; background: #fafafa; }
-.inb-panel-title { font-weight: 600; color: #333; margin-bottom: 2px; }
-.inb-error { color: #8a1111; background: #fde8e8; border: 1px solid #f5a3a3; border-radius: 4px; padding: 6px 10px; }
-.inb-error summary { cursor: pointer; color: #666; }
-.inb-status { color: #333; }
-.inb-summary { margin: 6px 0; line-height: 1.5; }
-.inb-prompt-text { background: #eef2f7; padding: 1px 3px; }
-.inb-completion-text { background: #fff1c2; padding: 1px 3px; font-weight: 600; }
-table.inb-top { border-collapse: collapse; width: 100%; font-size: 13px; margin-bottom: 8px; }
-table.inb-top th { text-align: left; border-bottom: 2px solid #999; padding: 3px 6px; }
-table.inb-top td { border-bottom: 1px solid #e3e3e3; padding: 3px 6px; vertical-align: top; }
-table.inb-top td.inb-num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
-table.inb-top td.inb-id { white-space: nowrap; font-family: monospace; }
-table.inb-top td.inb-text { font-family: monospace; font-size: 12px; }
-table.inb-top td.inb-score { min-width: 90px; }
-.inb-bar { height: 5px; margin-top: 3px; margin-left: auto; border-radius: 2px; opacity: 0.75; }
-.inb-badge { font-size: 11px; padding: 0 5px; border-radius: 8px; color: #fff; background: #2a7a2a; font-family: system-ui, sans-serif; }
-.inb-heatmaps .inb-heatmap { margin: 8px 0 12px 0; font-family: monospace; font-size: 13px; }
-.inb-section { font-weight: 600; margin: 10px 0 4px 0; color: #333; }
-</style>"""
+def _asset(name: str) -> str:
+    "The text of a package data file in influence_nb/assets (CSS, HTML templates)."
+    return importlib.resources.files('influence_nb').joinpath('assets', name).read_text(encoding='utf-8')
+
+_CSS = f"<style>\n{_asset('explorer.css')}</style>"
 
 def _query_label(q: dict, width: int = 96) -> str:
     return _short(f"{q['id']} · {q['prompt']} →{q['completion']}", width)

@@ -102,7 +102,7 @@ def _candidates(model:nn.Module) -> dict[str, TrackedLayer]:
     head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
     out = {}
     for n, m in model.named_modules():
-        if is_experts(m): out.update({l.name: l for l in _expert_layers(n, m)})
+        if is_experts(m): out.update({layer.name: layer for layer in _expert_layers(n, m)})
         elif is_trackable(m) and m is not head: out[n] = _tracked(n, m)
     return out
 
@@ -147,17 +147,24 @@ def block_coverage(model:nn.Module, names:list[str]) -> dict[str, dict]:
     for b in blocks(model):
         mine = [cands[n] for n in names if n.startswith(b + '.')]
         covered, n_exp = set(), {}
-        for l in mine:
-            rel = l.name[len(b) + 1:]
-            if l.expert is None: covered.add(f'{rel}.weight')
+        for layer in mine:
+            rel = layer.name[len(b) + 1:]
+            if layer.expert is None: covered.add(f'{rel}.weight')
             else:
                 key = rel.rsplit('[', 1)[0]; n_exp[key] = n_exp.get(key, 0) + 1
-                if n_exp[key] == getattr(l.module, l.param).shape[0]: covered.add(key)
+                if n_exp[key] == getattr(layer.module, layer.param).shape[0]: covered.add(key)
         missing = [w for w in _ffn_weights(model.get_submodule(b)) if w not in covered]
-        out[b] = {'kinds': sorted({_kind(l.name[len(b) + 1:]) for l in mine}), 'missing': missing}
+        out[b] = {'kinds': sorted({_kind(layer.name[len(b) + 1:]) for layer in mine}), 'missing': missing}
     return out
 
 # %% ../nbs/03_modules.ipynb #526b5721
+def _alike_blocks(model, blocks:list[str]) -> list[list[str]]:
+    "`blocks` grouped by their parameter names: blocks built alike must yield the same kinds of layers."
+    groups = {}
+    for b in blocks: groups.setdefault(tuple(n for n, _ in model.get_submodule(b).named_parameters()), []).append(b)
+    return list(groups.values())
+
+# %% ../nbs/03_modules.ipynb #49c32ce4
 def _mlp_names(model, cands):
     bl = blocks(model)
     if not bl:   # no list of blocks (a hand-made model): anything called like an MLP projection
@@ -167,9 +174,9 @@ def _mlp_names(model, cands):
                          f"Pass their names explicitly, e.g. modules={list(cands)[:4]!r} (all candidates: modules='all').")
     check_not_reused(model, cands.values())   # before coverage, which would only see the first copy
     names = []
-    for n, l in cands.items():
+    for n, layer in cands.items():
         b = next((b for b in bl if n.startswith(b + '.')), None)   # the block holding layer n (None: outside blocks)
-        if b is not None and _is_ffn(n[len(b) + 1:], l.expert is not None): names.append(n)
+        if b is not None and _is_ffn(n[len(b) + 1:], layer.expert is not None): names.append(n)
     cov, how = block_coverage(model, names), "Pass the layers to track as a list (`candidate_modules(model)` lists them)."
     for b, c in cov.items():
         if not c['kinds']:
@@ -178,9 +185,7 @@ def _mlp_names(model, cands):
         if c['missing']:
             raise ValueError(f"modules='mlp': block '{b}' has feed-forward weights no trackable layer covers: {c['missing']} "
                              "(influence_nb tracks nn.Linear, GPT-2 Conv1D and transformers' 3-D expert weights). " + how)
-    alike = {}   # blocks with the same parameters must yield the same kinds of layers
-    for b in bl: alike.setdefault(tuple(n for n, _ in model.get_submodule(b).named_parameters()), []).append(b)
-    for group in alike.values():
+    for group in _alike_blocks(model, bl):   # blocks with the same parameters must yield the same kinds of layers
         ref = cov[group[0]]['kinds']
         for b in group[1:]:
             if cov[b]['kinds'] != ref:
@@ -188,14 +193,13 @@ def _mlp_names(model, cands):
                                  f"{sorted(set(ref) - set(cov[b]['kinds']))} (has {cov[b]['kinds']}). {how}")
     return names
 
+# %% ../nbs/03_modules.ipynb #9e52e8b3
 def _warn_left_out(model, names):
     "For a list spanning several blocks: raise if the blocks it touches yield different kinds, warn about what it leaves out."
     cov, left = block_coverage(model, names), {}
     touched = [b for b, c in cov.items() if c['kinds']]
     if len(touched) < 2: return   # one block: a deliberate layer-wise choice
-    alike = {}
-    for b in touched: alike.setdefault(tuple(n for n, _ in model.get_submodule(b).named_parameters()), []).append(b)
-    for group in alike.values():
+    for group in _alike_blocks(model, touched):
         every = sorted(set().union(*(cov[b]['kinds'] for b in group)))
         for b in group:
             if cov[b]['kinds'] != every:
@@ -207,12 +211,13 @@ def _warn_left_out(model, names):
         warnings.warn("`modules` leaves out these feed-forward weights (kind: block numbers): "
                       + '; '.join(f'{k}: {v}' for k, v in left.items()) + ". Use modules='mlp' to track them all.", stacklevel=3)
 
+# %% ../nbs/03_modules.ipynb #a6a4b4a1
 def check_not_reused(model:nn.Module, layers):
     "Raise if a layer is registered at two places (a block or layer reused): it runs more than once per forward."
     alias = {}
     for n, m in model.named_modules(remove_duplicate=False): alias.setdefault(id(m), []).append(n)
-    for l in layers:
-        if len(where := alias.get(id(l.module), [])) > 1:
+    for layer in layers:
+        if len(where := alias.get(id(layer.module), [])) > 1:
             raise ValueError(f"`modules`: layer '{where[0]}' is used again as {where[1:]} (a block or layer reused), so it is "
                              "called more than once per forward pass and per-layer hooks would see only part of its gradient. "
                              "Track layers outside reused modules.")
@@ -223,12 +228,12 @@ def check_unshared(model:nn.Module, layers:list[TrackedLayer]):
     for n, m in model.named_modules(remove_duplicate=False):
         for pn, p in m._parameters.items():
             if p is not None: owners.setdefault(id(p), {}).setdefault(id(m), f'{n}.{pn}' if n else pn)
-    for l in layers:
-        if l.expert is not None: continue   # expert slices are indexed views of one 3-D parameter: checked by calls
-        for pn in ('weight', 'bias') if l.bias else ('weight',):
-            others = [v for k, v in owners.get(id(getattr(l.module, pn)), {}).items() if k != id(l.module)]
+    for layer in layers:
+        if layer.expert is not None: continue   # expert slices are indexed views of one 3-D parameter: checked by calls
+        for pn in ('weight', 'bias') if layer.bias else ('weight',):
+            others = [v for k, v in owners.get(id(getattr(layer.module, pn)), {}).items() if k != id(layer.module)]
             if others:
-                raise ValueError(f"Layer '{l.name}' shares its {pn} with {others} (tied weights): the gradient of a shared "
+                raise ValueError(f"Layer '{layer.name}' shares its {pn} with {others} (tied weights): the gradient of a shared "
                                  "weight sums the contributions of every module using it, which per-layer hooks cannot see. "
                                  "Leave it out of `modules`, and the modules it is tied to.")
 
@@ -327,7 +332,7 @@ class Capture:
 
     def out_grads(self, loss:torch.Tensor) -> dict[str, torch.Tensor]:
         "Gradients of `loss` w.r.t. each tracked layer's output, `{name: [batch, T, d_out]}` (experts: `[routed rows, d_out]`)."
-        names = [l.name for l in self.layers]
+        names = [layer.name for layer in self.layers]
         missing = [n for n in names if n not in self.outputs]
         if missing: raise RuntimeError(f"Layers {missing} were not called in the forward pass.")
         self.backward = True
@@ -397,8 +402,8 @@ def capture(model:nn.Module, # the model whose layers are hooked
             return keep(name, x, s)
         return record
     experts = {}   # experts module -> names of its tracked slices
-    for l in layers:
-        if l.expert is not None: experts.setdefault(l.module, set()).add(l.name)
+    for layer in layers:
+        if layer.expert is not None: experts.setdefault(layer.module, set()).add(layer.name)
     prefix = {m: n for n, m in model.named_modules() if m in experts}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     handles, modes = [], [(mod, mod.training) for mod in model.modules()]   # per module: a mixed state comes back as it was
@@ -406,7 +411,7 @@ def capture(model:nn.Module, # the model whose layers are hooked
     check_unshared(model, layers)
     try:
         for p, _ in flags: p.requires_grad_(False)
-        handles = [l.module.register_forward_hook(make_hook(l.name)) for l in layers if l.expert is None]
+        handles = [layer.module.register_forward_hook(make_hook(layer.name)) for layer in layers if layer.expert is None]
         for m, tracked in experts.items(): m.forward = experts_forward(m, make_record(prefix[m], tracked))
         model.eval()
         yield cap

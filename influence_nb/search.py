@@ -12,28 +12,33 @@ import torch
 import pandas as pd
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
+from fastcore.basics import patch
 from .data import (as_sequence, check_sequences, require_scored, model_vocab, model_context, as_collection,
-                               grad_enabled, check_max_length)
+                               grad_enabled, check_max_length, check_int)
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, check_damping
 from .scores import query_gradients, precondition_queries, _contract, _check_rank, _prepare, check_query, check_k
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'merge_topk', 'file_digest', 'ScanResult', 'read_scores', 'scan']
+__all__ = ['CKPT_FORMAT', 'BadRecord', 'CorpusStream', 'text_of', 'merge_topk', 'record_text', 'file_digest', 'ScanResult',
+           'read_scores', 'scan']
 
 # %% ../nbs/08_search.ipynb #58afcf5b
 @dataclass
 class _Item:
     index: int            # position of the record in the corpus
-    raw: object           # the record as read (a _Bad if it could not be parsed)
+    raw: object           # the record as read (a BadRecord if it could not be parsed)
     where: str            # for error messages: "line 17 of corpus.jsonl" or "corpus[16]"
     offset: int|None = None  # JSONL: byte offset just after this record's line
     line: int|None = None    # JSONL: number of lines read up to and including this record's
 
-class _Bad:
+class BadRecord:
+    "A corpus record that could not be parsed; `why` says what is wrong with it."
     def __init__(self, why): self.why = why
+    def __repr__(self): return f'BadRecord({self.why!r})'
 
-class _Stream:
+# %% ../nbs/08_search.ipynb #3ecbeb0d
+class CorpusStream:
     "A corpus that can be read from any position: a JSONL or Parquet file, an indexable collection or an iterable."
     def __init__(self, corpus, text_field='text'):
         if not isinstance(corpus, (str, os.PathLike)): corpus = as_collection(corpus, 'corpus')   # batches, DataFrames, Series
@@ -59,66 +64,76 @@ class _Stream:
     @property
     def one_shot(self) -> bool: return self.kind == 'iterable' and iter(self.corpus) is self.corpus
 
-    def items(self, start:int=0, offset:int=0, line:int=0) -> Iterator[_Item]:
-        "Records from index `start` on (for JSONL: `start` is found at byte `offset`, after `line` lines)."
-        if self.kind in ('jsonl', 'text'): yield from self._jsonl(start, offset, line)
-        elif self.kind == 'parquet':
-            import pyarrow.parquet as pq
-            rows = (r for b in pq.ParquetFile(self.path).iter_batches(batch_size=1024) for r in b.to_pylist())
-            for i, r in enumerate(itertools.islice(rows, start, None), start): yield _Item(i, r, f"row {i} of {self.path.name}")
-        elif self.kind == 'indexable':
-            for i in range(start, len(self.corpus)): yield _Item(i, self.corpus[i], f"corpus[{i}]")
-        else:
-            for i, r in enumerate(itertools.islice(iter(self.corpus), start, None), start): yield _Item(i, r, f"corpus[{i}]")
+# %% ../nbs/08_search.ipynb #54e12eb2
+@patch
+def items(self: CorpusStream, start:int=0, offset:int=0, line:int=0) -> Iterator[_Item]:
+    "Records from index `start` on (for JSONL: `start` is found at byte `offset`, after `line` lines)."
+    if self.kind in ('jsonl', 'text'): yield from self._jsonl(start, offset, line)
+    elif self.kind == 'parquet':
+        import pyarrow.parquet as pq
+        rows = (r for b in pq.ParquetFile(self.path).iter_batches(batch_size=1024) for r in b.to_pylist())
+        for i, r in enumerate(itertools.islice(rows, start, None), start): yield _Item(i, r, f"row {i} of {self.path.name}")
+    elif self.kind == 'indexable':
+        for i in range(start, len(self.corpus)): yield _Item(i, self.corpus[i], f"corpus[{i}]")
+    else:
+        for i, r in enumerate(itertools.islice(iter(self.corpus), start, None), start): yield _Item(i, r, f"corpus[{i}]")
 
-    def _jsonl(self, start, offset, line):
-        i = start
-        with open(self.path, 'rb') as f:
-            f.seek(offset)
-            for raw in f:
-                offset += len(raw); line += 1
-                if not raw.strip(): continue
-                if self.kind == 'text':     # plain text: the line is the document
-                    try: rec = raw.decode('utf-8').rstrip('\r\n')
-                    except UnicodeDecodeError as e: rec = _Bad(f"not UTF-8 text ({e})")
-                else:
-                    try: rec = json.loads(raw)
-                    except ValueError as e: rec = _Bad(f"not valid JSON ({e})")
-                yield _Item(i, rec, f"line {line} of {self.path.name}", offset, line)
-                i += 1
+@patch
+def _jsonl(self: CorpusStream, start, offset, line):
+    i = start
+    with open(self.path, 'rb') as f:
+        f.seek(offset)
+        for raw in f:
+            offset += len(raw); line += 1
+            if not raw.strip(): continue
+            if self.kind == 'text':     # plain text: the line is the document
+                try: rec = raw.decode('utf-8').rstrip('\r\n')
+                except UnicodeDecodeError as e: rec = BadRecord(f"not UTF-8 text ({e})")
+            else:
+                try: rec = json.loads(raw)
+                except ValueError as e: rec = BadRecord(f"not valid JSON ({e})")
+            yield _Item(i, rec, f"line {line} of {self.path.name}", offset, line)
+            i += 1
 
-    def select(self, wanted:set[int]) -> Iterator[_Item]:
-        "The records whose index is in `wanted` (one pass; stops once all are found)."
-        wanted = set(wanted)
-        if self.kind == 'indexable':
-            for i in sorted(wanted): yield _Item(i, self.corpus[i], f"corpus[{i}]")
-            return
-        for it in self.items():
-            if it.index in wanted:
-                yield it; wanted.discard(it.index)
-                if not wanted: return
+# %% ../nbs/08_search.ipynb #1ab60a9a
+@patch
+def select(self: CorpusStream, wanted:set[int]) -> Iterator[_Item]:
+    "The records whose index is in `wanted` (one pass; stops once all are found)."
+    wanted = set(wanted)
+    if self.kind == 'indexable':
+        for i in sorted(wanted): yield _Item(i, self.corpus[i], f"corpus[{i}]")
+        return
+    for it in self.items():
+        if it.index in wanted:
+            yield it; wanted.discard(it.index)
+            if not wanted: return
 
 # %% ../nbs/08_search.ipynb #e2ca988d
-def _text_of(raw, text_field):
+def text_of(raw, # a corpus record as read
+            text_field:str, # where text records keep their text
+           ):
+    "The text of a text record (a string, or a mapping without 'input_ids' that has `text_field`), else None."
     if isinstance(raw, str): return raw
     if isinstance(raw, Mapping) and 'input_ids' not in raw and text_field in raw: return raw[text_field]
     return None
+
+def _bad_record(item:_Item, why:str, skip:bool) -> int:
+    "A record that cannot be scored: 1 to count when `skip`, else an error naming where it is and what to do."
+    if not skip:
+        raise ValueError(f"Bad corpus record at {item.where}: {why}. Fix or remove it, or pass "
+                         "on_bad_record='skip' to leave such records out (they are counted in `n_skipped`).")
+    return 1
 
 def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|None=None, max_length:int|None=None,
              text_field:str='text', skip:bool=False) -> tuple[list, int]:
     "`(sequences, n_bad)` for one chunk: a sequence dict per record, None where a bad record was skipped."
     out, texts, n_bad = [None] * len(items), {}, 0
-    def bad(j, why):
-        nonlocal n_bad
-        if not skip:
-            raise ValueError(f"Bad corpus record at {items[j].where}: {why}. Fix or remove it, or pass "
-                             "on_bad_record='skip' to leave such records out (they are counted in `n_skipped`).")
-        n_bad += 1
     for j, it in enumerate(items):
-        if isinstance(it.raw, _Bad): bad(j, it.raw.why); continue
-        text = _text_of(it.raw, text_field)
+        if isinstance(it.raw, BadRecord): n_bad += _bad_record(it, it.raw.why, skip); continue
+        text = text_of(it.raw, text_field)
         if text is not None:
-            if not isinstance(text, str): bad(j, f"'{text_field}' is a {type(text).__name__}, not a string"); continue
+            if not isinstance(text, str):
+                n_bad += _bad_record(it, f"'{text_field}' is a {type(text).__name__}, not a string", skip); continue
             if tokenizer is None:
                 raise TypeError(f"The corpus holds text ({items[j].where}): pass `tokenizer=` to tokenize it, "
                                 "or store token ids under 'input_ids'.")
@@ -126,21 +141,21 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
             continue
         try: out[j] = as_sequence(it.raw, it.index, 'corpus')
         except (TypeError, ValueError) as e:
-            bad(j, f"{e}" + (f" (text records need a '{text_field}' field)" if isinstance(it.raw, Mapping) else ''))
+            n_bad += _bad_record(it, f"{e}" + (f" (text records need a '{text_field}' field)" if isinstance(it.raw, Mapping) else ''), skip)
     if texts:
         ids = tokenizer(list(texts.values()), truncation=max_length is not None, max_length=max_length)['input_ids']
         for j, x in zip(texts, ids):
             try: out[j] = as_sequence({'input_ids': x}, items[j].index, 'corpus')
-            except ValueError as e: bad(j, str(e))
+            except ValueError as e: n_bad += _bad_record(items[j], str(e), skip)
     for j, s in enumerate(out):
         if s is None: continue
         ids = s['input_ids']
         if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            out[j] = None; bad(j, f"token ids outside the model's vocabulary [0, {vocab})")
+            out[j] = None; n_bad += _bad_record(items[j], f"token ids outside the model's vocabulary [0, {vocab})", skip)
         elif vocab is not None and int(s['labels'].max()) >= vocab:
-            out[j] = None; bad(j, f"labels outside the model's vocabulary [0, {vocab})")
+            out[j] = None; n_bad += _bad_record(items[j], f"labels outside the model's vocabulary [0, {vocab})", skip)
         elif ctx is not None and len(ids) > ctx:
-            out[j] = None; bad(j, f"{len(ids)} tokens but the model's context is {ctx}; truncate it")
+            out[j] = None; n_bad += _bad_record(items[j], f"{len(ids)} tokens but the model's context is {ctx}; truncate it", skip)
     return out, n_bad
 
 def _digest_chunk(items, seqs) -> str:
@@ -178,8 +193,8 @@ def _score_chunk(model, layers, pq:dict, seqs:list[dict], batch_size:int, dtype)
     total = torch.zeros(n_q, len(seqs), dtype=dtype)
     for idx, acts, outg in layer_passes(model, layers, seqs, batch_size):
         idx_t = torch.tensor(idx)
-        for l in layers:
-            total[:, idx_t] += _contract(pq[l.name], acts[l.name], outg[l.name])[0].cpu()
+        for layer in layers:
+            total[:, idx_t] += _contract(pq[layer.name], acts[layer.name], outg[layer.name])[0].cpu()
     return all_reduce_sum(total) if dist_info()[1] > 1 else total
 
 # %% ../nbs/08_search.ipynb #5016423a
@@ -192,19 +207,26 @@ def _writable_dir(folder:Path, what:str):
         raise type(e)(e.errno, f"{what}: cannot write in {folder} ({e.strerror or e}). Pass a path in a writable "
                                "folder with free space.") from None
 
-def _atomic_write(path:Path, data:bytes):
-    fd, tmp = tempfile.mkstemp(prefix=f'.tmp-{path.name}.', dir=path.parent)
+@contextlib.contextmanager
+def _replacing(path:Path, prefix:str|None=None):
+    "A temporary file next to `path` to write; when the block succeeds it replaces `path` in one rename, else it is removed."
+    fd, tmp = tempfile.mkstemp(prefix=prefix or f'.tmp-{path.name}.', dir=path.parent); os.close(fd)
     try:
-        with os.fdopen(fd, 'wb') as f: f.write(data); f.flush(); os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.unlink(tmp)
 
-def _sha256(p) -> str:
-    h = hashlib.sha256()
-    with open(p, 'rb') as f:
-        for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
+def _atomic_write(path:Path, data:bytes):
+    with _replacing(path) as tmp, open(tmp, 'wb') as f: f.write(data); f.flush(); os.fsync(f.fileno())
+
+def _hash_file(path, h) -> str:
+    "Feed a file's bytes to hash object `h` in 1 MiB blocks (memory stays flat); its hex digest."
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
     return h.hexdigest()
+
+def _sha256(p) -> str: return _hash_file(p, hashlib.sha256())
 
 def _pid_alive(pid:int) -> bool:
     try: os.kill(pid, 0)
@@ -212,6 +234,7 @@ def _pid_alive(pid:int) -> bool:
     except PermissionError: return True
     return True
 
+# %% ../nbs/08_search.ipynb #116bf7a0
 class _Lock:
     "An exclusive lock file; a lock left by a dead process on this host is taken over."
     def __init__(self, path:Path, what:str): self.path, self.what = Path(path), what
@@ -234,18 +257,15 @@ class _Lock:
         raise ValueError(f"Could not take the lock {self.path}.")
     def __exit__(self, *exc): self.path.unlink(missing_ok=True)
 
+# %% ../nbs/08_search.ipynb #da45a1b5
 CKPT_FORMAT = 'influence_nb.scan'
 
 def _save_checkpoint(path:Path, state:dict, values:torch.Tensor, indices:torch.Tensor):
     "Write the top-k tensors under a new name, then the JSON that points to them (see above)."
     name = f'{path.name}.{state["n_records"]:012d}.safetensors'
     _atomic_write(path.parent/name, b'')                            # reserve the name; replaced just below
-    fd, tmp = tempfile.mkstemp(prefix=f'.tmp-{path.name}.', dir=path.parent); os.close(fd)
-    try:
+    with _replacing(path.parent/name, prefix=f'.tmp-{path.name}.') as tmp:
         save_file({'values': values.contiguous(), 'indices': indices.contiguous()}, tmp, metadata={'format': CKPT_FORMAT})
-        os.replace(tmp, path.parent/name)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
     meta = {**state, 'format': CKPT_FORMAT, 'tensors': name, 'sha256': _sha256(path.parent/name)}
     _atomic_write(path, json.dumps(meta, indent=1).encode())
     for old in path.parent.glob(f'{path.name}.*.safetensors'):
@@ -268,8 +288,12 @@ def _load_checkpoint(path:Path):
     return meta, t['values'], t['indices']
 
 # %% ../nbs/08_search.ipynb #da8139be
-def _record_text(raw, tokenizer=None, text_field='text') -> str:
-    t = _text_of(raw, text_field)
+def record_text(raw, # a corpus record as read
+                tokenizer=None, # decodes token-id records
+                text_field:str='text', # where text records keep their text
+               ) -> str:
+    "What a person reads for a record: its text, its decoded token ids, or (unreadable) a short repr."
+    t = text_of(raw, text_field)
     if isinstance(t, str): return t
     try: ids = as_sequence(raw)['input_ids'].tolist()
     except (TypeError, ValueError): return repr(raw)[:200]
@@ -277,11 +301,9 @@ def _record_text(raw, tokenizer=None, text_field='text') -> str:
 
 def file_digest(path) -> str:
     "blake2b of a file's bytes, read in blocks: what a scan result binds its corpus indices to."
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
+    return _hash_file(path, hashlib.blake2b(digest_size=16))
 
+# %% ../nbs/08_search.ipynb #5462c984
 @dataclass
 class ScanResult:
     indices: torch.Tensor          # [n_q, k] corpus indices, best first (k = min(k, n_scanned))
@@ -315,7 +337,7 @@ class ScanResult:
         if corpus is None: raise ValueError("Pass `corpus=` (the scanned corpus): this result was not scanned from a file.")
         self.check_corpus(corpus)
         want = {int(i) for i in self.indices.flatten().tolist() if i >= 0}
-        return {it.index: _record_text(it.raw, tokenizer, text_field) for it in _Stream(corpus, text_field).select(want)}
+        return {it.index: record_text(it.raw, tokenizer, text_field) for it in CorpusStream(corpus, text_field).select(want)}
 
     def check_corpus(self, corpus, # a path (checked against `source_digest`) or an in-memory collection (not checked)
                      name:str='`corpus`'):
@@ -327,65 +349,67 @@ class ScanResult:
         warnings.warn(f"{name} {Path(corpus).name} is another file than the one scanned ({self.source}); its records are "
                       "assumed to be the scanned ones, in the same order (e.g. the same corpus in another format).", stacklevel=2)
 
-    def to_frame(self, texts=None, # `{index: text}` or a list, to add a text column
-                 corpus=None, tokenizer=None, text_field:str='text', # or: read texts from the corpus (see `texts`)
-                ) -> pd.DataFrame:
-        "Long table: one row per (query, rank) with corpus index, score, nats and (when available) text."
-        n_q, k = self.indices.shape
-        df = pd.DataFrame({'query': torch.arange(n_q).repeat_interleave(k).tolist(), 'rank': list(range(1, k + 1)) * n_q,
-                           'index': self.indices.flatten().tolist(), 'score': self.scores.flatten().double().tolist()})
-        if self.n_train: df['nats'] = df['score'] / self.n_train
-        if texts is None and (corpus is not None or (self.source is not None and Path(self.source).exists())):
-            texts = self.texts(corpus, tokenizer, text_field)
-        if texts is not None: df['text'] = [texts[i] for i in df['index']]
-        return df
+# %% ../nbs/08_search.ipynb #65897a83
+@patch
+def to_frame(self: ScanResult, texts=None, # `{index: text}` or a list, to add a text column
+             corpus=None, tokenizer=None, text_field:str='text', # or: read texts from the corpus (see `texts`)
+            ) -> pd.DataFrame:
+    "Long table: one row per (query, rank) with corpus index, score, nats and (when available) text."
+    n_q, k = self.indices.shape
+    df = pd.DataFrame({'query': torch.arange(n_q).repeat_interleave(k).tolist(), 'rank': list(range(1, k + 1)) * n_q,
+                       'index': self.indices.flatten().tolist(), 'score': self.scores.flatten().double().tolist()})
+    if self.n_train: df['nats'] = df['score'] / self.n_train
+    if texts is None and (corpus is not None or (self.source is not None and Path(self.source).exists())):
+        texts = self.texts(corpus, tokenizer, text_field)
+    if texts is not None: df['text'] = [texts[i] for i in df['index']]
+    return df
 
-    def top(self, query:int=0, # which query
-            k:int|None=None, # how many (default: all kept)
-            **kw, # `texts`, `corpus`, `tokenizer`, `text_field` as in `to_frame`
-           ) -> pd.DataFrame:
-        "One query's top sequences, indexed by rank."
-        query = check_query(query, self.n_queries, 'this result'); check_k(k)
-        sub = ScanResult(self.indices[query:query + 1, :k], self.scores[query:query + 1, :k], self.n_scanned, self.n_skipped,
-                         self.n_train, self.query_rank, self.refined, self.source, self.seconds,
-                         source_digest=self.source_digest)
-        return sub.to_frame(**kw).drop(columns='query').set_index('rank')
+@patch
+def top(self: ScanResult, query:int=0, # which query
+        k:int|None=None, # how many (default: all kept)
+        **kw, # `texts`, `corpus`, `tokenizer`, `text_field` as in `to_frame`
+       ) -> pd.DataFrame:
+    "One query's top sequences, indexed by rank."
+    query = check_query(query, self.n_queries, 'this result'); check_k(k)
+    sub = ScanResult(self.indices[query:query + 1, :k], self.scores[query:query + 1, :k], self.n_scanned, self.n_skipped,
+                     self.n_train, self.query_rank, self.refined, self.source, self.seconds,
+                     source_digest=self.source_digest)
+    return sub.to_frame(**kw).drop(columns='query').set_index('rank')
 
-    def save(self, path:str|Path) -> Path:
-        "Write the result to a Parquet file atomically."
-        import pyarrow as pa, pyarrow.parquet as pq
-        path = Path(path)
-        _writable_dir(path.parent if str(path.parent) else Path('.'), '`path`')
-        meta = {'n_scanned': self.n_scanned, 'n_skipped': self.n_skipped, 'n_train': self.n_train, 'query_rank': self.query_rank,
-                'refined': self.refined, 'source': self.source, 'seconds': self.seconds, 'query_names': self.query_names,
-                'query_log_p': self.query_log_p, 'source_digest': self.source_digest,
-                'shape': list(self.indices.shape),
-                'dtype': str(self.scores.dtype).replace('torch.', '')}
-        df = pd.DataFrame({'query': torch.arange(self.n_queries).repeat_interleave(self.k).numpy(),
-                           'rank': torch.arange(1, self.k + 1).repeat(self.n_queries).numpy(),
-                           'index': self.indices.flatten().numpy(), 'score': self.scores.flatten().double().numpy()})
-        table = pa.Table.from_pandas(df, preserve_index=False)
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b'influence_nb.scan': json.dumps(meta).encode()})
-        fd, tmp = tempfile.mkstemp(prefix=f'.tmp-{path.name}.', dir=path.parent if str(path.parent) else '.'); os.close(fd)
-        try: pq.write_table(table, tmp); os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp): os.unlink(tmp)
-        return path
+# %% ../nbs/08_search.ipynb #895a764c
+@patch
+def save(self: ScanResult, path:str|Path) -> Path:
+    "Write the result to a Parquet file atomically."
+    import pyarrow as pa, pyarrow.parquet as pq
+    path = Path(path)
+    _writable_dir(path.parent if str(path.parent) else Path('.'), '`path`')
+    meta = {'n_scanned': self.n_scanned, 'n_skipped': self.n_skipped, 'n_train': self.n_train, 'query_rank': self.query_rank,
+            'refined': self.refined, 'source': self.source, 'seconds': self.seconds, 'query_names': self.query_names,
+            'query_log_p': self.query_log_p, 'source_digest': self.source_digest,
+            'shape': list(self.indices.shape),
+            'dtype': str(self.scores.dtype).replace('torch.', '')}
+    df = pd.DataFrame({'query': torch.arange(self.n_queries).repeat_interleave(self.k).numpy(),
+                       'rank': torch.arange(1, self.k + 1).repeat(self.n_queries).numpy(),
+                       'index': self.indices.flatten().numpy(), 'score': self.scores.flatten().double().numpy()})
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b'influence_nb.scan': json.dumps(meta).encode()})
+    with _replacing(path) as tmp: pq.write_table(table, tmp)
+    return path
 
-    @classmethod
-    def load(cls, path:str|Path) -> 'ScanResult':
-        "Read a result written by `save`."
-        import pyarrow.parquet as pq
-        path = Path(path)
-        if not path.is_file(): raise FileNotFoundError(f"No scan result at {path}.")
-        try: t = pq.read_table(path)
-        except Exception as e: raise ValueError(f"Could not read {path} as Parquet ({e}).") from None
-        raw = (t.schema.metadata or {}).get(b'influence_nb.scan')
-        if raw is None: raise ValueError(f"{path} is not a scan result (no influence_nb.scan metadata); was it written by `ScanResult.save`?")
-        meta = json.loads(raw); n_q, k = meta.pop('shape')
-        df = t.to_pandas().sort_values(['query', 'rank'])
-        dt = getattr(torch, meta.pop('dtype'))
-        return cls(torch.tensor(df['index'].to_numpy()).reshape(n_q, k), torch.tensor(df['score'].to_numpy()).to(dt).reshape(n_q, k), **meta)
+@patch(cls_method=True)
+def load(cls: ScanResult, path:str|Path) -> ScanResult:
+    "Read a result written by `save`."
+    import pyarrow.parquet as pq
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"No scan result at {path}.")
+    try: t = pq.read_table(path)
+    except Exception as e: raise ValueError(f"Could not read {path} as Parquet ({e}).") from None
+    raw = (t.schema.metadata or {}).get(b'influence_nb.scan')
+    if raw is None: raise ValueError(f"{path} is not a scan result (no influence_nb.scan metadata); was it written by `ScanResult.save`?")
+    meta = json.loads(raw); n_q, k = meta.pop('shape')
+    df = t.to_pandas().sort_values(['query', 'rank'])
+    dt = getattr(torch, meta.pop('dtype'))
+    return cls(torch.tensor(df['index'].to_numpy()).reshape(n_q, k), torch.tensor(df['score'].to_numpy()).to(dt).reshape(n_q, k), **meta)
 
 # %% ../nbs/08_search.ipynb #60a700ff
 def _digest(*parts) -> str:
@@ -412,6 +436,7 @@ def _config(factors, qs, stream, tokenizer, **args) -> dict:
                                factors.info.get('solver'), *ft, *fit),
             'tokenizer': _tokenizer_digest(tokenizer), 'source': stream.kind, **args}
 
+# %% ../nbs/08_search.ipynb #bbfa5e2f
 def _check_paths(ckpt:Path|None, spath:Path|None):
     "Refuse a `checkpoint` that is a directory or that would collide with the files of the `scores_path` directory."
     if ckpt is not None and spath is not None and ckpt.resolve() == spath.resolve():
@@ -429,6 +454,7 @@ def _ckpt_file(p:Path, ckpt:Path|None) -> bool:
     if ckpt is None or p.parent.resolve() != ckpt.parent.resolve(): return False
     return p.name in (ckpt.name, f'{ckpt.name}.lock') or (p.name.startswith(f'{ckpt.name}.') and p.name.endswith('.safetensors'))
 
+# %% ../nbs/08_search.ipynb #3db534e5
 def _scores_dir(path:Path, cfg_digest:str, state:dict, resuming:bool, ckpt:Path|None=None):
     "Prepare the Parquet scores directory: new or empty, or the one this very scan (`resuming` from a checkpoint) wrote."
     path.mkdir(parents=True, exist_ok=True)
@@ -455,13 +481,11 @@ def _scores_dir(path:Path, cfg_digest:str, state:dict, resuming:bool, ckpt:Path|
     for p in parts:
         if int(p.stem.split('-')[1]) >= n: p.unlink()            # written after the last checkpoint: will be rewritten
 
+# %% ../nbs/08_search.ipynb #4f46c93e
 def _write_part(path:Path, chunk_no:int, index:list[int], scores:torch.Tensor):
     df = pd.DataFrame(scores.T.numpy(), columns=[f'q{j}' for j in range(scores.shape[0])])
     df.insert(0, 'index', pd.array(index, dtype='int64'))
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-part.', dir=path); os.close(fd)
-    try: df.to_parquet(tmp, index=False); os.replace(tmp, path/f'part-{chunk_no:06d}.parquet')
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
+    with _replacing(path/f'part-{chunk_no:06d}.parquet', prefix='.tmp-part.') as tmp: df.to_parquet(tmp, index=False)
 
 def read_scores(path:str|Path, # a `scores_path` directory written by `scan`
                ) -> pd.DataFrame:
@@ -470,11 +494,99 @@ def read_scores(path:str|Path, # a `scores_path` directory written by `scan`
     if not parts: raise FileNotFoundError(f"No part-*.parquet files in {path}: is it a `scores_path` of `scan`?")
     return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True).set_index('index')
 
-# %% ../nbs/08_search.ipynb #f8fcd55d
-def _check_int(v, name, lo=1):
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"`{name}` must be an integer ≥ {lo}, got {v!r}.")
+# %% ../nbs/08_search.ipynb #42663346
+def _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record):
+    "Refuse bad settings of `scan` before any work is done; each error names the argument."
+    check_damping(damping); _check_rank(query_rank)
+    for v, n in ((k, 'k'), (batch_size, 'batch_size'), (chunk_size, 'chunk_size'), (checkpoint_every, 'checkpoint_every')): check_int(v, n)
+    if on_bad_record not in ('raise', 'skip'): raise ValueError(f"`on_bad_record` must be 'raise' or 'skip', got {on_bad_record!r}.")
 
+def _scan_max_length(model, max_length) -> tuple[int|None, int|None]:
+    "`(context, max_length)`: texts are cut to `max_length` tokens, by default the model's context, never beyond it."
+    ctx = model_context(model)
+    check_max_length(max_length)
+    if max_length is not None and ctx is not None and max_length > ctx:
+        raise ValueError(f"`max_length`={max_length} exceeds the model's context {ctx}: every longer text would be refused. "
+                         f"Pass at most {ctx}, or None (the model's context).")
+    return ctx, ctx if max_length is None else max_length
+
+# %% ../nbs/08_search.ipynb #b5bf7bdd
+def _take_files(files:contextlib.ExitStack, ckpt:Path|None, spath:Path|None):
+    "Rank 0 proves the checkpoint and scores folders writable and locks them for the duration of `files`."
+    if ckpt is not None:
+        _writable_dir(ckpt.parent, '`checkpoint`')
+        files.enter_context(_Lock(ckpt.parent/f'{ckpt.name}.lock', f"checkpoint {ckpt}"))
+        for t in ckpt.parent.glob(f'.tmp-{ckpt.name}.*'): t.unlink(missing_ok=True)
+    if spath is not None:
+        _writable_dir(spath, '`scores_path`'); files.enter_context(_Lock(spath/'.lock', f"scores directory {spath}"))
+
+def _start_state(ckpt:Path|None, spath:Path|None, fp:str, cfg:dict, n_q:int, k:int, dtype) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    "`(state, values, indices)`: from the checkpoint when there is one of this very scan, else a fresh start."
+    loaded = _load_checkpoint(ckpt) if ckpt is not None else None
+    if loaded is None:
+        state = {'fingerprint': fp, 'config': cfg, 'scores_path': str(spath.resolve()) if spath else None, 'n_records': 0,
+                 'n_scanned': 0, 'n_skipped': 0, 'n_chunks': 0, 'offset': 0, 'line': 0, 'last': None}
+        return (state, *_empty_topk(n_q, k, dtype))
+    state = loaded[0]
+    if state.get('fingerprint') != fp:
+        diff = [f"{key}: checkpoint {state.get('config', {}).get(key)!r}, now {cfg[key]!r}" for key in cfg
+                if state.get('config', {}).get(key) != cfg[key]] or ['(unknown fields)']
+        raise ValueError(f"Checkpoint {ckpt} belongs to a different scan — " + '; '.join(diff) +
+                         f". Resume with the same queries, factors and arguments, or pass a new `checkpoint` path.")
+    return loaded
+
+def _resume_items(stream:CorpusStream, state:dict, convert, ckpt:Path|None) -> Iterator[_Item]:
+    "The records after the checkpoint; the last checkpointed chunk is read again to prove the corpus is the scanned one."
+    last = state['last']
+    items = stream.items(*((last['start'], last['offset'] or 0, last['line'] or 0) if last else (0, 0, 0)))
+    if last:
+        chunk = list(itertools.islice(items, last['n']))
+        if len(chunk) != last['n'] or _digest_chunk(chunk, convert(chunk)[0]) != last['digest']:
+            raise ValueError(f"The corpus differs from the one checkpoint {ckpt} was written for (records "
+                             f"{last['start']}–{last['start'] + last['n'] - 1} changed). Resume with the same corpus in the "
+                             "same order, or delete the checkpoint to start over.")
+    return items
+
+# %% ../nbs/08_search.ipynb #bf3d089f
+def _progress(stream:CorpusStream, state:dict, progress:bool, rank:int):
+    "A tqdm bar over bytes for a file read line by line, else over records; it starts where a resumed scan is."
+    by_bytes = stream.kind in ('jsonl', 'text')
+    return tqdm(total=stream.total, initial=state['offset'] if by_bytes else state['n_records'], desc='scan',
+                unit='B' if by_bytes else 'seq', unit_scale=by_bytes, disable=not progress or rank != 0)
+
+def _advance(state:dict, chunk:list[_Item], seqs:list, n_scored:int, n_bad:int):
+    "Record in `state` that `chunk` (converted to `seqs`) was scanned: counts, file position, and the chunk's digest."
+    state['last'] = {'start': chunk[0].index, 'n': len(chunk), 'offset': state['offset'], 'line': state['line'],
+                     'digest': _digest_chunk(chunk, seqs)}
+    state.update(n_records=chunk[-1].index + 1, n_scanned=state['n_scanned'] + n_scored, n_chunks=state['n_chunks'] + 1,
+                 n_skipped=state['n_skipped'] + n_bad, offset=chunk[-1].offset or 0, line=chunk[-1].line or 0)
+
+def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict, top:tuple, convert, *, k:int,
+                 chunk_size:int, batch_size:int, dtype, spath:Path|None, ckpt:Path|None, checkpoint_every:int, rank:int,
+                 progress:bool) -> tuple:
+    "Score `items` (read from `stream`) chunk by chunk into the running top-k `top = (values, indices)`; write parts and checkpoints."
+    vals, inds = top
+    bar, by_bytes = _progress(stream, state, progress, rank), stream.kind in ('jsonl', 'text')
+    saved_at = state['n_records']
+    while chunk := list(itertools.islice(items, chunk_size)):
+        seqs, n_bad = convert(chunk)
+        keep = [j for j, s in enumerate(seqs) if s is not None]
+        index = [chunk[j].index for j in keep]
+        if keep:
+            sc = _score_chunk(model, layers, pq, [seqs[j] for j in keep], batch_size, dtype)     # [n_q, len(keep)]
+            vals, inds = merge_topk(vals, inds, sc, torch.tensor(index), k)
+        else: sc = torch.zeros(vals.shape[0], 0, dtype=dtype)
+        if rank == 0 and spath is not None: _write_part(spath, state['n_chunks'], index, sc)
+        _advance(state, chunk, seqs, len(keep), n_bad)
+        bar.update((state['offset'] - state['last']['offset']) if by_bytes else len(chunk))
+        bar.set_postfix(seqs=f"{state['n_scanned']:,}", refresh=False)
+        if rank == 0 and ckpt is not None and state['n_records'] - saved_at >= checkpoint_every:
+            _save_checkpoint(ckpt, state, vals, inds); saved_at = state['n_records']
+    bar.close()
+    if rank == 0 and ckpt is not None and saved_at != state['n_records']: _save_checkpoint(ckpt, state, vals, inds)
+    return vals, inds
+
+# %% ../nbs/08_search.ipynb #26099be4
 @grad_enabled
 def scan(model, # the model the factors were fitted on
          factors:Factors, # from `fit_factors` / `Factors.load`
@@ -497,88 +609,31 @@ def scan(model, # the model the factors were fitted on
         ) -> ScanResult:
     "Scan `corpus` for each query's `k` most influential sequences, in constant memory, resumable."
     t0 = time.time()
-    check_damping(damping); _check_rank(query_rank)
-    for v, n in ((k, 'k'), (batch_size, 'batch_size'), (chunk_size, 'chunk_size'), (checkpoint_every, 'checkpoint_every')): _check_int(v, n)
-    if on_bad_record not in ('raise', 'skip'): raise ValueError(f"`on_bad_record` must be 'raise' or 'skip', got {on_bad_record!r}.")
+    _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record)
     layers = _prepare(model, factors)
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries')
-    stream = _Stream(corpus, text_field)
+    stream = CorpusStream(corpus, text_field)
     if refine and query_rank is not None and stream.one_shot:
         raise ValueError("`refine=True` reads the candidates a second time, which a one-shot iterator cannot do: pass a list, "
                          "a Dataset or a file path as `corpus`, or refine=False.")
-    ctx = model_context(model)
-    check_max_length(max_length)
-    if max_length is not None and ctx is not None and max_length > ctx:
-        raise ValueError(f"`max_length`={max_length} exceeds the model's context {ctx}: every longer text would be refused. "
-                         f"Pass at most {ctx}, or None (the model's context).")
-    max_length = ctx if max_length is None else max_length
+    ctx, max_length = _scan_max_length(model, max_length)
     cfg = _config(factors, qs, stream, tokenizer, k=k, query_rank=query_rank, damping=damping, batch_size=batch_size,
                   chunk_size=chunk_size, max_length=max_length, text_field=text_field, on_bad_record=on_bad_record,
                   scores=scores_path is not None)
-    fp = _digest(json.dumps(cfg, sort_keys=True))
-    rank, world = dist_info()
+    fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), next(model.parameters()).dtype
     convert = lambda items: _convert(items, tokenizer, model_vocab(model), ctx, max_length, text_field, on_bad_record == 'skip')
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    spath = Path(scores_path) if scores_path is not None else None
+    ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path))
     _check_paths(ckpt, spath)
-    with contextlib.ExitStack() as locks:
-        if rank == 0 and ckpt is not None:
-            _writable_dir(ckpt.parent, '`checkpoint`')
-            locks.enter_context(_Lock(ckpt.parent/f'{ckpt.name}.lock', f"checkpoint {ckpt}"))
-            for t in ckpt.parent.glob(f'.tmp-{ckpt.name}.*'): t.unlink(missing_ok=True)
-        if rank == 0 and spath is not None:
-            _writable_dir(spath, '`scores_path`'); locks.enter_context(_Lock(spath/'.lock', f"scores directory {spath}"))
-        loaded = _load_checkpoint(ckpt) if ckpt is not None else None
-        dtype = next(model.parameters()).dtype
-        if loaded is not None:
-            state, vals, inds = loaded
-            if state.get('fingerprint') != fp:
-                diff = [f"{key}: checkpoint {state.get('config', {}).get(key)!r}, now {cfg[key]!r}" for key in cfg
-                        if state.get('config', {}).get(key) != cfg[key]] or ['(unknown fields)']
-                raise ValueError(f"Checkpoint {ckpt} belongs to a different scan — " + '; '.join(diff) +
-                                 f". Resume with the same queries, factors and arguments, or pass a new `checkpoint` path.")
-        else:
-            state = {'fingerprint': fp, 'config': cfg, 'scores_path': str(spath.resolve()) if spath else None, 'n_records': 0, 'n_scanned': 0, 'n_skipped': 0, 'n_chunks': 0,
-                     'offset': 0, 'line': 0, 'last': None}
-            vals, inds = _empty_topk(len(qs), k, dtype)
+    with contextlib.ExitStack() as files:
+        if rank == 0: _take_files(files, ckpt, spath)
+        state, *top = _start_state(ckpt, spath, fp, cfg, len(qs), k, dtype)
         # with a checkpoint, parts of this very scan are reused up to it — none if it was stopped before its first
         if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt)
-
         pq = precondition_queries(factors, query_gradients(model, layers, qs, batch_size), damping, query_rank, model)
-        last = state['last']
-        items = stream.items(*((last['start'], last['offset'] or 0, last['line'] or 0) if last else (0, 0, 0)))
-        if last:   # re-read the last chunk of the checkpoint: the corpus must be the one that was scanned
-            chunk = list(itertools.islice(items, last['n']))
-            if len(chunk) != last['n'] or _digest_chunk(chunk, convert(chunk)[0]) != last['digest']:
-                raise ValueError(f"The corpus differs from the one checkpoint {ckpt} was written for (records "
-                                 f"{last['start']}–{last['start'] + last['n'] - 1} changed). Resume with the same corpus in the "
-                                 "same order, or delete the checkpoint to start over.")
-        file_bar = stream.kind in ('jsonl', 'text')
-        bar = tqdm(total=stream.total, initial=state['offset'] if file_bar else state['n_records'], desc='scan',
-                   unit='B' if file_bar else 'seq', unit_scale=file_bar, disable=not progress or rank != 0)
-        saved_at = state['n_records']
-        while True:
-            chunk = list(itertools.islice(items, chunk_size))
-            if not chunk: break
-            seqs, n_bad = convert(chunk)
-            keep = [j for j, s in enumerate(seqs) if s is not None]
-            index = [chunk[j].index for j in keep]
-            if keep:
-                sc = _score_chunk(model, layers, pq, [seqs[j] for j in keep], batch_size, dtype)     # [n_q, len(keep)]
-                vals, inds = merge_topk(vals, inds, sc, torch.tensor(index), k)
-            else: sc = torch.zeros(len(qs), 0, dtype=dtype)
-            if rank == 0 and spath is not None: _write_part(spath, state['n_chunks'], index, sc)
-            state['last'] = {'start': chunk[0].index, 'n': len(chunk), 'offset': state['offset'], 'line': state['line'],
-                             'digest': _digest_chunk(chunk, seqs)}
-            state.update(n_records=chunk[-1].index + 1, n_scanned=state['n_scanned'] + len(keep), n_chunks=state['n_chunks'] + 1,
-                         n_skipped=state['n_skipped'] + n_bad, offset=chunk[-1].offset or 0, line=chunk[-1].line or 0)
-            bar.update((state['offset'] - state['last']['offset']) if file_bar else len(chunk))
-            bar.set_postfix(seqs=f"{state['n_scanned']:,}", refresh=False)
-            if rank == 0 and ckpt is not None and state['n_records'] - saved_at >= checkpoint_every:
-                _save_checkpoint(ckpt, state, vals, inds); saved_at = state['n_records']
-        bar.close()
-        if rank == 0 and ckpt is not None and saved_at != state['n_records']:
-            _save_checkpoint(ckpt, state, vals, inds)
+        items = _resume_items(stream, state, convert, ckpt)
+        vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, convert, k=k, chunk_size=chunk_size,
+                                  batch_size=batch_size, dtype=dtype, spath=spath, ckpt=ckpt,
+                                  checkpoint_every=checkpoint_every, rank=rank, progress=progress)
     if state['n_scanned'] == 0:
         raise ValueError("`corpus` is empty: no sequence was scanned" + (f" ({state['n_skipped']} bad records skipped)." if state['n_skipped'] else "."))
     kk = min(k, state['n_scanned'])
@@ -589,6 +644,7 @@ def scan(model, # the model the factors were fitted on
                       str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - t0, 3),
                       source_digest=file_digest(stream.path) if stream.path is not None else None)
 
+# %% ../nbs/08_search.ipynb #9e8c4c89
 def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype):
     "Full-rank scores of each query's candidates `inds` `[n_q, k]`, re-sorted: `(scores, indices)`."
     pq = precondition_queries(factors, query_gradients(model, layers, qs, batch_size), damping, None, model)

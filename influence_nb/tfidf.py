@@ -9,7 +9,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from sklearn.feature_extraction.text import TfidfTransformer
-from .data import as_sequences
+from fastcore.basics import patch
+from .data import as_sequences, check_int
 
 # %% auto #0
 __all__ = ['TokenIndex', 'bm25_scores', 'top_candidates']
@@ -88,10 +89,15 @@ class TokenIndex:
         self.weights = (tf @ sp.diags(self.idf)).tocsr()                # [n_docs, V]  W_dt = sat * IDF
         self._tfidf = None
 
-    def _query_matrix(self, queries, binary: bool) -> sp.csr_matrix:
+    def _query_tokens(self, queries) -> tuple[np.ndarray, np.ndarray]:
+        "Flat token ids and lengths of `queries` (as `_flat_tokens`); a query left with no token is refused."
         ids, lens = _flat_tokens(queries, 'queries', self.ignore_ids)
         if (lens == 0).any():
             raise ValueError(f"`queries[{int(np.argmax(lens == 0))}]` has no tokens left after dropping padding and `ignore_ids`.")
+        return ids, lens
+
+    def _query_matrix(self, queries, binary: bool) -> sp.csr_matrix:
+        ids, lens = self._query_tokens(queries)
         seen = ids < self.n_vocab                                        # tokens absent from the corpus are dropped:
         seen[seen] = self.df[ids[seen]] > 0                              # they score 0 in BM25 and, as in sklearn,
         lens = np.add.reduceat(seen, np.concatenate([[0], np.cumsum(lens)[:-1]])).astype(np.int64)   # are not terms
@@ -103,37 +109,39 @@ class TokenIndex:
             self._tfidf = (tr, tr.fit_transform(self.counts).tocsr())
         return self._tfidf
 
-    def scores(self, queries, method: str = 'bm25') -> torch.Tensor:
-        "Scores of every query against every document, [n_queries, n_docs] float64."
-        return torch.from_numpy(self._scores(queries, method))
-
-    def _scores(self, queries, method: str) -> np.ndarray:
-        if method not in _METHODS: raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
-        if method == 'bm25':
-            Q = self._query_matrix(queries, binary=True)                # [n_q, V] distinct query tokens
-            return np.asarray((Q @ self.weights.T).todense(), dtype=np.float64)
-        tr, D = self._tfidf_parts()
-        Q = tr.transform(self._query_matrix(queries, binary=False))     # [n_q, V] l2-normalised tf-idf
-        return np.asarray((Q @ D.T).todense(), dtype=np.float64)         # cosine similarity
-
-    def top(self, queries, k: int, method: str = 'bm25', chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        "Top-`k` documents per query: (indices [n_q, k] int64, scores [n_q, k] float64), descending, ties -> lower index."
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"`k` must be a positive integer, got {k!r}.")
-        if k > self.n_docs:
-            warnings.warn(f"k={k} exceeds the corpus size {self.n_docs}; returning all {self.n_docs} documents.")
-            k = self.n_docs
-        ids, lens = _flat_tokens(queries, 'queries', self.ignore_ids)   # validate once, then score in chunks
-        if (lens == 0).any():
-            raise ValueError(f"`queries[{int(np.argmax(lens == 0))}]` has no tokens left after dropping padding and `ignore_ids`.")
-        seqs = [t.tolist() for t in np.split(ids, np.cumsum(lens)[:-1])]
-        idx, val = [], []
-        for lo in range(0, len(seqs), chunk):
-            i, v = _topk(self._scores(seqs[lo:lo + chunk], method), int(k))
-            idx.append(i); val.append(v)
-        return torch.from_numpy(np.concatenate(idx)), torch.from_numpy(np.concatenate(val))
-
     def __repr__(self): return f"TokenIndex(n_docs={self.n_docs}, n_vocab={self.n_vocab}, k1={self.k1}, exists={self.exists})"
+
+# %% ../nbs/07_tfidf.ipynb #3a1b1c64
+@patch
+def scores(self: TokenIndex, queries, method: str = 'bm25') -> torch.Tensor:
+    "Scores of every query against every document, [n_queries, n_docs] float64."
+    return torch.from_numpy(self._scores(queries, method))
+
+@patch
+def _scores(self: TokenIndex, queries, method: str) -> np.ndarray:
+    if method not in _METHODS: raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
+    if method == 'bm25':
+        Q = self._query_matrix(queries, binary=True)                # [n_q, V] distinct query tokens
+        return np.asarray((Q @ self.weights.T).todense(), dtype=np.float64)
+    tr, D = self._tfidf_parts()
+    Q = tr.transform(self._query_matrix(queries, binary=False))     # [n_q, V] l2-normalised tf-idf
+    return np.asarray((Q @ D.T).todense(), dtype=np.float64)         # cosine similarity
+
+# %% ../nbs/07_tfidf.ipynb #af94c148
+@patch
+def top(self: TokenIndex, queries, k: int, method: str = 'bm25', chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    "Top-`k` documents per query: (indices [n_q, k] int64, scores [n_q, k] float64), descending, ties -> lower index."
+    k = check_int(k, 'k')
+    if k > self.n_docs:
+        warnings.warn(f"k={k} exceeds the corpus size {self.n_docs}; returning all {self.n_docs} documents.")
+        k = self.n_docs
+    ids, lens = self._query_tokens(queries)                         # validate once, then score in chunks
+    seqs = [t.tolist() for t in np.split(ids, np.cumsum(lens)[:-1])]
+    idx, val = [], []
+    for lo in range(0, len(seqs), chunk):
+        i, v = _topk(self._scores(seqs[lo:lo + chunk], method), int(k))
+        idx.append(i); val.append(v)
+    return torch.from_numpy(np.concatenate(idx)), torch.from_numpy(np.concatenate(val))
 
 # %% ../nbs/07_tfidf.ipynb #c738edab
 def bm25_scores(queries,            # sequences, lists of token ids or a [n_q, T] tensor (all input_ids are used)

@@ -13,8 +13,9 @@ from fastcore.imports import IN_NOTEBOOK
 
 # %% auto #0
 __all__ = ['SIZES', 'VOCAB_SIZE', 'CONTEXT', 'BOS_ID', 'PAD_ID', 'RECIPES', 'model_config', 'n_params', 'encode_records',
-           'length_batches', 'collate_ids', 'lm_loss', 'evaluate_loss', 'train_model', 'fact_recall', 'recall_metrics',
-           'save_checkpoint', 'load_model', 'load_tokenizer', 'train_and_save', 'main']
+           'length_batches', 'collate_ids', 'lm_loss', 'evaluate_loss', 'lr_schedule', 'adamw', 'train_step',
+           'train_model', 'fact_recall', 'recall_metrics', 'save_checkpoint', 'load_model', 'load_tokenizer',
+           'train_and_save', 'main']
 
 # %% ../nbs/12_train.ipynb #b7953967
 SIZES = {'gpt2-s': dict(n_embd=64, n_layer=2, n_head=2),    # ~0.24 M parameters
@@ -106,6 +107,45 @@ def evaluate_loss(model, ids_list:list, # a model and token-id lists
     model.train()
     return tot / n
 
+# %% ../nbs/12_train.ipynb #1771468d
+def lr_schedule(total:int, # optimizer steps in the run
+                warmup:float, # fraction of them with linear warm-up
+               ):
+    "Multiplier of the peak learning rate at step `s` (0-based): linear warm-up, then cosine decay to 10 %."
+    n_warm = max(1, int(warmup * total))
+    def factor(s:int) -> float:
+        if s < n_warm: return (s + 1) / n_warm
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - n_warm) / max(1, total - n_warm)))
+    return factor
+
+def adamw(model, lr:float, weight_decay:float) -> torch.optim.AdamW:
+    "AdamW (β = 0.9, 0.95) with weight decay on the weight matrices only: biases and layer norms (1-D) are not decayed."
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.)],
+                             lr=lr, betas=(0.9, 0.95))
+
+def train_step(model, opt, batch:list, lr_now:float, bf16:bool, grad_clip:float) -> tuple[float, int]:
+    "One optimizer step on `batch` (lists of token ids) at learning rate `lr_now`: `(mean token loss, tokens)`."
+    ids, mask, labels = collate_ids(batch)
+    for g in opt.param_groups: g['lr'] = lr_now
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = lm_loss(model, ids, mask, labels)
+    opt.zero_grad(set_to_none=True); loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip); opt.step()
+    return loss.item(), int(mask.sum())
+
+def _new_history(cfg, model, **recipe) -> dict:
+    "The training log: loss, learning rate and tokens every `log_every` steps, an entry per epoch, config and recipe."
+    return dict(step=[], train_loss=[], lr=[], tokens=[], epochs=[], config=cfg.to_dict(), n_params=n_params(model),
+                recipe=dict(**recipe, loss='mean next-token cross-entropy per batch'))
+
+def _epoch_entry(model, tokenizer, val_ids:list, eval_queries:list|None, **counts) -> dict:
+    "The log entry at the end of an epoch: `counts`, the validation loss and (with `eval_queries`) greedy recall."
+    entry = dict(**counts, val_loss=evaluate_loss(model, val_ids) if val_ids else None)
+    if eval_queries: entry['recall'] = float(fact_recall(model, tokenizer, eval_queries, progress=False)['correct'].mean())
+    return entry
+
 # %% ../nbs/12_train.ipynb #9bf5a3c3
 def train_model(size, # a size name ('gpt2-l' or 'l') or a GPT2Config
                 train_records:list, # training records (dicts with 'text') or strings; one record = one sequence
@@ -136,41 +176,29 @@ def train_model(size, # a size name ('gpt2-l' or 'l') or a GPT2Config
     val_ids = encode_records(val_records, tokenizer, cfg.n_positions, 'val_records') if len(val_records) else []
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(cfg); model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.)],
-                            lr=lr, betas=(0.9, 0.95))
+    opt = adamw(model, lr, weight_decay)
     lengths = [len(x) for x in train_ids]
     steps_per_epoch = math.ceil(len(train_ids) / batch_size)
     total = math.ceil(epochs * steps_per_epoch)
     if max_steps: total = min(total, max_steps)
-    n_warm = max(1, int(warmup * total))
-    sched = lambda s: (s + 1) / n_warm if s < n_warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - n_warm) / max(1, total - n_warm)))
-    hist = dict(step=[], train_loss=[], lr=[], tokens=[], epochs=[], config=cfg.to_dict(), n_params=n_params(model),
-                recipe=dict(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, warmup=warmup,
-                            weight_decay=weight_decay, grad_clip=grad_clip, bf16=bf16,
-                            loss='mean next-token cross-entropy per batch'))
+    sched = lr_schedule(total, warmup)
+    hist = _new_history(cfg, model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, warmup=warmup,
+                        weight_decay=weight_decay, grad_clip=grad_clip, bf16=bf16)
     step, tokens, t0, run, run_n = 0, 0, time.time(), 0., 0
     bar = tqdm(total=total, disable=not progress, desc=f'train {getattr(cfg, "name_or_path", "") or "gpt2"}')
     epoch = 0
     while step < total:
         for b in length_batches(lengths, batch_size, seed=seed * 1000 + epoch):
             if step >= total: break
-            ids, mask, labels = collate_ids([train_ids[i] for i in b])
-            for g in opt.param_groups: g['lr'] = lr * sched(step)
-            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = lm_loss(model, ids, mask, labels)
-            opt.zero_grad(set_to_none=True); loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip); opt.step()
-            step += 1; tokens += int(mask.sum()); run += loss.item(); run_n += 1
+            loss, n_tokens = train_step(model, opt, [train_ids[i] for i in b], lr * sched(step), bf16, grad_clip)
+            step += 1; tokens += n_tokens; run += loss; run_n += 1
             if step % log_every == 0 or step == total:
                 hist['step'].append(step); hist['train_loss'].append(run / run_n); hist['lr'].append(lr * sched(step - 1))
                 hist['tokens'].append(tokens); bar.set_postfix(loss=f'{run / run_n:.3f}'); run, run_n = 0., 0
             bar.update(1)
         epoch += 1
-        entry = dict(epoch=epoch, step=step, tokens=tokens, wall_s=round(time.time() - t0, 1),
-                     val_loss=evaluate_loss(model, val_ids) if val_ids else None)
-        if eval_queries: entry['recall'] = float(fact_recall(model, tokenizer, eval_queries, progress=False)['correct'].mean())
+        entry = _epoch_entry(model, tokenizer, val_ids, eval_queries, epoch=epoch, step=step, tokens=tokens,
+                             wall_s=round(time.time() - t0, 1))
         hist['epochs'].append(entry)
         if progress: print(json.dumps(entry), flush=True)
     bar.close()
@@ -221,12 +249,12 @@ def fact_recall(model, # a causal LM
         tok_lp = -F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction='none')
         for r, i in enumerate(idx): lp[i] = float(tok_lp[r].sum())
     rows = []
-    for q, p, c, g, l in zip(queries, P, C, pred, lp):
+    for q, p, c, g, logp in zip(queries, P, C, pred, lp):
         rows.append(dict(id=q.get('id'), kind=q.get('kind'), lang=q.get('lang'), fact_id=q.get('fact_id'),
                          relation=q.get('relation'), order_condition=_order_condition(q),
                          in_training_lang=q.get('lang') in (q.get('langs_in_training') or []),
                          passage_count=q.get('passage_count'), completion=q['completion'],
-                         prediction=tokenizer.decode(g), correct=g == c, completion_logprob=l))
+                         prediction=tokenizer.decode(g), correct=g == c, completion_logprob=logp))
     return pd.DataFrame(rows)
 
 # %% ../nbs/12_train.ipynb #b93febd0
@@ -240,10 +268,10 @@ def recall_metrics(df) -> dict:
     m['en_trained_all'] = dict(recall=float(en.correct.mean()), n=len(en))
     m['by_order'] = {o: dict(recall=float(g.correct.mean()), n=len(g)) for o, g in
                      f[((f.lang == 'en') & f.in_training_lang) | (f.kind == 'heldout')].groupby('order_condition')}
-    m['by_lang'] = {l: dict(recall=float(g.correct.mean()), n=len(g)) for l, g in
+    m['by_lang'] = {lang: dict(recall=float(g.correct.mean()), n=len(g)) for lang, g in
                     f[f.in_training_lang & (f.order_condition != 'reverse')].groupby('lang')}
     x = f[(~f.in_training_lang) & (f.kind == 'fact') & (f.order_condition != 'reverse')]
-    m['crosslingual'] = {l: dict(recall=float(g.correct.mean()), n=len(g)) for l, g in x.groupby('lang')}
+    m['crosslingual'] = {lang: dict(recall=float(g.correct.mean()), n=len(g)) for lang, g in x.groupby('lang')}
     m['all_fact_queries'] = dict(recall=float(f[f.kind == 'fact'].correct.mean()), n=int((f.kind == 'fact').sum()))
     p = df[df.kind == 'passage']
     m['passages'] = {str(int(c)): bool(ok) for c, ok in zip(p.passage_count, p.correct)}

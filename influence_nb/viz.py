@@ -16,6 +16,8 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from .data import check_int
+
 # %% auto #0
 __all__ = ['POS_RGB', 'NEG_RGB', 'NAN_RGB', 'decode_tokens', 'influence_rgb', 'token_heatmap_html', 'show_tokens',
            'token_heatmap_ansi', 'l2_l1_ratio', 'is_spurious', 'layer_shares', 'layer_heatmap', 'layer_bars',
@@ -234,6 +236,43 @@ def _block_of(name: str) -> int:
                          "(expected e.g. 'transformer.h.3.mlp.c_fc').")
     return int(m.group(1))
 
+# %% ../nbs/09_viz.ipynb #1f8b9af4
+def _stack_layers(per_layer: Mapping, top_k: int | None) -> np.ndarray:
+    "`[n_q, n_layers]` from a dict name -> `[n_q]` or `[n_q, n_train]` (summed over each query's `top_k` sequences)."
+    if not per_layer: raise ValueError("`per_layer` is empty; it needs at least one layer.")
+    arrs = [_to_numpy(a, f"per_layer[{k!r}]") for k, a in per_layer.items()]
+    shapes = {a.shape for a in arrs}
+    if len(shapes) != 1: raise ValueError(f"all layers in `per_layer` must have one shape, got {sorted(shapes)}.")
+    stacked = np.stack(arrs, -1)                                     # [n_q, (n_train,) n_layers]
+    if stacked.ndim == 2:
+        if top_k is not None: raise ValueError("`top_k` needs [n_q, n_train] arrays per layer; these are already summed [n_q].")
+        return stacked
+    if stacked.ndim != 3:
+        raise ValueError(f"each layer in `per_layer` must be [n_q] or [n_q, n_train], got shape {arrs[0].shape}.")
+    if top_k is not None:
+        if not (isinstance(top_k, int) and 0 < top_k <= stacked.shape[1]):
+            raise ValueError(f"`top_k` must be an int in [1, n_train={stacked.shape[1]}], got {top_k!r}.")
+        order = np.argsort(-stacked.sum(-1), axis=1, kind="stable")[:, :top_k]   # [n_q, top_k]
+        stacked = np.take_along_axis(stacked, order[:, :, None], axis=1)
+    return stacked.sum(1)                                            # [n_q, n_layers]
+
+def _layer_matrix(per_layer, top_k: int | None) -> tuple[list[str], np.ndarray, list[str] | None]:
+    "`(layer names, [n_q, n_layers] matrix, query labels or None)` from any form `layer_shares` accepts."
+    if hasattr(per_layer, "per_layer") and not isinstance(per_layer, (Mapping, pd.DataFrame)):
+        if per_layer.per_layer is None:
+            raise ValueError("`per_layer` is a scores object without per-layer scores; compute them with per_layer=True.")
+        per_layer = per_layer.per_layer
+    if isinstance(per_layer, pd.DataFrame):
+        if top_k is not None: raise ValueError("`top_k` needs [n_q, n_train] arrays per layer, not a DataFrame of totals.")
+        return [str(c) for c in per_layer.columns], _to_numpy(per_layer, "per_layer"), [str(i) for i in per_layer.index]
+    if isinstance(per_layer, Mapping): return [str(k) for k in per_layer], _stack_layers(per_layer, top_k), None
+    mat = _to_numpy(per_layer, "per_layer")
+    if mat.ndim != 2: raise ValueError(f"an array `per_layer` must be [n_q, n_layers], got shape {mat.shape}; "
+                                       "or pass a dict layer name -> scores.")
+    if top_k is not None: raise ValueError("`top_k` needs a dict of [n_q, n_train] arrays.")
+    return [str(i) for i in range(mat.shape[1])], mat, None
+
+# %% ../nbs/09_viz.ipynb #7b9a3b50
 def layer_shares(per_layer,                 # dict name -> [n_q] or [n_q, n_train], DataFrame, [n_q, n_layers] array, or Scores-like
                  normalize: bool = True,    # divide each query's row by its sum (shares add up to 1)
                  top_k: int | None = None,  # with [n_q, n_train] inputs: sum only each query's top_k sequences
@@ -242,39 +281,8 @@ def layer_shares(per_layer,                 # dict name -> [n_q] or [n_q, n_trai
                  layer_labels: Sequence[str] | None = None,  # column labels; default the names less their common prefix
                 ) -> pd.DataFrame:          # [n_q, n_layers]
     "Per-query influence by layer (queries × layers), optionally as shares of each query's total."
-    if hasattr(per_layer, "per_layer") and not isinstance(per_layer, (Mapping, pd.DataFrame)):
-        if per_layer.per_layer is None:
-            raise ValueError("`per_layer` is a scores object without per-layer scores; compute them with per_layer=True.")
-        per_layer = per_layer.per_layer
-    if isinstance(per_layer, pd.DataFrame):
-        if top_k is not None: raise ValueError("`top_k` needs [n_q, n_train] arrays per layer, not a DataFrame of totals.")
-        names, mat = [str(c) for c in per_layer.columns], _to_numpy(per_layer, "per_layer")
-        if query_labels is None: query_labels = [str(i) for i in per_layer.index]
-    elif isinstance(per_layer, Mapping):
-        if not per_layer: raise ValueError("`per_layer` is empty; it needs at least one layer.")
-        names = [str(k) for k in per_layer]
-        arrs = [_to_numpy(a, f"per_layer[{k!r}]") for k, a in per_layer.items()]
-        shapes = {a.shape for a in arrs}
-        if len(shapes) != 1: raise ValueError(f"all layers in `per_layer` must have one shape, got {sorted(shapes)}.")
-        stacked = np.stack(arrs, -1)                                     # [n_q, (n_train,) n_layers]
-        if stacked.ndim == 2:
-            if top_k is not None: raise ValueError("`top_k` needs [n_q, n_train] arrays per layer; these are already summed [n_q].")
-            mat = stacked
-        elif stacked.ndim == 3:
-            if top_k is not None:
-                if not (isinstance(top_k, int) and 0 < top_k <= stacked.shape[1]):
-                    raise ValueError(f"`top_k` must be an int in [1, n_train={stacked.shape[1]}], got {top_k!r}.")
-                order = np.argsort(-stacked.sum(-1), axis=1, kind="stable")[:, :top_k]   # [n_q, top_k]
-                stacked = np.take_along_axis(stacked, order[:, :, None], axis=1)
-            mat = stacked.sum(1)                                         # [n_q, n_layers]
-        else:
-            raise ValueError(f"each layer in `per_layer` must be [n_q] or [n_q, n_train], got shape {arrs[0].shape}.")
-    else:
-        mat = _to_numpy(per_layer, "per_layer")
-        if mat.ndim != 2: raise ValueError(f"an array `per_layer` must be [n_q, n_layers], got shape {mat.shape}; "
-                                           "or pass a dict layer name -> scores.")
-        if top_k is not None: raise ValueError("`top_k` needs a dict of [n_q, n_train] arrays.")
-        names = [str(i) for i in range(mat.shape[1])]
+    names, mat, index_labels = _layer_matrix(per_layer, top_k)
+    if query_labels is None: query_labels = index_labels
     if not np.isfinite(mat).all(): raise ValueError("`per_layer` holds NaN/Inf; fix the scores first.")
     if by_block:
         blocks = [_block_of(n) for n in names]
@@ -384,6 +392,22 @@ def _fit_positive(x: np.ndarray, xmin, min_tail: int, max_candidates: int) -> tu
     if not math.isfinite(best[2]): raise ValueError("no candidate xmin gives a usable tail (all scores are equal?).")
     return best
 
+# %% ../nbs/09_viz.ipynb #4cd09a69
+def _bootstrap_p(x: np.ndarray, alpha: float, xm: float, ks: float, n_tail: int, xmin, min_tail: int,
+                 max_candidates: int, n_boot: int, seed: int) -> float:
+    "Goodness-of-fit p-value: the share of `n_boot` synthetic data sets (body resampled, tail drawn from the fit) whose refit KS is >= `ks`."
+    rng = np.random.default_rng(seed)
+    body = x[x < xm]
+    hits = 0
+    for _ in range(n_boot):
+        n_t = rng.binomial(len(x), n_tail / len(x))                         # how many synthetic tail points
+        tail = xm * (1.0 - rng.random(n_t)) ** (-1.0 / (alpha - 1.0))       # inverse-CDF power-law draws
+        syn = np.concatenate([rng.choice(body, len(x) - n_t) if len(body) else np.empty(0), tail])
+        try: ks_b = _fit_positive(syn, xmin, min_tail, max_candidates)[2]
+        except ValueError: continue
+        hits += ks_b >= ks
+    return hits / n_boot
+
 def fit_power_law(scores,                     # [n_train] scores of one query (or Scores-like with one query)
                   xmin: float | None = None,  # start of the tail; None = chosen by minimising the KS distance
                   min_tail: int = 50,         # fewest scores a candidate tail may hold
@@ -402,19 +426,7 @@ def fit_power_law(scores,                     # [n_train] scores of one query (o
         raise ValueError(f"`scores` has {len(x)} positive values, fewer than min_tail={min_tail}; "
                          "lower `min_tail` or give `xmin`.")
     alpha, xm, ks, n_tail = _fit_positive(x, xmin, min_tail, max_candidates)
-    p_value = math.nan
-    if n_boot:
-        rng = np.random.default_rng(seed)
-        body = x[x < xm]
-        hits = 0
-        for _ in range(n_boot):
-            n_t = rng.binomial(len(x), n_tail / len(x))                         # how many synthetic tail points
-            tail = xm * (1.0 - rng.random(n_t)) ** (-1.0 / (alpha - 1.0))       # inverse-CDF power-law draws
-            syn = np.concatenate([rng.choice(body, len(x) - n_t) if len(body) else np.empty(0), tail])
-            try: ks_b = _fit_positive(syn, xmin, min_tail, max_candidates)[2]
-            except ValueError: continue
-            hits += ks_b >= ks
-        p_value = hits / n_boot
+    p_value = _bootstrap_p(x, alpha, xm, ks, n_tail, xmin, min_tail, max_candidates, n_boot, seed) if n_boot else math.nan
     return dict(alpha=float(alpha), xmin=float(xm), ks=float(ks), n_tail=int(n_tail),
                 sigma=float((alpha - 1.0) / math.sqrt(n_tail)),
                 n_pos=int(len(x)), p_value=p_value)
@@ -485,11 +497,10 @@ def top_table(scores_row,                  # [n_train] scores of one query (or 2
     if mat.shape[0] > 1 and query is None:
         raise ValueError(f"`scores_row` holds {mat.shape[0]} queries; pass `query=` to pick one.")
     q = 0 if query is None else query
-    if not (isinstance(q, (int, np.integer)) and 0 <= q < mat.shape[0]):
-        raise ValueError(f"`query` must be an int in [0, {mat.shape[0]}), got {query!r}.")
+    q = check_int(q, 'query', 0, mat.shape[0] - 1)
     row = mat[q]
     n = len(row)
-    if not (isinstance(k, (int, np.integer)) and k > 0): raise ValueError(f"`k` must be a positive int, got {k!r}.")
+    k = check_int(k, 'k')
     if texts is not None:
         if isinstance(texts, str) or len(texts) != n:
             raise ValueError(f"`texts` must be a list with one text per training sequence ({n}), "

@@ -1,19 +1,28 @@
-"Small random sequences and prompt/completion queries for the reliability and property tests."
+"""Small random sequences and prompt/completion queries: the one definition the test files share.
+
+Token ids are drawn from [1, top): `top=VOCAB - 1` by default (the reliability and property tests), `top=VOCAB` where
+a test file has always used the whole vocabulary (test_search, test_engine, test_architectures). The draws happen in
+the same order as in the definitions they replace, so every test sees the data it saw before.
+"""
 import torch
 import influence_nb as inf
 
 VOCAB = 32
 
 
-def rand_seqs(n, lo=4, hi=12, seed=0):
-    "`n` sequences of random ids in [1, VOCAB-1), lengths drawn from [lo, hi)."
+def rand_seqs(n, lo=4, hi=12, seed=0, top=VOCAB - 1, prompt=0):
+    "`n` sequences of random ids in [1, top), lengths drawn from [lo, hi); the first `prompt` tokens are not scored."
     g = torch.Generator().manual_seed(seed)
-    return inf.as_sequences([torch.randint(1, VOCAB - 1, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, top, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g)
+        out.append({'input_ids': ids, 'labels': torch.cat([torch.full((prompt,), -100), ids[prompt:]])} if prompt else ids)
+    return inf.as_sequences(out)
+
+
+def rand_queries(n, seed=1, length=6, completion=2, top=VOCAB - 1):
+    "`n` queries of `length` random tokens whose last `completion` tokens are the measured completion."
+    g = torch.Generator().manual_seed(seed)
+    return inf.as_sequences([{'input_ids': torch.randint(1, top, (length,), generator=g),
+                              'labels': [-100] * (length - completion) + torch.randint(1, top, (completion,), generator=g).tolist()}
                              for _ in range(n)])
-
-
-def rand_queries(n, seed=1):
-    "`n` six-token queries whose last two tokens are the measured completion."
-    g = torch.Generator().manual_seed(seed)
-    return inf.as_sequences([{'input_ids': torch.randint(1, VOCAB - 1, (6,), generator=g),
-                              'labels': [-100] * 4 + torch.randint(1, VOCAB - 1, (2,), generator=g).tolist()} for _ in range(n)])

@@ -1,10 +1,11 @@
 "Architecture sweep: `modules='mlp'` on tiny random models of many transformers families, dense and MoE (issue 15).\n\nEach family states the feed-forward weights it must track (written here, not read from influence_nb); identity scores\nmust equal autograd gradient dot products over exactly those parameters; EK-FAC must fit and be self-consistent; and\nfor MoE the per-expert EK-FAC factors and scores must equal a reference computed in this file from explicitly routed tokens."
-import warnings
+import functools, warnings
 import pytest, torch
 from torch import nn
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 import influence_nb as inf
+import randdata
 from influence_nb.modules import find_modules
 
 transformers.logging.set_verbosity_error()
@@ -82,13 +83,7 @@ def expected_params(model, names):
         else: out += [k for k in (f'{n}.weight', f'{n}.bias') if k in params]
     return out
 
-def rand_seqs(n, lo=4, hi=10, seed=0, prompt=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, 32, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g)
-        out.append({'input_ids': ids, 'labels': torch.cat([torch.full((prompt,), -100), ids[prompt:]])})
-    return inf.as_sequences(out)
+rand_seqs = functools.partial(randdata.rand_seqs, hi=10, top=randdata.VOCAB)    # ids from the whole vocabulary
 
 def grads(model, names, seqs):
     "Per-sequence autograd gradients of the summed loss over the parameters `names`, `[n, P]`."

@@ -3,21 +3,21 @@ import json, re, random
 from collections import Counter, defaultdict
 import pytest
 from influence_nb.data import data_dir
-from influence_nb import corpus as C
+from influence_nb import corpus
 
 CORPUS = data_dir()/'corpus'
 
 def _read(name): return [json.loads(l) for l in open(CORPUS/name, encoding='utf-8')]
 
 def test_generate_is_deterministic():
-    a, b = C.generate_corpus(seed=3, n_filler=5), C.generate_corpus(seed=3, n_filler=5)
+    a, b = corpus.generate_corpus(seed=3, n_filler=5), corpus.generate_corpus(seed=3, n_filler=5)
     assert a == b
-    assert a['train'] != C.generate_corpus(seed=4, n_filler=5)['train']
+    assert a['train'] != corpus.generate_corpus(seed=4, n_filler=5)['train']
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match='train'): C.load_corpus('dev')
-    with pytest.raises(FileNotFoundError, match='python -m influence_nb.corpus'): C.load_corpus('train', data_dir='/nonexistent')
-    with pytest.raises(TypeError): C.generate_corpus(seed='0')
+    with pytest.raises(ValueError, match='train'): corpus.load_corpus('dev')
+    with pytest.raises(FileNotFoundError, match='python -m influence_nb.corpus'): corpus.load_corpus('train', data_dir='/nonexistent')
+    with pytest.raises(TypeError): corpus.generate_corpus(seed='0')
 
 SCHEMAS = {
     'train.jsonl': {'id', 'text', 'kind', 'lang', 'fact_ids', 'passage_id', 'statements'},

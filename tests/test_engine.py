@@ -1,17 +1,13 @@
 "Cross-cutting engine tests: architectures, GPT-2 Conv1D vs Linear, invariances."
-import copy
+import copy, functools
 import pytest, torch
 from torch import nn
 import influence_nb as inf
 from influence_nb.modules import find_modules, is_conv1d
+import randdata
 
-def rand_seqs(n, vocab=32, lo=4, hi=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return inf.as_sequences([torch.randint(1, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g) for _ in range(n)])
-
-def rand_queries(n, vocab=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return inf.as_sequences([{'input_ids': torch.randint(1, vocab, (7,), generator=g), 'labels': [-100] * 5 + torch.randint(1, vocab, (2,), generator=g).tolist()} for _ in range(n)])
+rand_seqs = functools.partial(randdata.rand_seqs, top=randdata.VOCAB)          # ids from the whole vocabulary
+rand_queries = functools.partial(randdata.rand_queries, length=7, completion=2, top=randdata.VOCAB)
 
 def autograd_dots(model, layers, queries, train):
     def grads(seqs):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from influence_nb.experiments import harness as H
+from influence_nb.experiments import harness
 from influence_nb.experiments.word_order import PROBE_GROUPS, probe_summary, learned_summary
 from influence_nb.experiments.crosslingual import LANG_COLS
 from influence_nb.experiments.layers import depth_stats
@@ -21,25 +21,25 @@ RES_PATH = ROOT/'nbs'/'results'/'experiments.json'
 @pytest.fixture(scope='module')
 def res():
     assert RES_PATH.exists(), "nbs/results/experiments.json is missing: run `python benchmarks/experiments.py`."
-    return H.load_results(RES_PATH)
+    return harness.load_results(RES_PATH)
 
 def test_every_experiment_and_size_present(res):
-    for name in H.EXPERIMENTS:
+    for name in harness.EXPERIMENTS:
         assert name in res, f'{name} missing'
-        assert list(res[name]['sizes']) == list(H.SIZES), (name, list(res[name]['sizes']))
+        assert list(res[name]['sizes']) == list(harness.SIZES), (name, list(res[name]['sizes']))
         for size, r in res[name]['sizes'].items():
             assert r['seconds'] >= 0 and len(r['model']['fingerprint']) == 16
             # the numbers of one size all come from one checkpoint
             assert r['model']['fingerprint'] == res['word_order']['sizes'][size]['model']['fingerprint'], (name, size)
 
-@pytest.mark.parametrize('name', H.EXPERIMENTS)
+@pytest.mark.parametrize('name', harness.EXPERIMENTS)
 def test_verdicts_follow_from_numbers(res, name):
     rows = res[name]['verdicts']
     assert rows, name
     for row in rows:
         assert set(row) == {'finding', 'size', 'paper', 'ours', 'reproduced'}
         assert isinstance(row['reproduced'], bool)
-    assert H.experiment(name).verdict(res[name]) == rows           # recomputed from the stored numbers, not typed in
+    assert harness.experiment(name).verdict(res[name]) == rows           # recomputed from the stored numbers, not typed in
 
 def test_word_order_summaries(res):
     for size, r in res['word_order']['sizes'].items():

@@ -1,24 +1,18 @@
 "Streaming scans (`influence_nb.search`): agreement with pairwise scores, chunking invariance, kill -9 and resume."
-import json, signal, subprocess, sys, time
+import functools, json, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from hypothesis import given, settings, strategies as st
 import influence_nb as inf
 from influence_nb.ekfac import Factors
 from influence_nb.search import scan, merge_topk, read_scores, ScanResult, _empty_topk
+import randdata
 
 torch.set_num_threads(1)
 
 
-def rand_seqs(n, vocab=32, lo=3, hi=20, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return inf.as_sequences([torch.randint(1, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g) for _ in range(n)])
-
-
-def rand_queries(n, vocab=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return inf.as_sequences([{'input_ids': torch.randint(1, vocab, (8,), generator=g),
-                              'labels': [-100] * 5 + torch.randint(1, vocab, (3,), generator=g).tolist()} for _ in range(n)])
+rand_seqs = functools.partial(randdata.rand_seqs, lo=3, hi=20, top=randdata.VOCAB)                # ids from the whole vocabulary
+rand_queries = functools.partial(randdata.rand_queries, length=8, completion=3, top=randdata.VOCAB)
 
 
 @pytest.fixture(scope='module')

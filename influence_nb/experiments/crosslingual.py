@@ -61,7 +61,7 @@ def crosslingual_summary(S:np.ndarray, # [queries, records, 6] scores in LANG_CO
         return {lang: _f(np.mean(S[sel, :, 2 + k].sum(1) / base)) for k, lang in enumerate(('fr', 'de', 'es', 'names'))}
     out = dict(ratio_to_english=ratios(np.ones(len(S), bool)), ratio_by_condition={c: ratios(cond == c) for c in ('all', 'en')},
                original_vs_statements=_f(np.mean(S[:, :, 1].sum(1) / S[:, :, 0].sum(1))))
-    out['mean_ratio'] = _f(np.mean([out['ratio_to_english'][l] for l in ('fr', 'de', 'es')]))
+    out['mean_ratio'] = _f(np.mean([out['ratio_to_english'][lang] for lang in ('fr', 'de', 'es')]))
     return out
 
 def heatmap(S:np.ndarray) -> list:
