@@ -244,11 +244,19 @@ def stage_ours_scores(model, train, queries, names, spec, workdir, fisher='true'
     save_file({'total': s.total.contiguous()}, str(Path(workdir) / f'ours_scores_{fisher}_{rank or "full"}.safetensors'))
 
 
+def stage_ours_self(model, train, queries, names, spec, workdir, fisher='true'):
+    "Self-influence of every training sequence (one rotation and a sum per layer, `06_scores`)."
+    import influence_nb as inf
+    f = inf.Factors.load(Path(workdir) / f'ours_factors_{fisher}')
+    inf.self_scores(model, f, train, batch_size=spec['batch'], progress=False)
+
+
 STAGES = {
     'floor': stage_floor,
     'ours_fit': stage_ours_fit,
     'ours_scores_full': lambda *a: stage_ours_scores(*a, rank=None),
     'ours_scores_r32': lambda *a: stage_ours_scores(*a, rank=RANK),
+    'ours_self': stage_ours_self,
     'kron_fit': None, 'kron_scores_full': None, 'kron_scores_r32': None,   # built in `child` (need prepare_model)
 }
 
@@ -385,7 +393,8 @@ def scores_corr(workdir):
 def one_repeat(spec, threads, kron, workdir):
     "All stages of one workload, interleaved; floor at the start and at the end."
     order = ['floor', 'ours_fit'] + (['kron_fit'] if kron else []) + ['ours_scores_full'] + \
-            (['kron_scores_full'] if kron else []) + ['ours_scores_r32'] + (['kron_scores_r32'] if kron else []) + ['floor']
+            (['kron_scores_full'] if kron else []) + ['ours_scores_r32'] + (['kron_scores_r32'] if kron else []) + \
+            ['ours_self', 'floor']
     res = {}
     for i, st in enumerate(order):
         r = run_child(st, spec, workdir, threads)
@@ -403,6 +412,7 @@ RATIOS = [  # name, numerator stage, denominator stage ('floor' = mean of the tw
     ('scores_r32/floor', 'ours_scores_r32', 'floor'), ('kron_scores_r32/floor', 'kron_scores_r32', 'floor'),
     ('scores_r32/kron', 'ours_scores_r32', 'kron_scores_r32'),
     ('scores_r32/scores_full', 'ours_scores_r32', 'ours_scores_full'),
+    ('self/floor', 'ours_self', 'floor'),
 ]
 MEM_RATIOS = [('fit_mem/kron', 'ours_fit', 'kron_fit'), ('scores_full_mem/kron', 'ours_scores_full', 'kron_scores_full'),
               ('scores_r32_mem/kron', 'ours_scores_r32', 'kron_scores_r32')]
@@ -457,7 +467,8 @@ def table(name, summ):
             ('influence_nb scores, full rank', 'ours_scores_full', 'scores_full/floor', 'scores_full/kron'),
             ('Kronfluence scores, full rank', 'kron_scores_full', 'kron_scores_full/floor', None),
             (f'influence_nb scores, rank {RANK}', 'ours_scores_r32', 'scores_r32/floor', 'scores_r32/kron'),
-            (f'Kronfluence scores, rank {RANK}', 'kron_scores_r32', 'kron_scores_r32/floor', None)]
+            (f'Kronfluence scores, rank {RANK}', 'kron_scores_r32', 'kron_scores_r32/floor', None),
+            ('influence_nb self-scores', 'ours_self', 'self/floor', None)]
     for label, st, rf, rk in rows:
         if st not in summ['seconds'] and st != 'floor': continue
         sec = summ['seconds'].get(st) if st != 'floor' else summ['seconds'].get('floor')
@@ -520,7 +531,8 @@ def main_bench(args):
                 _log(f"{spec['name']}: agreement at equal settings")
                 agree = run_child('agree', spec, wd, args.threads) if not args.inprocess else inprocess_agree(spec, args.threads, wd)
                 _log('  ' + json.dumps(agree))
-            data['workloads'][spec['name']] = {'spec': spec, 'runs': runs, 'summary': summ, 'agreement': agree}
+            key = spec['name'] if args.threads == 1 else f"{spec['name']}@{args.threads}threads"   # one entry per thread count
+            data['workloads'][key] = {'spec': spec, 'threads': args.threads, 'runs': runs, 'summary': summ, 'agreement': agree}
             tables.append(table(f"{spec['name']} ({describe(spec)}; {args.threads} threads, {len(runs)} repeat(s))", summ))
             if agree:
                 tables.append(f"Agreement with Kronfluence (empirical Fisher, damping {agree['damping']:.3g} on both): "
@@ -567,7 +579,8 @@ def describe(spec):
 def inprocess_repeat(spec, threads, kron, wd):
     res = {}
     order = ['floor', 'ours_fit'] + (['kron_fit'] if kron else []) + ['ours_scores_full'] + \
-            (['kron_scores_full'] if kron else []) + ['ours_scores_r32'] + (['kron_scores_r32'] if kron else []) + ['floor']
+            (['kron_scores_full'] if kron else []) + ['ours_scores_r32'] + (['kron_scores_r32'] if kron else []) + \
+            ['ours_self', 'floor']
     import io
     for i, st in enumerate(order):
         buf = io.StringIO()
@@ -645,7 +658,7 @@ def _label_engine():
     phase shares without the profiler's overhead: forward, loss + pseudo-label sampling, backward, covariance
     accumulation, eigendecomposition, Λ rotations, query gradients, preconditioning, contraction."""
     from torch.profiler import record_function
-    import influence_nb.kfac as K, influence_nb.ekfac as E, influence_nb.scores as S, influence_nb.modules as M
+    from influence_nb import kfac, ekfac, scores, modules
 
     @contextlib.contextmanager
     def phase(label):
@@ -671,21 +684,21 @@ def _label_engine():
                 yield x
         setattr(mod, name, g)
 
-    wrap(K, 'summed_loss', '#loss: summed_loss (incl. pseudo-label sampling)')
-    wrap(K, '_check_finite', '#layer_passes: _check_finite')
-    wrap(M.Capture, 'out_grads', '#backward: Capture.out_grads (autograd.grad)')
-    for mod in (K, E, S): wrap_gen(mod, 'layer_passes', '#layer_passes: one batch (fwd, loss, bwd, masking)')
-    wrap(E, 'fit_covariances', '#fit: fit_covariances (pass 1)')
-    wrap(E, 'eigen', '#fit: eigen (float64 eigh)')
-    wrap(E, 'fit_lambda', '#fit: fit_lambda (pass 2)')
-    wrap(E, 'fingerprint', '#fingerprint')
-    wrap(E, 'check_factors_finite', '#check_factors_finite')
-    wrap(E.Factors, 'save', '#Factors.save')
-    wrap(S, 'query_gradients', '#scores: query_gradients')
-    wrap(S, 'precondition_queries', '#scores: precondition_queries (rotations, rank truncation)')
-    wrap(S, '_contract', '#scores: _contract')
-    wrap(S, 'seq_grads', '#scores: seq_grads (per-sequence gradient)')
-    wrap(E.Factors, 'check', '#scores: Factors.check (fingerprint)')
+    wrap(kfac, 'summed_loss', '#loss: summed_loss (incl. pseudo-label sampling)')
+    wrap(kfac, '_check_finite', '#layer_passes: _check_finite')
+    wrap(modules.Capture, 'out_grads', '#backward: Capture.out_grads (autograd.grad)')
+    for mod in (kfac, ekfac, scores): wrap_gen(mod, 'layer_passes', '#layer_passes: one batch (fwd, loss, bwd, masking)')
+    wrap(ekfac, 'fit_covariances', '#fit: fit_covariances (pass 1)')
+    wrap(ekfac, 'eigen', '#fit: eigen (float64 eigh)')
+    wrap(ekfac, 'fit_lambda', '#fit: fit_lambda (pass 2)')
+    wrap(ekfac, 'fingerprint', '#fingerprint')
+    wrap(ekfac, 'check_factors_finite', '#check_factors_finite')
+    wrap(ekfac.Factors, 'save', '#Factors.save')
+    wrap(scores, 'query_gradients', '#scores: query_gradients')
+    wrap(scores, 'precondition_queries', '#scores: precondition_queries (rotations, rank truncation)')
+    wrap(scores, '_contract', '#scores: _contract')
+    wrap(scores, 'seq_grads', '#scores: seq_grads (per-sequence gradient)')
+    wrap(ekfac.Factors, 'check', '#scores: Factors.check (fingerprint)')
     return phase
 
 
@@ -777,7 +790,7 @@ def child_memprofile(which, spec, workdir, threads):
     """Peak resident memory of each engine phase (no profiler): the peak-RSS counter is reset when a phase starts and
     read when it ends. Phases are top-level engine functions (never nested), so resets do not interfere."""
     import torch, influence_nb as inf
-    import influence_nb.ekfac as E, influence_nb.scores as S
+    from influence_nb import ekfac, scores
     model, train, queries, names, fdir = _profile_setup(which, spec, workdir, threads)
     rows = []
 
@@ -793,17 +806,17 @@ def child_memprofile(which, spec, workdir, threads):
         for n, l in (('fit_covariances', 'pass 1: fit_covariances'), ('eigen', 'eigen (per layer)'),
                      ('fit_lambda', 'pass 2: fit_lambda'), ('check_factors_finite', 'check_factors_finite'),
                      ('fingerprint', 'fingerprint')):
-            wrap(E, n, l)
-        wrap(E.Factors, 'save', 'Factors.save')
+            wrap(ekfac, n, l)
+        wrap(ekfac.Factors, 'save', 'Factors.save')
         _trim(); base = _status_kb('VmRSS') / 1024
         inf.fit_factors(model, train, modules=names, batch_size=spec['batch'], progress=False).save(Path(workdir) / 'mp')
     else:
-        wrap(S, 'query_gradients', 'query_gradients'); wrap(S, 'precondition_queries', 'precondition_queries')
-        wrap(E.Factors, 'check', 'Factors.check (fingerprint)')
-        f0 = S.precondition_queries
+        wrap(scores, 'query_gradients', 'query_gradients'); wrap(scores, 'precondition_queries', 'precondition_queries')
+        wrap(ekfac.Factors, 'check', 'Factors.check (fingerprint)')
+        f0 = scores.precondition_queries
         def pq_then_reset(*a, **k):    # the scoring loop starts when precondition_queries returns
             out = f0(*a, **k); Path('/proc/self/clear_refs').write_text('5'); return out
-        S.precondition_queries = pq_then_reset
+        scores.precondition_queries = pq_then_reset
         _trim(); base = _status_kb('VmRSS') / 1024
         for r in (None, RANK):
             f = inf.Factors.load(fdir)

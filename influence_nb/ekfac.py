@@ -4,61 +4,90 @@
 
 # %% ../nbs/05_ekfac.ipynb #45563c88
 from __future__ import annotations
-import os, json, hashlib, tempfile, time, contextlib, warnings
+import os, json, hashlib, tempfile, time, contextlib, warnings, dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from safetensors.torch import save_file, load_file
-from safetensors import safe_open
+from fastcore.basics import patch
+from . import artefact
 from .data import check_sequences, require_scored, grad_enabled
 from .modules import TrackedLayer, find_modules, check_model
-from .kfac import fit_covariances, eigen, layer_passes, precondition_eigen, all_reduce_sum
+from .theory import check_damping   # the one damping rule: None, or a positive finite float
+from .kfac import (fit_covariances, eigen, layer_passes, precondition_eigen, all_reduce_sum, check_fisher,
+                               fisher_sample, resolve_factor_dtype)
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'ITERATIVE', 'FORMAT_VERSION', 'SAMPLE', 'SAMPLE_OTHER', 'seq_grads', 'fit_lambda', 'fit_diagonal',
-           'fingerprint', 'model_digest', 'model_changes', 'Factors', 'check_damping', 'check_factors_finite',
-           'fit_factors']
+__all__ = ['STRATEGIES', 'ITERATIVE', 'EIGEN', 'FORMAT_VERSION', 'FACTOR_DTYPE', 'SAMPLE', 'SAMPLE_OTHER', 'EIGENVALUES',
+           'PRECONDITIONERS', 'seq_grads', 'fit_lambda', 'fit_diagonal', 'fingerprint', 'model_digest', 'model_changes',
+           'precondition_identity', 'precondition_diagonal', 'precondition_in_eigenbasis', 'Factors', 'check_bound',
+           'save_factors', 'load_factors', 'check_factors_finite', 'fit_factors']
 
 # %% ../nbs/05_ekfac.ipynb #a4f25866
-STRATEGIES = ('identity', 'diagonal', 'kfac', 'ekfac', 'lissa', 'cg')
-ITERATIVE = ('lissa', 'cg')   # solve with the full damped GGN of all tracked layers (`02_pbrf`); small models only
+STRATEGIES = ('identity', 'diagonal', 'kfac', 'ekfac', 'lissa', 'cg', 'pcg')
+ITERATIVE = ('lissa', 'cg', 'pcg')   # solve with the full damped GGN of all tracked layers (`02_pbrf`); small models only
+EIGEN = ('kfac', 'ekfac', 'pcg')     # fit covariances and their eigenbases ('pcg': EK-FAC is its preconditioner)
 FORMAT_VERSION = 1
+FACTOR_DTYPE = None   # default `factor_dtype`: float32 factors (float64 for a float64 model); see 'Float32 factors'
 
 def seq_grads(acts:torch.Tensor, # [B, T, d_in+1]
-              out_grads:torch.Tensor, # [B, T, d_out]
+              out_grads:torch.Tensor, # [B, T, d_out], or [B, J, T, d_out] (fisher='exact': J pseudo-gradients per sequence)
              ) -> torch.Tensor:
-    "Per-sequence gradients `DW̄_n = Σ_t Ds_t ā_tᵀ`, `[B, d_out, d_in+1]`."
+    "Per-sequence gradients `DW̄_n = Σ_t Ds_t ā_tᵀ`, `[B, d_out, d_in+1]` (or `[B, J, d_out, d_in+1]`)."
+    if out_grads.dim() == 4: return torch.einsum('bjto,bti->bjoi', out_grads, acts)
     return torch.einsum('bto,bti->boi', out_grads, acts)
 
-def fit_lambda(model, layers, seqs, eig, fisher='true', batch_size=8, seed=0, progress=True) -> dict:
-    "EK-FAC eigenvalues `Λ = mean_n (Q_Sᵀ DW̄_n Q_A)²` per layer (a second pass, fresh pseudo-labels)."
-    lam = {l.name: torch.zeros(l.d_out, l.d_in1, dtype=torch.float64) for l in layers}
+def _sum_squares(g:torch.Tensor) -> torch.Tensor:
+    "`Σ_n g_n²` over every leading axis of `[..., d_out, d_in+1]` (squares in place)."
+    return g.mul_(g).flatten(0, -3).sum(0)
+
+# %% ../nbs/05_ekfac.ipynb #e5ac0001
+def _rotated_squares(acts_rot:torch.Tensor, # [B, T, d_in+1] activations in the eigenbasis, ā Q_A
+                     grads_rot:torch.Tensor, # [B, (J,) T, d_out] output gradients in the eigenbasis, Ds Q_S
+                     chunk_bytes:int=1 << 23, # per-sequence gradients are formed a few sequences at a time
+                    ) -> torch.Tensor:
+    "`Σ_n (Q_Sᵀ DW̄_n Q_A)²` over the batch, `[d_out, d_in+1]`, holding at most `chunk_bytes` of rotated gradients."
+    B, (do, di) = len(acts_rot), (grads_rot.shape[-1], acts_rot.shape[-1])
+    per_seq = do * di * acts_rot.element_size() * (grads_rot.shape[1] if grads_rot.dim() == 4 else 1)
+    step = max(1, chunk_bytes // per_seq)
+    out = None
+    for s in range(0, B, step):
+        sq = _sum_squares(seq_grads(acts_rot[s:s + step], grads_rot[s:s + step]))
+        out = sq if out is None else out.add_(sq)
+    return out
+
+def fit_lambda(model, layers, seqs, eig, fisher='true', batch_size=8, seed=0, progress=True, dtype=torch.float64) -> dict:
+    "EK-FAC eigenvalues `Λ = mean_n (Q_Sᵀ DW̄_n Q_A)²` per layer (a second pass, fresh pseudo-labels), in `dtype`."
+    Lam = {layer.name: torch.zeros(layer.d_out, layer.d_in1, dtype=dtype) for layer in layers}
     Q, run = {}, {}
-    for b_no, (idx, acts, outg) in enumerate(layer_passes(model, layers, seqs, batch_size, sample=fisher == 'true', seed=seed,
-                                                           stream=1, desc='eigenvalue correction' if progress else None)):
-        rotated = {}   # layers sharing an input and its eigenbasis (Llama's gate_proj, up_proj) rotate it once
-        for n in lam:
-            if n not in Q:   # eigenbases in the working dtype and device, converted once
+    for b_no, (idx, acts, outg) in enumerate(layer_passes(model, layers, seqs, batch_size, sample=fisher_sample(fisher),
+                                                           seed=seed, stream=1, desc='eigenvalue correction' if progress else None)):
+        rotated = {}   # layers sharing an input and its eigenbasis (Llama's gate_proj, up_proj: next to each other) rotate it once
+        for n in Lam:
+            if n not in Q:   # eigenbases in the working dtype and device, converted once (no copy when they match)
                 dev, dt = acts[n].device, acts[n].dtype
                 Q[n] = (eig[n]['QA'].to(dev, dt), eig[n]['QS'].to(dev, dt))
-            key = (acts[n].data_ptr(), eig[n]['QA'].data_ptr())
-            if key not in rotated: rotated[key] = acts[n] @ Q[n][0]
-            rot = seq_grads(rotated[key], outg[n] @ Q[n][1])         # Q_Sᵀ DW̄ Q_A, [B, d_out, d_in+1]
-            sq = rot.mul_(rot).sum(0)
-            if n in run: run[n] += sq
-            else: run[n] = sq
+            a = acts.pop(n)                                                     # released with its last layer
+            key = (a.data_ptr(), eig[n]['QA'].data_ptr())
+            if key not in rotated: rotated = {key: a @ Q[n][0]}                # only the latest input is kept
+            sq = _rotated_squares(rotated[key], outg.pop(n) @ Q[n][1])        # each layer's Ds is released once used
+            if sq.dtype == dtype and sq.device == Lam[n].device: Lam[n] += sq   # float32 factors: summed in place
+            elif n in run: run[n] += sq                                        # else in the working dtype, then
+            else: run[n] = sq                                                  # into the totals every 32 batches
+        acts = outg = rotated = sq = a = None                                # freed before the next batch's forward
         if b_no % 32 == 31:
-            for n in run: lam[n] += run[n].double().cpu()
+            for n in run: Lam[n] += run[n].to('cpu', dtype)
             run.clear()
-    for n in run: lam[n] += run[n].double().cpu()
-    return {n: all_reduce_sum(v) / len(seqs) for n, v in lam.items()}
+    for n in run: Lam[n] += run[n].to('cpu', dtype)
+    return {n: all_reduce_sum(v) / len(seqs) for n, v in Lam.items()}
 
-def fit_diagonal(model, layers, seqs, fisher='true', batch_size=8, seed=0, progress=True) -> dict:
-    "Diagonal Fisher `mean_n DW̄_n²` per layer."
-    diag = {l.name: torch.zeros(l.d_out, l.d_in1, dtype=torch.float64) for l in layers}
-    for idx, acts, outg in layer_passes(model, layers, seqs, batch_size, sample=fisher == 'true', seed=seed, stream=1,
+def fit_diagonal(model, layers, seqs, fisher='true', batch_size=8, seed=0, progress=True, dtype=torch.float64) -> dict:
+    "Diagonal Fisher `mean_n DW̄_n²` per layer, in `dtype`."
+    diag = {layer.name: torch.zeros(layer.d_out, layer.d_in1, dtype=dtype) for layer in layers}
+    for idx, acts, outg in layer_passes(model, layers, seqs, batch_size, sample=fisher_sample(fisher), seed=seed, stream=1,
                                         desc='diagonal' if progress else None):
-        for n in diag: diag[n] += (seq_grads(acts[n], outg[n]) ** 2).sum(0).double().cpu()
+        for n in diag: diag[n] += _rotated_squares(acts[n], outg[n]).to('cpu', dtype)
+        acts = outg = None
     return {n: all_reduce_sum(v) / len(seqs) for n, v in diag.items()}
 
 # %% ../nbs/05_ekfac.ipynb #533f8338
@@ -74,8 +103,8 @@ def _values(t:torch.Tensor, limit:int=SAMPLE) -> bytes:
 def fingerprint(layers:list[TrackedLayer]) -> str:
     "SHA-256 over the names, shapes and float32 values (sampled beyond `SAMPLE`) of the tracked layers' parameters."
     h = hashlib.sha256()
-    for l in layers:
-        for name, p in l.params():
+    for layer in layers:
+        for name, p in layer.params():
             h.update(f'{name}:{tuple(p.shape)};'.encode()); h.update(_values(p))
     return h.hexdigest()
 
@@ -114,12 +143,28 @@ def model_changes(bound:dict, model) -> list[str]:
     return out
 
 # %% ../nbs/05_ekfac.ipynb #c38d255c
+def precondition_identity(V, t, damped): return V   # plain gradient dot products: nothing to invert
+
+def precondition_diagonal(V:torch.Tensor, t:dict, damped:torch.Tensor) -> torch.Tensor:
+    "`V ⊘ (diag + λ)`, elementwise in float64."
+    return (V.double() / damped).to(V.dtype)
+
+def precondition_in_eigenbasis(V:torch.Tensor, t:dict, damped:torch.Tensor) -> torch.Tensor:
+    "`Q_S [(Q_Sᵀ V Q_A) ⊘ (eigenvalues + λ)] Q_Aᵀ`: K-FAC and EK-FAC (and 'pcg', whose preconditioner is EK-FAC)."
+    return precondition_eigen(V, t['QS'], t['QA'], damped)
+
+EIGENVALUES = {'identity': lambda t: None, 'diagonal': lambda t: t['diag'], 'kfac': lambda t: torch.outer(t['lS'], t['lA']),
+               'ekfac': lambda t: t['Lambda'], 'pcg': lambda t: t['Lambda']}   # undamped curvature eigenvalues per layer
+PRECONDITIONERS = {'identity': precondition_identity, 'diagonal': precondition_diagonal,
+                   'kfac': precondition_in_eigenbasis, 'ekfac': precondition_in_eigenbasis, 'pcg': precondition_in_eigenbasis}
+
+# %% ../nbs/05_ekfac.ipynb #e5ac0011
 @dataclass
 class Factors:
-    strategy: str                     # identity | diagonal | kfac | ekfac
+    strategy: str                     # identity | diagonal | kfac | ekfac | lissa | cg | pcg
     modules: list[str]                # tracked layer names, in model order
     shapes: dict                      # name -> [d_out, d_in(+1)] of the canonical gradient
-    fisher: str                       # true | empirical
+    fisher: str                       # true | empirical | exact
     n_sequences: int                  # N: sequences the curvature was fitted on
     n_tokens: int                     # unmasked tokens pooled into A and S
     seed: int
@@ -127,7 +172,7 @@ class Factors:
     model_class: str = ''
     tensors: dict = field(default_factory=dict)   # name -> {'QA','lA','QS','lS','Lambda','A','S','diag'}
     info: dict = field(default_factory=dict)      # free-form (timings, library version, iterative solver options)
-    fit_data: list|None = field(default=None, repr=False, compare=False)   # kept in memory for lissa / cg only
+    fit_data: list|None = field(default=None, repr=False, compare=False)   # kept in memory for lissa / cg / pcg only
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES: raise ValueError(f"Unknown strategy {self.strategy!r}; choose one of {STRATEGIES}.")
@@ -137,12 +182,8 @@ class Factors:
                 f"N={self.n_sequences}, tokens={self.n_tokens}, fingerprint={self.fingerprint[:12]})")
 
     def eigenvalues(self, name:str) -> torch.Tensor|None:
-        "The undamped curvature eigenvalues `[d_out, d_in+1]` of layer `name` (None for identity)."
-        t = self.tensors[name]
-        if self.strategy == 'ekfac': return t['Lambda']
-        if self.strategy == 'kfac': return torch.outer(t['lS'], t['lA'])
-        if self.strategy == 'diagonal': return t['diag']
-        return None
+        "The undamped curvature eigenvalues `[d_out, d_in+1]` of layer `name` (None for identity, lissa, cg)."
+        return EIGENVALUES[self.strategy](self.tensors[name]) if self.strategy in EIGENVALUES else None
 
     def damping_for(self, name:str, damping:float|None=None) -> float:
         "`damping` if given, else the paper's `0.1 × mean(eigenvalues)` of layer `name`."
@@ -150,140 +191,114 @@ class Factors:
         ev = self.eigenvalues(name)
         return 0. if ev is None else 0.1 * float(ev.mean())
 
-    def precondition(self, name:str, # layer name
-                     V:torch.Tensor, # [..., d_out, d_in+1] gradients (canonical layout)
-                     damping:float|None=None, # None: 0.1 × mean eigenvalue; a float: used as given
-                    ) -> torch.Tensor:
-        "Apply `(G_ℓ + λI)⁻¹` of layer `name` to `V`."
-        check_damping(damping)
-        if self.strategy == 'identity': return V
-        if self.strategy in ITERATIVE:
-            raise ValueError(f"'{self.strategy}' preconditions all layers jointly: use `pairwise_scores`, not `precondition`.")
-        t, lam = self.tensors[name], self.damping_for(name, damping)
-        if lam <= 0 and damping is None: lam = 1e-12   # all-zero curvature (e.g. a layer that never fires)
-        if self.strategy == 'diagonal': out = (V.double() / (t['diag'] + lam)).to(V.dtype)
-        else: out = precondition_eigen(V, t['QS'], t['QA'], self.eigenvalues(name) + lam)
-        if not torch.isfinite(out).all():
-            raise ValueError(f"Preconditioning layer '{name}' with damping {lam:g} gave NaN/Inf: its curvature is (nearly) "
-                             "singular and the damping is too small to regularise it. Pass a larger `damping`, or None "
-                             "(0.1 × mean eigenvalue per layer).")
-        return out
-
-    def check(self, model, modules=None):
+    def check(self, model, modules=None) -> list:
         "Raise unless these factors were fitted on `model`'s current tracked weights (and hold finite numbers)."
-        check_model(model)
-        try: layers = find_modules(model, self.modules if modules is None else modules, warn=False)
-        except ValueError as e:
-            if modules is not None: raise
-            raise ValueError(f"These factors were fitted on a model with modules {self.modules[:4]}{' …' if len(self.modules) > 4 else ''}, "
-                             f"which `model` ({type(model).__name__}) lacks: {e} Fit factors for this model with `fit_factors`.") from None
-        names = [l.name for l in layers]
-        if names != self.modules:
-            raise ValueError(f"These factors were fitted for modules {self.modules}, not {names}. "
-                             "Refit with `fit_factors(model, train, modules=...)`.")
-        fp = fingerprint(layers)
-        if fp != self.fingerprint:
-            raise ValueError("These factors were fitted on different weights (fingerprint mismatch: "
-                             f"factors {self.fingerprint[:12]}, model {fp[:12]}). Refit them for this model "
-                             "with `fit_factors`, or load the factors that belong to it.")
-        bound = self.info.get('model_digest')
-        if bound is None:
-            warnings.warn("These factors carry no digest of the whole model (fitted by an older influence_nb): only the tracked "
-                          "layers' weights were checked, so a change elsewhere (e.g. attention fine-tuned) would go unnoticed. "
-                          "Refit them with `fit_factors` to bind them to every weight and the config.", stacklevel=2)
-        elif changes := model_changes(bound, model):
-            raise ValueError(f"These factors were fitted on another state of this model (model fingerprint mismatch): "
-                             f"{changes[:5]}{f' and {len(changes) - 5} more' if len(changes) > 5 else ''} changed since fitting. "
-                             "Every weight shapes the tracked layers' inputs and output gradients, so the factors are stale: "
-                             "refit them with `fit_factors` (or load the factors that belong to this model).")
-        check_factors_finite(self)
-        return layers
+        return check_bound(self, model, modules)
 
     def save(self, path:str|Path) -> Path:
-        "Write `path/factors.safetensors` and `path/factors.json` atomically; returns the folder."
-        if self.strategy in ITERATIVE:
-            raise ValueError(f"'{self.strategy}' factors hold no fitted tensors, only their training data in memory: nothing to save.")
-        path = Path(path)
-        flat, seen = {}, set()
-        for n, d in self.tensors.items():
-            for k, v in d.items():   # layers sharing an input share A, QA, lA in memory; safetensors wants a copy each
-                v = v.contiguous()
-                flat[f'{n}::{k}'] = v.clone() if v.data_ptr() in seen else v
-                seen.add(v.data_ptr())
-        meta = {k: getattr(self, k) for k in ('strategy', 'modules', 'shapes', 'fisher', 'n_sequences', 'n_tokens',
-                                              'seed', 'fingerprint', 'model_class', 'info')}
-        meta['format_version'] = FORMAT_VERSION
-        mine, committed = [], False   # this call's files to discard if it stops before its commit
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            with _dir_lock(path, exclusive=True):    # one writer at a time swaps the pair of files
-                _settle(path)                          # finish, or drop, what an interrupted save left behind
-                mine.append(tmp_t := _tmp_name(path, 'factors.safetensors'))
-                # a copy of the metadata travels inside the tensor file, so a hand-edited JSON is recognised on load
-                save_file(flat, str(tmp_t), metadata={'format': 'influence_nb.factors', 'meta': json.dumps(meta, sort_keys=True)})
-                _fsync(tmp_t)
-                meta['sha256'] = _sha256(tmp_t)
-                mine.append(tmp_j := _tmp_name(path, 'factors.json'))
-                tmp_j.write_text(json.dumps(meta, indent=1)); _fsync(tmp_j)
-                mine.append(path/_PENDING)
-                os.replace(tmp_t, path/_PENDING); _fsync_dir(path)   # 1. the new tensors, beside the old pair
-                os.replace(tmp_j, path/'factors.json')               # 2. the commit: the JSON's checksum now names them
-                committed = True
-                _fsync_dir(path)
-                os.replace(path/_PENDING, path/'factors.safetensors'); _fsync_dir(path)   # 3. tidy: the usual name
-        except OSError as e:
-            if committed: return path   # the new factors are in place; `load` and the next `save` finish the tidying
-            raise type(e)(e.errno, f"Could not write factors to {path} ({e.strerror or e}). Check that the folder is "
-                                   "writable and has free space; factors saved there before are unchanged.") from None
-        finally:
-            if not committed: _discard(mine)
-        return path
+        "Write `path/factors.safetensors` and `path/factors.json` atomically (`artefact.write`); returns the folder."
+        return save_factors(self, path)
 
     @classmethod
     def load(cls, path:str|Path, # a folder written by `save`
              covariances:bool=False, # also read `A` and `S` (kept for inspection; preconditioning never uses them)
             ) -> 'Factors':
         "Load factors saved with `save`; corrupt, truncated or foreign files raise a ValueError."
-        path = Path(path)
-        jf, tf = path/'factors.json', path/'factors.safetensors'
-        if not jf.exists() or not (tf.exists() or (path/_PENDING).exists()):
-            raise FileNotFoundError(f"No factors in {path}: expected factors.json and factors.safetensors (written by Factors.save).")
-        with _dir_lock(path, exclusive=False):     # never read a pair that a writer is swapping
-            try: meta = json.loads(jf.read_text())
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ValueError(f"{jf} is not valid JSON ({e}); the file is corrupt — refit and save again.") from None
-            if not isinstance(meta, dict):
-                raise ValueError(f"{jf} holds a JSON {type(meta).__name__}, not factors metadata; the file is corrupt — refit and save again.")
-            v = meta.get('format_version')
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= FORMAT_VERSION:
-                raise ValueError(f"{jf} has format_version {v!r}; this influence_nb reads versions 1 to {FORMAT_VERSION}. "
-                                 "A newer file needs a newer influence_nb: upgrade it (or refit the factors with this one).")
-            if _committed_pending(path, meta): tf = path/_PENDING   # a save stopped between its commit and its tidy step
-            elif not tf.exists() or _sha256(tf) != meta.get('sha256'):
-                raise ValueError(f"{tf} does not match the checksum in {jf.name}: the file is truncated, corrupt or was "
-                                 "replaced. Refit the factors and save them again.")
-            try:
-                with safe_open(str(tf), 'pt') as fh:
-                    header = fh.metadata() or {}
-                    flat = {k: fh.get_tensor(k) for k in fh.keys() if covariances or not k.endswith(('::A', '::S'))}
-            except Exception as e: raise ValueError(f"Could not read {tf} ({e}); refit and save again.") from None
-        meta.pop('sha256')
-        if 'meta' in header:   # files from before this copy existed lack it
-            saved = json.loads(header['meta'])
-            edited = sorted(k for k in set(saved) | set(meta) if saved.get(k) != meta.get(k))
-            if edited:
-                raise ValueError(f"{jf} was edited after saving: {edited} differ from the copy stored in {tf.name}. "
-                                 "Restore the file, or refit the factors and save them again.")
-        meta.pop('format_version')
-        _check_meta(meta, jf)
-        tensors = {n: {} for n in meta['modules']}
-        for k, t in flat.items():
-            n, _, key = k.partition('::'); tensors.setdefault(n, {})[key] = t
-        f = cls(**meta, tensors=tensors)
-        _check_tensors(f, tf)
-        check_factors_finite(f)
-        return f
+        return load_factors(path, covariances, cls)
 
+# %% ../nbs/05_ekfac.ipynb #e5ac0015
+@patch
+def precondition(self:Factors, name:str, # layer name
+                 V:torch.Tensor, # [..., d_out, d_in+1] gradients (canonical layout)
+                 damping:float|None=None, # None: 0.1 × mean eigenvalue; a float: used as given
+                ) -> torch.Tensor:
+    "Apply `(G_ℓ + λI)⁻¹` of layer `name` to `V` (for 'pcg': its preconditioner, EK-FAC's)."
+    check_damping(damping)
+    if self.strategy not in PRECONDITIONERS:
+        raise ValueError(f"'{self.strategy}' preconditions all layers jointly: use `pairwise_scores`, not `precondition`.")
+    if self.strategy == 'identity': return V
+    reg = self.damping_for(name, damping)                    # λ of this layer
+    if reg <= 0 and damping is None: reg = 1e-12            # all-zero curvature (e.g. a layer that never fires)
+    out = PRECONDITIONERS[self.strategy](V, self.tensors[name], self.eigenvalues(name) + reg)
+    if not torch.isfinite(out).all():
+        raise ValueError(f"Preconditioning layer '{name}' with damping {reg:g} gave NaN/Inf: its curvature is (nearly) "
+                         "singular and the damping is too small to regularise it. Pass a larger `damping`, or None "
+                         "(0.1 × mean eigenvalue per layer).")
+    return out
+
+@patch
+def as_ekfac(self:Factors) -> Factors:
+    "The EK-FAC part of 'pcg' factors (its preconditioner), without the fit data: what can be saved."
+    if self.strategy != 'pcg': raise ValueError(f"`as_ekfac` is for 'pcg' factors, not '{self.strategy}'.")
+    return dataclasses.replace(self, strategy='ekfac', info={k: v for k, v in self.info.items() if k != 'solver'}, fit_data=None)
+
+# %% ../nbs/05_ekfac.ipynb #e5ac0012
+def check_bound(f:Factors, model, modules=None) -> list:
+    "The tracked layers of `model`, after checking that `f` was fitted on them as they are now (and is finite)."
+    check_model(model)
+    try: layers = find_modules(model, f.modules if modules is None else modules, warn=False)
+    except ValueError as e:
+        if modules is not None: raise
+        raise ValueError(f"These factors were fitted on a model with modules {f.modules[:4]}{' …' if len(f.modules) > 4 else ''}, "
+                         f"which `model` ({type(model).__name__}) lacks: {e} Fit factors for this model with `fit_factors`.") from None
+    names = [layer.name for layer in layers]
+    if names != f.modules:
+        raise ValueError(f"These factors were fitted for modules {f.modules}, not {names}. "
+                         "Refit with `fit_factors(model, train, modules=...)`.")
+    fp = fingerprint(layers)
+    if fp != f.fingerprint:
+        raise ValueError("These factors were fitted on different weights (fingerprint mismatch: "
+                         f"factors {f.fingerprint[:12]}, model {fp[:12]}). Refit them for this model "
+                         "with `fit_factors`, or load the factors that belong to it.")
+    bound = f.info.get('model_digest')
+    if bound is None:
+        warnings.warn("These factors carry no digest of the whole model (fitted by an older influence_nb): only the tracked "
+                      "layers' weights were checked, so a change elsewhere (e.g. attention fine-tuned) would go unnoticed. "
+                      "Refit them with `fit_factors` to bind them to every weight and the config.", stacklevel=3)
+    elif changes := model_changes(bound, model):
+        raise ValueError(f"These factors were fitted on another state of this model (model fingerprint mismatch): "
+                         f"{changes[:5]}{f' and {len(changes) - 5} more' if len(changes) > 5 else ''} changed since fitting. "
+                         "Every weight shapes the tracked layers' inputs and output gradients, so the factors are stale: "
+                         "refit them with `fit_factors` (or load the factors that belong to this model).")
+    check_factors_finite(f)
+    return layers
+
+# %% ../nbs/05_ekfac.ipynb #e5ac0013
+_FIELDS = ('strategy', 'modules', 'shapes', 'fisher', 'n_sequences', 'n_tokens', 'seed', 'fingerprint', 'model_class', 'info')
+_WORDS = dict(what='factors', redo='refit the factors and save them again')
+
+def save_factors(f:Factors, path:str|Path) -> Path:
+    "`Factors.save`: the tensors as `'layer::key'` entries, the fields as metadata, through `artefact.write`."
+    if f.strategy == 'pcg':
+        raise ValueError("'pcg' factors keep their fit data in memory for the solver, and fit data is never saved. "
+                         "Save the EK-FAC preconditioner with `factors.as_ekfac().save(path)`; to solve again after "
+                         "loading, refit with strategy='pcg'.")
+    if f.strategy in ITERATIVE:
+        raise ValueError(f"'{f.strategy}' factors hold no fitted tensors, only their training data in memory: nothing to save.")
+    flat, seen = {}, set()
+    for n, d in f.tensors.items():
+        for k, v in d.items():   # layers sharing an input share A, QA, lA in memory; safetensors wants a copy each
+            v = v.contiguous()
+            flat[f'{n}::{k}'] = v.clone() if v.data_ptr() in seen else v
+            seen.add(v.data_ptr())
+    return artefact.write(path, 'factors', flat, {k: getattr(f, k) for k in _FIELDS}, 'influence_nb.factors',
+                          FORMAT_VERSION, what='factors')
+
+def load_factors(path:str|Path, covariances:bool=False, cls=None) -> Factors:
+    "`Factors.load`: read through `artefact.read`, then check the fields, the tensors' shapes and that they are finite."
+    keep = None if covariances else (lambda k: not k.endswith(('::A', '::S')))
+    flat, meta = artefact.read(path, 'factors', keep, FORMAT_VERSION, writer='Factors.save', **_WORDS)
+    jf, tf = Path(path)/'factors.json', Path(path)/'factors.safetensors'
+    _check_meta(meta, jf)
+    tensors = {n: {} for n in meta['modules']}
+    for k, t in flat.items():
+        n, _, key = k.partition('::'); tensors.setdefault(n, {})[key] = t
+    f = (cls or Factors)(**meta, tensors=tensors)
+    _check_tensors(f, tf)
+    check_factors_finite(f)
+    return f
+
+# %% ../nbs/05_ekfac.ipynb #e5ac0014
 _META = {'strategy': str, 'modules': list, 'shapes': dict, 'fisher': str, 'n_sequences': int, 'n_tokens': int,
          'seed': int, 'fingerprint': str, 'model_class': str, 'info': dict}
 _KEYS = {'identity': (), 'diagonal': ('diag',), 'kfac': ('QA', 'lA', 'QS', 'lS'), 'ekfac': ('QA', 'lA', 'QS', 'lS', 'Lambda')}
@@ -313,63 +328,6 @@ def _check_tensors(f, tf):
     extra = sorted(set(f.tensors) - set(f.modules))
     if extra: raise ValueError(f"{tf} holds tensors of layers {extra} that the metadata does not list; refit and save again.")
 
-@contextlib.contextmanager
-def _dir_lock(folder, exclusive:bool):
-    "An advisory lock on `folder` (POSIX flock): writers exclusive, readers shared. A no-op where flock is missing."
-    try: import fcntl
-    except ImportError: fcntl = None
-    if fcntl is None:
-        yield; return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
-    finally: os.close(fd)                # closing the descriptor releases the lock
-
-def _fsync(p):
-    with open(p, 'rb') as fh: os.fsync(fh.fileno())
-
-def _fsync_dir(folder):   # make renames durable (POSIX); a no-op where folders cannot be opened
-    try: fd = os.open(folder, os.O_RDONLY)
-    except OSError: return
-    try: os.fsync(fd)
-    except OSError: pass
-    finally: os.close(fd)
-
-_PENDING = '.factors.pending.safetensors'   # new tensors between steps 1 and 3 of `save`
-
-def _committed_pending(folder, meta) -> bool:
-    "Does `folder` hold pending tensors that the committed JSON `meta` names by checksum?"
-    p = Path(folder)/_PENDING
-    return isinstance(meta, dict) and p.exists() and _sha256(p) == meta.get('sha256')
-
-def _settle(folder):
-    "Under the writer's lock: rename committed pending tensors into place, delete anything an interrupted save left."
-    folder = Path(folder)
-    try: meta = json.loads((folder/'factors.json').read_text())
-    except (OSError, ValueError, UnicodeDecodeError): meta = None
-    if _committed_pending(folder, meta): os.replace(folder/_PENDING, folder/'factors.safetensors')
-    _discard([folder/_PENDING, *folder.glob('.tmp-factors.*')])   # no other writer holds the lock: these are orphans
-
-def _discard(paths):
-    for p in paths: Path(p).unlink(missing_ok=True)
-
-def _tmp_name(folder, name):
-    fd, p = tempfile.mkstemp(prefix=f'.tmp-{name}.', dir=folder); os.close(fd); return Path(p)
-
-def _sha256(p):
-    h = hashlib.sha256()
-    with open(p, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
-    return h.hexdigest()
-
-def check_damping(damping):
-    if damping is None: return
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-        raise TypeError(f"`damping` must be None (0.1 × mean eigenvalue per layer) or a positive float, got {damping!r}.")
-    if not damping > 0 or damping != damping or damping == float('inf'):
-        raise ValueError(f"`damping` must be a positive finite float, got {damping}; use None for the paper's default.")
-
 def check_factors_finite(f:Factors):
     "Raise naming the layer if any stored tensor holds NaN or Inf."
     for n, d in f.tensors.items():
@@ -378,56 +336,93 @@ def check_factors_finite(f:Factors):
                 raise ValueError(f"Factors of layer '{n}' contain NaN/Inf in '{k}'; refit them (check the model and data for NaN).")
 
 # %% ../nbs/05_ekfac.ipynb #49baf012
-@grad_enabled   # works when called under torch.no_grad() or torch.inference_mode()
-def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or a compatible module
-                train, # training sequences (see `00_data`): list of dicts, torch or HF Dataset
-                strategy:str='ekfac', # identity | diagonal | kfac | ekfac
-                modules:str|list[str]='mlp', # "mlp", "all" or layer names
-                fisher:str='true', # "true": labels sampled from the model (paper); "empirical": data labels
-                batch_size:int=8, # sequences per batch
-                seed:int=0, # seed of the pseudo-label sampling
-                progress:bool=True, # show tqdm bars
-                solver:dict|None=None, # lissa / cg options, passed to `pbrf.lissa_ihvp` / `pbrf.cg_ihvp`
-                fisher_samples:int=1, # labels sampled per token (true Fisher): more cut the Monte-Carlo noise, at k× the passes
-               ) -> Factors:
-    "Fit the curvature of the tracked layers of `model` on `train`."
+def _check_fit_args(strategy, fisher, fisher_samples, batch_size, seed, factor_dtype):
+    "Raise a clear error for a bad `fit_factors` option."
     if strategy not in STRATEGIES: raise ValueError(f"Unknown `strategy`={strategy!r}; choose one of {STRATEGIES}.")
-    if fisher not in ('true', 'empirical'): raise ValueError(f"`fisher` must be 'true' or 'empirical', got {fisher!r}.")
+    check_fisher(fisher); resolve_factor_dtype(factor_dtype)
     if isinstance(fisher_samples, bool) or not isinstance(fisher_samples, int) or fisher_samples < 1:
         raise ValueError(f"`fisher_samples` must be a positive integer, got {fisher_samples!r}.")
     if fisher_samples > 1 and fisher != 'true':
-        raise ValueError("`fisher_samples` > 1 needs fisher='true': the empirical Fisher uses the data labels, there is nothing to sample.")
-    if fisher_samples > 1 and strategy not in ('kfac', 'ekfac', 'diagonal'):
-        raise ValueError(f"`fisher_samples` applies to the sampled curvature of 'kfac', 'ekfac' and 'diagonal'; "
+        raise ValueError(f"`fisher_samples` > 1 needs fisher='true': fisher='{fisher}' samples no labels, there is nothing to sample.")
+    if fisher_samples > 1 and strategy not in (*EIGEN, 'diagonal'):
+        raise ValueError(f"`fisher_samples` applies to the sampled curvature of 'kfac', 'ekfac', 'pcg' and 'diagonal'; "
                          f"'{strategy}' samples no labels (leave fisher_samples=1).")
     if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"`seed` must be an int, got {seed!r}.")
-    layers = find_modules(model, modules)
-    if strategy in ITERATIVE and any(l.expert is not None for l in layers):
+
+def _fit_eigen(cov:dict, dtype) -> dict:
+    "`{name: {'A', 'S', 'QA', 'lA', 'QS', 'lS'}}`; layers sharing an input (one `A` object) share its eigenbasis."
+    tensors, eigA = {}, {}
+    for n, c in cov.items():
+        if id(c['A']) not in eigA: eigA[id(c['A'])] = eigen({'A': c['A'], 'S': c['A'][:1, :1]}, dtype)
+        e = eigen({'A': c['A'][:1, :1], 'S': c['S']}, dtype)
+        a = eigA[id(c['A'])]
+        tensors[n] = {'A': c['A'], 'S': c['S'], 'QA': a['QA'], 'lA': a['lA'], 'QS': e['QS'], 'lS': e['lS']}
+    return tensors
+
+@contextlib.contextmanager
+def _set_aside(tensors:dict, keys=('A', 'S')):
+    "Inside the block, `tensors[name][k]` for `k` in `keys` wait in a temporary file, not in memory; they return bit for bit."
+    where, uniq = [], {}
+    for n, d in tensors.items():
+        for k in keys:
+            if k in d: where.append((n, k, id(d[k]))); uniq.setdefault(id(d[k]), d[k])   # a shared A is stored once
+    tmp = None
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix='influence_nb-')
+        save_file({str(i): t.contiguous() for i, t in uniq.items()}, f'{tmp.name}/aside.safetensors')
+    except OSError:                                 # no writable temporary folder or no room: they stay in memory
+        if tmp is not None: tmp.cleanup()
+        uniq.clear(); yield; return
+    order = {n: list(d) for n, d in tensors.items()}
+    for n, k, _ in where: del tensors[n][k]
+    uniq.clear()
+    try: yield
+    finally:
+        back = load_file(f'{tmp.name}/aside.safetensors'); tmp.cleanup()
+        for n, k, i in where: tensors[n][k] = back[str(i)]
+        for n, keys_n in order.items(): tensors[n] = {k: tensors[n][k] for k in keys_n}   # the original key order
+
+# %% ../nbs/05_ekfac.ipynb #e5ac0002
+@grad_enabled   # works when called under torch.no_grad() or torch.inference_mode()
+def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or a compatible module
+                train, # training sequences (see `00_data`): list of dicts, torch or HF Dataset
+                strategy:str='ekfac', # identity | diagonal | kfac | ekfac | lissa | cg | pcg
+                modules:str|list[str]='mlp', # "mlp", "all" or layer names
+                fisher:str='true', # "true": labels sampled from the model (paper); "empirical": data labels; "exact": all labels, weighted (≤ 64 outputs)
+                batch_size:int=8, # sequences per batch
+                seed:int=0, # seed of the pseudo-label sampling
+                progress:bool=True, # show tqdm bars
+                solver:dict|None=None, # lissa / cg / pcg options, passed to `pbrf.lissa_ihvp` / `pbrf.cg_ihvp`
+                fisher_samples:int=1, # labels sampled per token (true Fisher): more cut the Monte-Carlo noise, at k× the passes
+                factor_dtype:str|None=FACTOR_DTYPE, # 'float32', 'float64', None: the model's precision (float64 only for a float64 model)
+               ) -> Factors:
+    "Fit the curvature of the tracked layers of `model` on `train`."
+    _check_fit_args(strategy, fisher, fisher_samples, batch_size, seed, factor_dtype)
+    layers = find_modules(model, modules)                     # (also checks that `model` is a model)
+    dtype = resolve_factor_dtype(factor_dtype, model)
+    if strategy in ITERATIVE and any(layer.expert is not None for layer in layers):
         raise ValueError(f"strategy='{strategy}' solves with whole parameters, and MoE experts are tracked as slices of "
                          "3-D tensors: use 'ekfac' (or 'kfac', 'diagonal', 'identity'), or pass `modules` without experts.")
     seqs = check_sequences(model, train, 'train')
     require_scored(seqs, 'train')
     t0 = time.time()
-    tensors, n_tok = {l.name: {} for l in layers}, int(sum(int(s['attention_mask'].sum()) for s in seqs))
+    tensors, n_tok = {layer.name: {} for layer in layers}, int(sum(int(s['attention_mask'].sum()) for s in seqs))
     passes = seqs * fisher_samples                                  # copy j of sequence i draws as sequence i + jN
-    if strategy in ('kfac', 'ekfac'):
-        cov, n_tok = fit_covariances(model, layers, passes, fisher, batch_size, seed, progress)
+    if strategy in EIGEN:
+        cov, n_tok = fit_covariances(model, layers, passes, fisher, batch_size, seed, progress, dtype)
         n_tok //= fisher_samples
-        eigA = {}   # layers sharing an input share A and its eigenvectors
-        for n, c in cov.items():
-            if id(c['A']) not in eigA: eigA[id(c['A'])] = eigen({'A': c['A'], 'S': c['A'][:1, :1]})
-            e = eigen({'A': c['A'][:1, :1], 'S': c['S']})
-            tensors[n] = {'A': c['A'], 'S': c['S'], 'QA': eigA[id(c['A'])]['QA'], 'lA': eigA[id(c['A'])]['lA'], 'QS': e['QS'], 'lS': e['lS']}
-        if strategy == 'ekfac':
-            lam = fit_lambda(model, layers, passes, {n: tensors[n] for n in tensors}, fisher, batch_size, seed, progress)
-            for n in lam: tensors[n]['Lambda'] = lam[n]
+        tensors = _fit_eigen(cov, dtype); del cov
+        if strategy != 'kfac':
+            with _set_aside(tensors):   # the covariances are not needed for Λ: they wait on disk, not in memory
+                Lam = fit_lambda(model, layers, passes, tensors, fisher, batch_size, seed, progress, dtype)
+            for n, v in Lam.items(): tensors[n]['Lambda'] = v
     elif strategy == 'diagonal':
-        for n, d in fit_diagonal(model, layers, passes, fisher, batch_size, seed, progress).items(): tensors[n]['diag'] = d
+        for n, d in fit_diagonal(model, layers, passes, fisher, batch_size, seed, progress, dtype).items(): tensors[n]['diag'] = d
     info = {'fit_seconds': round(time.time() - t0, 3), 'model_digest': model_digest(model)}
     if fisher_samples > 1: info['fisher_samples'] = fisher_samples
     if strategy in ITERATIVE: info['solver'] = dict(solver or {}, seed=seed, batch_size=batch_size)
-    f = Factors(strategy, [l.name for l in layers], {l.name: [l.d_out, l.d_in1] for l in layers}, fisher, len(seqs), n_tok,
+    f = Factors(strategy, [layer.name for layer in layers], {layer.name: [layer.d_out, layer.d_in1] for layer in layers}, fisher, len(seqs), n_tok,
                 seed, fingerprint(layers), type(model).__name__, tensors, info, seqs if strategy in ITERATIVE else None)
     check_factors_finite(f)
     return f

@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'PROBLEMS', 'TASKS', 'LDS_TASKS', 'SAMPLED', 'MLP_METHODS', 'CONFIGS', 'now', 'rnd', 'STATED',
            'correlations', 'mean_eigenvalue', 'influence_methods', 'pbrf_truth', 'method_table', 'mlp_setup',
-           'mlp_problem', 'exact_reference', 'FrozenTrunk', 'check_bundled', 'pick_queries_and_sample', 'lm_problem',
+           'mlp_problem', 'exact_reference', 'FrozenTrunk', 'check_bundled', 'pick_queries_and_sample', 'lm_setup',
+           'lm_problem', 'timed_scores', 'solver_methods', 'solver_benchmark', 'problem_setup', 'pcg_against_pbrf',
            'claims', 'save_json', 'default_cache', 'run', 'main']
 
 # %% ../nbs/20_validation.ipynb #3da440f9
@@ -18,7 +19,7 @@ import influence_nb as inf
 from .data import data_dir
 from .modules import find_modules
 from .pbrf import pbrf_scores
-from .exact import flat_blocks
+from .theory import flat_blocks
 
 # %% ../nbs/20_validation.ipynb #1665a502
 def correlations(scores: dict, # method name -> scores `[n_queries, n_points]`
@@ -102,7 +103,7 @@ def method_table(methods: dict, scores: dict, secs: dict, truth_name: str) -> di
 # %% ../nbs/20_validation.ipynb #18e3e10e
 SCHEMA_VERSION = 1
 PROBLEMS = ('regression', 'classification', 'lm')
-TASKS = ('regression', 'classification', 'exact', 'lm', 'lds', 'lds_text')   # 'exact' needs the two MLP problems in the file
+TASKS = ('regression', 'classification', 'exact', 'lm', 'lds', 'lds_text', 'solver', 'pcg')   # 'exact', 'pcg' need the problems in the file
 LDS_TASKS = ('lds', 'lds_text')
 SAMPLED = ('ekfac', dict(fisher_samples=100))                          # EK-FAC with 100 label draws per token
 MLP_METHODS = {'ekfac': ('ekfac', None), 'ekfac-s100': SAMPLED, 'kfac': ('kfac', None), 'diagonal': ('diagonal', None),
@@ -129,6 +130,12 @@ CONFIGS = {
                 methods={'ekfac': ('ekfac', 'mlp'), 'kfac': ('kfac', 'mlp'), 'diagonal': ('diagonal', 'mlp'),
                          'identity': ('identity', 'mlp'), 'ekfac (all layers)': ('ekfac', 'all')}),
 }
+# EK-FAC + k preconditioned CG steps, CG and LiSSA against exact influence on a digits MLP (`solver_benchmark`); the
+# issue that asked for it quotes pyDVL's CG at 5.1 s on this problem (`pydvl_cg_seconds`, not measured here).
+CONFIGS['solver'] = dict(dataset='sklearn digits', hidden=32, n_fit=200, n_points=200, n_queries=20, steps=300, lr=3e-3,
+                         seed=0, damping=1e-3, batch_size=200, repeats=3, target=0.9999, pydvl_cg_seconds=5.1,
+                         pcg_steps=[0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96], cg_tol=[1e-2, 3e-3, 1e-3, 1e-4, 1e-6],
+                         lissa_depth=[100, 1000], fishers=['true', 'exact'])
 # The same LDS with a benchmark closer to Kronfluence's (GPT-2 on WikiText-2): no planted records, and each query is a
 # whole held-out validation record, measured by its total log-probability (`22_lds`).
 CONFIGS['lds_text'] = dict(CONFIGS['lds'], queries='validation records', records_per_fact=0, logp_window=None)
@@ -192,7 +199,7 @@ def mlp_problem(task: str, cfg: dict,
     scores, secs, lam, f_ek = influence_methods(model, fit, points, queries, 'all', methods, cfg['damping_rel'],
                                                 batch_size=n, seed=cfg['seed'])
     say(f"{task}: λ = {lam:.3g}; " + ', '.join(f'{k} {v:.1f} s' for k, v in secs.items()))
-    names = [nm for l in find_modules(model, 'all') for nm, _ in l.params()]
+    names = [nm for layer in find_modules(model, 'all') for nm, _ in layer.params()]
     truth, t_pbrf, record = pbrf_truth(model, names, fit, points, queries, lam, cfg['eps'], cfg['rtol'], n, log=log,
                                        cache=Path(cache) / f'pbrf_{task}.jsonl' if cache else None)
     say(f"{task}: PBRF {t_pbrf:.0f} s, {record}")
@@ -222,29 +229,15 @@ def exact_reference(task: str, cfg: dict, stored: dict, # the problem's entry of
                     log=print) -> dict:
     "Exact damped-GGN influence of the MLP of `task`, full and layer-block-diagonal, against the stored PBRF."
     from influence_nb.theory import influence_from_grads
+    from influence_nb.pbrf import _Problem, _ggn_matrix, _loss_grads   # the package's one GGN builder and gradient routine
     t0, say = time.perf_counter(), log or (lambda s: None)
     su = mlp_setup(task, cfg)
     net, X, y, tr = su['net'], su['X'], su['y'], su['tr']
     names = [n for n, _ in net.named_parameters()]
-    ps = list(net.parameters()); sizes = [p.numel() for p in ps]
-    theta = torch.cat([p.detach().reshape(-1) for p in ps])
-    rows = torch.cat([tr, su['te']])                                   # the fit data, then the queries
-    X, y = X[rows], y[rows]
-    at = lambda th: torch.func.functional_call(net, {n: t.view(p.shape) for n, t, p in zip(names, th.split(sizes), ps)}, (X,))
-    J = torch.func.jacrev(at)(theta)                                   # [n, d_out, P]
-    with torch.no_grad(): out = net(X)                                 # [n, d_out]
-    if task == 'regression':
-        H = torch.eye(out.shape[1], dtype=out.dtype).expand(len(X), -1, -1)   # Hessian of ½‖h − y‖² in h
-        dlogp = -(out - y)                                             # ∇_h log p = −∇_h ½‖h − y‖²
-    else:
-        p = out.softmax(-1)
-        H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]        # Hessian of the cross-entropy in the logits
-        dlogp = nn.functional.one_hot(y, out.shape[1]).to(out.dtype) - p
-    n_fit, P = len(tr), J.shape[-1]
-    HJ = torch.einsum('noq,nqp->nop', H[:n_fit], J[:n_fit])            # [n_fit, d_out, P]
-    G = J[:n_fit].reshape(-1, P).T @ HJ.reshape(-1, P) / n_fit         # [P, P] mean GGN over the fit data
-    grads = torch.einsum('nop,no->np', J, dlogp)                       # [n, P] ∇ log p of every example
-    gq, gt = grads[n_fit:], grads[torch.tensor(su['points'])]
+    prob = _Problem(net, names, (X[tr], y[tr]), 'mse' if task == 'regression' else 'ce', batch_size=len(tr))
+    G = _ggn_matrix(prob)                                              # [P, P] mean GGN over the fit data
+    grads = lambda rows, name: -_loss_grads(prob, prob.examples((X[rows], y[rows]), name))   # ∇ log p = −∇ loss, [n, P]
+    gq, gt = grads(su['te'], 'queries'), grads(tr[torch.tensor(su['points'])], 'points')
     lam = stored['damping']
     S = dict(exact_full=influence_from_grads(gq, gt, G, lam),
              exact_block_diagonal=influence_from_grads(gq, gt, G, lam, flat_blocks(net, names)), identity=gq @ gt.T)
@@ -330,24 +323,30 @@ def pick_queries_and_sample(model, tok, n_queries: int, per_fact: int, n_sample:
     return records, queries, sample, relevant
 
 # %% ../nbs/20_validation.ipynb #cfd94e29
-def lm_problem(cfg: dict,
-               log=print,  # a function of one string for progress lines (None: silent, no progress bar)
-               cache=None, # a folder for the resumable PBRF cache (None: no cache)
-              ) -> dict:
-    "gpt2-s, one tracked layer: every method against the PBRF, solved for every training point."
+def lm_setup(cfg: dict) -> dict:
+    "The language-model problem rebuilt from `cfg` (deterministic): model, frozen trunk, fit data, queries and the sample."
     from influence_nb.data import load_bundled
-    from influence_nb.data import collate
-    from influence_nb.ekfac import fingerprint
-    t_start, say = time.perf_counter(), log or (lambda s: None)
     recipe = check_bundled(cfg['model'])
     model, tok = load_bundled(cfg['model'])
     records, queries, chosen, relevant = pick_queries_and_sample(model, tok, cfg['n_queries'], cfg['per_fact'], cfg['n_fit'],
                                                                  cfg['logp_window'], cfg['seed'])
     fit = inf.tokenize(tok, [records[j]['text'] for j in chosen], max_length=cfg['max_length'])
     qseqs = inf.tokenize_pairs(tok, queries)
-    points = list(range(len(fit)))
-    methods = {k: tuple(v) for k, v in cfg['methods'].items()}
     ft = FrozenTrunk(model, fit + qseqs)                               # the same function of the tracked layer, cheaper
+    return dict(model=model, ft=ft, recipe=recipe, records=records, queries=queries, chosen=chosen, relevant=relevant,
+                fit=fit, qseqs=qseqs, points=list(range(len(fit))))
+
+def lm_problem(cfg: dict,
+               log=print,  # a function of one string for progress lines (None: silent, no progress bar)
+               cache=None, # a folder for the resumable PBRF cache (None: no cache)
+              ) -> dict:
+    "gpt2-s, one tracked layer: every method against the PBRF, solved for every training point."
+    from influence_nb.data import collate
+    from influence_nb.ekfac import fingerprint
+    t_start, say = time.perf_counter(), log or (lambda s: None)
+    su = lm_setup(cfg)
+    model, ft, fit, qseqs, points, chosen = (su[k] for k in ('model', 'ft', 'fit', 'qseqs', 'points', 'chosen'))
+    methods = {k: tuple(v) for k, v in cfg['methods'].items()}
     b = collate(fit[:8])
     with torch.no_grad():
         diff = (ft(b['input_ids'], b['attention_mask']).logits
@@ -361,16 +360,107 @@ def lm_problem(cfg: dict,
     scores['pbrf'], secs['pbrf'] = truth, t_pb
     dev = float((truth - scores['cg']).abs().max() / truth.abs().max())
     say(f"lm: PBRF on {len(points)} points: {t_pb:.0f} s, max deviation from CG {dev:.2e} of the largest; {record}")
-    return dict(written=now(), torch=torch.__version__, config=cfg, model_recipe=recipe, truth='pbrf', model=cfg['model'],
+    return dict(written=now(), torch=torch.__version__, config=cfg, model_recipe=su['recipe'], truth='pbrf', model=cfg['model'],
                 n_params=sum(p.numel() for _, p in find_modules(model, [cfg['layer']])[0].params()),
                 tracked=[cfg['layer']], fit_tokens=sum(int(s['attention_mask'].sum()) for s in fit), damping=lam,
                 damping_rule=f"{cfg['damping_rel']:g} x mean EK-FAC eigenvalue",
-                model_fingerprint=fingerprint(find_modules(model, 'all')), query_ids=[q['id'] for q in queries],
-                sample_ids=[records[j]['id'] for j in chosen], relevant=[chosen.index(j) for j in relevant],
-                train_idx=points, query_idx=list(range(len(queries))), n_points=len(points), n_queries=len(queries),
+                model_fingerprint=fingerprint(find_modules(model, 'all')), query_ids=[q['id'] for q in su['queries']],
+                sample_ids=[su['records'][j]['id'] for j in chosen], relevant=[chosen.index(j) for j in su['relevant']],
+                train_idx=points, query_idx=list(range(len(qseqs))), n_points=len(points), n_queries=len(qseqs),
                 methods=method_table(methods, scores, secs, 'pbrf'), frozen_trunk_max_logit_dev=trunk_dev,
                 pbrf=dict(seconds=t_pb, solver=record, eps=cfg['eps'], rtol=cfg['rtol'], max_rel_dev_from_cg=dev),
                 scores={k: rnd(v) for k, v in scores.items()}, total_seconds=time.perf_counter() - t_start)
+
+# %% ../nbs/20_validation.ipynb #a6aaa426
+def timed_scores(model, fit, queries,
+                 strategy: str,        # any `fit_factors` strategy
+                 damping: float,       # absolute λ
+                 solver=None,          # options of the iterative strategies (`fit_factors(solver=)`)
+                 batch_size: int = 64, seed: int = 0,
+                 repeats: int = 3,     # fit + score this many times; each time is kept
+                 train=None,           # the scored training sequences (None: all of `fit`)
+                 modules='all',        # tracked modules
+                 fisher: str = 'true', # `fit_factors`' Fisher: 'true' (sampled labels), 'exact' (every label), 'empirical'
+                ) -> tuple:            # (scores [n_q, n_train] float64, [seconds of each repeat])
+    "`fit_factors` + `pairwise_scores` of the training sequences on every query, timed `repeats` times."
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"`repeats` must be a positive integer, got {repeats!r}.")
+    secs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f = inf.fit_factors(model, fit, strategy, modules=modules, batch_size=batch_size, seed=seed, progress=False,
+                            solver=solver, fisher=fisher)
+        S = inf.pairwise_scores(model, f, queries, fit if train is None else train, damping=damping,
+                                batch_size=batch_size, progress=False).total
+        secs.append(time.perf_counter() - t0)
+    return S.double(), secs
+
+def solver_methods(cfg: dict) -> dict:
+    "name -> (family, strategy, solver options, fisher) of the accuracy-for-time curve: EK-FAC (+ k PCG steps), CG, LiSSA."
+    out = {}
+    for fisher in cfg['fishers']:                                      # EK-FAC's Fisher, hence PCG's preconditioner
+        tag = '' if fisher == 'true' else f'-{fisher}'
+        out[f'ekfac{tag}'] = (f'ekfac{tag}', 'ekfac', None, fisher)
+        out.update({f'pcg{tag}-{k}': (f'pcg{tag}', 'pcg', dict(max_iter=k), fisher) for k in cfg['pcg_steps']})
+    out.update({f'cg-{t:g}': ('cg', 'cg', dict(tol=t), 'true') for t in cfg['cg_tol']})
+    out.update({f'lissa-{d}': ('lissa', 'lissa', dict(depth=d), 'true') for d in cfg['lissa_depth']})
+    return out
+
+# %% ../nbs/20_validation.ipynb #4c362347
+def solver_benchmark(cfg: dict, # `CONFIGS['solver']`: the digits MLP, absolute `damping`, steps, tolerances, depths, repeats
+                     log=print, # a function of one string for progress lines (None: silent)
+                    ) -> dict:  # the 'solver' entry of the results file
+    "Pearson with exact influence against fit + score time of every `solver_methods` entry on the digits MLP."
+    from influence_nb.theory import exact_influence
+    say = log or (lambda s: None)
+    su = mlp_setup('classification', cfg)
+    model, fit, queries = su['model'], su['fit'], su['queries']
+    names = [n for layer in find_modules(model, 'all') for n, _ in layer.params()]
+    t0 = time.perf_counter()
+    exact = exact_influence(model, names, queries, fit, cfg['damping'])       # [n_q, n_fit], dense float64 solve
+    t_exact = time.perf_counter() - t0
+    rows = {}
+    for name, (family, strategy, opts, fisher) in solver_methods(cfg).items():
+        S, secs = timed_scores(model, fit, queries, strategy, cfg['damping'], opts, cfg['batch_size'], cfg['seed'],
+                               cfg['repeats'], fisher=fisher)
+        rows[name] = dict(family=family, strategy=strategy, solver=opts, fisher=fisher, seconds=secs, seconds_min=min(secs),
+                          seconds_max=max(secs), **correlations({name: S}, exact)[name])
+        say(f"solver: {name}: {min(secs):.3f}-{max(secs):.3f} s, Pearson {rows[name]['pearson']:.6f}")
+    return dict(written=now(), torch=torch.__version__, config=cfg, model=su['name'], truth='exact (dense float64 solve)',
+                n_params=sum(p.numel() for p in su['net'].parameters()), n_fit=len(fit),
+                n_queries=len(queries), exact_seconds=t_exact, methods=rows)
+
+# %% ../nbs/20_validation.ipynb #6a02aba5
+def problem_setup(task: str, cfg: dict) -> tuple:
+    "(model, fit, points, queries, modules, batch_size) of a validation problem, rebuilt from its stored configuration."
+    if task == 'lm':
+        su = lm_setup(cfg)
+        return su['ft'], su['fit'], su['points'], su['qseqs'], ['c_proj'], cfg['batch_size']
+    su = mlp_setup(task, cfg)
+    return su['model'], su['fit'], su['points'], su['queries'], 'all', cfg['n_fit']
+
+def pcg_against_pbrf(task: str, stored: dict, # the problem's entry of the results file (with its PBRF scores)
+                     log=print, repeats: int = 3,
+                     target: float = 0.95, # stop at the first k whose Pearson with the PBRF reaches this
+                     max_steps: int = 64,  # or at this many steps
+                    ) -> dict:
+    "EK-FAC + k preconditioned CG steps (k = 0, 1, 2, 4, ...) against the stored PBRF truth of `task`, with times."
+    say = log or (lambda s: None)
+    cfg, lam = stored['config'], stored['damping']
+    model, fit, points, queries, modules, bs = problem_setup(task, cfg)
+    train, truth = [fit[i] for i in points], np.array(stored['scores']['pbrf'])
+    def one(name, strategy, opts):
+        S, secs = timed_scores(model, fit, queries, strategy, lam, opts, bs, cfg['seed'], repeats, train, modules)
+        row = dict(steps=None if opts is None else opts['max_iter'], seconds=secs, seconds_min=min(secs),
+                   seconds_max=max(secs), **correlations({name: S}, truth)[name])
+        say(f"pcg {task}: {name}: {row['seconds_min']:.2f}-{row['seconds_max']:.2f} s, Pearson {row['pearson']:.3f}")
+        return row
+    rows, k = {'ekfac': one('ekfac', 'ekfac', None)}, 0
+    while True:
+        rows[f'pcg-{k}'] = one(f'pcg-{k}', 'pcg', dict(max_iter=k))
+        if rows[f'pcg-{k}']['pearson'] >= target or k >= max_steps: break
+        k = 1 if k == 0 else 2 * k
+    return dict(written=now(), damping=lam, target=target, repeats=repeats, methods=rows)
 
 # %% ../nbs/20_validation.ipynb #91f9e058
 def _best_lissa(methods):
@@ -413,6 +503,38 @@ def _problem_claims(k, P, add):
         f"EK-FAC {m['ekfac']['pearson']:.3f} vs diagonal {m['diagonal']['pearson']:.3f}",
         f'{k}: EK-FAC correlates better with the PBRF than the diagonal')
 
+# %% ../nbs/20_validation.ipynb #efecbb32
+def _first_reaching(methods: dict, family: str, target: float, key: str = 'pearson'):
+    "Name of the cheapest (fewest steps / loosest tolerance: first listed) method of `family` whose `key` reaches `target`."
+    fam = lambda n, m: m.get('family', n.rsplit('-', 1)[0])             # the pcg task's rows are named family-k
+    return next((n for n, m in methods.items() if fam(n, m) == family and m[key] >= target), None)
+
+def _solver_claims(S, add):
+    m, target, pydvl = S['methods'], S['config']['target'], S['config']['pydvl_cg_seconds']
+    exact = {n: dict(v, worst=min(v['pearson'], v['pearson_pooled'])) for n, v in m.items()}
+    runs = [('pcg', 'ekfac', 'EK-FAC + k PCG steps', ''), ('cg', 'ekfac', 'plain CG', '')]
+    if 'ekfac-exact' in m: runs.append(('pcg-exact', 'ekfac-exact', 'EK-FAC (exact Fisher) + k PCG steps', '_exact_fisher'))
+    for family, base, label, tag in runs:
+        hit, t_ek = _first_reaching(exact, family, target, 'worst'), m[base]['seconds_min']
+        ratio = m[hit]['seconds_min'] / t_ek if hit else float('inf')
+        add(f"target_{family.split('-')[0]}_exact_5x_ekfac{tag}", ratio <= 5, f"{hit}: {m[hit]['seconds_min']:.3f}-"
+            f"{m[hit]['seconds_max']:.3f} s = {ratio:.1f}x {base} ({t_ek:.3f}-{m[base]['seconds_max']:.3f} s)" if hit
+            else f"no {label} setting reached {target}",
+            f"target: {label} reaches Pearson >= {target} with exact influence in <= 5x {base}'s fit + score time (digits MLP)")
+        add(f"{family.split('-')[0]}_exact_3x_faster_than_pydvl{tag}", hit is not None and 3 * m[hit]['seconds_max'] <= pydvl,
+            f"{hit}: {m[hit]['seconds_max']:.3f} s at most vs pyDVL's CG {pydvl} s (quoted)" if hit else 'not reached',
+            f"{label} at Pearson >= {target} is >= 3x faster than pyDVL's CG on the same problem (issue 17's figure)")
+    add('pcg_zero_steps_is_ekfac', abs(m['pcg-0']['pearson'] - m['ekfac']['pearson']) < 1e-9,
+        f"Pearson {m['pcg-0']['pearson']:.6f} vs {m['ekfac']['pearson']:.6f}", "zero PCG steps return EK-FAC's scores")
+
+def _pcg_claims(k, P, add):
+    m = P[k]['pcg']['methods']
+    hit = _first_reaching(m, 'pcg', P[k]['pcg']['target'])
+    ratio = m[hit]['seconds_min'] / m['ekfac']['seconds_min'] if hit else float('inf')
+    add(f'target_pcg_0.95_5x_{k}', ratio <= 5, f"{hit}: Pearson {m[hit]['pearson']:.3f} at {m[hit]['seconds_min']:.2f}-"
+        f"{m[hit]['seconds_max']:.2f} s = {ratio:.1f}x EK-FAC (Pearson {m['ekfac']['pearson']:.3f})" if hit else 'not reached',
+        f"target: on {k}, EK-FAC + k PCG steps reaches Pearson >= 0.95 with the PBRF at <= 5x EK-FAC's time")
+
 # %% ../nbs/20_validation.ipynb #f1efc68d
 def _lds_claims(task, R, add):
     tag = '' if task == 'lds' else '_text'                              # claim names: lds_* and lds_text_*
@@ -448,6 +570,8 @@ def claims(res: dict, # a results file (`run`), or part of one
     def add(name, holds, detail, text): out[name] = dict(holds=bool(holds), detail=detail, text=text)
     for k in [k for k in ('regression', 'classification') if k in P]: _mlp_claims(k, P, add)
     for k in P: _problem_claims(k, P, add)
+    for k in [k for k in P if 'pcg' in P[k]]: _pcg_claims(k, P, add)
+    if 'solver' in res: _solver_claims(res['solver'], add)
     for task in [t for t in LDS_TASKS if t in res]: _lds_claims(task, res[task], add)
     return out
 
@@ -467,6 +591,11 @@ STATED = {
     # 20_validation, (c) the language model
     'target_ekfac_near_lissa_lm': False, 'ekfac_beats_dot_lm': True, 'ekfac_beats_diagonal_lm': True,
     'pbrf_derivative_is_cg_lm': True, 'ekfac_samples_help_lm': False,
+    # 20_validation, EK-FAC-preconditioned CG: against the PBRF (pcg task) and against exact influence (solver task)
+    'target_pcg_0.95_5x_regression': True, 'target_pcg_0.95_5x_classification': True, 'target_pcg_0.95_5x_lm': False,
+    'target_pcg_exact_5x_ekfac': False, 'pcg_exact_3x_faster_than_pydvl': True, 'target_cg_exact_5x_ekfac': True,
+    'cg_exact_3x_faster_than_pydvl': True, 'pcg_zero_steps_is_ekfac': True,
+    'target_pcg_exact_5x_ekfac_exact_fisher': False, 'pcg_exact_3x_faster_than_pydvl_exact_fisher': True,
     # 22_lds
     'target_lds_2x': False, 'lds_2x_reachable': False, 'lds_all_positive': True, 'lds_ekfac_beats_identity': True,
     'lds_ekfac_beats_diagonal': True, 'lds_diagonal_beats_identity': True, 'lds_all_layers_beat_mlp': True,
@@ -490,12 +619,15 @@ def default_cache() -> Path:
     return cache_dir() / 'validation'
 
 def _one_task(task, out, cfg, log, cache):
-    if task == 'exact':
+    if task in ('exact', 'pcg'):                                        # they read the problems already in the file
         P = json.loads(out.read_text())['problems'] if out.exists() else {}
-        mlps = [k for k in ('regression', 'classification') if k in P]
-        if not mlps: raise ValueError(f"task 'exact' needs 'regression' or 'classification' in {out}: run them first.")
-        return {k: exact_reference(k, P[k]['config'], P[k], log) for k in mlps}
+        need = ('regression', 'classification') if task == 'exact' else PROBLEMS
+        have = [k for k in need if k in P]
+        if not have: raise ValueError(f"task '{task}' needs one of {need} in {out}: run them first.")
+        one = exact_reference if task == 'exact' else (lambda k, cfg, stored, log: pcg_against_pbrf(k, stored, log))
+        return {k: one(k, P[k]['config'], P[k], log) for k in have}
     if task == 'lm': return lm_problem(cfg, log, cache)
+    if task == 'solver': return solver_benchmark(cfg, log)
     if task in PROBLEMS: return mlp_problem(task, cfg, log, cache)
     from influence_nb.lds import lds_benchmark                          # 22_lds (it imports this module)
     return lds_benchmark(cfg, log, cache)
@@ -521,8 +653,8 @@ def run(tasks,                # task names, a subset of `TASKS`
         r = _one_task(task, out, cfgs.get(task), log, cache)
         res = json.loads(out.read_text()) if out.exists() else {}      # read late: another run may have written meanwhile
         res.setdefault('problems', {})
-        if task == 'exact':
-            for k, v in r.items(): res['problems'][k]['exact'] = v
+        if task in ('exact', 'pcg'):
+            for k, v in r.items(): res['problems'][k][task] = v
         elif task in PROBLEMS: res['problems'][task] = r
         else: res[task] = r
         res.update(schema_version=SCHEMA_VERSION, updated=now(), torch=torch.__version__, python=platform.python_version(),

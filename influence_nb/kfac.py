@@ -12,13 +12,27 @@ from .data import IGNORE_INDEX, batches, check_sequences
 from .modules import TrackedLayer, capture, find_modules
 
 # %% auto #0
-__all__ = ['summed_loss', 'dist_info', 'all_reduce_sum', 'layer_passes', 'Gram', 'blas_threads', 'fit_covariances', 'eigen',
-           'precondition_eigen']
+__all__ = ['EXACT_MAX_OUTPUTS', 'FACTOR_DTYPES', 'summed_loss', 'summed_loss_grad', 'check_fisher', 'fisher_sample',
+           'exact_cotangents', 'dist_info', 'all_reduce_sum', 'layer_passes', 'Gram', 'blas_threads',
+           'resolve_factor_dtype', 'fit_covariances', 'eigen', 'precondition_eigen']
 
 # %% ../nbs/04_kfac.ipynb #e66b35a3
 def _seq_generator(seed:int, stream:int, index:int) -> torch.Generator:
     h = hashlib.blake2b(f'{seed}/{stream}/{index}'.encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(h, 'little') & ((1 << 63) - 1))
+
+def _sample_labels(probs:torch.Tensor, # [B, T-1, V] the model's predictive distributions
+                   targets:torch.Tensor, # [B, T-1] data labels (-100 = not scored); sampled ones replace them in place
+                   seed:int, stream:int, indices:list[int]|None):
+    "Inverse-CDF sampling: one uniform per scored token from the sequence's own generator."
+    for r in range(len(targets)):
+        m = targets[r] != IGNORE_INDEX
+        if m.any():
+            g = _seq_generator(seed, stream, indices[r] if indices is not None else r)
+            c = probs[r, m].cumsum(-1)                                       # [scored tokens, V]: one row at a time
+            u = torch.rand(int(m.sum()), 1, generator=g, dtype=c.dtype).to(c.device)
+            targets[r, m] = torch.searchsorted(c, u * c[:, -1:])[:, 0].clamp_max(c.shape[-1] - 1)
+    return targets
 
 def summed_loss(logits:torch.Tensor, # [batch, T, vocab]
                 labels:torch.Tensor, # [batch, T], -100 = not scored (aligned with inputs, shifted here)
@@ -29,17 +43,72 @@ def summed_loss(logits:torch.Tensor, # [batch, T, vocab]
     "Cross-entropy summed over scored tokens, with data labels or with labels sampled from the model."
     logits, targets = logits[:, :-1], labels[:, 1:].clone()           # position t predicts token t+1
     if logits.dtype in (torch.float16, torch.bfloat16): logits = logits.float()
-    if sample:   # inverse-CDF sampling: one uniform per token from the sequence's own generator
-        with torch.no_grad():
-            cdf = logits.softmax(-1).cumsum(-1)                              # [B, T-1, V]
-            for r in range(len(targets)):
-                m = targets[r] != IGNORE_INDEX
-                if m.any():
-                    g = _seq_generator(seed, stream, indices[r] if indices is not None else r)
-                    u = torch.rand(int(m.sum()), 1, generator=g, dtype=cdf.dtype).to(cdf.device)
-                    c = cdf[r, m]
-                    targets[r, m] = torch.searchsorted(c, u * c[:, -1:])[:, 0].clamp_max(c.shape[-1] - 1)
+    if sample:
+        with torch.no_grad(): _sample_labels(logits.softmax(-1), targets, seed, stream, indices)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction='sum')
+
+# %% ../nbs/04_kfac.ipynb #e4ac0009
+def summed_loss_grad(logits:torch.Tensor, # [batch, T, vocab]
+                     labels:torch.Tensor, # [batch, T], -100 = not scored
+                     sample:bool=False, seed:int=0, stream:int=0, indices:list[int]|None=None, # as in `summed_loss`
+                    ) -> torch.Tensor:
+    "`∂ summed_loss / ∂ logits`: `p − e_y` at scored positions, 0 elsewhere, `[batch, T, vocab]` (labels sampled alike)."
+    with torch.no_grad():
+        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        grad, targets = z.softmax(-1), labels[:, 1:].clone()                   # p, [B, T, V]; position t predicts t+1
+        if sample: _sample_labels(grad[:, :-1], targets, seed, stream, indices)
+        grad[:, -1] = 0
+        grad[:, :-1][targets == IGNORE_INDEX] = 0
+        b, t = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        grad[b, t, targets[b, t]] -= 1                                       # p − e_y
+    return grad.to(logits.dtype)
+
+# %% ../nbs/04_kfac.ipynb #e4ac0002
+EXACT_MAX_OUTPUTS = 64   # fisher='exact' backpropagates one row per output class and scored token
+
+def check_fisher(fisher:str) -> str:
+    if fisher not in ('true', 'empirical', 'exact'):
+        raise ValueError(f"`fisher` must be 'true', 'empirical' or 'exact', got {fisher!r}.")
+    return fisher
+
+def fisher_sample(fisher:str) -> bool|str:
+    "The `sample` argument of `layer_passes` for a `fisher` option."
+    return 'exact' if check_fisher(fisher) == 'exact' else fisher == 'true'
+
+def exact_cotangents(logits:torch.Tensor, # [B, T, C] outputs (position t predicts label t+1)
+                     labels:torch.Tensor, # [B, T], -100 = not scored
+                     loss:str='ce', # 'ce' (softmax cross-entropy) or 'mse' (squared error: H = I)
+                    ):
+    "Yield `[B, T, C]` output gradients, one per (k-th scored token of each row, class c): `√p_c (e_c − p)` or `e_c`."
+    B, T, C = logits.shape
+    if C > EXACT_MAX_OUTPUTS:
+        raise ValueError(f"fisher='exact' backpropagates one gradient per output class and scored token; this model has "
+                         f"{C} outputs (> {EXACT_MAX_OUTPUTS}). Use fisher='true' (sampled labels) for language models.")
+    if loss not in ('ce', 'mse'): raise ValueError(f"fisher='exact' knows the losses 'ce' and 'mse', not {loss!r}.")
+    scored = labels[:, 1:] != IGNORE_INDEX                                   # [B, T-1]
+    rank = scored.cumsum(1) * scored                                         # k-th scored token of its row: k (1-based)
+    with torch.no_grad():
+        if loss == 'ce':
+            lp = logits[:, :-1]
+            p = (lp.float() if lp.dtype in (torch.float16, torch.bfloat16) else lp).softmax(-1)   # [B, T-1, C]
+            root = torch.diag_embed(p.sqrt()) - p.sqrt()[..., :, None] * p[..., None, :]   # rows √p_c (e_c − p): [B, T-1, C, C]
+        for k in range(1, int(rank.max()) + 1 if scored.any() else 1):
+            at = (rank == k)[..., None].to(logits.dtype)                      # [B, T-1, 1]
+            for c in range(C):
+                cot = logits.new_zeros(B, T, C)
+                if loss == 'ce': cot[:, :-1] = root[..., c, :].to(logits.dtype) * at
+                else: cot[:, :-1, c] = at[..., 0]
+                yield cot
+
+def _backprop(cap, logits:torch.Tensor, cotangents) -> dict:
+    "`{name: [J, ...]}`: each tracked layer's output gradient for every one of the J gradients `cotangents` at the logits."
+    names = [layer.name for layer in cap.layers]
+    outs, cap.backward = [cap.outputs[n] for n in names], True
+    cots, got = list(cotangents), {n: [] for n in names}
+    for j, cot in enumerate(cots):
+        gs = torch.autograd.grad(logits, outs, grad_outputs=cot, retain_graph=j < len(cots) - 1, allow_unused=True)
+        for n, o, g in zip(names, outs, gs): got[n].append(torch.zeros_like(o) if g is None else g)
+    return {n: g[0][None] if len(g) == 1 else torch.stack(g) for n, g in got.items()}   # [J, B, T, d_out] (or [J, B·T, d_out])
 
 # %% ../nbs/04_kfac.ipynb #ccc9e67c
 def dist_info() -> tuple[int, int]:
@@ -63,25 +132,26 @@ def _check_finite(x, what, name, batch_no, idx=None):
         raise ValueError(f"Non-finite values (NaN or Inf) in the {what} of layer '{name}' at batch {batch_no}{seqs}. "
                          "Check the model's weights and the input ids; a model in float16 may overflow — try float32.")
 
-def _scatter_expert(cap, l, x, d, B, T, mask):
+def _scatter_expert(cap, layer, x, d, B, T, mask):
     "An expert's routed rows as `ā [B, T, d_in(+1)]`, `Ds [B, T, d_out]` (zero where not routed) and its token count."
-    rows, n = cap.rows[l.name], cap.n_rows[l.name]
+    rows, n = cap.rows[layer.name], cap.n_rows[layer.name]
     if n != B * T:
-        raise RuntimeError(f"The experts of '{l.name}' received {n} token rows, not batch × length = {B * T}: "
+        raise RuntimeError(f"The experts of '{layer.name}' received {n} token rows, not batch × length = {B * T}: "
                            "influence_nb expects an MoE block to flatten its tokens before routing them.")
-    a = x.new_zeros(B * T, l.d_in1)
-    a[rows, :l.d_in] = x
-    if l.bias: a[rows, l.d_in] = 1                                                   # ā = (a, 1) on routed tokens only
-    ds = d.new_zeros(B * T, l.d_out)
+    a = x.new_zeros(B * T, layer.d_in1)
+    a[rows, :layer.d_in] = x
+    if layer.bias: a[rows, layer.d_in] = 1                                                   # ā = (a, 1) on routed tokens only
+    ds = d.new_zeros(B * T, layer.d_out)
     ds[rows] = d.detach()
     m = mask.reshape(B * T, 1)
     return (a * m).reshape(B, T, -1), (ds * m).reshape(B, T, -1), int(m[rows].sum())
 
+# %% ../nbs/04_kfac.ipynb #e4ac0004
 def layer_passes(model, # a causal LM
                  layers:list[TrackedLayer], # tracked layers (`find_modules`)
                  seqs:list[dict], # normalised sequences
                  batch_size:int=8, # sequences per batch
-                 sample:bool=False, # sample labels from the model (true Fisher) instead of the data labels
+                 sample:bool|str=False, # True: labels sampled from the model (true Fisher); 'exact': every label, weighted
                  seed:int=0, # seed of the pseudo-label sampling
                  stream:int=0, # independent sample streams (e.g. one per fitting pass)
                  desc:str|None=None, # progress bar label (None: no bar)
@@ -90,7 +160,9 @@ def layer_passes(model, # a causal LM
                  counts:bool=False, # also yield `{name: tokens the layer saw}` (an expert sees only those routed to it)
                 ):
     "Yield `(indices, acts, out_grads)` per batch: `{name: ā [B, T, d_in(+1)]}`, `{name: Ds [B, T, d_out]}`, masked.\n\n    An expert's rows are scattered to the positions of the tokens routed to it; the others are zero.\n\n    Under torch.distributed each process walks its shard `seqs[rank::world]`; `indices` are positions in `seqs`."
-    device = next(model.parameters()).device
+    device, exact = next(model.parameters()).device, sample == 'exact'
+    if exact and any(layer.expert is not None for layer in layers):
+        raise ValueError("fisher='exact' is for small dense heads; MoE experts are not supported: use fisher='true'.")
     rank, world = dist_info()
     ids = list(range(len(seqs)))[rank::world]                  # this process's shard (all of it when alone)
     mine = seqs if world == 1 else [seqs[i] for i in ids]
@@ -102,38 +174,41 @@ def layer_passes(model, # a causal LM
             b = {k: v.to(device) for k, v in b.items()}
             mask = b['attention_mask'][..., None]                                   # [B, T, 1]
             logits = model(input_ids=b['input_ids'], attention_mask=b['attention_mask']).logits
-            custom = getattr(model, 'influence_loss', None)   # adapters (e.g. a regressor) bring their own loss
-            loss = (custom or summed_loss)(logits, b['labels'], sample, seed, stream, idx)
-            dss = cap.out_grads(loss)
+            custom = getattr(model, 'influence_loss', None)       # adapters (e.g. a regressor) bring their own loss
+            if exact: dss = _backprop(cap, logits, exact_cotangents(logits, b['labels'], getattr(model, 'pbrf_loss', 'ce')))
+            elif custom: dss = cap.out_grads(custom(logits, b['labels'], bool(sample), seed, stream, idx))
+            else: dss = {n: g[0] for n, g in _backprop(cap, logits, [summed_loss_grad(logits, b['labels'], bool(sample), seed, stream, idx)]).items()}
             acts, outg = {}, {}
             B, T = b['input_ids'].shape
             padded, seen = not bool(mask.all()), {}
             n_seen = {}
-            for l in layers:
-                x = cap.inputs[l.name]
-                if l.expert is not None:   # this expert's rows, scattered back to their token positions
-                    acts[l.name], outg[l.name], n_seen[l.name] = _scatter_expert(cap, l, x, dss[l.name], B, T, mask)
+            for layer in layers:
+                x = cap.inputs[layer.name]
+                if layer.expert is not None:   # this expert's rows, scattered back to their token positions
+                    acts[layer.name], outg[layer.name], n_seen[layer.name] = _scatter_expert(cap, layer, x, dss[layer.name], B, T, mask)
                     continue
-                if counts: n_seen[l.name] = int(mask.sum())
-                key = (x.data_ptr(), tuple(x.shape), l.bias)
+                if counts: n_seen[layer.name] = int(mask.sum())
+                key = (x.data_ptr(), tuple(x.shape), layer.bias)
                 if key not in seen:   # layers reading one input (Llama's gate_proj, up_proj) share one ā tensor
                     a = x.reshape(B, T, -1)                     # some models (OPT) flatten tokens: [B*T, d_in]
-                    if l.bias: a = torch.cat([a, torch.ones_like(a[..., :1])], -1)     # ā = (a, 1)
+                    if layer.bias: a = torch.cat([a, torch.ones_like(a[..., :1])], -1)     # ā = (a, 1)
                     seen[key] = a * mask if padded else a                              # [B, T, d_in+1]
-                acts[l.name] = seen[key]
-                d = dss[l.name].detach().reshape(B, T, -1)
-                outg[l.name] = d * mask if padded else d                               # [B, T, d_out]
+                acts[layer.name] = seen[key]
+                d = dss[layer.name].detach()
+                d = d.reshape(-1, B, T, d.shape[-1]).transpose(0, 1) if exact else d.reshape(B, T, -1)
+                outg[layer.name] = d * (mask[:, None] if exact else mask) if padded else d   # [B, T, d_out] ([B, k·C, T, d_out])
             # activations first, in model order: a NaN spreads to every gradient, so the first bad input names the culprit
             for what, arrs in (('activations', acts), ('output gradients', outg)):
-                for l in layers: _check_finite(arrs[l.name], what, l.name, batch_no, idx)
-            cap.clear()
+                for layer in layers: _check_finite(arrs[layer.name], what, layer.name, batch_no, idx)
+            cap.clear(); del logits, dss, seen
             yield (idx, acts, outg, n_seen) if counts else (idx, acts, outg)
+            del acts, outg, b, mask   # the next batch's forward must not find this one's arrays still held
             bar.update(len(idx))
     bar.close()
 
 # %% ../nbs/04_kfac.ipynb #5117b2dd
 class Gram:
-    "A running `Σ XᵀX` over row blocks `X [rows, n]`, read out (and reset) as a symmetric float64 CPU matrix."
+    "A running `Σ XᵀX` over row blocks `X [rows, n]`, read out (and reset) as a symmetric CPU matrix."
     def __init__(self, like:torch.Tensor): # a first block: fixes n, dtype and device
         n, self.syrk = like.shape[-1], None
         if like.device.type == 'cpu' and like.dtype in (torch.float32, torch.float64):
@@ -150,11 +225,19 @@ class Gram:
         x = X.detach().contiguous().numpy().T                    # [n, rows], Fortran order: a view, no copy
         self.syrk(1.0, x, beta=1.0, c=self.c, trans=0, lower=0, overwrite_c=1)   # upper triangle of c += x xᵀ
 
-    def take(self) -> torch.Tensor:
-        if self.syrk is None: out = self.t.double().cpu(); self.t.zero_(); return out
-        u = torch.from_numpy(self.c).double()
-        out = u.triu() + u.triu(1).T
-        self.c.fill(0)
+    def take(self, dtype:torch.dtype=torch.float64, last:bool=False) -> torch.Tensor:
+        "The sum so far as a symmetric `dtype` CPU matrix; the sum restarts at zero (`last`: hand over the buffer instead)."
+        if self.syrk is None:
+            out = self.t.to('cpu', dtype)
+            if last: self.t = None; return out
+            if out is self.t: out = out.clone()                   # the running sum is zeroed below, not the result
+            self.t.zero_(); return out
+        u = torch.from_numpy(self.c)                             # shares c's memory
+        if last and u.dtype == dtype: out, self.c = u.triu_(), None   # no copy: this Gram is done
+        else:
+            out = u.to(dtype).triu_() if u.dtype != dtype else u.triu()   # a new matrix: c is reused
+            self.c.fill(0)
+        out += out.triu(1).T
         return out
 
 def blas_threads():
@@ -167,61 +250,87 @@ def blas_threads():
         return contextlib.nullcontext()
 
 # %% ../nbs/04_kfac.ipynb #4d96aff0
-def fit_covariances(model, # a causal LM
-                    layers:list[TrackedLayer], # tracked layers
-                    seqs:list[dict], # normalised training sequences
-                    fisher:str='true', # "true" (sampled labels) or "empirical" (data labels)
-                    batch_size:int=8,
-                    seed:int=0,
-                    progress:bool=True,
-                   ) -> tuple[dict, int]:
-    "`({name: {'A': [d_in+1, d_in+1], 'S': [d_out, d_out]}}, n_tokens)`: A per token the layer saw, S per sequence."
-    if fisher not in ('true', 'empirical'): raise ValueError(f"`fisher` must be 'true' or 'empirical', got {fisher!r}.")
-    cov = {l.name: {} for l in layers}   # float64 totals, made at the first flush: not held during the first 32 batches
-    run, n_tok, shared = {}, 0, {}
-    seen = torch.zeros(len(layers), dtype=torch.float64)   # tokens each layer saw (an expert: those routed to it)
-    def flush():   # float32 running sums, added into the float64 totals every few batches
-        for (name, k), buf in run.items():
-            if k in cov[name]: cov[name][k] += buf.take()
-            else: cov[name][k] = buf.take()
-    with blas_threads():
-        for b_no, (idx, acts, outg, n_seen) in enumerate(layer_passes(model, layers, seqs, batch_size, sample=fisher == 'true', seed=seed,
-                                                 stream=0, desc='covariances' if progress else None, counts=True)):
-            n_tok += int(sum(int(seqs[i]['attention_mask'].sum()) for i in idx))
-            seen += torch.tensor([n_seen[l.name] for l in layers], dtype=torch.float64)
-            if b_no == 0:   # layers reading the same input (Llama's gate_proj and up_proj) share one A
-                first = {}
-                for name in cov: shared[name] = first.setdefault(acts[name].data_ptr(), name)
-            for name in cov:
-                d = outg[name].reshape(-1, outg[name].shape[-1])               # [B*T, d_out]
-                run.setdefault((name, 'S'), Gram(d)).add(d)
-                if shared[name] == name:
-                    a = acts[name].reshape(-1, acts[name].shape[-1])           # [B*T, d_in+1]
-                    run.setdefault((name, 'A'), Gram(a)).add(a)
-            if b_no % 32 == 31: flush()
-    flush()
-    for l in layers:   # a process whose shard is empty contributes zeros
-        if shared.get(l.name, l.name) == l.name: cov[l.name].setdefault('A', torch.zeros(l.d_in1, l.d_in1, dtype=torch.float64))
-        cov[l.name].setdefault('S', torch.zeros(l.d_out, l.d_out, dtype=torch.float64))
+FACTOR_DTYPES = {'float32': torch.float32, 'float64': torch.float64}
+
+def resolve_factor_dtype(name:str|None, # 'float32', 'float64', or None: float64 for a float64 model, else float32
+                         model=None) -> torch.dtype:
+    "The torch dtype of a `factor_dtype` option, or a clear error."
+    if name is None:
+        return torch.float64 if model is not None and any(p.dtype == torch.float64 for p in model.parameters()) else torch.float32
+    if name not in FACTOR_DTYPES: raise ValueError(f"`factor_dtype` must be None, 'float32' or 'float64', got {name!r}.")
+    return FACTOR_DTYPES[name]
+
+def _share_inputs(acts:dict) -> dict:
+    "`{name: owner}`: layers reading the same input (Llama's gate_proj and up_proj) share the first one's A."
+    first = {}
+    return {name: first.setdefault(a.data_ptr(), name) for name, a in acts.items()}
+
+def _finish_covariances(cov, layers, shared, seen, n_seqs, dtype):
+    "Fill in what a process with an empty shard lacks, share A, all-reduce and normalise (A per token, S per sequence)."
+    for layer in layers:   # a process whose shard is empty contributes zeros
+        if shared.get(layer.name, layer.name) == layer.name: cov[layer.name].setdefault('A', torch.zeros(layer.d_in1, layer.d_in1, dtype=dtype))
+        cov[layer.name].setdefault('S', torch.zeros(layer.d_out, layer.d_out, dtype=dtype))
     for name in cov:
         if shared.get(name, name) != name: cov[name]['A'] = cov[shared[name]]['A']
-    n_tok = int(all_reduce_sum(torch.tensor([n_tok], dtype=torch.float64)).item())
-    seen = dict(zip((l.name for l in layers), all_reduce_sum(seen).tolist()))
+    seen = dict(zip((layer.name for layer in layers), all_reduce_sum(seen).tolist()))
     done = set()
     for name, c in cov.items():
         if id(c['A']) not in done:   # an expert no token was routed to keeps A = 0
             all_reduce_sum(c['A']); c['A'] /= max(seen[name], 1); done.add(id(c['A']))
-        all_reduce_sum(c['S']); c['S'] /= len(seqs)
-    return cov, n_tok
+        all_reduce_sum(c['S']); c['S'] /= n_seqs
+    return cov
+
+# %% ../nbs/04_kfac.ipynb #e4ac0005
+def fit_covariances(model, # a causal LM
+                    layers:list[TrackedLayer], # tracked layers
+                    seqs:list[dict], # normalised training sequences
+                    fisher:str='true', # "true" (sampled labels), "empirical" (data labels) or "exact" (all labels, weighted)
+                    batch_size:int=8,
+                    seed:int=0,
+                    progress:bool=True,
+                    dtype:torch.dtype=torch.float64, # of the results; float32 also keeps the running sums in float32
+                   ) -> tuple[dict, int]:
+    "`({name: {'A': [d_in+1, d_in+1], 'S': [d_out, d_out]}}, n_tokens)`: A per token the layer saw, S per sequence."
+    check_fisher(fisher)
+    cov = {layer.name: {} for layer in layers}   # totals in `dtype`, made at the first flush
+    run, n_tok, shared = {}, 0, {}
+    seen = torch.zeros(len(layers), dtype=torch.float64)   # tokens each layer saw (an expert: those routed to it)
+    every = 32 if dtype == torch.float64 else None         # float32: the float32 running sums are the totals
+    def flush(last=False):   # running sums (in the activations' dtype) added into the totals
+        for (name, k), buf in run.items():
+            if k in cov[name]: cov[name][k] += buf.take(dtype)
+            else: cov[name][k] = buf.take(dtype, last)
+    with blas_threads():
+        for b_no, (idx, acts, outg, n_seen) in enumerate(layer_passes(model, layers, seqs, batch_size, sample=fisher_sample(fisher), seed=seed,
+                                                 stream=0, desc='covariances' if progress else None, counts=True)):
+            n_tok += int(sum(int(seqs[i]['attention_mask'].sum()) for i in idx))
+            seen += torch.tensor([n_seen[layer.name] for layer in layers], dtype=torch.float64)
+            if b_no == 0: shared = _share_inputs(acts)
+            for name in cov:
+                d = outg.pop(name)                                              # released once summed
+                d = d.reshape(-1, d.shape[-1])                                  # [B*T(*labels), d_out]
+                run.setdefault((name, 'S'), Gram(d)).add(d)
+                a = acts.pop(name)                                              # released with its last layer
+                if shared[name] == name:
+                    a = a.reshape(-1, a.shape[-1])                              # [B*T, d_in+1]
+                    run.setdefault((name, 'A'), Gram(a)).add(a)
+            acts = outg = a = d = None                                         # freed before the next batch's forward
+            if every and b_no % every == every - 1: flush()
+    flush(last=True); run.clear()
+    n_tok = int(all_reduce_sum(torch.tensor([n_tok], dtype=torch.float64)).item())
+    return _finish_covariances(cov, layers, shared, seen, len(seqs), dtype), n_tok
 
 # %% ../nbs/04_kfac.ipynb #65dabd58
-def eigen(cov:dict) -> dict:
-    "Float64 eigendecompositions `{'QA', 'lA', 'QS', 'lS'}` of a layer's covariances (eigenvalues clamped at 0)."
+def eigen(cov:dict, # {'A': [n, n], 'S': [m, m]} symmetric matrices (any float dtype)
+          dtype:torch.dtype=torch.float64, # of the results; the decomposition itself is always float64
+         ) -> dict:
+    "Eigendecompositions `{'QA', 'lA', 'QS', 'lS'}` of a layer's covariances, computed in float64 (eigenvalues clamped at 0)."
     out = {}
     for k in 'AS':
         c = cov[k].double()
-        l, Q = torch.linalg.eigh((c + c.T) / 2)
-        out['Q' + k], out['l' + k] = Q.contiguous(), l.clamp_min(0)   # row-major, as when loaded from disk
+        evals, Q = torch.linalg.eigh((c + c.T) / 2)
+        del c                                                           # float64 copies live one matrix at a time
+        out['Q' + k], out['l' + k] = Q.to(dtype).contiguous(), evals.clamp_min(0).to(dtype)   # row-major, as when loaded
     return out
 
 def precondition_eigen(V:torch.Tensor, # [..., d_out, d_in+1] gradients in canonical layout

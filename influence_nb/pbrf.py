@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
-from torch.func import functional_call, jvp, vjp, jacrev
+from fastcore.basics import patch
+from torch.func import functional_call, jvp, vjp, jacrev, vmap
 from .data import IGNORE_INDEX, as_sequences, collate, require_scored
+from .theory import _Flat, _eval_mode, _example_grads, _ggn_of_rows, check_damping
 
 # %% auto #0
 __all__ = ['bregman_objective', 'gnvp', 'PBRFResponse', 'pbrf_response', 'PBRFInfluence', 'pbrf_influence', 'PBRFScores',
@@ -74,43 +76,28 @@ class _Examples:
             require_scored(seqs, name)
             self.kind, self.seqs, self.n = 'lm', seqs, len(seqs)
 
-    def batches(self, idx=None) -> list[_Batch]:
-        "The examples `idx` (default: all) as batches of at most `batch_size`."
-        idx = torch.arange(self.n) if idx is None else torch.as_tensor(idx)
-        out = []
-        for lo in range(0, len(idx), self.batch_size):
-            sel = idx[lo:lo + self.batch_size]
-            if self.kind == 'xy':
-                out.append(_Batch('xy', self.X[sel].to(self.device), self.y[sel].to(self.device),
-                                  torch.arange(len(sel), device=self.device), None, len(sel)))
-            else:
-                b = {k: t.to(self.device) for k, t in collate([self.seqs[i] for i in sel.tolist()]).items()}
-                labels = b['labels'][:, 1:]                       # [B, T-1], shifted as in transformers
-                scored = labels != IGNORE_INDEX
-                targets = labels[scored]                          # [n_rows] token ids (ce) or labels naming targets (mse)
-                if self.loss == 'mse': targets = self.lm_targets(targets)   # [n_rows, d_out]
-                out.append(_Batch('lm', {'input_ids': b['input_ids'], 'attention_mask': b['attention_mask']},
-                                  targets, scored.nonzero()[:, 0], scored, len(sel)))
-        return out
+# %% ../nbs/02_pbrf.ipynb #cc2bb5fc
+@patch
+def batches(self: _Examples, idx=None) -> list[_Batch]:
+    "The examples `idx` (default: all) as batches of at most `batch_size`."
+    idx = torch.arange(self.n) if idx is None else torch.as_tensor(idx)
+    out = []
+    for lo in range(0, len(idx), self.batch_size):
+        sel = idx[lo:lo + self.batch_size]
+        if self.kind == 'xy':
+            out.append(_Batch('xy', self.X[sel].to(self.device), self.y[sel].to(self.device),
+                              torch.arange(len(sel), device=self.device), None, len(sel)))
+        else:
+            b = {k: t.to(self.device) for k, t in collate([self.seqs[i] for i in sel.tolist()]).items()}
+            labels = b['labels'][:, 1:]                       # [B, T-1], shifted as in transformers
+            scored = labels != IGNORE_INDEX
+            targets = labels[scored]                          # [n_rows] token ids (ce) or labels naming targets (mse)
+            if self.loss == 'mse': targets = self.lm_targets(targets)   # [n_rows, d_out]
+            out.append(_Batch('lm', {'input_ids': b['input_ids'], 'attention_mask': b['attention_mask']},
+                              targets, scored.nonzero()[:, 0], scored, len(sel)))
+    return out
 
 # %% ../nbs/02_pbrf.ipynb #19c7b1bf
-def _check_names(model, param_names) -> list[str]:
-    params = dict(model.named_parameters())
-    if param_names is None: names = [n for n, p in params.items() if p.requires_grad]
-    elif isinstance(param_names, str): names = [param_names]
-    else: names = list(param_names)
-    if not names:
-        raise ValueError("`param_names` is empty: name at least one parameter (see `model.named_parameters()`).")
-    for n in names:
-        if not isinstance(n, str): raise TypeError(f"`param_names` must hold parameter names (str), got {type(n).__name__}.")
-        if n not in params:
-            cands = list(params)
-            shown = ', '.join(cands[:40]) + (f', ... ({len(cands)} in all)' if len(cands) > 40 else '')
-            raise ValueError(f"`param_names` contains {n!r}, which is not a parameter of the model. Candidates: {shown}.")
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup: raise ValueError(f"`param_names` lists {dup} more than once; name each parameter once.")
-    return names
-
 def _check_positive(x, name: str, hint: str = ''):
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
         raise ValueError(f"`{name}` must be a positive finite number, got {x!r}.{(' ' + hint) if hint else ''}")
@@ -123,60 +110,25 @@ def _check_iters(**kw):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"`{name}` must be an integer >= {lo}, got {v!r}.")
 
-@contextmanager
-def _eval_mode(model):
-    was = model.training
-    model.eval()
-    try: yield
-    finally: model.train(was)
-
 # %% ../nbs/02_pbrf.ipynb #09524166
-class _Problem:
-    "A model as a function of the flat vector of its tracked parameters, plus the fit data."
+class _Problem(_Flat):
+    "`_Flat` (`01_theory`: the model as a function of the flat tracked parameters θ) with the fit data and a row-wise loss."
     def __init__(self, model, param_names, data, loss='ce', batch_size=64, dtype=None, name='data'):
         if loss not in _LOSSES: raise ValueError(f"`loss` must be one of {_LOSSES}, got {loss!r}.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        self.model, self.loss, self.batch_size = model, loss, batch_size
-        self.names = _check_names(model, param_names)
-        named = dict(model.named_parameters())
-        self.dtype = dtype or named[self.names[0]].dtype
-        self.device = named[self.names[0]].device                        # inputs follow the model
-        self.shapes = [named[n].shape for n in self.names]
-        self.numels = [named[n].numel() for n in self.names]
-        self.P = sum(self.numels)
-        self.theta_s = torch.cat([named[n].detach().reshape(-1).to(self.dtype) for n in self.names])   # [P]
-        cast = lambda t: t.detach().to(self.dtype) if t.is_floating_point() else t.detach()
-        self.fixed = {n: cast(t) for n, t in list(model.named_parameters()) + list(model.named_buffers())
-                      if n not in self.names}
+        super().__init__(model, param_names, dtype, all_if_none=True)   # None: every trainable parameter
+        self.loss, self.batch_size = loss, batch_size
+        self.theta_s = self.theta                                        # [P] θ_s, the trained parameters
         self.lm_targets = self._lm_targets()
         self.data = self.examples(data, name)
         self.N = self.data.n
-        self.keep_graphs, self._lin = False, None                        # see `linearised`
+        self._lin = None                                                 # see `linearised`
 
     def linearised(self):
-        "[(batch, rows at θ_s, vjp function)] for every fit batch, built once: reused by every later `_gnvp`."
-        if self._lin is None:
-            self._lin = []
-            for b in self.data.batches():
-                h, vjp_fn = vjp(lambda th, b=b: self.rows(th, b), self.theta_s)
-                self._lin.append((b, h.detach(), vjp_fn))
+        "The fit data linearised at θ_s (`_Linearised`), built at the first product and reused by every later one."
+        if self._lin is None: self._lin = _Linearised(self)
         return self._lin
-
-    def _lm_targets(self):
-        "For loss='mse' on sequences: scored labels [n_rows] -> targets [n_rows, d_out], from the model (None if it has none)."
-        if self.loss != 'mse': return None
-        custom = getattr(self.model, 'pbrf_targets', None)
-        if callable(custom): return lambda lab: custom(lab).to(self.device, self.dtype).reshape(len(lab), -1)
-        Y = self.fixed.get('Y')
-        if not isinstance(Y, torch.Tensor) or not Y.is_floating_point() or Y.dim() == 0: return None
-        Y = Y.reshape(len(Y), -1)                                         # [n_examples, d_out]
-        def lookup(lab):
-            bad = (lab < 0) | (lab >= len(Y))
-            if bad.any(): raise ValueError(f"A scored label ({int(lab[bad][0])}) is not a row of the model's `Y` "
-                                           f"({len(Y)} rows): with loss='mse' a sequence's label names its target row.")
-            return Y[lab]
-        return lookup
 
     def examples(self, data, name, single=False) -> _Examples:
         x_dim = self.data.X.dim() if hasattr(self, 'data') and self.data.kind == 'xy' else None
@@ -185,12 +137,6 @@ class _Problem:
             raise TypeError(f"`{name}` is {'(X, y) tensors' if ex.kind == 'xy' else 'sequences'} but `data` is "
                             f"{'(X, y) tensors' if self.data.kind == 'xy' else 'sequences'}; use one kind for both.")
         return ex
-
-    def params(self, theta) -> dict:
-        "All parameters and buffers for `functional_call`, with the tracked ones taken from `theta` [P]."
-        out = dict(self.fixed)
-        for n, t, shape in zip(self.names, theta.split(self.numels), self.shapes): out[n] = t.view(shape)
-        return out
 
     def rows(self, theta, batch: _Batch) -> torch.Tensor:
         "Outputs on `batch` as rows [n_rows, d_out]: scored-token logits (lm) or per-example outputs (xy)."
@@ -216,6 +162,23 @@ class _Problem:
         if not torch.isfinite(V).all(): raise ValueError(f"`{name}` contains NaN or Inf.")
         return V.reshape(-1, self.P).to(self.device, self.dtype), V.dim() == 1
 
+# %% ../nbs/02_pbrf.ipynb #8aa54a4f
+@patch
+def _lm_targets(self: _Problem):
+    "For loss='mse' on sequences: scored labels [n_rows] -> targets [n_rows, d_out], from the model (None if it has none)."
+    if self.loss != 'mse': return None
+    custom = getattr(self.model, 'pbrf_targets', None)
+    if callable(custom): return lambda lab: custom(lab).to(self.device, self.dtype).reshape(len(lab), -1)
+    Y = self.fixed.get('Y')
+    if not isinstance(Y, torch.Tensor) or not Y.is_floating_point() or Y.dim() == 0: return None
+    Y = Y.reshape(len(Y), -1)                                         # [n_examples, d_out]
+    def lookup(lab):
+        bad = (lab < 0) | (lab >= len(Y))
+        if bad.any(): raise ValueError(f"A scored label ({int(lab[bad][0])}) is not a row of the model's `Y` "
+                                       f"({len(Y)} rows): with loss='mse' a sequence's label names its target row.")
+        return Y[lab]
+    return lookup
+
 # %% ../nbs/02_pbrf.ipynb #1a9d3651
 def _row_loss(h, targets, loss):
     "Loss of each row [n_rows]: cross-entropy against class ids, or half the squared error."
@@ -231,13 +194,19 @@ def _reference(h, loss):
     "What the Bregman term compares against: log p_s (ce) or h_s (mse)."
     return torch.log_softmax(h, -1) if loss == 'ce' else h
 
-def _out_hvp(h, u, loss):
-    "Output-space Hessian of the loss at `h` times `u`, row by row: (diag p − p pᵀ) u for ce, u for mse."
+def _out_hvp(h, u, loss, p=None):
+    "Output-space Hessian of the loss at `h` times `u`, row by row: (diag p − p pᵀ) u for ce (p = softmax(h), if not given), u for mse."
     if loss == 'mse': return u
-    p = torch.softmax(h, -1)
-    return p * u - p * (p * u).sum(-1, keepdim=True)
+    p = torch.softmax(h, -1) if p is None else p
+    pu = p * u
+    return pu - p * pu.sum(-1, keepdim=True)
 
 # %% ../nbs/02_pbrf.ipynb #91b8dde3
+def _example_losses(prob: _Problem, b: _Batch, theta) -> torch.Tensor:
+    "Loss of each example of batch `b` [B]: its rows' losses summed (scored tokens of a sequence, or one (x, y) row)."
+    rows = _row_loss(prob.rows(theta, b), b.targets, prob.loss)          # [n_rows]
+    return torch.zeros(b.n, dtype=prob.dtype, device=prob.device).index_add(0, b.row_example, rows)
+
 def _loss_sum(prob: _Problem, ex: _Examples, theta) -> torch.Tensor:
     return sum(_row_loss(prob.rows(theta, b), b.targets, prob.loss).sum() for b in ex.batches())
 
@@ -264,7 +233,7 @@ def bregman_objective(model,                 # the trained model; its current pa
                       dtype = torch.float64, # computation dtype
                      ) -> torch.Tensor:      # scalar
     "The proximal Bregman objective PBO(θ; ε) of Bae et al. (2022), paper §2.1."
-    damping = _check_positive(damping, 'damping', 'The proximity term (λ/2)‖θ − θ_s‖² needs λ > 0.')
+    damping = check_damping(damping, allow_none=False)
     if not math.isfinite(eps): raise ValueError(f"`eps` must be finite, got {eps!r}.")
     with _eval_mode(model):
         prob = _Problem(model, param_names, data, loss, batch_size, dtype)
@@ -277,21 +246,41 @@ def bregman_objective(model,                 # the trained model; its current pa
         return breg / prob.N + eps * _loss_sum(prob, zm, theta) + 0.5 * damping * (theta - prob.theta_s).pow(2).sum()
 
 # %% ../nbs/02_pbrf.ipynb #023568fa
-def _gnvp(prob: _Problem, V: torch.Tensor, batches=None, n=None) -> torch.Tensor:
-    "G V for V [k, P]: mean over the examples of `batches` (default: all fit data) of Jᵀ H_out J V."
-    if batches is None and prob.keep_graphs: lin = prob.linearised()
-    else:
-        batches = prob.data.batches() if batches is None else batches
-        lin = ((b, *vjp(lambda th, b=b: prob.rows(th, b), prob.theta_s)) for b in batches)   # one batch at a time
-    n = prob.N if n is None else n
-    out = torch.zeros_like(V)                                            # [k, P]
-    for b, h, vjp_fn in lin:
+def _column_chunk(k: int, rows: int, d_out: int, budget: int = 2**24) -> int:
+    "Columns per vmapped call, so that the tangents [columns, n_rows, d_out] stay under `budget` numbers."
+    return max(1, min(k, budget // max(1, rows * d_out)))
+
+class _Linearised:
+    "Batches linearised once at θ_s — rows h, u ↦ Jᵀu and v ↦ J v — so that `G V` is two vmapped passes per batch."
+    def __init__(self, prob: _Problem, batches=None, n=None):
+        self.loss, self.n = prob.loss, prob.N if n is None else n
+        self.pieces = [self._linearise(prob, b) for b in (prob.data.batches() if batches is None else batches)]
+
+    @staticmethod
+    def _linearise(prob: _Problem, b: _Batch):
         f = lambda th: prob.rows(th, b)                                  # θ -> [n_rows, d_out]
+        h, jt = vjp(f, prob.theta_s)                                     # jt: u ↦ (Jᵀu,)
+        try:                                                             # u ↦ Jᵀu is linear, so its vjp is v ↦ J v:
+            _, j_of = vjp(jt, torch.zeros_like(h))                       # forward mode from the stored graph
+            j_of((prob.theta_s,))                                        # probe: every op must have a double backward
+            j = lambda v: j_of((v,))[0]
+        except (RuntimeError, NotImplementedError):                      # e.g. a fused attention kernel: re-run forward
+            j = lambda v: jvp(f, (prob.theta_s,), (v,))[1]
         h = h.detach()
-        for j in range(len(V)):
-            _, Ju = jvp(f, (prob.theta_s,), (V[j],))                     # [n_rows, d_out]
-            out[j] += vjp_fn(_out_hvp(h, Ju, prob.loss))[0]
-    return out / n
+        return h, torch.softmax(h, -1) if prob.loss == 'ce' else None, jt, j   # p: H's pieces, computed once
+
+    def __call__(self, V: torch.Tensor) -> torch.Tensor:                 # [k, P] -> G V [k, P]
+        out = torch.zeros_like(V)
+        for h, p, jt, j in self.pieces:
+            step = _column_chunk(len(V), *h.shape)
+            for lo in range(0, len(V), step):
+                JV = vmap(j)(V[lo:lo + step])                            # [k, n_rows, d_out]
+                out[lo:lo + step] += vmap(jt)(_out_hvp(h, JV, self.loss, p))[0]   # Jᵀ H J V
+        return out / self.n
+
+def _gnvp(prob: _Problem, V: torch.Tensor, batches=None, n=None) -> torch.Tensor:
+    "G V for V [k, P]: mean over the examples of `batches` (default: all fit data, linearised once per problem)."
+    return (prob.linearised() if batches is None else _Linearised(prob, batches, n))(V)
 
 def gnvp(model,                # the model at θ_s
          param_names,          # tracked parameter names (None: all trainable)
@@ -310,41 +299,36 @@ def gnvp(model,                # the model at θ_s
 
 # %% ../nbs/02_pbrf.ipynb #48e3e036
 def _ggn_matrix(prob: _Problem) -> torch.Tensor:
-    "The exact GGN [P, P] = mean over data of Σ_rows J_rᵀ H_r J_r, formed explicitly (small models only)."
-    G = torch.zeros(prob.P, prob.P, dtype=prob.dtype, device=prob.device)
-    for b in prob.data.batches():
-        J = jacrev(lambda th: prob.rows(th, b))(prob.theta_s)              # [n_rows, d_out, P]
-        h = prob.rows(prob.theta_s, b).detach()
-        if prob.loss == 'ce':
-            p = torch.softmax(h, -1)
-            H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]         # [n_rows, d_out, d_out]
-            G += torch.einsum('rdp,rde,req->pq', J, H, J)
-        else: G += torch.einsum('rdp,rdq->pq', J, J)
-    return G / prob.N
+    "The exact GGN [P, P] = mean over data of Σ_rows J_rᵀ H_r J_r, formed by `01_theory`'s builder (small models only)."
+    units = [lambda th, b=b: prob.rows(th, b) for b in prob.data.batches()]   # θ -> [n_rows, d_out] per batch
+    return _ggn_of_rows(units, prob.theta_s, prob.loss) / prob.N
 
 # %% ../nbs/02_pbrf.ipynb #adc7ee08
-def _cg(matvec, B: torch.Tensor, tol: float, max_iter: int):
-    "Solve A X = B column-wise for B [k, P] by conjugate gradients; returns (X, iterations, relative residuals [k])."
+def _cg(matvec, B: torch.Tensor, tol: float, max_iter: int, precondition=None):
+    "Solve A X = B column-wise for B [k, P] by (preconditioned) conjugate gradients from X = 0; returns (X, iterations, relative residuals [k])."
+    M = precondition or (lambda R: R)                                     # M ≈ A⁻¹ (identity: plain CG)
     X, R = torch.zeros_like(B), B.clone()
-    Pd, rs = R.clone(), (R * R).sum(1)                                    # search directions, ‖r‖² per column
+    Z = M(R)
+    Pd, rz = Z.clone(), (R * Z).sum(1)                                    # search directions, rᵀ M r per column
     bnorm = B.norm(dim=1)
     thresh = (tol * bnorm) ** 2
-    active, it = rs > thresh, 0
+    active, it = (R * R).sum(1) > thresh, 0
     while active.any() and it < max_iter:
         idx = active.nonzero()[:, 0]
         AP = matvec(Pd[idx])                                              # [k_active, P]
         pAp = (Pd[idx] * AP).sum(1)
         if (pAp <= 0).any(): raise ValueError("conjugate gradients met a direction of non-positive curvature: "
                                               "the matrix is not positive definite (raise `damping`).")
-        alpha = rs[idx] / pAp
+        alpha = rz[idx] / pAp
         X[idx] += alpha[:, None] * Pd[idx]
         R[idx] -= alpha[:, None] * AP
-        rs_new = (R[idx] * R[idx]).sum(1)
-        Pd[idx] = R[idx] + (rs_new / rs[idx])[:, None] * Pd[idx]
-        rs[idx] = rs_new
-        active[idx] = rs_new > thresh[idx]
+        Z = M(R[idx])
+        rz_new = (R[idx] * Z).sum(1)
+        Pd[idx] = Z + (rz_new / rz[idx])[:, None] * Pd[idx]
+        rz[idx] = rz_new
+        active[idx] = (R[idx] * R[idx]).sum(1) > thresh[idx]
         it += 1
-    return X, it, rs.sqrt() / bnorm.clamp_min(torch.finfo(B.dtype).tiny)
+    return X, it, R.norm(dim=1) / bnorm.clamp_min(torch.finfo(B.dtype).tiny)
 
 # %% ../nbs/02_pbrf.ipynb #a4b18a0a
 @dataclass
@@ -373,81 +357,103 @@ class PBRFResponse:
         parts = self.theta.split([math.prod(s) for s in self.shapes])
         return {n: t.view(s) for n, t, s in zip(self.names, parts, self.shapes)}
 
-def _solve(prob: _Problem, zm: _Examples, eps: float, damping: float, rtol: float, max_iter: int,
-           history: int, newton_steps: int = 10, theta0=None, products=None) -> PBRFResponse:
-    "`products`: (problem, its z_m) that multiply by M, e.g. in float32 (default: `prob`, `zm`)."
-    t0 = time.perf_counter()
-    pm, zm_m = products or (prob, zm)
-    pm.keep_graphs = True                                               # M is applied many times at the same θ_s
-    batches, zm_batches = prob.data.batches(), zm.batches()
-    with torch.no_grad():
-        refs = [_reference(prob.rows(prob.theta_s, b), prob.loss) for b in batches]   # log p_s or h_s per batch
-        Lm_s = float(_loss_sum(prob, zm, prob.theta_s))
-    theta = prob.theta_s.clone().requires_grad_()
-    opt = torch.optim.LBFGS([theta], lr=1, max_iter=max_iter, max_eval=max(2 * max_iter, 25), tolerance_grad=0.0,
-                            tolerance_change=0.0, history_size=history, line_search_fn='strong_wolfe')
-    n_evals = 0
-    def closure():
-        nonlocal n_evals
-        n_evals += 1
-        opt.zero_grad()
-        total = 0.
-        for b, ref in zip(batches, refs):                                   # (1/N) Σ_i D(h(θ, x_i), h(θ_s, x_i))
+# %% ../nbs/02_pbrf.ipynb #2bb47e5b
+class _PBRFSolve:
+    "One solve of min_θ PBO(θ; ε) in named steps: evaluate the objective, Gauss–Newton steps, L-BFGS; it counts what it does."
+    def __init__(self, prob: _Problem, zm: _Examples, eps: float, damping: float, products=None):
+        self.prob, self.zm, self.eps, self.damping = prob, zm, eps, damping
+        self.batches, self.zm_batches = prob.data.batches(), zm.batches()
+        with torch.no_grad():
+            self.refs = [_reference(prob.rows(prob.theta_s, b), prob.loss) for b in self.batches]   # log p_s or h_s
+            self.Lm_s = float(_loss_sum(prob, zm, prob.theta_s))
+        self.theta = prob.theta_s.clone().requires_grad_()
+        self.pm, zm_m = products or (prob, zm)                             # M's products, e.g. in float32
+        self.zm_lin = _Linearised(self.pm, zm_m.batches(), 1)              # M is applied many times at the same θ_s
+        self.n_evals = self.n_iter = self.n_newton = self.n_cg = 0
+        self.obj, self.gnorm, self.stalled = float('nan'), float('nan'), False
+
+    def evaluate(self) -> float:
+        "PBO(θ; ε) − ε L(z_m, θ_s) at the current θ, its gradient left in `theta.grad`; updates `obj` and `gnorm`."
+        prob, theta, total = self.prob, self.theta, 0.
+        self.n_evals += 1
+        theta.grad = None
+        for b, ref in zip(self.batches, self.refs):                        # (1/N) Σ_i D(h(θ, x_i), h(θ_s, x_i))
             val = _row_bregman(prob.rows(theta, b), ref, prob.loss).sum() / prob.N
             val.backward(); total += val.item()
-        for b in zm_batches:                                                # ε L(z_m, θ)
-            val = eps * _row_loss(prob.rows(theta, b), b.targets, prob.loss).sum()
+        for b in self.zm_batches:                                          # ε L(z_m, θ)
+            val = self.eps * _row_loss(prob.rows(theta, b), b.targets, prob.loss).sum()
             val.backward(); total += val.item()
-        val = 0.5 * damping * (theta - prob.theta_s).pow(2).sum()           # (λ/2) ‖θ − θ_s‖²
+        val = 0.5 * self.damping * (theta - prob.theta_s).pow(2).sum()     # (λ/2) ‖θ − θ_s‖²
         val.backward(); total += val.item()
-        return torch.tensor(total - eps * Lm_s, dtype=prob.dtype)
-    closure()
-    g_s = float(theta.grad.abs().max())
-    tol = rtol * g_s                                                        # = rtol |ε| ‖∇L(z_m, θ_s)‖_∞
-    warm = False
-    if theta0 is not None:                                                  # keep the start only if it is better
-        with torch.no_grad(): theta.copy_(theta0)
-        closure()
-        warm = float(theta.grad.abs().max()) < g_s
-        if not warm:
-            with torch.no_grad(): theta.copy_(prob.theta_s)
-            closure()
-    def M(U):                                                               # the GGN of the objective at θ_s
-        Um = U.to(pm.dtype)
-        return (_gnvp(pm, Um) + eps * _gnvp(pm, Um, zm_m.batches(), 1)).to(prob.dtype) + damping * U
-    state = dict(obj=float('nan'), gnorm=float(theta.grad.abs().max()), n_iter=0, n_newton=0, n_cg=0, stalled=False)
-    def newton():                                                           # Gauss–Newton steps θ ← θ − M⁻¹∇PBO
-        for _ in range(newton_steps):
-            if state['gnorm'] <= tol: return
-            old, old_gnorm = theta.detach().clone(), state['gnorm']
-            eta = min(0.1, max(1e-4, 0.1 * tol / state['gnorm']))          # inexact Newton: tighter far from the solution
-            try: step, it, _ = _cg(M, -theta.grad[None].clone(), eta, min(10 * prob.P, 1000))
-            except ValueError: return                                       # M not positive definite (large −ε)
-            state['n_cg'] += it
-            with torch.no_grad(): theta.add_(step[0])
-            state['obj'] = float(closure()); state['gnorm'] = float(theta.grad.abs().max())
-            if state['gnorm'] >= old_gnorm:                                 # no progress: undo and stop
-                with torch.no_grad(): theta.copy_(old)
-                state['obj'] = float(closure()); state['gnorm'] = float(theta.grad.abs().max())
-                state['stalled'] = True
-                return
-            state['n_newton'] += 1
-    def lbfgs():
-        opt.param_groups[0]['tolerance_grad'] = tol
-        opt.step(closure)
-        state['n_iter'] = int(opt.state[theta].get('n_iter', 0))
-        state['obj'] = float(closure()); state['gnorm'] = float(theta.grad.abs().max())
+        self.obj, self.gnorm = total - self.eps * self.Lm_s, float(theta.grad.abs().max())
+        return self.obj
+
+    def move_to(self, theta):
+        "Set θ and evaluate there."
+        with torch.no_grad(): self.theta.copy_(theta)
+        self.evaluate()
+
+# %% ../nbs/02_pbrf.ipynb #5c412e23
+@patch
+def try_start(self: _PBRFSolve, theta0) -> bool:
+    "Start from `theta0` if its gradient is smaller than at the current θ (then True); else stay."
+    here, g_here = self.theta.detach().clone(), self.gnorm
+    self.move_to(theta0)
+    if self.gnorm < g_here: return True
+    self.move_to(here)
+    return False
+
+@patch
+def curvature(self: _PBRFSolve, U):
+    "M U for U [k, P]: the Gauss–Newton matrix of the objective at θ_s (fit data and ε z_m) plus λI."
+    Um = U.to(self.pm.dtype)
+    return (self.pm.linearised()(Um) + self.eps * self.zm_lin(Um)).to(self.prob.dtype) + self.damping * U
+
+@patch
+def newton(self: _PBRFSolve, steps: int, tol: float):
+    "Up to `steps` Gauss–Newton steps θ ← θ − M⁻¹∇PBO (inexact, by CG); stop at `tol`, or stalled when a step does not help."
+    for _ in range(steps):
+        if self.gnorm <= tol: return
+        old, old_gnorm = self.theta.detach().clone(), self.gnorm
+        eta = min(0.1, max(1e-4, 0.1 * tol / self.gnorm))                   # inexact Newton: tighter near the solution
+        try: step, it, _ = _cg(self.curvature, -self.theta.grad[None].clone(), eta, min(10 * self.prob.P, 1000))
+        except ValueError: return                                          # M not positive definite (large −ε)
+        self.n_cg += it
+        with torch.no_grad(): self.theta.add_(step[0])
+        self.evaluate()
+        if self.gnorm >= old_gnorm:                                        # no progress: undo and stop
+            self.move_to(old); self.stalled = True
+            return
+        self.n_newton += 1
+
+@patch
+def lbfgs(self: _PBRFSolve, tol: float, max_iter: int, history: int):
+    "L-BFGS with strong-Wolfe line search until ‖∇PBO‖_∞ <= `tol` or `max_iter` iterations."
+    opt = torch.optim.LBFGS([self.theta], lr=1, max_iter=max_iter, max_eval=max(2 * max_iter, 25), tolerance_grad=tol,
+                            tolerance_change=0.0, history_size=history, line_search_fn='strong_wolfe')
+    opt.step(lambda: torch.tensor(self.evaluate(), dtype=self.prob.dtype))
+    self.n_iter = int(opt.state[self.theta].get('n_iter', 0))
+    self.evaluate()
+
+# %% ../nbs/02_pbrf.ipynb #61de0c13
+def _solve(prob: _Problem, zm: _Examples, eps: float, damping: float, rtol: float, max_iter: int,
+           history: int, newton_steps: int = 10, theta0=None, products=None) -> PBRFResponse:
+    "Gauss–Newton from θ_s (or a better `theta0`), then L-BFGS and Gauss–Newton again if needed. `products`: see `_PBRFSolve`."
+    t0 = time.perf_counter()
+    s = _PBRFSolve(prob, zm, eps, damping, products)
+    s.evaluate()
+    tol = rtol * s.gnorm                                                   # = rtol |ε| ‖∇L(z_m, θ_s)‖_∞
+    warm = theta0 is not None and s.try_start(theta0)
     if tol > 0:
-        newton()                                                            # 1. Gauss–Newton from θ_s
-        if state['gnorm'] > tol:                                            # 2. L-BFGS, then Gauss–Newton again
-            state['stalled'] = False
-            lbfgs(); newton()
-    else: state['obj'] = float(closure())
-    obj, gnorm, n_iter, n_newton = state['obj'], state['gnorm'], state['n_iter'], state['n_newton']
-    theta = theta.detach()
-    return PBRFResponse(theta, theta - prob.theta_s, prob.names, [tuple(s) for s in prob.shapes], eps, damping, obj,
-                        gnorm, tol, n_iter, n_newton, n_evals, gnorm <= tol, state['stalled'] and gnorm > tol,
-                        time.perf_counter() - t0, state['n_cg'], warm)
+        s.newton(newton_steps, tol)                                        # 1. Gauss–Newton from the start
+        if s.gnorm > tol:                                                  # 2. L-BFGS, then Gauss–Newton again
+            s.stalled = False
+            s.lbfgs(tol, max_iter, history); s.newton(newton_steps, tol)
+    else: s.evaluate()
+    theta = s.theta.detach()
+    return PBRFResponse(theta, theta - prob.theta_s, prob.names, [tuple(x) for x in prob.shapes], eps, damping, s.obj,
+                        s.gnorm, tol, s.n_iter, s.n_newton, s.n_evals, s.gnorm <= tol, s.stalled and s.gnorm > tol,
+                        time.perf_counter() - t0, s.n_cg, warm)
 
 def _check_newton_dtype(newton_dtype):
     if not isinstance(newton_dtype, torch.dtype) or not newton_dtype.is_floating_point:
@@ -468,6 +474,7 @@ def _not_converged(who: str, r: PBRFResponse) -> str:
                                 "allows. Use a larger `eps` or `rtol` if that is enough.")
     return msg + "Raise `max_iter`, `newton_steps` or `damping`, or loosen `rtol`."
 
+# %% ../nbs/02_pbrf.ipynb #24009e80
 def pbrf_response(model,                 # the trained model; its current parameters are θ_s
                   param_names,           # tracked parameter names (None: all trainable)
                   data,                  # fit data: sequences, or an (X, y) tuple of tensors
@@ -485,7 +492,7 @@ def pbrf_response(model,                 # the trained model; its current parame
                   newton_dtype = torch.float32, # dtype of the products with M that steer the steps (never of the rule)
                  ) -> PBRFResponse:
     "θ(ε) = argmin PBO(θ; ε), solved from θ_s (Gauss–Newton steps, L-BFGS fallback) to a relative gradient tolerance."
-    damping = _check_positive(damping, 'damping', 'The proximity term (λ/2)‖θ − θ_s‖² needs λ > 0.')
+    damping = check_damping(damping, allow_none=False)
     rtol = _check_positive(rtol, 'rtol')
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
         raise ValueError(f"`eps` must be a finite number, got {eps!r}.")
@@ -519,10 +526,7 @@ def _measure(prob: _Problem, q: _Examples, theta) -> torch.Tensor:
     "f = −(loss summed over each query's rows) [n_queries]: log p(completion) for ce, −½‖h − y‖² for mse."
     out = []
     with torch.no_grad():
-        for b in q.batches():
-            per = torch.zeros(b.n, dtype=prob.dtype, device=prob.device).index_add_(0, b.row_example,
-                                                                _row_loss(prob.rows(theta, b), b.targets, prob.loss))
-            out.append(-per)
+        for b in q.batches(): out.append(-_example_losses(prob, b, theta))
     return torch.cat(out)
 
 def _pair(prob, zm, q, eps, damping, rtol, max_iter, history, newton_steps, products):
@@ -549,7 +553,7 @@ def pbrf_influence(model,                 # the trained model; its current param
                    newton_dtype = torch.float32, # dtype of the products with M that steer the steps (see `pbrf_response`)
                   ) -> PBRFInfluence:
     "PBRF influence of z_m on each query by a central difference of two PBRF solves; positive = z_m raises f."
-    damping = _check_positive(damping, 'damping', 'The proximity term (λ/2)‖θ − θ_s‖² needs λ > 0.')
+    damping = check_damping(damping, allow_none=False)
     eps = _check_positive(eps, 'eps', 'It is the finite-difference step; the solves use +eps and −eps.')
     rtol = _check_positive(rtol, 'rtol')
     _check_iters(max_iter=max_iter, newton_steps=(newton_steps, 0), history=history)
@@ -566,13 +570,8 @@ def pbrf_influence(model,                 # the trained model; its current param
 
 # %% ../nbs/02_pbrf.ipynb #3ae748dd
 def _loss_grads(prob: _Problem, ex: _Examples) -> torch.Tensor:
-    "Per-example gradients of the (token-summed) loss at θ_s, [n, P] (small models: uses jacrev)."
-    out = []
-    for b in ex.batches():
-        per = lambda th: torch.zeros(b.n, dtype=prob.dtype, device=prob.device).index_add(0, b.row_example,
-                                                                     _row_loss(prob.rows(th, b), b.targets, prob.loss))
-        out.append(jacrev(per)(prob.theta_s))                             # [B, P]
-    return torch.cat(out)
+    "Per-example gradients of the (token-summed) loss at θ_s, [n, P], by `01_theory`'s `_example_grads` (small models)."
+    return _example_grads([lambda th, b=b: _example_losses(prob, b, th) for b in ex.batches()], prob.theta_s)
 
 # %% ../nbs/02_pbrf.ipynb #df61174c
 def _solve_record(r: PBRFResponse) -> dict:
@@ -629,6 +628,30 @@ def _read_cache(path, key) -> dict:
             if isinstance(rec, dict) and rec.get('key') == key: done[rec['point']] = rec
     return done
 
+# %% ../nbs/02_pbrf.ipynb #022615a1
+def _check_points(points, N: int) -> list[int]:
+    "Indices of the up-weighted points (None: all N), validated."
+    points = list(range(N)) if points is None else [int(m) for m in points]
+    if not points: raise ValueError("`points` is empty: pass the indices of at least one point of `data` (or None: all).")
+    bad = [m for m in points if not 0 <= m < N]
+    if bad: raise ValueError(f"`points` holds {bad[:3]}, outside the {N} examples of `data`.")
+    return points
+
+def _open_cache(cache):
+    "Make the cache's folder; end a last line cut short (a killed run), so that appends start clean."
+    if cache is None: return
+    Path(cache).parent.mkdir(parents=True, exist_ok=True)
+    if Path(cache).exists() and Path(cache).stat().st_size:
+        with open(cache, 'rb') as fh: fh.seek(-1, os.SEEK_END); cut = fh.read(1) != b'\n'
+        if cut:
+            with open(cache, 'a') as fh: fh.write('\n')
+
+def _append(cache, rec: dict):
+    "Append one point's record to the cache file and make it durable before the next point starts."
+    if cache is None: return
+    with open(cache, 'a') as fh: fh.write(json.dumps(rec) + '\n'); fh.flush(); os.fsync(fh.fileno())
+
+# %% ../nbs/02_pbrf.ipynb #adf0042d
 def pbrf_scores(model,                 # the trained model; its current parameters are θ_s
                 param_names,           # tracked parameter names (None: all trainable)
                 data,                  # fit data: sequences, or an (X, y) tuple of tensors
@@ -648,27 +671,18 @@ def pbrf_scores(model,                 # the trained model; its current paramete
                 progress: bool = True, # show a progress bar over the points
                ) -> PBRFScores:
     "PBRF influence `[n_queries, n_points]` of each point of `data` on each query: two solves per point, resumable."
-    damping = _check_positive(damping, 'damping', 'The proximity term (λ/2)‖θ − θ_s‖² needs λ > 0.')
+    damping = check_damping(damping, allow_none=False)
     eps = _check_positive(eps, 'eps', 'It is the finite-difference step; the solves use +eps and −eps.')
     rtol = _check_positive(rtol, 'rtol')
     _check_iters(max_iter=max_iter, newton_steps=(newton_steps, 0), history=history)
     with _eval_mode(model):
         prob = _Problem(model, param_names, data, loss, batch_size, dtype)
         q = prob.examples(query, 'query')
-        if points is None: points = list(range(prob.N))
-        points = [int(m) for m in points]
-        if not points: raise ValueError("`points` is empty: pass the indices of at least one point of `data` (or None: all).")
-        bad = [m for m in points if not 0 <= m < prob.N]
-        if bad: raise ValueError(f"`points` holds {bad[:3]}, outside the {prob.N} examples of `data`.")
+        points = _check_points(points, prob.N)
         key = _digest(prob, q, names=prob.names, damping=damping, eps=eps, loss=loss, rtol=rtol, dtype=dtype,
                       max_iter=max_iter, history=history, newton_steps=newton_steps)
         done = _read_cache(cache, key)
-        if cache is not None:
-            Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            if Path(cache).exists() and Path(cache).stat().st_size:         # end a line cut short, so appends start clean
-                with open(cache, 'rb') as fh: fh.seek(-1, os.SEEK_END); cut = fh.read(1) != b'\n'
-                if cut:
-                    with open(cache, 'a') as fh: fh.write('\n')
+        _open_cache(cache)
         _check_newton_dtype(newton_dtype)
         pm = prob if newton_dtype == prob.dtype else None                   # built at the first solve, then shared
         one = lambda p, m: p.examples((p.data.X[m:m + 1], p.data.y[m:m + 1]) if p.data.kind == 'xy'
@@ -685,13 +699,26 @@ def pbrf_scores(model,                 # the trained model; its current paramete
                                                   (pm, zm_m))
                     rec = dict(key=key, point=m, influence=((f_p - f_m) / (2 * eps)).tolist(),
                                solves=[_solve_record(plus), _solve_record(minus)])
-                    if cache is not None:
-                        with open(cache, 'a') as fh:
-                            fh.write(json.dumps(rec) + '\n'); fh.flush(); os.fsync(fh.fileno())
+                    _append(cache, rec)
                 cols.append(torch.tensor(rec['influence'], dtype=torch.float64)); solves.append(rec['solves'])
     return PBRFScores(torch.stack(cols, 1), points, solves, resumed, key)
 
 # %% ../nbs/02_pbrf.ipynb #e8a94a40
+def _checked_preconditioner(preconditioner, P: int):
+    "`preconditioner` wrapped to check what it returns (shape [n, P], finite), cast to the solve's dtype; None stays None."
+    if preconditioner is None: return None
+    if not callable(preconditioner):
+        raise TypeError(f"`preconditioner` must be a callable mapping [n, {P}] flat vectors to ≈ (G + λI)⁻¹ of them, "
+                        f"got {type(preconditioner).__name__}.")
+    def apply(R):                                                         # R [n, P] -> M R [n, P]
+        Z = preconditioner(R)
+        if not isinstance(Z, torch.Tensor) or Z.shape != R.shape:
+            raise ValueError(f"`preconditioner` returned {getattr(Z, 'shape', type(Z).__name__)} for input {tuple(R.shape)}; "
+                             "it must return a tensor of the same shape (the tracked parameters in `param_names` order).")
+        if not torch.isfinite(Z).all(): raise ValueError("`preconditioner` returned NaN or Inf (raise its damping).")
+        return Z.to(R.device, R.dtype)
+    return apply
+
 def cg_ihvp(model,                # the model at θ_s
             param_names,          # tracked parameter names (None: all trainable)
             data,                 # fit data: sequences, or an (X, y) tuple of tensors
@@ -699,20 +726,22 @@ def cg_ihvp(model,                # the model at θ_s
             damping: float,       # λ > 0
             loss: str = 'ce',     # 'ce' or 'mse'
             tol: float = 1e-6,    # relative residual ‖v − (G+λI)x‖ / ‖v‖ per column
-            max_iter: int = 1000, # CG iterations at most
+            max_iter: int = 1000, # CG iterations at most (with a preconditioner: PCG steps; 0 returns M v)
             batch_size: int = 64, # examples per forward pass
             dtype = None,         # computation dtype (None: the first tracked parameter's)
+            preconditioner = None, # M ≈ (G + λI)⁻¹: a callable [n, P] -> [n, P] (SPD), e.g. EK-FAC's inverse
            ) -> torch.Tensor:     # (G + λI)⁻¹ V, same shape and dtype as V
-    "(G + λI)⁻¹ V by conjugate gradients on Gauss–Newton products."
-    damping = _check_positive(damping, 'damping', '(G + λI) must be positive definite.')
+    "(G + λI)⁻¹ V by (preconditioned) conjugate gradients on batched Gauss–Newton products."
+    damping = check_damping(damping, allow_none=False)
     tol = _check_positive(tol, 'tol')
-    _check_iters(max_iter=max_iter)
+    _check_iters(max_iter=(max_iter, 0 if preconditioner is not None else 1))
     with _eval_mode(model):
         prob = _Problem(model, param_names, data, loss, batch_size, dtype)
-        prob.keep_graphs = True
         B, one = prob.vectors(V)
-        X, it, rel = _cg(lambda U: _gnvp(prob, U) + damping * U, B, tol, max_iter)
-    if (rel > tol).any():
+        M = _checked_preconditioner(preconditioner, prob.P)
+        if max_iter == 0: X, it, rel = M(B), 0, None                      # the preconditioner's own answer
+        else: X, it, rel = _cg(lambda U: _gnvp(prob, U) + damping * U, B, tol, max_iter, M)
+    if M is None and (rel > tol).any():                                   # a preconditioned solve stops where asked
         warnings.warn(f"cg_ihvp stopped after {it} iterations with relative residual up to {rel.max().item():.2e} > "
                       f"tol = {tol:.1e}; raise `max_iter` or `damping`.")
     X = X.to(V.device, V.dtype)
@@ -723,12 +752,12 @@ def _power_max(prob: _Problem, iters: int, gen: torch.Generator) -> float:
     "Largest eigenvalue of G by power iteration (Rayleigh quotient of the last iterate)."
     u = torch.randn(1, prob.P, generator=gen, dtype=torch.float64).to(prob.device, prob.dtype)
     u = u / u.norm()
-    lam_max = 0.
+    top_eig = 0.
     for _ in range(iters):
         Gu = _gnvp(prob, u)
-        lam_max = float((u * Gu).sum())
+        top_eig = float((u * Gu).sum())
         u = Gu / Gu.norm().clamp_min(torch.finfo(prob.dtype).tiny)
-    return lam_max
+    return top_eig
 
 def lissa_ihvp(model,                 # the model at θ_s
                param_names,           # tracked parameter names (None: all trainable)
@@ -745,12 +774,11 @@ def lissa_ihvp(model,                 # the model at θ_s
                dtype = None,          # computation dtype (None: the first tracked parameter's)
               ) -> torch.Tensor:      # ≈ (G + λI)⁻¹ V, same shape and dtype as V
     "(G + λI)⁻¹ V by the LiSSA recursion u ← v + (I − (G_B + λI)/s) u, returned as u/s."
-    damping = _check_positive(damping, 'damping', '(G + λI) must be positive definite.')
+    damping = check_damping(damping, allow_none=False)
     _check_iters(depth=depth, repeats=repeats)
     if not isinstance(seed, int): raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
     with _eval_mode(model):
         prob = _Problem(model, param_names, data, loss, batch_size, dtype)
-        prob.keep_graphs = True                                           # full-batch products reuse the fit set's graphs
         B, one = prob.vectors(V)
         if lissa_batch is not None:
             _check_iters(lissa_batch=lissa_batch)

@@ -16,9 +16,10 @@ from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, seq_grads, check_damping, ITERATIVE
 
 # %% auto #0
-__all__ = ['UNITS', 'DENSE_CACHE_BYTES', 'ScoreTable', 'check_query', 'check_k', 'Scores', 'PrecondQuery', 'query_gradients',
-           'truncated_svd', 'precondition_queries', 'contraction_costs', 'pairwise_scores', 'self_scores',
-           'ClassifierAsLM', 'RegressorAsLM']
+__all__ = ['UNITS', 'DENSE_CACHE_BYTES', 'ScoreTable', 'check_query', 'check_k', 'Scores', 'PrecondQuery', 'working_dtype',
+           'eigenbases', 'rotated_grads', 'query_gradients', 'canonical_to_flat', 'flat_to_canonical', 'truncated_svd',
+           'precondition_queries', 'contraction_costs', 'pairwise_scores', 'self_scores', 'ClassifierAsLM',
+           'RegressorAsLM']
 
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
@@ -56,6 +57,7 @@ def check_k(k, allow_none:bool=True) -> None:
         raise (ValueError if isinstance(k, numbers.Integral) and not isinstance(k, bool) else TypeError)(
             f"`k` must be a positive integer{' or None (all)' if allow_none else ''}, got {k!r}.")
 
+# %% ../nbs/06_scores.ipynb #289b6429
 @dataclass
 class Scores:
     total: torch.Tensor                         # [n_queries, n_train]
@@ -129,54 +131,110 @@ class PrecondQuery:
 
 DENSE_CACHE_BYTES = 256 * 2**20   # a low-rank query set is multiplied out once when its dense form fits in this
 
+def working_dtype(t:torch.Tensor) -> torch.dtype:
+    "The dtype influence arithmetic runs in: float32 for a half-precision model (bf16/fp16), else the model's own."
+    return torch.promote_types(t.dtype, torch.float32)
+
+# %% ../nbs/06_scores.ipynb #4e2ad9e9
+def eigenbases(factors:Factors, layers:list, dtype:torch.dtype, device) -> dict:
+    "`{name: (Q_S, Q_A)}` of K-FAC/EK-FAC factors in `dtype` on `device`, each tensor converted once; {} for other strategies."
+    if factors.strategy not in ('kfac', 'ekfac'): return {}
+    done = {}
+    def conv(t):   # layers sharing an input share one Q_A: keep sharing it
+        if t.data_ptr() not in done: done[t.data_ptr()] = t.to(device, dtype)
+        return done[t.data_ptr()]
+    return {layer.name: (conv(factors.tensors[layer.name]['QS']), conv(factors.tensors[layer.name]['QA'])) for layer in layers}
+
+def rotated_grads(acts:torch.Tensor, # [B, T, d_in+1]
+                  outg:torch.Tensor, # [B, T, d_out]
+                  QS:torch.Tensor, QA:torch.Tensor, # eigenbases, in acts' dtype and device
+                  rotated_acts:dict|None=None, # per-batch cache: layers reading one input with one Q_A rotate it once
+                 ) -> torch.Tensor:
+    "`Q_Sᵀ DW̄_n Q_A` `[B, d_out, d_in+1]`, from the rotated tokens when that is cheaper."
+    T, o, i = acts.shape[1], outg.shape[-1], acts.shape[-1]
+    if T * (o * o + i * i) >= o * i * (o + i): return QS.T @ seq_grads(acts, outg) @ QA
+    cache, key = ({} if rotated_acts is None else rotated_acts), (acts.data_ptr(), QA.data_ptr())
+    if key not in cache: cache[key] = (acts, acts @ QA)                 # held: its address is not reused in the batch
+    return seq_grads(cache[key][1], outg @ QS)                          # [B, d_out, d_in+1]
+
+def _damped_eigenvalues(factors:Factors, name:str, damping, like:torch.Tensor) -> torch.Tensor|None:
+    "`Λ + λ` of layer `name`, damped as `Factors.precondition` damps it, in `like`'s dtype and device (None: identity)."
+    ev = factors.eigenvalues(name)
+    if ev is None: return None
+    damp = factors.damping_for(name, damping)
+    if damp <= 0 and damping is None: damp = 1e-12                       # an all-zero curvature (a layer that never fires)
+    return (ev + damp).to(like.device, like.dtype)
+
 def query_gradients(model, layers, queries, batch_size=8, progress=False) -> dict:
     "Per-query gradients of the summed loss (= −∇ log p(completion)) per layer, `{name: [n_q, d_out, d_in+1]}`."
-    out = {l.name: None for l in layers}
+    out = {layer.name: None for layer in layers}
     for idx, acts, outg in layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None):
-        for l in layers:
-            g = seq_grads(acts[l.name], outg[l.name])
-            if out[l.name] is None: out[l.name] = g.new_zeros(len(queries), *g.shape[1:])
-            out[l.name][idx] = g
+        for layer in layers:
+            dt = working_dtype(acts[layer.name])
+            g = seq_grads(acts[layer.name].to(dt), outg[layer.name].to(dt))   # [B, d_out, d_in+1]
+            if out[layer.name] is None: out[layer.name] = g.new_zeros(len(queries), *g.shape[1:])
+            out[layer.name][idx] = g
     if dist_info()[1] > 1:   # each process computed its shard of the queries: add them up
-        dt = next(model.parameters()).dtype
-        for l in layers:
-            if out[l.name] is None: out[l.name] = torch.zeros(len(queries), l.d_out, l.d_in1, dtype=dt)
-            all_reduce_sum(out[l.name])
+        dt = working_dtype(next(model.parameters()))
+        for layer in layers:
+            if out[layer.name] is None: out[layer.name] = torch.zeros(len(queries), layer.d_out, layer.d_in1, dtype=dt)
+            all_reduce_sum(out[layer.name])
     return out
 
-def _param_layout(l, g):
-    "Canonical `[n, d_out, d_in+1]` -> the layer's parameters' layouts `[n, *weight.shape]` (and `[n, d_out]`)."
-    w = g[..., :l.d_in]
-    out = [w.transpose(-1, -2) if l.transposed else w]
-    if l.bias: out.append(g[..., l.d_in])
+# %% ../nbs/06_scores.ipynb #b05531ab
+def canonical_to_flat(layers:list, # tracked layers (`find_modules`): the order of the flat columns
+                      grads:dict, # {name: [n, d_out, d_in+1]} canonical matrices
+                     ) -> torch.Tensor:
+    "Rows `[n, P]`: each layer's matrices in its parameters' storage layouts (weight, then bias), flattened, in `layers` order."
+    cols = []
+    for layer in layers:
+        g = grads[layer.name]
+        w = g[..., :layer.d_in]                                                 # [n, d_out, d_in]
+        cols.append((w.transpose(-1, -2) if layer.transposed else w).reshape(len(g), -1))
+        if layer.bias: cols.append(g[..., layer.d_in])                              # [n, d_out]
+    return torch.cat(cols, 1)
+
+def flat_to_canonical(layers:list, # tracked layers, as given to `canonical_to_flat`
+                      flat:torch.Tensor, # [n, P] rows in that layout
+                     ) -> dict:
+    "The inverse of `canonical_to_flat`: `{name: [n, d_out, d_in+1]}`."
+    P = sum(layer.d_out * layer.d_in1 for layer in layers)
+    if flat.dim() != 2 or flat.shape[1] != P:
+        raise ValueError(f"`flat` must be [n, {P}] (the tracked layers' parameter count), got {tuple(flat.shape)}.")
+    out, start, n = {}, 0, len(flat)
+    for layer in layers:
+        w = flat[:, start:start + layer.d_out * layer.d_in]; start += layer.d_out * layer.d_in
+        w = w.reshape(n, layer.d_in, layer.d_out).transpose(-1, -2) if layer.transposed else w.reshape(n, layer.d_out, layer.d_in)
+        if layer.bias: w = torch.cat([w, flat[:, start:start + layer.d_out, None]], -1); start += layer.d_out
+        out[layer.name] = w
     return out
 
-def _canonical(l, flat):
-    "Flattened parameter-layout rows `[n, P_l]` -> canonical `[n, d_out, d_in+1]`."
-    n, nw = len(flat), l.d_out * l.d_in
-    w = flat[:, :nw].reshape(n, l.d_in, l.d_out).transpose(-1, -2) if l.transposed else flat[:, :nw].reshape(n, l.d_out, l.d_in)
-    return torch.cat([w, flat[:, nw:, None]], -1) if l.bias else w
+# %% ../nbs/06_scores.ipynb #c2978043
+def _flat_preconditioner(factors:Factors, layers:list, damping:float):
+    "The per-layer EK-FAC inverse of 'pcg' factors as a map of flat rows `[n, P] -> [n, P]`: the CG preconditioner."
+    def apply(rows):
+        canon = flat_to_canonical(layers, rows)
+        return canonical_to_flat(layers, {name: factors.precondition(name, v, damping) for name, v in canon.items()})
+    return apply
 
 def _iterative_precondition(model, factors, qgrads, damping):
-    "`(G + λI)⁻¹ q` with the full GGN of all tracked layers, by LiSSA or CG over the fit data (`02_pbrf`)."
+    "`(G + λI)⁻¹ q` with the full GGN of all tracked layers, by LiSSA, CG or EK-FAC-preconditioned CG over the fit data (`02_pbrf`)."
     from influence_nb import pbrf
     if damping is None: raise ValueError(f"Strategy '{factors.strategy}' needs an absolute `damping` (a positive float).")
     if factors.fit_data is None: raise ValueError(f"These '{factors.strategy}' factors have no fit data; refit them with `fit_factors`.")
     layers = find_modules(model, factors.modules)
-    names = [n for l in layers for n, _ in l.params()]
-    flat = torch.cat([torch.cat([t.reshape(len(qgrads[l.name]), -1) for t in _param_layout(l, qgrads[l.name])], 1)
-                      for l in layers], 1).double()                               # [n_q, P] in `names` order
+    names = [n for layer in layers for n, _ in layer.params()]
     kw = dict(factors.info.get('solver', {}))
     kw.setdefault('loss', getattr(model, 'pbrf_loss', 'ce'))
-    if factors.strategy == 'cg': kw.pop('seed', None)
-    solve = pbrf.cg_ihvp if factors.strategy == 'cg' else pbrf.lissa_ihvp
-    sol = solve(model, names, factors.fit_data, flat, float(damping), **kw)      # [n_q, P]
-    out, off = {}, 0
-    for l in layers:
-        n = l.d_out * l.d_in + (l.d_out if l.bias else 0)
-        out[l.name] = _canonical(l, sol[:, off:off + n]); off += n
-    return out
+    if factors.strategy == 'lissa': solve = pbrf.lissa_ihvp
+    else:
+        solve = pbrf.cg_ihvp; kw.pop('seed', None)
+        # pcg: the system (G + λI) and its EK-FAC preconditioner (G_EKFAC + λI) carry the same absolute λ
+        if factors.strategy == 'pcg': kw['preconditioner'] = _flat_preconditioner(factors, layers, float(damping))
+    flat = canonical_to_flat(layers, qgrads).double()                       # [n_q, P] in `names` order
+    return flat_to_canonical(layers, solve(model, names, factors.fit_data, flat, float(damping), **kw))
 
+# %% ../nbs/06_scores.ipynb #50f23322
 def truncated_svd(p:torch.Tensor, # [n, o, i] matrices
                   rank:int, # singular triplets to keep
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,6 +272,8 @@ def contraction_costs(q, B, T, o, i, rank=None, per_token=False) -> dict:
 
 def _contract(pq:PrecondQuery, acts, outg, per_token=False, path=None):
     "Scores `[q, B]` (and per-token `[q, B, T]` when asked) of one layer for one batch."
+    dt = (pq.full if pq.full is not None else pq.U).dtype
+    acts, outg = acts.to(dt), outg.to(dt)        # a half-precision model's tensors, in the queries' float32
     B, T, i = acts.shape; o = outg.shape[-1]
     costs = contraction_costs(pq.n_q, B, T, o, i, pq.rank, per_token)
     path = path or min(costs, key=costs.get)
@@ -254,22 +314,30 @@ def pairwise_scores(model, # the model the factors were fitted on
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries')
     ts = check_sequences(model, train, 'train'); require_scored(ts, 'train')
     pq = precondition_queries(factors, query_gradients(model, layers, qs, batch_size, progress), damping, query_rank, model)
-    dt = next(iter(pq.values())).dense().dtype
+    dt = next(iter(pq.values())).dense().dtype                                # float32 (float64 for a float64 model)
     total = torch.zeros(len(qs), len(ts), dtype=dt)
-    layer_scores = {l.name: torch.zeros(len(qs), len(ts), dtype=dt) for l in layers} if per_layer else None
+    layer_scores = {layer.name: torch.zeros(len(qs), len(ts), dtype=dt) for layer in layers} if per_layer else None
     tok_scores = torch.zeros(len(qs), len(ts), max(len(s['input_ids']) for s in ts), dtype=dt) if per_token else None
     for idx, acts, outg in layer_passes(model, layers, ts, batch_size, desc='scoring' if progress else None):
         idx_t = torch.tensor(idx)
-        for l in layers:
-            s, tok, _ = _contract(pq[l.name], acts[l.name], outg[l.name], per_token)
+        for layer in layers:
+            s, tok, _ = _contract(pq[layer.name], acts[layer.name], outg[layer.name], per_token)
             s = s.cpu()
             total[:, idx_t] += s
-            if per_layer: layer_scores[l.name][:, idx_t] = s
+            if per_layer: layer_scores[layer.name][:, idx_t] = s
             if per_token: tok_scores[:, idx_t, :tok.shape[-1]] += tok.cpu()
     if dist_info()[1] > 1:   # each process filled its shard's columns: add them up
         for t in [total, tok_scores, *(layer_scores or {}).values()]:
             if t is not None: all_reduce_sum(t)
-    return Scores(total, layer_scores, tok_scores, factors.n_sequences, [l.name for l in layers], factors.strategy, query_rank)
+    return Scores(total, layer_scores, tok_scores, factors.n_sequences, [layer.name for layer in layers], factors.strategy, query_rank)
+
+# %% ../nbs/06_scores.ipynb #96fb2398
+def _self_terms(acts, outg, denom, basis) -> torch.Tensor:
+    "`[B]`: each sequence's `DW̄ᵀ (G_ℓ + λI)⁻¹ DW̄` for one layer (`basis` for K-FAC/EK-FAC, `denom` None for identity)."
+    if basis is not None: g = rotated_grads(acts, outg, *basis)        # Q_Sᵀ DW̄ Q_A: the curvature is diagonal there
+    else: g = seq_grads(acts, outg)                                     # identity, diagonal: no rotation
+    g = g.square_()
+    return (g if denom is None else g / denom).sum((-1, -2))
 
 @grad_enabled
 def self_scores(model, # the model the factors were fitted on
@@ -279,21 +347,22 @@ def self_scores(model, # the model the factors were fitted on
                 batch_size:int=8,
                 progress:bool=True,
                ) -> torch.Tensor:
-    "`∇log p(n)ᵀ (G + λI)⁻¹ ∇log p(n)` for every sequence: `[n_train]`."
+    "`∇log p(n)ᵀ (G + λI)⁻¹ ∇log p(n)` for every sequence: `[n_train]`, float32 (float64 for a float64 model)."
     check_damping(damping)
     layers = _prepare(model, factors)
     if factors.strategy in ITERATIVE:
         s = pairwise_scores(model, factors, train, train, damping, batch_size=batch_size, progress=progress).total
         return torch.diagonal(s).clone()
     ts = check_sequences(model, train, 'train'); require_scored(ts, 'train')
-    out = None
+    p = next(model.parameters()); dt = working_dtype(p)
+    bases, like = eigenbases(factors, layers, dt, p.device), torch.empty(0, dtype=dt, device=p.device)
+    denom = {layer.name: _damped_eigenvalues(factors, layer.name, damping, like) for layer in layers}
+    out = torch.zeros(len(ts), dtype=dt)
     for idx, acts, outg in layer_passes(model, layers, ts, batch_size, desc='self-influence' if progress else None):
-        for l in layers:
-            g = seq_grads(acts[l.name], outg[l.name])                          # [B, d_out, d_in+1]
-            s = (g.double() * factors.precondition(l.name, g.double(), damping)).sum((-1, -2)).cpu()
-            if out is None: out = torch.zeros(len(ts), dtype=g.dtype)
-            out[torch.tensor(idx)] += s.to(out.dtype)
-    if out is None: out = torch.zeros(len(ts))     # this process's shard was empty
+        rotated_acts = {}
+        for layer in layers:
+            basis = (*bases[layer.name], rotated_acts) if layer.name in bases else None
+            out[torch.tensor(idx)] += _self_terms(acts[layer.name].to(dt), outg[layer.name].to(dt), denom[layer.name], basis).cpu()
     if not torch.isfinite(out).all():
         raise ValueError(f"Self-influence of train{(~torch.isfinite(out)).nonzero()[:8, 0].tolist()} overflows {out.dtype} (NaN/Inf): "
                          "the damping is too small for the curvature. Pass a larger `damping`, or None (0.1 × mean eigenvalue).")

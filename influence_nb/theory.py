@@ -6,20 +6,25 @@
 from __future__ import annotations
 import copy, difflib, math
 from collections.abc import Sequence
+from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, hessian
 from .data import check_sequences, require_scored, IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['sequence_grads', 'exact_ggn', 'exact_hessian', 'influence_from_grads', 'param_blocks', 'exact_influence']
+__all__ = ['check_damping', 'sequence_grads', 'exact_ggn', 'exact_hessian', 'influence_from_grads', 'param_blocks', 'flat_blocks',
+           'exact_influence']
 
 # %% ../nbs/01_theory.ipynb #b3c63ba0
-def _check_param_names(model, param_names) -> list[str]:
+def _check_param_names(model, param_names,
+                       all_if_none: bool = False, # None means every trainable parameter (the PBRF tools allow it)
+                      ) -> list[str]:
     "Validate `param_names` against `model`'s parameters; return them as a list."
-    if isinstance(param_names, str):
-        raise TypeError(f"`param_names` must be a list of parameter names, got the single string {param_names!r}; "
-                        f"wrap it in a list: [{param_names!r}].")
+    if param_names is None and all_if_none: return [n for n, p in model.named_parameters() if p.requires_grad]
+    if isinstance(param_names, str) or param_names is None:
+        raise TypeError(f"`param_names` must be a list of parameter names, got {param_names!r}"
+                        + (f"; wrap it in a list: [{param_names!r}]." if param_names else "."))
     names = list(param_names)
     if not names: raise ValueError("`param_names` is empty: name at least one parameter to track "
                                    "(e.g. the MLP weights, see `model.named_parameters()`).")
@@ -31,9 +36,8 @@ def _check_param_names(model, param_names) -> list[str]:
         close = difflib.get_close_matches(unknown[0], list(available), n=5, cutoff=0.5)
         listing = list(available)
         shown = ", ".join(listing[:40]) + (f", ... ({len(listing)} in all)" if len(listing) > 40 else "")
-        raise ValueError(f"`param_names` contains {unknown!r}, not {'a parameter' if len(unknown) == 1 else 'parameters'} "
-                         f"of this {type(model).__name__}." + (f" Did you mean {close!r}?" if close else "")
-                         + f" Candidates: {shown}.")
+        raise ValueError(f"`param_names` contains {unknown!r}, {'not a parameter' if len(unknown) == 1 else 'not parameters'} "
+                         f"of the model.{f' Did you mean {close!r}?' if close else ''} Candidates: {shown}.")
     seen = {}
     for n in names:
         key = id(available[n])   # tied weights (e.g. lm_head.weight and wte.weight) are one tensor under two names
@@ -43,50 +47,70 @@ def _check_param_names(model, param_names) -> list[str]:
         seen[key] = n
     return names
 
-def _check_damping(damping) -> float:
-    "A finite, non-negative float."
-    if isinstance(damping, torch.Tensor) and damping.numel() == 1: damping = damping.item()
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-        raise TypeError(f"`damping` must be a number, got {type(damping).__name__}.")
-    d = float(damping)
-    if not math.isfinite(d) or d < 0:
-        raise ValueError(f"`damping` must be a finite number >= 0, got {d}: it is added to the curvature's "
-                         "eigenvalues, so use a small positive value (e.g. 1e-3 to 1e-1 of their mean).")
-    return d
-
 def _seqs(model, data, name) -> list[dict]:
     "Validated sequences (`influence_nb.data.check_sequences`), each with at least one scored token."
     seqs = check_sequences(model, data, name)
     require_scored(seqs, name)
     return seqs
 
+@contextmanager
+def _eval_mode(model):
+    "The model in eval mode (no dropout) inside the block, its own mode restored after."
+    was = model.training
+    model.eval()
+    try: yield
+    finally: model.train(was)
+
+# %% ../nbs/01_theory.ipynb #01293a12
+def check_damping(damping,                  # λ: a float, or None where the caller has a per-layer default
+                  allow_zero: bool = False,  # accept 0 (the exact inverse of an invertible G or H, `01_theory` only)
+                  allow_none: bool = True,   # accept None (the per-layer default 0.1 × mean Λ)
+                 ) -> float|None:            # the damping as a float (None stays None)
+    "Validate a damping λ: TypeError for a non-number, ValueError for NaN, Inf, a negative value or (by default) zero."
+    if damping is None and allow_none: return None
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+        what = (('None (0.1 × mean eigenvalue per layer) or ' if allow_none else '')
+                + ('a finite float >= 0' if allow_zero else 'a positive float'))
+        raise TypeError(f"`damping` must be {what}, got {damping!r}.")
+    if allow_zero and math.isfinite(damping) and damping >= 0: return float(damping)
+    if not damping > 0 or damping != damping or damping == float('inf'):
+        raise ValueError(f"`damping` must be a {'finite float >= 0' if allow_zero else 'positive finite float'}, got "
+                         f"{damping}; " + ("use None for the paper's default." if allow_none else
+                         "it is added to the curvature's eigenvalues, so use a small positive value (e.g. 1e-3 to 1e-1 of their mean)."))
+    return float(damping)
+
 # %% ../nbs/01_theory.ipynb #89276685
-class _FlatLM:
-    "A detached copy of `model` (in `dtype`, eval mode) seen as a function of one flat vector θ of the tracked parameters."
-    def __init__(self, model, param_names, dtype=torch.float64):
+class _Flat:
+    "A model as a function of one flat vector θ of its tracked parameters, every other parameter and buffer held fixed, all in `dtype`."
+    def __init__(self, model, param_names, dtype=None, all_if_none: bool = False):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"`dtype` must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
-        self.names = _check_param_names(model, param_names)
-        self.model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)   # never touch the caller's model
-        cfg = getattr(self.model, 'config', None)
-        if cfg is not None and hasattr(cfg, 'use_cache'): cfg.use_cache = False    # no KV cache in a functional call
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        self.shapes = [params[n].shape for n in self.names]
-        self.sizes = [params[n].numel() for n in self.names]
-        self.theta = torch.cat([params[n].detach().reshape(-1) for n in self.names])   # [P]
-        self.device = self.theta.device
+        self.model, self.names = model, _check_param_names(model, param_names, all_if_none)
+        tracked = [dict(model.named_parameters(remove_duplicate=False))[n] for n in self.names]
+        self.dtype, self.device = dtype or tracked[0].dtype, tracked[0].device       # inputs follow the model
+        self.shapes, self.sizes = [t.shape for t in tracked], [t.numel() for t in tracked]
+        self.P = sum(self.sizes)
+        self.theta = torch.cat([t.detach().reshape(-1).to(self.dtype) for t in tracked])   # [P]
+        cast = lambda t: t.detach().to(self.dtype) if t.is_floating_point() else t.detach()
+        ids = {id(t) for t in tracked}                                    # a tied twin follows the tracked tensor
+        self.fixed = {n: cast(t) for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in ids}
+        cfg = getattr(model, 'config', None)
+        self.lm_kw = dict(use_cache=False) if hasattr(cfg, 'use_cache') else {}   # no KV cache in a functional call
 
     def unflatten(self, theta): # [P]
         "`{name: tensor}` views of a flat vector, each with its parameter's shape."
         return {n: t.view(s) for n, t, s in zip(self.names, theta.split(self.sizes), self.shapes)}
 
+    def params(self, theta) -> dict: # [P]
+        "All parameters and buffers for `functional_call`, the tracked ones taken from `theta`."
+        return {**self.fixed, **self.unflatten(theta)}
+
     def logits(self, theta, seq): # θ [P]; one sequence dict
         "Logits `[T, V]` of one sequence with the tracked parameters set to `theta`."
-        ids = seq['input_ids'].to(self.device)[None]   # [1, T]
-        mask = seq['attention_mask'].to(self.device)[None]   # [1, T]
-        out = functional_call(self.model, self.unflatten(theta), args=(), kwargs=dict(input_ids=ids, attention_mask=mask))
+        ids, mask = seq['input_ids'].to(self.device)[None], seq['attention_mask'].to(self.device)[None]   # [1, T]
+        out = functional_call(self.model, self.params(theta), args=(), kwargs=dict(input_ids=ids, attention_mask=mask, **self.lm_kw))
         logits = out.logits if hasattr(out, 'logits') else out if isinstance(out, torch.Tensor) else out[0]
         return logits[0]   # [T, V]
 
@@ -102,42 +126,46 @@ class _FlatLM:
         return -F.cross_entropy(self.logits(theta, seq)[pos], tgt, reduction='sum')
 
 # %% ../nbs/01_theory.ipynb #24a532b8
-def _grads(flat:_FlatLM, seqs:list[dict]) -> torch.Tensor:
-    return torch.stack([grad(flat.log_prob)(flat.theta, s) for s in seqs])   # [n, P]
+def _example_grads(units, theta) -> torch.Tensor:
+    "Gradients `[n, P]` of per-example values: each unit maps θ to one value per example `[B]`; rows in unit order."
+    return torch.cat([jacrev(unit)(theta) for unit in units])
+
+def _grads(flat:_Flat, seqs:list[dict]) -> torch.Tensor:
+    return _example_grads([lambda th, s=s: flat.log_prob(th, s)[None] for s in seqs], flat.theta)   # [n, P]
 
 def sequence_grads(model:torch.nn.Module, # LM-style: `model(input_ids=, attention_mask=).logits` is [B, T, V]
                    param_names:Sequence[str], # tracked parameters, names as in `model.named_parameters()`
                    seqs, # sequences (anything `influence_nb.data.as_sequences` accepts)
-                   dtype:torch.dtype=torch.float64, # precision of the model copy and of the result
+                   dtype:torch.dtype=torch.float64, # precision of the computation and of the result
                   ) -> torch.Tensor: # [n, P]
     "Per-sequence gradient of log p(scored tokens) w.r.t. the tracked parameters, flattened in `param_names` order."
-    flat = _FlatLM(model, param_names, dtype)
-    return _grads(flat, _seqs(model, seqs, 'seqs'))
+    flat = _Flat(model, param_names, dtype)
+    with _eval_mode(model): return _grads(flat, _seqs(model, seqs, 'seqs'))
 
 # %% ../nbs/01_theory.ipynb #821b97da
-def _ggn_factors(flat:_FlatLM, seq:dict):
-    "B [S·V, P] and Jᵀp [S, P] of one sequence: its GGN is BᵀB − (Jᵀp)ᵀ(Jᵀp)."
-    pos, _ = flat.scored(seq)
-    f = lambda th: (lambda z: (z, z))(flat.logits(th, seq)[pos])
-    J, logits = jacrev(f, has_aux=True)(flat.theta)   # [S, V, P], [S, V]
-    p = logits.softmax(-1)   # [S, V]
-    B = (J * p.sqrt()[..., None]).flatten(0, 1)   # [S*V, P]: diag(√p_t) J_t stacked over t
-    Jp = torch.einsum('svp,sv->sp', J, p)   # [S, P]: J_tᵀ p_t
-    return B, Jp
-
-def _mean_ggn(flat:_FlatLM, seqs:list[dict], chunk_rows:int=4096) -> torch.Tensor:
-    "Mean over `seqs` of Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t, accumulated a few thousand rows at a time."
-    P = flat.theta.numel()
-    G = torch.zeros(P, P, dtype=flat.theta.dtype, device=flat.device)
+def _ggn_of_rows(units, theta, loss:str='ce', chunk_rows:int=4096) -> torch.Tensor:
+    "Σ over `units` (maps θ ↦ output rows [n_rows, d_out]) of Σ_r J_rᵀ H_r J_r, H the output Hessian of `loss` ('ce' or 'mse')."
+    P = theta.numel()
+    G = torch.zeros(P, P, dtype=theta.dtype, device=theta.device)
     Bs, Jps, rows = [], [], 0
-    for i, s in enumerate(seqs):
-        B, Jp = _ggn_factors(flat, s)
-        Bs.append(B); Jps.append(Jp); rows += len(B)
-        if rows >= chunk_rows or i == len(seqs) - 1:
-            B, Jp = torch.cat(Bs), torch.cat(Jps)
-            G += B.T @ B - Jp.T @ Jp   # one large matmul instead of one per sequence
+    for i, unit in enumerate(units):
+        J, h = jacrev(lambda th: (lambda z: (z, z))(unit(th)), has_aux=True)(theta)   # [S, V, P], [S, V]
+        if loss == 'ce':                                   # H = diag p − p pᵀ = (diag √p)² − p pᵀ
+            p = h.softmax(-1)   # [S, V]
+            Bs.append((J * p.sqrt()[..., None]).flatten(0, 1))   # [S*V, P]: diag(√p_t) J_t stacked over t
+            Jps.append(torch.einsum('svp,sv->sp', J, p))   # [S, P]: J_tᵀ p_t
+        else: Bs.append(J.flatten(0, 1))                   # H = I (half the squared error)
+        rows += len(Bs[-1])
+        if rows >= chunk_rows or i == len(units) - 1:      # one large matmul instead of one per unit
+            B = torch.cat(Bs); G += B.T @ B
+            if Jps: Jp = torch.cat(Jps); G -= Jp.T @ Jp
             Bs, Jps, rows = [], [], 0
-    return G / len(seqs)
+    return G
+
+def _mean_ggn(flat:_Flat, seqs:list[dict]) -> torch.Tensor:
+    "Mean over `seqs` of Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t over the scored positions t."
+    units = [lambda th, s=s: flat.logits(th, s)[flat.scored(s)[0]] for s in seqs]
+    return _ggn_of_rows(units, flat.theta) / len(seqs)
 
 def exact_ggn(model:torch.nn.Module, # LM-style model
               param_names:Sequence[str], # tracked parameters
@@ -145,11 +173,11 @@ def exact_ggn(model:torch.nn.Module, # LM-style model
               dtype:torch.dtype=torch.float64, # precision
              ) -> torch.Tensor: # [P, P]
     "Mean over `seqs` of the per-sequence Gauss–Newton matrix of the token-summed cross-entropy."
-    flat = _FlatLM(model, param_names, dtype)
-    return _mean_ggn(flat, _seqs(model, seqs, 'seqs'))
+    flat = _Flat(model, param_names, dtype)
+    with _eval_mode(model): return _mean_ggn(flat, _seqs(model, seqs, 'seqs'))
 
 # %% ../nbs/01_theory.ipynb #457ae465
-def _mean_hessian(flat:_FlatLM, seqs:list[dict]) -> torch.Tensor:
+def _mean_hessian(flat:_Flat, seqs:list[dict]) -> torch.Tensor:
     "Mean over `seqs` of the Hessian of the summed loss (reverse-over-reverse; `torch.func.hessian` gives the same, slower here)."
     H = 0
     for s in seqs: H = H + jacrev(jacrev(lambda th: -flat.log_prob(th, s)))(flat.theta)   # [P, P]
@@ -161,8 +189,8 @@ def exact_hessian(model:torch.nn.Module, # LM-style model
                   dtype:torch.dtype=torch.float64, # precision
                  ) -> torch.Tensor: # [P, P]
     "Mean over `seqs` of the Hessian of the token-summed cross-entropy w.r.t. the tracked parameters."
-    flat = _FlatLM(model, param_names, dtype)
-    return _mean_hessian(flat, _seqs(model, seqs, 'seqs'))
+    flat = _Flat(model, param_names, dtype)
+    with _eval_mode(model): return _mean_hessian(flat, _seqs(model, seqs, 'seqs'))
 
 # %% ../nbs/01_theory.ipynb #3d9740c9
 def influence_from_grads(query_grads:torch.Tensor, # [n_q, P] gradients of the measurement (log p of each query)
@@ -172,7 +200,7 @@ def influence_from_grads(query_grads:torch.Tensor, # [n_q, P] gradients of the m
                          blocks:Sequence[Sequence[int]]|None=None, # index groups of a block-diagonal approximation (None: full matrix)
                         ) -> torch.Tensor: # [n_q, n_train]
     "`query_grads @ (curvature + damping·I)⁻¹ @ train_gradsᵀ`, optionally with only the diagonal blocks of the curvature."
-    damping = _check_damping(damping)
+    damping = check_damping(damping, allow_zero=True, allow_none=False)
     for name, t in (('query_grads', query_grads), ('train_grads', train_grads), ('curvature', curvature)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise TypeError(f"`{name}` must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}.")
@@ -210,11 +238,16 @@ def param_blocks(param_names:Sequence[str], # tracked parameter names, in order
     for i, n in enumerate(param_names): groups.setdefault(n.rsplit('.', 1)[0] if '.' in n else '', []).append(i)
     return list(groups.values())
 
-def _flat_blocks(flat:_FlatLM) -> list[torch.Tensor]:
-    "Indices into the flat vector θ of each module's block."
+def flat_blocks(model:torch.nn.Module, # the model the names belong to
+                names:Sequence[str], # tracked parameter names, in the order of the flattened vector
+               ) -> list[torch.Tensor]: # one index tensor per module, partitioning range(P)
+    "Coordinate indices of each module's block in the flattened parameter vector (the form `influence_from_grads` takes)."
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in names if n not in params]
+    if missing: raise ValueError(f"`names` holds {missing[:3]}, not parameters of the model (e.g. {list(params)[:3]}).")
     starts = [0]
-    for s in flat.sizes: starts.append(starts[-1] + s)
-    return [torch.cat([torch.arange(starts[i], starts[i + 1]) for i in b]) for b in param_blocks(flat.names)]
+    for n in names: starts.append(starts[-1] + params[n].numel())
+    return [torch.cat([torch.arange(starts[i], starts[i + 1]) for i in b]) for b in param_blocks(names)]
 
 # %% ../nbs/01_theory.ipynb #f5b4b526
 def exact_influence(model:torch.nn.Module, # LM-style model: `model(input_ids=, attention_mask=).logits` is [B, T, V]
@@ -230,10 +263,11 @@ def exact_influence(model:torch.nn.Module, # LM-style model: `model(input_ids=, 
     "Exact influence `∇log p(query)ᵀ (C + λI)⁻¹ ∇log p(train)` with C the full GGN (or Hessian) of the tracked parameters."
     if curvature not in ("ggn", "hessian"):
         raise ValueError(f"`curvature` must be 'ggn' or 'hessian', got {curvature!r}.")
-    damping = _check_damping(damping)
-    flat = _FlatLM(model, param_names, dtype)
+    damping = check_damping(damping, allow_zero=True, allow_none=False)
+    flat = _Flat(model, param_names, dtype)
     queries, train = _seqs(model, queries, 'queries'), _seqs(model, train, 'train')
     fit = train if fit is None else _seqs(model, fit, 'fit')
-    C = (_mean_ggn if curvature == "ggn" else _mean_hessian)(flat, fit)   # [P, P]
-    return influence_from_grads(_grads(flat, queries), _grads(flat, train), C, damping,
-                                _flat_blocks(flat) if block_diagonal else None)
+    with _eval_mode(model):
+        C = (_mean_ggn if curvature == "ggn" else _mean_hessian)(flat, fit)   # [P, P]
+        gq, gt = _grads(flat, queries), _grads(flat, train)
+    return influence_from_grads(gq, gt, C, damping, flat_blocks(model, flat.names) if block_diagonal else None)

@@ -8,6 +8,7 @@ import pytest, torch
 from torch import nn
 import influence_nb as inf
 import influence_nb.ekfac as ekfac_mod
+import influence_nb.artefact as artefact_mod   # factor storage (locking, checksums, atomic writes) lives here
 import influence_nb.search as search_mod
 from influence_nb.ekfac import Factors
 from influence_nb.search import scan, ScanResult
@@ -258,7 +259,7 @@ def _rewrite(d, edit_meta=None, edit_tensors=None, fix_sha=True):
         with safe_open(str(tf), 'pt') as fh: header = fh.metadata()
         flat = load_file(str(tf)); edit_tensors(flat); save_file(flat, str(tf), metadata=header)
     if edit_meta: edit_meta(meta)
-    if fix_sha: meta['sha256'] = ekfac_mod._sha256(tf)
+    if fix_sha: meta['sha256'] = artefact_mod._sha256(tf)
     jf.write_text(json.dumps(meta))
 
 
@@ -428,17 +429,17 @@ def test_S2_disk_full_keeps_previous_factors(env, tmp_path, monkeypatch):
     m, f, tr, q = env
     f.save(tmp_path); before = _saved_bytes(tmp_path)
     f2 = inf.fit_factors(m, tr, 'kfac', progress=False)
-    monkeypatch.setattr(ekfac_mod, 'save_file', _enospc_after(ekfac_mod.save_file))
+    monkeypatch.setattr(artefact_mod, 'save_file', _enospc_after(artefact_mod.save_file))
     with pytest.raises(OSError, match='No space left on device.*unchanged') as e: f2.save(tmp_path)
     assert e.value.errno == errno.ENOSPC
     monkeypatch.undo()
     # the JSON stage failing too (disk full after the tensors were written)
-    real_fsync, calls = ekfac_mod._fsync, []
+    real_fsync, calls = artefact_mod._fsync, []
     def fsync(p):
         calls.append(p)
         if len(calls) == 2: raise OSError(errno.ENOSPC, 'No space left on device')
         real_fsync(p)
-    monkeypatch.setattr(ekfac_mod, '_fsync', fsync)
+    monkeypatch.setattr(artefact_mod, '_fsync', fsync)
     with pytest.raises(OSError, match='No space left'): f2.save(tmp_path)
     monkeypatch.undo()
     assert _saved_bytes(tmp_path) == before                                 # the old pair, byte for byte, no temp files
@@ -864,9 +865,9 @@ def test_A8_save_interrupted_at_every_step(env, tmp_path, monkeypatch, kill):
                 return fn(*a, **kw)
             return wrapped
         with monkeypatch.context() as mp:
-            for name in ('save_file', '_fsync', '_fsync_dir'): mp.setattr(ekfac_mod, name, step(getattr(ekfac_mod, name)))
+            for name in ('save_file', '_fsync', '_fsync_dir'): mp.setattr(artefact_mod, name, step(getattr(artefact_mod, name)))
             mp.setattr(os, 'replace', step(os.replace)); mp.setattr(Path, 'write_text', step(Path.write_text))
-            if kill: mp.setattr(ekfac_mod, '_discard', lambda paths: None)      # a killed process cleans nothing up
+            if kill: mp.setattr(artefact_mod, '_discard', lambda paths: None)      # a killed process cleans nothing up
             try: new.save(tmp_path); done = True
             except _Killed: done = False
         got = Factors.load(tmp_path, covariances=True)                        # never raises

@@ -1,0 +1,113 @@
+"Batched Gauss–Newton products and the preconditioned CG solver (nbs/02_pbrf.ipynb) against float64 dense solves."
+import warnings
+import pytest
+import torch
+from torch.func import jvp, vjp
+from influence_nb.pbrf import cg_ihvp, lissa_ihvp, _Problem, _Linearised, _gnvp, _out_hvp
+from influence_nb.theory import exact_ggn
+
+f64 = torch.float64
+pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
+
+
+@pytest.fixture(scope='module')
+def tiny_lm():
+    "A one-block GPT-2 with two tracked MLP parameters, padded sequences of different lengths, and G + λI dense."
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=12, n_embd=8, n_layer=1, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)).double().eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [dict(input_ids=torch.randint(1, 20, (n,), generator=g)) for n in (4, 9, 6, 7, 5)]
+    names = ['transformer.h.0.mlp.c_proj.weight', 'transformer.h.0.mlp.c_proj.bias']
+    lam = 1e-2
+    G = exact_ggn(gpt, names, seqs)                                      # 01_theory's exact GGN, another code path
+    A = G + lam * torch.eye(len(G), dtype=f64)
+    return gpt, names, seqs, lam, A, g
+
+
+def _spd(P, g, shift=0.1):
+    W = torch.randn(P, P, dtype=f64, generator=g)
+    return W @ W.T / P + shift * torch.eye(P, dtype=f64)
+
+
+def test_pcg_random_spd_preconditioner_is_dense_solve(tiny_lm):
+    gpt, names, seqs, lam, A, g = tiny_lm
+    V = torch.randn(5, len(A), dtype=f64, generator=g)
+    M = _spd(len(A), g)
+    X = cg_ihvp(gpt, names, seqs, V, lam, tol=1e-12, max_iter=500, batch_size=2, preconditioner=lambda R: R @ M)
+    direct = torch.linalg.solve(A, V.T).T
+    assert (X - direct).norm() <= 1e-8 * direct.norm()
+
+
+def test_exact_inverse_preconditioner_converges_in_one_step(tiny_lm):
+    gpt, names, seqs, lam, A, g = tiny_lm
+    V = torch.randn(3, len(A), dtype=f64, generator=g)
+    A_inv, direct = torch.linalg.inv(A), torch.linalg.solve(A, V.T).T
+    X1 = cg_ihvp(gpt, names, seqs, V, lam, max_iter=1, preconditioner=lambda R: R @ A_inv)
+    assert (X1 - direct).norm() <= 1e-9 * direct.norm()
+    X0 = cg_ihvp(gpt, names, seqs, V, lam, max_iter=0, preconditioner=lambda R: R @ A_inv)   # 0 steps: M v
+    assert torch.equal(X0, V @ A_inv)
+
+
+def test_columns_together_equal_one_at_a_time(tiny_lm):
+    gpt, names, seqs, lam, A, g = tiny_lm
+    V = torch.randn(4, len(A), dtype=f64, generator=g)
+    M = _spd(len(A), g)
+    pcg = dict(max_iter=3, preconditioner=lambda R: R @ M)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')               # a truncated preconditioned solve is what was asked for: no warning
+        together = cg_ihvp(gpt, names, seqs, V, lam, **pcg)
+        alone = torch.stack([cg_ihvp(gpt, names, seqs, v, lam, **pcg) for v in V])
+    assert (together - alone).norm() <= 1e-10 * alone.norm()
+    with pytest.warns(UserWarning, match='raise `max_iter`'):   # plain CG cut short says so
+        together = cg_ihvp(gpt, names, seqs, V, lam, max_iter=4)
+    with pytest.warns(UserWarning, match='raise `max_iter`'):
+        alone = torch.stack([cg_ihvp(gpt, names, seqs, v, lam, max_iter=4) for v in V])
+    assert (together - alone).norm() <= 1e-10 * alone.norm()
+
+
+def _per_column(prob, V):
+    "The Gauss–Newton product before batching: one jvp (re-running the forward) and one vjp per column and batch."
+    out = torch.zeros_like(V)
+    for b in prob.data.batches():
+        f = lambda th: prob.rows(th, b)
+        h, vjp_fn = vjp(f, prob.theta_s)
+        for k in range(len(V)):
+            out[k] += vjp_fn(_out_hvp(h.detach(), jvp(f, (prob.theta_s,), (V[k],))[1], prob.loss))[0]
+    return out / prob.N
+
+
+@pytest.mark.parametrize('batch_size', [1, 2, 5])
+def test_batched_product_equals_per_column_product(tiny_lm, batch_size):
+    gpt, names, seqs, lam, A, g = tiny_lm
+    prob = _Problem(gpt, names, seqs, 'ce', batch_size, f64)
+    V = torch.randn(6, prob.P, dtype=f64, generator=g)
+    old = _per_column(prob, V)
+    assert (_gnvp(prob, V) - old).norm() <= 1e-10 * old.norm()
+    assert (_gnvp(prob, V) - V @ (A - lam * torch.eye(prob.P, dtype=f64))).norm() <= 1e-10 * old.norm()
+
+
+def test_batched_product_mse_and_subsets():
+    "Regression rows (identity output Hessian) and a product over a subset of the batches (`lissa_batch`)."
+    g = torch.Generator().manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    X, y = torch.randn(12, 3, dtype=f64, generator=g), torch.randn(12, 2, dtype=f64, generator=g)
+    names = [n for n, _ in net.named_parameters()]
+    prob = _Problem(net, names, (X, y), 'mse', 4, f64)
+    V = torch.randn(3, prob.P, dtype=f64, generator=g)
+    old = _per_column(prob, V)
+    assert (_gnvp(prob, V) - old).norm() <= 1e-10 * old.norm()
+    sub = prob.data.batches(torch.tensor([0, 5, 7]))
+    J = torch.func.jacrev(lambda th: prob.rows(th, sub[0]))(prob.theta_s)   # [3, 2, P]
+    assert torch.allclose(_Linearised(prob, sub, 3)(V), V @ torch.einsum('rdp,rdq->pq', J, J) / 3, rtol=1e-10, atol=1e-13)
+
+
+def test_lissa_full_batch_uses_batched_product(tiny_lm):
+    gpt, names, seqs, lam, A, g = tiny_lm
+    lam_big = 1.0                                                        # s/λ ≈ 10: 300 steps shrink the error by 1e-13
+    A_big = A + (lam_big - lam) * torch.eye(len(A), dtype=f64)
+    V = torch.randn(2, len(A), dtype=f64, generator=g)
+    direct = torch.linalg.solve(A_big, V.T).T
+    X = lissa_ihvp(gpt, names, seqs, V, lam_big, depth=300, batch_size=3)
+    assert (X - direct).norm() <= 1e-8 * direct.norm()
