@@ -696,7 +696,7 @@ def _label_engine():
     wrap(ekfac.Factors, 'save', '#Factors.save')
     wrap(scores, 'query_gradients', '#scores: query_gradients')
     wrap(scores, 'precondition_queries', '#scores: precondition_queries (rotations, rank truncation)')
-    wrap(scores, '_contract', '#scores: _contract')
+    wrap(scores, 'contract_scores', '#scores: contract_scores')
     wrap(scores, 'seq_grads', '#scores: seq_grads (per-sequence gradient)')
     wrap(ekfac.Factors, 'check', '#scores: Factors.check (fingerprint)')
     return phase

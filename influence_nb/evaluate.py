@@ -229,14 +229,14 @@ def exact_reference(task: str, cfg: dict, stored: dict, # the problem's entry of
                     log=print) -> dict:
     "Exact damped-GGN influence of the MLP of `task`, full and layer-block-diagonal, against the stored PBRF."
     from influence_nb.theory import influence_from_grads
-    from influence_nb.pbrf import _Problem, _ggn_matrix, _loss_grads   # the package's one GGN builder and gradient routine
+    from influence_nb.pbrf import FlatProblem, ggn_matrix, loss_grads   # the package's one GGN builder and gradient routine
     t0, say = time.perf_counter(), log or (lambda s: None)
     su = mlp_setup(task, cfg)
     net, X, y, tr = su['net'], su['X'], su['y'], su['tr']
     names = [n for n, _ in net.named_parameters()]
-    prob = _Problem(net, names, (X[tr], y[tr]), 'mse' if task == 'regression' else 'ce', batch_size=len(tr))
-    G = _ggn_matrix(prob)                                              # [P, P] mean GGN over the fit data
-    grads = lambda rows, name: -_loss_grads(prob, prob.examples((X[rows], y[rows]), name))   # ∇ log p = −∇ loss, [n, P]
+    prob = FlatProblem(net, names, (X[tr], y[tr]), 'mse' if task == 'regression' else 'ce', batch_size=len(tr))
+    G = ggn_matrix(prob)                                              # [P, P] mean GGN over the fit data
+    grads = lambda rows, name: -loss_grads(prob, prob.examples((X[rows], y[rows]), name))   # ∇ log p = −∇ loss, [n, P]
     gq, gt = grads(su['te'], 'queries'), grads(tr[torch.tensor(su['points'])], 'points')
     lam = stored['damping']
     S = dict(exact_full=influence_from_grads(gq, gt, G, lam),

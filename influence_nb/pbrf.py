@@ -14,11 +14,11 @@ from tqdm.auto import tqdm
 from fastcore.basics import patch
 from torch.func import functional_call, jvp, vjp, jacrev, vmap
 from .data import IGNORE_INDEX, as_sequences, collate, require_scored
-from .theory import _Flat, _eval_mode, _example_grads, _ggn_of_rows, check_damping
+from .theory import FlatParams, eval_mode, example_grads, ggn_of_rows, check_damping
 
 # %% auto #0
-__all__ = ['bregman_objective', 'gnvp', 'PBRFResponse', 'pbrf_response', 'PBRFInfluence', 'pbrf_influence', 'PBRFScores',
-           'pbrf_scores', 'cg_ihvp', 'lissa_ihvp']
+__all__ = ['FlatProblem', 'bregman_objective', 'gnvp', 'ggn_matrix', 'PBRFResponse', 'pbrf_response', 'PBRFInfluence',
+           'pbrf_influence', 'loss_grads', 'PBRFScores', 'pbrf_scores', 'cg_ihvp', 'lissa_ihvp']
 
 # %% ../nbs/02_pbrf.ipynb #788c7794
 _LOSSES = ('ce', 'mse')
@@ -111,8 +111,8 @@ def _check_iters(**kw):
             raise ValueError(f"`{name}` must be an integer >= {lo}, got {v!r}.")
 
 # %% ../nbs/02_pbrf.ipynb #09524166
-class _Problem(_Flat):
-    "`_Flat` (`01_theory`: the model as a function of the flat tracked parameters θ) with the fit data and a row-wise loss."
+class FlatProblem(FlatParams):
+    "`FlatParams` (`01_theory`: the model as a function of the flat tracked parameters θ) with the fit data and a row-wise loss."
     def __init__(self, model, param_names, data, loss='ce', batch_size=64, dtype=None, name='data'):
         if loss not in _LOSSES: raise ValueError(f"`loss` must be one of {_LOSSES}, got {loss!r}.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -164,7 +164,7 @@ class _Problem(_Flat):
 
 # %% ../nbs/02_pbrf.ipynb #8aa54a4f
 @patch
-def _lm_targets(self: _Problem):
+def _lm_targets(self: FlatProblem):
     "For loss='mse' on sequences: scored labels [n_rows] -> targets [n_rows, d_out], from the model (None if it has none)."
     if self.loss != 'mse': return None
     custom = getattr(self.model, 'pbrf_targets', None)
@@ -202,15 +202,15 @@ def _out_hvp(h, u, loss, p=None):
     return pu - p * pu.sum(-1, keepdim=True)
 
 # %% ../nbs/02_pbrf.ipynb #91b8dde3
-def _example_losses(prob: _Problem, b: _Batch, theta) -> torch.Tensor:
+def _example_losses(prob: FlatProblem, b: _Batch, theta) -> torch.Tensor:
     "Loss of each example of batch `b` [B]: its rows' losses summed (scored tokens of a sequence, or one (x, y) row)."
     rows = _row_loss(prob.rows(theta, b), b.targets, prob.loss)          # [n_rows]
     return torch.zeros(b.n, dtype=prob.dtype, device=prob.device).index_add(0, b.row_example, rows)
 
-def _loss_sum(prob: _Problem, ex: _Examples, theta) -> torch.Tensor:
+def _loss_sum(prob: FlatProblem, ex: _Examples, theta) -> torch.Tensor:
     return sum(_row_loss(prob.rows(theta, b), b.targets, prob.loss).sum() for b in ex.batches())
 
-def _flat_theta(prob: _Problem, theta, name='theta'):
+def _flat_theta(prob: FlatProblem, theta, name='theta'):
     if theta is None: return prob.theta_s
     if isinstance(theta, Mapping):
         missing = [n for n in prob.names if n not in theta]
@@ -235,8 +235,8 @@ def bregman_objective(model,                 # the trained model; its current pa
     "The proximal Bregman objective PBO(θ; ε) of Bae et al. (2022), paper §2.1."
     damping = check_damping(damping, allow_none=False)
     if not math.isfinite(eps): raise ValueError(f"`eps` must be finite, got {eps!r}.")
-    with _eval_mode(model):
-        prob = _Problem(model, param_names, data, loss, batch_size, dtype)
+    with eval_mode(model):
+        prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         zm = prob.examples(z_m, 'z_m', single=True)
         theta = _flat_theta(prob, theta)
         breg = 0.
@@ -252,12 +252,12 @@ def _column_chunk(k: int, rows: int, d_out: int, budget: int = 2**24) -> int:
 
 class _Linearised:
     "Batches linearised once at θ_s — rows h, u ↦ Jᵀu and v ↦ J v — so that `G V` is two vmapped passes per batch."
-    def __init__(self, prob: _Problem, batches=None, n=None):
+    def __init__(self, prob: FlatProblem, batches=None, n=None):
         self.loss, self.n = prob.loss, prob.N if n is None else n
         self.pieces = [self._linearise(prob, b) for b in (prob.data.batches() if batches is None else batches)]
 
     @staticmethod
-    def _linearise(prob: _Problem, b: _Batch):
+    def _linearise(prob: FlatProblem, b: _Batch):
         f = lambda th: prob.rows(th, b)                                  # θ -> [n_rows, d_out]
         h, jt = vjp(f, prob.theta_s)                                     # jt: u ↦ (Jᵀu,)
         try:                                                             # u ↦ Jᵀu is linear, so its vjp is v ↦ J v:
@@ -278,7 +278,7 @@ class _Linearised:
                 out[lo:lo + step] += vmap(jt)(_out_hvp(h, JV, self.loss, p))[0]   # Jᵀ H J V
         return out / self.n
 
-def _gnvp(prob: _Problem, V: torch.Tensor, batches=None, n=None) -> torch.Tensor:
+def _gnvp(prob: FlatProblem, V: torch.Tensor, batches=None, n=None) -> torch.Tensor:
     "G V for V [k, P]: mean over the examples of `batches` (default: all fit data, linearised once per problem)."
     return (prob.linearised() if batches is None else _Linearised(prob, batches, n))(V)
 
@@ -291,17 +291,17 @@ def gnvp(model,                # the model at θ_s
          dtype = None,         # computation dtype (None: the first tracked parameter's)
         ) -> torch.Tensor:     # G v, same shape and dtype as `v`
     "Gauss–Newton-vector product G v, G = mean over `data` of Jᵀ H_out J (jvp, output Hessian, vjp)."
-    with _eval_mode(model):
-        prob = _Problem(model, param_names, data, loss, batch_size, dtype)
+    with eval_mode(model):
+        prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         V, one = prob.vectors(v, 'v')
         out = _gnvp(prob, V).to(v.device, v.dtype)
     return out[0] if one else out
 
 # %% ../nbs/02_pbrf.ipynb #48e3e036
-def _ggn_matrix(prob: _Problem) -> torch.Tensor:
+def ggn_matrix(prob: FlatProblem) -> torch.Tensor:
     "The exact GGN [P, P] = mean over data of Σ_rows J_rᵀ H_r J_r, formed by `01_theory`'s builder (small models only)."
     units = [lambda th, b=b: prob.rows(th, b) for b in prob.data.batches()]   # θ -> [n_rows, d_out] per batch
-    return _ggn_of_rows(units, prob.theta_s, prob.loss) / prob.N
+    return ggn_of_rows(units, prob.theta_s, prob.loss) / prob.N
 
 # %% ../nbs/02_pbrf.ipynb #adc7ee08
 def _cg(matvec, B: torch.Tensor, tol: float, max_iter: int, precondition=None):
@@ -360,7 +360,7 @@ class PBRFResponse:
 # %% ../nbs/02_pbrf.ipynb #2bb47e5b
 class _PBRFSolve:
     "One solve of min_θ PBO(θ; ε) in named steps: evaluate the objective, Gauss–Newton steps, L-BFGS; it counts what it does."
-    def __init__(self, prob: _Problem, zm: _Examples, eps: float, damping: float, products=None):
+    def __init__(self, prob: FlatProblem, zm: _Examples, eps: float, damping: float, products=None):
         self.prob, self.zm, self.eps, self.damping = prob, zm, eps, damping
         self.batches, self.zm_batches = prob.data.batches(), zm.batches()
         with torch.no_grad():
@@ -436,7 +436,7 @@ def lbfgs(self: _PBRFSolve, tol: float, max_iter: int, history: int):
     self.evaluate()
 
 # %% ../nbs/02_pbrf.ipynb #61de0c13
-def _solve(prob: _Problem, zm: _Examples, eps: float, damping: float, rtol: float, max_iter: int,
+def _solve(prob: FlatProblem, zm: _Examples, eps: float, damping: float, rtol: float, max_iter: int,
            history: int, newton_steps: int = 10, theta0=None, products=None) -> PBRFResponse:
     "Gauss–Newton from θ_s (or a better `theta0`), then L-BFGS and Gauss–Newton again if needed. `products`: see `_PBRFSolve`."
     t0 = time.perf_counter()
@@ -463,7 +463,7 @@ def _products(model, param_names, data, loss, batch_size, prob, z_m, newton_dtyp
     "The (problem, z_m) that multiply by M: `prob` itself, or a copy in `newton_dtype`."
     _check_newton_dtype(newton_dtype)
     if newton_dtype == prob.dtype: return None
-    pm = _Problem(model, param_names, data, loss, batch_size, newton_dtype)
+    pm = FlatProblem(model, param_names, data, loss, batch_size, newton_dtype)
     return pm, pm.examples(z_m, 'z_m', single=True)
 
 def _not_converged(who: str, r: PBRFResponse) -> str:
@@ -497,8 +497,8 @@ def pbrf_response(model,                 # the trained model; its current parame
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
         raise ValueError(f"`eps` must be a finite number, got {eps!r}.")
     _check_iters(max_iter=max_iter, newton_steps=(newton_steps, 0), history=history)
-    with _eval_mode(model):
-        prob = _Problem(model, param_names, data, loss, batch_size, dtype)
+    with eval_mode(model):
+        prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         start = None if theta0 is None else _flat_theta(prob, theta0, 'theta0')
         if start is not None and not torch.isfinite(start).all(): raise ValueError("`theta0` contains NaN or Inf.")
         products = _products(model, param_names, data, loss, batch_size, prob, z_m, newton_dtype)
@@ -522,7 +522,7 @@ class PBRFInfluence:
     @property
     def converged(self) -> bool: return self.plus.converged and self.minus.converged
 
-def _measure(prob: _Problem, q: _Examples, theta) -> torch.Tensor:
+def _measure(prob: FlatProblem, q: _Examples, theta) -> torch.Tensor:
     "f = −(loss summed over each query's rows) [n_queries]: log p(completion) for ce, −½‖h − y‖² for mse."
     out = []
     with torch.no_grad():
@@ -557,8 +557,8 @@ def pbrf_influence(model,                 # the trained model; its current param
     eps = _check_positive(eps, 'eps', 'It is the finite-difference step; the solves use +eps and −eps.')
     rtol = _check_positive(rtol, 'rtol')
     _check_iters(max_iter=max_iter, newton_steps=(newton_steps, 0), history=history)
-    with _eval_mode(model):
-        prob = _Problem(model, param_names, data, loss, batch_size, dtype)
+    with eval_mode(model):
+        prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         zm, q = prob.examples(z_m, 'z_m', single=True), prob.examples(query, 'query', single=True)
         products = _products(model, param_names, data, loss, batch_size, prob, z_m, newton_dtype)
         plus, minus, f_p, f_m = _pair(prob, zm, q, eps, damping, rtol, max_iter, history, newton_steps, products)
@@ -569,9 +569,9 @@ def pbrf_influence(model,                 # the trained model; its current param
     return out
 
 # %% ../nbs/02_pbrf.ipynb #3ae748dd
-def _loss_grads(prob: _Problem, ex: _Examples) -> torch.Tensor:
-    "Per-example gradients of the (token-summed) loss at θ_s, [n, P], by `01_theory`'s `_example_grads` (small models)."
-    return _example_grads([lambda th, b=b: _example_losses(prob, b, th) for b in ex.batches()], prob.theta_s)
+def loss_grads(prob: FlatProblem, ex: _Examples) -> torch.Tensor:
+    "Per-example gradients of the (token-summed) loss at θ_s, [n, P], by `01_theory`'s `example_grads` (small models)."
+    return example_grads([lambda th, b=b: _example_losses(prob, b, th) for b in ex.batches()], prob.theta_s)
 
 # %% ../nbs/02_pbrf.ipynb #df61174c
 def _solve_record(r: PBRFResponse) -> dict:
@@ -603,7 +603,7 @@ class PBRFScores:
                     warm_starts=sum(s['warm_start'] for s in flat), lbfgs_used=sum(s['n_iter'] > 0 for s in flat),
                     resumed_points=self.resumed)
 
-def _digest(prob: _Problem, q: _Examples, **settings) -> str:
+def _digest(prob: FlatProblem, q: _Examples, **settings) -> str:
     "A digest of everything a PBRF result depends on: parameters, fit data, queries and `settings`."
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     def add(t):
@@ -675,8 +675,8 @@ def pbrf_scores(model,                 # the trained model; its current paramete
     eps = _check_positive(eps, 'eps', 'It is the finite-difference step; the solves use +eps and −eps.')
     rtol = _check_positive(rtol, 'rtol')
     _check_iters(max_iter=max_iter, newton_steps=(newton_steps, 0), history=history)
-    with _eval_mode(model):
-        prob = _Problem(model, param_names, data, loss, batch_size, dtype)
+    with eval_mode(model):
+        prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         q = prob.examples(query, 'query')
         points = _check_points(points, prob.N)
         key = _digest(prob, q, names=prob.names, damping=damping, eps=eps, loss=loss, rtol=rtol, dtype=dtype,
@@ -693,7 +693,7 @@ def pbrf_scores(model,                 # the trained model; its current paramete
             for m in tqdm(points, desc='PBRF', unit='point', disable=not progress):
                 if m in done: rec, resumed = done[m], resumed + 1
                 else:
-                    if pm is None: pm = _Problem(model, param_names, data, loss, batch_size, newton_dtype)
+                    if pm is None: pm = FlatProblem(model, param_names, data, loss, batch_size, newton_dtype)
                     zm, zm_m = one(prob, m), one(pm, m)
                     plus, minus, f_p, f_m = _pair(prob, zm, q, eps, damping, rtol, max_iter, history, newton_steps,
                                                   (pm, zm_m))
@@ -735,8 +735,8 @@ def cg_ihvp(model,                # the model at θ_s
     damping = check_damping(damping, allow_none=False)
     tol = _check_positive(tol, 'tol')
     _check_iters(max_iter=(max_iter, 0 if preconditioner is not None else 1))
-    with _eval_mode(model):
-        prob = _Problem(model, param_names, data, loss, batch_size, dtype)
+    with eval_mode(model):
+        prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         B, one = prob.vectors(V)
         M = _checked_preconditioner(preconditioner, prob.P)
         if max_iter == 0: X, it, rel = M(B), 0, None                      # the preconditioner's own answer
@@ -748,7 +748,7 @@ def cg_ihvp(model,                # the model at θ_s
     return X[0] if one else X
 
 # %% ../nbs/02_pbrf.ipynb #879febfc
-def _power_max(prob: _Problem, iters: int, gen: torch.Generator) -> float:
+def _power_max(prob: FlatProblem, iters: int, gen: torch.Generator) -> float:
     "Largest eigenvalue of G by power iteration (Rayleigh quotient of the last iterate)."
     u = torch.randn(1, prob.P, generator=gen, dtype=torch.float64).to(prob.device, prob.dtype)
     u = u / u.norm()
@@ -777,8 +777,8 @@ def lissa_ihvp(model,                 # the model at θ_s
     damping = check_damping(damping, allow_none=False)
     _check_iters(depth=depth, repeats=repeats)
     if not isinstance(seed, int): raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
-    with _eval_mode(model):
-        prob = _Problem(model, param_names, data, loss, batch_size, dtype)
+    with eval_mode(model):
+        prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         B, one = prob.vectors(V)
         if lissa_batch is not None:
             _check_iters(lissa_batch=lissa_batch)

@@ -18,8 +18,8 @@ from .ekfac import Factors, seq_grads, check_damping, ITERATIVE
 # %% auto #0
 __all__ = ['UNITS', 'DENSE_CACHE_BYTES', 'ScoreTable', 'check_query', 'check_k', 'Scores', 'PrecondQuery', 'working_dtype',
            'eigenbases', 'rotated_grads', 'query_gradients', 'canonical_to_flat', 'flat_to_canonical', 'truncated_svd',
-           'precondition_queries', 'contraction_costs', 'pairwise_scores', 'self_scores', 'ClassifierAsLM',
-           'RegressorAsLM']
+           'precondition_queries', 'contraction_costs', 'contract_scores', 'check_rank', 'prepare_scoring',
+           'pairwise_scores', 'self_scores', 'ClassifierAsLM', 'RegressorAsLM']
 
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
@@ -270,7 +270,7 @@ def contraction_costs(q, B, T, o, i, rank=None, per_token=False) -> dict:
     if not per_token: c['grad'] = B * T * o * i + q * B * o * i
     return c
 
-def _contract(pq:PrecondQuery, acts, outg, per_token=False, path=None):
+def contract_scores(pq:PrecondQuery, acts, outg, per_token=False, path=None):
     "Scores `[q, B]` (and per-token `[q, B, T]` when asked) of one layer for one batch."
     dt = (pq.full if pq.full is not None else pq.U).dtype
     acts, outg = acts.to(dt), outg.to(dt)        # a half-precision model's tensors, in the queries' float32
@@ -286,12 +286,12 @@ def _contract(pq:PrecondQuery, acts, outg, per_token=False, path=None):
     return tok.sum(-1), (tok if per_token else None), path
 
 # %% ../nbs/06_scores.ipynb #5510995f
-def _check_rank(query_rank):
+def check_rank(query_rank):
     if query_rank is None: return
     if isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1:
         raise ValueError(f"`query_rank` must be None (full rank) or a positive integer, got {query_rank!r}.")
 
-def _prepare(model, factors, modules=None):
+def prepare_scoring(model, factors, modules=None):
     if not isinstance(factors, Factors):
         raise TypeError(f"`factors` must be an influence_nb Factors (from `fit_factors` or `Factors.load`), got {type(factors).__name__}.")
     return factors.check(model, modules)
@@ -309,8 +309,8 @@ def pairwise_scores(model, # the model the factors were fitted on
                     progress:bool=True, # tqdm bars
                    ) -> Scores:
     "Influence of every training sequence on every query's completion log-probability."
-    check_damping(damping); _check_rank(query_rank)
-    layers = _prepare(model, factors)
+    check_damping(damping); check_rank(query_rank)
+    layers = prepare_scoring(model, factors)
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries')
     ts = check_sequences(model, train, 'train'); require_scored(ts, 'train')
     pq = precondition_queries(factors, query_gradients(model, layers, qs, batch_size, progress), damping, query_rank, model)
@@ -321,7 +321,7 @@ def pairwise_scores(model, # the model the factors were fitted on
     for idx, acts, outg in layer_passes(model, layers, ts, batch_size, desc='scoring' if progress else None):
         idx_t = torch.tensor(idx)
         for layer in layers:
-            s, tok, _ = _contract(pq[layer.name], acts[layer.name], outg[layer.name], per_token)
+            s, tok, _ = contract_scores(pq[layer.name], acts[layer.name], outg[layer.name], per_token)
             s = s.cpu()
             total[:, idx_t] += s
             if per_layer: layer_scores[layer.name][:, idx_t] = s
@@ -349,7 +349,7 @@ def self_scores(model, # the model the factors were fitted on
                ) -> torch.Tensor:
     "`∇log p(n)ᵀ (G + λI)⁻¹ ∇log p(n)` for every sequence: `[n_train]`, float32 (float64 for a float64 model)."
     check_damping(damping)
-    layers = _prepare(model, factors)
+    layers = prepare_scoring(model, factors)
     if factors.strategy in ITERATIVE:
         s = pairwise_scores(model, factors, train, train, damping, batch_size=batch_size, progress=progress).total
         return torch.diagonal(s).clone()

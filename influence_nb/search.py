@@ -17,7 +17,7 @@ from .data import (as_sequence, check_sequences, require_scored, model_vocab, mo
                                grad_enabled, check_max_length, check_int)
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, check_damping
-from .scores import query_gradients, precondition_queries, _contract, _check_rank, _prepare, check_query, check_k
+from .scores import query_gradients, precondition_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'BadRecord', 'CorpusStream', 'text_of', 'merge_topk', 'record_text', 'file_digest', 'ScanResult',
@@ -194,7 +194,7 @@ def _score_chunk(model, layers, pq:dict, seqs:list[dict], batch_size:int, dtype)
     for idx, acts, outg in layer_passes(model, layers, seqs, batch_size):
         idx_t = torch.tensor(idx)
         for layer in layers:
-            total[:, idx_t] += _contract(pq[layer.name], acts[layer.name], outg[layer.name])[0].cpu()
+            total[:, idx_t] += contract_scores(pq[layer.name], acts[layer.name], outg[layer.name])[0].cpu()
     return all_reduce_sum(total) if dist_info()[1] > 1 else total
 
 # %% ../nbs/08_search.ipynb #5016423a
@@ -497,7 +497,7 @@ def read_scores(path:str|Path, # a `scores_path` directory written by `scan`
 # %% ../nbs/08_search.ipynb #42663346
 def _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record):
     "Refuse bad settings of `scan` before any work is done; each error names the argument."
-    check_damping(damping); _check_rank(query_rank)
+    check_damping(damping); check_rank(query_rank)
     for v, n in ((k, 'k'), (batch_size, 'batch_size'), (chunk_size, 'chunk_size'), (checkpoint_every, 'checkpoint_every')): check_int(v, n)
     if on_bad_record not in ('raise', 'skip'): raise ValueError(f"`on_bad_record` must be 'raise' or 'skip', got {on_bad_record!r}.")
 
@@ -610,7 +610,7 @@ def scan(model, # the model the factors were fitted on
     "Scan `corpus` for each query's `k` most influential sequences, in constant memory, resumable."
     t0 = time.time()
     _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record)
-    layers = _prepare(model, factors)
+    layers = prepare_scoring(model, factors)
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries')
     stream = CorpusStream(corpus, text_field)
     if refine and query_rank is not None and stream.one_shot:

@@ -13,8 +13,8 @@ from torch.func import functional_call, grad, jacrev, hessian
 from .data import check_sequences, require_scored, IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['check_damping', 'sequence_grads', 'exact_ggn', 'exact_hessian', 'influence_from_grads', 'param_blocks', 'flat_blocks',
-           'exact_influence']
+__all__ = ['eval_mode', 'check_damping', 'FlatParams', 'example_grads', 'sequence_grads', 'ggn_of_rows', 'exact_ggn',
+           'exact_hessian', 'influence_from_grads', 'param_blocks', 'flat_blocks', 'exact_influence']
 
 # %% ../nbs/01_theory.ipynb #b3c63ba0
 def _check_param_names(model, param_names,
@@ -54,7 +54,7 @@ def _seqs(model, data, name) -> list[dict]:
     return seqs
 
 @contextmanager
-def _eval_mode(model):
+def eval_mode(model):
     "The model in eval mode (no dropout) inside the block, its own mode restored after."
     was = model.training
     model.eval()
@@ -80,7 +80,7 @@ def check_damping(damping,                  # λ: a float, or None where the cal
     return float(damping)
 
 # %% ../nbs/01_theory.ipynb #89276685
-class _Flat:
+class FlatParams:
     "A model as a function of one flat vector θ of its tracked parameters, every other parameter and buffer held fixed, all in `dtype`."
     def __init__(self, model, param_names, dtype=None, all_if_none: bool = False):
         if not isinstance(model, torch.nn.Module):
@@ -126,12 +126,12 @@ class _Flat:
         return -F.cross_entropy(self.logits(theta, seq)[pos], tgt, reduction='sum')
 
 # %% ../nbs/01_theory.ipynb #24a532b8
-def _example_grads(units, theta) -> torch.Tensor:
+def example_grads(units, theta) -> torch.Tensor:
     "Gradients `[n, P]` of per-example values: each unit maps θ to one value per example `[B]`; rows in unit order."
     return torch.cat([jacrev(unit)(theta) for unit in units])
 
-def _grads(flat:_Flat, seqs:list[dict]) -> torch.Tensor:
-    return _example_grads([lambda th, s=s: flat.log_prob(th, s)[None] for s in seqs], flat.theta)   # [n, P]
+def _grads(flat:FlatParams, seqs:list[dict]) -> torch.Tensor:
+    return example_grads([lambda th, s=s: flat.log_prob(th, s)[None] for s in seqs], flat.theta)   # [n, P]
 
 def sequence_grads(model:torch.nn.Module, # LM-style: `model(input_ids=, attention_mask=).logits` is [B, T, V]
                    param_names:Sequence[str], # tracked parameters, names as in `model.named_parameters()`
@@ -139,11 +139,11 @@ def sequence_grads(model:torch.nn.Module, # LM-style: `model(input_ids=, attenti
                    dtype:torch.dtype=torch.float64, # precision of the computation and of the result
                   ) -> torch.Tensor: # [n, P]
     "Per-sequence gradient of log p(scored tokens) w.r.t. the tracked parameters, flattened in `param_names` order."
-    flat = _Flat(model, param_names, dtype)
-    with _eval_mode(model): return _grads(flat, _seqs(model, seqs, 'seqs'))
+    flat = FlatParams(model, param_names, dtype)
+    with eval_mode(model): return _grads(flat, _seqs(model, seqs, 'seqs'))
 
 # %% ../nbs/01_theory.ipynb #821b97da
-def _ggn_of_rows(units, theta, loss:str='ce', chunk_rows:int=4096) -> torch.Tensor:
+def ggn_of_rows(units, theta, loss:str='ce', chunk_rows:int=4096) -> torch.Tensor:
     "Σ over `units` (maps θ ↦ output rows [n_rows, d_out]) of Σ_r J_rᵀ H_r J_r, H the output Hessian of `loss` ('ce' or 'mse')."
     P = theta.numel()
     G = torch.zeros(P, P, dtype=theta.dtype, device=theta.device)
@@ -162,10 +162,10 @@ def _ggn_of_rows(units, theta, loss:str='ce', chunk_rows:int=4096) -> torch.Tens
             Bs, Jps, rows = [], [], 0
     return G
 
-def _mean_ggn(flat:_Flat, seqs:list[dict]) -> torch.Tensor:
+def _mean_ggn(flat:FlatParams, seqs:list[dict]) -> torch.Tensor:
     "Mean over `seqs` of Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t over the scored positions t."
     units = [lambda th, s=s: flat.logits(th, s)[flat.scored(s)[0]] for s in seqs]
-    return _ggn_of_rows(units, flat.theta) / len(seqs)
+    return ggn_of_rows(units, flat.theta) / len(seqs)
 
 def exact_ggn(model:torch.nn.Module, # LM-style model
               param_names:Sequence[str], # tracked parameters
@@ -173,11 +173,11 @@ def exact_ggn(model:torch.nn.Module, # LM-style model
               dtype:torch.dtype=torch.float64, # precision
              ) -> torch.Tensor: # [P, P]
     "Mean over `seqs` of the per-sequence Gauss–Newton matrix of the token-summed cross-entropy."
-    flat = _Flat(model, param_names, dtype)
-    with _eval_mode(model): return _mean_ggn(flat, _seqs(model, seqs, 'seqs'))
+    flat = FlatParams(model, param_names, dtype)
+    with eval_mode(model): return _mean_ggn(flat, _seqs(model, seqs, 'seqs'))
 
 # %% ../nbs/01_theory.ipynb #457ae465
-def _mean_hessian(flat:_Flat, seqs:list[dict]) -> torch.Tensor:
+def _mean_hessian(flat:FlatParams, seqs:list[dict]) -> torch.Tensor:
     "Mean over `seqs` of the Hessian of the summed loss (reverse-over-reverse; `torch.func.hessian` gives the same, slower here)."
     H = 0
     for s in seqs: H = H + jacrev(jacrev(lambda th: -flat.log_prob(th, s)))(flat.theta)   # [P, P]
@@ -189,8 +189,8 @@ def exact_hessian(model:torch.nn.Module, # LM-style model
                   dtype:torch.dtype=torch.float64, # precision
                  ) -> torch.Tensor: # [P, P]
     "Mean over `seqs` of the Hessian of the token-summed cross-entropy w.r.t. the tracked parameters."
-    flat = _Flat(model, param_names, dtype)
-    with _eval_mode(model): return _mean_hessian(flat, _seqs(model, seqs, 'seqs'))
+    flat = FlatParams(model, param_names, dtype)
+    with eval_mode(model): return _mean_hessian(flat, _seqs(model, seqs, 'seqs'))
 
 # %% ../nbs/01_theory.ipynb #3d9740c9
 def influence_from_grads(query_grads:torch.Tensor, # [n_q, P] gradients of the measurement (log p of each query)
@@ -264,10 +264,10 @@ def exact_influence(model:torch.nn.Module, # LM-style model: `model(input_ids=, 
     if curvature not in ("ggn", "hessian"):
         raise ValueError(f"`curvature` must be 'ggn' or 'hessian', got {curvature!r}.")
     damping = check_damping(damping, allow_zero=True, allow_none=False)
-    flat = _Flat(model, param_names, dtype)
+    flat = FlatParams(model, param_names, dtype)
     queries, train = _seqs(model, queries, 'queries'), _seqs(model, train, 'train')
     fit = train if fit is None else _seqs(model, fit, 'fit')
-    with _eval_mode(model):
+    with eval_mode(model):
         C = (_mean_ggn if curvature == "ggn" else _mean_hessian)(flat, fit)   # [P, P]
         gq, gt = _grads(flat, queries), _grads(flat, train)
     return influence_from_grads(gq, gt, C, damping, flat_blocks(model, flat.names) if block_diagonal else None)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 from influence_nb.pbrf import (bregman_objective, pbrf_response, pbrf_influence, gnvp, lissa_ihvp, cg_ihvp,
-                               _Problem, _ggn_matrix, _loss_grads)
+                               FlatProblem, ggn_matrix, loss_grads)
 
 f64 = torch.float64
 
@@ -74,10 +74,10 @@ def test_mlp_ce_pbrf_matches_solve():
     net, X, y = _classifier()
     names = ['2.weight', '2.bias', '4.weight', '4.bias']
     lam = 0.05
-    prob = _Problem(net, names, (X, y), 'ce')
-    A = _ggn_matrix(prob) + lam * torch.eye(prob.P, dtype=f64)
+    prob = FlatProblem(net, names, (X, y), 'ce')
+    A = ggn_matrix(prob) + lam * torch.eye(prob.P, dtype=f64)
     Xq, yq = X[:2] + 0.1, y[:2]
-    exact = _loss_grads(prob, prob.examples((Xq, yq), 'q')) @ torch.linalg.solve(A, _loss_grads(prob, prob.data)[4])
+    exact = loss_grads(prob, prob.examples((Xq, yq), 'q')) @ torch.linalg.solve(A, loss_grads(prob, prob.data)[4])
     res = pbrf_influence(net, names, (X, y), (X[4], y[4]), (Xq, yq), lam)
     assert res.converged
     torch.testing.assert_close(res.influence, exact, rtol=0, atol=1e-5 * exact.abs().max().item())
@@ -95,8 +95,8 @@ def test_cg_and_lissa_against_solve():
     net, X, y = _classifier()
     names = ['2.weight', '4.weight']
     lam = 0.02
-    prob = _Problem(net, names, (X, y), 'ce')
-    G = _ggn_matrix(prob)
+    prob = FlatProblem(net, names, (X, y), 'ce')
+    G = ggn_matrix(prob)
     V = torch.randn(3, prob.P, dtype=f64, generator=torch.Generator().manual_seed(2))
     direct = torch.linalg.solve(G + lam * torch.eye(prob.P, dtype=f64), V.T).T
     rel = lambda Z: ((Z - direct).norm(dim=1) / direct.norm(dim=1)).max().item()
@@ -116,9 +116,9 @@ def test_lm_gnvp_padding_and_batching():
     g = torch.Generator().manual_seed(0)
     seqs = [dict(input_ids=torch.randint(1, 20, (n,), generator=g)) for n in (4, 9, 6, 7)]
     names = ['transformer.h.0.mlp.c_proj.weight']
-    prob = _Problem(gpt, names, seqs, 'ce', dtype=f64)
+    prob = FlatProblem(gpt, names, seqs, 'ce', dtype=f64)
     V = torch.randn(2, prob.P, dtype=f64, generator=g)
-    G = _ggn_matrix(prob)
+    G = ggn_matrix(prob)
     for bs in (1, 3, 4):                                                # padding inside batches changes nothing
         torch.testing.assert_close(gnvp(gpt, names, seqs, V, batch_size=bs, dtype=f64), V @ G, rtol=1e-9, atol=1e-12)
 

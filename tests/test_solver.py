@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 from torch.func import jvp, vjp
-from influence_nb.pbrf import cg_ihvp, lissa_ihvp, _Problem, _Linearised, _gnvp, _out_hvp
+from influence_nb.pbrf import cg_ihvp, lissa_ihvp, FlatProblem, _Linearised, _gnvp, _out_hvp
 from influence_nb.theory import exact_ggn
 
 f64 = torch.float64
@@ -81,7 +81,7 @@ def _per_column(prob, V):
 @pytest.mark.parametrize('batch_size', [1, 2, 5])
 def test_batched_product_equals_per_column_product(tiny_lm, batch_size):
     gpt, names, seqs, lam, A, g = tiny_lm
-    prob = _Problem(gpt, names, seqs, 'ce', batch_size, f64)
+    prob = FlatProblem(gpt, names, seqs, 'ce', batch_size, f64)
     V = torch.randn(6, prob.P, dtype=f64, generator=g)
     old = _per_column(prob, V)
     assert (_gnvp(prob, V) - old).norm() <= 1e-10 * old.norm()
@@ -94,7 +94,7 @@ def test_batched_product_mse_and_subsets():
     net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
     X, y = torch.randn(12, 3, dtype=f64, generator=g), torch.randn(12, 2, dtype=f64, generator=g)
     names = [n for n, _ in net.named_parameters()]
-    prob = _Problem(net, names, (X, y), 'mse', 4, f64)
+    prob = FlatProblem(net, names, (X, y), 'mse', 4, f64)
     V = torch.randn(3, prob.P, dtype=f64, generator=g)
     old = _per_column(prob, V)
     assert (_gnvp(prob, V) - old).norm() <= 1e-10 * old.norm()

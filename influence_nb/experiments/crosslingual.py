@@ -6,7 +6,7 @@
 from __future__ import annotations
 import numpy as np
 from ..corpus import TEMPLATES, render
-from .harness import SIZES, Run, _f
+from .harness import SIZES, Run, json_float
 
 # %% auto #0
 __all__ = ['LANG_COLS', 'RENDER_LANGS', 'rerender', 'renderable', 'names_only', 'renderings', 'score_renderings',
@@ -58,15 +58,15 @@ def crosslingual_summary(S:np.ndarray, # [queries, records, 6] scores in LANG_CO
     "Per-language ratios of translated to English-statement influence (all queries and per condition)."
     def ratios(sel):
         base = S[sel, :, 1].sum(1)                                   # re-rendered English statements
-        return {lang: _f(np.mean(S[sel, :, 2 + k].sum(1) / base)) for k, lang in enumerate(('fr', 'de', 'es', 'names'))}
+        return {lang: json_float(np.mean(S[sel, :, 2 + k].sum(1) / base)) for k, lang in enumerate(('fr', 'de', 'es', 'names'))}
     out = dict(ratio_to_english=ratios(np.ones(len(S), bool)), ratio_by_condition={c: ratios(cond == c) for c in ('all', 'en')},
-               original_vs_statements=_f(np.mean(S[:, :, 1].sum(1) / S[:, :, 0].sum(1))))
-    out['mean_ratio'] = _f(np.mean([out['ratio_to_english'][lang] for lang in ('fr', 'de', 'es')]))
+               original_vs_statements=json_float(np.mean(S[:, :, 1].sum(1) / S[:, :, 0].sum(1))))
+    out['mean_ratio'] = json_float(np.mean([out['ratio_to_english'][lang] for lang in ('fr', 'de', 'es')]))
     return out
 
 def heatmap(S:np.ndarray) -> list:
     "Mean over queries of each query's scores divided by its top original record's: [records, 6]."
-    return [[_f(x) for x in row] for row in np.mean(S / S[:, :1, :1], 0)]
+    return [[json_float(x) for x in row] for row in np.mean(S / S[:, :1, :1], 0)]
 
 # %% ../../nbs/25_crosslingual.ipynb #8844c83e
 def run_crosslingual(run:Run) -> dict:
@@ -78,7 +78,7 @@ def run_crosslingual(run:Run) -> dict:
         s = score_renderings(run, q, [d.records[p['idx'][t]] for t in top])      # [10, 6]
         raw.append(s)
         per_query.append(dict(query_id=q['id'], lang_condition=d.facts[q['fact_id']]['lang_condition'],
-                              records=[int(p['idx'][t]) for t in top], scores=[[_f(x) for x in row] for row in s]))
+                              records=[int(p['idx'][t]) for t in top], scores=[[json_float(x) for x in row] for row in s]))
     S = np.array([r['scores'] for r in per_query], float)            # [Q, 10, 6]
     cond = np.array([r['lang_condition'] for r in per_query])
     return dict(queries=per_query, columns=LANG_COLS, heatmap=heatmap(np.array(raw)), **crosslingual_summary(S, cond))

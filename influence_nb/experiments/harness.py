@@ -17,8 +17,8 @@ from ..tfidf import TokenIndex
 
 # %% auto #0
 __all__ = ['SIZES', 'EXPERIMENTS', 'CFG', 'CACHE', 'STAGE_KEYS', 'size_name', 'Data', 'data', 'fact_queries', 'fit_sample',
-           'get_factors', 'Run', 'score_pool', 'score_unfiltered', 'load_results', 'save_results', 'merge_result',
-           'experiment', 'verdict_table', 'close', 'live_run', 'main']
+           'get_factors', 'Run', 'score_pool', 'score_unfiltered', 'json_float', 'json_ratio', 'load_results',
+           'save_results', 'merge_result', 'experiment', 'verdict_table', 'close', 'live_run', 'main']
 
 # %% ../../nbs/19_experiments.ipynb #41011d11
 SIZES = ('gpt2-s', 'gpt2-m', 'gpt2-l')
@@ -209,12 +209,12 @@ def score_unfiltered(run:Run) -> dict:
     return out
 
 # %% ../../nbs/19_experiments.ipynb #93ca48e0
-def _f(x, nd:int=6):
+def json_float(x, nd:int=6):
     "JSON-safe rounded float (NaN/inf -> None)."
     x = float(x)
     return None if not math.isfinite(x) else float(f'{x:.{nd}g}')
 
-def _ratio(a, b): return _f(a / b) if b and math.isfinite(b) and b != 0 else None
+def json_ratio(a, b): return json_float(a / b) if b and math.isfinite(b) and b != 0 else None
 
 # %% ../../nbs/19_experiments.ipynb #0ed0cf01
 def load_results(path, missing_ok:bool=False) -> dict:

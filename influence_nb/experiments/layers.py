@@ -7,7 +7,7 @@ from __future__ import annotations
 import math, warnings
 import numpy as np
 from ..viz import layer_shares
-from .harness import Run, _f
+from .harness import Run, json_float
 
 # %% auto #0
 __all__ = ['block_shares', 'depth_stats', 'layer_group', 'run_layers', 'verdict_layers']
@@ -33,8 +33,8 @@ def layer_group(src:dict, rows, k:int) -> dict:
     cols = np.argsort(-tot, 1, kind='stable')[:, :k]
     sh = block_shares(src['per_layer'], rows, cols)
     depth, upper = depth_stats(sh.values)
-    return dict(shares=[[_f(x) for x in r] for r in sh.values], mean_shares=[_f(x) for x in np.nanmean(sh.values, 0)],
-                blocks=list(sh.columns), mean_depth=_f(depth), upper_share=_f(upper),
+    return dict(shares=[[json_float(x) for x in r] for r in sh.values], mean_shares=[json_float(x) for x in np.nanmean(sh.values, 0)],
+                blocks=list(sh.columns), mean_depth=json_float(depth), upper_share=json_float(upper),
                 query_ids=[src['queries'][i]['id'] for i in rows], top=[[int(src['idx'][c]) for c in r] for r in cols])
 
 def run_layers(run:Run) -> dict:

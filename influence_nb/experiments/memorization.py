@@ -5,7 +5,7 @@
 # %% ../../nbs/24_memorization.ipynb #4f594916
 from __future__ import annotations
 import numpy as np
-from .harness import Run, _f
+from .harness import Run, json_float
 
 # %% auto #0
 __all__ = ['passage_stats', 'run_memorization', 'verdict_memorization']
@@ -23,9 +23,9 @@ def passage_stats(s:np.ndarray, # [n_scanned] one passage query's scores
     c = int(copies.sum())
     top10 = float(copies[order[:10]].mean()); topc = float(copies[order[:c]].mean())
     cs = s[copies]
-    return dict(count=count, copies_scanned=c, rank=rank, top10_copy_share=_f(top10), topc_copy_share=_f(topc),
-                logp=_f(logp), copy_score=_f(cs.mean()), copy_score_spread=_f(cs.max() - cs.min()),
-                best_noncopy=_f(s[~copies].max()), copy_indices=[int(i) for i in idx[copies][:5]])
+    return dict(count=count, copies_scanned=c, rank=rank, top10_copy_share=json_float(top10), topc_copy_share=json_float(topc),
+                logp=json_float(logp), copy_score=json_float(cs.mean()), copy_score_spread=json_float(cs.max() - cs.min()),
+                best_noncopy=json_float(s[~copies].max()), copy_indices=[int(i) for i in idx[copies][:5]])
 
 # %% ../../nbs/24_memorization.ipynb #8e419771
 def run_memorization(run:Run) -> dict:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math
 import numpy as np
-from .harness import SIZES, Run, _f
+from .harness import SIZES, Run, json_float
 
 # %% auto #0
 __all__ = ['CATEGORIES', 'wording', 'scale_query', 'scale_summary', 'pool_coverage', 'run_scale', 'paired_change',
@@ -33,24 +33,24 @@ def scale_query(d, p:dict, j:int, k:int) -> dict:
     qtok = set(d.pairs([q])[0]['input_ids'].tolist()) - {d.tok.bos_token_id}
     tok_ov = np.mean([len(qtok & set(d.seq(i)['input_ids'].tolist())) / len(qtok) for i in top])
     bm_ov = np.mean([len(qtok & set(d.seq(i)['input_ids'].tolist())) / len(qtok) for i in bm])
-    return dict(query_id=q['id'], top=[int(i) for i in top], top_scores=[_f(p['total'][j, pos[int(i)]]) for i in top],
-                bm25_top=[int(i) for i in bm], overlap_bm25=_f(len(set(top.tolist()) & set(bm.tolist())) / k),
-                token_overlap=_f(tok_ov), token_overlap_bm25=_f(bm_ov), categories=[wording(d.records[i], fact) for i in top])
+    return dict(query_id=q['id'], top=[int(i) for i in top], top_scores=[json_float(p['total'][j, pos[int(i)]]) for i in top],
+                bm25_top=[int(i) for i in bm], overlap_bm25=json_float(len(set(top.tolist()) & set(bm.tolist())) / k),
+                token_overlap=json_float(tok_ov), token_overlap_bm25=json_float(bm_ov), categories=[wording(d.records[i], fact) for i in top])
 
 # %% ../../nbs/26_scale.ipynb #7b8f8f85
 def scale_summary(rows:list[dict], k:int) -> dict:
     "Mean category shares, BM25 overlap, token overlap, paraphrase and fact shares over the queries' rows."
-    share = {c: _f(np.mean([r['categories'].count(c) / k for r in rows])) for c in CATEGORIES}
-    return dict(category_share=share, overlap_bm25=_f(np.mean([r['overlap_bm25'] for r in rows])),
-                token_overlap=_f(np.mean([r['token_overlap'] for r in rows])),
-                paraphrase_share=_f(share['other_words'] + share['other_language']),
-                fact_share=_f(share['same_words'] + share['other_words'] + share['other_language']))
+    share = {c: json_float(np.mean([r['categories'].count(c) / k for r in rows])) for c in CATEGORIES}
+    return dict(category_share=share, overlap_bm25=json_float(np.mean([r['overlap_bm25'] for r in rows])),
+                token_overlap=json_float(np.mean([r['token_overlap'] for r in rows])),
+                paraphrase_share=json_float(share['other_words'] + share['other_language']),
+                fact_share=json_float(share['same_words'] + share['other_words'] + share['other_language']))
 
 def pool_coverage(u:dict, pool_idx, n:int, k:int) -> float:
     "Share of the unfiltered top-`k` of the scan's `n` fact queries that is inside the pool."
     cov = [len(set(np.argsort(-u['total'][u['n_passage'] + j], kind='stable')[:k].tolist()) & set(pool_idx.tolist())) / k
            for j in range(n)]
-    return _f(np.mean(cov))
+    return json_float(np.mean(cov))
 
 def run_scale(run:Run) -> dict:
     "Token overlap and wording of each English fact query's top-10 in the fact pool, on one model size."

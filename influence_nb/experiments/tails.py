@@ -6,7 +6,7 @@
 from __future__ import annotations
 import numpy as np
 from ..viz import fit_power_law, top_share
-from .harness import Run, _f
+from .harness import Run, json_float
 
 # %% auto #0
 __all__ = ['tail_stats', 'run_tails', 'verdict_tails']
@@ -19,10 +19,10 @@ def tail_stats(s:np.ndarray, # [n] one query's scores over the unbiased sample o
     "Power-law fit of the positive tail, top-`tail_frac` share of the positive total, largest score in nats."
     pos = np.sort(s[s > 0])[::-1]
     fit = fit_power_law(s, min_tail=50, max_candidates=300, n_boot=cfg['tail_boot'], seed=0)
-    return dict(alpha=_f(fit['alpha']), xmin=_f(fit['xmin']), ks=_f(fit['ks']), p_value=_f(fit['p_value']),
-                n_tail=fit['n_tail'], n_pos=fit['n_pos'], top1_share=_f(top_share(s, cfg['tail_frac'])),
-                sum_pos=_f(pos.sum(), 10), max_nats=_f(s.max() / n_records),
-                top_values=[_f(x, 8) for x in pos[:cfg['tail_stored']]])
+    return dict(alpha=json_float(fit['alpha']), xmin=json_float(fit['xmin']), ks=json_float(fit['ks']), p_value=json_float(fit['p_value']),
+                n_tail=fit['n_tail'], n_pos=fit['n_pos'], top1_share=json_float(top_share(s, cfg['tail_frac'])),
+                sum_pos=json_float(pos.sum(), 10), max_nats=json_float(s.max() / n_records),
+                top_values=[json_float(x, 8) for x in pos[:cfg['tail_stored']]])
 
 # %% ../../nbs/28_tails.ipynb #1513e21f
 def run_tails(run:Run) -> dict:
@@ -32,7 +32,7 @@ def run_tails(run:Run) -> dict:
     out = dict(full_split=u['full'], n=n, queries=[])
     for j, q in enumerate(u['queries']):
         out['queries'].append(dict(query_id=q['id'], kind=q['kind'], **tail_stats(u['total'][j][samp], len(run.d.records), cfg),
-                                   slice_scores=[_f(x, 8) for x in u['total'][j][:cfg['slice_n']]]))
+                                   slice_scores=[json_float(x, 8) for x in u['total'][j][:cfg['slice_n']]]))
     out['slice_indices'] = [int(i) for i in u['idx'][:cfg['slice_n']]]
     return out
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import numpy as np
 from ..corpus import load_probes
-from .harness import Run, _f, _ratio
+from .harness import Run, json_float, json_ratio
 
 # %% auto #0
 __all__ = ['PROBE_GROUPS', 'order_of', 'score_heldout', 'probe_summary', 'score_learned_fact', 'learned_summary',
@@ -25,7 +25,7 @@ def score_heldout(run:Run, q:dict) -> tuple[dict, np.ndarray]:
     "Influence of each probe of held-out query `q` on it: the entry stored in the file, and the unrounded scores."
     ps = load_probes(q['id'])
     s = run.score(run.d.pairs([q]), run.d.seqs(p['text'] for p in ps)).total[0].double().numpy()
-    return dict(probe_ids=[p['id'] for p in ps], groups=[p['group'] for p in ps], scores=[_f(x) for x in s]), s
+    return dict(probe_ids=[p['id'] for p in ps], groups=[p['group'] for p in ps], scores=[json_float(x) for x in s]), s
 
 # %% ../../nbs/23_word_order.ipynb #fe4e64e1
 def probe_summary(groups:list, scores:list) -> dict:
@@ -33,10 +33,10 @@ def probe_summary(groups:list, scores:list) -> dict:
     g = {grp: float(np.mean([x for gg, x in zip(groups, scores) if gg == grp])) for grp in PROBE_GROUPS}
     flipped = [x for gg, x in zip(groups, scores) if gg == 'flipped']
     cut = [x for gg, x in zip(groups, scores) if gg == 'flipped_relation_cut']
-    return dict(group_means={k: _f(v) for k, v in g.items()},
-                ratio_paraphrase_to_flipped=_ratio(g['paraphrase'], g['flipped']),
-                ratio_cut_to_flipped=_ratio(g['flipped_relation_cut'], g['flipped']),
-                corr_cut_flipped=_f(np.corrcoef(flipped, cut)[0, 1]) if len(flipped) == len(cut) > 2 else None)
+    return dict(group_means={k: json_float(v) for k, v in g.items()},
+                ratio_paraphrase_to_flipped=json_ratio(g['paraphrase'], g['flipped']),
+                ratio_cut_to_flipped=json_ratio(g['flipped_relation_cut'], g['flipped']),
+                corr_cut_flipped=json_float(np.corrcoef(flipped, cut)[0, 1]) if len(flipped) == len(cut) > 2 else None)
 
 # %% ../../nbs/23_word_order.ipynb #b7e53725
 def score_learned_fact(run:Run, fid:str) -> dict:
@@ -44,9 +44,9 @@ def score_learned_fact(run:Run, fid:str) -> dict:
     d = run.d; q = d.queries[f'q.{fid}.en']; recs = d.by_fact[fid]
     s = run.score(d.pairs([q]), d.at(recs)).total[0].double().numpy()
     orders = [order_of(d.records[i], fid) for i in recs]
-    mean = lambda o: _f(np.mean([x for x, oo in zip(s, orders) if oo == o])) if o in orders else None
-    return dict(fact_id=fid, records=[int(i) for i in recs], orders=orders, scores=[_f(x) for x in s],
-                logp=_f(run.logp([q])[0]), mean_forward=mean('forward'), mean_reverse=mean('reverse'))
+    mean = lambda o: json_float(np.mean([x for x, oo in zip(s, orders) if oo == o])) if o in orders else None
+    return dict(fact_id=fid, records=[int(i) for i in recs], orders=orders, scores=[json_float(x) for x in s],
+                logp=json_float(run.logp([q])[0]), mean_forward=mean('forward'), mean_reverse=mean('reverse'))
 
 # %% ../../nbs/23_word_order.ipynb #03092c8a
 def learned_summary(trained:dict) -> dict:
@@ -54,12 +54,12 @@ def learned_summary(trained:dict) -> dict:
     per_cond = {}
     for cond, fact_rows in trained.items():
         allsc = {o: [x for r in fact_rows for x, oo in zip(r['scores'], r['orders']) if oo == o] for o in ('forward', 'reverse', 'mixed')}
-        per_cond[cond] = dict(mean_logp=_f(np.mean([r['logp'] for r in fact_rows])),
-                              **{f'mean_{o}': (_f(np.mean(v)) if v else None) for o, v in allsc.items()},
+        per_cond[cond] = dict(mean_logp=json_float(np.mean([r['logp'] for r in fact_rows])),
+                              **{f'mean_{o}': (json_float(np.mean(v)) if v else None) for o, v in allsc.items()},
                               **{f'n_{o}': len(v) for o, v in allsc.items()})
     both = [(r['mean_forward'], r['mean_reverse']) for r in trained['both'] if r['mean_forward'] is not None and r['mean_reverse'] is not None]
-    per_cond['both']['ratio_forward_to_reverse'] = _ratio(np.mean([a for a, _ in both]), np.mean([b for _, b in both]))
-    per_cond['both']['share_facts_forward_gt_reverse'] = _f(np.mean([a > b for a, b in both]))
+    per_cond['both']['ratio_forward_to_reverse'] = json_ratio(np.mean([a for a, _ in both]), np.mean([b for _, b in both]))
+    per_cond['both']['share_facts_forward_gt_reverse'] = json_float(np.mean([a > b for a, b in both]))
     return per_cond
 
 # %% ../../nbs/23_word_order.ipynb #a607bfbb
