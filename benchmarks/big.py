@@ -105,10 +105,7 @@ def main():
     ap.add_argument('--factor-dtype', default=None, help="fit_factors(factor_dtype=...): 'float32' or 'float64' (default: the package's)")
     ap.add_argument('--self', action='store_true', help='also time self-influence of the training sequences')
     ap.add_argument('--floor-end', action='store_true', help='time the floor again at the end (ratios use the mean)')
-    ap.add_argument('--out', default=None, help=f'results JSON (default {RESULTS.relative_to(ROOT)}; --quick: none)')
-    ap.add_argument('--child', default=None, help=argparse.SUPPRESS)
-    ap.add_argument('--spec', default=None, help=argparse.SUPPRESS)
-    ap.add_argument('--workdir', default=None, help=argparse.SUPPRESS)
+    perf.add_run_args(ap, RESULTS)
     args = ap.parse_args()
     if args.child: return child(args.child, json.loads(args.spec), args.workdir, args.threads, args.factor_dtype)
     spec = QUICK if args.quick else BIG

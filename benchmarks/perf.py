@@ -1005,6 +1005,14 @@ def main_micro(args):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def add_run_args(ap, results: Path):
+    "The arguments every benchmark script shares: `--out`, and the hidden ones a stage's child process receives."
+    ap.add_argument('--out', default=None, help=f'results JSON (default {results.relative_to(ROOT)}; --quick: none)')
+    ap.add_argument('--child', default=None, help=argparse.SUPPRESS)
+    ap.add_argument('--spec', default=None, help=argparse.SUPPRESS)
+    ap.add_argument('--workdir', default=None, help=argparse.SUPPRESS)
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--threads', type=int, default=2, help='torch.set_num_threads in every stage (default 2)')
@@ -1019,10 +1027,7 @@ def parse(argv=None):
     ap.add_argument('--report', action='store_true', help='print the markdown tables of --out (or the default results file)')
     ap.add_argument('--no-kron', action='store_true', help='skip Kronfluence even when importable')
     ap.add_argument('--no-agree', action='store_true', help='skip the agreement check')
-    ap.add_argument('--out', default=None, help=f'results JSON (default {RESULTS.relative_to(ROOT)}; --quick: none)')
-    ap.add_argument('--child', default=None, help=argparse.SUPPRESS)
-    ap.add_argument('--spec', default=None, help=argparse.SUPPRESS)
-    ap.add_argument('--workdir', default=None, help=argparse.SUPPRESS)
+    add_run_args(ap, RESULTS)
     a = ap.parse_args(argv)
     a.workloads = [w.strip() for w in a.workloads.split(',') if w.strip()]
     a.axes = [w.strip() for w in a.axes.split(',') if w.strip()]
