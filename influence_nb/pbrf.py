@@ -266,6 +266,12 @@ class _Linearised:
             j = lambda v: j_of((v,))[0]
         except (RuntimeError, NotImplementedError):                      # e.g. a fused attention kernel: re-run forward
             j = lambda v: jvp(f, (prob.theta_s,), (v,))[1]
+            try: j(torch.zeros_like(prob.theta_s))                        # probe: forward mode must exist too
+            except NotImplementedError as e:
+                raise ValueError(f"The model uses an operation with neither a double backward nor forward-mode AD ({str(e).splitlines()[0]}"
+                                 "). Gauss–Newton products need one of them: load the model with "
+                                 "`attn_implementation='eager'` (fused scaled-dot-product attention on CPU has "
+                                 "neither), or use a non-iterative strategy such as 'ekfac'.") from None
         h = h.detach()
         return h, torch.softmax(h, -1) if prob.loss == 'ce' else None, jt, j   # p: H's pieces, computed once
 

@@ -111,3 +111,23 @@ def test_lissa_full_batch_uses_batched_product(tiny_lm):
     direct = torch.linalg.solve(A_big, V.T).T
     X = lissa_ihvp(gpt, names, seqs, V, lam_big, depth=300, batch_size=3)
     assert (X - direct).norm() <= 1e-8 * direct.norm()
+
+
+def test_fused_attention_without_forward_ad_gets_a_clear_error():
+    "CPU SDPA has neither a double backward nor forward-mode AD: cg says so and names the fix; eager attention works."
+    import influence_nb as inf
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64)
+    g = torch.Generator().manual_seed(1)
+    train = [{'input_ids': torch.randint(0, 300, (int(n),), generator=g)} for n in torch.randint(8, 20, (4,), generator=g)]
+    sdpa = Qwen2ForCausalLM(Qwen2Config(**cfg, attn_implementation='sdpa')).eval()
+    f = inf.fit_factors(sdpa, train, strategy='cg', progress=False)
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        inf.pairwise_scores(sdpa, f, train[:1], train, damping=0.1, progress=False)
+    eager = Qwen2ForCausalLM(Qwen2Config(**cfg, attn_implementation='eager')).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    f = inf.fit_factors(eager, train, strategy='cg', solver=dict(tol=1e-10, max_iter=200), progress=False)
+    s = inf.pairwise_scores(eager, f, train[:1], train, damping=0.1, progress=False).total
+    assert s.shape == (1, 4) and torch.isfinite(s).all()
