@@ -46,11 +46,14 @@ def build(spec):
     return model, inf.as_sequences(train, 'train'), inf.as_sequences(queries, 'queries')
 
 
-def child(stage, spec, workdir, threads, factor_dtype):
+def child(stage, spec, workdir, threads, factor_dtype, fit_options=False):
     "One stage in this fresh process; prints `RESULT:{json}`."
     import torch
     import influence_nb as inf
     torch.set_num_threads(threads)
+    if fit_options:   # float32 eigh and bfloat16 Λ rotations (`fit_options.py`; fit_factors does not take them yet)
+        import fit_options
+        fit_options.options(eigh=True, bf16=True)
     warnings.filterwarnings('ignore')
     model, train, queries = build(spec)
     perf.warm_up(model, train, spec['batch'])
@@ -75,12 +78,12 @@ def child(stage, spec, workdir, threads, factor_dtype):
     print('RESULT:' + json.dumps(res), flush=True)
 
 
-def run_child(stage, spec, workdir, threads, factor_dtype):
+def run_child(stage, spec, workdir, threads, factor_dtype, fit_options=False):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE='1',
                TOKENIZERS_PARALLELISM='false', PYTHONWARNINGS='ignore')
     if perf.ENGINE: env['PYTHONPATH'] = perf.ENGINE['path'] + os.pathsep + env.get('PYTHONPATH', '')
     cmd = [sys.executable, str(Path(__file__).resolve()), '--child', stage, '--spec', json.dumps(spec),
-           '--workdir', str(workdir), '--threads', str(threads)] + (['--factor-dtype', factor_dtype] if factor_dtype else [])
+           '--workdir', str(workdir), '--threads', str(threads)] + (['--factor-dtype', factor_dtype] if factor_dtype else []) + ['--fit-options'] * fit_options
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(ROOT))
     lines = [l for l in p.stdout.splitlines() if l.startswith('RESULT:')]
     if p.returncode != 0 or not lines: raise RuntimeError(f"stage {stage} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
@@ -103,11 +106,12 @@ def main():
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--quick', action='store_true', help='a 2-layer model: checks the code path in < 1 min, writes nothing')
     ap.add_argument('--factor-dtype', default=None, help="fit_factors(factor_dtype=...): 'float32' or 'float64' (default: the package's)")
+    ap.add_argument('--fit-options', action='store_true', help="fit with float32 eigh and bfloat16 Λ rotations (see fit_options.py)")
     ap.add_argument('--self', action='store_true', help='also time self-influence of the training sequences')
     ap.add_argument('--floor-end', action='store_true', help='time the floor again at the end (ratios use the mean)')
     perf.add_run_args(ap, RESULTS)
     args = ap.parse_args()
-    if args.child: return child(args.child, json.loads(args.spec), args.workdir, args.threads, args.factor_dtype)
+    if args.child: return child(args.child, json.loads(args.spec), args.workdir, args.threads, args.factor_dtype, args.fit_options)
     spec = QUICK if args.quick else BIG
     out = args.out or (None if args.quick else str(RESULTS))
     stages = {}
@@ -115,11 +119,12 @@ def main():
         engine = perf.snapshot_engine(wd)
         for i, st in enumerate(STAGES + ('self',) * args.self + ('floor',) * args.floor_end):
             key = 'floor_end' if st == 'floor' and i else st
-            stages[key] = r = run_child(st, spec, wd, args.threads, args.factor_dtype)
+            stages[key] = r = run_child(st, spec, wd, args.threads, args.factor_dtype, args.fit_options)
             perf._log(f"{spec['name']} {key:10s} wall {r['seconds']:8.1f} s  cpu {r['cpu_seconds']:8.1f} s  "
                       f"stage peak +{r['peak_mb']:7.0f} MB  process peak {r['rss_peak_mb']:7.0f} MB  load {r['load1']:.1f}"
                       + (f"  artefact {r['artefact_mb']} MB ({r['factor_dtype']})" if st == 'fit' else ''))
-    res = {'spec': spec, 'meta': dict(perf.meta(args.threads), engine=engine), 'stages': stages, 'summary': summary(stages)}
+    res = {'spec': spec, 'meta': dict(perf.meta(args.threads), engine=engine, fit_options=args.fit_options), 'stages': stages,
+           'summary': summary(stages)}
     print(json.dumps(res['summary'], indent=1))
     if out: perf.save_results(out, res)
 

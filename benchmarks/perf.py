@@ -694,8 +694,9 @@ def _label_engine():
     wrap(ekfac, 'fingerprint', '#fingerprint')
     wrap(ekfac, 'check_factors_finite', '#check_factors_finite')
     wrap(ekfac.Factors, 'save', '#Factors.save')
-    wrap(scores, 'query_gradients', '#scores: query_gradients')
-    wrap(scores, 'precondition_queries', '#scores: precondition_queries (rotations, rank truncation)')
+    wrap(scores, 'prepare_queries', '#scores: prepare_queries (query pass, preconditioning, rank truncation)')
+    wrap(scores, 'rotated_grads', '#scores: rotated_grads (query gradients in the eigenbasis)')
+    wrap(scores, 'query_form', '#scores: query_form (finite check, rank truncation)')
     wrap(scores, 'contract_scores', '#scores: contract_scores')
     wrap(scores, 'seq_grads', '#scores: seq_grads (per-sequence gradient)')
     wrap(ekfac.Factors, 'check', '#scores: Factors.check (fingerprint)')
@@ -811,12 +812,12 @@ def child_memprofile(which, spec, workdir, threads):
         _trim(); base = _status_kb('VmRSS') / 1024
         inf.fit_factors(model, train, modules=names, batch_size=spec['batch'], progress=False).save(Path(workdir) / 'mp')
     else:
-        wrap(scores, 'query_gradients', 'query_gradients'); wrap(scores, 'precondition_queries', 'precondition_queries')
+        wrap(scores, 'prepare_queries', 'prepare_queries (query pass, preconditioning)')
         wrap(ekfac.Factors, 'check', 'Factors.check (fingerprint)')
-        f0 = scores.precondition_queries
-        def pq_then_reset(*a, **k):    # the scoring loop starts when precondition_queries returns
+        f0 = scores.prepare_queries
+        def pq_then_reset(*a, **k):    # the scoring loop starts when prepare_queries returns
             out = f0(*a, **k); Path('/proc/self/clear_refs').write_text('5'); return out
-        scores.precondition_queries = pq_then_reset
+        scores.prepare_queries = pq_then_reset
         _trim(); base = _status_kb('VmRSS') / 1024
         for r in (None, RANK):
             f = inf.Factors.load(fdir)

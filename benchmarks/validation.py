@@ -11,7 +11,8 @@ The same as `python -m influence_nb.evaluate --out nbs/results/validation.json [
 Tasks: regression, classification (MLPs on scikit-learn data), exact (needs the two MLPs in the file), lm (gpt2-s,
 one layer), lds and lds_text (the linear datamodeling score), solver (EK-FAC + k preconditioned CG steps, CG and LiSSA
 against exact influence on a digits MLP, timed min-max of 3 repeats: `python benchmarks/validation.py --tasks solver`,
-about 3 minutes) and pcg (EK-FAC + k preconditioned steps against the stored PBRF truth of the three problems). PBRF solves and retrained models are cached per point
+about 3 minutes), pcg (EK-FAC + k preconditioned steps against the stored PBRF truth of the three problems) and fisher
+(EK-FAC with the sampled and the exact Fisher against the PBRF truth of the two MLP problems, under a minute). PBRF solves and retrained models are cached per point
 and per subset (`--cache`, default $INFLUENCE_NB_CACHE/validation), so an interrupted run resumes.
 """
 import sys

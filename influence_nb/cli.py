@@ -36,15 +36,6 @@ def _pick_query(queries, model, tok, query_id=None):
     ok = ((lps > -2.5) & (lps < -0.2)).nonzero()
     return cands[int(ok[0])] if len(ok) else cands[0]
 
-def _read_jsonl(p) -> list[dict]:
-    "The JSON objects of a JSONL file; a line that is not UTF-8, not JSON or not an object is refused naming file and line."
-    rows = []
-    for where, r in query_rows(p):
-        if isinstance(r, Exception) or not isinstance(r, Mapping):
-            raise ValueError(f"{where}: {r if isinstance(r, Exception) else f'expected a JSON object, got {type(r).__name__}'}.")
-        rows.append(r)
-    return rows
-
 def _say_queries(names, log_ps, say=print):
     "Print each query's log p(completion) and the one-line legend of the scores' sign and units."
     for n, lp in zip(names, log_ps): say(f"query {n}: log p(completion) = {float(lp):.3f} nats")

@@ -4,10 +4,12 @@
 
 # %% ../nbs/11_corpus.ipynb #ccb30a22
 from __future__ import annotations
-import json, os, re, random, importlib.resources
+import json, re, random, importlib.resources
 from pathlib import Path
 from collections import Counter, defaultdict
 from fastcore.imports import IN_NOTEBOOK
+from .data import check_int
+from .artefact import atomic_write, read_jsonl
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'LANGS', 'RELATIONS', 'PROFESSIONS', 'COLOURS', 'N_ENTITIES', 'ORDER_P', 'N_TRANSLATED', 'N_FORWARD',
@@ -491,8 +493,7 @@ def generate_corpus(seed:int=0, # seeds every random choice: the same seed gives
                    ) -> dict:
     "The fictional world as plain lists of dicts: `train`, `validation`, `facts`, `passages`, `queries`, `probes`, `entities`."
     if not isinstance(seed, int): raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
-    n_filler = N_FILLER_TRAIN if n_filler is None else n_filler
-    if n_filler < 0: raise ValueError(f"n_filler must be >= 0, got {n_filler}.")
+    n_filler = N_FILLER_TRAIN if n_filler is None else check_int(n_filler, 'n_filler', 0)
     world = make_world(seed)
     countries = [e for e in world['entities'] if e['type'] == 'country']
     world['cities'] = [c['capital'] for c in countries] + world['extra_cities']
@@ -556,16 +557,6 @@ def train_tokenizer(texts:list, # training texts (the training split)
 SPLITS = ('train', 'validation')
 FILES = dict(train='train.jsonl', validation='validation.jsonl', facts='facts.jsonl', passages='passages.jsonl',
              queries='queries.jsonl', probes='probes.jsonl', entities='entities.jsonl')
-
-def _write_jsonl(path, rows):
-    "Write rows as JSON lines atomically (temp file + rename)."
-    path = Path(path); tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'w', encoding='utf-8') as f:
-        for r in rows: f.write(json.dumps(r, ensure_ascii=False) + '\n')
-    os.replace(tmp, path)
-
-def _read_jsonl(path):
-    with open(path, encoding='utf-8') as f: return [json.loads(line) for line in f if line.strip()]
 
 # %% ../nbs/11_corpus.ipynb #edb343eb
 def corpus_stats(corpus:dict, # the output of `generate_corpus`
@@ -631,7 +622,8 @@ def write_corpus(out_dir='data/corpus', # folder for the JSONL files, stats.json
     if tokenizer is None:
         tokenizer = train_tokenizer([r['text'] for r in corpus['train']])
         tokenizer.save_pretrained(str(Path(tokenizer_dir) if tokenizer_dir else out_dir.parent/'tokenizer'))
-    for key, fname in FILES.items(): _write_jsonl(out_dir/fname, corpus[key])
+    for key, fname in FILES.items():                  # each file whole or not at all (temp file + rename)
+        atomic_write(out_dir/fname, ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in corpus[key]), mode=0o644)
     st = corpus_stats(corpus, tokenizer)
     (out_dir/'stats.json').write_text(json.dumps(st, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
     (out_dir/'README.md').write_text(_datasheet(st), encoding='utf-8')
@@ -657,7 +649,7 @@ def load_corpus(split:str='train', # 'train' or 'validation'
                ) -> list:
     "The records of one split as a list of dicts."
     if split not in SPLITS: raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}.")
-    return _read_jsonl(_corpus_dir(data_dir)/FILES[split])
+    return read_jsonl(_corpus_dir(data_dir)/FILES[split])
 
 def load_queries(kind:str=None, # keep only 'fact', 'passage' or 'heldout' queries (None: all)
                  lang:str=None, # keep only this language (None: all)
@@ -666,13 +658,13 @@ def load_queries(kind:str=None, # keep only 'fact', 'passage' or 'heldout' queri
     if kind not in (None, 'fact', 'passage', 'heldout'):
         raise ValueError(f"kind must be one of None, 'fact', 'passage', 'heldout', got {kind!r}.")
     if lang not in (None,) + LANGS: raise ValueError(f"lang must be one of {[None, *LANGS]}, got {lang!r}.")
-    qs = _read_jsonl(_corpus_dir(data_dir)/FILES['queries'])
+    qs = read_jsonl(_corpus_dir(data_dir)/FILES['queries'])
     return [q for q in qs if (kind is None or q['kind'] == kind) and (lang is None or q['lang'] == lang)]
 
 def load_probes(query_id:str=None, # keep only the probes of this held-out query
                 data_dir=None) -> list:
     "Word-order probe sequences (`id`, `query_id`, `group`, `text`)."
-    ps = _read_jsonl(_corpus_dir(data_dir)/FILES['probes'])
+    ps = read_jsonl(_corpus_dir(data_dir)/FILES['probes'])
     if query_id is not None:
         ps = [p for p in ps if p['query_id'] == query_id]
         if not ps: raise ValueError(f"query_id {query_id!r} has no probes; probes exist for the held-out queries only.")
@@ -681,11 +673,11 @@ def load_probes(query_id:str=None, # keep only the probes of this held-out query
 def load_facts(data_dir=None):
     "The facts table as a pandas DataFrame (one row per fact)."
     import pandas as pd
-    return pd.DataFrame(_read_jsonl(_corpus_dir(data_dir)/FILES['facts']))
+    return pd.DataFrame(read_jsonl(_corpus_dir(data_dir)/FILES['facts']))
 
 def load_passages(data_dir=None) -> list:
     "The memorization passages with their copy counts."
-    return _read_jsonl(_corpus_dir(data_dir)/FILES['passages'])
+    return read_jsonl(_corpus_dir(data_dir)/FILES['passages'])
 
 # %% ../nbs/11_corpus.ipynb #924df04c
 def main(argv=None):

@@ -19,9 +19,10 @@ from .kfac import (fit_covariances, eigen, layer_passes, precondition_eigen, all
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'ITERATIVE', 'EIGEN', 'FORMAT_VERSION', 'FACTOR_DTYPE', 'SAMPLE', 'SAMPLE_OTHER', 'EIGENVALUES',
-           'PRECONDITIONERS', 'seq_grads', 'fit_lambda', 'fit_diagonal', 'fingerprint', 'model_digest', 'model_changes',
-           'precondition_identity', 'precondition_diagonal', 'precondition_in_eigenbasis', 'Factors', 'check_bound',
-           'save_factors', 'load_factors', 'check_factors_finite', 'fit_factors']
+           'PRECONDITIONERS', 'FACTOR_STRATEGIES', 'seq_grads', 'fit_lambda', 'fit_diagonal', 'fingerprint',
+           'model_digest', 'model_changes', 'precondition_identity', 'precondition_diagonal',
+           'precondition_in_eigenbasis', 'Factors', 'check_bound', 'save_factors', 'load_factors',
+           'check_factors_finite', 'fit_factors']
 
 # %% ../nbs/05_ekfac.ipynb #a4f25866
 STRATEGIES = ('identity', 'diagonal', 'kfac', 'ekfac', 'lissa', 'cg', 'pcg')
@@ -34,29 +35,36 @@ def seq_grads(acts:torch.Tensor, # [B, T, d_in+1]
               out_grads:torch.Tensor, # [B, T, d_out], or [B, J, T, d_out] (fisher='exact': J pseudo-gradients per sequence)
              ) -> torch.Tensor:
     "Per-sequence gradients `DW̄_n = Σ_t Ds_t ā_tᵀ`, `[B, d_out, d_in+1]` (or `[B, J, d_out, d_in+1]`)."
-    if out_grads.dim() == 4: return torch.einsum('bjto,bti->bjoi', out_grads, acts)
-    return torch.einsum('bto,bti->boi', out_grads, acts)
+    if out_grads.dim() == 4:                                             # the J gradients of a sequence share its ā
+        B, J, T, o = out_grads.shape
+        return (out_grads.transpose(-1, -2).reshape(B, J * o, T) @ acts).reshape(B, J, o, -1)
+    return out_grads.transpose(-1, -2) @ acts                            # one batched GEMM on strided views (what einsum computed, bit for bit, without its layout copies)
 
-def _sum_squares(g:torch.Tensor) -> torch.Tensor:
-    "`Σ_n g_n²` over every leading axis of `[..., d_out, d_in+1]` (squares in place)."
-    return g.mul_(g).flatten(0, -3).sum(0)
+def _sum_squares(g:torch.Tensor, # [..., d_out, d_in+1], squared in place
+                 out:torch.Tensor|None=None, # a `[d_out, d_in+1]` sum to add into (same dtype and device)
+                ) -> torch.Tensor:
+    "`Σ_n g_n²` over every leading axis of `g`, added into `out` when given."
+    sq = g.mul_(g).flatten(0, -3).sum(0)
+    return sq if out is None else out.add_(sq)
 
 # %% ../nbs/05_ekfac.ipynb #e5ac0001
 def _rotated_squares(acts_rot:torch.Tensor, # [B, T, d_in+1] activations in the eigenbasis, ā Q_A
                      grads_rot:torch.Tensor, # [B, (J,) T, d_out] output gradients in the eigenbasis, Ds Q_S
                      chunk_bytes:int=1 << 23, # per-sequence gradients are formed a few sequences at a time
+                     out:torch.Tensor|None=None, # a running `[d_out, d_in+1]` sum to add into
                     ) -> torch.Tensor:
-    "`Σ_n (Q_Sᵀ DW̄_n Q_A)²` over the batch, `[d_out, d_in+1]`, holding at most `chunk_bytes` of rotated gradients."
+    "`Σ_n (Q_Sᵀ DW̄_n Q_A)²` over the batch (added into `out`), holding at most `chunk_bytes` of rotated gradients."
     B, (do, di) = len(acts_rot), (grads_rot.shape[-1], acts_rot.shape[-1])
     per_seq = do * di * acts_rot.element_size() * (grads_rot.shape[1] if grads_rot.dim() == 4 else 1)
     step = max(1, chunk_bytes // per_seq)
-    out = None
     for s in range(0, B, step):
-        sq = _sum_squares(seq_grads(acts_rot[s:s + step], grads_rot[s:s + step]))
-        out = sq if out is None else out.add_(sq)
+        g = seq_grads(acts_rot[s:s + step], grads_rot[s:s + step])
+        out = _sum_squares(g.float() if g.dtype in (torch.float16, torch.bfloat16) else g, out)   # squares summed in float32+
     return out
 
-def fit_lambda(model, layers, seqs, eig, fisher='true', batch_size=8, seed=0, progress=True, dtype=torch.float64) -> dict:
+def fit_lambda(model, layers, seqs, eig, fisher='true', batch_size=8, seed=0, progress=True, dtype=torch.float64,
+               rotate_dtype:torch.dtype|None=None, # None: rotate in the activations' dtype; torch.bfloat16: see 'Faster rotations'
+              ) -> dict:
     "EK-FAC eigenvalues `Λ = mean_n (Q_Sᵀ DW̄_n Q_A)²` per layer (a second pass, fresh pseudo-labels), in `dtype`."
     Lam = {layer.name: torch.zeros(layer.d_out, layer.d_in1, dtype=dtype) for layer in layers}
     Q, run = {}, {}
@@ -64,17 +72,16 @@ def fit_lambda(model, layers, seqs, eig, fisher='true', batch_size=8, seed=0, pr
                                                            seed=seed, stream=1, desc='eigenvalue correction' if progress else None)):
         rotated = {}   # layers sharing an input and its eigenbasis (Llama's gate_proj, up_proj: next to each other) rotate it once
         for n in Lam:
-            if n not in Q:   # eigenbases in the working dtype and device, converted once (no copy when they match)
-                dev, dt = acts[n].device, acts[n].dtype
+            if n not in Q:   # eigenbases in the rotation dtype and device, converted once (no copy when they match)
+                dev, dt = acts[n].device, rotate_dtype or acts[n].dtype
                 Q[n] = (eig[n]['QA'].to(dev, dt), eig[n]['QS'].to(dev, dt))
-            a = acts.pop(n)                                                     # released with its last layer
+            a, d = acts.pop(n), outg.pop(n)                                     # released once used (a with its last layer)
             key = (a.data_ptr(), eig[n]['QA'].data_ptr())
-            if key not in rotated: rotated = {key: a @ Q[n][0]}                # only the latest input is kept
-            sq = _rotated_squares(rotated[key], outg.pop(n) @ Q[n][1])        # each layer's Ds is released once used
-            if sq.dtype == dtype and sq.device == Lam[n].device: Lam[n] += sq   # float32 factors: summed in place
-            elif n in run: run[n] += sq                                        # else in the working dtype, then
-            else: run[n] = sq                                                  # into the totals every 32 batches
-        acts = outg = rotated = sq = a = None                                # freed before the next batch's forward
+            if key not in rotated: rotated = {key: a.to(Q[n][0].dtype) @ Q[n][0]}   # only the latest input is kept
+            into = Lam[n] if Lam[n].device == d.device and Lam[n].dtype in (d.dtype, torch.float32) else run.get(n)
+            sq = _rotated_squares(rotated[key], d.to(Q[n][1].dtype) @ Q[n][1], out=into)   # float32 factors: summed in place
+            if into is None: run[n] = sq                                       # else in the working dtype, into the totals every 32 batches
+        acts = outg = rotated = sq = a = d = into = None                    # freed before the next batch's forward
         if b_no % 32 == 31:
             for n in run: Lam[n] += run[n].to('cpu', dtype)
             run.clear()
@@ -150,18 +157,20 @@ def precondition_diagonal(V:torch.Tensor, t:dict, damped:torch.Tensor) -> torch.
     return (V.double() / damped).to(V.dtype)
 
 def precondition_in_eigenbasis(V:torch.Tensor, t:dict, damped:torch.Tensor) -> torch.Tensor:
-    "`Q_S [(Q_Sᵀ V Q_A) ⊘ (eigenvalues + λ)] Q_Aᵀ`: K-FAC and EK-FAC (and 'pcg', whose preconditioner is EK-FAC)."
+    "`Q_S [(Q_Sᵀ V Q_A) ⊘ (eigenvalues + λ)] Q_Aᵀ`: K-FAC and EK-FAC."
     return precondition_eigen(V, t['QS'], t['QA'], damped)
 
 EIGENVALUES = {'identity': lambda t: None, 'diagonal': lambda t: t['diag'], 'kfac': lambda t: torch.outer(t['lS'], t['lA']),
-               'ekfac': lambda t: t['Lambda'], 'pcg': lambda t: t['Lambda']}   # undamped curvature eigenvalues per layer
+               'ekfac': lambda t: t['Lambda']}   # undamped curvature eigenvalues per layer
 PRECONDITIONERS = {'identity': precondition_identity, 'diagonal': precondition_diagonal,
-                   'kfac': precondition_in_eigenbasis, 'ekfac': precondition_in_eigenbasis, 'pcg': precondition_in_eigenbasis}
+                   'kfac': precondition_in_eigenbasis, 'ekfac': precondition_in_eigenbasis}
 
 # %% ../nbs/05_ekfac.ipynb #e5ac0011
+FACTOR_STRATEGIES = tuple(s for s in STRATEGIES if s not in ITERATIVE)   # what `Factors` hold; ITERATIVE: `05b_solver`
+
 @dataclass
 class Factors:
-    strategy: str                     # identity | diagonal | kfac | ekfac | lissa | cg | pcg
+    strategy: str                     # identity | diagonal | kfac | ekfac
     modules: list[str]                # tracked layer names, in model order
     shapes: dict                      # name -> [d_out, d_in(+1)] of the canonical gradient
     fisher: str                       # true | empirical | exact
@@ -171,19 +180,21 @@ class Factors:
     fingerprint: str                  # of the tracked weights (see `fingerprint`)
     model_class: str = ''
     tensors: dict = field(default_factory=dict)   # name -> {'QA','lA','QS','lS','Lambda','A','S','diag'}
-    info: dict = field(default_factory=dict)      # free-form (timings, library version, iterative solver options)
-    fit_data: list|None = field(default=None, repr=False, compare=False)   # kept in memory for lissa / cg / pcg only
+    info: dict = field(default_factory=dict)      # free-form (timings, the model digest `check` compares)
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES: raise ValueError(f"Unknown strategy {self.strategy!r}; choose one of {STRATEGIES}.")
+        if self.strategy in ITERATIVE:
+            raise ValueError(f"Strategy '{self.strategy}' holds no curvature: it solves over the fit data at scoring time, so "
+                             f"`fit_factors(strategy='{self.strategy}')` returns an `IterativeSolver` (05b_solver), not `Factors`.")
+        if self.strategy not in FACTOR_STRATEGIES: raise ValueError(f"Unknown strategy {self.strategy!r}; choose one of {FACTOR_STRATEGIES}.")
 
     def __repr__(self):
         return (f"Factors({self.strategy}, {len(self.modules)} layers, fisher={self.fisher}, "
                 f"N={self.n_sequences}, tokens={self.n_tokens}, fingerprint={self.fingerprint[:12]})")
 
     def eigenvalues(self, name:str) -> torch.Tensor|None:
-        "The undamped curvature eigenvalues `[d_out, d_in+1]` of layer `name` (None for identity, lissa, cg)."
-        return EIGENVALUES[self.strategy](self.tensors[name]) if self.strategy in EIGENVALUES else None
+        "The undamped curvature eigenvalues `[d_out, d_in+1]` of layer `name` (None for identity)."
+        return EIGENVALUES[self.strategy](self.tensors[name])
 
     def damping_for(self, name:str, damping:float|None=None) -> float:
         "`damping` if given, else the paper's `0.1 × mean(eigenvalues)` of layer `name`."
@@ -212,10 +223,8 @@ def precondition(self:Factors, name:str, # layer name
                  V:torch.Tensor, # [..., d_out, d_in+1] gradients (canonical layout)
                  damping:float|None=None, # None: 0.1 × mean eigenvalue; a float: used as given
                 ) -> torch.Tensor:
-    "Apply `(G_ℓ + λI)⁻¹` of layer `name` to `V` (for 'pcg': its preconditioner, EK-FAC's)."
+    "Apply `(G_ℓ + λI)⁻¹` of layer `name` to `V`."
     check_damping(damping)
-    if self.strategy not in PRECONDITIONERS:
-        raise ValueError(f"'{self.strategy}' preconditions all layers jointly: use `pairwise_scores`, not `precondition`.")
     if self.strategy == 'identity': return V
     reg = self.damping_for(name, damping)                    # λ of this layer
     if reg <= 0 and damping is None: reg = 1e-12            # all-zero curvature (e.g. a layer that never fires)
@@ -225,12 +234,6 @@ def precondition(self:Factors, name:str, # layer name
                          "singular and the damping is too small to regularise it. Pass a larger `damping`, or None "
                          "(0.1 × mean eigenvalue per layer).")
     return out
-
-@patch
-def as_ekfac(self:Factors) -> Factors:
-    "The EK-FAC part of 'pcg' factors (its preconditioner), without the fit data: what can be saved."
-    if self.strategy != 'pcg': raise ValueError(f"`as_ekfac` is for 'pcg' factors, not '{self.strategy}'.")
-    return dataclasses.replace(self, strategy='ekfac', info={k: v for k, v in self.info.items() if k != 'solver'}, fit_data=None)
 
 # %% ../nbs/05_ekfac.ipynb #e5ac0012
 def check_bound(f:Factors, model, modules=None) -> list:
@@ -269,12 +272,6 @@ _WORDS = dict(what='factors', redo='refit the factors and save them again')
 
 def save_factors(f:Factors, path:str|Path) -> Path:
     "`Factors.save`: the tensors as `'layer::key'` entries, the fields as metadata, through `artefact.write`."
-    if f.strategy == 'pcg':
-        raise ValueError("'pcg' factors keep their fit data in memory for the solver, and fit data is never saved. "
-                         "Save the EK-FAC preconditioner with `factors.as_ekfac().save(path)`; to solve again after "
-                         "loading, refit with strategy='pcg'.")
-    if f.strategy in ITERATIVE:
-        raise ValueError(f"'{f.strategy}' factors hold no fitted tensors, only their training data in memory: nothing to save.")
     flat, seen = {}, set()
     for n, d in f.tensors.items():
         for k, v in d.items():   # layers sharing an input share A, QA, lA in memory; safetensors wants a copy each
@@ -350,12 +347,12 @@ def _check_fit_args(strategy, fisher, fisher_samples, batch_size, seed, factor_d
     if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"`seed` must be an int, got {seed!r}.")
 
-def _fit_eigen(cov:dict, dtype) -> dict:
+def _fit_eigen(cov:dict, dtype, eigh_dtype=torch.float64) -> dict:
     "`{name: {'A', 'S', 'QA', 'lA', 'QS', 'lS'}}`; layers sharing an input (one `A` object) share its eigenbasis."
     tensors, eigA = {}, {}
     for n, c in cov.items():
-        if id(c['A']) not in eigA: eigA[id(c['A'])] = eigen({'A': c['A'], 'S': c['A'][:1, :1]}, dtype)
-        e = eigen({'A': c['A'][:1, :1], 'S': c['S']}, dtype)
+        if id(c['A']) not in eigA: eigA[id(c['A'])] = eigen({'A': c['A'], 'S': c['A'][:1, :1]}, dtype, eigh_dtype)
+        e = eigen({'A': c['A'][:1, :1], 'S': c['S']}, dtype, eigh_dtype)
         a = eigA[id(c['A'])]
         tensors[n] = {'A': c['A'], 'S': c['S'], 'QA': a['QA'], 'lA': a['lA'], 'QS': e['QS'], 'lS': e['lS']}
     return tensors
@@ -387,7 +384,7 @@ def _set_aside(tensors:dict, keys=('A', 'S')):
 @grad_enabled   # works when called under torch.no_grad() or torch.inference_mode()
 def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or a compatible module
                 train, # training sequences (see `00_data`): list of dicts, torch or HF Dataset
-                strategy:str='ekfac', # identity | diagonal | kfac | ekfac | lissa | cg | pcg
+                strategy:str='ekfac', # identity | diagonal | kfac | ekfac (`Factors`) | lissa | cg | pcg (`IterativeSolver`)
                 modules:str|list[str]='mlp', # "mlp", "all" or layer names
                 fisher:str='true', # "true": labels sampled from the model (paper); "empirical": data labels; "exact": all labels, weighted (≤ 64 outputs)
                 batch_size:int=8, # sequences per batch
@@ -396,8 +393,8 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
                 solver:dict|None=None, # lissa / cg / pcg options, passed to `pbrf.lissa_ihvp` / `pbrf.cg_ihvp`
                 fisher_samples:int=1, # labels sampled per token (true Fisher): more cut the Monte-Carlo noise, at k× the passes
                 factor_dtype:str|None=FACTOR_DTYPE, # 'float32', 'float64', None: the model's precision (float64 only for a float64 model)
-               ) -> Factors:
-    "Fit the curvature of the tracked layers of `model` on `train`."
+               ) -> Factors|IterativeSolver:
+    "Fit the curvature of the tracked layers of `model` on `train`; for 'lissa', 'cg', 'pcg' make the `IterativeSolver` over it."
     _check_fit_args(strategy, fisher, fisher_samples, batch_size, seed, factor_dtype)
     layers = find_modules(model, modules)                     # (also checks that `model` is a model)
     dtype = resolve_factor_dtype(factor_dtype, model)
@@ -406,6 +403,10 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
                          "3-D tensors: use 'ekfac' (or 'kfac', 'diagonal', 'identity'), or pass `modules` without experts.")
     seqs = check_sequences(model, train, 'train')
     require_scored(seqs, 'train')
+    if strategy in ITERATIVE:   # nothing to summarise: the solver keeps the data (05b_solver, which builds on this module)
+        from influence_nb.solver import fit_solver
+        return fit_solver(model, layers, seqs, strategy, solver, seed, batch_size, progress,
+                          fisher=fisher, fisher_samples=fisher_samples, factor_dtype=factor_dtype)
     t0 = time.time()
     tensors, n_tok = {layer.name: {} for layer in layers}, int(sum(int(s['attention_mask'].sum()) for s in seqs))
     passes = seqs * fisher_samples                                  # copy j of sequence i draws as sequence i + jN
@@ -421,8 +422,7 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
         for n, d in fit_diagonal(model, layers, passes, fisher, batch_size, seed, progress, dtype).items(): tensors[n]['diag'] = d
     info = {'fit_seconds': round(time.time() - t0, 3), 'model_digest': model_digest(model)}
     if fisher_samples > 1: info['fisher_samples'] = fisher_samples
-    if strategy in ITERATIVE: info['solver'] = dict(solver or {}, seed=seed, batch_size=batch_size)
     f = Factors(strategy, [layer.name for layer in layers], {layer.name: [layer.d_out, layer.d_in1] for layer in layers}, fisher, len(seqs), n_tok,
-                seed, fingerprint(layers), type(model).__name__, tensors, info, seqs if strategy in ITERATIVE else None)
+                seed, fingerprint(layers), type(model).__name__, tensors, info)
     check_factors_finite(f)
     return f

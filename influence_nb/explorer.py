@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import difflib
-import hashlib
 import html as _html
 import io
 import math
@@ -34,6 +33,7 @@ from collections.abc import Mapping
 from .data import (MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_bundled, load_model, read_corpus, corpus_rows, check_int)
 from .corpus import load_corpus, load_queries
+from .artefact import digest
 from .data import data_dir, tokenize_pairs
 from .ekfac import Factors, check_damping, fingerprint, model_digest
 from .modules import find_modules
@@ -248,18 +248,17 @@ def model(self: ExplorerSession, name: str):
 def sequences_digest(seqs, # sequences (anything `as_sequences` accepts)
                     ) -> str:
     "SHA-256 of the token ids, labels and attention masks of `seqs`, in order: the data a fit depends on."
-    h = hashlib.sha256()
-    for s in as_sequences(seqs, 'seqs'):
-        for k in ('input_ids', 'labels', 'attention_mask'):
-            h.update(f'{k}:{len(s[k])};'.encode()); h.update(s[k].numpy().astype('<i8').tobytes())
-    return h.hexdigest()
+    def parts():   # the key schema (cached factors are found by it): f'{k}:{length};' then little-endian int64 values
+        for s in as_sequences(seqs, 'seqs'):
+            for k in ('input_ids', 'labels', 'attention_mask'): yield from (f'{k}:{len(s[k])};', s[k].numpy().astype('<i8').tobytes())
+    return digest(parts())
 
 def factor_cache_tag(name: str, # a readable prefix (the model's name)
                      model,     # the model the factors are fitted on
                      seqs,      # the sequences they are fitted on
                     ) -> str:
     "The data- and weight-bound part of a factor-cache key (`data.cached_factors` adds the fit arguments)."
-    weights = hashlib.sha256(json.dumps(model_digest(model), sort_keys=True).encode()).hexdigest()  # every parameter + config
+    weights = digest([json.dumps(model_digest(model), sort_keys=True)])  # every parameter + config
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-fit{len(seqs)}-data{sequences_digest(seqs)[:16]}-weights{weights[:16]}"
 
 # %% ../nbs/10_explorer.ipynb #40150882

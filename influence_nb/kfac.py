@@ -232,13 +232,13 @@ class Gram:
             if last: self.t = None; return out
             if out is self.t: out = out.clone()                   # the running sum is zeroed below, not the result
             self.t.zero_(); return out
-        u = torch.from_numpy(self.c)                             # shares c's memory
-        if last and u.dtype == dtype: out, self.c = u.triu_(), None   # no copy: this Gram is done
+        v = torch.from_numpy(self.c).T                          # shares c's memory; c is column-major, so cᵀ is row-major
+        if last and v.dtype == dtype: out, self.c = v.tril_(), None   # no copy: this Gram is done
         else:
-            out = u.to(dtype).triu_() if u.dtype != dtype else u.triu()   # a new matrix: c is reused
+            out = v.to(dtype).tril_() if v.dtype != dtype else v.tril()   # a new matrix: c is reused
             self.c.fill(0)
-        out += out.triu(1).T
-        return out
+        out += out.tril(-1).T                                    # syrk's upper triangle of c is cᵀ's lower one
+        return out                                               # row-major: 2x faster to mirror, no copy when saved
 
 def blas_threads():
     "Context: hold scipy's BLAS (used by `Gram`) to torch's thread count; it would otherwise use one thread per core."
@@ -322,12 +322,13 @@ def fit_covariances(model, # a causal LM
 
 # %% ../nbs/04_kfac.ipynb #65dabd58
 def eigen(cov:dict, # {'A': [n, n], 'S': [m, m]} symmetric matrices (any float dtype)
-          dtype:torch.dtype=torch.float64, # of the results; the decomposition itself is always float64
+          dtype:torch.dtype=torch.float64, # of the results
+          eigh_dtype:torch.dtype=torch.float64, # of the decomposition itself (float32: 2x faster, see 'Float32 eigh')
          ) -> dict:
-    "Eigendecompositions `{'QA', 'lA', 'QS', 'lS'}` of a layer's covariances, computed in float64 (eigenvalues clamped at 0)."
+    "Eigendecompositions `{'QA', 'lA', 'QS', 'lS'}` of a layer's covariances, in `eigh_dtype` (eigenvalues clamped at 0)."
     out = {}
     for k in 'AS':
-        c = cov[k].double()
+        c = cov[k].to(eigh_dtype)
         evals, Q = torch.linalg.eigh((c + c.T) / 2)
         del c                                                           # float64 copies live one matrix at a time
         out['Q' + k], out['l' + k] = Q.to(dtype).contiguous(), evals.clamp_min(0).to(dtype)   # row-major, as when loaded

@@ -7,14 +7,15 @@ __all__ = ['lds_score', 'random_subsets', 'predict', 'finetune', 'retrain', 'LDS
            'lds_benchmark']
 
 # %% ../nbs/22_lds.ipynb #6be42e41
-import copy, functools, hashlib, json, os, random, time
+import copy, functools, json, random, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 import influence_nb as inf
-from .data import as_sequences, collate
+from .data import as_sequences, collate, check_int
+from .artefact import digest, cache_records, append_record
 
 # %% ../nbs/22_lds.ipynb #c29e917d
 def lds_score(actual,    # `[J, Q]` measurement of each query after retraining on each of J subsets
@@ -37,10 +38,10 @@ def random_subsets(n: int,             # training sample size N
                    seed: int = 1,       # seed of the draw
                   ) -> list[list[int]]: # J sorted index lists, each of size int(alpha * n)
     "`n_subsets` random subsets of `range(n)`, each holding a fraction `alpha` of it."
-    if not isinstance(n, int) or n < 2: raise ValueError(f"`n` must be an integer >= 2, got {n!r}.")
+    n = check_int(n, 'n', 2)
     if not 0 < alpha < 1 or int(alpha * n) < 1:
         raise ValueError(f"`alpha` must be in (0, 1) with int(alpha * n) >= 1, got alpha={alpha!r} for n={n}.")
-    if not isinstance(n_subsets, int) or n_subsets < 3: raise ValueError(f"`n_subsets` must be an integer >= 3, got {n_subsets!r}.")
+    n_subsets = check_int(n_subsets, 'n_subsets', 3)
     rng = random.Random(seed)
     return [sorted(rng.sample(range(n), int(alpha * n))) for _ in range(n_subsets)]
 
@@ -92,27 +93,13 @@ def _describe(f) -> str:
     return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__name__)}"
 
 def _digest(model, train, queries, trainer, measure) -> str:
-    h = hashlib.sha256(f"{_describe(trainer)}|{_describe(measure)}".encode())
-    tensors = [t for _, t in sorted(model.state_dict().items())] if isinstance(model, torch.nn.Module) else []
-    for t in tensors + [s[k] for seqs in (train, queries) for s in seqs for k in ('input_ids', 'labels')]:
-        t = torch.as_tensor(t).detach().cpu().contiguous()
-        h.update(f'{t.dtype}{tuple(t.shape)}'.encode()); h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:20]
-
-def _read_lines(path, key) -> dict:
-    done = {}
-    if path is not None and Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            try: rec = json.loads(line)
-            except json.JSONDecodeError: continue                       # a line cut short by an interruption
-            if isinstance(rec, dict) and rec.get('key') == key: done[(tuple(rec['subset']), rec['seed'])] = rec['values']
-    return done
-
-def _append_line(path, rec):
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    cut = path.exists() and path.stat().st_size and path.read_bytes()[-1:] != b'\n'
-    with open(path, 'a') as fh:
-        fh.write(('\n' if cut else '') + json.dumps(rec) + '\n'); fh.flush(); os.fsync(fh.fileno())
+    "The cache key of `retrain`'s measurements: trainer and measure, the starting weights, the data."
+    state = [t for _, t in sorted(model.state_dict().items())] if isinstance(model, torch.nn.Module) else []
+    data = [s[k] for seqs in (train, queries) for s in seqs for k in ('input_ids', 'labels')]
+    def parts():   # the key schema: both descriptions, then each tensor as f'{dtype}{shape}' and its bytes
+        yield f"{_describe(trainer)}|{_describe(measure)}"
+        for t in map(torch.as_tensor, state + data): yield from (f'{t.dtype}{tuple(t.shape)}', t)
+    return digest(parts())[:20]
 
 # %% ../nbs/22_lds.ipynb #7b13baac
 def retrain(model,            # the model every retraining starts from
@@ -134,7 +121,7 @@ def retrain(model,            # the model every retraining starts from
     if not subsets: raise ValueError("`subsets` is empty: pass J index lists (see `random_subsets`).")
     seeds = [int(s) for s in seeds]
     key = _digest(model, train, queries, trainer, measure) if cache is not None else None
-    done = _read_lines(cache, key)
+    done = {(tuple(r['subset']), r['seed']): r['values'] for r in cache_records(cache, key)}   # earlier runs' models
     out = np.zeros((len(seeds), len(subsets), len(queries)))
     jobs = [(j, k) for j in range(len(subsets)) for k in range(len(seeds))]
     for j, k in tqdm(jobs, desc='retraining', unit='model', disable=not progress):
@@ -142,7 +129,7 @@ def retrain(model,            # the model every retraining starts from
         if vals is None:
             vals = [float(v) for v in torch.as_tensor(measure(trainer(model, train, subsets[j], seeds[k]), queries)).reshape(-1)]
             if len(vals) != len(queries): raise ValueError(f"`measure` returned {len(vals)} values for {len(queries)} queries.")
-            if cache is not None: _append_line(cache, dict(key=key, subset=subsets[j], seed=seeds[k], values=vals))
+            if cache is not None: append_record(cache, dict(key=key, subset=subsets[j], seed=seeds[k], values=vals))
             done[(tuple(subsets[j]), seeds[k])] = vals
         out[k, j] = vals
     return out

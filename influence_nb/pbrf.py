@@ -609,30 +609,20 @@ class PBRFScores:
                     warm_starts=sum(s['warm_start'] for s in flat), lbfgs_used=sum(s['n_iter'] > 0 for s in flat),
                     resumed_points=self.resumed)
 
-def _digest(prob: FlatProblem, q: _Examples, **settings) -> str:
-    "A digest of everything a PBRF result depends on: parameters, fit data, queries and `settings`."
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    def add(t):
-        t = t.detach().cpu().reshape(-1).contiguous()
-        h.update(f'{t.dtype}{t.numel()}'.encode()); h.update(t.view(torch.uint8).numpy().tobytes())
-    add(prob.theta_s)
-    for n in sorted(prob.fixed): add(prob.fixed[n])
-    for ex in (prob.data, q):
-        if ex.kind == 'xy': add(ex.X); add(ex.y)
-        else:
-            for sq in ex.seqs:
-                for k in sorted(sq): add(sq[k])
-    return h.hexdigest()[:20]
+from .artefact import digest, cache_records, append_record   # storage primitives (05a)
 
-def _read_cache(path, key) -> dict:
-    "{point: line} of the cache lines under `key`; lines cut short or of other keys are skipped."
-    done = {}
-    if path is not None and Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            try: rec = json.loads(line)
-            except json.JSONDecodeError: continue
-            if isinstance(rec, dict) and rec.get('key') == key: done[rec['point']] = rec
-    return done
+def _digest(prob: FlatProblem, q: _Examples, **settings) -> str:
+    "The cache key of a PBRF result: a digest of everything it depends on (parameters, fit data, queries, `settings`)."
+    def tensors():
+        yield prob.theta_s
+        for n in sorted(prob.fixed): yield prob.fixed[n]
+        for ex in (prob.data, q):
+            if ex.kind == 'xy': yield from (ex.X, ex.y)
+            else: yield from (sq[k] for sq in ex.seqs for k in sorted(sq))
+    def parts():   # the key schema: the settings as JSON, then each tensor as f'{dtype}{numel}' and its bytes
+        yield json.dumps(settings, sort_keys=True, default=str)
+        for t in tensors(): yield from (f'{t.dtype}{t.numel()}', t)
+    return digest(parts())[:20]
 
 # %% ../nbs/02_pbrf.ipynb #022615a1
 def _check_points(points, N: int) -> list[int]:
@@ -642,20 +632,6 @@ def _check_points(points, N: int) -> list[int]:
     bad = [m for m in points if not 0 <= m < N]
     if bad: raise ValueError(f"`points` holds {bad[:3]}, outside the {N} examples of `data`.")
     return points
-
-def _open_cache(cache):
-    "Make the cache's folder; end a last line cut short (a killed run), so that appends start clean."
-    if cache is None: return
-    Path(cache).parent.mkdir(parents=True, exist_ok=True)
-    if Path(cache).exists() and Path(cache).stat().st_size:
-        with open(cache, 'rb') as fh: fh.seek(-1, os.SEEK_END); cut = fh.read(1) != b'\n'
-        if cut:
-            with open(cache, 'a') as fh: fh.write('\n')
-
-def _append(cache, rec: dict):
-    "Append one point's record to the cache file and make it durable before the next point starts."
-    if cache is None: return
-    with open(cache, 'a') as fh: fh.write(json.dumps(rec) + '\n'); fh.flush(); os.fsync(fh.fileno())
 
 # %% ../nbs/02_pbrf.ipynb #adf0042d
 def pbrf_scores(model,                 # the trained model; its current parameters are θ_s
@@ -687,8 +663,8 @@ def pbrf_scores(model,                 # the trained model; its current paramete
         points = _check_points(points, prob.N)
         key = _digest(prob, q, names=prob.names, damping=damping, eps=eps, loss=loss, rtol=rtol, dtype=dtype,
                       max_iter=max_iter, history=history, newton_steps=newton_steps)
-        done = _read_cache(cache, key)
-        _open_cache(cache)
+        done = {r['point']: r for r in cache_records(cache, key)}   # points solved by earlier runs
+        if cache is not None: Path(cache).parent.mkdir(parents=True, exist_ok=True)   # fail now, not after a solve
         _check_newton_dtype(newton_dtype)
         pm = prob if newton_dtype == prob.dtype else None                   # built at the first solve, then shared
         one = lambda p, m: p.examples((p.data.X[m:m + 1], p.data.y[m:m + 1]) if p.data.kind == 'xy'
@@ -705,7 +681,7 @@ def pbrf_scores(model,                 # the trained model; its current paramete
                                                   (pm, zm_m))
                     rec = dict(key=key, point=m, influence=((f_p - f_m) / (2 * eps)).tolist(),
                                solves=[_solve_record(plus), _solve_record(minus)])
-                    _append(cache, rec)
+                    if cache is not None: append_record(cache, rec)   # durable before the next point starts
                 cols.append(torch.tensor(rec['influence'], dtype=torch.float64)); solves.append(rec['solves'])
     return PBRFScores(torch.stack(cols, 1), points, solves, resumed, key)
 

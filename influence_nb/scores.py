@@ -16,10 +16,11 @@ from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, seq_grads, check_damping, ITERATIVE
 
 # %% auto #0
-__all__ = ['UNITS', 'DENSE_CACHE_BYTES', 'ScoreTable', 'check_query', 'check_k', 'Scores', 'PrecondQuery', 'working_dtype',
+__all__ = ['UNITS', 'STREAM_MACS', 'ScoreTable', 'check_query', 'check_k', 'Scores', 'PrecondQuery', 'working_dtype',
            'eigenbases', 'rotated_grads', 'query_gradients', 'canonical_to_flat', 'flat_to_canonical', 'truncated_svd',
-           'precondition_queries', 'contraction_costs', 'contract_scores', 'check_rank', 'prepare_scoring',
-           'pairwise_scores', 'self_scores', 'ClassifierAsLM', 'RegressorAsLM']
+           'precondition_queries', 'all_finite', 'query_form', 'prepare_queries', 'contraction_costs',
+           'contract_scores', 'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM',
+           'RegressorAsLM']
 
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
@@ -106,7 +107,7 @@ class Scores:
 # %% ../nbs/06_scores.ipynb #a5549d57
 @dataclass
 class PrecondQuery:
-    "Preconditioned query gradients of one layer: `full` `[n_q, d_out, d_in+1]` and/or rank-r `U`, `V`."
+    "Preconditioned query gradients of one layer: `full` `[n_q, d_out, d_in+1]`, or rank-r factors `U`, `V`."
     full: torch.Tensor|None = None
     U: torch.Tensor|None = None     # [n_q, d_out, r]  (singular values folded in)
     V: torch.Tensor|None = None     # [n_q, d_in+1, r]
@@ -115,21 +116,24 @@ class PrecondQuery:
     def n_q(self): return (self.full if self.full is not None else self.U).shape[0]
     @property
     def rank(self): return None if self.U is None else self.U.shape[-1]
+    @property
+    def dtype(self): return (self.full if self.full is not None else self.U).dtype
 
     def dense(self) -> torch.Tensor:
-        "`[n_q, d_out, d_in+1]`; a low-rank query is multiplied out (and kept, if it is small: see `flat`)."
-        if self.full is not None: return self.full
-        if getattr(self, '_dense', None) is not None: return self._dense
-        d = self.U @ self.V.transpose(-1, -2)
-        if d.numel() * d.element_size() <= DENSE_CACHE_BYTES: self._dense = d   # rebuilt once, not in every batch
-        return d
+        "`[n_q, d_out, d_in+1]`; a low-rank query is multiplied out anew each call, never kept (its memory is why a rank is asked for)."
+        return self.full if self.full is not None else self.U @ self.V.transpose(-1, -2)
 
     def flat(self) -> torch.Tensor:
-        "`[n_q, d_out·(d_in+1)]` contiguous, made once: the `grad` path is then a single matrix product per batch."
-        if getattr(self, '_flat', None) is None: self._flat = self.dense().reshape(self.n_q, -1).contiguous()
+        "`[n_q, d_out·(d_in+1)]`: the `grad` path's operand, one matrix product per batch (made once for full-rank queries)."
+        if self.full is None: return self.dense().reshape(self.n_q, -1)
+        if getattr(self, '_flat', None) is None: self._flat = self.full.reshape(self.n_q, -1).contiguous()
         return self._flat
 
-DENSE_CACHE_BYTES = 256 * 2**20   # a low-rank query set is multiplied out once when its dense form fits in this
+    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        "`U`, `V` as `[d_out, n_q·r]` and `[d_in+1, n_q·r]`: the `lowrank` path's operands, two matrix products per batch (made once)."
+        if getattr(self, '_columns', None) is None:
+            self._columns = tuple(m.permute(1, 0, 2).reshape(m.shape[1], -1).contiguous() for m in (self.U, self.V))
+        return self._columns
 
 def working_dtype(t:torch.Tensor) -> torch.dtype:
     "The dtype influence arithmetic runs in: float32 for a half-precision model (bf16/fp16), else the model's own."
@@ -210,29 +214,11 @@ def flat_to_canonical(layers:list, # tracked layers, as given to `canonical_to_f
     return out
 
 # %% ../nbs/06_scores.ipynb #c2978043
-def _flat_preconditioner(factors:Factors, layers:list, damping:float):
-    "The per-layer EK-FAC inverse of 'pcg' factors as a map of flat rows `[n, P] -> [n, P]`: the CG preconditioner."
-    def apply(rows):
-        canon = flat_to_canonical(layers, rows)
-        return canonical_to_flat(layers, {name: factors.precondition(name, v, damping) for name, v in canon.items()})
-    return apply
+from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'cg', 'pcg'
 
-def _iterative_precondition(model, factors, qgrads, damping):
-    "`(G + λI)⁻¹ q` with the full GGN of all tracked layers, by LiSSA, CG or EK-FAC-preconditioned CG over the fit data (`02_pbrf`)."
-    from influence_nb import pbrf
-    if damping is None: raise ValueError(f"Strategy '{factors.strategy}' needs an absolute `damping` (a positive float).")
-    if factors.fit_data is None: raise ValueError(f"These '{factors.strategy}' factors have no fit data; refit them with `fit_factors`.")
-    layers = find_modules(model, factors.modules)
-    names = [n for layer in layers for n, _ in layer.params()]
-    kw = dict(factors.info.get('solver', {}))
-    kw.setdefault('loss', getattr(model, 'pbrf_loss', 'ce'))
-    if factors.strategy == 'lissa': solve = pbrf.lissa_ihvp
-    else:
-        solve = pbrf.cg_ihvp; kw.pop('seed', None)
-        # pcg: the system (G + λI) and its EK-FAC preconditioner (G_EKFAC + λI) carry the same absolute λ
-        if factors.strategy == 'pcg': kw['preconditioner'] = _flat_preconditioner(factors, layers, float(damping))
-    flat = canonical_to_flat(layers, qgrads).double()                       # [n_q, P] in `names` order
-    return flat_to_canonical(layers, solve(model, names, factors.fit_data, flat, float(damping), **kw))
+def _iterative_precondition(model, solver:IterativeSolver, qgrads:dict, damping) -> dict:
+    "`(G + λI)⁻¹ q` with the full GGN of all tracked layers: LiSSA, CG or EK-FAC-preconditioned CG over the fit data (`05b_solver`)."
+    return solver.solve(model, qgrads, damping)
 
 # %% ../nbs/06_scores.ipynb #50f23322
 def truncated_svd(p:torch.Tensor, # [n, o, i] matrices
@@ -253,34 +239,91 @@ def precondition_queries(factors:Factors, qgrads:dict, damping=None, query_rank:
     for name in list(qgrads):
         g = qgrads.pop(name)   # each raw gradient is dropped once preconditioned: the two sets never coexist whole
         p = joint[name].to(g.dtype) if joint is not None else factors.precondition(name, g, damping)
-        if not torch.isfinite(p).all():
-            raise ValueError(f"The preconditioned query gradients of layer '{name}' hold NaN/Inf in {g.dtype}: the damping is "
-                             "too small for this curvature (or the iterative solver diverged). Pass a larger `damping`.")
-        if query_rank is not None and query_rank < min(p.shape[-2:]):
-            U, V = truncated_svd(p, query_rank)
-            out[name] = PrecondQuery(U=U, V=V)
-        else: out[name] = PrecondQuery(full=p)
+        out[name] = query_form(p, name, query_rank)
+    return out
+
+def all_finite(t:torch.Tensor) -> bool:
+    "No NaN/Inf in `t`: one sum (a NaN or Inf anywhere makes it non-finite); the elementwise test only if the sum overflows."
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+def query_form(p:torch.Tensor, # [n_q, d_out, d_in+1] preconditioned query gradients of one layer
+               name:str, # the layer, for the message
+               query_rank:int|None=None, # truncate to this rank (None, or a rank ≥ min(d_out, d_in+1): full)
+              ) -> PrecondQuery:
+    "`p` checked for NaN/Inf and stored at full rank or as its best rank-`query_rank` factors."
+    if not all_finite(p):
+        raise ValueError(f"The preconditioned query gradients of layer '{name}' hold NaN/Inf in {p.dtype}: the damping is "
+                         "too small for this curvature (or the iterative solver diverged). Pass a larger `damping`.")
+    if query_rank is None or query_rank >= min(p.shape[-2:]): return PrecondQuery(full=p)
+    U, V = truncated_svd(p, query_rank)
+    return PrecondQuery(U=U, V=V)
+
+# %% ../nbs/06_scores.ipynb #b7a10e02
+def _empty_queries(layers, n:int, query_rank, dtype, device) -> dict:
+    "`{name: PrecondQuery}` of zeros for `n` queries: full `[n, d_out, d_in+1]`, or `U`, `V` when `query_rank` truncates."
+    out = {}
+    for layer in layers:
+        o, i = layer.d_out, layer.d_in1
+        if query_rank is None or query_rank >= min(o, i): out[layer.name] = PrecondQuery(full=torch.zeros(n, o, i, dtype=dtype, device=device))
+        else: out[layer.name] = PrecondQuery(U=torch.zeros(n, o, query_rank, dtype=dtype, device=device),
+                                             V=torch.zeros(n, i, query_rank, dtype=dtype, device=device))
+    return out
+
+def prepare_queries(model, # the model the factors were fitted on
+                    factors:Factors, # fitted factors (or an iterative solver)
+                    layers:list, # tracked layers (`prepare_scoring`)
+                    queries:list[dict], # normalised query sequences (`check_sequences`)
+                    damping:float|None=None, # None: 0.1 × mean eigenvalue per layer; a float: as given
+                    query_rank:int|None=None, # truncate each layer's preconditioned queries to this rank
+                    batch_size:int=8, progress:bool=False,
+                   ) -> dict:
+    "`{name: PrecondQuery}`: each layer's `(G_ℓ + λI)⁻¹ q_ℓ`, at rank `query_rank` if given; what scores and scans contract with."
+    if factors.strategy in ITERATIVE:
+        return precondition_queries(factors, query_gradients(model, layers, queries, batch_size, progress), damping, query_rank, model)
+    p = next(model.parameters()); dt = working_dtype(p)
+    bases = eigenbases(factors, layers, dt, p.device)                              # {} unless K-FAC / EK-FAC
+    denom = {n: _damped_eigenvalues(factors, n, damping, torch.empty(0, dtype=dt, device=p.device)) for n in bases}
+    out = _empty_queries(layers, len(queries), query_rank, dt, p.device)
+    for idx, acts, outg in layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None):
+        rotated_acts = {}   # gate_proj and up_proj read one input with one Q_A: rotated once per batch
+        for layer in layers:
+            n, a, d = layer.name, acts[layer.name].to(dt), outg[layer.name].to(dt)
+            if n in bases:   # Q_S [(Q_Sᵀ g Q_A) ⊘ (Λ + λ)] Q_Aᵀ, the rotation in from the tokens
+                QS, QA = bases[n]
+                pre = QS @ rotated_grads(a, d, QS, QA, rotated_acts).div_(denom[n]) @ QA.T
+            else: pre = factors.precondition(n, seq_grads(a, d), damping)        # identity, diagonal
+            got = query_form(pre, n, query_rank)                                   # [B, ...] rows of this batch
+            for k in ('full', 'U', 'V'):
+                if getattr(got, k) is not None: getattr(out[n], k)[idx] = getattr(got, k)
+    if dist_info()[1] > 1:   # each process filled its shard's rows: add them up
+        for pq in out.values():
+            for t in (pq.full, pq.U, pq.V):
+                if t is not None: all_reduce_sum(t)
     return out
 
 # %% ../nbs/06_scores.ipynb #7ee92e4f
+STREAM_MACS = 48   # a matrix entry streamed through memory once costs about as long as this many multiply-adds (one core)
+
 def contraction_costs(q, B, T, o, i, rank=None, per_token=False) -> dict:
-    "Multiply-adds of each contraction path (see the table above); paths that cannot serve the request are left out."
-    c = {'token': q * B * T * o * i}
+    "Cost of each contraction path in multiply-add equivalents (the table above); paths that cannot serve the request are left out."
+    dense = q * o * i                                                   # entries of the queries, multiplied out
+    build = 0 if rank is None else dense * (rank + STREAM_MACS)        # a low-rank query multiplied out for one batch
+    c = {'token': q * B * T * o * i + build}
     if rank is not None: c['lowrank'] = q * B * T * rank * (o + i)
-    if not per_token: c['grad'] = B * T * o * i + q * B * o * i
+    if not per_token: c['grad'] = B * T * o * i + dense * max(B, STREAM_MACS) + build
     return c
 
 def contract_scores(pq:PrecondQuery, acts, outg, per_token=False, path=None):
     "Scores `[q, B]` (and per-token `[q, B, T]` when asked) of one layer for one batch."
-    dt = (pq.full if pq.full is not None else pq.U).dtype
-    acts, outg = acts.to(dt), outg.to(dt)        # a half-precision model's tensors, in the queries' float32
+    acts, outg = acts.to(pq.dtype), outg.to(pq.dtype)        # a half-precision model's tensors, in the queries' float32
     B, T, i = acts.shape; o = outg.shape[-1]
     costs = contraction_costs(pq.n_q, B, T, o, i, pq.rank, per_token)
     path = path or min(costs, key=costs.get)
     if path == 'grad':   # [n_q, o·i] @ [o·i, B]
         return pq.flat() @ seq_grads(acts, outg).reshape(B, -1).T, None, path
-    if path == 'lowrank':
-        tok = (torch.einsum('bto,qor->qbtr', outg, pq.U) * torch.einsum('bti,qir->qbtr', acts, pq.V)).sum(-1)
+    if path == 'lowrank':   # (Ds_t U)·(ā_t V) for every query and rank at once: [B·T, o] @ [o, q·r] and [B·T, i] @ [i, q·r]
+        Uc, Vc = pq.columns()
+        tok = ((outg.reshape(B * T, o) @ Uc) * (acts.reshape(B * T, i) @ Vc)).reshape(B, T, pq.n_q, -1).sum(-1).permute(2, 0, 1)
     else:
         tok = torch.einsum('qbti,bti->qbt', torch.einsum('bto,qoi->qbti', outg, pq.dense()), acts)
     return tok.sum(-1), (tok if per_token else None), path
@@ -292,13 +335,14 @@ def check_rank(query_rank):
         raise ValueError(f"`query_rank` must be None (full rank) or a positive integer, got {query_rank!r}.")
 
 def prepare_scoring(model, factors, modules=None):
-    if not isinstance(factors, Factors):
-        raise TypeError(f"`factors` must be an influence_nb Factors (from `fit_factors` or `Factors.load`), got {type(factors).__name__}.")
+    if not isinstance(factors, (Factors, IterativeSolver)):
+        raise TypeError("`factors` must be an influence_nb Factors (from `fit_factors` or `Factors.load`) or an IterativeSolver "
+                        f"(from `fit_factors(strategy='lissa'|'cg'|'pcg')`), got {type(factors).__name__}.")
     return factors.check(model, modules)
 
 @grad_enabled
 def pairwise_scores(model, # the model the factors were fitted on
-                    factors:Factors, # from `fit_factors` / `Factors.load`
+                    factors:Factors|IterativeSolver, # from `fit_factors` / `Factors.load`
                     queries, # query sequences (`tokenize_pairs`): only completion tokens are measured
                     train, # training sequences to score
                     damping:float|None=None, # None: 0.1 × mean eigenvalue per layer; a float: as given
@@ -313,8 +357,8 @@ def pairwise_scores(model, # the model the factors were fitted on
     layers = prepare_scoring(model, factors)
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries')
     ts = check_sequences(model, train, 'train'); require_scored(ts, 'train')
-    pq = precondition_queries(factors, query_gradients(model, layers, qs, batch_size, progress), damping, query_rank, model)
-    dt = next(iter(pq.values())).dense().dtype                                # float32 (float64 for a float64 model)
+    pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size, progress)
+    dt = next(iter(pq.values())).dtype                                # float32 (float64 for a float64 model)
     total = torch.zeros(len(qs), len(ts), dtype=dt)
     layer_scores = {layer.name: torch.zeros(len(qs), len(ts), dtype=dt) for layer in layers} if per_layer else None
     tok_scores = torch.zeros(len(qs), len(ts), max(len(s['input_ids']) for s in ts), dtype=dt) if per_token else None

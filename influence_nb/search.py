@@ -17,7 +17,7 @@ from .data import (as_sequence, check_sequences, require_scored, model_vocab, mo
                                grad_enabled, check_max_length, check_int)
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, check_damping
-from .scores import query_gradients, precondition_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k
+from .scores import prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'BadRecord', 'CorpusStream', 'text_of', 'merge_topk', 'record_text', 'file_digest', 'ScanResult',
@@ -160,13 +160,13 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
 
 def _digest_chunk(items, seqs) -> str:
     "A hash of what a chunk fed the scan (indices and token ids), to recognise the same corpus on resume."
-    h = hashlib.blake2b(digest_size=16)
-    for it, s in zip(items, seqs):
-        h.update(f'{it.index};'.encode())
-        if s is None: h.update(b'skipped;')
-        else:
-            for k in ('input_ids', 'labels', 'attention_mask'): h.update(s[k].numpy().tobytes()); h.update(b'|')
-    return h.hexdigest()
+    def parts():   # the key schema (checkpoints hold it): 'index;' then each tensor's bytes and '|', or 'skipped;'
+        for it, s in zip(items, seqs):
+            yield f'{it.index};'
+            if s is None: yield 'skipped;'
+            else:
+                for k in ('input_ids', 'labels', 'attention_mask'): yield from (s[k], '|')
+    return digest(parts(), 'blake2b', 16)
 
 # %% ../nbs/08_search.ipynb #60db7376
 def merge_topk(values:torch.Tensor, # [n_q, k0] best scores so far (-inf: empty slot)
@@ -198,35 +198,18 @@ def _score_chunk(model, layers, pq:dict, seqs:list[dict], batch_size:int, dtype)
     return all_reduce_sum(total) if dist_info()[1] > 1 else total
 
 # %% ../nbs/08_search.ipynb #5016423a
+from .artefact import digest, digest_file, temp_beside, replacing, atomic_write   # storage primitives (05a)
+
 def _writable_dir(folder:Path, what:str):
     "Create `folder` if needed and prove it writable now, before any work is done; raise an OSError naming `what`."
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix='.tmp-probe.', dir=folder); os.close(fd); os.unlink(probe)
+        temp_beside(folder/'probe', prefix='.tmp-probe.').unlink()
     except OSError as e:
         raise type(e)(e.errno, f"{what}: cannot write in {folder} ({e.strerror or e}). Pass a path in a writable "
                                "folder with free space.") from None
 
-@contextlib.contextmanager
-def _replacing(path:Path, prefix:str|None=None):
-    "A temporary file next to `path` to write; when the block succeeds it replaces `path` in one rename, else it is removed."
-    fd, tmp = tempfile.mkstemp(prefix=prefix or f'.tmp-{path.name}.', dir=path.parent); os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
-
-def _atomic_write(path:Path, data:bytes):
-    with _replacing(path) as tmp, open(tmp, 'wb') as f: f.write(data); f.flush(); os.fsync(f.fileno())
-
-def _hash_file(path, h) -> str:
-    "Feed a file's bytes to hash object `h` in 1 MiB blocks (memory stays flat); its hex digest."
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
-
-def _sha256(p) -> str: return _hash_file(p, hashlib.sha256())
+_replacing, _atomic_write = replacing, atomic_write   # the names the scan's other cells use (05a defines and tests them)
 
 def _pid_alive(pid:int) -> bool:
     try: os.kill(pid, 0)
@@ -263,11 +246,11 @@ CKPT_FORMAT = 'influence_nb.scan'
 def _save_checkpoint(path:Path, state:dict, values:torch.Tensor, indices:torch.Tensor):
     "Write the top-k tensors under a new name, then the JSON that points to them (see above)."
     name = f'{path.name}.{state["n_records"]:012d}.safetensors'
-    _atomic_write(path.parent/name, b'')                            # reserve the name; replaced just below
-    with _replacing(path.parent/name, prefix=f'.tmp-{path.name}.') as tmp:
-        save_file({'values': values.contiguous(), 'indices': indices.contiguous()}, tmp, metadata={'format': CKPT_FORMAT})
-    meta = {**state, 'format': CKPT_FORMAT, 'tensors': name, 'sha256': _sha256(path.parent/name)}
-    _atomic_write(path, json.dumps(meta, indent=1).encode())
+    atomic_write(path.parent/name, b'')                             # reserve the name; replaced just below
+    with replacing(path.parent/name, prefix=f'.tmp-{path.name}.') as tmp:
+        save_file({'values': values.contiguous(), 'indices': indices.contiguous()}, str(tmp), metadata={'format': CKPT_FORMAT})
+    meta = {**state, 'format': CKPT_FORMAT, 'tensors': name, 'sha256': digest_file(path.parent/name)}
+    atomic_write(path, json.dumps(meta, indent=1))
     for old in path.parent.glob(f'{path.name}.*.safetensors'):
         if old.name != name: old.unlink(missing_ok=True)
 
@@ -280,7 +263,7 @@ def _load_checkpoint(path:Path):
     if not isinstance(meta, dict) or meta.get('format') != CKPT_FORMAT:
         raise ValueError(f"{path} is not a scan checkpoint (no format '{CKPT_FORMAT}'). Pass another `checkpoint` path, or {fix[0].lower()+fix[1:]}")
     tf = path.parent/str(meta.get('tensors'))
-    if not tf.is_file() or _sha256(tf) != meta.get('sha256'):
+    if not tf.is_file() or digest_file(tf) != meta.get('sha256'):
         raise ValueError(f"Checkpoint tensors {tf} are missing or do not match the checksum in {path.name}: the "
                          f"checkpoint is damaged. {fix}")
     try: t = load_file(str(tf))
@@ -300,8 +283,8 @@ def record_text(raw, # a corpus record as read
     return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ' '.join(map(str, ids))
 
 def file_digest(path) -> str:
-    "blake2b of a file's bytes, read in blocks: what a scan result binds its corpus indices to."
-    return _hash_file(path, hashlib.blake2b(digest_size=16))
+    "blake2b-128 of a file's bytes, read in blocks: what a scan result binds its corpus indices to."
+    return digest_file(path, 'blake2b', 16)
 
 # %% ../nbs/08_search.ipynb #5462c984
 @dataclass
@@ -413,12 +396,12 @@ def load(cls: ScanResult, path:str|Path) -> ScanResult:
 
 # %% ../nbs/08_search.ipynb #60a700ff
 def _digest(*parts) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for p in parts:
-        if isinstance(p, torch.Tensor): h.update(str(p.dtype).encode()); h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        else: h.update(repr(p).encode())
-        h.update(b'|')
-    return h.hexdigest()
+    "blake2b-128 of `parts`, the scan's key schema: a tensor as its dtype then its bytes, anything else as its repr; each ends with '|'."
+    def pieces():
+        for p in parts:
+            yield from (str(p.dtype), p) if isinstance(p, torch.Tensor) else (repr(p),)
+            yield '|'
+    return digest(pieces(), 'blake2b', 16)
 
 def _tokenizer_digest(tok):
     if tok is None: return None
@@ -430,7 +413,7 @@ def _config(factors, qs, stream, tokenizer, **args) -> dict:
     "Everything that determines a scan's result: resuming with a different value is refused."
     ft = [t for n in factors.modules for k, t in sorted(factors.tensors.get(n, {}).items())
           if k not in ('A', 'S')]   # what scoring reads (A and S stay on disk unless asked for: `Factors.load`)
-    fit = [s[k] for s in (getattr(factors, 'fit_data', None) or []) for k in ('input_ids', 'labels')]   # lissa / cg
+    fit = [factors.options, *(s[k] for s in factors.fit_data for k in ('input_ids', 'labels'))] if hasattr(factors, 'fit_data') else []   # IterativeSolver
     return {'queries': _digest(*[s[k] for s in qs for k in ('input_ids', 'labels', 'attention_mask')]), 'n_queries': len(qs),
             'factors': _digest(factors.strategy, factors.modules, factors.fingerprint, factors.n_sequences,
                                factors.info.get('solver'), *ft, *fit),
@@ -629,7 +612,7 @@ def scan(model, # the model the factors were fitted on
         state, *top = _start_state(ckpt, spath, fp, cfg, len(qs), k, dtype)
         # with a checkpoint, parts of this very scan are reused up to it — none if it was stopped before its first
         if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt)
-        pq = precondition_queries(factors, query_gradients(model, layers, qs, batch_size), damping, query_rank, model)
+        pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size)   # as `pairwise_scores` does
         items = _resume_items(stream, state, convert, ckpt)
         vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, convert, k=k, chunk_size=chunk_size,
                                   batch_size=batch_size, dtype=dtype, spath=spath, ckpt=ckpt,
@@ -647,7 +630,7 @@ def scan(model, # the model the factors were fitted on
 # %% ../nbs/08_search.ipynb #9e8c4c89
 def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype):
     "Full-rank scores of each query's candidates `inds` `[n_q, k]`, re-sorted: `(scores, indices)`."
-    pq = precondition_queries(factors, query_gradients(model, layers, qs, batch_size), damping, None, model)
+    pq = prepare_queries(model, factors, layers, qs, damping, None, batch_size)
     wanted = sorted(set(inds.flatten().tolist()))
     full, pos, buf = torch.zeros(len(qs), len(wanted), dtype=dtype), {w: j for j, w in enumerate(wanted)}, []
     def flush():

@@ -4,10 +4,11 @@ from collections import Counter, defaultdict
 import pytest
 from influence_nb.data import data_dir
 from influence_nb import corpus
+from influence_nb.artefact import read_jsonl
 
 CORPUS = data_dir()/'corpus'
 
-def _read(name): return [json.loads(l) for l in open(CORPUS/name, encoding='utf-8')]
+def _read(name): return read_jsonl(CORPUS/name)   # every line a JSON object, or an error naming the line
 
 def test_generate_is_deterministic():
     a, b = corpus.generate_corpus(seed=3, n_filler=5), corpus.generate_corpus(seed=3, n_filler=5)
@@ -33,6 +34,7 @@ SCHEMAS = {
 @pytest.mark.parametrize('name', list(SCHEMAS))
 def test_file_schema(name):
     rows = _read(name)
+    assert len(rows) == len((CORPUS/name).read_text(encoding='utf-8').splitlines())      # no blank lines either
     assert rows and all(SCHEMAS[name] <= set(r) for r in rows)
     key = 'fact_id' if name == 'facts.jsonl' else 'passage_id' if name == 'passages.jsonl' else 'id'
     assert len({r[key] for r in rows}) == len(rows)

@@ -152,21 +152,22 @@ def test_float32_factors_half_the_bytes(one_thread):
     assert 2 * size['float32'] == size['float64']
 
 
-def test_pcg_fits_ekfac_keeps_fit_data_and_saves_only_as_ekfac(one_thread, tmp_path):
+def test_pcg_is_a_solver_whose_preconditioner_is_ekfac_and_saves_as_ekfac(one_thread, tmp_path):
     m = tiny_model('gpt2', layers=2)
     seqs = [{'input_ids': torch.randint(1, 32, (n,))} for n in (9, 12, 7, 10, 11, 8)]
     e = fit_factors(m, seqs, 'ekfac', seed=4, progress=False)
     p = fit_factors(m, seqs, 'pcg', seed=4, progress=False, solver=dict(max_iter=3))
-    assert 'pcg' in STRATEGIES and 'pcg' in ITERATIVE
-    assert all(torch.equal(p.tensors[n][k], e.tensors[n][k]) for n in e.modules for k in e.tensors[n])
-    assert len(p.fit_data) == len(seqs) and p.info['solver']['max_iter'] == 3
+    assert 'pcg' in STRATEGIES and 'pcg' in ITERATIVE and not hasattr(e, 'fit_data')
+    pre = p.preconditioner
+    assert all(torch.equal(pre.tensors[n][k], e.tensors[n][k]) for n in e.modules for k in e.tensors[n])
+    assert len(p.fit_data) == len(seqs) and p.options['max_iter'] == 3 and 'solver' not in pre.info
     n = e.modules[0]
     V = torch.randn(*e.shapes[n])
-    assert torch.equal(p.precondition(n, V, 1e-2), e.precondition(n, V, 1e-2))
-    assert torch.equal(p.eigenvalues(n), e.eigenvalues(n))
-    with pytest.raises(ValueError, match=r'as_ekfac\(\)'): p.save(tmp_path)
-    back = Factors.load(p.as_ekfac().save(tmp_path))
-    assert back.strategy == 'ekfac' and back.fit_data is None and 'solver' not in back.info
+    assert torch.equal(pre.precondition(n, V, 1e-2), e.precondition(n, V, 1e-2))
+    assert torch.equal(pre.eigenvalues(n), e.eigenvalues(n))
+    with pytest.raises(ValueError, match=r'solver.preconditioner.save\(path\)'): p.save(tmp_path)
+    back = Factors.load(pre.save(tmp_path))
+    assert back.strategy == 'ekfac' and not hasattr(back, 'fit_data')
     assert torch.equal(back.precondition(n, V, 1e-2), e.precondition(n, V, 1e-2))
 
 

@@ -259,7 +259,7 @@ def _rewrite(d, edit_meta=None, edit_tensors=None, fix_sha=True):
         with safe_open(str(tf), 'pt') as fh: header = fh.metadata()
         flat = load_file(str(tf)); edit_tensors(flat); save_file(flat, str(tf), metadata=header)
     if edit_meta: edit_meta(meta)
-    if fix_sha: meta['sha256'] = artefact_mod._sha256(tf)
+    if fix_sha: meta['sha256'] = artefact_mod.digest_file(tf)
     jf.write_text(json.dumps(meta))
 
 

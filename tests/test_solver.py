@@ -113,9 +113,11 @@ def test_lissa_full_batch_uses_batched_product(tiny_lm):
     assert (X - direct).norm() <= 1e-8 * direct.norm()
 
 
-def test_fused_attention_without_forward_ad_gets_a_clear_error():
-    "CPU SDPA has neither a double backward nor forward-mode AD: cg says so and names the fix; eager attention works."
+def test_fused_attention_is_switched_for_the_solve_and_refused_where_it_cannot_be():
+    "CPU SDPA has neither a double backward nor forward-mode AD: the solver runs on eager attention (scores equal the eager-loaded "
+    "model's; SDPA restored); `cg_ihvp` called on the SDPA model itself says so and names the fix."
     import influence_nb as inf
+    from influence_nb.modules import find_modules
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
     cfg = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -123,11 +125,14 @@ def test_fused_attention_without_forward_ad_gets_a_clear_error():
     g = torch.Generator().manual_seed(1)
     train = [{'input_ids': torch.randint(0, 300, (int(n),), generator=g)} for n in torch.randint(8, 20, (4,), generator=g)]
     sdpa = Qwen2ForCausalLM(Qwen2Config(**cfg, attn_implementation='sdpa')).eval()
-    f = inf.fit_factors(sdpa, train, strategy='cg', progress=False)
-    with pytest.raises(ValueError, match="attn_implementation='eager'"):
-        inf.pairwise_scores(sdpa, f, train[:1], train, damping=0.1, progress=False)
     eager = Qwen2ForCausalLM(Qwen2Config(**cfg, attn_implementation='eager')).eval()
     eager.load_state_dict(sdpa.state_dict())
-    f = inf.fit_factors(eager, train, strategy='cg', solver=dict(tol=1e-10, max_iter=200), progress=False)
-    s = inf.pairwise_scores(eager, f, train[:1], train, damping=0.1, progress=False).total
-    assert s.shape == (1, 4) and torch.isfinite(s).all()
+    opts = dict(tol=1e-10, max_iter=200)
+    s_sdpa, s_eager = (inf.pairwise_scores(m, inf.fit_factors(m, train, strategy='cg', solver=opts, progress=False), train[:1],
+                                           train, damping=0.1, progress=False).total for m in (sdpa, eager))
+    assert sdpa.config._attn_implementation == 'sdpa'
+    assert s_sdpa.shape == (1, 4) and (s_sdpa - s_eager).abs().max() <= 1e-5 * s_eager.abs().max()
+    names = [n for layer in find_modules(sdpa, 'mlp') for n, _ in layer.params()]
+    P = sum(p.numel() for n, p in sdpa.named_parameters() if n in names)
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        cg_ihvp(sdpa, names, train, torch.randn(1, P), 0.1, max_iter=2)
