@@ -4,8 +4,9 @@
 
 # %% ../nbs/00_data.ipynb #32d43130
 from __future__ import annotations
-import os, sys, json, math, warnings, numbers, functools
+import os, sys, json, numbers, functools
 from pathlib import Path
+from contextlib import contextmanager
 from collections.abc import Mapping, Sequence, Iterable, Iterator
 import numpy as np
 import torch
@@ -13,9 +14,10 @@ import torch
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir', 'as_sequence',
            'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_int', 'check_max_length', 'tokenize',
-           'tokenize_pairs', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
-           'context_length', 'load_tokenizer', 'load_model', 'load_bundled', 'completion_logprobs', 'corpus_format',
-           'corpus_rows', 'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
+           'special_prefix', 'tokenize_pairs', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences',
+           'grad_enabled', 'context_length', 'load_tokenizer', 'load_model', 'load_bundled', 'eval_mode',
+           'completion_logprobs', 'corpus_format', 'corpus_rows', 'read_corpus', 'corpus_sequences', 'cache_dir',
+           'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -65,6 +67,10 @@ def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attenti
                 name:str='data', # argument name, used in error messages
                ) -> dict:
     "One sequence as a dict of 1-D int64 tensors `input_ids`, `labels`, `attention_mask`."
+    if isinstance(x, (list, tuple)) and x and all(isinstance(e, str) for e in x):   # text where token ids belong
+        how = ("a (prompt, completion) pair? Tokenize pairs with `inf.tokenize_pairs(tokenizer, pairs)`" if len(x) == 2 else
+               "Tokenize texts with `inf.tokenize(tokenizer, texts)`")
+        raise TypeError(f"{name}[{i}] holds text ({x!r}), not token ids: {how}.")
     if isinstance(x, (list, tuple, torch.Tensor, np.ndarray)) and not isinstance(x, Mapping): x = {'input_ids': x}
     if not isinstance(x, Mapping):
         flat = isinstance(x, numbers.Integral) and not isinstance(x, bool)   # `[5, 6, 7]` passed where a list of sequences goes
@@ -216,6 +222,19 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
     enc = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
     return as_sequences([{'input_ids': ids} for ids in enc['input_ids']], name='texts')
 
+# %% ../nbs/00_data.ipynb #ad254458
+def special_prefix(tokenizer, # a Hugging Face tokenizer
+                   text:str, # a text whose tokens are not all special
+                  ) -> list[int]:
+    "The special token ids `tokenizer` puts before `text` (e.g. `[bos]`), found by tokenizing it with and without them."
+    full = list(tokenizer(text)['input_ids'])
+    bare = list(tokenizer(text, add_special_tokens=False)['input_ids'])
+    for lo in range(len(full) - len(bare) + 1):
+        if full[lo:lo + len(bare)] == bare: return full[:lo]
+    raise ValueError(f"The tokenizer changes the tokens of {text!r} when it adds its special tokens, so the prompt's context "
+                     "cannot be separated from them; build the queries yourself: 'input_ids' = prompt + completion ids, "
+                     "'labels' = -100 on the prompt.")
+
 def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
                    pairs:Sequence[tuple[str, str]], # (prompt, completion) pairs
                   ) -> list[dict]:
@@ -231,8 +250,15 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
             raise TypeError(f"pairs[{i}] must be a (prompt, completion) pair of strings or a dict with those keys.")
         prompt, completion = p
         if not completion: raise ValueError(f"pairs[{i}] has an empty completion: there is nothing to measure.")
-        p_ids = tokenizer(prompt)['input_ids']
-        c_ids = tokenizer(completion, add_special_tokens=False)['input_ids']
+        p_ids = list(tokenizer(prompt, add_special_tokens=False)['input_ids'])
+        c_ids = list(tokenizer(completion, add_special_tokens=False)['input_ids'])
+        p_ids = special_prefix(tokenizer, prompt if p_ids else completion) + p_ids   # never an end token before the completion
+        if not p_ids:
+            if tokenizer.bos_token_id is None:
+                raise ValueError(f"pairs[{i}] has an empty prompt and the tokenizer adds no BOS token, so the first completion "
+                                 "token has nothing before it and would not be measured. Pass a prompt (e.g. a newline), "
+                                 "or a tokenizer with a `bos_token`.")
+            p_ids = [tokenizer.bos_token_id]
         out.append({'input_ids': p_ids + c_ids, 'labels': [IGNORE_INDEX]*len(p_ids) + c_ids})
     seqs = as_sequences(out, name='pairs')
     require_scored(seqs, 'pairs')
@@ -374,6 +400,15 @@ def load_bundled(name:str='gpt2-l', # one of MODEL_NAMES, or a model folder (wit
     return load_model(name)
 
 # %% ../nbs/00_data.ipynb #c96305dd
+@contextmanager
+def eval_mode(model):
+    "`model` in eval mode (no dropout) inside the block; every submodule's own mode is restored after, a mixed state included."
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try: yield model
+    finally:
+        for m, was in modes: m.training = was
+
 def completion_logprobs(model, # a causal LM
                         seqs, # query sequences (`tokenize_pairs`): only tokens with labels are counted
                         batch_size:int=64, # sequences per forward pass
@@ -381,7 +416,7 @@ def completion_logprobs(model, # a causal LM
     "log p(completion | prompt) of each query sequence, in nats, `[n]`."
     seqs, out = as_sequences(seqs, 'seqs'), []
     dev = next(model.parameters()).device
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for _, b in batches(seqs, batch_size):
             logits = model(input_ids=b['input_ids'].to(dev), attention_mask=b['attention_mask'].to(dev)).logits.float()
             lab = b['labels'][:, 1:].to(dev)                                           # [batch, T-1]: labels shift

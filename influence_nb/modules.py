@@ -8,6 +8,7 @@ import re, contextlib, warnings, inspect
 from dataclasses import dataclass
 import torch
 from torch import nn
+from .data import eval_mode
 
 # %% auto #0
 __all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'is_experts', 'expert_params', 'TrackedLayer', 'candidate_modules',
@@ -273,7 +274,10 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
         bad = [n for n in names if n not in cands]
         if bad:
             all_names = dict(model.named_modules())
-            why = {n: ('not a Linear/Conv1D layer' if n in all_names else 'no such module') for n in bad}
+            head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
+            why = {n: ('the output (LM) head, never tracked: its output factor is vocab × vocab, and it is often tied to the '
+                       'input embeddings' if head is not None and all_names.get(n) is head else
+                       'not a Linear/Conv1D layer' if n in all_names else 'no such module') for n in bad}
             raise ValueError(f"Unknown or untrackable `modules` {why}. Candidates: {list(cands)}")
         if len(set(names)) != len(names): raise ValueError(f"`modules` lists a layer twice: {names}.")
         order = {n: i for i, n in enumerate(cands)}
@@ -406,20 +410,18 @@ def capture(model:nn.Module, # the model whose layers are hooked
         if layer.expert is not None: experts.setdefault(layer.module, set()).add(layer.name)
     prefix = {m: n for n, m in model.named_modules() if m in experts}
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    handles, modes = [], [(mod, mod.training) for mod in model.modules()]   # per module: a mixed state comes back as it was
+    handles = []
     saved = {m: m.__dict__.get('forward') for m in experts}                 # an instance-level forward (e.g. accelerate's)
     check_unshared(model, layers)
     try:
         for p, _ in flags: p.requires_grad_(False)
         handles = [layer.module.register_forward_hook(make_hook(layer.name)) for layer in layers if layer.expert is None]
         for m, tracked in experts.items(): m.forward = experts_forward(m, make_record(prefix[m], tracked))
-        model.eval()
-        yield cap
+        with eval_mode(model): yield cap                                   # a mixed train/eval state comes back as it was
     finally:
         for h in handles: h.remove()
         for m, f in saved.items():
             if f is None: m.__dict__.pop('forward', None)
             else: m.forward = f
         for p, f in flags: p.requires_grad_(f)
-        for mod, t in modes: mod.training = t
         cap.clear()

@@ -4,8 +4,7 @@
 
 # %% ../nbs/02_pbrf.ipynb #12a004e0
 from __future__ import annotations
-import hashlib, json, math, os, time, warnings
-from contextlib import contextmanager
+import json, math, time, warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,8 @@ import torch
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 from torch.func import functional_call, jvp, vjp, jacrev, vmap
-from .data import IGNORE_INDEX, as_sequences, collate, require_scored
-from .theory import FlatParams, eval_mode, example_grads, ggn_of_rows, check_damping
+from .data import IGNORE_INDEX, as_sequences, collate, eval_mode, require_scored
+from .theory import FlatParams, example_grads, ggn_of_rows, check_damping
 
 # %% auto #0
 __all__ = ['FlatProblem', 'bregman_objective', 'gnvp', 'ggn_matrix', 'PBRFResponse', 'pbrf_response', 'PBRFInfluence',

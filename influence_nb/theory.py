@@ -6,15 +6,14 @@
 from __future__ import annotations
 import copy, difflib, math
 from collections.abc import Sequence
-from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, hessian
-from .data import check_sequences, require_scored, IGNORE_INDEX
+from .data import check_sequences, require_scored, eval_mode, IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['eval_mode', 'check_damping', 'FlatParams', 'example_grads', 'sequence_grads', 'ggn_of_rows', 'exact_ggn',
-           'exact_hessian', 'influence_from_grads', 'param_blocks', 'flat_blocks', 'exact_influence']
+__all__ = ['check_damping', 'FlatParams', 'example_grads', 'sequence_grads', 'ggn_of_rows', 'exact_ggn', 'exact_hessian',
+           'influence_from_grads', 'param_blocks', 'flat_blocks', 'exact_influence']
 
 # %% ../nbs/01_theory.ipynb #b3c63ba0
 def _check_param_names(model, param_names,
@@ -52,14 +51,6 @@ def _seqs(model, data, name) -> list[dict]:
     seqs = check_sequences(model, data, name)
     require_scored(seqs, name)
     return seqs
-
-@contextmanager
-def eval_mode(model):
-    "The model in eval mode (no dropout) inside the block, its own mode restored after."
-    was = model.training
-    model.eval()
-    try: yield
-    finally: model.train(was)
 
 # %% ../nbs/01_theory.ipynb #01293a12
 def check_damping(damping,                  # λ: a float, or None where the caller has a per-layer default
