@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_cli.ipynb #7054df1b
 from __future__ import annotations
-import os, re, sys, json, time, argparse, random, tempfile, subprocess, traceback
+import os, re, sys, json, math, time, argparse, random, tempfile, subprocess, traceback
 from collections.abc import Mapping
 from pathlib import Path
 import torch
@@ -15,7 +15,7 @@ from .data import (data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES
                                require_scored)
 from .ekfac import Factors, fit_factors
 from .scores import pairwise_scores
-from .search import scan, ScanResult, CorpusStream, BadRecord, text_of, record_text
+from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text
 from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where
 
 # %% auto #0
@@ -294,9 +294,28 @@ def _explore_parser(sub):
                    'sequences instead of serving it (a headless check)')
 
 # %% ../nbs/13_cli.ipynb #6fae3c28
-def _check_out(path, what='--out'):
-    parent = Path(path).resolve().parent
+def _check_out(path, what='--out', suffixes=('.parquet',)):
+    "Refuse an output file in a missing folder, or one whose suffix names a format that is not the one written."
+    p = Path(path)
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise ValueError(f"{what} {path}: {f'the suffix {p.suffix!r}' if p.suffix else 'no suffix'} names a format that is not "
+                         f"written; the file is Parquet, so accepted suffixes are: {', '.join(suffixes)}.")
+    parent = p.resolve().parent
     if not parent.is_dir(): raise ValueError(f"{what} {path}: the folder {parent} does not exist; create it first.")
+
+def _check_options(a):
+    "What `fit-factors`, `score` and `scan` can check before the model loads: counts, damping, input files; errors name the option."
+    for name in ('k', 'batch_size', 'chunk_size', 'checkpoint_every', 'query_rank', 'max_length'):
+        v = getattr(a, name, None)
+        if v is not None and v < 1: raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")
+    d = getattr(a, 'damping', None)
+    if d is not None and not (math.isfinite(d) and d > 0):
+        raise ValueError(f"--damping must be a positive number, got {d}; omit it for 0.1 × the mean eigenvalue per layer.")
+    for name in ('factors', 'queries'):
+        p = getattr(a, name, None)
+        if p is not None and not Path(p).exists(): raise FileNotFoundError(f"--{name} {p} does not exist.")
+    c = getattr(a, 'checkpoint', None)
+    if c is not None and Path(c).is_dir(): raise ValueError(f"--checkpoint {c} is a folder; pass a file, e.g. {Path(c)/'scan.ckpt'}.")
 
 def _load_factors(path) -> Factors:
     "`Factors.load`, every failure to read the folder reported as bad input naming --factors."
@@ -306,6 +325,7 @@ def _load_factors(path) -> Factors:
         raise ValueError(f"--factors {path}: could not be read ({type(e).__name__}: {e}); refit the factors and save them again.") from None
 
 def _cmd_fit(a):
+    _check_options(a); _check_corpus_file(a.data, a.text_field, '--data')
     model, tok = load_model(a.model, a.tokenizer)
     train = _corpus(a, tok, model)
     mods = a.modules if a.modules in ('mlp', 'all') else a.modules.split(',')
@@ -313,7 +333,7 @@ def _cmd_fit(a):
     print(f"saved {f} to {f.save(a.out)}")
 
 def _cmd_score(a):
-    _check_out(a.out)
+    _check_options(a); _check_corpus_file(a.data, a.text_field, '--data'); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer)
     factors = _load_factors(a.factors)
     queries, names = _read_queries(a.queries, tok, model)
@@ -338,15 +358,16 @@ def _scan(a, model, tok, factors, queries):
                     text_field=a.text_field, on_bad_record='skip' if a.skip_bad_records else 'raise',
                     scores_path=a.scores_dir, checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every,
                     refine=a.refine, progress=not a.quiet)
+    except BadRecordError as e:                               # the Python API's advice names `on_bad_record`: here, the option
+        raise ValueError(f"--corpus: Bad corpus record at {e.where}: {e.why}. Fix or remove it, or pass --skip-bad-records to "
+                         f"leave such records out (the summary counts them). Accepted formats: {CORPUS_FORMATS}.") from None
     except Exception as e:
         if type(e).__module__.startswith('pyarrow'):          # a damaged page of a Parquet corpus (its footer was fine)
             raise ValueError(f"--corpus {Path(a.corpus).name}: could not be read as Parquet ({type(e).__name__}: {e}).") from None
-        if isinstance(e, ValueError) and 'Bad corpus record' in str(e):
-            raise ValueError(f"--corpus: {e} Accepted formats: {CORPUS_FORMATS}.") from None
         raise
 
 def _cmd_scan(a):
-    _check_corpus_file(a.corpus, a.text_field); _check_out(a.out)
+    _check_options(a); _check_corpus_file(a.corpus, a.text_field); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer)
     factors = _load_factors(a.factors)
     queries, names = _read_queries(a.queries, tok, model)

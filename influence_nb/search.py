@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_search.ipynb #f851d976
 from __future__ import annotations
-import os, json, time, socket, hashlib, tempfile, itertools, contextlib, warnings
+import os, json, time, socket, itertools, contextlib, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping, Iterable, Iterator
@@ -17,11 +17,12 @@ from .data import (as_sequence, check_sequences, require_scored, model_vocab, mo
                                grad_enabled, check_max_length, check_int)
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, check_damping
-from .scores import prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k
+from .scores import (prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
+                                 working_dtype)
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'BadRecord', 'CorpusStream', 'text_of', 'merge_topk', 'record_text', 'file_digest', 'ScanResult',
-           'read_scores', 'scan']
+__all__ = ['CKPT_FORMAT', 'BadRecord', 'BadRecordError', 'CorpusStream', 'text_of', 'merge_topk', 'record_text', 'file_digest',
+           'ScanResult', 'read_scores', 'scan']
 
 # %% ../nbs/08_search.ipynb #58afcf5b
 @dataclass
@@ -36,6 +37,13 @@ class BadRecord:
     "A corpus record that could not be parsed; `why` says what is wrong with it."
     def __init__(self, why): self.why = why
     def __repr__(self): return f'BadRecord({self.why!r})'
+
+class BadRecordError(ValueError):
+    "A record `scan` cannot score, with `on_bad_record='raise'`: `where` it is and `why` (a caller may word its own advice)."
+    def __init__(self, where:str, why:str):
+        self.where, self.why = where, why
+        super().__init__(f"Bad corpus record at {where}: {why}. Fix or remove it, or pass on_bad_record='skip' to leave "
+                         "such records out (they are counted in `n_skipped`).")
 
 # %% ../nbs/08_search.ipynb #3ecbeb0d
 class CorpusStream:
@@ -119,9 +127,7 @@ def text_of(raw, # a corpus record as read
 
 def _bad_record(item:_Item, why:str, skip:bool) -> int:
     "A record that cannot be scored: 1 to count when `skip`, else an error naming where it is and what to do."
-    if not skip:
-        raise ValueError(f"Bad corpus record at {item.where}: {why}. Fix or remove it, or pass "
-                         "on_bad_record='skip' to leave such records out (they are counted in `n_skipped`).")
+    if not skip: raise BadRecordError(item.where, why)
     return 1
 
 def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|None=None, max_length:int|None=None,
@@ -187,9 +193,9 @@ def _empty_topk(n_q, k, dtype):
     return torch.full((n_q, k), float('-inf'), dtype=dtype), torch.full((n_q, k), -1, dtype=torch.long)
 
 # %% ../nbs/08_search.ipynb #29a4b275
-def _score_chunk(model, layers, pq:dict, seqs:list[dict], batch_size:int, dtype) -> torch.Tensor:
-    "Scores `[n_q, len(seqs)]` of a list of sequences against preconditioned queries `pq` (summed over layers)."
-    n_q = next(iter(pq.values())).n_q
+def _score_chunk(model, layers, pq:dict, seqs:list[dict], batch_size:int) -> torch.Tensor:
+    "Scores `[n_q, len(seqs)]` of a list of sequences against preconditioned queries `pq` (summed over layers), in their dtype."
+    n_q, dtype = next(iter(pq.values())).n_q, next(iter(pq.values())).dtype    # float32 (float64 for a float64 model)
     total = torch.zeros(n_q, len(seqs), dtype=dtype)
     for idx, acts, outg in layer_passes(model, layers, seqs, batch_size):
         idx_t = torch.tensor(idx)
@@ -208,8 +214,6 @@ def _writable_dir(folder:Path, what:str):
     except OSError as e:
         raise type(e)(e.errno, f"{what}: cannot write in {folder} ({e.strerror or e}). Pass a path in a writable "
                                "folder with free space.") from None
-
-_replacing, _atomic_write = replacing, atomic_write   # the names the scan's other cells use (05a defines and tests them)
 
 def _pid_alive(pid:int) -> bool:
     try: os.kill(pid, 0)
@@ -376,7 +380,7 @@ def save(self: ScanResult, path:str|Path) -> Path:
                        'index': self.indices.flatten().numpy(), 'score': self.scores.flatten().double().numpy()})
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b'influence_nb.scan': json.dumps(meta).encode()})
-    with _replacing(path) as tmp: pq.write_table(table, tmp)
+    with replacing(path) as tmp: pq.write_table(table, tmp)
     return path
 
 @patch(cls_method=True)
@@ -451,7 +455,7 @@ def _scores_dir(path:Path, cfg_digest:str, state:dict, resuming:bool, ckpt:Path|
                              f"({state['n_records']:,} records) whose scores were written to another `scores_path`"
                              f"{' (' + state['scores_path'] + ')' if state.get('scores_path') else ''}. Pass that directory "
                              "(moving it is fine), or a new `checkpoint` to start the scan over.")
-        _atomic_write(man, json.dumps({'format': 'influence_nb.scan-scores', 'fingerprint': cfg_digest}).encode()); return
+        atomic_write(man, json.dumps({'format': 'influence_nb.scan-scores', 'fingerprint': cfg_digest}).encode()); return
     try: mine = json.loads(man.read_text()).get('fingerprint') == cfg_digest
     except (OSError, ValueError): mine = False
     if not (mine and resuming and not others):
@@ -468,7 +472,7 @@ def _scores_dir(path:Path, cfg_digest:str, state:dict, resuming:bool, ckpt:Path|
 def _write_part(path:Path, chunk_no:int, index:list[int], scores:torch.Tensor):
     df = pd.DataFrame(scores.T.numpy(), columns=[f'q{j}' for j in range(scores.shape[0])])
     df.insert(0, 'index', pd.array(index, dtype='int64'))
-    with _replacing(path/f'part-{chunk_no:06d}.parquet', prefix='.tmp-part.') as tmp: df.to_parquet(tmp, index=False)
+    with replacing(path/f'part-{chunk_no:06d}.parquet', prefix='.tmp-part.') as tmp: df.to_parquet(tmp, index=False)
 
 def read_scores(path:str|Path, # a `scores_path` directory written by `scan`
                ) -> pd.DataFrame:
@@ -516,6 +520,9 @@ def _start_state(ckpt:Path|None, spath:Path|None, fp:str, cfg:dict, n_q:int, k:i
                 if state.get('config', {}).get(key) != cfg[key]] or ['(unknown fields)']
         raise ValueError(f"Checkpoint {ckpt} belongs to a different scan — " + '; '.join(diff) +
                          f". Resume with the same queries, factors and arguments, or pass a new `checkpoint` path.")
+    if loaded[1].dtype != dtype:    # a half-precision model's scan once kept its top-k in bfloat16/float16
+        raise ValueError(f"Checkpoint {ckpt} holds {loaded[1].dtype} scores but this scan keeps {dtype} ones: it was written "
+                         "by an older version, whose rounded scores would mix with exact ones. Delete it to start the scan over.")
     return loaded
 
 def _resume_items(stream:CorpusStream, state:dict, convert, ckpt:Path|None) -> Iterator[_Item]:
@@ -556,7 +563,7 @@ def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict,
         keep = [j for j, s in enumerate(seqs) if s is not None]
         index = [chunk[j].index for j in keep]
         if keep:
-            sc = _score_chunk(model, layers, pq, [seqs[j] for j in keep], batch_size, dtype)     # [n_q, len(keep)]
+            sc = _score_chunk(model, layers, pq, [seqs[j] for j in keep], batch_size)     # [n_q, len(keep)]
             vals, inds = merge_topk(vals, inds, sc, torch.tensor(index), k)
         else: sc = torch.zeros(vals.shape[0], 0, dtype=dtype)
         if rank == 0 and spath is not None: _write_part(spath, state['n_chunks'], index, sc)
@@ -603,7 +610,7 @@ def scan(model, # the model the factors were fitted on
     cfg = _config(factors, qs, stream, tokenizer, k=k, query_rank=query_rank, damping=damping, batch_size=batch_size,
                   chunk_size=chunk_size, max_length=max_length, text_field=text_field, on_bad_record=on_bad_record,
                   scores=scores_path is not None)
-    fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), next(model.parameters()).dtype
+    fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), working_dtype(next(model.parameters()))
     convert = lambda items: _convert(items, tokenizer, model_vocab(model), ctx, max_length, text_field, on_bad_record == 'skip')
     ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path))
     _check_paths(ckpt, spath)
@@ -635,7 +642,7 @@ def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk
     full, pos, buf = torch.zeros(len(qs), len(wanted), dtype=dtype), {w: j for j, w in enumerate(wanted)}, []
     def flush():
         seqs = convert(buf)[0]
-        full[:, [pos[it.index] for it in buf]] = _score_chunk(model, layers, pq, seqs, batch_size, dtype)
+        full[:, [pos[it.index] for it in buf]] = _score_chunk(model, layers, pq, seqs, batch_size)
         buf.clear()
     for it in stream.select(set(wanted)):
         buf.append(it)
