@@ -51,9 +51,6 @@ def child(stage, spec, workdir, threads, factor_dtype, fit_options=False):
     import torch
     import influence_nb as inf
     torch.set_num_threads(threads)
-    if fit_options:   # float32 eigh and bfloat16 Λ rotations (`fit_options.py`; fit_factors does not take them yet)
-        import fit_options
-        fit_options.options(eigh=True, bf16=True)
     warnings.filterwarnings('ignore')
     model, train, queries = build(spec)
     perf.warm_up(model, train, spec['batch'])
@@ -62,6 +59,7 @@ def child(stage, spec, workdir, threads, factor_dtype, fit_options=False):
     if stage == 'floor': run = lambda: perf.stage_floor(model, train, queries, None, spec, workdir)
     elif stage == 'fit':
         extra = {} if factor_dtype is None else {'factor_dtype': factor_dtype}
+        if fit_options: extra.update(eigh_dtype='float32', rotate_dtype='bfloat16')   # fit_factors' speed options (05_ekfac)
         run = lambda: inf.fit_factors(model, train, 'ekfac', modules='mlp', seed=0, **extra, **kw).save(folder)
     elif stage == 'scores': run = lambda: inf.pairwise_scores(model, inf.Factors.load(folder), queries, train, **kw)
     elif stage == 'self': run = lambda: inf.self_scores(model, inf.Factors.load(folder), train, **kw)
@@ -106,7 +104,7 @@ def main():
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--quick', action='store_true', help='a 2-layer model: checks the code path in < 1 min, writes nothing')
     ap.add_argument('--factor-dtype', default=None, help="fit_factors(factor_dtype=...): 'float32' or 'float64' (default: the package's)")
-    ap.add_argument('--fit-options', action='store_true', help="fit with float32 eigh and bfloat16 Λ rotations (see fit_options.py)")
+    ap.add_argument('--fit-options', action='store_true', help="fit with eigh_dtype='float32' and rotate_dtype='bfloat16' (fit_factors options; see fit_options.py)")
     ap.add_argument('--self', action='store_true', help='also time self-influence of the training sequences')
     ap.add_argument('--floor-end', action='store_true', help='time the floor again at the end (ratios use the mean)')
     perf.add_run_args(ap, RESULTS)

@@ -1,7 +1,7 @@
-"""What the fitting options buy: `eigh_dtype=torch.float32` (04_kfac) and `rotate_dtype=torch.bfloat16` (05_ekfac).
+"""What the fitting options buy: `fit_factors(..., eigh_dtype='float32', rotate_dtype='bfloat16')` (05_ekfac).
 
-`fit_factors` does not take these options yet, so this script applies them to the engine's own steps
-(`ekfac._fit_eigen`, `ekfac.fit_lambda`) with `functools.partial`, in this process only. Run from the repository root:
+W1 fits through `fit_factors` with each combination of the two options; `--big` times the engine's own steps
+(`ekfac._fit_eigen`, `ekfac.fit_lambda`), which take the same options. Run from the repository root:
 
     python benchmarks/fit_options.py --repeats 3            # W1: floor, fit (default and options), Kronfluence fit
     python benchmarks/fit_options.py --big --batches 4      # the 124 M model's fit pieces on 4 batches, extrapolated
@@ -13,24 +13,15 @@ pass, the covariance pass, the Λ pass (float32 and bfloat16 rotations) on `--ba
 eigendecompositions of one block, scaled to the full run's 16 batches and 12 blocks (an extrapolation, labelled so).
 """
 from __future__ import annotations
-import argparse, functools, json, os, statistics, sys, tempfile, time, warnings
+import argparse, json, os, statistics, sys, tempfile, time, warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import perf  # noqa: E402
 
-VARIANTS = {'default': {}, 'eigh32': {'eigh': True}, 'bf16': {'bf16': True}, 'eigh32+bf16': {'eigh': True, 'bf16': True}}
-
-
-def options(eigh=False, bf16=False):
-    "Point `ekfac`'s steps at the options (the defaults when both are False)."
-    import torch
-    from influence_nb import ekfac
-    base = getattr(ekfac, '_unpatched', None) or (ekfac._fit_eigen, ekfac.fit_lambda)
-    ekfac._unpatched = base
-    ekfac._fit_eigen = functools.partial(base[0], eigh_dtype=torch.float32) if eigh else base[0]
-    ekfac.fit_lambda = functools.partial(base[1], rotate_dtype=torch.bfloat16) if bf16 else base[1]
+EIGH, BF16 = {'eigh_dtype': 'float32'}, {'rotate_dtype': 'bfloat16'}   # `fit_factors` keyword options
+VARIANTS = {'default': {}, 'eigh32': EIGH, 'bf16': BF16, 'eigh32+bf16': {**EIGH, **BF16}}
 
 
 def cpu(f):
@@ -52,10 +43,8 @@ def w1(repeats, kron):
         for r in range(repeats):
             row = {'floor': cpu(lambda: perf.stage_floor(model, train, queries, names, perf.W1, wd))[0]}
             for v, opts in VARIANTS.items():
-                options(**opts)
-                row[v], f = cpu(lambda: inf.fit_factors(model, train, modules=names, batch_size=8, progress=False))
+                row[v], f = cpu(lambda: inf.fit_factors(model, train, modules=names, batch_size=8, progress=False, **opts))
                 if r == 0: scores[v] = inf.pairwise_scores(model, f, queries, train, progress=False).total
-            options()
             if an is not None: row['kron'] = cpu(lambda: perf.kron_fit(an, train, 8, 'true'))[0]
             row['load1'] = os.getloadavg()[0]
             perf._log(' '.join(f'{k} {v:.2f}' for k, v in row.items()))
@@ -97,7 +86,7 @@ def extrapolate(t, n_batches):
     k = 16 / n_batches
     est = {'floor': t['floor'] * k, 'covariance_pass': t['covariance_pass'] * k, 'lambda_pass': t['lambda_pass'] * k,
            'lambda_pass_bf16': t['lambda_pass_bf16'] * k, 'eigh64': t['eigh64_one_block'] * 12, 'eigh32': t['eigh32_one_block'] * 12}
-    fits = {f'fit {v}': est['covariance_pass'] + est['eigh32' if o.get('eigh') else 'eigh64'] + est['lambda_pass_bf16' if o.get('bf16') else 'lambda_pass']
+    fits = {f'fit {v}': est['covariance_pass'] + est['eigh32' if 'eigh_dtype' in o else 'eigh64'] + est['lambda_pass_bf16' if 'rotate_dtype' in o else 'lambda_pass']
             for v, o in VARIANTS.items()}
     return {'measured_cpu_seconds': {k: round(v, 2) for k, v in t.items()}, 'batches_measured': n_batches,
             'extrapolated_cpu_seconds (16 batches, 12 blocks; fit without saving)': {k: round(v, 1) for k, v in {**est, **fits}.items()},

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_ekfac.ipynb #45563c88
 from __future__ import annotations
-import os, json, hashlib, tempfile, time, contextlib, warnings, dataclasses
+import json, hashlib, tempfile, time, contextlib, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -19,10 +19,10 @@ from .kfac import (fit_covariances, eigen, layer_passes, precondition_eigen, all
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'ITERATIVE', 'EIGEN', 'FORMAT_VERSION', 'FACTOR_DTYPE', 'SAMPLE', 'SAMPLE_OTHER', 'EIGENVALUES',
-           'PRECONDITIONERS', 'FACTOR_STRATEGIES', 'seq_grads', 'fit_lambda', 'fit_diagonal', 'fingerprint',
-           'model_digest', 'model_changes', 'precondition_identity', 'precondition_diagonal',
+           'PRECONDITIONERS', 'FACTOR_STRATEGIES', 'FIT_DTYPES', 'seq_grads', 'fit_lambda', 'fit_diagonal',
+           'fingerprint', 'model_digest', 'model_changes', 'precondition_identity', 'precondition_diagonal',
            'precondition_in_eigenbasis', 'Factors', 'check_bound', 'save_factors', 'load_factors',
-           'check_factors_finite', 'fit_factors']
+           'check_factors_finite', 'fit_dtype', 'warn_without_curvature', 'fit_factors']
 
 # %% ../nbs/05_ekfac.ipynb #a4f25866
 STRATEGIES = ('identity', 'diagonal', 'kfac', 'ekfac', 'lissa', 'cg', 'pcg')
@@ -196,12 +196,6 @@ class Factors:
         "The undamped curvature eigenvalues `[d_out, d_in+1]` of layer `name` (None for identity)."
         return EIGENVALUES[self.strategy](self.tensors[name])
 
-    def damping_for(self, name:str, damping:float|None=None) -> float:
-        "`damping` if given, else the paper's `0.1 × mean(eigenvalues)` of layer `name`."
-        if damping is not None: return float(damping)
-        ev = self.eigenvalues(name)
-        return 0. if ev is None else 0.1 * float(ev.mean())
-
     def check(self, model, modules=None) -> list:
         "Raise unless these factors were fitted on `model`'s current tracked weights (and hold finite numbers)."
         return check_bound(self, model, modules)
@@ -219,20 +213,49 @@ class Factors:
 
 # %% ../nbs/05_ekfac.ipynb #e5ac0015
 @patch
+def without_curvature(self:Factors) -> list[str]:
+    "Tracked layers whose curvature is all zero: no fit token reached them (an MoE expert nothing was routed to)."
+    return [n for n in self.modules if (ev := self.eigenvalues(n)) is not None and not bool(ev.any())]
+
+@patch
+def model_damping(self:Factors) -> float:
+    "`0.1 × mean eigenvalue` over every layer that has curvature: the default damping of a layer that has none."
+    fitted = [ev for n in self.modules if (ev := self.eigenvalues(n)) is not None and bool(ev.any())]
+    if not fitted:
+        raise ValueError("No tracked layer has any curvature (no fit token reached them), so there is no scale for a default "
+                         "damping: pass `damping` (a positive float), or fit on data that reaches the layers.")
+    return 0.1 * float(sum(ev.double().sum() for ev in fitted) / sum(ev.numel() for ev in fitted))
+
+@patch
+def damping_for(self:Factors, name:str, # layer name
+                damping:float|None=None, # a float: used as given
+               ) -> float:
+    "λ of layer `name`: `damping` if given, else `0.1 × mean(eigenvalues)` of the layer, or `model_damping()` if it has no curvature."
+    if damping is not None: return float(damping)
+    ev = self.eigenvalues(name)
+    if ev is None: return 0.                                  # identity: nothing to damp
+    own = 0.1 * float(ev.mean())
+    return own if own > 0 else self.model_damping()
+
+@patch
+def damped_eigenvalues(self:Factors, name:str, damping:float|None=None) -> torch.Tensor|None:
+    "`eigenvalues + λ` `[d_out, d_in+1]` of layer `name` (None for identity): what every preconditioner divides by."
+    ev = self.eigenvalues(name)
+    return None if ev is None else ev + self.damping_for(name, damping)
+
+@patch
 def precondition(self:Factors, name:str, # layer name
                  V:torch.Tensor, # [..., d_out, d_in+1] gradients (canonical layout)
-                 damping:float|None=None, # None: 0.1 × mean eigenvalue; a float: used as given
+                 damping:float|None=None, # None: 0.1 × mean eigenvalue (see `damping_for`); a float: used as given
                 ) -> torch.Tensor:
     "Apply `(G_ℓ + λI)⁻¹` of layer `name` to `V`."
     check_damping(damping)
     if self.strategy == 'identity': return V
-    reg = self.damping_for(name, damping)                    # λ of this layer
-    if reg <= 0 and damping is None: reg = 1e-12            # all-zero curvature (e.g. a layer that never fires)
-    out = PRECONDITIONERS[self.strategy](V, self.tensors[name], self.eigenvalues(name) + reg)
+    out = PRECONDITIONERS[self.strategy](V, self.tensors[name], self.damped_eigenvalues(name, damping))
     if not torch.isfinite(out).all():
-        raise ValueError(f"Preconditioning layer '{name}' with damping {reg:g} gave NaN/Inf: its curvature is (nearly) "
-                         "singular and the damping is too small to regularise it. Pass a larger `damping`, or None "
-                         "(0.1 × mean eigenvalue per layer).")
+        raise ValueError(f"Preconditioning layer '{name}' with damping {self.damping_for(name, damping):g} gave NaN/Inf: its "
+                         "curvature is (nearly) singular and the damping is too small to regularise it. Pass a larger "
+                         "`damping`, or None (0.1 × mean eigenvalue per layer).")
     return out
 
 # %% ../nbs/05_ekfac.ipynb #e5ac0012
@@ -380,6 +403,33 @@ def _set_aside(tensors:dict, keys=('A', 'S')):
         for n, k, i in where: tensors[n][k] = back[str(i)]
         for n, keys_n in order.items(): tensors[n] = {k: tensors[n][k] for k in keys_n}   # the original key order
 
+# %% ../nbs/05_ekfac.ipynb #e5ac0018
+FIT_DTYPES = {'eigh_dtype': ('float32', 'float64'), 'rotate_dtype': ('bfloat16', 'float32', 'float64')}
+
+def fit_dtype(option:str, # 'eigh_dtype' or 'rotate_dtype'
+              value, # None (the default), a dtype name ('float32') or a torch dtype (torch.float32)
+              strategy:str, # the strategy being fitted: each option applies only where its step exists
+             ) -> torch.dtype|None:
+    "The torch dtype of a `fit_factors` speed option (None: the default), or a ValueError saying what is accepted."
+    if value is None: return None
+    name = str(value).removeprefix('torch.') if isinstance(value, (str, torch.dtype)) else None
+    if name not in FIT_DTYPES[option]:
+        raise ValueError(f"`{option}` must be None or one of {FIT_DTYPES[option]} (a name or a torch dtype), got {value!r}.")
+    uses = EIGEN if option == 'eigh_dtype' else ('ekfac', 'pcg')
+    if strategy not in uses:
+        raise ValueError(f"`{option}` applies to strategies {uses}, which {'decompose covariances' if option == 'eigh_dtype' else 'fit Λ'}; "
+                         f"strategy '{strategy}' does not (leave {option}=None).")
+    return getattr(torch, name)
+
+def warn_without_curvature(f:Factors):
+    "Warn, naming them, when some tracked layers saw no fit token: by default they get the model-wide damping."
+    empty = f.without_curvature()
+    if not empty: return
+    shown = ', '.join(empty[:8]) + (f' and {len(empty) - 8} more' if len(empty) > 8 else '')
+    warnings.warn(f"{len(empty)} of {len(f.modules)} tracked layers saw no fit token and have no curvature: {shown}. With "
+                  "damping=None each is damped with the model-wide 0.1 × mean eigenvalue of the layers that have curvature. "
+                  "Fit on more data, pass `damping`, or leave them out with `modules=`.", stacklevel=4)   # the caller of fit_factors (through grad_enabled)
+
 # %% ../nbs/05_ekfac.ipynb #e5ac0002
 @grad_enabled   # works when called under torch.no_grad() or torch.inference_mode()
 def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or a compatible module
@@ -393,11 +443,14 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
                 solver:dict|None=None, # lissa / cg / pcg options, passed to `pbrf.lissa_ihvp` / `pbrf.cg_ihvp`
                 fisher_samples:int=1, # labels sampled per token (true Fisher): more cut the Monte-Carlo noise, at k× the passes
                 factor_dtype:str|None=FACTOR_DTYPE, # 'float32', 'float64', None: the model's precision (float64 only for a float64 model)
+                eigh_dtype:str|torch.dtype|None=None, # None: float64 eigendecompositions (DESIGN); 'float32': faster (see 'Fit options')
+                rotate_dtype:str|torch.dtype|None=None, # None: Λ's rotations in the model's dtype; 'bfloat16': faster (see 'Fit options')
                ) -> Factors|IterativeSolver:
     "Fit the curvature of the tracked layers of `model` on `train`; for 'lissa', 'cg', 'pcg' make the `IterativeSolver` over it."
     _check_fit_args(strategy, fisher, fisher_samples, batch_size, seed, factor_dtype)
     layers = find_modules(model, modules)                     # (also checks that `model` is a model)
     dtype = resolve_factor_dtype(factor_dtype, model)
+    eigh_dt, rotate_dt = fit_dtype('eigh_dtype', eigh_dtype, strategy), fit_dtype('rotate_dtype', rotate_dtype, strategy)
     if strategy in ITERATIVE and any(layer.expert is not None for layer in layers):
         raise ValueError(f"strategy='{strategy}' solves with whole parameters, and MoE experts are tracked as slices of "
                          "3-D tensors: use 'ekfac' (or 'kfac', 'diagonal', 'identity'), or pass `modules` without experts.")
@@ -406,23 +459,26 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
     if strategy in ITERATIVE:   # nothing to summarise: the solver keeps the data (05b_solver, which builds on this module)
         from influence_nb.solver import fit_solver
         return fit_solver(model, layers, seqs, strategy, solver, seed, batch_size, progress,
-                          fisher=fisher, fisher_samples=fisher_samples, factor_dtype=factor_dtype)
+                          fisher=fisher, fisher_samples=fisher_samples, factor_dtype=factor_dtype,
+                          eigh_dtype=eigh_dtype, rotate_dtype=rotate_dtype)
     t0 = time.time()
     tensors, n_tok = {layer.name: {} for layer in layers}, int(sum(int(s['attention_mask'].sum()) for s in seqs))
     passes = seqs * fisher_samples                                  # copy j of sequence i draws as sequence i + jN
     if strategy in EIGEN:
         cov, n_tok = fit_covariances(model, layers, passes, fisher, batch_size, seed, progress, dtype)
         n_tok //= fisher_samples
-        tensors = _fit_eigen(cov, dtype); del cov
+        tensors = _fit_eigen(cov, dtype, eigh_dt or torch.float64); del cov
         if strategy != 'kfac':
             with _set_aside(tensors):   # the covariances are not needed for Λ: they wait on disk, not in memory
-                Lam = fit_lambda(model, layers, passes, tensors, fisher, batch_size, seed, progress, dtype)
+                Lam = fit_lambda(model, layers, passes, tensors, fisher, batch_size, seed, progress, dtype, rotate_dt)
             for n, v in Lam.items(): tensors[n]['Lambda'] = v
     elif strategy == 'diagonal':
         for n, d in fit_diagonal(model, layers, passes, fisher, batch_size, seed, progress, dtype).items(): tensors[n]['diag'] = d
     info = {'fit_seconds': round(time.time() - t0, 3), 'model_digest': model_digest(model)}
     if fisher_samples > 1: info['fisher_samples'] = fisher_samples
+    info.update({k: str(v).removeprefix('torch.') for k, v in (('eigh_dtype', eigh_dt), ('rotate_dtype', rotate_dt)) if v is not None})   # only when set
     f = Factors(strategy, [layer.name for layer in layers], {layer.name: [layer.d_out, layer.d_in1] for layer in layers}, fisher, len(seqs), n_tok,
                 seed, fingerprint(layers), type(model).__name__, tensors, info)
     check_factors_finite(f)
+    warn_without_curvature(f)
     return f

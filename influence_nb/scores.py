@@ -4,23 +4,24 @@
 
 # %% ../nbs/06_scores.ipynb #07215044
 from __future__ import annotations
-import math, numbers
+import numbers, warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+import numpy as np
 import torch
 from torch import nn
 import pandas as pd
-from tqdm.auto import tqdm
-from .data import check_sequences, require_scored, grad_enabled
-from .modules import find_modules
+from .data import check_sequences, require_scored, grad_enabled, as_collection
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, seq_grads, check_damping, ITERATIVE
+from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'cg', 'pcg' (05b_solver)
 
 # %% auto #0
-__all__ = ['UNITS', 'STREAM_MACS', 'ScoreTable', 'check_query', 'check_k', 'Scores', 'PrecondQuery', 'working_dtype',
-           'eigenbases', 'rotated_grads', 'query_gradients', 'canonical_to_flat', 'flat_to_canonical', 'truncated_svd',
-           'precondition_queries', 'all_finite', 'query_form', 'prepare_queries', 'contraction_costs',
-           'contract_scores', 'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM',
-           'RegressorAsLM']
+__all__ = ['UNITS', 'STREAM_MACS', 'ScoreTable', 'check_query', 'check_k', 'Scores', 'to_float64', 'layer_sums',
+           'shares_of_total', 'PrecondQuery', 'working_dtype', 'eigenbases', 'rotated_grads', 'query_gradients',
+           'canonical_to_flat', 'flat_to_canonical', 'truncated_svd', 'precondition_queries', 'all_finite',
+           'query_form', 'prepare_queries', 'contraction_costs', 'contract_scores', 'given_positions', 'place_tokens',
+           'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM', 'RegressorAsLM']
 
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
@@ -63,7 +64,7 @@ def check_k(k, allow_none:bool=True) -> None:
 class Scores:
     total: torch.Tensor                         # [n_queries, n_train]
     per_layer: dict|None = None                 # layer name -> [n_queries, n_train]
-    per_token: torch.Tensor|None = None         # [n_queries, n_train, max_train_len], term of the activation at t
+    per_token: torch.Tensor|None = None         # [n_queries, n_train, longest sequence given], term of token t as given (0 on padding)
     n_train: int|None = None                    # N of the training set the curvature describes (for nats)
     modules: list = field(default_factory=list) # tracked layers
     strategy: str = ''
@@ -95,14 +96,53 @@ class Scores:
         return out
 
     def layer_shares(self, top:int|None=None) -> pd.DataFrame:
-        "Each query's share of total influence per layer (over all training sequences, or each query's `top`)."
+        "Each query's share of its total influence per layer (over all training sequences, or its `top`); NaN where the total is ≤ 0."
         if self.per_layer is None: raise ValueError("Per-layer scores were not computed: pass per_layer=True.")
-        L = torch.stack([self.per_layer[n] for n in self.modules], -1)   # [n_q, n_train, n_layers]
-        if top is not None:
-            idx = self.total.topk(min(top, self.total.shape[1]), dim=1).indices
-            L = torch.gather(L, 1, idx[..., None].expand(-1, -1, L.shape[-1]))
-        s = L.sum(1)
-        return pd.DataFrame((s / s.sum(-1, keepdim=True)).double().numpy(), columns=self.modules)
+        if top is not None and (isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 1):
+            raise ValueError(f"`top` must be a positive integer or None (all sequences), got {top!r}.")
+        if top is not None: top = min(int(top), self.total.shape[1])
+        sums = layer_sums({n: self.per_layer[n] for n in self.modules}, top)   # [n_q, n_layers]
+        return pd.DataFrame(shares_of_total(sums), columns=self.modules)
+
+# %% ../nbs/06_scores.ipynb #b1a5e002
+def to_float64(x, name:str) -> np.ndarray:
+    "`x` (tensor, array, list, pandas object) as a float64 numpy array; TypeError naming `name` otherwise."
+    if isinstance(x, torch.Tensor): return x.detach().to("cpu", torch.float64).numpy()
+    if isinstance(x, (pd.Series, pd.DataFrame)): x = x.to_numpy()
+    try: return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`{name}` must be numeric (a torch.Tensor, numpy array or list of numbers); "
+                        f"got {type(x).__name__}: {e}") from None
+
+def layer_sums(per_layer:Mapping, # layer name -> [n_q, n_train] scores (or [n_q], already summed)
+               top:int|None=None, # sum only each query's `top` sequences by total (the sum over layers)
+              ) -> np.ndarray:
+    "`[n_q, n_layers]` float64: each layer's influence summed over the training sequences (or each query's `top`)."
+    if not per_layer: raise ValueError("`per_layer` is empty; it needs at least one layer.")
+    arrs = [to_float64(a, f"per_layer[{k!r}]") for k, a in per_layer.items()]
+    shapes = {a.shape for a in arrs}
+    if len(shapes) != 1: raise ValueError(f"all layers in `per_layer` must have one shape, got {sorted(shapes)}.")
+    stacked = np.stack(arrs, -1)                                     # [n_q, (n_train,) n_layers]
+    if stacked.ndim == 2:
+        if top is not None: raise ValueError("`top_k` needs [n_q, n_train] arrays per layer; these are already summed [n_q].")
+        return stacked
+    if stacked.ndim != 3:
+        raise ValueError(f"each layer in `per_layer` must be [n_q] or [n_q, n_train], got shape {arrs[0].shape}.")
+    if top is not None:
+        if not (isinstance(top, int) and 0 < top <= stacked.shape[1]):
+            raise ValueError(f"`top_k` must be an int in [1, n_train={stacked.shape[1]}], got {top!r}.")
+        order = np.argsort(-stacked.sum(-1), axis=1, kind="stable")[:, :top]   # [n_q, top], largest total first
+        stacked = np.take_along_axis(stacked, order[:, :, None], axis=1)
+    return stacked.sum(1)                                            # [n_q, n_layers]
+
+def shares_of_total(sums:np.ndarray, # [n_q, n_layers] per-layer influence (`layer_sums`)
+                   ) -> np.ndarray:
+    "Each row divided by its total; a row whose total is ≤ 0 has no shares: NaN, with a warning."
+    tot = sums.sum(1, keepdims=True)
+    if (tot <= 0).any():
+        warnings.warn(f"{int((tot <= 0).sum())} query(ies) have a total influence <= 0; their shares are NaN "
+                      "(a share of a negative total has no meaning; the raw per-layer sums are `layer_sums`).", stacklevel=3)
+    return np.where(tot > 0, sums / np.where(tot > 0, tot, 1.0), np.nan)
 
 # %% ../nbs/06_scores.ipynb #a5549d57
 @dataclass
@@ -161,14 +201,6 @@ def rotated_grads(acts:torch.Tensor, # [B, T, d_in+1]
     if key not in cache: cache[key] = (acts, acts @ QA)                 # held: its address is not reused in the batch
     return seq_grads(cache[key][1], outg @ QS)                          # [B, d_out, d_in+1]
 
-def _damped_eigenvalues(factors:Factors, name:str, damping, like:torch.Tensor) -> torch.Tensor|None:
-    "`Λ + λ` of layer `name`, damped as `Factors.precondition` damps it, in `like`'s dtype and device (None: identity)."
-    ev = factors.eigenvalues(name)
-    if ev is None: return None
-    damp = factors.damping_for(name, damping)
-    if damp <= 0 and damping is None: damp = 1e-12                       # an all-zero curvature (a layer that never fires)
-    return (ev + damp).to(like.device, like.dtype)
-
 def query_gradients(model, layers, queries, batch_size=8, progress=False) -> dict:
     "Per-query gradients of the summed loss (= −∇ log p(completion)) per layer, `{name: [n_q, d_out, d_in+1]}`."
     out = {layer.name: None for layer in layers}
@@ -213,13 +245,6 @@ def flat_to_canonical(layers:list, # tracked layers, as given to `canonical_to_f
         out[layer.name] = w
     return out
 
-# %% ../nbs/06_scores.ipynb #c2978043
-from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'cg', 'pcg'
-
-def _iterative_precondition(model, solver:IterativeSolver, qgrads:dict, damping) -> dict:
-    "`(G + λI)⁻¹ q` with the full GGN of all tracked layers: LiSSA, CG or EK-FAC-preconditioned CG over the fit data (`05b_solver`)."
-    return solver.solve(model, qgrads, damping)
-
 # %% ../nbs/06_scores.ipynb #50f23322
 def truncated_svd(p:torch.Tensor, # [n, o, i] matrices
                   rank:int, # singular triplets to keep
@@ -235,7 +260,7 @@ def truncated_svd(p:torch.Tensor, # [n, o, i] matrices
 def precondition_queries(factors:Factors, qgrads:dict, damping=None, query_rank:int|None=None, model=None) -> dict:
     "`{name: PrecondQuery}`: `(G_ℓ + λI)⁻¹ q_ℓ` in the gradients' dtype, truncated to rank `query_rank` if given.\n\n    Consumes `qgrads` (its entries are removed as they are preconditioned, to halve the peak memory)."
     out = {}
-    joint = _iterative_precondition(model, factors, qgrads, damping) if factors.strategy in ITERATIVE else None
+    joint = factors.solve(model, qgrads, damping) if factors.strategy in ITERATIVE else None   # `05b_solver`: all layers jointly
     for name in list(qgrads):
         g = qgrads.pop(name)   # each raw gradient is dropped once preconditioned: the two sets never coexist whole
         p = joint[name].to(g.dtype) if joint is not None else factors.precondition(name, g, damping)
@@ -282,7 +307,7 @@ def prepare_queries(model, # the model the factors were fitted on
         return precondition_queries(factors, query_gradients(model, layers, queries, batch_size, progress), damping, query_rank, model)
     p = next(model.parameters()); dt = working_dtype(p)
     bases = eigenbases(factors, layers, dt, p.device)                              # {} unless K-FAC / EK-FAC
-    denom = {n: _damped_eigenvalues(factors, n, damping, torch.empty(0, dtype=dt, device=p.device)) for n in bases}
+    denom = {n: factors.damped_eigenvalues(n, damping).to(p.device, dt) for n in bases}   # Λ + λ, as `Factors.precondition` damps
     out = _empty_queries(layers, len(queries), query_rank, dt, p.device)
     for idx, acts, outg in layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None):
         rotated_acts = {}   # gate_proj and up_proj read one input with one Q_A: rotated once per batch
@@ -328,6 +353,28 @@ def contract_scores(pq:PrecondQuery, acts, outg, per_token=False, path=None):
         tok = torch.einsum('qbti,bti->qbt', torch.einsum('bto,qoi->qbti', outg, pq.dense()), acts)
     return tok.sum(-1), (tok if per_token else None), path
 
+# %% ../nbs/06_scores.ipynb #b1a5e005
+def given_positions(data, # the training data as the caller gave it: re-readable (a list, a batch dict, a Dataset)
+                    seqs:list[dict], # the same data after `check_sequences` (padding dropped)
+                   ) -> tuple[list[int], int]:
+    "Where each sequence's kept tokens start in the sequence as given (its left padding), and the longest length given."
+    rows, starts, width = as_collection(data, 'train'), [], 0
+    for i, s in enumerate(seqs):
+        x = rows[i]
+        mask = x.get('attention_mask') if isinstance(x, Mapping) else None
+        starts.append(0 if mask is None else int(torch.as_tensor(mask).argmax()))   # the first 1: tokens before it are padding
+        width = max(width, len(x['input_ids']) if isinstance(x, Mapping) else len(s['input_ids']))
+    return starts, width
+
+def place_tokens(out:torch.Tensor, # [n_q, n_train, width] per-token scores in the coordinates given
+                 tok:torch.Tensor, # [n_q, B, T] one batch's per-token scores (right-padded by `collate`)
+                 idx:list[int], starts:list[int], seqs:list[dict], # the batch's rows; `given_positions`; normalised sequences
+                ):
+    "Copy each sequence's per-token scores to the positions its tokens had in the sequence as given."
+    for j, n in enumerate(idx):
+        L = len(seqs[n]['input_ids'])
+        out[:, n, starts[n]:starts[n] + L] = tok[:, j, :L]
+
 # %% ../nbs/06_scores.ipynb #5510995f
 def check_rank(query_rank):
     if query_rank is None: return
@@ -348,7 +395,7 @@ def pairwise_scores(model, # the model the factors were fitted on
                     damping:float|None=None, # None: 0.1 × mean eigenvalue per layer; a float: as given
                     query_rank:int|None=None, # store preconditioned query gradients at this rank (paper §3.2.2)
                     per_layer:bool=False, # also return each layer's scores
-                    per_token:bool=False, # also return per-token scores over training tokens
+                    per_token:bool=False, # also return per-token scores, at the training tokens' positions as given
                     batch_size:int=8, # training sequences per batch
                     progress:bool=True, # tqdm bars
                    ) -> Scores:
@@ -356,20 +403,23 @@ def pairwise_scores(model, # the model the factors were fitted on
     check_damping(damping); check_rank(query_rank)
     layers = prepare_scoring(model, factors)
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries')
+    if per_token and not hasattr(train, '__len__'): train = list(train)   # a one-shot iterable: read once, kept for `given_positions`
     ts = check_sequences(model, train, 'train'); require_scored(ts, 'train')
     pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size, progress)
     dt = next(iter(pq.values())).dtype                                # float32 (float64 for a float64 model)
     total = torch.zeros(len(qs), len(ts), dtype=dt)
     layer_scores = {layer.name: torch.zeros(len(qs), len(ts), dtype=dt) for layer in layers} if per_layer else None
-    tok_scores = torch.zeros(len(qs), len(ts), max(len(s['input_ids']) for s in ts), dtype=dt) if per_token else None
+    starts, width = given_positions(train, ts) if per_token else (None, 0)
+    tok_scores = torch.zeros(len(qs), len(ts), width, dtype=dt) if per_token else None   # [n_q, n_train, longest given]
     for idx, acts, outg in layer_passes(model, layers, ts, batch_size, desc='scoring' if progress else None):
-        idx_t = torch.tensor(idx)
+        idx_t, tok_batch = torch.tensor(idx), 0
         for layer in layers:
             s, tok, _ = contract_scores(pq[layer.name], acts[layer.name], outg[layer.name], per_token)
             s = s.cpu()
             total[:, idx_t] += s
             if per_layer: layer_scores[layer.name][:, idx_t] = s
-            if per_token: tok_scores[:, idx_t, :tok.shape[-1]] += tok.cpu()
+            if per_token: tok_batch = tok_batch + tok.cpu()                   # [n_q, B, T], summed over layers
+        if per_token: place_tokens(tok_scores, tok_batch, idx, starts, ts)
     if dist_info()[1] > 1:   # each process filled its shard's columns: add them up
         for t in [total, tok_scores, *(layer_scores or {}).values()]:
             if t is not None: all_reduce_sum(t)
@@ -399,8 +449,10 @@ def self_scores(model, # the model the factors were fitted on
         return torch.diagonal(s).clone()
     ts = check_sequences(model, train, 'train'); require_scored(ts, 'train')
     p = next(model.parameters()); dt = working_dtype(p)
-    bases, like = eigenbases(factors, layers, dt, p.device), torch.empty(0, dtype=dt, device=p.device)
-    denom = {layer.name: _damped_eigenvalues(factors, layer.name, damping, like) for layer in layers}
+    bases, denom = eigenbases(factors, layers, dt, p.device), {}
+    for layer in layers:   # Λ + λ (None: identity), damped as `Factors.precondition` damps
+        ev = factors.damped_eigenvalues(layer.name, damping)
+        denom[layer.name] = None if ev is None else ev.to(p.device, dt)
     out = torch.zeros(len(ts), dtype=dt)
     for idx, acts, outg in layer_passes(model, layers, ts, batch_size, desc='self-influence' if progress else None):
         rotated_acts = {}

@@ -17,6 +17,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .data import check_int
+from .scores import to_float64, layer_sums, shares_of_total   # one definition of layer shares (06_scores)
 
 # %% auto #0
 __all__ = ['POS_RGB', 'NEG_RGB', 'NAN_RGB', 'decode_tokens', 'influence_rgb', 'token_heatmap_html', 'show_tokens',
@@ -24,21 +25,11 @@ __all__ = ['POS_RGB', 'NEG_RGB', 'NAN_RGB', 'decode_tokens', 'influence_rgb', 't
            'fit_power_law', 'tail_plot', 'top_share', 'top_table', 'top_sequences_html', 'show_top_sequences']
 
 # %% ../nbs/09_viz.ipynb #4e27eac4
-def _to_numpy(x, name: str) -> np.ndarray:
-    "`x` (tensor, array, list, pandas object) as a float64 numpy array; TypeError naming `name` otherwise."
-    if isinstance(x, torch.Tensor): return x.detach().to("cpu", torch.float64).numpy()
-    if isinstance(x, (pd.Series, pd.DataFrame)): x = x.to_numpy()
-    try: arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"`{name}` must be numeric (a torch.Tensor, numpy array or list of numbers); "
-                        f"got {type(x).__name__}: {e}") from None
-    return arr
-
 def _scores_matrix(scores, name: str = "scores") -> np.ndarray:
     "Scores as a [n_q, n_train] float64 array: accepts 1-D/2-D arrays or a `Scores`-like object with `.total`."
     if hasattr(scores, "total") and not isinstance(scores, (np.ndarray, torch.Tensor, pd.Series, pd.DataFrame)):
         scores = scores.total
-    arr = _to_numpy(scores, name)
+    arr = to_float64(scores, name)
     if arr.ndim == 1: arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] == 0:
         raise ValueError(f"`{name}` must be 1-D [n_train] or 2-D [n_queries, n_train] and non-empty; got shape {arr.shape}.")
@@ -100,7 +91,7 @@ def influence_rgb(values,             # influence values [n]; NaN = no value
                   scale=None,         # value drawn at full colour; default max |value|
                  ) -> np.ndarray:     # [n, 3] uint8 RGB
     "Diverging colours: white at 0, `POS_RGB` at +scale, `NEG_RGB` at -scale, linear and clipped; NaN grey."
-    v = _to_numpy(values, "values").reshape(-1)
+    v = to_float64(values, "values").reshape(-1)
     if np.isinf(v).any(): raise ValueError("`values` holds Inf; replace it with a finite number or NaN (= no value).")
     s = _resolve_scale(v, scale)
     t = np.clip(np.nan_to_num(v / s), -1.0, 1.0)[:, None]                        # [n, 1] in [-1, 1]
@@ -113,7 +104,7 @@ def influence_rgb(values,             # influence values [n]; NaN = no value
 def _token_values(tokens, values, shift: bool, decode: str) -> tuple[list[str], np.ndarray]:
     "Decoded token text and the value drawn on each token (after the optional shift)."
     texts = decode_tokens(tokens, decode)
-    v = _to_numpy(values, "values")
+    v = to_float64(values, "values")
     if v.ndim != 1:
         raise ValueError(f"`values` must be 1-D (one value per token), got shape {v.shape}; "
                          "for per_token scores pass `scores.per_token[q, n, :len(tokens)]`.")
@@ -202,7 +193,7 @@ def token_heatmap_ansi(tokens: Sequence[str],    # token strings (byte-level BPE
 def l2_l1_ratio(token_values,  # [T] or [n, T] token-wise influence; NaN = not scored
                ) -> np.ndarray | float:
     "‖v‖₂ / ‖v‖₁ of token-wise influence per sequence: 1 if one token holds all of it, 1/√T if spread evenly."
-    v = _to_numpy(token_values, "token_values")
+    v = to_float64(token_values, "token_values")
     if v.ndim not in (1, 2) or v.shape[-1] == 0:
         raise ValueError(f"`token_values` must be [T] or [n, T] with T > 0, got shape {v.shape}.")
     v = np.nan_to_num(v, nan=0.0)
@@ -237,25 +228,6 @@ def _block_of(name: str) -> int:
     return int(m.group(1))
 
 # %% ../nbs/09_viz.ipynb #1f8b9af4
-def _stack_layers(per_layer: Mapping, top_k: int | None) -> np.ndarray:
-    "`[n_q, n_layers]` from a dict name -> `[n_q]` or `[n_q, n_train]` (summed over each query's `top_k` sequences)."
-    if not per_layer: raise ValueError("`per_layer` is empty; it needs at least one layer.")
-    arrs = [_to_numpy(a, f"per_layer[{k!r}]") for k, a in per_layer.items()]
-    shapes = {a.shape for a in arrs}
-    if len(shapes) != 1: raise ValueError(f"all layers in `per_layer` must have one shape, got {sorted(shapes)}.")
-    stacked = np.stack(arrs, -1)                                     # [n_q, (n_train,) n_layers]
-    if stacked.ndim == 2:
-        if top_k is not None: raise ValueError("`top_k` needs [n_q, n_train] arrays per layer; these are already summed [n_q].")
-        return stacked
-    if stacked.ndim != 3:
-        raise ValueError(f"each layer in `per_layer` must be [n_q] or [n_q, n_train], got shape {arrs[0].shape}.")
-    if top_k is not None:
-        if not (isinstance(top_k, int) and 0 < top_k <= stacked.shape[1]):
-            raise ValueError(f"`top_k` must be an int in [1, n_train={stacked.shape[1]}], got {top_k!r}.")
-        order = np.argsort(-stacked.sum(-1), axis=1, kind="stable")[:, :top_k]   # [n_q, top_k]
-        stacked = np.take_along_axis(stacked, order[:, :, None], axis=1)
-    return stacked.sum(1)                                            # [n_q, n_layers]
-
 def _layer_matrix(per_layer, top_k: int | None) -> tuple[list[str], np.ndarray, list[str] | None]:
     "`(layer names, [n_q, n_layers] matrix, query labels or None)` from any form `layer_shares` accepts."
     if hasattr(per_layer, "per_layer") and not isinstance(per_layer, (Mapping, pd.DataFrame)):
@@ -264,9 +236,9 @@ def _layer_matrix(per_layer, top_k: int | None) -> tuple[list[str], np.ndarray, 
         per_layer = per_layer.per_layer
     if isinstance(per_layer, pd.DataFrame):
         if top_k is not None: raise ValueError("`top_k` needs [n_q, n_train] arrays per layer, not a DataFrame of totals.")
-        return [str(c) for c in per_layer.columns], _to_numpy(per_layer, "per_layer"), [str(i) for i in per_layer.index]
-    if isinstance(per_layer, Mapping): return [str(k) for k in per_layer], _stack_layers(per_layer, top_k), None
-    mat = _to_numpy(per_layer, "per_layer")
+        return [str(c) for c in per_layer.columns], to_float64(per_layer, "per_layer"), [str(i) for i in per_layer.index]
+    if isinstance(per_layer, Mapping): return [str(k) for k in per_layer], layer_sums(per_layer, top_k), None
+    mat = to_float64(per_layer, "per_layer")
     if mat.ndim != 2: raise ValueError(f"an array `per_layer` must be [n_q, n_layers], got shape {mat.shape}; "
                                        "or pass a dict layer name -> scores.")
     if top_k is not None: raise ValueError("`top_k` needs a dict of [n_q, n_train] arrays.")
@@ -291,12 +263,7 @@ def layer_shares(per_layer,                 # dict name -> [n_q] or [n_q, n_trai
         names = [f"block {u}" for u in uniq]
     else:
         names = _short_names(names)
-    if normalize:
-        tot = mat.sum(1, keepdims=True)
-        if (tot <= 0).any():
-            warnings.warn(f"{int((tot <= 0).sum())} query(ies) have a total influence <= 0; their shares are NaN.",
-                          stacklevel=2)
-        mat = np.where(tot > 0, mat / np.where(tot > 0, tot, 1.0), np.nan)
+    if normalize: mat = shares_of_total(mat)           # NaN (and a warning) where a query's total is <= 0, as `Scores.layer_shares`
     n_q, n_l = mat.shape
     if layer_labels is not None:
         if len(layer_labels) != n_l: raise ValueError(f"`layer_labels` has {len(layer_labels)} labels for {n_l} layers.")
@@ -468,7 +435,7 @@ def top_share(scores,             # [n_train] or [n_q, n_train] scores, or Score
     "Share of total positive influence held by the top `frac` of sequences (per query for 2-D input)."
     if not (isinstance(frac, (int, float, np.floating)) and 0 < frac <= 1):
         raise ValueError(f"`frac` must lie in (0, 1], got {frac!r} (0.01 = the top 1 %).")
-    one = not (hasattr(scores, "total") or _to_numpy(scores, "scores").ndim == 2)
+    one = not (hasattr(scores, "total") or to_float64(scores, "scores").ndim == 2)
     mat = np.clip(_scores_matrix(scores), 0.0, None)                     # positive parts [n_q, n_train]
     n = mat.shape[1]
     k = max(1, math.ceil(frac * n - 1e-9))                               # -1e-9 keeps 0.07 * 100 at 7
@@ -535,7 +502,7 @@ def top_sequences_html(scores,                       # Scores-like with .total [
     if scores.per_token is None:
         raise ValueError("`scores` has no per-token scores; compute them with per_token=True.")
     total = _scores_matrix(scores.total, "scores.total")
-    per_tok = _to_numpy(scores.per_token, "scores.per_token")
+    per_tok = to_float64(scores.per_token, "scores.per_token")
     if per_tok.ndim != 3 or per_tok.shape[:2] != total.shape:
         raise ValueError(f"`scores.per_token` must be [n_q, n_train, T] matching total {total.shape}, got {per_tok.shape}.")
     if len(train_tokens) != total.shape[1]:

@@ -42,7 +42,11 @@ def test_P1_scores_invariant_to_batch_order_padding(perm, bs, pads):
     tol = 1e-9 * float(ref.total.abs().max())
     assert torch.allclose(got.total, ref.total[:, list(perm)], rtol=0, atol=tol)
     for n in ref.per_layer: assert torch.allclose(got.per_layer[n], ref.per_layer[n][:, list(perm)], rtol=0, atol=tol)
-    assert torch.allclose(got.per_token, ref.per_token[:, list(perm)], rtol=0, atol=tol)   # padding removed: tokens line up
+    assert got.per_token.shape[-1] == max(len(d['input_ids']) for d in data)           # as wide as the sequences given
+    for j, i in enumerate(perm):   # each token's term where the token was given (S2), zeros on the padding
+        lft, L = pads[j][0], len(train[i]['input_ids'])
+        assert torch.allclose(got.per_token[:, j, lft:lft + L], ref.per_token[:, i, :L], rtol=0, atol=tol)
+        assert float(got.per_token[:, j, :lft].abs().sum() + got.per_token[:, j, lft + L:].abs().sum()) == 0.
     self_ = inf.self_scores(m, f, data, batch_size=bs, progress=False)
     assert torch.allclose(self_, inf.self_scores(m, f, train, batch_size=1, progress=False)[list(perm)], rtol=0, atol=tol)
 
