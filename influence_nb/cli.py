@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
     f.add_argument('--max-length', type=int, default=None, help="truncate texts (default: the model's context)")
     f.add_argument('--seed', type=int, default=0, help='seed of the pseudo-label sampling (default: 0)')
+    f.add_argument('--fisher-samples', type=int, default=1, help='labels sampled per token (true Fisher; default: 1)')
+    f.add_argument('--factor-dtype', default=None, choices=['float32', 'float64'], help='storage of the factors (default: float32; float64 for a float64 model)')
+    f.add_argument('--eigh-dtype', default=None, choices=['float32', 'float64'], help='precision of the eigendecompositions (default: float64)')
+    f.add_argument('--rotate-dtype', default=None, choices=['bfloat16', 'float32', 'float64'], help="precision of Λ's rotations (default: the model's)")
     s = sub.add_parser('score', help='pairwise influence scores of queries against a corpus, to Parquet',
                        description='All pairwise scores of prompt/completion queries against every text of a corpus that fits in memory.')
     _model_args(s); _corpus_args(s, '--data')
@@ -305,7 +309,7 @@ def _check_out(path, what='--out', suffixes=('.parquet',)):
 
 def _check_options(a):
     "What `fit-factors`, `score` and `scan` can check before the model loads: counts, damping, input files; errors name the option."
-    for name in ('k', 'batch_size', 'chunk_size', 'checkpoint_every', 'query_rank', 'max_length'):
+    for name in ('k', 'batch_size', 'chunk_size', 'checkpoint_every', 'query_rank', 'max_length', 'fisher_samples'):
         v = getattr(a, name, None)
         if v is not None and v < 1: raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")
     d = getattr(a, 'damping', None)
@@ -329,7 +333,8 @@ def _cmd_fit(a):
     model, tok = load_model(a.model, a.tokenizer)
     train = _corpus(a, tok, model)
     mods = a.modules if a.modules in ('mlp', 'all') else a.modules.split(',')
-    f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed)
+    f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
+                    factor_dtype=a.factor_dtype, eigh_dtype=a.eigh_dtype, rotate_dtype=a.rotate_dtype)
     print(f"saved {f} to {f.save(a.out)}")
 
 def _cmd_score(a):
