@@ -18,7 +18,7 @@ timed at the start and the end of the repeat; ratios use the mean of the two flo
 machine mostly cancels. The summary reports the median and the min-max spread of each ratio over repeats.
 """
 from __future__ import annotations
-import argparse, contextlib, copy, ctypes, datetime, gc, hashlib, json, os, platform, re, shutil, subprocess, sys, tempfile, time
+import argparse, contextlib, copy, ctypes, datetime, gc, json, os, platform, re, shutil, subprocess, sys, tempfile, time
 import warnings
 from pathlib import Path
 from statistics import median
@@ -261,13 +261,20 @@ STAGES = {
 }
 
 
-def child(stage, spec, workdir, threads):
-    "Run one stage in this (fresh) process; print `RESULT:{json}`."
+def _child_setup(spec, threads):
+    "What every measuring child does first: its thread count, quiet warnings, the workload built and warmed up."
     import torch
     torch.set_num_threads(threads)
     warnings.filterwarnings('ignore')
     model, train, queries, names = build(spec)
     warm_up(model, train, spec['batch'])
+    return model, train, queries, names
+
+
+def child(stage, spec, workdir, threads):
+    "Run one stage in this (fresh) process; print `RESULT:{json}`."
+    import torch
+    model, train, queries, names = _child_setup(spec, threads)
     res = {'stage': stage}
     if stage.startswith('kron'):
         an = kron_setup(model, names, workdir)
@@ -352,14 +359,14 @@ def snapshot_engine(wd):
     src = ROOT / 'influence_nb'
     dst = Path(wd) / 'engine' / 'influence_nb'
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns('__pycache__'), dirs_exist_ok=True)
-    h = hashlib.sha256()
-    for f in sorted(dst.glob('*.py')): h.update(f.name.encode()); h.update(f.read_bytes())
+    from influence_nb.artefact import digest
+    sha = digest(part for f in sorted(dst.glob('*.py')) for part in (f.name, f.read_bytes()))   # each file's name, then its bytes
     try:
         commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         dirty = bool(subprocess.run(['git', 'status', '--porcelain', '--', 'influence_nb'], cwd=ROOT, capture_output=True,
                                     text=True).stdout.strip())
     except Exception: commit, dirty = None, None
-    ENGINE.update(path=str(dst.parent), sha256=h.hexdigest()[:16], git_commit=commit, engine_dirty=dirty,
+    ENGINE.update(path=str(dst.parent), sha256=sha[:16], git_commit=commit, engine_dirty=dirty,
                   snapshot_time=datetime.datetime.now().isoformat(timespec='seconds'))
     return dict(ENGINE)
 
@@ -490,8 +497,10 @@ def load_results(path):
 
 
 def save_results(path, data):
+    "Write `data` to `path` as indented JSON in one rename (influence_nb.artefact): a reader never sees half a file."
+    from influence_nb.artefact import atomic_write
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix('.json.tmp'); tmp.write_text(json.dumps(data, indent=1)); os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1), mode=0o644)
 
 
 def meta(threads):
@@ -684,22 +693,24 @@ def _label_engine():
                 yield x
         setattr(mod, name, g)
 
-    wrap(kfac, 'summed_loss', '#loss: summed_loss (incl. pseudo-label sampling)')
-    wrap(kfac, '_check_finite', '#layer_passes: _check_finite')
-    wrap(modules.Capture, 'out_grads', '#backward: Capture.out_grads (autograd.grad)')
     for mod in (kfac, ekfac, scores): wrap_gen(mod, 'layer_passes', '#layer_passes: one batch (fwd, loss, bwd, masking)')
-    wrap(ekfac, 'fit_covariances', '#fit: fit_covariances (pass 1)')
-    wrap(ekfac, 'eigen', '#fit: eigen (float64 eigh)')
-    wrap(ekfac, 'fit_lambda', '#fit: fit_lambda (pass 2)')
-    wrap(ekfac, 'fingerprint', '#fingerprint')
-    wrap(ekfac, 'check_factors_finite', '#check_factors_finite')
-    wrap(ekfac.Factors, 'save', '#Factors.save')
-    wrap(scores, 'prepare_queries', '#scores: prepare_queries (query pass, preconditioning, rank truncation)')
-    wrap(scores, 'rotated_grads', '#scores: rotated_grads (query gradients in the eigenbasis)')
-    wrap(scores, 'query_form', '#scores: query_form (finite check, rank truncation)')
-    wrap(scores, 'contract_scores', '#scores: contract_scores')
-    wrap(scores, 'seq_grads', '#scores: seq_grads (per-sequence gradient)')
-    wrap(ekfac.Factors, 'check', '#scores: Factors.check (fingerprint)')
+    for owner, name, label in (                                          # the phases timed, each under its label
+            (kfac, 'summed_loss', '#loss: summed_loss (incl. pseudo-label sampling)'),
+            (kfac, '_check_finite', '#layer_passes: _check_finite'),
+            (modules.Capture, 'out_grads', '#backward: Capture.out_grads (autograd.grad)'),
+            (ekfac, 'fit_covariances', '#fit: fit_covariances (pass 1)'),
+            (ekfac, 'eigen', '#fit: eigen (float64 eigh)'),
+            (ekfac, 'fit_lambda', '#fit: fit_lambda (pass 2)'),
+            (ekfac, 'fingerprint', '#fingerprint'),
+            (ekfac, 'check_factors_finite', '#check_factors_finite'),
+            (ekfac.Factors, 'save', '#Factors.save'),
+            (scores, 'prepare_queries', '#scores: prepare_queries (query pass, preconditioning, rank truncation)'),
+            (scores, 'rotated_grads', '#scores: rotated_grads (query gradients in the eigenbasis)'),
+            (scores, 'query_form', '#scores: query_form (finite check, rank truncation)'),
+            (scores, 'contract_scores', '#scores: contract_scores'),
+            (scores, 'seq_grads', '#scores: seq_grads (per-sequence gradient)'),
+            (ekfac.Factors, 'check', '#scores: Factors.check (fingerprint)')):
+        wrap(owner, name, label)
     return phase
 
 
@@ -714,11 +725,8 @@ def _phase_table(total_label):
 
 def _profile_setup(which, spec, workdir, threads):
     "Model, data and (for `which='scores'`) fitted factors of a profiling child, warmed up: `(model, train, queries, names, fdir)`."
-    import torch, influence_nb as inf
-    torch.set_num_threads(threads)
-    warnings.filterwarnings('ignore')
-    model, train, queries, names = build(spec)
-    warm_up(model, train, spec['batch'])
+    import influence_nb as inf
+    model, train, queries, names = _child_setup(spec, threads)
     fdir = Path(workdir) / 'ours_factors_true'
     if which == 'scores' and not (fdir / 'factors.json').exists():
         inf.fit_factors(model, train, modules=names, batch_size=spec['batch'], progress=False).save(fdir)
@@ -874,108 +882,120 @@ def _cpu_ms(f, n=5):
     return median(ts)
 
 
-def micro(threads=1, B=8, T=128, q=16, r=RANK):
-    "Each row: the engine's current expression for one W1 layer, and the alternative; same result asserted."
-    import torch
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    rows = []
-
+def _micro_adder(rows):
+    "`add(what, cur, alt, note, check=None)`: assert the pair agrees (`check`), time both, append a row to `rows`."
     def add(what, cur, alt, note, check=None):
         if check is not None: check()
         a, b = _cpu_ms(cur), _cpu_ms(alt)
         rows.append((what, a, b, note))
         _log(f"  {what}: {a:.1f} ms -> {b:.1f} ms")
+    return add
 
-    def orth(n, dt=torch.float64):
-        x = torch.randn(n, n, dtype=torch.float64)
-        return torch.linalg.eigh(x @ x.T)[1].to(dt)             # column-major, like the engine's Q
 
-    for o, i in ((1024, 256), (256, 1024)):
-        shape = f'(o={o}, i={i})'
-        a = torch.randn(B, T, i); g = torch.randn(B, T, o)
-        a2, g2 = a.reshape(-1, i), g.reshape(-1, o)
-        # pass 1: covariance accumulation
-        A64 = torch.zeros(i, i, dtype=torch.float64); A32 = torch.zeros(i, i); buf = torch.empty(i, i)
-        add(f'pass 1: A += aᵀa per batch {shape}', lambda: A64.add_((a2.T @ a2).double().cpu()),
-            lambda: A32.addmm_(a2.T, a2), 'float32 addmm_ into a preallocated buffer (convert once at the end)')
-        add(f'pass 1: same, keeping a float64 accumulator {shape}', lambda: A64.add_((a2.T @ a2).double().cpu()),
-            lambda: A64.add_(torch.mm(a2.T, a2, out=buf)), 'mm(out=buffer) then in-place add_ into float64')
-        # pass 1, the 1024-wide side: symmetric rank-k update (BLAS syrk computes one triangle: half the multiply-adds)
-        if o >= i:
-            try:
-                import numpy as np
-                from scipy.linalg import blas
-                from threadpoolctl import threadpool_limits
-                S32 = torch.zeros(o, o); SF = np.zeros((o, o), dtype=np.float32, order='F'); gF = g2.numpy().T
-                def syrk():
-                    with threadpool_limits(threads): blas.ssyrk(1.0, gF, beta=1.0, c=SF, trans=0, lower=0, overwrite_c=1)
-                def check_syrk():
-                    c = blas.ssyrk(1.0, gF, trans=0, lower=0); c = np.triu(c) + np.triu(c, 1).T
-                    torch.testing.assert_close(torch.from_numpy(c), g2.T @ g2, rtol=1e-4, atol=1e-3)
-                add(f'pass 1: S += dᵀd, d_out={o} (torch addmm_ vs BLAS ssyrk)', lambda: S32.addmm_(g2.T, g2), syrk,
-                    'scipy.linalg.blas.ssyrk on a numpy view (CPU only): upper triangle, symmetrise once at the end',
-                    check=check_syrk)
-            except ImportError: pass
-        # pass 2: Λ
-        QA, QS = orth(i), orth(o)
-        lam = torch.zeros(o, i, dtype=torch.float64)
-        QA32, QS32 = QA.float().contiguous(), QS.float().contiguous()
-        def lam_cur():
-            rot = torch.einsum('bto,bti->boi', g @ QS.to(g.dtype), a @ QA.to(a.dtype))
-            lam.add_((rot ** 2).sum(0).double().cpu())
-        lam32 = torch.zeros(o, i)
-        def lam_alt():
-            rot = torch.bmm((g @ QS32).transpose(1, 2), a @ QA32)
-            lam32.add_(rot.square_().sum(0))
-        add(f'pass 2: Λ += Σ_b (Q_Sᵀ DW̄_b Q_A)² {shape}', lam_cur, lam_alt,
-            'cached float32 contiguous Q, bmm instead of einsum, in-place square, float32 accumulator')
-        # per-sequence gradients
-        add(f'seq_grads {shape}', lambda: torch.einsum('bto,bti->boi', g, a), lambda: torch.bmm(g.transpose(1, 2), a),
-            'torch.bmm(outgᵀ, acts): einsum permutes its output into a fresh tensor',
-            check=lambda: torch.testing.assert_close(torch.einsum('bto,bti->boi', g, a), torch.bmm(g.transpose(1, 2), a)))
-        # finite checks
-        add(f'_check_finite of acts+outg {shape}',
-            lambda: (bool(torch.isfinite(a).all()), bool(torch.isfinite(g).all())),
-            lambda: bool(torch.isfinite(a.sum() + g.sum())), 'one reduction: a sum is non-finite iff an entry is (or overflows)')
-        # preconditioning of 16 query gradients
-        V = torch.randn(q, o, i, dtype=torch.float64); D = torch.rand(o, i, dtype=torch.float64) + .1
-        D32, V32 = D.float(), V.float()
-        add(f'precondition {q} queries {shape}', lambda: QS @ ((QS.T @ V @ QA) / D) @ QA.T,
-            lambda: QS32 @ ((QS32.T @ V32 @ QA32) / D32) @ QA32.T, 'float32 rotations (Kronfluence default)')
-        # rank-r SVD of the preconditioned queries
-        P = QS @ ((QS.T @ V @ QA) / D) @ QA.T
-        def svd_cur():
-            U, S, Vh = torch.linalg.svd(P, full_matrices=False)
-            return U[..., :r] * S[:, None, :r], Vh[:, :r].transpose(-1, -2)
-        def svd_gram():                                          # top-r of PᵀP (or PPᵀ), float64, exact up to rounding
-            if o >= i:
-                ev, W = torch.linalg.eigh(P.transpose(-1, -2) @ P)       # [q, i, i]
-                Vr = W[..., -r:].flip(-1); return P @ Vr, Vr
-            ev, W = torch.linalg.eigh(P @ P.transpose(-1, -2))           # [q, o, o]
-            Ur = W[..., -r:].flip(-1); return Ur, P.transpose(-1, -2) @ Ur
-        def check_svd():
-            U1, V1 = svd_cur(); U2, V2 = svd_gram()
-            torch.testing.assert_close(U1 @ V1.transpose(-1, -2), U2 @ V2.transpose(-1, -2), rtol=1e-6, atol=1e-9)
-        add(f'rank-{r} SVD of {q} preconditioned queries {shape}', svd_cur, svd_gram,
-            'top-r eigenvectors of the small Gram matrix PᵀP (float64): U·S = P·V_r', check=check_svd)
-        # dense reconstruction per batch in the "grad" path
-        U, Vr = svd_cur(); G = torch.randn(B, o, i)
-        U32, Vr32 = U.float(), Vr.float(); Pd = (U32 @ Vr32.transpose(-1, -2))
-        G32 = torch.randn(B, o, i); P32 = V.float()
-        Pflat = P32.reshape(q, -1).contiguous()
-        add(f'"grad" path contraction ⟨q̃, DW̄_b⟩ per batch {shape}', lambda: torch.einsum('qoi,boi->qb', P32, G32),
-            lambda: Pflat @ G32.reshape(B, -1).T, 'one mm against the query matrix flattened once (einsum permutes/copies '
-            'the 16 preconditioned queries in every batch)',
-            check=lambda: torch.testing.assert_close(torch.einsum('qoi,boi->qb', P32, G32), Pflat @ G32.reshape(B, -1).T,
-                                                     rtol=1e-4, atol=1e-2))
-        add(f'rank-{r} "grad" contraction per batch {shape}',
-            lambda: torch.einsum('qoi,boi->qb', U32 @ Vr32.transpose(-1, -2), G),
-            lambda: torch.einsum('qoi,boi->qb', Pd, G), 'reconstruct U Vᵀ once, not in every batch')
-    # pseudo-label sampling (true Fisher), one batch of W1: per-row multinomial vs inverse CDF
-    import hashlib
-    V_ = 2048
-    logits = torch.randn(B, T - 1, V_)
+def _orth(n):
+    "A random orthogonal float64 [n, n] matrix, column-major like the engine's eigenbasis Q."
+    import torch
+    x = torch.randn(n, n, dtype=torch.float64)
+    return torch.linalg.eigh(x @ x.T)[1]
+
+
+def _micro_pass1(add, a2, g2, o, i, shape, threads):
+    "Pass 1 (covariances): float32 addmm_, a float64 accumulator through a buffer, and BLAS ssyrk on the wide side."
+    import torch
+    A64 = torch.zeros(i, i, dtype=torch.float64); A32 = torch.zeros(i, i); buf = torch.empty(i, i)
+    add(f'pass 1: A += aᵀa per batch {shape}', lambda: A64.add_((a2.T @ a2).double().cpu()),
+        lambda: A32.addmm_(a2.T, a2), 'float32 addmm_ into a preallocated buffer (convert once at the end)')
+    add(f'pass 1: same, keeping a float64 accumulator {shape}', lambda: A64.add_((a2.T @ a2).double().cpu()),
+        lambda: A64.add_(torch.mm(a2.T, a2, out=buf)), 'mm(out=buffer) then in-place add_ into float64')
+    if o < i: return               # the 1024-wide side: a symmetric rank-k update computes one triangle (half the work)
+    try:
+        import numpy as np
+        from scipy.linalg import blas
+        from threadpoolctl import threadpool_limits
+    except ImportError: return
+    S32 = torch.zeros(o, o); SF = np.zeros((o, o), dtype=np.float32, order='F'); gF = g2.numpy().T
+    def syrk():
+        with threadpool_limits(threads): blas.ssyrk(1.0, gF, beta=1.0, c=SF, trans=0, lower=0, overwrite_c=1)
+    def check_syrk():
+        c = blas.ssyrk(1.0, gF, trans=0, lower=0); c = np.triu(c) + np.triu(c, 1).T
+        torch.testing.assert_close(torch.from_numpy(c), g2.T @ g2, rtol=1e-4, atol=1e-3)
+    add(f'pass 1: S += dᵀd, d_out={o} (torch addmm_ vs BLAS ssyrk)', lambda: S32.addmm_(g2.T, g2), syrk,
+        'scipy.linalg.blas.ssyrk on a numpy view (CPU only): upper triangle, symmetrise once at the end', check=check_syrk)
+
+
+def _micro_pass2(add, a, g, QA, QS, shape):
+    "Pass 2 (Λ), per-sequence gradients and the finite check of one batch `a` [B, T, i], `g` [B, T, o]."
+    import torch
+    o, i = QS.shape[0], QA.shape[0]
+    lam, lam32 = torch.zeros(o, i, dtype=torch.float64), torch.zeros(o, i)
+    QA32, QS32 = QA.float().contiguous(), QS.float().contiguous()
+    def lam_cur():
+        rot = torch.einsum('bto,bti->boi', g @ QS.to(g.dtype), a @ QA.to(a.dtype))
+        lam.add_((rot ** 2).sum(0).double().cpu())
+    def lam_alt():
+        rot = torch.bmm((g @ QS32).transpose(1, 2), a @ QA32)
+        lam32.add_(rot.square_().sum(0))
+    add(f'pass 2: Λ += Σ_b (Q_Sᵀ DW̄_b Q_A)² {shape}', lam_cur, lam_alt,
+        'cached float32 contiguous Q, bmm instead of einsum, in-place square, float32 accumulator')
+    add(f'seq_grads {shape}', lambda: torch.einsum('bto,bti->boi', g, a), lambda: torch.bmm(g.transpose(1, 2), a),
+        'torch.bmm(outgᵀ, acts): einsum permutes its output into a fresh tensor',
+        check=lambda: torch.testing.assert_close(torch.einsum('bto,bti->boi', g, a), torch.bmm(g.transpose(1, 2), a)))
+    add(f'_check_finite of acts+outg {shape}',
+        lambda: (bool(torch.isfinite(a).all()), bool(torch.isfinite(g).all())),
+        lambda: bool(torch.isfinite(a.sum() + g.sum())), 'one reduction: a sum is non-finite iff an entry is (or overflows)')
+
+
+def _top_r(P, r):
+    "Rank-`r` factors (U·S, V) of the preconditioned queries P [q, o, i] by a full SVD: the engine's expression."
+    import torch
+    U, S, Vh = torch.linalg.svd(P, full_matrices=False)
+    return U[..., :r] * S[:, None, :r], Vh[:, :r].transpose(-1, -2)
+
+
+def _top_r_gram(P, r):
+    "The same from the top-r eigenvectors of the small Gram matrix PᵀP (or PPᵀ), float64, exact up to rounding."
+    import torch
+    o, i = P.shape[-2:]
+    if o >= i:
+        W = torch.linalg.eigh(P.transpose(-1, -2) @ P)[1]               # [q, i, i]
+        Vr = W[..., -r:].flip(-1); return P @ Vr, Vr
+    W = torch.linalg.eigh(P @ P.transpose(-1, -2))[1]                   # [q, o, o]
+    Ur = W[..., -r:].flip(-1); return Ur, P.transpose(-1, -2) @ Ur
+
+
+def _micro_queries(add, QA, QS, B, q, r, shape):
+    "Preconditioning `q` query gradients, their rank-`r` SVD, and the per-batch contraction of the \"grad\" path."
+    import torch
+    o, i = QS.shape[0], QA.shape[0]
+    QA32, QS32 = QA.float().contiguous(), QS.float().contiguous()
+    V = torch.randn(q, o, i, dtype=torch.float64); D = torch.rand(o, i, dtype=torch.float64) + .1
+    D32, V32 = D.float(), V.float()
+    add(f'precondition {q} queries {shape}', lambda: QS @ ((QS.T @ V @ QA) / D) @ QA.T,
+        lambda: QS32 @ ((QS32.T @ V32 @ QA32) / D32) @ QA32.T, 'float32 rotations (Kronfluence default)')
+    P = QS @ ((QS.T @ V @ QA) / D) @ QA.T
+    def check_svd():
+        U1, V1 = _top_r(P, r); U2, V2 = _top_r_gram(P, r)
+        torch.testing.assert_close(U1 @ V1.transpose(-1, -2), U2 @ V2.transpose(-1, -2), rtol=1e-6, atol=1e-9)
+    add(f'rank-{r} SVD of {q} preconditioned queries {shape}', lambda: _top_r(P, r), lambda: _top_r_gram(P, r),
+        'top-r eigenvectors of the small Gram matrix PᵀP (float64): U·S = P·V_r', check=check_svd)
+    U, Vr = _top_r(P, r); G = torch.randn(B, o, i)
+    U32, Vr32 = U.float(), Vr.float(); Pd = (U32 @ Vr32.transpose(-1, -2))
+    G32 = torch.randn(B, o, i); P32 = V.float()
+    Pflat = P32.reshape(q, -1).contiguous()
+    add(f'"grad" path contraction ⟨q̃, DW̄_b⟩ per batch {shape}', lambda: torch.einsum('qoi,boi->qb', P32, G32),
+        lambda: Pflat @ G32.reshape(B, -1).T, 'one mm against the query matrix flattened once (einsum permutes/copies '
+        'the 16 preconditioned queries in every batch)',
+        check=lambda: torch.testing.assert_close(torch.einsum('qoi,boi->qb', P32, G32), Pflat @ G32.reshape(B, -1).T,
+                                                 rtol=1e-4, atol=1e-2))
+    add(f'rank-{r} "grad" contraction per batch {shape}',
+        lambda: torch.einsum('qoi,boi->qb', U32 @ Vr32.transpose(-1, -2), G),
+        lambda: torch.einsum('qoi,boi->qb', Pd, G), 'reconstruct U Vᵀ once, not in every batch')
+
+
+def _micro_sampling(add, B, T, vocab=2048):
+    "Pseudo-label sampling (true Fisher), one batch of W1: per-row multinomial against an inverse CDF."
+    import hashlib, torch
+    logits = torch.randn(B, T - 1, vocab)
     gens = lambda: [torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(f'0/0/{k}'.encode(), digest_size=8).digest(), 'little') >> 1) for k in range(B)]
     def samp_cur():
         probs = logits.softmax(-1); out = torch.empty(B, T - 1, dtype=torch.long)
@@ -984,9 +1004,27 @@ def micro(threads=1, B=8, T=128, q=16, r=RANK):
     def samp_alt():
         cdf = logits.softmax(-1).cumsum_(-1)
         u = torch.stack([torch.rand(T - 1, generator=gk) for gk in gens()])[..., None] * cdf[..., -1:]
-        return torch.searchsorted(cdf, u)[..., 0].clamp_max_(V_ - 1)
-    add('pseudo-label sampling, one batch (8×127 tokens, vocab 2048)', samp_cur, samp_alt,
+        return torch.searchsorted(cdf, u)[..., 0].clamp_max_(vocab - 1)
+    add(f'pseudo-label sampling, one batch ({B}×{T - 1} tokens, vocab {vocab})', samp_cur, samp_alt,
         'inverse CDF: one uniform per token (per-sequence generators kept) + cumsum + searchsorted')
+
+
+def micro(threads=1, B=8, T=128, q=16, r=RANK,
+          shapes=((1024, 256), (256, 1024)), # (d_out, d_in) of the layers timed: W1's MLP matrices
+         ):
+    "Each row: the engine's current expression for one W1 layer, and the alternative; same result asserted."
+    import torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rows = []; add = _micro_adder(rows)
+    for o, i in shapes:
+        shape = f'(o={o}, i={i})'
+        a = torch.randn(B, T, i); g = torch.randn(B, T, o)                # [B, T, d_in], [B, T, d_out]
+        _micro_pass1(add, a.reshape(-1, i), g.reshape(-1, o), o, i, shape, threads)
+        QA, QS = _orth(i), _orth(o)
+        _micro_pass2(add, a, g, QA, QS, shape)
+        _micro_queries(add, QA, QS, B, q, r, shape)
+    _micro_sampling(add, B, T)
     lines = ['| hot spot (one W1 layer / batch) | current (ms CPU) | alternative (ms CPU) | speed-up | alternative |',
              '|---|---|---|---|---|']
     for what, a, b, note in rows:

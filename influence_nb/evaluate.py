@@ -11,12 +11,13 @@ __all__ = ['SCHEMA_VERSION', 'PROBLEMS', 'TASKS', 'ON_PROBLEMS', 'LDS_TASKS', 'S
            'main']
 
 # %% ../nbs/20_validation.ipynb #3da440f9
-import argparse, copy, datetime, json, os, platform, random, sys, tempfile, time
+import argparse, copy, datetime, json, os, platform, random, sys, time
 from pathlib import Path
 import numpy as np, torch
 from torch import nn
 from scipy.stats import pearsonr, spearmanr
 import influence_nb as inf
+from .artefact import atomic_write
 from .data import data_dir
 from .modules import find_modules
 from .pbrf import pbrf_scores
@@ -633,10 +634,9 @@ STATED = {
 
 # %% ../nbs/20_validation.ipynb #ec6aed65
 def save_json(obj, path):
-    "Write JSON atomically (a reader never sees half a file)."
+    "Write JSON atomically (a reader never sees half a file), readable by all (0644) like any results file."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile('w', dir=path.parent, suffix='.tmp', delete=False) as fh: json.dump(obj, fh)
-    os.chmod(fh.name, 0o644); os.replace(fh.name, path)
+    atomic_write(path, json.dumps(obj), mode=0o644)
 
 def default_cache() -> Path:
     "Where the resumable per-point PBRF and per-subset retraining results go: `<influence_nb cache>/validation`."

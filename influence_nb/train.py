@@ -4,12 +4,13 @@
 
 # %% ../nbs/12_train.ipynb #e2965070
 from __future__ import annotations
-import json, math, os, time, random
+import json, math, time, random
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 import pandas as pd
 from fastcore.imports import IN_NOTEBOOK
+from .artefact import atomic_write
 
 # %% auto #0
 __all__ = ['SIZES', 'VOCAB_SIZE', 'CONTEXT', 'BOS_ID', 'PAD_ID', 'RECIPES', 'model_config', 'n_params', 'encode_records',
@@ -350,8 +351,7 @@ def save_checkpoint(model, # the trained model
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     if tokenizer is not None: tokenizer.save_pretrained(str(out_dir))
-    def dump(fname, obj):
-        tmp = out_dir/(fname + '.tmp'); tmp.write_text(json.dumps(obj, indent=1) + '\n'); os.replace(tmp, out_dir/fname)
+    def dump(fname, obj): atomic_write(out_dir/fname, json.dumps(obj, indent=1) + '\n', mode=0o644)
     if history is not None: dump('train_log.json', history)
     if metrics is not None: dump('metrics.json', metrics)
     if recall_table is not None: recall_table.to_parquet(out_dir/'recall.parquet', index=False)

@@ -1,4 +1,5 @@
-"""Small random sequences and prompt/completion queries: the one definition the test files share.
+"""Small random sequences, prompt/completion queries and tanh networks, and the tracked parameter names of a model:
+the one definition the test files share.
 
 Token ids are drawn from [1, top): `top=VOCAB - 1` by default (the reliability and property tests), `top=VOCAB` where
 a test file has always used the whole vocabulary (test_search, test_engine, test_architectures). The draws happen in
@@ -26,3 +27,15 @@ def rand_queries(n, seed=1, length=6, completion=2, top=VOCAB - 1):
     return inf.as_sequences([{'input_ids': torch.randint(1, top, (length,), generator=g),
                               'labels': [-100] * (length - completion) + torch.randint(1, top, (completion,), generator=g).tolist()}
                              for _ in range(n)])
+
+
+def tanh_mlp(widths, seed=0):
+    "A float64 MLP: Linear layers of `widths` (input, hidden..., output) with Tanh between, initialised after `torch.manual_seed(seed)`."
+    torch.manual_seed(seed)
+    layers = [m for d_in, d_out in zip(widths, widths[1:]) for m in (torch.nn.Linear(d_in, d_out), torch.nn.Tanh())]
+    return torch.nn.Sequential(*layers[:-1]).double()                   # no Tanh after the output layer
+
+
+def param_names(model, modules):
+    "The parameter names of the layers `modules` selects (`inf.find_modules`), in the order the engine lays them out."
+    return [n for layer in inf.find_modules(model, modules) for n, _ in layer.params()]

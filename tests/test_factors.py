@@ -5,34 +5,51 @@ import influence_nb as inf
 from influence_nb.ekfac import Factors, fit_factors, STRATEGIES, ITERATIVE
 from influence_nb.modules import find_modules, tiny_model
 from influence_nb.scores import ClassifierAsLM, RegressorAsLM
+from randdata import tanh_mlp
 
 
 def _classifier(seed=0, n=7, d=4, h=5, C=3):
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Tanh(), torch.nn.Linear(h, C)).double()
-    X = torch.randn(n, d, dtype=torch.float64)
+    net = tanh_mlp((d, h, C), seed)
+    X = torch.randn(n, d, dtype=torch.float64)                         # the global generator, after the weights
     model = ClassifierAsLM(net, X).eval()
     y = torch.randint(0, C, (n,)).tolist()
     return model, X, ClassifierAsLM.sequences(range(n), y)
 
 
-def _brute_force(model, layers, seqs, labels_of, probs_of, Q):
-    "S, Λ as Σ over every labelling of each sequence's scored tokens, weighted by its probability (autograd, float64)."
+def _brute_force(model, layers, cases, Q):
+    """S, Λ as the probability-weighted Σ over every labelling of each sequence's scored tokens, averaged over the
+    sequences (autograd, float64). `cases`: per sequence, `(input_ids [T], [(labels [T], probability), ...])`;
+    `Q`: layer name -> (Q_S, Q_A), the eigenbasis Λ is rotated into."""
     S = {l.name: 0 for l in layers}; Lam = {l.name: 0 for l in layers}
-    for s in seqs:
-        for ys, w in zip(labels_of(s), probs_of(s)):
-            ids = s['input_ids'][None]
-            lab = torch.full_like(ids, -100); lab[0, ys[0]] = ys[1]
-            model.zero_grad()
-            logits = model(input_ids=ids).logits
-            inf.kfac.summed_loss(logits, lab).backward()
-            for l in layers:
-                g = l.canonical_grad().double()                                  # DW̄(y) = Σ_t Ds_t āᵀ_t
-                ds = g[:, -1]                                                    # the bias column: Σ_t Ds_t (one scored token)
-                S[l.name] = S[l.name] + w * torch.outer(ds, ds)
-                QS, QA = Q[l.name]
-                Lam[l.name] = Lam[l.name] + w * (QS.T @ g @ QA) ** 2
-    return {n: v / len(seqs) for n, v in S.items()}, {n: v / len(seqs) for n, v in Lam.items()}
+    outs = {}
+    def keep(name):
+        def hook(mod, inputs, out): out.retain_grad(); outs[name] = out
+        return hook
+    hooks = [l.module.register_forward_hook(keep(l.name)) for l in layers]
+    try:
+        for ids, labellings in cases:
+            for lab, w in labellings:
+                model.zero_grad()
+                inf.kfac.summed_loss(model(input_ids=ids[None]).logits, lab[None]).backward()
+                for l in layers:
+                    g = l.canonical_grad().double()                              # DW̄(y) = Σ_t Ds_t āᵀ_t
+                    ds = outs[l.name].grad[0].double()                           # [T, d_out]
+                    S[l.name] = S[l.name] + w * ds.T @ ds
+                    QS, QA = Q[l.name]
+                    Lam[l.name] = Lam[l.name] + w * (QS.T @ g @ QA) ** 2
+    finally:
+        for h in hooks: h.remove()
+    return {n: v / len(cases) for n, v in S.items()}, {n: v / len(cases) for n, v in Lam.items()}
+
+
+def _assert_exact_fisher(f, model, layers, cases, rel_S, rel_Lam):
+    "The fitted S and Λ of `f` equal `_brute_force` (in `f`'s own eigenbasis) to `rel_*` × their largest entry."
+    Q = {l.name: (f.tensors[l.name]['QS'], f.tensors[l.name]['QA']) for l in layers}
+    S, Lam = _brute_force(model, layers, cases, Q)
+    for l in layers:
+        t = f.tensors[l.name]
+        assert torch.allclose(t['S'], S[l.name], rtol=0, atol=rel_S * float(S[l.name].abs().max()))
+        assert torch.allclose(t['Lambda'], Lam[l.name], rtol=0, atol=rel_Lam * float(Lam[l.name].abs().max()))
 
 
 def test_exact_fisher_classifier_equals_sum_over_labels(one_thread):
@@ -42,13 +59,9 @@ def test_exact_fisher_classifier_equals_sum_over_labels(one_thread):
     f = fit_factors(model, seqs, 'ekfac', modules='all', fisher='exact', factor_dtype='float64', progress=False)
     seqs_n = inf.data.check_sequences(model, seqs, 'train')
     with torch.no_grad(): P = [model(input_ids=s['input_ids'][None]).logits[0, 0].softmax(-1) for s in seqs_n]
-    probs = {id(s): p for s, p in zip(seqs_n, P)}
-    Q = {l.name: (f.tensors[l.name]['QS'], f.tensors[l.name]['QA']) for l in layers}
-    S, Lam = _brute_force(model, layers, seqs_n, lambda s: [(1, c) for c in range(3)], lambda s: probs[id(s)].tolist(), Q)
-    for l in layers:
-        t = f.tensors[l.name]
-        assert torch.allclose(t['S'], S[l.name], rtol=0, atol=1e-12 * float(S[l.name].abs().max()))
-        assert torch.allclose(t['Lambda'], Lam[l.name], rtol=0, atol=1e-10 * float(Lam[l.name].abs().max()))
+    def labelled(c): lab = torch.full((2,), -100); lab[1] = c; return lab       # position 1 scored, as class c
+    cases = [(s['input_ids'], [(labelled(c), float(p[c])) for c in range(3)]) for s, p in zip(seqs_n, P)]
+    _assert_exact_fisher(f, model, layers, cases, rel_S=1e-12, rel_Lam=1e-10)
     # A does not depend on the labels: the mean of ā āᵀ over both positions of every sequence
     a = torch.cat([X, torch.ones(len(X), 1, dtype=torch.float64)], 1)
     A0 = 2 * a.T @ a / (2 * len(X))
@@ -62,29 +75,9 @@ def test_exact_fisher_several_tokens_equals_sum_over_labellings(one_thread):
     seq = {'input_ids': torch.tensor([3, 7, 11, 5]), 'labels': torch.tensor([-100, -100, 11, 5])}   # positions 1, 2 scored
     f = fit_factors(m, [seq], 'ekfac', fisher='exact', factor_dtype='float64', progress=False)
     with torch.no_grad(): p = m(input_ids=seq['input_ids'][None]).logits[0].softmax(-1)    # [T, 32]
-    Q = {l.name: (f.tensors[l.name]['QS'], f.tensors[l.name]['QA']) for l in layers}
-    Lam = {l.name: 0 for l in layers}; S = {l.name: 0 for l in layers}
-    store = {}
-    def keep(name):
-        def hook(mod, inputs, out): out.retain_grad(); store[name] = out
-        return hook
-    hooks = [l.module.register_forward_hook(keep(l.name)) for l in layers]
-    for y1, y2 in itertools.product(range(32), range(32)):
-        w = float(p[1, y1] * p[2, y2])
-        m.zero_grad()
-        lab = torch.tensor([[-100, -100, y1, y2]])
-        inf.kfac.summed_loss(m(input_ids=seq['input_ids'][None]).logits, lab).backward()
-        for l in layers:
-            g = l.canonical_grad().double()
-            QS, QA = Q[l.name]
-            Lam[l.name] = Lam[l.name] + w * (QS.T @ g @ QA) ** 2
-            ds = store[l.name].grad[0]                                          # [T, d_out]
-            S[l.name] = S[l.name] + w * ds.T @ ds
-    for h in hooks: h.remove()
-    for l in layers:
-        t = f.tensors[l.name]
-        assert torch.allclose(t['Lambda'], Lam[l.name], rtol=0, atol=1e-9 * float(Lam[l.name].abs().max()))
-        assert torch.allclose(t['S'], S[l.name], rtol=0, atol=1e-9 * float(S[l.name].abs().max()))
+    labellings = [(torch.tensor([-100, -100, y1, y2]), float(p[1, y1] * p[2, y2]))
+                  for y1, y2 in itertools.product(range(32), range(32))]
+    _assert_exact_fisher(f, m, layers, [(seq['input_ids'], labellings)], rel_S=1e-9, rel_Lam=1e-9)
 
 
 def test_exact_fisher_is_the_limit_of_many_samples(one_thread):
@@ -100,8 +93,7 @@ def test_exact_fisher_is_the_limit_of_many_samples(one_thread):
 
 def test_exact_fisher_regressor_identity_hessian(one_thread):
     "Squared error: the output Hessian is I, so the output layer's S is exactly I (one scored token per example)."
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    net = tanh_mlp((3, 4, 2), seed=0)
     X, Y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     model = RegressorAsLM(net, X, Y).eval()
     f = fit_factors(model, RegressorAsLM.sequences(range(5)), 'kfac', modules='all', fisher='exact',

@@ -3,6 +3,7 @@ import pytest
 import torch
 from influence_nb.pbrf import (bregman_objective, pbrf_response, pbrf_influence, gnvp, lissa_ihvp, cg_ihvp,
                                FlatProblem, ggn_matrix, loss_grads)
+from randdata import tanh_mlp
 
 f64 = torch.float64
 
@@ -61,11 +62,8 @@ def test_gnvp_linear_exact(linear_problem):
 
 
 def _classifier():
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6), torch.nn.Tanh(),
-                              torch.nn.Linear(6, 3)).double()
-    X = torch.randn(30, 3, dtype=f64, generator=g)
+    net = tanh_mlp((3, 6, 6, 3), seed=0)
+    X = torch.randn(30, 3, dtype=f64, generator=torch.Generator().manual_seed(0))
     y = (X[:, 0] > 0).long() + (X[:, 1] > 0.5).long()
     return net, X, y
 

@@ -8,14 +8,10 @@ from influence_nb.ekfac import Factors, FACTOR_STRATEGIES, ITERATIVE
 from influence_nb.solver import IterativeSolver, eager_attention
 from influence_nb.search import _config
 from influence_nb.theory import exact_influence
-from randdata import rand_seqs, rand_queries
+from randdata import param_names, rand_seqs, rand_queries
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
 f64 = torch.float64
-
-
-def _names(model, modules='mlp'):
-    return [n for layer in inf.find_modules(model, modules) for n, _ in layer.params()]
 
 
 @pytest.fixture(scope='module')
@@ -39,7 +35,7 @@ def test_solver_scores_are_exact_influence_for_every_entry_point(lm):
     "pairwise (total and per layer), self and scan with a converged 'cg' / 'pcg' solver equal exact influence (dense GGN)."
     m, train, queries = lm
     lam = 0.05
-    both = exact_influence(m, _names(m), [*queries, *train], train, lam)           # [3 + 8, 8], 01_theory
+    both = exact_influence(m, param_names(m, 'mlp'), [*queries, *train], train, lam)           # [3 + 8, 8], 01_theory
     exact, exact_self = both[:len(queries)], torch.diagonal(both[len(queries):])
     for strategy in ('cg', 'pcg'):
         f = inf.fit_factors(m, train, strategy, solver=dict(tol=1e-11, max_iter=500), progress=False)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 import influence_nb as inf
-from influence_nb.modules import find_modules
 from influence_nb.theory import exact_influence
 from influence_nb.pbrf import pbrf_response, pbrf_influence
+from randdata import param_names, tanh_mlp
 
 f64 = torch.float64
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,11 +31,9 @@ def _trained(net, X, loss_fn, steps=60, lr=0.03):
 
 @pytest.fixture(scope='module')
 def classifier():
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    X = torch.randn(28, 4, dtype=f64, generator=g)
+    X = torch.randn(28, 4, dtype=f64, generator=torch.Generator().manual_seed(0))
     y = (X[:, 0] > 0).long() + (X[:, 1] + X[:, 2] > 0.5).long()      # 3 classes
-    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    net = tanh_mlp((4, 6, 3), seed=0)
     _trained(net, X[:24], lambda out: torch.nn.functional.cross_entropy(out, y[:24]))
     clf = inf.ClassifierAsLM(net, X)
     fit = inf.ClassifierAsLM.sequences(range(24), y[:24])
@@ -46,10 +44,9 @@ def classifier():
 @pytest.fixture(scope='module')
 def regressor():
     g = torch.Generator().manual_seed(1)
-    torch.manual_seed(1)
     X = torch.randn(24, 3, dtype=f64, generator=g)
     Y = torch.stack([X[:, 0] * X[:, 1], torch.sin(X[:, 2])], 1) + 0.1 * torch.randn(24, 2, dtype=f64, generator=g)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+    net = tanh_mlp((3, 6, 2), seed=1)
     _trained(net, X[:20], lambda out: 0.5 * (out - Y[:20]).pow(2).sum(1).mean())
     reg = inf.RegressorAsLM(net, X, Y)
     return reg, net, X, Y, inf.RegressorAsLM.sequences(range(20)), inf.RegressorAsLM.sequences(range(20, 24))
@@ -68,17 +65,17 @@ def _dense_regression(net, X, Y, fit_idx):
     return G, grads
 
 
-def _names(model, modules='all'):
-    return [n for l in find_modules(model, modules) for n, _ in l.params()]
+def _cg_equals_exact(model, fit, queries, modules, lam, rel):
+    "CG at tolerance 1e-10 through `pairwise_scores` equals the dense float64 solve of 01_theory to `rel` × the largest score."
+    f = inf.fit_factors(model, fit, 'cg', modules=modules, progress=False, solver={'tol': 1e-10})
+    sc = inf.pairwise_scores(model, f, queries, fit, damping=lam, progress=False).total.double()
+    ex = exact_influence(model, param_names(model, modules), queries, fit, lam)
+    torch.testing.assert_close(sc, ex, rtol=0, atol=rel * ex.abs().max().item())
 
 
 def test_cg_pairwise_equals_exact_classifier(classifier):
     clf, fit, queries = classifier
-    lam = 0.03
-    f = inf.fit_factors(clf, fit, 'cg', modules='all', progress=False, solver={'tol': 1e-10})
-    sc = inf.pairwise_scores(clf, f, queries, fit, damping=lam, progress=False).total.double()
-    ex = exact_influence(clf, _names(clf), queries, fit, lam)
-    torch.testing.assert_close(sc, ex, rtol=0, atol=1e-7 * ex.abs().max().item())
+    _cg_equals_exact(clf, fit, queries, 'all', lam=0.03, rel=1e-7)
 
 
 def test_cg_pairwise_equals_exact_regressor(regressor):
@@ -100,7 +97,7 @@ def test_lissa_pairwise_close_to_exact(classifier, regressor):
     "LiSSA (full-batch recursion, 150 steps) lands within a few % of exact influence, on cross-entropy and squared error."
     clf, fit, queries = classifier
     lam = 0.1
-    ex = exact_influence(clf, _names(clf), queries, fit, lam)
+    ex = exact_influence(clf, param_names(clf, 'all'), queries, fit, lam)
     f = inf.fit_factors(clf, fit, 'lissa', modules='all', progress=False, solver={'depth': 150})
     sc = inf.pairwise_scores(clf, f, queries, fit, damping=lam, progress=False).total.double()
     assert ((sc - ex).norm() / ex.norm()).item() < 0.03
@@ -123,11 +120,7 @@ def test_cg_pairwise_equals_exact_tiny_lm():
     train = inf.as_sequences([torch.randint(1, 24, (int(n),), generator=g) for n in torch.randint(4, 9, (10,), generator=g)])
     q = torch.randint(1, 24, (7,), generator=g)
     queries = inf.as_sequences([{'input_ids': q, 'labels': [-100] * 4 + q[4:].tolist()}])
-    lam = 0.01
-    f = inf.fit_factors(lm, train, 'cg', modules='mlp', progress=False, solver={'tol': 1e-10})
-    sc = inf.pairwise_scores(lm, f, queries, train, damping=lam, progress=False).total.double()
-    ex = exact_influence(lm, _names(lm, 'mlp'), queries, train, lam)
-    torch.testing.assert_close(sc, ex, rtol=0, atol=1e-6 * ex.abs().max().item())
+    _cg_equals_exact(lm, train, queries, 'mlp', lam=0.01, rel=1e-6)
 
 
 def test_regressor_pbrf_derivative(regressor):

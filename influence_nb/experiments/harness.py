@@ -4,13 +4,14 @@
 
 # %% ../../nbs/19_experiments.ipynb #cb4af1e0
 from __future__ import annotations
-import argparse, hashlib, importlib, json, math, os, random, sys, tempfile, time
+import argparse, importlib, json, math, random, sys, tempfile, time
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np, torch
 import influence_nb as inf
-from ..data import data_dir, completion_logprobs
+from ..artefact import atomic_write, digest, replacing
+from ..data import cache_dir, data_dir, completion_logprobs
 from ..corpus import load_corpus, load_queries, load_facts, load_passages
 from ..train import load_model, load_tokenizer
 from ..tfidf import TokenIndex
@@ -90,7 +91,7 @@ def fact_queries(d:Data, cfg:dict=CFG) -> tuple[list, list]:
     return eng, xs
 
 # %% ../../nbs/19_experiments.ipynb #479cadbb
-CACHE = Path(os.environ.get('INFLUENCE_NB_CACHE', Path.home()/'.cache'/'influence_nb'))
+CACHE = cache_dir()   # `INFLUENCE_NB_CACHE` or ~/.cache/influence_nb, read once at import
 
 def fit_sample(d:Data, cfg:dict=CFG) -> list[int]:
     "The seeded training records the factors are fitted on."
@@ -135,7 +136,7 @@ class Run:
     def stage_path(self, stage) -> Path:
         cfg = {k: self.cfg[k] for k in STAGE_KEYS[stage]}
         if stage == 'unfiltered': cfg['full'] = self.size in self.cfg['full_split']
-        key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+        key = digest([json.dumps(cfg, sort_keys=True)])[:10]
         return self.cache/'exp_stages'/f'{self.size}-{stage}-{self.factors.fingerprint[:16]}-{key}.npz'
 
     def load_stage(self, stage):
@@ -157,8 +158,8 @@ class Run:
         arrs = dict(idx=st['idx'], total=st['total'], **{f'L{j}': st['per_layer'][m] for j, m in enumerate(st['modules'])})
         for k in ('bm25_top', 'in_sample'):
             if k in st: arrs[k] = st[k]
-        tmp = p.with_name(p.stem + f'.{os.getpid()}.tmp.npz')
-        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrs); os.replace(tmp, p)
+        with replacing(p, mode=0o644) as tmp, open(tmp, 'wb') as fh:   # a file object: savez adds no '.npz'
+            np.savez(fh, meta=np.array(json.dumps(meta)), **arrs)
 
     def pool(self) -> dict:
         if self._pool is None: self._pool = self.load_stage('pool') or score_pool(self)
@@ -229,13 +230,12 @@ def load_results(path, missing_ok:bool=False) -> dict:
 def save_results(res:dict, path):
     "Write `res` to `path` atomically."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f'.{os.getpid()}.tmp'); tmp.write_text(json.dumps(res, indent=1, ensure_ascii=False) + '\n')
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(res, indent=1, ensure_ascii=False) + '\n', mode=0o644)
 
 class _locked:
     "An exclusive lock beside the results file, so runs of different sizes in parallel merge instead of overwrite."
     def __init__(self, path):
-        key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
+        key = digest([str(Path(path).resolve())])[:12]
         self.p = Path(tempfile.gettempdir())/f"influence_nb_experiments_{key}.lock"
     def __enter__(self):
         import fcntl
