@@ -28,11 +28,6 @@ def cpu(f):
     c = time.process_time(); out = f(); return time.process_time() - c, out
 
 
-def pearson(a, b):
-    import torch
-    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
-
-
 def w1(repeats, kron):
     import torch, influence_nb as inf
     model, train, queries, names = perf.build(perf.W1)
@@ -51,7 +46,7 @@ def w1(repeats, kron):
             runs.append(row)
     def stat(xs): return {'median': round(statistics.median(xs), 3), 'min': round(min(xs), 3), 'max': round(max(xs), 3)}
     out = {'runs': runs, 'cpu_seconds': {k: stat([r[k] for r in runs]) for k in runs[0]}, 'per_floor': {}, 'per_kron': {},
-           'scores_vs_default': {v: {'pearson': round(pearson(scores[v], scores['default']), 10),
+           'scores_vs_default': {v: {'pearson': round(perf.pearson(scores[v], scores['default']), 10),
                                      'max_rel': float((scores[v] - scores['default']).abs().max() / scores['default'].abs().max())}
                                  for v in VARIANTS if v != 'default'}}
     for v in VARIANTS:

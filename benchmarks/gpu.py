@@ -38,15 +38,11 @@ def rel_max(a, b):
     return float((a.double().cpu() - b.double().cpu()).abs().max() / b.double().abs().max())
 
 
-def pearson(a, b):
-    import torch
-    return float(torch.corrcoef(torch.stack([a.double().cpu().flatten(), b.double().cpu().flatten()]))[0, 1])
-
-
 def check(device):
     "Device results against CPU float64; returns a dict of measured errors and whether each is within its bound."
     import torch
     import influence_nb as inf
+    import perf
     ref_model, train, queries = small_problem()
     kw = dict(progress=False, batch_size=8)
     f64 = inf.fit_factors(ref_model, train, 'ekfac', fisher='empirical', **kw)   # data labels: no sampling to differ
@@ -65,8 +61,8 @@ def check(device):
     mbf = copy.deepcopy(ref_model).to(torch.bfloat16).to(device)
     sbf = inf.pairwise_scores(mbf, f64, queries, train, **kw).total
     if sbf.dtype != torch.float32: raise AssertionError(f'bf16 model: scores in {sbf.dtype}, expected float32')
-    out['bf16 scores vs float64: 1 - Pearson'] = (1 - pearson(sbf, ref), 1e-3)
-    out['bf16 self-scores vs float64: 1 - Pearson'] = (1 - pearson(inf.self_scores(mbf, f64, train, **kw), ref_self), 1e-3)
+    out['bf16 scores vs float64: 1 - Pearson'] = (1 - perf.pearson(sbf, ref), 1e-3)
+    out['bf16 self-scores vs float64: 1 - Pearson'] = (1 - perf.pearson(inf.self_scores(mbf, f64, train, **kw), ref_self), 1e-3)
     return {k: {'value': v, 'bound': b, 'ok': v <= b} for k, (v, b) in out.items()}
 
 

@@ -303,8 +303,9 @@ def child(stage, spec, workdir, threads):
 
 
 def pearson(a, b):
+    "Pearson correlation of two tensors of any shape, on any device."
     import torch
-    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a.double().cpu().flatten(), b.double().cpu().flatten()
     a, b = a - a.mean(), b - b.mean()
     return float((a @ b) / (a.norm() * b.norm()))
 
@@ -994,9 +995,10 @@ def _micro_queries(add, QA, QS, B, q, r, shape):
 
 def _micro_sampling(add, B, T, vocab=2048):
     "Pseudo-label sampling (true Fisher), one batch of W1: per-row multinomial against an inverse CDF."
-    import hashlib, torch
+    import torch
+    from influence_nb.kfac import seq_generator
     logits = torch.randn(B, T - 1, vocab)
-    gens = lambda: [torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(f'0/0/{k}'.encode(), digest_size=8).digest(), 'little') >> 1) for k in range(B)]
+    gens = lambda: [seq_generator(0, 0, k) for k in range(B)]                 # the engine's per-sequence generators
     def samp_cur():
         probs = logits.softmax(-1); out = torch.empty(B, T - 1, dtype=torch.long)
         for k, gk in enumerate(gens()): out[k] = torch.multinomial(probs[k], 1, generator=gk)[:, 0]

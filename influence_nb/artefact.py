@@ -14,7 +14,7 @@ from .data import corpus_rows
 
 # %% auto #0
 __all__ = ['tensor_bytes', 'digest', 'digest_file', 'temp_beside', 'replacing', 'atomic_write', 'read_jsonl', 'cache_records',
-           'append_record', 'write', 'read']
+           'append_record', 'path_lock', 'write', 'read']
 
 # %% ../nbs/05a_artefact.ipynb #a5b00003
 def tensor_bytes(t:torch.Tensor) -> bytes:
@@ -105,13 +105,15 @@ def append_record(path, rec:dict):
 
 # %% ../nbs/05a_artefact.ipynb #a5a00004
 @contextlib.contextmanager
-def _dir_lock(folder, exclusive:bool):
-    "An advisory lock on `folder` (POSIX flock): writers exclusive, readers shared. A no-op where flock is missing."
+def path_lock(path, # an existing file or folder
+              exclusive:bool=True, # True: one holder at a time (writers); False: shared (readers)
+             ):
+    "An advisory lock on `path` (POSIX flock), held inside the block. A no-op where flock is missing."
     try: import fcntl
     except ImportError: fcntl = None
     if fcntl is None:
         yield; return
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield
@@ -157,7 +159,7 @@ def write(folder:str|Path, # created if missing
     mine, committed = [], False   # this call's files to discard if it stops before its commit
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with _dir_lock(path, exclusive=True):    # one writer at a time swaps the pair of files
+        with path_lock(path, exclusive=True):    # one writer at a time swaps the pair of files
             _settle(path, name)                    # finish, or drop, what an interrupted write left behind
             mine.append(tmp_t := temp_beside(path/f'{name}.safetensors'))
             save_file(tensors, str(tmp_t), metadata={'format': format, 'meta': json.dumps(meta, sort_keys=True)})
@@ -204,7 +206,7 @@ def read(folder:str|Path, # a folder written by `write`
     jf, tf = path/f'{name}.json', path/f'{name}.safetensors'
     if not jf.exists() or not (tf.exists() or _pending(path, name).exists()):
         raise FileNotFoundError(f"No {what} in {path}: expected {jf.name} and {tf.name} (written by {writer}).")
-    with _dir_lock(path, exclusive=False):     # never read a pair that a writer is swapping
+    with path_lock(path, exclusive=False):     # never read a pair that a writer is swapping
         meta = _read_meta(jf, version, what, redo)
         if _committed_pending(path, name, meta): tf = _pending(path, name)   # stopped between commit and tidy
         elif not tf.exists() or digest_file(tf) != meta.get('sha256'):

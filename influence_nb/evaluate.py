@@ -19,7 +19,7 @@ from scipy.stats import pearsonr, spearmanr
 import influence_nb as inf
 from .artefact import atomic_write
 from .data import data_dir
-from .modules import find_modules
+from .modules import find_modules, layer_param_names
 from .pbrf import pbrf_scores
 from .theory import flat_blocks
 
@@ -202,7 +202,7 @@ def mlp_problem(task: str, cfg: dict,
     scores, secs, lam, f_ek = influence_methods(model, fit, points, queries, 'all', methods, cfg['damping_rel'],
                                                 batch_size=n, seed=cfg['seed'])
     say(f"{task}: λ = {lam:.3g}; " + ', '.join(f'{k} {v:.1f} s' for k, v in secs.items()))
-    names = [nm for layer in find_modules(model, 'all') for nm, _ in layer.params()]
+    names = layer_param_names(find_modules(model, 'all'))
     truth, t_pbrf, record = pbrf_truth(model, names, fit, points, queries, lam, cfg['eps'], cfg['rtol'], n, log=log,
                                        cache=Path(cache) / f'pbrf_{task}.jsonl' if cache else None)
     say(f"{task}: PBRF {t_pbrf:.0f} s, {record}")
@@ -418,7 +418,7 @@ def solver_benchmark(cfg: dict, # `CONFIGS['solver']`: the digits MLP, absolute 
     say = log or (lambda s: None)
     su = mlp_setup('classification', cfg)
     model, fit, queries = su['model'], su['fit'], su['queries']
-    names = [n for layer in find_modules(model, 'all') for n, _ in layer.params()]
+    names = layer_param_names(find_modules(model, 'all'))
     t0 = time.perf_counter()
     exact = exact_influence(model, names, queries, fit, cfg['damping'])       # [n_q, n_fit], dense float64 solve
     t_exact = time.perf_counter() - t0

@@ -10,7 +10,7 @@ import time
 import numpy as np, pandas as pd, torch
 from scipy.stats import pearsonr, spearmanr
 import influence_nb as inf
-from .modules import find_modules
+from .modules import find_modules, layer_param_names
 from .theory import exact_ggn, sequence_grads, influence_from_grads, flat_blocks
 
 # %% ../nbs/21_exact.ipynb #9e24004d
@@ -31,7 +31,7 @@ def compare(model,               # an LM-style model (or `ClassifierAsLM`)
         raise ValueError(f"`rel_damping` must be positive multiples of the mean diagonal of G, got {rel_damping}.")
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad: raise ValueError(f"`strategies` holds {bad}; choose from {STRATEGIES}.")
-    names = [n for layer in find_modules(model, modules) for n, _ in layer.params()]
+    names = layer_param_names(find_modules(model, modules))
     t0 = time.time()
     G = exact_ggn(model, names, fit)                                     # [P, P]
     gq, gt = sequence_grads(model, names, queries), sequence_grads(model, names, train)   # [n_q, P], [n_train, P]

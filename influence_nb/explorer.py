@@ -52,15 +52,8 @@ STRATEGIES_SHOWN = ('identity', 'diagonal', 'kfac', 'ekfac')  # factor-based str
 
 def layer_blocks(names: list[str], # tracked layer names, e.g. 'transformer.h.3.mlp.c_fc'
                 ) -> list[int]:    # the transformer block of each
-    "The block number in each layer name (the first dotted component that is an integer)."
-    out = []
-    for n in names:
-        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", n)
-        if m is None:
-            raise ValueError(f"layer {n!r} has no block number; the explorer's `blocks` range needs names like "
-                             "'transformer.h.3.mlp.c_fc'.")
-        out.append(int(m.group(1)))
-    return out
+    "The block number in each layer name (`viz.block_of`)."
+    return [viz.block_of(n, "the explorer's `blocks` range") for n in names]
 
 # %% ../nbs/10_explorer.ipynb #b7376c4e
 def default_query(queries: list[dict]) -> dict:

@@ -12,12 +12,13 @@ from .data import IGNORE_INDEX, batches, check_sequences
 from .modules import TrackedLayer, capture, find_modules
 
 # %% auto #0
-__all__ = ['EXACT_MAX_OUTPUTS', 'FACTOR_DTYPES', 'summed_loss', 'summed_loss_grad', 'check_fisher', 'fisher_sample',
-           'exact_cotangents', 'dist_info', 'all_reduce_sum', 'layer_passes', 'Gram', 'blas_threads',
+__all__ = ['EXACT_MAX_OUTPUTS', 'FACTOR_DTYPES', 'seq_generator', 'summed_loss', 'summed_loss_grad', 'check_fisher',
+           'fisher_sample', 'exact_cotangents', 'dist_info', 'all_reduce_sum', 'layer_passes', 'Gram', 'blas_threads',
            'resolve_factor_dtype', 'fit_covariances', 'eigen', 'precondition_eigen']
 
 # %% ../nbs/04_kfac.ipynb #e66b35a3
-def _seq_generator(seed:int, stream:int, index:int) -> torch.Generator:
+def seq_generator(seed:int, stream:int, index:int) -> torch.Generator:
+    "The random generator of sequence `index` in `stream` under `seed`: the same draws whatever the batch it lands in."
     h = hashlib.blake2b(f'{seed}/{stream}/{index}'.encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(h, 'little') & ((1 << 63) - 1))
 
@@ -28,7 +29,7 @@ def _sample_labels(probs:torch.Tensor, # [B, T-1, V] the model's predictive dist
     for r in range(len(targets)):
         m = targets[r] != IGNORE_INDEX
         if m.any():
-            g = _seq_generator(seed, stream, indices[r] if indices is not None else r)
+            g = seq_generator(seed, stream, indices[r] if indices is not None else r)
             c = probs[r, m].cumsum(-1)                                       # [scored tokens, V]: one row at a time
             u = torch.rand(int(m.sum()), 1, generator=g, dtype=c.dtype).to(c.device)
             targets[r, m] = torch.searchsorted(c, u * c[:, -1:])[:, 0].clamp_max(c.shape[-1] - 1)

@@ -13,7 +13,7 @@ from .data import eval_mode
 # %% auto #0
 __all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'is_experts', 'expert_params', 'TrackedLayer', 'candidate_modules',
            'blocks', 'block_coverage', 'check_not_reused', 'check_unshared', 'check_model', 'find_modules',
-           'tiny_model', 'Capture', 'experts_forward', 'capture']
+           'tiny_model', 'layer_param_names', 'Capture', 'experts_forward', 'capture']
 
 # %% ../nbs/03_modules.ipynb #8ec08ef3
 MLP_LEAVES = {   # how `modules="mlp"` recognises a block's feed-forward weights, whatever the architecture
@@ -325,6 +325,12 @@ def tiny_model(family:str='gpt2', # gpt2, gpt_neox, llama, mistral, opt, qwen2, 
     torch.manual_seed(seed)
     # eager attention and experts: plain matmuls, which torch.func (vmap/jacrev in `01_theory`) can batch, in any dtype
     return AutoModelForCausalLM.from_config(cfgs[family](), attn_implementation='eager', experts_implementation='eager').eval()
+
+# %% ../nbs/03_modules.ipynb #1efc67f1
+def layer_param_names(layers:list[TrackedLayer], # tracked layers (`find_modules`)
+                     ) -> list[str]:
+    "The full parameter names of `layers`, in the engine's layout order: layer by layer, each weight before its bias."
+    return [n for layer in layers for n, _ in layer.params()]
 
 # %% ../nbs/03_modules.ipynb #abfe050d
 class Capture:

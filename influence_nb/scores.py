@@ -500,11 +500,11 @@ class RegressorAsLM(ClassifierAsLM):
 
     def influence_loss(self, logits, labels, sample=False, seed=0, stream=0, indices=None):
         "`½ Σ ‖out − y‖²` over scored rows; with `sample`, y ~ N(out, I) seeded per sequence (true Fisher)."
-        from influence_nb.kfac import _seq_generator
+        from influence_nb.kfac import seq_generator
         rows = (labels[:, 1] != -100).nonzero()[:, 0]
         out = logits[rows, 0]                                              # [n, d_out]
         if sample:
-            noise = torch.stack([torch.randn(out.shape[-1], generator=_seq_generator(seed, stream, indices[int(r)] if indices is not None else int(r)),
+            noise = torch.stack([torch.randn(out.shape[-1], generator=seq_generator(seed, stream, indices[int(r)] if indices is not None else int(r)),
                                              dtype=out.dtype) for r in rows]) if len(rows) else out.new_zeros(0, out.shape[-1])
             target = out.detach() + noise.to(out.device)
         else: target = self.Y[labels[rows, 1]].to(out.dtype)

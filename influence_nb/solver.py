@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
 from . import pbrf
-from .modules import find_modules
+from .modules import find_modules, layer_param_names
 from .theory import check_damping
 from .ekfac import Factors, ITERATIVE, check_bound, fingerprint, model_digest, fit_factors
 
@@ -112,7 +112,7 @@ def solve(self:IterativeSolver, model, # the model the solver was made for
     if damping is None: raise ValueError(f"Strategy '{self.strategy}' needs an absolute `damping` (a positive float).")
     damping = check_damping(damping, allow_none=False)
     layers = find_modules(model, self.modules)
-    names = [n for layer in layers for n, _ in layer.params()]
+    names = layer_param_names(layers)
     kw = dict(self.options)
     kw.setdefault('loss', getattr(model, 'pbrf_loss', 'ce'))
     if self.strategy != 'lissa': kw.pop('seed', None)

@@ -21,8 +21,9 @@ from .scores import to_float64, layer_sums, shares_of_total   # one definition o
 
 # %% auto #0
 __all__ = ['POS_RGB', 'NEG_RGB', 'NAN_RGB', 'decode_tokens', 'influence_rgb', 'token_heatmap_html', 'show_tokens',
-           'token_heatmap_ansi', 'l2_l1_ratio', 'is_spurious', 'layer_shares', 'layer_heatmap', 'layer_bars',
-           'fit_power_law', 'tail_plot', 'top_share', 'top_table', 'top_sequences_html', 'show_top_sequences']
+           'token_heatmap_ansi', 'l2_l1_ratio', 'is_spurious', 'block_of', 'layer_shares', 'layer_heatmap',
+           'layer_bars', 'fit_power_law', 'tail_plot', 'top_share', 'top_table', 'top_sequences_html',
+           'show_top_sequences']
 
 # %% ../nbs/09_viz.ipynb #4e27eac4
 def _scores_matrix(scores, name: str = "scores") -> np.ndarray:
@@ -220,10 +221,13 @@ def _short_names(names: list[str]) -> list[str]:
     while len(names) > 1 and all(len(p) > k + 1 for p in parts) and len({p[k] for p in parts}) == 1: k += 1
     return [".".join(p[k:]) for p in parts]
 
-def _block_of(name: str) -> int:
+def block_of(name:str, # a tracked layer name, e.g. 'transformer.h.3.mlp.c_fc'
+             needs:str='by_block=True', # what needs the number, named in the error
+            ) -> int:
+    "The transformer block of layer `name`: its first dotted component that is an integer."
     m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
     if m is None:
-        raise ValueError(f"by_block=True needs a block number in every layer name; {name!r} has none "
+        raise ValueError(f"{needs} needs a block number in every layer name; {name!r} has none "
                          "(expected e.g. 'transformer.h.3.mlp.c_fc').")
     return int(m.group(1))
 
@@ -257,7 +261,7 @@ def layer_shares(per_layer,                 # dict name -> [n_q] or [n_q, n_trai
     if query_labels is None: query_labels = index_labels
     if not np.isfinite(mat).all(): raise ValueError("`per_layer` holds NaN/Inf; fix the scores first.")
     if by_block:
-        blocks = [_block_of(n) for n in names]
+        blocks = [block_of(n) for n in names]
         uniq = sorted(set(blocks))
         mat = np.stack([mat[:, [j for j, b in enumerate(blocks) if b == u]].sum(1) for u in uniq], 1)
         names = [f"block {u}" for u in uniq]

@@ -7,6 +7,7 @@ the same order as in the definitions they replace, so every test sees the data i
 """
 import torch
 import influence_nb as inf
+from influence_nb.modules import layer_param_names
 
 VOCAB = 32
 
@@ -38,4 +39,16 @@ def tanh_mlp(widths, seed=0):
 
 def param_names(model, modules):
     "The parameter names of the layers `modules` selects (`inf.find_modules`), in the order the engine lays them out."
-    return [n for layer in inf.find_modules(model, modules) for n, _ in layer.params()]
+    return layer_param_names(inf.find_modules(model, modules))
+
+
+def autograd_grads(model, params, seqs):
+    "Per-sequence gradients of the summed loss over the leaf tensors `params`, by plain autograd (the brute force): `[n, P]`."
+    out = []
+    for s in seqs:
+        model.zero_grad()
+        logits = model(input_ids=s['input_ids'][None]).logits[0]
+        torch.nn.functional.cross_entropy(logits[:-1], s['labels'][1:], ignore_index=-100, reduction='sum').backward()
+        out.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    model.zero_grad()
+    return torch.stack(out)

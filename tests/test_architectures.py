@@ -88,14 +88,7 @@ rand_seqs = functools.partial(randdata.rand_seqs, hi=10, top=randdata.VOCAB)    
 def grads(model, names, seqs):
     "Per-sequence autograd gradients of the summed loss over the parameters `names`, `[n, P]`."
     params = dict(model.named_parameters())
-    out = []
-    for s in seqs:
-        model.zero_grad()
-        logits = model(input_ids=s['input_ids'][None]).logits[0]
-        nn.functional.cross_entropy(logits[:-1], s['labels'][1:], ignore_index=-100, reduction='sum').backward()
-        out.append(torch.cat([params[n].grad.reshape(-1) for n in names]))
-    model.zero_grad()
-    return torch.stack(out)
+    return randdata.autograd_grads(model, [params[n] for n in names], seqs)
 
 @pytest.mark.parametrize('family', list(FAMILIES))
 def test_sweep(family):

@@ -10,16 +10,8 @@ rand_seqs = functools.partial(randdata.rand_seqs, top=randdata.VOCAB)          #
 rand_queries = functools.partial(randdata.rand_queries, length=7, completion=2, top=randdata.VOCAB)
 
 def autograd_dots(model, layers, queries, train):
-    def grads(seqs):
-        out = []
-        for s in seqs:
-            model.zero_grad()
-            logits = model(input_ids=s['input_ids'][None]).logits[0]
-            nn.functional.cross_entropy(logits[:-1], s['labels'][1:], ignore_index=-100, reduction='sum').backward()
-            out.append(torch.cat([p.grad.reshape(-1) for l in layers for _, p in l.params()]))
-        model.zero_grad()
-        return torch.stack(out)
-    return grads(queries) @ grads(train).T
+    params = [p for layer in layers for _, p in layer.params()]
+    return randdata.autograd_grads(model, params, queries) @ randdata.autograd_grads(model, params, train).T
 
 @pytest.mark.parametrize('family', ['gpt2', 'gpt_neox', 'llama', 'opt', 'qwen2', 'mistral', 'gptj'])
 def test_architectures_identity_is_autograd_dot(family):

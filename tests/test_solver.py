@@ -5,6 +5,7 @@ import torch
 from torch.func import jvp, vjp
 from influence_nb.pbrf import cg_ihvp, lissa_ihvp, FlatProblem, _Linearised, _gnvp, _out_hvp
 from influence_nb.theory import exact_ggn
+from influence_nb.modules import layer_param_names
 
 f64 = torch.float64
 pytestmark = pytest.mark.usefixtures('one_thread')   # tests/conftest.py
@@ -132,7 +133,7 @@ def test_fused_attention_is_switched_for_the_solve_and_refused_where_it_cannot_b
                                            train, damping=0.1, progress=False).total for m in (sdpa, eager))
     assert sdpa.config._attn_implementation == 'sdpa'
     assert s_sdpa.shape == (1, 4) and (s_sdpa - s_eager).abs().max() <= 1e-5 * s_eager.abs().max()
-    names = [n for layer in find_modules(sdpa, 'mlp') for n, _ in layer.params()]
+    names = layer_param_names(find_modules(sdpa, 'mlp'))
     P = sum(p.numel() for n, p in sdpa.named_parameters() if n in names)
     with pytest.raises(ValueError, match="attn_implementation='eager'"):
         cg_ihvp(sdpa, names, train, torch.randn(1, P), 0.1, max_iter=2)

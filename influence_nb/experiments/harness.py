@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np, torch
 import influence_nb as inf
-from ..artefact import atomic_write, digest, replacing
+from ..artefact import atomic_write, digest, path_lock, replacing
 from ..data import cache_dir, data_dir, completion_logprobs
 from ..corpus import load_corpus, load_queries, load_facts, load_passages
 from ..train import load_model, load_tokenizer
@@ -232,17 +232,12 @@ def save_results(res:dict, path):
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(res, indent=1, ensure_ascii=False) + '\n', mode=0o644)
 
-class _locked:
-    "An exclusive lock beside the results file, so runs of different sizes in parallel merge instead of overwrite."
-    def __init__(self, path):
-        key = digest([str(Path(path).resolve())])[:12]
-        self.p = Path(tempfile.gettempdir())/f"influence_nb_experiments_{key}.lock"
-    def __enter__(self):
-        import fcntl
-        self.f = open(self.p, 'w'); fcntl.flock(self.f, fcntl.LOCK_EX); return self
-    def __exit__(self, *a):
-        import fcntl
-        fcntl.flock(self.f, fcntl.LOCK_UN); self.f.close()
+def _locked(path):
+    "An exclusive lock for the results file `path`, so runs of different sizes in parallel merge instead of overwrite."
+    key = digest([str(Path(path).resolve())])[:12]
+    lock = Path(tempfile.gettempdir())/f"influence_nb_experiments_{key}.lock"   # the results file may not exist yet
+    lock.touch(exist_ok=True)
+    return path_lock(lock, exclusive=True)
 
 # %% ../../nbs/19_experiments.ipynb #6b20a15d
 def merge_result(path, name:str, size:str, numbers:dict, cfg:dict=CFG) -> dict:
