@@ -19,7 +19,7 @@ from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, t
 from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where
 
 # %% auto #0
-__all__ = ['demo', 'build_parser', 'main']
+__all__ = ['token_heatmap_for', 'demo', 'build_parser', 'main']
 
 # %% ../nbs/13_cli.ipynb #7034018f
 def _pick_query(queries, model, tok, query_id=None):
@@ -51,14 +51,22 @@ def _demo_candidates(query, train, candidates:int, tok, say) -> list[int]:
     say(f"scoring the {len(cand):,} best BM25 matches of the query (the paper's TF-IDF filter)")
     return cand
 
-def _say_token_shading(model, factors, query, seqs:list[dict], tok, say):
+def token_heatmap_for(stream=None, # where the text goes (default: sys.stdout)
+                     ):
+    "`viz.token_heatmap_ansi` for a terminal that takes colour, else `viz.token_heatmap_plain` (a log, a pipe, `NO_COLOR`)."
+    from influence_nb.viz import token_heatmap_ansi, token_heatmap_plain
+    stream = sys.stdout if stream is None else stream
+    tty = bool(getattr(stream, 'isatty', lambda: False)())
+    return token_heatmap_ansi if tty and not os.environ.get('NO_COLOR') else token_heatmap_plain
+
+def _say_token_shading(model, factors, query, seqs:list[dict], tok, say, out=None):
     "Print each of `seqs` (the top sequences, best first) with its tokens shaded by their influence on `query`."
-    from influence_nb.viz import token_heatmap_ansi
+    heatmap = token_heatmap_for(out)                                       # colours only for a terminal
     pt = pairwise_scores(model, factors, query, seqs, per_token=True, progress=False).per_token[0]   # [len(seqs), T]
     say(f"\nToken-wise influence of the top {len(seqs)} (each value drawn on the token whose activation carries it):")
     for r, s in enumerate(seqs):
         ids = s['input_ids']
-        say(f"#{r+1}: " + token_heatmap_ansi(tok.convert_ids_to_tokens(ids), pt[r, :len(ids)].numpy(), legend=r == 0))
+        say(f"#{r+1}: " + heatmap(tok.convert_ids_to_tokens(ids), pt[r, :len(ids)].numpy(), legend=r == 0))
 
 # %% ../nbs/13_cli.ipynb #3281e085
 def demo(model_name:str='gpt2-l', # bundled model
@@ -106,7 +114,7 @@ def demo(model_name:str='gpt2-l', # bundled model
     shares = sc.layer_shares(top=k).iloc[0]
     say(f"\nShare of the top-{len(rows)} influence per layer:")
     for name, v in shares.items(): say(f"  {name:<28s} {100*v:6.1f} %")
-    _say_token_shading(model, factors, query, [train[cand[j]] for j in top.indices[:show_tokens].tolist()], tok, say)
+    _say_token_shading(model, factors, query, [train[cand[j]] for j in top.indices[:show_tokens].tolist()], tok, say, out)
     secs = time.time() - t0
     say(f"\ndone in {secs:.0f} s")
     return {'query': q['id'], 'log_p': lp, 'top': rows, 'layer_shares': shares.to_dict(), 'seconds': secs, 'cached': hit}

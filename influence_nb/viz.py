@@ -21,8 +21,8 @@ from .scores import to_float64, layer_sums, shares_of_total   # one definition o
 
 # %% auto #0
 __all__ = ['POS_RGB', 'NEG_RGB', 'NAN_RGB', 'decode_tokens', 'influence_rgb', 'token_heatmap_html', 'show_tokens',
-           'token_heatmap_ansi', 'l2_l1_ratio', 'is_spurious', 'block_of', 'layer_shares', 'layer_heatmap',
-           'layer_bars', 'fit_power_law', 'tail_plot', 'top_share', 'top_table', 'top_sequences_html',
+           'token_heatmap_ansi', 'token_heatmap_plain', 'l2_l1_ratio', 'is_spurious', 'block_of', 'layer_shares',
+           'layer_heatmap', 'layer_bars', 'fit_power_law', 'tail_plot', 'top_share', 'top_table', 'top_sequences_html',
            'show_top_sequences']
 
 # %% ../nbs/09_viz.ipynb #4e27eac4
@@ -189,6 +189,27 @@ def token_heatmap_ansi(tokens: Sequence[str],    # token strings (byte-level BPE
     if legend:
         text += f"\n[scale ±{s:.3g}: red raises the completion's log-probability, blue lowers it; {_where(shift)}]"
     return text
+
+# %% ../nbs/09_viz.ipynb #3e2c5731
+def token_heatmap_plain(tokens: Sequence[str],    # token strings (byte-level BPE or decoded pieces)
+                        values,                    # [n_tokens] influence per token; NaN = none
+                        top: int = 5,              # how many tokens (largest |value|) to mark with their value
+                        shift: bool = False,       # draw values[t] on token t+1 (the predicted token)
+                        decode: str = "auto",      # token text: "auto", "bytes" or "none"
+                        legend: bool = True,       # add a line saying what the marks mean
+                       ) -> str:
+    "The token heatmap as plain text: the `top` tokens of largest |value| marked `⟦token|value⟧`, for logs and pipes."
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise ValueError(f"`top` must be an integer >= 0, got {top!r}.")
+    texts, v = _token_values(tokens, values, shift, decode)
+    size = np.where(np.isnan(v), 0.0, np.abs(v))
+    marked = {int(i) for i in np.argsort(-size, kind="stable")[:top] if size[i] > 0}
+    out = "".join(f"⟦{t}|{v[i]:+.3g}⟧" if i in marked else t
+                  for i, t in enumerate(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", t) for t in texts))
+    if legend:
+        out += (f"\n[⟦token|value⟧: the {len(marked)} tokens of largest |influence|; positive raises the completion's "
+                f"log-probability; {_where(shift)}]")
+    return out
 
 # %% ../nbs/09_viz.ipynb #a517ac5f
 def l2_l1_ratio(token_values,  # [T] or [n, T] token-wise influence; NaN = not scored

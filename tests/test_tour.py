@@ -49,3 +49,4 @@ def test_demo_top10_states_the_fact(tmp_path, monkeypatch, one_thread):
     assert any(states(records[i], fact_id) for i in top), [records[i]['text'][:80] for i in top]
     printed = out.getvalue()
     assert res['query'] in printed and 'Top 10 most influential training sequences' in printed
+    assert '\x1b[' not in printed and '⟦' in printed                     # not a terminal: plain text, top tokens marked
