@@ -633,7 +633,7 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     self.model_w = widgets.Dropdown(options=models, value=model, description='Model', style=wide, layout=L())
     self.source_w = widgets.ToggleButtons(options=[('From queries file', 'file'), ('Typed', 'typed')], value='file' if q['id'] else 'typed',
                                           description='Source', style=dict(description_width='92px', button_width='140px'))
-    self.filter_w = widgets.Text(value='', placeholder='filter: id or words, e.g. passage, capital, Dogasora',
+    self.filter_w = widgets.Text(value='', placeholder='filter: a record id or words of its text',
                                  description='Filter', style=wide, layout=L(), continuous_update=True)
     self.query_w = widgets.Dropdown(options=[], description='Pick', style=wide, layout=L())
     self.prompt_w = widgets.Textarea(value=q['prompt'], description='Prompt', style=wide, layout=L('100%'), rows=2)

@@ -52,3 +52,8 @@ def autograd_grads(model, params, seqs):
         out.append(torch.cat([p.grad.reshape(-1) for p in params]))
     model.zero_grad()
     return torch.stack(out)
+
+
+def pearson(a, b):
+    "Pearson correlation of two tensors of any shape (flattened), in float64."
+    return float(torch.corrcoef(torch.stack([a.double().flatten(), b.double().flatten()]))[0, 1])

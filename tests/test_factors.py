@@ -5,7 +5,7 @@ import influence_nb as inf
 from influence_nb.ekfac import Factors, fit_factors, STRATEGIES, ITERATIVE
 from influence_nb.modules import find_modules, tiny_model
 from influence_nb.scores import ClassifierAsLM, RegressorAsLM
-from randdata import tanh_mlp
+from randdata import tanh_mlp, pearson
 
 
 def _classifier(seed=0, n=7, d=4, h=5, C=3):
@@ -109,9 +109,6 @@ def test_exact_fisher_refuses_large_heads():
         fit_factors(m, [{'input_ids': torch.tensor([1, 2, 3])}], 'kfac', fisher='exac', progress=False)
 
 
-def _pearson(a, b):
-    return float(torch.corrcoef(torch.stack([a.double().flatten(), b.double().flatten()]))[0, 1])
-
 
 def test_float32_factors_agree_with_float64_bundled(one_thread):
     "The default factor dtype is justified by accuracy: float32 factors give the float64 scores (Pearson ≥ 0.9999)."
@@ -128,7 +125,7 @@ def test_float32_factors_agree_with_float64_bundled(one_thread):
         f = fit_factors(model, train, 'ekfac', batch_size=16, factor_dtype=dt, progress=False)
         assert {t.dtype for d in f.tensors.values() for t in d.values()} == {getattr(torch, dt)}
         got[dt] = inf.pairwise_scores(model, f, queries, train, batch_size=16, progress=False).total
-    r = _pearson(got['float32'], got['float64'])
+    r = pearson(got['float32'], got['float64'])
     print(f'gpt2-s: Pearson(float32 factors, float64 factors) = {r:.9f}')
     assert r >= 0.9999
     assert inf.ekfac.FACTOR_DTYPE is None                                     # the default: float32 for this float32 model

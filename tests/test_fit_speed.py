@@ -2,6 +2,7 @@
 import pytest, torch
 from torch.utils._python_dispatch import TorchDispatchMode
 import influence_nb as inf
+import randdata
 from influence_nb import ekfac, kfac
 from influence_nb.data import as_sequences
 from influence_nb.modules import find_modules, tiny_model
@@ -14,9 +15,6 @@ def _llama(n_layers=1, seed=0):
     lens = torch.randint(6, 16, (12,), generator=g).tolist()
     return model, as_sequences([torch.randint(1, 32, (n,), generator=g) for n in lens])
 
-
-def _pearson(a, b):
-    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
 
 def test_seq_grads_is_the_token_sum(one_thread):
@@ -84,7 +82,7 @@ def test_bfloat16_rotations_agree_with_float32(one_thread):
         assert not torch.equal(L, ref), n                                     # the option did change the arithmetic
     fb = ekfac.Factors(**{**f.__dict__, 'tensors': {n: {**t, 'Lambda': Lbf[n]} for n, t in f.tensors.items()}})
     s, sb = (inf.pairwise_scores(model, x, seqs[:3], seqs, progress=False).total for x in (f, fb))
-    assert _pearson(s, sb) >= 0.9999
+    assert randdata.pearson(s, sb) >= 0.9999
 
 
 def test_float32_eigh_agrees_with_float64(one_thread):
@@ -106,4 +104,4 @@ def test_float32_eigh_agrees_with_float64(one_thread):
     Lam = ekfac.fit_lambda(model, layers, seqs, tensors, **kw)
     f32 = ekfac.Factors(**{**base.__dict__, 'tensors': {n: {**t, 'Lambda': Lam[n]} for n, t in tensors.items()}})
     s, s32 = (inf.pairwise_scores(model, x, seqs[:3], seqs, progress=False).total for x in (base, f32))
-    assert _pearson(s, s32) >= 0.9999
+    assert randdata.pearson(s, s32) >= 0.9999
