@@ -210,9 +210,12 @@ def layer_passes(model, # a causal LM
 # %% ../nbs/04_kfac.ipynb #5117b2dd
 class Gram:
     "A running `Σ XᵀX` over row blocks `X [rows, n]`, read out (and reset) as a symmetric CPU matrix."
-    def __init__(self, like:torch.Tensor): # a first block: fixes n, dtype and device
+    def __init__(self, like:torch.Tensor, # a first block: fixes n, dtype and device
+                 syrk:bool|None=None, # BLAS syrk on the CPU; None: only when torch runs on one thread (see below)
+                ):
         n, self.syrk = like.shape[-1], None
-        if like.device.type == 'cpu' and like.dtype in (torch.float32, torch.float64):
+        if syrk is None: syrk = torch.get_num_threads() == 1
+        if syrk and like.device.type == 'cpu' and like.dtype in (torch.float32, torch.float64):
             try:   # BLAS syrk updates one triangle: half the multiply-adds of X.T @ X
                 import numpy as np
                 from scipy.linalg import blas
@@ -230,9 +233,11 @@ class Gram:
         "The sum so far as a symmetric `dtype` CPU matrix; the sum restarts at zero (`last`: hand over the buffer instead)."
         if self.syrk is None:
             out = self.t.to('cpu', dtype)
-            if last: self.t = None; return out
-            if out is self.t: out = out.clone()                   # the running sum is zeroed below, not the result
-            self.t.zero_(); return out
+            if out is self.t and not last: out = out.clone()      # the running sum is zeroed below, not the result
+            if last: self.t = None
+            else: self.t.zero_()
+            out.tril_(); out += out.tril(-1).T                    # exactly symmetric: a GEMM's two triangles may differ
+            return out
         v = torch.from_numpy(self.c).T                          # shares c's memory; c is column-major, so cᵀ is row-major
         if last and v.dtype == dtype: out, self.c = v.tril_(), None   # no copy: this Gram is done
         else:
