@@ -256,7 +256,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
         if not p_ids:
             if tokenizer.bos_token_id is None:
                 raise ValueError(f"pairs[{i}] has an empty prompt and the tokenizer adds no BOS token, so the first completion "
-                                 "token has nothing before it and would not be measured. Pass a prompt (e.g. a newline), "
+                                 "token has nothing before it and would not be measured. Pass a prompt that has tokens, "
                                  "or a tokenizer with a `bos_token`.")
             p_ids = [tokenizer.bos_token_id]
         out.append({'input_ids': p_ids + c_ids, 'labels': [IGNORE_INDEX]*len(p_ids) + c_ids})
