@@ -13,7 +13,7 @@ from .data import (data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored)
-from .ekfac import Factors, fit_factors
+from .ekfac import Factors, fit_factors, fit_dtype
 from .scores import pairwise_scores
 from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text
 from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where
@@ -315,20 +315,6 @@ def _check_out(path, what='--out', suffixes=('.parquet',)):
     parent = p.resolve().parent
     if not parent.is_dir(): raise ValueError(f"{what} {path}: the folder {parent} does not exist; create it first.")
 
-def _check_options(a):
-    "What `fit-factors`, `score` and `scan` can check before the model loads: counts, damping, input files; errors name the option."
-    for name in ('k', 'batch_size', 'chunk_size', 'checkpoint_every', 'query_rank', 'max_length', 'fisher_samples'):
-        v = getattr(a, name, None)
-        if v is not None and v < 1: raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")
-    d = getattr(a, 'damping', None)
-    if d is not None and not (math.isfinite(d) and d > 0):
-        raise ValueError(f"--damping must be a positive number, got {d}; omit it for 0.1 × the mean eigenvalue per layer.")
-    for name in ('factors', 'queries'):
-        p = getattr(a, name, None)
-        if p is not None and not Path(p).exists(): raise FileNotFoundError(f"--{name} {p} does not exist.")
-    c = getattr(a, 'checkpoint', None)
-    if c is not None and Path(c).is_dir(): raise ValueError(f"--checkpoint {c} is a folder; pass a file, e.g. {Path(c)/'scan.ckpt'}.")
-
 def _load_factors(path) -> Factors:
     "`Factors.load`, every failure to read the folder reported as bad input naming --factors."
     try: return Factors.load(path)
@@ -361,6 +347,27 @@ def _init_dist() -> bool:
     import torch.distributed as dist
     if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or not dist.is_available() or dist.is_initialized(): return False
     dist.init_process_group('gloo'); return True
+
+# %% ../nbs/13_cli.ipynb #0ba6a4a1
+def _check_options(a):
+    "What `fit-factors`, `score` and `scan` can check before the model loads: counts, damping, input files; errors name the option."
+    for name in ('k', 'batch_size', 'chunk_size', 'checkpoint_every', 'query_rank', 'max_length', 'fisher_samples'):
+        v = getattr(a, name, None)
+        if v is not None and v < 1: raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")
+    d = getattr(a, 'damping', None)
+    if d is not None and not (math.isfinite(d) and d > 0):
+        raise ValueError(f"--damping must be a positive number, got {d}; omit it for 0.1 × the mean eigenvalue per layer.")
+    for name in ('factors', 'queries'):
+        p = getattr(a, name, None)
+        if p is not None and not Path(p).exists(): raise FileNotFoundError(f"--{name} {p} does not exist.")
+    for opt in ('eigh_dtype', 'rotate_dtype'):                 # fit options: only for strategies that have the step
+        v = getattr(a, opt, None)
+        if v is None: continue
+        flag = '--' + opt.replace('_', '-')
+        try: fit_dtype(opt, v, a.strategy)
+        except ValueError as e: raise ValueError(str(e).replace(f'`{opt}`', flag).replace(f'leave {opt}=None', f'leave {flag} out')) from None
+    c = getattr(a, 'checkpoint', None)
+    if c is not None and Path(c).is_dir(): raise ValueError(f"--checkpoint {c} is a folder; pass a file, e.g. {Path(c)/'scan.ckpt'}.")
 
 # %% ../nbs/13_cli.ipynb #c16b0003
 def _scan(a, model, tok, factors, queries):

@@ -154,7 +154,7 @@ def precondition_identity(V, t, damped): return V   # plain gradient dot product
 
 def precondition_diagonal(V:torch.Tensor, t:dict, damped:torch.Tensor) -> torch.Tensor:
     "`V ⊘ (diag + λ)`, elementwise in float64."
-    return (V.double() / damped).to(V.dtype)
+    return (V.double() / damped.to(V.device)).to(V.dtype)
 
 def precondition_in_eigenbasis(V:torch.Tensor, t:dict, damped:torch.Tensor) -> torch.Tensor:
     "`Q_S [(Q_Sᵀ V Q_A) ⊘ (eigenvalues + λ)] Q_Aᵀ`: K-FAC and EK-FAC."

@@ -116,6 +116,7 @@ def to_float64(x, name:str) -> np.ndarray:
 
 def layer_sums(per_layer:Mapping, # layer name -> [n_q, n_train] scores (or [n_q], already summed)
                top:int|None=None, # sum only each query's `top` sequences by total (the sum over layers)
+               name:str='top', # the caller's name for `top`, used in error messages
               ) -> np.ndarray:
     "`[n_q, n_layers]` float64: each layer's influence summed over the training sequences (or each query's `top`)."
     if not per_layer: raise ValueError("`per_layer` is empty; it needs at least one layer.")
@@ -124,13 +125,13 @@ def layer_sums(per_layer:Mapping, # layer name -> [n_q, n_train] scores (or [n_q
     if len(shapes) != 1: raise ValueError(f"all layers in `per_layer` must have one shape, got {sorted(shapes)}.")
     stacked = np.stack(arrs, -1)                                     # [n_q, (n_train,) n_layers]
     if stacked.ndim == 2:
-        if top is not None: raise ValueError("`top_k` needs [n_q, n_train] arrays per layer; these are already summed [n_q].")
+        if top is not None: raise ValueError(f"`{name}` needs [n_q, n_train] arrays per layer; these are already summed [n_q].")
         return stacked
     if stacked.ndim != 3:
         raise ValueError(f"each layer in `per_layer` must be [n_q] or [n_q, n_train], got shape {arrs[0].shape}.")
     if top is not None:
         if not (isinstance(top, int) and 0 < top <= stacked.shape[1]):
-            raise ValueError(f"`top_k` must be an int in [1, n_train={stacked.shape[1]}], got {top!r}.")
+            raise ValueError(f"`{name}` must be an int in [1, n_train={stacked.shape[1]}], got {top!r}.")
         order = np.argsort(-stacked.sum(-1), axis=1, kind="stable")[:, :top]   # [n_q, top], largest total first
         stacked = np.take_along_axis(stacked, order[:, :, None], axis=1)
     return stacked.sum(1)                                            # [n_q, n_layers]
@@ -362,8 +363,9 @@ def given_positions(data, # the training data as the caller gave it: re-readable
     for i, s in enumerate(seqs):
         x = rows[i]
         mask = x.get('attention_mask') if isinstance(x, Mapping) else None
-        starts.append(0 if mask is None else int(torch.as_tensor(mask).argmax()))   # the first 1: tokens before it are padding
-        width = max(width, len(x['input_ids']) if isinstance(x, Mapping) else len(s['input_ids']))
+        mask = None if mask is None else torch.as_tensor(mask).reshape(-1).long()           # a [1, T] row counts as [T]
+        starts.append(0 if mask is None else int(mask.argmax()))   # the first 1: tokens before it are padding
+        width = max(width, torch.as_tensor(x['input_ids']).reshape(-1).shape[0] if isinstance(x, Mapping) else len(s['input_ids']))
     return starts, width
 
 def place_tokens(out:torch.Tensor, # [n_q, n_train, width] per-token scores in the coordinates given

@@ -262,7 +262,7 @@ def _layer_matrix(per_layer, top_k: int | None) -> tuple[list[str], np.ndarray, 
     if isinstance(per_layer, pd.DataFrame):
         if top_k is not None: raise ValueError("`top_k` needs [n_q, n_train] arrays per layer, not a DataFrame of totals.")
         return [str(c) for c in per_layer.columns], to_float64(per_layer, "per_layer"), [str(i) for i in per_layer.index]
-    if isinstance(per_layer, Mapping): return [str(k) for k in per_layer], layer_sums(per_layer, top_k), None
+    if isinstance(per_layer, Mapping): return [str(k) for k in per_layer], layer_sums(per_layer, top_k, 'top_k'), None
     mat = to_float64(per_layer, "per_layer")
     if mat.ndim != 2: raise ValueError(f"an array `per_layer` must be [n_q, n_layers], got shape {mat.shape}; "
                                        "or pass a dict layer name -> scores.")

@@ -172,6 +172,20 @@ def test_per_token_of_a_left_padded_batch_dict_and_of_a_generator(scored, one_th
     assert torch.equal(gen.per_token, plain.per_token)
 
 
+def test_per_token_of_rows_given_as_1_by_T_tensors(scored, one_thread):
+    "`tokenizer(text, return_tensors='pt')` gives [1, T] ids (and mask) per record: per-token scores as for [T] rows."
+    m, f, train, q, plain = scored
+    rows = [{'input_ids': s['input_ids'][None], 'attention_mask': torch.ones(1, len(s['input_ids']), dtype=torch.long)}
+            for s in train]
+    got = inf.pairwise_scores(m, f, q, rows, per_token=True, progress=False)
+    assert torch.equal(got.per_token, plain.per_token) and torch.equal(got.total, plain.total)
+
+
+def test_layer_sums_names_the_callers_argument():
+    with pytest.raises(ValueError, match='`top` needs'): layer_sums({'a': np.ones(2)}, top=1)
+    with pytest.raises(ValueError, match='`top_k` must be'): layer_sums({'a': np.ones((2, 3))}, top=0, name='top_k')
+
+
 # ---- S7: one definition of layer shares ------------------------------------------------------------------------------
 
 def test_layer_shares_one_definition_nan_for_non_positive_totals():
