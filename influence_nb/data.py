@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir', 'as_sequence',
-           'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_int', 'check_max_length', 'tokenize',
-           'special_prefix', 'tokenize_pairs', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences',
-           'grad_enabled', 'context_length', 'load_tokenizer', 'load_model', 'load_bundled', 'eval_mode',
-           'completion_logprobs', 'corpus_format', 'corpus_rows', 'read_corpus', 'corpus_sequences', 'cache_dir',
-           'cached_factors']
+__all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir', 'attended_span',
+           'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_int',
+           'check_max_length', 'tokenize', 'special_prefix', 'tokenize_pairs', 'collate', 'batches', 'model_context',
+           'model_vocab', 'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer', 'load_model',
+           'load_bundled', 'eval_mode', 'completion_logprobs', 'corpus_format', 'corpus_rows', 'read_corpus',
+           'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -62,6 +62,18 @@ def _as_1d_long(x, key, i, name):
     return t
 
 # %% ../nbs/00_data.ipynb #61d8b05a
+def attended_span(mask:torch.Tensor, # a 1-D 0/1 `attention_mask`
+                  where:str='data[0]', # names the sequence in messages
+                 ) -> tuple[int, int]:
+    "`(lo, hi)`: the one contiguous run of 1s in `mask` (padding only at the ends), or a ValueError saying what is wrong."
+    on = mask.nonzero()[:, 0]
+    if len(on) == 0: raise ValueError(f"{where}['attention_mask'] is all 0: the sequence has no token to attend to.")
+    lo, hi = int(on[0]), int(on[-1]) + 1
+    if hi - lo != len(on):
+        raise ValueError(f"{where}['attention_mask'] has 0s between attended tokens; a sequence must be one contiguous "
+                         "run of tokens (padding only at the start or end). Split it into separate sequences.")
+    return lo, hi
+
 def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attention_mask`) or a list of ids
                 i:int=0, # position, used in error messages
                 name:str='data', # argument name, used in error messages
@@ -102,12 +114,7 @@ def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attenti
     if ((m != 0) & (m != 1)).any():
         raise ValueError(f"{name}[{i}]['attention_mask'] must contain only 0 and 1.")
     if not m.all():   # padding: drop it, so that a padded sequence is scored exactly like the unpadded one
-        on = m.nonzero()[:, 0]
-        if len(on) == 0: raise ValueError(f"{name}[{i}]['attention_mask'] is all 0: the sequence has no token to attend to.")
-        lo, hi = int(on[0]), int(on[-1]) + 1
-        if hi - lo != len(on):
-            raise ValueError(f"{name}[{i}]['attention_mask'] has 0s between attended tokens; a sequence must be one contiguous "
-                             "run of tokens (padding only at the start or end). Split it into separate sequences.")
+        lo, hi = attended_span(m, f"{name}[{i}]")
         out = {k: v[lo:hi] for k, v in out.items()}
     return out
 

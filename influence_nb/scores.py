@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 import pandas as pd
-from .data import check_sequences, require_scored, grad_enabled, as_collection
+from .data import check_sequences, require_scored, grad_enabled, as_collection, attended_span
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, seq_grads, check_damping, ITERATIVE
 from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'cg', 'pcg' (05b_solver)
@@ -363,8 +363,7 @@ def given_positions(data, # the training data as the caller gave it: re-readable
     for i, s in enumerate(seqs):
         x = rows[i]
         mask = x.get('attention_mask') if isinstance(x, Mapping) else None
-        mask = None if mask is None else torch.as_tensor(mask).reshape(-1).long()           # a [1, T] row counts as [T]
-        starts.append(0 if mask is None else int(mask.argmax()))   # the first 1: tokens before it are padding
+        starts.append(0 if mask is None else attended_span(torch.as_tensor(mask).reshape(-1))[0])   # a [1, T] row counts as [T]
         width = max(width, torch.as_tensor(x['input_ids']).reshape(-1).shape[0] if isinstance(x, Mapping) else len(s['input_ids']))
     return starts, width
 
