@@ -6,9 +6,9 @@
 __all__ = ['SCHEMA_VERSION', 'PROBLEMS', 'TASKS', 'ON_PROBLEMS', 'LDS_TASKS', 'SAMPLED', 'MLP_METHODS', 'CONFIGS', 'now', 'rnd',
            'STATED', 'correlations', 'mean_eigenvalue', 'influence_methods', 'pbrf_truth', 'method_table', 'mlp_setup',
            'mlp_problem', 'exact_reference', 'FrozenTrunk', 'check_bundled', 'pick_queries_and_sample', 'lm_setup',
-           'lm_problem', 'timed_scores', 'solver_methods', 'solver_benchmark', 'problem_setup', 'against_pbrf',
-           'timed_row', 'pcg_against_pbrf', 'fisher_against_pbrf', 'claims', 'save_json', 'default_cache', 'run',
-           'main']
+           'lm_problem', 'timed_scores', 'solver_methods', 'solver_benchmark', 'solver_spectrum', 'problem_setup',
+           'against_pbrf', 'timed_row', 'pcg_against_pbrf', 'fisher_against_pbrf', 'claims', 'save_json',
+           'default_cache', 'run', 'main']
 
 # %% ../nbs/20_validation.ipynb #3da440f9
 import argparse, copy, datetime, json, os, platform, random, sys, time
@@ -431,7 +431,34 @@ def solver_benchmark(cfg: dict, # `CONFIGS['solver']`: the digits MLP, absolute 
         say(f"solver: {name}: {min(secs):.3f}-{max(secs):.3f} s, Pearson {rows[name]['pearson']:.6f}")
     return dict(written=now(), torch=torch.__version__, config=cfg, model=su['name'], truth='exact (dense float64 solve)',
                 n_params=sum(p.numel() for p in su['net'].parameters()), n_fit=len(fit),
-                n_queries=len(queries), exact_seconds=t_exact, methods=rows)
+                n_queries=len(queries), exact_seconds=t_exact, methods=rows, spectrum=solver_spectrum(su, cfg))
+
+def _cond(e: torch.Tensor) -> float: return float(e.max() / e.min())
+
+def solver_spectrum(su: dict, # `mlp_setup`'s problem: the model and its fit data
+                    cfg: dict, # its configuration: absolute `damping`, `fishers`, `batch_size`, `seed`
+                   ) -> dict:
+    "What CG converges on: the spectrum of `G + λI`, and of `M^½ (G + λI) M^½` for EK-FAC's inverse `M` under each Fisher."
+    from influence_nb.theory import exact_ggn
+    from influence_nb.solver import _flat_preconditioner
+    from influence_nb.scores import canonical_to_flat, flat_to_canonical
+    model, fit, lam = su['model'], su['fit'], cfg['damping']
+    layers = find_modules(model, 'all')
+    G = exact_ggn(model, layer_param_names(layers), fit)                    # [P, P] float64, the mean over `fit`
+    e = torch.linalg.eigvalsh(G)
+    out = dict(n_params=len(G), n_above_damping=int((e > lam).sum()), cond=_cond(e.clamp_min(0) + lam),
+               top_over_damping=float(e.max() / lam), preconditioned={})
+    A = G + lam * torch.eye(len(G), dtype=G.dtype)
+    for fisher in cfg['fishers']:
+        f = inf.fit_factors(model, fit, 'ekfac', modules='all', batch_size=cfg['batch_size'], seed=cfg['seed'],
+                            progress=False, fisher=fisher, factor_dtype='float64')
+        M = _flat_preconditioner(f, layers, lam, canonical_to_flat, flat_to_canonical)(torch.eye(len(G), dtype=G.dtype))
+        L = torch.linalg.cholesky((M + M.T) / 2)                            # M = L Lᵀ: Lᵀ A L has the spectrum of M A
+        pe = torch.linalg.eigvalsh(L.T @ A @ L)
+        out['preconditioned'][fisher] = dict(cond=_cond(pe), min=float(pe.min()), max=float(pe.max()),
+                                             within_10pct_of_1=int(((pe > 0.9) & (pe < 1.1)).sum()))
+    out['within_10pct_of_damping'] = int((e.clamp_min(0) < 0.1 * lam).sum())   # the cluster at λ that plain CG resolves at once
+    return out
 
 # %% ../nbs/20_validation.ipynb #6a02aba5
 def problem_setup(task: str, cfg: dict) -> tuple:

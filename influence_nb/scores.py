@@ -18,10 +18,11 @@ from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'c
 
 # %% auto #0
 __all__ = ['UNITS', 'STREAM_MACS', 'ScoreTable', 'check_query', 'check_k', 'Scores', 'to_float64', 'layer_sums',
-           'shares_of_total', 'PrecondQuery', 'working_dtype', 'eigenbases', 'rotated_grads', 'query_gradients',
-           'canonical_to_flat', 'flat_to_canonical', 'truncated_svd', 'precondition_queries', 'all_finite',
-           'query_form', 'prepare_queries', 'contraction_costs', 'contract_scores', 'given_positions', 'place_tokens',
-           'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM', 'RegressorAsLM']
+           'shares_of_total', 'PrecondQuery', 'working_dtype', 'eigenbases', 'rotated_grads', 'shared_to',
+           'query_gradients', 'canonical_to_flat', 'flat_to_canonical', 'truncated_svd', 'precondition_queries',
+           'all_finite', 'query_form', 'prepare_queries', 'contraction_costs', 'contract_scores', 'given_positions',
+           'place_tokens', 'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM',
+           'RegressorAsLM']
 
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
@@ -202,6 +203,16 @@ def rotated_grads(acts:torch.Tensor, # [B, T, d_in+1]
     if key not in cache: cache[key] = (acts, acts @ QA)                 # held: its address is not reused in the batch
     return seq_grads(cache[key][1], outg @ QS)                          # [B, d_out, d_in+1]
 
+def shared_to(acts:dict, # one batch's `{name: ā}` (`layer_passes`): layers reading one input share one tensor
+              name:str, dt:torch.dtype,
+              done:dict, # per-batch cache of the conversions
+             ) -> torch.Tensor:
+    "`acts[name]` in `dt`, converted once for the layers that share it, so they still share it (and `rotated_grads` rotates it once)."
+    t = acts[name]
+    if t.dtype == dt: return t
+    if t.data_ptr() not in done: done[t.data_ptr()] = t.to(dt)
+    return done[t.data_ptr()]
+
 def query_gradients(model, layers, queries, batch_size=8, progress=False) -> dict:
     "Per-query gradients of the summed loss (= −∇ log p(completion)) per layer, `{name: [n_q, d_out, d_in+1]}`."
     out = {layer.name: None for layer in layers}
@@ -311,9 +322,9 @@ def prepare_queries(model, # the model the factors were fitted on
     denom = {n: factors.damped_eigenvalues(n, damping).to(p.device, dt) for n in bases}   # Λ + λ, as `Factors.precondition` damps
     out = _empty_queries(layers, len(queries), query_rank, dt, p.device)
     for idx, acts, outg in layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None):
-        rotated_acts = {}   # gate_proj and up_proj read one input with one Q_A: rotated once per batch
+        rotated_acts, conv = {}, {}   # gate_proj and up_proj read one input with one Q_A: converted and rotated once per batch
         for layer in layers:
-            n, a, d = layer.name, acts[layer.name].to(dt), outg[layer.name].to(dt)
+            n, a, d = layer.name, shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt)
             if n in bases:   # Q_S [(Q_Sᵀ g Q_A) ⊘ (Λ + λ)] Q_Aᵀ, the rotation in from the tokens
                 QS, QA = bases[n]
                 pre = QS @ rotated_grads(a, d, QS, QA, rotated_acts).div_(denom[n]) @ QA.T
@@ -456,10 +467,10 @@ def self_scores(model, # the model the factors were fitted on
         denom[layer.name] = None if ev is None else ev.to(p.device, dt)
     out = torch.zeros(len(ts), dtype=dt)
     for idx, acts, outg in layer_passes(model, layers, ts, batch_size, desc='self-influence' if progress else None):
-        rotated_acts = {}
+        rotated_acts, conv = {}, {}
         for layer in layers:
             basis = (*bases[layer.name], rotated_acts) if layer.name in bases else None
-            out[torch.tensor(idx)] += _self_terms(acts[layer.name].to(dt), outg[layer.name].to(dt), denom[layer.name], basis).cpu()
+            out[torch.tensor(idx)] += _self_terms(shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt), denom[layer.name], basis).cpu()
     if not torch.isfinite(out).all():
         raise ValueError(f"Self-influence of train{(~torch.isfinite(out)).nonzero()[:8, 0].tolist()} overflows {out.dtype} (NaN/Inf): "
                          "the damping is too small for the curvature. Pass a larger `damping`, or None (0.1 × mean eigenvalue).")
