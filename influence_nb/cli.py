@@ -209,9 +209,10 @@ def _model_args(p, required=True):
     p.add_argument('--tokenizer', default=None, help="tokenizer folder (default: the model folder's own; a folder without "
                    "one is refused, so that scores are never computed on another tokenizer's ids)")
 
-def _corpus_args(p, flag, required=True, what='corpus'):
+def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
     p.add_argument(flag, required=required, default=None, help=f'{what} file: .jsonl, .txt (one document per line) or .parquet')
-    p.add_argument('--text-field', default='text', help='JSONL field / Parquet column holding the text (default: text)')
+    p.add_argument('--text-field', default=text_default, help='JSONL field / Parquet column holding the text (default: '
+                   f"{text_default or 'the one the scan read'})")
 
 # %% ../nbs/13_cli.ipynb #061835fd
 def build_parser() -> argparse.ArgumentParser:
@@ -257,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser('top', help="print one query's top sequences from a scan result",
                        description='Print the most influential sequences of one query from a `scan` result, with their texts.')
     t.add_argument('--result', required=True, help='result .parquet written by `scan`')
-    _corpus_args(t, '--corpus', required=False, what='the scanned corpus, for texts (default: the path recorded in the result)')
+    _corpus_args(t, '--corpus', required=False, what='the scanned corpus, for texts (default: the path recorded in the result)',
+                 text_default=None)
     t.add_argument('--query', default='0', help='query id, or its 0-based position (default: 0)')
     t.add_argument('--k', type=int, default=10, help='how many sequences (default: 10)')
     _model_args(t, required=False); t.set_defaults(model=None)
@@ -459,7 +461,7 @@ def _cmd_top(a):
     qi = _query_index(res, a.query)
     corpus = a.corpus or (res.source if res.source and Path(res.source).exists() else None)
     tok = load_model(a.model, a.tokenizer)[1] if a.model else load_tokenizer(a.tokenizer) if a.tokenizer else None
-    df = res.top(qi, a.k, texts=_top_texts(res, qi, a.k, corpus, tok, a.text_field))
+    df = res.top(qi, a.k, texts=_top_texts(res, qi, a.k, corpus, tok, a.text_field or res.text_field or 'text'))
     name = res.query_names[qi] if res.query_names else f'query {qi}'
     print(f"{name}: top {len(df)} of {res.n_scanned:,} sequences (query rank {res.query_rank or 'full'}"
           f"{', refined' if res.refined else ''})")

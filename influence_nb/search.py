@@ -305,6 +305,7 @@ class ScanResult:
     query_names: list|None = None  # a name per query (e.g. its id), for display
     query_log_p: list|None = None  # log p(completion) of each query under the model, for display (nats)
     source_digest: str|None = None # `file_digest` of the corpus file when it was scanned: texts come only from that content
+    text_field: str|None = None    # where the scanned text records kept their text (`texts` reads it there by default)
 
     @property
     def n_queries(self) -> int: return self.indices.shape[0]
@@ -317,10 +318,10 @@ class ScanResult:
 
     def texts(self, corpus=None, # the scanned corpus (default: `source`): list, Dataset, JSONL/Parquet path
               tokenizer=None, # decodes token-id records
-              text_field:str='text', # where text records keep their text
+              text_field:str|None=None, # where text records keep their text (default: the scan's, else 'text')
              ) -> dict[int, str]:
         "`{index: text}` for every index in the result (one pass over a file corpus)."
-        corpus = self.source if corpus is None else corpus
+        corpus, text_field = self.source if corpus is None else corpus, text_field or self.text_field or 'text'
         if corpus is None: raise ValueError("Pass `corpus=` (the scanned corpus): this result was not scanned from a file.")
         self.check_corpus(corpus)
         want = {int(i) for i in self.indices.flatten().tolist() if i >= 0}
@@ -339,7 +340,7 @@ class ScanResult:
 # %% ../nbs/08_search.ipynb #65897a83
 @patch
 def to_frame(self: ScanResult, texts=None, # `{index: text}` or a list, to add a text column
-             corpus=None, tokenizer=None, text_field:str='text', # or: read texts from the corpus (see `texts`)
+             corpus=None, tokenizer=None, text_field:str|None=None, # or: read texts from the corpus (see `texts`)
             ) -> pd.DataFrame:
     "Long table: one row per (query, rank) with corpus index, score, nats and (when available) text."
     n_q, k = self.indices.shape
@@ -360,7 +361,7 @@ def top(self: ScanResult, query:int=0, # which query
     query = check_query(query, self.n_queries, 'this result'); check_k(k)
     sub = ScanResult(self.indices[query:query + 1, :k], self.scores[query:query + 1, :k], self.n_scanned, self.n_skipped,
                      self.n_train, self.query_rank, self.refined, self.source, self.seconds,
-                     source_digest=self.source_digest)
+                     source_digest=self.source_digest, text_field=self.text_field)
     return sub.to_frame(**kw).drop(columns='query').set_index('rank')
 
 # %% ../nbs/08_search.ipynb #895a764c
@@ -372,7 +373,7 @@ def save(self: ScanResult, path:str|Path) -> Path:
     _writable_dir(path.parent if str(path.parent) else Path('.'), '`path`')
     meta = {'n_scanned': self.n_scanned, 'n_skipped': self.n_skipped, 'n_train': self.n_train, 'query_rank': self.query_rank,
             'refined': self.refined, 'source': self.source, 'seconds': self.seconds, 'query_names': self.query_names,
-            'query_log_p': self.query_log_p, 'source_digest': self.source_digest,
+            'query_log_p': self.query_log_p, 'source_digest': self.source_digest, 'text_field': self.text_field,
             'shape': list(self.indices.shape),
             'dtype': str(self.scores.dtype).replace('torch.', '')}
     df = pd.DataFrame({'query': torch.arange(self.n_queries).repeat_interleave(self.k).numpy(),
@@ -632,7 +633,7 @@ def scan(model, # the model the factors were fitted on
     if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype)
     return ScanResult(inds, vals, state['n_scanned'], state['n_skipped'], factors.n_sequences, query_rank, refined,
                       str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - t0, 3),
-                      source_digest=file_digest(stream.path) if stream.path is not None else None)
+                      source_digest=file_digest(stream.path) if stream.path is not None else None, text_field=text_field)
 
 # %% ../nbs/08_search.ipynb #9e8c4c89
 def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype):

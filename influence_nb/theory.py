@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_theory.ipynb #1440903b
 from __future__ import annotations
-import copy, difflib, math
+import copy, difflib, math, os
 from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
@@ -12,8 +12,9 @@ from torch.func import functional_call, grad, jacrev, hessian
 from .data import check_sequences, require_scored, eval_mode, IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['check_damping', 'FlatParams', 'example_grads', 'sequence_grads', 'ggn_of_rows', 'exact_ggn', 'exact_hessian',
-           'influence_from_grads', 'param_blocks', 'flat_blocks', 'exact_influence']
+__all__ = ['check_damping', 'FlatParams', 'example_grads', 'sequence_grads', 'available_memory', 'check_dense_fits',
+           'ggn_of_rows', 'exact_ggn', 'exact_hessian', 'influence_from_grads', 'param_blocks', 'flat_blocks',
+           'exact_influence']
 
 # %% ../nbs/01_theory.ipynb #b3c63ba0
 def _check_param_names(model, param_names,
@@ -134,9 +135,32 @@ def sequence_grads(model:torch.nn.Module, # LM-style: `model(input_ids=, attenti
     with eval_mode(model): return _grads(flat, _seqs(model, seqs, 'seqs'))
 
 # %% ../nbs/01_theory.ipynb #821b97da
+def available_memory() -> int|None:
+    "Bytes of memory available to this process now (None where it cannot be read)."
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except ImportError: pass
+    try: return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError): return None
+
+def check_dense_fits(P:int, # tracked parameters
+                     dtype:torch.dtype, # of the [P, P] matrices
+                     what:str, # the caller, for the message
+                     copies:int=1, # [P, P] matrices alive at once
+                    ):
+    "Refuse, with the sizes, a dense `[P, P]` computation that the memory available cannot hold (instead of an allocator error)."
+    need, have = copies * P * P * torch.empty((), dtype=dtype).element_size(), available_memory()
+    if have is not None and need > have:
+        raise MemoryError(f"{what} forms the [P, P] curvature of the tracked parameters: P = {P:,} needs {need / 1e9:.1f} GB "
+                          f"({copies} matri{'ces' if copies > 1 else 'x'} of {P:,}² in {str(dtype).replace('torch.', '')}), more than the "
+                          f"{have / 1e9:.1f} GB available. Track fewer parameters (one small layer's names), use a smaller model, "
+                          "or use EK-FAC (`fit_factors` + `pairwise_scores`), which never forms it.")
+
 def ggn_of_rows(units, theta, loss:str='ce', chunk_rows:int=4096) -> torch.Tensor:
     "Σ over `units` (maps θ ↦ output rows [n_rows, d_out]) of Σ_r J_rᵀ H_r J_r, H the output Hessian of `loss` ('ce' or 'mse')."
     P = theta.numel()
+    check_dense_fits(P, theta.dtype, 'The exact Gauss–Newton matrix')
     G = torch.zeros(P, P, dtype=theta.dtype, device=theta.device)
     Bs, Jps, rows = [], [], 0
     for i, unit in enumerate(units):
@@ -171,6 +195,7 @@ def exact_ggn(model:torch.nn.Module, # LM-style model
 def _mean_hessian(flat:FlatParams, seqs:list[dict]) -> torch.Tensor:
     "Mean over `seqs` of the Hessian of the summed loss (reverse-over-reverse; `torch.func.hessian` gives the same, slower here)."
     H = 0
+    check_dense_fits(flat.theta.numel(), flat.theta.dtype, 'The exact Hessian', copies=2)
     for s in seqs: H = H + jacrev(jacrev(lambda th: -flat.log_prob(th, s)))(flat.theta)   # [P, P]
     return (H + H.T) / (2 * len(seqs))   # symmetric up to rounding; make it exactly so
 
@@ -256,6 +281,7 @@ def exact_influence(model:torch.nn.Module, # LM-style model: `model(input_ids=, 
         raise ValueError(f"`curvature` must be 'ggn' or 'hessian', got {curvature!r}.")
     damping = check_damping(damping, allow_zero=True, allow_none=False)
     flat = FlatParams(model, param_names, dtype)
+    check_dense_fits(flat.theta.numel(), dtype, '`exact_influence`', copies=3)   # C, C + λI and its factorisation
     queries, train = _seqs(model, queries, 'queries'), _seqs(model, train, 'train')
     fit = train if fit is None else _seqs(model, fit, 'fit')
     with eval_mode(model):
