@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_theory.ipynb #1440903b
 from __future__ import annotations
-import copy, difflib, math, os
+import contextlib, copy, difflib, math, os
 from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torch.func import functional_call, grad, jacrev, hessian
 from .data import check_sequences, require_scored, eval_mode, IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['check_damping', 'FlatParams', 'example_grads', 'sequence_grads', 'available_memory', 'check_dense_fits',
+__all__ = ['exact_mode', 'check_damping', 'FlatParams', 'example_grads', 'sequence_grads', 'available_memory', 'check_dense_fits',
            'ggn_of_rows', 'exact_ggn', 'exact_hessian', 'influence_from_grads', 'param_blocks', 'flat_blocks',
            'exact_influence']
 
@@ -32,6 +32,12 @@ def _check_param_names(model, param_names,
     if bad: raise TypeError(f"`param_names` must contain strings, got {bad[:3]!r}.")
     available = dict(model.named_parameters(remove_duplicate=False))
     unknown = [n for n in names if n not in available]
+    sliced = [n for n in unknown if n.endswith(']') and n.rsplit('[', 1)[0] in available]   # `layer_param_names` of MoE experts
+    if sliced:
+        whole = list(dict.fromkeys(n.rsplit('[', 1)[0] for n in sliced))
+        raise ValueError(f"`param_names` names single experts of fused expert tensors ({sliced[:2]!r}…): the exact computations "
+                         f"here track whole parameters. Pass the whole tensors ({whole[:2]!r}…), which track every expert, or "
+                         "use EK-FAC (`fit_factors`), which tracks experts one by one.")
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(available), n=5, cutoff=0.5)
         listing = list(available)
@@ -46,6 +52,22 @@ def _check_param_names(model, param_names,
                              f"({'a repeated name' if seen[key] == n else 'tied weights'}); list it once.")
         seen[key] = n
     return names
+
+@contextlib.contextmanager
+def exact_mode(model:torch.nn.Module):
+    "Eval mode, and MoE experts computed by plain matmuls ('eager'; grouped GEMM kernels take no float64) while inside."
+    switched = []
+    try:
+        with eval_mode(model):
+            for mod in model.modules():
+                kernel = getattr(getattr(mod, 'config', None), '_experts_implementation', None)
+                if kernel in (None, 'eager') or not callable(getattr(mod, 'set_experts_implementation', None)): continue
+                try: mod.set_experts_implementation('eager')
+                except (ValueError, NotImplementedError, RuntimeError): continue
+                if mod.config._experts_implementation == 'eager': switched.append((mod, kernel))
+            yield model
+    finally:
+        for mod, kernel in reversed(switched): mod.set_experts_implementation(kernel)
 
 def _seqs(model, data, name) -> list[dict]:
     "Validated sequences (`influence_nb.data.check_sequences`), each with at least one scored token."
@@ -132,7 +154,7 @@ def sequence_grads(model:torch.nn.Module, # LM-style: `model(input_ids=, attenti
                   ) -> torch.Tensor: # [n, P]
     "Per-sequence gradient of log p(scored tokens) w.r.t. the tracked parameters, flattened in `param_names` order."
     flat = FlatParams(model, param_names, dtype)
-    with eval_mode(model): return _grads(flat, _seqs(model, seqs, 'seqs'))
+    with exact_mode(model): return _grads(flat, _seqs(model, seqs, 'seqs'))
 
 # %% ../nbs/01_theory.ipynb #821b97da
 def available_memory() -> int|None:
@@ -189,7 +211,7 @@ def exact_ggn(model:torch.nn.Module, # LM-style model
              ) -> torch.Tensor: # [P, P]
     "Mean over `seqs` of the per-sequence Gauss–Newton matrix of the token-summed cross-entropy."
     flat = FlatParams(model, param_names, dtype)
-    with eval_mode(model): return _mean_ggn(flat, _seqs(model, seqs, 'seqs'))
+    with exact_mode(model): return _mean_ggn(flat, _seqs(model, seqs, 'seqs'))
 
 # %% ../nbs/01_theory.ipynb #457ae465
 def _mean_hessian(flat:FlatParams, seqs:list[dict]) -> torch.Tensor:
@@ -206,7 +228,7 @@ def exact_hessian(model:torch.nn.Module, # LM-style model
                  ) -> torch.Tensor: # [P, P]
     "Mean over `seqs` of the Hessian of the token-summed cross-entropy w.r.t. the tracked parameters."
     flat = FlatParams(model, param_names, dtype)
-    with eval_mode(model): return _mean_hessian(flat, _seqs(model, seqs, 'seqs'))
+    with exact_mode(model): return _mean_hessian(flat, _seqs(model, seqs, 'seqs'))
 
 # %% ../nbs/01_theory.ipynb #3d9740c9
 def influence_from_grads(query_grads:torch.Tensor, # [n_q, P] gradients of the measurement (log p of each query)
@@ -284,7 +306,7 @@ def exact_influence(model:torch.nn.Module, # LM-style model: `model(input_ids=, 
     check_dense_fits(flat.theta.numel(), dtype, '`exact_influence`', copies=3)   # C, C + λI and its factorisation
     queries, train = _seqs(model, queries, 'queries'), _seqs(model, train, 'train')
     fit = train if fit is None else _seqs(model, fit, 'fit')
-    with eval_mode(model):
+    with exact_mode(model):
         C = (_mean_ggn if curvature == "ggn" else _mean_hessian)(flat, fit)   # [P, P]
         gq, gt = _grads(flat, queries), _grads(flat, train)
     return influence_from_grads(gq, gt, C, damping, flat_blocks(model, flat.names) if block_diagonal else None)
