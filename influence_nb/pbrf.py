@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from torch.func import functional_call, jvp, vjp, jacrev, vmap
+from torch.func import jvp, vjp, jacrev, vmap
 from .data import IGNORE_INDEX, as_sequences, collate, eval_mode, require_scored
-from .theory import FlatParams, example_grads, ggn_of_rows, check_damping
+from .theory import FlatParams, call_functional, example_grads, ggn_of_rows, check_damping
 
 # %% auto #0
 __all__ = ['FlatProblem', 'bregman_objective', 'gnvp', 'ggn_matrix', 'PBRFResponse', 'pbrf_response', 'PBRFInfluence',
@@ -140,11 +140,11 @@ class FlatProblem(FlatParams):
     def rows(self, theta, batch: _Batch) -> torch.Tensor:
         "Outputs on `batch` as rows [n_rows, d_out]: scored-token logits (lm) or per-example outputs (xy)."
         if batch.kind == 'lm':
-            out = functional_call(self.model, self.params(theta), args=(), kwargs=batch.inputs)
+            out = call_functional(self.model, self.params(theta), kwargs=batch.inputs)
             logits = getattr(out, 'logits', out)                         # [B, T, V]
             out = logits[:, :-1][batch.scored]                            # [n_rows, V]
         else:
-            out = functional_call(self.model, self.params(theta), (batch.inputs,))
+            out = call_functional(self.model, self.params(theta), (batch.inputs,))
             out = getattr(out, 'logits', out)
             out = out.reshape(out.shape[0], -1)                           # [B, d_out]
         if self.loss == 'mse' and out.shape != batch.targets.shape:

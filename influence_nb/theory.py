@@ -12,9 +12,9 @@ from torch.func import functional_call, grad, jacrev, hessian
 from .data import check_sequences, require_scored, eval_mode, IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['exact_mode', 'check_damping', 'FlatParams', 'example_grads', 'sequence_grads', 'available_memory', 'check_dense_fits',
-           'ggn_of_rows', 'exact_ggn', 'exact_hessian', 'influence_from_grads', 'param_blocks', 'flat_blocks',
-           'exact_influence']
+__all__ = ['exact_mode', 'check_damping', 'call_functional', 'FlatParams', 'example_grads', 'sequence_grads', 'available_memory',
+           'check_dense_fits', 'ggn_of_rows', 'exact_ggn', 'exact_hessian', 'influence_from_grads', 'param_blocks',
+           'flat_blocks', 'exact_influence']
 
 # %% ../nbs/01_theory.ipynb #b3c63ba0
 def _check_param_names(model, param_names,
@@ -94,6 +94,16 @@ def check_damping(damping,                  # λ: a float, or None where the cal
     return float(damping)
 
 # %% ../nbs/01_theory.ipynb #89276685
+def call_functional(model, params:dict, args=(), kwargs=None):
+    "`torch.func.functional_call`, with a plain explanation when the model holds a custom autograd.Function torch.func cannot pass through."
+    try: return functional_call(model, params, args=args, kwargs=kwargs or {})
+    except RuntimeError as e:
+        if 'autograd.Function' not in str(e) or 'functorch' not in str(e): raise
+        raise RuntimeError(f"{type(model).__name__} runs a custom torch.autograd.Function (Bloom's GeLU is one) that torch.func "
+                           "cannot differentiate, and exact influence, the PBRF and the strategies 'lissa', 'cg' and 'pcg' "
+                           "differentiate the model with torch.func. Use 'ekfac', 'kfac', 'diagonal' or 'identity', which "
+                           "use ordinary autograd.") from e
+
 class FlatParams:
     "A model as a function of one flat vector θ of its tracked parameters, every other parameter and buffer held fixed, all in `dtype`."
     def __init__(self, model, param_names, dtype=None, all_if_none: bool = False):
@@ -124,7 +134,7 @@ class FlatParams:
     def logits(self, theta, seq): # θ [P]; one sequence dict
         "Logits `[T, V]` of one sequence with the tracked parameters set to `theta`."
         ids, mask = seq['input_ids'].to(self.device)[None], seq['attention_mask'].to(self.device)[None]   # [1, T]
-        out = functional_call(self.model, self.params(theta), args=(), kwargs=dict(input_ids=ids, attention_mask=mask, **self.lm_kw))
+        out = call_functional(self.model, self.params(theta), kwargs=dict(input_ids=ids, attention_mask=mask, **self.lm_kw))
         logits = out.logits if hasattr(out, 'logits') else out if isinstance(out, torch.Tensor) else out[0]
         return logits[0]   # [T, V]
 
