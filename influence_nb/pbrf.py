@@ -16,7 +16,7 @@ from .data import IGNORE_INDEX, as_sequences, collate, eval_mode, require_scored
 from .theory import FlatParams, call_functional, example_grads, ggn_of_rows, check_damping
 
 # %% auto #0
-__all__ = ['FlatProblem', 'bregman_objective', 'gnvp', 'ggn_matrix', 'PBRFResponse', 'pbrf_response', 'PBRFInfluence',
+__all__ = ['VMAP_MAX', 'FlatProblem', 'bregman_objective', 'gnvp', 'ggn_matrix', 'PBRFResponse', 'pbrf_response', 'PBRFInfluence',
            'pbrf_influence', 'loss_grads', 'PBRFScores', 'pbrf_scores', 'cg_ihvp', 'lissa_ihvp']
 
 # %% ../nbs/02_pbrf.ipynb #788c7794
@@ -197,8 +197,7 @@ def _out_hvp(h, u, loss, p=None):
     "Output-space Hessian of the loss at `h` times `u`, row by row: (diag p − p pᵀ) u for ce (p = softmax(h), if not given), u for mse."
     if loss == 'mse': return u
     p = torch.softmax(h, -1) if p is None else p
-    pu = p * u
-    return pu - p * pu.sum(-1, keepdim=True)
+    return (u - (p * u).sum(-1, keepdim=True)).mul_(p)                  # p ⊙ (u − pᵀu): one temporary, one in-place product
 
 # %% ../nbs/02_pbrf.ipynb #91b8dde3
 def _example_losses(prob: FlatProblem, b: _Batch, theta) -> torch.Tensor:
@@ -245,6 +244,8 @@ def bregman_objective(model,                 # the trained model; its current pa
         return breg / prob.N + eps * _loss_sum(prob, zm, theta) + 0.5 * damping * (theta - prob.theta_s).pow(2).sum()
 
 # %% ../nbs/02_pbrf.ipynb #023568fa
+VMAP_MAX = 1 << 21   # tangent entries [columns, n_rows, d_out] up to which one vmapped call beats a loop over the columns
+
 def _column_chunk(k: int, rows: int, d_out: int, budget: int = 2**24) -> int:
     "Columns per vmapped call, so that the tangents [columns, n_rows, d_out] stay under `budget` numbers."
     return max(1, min(k, budget // max(1, rows * d_out)))
@@ -279,8 +280,11 @@ class _Linearised:
         for h, p, jt, j in self.pieces:
             step = _column_chunk(len(V), *h.shape)
             for lo in range(0, len(V), step):
-                JV = vmap(j)(V[lo:lo + step])                            # [k, n_rows, d_out]
-                out[lo:lo + step] += vmap(jt)(_out_hvp(h, JV, self.loss, p))[0]   # Jᵀ H J V
+                cols = V[lo:lo + step]
+                if len(cols) * h.numel() <= VMAP_MAX:                    # small outputs: one batched call (see 'Batching')
+                    out[lo:lo + step] += vmap(jt)(_out_hvp(h, vmap(j)(cols), self.loss, p))[0]   # Jᵀ H J V
+                else:                                                    # large outputs (an LM's vocabulary): column by column
+                    for c, v in enumerate(cols): out[lo + c] += jt(_out_hvp(h, j(v), self.loss, p))[0]
         return out / self.n
 
 def _gnvp(prob: FlatProblem, V: torch.Tensor, batches=None, n=None) -> torch.Tensor:
