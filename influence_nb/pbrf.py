@@ -12,8 +12,8 @@ import torch
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 from torch.func import jvp, vjp, jacrev, vmap
-from .data import IGNORE_INDEX, as_sequences, collate, eval_mode, require_scored
-from .theory import FlatParams, call_functional, example_grads, ggn_of_rows, check_damping
+from .data import IGNORE_INDEX, as_sequences, collate, require_scored
+from .theory import FlatParams, call_functional, exact_mode, example_grads, ggn_of_rows, check_damping
 
 # %% auto #0
 __all__ = ['VMAP_MAX', 'FlatProblem', 'bregman_objective', 'gnvp', 'ggn_matrix', 'PBRFResponse', 'pbrf_response', 'PBRFInfluence',
@@ -233,7 +233,7 @@ def bregman_objective(model,                 # the trained model; its current pa
     "The proximal Bregman objective PBO(θ; ε) of Bae et al. (2022), paper §2.1."
     damping = check_damping(damping, allow_none=False)
     if not math.isfinite(eps): raise ValueError(f"`eps` must be finite, got {eps!r}.")
-    with eval_mode(model):
+    with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         zm = prob.examples(z_m, 'z_m', single=True)
         theta = _flat_theta(prob, theta)
@@ -300,7 +300,7 @@ def gnvp(model,                # the model at θ_s
          dtype = None,         # computation dtype (None: the first tracked parameter's)
         ) -> torch.Tensor:     # G v, same shape and dtype as `v`
     "Gauss–Newton-vector product G v, G = mean over `data` of Jᵀ H_out J (jvp, output Hessian, vjp)."
-    with eval_mode(model):
+    with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         V, one = prob.vectors(v, 'v')
         out = _gnvp(prob, V).to(v.device, v.dtype)
@@ -506,7 +506,7 @@ def pbrf_response(model,                 # the trained model; its current parame
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
         raise ValueError(f"`eps` must be a finite number, got {eps!r}.")
     _check_iters(max_iter=max_iter, newton_steps=(newton_steps, 0), history=history)
-    with eval_mode(model):
+    with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         start = None if theta0 is None else _flat_theta(prob, theta0, 'theta0')
         if start is not None and not torch.isfinite(start).all(): raise ValueError("`theta0` contains NaN or Inf.")
@@ -566,7 +566,7 @@ def pbrf_influence(model,                 # the trained model; its current param
     eps = _check_positive(eps, 'eps', 'It is the finite-difference step; the solves use +eps and −eps.')
     rtol = _check_positive(rtol, 'rtol')
     _check_iters(max_iter=max_iter, newton_steps=(newton_steps, 0), history=history)
-    with eval_mode(model):
+    with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         zm, q = prob.examples(z_m, 'z_m', single=True), prob.examples(query, 'query', single=True)
         products = _products(model, param_names, data, loss, batch_size, prob, z_m, newton_dtype)
@@ -660,7 +660,7 @@ def pbrf_scores(model,                 # the trained model; its current paramete
     eps = _check_positive(eps, 'eps', 'It is the finite-difference step; the solves use +eps and −eps.')
     rtol = _check_positive(rtol, 'rtol')
     _check_iters(max_iter=max_iter, newton_steps=(newton_steps, 0), history=history)
-    with eval_mode(model):
+    with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         q = prob.examples(query, 'query')
         points = _check_points(points, prob.N)
@@ -720,7 +720,7 @@ def cg_ihvp(model,                # the model at θ_s
     damping = check_damping(damping, allow_none=False)
     tol = _check_positive(tol, 'tol')
     _check_iters(max_iter=(max_iter, 0 if preconditioner is not None else 1))
-    with eval_mode(model):
+    with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         B, one = prob.vectors(V)
         M = _checked_preconditioner(preconditioner, prob.P)
@@ -762,7 +762,7 @@ def lissa_ihvp(model,                 # the model at θ_s
     damping = check_damping(damping, allow_none=False)
     _check_iters(depth=depth, repeats=repeats)
     if not isinstance(seed, int): raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
-    with eval_mode(model):
+    with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         B, one = prob.vectors(V)
         if lissa_batch is not None:

@@ -210,8 +210,8 @@ def shared_to(acts:dict, # one batch's `{name: ā}` (`layer_passes`): layers rea
     "`acts[name]` in `dt`, converted once for the layers that share it, so they still share it (and `rotated_grads` rotates it once)."
     t = acts[name]
     if t.dtype == dt: return t
-    if t.data_ptr() not in done: done[t.data_ptr()] = t.to(dt)
-    return done[t.data_ptr()]
+    if id(t) not in done: done[id(t)] = (t, t.to(dt))                 # keyed by the tensor object the layers share (held alive)
+    return done[id(t)][1]
 
 def query_gradients(model, layers, queries, batch_size=8, progress=False) -> dict:
     "Per-query gradients of the summed loss (= −∇ log p(completion)) per layer, `{name: [n_q, d_out, d_in+1]}`."

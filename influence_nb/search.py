@@ -5,7 +5,7 @@
 # %% ../nbs/08_search.ipynb #f851d976
 from __future__ import annotations
 import os, json, time, socket, itertools, contextlib, warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from collections.abc import Mapping, Iterable, Iterator
 import torch
@@ -325,7 +325,13 @@ class ScanResult:
         if corpus is None: raise ValueError("Pass `corpus=` (the scanned corpus): this result was not scanned from a file.")
         self.check_corpus(corpus)
         want = {int(i) for i in self.indices.flatten().tolist() if i >= 0}
-        return {it.index: record_text(it.raw, tokenizer, text_field) for it in CorpusStream(corpus, text_field).select(want)}
+        out = {}
+        for it in CorpusStream(corpus, text_field).select(want):
+            if isinstance(it.raw, Mapping) and 'input_ids' not in it.raw and not isinstance(text_of(it.raw, text_field), str):
+                raise ValueError(f"Record {it.index} of the corpus has no string field {text_field!r} (fields: {sorted(it.raw)}): "
+                                 "pass `text_field=`, the field the scanned records keep their text in.")
+            out[it.index] = record_text(it.raw, tokenizer, text_field)
+        return out
 
     def check_corpus(self, corpus, # a path (checked against `source_digest`) or an in-memory collection (not checked)
                      name:str='`corpus`'):
@@ -395,8 +401,9 @@ def load(cls: ScanResult, path:str|Path) -> ScanResult:
     raw = (t.schema.metadata or {}).get(b'influence_nb.scan')
     if raw is None: raise ValueError(f"{path} is not a scan result (no influence_nb.scan metadata); was it written by `ScanResult.save`?")
     meta = json.loads(raw); n_q, k = meta.pop('shape')
-    df = t.to_pandas().sort_values(['query', 'rank'])
     dt = getattr(torch, meta.pop('dtype'))
+    meta = {f: meta[f] for f in (x.name for x in fields(cls)) if f in meta}   # fields a newer version added: ignored
+    df = t.to_pandas().sort_values(['query', 'rank'])
     return cls(torch.tensor(df['index'].to_numpy()).reshape(n_q, k), torch.tensor(df['score'].to_numpy()).to(dt).reshape(n_q, k), **meta)
 
 # %% ../nbs/08_search.ipynb #60a700ff

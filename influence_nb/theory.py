@@ -53,21 +53,30 @@ def _check_param_names(model, param_names,
         seen[key] = n
     return names
 
+def _experts_kernels(model) -> dict:
+    "`{id(config): (config, kernel)}` for every config in `model` whose MoE experts use a kernel other than 'eager'."
+    out = {}
+    for mod in model.modules():
+        cfg = getattr(mod, 'config', None)
+        k = getattr(cfg, '_experts_implementation', None)
+        if isinstance(k, str) and k != 'eager': out.setdefault(id(cfg), (cfg, k))
+    return out
+
 @contextlib.contextmanager
 def exact_mode(model:torch.nn.Module):
     "Eval mode, and MoE experts computed by plain matmuls ('eager'; grouped GEMM kernels take no float64) while inside."
-    switched = []
+    saved = _experts_kernels(model)            # every config's own kernel, recorded before anything is switched
     try:
         with eval_mode(model):
             for mod in model.modules():
-                kernel = getattr(getattr(mod, 'config', None), '_experts_implementation', None)
-                if kernel in (None, 'eager') or not callable(getattr(mod, 'set_experts_implementation', None)): continue
-                try: mod.set_experts_implementation('eager')
-                except (ValueError, NotImplementedError, RuntimeError): continue
-                if mod.config._experts_implementation == 'eager': switched.append((mod, kernel))
+                if id(getattr(mod, 'config', None)) in saved and callable(getattr(mod, 'set_experts_implementation', None)):
+                    try: mod.set_experts_implementation('eager')
+                    except (ValueError, NotImplementedError, RuntimeError): pass   # that kernel stays
             yield model
-    finally:
-        for mod, kernel in reversed(switched): mod.set_experts_implementation(kernel)
+    finally:                                   # each config set back directly: a partial switch or an error is undone too
+        for cfg, kernel in saved.values():
+            if hasattr(cfg, '_experts_implementation_internal'): cfg._experts_implementation_internal = kernel
+            else: cfg._experts_implementation = kernel
 
 def _seqs(model, data, name) -> list[dict]:
     "Validated sequences (`influence_nb.data.check_sequences`), each with at least one scored token."
@@ -167,8 +176,11 @@ def sequence_grads(model:torch.nn.Module, # LM-style: `model(input_ids=, attenti
     with exact_mode(model): return _grads(flat, _seqs(model, seqs, 'seqs'))
 
 # %% ../nbs/01_theory.ipynb #821b97da
-def available_memory() -> int|None:
-    "Bytes of memory available to this process now (None where it cannot be read)."
+def available_memory(device=None) -> int|None:
+    "Bytes of memory available now on `device` (a CUDA device: its free memory; else the host's), None where unknown."
+    device = torch.device(device) if device is not None else torch.device('cpu')
+    if device.type == 'cuda': return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != 'cpu': return None
     try:
         import psutil
         return int(psutil.virtual_memory().available)
@@ -180,9 +192,10 @@ def check_dense_fits(P:int, # tracked parameters
                      dtype:torch.dtype, # of the [P, P] matrices
                      what:str, # the caller, for the message
                      copies:int=1, # [P, P] matrices alive at once
+                     device=None, # where they are allocated (default: the CPU)
                     ):
     "Refuse, with the sizes, a dense `[P, P]` computation that the memory available cannot hold (instead of an allocator error)."
-    need, have = copies * P * P * torch.empty((), dtype=dtype).element_size(), available_memory()
+    need, have = copies * P * P * torch.empty((), dtype=dtype).element_size(), available_memory(device)
     if have is not None and need > have:
         raise MemoryError(f"{what} forms the [P, P] curvature of the tracked parameters: P = {P:,} needs {need / 1e9:.1f} GB "
                           f"({copies} matri{'ces' if copies > 1 else 'x'} of {P:,}² in {str(dtype).replace('torch.', '')}), more than the "
@@ -192,7 +205,7 @@ def check_dense_fits(P:int, # tracked parameters
 def ggn_of_rows(units, theta, loss:str='ce', chunk_rows:int=4096) -> torch.Tensor:
     "Σ over `units` (maps θ ↦ output rows [n_rows, d_out]) of Σ_r J_rᵀ H_r J_r, H the output Hessian of `loss` ('ce' or 'mse')."
     P = theta.numel()
-    check_dense_fits(P, theta.dtype, 'The exact Gauss–Newton matrix')
+    check_dense_fits(P, theta.dtype, 'The exact Gauss–Newton matrix', device=theta.device)
     G = torch.zeros(P, P, dtype=theta.dtype, device=theta.device)
     Bs, Jps, rows = [], [], 0
     for i, unit in enumerate(units):
@@ -227,7 +240,7 @@ def exact_ggn(model:torch.nn.Module, # LM-style model
 def _mean_hessian(flat:FlatParams, seqs:list[dict]) -> torch.Tensor:
     "Mean over `seqs` of the Hessian of the summed loss (reverse-over-reverse; `torch.func.hessian` gives the same, slower here)."
     H = 0
-    check_dense_fits(flat.theta.numel(), flat.theta.dtype, 'The exact Hessian', copies=2)
+    check_dense_fits(flat.theta.numel(), flat.theta.dtype, 'The exact Hessian', copies=3, device=flat.theta.device)   # H, a term, their sum
     for s in seqs: H = H + jacrev(jacrev(lambda th: -flat.log_prob(th, s)))(flat.theta)   # [P, P]
     return (H + H.T) / (2 * len(seqs))   # symmetric up to rounding; make it exactly so
 
@@ -313,7 +326,7 @@ def exact_influence(model:torch.nn.Module, # LM-style model: `model(input_ids=, 
         raise ValueError(f"`curvature` must be 'ggn' or 'hessian', got {curvature!r}.")
     damping = check_damping(damping, allow_zero=True, allow_none=False)
     flat = FlatParams(model, param_names, dtype)
-    check_dense_fits(flat.theta.numel(), dtype, '`exact_influence`', copies=3)   # C, C + λI and its factorisation
+    check_dense_fits(flat.theta.numel(), flat.theta.dtype, '`exact_influence`', copies=3, device=flat.theta.device)   # C, C + λI, its factorisation
     queries, train = _seqs(model, queries, 'queries'), _seqs(model, train, 'train')
     fit = train if fit is None else _seqs(model, fit, 'fit')
     with exact_mode(model):
