@@ -250,6 +250,8 @@ def _column_chunk(k: int, rows: int, d_out: int, budget: int = 2**24) -> int:
     "Columns per vmapped call, so that the tangents [columns, n_rows, d_out] stay under `budget` numbers."
     return max(1, min(k, budget // max(1, rows * d_out)))
 
+
+# %% ../nbs/02_pbrf.ipynb #f2b1c0ad
 class _Linearised:
     "Batches linearised once at θ_s — rows h, u ↦ Jᵀu and v ↦ J v — so that `G V` is two vmapped passes per batch."
     def __init__(self, prob: FlatProblem, batches=None, n=None):

@@ -53,6 +53,8 @@ def _check_param_names(model, param_names,
         seen[key] = n
     return names
 
+
+# %% ../nbs/01_theory.ipynb #e8a7c0de
 def _experts_kernels(model) -> dict:
     "`{id(config): (config, kernel)}` for every config in `model` whose MoE experts use a kernel other than 'eager'."
     out = {}
