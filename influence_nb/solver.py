@@ -10,28 +10,17 @@ import torch
 from fastcore.basics import patch
 from . import pbrf
 from .modules import find_modules, layer_param_names
-from .theory import check_damping
+from .theory import check_damping, eager_kernels
 from .ekfac import Factors, ITERATIVE, check_bound, fingerprint, model_digest, fit_factors
 
 # %% auto #0
 __all__ = ['eager_attention', 'IterativeSolver', 'fit_solver']
 
 # %% ../nbs/05b_solver.ipynb #5b000005
-@contextlib.contextmanager
 def eager_attention(model:torch.nn.Module, # any module; the transformers models inside it are switched
                    ):
-    "Inside the block every transformers model in `model` computes attention with the 'eager' kernel; afterwards each has its own again."
-    switched = []                                       # (model, its kernel before), outermost first
-    try:
-        for mod in model.modules():                     # an outer model switches the inner ones that share its config
-            kernel = getattr(getattr(mod, 'config', None), '_attn_implementation', None)
-            if kernel in (None, 'eager') or not callable(getattr(mod, 'set_attn_implementation', None)): continue
-            try: mod.set_attn_implementation('eager')
-            except (ValueError, NotImplementedError): continue   # cannot be switched: the kernel stays (see above)
-            if mod.config._attn_implementation == 'eager': switched.append((mod, kernel))
-        yield [mod for mod, _ in switched]
-    finally:
-        for mod, kernel in reversed(switched): mod.set_attn_implementation(kernel)
+    "Inside the block every transformers model in `model` computes attention with the 'eager' kernel; afterwards each has its own again (`01_theory`'s `eager_kernels`)."
+    return eager_kernels(model, 'attn')
 
 # %% ../nbs/05b_solver.ipynb #5b000008
 _SOLVERS = {'lissa': pbrf.lissa_ihvp, 'cg': pbrf.cg_ihvp, 'pcg': pbrf.cg_ihvp}

@@ -12,9 +12,9 @@ from torch.func import functional_call, grad, jacrev, hessian
 from .data import check_sequences, require_scored, eval_mode, IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['exact_mode', 'check_damping', 'call_functional', 'FlatParams', 'example_grads', 'sequence_grads', 'available_memory',
-           'check_dense_fits', 'ggn_of_rows', 'exact_ggn', 'exact_hessian', 'influence_from_grads', 'param_blocks',
-           'flat_blocks', 'exact_influence']
+__all__ = ['eager_kernels', 'exact_mode', 'check_damping', 'call_functional', 'FlatParams', 'example_grads', 'sequence_grads',
+           'available_memory', 'check_dense_fits', 'ggn_of_rows', 'exact_ggn', 'exact_hessian', 'influence_from_grads',
+           'param_blocks', 'flat_blocks', 'exact_influence']
 
 # %% ../nbs/01_theory.ipynb #b3c63ba0
 def _check_param_names(model, param_names,
@@ -55,30 +55,33 @@ def _check_param_names(model, param_names,
 
 
 # %% ../nbs/01_theory.ipynb #e8a7c0de
-def _experts_kernels(model) -> dict:
-    "`{id(config): (config, kernel)}` for every config in `model` whose MoE experts use a kernel other than 'eager'."
-    out = {}
+@contextlib.contextmanager
+def eager_kernels(model:torch.nn.Module, # any module; the transformers models inside it are switched
+                  kind:str, # 'attn' (attention) or 'experts' (MoE experts)
+                 ):
+    "Inside the block every transformers model in `model` computes `kind` with the 'eager' kernel (plain matmuls, which torch.func and float64 take); yields the modules switched. Afterwards every config has its own kernel again, also after an error or a half-done switch."
+    attr, setter = f'_{kind}_implementation', f'set_{kind}_implementation'
+    saved, switched = {}, []                   # each config's own kernel, recorded before anything is switched
     for mod in model.modules():
         cfg = getattr(mod, 'config', None)
-        k = getattr(cfg, '_experts_implementation', None)
-        if isinstance(k, str) and k != 'eager': out.setdefault(id(cfg), (cfg, k))
-    return out
+        k = getattr(cfg, attr, None)
+        if isinstance(k, str) and k != 'eager': saved.setdefault(id(cfg), (cfg, k))
+    try:
+        for mod in model.modules():            # an outer model switches the inner ones that share its config
+            cfg = getattr(mod, 'config', None)
+            if id(cfg) not in saved or getattr(cfg, attr) == 'eager' or not callable(getattr(mod, setter, None)): continue
+            try: getattr(mod, setter)('eager')
+            except (ValueError, NotImplementedError, RuntimeError): pass   # cannot be switched: that kernel stays
+            if getattr(cfg, attr) == 'eager': switched.append(mod)
+        yield switched
+    finally:                                   # each config set back directly
+        for cfg, kernel in saved.values():
+            setattr(cfg, attr + '_internal' if hasattr(cfg, attr + '_internal') else attr, kernel)
 
 @contextlib.contextmanager
 def exact_mode(model:torch.nn.Module):
     "Eval mode, and MoE experts computed by plain matmuls ('eager'; grouped GEMM kernels take no float64) while inside."
-    saved = _experts_kernels(model)            # every config's own kernel, recorded before anything is switched
-    try:
-        with eval_mode(model):
-            for mod in model.modules():
-                if id(getattr(mod, 'config', None)) in saved and callable(getattr(mod, 'set_experts_implementation', None)):
-                    try: mod.set_experts_implementation('eager')
-                    except (ValueError, NotImplementedError, RuntimeError): pass   # that kernel stays
-            yield model
-    finally:                                   # each config set back directly: a partial switch or an error is undone too
-        for cfg, kernel in saved.values():
-            if hasattr(cfg, '_experts_implementation_internal'): cfg._experts_implementation_internal = kernel
-            else: cfg._experts_implementation = kernel
+    with eval_mode(model), eager_kernels(model, 'experts'): yield model
 
 def _seqs(model, data, name) -> list[dict]:
     "Validated sequences (`influence_nb.data.check_sequences`), each with at least one scored token."
