@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
 "Write README.md from nbs/index.ipynb (Quarto, which nbdev-readme needs, is not installable here)."
-import json, re, sys
+import base64, json, re, sys
 from pathlib import Path
 root = Path(sys.argv[1] if len(sys.argv) > 1 else '.')
 nb = json.loads((root/'nbs'/'index.ipynb').read_text())
 
 def outputs(cell) -> list[str]:
-    "The stored outputs of a code cell as README blocks: printed text and results as text, tables as HTML."
+    "The stored outputs of a code cell as README blocks: printed text and results as text, tables as HTML, figures as PNGs."
     out = []
-    for o in cell.get('outputs', []):
+    for i, o in enumerate(cell.get('outputs', [])):
         data = o.get('data', {})
+        if 'image/png' in data:   # a figure: written next to the notebooks' other images and linked
+            name = f"readme_{cell['id']}_{i}.png"
+            (root/'nbs'/'images').mkdir(exist_ok=True)
+            (root/'nbs'/'images'/name).write_bytes(base64.b64decode(''.join(data['image/png'])))
+            out.append(f'![{name[:-4]}](nbs/images/{name})'); continue
         if o.get('output_type') == 'stream' and o.get('name') == 'stdout': text = ''.join(o['text'])
         elif '<table' in ''.join(data.get('text/html', '')):   # a DataFrame: GitHub renders the HTML table
             html = re.sub(r'<style[^>]*>.*?</style>', '', ''.join(data['text/html']), flags=re.S)

@@ -420,16 +420,18 @@ def completion_logprobs(model, # a causal LM
                         seqs, # query sequences (`tokenize_pairs`): only tokens with labels are counted
                         batch_size:int=64, # sequences per forward pass
                        ) -> torch.Tensor:
-    "log p(completion | prompt) of each query sequence, in nats, `[n]`."
-    seqs, out = as_sequences(seqs, 'seqs'), []
+    "log p(completion | prompt) of each query sequence, in nats, `[n]`: float32, or float64 for a float64 model."
+    seqs, out, dtype = as_sequences(seqs, 'seqs'), [], torch.float32
     dev = next(model.parameters()).device
     with torch.no_grad(), eval_mode(model):
         for _, b in batches(seqs, batch_size):
-            logits = model(input_ids=b['input_ids'].to(dev), attention_mask=b['attention_mask'].to(dev)).logits.float()
+            logits = model(input_ids=b['input_ids'].to(dev), attention_mask=b['attention_mask'].to(dev)).logits
+            if logits.dtype != torch.float64: logits = logits.float()                  # half precision: summed in float32
+            dtype = logits.dtype
             lab = b['labels'][:, 1:].to(dev)                                           # [batch, T-1]: labels shift
             lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, lab.clamp(min=0)[..., None])[..., 0]
             out += (lp * (lab != IGNORE_INDEX)).sum(1).tolist()
-    return torch.tensor(out)
+    return torch.tensor(out, dtype=dtype)
 
 # %% ../nbs/00_data.ipynb #663e4a9c
 CORPUS_FORMATS = ("JSONL (.jsonl/.json/.ndjson: one JSON object per line with a text field or 'input_ids'), "

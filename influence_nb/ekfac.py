@@ -170,6 +170,7 @@ FACTOR_STRATEGIES = tuple(s for s in STRATEGIES if s not in ITERATIVE)   # what 
 
 @dataclass
 class Factors:
+    "Fitted curvature of the tracked layers (`fit_factors`): per-layer tensors, applied by `precondition`, saved as safetensors + JSON."
     strategy: str                     # identity | diagonal | kfac | ekfac
     modules: list[str]                # tracked layer names, in model order
     shapes: dict                      # name -> [d_out, d_in(+1)] of the canonical gradient
@@ -443,7 +444,7 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
                 solver:dict|None=None, # lissa / cg / pcg options, passed to `pbrf.lissa_ihvp` / `pbrf.cg_ihvp`
                 fisher_samples:int=1, # labels sampled per token (true Fisher): more cut the Monte-Carlo noise, at k× the passes
                 factor_dtype:str|None=FACTOR_DTYPE, # 'float32', 'float64', None: the model's precision (float64 only for a float64 model)
-                eigh_dtype:str|torch.dtype|None=None, # None: float64 eigendecompositions (DESIGN); 'float32': faster (see 'Fit options')
+                eigh_dtype:str|torch.dtype|None=None, # None: float64 eigendecompositions (the default); 'float32': faster (see 'Fit options')
                 rotate_dtype:str|torch.dtype|None=None, # None: Λ's rotations in the model's dtype; 'bfloat16': faster (see 'Fit options')
                ) -> Factors|IterativeSolver:
     "Fit the curvature of the tracked layers of `model` on `train`; for 'lissa', 'cg', 'pcg' make the `IterativeSolver` over it."

@@ -645,7 +645,7 @@ STATED = {
     'target_ekfac_near_lissa_lm': False, 'ekfac_beats_dot_lm': True, 'ekfac_beats_diagonal_lm': True,
     'pbrf_derivative_is_cg_lm': True, 'ekfac_samples_help_lm': False,
     # 20_validation, EK-FAC-preconditioned CG: against the PBRF (pcg task) and against exact influence (solver task)
-    'target_pcg_0.95_5x_regression': True, 'target_pcg_0.95_5x_classification': True, 'target_pcg_0.95_5x_lm': False,
+    'target_pcg_0.95_5x_regression': True, 'target_pcg_0.95_5x_classification': True, 'target_pcg_0.95_5x_lm': True,
     'target_pcg_exact_5x_ekfac': False, 'pcg_exact_3x_faster_than_pydvl': True, 'target_cg_exact_5x_ekfac': True,
     'cg_exact_3x_faster_than_pydvl': True, 'pcg_zero_steps_is_ekfac': True,
     'target_pcg_exact_5x_ekfac_exact_fisher': False, 'pcg_exact_3x_faster_than_pydvl_exact_fisher': True,

@@ -47,6 +47,7 @@ def expert_params(m:nn.Module) -> tuple[str, str]:
 # %% ../nbs/03_modules.ipynb #fe2c847f
 @dataclass
 class TrackedLayer:
+    "One layer influence is computed for (`find_modules`): its module, sizes, bias, and the expert slice of an MoE weight."
     name: str          # dotted module name in the model; an expert's slice is `<experts>.<param>[e]`
     module: nn.Module  # the layer itself (for an expert: the experts module holding the 3-D weight)
     d_in: int          # input features

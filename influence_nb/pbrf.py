@@ -31,6 +31,7 @@ class _Batch:
     row_example: torch.Tensor  # [n_rows] index (within the batch) of the example each row belongs to
     scored: torch.Tensor|None  # lm only: [B, T-1] bool, positions whose next token is scored
     n: int                     # examples in the batch
+    positions: torch.Tensor|None = None   # lm only: [n_rows] each row's place b·T + t among the model's B·T positions
 
 def _is_xy(data) -> bool:
     return (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
@@ -93,7 +94,8 @@ def batches(self: _Examples, idx=None) -> list[_Batch]:
             targets = labels[scored]                          # [n_rows] token ids (ce) or labels naming targets (mse)
             if self.loss == 'mse': targets = self.lm_targets(targets)   # [n_rows, d_out]
             out.append(_Batch('lm', {'input_ids': b['input_ids'], 'attention_mask': b['attention_mask']},
-                              targets, scored.nonzero()[:, 0], scored, len(sel)))
+                              targets, scored.nonzero()[:, 0], scored, len(sel),
+                              torch.nn.functional.pad(scored, (0, 1)).reshape(-1).nonzero()[:, 0]))
     return out
 
 # %% ../nbs/02_pbrf.ipynb #19c7b1bf
@@ -137,12 +139,14 @@ class FlatProblem(FlatParams):
                             f"{'(X, y) tensors' if self.data.kind == 'xy' else 'sequences'}; use one kind for both.")
         return ex
 
-    def rows(self, theta, batch: _Batch) -> torch.Tensor:
-        "Outputs on `batch` as rows [n_rows, d_out]: scored-token logits (lm) or per-example outputs (xy)."
+    def rows(self, theta, batch: _Batch, every: bool = False) -> torch.Tensor:
+        "Outputs on `batch` as rows [n_rows, d_out]: scored-token logits (lm; `every`: all B·T positions) or per-example outputs (xy)."
         if batch.kind == 'lm':
             out = call_functional(self.model, self.params(theta), kwargs=batch.inputs)
             logits = getattr(out, 'logits', out)                         # [B, T, V]
-            out = logits[:, :-1][batch.scored]                            # [n_rows, V]
+            out = logits.reshape(-1, logits.shape[-1])                    # [B·T, V], a view
+            if every: return out
+            out = out.index_select(0, batch.positions)                   # [n_rows, V]: backward scatters once into [B·T, V]
         else:
             out = call_functional(self.model, self.params(theta), (batch.inputs,))
             out = getattr(out, 'logits', out)
@@ -256,15 +260,19 @@ class _Linearised:
     "Batches linearised once at θ_s — rows h, u ↦ Jᵀu and v ↦ J v — so that `G V` is two vmapped passes per batch."
     def __init__(self, prob: FlatProblem, batches=None, n=None):
         self.loss, self.n = prob.loss, prob.N if n is None else n
-        self.pieces = [self._linearise(prob, b) for b in (prob.data.batches() if batches is None else batches)]
+        batches = prob.data.batches() if batches is None else batches
+        self.pieces = [self._linearise(prob, b, probe=i == 0) for i, b in enumerate(batches)]
 
     @staticmethod
-    def _linearise(prob: FlatProblem, b: _Batch):
-        f = lambda th: prob.rows(th, b)                                  # θ -> [n_rows, d_out]
+    def _linearise(prob: FlatProblem, b: _Batch, probe: bool = True):
+        # An LM's rows are all B·T positions, the unscored ones masked out of H (zero rows of p, or `keep` for mse):
+        # selecting the scored rows would cost every product two passes over zeros [B·T, V] in its backward.
+        keep = None if b.kind != 'lm' else torch.nn.functional.pad(b.scored, (0, 1)).reshape(-1, 1)   # [B·T, 1]
+        f = lambda th: prob.rows(th, b, every=keep is not None)         # θ -> [n_rows, d_out]
         h, jt = vjp(f, prob.theta_s)                                     # jt: u ↦ (Jᵀu,)
         try:                                                             # u ↦ Jᵀu is linear, so its vjp is v ↦ J v:
             _, j_of = vjp(jt, torch.zeros_like(h))                       # forward mode from the stored graph
-            j_of((prob.theta_s,))                                        # probe: every op must have a double backward
+            if probe: j_of((prob.theta_s,))                              # every op must have a double backward (one batch tells)
             j = lambda v: j_of((v,))[0]
         except (RuntimeError, NotImplementedError):                      # e.g. a fused attention kernel: re-run forward
             j = lambda v: jvp(f, (prob.theta_s,), (v,))[1]
@@ -275,20 +283,24 @@ class _Linearised:
                                  "`attn_implementation='eager'` (fused scaled-dot-product attention on CPU has "
                                  "neither), or use a non-iterative strategy such as 'ekfac'.") from None
         h = h.detach()
-        return h, torch.softmax(h, -1) if prob.loss == 'ce' else None, jt, j   # p: H's pieces, computed once
+        p = torch.softmax(h, -1) if prob.loss == 'ce' else None         # H's pieces, computed once
+        if p is not None and keep is not None: p, keep = torch.where(keep, p, 0), None   # p = 0 rows: H u = p ⊙ (u − pᵀu) = 0
+        return h, p, jt, j, keep
 
     def __call__(self, V: torch.Tensor) -> torch.Tensor:                 # [k, P] -> G V [k, P]
         out = torch.zeros_like(V)
-        for h, p, jt, j in self.pieces:
+        for h, p, jt, j, keep in self.pieces:
+            hv = lambda u: _out_hvp(h, u, self.loss, p) if keep is None else torch.where(keep, _out_hvp(h, u, self.loss, p), 0)
             step = _column_chunk(len(V), *h.shape)
             for lo in range(0, len(V), step):
                 cols = V[lo:lo + step]
                 if len(cols) * h.numel() <= VMAP_MAX:                    # small outputs: one batched call (see 'Batching')
-                    out[lo:lo + step] += vmap(jt)(_out_hvp(h, vmap(j)(cols), self.loss, p))[0]   # Jᵀ H J V
+                    out[lo:lo + step] += vmap(jt)(hv(vmap(j)(cols)))[0]  # Jᵀ H J V
                 else:                                                    # large outputs (an LM's vocabulary): column by column
-                    for c, v in enumerate(cols): out[lo + c] += jt(_out_hvp(h, j(v), self.loss, p))[0]
+                    for c, v in enumerate(cols): out[lo + c] += jt(hv(j(v)))[0]
         return out / self.n
 
+# %% ../nbs/02_pbrf.ipynb #8b19dd9b
 def _gnvp(prob: FlatProblem, V: torch.Tensor, batches=None, n=None) -> torch.Tensor:
     "G V for V [k, P]: mean over the examples of `batches` (default: all fit data, linearised once per problem)."
     return (prob.linearised() if batches is None else _Linearised(prob, batches, n))(V)

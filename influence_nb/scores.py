@@ -63,6 +63,7 @@ def check_k(k, allow_none:bool=True) -> None:
 # %% ../nbs/06_scores.ipynb #289b6429
 @dataclass
 class Scores:
+    "Influence of every training sequence on every query (`pairwise_scores`): totals, optionally per layer and per token."
     total: torch.Tensor                         # [n_queries, n_train]
     per_layer: dict|None = None                 # layer name -> [n_queries, n_train]
     per_token: torch.Tensor|None = None         # [n_queries, n_train, longest sequence given], term of token t as given (0 on padding)

@@ -293,6 +293,7 @@ def file_digest(path) -> str:
 # %% ../nbs/08_search.ipynb #5462c984
 @dataclass
 class ScanResult:
+    "Each query's top-k corpus sequences from a `scan`, with their scores, the corpus they came from and how the scan ran."
     indices: torch.Tensor          # [n_q, k] corpus indices, best first (k = min(k, n_scanned))
     scores: torch.Tensor           # [n_q, k] their influence scores (full rank when `refined`)
     n_scanned: int                 # sequences scored

@@ -142,3 +142,28 @@ def test_validation_errors():
         gnvp(net, ['4.bias'], (X, y.double()), torch.zeros(3, dtype=f64))
     with pytest.raises(ValueError, match='diverged'):
         lissa_ihvp(net, ['4.weight'], (X, y), torch.ones(18, dtype=f64), 1e-3, scale=1e-4, depth=200)
+
+
+def test_lm_rows_and_gnvp_with_unscored_tokens():
+    "Rows are the scored positions' logits; G V from all positions with unscored ones masked equals the explicit G."
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from influence_nb.solver import eager_attention
+    torch.manual_seed(1)
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=12, n_embd=8, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)).eval()
+    g = torch.Generator().manual_seed(1)
+    seqs = []
+    for n, prompt in ((5, 2), (9, 0), (6, 4), (8, 3)):           # prompts are unscored (labels -100)
+        ids = torch.randint(1, 20, (n,), generator=g)
+        seqs.append(dict(input_ids=ids, labels=torch.where(torch.arange(n) < prompt, -100, ids)))
+    names = ['transformer.h.1.mlp.c_proj.weight', 'transformer.h.0.attn.c_attn.bias']
+    prob = FlatProblem(gpt, names, seqs, 'ce', batch_size=4, dtype=f64)
+    (b,) = prob.data.batches()
+    out = gpt(**b.inputs).logits.double()
+    torch.testing.assert_close(prob.rows(prob.theta_s, b), out[:, :-1][b.scored])   # the transformers shift
+    assert len(b.targets) == sum(len(s['input_ids']) - max(p, 1) for s, p in zip(seqs, (2, 0, 4, 3)))
+    G = ggn_matrix(prob)
+    V = torch.randn(3, prob.P, dtype=f64, generator=g)
+    with eager_attention(gpt):                                   # an attention bias: the products differentiate through it
+        for bs in (1, 3, 4):
+            torch.testing.assert_close(gnvp(gpt, names, seqs, V, batch_size=bs, dtype=f64), V @ G, rtol=1e-9, atol=1e-12)

@@ -10,6 +10,12 @@ def test_readme_in_step_with_index(tmp_path):
     subprocess.run([sys.executable, str(ROOT/'.ci'/'readme.py'), str(tmp_path)], check=True)
     assert (tmp_path/'README.md').read_text() == (ROOT/'README.md').read_text(), \
         "README.md is out of date: run `python .ci/readme.py` after editing nbs/index.ipynb"
+    figures = sorted((tmp_path/'nbs'/'images').glob('readme_*.png'))
+    assert figures, "index.ipynb's figure must reach the README as a PNG, not as '<Figure ...>' text"
+    assert '<Figure size' not in (ROOT/'README.md').read_text()
+    for f in figures:                                   # the committed PNGs are the notebook's current figures
+        assert (ROOT/'nbs'/'images'/f.name).read_bytes() == f.read_bytes(), f"{f.name} is out of date: run .ci/readme.py"
+        assert f'](nbs/images/{f.name})' in (ROOT/'README.md').read_text()
 
 def test_quick_start_has_two_commands():
     text = (ROOT/'README.md').read_text()

@@ -106,7 +106,7 @@ def _bf16_llama():
 # Finding S4 (high): `scan` keeps its top-k scores in the model's dtype. On a bfloat16 model (what
 # `from_pretrained` gives for most hub checkpoints, and what the CLI loads from a bf16 folder) the scan's scores are
 # rounded to bfloat16 (3 significant digits: 4648.38 → 4640.0), so its top-k order differs from `pairwise_scores`
-# on the same inputs, which returns float32 as DESIGN says (measured: top-20 overlap 19/20, order changed, rel. error
+# on the same inputs, which returns float32 as the conventions say (99_api) (measured: top-20 overlap 19/20, order changed, rel. error
 # 5e-3). Expected: scan scores in float32 (float64 for a float64 model), equal to `pairwise_scores`' top-k.
 def test_s4_scan_of_bf16_model_matches_pairwise_in_float32(one_thread):
     m, train, q = _bf16_llama(), _seqs(30, seed=3), _query()
@@ -200,7 +200,7 @@ def test_s8_cli_bad_record_message_names_the_cli_option(tmp_path, capsys, one_th
 
 
 # Finding S9 (low): `modules=['lm_head']` is refused as "'lm_head': 'not a Linear/Conv1D layer'", but the LM head of
-# a Llama or GPT-2 *is* an `nn.Linear`; it is left out on purpose (DESIGN: "every Linear/Conv1D except the LM head").
+# a Llama or GPT-2 *is* an `nn.Linear`; it is left out on purpose (modules="all": every Linear/Conv1D except the LM head).
 # The reason given sends the user looking for a layer-type problem. Expected: the message says the LM head is
 # not tracked (and why), as it does for unknown names ('no such module').
 def test_s9_lm_head_refusal_gives_the_real_reason():
