@@ -143,8 +143,9 @@ def modules() -> list[str]:
     "Every exported module of the package (private ones such as `_modidx` excluded), in name order."
     pkg = importlib.import_module(PKG)   # only the package itself: its submodules are imported by Sphinx
     names = [m.name for m in pkgutil.walk_packages(pkg.__path__, PKG + '.')
-             if not any(p.startswith('_') for p in m.name.split('.')[1:])]
-    return sorted(names)
+             if not any(p.startswith('_') for p in m.name.split('.')[1:])
+             and not (m.ispkg and not Path(importlib.util.find_spec(m.name).origin).read_text(encoding='utf-8').strip())]
+    return sorted(names)   # an empty subpackage __init__ (a bare folder of modules) gets no page of its own
 
 
 def source_notebook(module: str) -> str | None:
@@ -162,6 +163,14 @@ def package_names() -> list[tuple[str, str]]:
             if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module for a in n.names]
 
 
+def summary(module: str, name: str) -> str:
+    "The first line of a public name's docstring (a constant: its value), escaped for a Markdown table cell."
+    import inspect
+    obj = getattr(importlib.import_module(module), name)
+    text = (inspect.getdoc(obj) or '').split('\n')[0] if callable(obj) else f'`{repr(obj)[:70]}`'
+    return text.replace('|', '\\|')
+
+
 def api_pages(src: Path, mods: list[str]) -> list[str]:
     "Write api/index.md and api/<module>.md; return the page names in order."
     (src/'api').mkdir()
@@ -174,12 +183,12 @@ def api_pages(src: Path, mods: list[str]) -> list[str]:
             '   :show-inheritance:\n```\n',
             encoding='utf-8')
         pages.append(f'api/{mod}')
-    rows = '\n'.join(f'| {{py:obj}}`{n} <{m}.{n}>` | {{doc}}`{m} <{m}>` |' for n, m in package_names() if m in mods)
+    rows = '\n'.join(f'| {{py:obj}}`{n} <{m}.{n}>` | {{doc}}`{m} <{m}>` | {summary(m, n)} |' for n, m in package_names() if m in mods)
     toc = '\n'.join(p.split('/', 1)[1] for p in pages)
     (src/'api'/'index.md').write_text(
         '# API reference\n\nOne page per module of `influence_nb`, generated from the code the notebooks export: '
         'signatures, docstrings and the comment documenting each argument.\n\n'
-        '## `import influence_nb as inf`\n\n| name | module |\n|---|---|\n' + rows +
+        '## `import influence_nb as inf`\n\n| name | module | what it is |\n|---|---|---|\n' + rows +
         f'\n\n## Modules\n\n```{{toctree}}\n:maxdepth: 1\n\n{toc}\n```\n', encoding='utf-8')
     return ['api/index'] + pages
 

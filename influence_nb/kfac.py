@@ -68,6 +68,7 @@ def summed_loss_grad(logits:torch.Tensor, # [batch, T, vocab]
 EXACT_MAX_OUTPUTS = 64   # fisher='exact' backpropagates one row per output class and scored token
 
 def check_fisher(fisher:str) -> str:
+    "`fisher` if it is 'true', 'empirical' or 'exact'; a ValueError naming the choices otherwise."
     if fisher not in ('true', 'empirical', 'exact'):
         raise ValueError(f"`fisher` must be 'true', 'empirical' or 'exact', got {fisher!r}.")
     return fisher

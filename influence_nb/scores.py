@@ -390,11 +390,13 @@ def place_tokens(out:torch.Tensor, # [n_q, n_train, width] per-token scores in t
 
 # %% ../nbs/06_scores.ipynb #5510995f
 def check_rank(query_rank):
+    "Refuse a `query_rank` that is neither None (full rank) nor a positive int."
     if query_rank is None: return
     if isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1:
         raise ValueError(f"`query_rank` must be None (full rank) or a positive integer, got {query_rank!r}.")
 
 def prepare_scoring(model, factors, modules=None):
+    "The tracked layers of `model` that `factors` (Factors or IterativeSolver) were fitted on, after `factors.check`."
     if not isinstance(factors, (Factors, IterativeSolver)):
         raise TypeError("`factors` must be an influence_nb Factors (from `fit_factors` or `Factors.load`) or an IterativeSolver "
                         f"(from `fit_factors(strategy='lissa'|'cg'|'pcg')`), got {type(factors).__name__}.")

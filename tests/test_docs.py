@@ -90,9 +90,11 @@ def test_links_to_notebooks_and_symbols():
 
 # ---- the built site -------------------------------------------------------------------------------------------
 def exported_modules() -> list[str]:
-    import influence_nb
+    "Every public module with code; a subpackage whose __init__ is empty (a folder of modules) has no page, its modules do."
+    import influence_nb, importlib.util
+    empty = lambda m: m.ispkg and not Path(importlib.util.find_spec(m.name).origin).read_text(encoding='utf-8').strip()
     return sorted(m.name for m in pkgutil.walk_packages(influence_nb.__path__, 'influence_nb.')
-                  if not any(p.startswith('_') for p in m.name.split('.')[1:]))
+                  if not any(p.startswith('_') for p in m.name.split('.')[1:]) and not empty(m))
 
 
 def test_site_has_every_notebook_and_module(site):

@@ -75,7 +75,9 @@ class Data:
     def seqs(self, texts): return inf.tokenize(self.tok, list(texts), max_length=128)
 
 @lru_cache(None)
-def data() -> Data: return Data()
+def data() -> Data:
+    "The bundled corpus tokenized once per process (cached)."
+    return Data()
 
 # %% ../../nbs/19_experiments.ipynb #6b936f2b
 def fact_queries(d:Data, cfg:dict=CFG) -> tuple[list, list]:
@@ -215,7 +217,9 @@ def json_float(x, nd:int=6):
     x = float(x)
     return None if not math.isfinite(x) else float(f'{x:.{nd}g}')
 
-def json_ratio(a, b): return json_float(a / b) if b and math.isfinite(b) and b != 0 else None
+def json_ratio(a, b):
+    "`a / b` as a JSON-safe float, None when `b` is zero or not finite."
+    return json_float(a / b) if b and math.isfinite(b) and b != 0 else None
 
 # %% ../../nbs/19_experiments.ipynb #0ed0cf01
 def load_results(path, missing_ok:bool=False) -> dict:
