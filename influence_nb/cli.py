@@ -162,6 +162,7 @@ def _corpus(a, tok, model, flag='--data'):
     try:
         seqs = check_sequences(model, corpus_sequences(recs, tok, n), 'corpus')
         require_scored(seqs, 'corpus')
+        _say_truncated(recs, seqs, tok, n, flag, path)
         return seqs
     except (ValueError, TypeError):
         for j, r in enumerate(recs):                                         # find the first bad record, name its line
@@ -169,6 +170,14 @@ def _corpus(a, tok, model, flag='--data'):
             except (ValueError, TypeError) as e:
                 raise _again(e, f"{flag} {path.name}, {record_where(path, j)}: {_reword(e)}") from None
         raise
+
+def _say_truncated(recs, seqs, tok, n, flag, path):
+    "Tell (on stderr) how many texts were longer than `n` tokens: only their first `n` tokens are scored."
+    full = [j for j, (r, s) in enumerate(zip(recs, seqs)) if 'text' in r and len(s['input_ids']) == n]   # the only candidates
+    cut = [j for j, ids in zip(full, tok([recs[j]['text'] for j in full])['input_ids'] if full else []) if len(ids) > n]
+    if cut: print(f"note: {len(cut)} of {len(seqs)} {flag} {path.name} records are longer than {n} tokens (--max-length, default: the model's "
+                  f"context) and were cut to their first {n} (the first: {record_where(path, cut[0])}); only those tokens are scored.",
+                  file=sys.stderr)
 
 def _check_corpus_file(path, text_field='text', flag='--corpus'):
     "Cheap checks of a corpus file that is streamed (scan, top, explore): it exists, has a known format and a record."
@@ -187,11 +196,17 @@ def _check_corpus_file(path, text_field='text', flag='--corpus'):
             raise ValueError(f"{flag} {p.name} has no column {text_field!r} or 'input_ids' (columns: {cols}); pass --text-field.")
         return
     with open(p, 'rb') as f:
-        if not any(raw.strip() for raw in f):                                # stops at the first record
-            raise ValueError(f"{flag} {p.name} holds no records (it is empty). Accepted formats: {CORPUS_FORMATS}.")
+        first = next((raw for raw in f if raw.strip()), None)                # stops at the first record
+    if first is None: raise ValueError(f"{flag} {p.name} holds no records (it is empty). Accepted formats: {CORPUS_FORMATS}.")
+    try: rec = json.loads(first) if kind == 'jsonl' else None
+    except ValueError: return                                                 # a broken line: the scan names it
+    if isinstance(rec, dict) and text_field not in rec and 'input_ids' not in rec:   # a misspelt --text-field, found at once
+        raise ValueError(f"{flag} {p.name}: the first record has no field {text_field!r} or 'input_ids' (fields: "
+                         f"{sorted(rec)}); pass --text-field naming the field that holds the text.")
 
 # %% ../nbs/13_cli.ipynb #c16b0002
-_EPILOG = """exit codes: 0 success; 2 bad arguments or input (the message says what to fix); 1 any other failure.
+_EPILOG = """exit codes: 0 success; 2 bad arguments or input (the message says what to fix); 1 any other failure;
+130 interrupted (Ctrl-C; a scan with --checkpoint resumes when run again).
 corpus files: """ + CORPUS_FORMATS + """.
 
 examples:
@@ -210,7 +225,7 @@ def _model_args(p, required=True):
                    "one is refused, so that scores are never computed on another tokenizer's ids)")
 
 def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
-    p.add_argument(flag, required=required, default=None, help=f'{what} file: .jsonl, .txt (one document per line) or .parquet')
+    p.add_argument(flag, required=required, default=None, help=f'{what} file: .jsonl, .txt (one document per line) or .parquet; blank lines are skipped and not counted in indices')
     p.add_argument('--text-field', default=text_default, help='JSONL field / Parquet column holding the text (default: '
                    f"{text_default or 'the one the scan read'})")
 
@@ -264,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--k', type=int, default=10, help='how many sequences (default: 10)')
     _model_args(t, required=False); t.set_defaults(model=None)
     t.add_argument('--width', type=int, default=100, help='characters of text to show (default: 100)')
+    t.add_argument('--n-train', type=int, default=None, help='N of the training set, for nats = score / N (default: the one the scan recorded)')
     _explore_parser(sub)
     for name, target in (('experiment', 'influence_nb.experiments.harness'), ('validate', 'influence_nb.evaluate')):
         e = sub.add_parser(name, add_help=False, help=f'run {target}.main with the remaining arguments (see `{name} --help`)')
@@ -292,6 +308,8 @@ def _scan_parser(sub, fmt):
     c.add_argument('--scores-dir', default=None, help='also write every score, one Parquet file per chunk, to this (new or empty) directory')
     c.add_argument('--checkpoint', default=None, help='checkpoint file: written as the scan goes, resumed from when it exists')
     c.add_argument('--checkpoint-every', type=int, default=2000, help='sequences between checkpoints (default: 2000)')
+    c.add_argument('--n-train', type=int, default=None, help="N of the training set, for nats = score / N (default: the larger of "
+                   "the sequences scanned and the factors' fit set)")
     c.add_argument('--quiet', action='store_true', help='no progress bar')
 
 def _explore_parser(sub):
@@ -379,7 +397,7 @@ def _scan(a, model, tok, factors, queries):
                     chunk_size=a.chunk_size, tokenizer=tok, max_length=a.max_length or context_length(model, tok),
                     text_field=a.text_field, on_bad_record='skip' if a.skip_bad_records else 'raise',
                     scores_path=a.scores_dir, checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every,
-                    refine=a.refine, progress=not a.quiet)
+                    refine=a.refine, progress=not a.quiet, n_train=a.n_train)
     except BadRecordError as e:                               # the Python API's advice names `on_bad_record`: here, the option
         raise ValueError(f"--corpus: Bad corpus record at {e.where}: {e.why}. Fix or remove it, or pass --skip-bad-records to "
                          f"leave such records out (the summary counts them). Accepted formats: {CORPUS_FORMATS}.") from None
@@ -458,13 +476,16 @@ def _top_texts(res, qi:int, k:int, corpus, tok, text_field) -> dict|None:
 def _cmd_top(a):
     res = ScanResult.load(a.result)
     if a.k < 1: raise ValueError(f"--k must be at least 1, got {a.k}.")
+    if a.n_train is not None:
+        if a.n_train < 1: raise ValueError(f"--n-train must be at least 1, got {a.n_train}.")
+        res.n_train = a.n_train
     qi = _query_index(res, a.query)
     corpus = a.corpus or (res.source if res.source and Path(res.source).exists() else None)
     tok = load_model(a.model, a.tokenizer)[1] if a.model else load_tokenizer(a.tokenizer) if a.tokenizer else None
     df = res.top(qi, a.k, texts=_top_texts(res, qi, a.k, corpus, tok, a.text_field or res.text_field or 'text'))
     name = res.query_names[qi] if res.query_names else f'query {qi}'
     print(f"{name}: top {len(df)} of {res.n_scanned:,} sequences (query rank {res.query_rank or 'full'}"
-          f"{', refined' if res.refined else ''})")
+          f"{', refined' if res.refined else ''}){f'; nats = score / N, N = {res.n_train:,}' if res.n_train else ''}")
     if res.query_log_p: _say_queries([name], [res.query_log_p[qi]])
     else: print(f"legend: {SCORE_LEGEND}")
     if 'text' in df: df['text'] = [t if len(t) <= a.width else t[:a.width - 1] + '…' for t in df['text']]
@@ -498,7 +519,9 @@ def _cmd_explore(a):
         app = explorer(**kw); res = app.run()
         if res is None: raise ValueError(f"the explorer could not run its opening query: {app.error}")
         _say_queries([res.query.get('id') or 'typed query'], [res.log_p])
-        print(res.top[['id', 'score', 'nats', 'text']].to_string(float_format=lambda x: f'{x:.4g}'))
+        df = res.top[['id', 'score', 'nats', 'text']].copy()
+        df['text'] = [t if len(t) <= 100 else t[:99] + '…' for t in df['text']]        # as `top` shows them
+        print(df.to_string(float_format=lambda x: f'{x:.4g}'))
         return
     import importlib.util
     if importlib.util.find_spec('voila') is None:
@@ -532,7 +555,7 @@ def _dispatch(command, argv) -> int:
     return int(mod.main(list(argv)) or 0)
 
 def main(argv=None) -> int:
-    "Entry point of the `influence-nb` console script: returns the exit code (0 ok, 2 bad input, 1 other failure)."
+    "Entry point of the `influence-nb` console script: returns the exit code (0 ok, 2 bad input, 1 other failure, 130 Ctrl-C)."
     argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
     if argv and argv[0] in _DISPATCH: return _dispatch(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
@@ -543,6 +566,11 @@ def main(argv=None) -> int:
                       'explore': _cmd_explore}[args.command](args) or 0
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"influence-nb {args.command}: error: {e}", file=sys.stderr); return 2
+    except KeyboardInterrupt:                      # Ctrl-C: no traceback, and what was kept
+        ckpt = getattr(args, 'checkpoint', None)
+        kept = (f"the scan resumes from {ckpt} when you run the same command again" if ckpt else
+                "nothing was kept" + ("; pass --checkpoint FILE to make a scan resumable" if args.command == 'scan' else ''))
+        print(f"influence-nb {args.command}: interrupted; {kept}.", file=sys.stderr); return 130
     except Exception as e:
         traceback.print_exc()
         print(f"influence-nb {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr); return 1

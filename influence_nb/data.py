@@ -435,7 +435,8 @@ def completion_logprobs(model, # a causal LM
 
 # %% ../nbs/00_data.ipynb #663e4a9c
 CORPUS_FORMATS = ("JSONL (.jsonl/.json/.ndjson: one JSON object per line with a text field or 'input_ids'), "
-                  "plain text (.txt: one document per line) or Parquet (.parquet: a text or 'input_ids' column)")
+                  "plain text (.txt: one document per line) or Parquet (.parquet: a text or 'input_ids' column); "
+                  "blank lines are skipped, so a record's index counts records, not lines")
 
 def corpus_format(path) -> str:
     "'jsonl', 'text' or 'parquet' from the suffix of corpus file `path` (which must exist)."

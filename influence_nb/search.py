@@ -14,7 +14,7 @@ from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .data import (as_sequence, check_sequences, require_scored, model_vocab, model_context, as_collection,
-                               grad_enabled, check_max_length, check_int)
+                               grad_enabled, check_max_length, check_int, n_scored)
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, check_damping
 from .scores import (prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
@@ -162,6 +162,9 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
             out[j] = None; n_bad += _bad_record(items[j], f"labels outside the model's vocabulary [0, {vocab})", skip)
         elif ctx is not None and len(ids) > ctx:
             out[j] = None; n_bad += _bad_record(items[j], f"{len(ids)} tokens but the model's context is {ctx}; truncate it", skip)
+        elif n_scored(s) == 0:   # an empty text (or one token): nothing to score, as `pairwise_scores` refuses it too
+            out[j] = None; n_bad += _bad_record(items[j], f"the record has no scored token ({len(ids)} token(s); a training "
+                                                          "sequence needs at least 2)", skip)
     return out, n_bad
 
 def _digest_chunk(items, seqs) -> str:
@@ -298,7 +301,7 @@ class ScanResult:
     scores: torch.Tensor           # [n_q, k] their influence scores (full rank when `refined`)
     n_scanned: int                 # sequences scored
     n_skipped: int = 0             # bad records left out (on_bad_record='skip')
-    n_train: int|None = None       # N the factors were fitted on (for `nats`)
+    n_train: int|None = None       # N of the training set (for `nats`); `scan`: the larger of the scanned corpus and the fit set
     query_rank: int|None = None    # rank of the query gradients during the scan (None: full)
     refined: bool = False          # scores recomputed with full-rank queries
     source: str|None = None        # the corpus file, when the scan read one
@@ -605,10 +608,12 @@ def scan(model, # the model the factors were fitted on
          checkpoint_every:int=2000, # sequences between checkpoints (rounded up to whole chunks)
          refine:bool=False, # re-score the top-k with full-rank queries and re-sort (with `query_rank`)
          progress:bool=True, # tqdm bar with ETA
+         n_train:int|None=None, # N of the training set, for `nats`; None: the larger of the sequences scanned and the factors' fit set
         ) -> ScanResult:
     "Scan `corpus` for each query's `k` most influential sequences, in constant memory, resumable."
     t0 = time.time()
     _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record)
+    if n_train is not None: check_int(n_train, 'n_train')
     layers = prepare_scoring(model, factors)
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries')
     stream = CorpusStream(corpus, text_field)
@@ -639,7 +644,8 @@ def scan(model, # the model the factors were fitted on
     vals, inds = vals[:, :kk], inds[:, :kk]
     refined = bool(refine and query_rank is not None)
     if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype)
-    return ScanResult(inds, vals, state['n_scanned'], state['n_skipped'], factors.n_sequences, query_rank, refined,
+    N = n_train or max(state['n_scanned'], factors.n_sequences)   # a corpus scanned whole, or factors fitted on all of it
+    return ScanResult(inds, vals, state['n_scanned'], state['n_skipped'], N, query_rank, refined,
                       str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - t0, 3),
                       source_digest=file_digest(stream.path) if stream.path is not None else None, text_field=text_field)
 

@@ -1,0 +1,109 @@
+"""Session 9: what a stranger's run of the command line found (nats, truncation, empty texts, field names, Ctrl-C).
+
+- `nats` divides by N of the training set: a scan takes the larger of the corpus it scanned and the factors' fit set
+  (the CLI used the fit sample, 3x too large on a 100-of-299 fit), `top` prints the N it uses, `--n-train` sets it;
+- texts longer than --max-length are cut: `fit-factors`/`score` say how many, naming the first;
+- a record with no scored token (an empty text) is a bad record for `scan` too, as it is for `fit-factors`;
+- a misspelt --text-field on `scan` is named at once, with the fields the file has;
+- Ctrl-C exits with 130 and one line saying what was kept, not a traceback."""
+import contextlib, io, json
+import pandas as pd
+import pytest
+import torch
+
+from influence_nb import cli
+from influence_nb.data import data_dir
+from influence_nb.search import ScanResult
+
+TEXTS = [f'The capital of country {i} is city {i} and its river is river {i % 5} .' for i in range(30)]
+
+
+def run(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = cli.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope='module')
+def d(tmp_path_factory):
+    "A tiny GPT-2 with the project tokenizer; factors fitted on the first 10 texts of a 30-text corpus."
+    from influence_nb.modules import tiny_model
+    from transformers import AutoTokenizer
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp('s9')
+    tok = AutoTokenizer.from_pretrained(data_dir()/'tokenizer')
+    tiny_model('gpt2', vocab=len(tok), layers=1, ctx=64).save_pretrained(d/'model')
+    tok.save_pretrained(d/'model')
+    (d/'fit.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in TEXTS[:10]))
+    (d/'corpus.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in TEXTS))
+    (d/'queries.jsonl').write_text(json.dumps({'id': 'a', 'prompt': 'The capital of country 3 is', 'completion': ' city 3'}) + '\n')
+    assert run('fit-factors', '--model', d/'model', '--data', d/'fit.jsonl', '--out', d/'factors', '--strategy', 'identity')[0] == 0
+    yield d
+    torch.set_num_threads(n)
+
+
+def _scan(d, *extra, corpus='corpus.jsonl', out='r.parquet'):
+    return run('scan', '--model', d/'model', '--factors', d/'factors', '--queries', d/'queries.jsonl', '--corpus', d/corpus,
+               '--k', 5, '--out', d/out, '--quiet', *extra)
+
+
+def test_nats_divide_by_the_training_set(d):
+    rc, _, err = _scan(d)
+    assert rc == 0, err
+    res = ScanResult.load(d/'r.parquet')
+    assert res.n_scanned == 30 and res.n_train == 30                      # the corpus, not the 10 fitted on
+    rc, out, err = run('top', '--result', d/'r.parquet', '--k', 5)
+    assert rc == 0, err
+    assert 'nats = score / N, N = 30' in out.splitlines()[0]
+    table = res.top(0, 5)
+    torch.testing.assert_close(torch.tensor(table['nats'].to_numpy()), torch.tensor(table['score'].to_numpy()) / 30)
+    rc, out, _ = run('top', '--result', d/'r.parquet', '--k', 5, '--n-train', 3000)
+    assert rc == 0 and 'N = 3,000' in out.splitlines()[0]
+    assert run('top', '--result', d/'r.parquet', '--n-train', 0)[0] == 2
+    rc, _, err = _scan(d, '--n-train', 500, out='r500.parquet')
+    assert rc == 0, err
+    five = ScanResult.load(d/'r500.parquet')
+    assert five.n_train == 500 and torch.equal(five.scores, res.scores)
+    (d/'few.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in TEXTS[:4]))
+    assert _scan(d, corpus='few.jsonl', out='few.parquet')[0] == 0
+    assert ScanResult.load(d/'few.parquet').n_train == 10                 # a candidate subset: the fit set is larger
+
+
+def test_truncation_is_reported(d):
+    long = ' '.join(TEXTS)                                                # far beyond the 64-token context
+    (d/'long.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in TEXTS[:3] + [long, long]))
+    rc, _, err = run('fit-factors', '--model', d/'model', '--data', d/'long.jsonl', '--out', d/'f-long', '--strategy', 'identity')
+    assert rc == 0, err
+    assert 'note: 2 of 5 --data long.jsonl records are longer than 64 tokens' in err and '(the first: line 4)' in err
+    rc, _, err = run('fit-factors', '--model', d/'model', '--data', d/'fit.jsonl', '--out', d/'f-short', '--strategy', 'identity')
+    assert rc == 0 and 'note:' not in err
+
+
+def test_empty_text_is_a_bad_record_for_scan(d):
+    (d/'empty.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in TEXTS[:3] + [''] + TEXTS[3:6]))
+    rc, _, err = _scan(d, corpus='empty.jsonl', out='e.parquet')
+    assert rc == 2 and 'line 4' in err and 'no scored token' in err
+    rc, out, err = _scan(d, '--skip-bad-records', corpus='empty.jsonl', out='e.parquet')
+    assert rc == 0, err
+    res = ScanResult.load(d/'e.parquet')
+    assert (res.n_scanned, res.n_skipped) == (6, 1) and 3 not in res.indices.flatten().tolist()
+    assert '1 bad records skipped' in out
+
+
+def test_misspelt_text_field_is_named(d):
+    (d/'passage.jsonl').write_text(''.join(json.dumps({'id': i, 'passage': t}) + '\n' for i, t in enumerate(TEXTS[:5])))
+    rc, _, err = _scan(d, '--text-field', 'pasage', corpus='passage.jsonl', out='p.parquet')
+    assert rc == 2
+    assert "has no field 'pasage' or 'input_ids' (fields: ['id', 'passage']); pass --text-field" in err
+    assert 'inf.tokenize' not in err                                       # no Python advice on the command line
+    assert _scan(d, '--text-field', 'passage', corpus='passage.jsonl', out='p.parquet')[0] == 0
+
+
+def test_ctrl_c_says_what_was_kept(d, monkeypatch):
+    def stop(*a, **k): raise KeyboardInterrupt
+    monkeypatch.setattr(cli, '_scan', stop)
+    rc, out, err = _scan(d, '--checkpoint', d/'s.ckpt', out='i.parquet')
+    assert rc == 130 and 'Traceback' not in err
+    assert f'interrupted; the scan resumes from {d/"s.ckpt"} when you run the same command again' in err
+    rc, _, err = _scan(d, out='i.parquet')
+    assert rc == 130 and 'pass --checkpoint FILE to make a scan resumable' in err
