@@ -67,7 +67,7 @@ class Scores:
     total: torch.Tensor                         # [n_queries, n_train]
     per_layer: dict|None = None                 # layer name -> [n_queries, n_train]
     per_token: torch.Tensor|None = None         # [n_queries, n_train, longest sequence given], term of token t as given (0 on padding)
-    n_train: int|None = None                    # N of the training set the curvature describes (for nats)
+    n_train: int|None = None                    # N of the training set (for nats): `pairwise_scores` sets the larger of the scored and fit sets
     modules: list = field(default_factory=list) # tracked layers
     strategy: str = ''
     query_rank: int|None = None
@@ -438,7 +438,7 @@ def pairwise_scores(model, # the model the factors were fitted on
     if dist_info()[1] > 1:   # each process filled its shard's columns: add them up
         for t in [total, tok_scores, *(layer_scores or {}).values()]:
             if t is not None: all_reduce_sum(t)
-    return Scores(total, layer_scores, tok_scores, factors.n_sequences, [layer.name for layer in layers], factors.strategy, query_rank)
+    return Scores(total, layer_scores, tok_scores, max(len(ts), factors.n_sequences), [layer.name for layer in layers], factors.strategy, query_rank)
 
 # %% ../nbs/06_scores.ipynb #96fb2398
 def _self_terms(acts, outg, denom, basis) -> torch.Tensor:

@@ -107,3 +107,19 @@ def test_ctrl_c_says_what_was_kept(d, monkeypatch):
     assert f'interrupted; the scan resumes from {d/"s.ckpt"} when you run the same command again' in err
     rc, _, err = _scan(d, out='i.parquet')
     assert rc == 130 and 'pass --checkpoint FILE to make a scan resumable' in err
+
+
+def test_pairwise_nats_use_the_same_n_as_scan():
+    "`pairwise_scores` takes N as `scan` does: the larger of the sequences scored and the fit set."
+    import influence_nb as inf
+    torch.manual_seed(0)
+    m = inf.tiny_model('gpt2', layers=1)
+    g = torch.Generator().manual_seed(0)
+    seqs = inf.as_sequences([torch.randint(1, 32, (8,), generator=g) for _ in range(12)])
+    q = inf.as_sequences([{'input_ids': torch.randint(1, 32, (6,), generator=g), 'labels': [-100] * 3 + [4, 5, 6]}])
+    f = inf.fit_factors(m, seqs[:5], strategy='identity', progress=False)
+    whole, part = (inf.pairwise_scores(m, f, q, t, progress=False) for t in (seqs, seqs[:3]))
+    assert (whole.n_train, part.n_train) == (12, 5)
+    assert inf.scan(m, f, q, seqs, k=3, progress=False).n_train == 12
+    torch.testing.assert_close(whole.nats, whole.total / 12)
+    torch.testing.assert_close(torch.tensor(whole.top(0, 3)['nats'].to_numpy()), whole.total[0].topk(3).values.double() / 12)
