@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_cli.ipynb #7054df1b
 from __future__ import annotations
-import os, re, sys, json, math, time, argparse, random, tempfile, subprocess, traceback
+import os, re, sys, json, math, time, argparse, random, tempfile, subprocess, traceback, contextlib, warnings
 from collections.abc import Mapping
 from pathlib import Path
 import torch
@@ -390,10 +390,21 @@ def _check_options(a):
     if c is not None and Path(c).is_dir(): raise ValueError(f"--checkpoint {c} is a folder; pass a file, e.g. {Path(c)/'scan.ckpt'}.")
 
 # %% ../nbs/13_cli.ipynb #c16b0003
+@contextlib.contextmanager
+def _as_notes():
+    "The package's own warnings (e.g. texts cut to --max-length) as one `note:` line each on stderr; others pass through."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('default')
+        yield
+    for w in caught:
+        if 'influence_nb' in w.filename:                                  # raised for the caller of a package function
+            print(f"note: {w.message}", file=sys.stderr)
+        else: warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
 def _scan(a, model, tok, factors, queries):
     "`search.scan` on the --corpus file; a record or a Parquet page it cannot read is reported naming the file."
     try:
-        return scan(model, factors, queries, a.corpus, k=a.k, query_rank=a.query_rank, damping=a.damping, batch_size=a.batch_size,
+        with _as_notes(): return scan(model, factors, queries, a.corpus, k=a.k, query_rank=a.query_rank, damping=a.damping, batch_size=a.batch_size,
                     chunk_size=a.chunk_size, tokenizer=tok, max_length=a.max_length or context_length(model, tok),
                     text_field=a.text_field, on_bad_record='skip' if a.skip_bad_records else 'raise',
                     scores_path=a.scores_dir, checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every,

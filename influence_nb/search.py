@@ -131,8 +131,8 @@ def _bad_record(item:_Item, why:str, skip:bool) -> int:
     return 1
 
 def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|None=None, max_length:int|None=None,
-             text_field:str='text', skip:bool=False) -> tuple[list, int]:
-    "`(sequences, n_bad)` for one chunk: a sequence dict per record, None where a bad record was skipped."
+             text_field:str='text', skip:bool=False, cut:dict|None=None) -> tuple[list, int]:
+    "`(sequences, n_bad)` for one chunk: a sequence dict per record, None where a bad record was skipped; texts cut to `max_length` counted in `cut`."
     out, texts, n_bad = [None] * len(items), {}, 0
     for j, it in enumerate(items):
         if isinstance(it.raw, BadRecord): n_bad += _bad_record(it, it.raw.why, skip); continue
@@ -150,6 +150,7 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
             n_bad += _bad_record(it, f"{e}" + (f" (text records need a '{text_field}' field)" if isinstance(it.raw, Mapping) else ''), skip)
     if texts:
         ids = tokenizer(list(texts.values()), truncation=max_length is not None, max_length=max_length)['input_ids']
+        if cut is not None and max_length is not None: _count_cut(cut, items, texts, ids, tokenizer, max_length)
         for j, x in zip(texts, ids):
             try: out[j] = as_sequence({'input_ids': x}, items[j].index, 'corpus')
             except ValueError as e: n_bad += _bad_record(items[j], str(e), skip)
@@ -167,6 +168,7 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
                                                           "sequence needs at least 2)", skip)
     return out, n_bad
 
+# %% ../nbs/08_search.ipynb #af1af5ff
 def _digest_chunk(items, seqs) -> str:
     "A hash of what a chunk fed the scan (indices and token ids), to recognise the same corpus on resume."
     def parts():   # the key schema (checkpoints hold it): 'index;' then each tensor's bytes and '|', or 'skipped;'
@@ -176,6 +178,18 @@ def _digest_chunk(items, seqs) -> str:
             else:
                 for k in ('input_ids', 'labels', 'attention_mask'): yield from (s[k], '|')
     return digest(parts(), 'blake2b', 16)
+
+# %% ../nbs/08_search.ipynb #0d406ee4
+def _count_cut(cut:dict, items, texts:dict, ids:list, tokenizer, max_length:int):
+    "Add to `cut` ('n', 'first': where) the texts longer than `max_length` tokens: only those tokenized to exactly that many can be."
+    full = [j for j, x in zip(texts, ids) if len(x) == max_length]
+    longer = [j for j, x in zip(full, tokenizer([texts[j] for j in full])['input_ids'] if full else []) if len(x) > max_length]
+    if longer: cut['n'] = cut.get('n', 0) + len(longer); cut.setdefault('first', items[longer[0]].where)
+
+def _say_cut(cut:dict, max_length:int|None):
+    "Warn (for the caller of `scan`) how many texts were cut to `max_length`, if any."
+    if cut: warnings.warn(f"{cut['n']:,} texts read in this run were longer than max_length={max_length} tokens and were cut "
+                          f"to their first {max_length} (the first: {cut['first']}); only those tokens are scored.", stacklevel=4)
 
 # %% ../nbs/08_search.ipynb #60db7376
 def merge_topk(values:torch.Tensor, # [n_q, k0] best scores so far (-inf: empty slot)
@@ -494,11 +508,12 @@ def read_scores(path:str|Path, # a `scores_path` directory written by `scan`
     return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True).set_index('index')
 
 # %% ../nbs/08_search.ipynb #42663346
-def _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record):
+def _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train=None):
     "Refuse bad settings of `scan` before any work is done; each error names the argument."
     check_damping(damping); check_rank(query_rank)
     for v, n in ((k, 'k'), (batch_size, 'batch_size'), (chunk_size, 'chunk_size'), (checkpoint_every, 'checkpoint_every')): check_int(v, n)
     if on_bad_record not in ('raise', 'skip'): raise ValueError(f"`on_bad_record` must be 'raise' or 'skip', got {on_bad_record!r}.")
+    if n_train is not None: check_int(n_train, 'n_train')
 
 def _scan_max_length(model, max_length) -> tuple[int|None, int|None]:
     "`(context, max_length)`: texts are cut to `max_length` tokens, by default the model's context, never beyond it."
@@ -612,8 +627,7 @@ def scan(model, # the model the factors were fitted on
         ) -> ScanResult:
     "Scan `corpus` for each query's `k` most influential sequences, in constant memory, resumable."
     t0 = time.time()
-    _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record)
-    if n_train is not None: check_int(n_train, 'n_train')
+    _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train)
     layers = prepare_scoring(model, factors)
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries')
     stream = CorpusStream(corpus, text_field)
@@ -625,7 +639,8 @@ def scan(model, # the model the factors were fitted on
                   chunk_size=chunk_size, max_length=max_length, text_field=text_field, on_bad_record=on_bad_record,
                   scores=scores_path is not None)
     fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), working_dtype(next(model.parameters()))
-    convert = lambda items: _convert(items, tokenizer, model_vocab(model), ctx, max_length, text_field, on_bad_record == 'skip')
+    cut, vocab, skip = {}, model_vocab(model), on_bad_record == 'skip'     # cut: texts longer than max_length, this run
+    convert = lambda items, cut=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut)
     ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path))
     _check_paths(ckpt, spath)
     with contextlib.ExitStack() as files:
@@ -635,17 +650,17 @@ def scan(model, # the model the factors were fitted on
         if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt)
         pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size)   # as `pairwise_scores` does
         items = _resume_items(stream, state, convert, ckpt)
-        vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, convert, k=k, chunk_size=chunk_size,
+        vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, lambda c: convert(c, cut), k=k, chunk_size=chunk_size,
                                   batch_size=batch_size, dtype=dtype, spath=spath, ckpt=ckpt,
                                   checkpoint_every=checkpoint_every, rank=rank, progress=progress)
+    _say_cut(cut, max_length)
     if state['n_scanned'] == 0:
         raise ValueError("`corpus` is empty: no sequence was scanned" + (f" ({state['n_skipped']} bad records skipped)." if state['n_skipped'] else "."))
-    kk = min(k, state['n_scanned'])
-    vals, inds = vals[:, :kk], inds[:, :kk]
+    vals, inds = vals[:, :min(k, state['n_scanned'])], inds[:, :min(k, state['n_scanned'])]
     refined = bool(refine and query_rank is not None)
     if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype)
-    N = n_train or max(state['n_scanned'], factors.n_sequences)   # a corpus scanned whole, or factors fitted on all of it
-    return ScanResult(inds, vals, state['n_scanned'], state['n_skipped'], N, query_rank, refined,
+    return ScanResult(inds, vals, state['n_scanned'], state['n_skipped'], n_train or max(state['n_scanned'], factors.n_sequences),
+                      query_rank, refined,
                       str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - t0, 3),
                       source_digest=file_digest(stream.path) if stream.path is not None else None, text_field=text_field)
 

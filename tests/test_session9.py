@@ -123,3 +123,14 @@ def test_pairwise_nats_use_the_same_n_as_scan():
     assert inf.scan(m, f, q, seqs, k=3, progress=False).n_train == 12
     torch.testing.assert_close(whole.nats, whole.total / 12)
     torch.testing.assert_close(torch.tensor(whole.top(0, 3)['nats'].to_numpy()), whole.total[0].topk(3).values.double() / 12)
+
+
+def test_scan_reports_truncated_texts(d):
+    "A scan says how many texts it cut to --max-length (a warning in Python, a note on the command line)."
+    long = ' '.join(TEXTS)
+    (d/'long_scan.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in TEXTS[:3] + [long, long, long]))
+    rc, _, err = _scan(d, corpus='long_scan.jsonl', out='ls.parquet')
+    assert rc == 0, err
+    assert 'note: 3 texts read in this run were longer than max_length=64 tokens' in err and '(the first: line 4' in err
+    rc, _, err = _scan(d, corpus='fit.jsonl', out='fs.parquet')
+    assert rc == 0 and 'note:' not in err
