@@ -179,7 +179,7 @@ def _say_truncated(recs, seqs, tok, n, flag, path):
                   f"context) and were cut to their first {n} (the first: {record_where(path, cut[0])}); only those tokens are scored.",
                   file=sys.stderr)
 
-def _check_corpus_file(path, text_field='text', flag='--corpus'):
+def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False):
     "Cheap checks of a corpus file that is streamed (scan, top, explore): it exists, has a known format and a record."
     try: kind = corpus_format(path)
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"{flag} {e}") from None
@@ -200,7 +200,7 @@ def _check_corpus_file(path, text_field='text', flag='--corpus'):
     if first is None: raise ValueError(f"{flag} {p.name} holds no records (it is empty). Accepted formats: {CORPUS_FORMATS}.")
     try: rec = json.loads(first) if kind == 'jsonl' else None
     except ValueError: return                                                 # a broken line: the scan names it
-    if isinstance(rec, dict) and text_field not in rec and 'input_ids' not in rec:   # a misspelt --text-field, found at once
+    if not skip_bad and isinstance(rec, dict) and text_field not in rec and 'input_ids' not in rec:   # a misspelt --text-field
         raise ValueError(f"{flag} {p.name}: the first record has no field {text_field!r} or 'input_ids' (fields: "
                          f"{sorted(rec)}); pass --text-field naming the field that holds the text.")
 
@@ -393,13 +393,14 @@ def _check_options(a):
 @contextlib.contextmanager
 def _as_notes():
     "The package's own warnings (e.g. texts cut to --max-length) as one `note:` line each on stderr; others pass through."
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('default')
-        yield
-    for w in caught:
-        if 'influence_nb' in w.filename:                                  # raised for the caller of a package function
-            print(f"note: {w.message}", file=sys.stderr)
-        else: warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('default'); yield
+    finally:                       # replayed outside the recording context, also when the scan stops part-way
+        for w in caught:
+            if 'influence_nb' in w.filename: print(f"note: {w.message}", file=sys.stderr)   # warned for a package caller
+            else: warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 def _scan(a, model, tok, factors, queries):
     "`search.scan` on the --corpus file; a record or a Parquet page it cannot read is reported naming the file."
@@ -418,7 +419,7 @@ def _scan(a, model, tok, factors, queries):
         raise
 
 def _cmd_scan(a):
-    _check_options(a); _check_corpus_file(a.corpus, a.text_field); _check_out(a.out)
+    _check_options(a); _check_corpus_file(a.corpus, a.text_field, skip_bad=a.skip_bad_records); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer)
     factors = _load_factors(a.factors)
     queries, names = _read_queries(a.queries, tok, model)

@@ -261,18 +261,18 @@ class _Linearised:
     def __init__(self, prob: FlatProblem, batches=None, n=None):
         self.loss, self.n = prob.loss, prob.N if n is None else n
         batches = prob.data.batches() if batches is None else batches
-        self.pieces = [self._linearise(prob, b, probe=i == 0) for i, b in enumerate(batches)]
+        self.pieces = [self._linearise(prob, b) for b in batches]
 
     @staticmethod
-    def _linearise(prob: FlatProblem, b: _Batch, probe: bool = True):
-        # An LM's rows are all B·T positions, the unscored ones masked out of H (zero rows of p, or `keep` for mse):
+    def _linearise(prob: FlatProblem, b: _Batch):
+        # An LM's rows are all B·T positions, the unscored ones masked out of H (zero rows of p; `keep` for mse or non-finite logits):
         # selecting the scored rows would cost every product two passes over zeros [B·T, V] in its backward.
         keep = None if b.kind != 'lm' else torch.nn.functional.pad(b.scored, (0, 1)).reshape(-1, 1)   # [B·T, 1]
         f = lambda th: prob.rows(th, b, every=keep is not None)         # θ -> [n_rows, d_out]
         h, jt = vjp(f, prob.theta_s)                                     # jt: u ↦ (Jᵀu,)
         try:                                                             # u ↦ Jᵀu is linear, so its vjp is v ↦ J v:
             _, j_of = vjp(jt, torch.zeros_like(h))                       # forward mode from the stored graph
-            if probe: j_of((prob.theta_s,))                              # every op must have a double backward (one batch tells)
+            j_of((prob.theta_s,))                                        # probe: every op must have a double backward
             j = lambda v: j_of((v,))[0]
         except (RuntimeError, NotImplementedError):                      # e.g. a fused attention kernel: re-run forward
             j = lambda v: jvp(f, (prob.theta_s,), (v,))[1]
@@ -284,7 +284,9 @@ class _Linearised:
                                  "neither), or use a non-iterative strategy such as 'ekfac'.") from None
         h = h.detach()
         p = torch.softmax(h, -1) if prob.loss == 'ce' else None         # H's pieces, computed once
-        if p is not None and keep is not None: p, keep = torch.where(keep, p, 0), None   # p = 0 rows: H u = p ⊙ (u − pᵀu) = 0
+        if p is not None and keep is not None:
+            p = torch.where(keep, p, 0)                                  # p = 0 rows: H u = p ⊙ (u − pᵀu) = 0 ...
+            if bool(torch.isfinite(h).all()): keep = None               # ... while J v is finite there; else also masked
         return h, p, jt, j, keep
 
     def __call__(self, V: torch.Tensor) -> torch.Tensor:                 # [k, P] -> G V [k, P]

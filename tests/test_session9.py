@@ -7,6 +7,7 @@
 - a misspelt --text-field on `scan` is named at once, with the fields the file has;
 - Ctrl-C exits with 130 and one line saying what was kept, not a traceback."""
 import contextlib, io, json
+from pathlib import Path
 import pandas as pd
 import pytest
 import torch
@@ -134,3 +135,47 @@ def test_scan_reports_truncated_texts(d):
     assert 'note: 3 texts read in this run were longer than max_length=64 tokens' in err and '(the first: line 4' in err
     rc, _, err = _scan(d, corpus='fit.jsonl', out='fs.parquet')
     assert rc == 0 and 'note:' not in err
+
+
+def test_skip_bad_records_passes_a_bad_first_record(d):
+    "With --skip-bad-records a first record without the text field is skipped and counted, not a refusal of the file."
+    (d/'header.jsonl').write_text(json.dumps({'meta': 'a header line'}) + '\n' + ''.join(json.dumps({'text': t}) + '\n' for t in TEXTS[:5]))
+    assert _scan(d, corpus='header.jsonl', out='h.parquet')[0] == 2
+    rc, _, err = _scan(d, '--skip-bad-records', corpus='header.jsonl', out='h.parquet')
+    assert rc == 0, err
+    res = ScanResult.load(d/'h.parquet')
+    assert (res.n_scanned, res.n_skipped) == (5, 1) and 0 not in res.indices.flatten().tolist()
+
+
+def test_notes_survive_an_interrupted_scan(d, monkeypatch):
+    "A note gathered before Ctrl-C is still printed."
+    import warnings
+    def cut_then_stop(*a, **k):                    # as `scan` warns for its caller in the package, then Ctrl-C
+        warnings.warn_explicit("3 texts read in this run were longer than max_length=64 tokens", UserWarning,
+                               str(Path(cli.__file__)), 1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, 'scan', cut_then_stop)
+    rc, _, err = _scan(d, out='n.parquet')
+    assert rc == 130 and 'note: 3 texts read in this run were longer than max_length=64 tokens' in err
+
+
+def test_gnvp_with_non_finite_logits_at_unscored_positions():
+    "A model whose logits are NaN where the attention mask is 0 (padding): products on padded batches equal unpadded ones."
+    import influence_nb as inf
+    from influence_nb.pbrf import gnvp
+    class NanPad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.head = torch.nn.Embedding(16, 6), torch.nn.Linear(6, 16)
+        def forward(self, input_ids, attention_mask=None):
+            z = self.head(torch.tanh(self.emb(input_ids)))
+            return z if attention_mask is None else torch.where(attention_mask[..., None].bool(), z, float('nan'))
+    m = NanPad().double()
+    g = torch.Generator().manual_seed(0)
+    seqs = [dict(input_ids=torch.randint(1, 16, (n,), generator=g)) for n in (3, 7, 5)]
+    V = torch.randn(2, 6 * 16 + 16, dtype=torch.float64, generator=g)
+    one = gnvp(m, ['head.weight', 'head.bias'], seqs, V, batch_size=1)        # no padding
+    padded = gnvp(m, ['head.weight', 'head.bias'], seqs, V, batch_size=3)     # NaN logits at the padded positions
+    assert torch.isfinite(padded).all()
+    torch.testing.assert_close(padded, one, rtol=1e-10, atol=1e-12)
