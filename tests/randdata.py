@@ -57,3 +57,21 @@ def autograd_grads(model, params, seqs):
 def pearson(a, b):
     "Pearson correlation of two tensors of any shape (flattened), in float64."
     return float(torch.corrcoef(torch.stack([a.double().flatten(), b.double().flatten()]))[0, 1])
+
+
+def cli_run(*argv):
+    "`influence-nb` through `cli.main` (what the console script calls): (exit code, stdout, stderr)."
+    import contextlib, io
+    from influence_nb.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def model_folder(d, **kw):
+    "A random tiny GPT-2 with the project tokenizer saved as `d/'model'` (what the command-line tests load); returns it."
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(inf.data_dir()/'tokenizer')
+    inf.tiny_model('gpt2', vocab=len(tok), **kw).save_pretrained(d/'model')
+    tok.save_pretrained(d/'model')
+    return d/'model'

@@ -4,34 +4,25 @@ a JSON, codec, pyarrow or safetensors error. Area 1 (caches): the factor cache i
 
 The table below crosses each kind of bad file with every command that reads that kind of file (run through
 `cli.main`, which is what the console script calls; one case also runs as a real subprocess)."""
-import contextlib, io, json, os, shutil, subprocess, sys
-from pathlib import Path
+import json, os, shutil, subprocess, sys
 import pandas as pd
 import pytest
 import torch
 
-from influence_nb.cli import main
-from influence_nb.data import data_dir
+from randdata import cli_run, model_folder
 
 GOOD = [f'The capital of country {i} is city {i} .' for i in range(12)]
 
 
-def run(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
+run = cli_run
 
 
 @pytest.fixture(scope='module')
 def fx(tmp_path_factory):
     "A tiny GPT-2 folder with the project tokenizer, identity factors, good queries and a scan result."
-    from influence_nb.modules import tiny_model
-    from transformers import AutoTokenizer
     n = torch.get_num_threads(); torch.set_num_threads(1)
     d = tmp_path_factory.mktemp('clifiles')
-    tok = AutoTokenizer.from_pretrained(data_dir()/'tokenizer')
-    tiny_model('gpt2', vocab=len(tok), layers=1).save_pretrained(d/'model')
-    tok.save_pretrained(d/'model')
+    model_folder(d, layers=1)
     (d/'corpus.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in GOOD))
     (d/'queries.jsonl').write_text(json.dumps({'id': 'a', 'prompt': 'The capital of country 1 is', 'completion': ' city 1'}) + '\n')
     assert run('fit-factors', '--model', d/'model', '--data', d/'corpus.jsonl', '--out', d/'factors', '--strategy', 'identity')[0] == 0

@@ -6,35 +6,27 @@
 - a record with no scored token (an empty text) is a bad record for `scan` too, as it is for `fit-factors`;
 - a misspelt --text-field on `scan` is named at once, with the fields the file has;
 - Ctrl-C exits with 130 and one line saying what was kept, not a traceback."""
-import contextlib, io, json
+import json
 from pathlib import Path
-import pandas as pd
 import pytest
 import torch
 
 from influence_nb import cli
-from influence_nb.data import data_dir
 from influence_nb.search import ScanResult
+from randdata import cli_run, model_folder
 
 TEXTS = [f'The capital of country {i} is city {i} and its river is river {i % 5} .' for i in range(30)]
 
 
-def run(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err): rc = cli.main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
+run = cli_run
 
 
 @pytest.fixture(scope='module')
 def d(tmp_path_factory):
     "A tiny GPT-2 with the project tokenizer; factors fitted on the first 10 texts of a 30-text corpus."
-    from influence_nb.modules import tiny_model
-    from transformers import AutoTokenizer
     n = torch.get_num_threads(); torch.set_num_threads(1)
     d = tmp_path_factory.mktemp('s9')
-    tok = AutoTokenizer.from_pretrained(data_dir()/'tokenizer')
-    tiny_model('gpt2', vocab=len(tok), layers=1, ctx=64).save_pretrained(d/'model')
-    tok.save_pretrained(d/'model')
+    model_folder(d, layers=1, ctx=64)
     (d/'fit.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in TEXTS[:10]))
     (d/'corpus.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in TEXTS))
     (d/'queries.jsonl').write_text(json.dumps({'id': 'a', 'prompt': 'The capital of country 3 is', 'completion': ' city 3'}) + '\n')
@@ -161,7 +153,6 @@ def test_notes_survive_an_interrupted_scan(d, monkeypatch):
 
 def test_gnvp_with_non_finite_logits_at_unscored_positions():
     "A model whose logits are NaN where the attention mask is 0 (padding): products on padded batches equal unpadded ones."
-    import influence_nb as inf
     from influence_nb.pbrf import gnvp
     class NanPad(torch.nn.Module):
         def __init__(self):
