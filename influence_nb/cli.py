@@ -174,7 +174,8 @@ def _corpus(a, tok, model, flag='--data'):
 def _say_truncated(recs, seqs, tok, n, flag, path):
     "Tell (on stderr) how many texts were longer than `n` tokens: only their first `n` tokens are scored."
     full = [j for j, (r, s) in enumerate(zip(recs, seqs)) if 'text' in r and len(s['input_ids']) == n]   # the only candidates
-    cut = [j for j, ids in zip(full, tok([recs[j]['text'] for j in full])['input_ids'] if full else []) if len(ids) > n]
+    again = tok([recs[j]['text'] for j in full], truncation=True, max_length=n + 1)['input_ids'] if full else []
+    cut = [j for j, ids in zip(full, again) if len(ids) > n]                          # one token more tells, without a warning
     if cut: print(f"note: {len(cut)} of {len(seqs)} {flag} {path.name} records are longer than {n} tokens (--max-length, default: the model's "
                   f"context) and were cut to their first {n} (the first: {record_where(path, cut[0])}); only those tokens are scored.",
                   file=sys.stderr)

@@ -183,7 +183,8 @@ def _digest_chunk(items, seqs) -> str:
 def _count_cut(cut:dict, items, texts:dict, ids:list, tokenizer, max_length:int):
     "Add to `cut` ('n', 'first': where) the texts longer than `max_length` tokens: only those tokenized to exactly that many can be."
     full = [j for j, x in zip(texts, ids) if len(x) == max_length]
-    longer = [j for j, x in zip(full, tokenizer([texts[j] for j in full])['input_ids'] if full else []) if len(x) > max_length]
+    again = tokenizer([texts[j] for j in full], truncation=True, max_length=max_length + 1)['input_ids'] if full else []
+    longer = [j for j, x in zip(full, again) if len(x) > max_length]                 # one token more tells, without a warning
     if longer: cut['n'] = cut.get('n', 0) + len(longer); cut.setdefault('first', items[longer[0]].where)
 
 def _say_cut(cut:dict, max_length:int|None):
