@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 import torch
 import pandas as pd
-from .data import (data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
+from .data import (field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored)
@@ -180,6 +180,21 @@ def _say_truncated(recs, seqs, tok, n, flag, path):
                   f"context) and were cut to their first {n} (the first: {record_where(path, cut[0])}); only those tokens are scored.",
                   file=sys.stderr)
 
+def _parquet_columns(schema) -> list[str]:
+    "Every column of a Parquet file's arrow `schema`, struct columns' fields named by their dotted paths ('doc.body')."
+    import pyarrow as pa
+    out = []
+    def walk(prefix, fields):
+        for f in fields:
+            out.append(prefix + f.name)
+            if pa.types.is_struct(f.type): walk(prefix + f.name + '.', [f.type.field(i) for i in range(f.type.num_fields)])
+    walk('', schema)
+    return out
+
+def _record_fields(rec:dict, prefix='') -> list[str]:
+    "A JSON record's keys, those of nested objects named by their dotted paths ('doc.body')."
+    return [p for k, v in rec.items() for p in [prefix + k] + (_record_fields(v, prefix + k + '.') if isinstance(v, dict) else [])]
+
 def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False):
     "Cheap checks of a corpus file that is streamed (scan, top, explore): it exists, has a known format and a record."
     try: kind = corpus_format(path)
@@ -191,7 +206,7 @@ def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False)
         except Exception as e:
             raise ValueError(f"{flag} {p.name}: not a readable Parquet file ({type(e).__name__}: {e}); is it truncated? "
                              "Write it again.") from None
-        cols = pf.schema_arrow.names
+        cols = _parquet_columns(pf.schema_arrow)
         if pf.metadata.num_rows == 0: raise ValueError(f"{flag} {p.name} holds no records.")
         if text_field not in cols and 'input_ids' not in cols:
             raise ValueError(f"{flag} {p.name} has no column {text_field!r} or 'input_ids' (columns: {cols}); pass --text-field.")
@@ -201,9 +216,9 @@ def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False)
     if first is None: raise ValueError(f"{flag} {p.name} holds no records (it is empty). Accepted formats: {CORPUS_FORMATS}.")
     try: rec = json.loads(first) if kind == 'jsonl' else None
     except ValueError: return                                                 # a broken line: the scan names it
-    if not skip_bad and isinstance(rec, dict) and text_field not in rec and 'input_ids' not in rec:   # a misspelt --text-field
+    if not skip_bad and isinstance(rec, dict) and field_value(rec, text_field) is None and 'input_ids' not in rec:   # a misspelt --text-field
         raise ValueError(f"{flag} {p.name}: the first record has no field {text_field!r} or 'input_ids' (fields: "
-                         f"{sorted(rec)}); pass --text-field naming the field that holds the text.")
+                         f"{sorted(_record_fields(rec))}); pass --text-field naming the field that holds the text.")
 
 # %% ../nbs/13_cli.ipynb #c16b0002
 _EPILOG = """exit codes: 0 success; 2 bad arguments or input (the message says what to fix); 1 any other failure;
@@ -227,7 +242,7 @@ def _model_args(p, required=True):
 
 def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
     p.add_argument(flag, required=required, default=None, help=f'{what} file: .jsonl, .txt (one document per line) or .parquet; blank lines are skipped and not counted in indices')
-    p.add_argument('--text-field', default=text_default, help='JSONL field / Parquet column holding the text (default: '
+    p.add_argument('--text-field', default=text_default, help="JSONL field / Parquet column holding the text, dotted for a nested one ('doc.body') (default: "
                    f"{text_default or 'the one the scan read'})")
 
 # %% ../nbs/13_cli.ipynb #061835fd

@@ -14,10 +14,10 @@ import torch
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir', 'attended_span',
            'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_int',
-           'check_max_length', 'tokenize', 'special_prefix', 'tokenize_pairs', 'collate', 'batches', 'model_context',
-           'model_vocab', 'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer', 'load_model',
-           'load_bundled', 'eval_mode', 'completion_logprobs', 'corpus_format', 'corpus_rows', 'read_corpus',
-           'corpus_sequences', 'cache_dir', 'cached_factors']
+           'check_max_length', 'field_value', 'tokenize', 'special_prefix', 'tokenize_pairs', 'collate', 'batches',
+           'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer',
+           'load_model', 'load_bundled', 'eval_mode', 'completion_logprobs', 'corpus_format', 'corpus_rows',
+           'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -208,10 +208,21 @@ def check_max_length(max_length, # None (no limit) or a positive int
     if max_length < 1:
         raise ValueError(f"`{name}` must be a positive integer (tokens kept per sequence), got {max_length}; pass None for no truncation.")
 
+def field_value(record:Mapping, # a corpus record (a JSON object, a Parquet or `datasets` row)
+                field:str, # a key, or a dotted path into nested records: 'doc.body' reads record['doc']['body']
+                default=None, # returned when the field is absent
+               ):
+    "`record[field]`; a `field` with dots that is not itself a key is followed into nested mappings."
+    if field in record: return record[field]
+    for part in field.split('.'):
+        if not isinstance(record, Mapping) or part not in record: return default
+        record = record[part]
+    return record
+
 def tokenize(tokenizer, # a Hugging Face tokenizer
              texts:str|Sequence[str], # one text, a list of texts, or records / a `datasets.(Iterable)Dataset` with `text_field`
              max_length:int|None=128, # truncate to this many tokens (None: no limit)
-             text_field:str='text', # the field holding the text when `texts` holds records
+             text_field:str='text', # the field holding the text when `texts` holds records (dotted for nested: 'doc.body')
             ) -> list[dict]:
     "Training sequences from `texts`: every token is scored."
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
@@ -221,10 +232,10 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
     if not texts: raise ValueError("`texts` is empty: pass at least one text.")
     for i, t in enumerate(texts):
         if isinstance(t, Mapping):
-            if not isinstance(t.get(text_field), str):
+            if not isinstance(field_value(t, text_field), str):
                 raise TypeError(f"texts[{i}] is a record without a string field {text_field!r} (keys: {sorted(t)}); "
                                 "pass `text_field=` naming the field that holds the text.")
-            texts[i] = t = t[text_field]
+            texts[i] = t = field_value(t, text_field)
         if not isinstance(t, str): raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str.")
     enc = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
     return as_sequences([{'input_ids': ids} for ids in enc['input_ids']], name='texts')
@@ -467,17 +478,17 @@ def corpus_rows(p, # a corpus file
             except ValueError as e: yield f'line {n}', ValueError(f"not valid JSON ({e})")
 
 def read_corpus(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
-                text_field:str='text', # the field (JSONL) or column (Parquet) holding each document's text
+                text_field:str='text', # the field (JSONL) or column (Parquet) holding each document's text; dotted for nested
                ) -> list[dict]:
     "Every record of a corpus file, each with a 'text' (or 'input_ids') entry; bad records raise naming file and line."
     p = Path(path); kind = corpus_format(p)
     recs = []
     for where, r in corpus_rows(p, kind):
         why = (str(r) if isinstance(r, Exception) else f"expected a JSON object, got {type(r).__name__}" if not isinstance(r, Mapping)
-               else None if 'input_ids' in r or isinstance(r.get(text_field), str)
+               else None if 'input_ids' in r or isinstance(field_value(r, text_field), str)
                else f"no string field {text_field!r} and no 'input_ids' (fields: {sorted(r)}); pass the text field's name")
         if why: raise ValueError(f"{p.name}, {where}: {why}. Accepted formats: {CORPUS_FORMATS}.")
-        recs.append({**r, 'text': r[text_field]} if 'input_ids' not in r else dict(r))
+        recs.append({**r, 'text': field_value(r, text_field)} if 'input_ids' not in r else dict(r))
     if not recs: raise ValueError(f"{p.name} holds no records. Accepted formats: {CORPUS_FORMATS}.")
     return recs
 

@@ -324,8 +324,10 @@ def tiny_model(family:str='gpt2', # gpt2, gpt_neox, llama, mistral, opt, qwen2, 
     }
     if family not in cfgs: raise ValueError(f"Unknown `family`={family!r}; choose one of {sorted(cfgs)}.")
     torch.manual_seed(seed)
+    cfg = cfgs[family]()
+    cfg.loss_type = 'ForCausalLM'   # what `labels=` computes anyway, named so transformers does not warn that it guessed
     # eager attention and experts: plain matmuls, which torch.func (vmap/jacrev in `01_theory`) can batch, in any dtype
-    return AutoModelForCausalLM.from_config(cfgs[family](), attn_implementation='eager', experts_implementation='eager').eval()
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation='eager', experts_implementation='eager').eval()
 
 # %% ../nbs/03_modules.ipynb #1efc67f1
 def layer_param_names(layers:list[TrackedLayer], # tracked layers (`find_modules`)

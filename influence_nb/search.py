@@ -13,7 +13,7 @@ import pandas as pd
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .data import (as_sequence, check_sequences, require_scored, model_vocab, model_context, as_collection,
+from .data import (field_value, as_sequence, check_sequences, require_scored, model_vocab, model_context, as_collection,
                                grad_enabled, check_max_length, check_int, n_scored)
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, check_damping
@@ -122,7 +122,7 @@ def text_of(raw, # a corpus record as read
            ):
     "The text of a text record (a string, or a mapping without 'input_ids' that has `text_field`), else None."
     if isinstance(raw, str): return raw
-    if isinstance(raw, Mapping) and 'input_ids' not in raw and text_field in raw: return raw[text_field]
+    if isinstance(raw, Mapping) and 'input_ids' not in raw: return field_value(raw, text_field)
     return None
 
 def _bad_record(item:_Item, why:str, skip:bool) -> int:
