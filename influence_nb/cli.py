@@ -152,6 +152,22 @@ def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
     if dup: raise ValueError(f"--queries {Path(path).name}: the ids {dup} appear more than once; give every query its own 'id'.")
     return seqs, names
 
+# %% ../nbs/13_cli.ipynb #1ee31eb9
+def _parquet_columns(schema) -> list[str]:
+    "Every column of a Parquet file's arrow `schema`, struct columns' fields named by their dotted paths ('doc.body')."
+    import pyarrow as pa
+    out = []
+    def walk(prefix, fields):
+        for f in fields:
+            out.append(prefix + f.name)
+            if pa.types.is_struct(f.type): walk(prefix + f.name + '.', [f.type.field(i) for i in range(f.type.num_fields)])
+    walk('', schema)
+    return out
+
+def _record_fields(rec:dict, prefix='') -> list[str]:
+    "A JSON record's keys, those of nested objects named by their dotted paths ('doc.body')."
+    return [p for k, v in rec.items() for p in [prefix + k] + (_record_fields(v, prefix + k + '.') if isinstance(v, dict) else [])]
+
 # %% ../nbs/13_cli.ipynb #c16b0001
 def _corpus(a, tok, model, flag='--data'):
     "The sequences of the corpus file named by `flag` (texts truncated to the context or --max-length), checked for `model`."
@@ -179,21 +195,6 @@ def _say_truncated(recs, seqs, tok, n, flag, path):
     if cut: print(f"note: {len(cut)} of {len(seqs)} {flag} {path.name} records are longer than {n} tokens (--max-length, default: the model's "
                   f"context) and were cut to their first {n} (the first: {record_where(path, cut[0])}); only those tokens are scored.",
                   file=sys.stderr)
-
-def _parquet_columns(schema) -> list[str]:
-    "Every column of a Parquet file's arrow `schema`, struct columns' fields named by their dotted paths ('doc.body')."
-    import pyarrow as pa
-    out = []
-    def walk(prefix, fields):
-        for f in fields:
-            out.append(prefix + f.name)
-            if pa.types.is_struct(f.type): walk(prefix + f.name + '.', [f.type.field(i) for i in range(f.type.num_fields)])
-    walk('', schema)
-    return out
-
-def _record_fields(rec:dict, prefix='') -> list[str]:
-    "A JSON record's keys, those of nested objects named by their dotted paths ('doc.body')."
-    return [p for k, v in rec.items() for p in [prefix + k] + (_record_fields(v, prefix + k + '.') if isinstance(v, dict) else [])]
 
 def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False):
     "Cheap checks of a corpus file that is streamed (scan, top, explore): it exists, has a known format and a record."
@@ -272,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument('--max-length', type=int, default=None, help="truncate texts (default: the model's context)")
     f.add_argument('--seed', type=int, default=0, help='seed of the pseudo-label sampling (default: 0)')
     f.add_argument('--fisher-samples', type=int, default=1, help='labels sampled per token (true Fisher; default: 1)')
+    f.add_argument('--checkpoint', default=None, help='kfac/ekfac: a folder that keeps the fit\'s progress; run the same command '
+                   'again after an interruption to resume (removed when the fit completes)')
+    f.add_argument('--checkpoint-every', type=int, default=64, help='batches between checkpoint saves (default: 64)')
     f.add_argument('--factor-dtype', default=None, choices=['float32', 'float64'], help='storage of the factors (default: float32; float64 for a float64 model)')
     f.add_argument('--eigh-dtype', default=None, choices=['float32', 'float64'], help='precision of the eigendecompositions (default: float64)')
     f.add_argument('--rotate-dtype', default=None, choices=['bfloat16', 'float32', 'float64'], help="precision of Λ's rotations (default: the model's)")
@@ -360,11 +364,13 @@ def _load_factors(path) -> Factors:
 
 def _cmd_fit(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data')
+    if Path(a.out).is_file(): raise ValueError(f"--out {a.out} is a file; pass a folder for the factors.")
     model, tok = load_model(a.model, a.tokenizer)
     train = _corpus(a, tok, model)
     mods = a.modules if a.modules in ('mlp', 'all') else a.modules.split(',')
     f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
-                    factor_dtype=a.factor_dtype, eigh_dtype=a.eigh_dtype, rotate_dtype=a.rotate_dtype)
+                    factor_dtype=a.factor_dtype, eigh_dtype=a.eigh_dtype, rotate_dtype=a.rotate_dtype,
+                    checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every)
     print(f"saved {f} to {f.save(a.out)}")
 
 def _cmd_score(a):
@@ -403,7 +409,7 @@ def _check_options(a):
         try: fit_dtype(opt, v, a.strategy)
         except ValueError as e: raise ValueError(str(e).replace(f'`{opt}`', flag).replace(f'leave {opt}=None', f'leave {flag} out')) from None
     c = getattr(a, 'checkpoint', None)
-    if c is not None and Path(c).is_dir(): raise ValueError(f"--checkpoint {c} is a folder; pass a file, e.g. {Path(c)/'scan.ckpt'}.")
+    if c is not None and a.command == 'scan' and Path(c).is_dir(): raise ValueError(f"--checkpoint {c} is a folder; pass a file, e.g. {Path(c)/'scan.ckpt'}.")
 
 # %% ../nbs/13_cli.ipynb #c16b0003
 @contextlib.contextmanager
@@ -596,8 +602,9 @@ def main(argv=None) -> int:
         print(f"influence-nb {args.command}: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:                      # Ctrl-C: no traceback, and what was kept
         ckpt = getattr(args, 'checkpoint', None)
-        kept = (f"the scan resumes from {ckpt} when you run the same command again" if ckpt else
-                "nothing was kept" + ("; pass --checkpoint FILE to make a scan resumable" if args.command == 'scan' else ''))
+        what = {'scan': ('scan', 'FILE'), 'fit-factors': ('fit', 'DIR')}.get(args.command)
+        kept = (f"the {what[0]} resumes from {ckpt} when you run the same command again" if ckpt else "nothing was kept"
+                + (f"; pass --checkpoint {what[1]} to make a {what[0]} resumable" if what else ''))
         print(f"influence-nb {args.command}: interrupted; {kept}.", file=sys.stderr); return 130
     except Exception as e:
         traceback.print_exc()

@@ -4,17 +4,18 @@
 
 # %% ../nbs/05_ekfac.ipynb #45563c88
 from __future__ import annotations
-import json, hashlib, tempfile, time, contextlib, warnings
+import os, json, hashlib, tempfile, time, contextlib, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from safetensors.torch import save_file, load_file
+from safetensors import safe_open
 from fastcore.basics import patch
 from . import artefact
 from .data import check_sequences, require_scored, grad_enabled
 from .modules import TrackedLayer, find_modules, check_model
 from .theory import check_damping   # the one damping rule: None, or a positive finite float
-from .kfac import (fit_covariances, eigen, layer_passes, precondition_eigen, all_reduce_sum, check_fisher,
+from .kfac import (dist_info, fit_covariances, eigen, layer_passes, precondition_eigen, all_reduce_sum, check_fisher,
                                fisher_sample, resolve_factor_dtype)
 
 # %% auto #0
@@ -22,7 +23,7 @@ __all__ = ['STRATEGIES', 'ITERATIVE', 'EIGEN', 'FORMAT_VERSION', 'FACTOR_DTYPE',
            'PRECONDITIONERS', 'FACTOR_STRATEGIES', 'FIT_DTYPES', 'seq_grads', 'fit_lambda', 'fit_diagonal',
            'fingerprint', 'model_digest', 'model_changes', 'precondition_identity', 'precondition_diagonal',
            'precondition_in_eigenbasis', 'Factors', 'check_bound', 'save_factors', 'load_factors',
-           'check_factors_finite', 'fit_dtype', 'warn_without_curvature', 'fit_factors']
+           'check_factors_finite', 'fit_dtype', 'warn_without_curvature', 'FitCheckpoint', 'fit_factors']
 
 # %% ../nbs/05_ekfac.ipynb #a4f25866
 STRATEGIES = ('identity', 'diagonal', 'kfac', 'ekfac', 'lissa', 'cg', 'pcg')
@@ -64,12 +65,17 @@ def _rotated_squares(acts_rot:torch.Tensor, # [B, T, d_in+1] activations in the 
 
 def fit_lambda(model, layers, seqs, eig, fisher='true', batch_size=8, seed=0, progress=True, dtype=torch.float64,
                rotate_dtype:torch.dtype|None=None, # None: rotate in the activations' dtype; torch.bfloat16: see 'Faster rotations'
+               resume:dict|None=None, # the state `save` was last given by a pass that stopped: this one goes on from it
+               save=None, # called with the pass's state (totals, batches done) every `save_every` batches (`fit_covariances`)
+               save_every:int=64, # batches between `save` calls (float64: rounded up to a multiple of the flush period, 32)
               ) -> dict:
     "EK-FAC eigenvalues `Λ = mean_n (Q_Sᵀ DW̄_n Q_A)²` per layer (a second pass, fresh pseudo-labels), in `dtype`."
     Lam = {layer.name: torch.zeros(layer.d_out, layer.d_in1, dtype=dtype) for layer in layers}
-    Q, run = {}, {}
+    Q, run, start = {}, {}, 0
+    if resume is not None: Lam, start = resume['Lam'], resume['batches']
+    if dtype != torch.float32: save_every = -(-save_every // 32) * 32   # saved right after a flush: the totals hold every batch so far
     for b_no, (idx, acts, outg) in enumerate(layer_passes(model, layers, seqs, batch_size, sample=fisher_sample(fisher),
-                                                           seed=seed, stream=1, desc='eigenvalue correction' if progress else None)):
+                                                           seed=seed, stream=1, desc='eigenvalue correction' if progress else None, start=start), start):
         rotated = {}   # layers sharing an input and its eigenbasis (Llama's gate_proj, up_proj: next to each other) rotate it once
         for n in Lam:
             if n not in Q:   # eigenbases in the rotation dtype and device, converted once (no copy when they match)
@@ -85,6 +91,7 @@ def fit_lambda(model, layers, seqs, eig, fisher='true', batch_size=8, seed=0, pr
         if b_no % 32 == 31:
             for n in run: Lam[n] += run[n].to('cpu', dtype)
             run.clear()
+        if save is not None and b_no % save_every == save_every - 1: save(dict(Lam=Lam, batches=b_no + 1))
     for n in run: Lam[n] += run[n].to('cpu', dtype)
     return {n: all_reduce_sum(v) / len(seqs) for n, v in Lam.items()}
 
@@ -357,6 +364,16 @@ def check_factors_finite(f:Factors):
                 raise ValueError(f"Factors of layer '{n}' contain NaN/Inf in '{k}'; refit them (check the model and data for NaN).")
 
 # %% ../nbs/05_ekfac.ipynb #49baf012
+def _check_fit_checkpoint(checkpoint, every, strategy):
+    "Refuse a checkpoint where it cannot work: a strategy without passes to resume, torch.distributed, a bad `every`."
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"`checkpoint_every` must be a positive integer (batches), got {every!r}.")
+    if checkpoint is None: return
+    if strategy not in EIGEN:
+        raise ValueError(f"`checkpoint` keeps the passes of 'kfac' and 'ekfac'; strategy='{strategy}' has none to resume: drop it.")
+    if dist_info()[1] > 1:
+        raise ValueError("`checkpoint` is for one process: under torch.distributed each process holds only its shard's sums.")
+
 def _check_fit_args(strategy, fisher, fisher_samples, batch_size, seed, factor_dtype):
     "Raise a clear error for a bad `fit_factors` option."
     if strategy not in STRATEGIES: raise ValueError(f"Unknown `strategy`={strategy!r}; choose one of {STRATEGIES}.")
@@ -431,6 +448,103 @@ def warn_without_curvature(f:Factors):
                   "damping=None each is damped with the model-wide 0.1 × mean eigenvalue of the layers that have curvature. "
                   "Fit on more data, pass `damping`, or leave them out with `modules=`.", stacklevel=4)   # the caller of fit_factors (through grad_enabled)
 
+# %% ../nbs/05_ekfac.ipynb #a0a62076
+def _flat_tensors(d:dict) -> tuple[dict, dict]:
+    "`({'a/b': tensor}, {alias: first})` of a nested dict of tensors; a tensor held twice (a shared A) is stored once."
+    out, alias, first = {}, {}, {}
+    def walk(d, pre):
+        for k, v in d.items():
+            if isinstance(v, dict): walk(v, f'{pre}{k}/'); continue
+            if id(v) in first: alias[pre + k] = first[id(v)]; continue
+            first[id(v)] = pre + k; out[pre + k] = v.contiguous()
+    walk(d, '')
+    return out, alias
+
+def _nest_tensors(flat:dict, alias:dict) -> dict:
+    "The inverse of `_flat_tensors`: an alias is the very same tensor object again."
+    out = {}
+    for key in [*flat, *alias]:
+        *path, last = key.split('/'); node = out
+        for p in path: node = node.setdefault(p, {})
+        node[last] = flat[key] if key in flat else flat[alias[key]]
+    return out
+
+
+# %% ../nbs/05_ekfac.ipynb #fc4a9447
+class FitCheckpoint:
+    "A folder that keeps an interrupted `fit_factors`'s progress: the covariance pass's sums, then the eigenbases, then Λ's sums."
+    KEY, PARTS = 'fit_checkpoint.json', ('covariances', 'eigen', 'lambda')
+    def __init__(self, path, key:str): self.path, self.key = Path(path), key
+
+    def load(self) -> dict:
+        "`{part: {'tensors': nested dict, **info}}` of the parts a fit with the same key saved ({} if none); another fit's is refused."
+        if self.path.exists() and not self.path.is_dir(): raise ValueError(f"checkpoint {self.path} is a file; pass a folder.")
+        if not (self.path/self.KEY).exists():
+            if self.path.is_dir() and any(self.path.iterdir()):
+                raise ValueError(f"checkpoint {self.path} is a folder with other files in it; pass a new or empty folder.")
+            return {}
+        if json.loads((self.path/self.KEY).read_text()).get('key') != self.key:
+            raise ValueError(f"checkpoint {self.path} was written by a fit of another model, data or settings; run that fit again "
+                             "to resume it, or delete the folder (or pass another) to start this one.")
+        out = {}
+        for part in self.PARTS:
+            f = self.path/f'{part}.safetensors'
+            if not f.exists(): continue
+            with safe_open(str(f), 'pt') as h: info = json.loads(h.metadata()['info'])
+            out[part] = {'tensors': _nest_tensors(load_file(str(f)), info.pop('alias')), **info}
+        return out
+
+    def save(self, part:str, # 'covariances', 'eigen' or 'lambda'
+             tensors:dict, # nested dict of tensors
+             **info): # JSON-able facts stored with them (batches done, token counts)
+        "Write one part with its facts in one file, by an atomic rename: a kill leaves the last whole save of every part."
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not (self.path/self.KEY).exists(): (self.path/self.KEY).write_text(json.dumps({'key': self.key}))
+        flat, alias = _flat_tensors(tensors)
+        save_file(flat, str(self.path/f'{part}.tmp'), metadata={'info': json.dumps({**info, 'alias': alias})})
+        os.replace(self.path/f'{part}.tmp', self.path/f'{part}.safetensors')
+
+    def drop(self, part:str): (self.path/f'{part}.safetensors').unlink(missing_ok=True)
+
+    def remove(self):
+        "Delete the checkpoint's files (and the folder when they were all it held): the fit is complete."
+        for p in self.PARTS: self.drop(p)
+        (self.path/self.KEY).unlink(missing_ok=True)
+        with contextlib.suppress(OSError): self.path.rmdir()
+
+# %% ../nbs/05_ekfac.ipynb #21c0e35d
+def _fit_key(model, layers, seqs, **settings) -> str:
+    "What a fit checkpoint is bound to: the model's weights, the tracked layers, every sequence and every setting of the fit."
+    def parts():
+        yield json.dumps({**{k: str(v) for k, v in settings.items()}, 'model': model_digest(model), 'layers': fingerprint(layers)},
+                         sort_keys=True)
+        for s in seqs:
+            for k in ('input_ids', 'labels', 'attention_mask'): yield from (s[k], '|')
+    return artefact.digest(parts(), 'blake2b', 16)
+
+def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed, progress, dtype, eigh_dt, rotate_dt,
+                       ck:FitCheckpoint|None=None, every:int=64) -> tuple[dict, int]:
+    "`(tensors, n_tok)` of 'kfac'/'ekfac' over `passes`: covariances, eigenbases, Λ; resumed from and saved to `ck` if given."
+    st = ck.load() if ck is not None else {}
+    if 'eigen' in st: tensors, n_tok = st['eigen']['tensors'], st['eigen']['n_tok']
+    else:
+        c = st.get('covariances')
+        resume = None if c is None else dict(cov=c['tensors'].get('cov', {}), seen=c['tensors']['seen'], n_tok=c['n_tok'],
+                                             shared=c['shared'], batches=c['batches'])
+        save = None if ck is None else lambda s: ck.save('covariances', {'cov': s['cov'], 'seen': s['seen']}, n_tok=s['n_tok'],
+                                                         shared=s['shared'], batches=s['batches'])
+        cov, n_tok = fit_covariances(model, layers, passes, fisher, batch_size, seed, progress, dtype, resume, save, every)
+        tensors = _fit_eigen(cov, dtype, eigh_dt or torch.float64); del cov
+        if ck is not None: ck.save('eigen', tensors, n_tok=n_tok); ck.drop('covariances')
+    if strategy != 'kfac':
+        lam = st.get('lambda')
+        resume = None if lam is None else dict(Lam=lam['tensors'], batches=lam['batches'])
+        save = None if ck is None else lambda s: ck.save('lambda', s['Lam'], batches=s['batches'])
+        with _set_aside(tensors):   # the covariances are not needed for Λ: they wait on disk, not in memory
+            Lam = fit_lambda(model, layers, passes, tensors, fisher, batch_size, seed, progress, dtype, rotate_dt, resume, save, every)
+        for n, v in Lam.items(): tensors[n]['Lambda'] = v
+    return tensors, n_tok
+
 # %% ../nbs/05_ekfac.ipynb #e5ac0002
 @grad_enabled   # works when called under torch.no_grad() or torch.inference_mode()
 def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or a compatible module
@@ -446,6 +560,8 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
                 factor_dtype:str|None=FACTOR_DTYPE, # 'float32', 'float64', None: the model's precision (float64 only for a float64 model)
                 eigh_dtype:str|torch.dtype|None=None, # None: float64 eigendecompositions (the default); 'float32': faster (see 'Fit options')
                 rotate_dtype:str|torch.dtype|None=None, # None: Λ's rotations in the model's dtype; 'bfloat16': faster (see 'Fit options')
+                checkpoint:str|Path|None=None, # 'kfac'/'ekfac': a folder keeping the fit's progress; run again to resume (see above)
+                checkpoint_every:int=64, # batches between saves to `checkpoint`
                ) -> Factors|IterativeSolver:
     "Fit the curvature of the tracked layers of `model` on `train`; for 'lissa', 'cg', 'pcg' make the `IterativeSolver` over it."
     _check_fit_args(strategy, fisher, fisher_samples, batch_size, seed, factor_dtype)
@@ -455,6 +571,7 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
     if strategy in ITERATIVE and any(layer.expert is not None for layer in layers):
         raise ValueError(f"strategy='{strategy}' solves with whole parameters, and MoE experts are tracked as slices of "
                          "3-D tensors: use 'ekfac' (or 'kfac', 'diagonal', 'identity'), or pass `modules` without experts.")
+    _check_fit_checkpoint(checkpoint, checkpoint_every, strategy)
     seqs = check_sequences(model, train, 'train')
     require_scored(seqs, 'train')
     if strategy in ITERATIVE:   # nothing to summarise: the solver keeps the data (05b_solver, which builds on this module)
@@ -466,13 +583,11 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
     tensors, n_tok = {layer.name: {} for layer in layers}, int(sum(int(s['attention_mask'].sum()) for s in seqs))
     passes = seqs * fisher_samples                                  # copy j of sequence i draws as sequence i + jN
     if strategy in EIGEN:
-        cov, n_tok = fit_covariances(model, layers, passes, fisher, batch_size, seed, progress, dtype)
+        ck = None if checkpoint is None else FitCheckpoint(checkpoint, _fit_key(
+            model, layers, passes, strategy=strategy, fisher=fisher, batch_size=batch_size, seed=seed, dtype=dtype, eigh=eigh_dt, rotate=rotate_dt))
+        tensors, n_tok = _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed, progress, dtype, eigh_dt,
+                                            rotate_dt, ck, checkpoint_every)
         n_tok //= fisher_samples
-        tensors = _fit_eigen(cov, dtype, eigh_dt or torch.float64); del cov
-        if strategy != 'kfac':
-            with _set_aside(tensors):   # the covariances are not needed for Λ: they wait on disk, not in memory
-                Lam = fit_lambda(model, layers, passes, tensors, fisher, batch_size, seed, progress, dtype, rotate_dt)
-            for n, v in Lam.items(): tensors[n]['Lambda'] = v
     elif strategy == 'diagonal':
         for n, d in fit_diagonal(model, layers, passes, fisher, batch_size, seed, progress, dtype).items(): tensors[n]['diag'] = d
     info = {'fit_seconds': round(time.time() - t0, 3), 'model_digest': model_digest(model)}
@@ -481,5 +596,6 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
     f = Factors(strategy, [layer.name for layer in layers], {layer.name: [layer.d_out, layer.d_in1] for layer in layers}, fisher, len(seqs), n_tok,
                 seed, fingerprint(layers), type(model).__name__, tensors, info)
     check_factors_finite(f)
+    if strategy in EIGEN and ck is not None: ck.remove()
     warn_without_curvature(f)
     return f

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_kfac.ipynb #7adb5027
 from __future__ import annotations
-import hashlib
+import hashlib, itertools
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -160,6 +160,7 @@ def layer_passes(model, # a causal LM
                  sort_by_length:bool=True, # batch similar lengths together
                  pad_id:int=0,
                  counts:bool=False, # also yield `{name: tokens the layer saw}` (an expert sees only those routed to it)
+                start:int=0, # batches to pass over unrun (a resumed fit: they were summed before it stopped)
                 ):
     "Yield `(indices, acts, out_grads)` per batch: `{name: ā [B, T, d_in(+1)]}`, `{name: Ds [B, T, d_out]}`, masked.\n\n    An expert's rows are scattered to the positions of the tokens routed to it; the others are zero.\n\n    Under torch.distributed each process walks its shard `seqs[rank::world]`; `indices` are positions in `seqs`."
     device, exact = next(model.parameters()).device, sample == 'exact'
@@ -168,10 +169,10 @@ def layer_passes(model, # a causal LM
     rank, world = dist_info()
     ids = list(range(len(seqs)))[rank::world]                  # this process's shard (all of it when alone)
     mine = seqs if world == 1 else [seqs[i] for i in ids]
-    todo = batches(mine, batch_size, sort_by_length=sort_by_length, pad_id=pad_id)
-    bar = tqdm(total=len(mine), desc=desc, disable=desc is None or rank != 0, unit='seq')
+    todo = itertools.islice(batches(mine, batch_size, sort_by_length=sort_by_length, pad_id=pad_id), start, None)
+    bar = tqdm(total=len(mine), initial=min(start * batch_size, len(mine)), desc=desc, disable=desc is None or rank != 0, unit='seq')
     with capture(model, layers) as cap:
-        for batch_no, (idx, b) in enumerate(todo):
+        for batch_no, (idx, b) in enumerate(todo, start):
             idx = [ids[i] for i in idx]                          # positions in `seqs`
             b = {k: v.to(device) for k, v in b.items()}
             mask = b['attention_mask'][..., None]                                   # [B, T, 1]
@@ -296,23 +297,31 @@ def fit_covariances(model, # a causal LM
                     seed:int=0,
                     progress:bool=True,
                     dtype:torch.dtype=torch.float64, # of the results; float32 also keeps the running sums in float32
+                    resume:dict|None=None, # the state `save` was last given by a pass that stopped: this one goes on from it
+                    save=None, # called with the pass's state (totals, counts, batches done) every `save_every` batches
+                    save_every:int=64, # batches between `save` calls (float64: rounded up to a multiple of the flush period, 32)
                    ) -> tuple[dict, int]:
     "`({name: {'A': [d_in+1, d_in+1], 'S': [d_out, d_out]}}, n_tokens)`: A per token the layer saw, S per sequence."
     check_fisher(fisher)
     cov = {layer.name: {} for layer in layers}   # totals in `dtype`, made at the first flush
-    run, n_tok, shared = {}, 0, {}
+    run, n_tok, shared, start = {}, 0, {}, 0
     seen = torch.zeros(len(layers), dtype=torch.float64)   # tokens each layer saw (an expert: those routed to it)
+    if resume is not None:
+        n_tok, seen, shared, start = (resume[k] for k in ('n_tok', 'seen', 'shared', 'batches'))
+        for name, c in resume['cov'].items(): cov[name].update(c)
     every = 32 if dtype == torch.float64 else None         # float32: the float32 running sums are the totals
+    if save is not None:   # saved right after a flush: the totals hold every batch so far, so a resumed pass sums as this one
+        save_every = -(-save_every // every) * every if every else save_every; every = every or save_every
     def flush(last=False):   # running sums (in the activations' dtype) added into the totals
         for (name, k), buf in run.items():
             if k in cov[name]: cov[name][k] += buf.take(dtype)
             else: cov[name][k] = buf.take(dtype, last)
     with blas_threads():
         for b_no, (idx, acts, outg, n_seen) in enumerate(layer_passes(model, layers, seqs, batch_size, sample=fisher_sample(fisher), seed=seed,
-                                                 stream=0, desc='covariances' if progress else None, counts=True)):
+                                                 stream=0, desc='covariances' if progress else None, counts=True, start=start), start):
             n_tok += int(sum(int(seqs[i]['attention_mask'].sum()) for i in idx))
             seen += torch.tensor([n_seen[layer.name] for layer in layers], dtype=torch.float64)
-            if b_no == 0: shared = _share_inputs(acts)
+            if not shared: shared = _share_inputs(acts)
             for name in cov:
                 d = outg.pop(name)                                              # released once summed
                 d = d.reshape(-1, d.shape[-1])                                  # [B*T(*labels), d_out]
@@ -323,6 +332,8 @@ def fit_covariances(model, # a causal LM
                     run.setdefault((name, 'A'), Gram(a)).add(a)
             acts = outg = a = d = None                                         # freed before the next batch's forward
             if every and b_no % every == every - 1: flush()
+            if save is not None and b_no % save_every == save_every - 1:
+                save(dict(cov=cov, n_tok=n_tok, seen=seen, shared=shared, batches=b_no + 1))
     flush(last=True); run.clear()
     n_tok = int(all_reduce_sum(torch.tensor([n_tok], dtype=torch.float64)).item())
     return _finish_covariances(cov, layers, shared, seen, len(seqs), dtype), n_tok

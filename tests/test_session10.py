@@ -1,7 +1,8 @@
 """Session 10: what strangers' runs found.
 
 - a text nested in each record (`{"doc": {"body": ...}}`, a Parquet struct column) is read by a dotted
-  `--text-field doc.body` / `text_field='doc.body'` in every entry point, with the same scores as a flat field."""
+  `--text-field doc.body` / `text_field='doc.body'` in every entry point, with the same scores as a flat field;
+- an interrupted `fit-factors --checkpoint DIR` resumes where it stopped and saves the factors an uninterrupted fit saves."""
 import json
 import pandas as pd
 import pytest
@@ -62,3 +63,40 @@ def test_misspelt_nested_field_is_refused_at_once(d):
         rc, _, err = run('scan', '--model', d/'model', '--factors', d/'f_flat', '--queries', d/'queries.jsonl',
                          '--corpus', d/corpus, '--text-field', 'doc.bdy', '--k', 3, '--out', d/'x.parquet', '--quiet')
         assert rc == 2 and "no field 'doc.bdy'" in err.replace('column', 'field') and "'doc.body'" in err, err
+
+
+def _stop_after(monkeypatch, k):
+    "Make the k+1-th batch of any fitting pass raise KeyboardInterrupt (a Ctrl-C), counting across passes."
+    from influence_nb import ekfac, kfac
+    real, n = kfac.layer_passes, [0]
+    def passes(*a, **kw):
+        for item in real(*a, **kw):
+            n[0] += 1
+            if n[0] > k: raise KeyboardInterrupt
+            yield item
+    monkeypatch.setattr(kfac, 'layer_passes', passes); monkeypatch.setattr(ekfac, 'layer_passes', passes)
+
+
+def test_fit_factors_resumes_after_ctrl_c(d, monkeypatch):
+    from influence_nb.ekfac import Factors
+    args = ('fit-factors', '--model', d/'model', '--data', d/'flat.jsonl', '--batch-size', 1, '--checkpoint-every', 2)
+    assert run(*args, '--out', d/'f_whole', '--checkpoint', d/'ck_whole')[0] == 0
+    assert not (d/'ck_whole').exists()                                          # removed once the fit completed
+    with monkeypatch.context() as mp:
+        _stop_after(mp, 5)
+        rc, _, err = run(*args, '--out', d/'f_none')
+        assert rc == 130 and 'nothing was kept; pass --checkpoint DIR to make a fit resumable' in err, err
+    for k in (5, 10):                                                            # in the covariance pass, then in Λ's (12 a pass)
+        with monkeypatch.context() as mp:
+            _stop_after(mp, k)
+            rc, _, err = run(*args, '--out', d/'f_resumed', '--checkpoint', d/'ck')
+            assert rc == 130 and f"the fit resumes from {d/'ck'} when you run the same command again" in err, err
+    assert sorted(p.name for p in (d/'ck').iterdir()) == ['eigen.safetensors', 'fit_checkpoint.json', 'lambda.safetensors']
+    rc, _, err = run(*args, '--out', d/'f_other', '--checkpoint', d/'ck', '--seed', 1)
+    assert rc == 2 and 'another model, data or settings' in err, err
+    rc, _, err = run(*args, '--out', d/'f_resumed', '--checkpoint', d/'ck')
+    assert rc == 0, err
+    a, b = Factors.load(d/'f_whole'), Factors.load(d/'f_resumed')
+    for name in a.tensors:
+        for key in a.tensors[name]: assert torch.equal(a.tensors[name][key], b.tensors[name][key]), (name, key)
+    assert not (d/'ck').exists() and not (d/'f_none').exists()
