@@ -189,7 +189,7 @@ def _count_cut(cut:dict, items, texts:dict, ids:list, tokenizer, max_length:int)
 
 def _say_cut(cut:dict, max_length:int|None):
     "Warn (for the caller of `scan`) how many texts were cut to `max_length`, if any."
-    if cut: warnings.warn(f"{cut['n']:,} texts read in this run were longer than max_length={max_length} tokens and were cut "
+    if cut: warnings.warn(f"{cut['n']:,} texts were longer than max_length={max_length} tokens and were cut "
                           f"to their first {max_length} (the first: {cut['first']}); only those tokens are scored.", stacklevel=4)
 
 # %% ../nbs/08_search.ipynb #60db7376
@@ -325,6 +325,7 @@ class ScanResult:
     query_log_p: list|None = None  # log p(completion) of each query under the model, for display (nats)
     source_digest: str|None = None # `file_digest` of the corpus file when it was scanned: texts come only from that content
     text_field: str|None = None    # where the scanned text records kept their text (`texts` reads it there by default)
+    n_truncated: int = 0           # texts longer than the scan's `max_length`: only their first `max_length` tokens were scored
 
     @property
     def n_queries(self) -> int: return self.indices.shape[0]
@@ -333,7 +334,7 @@ class ScanResult:
 
     def __repr__(self):
         return (f"ScanResult({self.n_queries} queries × top {self.k} of {self.n_scanned:,} sequences"
-                f"{f', {self.n_skipped} skipped' if self.n_skipped else ''}, rank={self.query_rank}, refined={self.refined})")
+                f"{f', {self.n_skipped} skipped' if self.n_skipped else ''}{f', {self.n_truncated} truncated' if self.n_truncated else ''}, rank={self.query_rank}, refined={self.refined})")
 
     def texts(self, corpus=None, # the scanned corpus (default: `source`): list, Dataset, JSONL/Parquet path
               tokenizer=None, # decodes token-id records
@@ -386,7 +387,7 @@ def top(self: ScanResult, query:int=0, # which query
     query = check_query(query, self.n_queries, 'this result'); check_k(k)
     sub = ScanResult(self.indices[query:query + 1, :k], self.scores[query:query + 1, :k], self.n_scanned, self.n_skipped,
                      self.n_train, self.query_rank, self.refined, self.source, self.seconds,
-                     source_digest=self.source_digest, text_field=self.text_field)
+                     source_digest=self.source_digest, text_field=self.text_field, n_truncated=self.n_truncated)
     return sub.to_frame(**kw).drop(columns='query').set_index('rank')
 
 # %% ../nbs/08_search.ipynb #895a764c
@@ -398,7 +399,7 @@ def save(self: ScanResult, path:str|Path) -> Path:
     _writable_dir(path.parent if str(path.parent) else Path('.'), '`path`')
     meta = {'n_scanned': self.n_scanned, 'n_skipped': self.n_skipped, 'n_train': self.n_train, 'query_rank': self.query_rank,
             'refined': self.refined, 'source': self.source, 'seconds': self.seconds, 'query_names': self.query_names,
-            'query_log_p': self.query_log_p, 'source_digest': self.source_digest, 'text_field': self.text_field,
+            'query_log_p': self.query_log_p, 'source_digest': self.source_digest, 'text_field': self.text_field, 'n_truncated': self.n_truncated,
             'shape': list(self.indices.shape),
             'dtype': str(self.scores.dtype).replace('torch.', '')}
     df = pd.DataFrame({'query': torch.arange(self.n_queries).repeat_interleave(self.k).numpy(),
@@ -639,14 +640,14 @@ def scan(model, # the model the factors were fitted on
     cfg = _config(factors, qs, stream, tokenizer, k=k, query_rank=query_rank, damping=damping, batch_size=batch_size,
                   chunk_size=chunk_size, max_length=max_length, text_field=text_field, on_bad_record=on_bad_record,
                   scores=scores_path is not None)
-    fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), working_dtype(next(model.parameters()))
-    cut, vocab, skip = {}, model_vocab(model), on_bad_record == 'skip'     # cut: texts longer than max_length, this run
+    fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), working_dtype(next(model.parameters())); vocab, skip = model_vocab(model), on_bad_record == 'skip'
     convert = lambda items, cut=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut)
     ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path))
     _check_paths(ckpt, spath)
     with contextlib.ExitStack() as files:
         if rank == 0: _take_files(files, ckpt, spath)
         state, *top = _start_state(ckpt, spath, fp, cfg, len(qs), k, dtype)
+        cut = state.setdefault('cut', {})   # texts cut to max_length: kept in the state, so a resumed scan counts them all
         # with a checkpoint, parts of this very scan are reused up to it — none if it was stopped before its first
         if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt)
         pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size)   # as `pairwise_scores` does
@@ -663,7 +664,7 @@ def scan(model, # the model the factors were fitted on
     return ScanResult(inds, vals, state['n_scanned'], state['n_skipped'], n_train or max(state['n_scanned'], factors.n_sequences),
                       query_rank, refined,
                       str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - t0, 3),
-                      source_digest=file_digest(stream.path) if stream.path is not None else None, text_field=text_field)
+                      source_digest=file_digest(stream.path) if stream.path else None, text_field=text_field, n_truncated=cut.get('n', 0))
 
 # %% ../nbs/08_search.ipynb #9e8c4c89
 def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype):

@@ -2,7 +2,8 @@
 
 - a text nested in each record (`{"doc": {"body": ...}}`, a Parquet struct column) is read by a dotted
   `--text-field doc.body` / `text_field='doc.body'` in every entry point, with the same scores as a flat field;
-- an interrupted `fit-factors --checkpoint DIR` resumes where it stopped and saves the factors an uninterrupted fit saves."""
+- an interrupted `fit-factors --checkpoint DIR` resumes where it stopped and saves the factors an uninterrupted fit saves;
+- a scan's texts cut to `max_length` are counted in `ScanResult.n_truncated` (saved with it), across a resume too."""
 import json
 import pandas as pd
 import pytest
@@ -100,3 +101,34 @@ def test_fit_factors_resumes_after_ctrl_c(d, monkeypatch):
     for name in a.tensors:
         for key in a.tensors[name]: assert torch.equal(a.tensors[name][key], b.tensors[name][key]), (name, key)
     assert not (d/'ck').exists() and not (d/'f_none').exists()
+
+
+def test_scan_counts_truncated_texts_across_a_resume(d, monkeypatch, tmp_path):
+    import warnings
+    import influence_nb as inf
+    from influence_nb import search
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = AutoModelForCausalLM.from_pretrained(d/'model').eval(), AutoTokenizer.from_pretrained(d/'model')
+    factors = inf.Factors.load(d/'f_flat')
+    texts = [t if i % 3 else 'city 3 .' for i, t in enumerate(TEXTS * 2)]         # 16 short texts, 8 long
+    n_long = sum(len(tok(t)["input_ids"]) > 10 for t in texts)
+    assert 0 < n_long < len(texts)
+    q = inf.tokenize_pairs(tok, [('The capital of country 3 is', ' city 3')])
+    kw = dict(k=3, tokenizer=tok, max_length=10, chunk_size=4, checkpoint_every=4, progress=False)
+    real, calls = search._score_chunk, [0]
+    def stop(*a, **k):
+        calls[0] += 1
+        if calls[0] > 3: raise KeyboardInterrupt
+        return real(*a, **k)
+    with monkeypatch.context() as mp:
+        mp.setattr(search, '_score_chunk', stop)
+        with pytest.raises(KeyboardInterrupt): inf.scan(model, factors, q, texts, checkpoint=tmp_path/'ck', **kw)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        res = inf.scan(model, factors, q, texts, checkpoint=tmp_path/'ck', **kw)
+    whole = inf.scan(model, factors, q, texts, **kw)
+    assert res.n_truncated == whole.n_truncated == n_long                      # the chunks before the stop are counted too
+    assert any(f'{n_long} texts were longer than max_length=10' in str(x.message) for x in w)
+    assert torch.equal(res.indices, whole.indices) and f'{n_long} truncated' in repr(res)
+    res.save(tmp_path/'r.parquet')
+    assert inf.ScanResult.load(tmp_path/'r.parquet').n_truncated == n_long

@@ -124,7 +124,7 @@ def test_scan_reports_truncated_texts(d):
     (d/'long_scan.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in TEXTS[:3] + [long, long, long]))
     rc, _, err = _scan(d, corpus='long_scan.jsonl', out='ls.parquet')
     assert rc == 0, err
-    assert 'note: 3 texts read in this run were longer than max_length=64 tokens' in err and '(the first: line 4' in err
+    assert 'note: 3 texts were longer than max_length=64 tokens' in err and '(the first: line 4' in err
     rc, _, err = _scan(d, corpus='fit.jsonl', out='fs.parquet')
     assert rc == 0 and 'note:' not in err
 
@@ -143,12 +143,12 @@ def test_notes_survive_an_interrupted_scan(d, monkeypatch):
     "A note gathered before Ctrl-C is still printed."
     import warnings
     def cut_then_stop(*a, **k):                    # as `scan` warns for its caller in the package, then Ctrl-C
-        warnings.warn_explicit("3 texts read in this run were longer than max_length=64 tokens", UserWarning,
+        warnings.warn_explicit("3 texts were longer than max_length=64 tokens", UserWarning,
                                str(Path(cli.__file__)), 1)
         raise KeyboardInterrupt
     monkeypatch.setattr(cli, 'scan', cut_then_stop)
     rc, _, err = _scan(d, out='n.parquet')
-    assert rc == 130 and 'note: 3 texts read in this run were longer than max_length=64 tokens' in err
+    assert rc == 130 and 'note: 3 texts were longer than max_length=64 tokens' in err
 
 
 def test_gnvp_with_non_finite_logits_at_unscored_positions():
