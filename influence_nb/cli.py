@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 import torch
 import pandas as pd
-from .data import (field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
+from .data import (cut_texts, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored)
@@ -175,23 +175,24 @@ def _corpus(a, tok, model, flag='--data'):
     n = getattr(a, 'max_length', None) or context_length(model, tok)
     try: recs = read_corpus(path, a.text_field)                            # names the file and line of a bad line
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"{flag} {e}") from None
-    try:
-        seqs = check_sequences(model, corpus_sequences(recs, tok, n), 'corpus')
-        require_scored(seqs, 'corpus')
-        _say_truncated(recs, seqs, tok, n, flag, path)
-        return seqs
-    except (ValueError, TypeError):
-        for j, r in enumerate(recs):                                         # find the first bad record, name its line
-            try: require_scored(check_sequences(model, corpus_sequences([r], tok, n), 'record'), 'record')
-            except (ValueError, TypeError) as e:
-                raise _again(e, f"{flag} {path.name}, {record_where(path, j)}: {_reword(e)}") from None
-        raise
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', TruncatedTextsWarning)                   # `_say_truncated` names the file and line instead
+        try:
+            seqs = check_sequences(model, corpus_sequences(recs, tok, n), 'corpus')
+            require_scored(seqs, 'corpus')
+            _say_truncated(recs, seqs, tok, n, flag, path)
+            return seqs
+        except (ValueError, TypeError):
+            for j, r in enumerate(recs):                                         # find the first bad record, name its line
+                try: require_scored(check_sequences(model, corpus_sequences([r], tok, n), 'record'), 'record')
+                except (ValueError, TypeError) as e:
+                    raise _again(e, f"{flag} {path.name}, {record_where(path, j)}: {_reword(e)}") from None
+            raise
 
 def _say_truncated(recs, seqs, tok, n, flag, path):
     "Tell (on stderr) how many texts were longer than `n` tokens: only their first `n` tokens are scored."
-    full = [j for j, (r, s) in enumerate(zip(recs, seqs)) if 'text' in r and len(s['input_ids']) == n]   # the only candidates
-    again = tok([recs[j]['text'] for j in full], truncation=True, max_length=n + 1)['input_ids'] if full else []
-    cut = [j for j, ids in zip(full, again) if len(ids) > n]                          # one token more tells, without a warning
+    texts = [j for j, r in enumerate(recs) if 'input_ids' not in r]             # token-id records are never cut
+    cut = [texts[j] for j in cut_texts(tok, [recs[j]['text'] for j in texts], [seqs[j]['input_ids'] for j in texts], n)]
     if cut: print(f"note: {len(cut)} of {len(seqs)} {flag} {path.name} records are longer than {n} tokens (--max-length, default: the model's "
                   f"context) and were cut to their first {n} (the first: {record_where(path, cut[0])}); only those tokens are scored.",
                   file=sys.stderr)

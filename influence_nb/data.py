@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #32d43130
 from __future__ import annotations
-import os, sys, json, numbers, functools
+import os, sys, json, numbers, functools, warnings
 from pathlib import Path
 from contextlib import contextmanager
 from collections.abc import Mapping, Sequence, Iterable, Iterator
@@ -14,10 +14,10 @@ import torch
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir', 'attended_span',
            'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_int',
-           'check_max_length', 'field_value', 'tokenize', 'special_prefix', 'tokenize_pairs', 'collate', 'batches',
-           'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer',
-           'load_model', 'load_bundled', 'eval_mode', 'completion_logprobs', 'corpus_format', 'corpus_rows',
-           'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
+           'check_max_length', 'field_value', 'TruncatedTextsWarning', 'cut_texts', 'tokenize', 'special_prefix',
+           'tokenize_pairs', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
+           'context_length', 'load_tokenizer', 'load_model', 'load_bundled', 'eval_mode', 'completion_logprobs',
+           'corpus_format', 'corpus_rows', 'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -219,6 +219,20 @@ def field_value(record:Mapping, # a corpus record (a JSON object, a Parquet or `
         record = record[part]
     return record
 
+class TruncatedTextsWarning(UserWarning):
+    "Texts longer than `max_length` tokens were cut: only their first `max_length` tokens are scored."
+
+def cut_texts(tokenizer, # the tokenizer that made `ids`
+              texts:list[str], # the texts
+              ids:list, # their token ids, truncated to `max_length`
+              max_length:int,
+             ) -> list[int]:
+    "Positions of the `texts` longer than `max_length` tokens: only those cut to exactly that many can be, and one token more tells."
+    full = [j for j, x in enumerate(ids) if len(x) == max_length]
+    again = tokenizer([texts[j] for j in full], truncation=True, max_length=max_length + 1)['input_ids'] if full else []
+    return [j for j, x in zip(full, again) if len(x) > max_length]   # (max_length + 1, not no limit: no tokenizer length warning)
+
+# %% ../nbs/00_data.ipynb #1ea407ef
 def tokenize(tokenizer, # a Hugging Face tokenizer
              texts:str|Sequence[str], # one text, a list of texts, or records / a `datasets.(Iterable)Dataset` with `text_field`
              max_length:int|None=128, # truncate to this many tokens (None: no limit)
@@ -238,6 +252,10 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
             texts[i] = t = field_value(t, text_field)
         if not isinstance(t, str): raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str.")
     enc = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
+    if max_length is not None and (cut := cut_texts(tokenizer, texts, enc['input_ids'], max_length)):
+        warnings.warn(f"{len(cut):,} of {len(texts):,} texts were longer than max_length={max_length} tokens and were cut to their "
+                      f"first {max_length} (the first: texts[{cut[0]}]); only those tokens are scored. Pass a larger max_length, "
+                      "or None for no limit.", TruncatedTextsWarning, stacklevel=2)
     return as_sequences([{'input_ids': ids} for ids in enc['input_ids']], name='texts')
 
 # %% ../nbs/00_data.ipynb #ad254458
@@ -268,6 +286,11 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
             raise TypeError(f"pairs[{i}] must be a (prompt, completion) pair of strings or a dict with those keys.")
         prompt, completion = p
         if not completion: raise ValueError(f"pairs[{i}] has an empty completion: there is nothing to measure.")
+        if prompt[-1:].isspace() and not completion[0].isspace():
+            warnings.warn(f"pairs[{i}]: the prompt ends with whitespace ({prompt[-12:]!r}) and the completion does not ({completion[:12]!r}). "
+                          "Most tokenizers attach a space to the word after it, so this splits the text into tokens the model "
+                          "rarely saw; write the space at the start of the completion: (prompt.rstrip(), ' ' + completion).",
+                          stacklevel=2)
         p_ids = list(tokenizer(prompt, add_special_tokens=False)['input_ids'])
         c_ids = list(tokenizer(completion, add_special_tokens=False)['input_ids'])
         p_ids = special_prefix(tokenizer, prompt if p_ids else completion) + p_ids   # never an end token before the completion
@@ -406,10 +429,14 @@ def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_
     return _check_pair(m, load_tokenizer(tokenizer))
 
 def _check_pair(model, tok):
+    "Refuse a tokenizer with ordinary tokens the model has no embedding for; special tokens added later (a pad) may go beyond it."
     v = model_vocab(model)
     if v is not None and len(tok) > v:
-        raise ValueError(f"The tokenizer has {len(tok):,} tokens but the model's vocabulary has {v:,}: they do not belong "
-                         "together. Pass the tokenizer the model was trained with.")
+        plain = [i for i in range(v, len(tok)) if i not in set(tok.all_special_ids)]   # a pad token added after training is fine:
+        if plain:                                                                      # padding is never fed to the model
+            raise ValueError(f"The tokenizer has {len(tok):,} tokens but the model's vocabulary has {v:,}, and ids from {plain[0]:,} "
+                             f"on (e.g. {tok.convert_ids_to_tokens(plain[0])!r}) are ordinary tokens, not special ones added later: "
+                             "they do not belong together. Pass the tokenizer the model was trained with.")
     return model, tok
 
 def load_bundled(name:str='gpt2-l', # one of MODEL_NAMES, or a model folder (with its tokenizer)

@@ -784,6 +784,7 @@ def run(self: Explorer) -> ExplorerResult|None:
     finally:
         self.run_w.disabled, self.run_w.description = False, 'Run'
     self.progress_w.bar_style = 'danger'
+    self.result, self.results_w.children = None, []   # the last good run's results are not left on show as if they were this one's
     self.status_w.value = f'<span class="inb-stage inb-failed" data-run="{self.runs}">Stopped</span>: see the message below.'
     return None
 

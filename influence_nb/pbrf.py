@@ -16,8 +16,8 @@ from .data import IGNORE_INDEX, as_sequences, collate, require_scored
 from .theory import FlatParams, call_functional, exact_mode, example_grads, ggn_of_rows, check_damping
 
 # %% auto #0
-__all__ = ['VMAP_MAX', 'FlatProblem', 'bregman_objective', 'gnvp', 'ggn_matrix', 'PBRFResponse', 'pbrf_response', 'PBRFInfluence',
-           'pbrf_influence', 'loss_grads', 'PBRFScores', 'pbrf_scores', 'cg_ihvp', 'lissa_ihvp']
+__all__ = ['VMAP_MAX', 'LISSA_LEFT', 'FlatProblem', 'bregman_objective', 'gnvp', 'ggn_matrix', 'PBRFResponse', 'pbrf_response',
+           'PBRFInfluence', 'pbrf_influence', 'loss_grads', 'PBRFScores', 'pbrf_scores', 'cg_ihvp', 'lissa_ihvp']
 
 # %% ../nbs/02_pbrf.ipynb #788c7794
 _LOSSES = ('ce', 'mse')
@@ -760,6 +760,18 @@ def _power_max(prob: FlatProblem, iters: int, gen: torch.Generator) -> float:
         u = Gu / Gu.norm().clamp_min(torch.finfo(prob.dtype).tiny)
     return top_eig
 
+LISSA_LEFT = 0.01   # warn when the recursion may leave more than this fraction of the solution unsummed
+
+def _warn_lissa_short(damping:float, scale:float, depth:int):
+    "Warn when `depth` steps may leave more than `LISSA_LEFT` of the answer out: `(1 − λ/s)^(J+1)` of it along G's flat directions."
+    left = (1 - damping / scale) ** (depth + 1)
+    if left > LISSA_LEFT:
+        need = math.ceil(math.log(LISSA_LEFT) / math.log1p(-damping / scale))
+        warnings.warn(f"LiSSA's {depth} steps leave up to {left:.0%} of (G + λI)⁻¹v out along directions where G has little "
+                      f"curvature (λ/scale = {damping / scale:.2g} per step): pass depth ≥ {need:,} (solver=dict(depth=...)), a "
+                      "larger damping, or use strategy='cg', which stops only when it has converged.", stacklevel=3)
+
+# %% ../nbs/02_pbrf.ipynb #c3410c2d
 def lissa_ihvp(model,                 # the model at θ_s
                param_names,           # tracked parameter names (None: all trainable)
                data,                  # fit data: sequences, or an (X, y) tuple of tensors
@@ -787,6 +799,7 @@ def lissa_ihvp(model,                 # the model at θ_s
         gen = torch.Generator().manual_seed(seed)
         if scale is None: scale = 1.5 * (max(_power_max(prob, 20, gen), 0.) + damping)
         scale = _check_positive(scale, 'scale')
+        _warn_lissa_short(damping, scale, depth)
         est = torch.zeros_like(B)
         for _ in range(repeats):
             u = B.clone()

@@ -4,7 +4,12 @@
 
 # %% ../nbs/06_scores.ipynb #07215044
 from __future__ import annotations
-import numbers, warnings
+import json, numbers, warnings
+from pathlib import Path
+from fastcore.basics import patch
+from safetensors import safe_open
+from safetensors.torch import save_file, load_file
+from .artefact import replacing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 import numpy as np
@@ -94,7 +99,7 @@ class Scores:
             texts = {i: tokenizer.decode(train[i]['input_ids'], skip_special_tokens=True) for i in df['index']}
         if texts is not None: df['text'] = [texts[i] for i in df['index']]
         out = ScoreTable(df.set_index('rank'))
-        out.attrs['legend'] = UNITS
+        out.attrs['legend'] = UNITS + (f" Here N = {self.n_train:,}." if self.n_train else '')   # the N `nats` divided by
         return out
 
     def layer_shares(self, top:int|None=None) -> pd.DataFrame:
@@ -146,6 +151,41 @@ def shares_of_total(sums:np.ndarray, # [n_q, n_layers] per-layer influence (`lay
         warnings.warn(f"{int((tot <= 0).sum())} query(ies) have a total influence <= 0; their shares are NaN "
                       "(a share of a negative total has no meaning; the raw per-layer sums are `layer_sums`).", stacklevel=3)
     return np.where(tot > 0, sums / np.where(tot > 0, tot, 1.0), np.nan)
+
+# %% ../nbs/06_scores.ipynb #1f4eee47
+@patch
+def to_frame(self: Scores) -> pd.DataFrame:
+    "One row per (query, train_index): `score`, `nats` (when N is known) and each layer's score (when computed)."
+    n_q, n_t = self.total.shape
+    df = pd.DataFrame({'query': np.repeat(np.arange(n_q), n_t), 'train_index': np.tile(np.arange(n_t), n_q),
+                       'score': to_float64(self.total, 'total').reshape(-1)})
+    if self.n_train: df['nats'] = df['score'] / self.n_train
+    for name, s in (self.per_layer or {}).items(): df[name] = to_float64(s, name).reshape(-1)
+    return df
+
+@patch
+def save(self: Scores, path) -> Path:
+    "Write the scores (every tensor, and N, layers, strategy, rank) to one safetensors file, atomically; returns its path."
+    path = Path(path)
+    t = {'total': self.total.contiguous(), **{f'per_layer/{n}': s.contiguous() for n, s in (self.per_layer or {}).items()}}
+    if self.per_token is not None: t['per_token'] = self.per_token.contiguous()
+    meta = dict(n_train=self.n_train, modules=list(self.modules), strategy=self.strategy, query_rank=self.query_rank,
+                per_layer=list(self.per_layer or {}))
+    with replacing(path, mode=0o644) as tmp: save_file(t, str(tmp), metadata={'influence_nb.scores': json.dumps(meta)})
+    return path
+
+@patch(cls_method=True)
+def load(cls: Scores, path) -> Scores:
+    "Read scores written by `Scores.save`."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"No scores file at {path}.")
+    try:
+        with safe_open(str(path), 'pt') as f: meta = json.loads((f.metadata() or {})['influence_nb.scores'])
+    except KeyError: raise ValueError(f"{path} holds no influence_nb scores; was it written by `Scores.save`?") from None
+    except Exception as e: raise ValueError(f"Could not read {path} as a safetensors file ({type(e).__name__}: {e}).") from None
+    t = load_file(str(path))
+    per_layer = {n: t[f'per_layer/{n}'] for n in meta.pop('per_layer')} or None
+    return cls(t['total'], per_layer, t.get('per_token'), **meta)
 
 # %% ../nbs/06_scores.ipynb #a5549d57
 @dataclass

@@ -13,7 +13,7 @@ import pandas as pd
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .data import (field_value, as_sequence, check_sequences, require_scored, model_vocab, model_context, as_collection,
+from .data import (cut_texts, TruncatedTextsWarning, field_value, as_sequence, check_sequences, require_scored, model_vocab, model_context, as_collection,
                                grad_enabled, check_max_length, check_int, n_scored)
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, check_damping
@@ -182,15 +182,14 @@ def _digest_chunk(items, seqs) -> str:
 # %% ../nbs/08_search.ipynb #0d406ee4
 def _count_cut(cut:dict, items, texts:dict, ids:list, tokenizer, max_length:int):
     "Add to `cut` ('n', 'first': where) the texts longer than `max_length` tokens: only those tokenized to exactly that many can be."
-    full = [j for j, x in zip(texts, ids) if len(x) == max_length]
-    again = tokenizer([texts[j] for j in full], truncation=True, max_length=max_length + 1)['input_ids'] if full else []
-    longer = [j for j, x in zip(full, again) if len(x) > max_length]                 # one token more tells, without a warning
+    keys = list(texts)
+    longer = [keys[j] for j in cut_texts(tokenizer, [texts[k] for k in keys], ids, max_length)]
     if longer: cut['n'] = cut.get('n', 0) + len(longer); cut.setdefault('first', items[longer[0]].where)
 
 def _say_cut(cut:dict, max_length:int|None):
     "Warn (for the caller of `scan`) how many texts were cut to `max_length`, if any."
     if cut: warnings.warn(f"{cut['n']:,} texts were longer than max_length={max_length} tokens and were cut "
-                          f"to their first {max_length} (the first: {cut['first']}); only those tokens are scored.", stacklevel=4)
+                          f"to their first {max_length} (the first: {cut['first']}); only those tokens are scored.", TruncatedTextsWarning, stacklevel=4)
 
 # %% ../nbs/08_search.ipynb #60db7376
 def merge_topk(values:torch.Tensor, # [n_q, k0] best scores so far (-inf: empty slot)

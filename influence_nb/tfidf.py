@@ -70,12 +70,12 @@ class TokenIndex:
     def __init__(self,
                  corpus,              # sequences (dicts with `input_ids`), lists of token ids, or a [n_docs, T] tensor
                  k1: float = 1.5,     # BM25 saturation constant (cancels when `exists=True`)
-                 ignore_ids = (),     # token ids to drop from corpus and queries (BOS, EOS, pad)
+                 ignore_ids = (),     # token ids to drop from corpus and queries (BOS, EOS, pad); None (a token the tokenizer lacks) is passed over
                  exists: bool = True, # paper: term existence; False = term frequency (standard BM25, no length norm)
                 ):
         if not (isinstance(k1, (int, float)) and math.isfinite(k1) and k1 > 0):
             raise ValueError(f"`k1` must be a positive finite number, got {k1!r}; the paper uses 1.5.")
-        self.k1, self.exists, self.ignore_ids = float(k1), bool(exists), tuple(int(i) for i in ignore_ids)
+        self.k1, self.exists, self.ignore_ids = float(k1), bool(exists), tuple(int(i) for i in ignore_ids if i is not None)
         ids, lens = _flat_tokens(corpus, 'corpus', self.ignore_ids)
         self.n_docs = len(lens)
         self.n_vocab = int(ids.max()) + 1 if len(ids) else 0
