@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument('--modules', default='mlp', help="'mlp', 'all' or comma-separated layer names (default: mlp)")
     f.add_argument('--fisher', default='true', choices=['true', 'empirical'], help='labels sampled from the model (true, the paper) or the data labels')
     f.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
-    f.add_argument('--max-length', type=int, default=None, help="truncate texts (default: the model's context)")
+    f.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context; queries are never cut)")
     f.add_argument('--seed', type=int, default=0, help='seed of the pseudo-label sampling (default: 0)')
     f.add_argument('--fisher-samples', type=int, default=1, help='labels sampled per token (true Fisher; default: 1)')
     f.add_argument('--checkpoint', default=None, help='kfac/ekfac: a folder that keeps the fit\'s progress; run the same command '
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--damping', type=float, default=None, help='damping λ (default: 0.1 × mean eigenvalue per layer)')
     s.add_argument('--query-rank', type=int, default=None, help='rank of the preconditioned query gradients (default: full)')
     s.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
-    s.add_argument('--max-length', type=int, default=None, help="truncate texts (default: the model's context)")
+    s.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context; queries are never cut)")
     _scan_parser(sub, fmt)
     t = sub.add_parser('top', help="print one query's top sequences from a scan result",
                        description='Print the most influential sequences of one query from a `scan` result, with their texts.')
@@ -604,7 +604,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:                      # Ctrl-C: no traceback, and what was kept
         ckpt = getattr(args, 'checkpoint', None)
         what = {'scan': ('scan', 'FILE'), 'fit-factors': ('fit', 'DIR')}.get(args.command)
-        kept = (f"the {what[0]} resumes from {ckpt} when you run the same command again" if ckpt else "nothing was kept"
+        kept = (f"the {what[0]} resumes from {ckpt} when you run the same command again" if ckpt and Path(ckpt).exists() else
+                f"nothing was kept: it stopped before its first save to {ckpt}" if ckpt else "nothing was kept"
                 + (f"; pass --checkpoint {what[1]} to make a {what[0]} resumable" if what else ''))
         print(f"influence-nb {args.command}: interrupted; {kept}.", file=sys.stderr); return 130
     except Exception as e:

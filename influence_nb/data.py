@@ -293,6 +293,10 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
                           stacklevel=2)
         p_ids = list(tokenizer(prompt, add_special_tokens=False)['input_ids'])
         c_ids = list(tokenizer(completion, add_special_tokens=False)['input_ids'])
+        if not c_ids: raise ValueError(f"pairs[{i}]'s completion {completion!r} has no tokens: there is nothing to measure.")
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in c_ids:
+            warnings.warn(f"pairs[{i}]'s completion {completion!r} holds tokens the tokenizer does not know ({tokenizer.unk_token!r}): "
+                          "its log-probability, and so its influence, is that of the unknown token.", stacklevel=2)
         p_ids = special_prefix(tokenizer, prompt if p_ids else completion) + p_ids   # never an end token before the completion
         if not p_ids:
             if tokenizer.bos_token_id is None:

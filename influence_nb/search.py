@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_search.ipynb #f851d976
 from __future__ import annotations
-import os, json, time, socket, itertools, contextlib, warnings
+import os, json, time, socket, hashlib, itertools, contextlib, warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from collections.abc import Mapping, Iterable, Iterator
@@ -525,6 +525,38 @@ def _scan_max_length(model, max_length) -> tuple[int|None, int|None]:
                          f"Pass at most {ctx}, or None (the model's context).")
     return ctx, ctx if max_length is None else max_length
 
+# %% ../nbs/08_search.ipynb #2fd9ce2d
+class _PrefixHash:
+    "sha256 of a file's first bytes, extended as a scan goes on: what proves on resume that the records read before are unchanged."
+    def __init__(self, path): self.path, self.pos, self.h = Path(path), 0, hashlib.sha256()
+    def at(self, offset:int) -> str:
+        "The digest of bytes `[0, offset)` (`offset` never goes back: each byte is read once)."
+        with open(self.path, 'rb') as f:
+            f.seek(self.pos)
+            while self.pos < offset and (b := f.read(min(1 << 20, offset - self.pos))): self.h.update(b); self.pos += len(b)
+        return self.h.hexdigest()
+
+def _check_unchanged(stream:CorpusStream, state:dict, prefix:_PrefixHash|None, ckpt:Path|None):
+    "Refuse to resume on a corpus file whose scanned part changed: JSONL/text up to the checkpoint's byte, Parquet as a whole."
+    again = f"Resume with the corpus as it was, or delete the checkpoint {ckpt} to start over."
+    if prefix is not None and state.get('prefix_sha256') and prefix.at(state['offset']) != state['prefix_sha256']:
+        raise ValueError(f"The corpus {stream.path.name} changed in the part scanned before the checkpoint (its first "
+                         f"{state['offset']:,} bytes): the kept top-k would name the wrong records. {again}")
+    if stream.kind == 'parquet' and state.get('file_sha256') not in (None, file_digest(stream.path)):
+        raise ValueError(f"The corpus {stream.path.name} changed since the checkpoint was written (a Parquet file is checked "
+                         f"whole). {again}")
+
+def _guard(stream:CorpusStream, state:dict, ckpt:Path|None) -> _PrefixHash|None:
+    "What proves a resumed scan's corpus unchanged: a hash of a JSONL/text file's scanned bytes (returned), a Parquet file's digest (in `state`)."
+    if ckpt is None or stream.path is None: return None
+    if stream.kind == 'parquet': state.setdefault('file_sha256', file_digest(stream.path))
+    return _PrefixHash(stream.path) if stream.kind in ('jsonl', 'text') else None
+
+def _stamp(state:dict, prefix:_PrefixHash|None) -> dict:
+    "`state` with the digest of the bytes scanned so far (JSONL/text), ready to be saved in a checkpoint."
+    if prefix is not None: state['prefix_sha256'] = prefix.at(state['offset'])
+    return state
+
 # %% ../nbs/08_search.ipynb #b5bf7bdd
 def _take_files(files:contextlib.ExitStack, ckpt:Path|None, spath:Path|None):
     "Rank 0 proves the checkpoint and scores folders writable and locks them for the duration of `files`."
@@ -553,8 +585,9 @@ def _start_state(ckpt:Path|None, spath:Path|None, fp:str, cfg:dict, n_q:int, k:i
                          "by an older version, whose rounded scores would mix with exact ones. Delete it to start the scan over.")
     return loaded
 
-def _resume_items(stream:CorpusStream, state:dict, convert, ckpt:Path|None) -> Iterator[_Item]:
-    "The records after the checkpoint; the last checkpointed chunk is read again to prove the corpus is the scanned one."
+def _resume_items(stream:CorpusStream, state:dict, convert, ckpt:Path|None, prefix:_PrefixHash|None=None) -> Iterator[_Item]:
+    "The records after the checkpoint; what was scanned before it is proven unchanged (`_check_unchanged`, the last chunk's digest)."
+    if state['last']: _check_unchanged(stream, state, prefix, ckpt)
     last = state['last']
     items = stream.items(*((last['start'], last['offset'] or 0, last['line'] or 0) if last else (0, 0, 0)))
     if last:
@@ -581,7 +614,7 @@ def _advance(state:dict, chunk:list[_Item], seqs:list, n_scored:int, n_bad:int):
 
 def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict, top:tuple, convert, *, k:int,
                  chunk_size:int, batch_size:int, dtype, spath:Path|None, ckpt:Path|None, checkpoint_every:int, rank:int,
-                 progress:bool) -> tuple:
+                 progress:bool, prefix:_PrefixHash|None=None) -> tuple:
     "Score `items` (read from `stream`) chunk by chunk into the running top-k `top = (values, indices)`; write parts and checkpoints."
     vals, inds = top
     bar, by_bytes = _progress(stream, state, progress, rank), stream.kind in ('jsonl', 'text')
@@ -599,9 +632,9 @@ def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict,
         bar.update((state['offset'] - state['last']['offset']) if by_bytes else len(chunk))
         bar.set_postfix(seqs=f"{state['n_scanned']:,}", refresh=False)
         if rank == 0 and ckpt is not None and state['n_records'] - saved_at >= checkpoint_every:
-            _save_checkpoint(ckpt, state, vals, inds); saved_at = state['n_records']
+            _save_checkpoint(ckpt, _stamp(state, prefix), vals, inds); saved_at = state['n_records']
     bar.close()
-    if rank == 0 and ckpt is not None and saved_at != state['n_records']: _save_checkpoint(ckpt, state, vals, inds)
+    if rank == 0 and ckpt is not None and saved_at != state['n_records']: _save_checkpoint(ckpt, _stamp(state, prefix), vals, inds)
     return vals, inds
 
 # %% ../nbs/08_search.ipynb #26099be4
@@ -650,10 +683,10 @@ def scan(model, # the model the factors were fitted on
         # with a checkpoint, parts of this very scan are reused up to it — none if it was stopped before its first
         if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt)
         pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size)   # as `pairwise_scores` does
-        items = _resume_items(stream, state, convert, ckpt)
+        items = _resume_items(stream, state, convert, ckpt, prefix := _guard(stream, state, ckpt))
         vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, lambda c: convert(c, cut), k=k, chunk_size=chunk_size,
                                   batch_size=batch_size, dtype=dtype, spath=spath, ckpt=ckpt,
-                                  checkpoint_every=checkpoint_every, rank=rank, progress=progress)
+                                  checkpoint_every=checkpoint_every, rank=rank, progress=progress, prefix=prefix)
     _say_cut(cut, max_length)
     if state['n_scanned'] == 0:
         raise ValueError("`corpus` is empty: no sequence was scanned" + (f" ({state['n_skipped']} bad records skipped)." if state['n_skipped'] else "."))

@@ -3,7 +3,9 @@
 - a text nested in each record (`{"doc": {"body": ...}}`, a Parquet struct column) is read by a dotted
   `--text-field doc.body` / `text_field='doc.body'` in every entry point, with the same scores as a flat field;
 - an interrupted `fit-factors --checkpoint DIR` resumes where it stopped and saves the factors an uninterrupted fit saves;
-- a scan's texts cut to `max_length` are counted in `ScanResult.n_truncated` (saved with it), across a resume too."""
+- a scan's texts cut to `max_length` are counted in `ScanResult.n_truncated` (saved with it), across a resume too;
+- a scan resumed on a JSONL file whose already-scanned part changed (not only its last chunk) is refused, and on a
+  Parquet file that changed at all; records appended after the checkpoint are scanned."""
 import json
 import pandas as pd
 import pytest
@@ -132,3 +134,41 @@ def test_scan_counts_truncated_texts_across_a_resume(d, monkeypatch, tmp_path):
     assert torch.equal(res.indices, whole.indices) and f'{n_long} truncated' in repr(res)
     res.save(tmp_path/'r.parquet')
     assert inf.ScanResult.load(tmp_path/'r.parquet').n_truncated == n_long
+
+
+def test_scan_resume_refuses_a_corpus_changed_before_the_checkpoint(d, monkeypatch, tmp_path):
+    "Records swapped in the part already scanned (not only in the last chunk) are caught; records appended after are fine."
+    import influence_nb as inf
+    from influence_nb import search
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = AutoModelForCausalLM.from_pretrained(d/'model').eval(), AutoTokenizer.from_pretrained(d/'model')
+    factors = inf.Factors.load(d/'f_flat')
+    q = inf.tokenize_pairs(tok, [('The capital of country 3 is', ' city 3')])
+    lines = [json.dumps({'text': t}) + '\n' for t in TEXTS * 2]                  # 24 records, chunks of 4
+    kw = dict(k=3, tokenizer=tok, chunk_size=4, checkpoint_every=4, progress=False)
+    def stopped_scan(corpus, ck):                                               # stopped after 3 chunks (checkpoint at 12)
+        real, calls = search._score_chunk, [0]
+        def stop(*a, **k):
+            calls[0] += 1
+            if calls[0] > 3: raise KeyboardInterrupt
+            return real(*a, **k)
+        with monkeypatch.context() as mp:
+            mp.setattr(search, '_score_chunk', stop)
+            with pytest.raises(KeyboardInterrupt): inf.scan(model, factors, q, corpus, checkpoint=ck, **kw)
+    for name, edit, ok in (('swap', lambda ls: [ls[1], ls[0], *ls[2:]], False),   # records 0 and 1: the first chunk
+                           ('append', lambda ls: ls + lines[:2], True)):
+        f = tmp_path/f'{name}.jsonl'; f.write_text(''.join(lines))
+        stopped_scan(f, tmp_path/f'{name}.ckpt')
+        f.write_text(''.join(edit(lines)))
+        if ok:
+            res = inf.scan(model, factors, q, f, checkpoint=tmp_path/f'{name}.ckpt', **kw)
+            assert res.n_scanned == len(lines) + 2
+        else:
+            with pytest.raises(ValueError, match='changed in the part scanned before the checkpoint'):
+                inf.scan(model, factors, q, f, checkpoint=tmp_path/f'{name}.ckpt', **kw)
+    pq_path = tmp_path/'c.parquet'
+    pd.DataFrame({'text': TEXTS * 2}).to_parquet(pq_path)
+    stopped_scan(pq_path, tmp_path/'pq.ckpt')
+    pd.DataFrame({'text': TEXTS[::-1] * 2}).to_parquet(pq_path)
+    with pytest.raises(ValueError, match='a Parquet file is checked whole'):
+        inf.scan(model, factors, q, pq_path, checkpoint=tmp_path/'pq.ckpt', **kw)

@@ -97,7 +97,11 @@ def test_ctrl_c_says_what_was_kept(d, monkeypatch):
     monkeypatch.setattr(cli, '_scan', stop)
     rc, out, err = _scan(d, '--checkpoint', d/'s.ckpt', out='i.parquet')
     assert rc == 130 and 'Traceback' not in err
+    assert f'interrupted; nothing was kept: it stopped before its first save to {d/"s.ckpt"}' in err   # (session 10)
+    (d/'s.ckpt').write_text('{}')                                           # once a checkpoint exists, it is named
+    rc, out, err = _scan(d, '--checkpoint', d/'s.ckpt', out='i.parquet')
     assert f'interrupted; the scan resumes from {d/"s.ckpt"} when you run the same command again' in err
+    (d/'s.ckpt').unlink()
     rc, _, err = _scan(d, out='i.parquet')
     assert rc == 130 and 'pass --checkpoint FILE to make a scan resumable' in err
 
