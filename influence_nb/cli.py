@@ -356,9 +356,12 @@ def _check_out(path, what='--out', suffixes=('.parquet',)):
     parent = p.resolve().parent
     if not parent.is_dir(): raise ValueError(f"{what} {path}: the folder {parent} does not exist; create it first.")
 
-def _load_factors(path) -> Factors:
-    "`Factors.load`, every failure to read the folder reported as bad input naming --factors."
-    try: return Factors.load(path)
+def _load_factors(path, model=None) -> Factors:
+    "`Factors.load`, every failure to read the folder (or to match `model`, checked at once) reported as bad input naming --factors."
+    try:
+        f = Factors.load(path)
+        if model is not None: f.check(model)        # before any query is run: factors of other weights are refused first
+        return f
     except (ValueError, TypeError, FileNotFoundError) as e: raise _again(e, f"--factors: {e}") from None
     except Exception as e:                                    # e.g. a safetensors or OS error on a damaged file
         raise ValueError(f"--factors {path}: could not be read ({type(e).__name__}: {e}); refit the factors and save them again.") from None
@@ -377,7 +380,7 @@ def _cmd_fit(a):
 def _cmd_score(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data'); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer)
-    factors = _load_factors(a.factors)
+    factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
     train = _corpus(a, tok, model)
     _say_queries(names, completion_logprobs(model, queries))
@@ -444,7 +447,7 @@ def _scan(a, model, tok, factors, queries):
 def _cmd_scan(a):
     _check_options(a); _check_corpus_file(a.corpus, a.text_field, skip_bad=a.skip_bad_records); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer)
-    factors = _load_factors(a.factors)
+    factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
     resuming = a.checkpoint is not None and Path(a.checkpoint).exists()
     joined, done = _init_dist(), False
@@ -589,18 +592,28 @@ def _dispatch(command, argv) -> int:
     except ValueError as e: print(f"influence-nb {command}: error: {e}", file=sys.stderr); return 2
     return int(mod.main(list(argv)) or 0)
 
+_CLI_WORDS = {'`fit_factors`': '`influence-nb fit-factors`', '`n_train`': '--n-train', 'a new `checkpoint` path': 'a new --checkpoint',
+              '`damping`': '--damping', '`query_rank`': '--query-rank', '`batch_size`': '--batch-size', '`max_length`': '--max-length'}
+
+def _cli_words(msg:str) -> str:
+    "A message of the Python API in the command line's words: its options, not its arguments."
+    msg = re.sub(r"truncate it \(e\.g\. `inf\.tokenize\(\.\.\., max_length=\d+\)`\) or split it", 'shorten it', msg)
+    for py, cli in _CLI_WORDS.items(): msg = msg.replace(py, cli)
+    return msg
+
 def main(argv=None) -> int:
     "Entry point of the `influence-nb` console script: returns the exit code (0 ok, 2 bad input, 1 other failure, 130 Ctrl-C)."
     argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
     if argv and argv[0] in _DISPATCH: return _dispatch(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        if args.command == 'demo':
-            demo(args.model, args.query, args.k, args.fit_sample, args.candidates, seed=args.seed, tokenizer=args.tokenizer)
-        else: return {'fit-factors': _cmd_fit, 'score': _cmd_score, 'scan': _cmd_scan, 'top': _cmd_top,
-                      'explore': _cmd_explore}[args.command](args) or 0
+        with _as_notes():                          # the package's warnings, one `note:` line each
+            if args.command == 'demo':
+                demo(args.model, args.query, args.k, args.fit_sample, args.candidates, seed=args.seed, tokenizer=args.tokenizer)
+            else: return {'fit-factors': _cmd_fit, 'score': _cmd_score, 'scan': _cmd_scan, 'top': _cmd_top,
+                          'explore': _cmd_explore}[args.command](args) or 0
     except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"influence-nb {args.command}: error: {e}", file=sys.stderr); return 2
+        print(f"influence-nb {args.command}: error: {_cli_words(str(e))}", file=sys.stderr); return 2
     except KeyboardInterrupt:                      # Ctrl-C: no traceback, and what was kept
         ckpt = getattr(args, 'checkpoint', None)
         what = {'scan': ('scan', 'FILE'), 'fit-factors': ('fit', 'DIR')}.get(args.command)

@@ -172,3 +172,23 @@ def test_scan_resume_refuses_a_corpus_changed_before_the_checkpoint(d, monkeypat
     pd.DataFrame({'text': TEXTS[::-1] * 2}).to_parquet(pq_path)
     with pytest.raises(ValueError, match='a Parquet file is checked whole'):
         inf.scan(model, factors, q, pq_path, checkpoint=tmp_path/'pq.ckpt', **kw)
+
+
+def test_command_line_speaks_its_own_words(d, tmp_path):
+    """Factors of other weights are refused before any query runs, in the CLI's terms; a too-long query is told to be shorter;
+    `top` on another corpus file says so in a note, not a Python warning."""
+    other = model_folder(tmp_path, layers=1, ctx=64, seed=1)                      # the same shape, other weights
+    rc, out, err = run('score', '--model', other, '--data', d/'flat.jsonl', '--factors', d/'f_flat', '--queries', d/'queries.jsonl',
+                       '--out', tmp_path/'s.parquet')
+    assert rc == 2 and '--factors' in err and '`influence-nb fit-factors`' in err and '`fit_factors`' not in err, err
+    assert 'log p(completion)' not in out                                       # refused before the queries were run
+    (tmp_path/'long_q.jsonl').write_text(json.dumps({'prompt': ' '.join(['The capital'] * 60), 'completion': ' city 3'}) + '\n')
+    rc, _, err = run('score', '--model', d/'model', '--data', d/'flat.jsonl', '--factors', d/'f_flat', '--queries',
+                     tmp_path/'long_q.jsonl', '--out', tmp_path/'s.parquet')
+    assert rc == 2 and 'shorten it' in err and 'inf.tokenize' not in err, err
+    rc, _, err = run('scan', '--model', d/'model', '--factors', d/'f_flat', '--queries', d/'queries.jsonl', '--corpus',
+                     d/'flat.jsonl', '--k', 3, '--out', tmp_path/'r.parquet', '--quiet')
+    assert rc == 0, err
+    rc, out, err = run('top', '--result', tmp_path/'r.parquet', '--corpus', d/'nested.jsonl', '--text-field', 'doc.body')
+    assert rc == 0 and 'note: --corpus nested.jsonl is another file than the one scanned' in err, err
+    assert 'UserWarning' not in err and 'warnings.warn' not in err
