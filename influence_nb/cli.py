@@ -326,7 +326,8 @@ def _scan_parser(sub, fmt):
     c.add_argument('--chunk-size', type=int, default=1024, help='sequences per chunk: merged into the top-k, one scores file each (default: 1024)')
     c.add_argument('--max-length', type=int, default=None, help="truncate texts to this many tokens (default: the model's context)")
     c.add_argument('--skip-bad-records', action='store_true', help='skip (and count) invalid records instead of stopping at the first')
-    c.add_argument('--scores-dir', default=None, help='also write every score, one Parquet file per chunk, to this (new or empty) directory')
+    c.add_argument('--scores-dir', default=None, help='also write every score, one Parquet file per chunk, to this (new or empty) directory (one row per record, '
+                   "by its index; columns q0, q1, ... are the queries in the order of --queries; read them with `influence_nb.read_scores`)")
     c.add_argument('--checkpoint', default=None, help='checkpoint file: written as the scan goes, resumed from when it exists')
     c.add_argument('--checkpoint-every', type=int, default=2000, help='sequences between checkpoints (default: 2000)')
     c.add_argument('--n-train', type=int, default=None, help="N of the training set, for nats = score / N (default: the larger of "
