@@ -548,6 +548,7 @@ def _check_unchanged(stream:CorpusStream, state:dict, prefix:_PrefixHash|None, c
 
 def _guard(stream:CorpusStream, state:dict, ckpt:Path|None) -> _PrefixHash|None:
     "What proves a resumed scan's corpus unchanged: a hash of a JSONL/text file's scanned bytes (returned), a Parquet file's digest (in `state`)."
+    state['t0'] = time.time() - state.get('seconds', 0.0)   # a resumed scan's clock goes on from the time its checkpoint had
     if ckpt is None or stream.path is None: return None
     if stream.kind == 'parquet': state.setdefault('file_sha256', file_digest(stream.path))
     return _PrefixHash(stream.path) if stream.kind in ('jsonl', 'text') else None
@@ -555,6 +556,7 @@ def _guard(stream:CorpusStream, state:dict, ckpt:Path|None) -> _PrefixHash|None:
 def _stamp(state:dict, prefix:_PrefixHash|None) -> dict:
     "`state` with the digest of the bytes scanned so far (JSONL/text), ready to be saved in a checkpoint."
     if prefix is not None: state['prefix_sha256'] = prefix.at(state['offset'])
+    state['seconds'] = time.time() - state['t0']
     return state
 
 # %% ../nbs/08_search.ipynb #b5bf7bdd
@@ -660,7 +662,6 @@ def scan(model, # the model the factors were fitted on
          n_train:int|None=None, # N of the training set, for `nats`; None: the larger of the sequences scanned and the factors' fit set
         ) -> ScanResult:
     "Scan `corpus` for each query's `k` most influential sequences, in constant memory, resumable."
-    t0 = time.time()
     _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train)
     layers = prepare_scoring(model, factors)
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries')
@@ -695,7 +696,7 @@ def scan(model, # the model the factors were fitted on
     if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype)
     return ScanResult(inds, vals, state['n_scanned'], state['n_skipped'], n_train or max(state['n_scanned'], factors.n_sequences),
                       query_rank, refined,
-                      str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - t0, 3),
+                      str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - state['t0'], 3),
                       source_digest=file_digest(stream.path) if stream.path else None, text_field=text_field, n_truncated=cut.get('n', 0))
 
 # %% ../nbs/08_search.ipynb #9e8c4c89

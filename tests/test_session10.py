@@ -5,7 +5,8 @@
 - an interrupted `fit-factors --checkpoint DIR` resumes where it stopped and saves the factors an uninterrupted fit saves;
 - a scan's texts cut to `max_length` are counted in `ScanResult.n_truncated` (saved with it), across a resume too;
 - a scan resumed on a JSONL file whose already-scanned part changed (not only its last chunk) is refused, and on a
-  Parquet file that changed at all; records appended after the checkpoint are scanned."""
+  Parquet file that changed at all; records appended after the checkpoint are scanned;
+- a resumed scan's `seconds` include the time spent before the stop."""
 import json
 import pandas as pd
 import pytest
@@ -192,3 +193,23 @@ def test_command_line_speaks_its_own_words(d, tmp_path):
     rc, out, err = run('top', '--result', tmp_path/'r.parquet', '--corpus', d/'nested.jsonl', '--text-field', 'doc.body')
     assert rc == 0 and 'note: --corpus nested.jsonl is another file than the one scanned' in err, err
     assert 'UserWarning' not in err and 'warnings.warn' not in err
+
+
+def test_resumed_scan_counts_the_time_before_the_stop(d, monkeypatch, tmp_path):
+    import time
+    import influence_nb as inf
+    from influence_nb import search
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = AutoModelForCausalLM.from_pretrained(d/'model').eval(), AutoTokenizer.from_pretrained(d/'model')
+    q = inf.tokenize_pairs(tok, [('The capital of country 3 is', ' city 3')])
+    kw = dict(k=3, tokenizer=tok, chunk_size=4, checkpoint_every=4, progress=False, checkpoint=tmp_path/'c.ckpt')
+    real, calls = search._score_chunk, [0]
+    def slow_then_stop(*a, **k):                                                 # 3 chunks of 0.3 s, then Ctrl-C
+        calls[0] += 1
+        if calls[0] > 3: raise KeyboardInterrupt
+        time.sleep(0.3); return real(*a, **k)
+    with monkeypatch.context() as mp:
+        mp.setattr(search, '_score_chunk', slow_then_stop)
+        with pytest.raises(KeyboardInterrupt): inf.scan(model, inf.Factors.load(d/'f_flat'), q, TEXTS * 2, **kw)
+    res = inf.scan(model, inf.Factors.load(d/'f_flat'), q, TEXTS * 2, **kw)
+    assert res.seconds >= 0.9                                                   # the 0.9 s slept before the stop are counted
