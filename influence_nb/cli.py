@@ -13,7 +13,7 @@ from .data import (cut_texts, TruncatedTextsWarning, field_value, data_dir, toke
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored)
-from .ekfac import Factors, fit_factors, fit_dtype
+from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from .scores import pairwise_scores
 from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text
 from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where
@@ -369,14 +369,17 @@ def _load_factors(path, model=None) -> Factors:
 
 def _cmd_fit(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data')
-    if Path(a.out).is_file(): raise ValueError(f"--out {a.out} is a file; pass a folder for the factors.")
+    out = Path(a.out); there = next(p for p in (out, *out.parents) if p.exists())   # checked before the fit, not after it
+    if not there.is_dir() or not os.access(there, os.W_OK):
+        raise ValueError(f"--out {a.out}: {there} is {'a file' if there == out else 'not a writable folder'}; pass a folder for the factors.")
     model, tok = load_model(a.model, a.tokenizer)
     train = _corpus(a, tok, model)
     mods = a.modules if a.modules in ('mlp', 'all') else a.modules.split(',')
     f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
                     factor_dtype=a.factor_dtype, eigh_dtype=a.eigh_dtype, rotate_dtype=a.rotate_dtype,
-                    checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every)
+                    checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, keep_checkpoint=True)
     print(f"saved {f} to {f.save(a.out)}")
+    if a.checkpoint is not None: FitCheckpoint(a.checkpoint, '').remove()   # only once the factors are safely written
 
 def _cmd_score(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data'); _check_out(a.out)
@@ -594,11 +597,13 @@ def _dispatch(command, argv) -> int:
     return int(mod.main(list(argv)) or 0)
 
 _CLI_WORDS = {'`fit_factors`': '`influence-nb fit-factors`', '`n_train`': '--n-train', 'a new `checkpoint` path': 'a new --checkpoint',
-              '`damping`': '--damping', '`query_rank`': '--query-rank', '`batch_size`': '--batch-size', '`max_length`': '--max-length'}
+              '`damping`': '--damping', '`query_rank`': '--query-rank', '`batch_size`': '--batch-size', '`max_length`': '--max-length',
+              '`checkpoint`': '--checkpoint', '`checkpoint_every`': '--checkpoint-every'}
 
 def _cli_words(msg:str) -> str:
     "A message of the Python API in the command line's words: its options, not its arguments."
     msg = re.sub(r"truncate it \(e\.g\. `inf\.tokenize\(\.\.\., max_length=\d+\)`\) or split it", 'shorten it', msg)
+    msg = re.sub(r"strategy='(\w+)'", r"--strategy \1", msg)
     for py, cli in _CLI_WORDS.items(): msg = msg.replace(py, cli)
     return msg
 
@@ -618,7 +623,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:                      # Ctrl-C: no traceback, and what was kept
         ckpt = getattr(args, 'checkpoint', None)
         what = {'scan': ('scan', 'FILE'), 'fit-factors': ('fit', 'DIR')}.get(args.command)
-        kept = (f"the {what[0]} resumes from {ckpt} when you run the same command again" if ckpt and Path(ckpt).exists() else
+        kept = (f"the {what[0]} resumes from {ckpt} when you run the same command again" if ckpt and (Path(ckpt).is_file() or (Path(ckpt)/FitCheckpoint.KEY).exists()) else
                 f"nothing was kept: it stopped before its first save to {ckpt}" if ckpt else "nothing was kept"
                 + (f"; pass --checkpoint {what[1]} to make a {what[0]} resumable" if what else ''))
         print(f"influence-nb {args.command}: interrupted; {kept}.", file=sys.stderr); return 130

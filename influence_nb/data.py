@@ -286,15 +286,16 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
             raise TypeError(f"pairs[{i}] must be a (prompt, completion) pair of strings or a dict with those keys.")
         prompt, completion = p
         if not completion: raise ValueError(f"pairs[{i}] has an empty completion: there is nothing to measure.")
-        if prompt[-1:].isspace() and not completion[0].isspace():
-            warnings.warn(f"pairs[{i}]: the prompt ends with whitespace ({prompt[-12:]!r}) and the completion does not ({completion[:12]!r}). "
+        if prompt.endswith(' ') and not completion[0].isspace():
+            warnings.warn(f"pairs[{i}]: the prompt ends with a space ({prompt[-12:]!r}) and the completion does not ({completion[:12]!r}). "
                           "Most tokenizers attach a space to the word after it, so this splits the text into tokens the model "
                           "rarely saw; write the space at the start of the completion: (prompt.rstrip(), ' ' + completion).",
                           stacklevel=2)
         p_ids = list(tokenizer(prompt, add_special_tokens=False)['input_ids'])
         c_ids = list(tokenizer(completion, add_special_tokens=False)['input_ids'])
         if not c_ids: raise ValueError(f"pairs[{i}]'s completion {completion!r} has no tokens: there is nothing to measure.")
-        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in c_ids:
+        unk = tokenizer.unk_token_id                      # (GPT-2's unk is its end-of-text token, a known one: not warned about)
+        if unk is not None and unk not in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) and unk in c_ids:
             warnings.warn(f"pairs[{i}]'s completion {completion!r} holds tokens the tokenizer does not know ({tokenizer.unk_token!r}): "
                           "its log-probability, and so its influence, is that of the unknown token.", stacklevel=2)
         p_ids = special_prefix(tokenizer, prompt if p_ids else completion) + p_ids   # never an end token before the completion

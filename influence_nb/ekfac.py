@@ -91,7 +91,9 @@ def fit_lambda(model, layers, seqs, eig, fisher='true', batch_size=8, seed=0, pr
         if b_no % 32 == 31:
             for n in run: Lam[n] += run[n].to('cpu', dtype)
             run.clear()
-        if save is not None and b_no % save_every == save_every - 1: save(dict(Lam=Lam, batches=b_no + 1))
+        if save is not None and b_no % save_every == save_every - 1:
+            for n in run: Lam[n] += run[n].to('cpu', dtype)                 # sums held apart (another device or dtype) go in first
+            run.clear(); save(dict(Lam=Lam, batches=b_no + 1))
     for n in run: Lam[n] += run[n].to('cpu', dtype)
     return {n: all_reduce_sum(v) / len(seqs) for n, v in Lam.items()}
 
@@ -369,8 +371,8 @@ def _check_fit_checkpoint(checkpoint, every, strategy):
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"`checkpoint_every` must be a positive integer (batches), got {every!r}.")
     if checkpoint is None: return
-    if strategy not in EIGEN:
-        raise ValueError(f"`checkpoint` keeps the passes of 'kfac' and 'ekfac'; strategy='{strategy}' has none to resume: drop it.")
+    if strategy not in ('kfac', 'ekfac'):
+        raise ValueError(f"`checkpoint` resumes the passes of 'kfac' and 'ekfac' only; drop it for strategy='{strategy}'.")
     if dist_info()[1] > 1:
         raise ValueError("`checkpoint` is for one process: under torch.distributed each process holds only its shard's sums.")
 
@@ -483,15 +485,20 @@ class FitCheckpoint:
             if self.path.is_dir() and any(self.path.iterdir()):
                 raise ValueError(f"checkpoint {self.path} is a folder with other files in it; pass a new or empty folder.")
             return {}
-        if json.loads((self.path/self.KEY).read_text()).get('key') != self.key:
+        broken = f"checkpoint {self.path} is damaged (%s); delete the folder to start the fit over."
+        try: key = json.loads((self.path/self.KEY).read_text()).get('key')
+        except (ValueError, AttributeError) as e: raise ValueError(broken % f"{self.KEY}: {e}") from None
+        if key != self.key:
             raise ValueError(f"checkpoint {self.path} was written by a fit of another model, data or settings; run that fit again "
                              "to resume it, or delete the folder (or pass another) to start this one.")
         out = {}
         for part in self.PARTS:
             f = self.path/f'{part}.safetensors'
             if not f.exists(): continue
-            with safe_open(str(f), 'pt') as h: info = json.loads(h.metadata()['info'])
-            out[part] = {'tensors': _nest_tensors(load_file(str(f)), info.pop('alias')), **info}
+            try:
+                with safe_open(str(f), 'pt') as h: info = json.loads(h.metadata()['info'])
+                out[part] = {'tensors': _nest_tensors(load_file(str(f)), info.pop('alias')), **info}
+            except Exception as e: raise ValueError(broken % f"{f.name}: {type(e).__name__}: {e}") from None
         return out
 
     def save(self, part:str, # 'covariances', 'eigen' or 'lambda'
@@ -499,10 +506,10 @@ class FitCheckpoint:
              **info): # JSON-able facts stored with them (batches done, token counts)
         "Write one part with its facts in one file, by an atomic rename: a kill leaves the last whole save of every part."
         self.path.mkdir(parents=True, exist_ok=True)
-        if not (self.path/self.KEY).exists(): (self.path/self.KEY).write_text(json.dumps({'key': self.key}))
+        if not (self.path/self.KEY).exists(): artefact.atomic_write(self.path/self.KEY, json.dumps({'key': self.key}))
         flat, alias = _flat_tensors(tensors)
-        save_file(flat, str(self.path/f'{part}.tmp'), metadata={'info': json.dumps({**info, 'alias': alias})})
-        os.replace(self.path/f'{part}.tmp', self.path/f'{part}.safetensors')
+        with artefact.replacing(self.path/f'{part}.safetensors') as tmp:   # written whole, flushed to disk, then renamed
+            save_file(flat, str(tmp), metadata={'info': json.dumps({**info, 'alias': alias})})
 
     def drop(self, part:str): (self.path/f'{part}.safetensors').unlink(missing_ok=True)
 
@@ -526,7 +533,9 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
                        ck:FitCheckpoint|None=None, every:int=64) -> tuple[dict, int]:
     "`(tensors, n_tok)` of 'kfac'/'ekfac' over `passes`: covariances, eigenbases, Λ; resumed from and saved to `ck` if given."
     st = ck.load() if ck is not None else {}
-    if 'eigen' in st: tensors, n_tok = st['eigen']['tensors'], st['eigen']['n_tok']
+    if 'eigen' in st:   # in the layers' and the keys' order of a fit that ran through (the file keeps them sorted)
+        t, n_tok = st['eigen']['tensors'], st['eigen']['n_tok']
+        tensors = {layer.name: {k: t[layer.name][k] for k in ('A', 'S', 'QA', 'lA', 'QS', 'lS')} for layer in layers}
     else:
         c = st.get('covariances')
         resume = None if c is None else dict(cov=c['tensors'].get('cov', {}), seen=c['tensors']['seen'], n_tok=c['n_tok'],
@@ -562,6 +571,7 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
                 rotate_dtype:str|torch.dtype|None=None, # None: Λ's rotations in the model's dtype; 'bfloat16': faster (see 'Fit options')
                 checkpoint:str|Path|None=None, # 'kfac'/'ekfac': a folder keeping the fit's progress; run again to resume (see above)
                 checkpoint_every:int=64, # batches between saves to `checkpoint`
+                keep_checkpoint:bool=False, # True: leave `checkpoint` for the caller to remove once the factors are saved
                ) -> Factors|IterativeSolver:
     "Fit the curvature of the tracked layers of `model` on `train`; for 'lissa', 'cg', 'pcg' make the `IterativeSolver` over it."
     _check_fit_args(strategy, fisher, fisher_samples, batch_size, seed, factor_dtype)
@@ -584,7 +594,8 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
     passes = seqs * fisher_samples                                  # copy j of sequence i draws as sequence i + jN
     if strategy in EIGEN:
         ck = None if checkpoint is None else FitCheckpoint(checkpoint, _fit_key(
-            model, layers, passes, strategy=strategy, fisher=fisher, batch_size=batch_size, seed=seed, dtype=dtype, eigh=eigh_dt, rotate=rotate_dt))
+            model, layers, passes, strategy=strategy, fisher=fisher, batch_size=batch_size, seed=seed, dtype=dtype, eigh=eigh_dt, rotate=rotate_dt,
+            every=checkpoint_every))
         tensors, n_tok = _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed, progress, dtype, eigh_dt,
                                             rotate_dt, ck, checkpoint_every)
         n_tok //= fisher_samples
@@ -596,6 +607,6 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
     f = Factors(strategy, [layer.name for layer in layers], {layer.name: [layer.d_out, layer.d_in1] for layer in layers}, fisher, len(seqs), n_tok,
                 seed, fingerprint(layers), type(model).__name__, tensors, info)
     check_factors_finite(f)
-    if strategy in EIGEN and ck is not None: ck.remove()
+    if strategy in EIGEN and ck is not None and not keep_checkpoint: ck.remove()
     warn_without_curvature(f)
     return f

@@ -30,7 +30,7 @@ from . import viz
 import json
 import os
 from collections.abc import Mapping
-from .data import (field_value, MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
+from .data import (cut_texts, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_bundled, load_model, read_corpus, corpus_rows, check_int)
 from .corpus import load_corpus, load_queries
 from .artefact import digest
@@ -266,7 +266,15 @@ def train(self: ExplorerSession, name: str) -> list[dict]:
     key = self._tok_key(name)
     if key not in self._train:
         model, tok = self.model(name)
-        self._train[key] = corpus_sequences(self.records, tok, context_length(model, tok))
+        ctx = context_length(model, tok)
+        with warnings.catch_warnings():                 # said below in the explorer's terms: it has no max_length to raise
+            warnings.simplefilter('ignore', TruncatedTextsWarning)
+            self._train[key] = corpus_sequences(self.records, tok, ctx)
+        texts = [j for j, r in enumerate(self.records) if 'input_ids' not in r]
+        cut = cut_texts(tok, [self.records[j]['text'] for j in texts], [self._train[key][j]['input_ids'] for j in texts], ctx) if ctx else []
+        if cut: warnings.warn(f"{len(cut):,} of {len(self.records):,} training texts are longer than {name}'s context ({ctx} tokens), "
+                              f"so only their first {ctx} tokens are scored (the first: id {self.records[texts[cut[0]]]['id']}).",
+                              TruncatedTextsWarning, stacklevel=2)
     return self._train[key]
 
 @patch

@@ -224,10 +224,10 @@ class Gram:
                 self.syrk = blas.ssyrk if like.dtype == torch.float32 else blas.dsyrk
                 self.c = np.zeros((n, n), dtype=np.float32 if like.dtype == torch.float32 else np.float64, order='F')
             except ImportError: pass
-        if self.syrk is None: self.t = like.new_zeros(n, n)
+        if self.syrk is None: self.t = like.new_zeros(n, n, dtype=torch.promote_types(like.dtype, torch.float32))   # never summed in half precision
 
     def add(self, X:torch.Tensor):
-        if self.syrk is None: self.t.addmm_(X.T, X); return
+        if self.syrk is None: X = X.to(self.t.dtype); self.t.addmm_(X.T, X); return   # a bf16/fp16 block is summed in float32
         x = X.detach().contiguous().numpy().T                    # [n, rows], Fortran order: a view, no copy
         self.syrk(1.0, x, beta=1.0, c=self.c, trans=0, lower=0, overwrite_c=1)   # upper triangle of c += x xᵀ
 

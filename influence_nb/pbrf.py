@@ -764,9 +764,9 @@ LISSA_LEFT = 0.01   # warn when the recursion may leave more than this fraction 
 
 def _warn_lissa_short(damping:float, scale:float, depth:int):
     "Warn when `depth` steps may leave more than `LISSA_LEFT` of the answer out: `(1 − λ/s)^(J+1)` of it along G's flat directions."
-    left = (1 - damping / scale) ** (depth + 1)
-    if left > LISSA_LEFT:
-        need = math.ceil(math.log(LISSA_LEFT) / math.log1p(-damping / scale))
+    r = abs(1 - damping / scale)          # per step, along a direction of G with no curvature (r ≥ 1: the divergence check's case)
+    if 0 < r < 1 and r ** (depth + 1) > LISSA_LEFT:
+        left, need = r ** (depth + 1), math.ceil(math.log(LISSA_LEFT) / math.log(r))
         warnings.warn(f"LiSSA's {depth} steps leave up to {left:.0%} of (G + λI)⁻¹v out along directions where G has little "
                       f"curvature (λ/scale = {damping / scale:.2g} per step): pass depth ≥ {need:,} (solver=dict(depth=...)), a "
                       "larger damping, or use strategy='cg', which stops only when it has converged.", stacklevel=3)

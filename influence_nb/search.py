@@ -548,7 +548,6 @@ def _check_unchanged(stream:CorpusStream, state:dict, prefix:_PrefixHash|None, c
 
 def _guard(stream:CorpusStream, state:dict, ckpt:Path|None) -> _PrefixHash|None:
     "What proves a resumed scan's corpus unchanged: a hash of a JSONL/text file's scanned bytes (returned), a Parquet file's digest (in `state`)."
-    state['t0'] = time.time() - state.get('seconds', 0.0)   # a resumed scan's clock goes on from the time its checkpoint had
     if ckpt is None or stream.path is None: return None
     if stream.kind == 'parquet': state.setdefault('file_sha256', file_digest(stream.path))
     return _PrefixHash(stream.path) if stream.kind in ('jsonl', 'text') else None
@@ -574,9 +573,10 @@ def _start_state(ckpt:Path|None, spath:Path|None, fp:str, cfg:dict, n_q:int, k:i
     loaded = _load_checkpoint(ckpt) if ckpt is not None else None
     if loaded is None:
         state = {'fingerprint': fp, 'config': cfg, 'scores_path': str(spath.resolve()) if spath else None, 'n_records': 0,
-                 'n_scanned': 0, 'n_skipped': 0, 'n_chunks': 0, 'offset': 0, 'line': 0, 'last': None}
+                 'n_scanned': 0, 'n_skipped': 0, 'n_chunks': 0, 'offset': 0, 'line': 0, 'last': None, 't0': time.time()}
         return (state, *_empty_topk(n_q, k, dtype))
     state = loaded[0]
+    state['t0'] = time.time() - state.get('seconds', 0.0)   # a resumed scan's clock goes on from the time its checkpoint had
     if state.get('fingerprint') != fp:
         diff = [f"{key}: checkpoint {state.get('config', {}).get(key)!r}, now {cfg[key]!r}" for key in cfg
                 if state.get('config', {}).get(key) != cfg[key]] or ['(unknown fields)']

@@ -213,3 +213,35 @@ def test_resumed_scan_counts_the_time_before_the_stop(d, monkeypatch, tmp_path):
         with pytest.raises(KeyboardInterrupt): inf.scan(model, inf.Factors.load(d/'f_flat'), q, TEXTS * 2, **kw)
     res = inf.scan(model, inf.Factors.load(d/'f_flat'), q, TEXTS * 2, **kw)
     assert res.seconds >= 0.9                                                   # the 0.9 s slept before the stop are counted
+
+
+def test_explorer_says_which_texts_its_context_cuts(d):
+    "The explorer has no max_length: its note names the model's context and the record's id, not a setting it lacks."
+    import warnings
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from influence_nb.explorer import ExplorerSession
+    from influence_nb.data import TruncatedTextsWarning
+    model, tok = AutoModelForCausalLM.from_pretrained(d/'model').eval(), AutoTokenizer.from_pretrained(d/'model')
+    corpus = [{'id': f'r{i}', 'text': t} for i, t in enumerate(TEXTS)] + [{'id': 'long', 'text': ' '.join(TEXTS)}]
+    s = ExplorerSession(model=model, tokenizer=tok, corpus=corpus, queries=[('The capital of country 3 is', ' city 3')], name='m')
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        s.train('m')
+    msgs = [str(x.message) for x in w if issubclass(x.category, TruncatedTextsWarning)]
+    assert msgs == [f"1 of {len(corpus)} training texts are longer than m's context (64 tokens), so only their first 64 tokens "
+                    "are scored (the first: id long)."], msgs
+
+
+def test_fit_factors_refuses_a_bad_out_before_fitting(d, tmp_path, monkeypatch):
+    "A fit is not lost to an --out it cannot write: refused at once, and the checkpoint is removed only once the factors are saved."
+    from influence_nb.ekfac import Factors
+    (tmp_path/'blocker').write_text('a file')
+    args = ('fit-factors', '--model', d/'model', '--data', d/'flat.jsonl', '--checkpoint', tmp_path/'ck')
+    rc, out, err = run(*args, '--out', tmp_path/'blocker'/'f')
+    assert rc == 2 and 'is not a writable folder' in err and not (tmp_path/'ck').exists(), err
+    def full_disk(self, path): raise OSError(28, 'No space left on device')
+    with monkeypatch.context() as mp:
+        mp.setattr(Factors, 'save', full_disk)
+        assert run(*args, '--out', tmp_path/'f')[0] == 1
+    assert (tmp_path/'ck'/'eigen.safetensors').exists()                        # the fit is kept: run again to save it
+    assert run(*args, '--out', tmp_path/'f')[0] == 0 and not (tmp_path/'ck').exists() and (tmp_path/'f').is_dir()
