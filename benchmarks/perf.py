@@ -134,6 +134,7 @@ def warm_up(model, train, bs):
     "One forward+backward batch so first-call costs (kernel selection, weight packing) are outside every timer."
     import influence_nb as inf
     _, b = next(iter(inf.batches(train, bs, sort_by_length=True)))
+    b = {k: v.to(next(model.parameters()).device) for k, v in b.items()}      # (a CUDA model: benchmarks/gpu.py)
     out = model(input_ids=b['input_ids'], attention_mask=b['attention_mask']).logits
     summed_ce(out, b['labels']).backward()
     model.zero_grad(set_to_none=True)
@@ -222,7 +223,9 @@ def stage_floor(model, train, queries, names, spec, workdir):
     "Plain forward + backward (parameter gradients) over the training set, summed loss, same batches."
     import influence_nb as inf
     for p in model.parameters(): p.requires_grad_(True)
+    dev = next(model.parameters()).device
     for _, b in inf.batches(train, spec['batch'], sort_by_length=True):
+        b = {k: v.to(dev) for k, v in b.items()}
         out = model(input_ids=b['input_ids'], attention_mask=b['attention_mask']).logits
         summed_ce(out, b['labels']).backward()
         model.zero_grad(set_to_none=True)

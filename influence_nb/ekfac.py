@@ -390,12 +390,12 @@ def _check_fit_args(strategy, fisher, fisher_samples, batch_size, seed, factor_d
     if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"`seed` must be an int, got {seed!r}.")
 
-def _fit_eigen(cov:dict, dtype, eigh_dtype=torch.float64) -> dict:
-    "`{name: {'A', 'S', 'QA', 'lA', 'QS', 'lS'}}`; layers sharing an input (one `A` object) share its eigenbasis."
+def _fit_eigen(cov:dict, dtype, eigh_dtype=torch.float64, device=None) -> dict:
+    "`{name: {'A', 'S', 'QA', 'lA', 'QS', 'lS'}}`; layers sharing an input (one `A` object) share its eigenbasis. `device`: where to decompose."
     tensors, eigA = {}, {}
     for n, c in cov.items():
-        if id(c['A']) not in eigA: eigA[id(c['A'])] = eigen({'A': c['A'], 'S': c['A'][:1, :1]}, dtype, eigh_dtype)
-        e = eigen({'A': c['A'][:1, :1], 'S': c['S']}, dtype, eigh_dtype)
+        if id(c['A']) not in eigA: eigA[id(c['A'])] = eigen({'A': c['A'], 'S': c['A'][:1, :1]}, dtype, eigh_dtype, device)
+        e = eigen({'A': c['A'][:1, :1], 'S': c['S']}, dtype, eigh_dtype, device)
         a = eigA[id(c['A'])]
         tensors[n] = {'A': c['A'], 'S': c['S'], 'QA': a['QA'], 'lA': a['lA'], 'QS': e['QS'], 'lS': e['lS']}
     return tensors
@@ -543,7 +543,8 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
         save = None if ck is None else lambda s: ck.save('covariances', {'cov': s['cov'], 'seen': s['seen']}, n_tok=s['n_tok'],
                                                          shared=s['shared'], batches=s['batches'])
         cov, n_tok = fit_covariances(model, layers, passes, fisher, batch_size, seed, progress, dtype, resume, save, every)
-        tensors = _fit_eigen(cov, dtype, eigh_dt or torch.float64); del cov
+        dev = next(model.parameters()).device                              # a GPU model's GPU decomposes (float64 there too)
+        tensors = _fit_eigen(cov, dtype, eigh_dt or torch.float64, dev if dev.type == 'cuda' else None); del cov
         if ck is not None: ck.save('eigen', tensors, n_tok=n_tok); ck.drop('covariances')
     if strategy != 'kfac':
         lam = st.get('lambda')

@@ -342,14 +342,16 @@ def fit_covariances(model, # a causal LM
 def eigen(cov:dict, # {'A': [n, n], 'S': [m, m]} symmetric matrices (any float dtype)
           dtype:torch.dtype=torch.float64, # of the results
           eigh_dtype:torch.dtype=torch.float64, # of the decomposition itself (float32: 2x faster, see 'Float32 eigh')
+          device=None, # where to decompose (e.g. the model's GPU); None: where `cov` is. The results come back to `cov`'s device
          ) -> dict:
     "Eigendecompositions `{'QA', 'lA', 'QS', 'lS'}` of a layer's covariances, in `eigh_dtype` (eigenvalues clamped at 0)."
     out = {}
     for k in 'AS':
-        c = cov[k].to(eigh_dtype)
+        home = cov[k].device
+        c = cov[k].to(device or home, eigh_dtype)
         evals, Q = torch.linalg.eigh((c + c.T) / 2)
         del c                                                           # float64 copies live one matrix at a time
-        out['Q' + k], out['l' + k] = Q.to(dtype).contiguous(), evals.clamp_min(0).to(dtype)   # row-major, as when loaded
+        out['Q' + k], out['l' + k] = Q.to(home, dtype).contiguous(), evals.clamp_min(0).to(home, dtype)   # row-major, as when loaded
     return out
 
 def precondition_eigen(V:torch.Tensor, # [..., d_out, d_in+1] gradients in canonical layout
