@@ -348,10 +348,11 @@ def eigen(cov:dict, # {'A': [n, n], 'S': [m, m]} symmetric matrices (any float d
     out = {}
     for k in 'AS':
         home = cov[k].device
-        c = cov[k].to(device or home, eigh_dtype)
+        c = cov[k].to(device or home).to(eigh_dtype)                   # moved in its own dtype, converted where it is decomposed
         evals, Q = torch.linalg.eigh((c + c.T) / 2)
         del c                                                           # float64 copies live one matrix at a time
-        out['Q' + k], out['l' + k] = Q.to(home, dtype).contiguous(), evals.clamp_min(0).to(home, dtype)   # row-major, as when loaded
+        out['Q' + k] = Q.to(dtype).contiguous().to(home)                # row-major, as when loaded; converted before it travels
+        out['l' + k] = evals.clamp_min(0).to(dtype).to(home)
     return out
 
 def precondition_eigen(V:torch.Tensor, # [..., d_out, d_in+1] gradients in canonical layout
