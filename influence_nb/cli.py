@@ -88,7 +88,9 @@ def demo(model_name:str='gpt2-l', # bundled model
     corpus = data_dir()/'corpus'
     records = read_corpus(corpus/'train.jsonl')                      # every file checked, line by line
     q = _pick_query(query_records(corpus/'queries.jsonl'), model, tok, query_id)
-    train = tokenize(tok, [r['text'] for r in records], max_length=context_length(model, tok))
+    with warnings.catch_warnings():                 # the demo scores the bundled corpus up to the model's context, by design
+        warnings.simplefilter('ignore', TruncatedTextsWarning)
+        train = tokenize(tok, [r['text'] for r in records], max_length=context_length(model, tok))
     query = tokenize_pairs(tok, [(q['prompt'], q['completion'])])
     n_params = sum(p.numel() for p in model.parameters())
     say(f"influence_nb demo — model {model_name} ({n_params/1e6:.1f} M parameters), {len(train):,} training sequences")

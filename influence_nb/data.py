@@ -271,6 +271,15 @@ def special_prefix(tokenizer, # a Hugging Face tokenizer
                      "cannot be separated from them; build the queries yourself: 'input_ids' = prompt + completion ids, "
                      "'labels' = -100 on the prompt.")
 
+def _warn_pairs(spaced:list, unknown:list, n:int, unk_token):
+    "One warning per kind for `tokenize_pairs`, however many pairs it concerns: `(i, text)` lists, `n` pairs in all."
+    first = lambda xs: f"{len(xs):,} of {n:,} pairs (the first: pairs[{xs[0][0]}], {xs[0][1]!r})"
+    if spaced: warnings.warn(f"{first(spaced)}: the prompt ends with a space and the completion does not. Most tokenizers attach a "
+                             "space to the word after it, so this splits the text into tokens the model rarely saw; write the "
+                             "space at the start of the completion: (prompt.rstrip(), ' ' + completion).", stacklevel=3)
+    if unknown: warnings.warn(f"{first(unknown)}: the completion holds tokens the tokenizer does not know ({unk_token!r}); its "
+                              "log-probability, and so its influence, is that of the unknown token.", stacklevel=3)
+
 def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
                    pairs:Sequence[tuple[str, str]], # (prompt, completion) pairs
                   ) -> list[dict]:
@@ -279,25 +288,20 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
     if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str): pairs = [pairs]
     pairs = list(pairs)
     if not pairs: raise ValueError("`pairs` is empty: pass at least one (prompt, completion) pair.")
-    out = []
+    out, spaced, unknown = [], [], []
+    unk = tokenizer.unk_token_id                          # (GPT-2's unk is its end-of-text token, a known one: not warned about)
+    if unk in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id): unk = None
     for i, p in enumerate(pairs):
         if isinstance(p, Mapping): p = (p.get('prompt'), p.get('completion'))
         if not (isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p)):
             raise TypeError(f"pairs[{i}] must be a (prompt, completion) pair of strings or a dict with those keys.")
         prompt, completion = p
         if not completion: raise ValueError(f"pairs[{i}] has an empty completion: there is nothing to measure.")
-        if prompt.endswith(' ') and not completion[0].isspace():
-            warnings.warn(f"pairs[{i}]: the prompt ends with a space ({prompt[-12:]!r}) and the completion does not ({completion[:12]!r}). "
-                          "Most tokenizers attach a space to the word after it, so this splits the text into tokens the model "
-                          "rarely saw; write the space at the start of the completion: (prompt.rstrip(), ' ' + completion).",
-                          stacklevel=2)
+        if prompt.endswith(' ') and not completion[0].isspace(): spaced.append((i, prompt[-12:] + '|' + completion[:12]))
         p_ids = list(tokenizer(prompt, add_special_tokens=False)['input_ids'])
         c_ids = list(tokenizer(completion, add_special_tokens=False)['input_ids'])
         if not c_ids: raise ValueError(f"pairs[{i}]'s completion {completion!r} has no tokens: there is nothing to measure.")
-        unk = tokenizer.unk_token_id                      # (GPT-2's unk is its end-of-text token, a known one: not warned about)
-        if unk is not None and unk not in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) and unk in c_ids:
-            warnings.warn(f"pairs[{i}]'s completion {completion!r} holds tokens the tokenizer does not know ({tokenizer.unk_token!r}): "
-                          "its log-probability, and so its influence, is that of the unknown token.", stacklevel=2)
+        if unk is not None and unk in c_ids: unknown.append((i, completion))
         p_ids = special_prefix(tokenizer, prompt if p_ids else completion) + p_ids   # never an end token before the completion
         if not p_ids:
             if tokenizer.bos_token_id is None:
@@ -306,6 +310,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
                                  "or a tokenizer with a `bos_token`.")
             p_ids = [tokenizer.bos_token_id]
         out.append({'input_ids': p_ids + c_ids, 'labels': [IGNORE_INDEX]*len(p_ids) + c_ids})
+    _warn_pairs(spaced, unknown, len(pairs), tokenizer.unk_token)
     seqs = as_sequences(out, name='pairs')
     require_scored(seqs, 'pairs')
     return seqs
