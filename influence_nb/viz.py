@@ -51,10 +51,18 @@ def _byte_alphabet() -> dict[int, str]:
 
 _CHAR_TO_BYTE = {c: b for b, c in _byte_alphabet().items()}
 
+_SP_BYTE = re.compile(r'<0x([0-7][0-9A-F])>')   # SentencePiece's byte fallback for an ASCII byte, e.g. '<0x0A>'
+
+def _word_pieces(tokens:list[str]) -> list[str]:
+    "SentencePiece pieces ('▁' marks a space) and WordPiece pieces ('##' continues a word, anything else starts one) as text."
+    if any('\u2581' in t for t in tokens): return [_SP_BYTE.sub(lambda m: chr(int(m[1], 16)), t.replace('\u2581', ' ')) for t in tokens]
+    if any(t.startswith('##') for t in tokens): return [t[2:] if t.startswith('##') else (' ' + t if i else t) for i, t in enumerate(tokens)]
+    return list(tokens)
+
 def decode_tokens(tokens: Sequence[str], # token strings, e.g. `tokenizer.convert_ids_to_tokens(ids)`
                   decode: str = "auto",  # "bytes" (byte-level BPE), "none" (already text) or "auto"
                  ) -> list[str]:
-    "Readable text of each token: byte-level BPE pieces ('Ġthe', 'Ċ') mapped back to the bytes they stand for."
+    "Readable text of each token: byte-level BPE pieces ('Ġthe', 'Ċ') mapped back to their bytes; with 'auto' also SentencePiece's '▁the' and WordPiece's 'the', '##se' given their spaces."
     if isinstance(tokens, str) or not isinstance(tokens, Sequence):
         raise TypeError(f"`tokens` must be a list of token strings, got {type(tokens).__name__}; "
                         "for ids use `tokenizer.convert_ids_to_tokens(ids)`.")
@@ -67,8 +75,8 @@ def decode_tokens(tokens: Sequence[str], # token strings, e.g. `tokenizer.conver
         bad = next(c for t in tokens for c in t if c not in _CHAR_TO_BYTE)
         raise ValueError(f"`tokens` are not byte-level BPE pieces: {bad!r} is outside the byte alphabet; "
                          "use decode='none' for already-decoded text.")
-    if decode == "none" or (decode == "auto" and not (in_alphabet and any(ord(c) >= 256 for t in tokens for c in t))):
-        return list(tokens)
+    if decode == "none": return list(tokens)
+    if decode == "auto" and not (in_alphabet and any(ord(c) >= 256 for t in tokens for c in t)): return _word_pieces(tokens)
     return [bytes(_CHAR_TO_BYTE[c] for c in t).decode("utf-8", errors="backslashreplace") for t in tokens]
 
 # %% ../nbs/09_viz.ipynb #bf31cf01
