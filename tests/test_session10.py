@@ -106,10 +106,24 @@ def test_fit_factors_resumes_after_ctrl_c(d, monkeypatch):
     assert not (d/'ck').exists() and not (d/'f_none').exists()
 
 
+def _stopped_scan(monkeypatch, chunks:int, *args, pause:float=0., **kw):
+    "`scan(*args, **kw)` stopped by a KeyboardInterrupt (a Ctrl-C) once `chunks` chunks were scored, each taking `pause` s more."
+    import time
+    import influence_nb as inf
+    from influence_nb import search
+    real, calls = search._score_chunk, [0]
+    def stop(*a, **k):
+        calls[0] += 1
+        if calls[0] > chunks: raise KeyboardInterrupt
+        time.sleep(pause); return real(*a, **k)
+    with monkeypatch.context() as mp:
+        mp.setattr(search, '_score_chunk', stop)
+        with pytest.raises(KeyboardInterrupt): inf.scan(*args, **kw)
+
+
 def test_scan_counts_truncated_texts_across_a_resume(d, monkeypatch, tmp_path):
     import warnings
     import influence_nb as inf
-    from influence_nb import search
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model, tok = AutoModelForCausalLM.from_pretrained(d/'model').eval(), AutoTokenizer.from_pretrained(d/'model')
     factors = inf.Factors.load(d/'f_flat')
@@ -118,14 +132,7 @@ def test_scan_counts_truncated_texts_across_a_resume(d, monkeypatch, tmp_path):
     assert 0 < n_long < len(texts)
     q = inf.tokenize_pairs(tok, [('The capital of country 3 is', ' city 3')])
     kw = dict(k=3, tokenizer=tok, max_length=10, chunk_size=4, checkpoint_every=4, progress=False)
-    real, calls = search._score_chunk, [0]
-    def stop(*a, **k):
-        calls[0] += 1
-        if calls[0] > 3: raise KeyboardInterrupt
-        return real(*a, **k)
-    with monkeypatch.context() as mp:
-        mp.setattr(search, '_score_chunk', stop)
-        with pytest.raises(KeyboardInterrupt): inf.scan(model, factors, q, texts, checkpoint=tmp_path/'ck', **kw)
+    _stopped_scan(monkeypatch, 3, model, factors, q, texts, checkpoint=tmp_path/'ck', **kw)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always')
         res = inf.scan(model, factors, q, texts, checkpoint=tmp_path/'ck', **kw)
@@ -140,22 +147,13 @@ def test_scan_counts_truncated_texts_across_a_resume(d, monkeypatch, tmp_path):
 def test_scan_resume_refuses_a_corpus_changed_before_the_checkpoint(d, monkeypatch, tmp_path):
     "Records swapped in the part already scanned (not only in the last chunk) are caught; records appended after are fine."
     import influence_nb as inf
-    from influence_nb import search
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model, tok = AutoModelForCausalLM.from_pretrained(d/'model').eval(), AutoTokenizer.from_pretrained(d/'model')
     factors = inf.Factors.load(d/'f_flat')
     q = inf.tokenize_pairs(tok, [('The capital of country 3 is', ' city 3')])
     lines = [json.dumps({'text': t}) + '\n' for t in TEXTS * 2]                  # 24 records, chunks of 4
     kw = dict(k=3, tokenizer=tok, chunk_size=4, checkpoint_every=4, progress=False)
-    def stopped_scan(corpus, ck):                                               # stopped after 3 chunks (checkpoint at 12)
-        real, calls = search._score_chunk, [0]
-        def stop(*a, **k):
-            calls[0] += 1
-            if calls[0] > 3: raise KeyboardInterrupt
-            return real(*a, **k)
-        with monkeypatch.context() as mp:
-            mp.setattr(search, '_score_chunk', stop)
-            with pytest.raises(KeyboardInterrupt): inf.scan(model, factors, q, corpus, checkpoint=ck, **kw)
+    stopped_scan = lambda corpus, ck: _stopped_scan(monkeypatch, 3, model, factors, q, corpus, checkpoint=ck, **kw)   # checkpoint at 12
     for name, edit, ok in (('swap', lambda ls: [ls[1], ls[0], *ls[2:]], False),   # records 0 and 1: the first chunk
                            ('append', lambda ls: ls + lines[:2], True)):
         f = tmp_path/f'{name}.jsonl'; f.write_text(''.join(lines))
@@ -196,21 +194,12 @@ def test_command_line_speaks_its_own_words(d, tmp_path):
 
 
 def test_resumed_scan_counts_the_time_before_the_stop(d, monkeypatch, tmp_path):
-    import time
     import influence_nb as inf
-    from influence_nb import search
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model, tok = AutoModelForCausalLM.from_pretrained(d/'model').eval(), AutoTokenizer.from_pretrained(d/'model')
     q = inf.tokenize_pairs(tok, [('The capital of country 3 is', ' city 3')])
     kw = dict(k=3, tokenizer=tok, chunk_size=4, checkpoint_every=4, progress=False, checkpoint=tmp_path/'c.ckpt')
-    real, calls = search._score_chunk, [0]
-    def slow_then_stop(*a, **k):                                                 # 3 chunks of 0.3 s, then Ctrl-C
-        calls[0] += 1
-        if calls[0] > 3: raise KeyboardInterrupt
-        time.sleep(0.3); return real(*a, **k)
-    with monkeypatch.context() as mp:
-        mp.setattr(search, '_score_chunk', slow_then_stop)
-        with pytest.raises(KeyboardInterrupt): inf.scan(model, inf.Factors.load(d/'f_flat'), q, TEXTS * 2, **kw)
+    _stopped_scan(monkeypatch, 3, model, inf.Factors.load(d/'f_flat'), q, TEXTS * 2, pause=0.3, **kw)   # 3 chunks of 0.3 s, then Ctrl-C
     res = inf.scan(model, inf.Factors.load(d/'f_flat'), q, TEXTS * 2, **kw)
     assert res.seconds >= 0.9                                                   # the 0.9 s slept before the stop are counted
 
