@@ -338,20 +338,22 @@ def _cg(matvec, B: torch.Tensor, tol: float, max_iter: int, precondition=None):
     bnorm = B.norm(dim=1)
     thresh = (tol * bnorm) ** 2
     active, it = (R * R).sum(1) > thresh, 0
-    while active.any() and it < max_iter:
-        idx = active.nonzero()[:, 0]
-        AP = matvec(Pd[idx])                                              # [k_active, P]
-        pAp = (Pd[idx] * AP).sum(1)
+    while it < max_iter and (n_active := int(active.sum())):
+        idx = slice(None) if n_active == len(B) else active.nonzero()[:, 0]   # all columns: views, no copies
+        Pa = Pd[idx]
+        AP = matvec(Pa)                                                   # [k_active, P]
+        pAp = (Pa * AP).sum(1)
         if (pAp <= 0).any(): raise ValueError("conjugate gradients met a direction of non-positive curvature: "
                                               "the matrix is not positive definite (raise `damping`).")
         alpha = rz[idx] / pAp
-        X[idx] += alpha[:, None] * Pd[idx]
-        R[idx] -= alpha[:, None] * AP
-        Z = M(R[idx])
-        rz_new = (R[idx] * Z).sum(1)
-        Pd[idx] = Z + (rz_new / rz[idx])[:, None] * Pd[idx]
+        X[idx] += alpha[:, None] * Pa
+        Ra = R[idx] - alpha[:, None] * AP
+        R[idx] = Ra
+        Z = M(Ra)
+        rz_new = (Ra * Z).sum(1)
+        Pd[idx] = Z + (rz_new / rz[idx])[:, None] * Pa
         rz[idx] = rz_new
-        active[idx] = (R[idx] * R[idx]).sum(1) > thresh[idx]
+        active[idx] = (Ra * Ra).sum(1) > thresh[idx]
         it += 1
     return X, it, R.norm(dim=1) / bnorm.clamp_min(torch.finfo(B.dtype).tiny)
 

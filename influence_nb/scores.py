@@ -520,6 +520,12 @@ def self_scores(model, # the model the factors were fitted on
     return all_reduce_sum(out)
 
 # %% ../nbs/06_scores.ipynb #0b737563
+def _watched(net:nn.Module) -> bool:
+    "Whether forward hooks (the engine's `capture`, or anyone's) watch `net` or one of its modules."
+    g = torch.nn.modules.module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks) or \
+        any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+
 class ClassifierAsLM(nn.Module):
     "Wrap `net` (features `[..., d]` -> logits `[..., C]`) over the rows of `X` so the engine can score it."
     def __init__(self, net:nn.Module, # the classifier (any nn.Module of Linear layers and activations)
@@ -530,9 +536,10 @@ class ClassifierAsLM(nn.Module):
         self.register_buffer('X', torch.as_tensor(X))
 
     def forward(self, input_ids, attention_mask=None, **kw):
-        x = self.X[input_ids[:, 0]]                                        # [B, d]
-        logits = self.net(x[:, None, :].expand(-1, input_ids.shape[1], -1)) # [B, T, C], the same at every position
-        return type('Out', (), {'logits': logits})()
+        x, T = self.X[input_ids[:, 0]][:, None, :], input_ids.shape[1]    # [B, 1, d]
+        if _watched(self.net): logits = self.net(x.expand(-1, T, -1))     # hooks see one activation per position
+        else: logits = self.net(x).expand(-1, T, -1)                      # unwatched: the net runs once per example
+        return type('Out', (), {'logits': logits})()                     # [B, T, C], the same at every position
 
     @staticmethod
     def sequences(indices, labels) -> list[dict]:

@@ -11,6 +11,7 @@ from fastcore.basics import patch
 from . import pbrf
 from .modules import find_modules, layer_param_names
 from .theory import check_damping, eager_kernels
+from .kfac import precondition_eigen
 from .ekfac import Factors, ITERATIVE, check_bound, fingerprint, model_digest, fit_factors
 
 # %% auto #0
@@ -85,10 +86,15 @@ class IterativeSolver:
 
 # %% ../nbs/05b_solver.ipynb #5b000011
 def _flat_preconditioner(factors:Factors, layers:list, damping:float, to_flat, to_canonical):
-    "EK-FAC's per-layer inverse as a map of flat rows `[n, P] -> [n, P]`: the CG preconditioner."
+    "EK-FAC's per-layer inverse as a map of flat float64 rows `[n, P] -> [n, P]`: the CG preconditioner."
+    if factors.strategy not in ('kfac', 'ekfac'):                        # no eigenbasis: each step asks the factors
+        return lambda rows: to_flat(layers, {n: factors.precondition(n, v, damping) for n, v in to_canonical(layers, rows).items()})
+    for layer in layers: factors.precondition(layer.name, torch.zeros(1, layer.d_out, layer.d_in1, dtype=torch.float64), damping)  # its checks, once
+    pieces = {layer.name: (factors.tensors[layer.name]['QS'].double(), factors.tensors[layer.name]['QA'].double(),
+                           factors.damped_eigenvalues(layer.name, damping).double()) for layer in layers}   # cast once, not every step
     def apply(rows):
         canon = to_canonical(layers, rows)
-        return to_flat(layers, {name: factors.precondition(name, v, damping) for name, v in canon.items()})
+        return to_flat(layers, {n: precondition_eigen(v, *pieces[n]) for n, v in canon.items()})
     return apply
 
 @patch
