@@ -12,7 +12,7 @@ import pandas as pd
 from .data import (cut_texts, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
-                               require_scored)
+                               require_scored, DTYPES)
 from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from .scores import pairwise_scores
 from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text
@@ -78,13 +78,15 @@ def demo(model_name:str='gpt2-l', # bundled model
          seed:int=0,
          out=None, # a file-like object to print to (default stdout)
          tokenizer=None, # a tokenizer or its folder (default: the model's own; bundled models: data/tokenizer)
+         device=None, # where the model runs (`data.load_model`): None/'cpu', 'cuda', 'auto'
+         dtype=None, # its precision: None (as saved), 'float32', 'bfloat16', 'float16', 'float64'
         ) -> dict:
     "Run one influence query on a bundled model and print what it finds; returns the numbers shown."
     out = out or sys.stdout
     say = lambda *a: print(*a, file=out, flush=True)
     t0 = time.time()
     torch.manual_seed(seed)
-    model, tok = load_model(model_name, tokenizer)
+    model, tok = load_model(model_name, tokenizer, device, dtype)
     corpus = data_dir()/'corpus'
     records = read_corpus(corpus/'train.jsonl')                      # every file checked, line by line
     q = _pick_query(query_records(corpus/'queries.jsonl'), model, tok, query_id)
@@ -232,6 +234,7 @@ corpus files: """ + CORPUS_FORMATS + """.
 examples:
   influence-nb demo --model gpt2-s
   influence-nb fit-factors --model my-llama/ --data corpus.jsonl --out factors/
+  influence-nb fit-factors --model my-llama/ --data corpus.jsonl --out factors/ --device cuda --dtype bfloat16
   influence-nb scan --model my-llama/ --factors factors/ --queries q.jsonl --corpus corpus.txt \\
                     --k 100 --query-rank 32 --refine --checkpoint scan.ckpt --out result.parquet
   torchrun --nproc_per_node 2 $(which influence-nb) scan ...   # each process scans its shard; one result
@@ -243,6 +246,10 @@ def _model_args(p, required=True):
                    help=f'bundled model {MODEL_NAMES} or a model folder (written by save_pretrained)')
     p.add_argument('--tokenizer', default=None, help="tokenizer folder (default: the model folder's own; a folder without "
                    "one is refused, so that scores are never computed on another tokenizer's ids)")
+    p.add_argument('--device', default=None, help="where the model runs: cpu (default), cuda, cuda:1, mps, or auto (a GPU where "
+                   "there is one); factors and scores are the same computation there")
+    p.add_argument('--dtype', default=None, choices=list(DTYPES), help="precision to load the model in (default: its checkpoint's, "
+                   "as transformers loads it; factors are stored in float32 either way)")
 
 def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
     p.add_argument(flag, required=required, default=None, help=f'{what} file: .jsonl, .txt (one document per line) or .parquet; blank lines are skipped and not counted in indices')
@@ -374,7 +381,7 @@ def _cmd_fit(a):
     out = Path(a.out); there = next(p for p in (out, *out.parents) if p.exists())   # checked before the fit, not after it
     if not there.is_dir() or not os.access(there, os.W_OK):
         raise ValueError(f"--out {a.out}: {there} is {'a file' if there == out else 'not a writable folder'}; pass a folder for the factors.")
-    model, tok = load_model(a.model, a.tokenizer)
+    model, tok = load_model(a.model, a.tokenizer, a.device, a.dtype)
     train = _corpus(a, tok, model)
     mods = a.modules if a.modules in ('mlp', 'all') else a.modules.split(',')
     f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
@@ -385,7 +392,7 @@ def _cmd_fit(a):
 
 def _cmd_score(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data'); _check_out(a.out)
-    model, tok = load_model(a.model, a.tokenizer)
+    model, tok = load_model(a.model, a.tokenizer, a.device, a.dtype)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
     train = _corpus(a, tok, model)
@@ -452,7 +459,7 @@ def _scan(a, model, tok, factors, queries):
 
 def _cmd_scan(a):
     _check_options(a); _check_corpus_file(a.corpus, a.text_field, skip_bad=a.skip_bad_records); _check_out(a.out)
-    model, tok = load_model(a.model, a.tokenizer)
+    model, tok = load_model(a.model, a.tokenizer, a.device, a.dtype)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
     resuming = a.checkpoint is not None and Path(a.checkpoint).exists()
@@ -558,7 +565,7 @@ def _cmd_explore(a):
     from influence_nb.explorer import explorer, app_notebook
     _check_explore_files(a)
     kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, factors=a.factors,
-              text_field=a.text_field, fit_sample=a.fit_sample)
+              text_field=a.text_field, fit_sample=a.fit_sample, device=a.device, dtype=a.dtype)
     if a.no_serve:
         app = explorer(**kw); res = app.run()
         if res is None: raise ValueError(f"the explorer could not run its opening query: {app.error}")
@@ -600,7 +607,7 @@ def _dispatch(command, argv) -> int:
 
 _CLI_WORDS = {'`fit_factors`': '`influence-nb fit-factors`', '`n_train`': '--n-train', 'a new `checkpoint` path': 'a new --checkpoint',
               '`damping`': '--damping', '`query_rank`': '--query-rank', '`batch_size`': '--batch-size', '`max_length`': '--max-length',
-              '`checkpoint`': '--checkpoint', '`checkpoint_every`': '--checkpoint-every'}
+              '`checkpoint`': '--checkpoint', '`device`': '--device', '`dtype`': '--dtype', '`checkpoint_every`': '--checkpoint-every'}
 
 def _cli_words(msg:str) -> str:
     "A message of the Python API in the command line's words: its options, not its arguments."
@@ -617,7 +624,8 @@ def main(argv=None) -> int:
     try:
         with _as_notes():                          # the package's warnings, one `note:` line each
             if args.command == 'demo':
-                demo(args.model, args.query, args.k, args.fit_sample, args.candidates, seed=args.seed, tokenizer=args.tokenizer)
+                demo(args.model, args.query, args.k, args.fit_sample, args.candidates, seed=args.seed, tokenizer=args.tokenizer,
+                     device=args.device, dtype=args.dtype)
             else: return {'fit-factors': _cmd_fit, 'score': _cmd_score, 'scan': _cmd_scan, 'top': _cmd_top,
                           'explore': _cmd_explore}[args.command](args) or 0
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -12,12 +12,13 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir', 'attended_span',
-           'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_int',
+__all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir',
+           'attended_span', 'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_int',
            'check_max_length', 'field_value', 'TruncatedTextsWarning', 'cut_texts', 'tokenize', 'special_prefix',
            'tokenize_pairs', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
-           'context_length', 'load_tokenizer', 'load_model', 'load_bundled', 'eval_mode', 'completion_logprobs',
-           'corpus_format', 'corpus_rows', 'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
+           'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled',
+           'eval_mode', 'completion_logprobs', 'corpus_format', 'corpus_rows', 'read_corpus', 'corpus_sequences',
+           'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -407,15 +408,43 @@ def load_tokenizer(tokenizer, # a tokenizer object (returned as is), or a folder
     if callable(tokenizer) and hasattr(tokenizer, 'convert_ids_to_tokens'): return tokenizer
     raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer or a folder holding one, got {type(tokenizer).__name__}.")
 
+# %% ../nbs/00_data.ipynb #7a3572f9
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float64': torch.float64}
+
+def resolve_device(device) -> torch.device|None:
+    "None stays None; 'auto' is CUDA where there is one, else the CPU; any other device must exist on this machine."
+    if device is None: return None
+    if device == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"`device` {device!r} is not a device: use 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto'.") from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"`device` {device!r}: this machine has no CUDA device torch can use (torch {torch.__version__}"
+                         f"{'' if torch.version.cuda else ', a CPU-only build'}); use 'cpu', or 'auto' to take a GPU only where there is one.")
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"`device` {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0.")
+    if dev.type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"`device` {device!r}: MPS (Apple GPUs) is not available here; use 'cpu' or 'auto'.")
+    return dev
+
+def resolve_dtype(dtype) -> torch.dtype|None:
+    "None stays None (each model keeps the dtype it comes in); a `DTYPES` name or one of their torch dtypes."
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()): return dtype
+    if isinstance(dtype, str) and dtype.removeprefix('torch.') in DTYPES: return DTYPES[dtype.removeprefix('torch.')]
+    raise ValueError(f"`dtype` must be one of {list(DTYPES)} or None (the model's own), got {dtype!r}.")
+
 # %% ../nbs/00_data.ipynb #631b6368
 def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_pretrained`, or a model object
                tokenizer=None, # a tokenizer or its folder; None: the model folder's own (bundled models: data/tokenizer)
+               device=None, # where the model runs: None (a folder loads on the CPU; an object stays), 'cpu', 'cuda', 'cuda:1', 'auto'
+               dtype=None, # None: a folder loads in its checkpoint's dtype (transformers' default), an object keeps its own; or a DTYPES name
               ) -> tuple:
     "`(model, tokenizer)` with the model in eval mode; refuses a folder without a tokenizer unless one is given."
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     if isinstance(model, torch.nn.Module):
         if tokenizer is None: raise ValueError("`tokenizer` is required with a model object: pass the tokenizer the model was "
                                                "trained with (an object or its folder).")
-        return _check_pair(model.eval(), load_tokenizer(tokenizer))
+        return _check_pair(model.to(device=device, dtype=dtype).eval(), load_tokenizer(tokenizer))
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"`model` must be a model, a bundled name {MODEL_NAMES} or a folder, got {type(model).__name__}.")
     bundled = _bundled_dir(model)
@@ -433,7 +462,7 @@ def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     bar = hf_logging.is_progress_bar_enabled(); hf_logging.disable_progress_bar()   # no "Loading weights" bar in apps
-    try: m = AutoModelForCausalLM.from_pretrained(path).eval()
+    try: m = AutoModelForCausalLM.from_pretrained(path, **({} if dtype is None else {'dtype': dtype})).to(device).eval()
     finally:
         if bar: hf_logging.enable_progress_bar()
     return _check_pair(m, load_tokenizer(tokenizer))

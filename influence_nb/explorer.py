@@ -31,7 +31,8 @@ import json
 import os
 from collections.abc import Mapping
 from .data import (cut_texts, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
-                               corpus_sequences, load_bundled, load_model, read_corpus, corpus_rows, check_int)
+                               corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
+                               resolve_device, resolve_dtype)
 from .corpus import load_corpus, load_queries
 from .artefact import digest
 from .data import data_dir, tokenize_pairs
@@ -155,7 +156,10 @@ class ExplorerSession:
                  factors=None,                 # with `model`: `Factors` or their folder; None: fitted (with progress), cached
                  text_field: str = 'text',     # the field holding each corpus record's text
                  name: str|None = None,        # the model's name in the app (default: its folder's name)
+                 device=None,                  # where models run (`data.load_model`): None (as loaded, CPU for folders), 'cuda', 'auto'
+                 dtype=None,                   # precision to load models in: None (as saved), 'float32', 'bfloat16', ...
                 ):
+        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.fit_sample, self.seed, self.batch_size = (check_int(v, n, lo) for n, v, lo in
                                                        (('fit_sample', fit_sample, 0), ('seed', seed, 0), ('batch_size', batch_size, 1)))
         self._models, self._train, self._index, self._factors, self._given = {}, {}, {}, {}, set()
@@ -170,7 +174,7 @@ class ExplorerSession:
         if corpus is None:
             raise ValueError("`corpus` is required with `model`: the training texts to search (a list of texts, a "
                              "JSONL/.txt/Parquet file or a datasets.Dataset).")
-        mdl, tok = load_model(model, tokenizer)
+        mdl, tok = load_model(model, tokenizer, self.device, self.dtype)
         self.custom = name or (Path(model).name if isinstance(model, (str, os.PathLike)) else type(mdl).__name__)
         self._models[self.custom] = (mdl, tok)
         self._records, self._queries = corpus_records(corpus, tok, text_field), query_records(queries)
@@ -234,7 +238,7 @@ def _check_model(self: ExplorerSession, name):
 def model(self: ExplorerSession, name: str):
     "`(model, tokenizer)` of bundled model `name`, loaded once."
     self._check_model(name)
-    if name not in self._models: self._models[name] = load_bundled(name)
+    if name not in self._models: self._models[name] = load_model(name, None, self.device, self.dtype)   # `load_bundled`, placed
     return self._models[name]
 
 # %% ../nbs/10_explorer.ipynb #c16a0f04
@@ -820,6 +824,8 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
              text_field: str = 'text', # the corpus records' text field
              fit_sample: int = FIT_SAMPLE, # sequences to fit factors on (seeded sample; 0 = all)
              session: ExplorerSession|None = None, # an existing session (bundled mode)
+             device=None, # where the model runs: None (CPU for folders and bundled models), 'cuda', 'cuda:1', 'auto'
+             dtype=None, # precision to load the model in: None (as saved), 'float32', 'bfloat16', 'float16', 'float64'
              **kwargs, # the rest of `Explorer`'s arguments (query_id, candidates, k, strategy)
             ) -> Explorer:
     "The explorer app (an ipywidgets VBox) on the bundled models, or on your model and corpus."
@@ -827,10 +833,13 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
     if not bundled:
         if session is not None: raise ValueError("Pass either `session` or your `model` (with its corpus), not both.")
         session = ExplorerSession(fit_sample=fit_sample, model=model, tokenizer=tokenizer, corpus=corpus, queries=queries,
-                                  factors=factors, text_field=text_field)
+                                  factors=factors, text_field=text_field, device=device, dtype=dtype)
         model = None
     elif any(x is not None for x in (tokenizer, corpus, queries, factors)):
         raise ValueError("`tokenizer`, `corpus`, `queries` and `factors` go with your own `model` (an object or a folder).")
+    elif device is not None or dtype is not None:
+        if session is not None: raise ValueError("Pass `device` and `dtype` to the `ExplorerSession` you give, not to `explorer`.")
+        session = ExplorerSession(fit_sample=fit_sample, device=device, dtype=dtype)
     return Explorer(session=session, model=model, fit_sample=fit_sample, **kwargs)
 
 # %% ../nbs/10_explorer.ipynb #01d89fea
@@ -838,7 +847,8 @@ def app_notebook(path, # where to write the notebook (.ipynb)
                  **kwargs, # `explorer` arguments: paths, names and numbers (written into the notebook as literals)
                 ) -> Path:
     "A one-cell notebook that shows `explorer(**kwargs)`: what `influence-nb explore` serves with Voilà."
-    args = {k: (str(Path(v).resolve()) if isinstance(v, (str, os.PathLike)) and Path(v).exists() else v)
+    paths = ('model', 'tokenizer', 'corpus', 'queries', 'factors')   # other strings (a device, a text field) stay as given
+    args = {k: (str(Path(v).resolve()) if k in paths and isinstance(v, (str, os.PathLike)) and Path(v).exists() else v)
             for k, v in kwargs.items() if v is not None}
     for k, v in args.items():
         if not isinstance(v, (str, int, float, bool)): raise TypeError(f"`{k}` must be a path, name or number here, got {type(v).__name__}.")
