@@ -17,7 +17,7 @@ elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get install -y -qq chromium >/dev/null
   echo "browser setup: $(/usr/bin/chromium --version 2>/dev/null | head -1)"
 else
-  echo "browser setup: no /usr/bin/chromium and cannot apt-get (not root or not Debian); the browser test will be skipped" >&2
+  echo "browser setup: no /usr/bin/chromium and cannot apt-get (not root or not Debian); tests/test_browser.py and tests/test_docs.py will FAIL (they need it; install chromium, or run as root on Debian)" >&2
 fi
 
 # The browser extra's requirements, read from pyproject.toml (one list to maintain).

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #32d43130
 from __future__ import annotations
-import os, sys, json, numbers, functools, warnings
+import os, re, sys, json, numbers, functools, warnings
 from pathlib import Path
 from contextlib import contextmanager
 from collections.abc import Mapping, Sequence, Iterable, Iterator
@@ -433,8 +433,26 @@ def resolve_dtype(dtype) -> torch.dtype|None:
     if isinstance(dtype, str) and dtype.removeprefix('torch.') in DTYPES: return DTYPES[dtype.removeprefix('torch.')]
     raise ValueError(f"`dtype` must be one of {list(DTYPES)} or None (the model's own), got {dtype!r}.")
 
+_HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?')
+
+def _from_pretrained(where, device, dtype):
+    "`AutoModelForCausalLM.from_pretrained` without its progress bar, on `device`; a Hub id it cannot get is a ValueError."
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    bar = hf_logging.is_progress_bar_enabled(); hf_logging.disable_progress_bar()   # no "Loading weights" bar in apps
+    try: m = AutoModelForCausalLM.from_pretrained(where, **({} if dtype is None else {'dtype': dtype}))
+    except OSError as e:
+        if isinstance(where, Path): raise
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"Unknown model {where!r}: not a bundled model {MODEL_NAMES} or a folder here, and the Hugging Face Hub "
+                         f"could not give it ({why}). Offline (HF_HUB_OFFLINE=1) only models already in the Hub cache load; "
+                         "otherwise pass a folder written by `save_pretrained`.") from None
+    finally:
+        if bar: hf_logging.enable_progress_bar()
+    return m.to(device).eval()
+
 # %% ../nbs/00_data.ipynb #631b6368
-def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_pretrained`, or a model object
+def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_pretrained`, a Hub id ('org/name') or a model object
                tokenizer=None, # a tokenizer or its folder; None: the model folder's own (bundled models: data/tokenizer)
                device=None, # where the model runs: None (a folder loads on the CPU; an object stays), 'cpu', 'cuda', 'cuda:1', 'auto'
                dtype=None, # None: a folder loads in its checkpoint's dtype (transformers' default), an object keeps its own; or a DTYPES name
@@ -449,23 +467,19 @@ def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_
         raise TypeError(f"`model` must be a model, a bundled name {MODEL_NAMES} or a folder, got {type(model).__name__}.")
     bundled = _bundled_dir(model)
     path = bundled or Path(model)
-    if not path.is_dir() or not (path/'config.json').exists():
-        raise ValueError(f"Unknown model {str(model)!r}: neither a bundled model {MODEL_NAMES} nor a folder with a config.json "
-                         "(save one with `model.save_pretrained(folder)`).")
+    hub = bundled is None and not path.exists() and _HUB_ID.fullmatch(str(model)) is not None   # 'org/name' or 'name'
+    if not hub and (not path.is_dir() or not (path/'config.json').exists()):
+        raise ValueError(f"Unknown model {str(model)!r}: neither a bundled model {MODEL_NAMES}, a folder with a config.json "
+                         "(save one with `model.save_pretrained(folder)`) nor a Hugging Face Hub id ('org/name').")
     if tokenizer is None:
-        if any((path/f).exists() for f in TOKENIZER_FILES): tokenizer = path
+        if hub: tokenizer = str(model)                                   # the repository's own tokenizer
+        elif any((path/f).exists() for f in TOKENIZER_FILES): tokenizer = path
         elif bundled is not None: tokenizer = data_dir()/'tokenizer'
         else: raise ValueError(f"The model folder {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): pass the tokenizer "
                                "the model was trained with (`--tokenizer DIR` on the command line, `tokenizer=` in Python), or "
                                "save it into the folder with `tokenizer.save_pretrained(folder)`. Another tokenizer's ids "
                                "would make every score meaningless.")
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-    bar = hf_logging.is_progress_bar_enabled(); hf_logging.disable_progress_bar()   # no "Loading weights" bar in apps
-    try: m = AutoModelForCausalLM.from_pretrained(path, **({} if dtype is None else {'dtype': dtype})).to(device).eval()
-    finally:
-        if bar: hf_logging.enable_progress_bar()
-    return _check_pair(m, load_tokenizer(tokenizer))
+    return _check_pair(_from_pretrained(str(model) if hub else path, device, dtype), load_tokenizer(tokenizer))
 
 def _check_pair(model, tok):
     "Refuse a tokenizer with ordinary tokens the model has no embedding for; special tokens added later (a pad) may go beyond it."

@@ -581,7 +581,7 @@ def _solver_claims(S, add):
             f"target: {label} reaches Pearson >= {target} with exact influence in <= 5x {base}'s fit + score time (digits MLP)")
         add(f"{family.split('-')[0]}_exact_3x_faster_than_pydvl{tag}", hit is not None and 3 * m[hit]['seconds_max'] <= pydvl,
             f"{hit}: {m[hit]['seconds_max']:.3f} s at most vs pyDVL's CG {pydvl} s (quoted)" if hit else 'not reached',
-            f"{label} at Pearson >= {target} is >= 3x faster than pyDVL's CG on the same problem (issue 17's figure)")
+            f"{label} at Pearson >= {target} is >= 3x faster than pyDVL's CG on the same problem (a time quoted from an earlier pyDVL run, not measured here)")
     add('pcg_zero_steps_is_ekfac', abs(m['pcg-0']['pearson'] - m['ekfac']['pearson']) < 1e-9,
         f"Pearson {m['pcg-0']['pearson']:.6f} vs {m['ekfac']['pearson']:.6f}", "zero PCG steps return EK-FAC's scores")
 

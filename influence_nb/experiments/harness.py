@@ -8,7 +8,7 @@ import argparse, importlib, json, math, random, sys, tempfile, time
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np, torch
+import numpy as np, pandas as pd, torch
 import influence_nb as inf
 from ..artefact import atomic_write, digest, path_lock, replacing
 from ..data import cache_dir, data_dir, completion_logprobs
@@ -19,7 +19,7 @@ from ..tfidf import TokenIndex
 # %% auto #0
 __all__ = ['SIZES', 'EXPERIMENTS', 'CFG', 'CACHE', 'STAGE_KEYS', 'size_name', 'Data', 'data', 'fact_queries', 'fit_sample',
            'get_factors', 'Run', 'score_pool', 'score_unfiltered', 'json_float', 'json_ratio', 'load_results',
-           'save_results', 'merge_result', 'experiment', 'verdict_table', 'close', 'live_run', 'main']
+           'save_results', 'merge_result', 'experiment', 'VerdictTable', 'verdict_table', 'close', 'live_run', 'main']
 
 # %% ../../nbs/19_experiments.ipynb #41011d11
 SIZES = ('gpt2-s', 'gpt2-m', 'gpt2-l')
@@ -104,8 +104,10 @@ def get_factors(model, size:str, d:Data, cfg:dict=CFG, cache:Path=None, refit:bo
     p = Path(cache or CACHE)/'exp_factors'/size
     if not refit and (p/'factors.json').exists():
         try:
-            f = inf.Factors.load(p); f.check(model)
-            if f.n_sequences == cfg['fit_n']: return f
+            f = inf.Factors.load(p)
+            if f.info.get('model_digest') is not None:                    # an older cache cannot be fully checked: refit
+                f.check(model)
+                if f.n_sequences == cfg['fit_n']: return f
         except (ValueError, FileNotFoundError): pass
     f = inf.fit_factors(model, d.at(fit_sample(d, cfg)), strategy='ekfac', modules=cfg['modules'],
                         fisher=cfg['fisher'], batch_size=16, seed=cfg['fit_seed'], progress=False)
@@ -270,11 +272,17 @@ def experiment(name:str) -> _Experiment:
     if name not in EXPERIMENTS: raise ValueError(f"unknown experiment {name!r}; choose from {EXPERIMENTS}.")
     return _Experiment(name, importlib.import_module(f'influence_nb.experiments.{name}'))
 
-def verdict_table(name:str, results:dict):
-    "The verdict table of one experiment as a DataFrame, computed from the results' numbers."
-    import pandas as pd
+class VerdictTable(pd.DataFrame):
+    "A DataFrame shown with its text in full (pandas cuts cells at `display.max_colwidth`, 50 characters)."
+    def _repr_html_(self):
+        with pd.option_context('display.max_colwidth', None): return super()._repr_html_()
+    def __repr__(self):
+        with pd.option_context('display.max_colwidth', None): return self.to_string()
+
+def verdict_table(name:str, results:dict) -> VerdictTable:
+    "The verdict table of one experiment, computed from the results' numbers (displayed untruncated)."
     if name not in results: raise KeyError(f"the results have no {name!r} entry; run that experiment first.")
-    return pd.DataFrame(experiment(name).verdict(results[name]))
+    return VerdictTable(experiment(name).verdict(results[name]))
 
 # %% ../../nbs/19_experiments.ipynb #a5984672
 def close(live, stored, rtol:float=1e-3) -> bool:
