@@ -17,8 +17,8 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'check_max_length', 'field_value', 'TruncatedTextsWarning', 'cut_texts', 'tokenize', 'special_prefix',
            'tokenize_pairs', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
            'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled',
-           'eval_mode', 'completion_logprobs', 'corpus_format', 'corpus_rows', 'read_corpus', 'corpus_sequences',
-           'cache_dir', 'cached_factors']
+           'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format', 'corpus_rows', 'read_corpus',
+           'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -183,8 +183,11 @@ def require_scored(seqs:list[dict], name:str='queries'):
     "Raise if any sequence has no scored token."
     for i, s in enumerate(seqs):
         if n_scored(s) == 0:
-            raise ValueError(f"{name}[{i}] has no scored token: all labels after the first are -100. "
-                             "A query needs a non-empty completion; a training sequence needs at least 2 tokens.")
+            n = len(s['input_ids'])
+            why = (f"it is {n} token{'s' if n != 1 else ''} long (an empty or one-token text, BOS included), and a token is "
+                   "scored only when another one precedes it" if n < 2 else "all its labels after the first are -100")
+            raise ValueError(f"{name}[{i}] has no scored token: {why}. A query needs a non-empty completion; a training "
+                             "sequence needs at least 2 tokens.")
 
 # %% ../nbs/00_data.ipynb #0852871f
 def check_int(value, # the argument's value
@@ -507,6 +510,20 @@ def eval_mode(model):
     finally:
         for m, was in modes: m.training = was
 
+def batch_logits(model, # a causal LM (called as `call(input_ids=, attention_mask=)`)
+                 b:dict, # a right-padded batch (`collate`), on the model's device
+                 call=None, # how to run the model (default `model(**kw)`; e.g. a functional call)
+                 before_retry=None, # called before the second run (e.g. to clear hooks' captures)
+                ) -> torch.Tensor:
+    "Logits `[B, T, V]` of batch `b`, run again without the padding mask when padding made its real tokens' logits non-finite."
+    call = call or (lambda **kw: model(**kw))
+    out = call(input_ids=b['input_ids'], attention_mask=b['attention_mask'])
+    logits, real = getattr(out, 'logits', out), b['attention_mask'].bool()
+    if bool(real.all()) or bool(torch.isfinite(logits.detach()[real]).all()): return logits
+    if before_retry is not None: before_retry()        # a right pad is never attended to by an earlier token:
+    out = call(input_ids=b['input_ids'], attention_mask=torch.ones_like(b['attention_mask']))   # same real tokens
+    return getattr(out, 'logits', out)
+
 def completion_logprobs(model, # a causal LM
                         seqs, # query sequences (`tokenize_pairs`): only tokens with labels are counted
                         batch_size:int=64, # sequences per forward pass
@@ -516,12 +533,12 @@ def completion_logprobs(model, # a causal LM
     dev = next(model.parameters()).device
     with torch.no_grad(), eval_mode(model):
         for _, b in batches(seqs, batch_size):
-            logits = model(input_ids=b['input_ids'].to(dev), attention_mask=b['attention_mask'].to(dev)).logits
+            logits = batch_logits(model, {k: v.to(dev) for k, v in b.items()})
             if logits.dtype != torch.float64: logits = logits.float()                  # half precision: summed in float32
             dtype = logits.dtype
             lab = b['labels'][:, 1:].to(dev)                                           # [batch, T-1]: labels shift
             lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, lab.clamp(min=0)[..., None])[..., 0]
-            out += (lp * (lab != IGNORE_INDEX)).sum(1).tolist()
+            out += torch.where(lab != IGNORE_INDEX, lp, 0).sum(1).tolist()             # unscored positions never count, NaN or not
     return torch.tensor(out, dtype=dtype)
 
 # %% ../nbs/00_data.ipynb #663e4a9c

@@ -8,7 +8,7 @@ import hashlib, itertools
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .data import IGNORE_INDEX, batches, check_sequences
+from .data import IGNORE_INDEX, batches, check_sequences, batch_logits
 from .modules import TrackedLayer, capture, find_modules
 
 # %% auto #0
@@ -131,8 +131,10 @@ def all_reduce_sum(t:torch.Tensor) -> torch.Tensor:
 def _check_finite(x, what, name, batch_no, idx=None):
     if not torch.isfinite(x.sum()):      # one reduction: a NaN or Inf anywhere makes the sum non-finite
         seqs = '' if idx is None else f" (sequences {idx[:8]}{' …' if len(idx) > 8 else ''})"
+        hint = ("a model in float16 may overflow — try bfloat16 or float32" if x.dtype == torch.float16 else
+                "the model's own outputs on these sequences show whether it produces them")
         raise ValueError(f"Non-finite values (NaN or Inf) in the {what} of layer '{name}' at batch {batch_no}{seqs}. "
-                         "Check the model's weights and the input ids; a model in float16 may overflow — try float32.")
+                         f"Check the model's weights and the input ids; {hint}.")
 
 def _scatter_expert(cap, layer, x, d, B, T, mask):
     "An expert's routed rows as `ā [B, T, d_in(+1)]`, `Ds [B, T, d_out]` (zero where not routed) and its token count."
@@ -176,7 +178,7 @@ def layer_passes(model, # a causal LM
             idx = [ids[i] for i in idx]                          # positions in `seqs`
             b = {k: v.to(device) for k, v in b.items()}
             mask = b['attention_mask'][..., None]                                   # [B, T, 1]
-            logits = model(input_ids=b['input_ids'], attention_mask=b['attention_mask']).logits
+            logits = batch_logits(model, b, before_retry=cap.clear)   # padding that turned real tokens NaN: rerun unmasked
             custom = getattr(model, 'influence_loss', None)       # adapters (e.g. a regressor) bring their own loss
             if exact: dss = _backprop(cap, logits, exact_cotangents(logits, b['labels'], getattr(model, 'pbrf_loss', 'ce')))
             elif custom: dss = cap.out_grads(custom(logits, b['labels'], bool(sample), seed, stream, idx))

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 from torch.func import jvp, vjp, jacrev, vmap
-from .data import IGNORE_INDEX, as_sequences, collate, require_scored
+from .data import IGNORE_INDEX, as_sequences, collate, require_scored, batch_logits
 from .theory import FlatParams, call_functional, exact_mode, example_grads, ggn_of_rows, check_damping
 
 # %% auto #0
@@ -142,8 +142,7 @@ class FlatProblem(FlatParams):
     def rows(self, theta, batch: _Batch, every: bool = False) -> torch.Tensor:
         "Outputs on `batch` as rows [n_rows, d_out]: scored-token logits (lm; `every`: all B·T positions) or per-example outputs (xy)."
         if batch.kind == 'lm':
-            out = call_functional(self.model, self.params(theta), kwargs=batch.inputs)
-            logits = getattr(out, 'logits', out)                         # [B, T, V]
+            logits = batch_logits(self.model, batch.inputs, lambda **kw: call_functional(self.model, self.params(theta), kwargs=kw))   # [B, T, V]
             out = logits.reshape(-1, logits.shape[-1])                    # [B·T, V], a view
             if every: return out
             out = out.index_select(0, batch.positions)                   # [n_rows, V]: backward scatters once into [B·T, V]

@@ -92,7 +92,8 @@ class Scores:
         "The top-`k` training sequences of one query as a DataFrame (rank, index, score, nats, text) that prints its units."
         row = self.total[check_query(query, self.total.shape[0])]
         check_k(k); k = row.numel() if k is None else min(int(k), row.numel())
-        vals, idx = row.topk(k, largest=largest)
+        idx = torch.sort(row, descending=largest, stable=True).indices[:k]   # ties: the lower index first, as `scan` keeps them
+        vals = row[idx]
         df = pd.DataFrame({'rank': range(1, k + 1), 'index': idx.tolist(), 'score': vals.tolist()})
         if self.n_train: df['nats'] = df['score'] / self.n_train
         if texts is None and tokenizer is not None and train is not None:

@@ -546,6 +546,11 @@ def top_sequences_html(scores,                       # Scores-like with .total [
         toks = list(train_tokens[r.index])
         if len(toks) > per_tok.shape[2]:
             raise ValueError(f"training sequence {r.index} has {len(toks)} tokens, per_token only {per_tok.shape[2]}.")
+        past = per_tok[query, r.index, len(toks):]
+        if np.any(past[np.isfinite(past)] != 0):     # the tokens do not line up with the positions the scores were computed on
+            warnings.warn(f"training sequence {r.index}: per_token has non-zero values past its {len(toks)} tokens, so the tokens "
+                          "given do not line up with the scored positions (scores of left-padded inputs are at the padded "
+                          "positions: pass those tokens, padding included).", stacklevel=2)
         rows.append((r, toks, per_tok[query, r.index, : len(toks)]))
     scale = _resolve_scale(np.concatenate([v for *_, v in rows]) if rows else np.zeros(1), None)
     parts = []
