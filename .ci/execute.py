@@ -46,7 +46,9 @@ def main(argv=None) -> int:
     if os.environ.get('PYTHONHASHSEED') != '0':   # hash seeds are fixed at interpreter start: restart with it set
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, 'PYTHONHASHSEED': '0'})
     for k, v in dict(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1', MPLBACKEND='Agg',
-                     OMP_NUM_THREADS='1', MKL_NUM_THREADS='1').items():
+                     OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
+                     HF_HUB_DISABLE_PROGRESS_BARS='1', TRANSFORMERS_VERBOSITY='error',   # no library bars or advisories in stored outputs
+                     ).items():
         os.environ.setdefault(k, v)
     from nbdev.test import test_nb          # imported after the environment is set
     from nbdev.clean import nbdev_clean
