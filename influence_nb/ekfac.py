@@ -475,7 +475,7 @@ def _nest_tensors(flat:dict, alias:dict) -> dict:
 # %% ../nbs/05_ekfac.ipynb #fc4a9447
 class FitCheckpoint:
     "A folder that keeps an interrupted `fit_factors`'s progress: the covariance pass's sums, then the eigenbases, then Λ's sums."
-    KEY, PARTS = 'fit_checkpoint.json', ('covariances', 'eigen', 'lambda')
+    KEY, PARTS, VERSION = 'fit_checkpoint.json', ('covariances', 'eigen', 'lambda'), 1   # VERSION: the layout of the parts
     def __init__(self, path, key:str): self.path, self.key = Path(path), key
 
     def load(self) -> dict:
@@ -486,8 +486,11 @@ class FitCheckpoint:
                 raise ValueError(f"checkpoint {self.path} is a folder with other files in it; pass a new or empty folder.")
             return {}
         broken = f"checkpoint {self.path} is damaged (%s); delete the folder to start the fit over."
-        try: key = json.loads((self.path/self.KEY).read_text()).get('key')
+        try: head = json.loads((self.path/self.KEY).read_text()); key = head.get('key')
         except (ValueError, AttributeError) as e: raise ValueError(broken % f"{self.KEY}: {e}") from None
+        if head.get('version', 1) != self.VERSION:
+            raise ValueError(f"checkpoint {self.path} was written by another version of influence_nb (checkpoint layout "
+                             f"{head.get('version')!r}, this one reads {self.VERSION}); delete the folder to start the fit over.")
         if key != self.key:
             raise ValueError(f"checkpoint {self.path} was written by a fit of another model, data or settings; run that fit again "
                              "to resume it, or delete the folder (or pass another) to start this one.")
@@ -506,7 +509,7 @@ class FitCheckpoint:
              **info): # JSON-able facts stored with them (batches done, token counts)
         "Write one part with its facts in one file, by an atomic rename: a kill leaves the last whole save of every part."
         self.path.mkdir(parents=True, exist_ok=True)
-        if not (self.path/self.KEY).exists(): artefact.atomic_write(self.path/self.KEY, json.dumps({'key': self.key}))
+        if not (self.path/self.KEY).exists(): artefact.atomic_write(self.path/self.KEY, json.dumps({'key': self.key, 'version': self.VERSION}))
         flat, alias = _flat_tensors(tensors)
         with artefact.replacing(self.path/f'{part}.safetensors') as tmp:   # written whole, flushed to disk, then renamed
             save_file(flat, str(tmp), metadata={'info': json.dumps({**info, 'alias': alias})})
