@@ -603,7 +603,7 @@ def _dispatch(command, argv) -> int:
         print(f"influence-nb {command}: error: {_DISPATCH[command]} is not available ({e}).", file=sys.stderr); return 2
     try: _check_results_file(list(argv))
     except ValueError as e: print(f"influence-nb {command}: error: {e}", file=sys.stderr); return 2
-    return int(mod.main(list(argv)) or 0)
+    return int(mod.main(list(argv), prog=f'influence-nb {command}') or 0)   # usage and errors name this command
 
 _CLI_WORDS = {'`fit_factors`': '`influence-nb fit-factors`', '`n_train`': '--n-train', 'a new `checkpoint` path': 'a new --checkpoint',
               '`damping`': '--damping', '`query_rank`': '--query-rank', '`batch_size`': '--batch-size', '`max_length`': '--max-length',

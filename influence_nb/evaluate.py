@@ -724,9 +724,10 @@ def run(tasks,                # task names, a subset of `TASKS`
 
 # %% ../nbs/20_validation.ipynb #366a7d32
 def main(argv: list[str] | None = None, # command-line arguments (None: sys.argv[1:])
+         prog: str = 'influence_nb.evaluate', # the command's name in usage and error lines (`influence-nb validate`)
         ) -> int:                       # exit status: 0 done, 2 bad arguments
     "Command line: run validation tasks by name and write their results to `--out`."
-    p = argparse.ArgumentParser(prog='influence_nb.evaluate', description='How close do influence approximations get '
+    p = argparse.ArgumentParser(prog=prog, description='How close do influence approximations get '
                                 'to the PBRF, and do their scores predict retraining? (nbs/20_validation, nbs/22_lds)')
     p.add_argument('--tasks', default=','.join(TASKS), help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
     p.add_argument('--out', required=True, help='the JSON file to write (merged with the tasks already there)')
@@ -737,7 +738,7 @@ def main(argv: list[str] | None = None, # command-line arguments (None: sys.argv
     tasks = [t.strip() for t in a.tasks.split(',') if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
-        print(f"influence_nb.evaluate: unknown or no task(s) {bad or tasks}; choose from {','.join(TASKS)}", file=sys.stderr)
+        print(f"{prog}: unknown or no task(s) {bad or tasks}; choose from {','.join(TASKS)}", file=sys.stderr)
         return 2
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     run(tasks, a.out, lambda s: print(s, flush=True), a.threads, cache=a.cache)

@@ -301,8 +301,8 @@ def live_run(res_entry:dict, size:str='gpt2-s', cache:Path=None) -> Run:
     return run
 
 # %% ../../nbs/19_experiments.ipynb #2bc14124
-def _parser():
-    ap = argparse.ArgumentParser(prog='influence_nb.experiments.harness',
+def _parser(prog='influence_nb.experiments.harness'):
+    ap = argparse.ArgumentParser(prog=prog,
                                  description="Run the paper's experiments (notebooks 23–28) on the bundled models.")
     ap.add_argument('--only', default=','.join(EXPERIMENTS), help='comma-separated experiments: ' + ', '.join(EXPERIMENTS))
     ap.add_argument('--sizes', default='s,m,l', help='comma-separated model sizes (s, m, l)')
@@ -323,9 +323,9 @@ def _record_seconds(path, size, seconds:dict, total:float):
         save_results(res, path)
 
 # %% ../../nbs/19_experiments.ipynb #a09709f8
-def main(argv:list[str]|None=None) -> int:
-    "Run experiments by name (`--only`) on model sizes (`--sizes`), merging the numbers into `--out`."
-    ap = _parser(); a = ap.parse_args(argv)
+def main(argv:list[str]|None=None, prog:str='influence_nb.experiments.harness') -> int:
+    "Run experiments by name (`--only`) on model sizes (`--sizes`), merging the numbers into `--out`; `prog` names the command."
+    ap = _parser(prog); a = ap.parse_args(argv)
     if a.refresh_verdicts:
         with _locked(a.out):
             res = load_results(a.out)
