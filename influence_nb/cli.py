@@ -546,7 +546,11 @@ def _cmd_top(a):
 # %% ../nbs/13_cli.ipynb #c16b0004
 def _check_explore_files(a):
     "Read every file `explore` was given before anything is served, so that a bad one exits with 2 naming it."
-    if a.model is not None and a.corpus is None: raise ValueError("--corpus is required with --model: the training texts to search.")
+    own = a.model is not None and a.model not in MODEL_NAMES              # a bundled name brings its own corpus
+    if own and a.corpus is None: raise ValueError("--corpus is required with --model: the training texts to search.")
+    if own and a.no_serve and a.queries is None:
+        raise ValueError("--no-serve runs the app's opening query, which with --model is the first of --queries: pass --queries "
+                         "(JSONL with 'prompt' and 'completion' fields).")
     if a.corpus is not None:
         _check_corpus_file(a.corpus, a.text_field)
         try: recs = read_corpus(a.corpus, a.text_field)
@@ -607,7 +611,7 @@ def _dispatch(command, argv) -> int:
 
 _CLI_WORDS = {'`fit_factors`': '`influence-nb fit-factors`', '`n_train`': '--n-train', 'a new `checkpoint` path': 'a new --checkpoint',
               '`damping`': '--damping', '`query_rank`': '--query-rank', '`batch_size`': '--batch-size', '`max_length`': '--max-length',
-              '`checkpoint`': '--checkpoint', '`device`': '--device', '`dtype`': '--dtype', '`checkpoint_every`': '--checkpoint-every'}
+              '`checkpoint`': '--checkpoint', '`device`': '--device', '`dtype`': '--dtype', '`tokenizer`=': '--tokenizer ', '`checkpoint_every`': '--checkpoint-every'}
 
 def _cli_words(msg:str) -> str:
     "A message of the Python API in the command line's words: its options, not its arguments."

@@ -406,7 +406,8 @@ def load_tokenizer(tokenizer, # a tokenizer object (returned as is), or a folder
         from transformers import AutoTokenizer
         try: return AutoTokenizer.from_pretrained(str(tokenizer))
         except (OSError, ValueError) as e:
-            raise ValueError(f"`tokenizer`={str(tokenizer)!r} could not be loaded as a tokenizer ({type(e).__name__}); pass a "
+            why = (str(e).strip().splitlines() or [''])[0][:200]
+            raise ValueError(f"`tokenizer`={str(tokenizer)!r} could not be loaded as a tokenizer ({type(e).__name__}: {why}); pass a "
                              f"folder holding {' or '.join(TOKENIZER_FILES[:2])} (written by `tokenizer.save_pretrained`).") from None
     if callable(tokenizer) and hasattr(tokenizer, 'convert_ids_to_tokens'): return tokenizer
     raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer or a folder holding one, got {type(tokenizer).__name__}.")
@@ -457,7 +458,7 @@ def _from_pretrained(where, device, dtype):
 # %% ../nbs/00_data.ipynb #631b6368
 def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_pretrained`, a Hub id ('org/name') or a model object
                tokenizer=None, # a tokenizer or its folder; None: the model folder's own (bundled models: data/tokenizer)
-               device=None, # where the model runs: None (a folder loads on the CPU; an object stays), 'cpu', 'cuda', 'cuda:1', 'auto'
+               device=None, # where the model runs: None (a folder loads on the CPU; an object stays), 'cpu', 'cuda', 'cuda:1', 'auto' (an object is moved in place, as `.to` does)
                dtype=None, # None: a folder loads in its checkpoint's dtype (transformers' default), an object keeps its own; or a DTYPES name
               ) -> tuple:
     "`(model, tokenizer)` with the model in eval mode; refuses a folder without a tokenizer unless one is given."
@@ -482,7 +483,13 @@ def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_
                                "the model was trained with (`--tokenizer DIR` on the command line, `tokenizer=` in Python), or "
                                "save it into the folder with `tokenizer.save_pretrained(folder)`. Another tokenizer's ids "
                                "would make every score meaningless.")
-    return _check_pair(_from_pretrained(str(model) if hub else path, device, dtype), load_tokenizer(tokenizer))
+    m = _from_pretrained(str(model) if hub else path, device, dtype)    # first: an unknown Hub id is named as such
+    try: tok = load_tokenizer(tokenizer)
+    except ValueError as e:
+        if not (hub and tokenizer == str(model)): raise
+        raise ValueError(f"The Hub repository {str(model)!r} has no tokenizer that loads here ({e}) Pass the tokenizer the model "
+                         "was trained with (`--tokenizer DIR` on the command line, `tokenizer=` in Python).") from None
+    return _check_pair(m, tok)
 
 def _check_pair(model, tok):
     "Refuse a tokenizer with ordinary tokens the model has no embedding for; special tokens added later (a pad) may go beyond it."
@@ -515,11 +522,12 @@ def batch_logits(model, # a causal LM (called as `call(input_ids=, attention_mas
                  call=None, # how to run the model (default `model(**kw)`; e.g. a functional call)
                  before_retry=None, # called before the second run (e.g. to clear hooks' captures)
                 ) -> torch.Tensor:
-    "Logits `[B, T, V]` of batch `b`, run again without the padding mask when padding made its real tokens' logits non-finite."
+    "Logits `[B, T, V]` of batch `b`, run again without the padding mask when padding made any logit non-finite."
     call = call or (lambda **kw: model(**kw))
     out = call(input_ids=b['input_ids'], attention_mask=b['attention_mask'])
-    logits, real = getattr(out, 'logits', out), b['attention_mask'].bool()
-    if bool(real.all()) or bool(torch.isfinite(logits.detach()[real]).all()): return logits
+    logits = getattr(out, 'logits', out)       # a NaN on a pad alone still poisons: NaN × 0 in masks, and in every backward
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32   # one sum, no [B, T, V] mask; no half overflow
+    if bool(b['attention_mask'].bool().all()) or bool(torch.isfinite(logits.detach().sum(dtype=acc))): return logits
     if before_retry is not None: before_retry()        # a right pad is never attended to by an earlier token:
     out = call(input_ids=b['input_ids'], attention_mask=torch.ones_like(b['attention_mask']))   # same real tokens
     return getattr(out, 'logits', out)

@@ -281,10 +281,13 @@ def check_bound(f:Factors, model, modules=None) -> list:
     if names != f.modules:
         raise ValueError(f"These factors were fitted for modules {f.modules}, not {names}. "
                          "Refit with `fit_factors(model, train, modules=...)`.")
-    fp = fingerprint(layers)
+    fp, was, now = fingerprint(layers), f.info.get('model_dtype'), str(next(model.parameters()).dtype).removeprefix('torch.')
+    hint = (f" They were fitted on the model in {was}, and it is in {now} here: rounding to another precision changes the "
+            f"weights they are bound to, so load it in {was} again (`load_model(..., dtype='{was}')`, --dtype {was} on the "
+            "command line)." if was and was != now else '')
     if fp != f.fingerprint:
         raise ValueError("These factors were fitted on different weights (fingerprint mismatch: "
-                         f"factors {f.fingerprint[:12]}, model {fp[:12]}). Refit them for this model "
+                         f"factors {f.fingerprint[:12]}, model {fp[:12]}).{hint} Refit them for this model "
                          "with `fit_factors`, or load the factors that belong to it.")
     bound = f.info.get('model_digest')
     if bound is None:
@@ -293,7 +296,7 @@ def check_bound(f:Factors, model, modules=None) -> list:
                       "Refit them with `fit_factors` to bind them to every weight and the config.", stacklevel=3)
     elif changes := model_changes(bound, model):
         raise ValueError(f"These factors were fitted on another state of this model (model fingerprint mismatch): "
-                         f"{changes[:5]}{f' and {len(changes) - 5} more' if len(changes) > 5 else ''} changed since fitting. "
+                         f"{changes[:5]}{f' and {len(changes) - 5} more' if len(changes) > 5 else ''} changed since fitting.{hint} "
                          "Every weight shapes the tracked layers' inputs and output gradients, so the factors are stale: "
                          "refit them with `fit_factors` (or load the factors that belong to this model).")
     check_factors_finite(f)
@@ -605,7 +608,8 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
         n_tok //= fisher_samples
     elif strategy == 'diagonal':
         for n, d in fit_diagonal(model, layers, passes, fisher, batch_size, seed, progress, dtype).items(): tensors[n]['diag'] = d
-    info = {'fit_seconds': round(time.time() - t0, 3), 'model_digest': model_digest(model)}
+    info = {'fit_seconds': round(time.time() - t0, 3), 'model_digest': model_digest(model),
+            'model_dtype': str(next(model.parameters()).dtype).removeprefix('torch.')}   # for advice when it is loaded in another
     if fisher_samples > 1: info['fisher_samples'] = fisher_samples
     info.update({k: str(v).removeprefix('torch.') for k, v in (('eigh_dtype', eigh_dt), ('rotate_dtype', rotate_dt)) if v is not None})   # only when set
     f = Factors(strategy, [layer.name for layer in layers], {layer.name: [layer.d_out, layer.d_in1] for layer in layers}, fisher, len(seqs), n_tok,

@@ -197,11 +197,11 @@ def layer_passes(model, # a causal LM
                 if key not in seen:   # layers reading one input (Llama's gate_proj, up_proj) share one ā tensor
                     a = x.reshape(B, T, -1)                     # some models (OPT) flatten tokens: [B*T, d_in]
                     if layer.bias: a = torch.cat([a, torch.ones_like(a[..., :1])], -1)     # ā = (a, 1)
-                    seen[key] = a * mask if padded else a                              # [B, T, d_in+1]
+                    seen[key] = torch.where(mask.bool(), a, 0) if padded else a        # [B, T, d_in+1]; where: a pad is 0 even if NaN
                 acts[layer.name] = seen[key]
                 d = dss[layer.name].detach()
                 d = d.reshape(-1, B, T, d.shape[-1]).transpose(0, 1) if exact else d.reshape(B, T, -1)
-                outg[layer.name] = d * (mask[:, None] if exact else mask) if padded else d   # [B, T, d_out] ([B, k·C, T, d_out])
+                outg[layer.name] = torch.where((mask[:, None] if exact else mask).bool(), d, 0) if padded else d   # [B, T, d_out] ([B, k·C, T, d_out])
             # activations first, in model order: a NaN spreads to every gradient, so the first bad input names the culprit
             for what, arrs in (('activations', acts), ('output gradients', outg)):
                 for layer in layers: _check_finite(arrs[layer.name], what, layer.name, batch_no, idx)

@@ -134,5 +134,5 @@ def fit_solver(model, # the model
     if strategy == 'pcg':
         pre = fit_factors(model, seqs, 'ekfac', names, batch_size=batch_size, seed=seed, progress=progress, **ekfac_kw)
     info = {'fit_seconds': round(time.time() - t0, 3), 'model_digest': pre.info['model_digest'] if pre else model_digest(model)}
-    return IterativeSolver(strategy, names, list(seqs), dict(solver or {}, seed=seed, batch_size=batch_size),
+    return IterativeSolver(strategy, names, list(seqs), {'batch_size': batch_size, **(solver or {}), 'seed': seed},
                            fingerprint(layers), type(model).__name__, info, pre)

@@ -95,8 +95,8 @@ def test_refusals(own):
 @pytest.mark.parametrize('command, module, option', [('experiment', 'influence_nb.experiments.harness', '--only'),
                                                      ('validate', 'influence_nb.evaluate', '--tasks')])
 def test_experiment_and_validate_dispatch(command, module, option):
-    "`influence-nb experiment|validate ARGS` hands ARGS to the module's own `main`: its --help comes back, exit 0."
+    "`influence-nb experiment|validate ARGS` hands ARGS to the module's own `main`, named as the command: its --help, exit 0."
     out, _ = cli(command, '--help')
-    assert out.startswith(f'usage: {module}') and option in out, out
+    assert out.startswith(f'usage: influence-nb {command}') and option in out, out
     _, err = cli(command, '--no-such-option', code=2)            # the module's parser saw the arguments
-    assert f'{module}: error' in err, err
+    assert f'influence-nb {command}: error' in err and module not in err, err
