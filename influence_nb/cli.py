@@ -61,12 +61,13 @@ def token_heatmap_for(stream=None, # where the text goes (default: sys.stdout)
 
 def _say_token_shading(model, factors, query, seqs:list[dict], tok, say, out=None):
     "Print each of `seqs` (the top sequences, best first) with its tokens shaded by their influence on `query`."
+    from influence_nb.viz import token_texts
     heatmap = token_heatmap_for(out)                                       # colours only for a terminal
     pt = pairwise_scores(model, factors, query, seqs, per_token=True, progress=False).per_token[0]   # [len(seqs), T]
     say(f"\nToken-wise influence of the top {len(seqs)} (each value drawn on the token whose activation carries it):")
     for r, s in enumerate(seqs):
         ids = s['input_ids']
-        say(f"#{r+1}: " + heatmap(tok.convert_ids_to_tokens(ids), pt[r, :len(ids)].numpy(), legend=r == 0))
+        say(f"#{r+1}: " + heatmap(token_texts(tok, ids), pt[r, :len(ids)].numpy(), decode="none", legend=r == 0))
 
 # %% ../nbs/13_cli.ipynb #3281e085
 def demo(model_name:str='gpt2-l', # bundled model
@@ -457,12 +458,27 @@ def _scan(a, model, tok, factors, queries):
             raise ValueError(f"--corpus {Path(a.corpus).name}: could not be read as Parquet ({type(e).__name__}: {e}).") from None
         raise
 
+def _checkpoint_holds(ckpt) -> tuple[int, float]|None:
+    "Sequences scored and seconds spent before a scan resumes from `ckpt` (None: nothing to resume, or a checkpoint `scan` refuses itself)."
+    if ckpt is None or not Path(ckpt).is_file(): return None
+    try: meta = json.loads(Path(ckpt).read_text()); return int(meta['n_scanned']), float(meta.get('seconds', 0.0))
+    except (ValueError, KeyError, TypeError, OSError): return None
+
+def _scan_summary(res, before, ckpt, world:int, out) -> str:
+    "The closing line of `scan`: what this run scored and how long it took, apart from what a resumed checkpoint held."
+    n0, t0 = before or (0, 0.0)
+    done = (f"scanned {res.n_scanned:,} sequences" if before is None else
+            f"resumed from {ckpt}, which held {n0:,} sequences ({t0:.1f} s); this run scanned {res.n_scanned - n0:,} more in "
+            f"{max(res.seconds - t0, 0.0):.1f} s; in all {res.n_scanned:,} sequences")
+    return (done + (f" ({res.n_skipped:,} bad records skipped)" if res.n_skipped else '') + (f" in {world} processes" if world > 1 else '')
+            + f" in {res.seconds:.1f} s; top {res.k} of {res.n_queries} queries{' (refined at full rank)' if res.refined else ''} written to {out}")
+
 def _cmd_scan(a):
     _check_options(a); _check_corpus_file(a.corpus, a.text_field, skip_bad=a.skip_bad_records); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer, a.device, a.dtype)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
-    resuming = a.checkpoint is not None and Path(a.checkpoint).exists()
+    before = _checkpoint_holds(a.checkpoint)
     joined, done = _init_dist(), False
     from influence_nb.kfac import dist_info
     rank, world = dist_info()
@@ -479,9 +495,7 @@ def _cmd_scan(a):
             if done: dist.barrier()
             dist.destroy_process_group()
     if rank == 0:
-        print(f"{'resumed from ' + str(a.checkpoint) + '; ' if resuming else ''}scanned {res.n_scanned:,} sequences"
-              f"{f' ({res.n_skipped:,} bad records skipped)' if res.n_skipped else ''}{f' in {world} processes' if world > 1 else ''} "
-              f"in {res.seconds:.1f} s; top {res.k} of {res.n_queries} queries{' (refined at full rank)' if res.refined else ''} written to {a.out}")
+        print(_scan_summary(res, before, a.checkpoint, world, a.out))
 
 # %% ../nbs/13_cli.ipynb #aaf1b1ba
 def _query_index(res, q:str) -> int:

@@ -351,7 +351,7 @@ class ExplorerResult:
     scores: np.ndarray               # [n_cand] influence summed over `layers`
     per_layer: pd.DataFrame          # [n_cand, len(all_layers)] each layer's term (index: training index)
     top: pd.DataFrame                # rank -> train_index, id, kind, match, score, nats, text
-    tokens: list = field(default_factory=list)        # token strings of each top sequence
+    tokens: list = field(default_factory=list)        # readable text of each token of each top sequence (`viz.token_texts`)
     token_scores: list = field(default_factory=list)  # [n_tokens] array per top sequence (sums to its score)
     factors_source: str = ''         # 'memory', 'disk' or 'fitted'
     timings: dict = field(default_factory=dict)       # stage -> seconds
@@ -478,7 +478,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     top_idx = [int(cand[j]) for j in order]
     pt = pairwise_scores(mdl, restrict_factors(factors, mdl, counted), query, [train[i] for i in top_idx], damping=damping,
                          per_token=True, batch_size=session.batch_size, progress=False).per_token[0].double().numpy()
-    tokens = [tok.convert_ids_to_tokens(train[i]['input_ids'].tolist()) for i in top_idx]
+    tokens = [viz.token_texts(tok, train[i]['input_ids']) for i in top_idx]
     token_scores = [pt[r, :len(t)] for r, t in enumerate(tokens)]
     top = _top_frame(q, records, top_idx, scores[order], len(train))
     laps('tokens')
@@ -541,7 +541,7 @@ def heatmaps_html(result: ExplorerResult, # from `run_query`
     parts = []
     for (rank, r), toks, vals in zip(result.top.iterrows(), result.tokens, result.token_scores):
         title = f"#{rank} · {r['id']} · score {_fmt_score(r['score'])}" + (f" · {_MATCH_LABEL[r['match']]}" if r['match'] else "")
-        parts.append(viz.token_heatmap_html(toks, vals, title=title, scale=scale, shift=shift))
+        parts.append(viz.token_heatmap_html(toks, vals, title=title, scale=scale, shift=shift, decode="none"))
     return '<div class="inb-heatmaps">' + "".join(parts) + '</div>'
 
 # %% ../nbs/10_explorer.ipynb #b686d3b6

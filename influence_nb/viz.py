@@ -20,7 +20,7 @@ from .data import check_int
 from .scores import to_float64, layer_sums, shares_of_total   # one definition of layer shares (06_scores)
 
 # %% auto #0
-__all__ = ['POS_RGB', 'NEG_RGB', 'NAN_RGB', 'decode_tokens', 'influence_rgb', 'token_heatmap_html', 'show_tokens',
+__all__ = ['POS_RGB', 'NEG_RGB', 'NAN_RGB', 'decode_tokens', 'token_texts', 'influence_rgb', 'token_heatmap_html', 'show_tokens',
            'token_heatmap_ansi', 'token_heatmap_plain', 'l2_l1_ratio', 'is_spurious', 'block_of', 'layer_shares',
            'layer_heatmap', 'layer_bars', 'fit_power_law', 'tail_plot', 'top_share', 'top_table', 'top_sequences_html',
            'show_top_sequences']
@@ -53,10 +53,23 @@ _CHAR_TO_BYTE = {c: b for b, c in _byte_alphabet().items()}
 
 _SP_BYTE = re.compile(r'<0x([0-7][0-9A-F])>')   # SentencePiece's byte fallback for an ASCII byte, e.g. '<0x0A>'
 
+_GLUED = ('.', '?', '!', ',', "n't", "'m", "'s", "'ve", "'re")   # pieces a BERT tokenizer's decode writes without a space before
+
+def _wordpiece_text(tokens:list[str]) -> list[str]:
+    "WordPiece pieces as text: '##' continues a word, punctuation and contractions attach as `tokenizer.decode` writes them."
+    out, glue = [], True
+    for i, t in enumerate(tokens):
+        if t.startswith('##'): out.append(t[2:]); glue = False; continue
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else '##'
+        apostrophe = t == "'" and i > 0 and not nxt.startswith('##')    # " ' " between two words closes up
+        out.append(t if glue or apostrophe or t.startswith(_GLUED) else ' ' + t)
+        glue = apostrophe
+    return out
+
 def _word_pieces(tokens:list[str]) -> list[str]:
     "SentencePiece pieces ('▁' marks a space) and WordPiece pieces ('##' continues a word, anything else starts one) as text."
     if any('\u2581' in t for t in tokens): return [_SP_BYTE.sub(lambda m: chr(int(m[1], 16)), t.replace('\u2581', ' ')) for t in tokens]
-    if any(t.startswith('##') for t in tokens): return [t[2:] if t.startswith('##') else (' ' + t if i else t) for i, t in enumerate(tokens)]
+    if any(t.startswith('##') for t in tokens): return _wordpiece_text(tokens)
     return list(tokens)
 
 def decode_tokens(tokens: Sequence[str], # token strings, e.g. `tokenizer.convert_ids_to_tokens(ids)`
@@ -78,6 +91,16 @@ def decode_tokens(tokens: Sequence[str], # token strings, e.g. `tokenizer.conver
     if decode == "none": return list(tokens)
     if decode == "auto" and not (in_alphabet and any(ord(c) >= 256 for t in tokens for c in t)): return _word_pieces(tokens)
     return [bytes(_CHAR_TO_BYTE[c] for c in t).decode("utf-8", errors="backslashreplace") for t in tokens]
+
+# %% ../nbs/09_viz.ipynb #c3383df3
+def token_texts(tokenizer, # a Hugging Face tokenizer (fast ones say which model they use)
+                ids,       # token ids of one sequence (list or 1-D tensor)
+               ) -> list[str]:
+    "Readable text of each token of `ids`, by the rules of the tokenizer's own model (`decode_tokens` of its pieces)."
+    ids = [int(i) for i in (ids.tolist() if hasattr(ids, 'tolist') else ids)]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    model = getattr(getattr(tokenizer, 'backend_tokenizer', None), 'model', None)
+    return _wordpiece_text(pieces) if type(model).__name__ == 'WordPiece' else decode_tokens(pieces)
 
 # %% ../nbs/09_viz.ipynb #bf31cf01
 POS_RGB = (202, 0, 32)    # full colour of +scale (ColorBrewer RdBu red)
@@ -135,8 +158,9 @@ def _text_rgb(rgb) -> tuple[int, int, int]:
     return (255, 255, 255) if lum < 140 else (0, 0, 0)
 
 def _where(shift: bool) -> str:
-    return ("values drawn on the predicted token (shift=True)" if shift
-            else "values drawn on the token before the predicted one (shift=False, as in the paper)")
+    "Where each value is drawn, in words a terminal user can read without knowing the `shift` argument."
+    return ("each value on the token it predicts" if shift
+            else "each value on the token that predicts the next one, as in the paper")
 
 # %% ../nbs/09_viz.ipynb #143d5d75
 def token_heatmap_html(tokens: Sequence[str],  # token strings (byte-level BPE or decoded pieces)
