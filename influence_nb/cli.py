@@ -429,6 +429,23 @@ def _check_options(a):
     c = getattr(a, 'checkpoint', None)
     if c is not None and a.command == 'scan' and Path(c).is_dir(): raise ValueError(f"--checkpoint {c} is a folder; pass a file, e.g. {Path(c)/'scan.ckpt'}.")
 
+# %% ../nbs/13_cli.ipynb #c47fd5d4
+def _checkpoint_holds(ckpt) -> tuple[int, float]|None:
+    "Sequences scored and seconds spent before a scan resumes from `ckpt` (None: nothing to resume, or a checkpoint `scan` refuses itself)."
+    if ckpt is None or not Path(ckpt).is_file(): return None
+    try: meta = json.loads(Path(ckpt).read_text()); return int(meta['n_scanned']), float(meta.get('seconds', 0.0))
+    except (ValueError, KeyError, TypeError, OSError): return None
+
+def _scan_summary(res, before, ckpt, world:int, out) -> str:
+    "The closing line of `scan`: what this run scored and how long it took, apart from what a resumed checkpoint held."
+    n0, t0 = before or (0, 0.0)
+    done = (f"scanned {res.n_scanned:,} sequences" if before is None else
+            f"resumed from {ckpt}, which held {n0:,} sequences ({t0:.1f} s); this run scanned {res.n_scanned - n0:,} more in "
+            f"{max(res.seconds - t0, 0.0):.1f} s; in all {res.n_scanned:,} sequences")
+    return (done + (f" ({res.n_skipped:,} bad records skipped)" if res.n_skipped else '') + (f" in {world} processes" if world > 1 else '')
+            + f" in {res.seconds:.1f} s; top {res.k} of {res.n_queries} queries{' (refined at full rank)' if res.refined else ''} written to {out}")
+
+
 # %% ../nbs/13_cli.ipynb #c16b0003
 @contextlib.contextmanager
 def _as_notes():
@@ -457,21 +474,6 @@ def _scan(a, model, tok, factors, queries):
         if type(e).__module__.startswith('pyarrow'):          # a damaged page of a Parquet corpus (its footer was fine)
             raise ValueError(f"--corpus {Path(a.corpus).name}: could not be read as Parquet ({type(e).__name__}: {e}).") from None
         raise
-
-def _checkpoint_holds(ckpt) -> tuple[int, float]|None:
-    "Sequences scored and seconds spent before a scan resumes from `ckpt` (None: nothing to resume, or a checkpoint `scan` refuses itself)."
-    if ckpt is None or not Path(ckpt).is_file(): return None
-    try: meta = json.loads(Path(ckpt).read_text()); return int(meta['n_scanned']), float(meta.get('seconds', 0.0))
-    except (ValueError, KeyError, TypeError, OSError): return None
-
-def _scan_summary(res, before, ckpt, world:int, out) -> str:
-    "The closing line of `scan`: what this run scored and how long it took, apart from what a resumed checkpoint held."
-    n0, t0 = before or (0, 0.0)
-    done = (f"scanned {res.n_scanned:,} sequences" if before is None else
-            f"resumed from {ckpt}, which held {n0:,} sequences ({t0:.1f} s); this run scanned {res.n_scanned - n0:,} more in "
-            f"{max(res.seconds - t0, 0.0):.1f} s; in all {res.n_scanned:,} sequences")
-    return (done + (f" ({res.n_skipped:,} bad records skipped)" if res.n_skipped else '') + (f" in {world} processes" if world > 1 else '')
-            + f" in {res.seconds:.1f} s; top {res.k} of {res.n_queries} queries{' (refined at full rank)' if res.refined else ''} written to {out}")
 
 def _cmd_scan(a):
     _check_options(a); _check_corpus_file(a.corpus, a.text_field, skip_bad=a.skip_bad_records); _check_out(a.out)
