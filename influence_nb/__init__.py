@@ -13,6 +13,7 @@ from .data import (IGNORE_INDEX, data_dir, as_sequences, tokenize, tokenize_pair
                                completion_logprobs, context_length, SCORE_LEGEND)
 from .modules import find_modules, candidate_modules, tiny_model, TrackedLayer, MLP_LEAVES
 from .ekfac import Factors, fit_factors, fingerprint, STRATEGIES
+from .memory import factor_sizes
 from .solver import IterativeSolver
 from .scores import Scores, pairwise_scores, self_scores, ClassifierAsLM, RegressorAsLM
 from .search import scan, ScanResult, read_scores
@@ -23,6 +24,6 @@ from .explorer import explorer
 __all__ = ['IGNORE_INDEX', 'data_dir', 'as_sequences', 'tokenize', 'tokenize_pairs', 'collate', 'batches', 'n_scored',
            'check_sequences', 'load_bundled', 'load_model', 'load_tokenizer', 'read_corpus', 'completion_logprobs',
            'context_length', 'SCORE_LEGEND', 'find_modules', 'candidate_modules', 'tiny_model', 'TrackedLayer',
-           'MLP_LEAVES', 'Factors', 'IterativeSolver', 'fit_factors', 'fingerprint', 'STRATEGIES', 'Scores', 'pairwise_scores',
+           'MLP_LEAVES', 'Factors', 'IterativeSolver', 'fit_factors', 'fingerprint', 'STRATEGIES', 'factor_sizes', 'Scores', 'pairwise_scores',
            'self_scores', 'ClassifierAsLM', 'RegressorAsLM', 'scan', 'ScanResult', 'read_scores', 'top_candidates',
            'load_corpus', 'explorer']

@@ -14,6 +14,8 @@ from .data import (cut_texts, TruncatedTextsWarning, field_value, data_dir, toke
                                read_corpus, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, DTYPES)
 from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
+from . import memory
+from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
 from .scores import pairwise_scores
 from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text
 from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where
@@ -257,6 +259,30 @@ def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
     p.add_argument('--text-field', default=text_default, help="JSONL field / Parquet column holding the text, dotted for a nested one ('doc.body') (default: "
                    f"{text_default or 'the one the scan read'})")
 
+# %% ../nbs/13_cli.ipynb #4252b04b
+def _fit_parser(sub):
+    "The `fit-factors` command and its options."
+    f = sub.add_parser('fit-factors', help='fit curvature factors and save them',
+                       description='Fit the curvature factors of a model on a corpus file and save them to a directory.')
+    _model_args(f); _corpus_args(f, '--data', what='training corpus')
+    f.add_argument('--out', required=True, help='output directory for factors.safetensors + factors.json')
+    f.add_argument('--strategy', default='ekfac', choices=['identity', 'diagonal', 'kfac', 'ekfac'], help='curvature approximation (default: ekfac)')
+    f.add_argument('--modules', default='mlp', help="'mlp', 'all' or comma-separated layer names (default: mlp)")
+    f.add_argument('--fisher', default='true', choices=['true', 'empirical'], help='labels sampled from the model (true, the paper) or the data labels')
+    f.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
+    f.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context; queries are never cut)")
+    f.add_argument('--seed', type=int, default=0, help='seed of the pseudo-label sampling (default: 0)')
+    f.add_argument('--fisher-samples', type=int, default=1, help='labels sampled per token (true Fisher; default: 1)')
+    f.add_argument('--checkpoint', default=None, help='kfac/ekfac: a folder that keeps the fit\'s progress; run the same command '
+                   'again after an interruption to resume (removed when the fit completes)')
+    f.add_argument('--checkpoint-every', type=int, default=64, help='batches between checkpoint saves (default: 64)')
+    f.add_argument('--dry-run', action='store_true', help='print what the factors will take in memory, per layer and in all, '
+                   'and the memory free; fit nothing')
+    f.add_argument('--factor-dtype', default=None, choices=['float32', 'float64'], help='storage of the factors (default: float32; float64 for a float64 model)')
+    f.add_argument('--eigh-dtype', default=None, choices=['float32', 'float64'], help='precision of the eigendecompositions (default: float64)')
+    f.add_argument('--rotate-dtype', default=None, choices=['bfloat16', 'float32', 'float64'], help="precision of Λ's rotations (default: the model's)")
+
+
 # %% ../nbs/13_cli.ipynb #061835fd
 def build_parser() -> argparse.ArgumentParser:
     "The `influence-nb` argument parser (every option documented in `--help`)."
@@ -273,23 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument('--fit-sample', type=int, default=500, help='training sequences for the factors (0: all; default: 500)')
     d.add_argument('--candidates', type=int, default=500, help='BM25 candidates to score (0: all; default: 500)')
     d.add_argument('--seed', type=int, default=0, help='seed of the fit sample and pseudo-labels (default: 0)')
-    f = sub.add_parser('fit-factors', help='fit curvature factors and save them',
-                       description='Fit the curvature factors of a model on a corpus file and save them to a directory.')
-    _model_args(f); _corpus_args(f, '--data', what='training corpus')
-    f.add_argument('--out', required=True, help='output directory for factors.safetensors + factors.json')
-    f.add_argument('--strategy', default='ekfac', choices=['identity', 'diagonal', 'kfac', 'ekfac'], help='curvature approximation (default: ekfac)')
-    f.add_argument('--modules', default='mlp', help="'mlp', 'all' or comma-separated layer names (default: mlp)")
-    f.add_argument('--fisher', default='true', choices=['true', 'empirical'], help='labels sampled from the model (true, the paper) or the data labels')
-    f.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
-    f.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context; queries are never cut)")
-    f.add_argument('--seed', type=int, default=0, help='seed of the pseudo-label sampling (default: 0)')
-    f.add_argument('--fisher-samples', type=int, default=1, help='labels sampled per token (true Fisher; default: 1)')
-    f.add_argument('--checkpoint', default=None, help='kfac/ekfac: a folder that keeps the fit\'s progress; run the same command '
-                   'again after an interruption to resume (removed when the fit completes)')
-    f.add_argument('--checkpoint-every', type=int, default=64, help='batches between checkpoint saves (default: 64)')
-    f.add_argument('--factor-dtype', default=None, choices=['float32', 'float64'], help='storage of the factors (default: float32; float64 for a float64 model)')
-    f.add_argument('--eigh-dtype', default=None, choices=['float32', 'float64'], help='precision of the eigendecompositions (default: float64)')
-    f.add_argument('--rotate-dtype', default=None, choices=['bfloat16', 'float32', 'float64'], help="precision of Λ's rotations (default: the model's)")
+    _fit_parser(sub)
     s = sub.add_parser('score', help='pairwise influence scores of queries against a corpus, to Parquet',
                        description='All pairwise scores of prompt/completion queries against every text of a corpus that fits in memory.')
     _model_args(s); _corpus_args(s, '--data')
@@ -357,6 +367,18 @@ def _explore_parser(sub):
     x.add_argument('--no-serve', action='store_true', help='build the app here, run its opening query and print the top '
                    'sequences instead of serving it (a headless check)')
 
+# %% ../nbs/13_cli.ipynb #297762c5
+def _say_factor_sizes(model, mods, strategy:str, factor_dtype):
+    "`fit-factors --dry-run`: each tracked layer's factors in GB, their total and the memory free; nothing is fitted."
+    if strategy not in KEPT: print(f"--strategy {strategy} keeps no factors: it holds the fit sequences in memory instead."); return
+    sizes = factor_sizes(model, mods, strategy, factor_dtype)
+    dev = next(model.parameters()).device; free = memory.available_memory(dev); need = sizes.attrs['total']
+    table = sizes[['d_out', 'd_in', 'input_of']].assign(GB=sizes['bytes'] / 1e9)
+    with pd.option_context('display.max_rows', None, 'display.width', 250): print(table.to_string(float_format=lambda x: f'{x:.4g}'))
+    print(f"{strategy} factors of {len(sizes)} layers ({sizes.attrs['dtype']}): {gigabytes(need)}" + ('' if free is None else
+          f"; {gigabytes(free)} free on {dev}: {'they fit' if need <= free else 'they do NOT fit; the fit would be refused'}"))
+
+
 # %% ../nbs/13_cli.ipynb #6fae3c28
 def _check_out(path, what='--out', suffixes=('.parquet',)):
     "Refuse an output file in a missing folder, or one whose suffix names a format that is not the one written."
@@ -383,8 +405,14 @@ def _cmd_fit(a):
     if not there.is_dir() or not os.access(there, os.W_OK):
         raise ValueError(f"--out {a.out}: {there} is {'a file' if there == out else 'not a writable folder'}; pass a folder for the factors.")
     model, tok = load_model(a.model, a.tokenizer, a.device, a.dtype)
-    train = _corpus(a, tok, model)
     mods = a.modules if a.modules in ('mlp', 'all') else a.modules.split(',')
+    if a.dry_run: return _say_factor_sizes(model, mods, a.strategy, a.factor_dtype)
+    sizes = check_fit_memory(model, mods, a.strategy, a.factor_dtype)      # (`fit_factors` checks too): said before the data is read
+    if sizes is not None:
+        dev = next(model.parameters()).device; free = memory.available_memory(dev)
+        print(f"{a.strategy} factors of {len(sizes)} layers: {gigabytes(sizes.attrs['total'])} ({sizes.attrs['dtype']})"
+              + (f"; {gigabytes(free)} free on {dev}" if free is not None else ''), flush=True)
+    train = _corpus(a, tok, model)
     f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
                     factor_dtype=a.factor_dtype, eigh_dtype=a.eigh_dtype, rotate_dtype=a.rotate_dtype,
                     checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, keep_checkpoint=True)
@@ -625,9 +653,12 @@ def _dispatch(command, argv) -> int:
     except ValueError as e: print(f"influence-nb {command}: error: {e}", file=sys.stderr); return 2
     return int(mod.main(list(argv), prog=f'influence-nb {command}') or 0)   # usage and errors name this command
 
+
+# %% ../nbs/13_cli.ipynb #7ffa840e
 _CLI_WORDS = {'`fit_factors`': '`influence-nb fit-factors`', '`n_train`': '--n-train', 'a new `checkpoint` path': 'a new --checkpoint',
               '`damping`': '--damping', '`query_rank`': '--query-rank', '`batch_size`': '--batch-size', '`max_length`': '--max-length',
-              '`checkpoint`': '--checkpoint', '`device`': '--device', '`dtype`': '--dtype', '`tokenizer`=': '--tokenizer ', '`checkpoint_every`': '--checkpoint-every'}
+              '`checkpoint`': '--checkpoint', '`device`': '--device', '`dtype`': '--dtype', '`tokenizer`=': '--tokenizer ', '`checkpoint_every`': '--checkpoint-every',
+              '`modules`': '--modules', "factor_dtype='float32'": '--factor-dtype float32', '`influence_nb.memory.factor_sizes`': '`influence_nb.memory.factor_sizes` (Python)'}
 
 def _cli_words(msg:str) -> str:
     "A message of the Python API in the command line's words: its options, not its arguments."
@@ -661,3 +692,4 @@ def main(argv=None) -> int:
         traceback.print_exc()
         print(f"influence-nb {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr); return 1
     return 0
+

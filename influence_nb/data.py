@@ -262,6 +262,29 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
                       "or None for no limit.", TruncatedTextsWarning, stacklevel=2)
     return as_sequences([{'input_ids': ids} for ids in enc['input_ids']], name='texts')
 
+# %% ../nbs/00_data.ipynb #3d710ad0
+def _completion_ids(tokenizer, prompt:str, completion:str, p_ids:list[int]) -> tuple[list[int], bool]:
+    "The completion's tokens as they follow the prompt's in the joined text, and whether a token spans both (then the completion is tokenized alone)."
+    joint = list(tokenizer(prompt + completion, add_special_tokens=False)['input_ids'])
+    if joint[:len(p_ids)] == p_ids and len(joint) > len(p_ids): return joint[len(p_ids):], False
+    alone = list(tokenizer(completion, add_special_tokens=False)['input_ids'])
+    if len(alone) > 1 and not completion[0].isspace() and not tokenizer.decode(alone[:1]).strip():
+        alone = alone[1:]   # a word-start mark (SentencePiece's '▁') that tokenizing it alone added: the text has no space there
+    return alone, True
+
+def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=()):
+    "One warning per kind for `tokenize_pairs`, however many pairs it concerns: `(i, text)` lists, `n` pairs in all."
+    first = lambda xs: f"{len(xs):,} of {n:,} pairs (the first: pairs[{xs[0][0]}], {xs[0][1]!r})"
+    if joined: warnings.warn(f"{first(joined)}: the prompt's last word runs on into the completion, and the tokenizer joins them "
+                             "into a token spanning both, so the completion is measured as tokens of its own, which the model "
+                             "rarely sees after that prompt; end the prompt where a word ends.", stacklevel=3)
+    if spaced: warnings.warn(f"{first(spaced)}: the prompt ends with a space and the completion does not. Most tokenizers attach a "
+                             "space to the word after it, so this splits the text into tokens the model rarely saw; write the "
+                             "space at the start of the completion: (prompt.rstrip(), ' ' + completion).", stacklevel=3)
+    if unknown: warnings.warn(f"{first(unknown)}: the completion holds tokens the tokenizer does not know ({unk_token!r}); its "
+                              "log-probability, and so its influence, is that of the unknown token.", stacklevel=3)
+
+
 # %% ../nbs/00_data.ipynb #ad254458
 def special_prefix(tokenizer, # a Hugging Face tokenizer
                    text:str, # a text whose tokens are not all special
@@ -275,15 +298,6 @@ def special_prefix(tokenizer, # a Hugging Face tokenizer
                      "cannot be separated from them; build the queries yourself: 'input_ids' = prompt + completion ids, "
                      "'labels' = -100 on the prompt.")
 
-def _warn_pairs(spaced:list, unknown:list, n:int, unk_token):
-    "One warning per kind for `tokenize_pairs`, however many pairs it concerns: `(i, text)` lists, `n` pairs in all."
-    first = lambda xs: f"{len(xs):,} of {n:,} pairs (the first: pairs[{xs[0][0]}], {xs[0][1]!r})"
-    if spaced: warnings.warn(f"{first(spaced)}: the prompt ends with a space and the completion does not. Most tokenizers attach a "
-                             "space to the word after it, so this splits the text into tokens the model rarely saw; write the "
-                             "space at the start of the completion: (prompt.rstrip(), ' ' + completion).", stacklevel=3)
-    if unknown: warnings.warn(f"{first(unknown)}: the completion holds tokens the tokenizer does not know ({unk_token!r}); its "
-                              "log-probability, and so its influence, is that of the unknown token.", stacklevel=3)
-
 def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
                    pairs:Sequence[tuple[str, str]], # (prompt, completion) pairs
                   ) -> list[dict]:
@@ -292,7 +306,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
     if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str): pairs = [pairs]
     pairs = list(pairs)
     if not pairs: raise ValueError("`pairs` is empty: pass at least one (prompt, completion) pair.")
-    out, spaced, unknown = [], [], []
+    out, spaced, unknown, joined = [], [], [], []
     unk = tokenizer.unk_token_id                          # (GPT-2's unk is its end-of-text token, a known one: not warned about)
     if unk in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id): unk = None
     for i, p in enumerate(pairs):
@@ -303,7 +317,8 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
         if not completion: raise ValueError(f"pairs[{i}] has an empty completion: there is nothing to measure.")
         if prompt.endswith(' ') and not completion[0].isspace(): spaced.append((i, prompt[-12:] + '|' + completion[:12]))
         p_ids = list(tokenizer(prompt, add_special_tokens=False)['input_ids'])
-        c_ids = list(tokenizer(completion, add_special_tokens=False)['input_ids'])
+        c_ids, merged = _completion_ids(tokenizer, prompt, completion, p_ids)
+        if merged and p_ids and not (spaced and spaced[-1][0] == i): joined.append((i, prompt[-12:] + '|' + completion[:12]))
         if not c_ids: raise ValueError(f"pairs[{i}]'s completion {completion!r} has no tokens: there is nothing to measure.")
         if unk is not None and unk in c_ids: unknown.append((i, completion))
         p_ids = special_prefix(tokenizer, prompt if p_ids else completion) + p_ids   # never an end token before the completion
@@ -314,7 +329,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
                                  "or a tokenizer with a `bos_token`.")
             p_ids = [tokenizer.bos_token_id]
         out.append({'input_ids': p_ids + c_ids, 'labels': [IGNORE_INDEX]*len(p_ids) + c_ids})
-    _warn_pairs(spaced, unknown, len(pairs), tokenizer.unk_token)
+    _warn_pairs(spaced, unknown, len(pairs), tokenizer.unk_token, joined)
     seqs = as_sequences(out, name='pairs')
     require_scored(seqs, 'pairs')
     return seqs
@@ -324,6 +339,9 @@ def collate(seqs:list[dict], # normalised sequences (see `as_sequences`)
             pad_id:int=0, # token id written into padded positions (never attended to or scored)
            ) -> dict:
     "Right-pad `seqs` into `[batch, max_len]` tensors `input_ids`, `attention_mask`, `labels`."
+    if len(seqs) == 0: raise ValueError("`seqs` is empty: collate needs at least one sequence.")
+    if not all(isinstance(s, Mapping) and 'attention_mask' in s and 'labels' in s for s in seqs):
+        seqs = as_sequences(seqs, 'seqs')                    # plain `{'input_ids': ...}` or id lists: normalised first
     T = max(len(s['input_ids']) for s in seqs)
     out = {'input_ids': torch.full((len(seqs), T), pad_id, dtype=torch.long),   # [batch, T]
            'attention_mask': torch.zeros((len(seqs), T), dtype=torch.long),

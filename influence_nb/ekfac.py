@@ -589,6 +589,8 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
         raise ValueError(f"strategy='{strategy}' solves with whole parameters, and MoE experts are tracked as slices of "
                          "3-D tensors: use 'ekfac' (or 'kfac', 'diagonal', 'identity'), or pass `modules` without experts.")
     _check_fit_checkpoint(checkpoint, checkpoint_every, strategy)
+    from influence_nb.memory import check_fit_memory          # (05c_memory builds on this module's neighbours)
+    check_fit_memory(model, modules, strategy, factor_dtype)  # factors that cannot fit are refused now, not after the passes
     seqs = check_sequences(model, train, 'train')
     require_scored(seqs, 'train')
     if strategy in ITERATIVE:   # nothing to summarise: the solver keeps the data (05b_solver, which builds on this module)

@@ -104,7 +104,7 @@ def exact_cotangents(logits:torch.Tensor, # [B, T, C] outputs (position t predic
 
 def _backprop(cap, logits:torch.Tensor, cotangents) -> dict:
     "`{name: [J, ...]}`: each tracked layer's output gradient for every one of the J gradients `cotangents` at the logits."
-    names = [layer.name for layer in cap.layers]
+    names = cap.require_called()
     outs, cap.backward = [cap.outputs[n] for n in names], True
     cots, got = list(cotangents), {n: [] for n in names}
     for j, cot in enumerate(cots):

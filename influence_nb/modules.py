@@ -12,8 +12,8 @@ from .data import eval_mode
 
 # %% auto #0
 __all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'is_experts', 'expert_params', 'TrackedLayer', 'candidate_modules',
-           'blocks', 'block_coverage', 'check_not_reused', 'check_unshared', 'check_model', 'find_modules',
-           'tiny_model', 'layer_param_names', 'Capture', 'experts_forward', 'capture']
+           'blocks', 'block_coverage', 'check_not_reused', 'check_unshared', 'check_model', 'check_causal',
+           'find_modules', 'tiny_model', 'layer_param_names', 'Capture', 'experts_forward', 'capture']
 
 # %% ../nbs/03_modules.ipynb #8ec08ef3
 MLP_LEAVES = {   # how `modules="mlp"` recognises a block's feed-forward weights, whatever the architecture
@@ -241,7 +241,7 @@ def check_unshared(model:nn.Module, layers:list[TrackedLayer]):
 
 # %% ../nbs/03_modules.ipynb #f9a9a3a7
 def check_model(model:nn.Module):
-    "Raise unless `model` is an nn.Module whose parameters hold data on one device."
+    "Raise unless `model` is an nn.Module whose parameters hold data on one device, and a causal model (`check_causal`)."
     if not isinstance(model, nn.Module): raise TypeError(f"`model` must be a torch nn.Module, got {type(model).__name__}.")
     devs = {p.device for p in model.parameters()}
     if not devs: raise ValueError(f"`model` ({type(model).__name__}) has no parameters: there is nothing to attribute influence to.")
@@ -251,6 +251,20 @@ def check_model(model:nn.Module):
     if len(devs) > 1:
         raise ValueError(f"`model` has parameters on several devices {sorted(map(str, devs))}; influence_nb runs a model on "
                          "one device: move it with `model.to(device)` (no device_map sharding).")
+    check_causal(model)
+
+def check_causal(model:nn.Module):
+    "Refuse a model whose positions see later tokens (an encoder-decoder, or attention that is nowhere causal, e.g. BERT)."
+    cfg, name = getattr(model, 'config', None), type(model).__name__
+    if getattr(cfg, 'is_encoder_decoder', False):
+        raise ValueError(f"`model` ({name}) is an encoder-decoder model; influence_nb measures log p(completion | prompt) with "
+                         "a causal (decoder-only) language model, where each position sees only the tokens before it.")
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, 'is_causal', None), bool)]
+    if flags and not any(flags):   # attention layers that all look both ways: a token's log p would see the tokens after it
+        raise ValueError(f"`model` ({name}) attends in both directions (its attention layers have is_causal=False), so a "
+                         "token's probability depends on the tokens after it and influence on log p(completion) means nothing. "
+                         "Use a causal language model" + (", or load this one with is_decoder=True if it was trained as a decoder"
+                                                          if cfg is not None and hasattr(cfg, 'is_decoder') else '') + ".")
 
 def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
                  modules:str|list[str]='mlp', # "mlp", "all" or a list of module names (experts: `<experts>.<param>[e]`)
@@ -343,11 +357,18 @@ class Capture:
         self.backward = False   # True between `out_grads` and `clear`: a recomputed forward (checkpointing) is not a new call
     def clear(self): self.inputs.clear(); self.outputs.clear(); self.rows.clear(); self.n_rows.clear(); self.backward = False
 
-    def out_grads(self, loss:torch.Tensor) -> dict[str, torch.Tensor]:
-        "Gradients of `loss` w.r.t. each tracked layer's output, `{name: [batch, T, d_out]}` (experts: `[routed rows, d_out]`)."
+    def require_called(self) -> list[str]:
+        "The tracked layers' names, once each was called in the forward pass; a layer the model never calls is named."
         names = [layer.name for layer in self.layers]
         missing = [n for n in names if n not in self.outputs]
-        if missing: raise RuntimeError(f"Layers {missing} were not called in the forward pass.")
+        if missing: raise ValueError(f"Layers {missing} were not called in the model's forward pass (a model can use a layer's "
+                                     "weight without calling it, as Mamba's CPU path does with `dt_proj`), so nothing "
+                                     "flows through them to measure: leave them out of `modules`.")
+        return names
+
+    def out_grads(self, loss:torch.Tensor) -> dict[str, torch.Tensor]:
+        "Gradients of `loss` w.r.t. each tracked layer's output, `{name: [batch, T, d_out]}` (experts: `[routed rows, d_out]`)."
+        names = self.require_called()
         self.backward = True
         grads = torch.autograd.grad(loss, [self.outputs[n] for n in names], allow_unused=True)
         return {n: (torch.zeros_like(self.outputs[n]) if g is None else g) for n, g in zip(names, grads)}

@@ -99,8 +99,11 @@ def token_texts(tokenizer, # a Hugging Face tokenizer (fast ones say which model
     "Readable text of each token of `ids`, by the rules of the tokenizer's own model (`decode_tokens` of its pieces)."
     ids = [int(i) for i in (ids.tolist() if hasattr(ids, 'tolist') else ids)]
     pieces = tokenizer.convert_ids_to_tokens(ids)
-    model = getattr(getattr(tokenizer, 'backend_tokenizer', None), 'model', None)
-    return _wordpiece_text(pieces) if type(model).__name__ == 'WordPiece' else decode_tokens(pieces)
+    backend = getattr(tokenizer, 'backend_tokenizer', None)
+    if backend is None: return decode_tokens(pieces)                      # a slow tokenizer: read the pieces themselves
+    if type(backend.model).__name__ == 'WordPiece': return _wordpiece_text(pieces)
+    if type(backend.decoder).__name__ == 'ByteLevel': return decode_tokens(pieces, 'bytes')
+    return _word_pieces(pieces)   # text pieces: never read as bytes, even where their letters lie in the byte alphabet ('ı')
 
 # %% ../nbs/09_viz.ipynb #bf31cf01
 POS_RGB = (202, 0, 32)    # full colour of +scale (ColorBrewer RdBu red)
