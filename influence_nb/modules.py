@@ -266,6 +266,8 @@ def check_causal(model:nn.Module):
                          "Use a causal language model" + (", or load this one with is_decoder=True if it was trained as a decoder"
                                                           if cfg is not None and hasattr(cfg, 'is_decoder') else '') + ".")
 
+
+# %% ../nbs/03_modules.ipynb #98e9cf8f
 def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
                  modules:str|list[str]='mlp', # "mlp", "all" or a list of module names (experts: `<experts>.<param>[e]`)
                  warn:bool=True, # check a list spanning several blocks: same kinds in each (else raise), warn about what it leaves out
@@ -302,6 +304,7 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
     out = [cands[n] for n in names]
     check_not_reused(model, out); check_unshared(model, out)   # (`capture` also refuses a second call at run time)
     return out
+
 
 # %% ../nbs/03_modules.ipynb #cd18e1d8
 def tiny_model(family:str='gpt2', # gpt2, gpt_neox, llama, mistral, opt, qwen2, gptj, phi3 (fused gate_up_proj), mixtral or qwen2_moe (MoE)
