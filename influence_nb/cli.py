@@ -372,11 +372,13 @@ def _say_factor_sizes(model, mods, strategy:str, factor_dtype):
     "`fit-factors --dry-run`: each tracked layer's factors in GB, their total and the memory free; nothing is fitted."
     if strategy not in KEPT: print(f"--strategy {strategy} keeps no factors: it holds the fit sequences in memory instead."); return
     sizes = factor_sizes(model, mods, strategy, factor_dtype)
-    dev = next(model.parameters()).device; free = memory.available_memory(dev); need = sizes.attrs['total']
+    free, need = memory.available_memory('cpu'), sizes.attrs['total']                 # the factors are kept in the host's memory
+    low = factor_sizes(model, mods, strategy, factor_dtype, forward=False).attrs['total']   # what the fit's own check counts
     table = sizes[['d_out', 'd_in', 'input_of']].assign(GB=sizes['bytes'] / 1e9)
     with pd.option_context('display.max_rows', None, 'display.width', 250): print(table.to_string(float_format=lambda x: f'{x:.4g}'))
     print(f"{strategy} factors of {len(sizes)} layers ({sizes.attrs['dtype']}): {gigabytes(need)}" + ('' if free is None else
-          f"; {gigabytes(free)} free on {dev}: {'they fit' if need <= free else 'they do NOT fit; the fit would be refused'}"))
+          f"; {gigabytes(free)} free on this machine: " + ('they fit' if need <= free else 'they do NOT fit' +
+          ('; the fit would be refused' if low > free else '; the fit would start, and run out of memory at its end'))))
 
 
 # %% ../nbs/13_cli.ipynb #6fae3c28
@@ -409,9 +411,9 @@ def _cmd_fit(a):
     if a.dry_run: return _say_factor_sizes(model, mods, a.strategy, a.factor_dtype)
     sizes = check_fit_memory(model, mods, a.strategy, a.factor_dtype)      # (`fit_factors` checks too): said before the data is read
     if sizes is not None:
-        dev = next(model.parameters()).device; free = memory.available_memory(dev)
+        sizes, free = factor_sizes(model, mods, a.strategy, a.factor_dtype), memory.available_memory('cpu')   # exact, as --dry-run
         print(f"{a.strategy} factors of {len(sizes)} layers: {gigabytes(sizes.attrs['total'])} ({sizes.attrs['dtype']})"
-              + (f"; {gigabytes(free)} free on {dev}" if free is not None else ''), flush=True)
+              + (f"; {gigabytes(free)} free on this machine" if free is not None else ''), flush=True)
     train = _corpus(a, tok, model)
     f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
                     factor_dtype=a.factor_dtype, eigh_dtype=a.eigh_dtype, rotate_dtype=a.rotate_dtype,

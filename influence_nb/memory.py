@@ -14,7 +14,7 @@ from .modules import find_modules, _candidates, _mlp_names
 from .kfac import resolve_factor_dtype
 
 # %% auto #0
-__all__ = ['KEPT', 'INPUT_SIDE', 'shared_inputs', 'factor_sizes', 'available_memory', 'gigabytes', 'check_fit_memory']
+__all__ = ['KEPT', 'INPUT_SIDE', 'NO_CHECK', 'shared_inputs', 'factor_sizes', 'available_memory', 'gigabytes', 'check_fit_memory']
 
 # %% ../nbs/05c_memory.ipynb #5c000005
 def _layers(model:nn.Module, modules) -> list:
@@ -65,7 +65,7 @@ def factor_sizes(model:nn.Module, # a causal LM, also one on the `meta` device (
                  modules:str|list[str]='mlp', # as for `fit_factors`
                  strategy:str='ekfac', # identity | diagonal | kfac | ekfac
                  factor_dtype:str|None=None, # as for `fit_factors` (None: float64 for a float64 model, else float32)
-                 forward:bool=True, # find shared inputs by a two-token forward; False: guess them by name and size (no forward)
+                 forward:bool=True, # find shared inputs by a two-token forward (hooks see it); False: guess them by block and size
                 ) -> pd.DataFrame:
     "Bytes each tracked layer's fitted factors will take, from the shapes alone: one row per layer, `attrs['total']` their sum."
     if strategy not in KEPT:
@@ -73,31 +73,51 @@ def factor_sizes(model:nn.Module, # a causal LM, also one on the `meta` device (
                          "strategies keep no factors: they hold the fit sequences instead.")
     layers = _layers(model, modules)
     dt = resolve_factor_dtype(factor_dtype, model)
-    shared = {} if not set(INPUT_SIDE) & set(KEPT[strategy]) else shared_inputs(model, layers) if forward else _guess_shared(layers)
+    needs = bool(set(INPUT_SIDE) & set(KEPT[strategy]))        # only A, QA, lA are shared
+    found = shared_inputs(model, layers) if forward and needs else None
+    shared = found if found is not None else _guess_shared(layers) if needs else {}
     rows = []
     for layer in layers:
         o, i = layer.d_out, layer.d_in1
         numel = {'A': i * i, 'QA': i * i, 'lA': i, 'S': o * o, 'QS': o * o, 'lS': o, 'Lambda': o * i, 'diag': o * i}
-        owner = (shared or {}).get(layer.name, layer.name)
+        owner = shared.get(layer.name, layer.name)
         row = {'d_out': o, 'd_in': i, 'input_of': '' if owner == layer.name else owner}
         row.update({k: 0 if k in INPUT_SIDE and owner != layer.name else numel[k] * dt.itemsize for k in KEPT[strategy]})
         rows.append(row)
     df = pd.DataFrame(rows, index=pd.Index([layer.name for layer in layers], name='layer'))
     df['bytes'] = df[list(KEPT[strategy])].sum(axis=1) if KEPT[strategy] else 0
     df.attrs.update(total=int(df['bytes'].sum()), dtype=str(dt).replace('torch.', ''), strategy=strategy,
-                    shared_found=shared is not None)
+                    shared='forward' if found is not None else 'guess' if needs else 'none')
     return df
 
 # %% ../nbs/05c_memory.ipynb #5c00000d
-def _cgroup_room() -> int|None:
-    "Bytes a cgroup memory limit still leaves this process (v2, then v1); None when there is no limit."
-    for limit, used in (('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory.current'),
-                        ('/sys/fs/cgroup/memory/memory.limit_in_bytes', '/sys/fs/cgroup/memory/memory.usage_in_bytes')):
-        try: cap, cur = Path(limit).read_text().strip(), Path(used).read_text().strip()
-        except OSError: continue
-        if cap.isdigit() and int(cap) < 2 ** 60: return max(int(cap) - int(cur), 0)   # 'max' or a huge v1 number: no limit
-        return None
-    return None
+def _cgroup_dirs(proc:Path=Path('/proc/self/cgroup'), root:Path=Path('/sys/fs/cgroup')) -> list[Path]:
+    "This process's memory cgroup folders, v2 then v1, from its own entry in /proc/self/cgroup up to the root."
+    try: lines = proc.read_text().splitlines()
+    except OSError: return []
+    out = []
+    for line in lines:
+        _, ctrl, rel = line.split(':', 2)
+        base = root if ctrl == '' else root/'memory' if 'memory' in ctrl.split(',') else None
+        if base is None: continue
+        d = base/rel.lstrip('/')
+        out += [d, *[p for p in d.parents if base in p.parents or p == base]]
+    return out
+
+def _cgroup_room(**where) -> int|None:
+    "Bytes the tightest cgroup memory limit over this process still leaves, counting file cache it can drop as free."
+    rooms = []
+    for d in _cgroup_dirs(**where):
+        v2 = (d/'memory.max').exists()
+        try:
+            cap = (d/('memory.max' if v2 else 'memory.limit_in_bytes')).read_text().strip()
+            used = int((d/('memory.current' if v2 else 'memory.usage_in_bytes')).read_text())
+            stat = dict(x.split() for x in (d/'memory.stat').read_text().splitlines())
+        except (OSError, ValueError): continue
+        if not cap.isdigit() or int(cap) >= 2 ** 60: continue        # 'max', or v1's huge number: no limit here
+        cache = int(stat.get('inactive_file', stat.get('total_inactive_file', 0)))
+        rooms.append(max(int(cap) - used + cache, 0))
+    return min(rooms) if rooms else None
 
 def available_memory(device:str|torch.device='cpu') -> int|None:
     "Bytes free for new tensors on `device`: MemAvailable (within a cgroup limit) for the CPU, free memory for CUDA; else None."
@@ -120,17 +140,22 @@ def gigabytes(n:int) -> str:
     gb = n / 1e9
     return f"{gb:.1f} GB" if gb >= 10 else f"{gb:.2g} GB"
 
+NO_CHECK = 'INFLUENCE_NB_NO_MEMORY_CHECK'
+
 def check_fit_memory(model:nn.Module, modules, strategy:str, factor_dtype=None) -> pd.DataFrame|None:
-    "`factor_sizes` of a fit about to start (no forward: a lower bound); raise if even they exceed the memory free on the model's device."
+    "`factor_sizes` of a fit about to start (no forward: a lower bound); raise if even they exceed the host memory free."
     if strategy not in KEPT: return None                      # the iterative strategies keep no factors
     sizes = factor_sizes(model, modules, strategy, factor_dtype, forward=False)
-    device = next(model.parameters()).device
-    need, free = sizes.attrs['total'], available_memory(device)
+    if os.environ.get(NO_CHECK, '') not in ('', '0'): return sizes
+    copies = max(int(os.environ.get('LOCAL_WORLD_SIZE', '1') or 1), 1)   # torchrun: a copy per process on this machine
+    need, free = sizes.attrs['total'] * copies, available_memory('cpu')
     if free is not None and need > free:
         big = sizes['bytes'].nlargest(1)
-        raise ValueError(f"The {strategy} factors of the {len(sizes)} tracked layers take {gigabytes(need)} ({sizes.attrs['dtype']}), "
-                         f"more than the {gigabytes(free)} of memory free on {device}; the fit would fail at its end. Track "
+        raise ValueError(f"The {strategy} factors of the {len(sizes)} tracked layers take at least {gigabytes(need)} ({sizes.attrs['dtype']}"
+                         + (f", {copies} processes" if copies > 1 else '') + f"), more than the {gigabytes(free)} of memory "
+                         "free on this machine, where the factors are kept; the fit would fail at its end. Track "
                          f"fewer layers (`modules`, e.g. a few blocks' MLPs; the largest, {big.index[0]}, takes "
                          f"{gigabytes(int(big.iloc[0]))})" + (", use factor_dtype='float32'" if sizes.attrs['dtype'] == 'float64' else '')
-                         + ", or fit on a machine with more memory. `influence_nb.memory.factor_sizes` gives every layer's share.")
+                         + f", or fit on a machine with more memory. `influence_nb.memory.factor_sizes` gives every layer's share; "
+                         f"{NO_CHECK}=1 skips this check.")
     return sizes

@@ -259,8 +259,9 @@ def check_causal(model:nn.Module):
     if getattr(cfg, 'is_encoder_decoder', False):
         raise ValueError(f"`model` ({name}) is an encoder-decoder model; influence_nb measures log p(completion | prompt) with "
                          "a causal (decoder-only) language model, where each position sees only the tokens before it.")
-    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, 'is_causal', None), bool)]
-    if flags and not any(flags):   # attention layers that all look both ways: a token's log p would see the tokens after it
+    flags = [m.is_causal for n, m in model.named_modules()       # the text model's attention, not a vision or audio tower's
+             if isinstance(getattr(m, 'is_causal', None), bool) and not re.search(r'vision|visual|image|audio|speech', n)]
+    if flags and not any(flags) and not getattr(cfg, 'is_decoder', False):   # all look both ways, and no decoder config masks them
         raise ValueError(f"`model` ({name}) attends in both directions (its attention layers have is_causal=False), so a "
                          "token's probability depends on the tokens after it and influence on log p(completion) means nothing. "
                          "Use a causal language model" + (", or load this one with is_decoder=True if it was trained as a decoder"
@@ -364,6 +365,11 @@ class Capture:
         "The tracked layers' names, once each was called in the forward pass; a layer the model never calls is named."
         names = [layer.name for layer in self.layers]
         missing = [n for n in names if n not in self.outputs]
+        if any(re.search(r'\.experts\.\d+\.', n) for n in missing):   # transformers < 5 runs each expert as a module, only when routed to
+            raise ValueError(f"MoE experts {missing[:3]}{'…' if len(missing) > 3 else ''} were not called in a batch that routed no token to "
+                             "them: this version of transformers runs experts as separate modules, which influence_nb does not "
+                             "track. Install transformers >= 5 (its experts are fused weights, tracked per expert), or leave the "
+                             "experts out of `modules`.")
         if missing: raise ValueError(f"Layers {missing} were not called in the model's forward pass (a model can use a layer's "
                                      "weight without calling it, as Mamba's CPU path does with `dt_proj`), so nothing "
                                      "flows through them to measure: leave them out of `modules`.")

@@ -102,7 +102,8 @@ def token_texts(tokenizer, # a Hugging Face tokenizer (fast ones say which model
     backend = getattr(tokenizer, 'backend_tokenizer', None)
     if backend is None: return decode_tokens(pieces)                      # a slow tokenizer: read the pieces themselves
     if type(backend.model).__name__ == 'WordPiece': return _wordpiece_text(pieces)
-    if type(backend.decoder).__name__ == 'ByteLevel': return decode_tokens(pieces, 'bytes')
+    if type(backend.decoder).__name__ == 'ByteLevel':   # an added token ('<｜begin▁of▁sentence｜>', a run of spaces) is text
+        return [decode_tokens([p], 'bytes')[0] if all(c in _CHAR_TO_BYTE for c in p) else p for p in pieces]
     return _word_pieces(pieces)   # text pieces: never read as bytes, even where their letters lie in the byte alphabet ('ı')
 
 # %% ../nbs/09_viz.ipynb #bf31cf01
