@@ -6,15 +6,15 @@ that stops at once, saying so, when they cannot fit where it runs."""
 # %% ../nbs/05c_memory.ipynb #5c000001
 from __future__ import annotations
 import os
-from pathlib import Path
 import pandas as pd
 import torch
 from torch import nn
 from .modules import find_modules, _candidates, _mlp_names
 from .kfac import resolve_factor_dtype
+from .theory import available_memory
 
 # %% auto #0
-__all__ = ['KEPT', 'INPUT_SIDE', 'NO_CHECK', 'shared_inputs', 'factor_sizes', 'available_memory', 'gigabytes', 'check_fit_memory']
+__all__ = ['KEPT', 'INPUT_SIDE', 'NO_CHECK', 'shared_inputs', 'factor_sizes', 'gigabytes', 'check_fit_memory']
 
 # %% ../nbs/05c_memory.ipynb #5c000005
 def _layers(model:nn.Module, modules) -> list:
@@ -89,50 +89,6 @@ def factor_sizes(model:nn.Module, # a causal LM, also one on the `meta` device (
     df.attrs.update(total=int(df['bytes'].sum()), dtype=str(dt).replace('torch.', ''), strategy=strategy,
                     shared='forward' if found is not None else 'guess' if needs else 'none')
     return df
-
-# %% ../nbs/05c_memory.ipynb #5c00000d
-def _cgroup_dirs(proc:Path=Path('/proc/self/cgroup'), root:Path=Path('/sys/fs/cgroup')) -> list[Path]:
-    "This process's memory cgroup folders, v2 then v1, from its own entry in /proc/self/cgroup up to the root."
-    try: lines = proc.read_text().splitlines()
-    except OSError: return []
-    out = []
-    for line in lines:
-        _, ctrl, rel = line.split(':', 2)
-        base = root if ctrl == '' else root/'memory' if 'memory' in ctrl.split(',') else None
-        if base is None: continue
-        d = base/rel.lstrip('/')
-        out += [d, *[p for p in d.parents if base in p.parents or p == base]]
-    return out
-
-def _cgroup_room(**where) -> int|None:
-    "Bytes the tightest cgroup memory limit over this process still leaves, counting file cache it can drop as free."
-    rooms = []
-    for d in _cgroup_dirs(**where):
-        v2 = (d/'memory.max').exists()
-        try:
-            cap = (d/('memory.max' if v2 else 'memory.limit_in_bytes')).read_text().strip()
-            used = int((d/('memory.current' if v2 else 'memory.usage_in_bytes')).read_text())
-            stat = dict(x.split() for x in (d/'memory.stat').read_text().splitlines())
-        except (OSError, ValueError): continue
-        if not cap.isdigit() or int(cap) >= 2 ** 60: continue        # 'max', or v1's huge number: no limit here
-        cache = int(stat.get('inactive_file', stat.get('total_inactive_file', 0)))
-        rooms.append(max(int(cap) - used + cache, 0))
-    return min(rooms) if rooms else None
-
-def available_memory(device:str|torch.device='cpu') -> int|None:
-    "Bytes free for new tensors on `device`: MemAvailable (within a cgroup limit) for the CPU, free memory for CUDA; else None."
-    device = torch.device(device)
-    if device.type == 'cuda': return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != 'cpu': return None
-    free = None
-    try:
-        for line in Path('/proc/meminfo').read_text().splitlines():
-            if line.startswith('MemAvailable:'): free = int(line.split()[1]) * 1024
-    except OSError:
-        try: free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-        except (ValueError, OSError, AttributeError): return None
-    room = _cgroup_room()
-    return free if room is None or free is None else min(free, room)
 
 # %% ../nbs/05c_memory.ipynb #5c000010
 def gigabytes(n:int) -> str:

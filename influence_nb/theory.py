@@ -6,6 +6,7 @@
 from __future__ import annotations
 import contextlib, copy, difflib, math, os
 from collections.abc import Sequence
+from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, hessian
@@ -180,19 +181,57 @@ def sequence_grads(model:torch.nn.Module, # LM-style: `model(input_ids=, attenti
     flat = FlatParams(model, param_names, dtype)
     with exact_mode(model): return _grads(flat, _seqs(model, seqs, 'seqs'))
 
-# %% ../nbs/01_theory.ipynb #821b97da
+# %% ../nbs/01_theory.ipynb #c6806573
+def _cgroup_dirs(proc:Path=Path('/proc/self/cgroup'), root:Path=Path('/sys/fs/cgroup')) -> list[Path]:
+    "This process's memory cgroup folders, v2 then v1, from its own entry in /proc/self/cgroup up to the root."
+    try: lines = proc.read_text().splitlines()
+    except OSError: return []
+    out = []
+    for line in lines:
+        _, ctrl, rel = line.split(':', 2)
+        base = root if ctrl == '' else root/'memory' if 'memory' in ctrl.split(',') else None
+        if base is None: continue
+        d = base/rel.lstrip('/')
+        out += [d, *[p for p in d.parents if base in p.parents or p == base]]
+    return out
+
+def _cgroup_room(**where) -> int|None:
+    "Bytes the tightest cgroup memory limit over this process still leaves, counting file cache it can drop as free."
+    rooms = []
+    for d in _cgroup_dirs(**where):
+        v2 = (d/'memory.max').exists()
+        try:
+            cap = (d/('memory.max' if v2 else 'memory.limit_in_bytes')).read_text().strip()
+            used = int((d/('memory.current' if v2 else 'memory.usage_in_bytes')).read_text())
+            stat = dict(x.split() for x in (d/'memory.stat').read_text().splitlines())
+        except (OSError, ValueError): continue
+        if not cap.isdigit() or int(cap) >= 2 ** 60: continue        # 'max', or v1's huge number: no limit here
+        cache = int(stat.get('inactive_file', stat.get('total_inactive_file', 0)))
+        rooms.append(max(int(cap) - used + cache, 0))
+    return min(rooms) if rooms else None
+
 def available_memory(device=None) -> int|None:
-    "Bytes of memory available now on `device` (a CUDA device: its free memory; else the host's), None where unknown."
+    "Bytes free for new tensors on `device`: for the CPU (default) MemAvailable within the tightest cgroup limit; CUDA: free memory; else None."
     device = torch.device(device) if device is not None else torch.device('cpu')
     if device.type == 'cuda': return int(torch.cuda.mem_get_info(device)[0])
     if device.type != 'cpu': return None
+    free = None
     try:
-        import psutil
-        return int(psutil.virtual_memory().available)
-    except ImportError: pass
-    try: return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    except (ValueError, OSError, AttributeError): return None
+        for line in Path('/proc/meminfo').read_text().splitlines():
+            if line.startswith('MemAvailable:'): free = int(line.split()[1]) * 1024
+    except OSError: pass
+    if free is None:                                                    # not Linux
+        try:
+            import psutil
+            free = int(psutil.virtual_memory().available)
+        except ImportError:
+            try: free = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+            except (ValueError, OSError, AttributeError): return None
+    room = _cgroup_room()
+    return free if room is None else min(free, room)
 
+
+# %% ../nbs/01_theory.ipynb #821b97da
 def check_dense_fits(P:int, # tracked parameters
                      dtype:torch.dtype, # of the [P, P] matrices
                      what:str, # the caller, for the message
