@@ -368,17 +368,23 @@ def _explore_parser(sub):
                    'sequences instead of serving it (a headless check)')
 
 # %% ../nbs/13_cli.ipynb #297762c5
+def _room_line(strategy:str, sizes, low:int) -> str:
+    "The factors' size (a copy per process on this machine) against the host memory free, and what the fit will do."
+    need, free, copies = memory.fit_room(sizes.attrs['total'])
+    head = (f"{strategy} factors of {len(sizes)} layers ({sizes.attrs['dtype']}): {gigabytes(sizes.attrs['total'])}"
+            + (f", {copies} processes: {gigabytes(need)}" if copies > 1 else ''))
+    if free is None: return head + ("; memory not checked" if os.environ.get(memory.NO_CHECK, '') not in ('', '0') else '')
+    return head + f"; {gigabytes(free)} free on this machine: " + ('they fit' if need <= free else 'they do NOT fit; ' +
+           ('the fit would be refused' if memory.fit_room(low)[0] > free else 'the fit would start, and run out of memory at its end'))
+
 def _say_factor_sizes(model, mods, strategy:str, factor_dtype):
     "`fit-factors --dry-run`: each tracked layer's factors in GB, their total and the memory free; nothing is fitted."
     if strategy not in KEPT: print(f"--strategy {strategy} keeps no factors: it holds the fit sequences in memory instead."); return
     sizes = factor_sizes(model, mods, strategy, factor_dtype)
-    free, need = memory.available_memory('cpu'), sizes.attrs['total']                 # the factors are kept in the host's memory
     low = factor_sizes(model, mods, strategy, factor_dtype, forward=False).attrs['total']   # what the fit's own check counts
     table = sizes[['d_out', 'd_in', 'input_of']].assign(GB=sizes['bytes'] / 1e9)
     with pd.option_context('display.max_rows', None, 'display.width', 250): print(table.to_string(float_format=lambda x: f'{x:.4g}'))
-    print(f"{strategy} factors of {len(sizes)} layers ({sizes.attrs['dtype']}): {gigabytes(need)}" + ('' if free is None else
-          f"; {gigabytes(free)} free on this machine: " + ('they fit' if need <= free else 'they do NOT fit' +
-          ('; the fit would be refused' if low > free else '; the fit would start, and run out of memory at its end'))))
+    print(_room_line(strategy, sizes, low))
 
 
 # %% ../nbs/13_cli.ipynb #6fae3c28
@@ -409,11 +415,8 @@ def _cmd_fit(a):
     model, tok = load_model(a.model, a.tokenizer, a.device, a.dtype)
     mods = a.modules if a.modules in ('mlp', 'all') else a.modules.split(',')
     if a.dry_run: return _say_factor_sizes(model, mods, a.strategy, a.factor_dtype)
-    sizes = check_fit_memory(model, mods, a.strategy, a.factor_dtype)      # (`fit_factors` checks too): said before the data is read
-    if sizes is not None:
-        sizes, free = factor_sizes(model, mods, a.strategy, a.factor_dtype), memory.available_memory('cpu')   # exact, as --dry-run
-        print(f"{a.strategy} factors of {len(sizes)} layers: {gigabytes(sizes.attrs['total'])} ({sizes.attrs['dtype']})"
-              + (f"; {gigabytes(free)} free on this machine" if free is not None else ''), flush=True)
+    low = check_fit_memory(model, mods, a.strategy, a.factor_dtype)        # (`fit_factors` checks too): said before the data is read
+    if low is not None: print(_room_line(a.strategy, factor_sizes(model, mods, a.strategy, a.factor_dtype), low.attrs['total']), flush=True)
     train = _corpus(a, tok, model)
     f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
                     factor_dtype=a.factor_dtype, eigh_dtype=a.eigh_dtype, rotate_dtype=a.rotate_dtype,

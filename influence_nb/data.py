@@ -263,24 +263,32 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
     return as_sequences([{'input_ids': ids} for ids in enc['input_ids']], name='texts')
 
 # %% ../nbs/00_data.ipynb #3d710ad0
-def _completion_ids(tokenizer, prompt:str, completion:str, p_ids:list[int]) -> tuple[list[int], bool]:
-    "The completion's tokens as they follow the prompt's in the joined text, and whether a token spans both (then the completion is tokenized alone)."
-    joint = list(tokenizer(prompt + completion, add_special_tokens=False)['input_ids'])
-    if joint[:len(p_ids)] == p_ids and len(joint) > len(p_ids): return joint[len(p_ids):], False
+def _completion_ids(tokenizer, prompt:str, completion:str, p_ids:list[int]) -> tuple[list[int], list[int], str]:
+    "`(prompt ids, completion ids, how)`: the joined text's tokens split where the prompt ends ('joined'), at the token spanning a word across it ('merged'), or, without offsets, the completion tokenized alone ('alone')."
+    try: enc = tokenizer(prompt + completion, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError): enc = tokenizer(prompt + completion, add_special_tokens=False)
+    joint, spans = list(enc['input_ids']), enc.get('offset_mapping')
+    if joint[:len(p_ids)] == p_ids and len(joint) > len(p_ids): return p_ids, joint[len(p_ids):], 'joined'
+    if spans is not None:                                 # a token reaches across the boundary: it goes with the completion
+        cut = next((k for k, (s, e) in enumerate(spans) if e > len(prompt)), len(joint))
+        if cut < len(joint):
+            spanned = prompt[spans[cut][0]:]              # the prompt's part of that token: a space only, or a word's start
+            return joint[:cut], joint[cut:], 'joined' if not spanned.strip() else 'merged'
     alone = list(tokenizer(completion, add_special_tokens=False)['input_ids'])
     if len(alone) > 1 and not completion[0].isspace() and not tokenizer.decode(alone[:1]).strip():
         alone = alone[1:]   # a word-start mark (SentencePiece's '▁') that tokenizing it alone added: the text has no space there
-    return alone, True
+    return p_ids, alone, 'alone'
 
 def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=()):
     "One warning per kind for `tokenize_pairs`, however many pairs it concerns: `(i, text)` lists, `n` pairs in all."
     first = lambda xs: f"{len(xs):,} of {n:,} pairs (the first: pairs[{xs[0][0]}], {xs[0][1]!r})"
     if joined: warnings.warn(f"{first(joined)}: the prompt's last word runs on into the completion, and the tokenizer joins them "
-                             "into a token spanning both, so the completion is measured as tokens of its own, which the model "
-                             "rarely sees after that prompt; end the prompt where a word ends.", stacklevel=3)
-    if spaced: warnings.warn(f"{first(spaced)}: the prompt ends with a space and the completion does not. Most tokenizers attach a "
-                             "space to the word after it, so this splits the text into tokens the model rarely saw; write the "
-                             "space at the start of the completion: (prompt.rstrip(), ' ' + completion).", stacklevel=3)
+                             "into a token spanning both; that token is measured with the completion (the prompt ends before it). "
+                             "End the prompt where a word ends to measure the completion alone.", stacklevel=3)
+    if spaced: warnings.warn(f"{first(spaced)}: the prompt ends with a space and the completion does not, and this tokenizer gives "
+                             "no offsets to move that space to the word after it, as the joined text's tokens have it; the "
+                             "tokens measured are ones the model rarely saw. Write the space at the start of the completion: "
+                             "(prompt.rstrip(), ' ' + completion).", stacklevel=3)
     if unknown: warnings.warn(f"{first(unknown)}: the completion holds tokens the tokenizer does not know ({unk_token!r}); its "
                               "log-probability, and so its influence, is that of the unknown token.", stacklevel=3)
 
@@ -315,10 +323,11 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
             raise TypeError(f"pairs[{i}] must be a (prompt, completion) pair of strings or a dict with those keys.")
         prompt, completion = p
         if not completion: raise ValueError(f"pairs[{i}] has an empty completion: there is nothing to measure.")
-        if prompt.endswith(' ') and not completion[0].isspace(): spaced.append((i, prompt[-12:] + '|' + completion[:12]))
         p_ids = list(tokenizer(prompt, add_special_tokens=False)['input_ids'])
-        c_ids, merged = _completion_ids(tokenizer, prompt, completion, p_ids)
-        if merged and p_ids and not (spaced and spaced[-1][0] == i): joined.append((i, prompt[-12:] + '|' + completion[:12]))
+        p_ids, c_ids, how = _completion_ids(tokenizer, prompt, completion, p_ids)
+        where = (i, prompt[-12:] + '|' + completion[:12])
+        if how == 'alone' and prompt.endswith(' ') and not completion[0].isspace(): spaced.append(where)
+        elif how != 'joined' and p_ids: joined.append(where)
         if not c_ids: raise ValueError(f"pairs[{i}]'s completion {completion!r} has no tokens: there is nothing to measure.")
         if unk is not None and unk in c_ids: unknown.append((i, completion))
         p_ids = special_prefix(tokenizer, prompt if p_ids else completion) + p_ids   # never an end token before the completion

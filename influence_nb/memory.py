@@ -5,7 +5,7 @@ that stops at once, saying so, when they cannot fit where it runs."""
 
 # %% ../nbs/05c_memory.ipynb #5c000001
 from __future__ import annotations
-import os
+import os, warnings
 import pandas as pd
 import torch
 from torch import nn
@@ -14,7 +14,8 @@ from .kfac import resolve_factor_dtype
 from .theory import available_memory
 
 # %% auto #0
-__all__ = ['KEPT', 'INPUT_SIDE', 'NO_CHECK', 'shared_inputs', 'factor_sizes', 'gigabytes', 'check_fit_memory']
+__all__ = ['KEPT', 'INPUT_SIDE', 'OUT_PROJ', 'NO_CHECK', 'shared_inputs', 'factor_sizes', 'gigabytes', 'fit_room',
+           'check_fit_memory']
 
 # %% ../nbs/05c_memory.ipynb #5c000005
 def _layers(model:nn.Module, modules) -> list:
@@ -32,14 +33,17 @@ def shared_inputs(model:nn.Module, layers:list) -> dict|None:
     for layer in layers:
         if layer.expert is None:
             hooks.append(layer.module.register_forward_pre_hook(lambda mod, args, n=layer.name: seen.setdefault(n, args[0])))
-    device = next(model.parameters()).device
+    device, cfg = next(model.parameters()).device, getattr(model, 'config', None)
+    pad = getattr(cfg, 'pad_token_id', None)
     try:
         ids = torch.zeros(1, 2, dtype=torch.long, device=device)
         mask = {} if device.type == 'meta' else {'attention_mask': torch.ones_like(ids)}   # a meta mask cannot be read
+        if device.type == 'meta' and pad is not None: cfg.pad_token_id = None   # else a padding check reads the meta ids
         with torch.no_grad(): model(input_ids=ids, **mask)
     except Exception: return None
     finally:
         for h in hooks: h.remove()
+        if device.type == 'meta' and pad is not None: cfg.pad_token_id = pad
     first, bias = {}, {layer.name: layer.bias for layer in layers}
     key = lambda x: id(x) if x.device.type == 'meta' else x.data_ptr()   # meta tensors have no data to point at
     return {n: first.setdefault((key(seen[n]), tuple(seen[n].shape), bias[n]), n) for n in bias if n in seen}   # first in model order, as the fit
@@ -55,10 +59,12 @@ def _block_of(name:str) -> str:
     i = next((k for k, part in enumerate(parts) if part.isdigit()), None)
     return '.'.join(parts[:i + 1]) if i is not None else name.rpartition('.')[0]
 
+OUT_PROJ = ('o_proj', 'out_proj', 'c_proj', 'dense', 'wo', 'down_proj', 'fc2', 'fc_out', 'dense_4h_to_h', 'w2')   # read their sublayer's output
+
 def _guess_shared(layers:list) -> dict:
-    "Without a forward: the layers of one block with one input size (and bias) are taken to share an input; experts never."
+    "Without a forward: the layers of one block with one input size (and bias) are taken to share an input; experts and output projections never."
     first = {}
-    return {layer.name: layer.name if layer.expert is not None else
+    return {layer.name: layer.name if layer.expert is not None or layer.name.rpartition('.')[2] in OUT_PROJ else
             first.setdefault((_block_of(layer.name), layer.d_in, layer.bias), layer.name) for layer in layers}
 
 def factor_sizes(model:nn.Module, # a causal LM, also one on the `meta` device (shapes only)
@@ -75,6 +81,10 @@ def factor_sizes(model:nn.Module, # a causal LM, also one on the `meta` device (
     dt = resolve_factor_dtype(factor_dtype, model)
     needs = bool(set(INPUT_SIDE) & set(KEPT[strategy]))        # only A, QA, lA are shared
     found = shared_inputs(model, layers) if forward and needs else None
+    if forward and needs and found is None:
+        warnings.warn(f"{type(model).__name__}'s two-token forward failed (on the meta device a model that routes or checks "
+                      "token values cannot run), so which layers share an input is guessed from their names and sizes: "
+                      "the sizes may be a little low.", stacklevel=2)
     shared = found if found is not None else _guess_shared(layers) if needs else {}
     rows = []
     for layer in layers:
@@ -98,13 +108,17 @@ def gigabytes(n:int) -> str:
 
 NO_CHECK = 'INFLUENCE_NB_NO_MEMORY_CHECK'
 
+def fit_room(total:int) -> tuple[int, int|None, int]:
+    "`(need, free, copies)`: `total` bytes of factors times the processes on this machine, and the host memory free (None: unknown or not checked)."
+    copies = max(int(os.environ.get('LOCAL_WORLD_SIZE', '1') or 1), 1)   # torchrun: a copy per process on this machine
+    free = None if os.environ.get(NO_CHECK, '') not in ('', '0') else available_memory('cpu')
+    return total * copies, free, copies
+
 def check_fit_memory(model:nn.Module, modules, strategy:str, factor_dtype=None) -> pd.DataFrame|None:
     "`factor_sizes` of a fit about to start (no forward: a lower bound); raise if even they exceed the host memory free."
     if strategy not in KEPT: return None                      # the iterative strategies keep no factors
     sizes = factor_sizes(model, modules, strategy, factor_dtype, forward=False)
-    if os.environ.get(NO_CHECK, '') not in ('', '0'): return sizes
-    copies = max(int(os.environ.get('LOCAL_WORLD_SIZE', '1') or 1), 1)   # torchrun: a copy per process on this machine
-    need, free = sizes.attrs['total'] * copies, available_memory('cpu')
+    need, free, copies = fit_room(sizes.attrs['total'])
     if free is not None and need > free:
         big = sizes['bytes'].nlargest(1)
         raise ValueError(f"The {strategy} factors of the {len(sizes)} tracked layers take at least {gigabytes(need)} ({sizes.attrs['dtype']}"

@@ -254,18 +254,23 @@ def check_model(model:nn.Module):
     check_causal(model)
 
 def check_causal(model:nn.Module):
-    "Refuse a model whose positions see later tokens (an encoder-decoder, or attention that is nowhere causal, e.g. BERT)."
+    "Refuse a model whose positions see later tokens: an encoder-decoder, a masked LM, or an encoder not configured as a decoder."
     cfg, name = getattr(model, 'config', None), type(model).__name__
     if getattr(cfg, 'is_encoder_decoder', False):
         raise ValueError(f"`model` ({name}) is an encoder-decoder model; influence_nb measures log p(completion | prompt) with "
                          "a causal (decoder-only) language model, where each position sees only the tokens before it.")
     flags = [m.is_causal for n, m in model.named_modules()       # the text model's attention, not a vision or audio tower's
              if isinstance(getattr(m, 'is_causal', None), bool) and not re.search(r'vision|visual|image|audio|speech', n)]
-    if flags and not any(flags) and not getattr(cfg, 'is_decoder', False):   # all look both ways, and no decoder config masks them
-        raise ValueError(f"`model` ({name}) attends in both directions (its attention layers have is_causal=False), so a "
-                         "token's probability depends on the tokens after it and influence on log p(completion) means nothing. "
-                         "Use a causal language model" + (", or load this one with is_decoder=True if it was trained as a decoder"
-                                                          if cfg is not None and hasattr(cfg, 'is_decoder') else '') + ".")
+    decoder = getattr(cfg, 'is_decoder', None)                   # decoder-only configs mostly leave it unset; encoders set it False
+    why = ('it is a masked language model' if name.endswith('ForMaskedLM') else
+           'its config says causal=False' if getattr(cfg, 'causal', None) is False else
+           'its attention reads the whole sequence (XLNet, CPM-Ant)' if getattr(cfg, 'model_type', None) in ('xlnet', 'cpmant') else
+           'its attention layers have is_causal=False' if flags and not any(flags) and not decoder else
+           'a BERT-style encoder whose config has is_decoder=False' if decoder is False and hasattr(cfg, 'type_vocab_size')
+           and not any(flags) else None)
+    if why: raise ValueError(f"`model` ({name}) attends in both directions ({why}), so a token's probability depends on the "
+                             "tokens after it and influence on log p(completion) means nothing. Use a causal language model"
+                             + (", or load this one with is_decoder=True if it was trained as a decoder" if decoder is False else '') + ".")
 
 
 # %% ../nbs/03_modules.ipynb #98e9cf8f
