@@ -328,22 +328,22 @@ def ggn_matrix(prob: FlatProblem) -> torch.Tensor:
     return ggn_of_rows(units, prob.theta_s, prob.loss) / prob.N
 
 # %% ../nbs/02_pbrf.ipynb #adc7ee08
-def _cg(matvec, B: torch.Tensor, tol: float, max_iter: int, precondition=None):
-    "Solve A X = B column-wise for B [k, P] by (preconditioned) conjugate gradients from X = 0; returns (X, iterations, relative residuals [k])."
-    M = precondition or (lambda R: R)                                     # M ≈ A⁻¹ (identity: plain CG)
+_NOT_PD = ("conjugate gradients met a direction of non-positive curvature: the matrix is not positive definite "
+           "(raise `damping`).")
+
+def _cg_columns(matvec, B: torch.Tensor, tol: float, max_iter: int, M):
+    "One (preconditioned) CG per column of B [k, P], run in lock-step: each column's iterates are its own CG's."
     X, R = torch.zeros_like(B), B.clone()
     Z = M(R)
     Pd, rz = Z.clone(), (R * Z).sum(1)                                    # search directions, rᵀ M r per column
-    bnorm = B.norm(dim=1)
-    thresh = (tol * bnorm) ** 2
+    thresh = (tol * B.norm(dim=1)) ** 2
     active, it = (R * R).sum(1) > thresh, 0
     while it < max_iter and (n_active := int(active.sum())):
         idx = slice(None) if n_active == len(B) else active.nonzero()[:, 0]   # all columns: views, no copies
         Pa = Pd[idx]
         AP = matvec(Pa)                                                   # [k_active, P]
         pAp = (Pa * AP).sum(1)
-        if (pAp <= 0).any(): raise ValueError("conjugate gradients met a direction of non-positive curvature: "
-                                              "the matrix is not positive definite (raise `damping`).")
+        if (pAp <= 0).any(): raise ValueError(_NOT_PD)
         alpha = rz[idx] / pAp
         X[idx] += alpha[:, None] * Pa
         Ra = R[idx] - alpha[:, None] * AP
@@ -354,7 +354,41 @@ def _cg(matvec, B: torch.Tensor, tol: float, max_iter: int, precondition=None):
         rz[idx] = rz_new
         active[idx] = (Ra * Ra).sum(1) > thresh[idx]
         it += 1
-    return X, it, R.norm(dim=1) / bnorm.clamp_min(torch.finfo(B.dtype).tiny)
+    return X, it, R
+
+# %% ../nbs/02_pbrf.ipynb #91c1ca49
+def _span(W: torch.Tensor) -> torch.Tensor:
+    "Orthonormal rows spanning the rows of W [s, P] (each scaled to unit length first), near-dependent directions dropped."
+    W = W / W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
+    _, sv, Vh = torch.linalg.svd(W, full_matrices=False)                 # W = U diag(sv) Vh: Vh's rows span W's
+    return Vh[sv > 1e3 * torch.finfo(W.dtype).eps * sv[0]] if len(sv) else Vh
+
+def _block_cg(matvec, B: torch.Tensor, tol: float, max_iter: int, M):
+    "Block (preconditioned) CG: every step searches one space built from all unconverged columns' residuals."
+    X, R = torch.zeros_like(B), B.clone()
+    thresh = tol * B.norm(dim=1)
+    active, it = R.norm(dim=1) > thresh, 0
+    D = _span(M(R[active])) if active.any() else B[:0]                     # [s, P] directions, orthonormal rows
+    while it < max_iter and active.any() and len(D):
+        AD = matvec(D)                                                    # [s, P]: the step's one batched product
+        C = (D @ AD.T).double()                                           # Dᵀ A D [s, s], symmetric positive definite
+        L, bad = torch.linalg.cholesky_ex((C + C.T) / 2)
+        if bad: raise ValueError(_NOT_PD)
+        alpha = torch.cholesky_solve((D @ R.T).double(), L).to(B.dtype)   # [s, k]: each column's best step within D
+        X += alpha.T @ D
+        R -= alpha.T @ AD
+        active, it = R.norm(dim=1) > thresh, it + 1
+        if it == max_iter or not active.any(): break
+        Z = M(R[active])                                                  # new directions from unconverged columns only
+        beta = torch.cholesky_solve((AD @ Z.T).double(), L).to(B.dtype)   # [s, k_active]: makes Z − βᵀD A-conjugate to D
+        D = _span(Z - beta.T @ D)
+    return X, it, R
+
+def _cg(matvec, B: torch.Tensor, tol: float, max_iter: int, precondition=None, block: bool = True):
+    "Solve A X = B for B [k, P] by (preconditioned) CG from X = 0, block CG unless `block=False`; returns (X, iterations, relative residuals [k])."
+    M = precondition or (lambda R: R)                                     # M ≈ A⁻¹ (identity: plain CG)
+    X, it, R = (_block_cg if block else _cg_columns)(matvec, B, tol, max_iter, M)
+    return X, it, R.norm(dim=1) / B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
 
 # %% ../nbs/02_pbrf.ipynb #a4b18a0a
 @dataclass
@@ -732,17 +766,19 @@ def cg_ihvp(model,                # the model at θ_s
             batch_size: int = 64, # examples per forward pass
             dtype = None,         # computation dtype (None: the first tracked parameter's)
             preconditioner = None, # M ≈ (G + λI)⁻¹: a callable [n, P] -> [n, P] (SPD), e.g. EK-FAC's inverse
+            block: bool = True,   # block CG: all columns search one shared space (False: one independent CG per column)
            ) -> torch.Tensor:     # (G + λI)⁻¹ V, same shape and dtype as V
     "(G + λI)⁻¹ V by (preconditioned) conjugate gradients on batched Gauss–Newton products."
     damping = check_damping(damping, allow_none=False)
     tol = _check_positive(tol, 'tol')
+    if not isinstance(block, bool): raise TypeError(f"`block` must be True or False, got {block!r}.")
     _check_iters(max_iter=(max_iter, 0 if preconditioner is not None else 1))
     with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         B, one = prob.vectors(V)
         M = _checked_preconditioner(preconditioner, prob.P)
         if max_iter == 0: X, it, rel = M(B), 0, None                      # the preconditioner's own answer
-        else: X, it, rel = _cg(lambda U: _gnvp(prob, U) + damping * U, B, tol, max_iter, M)
+        else: X, it, rel = _cg(lambda U: _gnvp(prob, U) + damping * U, B, tol, max_iter, M, block)
     if M is None and (rel > tol).any():                                   # a preconditioned solve stops where asked
         warnings.warn(f"cg_ihvp stopped after {it} iterations with relative residual up to {rel.max().item():.2e} > "
                       f"tol = {tol:.1e}; raise `max_iter` or `damping`.")

@@ -52,20 +52,42 @@ def test_exact_inverse_preconditioner_converges_in_one_step(tiny_lm):
 
 
 def test_columns_together_equal_one_at_a_time(tiny_lm):
+    "block=False: each column runs its own CG, whatever else is solved with it."
     gpt, names, seqs, lam, A, g = tiny_lm
     V = torch.randn(4, len(A), dtype=f64, generator=g)
     M = _spd(len(A), g)
-    pcg = dict(max_iter=3, preconditioner=lambda R: R @ M)
+    pcg = dict(max_iter=3, preconditioner=lambda R: R @ M, block=False)
     with warnings.catch_warnings():
         warnings.simplefilter('error')               # a truncated preconditioned solve is what was asked for: no warning
         together = cg_ihvp(gpt, names, seqs, V, lam, **pcg)
         alone = torch.stack([cg_ihvp(gpt, names, seqs, v, lam, **pcg) for v in V])
     assert (together - alone).norm() <= 1e-10 * alone.norm()
     with pytest.warns(UserWarning, match='raise `max_iter`'):   # plain CG cut short says so
-        together = cg_ihvp(gpt, names, seqs, V, lam, max_iter=4)
+        together = cg_ihvp(gpt, names, seqs, V, lam, max_iter=4, block=False)
     with pytest.warns(UserWarning, match='raise `max_iter`'):
-        alone = torch.stack([cg_ihvp(gpt, names, seqs, v, lam, max_iter=4) for v in V])
+        alone = torch.stack([cg_ihvp(gpt, names, seqs, v, lam, max_iter=4, block=False) for v in V])
     assert (together - alone).norm() <= 1e-10 * alone.norm()
+
+
+@pytest.mark.parametrize('precondition', [False, True])
+def test_block_cg_is_never_worse_per_column_and_converges_to_the_same(tiny_lm, precondition):
+    """Block CG's k-step space contains each column's own k-step Krylov space, and each column minimises its own A-norm
+    error over it: after the same number of steps every column is at least as close (in A-norm) as its own CG."""
+    gpt, names, seqs, lam, A, g = tiny_lm
+    V = torch.randn(6, len(A), dtype=f64, generator=g)
+    M = _spd(len(A), g)
+    kw = dict(preconditioner=(lambda R: R @ M) if precondition else None)
+    direct = torch.linalg.solve(A, V.T).T
+    a_err = lambda X: ((X - direct) @ A * (X - direct)).sum(1).sqrt()      # per column ‖x − x*‖_A
+    for k in (1, 2, 3):
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')          # plain CG cut short warns; that is the point here
+            blk = cg_ihvp(gpt, names, seqs, V, lam, max_iter=k, **kw)
+            own = cg_ihvp(gpt, names, seqs, V, lam, max_iter=k, block=False, **kw)
+        assert (a_err(blk) <= a_err(own) * (1 + 1e-9)).all(), (k, a_err(blk), a_err(own))
+        assert a_err(blk).sum() < a_err(own).sum()                          # and strictly better: the space is larger
+    blk = cg_ihvp(gpt, names, seqs, V, lam, tol=1e-12, max_iter=500, **kw)
+    assert (blk - direct).norm() <= 1e-8 * direct.norm()
 
 
 def _per_column(prob, V):
@@ -137,3 +159,17 @@ def test_fused_attention_is_switched_for_the_solve_and_refused_where_it_cannot_b
     P = sum(p.numel() for n, p in sdpa.named_parameters() if n in names)
     with pytest.raises(ValueError, match="attn_implementation='eager'"):
         cg_ihvp(sdpa, names, train, torch.randn(1, P), 0.1, max_iter=2)
+
+
+def test_block_option_reaches_the_solver_and_is_checked():
+    "`fit_factors(..., solver=dict(block=False))` runs one CG per query; both converge to the same scores; a non-bool is refused."
+    import influence_nb as inf
+    m = inf.tiny_model('gpt2', seed=3).double()
+    g = torch.Generator().manual_seed(1)
+    train = [dict(input_ids=torch.randint(0, m.config.vocab_size, (6,), generator=g)) for _ in range(6)]
+    s = {b: inf.pairwise_scores(m, inf.fit_factors(m, train, 'cg', solver=dict(tol=1e-10, block=b), progress=False),
+                                train[:3], train, damping=1e-2, progress=False).total for b in (True, False)}
+    assert torch.allclose(s[True], s[False], rtol=0, atol=1e-7 * float(s[False].abs().max()))
+    with pytest.raises(TypeError, match='`block` must be True or False'):
+        inf.pairwise_scores(m, inf.fit_factors(m, train, 'cg', solver=dict(block='yes'), progress=False), train[:1], train,
+                            damping=1e-2, progress=False)
