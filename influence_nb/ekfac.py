@@ -20,10 +20,11 @@ from .kfac import (dist_info, fit_covariances, eigen, layer_passes, precondition
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'ITERATIVE', 'EIGEN', 'FORMAT_VERSION', 'FACTOR_DTYPE', 'SAMPLE', 'SAMPLE_OTHER', 'EIGENVALUES',
-           'PRECONDITIONERS', 'FACTOR_STRATEGIES', 'FIT_DTYPES', 'seq_grads', 'fit_lambda', 'fit_diagonal',
-           'fingerprint', 'model_digest', 'model_changes', 'precondition_identity', 'precondition_diagonal',
-           'precondition_in_eigenbasis', 'Factors', 'check_bound', 'save_factors', 'load_factors',
-           'check_factors_finite', 'fit_dtype', 'warn_without_curvature', 'FitCheckpoint', 'fit_factors']
+           'PRECONDITIONERS', 'FACTOR_STRATEGIES', 'FIT_DTYPES', 'NULL_ROUNDINGS', 'seq_grads', 'fit_lambda',
+           'fit_diagonal', 'fingerprint', 'model_digest', 'model_changes', 'precondition_identity',
+           'precondition_diagonal', 'precondition_in_eigenbasis', 'Factors', 'check_bound', 'save_factors',
+           'load_factors', 'check_factors_finite', 'fit_dtype', 'warn_without_curvature', 'FitCheckpoint',
+           'average_null_space', 'fit_factors']
 
 # %% ../nbs/05_ekfac.ipynb #a4f25866
 STRATEGIES = ('identity', 'diagonal', 'kfac', 'ekfac', 'lissa', 'cg', 'pcg')
@@ -535,6 +536,17 @@ def _fit_key(model, layers, seqs, **settings) -> str:
             for k in ('input_ids', 'labels', 'attention_mask'): yield from (s[k], '|')
     return artefact.digest(parts(), 'blake2b', 16)
 
+NULL_ROUNDINGS = 1e3   # an eigenvalue of S within this many roundings of zero (relative to the largest) is in its null space
+
+def average_null_space(Lam:torch.Tensor, # [d_out, d_in+1] Λ of one layer, rows in the order of `lS`
+                       lS:torch.Tensor, # [d_out] eigenvalues of its S
+                       eps:float, # the rounding unit of S's sums and eigendecomposition (the coarser of the two)
+                      ) -> torch.Tensor:
+    "Λ with the rows of S's numerical null space replaced, column by column, by their mean: what any basis of that space gives."
+    null = (lS <= NULL_ROUNDINGS * eps * lS.max()).to(Lam.device)
+    if int(null.sum()) > 1: Lam[null] = Lam[null].mean(0, keepdim=True)
+    return Lam
+
 def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed, progress, dtype, eigh_dt, rotate_dt,
                        ck:FitCheckpoint|None=None, every:int=64) -> tuple[dict, int]:
     "`(tensors, n_tok)` of 'kfac'/'ekfac' over `passes`: covariances, eigenbases, Λ; resumed from and saved to `ck` if given."
@@ -558,7 +570,10 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
         save = None if ck is None else lambda s: ck.save('lambda', s['Lam'], batches=s['batches'])
         with _set_aside(tensors):   # the covariances are not needed for Λ: they wait on disk, not in memory
             Lam = fit_lambda(model, layers, passes, tensors, fisher, batch_size, seed, progress, dtype, rotate_dt, resume, save, every)
-        for n, v in Lam.items(): tensors[n]['Lambda'] = v
+        eps = lambda t: max(torch.finfo(t['S'].dtype).eps, torch.finfo(eigh_dt or torch.float64).eps)   # S as decomposed
+        for n, v in Lam.items():   # sampled labels, fewer rows summed into S than it has: its null space is seen only by Λ
+            t = tensors[n]
+            t['Lambda'] = average_null_space(v, t['lS'], eps(t)) if fisher == 'true' and n_tok < len(t['lS']) else v
     return tensors, n_tok
 
 # %% ../nbs/05_ekfac.ipynb #e5ac0002
