@@ -552,7 +552,7 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
     "`(tensors, n_tok)` of 'kfac'/'ekfac' over `passes`: covariances, eigenbases, Λ; resumed from and saved to `ck` if given."
     st = ck.load() if ck is not None else {}
     if 'eigen' in st:   # in the layers' and the keys' order of a fit that ran through (the file keeps them sorted)
-        t, n_tok = st['eigen']['tensors'], st['eigen']['n_tok']
+        t, n_tok, rows = st['eigen']['tensors'], st['eigen']['n_tok'], st['eigen'].get('rows', {})
         tensors = {layer.name: {k: t[layer.name][k] for k in ('A', 'S', 'QA', 'lA', 'QS', 'lS')} for layer in layers}
     else:
         c = st.get('covariances')
@@ -560,10 +560,11 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
                                              shared=c['shared'], batches=c['batches'])
         save = None if ck is None else lambda s: ck.save('covariances', {'cov': s['cov'], 'seen': s['seen']}, n_tok=s['n_tok'],
                                                          shared=s['shared'], batches=s['batches'])
-        cov, n_tok = fit_covariances(model, layers, passes, fisher, batch_size, seed, progress, dtype, resume, save, every)
+        rows = {}                                                           # tokens each layer saw (an MoE expert: those routed to it)
+        cov, n_tok = fit_covariances(model, layers, passes, fisher, batch_size, seed, progress, dtype, resume, save, every, rows)
         dev = next(model.parameters()).device                              # a GPU model's GPU decomposes (float64 there too)
         tensors = _fit_eigen(cov, dtype, eigh_dt or torch.float64, dev if dev.type == 'cuda' else None); del cov
-        if ck is not None: ck.save('eigen', tensors, n_tok=n_tok); ck.drop('covariances')
+        if ck is not None: ck.save('eigen', tensors, n_tok=n_tok, rows=rows); ck.drop('covariances')
     if strategy != 'kfac':
         lam = st.get('lambda')
         resume = None if lam is None else dict(Lam=lam['tensors'], batches=lam['batches'])
@@ -573,7 +574,7 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
         eps = lambda t: max(torch.finfo(t['S'].dtype).eps, torch.finfo(eigh_dt or torch.float64).eps)   # S as decomposed
         for n, v in Lam.items():   # sampled labels, fewer rows summed into S than it has: its null space is seen only by Λ
             t = tensors[n]
-            t['Lambda'] = average_null_space(v, t['lS'], eps(t)) if fisher == 'true' and n_tok < len(t['lS']) else v
+            t['Lambda'] = average_null_space(v, t['lS'], eps(t)) if fisher == 'true' and rows.get(n, n_tok) < len(t['lS']) else v
     return tensors, n_tok
 
 # %% ../nbs/05_ekfac.ipynb #e5ac0002
