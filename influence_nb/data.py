@@ -279,7 +279,7 @@ def _completion_ids(tokenizer, prompt:str, completion:str, p_ids:list[int]) -> t
         alone = alone[1:]   # a word-start mark (SentencePiece's '▁') that tokenizing it alone added: the text has no space there
     return p_ids, alone, 'alone'
 
-def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=(), special:list=()):
+def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=(), special:list=(), named:str=''):
     "One warning per kind for `tokenize_pairs`, however many pairs it concerns: `(i, text)` lists, `n` pairs in all."
     first = lambda xs: f"{len(xs):,} of {n:,} pairs (the first: pairs[{xs[0][0]}], {xs[0][1]!r})"
     if joined: warnings.warn(f"{first(joined)}: the prompt's last word runs on into the completion, and the tokenizer joins them "
@@ -291,9 +291,10 @@ def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=(), spe
                              "(prompt.rstrip(), ' ' + completion).", stacklevel=3)
     if unknown: warnings.warn(f"{first(unknown)}: the completion holds tokens the tokenizer does not know ({unk_token!r}); its "
                               "log-probability, and so its influence, is that of the unknown token.", stacklevel=3)
-    if special: warnings.warn(f"{first(special)}: the completion's text holds the text of a special token ({special[0][2]}), which the "
-                              "tokenizer turns into that token: it is measured as the special token, not as those characters. If "
-                              "the characters are what you mean, write them another way.", stacklevel=3)
+    if special: warnings.warn(f"{first(special)}: the completion's tokens include a special token written as text ({named}; in "
+                              "the completion, or across the prompt's end), which the tokenizer turns into that token: it is "
+                              "measured as the special token, not as those characters. If the characters are what you mean, write "
+                              "them another way.", stacklevel=3)
 
 
 # %% ../nbs/00_data.ipynb #ad254458
@@ -320,7 +321,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
     out, spaced, unknown, joined, special = [], [], [], [], []
     unk = tokenizer.unk_token_id                          # (GPT-2's unk is its end-of-text token, a known one: not warned about)
     if unk in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id): unk = None
-    specials = set(getattr(tokenizer, 'all_special_ids', None) or []) - {tokenizer.unk_token_id}   # unk: warned about on its own
+    specials = set(getattr(tokenizer, 'all_special_ids', None) or []) - {unk}   # a mere unk is warned about on its own
     for i, p in enumerate(pairs):
         if isinstance(p, Mapping): p = (p.get('prompt'), p.get('completion'))
         if not (isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p)):
@@ -334,7 +335,8 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
         elif how != 'joined' and p_ids: joined.append(where)
         if not c_ids: raise ValueError(f"pairs[{i}]'s completion {completion!r} has no tokens: there is nothing to measure.")
         if unk is not None and unk in c_ids: unknown.append((i, completion))
-        if hit := sorted(specials.intersection(c_ids)): special.append((i, completion, ', '.join(map(repr, tokenizer.convert_ids_to_tokens(hit)))))
+        written = lambda t: (s := tokenizer.convert_ids_to_tokens(t)) in prompt[max(0, len(prompt) - len(s) + 1):] + completion
+        if hit := {t for t in specials.intersection(c_ids) if written(t)}: special.append((i, completion, hit))   # not an unk for unknown text
         p_ids = special_prefix(tokenizer, prompt if p_ids else completion) + p_ids   # never an end token before the completion
         if not p_ids:
             if tokenizer.bos_token_id is None:
@@ -343,7 +345,8 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
                                  "or a tokenizer with a `bos_token`.")
             p_ids = [tokenizer.bos_token_id]
         out.append({'input_ids': p_ids + c_ids, 'labels': [IGNORE_INDEX]*len(p_ids) + c_ids})
-    _warn_pairs(spaced, unknown, len(pairs), tokenizer.unk_token, joined, special)
+    named = ', '.join(map(repr, tokenizer.convert_ids_to_tokens(sorted(set().union(*(h for *_, h in special)))[:5])))
+    _warn_pairs(spaced, unknown, len(pairs), tokenizer.unk_token, joined, special, named)
     seqs = as_sequences(out, name='pairs')
     require_scored(seqs, 'pairs')
     return seqs

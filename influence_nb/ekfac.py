@@ -536,11 +536,11 @@ def _fit_key(model, layers, seqs, **settings) -> str:
             for k in ('input_ids', 'labels', 'attention_mask'): yield from (s[k], '|')
     return artefact.digest(parts(), 'blake2b', 16)
 
-NULL_ROUNDINGS = 1e3   # an eigenvalue of S within this many roundings of zero (relative to the largest) is in its null space
+NULL_ROUNDINGS = 1e2   # an eigenvalue of S within this many roundings of zero (relative to the largest) is in its null space
 
 def average_null_space(Lam:torch.Tensor, # [d_out, d_in+1] Λ of one layer, rows in the order of `lS`
                        lS:torch.Tensor, # [d_out] eigenvalues of its S
-                       eps:float, # the rounding unit of S's sums and eigendecomposition (the coarser of the two)
+                       eps:float, # the coarsest rounding unit S went through: its running sums, storage, eigendecomposition
                       ) -> torch.Tensor:
     "Λ with the rows of S's numerical null space replaced, column by column, by their mean: what any basis of that space gives."
     null = (lS <= NULL_ROUNDINGS * eps * lS.max()).to(Lam.device)
@@ -552,7 +552,7 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
     "`(tensors, n_tok)` of 'kfac'/'ekfac' over `passes`: covariances, eigenbases, Λ; resumed from and saved to `ck` if given."
     st = ck.load() if ck is not None else {}
     if 'eigen' in st:   # in the layers' and the keys' order of a fit that ran through (the file keeps them sorted)
-        t, n_tok, rows = st['eigen']['tensors'], st['eigen']['n_tok'], st['eigen'].get('rows', {})
+        t, n_tok = st['eigen']['tensors'], st['eigen']['n_tok']
         tensors = {layer.name: {k: t[layer.name][k] for k in ('A', 'S', 'QA', 'lA', 'QS', 'lS')} for layer in layers}
     else:
         c = st.get('covariances')
@@ -560,21 +560,21 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
                                              shared=c['shared'], batches=c['batches'])
         save = None if ck is None else lambda s: ck.save('covariances', {'cov': s['cov'], 'seen': s['seen']}, n_tok=s['n_tok'],
                                                          shared=s['shared'], batches=s['batches'])
-        rows = {}                                                           # tokens each layer saw (an MoE expert: those routed to it)
-        cov, n_tok = fit_covariances(model, layers, passes, fisher, batch_size, seed, progress, dtype, resume, save, every, rows)
+        cov, n_tok = fit_covariances(model, layers, passes, fisher, batch_size, seed, progress, dtype, resume, save, every)
         dev = next(model.parameters()).device                              # a GPU model's GPU decomposes (float64 there too)
         tensors = _fit_eigen(cov, dtype, eigh_dt or torch.float64, dev if dev.type == 'cuda' else None); del cov
-        if ck is not None: ck.save('eigen', tensors, n_tok=n_tok, rows=rows); ck.drop('covariances')
+        if ck is not None: ck.save('eigen', tensors, n_tok=n_tok); ck.drop('covariances')
     if strategy != 'kfac':
         lam = st.get('lambda')
         resume = None if lam is None else dict(Lam=lam['tensors'], batches=lam['batches'])
         save = None if ck is None else lambda s: ck.save('lambda', s['Lam'], batches=s['batches'])
         with _set_aside(tensors):   # the covariances are not needed for Λ: they wait on disk, not in memory
             Lam = fit_lambda(model, layers, passes, tensors, fisher, batch_size, seed, progress, dtype, rotate_dt, resume, save, every)
-        eps = lambda t: max(torch.finfo(t['S'].dtype).eps, torch.finfo(eigh_dt or torch.float64).eps)   # S as decomposed
-        for n, v in Lam.items():   # sampled labels, fewer rows summed into S than it has: its null space is seen only by Λ
+        work = torch.promote_types(next(model.parameters()).dtype, torch.float32)   # the running sums' dtype (04_kfac)
+        eps = lambda t: max(torch.finfo(d).eps for d in (work, t['S'].dtype, eigh_dt or torch.float64))
+        for n, v in Lam.items():   # sampled labels reach S's null space in this pass only (the first pass did not see it)
             t = tensors[n]
-            t['Lambda'] = average_null_space(v, t['lS'], eps(t)) if fisher == 'true' and rows.get(n, n_tok) < len(t['lS']) else v
+            t['Lambda'] = average_null_space(v, t['lS'], eps(t)) if fisher == 'true' else v
     return tensors, n_tok
 
 # %% ../nbs/05_ekfac.ipynb #e5ac0002

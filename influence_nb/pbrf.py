@@ -364,11 +364,11 @@ def _span(W: torch.Tensor) -> torch.Tensor:
     return Vh[sv > 1e3 * torch.finfo(W.dtype).eps * sv[0]] if len(sv) else Vh
 
 def _block_cg(matvec, B: torch.Tensor, tol: float, max_iter: int, M):
-    "Block (preconditioned) CG: every step searches one space built from all unconverged columns' residuals."
+    "Block (preconditioned) CG: every step searches one space built from every column's residual."
     X, R = torch.zeros_like(B), B.clone()
     thresh = tol * B.norm(dim=1)
     active, it = R.norm(dim=1) > thresh, 0
-    D = _span(M(R[active])) if active.any() else B[:0]                     # [s, P] directions, orthonormal rows
+    D = _span(M(R)) if active.any() else B[:0]                              # [s, P] directions, orthonormal rows
     while it < max_iter and active.any() and len(D):
         AD = matvec(D)                                                    # [s, P]: the step's one batched product
         C = (D @ AD.T).double()                                           # Dᵀ A D [s, s], symmetric positive definite
@@ -379,8 +379,8 @@ def _block_cg(matvec, B: torch.Tensor, tol: float, max_iter: int, M):
         R -= alpha.T @ AD
         active, it = R.norm(dim=1) > thresh, it + 1
         if it == max_iter or not active.any(): break
-        Z = M(R[active])                                                  # new directions from unconverged columns only
-        beta = torch.cholesky_solve((AD @ Z.T).double(), L).to(B.dtype)   # [s, k_active]: makes Z − βᵀD A-conjugate to D
+        Z = M(R)       # every column's, converged ones too: dropping them would leave the block Krylov space (and its guarantee)
+        beta = torch.cholesky_solve((AD @ Z.T).double(), L).to(B.dtype)   # [s, k]: makes Z − βᵀD A-conjugate to D
         D = _span(Z - beta.T @ D)
     return X, it, R
 
@@ -762,7 +762,7 @@ def cg_ihvp(model,                # the model at θ_s
             damping: float,       # λ > 0
             loss: str = 'ce',     # 'ce' or 'mse'
             tol: float = 1e-6,    # relative residual ‖v − (G+λI)x‖ / ‖v‖ per column
-            max_iter: int = 1000, # CG iterations at most (with a preconditioner: PCG steps; 0 returns M v)
+            max_iter: int|None = None, # CG steps at most; None: 1000. With a preconditioner a number given stops there silently (0: M v)
             batch_size: int = 64, # examples per forward pass
             dtype = None,         # computation dtype (None: the first tracked parameter's)
             preconditioner = None, # M ≈ (G + λI)⁻¹: a callable [n, P] -> [n, P] (SPD), e.g. EK-FAC's inverse
@@ -772,6 +772,7 @@ def cg_ihvp(model,                # the model at θ_s
     damping = check_damping(damping, allow_none=False)
     tol = _check_positive(tol, 'tol')
     if not isinstance(block, bool): raise TypeError(f"`block` must be True or False, got {block!r}.")
+    asked, max_iter = max_iter is not None, 1000 if max_iter is None else max_iter   # `asked`: 'EK-FAC + k steps'
     _check_iters(max_iter=(max_iter, 0 if preconditioner is not None else 1))
     with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
@@ -779,9 +780,10 @@ def cg_ihvp(model,                # the model at θ_s
         M = _checked_preconditioner(preconditioner, prob.P)
         if max_iter == 0: X, it, rel = M(B), 0, None                      # the preconditioner's own answer
         else: X, it, rel = _cg(lambda U: _gnvp(prob, U) + damping * U, B, tol, max_iter, M, block)
-    if M is None and (rel > tol).any():                                   # a preconditioned solve stops where asked
-        warnings.warn(f"cg_ihvp stopped after {it} iterations with relative residual up to {rel.max().item():.2e} > "
-                      f"tol = {tol:.1e}; raise `max_iter` or `damping`.")
+    if not (M is not None and asked) and (rel > tol).any():              # a preconditioned solve stops where asked
+        warnings.warn(f"CG stopped after {it} steps with relative residual up to {rel.max().item():.2e} > tol = {tol:.1e}, "
+                      "short of the exact answer; raise `max_iter` (`fit_factors(..., solver=dict(max_iter=...))`) or the "
+                      "damping.", stacklevel=2)
     X = X.to(V.device, V.dtype)
     return X[0] if one else X
 

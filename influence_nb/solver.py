@@ -102,7 +102,7 @@ def solve(self:IterativeSolver, model, # the model the solver was made for
           qgrads:dict, # {name: [n_q, d_out, d_in+1]} query gradients, canonical layout
           damping:float, # λ > 0, absolute
          ) -> dict:
-    "`{name: [n_q, d_out, d_in+1]}`: `(G + λI)⁻¹ q` for every query, all tracked layers jointly, in float64."
+    "`{name: [n_q, d_out, d_in+1]}`: `(G + λI)⁻¹ q` for every query, all tracked layers jointly, returned in float64 (solved in the model's dtype unless `dtype` is among the options)."
     from influence_nb.scores import canonical_to_flat, flat_to_canonical   # 06_scores builds on this module
     if damping is None: raise ValueError(f"Strategy '{self.strategy}' needs an absolute `damping` (a positive float).")
     damping = check_damping(damping, allow_none=False)
