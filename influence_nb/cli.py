@@ -252,7 +252,7 @@ def _model_args(p, required=True):
     p.add_argument('--device', default=None, help="where the model runs: cpu (default), cuda, cuda:1, mps, or auto (a GPU where "
                    "there is one); factors and scores are the same computation there")
     p.add_argument('--dtype', default=None, choices=list(DTYPES), help="precision to load the model in (default: its checkpoint's, "
-                   "as transformers loads it; factors are stored in float32 unless the model is float64: see --factor-dtype)")
+                   "as transformers loads it; factors are stored in float32 unless the model is float64, or as fit-factors --factor-dtype says)")
 
 def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
     p.add_argument(flag, required=required, default=None, help=f'{what} file: .jsonl, .txt (one document per line) or .parquet; blank lines are skipped and not counted in indices')

@@ -345,7 +345,8 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
                                  "or a tokenizer with a `bos_token`.")
             p_ids = [tokenizer.bos_token_id]
         out.append({'input_ids': p_ids + c_ids, 'labels': [IGNORE_INDEX]*len(p_ids) + c_ids})
-    named = ', '.join(map(repr, tokenizer.convert_ids_to_tokens(sorted(set().union(*(h for *_, h in special)))[:5])))
+    hits = sorted(set().union(*(h for *_, h in special)))                  # every special token met, named in the warning
+    named = ', '.join(map(repr, tokenizer.convert_ids_to_tokens(hits[:5]))) + (f' and {len(hits) - 5} more' if len(hits) > 5 else '') if hits else ''
     _warn_pairs(spaced, unknown, len(pairs), tokenizer.unk_token, joined, special, named)
     seqs = as_sequences(out, name='pairs')
     require_scored(seqs, 'pairs')

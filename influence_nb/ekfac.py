@@ -12,7 +12,7 @@ from safetensors.torch import save_file, load_file
 from safetensors import safe_open
 from fastcore.basics import patch
 from . import artefact
-from .data import check_sequences, require_scored, grad_enabled
+from .data import check_sequences, require_scored, grad_enabled, n_scored
 from .modules import TrackedLayer, find_modules, check_model
 from .theory import check_damping   # the one damping rule: None, or a positive finite float
 from .kfac import (dist_info, fit_covariances, eigen, layer_passes, precondition_eigen, all_reduce_sum, check_fisher,
@@ -20,8 +20,8 @@ from .kfac import (dist_info, fit_covariances, eigen, layer_passes, precondition
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'ITERATIVE', 'EIGEN', 'FORMAT_VERSION', 'FACTOR_DTYPE', 'SAMPLE', 'SAMPLE_OTHER', 'EIGENVALUES',
-           'PRECONDITIONERS', 'FACTOR_STRATEGIES', 'FIT_DTYPES', 'NULL_ROUNDINGS', 'seq_grads', 'fit_lambda',
-           'fit_diagonal', 'fingerprint', 'model_digest', 'model_changes', 'precondition_identity',
+           'PRECONDITIONERS', 'FACTOR_STRATEGIES', 'FIT_DTYPES', 'NULL_ROUNDINGS', 'NULL_GAP', 'seq_grads',
+           'fit_lambda', 'fit_diagonal', 'fingerprint', 'model_digest', 'model_changes', 'precondition_identity',
            'precondition_diagonal', 'precondition_in_eigenbasis', 'Factors', 'check_bound', 'save_factors',
            'load_factors', 'check_factors_finite', 'fit_dtype', 'warn_without_curvature', 'FitCheckpoint',
            'average_null_space', 'fit_factors']
@@ -536,15 +536,19 @@ def _fit_key(model, layers, seqs, **settings) -> str:
             for k in ('input_ids', 'labels', 'attention_mask'): yield from (s[k], '|')
     return artefact.digest(parts(), 'blake2b', 16)
 
-NULL_ROUNDINGS = 1e2   # an eigenvalue of S within this many roundings of zero (relative to the largest) is in its null space
+NULL_ROUNDINGS = 1e2   # an eigenvalue of S within this many roundings of zero (relative to the largest) may be in its null space
+NULL_GAP = 1e-3       # ... and is, if S sums fewer rows than it has outputs or the next eigenvalue is 1/NULL_GAP times larger
 
 def average_null_space(Lam:torch.Tensor, # [d_out, d_in+1] Λ of one layer, rows in the order of `lS`
                        lS:torch.Tensor, # [d_out] eigenvalues of its S
                        eps:float, # the coarsest rounding unit S went through: its running sums, storage, eigendecomposition
+                       rows:int|None=None, # the rows summed into S, at most (None: unknown)
                       ) -> torch.Tensor:
-    "Λ with the rows of S's numerical null space replaced, column by column, by their mean: what any basis of that space gives."
-    null = (lS <= NULL_ROUNDINGS * eps * lS.max()).to(Lam.device)
-    if int(null.sum()) > 1: Lam[null] = Lam[null].mean(0, keepdim=True)
+    "Λ with the rows of S's null space replaced, column by column, by their mean: what any basis of that space gives."
+    null = lS <= NULL_ROUNDINGS * eps * lS.max()                         # eigenvalues at rounding level ...
+    fewer = rows is not None and rows < len(lS)                          # ... that are a null space: fewer rows than outputs,
+    gap = bool(null.any() and (~null).any()) and bool(lS[null].max() <= NULL_GAP * lS[~null].min())   # or a clear gap
+    if int(null.sum()) > 1 and (fewer or gap): Lam[null.to(Lam.device)] = Lam[null.to(Lam.device)].mean(0, keepdim=True)
     return Lam
 
 def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed, progress, dtype, eigh_dt, rotate_dt,
@@ -552,7 +556,7 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
     "`(tensors, n_tok)` of 'kfac'/'ekfac' over `passes`: covariances, eigenbases, Λ; resumed from and saved to `ck` if given."
     st = ck.load() if ck is not None else {}
     if 'eigen' in st:   # in the layers' and the keys' order of a fit that ran through (the file keeps them sorted)
-        t, n_tok = st['eigen']['tensors'], st['eigen']['n_tok']
+        t, n_tok, rows = st['eigen']['tensors'], st['eigen']['n_tok'], st['eigen'].get('rows', {})
         tensors = {layer.name: {k: t[layer.name][k] for k in ('A', 'S', 'QA', 'lA', 'QS', 'lS')} for layer in layers}
     else:
         c = st.get('covariances')
@@ -560,10 +564,11 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
                                              shared=c['shared'], batches=c['batches'])
         save = None if ck is None else lambda s: ck.save('covariances', {'cov': s['cov'], 'seen': s['seen']}, n_tok=s['n_tok'],
                                                          shared=s['shared'], batches=s['batches'])
-        cov, n_tok = fit_covariances(model, layers, passes, fisher, batch_size, seed, progress, dtype, resume, save, every)
+        rows = {}                                                           # tokens each layer saw (an MoE expert: those routed to it)
+        cov, n_tok = fit_covariances(model, layers, passes, fisher, batch_size, seed, progress, dtype, resume, save, every, rows)
         dev = next(model.parameters()).device                              # a GPU model's GPU decomposes (float64 there too)
         tensors = _fit_eigen(cov, dtype, eigh_dt or torch.float64, dev if dev.type == 'cuda' else None); del cov
-        if ck is not None: ck.save('eigen', tensors, n_tok=n_tok); ck.drop('covariances')
+        if ck is not None: ck.save('eigen', tensors, n_tok=n_tok, rows=rows); ck.drop('covariances')
     if strategy != 'kfac':
         lam = st.get('lambda')
         resume = None if lam is None else dict(Lam=lam['tensors'], batches=lam['batches'])
@@ -572,9 +577,10 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
             Lam = fit_lambda(model, layers, passes, tensors, fisher, batch_size, seed, progress, dtype, rotate_dt, resume, save, every)
         work = torch.promote_types(next(model.parameters()).dtype, torch.float32)   # the running sums' dtype (04_kfac)
         eps = lambda t: max(torch.finfo(d).eps for d in (work, t['S'].dtype, eigh_dt or torch.float64))
+        scored = sum(n_scored(s) for s in passes)                        # rows with an output gradient, at most
         for n, v in Lam.items():   # sampled labels reach S's null space in this pass only (the first pass did not see it)
             t = tensors[n]
-            t['Lambda'] = average_null_space(v, t['lS'], eps(t)) if fisher == 'true' else v
+            t['Lambda'] = average_null_space(v, t['lS'], eps(t), min(rows.get(n, scored), scored)) if fisher == 'true' else v
     return tensors, n_tok
 
 # %% ../nbs/05_ekfac.ipynb #e5ac0002

@@ -275,7 +275,7 @@ def _share_inputs(acts:dict) -> dict:
     first = {}
     return {name: first.setdefault(a.data_ptr(), name) for name, a in acts.items()}
 
-def _finish_covariances(cov, layers, shared, seen, n_seqs, dtype):
+def _finish_covariances(cov, layers, shared, seen, n_seqs, dtype, rows=None):
     "Fill in what a process with an empty shard lacks, share A, all-reduce and normalise (A per token, S per sequence)."
     for layer in layers:   # a process whose shard is empty contributes zeros
         if shared.get(layer.name, layer.name) == layer.name: cov[layer.name].setdefault('A', torch.zeros(layer.d_in1, layer.d_in1, dtype=dtype))
@@ -283,6 +283,7 @@ def _finish_covariances(cov, layers, shared, seen, n_seqs, dtype):
     for name in cov:
         if shared.get(name, name) != name: cov[name]['A'] = cov[shared[name]]['A']
     seen = dict(zip((layer.name for layer in layers), all_reduce_sum(seen).tolist()))
+    if rows is not None: rows.update({n: int(v) for n, v in seen.items()})   # S's rows: each is one token a layer saw
     done = set()
     for name, c in cov.items():
         if id(c['A']) not in done:   # an expert no token was routed to keeps A = 0
@@ -302,6 +303,7 @@ def fit_covariances(model, # a causal LM
                     resume:dict|None=None, # the state `save` was last given by a pass that stopped: this one goes on from it
                     save=None, # called with the pass's state (totals, counts, batches done) every `save_every` batches
                     save_every:int=64, # batches between `save` calls (float64: rounded up to a multiple of the flush period, 32)
+                    rows:dict|None=None, # if given, filled with `{name: tokens the layer saw}` (the rows summed into its S)
                    ) -> tuple[dict, int]:
     "`({name: {'A': [d_in+1, d_in+1], 'S': [d_out, d_out]}}, n_tokens)`: A per token the layer saw, S per sequence."
     check_fisher(fisher)
@@ -338,7 +340,7 @@ def fit_covariances(model, # a causal LM
                 save(dict(cov=cov, n_tok=n_tok, seen=seen, shared=shared, batches=b_no + 1))
     flush(last=True); run.clear()
     n_tok = int(all_reduce_sum(torch.tensor([n_tok], dtype=torch.float64)).item())
-    return _finish_covariances(cov, layers, shared, seen, len(seqs), dtype), n_tok
+    return _finish_covariances(cov, layers, shared, seen, len(seqs), dtype, rows), n_tok
 
 # %% ../nbs/04_kfac.ipynb #65dabd58
 def eigen(cov:dict, # {'A': [n, n], 'S': [m, m]} symmetric matrices (any float dtype)

@@ -358,10 +358,13 @@ def _cg_columns(matvec, B: torch.Tensor, tol: float, max_iter: int, M):
 
 # %% ../nbs/02_pbrf.ipynb #91c1ca49
 def _span(W: torch.Tensor) -> torch.Tensor:
-    "Orthonormal rows spanning the rows of W [s, P] (each scaled to unit length first), near-dependent directions dropped."
-    W = W / W.norm(dim=1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
-    _, sv, Vh = torch.linalg.svd(W, full_matrices=False)                 # W = U diag(sv) Vh: Vh's rows span W's
-    return Vh[sv > 1e3 * torch.finfo(W.dtype).eps * sv[0]] if len(sv) else Vh
+    "Orthonormal rows spanning the rows of W [s, P] (each scaled to unit length first); only exactly zero directions dropped."
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError("conjugate gradients met NaN or Inf (in the Gauss–Newton products or the preconditioner); raise `damping`.")
+    work = torch.promote_types(W.dtype, torch.float32)                  # no half-precision SVD
+    Wn = W.to(work) / W.to(work).norm(dim=1, keepdim=True).clamp_min(torch.finfo(work).tiny)
+    _, sv, Vh = torch.linalg.svd(Wn, full_matrices=False)                # Wn = U diag(sv) Vh: Vh's rows span Wn's
+    return Vh[sv > 0].to(W.dtype)   # near-dependent directions are kept: in float32, dropping them stalls the solve
 
 def _block_cg(matvec, B: torch.Tensor, tol: float, max_iter: int, M):
     "Block (preconditioned) CG: every step searches one space built from every column's residual."
@@ -369,7 +372,8 @@ def _block_cg(matvec, B: torch.Tensor, tol: float, max_iter: int, M):
     thresh = tol * B.norm(dim=1)
     active, it = R.norm(dim=1) > thresh, 0
     D = _span(M(R)) if active.any() else B[:0]                              # [s, P] directions, orthonormal rows
-    while it < max_iter and active.any() and len(D):
+    while it < max_iter and active.any():
+        if not len(D): raise ValueError("the preconditioner maps every residual to zero: it is not positive definite.")
         AD = matvec(D)                                                    # [s, P]: the step's one batched product
         C = (D @ AD.T).double()                                           # Dᵀ A D [s, s], symmetric positive definite
         L, bad = torch.linalg.cholesky_ex((C + C.T) / 2)
@@ -764,7 +768,7 @@ def cg_ihvp(model,                # the model at θ_s
             tol: float = 1e-6,    # relative residual ‖v − (G+λI)x‖ / ‖v‖ per column
             max_iter: int|None = None, # CG steps at most; None: 1000. With a preconditioner a number given stops there silently (0: M v)
             batch_size: int = 64, # examples per forward pass
-            dtype = None,         # computation dtype (None: the first tracked parameter's)
+            dtype = None,         # computation dtype (None: the first tracked parameter's; float32 for a half-precision one)
             preconditioner = None, # M ≈ (G + λI)⁻¹: a callable [n, P] -> [n, P] (SPD), e.g. EK-FAC's inverse
             block: bool = True,   # block CG: all columns search one shared space (False: one independent CG per column)
            ) -> torch.Tensor:     # (G + λI)⁻¹ V, same shape and dtype as V
@@ -776,6 +780,8 @@ def cg_ihvp(model,                # the model at θ_s
     _check_iters(max_iter=(max_iter, 0 if preconditioner is not None else 1))
     with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
+        if dtype is None and prob.dtype in (torch.float16, torch.bfloat16):   # a half-precision model: solved in float32
+            prob = FlatProblem(model, param_names, data, loss, batch_size, torch.float32)
         B, one = prob.vectors(V)
         M = _checked_preconditioner(preconditioner, prob.P)
         if max_iter == 0: X, it, rel = M(B), 0, None                      # the preconditioner's own answer

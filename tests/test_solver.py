@@ -162,17 +162,49 @@ def test_fused_attention_is_switched_for_the_solve_and_refused_where_it_cannot_b
 
 
 def test_block_option_reaches_the_solver_and_is_checked():
-    "`fit_factors(..., solver=dict(block=False))` runs one CG per query; both converge to the same scores; a non-bool is refused."
+    "`solver=dict(block=False)` reaches the solver (cut short, the two differ; converged, they agree); a non-bool is refused."
     import influence_nb as inf
     m = inf.tiny_model('gpt2', seed=3).double()
     g = torch.Generator().manual_seed(1)
     train = [dict(input_ids=torch.randint(0, m.config.vocab_size, (6,), generator=g)) for _ in range(6)]
-    s = {b: inf.pairwise_scores(m, inf.fit_factors(m, train, 'cg', solver=dict(tol=1e-10, block=b), progress=False),
-                                train[:3], train, damping=1e-2, progress=False).total for b in (True, False)}
+    score = lambda **o: inf.pairwise_scores(m, inf.fit_factors(m, train, 'pcg', solver=o, progress=False), train[:3], train,
+                                            damping=1e-2, progress=False).total
+    s = {b: score(tol=1e-10, max_iter=500, block=b) for b in (True, False)}
     assert torch.allclose(s[True], s[False], rtol=0, atol=1e-7 * float(s[False].abs().max()))
+    cut = {b: score(max_iter=2, block=b) for b in (True, False)}
+    assert (cut[True] - cut[False]).abs().max() > 1e-3 * cut[False].abs().max()        # the option changed the solve
+    alone = torch.cat([inf.pairwise_scores(m, inf.fit_factors(m, train, 'pcg', solver=dict(max_iter=2, block=False), progress=False),
+                                           train[i:i + 1], train, damping=1e-2, progress=False).total for i in range(3)])
+    assert torch.allclose(cut[False], alone, rtol=0, atol=1e-9 * float(alone.abs().max()))   # block=False: one CG per query
     with pytest.raises(TypeError, match='`block` must be True or False'):
         inf.pairwise_scores(m, inf.fit_factors(m, train, 'cg', solver=dict(block='yes'), progress=False), train[:1], train,
                             damping=1e-2, progress=False)
+
+
+def test_block_cg_in_float32_keeps_near_dependent_directions():
+    """A float32 problem whose residuals become nearly dependent: dropping those directions (as a first version did, at
+    1e3 roundings) stalled block CG at 3e-2 after 400 steps; keeping them, it converges in fewer steps than one CG per column."""
+    from influence_nb.pbrf import _cg
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        Q, _ = torch.linalg.qr(torch.randn(400, 400, dtype=f64))
+        ev = torch.cat([torch.logspace(0, 4, 40, dtype=f64), torch.linspace(0.5, 1.5, 360, dtype=f64)])
+        A, B = ((Q * ev) @ Q.T).float(), torch.randn(20, 400, dtype=f64).float()
+        _, it_b, rel_b = _cg(lambda U: U @ A, B, 1e-4, 400)
+        _, it_c, rel_c = _cg(lambda U: U @ A, B, 1e-4, 400, block=False)
+        assert (rel_b <= 1e-4).all() and (rel_c <= 1e-4).all() and it_b < it_c, (seed, it_b, it_c)
+
+
+def test_half_precision_models_are_solved_in_float32_and_a_zero_preconditioner_is_refused(tiny_lm):
+    gpt, names, seqs, lam, A, g = tiny_lm
+    import copy
+    V = torch.randn(3, len(A), dtype=f64, generator=g)
+    half = copy.deepcopy(gpt).to(torch.bfloat16)
+    X = cg_ihvp(half, names, seqs, V, lam, tol=1e-5)
+    ref = cg_ihvp(copy.deepcopy(half).float(), names, seqs, V, lam, tol=1e-5)   # the same bf16 weights, in float32
+    assert X.dtype == f64 and (X - ref).norm() <= 1e-4 * ref.norm()
+    with pytest.raises(ValueError, match='maps every residual to zero'):
+        cg_ihvp(gpt, names, seqs, V, lam, preconditioner=torch.zeros_like)
 
 
 def test_preconditioned_solve_warns_only_when_it_stops_short_of_its_own_accord(tiny_lm):
