@@ -577,7 +577,7 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
             Lam = fit_lambda(model, layers, passes, tensors, fisher, batch_size, seed, progress, dtype, rotate_dt, resume, save, every)
         work = torch.promote_types(next(model.parameters()).dtype, torch.float32)   # the running sums' dtype (04_kfac)
         eps = lambda t: max(torch.finfo(d).eps for d in (work, t['S'].dtype, eigh_dt or torch.float64))
-        scored = sum(n_scored(s) for s in passes)                        # rows with an output gradient, at most
+        scored = sum(n_scored(s) for s in passes) if fisher == 'true' else 0   # rows with an output gradient, at most
         for n, v in Lam.items():   # sampled labels reach S's null space in this pass only (the first pass did not see it)
             t = tensors[n]
             t['Lambda'] = average_null_space(v, t['lS'], eps(t), min(rows.get(n, scored), scored)) if fisher == 'true' else v

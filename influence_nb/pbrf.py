@@ -361,8 +361,8 @@ def _span(W: torch.Tensor) -> torch.Tensor:
     "Orthonormal rows spanning the rows of W [s, P] (each scaled to unit length first); only exactly zero directions dropped."
     if not bool(torch.isfinite(W).all()):
         raise ValueError("conjugate gradients met NaN or Inf (in the Gauss–Newton products or the preconditioner); raise `damping`.")
-    work = torch.promote_types(W.dtype, torch.float32)                  # no half-precision SVD
-    Wn = W.to(work) / W.to(work).norm(dim=1, keepdim=True).clamp_min(torch.finfo(work).tiny)
+    Wn = W.to(torch.promote_types(W.dtype, torch.float32))              # no half-precision SVD
+    Wn = Wn / Wn.norm(dim=1, keepdim=True).clamp_min(torch.finfo(Wn.dtype).tiny)
     _, sv, Vh = torch.linalg.svd(Wn, full_matrices=False)                # Wn = U diag(sv) Vh: Vh's rows span Wn's
     return Vh[sv > 0].to(W.dtype)   # near-dependent directions are kept: in float32, dropping them stalls the solve
 
@@ -779,9 +779,8 @@ def cg_ihvp(model,                # the model at θ_s
     asked, max_iter = max_iter is not None, 1000 if max_iter is None else max_iter   # `asked`: 'EK-FAC + k steps'
     _check_iters(max_iter=(max_iter, 0 if preconditioner is not None else 1))
     with exact_mode(model):
+        if dtype is None and next(model.parameters()).dtype in (torch.float16, torch.bfloat16): dtype = torch.float32   # half: float32
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
-        if dtype is None and prob.dtype in (torch.float16, torch.bfloat16):   # a half-precision model: solved in float32
-            prob = FlatProblem(model, param_names, data, loss, batch_size, torch.float32)
         B, one = prob.vectors(V)
         M = _checked_preconditioner(preconditioner, prob.P)
         if max_iter == 0: X, it, rel = M(B), 0, None                      # the preconditioner's own answer
