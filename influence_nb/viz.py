@@ -51,8 +51,26 @@ def _byte_alphabet() -> dict[int, str]:
 
 _CHAR_TO_BYTE = {c: b for b, c in _byte_alphabet().items()}
 
-_SP_BYTE = re.compile(r'<0x([0-7][0-9A-F])>')   # SentencePiece's byte fallback for an ASCII byte, e.g. '<0x0A>'
+_SP_BYTE = re.compile(r'<0x([0-9A-F]{2})>')   # SentencePiece's byte fallback, e.g. '<0x0A>', '<0xE2>'
 
+def _utf8_char_len(lead:int) -> int:
+    "How many bytes a UTF-8 character starting with byte `lead` has (1 for a byte that starts none)."
+    return 1 if lead < 0xC2 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4 if lead < 0xF5 else 1
+
+def _join_utf8(chunks:list[bytes]) -> list[str]:
+    "Each token's bytes as text; a character split across tokens is written on the token holding its last byte ('' on those before)."
+    data = b''.join(chunks)
+    owner = [i for i, c in enumerate(chunks) for _ in c]          # the token each byte came from
+    out, p = [''] * len(chunks), 0
+    while p < len(data):
+        n = _utf8_char_len(data[p])
+        try: ch = data[p:p + n].decode('utf-8')
+        except UnicodeDecodeError: n, ch = 1, f'\\x{data[p]:02x}'  # a byte that completes no character stays an escape
+        out[owner[p + n - 1]] += ch
+        p += n
+    return out
+
+# %% ../nbs/09_viz.ipynb #29b6ed49
 _GLUED = ('.', '?', '!', ',', "n't", "'m", "'s", "'ve", "'re")   # pieces a BERT tokenizer's decode writes without a space before
 
 def _wordpiece_text(tokens:list[str]) -> list[str]:
@@ -66,16 +84,21 @@ def _wordpiece_text(tokens:list[str]) -> list[str]:
         glue = apostrophe
     return out
 
+def _sp_bytes(piece:str) -> bytes:
+    "A SentencePiece piece's bytes: '▁' is a space, '<0xE2>' the byte it names, any other text its UTF-8."
+    parts = _SP_BYTE.split(piece.replace('\u2581', ' '))         # text, byte, text, byte, ..., text
+    return b''.join(bytes([int(x, 16)]) if k % 2 else x.encode('utf-8') for k, x in enumerate(parts))
+
 def _word_pieces(tokens:list[str]) -> list[str]:
-    "SentencePiece pieces ('▁' marks a space) and WordPiece pieces ('##' continues a word, anything else starts one) as text."
-    if any('\u2581' in t for t in tokens): return [_SP_BYTE.sub(lambda m: chr(int(m[1], 16)), t.replace('\u2581', ' ')) for t in tokens]
+    "SentencePiece pieces ('▁' marks a space, '<0xE2>' a byte) and WordPiece pieces ('##' continues a word, anything else starts one) as text."
+    if any('\u2581' in t or _SP_BYTE.search(t) for t in tokens): return _join_utf8([_sp_bytes(t) for t in tokens])
     if any(t.startswith('##') for t in tokens): return _wordpiece_text(tokens)
     return list(tokens)
 
 def decode_tokens(tokens: Sequence[str], # token strings, e.g. `tokenizer.convert_ids_to_tokens(ids)`
                   decode: str = "auto",  # "bytes" (byte-level BPE), "none" (already text) or "auto"
                  ) -> list[str]:
-    "Readable text of each token: byte-level BPE pieces ('Ġthe', 'Ċ') mapped back to their bytes; with 'auto' also SentencePiece's '▁the' and WordPiece's 'the', '##se' given their spaces."
+    "Readable text of each token: byte-level BPE pieces ('Ġthe', 'Ċ') mapped back to their bytes; with 'auto' also SentencePiece's '▁the' and WordPiece's 'the', '##se' given their spaces. A character split across tokens is written on the token that completes it."
     if isinstance(tokens, str) or not isinstance(tokens, Sequence):
         raise TypeError(f"`tokens` must be a list of token strings, got {type(tokens).__name__}; "
                         "for ids use `tokenizer.convert_ids_to_tokens(ids)`.")
@@ -90,7 +113,7 @@ def decode_tokens(tokens: Sequence[str], # token strings, e.g. `tokenizer.conver
                          "use decode='none' for already-decoded text.")
     if decode == "none": return list(tokens)
     if decode == "auto" and not (in_alphabet and any(ord(c) >= 256 for t in tokens for c in t)): return _word_pieces(tokens)
-    return [bytes(_CHAR_TO_BYTE[c] for c in t).decode("utf-8", errors="backslashreplace") for t in tokens]
+    return _join_utf8([bytes(_CHAR_TO_BYTE[c] for c in t) for t in tokens])
 
 # %% ../nbs/09_viz.ipynb #c3383df3
 def token_texts(tokenizer, # a Hugging Face tokenizer (fast ones say which model they use)
@@ -103,7 +126,8 @@ def token_texts(tokenizer, # a Hugging Face tokenizer (fast ones say which model
     if backend is None: return decode_tokens(pieces)                      # a slow tokenizer: read the pieces themselves
     if type(backend.model).__name__ == 'WordPiece': return _wordpiece_text(pieces)
     if type(backend.decoder).__name__ == 'ByteLevel':   # an added token ('<｜begin▁of▁sentence｜>', a run of spaces) is text
-        return [decode_tokens([p], 'bytes')[0] if all(c in _CHAR_TO_BYTE for c in p) else p for p in pieces]
+        return _join_utf8([bytes(_CHAR_TO_BYTE[c] for c in p) if all(c in _CHAR_TO_BYTE for c in p) else p.encode('utf-8')
+                           for p in pieces])
     return _word_pieces(pieces)   # text pieces: never read as bytes, even where their letters lie in the byte alphabet ('ı')
 
 # %% ../nbs/09_viz.ipynb #bf31cf01
@@ -183,9 +207,11 @@ def token_heatmap_html(tokens: Sequence[str],  # token strings (byte-level BPE o
     for i, (text, val, c) in enumerate(zip(texts, v, rgb)):
         fg = _text_rgb(c)
         shown = _html.escape(text.replace("\n", "↵\n"), quote=True)
-        hover = _html.escape(f"#{i} {text!r}: " + ("no value" if np.isnan(val) else format(float(val), fmt)), quote=True)
+        what = repr(text) if text else "(first bytes of a character shown on a later token)"   # a sliver, not nothing
+        hover = _html.escape(f"#{i} {what}: " + ("no value" if np.isnan(val) else format(float(val), fmt)), quote=True)
         parts.append(f'<span class="inb-tok" title="{hover}" style="background-color:rgb({c[0]},{c[1]},{c[2]});'
-                     f'color:rgb({fg[0]},{fg[1]},{fg[2]});border-radius:2px">{shown}</span>')
+                     f'color:rgb({fg[0]},{fg[1]},{fg[2]});border-radius:2px'
+                     + ('' if text else ';display:inline-block;min-width:0.3em;height:1em') + f'">{shown}</span>')
     neg, pos = "rgb({},{},{})".format(*NEG_RGB), "rgb({},{},{})".format(*POS_RGB)
     head = (f'<div style="font-weight:bold;margin-bottom:4px">{_html.escape(title)}</div>' if title else "")
     legend = (f'<div style="font-size:80%;margin-top:6px;color:#555">'
@@ -240,7 +266,7 @@ def token_heatmap_plain(tokens: Sequence[str],    # token strings (byte-level BP
     texts, v = _token_values(tokens, values, shift, decode)
     size = np.where(np.isnan(v), 0.0, np.abs(v))
     marked = {int(i) for i in np.argsort(-size, kind="stable")[:top] if size[i] > 0}
-    out = "".join(f"⟦{t}|{v[i]:+.3g}⟧" if i in marked else t
+    out = "".join(f"⟦{t or '…'}|{v[i]:+.3g}⟧" if i in marked else t    # '…': the first bytes of the next character
                   for i, t in enumerate(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", t) for t in texts))
     if legend:
         out += (f"\n[⟦token|value⟧: the {len(marked)} tokens of largest |influence|; positive raises the completion's "

@@ -61,7 +61,9 @@ class Data:
             self._seqs[i] = sq
         return [self._seqs[i] for i in idx]
 
-    def seq(self, i): return self.at([i])[0]
+    def seq(self, i):
+        "The tokenized training record `i`."
+        return self.at([i])[0]
 
     @property
     def index(self):
@@ -71,8 +73,13 @@ class Data:
             self._index = TokenIndex(self.at(range(len(self.records))), ignore_ids=ig)
         return self._index
 
-    def pairs(self, qs): return inf.tokenize_pairs(self.tok, [(q['prompt'], q['completion']) for q in qs])
-    def seqs(self, texts): return inf.tokenize(self.tok, list(texts), max_length=128)
+    def pairs(self, qs):
+        "Query dicts `qs` as prompt/completion sequences (only the completion is scored)."
+        return inf.tokenize_pairs(self.tok, [(q['prompt'], q['completion']) for q in qs])
+
+    def seqs(self, texts):
+        "Any `texts` tokenized as training sequences (every token scored, cut at 128)."
+        return inf.tokenize(self.tok, list(texts), max_length=128)
 
 @lru_cache(None)
 def data() -> Data:
@@ -114,12 +121,13 @@ def get_factors(model, size:str, d:Data, cfg:dict=CFG, cache:Path=None, refit:bo
     f.save(p)
     return f
 
-# %% ../../nbs/19_experiments.ipynb #caa21cad
+# %% ../../nbs/19_experiments.ipynb #caa21cae
 STAGE_KEYS = dict(pool=['fit_n', 'fit_seed', 'fisher', 'modules', 'damping', 'n_fact_queries', 'query_seed', 'pool_bm25_k'],
                   unfiltered=['fit_n', 'fit_seed', 'fisher', 'modules', 'damping', 'n_fact_queries', 'query_seed',
                               'sample_n', 'sample_seed', 'n_tail_fact_queries'])
 _ARRAYS = ('queries', 'idx', 'total', 'per_layer', 'bm25_top', 'in_sample')
 
+# %% ../../nbs/19_experiments.ipynb #caa21cad
 class Run:
     "One model size: the model, its factors, and the shared score matrices (computed on first use)."
     def __init__(self, size:str, d:Data, cfg:dict=CFG, cache:Path=None):
@@ -130,6 +138,7 @@ class Run:
         self._pool = self._unf = None
 
     def score(self, queries, seqs, per_layer=False):
+        "`pairwise_scores` of `queries` × `seqs` with this run's model, factors and config."
         return inf.pairwise_scores(self.model, self.factors, queries, seqs, damping=self.cfg['damping'],
                                    per_layer=per_layer, batch_size=self.cfg['batch_size'], progress=False)
 
@@ -138,6 +147,7 @@ class Run:
         return completion_logprobs(self.model, self.d.pairs(qs)).tolist()
 
     def stage_path(self, stage) -> Path:
+        "Where `stage` ('pool' or 'unfiltered') is saved: keyed by size, factors' fingerprint and the config it uses."
         cfg = {k: self.cfg[k] for k in STAGE_KEYS[stage]}
         if stage == 'unfiltered': cfg['full'] = self.size in self.cfg['full_split']
         key = digest([json.dumps(cfg, sort_keys=True)])[:10]
@@ -156,6 +166,7 @@ class Run:
         return out
 
     def save_stage(self, stage, st:dict):
+        "Save the score matrices `st` of `stage` as one `.npz` (replaced atomically)."
         p = self.stage_path(stage); p.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: v for k, v in st.items() if k not in _ARRAYS}
         meta['queries'] = [q['id'] for q in st['queries']]
@@ -166,10 +177,12 @@ class Run:
             np.savez(fh, meta=np.array(json.dumps(meta)), **arrs)
 
     def pool(self) -> dict:
+        "The fact pool's scores (`score_pool`): from the saved stage, else computed and saved."
         if self._pool is None: self._pool = self.load_stage('pool') or score_pool(self)
         return self._pool
 
     def unfiltered(self) -> dict:
+        "The unfiltered scan's scores (`score_unfiltered`): from the saved stage, else computed and saved."
         if self._unf is None: self._unf = self.load_stage('unfiltered') or score_unfiltered(self)
         return self._unf
 
