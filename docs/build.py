@@ -221,6 +221,14 @@ def copy_local_files(nb: dict, nbs: Path, src: Path):
                 shutil.copy2(f, src/ref)
 
 
+READ_FIRST = '99_api'   # the home page's reading order starts with the public API at a glance, then 00, 01, ...
+
+def reading_order(stems: list[str]) -> list[str]:
+    "The notebooks after the home page, in the order the navigation lists them: `READ_FIRST`, then by number."
+    rest = sorted(s for s in stems if s not in ('index', READ_FIRST))
+    return ([READ_FIRST] if READ_FIRST in stems else []) + rest
+
+
 def write_source(nbs: Path, src: Path) -> list[str]:
     "Fill `src` with conf.py, static files, the cleaned notebooks and the API pages; return all page names."
     shutil.copy2(DOCS/'conf.py', src/'conf.py')
@@ -228,7 +236,7 @@ def write_source(nbs: Path, src: Path) -> list[str]:
     copy_mathjax(src/'_static')
     paths = sorted(nbs.glob('*.ipynb'))
     if not any(p.stem == 'index' for p in paths): raise ValueError(f"--nbs {nbs}: no index.ipynb (the home page)")
-    chapters = [p.stem for p in paths if p.stem != 'index']
+    chapters = reading_order([p.stem for p in paths])
     pages, syms = {p.stem for p in paths}, symbol_index()
     api = api_pages(src, modules())
     for p in paths:

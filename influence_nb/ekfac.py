@@ -518,7 +518,9 @@ class FitCheckpoint:
         with artefact.replacing(self.path/f'{part}.safetensors') as tmp:   # written whole, flushed to disk, then renamed
             save_file(flat, str(tmp), metadata={'info': json.dumps({**info, 'alias': alias})})
 
-    def drop(self, part:str): (self.path/f'{part}.safetensors').unlink(missing_ok=True)
+    def drop(self, part:str):
+        "Delete the saved `part` (e.g. 'covariances'), if there is one."
+        (self.path/f'{part}.safetensors').unlink(missing_ok=True)
 
     def remove(self):
         "Delete the checkpoint's files (and the folder when they were all it held): the fit is complete."

@@ -229,6 +229,7 @@ class Gram:
         if self.syrk is None: self.t = like.new_zeros(n, n, dtype=torch.promote_types(like.dtype, torch.float32))   # never summed in half precision
 
     def add(self, X:torch.Tensor):
+        "Add `XᵀX` of the rows of `X` [rows, n] to the running sum."
         if self.syrk is None: X = X.to(self.t.dtype); self.t.addmm_(X.T, X); return   # a bf16/fp16 block is summed in float32
         x = X.detach().contiguous().numpy().T                    # [n, rows], Fortran order: a view, no copy
         self.syrk(1.0, x, beta=1.0, c=self.c, trans=0, lower=0, overwrite_c=1)   # upper triangle of c += x xᵀ

@@ -58,7 +58,9 @@ class TrackedLayer:
     expert: int|None = None    # index into the 3-D expert weight; None for an ordinary layer
 
     @property
-    def d_in1(self) -> int: return self.d_in + int(self.bias)   # columns of the canonical gradient
+    def d_in1(self) -> int:
+        "Columns of the canonical gradient: `d_in`, plus one for the bias when the layer has one."
+        return self.d_in + int(self.bias)
 
     def _slice(self, t): return t if self.expert is None else t[self.expert]
     def _bias_name(self): return 'bias' if self.expert is None else f'{self.param}_bias'

@@ -132,6 +132,7 @@ class FlatProblem(FlatParams):
         return self._lin
 
     def examples(self, data, name, single=False) -> _Examples:
+        "`data` checked against this problem (the same kind of examples) and wrapped for batched use; `name` is used in errors."
         x_dim = self.data.X.dim() if hasattr(self, 'data') and self.data.kind == 'xy' else None
         ex = _Examples(data, name, self.loss, self.dtype, self.batch_size, single, x_dim, self.device, self.lm_targets)
         if hasattr(self, 'data') and ex.kind != self.data.kind:
@@ -584,7 +585,9 @@ class PBRFInfluence:
     plus: PBRFResponse       # the solve at +ε
     minus: PBRFResponse      # the solve at −ε
     @property
-    def converged(self) -> bool: return self.plus.converged and self.minus.converged
+    def converged(self) -> bool:
+        "Whether both the up- and the down-weighted PBRF optimisations met their tolerance."
+        return self.plus.converged and self.minus.converged
 
 def _measure(prob: FlatProblem, q: _Examples, theta) -> torch.Tensor:
     "f = −(loss summed over each query's rows) [n_queries]: log p(completion) for ce, −½‖h − y‖² for mse."
@@ -600,6 +603,7 @@ def _pair(prob, zm, q, eps, damping, rtol, max_iter, history, newton_steps, prod
     minus = _solve(prob, zm, -eps, damping, rtol, max_iter, history, newton_steps, mirror, products)
     return plus, minus, _measure(prob, q, plus.theta), _measure(prob, q, minus.theta)
 
+# %% ../nbs/02_pbrf.ipynb #20cd3276
 def pbrf_influence(model,                 # the trained model; its current parameters are θ_s
                    param_names,           # tracked parameter names (None: all trainable)
                    data,                  # fit data: sequences, or an (X, y) tuple of tensors

@@ -197,11 +197,17 @@ class PrecondQuery:
     V: torch.Tensor|None = None     # [n_q, d_in+1, r]
 
     @property
-    def n_q(self): return (self.full if self.full is not None else self.U).shape[0]
+    def n_q(self):
+        "How many queries."
+        return (self.full if self.full is not None else self.U).shape[0]
     @property
-    def rank(self): return None if self.U is None else self.U.shape[-1]
+    def rank(self):
+        "The rank of the low-rank factors `U Vᵀ`; None when the queries are kept full."
+        return None if self.U is None else self.U.shape[-1]
     @property
-    def dtype(self): return (self.full if self.full is not None else self.U).dtype
+    def dtype(self):
+        "The dtype the preconditioned queries are stored in."
+        return (self.full if self.full is not None else self.U).dtype
 
     def dense(self) -> torch.Tensor:
         "`[n_q, d_out, d_in+1]`; a low-rank query is multiplied out anew each call, never kept (its memory is why a rank is asked for)."

@@ -327,9 +327,13 @@ class ScanResult:
     n_truncated: int = 0           # texts longer than the scan's `max_length`: only their first `max_length` tokens were scored
 
     @property
-    def n_queries(self) -> int: return self.indices.shape[0]
+    def n_queries(self) -> int:
+        "How many queries were scanned."
+        return self.indices.shape[0]
     @property
-    def k(self) -> int: return self.indices.shape[1]
+    def k(self) -> int:
+        "How many training sequences are kept per query."
+        return self.indices.shape[1]
 
     def __repr__(self):
         return (f"ScanResult({self.n_queries} queries × top {self.k} of {self.n_scanned:,} sequences"

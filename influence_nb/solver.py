@@ -59,7 +59,9 @@ class IterativeSolver:
             raise ValueError(f"`preconditioner` must be 'ekfac' Factors of the layers {self.modules}.")
 
     @property
-    def n_sequences(self) -> int: return len(self.fit_data)   # N, as `Factors.n_sequences`
+    def n_sequences(self) -> int:
+        "N, the number of fit sequences (as `Factors.n_sequences`)."
+        return len(self.fit_data)
 
     @property
     def tensors(self) -> dict:
