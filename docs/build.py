@@ -8,7 +8,7 @@ the index notebook becomes the home page with the navigation in reading order, a
 of `influence_nb` is written for `sphinx.ext.autodoc`. See docs/README.md for why Sphinx + MyST-NB.
 """
 from __future__ import annotations
-import argparse, importlib, importlib.util, json, pkgutil, re, shutil, subprocess, sys, tempfile, time
+import argparse, ast, importlib, importlib.util, json, pkgutil, re, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,12 +34,22 @@ def clean_code_cell(cell: dict) -> dict | None:
     if 'hide' in found or found.get('include') == 'false': return None
     tags = set(cell.get('metadata', {}).get('tags', []))
     if found.get('echo') == 'false' or 'hide_input' in found: tags.add('remove-input')
-    if 'code-fold' in found and found['code-fold'] != 'false': tags.add('hide-input')
+    if ('code-fold' in found and found['code-fold'] != 'false') or is_setup(src): tags.add('hide-input')
     outputs = [] if found.get('output') == 'false' else [clean_output(o) for o in cell.get('outputs', [])]
     outputs = [o for o in outputs if o is not None]
     if not src.strip() and not outputs: return None
     meta = {'tags': sorted(tags)} if tags else {}
     return dict(cell, source=src, outputs=outputs, metadata=meta)
+
+
+def is_setup(src: str) -> bool:
+    """Only imports (and thread settings): folded behind "Show code cell source", so that a page opens with its
+    prose, not with the nbdev preamble of imports."""
+    try: body = ast.parse(src).body
+    except SyntaxError: return False
+    setting = lambda n: (isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
+                         and ast.unparse(n.value.func).endswith(('set_num_threads', 'filterwarnings')))
+    return bool(body) and all(isinstance(n, (ast.Import, ast.ImportFrom)) or setting(n) for n in body)
 
 
 def clean_output(out: dict) -> dict | None:

@@ -76,6 +76,16 @@ def test_clean_notebook_hides_directives_and_keeps_outputs():
     assert out['cells'][5]['metadata'] == {'tags': ['remove-input']} and out['cells'][5]['outputs'] == [png]
     assert out['cells'][6]['outputs'] == []
     assert 'widgets' not in out['metadata'] and out['metadata']['kernelspec']['language'] == 'python'
+    assert out['cells'][1]['metadata'] == {'tags': ['hide-input']}                # imports only: folded
+    assert all(c.get('metadata', {}).get('tags') != ['hide-input'] for i, c in enumerate(out['cells']) if i != 1)
+
+
+def test_only_setup_cells_are_folded():
+    setup = ['import torch', 'from a import (b,\n    c)\nimport os', 'import torch\ntorch.set_num_threads(1)',
+             'import warnings; warnings.filterwarnings("ignore")']
+    code = ['import torch\nx = torch.ones(1)', 'torch.set_num_threads(1)\nprint(1)', '', '# just a comment', 'import (']
+    assert [docs_build.is_setup(s) for s in setup] == [True] * len(setup)
+    assert [docs_build.is_setup(s) for s in code] == [False] * len(code)
 
 
 def test_links_to_notebooks_and_symbols():
