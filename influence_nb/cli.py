@@ -136,6 +136,17 @@ def _reword(e) -> str:
     msg = re.sub(r"^\w+\[0\]\['(\w+)'\]", r"field '\1'", str(e))
     return re.sub(r"^\w+\[0\]", 'the record', msg)
 
+_ONE_PAIR = re.compile(r"^1 of 1 pairs \(the first: pairs\[0\], (.*?)\): ", re.S)
+
+def _tokenize_query(tok, q: dict, where: str) -> list[dict]:
+    "`tokenize_pairs` of one query, its warnings naming the file's line and the id ('pairs[0]' would name the wrong query)."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always'); seq = tokenize_pairs(tok, [(q['prompt'], q['completion'])])
+    for w in caught:
+        msg = _ONE_PAIR.sub(lambda m: f"{where} (id {q['id']!r}, {m[1]}): ", str(w.message))
+        warnings.warn(msg, w.category, stacklevel=2)
+    return seq
+
 def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
     "Query sequences and ids from a JSONL file of `prompt`/`completion` (or `input_ids`/`labels`) records, checked one by one."
     seqs, names = [], []
@@ -148,7 +159,7 @@ def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
                 name = query_record(where, {**r, 'prompt': '', 'completion': '-'}, i)['id']   # checks the 'id' field
             else:
                 q = query_record(where, r, i)
-                seq, name = tokenize_pairs(tok, [(q['prompt'], q['completion'])]), q['id']
+                seq, name = _tokenize_query(tok, q, where), q['id']
             if model is not None: seq = check_sequences(model, seq, 'record')          # vocabulary and context
             require_scored(seq, 'record')
         except (ValueError, TypeError) as e:
@@ -349,7 +360,8 @@ def _scan_parser(sub, fmt):
     c.add_argument('--scores-dir', default=None, help='also write every score, one Parquet file per chunk, to this (new or empty) directory (one row per record, '
                    "by its index; columns q0, q1, ... are the queries in the order of --queries; read them with `influence_nb.read_scores`)")
     c.add_argument('--checkpoint', default=None, help='checkpoint file: written as the scan goes, resumed from when it exists')
-    c.add_argument('--checkpoint-every', type=int, default=2000, help='sequences between checkpoints (default: 2000)')
+    c.add_argument('--checkpoint-every', type=int, default=2000,
+                   help='sequences between checkpoints, rounded up to whole --chunk-size chunks (default: 2000)')
     c.add_argument('--n-train', type=int, default=None, help="N of the training set, for nats = score / N (default: the larger of "
                    "the sequences scanned and the factors' fit set)")
     c.add_argument('--quiet', action='store_true', help='no progress bar')

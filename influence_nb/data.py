@@ -282,9 +282,11 @@ def _completion_ids(tokenizer, prompt:str, completion:str, p_ids:list[int]) -> t
 def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=(), special:list=(), named:str=''):
     "One warning per kind for `tokenize_pairs`, however many pairs it concerns: `(i, text)` lists, `n` pairs in all."
     first = lambda xs: f"{len(xs):,} of {n:,} pairs (the first: pairs[{xs[0][0]}], {xs[0][1]!r})"
-    if joined: warnings.warn(f"{first(joined)}: the prompt's last word runs on into the completion, and the tokenizer joins them "
-                             "into a token spanning both; that token is measured with the completion (the prompt ends before it). "
-                             "End the prompt where a word ends to measure the completion alone.", stacklevel=3)
+    if joined: warnings.warn(f"{first(joined)}: the prompt's last word runs on into the completion (or, in text written "
+                             "without spaces, its last characters), and the tokenizer joins them into a token spanning both; that "
+                             "token is measured with the completion (the prompt ends before it). To measure the completion alone, "
+                             "end the prompt where a token of the joined text ends: `tokenizer.tokenize(prompt + completion)` lists "
+                             "them.", stacklevel=3)
     if spaced: warnings.warn(f"{first(spaced)}: the prompt ends with a space and the completion does not, and this tokenizer gives "
                              "no offsets to move that space to the word after it, as the joined text's tokens have it; the "
                              "tokens measured are ones the model rarely saw. Write the space at the start of the completion: "

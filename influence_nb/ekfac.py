@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_ekfac.ipynb #45563c88
 from __future__ import annotations
-import os, json, hashlib, tempfile, time, contextlib, warnings
+import os, sys, json, hashlib, tempfile, time, contextlib, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -518,6 +518,13 @@ class FitCheckpoint:
         with artefact.replacing(self.path/f'{part}.safetensors') as tmp:   # written whole, flushed to disk, then renamed
             save_file(flat, str(tmp), metadata={'info': json.dumps({**info, 'alias': alias})})
 
+    def progress_line(self, state:dict) -> str:
+        "What a resumed fit goes on from, in words (`state`: what `load` returned, not empty)."
+        done = ('the covariances and eigenbases are done' if 'eigen' in state else
+                f"the covariance pass had done {state['covariances']['batches']:,} batches")
+        lam = f"; the Λ pass had done {state['lambda']['batches']:,} batches" if 'lambda' in state else ''
+        return f"resuming the fit from checkpoint {self.path}: {done}{lam}"
+
     def drop(self, part:str):
         "Delete the saved `part` (e.g. 'covariances'), if there is one."
         (self.path/f'{part}.safetensors').unlink(missing_ok=True)
@@ -557,6 +564,7 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
                        ck:FitCheckpoint|None=None, every:int=64) -> tuple[dict, int]:
     "`(tensors, n_tok)` of 'kfac'/'ekfac' over `passes`: covariances, eigenbases, Λ; resumed from and saved to `ck` if given."
     st = ck.load() if ck is not None else {}
+    if st and progress: print(ck.progress_line(st), file=sys.stderr, flush=True)
     if 'eigen' in st:   # in the layers' and the keys' order of a fit that ran through (the file keeps them sorted)
         t, n_tok, rows = st['eigen']['tensors'], st['eigen']['n_tok'], st['eigen'].get('rows', {})
         tensors = {layer.name: {k: t[layer.name][k] for k in ('A', 'S', 'QA', 'lA', 'QS', 'lS')} for layer in layers}

@@ -1,0 +1,86 @@
+"""What a user's own text and query files look like in the output: heatmap pieces of any Unicode text join back to
+what the tokenizer decodes (characters split across tokens included), and a query's warning from the command line
+names the file's line and the query's id."""
+import contextlib
+import io
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from influence_nb.cli import _as_notes, _read_queries
+from influence_nb.viz import token_texts
+
+CORPUS = ["the cafe of veloria serves tea at dawn and never late", "Zoë and Renée drink tea in the square"] * 3
+TEXT = st.text(st.characters(codec='utf-8', exclude_categories=('Cs', 'Cc'), exclude_characters='\ufffd'), min_size=1, max_size=30)
+
+
+@pytest.fixture(scope='module')
+def byte_bpe():
+    "A GPT-2-style byte-level BPE: characters it never saw are split into bytes, often across tokens."
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tk)
+
+
+@pytest.fixture(scope='module')
+def fallback_bpe():
+    "A Llama-2-style SentencePiece BPE with byte fallback (`<0xE2>` pieces), its decoder and a `<s>` prefix."
+    tk = Tokenizer(models.BPE(byte_fallback=True, unk_token='<unk>'))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Sequence([decoders.Replace('▁', ' '), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(' ', 1, 0)])
+    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=['<unk>', '<s>'] + [f'<0x{b:02X}>' for b in range(256)], show_progress=False))
+    tk.post_processor = processors.TemplateProcessing(single='<s> $A', special_tokens=[('<s>', tk.token_to_id('<s>'))])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token='<s>')
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=TEXT)
+def test_byte_level_pieces_join_to_the_decoded_text(byte_bpe, text):
+    ids = byte_bpe(text)['input_ids']
+    assert ''.join(token_texts(byte_bpe, ids)) == byte_bpe.decode(ids) == text
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=TEXT)
+def test_byte_fallback_pieces_join_to_the_decoded_text(fallback_bpe, text):
+    ids = fallback_bpe(text)['input_ids']
+    assert ''.join(token_texts(fallback_bpe, ids)) == fallback_bpe.decode(ids)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=TEXT)
+def test_split_characters_are_written_where_they_end(byte_bpe, text):
+    "Brute force: token i shows what decoding the first i+1 tokens adds, once the unfinished character at its end is dropped."
+    ids = byte_bpe(text)['input_ids']
+    done = [byte_bpe.decode(ids[:i + 1]).rstrip('\ufffd') for i in range(len(ids))]   # U+FFFD: bytes of an unfinished character
+    assert token_texts(byte_bpe, ids) == [b[len(a):] for a, b in zip([''] + done, done)]
+
+
+def test_an_emoji_split_over_tokens(byte_bpe):
+    ids = byte_bpe("tea 👋")['input_ids']
+    assert token_texts(byte_bpe, ids)[-4:] == ['', '', '', '👋'] and len(byte_bpe.convert_ids_to_tokens(ids)[-4:]) == 4
+
+
+def test_query_warning_names_line_and_id(byte_bpe, tmp_path, capsys):
+    "From the command line each query is read on its own; its warning must not say 'pairs[0]' for the third query."
+    rows = [{'id': 'a', 'prompt': 'the cafe of', 'completion': ' veloria'},
+            {'id': 'b', 'prompt': 'the cafe serves', 'completion': ' tea'},
+            {'id': 'runs-on', 'prompt': 'the cafe of vel', 'completion': 'oria serves tea'}]   # a word split across the two
+    path = tmp_path/'q.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        with _as_notes(): seqs, names = _read_queries(path, byte_bpe)
+    assert names == ['a', 'b', 'runs-on'] and len(seqs) == 3
+    notes = [line for line in err.getvalue().splitlines() if line.startswith('note:')]
+    assert len(notes) == 1, err.getvalue()
+    assert notes[0].startswith("note: q.jsonl, line 3 (id 'runs-on', ") and 'pairs[' not in notes[0], notes[0]
+    assert "the prompt's last word runs on into the completion" in notes[0]
