@@ -496,6 +496,15 @@ def _short(text, n=140):
 
 _MATCH_LABEL = {'fact': 'states the fact', 'passage': 'copy of the passage'}
 
+def _same_as(items: list, ranks: list) -> dict:
+    "`{rank: the rank of the first item equal to it}` for every item that repeats an earlier one (copies in a top-k)."
+    first, out = {}, {}
+    for rank, x in zip(ranks, items):
+        key = tuple(x) if isinstance(x, list) else x
+        if key in first: out[rank] = first[key]
+        else: first[key] = rank
+    return out
+
 def _fmt_score(v: float) -> str: return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
 
 def summary_html(result: ExplorerResult) -> str:
@@ -516,13 +525,13 @@ def top_html(result: ExplorerResult, # from `run_query`
              max_chars: int = 180,   # training text shortened to this many characters
             ) -> str:
     "The top-k table as HTML; each row has `data-rank` and `data-train-id`."
-    rows = []
+    rows, same = [], _same_as(list(result.top['text']), list(result.top.index))
     smax = max(float(np.abs(result.top['score']).max()), 1e-30) if len(result.top) else 1.0
     for rank, r in result.top.iterrows():
         w = int(round(100 * abs(r['score']) / smax))
         colour = 'var(--inb-pos)' if r['score'] >= 0 else 'var(--inb-neg)'
         badge = (f'<span class="inb-badge inb-badge-{_esc(r["match"])}">{_MATCH_LABEL[r["match"]]}</span>'
-                 if r['match'] else '')
+                 if r['match'] else '') + (f' <span class="inb-muted inb-same-text">same text as #{same[rank]}</span>' if rank in same else '')
         rows.append(f'<tr class="inb-row" data-rank="{rank}" data-train-id="{_esc(r["id"])}" data-train-index="{r["train_index"]}">'
                     f'<td class="inb-num">{rank}</td><td class="inb-id">{_esc(r["id"])}<br><span class="inb-muted">{_esc(r["kind"])}</span> {badge}</td>'
                     f'<td class="inb-num inb-score">{_fmt_score(r["score"])}<div class="inb-bar" style="width:{w}%;background:{colour}"></div></td>'
@@ -532,16 +541,20 @@ def top_html(result: ExplorerResult, # from `run_query`
             '<th>text</th></tr>')
     return f'<table class="inb-top"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
+# %% ../nbs/10_explorer.ipynb #52ca4c63
 def heatmaps_html(result: ExplorerResult, # from `run_query`
                   shift: bool = False,    # draw values on the predicted token instead (see `09_viz`)
                  ) -> str:
-    "Token heatmaps of the top sequences on one shared colour scale."
+    "Token heatmaps of the top sequences on one shared colour scale; a copy of a sequence above is named, not drawn again."
     if not result.tokens: return '<div class="inb-heatmaps"></div>'
     scale = max(float(np.nanmax(np.abs(np.concatenate(result.token_scores)))), 1e-30)
-    parts = []
+    parts, same = [], _same_as(result.tokens, list(result.top.index))
     for (rank, r), toks, vals in zip(result.top.iterrows(), result.tokens, result.token_scores):
         title = f"#{rank} · {r['id']} · score {_fmt_score(r['score'])}" + (f" · {_MATCH_LABEL[r['match']]}" if r['match'] else "")
-        parts.append(viz.token_heatmap_html(toks, vals, title=title, scale=scale, shift=shift, decode="none"))
+        if rank in same:                   # the same tokens as a sequence above: the same token-wise influence, drawn once
+            parts.append(f'<div class="inb-heatmap inb-same" data-same-as="{same[rank]}"><b>{_esc(title)}</b> · the same '
+                         f'text as #{same[rank]}, so the same token-wise influence: drawn above</div>')
+        else: parts.append(viz.token_heatmap_html(toks, vals, title=title, scale=scale, shift=shift, decode="none"))
     return '<div class="inb-heatmaps">' + "".join(parts) + '</div>'
 
 # %% ../nbs/10_explorer.ipynb #b686d3b6

@@ -226,6 +226,11 @@ def test_explorer_in_browser(voila_url, expected):
             assert [r['id'] for r in rows] == res.top['id'].tolist() and res.top.iloc[0]['match'] == 'passage'
             first = page.locator('.inb-results .inb-heatmap').first.inner_text()   # the whole training text
             assert q['completion'].strip() in first.replace('↵', ''), (q, first)
+            from influence_nb.explorer import _same_as
+            same = _same_as(res.tokens, list(res.top.index))                 # copies of the passage: drawn once, named after
+            assert page.locator('.inb-results .inb-heatmaps .inb-same').count() == len(same) > 0, same
+            assert page.locator('.inb-results .inb-tok').count() == sum(len(t) for i, t in zip(res.top.index, res.tokens) if i not in same)
+            assert page.locator('.inb-results .inb-same-text').count() == len(same)
             _screenshot(page, ARTIFACTS/'explorer_passage.png')
         finally:
             browser.close()
