@@ -67,8 +67,11 @@ def _say_token_shading(model, factors, query, seqs:list[dict], tok, say, out=Non
     heatmap = token_heatmap_for(out)                                       # colours only for a terminal
     pt = pairwise_scores(model, factors, query, seqs, per_token=True, progress=False).per_token[0]   # [len(seqs), T]
     say(f"\nToken-wise influence of the top {len(seqs)} (each value drawn on the token whose activation carries it):")
+    first = {}                                                             # token ids -> the first rank showing them
     for r, s in enumerate(seqs):
-        ids = s['input_ids']
+        ids = s['input_ids']; key = tuple(torch.as_tensor(ids).tolist())
+        if key in first: say(f"#{r+1}: the same text as #{first[key]}, so the same shading (above)"); continue
+        first[key] = r + 1
         say(f"#{r+1}: " + heatmap(token_texts(tok, ids), pt[r, :len(ids)].numpy(), decode="none", legend=r == 0))
 
 # %% ../nbs/13_cli.ipynb #3281e085
