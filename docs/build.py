@@ -48,7 +48,7 @@ def is_setup(src: str) -> bool:
     try: body = ast.parse(src).body
     except SyntaxError: return False
     setting = lambda n: (isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
-                         and ast.unparse(n.value.func).endswith(('set_num_threads', 'filterwarnings')))
+                         and ast.unparse(n.value.func).endswith(('set_num_threads', 'filterwarnings', 'simplefilter')))
     return bool(body) and all(isinstance(n, (ast.Import, ast.ImportFrom)) or setting(n) for n in body)
 
 

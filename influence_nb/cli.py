@@ -145,9 +145,10 @@ def _tokenize_query(tok, q: dict, where: str) -> list[dict]:
     "`tokenize_pairs` of one query, its warnings naming the file's line and the id ('pairs[0]' would name the wrong query)."
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always'); seq = tokenize_pairs(tok, [(q['prompt'], q['completion'])])
-    for w in caught:
+    for w in caught:                      # tokenize_pairs' own warnings re-worded; others (transformers, ...) passed on as they came
         msg = _ONE_PAIR.sub(lambda m: f"{where} (id {q['id']!r}, {m[1]}): ", str(w.message))
-        warnings.warn(msg, w.category, stacklevel=2)
+        if msg != str(w.message): warnings.warn(msg, w.category, stacklevel=2)
+        else: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return seq
 
 def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:

@@ -286,7 +286,8 @@ def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=(), spe
                              "without spaces, its last characters), and the tokenizer joins them into a token spanning both; that "
                              "token is measured with the completion (the prompt ends before it). To measure the completion alone, "
                              "end the prompt where a token of the joined text ends: `tokenizer.tokenize(prompt + completion)` lists "
-                             "them.", stacklevel=3)
+                             "them (a byte-level tokenizer may end none between two characters of Chinese or Japanese text; the "
+                             "spanning token is then as close as a measure gets).", stacklevel=3)
     if spaced: warnings.warn(f"{first(spaced)}: the prompt ends with a space and the completion does not, and this tokenizer gives "
                              "no offsets to move that space to the word after it, as the joined text's tokens have it; the "
                              "tokens measured are ones the model rarely saw. Write the space at the start of the completion: "
@@ -335,6 +336,11 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
         where = (i, prompt[-12:] + '|' + completion[:12])
         if how == 'alone' and prompt.endswith(' ') and not completion[0].isspace(): spaced.append(where)
         elif how != 'joined' and p_ids: joined.append(where)
+        elif how == 'merged':
+            raise ValueError(f"pairs[{i}]: the tokenizer merges the whole prompt {prompt!r} with the start of the completion into "
+                             "one token, so no token is the prompt's alone and the completion cannot be measured apart from it. "
+                             "Lengthen the prompt, or end it where a token of the joined text ends "
+                             "(`tokenizer.tokenize(prompt + completion)` lists them).")
         if not c_ids: raise ValueError(f"pairs[{i}]'s completion {completion!r} has no tokens: there is nothing to measure.")
         if unk is not None and unk in c_ids: unknown.append((i, completion))
         written = lambda t: (s := tokenizer.convert_ids_to_tokens(t)) in prompt[max(0, len(prompt) - len(s) + 1):] + completion

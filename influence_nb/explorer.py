@@ -525,7 +525,7 @@ def top_html(result: ExplorerResult, # from `run_query`
              max_chars: int = 180,   # training text shortened to this many characters
             ) -> str:
     "The top-k table as HTML; each row has `data-rank` and `data-train-id`."
-    rows, same = [], _same_as(list(result.top['text']), list(result.top.index))
+    rows, same = [], _same_as(result.tokens or list(result.top['text']), list(result.top.index))   # as the heatmaps see copies
     smax = max(float(np.abs(result.top['score']).max()), 1e-30) if len(result.top) else 1.0
     for rank, r in result.top.iterrows():
         w = int(round(100 * abs(r['score']) / smax))

@@ -368,6 +368,15 @@ class ScanResult:
 
 # %% ../nbs/08_search.ipynb #65897a83
 @patch
+def query_ids(self: ScanResult) -> list[str]|None:
+    "`query_names` as strings, one per query (None when unnamed); a list of another length is refused."
+    names = self.query_names
+    if not names: return None
+    if len(names) != self.n_queries:
+        raise ValueError(f"`query_names` has {len(names)} names for {self.n_queries} queries: give one per query, or None.")
+    return [str(x) for x in names]
+
+@patch
 def to_frame(self: ScanResult, texts=None, # `{index: text}` or a list, to add a text column
              corpus=None, tokenizer=None, text_field:str|None=None, # or: read texts from the corpus (see `texts`)
             ) -> pd.DataFrame:
@@ -375,7 +384,7 @@ def to_frame(self: ScanResult, texts=None, # `{index: text}` or a list, to add a
     n_q, k = self.indices.shape
     df = pd.DataFrame({'query': torch.arange(n_q).repeat_interleave(k).tolist(), 'rank': list(range(1, k + 1)) * n_q,
                        'index': self.indices.flatten().tolist(), 'score': self.scores.flatten().double().tolist()})
-    if self.query_names: df.insert(1, 'query_id', [self.query_names[q] for q in df['query']])
+    if (ids := self.query_ids()) is not None: df.insert(1, 'query_id', [ids[q] for q in df['query']])
     if self.n_train: df['nats'] = df['score'] / self.n_train
     if texts is None and (corpus is not None or (self.source is not None and Path(self.source).exists())):
         texts = self.texts(corpus, tokenizer, text_field)
@@ -409,7 +418,7 @@ def save(self: ScanResult, path:str|Path) -> Path:
     df = pd.DataFrame({'query': torch.arange(self.n_queries).repeat_interleave(self.k).numpy(),
                        'rank': torch.arange(1, self.k + 1).repeat(self.n_queries).numpy(),
                        'index': self.indices.flatten().numpy(), 'score': self.scores.flatten().double().numpy()})
-    if self.query_names: df.insert(1, 'query_id', [self.query_names[q] for q in df['query']])   # for readers of the file
+    if (ids := self.query_ids()) is not None: df.insert(1, 'query_id', [ids[q] for q in df['query']])   # for readers of the file
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b'influence_nb.scan': json.dumps(meta).encode()})
     with replacing(path) as tmp: pq.write_table(table, tmp)

@@ -242,7 +242,7 @@ def token_heatmap_ansi(tokens: Sequence[str],    # token strings (byte-level BPE
     s = _resolve_scale(v, scale)
     out = []
     for text, c in zip(texts, influence_rgb(v, s)):
-        text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)     # no raw ESC, CR, ... from the data
+        text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text) or "▏"   # no raw ESC, CR, ...; ▏: a split character's first bytes
         fg = _text_rgb(c)
         on = f"\x1b[48;2;{c[0]};{c[1]};{c[2]}m\x1b[38;2;{fg[0]};{fg[1]};{fg[2]}m"
         pieces = text.replace("\n", "↵\n").split("\n")                      # colour each line's piece, reset before \n

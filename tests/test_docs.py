@@ -82,7 +82,7 @@ def test_clean_notebook_hides_directives_and_keeps_outputs():
 
 def test_only_setup_cells_are_folded():
     setup = ['import torch', 'from a import (b,\n    c)\nimport os', 'import torch\ntorch.set_num_threads(1)',
-             'import warnings; warnings.filterwarnings("ignore")']
+             'import warnings; warnings.filterwarnings("ignore")', 'import warnings\nwarnings.simplefilter("ignore")']
     code = ['import torch\nx = torch.ones(1)', 'torch.set_num_threads(1)\nprint(1)', '', '# just a comment', 'import (']
     assert [docs_build.is_setup(s) for s in setup] == [True] * len(setup)
     assert [docs_build.is_setup(s) for s in code] == [False] * len(code)

@@ -57,6 +57,15 @@ def test_byte_fallback_pieces_join_to_the_decoded_text(fallback_bpe, text):
 
 @settings(max_examples=100, deadline=None)
 @given(text=TEXT)
+def test_byte_fallback_without_bos_keeps_only_the_leading_space(fallback_bpe, text):
+    "The one documented exception (09_viz): without `<s>` the decoder drops the text's leading space; the pieces keep it."
+    ids = fallback_bpe(text, add_special_tokens=False)['input_ids']
+    joined, full = ''.join(token_texts(fallback_bpe, ids)), fallback_bpe.decode(ids)
+    assert joined == full or (joined.startswith(' ') and joined[1:] == full), (joined, full)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=TEXT)
 def test_split_characters_are_written_where_they_end(byte_bpe, text):
     "Brute force: token i shows what decoding the first i+1 tokens adds, once the unfinished character at its end is dropped."
     ids = byte_bpe(text)['input_ids']
@@ -84,3 +93,21 @@ def test_query_warning_names_line_and_id(byte_bpe, tmp_path, capsys):
     assert len(notes) == 1, err.getvalue()
     assert notes[0].startswith("note: q.jsonl, line 3 (id 'runs-on', ") and 'pairs[' not in notes[0], notes[0]
     assert "the prompt's last word runs on into the completion" in notes[0]
+
+
+def test_other_warnings_keep_their_origin(byte_bpe, tmp_path, monkeypatch):
+    "Only tokenize_pairs' own warnings are re-worded into `note:` lines; another library's keeps its file and line."
+    import warnings
+    import influence_nb.cli as cli
+    real = cli.tokenize_pairs
+    def noisy(tok, pairs):
+        warnings.warn("a tokenizer library's own warning", FutureWarning)           # raised from this file
+        return real(tok, pairs)
+    monkeypatch.setattr(cli, 'tokenize_pairs', noisy)
+    (tmp_path/'q.jsonl').write_text(json.dumps({'id': 'a', 'prompt': 'the cafe of', 'completion': ' veloria'}) + '\n')
+    err = io.StringIO()
+    with pytest.warns(FutureWarning, match="a tokenizer library's own warning") as rec:   # shown as Python shows warnings
+        with contextlib.redirect_stderr(err):
+            with _as_notes(): _read_queries(tmp_path/'q.jsonl', byte_bpe)
+    assert 'note:' not in err.getvalue(), err.getvalue()
+    assert [w.filename.endswith('test_user_text.py') for w in rec] == [True]             # from where it was raised
