@@ -70,7 +70,7 @@ def _say_token_shading(model, factors, query, seqs:list[dict], tok, say, out=Non
     first = {}                                                             # token ids -> the first rank showing them
     for r, s in enumerate(seqs):
         ids = s['input_ids']; key = tuple(torch.as_tensor(ids).tolist())
-        if key in first: say(f"#{r+1}: the same text as #{first[key]}, so the same shading (above)"); continue
+        if key in first: say(f"#{r+1}: the same tokens as #{first[key]}, so the same shading (above)"); continue
         first[key] = r + 1
         say(f"#{r+1}: " + heatmap(token_texts(tok, ids), pt[r, :len(ids)].numpy(), decode="none", legend=r == 0))
 
@@ -157,17 +157,18 @@ def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
     try: rows = query_rows(path)
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"--queries {e}") from None
     for i, (where, r) in enumerate(rows):
+        qid = None                                                        # named in a refusal once the record has given it
         try:
             if isinstance(r, Mapping) and 'input_ids' in r and 'prompt' not in r:
                 seq = as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')
                 name = query_record(where, {**r, 'prompt': '', 'completion': '-'}, i)['id']   # checks the 'id' field
             else:
-                q = query_record(where, r, i)
+                q = query_record(where, r, i); qid = q['id']
                 seq, name = _tokenize_query(tok, q, where), q['id']
             if model is not None: seq = check_sequences(model, seq, 'record')          # vocabulary and context
             require_scored(seq, 'record')
         except (ValueError, TypeError) as e:
-            msg = str(e) if str(e).startswith(where) else f"{where}: {_reword(e)}"
+            msg = str(e) if str(e).startswith(where) else f"{where}{'' if qid is None else f' (id {qid!r})'}: {_reword(e)}"
             raise _again(e, f"--queries {msg}") from None
         seqs += seq; names.append(name)
     dup = sorted({x for x in names if names.count(x) > 1})
@@ -352,7 +353,7 @@ def _scan_parser(sub, fmt):
     _model_args(c); _corpus_args(c, '--corpus')
     c.add_argument('--factors', required=True, help='directory written by fit-factors (for this model)')
     c.add_argument('--queries', required=True, help="JSONL with 'prompt' and 'completion' fields (or 'input_ids' and 'labels'); an 'id' names a query")
-    c.add_argument('--out', required=True, help='result file (.parquet): query, rank, index, score; read it with `top`')
+    c.add_argument('--out', required=True, help='result file (.parquet): query, query_id, rank, index, score; read it with `top`')
     c.add_argument('--k', type=int, default=100, help='sequences to keep per query (default: 100)')
     c.add_argument('--query-rank', type=int, default=None, help='store the preconditioned query gradients at this rank (paper: 32; default: full)')
     c.add_argument('--refine', action='store_true', help='re-score the top k of a low-rank scan with full-rank queries and re-sort')
@@ -551,7 +552,7 @@ def _cmd_scan(a):
 # %% ../nbs/13_cli.ipynb #aaf1b1ba
 def _query_index(res, q:str) -> int:
     "A query of a scan result by id, or by 0-based position."
-    names = res.query_names or []
+    names = [str(x) for x in res.query_names] if res.query_names is not None else []   # ids as the file's query_id column has them
     if q in names: return names.index(q)
     if q.lstrip('-').isdigit():
         i = int(q)

@@ -264,7 +264,7 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
 
 # %% ../nbs/00_data.ipynb #3d710ad0
 def _completion_ids(tokenizer, prompt:str, completion:str, p_ids:list[int]) -> tuple[list[int], list[int], str]:
-    "`(prompt ids, completion ids, how)`: the joined text's tokens split where the prompt ends ('joined'), at the token spanning a word across it ('merged'), or, without offsets, the completion tokenized alone ('alone')."
+    "`(prompt ids, completion ids, how)`: the joined text's tokens split where the prompt ends ('joined'), at the token spanning a word across it ('merged'; 'swallowed' when it holds all of the prompt's text), or, without offsets, the completion tokenized alone ('alone')."
     try: enc = tokenizer(prompt + completion, add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError): enc = tokenizer(prompt + completion, add_special_tokens=False)
     joint, spans = list(enc['input_ids']), enc.get('offset_mapping')
@@ -273,6 +273,8 @@ def _completion_ids(tokenizer, prompt:str, completion:str, p_ids:list[int]) -> t
         cut = next((k for k, (s, e) in enumerate(spans) if e > len(prompt)), len(joint))
         if cut < len(joint):
             spanned = prompt[spans[cut][0]:]              # the prompt's part of that token: a space only, or a word's start
+            if spanned.strip() and not prompt[:spans[cut][0]].strip():   # and none of the prompt's text lies before it
+                return joint[:cut], joint[cut:], 'swallowed'
             return joint[:cut], joint[cut:], 'joined' if not spanned.strip() else 'merged'
     alone = list(tokenizer(completion, add_special_tokens=False)['input_ids'])
     if len(alone) > 1 and not completion[0].isspace() and not tokenizer.decode(alone[:1]).strip():
@@ -334,13 +336,13 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
         p_ids = list(tokenizer(prompt, add_special_tokens=False)['input_ids'])
         p_ids, c_ids, how = _completion_ids(tokenizer, prompt, completion, p_ids)
         where = (i, prompt[-12:] + '|' + completion[:12])
-        if how == 'alone' and prompt.endswith(' ') and not completion[0].isspace(): spaced.append(where)
-        elif how != 'joined' and p_ids: joined.append(where)
-        elif how == 'merged':
-            raise ValueError(f"pairs[{i}]: the tokenizer merges the whole prompt {prompt!r} with the start of the completion into "
+        if how == 'swallowed':
+            raise ValueError(f"pairs[{i}] cannot be measured: the tokenizer merges the whole prompt {prompt!r} with the start of the completion into "
                              "one token, so no token is the prompt's alone and the completion cannot be measured apart from it. "
                              "Lengthen the prompt, or end it where a token of the joined text ends "
                              "(`tokenizer.tokenize(prompt + completion)` lists them).")
+        if how == 'alone' and prompt.endswith(' ') and not completion[0].isspace(): spaced.append(where)
+        elif how != 'joined' and p_ids: joined.append(where)
         if not c_ids: raise ValueError(f"pairs[{i}]'s completion {completion!r} has no tokens: there is nothing to measure.")
         if unk is not None and unk in c_ids: unknown.append((i, completion))
         written = lambda t: (s := tokenizer.convert_ids_to_tokens(t)) in prompt[max(0, len(prompt) - len(s) + 1):] + completion

@@ -531,7 +531,7 @@ def top_html(result: ExplorerResult, # from `run_query`
         w = int(round(100 * abs(r['score']) / smax))
         colour = 'var(--inb-pos)' if r['score'] >= 0 else 'var(--inb-neg)'
         badge = (f'<span class="inb-badge inb-badge-{_esc(r["match"])}">{_MATCH_LABEL[r["match"]]}</span>'
-                 if r['match'] else '') + (f' <span class="inb-muted inb-same-text">same text as #{same[rank]}</span>' if rank in same else '')
+                 if r['match'] else '') + (f' <span class="inb-muted inb-same-text">same tokens as #{same[rank]}</span>' if rank in same else '')
         rows.append(f'<tr class="inb-row" data-rank="{rank}" data-train-id="{_esc(r["id"])}" data-train-index="{r["train_index"]}">'
                     f'<td class="inb-num">{rank}</td><td class="inb-id">{_esc(r["id"])}<br><span class="inb-muted">{_esc(r["kind"])}</span> {badge}</td>'
                     f'<td class="inb-num inb-score">{_fmt_score(r["score"])}<div class="inb-bar" style="width:{w}%;background:{colour}"></div></td>'
@@ -553,7 +553,7 @@ def heatmaps_html(result: ExplorerResult, # from `run_query`
         title = f"#{rank} · {r['id']} · score {_fmt_score(r['score'])}" + (f" · {_MATCH_LABEL[r['match']]}" if r['match'] else "")
         if rank in same:                   # the same tokens as a sequence above: the same token-wise influence, drawn once
             parts.append(f'<div class="inb-heatmap inb-same" data-same-as="{same[rank]}"><b>{_esc(title)}</b> · the same '
-                         f'text as #{same[rank]}, so the same token-wise influence: drawn above</div>')
+                         f'tokens as #{same[rank]}, so the same token-wise influence: drawn above</div>')
         else: parts.append(viz.token_heatmap_html(toks, vals, title=title, scale=scale, shift=shift, decode="none"))
     return '<div class="inb-heatmaps">' + "".join(parts) + '</div>'
 

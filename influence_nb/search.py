@@ -369,12 +369,16 @@ class ScanResult:
 # %% ../nbs/08_search.ipynb #65897a83
 @patch
 def query_ids(self: ScanResult) -> list[str]|None:
-    "`query_names` as strings, one per query (None when unnamed); a list of another length is refused."
+    "`query_names` as strings, one per query (None when unnamed); another length, a bare string or a repeated name is refused."
     names = self.query_names
-    if not names: return None
-    if len(names) != self.n_queries:
-        raise ValueError(f"`query_names` has {len(names)} names for {self.n_queries} queries: give one per query, or None.")
-    return [str(x) for x in names]
+    if names is None: return None
+    if isinstance(names, (str, bytes)): raise TypeError(f"`query_names` is a string ({names!r}); give a list of one name per query.")
+    ids = [str(x) for x in names]                                     # any sequence: list, tuple, numpy array, pandas Series
+    if len(ids) != self.n_queries:
+        raise ValueError(f"`query_names` has {len(ids)} names for {self.n_queries} queries: give one per query, or None.")
+    if len(set(ids)) < len(ids):
+        raise ValueError(f"`query_names` repeats {sorted({x for x in ids if ids.count(x) > 1})[:5]}: give every query its own name.")
+    return ids
 
 @patch
 def to_frame(self: ScanResult, texts=None, # `{index: text}` or a list, to add a text column
@@ -411,7 +415,7 @@ def save(self: ScanResult, path:str|Path) -> Path:
     path = Path(path)
     _writable_dir(path.parent if str(path.parent) else Path('.'), '`path`')
     meta = {'n_scanned': self.n_scanned, 'n_skipped': self.n_skipped, 'n_train': self.n_train, 'query_rank': self.query_rank,
-            'refined': self.refined, 'source': self.source, 'seconds': self.seconds, 'query_names': self.query_names,
+            'refined': self.refined, 'source': self.source, 'seconds': self.seconds, 'query_names': self.query_ids(),
             'query_log_p': self.query_log_p, 'source_digest': self.source_digest, 'text_field': self.text_field, 'n_truncated': self.n_truncated,
             'shape': list(self.indices.shape),
             'dtype': str(self.scores.dtype).replace('torch.', '')}

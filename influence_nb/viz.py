@@ -582,6 +582,7 @@ def top_sequences_html(scores,                       # Scores-like with .total [
                        k: int = 3,                   # how many sequences
                        shift: bool = False,          # draw values on the predicted token
                        threshold: float = 2/3,       # L2/L1 ratio above which a sequence is marked spurious
+                       decode: str = "auto",         # token text: "auto", "bytes", or "none" (e.g. `token_texts` output)
                       ) -> str:
     "HTML token heatmaps of one query's top-k training sequences, on one colour scale, spurious ones marked."
     if not (hasattr(scores, "total") and hasattr(scores, "per_token")):
@@ -612,7 +613,7 @@ def top_sequences_html(scores,                       # Scores-like with .total [
         ratio = l2_l1_ratio(vals)
         flag = " — spurious? (L2/L1 > {:.2f})".format(threshold) if is_spurious(vals, threshold) else ""
         title = f"#{r.rank} · sequence {r.index} · score {r.score:.4g} · L2/L1 {ratio:.2f}{flag}"
-        parts.append(token_heatmap_html(toks, vals, title=title, scale=scale, shift=shift))
+        parts.append(token_heatmap_html(toks, vals, title=title, scale=scale, shift=shift, decode=decode))
     return '<div style="display:flex;flex-direction:column;gap:12px">' + "".join(parts) + "</div>"
 
 def show_top_sequences(scores, train_tokens, **kwargs):

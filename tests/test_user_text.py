@@ -111,3 +111,40 @@ def test_other_warnings_keep_their_origin(byte_bpe, tmp_path, monkeypatch):
             with _as_notes(): _read_queries(tmp_path/'q.jsonl', byte_bpe)
     assert 'note:' not in err.getvalue(), err.getvalue()
     assert [w.filename.endswith('test_user_text.py') for w in rec] == [True]             # from where it was raised
+
+
+class _Glued:
+    "A tokenizer whose word-start mark is a token of its own, and which joins '東' + '京' into one token '東京'."
+    unk_token_id = eos_token_id = pad_token_id = None
+    bos_token_id, all_special_ids = 1, [1]
+    VOCAB = {'<s>': 1, '▁': 2, '東': 3, '京': 4, '東京': 5}
+    SPLITS = {'東': (['▁', '東'], [(0, 1), (0, 1)]), '京': (['▁', '京'], [(0, 1), (0, 1)]),
+              '東京': (['▁', '東京'], [(0, 1), (0, 2)])}
+    def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False):
+        pieces, spans = self.SPLITS[text]
+        out = {'input_ids': [self.VOCAB[p] for p in pieces]}
+        if return_offsets_mapping: out['offset_mapping'] = spans
+        return out
+    def convert_ids_to_tokens(self, ids):
+        inv = {v: k for k, v in self.VOCAB.items()}
+        return inv[ids] if isinstance(ids, int) else [inv[i] for i in ids]
+    def decode(self, ids): return ''.join(self.convert_ids_to_tokens(list(ids))).replace('▁', ' ')
+
+
+def test_a_prompt_inside_the_spanning_token_is_refused_even_after_a_lone_mark():
+    "'東' + '京' is tokenized ['▁', '東京']: the bare '▁' holds none of the prompt's text, so nothing is the prompt's alone."
+    from influence_nb.data import tokenize_pairs
+    with pytest.raises(ValueError, match=r"pairs\[0\] cannot be measured: the tokenizer merges the whole prompt '東'"):
+        tokenize_pairs(_Glued(), [('東', '京')])
+
+
+def test_unigram_metaspace_differs_only_by_the_leading_space():
+    "T5-style Unigram with a Metaspace decoder: the second case of the documented exception (09_viz)."
+    tk = Tokenizer(models.Unigram()); tk.pre_tokenizer = pre_tokenizers.Metaspace(); tk.decoder = decoders.Metaspace()
+    tk.train_from_iterator(CORPUS, trainers.UnigramTrainer(vocab_size=60, special_tokens=['<unk>'], unk_token='<unk>',
+                                                           show_progress=False))
+    uni = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token='<unk>')
+    for text in CORPUS[:2] + ["tea at dawn and never late"]:
+        ids = uni(text)['input_ids']
+        joined, full = ''.join(token_texts(uni, ids)), uni.decode(ids)
+        assert joined == ' ' + full == ' ' + text, (joined, full)
