@@ -148,3 +148,11 @@ def test_unigram_metaspace_differs_only_by_the_leading_space():
         ids = uni(text)['input_ids']
         joined, full = ''.join(token_texts(uni, ids)), uni.decode(ids)
         assert joined == ' ' + full == ' ' + text, (joined, full)
+
+
+def test_the_cli_refusal_names_line_and_id(tmp_path):
+    "From the command line the refusal names the file's line and the query's id, and reads as a sentence."
+    (tmp_path/'q.jsonl').write_text(json.dumps({'id': 'tokyo', 'prompt': '東', 'completion': '京'}) + '\n')
+    with pytest.raises(ValueError) as e: _read_queries(tmp_path/'q.jsonl', _Glued())
+    assert str(e.value).startswith("--queries q.jsonl, line 1 (id 'tokyo'): the record cannot be measured: the tokenizer "
+                                   "merges the whole prompt '東'"), str(e.value)
