@@ -18,7 +18,7 @@ from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
 from .scores import pairwise_scores
 from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text
-from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where
+from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where, _same_as
 
 # %% auto #0
 __all__ = ['token_heatmap_for', 'demo', 'build_parser', 'main']
@@ -67,11 +67,10 @@ def _say_token_shading(model, factors, query, seqs:list[dict], tok, say, out=Non
     heatmap = token_heatmap_for(out)                                       # colours only for a terminal
     pt = pairwise_scores(model, factors, query, seqs, per_token=True, progress=False).per_token[0]   # [len(seqs), T]
     say(f"\nToken-wise influence of the top {len(seqs)} (each value drawn on the token whose activation carries it):")
-    first = {}                                                             # token ids -> the first rank showing them
+    same = _same_as([torch.as_tensor(s['input_ids']).tolist() for s in seqs], range(1, len(seqs) + 1))   # copies: named once
     for r, s in enumerate(seqs):
-        ids = s['input_ids']; key = tuple(torch.as_tensor(ids).tolist())
-        if key in first: say(f"#{r+1}: the same tokens as #{first[key]}, so the same shading (above)"); continue
-        first[key] = r + 1
+        ids = s['input_ids']
+        if r + 1 in same: say(f"#{r+1}: the same tokens as #{same[r + 1]}, so the same shading (above)"); continue
         say(f"#{r+1}: " + heatmap(token_texts(tok, ids), pt[r, :len(ids)].numpy(), decode="none", legend=r == 0))
 
 # %% ../nbs/13_cli.ipynb #3281e085
