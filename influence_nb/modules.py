@@ -11,15 +11,18 @@ from torch import nn
 from .data import eval_mode
 
 # %% auto #0
-__all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'is_experts', 'expert_params', 'TrackedLayer', 'candidate_modules',
-           'blocks', 'block_coverage', 'check_not_reused', 'check_unshared', 'check_model', 'check_causal',
-           'find_modules', 'tiny_model', 'layer_param_names', 'Capture', 'experts_forward', 'capture']
+__all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'is_experts', 'expert_params', 'n_experts', 'expert_weights',
+           'expert_transposed', 'TrackedLayer', 'candidate_modules', 'blocks', 'block_coverage', 'check_not_reused',
+           'check_unshared', 'check_model', 'check_causal', 'find_modules', 'tiny_model', 'layer_param_names',
+           'Capture', 'experts_forward', 'capture']
 
 # %% ../nbs/03_modules.ipynb #8ec08ef3
 MLP_LEAVES = {   # how `modules="mlp"` recognises a block's feed-forward weights, whatever the architecture
     'containers': ('mlp', 'feed_forward', 'ffn', 'moe', 'expert'),  # a submodule whose name contains one holds an MLP or MoE
+    'classes': ('MLP', 'FeedForward', 'FFN', 'MoE', 'Experts'),     # ... or whose class name ends with one (NemotronHMLP)
     'bare': ('fc1', 'fc2'),                       # OPT keeps its two MLP layers directly in the block
     'routers': ('gate', 'router', 'shared_expert_gate', 'wg'),  # token → expert scores: not feed-forward weights
+    'attention': ('attn', 'attention'),           # never feed-forward, even as experts (JetMoe's mixture of attention heads)
 }
 
 def is_conv1d(m:nn.Module) -> bool:
@@ -34,47 +37,68 @@ def is_trackable(m:nn.Module) -> bool:
     "Layers EK-FAC can handle: `nn.Linear` (subclasses too, unless their forward returns a tuple) and GPT-2 `Conv1D`."
     return (isinstance(m, nn.Linear) and _returns_tensor(m)) or is_conv1d(m)
 
+def _is_dbrx_experts(m):   # DBRX: `mlp.w1`, `mlp.v1`, `mlp.w2`, each `[E·I, d]` with the experts stacked along rows
+    mlp = getattr(m, 'mlp', None)
+    return (isinstance(getattr(m, 'num_experts', None), int) and
+            all(isinstance(w := getattr(mlp, p, None), nn.Parameter) and w.dim() == 2 for p in ('w1', 'v1', 'w2')))
+
 def is_experts(m:nn.Module) -> bool:
-    "True for a transformers-5 MoE experts module: expert weights stored as 3-D parameters `[n_experts, ·, ·]`."
+    "True for an MoE experts module influence_nb splits per expert: transformers 5's 3-D `[n_experts, ·, ·]` weights, or DBRX's."
     w = getattr(m, 'down_proj', None)
     return (isinstance(w, nn.Parameter) and w.dim() == 3 and hasattr(m, 'has_gate') and hasattr(m, 'is_transposed')
-            and hasattr(m, 'gate_up_proj' if m.has_gate else 'up_proj'))
+            and hasattr(m, 'gate_up_proj' if m.has_gate else 'up_proj')) or _is_dbrx_experts(m)
 
-def expert_params(m:nn.Module) -> tuple[str, str]:
-    "Names of the two 3-D weights of an experts module: the input projection (fused gate+up, or up) and `down_proj`."
+def expert_params(m:nn.Module) -> tuple[str, ...]:
+    "Paths of an experts module's weights, in forward order: the input projection (fused gate+up, or up), `down_proj`."
+    if _is_dbrx_experts(m): return 'mlp.w1', 'mlp.v1', 'mlp.w2'     # gate, up, down
     return ('gate_up_proj' if m.has_gate else 'up_proj'), 'down_proj'
+
+def n_experts(m:nn.Module) -> int:
+    "How many experts an experts module holds."
+    return m.num_experts if _is_dbrx_experts(m) else m.down_proj.shape[0]
+
+def expert_weights(m:nn.Module, p:str) -> torch.Tensor:
+    "Weight `p` of an experts module as `[n_experts, ·, ·]` (a view: DBRX stacks its experts along the rows of a 2-D weight)."
+    w = m.get_parameter(p)
+    return w if w.dim() == 3 else w.view(n_experts(m), -1, w.shape[-1])
+
+def expert_transposed(m:nn.Module, p:str) -> bool:
+    "Is weight `p` stored `[d_in, d_out]` per expert (applied as `x @ w`)? DBRX applies `w2` so; transformers 5 says."
+    return p == 'mlp.w2' if _is_dbrx_experts(m) else m.is_transposed
 
 # %% ../nbs/03_modules.ipynb #fe2c847f
 @dataclass
 class TrackedLayer:
     "One layer influence is computed for (`find_modules`): its module, sizes, bias, and the expert slice of an MoE weight."
     name: str          # dotted module name in the model; an expert's slice is `<experts>.<param>[e]`
-    module: nn.Module  # the layer itself (for an expert: the experts module holding the 3-D weight)
+    module: nn.Module  # the layer itself (for an expert: the experts module holding the expert weights)
     d_in: int          # input features
     d_out: int         # output features
     bias: bool         # has a bias (folded in as a constant 1 appended to the activation)
     transposed: bool   # weight stored [d_in, d_out] (GPT-2 Conv1D, some experts) instead of [d_out, d_in]
-    param: str = 'weight'      # attribute of `module` holding the weight (`gate_up_proj`, `down_proj` for experts)
-    expert: int|None = None    # index into the 3-D expert weight; None for an ordinary layer
+    param: str = 'weight'      # path in `module` of the weight (experts: `gate_up_proj`, `down_proj`; DBRX `mlp.w1`, ...)
+    expert: int|None = None    # index into the expert weights (`expert_weights`); None for an ordinary layer
 
     @property
     def d_in1(self) -> int:
         "Columns of the canonical gradient: `d_in`, plus one for the bias when the layer has one."
         return self.d_in + int(self.bias)
 
-    def _slice(self, t): return t if self.expert is None else t[self.expert]
+    def _slice(self, t):
+        if self.expert is None: return t
+        return (t if t.dim() == 3 else t.view(n_experts(self.module), -1, t.shape[-1]))[self.expert]
     def _bias_name(self): return 'bias' if self.expert is None else f'{self.param}_bias'
 
     def params(self) -> list[tuple[str, torch.Tensor]]:
         "The layer's parameters with their full names (weight first); an expert's are slices of the 3-D tensors."
         if self.expert is None: names = [f'{self.name}.weight'] + ([f'{self.name}.bias'] if self.bias else [])
         else: names = [self.name] + ([self.name.replace(f'.{self.param}[', f'.{self._bias_name()}[')] if self.bias else [])
-        ts = [getattr(self.module, self.param)] + ([getattr(self.module, self._bias_name())] if self.bias else [])
+        ts = [self.module.get_parameter(self.param)] + ([getattr(self.module, self._bias_name())] if self.bias else [])
         return [(n, self._slice(t)) for n, t in zip(names, ts)]
 
     def canonical_grad(self) -> torch.Tensor:
         "The layer's `.grad` as one `[d_out, d_in(+1)]` matrix, bias in the last column."
-        g = self._slice(getattr(self.module, self.param).grad)
+        g = self._slice(self.module.get_parameter(self.param).grad)
         g = g.t() if self.transposed else g
         return torch.cat([g, self._slice(getattr(self.module, self._bias_name()).grad)[:, None]], 1) if self.bias else g
 
@@ -93,11 +117,11 @@ def _tracked(name, m):
 def _expert_layers(name, m) -> list[TrackedLayer]:
     "One `TrackedLayer` per expert and projection of an experts module, in expert order."
     out = []
-    for e in range(m.down_proj.shape[0]):
+    for e in range(n_experts(m)):
         for p in expert_params(m):
-            w = getattr(m, p)[e]
-            d_in, d_out = (w.shape if m.is_transposed else w.shape[::-1])
-            out.append(TrackedLayer(f'{name}.{p}[{e}]', m, d_in, d_out, bool(getattr(m, 'has_bias', False)), m.is_transposed, p, e))
+            w, tr = expert_weights(m, p)[e], expert_transposed(m, p)
+            d_in, d_out = (w.shape if tr else w.shape[::-1])
+            out.append(TrackedLayer(f'{name}.{p}[{e}]', m, d_in, d_out, bool(getattr(m, 'has_bias', False)), tr, p, e))
     return out
 
 # %% ../nbs/03_modules.ipynb #5d2d572d
@@ -123,12 +147,17 @@ def blocks(model:nn.Module) -> list[str]:
             if s > size: best, size = [f'{n}.{i}' for i in range(len(m))], s
     return best
 
-def _is_ffn(rel:str, expert:bool=False) -> bool:
+def _classed(block:nn.Module) -> set[str]:
+    "Paths in `block` of the submodules whose class name ends like a feed-forward part (`MLP_LEAVES['classes']`)."
+    return {n for n, m in block.named_modules() if n and type(m).__name__.endswith(MLP_LEAVES['classes'])}
+
+def _is_ffn(rel:str, expert:bool=False, classed:set[str]=frozenset()) -> bool:
     "Is the layer at `rel` (path inside its block) a feed-forward weight? Experts are; routers are not."
     parts = rel.split('.')
     if expert: return True
-    if any(p in MLP_LEAVES['routers'] for p in parts): return False
+    if any(p in MLP_LEAVES['routers'] or any(a in p for a in MLP_LEAVES['attention']) for p in parts): return False
     inside = any(c in p for p in parts[:-1] for c in MLP_LEAVES['containers'])   # mlp, shared_mlp, block_sparse_moe, ...
+    inside = inside or any('.'.join(parts[:i]) in classed for i in range(1, len(parts)))   # NemotronH's `mixer`: NemotronHMLP
     return inside or (len(parts) == 1 and parts[0] in MLP_LEAVES['bare'])
 
 def _kind(rel:str) -> str: return re.sub(r'\[\d+\]$', '[*]', rel)   # every expert of a projection is one kind
@@ -136,12 +165,12 @@ def _kind(rel:str) -> str: return re.sub(r'\[\d+\]$', '[*]', rel)   # every expe
 # %% ../nbs/03_modules.ipynb #ac544bba
 def _ffn_weights(block:nn.Module) -> list[str]:
     "Relative names of a block's feed-forward weight tensors (≥ 2-D, not biases, not routers): what 'mlp' must cover."
-    mods = dict(block.named_modules())
+    experts, classed = [n for n, m in block.named_modules() if is_experts(m)], _classed(block)
     out = []
     for n, p in block.named_parameters():
         mod, _, leaf = n.rpartition('.')
         if p.dim() < 2 or 'bias' in leaf: continue
-        if is_experts(mods[mod]) or _is_ffn(mod): out.append(n)
+        if any(mod == x or mod.startswith(x + '.') for x in experts) or _is_ffn(mod, classed=classed): out.append(n)
     return out
 
 def block_coverage(model:nn.Module, names:list[str]) -> dict[str, dict]:
@@ -156,7 +185,7 @@ def block_coverage(model:nn.Module, names:list[str]) -> dict[str, dict]:
             if layer.expert is None: covered.add(f'{rel}.weight')
             else:
                 key = rel.rsplit('[', 1)[0]; n_exp[key] = n_exp.get(key, 0) + 1
-                if n_exp[key] == getattr(layer.module, layer.param).shape[0]: covered.add(key)
+                if n_exp[key] == n_experts(layer.module): covered.add(key)
         missing = [w for w in _ffn_weights(model.get_submodule(b)) if w not in covered]
         out[b] = {'kinds': sorted({_kind(layer.name[len(b) + 1:]) for layer in mine}), 'missing': missing}
     return out
@@ -177,18 +206,19 @@ def _mlp_names(model, cands):
         raise ValueError(f"modules='mlp' found no blocks (nn.ModuleList) and no layer named like an MLP in {type(model).__name__}. "
                          f"Pass their names explicitly, e.g. modules={list(cands)[:4]!r} (all candidates: modules='all').")
     check_not_reused(model, cands.values())   # before coverage, which would only see the first copy
-    names = []
+    names, classed = [], {b: _classed(model.get_submodule(b)) for b in bl}
     for n, layer in cands.items():
         b = next((b for b in bl if n.startswith(b + '.')), None)   # the block holding layer n (None: outside blocks)
-        if b is not None and _is_ffn(n[len(b) + 1:], layer.expert is not None): names.append(n)
+        if b is not None and _is_ffn(n[len(b) + 1:], layer.expert is not None, classed[b]): names.append(n)
     cov, how = block_coverage(model, names), "Pass the layers to track as a list (`candidate_modules(model)` lists them)."
+    if not any(c['kinds'] or c['missing'] for c in cov.values()):   # blocks without one (a hybrid's Mamba blocks) are skipped
+        raise ValueError(f"modules='mlp' found no feed-forward layer in any block of {type(model).__name__} (a Linear/Conv1D "
+                         f"under a submodule named like one of {MLP_LEAVES['containers']} or of a class ending in one of "
+                         f"{MLP_LEAVES['classes']}, {MLP_LEAVES['bare']}, or an experts module). {how}")
     for b, c in cov.items():
-        if not c['kinds']:
-            raise ValueError(f"modules='mlp': block '{b}' has no feed-forward layer (a Linear/Conv1D under one of "
-                             f"{MLP_LEAVES['containers']}, {MLP_LEAVES['bare']}, or an experts module). {how}")
         if c['missing']:
             raise ValueError(f"modules='mlp': block '{b}' has feed-forward weights no trackable layer covers: {c['missing']} "
-                             "(influence_nb tracks nn.Linear, GPT-2 Conv1D and transformers' 3-D expert weights). " + how)
+                             "(influence_nb tracks nn.Linear, GPT-2 Conv1D, transformers' 3-D expert weights and DBRX's experts). " + how)
     for group in _alike_blocks(model, bl):   # blocks with the same parameters must yield the same kinds of layers
         ref = cov[group[0]]['kinds']
         for b in group[1:]:
@@ -315,7 +345,7 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
 
 
 # %% ../nbs/03_modules.ipynb #cd18e1d8
-def tiny_model(family:str='gpt2', # gpt2, gpt_neox, llama, mistral, opt, qwen2, gptj, phi3 (fused gate_up_proj), mixtral or qwen2_moe (MoE)
+def tiny_model(family:str='gpt2', # gpt2, gpt_neox, llama, mistral, opt, qwen2, gptj, phi3 (fused gate_up_proj); MoE: mixtral, qwen2_moe, dbrx; nemotron_h (hybrid)
                vocab:int=32, # vocabulary size
                hidden:int=16, # hidden width
                layers:int=2, # number of blocks
@@ -324,7 +354,8 @@ def tiny_model(family:str='gpt2', # gpt2, gpt_neox, llama, mistral, opt, qwen2, 
               ) -> nn.Module:
     "A random-initialised tiny causal LM of `family`, in eval mode, for tests and examples (no download)."
     from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
-                              Qwen2Config, OPTConfig, GPTJConfig, Phi3Config, MixtralConfig, Qwen2MoeConfig)
+                              Qwen2Config, OPTConfig, GPTJConfig, Phi3Config, MixtralConfig, Qwen2MoeConfig, DbrxConfig,
+                              NemotronHConfig)
     common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     heads = 2
     dec = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
@@ -346,6 +377,15 @@ def tiny_model(family:str='gpt2', # gpt2, gpt_neox, llama, mistral, opt, qwen2, 
         'mixtral': lambda: MixtralConfig(intermediate_size=2*hidden, num_local_experts=4, **moe, **dec),
         'qwen2_moe': lambda: Qwen2MoeConfig(intermediate_size=2*hidden, moe_intermediate_size=hidden, num_experts=4,
                                             shared_expert_intermediate_size=2*hidden, num_experts_per_tok=2, **dec),
+        # DBRX: rope_theta and clip_qkv given, which transformers 5.23's DBRX attention reads but does not default
+        'dbrx': lambda: DbrxConfig(d_model=hidden, n_layers=layers, n_heads=heads, max_seq_len=ctx, **common,
+                                   attn_config=dict(kv_n_heads=heads, clip_qkv=8., rope_theta=1e4),
+                                   ffn_config=dict(ffn_hidden_size=2*hidden, moe_num_experts=4, moe_top_k=2)),
+        # Nemotron-H: one mixer per block, cycling MoE (E), attention (*), Mamba (M), MLP (-); no cache (without an attention block it fails)
+        'nemotron_h': lambda: NemotronHConfig(intermediate_size=2*hidden, head_dim=hidden//heads, mamba_num_heads=heads,
+                                              mamba_head_dim=hidden//heads, ssm_state_size=4, n_groups=1, n_routed_experts=4,
+                                              moe_intermediate_size=hidden, moe_shared_expert_intermediate_size=hidden,
+                                              hybrid_override_pattern=('E*M-' * layers)[:layers], use_cache=False, **moe, **dec),
     }
     if family not in cfgs: raise ValueError(f"Unknown `family`={family!r}; choose one of {sorted(cfgs)}.")
     torch.manual_seed(seed)
@@ -392,27 +432,34 @@ class Capture:
 # %% ../nbs/03_modules.ipynb #9443e74e
 def _expert_linear(mod, p, e, x):
     "`x W_eᵀ (+ b_e)` for expert `e`'s projection `p`, as transformers' experts implementations compute it."
-    w = getattr(mod, p)[e]
-    s = x @ w if mod.is_transposed else x @ w.T                                  # [routed rows, d_out]
+    w = expert_weights(mod, p)[e]
+    s = x @ w if expert_transposed(mod, p) else x @ w.T                          # [routed rows, d_out]
     return s + getattr(mod, f'{p}_bias')[e] if getattr(mod, 'has_bias', False) else s
+
+def _expert_mlp(mod, x, linear):
+    "One expert's MLP on its rows `x`, each projection `p` computed by `linear(p, x)`."
+    if _is_dbrx_experts(mod):
+        w1, v1, w2 = expert_params(mod)
+        return linear(w2, mod.mlp.activation_fn(linear(w1, x)) * linear(v1, x))
+    up, down = expert_params(mod)
+    h = linear(up, x)
+    y = linear(down, mod._apply_gate(h) if mod.has_gate else mod.act_fn(h))
+    return mod.post_expert_norm(y) if getattr(mod, 'has_post_expert_norm', False) else y
 
 def experts_forward(mod:nn.Module, # an experts module (`is_experts`)
                     record=None, # `record(param, expert, x, s, rows, n_rows) -> s`, called on every expert matmul
                    ):
     "A per-expert loop computing what `mod.forward` computes, with one hookable matmul per expert and projection."
-    up, down = expert_params(mod)
     rec = record or (lambda p, e, x, s, rows, n: s)
-    def forward(hidden_states, top_k_index, top_k_weights):          # [N, d], [N, k], [N, k]
-        out = torch.zeros_like(hidden_states)
-        for e in range(mod.down_proj.shape[0]):
+    def forward(hidden_states, top_k_index, top_k_weights):          # [N, d] (DBRX: [batch, T, d]), [N, k], [N, k]
+        hs = hidden_states.reshape(-1, hidden_states.shape[-1])
+        out = torch.zeros_like(hs)
+        for e in range(n_experts(mod)):
             rows, slot = torch.where(top_k_index == e)                  # the tokens routed to e, and their top-k slot
-            x = hidden_states[rows]
-            h = rec(up, e, x, _expert_linear(mod, up, e, x), rows, len(hidden_states))
-            h = mod._apply_gate(h) if mod.has_gate else mod.act_fn(h)
-            y = rec(down, e, h, _expert_linear(mod, down, e, h), rows, len(hidden_states))
-            if getattr(mod, 'has_post_expert_norm', False): y = mod.post_expert_norm(y)
+            linear = lambda p, x: rec(p, e, x, _expert_linear(mod, p, e, x), rows, len(hs))
+            y = _expert_mlp(mod, hs[rows], linear)
             out.index_add_(0, rows, (y * top_k_weights[rows, slot, None]).to(out.dtype))
-        return out
+        return out.view(hidden_states.shape)
     return forward
 
 # %% ../nbs/03_modules.ipynb #a16c0002

@@ -1,0 +1,131 @@
+"Session 15: `modules='mlp'` on hybrids (Nemotron-H: blocks without a feed-forward layer are skipped, an MLP named `mixer`\nis found by its class) and on DBRX's experts (three 2-D weights, experts stacked along rows), checked against autograd\nand against a per-expert EK-FAC reference routed in this file; models with nothing to track, or experts influence_nb\ncannot split, are refused by name."
+import warnings
+import pytest, torch
+from torch import nn
+import transformers
+from transformers import AutoModelForCausalLM
+import influence_nb as inf
+import randdata
+from influence_nb.modules import find_modules, block_coverage, tiny_model
+
+transformers.logging.set_verbosity_error()
+E = 4   # experts per MoE block in tiny_model
+
+def model(family, layers):
+    torch.manual_seed(0)
+    return tiny_model(family, layers=layers).double()
+
+def whole_params(layers):
+    "The parameters behind tracked layers, each once: an expert slice stands for its whole weight (all experts are tracked)."
+    out = []
+    for layer in layers:
+        for n, _ in layer.params():
+            n = n.rsplit('[', 1)[0] if n.endswith(']') else n
+            if n not in out: out.append(n)
+    return out
+
+def identity_vs_autograd(m):
+    layers = find_modules(m, 'mlp')
+    train, queries = randdata.rand_seqs(4, hi=10, top=30), randdata.rand_seqs(2, lo=6, hi=10, top=30, seed=1, prompt=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')   # 'mlp' is complete: nothing to warn about
+        f = inf.fit_factors(m, train, 'identity', progress=False)
+    s = inf.pairwise_scores(m, f, queries, train, progress=False).total
+    params = dict(m.named_parameters())
+    ps = [params[n] for n in whole_params(layers)]
+    ref = randdata.autograd_grads(m, ps, queries) @ randdata.autograd_grads(m, ps, train).T
+    return float((s - ref).abs().max() / ref.abs().max())
+
+def test_nemotron_h_tracks_mlp_and_moe_blocks_only():
+    m = model('nemotron_h', 4)   # blocks: MoE, attention, Mamba, MLP (each one `mixer`)
+    names = [layer.name for layer in find_modules(m, 'mlp')]
+    want = ([f'model.layers.0.mixer.experts.{p}[{e}]' for e in range(E) for p in ('up_proj', 'down_proj')]
+            + [f'model.layers.0.mixer.shared_experts.{p}' for p in ('up_proj', 'down_proj')]
+            + [f'model.layers.3.mixer.{p}' for p in ('up_proj', 'down_proj')])
+    assert names == want
+    assert [bool(c['kinds']) for c in block_coverage(m, names).values()] == [True, False, False, True]
+    # the Mamba path computes in float32 inside a float64 model, so the two batchings round differently
+    assert identity_vs_autograd(m) < 1e-6
+
+def test_dbrx_experts_identity_equals_autograd():
+    m = model('dbrx', 2)
+    names = [layer.name for layer in find_modules(m, 'mlp')]
+    assert names == [f'transformer.blocks.{b}.ffn.experts.mlp.{p}[{e}]' for b in range(2) for e in range(E) for p in ('w1', 'v1', 'w2')]
+    assert identity_vs_autograd(m) < 1e-10
+
+def dbrx_routed_pieces(m, seq):
+    "One sequence through DBRX, each experts module's output recomputed by this file's own loop: per expert layer,\n    (inputs [rows, d_in], output gradients [rows, d_out]) after backward."
+    rec, handles = {}, []
+    for path, mod in m.named_modules():
+        if type(mod).__name__ == 'DbrxExperts':
+            def hook(mod, args, out, path=path):
+                x, top_idx, top_w = args
+                x = x.reshape(-1, x.shape[-1])
+                new = torch.zeros_like(x)
+                I = mod.ffn_hidden_size
+                for e in range(mod.num_experts):
+                    rows, slot = (top_idx == e).nonzero(as_tuple=True)
+                    w1, v1, w2 = (getattr(mod.mlp, p)[e * I:(e + 1) * I] for p in ('w1', 'v1', 'w2'))
+                    g = x[rows] @ w1.T; g.retain_grad()
+                    u = x[rows] @ v1.T; u.retain_grad()
+                    h = mod.mlp.activation_fn(g) * u
+                    y = h @ w2; y.retain_grad()
+                    new = new.index_add(0, rows, y * top_w[rows, slot, None])
+                    rec[(path, e)] = (x[rows].detach(), g, u, h.detach(), y)
+                assert torch.allclose(new.view(out.shape), out, rtol=1e-10, atol=1e-12)   # the module's own forward
+                return new.view(out.shape)
+            handles.append(mod.register_forward_hook(hook))
+    try:
+        m.zero_grad()
+        logits = m(input_ids=seq['input_ids'][None]).logits[0]
+        nn.functional.cross_entropy(logits[:-1], seq['labels'][1:], ignore_index=-100, reduction='sum').backward()
+    finally:
+        for h in handles: h.remove()
+    out = {}
+    for (path, e), (x, g, u, h, y) in rec.items():
+        out[f'{path}.mlp.w1[{e}]'], out[f'{path}.mlp.v1[{e}]'], out[f'{path}.mlp.w2[{e}]'] = (x, g.grad), (x, u.grad), (h, y.grad)
+    return out
+
+def test_dbrx_per_expert_ekfac_matches_reference():
+    m = model('dbrx', 2)
+    train, queries = randdata.rand_seqs(8, lo=8, hi=14, seed=3, top=32), randdata.rand_seqs(2, lo=6, seed=4, prompt=3, top=32)
+    f = inf.fit_factors(m, train, 'ekfac', fisher='empirical', batch_size=3, progress=False)
+    got = inf.pairwise_scores(m, f, queries, train, per_layer=True, progress=False).per_layer
+    tr, qs = [dbrx_routed_pieces(m, s) for s in train], [dbrx_routed_pieces(m, s) for s in queries]
+    assert set(f.modules) == set(tr[0])
+    for n in f.modules:
+        A = sum(p[n][0].T @ p[n][0] for p in tr) / max(sum(len(p[n][0]) for p in tr), 1)   # per routed token
+        S = sum(p[n][1].T @ p[n][1] for p in tr) / len(train)                              # per sequence
+        for k, ref in (('A', A), ('S', S)):
+            assert torch.allclose(f.tensors[n][k], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-300), (n, k)
+        QA, QS = torch.linalg.eigh(A).eigenvectors, torch.linalg.eigh(S).eigenvectors
+        G = [p[n][1].T @ p[n][0] for p in tr]
+        lam = sum((QS.T @ g @ QA) ** 2 for g in G) / len(train)
+        denom = lam + 0.1 * lam.mean()
+        want = torch.tensor([[float((QS @ ((QS.T @ (p[n][1].T @ p[n][0]) @ QA) / denom) @ QA.T * g).sum()) for g in G] for p in qs],
+                            dtype=torch.float64)
+        assert float((got[n] - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-12, n
+
+def test_dbrx_partial_list_warns_and_self_scores_are_the_diagonal():
+    m = model('dbrx', 2)
+    names = [layer.name for layer in find_modules(m, 'mlp') if layer.name != 'transformer.blocks.1.ffn.experts.mlp.w2[3]']
+    with pytest.warns(UserWarning, match=r"ffn\.experts\.mlp\.w2: \[1\]"):
+        find_modules(m, names)
+    train = randdata.rand_seqs(5, seed=2, top=32)
+    f = inf.fit_factors(m, train, 'ekfac', batch_size=2, progress=False)
+    both = inf.pairwise_scores(m, f, train, train, progress=False).total
+    self_ = inf.self_scores(m, f, train, progress=False)
+    assert (self_ > 0).all() and torch.allclose(torch.diagonal(both), self_, rtol=1e-6)
+
+def test_nothing_to_track_and_unsplittable_experts_are_refused_by_name():
+    torch.manual_seed(0)
+    mamba = AutoModelForCausalLM.from_config(transformers.MambaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2))
+    with pytest.raises(ValueError, match="found no feed-forward layer in any block of MambaForCausalLM"):
+        find_modules(mamba, 'mlp')
+    jet = AutoModelForCausalLM.from_config(transformers.JetMoeConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_local_experts=E, num_experts_per_tok=2,
+        kv_channels=8, num_key_value_heads=2, intermediate_size=16))
+    # its MLP experts are named; its mixture of attention heads is attention, not feed-forward
+    with pytest.raises(ValueError, match=r"block 'model.layers.0' has feed-forward weights no trackable layer covers: "
+                                         r"\['mlp.input_linear.weight', 'mlp.output_linear.weight'\] \("):
+        find_modules(jet, 'mlp')
