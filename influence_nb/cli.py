@@ -569,11 +569,11 @@ def _unreadable(r, text_field) -> str|None:
     try: as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')
     except (ValueError, TypeError) as e: return _reword(e)
 
-def _top_texts(res, qi:int, k:int, corpus, tok, text_field) -> dict|None:
-    "`{index: text}` of one query's top `k`, read from the corpus; a record that cannot be read is named, never shown as junk."
-    if corpus is None: return None
+def _top_texts(res, qi:int, k:int, corpus, tok, text_field) -> tuple[dict, dict]:
+    "`({index: text}, {index: the record's 'id'})` of one query's top `k` (`(None, {})` without a corpus); a record that cannot\n    be read is named, never shown as junk."
+    if corpus is None: return None, {}
     _check_corpus_file(corpus, text_field)
-    want, texts = {int(i) for i in res.indices[qi, :k].tolist() if i >= 0}, {}
+    want, texts, ids = {int(i) for i in res.indices[qi, :k].tolist() if i >= 0}, {}, {}
     try: items = list(CorpusStream(corpus, text_field).select(want))
     except Exception as e:
         if not (isinstance(e, (ValueError, TypeError)) or type(e).__module__.startswith('pyarrow')): raise
@@ -582,13 +582,15 @@ def _top_texts(res, qi:int, k:int, corpus, tok, text_field) -> dict|None:
         why = _unreadable(it.raw, text_field)
         if why: raise ValueError(f"--corpus: {it.where}: {why}. This result ranks that record: fix the file, or pass the corpus that was scanned.")
         texts[it.index] = record_text(it.raw, tok, text_field)
+        if isinstance(it.raw, dict) and 'id' in it.raw: ids[it.index] = str(it.raw['id'])
     res.check_corpus(corpus, '--corpus')   # readable, but is it the content that was scanned?
     missing = sorted(want - set(texts))
     if missing:
         raise ValueError(f"--corpus {Path(corpus).name} has fewer records than the result's sequence {missing[0]}: it is not the "
                          f"corpus that was scanned ({res.n_scanned:,} records). Pass the scanned corpus.")
-    return texts
+    return texts, ids
 
+# %% ../nbs/13_cli.ipynb #1b0683e8
 def _cmd_top(a):
     res = ScanResult.load(a.result)
     if a.k < 1: raise ValueError(f"--k must be at least 1, got {a.k}.")
@@ -598,7 +600,9 @@ def _cmd_top(a):
     qi = _query_index(res, a.query)
     corpus = a.corpus or (res.source if res.source and Path(res.source).exists() else None)
     tok = load_model(a.model, a.tokenizer)[1] if a.model else load_tokenizer(a.tokenizer) if a.tokenizer else None
-    df = res.top(qi, a.k, texts=_top_texts(res, qi, a.k, corpus, tok, a.text_field or res.text_field or 'text'))
+    texts, ids = _top_texts(res, qi, a.k, corpus, tok, a.text_field or res.text_field or 'text')
+    df = res.top(qi, a.k, texts=texts)
+    if ids: df.insert(1, 'id', [ids.get(int(i), '') for i in df['index']])   # the records' own ids, as `explore` shows them
     name = res.query_names[qi] if res.query_names else f'query {qi}'
     print(f"{name}: top {len(df)} of {res.n_scanned:,} sequences (query rank {res.query_rank or 'full'}"
           f"{', refined' if res.refined else ''}){f'; nats = score / N, N = {res.n_train:,}' if res.n_train else ''}")

@@ -17,8 +17,8 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'check_max_length', 'field_value', 'TruncatedTextsWarning', 'cut_texts', 'tokenize', 'special_prefix',
            'tokenize_pairs', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
            'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled',
-           'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format', 'corpus_rows', 'read_corpus',
-           'corpus_sequences', 'cache_dir', 'cached_factors']
+           'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format', 'corpus_rows',
+           'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -553,14 +553,38 @@ def load_bundled(name:str='gpt2-l', # one of MODEL_NAMES, or a model folder (wit
     "`(model, tokenizer)` of a bundled model (eval mode, float32) and the project tokenizer."
     return load_model(name)
 
+# %% ../nbs/00_data.ipynb #3be13a5d
+def _rescaling(model):   # RWKV halves some weights in place on an eval forward, every `rescale_every` blocks
+    return [m for m in model.modules() if hasattr(m, 'layers_are_rescaled') and hasattr(m, '_rescale_layers')
+            and getattr(getattr(m, 'config', None), 'rescale_every', 0) > 0]
+
+@contextmanager
+def trained_weights(model):
+    "Inside the block, RWKV's weights as trained: not rescaled in place by its eval forwards (`rescale_every`); as found after."
+    found = [(m, m.training, m.layers_are_rescaled, m.config.rescale_every) for m in _rescaling(model)]
+    try:
+        for m, mode, scaled, _ in found:
+            if scaled: m.training = True; m._rescale_layers()           # undo an earlier eval forward's division
+            m.config.rescale_every, m.training = 0, mode                   # and hold off the next (exact: powers of 2)
+        yield model
+    finally:
+        for m, mode, scaled, every in found:
+            m.config.rescale_every, m.layers_are_rescaled = every, False
+            if scaled: m.training = False; m._rescale_layers()
+            m.training = mode
+
 # %% ../nbs/00_data.ipynb #c96305dd
 @contextmanager
 def eval_mode(model):
-    "`model` in eval mode (no dropout) inside the block; every submodule's own mode is restored after, a mixed state included."
-    modes = [(m, m.training) for m in model.modules()]
+    "`model` in eval mode (no dropout), without a cache and with its trained weights (`trained_weights`) inside the block;\n    every submodule's own mode (a mixed state included) and `config.use_cache` are restored after."
+    modes, cfg = [(m, m.training) for m in model.modules()], getattr(model, 'config', None)
+    cache = getattr(cfg, 'use_cache', None)
     model.eval()
-    try: yield model
+    if cache: cfg.use_cache = False           # a recurrent state updated in place (RWKV, xLSTM) breaks the backward
+    try:
+        with trained_weights(model): yield model
     finally:
+        if cache: cfg.use_cache = cache
         for m, was in modes: m.training = was
 
 def batch_logits(model, # a causal LM (called as `call(input_ids=, attention_mask=)`)
@@ -665,7 +689,7 @@ def cached_factors(model, train, tag:str, progress=True, **fit_kw) -> tuple:
     from influence_nb.ekfac import Factors, fit_factors, fingerprint
     from influence_nb.modules import find_modules
     layers = find_modules(model, fit_kw.get('modules', 'mlp'))
-    key = '-'.join([tag] + [f'{k}={v}' for k, v in sorted(fit_kw.items())] + [fingerprint(layers)[:16]])
+    key = '-'.join([tag] + [f'{k}={v}' for k, v in sorted(fit_kw.items())] + [fingerprint(layers, model)[:16]])
     path = cache_dir()/'factors'/key
     if (path/'factors.json').exists():
         try:

@@ -12,7 +12,7 @@ from safetensors.torch import save_file, load_file
 from safetensors import safe_open
 from fastcore.basics import patch
 from . import artefact
-from .data import check_sequences, require_scored, grad_enabled, n_scored
+from .data import check_sequences, require_scored, grad_enabled, n_scored, trained_weights
 from .modules import TrackedLayer, find_modules, check_model
 from .theory import check_damping   # the one damping rule: None, or a positive finite float
 from .kfac import (dist_info, fit_covariances, eigen, layer_passes, precondition_eigen, all_reduce_sum, check_fisher,
@@ -117,12 +117,15 @@ def _values(t:torch.Tensor, limit:int=SAMPLE) -> bytes:
     if t.numel() > limit: t = t[::(-(-t.numel() // limit)) | 1]    # ≤ limit values, spread across rows and columns
     return t.float().cpu().contiguous().numpy().tobytes()
 
-def fingerprint(layers:list[TrackedLayer]) -> str:
+def fingerprint(layers:list[TrackedLayer], # tracked layers (`find_modules`)
+                model:torch.nn.Module|None=None, # the model holding them: its weights are read as trained (`trained_weights`)
+               ) -> str:
     "SHA-256 over the names, shapes and float32 values (sampled beyond `SAMPLE`) of the tracked layers' parameters."
     h = hashlib.sha256()
-    for layer in layers:
-        for name, p in layer.params():
-            h.update(f'{name}:{tuple(p.shape)};'.encode()); h.update(_values(p))
+    with trained_weights(model) if model is not None else contextlib.nullcontext():
+        for layer in layers:
+            for name, p in layer.params():
+                h.update(f'{name}:{tuple(p.shape)};'.encode()); h.update(_values(p))
     return h.hexdigest()
 
 # %% ../nbs/05_ekfac.ipynb #a16c0501
@@ -143,11 +146,12 @@ def _config(model) -> dict:
 
 def model_digest(model) -> dict:
     "What factors are bound to: the config and a 16-hex digest of each parameter's name, shape and (sampled) values."
-    params = {}
-    for n, p in model.named_parameters():          # tied weights appear once
-        h = hashlib.sha256(f'{n}:{tuple(p.shape)};'.encode()); h.update(_values(p, SAMPLE_OTHER))
-        params[n] = h.hexdigest()[:16]
-    return {'config': _config(model), 'params': params}
+    params, config = {}, _config(model)
+    with trained_weights(model):                   # RWKV's weights as trained, whether or not an eval forward rescaled them
+        for n, p in model.named_parameters():      # tied weights appear once
+            h = hashlib.sha256(f'{n}:{tuple(p.shape)};'.encode()); h.update(_values(p, SAMPLE_OTHER))
+            params[n] = h.hexdigest()[:16]
+    return {'config': config, 'params': params}
 
 def model_changes(bound:dict, model) -> list[str]:
     "How `model` differs from the digest `bound` (changed, missing or new parameters; config fields); [] if it does not."
@@ -225,7 +229,7 @@ class Factors:
 # %% ../nbs/05_ekfac.ipynb #e5ac0015
 @patch
 def without_curvature(self:Factors) -> list[str]:
-    "Tracked layers whose curvature is all zero: no fit token reached them (an MoE expert nothing was routed to)."
+    "Tracked layers whose curvature is all zero: no fit token reached them (an MoE expert nothing was routed to), or no gradient."
     return [n for n in self.modules if (ev := self.eigenvalues(n)) is not None and not bool(ev.any())]
 
 @patch
@@ -282,7 +286,7 @@ def check_bound(f:Factors, model, modules=None) -> list:
     if names != f.modules:
         raise ValueError(f"These factors were fitted for modules {f.modules}, not {names}. "
                          "Refit with `fit_factors(model, train, modules=...)`.")
-    fp, was, now = fingerprint(layers), f.info.get('model_dtype'), str(next(model.parameters()).dtype).removeprefix('torch.')
+    fp, was, now = fingerprint(layers, model), f.info.get('model_dtype'), str(next(model.parameters()).dtype).removeprefix('torch.')
     hint = (f" They were fitted on the model in {was}, and it is in {now} here: rounding to another precision changes the "
             f"weights they are bound to, so load it in {was} again (`load_model(..., dtype='{was}')`, --dtype {was} on the "
             "command line)." if was and was != now else '')
@@ -446,12 +450,13 @@ def fit_dtype(option:str, # 'eigh_dtype' or 'rotate_dtype'
     return getattr(torch, name)
 
 def warn_without_curvature(f:Factors):
-    "Warn, naming them, when some tracked layers saw no fit token: by default they get the model-wide damping."
+    "Warn, naming them, when some tracked layers have no curvature: by default they get the model-wide damping."
     empty = f.without_curvature()
     if not empty: return
     shown = ', '.join(empty[:8]) + (f' and {len(empty) - 8} more' if len(empty) > 8 else '')
-    warnings.warn(f"{len(empty)} of {len(f.modules)} tracked layers saw no fit token and have no curvature: {shown}. With "
-                  "damping=None each is damped with the model-wide 0.1 × mean eigenvalue of the layers that have curvature. "
+    warnings.warn(f"{len(empty)} of {len(f.modules)} tracked layers have no curvature: {shown}. Either no fit token reached "
+                  "them (an MoE expert nothing was routed to), or the loss does not depend on them (every gradient at their output "
+                  "was zero, as behind a weight initialised to zero). With damping=None each is damped with the model-wide 0.1 × mean eigenvalue of the layers that have curvature. "
                   "Fit on more data, pass `damping`, or leave them out with `modules=`.", stacklevel=4)   # the caller of fit_factors (through grad_enabled)
 
 # %% ../nbs/05_ekfac.ipynb #a0a62076
@@ -539,7 +544,7 @@ class FitCheckpoint:
 def _fit_key(model, layers, seqs, **settings) -> str:
     "What a fit checkpoint is bound to: the model's weights, the tracked layers, every sequence and every setting of the fit."
     def parts():
-        yield json.dumps({**{k: str(v) for k, v in settings.items()}, 'model': model_digest(model), 'layers': fingerprint(layers)},
+        yield json.dumps({**{k: str(v) for k, v in settings.items()}, 'model': model_digest(model), 'layers': fingerprint(layers, model)},
                          sort_keys=True)
         for s in seqs:
             for k in ('input_ids', 'labels', 'attention_mask'): yield from (s[k], '|')
@@ -647,7 +652,7 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
     if fisher_samples > 1: info['fisher_samples'] = fisher_samples
     info.update({k: str(v).removeprefix('torch.') for k, v in (('eigh_dtype', eigh_dt), ('rotate_dtype', rotate_dt)) if v is not None})   # only when set
     f = Factors(strategy, [layer.name for layer in layers], {layer.name: [layer.d_out, layer.d_in1] for layer in layers}, fisher, len(seqs), n_tok,
-                seed, fingerprint(layers), type(model).__name__, tensors, info)
+                seed, fingerprint(layers, model), type(model).__name__, tensors, info)
     check_factors_finite(f)
     if strategy in EIGEN and ck is not None and not keep_checkpoint: ck.remove()
     warn_without_curvature(f)

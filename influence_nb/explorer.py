@@ -331,7 +331,7 @@ def restrict_factors(factors: Factors, # fitted on `model`
     modules = [m for m in factors.modules if m in modules]                      # model order
     layers = find_modules(model, modules)
     return dataclasses.replace(factors, modules=modules, shapes={m: factors.shapes[m] for m in modules},
-                               tensors={m: factors.tensors[m] for m in modules}, fingerprint=fingerprint(layers))
+                               tensors={m: factors.tensors[m] for m in modules}, fingerprint=fingerprint(layers, model))
 
 # %% ../nbs/10_explorer.ipynb #f5442516
 @dataclass

@@ -228,9 +228,14 @@ def _mlp_names(model, cands):
     return names
 
 # %% ../nbs/03_modules.ipynb #9e52e8b3
-def _warn_left_out(model, names):
+def _mlp_refusal(model) -> str|None:
+    "Why `modules='mlp'` refuses `model` (its error's first sentence), or None when it accepts it."
+    try: find_modules(model, 'mlp', warn=False); return None
+    except ValueError as e: return str(e).split('. ')[0]
+
+def _warn_left_out(model, names, what='`modules`'):
     "For a list spanning several blocks: raise if the blocks it touches yield different kinds, warn about what it leaves out."
-    cov, left = block_coverage(model, names), {}
+    cov, left, cannot = block_coverage(model, names), {}, {}
     touched = [b for b, c in cov.items() if c['kinds']]
     if len(touched) < 2: return   # one block: a deliberate layer-wise choice
     for group in _alike_blocks(model, touched):
@@ -239,11 +244,18 @@ def _warn_left_out(model, names):
             if cov[b]['kinds'] != every:
                 raise ValueError(f"`modules` selects {sorted(set(every) - set(cov[b]['kinds']))} in other blocks but not in "
                                  f"'{b}', which is built alike: list the same kinds in every block you track (or use 'mlp').")
+    untrackable = block_coverage(model, list(_candidates(model)))   # what no candidate covers: no list can track it
     for i, (b, c) in enumerate(cov.items()):
-        for w in c['missing']: left.setdefault(_kind(w), []).append(i)
+        for w in c['missing']: (cannot if w in untrackable[b]['missing'] else left).setdefault(_kind(w), []).append(i)
+    say = lambda d: '; '.join(f'{k}: {v}' for k, v in d.items())
     if left:
-        warnings.warn("`modules` leaves out these feed-forward weights (kind: block numbers): "
-                      + '; '.join(f'{k}: {v}' for k, v in left.items()) + ". Use modules='mlp' to track them all.", stacklevel=3)
+        why = _mlp_refusal(model)
+        warnings.warn(f"{what} leaves out these feed-forward weights (kind: block numbers): {say(left)}. "
+                      + ("Use modules='mlp' to track them all." if why is None else f"(modules='mlp' refuses this model: {why}.)"),
+                      stacklevel=3)
+    if cannot:
+        warnings.warn(f"{what} leaves out these feed-forward weights, which influence_nb cannot track (they are not nn.Linear, "
+                      f"GPT-2 Conv1D or experts it can split; kind: block numbers): {say(cannot)}.", stacklevel=3)
 
 # %% ../nbs/03_modules.ipynb #a6a4b4a1
 def check_not_reused(model:nn.Module, layers):
@@ -254,7 +266,8 @@ def check_not_reused(model:nn.Module, layers):
         if len(where := alias.get(id(layer.module), [])) > 1:
             raise ValueError(f"`modules`: layer '{where[0]}' is used again as {where[1:]} (a block or layer reused), so it is "
                              "called more than once per forward pass and per-layer hooks would see only part of its gradient. "
-                             "Track layers outside reused modules.")
+                             "Track layers outside reused modules (for 'all': pass the names `candidate_modules(model)` lists, "
+                             "without them).")
 
 def check_unshared(model:nn.Module, layers:list[TrackedLayer]):
     "Raise if a tracked layer's weight or bias is also a parameter of another module (tied weights)."
@@ -269,7 +282,8 @@ def check_unshared(model:nn.Module, layers:list[TrackedLayer]):
             if others:
                 raise ValueError(f"Layer '{layer.name}' shares its {pn} with {others} (tied weights): the gradient of a shared "
                                  "weight sums the contributions of every module using it, which per-layer hooks cannot see. "
-                                 "Leave it out of `modules`, and the modules it is tied to.")
+                                 "Leave it out of `modules`, and the modules it is tied to (for 'all' or 'mlp': pass the names "
+                                 "`candidate_modules(model)` lists, without them).")
 
 # %% ../nbs/03_modules.ipynb #f9a9a3a7
 def check_model(model:nn.Module):
@@ -319,7 +333,9 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
         raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layers to track; "
                          "influence_nb supports models built from Linear/Conv1D layers.")
     if isinstance(modules, str):
-        if modules == 'all': names = list(cands)
+        if modules == 'all':
+            names = list(cands)
+            if warn: _warn_left_out(model, names, "modules='all'")   # feed-forward weights no trackable layer covers
         elif modules == 'mlp': names = _mlp_names(model, cands)
         elif modules in cands: names = [modules]
         else: raise ValueError(f"Unknown `modules`={modules!r}: use 'mlp', 'all', or a list of names from {list(cands)}.")

@@ -137,4 +137,4 @@ def fit_solver(model, # the model
         pre = fit_factors(model, seqs, 'ekfac', names, batch_size=batch_size, seed=seed, progress=progress, **ekfac_kw)
     info = {'fit_seconds': round(time.time() - t0, 3), 'model_digest': pre.info['model_digest'] if pre else model_digest(model)}
     return IterativeSolver(strategy, names, list(seqs), {'batch_size': batch_size, **(solver or {}), 'seed': seed},
-                           fingerprint(layers), type(model).__name__, info, pre)
+                           fingerprint(layers, model), type(model).__name__, info, pre)

@@ -64,6 +64,7 @@ def test_scan_and_top(own):
     assert out.startswith(q['id']) and 'log p(completion)' in out
     first = [l for l in out.splitlines() if l.strip().startswith('1 ')][0]
     assert own['records'][_fact_index(own, q)]['text'] in first, out
+    assert first.split()[1:3] == [str(_fact_index(own, q)), own['records'][_fact_index(own, q)]['id']], out   # index, then the record's id
 
 
 def test_explore_headless(own):

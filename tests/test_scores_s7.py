@@ -63,7 +63,7 @@ def test_no_curvature_anywhere_is_refused_naming_damping():
 def test_unfitted_experts_warn_and_score_as_gradient_products_over_the_model_wide_damping(one_thread):
     m = _sparse_moe()
     fit, train, q = rand_seqs(1, lo=5, hi=6), rand_seqs(24, seed=1), rand_queries(2)
-    with pytest.warns(UserWarning, match=r'tracked layers saw no fit token .*modules=') as rec:
+    with pytest.warns(UserWarning, match=r'tracked layers have no curvature: .*no fit token reached .*modules=') as rec:
         f = inf.fit_factors(m, fit, progress=False)
     empty = f.without_curvature()
     assert empty and len(empty) < len(f.modules) and empty[0] in str(rec[0].message)

@@ -129,3 +129,56 @@ def test_nothing_to_track_and_unsplittable_experts_are_refused_by_name():
     with pytest.raises(ValueError, match=r"block 'model.layers.0' has feed-forward weights no trackable layer covers: "
                                          r"\['mlp.input_linear.weight', 'mlp.output_linear.weight'\] \("):
         find_modules(jet, 'mlp')
+
+def test_rwkv_scores_use_the_trained_weights_and_leave_the_model_as_found():
+    "RWKV's eval forward divides weights in place (`rescale_every`): influence is taken on the weights as trained."
+    torch.manual_seed(0)
+    m = transformers.RwkvForCausalLM(transformers.RwkvConfig(vocab_size=32, hidden_size=16, num_hidden_layers=3, attention_hidden_size=16,
+                                                             intermediate_size=32, rescale_every=1)).double().eval()
+    trained = {n: p.detach().clone() for n, p in m.named_parameters()}
+    train, queries = randdata.rand_seqs(4, hi=10, top=30), randdata.rand_seqs(2, lo=6, hi=10, top=30, seed=1, prompt=3)
+    f = inf.fit_factors(m, train, 'identity', progress=False)
+    m(input_ids=train[0]['input_ids'][None])            # the user's own eval forward: block 2's value weight is divided by 4
+    found = {n: p.detach().clone() for n, p in m.named_parameters()}
+    v2 = 'rwkv.blocks.2.feed_forward.value.weight'
+    assert torch.equal(found[v2], trained[v2] / 4)
+    s = inf.pairwise_scores(m, f, queries, train, progress=False).total   # still bound to the fitted (trained) weights
+    assert all(torch.equal(p, found[n]) for n, p in m.named_parameters())  # left as found
+    assert (m.config.use_cache, m.config.rescale_every, m.rwkv.layers_are_rescaled) == (True, 1, True)
+    m.train()                                            # a training forward multiplies them back: the reference's gradients
+    ps = [dict(m.named_parameters())[n] for n in whole_params(find_modules(m, 'mlp'))]
+    ref = randdata.autograd_grads(m, ps, queries) @ randdata.autograd_grads(m, ps, train).T
+    assert torch.equal(dict(m.named_parameters())[v2], trained[v2])
+    assert float((s - ref).abs().max() / ref.abs().max()) < 1e-10
+
+def test_models_with_a_recurrent_cache_are_scored_without_it():
+    "xLSTM updates its cached state in place during a forward with `use_cache`, which breaks the backward pass."
+    torch.manual_seed(0)
+    x = AutoModelForCausalLM.from_config(transformers.xLSTMConfig(
+        vocab_size=32, hidden_size=32, embedding_dim=32, num_heads=2, num_blocks=2, qk_dim_factor=0.5, v_dim_factor=1.0,
+        mode='inference')).double().eval()
+    assert x.config.use_cache
+    layers, train, queries = find_modules(x, 'mlp'), randdata.rand_seqs(4, hi=10, top=30), randdata.rand_seqs(2, lo=6, seed=1, prompt=3)
+    s = inf.pairwise_scores(x, inf.fit_factors(x, train, 'identity', progress=False), queries, train, progress=False).total
+    assert x.config.use_cache                            # restored
+    x.config.use_cache = False                           # the brute force needs it off too: with it, the model's own forward fails
+    ps = [dict(x.named_parameters())[n] for n in whole_params(layers)]
+    ref = randdata.autograd_grads(x, ps, queries) @ randdata.autograd_grads(x, ps, train).T
+    assert float((s - ref).abs().max() / ref.abs().max()) < 1e-6
+
+def test_left_out_weights_are_named_with_advice_that_holds():
+    jet = AutoModelForCausalLM.from_config(transformers.JetMoeConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_local_experts=E, num_experts_per_tok=2,
+        kv_channels=8, num_key_value_heads=2, intermediate_size=16))
+    with pytest.warns(UserWarning, match=r"modules='all' leaves out these feed-forward weights, which influence_nb cannot track "
+                                         r".*mlp\.input_linear\.weight: \[0, 1\]; mlp\.output_linear\.weight: \[0, 1\]\.$"):
+        find_modules(jet, 'all')
+    m = tiny_model('gpt2', layers=3)
+    m.transformer.h[2].mlp.c_fc.weight = m.transformer.h[1].mlp.c_fc.weight   # tied: 'mlp' refuses this model
+    with pytest.warns(UserWarning, match=r"mlp\.c_fc\.weight: \[0, 1, 2\]\. \(modules='mlp' refuses this model: Layer "
+                                         r"'transformer\.h\.1\.mlp\.c_fc' shares its weight") as rec:
+        find_modules(m, [f'transformer.h.{b}.mlp.c_proj' for b in range(3)])
+    assert "Use modules='mlp'" not in str(rec[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        find_modules(tiny_model('gpt2', layers=2), 'all')   # nothing left out: no warning
