@@ -11,10 +11,10 @@ from torch import nn
 from .data import eval_mode
 
 # %% auto #0
-__all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'is_experts', 'expert_params', 'n_experts', 'expert_weights',
-           'expert_transposed', 'TrackedLayer', 'candidate_modules', 'blocks', 'block_coverage', 'check_not_reused',
-           'check_unshared', 'check_model', 'check_causal', 'find_modules', 'tiny_model', 'layer_param_names',
-           'Capture', 'experts_forward', 'capture']
+__all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'experts_layout', 'is_experts', 'expert_params', 'n_experts',
+           'expert_weights', 'expert_transposed', 'TrackedLayer', 'candidate_modules', 'blocks', 'block_coverage',
+           'check_not_reused', 'check_unshared', 'check_model', 'check_causal', 'find_modules', 'tiny_model',
+           'layer_param_names', 'Capture', 'experts_forward', 'capture']
 
 # %% ../nbs/03_modules.ipynb #8ec08ef3
 MLP_LEAVES = {   # how `modules="mlp"` recognises a block's feed-forward weights, whatever the architecture
@@ -37,25 +37,35 @@ def is_trackable(m:nn.Module) -> bool:
     "Layers EK-FAC can handle: `nn.Linear` (subclasses too, unless their forward returns a tuple) and GPT-2 `Conv1D`."
     return (isinstance(m, nn.Linear) and _returns_tensor(m)) or is_conv1d(m)
 
-def _is_dbrx_experts(m):   # DBRX: `mlp.w1`, `mlp.v1`, `mlp.w2`, each `[E·I, d]` with the experts stacked along rows
+def experts_layout(m:nn.Module) -> str|None:
+    """How an MoE experts module keeps and runs its experts, or None for any other module:
+    'routed' (transformers 5: 3-D `[n_experts, ·, ·]` weights, each expert run on the tokens routed to it),
+    'dbrx' (DBRX: `mlp.w1`, `mlp.v1`, `mlp.w2`, each `[E·I, d]`, experts stacked along the rows), or
+    'llama4' (Llama 4: 3-D weights applied as `x @ w`; every expert sees every token, its input scaled by the router: zero
+    for a token not routed to it)."""
+    w = getattr(m, 'down_proj', None)
+    if isinstance(w, nn.Parameter) and w.dim() == 3:
+        if hasattr(m, 'has_gate') and hasattr(m, 'is_transposed') and hasattr(m, 'gate_up_proj' if m.has_gate else 'up_proj'):
+            return 'routed'
+        if hasattr(m, 'expert_dim') and isinstance(getattr(m, 'gate_up_proj', None), nn.Parameter): return 'llama4'
     mlp = getattr(m, 'mlp', None)
-    return (isinstance(getattr(m, 'num_experts', None), int) and
-            all(isinstance(w := getattr(mlp, p, None), nn.Parameter) and w.dim() == 2 for p in ('w1', 'v1', 'w2')))
+    if isinstance(getattr(m, 'num_experts', None), int) and all(
+            isinstance(w := getattr(mlp, p, None), nn.Parameter) and w.dim() == 2 for p in ('w1', 'v1', 'w2')):
+        return 'dbrx'
+    return None
 
 def is_experts(m:nn.Module) -> bool:
-    "True for an MoE experts module influence_nb splits per expert: transformers 5's 3-D `[n_experts, ·, ·]` weights, or DBRX's."
-    w = getattr(m, 'down_proj', None)
-    return (isinstance(w, nn.Parameter) and w.dim() == 3 and hasattr(m, 'has_gate') and hasattr(m, 'is_transposed')
-            and hasattr(m, 'gate_up_proj' if m.has_gate else 'up_proj')) or _is_dbrx_experts(m)
+    "True for an MoE experts module influence_nb splits per expert (`experts_layout`)."
+    return experts_layout(m) is not None
 
 def expert_params(m:nn.Module) -> tuple[str, ...]:
     "Paths of an experts module's weights, in forward order: the input projection (fused gate+up, or up), `down_proj`."
-    if _is_dbrx_experts(m): return 'mlp.w1', 'mlp.v1', 'mlp.w2'     # gate, up, down
-    return ('gate_up_proj' if m.has_gate else 'up_proj'), 'down_proj'
+    if experts_layout(m) == 'dbrx': return 'mlp.w1', 'mlp.v1', 'mlp.w2'     # gate, up, down
+    return ('gate_up_proj' if getattr(m, 'has_gate', True) else 'up_proj'), 'down_proj'
 
 def n_experts(m:nn.Module) -> int:
     "How many experts an experts module holds."
-    return m.num_experts if _is_dbrx_experts(m) else m.down_proj.shape[0]
+    return m.num_experts if experts_layout(m) == 'dbrx' else m.down_proj.shape[0]
 
 def expert_weights(m:nn.Module, p:str) -> torch.Tensor:
     "Weight `p` of an experts module as `[n_experts, ·, ·]` (a view: DBRX stacks its experts along the rows of a 2-D weight)."
@@ -63,8 +73,9 @@ def expert_weights(m:nn.Module, p:str) -> torch.Tensor:
     return w if w.dim() == 3 else w.view(n_experts(m), -1, w.shape[-1])
 
 def expert_transposed(m:nn.Module, p:str) -> bool:
-    "Is weight `p` stored `[d_in, d_out]` per expert (applied as `x @ w`)? DBRX applies `w2` so; transformers 5 says."
-    return p == 'mlp.w2' if _is_dbrx_experts(m) else m.is_transposed
+    "Is weight `p` stored `[d_in, d_out]` per expert (applied as `x @ w`)? DBRX applies `w2` so, Llama 4 all; transformers 5 says."
+    kind = experts_layout(m)
+    return p == 'mlp.w2' if kind == 'dbrx' else True if kind == 'llama4' else m.is_transposed
 
 # %% ../nbs/03_modules.ipynb #fe2c847f
 @dataclass
@@ -454,12 +465,11 @@ def _expert_linear(mod, p, e, x):
 
 def _expert_mlp(mod, x, linear):
     "One expert's MLP on its rows `x`, each projection `p` computed by `linear(p, x)`."
-    if _is_dbrx_experts(mod):
-        w1, v1, w2 = expert_params(mod)
-        return linear(w2, mod.mlp.activation_fn(linear(w1, x)) * linear(v1, x))
-    up, down = expert_params(mod)
-    h = linear(up, x)
-    y = linear(down, mod._apply_gate(h) if mod.has_gate else mod.act_fn(h))
+    kind, ps = experts_layout(mod), expert_params(mod)
+    if kind == 'dbrx': return linear(ps[2], mod.mlp.activation_fn(linear(ps[0], x)) * linear(ps[1], x))
+    h = linear(ps[0], x)
+    if kind == 'llama4': gate, up = h.chunk(2, -1); return linear(ps[1], up * mod.act_fn(gate))
+    y = linear(ps[1], mod._apply_gate(h) if mod.has_gate else mod.act_fn(h))
     return mod.post_expert_norm(y) if getattr(mod, 'has_post_expert_norm', False) else y
 
 def experts_forward(mod:nn.Module, # an experts module (`is_experts`)
@@ -467,16 +477,24 @@ def experts_forward(mod:nn.Module, # an experts module (`is_experts`)
                    ):
     "A per-expert loop computing what `mod.forward` computes, with one hookable matmul per expert and projection."
     rec = record or (lambda p, e, x, s, rows, n: s)
+    def run(e, x, rows, n):   # expert e on its rows x, which are rows `rows` of the n token rows
+        return _expert_mlp(mod, x, lambda p, x: rec(p, e, x, _expert_linear(mod, p, e, x), rows, n))
     def forward(hidden_states, top_k_index, top_k_weights):          # [N, d] (DBRX: [batch, T, d]), [N, k], [N, k]
         hs = hidden_states.reshape(-1, hidden_states.shape[-1])
         out = torch.zeros_like(hs)
         for e in range(n_experts(mod)):
             rows, slot = torch.where(top_k_index == e)                  # the tokens routed to e, and their top-k slot
-            linear = lambda p, x: rec(p, e, x, _expert_linear(mod, p, e, x), rows, len(hs))
-            y = _expert_mlp(mod, hs[rows], linear)
+            y = run(e, hs[rows], rows, len(hs))
             out.index_add_(0, rows, (y * top_k_weights[rows, slot, None]).to(out.dtype))
         return out.view(hidden_states.shape)
-    return forward
+    def forward_llama4(hidden_states):                                 # [E·N, d]: every token for each expert in turn
+        hs = hidden_states.view(n_experts(mod), -1, hidden_states.shape[-1])
+        out = torch.zeros_like(hs)
+        for e in range(len(hs)):
+            rows = torch.where(hs[e].detach().ne(0).any(-1))[0]       # routed: a non-zero input (the router's score × token)
+            out[e, rows] = run(e, hs[e, rows], rows, hs.shape[1]).to(out.dtype)
+        return out.view(hidden_states.shape)
+    return forward_llama4 if experts_layout(mod) == 'llama4' else forward
 
 # %% ../nbs/03_modules.ipynb #a16c0002
 def _twice_msg(name):

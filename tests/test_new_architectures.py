@@ -53,47 +53,81 @@ def test_dbrx_experts_identity_equals_autograd():
     assert names == [f'transformer.blocks.{b}.ffn.experts.mlp.{p}[{e}]' for b in range(2) for e in range(E) for p in ('w1', 'v1', 'w2')]
     assert identity_vs_autograd(m) < 1e-10
 
-def dbrx_routed_pieces(m, seq):
-    "One sequence through DBRX, each experts module's output recomputed by this file's own loop: per expert layer,\n    (inputs [rows, d_in], output gradients [rows, d_out]) after backward."
-    rec, handles = {}, []
+def llama4(layers=2):
+    "Llama 4 text: block 0 dense, block 1 MoE (four experts, top-1, a shared expert)."
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model('llama4_text', vocab_size=32, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                                            num_key_value_heads=2, head_dim=8, intermediate_size=8, intermediate_size_mlp=24,
+                                            num_local_experts=E, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                            pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation='eager').double().eval()
+
+def dbrx_experts(mod, x, top_idx, top_w):
+    "DBRX's experts written out here: per expert, (rows, [(weight name, input, output)], output to add)."
+    x, I, out = x.reshape(-1, x.shape[-1]), mod.ffn_hidden_size, []
+    for e in range(mod.num_experts):
+        rows, slot = (top_idx == e).nonzero(as_tuple=True)
+        w1, v1, w2 = (getattr(mod.mlp, p)[e * I:(e + 1) * I] for p in ('w1', 'v1', 'w2'))
+        g, u = x[rows] @ w1.T, x[rows] @ v1.T
+        h = mod.mlp.activation_fn(g) * u
+        y = h @ w2
+        out.append((rows, [(f'mlp.w1[{e}]', x[rows], g), (f'mlp.v1[{e}]', x[rows], u), (f'mlp.w2[{e}]', h, y)], y * top_w[rows, slot, None]))
+    return out
+
+def llama4_experts(mod, routed_in):
+    "Llama 4's experts written out here: expert e's rows are the tokens the router sent it (their input, scaled by its score)."
+    x = routed_in.view(mod.num_experts, -1, routed_in.shape[-1])
+    moe, out = next(m for m in llama4_experts.model.modules() if getattr(m, 'experts', None) is mod), []
+    top = torch.topk(moe.router(llama4_experts.hidden[-1])[1], moe.top_k, dim=1).indices   # recomputed from the block's input
+    for e in range(mod.num_experts):
+        rows = (top == e).any(1).nonzero()[:, 0]
+        gu = x[e, rows] @ mod.gate_up_proj[e]
+        gate, up = gu.chunk(2, -1)
+        h = up * mod.act_fn(gate)
+        y = h @ mod.down_proj[e]
+        out.append((rows, [(f'gate_up_proj[{e}]', x[e, rows], gu), (f'down_proj[{e}]', h, y)], y))
+    return out
+
+def routed_pieces(m, seq, kind):
+    "One sequence through `m`, each experts module's output recomputed by this file's own routing: per expert layer,\n    (inputs [rows, d_in], output gradients [rows, d_out]) after backward."
+    rec, handles = [], []
     for path, mod in m.named_modules():
-        if type(mod).__name__ == 'DbrxExperts':
+        if type(mod).__name__ == {'dbrx': 'DbrxExperts', 'llama4': 'Llama4TextExperts'}[kind]:
             def hook(mod, args, out, path=path):
-                x, top_idx, top_w = args
-                x = x.reshape(-1, x.shape[-1])
-                new = torch.zeros_like(x)
-                I = mod.ffn_hidden_size
-                for e in range(mod.num_experts):
-                    rows, slot = (top_idx == e).nonzero(as_tuple=True)
-                    w1, v1, w2 = (getattr(mod.mlp, p)[e * I:(e + 1) * I] for p in ('w1', 'v1', 'w2'))
-                    g = x[rows] @ w1.T; g.retain_grad()
-                    u = x[rows] @ v1.T; u.retain_grad()
-                    h = mod.mlp.activation_fn(g) * u
-                    y = h @ w2; y.retain_grad()
-                    new = new.index_add(0, rows, y * top_w[rows, slot, None])
-                    rec[(path, e)] = (x[rows].detach(), g, u, h.detach(), y)
-                assert torch.allclose(new.view(out.shape), out, rtol=1e-10, atol=1e-12)   # the module's own forward
+                pieces = dbrx_experts(mod, *args) if kind == 'dbrx' else llama4_experts(mod, *args)
+                n = out.numel() // out.shape[-1] // (1 if kind == 'dbrx' else mod.num_experts)
+                new = torch.zeros(n, out.shape[-1], dtype=out.dtype)
+                for e, (rows, mats, y) in enumerate(pieces):
+                    for _, _, s in mats: s.retain_grad()
+                    new = new.index_add(0, rows, y)
+                    rec.extend((f'{path}.{w}', a, s) for w, a, s in mats)
+                if kind == 'dbrx': assert torch.allclose(new.view(out.shape), out, rtol=1e-10, atol=1e-12)   # the module's own
+                else:                  # Llama 4's experts return each expert's rows for every token, which the block sums
+                    assert torch.allclose(new, out.view(mod.num_experts, -1, out.shape[-1]).sum(0), rtol=1e-10, atol=1e-12)
+                    new = torch.cat([new] + [torch.zeros_like(new)] * (mod.num_experts - 1))
                 return new.view(out.shape)
             handles.append(mod.register_forward_hook(hook))
+        if kind == 'llama4' and type(mod).__name__ == 'Llama4TextMoe':
+            handles.append(mod.register_forward_pre_hook(lambda mod, args: llama4_experts.hidden.append(args[0].reshape(-1, args[0].shape[-1]))))
+    llama4_experts.model, llama4_experts.hidden = m, []
     try:
         m.zero_grad()
         logits = m(input_ids=seq['input_ids'][None]).logits[0]
         nn.functional.cross_entropy(logits[:-1], seq['labels'][1:], ignore_index=-100, reduction='sum').backward()
     finally:
         for h in handles: h.remove()
-    out = {}
-    for (path, e), (x, g, u, h, y) in rec.items():
-        out[f'{path}.mlp.w1[{e}]'], out[f'{path}.mlp.v1[{e}]'], out[f'{path}.mlp.w2[{e}]'] = (x, g.grad), (x, u.grad), (h, y.grad)
-    return out
+    return {n: (a.detach(), s.grad) for n, a, s in rec}
 
-def test_dbrx_per_expert_ekfac_matches_reference():
-    m = model('dbrx', 2)
+@pytest.mark.parametrize('kind', ['dbrx', 'llama4'])
+def test_per_expert_ekfac_matches_reference(kind):
+    m = model('dbrx', 2) if kind == 'dbrx' else llama4()
     train, queries = randdata.rand_seqs(8, lo=8, hi=14, seed=3, top=32), randdata.rand_seqs(2, lo=6, seed=4, prompt=3, top=32)
     f = inf.fit_factors(m, train, 'ekfac', fisher='empirical', batch_size=3, progress=False)
     got = inf.pairwise_scores(m, f, queries, train, per_layer=True, progress=False).per_layer
-    tr, qs = [dbrx_routed_pieces(m, s) for s in train], [dbrx_routed_pieces(m, s) for s in queries]
-    assert set(f.modules) == set(tr[0])
-    for n in f.modules:
+    tr, qs = [routed_pieces(m, s, kind) for s in train], [routed_pieces(m, s, kind) for s in queries]
+    names = [n for n in f.modules if n.endswith(']')]
+    assert set(names) == set(tr[0])                                    # every expert layer the reference routed, no other
+    for n in names:
         A = sum(p[n][0].T @ p[n][0] for p in tr) / max(sum(len(p[n][0]) for p in tr), 1)   # per routed token
         S = sum(p[n][1].T @ p[n][1] for p in tr) / len(train)                              # per sequence
         for k, ref in (('A', A), ('S', S)):
@@ -105,6 +139,14 @@ def test_dbrx_per_expert_ekfac_matches_reference():
         want = torch.tensor([[float((QS @ ((QS.T @ (p[n][1].T @ p[n][0]) @ QA) / denom) @ QA.T * g).sum()) for g in G] for p in qs],
                             dtype=torch.float64)
         assert float((got[n] - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-12, n
+
+def test_llama4_tracks_dense_shared_and_routed_experts():
+    m = llama4()
+    names = [layer.name for layer in find_modules(m, 'mlp')]
+    assert names == ([f'model.layers.0.feed_forward.{p}' for p in ('gate_proj', 'up_proj', 'down_proj')]
+                     + [f'model.layers.1.feed_forward.experts.{p}[{e}]' for e in range(E) for p in ('gate_up_proj', 'down_proj')]
+                     + [f'model.layers.1.feed_forward.shared_expert.{p}' for p in ('gate_proj', 'up_proj', 'down_proj')])
+    assert identity_vs_autograd(m) < 1e-10
 
 def test_dbrx_partial_list_warns_and_self_scores_are_the_diagonal():
     m = model('dbrx', 2)
