@@ -229,7 +229,7 @@ def _mlp_names(model, cands):
     for b, c in cov.items():
         if c['missing']:
             raise ValueError(f"modules='mlp': block '{b}' has feed-forward weights no trackable layer covers: {c['missing']} "
-                             "(influence_nb tracks nn.Linear, GPT-2 Conv1D, transformers' 3-D expert weights and DBRX's experts). " + how)
+                             "(influence_nb tracks nn.Linear, GPT-2 Conv1D and the experts of transformers 5, DBRX and Llama 4). " + how)
     for group in _alike_blocks(model, bl):   # blocks with the same parameters must yield the same kinds of layers
         ref = cov[group[0]]['kinds']
         for b in group[1:]:
