@@ -6,7 +6,7 @@
 from __future__ import annotations
 import os, re, sys, json, numbers, functools, warnings
 from pathlib import Path
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from collections.abc import Mapping, Sequence, Iterable, Iterator
 import numpy as np
 import torch
@@ -17,8 +17,8 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'check_max_length', 'field_value', 'TruncatedTextsWarning', 'cut_texts', 'tokenize', 'special_prefix',
            'tokenize_pairs', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
            'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled',
-           'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format', 'corpus_rows',
-           'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
+           'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format',
+           'corpus_rows', 'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -554,6 +554,29 @@ def load_bundled(name:str='gpt2-l', # one of MODEL_NAMES, or a model folder (wit
     return load_model(name)
 
 # %% ../nbs/00_data.ipynb #3be13a5d
+@contextmanager
+def eager_kernels(model:torch.nn.Module, # any module; the transformers models inside it are switched
+                  kind:str, # 'attn' (attention) or 'experts' (MoE experts)
+                 ):
+    "Inside the block every transformers model in `model` computes `kind` with the 'eager' kernel (plain matmuls, which torch.func and float64 take); yields the modules switched. Afterwards every config has its own kernel again, also after an error or a half-done switch."
+    attr, setter = f'_{kind}_implementation', f'set_{kind}_implementation'
+    saved, switched = {}, []                   # each config's own kernel, recorded before anything is switched
+    for mod in model.modules():
+        cfg = getattr(mod, 'config', None)
+        k = getattr(cfg, attr, None)
+        if isinstance(k, str) and k != 'eager': saved.setdefault(id(cfg), (cfg, k))
+    try:
+        for mod in model.modules():            # an outer model switches the inner ones that share its config
+            cfg = getattr(mod, 'config', None)
+            if id(cfg) not in saved or getattr(cfg, attr) == 'eager' or not callable(getattr(mod, setter, None)): continue
+            try: getattr(mod, setter)('eager')
+            except (ValueError, NotImplementedError, RuntimeError): pass   # cannot be switched: that kernel stays
+            if getattr(cfg, attr) == 'eager': switched.append(mod)
+        yield switched
+    finally:                                   # each config set back directly
+        for cfg, kernel in saved.values():
+            setattr(cfg, attr + '_internal' if hasattr(cfg, attr + '_internal') else attr, kernel)
+
 def _rescaling(model):   # RWKV halves some weights in place on an eval forward, every `rescale_every` blocks
     return [m for m in model.modules() if hasattr(m, 'layers_are_rescaled') and hasattr(m, '_rescale_layers')
             and getattr(getattr(m, 'config', None), 'rescale_every', 0) > 0]
@@ -576,13 +599,14 @@ def trained_weights(model):
 # %% ../nbs/00_data.ipynb #c96305dd
 @contextmanager
 def eval_mode(model):
-    "`model` in eval mode (no dropout), without a cache and with its trained weights (`trained_weights`) inside the block;\n    every submodule's own mode (a mixed state included) and `config.use_cache` are restored after."
+    "`model` in eval mode (no dropout), without a cache, with its trained weights (`trained_weights`) and, in float64, eager\n    MoE experts (`eager_kernels`) inside the block; every submodule's own mode (a mixed state included), `config.use_cache`\n    and the experts' kernel are restored after."
     modes, cfg = [(m, m.training) for m in model.modules()], getattr(model, 'config', None)
     cache = getattr(cfg, 'use_cache', None)
     model.eval()
     if cache: cfg.use_cache = False           # a recurrent state updated in place (RWKV, xLSTM) breaks the backward
+    f64 = next((p.dtype for p in model.parameters()), None) == torch.float64   # grouped-GEMM experts take no float64
     try:
-        with trained_weights(model): yield model
+        with trained_weights(model), eager_kernels(model, 'experts') if f64 else nullcontext(): yield model
     finally:
         if cache: cfg.use_cache = cache
         for m, was in modes: m.training = was

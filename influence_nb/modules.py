@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_modules.ipynb #6ac9ec19
 from __future__ import annotations
-import re, contextlib, warnings, inspect
+import re, ast, contextlib, functools, inspect, textwrap, warnings
 from dataclasses import dataclass
 import torch
 from torch import nn
@@ -29,14 +29,21 @@ def is_conv1d(m:nn.Module) -> bool:
     "True for transformers' GPT-2 style `Conv1D` (a Linear layer with a `[d_in, d_out]` weight)."
     return type(m).__name__ == 'Conv1D' and hasattr(m, 'nf') and getattr(m, 'weight', None) is not None
 
-def _returns_tensor(m):   # an nn.Linear subclass may return something else (PhiMoE's router returns a tuple)
-    if type(m).forward is nn.Linear.forward: return True
-    return 'tuple' not in str(inspect.signature(type(m).forward).return_annotation).lower()
+@functools.lru_cache(None)
+def _forward_returns_tensor(cls) -> bool:   # declared (PhiMoE's router: `-> tuple[...]`) or written (Llama 4's: `return a, b`)
+    if 'tuple' in str(inspect.signature(cls.forward).return_annotation).lower(): return False
+    try: tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError): return True              # no source to read: trust the class
+    return not any(isinstance(n, ast.Return) and isinstance(n.value, ast.Tuple) for n in ast.walk(tree))
+
+def _returns_tensor(m):   # an nn.Linear subclass may return something else (the routers of PhiMoE and Llama 4 return tuples)
+    return type(m).forward is nn.Linear.forward or _forward_returns_tensor(type(m))
 
 def is_trackable(m:nn.Module) -> bool:
     "Layers EK-FAC can handle: `nn.Linear` (subclasses too, unless their forward returns a tuple) and GPT-2 `Conv1D`."
     return (isinstance(m, nn.Linear) and _returns_tensor(m)) or is_conv1d(m)
 
+# %% ../nbs/03_modules.ipynb #eff6d30a
 def experts_layout(m:nn.Module) -> str|None:
     """How an MoE experts module keeps and runs its experts, or None for any other module:
     'routed' (transformers 5: 3-D `[n_experts, ·, ·]` weights, each expert run on the tokens routed to it),

@@ -10,7 +10,8 @@ import torch
 from fastcore.basics import patch
 from . import pbrf
 from .modules import find_modules, layer_param_names
-from .theory import check_damping, eager_kernels
+from .theory import check_damping
+from .data import eager_kernels
 from .kfac import precondition_eigen
 from .ekfac import Factors, ITERATIVE, check_bound, fingerprint, model_digest, fit_factors
 

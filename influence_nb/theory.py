@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, hessian
-from .data import check_sequences, require_scored, eval_mode, IGNORE_INDEX
+from .data import check_sequences, require_scored, eval_mode, eager_kernels, IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['eager_kernels', 'exact_mode', 'check_damping', 'call_functional', 'FlatParams', 'example_grads', 'sequence_grads',
-           'available_memory', 'check_dense_fits', 'ggn_of_rows', 'exact_ggn', 'exact_hessian', 'influence_from_grads',
-           'param_blocks', 'flat_blocks', 'exact_influence']
+__all__ = ['exact_mode', 'check_damping', 'call_functional', 'FlatParams', 'example_grads', 'sequence_grads', 'available_memory',
+           'check_dense_fits', 'ggn_of_rows', 'exact_ggn', 'exact_hessian', 'influence_from_grads', 'param_blocks',
+           'flat_blocks', 'exact_influence']
 
 # %% ../nbs/01_theory.ipynb #b3c63ba0
 def _check_param_names(model, param_names,
@@ -56,29 +56,6 @@ def _check_param_names(model, param_names,
 
 
 # %% ../nbs/01_theory.ipynb #e8a7c0de
-@contextlib.contextmanager
-def eager_kernels(model:torch.nn.Module, # any module; the transformers models inside it are switched
-                  kind:str, # 'attn' (attention) or 'experts' (MoE experts)
-                 ):
-    "Inside the block every transformers model in `model` computes `kind` with the 'eager' kernel (plain matmuls, which torch.func and float64 take); yields the modules switched. Afterwards every config has its own kernel again, also after an error or a half-done switch."
-    attr, setter = f'_{kind}_implementation', f'set_{kind}_implementation'
-    saved, switched = {}, []                   # each config's own kernel, recorded before anything is switched
-    for mod in model.modules():
-        cfg = getattr(mod, 'config', None)
-        k = getattr(cfg, attr, None)
-        if isinstance(k, str) and k != 'eager': saved.setdefault(id(cfg), (cfg, k))
-    try:
-        for mod in model.modules():            # an outer model switches the inner ones that share its config
-            cfg = getattr(mod, 'config', None)
-            if id(cfg) not in saved or getattr(cfg, attr) == 'eager' or not callable(getattr(mod, setter, None)): continue
-            try: getattr(mod, setter)('eager')
-            except (ValueError, NotImplementedError, RuntimeError): pass   # cannot be switched: that kernel stays
-            if getattr(cfg, attr) == 'eager': switched.append(mod)
-        yield switched
-    finally:                                   # each config set back directly
-        for cfg, kernel in saved.values():
-            setattr(cfg, attr + '_internal' if hasattr(cfg, attr + '_internal') else attr, kernel)
-
 @contextlib.contextmanager
 def exact_mode(model:torch.nn.Module):
     "Eval mode, and MoE experts computed by plain matmuls ('eager'; grouped GEMM kernels take no float64) while inside."

@@ -224,3 +224,27 @@ def test_left_out_weights_are_named_with_advice_that_holds():
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         find_modules(tiny_model('gpt2', layers=2), 'all')   # nothing left out: no warning
+
+def test_llama4_all_leaves_out_its_tuple_returning_router():
+    "Llama4Router subclasses nn.Linear and returns (scores, logits) without declaring it: never a candidate, so 'all' fits."
+    m = llama4()
+    assert [n for n in inf.candidate_modules(m) if 'router' in n] == []
+    f = inf.fit_factors(m, randdata.rand_seqs(3, top=30), 'ekfac', modules='all', progress=False)
+    assert len(f.modules) == 22
+
+def test_float64_moe_with_its_default_experts_kernel():
+    "transformers' default grouped-GEMM experts take no float64 on a CPU: influence_nb's passes switch to eager and back."
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=2, num_local_experts=E, num_experts_per_tok=2)
+    m = AutoModelForCausalLM.from_config(cfg).double().eval()
+    kernel = m.config._experts_implementation
+    assert kernel != 'eager'
+    queries, train = randdata.rand_seqs(2, lo=6, seed=1, prompt=3, top=30), randdata.rand_seqs(4, top=30)
+    lp = inf.completion_logprobs(m, queries)
+    f = inf.fit_factors(m, train, 'ekfac', progress=False)
+    s = inf.pairwise_scores(m, f, queries, train, progress=False).total
+    assert m.config._experts_implementation == kernel
+    m.set_experts_implementation('eager')                # the reference: the same model, switched by hand
+    assert torch.equal(inf.completion_logprobs(m, queries), lp)
+    assert torch.allclose(inf.pairwise_scores(m, f, queries, train, progress=False).total, s, rtol=1e-12)
