@@ -42,16 +42,41 @@ def param_names(model, modules):
     return layer_param_names(inf.find_modules(model, modules))
 
 
+def loss_backward(model, s):
+    "Backpropagate one sequence's summed loss (into `.grad`, and into tensors a forward hook retained), grads zeroed first."
+    model.zero_grad()
+    logits = model(input_ids=s['input_ids'][None]).logits[0]
+    torch.nn.functional.cross_entropy(logits[:-1], s['labels'][1:], ignore_index=-100, reduction='sum').backward()
+
+
 def autograd_grads(model, params, seqs):
     "Per-sequence gradients of the summed loss over the leaf tensors `params`, by plain autograd (the brute force): `[n, P]`."
     out = []
     for s in seqs:
-        model.zero_grad()
-        logits = model(input_ids=s['input_ids'][None]).logits[0]
-        torch.nn.functional.cross_entropy(logits[:-1], s['labels'][1:], ignore_index=-100, reduction='sum').backward()
+        loss_backward(model, s)
         out.append(torch.cat([p.grad.reshape(-1) for p in params]))
     model.zero_grad()
     return torch.stack(out)
+
+
+def check_per_expert_ekfac(f, per_layer, tr, qs):
+    """EK-FAC factors `f` and per-layer scores of its expert layers against a reference from routed pieces: `tr`, `qs` hold,
+    per training / query sequence, `{expert layer: (inputs [rows, d_in], output gradients [rows, d_out])}` of the tokens
+    routed to it. A is per routed token, S per sequence, Λ from the rotated per-sequence gradients, damping 0.1 × mean Λ."""
+    names = [n for n in f.modules if n.endswith(']')]
+    assert set(names) == set(tr[0])                                    # every expert layer the reference routed, no other
+    for n in names:
+        A = sum(p[n][0].T @ p[n][0] for p in tr) / max(sum(len(p[n][0]) for p in tr), 1)
+        S = sum(p[n][1].T @ p[n][1] for p in tr) / len(tr)
+        for k, ref in (('A', A), ('S', S)):
+            assert torch.allclose(f.tensors[n][k], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-300), (n, k)
+        QA, QS = torch.linalg.eigh(A).eigenvectors, torch.linalg.eigh(S).eigenvectors
+        G = [p[n][1].T @ p[n][0] for p in tr]                          # DW_n = Σ_routed ds aᵀ
+        lam = sum((QS.T @ g @ QA) ** 2 for g in G) / len(tr)
+        denom = lam + 0.1 * lam.mean()
+        want = torch.tensor([[float((QS @ ((QS.T @ (p[n][1].T @ p[n][0]) @ QA) / denom) @ QA.T * g).sum()) for g in G] for p in qs],
+                            dtype=torch.float64)
+        assert float((per_layer[n] - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-12, n
 
 
 def pearson(a, b):

@@ -1,7 +1,6 @@
 "Architecture sweep: `modules='mlp'` on tiny random models of many transformers families, dense and MoE (issue 15).\n\nEach family states the feed-forward weights it must track (written here, not read from influence_nb); identity scores\nmust equal autograd gradient dot products over exactly those parameters; EK-FAC must fit and be self-consistent; and\nfor MoE the per-expert EK-FAC factors and scores must equal a reference computed in this file from explicitly routed tokens."
 import functools, warnings
 import pytest, torch
-from torch import nn
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 import influence_nb as inf
@@ -129,10 +128,7 @@ def routed_pieces(model, seq):
                 assert torch.allclose(new, out, rtol=1e-10, atol=1e-12)        # this loop is the module's own forward
                 return new
             handles.append(mod.register_forward_hook(hook))
-    try:
-        model.zero_grad()
-        logits = model(input_ids=seq['input_ids'][None]).logits[0]
-        nn.functional.cross_entropy(logits[:-1], seq['labels'][1:], ignore_index=-100, reduction='sum').backward()
+    try: randdata.loss_backward(model, seq)
     finally:
         for h in handles: h.remove()
     out = {}   # per expert layer: (activations a [rows, d_in], output gradients ds [rows, d_out])
@@ -147,22 +143,7 @@ def test_moe_per_expert_ekfac_matches_reference(family):
     train, queries = rand_seqs(8, lo=8, hi=14, seed=3), rand_seqs(2, lo=6, seed=4, prompt=3)
     f = inf.fit_factors(m, train, 'ekfac', fisher='empirical', batch_size=3, progress=False)
     got = inf.pairwise_scores(m, f, queries, train, per_layer=True, progress=False).per_layer
-    tr, qs = [routed_pieces(m, s) for s in train], [routed_pieces(m, s) for s in queries]
-    names = [n for n in f.modules if n.endswith(']')]
-    assert set(names) == set(tr[0])                                    # every expert layer the reference routed, no other
-    for n in names:
-        A = sum(p[n][0].T @ p[n][0] for p in tr) / max(sum(len(p[n][0]) for p in tr), 1)   # per routed token
-        S = sum(p[n][1].T @ p[n][1] for p in tr) / len(train)                              # per sequence
-        for k, ref in (('A', A), ('S', S)):
-            assert torch.allclose(f.tensors[n][k], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-300)
-        QA, QS = torch.linalg.eigh(A).eigenvectors, torch.linalg.eigh(S).eigenvectors
-        G = [p[n][1].T @ p[n][0] for p in tr]                                              # DW_n = Σ_routed ds aᵀ
-        lam = sum((QS.T @ g @ QA) ** 2 for g in G) / len(train)
-        denom = lam + 0.1 * lam.mean()
-        want = torch.tensor([[float((QS @ ((QS.T @ (p[n][1].T @ p[n][0]) @ QA) / denom) @ QA.T * g).sum()) for g in G] for p in qs],
-                            dtype=torch.float64)
-        scale = float(want.abs().max())
-        assert float((got[n] - want).abs().max()) <= 1e-4 * scale + 1e-12, n
+    randdata.check_per_expert_ekfac(f, got, [routed_pieces(m, s) for s in train], [routed_pieces(m, s) for s in queries])
 
 def test_partial_expert_list_warns_and_names_what_is_left_out():
     m = build('mixtral')

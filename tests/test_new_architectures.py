@@ -1,7 +1,6 @@
 "Session 15: `modules='mlp'` on hybrids (Nemotron-H: blocks without a feed-forward layer are skipped, an MLP named `mixer`\nis found by its class) and on DBRX's experts (three 2-D weights, experts stacked along rows), checked against autograd\nand against a per-expert EK-FAC reference routed in this file; models with nothing to track, or experts influence_nb\ncannot split, are refused by name."
 import warnings
 import pytest, torch
-from torch import nn
 import transformers
 from transformers import AutoModelForCausalLM
 import influence_nb as inf
@@ -62,6 +61,12 @@ def llama4(layers=2):
                                             pad_token_id=0, bos_token_id=0, eos_token_id=0)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation='eager').double().eval()
 
+def jetmoe():
+    "JetMoE: its MLP experts run by its own routing code (refused), and a mixture of attention heads (attention)."
+    return AutoModelForCausalLM.from_config(transformers.JetMoeConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_local_experts=E, num_experts_per_tok=2,
+        kv_channels=8, num_key_value_heads=2, intermediate_size=16))
+
 def dbrx_experts(mod, x, top_idx, top_w):
     "DBRX's experts written out here: per expert, (rows, [(weight name, input, output)], output to add)."
     x, I, out = x.reshape(-1, x.shape[-1]), mod.ffn_hidden_size, []
@@ -110,10 +115,7 @@ def routed_pieces(m, seq, kind):
         if kind == 'llama4' and type(mod).__name__ == 'Llama4TextMoe':
             handles.append(mod.register_forward_pre_hook(lambda mod, args: llama4_experts.hidden.append(args[0].reshape(-1, args[0].shape[-1]))))
     llama4_experts.model, llama4_experts.hidden = m, []
-    try:
-        m.zero_grad()
-        logits = m(input_ids=seq['input_ids'][None]).logits[0]
-        nn.functional.cross_entropy(logits[:-1], seq['labels'][1:], ignore_index=-100, reduction='sum').backward()
+    try: randdata.loss_backward(m, seq)
     finally:
         for h in handles: h.remove()
     return {n: (a.detach(), s.grad) for n, a, s in rec}
@@ -124,21 +126,7 @@ def test_per_expert_ekfac_matches_reference(kind):
     train, queries = randdata.rand_seqs(8, lo=8, hi=14, seed=3, top=32), randdata.rand_seqs(2, lo=6, seed=4, prompt=3, top=32)
     f = inf.fit_factors(m, train, 'ekfac', fisher='empirical', batch_size=3, progress=False)
     got = inf.pairwise_scores(m, f, queries, train, per_layer=True, progress=False).per_layer
-    tr, qs = [routed_pieces(m, s, kind) for s in train], [routed_pieces(m, s, kind) for s in queries]
-    names = [n for n in f.modules if n.endswith(']')]
-    assert set(names) == set(tr[0])                                    # every expert layer the reference routed, no other
-    for n in names:
-        A = sum(p[n][0].T @ p[n][0] for p in tr) / max(sum(len(p[n][0]) for p in tr), 1)   # per routed token
-        S = sum(p[n][1].T @ p[n][1] for p in tr) / len(train)                              # per sequence
-        for k, ref in (('A', A), ('S', S)):
-            assert torch.allclose(f.tensors[n][k], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-300), (n, k)
-        QA, QS = torch.linalg.eigh(A).eigenvectors, torch.linalg.eigh(S).eigenvectors
-        G = [p[n][1].T @ p[n][0] for p in tr]
-        lam = sum((QS.T @ g @ QA) ** 2 for g in G) / len(train)
-        denom = lam + 0.1 * lam.mean()
-        want = torch.tensor([[float((QS @ ((QS.T @ (p[n][1].T @ p[n][0]) @ QA) / denom) @ QA.T * g).sum()) for g in G] for p in qs],
-                            dtype=torch.float64)
-        assert float((got[n] - want).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-12, n
+    randdata.check_per_expert_ekfac(f, got, [routed_pieces(m, s, kind) for s in train], [routed_pieces(m, s, kind) for s in queries])
 
 def test_llama4_tracks_dense_shared_and_routed_experts():
     m = llama4()
@@ -164,9 +152,7 @@ def test_nothing_to_track_and_unsplittable_experts_are_refused_by_name():
     mamba = AutoModelForCausalLM.from_config(transformers.MambaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2))
     with pytest.raises(ValueError, match="found no feed-forward layer in any block of MambaForCausalLM"):
         find_modules(mamba, 'mlp')
-    jet = AutoModelForCausalLM.from_config(transformers.JetMoeConfig(
-        vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_local_experts=E, num_experts_per_tok=2,
-        kv_channels=8, num_key_value_heads=2, intermediate_size=16))
+    jet = jetmoe()
     # its MLP experts are named; its mixture of attention heads is attention, not feed-forward
     with pytest.raises(ValueError, match=r"block 'model.layers.0' has feed-forward weights no trackable layer covers: "
                                          r"\['mlp.input_linear.weight', 'mlp.output_linear.weight'\] \("):
@@ -209,9 +195,7 @@ def test_models_with_a_recurrent_cache_are_scored_without_it():
     assert float((s - ref).abs().max() / ref.abs().max()) < 1e-6
 
 def test_left_out_weights_are_named_with_advice_that_holds():
-    jet = AutoModelForCausalLM.from_config(transformers.JetMoeConfig(
-        vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_local_experts=E, num_experts_per_tok=2,
-        kv_channels=8, num_key_value_heads=2, intermediate_size=16))
+    jet = jetmoe()
     with pytest.warns(UserWarning, match=r"modules='all' leaves out these feed-forward weights, which influence_nb cannot track "
                                          r".*mlp\.input_linear\.weight: \[0, 1\]; mlp\.output_linear\.weight: \[0, 1\]\.$"):
         find_modules(jet, 'all')
