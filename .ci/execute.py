@@ -3,13 +3,15 @@
 
     python .ci/execute.py                       # every notebook in nbs/, in order
     python .ci/execute.py nbs/23_word_order.ipynb nbs/09_viz.ipynb
-    python .ci/execute.py --slow                # also run `#| slow` cells (the full experiments: CPU-hours)
+    python .ci/execute.py --slow                # also run `#| slow` cells (the full experiments: hours of CPU)
 
 Each notebook runs exactly as `nbdev-test` runs it (same kernel shim, cwd = nbs/, `notest` cells skipped; `slow`
 cells skipped unless --slow), so what a reader sees is what CI checks. A skipped cell keeps the outputs it has
 stored from its last full run. A notebook is written back only when every cell succeeded, then `nbdev-clean`ed
 (execution metadata and counts dropped, outputs kept: `clear_all = false`). Seeds live in the notebooks; with one
-thread and PYTHONHASHSEED fixed, reruns reproduce tables and figures, so diffs show real changes.
+thread and PYTHONHASHSEED fixed, reruns of the fast path reproduce tables and figures, so diffs show real changes.
+A slow rerun recomputes the stored results, which agree with the old ones up to float rounding; fits on them (the power
+laws of 23 and 28) can move in their last digits, and stored times change with the machine and what was cached.
 """
 import argparse, hashlib, json, os, re, sys, time
 from pathlib import Path
