@@ -588,7 +588,8 @@ def trained_weights(model):
     try:
         for m, mode, scaled, _ in found:
             if scaled: m.training = True; m._rescale_layers()           # undo an earlier eval forward's division
-            m.config.rescale_every, m.training = 0, mode                   # and hold off the next (exact: powers of 2)
+            m.config.rescale_every, m.training = 0, mode                   # and hold off the next (powers of 2: exact, but
+                                                                           # float16 subnormals lost low bits in the division)
         yield model
     finally:
         for m, mode, scaled, every in found:

@@ -132,7 +132,8 @@ def fingerprint(layers:list[TrackedLayer], # tracked layers (`find_modules`)
 _CONFIG_IGNORED = {'name_or_path', 'torch_dtype', 'dtype', 'transformers_version', 'architectures', 'use_cache',
                    'output_attentions', 'output_hidden_states', 'return_dict', 'torchscript', 'id2label', 'label2id',
                    'bos_token_id', 'eos_token_id', 'pad_token_id', 'sep_token_id', 'decoder_start_token_id',
-                   'initializer_range', 'problem_type'}   # and dropout rates: passes run in eval mode
+                   'initializer_range', 'problem_type',
+                   'rescale_every'}   # RWKV's rescaling, held off in passes (`trained_weights`); dropout rates: passes run in eval mode
 
 def _ignored(k) -> bool: return str(k).startswith(('_', 'summary_')) or k in _CONFIG_IGNORED or 'dropout' in k or 'pdrop' in k
 

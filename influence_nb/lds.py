@@ -237,7 +237,7 @@ def lds_benchmark(cfg: dict, # `influence_nb.evaluate.CONFIGS['lds']` or `['lds_
                           sem=float(tab.loc[name, 'sem']), per_query=rnd(r.per_query[name].values), seconds=float(seconds[name]))
                for name in scores}
     return dict(written=now(), torch=torch.__version__, config=cfg, model_recipe=su['recipe'],
-                model_fingerprint=fingerprint(inf.find_modules(base, 'all')), query_ids=[q['id'] for q in su['queries']],
+                model_fingerprint=fingerprint(inf.find_modules(base, 'all'), base), query_ids=[q['id'] for q in su['queries']],
                 sample_ids=[records[j]['id'] for j in sample], relevant=[sample.index(j) for j in su['relevant']],
                 methods=methods, subsets_hex=[bits(m) for m in masks], lp_base=rnd(lp_base, 6), lp_full=rnd(lp_full, 6),
                 actual=rnd(r.actual, 6), predicted={k: rnd(v, 9) for k, v in r.predicted.items()},

@@ -23,18 +23,31 @@ MLP_LEAVES = {   # how `modules="mlp"` recognises a block's feed-forward weights
     'bare': ('fc1', 'fc2'),                       # OPT keeps its two MLP layers directly in the block
     'routers': ('gate', 'router', 'shared_expert_gate', 'wg'),  # token → expert scores: not feed-forward weights
     'attention': ('attn', 'attention'),           # never feed-forward, even as experts (JetMoe's mixture of attention heads)
+    # a block without feed-forward layers is skipped only if every layer in it sits in a submodule whose class name
+    # says what else it is (a hybrid's Mamba or attention block); otherwise 'mlp' refuses rather than guess
+    'mixers': ('Attention', 'Mamba', 'Mixer', 'SSM', 'Conv', 'DeltaNet', 'Recurrent'),
 }
 
 def is_conv1d(m:nn.Module) -> bool:
     "True for transformers' GPT-2 style `Conv1D` (a Linear layer with a `[d_in, d_out]` weight)."
     return type(m).__name__ == 'Conv1D' and hasattr(m, 'nf') and getattr(m, 'weight', None) is not None
 
+def _own_returns(fn:ast.AST) -> list[ast.Return]:
+    "The `return` statements of function `fn` itself, not of the functions and lambdas defined inside it."
+    out, todo = [], list(fn.body)
+    while todo:
+        n = todo.pop()
+        if isinstance(n, ast.Return): out.append(n)
+        if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)): todo.extend(ast.iter_child_nodes(n))
+    return out
+
 @functools.lru_cache(None)
 def _forward_returns_tensor(cls) -> bool:   # declared (PhiMoE's router: `-> tuple[...]`) or written (Llama 4's: `return a, b`)
     if 'tuple' in str(inspect.signature(cls.forward).return_annotation).lower(): return False
-    try: tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-    except (OSError, TypeError, SyntaxError): return True              # no source to read: trust the class
-    return not any(isinstance(n, ast.Return) and isinstance(n.value, ast.Tuple) for n in ast.walk(tree))
+    try: fn = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError): return True  # no source to read: trust the class
+    returns = _own_returns(fn)                                         # a tuple on every path: never a tensor
+    return not (returns and all(isinstance(r.value, ast.Tuple) for r in returns))
 
 def _returns_tensor(m):   # an nn.Linear subclass may return something else (the routers of PhiMoE and Llama 4 return tuples)
     return type(m).forward is nn.Linear.forward or _forward_returns_tensor(type(m))
@@ -169,6 +182,12 @@ def _classed(block:nn.Module) -> set[str]:
     "Paths in `block` of the submodules whose class name ends like a feed-forward part (`MLP_LEAVES['classes']`)."
     return {n for n, m in block.named_modules() if n and type(m).__name__.endswith(MLP_LEAVES['classes'])}
 
+def _unclassified(block:nn.Module, rels:list[str]) -> list[str]:
+    "The layers `rels` of `block` that sit in no attention or sequence-mixing submodule (`MLP_LEAVES['mixers']`)."
+    mixers = {n for n, m in block.named_modules() if n and any(k in type(m).__name__ for k in MLP_LEAVES['mixers'])}
+    return [r for r in rels if not (any(a in p for p in r.split('.')[:-1] for a in MLP_LEAVES['attention'])
+                                    or any('.'.join(r.split('.')[:i]) in mixers for i in range(1, r.count('.') + 1)))]
+
 def _is_ffn(rel:str, expert:bool=False, classed:set[str]=frozenset()) -> bool:
     "Is the layer at `rel` (path inside its block) a feed-forward weight? Experts are; routers are not."
     parts = rel.split('.')
@@ -234,6 +253,10 @@ def _mlp_names(model, cands):
                          f"under a submodule named like one of {MLP_LEAVES['containers']} or of a class ending in one of "
                          f"{MLP_LEAVES['classes']}, {MLP_LEAVES['bare']}, or an experts module). {how}")
     for b, c in cov.items():
+        rels = [n[len(b) + 1:] for n in cands if n.startswith(b + '.')]
+        if not (c['kinds'] or c['missing']) and (unknown := _unclassified(model.get_submodule(b), rels)):
+            raise ValueError(f"modules='mlp': block '{b}' has no layer it recognises as feed-forward, and layers it cannot tell "
+                             f"from one (in no attention or Mamba-like mixer): {unknown[:6]}. {how}")
         if c['missing']:
             raise ValueError(f"modules='mlp': block '{b}' has feed-forward weights no trackable layer covers: {c['missing']} "
                              "(influence_nb tracks nn.Linear, GPT-2 Conv1D and the experts of transformers 5, DBRX and Llama 4). " + how)

@@ -58,7 +58,7 @@ def _check_param_names(model, param_names,
 # %% ../nbs/01_theory.ipynb #e8a7c0de
 @contextlib.contextmanager
 def exact_mode(model:torch.nn.Module):
-    "Eval mode, and MoE experts computed by plain matmuls ('eager'; grouped GEMM kernels take no float64) while inside."
+    "`eval_mode`, with MoE experts computed by plain matmuls ('eager') in every dtype while inside, as torch.func needs."
     with eval_mode(model), eager_kernels(model, 'experts'): yield model
 
 def _seqs(model, data, name) -> list[dict]:

@@ -1,11 +1,13 @@
 "Session 15: `modules='mlp'` on hybrids (Nemotron-H: blocks without a feed-forward layer are skipped, an MLP named `mixer`\nis found by its class) and on DBRX's experts (three 2-D weights, experts stacked along rows), checked against autograd\nand against a per-expert EK-FAC reference routed in this file; models with nothing to track, or experts influence_nb\ncannot split, are refused by name."
 import warnings
 import pytest, torch
+from torch import nn
 import transformers
 from transformers import AutoModelForCausalLM
 import influence_nb as inf
 import randdata
-from influence_nb.modules import find_modules, block_coverage, tiny_model
+from influence_nb.modules import find_modules, block_coverage, tiny_model, is_trackable
+from influence_nb.data import eval_mode
 
 transformers.logging.set_verbosity_error()
 E = 4   # experts per MoE block in tiny_model
@@ -79,11 +81,10 @@ def dbrx_experts(mod, x, top_idx, top_w):
         out.append((rows, [(f'mlp.w1[{e}]', x[rows], g), (f'mlp.v1[{e}]', x[rows], u), (f'mlp.w2[{e}]', h, y)], y * top_w[rows, slot, None]))
     return out
 
-def llama4_experts(mod, routed_in):
+def llama4_experts(mod, routed_in, moe, hidden):
     "Llama 4's experts written out here: expert e's rows are the tokens the router sent it (their input, scaled by its score)."
-    x = routed_in.view(mod.num_experts, -1, routed_in.shape[-1])
-    moe, out = next(m for m in llama4_experts.model.modules() if getattr(m, 'experts', None) is mod), []
-    top = torch.topk(moe.router(llama4_experts.hidden[-1])[1], moe.top_k, dim=1).indices   # recomputed from the block's input
+    x, out = routed_in.view(mod.num_experts, -1, routed_in.shape[-1]), []
+    top = torch.topk(moe.router(hidden)[1], moe.top_k, dim=1).indices   # recomputed from the MoE block's input
     for e in range(mod.num_experts):
         rows = (top == e).any(1).nonzero()[:, 0]
         gu = x[e, rows] @ mod.gate_up_proj[e]
@@ -95,11 +96,11 @@ def llama4_experts(mod, routed_in):
 
 def routed_pieces(m, seq, kind):
     "One sequence through `m`, each experts module's output recomputed by this file's own routing: per expert layer,\n    (inputs [rows, d_in], output gradients [rows, d_out]) after backward."
-    rec, handles = [], []
+    rec, handles, hidden = [], [], {}   # hidden: each Llama 4 MoE block's input, by the experts module it holds
     for path, mod in m.named_modules():
         if type(mod).__name__ == {'dbrx': 'DbrxExperts', 'llama4': 'Llama4TextExperts'}[kind]:
             def hook(mod, args, out, path=path):
-                pieces = dbrx_experts(mod, *args) if kind == 'dbrx' else llama4_experts(mod, *args)
+                pieces = dbrx_experts(mod, *args) if kind == 'dbrx' else llama4_experts(mod, *args, *hidden[mod])
                 n = out.numel() // out.shape[-1] // (1 if kind == 'dbrx' else mod.num_experts)
                 new = torch.zeros(n, out.shape[-1], dtype=out.dtype)
                 for e, (rows, mats, y) in enumerate(pieces):
@@ -113,8 +114,8 @@ def routed_pieces(m, seq, kind):
                 return new.view(out.shape)
             handles.append(mod.register_forward_hook(hook))
         if kind == 'llama4' and type(mod).__name__ == 'Llama4TextMoe':
-            handles.append(mod.register_forward_pre_hook(lambda mod, args: llama4_experts.hidden.append(args[0].reshape(-1, args[0].shape[-1]))))
-    llama4_experts.model, llama4_experts.hidden = m, []
+            def keep(moe, args): hidden[moe.experts] = (moe, args[0].reshape(-1, args[0].shape[-1]))
+            handles.append(mod.register_forward_pre_hook(keep))
     try: randdata.loss_backward(m, seq)
     finally:
         for h in handles: h.remove()
@@ -178,6 +179,8 @@ def test_rwkv_scores_use_the_trained_weights_and_leave_the_model_as_found():
     ref = randdata.autograd_grads(m, ps, queries) @ randdata.autograd_grads(m, ps, train).T
     assert torch.equal(dict(m.named_parameters())[v2], trained[v2])
     assert float((s - ref).abs().max() / ref.abs().max()) < 1e-10
+    with eval_mode(m): f2 = inf.fit_factors(m, train, 'identity', progress=False)   # fitted while rescaling is held off
+    assert torch.equal(inf.pairwise_scores(m, f2, queries, train, progress=False).total, s)   # accepted outside, same scores
 
 def test_models_with_a_recurrent_cache_are_scored_without_it():
     "xLSTM updates its cached state in place during a forward with `use_cache`, which breaks the backward pass."
@@ -214,7 +217,7 @@ def test_llama4_all_leaves_out_its_tuple_returning_router():
     m = llama4()
     assert [n for n in inf.candidate_modules(m) if 'router' in n] == []
     f = inf.fit_factors(m, randdata.rand_seqs(3, top=30), 'ekfac', modules='all', progress=False)
-    assert len(f.modules) == 22
+    assert len(f.modules) == 22   # attention q, k, v, o × 2 blocks; block 0's MLP (3); 4 experts × 2; the shared expert (3)
 
 def test_float64_moe_with_its_default_experts_kernel():
     "transformers' default grouped-GEMM experts take no float64 on a CPU: influence_nb's passes switch to eager and back."
@@ -232,3 +235,32 @@ def test_float64_moe_with_its_default_experts_kernel():
     m.set_experts_implementation('eager')                # the reference: the same model, switched by hand
     assert torch.equal(inf.completion_logprobs(m, queries), lp)
     assert torch.allclose(inf.pairwise_scores(m, f, queries, train, progress=False).total, s, rtol=1e-12)
+
+def test_a_block_whose_layers_cannot_be_told_from_an_mlp_is_refused_not_skipped():
+    "Skipping is for a hybrid's Mamba and attention blocks; an MLP under a name and class 'mlp' does not know must not vanish."
+    class ChannelMix(nn.Module):
+        def __init__(self, d): super().__init__(); self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+    m = tiny_model('llama', layers=4)
+    for b in (1, 3):
+        del m.model.layers[b].mlp
+        m.model.layers[b].channel_mix = ChannelMix(16)
+    with pytest.raises(ValueError, match=r"block 'model.layers.1' has no layer it recognises as feed-forward, and layers it "
+                                         r"cannot tell from one \(in no attention or Mamba-like mixer\): \['channel_mix.up', "
+                                         r"'channel_mix.down'\]"):
+        find_modules(m, 'mlp')
+
+def test_linear_subclasses_that_return_a_tensor_stay_trackable():
+    "Only a forward that returns a tuple on every path is refused (Llama 4's router); a tuple inside a helper, or on an\n    optional path the model does not take, is not."
+    class Helper(nn.Linear):
+        def forward(self, x):
+            def parts(): return nn.functional.linear(x, self.weight, self.bias), 0.
+            y, extra = parts()
+            return y + extra
+    class Optional(nn.Linear):
+        def forward(self, x, return_input=False):
+            y = super().forward(x)
+            if return_input: return y, x
+            return y
+    class Pair(nn.Linear):
+        def forward(self, x): return super().forward(x), x
+    assert [is_trackable(c(2, 2)) for c in (Helper, Optional, Pair)] == [True, True, False]
