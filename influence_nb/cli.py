@@ -253,6 +253,7 @@ examples:
   influence-nb demo --model gpt2-s
   influence-nb fit-factors --model my-llama/ --data corpus.jsonl --out factors/
   influence-nb fit-factors --model my-llama/ --data corpus.jsonl --out factors/ --device cuda --dtype bfloat16
+  influence-nb fit-factors --model my-lora-adapter/ --modules lora --data finetune.jsonl --out factors/
   influence-nb scan --model my-llama/ --factors factors/ --queries q.jsonl --corpus corpus.txt \\
                     --k 100 --query-rank 32 --refine --checkpoint scan.ckpt --out result.parquet
   torchrun --nproc_per_node 2 $(which influence-nb) scan ...   # each process scans its shard; one result
@@ -261,7 +262,7 @@ examples:
 
 def _model_args(p, required=True):
     p.add_argument('--model', required=required, default=None if required else 'gpt2-l',
-                   help=f'bundled model {MODEL_NAMES}, a model folder (written by save_pretrained) or a Hugging Face Hub id (org/name; offline: from the Hub cache)')
+                   help=f'bundled model {MODEL_NAMES}, a model folder (written by save_pretrained; a peft adapter folder loads its base model with the adapter) or a Hugging Face Hub id (org/name; offline: from the Hub cache)')
     p.add_argument('--tokenizer', default=None, help="tokenizer folder (default: the model folder's own; a folder without "
                    "one is refused, so that scores are never computed on another tokenizer's ids)")
     p.add_argument('--device', default=None, help="where the model runs: cpu (default), cuda, cuda:1, mps, or auto (a GPU where "
@@ -282,7 +283,7 @@ def _fit_parser(sub):
     _model_args(f); _corpus_args(f, '--data', what='training corpus')
     f.add_argument('--out', required=True, help='output directory for factors.safetensors + factors.json')
     f.add_argument('--strategy', default='ekfac', choices=['identity', 'diagonal', 'kfac', 'ekfac'], help='curvature approximation (default: ekfac)')
-    f.add_argument('--modules', default='mlp', help="'mlp', 'all' or comma-separated layer names (default: mlp)")
+    f.add_argument('--modules', default='mlp', help="'mlp', 'all', 'lora' (a peft adapter's LoRA matrices) or comma-separated layer names (default: mlp)")
     f.add_argument('--fisher', default='true', choices=['true', 'empirical'], help='labels sampled from the model (true, the paper) or the data labels')
     f.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
     f.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context; queries are never cut)")
@@ -378,6 +379,8 @@ def _explore_parser(sub):
     _corpus_args(x, '--corpus', required=False, what='training corpus (required with --model)')
     x.add_argument('--queries', default=None, help="JSONL with 'prompt' and 'completion' (and 'id') fields to pick from")
     x.add_argument('--factors', default=None, help='factors written by fit-factors for this model (default: fitted and cached)')
+    x.add_argument('--modules', default=None, help="layers to track: 'mlp', 'all', 'lora' (a peft adapter's LoRA matrices) or "
+                   "comma-separated names (default: the --factors' layers, else mlp)")
     x.add_argument('--fit-sample', type=int, default=600, help='corpus sequences to fit factors on when fitting (0: all; default: 600)')
     x.add_argument('--port', type=int, default=8866, help='Voilà port on 127.0.0.1 (default: 8866)')
     x.add_argument('--no-serve', action='store_true', help='build the app here, run its opening query and print the top '
@@ -429,7 +432,7 @@ def _cmd_fit(a):
     if not there.is_dir() or not os.access(there, os.W_OK):
         raise ValueError(f"--out {a.out}: {there} is {'a file' if there == out else 'not a writable folder'}; pass a folder for the factors.")
     model, tok = load_model(a.model, a.tokenizer, a.device, a.dtype)
-    mods = a.modules if a.modules in ('mlp', 'all') else a.modules.split(',')
+    mods = a.modules if a.modules in ('mlp', 'all', 'lora') else a.modules.split(',')
     if a.dry_run: return _say_factor_sizes(model, mods, a.strategy, a.factor_dtype)
     low = check_fit_memory(model, mods, a.strategy, a.factor_dtype)        # (`fit_factors` checks too): said before the data is read
     if low is not None: print(_room_line(a.strategy, factor_sizes(model, mods, a.strategy, a.factor_dtype), low.attrs['total']), flush=True)
@@ -638,7 +641,7 @@ def _cmd_explore(a):
     from influence_nb.explorer import explorer, app_notebook
     _check_explore_files(a)
     kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, factors=a.factors,
-              text_field=a.text_field, fit_sample=a.fit_sample, device=a.device, dtype=a.dtype)
+              text_field=a.text_field, fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules)
     if a.no_serve:
         app = explorer(**kw); res = app.run()
         if res is None: raise ValueError(f"the explorer could not run its opening query: {app.error}")

@@ -502,7 +502,7 @@ def _from_pretrained(where, device, dtype):
     return m.to(device).eval()
 
 # %% ../nbs/00_data.ipynb #631b6368
-def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_pretrained`, a Hub id ('org/name') or a model object
+def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_pretrained` (a model's, or a peft adapter's), a Hub id ('org/name') or a model object
                tokenizer=None, # a tokenizer or its folder; None: the model folder's own (bundled models: data/tokenizer)
                device=None, # where the model runs: None (a folder loads on the CPU; an object stays), 'cpu', 'cuda', 'cuda:1', 'auto' (an object is moved in place, as `.to` does)
                dtype=None, # None: a folder loads in its checkpoint's dtype (transformers' default), an object keeps its own; or a DTYPES name
@@ -517,6 +517,8 @@ def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_
         raise TypeError(f"`model` must be a model, a bundled name {MODEL_NAMES} or a folder, got {type(model).__name__}.")
     bundled = _bundled_dir(model)
     path = bundled or Path(model)
+    if (path/'adapter_config.json').is_file() and not (path/'config.json').exists():
+        return _load_adapter(path, tokenizer, device, dtype)
     hub = bundled is None and not path.exists() and _HUB_ID.fullmatch(str(model)) is not None   # 'org/name' or 'name'
     if not hub and (not path.is_dir() or not (path/'config.json').exists()):
         raise ValueError(f"Unknown model {str(model)!r}: neither a bundled model {MODEL_NAMES}, a folder with a config.json "
@@ -536,6 +538,21 @@ def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_
         raise ValueError(f"The Hub repository {str(model)!r} has no tokenizer that loads here ({e}) Pass the tokenizer the model "
                          "was trained with (`--tokenizer DIR` on the command line, `tokenizer=` in Python).") from None
     return _check_pair(m, tok)
+
+# %% ../nbs/00_data.ipynb #343e66ec
+def _load_adapter(path:Path, tokenizer, device, dtype) -> tuple:
+    "A peft adapter folder: its base model (`base_model_name_or_path`, loaded as `load_model` does) with the adapter on top."
+    try: from peft import PeftModel
+    except ImportError: raise ImportError(f"{path} holds a peft adapter (adapter_config.json): install peft to load it "
+                                          "(`pip install peft`), or merge the adapter into its base model and save that.") from None
+    base = json.loads((path/'adapter_config.json').read_text()).get('base_model_name_or_path')
+    if not base: raise ValueError(f"{path/'adapter_config.json'} names no base model (`base_model_name_or_path`): load the base "
+                                  "model, add the adapter with peft's `PeftModel.from_pretrained`, and pass the model object.")
+    if not Path(base).exists() and (path/base).exists(): base = str(path/base)   # a path relative to the adapter folder
+    if tokenizer is None and any((path/f).exists() for f in TOKENIZER_FILES): tokenizer = path   # the adapter's own (added tokens)
+    m, tok = load_model(base, tokenizer, device, dtype)
+    m = PeftModel.from_pretrained(m, path)
+    return _check_pair(m.to(device=next(m.parameters()).device, dtype=dtype).eval(), tok)
 
 def _check_pair(model, tok):
     "Refuse a tokenizer with ordinary tokens the model has no embedding for; special tokens added later (a pad) may go beyond it."
@@ -713,8 +730,10 @@ def cached_factors(model, train, tag:str, progress=True, **fit_kw) -> tuple:
     "`(factors, from_cache)`: load the factors for this model, data tag and arguments, or fit and save them."
     from influence_nb.ekfac import Factors, fit_factors, fingerprint
     from influence_nb.modules import find_modules
+    import hashlib
     layers = find_modules(model, fit_kw.get('modules', 'mlp'))
-    key = '-'.join([tag] + [f'{k}={v}' for k, v in sorted(fit_kw.items())] + [fingerprint(layers, model)[:16]])
+    val = lambda v: v if not isinstance(v, (list, tuple)) else 'list' + hashlib.sha256(json.dumps(list(v)).encode()).hexdigest()[:12]
+    key = '-'.join([tag] + [f'{k}={val(v)}' for k, v in sorted(fit_kw.items())] + [fingerprint(layers, model)[:16]])
     path = cache_dir()/'factors'/key
     if (path/'factors.json').exists():
         try:

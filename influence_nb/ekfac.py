@@ -604,7 +604,7 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
 def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or a compatible module
                 train, # training sequences (see `00_data`): list of dicts, torch or HF Dataset
                 strategy:str='ekfac', # identity | diagonal | kfac | ekfac (`Factors`) | lissa | cg | pcg (`IterativeSolver`)
-                modules:str|list[str]='mlp', # "mlp", "all" or layer names
+                modules:str|list[str]='mlp', # "mlp", "all", "lora" (peft's LoRA matrices) or layer names
                 fisher:str='true', # "true": labels sampled from the model (paper); "empirical": data labels; "exact": all labels, weighted (≤ 64 outputs)
                 batch_size:int=8, # sequences per batch
                 seed:int=0, # seed of the pseudo-label sampling

@@ -142,6 +142,22 @@ def query_records(queries, # None, (prompt, completion) pairs, dicts with 'promp
                          "more than once; give every query its own 'id'.")
     return out
 
+# %% ../nbs/10_explorer.ipynb #3954a458
+def _session_modules(modules):
+    "`modules` as the explorer keeps it: None, a keyword ('mlp', 'all', 'lora') or a list of names (from a list or 'a,b')."
+    if modules is None or modules in ('mlp', 'all', 'lora'): return modules
+    if isinstance(modules, str): return [n.strip() for n in modules.split(',') if n.strip()]
+    if isinstance(modules, (list, tuple)) and all(isinstance(n, str) for n in modules): return list(modules)
+    raise TypeError(f"`modules` must be 'mlp', 'all', 'lora' or layer names, got {modules!r}.")
+
+def _keyword_of(model, names:list[str]):
+    "The keyword that selects exactly the layers `names` of `model` (a shorter cache key), else the names themselves."
+    for kw in ('mlp', 'all', 'lora'):
+        try:
+            if [layer.name for layer in find_modules(model, kw, warn=False)] == list(names): return kw
+        except ValueError: pass
+    return list(names)
+
 # %% ../nbs/10_explorer.ipynb #a862e949
 class ExplorerSession:
     "Caches the explorer's slow-to-make objects: models, tokenized training set, BM25 index, fitted factors."
@@ -158,6 +174,8 @@ class ExplorerSession:
                  name: str|None = None,        # the model's name in the app (default: its folder's name)
                  device=None,                  # where models run (`data.load_model`): None (as loaded, CPU for folders), 'cuda', 'auto'
                  dtype=None,                   # precision to load models in: None (as saved), 'float32', 'bfloat16', ...
+                 modules=None,                 # layers to track: 'mlp', 'all', 'lora' (a peft model's LoRA matrices) or
+                                               # names (a list, or comma-separated); None: the given factors' layers, else 'mlp'
                 ):
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.fit_sample, self.seed, self.batch_size = (check_int(v, n, lo) for n, v, lo in
@@ -165,25 +183,12 @@ class ExplorerSession:
         self._models, self._train, self._index, self._factors, self._given = {}, {}, {}, {}, set()
         self._records = self._queries = None
         self.custom = None                # the name of the user's model, when one was given
+        self.modules = _session_modules(modules)
         if model is not None: self._setup_custom(model, tokenizer, corpus, queries, factors, text_field, name)
         elif any(x is not None for x in (tokenizer, corpus, queries, factors)):
             raise ValueError("`tokenizer`, `corpus`, `queries` and `factors` go with `model`: pass your model too "
                              "(or none of them for the bundled models).")
-
-    def _setup_custom(self, model, tokenizer, corpus, queries, factors, text_field, name):
-        if corpus is None:
-            raise ValueError("`corpus` is required with `model`: the training texts to search (a list of texts, a "
-                             "JSONL/.txt/Parquet file or a datasets.Dataset).")
-        mdl, tok = load_model(model, tokenizer, self.device, self.dtype)
-        self.custom = name or (Path(model).name if isinstance(model, (str, os.PathLike)) else type(mdl).__name__)
-        self._models[self.custom] = (mdl, tok)
-        self._records, self._queries = corpus_records(corpus, tok, text_field), query_records(queries)
-        if factors is not None:
-            f = Factors.load(factors) if isinstance(factors, (str, os.PathLike)) else factors
-            if not isinstance(f, Factors): raise TypeError(f"`factors` must be Factors or their folder, got {type(f).__name__}.")
-            f.check(mdl)
-            self._factors[self.custom, f.strategy] = f
-            self._given.add((self.custom, f.strategy))
+        if self.modules is None: self.modules = 'mlp'
 
     @property
     def records(self) -> list[dict]:
@@ -200,6 +205,27 @@ class ExplorerSession:
     def __repr__(self):
         return (f"ExplorerSession(fit_sample={self.fit_sample}, seed={self.seed}, models loaded={list(self._models)}, "
                 f"factors={[f'{m}/{s}' for m, s in self._factors]})")
+
+# %% ../nbs/10_explorer.ipynb #90425f14
+@patch
+def _setup_custom(self: ExplorerSession, model, tokenizer, corpus, queries, factors, text_field, name):
+    if corpus is None:
+        raise ValueError("`corpus` is required with `model`: the training texts to search (a list of texts, a "
+                         "JSONL/.txt/Parquet file or a datasets.Dataset).")
+    mdl, tok = load_model(model, tokenizer, self.device, self.dtype)
+    self.custom = name or (Path(model).name if isinstance(model, (str, os.PathLike)) else type(mdl).__name__)
+    self._models[self.custom] = (mdl, tok)
+    self._records, self._queries = corpus_records(corpus, tok, text_field), query_records(queries)
+    if factors is not None:
+        f = Factors.load(factors) if isinstance(factors, (str, os.PathLike)) else factors
+        if not isinstance(f, Factors): raise TypeError(f"`factors` must be Factors or their folder, got {type(f).__name__}.")
+        f.check(mdl)
+        if self.modules is None: self.modules = _keyword_of(mdl, f.modules)
+        elif [layer.name for layer in find_modules(mdl, self.modules, warn=False)] != list(f.modules):
+            raise ValueError(f"`factors` track {len(f.modules)} layers ({f.modules[0]}, ...), not the layers `modules`="
+                             f"{self.modules!r} selects: leave `modules` out to use the factors' layers.")
+        self._factors[self.custom, f.strategy] = f
+        self._given.add((self.custom, f.strategy))
 
 # %% ../nbs/10_explorer.ipynb #10f0c64d
 @patch
@@ -223,7 +249,7 @@ def n_blocks(self: ExplorerSession, name: str) -> int:
     "Transformer blocks of bundled model `name`, from its config (without loading the weights)."
     from transformers import AutoConfig
     self._check_model(name)
-    if self.custom: return max(layer_blocks([layer.name for layer in find_modules(self.model(name)[0], 'mlp')])) + 1
+    if self.custom: return max(layer_blocks([layer.name for layer in find_modules(self.model(name)[0], self.modules, warn=False)])) + 1
     return int(AutoConfig.from_pretrained(data_dir()/'models'/name).num_hidden_layers)
 
 @patch
@@ -310,8 +336,9 @@ def factors(self: ExplorerSession, name: str, strategy: str = 'ekfac') -> tuple[
             del self._factors[name, strategy]
     train = self.train(name)
     fit = [train[i] for i in self.fit_indices(len(train))]
+    mods = {} if self.modules == 'mlp' else {'modules': self.modules}            # (the cache keys of 'mlp' stay as they were)
     f, hit = cached_factors(model, fit, factor_cache_tag(name, model, fit), progress=bool(self.custom),
-                            strategy=strategy, fisher='true', seed=self.seed, batch_size=self.batch_size)
+                            strategy=strategy, fisher='true', seed=self.seed, batch_size=self.batch_size, **mods)
     self._factors[name, strategy] = f
     return f, 'disk' if hit else 'fitted'
 
@@ -329,7 +356,7 @@ def restrict_factors(factors: Factors, # fitted on `model`
     if modules == factors.modules: return factors
     factors.check(model)
     modules = [m for m in factors.modules if m in modules]                      # model order
-    layers = find_modules(model, modules)
+    layers = find_modules(model, modules, warn=False)   # a range of blocks: the user's choice
     return dataclasses.replace(factors, modules=modules, shapes={m: factors.shapes[m] for m in modules},
                                tensors={m: factors.tensors[m] for m in modules}, fingerprint=fingerprint(layers, model))
 
@@ -446,7 +473,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     q = _resolve_query(session, query_id, prompt, completion)
     say(f"Loading {model}", 0.02)                                                       # 1. model, data, factors
     mdl, tok = session.model(model)
-    names = [layer.name for layer in find_modules(mdl, 'mlp')]
+    names = [layer.name for layer in find_modules(mdl, session.modules, warn=False)]
     counted = [n for n, b in zip(names, layer_blocks(names)) if blocks[0] <= b <= blocks[1]]
     if not counted: raise ValueError(f"No tracked layer lies in blocks {blocks}; the tracked layers are {names}.")
     laps('model')
@@ -839,6 +866,7 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
              session: ExplorerSession|None = None, # an existing session (bundled mode)
              device=None, # where the model runs: None (CPU for folders and bundled models), 'cuda', 'cuda:1', 'auto'
              dtype=None, # precision to load the model in: None (as saved), 'float32', 'bfloat16', 'float16', 'float64'
+             modules=None, # layers to track: 'mlp', 'all', 'lora' (a peft model's LoRA matrices) or names; None: the factors' or 'mlp'
              **kwargs, # the rest of `Explorer`'s arguments (query_id, candidates, k, strategy)
             ) -> Explorer:
     "The explorer app (an ipywidgets VBox) on the bundled models, or on your model and corpus."
@@ -846,13 +874,13 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
     if not bundled:
         if session is not None: raise ValueError("Pass either `session` or your `model` (with its corpus), not both.")
         session = ExplorerSession(fit_sample=fit_sample, model=model, tokenizer=tokenizer, corpus=corpus, queries=queries,
-                                  factors=factors, text_field=text_field, device=device, dtype=dtype)
+                                  factors=factors, text_field=text_field, device=device, dtype=dtype, modules=modules)
         model = None
     elif any(x is not None for x in (tokenizer, corpus, queries, factors)):
         raise ValueError("`tokenizer`, `corpus`, `queries` and `factors` go with your own `model` (an object or a folder).")
-    elif device is not None or dtype is not None:
-        if session is not None: raise ValueError("Pass `device` and `dtype` to the `ExplorerSession` you give, not to `explorer`.")
-        session = ExplorerSession(fit_sample=fit_sample, device=device, dtype=dtype)
+    elif device is not None or dtype is not None or modules is not None:
+        if session is not None: raise ValueError("Pass `device`, `dtype` and `modules` to the `ExplorerSession` you give, not to `explorer`.")
+        session = ExplorerSession(fit_sample=fit_sample, device=device, dtype=dtype, modules=modules)
     return Explorer(session=session, model=model, fit_sample=fit_sample, **kwargs)
 
 # %% ../nbs/10_explorer.ipynb #01d89fea

@@ -9,7 +9,7 @@ import os, warnings
 import pandas as pd
 import torch
 from torch import nn
-from .modules import find_modules, _candidates, _mlp_names
+from .modules import find_modules, _candidates, _keyword_names
 from .kfac import resolve_factor_dtype
 from .theory import available_memory
 
@@ -22,7 +22,7 @@ def _layers(model:nn.Module, modules) -> list:
     "`find_modules`, also for a model on the `meta` device (shapes only), whose weights `find_modules` refuses to use."
     if not any(p.device.type == 'meta' for p in model.parameters()): return find_modules(model, modules, warn=False)
     cands = _candidates(model)
-    names = list(cands) if modules == 'all' else _mlp_names(model, cands) if modules == 'mlp' else list(modules)
+    names = list(modules) if not isinstance(modules, str) else _keyword_names(model, modules, cands, warn=False) or [modules]
     bad = [n for n in names if n not in cands]
     if bad: raise ValueError(f"Unknown or untrackable `modules` {bad}. Candidates: {list(cands)}")
     return [cands[n] for n in names]

@@ -12,9 +12,9 @@ from .data import eval_mode
 
 # %% auto #0
 __all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'experts_layout', 'is_experts', 'expert_params', 'n_experts',
-           'expert_weights', 'expert_transposed', 'TrackedLayer', 'candidate_modules', 'blocks', 'block_coverage',
-           'check_not_reused', 'check_unshared', 'check_model', 'check_causal', 'find_modules', 'tiny_model',
-           'layer_param_names', 'Capture', 'experts_forward', 'capture']
+           'expert_weights', 'expert_transposed', 'TrackedLayer', 'adapter_parts', 'candidate_modules', 'blocks',
+           'block_coverage', 'check_not_reused', 'check_unshared', 'check_model', 'check_causal', 'find_modules',
+           'tiny_model', 'layer_param_names', 'Capture', 'experts_forward', 'capture']
 
 # %% ../nbs/03_modules.ipynb #8ec08ef3
 MLP_LEAVES = {   # how `modules="mlp"` recognises a block's feed-forward weights, whatever the architecture
@@ -155,14 +155,54 @@ def _expert_layers(name, m) -> list[TrackedLayer]:
             out.append(TrackedLayer(f'{name}.{p}[{e}]', m, d_in, d_out, bool(getattr(m, 'has_bias', False)), tr, p, e))
     return out
 
+# %% ../nbs/03_modules.ipynb #4a5503f9
+def _tuners(model:nn.Module) -> dict[str, nn.Module]:
+    "peft's tuner layers by name: a module wrapping the model's own layer as `base_layer`, with adapters beside it (LoRA, ...)."
+    return {n: m for n, m in model.named_modules()
+            if isinstance(getattr(m, 'base_layer', None), nn.Module) and hasattr(m, 'adapter_layer_names')}
+
+def _live(t:nn.Module) -> list[str]:
+    "The adapters tuner layer `t` runs in a forward: its active ones, none when adapters are disabled or merged into the base."
+    if getattr(t, 'disable_adapters', False) or getattr(t, 'merged', False): return []
+    act = t.active_adapters
+    return [act] if isinstance(act, str) else list(act)
+
+def _adds(t:nn.Module, live:list[str]) -> bool:
+    "Does tuner layer `t` return its base layer's output plus an adapter's (plain LoRA), so the base weight's gradient is the merged weight's?"
+    lora = isinstance(getattr(t, 'lora_A', None), nn.ModuleDict)
+    return not live or (lora and not any(a in getattr(t, 'lora_variant', {}) for a in live))
+
+def adapter_parts(model:nn.Module) -> dict:
+    """What peft adapters add to `model`, as layer names: `matrices` (every LoRA A and B), of which `lora` run in the
+    forward and `idle` do not; `scaled` (the base layers and LoRA matrices of adapters that do more than add to the base
+    layer's output: DoRA, IA³, ...); `other` (adapter tensors that are not Linear layers: LoRA embeddings, DoRA magnitudes)."""
+    out = {'matrices': [], 'lora': [], 'idle': [], 'scaled': [], 'other': []}
+    for n, t in _tuners(model).items():
+        live = _live(t); adds = _adds(t, live)
+        if not adds: out['scaled'].append(f'{n}.base_layer')
+        for attr in dict.fromkeys(t.adapter_layer_names):   # (peft lists DoRA's magnitudes twice)
+            for a, m in (getattr(t, attr, None) or {}).items():
+                name = f'{n}.{attr}.{a}'
+                if attr in ('lora_A', 'lora_B') and is_trackable(m):
+                    out['matrices'].append(name); out['idle' if a not in live else 'lora' if adds else 'scaled'].append(name)
+                elif a in live: out['other'].append(name)
+    return out
+
+def _adapter_param(rel:str, tuners:set[str]) -> bool:
+    "Is the parameter at `rel` an adapter's (inside a tuner layer, outside its base layer)?"
+    mod = rel.rpartition('.')[0]
+    return any(mod.startswith(t + '.') and not (mod + '.').startswith(t + '.base_layer.') for t in tuners)
+
 # %% ../nbs/03_modules.ipynb #5d2d572d
 def _candidates(model:nn.Module) -> dict[str, TrackedLayer]:
     "Every trackable layer (and every expert's slice of an experts module) except the LM head, in model order."
     head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
-    out = {}
+    out, inside = {}, None   # inside: the head's name, when a peft adapter wraps it (its base layer and LoRA are the head too)
     for n, m in model.named_modules():
+        if m is head: inside = n
+        if inside is not None and (n == inside or n.startswith(inside + '.')): continue
         if is_experts(m): out.update({layer.name: layer for layer in _expert_layers(n, m)})
-        elif is_trackable(m) and m is not head: out[n] = _tracked(n, m)
+        elif is_trackable(m): out[n] = _tracked(n, m)
     return out
 
 def candidate_modules(model:nn.Module) -> list[str]:
@@ -202,11 +242,11 @@ def _kind(rel:str) -> str: return re.sub(r'\[\d+\]$', '[*]', rel)   # every expe
 # %% ../nbs/03_modules.ipynb #ac544bba
 def _ffn_weights(block:nn.Module) -> list[str]:
     "Relative names of a block's feed-forward weight tensors (≥ 2-D, not biases, not routers): what 'mlp' must cover."
-    experts, classed = [n for n, m in block.named_modules() if is_experts(m)], _classed(block)
+    experts, classed, tuners = [n for n, m in block.named_modules() if is_experts(m)], _classed(block), set(_tuners(block))
     out = []
     for n, p in block.named_parameters():
         mod, _, leaf = n.rpartition('.')
-        if p.dim() < 2 or 'bias' in leaf: continue
+        if p.dim() < 2 or 'bias' in leaf or _adapter_param(n, tuners): continue   # LoRA's A, B: the base layer covers the sum
         if any(mod == x or mod.startswith(x + '.') for x in experts) or _is_ffn(mod, classed=classed): out.append(n)
     return out
 
@@ -276,6 +316,7 @@ def _mlp_refusal(model) -> str|None:
 
 def _warn_left_out(model, names, what='`modules`'):
     "For a list spanning several blocks: raise if the blocks it touches yield different kinds, warn about what it leaves out."
+    if set(names) <= set(adapter_parts(model)['matrices']): return   # LoRA matrices only: a choice of adapters, not of MLPs
     cov, left, cannot = block_coverage(model, names), {}, {}
     touched = [b for b, c in cov.items() if c['kinds']]
     if len(touched) < 2: return   # one block: a deliberate layer-wise choice
@@ -297,6 +338,36 @@ def _warn_left_out(model, names, what='`modules`'):
     if cannot:
         warnings.warn(f"{what} leaves out these feed-forward weights, which influence_nb cannot track (they are not nn.Linear, "
                       f"GPT-2 Conv1D or experts it can split; kind: block numbers): {say(cannot)}.", stacklevel=3)
+
+# %% ../nbs/03_modules.ipynb #cdb6118b
+def _keyword_names(model:nn.Module, modules:str, cands:dict, warn:bool=True) -> list[str]|None:
+    "The layer names `modules='mlp'|'all'|'lora'` selects from `cands` (None for another string); adapters only under 'lora'."
+    parts = adapter_parts(model)
+    plain = {n: layer for n, layer in cands.items() if n not in set(parts['matrices'])}
+    if modules == 'mlp': return _mlp_names(model, plain)
+    if modules == 'all':
+        if warn: _warn_left_out(model, list(plain), "modules='all'")   # feed-forward weights no trackable layer covers
+        return list(plain)
+    if modules != 'lora': return None
+    if parts['scaled']: raise ValueError(_scaled_msg(parts['scaled']))
+    if not parts['lora']:
+        idle = f" Its adapters {sorted({n.rsplit('.', 1)[1] for n in parts['idle']})} do not run (not active, disabled or " \
+               "merged): activate one with `model.set_adapter(name)`." if parts['idle'] else ''
+        raise ValueError(f"modules='lora' found no LoRA adapter that runs in {type(model).__name__}.{idle} Load the model with "
+                         "its adapter (`load_model(adapter_folder)`, or peft's `PeftModel.from_pretrained`), or use 'mlp' / 'all'.")
+    if warn and parts['other']:
+        warnings.warn(f"modules='lora' tracks the LoRA matrices A and B; these adapter tensors are not Linear layers and are "
+                      f"left out: {parts['other'][:4]}{' ...' if len(parts['other']) > 4 else ''}.", stacklevel=3)
+    if warn and (head := [n for n in parts['lora'] if n not in cands]):
+        warnings.warn(f"modules='lora' leaves out the LM head's adapter {head}: the head is never tracked (its output factor "
+                      "is vocabulary × vocabulary).", stacklevel=3)
+    return [n for n in cands if n in set(parts['lora'])]
+
+def _scaled_msg(names:list[str]) -> str:
+    return (f"{names[0]}{f' (and {len(names) - 1} more)' if len(names) > 1 else ''} belongs to a peft adapter that does "
+            "more than add a low-rank product to its base layer's output (DoRA, IA³, ...): the base weight's gradient is not "
+            "the layer's, and DoRA runs its LoRA matrices twice per forward. Merge the adapter into the model first "
+            "(`model = model.merge_and_unload()`) and track the merged weights (modules='mlp').")
 
 # %% ../nbs/03_modules.ipynb #a6a4b4a1
 def check_not_reused(model:nn.Module, layers):
@@ -362,24 +433,22 @@ def check_causal(model:nn.Module):
 
 # %% ../nbs/03_modules.ipynb #98e9cf8f
 def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
-                 modules:str|list[str]='mlp', # "mlp", "all" or a list of module names (experts: `<experts>.<param>[e]`)
+                 modules:str|list[str]='mlp', # "mlp", "all", "lora" (peft's LoRA matrices) or a list of module names (experts: `<experts>.<param>[e]`)
                  warn:bool=True, # check a list spanning several blocks: same kinds in each (else raise), warn about what it leaves out
                 ) -> list[TrackedLayer]:
     "The layers to track, in the model's order."
     check_model(model)
     if not (isinstance(modules, str) or (isinstance(modules, (list, tuple)) and all(isinstance(n, str) for n in modules))):
-        raise TypeError(f"`modules` must be 'mlp', 'all' or a list of layer names (str), got {modules!r}.")
+        raise TypeError(f"`modules` must be 'mlp', 'all', 'lora' or a list of layer names (str), got {modules!r}.")
     cands = _candidates(model)
     if not cands:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layers to track; "
                          "influence_nb supports models built from Linear/Conv1D layers.")
     if isinstance(modules, str):
-        if modules == 'all':
-            names = list(cands)
-            if warn: _warn_left_out(model, names, "modules='all'")   # feed-forward weights no trackable layer covers
-        elif modules == 'mlp': names = _mlp_names(model, cands)
-        elif modules in cands: names = [modules]
-        else: raise ValueError(f"Unknown `modules`={modules!r}: use 'mlp', 'all', or a list of names from {list(cands)}.")
+        names = _keyword_names(model, modules, cands, warn)
+        if names is None and modules in cands: names = [modules]
+        elif names is None: raise ValueError(f"Unknown `modules`={modules!r}: use 'mlp', 'all', 'lora' (a peft model's LoRA "
+                                             f"matrices), or a list of names from {list(cands)}.")
     else:
         names = list(modules)
         if not names: raise ValueError("`modules` is an empty list: name at least one layer, or use 'mlp' / 'all'.")
@@ -396,6 +465,7 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
         names = sorted(names, key=order.get)
         if warn: _warn_left_out(model, names)
     if not names: raise ValueError(f"modules={modules!r} selected no layer of {type(model).__name__}; candidates: {list(cands)}")
+    if scaled := [n for n in names if n in adapter_parts(model)['scaled']]: raise ValueError(_scaled_msg(scaled))
     out = [cands[n] for n in names]
     check_not_reused(model, out); check_unshared(model, out)   # (`capture` also refuses a second call at run time)
     return out
