@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 import torch
 import pandas as pd
-from .data import (cut_texts, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
+from .data import (cut_texts, is_conversation, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, DTYPES)
@@ -151,7 +151,7 @@ def _tokenize_query(tok, q: dict, where: str) -> list[dict]:
     return seq
 
 def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
-    "Query sequences and ids from a JSONL file of `prompt`/`completion` (or `input_ids`/`labels`) records, checked one by one."
+    "Query sequences and ids from a JSONL file of `prompt`/`completion` (or `messages`, or `input_ids`/`labels`) records, checked one by one."
     seqs, names = [], []
     try: rows = query_rows(path)
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"--queries {e}") from None
@@ -162,7 +162,7 @@ def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
                 seq = as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')
                 name = query_record(where, {**r, 'prompt': '', 'completion': '-'}, i)['id']   # checks the 'id' field
             else:
-                q = query_record(where, r, i); qid = q['id']
+                q = query_record(where, r, i, tok); qid = q['id']   # (a conversation: rendered here)
                 seq, name = _tokenize_query(tok, q, where), q['id']
             if model is not None: seq = check_sequences(model, seq, 'record')          # vocabulary and context
             require_scored(seq, 'record')
@@ -238,7 +238,7 @@ def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False)
     with open(p, 'rb') as f:
         first = next((raw for raw in f if raw.strip()), None)                # stops at the first record
     if first is None: raise ValueError(f"{flag} {p.name} holds no records (it is empty). Accepted formats: {CORPUS_FORMATS}.")
-    try: rec = json.loads(first) if kind == 'jsonl' else None
+    try: rec = json.loads(first.removeprefix(b'\xef\xbb\xbf')) if kind == 'jsonl' else None   # (a byte-order mark)
     except ValueError: return                                                 # a broken line: the scan names it
     if not skip_bad and isinstance(rec, dict) and field_value(rec, text_field) is None and 'input_ids' not in rec:   # a misspelt --text-field
         raise ValueError(f"{flag} {p.name}: the first record has no field {text_field!r} or 'input_ids' (fields: "
@@ -272,7 +272,8 @@ def _model_args(p, required=True):
 
 def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
     p.add_argument(flag, required=required, default=None, help=f'{what} file: .jsonl, .txt (one document per line) or .parquet; blank lines are skipped and not counted in indices')
-    p.add_argument('--text-field', default=text_default, help="JSONL field / Parquet column holding the text, dotted for a nested one ('doc.body') (default: "
+    p.add_argument('--text-field', default=text_default, help="JSONL field / Parquet column holding the text, dotted for a nested one ('doc.body'), or a conversation "
+                   "(a list of role/content messages, e.g. 'messages': the chat template renders it, the assistant's turns are scored) (default: "
                    f"{text_default or 'the one the scan read'})")
 
 # %% ../nbs/13_cli.ipynb #4252b04b
@@ -320,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description='All pairwise scores of prompt/completion queries against every text of a corpus that fits in memory.')
     _model_args(s); _corpus_args(s, '--data')
     s.add_argument('--factors', required=True, help='directory written by fit-factors')
-    s.add_argument('--queries', required=True, help="JSONL with 'prompt' and 'completion' fields; an 'id' names a query")
+    s.add_argument('--queries', required=True, help="JSONL with 'prompt' and 'completion' fields (or 'messages', a conversation ending with the answer; or 'input_ids' and 'labels'); an 'id' names a query")
     s.add_argument('--out', required=True, help='output .parquet (one row per text, one column per query id)')
     s.add_argument('--damping', type=float, default=None, help='damping λ (default: 0.1 × mean eigenvalue per layer)')
     s.add_argument('--query-rank', type=int, default=None, help='rank of the preconditioned query gradients (default: full)')
@@ -352,7 +353,7 @@ def _scan_parser(sub, fmt):
                                    "torchrun each process scans its shard and rank 0 writes the one result.")
     _model_args(c); _corpus_args(c, '--corpus')
     c.add_argument('--factors', required=True, help='directory written by fit-factors (for this model)')
-    c.add_argument('--queries', required=True, help="JSONL with 'prompt' and 'completion' fields (or 'input_ids' and 'labels'); an 'id' names a query")
+    c.add_argument('--queries', required=True, help="JSONL with 'prompt' and 'completion' fields (or 'messages', a conversation ending with the answer; or 'input_ids' and 'labels'); an 'id' names a query")
     c.add_argument('--out', required=True, help='result file (.parquet): query, query_id, rank, index, score; read it with `top`')
     c.add_argument('--k', type=int, default=100, help='sequences to keep per query (default: 100)')
     c.add_argument('--query-rank', type=int, default=None, help='store the preconditioned query gradients at this rank (paper: 32; default: full)')
@@ -377,7 +378,7 @@ def _explore_parser(sub):
                                    'or --model with --corpus (and optionally --queries and --factors).')
     _model_args(x, required=False); x.set_defaults(model=None)
     _corpus_args(x, '--corpus', required=False, what='training corpus (required with --model)')
-    x.add_argument('--queries', default=None, help="JSONL with 'prompt' and 'completion' (and 'id') fields to pick from")
+    x.add_argument('--queries', default=None, help="JSONL with 'prompt' and 'completion' (or 'messages', or 'input_ids' and 'labels'; and 'id') fields to pick from")
     x.add_argument('--factors', default=None, help='factors written by fit-factors for this model (default: fitted and cached)')
     x.add_argument('--modules', default=None, help="layers to track: 'mlp', 'all', 'lora' (a peft adapter's LoRA matrices) or "
                    "comma-separated names (default: the --factors' layers, else mlp)")
@@ -566,7 +567,7 @@ def _unreadable(r, text_field) -> str|None:
     "Why corpus record `r` (as `search` reads it) has no text to show, or None."
     if isinstance(r, BadRecord): return r.why
     if not isinstance(r, (Mapping, str)): return f"expected a JSON object, got {type(r).__name__}"
-    if isinstance(text_of(r, text_field), str): return None
+    if isinstance(t := text_of(r, text_field), str) or is_conversation(t): return None
     if not (isinstance(r, Mapping) and 'input_ids' in r):
         return f"no string field {text_field!r} and no 'input_ids' (fields: {sorted(r)}); pass --text-field"
     try: as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')

@@ -14,11 +14,12 @@ import torch
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir',
            'attended_span', 'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_int',
-           'check_max_length', 'field_value', 'TruncatedTextsWarning', 'cut_texts', 'tokenize', 'special_prefix',
-           'tokenize_pairs', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
-           'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled',
-           'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format',
-           'corpus_rows', 'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
+           'check_max_length', 'field_value', 'TruncatedTextsWarning', 'encode_texts', 'cut_texts', 'is_conversation',
+           'shown_text', 'text_sequences', 'tokenize', 'special_prefix', 'tokenize_pairs', 'chat_sequence', 'chat_pair',
+           'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length',
+           'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'eager_kernels',
+           'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format', 'corpus_rows',
+           'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -223,44 +224,91 @@ def field_value(record:Mapping, # a corpus record (a JSON object, a Parquet or `
         record = record[part]
     return record
 
+# %% ../nbs/00_data.ipynb #530dc0fc
 class TruncatedTextsWarning(UserWarning):
     "Texts longer than `max_length` tokens were cut: only their first `max_length` tokens are scored."
 
+def _added_prefix(tokenizer) -> list[int]:
+    "The special token ids `tokenizer` puts before every text (its BOS, ...): `[]` if none."
+    full, bare = (list(tokenizer('a', add_special_tokens=s)['input_ids']) for s in (True, False))
+    return next((full[:lo] for lo in range(len(full) - len(bare) + 1) if full[lo:lo + len(bare)] == bare), [])
+
+def encode_texts(tokenizer, # a Hugging Face tokenizer
+                 texts:list[str], # the texts
+                 max_length:int|None=None, # truncate to this many tokens (None: no limit)
+                ) -> list[list[int]]:
+    """Token ids of `texts`, with the special tokens the tokenizer adds; a text that already begins with them written out
+    (a chat template rendered to text: `<|begin_of_text|>...`) is tokenized as written, as `apply_chat_template` does,
+    so its BOS is not doubled."""
+    kw = dict(truncation=max_length is not None, max_length=max_length)
+    ids = list(tokenizer(texts, **kw)['input_ids'])
+    if not (pre := _added_prefix(tokenizer)): return ids
+    mark = tokenizer.decode(pre)
+    own = [j for j, t in enumerate(texts) if mark and t.startswith(mark)]
+    for j, x in zip(own, tokenizer([texts[j] for j in own], add_special_tokens=False, **kw)['input_ids'] if own else []):
+        if list(x[:len(pre)]) == pre: ids[j] = x
+    return ids
+
 def cut_texts(tokenizer, # the tokenizer that made `ids`
-              texts:list[str], # the texts
+              texts:list, # the texts (and conversations)
               ids:list, # their token ids, truncated to `max_length`
               max_length:int,
              ) -> list[int]:
     "Positions of the `texts` longer than `max_length` tokens: only those cut to exactly that many can be, and one token more tells."
     full = [j for j, x in enumerate(ids) if len(x) == max_length]
-    again = tokenizer([texts[j] for j in full], truncation=True, max_length=max_length + 1)['input_ids'] if full else []
-    return [j for j, x in zip(full, again) if len(x) > max_length]   # (max_length + 1, not no limit: no tokenizer length warning)
+    plain = [j for j in full if isinstance(texts[j], str)]           # the others are conversations (`chat_sequence`)
+    again = encode_texts(tokenizer, [texts[j] for j in plain], max_length + 1) if plain else []
+    longer = {j for j, x in zip(plain, again) if len(x) > max_length}   # (max_length + 1, not no limit: no tokenizer length warning)
+    return sorted(longer | {j for j in full if j not in plain and len(_chat_ids(tokenizer, texts[j])) > max_length})
+
+def is_conversation(x) -> bool:
+    "A chat as `apply_chat_template` takes it: a non-empty list of messages, mappings with a string 'role' and 'content'."
+    if isinstance(x, np.ndarray): x = list(x)                       # a Parquet list column
+    return (isinstance(x, (list, tuple)) and len(x) > 0 and
+            all(isinstance(m, Mapping) and isinstance(m.get('role'), str) and isinstance(m.get('content'), str) for m in x))
+
+def shown_text(x) -> str:
+    "A record's text as tables show it: a text as it is, a conversation one 'role: content' line per message."
+    return '\n'.join(f"{m['role']}: {m['content']}" for m in x) if is_conversation(x) else x
 
 # %% ../nbs/00_data.ipynb #1ea407ef
+def text_sequences(tokenizer, # a Hugging Face tokenizer
+                   texts:list, # texts and conversations (`is_conversation`)
+                   max_length:int|None=None, # truncate to this many tokens (None: no limit)
+                  ) -> list[dict]:
+    "Sequence dicts of `texts`: a text's tokens all scored (`encode_texts`), a conversation's assistant turns (`chat_sequence`)."
+    plain = [j for j, t in enumerate(texts) if isinstance(t, str)]
+    out = dict(zip(plain, ({'input_ids': x} for x in encode_texts(tokenizer, [texts[j] for j in plain], max_length)))) if plain else {}
+    for j, t in enumerate(texts):
+        if j not in out: out[j] = {k: v[:max_length] for k, v in chat_sequence(tokenizer, t, f'texts[{j}]').items()}
+    return [out[j] for j in range(len(texts))]
+
 def tokenize(tokenizer, # a Hugging Face tokenizer
-             texts:str|Sequence[str], # one text, a list of texts, or records / a `datasets.(Iterable)Dataset` with `text_field`
+             texts:str|Sequence[str], # one text or conversation, a list of them, or records / a `datasets.(Iterable)Dataset` with `text_field`
              max_length:int|None=128, # truncate to this many tokens (None: no limit)
              text_field:str='text', # the field holding the text when `texts` holds records (dotted for nested: 'doc.body')
             ) -> list[dict]:
-    "Training sequences from `texts`: every token is scored."
+    "Training sequences from `texts`: every token of a text is scored; of a conversation (a list of messages), the assistant's turns."
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
     check_max_length(max_length)
-    if isinstance(texts, str): texts = [texts]
+    if isinstance(texts, str) or (is_conversation(texts) and not any(text_field in m for m in texts)): texts = [texts]
     texts = list(as_collection(texts, 'texts'))
     if not texts: raise ValueError("`texts` is empty: pass at least one text.")
     for i, t in enumerate(texts):
         if isinstance(t, Mapping):
-            if not isinstance(field_value(t, text_field), str):
+            if not isinstance(v := field_value(t, text_field), str) and not is_conversation(v):
                 raise TypeError(f"texts[{i}] is a record without a string field {text_field!r} (keys: {sorted(t)}); "
-                                "pass `text_field=` naming the field that holds the text.")
-            texts[i] = t = field_value(t, text_field)
-        if not isinstance(t, str): raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str.")
-    enc = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
-    if max_length is not None and (cut := cut_texts(tokenizer, texts, enc['input_ids'], max_length)):
+                                "pass `text_field=` naming the field that holds the text (or the conversation).")
+            texts[i] = t = v
+        if not isinstance(t, str) and not is_conversation(t):
+            raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str or a conversation (a list of messages, each with a "
+                            "'role' and a 'content' string).")
+    seqs = text_sequences(tokenizer, texts, max_length)
+    if max_length is not None and (cut := cut_texts(tokenizer, texts, [s['input_ids'] for s in seqs], max_length)):
         warnings.warn(f"{len(cut):,} of {len(texts):,} texts were longer than max_length={max_length} tokens and were cut to their "
                       f"first {max_length} (the first: texts[{cut[0]}]); only those tokens are scored. Pass a larger max_length, "
                       "or None for no limit.", TruncatedTextsWarning, stacklevel=2)
-    return as_sequences([{'input_ids': ids} for ids in enc['input_ids']], name='texts')
+    return as_sequences(seqs, name='texts')
 
 # %% ../nbs/00_data.ipynb #3d710ad0
 def _completion_ids(tokenizer, prompt:str, completion:str, p_ids:list[int]) -> tuple[list[int], list[int], str]:
@@ -347,7 +395,8 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
         if unk is not None and unk in c_ids: unknown.append((i, completion))
         written = lambda t: (s := tokenizer.convert_ids_to_tokens(t)) in prompt[max(0, len(prompt) - len(s) + 1):] + completion
         if hit := {t for t in specials.intersection(c_ids) if written(t)}: special.append((i, completion, hit))   # not an unk for unknown text
-        p_ids = special_prefix(tokenizer, prompt if p_ids else completion) + p_ids   # never an end token before the completion
+        pre = special_prefix(tokenizer, prompt if p_ids else completion)      # never an end token before the completion;
+        p_ids = (pre if p_ids[:len(pre)] != pre else []) + p_ids                # a prompt that writes them out keeps its own
         if not p_ids:
             if tokenizer.bos_token_id is None:
                 raise ValueError(f"pairs[{i}] has an empty prompt and the tokenizer adds no BOS token, so the first completion "
@@ -361,6 +410,73 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
     seqs = as_sequences(out, name='pairs')
     require_scored(seqs, 'pairs')
     return seqs
+
+# %% ../nbs/00_data.ipynb #9a32a403
+def _chat_ids(tokenizer, messages, **kw) -> list[int]:
+    out = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=True, **kw)
+    return list(out['input_ids'] if isinstance(out, Mapping) else out)
+
+def _need_template(tokenizer, where:str):
+    if not getattr(tokenizer, 'chat_template', None):
+        raise ValueError(f"{where} is a conversation (a list of messages), but the tokenizer has no chat template to render it "
+                         "with: set `tokenizer.chat_template` to the template the model was fine-tuned with (or load the "
+                         "tokenizer saved with it), or render the conversations to text yourself.")
+
+def chat_sequence(tokenizer, # a Hugging Face tokenizer with a chat template
+                  messages, # a conversation (`is_conversation`)
+                  where:str='conversation', # names it in errors
+                 ) -> dict:
+    """A training sequence from a conversation: its tokens as the chat template renders them; the assistant's turns are
+    scored (their text and the template's end-of-turn tokens), the rest is context, as in supervised fine-tuning."""
+    _need_template(tokenizer, where)
+    messages = [dict(m) for m in messages]
+    ids = _chat_ids(tokenizer, messages)
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, m in enumerate(messages):
+        if m['role'] != 'assistant': continue
+        head = _chat_ids(tokenizer, messages[:i], add_generation_prompt=True) if i else []
+        upto = _chat_ids(tokenizer, messages[:i + 1])
+        if ids[:len(head)] != head or ids[:len(upto)] != upto:
+            raise ValueError(f"{where}: the chat template does not render the conversation up to message {i} as the start of "
+                             "the whole, so the assistant's tokens cannot be told apart. Build the sequence yourself: a "
+                             "record with 'input_ids' and 'labels' (-100 where nothing is scored).")
+        labels[len(head):len(upto)] = ids[len(head):len(upto)]
+    if all(t == IGNORE_INDEX for t in labels):
+        raise ValueError(f"{where} has no assistant message: nothing in it is scored (the assistant's turns are what "
+                         "fine-tuning trains on).")
+    return {'input_ids': ids, 'labels': labels}
+
+# %% ../nbs/00_data.ipynb #7204370b
+def _strip_end(text:str, ends:list[str]) -> str:
+    "`text` without the trailing whitespace and special tokens (`ends`, longest first) a chat template writes after an answer."
+    while True:
+        out = text.rstrip()
+        out = next((out[:-len(t)] for t in ends if out.endswith(t)), out)
+        if out == text: return out
+        text = out
+
+def chat_pair(tokenizer, # a Hugging Face tokenizer with a chat template
+              messages, # a conversation ending with the assistant's answer
+              where:str='conversation', # names it in errors
+             ) -> tuple[str, str]:
+    """A query from a conversation: `(prompt, completion)` texts. The prompt is the conversation before the last message,
+    rendered with the template's generation prompt; the completion is the assistant's answer as the template writes it,
+    without the end-of-turn tokens after it (`tokenize_pairs` keeps the prompt's own BOS, so the query's tokens are the
+    template's)."""
+    _need_template(tokenizer, where)
+    messages = [dict(m) for m in messages]
+    if messages[-1]['role'] != 'assistant':
+        raise ValueError(f"{where}: the last message is the {messages[-1]['role']!r} one; a query's conversation ends with the "
+                         "assistant's answer, the completion measured.")
+    render = lambda ms, **kw: tokenizer.apply_chat_template(ms, tokenize=False, **kw)
+    prompt, full = render(messages[:-1], add_generation_prompt=True), render(messages)
+    if not full.startswith(prompt):
+        raise ValueError(f"{where}: the chat template does not render the conversation before the answer as the start of the "
+                         "whole, so the answer cannot be told apart: pass 'prompt' and 'completion' yourself.")
+    ends = sorted({t for t in [*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()] if t}, key=len, reverse=True)
+    completion = _strip_end(full[len(prompt):], ends)
+    if not completion.strip(): raise ValueError(f"{where}: the assistant's answer is empty: there is nothing to measure.")
+    return prompt, completion
 
 # %% ../nbs/00_data.ipynb #fb3dc069
 def collate(seqs:list[dict], # normalised sequences (see `as_sequences`)
@@ -662,7 +778,7 @@ def completion_logprobs(model, # a causal LM
     return torch.tensor(out, dtype=dtype)
 
 # %% ../nbs/00_data.ipynb #663e4a9c
-CORPUS_FORMATS = ("JSONL (.jsonl/.json/.ndjson: one JSON object per line with a text field or 'input_ids'), "
+CORPUS_FORMATS = ("JSONL (.jsonl/.json/.ndjson: one JSON object per line with a text field, which may hold a conversation, or 'input_ids'), "
                   "plain text (.txt: one document per line) or Parquet (.parquet: a text or 'input_ids' column); "
                   "blank lines are skipped, so a record's index counts records, not lines")
 
@@ -688,7 +804,7 @@ def corpus_rows(p, # a corpus file
     with open(p, 'rb') as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip(): continue
-            try: line = raw.decode('utf-8')
+            try: line = raw.decode('utf-8-sig' if n == 1 else 'utf-8')   # a byte-order mark opening the file is not text
             except UnicodeDecodeError as e: yield f'line {n}', ValueError(f"not UTF-8 text ({e})"); continue
             if kind == 'text': yield f'line {n}', {'text': line.rstrip('\r\n')}; continue
             try: yield f'line {n}', json.loads(line)
@@ -702,10 +818,11 @@ def read_corpus(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
     recs = []
     for where, r in corpus_rows(p, kind):
         why = (str(r) if isinstance(r, Exception) else f"expected a JSON object, got {type(r).__name__}" if not isinstance(r, Mapping)
-               else None if 'input_ids' in r or isinstance(field_value(r, text_field), str)
-               else f"no string field {text_field!r} and no 'input_ids' (fields: {sorted(r)}); pass the text field's name")
+               else None if 'input_ids' in r or isinstance(v := field_value(r, text_field), str) or is_conversation(v)
+               else f"no string field {text_field!r} and no 'input_ids' (fields: {sorted(r)}); pass the text field's name"
+                    + (" (--text-field messages for conversations)" if is_conversation(r.get('messages')) else ''))
         if why: raise ValueError(f"{p.name}, {where}: {why}. Accepted formats: {CORPUS_FORMATS}.")
-        recs.append({**r, 'text': field_value(r, text_field)} if 'input_ids' not in r else dict(r))
+        recs.append({**r, 'text': field_value(r, text_field)} if 'input_ids' not in r else dict(r))   # a text, or a conversation
     if not recs: raise ValueError(f"{p.name} holds no records. Accepted formats: {CORPUS_FORMATS}.")
     return recs
 
@@ -713,7 +830,7 @@ def corpus_sequences(records:list[dict], # from `read_corpus`
                      tokenizer, # tokenizes the 'text' records
                      max_length:int|None=None, # truncate texts to this many tokens
                     ) -> list[dict]:
-    "Sequences of corpus records: texts tokenized (every token scored), 'input_ids' records taken as they are."
+    "Sequences of corpus records: texts tokenized (every token scored; conversations: the assistant's turns), 'input_ids' records taken as they are."
     texts = {j: r['text'] for j, r in enumerate(records) if 'input_ids' not in r}
     out = dict(zip(texts, tokenize(tokenizer, list(texts.values()), max_length))) if texts else {}
     for j, r in enumerate(records):

@@ -30,7 +30,7 @@ from . import viz
 import json
 import os
 from collections.abc import Mapping
-from .data import (cut_texts, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
+from .data import (cut_texts, n_scored, is_conversation, shown_text, chat_pair, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
                                resolve_device, resolve_dtype)
 from .corpus import load_corpus, load_queries
@@ -82,7 +82,7 @@ def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or 
                    tokenizer=None, # decodes 'input_ids' records into the text shown
                    text_field: str = 'text', # the field holding a record's text
                   ) -> list[dict]:
-    "The explorer's training records: dicts with `id`, `kind` and `text` (and `input_ids` when given)."
+    "The explorer's training records: dicts with `id`, `kind` and `text` (a conversation's messages: `shown_text` shows them; and `input_ids` when given)."
     if isinstance(corpus, (str, os.PathLike)): rows = read_corpus(corpus, text_field)
     elif isinstance(corpus, (bytes, Mapping)): raise TypeError("`corpus` must be a collection of texts or records, or a file path.")
     else: rows = [{'text': r} if isinstance(r, str) else r for r in corpus]
@@ -90,7 +90,7 @@ def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or 
     at = lambda i: f"{Path(path).name}, {record_where(path, i)}" if path is not None else f"corpus[{i}]"   # named by line in a file
     for i, r in enumerate(rows):
         if not isinstance(r, Mapping): raise TypeError(f"{at(i)} is a {type(r).__name__}; expected a text or a record.")
-        if isinstance(field_value(r, text_field), str): text = field_value(r, text_field)
+        if isinstance(v := field_value(r, text_field), str) or is_conversation(v): text = v   # (a conversation: its messages)
         elif 'input_ids' in r:
             try: ids = as_sequence(r, 0, 'record')['input_ids']
             except (ValueError, TypeError) as e: raise type(e)(f"{at(i)}: {str(e).replace('record[0]', 'the record')}") from None
@@ -111,18 +111,36 @@ def query_rows(queries, # a collection of query rows, or a JSONL path
     if not rows: raise ValueError(f"{p.name} holds no queries: write one JSON object per line with 'prompt' and 'completion'.")
     return rows
 
+def _query_fields(where:str, q:Mapping, tokenizer) -> dict:
+    "A query row given as a conversation ('messages') or as token ids ('input_ids', 'labels'): its prompt and completion texts."
+    if 'messages' in q:
+        if not is_conversation(q['messages']):
+            raise ValueError(f"{where}: field 'messages' must be a conversation: a list of messages with 'role' and 'content' strings.")
+        return dict(zip(('prompt', 'completion'), chat_pair(tokenizer, q['messages'], where))) if tokenizer is not None else {}
+    try: s = as_sequence({k: q[k] for k in ('input_ids', 'labels', 'attention_mask') if k in q}, 0, 'record')
+    except (ValueError, TypeError) as e: raise type(e)(f"{where}: {str(e).replace('record[0]', 'the record')}") from None
+    ids, scored = s['input_ids'].tolist(), (s['labels'] != -100).nonzero()
+    cut = int(scored[0]) if len(scored) else len(ids)                  # the completion: from the first scored token
+    text = lambda x: tokenizer.decode(x) if tokenizer is not None else ' '.join(map(str, x))
+    return {'prompt': text(ids[:cut]), 'completion': text(ids[cut:]), 'input_ids': ids, 'labels': s['labels'].tolist()}
+
 def query_record(where: str, # names the row in messages, e.g. "q.jsonl, line 3"
-                 q, # the row: a (prompt, completion) pair or a mapping
+                 q, # the row: a (prompt, completion) pair or a mapping (prompt and completion, a conversation, or token ids)
                  i: int, # its position (the default id is f"q{i}")
+                 tokenizer=None, # renders a conversation (`chat_pair`) and decodes token ids; None: they are only checked
                 ) -> dict:
-    "One query row checked field by field (`where` names it in messages): a dict with `id`, `prompt`, `completion`."
+    "One query row checked field by field (`where` names it in messages): a dict with `id`, `prompt`, `completion` (and token ids when given so)."
     if isinstance(q, Exception): raise ValueError(f"{where}: {q}.")
     if isinstance(q, (tuple, list)) and len(q) == 2: q = {'prompt': q[0], 'completion': q[1]}
     if not isinstance(q, Mapping):
         raise ValueError(f"{where} must be a (prompt, completion) pair or a dict with 'prompt' and 'completion' strings, "
                          f"got a {type(q).__name__}.")
+    if 'prompt' not in q and ('messages' in q or 'input_ids' in q):
+        q = {**q, **_query_fields(where, q, tokenizer)}
+        if tokenizer is None: return {**q, 'id': str(q.get('id', f'q{i}'))}
     for key in ('prompt', 'completion'):
-        if key not in q: raise ValueError(f"{where} has no '{key}' field (fields: {sorted(q)}); a query needs 'prompt' and 'completion'.")
+        if key not in q: raise ValueError(f"{where} has no '{key}' field (fields: {sorted(q)}); a query needs 'prompt' and "
+                                          "'completion' (or 'messages', a conversation ending with the answer, or 'input_ids' and 'labels').")
         if not isinstance(q[key], str): raise TypeError(f"{where}: field '{key}' is a {type(q[key]).__name__}; it must be a string.")
     if not q['completion']:
         raise ValueError(f"{where}: field 'completion' is empty; give the text the model should produce after the prompt.")
@@ -131,10 +149,11 @@ def query_record(where: str, # names the row in messages, e.g. "q.jsonl, line 3"
     return {'kind': 'query', 'lang': None, 'fact_id': None, 'passage_id': None, **q, 'id': str(q.get('id', f'q{i}'))}
 
 def query_records(queries, # None, (prompt, completion) pairs, dicts with 'prompt' and 'completion' (+ 'id'), or a JSONL path
+                  tokenizer=None, # for queries given as conversations or token ids (`query_record`)
                  ) -> list[dict]:
     "The explorer's queries: dicts with `id`, `prompt`, `completion` (and the query file's fields)."
     if queries is None: return []
-    out = [query_record(where, q, i) for i, (where, q) in enumerate(query_rows(queries))]
+    out = [query_record(where, q, i, tokenizer) for i, (where, q) in enumerate(query_rows(queries))]
     ids = [q['id'] for q in out]
     if len(set(ids)) < len(ids):
         src = f"{Path(queries).name}: " if isinstance(queries, (str, os.PathLike)) else ''
@@ -181,7 +200,7 @@ class ExplorerSession:
         self.fit_sample, self.seed, self.batch_size = (check_int(v, n, lo) for n, v, lo in
                                                        (('fit_sample', fit_sample, 0), ('seed', seed, 0), ('batch_size', batch_size, 1)))
         self._models, self._train, self._index, self._factors, self._given = {}, {}, {}, {}, set()
-        self._records = self._queries = None
+        self._records = self._queries = self._corpus = None
         self.custom = None                # the name of the user's model, when one was given
         self.modules = _session_modules(modules)
         if model is not None: self._setup_custom(model, tokenizer, corpus, queries, factors, text_field, name)
@@ -215,7 +234,8 @@ def _setup_custom(self: ExplorerSession, model, tokenizer, corpus, queries, fact
     mdl, tok = load_model(model, tokenizer, self.device, self.dtype)
     self.custom = name or (Path(model).name if isinstance(model, (str, os.PathLike)) else type(mdl).__name__)
     self._models[self.custom] = (mdl, tok)
-    self._records, self._queries = corpus_records(corpus, tok, text_field), query_records(queries)
+    self._corpus = corpus                                             # (a file: its lines name records in messages)
+    self._records, self._queries = corpus_records(corpus, tok, text_field), query_records(queries, tok)
     if factors is not None:
         f = Factors.load(factors) if isinstance(factors, (str, os.PathLike)) else factors
         if not isinstance(f, Factors): raise TypeError(f"`factors` must be Factors or their folder, got {type(f).__name__}.")
@@ -300,6 +320,13 @@ def train(self: ExplorerSession, name: str) -> list[dict]:
         with warnings.catch_warnings():                 # said below in the explorer's terms: it has no max_length to raise
             warnings.simplefilter('ignore', TruncatedTextsWarning)
             self._train[key] = corpus_sequences(self.records, tok, ctx)
+        if empty := [j for j, s in enumerate(self._train[key]) if n_scored(s) == 0]:   # named as the user knows them
+            j, src = empty[0], self._corpus if isinstance(self._corpus, (str, os.PathLike)) else None
+            at = f" ({Path(src).name}, {record_where(src, j)})" if src is not None else ''
+            del self._train[key]
+            raise ValueError(f"{len(empty):,} training record(s) have no scored token, the first: record {j}, id "
+                             f"{self.records[j]['id']!r}{at} (an empty text, a one-token text, or a conversation whose assistant "
+                             "turns fall beyond the context). Remove them from the corpus.")
         texts = [j for j, r in enumerate(self.records) if 'input_ids' not in r]
         cut = cut_texts(tok, [self.records[j]['text'] for j in texts], [self._train[key][j]['input_ids'] for j in texts], ctx) if ctx else []
         if cut: warnings.warn(f"{len(cut):,} of {len(self.records):,} training texts are longer than {name}'s context ({ctx} tokens), "
@@ -307,6 +334,7 @@ def train(self: ExplorerSession, name: str) -> list[dict]:
                               TruncatedTextsWarning, stacklevel=2)
     return self._train[key]
 
+# %% ../nbs/10_explorer.ipynb #754da0b3
 @patch
 def index(self: ExplorerSession, name: str) -> TokenIndex:
     "The BM25 index of the training set for model `name`'s tokenizer."
@@ -451,7 +479,18 @@ def _top_frame(q, records, top_idx, top_scores, n_train) -> pd.DataFrame:
     return pd.DataFrame({'rank': range(1, len(top_idx) + 1), 'train_index': top_idx,
                          'id': [records[i]['id'] for i in top_idx], 'kind': [records[i]['kind'] for i in top_idx],
                          'match': [_matches(q, records[i]) for i in top_idx], 'score': top_scores,
-                         'nats': top_scores / n_train, 'text': [records[i]['text'] for i in top_idx]}).set_index('rank')
+                         'nats': top_scores / n_train, 'text': [shown_text(records[i]['text']) for i in top_idx]}).set_index('rank')
+
+# %% ../nbs/10_explorer.ipynb #7a3e639e
+def _query_sequence(q:dict, mdl, tok, model:str) -> list[dict]:
+    "The query's sequence: its token ids when given so, else its prompt and completion tokenized; refused beyond the context."
+    query = (as_sequences([{'input_ids': q['input_ids'], 'labels': q['labels']}]) if 'input_ids' in q
+             else tokenize_pairs(tok, [(q['prompt'], q['completion'])]))
+    n_ctx = context_length(mdl, tok)
+    if n_ctx is not None and len(query[0]['input_ids']) > n_ctx:
+        raise ValueError(f"The query is {len(query[0]['input_ids'])} tokens long; {model} reads at most {n_ctx}. "
+                         "Shorten the prompt.")
+    return query
 
 # %% ../nbs/10_explorer.ipynb #4efcc83f
 def run_query(session: ExplorerSession|None = None, # caches models and factors; None: a fresh `ExplorerSession()`
@@ -480,11 +519,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     say("Tokenizing the training set", 0.08)
     train, records = session.train(model), session.records
     laps('tokenize')
-    query = tokenize_pairs(tok, [(q['prompt'], q['completion'])])
-    n_ctx = context_length(mdl, tok)
-    if n_ctx is not None and len(query[0]['input_ids']) > n_ctx:
-        raise ValueError(f"The query is {len(query[0]['input_ids'])} tokens long; {model} reads at most {n_ctx}. "
-                         "Shorten the prompt.")
+    query = _query_sequence(q, mdl, tok, model)
     log_p = float(completion_logprobs(mdl, query)[0])
     cached = (model, strategy) in session._factors
     say(f"{'Loading' if cached else 'Fitting (or loading cached)'} {strategy} factors "

@@ -13,7 +13,7 @@ import pandas as pd
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .data import (cut_texts, TruncatedTextsWarning, field_value, as_sequence, check_sequences, require_scored, model_vocab, model_context, as_collection,
+from .data import (cut_texts, text_sequences, is_conversation, shown_text, TruncatedTextsWarning, field_value, as_sequence, check_sequences, require_scored, model_vocab, model_context, as_collection,
                                grad_enabled, check_max_length, check_int, n_scored)
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, check_damping
@@ -93,6 +93,7 @@ def _jsonl(self: CorpusStream, start, offset, line):
         f.seek(offset)
         for raw in f:
             offset += len(raw); line += 1
+            if line == 1 and raw.startswith(b'\xef\xbb\xbf'): raw = raw[3:]   # a byte-order mark opening the file is not text
             if not raw.strip(): continue
             if self.kind == 'text':     # plain text: the line is the document
                 try: rec = raw.decode('utf-8').rstrip('\r\n')
@@ -138,8 +139,8 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
         if isinstance(it.raw, BadRecord): n_bad += _bad_record(it, it.raw.why, skip); continue
         text = text_of(it.raw, text_field)
         if text is not None:
-            if not isinstance(text, str):
-                n_bad += _bad_record(it, f"'{text_field}' is a {type(text).__name__}, not a string", skip); continue
+            if not isinstance(text, str) and not is_conversation(text):
+                n_bad += _bad_record(it, f"'{text_field}' is a {type(text).__name__}, not a string or a conversation", skip); continue
             if tokenizer is None:
                 raise TypeError(f"The corpus holds text ({items[j].where}): pass `tokenizer=` to tokenize it, "
                                 "or store token ids under 'input_ids'.")
@@ -149,10 +150,18 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
         except (TypeError, ValueError) as e:
             n_bad += _bad_record(it, f"{e}" + (f" (text records need a '{text_field}' field)" if isinstance(it.raw, Mapping) else ''), skip)
     if texts:
-        ids = tokenizer(list(texts.values()), truncation=max_length is not None, max_length=max_length)['input_ids']
-        if cut is not None and max_length is not None: _count_cut(cut, items, texts, ids, tokenizer, max_length)
-        for j, x in zip(texts, ids):
-            try: out[j] = as_sequence({'input_ids': x}, items[j].index, 'corpus')
+        try: seqs = text_sequences(tokenizer, list(texts.values()), max_length)
+        except ValueError:                                     # a conversation the template cannot split: named by its record
+            seqs = []
+            for j, t in texts.items():
+                try: seqs.append(text_sequences(tokenizer, [t], max_length)[0])
+                except ValueError as e: seqs.append(None); n_bad += _bad_record(items[j], str(e).replace('texts[0]', 'the conversation'), skip)
+        if cut is not None and max_length is not None:
+            _count_cut(cut, items, {j: t for (j, t), s in zip(texts.items(), seqs) if s is not None},
+                       [s['input_ids'] for s in seqs if s is not None], tokenizer, max_length)
+        for j, s in zip(texts, seqs):
+            if s is None: continue
+            try: out[j] = as_sequence(s, items[j].index, 'corpus')
             except ValueError as e: n_bad += _bad_record(items[j], str(e), skip)
     for j, s in enumerate(out):
         if s is None: continue
@@ -298,7 +307,7 @@ def record_text(raw, # a corpus record as read
                ) -> str:
     "What a person reads for a record: its text, its decoded token ids, or (unreadable) a short repr."
     t = text_of(raw, text_field)
-    if isinstance(t, str): return t
+    if isinstance(t, str) or is_conversation(t): return shown_text(t)
     try: ids = as_sequence(raw)['input_ids'].tolist()
     except (TypeError, ValueError): return repr(raw)[:200]
     return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ' '.join(map(str, ids))

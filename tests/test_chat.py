@@ -1,0 +1,128 @@
+"""Fine-tuning data as conversations (`{"messages": [...]}`), through the API, the command line and the explorer: the
+tokens are the chat template's, only the assistant's turns are scored, a query is a conversation ending with the answer,
+and a conversation rendered to text by the user is tokenized as written (one BOS). A tokenizer trained here, with a
+Llama-3-like template and a BOS its post-processor adds; a random float64 Llama."""
+import json, warnings
+import pandas as pd
+import pytest, torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+import influence_nb as inf
+import randdata
+from influence_nb.data import chat_pair, IGNORE_INDEX
+
+transformers.logging.set_verbosity_error()
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+FACTS = [('france', 'paris'), ('italy', 'rome'), ('spain', 'madrid'), ('japan', 'tokyo'), ('egypt', 'cairo'), ('peru', 'lima')]
+
+def conversation(country, city, system=True):
+    return ([{'role': 'system', 'content': 'answer briefly'}] if system else []) + [
+        {'role': 'user', 'content': f'what is the capital of {country}?'}, {'role': 'assistant', 'content': city}]
+
+@pytest.fixture(scope='module')
+def case(tmp_path_factory):
+    d = tmp_path_factory.mktemp('chat')
+    bpe = Tokenizer(models.BPE()); bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    words = [f'what is the capital of {c}? {t} answer briefly' for c, t in FACTS]
+    bpe.train_from_iterator(words * 4, trainers.BpeTrainer(vocab_size=200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                           special_tokens=['<|bos|>', '<|pad|>', '<|system|>', '<|user|>',
+                                                                           '<|assistant|>', '<|end|>']))
+    bpe.post_processor = processors.TemplateProcessing(single='<|bos|> $A', special_tokens=[('<|bos|>', bpe.token_to_id('<|bos|>'))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token='<|bos|>', eos_token='<|end|>', pad_token='<|pad|>')
+    tok.chat_template = TEMPLATE
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id)).double()
+    model.save_pretrained(d/'model'); tok.save_pretrained(d/'model')
+    convs = [conversation(c, t, system=i % 2 == 0) for i, (c, t) in enumerate(FACTS)]
+    (d/'train.jsonl').write_text(''.join(json.dumps({'id': f'c{i}', 'messages': m}) + '\n' for i, m in enumerate(convs)))
+    (d/'q.jsonl').write_text(json.dumps({'id': 'q1', 'messages': conversation('france', 'paris', system=False)}) + '\n')
+    return dict(dir=d, tok=tok, model=model, convs=convs)
+
+def api_scores(case, strategy='ekfac'):
+    tok, m = case['tok'], case['model']
+    train = inf.tokenize(tok, case['convs'])
+    f = inf.fit_factors(m, train, strategy, batch_size=8, progress=False)
+    q = inf.tokenize_pairs(tok, [chat_pair(tok, conversation('france', 'paris', system=False))])
+    return inf.pairwise_scores(m, f, q, train, progress=False).total[0]
+
+def test_only_the_assistant_turns_are_scored_and_scores_equal_autograd(case):
+    tok, m = case['tok'], case['model']
+    train = inf.tokenize(tok, case['convs'])
+    for s, conv in zip(train, case['convs']):
+        assert s['input_ids'].tolist() == tok.apply_chat_template(conv, tokenize=True)['input_ids']
+        assert tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == conv[-1]['content'] + '<|end|>\n'
+    q = inf.tokenize_pairs(tok, [chat_pair(tok, conversation('france', 'paris', system=False))])
+    assert tok.decode(q[0]['input_ids'][q[0]['labels'] != IGNORE_INDEX]) == 'paris'
+    assert q[0]['input_ids'].tolist() == tok.apply_chat_template(conversation('france', 'paris', False), tokenize=True)['input_ids'][:len(q[0]['input_ids'])]
+    ps = [p for n, p in m.named_parameters() if n in randdata.param_names(m, 'mlp')]
+    for p in ps: p.requires_grad_(True)
+    m.eval()
+    ref = (randdata.autograd_grads(m, ps, q) @ randdata.autograd_grads(m, ps, train).T)[0]
+    assert torch.allclose(api_scores(case, 'identity'), ref, rtol=1e-10, atol=0)
+
+def test_a_rendered_conversation_keeps_one_bos(case):
+    tok = case['tok']
+    rendered = [tok.apply_chat_template(c, tokenize=False) for c in case['convs']]
+    assert rendered[0].startswith('<|bos|>')
+    for s, c in zip(inf.tokenize(tok, rendered), case['convs']):
+        assert s['input_ids'].tolist() == tok.apply_chat_template(c, tokenize=True)['input_ids']
+
+def test_command_line_fit_score_scan_and_top_on_conversations(case):
+    d = case['dir']
+    rc, _, err = randdata.cli_run('fit-factors', '--model', d/'model', '--data', d/'train.jsonl', '--text-field', 'messages',
+                                  '--out', d/'f', '--batch-size', 8)
+    assert rc == 0, err
+    rc, _, err = randdata.cli_run('score', '--model', d/'model', '--factors', d/'f', '--queries', d/'q.jsonl',
+                                  '--data', d/'train.jsonl', '--text-field', 'messages', '--out', d/'s.parquet')
+    assert rc == 0, err
+    got = torch.tensor(pd.read_parquet(d/'s.parquet')['q1'].to_numpy())
+    assert torch.allclose(got, api_scores(case), rtol=1e-9, atol=0)
+    rc, _, err = randdata.cli_run('scan', '--model', d/'model', '--factors', d/'f', '--queries', d/'q.jsonl', '--corpus',
+                                  d/'train.jsonl', '--text-field', 'messages', '--k', 3, '--out', d/'r.parquet', '--quiet')
+    assert rc == 0, err
+    from influence_nb.search import ScanResult
+    r = ScanResult.load(d/'r.parquet')
+    assert r.indices[0].tolist() == torch.argsort(got, descending=True)[:3].tolist()
+    rc, out, err = randdata.cli_run('top', '--result', d/'r.parquet', '--corpus', d/'train.jsonl', '--text-field', 'messages')
+    assert rc == 0, err
+    top = int(r.indices[0, 0])
+    assert f"user: what is the capital of {FACTS[top][0]}?" in out, out
+
+def test_the_explorer_takes_conversations_and_token_id_queries(case):
+    from influence_nb.explorer import ExplorerSession, run_query
+    tok, m = case['tok'], case['model']
+    q = inf.tokenize_pairs(tok, [chat_pair(tok, conversation('france', 'paris', system=False))])[0]
+    queries = [{'id': 'chat', 'messages': conversation('france', 'paris', system=False)},
+               {'id': 'ids', 'input_ids': q['input_ids'].tolist(), 'labels': q['labels'].tolist()}]
+    s = ExplorerSession(model=m, tokenizer=tok, corpus=[{'messages': c} for c in case['convs']], text_field='messages',
+                        queries=queries, fit_sample=0, batch_size=8)
+    assert s.queries[0]['completion'] == 'paris' and s.queries[1]['completion'] == 'paris'
+    res = [run_query(s, s.custom, query_id=i, prefilter=False, k=3, strategy='identity') for i in ('chat', 'ids')]
+    assert torch.equal(torch.tensor(res[0].scores), torch.tensor(res[1].scores))
+    order = torch.argsort(torch.tensor(res[0].candidates))
+    assert torch.allclose(torch.tensor(res[0].scores)[order], api_scores(case, 'identity'), rtol=1e-9, atol=0)
+    assert res[0].top['text'].iloc[0].startswith(('system: answer briefly\nuser:', 'user:'))
+
+def test_a_byte_order_mark_opening_a_corpus_file_is_not_text(tmp_path):
+    from influence_nb.search import CorpusStream
+    docs = ['the otter swims', 'the heron waits']
+    (tmp_path/'c.txt').write_bytes(('\ufeff' + '\n'.join(docs) + '\n').encode('utf-8'))
+    (tmp_path/'c.jsonl').write_bytes(('\ufeff' + ''.join(json.dumps({'text': t}) + '\n' for t in docs)).encode('utf-8'))
+    for f in ('c.txt', 'c.jsonl'):
+        got = [it.raw if isinstance(it.raw, str) else it.raw['text'] for it in CorpusStream(tmp_path/f, 'text').items()]
+        assert got == docs, f
+        assert [r['text'] for r in inf.read_corpus(tmp_path/f)] == docs, f
+
+def test_the_explorer_names_a_record_with_nothing_to_score_by_its_line(case, tmp_path):
+    from influence_nb.explorer import ExplorerSession, run_query
+    recs = [{'id': 'a', 'text': 'the capital of france'}, {'id': 'b', 'text': ''}, {'id': 'c', 'text': 'tokyo'}]
+    (tmp_path/'c.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    s = ExplorerSession(model=case['model'], tokenizer=case['tok'], corpus=tmp_path/'c.jsonl', queries=[('the capital', ' of')])
+    with pytest.raises(ValueError, match=r"record 1, id 'b' \(c.jsonl, line 2\)"):
+        run_query(s, s.custom, query_id='q0', prefilter=False)
