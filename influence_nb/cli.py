@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 import torch
 import pandas as pd
-from .data import (cut_texts, is_conversation, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
+from .data import (cut_texts, corpus_lines, is_conversation, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, DTYPES)
@@ -236,9 +236,9 @@ def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False)
             raise ValueError(f"{flag} {p.name} has no column {text_field!r} or 'input_ids' (columns: {cols}); pass --text-field.")
         return
     with open(p, 'rb') as f:
-        first = next((raw for raw in f if raw.strip()), None)                # stops at the first record
+        first = next((raw for _, raw in corpus_lines(f) if raw.strip()), None)                # stops at the first record
     if first is None: raise ValueError(f"{flag} {p.name} holds no records (it is empty). Accepted formats: {CORPUS_FORMATS}.")
-    try: rec = json.loads(first.removeprefix(b'\xef\xbb\xbf')) if kind == 'jsonl' else None   # (a byte-order mark)
+    try: rec = json.loads(first) if kind == 'jsonl' else None
     except ValueError: return                                                 # a broken line: the scan names it
     if not skip_bad and isinstance(rec, dict) and field_value(rec, text_field) is None and 'input_ids' not in rec:   # a misspelt --text-field
         raise ValueError(f"{flag} {p.name}: the first record has no field {text_field!r} or 'input_ids' (fields: "

@@ -14,12 +14,12 @@ import torch
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir',
            'attended_span', 'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_int',
-           'check_max_length', 'field_value', 'TruncatedTextsWarning', 'encode_texts', 'cut_texts', 'is_conversation',
-           'shown_text', 'text_sequences', 'tokenize', 'special_prefix', 'tokenize_pairs', 'chat_sequence', 'chat_pair',
-           'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length',
-           'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'eager_kernels',
-           'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format', 'corpus_rows',
-           'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
+           'check_max_length', 'field_value', 'TruncatedTextsWarning', 'special_prefix', 'encode_texts', 'cut_texts',
+           'is_conversation', 'shown_text', 'text_sequences', 'tokenize', 'tokenize_pairs', 'chat_sequence',
+           'chat_pair', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
+           'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled',
+           'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format',
+           'corpus_lines', 'corpus_rows', 'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -228,25 +228,33 @@ def field_value(record:Mapping, # a corpus record (a JSON object, a Parquet or `
 class TruncatedTextsWarning(UserWarning):
     "Texts longer than `max_length` tokens were cut: only their first `max_length` tokens are scored."
 
-def _added_prefix(tokenizer) -> list[int]:
-    "The special token ids `tokenizer` puts before every text (its BOS, ...): `[]` if none."
-    full, bare = (list(tokenizer('a', add_special_tokens=s)['input_ids']) for s in (True, False))
-    return next((full[:lo] for lo in range(len(full) - len(bare) + 1) if full[lo:lo + len(bare)] == bare), [])
+def special_prefix(tokenizer, # a Hugging Face tokenizer
+                   text:str, # a text whose tokens are not all special
+                  ) -> list[int]:
+    "The special token ids `tokenizer` puts before `text` (e.g. `[bos]`), found by tokenizing it with and without them."
+    full = list(tokenizer(text)['input_ids'])
+    bare = list(tokenizer(text, add_special_tokens=False)['input_ids'])
+    for lo in range(len(full) - len(bare) + 1):
+        if full[lo:lo + len(bare)] == bare: return full[:lo]
+    raise ValueError(f"The tokenizer changes the tokens of {text!r} when it adds its special tokens, so the prompt's context "
+                     "cannot be separated from them; build the queries yourself: 'input_ids' = prompt + completion ids, "
+                     "'labels' = -100 on the prompt.")
 
 def encode_texts(tokenizer, # a Hugging Face tokenizer
                  texts:list[str], # the texts
                  max_length:int|None=None, # truncate to this many tokens (None: no limit)
                 ) -> list[list[int]]:
-    """Token ids of `texts`, with the special tokens the tokenizer adds; a text that already begins with them written out
-    (a chat template rendered to text: `<|begin_of_text|>...`) is tokenized as written, as `apply_chat_template` does,
-    so its BOS is not doubled."""
-    kw = dict(truncation=max_length is not None, max_length=max_length)
-    ids = list(tokenizer(texts, **kw)['input_ids'])
-    if not (pre := _added_prefix(tokenizer)): return ids
-    mark = tokenizer.decode(pre)
-    own = [j for j, t in enumerate(texts) if mark and t.startswith(mark)]
-    for j, x in zip(own, tokenizer([texts[j] for j in own], add_special_tokens=False, **kw)['input_ids'] if own else []):
-        if list(x[:len(pre)]) == pre: ids[j] = x
+    """Token ids of `texts`, with the special tokens the tokenizer adds; a text that already begins with the ones it puts
+    first, written out (a chat template rendered to text: `<|begin_of_text|>...`), keeps one copy of them, as
+    `apply_chat_template` gives: its BOS is not doubled."""
+    ids = [list(x) for x in tokenizer(texts, truncation=max_length is not None, max_length=max_length)['input_ids']]
+    try: pre = special_prefix(tokenizer, 'a')
+    except ValueError: return ids
+    mark, k = tokenizer.decode(pre) if pre else '', len(pre)
+    dup = [j for j, t in enumerate(texts) if mark and t.startswith(mark) and ids[j][:2 * k] == pre + pre]
+    if dup and max_length is not None:    # the second copy took a place within max_length: tokenized again with room for it
+        for j, x in zip(dup, tokenizer([texts[j] for j in dup], truncation=True, max_length=max_length + k)['input_ids']): ids[j] = list(x)
+    for j in dup: ids[j] = ids[j][k:]     # only the doubled prefix goes: what the tokenizer adds after the text stays
     return ids
 
 def cut_texts(tokenizer, # the tokenizer that made `ids`
@@ -351,18 +359,6 @@ def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=(), spe
 
 
 # %% ../nbs/00_data.ipynb #ad254458
-def special_prefix(tokenizer, # a Hugging Face tokenizer
-                   text:str, # a text whose tokens are not all special
-                  ) -> list[int]:
-    "The special token ids `tokenizer` puts before `text` (e.g. `[bos]`), found by tokenizing it with and without them."
-    full = list(tokenizer(text)['input_ids'])
-    bare = list(tokenizer(text, add_special_tokens=False)['input_ids'])
-    for lo in range(len(full) - len(bare) + 1):
-        if full[lo:lo + len(bare)] == bare: return full[:lo]
-    raise ValueError(f"The tokenizer changes the tokens of {text!r} when it adds its special tokens, so the prompt's context "
-                     "cannot be separated from them; build the queries yourself: 'input_ids' = prompt + completion ids, "
-                     "'labels' = -100 on the prompt.")
-
 def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
                    pairs:Sequence[tuple[str, str]], # (prompt, completion) pairs
                   ) -> list[dict]:
@@ -422,19 +418,26 @@ def _need_template(tokenizer, where:str):
                          "with: set `tokenizer.chat_template` to the template the model was fine-tuned with (or load the "
                          "tokenizer saved with it), or render the conversations to text yourself.")
 
+def _no_generation_prompt(where:str) -> str:
+    return (f"{where}: the chat template writes nothing for `add_generation_prompt=True`, so where the assistant's turn "
+            "begins (after its role header) cannot be told. Build the sequences yourself: records with 'input_ids' and "
+            "'labels' (-100 where nothing is scored); for a query, 'prompt' and 'completion'.")
+
 def chat_sequence(tokenizer, # a Hugging Face tokenizer with a chat template
                   messages, # a conversation (`is_conversation`)
                   where:str='conversation', # names it in errors
                  ) -> dict:
     """A training sequence from a conversation: its tokens as the chat template renders them; the assistant's turns are
-    scored (their text and the template's end-of-turn tokens), the rest is context, as in supervised fine-tuning."""
+    scored (their text and the template's end-of-turn tokens), the rest is context, as in supervised fine-tuning (an
+    opening assistant message, which answers nothing, too)."""
     _need_template(tokenizer, where)
     messages = [dict(m) for m in messages]
     ids = _chat_ids(tokenizer, messages)
     labels = [IGNORE_INDEX] * len(ids)
     for i, m in enumerate(messages):
-        if m['role'] != 'assistant': continue
-        head = _chat_ids(tokenizer, messages[:i], add_generation_prompt=True) if i else []
+        if m['role'] != 'assistant' or i == 0: continue    # an opening assistant message answers nothing: context
+        head = _chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        if head == _chat_ids(tokenizer, messages[:i]): raise ValueError(_no_generation_prompt(where))
         upto = _chat_ids(tokenizer, messages[:i + 1])
         if ids[:len(head)] != head or ids[:len(upto)] != upto:
             raise ValueError(f"{where}: the chat template does not render the conversation up to message {i} as the start of "
@@ -442,13 +445,13 @@ def chat_sequence(tokenizer, # a Hugging Face tokenizer with a chat template
                              "record with 'input_ids' and 'labels' (-100 where nothing is scored).")
         labels[len(head):len(upto)] = ids[len(head):len(upto)]
     if all(t == IGNORE_INDEX for t in labels):
-        raise ValueError(f"{where} has no assistant message: nothing in it is scored (the assistant's turns are what "
-                         "fine-tuning trains on).")
+        raise ValueError(f"{where} has no assistant message after another message: nothing in it is scored (the assistant's "
+                         "replies are what fine-tuning trains on).")
     return {'input_ids': ids, 'labels': labels}
 
 # %% ../nbs/00_data.ipynb #7204370b
 def _strip_end(text:str, ends:list[str]) -> str:
-    "`text` without the trailing whitespace and special tokens (`ends`, longest first) a chat template writes after an answer."
+    "`text` without the special tokens (`ends`, longest first) and whitespace a chat template writes after an answer."
     while True:
         out = text.rstrip()
         out = next((out[:-len(t)] for t in ends if out.endswith(t)), out)
@@ -470,10 +473,12 @@ def chat_pair(tokenizer, # a Hugging Face tokenizer with a chat template
                          "assistant's answer, the completion measured.")
     render = lambda ms, **kw: tokenizer.apply_chat_template(ms, tokenize=False, **kw)
     prompt, full = render(messages[:-1], add_generation_prompt=True), render(messages)
+    if prompt == render(messages[:-1]): raise ValueError(_no_generation_prompt(where))
     if not full.startswith(prompt):
         raise ValueError(f"{where}: the chat template does not render the conversation before the answer as the start of the "
                          "whole, so the answer cannot be told apart: pass 'prompt' and 'completion' yourself.")
-    ends = sorted({t for t in [*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()] if t}, key=len, reverse=True)
+    special = [t.content for t in getattr(tokenizer, 'added_tokens_decoder', {}).values() if getattr(t, 'special', False)]
+    ends = sorted({t for t in [*tokenizer.all_special_tokens, *special] if t}, key=len, reverse=True)   # not tool tags: special only
     completion = _strip_end(full[len(prompt):], ends)
     if not completion.strip(): raise ValueError(f"{where}: the assistant's answer is empty: there is nothing to measure.")
     return prompt, completion
@@ -791,6 +796,10 @@ def corpus_format(path) -> str:
     raise ValueError(f"{p.name}: unknown corpus format {p.suffix or '(no suffix)'!r}. Accepted formats: {CORPUS_FORMATS}.")
 
 # %% ../nbs/00_data.ipynb #f82bf6ff
+def corpus_lines(f) -> Iterator[tuple[int, bytes]]:
+    "`(line number, bytes)` of each line of binary file `f`, blank ones too; a byte-order mark opening the file is not text."
+    for n, raw in enumerate(f, 1): yield n, raw.removeprefix(b'\xef\xbb\xbf') if n == 1 else raw
+
 def corpus_rows(p, # a corpus file
                 kind:str, # its format: `corpus_format(p)`
                ):
@@ -802,9 +811,9 @@ def corpus_rows(p, # a corpus file
         for n, r in enumerate(df.to_dict('records')): yield f'row {n}', r
         return
     with open(p, 'rb') as f:
-        for n, raw in enumerate(f, 1):
+        for n, raw in corpus_lines(f):
             if not raw.strip(): continue
-            try: line = raw.decode('utf-8-sig' if n == 1 else 'utf-8')   # a byte-order mark opening the file is not text
+            try: line = raw.decode('utf-8')
             except UnicodeDecodeError as e: yield f'line {n}', ValueError(f"not UTF-8 text ({e})"); continue
             if kind == 'text': yield f'line {n}', {'text': line.rstrip('\r\n')}; continue
             try: yield f'line {n}', json.loads(line)

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from fastcore.basics import patch
 from . import artefact
 from .data import check_sequences, require_scored, grad_enabled, n_scored, trained_weights
-from .modules import TrackedLayer, find_modules, check_model
+from .modules import TrackedLayer, find_modules, check_model, adapter_state
 from .theory import check_damping   # the one damping rule: None, or a positive finite float
 from .kfac import (dist_info, fit_covariances, eigen, layer_passes, precondition_eigen, all_reduce_sum, check_fisher,
                                fisher_sample, resolve_factor_dtype)
@@ -152,7 +152,9 @@ def model_digest(model) -> dict:
         for n, p in model.named_parameters():      # tied weights appear once
             h = hashlib.sha256(f'{n}:{tuple(p.shape)};'.encode()); h.update(_values(p, SAMPLE_OTHER))
             params[n] = h.hexdigest()[:16]
-    return {'config': config, 'params': params}
+    out = {'config': config, 'params': params}
+    if state := adapter_state(model): out['adapters'] = state   # which peft adapters run: the same weights, another model
+    return out
 
 def model_changes(bound:dict, model) -> list[str]:
     "How `model` differs from the digest `bound` (changed, missing or new parameters; config fields); [] if it does not."
@@ -162,6 +164,9 @@ def model_changes(bound:dict, model) -> list[str]:
     out += [f'{n} (missing now)' for n in a if n not in b] + [f'{n} (new)' for n in b if n not in a]
     ca, cb = bound.get('config', {}), now['config']
     out += [f'config.{k}' for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
+    aa, ab = bound.get('adapters', {}), now.get('adapters', {})
+    out += [f'the adapters running in {n} ({aa.get(n, [])} when fitted, {ab.get(n, [])} now)' for n in sorted(set(aa) | set(ab))
+            if aa.get(n, []) != ab.get(n, [])][:3]
     return out
 
 # %% ../nbs/05_ekfac.ipynb #c38d255c

@@ -30,7 +30,7 @@ from . import viz
 import json
 import os
 from collections.abc import Mapping
-from .data import (cut_texts, n_scored, is_conversation, shown_text, chat_pair, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
+from .data import (cut_texts, corpus_lines, n_scored, is_conversation, shown_text, chat_pair, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
                                resolve_device, resolve_dtype)
 from .corpus import load_corpus, load_queries
@@ -72,7 +72,7 @@ def record_where(path, # a corpus file
     "Where record `j` of a corpus file is: 'row j' of a Parquet file, else its line (blank lines hold no record)."
     if Path(path).suffix.lower() == '.parquet': return f'row {j}'
     with open(path, 'rb') as f:
-        for n, raw in enumerate(f, 1):
+        for n, raw in corpus_lines(f):
             if raw.strip():
                 if j == 0: return f'line {n}'
                 j -= 1
@@ -119,8 +119,9 @@ def _query_fields(where:str, q:Mapping, tokenizer) -> dict:
         return dict(zip(('prompt', 'completion'), chat_pair(tokenizer, q['messages'], where))) if tokenizer is not None else {}
     try: s = as_sequence({k: q[k] for k in ('input_ids', 'labels', 'attention_mask') if k in q}, 0, 'record')
     except (ValueError, TypeError) as e: raise type(e)(f"{where}: {str(e).replace('record[0]', 'the record')}") from None
+    if n_scored(s) == 0: raise ValueError(f"{where}: its labels score no token: label the completion's tokens (-100 on the prompt).")
     ids, scored = s['input_ids'].tolist(), (s['labels'] != -100).nonzero()
-    cut = int(scored[0]) if len(scored) else len(ids)                  # the completion: from the first scored token
+    cut = int(scored[0])                                              # the completion: from the first scored token
     text = lambda x: tokenizer.decode(x) if tokenizer is not None else ' '.join(map(str, x))
     return {'prompt': text(ids[:cut]), 'completion': text(ids[cut:]), 'input_ids': ids, 'labels': s['labels'].tolist()}
 

@@ -12,9 +12,9 @@ from .data import eval_mode
 
 # %% auto #0
 __all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'experts_layout', 'is_experts', 'expert_params', 'n_experts',
-           'expert_weights', 'expert_transposed', 'TrackedLayer', 'adapter_parts', 'candidate_modules', 'blocks',
-           'block_coverage', 'check_not_reused', 'check_unshared', 'check_model', 'check_causal', 'find_modules',
-           'tiny_model', 'layer_param_names', 'Capture', 'experts_forward', 'capture']
+           'expert_weights', 'expert_transposed', 'TrackedLayer', 'adapter_parts', 'adapter_state', 'candidate_modules',
+           'blocks', 'block_coverage', 'check_not_reused', 'check_unshared', 'check_model', 'check_causal',
+           'find_modules', 'tiny_model', 'layer_param_names', 'Capture', 'experts_forward', 'capture']
 
 # %% ../nbs/03_modules.ipynb #8ec08ef3
 MLP_LEAVES = {   # how `modules="mlp"` recognises a block's feed-forward weights, whatever the architecture
@@ -169,16 +169,31 @@ def _live(t:nn.Module) -> list[str]:
 
 def _adds(t:nn.Module, live:list[str]) -> bool:
     "Does tuner layer `t` return its base layer's output plus an adapter's (plain LoRA), so the base weight's gradient is the merged weight's?"
-    lora = isinstance(getattr(t, 'lora_A', None), nn.ModuleDict)
-    return not live or (lora and not any(a in getattr(t, 'lora_variant', {}) for a in live))
+    lora, dora = isinstance(getattr(t, 'lora_A', None), nn.ModuleDict), getattr(t, 'use_dora', None) or {}   # (peft < 0.15: no variants)
+    return not live or (lora and not any(a in getattr(t, 'lora_variant', {}) or dora.get(a) for a in live))
+
+def _unused(model:nn.Module) -> list[str]:
+    "Modules peft keeps beside the one that runs (`modules_to_save`: the original, or an inactive adapter's copy): never called."
+    out = []
+    for n, w in model.named_modules():
+        if not (isinstance(getattr(w, 'original_module', None), nn.Module) and isinstance(getattr(w, 'modules_to_save', None), nn.ModuleDict)):
+            continue
+        act = [w.active_adapters] if isinstance(w.active_adapters, str) else list(w.active_adapters)
+        off = getattr(w, 'disable_adapters', False) or not act or any(a not in w.modules_to_save for a in act)
+        run = f'{n}.original_module' if off else f'{n}.modules_to_save.{act[0]}'
+        out += [x for x in [f'{n}.original_module', *(f'{n}.modules_to_save.{a}' for a in w.modules_to_save)] if x != run]
+    return out
 
 def adapter_parts(model:nn.Module) -> dict:
     """What peft adapters add to `model`, as layer names: `matrices` (every LoRA A and B), of which `lora` run in the
     forward and `idle` do not; `scaled` (the base layers and LoRA matrices of adapters that do more than add to the base
-    layer's output: DoRA, IA³, ...); `other` (adapter tensors that are not Linear layers: LoRA embeddings, DoRA magnitudes)."""
-    out = {'matrices': [], 'lora': [], 'idle': [], 'scaled': [], 'other': []}
+    layer's output: DoRA, IA³, ...); `unsupported` (adapters on weights that are not Linear layers: peft's
+    `target_parameters` on MoE experts); `other` (adapter tensors that are not Linear layers: LoRA embeddings, DoRA
+    magnitudes); `unused` (what `modules_to_save` keeps beside the copy that runs)."""
+    out = {'matrices': [], 'lora': [], 'idle': [], 'scaled': [], 'unsupported': [], 'other': [], 'unused': _unused(model)}
     for n, t in _tuners(model).items():
         live = _live(t); adds = _adds(t, live)
+        if not is_trackable(t.base_layer): out['unsupported'].append(n); continue
         if not adds: out['scaled'].append(f'{n}.base_layer')
         for attr in dict.fromkeys(t.adapter_layer_names):   # (peft lists DoRA's magnitudes twice)
             for a, m in (getattr(t, attr, None) or {}).items():
@@ -188,19 +203,31 @@ def adapter_parts(model:nn.Module) -> dict:
                 elif a in live: out['other'].append(name)
     return out
 
-def _adapter_param(rel:str, tuners:set[str]) -> bool:
-    "Is the parameter at `rel` an adapter's (inside a tuner layer, outside its base layer)?"
+def adapter_state(model:nn.Module) -> dict[str, list[str]]:
+    "Which peft adapters run where (`{tuner layer: live adapters}`, and the `modules_to_save` copy that runs): `{}` without peft."
+    out = {n: sorted(_live(t)) for n, t in _tuners(model).items()}
+    unused = set(_unused(model))
+    for n, w in model.named_modules():
+        if isinstance(getattr(w, 'original_module', None), nn.Module) and isinstance(getattr(w, 'modules_to_save', None), nn.ModuleDict):
+            out[n] = [x.rsplit('.', 1)[1] for x in (f'{n}.original_module', *(f'{n}.modules_to_save.{a}' for a in w.modules_to_save))
+                      if x not in unused]
+    return out
+
+def _under(name:str, prefixes) -> bool: return any(name == p or name.startswith(p + '.') for p in prefixes)
+
+def _adapter_param(rel:str, tuners:set[str], unused=()) -> bool:
+    "Is the parameter at `rel` an adapter's (inside a tuner layer, outside its base layer), or in a module that never runs?"
     mod = rel.rpartition('.')[0]
-    return any(mod.startswith(t + '.') and not (mod + '.').startswith(t + '.base_layer.') for t in tuners)
+    return _under(mod, unused) or any(mod.startswith(t + '.') and not (mod + '.').startswith(t + '.base_layer.') for t in tuners)
 
 # %% ../nbs/03_modules.ipynb #5d2d572d
 def _candidates(model:nn.Module) -> dict[str, TrackedLayer]:
     "Every trackable layer (and every expert's slice of an experts module) except the LM head, in model order."
     head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
-    out, inside = {}, None   # inside: the head's name, when a peft adapter wraps it (its base layer and LoRA are the head too)
+    out, inside, unused = {}, None, _unused(model)   # inside: the head's name, when a peft adapter wraps it (its base layer and LoRA are the head too)
     for n, m in model.named_modules():
         if m is head: inside = n
-        if inside is not None and (n == inside or n.startswith(inside + '.')): continue
+        if (inside is not None and _under(n, [inside])) or _under(n, unused): continue
         if is_experts(m): out.update({layer.name: layer for layer in _expert_layers(n, m)})
         elif is_trackable(m): out[n] = _tracked(n, m)
     return out
@@ -242,11 +269,11 @@ def _kind(rel:str) -> str: return re.sub(r'\[\d+\]$', '[*]', rel)   # every expe
 # %% ../nbs/03_modules.ipynb #ac544bba
 def _ffn_weights(block:nn.Module) -> list[str]:
     "Relative names of a block's feed-forward weight tensors (≥ 2-D, not biases, not routers): what 'mlp' must cover."
-    experts, classed, tuners = [n for n, m in block.named_modules() if is_experts(m)], _classed(block), set(_tuners(block))
+    experts, classed, tuners, unused = [n for n, m in block.named_modules() if is_experts(m)], _classed(block), set(_tuners(block)), _unused(block)
     out = []
     for n, p in block.named_parameters():
         mod, _, leaf = n.rpartition('.')
-        if p.dim() < 2 or 'bias' in leaf or _adapter_param(n, tuners): continue   # LoRA's A, B: the base layer covers the sum
+        if p.dim() < 2 or 'bias' in leaf or _adapter_param(n, tuners, unused): continue   # LoRA's A, B: the base layer covers the sum
         if any(mod == x or mod.startswith(x + '.') for x in experts) or _is_ffn(mod, classed=classed): out.append(n)
     return out
 
@@ -340,16 +367,16 @@ def _warn_left_out(model, names, what='`modules`'):
                       f"GPT-2 Conv1D or experts it can split; kind: block numbers): {say(cannot)}.", stacklevel=3)
 
 # %% ../nbs/03_modules.ipynb #cdb6118b
-def _keyword_names(model:nn.Module, modules:str, cands:dict, warn:bool=True) -> list[str]|None:
+def _keyword_names(model:nn.Module, modules:str, cands:dict, warn:bool=True, parts:dict|None=None) -> list[str]|None:
     "The layer names `modules='mlp'|'all'|'lora'` selects from `cands` (None for another string); adapters only under 'lora'."
-    parts = adapter_parts(model)
+    parts = parts or adapter_parts(model)
     plain = {n: layer for n, layer in cands.items() if n not in set(parts['matrices'])}
     if modules == 'mlp': return _mlp_names(model, plain)
     if modules == 'all':
         if warn: _warn_left_out(model, list(plain), "modules='all'")   # feed-forward weights no trackable layer covers
         return list(plain)
     if modules != 'lora': return None
-    if parts['scaled']: raise ValueError(_scaled_msg(parts['scaled']))
+    if parts['scaled'] or parts['unsupported']: _refuse_adapters(parts, parts['scaled'] + parts['unsupported'])
     if not parts['lora']:
         idle = f" Its adapters {sorted({n.rsplit('.', 1)[1] for n in parts['idle']})} do not run (not active, disabled or " \
                "merged): activate one with `model.set_adapter(name)`." if parts['idle'] else ''
@@ -363,11 +390,19 @@ def _keyword_names(model:nn.Module, modules:str, cands:dict, warn:bool=True) -> 
                       "is vocabulary × vocabulary).", stacklevel=3)
     return [n for n in cands if n in set(parts['lora'])]
 
-def _scaled_msg(names:list[str]) -> str:
-    return (f"{names[0]}{f' (and {len(names) - 1} more)' if len(names) > 1 else ''} belongs to a peft adapter that does "
-            "more than add a low-rank product to its base layer's output (DoRA, IA³, ...): the base weight's gradient is not "
-            "the layer's, and DoRA runs its LoRA matrices twice per forward. Merge the adapter into the model first "
-            "(`model = model.merge_and_unload()`) and track the merged weights (modules='mlp').")
+def _refuse_adapters(parts:dict, names:list[str]):
+    "Raise if `names` holds layers of adapters influence_nb cannot track as they run, saying why and what to do instead."
+    merge = "Merge the adapter into the model first (`model = model.merge_and_unload()`) and track the merged weights (modules='mlp')."
+    if bad := [n for n in names if _under(n, parts['unsupported'])]:
+        raise ValueError(f"{bad[0]} belongs to a peft adapter on weights that are not Linear layers (`target_parameters`, "
+                         f"e.g. MoE experts), which influence_nb cannot hook. {merge}")
+    if bad := [n for n in names if n in parts['scaled']]:
+        raise ValueError(f"{bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} belongs to a peft adapter that "
+                         "does more than add a low-rank product to its base layer's output (DoRA, IA³, ...): the base weight's "
+                         f"gradient is not the layer's, and DoRA runs its LoRA matrices twice per forward. {merge}")
+    if bad := [n for n in names if n in parts['idle']]:
+        raise ValueError(f"{bad[0]} belongs to an adapter that does not run (not active, disabled or merged): activate it "
+                         "with `model.set_adapter(name)`, or leave it out of `modules`.")
 
 # %% ../nbs/03_modules.ipynb #a6a4b4a1
 def check_not_reused(model:nn.Module, layers):
@@ -444,8 +479,9 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
     if not cands:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layers to track; "
                          "influence_nb supports models built from Linear/Conv1D layers.")
+    parts = adapter_parts(model)
     if isinstance(modules, str):
-        names = _keyword_names(model, modules, cands, warn)
+        names = _keyword_names(model, modules, cands, warn, parts)
         if names is None and modules in cands: names = [modules]
         elif names is None: raise ValueError(f"Unknown `modules`={modules!r}: use 'mlp', 'all', 'lora' (a peft model's LoRA "
                                              f"matrices), or a list of names from {list(cands)}.")
@@ -465,7 +501,7 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
         names = sorted(names, key=order.get)
         if warn: _warn_left_out(model, names)
     if not names: raise ValueError(f"modules={modules!r} selected no layer of {type(model).__name__}; candidates: {list(cands)}")
-    if scaled := [n for n in names if n in adapter_parts(model)['scaled']]: raise ValueError(_scaled_msg(scaled))
+    _refuse_adapters(parts, names)
     out = [cands[n] for n in names]
     check_not_reused(model, out); check_unshared(model, out)   # (`capture` also refuses a second call at run time)
     return out

@@ -93,7 +93,7 @@ def _jsonl(self: CorpusStream, start, offset, line):
         f.seek(offset)
         for raw in f:
             offset += len(raw); line += 1
-            if line == 1 and raw.startswith(b'\xef\xbb\xbf'): raw = raw[3:]   # a byte-order mark opening the file is not text
+            if line == 1: raw = raw.removeprefix(b'\xef\xbb\xbf')   # a byte-order mark opening the file is not text (`corpus_lines`)
             if not raw.strip(): continue
             if self.kind == 'text':     # plain text: the line is the document
                 try: rec = raw.decode('utf-8').rstrip('\r\n')

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import influence_nb as inf
 import randdata
-from influence_nb.data import chat_pair, IGNORE_INDEX
+from influence_nb.data import chat_pair, shown_text, IGNORE_INDEX
 
 transformers.logging.set_verbosity_error()
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -107,17 +107,23 @@ def test_the_explorer_takes_conversations_and_token_id_queries(case):
     assert torch.equal(torch.tensor(res[0].scores), torch.tensor(res[1].scores))
     order = torch.argsort(torch.tensor(res[0].candidates))
     assert torch.allclose(torch.tensor(res[0].scores)[order], api_scores(case, 'identity'), rtol=1e-9, atol=0)
-    assert res[0].top['text'].iloc[0].startswith(('system: answer briefly\nuser:', 'user:'))
+    for _, row in res[0].top.iterrows():                                        # shown as 'role: content' lines
+        assert row['text'] == shown_text(case['convs'][row['train_index']]) and row['text'].count('\n') >= 1
+    with pytest.raises(ValueError, match="its labels score no token"):
+        ExplorerSession(model=m, tokenizer=tok, corpus=['a b'], queries=[{'input_ids': [1, 2, 3], 'labels': [-100] * 3}])
 
 def test_a_byte_order_mark_opening_a_corpus_file_is_not_text(tmp_path):
     from influence_nb.search import CorpusStream
     docs = ['the otter swims', 'the heron waits']
     (tmp_path/'c.txt').write_bytes(('\ufeff' + '\n'.join(docs) + '\n').encode('utf-8'))
     (tmp_path/'c.jsonl').write_bytes(('\ufeff' + ''.join(json.dumps({'text': t}) + '\n' for t in docs)).encode('utf-8'))
-    for f in ('c.txt', 'c.jsonl'):
+    (tmp_path/'blank.txt').write_bytes(('\ufeff\n' + '\n'.join(docs) + '\n').encode('utf-8'))   # a mark on a line of its own
+    from influence_nb.explorer import record_where
+    for f in ('c.txt', 'c.jsonl', 'blank.txt'):
         got = [it.raw if isinstance(it.raw, str) else it.raw['text'] for it in CorpusStream(tmp_path/f, 'text').items()]
         assert got == docs, f
         assert [r['text'] for r in inf.read_corpus(tmp_path/f)] == docs, f
+    assert record_where(tmp_path/'blank.txt', 0) == 'line 2' and record_where(tmp_path/'c.txt', 0) == 'line 1'
 
 def test_the_explorer_names_a_record_with_nothing_to_score_by_its_line(case, tmp_path):
     from influence_nb.explorer import ExplorerSession, run_query
@@ -126,3 +132,35 @@ def test_the_explorer_names_a_record_with_nothing_to_score_by_its_line(case, tmp
     s = ExplorerSession(model=case['model'], tokenizer=case['tok'], corpus=tmp_path/'c.jsonl', queries=[('the capital', ' of')])
     with pytest.raises(ValueError, match=r"record 1, id 'b' \(c.jsonl, line 2\)"):
         run_query(s, s.custom, query_id='q0', prefilter=False)
+
+def test_an_opening_assistant_message_is_context_and_a_template_without_a_generation_prompt_is_refused(case):
+    tok = case['tok']
+    conv = [{'role': 'assistant', 'content': 'hello'}] + conversation('spain', 'madrid', system=False)
+    s = inf.tokenize(tok, [conv])[0]
+    assert tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == 'madrid<|end|>\n'
+    bare = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token='<|bos|>', eos_token='<|end|>')
+    bare.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    for call in (lambda: inf.tokenize(bare, [conversation('spain', 'madrid')]), lambda: chat_pair(bare, conversation('spain', 'madrid'))):
+        with pytest.raises(ValueError, match='writes nothing for `add_generation_prompt=True`'): call()
+
+def test_a_written_bos_keeps_the_end_tokens_and_counts_as_cut(case):
+    tok = case['tok']
+    be = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()), bos_token='<|bos|>',
+                                 eos_token='<|end|>')
+    bos, eos = be.bos_token_id, be.eos_token_id
+    be.backend_tokenizer.post_processor = processors.TemplateProcessing(single='<|bos|> $A <|end|>',
+                                                                       special_tokens=[('<|bos|>', bos), ('<|end|>', eos)])
+    plain, written = inf.tokenize(be, ['paris', '<|bos|>paris'], max_length=None)
+    assert plain['input_ids'].tolist() == written['input_ids'].tolist() and written['input_ids'].tolist()[0] == bos
+    assert written['input_ids'].tolist()[-1] == eos and written['input_ids'].tolist().count(bos) == 1
+    n = len(plain['input_ids']) - 1
+    with pytest.warns(inf.data.TruncatedTextsWarning, match='2 of 2 texts'):
+        cut = inf.tokenize(be, ['paris', '<|bos|>paris'], max_length=n)
+    assert cut[0]['input_ids'].tolist() == cut[1]['input_ids'].tolist() and len(cut[1]['input_ids']) == n
+
+def test_the_answer_keeps_added_tokens_that_are_not_special(case):
+    tok = case['tok']
+    t2 = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()), bos_token='<|bos|>',
+                                 eos_token='<|end|>', pad_token='<|pad|>')
+    t2.add_tokens(['</tool>']); t2.chat_template = TEMPLATE
+    assert chat_pair(t2, conversation('peru', 'lima</tool>'))[1] == 'lima</tool>'

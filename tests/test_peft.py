@@ -178,3 +178,40 @@ def test_the_explorer_tracks_the_layers_asked_for_or_the_factors_own(tmp_path, m
                                     '--queries', tmp_path/'q.jsonl', '--modules', 'lora', '--fit-sample', 0, '--no-serve')
     assert rc == 0, err
     assert 'query q1' in out
+
+def test_modules_to_save_track_the_copy_that_runs():
+    torch.manual_seed(0)
+    m = get_peft_model(tiny_model('llama', layers=2).double(), LoraConfig(r=2, target_modules=['up_proj'],
+                       modules_to_save=['down_proj'], init_lora_weights=False)).eval()
+    with torch.no_grad():                       # the saved copy differs from the original, as after fine-tuning
+        for w in m.base_model.model.model.layers: w.mlp.down_proj.modules_to_save['default'].weight.mul_(1.3)
+    names = [layer.name for layer in find_modules(m, 'mlp')]
+    assert 'base_model.model.model.layers.0.mlp.down_proj.modules_to_save.default' in names
+    assert not any('original_module' in n for n in names + [layer.name for layer in find_modules(m, 'all')])
+    merged = copy.deepcopy(m).merge_and_unload()
+    train, queries = data()
+    kw = dict(strategy='ekfac', fisher='empirical', progress=False)
+    sa = inf.pairwise_scores(m, inf.fit_factors(m, train, **kw), queries, train, progress=False).total
+    sb = inf.pairwise_scores(merged, inf.fit_factors(merged, train, **kw), queries, train, progress=False).total
+    assert float((sa - sb).abs().max()) <= 1e-8 * float(sb.abs().max())
+
+def test_adapters_on_parameters_and_older_dora_are_refused():
+    torch.manual_seed(0)
+    pm = get_peft_model(tiny_model('mixtral', layers=1).double(), LoraConfig(r=2, target_modules=[],
+                        target_parameters=['mlp.experts.gate_up_proj']))
+    for modules in ('mlp', 'all', 'lora'):
+        with pytest.raises(ValueError, match=r"not Linear layers \(`target_parameters`.*merge_and_unload"): find_modules(pm, modules)
+    m = lora_model(layers=1, dora=True)           # peft < 0.15 marks DoRA in `use_dora` only, without `lora_variant`
+    for t in m.modules():
+        if hasattr(t, 'lora_variant'): t.lora_variant.clear(); t.use_dora = {'default': True}
+    with pytest.raises(ValueError, match='does more than add'): find_modules(m, 'mlp')
+
+def test_factors_are_bound_to_which_adapters_run_and_idle_ones_are_refused():
+    m = lora_model(layers=1)
+    train, queries = data()
+    with m.disable_adapter(): f = inf.fit_factors(m, train, 'ekfac', modules='mlp', progress=False)
+    with pytest.raises(ValueError, match=r"the adapters running in .*\(\[\] when fitted, \['default'\] now\)"):
+        inf.pairwise_scores(m, f, queries, train, progress=False)
+    m.add_adapter('other', LoraConfig(r=2, target_modules=['up_proj'], init_lora_weights=False))
+    idle = 'base_model.model.model.layers.0.mlp.up_proj.lora_A.other'
+    with pytest.raises(ValueError, match=r"does not run .*set_adapter"): find_modules(m, [idle])
