@@ -15,11 +15,12 @@ import torch
 __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir',
            'attended_span', 'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_int',
            'check_max_length', 'field_value', 'TruncatedTextsWarning', 'special_prefix', 'encode_texts', 'cut_texts',
-           'is_conversation', 'shown_text', 'text_sequences', 'tokenize', 'tokenize_pairs', 'chat_sequence',
-           'chat_pair', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
-           'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled',
-           'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format',
-           'corpus_lines', 'corpus_rows', 'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
+           'is_conversation', 'shown_text', 'text_sequences', 'tokenize', 'tokenize_pairs', 'assistant_spans',
+           'chat_sequence', 'chat_query', 'chat_pair', 'collate', 'batches', 'model_context', 'model_vocab',
+           'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype',
+           'load_model', 'load_bundled', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits',
+           'completion_logprobs', 'corpus_format', 'corpus_lines', 'corpus_rows', 'read_corpus', 'corpus_sequences',
+           'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -408,8 +409,12 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
     return seqs
 
 # %% ../nbs/00_data.ipynb #9a32a403
-def _chat_ids(tokenizer, messages, **kw) -> list[int]:
-    out = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=True, **kw)
+def _chat_ids(tokenizer, messages, where:str='conversation', **kw) -> list[int]:
+    "The tokens `apply_chat_template` gives `messages`; a conversation the template refuses is a ValueError naming `where`."
+    try: out = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=True, **kw)
+    except Exception as e:
+        if not (isinstance(e, (TypeError, ValueError, KeyError)) or type(e).__module__.startswith('jinja2')): raise
+        raise ValueError(f"{where}: the chat template refuses this conversation ({type(e).__name__}: {e}).") from None
     return list(out['input_ids'] if isinstance(out, Mapping) else out)
 
 def _need_template(tokenizer, where:str):
@@ -423,65 +428,77 @@ def _no_generation_prompt(where:str) -> str:
             "begins (after its role header) cannot be told. Build the sequences yourself: records with 'input_ids' and "
             "'labels' (-100 where nothing is scored); for a query, 'prompt' and 'completion'.")
 
+def _common(a:list, b:list) -> int:
+    "The length of the longest common prefix of `a` and `b`."
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+# %% ../nbs/00_data.ipynb #0ab677fa
+def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template
+                    messages, # a conversation (`is_conversation`)
+                    where:str='conversation', # names it in errors
+                   ) -> tuple[list[int], list[tuple[int, int]]]:
+    """The conversation's tokens as the chat template renders them, and the `[lo, hi)` tokens of each assistant reply:
+    from the end of the conversation rendered up to the reply's generation prompt to the end of the conversation rendered
+    up to the reply. A generation prompt's trailing space may merge into the reply's first token ('Assistant: ' + 'Paris'),
+    and what the template writes only after the last message (an end-of-text token) is not the reply's."""
+    _need_template(tokenizer, where)
+    messages = [dict(m) for m in messages]
+    ids, spans = _chat_ids(tokenizer, messages, where), []
+    for i, m in enumerate(messages):
+        if m['role'] != 'assistant' or i == 0: continue    # an opening assistant message answers nothing: context
+        head = _chat_ids(tokenizer, messages[:i], where, add_generation_prompt=True)
+        if head == _chat_ids(tokenizer, messages[:i], where): raise ValueError(_no_generation_prompt(where))
+        upto = _chat_ids(tokenizer, messages[:i + 1], where)
+        lo, hi = _common(head, ids), _common(upto, ids)
+        if tokenizer.decode(head[lo:]).strip() or tokenizer.decode(upto[hi:], skip_special_tokens=True).strip() or hi <= lo:
+            raise ValueError(f"{where}: the chat template does not render the conversation up to message {i} as the start of "
+                             "the whole, so the assistant's tokens cannot be told apart. Build the sequence yourself: a "
+                             "record with 'input_ids' and 'labels' (-100 where nothing is scored).")
+        spans.append((lo, hi))
+    return ids, spans
+
 def chat_sequence(tokenizer, # a Hugging Face tokenizer with a chat template
                   messages, # a conversation (`is_conversation`)
                   where:str='conversation', # names it in errors
                  ) -> dict:
-    """A training sequence from a conversation: its tokens as the chat template renders them; the assistant's turns are
-    scored (their text and the template's end-of-turn tokens), the rest is context, as in supervised fine-tuning (an
-    opening assistant message, which answers nothing, too)."""
-    _need_template(tokenizer, where)
-    messages = [dict(m) for m in messages]
-    ids = _chat_ids(tokenizer, messages)
+    """A training sequence from a conversation: its tokens as the chat template renders them; the assistant's replies are
+    scored (their text and the template's end-of-turn tokens, `assistant_spans`), the rest is context, as in supervised
+    fine-tuning (an opening assistant message, which answers nothing, too)."""
+    ids, spans = assistant_spans(tokenizer, messages, where)
     labels = [IGNORE_INDEX] * len(ids)
-    for i, m in enumerate(messages):
-        if m['role'] != 'assistant' or i == 0: continue    # an opening assistant message answers nothing: context
-        head = _chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
-        if head == _chat_ids(tokenizer, messages[:i]): raise ValueError(_no_generation_prompt(where))
-        upto = _chat_ids(tokenizer, messages[:i + 1])
-        if ids[:len(head)] != head or ids[:len(upto)] != upto:
-            raise ValueError(f"{where}: the chat template does not render the conversation up to message {i} as the start of "
-                             "the whole, so the assistant's tokens cannot be told apart. Build the sequence yourself: a "
-                             "record with 'input_ids' and 'labels' (-100 where nothing is scored).")
-        labels[len(head):len(upto)] = ids[len(head):len(upto)]
-    if all(t == IGNORE_INDEX for t in labels):
+    for lo, hi in spans: labels[lo:hi] = ids[lo:hi]
+    if not spans:
         raise ValueError(f"{where} has no assistant message after another message: nothing in it is scored (the assistant's "
                          "replies are what fine-tuning trains on).")
     return {'input_ids': ids, 'labels': labels}
 
 # %% ../nbs/00_data.ipynb #7204370b
-def _strip_end(text:str, ends:list[str]) -> str:
-    "`text` without the special tokens (`ends`, longest first) and whitespace a chat template writes after an answer."
-    while True:
-        out = text.rstrip()
-        out = next((out[:-len(t)] for t in ends if out.endswith(t)), out)
-        if out == text: return out
-        text = out
+def chat_query(tokenizer, # a Hugging Face tokenizer with a chat template
+               messages, # a conversation ending with the assistant's answer
+               where:str='conversation', # names it in errors
+              ) -> dict:
+    """A query from a conversation: the template's tokens up to the end of the last message, the assistant's answer, which
+    alone is measured: its text, without the end-of-turn tokens and whitespace the template writes after it."""
+    messages = [dict(m) for m in messages]
+    if messages[-1]['role'] != 'assistant' or len(messages) < 2:
+        raise ValueError(f"{where}: a query's conversation ends with the assistant's answer to what comes before it, the "
+                         f"completion measured; its last message is the {messages[-1]['role']!r} one"
+                         + (" and nothing comes before it." if len(messages) < 2 else "."))
+    ids, spans = assistant_spans(tokenizer, messages, where)
+    lo, hi = spans[-1]
+    special = set(tokenizer.all_special_ids) | {i for i, t in getattr(tokenizer, 'added_tokens_decoder', {}).items() if t.special}
+    while hi > lo and (ids[hi - 1] in special or not tokenizer.decode(ids[hi - 1:hi]).strip()): hi -= 1
+    if hi == lo: raise ValueError(f"{where}: the assistant's answer is empty: there is nothing to measure.")
+    return {'input_ids': ids[:hi], 'labels': [IGNORE_INDEX] * lo + ids[lo:hi]}
 
 def chat_pair(tokenizer, # a Hugging Face tokenizer with a chat template
               messages, # a conversation ending with the assistant's answer
               where:str='conversation', # names it in errors
              ) -> tuple[str, str]:
-    """A query from a conversation: `(prompt, completion)` texts. The prompt is the conversation before the last message,
-    rendered with the template's generation prompt; the completion is the assistant's answer as the template writes it,
-    without the end-of-turn tokens after it (`tokenize_pairs` keeps the prompt's own BOS, so the query's tokens are the
-    template's)."""
-    _need_template(tokenizer, where)
-    messages = [dict(m) for m in messages]
-    if messages[-1]['role'] != 'assistant':
-        raise ValueError(f"{where}: the last message is the {messages[-1]['role']!r} one; a query's conversation ends with the "
-                         "assistant's answer, the completion measured.")
-    render = lambda ms, **kw: tokenizer.apply_chat_template(ms, tokenize=False, **kw)
-    prompt, full = render(messages[:-1], add_generation_prompt=True), render(messages)
-    if prompt == render(messages[:-1]): raise ValueError(_no_generation_prompt(where))
-    if not full.startswith(prompt):
-        raise ValueError(f"{where}: the chat template does not render the conversation before the answer as the start of the "
-                         "whole, so the answer cannot be told apart: pass 'prompt' and 'completion' yourself.")
-    special = [t.content for t in getattr(tokenizer, 'added_tokens_decoder', {}).values() if getattr(t, 'special', False)]
-    ends = sorted({t for t in [*tokenizer.all_special_tokens, *special] if t}, key=len, reverse=True)   # not tool tags: special only
-    completion = _strip_end(full[len(prompt):], ends)
-    if not completion.strip(): raise ValueError(f"{where}: the assistant's answer is empty: there is nothing to measure.")
-    return prompt, completion
+    "`(prompt, completion)` texts of `chat_query`'s tokens, as a person reads the query (its tokens are `chat_query`'s)."
+    q = chat_query(tokenizer, messages, where)
+    lo = q['labels'].index(next(t for t in q['labels'] if t != IGNORE_INDEX))
+    return tokenizer.decode(q['input_ids'][:lo]), tokenizer.decode(q['input_ids'][lo:])
 
 # %% ../nbs/00_data.ipynb #fb3dc069
 def collate(seqs:list[dict], # normalised sequences (see `as_sequences`)

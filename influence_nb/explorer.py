@@ -30,7 +30,7 @@ from . import viz
 import json
 import os
 from collections.abc import Mapping
-from .data import (cut_texts, corpus_lines, n_scored, is_conversation, shown_text, chat_pair, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
+from .data import (cut_texts, corpus_lines, n_scored, is_conversation, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
                                resolve_device, resolve_dtype)
 from .corpus import load_corpus, load_queries
@@ -116,7 +116,8 @@ def _query_fields(where:str, q:Mapping, tokenizer) -> dict:
     if 'messages' in q:
         if not is_conversation(q['messages']):
             raise ValueError(f"{where}: field 'messages' must be a conversation: a list of messages with 'role' and 'content' strings.")
-        return dict(zip(('prompt', 'completion'), chat_pair(tokenizer, q['messages'], where))) if tokenizer is not None else {}
+        if tokenizer is None: return {}
+        q = chat_query(tokenizer, q['messages'], where)        # the template's tokens: then shown as text, as token ids are
     try: s = as_sequence({k: q[k] for k in ('input_ids', 'labels', 'attention_mask') if k in q}, 0, 'record')
     except (ValueError, TypeError) as e: raise type(e)(f"{where}: {str(e).replace('record[0]', 'the record')}") from None
     if n_scored(s) == 0: raise ValueError(f"{where}: its labels score no token: label the completion's tokens (-100 on the prompt).")
@@ -125,10 +126,11 @@ def _query_fields(where:str, q:Mapping, tokenizer) -> dict:
     text = lambda x: tokenizer.decode(x) if tokenizer is not None else ' '.join(map(str, x))
     return {'prompt': text(ids[:cut]), 'completion': text(ids[cut:]), 'input_ids': ids, 'labels': s['labels'].tolist()}
 
+# %% ../nbs/10_explorer.ipynb #84cc2d5d
 def query_record(where: str, # names the row in messages, e.g. "q.jsonl, line 3"
                  q, # the row: a (prompt, completion) pair or a mapping (prompt and completion, a conversation, or token ids)
                  i: int, # its position (the default id is f"q{i}")
-                 tokenizer=None, # renders a conversation (`chat_pair`) and decodes token ids; None: they are only checked
+                 tokenizer=None, # renders a conversation (`chat_query`) and decodes token ids; None: they are only checked
                 ) -> dict:
     "One query row checked field by field (`where` names it in messages): a dict with `id`, `prompt`, `completion` (and token ids when given so)."
     if isinstance(q, Exception): raise ValueError(f"{where}: {q}.")

@@ -184,13 +184,17 @@ def _unused(model:nn.Module) -> list[str]:
         out += [x for x in [f'{n}.original_module', *(f'{n}.modules_to_save.{a}' for a in w.modules_to_save)] if x != run]
     return out
 
+# %% ../nbs/03_modules.ipynb #8f3032f6
 def adapter_parts(model:nn.Module) -> dict:
     """What peft adapters add to `model`, as layer names: `matrices` (every LoRA A and B), of which `lora` run in the
     forward and `idle` do not; `scaled` (the base layers and LoRA matrices of adapters that do more than add to the base
     layer's output: DoRA, IA³, ...); `unsupported` (adapters on weights that are not Linear layers: peft's
     `target_parameters` on MoE experts); `other` (adapter tensors that are not Linear layers: LoRA embeddings, DoRA
-    magnitudes); `unused` (what `modules_to_save` keeps beside the copy that runs)."""
+    magnitudes); `unused` (what `modules_to_save` keeps beside the copy that runs) and `saved` (the trackable layers of the
+    copy that runs: trained whole)."""
     out = {'matrices': [], 'lora': [], 'idle': [], 'scaled': [], 'unsupported': [], 'other': [], 'unused': _unused(model)}
+    copies = [f'{n}.modules_to_save.' for n in dict(model.named_modules()) if n + '.original_module' in out['unused']]
+    out['saved'] = [n for n, m in model.named_modules() if is_trackable(m) and n.startswith(tuple(copies)) and not _under(n, out['unused'])]
     for n, t in _tuners(model).items():
         live = _live(t); adds = _adds(t, live)
         if not is_trackable(t.base_layer): out['unsupported'].append(n); continue
@@ -205,7 +209,8 @@ def adapter_parts(model:nn.Module) -> dict:
 
 def adapter_state(model:nn.Module) -> dict[str, list[str]]:
     "Which peft adapters run where (`{tuner layer: live adapters}`, and the `modules_to_save` copy that runs): `{}` without peft."
-    out = {n: sorted(_live(t)) for n, t in _tuners(model).items()}
+    scale = lambda t, a: f"{a} (scaling {getattr(t, 'scaling', {}).get(a)})"   # lora_alpha / r: same weights, another model
+    out = {n: sorted(scale(t, a) for a in _live(t)) for n, t in _tuners(model).items()}
     unused = set(_unused(model))
     for n, w in model.named_modules():
         if isinstance(getattr(w, 'original_module', None), nn.Module) and isinstance(getattr(w, 'modules_to_save', None), nn.ModuleDict):
@@ -343,7 +348,8 @@ def _mlp_refusal(model) -> str|None:
 
 def _warn_left_out(model, names, what='`modules`'):
     "For a list spanning several blocks: raise if the blocks it touches yield different kinds, warn about what it leaves out."
-    if set(names) <= set(adapter_parts(model)['matrices']): return   # LoRA matrices only: a choice of adapters, not of MLPs
+    parts = adapter_parts(model)                                   # LoRA matrices (and the layers peft trains whole): a
+    if set(names) <= {*parts['matrices'], *parts['saved']}: return  # choice of what the adapter trains, not of MLPs
     cov, left, cannot = block_coverage(model, names), {}, {}
     touched = [b for b, c in cov.items() if c['kinds']]
     if len(touched) < 2: return   # one block: a deliberate layer-wise choice
@@ -377,7 +383,7 @@ def _keyword_names(model:nn.Module, modules:str, cands:dict, warn:bool=True, par
         return list(plain)
     if modules != 'lora': return None
     if parts['scaled'] or parts['unsupported']: _refuse_adapters(parts, parts['scaled'] + parts['unsupported'])
-    if not parts['lora']:
+    if not parts['lora'] and not parts['saved']:
         idle = f" Its adapters {sorted({n.rsplit('.', 1)[1] for n in parts['idle']})} do not run (not active, disabled or " \
                "merged): activate one with `model.set_adapter(name)`." if parts['idle'] else ''
         raise ValueError(f"modules='lora' found no LoRA adapter that runs in {type(model).__name__}.{idle} Load the model with "
@@ -388,7 +394,7 @@ def _keyword_names(model:nn.Module, modules:str, cands:dict, warn:bool=True, par
     if warn and (head := [n for n in parts['lora'] if n not in cands]):
         warnings.warn(f"modules='lora' leaves out the LM head's adapter {head}: the head is never tracked (its output factor "
                       "is vocabulary × vocabulary).", stacklevel=3)
-    return [n for n in cands if n in set(parts['lora'])]
+    return [n for n in cands if n in {*parts['lora'], *parts['saved']}]   # and the layers peft trains whole (`modules_to_save`)
 
 def _refuse_adapters(parts:dict, names:list[str]):
     "Raise if `names` holds layers of adapters influence_nb cannot track as they run, saying why and what to do instead."

@@ -173,8 +173,9 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
         elif ctx is not None and len(ids) > ctx:
             out[j] = None; n_bad += _bad_record(items[j], f"{len(ids)} tokens but the model's context is {ctx}; truncate it", skip)
         elif n_scored(s) == 0:   # an empty text (or one token): nothing to score, as `pairwise_scores` refuses it too
-            out[j] = None; n_bad += _bad_record(items[j], f"the record has no scored token ({len(ids)} token(s); a training "
-                                                          "sequence needs at least 2)", skip)
+            why = ("its assistant replies lie beyond the first {} tokens it is cut to".format(len(ids)) if j in texts and
+                   is_conversation(texts[j]) else f"{len(ids)} token(s); a training sequence needs at least 2")
+            out[j] = None; n_bad += _bad_record(items[j], f"the record has no scored token ({why})", skip)
     return out, n_bad
 
 # %% ../nbs/08_search.ipynb #af1af5ff

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import influence_nb as inf
 import randdata
-from influence_nb.data import chat_pair, shown_text, IGNORE_INDEX
+from influence_nb.data import chat_pair, chat_query, shown_text, IGNORE_INDEX
 
 transformers.logging.set_verbosity_error()
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -48,7 +48,7 @@ def api_scores(case, strategy='ekfac'):
     tok, m = case['tok'], case['model']
     train = inf.tokenize(tok, case['convs'])
     f = inf.fit_factors(m, train, strategy, batch_size=8, progress=False)
-    q = inf.tokenize_pairs(tok, [chat_pair(tok, conversation('france', 'paris', system=False))])
+    q = inf.as_sequences([chat_query(tok, conversation('france', 'paris', system=False))])
     return inf.pairwise_scores(m, f, q, train, progress=False).total[0]
 
 def test_only_the_assistant_turns_are_scored_and_scores_equal_autograd(case):
@@ -57,7 +57,8 @@ def test_only_the_assistant_turns_are_scored_and_scores_equal_autograd(case):
     for s, conv in zip(train, case['convs']):
         assert s['input_ids'].tolist() == tok.apply_chat_template(conv, tokenize=True)['input_ids']
         assert tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == conv[-1]['content'] + '<|end|>\n'
-    q = inf.tokenize_pairs(tok, [chat_pair(tok, conversation('france', 'paris', system=False))])
+    q = inf.as_sequences([chat_query(tok, conversation('france', 'paris', system=False))])
+    assert chat_pair(tok, conversation('france', 'paris', system=False))[1] == 'paris'
     assert tok.decode(q[0]['input_ids'][q[0]['labels'] != IGNORE_INDEX]) == 'paris'
     assert q[0]['input_ids'].tolist() == tok.apply_chat_template(conversation('france', 'paris', False), tokenize=True)['input_ids'][:len(q[0]['input_ids'])]
     ps = [p for n, p in m.named_parameters() if n in randdata.param_names(m, 'mlp')]
@@ -97,9 +98,9 @@ def test_command_line_fit_score_scan_and_top_on_conversations(case):
 def test_the_explorer_takes_conversations_and_token_id_queries(case):
     from influence_nb.explorer import ExplorerSession, run_query
     tok, m = case['tok'], case['model']
-    q = inf.tokenize_pairs(tok, [chat_pair(tok, conversation('france', 'paris', system=False))])[0]
+    q = chat_query(tok, conversation('france', 'paris', system=False))
     queries = [{'id': 'chat', 'messages': conversation('france', 'paris', system=False)},
-               {'id': 'ids', 'input_ids': q['input_ids'].tolist(), 'labels': q['labels'].tolist()}]
+               {'id': 'ids', 'input_ids': q['input_ids'], 'labels': q['labels']}]
     s = ExplorerSession(model=m, tokenizer=tok, corpus=[{'messages': c} for c in case['convs']], text_field='messages',
                         queries=queries, fit_sample=0, batch_size=8)
     assert s.queries[0]['completion'] == 'paris' and s.queries[1]['completion'] == 'paris'
@@ -164,3 +165,46 @@ def test_the_answer_keeps_added_tokens_that_are_not_special(case):
                                  eos_token='<|end|>', pad_token='<|pad|>')
     t2.add_tokens(['</tool>']); t2.chat_template = TEMPLATE
     assert chat_pair(t2, conversation('peru', 'lima</tool>'))[1] == 'lima</tool>'
+
+def test_a_query_has_the_template_tokens_when_the_template_writes_no_bos(case):
+    tok = case['tok']
+    chatml = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()), bos_token='<|bos|>',
+                                     eos_token='<|end|>')   # its post-processor adds <|bos|> to a text; the template writes none
+    chatml.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    conv = conversation('japan', 'tokyo')
+    want = chatml.apply_chat_template(conv, tokenize=True)['input_ids']
+    assert want[0] != chatml.bos_token_id
+    assert inf.tokenize(chatml, [conv])[0]['input_ids'].tolist() == want
+    q = chat_query(chatml, conv)
+    assert q['input_ids'] == want[:len(q['input_ids'])]                        # no BOS the training sequences lack
+
+def test_a_conversation_the_template_refuses_is_named_and_can_be_skipped(case, tmp_path):
+    d, tok = case['dir'], case['tok']
+    strict = tmp_path/'strict'
+    tok2 = PreTrainedTokenizerFast.from_pretrained(d/'model')
+    tok2.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+                          "<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    case['model'].save_pretrained(strict); tok2.save_pretrained(strict)
+    rc, _, err = randdata.cli_run('fit-factors', '--model', strict, '--data', d/'train.jsonl', '--text-field', 'messages',
+                                  '--out', tmp_path/'f')
+    assert rc == 2 and 'train.jsonl, line 1' in err and 'the chat template refuses this conversation' in err and 'no system role' in err, err
+    rc, _, err = randdata.cli_run('fit-factors', '--model', d/'model', '--data', d/'train.jsonl', '--text-field', 'messages',
+                                  '--out', tmp_path/'good')
+    assert rc == 0, err
+    rc, _, err = randdata.cli_run('scan', '--model', strict, '--factors', tmp_path/'good', '--queries', d/'q.jsonl', '--corpus',
+                                  d/'train.jsonl', '--text-field', 'messages', '--k', 2, '--out', tmp_path/'r.parquet', '--quiet',
+                                  '--skip-bad-records')
+    assert rc == 0, err
+    from influence_nb.search import ScanResult
+    r = ScanResult.load(tmp_path/'r.parquet')
+    assert r.n_skipped == 3 and set(r.indices[0].tolist()) <= {1, 3, 5}, (r.n_skipped, r.indices)   # those with a system message: skipped
+
+def test_a_conversation_cut_before_its_reply_is_named_as_such(case, tmp_path):
+    d = case['dir']
+    rc, _, err = randdata.cli_run('fit-factors', '--model', d/'model', '--data', d/'train.jsonl', '--text-field', 'messages',
+                                  '--out', tmp_path/'f')
+    assert rc == 0, err
+    rc, _, err = randdata.cli_run('scan', '--model', d/'model', '--factors', tmp_path/'f', '--queries', d/'q.jsonl', '--corpus',
+                                  d/'train.jsonl', '--text-field', 'messages', '--max-length', 6, '--out', tmp_path/'r.parquet')
+    assert rc == 2 and 'line 1' in err and 'its assistant replies lie beyond the first 6 tokens it is cut to' in err, err

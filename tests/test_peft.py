@@ -210,8 +210,30 @@ def test_factors_are_bound_to_which_adapters_run_and_idle_ones_are_refused():
     m = lora_model(layers=1)
     train, queries = data()
     with m.disable_adapter(): f = inf.fit_factors(m, train, 'ekfac', modules='mlp', progress=False)
-    with pytest.raises(ValueError, match=r"the adapters running in .*\(\[\] when fitted, \['default'\] now\)"):
+    with pytest.raises(ValueError, match=r"the adapters running in .*\(\[\] when fitted, \['default \(scaling 2\.0\)'\] now\)"):
         inf.pairwise_scores(m, f, queries, train, progress=False)
     m.add_adapter('other', LoraConfig(r=2, target_modules=['up_proj'], init_lora_weights=False))
     idle = 'base_model.model.model.layers.0.mlp.up_proj.lora_A.other'
     with pytest.raises(ValueError, match=r"does not run .*set_adapter"): find_modules(m, [idle])
+
+def test_lora_tracks_what_the_adapter_trains_and_factors_know_its_scaling():
+    torch.manual_seed(0)
+    m = get_peft_model(tiny_model('llama', layers=1).double(), LoraConfig(r=2, target_modules=['up_proj'],
+                       modules_to_save=['down_proj'], init_lora_weights=False)).eval()
+    names = [layer.name for layer in find_modules(m, 'lora')]
+    assert names == ['base_model.model.model.layers.0.mlp.up_proj.lora_A.default',
+                     'base_model.model.model.layers.0.mlp.up_proj.lora_B.default',
+                     'base_model.model.model.layers.0.mlp.down_proj.modules_to_save.default']   # trained whole: tracked too
+    train, queries = data()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                          # a list of what the adapter trains: nothing to warn about
+        f = inf.fit_factors(m, train, 'identity', modules='lora', progress=False)
+        s = inf.pairwise_scores(m, f, queries, train, progress=False).total
+    params = dict(m.named_parameters())
+    ps = [params[n] for n in randdata.layer_param_names(find_modules(m, 'lora'))]
+    assert sum(p.requires_grad for p in params.values()) == len(ps) == 3      # exactly the parameters peft trains: A, B, the copy
+    ref = randdata.autograd_grads(m, ps, queries) @ randdata.autograd_grads(m, ps, train).T
+    assert float((s - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
+    m.base_model.model.model.layers[0].mlp.up_proj.scaling['default'] *= 4          # lora_alpha: the same weights
+    with pytest.raises(ValueError, match=r"scaling 4\.0\)'\] when fitted, \['default \(scaling 16\.0\)'\] now"):
+        inf.pairwise_scores(m, f, queries, train, progress=False)
