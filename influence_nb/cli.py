@@ -587,7 +587,7 @@ def _top_texts(res, qi:int, k:int, corpus, tok, text_field) -> tuple[dict, dict]
         why = _unreadable(it.raw, text_field)
         if why: raise ValueError(f"--corpus: {it.where}: {why}. This result ranks that record: fix the file, or pass the corpus that was scanned.")
         texts[it.index] = record_text(it.raw, tok, text_field)
-        if isinstance(it.raw, dict) and 'id' in it.raw: ids[it.index] = str(it.raw['id'])
+        if isinstance(it.raw, dict) and it.raw.get('id') is not None: ids[it.index] = str(it.raw['id'])   # (a Parquet row's null: none)
     res.check_corpus(corpus, '--corpus')   # readable, but is it the content that was scanned?
     missing = sorted(want - set(texts))
     if missing:

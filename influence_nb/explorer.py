@@ -96,7 +96,7 @@ def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or 
             except (ValueError, TypeError) as e: raise type(e)(f"{at(i)}: {str(e).replace('record[0]', 'the record')}") from None
             text = tokenizer.decode(ids.tolist()) if tokenizer is not None else ' '.join(map(str, ids.tolist()))
         else: raise ValueError(f"{at(i)} has no text field {text_field!r} and no 'input_ids' (fields: {sorted(r)}).")
-        out.append({**r, 'id': str(r.get('id', i)), 'kind': str(r.get('kind', '')), 'text': text})
+        out.append({**r, 'id': str(i if r.get('id') is None else r['id']), 'kind': str(r.get('kind') or ''), 'text': text})   # (Parquet nulls: none)
     if not out: raise ValueError("`corpus` is empty: pass at least one training text.")
     return out
 

@@ -208,3 +208,8 @@ def test_a_conversation_cut_before_its_reply_is_named_as_such(case, tmp_path):
     rc, _, err = randdata.cli_run('scan', '--model', d/'model', '--factors', tmp_path/'f', '--queries', d/'q.jsonl', '--corpus',
                                   d/'train.jsonl', '--text-field', 'messages', '--max-length', 6, '--out', tmp_path/'r.parquet')
     assert rc == 2 and 'line 1' in err and 'its assistant replies lie beyond the first 6 tokens it is cut to' in err, err
+
+def test_a_missing_id_in_a_parquet_corpus_is_not_shown_as_none(tmp_path):
+    from influence_nb.explorer import corpus_records
+    pd.DataFrame({'id': pd.array([7, None], dtype='Int64'), 'text': ['a b', 'c d']}).to_parquet(tmp_path/'c.parquet')
+    assert [r['id'] for r in corpus_records(tmp_path/'c.parquet')] == ['7', '1']      # a null id: the record's position
