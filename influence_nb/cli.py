@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 import torch
 import pandas as pd
-from .data import (cut_texts, corpus_lines, is_conversation, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
+from .data import (cut_texts, corpus_lines, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, DTYPES)
@@ -241,7 +241,7 @@ def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False)
     if first is None: raise ValueError(f"{flag} {p.name} holds no records (it is empty). Accepted formats: {CORPUS_FORMATS}.")
     try: rec = json.loads(first) if kind == 'jsonl' else None
     except ValueError: return                                                 # a broken line: the scan names it
-    if not skip_bad and isinstance(rec, dict) and field_value(rec, text_field) is None and 'input_ids' not in rec:   # a misspelt --text-field
+    if not skip_bad and isinstance(rec, dict) and field_value(rec, text_field) is None and 'input_ids' not in rec and not is_pair(rec):   # a misspelt --text-field
         raise ValueError(f"{flag} {p.name}: the first record has no field {text_field!r} or 'input_ids' (fields: "
                          f"{sorted(_record_fields(rec))}); pass --text-field naming the field that holds the text.")
 
@@ -568,7 +568,7 @@ def _unreadable(r, text_field) -> str|None:
     "Why corpus record `r` (as `search` reads it) has no text to show, or None."
     if isinstance(r, BadRecord): return r.why
     if not isinstance(r, (Mapping, str)): return f"expected a JSON object, got {type(r).__name__}"
-    if isinstance(t := text_of(r, text_field), str) or is_conversation(t): return None
+    if is_text(text_of(r, text_field)): return None
     if not (isinstance(r, Mapping) and 'input_ids' in r):
         return f"no string field {text_field!r} and no 'input_ids' (fields: {sorted(r)}); pass --text-field"
     try: as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')

@@ -15,12 +15,12 @@ import torch
 __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir',
            'attended_span', 'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_int',
            'check_max_length', 'field_value', 'TruncatedTextsWarning', 'special_prefix', 'encode_texts', 'cut_texts',
-           'is_conversation', 'shown_text', 'text_sequences', 'tokenize', 'tokenize_pairs', 'assistant_spans',
-           'chat_sequence', 'chat_query', 'chat_pair', 'collate', 'batches', 'model_context', 'model_vocab',
-           'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype',
-           'load_model', 'load_bundled', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits',
-           'completion_logprobs', 'corpus_format', 'corpus_lines', 'corpus_rows', 'read_corpus', 'corpus_sequences',
-           'cache_dir', 'cached_factors']
+           'is_conversation', 'is_pair', 'is_text', 'text_value', 'shown_text', 'text_sequences', 'tokenize',
+           'tokenize_pairs', 'assistant_spans', 'chat_sequence', 'chat_query', 'chat_pair', 'collate', 'batches',
+           'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer',
+           'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'eager_kernels', 'trained_weights',
+           'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format', 'corpus_lines', 'corpus_rows',
+           'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -259,59 +259,85 @@ def encode_texts(tokenizer, # a Hugging Face tokenizer
     return ids
 
 def cut_texts(tokenizer, # the tokenizer that made `ids`
-              texts:list, # the texts (and conversations)
+              texts:list, # the texts (`is_text`)
               ids:list, # their token ids, truncated to `max_length`
               max_length:int,
              ) -> list[int]:
     "Positions of the `texts` longer than `max_length` tokens: only those cut to exactly that many can be, and one token more tells."
     full = [j for j, x in enumerate(ids) if len(x) == max_length]
-    plain = [j for j in full if isinstance(texts[j], str)]           # the others are conversations (`chat_sequence`)
+    plain = [j for j in full if isinstance(texts[j], str)]           # the others are conversations and pairs (`text_sequences`)
     again = encode_texts(tokenizer, [texts[j] for j in plain], max_length + 1) if plain else []
     longer = {j for j, x in zip(plain, again) if len(x) > max_length}   # (max_length + 1, not no limit: no tokenizer length warning)
-    return sorted(longer | {j for j in full if j not in plain and len(_chat_ids(tokenizer, texts[j])) > max_length})
+    return sorted(longer | {j for j in full if j not in plain and len(text_sequences(tokenizer, [texts[j]])[0]['input_ids']) > max_length})
 
+# %% ../nbs/00_data.ipynb #6681caa3
 def is_conversation(x) -> bool:
     "A chat as `apply_chat_template` takes it: a non-empty list of messages, mappings with a string 'role' and 'content'."
     if isinstance(x, np.ndarray): x = list(x)                       # a Parquet list column
     return (isinstance(x, (list, tuple)) and len(x) > 0 and
             all(isinstance(m, Mapping) and isinstance(m.get('role'), str) and isinstance(m.get('content'), str) for m in x))
 
+def is_pair(x) -> bool:
+    "A prompt-completion training record (TRL's format): a mapping whose 'prompt' and 'completion' are both texts or both conversations."
+    if not isinstance(x, Mapping) or 'prompt' not in x or 'completion' not in x: return False
+    p, c = x['prompt'], x['completion']
+    return (isinstance(p, str) and isinstance(c, str)) or (is_conversation(p) and is_conversation(c))
+
+def is_text(x) -> bool:
+    "What a training record holds as its text: a string, a conversation (`is_conversation`) or a prompt-completion pair (`is_pair`)."
+    return isinstance(x, str) or is_conversation(x) or is_pair(x)
+
+def text_value(record:Mapping, # a corpus record
+               text_field:str='text', # where it keeps its text (dotted for nested)
+              ):
+    "A record's text: its `text_field`, or, without one, the record's own 'prompt' and 'completion' when they make a pair."
+    v = field_value(record, text_field)
+    return {'prompt': record['prompt'], 'completion': record['completion']} if v is None and is_pair(record) else v
+
 def shown_text(x) -> str:
-    "A record's text as tables show it: a text as it is, a conversation one 'role: content' line per message."
+    "A record's text as tables show it: a text as it is, a conversation one 'role: content' line per message, a pair both."
+    if is_pair(x): return shown_text(x['prompt']) + ('\n' if is_conversation(x['prompt']) else '') + shown_text(x['completion'])
     return '\n'.join(f"{m['role']}: {m['content']}" for m in x) if is_conversation(x) else x
 
 # %% ../nbs/00_data.ipynb #1ea407ef
 def text_sequences(tokenizer, # a Hugging Face tokenizer
-                   texts:list, # texts and conversations (`is_conversation`)
+                   texts:list, # texts, conversations and prompt-completion pairs (`is_text`)
                    max_length:int|None=None, # truncate to this many tokens (None: no limit)
                   ) -> list[dict]:
-    "Sequence dicts of `texts`: a text's tokens all scored (`encode_texts`), a conversation's assistant turns (`chat_sequence`)."
+    """Sequence dicts of `texts`: a text's tokens all scored (`encode_texts`), a conversation's assistant replies
+    (`chat_sequence`), a pair's completion (tokenized as `tokenize_pairs` does a query; a conversation's: its replies)."""
     plain = [j for j, t in enumerate(texts) if isinstance(t, str)]
     out = dict(zip(plain, ({'input_ids': x} for x in encode_texts(tokenizer, [texts[j] for j in plain], max_length)))) if plain else {}
     for j, t in enumerate(texts):
-        if j not in out: out[j] = {k: v[:max_length] for k, v in chat_sequence(tokenizer, t, f'texts[{j}]').items()}
+        if j in out: continue
+        if is_pair(t) and isinstance(t['prompt'], str):
+            s = {k: v.tolist() for k, v in tokenize_pairs(tokenizer, [(t['prompt'], t['completion'])])[0].items() if k != 'attention_mask'}
+        elif is_pair(t): s = chat_sequence(tokenizer, [*t['prompt'], *t['completion']], f'texts[{j}]', scored_from=len(t['prompt']))
+        else: s = chat_sequence(tokenizer, t, f'texts[{j}]')
+        out[j] = {k: v[:max_length] for k, v in s.items()}
     return [out[j] for j in range(len(texts))]
 
 def tokenize(tokenizer, # a Hugging Face tokenizer
-             texts:str|Sequence[str], # one text or conversation, a list of them, or records / a `datasets.(Iterable)Dataset` with `text_field`
+             texts:str|Sequence[str], # one text, conversation or pair (`is_text`), a list of them, or records / a `datasets.(Iterable)Dataset` with `text_field`
              max_length:int|None=128, # truncate to this many tokens (None: no limit)
              text_field:str='text', # the field holding the text when `texts` holds records (dotted for nested: 'doc.body')
             ) -> list[dict]:
-    "Training sequences from `texts`: every token of a text is scored; of a conversation (a list of messages), the assistant's turns."
+    "Training sequences from `texts`: every token of a text is scored; of a conversation (a list of messages), the assistant's replies; of a prompt-completion pair, the completion."
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
     check_max_length(max_length)
-    if isinstance(texts, str) or (is_conversation(texts) and not any(text_field in m for m in texts)): texts = [texts]
+    if isinstance(texts, str) or is_pair(texts) or (is_conversation(texts) and not any(text_field in m for m in texts)): texts = [texts]
     texts = list(as_collection(texts, 'texts'))
     if not texts: raise ValueError("`texts` is empty: pass at least one text.")
     for i, t in enumerate(texts):
-        if isinstance(t, Mapping):
-            if not isinstance(v := field_value(t, text_field), str) and not is_conversation(v):
+        if isinstance(t, Mapping):                       # a record: its text field, or its prompt and completion
+            if not is_text(v := text_value(t, text_field)):
                 raise TypeError(f"texts[{i}] is a record without a string field {text_field!r} (keys: {sorted(t)}); "
-                                "pass `text_field=` naming the field that holds the text (or the conversation).")
+                                "pass `text_field=` naming the field that holds the text (or the conversation), or give the "
+                                "record 'prompt' and 'completion'.")
             texts[i] = t = v
-        if not isinstance(t, str) and not is_conversation(t):
-            raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str or a conversation (a list of messages, each with a "
-                            "'role' and a 'content' string).")
+        if not is_text(t):
+            raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str, a conversation (a list of messages, each with a "
+                            "'role' and a 'content' string) or a prompt-completion pair.")
     seqs = text_sequences(tokenizer, texts, max_length)
     if max_length is not None and (cut := cut_texts(tokenizer, texts, [s['input_ids'] for s in seqs], max_length)):
         warnings.warn(f"{len(cut):,} of {len(texts):,} texts were longer than max_length={max_length} tokens and were cut to their "
@@ -436,14 +462,14 @@ def _common(a:list, b:list) -> int:
 def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template
                     messages, # a conversation (`is_conversation`)
                     where:str='conversation', # names it in errors
-                   ) -> tuple[list[int], list[tuple[int, int]]]:
-    """The conversation's tokens as the chat template renders them, and the `[lo, hi)` tokens of each assistant reply:
+                   ) -> tuple[list[int], dict[int, tuple[int, int]]]:
+    """The conversation's tokens as the chat template renders them, and `{message: [lo, hi)}`, the tokens of each assistant reply:
     from the end of the conversation rendered up to the reply's generation prompt to the end of the conversation rendered
     up to the reply. A generation prompt's trailing space may merge into the reply's first token ('Assistant: ' + 'Paris'),
     and what the template writes only after the last message (an end-of-text token) is not the reply's."""
     _need_template(tokenizer, where)
     messages = [dict(m) for m in messages]
-    ids, spans = _chat_ids(tokenizer, messages, where), []
+    ids, spans = _chat_ids(tokenizer, messages, where), {}
     for i, m in enumerate(messages):
         if m['role'] != 'assistant' or i == 0: continue    # an opening assistant message answers nothing: context
         head = _chat_ids(tokenizer, messages[:i], where, add_generation_prompt=True)
@@ -454,19 +480,21 @@ def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template
             raise ValueError(f"{where}: the chat template does not render the conversation up to message {i} as the start of "
                              "the whole, so the assistant's tokens cannot be told apart. Build the sequence yourself: a "
                              "record with 'input_ids' and 'labels' (-100 where nothing is scored).")
-        spans.append((lo, hi))
+        spans[i] = (lo, hi)
     return ids, spans
 
 def chat_sequence(tokenizer, # a Hugging Face tokenizer with a chat template
                   messages, # a conversation (`is_conversation`)
                   where:str='conversation', # names it in errors
+                  scored_from:int=0, # replies before this message are context (a prompt-completion pair's prompt)
                  ) -> dict:
     """A training sequence from a conversation: its tokens as the chat template renders them; the assistant's replies are
     scored (their text and the template's end-of-turn tokens, `assistant_spans`), the rest is context, as in supervised
     fine-tuning (an opening assistant message, which answers nothing, too)."""
     ids, spans = assistant_spans(tokenizer, messages, where)
     labels = [IGNORE_INDEX] * len(ids)
-    for lo, hi in spans: labels[lo:hi] = ids[lo:hi]
+    spans = {i: s for i, s in spans.items() if i >= scored_from}
+    for lo, hi in spans.values(): labels[lo:hi] = ids[lo:hi]
     if not spans:
         raise ValueError(f"{where} has no assistant message after another message: nothing in it is scored (the assistant's "
                          "replies are what fine-tuning trains on).")
@@ -485,7 +513,7 @@ def chat_query(tokenizer, # a Hugging Face tokenizer with a chat template
                          f"completion measured; its last message is the {messages[-1]['role']!r} one"
                          + (" and nothing comes before it." if len(messages) < 2 else "."))
     ids, spans = assistant_spans(tokenizer, messages, where)
-    lo, hi = spans[-1]
+    lo, hi = spans[len(messages) - 1]
     special = set(tokenizer.all_special_ids) | {i for i, t in getattr(tokenizer, 'added_tokens_decoder', {}).items() if t.special}
     while hi > lo and (ids[hi - 1] in special or not tokenizer.decode(ids[hi - 1:hi]).strip()): hi -= 1
     if hi == lo: raise ValueError(f"{where}: the assistant's answer is empty: there is nothing to measure.")
@@ -800,7 +828,8 @@ def completion_logprobs(model, # a causal LM
     return torch.tensor(out, dtype=dtype)
 
 # %% ../nbs/00_data.ipynb #663e4a9c
-CORPUS_FORMATS = ("JSONL (.jsonl/.json/.ndjson: one JSON object per line with a text field, which may hold a conversation, or 'input_ids'), "
+CORPUS_FORMATS = ("JSONL (.jsonl/.json/.ndjson: one JSON object per line with a text field, which may hold a conversation, "
+                  "'prompt' and 'completion', or 'input_ids'), "
                   "plain text (.txt: one document per line) or Parquet (.parquet: a text or 'input_ids' column); "
                   "blank lines are skipped, so a record's index counts records, not lines")
 
@@ -844,11 +873,11 @@ def read_corpus(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
     recs = []
     for where, r in corpus_rows(p, kind):
         why = (str(r) if isinstance(r, Exception) else f"expected a JSON object, got {type(r).__name__}" if not isinstance(r, Mapping)
-               else None if 'input_ids' in r or isinstance(v := field_value(r, text_field), str) or is_conversation(v)
+               else None if 'input_ids' in r or is_text(text_value(r, text_field))
                else f"no string field {text_field!r} and no 'input_ids' (fields: {sorted(r)}); pass the text field's name"
                     + (" (--text-field messages for conversations)" if is_conversation(r.get('messages')) else ''))
         if why: raise ValueError(f"{p.name}, {where}: {why}. Accepted formats: {CORPUS_FORMATS}.")
-        recs.append({**r, 'text': field_value(r, text_field)} if 'input_ids' not in r else dict(r))   # a text, or a conversation
+        recs.append({**r, 'text': text_value(r, text_field)} if 'input_ids' not in r else dict(r))   # a text, conversation or pair
     if not recs: raise ValueError(f"{p.name} holds no records. Accepted formats: {CORPUS_FORMATS}.")
     return recs
 

@@ -30,7 +30,7 @@ from . import viz
 import json
 import os
 from collections.abc import Mapping
-from .data import (cut_texts, corpus_lines, n_scored, is_conversation, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
+from .data import (cut_texts, corpus_lines, n_scored, is_conversation, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
                                resolve_device, resolve_dtype)
 from .corpus import load_corpus, load_queries
@@ -90,7 +90,7 @@ def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or 
     at = lambda i: f"{Path(path).name}, {record_where(path, i)}" if path is not None else f"corpus[{i}]"   # named by line in a file
     for i, r in enumerate(rows):
         if not isinstance(r, Mapping): raise TypeError(f"{at(i)} is a {type(r).__name__}; expected a text or a record.")
-        if isinstance(v := field_value(r, text_field), str) or is_conversation(v): text = v   # (a conversation: its messages)
+        if is_text(v := text_value(r, text_field)): text = v   # (a conversation: its messages; a pair: prompt and completion)
         elif 'input_ids' in r:
             try: ids = as_sequence(r, 0, 'record')['input_ids']
             except (ValueError, TypeError) as e: raise type(e)(f"{at(i)}: {str(e).replace('record[0]', 'the record')}") from None

@@ -13,7 +13,7 @@ import pandas as pd
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .data import (cut_texts, text_sequences, is_conversation, shown_text, TruncatedTextsWarning, field_value, as_sequence, check_sequences, require_scored, model_vocab, model_context, as_collection,
+from .data import (cut_texts, text_sequences, is_conversation, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, check_sequences, require_scored, model_vocab, model_context, as_collection,
                                grad_enabled, check_max_length, check_int, n_scored)
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, check_damping
@@ -123,7 +123,7 @@ def text_of(raw, # a corpus record as read
            ):
     "The text of a text record (a string, or a mapping without 'input_ids' that has `text_field`), else None."
     if isinstance(raw, str): return raw
-    if isinstance(raw, Mapping) and 'input_ids' not in raw: return field_value(raw, text_field)
+    if isinstance(raw, Mapping) and 'input_ids' not in raw: return text_value(raw, text_field)   # (or its prompt and completion)
     return None
 
 def _bad_record(item:_Item, why:str, skip:bool) -> int:
@@ -139,7 +139,7 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
         if isinstance(it.raw, BadRecord): n_bad += _bad_record(it, it.raw.why, skip); continue
         text = text_of(it.raw, text_field)
         if text is not None:
-            if not isinstance(text, str) and not is_conversation(text):
+            if not is_text(text):
                 n_bad += _bad_record(it, f"'{text_field}' is a {type(text).__name__}, not a string or a conversation", skip); continue
             if tokenizer is None:
                 raise TypeError(f"The corpus holds text ({items[j].where}): pass `tokenizer=` to tokenize it, "
@@ -308,7 +308,7 @@ def record_text(raw, # a corpus record as read
                ) -> str:
     "What a person reads for a record: its text, its decoded token ids, or (unreadable) a short repr."
     t = text_of(raw, text_field)
-    if isinstance(t, str) or is_conversation(t): return shown_text(t)
+    if is_text(t): return shown_text(t)
     try: ids = as_sequence(raw)['input_ids'].tolist()
     except (TypeError, ValueError): return repr(raw)[:200]
     return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ' '.join(map(str, ids))

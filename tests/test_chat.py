@@ -213,3 +213,28 @@ def test_a_missing_id_in_a_parquet_corpus_is_not_shown_as_none(tmp_path):
     from influence_nb.explorer import corpus_records
     pd.DataFrame({'id': pd.array([7, None], dtype='Int64'), 'text': ['a b', 'c d']}).to_parquet(tmp_path/'c.parquet')
     assert [r['id'] for r in corpus_records(tmp_path/'c.parquet')] == ['7', '1']      # a null id: the record's position
+
+def test_prompt_completion_records_score_the_completion_only(case, tmp_path):
+    tok, m = case['tok'], case['model']
+    pairs = [{'prompt': f'what is the capital of {c}?', 'completion': f' {t}'} for c, t in FACTS]
+    seqs = inf.tokenize(tok, pairs)
+    want = inf.tokenize_pairs(tok, [(p['prompt'], p['completion']) for p in pairs])
+    for s, w in zip(seqs, want):
+        assert s['input_ids'].tolist() == w['input_ids'].tolist() and s['labels'].tolist() == w['labels'].tolist()
+    earlier = conversation('italy', 'rome', system=False)                      # a prompt holding an earlier reply
+    conv_pair = {'prompt': earlier + [{'role': 'user', 'content': 'and of spain?'}],
+                 'completion': [{'role': 'assistant', 'content': 'madrid'}]}
+    s = inf.tokenize(tok, [conv_pair])[0]
+    assert s['input_ids'].tolist() == tok.apply_chat_template(conv_pair['prompt'] + conv_pair['completion'], tokenize=True)['input_ids']
+    assert tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == 'madrid<|end|>\n'    # the prompt's 'rome' is context
+    assert shown_text(pairs[0]) == 'what is the capital of france? paris'
+    (tmp_path/'pairs.jsonl').write_text(''.join(json.dumps(p) + '\n' for p in pairs))
+    rc, _, err = randdata.cli_run('fit-factors', '--model', case['dir']/'model', '--data', tmp_path/'pairs.jsonl', '--out',
+                                  tmp_path/'f', '--batch-size', 8)
+    assert rc == 0, err
+    f = inf.Factors.load(tmp_path/'f')
+    g = inf.fit_factors(m, seqs, 'ekfac', batch_size=8, progress=False)
+    assert f.modules == g.modules and f.n_tokens == g.n_tokens
+    for n in g.modules:
+        for k in ('lS', 'Lambda'):                       # (saved factors keep the eigendecompositions, not A and S)
+            assert torch.allclose(f.tensors[n][k], g.tensors[n][k], rtol=1e-9, atol=0), (n, k)
