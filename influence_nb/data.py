@@ -439,7 +439,7 @@ def _chat_ids(tokenizer, messages, where:str='conversation', **kw) -> list[int]:
     "The tokens `apply_chat_template` gives `messages`; a conversation the template refuses is a ValueError naming `where`."
     try: out = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=True, **kw)
     except Exception as e:
-        if not (isinstance(e, (TypeError, ValueError, KeyError)) or type(e).__module__.startswith('jinja2')): raise
+        if not type(e).__module__.startswith('jinja2'): raise
         raise ValueError(f"{where}: the chat template refuses this conversation ({type(e).__name__}: {e}).") from None
     return list(out['input_ids'] if isinstance(out, Mapping) else out)
 
@@ -449,38 +449,62 @@ def _need_template(tokenizer, where:str):
                          "with: set `tokenizer.chat_template` to the template the model was fine-tuned with (or load the "
                          "tokenizer saved with it), or render the conversations to text yourself.")
 
-def _no_generation_prompt(where:str) -> str:
-    return (f"{where}: the chat template writes nothing for `add_generation_prompt=True`, so where the assistant's turn "
-            "begins (after its role header) cannot be told. Build the sequences yourself: records with 'input_ids' and "
-            "'labels' (-100 where nothing is scored); for a query, 'prompt' and 'completion'.")
-
-def _common(a:list, b:list) -> int:
-    "The length of the longest common prefix of `a` and `b`."
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
 # %% ../nbs/00_data.ipynb #0ab677fa
-def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template
+_REPLY = '\u27e6influence_nb: the reply\u27e7'   # stands for a reply's text while the template renders around it
+
+def _render(tokenizer, messages, where:str) -> str:
+    "`messages` rendered to text by the chat template; a conversation the template refuses is a ValueError naming `where`."
+    try: return tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False)
+    except Exception as e:
+        if not type(e).__module__.startswith('jinja2'): raise
+        raise ValueError(f"{where}: the chat template refuses this conversation ({type(e).__name__}: {e}).") from None
+
+def _common_text(a:str, b:str) -> int: return len(os.path.commonprefix([a, b]))
+
+def _reply_chars(full:str, probe:str, content:str) -> tuple[int, int, int]|None:
+    "Where a reply's text starts and ends in `full`, and where its end-of-turn text ends; `probe` is the conversation up to it, rendered with `_REPLY` for its text."
+    at, text = probe.find(_REPLY), content.strip()
+    if at < 0 or not text: return None
+    start = _common_text(probe[:at], full)                       # where the template's text before the reply stops agreeing
+    start += len(full[start:]) - len(full[start:].lstrip())     # (a header the template writes only before the last reply:
+    if not full.startswith(text, start): return None            # Qwen3's empty <think></think>, is not in the whole)
+    end = start + len(text)
+    turn = full[end:end + _common_text(probe[at + len(_REPLY):], full[end:])].rstrip()   # end-of-turn tokens, not what follows
+    return start, end, end + len(turn)
+
+# %% ../nbs/00_data.ipynb #34bab491
+def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (and offsets: a fast tokenizer)
                     messages, # a conversation (`is_conversation`)
                     where:str='conversation', # names it in errors
-                   ) -> tuple[list[int], dict[int, tuple[int, int]]]:
-    """The conversation's tokens as the chat template renders them, and `{message: [lo, hi)}`, the tokens of each assistant reply:
-    from the end of the conversation rendered up to the reply's generation prompt to the end of the conversation rendered
-    up to the reply. A generation prompt's trailing space may merge into the reply's first token ('Assistant: ' + 'Paris'),
-    and what the template writes only after the last message (an end-of-text token) is not the reply's."""
+                   ) -> tuple[list[int], dict[int, tuple[int, int, int]]]:
+    """The conversation's tokens as the chat template renders them, and `{message: (lo, mid, hi)}` for each assistant
+    reply: its text's tokens are `[lo, mid)`, and with the end-of-turn tokens the template writes after it, `[lo, hi)`.
+    Each reply is found in the rendered text where the template puts a stand-in for it, so a template with or without a
+    generation prompt, one that writes a header only before the last reply, and a reply's first token taking the space
+    before it all give the reply's own tokens. An opening assistant message answers nothing, and is context."""
     _need_template(tokenizer, where)
     messages = [dict(m) for m in messages]
-    ids, spans = _chat_ids(tokenizer, messages, where), {}
+    full, ids = _render(tokenizer, messages, where), _chat_ids(tokenizer, messages, where)
+    try: enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError): enc = None
+    if enc is None or list(enc['input_ids']) != ids:
+        raise ValueError(f"{where}: this tokenizer does not give the offsets of the chat template's tokens in its text (a fast "
+                         "tokenizer does), so the replies cannot be found among them. Build the sequence yourself: a record "
+                         "with 'input_ids' and 'labels' (-100 where nothing is scored).")
+    offs, spans = enc['offset_mapping'], {}
     for i, m in enumerate(messages):
-        if m['role'] != 'assistant' or i == 0: continue    # an opening assistant message answers nothing: context
-        head = _chat_ids(tokenizer, messages[:i], where, add_generation_prompt=True)
-        if head == _chat_ids(tokenizer, messages[:i], where): raise ValueError(_no_generation_prompt(where))
-        upto = _chat_ids(tokenizer, messages[:i + 1], where)
-        lo, hi = _common(head, ids), _common(upto, ids)
-        if tokenizer.decode(head[lo:]).strip() or tokenizer.decode(upto[hi:], skip_special_tokens=True).strip() or hi <= lo:
-            raise ValueError(f"{where}: the chat template does not render the conversation up to message {i} as the start of "
-                             "the whole, so the assistant's tokens cannot be told apart. Build the sequence yourself: a "
-                             "record with 'input_ids' and 'labels' (-100 where nothing is scored).")
-        spans[i] = (lo, hi)
+        if m['role'] != 'assistant' or i == 0 or not m['content'].strip(): continue
+        chars = _reply_chars(full, _render(tokenizer, messages[:i] + [{**m, 'content': _REPLY}], where), m['content'])
+        if chars is None:
+            raise ValueError(f"{where}: the assistant reply at position {i} (0-based), {m['content'][:40]!r}, is not where the chat "
+                             "template renders it, so its tokens cannot be told apart. Build the sequence yourself: a record with "
+                             "'input_ids' and 'labels' (-100 where nothing is scored).")
+        start, end, turn = chars
+        lo = next(k for k, (a, b) in enumerate(offs) if b > start)          # (a token taking the space before the reply: in)
+        mid = max(k for k, (a, b) in enumerate(offs) if a < end) + 1
+        hi = max([mid] + [k + 1 for k, (a, b) in enumerate(offs[mid:], mid) if b <= turn])   # whole end-of-turn tokens only,
+        while hi > mid and not full[offs[hi - 1][0]:offs[hi - 1][1]].strip(): hi -= 1       # not the whitespace after them
+        spans[i] = (lo, mid, hi)
     return ids, spans
 
 def chat_sequence(tokenizer, # a Hugging Face tokenizer with a chat template
@@ -489,12 +513,12 @@ def chat_sequence(tokenizer, # a Hugging Face tokenizer with a chat template
                   scored_from:int=0, # replies before this message are context (a prompt-completion pair's prompt)
                  ) -> dict:
     """A training sequence from a conversation: its tokens as the chat template renders them; the assistant's replies are
-    scored (their text and the template's end-of-turn tokens, `assistant_spans`), the rest is context, as in supervised
+    scored (their text and the template's end-of-turn tokens after it, `assistant_spans`), the rest is context, as in supervised
     fine-tuning (an opening assistant message, which answers nothing, too)."""
     ids, spans = assistant_spans(tokenizer, messages, where)
     labels = [IGNORE_INDEX] * len(ids)
     spans = {i: s for i, s in spans.items() if i >= scored_from}
-    for lo, hi in spans.values(): labels[lo:hi] = ids[lo:hi]
+    for lo, _, hi in spans.values(): labels[lo:hi] = ids[lo:hi]
     if not spans:
         raise ValueError(f"{where} has no assistant message after another message: nothing in it is scored (the assistant's "
                          "replies are what fine-tuning trains on).")
@@ -513,11 +537,9 @@ def chat_query(tokenizer, # a Hugging Face tokenizer with a chat template
                          f"completion measured; its last message is the {messages[-1]['role']!r} one"
                          + (" and nothing comes before it." if len(messages) < 2 else "."))
     ids, spans = assistant_spans(tokenizer, messages, where)
-    lo, hi = spans[len(messages) - 1]
-    special = set(tokenizer.all_special_ids) | {i for i, t in getattr(tokenizer, 'added_tokens_decoder', {}).items() if t.special}
-    while hi > lo and (ids[hi - 1] in special or not tokenizer.decode(ids[hi - 1:hi]).strip()): hi -= 1
-    if hi == lo: raise ValueError(f"{where}: the assistant's answer is empty: there is nothing to measure.")
-    return {'input_ids': ids[:hi], 'labels': [IGNORE_INDEX] * lo + ids[lo:hi]}
+    if len(messages) - 1 not in spans: raise ValueError(f"{where}: the assistant's answer is empty: there is nothing to measure.")
+    lo, mid, _ = spans[len(messages) - 1]                     # the answer's own tokens: not the end of its turn
+    return {'input_ids': ids[:mid], 'labels': [IGNORE_INDEX] * lo + ids[lo:mid]}
 
 def chat_pair(tokenizer, # a Hugging Face tokenizer with a chat template
               messages, # a conversation ending with the assistant's answer
@@ -525,7 +547,7 @@ def chat_pair(tokenizer, # a Hugging Face tokenizer with a chat template
              ) -> tuple[str, str]:
     "`(prompt, completion)` texts of `chat_query`'s tokens, as a person reads the query (its tokens are `chat_query`'s)."
     q = chat_query(tokenizer, messages, where)
-    lo = q['labels'].index(next(t for t in q['labels'] if t != IGNORE_INDEX))
+    lo = q['labels'].count(IGNORE_INDEX)
     return tokenizer.decode(q['input_ids'][:lo]), tokenizer.decode(q['input_ids'][lo:])
 
 # %% ../nbs/00_data.ipynb #fb3dc069

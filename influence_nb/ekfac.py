@@ -164,6 +164,7 @@ def model_changes(bound:dict, model) -> list[str]:
     out += [f'{n} (missing now)' for n in a if n not in b] + [f'{n} (new)' for n in b if n not in a]
     ca, cb = bound.get('config', {}), now['config']
     out += [f'config.{k}' for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
+    if 'adapters' in now and 'adapters' not in bound: out.append('which peft adapters run (not recorded when these factors were fitted)')
     aa, ab = bound.get('adapters', {}), now.get('adapters', {})
     out += [f'the adapters running in {n} ({aa.get(n, [])} when fitted, {ab.get(n, [])} now)' for n in sorted(set(aa) | set(ab))
             if aa.get(n, []) != ab.get(n, [])][:3]

@@ -194,6 +194,8 @@ def adapter_parts(model:nn.Module) -> dict:
     copy that runs: trained whole)."""
     out = {'matrices': [], 'lora': [], 'idle': [], 'scaled': [], 'unsupported': [], 'other': [], 'unused': _unused(model)}
     copies = [f'{n}.modules_to_save.' for n in dict(model.named_modules()) if n + '.original_module' in out['unused']]
+    out['copies'] = [c + n.rsplit('.', 1)[1] for c in copies for n in dict(model.named_modules()) if n.startswith(c)
+                     and '.' not in n[len(c):] and not _under(n, out['unused'])]          # the copies that run
     out['saved'] = [n for n, m in model.named_modules() if is_trackable(m) and n.startswith(tuple(copies)) and not _under(n, out['unused'])]
     for n, t in _tuners(model).items():
         live = _live(t); adds = _adds(t, live)
@@ -394,7 +396,11 @@ def _keyword_names(model:nn.Module, modules:str, cands:dict, warn:bool=True, par
     if warn and (head := [n for n in parts['lora'] if n not in cands]):
         warnings.warn(f"modules='lora' leaves out the LM head's adapter {head}: the head is never tracked (its output factor "
                       "is vocabulary × vocabulary).", stacklevel=3)
-    return [n for n in cands if n in {*parts['lora'], *parts['saved']}]   # and the layers peft trains whole (`modules_to_save`)
+    names = [n for n in cands if n in {*parts['lora'], *parts['saved']}]   # and the layers peft trains whole (`modules_to_save`)
+    if warn and (left := [c for c in parts['copies'] if not any(_under(n, [c]) for n in names)]):
+        warnings.warn(f"modules='lora' leaves out what peft trains whole here but influence_nb does not track: {left[:4]} (an "
+                      "embedding, or the LM head, is not a tracked layer).", stacklevel=3)
+    return names
 
 def _refuse_adapters(parts:dict, names:list[str]):
     "Raise if `names` holds layers of adapters influence_nb cannot track as they run, saying why and what to do instead."

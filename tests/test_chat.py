@@ -56,7 +56,7 @@ def test_only_the_assistant_turns_are_scored_and_scores_equal_autograd(case):
     train = inf.tokenize(tok, case['convs'])
     for s, conv in zip(train, case['convs']):
         assert s['input_ids'].tolist() == tok.apply_chat_template(conv, tokenize=True)['input_ids']
-        assert tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == conv[-1]['content'] + '<|end|>\n'
+        assert tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == conv[-1]['content'] + '<|end|>'
     q = inf.as_sequences([chat_query(tok, conversation('france', 'paris', system=False))])
     assert chat_pair(tok, conversation('france', 'paris', system=False))[1] == 'paris'
     assert tok.decode(q[0]['input_ids'][q[0]['labels'] != IGNORE_INDEX]) == 'paris'
@@ -134,15 +134,25 @@ def test_the_explorer_names_a_record_with_nothing_to_score_by_its_line(case, tmp
     with pytest.raises(ValueError, match=r"record 1, id 'b' \(c.jsonl, line 2\)"):
         run_query(s, s.custom, query_id='q0', prefilter=False)
 
-def test_an_opening_assistant_message_is_context_and_a_template_without_a_generation_prompt_is_refused(case):
+def test_an_opening_assistant_message_is_context_and_a_template_without_a_generation_prompt_works(case):
     tok = case['tok']
     conv = [{'role': 'assistant', 'content': 'hello'}] + conversation('spain', 'madrid', system=False)
     s = inf.tokenize(tok, [conv])[0]
-    assert tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == 'madrid<|end|>\n'
-    bare = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token='<|bos|>', eos_token='<|end|>')
-    bare.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-    for call in (lambda: inf.tokenize(bare, [conversation('spain', 'madrid')]), lambda: chat_pair(bare, conversation('spain', 'madrid'))):
-        with pytest.raises(ValueError, match='writes nothing for `add_generation_prompt=True`'): call()
+    assert tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == 'madrid<|end|>'
+    mistral = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token='<|bos|>', eos_token='<|end|>')
+    mistral.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
+                             "<|assistant|>{% else %}{{ m['content'] }}<|end|>{% endif %}{% endfor %}")   # no generation prompt
+    two = conversation('spain', 'madrid', system=False) + conversation('peru', 'lima', system=False)
+    s = inf.tokenize(mistral, [two])[0]
+    assert s['input_ids'].tolist() == mistral.apply_chat_template(two, tokenize=True)['input_ids']
+    assert mistral.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == 'madrid<|end|>lima<|end|>'
+    q = chat_query(mistral, two)
+    assert mistral.decode([t for t in q['labels'] if t != IGNORE_INDEX]) == 'lima'
+    llama3 = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token='<|bos|>', eos_token='<|end|>')
+    llama3.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n\n{{ m['content'] | trim }}<|end|>{% endfor %}"
+                            "{% if add_generation_prompt %}<|assistant|>\n\n{% endif %}")   # blank lines the reply does not own
+    s = inf.tokenize(llama3, [two])[0]
+    assert llama3.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == 'madrid<|end|>lima<|end|>'
 
 def test_a_written_bos_keeps_the_end_tokens_and_counts_as_cut(case):
     tok = case['tok']
@@ -198,7 +208,7 @@ def test_a_conversation_the_template_refuses_is_named_and_can_be_skipped(case, t
     assert rc == 0, err
     from influence_nb.search import ScanResult
     r = ScanResult.load(tmp_path/'r.parquet')
-    assert r.n_skipped == 3 and set(r.indices[0].tolist()) <= {1, 3, 5}, (r.n_skipped, r.indices)   # those with a system message: skipped
+    assert r.n_skipped == 3 and len(r.indices[0]) == 2 and set(r.indices[0].tolist()) <= {1, 3, 5}, (r.n_skipped, r.indices)   # those with a system message: skipped
 
 def test_a_conversation_cut_before_its_reply_is_named_as_such(case, tmp_path):
     d = case['dir']
@@ -226,7 +236,7 @@ def test_prompt_completion_records_score_the_completion_only(case, tmp_path):
                  'completion': [{'role': 'assistant', 'content': 'madrid'}]}
     s = inf.tokenize(tok, [conv_pair])[0]
     assert s['input_ids'].tolist() == tok.apply_chat_template(conv_pair['prompt'] + conv_pair['completion'], tokenize=True)['input_ids']
-    assert tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == 'madrid<|end|>\n'    # the prompt's 'rome' is context
+    assert tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == 'madrid<|end|>'    # the prompt's 'rome' is context
     assert shown_text(pairs[0]) == 'what is the capital of france? paris'
     (tmp_path/'pairs.jsonl').write_text(''.join(json.dumps(p) + '\n' for p in pairs))
     rc, _, err = randdata.cli_run('fit-factors', '--model', case['dir']/'model', '--data', tmp_path/'pairs.jsonl', '--out',

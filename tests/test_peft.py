@@ -237,3 +237,17 @@ def test_lora_tracks_what_the_adapter_trains_and_factors_know_its_scaling():
     m.base_model.model.model.layers[0].mlp.up_proj.scaling['default'] *= 4          # lora_alpha: the same weights
     with pytest.raises(ValueError, match=r"scaling 4\.0\)'\] when fitted, \['default \(scaling 16\.0\)'\] now"):
         inf.pairwise_scores(m, f, queries, train, progress=False)
+
+def test_lora_names_what_peft_trains_whole_but_cannot_be_tracked_and_old_factors_say_why():
+    torch.manual_seed(0)
+    m = get_peft_model(tiny_model('llama', layers=1).double(), LoraConfig(r=2, target_modules=['up_proj'],
+                       modules_to_save=['lm_head', 'embed_tokens'], init_lora_weights=False)).eval()
+    with pytest.warns(UserWarning, match=r"leaves out what peft trains whole .*embed_tokens.modules_to_save.default.*lm_head"):
+        assert len(find_modules(m, 'lora')) == 2
+    train, queries = data()
+    f = inf.fit_factors(m, train, 'identity', modules='lora', progress=False)
+    digest = {k: v for k, v in f.info['model_digest'].items() if k != 'adapters'}    # as factors written before
+    assert 'adapters' in f.info['model_digest']                                      # adapters were recorded
+    old = inf.Factors(**{**f.__dict__, 'info': {**f.info, 'model_digest': digest}})
+    with pytest.raises(ValueError, match='not recorded when these factors were fitted'):
+        inf.pairwise_scores(m, old, queries, train, progress=False)
