@@ -158,13 +158,9 @@ def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
     for i, (where, r) in enumerate(rows):
         qid = None                                                        # named in a refusal once the record has given it
         try:
-            if isinstance(r, Mapping) and 'input_ids' in r and 'prompt' not in r:
-                seq = as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')
-                name = query_record(where, {**r, 'prompt': '', 'completion': '-'}, i)['id']   # checks the 'id' field
-            else:
-                q = query_record(where, r, i, tok); qid = q['id']   # (a conversation: its template's tokens)
-                seq = as_sequences([{k: q[k] for k in ('input_ids', 'labels')}], 'record') if 'input_ids' in q else _tokenize_query(tok, q, where)
-                name = q['id']
+            q = query_record(where, r, i, tok); qid = q['id']     # token ids, or a conversation's: its template's tokens
+            seq = as_sequences([{k: q[k] for k in ('input_ids', 'labels')}], 'record') if 'input_ids' in q else _tokenize_query(tok, q, where)
+            name = q['id']
             if model is not None: seq = check_sequences(model, seq, 'record')          # vocabulary and context
             require_scored(seq, 'record')
         except (ValueError, TypeError) as e:

@@ -435,13 +435,13 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
     return seqs
 
 # %% ../nbs/00_data.ipynb #9a32a403
-def _chat_ids(tokenizer, messages, where:str='conversation', **kw) -> list[int]:
-    "The tokens `apply_chat_template` gives `messages`; a conversation the template refuses is a ValueError naming `where`."
-    try: out = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=True, **kw)
+def _apply_template(tokenizer, messages, where:str='conversation', tokenize:bool=True):
+    "`apply_chat_template` on `messages`: its tokens, or (`tokenize=False`) its text; a template's refusal is a ValueError naming `where`."
+    try: out = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=tokenize)
     except Exception as e:
         if not type(e).__module__.startswith('jinja2'): raise
         raise ValueError(f"{where}: the chat template refuses this conversation ({type(e).__name__}: {e}).") from None
-    return list(out['input_ids'] if isinstance(out, Mapping) else out)
+    return out if not tokenize else list(out['input_ids'] if isinstance(out, Mapping) else out)
 
 def _need_template(tokenizer, where:str):
     if not getattr(tokenizer, 'chat_template', None):
@@ -451,13 +451,6 @@ def _need_template(tokenizer, where:str):
 
 # %% ../nbs/00_data.ipynb #0ab677fa
 _REPLY = '\u27e6influence_nb: the reply\u27e7'   # stands for a reply's text while the template renders around it
-
-def _render(tokenizer, messages, where:str) -> str:
-    "`messages` rendered to text by the chat template; a conversation the template refuses is a ValueError naming `where`."
-    try: return tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False)
-    except Exception as e:
-        if not type(e).__module__.startswith('jinja2'): raise
-        raise ValueError(f"{where}: the chat template refuses this conversation ({type(e).__name__}: {e}).") from None
 
 def _common_text(a:str, b:str) -> int: return len(os.path.commonprefix([a, b]))
 
@@ -484,7 +477,7 @@ def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (
     before it all give the reply's own tokens. An opening assistant message answers nothing, and is context."""
     _need_template(tokenizer, where)
     messages = [dict(m) for m in messages]
-    full, ids = _render(tokenizer, messages, where), _chat_ids(tokenizer, messages, where)
+    full, ids = _apply_template(tokenizer, messages, where, tokenize=False), _apply_template(tokenizer, messages, where)
     try: enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError): enc = None
     if enc is None or list(enc['input_ids']) != ids:
@@ -494,7 +487,7 @@ def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (
     offs, spans = enc['offset_mapping'], {}
     for i, m in enumerate(messages):
         if m['role'] != 'assistant' or i == 0 or not m['content'].strip(): continue
-        chars = _reply_chars(full, _render(tokenizer, messages[:i] + [{**m, 'content': _REPLY}], where), m['content'])
+        chars = _reply_chars(full, _apply_template(tokenizer, messages[:i] + [{**m, 'content': _REPLY}], where, tokenize=False), m['content'])
         if chars is None:
             raise ValueError(f"{where}: the assistant reply at position {i} (0-based), {m['content'][:40]!r}, is not where the chat "
                              "template renders it, so its tokens cannot be told apart. Build the sequence yourself: a record with "

@@ -172,17 +172,21 @@ def _adds(t:nn.Module, live:list[str]) -> bool:
     lora, dora = isinstance(getattr(t, 'lora_A', None), nn.ModuleDict), getattr(t, 'use_dora', None) or {}   # (peft < 0.15: no variants)
     return not live or (lora and not any(a in getattr(t, 'lora_variant', {}) or dora.get(a) for a in live))
 
-def _unused(model:nn.Module) -> list[str]:
-    "Modules peft keeps beside the one that runs (`modules_to_save`: the original, or an inactive adapter's copy): never called."
-    out = []
+def _saved(model:nn.Module) -> dict[str, str]:
+    "peft's `modules_to_save` wrappers by name, each with its copy that runs (the original when no adapter's copy is active)."
+    out = {}
     for n, w in model.named_modules():
         if not (isinstance(getattr(w, 'original_module', None), nn.Module) and isinstance(getattr(w, 'modules_to_save', None), nn.ModuleDict)):
             continue
         act = [w.active_adapters] if isinstance(w.active_adapters, str) else list(w.active_adapters)
         off = getattr(w, 'disable_adapters', False) or not act or any(a not in w.modules_to_save for a in act)
-        run = f'{n}.original_module' if off else f'{n}.modules_to_save.{act[0]}'
-        out += [x for x in [f'{n}.original_module', *(f'{n}.modules_to_save.{a}' for a in w.modules_to_save)] if x != run]
+        out[n] = f'{n}.original_module' if off else f'{n}.modules_to_save.{act[0]}'
     return out
+
+def _unused(model:nn.Module) -> list[str]:
+    "Modules peft keeps beside the one that runs (`modules_to_save`: the original, or an inactive adapter's copy): never called."
+    return [x for n, run in _saved(model).items()
+            for x in (f'{n}.original_module', *(f'{n}.modules_to_save.{a}' for a in model.get_submodule(n).modules_to_save)) if x != run]
 
 # %% ../nbs/03_modules.ipynb #8f3032f6
 def adapter_parts(model:nn.Module) -> dict:
@@ -193,10 +197,8 @@ def adapter_parts(model:nn.Module) -> dict:
     magnitudes); `unused` (what `modules_to_save` keeps beside the copy that runs) and `saved` (the trackable layers of the
     copy that runs: trained whole)."""
     out = {'matrices': [], 'lora': [], 'idle': [], 'scaled': [], 'unsupported': [], 'other': [], 'unused': _unused(model)}
-    copies = [f'{n}.modules_to_save.' for n in dict(model.named_modules()) if n + '.original_module' in out['unused']]
-    out['copies'] = [c + n.rsplit('.', 1)[1] for c in copies for n in dict(model.named_modules()) if n.startswith(c)
-                     and '.' not in n[len(c):] and not _under(n, out['unused'])]          # the copies that run
-    out['saved'] = [n for n, m in model.named_modules() if is_trackable(m) and n.startswith(tuple(copies)) and not _under(n, out['unused'])]
+    out['copies'] = [run for run in _saved(model).values() if not run.endswith('.original_module')]   # trained whole
+    out['saved'] = [n for n, m in model.named_modules() if is_trackable(m) and _under(n, out['copies'])]
     for n, t in _tuners(model).items():
         live = _live(t); adds = _adds(t, live)
         if not is_trackable(t.base_layer): out['unsupported'].append(n); continue
@@ -213,12 +215,7 @@ def adapter_state(model:nn.Module) -> dict[str, list[str]]:
     "Which peft adapters run where (`{tuner layer: live adapters}`, and the `modules_to_save` copy that runs): `{}` without peft."
     scale = lambda t, a: f"{a} (scaling {getattr(t, 'scaling', {}).get(a)})"   # lora_alpha / r: same weights, another model
     out = {n: sorted(scale(t, a) for a in _live(t)) for n, t in _tuners(model).items()}
-    unused = set(_unused(model))
-    for n, w in model.named_modules():
-        if isinstance(getattr(w, 'original_module', None), nn.Module) and isinstance(getattr(w, 'modules_to_save', None), nn.ModuleDict):
-            out[n] = [x.rsplit('.', 1)[1] for x in (f'{n}.original_module', *(f'{n}.modules_to_save.{a}' for a in w.modules_to_save))
-                      if x not in unused]
-    return out
+    return out | {n: [run.rsplit('.', 1)[1]] for n, run in _saved(model).items()}
 
 def _under(name:str, prefixes) -> bool: return any(name == p or name.startswith(p + '.') for p in prefixes)
 
@@ -348,9 +345,9 @@ def _mlp_refusal(model) -> str|None:
     try: find_modules(model, 'mlp', warn=False); return None
     except ValueError as e: return str(e).split('. ')[0]
 
-def _warn_left_out(model, names, what='`modules`'):
+def _warn_left_out(model, names, what='`modules`', parts:dict|None=None):
     "For a list spanning several blocks: raise if the blocks it touches yield different kinds, warn about what it leaves out."
-    parts = adapter_parts(model)                                   # LoRA matrices (and the layers peft trains whole): a
+    parts = parts or adapter_parts(model)                          # LoRA matrices (and the layers peft trains whole): a
     if set(names) <= {*parts['matrices'], *parts['saved']}: return  # choice of what the adapter trains, not of MLPs
     cov, left, cannot = block_coverage(model, names), {}, {}
     touched = [b for b, c in cov.items() if c['kinds']]
@@ -381,7 +378,7 @@ def _keyword_names(model:nn.Module, modules:str, cands:dict, warn:bool=True, par
     plain = {n: layer for n, layer in cands.items() if n not in set(parts['matrices'])}
     if modules == 'mlp': return _mlp_names(model, plain)
     if modules == 'all':
-        if warn: _warn_left_out(model, list(plain), "modules='all'")   # feed-forward weights no trackable layer covers
+        if warn: _warn_left_out(model, list(plain), "modules='all'", parts)   # feed-forward weights no trackable layer covers
         return list(plain)
     if modules != 'lora': return None
     if parts['scaled'] or parts['unsupported']: _refuse_adapters(parts, parts['scaled'] + parts['unsupported'])
@@ -511,7 +508,7 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
         if len(set(names)) != len(names): raise ValueError(f"`modules` lists a layer twice: {names}.")
         order = {n: i for i, n in enumerate(cands)}
         names = sorted(names, key=order.get)
-        if warn: _warn_left_out(model, names)
+        if warn: _warn_left_out(model, names, parts=parts)
     if not names: raise ValueError(f"modules={modules!r} selected no layer of {type(model).__name__}; candidates: {list(cands)}")
     _refuse_adapters(parts, names)
     out = [cands[n] for n in names]
