@@ -18,7 +18,7 @@ from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
 from .scores import pairwise_scores
 from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text
-from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where, _same_as
+from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
 # %% auto #0
 __all__ = ['token_heatmap_for', 'demo', 'build_parser', 'main']
@@ -132,11 +132,6 @@ def demo(model_name:str='gpt2-l', # bundled model
 def _again(e: Exception, msg: str) -> Exception:
     "`e` re-worded: the same kind of error (FileNotFoundError, TypeError or ValueError) with message `msg`."
     return next(t for t in (FileNotFoundError, TypeError, ValueError, Exception) if isinstance(e, t))(msg)
-
-def _reword(e) -> str:
-    "A message about `name[0]` (one record checked on its own) as one about *this* record and its field."
-    msg = re.sub(r"^\w+\[0\]\['(\w+)'\]", r"field '\1'", str(e))
-    return re.sub(r"^\w+\[0\]", 'the record', msg)
 
 _ONE_PAIR = re.compile(r"^1 of 1 pairs \(the first: pairs\[0\], (.*?)\): ", re.S)
 

@@ -111,6 +111,11 @@ def query_rows(queries, # a collection of query rows, or a JSONL path
     if not rows: raise ValueError(f"{p.name} holds no queries: write one JSON object per line with 'prompt' and 'completion'.")
     return rows
 
+def _reword(e) -> str:
+    "A message about `name[0]` (one record checked on its own) as one about *this* record and its field."
+    msg = re.sub(r"^\w+\[0\]\['(\w+)'\]", r"field '\1'", str(e))
+    return re.sub(r"^\w+\[0\]", 'the record', msg)
+
 def _query_fields(where:str, q:Mapping, tokenizer) -> dict:
     "A query row given as a conversation ('messages') or as token ids ('input_ids', 'labels'): its prompt and completion texts."
     if 'messages' in q:
@@ -119,8 +124,8 @@ def _query_fields(where:str, q:Mapping, tokenizer) -> dict:
         if tokenizer is None: return {}
         q = chat_query(tokenizer, q['messages'], where)        # the template's tokens: then shown as text, as token ids are
     try: s = as_sequence({k: q[k] for k in ('input_ids', 'labels', 'attention_mask') if k in q}, 0, 'record')
-    except (ValueError, TypeError) as e: raise type(e)(f"{where}: {str(e).replace('record[0]', 'the record')}") from None
-    if n_scored(s) == 0: raise ValueError(f"{where}: its labels score no token: label the completion's tokens (-100 on the prompt).")
+    except (ValueError, TypeError) as e: raise type(e)(f"{where}: {_reword(e)}") from None
+    if n_scored(s) == 0: raise ValueError(f"{where}: the record has no scored token: label the completion's tokens (-100 on the prompt).")
     ids, scored = s['input_ids'].tolist(), (s['labels'] != -100).nonzero()
     cut = int(scored[0])                                              # the completion: from the first scored token
     text = lambda x: tokenizer.decode(x) if tokenizer is not None else ' '.join(map(str, x))

@@ -110,7 +110,7 @@ def test_the_explorer_takes_conversations_and_token_id_queries(case):
     assert torch.allclose(torch.tensor(res[0].scores)[order], api_scores(case, 'identity'), rtol=1e-9, atol=0)
     for _, row in res[0].top.iterrows():                                        # shown as 'role: content' lines
         assert row['text'] == shown_text(case['convs'][row['train_index']]) and row['text'].count('\n') >= 1
-    with pytest.raises(ValueError, match="its labels score no token"):
+    with pytest.raises(ValueError, match="the record has no scored token"):
         ExplorerSession(model=m, tokenizer=tok, corpus=['a b'], queries=[{'input_ids': [1, 2, 3], 'labels': [-100] * 3}])
 
 def test_a_byte_order_mark_opening_a_corpus_file_is_not_text(tmp_path):
