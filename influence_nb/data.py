@@ -272,10 +272,11 @@ def cut_texts(tokenizer, # the tokenizer that made `ids`
 
 # %% ../nbs/00_data.ipynb #6681caa3
 def is_conversation(x) -> bool:
-    "A chat as `apply_chat_template` takes it: a non-empty list of messages, mappings with a string 'role' and 'content'."
+    "A chat as `apply_chat_template` takes it: a non-empty list of messages, mappings with a string 'role' and 'content' (or, for a tool call, 'tool_calls' and no content)."
     if isinstance(x, np.ndarray): x = list(x)                       # a Parquet list column
     return (isinstance(x, (list, tuple)) and len(x) > 0 and
-            all(isinstance(m, Mapping) and isinstance(m.get('role'), str) and isinstance(m.get('content'), str) for m in x))
+            all(isinstance(m, Mapping) and isinstance(m.get('role'), str)
+                and (isinstance(m.get('content'), str) or (m.get('content') is None and bool(m.get('tool_calls')))) for m in x))
 
 def is_pair(x) -> bool:
     "A prompt-completion training record (TRL's format): a mapping whose 'prompt' and 'completion' are both texts or both conversations."
@@ -297,7 +298,7 @@ def text_value(record:Mapping, # a corpus record
 def shown_text(x) -> str:
     "A record's text as tables show it: a text as it is, a conversation one 'role: content' line per message, a pair both."
     if is_pair(x): return shown_text(x['prompt']) + ('\n' if is_conversation(x['prompt']) else '') + shown_text(x['completion'])
-    return '\n'.join(f"{m['role']}: {m['content']}" for m in x) if is_conversation(x) else x
+    return '\n'.join(f"{m['role']}: {m.get('content') or json.dumps(m.get('tool_calls'), ensure_ascii=False)}" for m in x) if is_conversation(x) else x
 
 # %% ../nbs/00_data.ipynb #1ea407ef
 def text_sequences(tokenizer, # a Hugging Face tokenizer
@@ -455,15 +456,18 @@ _REPLY = '\u27e6influence_nb: the reply\u27e7'   # stands for a reply's text whi
 def _common_text(a:str, b:str) -> int: return len(os.path.commonprefix([a, b]))
 
 def _reply_chars(full:str, probe:str, content:str) -> tuple[int, int, int]|None:
-    "Where a reply's text starts and ends in `full`, and where its end-of-turn text ends; `probe` is the conversation up to it, rendered with `_REPLY` for its text."
+    """Where a reply's text starts and ends in `full`, and where its turn ends (end-of-turn tokens, or a tool call the
+    template writes after an empty text); `probe` is the conversation up to it, rendered with `_REPLY` for its text."""
     at, text = probe.find(_REPLY), content.strip()
-    if at < 0 or not text: return None
-    start = _common_text(probe[:at], full)                       # where the template's text before the reply stops agreeing
-    start += len(full[start:]) - len(full[start:].lstrip())     # (a header the template writes only before the last reply:
-    if not full.startswith(text, start): return None            # Qwen3's empty <think></think>, is not in the whole)
-    end = start + len(text)
-    turn = full[end:end + _common_text(probe[at + len(_REPLY):], full[end:])].rstrip()   # end-of-turn tokens, not what follows
-    return start, end, end + len(turn)
+    if at < 0: return None
+    base = _common_text(probe[:at], full)                        # where the template's text before the reply stops agreeing
+    start = base + len(full[base:]) - len(full[base:].lstrip())  # (a header the template writes only before the last reply:
+    if text and not full.startswith(text, start): return None   # Qwen3's empty <think></think>, is not in the whole)
+    end = start + len(text) if text else base
+    tail = content[len(content.rstrip()):]                       # the reply's own trailing whitespace, where the template keeps it
+    after = end + len(tail) if text and tail and full.startswith(tail, end) else end
+    turn = full[after:after + _common_text(probe[at + len(_REPLY):], full[after:])].rstrip()   # not what follows the turn
+    return start, end, (after + len(turn)) if turn else end
 
 # %% ../nbs/00_data.ipynb #34bab491
 def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (and offsets: a fast tokenizer)
@@ -486,15 +490,17 @@ def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (
                          "with 'input_ids' and 'labels' (-100 where nothing is scored).")
     offs, spans = enc['offset_mapping'], {}
     for i, m in enumerate(messages):
-        if m['role'] != 'assistant' or i == 0 or not m['content'].strip(): continue
-        chars = _reply_chars(full, _apply_template(tokenizer, messages[:i] + [{**m, 'content': _REPLY}], where, tokenize=False), m['content'])
+        text = m.get('content') or ''
+        if m['role'] != 'assistant' or i == 0 or not (text.strip() or m.get('tool_calls')): continue
+        chars = _reply_chars(full, _apply_template(tokenizer, messages[:i] + [{**m, 'content': _REPLY}], where, tokenize=False), text)
         if chars is None:
-            raise ValueError(f"{where}: the assistant reply at position {i} (0-based), {m['content'][:40]!r}, is not where the chat "
+            raise ValueError(f"{where}: the assistant reply at position {i} (0-based), {text[:40]!r}, is not where the chat "
                              "template renders it, so its tokens cannot be told apart. Build the sequence yourself: a record with "
                              "'input_ids' and 'labels' (-100 where nothing is scored).")
         start, end, turn = chars
+        if turn <= start: continue                                          # nothing of it rendered
         lo = next(k for k, (a, b) in enumerate(offs) if b > start)          # (a token taking the space before the reply: in)
-        mid = max(k for k, (a, b) in enumerate(offs) if a < end) + 1
+        mid = max(k for k, (a, b) in enumerate(offs) if a < end) + 1 if end > start else lo   # (a tool call: no text)
         hi = max([mid] + [k + 1 for k, (a, b) in enumerate(offs[mid:], mid) if b <= turn])   # whole end-of-turn tokens only,
         while hi > mid and not full[offs[hi - 1][0]:offs[hi - 1][1]].strip(): hi -= 1       # not the whitespace after them
         spans[i] = (lo, mid, hi)
@@ -530,8 +536,9 @@ def chat_query(tokenizer, # a Hugging Face tokenizer with a chat template
                          f"completion measured; its last message is the {messages[-1]['role']!r} one"
                          + (" and nothing comes before it." if len(messages) < 2 else "."))
     ids, spans = assistant_spans(tokenizer, messages, where)
-    if len(messages) - 1 not in spans: raise ValueError(f"{where}: the assistant's answer is empty: there is nothing to measure.")
-    lo, mid, _ = spans[len(messages) - 1]                     # the answer's own tokens: not the end of its turn
+    lo, mid, _ = spans.get(len(messages) - 1, (0, 0, 0))       # the answer's own tokens: not the end of its turn
+    if mid <= lo: raise ValueError(f"{where}: the assistant's answer has no text (empty, or a tool call): there is nothing to "
+                                   "measure; pass the query's 'prompt' and 'completion' yourself.")
     return {'input_ids': ids[:mid], 'labels': [IGNORE_INDEX] * lo + ids[lo:mid]}
 
 def chat_pair(tokenizer, # a Hugging Face tokenizer with a chat template

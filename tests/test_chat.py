@@ -248,3 +248,22 @@ def test_prompt_completion_records_score_the_completion_only(case, tmp_path):
     for n in g.modules:
         for k in ('lS', 'Lambda'):                       # (saved factors keep the eigendecompositions, not A and S)
             assert torch.allclose(f.tensors[n][k], g.tensors[n][k], rtol=1e-9, atol=0), (n, k)
+
+def test_a_reply_ending_in_whitespace_keeps_its_end_token_and_a_tool_call_turn_is_scored(case):
+    tok = case['tok']
+    conv = [{'role': 'user', 'content': 'capital of peru?'}, {'role': 'assistant', 'content': 'lima\n'},
+            {'role': 'user', 'content': 'and spain?'}, {'role': 'assistant', 'content': 'madrid '}]
+    s = inf.tokenize(tok, [conv])[0]                   # the template keeps the reply as written, whitespace and all
+    assert tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == 'lima\n<|end|>madrid <|end|>'
+    assert tok.decode([t for t in chat_query(tok, conv)['labels'] if t != IGNORE_INDEX]) == 'madrid'
+    tools = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token='<|bos|>', eos_token='<|end|>')
+    tools.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{% if m.content %}{{ m.content }}{% endif %}"
+                           "{% if m.tool_calls %}[call {{ m.tool_calls[0].name }}]{% endif %}<|end|>\n{% endfor %}"
+                           "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    call = [{'role': 'user', 'content': 'weather in lima?'}, {'role': 'assistant', 'content': None, 'tool_calls': [{'name': 'weather'}]},
+            {'role': 'tool', 'content': 'sunny'}, {'role': 'assistant', 'content': 'it is sunny'}]
+    s = inf.tokenize(tools, [call])[0]
+    assert s['input_ids'].tolist() == tools.apply_chat_template(call, tokenize=True)['input_ids']
+    assert tools.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == '[call weather]<|end|>it is sunny<|end|>'
+    assert shown_text(call).splitlines()[1] == 'assistant: [{"name": "weather"}]'
+    with pytest.raises(ValueError, match='has no text \\(empty, or a tool call\\)'): chat_query(tools, call[:2])
