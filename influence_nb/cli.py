@@ -11,7 +11,7 @@ import torch
 import pandas as pd
 from .data import (cut_texts, corpus_lines, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
-                               read_corpus, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
+                               read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, DTYPES)
 from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from . import memory
@@ -183,32 +183,46 @@ def _record_fields(rec:dict, prefix='') -> list[str]:
     return [p for k, v in rec.items() for p in [prefix + k] + (_record_fields(v, prefix + k + '.') if isinstance(v, dict) else [])]
 
 # %% ../nbs/13_cli.ipynb #c16b0001
-def _corpus(a, tok, model, flag='--data'):
-    "The sequences of the corpus file named by `flag` (texts truncated to the context or --max-length), checked for `model`."
-    path = Path(getattr(a, flag.strip('-').replace('-', '_')))
+def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int]]:
+    "`(sequences, positions)` of the corpus file named by `flag` (texts cut to the context or --max-length), checked for `model`: each sequence's record index in the file (blank lines not counted; records left out by --skip-bad-records leave gaps)."
+    path, skip = Path(getattr(a, flag.strip('-').replace('-', '_'))), getattr(a, 'skip_bad_records', False)
     n = getattr(a, 'max_length', None) or context_length(model, tok)
-    try: recs = read_corpus(path, a.text_field)                            # names the file and line of a bad line
+    try: entries = list(corpus_entries(path, a.text_field))
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"{flag} {e}") from None
+    bad = [(where, why) for where, _, why in entries if why]                   # read-level: not JSON, no text field, ...
+    if bad and not skip: raise ValueError(f"{flag} {path.name}, {bad[0][0]}: {bad[0][1]}. {_SKIP_ADVICE}")
+    pos = [j for j, (_, r, _) in enumerate(entries) if r is not None]
+    recs = [entries[j][1] for j in pos]
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', TruncatedTextsWarning)                   # `_say_truncated` names the file and line instead
         try:
-            seqs = check_sequences(model, corpus_sequences(recs, tok, n), 'corpus')
-            require_scored(seqs, 'corpus')
-            _say_truncated(recs, seqs, tok, n, flag, path)
-            return seqs
-        except (ValueError, TypeError):
-            for j, r in enumerate(recs):                                         # find the first bad record, name its line
-                try: require_scored(check_sequences(model, corpus_sequences([r], tok, n), 'record'), 'record')
+            if not recs: raise ValueError('no record')
+            seqs = check_sequences(model, corpus_sequences(recs, tok, n), 'corpus'); require_scored(seqs, 'corpus')
+        except (ValueError, TypeError):                                           # find the bad records, name the first
+            seqs, kept = [], []
+            for j, r in zip(pos, recs):
+                try: s = check_sequences(model, corpus_sequences([r], tok, n), 'record'); require_scored(s, 'record')
                 except (ValueError, TypeError) as e:
-                    raise _again(e, f"{flag} {path.name}, {record_where(path, j)}: {_reword(e)}") from None
-            raise
+                    if not skip: raise _again(e, f"{flag} {path.name}, {record_where(path, j)}: {_reword(e)}. {_SKIP_ADVICE}") from None
+                    bad.append((record_where(path, j), _reword(e))); continue
+                seqs += s; kept.append(j)
+            recs, pos = [entries[j][1] for j in kept], kept
+    if not seqs: raise ValueError(f"{flag} {path.name}: none of its {len(entries)} records can be used (the first: {bad[0][0]}: {bad[0][1]}).")
+    if bad: print(f"note: {flag} {path.name}: skipped {len(bad)} of its {len(entries)} records, which cannot be used (--skip-bad-records; "
+                  f"the first: {bad[0][0]}: {bad[0][1]}); the others keep their positions in the file.", file=sys.stderr)
+    _say_truncated(recs, seqs, tok, n, flag, path, pos)
+    return seqs, pos
 
-def _say_truncated(recs, seqs, tok, n, flag, path):
+
+# %% ../nbs/13_cli.ipynb #0543d645
+_SKIP_ADVICE = "Fix or remove it, or pass --skip-bad-records to leave such records out"
+
+def _say_truncated(recs, seqs, tok, n, flag, path, pos):
     "Tell (on stderr) how many texts were longer than `n` tokens: only their first `n` tokens are scored."
     texts = [j for j, r in enumerate(recs) if 'input_ids' not in r]             # token-id records are never cut
     cut = [texts[j] for j in cut_texts(tok, [recs[j]['text'] for j in texts], [seqs[j]['input_ids'] for j in texts], n)]
     if cut: print(f"note: {len(cut)} of {len(seqs)} {flag} {path.name} records are longer than {n} tokens (--max-length, default: the model's "
-                  f"context) and were cut to their first {n} (the first: {record_where(path, cut[0])}); only those tokens are scored.",
+                  f"context) and were cut to their first {n} (the first: {record_where(path, pos[cut[0]])}); only those tokens are scored.",
                   file=sys.stderr)
 
 def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False):
@@ -269,6 +283,10 @@ def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
                    f"{text_default or 'the one the scan read'})")
 
 # %% ../nbs/13_cli.ipynb #4252b04b
+def _skip_arg(p):
+    p.add_argument('--skip-bad-records', action='store_true', help='skip (and count) invalid records instead of stopping at the '
+                   'first; the others keep their positions (indices) in the file')
+
 def _fit_parser(sub):
     "The `fit-factors` command and its options."
     f = sub.add_parser('fit-factors', help='fit curvature factors and save them',
@@ -280,6 +298,7 @@ def _fit_parser(sub):
     f.add_argument('--fisher', default='true', choices=['true', 'empirical'], help='labels sampled from the model (true, the paper) or the data labels')
     f.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
     f.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context; queries are never cut)")
+    _skip_arg(f)
     f.add_argument('--seed', type=int, default=0, help='seed of the pseudo-label sampling (default: 0)')
     f.add_argument('--fisher-samples', type=int, default=1, help='labels sampled per token (true Fisher; default: 1)')
     f.add_argument('--checkpoint', default=None, help='kfac/ekfac: a folder that keeps the fit\'s progress; run the same command '
@@ -319,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--query-rank', type=int, default=None, help='rank of the preconditioned query gradients (default: full)')
     s.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
     s.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context; queries are never cut)")
+    _skip_arg(s)
     _scan_parser(sub, fmt)
     t = sub.add_parser('top', help="print one query's top sequences from a scan result",
                        description='Print the most influential sequences of one query from a `scan` result, with their texts.')
@@ -354,7 +374,7 @@ def _scan_parser(sub, fmt):
     c.add_argument('--batch-size', type=int, default=8, help='sequences per forward/backward pass (default: 8)')
     c.add_argument('--chunk-size', type=int, default=1024, help='sequences per chunk: merged into the top-k, one scores file each (default: 1024)')
     c.add_argument('--max-length', type=int, default=None, help="truncate texts to this many tokens (default: the model's context)")
-    c.add_argument('--skip-bad-records', action='store_true', help='skip (and count) invalid records instead of stopping at the first')
+    _skip_arg(c)
     c.add_argument('--scores-dir', default=None, help='also write every score, one Parquet file per chunk, to this (new or empty) directory (one row per record, '
                    "by its index; columns q0, q1, ... are the queries in the order of --queries; read them with `influence_nb.read_scores`)")
     c.add_argument('--checkpoint', default=None, help='checkpoint file: written as the scan goes, resumed from when it exists')
@@ -420,7 +440,7 @@ def _load_factors(path, model=None) -> Factors:
         raise ValueError(f"--factors {path}: could not be read ({type(e).__name__}: {e}); refit the factors and save them again.") from None
 
 def _cmd_fit(a):
-    _check_options(a); _check_corpus_file(a.data, a.text_field, '--data')
+    _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records)
     out = Path(a.out); there = next(p for p in (out, *out.parents) if p.exists())   # checked before the fit, not after it
     if not there.is_dir() or not os.access(there, os.W_OK):
         raise ValueError(f"--out {a.out}: {there} is {'a file' if there == out else 'not a writable folder'}; pass a folder for the factors.")
@@ -429,7 +449,7 @@ def _cmd_fit(a):
     if a.dry_run: return _say_factor_sizes(model, mods, a.strategy, a.factor_dtype)
     low = check_fit_memory(model, mods, a.strategy, a.factor_dtype)        # (`fit_factors` checks too): said before the data is read
     if low is not None: print(_room_line(a.strategy, factor_sizes(model, mods, a.strategy, a.factor_dtype), low.attrs['total']), flush=True)
-    train = _corpus(a, tok, model)
+    train, _ = _corpus(a, tok, model)
     f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
                     factor_dtype=a.factor_dtype, eigh_dtype=a.eigh_dtype, rotate_dtype=a.rotate_dtype,
                     checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, keep_checkpoint=True)
@@ -437,14 +457,14 @@ def _cmd_fit(a):
     if a.checkpoint is not None: FitCheckpoint(a.checkpoint, '').remove()   # only once the factors are safely written
 
 def _cmd_score(a):
-    _check_options(a); _check_corpus_file(a.data, a.text_field, '--data'); _check_out(a.out)
+    _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer, a.device, a.dtype)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
-    train = _corpus(a, tok, model)
+    train, pos = _corpus(a, tok, model)
     _say_queries(names, completion_logprobs(model, queries))
     sc = pairwise_scores(model, factors, queries, train, a.damping, a.query_rank, batch_size=a.batch_size)
-    df = pd.DataFrame(sc.total.numpy().T, columns=names).rename_axis('train_index')
+    df = pd.DataFrame(sc.total.numpy().T, columns=names, index=pd.Index(pos, name='train_index'))   # the records' positions in the file
     df.to_parquet(a.out); print(f"wrote {tuple(sc.total.shape)} scores (columns: query ids) to {a.out}")
 
 def _init_dist() -> bool:

@@ -20,7 +20,7 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer',
            'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'eager_kernels', 'trained_weights',
            'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format', 'corpus_lines', 'corpus_rows',
-           'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
+           'corpus_entries', 'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -887,20 +887,29 @@ def corpus_rows(p, # a corpus file
             try: yield f'line {n}', json.loads(line)
             except ValueError as e: yield f'line {n}', ValueError(f"not valid JSON ({e})")
 
-def read_corpus(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
-                text_field:str='text', # the field (JSONL) or column (Parquet) holding each document's text; dotted for nested
-               ) -> list[dict]:
-    "Every record of a corpus file, each with a 'text' (or 'input_ids') entry; bad records raise naming file and line."
+def corpus_entries(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
+                   text_field:str='text', # the field (JSONL) or column (Parquet) holding each document's text; dotted for nested
+                  ) -> Iterator[tuple[str, dict|None, str|None]]:
+    "`(where, record, why)` for each record of a corpus file, in order: the record with its 'text' (or 'input_ids') entry and `why=None`, or `None` and why it cannot be read."
     p = Path(path); kind = corpus_format(p)
-    recs = []
     for where, r in corpus_rows(p, kind):
+        if where == 'the file': raise ValueError(f"{p.name}, {where}: {r}. Accepted formats: {CORPUS_FORMATS}.")   # no record at all
         why = (str(r) if isinstance(r, Exception) else f"expected a JSON object, got {type(r).__name__}" if not isinstance(r, Mapping)
                else None if 'input_ids' in r or is_text(text_value(r, text_field))
                else f"no string field {text_field!r} and no 'input_ids' (fields: {sorted(r)}); pass the text field's name"
                     + (" (--text-field messages for conversations)" if is_conversation(r.get('messages')) else ''))
-        if why: raise ValueError(f"{p.name}, {where}: {why}. Accepted formats: {CORPUS_FORMATS}.")
-        recs.append({**r, 'text': text_value(r, text_field)} if 'input_ids' not in r else dict(r))   # a text, conversation or pair
-    if not recs: raise ValueError(f"{p.name} holds no records. Accepted formats: {CORPUS_FORMATS}.")
+        if why: yield where, None, why
+        else: yield where, ({**r, 'text': text_value(r, text_field)} if 'input_ids' not in r else dict(r)), None   # a text, conversation or pair
+
+def read_corpus(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
+                text_field:str='text', # the field (JSONL) or column (Parquet) holding each document's text; dotted for nested
+               ) -> list[dict]:
+    "Every record of a corpus file, each with a 'text' (or 'input_ids') entry; bad records raise naming file and line."
+    recs = []
+    for where, r, why in corpus_entries(path, text_field):
+        if why: raise ValueError(f"{Path(path).name}, {where}: {why}. Accepted formats: {CORPUS_FORMATS}.")
+        recs.append(r)
+    if not recs: raise ValueError(f"{Path(path).name} holds no records. Accepted formats: {CORPUS_FORMATS}.")
     return recs
 
 def corpus_sequences(records:list[dict], # from `read_corpus`

@@ -190,12 +190,14 @@ def _unused(model:nn.Module) -> list[str]:
 
 # %% ../nbs/03_modules.ipynb #8f3032f6
 def adapter_parts(model:nn.Module) -> dict:
-    """What peft adapters add to `model`, as layer names: `matrices` (every LoRA A and B), of which `lora` run in the
-    forward and `idle` do not; `scaled` (the base layers and LoRA matrices of adapters that do more than add to the base
-    layer's output: DoRA, IA³, ...); `unsupported` (adapters on weights that are not Linear layers: peft's
-    `target_parameters` on MoE experts); `other` (adapter tensors that are not Linear layers: LoRA embeddings, DoRA
-    magnitudes); `unused` (what `modules_to_save` keeps beside the copy that runs) and `saved` (the trackable layers of the
-    copy that runs: trained whole)."""
+    """What peft adapters add to `model`, as lists of layer names, by key:
+
+    - `matrices`: every LoRA A and B; of these, `lora` run in the forward and `idle` do not;
+    - `scaled`: the base layers and LoRA matrices of adapters that do more than add to the base layer's output (DoRA, IA³, ...);
+    - `unsupported`: adapters on weights that are not Linear layers (peft's `target_parameters` on MoE experts);
+    - `other`: adapter tensors that are not Linear layers (LoRA embeddings, DoRA magnitudes);
+    - `unused`: what `modules_to_save` keeps beside the copy that runs; `copies`: the copies that run (trained whole);
+    - `saved`: the trackable layers of those copies."""
     out = {'matrices': [], 'lora': [], 'idle': [], 'scaled': [], 'unsupported': [], 'other': [], 'unused': _unused(model)}
     out['copies'] = [run for run in _saved(model).values() if not run.endswith('.original_module')]   # trained whole
     out['saved'] = [n for n, m in model.named_modules() if is_trackable(m) and _under(n, out['copies'])]
