@@ -342,8 +342,9 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
     seqs = text_sequences(tokenizer, texts, max_length)
     if max_length is not None and (cut := cut_texts(tokenizer, texts, [s['input_ids'] for s in seqs], max_length)):
         warnings.warn(f"{len(cut):,} of {len(texts):,} texts were longer than max_length={max_length} tokens and were cut to their "
-                      f"first {max_length} (the first: texts[{cut[0]}]); only those tokens are scored. Pass a larger max_length, "
-                      "or None for no limit.", TruncatedTextsWarning, stacklevel=2)
+                      f"first {max_length} (the first: texts[{cut[0]}]); only those tokens are scored. Pass a larger max_length "
+                      "(the command line cuts at the model's context: `context_length(model, tokenizer)`), or None for no limit.",
+                      TruncatedTextsWarning, stacklevel=2)
     return as_sequences(seqs, name='texts')
 
 # %% ../nbs/00_data.ipynb #3d710ad0
