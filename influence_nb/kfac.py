@@ -346,7 +346,7 @@ def fit_covariances(model, # a causal LM
 # %% ../nbs/04_kfac.ipynb #65dabd58
 def eigen(cov:dict, # {'A': [n, n], 'S': [m, m]} symmetric matrices (any float dtype)
           dtype:torch.dtype=torch.float64, # of the results
-          eigh_dtype:torch.dtype=torch.float64, # of the decomposition itself (float32: 2x faster, see 'Float32 eigh')
+          eigh_dtype:torch.dtype=torch.float64, # of the decomposition itself (float32: faster, see 'Float32 eigh')
           device=None, # where to decompose (e.g. the model's GPU); None: where `cov` is. The results come back to `cov`'s device
          ) -> dict:
     "Eigendecompositions `{'QA', 'lA', 'QS', 'lS'}` of a layer's covariances, in `eigh_dtype` (eigenvalues clamped at 0)."
