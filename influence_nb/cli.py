@@ -369,7 +369,8 @@ def _scan_parser(sub, fmt):
     c.add_argument('--out', required=True, help='result file (.parquet): query, query_id, rank, index, score; read it with `top`')
     c.add_argument('--k', type=int, default=100, help='sequences to keep per query (default: 100)')
     c.add_argument('--query-rank', type=int, default=None, help='store the preconditioned query gradients at this rank (paper: 32; default: full)')
-    c.add_argument('--refine', action='store_true', help='re-score the top k of a low-rank scan with full-rank queries and re-sort')
+    c.add_argument('--refine', action='store_true', help='re-score the top k of a low-rank scan with full-rank queries and re-sort them '
+                   '(a sequence the low-rank pass left out of its top k is not brought back: raise --k to widen the net)')
     c.add_argument('--damping', type=float, default=None, help='damping λ (default: 0.1 × mean eigenvalue per layer)')
     c.add_argument('--batch-size', type=int, default=8, help='sequences per forward/backward pass (default: 8)')
     c.add_argument('--chunk-size', type=int, default=1024, help='sequences per chunk: merged into the top-k, one scores file each (default: 1024)')

@@ -20,7 +20,7 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer',
            'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'eager_kernels', 'trained_weights',
            'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format', 'corpus_lines', 'corpus_rows',
-           'corpus_entries', 'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
+           'missing_text', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -888,6 +888,13 @@ def corpus_rows(p, # a corpus file
             try: yield f'line {n}', json.loads(line)
             except ValueError as e: yield f'line {n}', ValueError(f"not valid JSON ({e})")
 
+
+# %% ../nbs/00_data.ipynb #2edb770b
+def missing_text(record:Mapping, text_field:str) -> str:
+    "Why a corpus record with neither `text_field` nor 'input_ids' cannot be read: the fields it has, and the way out."
+    return (f"no string field {text_field!r} and no 'input_ids' (fields: {sorted(record)}); pass the text field's name"
+            + (" (--text-field messages for conversations)" if is_conversation(record.get('messages')) else ''))
+
 def corpus_entries(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
                    text_field:str='text', # the field (JSONL) or column (Parquet) holding each document's text; dotted for nested
                   ) -> Iterator[tuple[str, dict|None, str|None]]:
@@ -896,9 +903,7 @@ def corpus_entries(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`
     for where, r in corpus_rows(p, kind):
         if where == 'the file': raise ValueError(f"{p.name}, {where}: {r}. Accepted formats: {CORPUS_FORMATS}.")   # no record at all
         why = (str(r) if isinstance(r, Exception) else f"expected a JSON object, got {type(r).__name__}" if not isinstance(r, Mapping)
-               else None if 'input_ids' in r or is_text(text_value(r, text_field))
-               else f"no string field {text_field!r} and no 'input_ids' (fields: {sorted(r)}); pass the text field's name"
-                    + (" (--text-field messages for conversations)" if is_conversation(r.get('messages')) else ''))
+               else None if 'input_ids' in r or is_text(text_value(r, text_field)) else missing_text(r, text_field))
         if why: yield where, None, why
         else: yield where, ({**r, 'text': text_value(r, text_field)} if 'input_ids' not in r else dict(r)), None   # a text, conversation or pair
 

@@ -315,8 +315,13 @@ def factor_cache_tag(name: str, # a readable prefix (the model's name)
 # %% ../nbs/10_explorer.ipynb #40150882
 @patch
 def _tok_key(self: ExplorerSession, name):
+    "What a tokenized training set depends on: the tokenizer's vocabulary and rules, its chat template, the model's context."
     model, tok = self.model(name)
-    return (hash(tok.backend_tokenizer.to_str()) if hasattr(tok, 'backend_tokenizer') else id(tok), context_length(model, tok))
+    if hasattr(tok, 'backend_tokenizer'):      # not its truncation and padding settings, which each tokenizer call rewrites
+        spec = {k: v for k, v in json.loads(tok.backend_tokenizer.to_str()).items() if k not in ('truncation', 'padding')}
+        rules = hash(json.dumps(spec, sort_keys=True))
+    else: rules = id(tok)
+    return (rules, getattr(tok, 'chat_template', None), context_length(model, tok))
 
 @patch
 def train(self: ExplorerSession, name: str) -> list[dict]:

@@ -13,7 +13,7 @@ import pandas as pd
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .data import (cut_texts, text_sequences, is_conversation, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, check_sequences, require_scored, model_vocab, model_context, as_collection,
+from .data import (cut_texts, text_sequences, is_conversation, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, check_sequences, require_scored, model_vocab, model_context, as_collection,
                                grad_enabled, check_max_length, check_int, n_scored)
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, check_damping
@@ -131,6 +131,8 @@ def _bad_record(item:_Item, why:str, skip:bool) -> int:
     if not skip: raise BadRecordError(item.where, why)
     return 1
 
+
+# %% ../nbs/08_search.ipynb #6a47e997
 def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|None=None, max_length:int|None=None,
              text_field:str='text', skip:bool=False, cut:dict|None=None) -> tuple[list, int]:
     "`(sequences, n_bad)` for one chunk: a sequence dict per record, None where a bad record was skipped; texts cut to `max_length` counted in `cut`."
@@ -146,9 +148,10 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
                                 "or store token ids under 'input_ids'.")
             texts[j] = text
             continue
+        if isinstance(it.raw, Mapping) and 'input_ids' not in it.raw:          # a misspelt text field, or a record without one
+            n_bad += _bad_record(it, missing_text(it.raw, text_field), skip); continue
         try: out[j] = as_sequence(it.raw, it.index, 'corpus')
-        except (TypeError, ValueError) as e:
-            n_bad += _bad_record(it, f"{e}" + (f" (text records need a '{text_field}' field)" if isinstance(it.raw, Mapping) else ''), skip)
+        except (TypeError, ValueError) as e: n_bad += _bad_record(it, str(e), skip)
     if texts:
         try: seqs = text_sequences(tokenizer, list(texts.values()), max_length)
         except ValueError:                                     # a conversation the template cannot split: named by its record
