@@ -8,7 +8,7 @@ the index notebook becomes the home page with the navigation in reading order, a
 of `influence_nb` is written for `sphinx.ext.autodoc`. See docs/README.md for why Sphinx + MyST-NB.
 """
 from __future__ import annotations
-import argparse, ast, importlib, importlib.util, json, pkgutil, re, shutil, subprocess, sys, tempfile, time
+import argparse, ast, html, importlib, importlib.util, json, pkgutil, re, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,9 +54,44 @@ def is_setup(src: str) -> bool:
 
 def clean_output(out: dict) -> dict | None:
     """Widget views are dropped: their JavaScript would come from a CDN, and their text fallback is a snapshot
-    (`HBox(...)`, a progress bar at 0%) that means nothing on a static page."""
+    (`HBox(...)`, a progress bar at 0%) that means nothing on a static page. Printed text with colour codes becomes
+    HTML (`ansi_html`)."""
     if 'data' in out and any(k in WIDGET_MIMES for k in out['data']): return None
+    if out.get('output_type') == 'stream' and '\x1b[' in (text := ''.join(out.get('text', ''))):
+        return {'output_type': 'display_data', 'metadata': {},
+                'data': {'text/html': ansi_html(text), 'text/plain': SGR.sub('', text)}}
     return out
+
+
+SGR = re.compile(r'\x1b\[([0-9;]*)m')
+BASIC = ('0,0,0', '205,49,49', '13,188,121', '229,229,16', '36,114,200', '188,63,188', '17,168,205', '229,229,229')
+
+
+def ansi_html(text: str) -> str:
+    """Text with ANSI colour codes (24-bit `38;2;r;g;b` and `48;2;r;g;b`, the eight basic colours, bold, resets) as
+    a `<pre>` of styled spans. MyST-NB's own converter reads a 24-bit code as a basic colour (the `32m` ending
+    `48;2;202;0;32m` as green), so `token_heatmap_ansi`'s heatmap would show the wrong colours on the site."""
+    out, style, pos = [], {}, 0
+    def emit(chunk):
+        if not chunk: return
+        css = ';'.join(f'{k}:{v}' for k, v in style.items())
+        out.append(f'<span style="{css}">{html.escape(chunk)}</span>' if css else html.escape(chunk))
+    for m in SGR.finditer(text):
+        emit(text[pos:m.start()]); pos = m.end()
+        codes, i = [int(c) for c in m.group(1).split(';') if c] or [0], 0
+        while i < len(codes):
+            c, key = codes[i], 'color' if codes[i] in (38, 39) or 30 <= codes[i] <= 37 else 'background'
+            if c == 0: style.clear()
+            elif c == 1: style['font-weight'] = 'bold'
+            elif c == 22: style.pop('font-weight', None)
+            elif c in (39, 49): style.pop(key, None)
+            elif 30 <= c <= 37 or 40 <= c <= 47: style[key] = f'rgb({BASIC[c % 10]})'
+            elif c in (38, 48) and codes[i + 1:i + 2] == [2] and len(codes) >= i + 5:
+                style[key] = 'rgb({},{},{})'.format(*codes[i + 2:i + 5]); i += 4
+            elif c in (38, 48) and codes[i + 1:i + 2] == [5]: i += 2              # 256-colour codes: not used here, skipped
+            i += 1
+    emit(text[pos:])
+    return '<pre class="inb-ansi">' + ''.join(out) + '</pre>'
 
 
 def clean_notebook(nb: dict) -> dict:
@@ -267,10 +302,10 @@ def build(nbs: Path, out: Path, keep_src: Path | None = None) -> dict:
         if src.exists(): shutil.rmtree(src)
         src.mkdir(parents=True)
         pages = write_source(nbs, src)
-        html = Path(tmp)/'build'/'html'      # MyST-NB writes its jupyter_execute/ beside the output folder
+        built = Path(tmp)/'build'/'html'     # MyST-NB writes its jupyter_execute/ beside the output folder
         warn = Path(tmp)/'warnings.txt'
         cmd = [sys.executable, '-m', 'sphinx', '-b', 'html', '-q', '-j', '1', '-E', '-d', str(Path(tmp)/'doctrees'),
-               '-w', str(warn), str(src), str(html)]
+               '-w', str(warn), str(src), str(built)]
         r = subprocess.run(cmd, cwd=ROOT)
         warnings = warn.read_text(encoding='utf-8') if warn.exists() else ''
         if r.returncode: raise SystemExit(f"sphinx-build failed (exit {r.returncode}):\n{warnings[-5000:]}")
@@ -278,7 +313,7 @@ def build(nbs: Path, out: Path, keep_src: Path | None = None) -> dict:
             raise SystemExit("the API pages need influence_nb and its dependencies importable by this Python "
                              "(pip install -c constraints.txt -e .):\n" + '\n'.join(failed[:5]))
         if out.exists(): shutil.rmtree(out)
-        shutil.move(html, out)
+        shutil.move(built, out)
     (out/'.nojekyll').touch()
     (out/'build_warnings.txt').write_text(warnings, encoding='utf-8')
     info = {'pages': pages, 'seconds': round(time.time() - t0, 1), 'warnings': len(re.findall(r': (?:WARNING|ERROR|SEVERE):', warnings))}

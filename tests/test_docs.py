@@ -125,6 +125,8 @@ def test_site_has_every_notebook_and_module(site):
     nav = re.findall(r'<a class="reference internal" href="([^"#]+)\.html">', home.split('sidebar-tree', 1)[1])
     order = ['99_api'] + [n for n in nbs if n not in ('index', '99_api')]        # README's "Start with `99_api`", then 00, 01, ...
     assert nav[:len(nbs)] == order + ['api/index'], "navigation is not in reading order"
+    viz = (SITE/'09_viz.html').read_text(encoding='utf-8')                     # the terminal heatmap in its own colours
+    assert '<span style="background:rgb(202,0,32);color:rgb(255,255,255)"> Vel</span>' in viz and '\x1b[' not in viz
 
 
 # ---- in a browser ---------------------------------------------------------------------------------------------
@@ -207,3 +209,14 @@ def test_page_in_browser(name, server, browser):
         assert not bad, f"{name}.html has broken internal links: {bad[:10]}"
     finally:
         page.close()
+
+
+def test_colour_codes_become_html():
+    "24-bit ANSI colours (the terminal heatmap) are styled spans on the site, text escaped; resets end a span."
+    text = '\x1b[48;2;202;0;32m\x1b[38;2;255;255;255m Vel\x1b[0m<b>\x1b[1;31mx\x1b[22;39m y\x1b[0m\n'
+    assert docs_build.ansi_html(text) == ('<pre class="inb-ansi"><span style="background:rgb(202,0,32);color:rgb(255,255,255)">'
+                                          ' Vel</span>&lt;b&gt;<span style="font-weight:bold;color:rgb(205,49,49)">x</span> y\n</pre>')
+    out = docs_build.clean_output({'output_type': 'stream', 'name': 'stdout', 'text': [text]})
+    assert out['data']['text/plain'] == ' Vel<b>x y\n' and out['data']['text/html'] == docs_build.ansi_html(text)
+    plain = {'output_type': 'stream', 'name': 'stdout', 'text': ['no colour\n']}
+    assert docs_build.clean_output(plain) is plain
