@@ -251,6 +251,16 @@ class Gram:
         out += out.tril(-1).T                                    # syrk's upper triangle of c is cᵀ's lower one
         return out                                               # row-major: 2x faster to mirror, no copy when saved
 
+    def peek(self) -> torch.Tensor:
+        "The sum so far, symmetric, in its own dtype, left running: what a checkpoint saves (`resume_from` goes on from it)."
+        out = (self.t if self.syrk is None else torch.from_numpy(self.c).T).to('cpu', copy=True).tril_()
+        out += out.tril(-1).T; return out
+
+    def resume_from(self, total:torch.Tensor):
+        "Go on from a sum `peek` gave: the triangle `take` reads is then bit for bit the one the sum had."
+        if self.syrk is None: self.t.copy_(total)
+        else: self.c[...] = total.numpy().T
+
 def blas_threads():
     "Context: hold scipy's BLAS (used by `Gram`) to torch's thread count; it would otherwise use one thread per core."
     try:
@@ -309,18 +319,26 @@ def fit_covariances(model, # a causal LM
     "`({name: {'A': [d_in+1, d_in+1], 'S': [d_out, d_out]}}, n_tokens)`: A per token the layer saw, S per sequence."
     check_fisher(fisher)
     cov = {layer.name: {} for layer in layers}   # totals in `dtype`, made at the first flush
-    run, n_tok, shared, start = {}, 0, {}, 0
+    run, n_tok, shared, start, held = {}, 0, {}, 0, {}
     seen = torch.zeros(len(layers), dtype=torch.float64)   # tokens each layer saw (an expert: those routed to it)
-    if resume is not None:
+    every = 32 if dtype == torch.float64 else None         # float32: the running sums are the totals (no flush)
+    if save is not None and every: save_every = -(-save_every // every) * every   # float64: saved right after a flush
+    if resume is not None:   # float64: the totals; float32: the running sums themselves, handed to each Gram as it is made
         n_tok, seen, shared, start = (resume[k] for k in ('n_tok', 'seen', 'shared', 'batches'))
-        for name, c in resume['cov'].items(): cov[name].update(c)
-    every = 32 if dtype == torch.float64 else None         # float32: the float32 running sums are the totals
-    if save is not None:   # saved right after a flush: the totals hold every batch so far, so a resumed pass sums as this one
-        save_every = -(-save_every // every) * every if every else save_every; every = every or save_every
+        for name, c in resume['cov'].items():
+            if every: cov[name].update(c)
+            else: held[name] = dict(c)
+    def gram(name, k, x):   # so a resumed pass, or one saved along the way, sums bit for bit as one that never stopped
+        if (name, k) not in run:
+            run[name, k] = Gram(x)
+            if (t := held.get(name, {}).pop(k, None)) is not None: run[name, k].resume_from(t)
+        return run[name, k]
     def flush(last=False):   # running sums (in the activations' dtype) added into the totals
         for (name, k), buf in run.items():
             if k in cov[name]: cov[name][k] += buf.take(dtype)
             else: cov[name][k] = buf.take(dtype, last)
+        if last:   # a sum no batch reached since the resume (an MoE expert's) is its total
+            for name, c in held.items(): cov[name].update({k: t.to(dtype) for k, t in c.items()})
     with blas_threads():
         for b_no, (idx, acts, outg, n_seen) in enumerate(layer_passes(model, layers, seqs, batch_size, sample=fisher_sample(fisher), seed=seed,
                                                  stream=0, desc='covariances' if progress else None, counts=True, start=start), start):
@@ -330,15 +348,16 @@ def fit_covariances(model, # a causal LM
             for name in cov:
                 d = outg.pop(name)                                              # released once summed
                 d = d.reshape(-1, d.shape[-1])                                  # [B*T(*labels), d_out]
-                run.setdefault((name, 'S'), Gram(d)).add(d)
+                gram(name, 'S', d).add(d)
                 a = acts.pop(name)                                              # released with its last layer
                 if shared[name] == name:
                     a = a.reshape(-1, a.shape[-1])                              # [B*T, d_in+1]
-                    run.setdefault((name, 'A'), Gram(a)).add(a)
+                    gram(name, 'A', a).add(a)
             acts = outg = a = d = None                                         # freed before the next batch's forward
             if every and b_no % every == every - 1: flush()
             if save is not None and b_no % save_every == save_every - 1:
-                save(dict(cov=cov, n_tok=n_tok, seen=seen, shared=shared, batches=b_no + 1))
+                sums = cov if every else {n: {**held.get(n, {}), **{k: g.peek() for (m, k), g in run.items() if m == n}} for n in cov}
+                save(dict(cov=sums, n_tok=n_tok, seen=seen, shared=shared, batches=b_no + 1))
     flush(last=True); run.clear()
     n_tok = int(all_reduce_sum(torch.tensor([n_tok], dtype=torch.float64)).item())
     return _finish_covariances(cov, layers, shared, seen, len(seqs), dtype, rows), n_tok
