@@ -21,7 +21,7 @@ from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, t
 from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
 # %% auto #0
-__all__ = ['token_heatmap_for', 'demo', 'build_parser', 'main']
+__all__ = ['token_heatmap_for', 'demo', 'build_parser', 'record_id', 'main']
 
 # %% ../nbs/13_cli.ipynb #7034018f
 def _pick_query(queries, model, tok, query_id=None):
@@ -183,8 +183,8 @@ def _record_fields(rec:dict, prefix='') -> list[str]:
     return [p for k, v in rec.items() for p in [prefix + k] + (_record_fields(v, prefix + k + '.') if isinstance(v, dict) else [])]
 
 # %% ../nbs/13_cli.ipynb #c16b0001
-def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int]]:
-    "`(sequences, positions)` of the corpus file named by `flag` (texts cut to the context or --max-length), checked for `model`: each sequence's record index in the file (blank lines not counted; records left out by --skip-bad-records leave gaps)."
+def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[dict]]:
+    "`(sequences, positions, records)` of the corpus file named by `flag` (texts cut to the context or --max-length), checked for `model`: each sequence's record index in the file (blank lines not counted; records left out by --skip-bad-records leave gaps)."
     path, skip = Path(getattr(a, flag.strip('-').replace('-', '_'))), getattr(a, 'skip_bad_records', False)
     n = getattr(a, 'max_length', None) or context_length(model, tok)
     try: entries = list(corpus_entries(path, a.text_field))
@@ -211,7 +211,7 @@ def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int]]:
     if bad: print(f"note: {flag} {path.name}: skipped {len(bad)} of its {len(entries)} records, which cannot be used (--skip-bad-records; "
                   f"the first: {bad[0][0]}: {bad[0][1]}); the others keep their positions in the file.", file=sys.stderr)
     _say_truncated(recs, seqs, tok, n, flag, path, pos)
-    return seqs, pos
+    return seqs, pos, recs
 
 
 # %% ../nbs/13_cli.ipynb #0543d645
@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s); _corpus_args(s, '--data')
     s.add_argument('--factors', required=True, help='directory written by fit-factors')
     s.add_argument('--queries', required=True, help="JSONL with 'prompt' and 'completion' fields (or 'messages', a conversation ending with the answer; or 'input_ids' and 'labels'); an 'id' names a query")
-    s.add_argument('--out', required=True, help='output .parquet (one row per text, one column per query id)')
+    s.add_argument('--out', required=True, help='output .parquet (one row per text, one column per query id; indexed by the text\'s position in the file, '
+                   'train_index, and by its id when the records have one)')
     s.add_argument('--damping', type=float, default=None, help='damping λ (default: 0.1 × mean eigenvalue per layer)')
     s.add_argument('--query-rank', type=int, default=None, help='rank of the preconditioned query gradients (default: full)')
     s.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
@@ -450,7 +451,7 @@ def _cmd_fit(a):
     if a.dry_run: return _say_factor_sizes(model, mods, a.strategy, a.factor_dtype)
     low = check_fit_memory(model, mods, a.strategy, a.factor_dtype)        # (`fit_factors` checks too): said before the data is read
     if low is not None: print(_room_line(a.strategy, factor_sizes(model, mods, a.strategy, a.factor_dtype), low.attrs['total']), flush=True)
-    train, _ = _corpus(a, tok, model)
+    train, _, _ = _corpus(a, tok, model)
     f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
                     factor_dtype=a.factor_dtype, eigh_dtype=a.eigh_dtype, rotate_dtype=a.rotate_dtype,
                     checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, keep_checkpoint=True)
@@ -462,10 +463,12 @@ def _cmd_score(a):
     model, tok = load_model(a.model, a.tokenizer, a.device, a.dtype)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
-    train, pos = _corpus(a, tok, model)
+    train, pos, recs = _corpus(a, tok, model)
     _say_queries(names, completion_logprobs(model, queries))
     sc = pairwise_scores(model, factors, queries, train, a.damping, a.query_rank, batch_size=a.batch_size)
-    df = pd.DataFrame(sc.total.numpy().T, columns=names, index=pd.Index(pos, name='train_index'))   # the records' positions in the file
+    ids, index = [record_id(r) for r in recs], pd.Index(pos, name='train_index')     # the records' positions in the file
+    if any(ids): index = pd.MultiIndex.from_arrays([pos, ids], names=['train_index', 'id'])   # and their own ids, as `top` shows them
+    df = pd.DataFrame(sc.total.numpy().T, columns=names, index=index)
     df.to_parquet(a.out); print(f"wrote {tuple(sc.total.shape)} scores (columns: query ids) to {a.out}")
 
 def _init_dist() -> bool:
@@ -586,6 +589,11 @@ def _unreadable(r, text_field) -> str|None:
     try: as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')
     except (ValueError, TypeError) as e: return _reword(e)
 
+def record_id(rec:dict) -> str:
+    "A record's own `id` as text; '' when it has none (a Parquet row's null included)."
+    v = rec.get('id')
+    return '' if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
 def _top_texts(res, qi:int, k:int, corpus, tok, text_field) -> tuple[dict, dict]:
     "`({index: text}, {index: the record's 'id'})` of one query's top `k` (`(None, {})` without a corpus); a record that cannot\n    be read is named, never shown as junk."
     if corpus is None: return None, {}
@@ -599,7 +607,7 @@ def _top_texts(res, qi:int, k:int, corpus, tok, text_field) -> tuple[dict, dict]
         why = _unreadable(it.raw, text_field)
         if why: raise ValueError(f"--corpus: {it.where}: {why}. This result ranks that record: fix the file, or pass the corpus that was scanned.")
         texts[it.index] = record_text(it.raw, tok, text_field)
-        if isinstance(it.raw, dict) and it.raw.get('id') is not None: ids[it.index] = str(it.raw['id'])   # (a Parquet row's null: none)
+        if isinstance(it.raw, dict) and (i := record_id(it.raw)): ids[it.index] = i
     res.check_corpus(corpus, '--corpus')   # readable, but is it the content that was scanned?
     missing = sorted(want - set(texts))
     if missing:
