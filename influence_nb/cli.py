@@ -190,7 +190,7 @@ def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[d
     try: entries = list(corpus_entries(path, a.text_field))
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"{flag} {e}") from None
     bad = [(where, why) for where, _, why in entries if why]                   # read-level: not JSON, no text field, ...
-    if bad and not skip: raise ValueError(f"{flag} {path.name}, {bad[0][0]}: {bad[0][1]}. {_SKIP_ADVICE}")
+    if bad and not skip: raise ValueError(f"{flag} {path.name}, {bad[0][0]}: {bad[0][1]}. {_SKIP_ADVICE}. Accepted formats: {CORPUS_FORMATS}.")
     pos = [j for j, (_, r, _) in enumerate(entries) if r is not None]
     recs = [entries[j][1] for j in pos]
     with warnings.catch_warnings():
