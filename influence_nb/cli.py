@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_cli.ipynb #7054df1b
 from __future__ import annotations
-import os, re, sys, json, math, time, argparse, random, tempfile, subprocess, traceback, contextlib, warnings
+import os, re, sys, json, math, time, signal, argparse, random, tempfile, subprocess, traceback, contextlib, warnings
 from collections.abc import Mapping
 from pathlib import Path
 import torch
@@ -21,7 +21,7 @@ from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, t
 from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
 # %% auto #0
-__all__ = ['token_heatmap_for', 'demo', 'build_parser', 'record_id', 'main']
+__all__ = ['CULL_IDLE_S', 'token_heatmap_for', 'demo', 'build_parser', 'record_id', 'main']
 
 # %% ../nbs/13_cli.ipynb #7034018f
 def _pick_query(queries, model, tok, query_id=None):
@@ -659,6 +659,19 @@ def _check_explore_files(a):
         except (ValueError, TypeError, FileNotFoundError) as e: raise _again(e, f"--queries {e}") from None
     if a.factors is not None: _load_factors(a.factors)
 
+CULL_IDLE_S = 300   # a page closed this long ago: its kernel (the model, the factors) is shut down
+
+def _serve_app(nb, port:int) -> int:
+    "Voilà on `nb` until it exits. Stopping this process (Ctrl-C, SIGTERM) stops Voilà and its kernels, and the kernels of closed pages are culled."
+    proc = subprocess.Popen([sys.executable, '-m', 'voila', str(nb), '--no-browser', f'--port={port}', '--Voila.ip=127.0.0.1',
+                             f'--MappingKernelManager.cull_idle_timeout={CULL_IDLE_S}', '--MappingKernelManager.cull_interval=60'])
+    try: prev = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    except ValueError: prev = None                                    # not the main thread: Ctrl-C still reaches both
+    try: return proc.wait()
+    finally:
+        if prev is not None: signal.signal(signal.SIGTERM, prev)
+        if proc.poll() is None: proc.terminate(); proc.wait(30)
+
 def _cmd_explore(a):
     from influence_nb.explorer import explorer, app_notebook
     _check_explore_files(a)
@@ -677,7 +690,7 @@ def _cmd_explore(a):
         raise ValueError("`explore` serves the app with Voilà: pip install -c constraints.txt '.[browser]' (or use --no-serve).")
     nb = app_notebook(Path(tempfile.mkdtemp(prefix='influence-nb-explore-'))/'explorer.ipynb', **kw)
     print(f"serving {nb} on http://127.0.0.1:{a.port}/ (Ctrl-C stops it)", flush=True)
-    return subprocess.call([sys.executable, '-m', 'voila', str(nb), '--no-browser', f'--port={a.port}', '--Voila.ip=127.0.0.1'])
+    return _serve_app(nb, a.port)
 
 # %% ../nbs/13_cli.ipynb #47b47a94
 _DISPATCH = {'experiment': 'influence_nb.experiments.harness', 'validate': 'influence_nb.evaluate'}

@@ -366,7 +366,7 @@ def _completion_ids(tokenizer, prompt:str, completion:str, p_ids:list[int]) -> t
         alone = alone[1:]   # a word-start mark (SentencePiece's '▁') that tokenizing it alone added: the text has no space there
     return p_ids, alone, 'alone'
 
-def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=(), special:list=(), named:str=''):
+def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=(), special:list=(), named:str='', glued:list=()):
     "One warning per kind for `tokenize_pairs`, however many pairs it concerns: `(i, text)` lists, `n` pairs in all."
     first = lambda xs: f"{len(xs):,} of {n:,} pairs (the first: pairs[{xs[0][0]}], {xs[0][1]!r})"
     if joined: warnings.warn(f"{first(joined)}: the prompt's last word runs on into the completion (or, in text written "
@@ -379,6 +379,9 @@ def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=(), spe
                              "no offsets to move that space to the word after it, as the joined text's tokens have it; the "
                              "tokens measured are ones the model rarely saw. Write the space at the start of the completion: "
                              "(prompt.rstrip(), ' ' + completion).", stacklevel=3)
+    if glued: warnings.warn(f"{first(glued)}: the prompt ends with a letter or digit and the completion begins with one, with no "
+                            "space between, so the text measured is one run-on word. Completions usually begin with a space "
+                            "(' Paris'), as in running text; if the word is meant to run on, this is what you get.", stacklevel=3)
     if unknown: warnings.warn(f"{first(unknown)}: the completion holds tokens the tokenizer does not know ({unk_token!r}); its "
                               "log-probability, and so its influence, is that of the unknown token.", stacklevel=3)
     if special: warnings.warn(f"{first(special)}: the completion's tokens include a special token written as text ({named}; in "
@@ -396,7 +399,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
     if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str): pairs = [pairs]
     pairs = list(pairs)
     if not pairs: raise ValueError("`pairs` is empty: pass at least one (prompt, completion) pair.")
-    out, spaced, unknown, joined, special = [], [], [], [], []
+    out, spaced, unknown, joined, special, glued = [], [], [], [], [], []
     unk = tokenizer.unk_token_id                          # (GPT-2's unk is its end-of-text token, a known one: not warned about)
     if unk in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id): unk = None
     specials = set(getattr(tokenizer, 'all_special_ids', None) or []) - {unk}   # a mere unk is warned about on its own
@@ -416,6 +419,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
                              "(`tokenizer.tokenize(prompt + completion)` lists them).")
         if how == 'alone' and prompt.endswith(' ') and not completion[0].isspace(): spaced.append(where)
         elif how != 'joined' and p_ids: joined.append(where)
+        elif prompt[-1:].isascii() and prompt[-1:].isalnum() and completion[0].isascii() and completion[0].isalnum(): glued.append(where)
         if not c_ids: raise ValueError(f"pairs[{i}]'s completion {completion!r} has no tokens: there is nothing to measure.")
         if unk is not None and unk in c_ids: unknown.append((i, completion))
         written = lambda t: (s := tokenizer.convert_ids_to_tokens(t)) in prompt[max(0, len(prompt) - len(s) + 1):] + completion
@@ -431,7 +435,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
         out.append({'input_ids': p_ids + c_ids, 'labels': [IGNORE_INDEX]*len(p_ids) + c_ids})
     hits = sorted(set().union(*(h for *_, h in special)))                  # every special token met, named in the warning
     named = ', '.join(map(repr, tokenizer.convert_ids_to_tokens(hits[:5]))) + (f' and {len(hits) - 5} more' if len(hits) > 5 else '') if hits else ''
-    _warn_pairs(spaced, unknown, len(pairs), tokenizer.unk_token, joined, special, named)
+    _warn_pairs(spaced, unknown, len(pairs), tokenizer.unk_token, joined, special, named, glued)
     seqs = as_sequences(out, name='pairs')
     require_scored(seqs, 'pairs')
     return seqs

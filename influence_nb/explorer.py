@@ -208,6 +208,7 @@ class ExplorerSession:
         self.fit_sample, self.seed, self.batch_size = (check_int(v, n, lo) for n, v, lo in
                                                        (('fit_sample', fit_sample, 0), ('seed', seed, 0), ('batch_size', batch_size, 1)))
         self._models, self._train, self._index, self._factors, self._given = {}, {}, {}, {}, set()
+        self._cut = {}                    # tokenizer key -> (the training rows cut at the context, the note saying so)
         self._records = self._queries = self._corpus = None
         self.custom = None                # the name of the user's model, when one was given
         self.modules = _session_modules(modules)
@@ -342,9 +343,10 @@ def train(self: ExplorerSession, name: str) -> list[dict]:
                              "turns fall beyond the context). Remove them from the corpus.")
         texts = [j for j, r in enumerate(self.records) if 'input_ids' not in r]
         cut = cut_texts(tok, [self.records[j]['text'] for j in texts], [self._train[key][j]['input_ids'] for j in texts], ctx) if ctx else []
-        if cut: warnings.warn(f"{len(cut):,} of {len(self.records):,} training texts are longer than {name}'s context ({ctx} tokens), "
-                              f"so only their first {ctx} tokens are scored (the first: id {self.records[texts[cut[0]]]['id']}).",
-                              TruncatedTextsWarning, stacklevel=2)
+        note = (f"{len(cut):,} of {len(self.records):,} training texts are longer than {name}'s context ({ctx} tokens), "
+                f"so only their first {ctx} tokens are scored (the first: id {self.records[texts[cut[0]]]['id']}).") if cut else None
+        self._cut[key] = ({texts[j] for j in cut}, note)                    # each run shows it (`run_query`'s notes)
+        if cut: warnings.warn(note, TruncatedTextsWarning, stacklevel=2)
     return self._train[key]
 
 # %% ../nbs/10_explorer.ipynb #754da0b3
@@ -423,6 +425,9 @@ class ExplorerResult:
     token_scores: list = field(default_factory=list)  # [n_tokens] array per top sequence (sums to its score)
     factors_source: str = ''         # 'memory', 'disk' or 'fitted'
     timings: dict = field(default_factory=dict)       # stage -> seconds
+    notes: list = field(default_factory=list)         # what the run warned about (the query's tokens, texts cut at the context)
+    cut: list = field(default_factory=list)           # per top sequence: True if its text was cut at the model's context
+    matched: int|None = None         # prefiltered: how many candidates share a word with the query (BM25 > 0)
 
     def __repr__(self):
         return (f"ExplorerResult({self.model}, {self.query.get('id') or 'typed query'}, {self.strategy}, "
@@ -506,6 +511,15 @@ def _query_sequence(q:dict, mdl, tok, model:str) -> list[dict]:
     return query
 
 # %% ../nbs/10_explorer.ipynb #4efcc83f
+def _prefilter(session, model, query, candidates:int, n:int, say) -> tuple[np.ndarray, int|None]:
+    "`(candidates, how many of them share words with the query)`: the BM25 top `candidates`, or all `n` (None: not filtered)."
+    if candidates >= n: return np.arange(n), None
+    say(f"Prefiltering: the {candidates:,} best BM25 matches among {n:,} sequences", 0.4)
+    ids, vals = session.index(model).top(query, candidates)
+    return ids[0].numpy(), int((vals[0] > 0).sum())    # past those, BM25 is 0: the rest come in corpus order
+
+
+# %% ../nbs/10_explorer.ipynb #ddfdff57
 def run_query(session: ExplorerSession|None = None, # caches models and factors; None: a fresh `ExplorerSession()`
               model: str = 'gpt2-s',           # a model name of the session (bundled, or yours)
               query_id: str|None = None,       # an id from queries.jsonl ...
@@ -532,17 +546,18 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     say("Tokenizing the training set", 0.08)
     train, records = session.train(model), session.records
     laps('tokenize')
-    query = _query_sequence(q, mdl, tok, model)
+    with warnings.catch_warnings(record=True) as said:                                 # what the query's tokens warn about:
+        warnings.simplefilter('always'); query = _query_sequence(q, mdl, tok, model)   # shown in the app, and still warned
+    for w in said: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    cut_rows, cut_note = session._cut.get(session._tok_key(model), (set(), None))
+    notes = [str(w.message) for w in said if issubclass(w.category, UserWarning)] + ([cut_note] if cut_note else [])
     log_p = float(completion_logprobs(mdl, query)[0])
     cached = (model, strategy) in session._factors
     say(f"{'Loading' if cached else 'Fitting (or loading cached)'} {strategy} factors "
         f"on {len(session.fit_indices(len(train))):,} training sequences", 0.12)
     factors, source = session.factors(model, strategy)
     laps('factors')
-    if prefilter and candidates < len(train):                                           # 2. candidates
-        say(f"Prefiltering: the {candidates:,} best BM25 matches among {len(train):,} sequences", 0.4)
-        cand = session.index(model).top(query, candidates)[0][0].numpy()
-    else: cand = np.arange(len(train))
+    cand, matched = _prefilter(session, model, query, candidates if prefilter else len(train), len(train), say)   # 2. candidates
     laps('prefilter')
     per_layer = _candidate_scores(mdl, factors, query, [train[int(i)] for i in cand], names, damping,   # 3. scores
                                   session.batch_size, say, strategy)
@@ -560,7 +575,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     say("Done", 1.0)
     return ExplorerResult(model, q, log_p, strategy, damping, blocks, counted, names, len(train), cand, bool(prefilter),
                           scores, pd.DataFrame(per_layer, index=pd.Index(cand, name='train_index'), columns=names),
-                          top, tokens, token_scores, source, laps.timings)
+                          top, tokens, token_scores, source, laps.timings, notes, [i in cut_rows for i in top_idx], matched)
 
 # %% ../nbs/10_explorer.ipynb #9038dd0a
 def _esc(x) -> str: return _html.escape(str(x), quote=True)
@@ -586,15 +601,19 @@ def summary_html(result: ExplorerResult) -> str:
     "One paragraph: the query, its log-probability, what was scored and how long it took."
     q = result.query
     which = (f"{q['id']} ({', '.join(str(x) for x in (q.get('kind'), q.get('lang')) if x)})" if q.get('id') else "typed query")
-    cand = (f"the {len(result.candidates):,} best BM25 matches" if result.prefiltered
-            else f"all {len(result.candidates):,}") + f" of {result.n_train:,} training sequences"
+    n, m = len(result.candidates), result.matched
+    cand = (f"all {n:,}" if not result.prefiltered else f"the {n:,} best BM25 matches" if m is None or m == n else
+            f"{n:,} candidates (the {m:,} sharing a word with the query, then {n - m:,} others in corpus order)") + \
+           f" of {result.n_train:,} training sequences"
     blocks = f"blocks {result.blocks[0]}–{result.blocks[1]} ({len(result.layers)} of {len(result.all_layers)} tracked layers)"
-    damping_text = "0.1 × mean eigenvalue" if result.damping is None else f"{result.damping:g}"
+    damping_text = ("no curvature, no damping" if result.strategy == 'identity' else
+                    f"damping {'0.1 × mean eigenvalue' if result.damping is None else f'{result.damping:g}'}")
     secs = sum(result.timings.values())
     return (f'<div class="inb-summary" data-query-id="{_esc(q.get("id") or "")}"><b>{_esc(which)}</b>: <span class="inb-prompt-text">{_esc(q["prompt"])}</span>'
             f'<span class="inb-completion-text">{_esc(q["completion"])}</span> · log p = {result.log_p:.3f} nats<br>'
-            f'<span class="inb-muted">{_esc(result.model)} · {_esc(result.strategy)} (damping {damping_text}) · {cand} · {blocks} · '
-            f'factors {result.factors_source} · {secs:.1f} s</span><br><span class="inb-muted inb-legend">{_esc(SCORE_LEGEND)}</span></div>')
+            f'<span class="inb-muted">{_esc(result.model)} · {_esc(result.strategy)} ({damping_text}) · {cand} · {blocks} · '
+            f'factors {result.factors_source} · {secs:.1f} s</span><br><span class="inb-muted inb-legend">{_esc(SCORE_LEGEND)}</span>'
+            + ''.join(f'<div class="inb-note">note: {_esc(x)}</div>' for x in result.notes) + '</div>')
 
 def top_html(result: ExplorerResult, # from `run_query`
              max_chars: int = 180,   # training text shortened to this many characters
@@ -624,26 +643,32 @@ def heatmaps_html(result: ExplorerResult, # from `run_query`
     if not result.tokens: return '<div class="inb-heatmaps"></div>'
     scale = max(float(np.nanmax(np.abs(np.concatenate(result.token_scores)))), 1e-30)
     parts, same = [], _same_as(result.tokens, list(result.top.index))
-    for (rank, r), toks, vals in zip(result.top.iterrows(), result.tokens, result.token_scores):
+    for (rank, r), toks, vals, cut in zip(result.top.iterrows(), result.tokens, result.token_scores, result.cut or [False] * len(result.tokens)):
         title = f"#{rank} · {r['id']} · score {_fmt_score(r['score'])}" + (f" · {_MATCH_LABEL[r['match']]}" if r['match'] else "")
         if rank in same:                   # the same tokens as a sequence above: the same token-wise influence, drawn once
             parts.append(f'<div class="inb-heatmap inb-same" data-same-as="{same[rank]}"><b>{_esc(title)}</b> · the same '
                          f'tokens as #{same[rank]}, so the same token-wise influence: drawn above</div>')
-        else: parts.append(viz.token_heatmap_html(toks, vals, title=title, scale=scale, shift=shift, decode="none"))
-    return '<div class="inb-heatmaps">' + "".join(parts) + '</div>'
+        else: parts.append(viz.token_heatmap_html(toks, vals, title=title, scale=scale, shift=shift, decode="none")
+                           + ('<div class="inb-muted inb-cut">… cut here: the text is longer than the model\'s context, and '
+                              'only these tokens are read</div>' if cut else ''))
+    hint = ('<div class="inb-muted">One colour scale for all rows (the largest token value sets it); hover a token for '
+            'its value.</div>')
+    return '<div class="inb-heatmaps">' + hint + "".join(parts) + '</div>'
 
 # %% ../nbs/10_explorer.ipynb #b686d3b6
 def layer_figure(result: ExplorerResult): # -> matplotlib Figure
-    "Top sequences × counted layers: each sequence's influence by layer (shares when all are positive)."
+    "Top sequences × counted blocks: each sequence's influence by transformer block (its layers added; shares when all are positive)."
+    from matplotlib.figure import Figure
     df = result.per_layer.loc[result.top['train_index'], result.layers]
     df.index = [f"#{i} {sid}" for i, sid in zip(result.top.index, result.top['id'])]
-    positive = bool((df.sum(axis=1) > 0).all())
+    positive, n_blocks = bool((df.sum(axis=1) > 0).all()), len(set(layer_blocks(result.layers)))
+    fig = Figure(figsize=(max(4.5, 2.5 + 0.7 * n_blocks), min(1.5 + 0.45 * len(df), 12)), layout="constrained")
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        fig = viz.layer_heatmap(df, normalize=positive)
+        viz.layer_heatmap(df, normalize=positive, by_block=True, ax=fig.add_subplot())
     ax = fig.axes[0]
-    ax.set_ylabel("top sequence"); ax.set_title("Share of each top sequence's influence by layer" if positive
-                                                else "Influence of each top sequence by layer")
+    ax.set_xlabel("block"); ax.set_ylabel("top sequence")
+    ax.set_title("Share of influence by block" if positive else "Influence by block")
     return fig
 
 def tail_figure(result: ExplorerResult): # -> matplotlib Figure
@@ -733,7 +758,7 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     self.model_w = widgets.Dropdown(options=models, value=model, description='Model', style=wide, layout=L())
     self.source_w = widgets.ToggleButtons(options=[('From queries file', 'file'), ('Typed', 'typed')], value='file' if q['id'] else 'typed',
                                           description='Source', style=dict(description_width='92px', button_width='140px'))
-    self.filter_w = widgets.Text(value='', placeholder='filter: a record id or words of its text',
+    self.filter_w = widgets.Text(value='', placeholder='filter the queries: an id or words of the prompt',
                                  description='Filter', style=wide, layout=L(), continuous_update=True)
     self.query_w = widgets.Dropdown(options=[], description='Pick', style=wide, layout=L())
     self.prompt_w = widgets.Textarea(value=q['prompt'], description='Prompt', style=wide, layout=L('100%'), rows=2)
@@ -899,7 +924,7 @@ def _show(self: Explorer, res: ExplorerResult):
     sec = lambda t: widgets.HTML(f'<div class="inb-section">{t}</div>')
     left = widgets.VBox([sec(f'Top {len(res.top)} training sequences'), table, sec('Token-wise influence'), heat],
                         layout=widgets.Layout(width='62%'))
-    right = widgets.VBox([sec('Layers'), limg, sec('Tail'), timg], layout=widgets.Layout(width='36%'))
+    right = widgets.VBox([sec('Blocks'), limg, sec('Tail'), timg], layout=widgets.Layout(width='36%'))
     self.results_w.children = [widgets.HTML(summary_html(res)),
                                widgets.HBox([left, right], layout=widgets.Layout(justify_content='space-between', width='100%'))]
 

@@ -223,3 +223,24 @@ def test_factor_cache_tag_binds_data_and_every_weight(fx):
     try: assert factor_cache_tag('m', model, seqs) != tag
     finally:
         with torch.no_grad(): attn[0, 0] -= 1.0
+
+
+def test_explore_serves_with_culling_and_stops_voila_on_sigterm(monkeypatch):
+    """`explore` runs Voilà with kernel culling (a closed page's kernel holds the model and factors), and a SIGTERM to
+    `influence-nb explore` stops Voilà too: a stranger found Voilà still serving, and every kernel alive, after both."""
+    import signal
+    from influence_nb import cli
+
+    class FakeVoila:
+        def __init__(self, argv): self.argv, self.returncode, self.calls = argv, None, []
+        def wait(self, timeout=None):
+            if self.returncode is None: signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)   # `kill` of explore's pid
+            return self.returncode
+        def poll(self): return self.returncode
+        def terminate(self): self.calls.append('terminate'); self.returncode = -15
+
+    made, before = [], signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli.subprocess, 'Popen', lambda argv, **kw: made.append(FakeVoila(argv)) or made[-1])
+    assert cli._serve_app('app.ipynb', 8899) == -15 and made[0].calls == ['terminate']   # Voilà stopped, once
+    assert f'--MappingKernelManager.cull_idle_timeout={cli.CULL_IDLE_S}' in made[0].argv and '--port=8899' in made[0].argv
+    assert signal.getsignal(signal.SIGTERM) == before                  # this process's own handling is back
