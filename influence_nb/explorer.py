@@ -37,6 +37,7 @@ from .corpus import load_corpus, load_queries
 from .artefact import digest
 from .data import data_dir, tokenize_pairs
 from .ekfac import Factors, check_damping, fingerprint, model_digest
+from .kfac import reporting
 from .modules import find_modules
 from .scores import pairwise_scores
 from .tfidf import TokenIndex
@@ -511,6 +512,15 @@ def _query_sequence(q:dict, mdl, tok, model:str) -> list[dict]:
     return query
 
 # %% ../nbs/10_explorer.ipynb #4efcc83f
+def _fit_progress(say, strategy:str):
+    "A `reporting` listener: a fit's progress on the app's bar (12–37 %), pass by pass (EK-FAC makes two)."
+    passes, state = 2 if strategy == 'ekfac' else 1, {'k': 0, 'last': None}
+    def hear(name, done:int, total:int):
+        if state['last'] is None or done < state['last']: state['k'] += 1          # a new pass starts from its beginning
+        state['last'], k = done, min(state['k'], passes)
+        say(f"Fitting {strategy} factors: pass {k} of {passes}, {done:,} of {total:,} sequences", 0.12 + 0.25 * (k - 1 + done / total) / passes)
+    return hear
+
 def _prefilter(session, model, query, candidates:int, n:int, say) -> tuple[np.ndarray, int|None]:
     "`(candidates, how many of them share words with the query)`: the BM25 top `candidates`, or all `n` (None: not filtered)."
     if candidates >= n: return np.arange(n), None
@@ -555,7 +565,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     cached = (model, strategy) in session._factors
     say(f"{'Loading' if cached else 'Fitting (or loading cached)'} {strategy} factors "
         f"on {len(session.fit_indices(len(train))):,} training sequences", 0.12)
-    factors, source = session.factors(model, strategy)
+    with reporting(_fit_progress(say, strategy)): factors, source = session.factors(model, strategy)
     laps('factors')
     cand, matched = _prefilter(session, model, query, candidates if prefilter else len(train), len(train), say)   # 2. candidates
     laps('prefilter')

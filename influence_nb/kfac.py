@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_kfac.ipynb #7adb5027
 from __future__ import annotations
-import hashlib, itertools
+import hashlib, itertools, contextlib, contextvars
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -13,8 +13,8 @@ from .modules import TrackedLayer, capture, find_modules
 
 # %% auto #0
 __all__ = ['EXACT_MAX_OUTPUTS', 'FACTOR_DTYPES', 'seq_generator', 'summed_loss', 'summed_loss_grad', 'check_fisher',
-           'fisher_sample', 'exact_cotangents', 'dist_info', 'all_reduce_sum', 'layer_passes', 'Gram', 'blas_threads',
-           'resolve_factor_dtype', 'fit_covariances', 'eigen', 'precondition_eigen']
+           'fisher_sample', 'exact_cotangents', 'dist_info', 'all_reduce_sum', 'reporting', 'layer_passes', 'Gram',
+           'blas_threads', 'resolve_factor_dtype', 'fit_covariances', 'eigen', 'precondition_eigen']
 
 # %% ../nbs/04_kfac.ipynb #e66b35a3
 def seq_generator(seed:int, stream:int, index:int) -> torch.Generator:
@@ -150,6 +150,26 @@ def _scatter_expert(cap, layer, x, d, B, T, mask):
     m = mask.reshape(B * T, 1)
     return (a * m).reshape(B, T, -1), (ds * m).reshape(B, T, -1), int(m[rows].sum())
 
+# %% ../nbs/04_kfac.ipynb #51ebc723
+_PROGRESS = contextvars.ContextVar('influence_nb_progress', default=None)
+
+@contextlib.contextmanager
+def reporting(listener): # called as `listener(the pass's desc or None, sequences done, sequences in all)` after each batch
+    "Within the block, every pass over the data tells `listener` how far it is: how a display that is not a terminal (the explorer's progress bar) follows a fit."
+    token = _PROGRESS.set(listener)
+    try: yield
+    finally: _PROGRESS.reset(token)
+
+class _Bar:
+    "A pass's progress: its tqdm bar (shown when the pass has a `desc`), and the `reporting` listener, if any, after each batch."
+    def __init__(self, total:int, initial:int, desc, disable:bool):
+        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=disable, unit='seq')
+        self.done, self.total, self.name, self.hear = initial, total, desc, _PROGRESS.get()
+    def update(self, n:int):
+        self.bar.update(n); self.done += n
+        if self.hear is not None: self.hear(self.name, self.done, self.total)
+    def close(self): self.bar.close()
+
 # %% ../nbs/04_kfac.ipynb #e4ac0004
 def layer_passes(model, # a causal LM
                  layers:list[TrackedLayer], # tracked layers (`find_modules`)
@@ -172,7 +192,7 @@ def layer_passes(model, # a causal LM
     ids = list(range(len(seqs)))[rank::world]                  # this process's shard (all of it when alone)
     mine = seqs if world == 1 else [seqs[i] for i in ids]
     todo = itertools.islice(batches(mine, batch_size, sort_by_length=sort_by_length, pad_id=pad_id), start, None)
-    bar = tqdm(total=len(mine), initial=min(start * batch_size, len(mine)), desc=desc, disable=desc is None or rank != 0, unit='seq')
+    bar = _Bar(len(mine), min(start * batch_size, len(mine)), desc, desc is None or rank != 0)
     with capture(model, layers) as cap:
         for batch_no, (idx, b) in enumerate(todo, start):
             idx = [ids[i] for i in idx]                          # positions in `seqs`
