@@ -797,6 +797,9 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
         w.add_class(c)
 
 # %% ../nbs/10_explorer.ipynb #3ba67ee2
+def _fit_words(n_fit:int, n_train:int) -> str:
+    return f"all {n_train:,} training sequences" if n_fit >= n_train else f"a seeded sample of {n_fit:,} training sequences"
+
 @patch
 def _wire(self: Explorer):
     "Connect the controls to what they change."
@@ -806,6 +809,10 @@ def _wire(self: Explorer):
     self.model_w.observe(self._on_model, names='value')
     self.prefilter_w.observe(lambda ch: setattr(self.candidates_w, 'disabled', not ch['new']), names='value')
     self.run_w.on_click(lambda b: self.run())
+    with warnings.catch_warnings():     # ipywidgets 8 deprecates on_submit, but only it tells Enter from leaving the box
+        warnings.simplefilter('ignore', DeprecationWarning)
+        for w in (self.completion_w, self.damping_w):               # Enter in a one-line box runs the query, as Run does
+            w.on_submit(lambda _: None if self.run_w.disabled else self.run())
 
 @patch
 def _layout(self: Explorer) -> list:
@@ -814,8 +821,8 @@ def _layout(self: Explorer) -> list:
     header = widgets.HTML(_CSS + '<h2>influence_nb explorer</h2><div class="inb-muted">Which training sequences made '
                           'the model say this? EK-FAC influence functions (Grosse et al. 2023) on '
                           f'{_esc(s.custom) + f" and its corpus of {n_train:,} sequences" if s.custom else "the bundled tiny GPT-2s"}. '
-                          f'Factors are fitted once per model and strategy on {len(s.fit_indices(n_train)):,} seeded '
-                          'training sequences and cached.</div>')
+                          f'Factors are fitted once per model and strategy on {_fit_words(len(s.fit_indices(n_train)), n_train)} '
+                          'and cached.</div>')
     qbox = widgets.VBox([widgets.HTML('<div class="inb-panel-title">Query</div>'), self.model_w, self.source_w,
                          self.filter_w, self.query_w, self.prompt_w, self.completion_w], layout=widgets.Layout(width='58%'))
     sbox = widgets.VBox([widgets.HTML('<div class="inb-panel-title">Settings</div>'), self.prefilter_w, self.candidates_w,
@@ -846,10 +853,14 @@ def _on_query(self: Explorer, change):
 
 @patch
 def _sync_source(self: Explorer):
+    "Enable the controls of the query source chosen; what was typed is kept while a file query is shown, and comes back."
     from_file = self.source_w.value == 'file'
     self.filter_w.disabled = self.query_w.disabled = not from_file
     self.prompt_w.disabled = self.completion_w.disabled = from_file
-    if from_file and self.query_w.value is not None: self._on_query({'new': self.query_w.value})
+    if from_file:
+        self._typed = (self.prompt_w.value, self.completion_w.value)
+        if self.query_w.value is not None: self._on_query({'new': self.query_w.value})
+    elif getattr(self, '_typed', None) is not None: self.prompt_w.value, self.completion_w.value = self._typed
 
 @patch
 def _on_model(self: Explorer, change):
