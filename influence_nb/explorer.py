@@ -5,6 +5,7 @@
 # %% ../nbs/10_explorer.ipynb #6e17f47a
 from __future__ import annotations
 
+import base64
 import dataclasses
 import importlib.resources
 import difflib
@@ -46,7 +47,8 @@ from .tfidf import TokenIndex
 __all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'layer_blocks', 'default_query', 'record_where', 'corpus_records', 'query_rows',
            'query_record', 'query_records', 'ExplorerSession', 'sequences_digest', 'factor_cache_tag',
            'restrict_factors', 'ExplorerResult', 'run_query', 'summary_html', 'top_html', 'heatmaps_html',
-           'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'explorer', 'app_notebook']
+           'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'csv_link', 'explorer',
+           'app_notebook']
 
 # %% ../nbs/10_explorer.ipynb #6860dd62
 FIT_SAMPLE = 600  # training sequences the explorer fits curvature factors on (a seeded sample; 0 = all)
@@ -568,6 +570,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     with reporting(_fit_progress(say, strategy)): factors, source = session.factors(model, strategy)
     laps('factors')
     cand, matched = _prefilter(session, model, query, candidates if prefilter else len(train), len(train), say)   # 2. candidates
+    if k > len(cand): notes.append(f"Top {k} asked, but only {len(cand):,} candidates were scored: all of them are shown.")
     laps('prefilter')
     per_layer = _candidate_scores(mdl, factors, query, [train[int(i)] for i in cand], names, damping,   # 3. scores
                                   session.batch_size, say, strategy)
@@ -763,7 +766,7 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     "The widgets; each carries a CSS class (`inb-…`) that the browser test finds it by."
     s = self.session
     wide = dict(description_width='92px')
-    L = lambda w='100%': widgets.Layout(width=w)
+    L = lambda w='100%': widgets.Layout(width='100%', max_width=w)   # a fixed width never overflows a narrow panel
     # query controls
     self.model_w = widgets.Dropdown(options=models, value=model, description='Model', style=wide, layout=L())
     self.source_w = widgets.ToggleButtons(options=[('From queries file', 'file'), ('Typed', 'typed')], value='file' if q['id'] else 'typed',
@@ -934,6 +937,14 @@ def run(self: Explorer) -> ExplorerResult|None:
     self.status_w.value = f'<span class="inb-stage inb-failed" data-run="{self.runs}">Stopped</span>: see the message below.'
     return None
 
+def csv_link(result: ExplorerResult) -> str:
+    "A link that saves the top sequences (rank, training index, id, score, nats, full text) as a CSV file."
+    df = result.top.drop(columns=[c for c in ('kind', 'match') if c in result.top])
+    data = base64.b64encode(df.to_csv(index_label='rank').encode()).decode()
+    name = re.sub(r'[^A-Za-z0-9_.-]', '_', str(result.query.get('id') or 'typed-query'))
+    return (f'<a class="inb-download" download="influence-{name}.csv" href="data:text/csv;charset=utf-8;base64,{data}">'
+            f'Download these {len(df)} as CSV</a>')
+
 @patch
 def _show(self: Explorer, res: ExplorerResult):
     lf, tf = layer_figure(res), tail_figure(res)
@@ -943,7 +954,7 @@ def _show(self: Explorer, res: ExplorerResult):
     timg = widgets.Image(value=figure_png(tf), format='png', layout=widgets.Layout(max_width='100%', height='auto'))
     limg.add_class('inb-layer-chart'); timg.add_class('inb-tail-plot')
     sec = lambda t: widgets.HTML(f'<div class="inb-section">{t}</div>')
-    left = widgets.VBox([sec(f'Top {len(res.top)} training sequences'), table, sec('Token-wise influence'), heat],
+    left = widgets.VBox([sec(f'Top {len(res.top)} training sequences'), table, widgets.HTML(csv_link(res)), sec('Token-wise influence'), heat],
                         layout=widgets.Layout(width='62%'))
     right = widgets.VBox([sec('Blocks'), limg, sec('Tail'), timg], layout=widgets.Layout(width='36%'))
     self.results_w.children = [widgets.HTML(summary_html(res)),
