@@ -937,6 +937,8 @@ def run(self: Explorer) -> ExplorerResult|None:
     self.status_w.value = f'<span class="inb-stage inb-failed" data-run="{self.runs}">Stopped</span>: see the message below.'
     return None
 
+
+# %% ../nbs/10_explorer.ipynb #76d2dfb0
 def csv_link(result: ExplorerResult) -> str:
     "A link that saves the top sequences (rank, training index, id, score, nats, full text) as a CSV file."
     df = result.top.drop(columns=[c for c in ('kind', 'match') if c in result.top])
