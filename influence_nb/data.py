@@ -441,9 +441,9 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
     return seqs
 
 # %% ../nbs/00_data.ipynb #9a32a403
-def _apply_template(tokenizer, messages, where:str='conversation', tokenize:bool=True):
+def _apply_template(tokenizer, messages, where:str='conversation', tokenize:bool=True, generation_prompt:bool=False):
     "`apply_chat_template` on `messages`: its tokens, or (`tokenize=False`) its text; a template's refusal is a ValueError naming `where`."
-    try: out = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=tokenize)
+    try: out = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=tokenize, add_generation_prompt=generation_prompt)
     except Exception as e:
         if not type(e).__module__.startswith('jinja2'): raise
         raise ValueError(f"{where}: the chat template refuses this conversation ({type(e).__name__}: {e}).") from None
@@ -459,6 +459,13 @@ def _need_template(tokenizer, where:str):
 _REPLY = '\u27e6influence_nb: the reply\u27e7'   # stands for a reply's text while the template renders around it
 
 def _common_text(a:str, b:str) -> int: return len(os.path.commonprefix([a, b]))
+
+def _think_split(m:dict) -> dict|None:
+    "A reply with its reasoning written inside `content` (`<think>…</think>` before the answer), as the `reasoning_content` and `content` Qwen3's template splits it into; None for any other message."
+    c = m.get('content')
+    if m.get('role') != 'assistant' or not isinstance(c, str) or '</think>' not in c or isinstance(m.get('reasoning_content'), str): return None
+    head, answer = c.split('</think>')[0], c.split('</think>')[-1]
+    return {**m, 'reasoning_content': head.rstrip('\n').split('<think>')[-1].lstrip('\n'), 'content': answer.lstrip('\n')}
 
 def _reply_chars(full:str, probe:str, content:str) -> tuple[int, int, int]|None:
     """Where a reply's text starts and ends in `full`, and where its turn ends (end-of-turn tokens, or a tool call the
@@ -480,10 +487,9 @@ def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (
                     where:str='conversation', # names it in errors
                    ) -> tuple[list[int], dict[int, tuple[int, int, int]]]:
     """The conversation's tokens as the chat template renders them, and `{message: (lo, mid, hi)}` for each assistant
-    reply: its text's tokens are `[lo, mid)`, and with the end-of-turn tokens the template writes after it, `[lo, hi)`.
-    Each reply is found in the rendered text where the template puts a stand-in for it, so a template with or without a
-    generation prompt, one that writes a header only before the last reply, and a reply's first token taking the space
-    before it all give the reply's own tokens. An opening assistant message answers nothing, and is context."""
+    reply: its tokens are `[lo, mid)` (its reasoning, where the template renders it, then its text), and with the
+    end-of-turn tokens the template writes after it, `[lo, hi)`. Each reply is found where the template puts a stand-in
+    for it (`_reply_chars`). An opening assistant message answers nothing, and is context."""
     _need_template(tokenizer, where)
     messages = [dict(m) for m in messages]
     full, ids = _apply_template(tokenizer, messages, where, tokenize=False), _apply_template(tokenizer, messages, where)
@@ -497,12 +503,20 @@ def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (
     for i, m in enumerate(messages):
         text = m.get('content') or ''
         if m['role'] != 'assistant' or i == 0 or not (text.strip() or m.get('tool_calls')): continue
-        chars = _reply_chars(full, _apply_template(tokenizer, messages[:i] + [{**m, 'content': _REPLY}], where, tokenize=False), text)
+        probe = lambda m: _apply_template(tokenizer, messages[:i] + [{**m, 'content': _REPLY}], where, tokenize=False)
+        chars = _reply_chars(full, probe(m), text)
+        if chars is None and (alt := _think_split(m)) is not None:           # reasoning written inside `content` ...
+            trial = messages[:i] + [alt] + messages[i + 1:]
+            if _apply_template(tokenizer, trial, where, tokenize=False) == full:   # ... which the template splits off itself
+                messages, m, text = trial, alt, alt['content']; chars = _reply_chars(full, probe(alt), text)
         if chars is None:
             raise ValueError(f"{where}: the assistant reply at position {i} (0-based), {text[:40]!r}, is not where the chat "
                              "template renders it, so its tokens cannot be told apart. Build the sequence yourself: a record with "
                              "'input_ids' and 'labels' (-100 where nothing is scored).")
         start, end, turn = chars
+        if isinstance(r := m.get('reasoning_content'), str) and r.strip():    # reasoning the template rendered: the reply's too,
+            g = _apply_template(tokenizer, messages[:i], where, tokenize=False, generation_prompt=True)   # from where the model writes
+            if full.startswith(g) and full.find(r.strip(), len(g), start) >= 0: start = len(g)
         if turn <= start: continue                                          # nothing of it rendered
         lo = next(k for k, (a, b) in enumerate(offs) if b > start)          # (a token taking the space before the reply: in)
         mid = max(k for k, (a, b) in enumerate(offs) if a < end) + 1 if end > start else lo   # (a tool call: no text)

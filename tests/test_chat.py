@@ -267,3 +267,41 @@ def test_a_reply_ending_in_whitespace_keeps_its_end_token_and_a_tool_call_turn_i
     assert tools.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == '[call weather]<|end|>it is sunny<|end|>'
     assert shown_text(call).splitlines()[1] == 'assistant: [{"name": "weather"}]'
     with pytest.raises(ValueError, match='has no text \\(empty, or a tool call\\)'): chat_query(tools, call[:2])
+
+
+# A template written here after Qwen3's rules: an assistant turn's reasoning (its `reasoning_content`, or a
+# `<think>…</think>` opening its `content`, split off by the template) is rendered only after the last user message;
+# the last turn always gets a think block, empty when there is no reasoning; earlier turns are rendered without it.
+THINKING = (
+    "{%- set ns = namespace(last_user=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}"
+    "{%- endif %}{%- endfor %}{%- for m in messages %}{%- if m.role == 'assistant' %}{%- set content = m.content or '' %}"
+    "{%- set reasoning = m.reasoning_content if m.reasoning_content is string else '' %}"
+    "{%- if not reasoning and '</think>' in content %}{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{%- if loop.index0 > ns.last_user and (loop.last or reasoning) %}"
+    "{{- '<|assistant|>\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}"
+    "{%- else %}{{- '<|assistant|>\\n' + content }}{%- endif %}{{- '<|end|>\\n' }}"
+    "{%- else %}{{- '<|' + m.role + '|>\\n' + m.content + '<|end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}")
+
+def test_reasoning_in_content_or_its_own_field_is_scored_with_the_reply(case):
+    """Qwen3-style reasoning: written inside `content` it was refused (the template rewrites the reply's text); now the
+    template's own split is used, and the reasoning it renders is scored with the reply, from where the model writes
+    (after the generation prompt). Earlier turns, rendered without their reasoning, score their answer alone."""
+    tok = case['tok'].__class__.from_pretrained(case['dir']/'model'); tok.chat_template = THINKING
+    user = {'role': 'user', 'content': 'what is the capital of france?'}
+    inside = [user, {'role': 'assistant', 'content': '<think>\nthe capital of france\n</think>\n\nparis'}]
+    field = [user, {'role': 'assistant', 'reasoning_content': 'the capital of france', 'content': 'paris'}]
+    scored = lambda s: tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX])
+    a, b = inf.tokenize(tok, [inside, field])
+    for s, conv in ((a, inside), (b, field)):
+        assert s['input_ids'].tolist() == tok.apply_chat_template(conv, tokenize=True)['input_ids']
+    assert a['input_ids'].tolist() == b['input_ids'].tolist() and a['labels'].tolist() == b['labels'].tolist()
+    assert scored(a) == '<think>\nthe capital of france\n</think>\n\nparis<|end|>'
+    q = inf.as_sequences([chat_query(tok, inside)])[0]           # a query measures what the model writes, without the end
+    assert scored(q) == '<think>\nthe capital of france\n</think>\n\nparis'
+    two = [user, {'role': 'assistant', 'content': '<think>\nfrance\n</think>\n\nparis'},
+           {'role': 'user', 'content': 'what is the capital of italy?'}, {'role': 'assistant', 'content': 'rome'}]
+    s = inf.tokenize(tok, [two])[0]                               # turn 1's reasoning is not rendered; turn 2 has none: its
+    assert s['input_ids'].tolist() == tok.apply_chat_template(two, tokenize=True)['input_ids']   # empty block is the template's
+    assert scored(s) == 'paris<|end|>rome<|end|>'
