@@ -485,15 +485,21 @@ def _check_run_args(session, model, strategy, damping, k, prefilter, candidates,
     return session, k, candidates, _check_blocks(blocks, session.n_blocks(model))
 
 def _candidate_scores(mdl, factors, query, seqs, names, damping, batch_size, say, label) -> np.ndarray:
-    "`[n_cand, n_layers]`: each candidate's influence through each tracked layer, in chunks so that progress moves."
-    n_chunks = max(1, min(20, len(seqs) // 64))
-    per_layer = np.zeros((len(seqs), len(names)))                                      # [n_cand, n_layers]
-    for c, part in enumerate(np.array_split(np.arange(len(seqs)), n_chunks)):
+    """`[n_cand, n_layers]`: each candidate's influence through each tracked layer, in chunks so that progress moves.
+    Copies of one sequence are scored once: they tie exactly, so the lower index ranks first (scored in two batches, they
+    could differ in the last bit, and which copy came first changed with the candidates)."""
+    first, uniq = {}, []                                                             # key -> row of `uniq`; its sequences
+    keys = [(tuple(s['input_ids'].tolist()), tuple(s['labels'].tolist())) for s in seqs]
+    for s, key in zip(seqs, keys):
+        if key not in first: first[key] = len(uniq); uniq.append(s)
+    n_chunks = max(1, min(20, len(uniq) // 64))
+    per_layer = np.zeros((len(uniq), len(names)))                                      # [n_unique, n_layers]
+    for c, part in enumerate(np.array_split(np.arange(len(uniq)), n_chunks)):
         say(f"Scoring {len(seqs):,} candidates with {label} (chunk {c + 1}/{n_chunks})", 0.45 + 0.4 * c / n_chunks)
-        sc = pairwise_scores(mdl, factors, query, [seqs[j] for j in part], damping=damping, per_layer=True,
+        sc = pairwise_scores(mdl, factors, query, [uniq[j] for j in part], damping=damping, per_layer=True,
                              batch_size=batch_size, progress=False)
         per_layer[part] = torch.stack([sc.per_layer[n][0] for n in names], -1).double().numpy()
-    return per_layer
+    return per_layer[[first[key] for key in keys]]                                  # [n_cand, n_layers]
 
 def _top_frame(q, records, top_idx, top_scores, n_train) -> pd.DataFrame:
     "The top-k table: rank -> train_index, id, kind, match, score, nats, text."
