@@ -57,13 +57,14 @@ def clean_output(out: dict) -> dict | None:
     (`HBox(...)`, a progress bar at 0%) that means nothing on a static page. Printed text with colour codes becomes
     HTML (`ansi_html`)."""
     if 'data' in out and any(k in WIDGET_MIMES for k in out['data']): return None
-    if out.get('output_type') == 'stream' and '\x1b[' in (text := ''.join(out.get('text', ''))):
+    if out.get('output_type') == 'stream' and out.get('name') == 'stdout' and SGR.search(text := ''.join(out.get('text', ''))):
         return {'output_type': 'display_data', 'metadata': {},
-                'data': {'text/html': ansi_html(text), 'text/plain': SGR.sub('', text)}}
+                'data': {'text/html': ansi_html(text), 'text/plain': CSI.sub('', text)}}
     return out
 
 
 SGR = re.compile(r'\x1b\[([0-9;]*)m')
+CSI = re.compile(r'\x1b\[[0-9;?]*[A-Za-z]')      # every control sequence: colours, and cursor moves the page cannot show
 BASIC = ('0,0,0', '205,49,49', '13,188,121', '229,229,16', '36,114,200', '188,63,188', '17,168,205', '229,229,229')
 
 
@@ -76,6 +77,7 @@ def ansi_html(text: str) -> str:
         if not chunk: return
         css = ';'.join(f'{k}:{v}' for k, v in style.items())
         out.append(f'<span style="{css}">{html.escape(chunk)}</span>' if css else html.escape(chunk))
+    text = CSI.sub(lambda m: m.group(0) if m.group(0).endswith('m') else '', text)   # only colours are drawn
     for m in SGR.finditer(text):
         emit(text[pos:m.start()]); pos = m.end()
         codes, i = [int(c) for c in m.group(1).split(';') if c] or [0], 0

@@ -203,8 +203,8 @@ def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[d
             for j, r in zip(pos, recs):
                 try: s = check_sequences(model, corpus_sequences([r], tok, n), 'record'); require_scored(s, 'record')
                 except (ValueError, TypeError) as e:
-                    if not skip: raise _again(e, f"{flag} {path.name}, {record_where(path, j)}: {_reword(e)}. {_SKIP_ADVICE}") from None
-                    bad.append((record_where(path, j), _reword(e))); continue
+                    if not skip: raise _again(e, f"{flag} {path.name}, {entries[j][0]}: {_reword(e)}. {_SKIP_ADVICE}") from None
+                    bad.append((entries[j][0], _reword(e))); continue
                 seqs += s; kept.append(j)
             recs, pos = [entries[j][1] for j in kept], kept
     if not seqs: raise ValueError(f"{flag} {path.name}: none of its {len(entries)} records can be used (the first: {bad[0][0]}: {bad[0][1]}).")

@@ -366,6 +366,11 @@ def _completion_ids(tokenizer, prompt:str, completion:str, p_ids:list[int]) -> t
         alone = alone[1:]   # a word-start mark (SentencePiece's '▁') that tokenizing it alone added: the text has no space there
     return p_ids, alone, 'alone'
 
+def _spaced_word(c:str) -> bool:
+    "`c` is a letter or digit of a script that writes spaces between words (not CJK, Thai, Lao, Tibetan, Myanmar or Khmer)."
+    o = ord(c) if c else 0
+    return c.isalnum() and o < 0x2E80 and not (0x0E00 <= o <= 0x109F or 0x1780 <= o <= 0x17FF)
+
 def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=(), special:list=(), named:str='', glued:list=()):
     "One warning per kind for `tokenize_pairs`, however many pairs it concerns: `(i, text)` lists, `n` pairs in all."
     first = lambda xs: f"{len(xs):,} of {n:,} pairs (the first: pairs[{xs[0][0]}], {xs[0][1]!r})"
@@ -419,7 +424,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
                              "(`tokenizer.tokenize(prompt + completion)` lists them).")
         if how == 'alone' and prompt.endswith(' ') and not completion[0].isspace(): spaced.append(where)
         elif how != 'joined' and p_ids: joined.append(where)
-        elif prompt[-1:].isascii() and prompt[-1:].isalnum() and completion[0].isascii() and completion[0].isalnum(): glued.append(where)
+        elif _spaced_word(prompt[-1:]) and _spaced_word(completion[0]): glued.append(where)
         if not c_ids: raise ValueError(f"pairs[{i}]'s completion {completion!r} has no tokens: there is nothing to measure.")
         if unk is not None and unk in c_ids: unknown.append((i, completion))
         written = lambda t: (s := tokenizer.convert_ids_to_tokens(t)) in prompt[max(0, len(prompt) - len(s) + 1):] + completion
@@ -891,11 +896,11 @@ def corpus_rows(p, # a corpus file
                 kind:str, # its format: `corpus_format(p)`
                ):
     "`(where, row)` pairs of corpus file `p`, in file order; a row that cannot be parsed is yielded as an Exception, not raised."
-    if kind == 'parquet':
-        import pandas as pd
-        try: df = pd.read_parquet(p)
+    if kind == 'parquet':   # rows as pyarrow gives them, as `scan` reads them (pandas makes an int column with nulls float)
+        import pyarrow.parquet as pq
+        try: rows = [r for b in pq.ParquetFile(p).iter_batches(batch_size=1024) for r in b.to_pylist()]
         except Exception as e: yield 'the file', ValueError(f"not a readable Parquet file ({type(e).__name__}: {e})"); return
-        for n, r in enumerate(df.to_dict('records')): yield f'row {n}', r
+        for n, r in enumerate(rows): yield f'row {n}', r
         return
     with open(p, 'rb') as f:
         for n, raw in corpus_lines(f):
@@ -909,7 +914,10 @@ def corpus_rows(p, # a corpus file
 
 # %% ../nbs/00_data.ipynb #2edb770b
 def missing_text(record:Mapping, text_field:str) -> str:
-    "Why a corpus record with neither `text_field` nor 'input_ids' cannot be read: the fields it has, and the way out."
+    "Why a corpus record without a usable `text_field` or 'input_ids' cannot be read: what the field holds, or the fields it has, and the way out."
+    v = field_value(record, text_field)
+    if v is not None or text_field in record:                                  # there, but not a text
+        return f"{text_field!r} is {'null' if v is None else f'a {type(v).__name__}'}, not a string, a conversation or a prompt-completion pair"
     return (f"no string field {text_field!r} and no 'input_ids' (fields: {sorted(record)}); pass the text field's name"
             + (" (--text-field messages for conversations)" if is_conversation(record.get('messages')) else ''))
 
@@ -920,6 +928,7 @@ def corpus_entries(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`
     p = Path(path); kind = corpus_format(p)
     for where, r in corpus_rows(p, kind):
         if where == 'the file': raise ValueError(f"{p.name}, {where}: {r}. Accepted formats: {CORPUS_FORMATS}.")   # no record at all
+        if isinstance(r, str): r = {text_field: r}                                # a JSON string is a text, as `scan` reads it
         why = (str(r) if isinstance(r, Exception) else f"expected a JSON object, got {type(r).__name__}" if not isinstance(r, Mapping)
                else None if 'input_ids' in r or is_text(text_value(r, text_field)) else missing_text(r, text_field))
         if why: yield where, None, why

@@ -325,7 +325,7 @@ def _tok_key(self: ExplorerSession, name):
         spec = {k: v for k, v in json.loads(tok.backend_tokenizer.to_str()).items() if k not in ('truncation', 'padding')}
         rules = hash(json.dumps(spec, sort_keys=True))
     else: rules = id(tok)
-    return (rules, getattr(tok, 'chat_template', None), context_length(model, tok))
+    return (rules, json.dumps(getattr(tok, 'chat_template', None), sort_keys=True), context_length(model, tok))   # (a dict of named templates too)
 
 @patch
 def train(self: ExplorerSession, name: str) -> list[dict]:
@@ -524,7 +524,7 @@ def _fit_progress(say, strategy:str):
     "A `reporting` listener: a fit's progress on the app's bar (12–37 %), pass by pass (EK-FAC makes two)."
     passes, state = 2 if strategy == 'ekfac' else 1, {'k': 0, 'last': None}
     def hear(name, done:int, total:int):
-        if state['last'] is None or done < state['last']: state['k'] += 1          # a new pass starts from its beginning
+        if state['last'] is None or done <= state['last']: state['k'] += 1         # a new pass starts (a batch always adds)
         state['last'], k = done, min(state['k'], passes)
         say(f"Fitting {strategy} factors: pass {k} of {passes}, {done:,} of {total:,} sequences", 0.12 + 0.25 * (k - 1 + done / total) / passes)
     return hear
@@ -592,7 +592,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     top = _top_frame(q, records, top_idx, scores[order], len(train))
     laps('tokens')
     say("Done", 1.0)
-    return ExplorerResult(model, q, log_p, strategy, damping, blocks, counted, names, len(train), cand, bool(prefilter),
+    return ExplorerResult(model, q, log_p, strategy, damping, blocks, counted, names, len(train), cand, matched is not None,
                           scores, pd.DataFrame(per_layer, index=pd.Index(cand, name='train_index'), columns=names),
                           top, tokens, token_scores, source, laps.timings, notes, [i in cut_rows for i in top_idx], matched)
 
@@ -814,7 +814,7 @@ def _wire(self: Explorer):
     "Connect the controls to what they change."
     self.filter_w.observe(lambda ch: self._fill_queries(), names='value')
     self.query_w.observe(self._on_query, names='value')
-    self.source_w.observe(lambda ch: self._sync_source(), names='value')
+    self.source_w.observe(self._sync_source, names='value')
     self.model_w.observe(self._on_model, names='value')
     self.prefilter_w.observe(lambda ch: setattr(self.candidates_w, 'disabled', not ch['new']), names='value')
     self.run_w.on_click(lambda b: self.run())
@@ -861,13 +861,13 @@ def _on_query(self: Explorer, change):
         self.prompt_w.value, self.completion_w.value = q['prompt'], q['completion']
 
 @patch
-def _sync_source(self: Explorer):
+def _sync_source(self: Explorer, change=None):
     "Enable the controls of the query source chosen; what was typed is kept while a file query is shown, and comes back."
     from_file = self.source_w.value == 'file'
     self.filter_w.disabled = self.query_w.disabled = not from_file
     self.prompt_w.disabled = self.completion_w.disabled = from_file
     if from_file:
-        self._typed = (self.prompt_w.value, self.completion_w.value)
+        if change is not None and change['old'] == 'typed': self._typed = (self.prompt_w.value, self.completion_w.value)   # what was typed
         if self.query_w.value is not None: self._on_query({'new': self.query_w.value})
     elif getattr(self, '_typed', None) is not None: self.prompt_w.value, self.completion_w.value = self._typed
 

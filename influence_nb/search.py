@@ -142,7 +142,7 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
         text = text_of(it.raw, text_field)
         if text is not None:
             if not is_text(text):
-                n_bad += _bad_record(it, f"'{text_field}' is a {type(text).__name__}, not a string or a conversation", skip); continue
+                n_bad += _bad_record(it, missing_text(it.raw, text_field), skip); continue     # (only a record has a field)
             if tokenizer is None:
                 raise TypeError(f"The corpus holds text ({items[j].where}): pass `tokenizer=` to tokenize it, "
                                 "or store token ids under 'input_ids'.")

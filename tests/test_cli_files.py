@@ -244,3 +244,23 @@ def test_explore_serves_with_culling_and_stops_voila_on_sigterm(monkeypatch):
     assert cli._serve_app('app.ipynb', 8899) == -15 and made[0].calls == ['terminate']   # Voilà stopped, once
     assert f'--MappingKernelManager.cull_idle_timeout={cli.CULL_IDLE_S}' in made[0].argv and '--port=8899' in made[0].argv
     assert signal.getsignal(signal.SIGTERM) == before                  # this process's own handling is back
+
+
+def test_score_scan_and_top_read_records_alike(fx):
+    """From a reviewer: a Parquet int id column with nulls came out as '10.0' in `score` (pandas) and '10' in `top`
+    (pyarrow); a JSON string line was a text to `scan` but a bad record to `score`; a null text field was called
+    missing. One reader now: the same ids, the same records kept, and the field named as it is."""
+    import pyarrow as pa, pyarrow.parquet as pq
+    pq.write_table(pa.table({'id': pa.array([10, None, 12, 13], pa.int64()), 'text': GOOD[:4]}), fx/'ids.parquet')
+    rc, _, err = run('score', '--model', fx/'model', '--factors', fx/'factors', '--queries', fx/'queries.jsonl',
+                     '--data', fx/'ids.parquet', '--out', fx/'ids_scores.parquet')
+    assert rc == 0, err
+    assert pd.read_parquet(fx/'ids_scores.parquet').index.get_level_values('id').tolist() == ['10', '', '12', '13']
+    (fx/'mixed.jsonl').write_text(json.dumps({'text': GOOD[0]}) + '\n' + json.dumps(GOOD[1]) + '\n' + json.dumps({'text': None}) + '\n')
+    rc, _, err = run('score', '--model', fx/'model', '--factors', fx/'factors', '--queries', fx/'queries.jsonl',
+                     '--data', fx/'mixed.jsonl', '--out', fx/'mixed_scores.parquet', '--skip-bad-records')
+    assert rc == 0 and "line 3: 'text' is null, not a string" in err, err
+    assert pd.read_parquet(fx/'mixed_scores.parquet').index.tolist() == [0, 1]          # the JSON string is a text, as in scan
+    rc, out, err = run('scan', '--model', fx/'model', '--factors', fx/'factors', '--queries', fx/'queries.jsonl',
+                       '--corpus', fx/'mixed.jsonl', '--out', fx/'mixed_scan.parquet', '--skip-bad-records', '--quiet')
+    assert rc == 0 and 'scanned 2 sequences (1 bad records skipped)' in out, out + err

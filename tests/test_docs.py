@@ -220,3 +220,6 @@ def test_colour_codes_become_html():
     assert out['data']['text/plain'] == ' Vel<b>x y\n' and out['data']['text/html'] == docs_build.ansi_html(text)
     plain = {'output_type': 'stream', 'name': 'stdout', 'text': ['no colour\n']}
     assert docs_build.clean_output(plain) is plain
+    assert docs_build.ansi_html('\x1b[2Ka\x1b[31mb\x1b[0m\x1b[K') == '<pre class="inb-ansi">a<span style="color:rgb(205,49,49)">b</span></pre>'
+    err = {'output_type': 'stream', 'name': 'stderr', 'text': ['\x1b[31mwarning\x1b[0m\n']}
+    assert docs_build.clean_output(err) is err                           # stderr keeps its own styling
