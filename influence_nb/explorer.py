@@ -637,7 +637,7 @@ def summary_html(result: ExplorerResult) -> str:
 def top_html(result: ExplorerResult, # from `run_query`
              max_chars: int = 180,   # training text shortened to this many characters
             ) -> str:
-    "The top-k table as HTML; each row has `data-rank` and `data-train-id`."
+    "The top-k table as HTML; each row has `data-rank` and `data-train-id`; a shortened text shows in full on hover."
     rows, same = [], _same_as(result.tokens or list(result.top['text']), list(result.top.index))   # as the heatmaps see copies
     smax = max(float(np.abs(result.top['score']).max()), 1e-30) if len(result.top) else 1.0
     for rank, r in result.top.iterrows():
@@ -648,7 +648,7 @@ def top_html(result: ExplorerResult, # from `run_query`
         rows.append(f'<tr class="inb-row" data-rank="{rank}" data-train-id="{_esc(r["id"])}" data-train-index="{r["train_index"]}">'
                     f'<td class="inb-num">{rank}</td><td class="inb-id">{_esc(r["id"])}<br><span class="inb-muted">{_esc(r["kind"])}</span> {badge}</td>'
                     f'<td class="inb-num inb-score">{_fmt_score(r["score"])}<div class="inb-bar" style="width:{w}%;background:{colour}"></div></td>'
-                    f'<td class="inb-num">{r["nats"]:+.3g}</td><td class="inb-text">{_esc(_short(r["text"], max_chars))}</td></tr>')
+                    f'<td class="inb-num">{r["nats"]:+.3g}</td><td class="inb-text" title="{_esc(r["text"])}">{_esc(_short(r["text"], max_chars))}</td></tr>')   # hover: all of it
     head = ('<tr><th>#</th><th>training sequence</th><th>score</th>'
             f'<th title="score / N: change of the completion\'s log-probability for one more copy (N = {result.n_train:,})">nats</th>'
             '<th>text</th></tr>')
