@@ -357,7 +357,7 @@ def fit_covariances(model, # a causal LM
         for (name, k), buf in run.items():
             if k in cov[name]: cov[name][k] += buf.take(dtype)
             else: cov[name][k] = buf.take(dtype, last)
-        if last:   # a sum no batch reached since the resume (an MoE expert's) is its total
+        if last:   # a sum no batch reached since the resume (saved at the last batch, then stopped) is its total
             for name, c in held.items(): cov[name].update({k: t.to(dtype) for k, t in c.items()})
     with blas_threads():
         for b_no, (idx, acts, outg, n_seen) in enumerate(layer_passes(model, layers, seqs, batch_size, sample=fisher_sample(fisher), seed=seed,
