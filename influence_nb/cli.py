@@ -688,9 +688,10 @@ def _cmd_explore(a):
     import importlib.util
     if importlib.util.find_spec('voila') is None:
         raise ValueError("`explore` serves the app with Voilà: pip install -c constraints.txt '.[browser]' (or use --no-serve).")
-    nb = app_notebook(Path(tempfile.mkdtemp(prefix='influence-nb-explore-'))/'explorer.ipynb', **kw)
-    print(f"serving {nb} on http://127.0.0.1:{a.port}/ (Ctrl-C stops it)", flush=True)
-    return _serve_app(nb, a.port)
+    with tempfile.TemporaryDirectory(prefix='influence-nb-explore-') as d:   # the app's notebook, removed when it stops
+        nb = app_notebook(Path(d)/'explorer.ipynb', **kw)
+        print(f"serving {nb} on http://127.0.0.1:{a.port}/ (Ctrl-C stops it)", flush=True)
+        return _serve_app(nb, a.port)
 
 # %% ../nbs/13_cli.ipynb #47b47a94
 _DISPATCH = {'experiment': 'influence_nb.experiments.harness', 'validate': 'influence_nb.evaluate'}

@@ -520,6 +520,11 @@ def _query_sequence(q:dict, mdl, tok, model:str) -> list[dict]:
     return query
 
 # %% ../nbs/10_explorer.ipynb #4efcc83f
+def _one_pair(msg:str) -> str:
+    "A `tokenize_pairs` warning about the one query, without the count and position a list of pairs needs."
+    m = re.match(r"1 of 1 pairs \(the first: pairs\[0\], .*?\): (.)", msg, re.S)
+    return msg if m is None else m.group(1).upper() + msg[m.end():]
+
 def _fit_progress(say, strategy:str):
     "A `reporting` listener: a fit's progress on the app's bar (12–37 %), pass by pass (EK-FAC makes two)."
     passes, state = 2 if strategy == 'ekfac' else 1, {'k': 0, 'last': None}
@@ -568,7 +573,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
         warnings.simplefilter('always'); query = _query_sequence(q, mdl, tok, model)   # shown in the app, and still warned
     for w in said: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     cut_rows, cut_note = session._cut.get(session._tok_key(model), (set(), None))
-    notes = [str(w.message) for w in said if issubclass(w.category, UserWarning)] + ([cut_note] if cut_note else [])
+    notes = [_one_pair(str(w.message)) for w in said if issubclass(w.category, UserWarning)] + ([cut_note] if cut_note else [])
     log_p = float(completion_logprobs(mdl, query)[0])
     cached = (model, strategy) in session._factors
     say(f"{'Loading' if cached else 'Fitting (or loading cached)'} {strategy} factors "
@@ -622,7 +627,7 @@ def summary_html(result: ExplorerResult) -> str:
     which = (f"{q['id']} ({', '.join(str(x) for x in (q.get('kind'), q.get('lang')) if x)})" if q.get('id') else "typed query")
     n, m = len(result.candidates), result.matched
     cand = (f"all {n:,}" if not result.prefiltered else f"the {n:,} best BM25 matches" if m is None or m == n else
-            f"{n:,} candidates (the {m:,} sharing a word with the query, then {n - m:,} others in corpus order)") + \
+            f"{n:,} candidates (the {m:,} sharing a token with the query, then {n - m:,} others in corpus order)") + \
            f" of {result.n_train:,} training sequences"
     blocks = f"blocks {result.blocks[0]}–{result.blocks[1]} ({len(result.layers)} of {len(result.all_layers)} tracked layers)"
     damping_text = ("no curvature, no damping" if result.strategy == 'identity' else

@@ -264,3 +264,16 @@ def test_score_scan_and_top_read_records_alike(fx):
     rc, out, err = run('scan', '--model', fx/'model', '--factors', fx/'factors', '--queries', fx/'queries.jsonl',
                        '--corpus', fx/'mixed.jsonl', '--out', fx/'mixed_scan.parquet', '--skip-bad-records', '--quiet')
     assert rc == 0 and 'scanned 2 sequences (1 bad records skipped)' in out, out + err
+
+
+def test_explore_removes_its_notebook_when_it_stops(monkeypatch):
+    "The app's notebook lives in a temporary folder while `explore` serves it, and goes with it (50 were left in /tmp)."
+    from pathlib import Path
+    from influence_nb import cli
+    seen = []
+    def serve(nb, port):
+        seen.append((Path(nb), Path(nb).is_file(), port)); return 0
+    monkeypatch.setattr(cli, '_serve_app', serve)
+    assert run('explore', '--port', 8899)[0] == 0
+    nb, existed, port = seen[0]
+    assert existed and port == 8899 and nb.name == 'explorer.ipynb' and not nb.parent.exists()
