@@ -928,7 +928,7 @@ def run(self: Explorer) -> ExplorerResult|None:
     try:
         kw = self.settings()
         self._say('Starting', 0.0)
-        res = run_query(self.session, progress=self._say, **kw)
+        res = run_query(self.session, progress=lambda stage, frac: self._say(stage, 0.95 * frac), **kw)   # the rest: rendering
         self._say('Rendering the results', 0.95)
         self._show(res)
         self.result = res
