@@ -319,13 +319,16 @@ def factor_cache_tag(name: str, # a readable prefix (the model's name)
 # %% ../nbs/10_explorer.ipynb #40150882
 @patch
 def _tok_key(self: ExplorerSession, name):
-    "What a tokenized training set depends on: the tokenizer's vocabulary and rules, its chat template, the model's context."
+    "What a tokenized training set depends on: the tokenizer's vocabulary and rules, its chat template, the model's context (once per model: a large tokenizer's rules take a while to read)."
+    keys = self.__dict__.setdefault('_tok_keys', {})
+    if name in keys: return keys[name]
     model, tok = self.model(name)
     if hasattr(tok, 'backend_tokenizer'):      # not its truncation and padding settings, which each tokenizer call rewrites
         spec = {k: v for k, v in json.loads(tok.backend_tokenizer.to_str()).items() if k not in ('truncation', 'padding')}
         rules = hash(json.dumps(spec, sort_keys=True))
     else: rules = id(tok)
-    return (rules, json.dumps(getattr(tok, 'chat_template', None), sort_keys=True), context_length(model, tok))   # (a dict of named templates too)
+    keys[name] = (rules, json.dumps(getattr(tok, 'chat_template', None), sort_keys=True), context_length(model, tok))   # (a dict of named templates too)
+    return keys[name]
 
 @patch
 def train(self: ExplorerSession, name: str) -> list[dict]:
