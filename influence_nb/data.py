@@ -19,8 +19,9 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'tokenize_pairs', 'assistant_spans', 'chat_sequence', 'chat_query', 'chat_pair', 'collate', 'batches',
            'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer',
            'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'eager_kernels', 'trained_weights',
-           'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format', 'corpus_lines', 'corpus_rows',
-           'missing_text', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
+           'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format', 'corpus_lines', 'parquet_rows',
+           'corpus_rows', 'missing_text', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'cache_dir',
+           'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -892,13 +893,17 @@ def corpus_lines(f) -> Iterator[tuple[int, bytes]]:
     "`(line number, bytes)` of each line of binary file `f`, blank ones too; a byte-order mark opening the file is not text."
     for n, raw in enumerate(f, 1): yield n, raw.removeprefix(b'\xef\xbb\xbf') if n == 1 else raw
 
+def parquet_rows(p) -> Iterator[dict]:
+    "The rows of Parquet file `p` as pyarrow gives them, a batch at a time (pandas would make an int column with nulls float)."
+    import pyarrow.parquet as pq
+    for b in pq.ParquetFile(p).iter_batches(batch_size=1024): yield from b.to_pylist()
+
 def corpus_rows(p, # a corpus file
                 kind:str, # its format: `corpus_format(p)`
                ):
     "`(where, row)` pairs of corpus file `p`, in file order; a row that cannot be parsed is yielded as an Exception, not raised."
-    if kind == 'parquet':   # rows as pyarrow gives them, as `scan` reads them (pandas makes an int column with nulls float)
-        import pyarrow.parquet as pq
-        try: rows = [r for b in pq.ParquetFile(p).iter_batches(batch_size=1024) for r in b.to_pylist()]
+    if kind == 'parquet':   # as `scan` reads them
+        try: rows = list(parquet_rows(p))
         except Exception as e: yield 'the file', ValueError(f"not a readable Parquet file ({type(e).__name__}: {e})"); return
         for n, r in enumerate(rows): yield f'row {n}', r
         return

@@ -13,7 +13,7 @@ import pandas as pd
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .data import (cut_texts, text_sequences, is_conversation, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, check_sequences, require_scored, model_vocab, model_context, as_collection,
+from .data import (cut_texts, text_sequences, is_conversation, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection,
                                grad_enabled, check_max_length, check_int, n_scored)
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, check_damping
@@ -78,9 +78,7 @@ def items(self: CorpusStream, start:int=0, offset:int=0, line:int=0) -> Iterator
     "Records from index `start` on (for JSONL: `start` is found at byte `offset`, after `line` lines)."
     if self.kind in ('jsonl', 'text'): yield from self._jsonl(start, offset, line)
     elif self.kind == 'parquet':
-        import pyarrow.parquet as pq
-        rows = (r for b in pq.ParquetFile(self.path).iter_batches(batch_size=1024) for r in b.to_pylist())
-        for i, r in enumerate(itertools.islice(rows, start, None), start): yield _Item(i, r, f"row {i} of {self.path.name}")
+        for i, r in enumerate(itertools.islice(parquet_rows(self.path), start, None), start): yield _Item(i, r, f"row {i} of {self.path.name}")
     elif self.kind == 'indexable':
         for i in range(start, len(self.corpus)): yield _Item(i, self.corpus[i], f"corpus[{i}]")
     else:
