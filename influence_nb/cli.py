@@ -17,11 +17,11 @@ from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
 from .scores import pairwise_scores
-from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text
+from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text, record_id
 from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
 # %% auto #0
-__all__ = ['CULL_IDLE_S', 'token_heatmap_for', 'demo', 'build_parser', 'record_id', 'main']
+__all__ = ['CULL_IDLE_S', 'token_heatmap_for', 'demo', 'build_parser', 'main']
 
 # %% ../nbs/13_cli.ipynb #7034018f
 def _pick_query(queries, model, tok, query_id=None):
@@ -589,11 +589,6 @@ def _unreadable(r, text_field) -> str|None:
     try: as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')
     except (ValueError, TypeError) as e: return _reword(e)
 
-def record_id(rec:dict) -> str:
-    "A record's own `id` as text; '' when it has none (a Parquet row's null included)."
-    v = rec.get('id')
-    return '' if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-
 def _top_texts(res, qi:int, k:int, corpus, tok, text_field) -> tuple[dict, dict]:
     "`({index: text}, {index: the record's 'id'})` of one query's top `k` (`(None, {})` without a corpus); a record that cannot\n    be read is named, never shown as junk."
     if corpus is None: return None, {}
@@ -607,7 +602,7 @@ def _top_texts(res, qi:int, k:int, corpus, tok, text_field) -> tuple[dict, dict]
         why = _unreadable(it.raw, text_field)
         if why: raise ValueError(f"--corpus: {it.where}: {why}. This result ranks that record: fix the file, or pass the corpus that was scanned.")
         texts[it.index] = record_text(it.raw, tok, text_field)
-        if isinstance(it.raw, dict) and (i := record_id(it.raw)): ids[it.index] = i
+        if i := record_id(it.raw): ids[it.index] = i
     res.check_corpus(corpus, '--corpus')   # readable, but is it the content that was scanned?
     missing = sorted(want - set(texts))
     if missing:
@@ -627,7 +622,7 @@ def _cmd_top(a):
     tok = load_model(a.model, a.tokenizer)[1] if a.model else load_tokenizer(a.tokenizer) if a.tokenizer else None
     texts, ids = _top_texts(res, qi, a.k, corpus, tok, a.text_field or res.text_field or 'text')
     df = res.top(qi, a.k, texts=texts)
-    if ids: df.insert(1, 'id', [ids.get(int(i), '') for i in df['index']])   # the records' own ids, as `explore` shows them
+    if ids and 'id' not in df: df.insert(1, 'id', [ids.get(int(i), '') for i in df['index']])   # the records' own ids, as `explore` shows them
     name = res.query_names[qi] if res.query_names else f'query {qi}'
     print(f"{name}: top {len(df)} of {res.n_scanned:,} sequences (query rank {res.query_rank or 'full'}"
           f"{', refined' if res.refined else ''}){f'; nats = score / N, N = {res.n_train:,}' if res.n_train else ''}")

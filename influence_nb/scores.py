@@ -55,7 +55,7 @@ def check_query(query, # a row index
     if isinstance(query, bool) or not isinstance(query, numbers.Integral):
         raise TypeError(f"`query` must be an integer row index ({rng}), got {query!r} ({type(query).__name__}).")
     if not 0 <= query < n:
-        raise ValueError(f"`query`={query} is out of range: {what} have {n} queries (rows {rng}; negative indices are not accepted).")
+        raise ValueError(f"`query`={query} is out of range: there {'is 1 query' if n == 1 else f'are {n} queries'} in {what} (rows {rng}; negative indices are not accepted).")
     return int(query)
 
 def check_k(k, allow_none:bool=True) -> None:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_search.ipynb #f851d976
 from __future__ import annotations
-import os, json, time, socket, hashlib, itertools, contextlib, warnings
+import os, math, json, time, socket, hashlib, itertools, contextlib, warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from collections.abc import Mapping, Iterable, Iterator
@@ -21,8 +21,8 @@ from .scores import (prepare_queries, contract_scores, check_rank, prepare_scori
                                  working_dtype)
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'BadRecord', 'BadRecordError', 'CorpusStream', 'text_of', 'merge_topk', 'record_text', 'file_digest',
-           'ScanResult', 'read_scores', 'scan']
+__all__ = ['CKPT_FORMAT', 'BadRecord', 'BadRecordError', 'CorpusStream', 'text_of', 'merge_topk', 'record_text', 'record_id',
+           'file_digest', 'ScanResult', 'read_scores', 'scan']
 
 # %% ../nbs/08_search.ipynb #58afcf5b
 @dataclass
@@ -314,6 +314,11 @@ def record_text(raw, # a corpus record as read
     except (TypeError, ValueError): return repr(raw)[:200]
     return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ' '.join(map(str, ids))
 
+def record_id(raw) -> str:
+    "A corpus record's own `id` as text; '' when it has none (not a JSON object, no `id`, a null or a Parquet NaN)."
+    v = raw.get('id') if isinstance(raw, Mapping) else None
+    return '' if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
 def file_digest(path) -> str:
     "blake2b-128 of a file's bytes, read in blocks: what a scan result binds its corpus indices to."
     return digest_file(path, 'blake2b', 16)
@@ -336,6 +341,7 @@ class ScanResult:
     source_digest: str|None = None # `file_digest` of the corpus file when it was scanned: texts come only from that content
     text_field: str|None = None    # where the scanned text records kept their text (`texts` reads it there by default)
     n_truncated: int = 0           # texts longer than the scan's `max_length`: only their first `max_length` tokens were scored
+    record_ids: dict|None = None   # `{index: id}`: the records' own `id` field, for the indices kept that have one
 
     @property
     def n_queries(self) -> int:
@@ -400,6 +406,7 @@ def to_frame(self: ScanResult, texts=None, # `{index: text}` or a list, to add a
     df = pd.DataFrame({'query': torch.arange(n_q).repeat_interleave(k).tolist(), 'rank': list(range(1, k + 1)) * n_q,
                        'index': self.indices.flatten().tolist(), 'score': self.scores.flatten().double().tolist()})
     if (ids := self.query_ids()) is not None: df.insert(1, 'query_id', [ids[q] for q in df['query']])
+    if self.record_ids: df.insert(df.columns.get_loc('index') + 1, 'id', [self.record_ids.get(i, '') for i in df['index']])
     if self.n_train: df['nats'] = df['score'] / self.n_train
     if texts is None and (corpus is not None or (self.source is not None and Path(self.source).exists())):
         texts = self.texts(corpus, tokenizer, text_field)
@@ -415,7 +422,8 @@ def top(self: ScanResult, query:int=0, # which query
     query = check_query(query, self.n_queries, 'this result'); check_k(k)
     sub = ScanResult(self.indices[query:query + 1, :k], self.scores[query:query + 1, :k], self.n_scanned, self.n_skipped,
                      self.n_train, self.query_rank, self.refined, self.source, self.seconds,
-                     source_digest=self.source_digest, text_field=self.text_field, n_truncated=self.n_truncated)
+                     source_digest=self.source_digest, text_field=self.text_field, n_truncated=self.n_truncated,
+                     record_ids=self.record_ids)
     return sub.to_frame(**kw).drop(columns='query').set_index('rank')
 
 # %% ../nbs/08_search.ipynb #895a764c
@@ -434,6 +442,7 @@ def save(self: ScanResult, path:str|Path) -> Path:
                        'rank': torch.arange(1, self.k + 1).repeat(self.n_queries).numpy(),
                        'index': self.indices.flatten().numpy(), 'score': self.scores.flatten().double().numpy()})
     if (ids := self.query_ids()) is not None: df.insert(1, 'query_id', [ids[q] for q in df['query']])   # for readers of the file
+    if self.record_ids: df.insert(df.columns.get_loc('index') + 1, 'id', [self.record_ids.get(int(i), '') for i in df['index']])
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b'influence_nb.scan': json.dumps(meta).encode()})
     with replacing(path) as tmp: pq.write_table(table, tmp)
@@ -453,6 +462,7 @@ def load(cls: ScanResult, path:str|Path) -> ScanResult:
     dt = getattr(torch, meta.pop('dtype'))
     meta = {f: meta[f] for f in (x.name for x in fields(cls)) if f in meta}   # fields a newer version added: ignored
     df = t.to_pandas().sort_values(['query', 'rank'])
+    if 'id' in df: meta['record_ids'] = {int(i): x for i, x in zip(df['index'], df['id']) if i >= 0 and x}
     return cls(torch.tensor(df['index'].to_numpy()).reshape(n_q, k), torch.tensor(df['score'].to_numpy()).to(dt).reshape(n_q, k), **meta)
 
 # %% ../nbs/08_search.ipynb #60a700ff
@@ -644,6 +654,12 @@ def _advance(state:dict, chunk:list[_Item], seqs:list, n_scored:int, n_bad:int):
     state.update(n_records=chunk[-1].index + 1, n_scanned=state['n_scanned'] + n_scored, n_chunks=state['n_chunks'] + 1,
                  n_skipped=state['n_skipped'] + n_bad, offset=chunk[-1].offset or 0, line=chunk[-1].line or 0)
 
+def _keep_ids(state:dict, chunk:list[_Item], keep:list[int], inds:torch.Tensor):
+    "Keep in `state` (so in a checkpoint) the `id`s of the records now in the top-k `inds`: `chunk`'s scored ones join, the rest leave."
+    ids = state.get('ids', {}) | {str(chunk[j].index): i for j in keep if (i := record_id(chunk[j].raw))}   # JSON keys: text
+    live = set(map(str, inds.flatten().tolist()))
+    state['ids'] = {x: v for x, v in ids.items() if x in live}
+
 def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict, top:tuple, convert, *, k:int,
                  chunk_size:int, batch_size:int, dtype, spath:Path|None, ckpt:Path|None, checkpoint_every:int, rank:int,
                  progress:bool, prefix:_PrefixHash|None=None) -> tuple:
@@ -657,7 +673,7 @@ def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict,
         index = [chunk[j].index for j in keep]
         if keep:
             sc = _score_chunk(model, layers, pq, [seqs[j] for j in keep], batch_size)     # [n_q, len(keep)]
-            vals, inds = merge_topk(vals, inds, sc, torch.tensor(index), k)
+            vals, inds = merge_topk(vals, inds, sc, torch.tensor(index), k); _keep_ids(state, chunk, keep, inds)
         else: sc = torch.zeros(vals.shape[0], 0, dtype=dtype)
         if rank == 0 and spath is not None: _write_part(spath, state['n_chunks'], index, sc)
         _advance(state, chunk, seqs, len(keep), n_bad)
@@ -722,12 +738,13 @@ def scan(model, # the model the factors were fitted on
     if state['n_scanned'] == 0:
         raise ValueError("`corpus` is empty: no sequence was scanned" + (f" ({state['n_skipped']} bad records skipped)." if state['n_skipped'] else "."))
     vals, inds = vals[:, :min(k, state['n_scanned'])], inds[:, :min(k, state['n_scanned'])]
-    refined = bool(refine and query_rank is not None)
+    refined, kept = bool(refine and query_rank is not None), set(inds.flatten().tolist())
     if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype)
     return ScanResult(inds, vals, state['n_scanned'], state['n_skipped'], n_train or max(state['n_scanned'], factors.n_sequences),
                       query_rank, refined,
                       str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - state['t0'], 3),
-                      source_digest=file_digest(stream.path) if stream.path else None, text_field=text_field, n_truncated=cut.get('n', 0))
+                      source_digest=file_digest(stream.path) if stream.path else None, text_field=text_field, n_truncated=cut.get('n', 0),
+                      record_ids={int(x): v for x, v in state.get('ids', {}).items() if int(x) in kept} or None)
 
 # %% ../nbs/08_search.ipynb #9e8c4c89
 def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype):
