@@ -378,7 +378,7 @@ def _scan_parser(sub, fmt):
     c.add_argument('--max-length', type=int, default=None, help="truncate texts to this many tokens (default: the model's context)")
     _skip_arg(c)
     c.add_argument('--scores-dir', default=None, help='also write every score, one Parquet file per chunk, to this (new or empty) directory (one row per record, '
-                   "by its index; columns q0, q1, ... are the queries in the order of --queries; read them with `influence_nb.read_scores`)")
+                   "by its index and, where records have one, their id; columns q0, q1, ... are the queries in the order of --queries; read them with `influence_nb.read_scores`)")
     c.add_argument('--checkpoint', default=None, help='checkpoint file: written as the scan goes, resumed from when it exists')
     c.add_argument('--checkpoint-every', type=int, default=2000,
                    help='sequences between checkpoints, rounded up to whole --chunk-size chunks (default: 2000)')

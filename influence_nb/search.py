@@ -536,17 +536,20 @@ def _scores_dir(path:Path, cfg_digest:str, state:dict, resuming:bool, ckpt:Path|
         if int(p.stem.split('-')[1]) >= n: p.unlink()            # written after the last checkpoint: will be rewritten
 
 # %% ../nbs/08_search.ipynb #4f46c93e
-def _write_part(path:Path, chunk_no:int, index:list[int], scores:torch.Tensor):
+def _write_part(path:Path, chunk_no:int, index:list[int], scores:torch.Tensor, ids:list[str]|None=None):
     df = pd.DataFrame(scores.T.numpy(), columns=[f'q{j}' for j in range(scores.shape[0])])
     df.insert(0, 'index', pd.array(index, dtype='int64'))
+    if ids and any(ids): df.insert(1, 'id', ids)                   # the records' own ids, where the chunk has any
     with replacing(path/f'part-{chunk_no:06d}.parquet', prefix='.tmp-part.') as tmp: df.to_parquet(tmp, index=False)
 
 def read_scores(path:str|Path, # a `scores_path` directory written by `scan`
                ) -> pd.DataFrame:
-    "Every score a scan wrote, one row per corpus sequence (indexed by corpus index), one column per query."
+    "Every score a scan wrote, one row per corpus sequence (indexed by corpus index, and by the records' `id` where they have one), one column per query."
     parts = sorted(Path(path).glob('part-*.parquet'))
     if not parts: raise FileNotFoundError(f"No part-*.parquet files in {path}: is it a `scores_path` of `scan`?")
-    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True).set_index('index')
+    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    if 'id' not in df: return df.set_index('index')
+    return df.assign(id=df['id'].fillna('')).set_index(['index', 'id'])   # '' for a record without one
 
 # %% ../nbs/08_search.ipynb #42663346
 def _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train=None):
@@ -675,7 +678,7 @@ def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict,
             sc = _score_chunk(model, layers, pq, [seqs[j] for j in keep], batch_size)     # [n_q, len(keep)]
             vals, inds = merge_topk(vals, inds, sc, torch.tensor(index), k); _keep_ids(state, chunk, keep, inds)
         else: sc = torch.zeros(vals.shape[0], 0, dtype=dtype)
-        if rank == 0 and spath is not None: _write_part(spath, state['n_chunks'], index, sc)
+        if rank == 0 and spath is not None: _write_part(spath, state['n_chunks'], index, sc, [record_id(chunk[j].raw) for j in keep])
         _advance(state, chunk, seqs, len(keep), n_bad)
         bar.update((state['offset'] - state['last']['offset']) if by_bytes else len(chunk))
         bar.set_postfix(seqs=f"{state['n_scanned']:,}", refresh=False)
