@@ -780,7 +780,7 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     "The widgets; each carries a CSS class (`inb-…`) that the browser test finds it by."
     s = self.session
     wide = dict(description_width='92px')
-    L = lambda w='100%': widgets.Layout(width='100%', max_width=w)   # a fixed width never overflows a narrow panel
+    L = lambda w='100%': widgets.Layout(width='auto', max_width=w)   # 'auto' stretches to the panel inside its margins; 100% + margins overflowed
     # query controls
     self.model_w = widgets.Dropdown(options=models, value=model, description='Model', style=wide, layout=L())
     self.source_w = widgets.ToggleButtons(options=[('From queries file', 'file'), ('Typed', 'typed')], value='file' if q['id'] else 'typed',
@@ -791,7 +791,7 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     self.prompt_w = widgets.Textarea(value=q['prompt'], description='Prompt', style=wide, layout=L('100%'), rows=2)
     self.completion_w = widgets.Text(value=q['completion'], description='Completion', style=wide, layout=L())
     # settings
-    self.prefilter_w = widgets.Checkbox(value=True, description='TF-IDF (BM25) prefilter', indent=False)
+    self.prefilter_w = widgets.Checkbox(value=True, description='TF-IDF (BM25) prefilter', indent=False, layout=L('300px'))
     n_train = len(s.records)
     self.candidates_w = widgets.BoundedIntText(value=min(candidates, n_train), min=1, max=n_train, description='Candidates', style=wide, layout=L('220px'))
     self.k_w = widgets.BoundedIntText(value=k, min=1, max=50, description='Top k', style=wide, layout=L('220px'))
@@ -799,9 +799,9 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     self.damping_w = widgets.Text(value='', placeholder='empty = 0.1 × mean eigenvalue', description='Damping', style=wide, layout=L('300px'))
     nb = s.n_blocks(model)
     self.blocks_w = widgets.IntRangeSlider(value=(0, nb - 1), min=0, max=nb - 1, step=1, description='Blocks', style=wide, layout=L('300px'))
-    self.run_w = widgets.Button(description='Run', button_style='primary', layout=L('140px'),
+    self.run_w = widgets.Button(description='Run', button_style='primary', layout=widgets.Layout(width='140px'),
                                 tooltip='Compute the influence of the training sequences on this query')
-    self.progress_w = widgets.IntProgress(value=0, min=0, max=100, description='', layout=widgets.Layout(width='260px', margin='0 12px'))
+    self.progress_w = widgets.IntProgress(value=0, min=0, max=100, description='', layout=widgets.Layout(width='260px', max_width='40%', margin='0 12px'))
     self.status_w = widgets.HTML(value='Ready. Pick a query and press Run.')
     self.error_w = widgets.HTML(value='', layout=widgets.Layout(display='none'))
     self.results_w = widgets.VBox([])
@@ -841,12 +841,14 @@ def _layout(self: Explorer) -> list:
                           f'Factors are fitted once per model and strategy on {_fit_words(len(s.fit_indices(n_train)), n_train)} '
                           'and cached.</div>')
     qbox = widgets.VBox([widgets.HTML('<div class="inb-panel-title">Query</div>'), self.model_w, self.source_w,
-                         self.filter_w, self.query_w, self.prompt_w, self.completion_w], layout=widgets.Layout(width='58%'))
+                         self.filter_w, self.query_w, self.prompt_w, self.completion_w], layout=widgets.Layout(flex='3 1 420px'))
     sbox = widgets.VBox([widgets.HTML('<div class="inb-panel-title">Settings</div>'), self.prefilter_w, self.candidates_w,
-                         self.k_w, self.strategy_w, self.damping_w, self.blocks_w], layout=widgets.Layout(width='40%'))
+                         self.k_w, self.strategy_w, self.damping_w, self.blocks_w], layout=widgets.Layout(flex='2 1 300px'))
     qbox.add_class('inb-panel'); sbox.add_class('inb-panel')
-    controls = widgets.HBox([qbox, sbox], layout=widgets.Layout(justify_content='space-between', width='100%'))
-    runrow = widgets.HBox([self.run_w, self.progress_w, self.status_w], layout=widgets.Layout(align_items='center'))
+    # side by side while both fit their least width (420 + 300 px and the gap), one above the other below that
+    controls = widgets.HBox([qbox, sbox], layout=widgets.Layout(flex_flow='row wrap', width='100%'))
+    runrow = widgets.HBox([self.run_w, self.progress_w, self.status_w], layout=widgets.Layout(flex_flow='row wrap', align_items='center'))
+    controls.add_class('inb-controls')
     return [header, controls, runrow, self.error_w, self.results_w]
 
 # %% ../nbs/10_explorer.ipynb #971ceaf6
@@ -970,11 +972,13 @@ def _show(self: Explorer, res: ExplorerResult):
     timg = widgets.Image(value=figure_png(tf), format='png', layout=widgets.Layout(max_width='100%', height='auto'))
     limg.add_class('inb-layer-chart'); timg.add_class('inb-tail-plot')
     sec = lambda t: widgets.HTML(f'<div class="inb-section">{t}</div>')
-    left = widgets.VBox([sec(f'Top {len(res.top)} training sequences'), table, widgets.HTML(csv_link(res)), sec('Token-wise influence'), heat],
-                        layout=widgets.Layout(width='62%'))
-    right = widgets.VBox([sec('Blocks'), limg, sec('Tail'), timg], layout=widgets.Layout(width='36%'))
-    self.results_w.children = [widgets.HTML(summary_html(res)),
-                               widgets.HBox([left, right], layout=widgets.Layout(justify_content='space-between', width='100%'))]
+    top = widgets.VBox([sec(f'Top {len(res.top)} training sequences'), table, widgets.HTML(csv_link(res))], layout=widgets.Layout(grid_area='top'))
+    charts = widgets.Box([widgets.VBox([sec('Blocks'), limg]), widgets.VBox([sec('Tail'), timg])], layout=widgets.Layout(grid_area='charts'))
+    tokens = widgets.VBox([sec('Token-wise influence'), heat], layout=widgets.Layout(grid_area='tokens'))
+    charts.add_class('inb-charts')
+    grid = widgets.GridBox([top, charts, tokens])   # explorer.css places the areas: the charts beside the rest, or under the table
+    grid.add_class('inb-results-grid')
+    self.results_w.children = [widgets.HTML(summary_html(res)), grid]
 
 # %% ../nbs/10_explorer.ipynb #cb2e3c84
 def explorer(model=None, # a bundled name (initial choice), or your model: an object or a folder
