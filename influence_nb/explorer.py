@@ -44,11 +44,11 @@ from .scores import pairwise_scores
 from .tfidf import TokenIndex
 
 # %% auto #0
-__all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'layer_blocks', 'default_query', 'record_where', 'corpus_records', 'query_rows',
-           'query_record', 'query_records', 'ExplorerSession', 'sequences_digest', 'factor_cache_tag',
-           'restrict_factors', 'ExplorerResult', 'run_query', 'summary_html', 'top_html', 'heatmaps_html',
-           'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'csv_link', 'explorer',
-           'app_notebook']
+__all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'ANNOTATED_BLOCKS', 'layer_blocks', 'default_query', 'record_where',
+           'corpus_records', 'query_rows', 'query_record', 'query_records', 'ExplorerSession', 'sequences_digest',
+           'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'run_query', 'summary_html', 'top_html',
+           'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'csv_link',
+           'explorer', 'app_notebook']
 
 # %% ../nbs/10_explorer.ipynb #6860dd62
 FIT_SAMPLE = 600  # training sequences the explorer fits curvature factors on (a seeded sample; 0 = all)
@@ -683,17 +683,25 @@ def heatmaps_html(result: ExplorerResult, # from `run_query`
     return '<div class="inb-heatmaps">' + hint + "".join(parts) + '</div>'
 
 # %% ../nbs/10_explorer.ipynb #b686d3b6
+ANNOTATED_BLOCKS = 8   # up to this many blocks the chart writes each share in its cell
+
 def layer_figure(result: ExplorerResult): # -> matplotlib Figure
     "Top sequences × counted blocks: each sequence's influence by transformer block (its layers added; shares when all are positive)."
     from matplotlib.figure import Figure
     df = result.per_layer.loc[result.top['train_index'], result.layers]
     df.index = [f"#{i} {sid}" for i, sid in zip(result.top.index, result.top['id'])]
-    positive, n_blocks = bool((df.sum(axis=1) > 0).all()), len(set(layer_blocks(result.layers)))
-    fig = Figure(figsize=(max(4.5, 2.5 + 0.7 * n_blocks), min(1.5 + 0.45 * len(df), 12)), layout="constrained")
+    positive, blocks = bool((df.sum(axis=1) > 0).all()), sorted(set(layer_blocks(result.layers)))
+    n_blocks = len(blocks)
+    annot = n_blocks <= ANNOTATED_BLOCKS           # values in the cells; a deep model's blocks are colours only, so that
+    width = max(4.5, 2.5 + 0.7 * n_blocks) if annot else min(7.4, 3.0 + 0.2 * n_blocks)   # it fits a 760-px window
+    fig = Figure(figsize=(width, min(1.5 + 0.45 * len(df), 12)), layout="constrained")
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        viz.layer_heatmap(df, normalize=positive, by_block=True, ax=fig.add_subplot())
+        viz.layer_heatmap(df, normalize=positive, by_block=True, annot=annot, ax=fig.add_subplot())
     ax = fig.axes[0]
+    if not annot:                                  # numbers only, at most 16 of them, upright
+        step = -(-n_blocks // 16)
+        ax.set_xticks([j + 0.5 for j in range(0, n_blocks, step)], [str(b) for b in blocks[::step]], rotation=0)
     ax.set_xlabel("block"); ax.set_ylabel("top sequence")
     ax.set_title("Share of influence by block" if positive else "Influence by block")
     return fig
