@@ -804,7 +804,8 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     self.candidates_w = widgets.BoundedIntText(value=min(candidates, n_train), min=1, max=n_train, description='Candidates', style=wide, layout=L('220px'))
     self.k_w = widgets.BoundedIntText(value=k, min=1, max=50, description='Top k', style=wide, layout=L('220px'))
     self.strategy_w = widgets.Dropdown(options=list(STRATEGIES_SHOWN), value=strategy, description='Strategy', style=wide, layout=L('220px'))
-    self.damping_w = widgets.Text(value='', placeholder='empty = 0.1 × mean eigenvalue', description='Damping', style=wide, layout=L('300px'))
+    self.damping_w = widgets.Text(value='', placeholder='0.1 × mean eigenvalue', description='Damping',
+                                  tooltip='Empty: 0.1 × the mean eigenvalue of each layer (the paper); or a positive number', style=wide, layout=L('300px'))
     nb = s.n_blocks(model)
     self.blocks_w = widgets.IntRangeSlider(value=(0, nb - 1), min=0, max=nb - 1, step=1, description='Blocks', style=wide, layout=L('300px'))
     self.run_w = widgets.Button(description='Run', button_style='primary', layout=widgets.Layout(width='140px'),
