@@ -44,7 +44,12 @@ def main(out, corpus_path):
         for t in (s1.indices, s2.indices):
             ref = t.clone(); dist.broadcast(ref, 0)
             assert torch.equal(ref, t), f"rank {rank} disagrees with rank 0 on the scan result"
+    kept = s2.indices.flatten().tolist()                # the records' ids, noted as the scan went, on every rank
+    assert s2.record_ids == {i: f'd{i}' for i in kept if i % 3 == 0}, (rank, s2.record_ids)
+    res['refined_id_indices'] = torch.tensor(sorted(s2.record_ids))
     if rank == 0:
+        ids = read_scores(out/f'scores-{world}').index.get_level_values('id')
+        res['scan_all_ids'] = torch.tensor([int(x[1:]) if x else -1 for x in ids])
         res['scan_all_scores'] = torch.tensor(read_scores(out/f'scores-{world}').to_numpy())
         save_file({k: v.contiguous() for k, v in res.items()}, str(out/'results.safetensors'))
     if world > 1: dist.barrier(); dist.destroy_process_group()

@@ -24,7 +24,8 @@ def results(tmp_path_factory):
     d = tmp_path_factory.mktemp('dist')
     train, _ = data()
     corpus = d/'corpus.jsonl'
-    corpus.write_text(''.join(json.dumps({'input_ids': s['input_ids'].tolist()}) + '\n' for s in train))
+    corpus.write_text(''.join(json.dumps({'input_ids': s['input_ids'].tolist(), **({'id': f'd{i}'} if i % 3 == 0 else {})}) + '\n'
+                              for i, s in enumerate(train)))                # every third record has its own id
     (d/'one').mkdir(); (d/'two').mkdir()
     main(str(d/'one'), str(corpus))                                     # a single process: this one
     one = load_file(str(d/'one'/'results.safetensors'))
@@ -54,6 +55,9 @@ def test_scan_equal(results):
     assert torch.equal(one['scan_indices'], two['scan_indices']) and close(one['scan_scores'], two['scan_scores'])
     assert torch.equal(one['refined_indices'], two['refined_indices']) and close(one['refined_scores'], two['refined_scores'])
     assert close(one['scan_all_scores'], two['scan_all_scores'])
+    assert torch.equal(one['refined_id_indices'], two['refined_id_indices'])      # the same records' ids kept
+    assert torch.equal(one['scan_all_ids'], two['scan_all_ids'])                  # and written next to every score
+    assert sorted(one['scan_all_ids'][one['scan_all_ids'] >= 0].tolist()) == list(range(0, 37, 3))
     # and the scan agrees with the single process's pairwise scores
     assert close(one['scan_scores'], one['pairwise'].topk(5, dim=1).values)
 
