@@ -23,7 +23,7 @@ SIZES = {'gpt2-s': dict(n_embd=64, n_layer=2, n_head=2),    # ~0.24 M parameters
          'gpt2-m': dict(n_embd=128, n_layer=4, n_head=4),   # ~1.1 M
          'gpt2-l': dict(n_embd=256, n_layer=4, n_head=4)}   # ~3.7 M
 VOCAB_SIZE, CONTEXT, BOS_ID, PAD_ID = 2048, 128, 0, 1
-# training recipe per size (chosen from measured CPU throughput, see the notebook)
+# training recipe per size (chosen from measured CPU throughput: 'The recipes' in nbs/12_train)
 RECIPES = {'gpt2-s': dict(epochs=3.5, lr=5e-3, batch_size=32),
            'gpt2-m': dict(epochs=3.5, lr=3e-3, batch_size=32),
            'gpt2-l': dict(epochs=3, lr=2e-3, batch_size=32)}
@@ -163,7 +163,7 @@ def train_model(size, # a size name ('gpt2-l' or 'l') or a GPT2Config
                 max_steps:int=None, # stop after this many steps (tests)
                 eval_queries:list=None, # queries whose greedy recall is logged after each epoch
                 threads:int=None, # torch threads (None: leave as is)
-                bf16:bool=True, # autocast matmuls to bfloat16 (about 3x faster on AVX-512 CPUs); weights, optimizer and loss stay float32
+                bf16:bool=True, # autocast matmuls to bfloat16 (faster on CPUs with bfloat16 instructions); weights, optimizer and loss stay float32
                 progress:bool=True, # show a tqdm bar
                ):
     "Train a GPT-2 of the family from scratch with AdamW; returns (model, history). Loss: mean per token in a batch."
