@@ -263,6 +263,7 @@ examples:
   influence-nb scan --model my-llama/ --factors factors/ --queries q.jsonl --corpus corpus.txt \\
                     --k 100 --query-rank 32 --refine --checkpoint scan.ckpt --out result.parquet
   torchrun --nproc_per_node 2 $(which influence-nb) scan ...   # each process scans its shard; one result
+  torchrun --nproc_per_node 2 $(which influence-nb) fit-factors ...   # each fits its shard; the sums are added
   influence-nb top --result result.parquet --query my-query-id --k 10
   influence-nb explore --model my-llama/ --corpus corpus.jsonl --queries q.jsonl"""
 
@@ -290,7 +291,8 @@ def _skip_arg(p):
 def _fit_parser(sub):
     "The `fit-factors` command and its options."
     f = sub.add_parser('fit-factors', help='fit curvature factors and save them',
-                       description='Fit the curvature factors of a model on a corpus file and save them to a directory.')
+                       description='Fit the curvature factors of a model on a corpus file and save them to a directory. '
+                                   'Under torchrun each process fits its shard of the corpus and rank 0 saves the factors.')
     _model_args(f); _corpus_args(f, '--data', what='training corpus')
     f.add_argument('--out', required=True, help='output directory for factors.safetensors + factors.json')
     f.add_argument('--strategy', default='ekfac', choices=['identity', 'diagonal', 'kfac', 'ekfac'], help='curvature approximation (default: ekfac)')
@@ -329,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument('--seed', type=int, default=0, help='seed of the fit sample and pseudo-labels (default: 0)')
     _fit_parser(sub)
     s = sub.add_parser('score', help='pairwise influence scores of queries against a corpus, to Parquet',
-                       description='All pairwise scores of prompt/completion queries against every text of a corpus that fits in memory.')
+                       description='All pairwise scores of prompt/completion queries against every text of a corpus that fits in memory. '
+                                   'Under torchrun each process scores its shard and rank 0 writes the table.')
     _model_args(s); _corpus_args(s, '--data')
     s.add_argument('--factors', required=True, help='directory written by fit-factors')
     s.add_argument('--queries', required=True, help="JSONL with 'prompt' and 'completion' fields (or 'messages', a conversation ending with the answer; or 'input_ids' and 'labels'); an 'id' names a query")
@@ -421,6 +424,35 @@ def _say_factor_sizes(model, mods, strategy:str, factor_dtype):
     print(_room_line(strategy, sizes, low))
 
 
+# %% ../nbs/13_cli.ipynb #bbf501dc
+def _world() -> int:
+    "How many processes torchrun started (1 without torchrun)."
+    return int(os.environ.get('WORLD_SIZE', '1'))
+
+def _init_dist() -> bool:
+    "Join the process group when started by torchrun (gloo, whatever --device is: the sums go through the CPU); True if it did."
+    import torch.distributed as dist
+    if _world() <= 1 or not dist.is_available() or dist.is_initialized(): return False
+    dist.init_process_group('gloo'); return True
+
+@contextlib.contextmanager
+def _process_group():
+    "Under torchrun: join the group for the block, then (after success) wait for every process and leave; yields `(rank, world)`."
+    from influence_nb.kfac import dist_info
+    joined, done = _init_dist(), False
+    try:
+        yield dist_info(); done = True
+    finally:
+        if joined:            # on failure no barrier: the other ranks may never reach it (torchrun stops them)
+            import torch.distributed as dist
+            if done: dist.barrier()
+            dist.destroy_process_group()
+
+def _rank_device(device:str|None) -> str|None:
+    "`--device` for this process: under torchrun 'cuda' (or 'auto' where there is a GPU) is the process's own GPU, 'cuda:LOCAL_RANK'."
+    if _world() <= 1 or device not in ('cuda', 'auto') or (device == 'auto' and not torch.cuda.is_available()): return device
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
 # %% ../nbs/13_cli.ipynb #6fae3c28
 def _check_out(path, what='--out', suffixes=('.parquet',)):
     "Refuse an output file in a missing folder, or one whose suffix names a format that is not the one written."
@@ -446,36 +478,37 @@ def _cmd_fit(a):
     out = Path(a.out); there = next(p for p in (out, *out.parents) if p.exists())   # checked before the fit, not after it
     if not there.is_dir() or not os.access(there, os.W_OK):
         raise ValueError(f"--out {a.out}: {there} is {'a file' if there == out else 'not a writable folder'}; pass a folder for the factors.")
-    model, tok = load_model(a.model, a.tokenizer, a.device, a.dtype)
+    if a.checkpoint is not None and _world() > 1:
+        raise ValueError("--checkpoint resumes a fit in one process: under torchrun each process holds only its shard's sums. Leave it out.")
+    model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype)
     mods = a.modules if a.modules in ('mlp', 'all', 'lora') else a.modules.split(',')
     if a.dry_run: return _say_factor_sizes(model, mods, a.strategy, a.factor_dtype)
     low = check_fit_memory(model, mods, a.strategy, a.factor_dtype)        # (`fit_factors` checks too): said before the data is read
     if low is not None: print(_room_line(a.strategy, factor_sizes(model, mods, a.strategy, a.factor_dtype), low.attrs['total']), flush=True)
     train, _, _ = _corpus(a, tok, model)
-    f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
-                    factor_dtype=a.factor_dtype, eigh_dtype=a.eigh_dtype, rotate_dtype=a.rotate_dtype,
-                    checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, keep_checkpoint=True)
-    print(f"saved {f} to {f.save(a.out)}")
+    with _process_group() as (rank, world):      # under torchrun each process fits its shard; the sums are all-reduced
+        f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
+                        factor_dtype=a.factor_dtype, eigh_dtype=a.eigh_dtype, rotate_dtype=a.rotate_dtype,
+                        checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, keep_checkpoint=True, progress=rank == 0)
+        if rank == 0: print(f"saved {f} to {f.save(a.out)}" + (f" (fitted by {world} processes)" if world > 1 else ''))
     if a.checkpoint is not None: FitCheckpoint(a.checkpoint, '').remove()   # only once the factors are safely written
 
 def _cmd_score(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records); _check_out(a.out)
-    model, tok = load_model(a.model, a.tokenizer, a.device, a.dtype)
+    model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
     train, pos, recs = _corpus(a, tok, model)
-    _say_queries(names, completion_logprobs(model, queries))
-    sc = pairwise_scores(model, factors, queries, train, a.damping, a.query_rank, batch_size=a.batch_size)
+    with _process_group() as (rank, world):      # under torchrun each process scores its shard; every one gets all scores
+        lps = completion_logprobs(model, queries)
+        if rank == 0: _say_queries(names, lps)
+        sc = pairwise_scores(model, factors, queries, train, a.damping, a.query_rank, batch_size=a.batch_size, progress=rank == 0)
+    if rank != 0: return
     ids, index = [record_id(r) for r in recs], pd.Index(pos, name='train_index')     # the records' positions in the file
     if any(ids): index = pd.MultiIndex.from_arrays([pos, ids], names=['train_index', 'id'])   # and their own ids, as `top` shows them
     df = pd.DataFrame(sc.total.numpy().T, columns=names, index=index)
-    df.to_parquet(a.out); print(f"wrote {tuple(sc.total.shape)} scores (columns: query ids) to {a.out}")
+    df.to_parquet(a.out); print(f"wrote {tuple(sc.total.shape)} scores (columns: query ids) to {a.out}" + (f" ({world} processes)" if world > 1 else ''))
 
-def _init_dist() -> bool:
-    "Join the process group when started by torchrun (gloo: the CLI runs the model on the CPU); True if it did."
-    import torch.distributed as dist
-    if int(os.environ.get('WORLD_SIZE', '1')) <= 1 or not dist.is_available() or dist.is_initialized(): return False
-    dist.init_process_group('gloo'); return True
 
 # %% ../nbs/13_cli.ipynb #0ba6a4a1
 def _check_options(a):
@@ -546,25 +579,16 @@ def _scan(a, model, tok, factors, queries):
 
 def _cmd_scan(a):
     _check_options(a); _check_corpus_file(a.corpus, a.text_field, skip_bad=a.skip_bad_records); _check_out(a.out)
-    model, tok = load_model(a.model, a.tokenizer, a.device, a.dtype)
+    model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
     before = _checkpoint_holds(a.checkpoint)
-    joined, done = _init_dist(), False
-    from influence_nb.kfac import dist_info
-    rank, world = dist_info()
-    try:
+    with _process_group() as (rank, world):
         lps = completion_logprobs(model, queries)
         if rank == 0: _say_queries(names, lps)
         res = _scan(a, model, tok, factors, queries)
         res.query_names, res.query_log_p = names, [round(float(x), 6) for x in lps]
         if rank == 0: res.save(a.out)
-        done = True
-    finally:
-        if joined:            # on failure no barrier: the other ranks may never reach it (torchrun stops them)
-            import torch.distributed as dist
-            if done: dist.barrier()
-            dist.destroy_process_group()
     if rank == 0:
         print(_scan_summary(res, before, a.checkpoint, world, a.out))
 

@@ -92,3 +92,34 @@ def test_cli_scan_torchrun_equals_one_process(tmp_path):
     assert torch.equal(one.indices, two.indices)
     rel = float((one.scores - two.scores).abs().max() / one.scores.abs().max())
     assert rel < 1e-6, rel
+
+
+def test_cli_fit_and_score_torchrun_equal_one_process(tmp_path):
+    "`torchrun --nproc_per_node 2 influence-nb fit-factors|score ...`: each process takes its shard; the one result is written once."
+    sys.path.insert(0, str(HERE))
+    import own_model
+    import pandas as pd
+    from influence_nb.ekfac import Factors
+    r = own_model.build(tmp_path)
+    script, env = HERE/'cli_main.py', {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    launch = {'one': [sys.executable, str(script)],
+              'two': [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script)]}
+    outs = {}
+    for name, cmd in launch.items():
+        for args in (['fit-factors', '--model', r['model'], '--data', r['corpus'], '--fisher', 'empirical', '--out', tmp_path/f'f-{name}'],
+                     ['score', '--model', r['model'], '--factors', tmp_path/f'f-{name}', '--queries', r['queries'],
+                      '--data', r['corpus'], '--out', tmp_path/f's-{name}.parquet']):
+            p = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=300)
+            assert p.returncode == 0, f"{' '.join(cmd)} {args[0]} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+            outs[name, args[0]] = p.stdout
+    assert 'fitted by 2 processes' in outs['two', 'fit-factors'] and outs['two', 'fit-factors'].count('saved ') == 1
+    assert '(2 processes)' in outs['two', 'score'] and outs['two', 'score'].count('wrote ') == 1
+    one, two = Factors.load(tmp_path/'f-one'), Factors.load(tmp_path/'f-two')
+    assert (one.n_sequences, one.n_tokens) == (two.n_sequences, two.n_tokens) == (len(r['records']), one.n_tokens)
+    for n in one.tensors:   # empirical Fisher: no sampled labels, which float32 logits of other batches can flip near a boundary
+        a, b = one.tensors[n]['Lambda'], two.tensors[n]['Lambda']        # (eigenvectors: compared through the scores below)
+        assert torch.allclose(a, b, rtol=0, atol=1e-5 * float(a.abs().max())), n
+    s1, s2 = pd.read_parquet(tmp_path/'s-one.parquet'), pd.read_parquet(tmp_path/'s-two.parquet')
+    assert s1.index.equals(s2.index) and list(s1.columns) == list(s2.columns)
+    rel = float(abs(s1.to_numpy() - s2.to_numpy()).max() / abs(s1.to_numpy()).max())
+    assert rel < 1e-4, rel
