@@ -373,6 +373,14 @@ def _warn_left_out(model, names, what='`modules`', parts:dict|None=None):
         warnings.warn(f"{what} leaves out these feed-forward weights, which influence_nb cannot track (they are not nn.Linear, "
                       f"GPT-2 Conv1D or experts it can split; kind: block numbers): {say(cannot)}.", stacklevel=3)
 
+def _left_out_weights(model, cands:dict, parts:dict) -> list[str]:
+    "Weights of two or more dimensions no layer of `cands` covers, less embeddings, the LM head and adapters: what 'all' cannot track."
+    head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
+    skip = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) or (head is not None and m is head)]
+    skip += _unused(model) + list(parts['matrices']) + list(parts['other'])
+    covered = {x.name.rsplit('[', 1)[0] if x.expert is not None else f'{x.name}.{x.param}' for x in cands.values()}
+    return [f"{n} {tuple(p.shape)}" for n, p in model.named_parameters() if p.ndim >= 2 and n not in covered and not _under(n, skip)]
+
 # %% ../nbs/03_modules.ipynb #cdb6118b
 def _keyword_names(model:nn.Module, modules:str, cands:dict, warn:bool=True, parts:dict|None=None) -> list[str]|None:
     "The layer names `modules='mlp'|'all'|'lora'` selects from `cands` (None for another string); adapters only under 'lora'."
@@ -381,6 +389,10 @@ def _keyword_names(model:nn.Module, modules:str, cands:dict, warn:bool=True, par
     if modules == 'mlp': return _mlp_names(model, plain)
     if modules == 'all':
         if warn: _warn_left_out(model, list(plain), "modules='all'", parts)   # feed-forward weights no trackable layer covers
+        if warn and (left := _left_out_weights(model, cands, parts)):          # routers, convolutions, SSM matrices, ...
+            warnings.warn(f"modules='all' tracks every nn.Linear, GPT-2 Conv1D and expert weight except the LM head; these "
+                          f"{len(left)} weights belong to other kinds of layer and are left out, so their influence is not "
+                          f"counted: {', '.join(left[:6])}{f' and {len(left) - 6} more' if len(left) > 6 else ''}.", stacklevel=3)
         return list(plain)
     if modules != 'lora': return None
     if parts['scaled'] or parts['unsupported']: _refuse_adapters(parts, parts['scaled'] + parts['unsupported'])
