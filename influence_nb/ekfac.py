@@ -629,9 +629,8 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
     layers = find_modules(model, modules)                     # (also checks that `model` is a model)
     dtype = resolve_factor_dtype(factor_dtype, model)
     eigh_dt, rotate_dt = fit_dtype('eigh_dtype', eigh_dtype, strategy), fit_dtype('rotate_dtype', rotate_dtype, strategy)
-    if strategy in ITERATIVE and any(layer.expert is not None for layer in layers):
-        raise ValueError(f"strategy='{strategy}' solves with whole parameters, and MoE experts are tracked as slices of "
-                         "3-D tensors: use 'ekfac' (or 'kfac', 'diagonal', 'identity'), or pass `modules` without experts.")
+    if strategy in ITERATIVE:                                 # experts: every one of a fused tensor (05b_solver), or an error now
+        from influence_nb.solver import whole_params; whole_params(layers)
     _check_fit_checkpoint(checkpoint, checkpoint_every, strategy)
     from influence_nb.memory import check_fit_memory          # (05c_memory builds on this module's neighbours)
     check_fit_memory(model, modules, strategy, factor_dtype)  # factors that cannot fit are refused now, not after the passes

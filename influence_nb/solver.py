@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
 from . import pbrf
-from .modules import find_modules, layer_param_names
+from .modules import find_modules, layer_param_names, n_experts
 from .theory import check_damping
 from .data import eager_kernels
 from .kfac import precondition_eigen
 from .ekfac import Factors, ITERATIVE, check_bound, fingerprint, model_digest, fit_factors
 
 # %% auto #0
-__all__ = ['eager_attention', 'IterativeSolver', 'fit_solver']
+__all__ = ['eager_attention', 'IterativeSolver', 'whole_params', 'fit_solver']
 
 # %% ../nbs/05b_solver.ipynb #5b000005
 def eager_attention(model:torch.nn.Module, # any module; the transformers models inside it are switched
@@ -87,6 +87,25 @@ class IterativeSolver:
         raise ValueError("An IterativeSolver ('pcg') solves over its fit data, which is never saved. Save its EK-FAC "
                          f"preconditioner with `solver.preconditioner.save(path)`; {again} (it refits EK-FAC).")
 
+# %% ../nbs/05b_solver.ipynb #5b00001a
+def whole_params(layers:list, # tracked layers (`find_modules`); MoE experts are slices of fused tensors
+                ) -> tuple[list[str], torch.Tensor|None]:
+    """The parameters the iterative solvers work on, whole, and `perm`: column `j` of their flat layout is column `perm[j]`
+    of `canonical_to_flat`'s (None when the layouts are the same, without experts). A fused tensor needs every expert."""
+    if all(x.expert is None for x in layers): return layer_param_names(layers), None
+    spans, start, missing = {}, 0, []
+    for x in layers:
+        for n, t in x.params():       # weight then bias, each flattened in its storage order, as `canonical_to_flat` lays them
+            whole = n.rsplit('[', 1)[0] if x.expert is not None else n
+            spans.setdefault(whole, {})[0 if x.expert is None else x.expert] = (start, t.numel()); start += t.numel()
+    for x in layers:
+        if x.expert is not None and len(spans[x.name.rsplit('[', 1)[0]]) != n_experts(x.module): missing.append(x.name.rsplit('[', 1)[0])
+    if missing:
+        raise ValueError(f"The iterative solvers work on whole parameters, and `modules` tracks only some experts of {sorted(set(missing))[:3]}: "
+                         "track every expert of a fused tensor (modules='mlp' does), or use 'ekfac', which tracks experts one by one.")
+    perm = torch.cat([torch.arange(s, s + k) for parts in spans.values() for _, (s, k) in sorted(parts.items())])
+    return list(spans), perm
+
 # %% ../nbs/05b_solver.ipynb #5b000011
 def _flat_preconditioner(factors:Factors, layers:list, damping:float, to_flat, to_canonical):
     "EK-FAC's per-layer inverse as a map of flat float64 rows `[n, P] -> [n, P]`: the CG preconditioner."
@@ -110,15 +129,20 @@ def solve(self:IterativeSolver, model, # the model the solver was made for
     if damping is None: raise ValueError(f"Strategy '{self.strategy}' needs an absolute `damping` (a positive float).")
     damping = check_damping(damping, allow_none=False)
     layers = find_modules(model, self.modules)
-    names = layer_param_names(layers)
+    names, perm = whole_params(layers)                                    # experts: their fused tensors, whole
+    to_flat, to_canonical = canonical_to_flat, flat_to_canonical
+    if perm is not None:
+        to_flat = lambda ls, g: canonical_to_flat(ls, g)[:, perm]
+        def to_canonical(ls, rows):
+            back = torch.empty_like(rows); back[:, perm] = rows; return flat_to_canonical(ls, back)
     kw = dict(self.options)
     kw.setdefault('loss', getattr(model, 'pbrf_loss', 'ce'))
     if self.strategy != 'lissa': kw.pop('seed', None)
     if self.preconditioner is not None: kw['preconditioner'] = _flat_preconditioner(self.preconditioner, layers, damping,
-                                                                                   canonical_to_flat, flat_to_canonical)
-    flat = canonical_to_flat(layers, qgrads).double()                      # [n_q, P] in `names` order
+                                                                                   to_flat, to_canonical)
+    flat = to_flat(layers, qgrads).double()                                # [n_q, P] in `names` order
     with eager_attention(model):
-        return flat_to_canonical(layers, _SOLVERS[self.strategy](model, names, self.fit_data, flat, damping, **kw))
+        return to_canonical(layers, _SOLVERS[self.strategy](model, names, self.fit_data, flat, damping, **kw))
 
 # %% ../nbs/05b_solver.ipynb #5b000012
 def fit_solver(model, # the model
