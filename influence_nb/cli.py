@@ -482,9 +482,10 @@ def _cmd_fit(a):
         raise ValueError("--checkpoint resumes a fit in one process: under torchrun each process holds only its shard's sums. Leave it out.")
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype)
     mods = a.modules if a.modules in ('mlp', 'all', 'lora') else a.modules.split(',')
-    if a.dry_run: return _say_factor_sizes(model, mods, a.strategy, a.factor_dtype)
+    first = int(os.environ.get('RANK', '0')) == 0                             # under torchrun: said once, by rank 0
+    if a.dry_run: return _say_factor_sizes(model, mods, a.strategy, a.factor_dtype) if first else None
     low = check_fit_memory(model, mods, a.strategy, a.factor_dtype)        # (`fit_factors` checks too): said before the data is read
-    if low is not None: print(_room_line(a.strategy, factor_sizes(model, mods, a.strategy, a.factor_dtype), low.attrs['total']), flush=True)
+    if low is not None and first: print(_room_line(a.strategy, factor_sizes(model, mods, a.strategy, a.factor_dtype), low.attrs['total']), flush=True)
     train, _, _ = _corpus(a, tok, model)
     with _process_group() as (rank, world):      # under torchrun each process fits its shard; the sums are all-reduced
         f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
@@ -646,7 +647,10 @@ def _cmd_top(a):
     tok = load_model(a.model, a.tokenizer)[1] if a.model else load_tokenizer(a.tokenizer) if a.tokenizer else None
     texts, ids = _top_texts(res, qi, a.k, corpus, tok, a.text_field or res.text_field or 'text')
     df = res.top(qi, a.k, texts=texts)
-    if ids and 'id' not in df: df.insert(1, 'id', [ids.get(int(i), '') for i in df['index']])   # the records' own ids, as `explore` shows them
+    if ids:                          # the records' own ids, as `explore` shows them; the corpus fills what the result lacks
+        col = [had or ids.get(int(i), '') for had, i in zip(df['id'] if 'id' in df else [''] * len(df), df['index'])]
+        if 'id' in df: df['id'] = col
+        else: df.insert(1, 'id', col)
     name = res.query_names[qi] if res.query_names else f'query {qi}'
     print(f"{name}: top {len(df)} of {res.n_scanned:,} sequences (query rank {res.query_rank or 'full'}"
           f"{', refined' if res.refined else ''}){f'; nats = score / N, N = {res.n_train:,}' if res.n_train else ''}")

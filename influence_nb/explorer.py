@@ -683,7 +683,7 @@ def heatmaps_html(result: ExplorerResult, # from `run_query`
     return '<div class="inb-heatmaps">' + hint + "".join(parts) + '</div>'
 
 # %% ../nbs/10_explorer.ipynb #b686d3b6
-ANNOTATED_BLOCKS = 8   # up to this many blocks the chart writes each share in its cell
+ANNOTATED_BLOCKS = 7   # up to this many blocks the chart writes each share in its cell (7: 710 px wide)
 
 def layer_figure(result: ExplorerResult): # -> matplotlib Figure
     "Top sequences × counted blocks: each sequence's influence by transformer block (its layers added; shares when all are positive)."

@@ -377,7 +377,7 @@ def _left_out_weights(model, cands:dict, parts:dict) -> list[str]:
     "Weights of two or more dimensions no layer of `cands` covers, less embeddings, the LM head and adapters: what 'all' cannot track."
     head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
     skip = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) or (head is not None and m is head)]
-    skip += _unused(model) + list(parts['matrices']) + list(parts['other'])
+    skip += _unused(model) + list(parts['matrices']) + list(parts['other']) + list(parts['unsupported'])
     covered = {x.name.rsplit('[', 1)[0] if x.expert is not None else f'{x.name}.{x.param}' for x in cands.values()}
     return [f"{n} {tuple(p.shape)}" for n, p in model.named_parameters() if p.ndim >= 2 and n not in covered and not _under(n, skip)]
 

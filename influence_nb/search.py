@@ -729,6 +729,7 @@ def scan(model, # the model the factors were fitted on
     with contextlib.ExitStack() as files:
         if rank == 0: _take_files(files, ckpt, spath)
         state, *top = _start_state(ckpt, spath, fp, cfg, len(qs), k, dtype)
+        legacy = state['n_records'] > 0 and 'ids' not in state   # a checkpoint of a version that kept no ids
         cut = state.setdefault('cut', {})   # texts cut to max_length: kept in the state, so a resumed scan counts them all
         # with a checkpoint, parts of this very scan are reused up to it — none if it was stopped before its first
         if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt)
@@ -742,6 +743,8 @@ def scan(model, # the model the factors were fitted on
         raise ValueError("`corpus` is empty: no sequence was scanned" + (f" ({state['n_skipped']} bad records skipped)." if state['n_skipped'] else "."))
     vals, inds = vals[:, :min(k, state['n_scanned'])], inds[:, :min(k, state['n_scanned'])]
     refined, kept = bool(refine and query_rank is not None), set(inds.flatten().tolist())
+    if legacy and not stream.one_shot:                                      # the kept records' ids, read again
+        state['ids'] = {**state.get('ids', {}), **{str(it.index): x for it in stream.select(kept) if (x := record_id(it.raw))}}
     if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype)
     return ScanResult(inds, vals, state['n_scanned'], state['n_skipped'], n_train or max(state['n_scanned'], factors.n_sequences),
                       query_rank, refined,
