@@ -663,6 +663,12 @@ def _keep_ids(state:dict, chunk:list[_Item], keep:list[int], inds:torch.Tensor):
     live = set(map(str, inds.flatten().tolist()))
     state['ids'] = {x: v for x, v in ids.items() if x in live}
 
+def _kept_ids(state:dict, stream:CorpusStream, kept:set[int], legacy:bool) -> dict|None:
+    "`{index: id}` of the kept records that have an id; after a checkpoint that kept none (an older version's), read again."
+    ids = state.get('ids', {})
+    if legacy and not stream.one_shot: ids = {**ids, **{str(it.index): x for it in stream.select(kept) if (x := record_id(it.raw))}}
+    return {int(x): v for x, v in ids.items() if int(x) in kept} or None
+
 def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict, top:tuple, convert, *, k:int,
                  chunk_size:int, batch_size:int, dtype, spath:Path|None, ckpt:Path|None, checkpoint_every:int, rank:int,
                  progress:bool, prefix:_PrefixHash|None=None) -> tuple:
@@ -729,8 +735,8 @@ def scan(model, # the model the factors were fitted on
     with contextlib.ExitStack() as files:
         if rank == 0: _take_files(files, ckpt, spath)
         state, *top = _start_state(ckpt, spath, fp, cfg, len(qs), k, dtype)
-        legacy = state['n_records'] > 0 and 'ids' not in state   # a checkpoint of a version that kept no ids
-        cut = state.setdefault('cut', {})   # texts cut to max_length: kept in the state, so a resumed scan counts them all
+        legacy = state['n_records'] > 0 and 'ids' not in state   # a checkpoint of a version that kept no ids; and the texts
+        cut = state.setdefault('cut', {})                        # cut to max_length, kept so that a resumed scan counts them all
         # with a checkpoint, parts of this very scan are reused up to it — none if it was stopped before its first
         if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt)
         pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size)   # as `pairwise_scores` does
@@ -742,15 +748,12 @@ def scan(model, # the model the factors were fitted on
     if state['n_scanned'] == 0:
         raise ValueError("`corpus` is empty: no sequence was scanned" + (f" ({state['n_skipped']} bad records skipped)." if state['n_skipped'] else "."))
     vals, inds = vals[:, :min(k, state['n_scanned'])], inds[:, :min(k, state['n_scanned'])]
-    refined, kept = bool(refine and query_rank is not None), set(inds.flatten().tolist())
-    if legacy and not stream.one_shot:                                      # the kept records' ids, read again
-        state['ids'] = {**state.get('ids', {}), **{str(it.index): x for it in stream.select(kept) if (x := record_id(it.raw))}}
+    refined = bool(refine and query_rank is not None)
     if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype)
     return ScanResult(inds, vals, state['n_scanned'], state['n_skipped'], n_train or max(state['n_scanned'], factors.n_sequences),
-                      query_rank, refined,
-                      str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - state['t0'], 3),
+                      query_rank, refined, str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - state['t0'], 3),
                       source_digest=file_digest(stream.path) if stream.path else None, text_field=text_field, n_truncated=cut.get('n', 0),
-                      record_ids={int(x): v for x, v in state.get('ids', {}).items() if int(x) in kept} or None)
+                      record_ids=_kept_ids(state, stream, set(inds.flatten().tolist()), legacy))
 
 # %% ../nbs/08_search.ipynb #9e8c4c89
 def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype):
