@@ -657,9 +657,9 @@ def _advance(state:dict, chunk:list[_Item], seqs:list, n_scored:int, n_bad:int):
     state.update(n_records=chunk[-1].index + 1, n_scanned=state['n_scanned'] + n_scored, n_chunks=state['n_chunks'] + 1,
                  n_skipped=state['n_skipped'] + n_bad, offset=chunk[-1].offset or 0, line=chunk[-1].line or 0)
 
-def _keep_ids(state:dict, chunk:list[_Item], keep:list[int], inds:torch.Tensor):
-    "Keep in `state` (so in a checkpoint) the `id`s of the records now in the top-k `inds`: `chunk`'s scored ones join, the rest leave."
-    ids = state.get('ids', {}) | {str(chunk[j].index): i for j in keep if (i := record_id(chunk[j].raw))}   # JSON keys: text
+def _keep_ids(state:dict, index:list[int], rids:list[str], inds:torch.Tensor):
+    "Keep in `state` (so in a checkpoint) the `id`s of the records now in the top-k `inds`: the chunk's scored ones join, the rest leave."
+    ids = state.get('ids', {}) | {str(i): r for i, r in zip(index, rids) if r}                      # JSON keys: text
     live = set(map(str, inds.flatten().tolist()))
     state['ids'] = {x: v for x, v in ids.items() if x in live}
 
@@ -679,12 +679,12 @@ def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict,
     while chunk := list(itertools.islice(items, chunk_size)):
         seqs, n_bad = convert(chunk)
         keep = [j for j, s in enumerate(seqs) if s is not None]
-        index = [chunk[j].index for j in keep]
+        index, rids = [chunk[j].index for j in keep], [record_id(chunk[j].raw) for j in keep]   # the records' own ids, once
         if keep:
             sc = _score_chunk(model, layers, pq, [seqs[j] for j in keep], batch_size)     # [n_q, len(keep)]
-            vals, inds = merge_topk(vals, inds, sc, torch.tensor(index), k); _keep_ids(state, chunk, keep, inds)
+            vals, inds = merge_topk(vals, inds, sc, torch.tensor(index), k); _keep_ids(state, index, rids, inds)
         else: sc = torch.zeros(vals.shape[0], 0, dtype=dtype)
-        if rank == 0 and spath is not None: _write_part(spath, state['n_chunks'], index, sc, [record_id(chunk[j].raw) for j in keep])
+        if rank == 0 and spath is not None: _write_part(spath, state['n_chunks'], index, sc, rids)
         _advance(state, chunk, seqs, len(keep), n_bad)
         bar.update((state['offset'] - state['last']['offset']) if by_bytes else len(chunk))
         bar.set_postfix(seqs=f"{state['n_scanned']:,}", refresh=False)
