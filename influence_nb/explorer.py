@@ -826,6 +826,14 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
 def _fit_words(n_fit:int, n_train:int) -> str:
     return f"all {n_train:,} training sequences" if n_fit >= n_train else f"a seeded sample of {n_fit:,} training sequences"
 
+def _factors_words(s, n_train:int) -> str:
+    "The header's sentence on where factors come from: the user's own (named, with their size) and the ones fitted here."
+    fitted = _fit_words(len(s.fit_indices(n_train)), n_train)
+    own = [f for (name, strategy), f in s._factors.items() if (name, strategy) in s._given]
+    if not own: return f'Factors are fitted once per model and strategy on {fitted} and cached.'
+    mine = '; '.join(f'{f.strategy} from the factors given ({f.n_sequences:,} sequences, {f.n_tokens:,} tokens)' for f in own)
+    return f'Curvature: {mine}; the other strategies are fitted once on {fitted} and cached.'
+
 @patch
 def _wire(self: Explorer):
     "Connect the controls to what they change."
@@ -847,8 +855,7 @@ def _layout(self: Explorer) -> list:
     header = widgets.HTML(_CSS + '<h2>influence_nb explorer</h2><div class="inb-muted">Which training sequences made '
                           'the model say this? EK-FAC influence functions (Grosse et al. 2023) on '
                           f'{_esc(s.custom) + f" and its corpus of {n_train:,} sequences" if s.custom else "the bundled tiny GPT-2s"}. '
-                          f'Factors are fitted once per model and strategy on {_fit_words(len(s.fit_indices(n_train)), n_train)} '
-                          'and cached.</div>')
+                          f'{_esc(_factors_words(s, n_train))}</div>')
     qbox = widgets.VBox([widgets.HTML('<div class="inb-panel-title">Query</div>'), self.model_w, self.source_w,
                          self.filter_w, self.query_w, self.prompt_w, self.completion_w], layout=widgets.Layout(flex='3 1 420px'))
     sbox = widgets.VBox([widgets.HTML('<div class="inb-panel-title">Settings</div>'), self.prefilter_w, self.candidates_w,

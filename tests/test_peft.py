@@ -171,6 +171,10 @@ def test_the_explorer_tracks_the_layers_asked_for_or_the_factors_own(tmp_path, m
     assert torch.allclose(torch.tensor(res.scores)[torch.argsort(torch.tensor(res.candidates))], want, rtol=1e-8, atol=0)
     s2 = ExplorerSession(model=m, tokenizer=tok, corpus=texts, factors=f)     # the factors' layers, named by their keyword
     assert s2.modules == 'lora'
+    from influence_nb.explorer import Explorer                                # the header names where the curvature comes from
+    head = Explorer(s2).children[0].value
+    assert 'ekfac from the factors given (4 sequences, ' in head and 'other strategies are fitted once on all 4' in head
+    assert 'Factors are fitted once per model and strategy on all 4 training sequences' in Explorer(s).children[0].value
     assert run_query(s2, s2.custom, prompt='the cat', completion=' sat on the mat', prefilter=False).all_layers == lora
     with pytest.raises(ValueError, match="leave `modules` out to use the factors' layers"):
         ExplorerSession(model=m, tokenizer=tok, corpus=texts, factors=f, modules='mlp')
