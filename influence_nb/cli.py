@@ -12,7 +12,7 @@ import pandas as pd
 from .data import (cut_texts, corpus_lines, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
-                               require_scored, DTYPES)
+                               require_scored, end_sentence, DTYPES)
 from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
@@ -147,7 +147,7 @@ def _tokenize_query(tok, q: dict, where: str) -> list[dict]:
 
 def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
     "Query sequences and ids from a JSONL file of `prompt`/`completion` (or `messages`, or `input_ids`/`labels`) records, checked one by one."
-    seqs, names = [], []
+    seqs, names, unnamed = [], [], set()
     try: rows = query_rows(path)
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"--queries {e}") from None
     for i, (where, r) in enumerate(rows):
@@ -156,6 +156,7 @@ def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
             q = query_record(where, r, i, tok); qid = q['id']     # token ids, or a conversation's: its template's tokens
             seq = as_sequences([{k: q[k] for k in ('input_ids', 'labels')}], 'record') if 'input_ids' in q else _tokenize_query(tok, q, where)
             name = q['id']
+            if not (isinstance(r, Mapping) and 'id' in r): unnamed.add(name)        # the default id q<position>
             if model is not None: seq = check_sequences(model, seq, 'record')          # vocabulary and context
             require_scored(seq, 'record')
         except (ValueError, TypeError) as e:
@@ -163,7 +164,8 @@ def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
             raise _again(e, f"--queries {msg}") from None
         seqs += seq; names.append(name)
     dup = sorted({x for x in names if names.count(x) > 1})
-    if dup: raise ValueError(f"--queries {Path(path).name}: the ids {dup} appear more than once; give every query its own 'id'.")
+    if dup: raise ValueError(f"--queries {Path(path).name}: the ids {dup} appear more than once; give every query its own 'id'"
+                             + (" (a query without one is named q<its position>, from 0)." if set(dup) & unnamed else "."))
     return seqs, names
 
 # %% ../nbs/13_cli.ipynb #1ee31eb9
@@ -190,7 +192,7 @@ def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[d
     try: entries = list(corpus_entries(path, a.text_field))
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"{flag} {e}") from None
     bad = [(where, why) for where, _, why in entries if why]                   # read-level: not JSON, no text field, ...
-    if bad and not skip: raise ValueError(f"{flag} {path.name}, {bad[0][0]}: {bad[0][1]}. {_SKIP_ADVICE}. Accepted formats: {CORPUS_FORMATS}.")
+    if bad and not skip: raise ValueError(f"{flag} {path.name}, {bad[0][0]}: {end_sentence(bad[0][1])} {_SKIP_ADVICE}. Accepted formats: {CORPUS_FORMATS}.")
     pos = [j for j, (_, r, _) in enumerate(entries) if r is not None]
     recs = [entries[j][1] for j in pos]
     with warnings.catch_warnings():
@@ -203,7 +205,7 @@ def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[d
             for j, r in zip(pos, recs):
                 try: s = check_sequences(model, corpus_sequences([r], tok, n), 'record'); require_scored(s, 'record')
                 except (ValueError, TypeError) as e:
-                    if not skip: raise _again(e, f"{flag} {path.name}, {entries[j][0]}: {_reword(e)}. {_SKIP_ADVICE}") from None
+                    if not skip: raise _again(e, f"{flag} {path.name}, {entries[j][0]}: {end_sentence(_reword(e))} {_SKIP_ADVICE}") from None
                     bad.append((entries[j][0], _reword(e))); continue
                 seqs += s; kept.append(j)
             recs, pos = [entries[j][1] for j in kept], kept
@@ -381,7 +383,7 @@ def _scan_parser(sub, fmt):
     c.add_argument('--max-length', type=int, default=None, help="truncate texts to this many tokens (default: the model's context)")
     _skip_arg(c)
     c.add_argument('--scores-dir', default=None, help='also write every score, one Parquet file per chunk, to this (new or empty) directory (one row per record, '
-                   "by its index and, where records have one, their id; columns q0, q1, ... are the queries in the order of --queries; read them with `influence_nb.read_scores`)")
+                   "by its index and, where records have one, their id; in the files, columns q0, q1, ... are the queries in the order of --queries; `influence_nb.read_scores` reads them with the queries' ids as column names)")
     c.add_argument('--checkpoint', default=None, help='checkpoint file: written as the scan goes, resumed from when it exists')
     c.add_argument('--checkpoint-every', type=int, default=2000,
                    help='sequences between checkpoints, rounded up to whole --chunk-size chunks (default: 2000)')
@@ -499,6 +501,9 @@ def _cmd_score(a):
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
+    if clash := sorted(set(names) & {'train_index', 'id'}):         # score columns are named by the queries' ids
+        raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the output's index (train_index, and id "
+                         "when records have one), so the table could not be reset to columns; give that query another 'id'.")
     train, pos, recs = _corpus(a, tok, model)
     with _process_group() as (rank, world):      # under torchrun each process scores its shard; every one gets all scores
         lps = completion_logprobs(model, queries)
@@ -545,7 +550,8 @@ def _scan_summary(res, before, ckpt, world:int, out) -> str:
     done = (f"scanned {res.n_scanned:,} sequences" if before is None else
             f"resumed from {ckpt}, which held {n0:,} sequences ({t0:.1f} s); this run scanned {res.n_scanned - n0:,} more in "
             f"{max(res.seconds - t0, 0.0):.1f} s; in all {res.n_scanned:,} sequences")
-    return (done + (f" ({res.n_skipped:,} bad records skipped)" if res.n_skipped else '') + (f" in {world} processes" if world > 1 else '')
+    skipped = f" ({res.n_skipped:,} bad records skipped{f'; the first, {res.first_skipped}' if res.first_skipped else ''})"
+    return (done + (skipped if res.n_skipped else '') + (f" in {world} processes" if world > 1 else '')
             + f" in {res.seconds:.1f} s; top {res.k} of {res.n_queries} queries{' (refined at full rank)' if res.refined else ''} written to {out}")
 
 
@@ -562,16 +568,16 @@ def _as_notes():
             if 'influence_nb' in w.filename: print(f"note: {w.message}", file=sys.stderr)   # warned for a package caller
             else: warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
-def _scan(a, model, tok, factors, queries):
+def _scan(a, model, tok, factors, queries, names):
     "`search.scan` on the --corpus file; a record or a Parquet page it cannot read is reported naming the file."
     try:
         with _as_notes(): return scan(model, factors, queries, a.corpus, k=a.k, query_rank=a.query_rank, damping=a.damping, batch_size=a.batch_size,
                     chunk_size=a.chunk_size, tokenizer=tok, max_length=a.max_length or context_length(model, tok),
                     text_field=a.text_field, on_bad_record='skip' if a.skip_bad_records else 'raise',
                     scores_path=a.scores_dir, checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every,
-                    refine=a.refine, progress=not a.quiet, n_train=a.n_train)
+                    refine=a.refine, progress=not a.quiet, n_train=a.n_train, query_names=names)
     except BadRecordError as e:                               # the Python API's advice names `on_bad_record`: here, the option
-        raise ValueError(f"--corpus: Bad corpus record at {e.where}: {e.why}. Fix or remove it, or pass --skip-bad-records to "
+        raise ValueError(f"--corpus: Bad corpus record at {e.where}: {end_sentence(e.why)} Fix or remove it, or pass --skip-bad-records to "
                          f"leave such records out (the summary counts them). Accepted formats: {CORPUS_FORMATS}.") from None
     except Exception as e:
         if type(e).__module__.startswith('pyarrow'):          # a damaged page of a Parquet corpus (its footer was fine)
@@ -587,8 +593,8 @@ def _cmd_scan(a):
     with _process_group() as (rank, world):
         lps = completion_logprobs(model, queries)
         if rank == 0: _say_queries(names, lps)
-        res = _scan(a, model, tok, factors, queries)
-        res.query_names, res.query_log_p = names, [round(float(x), 6) for x in lps]
+        res = _scan(a, model, tok, factors, queries, names)
+        res.query_log_p = [round(float(x), 6) for x in lps]
         if rank == 0: res.save(a.out)
     if rank == 0:
         print(_scan_summary(res, before, a.checkpoint, world, a.out))
@@ -607,6 +613,7 @@ def _query_index(res, q:str) -> int:
 def _unreadable(r, text_field) -> str|None:
     "Why corpus record `r` (as `search` reads it) has no text to show, or None."
     if isinstance(r, BadRecord): return r.why
+    if isinstance(r, list): r = {'input_ids': r}                  # a bare array of token ids, as `scan` scored it
     if not isinstance(r, (Mapping, str)): return f"expected a JSON object, got {type(r).__name__}"
     if is_text(text_of(r, text_field)): return None
     if not (isinstance(r, Mapping) and 'input_ids' in r):

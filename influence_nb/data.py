@@ -13,15 +13,15 @@ import torch
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir',
-           'attended_span', 'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'require_scored', 'check_int',
-           'check_max_length', 'field_value', 'TruncatedTextsWarning', 'special_prefix', 'encode_texts', 'cut_texts',
-           'is_conversation', 'is_pair', 'is_text', 'text_value', 'shown_text', 'text_sequences', 'tokenize',
-           'tokenize_pairs', 'assistant_spans', 'chat_sequence', 'chat_query', 'chat_pair', 'collate', 'batches',
-           'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer',
-           'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'eager_kernels', 'trained_weights',
-           'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format', 'corpus_lines', 'parquet_rows',
-           'corpus_rows', 'missing_text', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'cache_dir',
-           'cached_factors']
+           'attended_span', 'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'end_sentence',
+           'require_scored', 'check_int', 'check_max_length', 'field_value', 'TruncatedTextsWarning', 'special_prefix',
+           'encode_texts', 'cut_texts', 'is_conversation', 'is_pair', 'is_text', 'text_value', 'shown_text',
+           'text_sequences', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'chat_sequence', 'chat_query',
+           'chat_pair', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
+           'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled',
+           'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format',
+           'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_text', 'corpus_entries', 'read_corpus',
+           'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -182,13 +182,19 @@ def n_scored(seq:dict) -> int:
     "Number of tokens of `seq` that contribute to its loss (labels after the shift that are not -100)."
     return int((seq['labels'][1:] != IGNORE_INDEX).sum())
 
+def end_sentence(s:str) -> str:
+    "`s` ended as a sentence ('.' added unless it ends in '.', '?' or '!'), for messages that go on after it."
+    s = str(s).rstrip()
+    return s if s.endswith(('.', '?', '!')) else s + '.'
+
 def require_scored(seqs:list[dict], name:str='queries'):
     "Raise if any sequence has no scored token."
     for i, s in enumerate(seqs):
         if n_scored(s) == 0:
             n = len(s['input_ids'])
             why = (f"it is {n} token{'s' if n != 1 else ''} long (an empty or one-token text, BOS included), and a token is "
-                   "scored only when another one precedes it" if n < 2 else "all its labels after the first are -100")
+                   "scored only when another one precedes it" if n < 2 else "all its labels after the first are -100 (a prompt-completion "
+                   "pair or a conversation cut to `max_length` before its completion or assistant reply has none left)")
             raise ValueError(f"{name}[{i}] has no scored token: {why}. A query needs a non-empty completion; a training "
                              "sequence needs at least 2 tokens.")
 
@@ -876,9 +882,9 @@ def completion_logprobs(model, # a causal LM
 
 # %% ../nbs/00_data.ipynb #663e4a9c
 CORPUS_FORMATS = ("JSONL (.jsonl/.json/.ndjson: one JSON object per line with a text field, which may hold a conversation, "
-                  "'prompt' and 'completion', or 'input_ids'), "
+                  "'prompt' and 'completion', or 'input_ids'; a bare array of token ids is a sequence too), "
                   "plain text (.txt: one document per line) or Parquet (.parquet: a text or 'input_ids' column); "
-                  "blank lines are skipped, so a record's index counts records, not lines")
+                  "blank lines (empty or only whitespace) are skipped, so a record's index counts records, not lines")
 
 def corpus_format(path) -> str:
     "'jsonl', 'text' or 'parquet' from the suffix of corpus file `path` (which must exist)."
@@ -934,6 +940,7 @@ def corpus_entries(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`
     for where, r in corpus_rows(p, kind):
         if where == 'the file': raise ValueError(f"{p.name}, {where}: {r}. Accepted formats: {CORPUS_FORMATS}.")   # no record at all
         if isinstance(r, str): r = {text_field: r}                                # a JSON string is a text, as `scan` reads it
+        if isinstance(r, list): r = {'input_ids': r}                              # a JSON array is a sequence's token ids, likewise
         why = (str(r) if isinstance(r, Exception) else f"expected a JSON object, got {type(r).__name__}" if not isinstance(r, Mapping)
                else None if 'input_ids' in r or is_text(text_value(r, text_field)) else missing_text(r, text_field))
         if why: yield where, None, why

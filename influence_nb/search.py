@@ -13,7 +13,7 @@ import pandas as pd
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .data import (cut_texts, text_sequences, is_conversation, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection,
+from .data import (cut_texts, text_sequences, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection,
                                grad_enabled, check_max_length, check_int, n_scored)
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, check_damping
@@ -42,7 +42,7 @@ class BadRecordError(ValueError):
     "A record `scan` cannot score, with `on_bad_record='raise'`: `where` it is and `why` (a caller may word its own advice)."
     def __init__(self, where:str, why:str):
         self.where, self.why = where, why
-        super().__init__(f"Bad corpus record at {where}: {why}. Fix or remove it, or pass on_bad_record='skip' to leave "
+        super().__init__(f"Bad corpus record at {where}: {end_sentence(why)} Fix or remove it, or pass on_bad_record='skip' to leave "
                          "such records out (they are counted in `n_skipped`).")
 
 # %% ../nbs/08_search.ipynb #3ecbeb0d
@@ -124,59 +124,60 @@ def text_of(raw, # a corpus record as read
     if isinstance(raw, Mapping) and 'input_ids' not in raw: return text_value(raw, text_field)   # (or its prompt and completion)
     return None
 
-def _bad_record(item:_Item, why:str, skip:bool) -> int:
-    "A record that cannot be scored: 1 to count when `skip`, else an error naming where it is and what to do."
+def _bad_record(item:_Item, why:str, skip:bool, bad:dict|None=None) -> int:
+    "A record that cannot be scored: 1 to count when `skip` (the first kept in `bad['first']` as 'where: why'), else an error naming where it is and what to do."
     if not skip: raise BadRecordError(item.where, why)
+    if bad is not None: bad.setdefault('first', f"{item.where}: {why}")
     return 1
 
 
 # %% ../nbs/08_search.ipynb #6a47e997
 def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|None=None, max_length:int|None=None,
-             text_field:str='text', skip:bool=False, cut:dict|None=None) -> tuple[list, int]:
-    "`(sequences, n_bad)` for one chunk: a sequence dict per record, None where a bad record was skipped; texts cut to `max_length` counted in `cut`."
+             text_field:str='text', skip:bool=False, cut:dict|None=None, bad:dict|None=None) -> tuple[list, int]:
+    "`(sequences, n_bad)` for one chunk: a sequence dict per record, None where a bad record was skipped (the first named in `bad`); texts cut to `max_length` counted in `cut`."
     out, texts, n_bad = [None] * len(items), {}, 0
     for j, it in enumerate(items):
-        if isinstance(it.raw, BadRecord): n_bad += _bad_record(it, it.raw.why, skip); continue
+        if isinstance(it.raw, BadRecord): n_bad += _bad_record(it, it.raw.why, skip, bad); continue
         text = text_of(it.raw, text_field)
         if text is not None:
             if not is_text(text):
-                n_bad += _bad_record(it, missing_text(it.raw, text_field), skip); continue     # (only a record has a field)
+                n_bad += _bad_record(it, missing_text(it.raw, text_field), skip, bad); continue     # (only a record has a field)
             if tokenizer is None:
                 raise TypeError(f"The corpus holds text ({items[j].where}): pass `tokenizer=` to tokenize it, "
                                 "or store token ids under 'input_ids'.")
             texts[j] = text
             continue
         if isinstance(it.raw, Mapping) and 'input_ids' not in it.raw:          # a misspelt text field, or a record without one
-            n_bad += _bad_record(it, missing_text(it.raw, text_field), skip); continue
+            n_bad += _bad_record(it, missing_text(it.raw, text_field), skip, bad); continue
         try: out[j] = as_sequence(it.raw, it.index, 'corpus')
-        except (TypeError, ValueError) as e: n_bad += _bad_record(it, str(e), skip)
+        except (TypeError, ValueError) as e: n_bad += _bad_record(it, str(e), skip, bad)
     if texts:
         try: seqs = text_sequences(tokenizer, list(texts.values()), max_length)
         except ValueError:                                     # a conversation the template cannot split: named by its record
             seqs = []
             for j, t in texts.items():
                 try: seqs.append(text_sequences(tokenizer, [t], max_length)[0])
-                except ValueError as e: seqs.append(None); n_bad += _bad_record(items[j], str(e).replace('texts[0]', 'the conversation'), skip)
+                except ValueError as e: seqs.append(None); n_bad += _bad_record(items[j], str(e).replace('texts[0]', 'the conversation'), skip, bad)
         if cut is not None and max_length is not None:
             _count_cut(cut, items, {j: t for (j, t), s in zip(texts.items(), seqs) if s is not None},
                        [s['input_ids'] for s in seqs if s is not None], tokenizer, max_length)
         for j, s in zip(texts, seqs):
             if s is None: continue
             try: out[j] = as_sequence(s, items[j].index, 'corpus')
-            except ValueError as e: n_bad += _bad_record(items[j], str(e), skip)
+            except ValueError as e: n_bad += _bad_record(items[j], str(e), skip, bad)
     for j, s in enumerate(out):
         if s is None: continue
         ids = s['input_ids']
         if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            out[j] = None; n_bad += _bad_record(items[j], f"token ids outside the model's vocabulary [0, {vocab})", skip)
+            out[j] = None; n_bad += _bad_record(items[j], f"token ids outside the model's vocabulary [0, {vocab})", skip, bad)
         elif vocab is not None and int(s['labels'].max()) >= vocab:
-            out[j] = None; n_bad += _bad_record(items[j], f"labels outside the model's vocabulary [0, {vocab})", skip)
+            out[j] = None; n_bad += _bad_record(items[j], f"labels outside the model's vocabulary [0, {vocab})", skip, bad)
         elif ctx is not None and len(ids) > ctx:
-            out[j] = None; n_bad += _bad_record(items[j], f"{len(ids)} tokens but the model's context is {ctx}; truncate it", skip)
+            out[j] = None; n_bad += _bad_record(items[j], f"{len(ids)} tokens but the model's context is {ctx}; truncate it", skip, bad)
         elif n_scored(s) == 0:   # an empty text (or one token): nothing to score, as `pairwise_scores` refuses it too
-            why = ("its assistant replies lie beyond the first {} tokens it is cut to".format(len(ids)) if j in texts and
-                   is_conversation(texts[j]) else f"{len(ids)} token(s); a training sequence needs at least 2")
-            out[j] = None; n_bad += _bad_record(items[j], f"the record has no scored token ({why})", skip)
+            what = ('its assistant replies lie' if is_conversation(texts[j]) else 'its completion lies' if is_pair(texts[j]) else None) if j in texts else None
+            why = f"{what} beyond the first {len(ids)} tokens it is cut to" if what else f"{len(ids)} token(s); a training sequence needs at least 2"
+            out[j] = None; n_bad += _bad_record(items[j], f"the record has no scored token ({why})", skip, bad)
     return out, n_bad
 
 # %% ../nbs/08_search.ipynb #af1af5ff
@@ -342,6 +343,7 @@ class ScanResult:
     text_field: str|None = None    # where the scanned text records kept their text (`texts` reads it there by default)
     n_truncated: int = 0           # texts longer than the scan's `max_length`: only their first `max_length` tokens were scored
     record_ids: dict|None = None   # `{index: id}`: the records' own `id` field, for the indices kept that have one
+    first_skipped: str|None = None # the first bad record left out, 'where: why' (e.g. 'line 6 of c.jsonl: not valid JSON …')
 
     @property
     def n_queries(self) -> int:
@@ -436,6 +438,7 @@ def save(self: ScanResult, path:str|Path) -> Path:
     meta = {'n_scanned': self.n_scanned, 'n_skipped': self.n_skipped, 'n_train': self.n_train, 'query_rank': self.query_rank,
             'refined': self.refined, 'source': self.source, 'seconds': self.seconds, 'query_names': self.query_ids(),
             'query_log_p': self.query_log_p, 'source_digest': self.source_digest, 'text_field': self.text_field, 'n_truncated': self.n_truncated,
+            'first_skipped': self.first_skipped,
             'shape': list(self.indices.shape),
             'dtype': str(self.scores.dtype).replace('torch.', '')}
     df = pd.DataFrame({'query': torch.arange(self.n_queries).repeat_interleave(self.k).numpy(),
@@ -509,8 +512,8 @@ def _ckpt_file(p:Path, ckpt:Path|None) -> bool:
     return p.name in (ckpt.name, f'{ckpt.name}.lock') or (p.name.startswith(f'{ckpt.name}.') and p.name.endswith('.safetensors'))
 
 # %% ../nbs/08_search.ipynb #3db534e5
-def _scores_dir(path:Path, cfg_digest:str, state:dict, resuming:bool, ckpt:Path|None=None):
-    "Prepare the Parquet scores directory: new or empty, or the one this very scan (`resuming` from a checkpoint) wrote."
+def _scores_dir(path:Path, cfg_digest:str, state:dict, resuming:bool, ckpt:Path|None=None, names:list[str]|None=None):
+    "Prepare the Parquet scores directory: new or empty, or the one this very scan (`resuming` from a checkpoint) wrote; its\n    manifest `scan.json` keeps the query `names` that `read_scores` gives the columns."
     path.mkdir(parents=True, exist_ok=True)
     for t in path.glob('.tmp-*'): t.unlink(missing_ok=True)
     man, parts = path/'scan.json', sorted(path.glob('part-*.parquet'))
@@ -522,7 +525,7 @@ def _scores_dir(path:Path, cfg_digest:str, state:dict, resuming:bool, ckpt:Path|
                              f"({state['n_records']:,} records) whose scores were written to another `scores_path`"
                              f"{' (' + state['scores_path'] + ')' if state.get('scores_path') else ''}. Pass that directory "
                              "(moving it is fine), or a new `checkpoint` to start the scan over.")
-        atomic_write(man, json.dumps({'format': 'influence_nb.scan-scores', 'fingerprint': cfg_digest}).encode()); return
+        atomic_write(man, json.dumps({'format': 'influence_nb.scan-scores', 'fingerprint': cfg_digest, 'query_names': names}).encode()); return
     try: mine = json.loads(man.read_text()).get('fingerprint') == cfg_digest
     except (OSError, ValueError): mine = False
     if not (mine and resuming and not others):
@@ -534,6 +537,7 @@ def _scores_dir(path:Path, cfg_digest:str, state:dict, resuming:bool, ckpt:Path|
                                  f"(e.g. part-{missing[0]:06d}.parquet); delete the directory and the checkpoint to start over.")
     for p in parts:
         if int(p.stem.split('-')[1]) >= n: p.unlink()            # written after the last checkpoint: will be rewritten
+    atomic_write(man, json.dumps({'format': 'influence_nb.scan-scores', 'fingerprint': cfg_digest, 'query_names': names}).encode())
 
 # %% ../nbs/08_search.ipynb #4f46c93e
 def _write_part(path:Path, chunk_no:int, index:list[int], scores:torch.Tensor, ids:list[str]|None=None):
@@ -544,10 +548,13 @@ def _write_part(path:Path, chunk_no:int, index:list[int], scores:torch.Tensor, i
 
 def read_scores(path:str|Path, # a `scores_path` directory written by `scan`
                ) -> pd.DataFrame:
-    "Every score a scan wrote, one row per corpus sequence (indexed by corpus index, and by the records' `id` where they have one), one column per query."
+    "Every score a scan wrote, one row per corpus sequence (indexed by corpus index, and by the records' `id` where they have one), one column per query (named as `scan`'s `query_names`, else q0, q1, …)."
     parts = sorted(Path(path).glob('part-*.parquet'))
     if not parts: raise FileNotFoundError(f"No part-*.parquet files in {path}: is it a `scores_path` of `scan`?")
     df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    try: names = json.loads((Path(path)/'scan.json').read_text()).get('query_names')     # the scan's names of its queries
+    except (OSError, ValueError): names = None
+    if names: df = df.rename(columns={f'q{j}': n for j, n in enumerate(names)})
     if 'id' not in df: return df.set_index('index')
     return df.assign(id=df['id'].fillna('')).set_index(['index', 'id'])   # '' for a record without one
 
@@ -558,6 +565,14 @@ def _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_
     for v, n in ((k, 'k'), (batch_size, 'batch_size'), (chunk_size, 'chunk_size'), (checkpoint_every, 'checkpoint_every')): check_int(v, n)
     if on_bad_record not in ('raise', 'skip'): raise ValueError(f"`on_bad_record` must be 'raise' or 'skip', got {on_bad_record!r}.")
     if n_train is not None: check_int(n_train, 'n_train')
+
+def _query_names(names, n_q:int, scores:bool) -> list[str]|None:
+    "`scan`'s `query_names` checked as `ScanResult.query_ids` checks them; with a scores folder, never its index's names."
+    if names is None: return None
+    ids = ScanResult(torch.zeros(n_q, 0, dtype=torch.long), torch.zeros(n_q, 0), 0, query_names=names).query_ids()
+    if scores and (clash := sorted(set(ids) & {'index', 'id'})):
+        raise ValueError(f"`query_names` has {clash[0]!r}, a name of the scores folder's index (index, id): give that query another name.")
+    return ids
 
 def _scan_max_length(model, max_length) -> tuple[int|None, int|None]:
     "`(context, max_length)`: texts are cut to `max_length` tokens, by default the model's context, never beyond it."
@@ -715,11 +730,12 @@ def scan(model, # the model the factors were fitted on
          refine:bool=False, # re-score the top-k with full-rank queries and re-sort (with `query_rank`)
          progress:bool=True, # tqdm bar with ETA
          n_train:int|None=None, # N of the training set, for `nats`; None: the larger of the sequences scanned and the factors' fit set
+         query_names:list|None=None, # a name per query (e.g. its id): the result's `query_names`, the columns `read_scores` gives
         ) -> ScanResult:
     "Scan `corpus` for each query's `k` most influential sequences, in constant memory, resumable."
     _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train)
     layers = prepare_scoring(model, factors)
-    qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries')
+    qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries'); names = _query_names(query_names, len(qs), scores_path is not None)
     stream = CorpusStream(corpus, text_field)
     if refine and query_rank is not None and stream.one_shot:
         raise ValueError("`refine=True` reads the candidates a second time, which a one-shot iterator cannot do: pass a list, "
@@ -729,31 +745,30 @@ def scan(model, # the model the factors were fitted on
                   chunk_size=chunk_size, max_length=max_length, text_field=text_field, on_bad_record=on_bad_record,
                   scores=scores_path is not None)
     fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), working_dtype(next(model.parameters())); vocab, skip = model_vocab(model), on_bad_record == 'skip'
-    convert = lambda items, cut=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut)
+    convert = lambda items, cut=None, bad=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut, bad)
     ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path))
     _check_paths(ckpt, spath)
     with contextlib.ExitStack() as files:
         if rank == 0: _take_files(files, ckpt, spath)
         state, *top = _start_state(ckpt, spath, fp, cfg, len(qs), k, dtype)
         legacy = state['n_records'] > 0 and 'ids' not in state   # a checkpoint of a version that kept no ids; and the texts
-        cut = state.setdefault('cut', {})                        # cut to max_length, kept so that a resumed scan counts them all
+        cut, bad = state.setdefault('cut', {}), state.setdefault('bad', {})   # texts cut, first bad record: kept for a resumed scan
         # with a checkpoint, parts of this very scan are reused up to it — none if it was stopped before its first
-        if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt)
+        if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt, names)
         pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size)   # as `pairwise_scores` does
         items = _resume_items(stream, state, convert, ckpt, prefix := _guard(stream, state, ckpt))
-        vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, lambda c: convert(c, cut), k=k, chunk_size=chunk_size,
+        vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, lambda c: convert(c, cut, bad), k=k, chunk_size=chunk_size,
                                   batch_size=batch_size, dtype=dtype, spath=spath, ckpt=ckpt,
                                   checkpoint_every=checkpoint_every, rank=rank, progress=progress, prefix=prefix)
     _say_cut(cut, max_length)
     if state['n_scanned'] == 0:
         raise ValueError("`corpus` is empty: no sequence was scanned" + (f" ({state['n_skipped']} bad records skipped)." if state['n_skipped'] else "."))
-    vals, inds = vals[:, :min(k, state['n_scanned'])], inds[:, :min(k, state['n_scanned'])]
-    refined = bool(refine and query_rank is not None)
+    n = min(k, state['n_scanned']); vals, inds, refined = vals[:, :n], inds[:, :n], bool(refine and query_rank is not None)
     if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype)
     return ScanResult(inds, vals, state['n_scanned'], state['n_skipped'], n_train or max(state['n_scanned'], factors.n_sequences),
                       query_rank, refined, str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - state['t0'], 3),
                       source_digest=file_digest(stream.path) if stream.path else None, text_field=text_field, n_truncated=cut.get('n', 0),
-                      record_ids=_kept_ids(state, stream, set(inds.flatten().tolist()), legacy))
+                      record_ids=_kept_ids(state, stream, set(inds.flatten().tolist()), legacy), first_skipped=bad.get('first'), query_names=names)
 
 # %% ../nbs/08_search.ipynb #9e8c4c89
 def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype):

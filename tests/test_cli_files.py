@@ -263,7 +263,39 @@ def test_score_scan_and_top_read_records_alike(fx):
     assert pd.read_parquet(fx/'mixed_scores.parquet').index.tolist() == [0, 1]          # the JSON string is a text, as in scan
     rc, out, err = run('scan', '--model', fx/'model', '--factors', fx/'factors', '--queries', fx/'queries.jsonl',
                        '--corpus', fx/'mixed.jsonl', '--out', fx/'mixed_scan.parquet', '--skip-bad-records', '--quiet')
-    assert rc == 0 and 'scanned 2 sequences (1 bad records skipped)' in out, out + err
+    assert rc == 0 and "scanned 2 sequences (1 bad records skipped; the first, line 3 of mixed.jsonl: 'text' is null" in out, out + err
+
+
+def test_a_bare_array_is_token_ids_to_every_command(fx):
+    "From a stranger: `scan` scored a JSONL line `[1, 2, 3]` as token ids (as documented for `scan`), `score` refused it and `top`\n    could not show it. Now every command reads it as a sequence's token ids."
+    ids = [464, 286, 1499, 11]
+    (fx/'arr.jsonl').write_text(json.dumps({'text': GOOD[0]}) + '\n' + json.dumps(ids) + '\n')
+    (fx/'arr_ids.jsonl').write_text(json.dumps({'text': GOOD[0]}) + '\n' + json.dumps({'input_ids': ids}) + '\n')
+    common = ('--model', fx/'model', '--factors', fx/'factors', '--queries', fx/'queries.jsonl')
+    for f in ('arr', 'arr_ids'):
+        rc, _, err = run('score', *common, '--data', fx/f'{f}.jsonl', '--out', fx/f'{f}_s.parquet'); assert rc == 0, err
+        rc, _, err = run('scan', *common, '--corpus', fx/f'{f}.jsonl', '--out', fx/f'{f}_r.parquet', '--quiet'); assert rc == 0, err
+    assert pd.read_parquet(fx/'arr_s.parquet').equals(pd.read_parquet(fx/'arr_ids_s.parquet'))
+    rc, out, err = run('top', '--result', fx/'arr_r.parquet', '--query', 'a', '--tokenizer', fx/'model')
+    assert rc == 0 and 'The capital of country' in out, err
+
+
+def test_query_ids_name_the_score_columns_everywhere(fx, tmp_path):
+    "`score` names its columns by the query ids; `scan --scores-dir` now does too (through `read_scores`); an id that would\n    collide with the index is refused, and a duplicate made by a default id is explained."
+    from influence_nb import read_scores
+    q = [{'id': 'capital', 'prompt': 'The capital of country 1 is', 'completion': ' city 1'}, {'prompt': 'The capital of', 'completion': ' country 2'}]
+    (tmp_path/'q.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in q))
+    common = ('--model', fx/'model', '--factors', fx/'factors', '--queries', tmp_path/'q.jsonl')
+    rc, _, err = run('score', *common, '--data', fx/'corpus.jsonl', '--out', tmp_path/'s.parquet'); assert rc == 0, err
+    rc, _, err = run('scan', *common, '--corpus', fx/'corpus.jsonl', '--out', tmp_path/'r.parquet', '--scores-dir', tmp_path/'sd', '--quiet')
+    assert rc == 0, err
+    s, sd = pd.read_parquet(tmp_path/'s.parquet'), read_scores(tmp_path/'sd')
+    assert list(s.columns) == list(sd.columns) == ['capital', 'q1']
+    assert (s.to_numpy() == sd.to_numpy()).all()
+    for bad, msg in (({**q[0], 'id': 'id'}, "the id 'id'"), ({**q[0], 'id': 'q1'}, 'a query without one is named q<its position>')):
+        (tmp_path/'bad.jsonl').write_text(json.dumps(bad) + '\n' + json.dumps(q[1]) + '\n')
+        rc, _, err = run('score', *common[:4], '--queries', tmp_path/'bad.jsonl', '--data', fx/'corpus.jsonl', '--out', tmp_path/'b.parquet')
+        assert rc == 2 and msg in err, err
 
 
 def test_explore_removes_its_notebook_when_it_stops(monkeypatch):

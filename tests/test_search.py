@@ -75,6 +75,13 @@ def test_bad_line_named_or_skipped(setup, tmp_path):
     with pytest.raises(ValueError, match='line 5 of c.jsonl'): scan(model, factors, queries, p, progress=False)
     r = scan(model, factors, queries, p, k=3, on_bad_record='skip', progress=False)
     assert (r.n_scanned, r.n_skipped) == (9, 1) and 4 not in r.indices.tolist()
+    assert r.first_skipped.startswith('line 5 of c.jsonl: not valid JSON')              # said by the command line's summary
+    assert ScanResult.load(r.save(tmp_path/'r.parquet')).first_skipped == r.first_skipped
+    lines[4] = json.dumps(corpus[4]['input_ids'].tolist())                               # a bare array: the record's token ids
+    p.write_text('\n'.join(lines) + '\n')
+    r = scan(model, factors, queries, p, k=10, progress=False)
+    assert (r.n_scanned, r.n_skipped, r.first_skipped) == (10, 0, None)
+    assert torch.equal(r.indices, full[:, :10].topk(10).indices)
 
 
 CHILD = '''
@@ -112,9 +119,13 @@ def test_kill9_then_resume_is_identical(setup, tmp_path):
     proc.send_signal(signal.SIGKILL); proc.wait()
     at = json.loads(ck.read_text())['n_records']
     assert 16 <= at < 64, at
-    resumed = scan(model, factors, queries, src, checkpoint=ck, checkpoint_every=8, scores_path=tmp_path/'scores', **kw)
+    names = ['a', 'b', 'c']                                            # names given on resuming: they name every column
+    resumed = scan(model, factors, queries, src, checkpoint=ck, checkpoint_every=8, scores_path=tmp_path/'scores',
+                   query_names=names, **kw)
     assert torch.equal(resumed.indices, clean.indices) and torch.equal(resumed.scores, clean.scores)
-    assert read_scores(tmp_path/'scores').equals(read_scores(tmp_path/'clean'))
+    got, want = read_scores(tmp_path/'scores'), read_scores(tmp_path/'clean')
+    assert list(got.columns) == names and list(want.columns) == ['q0', 'q1', 'q2']
+    assert got.set_axis(want.columns, axis=1).equals(want)
 
 
 def test_corrupt_or_foreign_checkpoint_refused(setup, tmp_path):
