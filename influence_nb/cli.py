@@ -21,7 +21,7 @@ from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, t
 from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
 # %% auto #0
-__all__ = ['CULL_IDLE_S', 'token_heatmap_for', 'demo', 'build_parser', 'main']
+__all__ = ['CULL_IDLE_S', 'bm25_candidates', 'token_heatmap_for', 'demo', 'build_parser', 'main']
 
 # %% ../nbs/13_cli.ipynb #7034018f
 def _pick_query(queries, model, tok, query_id=None):
@@ -44,13 +44,18 @@ def _say_queries(names, log_ps, say=print):
     say(f"legend: {SCORE_LEGEND}")
 
 # %% ../nbs/13_cli.ipynb #48e43280
+def bm25_candidates(queries, train, k:int, tok) -> list[int]:
+    "The indices of `train`, in order, among each query's `k` best BM25 matches (the paper's TF-IDF filter); all when `k` is 0 or covers `train`."
+    from influence_nb.tfidf import top_candidates
+    if not 0 < k < len(train): return list(range(len(train)))
+    idx = top_candidates(queries, train, k, ignore_ids=(tok.bos_token_id, tok.pad_token_id))[0]    # [n_q, k]
+    return sorted(set(idx.flatten().tolist()))
+
 def _demo_candidates(query, train, candidates:int, tok, say) -> list[int]:
     "The training indices the demo scores: the query's `candidates` best BM25 matches (the paper's filter), or all."
-    from influence_nb.tfidf import top_candidates
-    if not 0 < candidates < len(train):
-        say(f"scoring all {len(train):,} training sequences"); return list(range(len(train)))
-    cand = top_candidates(query, train, candidates, ignore_ids=(tok.bos_token_id, tok.pad_token_id))[0][0].tolist()
-    say(f"scoring the {len(cand):,} best BM25 matches of the query (the paper's TF-IDF filter)")
+    cand = bm25_candidates(query, train, candidates, tok)
+    say(f"scoring all {len(train):,} training sequences" if len(cand) == len(train) else
+        f"scoring the {len(cand):,} best BM25 matches of the query (the paper's TF-IDF filter)")
     return cand
 
 def token_heatmap_for(stream=None, # where the text goes (default: sys.stdout)
@@ -344,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--query-rank', type=int, default=None, help='rank of the preconditioned query gradients (default: full)')
     s.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
     s.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context; queries are never cut)")
+    s.add_argument('--candidates', type=int, default=0, help="score only the records among each query's K best BM25 matches (the paper's "
+                   "TF-IDF filter; rows: their union, in file order; default 0: every record)")
     _skip_arg(s)
     _scan_parser(sub, fmt)
     t = sub.add_parser('top', help="print one query's top sequences from a scan result",
@@ -496,6 +503,8 @@ def _cmd_fit(a):
         if rank == 0: print(f"saved {f} to {f.save(a.out)}" + (f" (fitted by {world} processes)" if world > 1 else ''))
     if a.checkpoint is not None: FitCheckpoint(a.checkpoint, '').remove()   # only once the factors are safely written
 
+
+# %% ../nbs/13_cli.ipynb #9e70b2e4
 def _cmd_score(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype)
@@ -505,6 +514,11 @@ def _cmd_score(a):
         raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the output's index (train_index, and id "
                          "when records have one), so the table could not be reset to columns; give that query another 'id'.")
     train, pos, recs = _corpus(a, tok, model)
+    if a.candidates:                                                # the paper's filter: only what resembles a query is scored
+        keep = bm25_candidates(queries, train, a.candidates, tok)
+        if int(os.environ.get('RANK', '0')) == 0:
+            print(f"scoring {len(keep):,} of {len(train):,} records: the union of each query's {a.candidates:,} best BM25 matches", flush=True)
+        train, pos, recs = [train[i] for i in keep], [pos[i] for i in keep], [recs[i] for i in keep]
     with _process_group() as (rank, world):      # under torchrun each process scores its shard; every one gets all scores
         lps = completion_logprobs(model, queries)
         if rank == 0: _say_queries(names, lps)
@@ -522,6 +536,7 @@ def _check_options(a):
     for name in ('k', 'batch_size', 'chunk_size', 'checkpoint_every', 'query_rank', 'max_length', 'fisher_samples'):
         v = getattr(a, name, None)
         if v is not None and v < 1: raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")
+    if getattr(a, 'candidates', 0) < 0: raise ValueError(f"--candidates must be 0 (every record) or more, got {a.candidates}.")
     d = getattr(a, 'damping', None)
     if d is not None and not (math.isfinite(d) and d > 0):
         raise ValueError(f"--damping must be a positive number, got {d}; omit it for 0.1 × the mean eigenvalue per layer.")

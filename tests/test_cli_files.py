@@ -309,3 +309,26 @@ def test_explore_removes_its_notebook_when_it_stops(monkeypatch):
     assert run('explore', '--port', 8899)[0] == 0
     nb, existed, port = seen[0]
     assert existed and port == 8899 and nb.name == 'explorer.ipynb' and not nb.parent.exists()
+
+
+def test_score_candidates_are_the_bm25_union_with_unchanged_scores(fx, tmp_path):
+    "`score --candidates K` (the paper's TF-IDF filter, from a stranger: the command line had none) keeps the rows of the union of\n    each query's K best BM25 matches, in file order, and their scores are the full table's."
+    import influence_nb as inf
+    from influence_nb.tfidf import top_candidates
+    q = [{'id': 'a', 'prompt': 'The capital of country 1 is', 'completion': ' city 1'},
+         {'id': 'b', 'prompt': 'The capital of country 7 is', 'completion': ' city 7'}]
+    (tmp_path/'q.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in q))
+    common = ('score', '--model', fx/'model', '--factors', fx/'factors', '--queries', tmp_path/'q.jsonl', '--data', fx/'corpus.jsonl',
+              '--batch-size', 1)                                      # one record per batch: the same arithmetic, bit for bit
+    rc, _, err = run(*common, '--out', tmp_path/'all.parquet'); assert rc == 0, err
+    rc, out, err = run(*common, '--out', tmp_path/'c.parquet', '--candidates', 2); assert rc == 0, err
+    tok = inf.load_model(fx/'model')[1]
+    idx = top_candidates(inf.tokenize_pairs(tok, [(r['prompt'], r['completion']) for r in q]), inf.tokenize(tok, GOOD), 2,
+                         ignore_ids=(tok.bos_token_id, tok.pad_token_id))[0]
+    want = sorted(set(idx.flatten().tolist()))
+    full, cand = pd.read_parquet(tmp_path/'all.parquet'), pd.read_parquet(tmp_path/'c.parquet')
+    assert cand.index.tolist() == want and 2 <= len(want) <= 4 and 1 in want and 7 in want
+    assert cand.equals(full.loc[want]), (cand, full.loc[want])
+    assert f'scoring {len(want)} of 12 records' in out
+    rc, _, err = run(*common, '--out', tmp_path/'n.parquet', '--candidates', -1)
+    assert rc == 2 and '--candidates must be 0 (every record) or more' in err
