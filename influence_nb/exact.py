@@ -25,7 +25,7 @@ def compare(model,               # an LM-style model (or `ClassifierAsLM`)
             batch_size: int = 64, seed: int = 0,
             strategies=STRATEGIES, # engine strategies to compare
            ) -> tuple:           # (DataFrame one row per damping and strategy, dict(P, exact_seconds))
-    "Pearson/Spearman of each strategy with exact influence (full and block-diagonal), per damping."
+    "Pearson/Spearman and scale of each strategy against exact influence (full and block-diagonal), per damping."
     rel_damping = [float(r) for r in rel_damping]
     if not rel_damping or min(rel_damping) <= 0:
         raise ValueError(f"`rel_damping` must be positive multiples of the mean diagonal of G, got {rel_damping}.")
@@ -46,6 +46,8 @@ def compare(model,               # an LM-style model (or `ClassifierAsLM`)
         for s, f in facs.items():
             sc = inf.pairwise_scores(model, f, queries, train, damping=lam, batch_size=batch_size, progress=False).total
             a, b, c = sc.flatten().double().numpy(), ex.flatten().numpy(), exb.flatten().numpy()
+            scale = (lambda y: float(a @ y / (a @ a))) if s != 'identity' else (lambda y: float('nan'))   # exact ≈ scale × engine
             rows.append(dict(damping=f'{rel:g} x mean diag G', strategy=s, pearson_full=pearsonr(a, b)[0],
-                             pearson_block=pearsonr(a, c)[0], spearman_full=spearmanr(a, b)[0]))
+                             pearson_block=pearsonr(a, c)[0], spearman_full=spearmanr(a, b)[0],
+                             scale_full=scale(b), scale_block=scale(c)))
     return pd.DataFrame(rows), dict(P=G.shape[0], exact_seconds=round(t_exact, 1))
