@@ -919,7 +919,7 @@ def corpus_rows(p, # a corpus file
             try: line = raw.decode('utf-8')
             except UnicodeDecodeError as e: yield f'line {n}', ValueError(f"not UTF-8 text ({e})"); continue
             if kind == 'text': yield f'line {n}', {'text': line.rstrip('\r\n')}; continue
-            try: yield f'line {n}', json.loads(line)
+            try: yield f'line {n}', json.loads(line.rstrip('\r\n'))   # (so that json's own position says line 1)
             except ValueError as e: yield f'line {n}', ValueError(f"not valid JSON ({e})")
 
 

@@ -97,7 +97,7 @@ def _jsonl(self: CorpusStream, start, offset, line):
                 try: rec = raw.decode('utf-8').rstrip('\r\n')
                 except UnicodeDecodeError as e: rec = BadRecord(f"not UTF-8 text ({e})")
             else:
-                try: rec = json.loads(raw)
+                try: rec = json.loads(raw.rstrip(b'\r\n'))   # json's own position then reads line 1
                 except ValueError as e: rec = BadRecord(f"not valid JSON ({e})")
             yield _Item(i, rec, f"line {line} of {self.path.name}", offset, line)
             i += 1

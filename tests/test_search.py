@@ -76,6 +76,7 @@ def test_bad_line_named_or_skipped(setup, tmp_path):
     r = scan(model, factors, queries, p, k=3, on_bad_record='skip', progress=False)
     assert (r.n_scanned, r.n_skipped) == (9, 1) and 4 not in r.indices.tolist()
     assert r.first_skipped.startswith('line 5 of c.jsonl: not valid JSON')              # said by the command line's summary
+    assert 'line 1 column' in r.first_skipped            # json's own position, within the record's line (it said 'line 2')
     assert ScanResult.load(r.save(tmp_path/'r.parquet')).first_skipped == r.first_skipped
     lines[4] = json.dumps(corpus[4]['input_ids'].tolist())                               # a bare array: the record's token ids
     p.write_text('\n'.join(lines) + '\n')
