@@ -12,7 +12,7 @@ import pandas as pd
 from .data import (cut_texts, corpus_lines, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
-                               require_scored, end_sentence, DTYPES)
+                               require_scored, end_sentence, array_record, DTYPES)
 from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
@@ -210,7 +210,7 @@ def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[d
             for j, r in zip(pos, recs):
                 try: s = check_sequences(model, corpus_sequences([r], tok, n), 'record'); require_scored(s, 'record')
                 except (ValueError, TypeError) as e:
-                    if not skip: raise _again(e, f"{flag} {path.name}, {entries[j][0]}: {end_sentence(_reword(e))} {_SKIP_ADVICE}") from None
+                    if not skip: raise _again(e, f"{flag} {path.name}, {entries[j][0]}: {end_sentence(_reword(e))} {_SKIP_ADVICE}.") from None
                     bad.append((entries[j][0], _reword(e))); continue
                 seqs += s; kept.append(j)
             recs, pos = [entries[j][1] for j in kept], kept
@@ -517,7 +517,8 @@ def _cmd_score(a):
     if a.candidates:                                                # the paper's filter: only what resembles a query is scored
         keep = bm25_candidates(queries, train, a.candidates, tok)
         if int(os.environ.get('RANK', '0')) == 0:
-            print(f"scoring {len(keep):,} of {len(train):,} records: the union of each query's {a.candidates:,} best BM25 matches", flush=True)
+            print(f"scoring {len(keep):,} of {len(train):,} records: the union of each query's {a.candidates:,} best BM25 matches"
+                  if len(keep) < len(train) else f"scoring all {len(train):,} records (--candidates {a.candidates:,} covers them)", flush=True)
         train, pos, recs = [train[i] for i in keep], [pos[i] for i in keep], [recs[i] for i in keep]
     with _process_group() as (rank, world):      # under torchrun each process scores its shard; every one gets all scores
         lps = completion_logprobs(model, queries)
@@ -604,6 +605,9 @@ def _cmd_scan(a):
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
+    if a.scores_dir and (clash := sorted(set(names) & {'index', 'id'})):        # read_scores names its columns by the ids
+        raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the --scores-dir table's index (index, and "
+                         "id when records have one); give that query another 'id'.")
     before = _checkpoint_holds(a.checkpoint)
     with _process_group() as (rank, world):
         lps = completion_logprobs(model, queries)
@@ -628,7 +632,8 @@ def _query_index(res, q:str) -> int:
 def _unreadable(r, text_field) -> str|None:
     "Why corpus record `r` (as `search` reads it) has no text to show, or None."
     if isinstance(r, BadRecord): return r.why
-    if isinstance(r, list): r = {'input_ids': r}                  # a bare array of token ids, as `scan` scored it
+    if isinstance(r, list): r = array_record(r)                   # a bare array of token ids, as `scan` scored it
+    if isinstance(r, ValueError): return str(r)
     if not isinstance(r, (Mapping, str)): return f"expected a JSON object, got {type(r).__name__}"
     if is_text(text_of(r, text_field)): return None
     if not (isinstance(r, Mapping) and 'input_ids' in r):

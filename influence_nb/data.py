@@ -20,8 +20,8 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'chat_pair', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
            'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled',
            'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format',
-           'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_text', 'corpus_entries', 'read_corpus',
-           'corpus_sequences', 'cache_dir', 'cached_factors']
+           'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_text', 'array_record', 'corpus_entries',
+           'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -932,6 +932,11 @@ def missing_text(record:Mapping, text_field:str) -> str:
     return (f"no string field {text_field!r} and no 'input_ids' (fields: {sorted(record)}); pass the text field's name"
             + (" (--text-field messages for conversations)" if is_conversation(record.get('messages')) else ''))
 
+def array_record(r:list) -> dict|ValueError:
+    "A JSON array read as a corpus record: `{'input_ids': r}` when it holds token ids (integers), else why it cannot be one."
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in r): return {'input_ids': r}
+    return ValueError("a JSON array, but not of token ids (integers): a text goes in an object's text field")
+
 def corpus_entries(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
                    text_field:str='text', # the field (JSONL) or column (Parquet) holding each document's text; dotted for nested
                   ) -> Iterator[tuple[str, dict|None, str|None]]:
@@ -940,7 +945,7 @@ def corpus_entries(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`
     for where, r in corpus_rows(p, kind):
         if where == 'the file': raise ValueError(f"{p.name}, {where}: {r}. Accepted formats: {CORPUS_FORMATS}.")   # no record at all
         if isinstance(r, str): r = {text_field: r}                                # a JSON string is a text, as `scan` reads it
-        if isinstance(r, list): r = {'input_ids': r}                              # a JSON array is a sequence's token ids, likewise
+        if isinstance(r, list): r = array_record(r)                               # a JSON array of ids is a sequence, likewise
         why = (str(r) if isinstance(r, Exception) else f"expected a JSON object, got {type(r).__name__}" if not isinstance(r, Mapping)
                else None if 'input_ids' in r or is_text(text_value(r, text_field)) else missing_text(r, text_field))
         if why: yield where, None, why

@@ -13,7 +13,7 @@ import pandas as pd
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .data import (cut_texts, text_sequences, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection,
+from .data import (cut_texts, text_sequences, array_record, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection,
                                grad_enabled, check_max_length, check_int, n_scored)
 from .kfac import layer_passes, all_reduce_sum, dist_info
 from .ekfac import Factors, check_damping
@@ -99,6 +99,7 @@ def _jsonl(self: CorpusStream, start, offset, line):
             else:
                 try: rec = json.loads(raw.rstrip(b'\r\n'))   # json's own position then reads line 1
                 except ValueError as e: rec = BadRecord(f"not valid JSON ({e})")
+                if isinstance(rec, list) and isinstance(a := array_record(rec), ValueError): rec = BadRecord(str(a))
             yield _Item(i, rec, f"line {line} of {self.path.name}", offset, line)
             i += 1
 
@@ -752,7 +753,7 @@ def scan(model, # the model the factors were fitted on
         if rank == 0: _take_files(files, ckpt, spath)
         state, *top = _start_state(ckpt, spath, fp, cfg, len(qs), k, dtype)
         legacy = state['n_records'] > 0 and 'ids' not in state   # a checkpoint of a version that kept no ids; and the texts
-        cut, bad = state.setdefault('cut', {}), state.setdefault('bad', {})   # texts cut, first bad record: kept for a resumed scan
+        cut, bad = state.setdefault('cut', {}), state.setdefault('bad', {'first': None} if state['n_skipped'] else {})   # (None: unknown)
         # with a checkpoint, parts of this very scan are reused up to it — none if it was stopped before its first
         if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt, names)
         pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size)   # as `pairwise_scores` does

@@ -278,6 +278,10 @@ def test_a_bare_array_is_token_ids_to_every_command(fx):
     assert pd.read_parquet(fx/'arr_s.parquet').equals(pd.read_parquet(fx/'arr_ids_s.parquet'))
     rc, out, err = run('top', '--result', fx/'arr_r.parquet', '--query', 'a', '--tokenizer', fx/'model')
     assert rc == 0 and 'The capital of country' in out, err
+    (fx/'arr_txt.jsonl').write_text(json.dumps({'text': GOOD[0]}) + '\n' + json.dumps(['The capital', ' city']) + '\n')
+    for cmd, flag in (('score', '--data'), ('scan', '--corpus')):              # an array of strings: said so, by every reader
+        rc, _, err = run(cmd, *common, flag, fx/'arr_txt.jsonl', '--out', fx/'arr_txt.parquet')
+        assert rc == 2 and 'line 2' in err and 'a JSON array, but not of token ids (integers)' in err, err
 
 
 def test_query_ids_name_the_score_columns_everywhere(fx, tmp_path):
@@ -296,6 +300,10 @@ def test_query_ids_name_the_score_columns_everywhere(fx, tmp_path):
         (tmp_path/'bad.jsonl').write_text(json.dumps(bad) + '\n' + json.dumps(q[1]) + '\n')
         rc, _, err = run('score', *common[:4], '--queries', tmp_path/'bad.jsonl', '--data', fx/'corpus.jsonl', '--out', tmp_path/'b.parquet')
         assert rc == 2 and msg in err, err
+    (tmp_path/'bad.jsonl').write_text(json.dumps({**q[0], 'id': 'index'}) + '\n')
+    rc, _, err = run('scan', *common[:4], '--queries', tmp_path/'bad.jsonl', '--corpus', fx/'corpus.jsonl', '--out', tmp_path/'b.parquet',
+                     '--scores-dir', tmp_path/'bsd')
+    assert rc == 2 and "--queries: a query has the id 'index', the name of the --scores-dir table's index" in err, err
 
 
 def test_explore_removes_its_notebook_when_it_stops(monkeypatch):
@@ -330,5 +338,7 @@ def test_score_candidates_are_the_bm25_union_with_unchanged_scores(fx, tmp_path)
     assert cand.index.tolist() == want and 2 <= len(want) <= 4 and 1 in want and 7 in want
     assert cand.equals(full.loc[want]), (cand, full.loc[want])
     assert f'scoring {len(want)} of 12 records' in out
+    rc, out, err = run(*common, '--out', tmp_path/'c100.parquet', '--candidates', 100); assert rc == 0, err
+    assert 'scoring all 12 records (--candidates 100 covers them)' in out and pd.read_parquet(tmp_path/'c100.parquet').equals(full)
     rc, _, err = run(*common, '--out', tmp_path/'n.parquet', '--candidates', -1)
     assert rc == 2 and '--candidates must be 0 (every record) or more' in err

@@ -139,3 +139,44 @@ def test_corrupt_or_foreign_checkpoint_refused(setup, tmp_path):
     (tmp_path/meta['tensors']).write_bytes(b'\0' * 10)
     with pytest.raises(ValueError, match='damaged'):
         scan(model, factors, queries, corpus, k=4, chunk_size=16, checkpoint=ck, progress=False)
+
+
+def test_first_skipped_survives_a_resume_and_is_unknown_after_an_old_checkpoint(setup, tmp_path, monkeypatch):
+    "From a reviewer: a checkpoint written before `first_skipped` existed made a later skip claim to be the first."
+    import influence_nb.search as search
+    model, factors, queries, corpus, full = setup
+    p = write_jsonl(tmp_path/'c.jsonl', corpus[:12])
+    lines = p.read_text().splitlines(); lines[2], lines[9] = '{"input_ids": ', '{"body": "x"}'     # bad: lines 3 and 10
+    p.write_text('\n'.join(lines) + '\n')
+    kw = dict(k=3, chunk_size=2, checkpoint_every=2, on_bad_record='skip', progress=False)
+    clean = scan(model, factors, queries, p, **kw)
+    assert clean.n_skipped == 2 and clean.first_skipped.startswith('line 3 of c.jsonl: not valid JSON')
+    orig, calls = search._score_chunk, [0]
+    def stop_on_fourth(*a, **k):
+        calls[0] += 1
+        if calls[0] == 4: raise KeyboardInterrupt
+        return orig(*a, **k)
+    for old in (False, True):
+        ck = tmp_path/f'ck{old}.json'; calls[0] = 0
+        monkeypatch.setattr(search, '_score_chunk', stop_on_fourth)
+        with pytest.raises(KeyboardInterrupt): scan(model, factors, queries, p, checkpoint=ck, **kw)
+        monkeypatch.setattr(search, '_score_chunk', orig)
+        st = json.loads(ck.read_text()); assert st['n_skipped'] == 1 and st['n_records'] < 10
+        if old: st.pop('bad'); ck.write_text(json.dumps(st))                   # as the previous version wrote it
+        r = scan(model, factors, queries, p, checkpoint=ck, **kw)
+        assert torch.equal(r.indices, clean.indices) and r.n_skipped == 2
+        assert r.first_skipped == (None if old else clean.first_skipped)
+
+
+def test_a_pair_cut_before_its_completion_says_so(tmp_path):
+    "A prompt-completion record whose prompt fills `max_length`: no completion token is left, and the reason says why."
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(inf.data_dir()/'tokenizer')                    # the project's own
+    model = inf.tiny_model('llama', layers=1, vocab=len(tok)).double()
+    f = inf.fit_factors(model, inf.tokenize(tok, ['a b c d e f g h'] * 4), 'identity', progress=False)
+    q = inf.tokenize_pairs(tok, [('a b', ' c')])
+    recs = [{'text': 'a b c d'}, {'prompt': ' '.join(['a b c d'] * 20), 'completion': ' e f'}]
+    r = scan(model, f, q, recs, k=1, tokenizer=tok, max_length=8, on_bad_record='skip', progress=False)
+    assert r.n_skipped == 1 and 'its completion lies beyond the first 8 tokens it is cut to' in r.first_skipped
+    with pytest.raises(ValueError, match='before its completion or assistant reply has none left'):
+        inf.pairwise_scores(model, f, q, inf.tokenize(tok, recs[1:], max_length=8), progress=False)
