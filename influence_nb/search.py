@@ -518,6 +518,7 @@ def _scores_dir(path:Path, cfg_digest:str, state:dict, resuming:bool, ckpt:Path|
     path.mkdir(parents=True, exist_ok=True)
     for t in path.glob('.tmp-*'): t.unlink(missing_ok=True)
     man, parts = path/'scan.json', sorted(path.glob('part-*.parquet'))
+    manifest = json.dumps({'format': 'influence_nb.scan-scores', 'fingerprint': cfg_digest, 'query_names': names}).encode()   # rewritten on resume: the names may be new
     others = [p for p in path.iterdir() if p.name not in ('.lock', 'scan.json') and not p.name.startswith('part-')
               and not _ckpt_file(p, ckpt)]
     if not man.exists() and not parts and not others:
@@ -526,7 +527,7 @@ def _scores_dir(path:Path, cfg_digest:str, state:dict, resuming:bool, ckpt:Path|
                              f"({state['n_records']:,} records) whose scores were written to another `scores_path`"
                              f"{' (' + state['scores_path'] + ')' if state.get('scores_path') else ''}. Pass that directory "
                              "(moving it is fine), or a new `checkpoint` to start the scan over.")
-        atomic_write(man, json.dumps({'format': 'influence_nb.scan-scores', 'fingerprint': cfg_digest, 'query_names': names}).encode()); return
+        atomic_write(man, manifest); return
     try: mine = json.loads(man.read_text()).get('fingerprint') == cfg_digest
     except (OSError, ValueError): mine = False
     if not (mine and resuming and not others):
@@ -538,7 +539,7 @@ def _scores_dir(path:Path, cfg_digest:str, state:dict, resuming:bool, ckpt:Path|
                                  f"(e.g. part-{missing[0]:06d}.parquet); delete the directory and the checkpoint to start over.")
     for p in parts:
         if int(p.stem.split('-')[1]) >= n: p.unlink()            # written after the last checkpoint: will be rewritten
-    atomic_write(man, json.dumps({'format': 'influence_nb.scan-scores', 'fingerprint': cfg_digest, 'query_names': names}).encode())
+    atomic_write(man, manifest)
 
 # %% ../nbs/08_search.ipynb #4f46c93e
 def _write_part(path:Path, chunk_no:int, index:list[int], scores:torch.Tensor, ids:list[str]|None=None):
