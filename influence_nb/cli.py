@@ -388,6 +388,8 @@ def _scan_parser(sub, fmt):
     c.add_argument('--batch-size', type=int, default=8, help='sequences per forward/backward pass (default: 8)')
     c.add_argument('--chunk-size', type=int, default=1024, help='sequences per chunk: merged into the top-k, one scores file each (default: 1024)')
     c.add_argument('--max-length', type=int, default=None, help="truncate texts to this many tokens (default: the model's context)")
+    c.add_argument('--candidates', type=int, default=0, help="score only the records among each query's K best BM25 matches (the paper's "
+                   "TF-IDF filter; a first pass reads the corpus's tokens; default 0: every record)")
     _skip_arg(c)
     c.add_argument('--scores-dir', default=None, help='also write every score, one Parquet file per chunk, to this (new or empty) directory (one row per record, '
                    "by its index and, where records have one, their id; in the files, columns q0, q1, ... are the queries in the order of --queries; `influence_nb.read_scores` reads them with the queries' ids as column names)")
@@ -566,6 +568,7 @@ def _scan_summary(res, before, ckpt, world:int, out) -> str:
     done = (f"scanned {res.n_scanned:,} sequences" if before is None else
             f"resumed from {ckpt}, which held {n0:,} sequences ({t0:.1f} s); this run scanned {res.n_scanned - n0:,} more in "
             f"{max(res.seconds - t0, 0.0):.1f} s; in all {res.n_scanned:,} sequences")
+    done += f" (the union of each query's {res.candidates:,} best BM25 matches)" if res.candidates else ''
     skipped = f" ({res.n_skipped:,} bad records skipped{f'; the first, {res.first_skipped}' if res.first_skipped else ''})"
     return (done + (skipped if res.n_skipped else '') + (f" in {world} processes" if world > 1 else '')
             + f" in {res.seconds:.1f} s; top {res.k} of {res.n_queries} queries{' (refined at full rank)' if res.refined else ''} written to {out}")
@@ -591,7 +594,7 @@ def _scan(a, model, tok, factors, queries, names):
                     chunk_size=a.chunk_size, tokenizer=tok, max_length=a.max_length or context_length(model, tok),
                     text_field=a.text_field, on_bad_record='skip' if a.skip_bad_records else 'raise',
                     scores_path=a.scores_dir, checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every,
-                    refine=a.refine, progress=not a.quiet, n_train=a.n_train, query_names=names)
+                    refine=a.refine, progress=not a.quiet, n_train=a.n_train, query_names=names, candidates=a.candidates or None)
     except BadRecordError as e:                               # the Python API's advice names `on_bad_record`: here, the option
         raise ValueError(f"--corpus: Bad corpus record at {e.where}: {end_sentence(e.why)} Fix or remove it, or pass --skip-bad-records to "
                          f"leave such records out (the summary counts them). Accepted formats: {CORPUS_FORMATS}.") from None

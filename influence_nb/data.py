@@ -1000,4 +1000,5 @@ def cached_factors(model, train, tag:str, progress=True, **fit_kw) -> tuple:
 # %% ../nbs/00_data.ipynb #a6f42366
 SCORE_LEGEND = ("score = ∇log p(completion)ᵀ (G+λI)⁻¹ ∇log p(sequence); nats = score / N: the first-order change of "
                 "log p(completion) per extra copy of the sequence among N training sequences (a linear estimate: it can exceed "
-                "|log p|); positive = the sequence makes the completion more likely.")
+                "|log p|, and under EK-FAC or K-FAC curvature it is several times the exact value, so compare scores rather than "
+                "read nats as a calibrated change); positive = the sequence makes the completion more likely.")

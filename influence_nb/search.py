@@ -345,6 +345,7 @@ class ScanResult:
     n_truncated: int = 0           # texts longer than the scan's `max_length`: only their first `max_length` tokens were scored
     record_ids: dict|None = None   # `{index: id}`: the records' own `id` field, for the indices kept that have one
     first_skipped: str|None = None # the first bad record left out, 'where: why' (e.g. 'line 6 of c.jsonl: not valid JSON …')
+    candidates: int|None = None    # the BM25 filter: only each query's `candidates` best matches were scored (None: every record)
 
     @property
     def n_queries(self) -> int:
@@ -357,7 +358,8 @@ class ScanResult:
 
     def __repr__(self):
         return (f"ScanResult({self.n_queries} queries × top {self.k} of {self.n_scanned:,} sequences"
-                f"{f', {self.n_skipped} skipped' if self.n_skipped else ''}{f', {self.n_truncated} truncated' if self.n_truncated else ''}, rank={self.query_rank}, refined={self.refined})")
+                f"{f', {self.n_skipped} skipped' if self.n_skipped else ''}{f', {self.n_truncated} truncated' if self.n_truncated else ''}"
+                f"{f', BM25 candidates {self.candidates:,} per query' if self.candidates else ''}, rank={self.query_rank}, refined={self.refined})")
 
     def texts(self, corpus=None, # the scanned corpus (default: `source`): list, Dataset, JSONL/Parquet path
               tokenizer=None, # decodes token-id records
@@ -376,15 +378,6 @@ class ScanResult:
             out[it.index] = record_text(it.raw, tokenizer, text_field)
         return out
 
-    def check_corpus(self, corpus, # a path (checked against `source_digest`) or an in-memory collection (not checked)
-                     name:str='`corpus`'):
-        "Refuse a corpus file whose content is not the one scanned: its indices would name the wrong records."
-        if not (self.source_digest and isinstance(corpus, (str, os.PathLike))) or file_digest(corpus) == self.source_digest: return
-        if self.source and Path(corpus).resolve() == Path(self.source).resolve():
-            raise ValueError(f"{name} {Path(corpus).name} is not the corpus this result scanned: the file changed since the scan, "
-                             "so the result's indices would name the wrong records. Restore the scanned file, or scan again.")
-        warnings.warn(f"{name} {Path(corpus).name} is another file than the one scanned ({self.source}); its records are "
-                      "assumed to be the scanned ones, in the same order (e.g. the same corpus in another format).", stacklevel=2)
 
 # %% ../nbs/08_search.ipynb #65897a83
 @patch
@@ -429,6 +422,18 @@ def top(self: ScanResult, query:int=0, # which query
                      record_ids=self.record_ids)
     return sub.to_frame(**kw).drop(columns='query').set_index('rank')
 
+@patch
+def check_corpus(self: ScanResult, corpus, # a path (checked against `source_digest`) or an in-memory collection (not checked)
+                 name:str='`corpus`'):
+    "Refuse a corpus file whose content is not the one scanned: its indices would name the wrong records."
+    if not (self.source_digest and isinstance(corpus, (str, os.PathLike))) or file_digest(corpus) == self.source_digest: return
+    if self.source and Path(corpus).resolve() == Path(self.source).resolve():
+        raise ValueError(f"{name} {Path(corpus).name} is not the corpus this result scanned: the file changed since the scan, "
+                         "so the result's indices would name the wrong records. Restore the scanned file, or scan again.")
+    warnings.warn(f"{name} {Path(corpus).name} is another file than the one scanned ({self.source}); its records are "
+                  "assumed to be the scanned ones, in the same order (e.g. the same corpus in another format).", stacklevel=2)
+
+
 # %% ../nbs/08_search.ipynb #895a764c
 @patch
 def save(self: ScanResult, path:str|Path) -> Path:
@@ -439,7 +444,7 @@ def save(self: ScanResult, path:str|Path) -> Path:
     meta = {'n_scanned': self.n_scanned, 'n_skipped': self.n_skipped, 'n_train': self.n_train, 'query_rank': self.query_rank,
             'refined': self.refined, 'source': self.source, 'seconds': self.seconds, 'query_names': self.query_ids(),
             'query_log_p': self.query_log_p, 'source_digest': self.source_digest, 'text_field': self.text_field, 'n_truncated': self.n_truncated,
-            'first_skipped': self.first_skipped,
+            'first_skipped': self.first_skipped, 'candidates': self.candidates,
             'shape': list(self.indices.shape),
             'dtype': str(self.scores.dtype).replace('torch.', '')}
     df = pd.DataFrame({'query': torch.arange(self.n_queries).repeat_interleave(self.k).numpy(),
@@ -561,12 +566,20 @@ def read_scores(path:str|Path, # a `scores_path` directory written by `scan`
     return df.assign(id=df['id'].fillna('')).set_index(['index', 'id'])   # '' for a record without one
 
 # %% ../nbs/08_search.ipynb #42663346
-def _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train=None):
+def _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train=None, candidates=None):
     "Refuse bad settings of `scan` before any work is done; each error names the argument."
     check_damping(damping); check_rank(query_rank)
     for v, n in ((k, 'k'), (batch_size, 'batch_size'), (chunk_size, 'chunk_size'), (checkpoint_every, 'checkpoint_every')): check_int(v, n)
     if on_bad_record not in ('raise', 'skip'): raise ValueError(f"`on_bad_record` must be 'raise' or 'skip', got {on_bad_record!r}.")
     if n_train is not None: check_int(n_train, 'n_train')
+    if candidates is not None: check_int(candidates, 'candidates')
+
+def _check_twice(stream:CorpusStream, refine:bool, candidates:int|None):
+    "Refuse a one-shot iterator where the scan must read the corpus twice (`refine` with low rank, or `candidates`)."
+    if not stream.one_shot or not (refine or candidates): return
+    why = "`candidates` reads the corpus once for BM25 before scoring" if candidates else "`refine=True` reads the candidates a second time"
+    raise ValueError(f"{why}, which a one-shot iterator cannot do: pass a list, a Dataset or a file path as `corpus`, or "
+                     f"{'candidates=None' if candidates else 'refine=False'}.")
 
 def _query_names(names, n_q:int, scores:bool) -> list[str]|None:
     "`scan`'s `query_names` checked as `ScanResult.query_ids` checks them; with a scores folder, never its index's names."
@@ -711,6 +724,38 @@ def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict,
     if rank == 0 and ckpt is not None and saved_at != state['n_records']: _save_checkpoint(ckpt, _stamp(state, prefix), vals, inds)
     return vals, inds
 
+# %% ../nbs/08_search.ipynb #798981bd
+def _prefilter(stream:CorpusStream, qs:list, candidates:int, read, tokenizer, chunk_size:int, progress:bool) -> dict:
+    "The first pass of a scan with `candidates`: `{wanted, n_docs, n_skipped, first}` — each query's BM25 best, the records read, bad ones."
+    from influence_nb.tfidf import stream_candidates
+    info, bad, by_bytes = {'n_skipped': 0}, {}, stream.kind in ('jsonl', 'text')
+    bar = tqdm(total=stream.total, desc='bm25', unit='B' if by_bytes else 'seq', unit_scale=by_bytes, disable=not progress)
+    def docs():
+        items = stream.items()
+        while chunk := list(itertools.islice(items, chunk_size)):
+            seqs, n_bad = read(chunk, None, bad); info['n_skipped'] += n_bad
+            bar.update(((chunk[-1].offset or 0) - bar.n) if by_bytes else len(chunk))
+            yield from ((it.index, s['input_ids'][s['attention_mask'].bool()]) for it, s in zip(chunk, seqs) if s is not None)
+    ignore = (tokenizer.bos_token_id, tokenizer.pad_token_id) if tokenizer is not None else ()   # as `score --candidates`
+    with bar:
+        try: idx, _, n_docs = stream_candidates(qs, docs(), candidates, ignore_ids=ignore)
+        except ValueError as e:
+            if 'no document' not in str(e): raise
+            raise ValueError("`corpus` is empty: no sequence was scanned" +
+                             (f" ({info['n_skipped']} bad records skipped)." if info['n_skipped'] else ".")) from None
+    return dict(wanted=set(idx.flatten().tolist()), n_docs=n_docs, n_skipped=info['n_skipped'], first=bad.get('first'))
+
+def _only(pre:dict|None, read):
+    "`read` (a chunk's conversion) for the records a prefilter `pre` wants; the others become None, uncounted (no `pre`: all)."
+    if pre is None: return read
+    def convert(chunk, *args):
+        sel = [j for j, it in enumerate(chunk) if it.index in pre['wanted']]
+        seqs, n_bad = read([chunk[j] for j in sel], *args) if sel else ([], 0)
+        out = [None] * len(chunk)
+        for j, s in zip(sel, seqs): out[j] = s
+        return out, n_bad
+    return convert
+
 # %% ../nbs/08_search.ipynb #26099be4
 @grad_enabled
 def scan(model, # the model the factors were fitted on
@@ -733,23 +778,21 @@ def scan(model, # the model the factors were fitted on
          progress:bool=True, # tqdm bar with ETA
          n_train:int|None=None, # N of the training set, for `nats`; None: the larger of the sequences scanned and the factors' fit set
          query_names:list|None=None, # a name per query (e.g. its id): the result's `query_names`, the columns `read_scores` gives
+         candidates:int|None=None, # score only each query's `candidates` best BM25 matches (paper §3.2.1; a first pass reads the tokens)
         ) -> ScanResult:
     "Scan `corpus` for each query's `k` most influential sequences, in constant memory, resumable."
-    _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train)
+    _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train, candidates)
     layers = prepare_scoring(model, factors)
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries'); names = _query_names(query_names, len(qs), scores_path is not None)
     stream = CorpusStream(corpus, text_field)
-    if refine and query_rank is not None and stream.one_shot:
-        raise ValueError("`refine=True` reads the candidates a second time, which a one-shot iterator cannot do: pass a list, "
-                         "a Dataset or a file path as `corpus`, or refine=False.")
+    _check_twice(stream, refine and query_rank is not None, candidates)
     ctx, max_length = _scan_max_length(model, max_length)
     cfg = _config(factors, qs, stream, tokenizer, k=k, query_rank=query_rank, damping=damping, batch_size=batch_size,
                   chunk_size=chunk_size, max_length=max_length, text_field=text_field, on_bad_record=on_bad_record,
-                  scores=scores_path is not None)
+                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}))
     fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), working_dtype(next(model.parameters())); vocab, skip = model_vocab(model), on_bad_record == 'skip'
-    convert = lambda items, cut=None, bad=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut, bad)
-    ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path))
-    _check_paths(ckpt, spath)
+    read = lambda items, cut=None, bad=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut, bad)
+    ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path)); _check_paths(ckpt, spath)
     with contextlib.ExitStack() as files:
         if rank == 0: _take_files(files, ckpt, spath)
         state, *top = _start_state(ckpt, spath, fp, cfg, len(qs), k, dtype)
@@ -757,6 +800,7 @@ def scan(model, # the model the factors were fitted on
         cut, bad = state.setdefault('cut', {}), state.setdefault('bad', {'first': None} if state['n_skipped'] else {})   # (None: unknown)
         # with a checkpoint, parts of this very scan are reused up to it — none if it was stopped before its first
         if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt, names)
+        convert = _only(pre := candidates and _prefilter(stream, qs, candidates, read, tokenizer, chunk_size, progress and rank == 0), read)
         pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size)   # as `pairwise_scores` does
         items = _resume_items(stream, state, convert, ckpt, prefix := _guard(stream, state, ckpt))
         vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, lambda c: convert(c, cut, bad), k=k, chunk_size=chunk_size,
@@ -765,12 +809,13 @@ def scan(model, # the model the factors were fitted on
     _say_cut(cut, max_length)
     if state['n_scanned'] == 0:
         raise ValueError("`corpus` is empty: no sequence was scanned" + (f" ({state['n_skipped']} bad records skipped)." if state['n_skipped'] else "."))
+    n_skipped, first = state['n_skipped'] + (pre['n_skipped'] if pre else 0), bad.get('first') or (pre['first'] if pre else None)
     n = min(k, state['n_scanned']); vals, inds, refined = vals[:, :n], inds[:, :n], bool(refine and query_rank is not None)
     if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype)
-    return ScanResult(inds, vals, state['n_scanned'], state['n_skipped'], n_train or max(state['n_scanned'], factors.n_sequences),
+    return ScanResult(inds, vals, state['n_scanned'], n_skipped, n_train or max(pre['n_docs'] if pre else state['n_scanned'], factors.n_sequences),
                       query_rank, refined, str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - state['t0'], 3),
                       source_digest=file_digest(stream.path) if stream.path else None, text_field=text_field, n_truncated=cut.get('n', 0),
-                      record_ids=_kept_ids(state, stream, set(inds.flatten().tolist()), legacy), first_skipped=bad.get('first'), query_names=names)
+                      record_ids=_kept_ids(state, stream, set(inds.flatten().tolist()), legacy), first_skipped=first, query_names=names, candidates=candidates)
 
 # %% ../nbs/08_search.ipynb #9e8c4c89
 def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype):

@@ -13,7 +13,7 @@ from fastcore.basics import patch
 from .data import as_sequences, check_int
 
 # %% auto #0
-__all__ = ['TokenIndex', 'bm25_scores', 'top_candidates']
+__all__ = ['TokenIndex', 'bm25_scores', 'top_candidates', 'stream_candidates']
 
 # %% ../nbs/07_tfidf.ipynb #374c22f9
 def _flat_tokens(xs, name: str, ignore_ids=()) -> tuple[np.ndarray, np.ndarray]:
@@ -162,3 +162,32 @@ def top_candidates(queries,          # sequences, lists of token ids or a [n_q, 
     "The `k` best-matching corpus documents per query, sorted by score (descending; ties -> lower index)."
     if method not in _METHODS: raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
     return TokenIndex(corpus, k1=k1, ignore_ids=ignore_ids).top(queries, k, method)
+
+# %% ../nbs/07_tfidf.ipynb #5f461501
+def stream_candidates(queries,          # sequences, lists of token ids or a [n_q, T] tensor (all input_ids are used)
+                      docs,             # iterable of (index, token ids) pairs, read once; ids without padding
+                      k: int,           # documents kept per query; all when it covers the corpus
+                      ignore_ids = (),  # token ids to drop from the queries (BOS, EOS, pad)
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    "`top_candidates(queries, docs, k)` with 'bm25' over documents read once: (their own indices [n_q, k], scores, documents read)."
+    k = check_int(k, 'k')
+    ignore = tuple(int(i) for i in ignore_ids if i is not None)
+    qids, qlens = _flat_tokens(queries, 'queries', ignore)
+    if (qlens == 0).any():
+        raise ValueError(f"`queries[{int(np.argmax(qlens == 0))}]` has no tokens left after dropping padding and `ignore_ids`.")
+    terms = np.unique(qids)                                             # the only tokens BM25 reads
+    index, cols = [], []
+    for i, ids in docs:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        cols.append(np.searchsorted(terms, np.unique(ids[np.isin(ids, terms)])))   # which query tokens it holds
+        index.append(int(i))
+    C = len(index)
+    if C == 0: raise ValueError("`docs` is empty: no document was read.")
+    lens = np.array([len(c) for c in cols], dtype=np.int64)
+    D = _term_matrix(np.concatenate(cols), lens, len(terms))   # [C, n_terms] existence
+    df = np.diff(D.tocsc().indptr)
+    idf = np.log((C - df + 0.5) / (df + 0.5) + 1.0)                     # as `TokenIndex`, for these tokens
+    W = (D @ sp.diags(idf)).tocsr()
+    Q = _term_matrix(np.searchsorted(terms, qids), qlens, len(terms))  # distinct query tokens
+    pos, val = _topk(np.asarray((Q @ W.T).todense(), dtype=np.float64), min(k, C))
+    return torch.from_numpy(np.asarray(index)[pos]), torch.from_numpy(val), C
