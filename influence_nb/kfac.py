@@ -25,13 +25,15 @@ def seq_generator(seed:int, stream:int, index:int) -> torch.Generator:
 def _sample_labels(probs:torch.Tensor, # [B, T-1, V] the model's predictive distributions
                    targets:torch.Tensor, # [B, T-1] data labels (-100 = not scored); sampled ones replace them in place
                    seed:int, stream:int, indices:list[int]|None):
-    "Inverse-CDF sampling: one uniform per scored token from the sequence's own generator."
+    """Inverse-CDF sampling: one uniform per scored token from the sequence's own generator, drawn in float32 whatever the
+    model's dtype (float64 draws other numbers from the same seed), against the cumulative probabilities summed in float64
+    (a float32 running sum's rounding depends on the CPU), so that labels do not depend on the model's dtype or the CPU."""
     for r in range(len(targets)):
         m = targets[r] != IGNORE_INDEX
         if m.any():
             g = seq_generator(seed, stream, indices[r] if indices is not None else r)
-            c = probs[r, m].cumsum(-1)                                       # [scored tokens, V]: one row at a time
-            u = torch.rand(int(m.sum()), 1, generator=g, dtype=c.dtype).to(c.device)
+            c = probs[r, m].double().cumsum(-1)                              # [scored tokens, V]: one row at a time
+            u = torch.rand(int(m.sum()), 1, generator=g, dtype=torch.float32).to(c.device, torch.float64)
             targets[r, m] = torch.searchsorted(c, u * c[:, -1:])[:, 0].clamp_max(c.shape[-1] - 1)
     return targets
 
@@ -129,7 +131,8 @@ def all_reduce_sum(t:torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/04_kfac.ipynb #77d27312
 def _check_finite(x, what, name, batch_no, idx=None):
-    if not torch.isfinite(x.sum()):      # one reduction: a NaN or Inf anywhere makes the sum non-finite
+    if not (torch.isfinite(x.sum()) or torch.isfinite(x).all()):   # one reduction: a NaN or Inf anywhere makes the sum non-finite,
+                                                                   # and so may a float16 sum of finite values past 65504: then look
         seqs = '' if idx is None else f" (sequences {idx[:8]}{' …' if len(idx) > 8 else ''})"
         hint = ("a model in float16 may overflow — try bfloat16 or float32" if x.dtype == torch.float16 else
                 "the model's own outputs on these sequences show whether it produces them")

@@ -6,18 +6,21 @@
 from __future__ import annotations
 import json, math, time, warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 from torch.func import jvp, vjp, jacrev, vmap
+from torch.overrides import TorchFunctionMode
 from .data import IGNORE_INDEX, as_sequences, collate, require_scored, batch_logits
 from .theory import FlatParams, call_functional, exact_mode, example_grads, ggn_of_rows, check_damping
 
 # %% auto #0
-__all__ = ['VMAP_MAX', 'LISSA_LEFT', 'FlatProblem', 'bregman_objective', 'gnvp', 'ggn_matrix', 'PBRFResponse', 'pbrf_response',
-           'PBRFInfluence', 'pbrf_influence', 'loss_grads', 'PBRFScores', 'pbrf_scores', 'cg_ihvp', 'lissa_ihvp']
+__all__ = ['FLOOR_FACTOR', 'VMAP_MAX', 'LISSA_LEFT', 'FlatProblem', 'LowPrecisionPart', 'low_precision_parts', 'keep_precision',
+           'bregman_objective', 'gnvp', 'ggn_matrix', 'PBRFResponse', 'pbrf_response', 'PBRFInfluence',
+           'pbrf_influence', 'loss_grads', 'PBRFScores', 'pbrf_scores', 'cg_ihvp', 'lissa_ihvp']
 
 # %% ../nbs/02_pbrf.ipynb #788c7794
 _LOSSES = ('ce', 'mse')
@@ -203,6 +206,174 @@ def _out_hvp(h, u, loss, p=None):
     p = torch.softmax(h, -1) if p is None else p
     return (u - (p * u).sum(-1, keepdim=True)).mul_(p)                  # p ⊙ (u − pᵀu): one temporary, one in-place product
 
+# %% ../nbs/02_pbrf.ipynb #af7b7edf
+def _lower(dt, than: torch.dtype) -> bool:
+    "Whether `dt` is a floating dtype with less precision than `than`."
+    return isinstance(dt, torch.dtype) and dt.is_floating_point and torch.finfo(dt).eps > torch.finfo(than).eps
+
+def _tensors(x):
+    "The tensors in `x`: a tensor, or a (nested) list, tuple or mapping of them such as a model's output."
+    if isinstance(x, torch.Tensor): yield x
+    elif isinstance(x, (list, tuple)):
+        for y in x: yield from _tensors(y)
+    elif isinstance(x, Mapping):
+        for y in x.values(): yield from _tensors(y)
+
+@dataclass
+class LowPrecisionPart:
+    "A module that computed below the computation's dtype during a forward pass."
+    module: str          # its name in the model ('' for the model itself)
+    cls: str             # its class, e.g. 'LlamaRMSNorm'
+    dtype: torch.dtype   # the lowest floating dtype its operations returned
+    ops: list            # the torch functions that returned it, in the order first seen
+    def __str__(self):
+        ops = ', '.join(self.ops[:4]) + (', …' if len(self.ops) > 4 else '')
+        return f"{self.module or '(the model)'} ({self.cls}: {ops} in {str(self.dtype).removeprefix('torch.')})"
+
+class _Watch(TorchFunctionMode):
+    "Records each torch function whose floating outputs are below `dtype`, under the innermost running module."
+    def __init__(self, dtype: torch.dtype, running: list):
+        super().__init__()
+        self.dtype, self.running, self.parts = dtype, running, {}      # running: [(name, module)], innermost last
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        low = [t.dtype for t in _tensors(out) if _lower(t.dtype, self.dtype)]
+        if low:
+            name, mod = self.running[-1] if self.running else ('', None)
+            part = self.parts.setdefault(name, LowPrecisionPart(name, type(mod).__name__, low[0], []))
+            part.dtype = max([part.dtype, *low], key=lambda d: torch.finfo(d).eps)
+            op = getattr(func, '__name__', str(func))
+            if op not in part.ops: part.ops.append(op)
+        return out
+
+@contextmanager
+def _watch(model: torch.nn.Module, dtype: torch.dtype):
+    "Inside the block, forwards of `model` are watched for outputs below `dtype`; yields the dict name -> `LowPrecisionPart` it fills."
+    running, hooks = [], []
+    for name, mod in model.named_modules():
+        hooks.append(mod.register_forward_pre_hook(lambda m, args, name=name: running.append((name, m))))
+        hooks.append(mod.register_forward_hook(lambda m, args, out: running.pop() and None, always_call=True))
+    mode = _Watch(dtype, running)
+    try:
+        with mode: yield mode.parts
+    finally:
+        for h in hooks: h.remove()
+
+# %% ../nbs/02_pbrf.ipynb #cdabbf89
+def _example_call(model, example, dtype) -> tuple:
+    "(args, kwargs) of one forward of `model` on `example` (see `low_precision_parts`), on the model's device."
+    device = next(model.parameters()).device
+    if example is None:
+        vocab = getattr(getattr(model, 'config', None), 'vocab_size', None)
+        if not isinstance(vocab, int):
+            raise ValueError("`example` is needed for a model without `config.vocab_size`: pass one input it takes, a "
+                             "floating tensor X or an (X, y) pair, or a sequence (a dict with 'input_ids').")
+        example = {'input_ids': torch.arange(8) % vocab}                  # 8 tokens for a language model
+    if _is_xy(example): example = example[0]
+    if isinstance(example, torch.Tensor) and example.is_floating_point(): return (example.to(device, dtype),), {}
+    if isinstance(example, Mapping) or (isinstance(example, torch.Tensor) and example.dim() == 1): example = [example]
+    b = collate(as_sequences(example, name='example'))
+    kw = dict(input_ids=b['input_ids'].to(device), attention_mask=b['attention_mask'].to(device))
+    return (), {**kw, **(dict(use_cache=False) if hasattr(getattr(model, 'config', None), 'use_cache') else {})}
+
+def low_precision_parts(model,                 # a torch module
+                        example = None,        # one input: sequence(s) (dicts with 'input_ids'), a floating X or an (X, y) pair; None: 8 tokens (language models)
+                        dtype = torch.float64, # the computation's dtype: parameters and buffers are cast to it, as the PBRF tools do
+                       ) -> list[LowPrecisionPart]: # the modules that computed below `dtype`, in the order first seen ([] if none)
+    "The modules of `model` that compute in less precision than `dtype` during one forward pass on `example`."
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"`dtype` must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
+    cast = lambda t: t.detach().to(dtype) if t.is_floating_point() else t.detach()
+    with exact_mode(model):
+        params = {n: cast(t) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        args, kwargs = _example_call(model, example, dtype)
+        with _watch(model, dtype) as parts, torch.no_grad(): call_functional(model, params, args, kwargs)
+    return list(parts.values())
+
+def _problem_parts(prob: FlatProblem) -> list[LowPrecisionPart]:
+    "`low_precision_parts` of the problem's model on its first fit example, through the problem's own forward."
+    with _watch(prob.model, prob.dtype) as parts, torch.no_grad(): prob.rows(prob.theta_s, prob.data.batches([0])[0])
+    return list(parts.values())
+
+# %% ../nbs/02_pbrf.ipynb #d2018593
+_CASTS = (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16)
+
+class _Keep(TorchFunctionMode):
+    "Requests for a floating dtype below `dtype` — casts and `dtype=` arguments — get `dtype`."
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def _fix(self, x): return self.dtype if _lower(x, self.dtype) else x
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _CASTS:                                                # x.float(): `dtype`, unless x has at least that
+            x = args[0]
+            return x.to(self.dtype) if not x.is_floating_point() or _lower(x.dtype, self.dtype) else x
+        return func(*[self._fix(a) for a in args], **{k: self._fix(v) for k, v in (kwargs or {}).items()})
+
+@contextmanager
+def keep_precision(model: torch.nn.Module,          # the model; its code is not changed
+                   dtype: torch.dtype = torch.float64, # the precision to keep: torch.float64 or torch.float32
+                  ):
+    "Inside the block, a forward of `model` whose parameters are `dtype` computes in `dtype` where the model asks for less."
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"`dtype` must be torch.float64 or torch.float32, got {dtype!r}.")
+    running = []                                                          # per forward: (mode, default dtype before) or None
+    def enter(mod, args):
+        p = next((t for t in mod.parameters() if t.is_floating_point()), None)
+        running.append((_Keep(dtype), torch.get_default_dtype()) if p is not None and p.dtype == dtype else None)
+        if running[-1] is not None:
+            running[-1][0].__enter__()
+            torch.set_default_dtype(dtype)                                # factories without a dtype: torch.ones(...)
+    def leave(mod, args, out):
+        state = running.pop()
+        if state is not None:
+            torch.set_default_dtype(state[1])
+            state[0].__exit__(None, None, None)
+    hooks = [model.register_forward_pre_hook(enter),                      # `leave` first: blocks nested on one model unwind in order
+             model.register_forward_hook(leave, always_call=True, prepend=True)]
+    try: yield model
+    finally:
+        for h in hooks: h.remove()
+
+# %% ../nbs/02_pbrf.ipynb #9ad964de
+FLOOR_FACTOR = (1e-3, 10.)   # the PBRF solver's rounding floor in units of u/|ε|: the range measured in 02_pbrf ('A float64 Llama')
+
+def _unit(dtype: torch.dtype) -> float:
+    "The unit roundoff u of `dtype`, half the gap between 1 and the next number: float64 1.1e-16, float32 6.0e-8."
+    return torch.finfo(dtype).eps / 2
+
+def _name(dtype: torch.dtype) -> str: return str(dtype).removeprefix('torch.')
+
+def _lowest(parts: list) -> torch.dtype: return max((p.dtype for p in parts), key=lambda d: torch.finfo(d).eps)
+
+def _parts_text(parts: list) -> str:
+    "The parts grouped by class, each class by its first module: 'model.layers.0.input_layernorm (LlamaRMSNorm: …) and 4 more LlamaRMSNorm; …'."
+    by_cls = {}
+    for p in parts: by_cls.setdefault(p.cls, []).append(p)
+    return '; '.join(f"{ps[0]}" + (f" and {len(ps) - 1} more {c}" if len(ps) > 1 else '') for c, ps in by_cls.items())
+
+def _floor(dtype: torch.dtype, eps: float) -> str:
+    "The PBRF solver's rounding floor at `eps` in `dtype`, as a range of relative gradients: '6e-06 to 6e-02'."
+    lo, hi = (f * _unit(dtype) / abs(eps) for f in FLOOR_FACTOR)
+    return f"{lo:.0e} to {hi:.0e}"
+
+def _check_precision(prob: FlatProblem, who: str, eps: float|None = None) -> list[LowPrecisionPart]:
+    "Warn once, before any work, when the model computes below `prob.dtype`; returns the parts (`low_precision_parts`)."
+    parts = _problem_parts(prob)
+    if not parts: return parts
+    low, want = _lowest(parts), prob.dtype
+    floor = (f" A PBRF solve at this ε stalls at a relative gradient of about {_floor(low, eps)} instead of {_name(want)}'s "
+             f"{_floor(want, eps)} ({FLOOR_FACTOR[0]:g} to {FLOOR_FACTOR[1]:g} × u/|ε|, depending on the model)." if eps else '')
+    warnings.warn(f"{who}: the model computes parts of its forward in {_name(low)} although the computation is in "
+                  f"{_name(want)}: {_parts_text(parts)}. Its results carry {_name(low)} rounding (unit roundoff u = "
+                  f"{_unit(low):.1e}, not {_unit(want):.1e}), so they are no {_name(want)} ground truth.{floor} To compute "
+                  f"those parts in {_name(want)} as well, run the call inside `with keep_precision(model):` "
+                  "(influence_nb.pbrf).", stacklevel=3)
+    return parts
+
 # %% ../nbs/02_pbrf.ipynb #91b8dde3
 def _example_losses(prob: FlatProblem, b: _Batch, theta) -> torch.Tensor:
     "Loss of each example of batch `b` [B]: its rows' losses summed (scored tokens of a sequence, or one (x, y) row)."
@@ -240,6 +411,7 @@ def bregman_objective(model,                 # the trained model; its current pa
     with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         zm = prob.examples(z_m, 'z_m', single=True)
+        _check_precision(prob, 'bregman_objective')
         theta = _flat_theta(prob, theta)
         breg = 0.
         for b in prob.data.batches():
@@ -319,6 +491,7 @@ def gnvp(model,                # the model at θ_s
     with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         V, one = prob.vectors(v, 'v')
+        _check_precision(prob, 'gnvp')
         out = _gnvp(prob, V).to(v.device, v.dtype)
     return out[0] if one else out
 
@@ -416,6 +589,7 @@ class PBRFResponse:
     seconds: float         # wall-clock time of the solve
     n_cg: int = 0          # CG iterations of all Gauss–Newton steps (= Gauss–Newton products over the fit data)
     warm_start: bool = False # the solve started from `theta0` rather than θ_s
+    low_precision: list = field(default_factory=list) # parts of the model computing below `dtype` (`low_precision_parts`), which set the floor
 
     def params(self) -> dict:
         "θ(ε) as a dict name -> tensor in the model's shapes (e.g. for `model.load_state_dict(..., strict=False)`)."
@@ -531,13 +705,21 @@ def _products(model, param_names, data, loss, batch_size, prob, z_m, newton_dtyp
     pm = FlatProblem(model, param_names, data, loss, batch_size, newton_dtype)
     return pm, pm.examples(z_m, 'z_m', single=True)
 
-def _not_converged(who: str, r: PBRFResponse) -> str:
+def _not_converged(who: str, r: PBRFResponse, rtol: float) -> str:
     msg = (f"{who} did not converge: ‖∇PBO‖_∞ = {r.grad_norm:.3g} > tol = {r.tol:.3g} after {r.n_newton} Gauss–Newton "
            f"steps and {r.n_iter} L-BFGS iterations. ")
-    if r.stalled: return msg + ("The last Gauss–Newton step stopped reducing the gradient: this is likely the float64 "
-                                "rounding floor (relative ~1e-16/|ε|); the solution is as accurate as the arithmetic "
-                                "allows. Use a larger `eps` or `rtol` if that is enough.")
-    return msg + "Raise `max_iter`, `newton_steps` or `damping`, or loosen `rtol`."
+    if not r.stalled: return msg + "Raise `max_iter`, `newton_steps` or `damping`, or loosen `rtol`."
+    reached, parts, want = r.grad_norm / r.tol * rtol, r.low_precision, r.theta.dtype
+    low = _lowest(parts) if parts else want
+    msg += (f"The last Gauss–Newton step stopped reducing the gradient, at {reached:.1e} of its value at θ_s: the rounding "
+            f"floor, about {_floor(low, r.eps)} at this ε for the unit roundoff u = {_unit(low):.1e} of {_name(low)} "
+            f"({FLOOR_FACTOR[0]:g} to {FLOOR_FACTOR[1]:g} × u/|ε|, depending on the model). ")
+    if parts: msg += (f"It is {_name(low)}'s, not {_name(want)}'s, because the model computes parts in {_name(low)} "
+                      f"({', '.join(dict.fromkeys(p.cls for p in parts))}); run the call inside `with keep_precision(model):` "
+                      f"to compute them in {_name(want)} too. ")
+    else: msg += "The solution is as accurate as the arithmetic allows. "
+    return msg + f"Use a larger `eps`, or `rtol` ≥ {reached:.0e}, if that is enough."
+
 
 # %% ../nbs/02_pbrf.ipynb #24009e80
 def pbrf_response(model,                 # the trained model; its current parameters are θ_s
@@ -566,11 +748,13 @@ def pbrf_response(model,                 # the trained model; its current parame
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         start = None if theta0 is None else _flat_theta(prob, theta0, 'theta0')
         if start is not None and not torch.isfinite(start).all(): raise ValueError("`theta0` contains NaN or Inf.")
+        parts = _check_precision(prob, 'pbrf_response', eps)
         products = _products(model, param_names, data, loss, batch_size, prob, z_m, newton_dtype)
         res = _solve(prob, prob.examples(z_m, 'z_m', single=True), float(eps), damping, rtol, max_iter, history,
                      newton_steps, start, products)
+    res.low_precision = parts
     if not res.converged:
-        warnings.warn(_not_converged('pbrf_response', res))
+        warnings.warn(_not_converged('pbrf_response', res, rtol))
     return res
 
 # %% ../nbs/02_pbrf.ipynb #1ccb4a9e
@@ -628,12 +812,14 @@ def pbrf_influence(model,                 # the trained model; its current param
     with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         zm, q = prob.examples(z_m, 'z_m', single=True), prob.examples(query, 'query', single=True)
+        parts = _check_precision(prob, 'pbrf_influence', eps)
         products = _products(model, param_names, data, loss, batch_size, prob, z_m, newton_dtype)
         plus, minus, f_p, f_m = _pair(prob, zm, q, eps, damping, rtol, max_iter, history, newton_steps, products)
         f_s = _measure(prob, q, prob.theta_s)
     out = PBRFInfluence((f_p - f_m) / (2 * eps), f_s, f_p, f_m, eps, plus, minus)
     for r in (plus, minus):
-        if not r.converged: warnings.warn(_not_converged(f'pbrf_influence (ε = {r.eps:+.1e})', r))
+        r.low_precision = parts
+        if not r.converged: warnings.warn(_not_converged(f'pbrf_influence (ε = {r.eps:+.1e})', r, rtol))
     return out
 
 # %% ../nbs/02_pbrf.ipynb #3ae748dd
@@ -722,6 +908,7 @@ def pbrf_scores(model,                 # the trained model; its current paramete
     with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         q = prob.examples(query, 'query')
+        _check_precision(prob, 'pbrf_scores', eps)
         points = _check_points(points, prob.N)
         key = _digest(prob, q, names=prob.names, damping=damping, eps=eps, loss=loss, rtol=rtol, dtype=dtype,
                       max_iter=max_iter, history=history, newton_steps=newton_steps)
@@ -786,6 +973,7 @@ def cg_ihvp(model,                # the model at θ_s
         if dtype is None and next(model.parameters()).dtype in (torch.float16, torch.bfloat16): dtype = torch.float32   # half: float32
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         B, one = prob.vectors(V)
+        _check_precision(prob, 'cg_ihvp')
         M = _checked_preconditioner(preconditioner, prob.P)
         if max_iter == 0: X, it, rel = M(B), 0, None                      # the preconditioner's own answer
         else: X, it, rel = _cg(lambda U: _gnvp(prob, U) + damping * U, B, tol, max_iter, M, block)
@@ -841,6 +1029,7 @@ def lissa_ihvp(model,                 # the model at θ_s
     with exact_mode(model):
         prob = FlatProblem(model, param_names, data, loss, batch_size, dtype)
         B, one = prob.vectors(V)
+        _check_precision(prob, 'lissa_ihvp')
         if lissa_batch is not None:
             _check_iters(lissa_batch=lissa_batch)
             if lissa_batch > prob.N: raise ValueError(f"`lissa_batch`={lissa_batch} exceeds the {prob.N} fit examples.")

@@ -5,6 +5,7 @@ from torch import nn
 import transformers
 from transformers import AutoModelForCausalLM
 import influence_nb as inf
+from influence_nb.pbrf import keep_precision
 import randdata
 from influence_nb.modules import find_modules, block_coverage, tiny_model, is_trackable
 from influence_nb.data import eval_mode
@@ -52,7 +53,8 @@ def test_dbrx_experts_identity_equals_autograd():
     m = model('dbrx', 2)
     names = [layer.name for layer in find_modules(m, 'mlp')]
     assert names == [f'transformer.blocks.{b}.ffn.experts.mlp.{p}[{e}]' for b in range(2) for e in range(E) for p in ('w1', 'v1', 'w2')]
-    assert identity_vs_autograd(m) < 1e-10
+    with keep_precision(m): err = identity_vs_autograd(m)   # float64 throughout: DBRX's softmaxes and norms compute in float32, and
+    assert err < 1e-10                                      # padding moved their low bits (2.5e-9 on an AVX2 CPU, 1e-16 elsewhere)
 
 def llama4(layers=2):
     "Llama 4 text: block 0 dense, block 1 MoE (four experts, top-1, a shared expert)."

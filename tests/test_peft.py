@@ -10,6 +10,7 @@ import randdata
 from influence_nb.modules import find_modules, tiny_model, adapter_parts
 
 from peft import LoraConfig, PeftModel, get_peft_model
+from influence_nb.pbrf import keep_precision
 
 transformers.logging.set_verbosity_error()
 TARGETS = {'llama': ['q_proj', 'v_proj', 'up_proj', 'down_proj'], 'gpt2': ['c_attn', 'c_fc']}
@@ -57,12 +58,13 @@ def test_lora_matrices_identity_scores_equal_autograd():
     layers = find_modules(m, 'lora')
     assert [layer.name for layer in layers] == adapter_parts(m)['lora']
     assert all(('.lora_A.' in layer.name or '.lora_B.' in layer.name) for layer in layers) and len(layers) == 16
-    f = inf.fit_factors(m, train, 'identity', modules='lora', progress=False)
-    s = inf.pairwise_scores(m, f, queries, train, progress=False).total
     params = dict(m.named_parameters())
     ps = [params[n] for n in randdata.layer_param_names(layers)]
     assert all(p.requires_grad for p in ps) and len(ps) == 16 and sum(p.requires_grad for p in params.values()) == 16
-    ref = randdata.autograd_grads(m, ps, queries) @ randdata.autograd_grads(m, ps, train).T
+    with keep_precision(m):               # float64 throughout: Llama's norms and softmaxes compute in float32, and padding
+        f = inf.fit_factors(m, train, 'identity', modules='lora', progress=False)     # moved their low bits (AVX2 CPUs)
+        s = inf.pairwise_scores(m, f, queries, train, progress=False).total
+        ref = randdata.autograd_grads(m, ps, queries) @ randdata.autograd_grads(m, ps, train).T
     assert float((s - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
 
 def test_lora_ekfac_self_scores_are_the_pairwise_diagonal():
@@ -229,14 +231,14 @@ def test_lora_tracks_what_the_adapter_trains_and_factors_know_its_scaling():
                      'base_model.model.model.layers.0.mlp.up_proj.lora_B.default',
                      'base_model.model.model.layers.0.mlp.down_proj.modules_to_save.default']   # trained whole: tracked too
     train, queries = data()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), keep_precision(m):             # float64 throughout, as above
         warnings.simplefilter('error')                          # a list of what the adapter trains: nothing to warn about
         f = inf.fit_factors(m, train, 'identity', modules='lora', progress=False)
         s = inf.pairwise_scores(m, f, queries, train, progress=False).total
-    params = dict(m.named_parameters())
-    ps = [params[n] for n in randdata.layer_param_names(find_modules(m, 'lora'))]
+        params = dict(m.named_parameters())
+        ps = [params[n] for n in randdata.layer_param_names(find_modules(m, 'lora'))]
+        ref = randdata.autograd_grads(m, ps, queries) @ randdata.autograd_grads(m, ps, train).T
     assert sum(p.requires_grad for p in params.values()) == len(ps) == 3      # exactly the parameters peft trains: A, B, the copy
-    ref = randdata.autograd_grads(m, ps, queries) @ randdata.autograd_grads(m, ps, train).T
     assert float((s - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
     m.base_model.model.model.layers[0].mlp.up_proj.scaling['default'] *= 4          # lora_alpha: the same weights
     with pytest.raises(ValueError, match=r"scaling 4\.0\)'\] when fitted, \['default \(scaling 16\.0\)'\] now"):
