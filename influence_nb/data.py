@@ -981,7 +981,7 @@ def cache_dir() -> Path:
 @grad_enabled
 def cached_factors(model, train, tag:str, progress=True, **fit_kw) -> tuple:
     "`(factors, from_cache)`: load the factors for this model, data tag and arguments, or fit and save them."
-    from influence_nb.ekfac import Factors, fit_factors, fingerprint
+    from influence_nb.ekfac import Factors, fit_factors, fingerprint, labels_current
     from influence_nb.modules import find_modules
     import hashlib
     layers = find_modules(model, fit_kw.get('modules', 'mlp'))
@@ -990,7 +990,9 @@ def cached_factors(model, train, tag:str, progress=True, **fit_kw) -> tuple:
     path = cache_dir()/'factors'/key
     if (path/'factors.json').exists():
         try:
-            f = Factors.load(path); f.check(model); return f, True
+            f = Factors.load(path); f.check(model)
+            if labels_current(f): return f, True
+            print(f"Refitting the cached factors in {path}: an older version drew their labels.", file=sys.stderr)
         except (ValueError, FileNotFoundError) as e:
             print(f"Ignoring the cached factors in {path}: {e}", file=sys.stderr)
     f = fit_factors(model, train, progress=progress, **fit_kw)

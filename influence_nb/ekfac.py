@@ -15,7 +15,7 @@ from . import artefact
 from .data import check_sequences, require_scored, grad_enabled, n_scored, trained_weights
 from .modules import TrackedLayer, find_modules, check_model, adapter_state
 from .theory import check_damping   # the one damping rule: None, or a positive finite float
-from .kfac import (dist_info, fit_covariances, eigen, layer_passes, precondition_eigen, all_reduce_sum, check_fisher,
+from .kfac import (LABEL_SAMPLING, dist_info, fit_covariances, eigen, layer_passes, precondition_eigen, all_reduce_sum, check_fisher,
                                fisher_sample, resolve_factor_dtype)
 
 # %% auto #0
@@ -24,7 +24,7 @@ __all__ = ['STRATEGIES', 'ITERATIVE', 'EIGEN', 'FORMAT_VERSION', 'FACTOR_DTYPE',
            'fit_lambda', 'fit_diagonal', 'fingerprint', 'model_digest', 'model_changes', 'precondition_identity',
            'precondition_diagonal', 'precondition_in_eigenbasis', 'Factors', 'check_bound', 'save_factors',
            'load_factors', 'check_factors_finite', 'fit_dtype', 'warn_without_curvature', 'FitCheckpoint',
-           'average_null_space', 'fit_factors']
+           'average_null_space', 'fit_factors', 'labels_current']
 
 # %% ../nbs/05_ekfac.ipynb #a4f25866
 STRATEGIES = ('identity', 'diagonal', 'kfac', 'ekfac', 'lissa', 'cg', 'pcg')
@@ -656,6 +656,7 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
     info = {'fit_seconds': round(time.time() - t0, 3), 'model_digest': model_digest(model),
             'model_dtype': str(next(model.parameters()).dtype).removeprefix('torch.')}   # for advice when it is loaded in another
     if fisher_samples > 1: info['fisher_samples'] = fisher_samples
+    if fisher == 'true': info['label_sampling'] = LABEL_SAMPLING      # a cache of an older sampling is refit (`labels_current`)
     info.update({k: str(v).removeprefix('torch.') for k, v in (('eigh_dtype', eigh_dt), ('rotate_dtype', rotate_dt)) if v is not None})   # only when set
     f = Factors(strategy, [layer.name for layer in layers], {layer.name: [layer.d_out, layer.d_in1] for layer in layers}, fisher, len(seqs), n_tok,
                 seed, fingerprint(layers, model), type(model).__name__, tensors, info)
@@ -663,3 +664,8 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
     if strategy in EIGEN and ck is not None and not keep_checkpoint: ck.remove()
     warn_without_curvature(f)
     return f
+
+# %% ../nbs/05_ekfac.ipynb #62e7b425
+def labels_current(f:Factors) -> bool:
+    "Whether `f` drew its labels as this version draws them (`LABEL_SAMPLING`): always for the empirical Fisher; a cache of other ones is refit."
+    return f.fisher != 'true' or f.info.get('label_sampling') == LABEL_SAMPLING

@@ -12,15 +12,18 @@ from .data import IGNORE_INDEX, batches, check_sequences, batch_logits
 from .modules import TrackedLayer, capture, find_modules
 
 # %% auto #0
-__all__ = ['EXACT_MAX_OUTPUTS', 'FACTOR_DTYPES', 'seq_generator', 'summed_loss', 'summed_loss_grad', 'check_fisher',
-           'fisher_sample', 'exact_cotangents', 'dist_info', 'all_reduce_sum', 'reporting', 'layer_passes', 'Gram',
-           'blas_threads', 'resolve_factor_dtype', 'fit_covariances', 'eigen', 'precondition_eigen']
+__all__ = ['LABEL_SAMPLING', 'EXACT_MAX_OUTPUTS', 'FACTOR_DTYPES', 'seq_generator', 'summed_loss', 'summed_loss_grad',
+           'check_fisher', 'fisher_sample', 'exact_cotangents', 'dist_info', 'all_reduce_sum', 'reporting',
+           'layer_passes', 'Gram', 'blas_threads', 'resolve_factor_dtype', 'fit_covariances', 'eigen',
+           'precondition_eigen']
 
 # %% ../nbs/04_kfac.ipynb #e66b35a3
 def seq_generator(seed:int, stream:int, index:int) -> torch.Generator:
     "The random generator of sequence `index` in `stream` under `seed`: the same draws whatever the batch it lands in."
     h = hashlib.blake2b(f'{seed}/{stream}/{index}'.encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(h, 'little') & ((1 << 63) - 1))
+
+LABEL_SAMPLING = 2   # how true-Fisher labels are drawn; fits record it (2: float32 uniforms, a float64 cumulative sum; session 20)
 
 def _sample_labels(probs:torch.Tensor, # [B, T-1, V] the model's predictive distributions
                    targets:torch.Tensor, # [B, T-1] data labels (-100 = not scored); sampled ones replace them in place

@@ -12,6 +12,7 @@ import numpy as np, pandas as pd, torch
 import influence_nb as inf
 from ..artefact import atomic_write, digest, path_lock, replacing
 from ..data import cache_dir, data_dir, completion_logprobs
+from ..ekfac import labels_current
 from ..corpus import load_corpus, load_queries, load_facts, load_passages
 from ..train import load_model, load_tokenizer
 from ..tfidf import TokenIndex
@@ -114,7 +115,7 @@ def get_factors(model, size:str, d:Data, cfg:dict=CFG, cache:Path=None, refit:bo
             f = inf.Factors.load(p)
             if f.info.get('model_digest') is not None:                    # an older cache cannot be fully checked: refit
                 f.check(model)
-                if f.n_sequences == cfg['fit_n']: return f
+                if f.n_sequences == cfg['fit_n'] and labels_current(f): return f   # (else: an older version's labels)
         except (ValueError, FileNotFoundError): pass
     f = inf.fit_factors(model, d.at(fit_sample(d, cfg)), strategy='ekfac', modules=cfg['modules'],
                         fisher=cfg['fisher'], batch_size=16, seed=cfg['fit_seed'], progress=False)
@@ -150,6 +151,7 @@ class Run:
         "Where `stage` ('pool' or 'unfiltered') is saved: keyed by size, factors' fingerprint and the config it uses."
         cfg = {k: self.cfg[k] for k in STAGE_KEYS[stage]}
         if stage == 'unfiltered': cfg['full'] = self.size in self.cfg['full_split']
+        cfg['labels'] = self.factors.info.get('label_sampling')          # scores of factors that drew their labels otherwise: not these
         key = digest([json.dumps(cfg, sort_keys=True)])[:10]
         return self.cache/'exp_stages'/f'{self.size}-{stage}-{self.factors.fingerprint[:16]}-{key}.npz'
 
