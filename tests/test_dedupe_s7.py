@@ -50,16 +50,22 @@ def test_perf_save_results_bytes_and_engine_hash(tmp_path):
 
 
 def test_stage_cache_key_unchanged_and_round_trip(tmp_path):
-    "Stage files keep their names (so earlier runs' caches stay valid) and save/load round-trips every array."
+    """Stage files are named by the config and the factors' label sampling (so runs of one version reuse them, and
+    scores of factors whose labels were drawn otherwise are not reused: session 20), and save/load round-trips every array."""
+    from influence_nb.kfac import LABEL_SAMPLING
     cfg = dict(harness.CFG)
-    run = SimpleNamespace(cfg=cfg, size='gpt2-s', cache=tmp_path, factors=SimpleNamespace(fingerprint='f' * 64),
+    run = SimpleNamespace(cfg=cfg, size='gpt2-s', cache=tmp_path,
+                          factors=SimpleNamespace(fingerprint='f' * 64, info={'label_sampling': LABEL_SAMPLING}),
                           d=SimpleNamespace(queries={'q0': {'id': 'q0'}, 'q1': {'id': 'q1'}}))
     run.stage_path = lambda stage: harness.Run.stage_path(run, stage)
     for stage in ('pool', 'unfiltered'):
         keyed = {k: cfg[k] for k in harness.STAGE_KEYS[stage]}
         if stage == 'unfiltered': keyed['full'] = run.size in cfg['full_split']
+        keyed['labels'] = LABEL_SAMPLING
         key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
         assert run.stage_path(stage).name == f"gpt2-s-{stage}-{'f' * 16}-{key}.npz"
+        older = SimpleNamespace(**{**vars(run), 'factors': SimpleNamespace(fingerprint='f' * 64, info={})})
+        assert harness.Run.stage_path(older, stage) != run.stage_path(stage)   # factors of an older sampling: other files
     st = dict(queries=[{'id': 'q1'}, {'id': 'q0'}], n_en=1, idx=np.array([4, 2]), total=np.arange(4.).reshape(2, 2),
               modules=['m0', 'm1'], per_layer={'m0': np.ones((2, 2)), 'm1': -np.ones((2, 2))}, in_sample=np.array([True, False]))
     harness.Run.save_stage(run, 'pool', st)
