@@ -388,8 +388,8 @@ def _scan_parser(sub, fmt):
     c.add_argument('--batch-size', type=int, default=8, help='sequences per forward/backward pass (default: 8)')
     c.add_argument('--chunk-size', type=int, default=1024, help='sequences per chunk: merged into the top-k, one scores file each (default: 1024)')
     c.add_argument('--max-length', type=int, default=None, help="truncate texts to this many tokens (default: the model's context)")
-    c.add_argument('--candidates', type=int, default=0, help="score only the records among each query's K best BM25 matches (the paper's "
-                   "TF-IDF filter; a first pass reads the corpus's tokens; default 0: every record)")
+    c.add_argument('--candidates', type=int, default=0, help="rank each query among its own K best BM25 matches only (the paper's TF-IDF "
+                   "filter; a first pass reads the corpus's tokens; the union of the queries' matches is scored; K >= --k; default 0: every record)")
     _skip_arg(c)
     c.add_argument('--scores-dir', default=None, help='also write every score, one Parquet file per chunk, to this (new or empty) directory (one row per record, '
                    "by its index and, where records have one, their id; in the files, columns q0, q1, ... are the queries in the order of --queries; `influence_nb.read_scores` reads them with the queries' ids as column names)")
@@ -540,6 +540,8 @@ def _check_options(a):
         v = getattr(a, name, None)
         if v is not None and v < 1: raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")
     if getattr(a, 'candidates', 0) < 0: raise ValueError(f"--candidates must be 0 (every record) or more, got {a.candidates}.")
+    if getattr(a, 'candidates', 0) and a.command == 'scan' and a.k > a.candidates:    # a query's top k comes from its own candidates
+        raise ValueError(f"--k {a.k} exceeds --candidates {a.candidates}: each query keeps its top k among its own candidates.")
     d = getattr(a, 'damping', None)
     if d is not None and not (math.isfinite(d) and d > 0):
         raise ValueError(f"--damping must be a positive number, got {d}; omit it for 0.1 × the mean eigenvalue per layer.")

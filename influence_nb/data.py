@@ -981,7 +981,7 @@ def cache_dir() -> Path:
 @grad_enabled
 def cached_factors(model, train, tag:str, progress=True, **fit_kw) -> tuple:
     "`(factors, from_cache)`: load the factors for this model, data tag and arguments, or fit and save them."
-    from influence_nb.ekfac import Factors, fit_factors, fingerprint, labels_current
+    from influence_nb.ekfac import Factors, fit_factors, fingerprint, labels_current, LABEL_SAMPLING
     from influence_nb.modules import find_modules
     import hashlib
     layers = find_modules(model, fit_kw.get('modules', 'mlp'))
@@ -992,7 +992,8 @@ def cached_factors(model, train, tag:str, progress=True, **fit_kw) -> tuple:
         try:
             f = Factors.load(path); f.check(model)
             if labels_current(f): return f, True
-            print(f"Refitting the cached factors in {path}: an older version drew their labels.", file=sys.stderr)
+            print(f"Refitting the cached factors in {path}: another version drew their labels (label sampling "
+                  f"{f.info.get('label_sampling')}, this version's {LABEL_SAMPLING}).", file=sys.stderr)
         except (ValueError, FileNotFoundError) as e:
             print(f"Ignoring the cached factors in {path}: {e}", file=sys.stderr)
     f = fit_factors(model, train, progress=progress, **fit_kw)
@@ -1002,5 +1003,5 @@ def cached_factors(model, train, tag:str, progress=True, **fit_kw) -> tuple:
 # %% ../nbs/00_data.ipynb #a6f42366
 SCORE_LEGEND = ("score = ∇log p(completion)ᵀ (G+λI)⁻¹ ∇log p(sequence); nats = score / N: the first-order change of "
                 "log p(completion) per extra copy of the sequence among N training sequences (a linear estimate: it can exceed "
-                "|log p|, and under EK-FAC or K-FAC curvature it is several times the exact value, so compare scores rather than "
-                "read nats as a calibrated change); positive = the sequence makes the completion more likely.")
+                "|log p|, and under EK-FAC or K-FAC curvature it was several times the exact value on the problems of 21_exact, so "
+                "compare scores rather than read nats as a calibrated change); positive = the sequence makes the completion more likely.")

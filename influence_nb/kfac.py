@@ -30,14 +30,19 @@ def _sample_labels(probs:torch.Tensor, # [B, T-1, V] the model's predictive dist
                    seed:int, stream:int, indices:list[int]|None):
     """Inverse-CDF sampling: one uniform per scored token from the sequence's own generator, drawn in float32 whatever the
     model's dtype (float64 draws other numbers from the same seed), against the cumulative probabilities summed in float64
-    (a float32 running sum's rounding depends on the CPU), so that labels do not depend on the model's dtype or the CPU."""
+    (a float32 running sum's rounding depends on the CPU), so labels no longer depend on the summation's rounding; the
+    model's own float32 arithmetic can still move a label whose uniform falls within its rounding of an edge."""
     for r in range(len(targets)):
         m = targets[r] != IGNORE_INDEX
         if m.any():
             g = seq_generator(seed, stream, indices[r] if indices is not None else r)
-            c = probs[r, m].double().cumsum(-1)                              # [scored tokens, V]: one row at a time
-            u = torch.rand(int(m.sum()), 1, generator=g, dtype=torch.float32).to(c.device, torch.float64)
-            targets[r, m] = torch.searchsorted(c, u * c[:, -1:])[:, 0].clamp_max(c.shape[-1] - 1)
+            pr, dev = probs[r, m], 'cpu' if probs.device.type == 'mps' else probs.device   # [scored tokens, V]; MPS has no float64
+            u = torch.rand(len(pr), 1, generator=g, dtype=torch.float32).to(dev, torch.float64)
+            out = torch.empty(len(pr), dtype=torch.long, device=dev)
+            for lo in range(0, len(pr), 256):                                # float64 copies of 256 tokens at a time
+                c = pr[lo:lo + 256].to(dev, torch.float64).cumsum(-1)
+                out[lo:lo + 256] = torch.searchsorted(c, u[lo:lo + 256] * c[:, -1:])[:, 0].clamp_max(c.shape[-1] - 1)
+            targets[r, m] = out.to(targets.device)
     return targets
 
 def summed_loss(logits:torch.Tensor, # [batch, T, vocab]

@@ -32,7 +32,8 @@ __all__ = ['UNITS', 'STREAM_MACS', 'ScoreTable', 'check_query', 'check_k', 'Scor
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
          "among the N training sequences (`n_train`); a linear estimate, so it can exceed |log p|, and under EK-FAC or "
-         "K-FAC curvature several times the exact value (`21_exact`): a ranking's scale, not a calibrated change. Positive: more of it raises p.")
+         "K-FAC curvature it was several times the exact value on the problems of `21_exact`: a ranking's scale, not a "
+         "calibrated change. Positive: more of it raises p.")
 
 class ScoreTable(pd.DataFrame):
     "A DataFrame that prints its units legend (kept in `attrs['legend']`) under the table, in text and in HTML."

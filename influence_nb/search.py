@@ -572,7 +572,10 @@ def _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_
     for v, n in ((k, 'k'), (batch_size, 'batch_size'), (chunk_size, 'chunk_size'), (checkpoint_every, 'checkpoint_every')): check_int(v, n)
     if on_bad_record not in ('raise', 'skip'): raise ValueError(f"`on_bad_record` must be 'raise' or 'skip', got {on_bad_record!r}.")
     if n_train is not None: check_int(n_train, 'n_train')
-    if candidates is not None: check_int(candidates, 'candidates')
+    if candidates is not None:
+        check_int(candidates, 'candidates')
+        if k > candidates: raise ValueError(f"`k`={k} exceeds `candidates`={candidates}: each query keeps its top k among its own "
+                                            "candidates; raise `candidates` or lower `k`.")
 
 def _check_twice(stream:CorpusStream, refine:bool, candidates:int|None):
     "Refuse a one-shot iterator where the scan must read the corpus twice (`refine` with low rank, or `candidates`)."
@@ -701,7 +704,7 @@ def _kept_ids(state:dict, stream:CorpusStream, kept:set[int], legacy:bool) -> di
 
 def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict, top:tuple, convert, *, k:int,
                  chunk_size:int, batch_size:int, dtype, spath:Path|None, ckpt:Path|None, checkpoint_every:int, rank:int,
-                 progress:bool, prefix:_PrefixHash|None=None) -> tuple:
+                 progress:bool, prefix:_PrefixHash|None=None, own:list[set]|None=None) -> tuple:
     "Score `items` (read from `stream`) chunk by chunk into the running top-k `top = (values, indices)`; write parts and checkpoints."
     vals, inds = top
     bar, by_bytes = _progress(stream, state, progress, rank), stream.kind in ('jsonl', 'text')
@@ -712,7 +715,8 @@ def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict,
         index, rids = [chunk[j].index for j in keep], [record_id(chunk[j].raw) for j in keep]   # the records' own ids, once
         if keep:
             sc = _score_chunk(model, layers, pq, [seqs[j] for j in keep], batch_size)     # [n_q, len(keep)]
-            vals, inds = merge_topk(vals, inds, sc, torch.tensor(index), k); _keep_ids(state, index, rids, inds)
+            ranked = sc if own is None else sc.masked_fill(~torch.tensor([[i in o for i in index] for o in own]), float('-inf'))
+            vals, inds = merge_topk(vals, inds, ranked, torch.tensor(index), k); _keep_ids(state, index, rids, inds)   # (own: a query's candidates)
         else: sc = torch.zeros(vals.shape[0], 0, dtype=dtype)
         if rank == 0 and spath is not None: _write_part(spath, state['n_chunks'], index, sc, rids)
         _advance(state, chunk, seqs, len(keep), n_bad)
@@ -725,8 +729,8 @@ def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict,
     return vals, inds
 
 # %% ../nbs/08_search.ipynb #798981bd
-def _prefilter(stream:CorpusStream, qs:list, candidates:int, read, tokenizer, chunk_size:int, progress:bool) -> dict:
-    "The first pass of a scan with `candidates`: `{wanted, n_docs, n_skipped, first}` — each query's BM25 best, the records read, bad ones."
+def _prefilter(stream:CorpusStream, qs:list, candidates:int, read, tokenizer, chunk_size:int, progress:bool, state:dict, ckpt) -> dict:
+    "The first pass of a scan with `candidates`: `{own, wanted, n_docs, n_skipped, first}` — each query's BM25 best, their union, the records read, bad ones."
     from influence_nb.tfidf import stream_candidates
     info, bad, by_bytes = {'n_skipped': 0}, {}, stream.kind in ('jsonl', 'text')
     bar = tqdm(total=stream.total, desc='bm25', unit='B' if by_bytes else 'seq', unit_scale=by_bytes, disable=not progress)
@@ -743,7 +747,11 @@ def _prefilter(stream:CorpusStream, qs:list, candidates:int, read, tokenizer, ch
             if 'no document' not in str(e): raise
             raise ValueError("`corpus` is empty: no sequence was scanned" +
                              (f" ({info['n_skipped']} bad records skipped)." if info['n_skipped'] else ".")) from None
-    return dict(wanted=set(idx.flatten().tolist()), n_docs=n_docs, n_skipped=info['n_skipped'], first=bad.get('first'))
+    if state.setdefault('bm25', d := _digest(idx, n_docs)) != d:      # records added or changed after the checkpoint move the filter
+        raise ValueError(f"The corpus's BM25 candidates differ from those checkpoint {ckpt} was scanned with (records were added "
+                         "or changed since): resume with the same corpus, or delete the checkpoint to start over.")
+    return dict(own=[set(row) for row in idx.tolist()], wanted=set(idx.flatten().tolist()), n_docs=n_docs,
+                n_skipped=info['n_skipped'], first=bad.get('first'))
 
 def _only(pre:dict|None, read):
     "`read` (a chunk's conversion) for the records a prefilter `pre` wants; the others become None, uncounted (no `pre`: all)."
@@ -778,7 +786,7 @@ def scan(model, # the model the factors were fitted on
          progress:bool=True, # tqdm bar with ETA
          n_train:int|None=None, # N of the training set, for `nats`; None: the larger of the sequences scanned and the factors' fit set
          query_names:list|None=None, # a name per query (e.g. its id): the result's `query_names`, the columns `read_scores` gives
-         candidates:int|None=None, # score only each query's `candidates` best BM25 matches (paper §3.2.1; a first pass reads the tokens)
+         candidates:int|None=None, # rank each query among its own `candidates` best BM25 matches only (paper §3.2.1; a first pass reads the tokens)
         ) -> ScanResult:
     "Scan `corpus` for each query's `k` most influential sequences, in constant memory, resumable."
     _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train, candidates)
@@ -800,12 +808,12 @@ def scan(model, # the model the factors were fitted on
         cut, bad = state.setdefault('cut', {}), state.setdefault('bad', {'first': None} if state['n_skipped'] else {})   # (None: unknown)
         # with a checkpoint, parts of this very scan are reused up to it — none if it was stopped before its first
         if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt, names)
-        convert = _only(pre := candidates and _prefilter(stream, qs, candidates, read, tokenizer, chunk_size, progress and rank == 0), read)
+        convert = _only(pre := candidates and _prefilter(stream, qs, candidates, read, tokenizer, chunk_size, progress and rank == 0, state, ckpt), read)
         pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size)   # as `pairwise_scores` does
         items = _resume_items(stream, state, convert, ckpt, prefix := _guard(stream, state, ckpt))
         vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, lambda c: convert(c, cut, bad), k=k, chunk_size=chunk_size,
                                   batch_size=batch_size, dtype=dtype, spath=spath, ckpt=ckpt,
-                                  checkpoint_every=checkpoint_every, rank=rank, progress=progress, prefix=prefix)
+                                  checkpoint_every=checkpoint_every, rank=rank, progress=progress, prefix=prefix, own=pre and pre['own'])
     _say_cut(cut, max_length)
     if state['n_scanned'] == 0:
         raise ValueError("`corpus` is empty: no sequence was scanned" + (f" ({state['n_skipped']} bad records skipped)." if state['n_skipped'] else "."))

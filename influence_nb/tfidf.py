@@ -5,6 +5,7 @@
 # %% ../nbs/07_tfidf.ipynb #b00c344e
 from __future__ import annotations
 import math, warnings
+from array import array
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -164,30 +165,40 @@ def top_candidates(queries,          # sequences, lists of token ids or a [n_q, 
     return TokenIndex(corpus, k1=k1, ignore_ids=ignore_ids).top(queries, k, method)
 
 # %% ../nbs/07_tfidf.ipynb #5f461501
+def _merge_best(best, vals, pos, k):
+    "Each row's `k` largest of the running best `(values, positions)` and a block's, ties towards the lower position."
+    v, p = (vals, pos) if best is None else (np.concatenate([best[0], vals], 1), np.concatenate([best[1], pos], 1))
+    order = np.stack([np.lexsort((pr, -vr))[:k] for vr, pr in zip(v, p)])
+    return np.take_along_axis(v, order, 1), np.take_along_axis(p, order, 1)
+
 def stream_candidates(queries,          # sequences, lists of token ids or a [n_q, T] tensor (all input_ids are used)
                       docs,             # iterable of (index, token ids) pairs, read once; ids without padding
                       k: int,           # documents kept per query; all when it covers the corpus
                       ignore_ids = (),  # token ids to drop from the queries (BOS, EOS, pad)
+                      block: int = 65536, # documents scored at a time (memory: [n_q, block] scores)
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    "`top_candidates(queries, docs, k)` with 'bm25' over documents read once: (their own indices [n_q, k], scores, documents read)."
+    """`top_candidates(queries, docs, k)` with 'bm25' over documents read once: (their own indices [n_q, k], scores, documents
+    read). Ties go to the document read first (the lower index when they arrive in order, as `scan` reads them)."""
     k = check_int(k, 'k')
     ignore = tuple(int(i) for i in ignore_ids if i is not None)
     qids, qlens = _flat_tokens(queries, 'queries', ignore)
     if (qlens == 0).any():
         raise ValueError(f"`queries[{int(np.argmax(qlens == 0))}]` has no tokens left after dropping padding and `ignore_ids`.")
     terms = np.unique(qids)                                             # the only tokens BM25 reads
-    index, cols = [], []
+    index, cols, lens = array('q'), array('q'), array('q')              # compact: 8 bytes a document and a held token
     for i, ids in docs:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        cols.append(np.searchsorted(terms, np.unique(ids[np.isin(ids, terms)])))   # which query tokens it holds
-        index.append(int(i))
+        held = np.searchsorted(terms, np.unique(ids[np.isin(ids, terms)]))   # which query tokens it holds
+        index.append(int(i)); cols.extend(held.tolist()); lens.append(len(held))
     C = len(index)
     if C == 0: raise ValueError("`docs` is empty: no document was read.")
-    lens = np.array([len(c) for c in cols], dtype=np.int64)
-    D = _term_matrix(np.concatenate(cols), lens, len(terms))   # [C, n_terms] existence
+    D = _term_matrix(np.frombuffer(cols, np.int64), np.frombuffer(lens, np.int64), len(terms))   # [C, n_terms] existence
     df = np.diff(D.tocsc().indptr)
     idf = np.log((C - df + 0.5) / (df + 0.5) + 1.0)                     # as `TokenIndex`, for these tokens
-    W = (D @ sp.diags(idf)).tocsr()
-    Q = _term_matrix(np.searchsorted(terms, qids), qlens, len(terms))  # distinct query tokens
-    pos, val = _topk(np.asarray((Q @ W.T).todense(), dtype=np.float64), min(k, C))
-    return torch.from_numpy(np.asarray(index)[pos]), torch.from_numpy(val), C
+    W, Q = (D @ sp.diags(idf)).tocsr(), _term_matrix(np.searchsorted(terms, qids), qlens, len(terms))   # Q: distinct query tokens
+    best, k = None, min(k, C)
+    for lo in range(0, C, block):                                       # the same products as one, a block of documents at a time
+        s = np.asarray((Q @ W[lo:lo + block].T).todense(), dtype=np.float64)
+        pos, val = _topk(s, min(k, s.shape[1]))
+        best = _merge_best(best, val, pos + lo, k)
+    return torch.from_numpy(np.frombuffer(index, np.int64)[best[1]].copy()), torch.from_numpy(best[0]), C

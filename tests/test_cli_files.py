@@ -342,12 +342,17 @@ def test_score_candidates_are_the_bm25_union_with_unchanged_scores(fx, tmp_path)
     assert 'scoring all 12 records (--candidates 100 covers them)' in out and pd.read_parquet(tmp_path/'c100.parquet').equals(full)
     rc, _, err = run(*common, '--out', tmp_path/'n.parquet', '--candidates', -1)
     assert rc == 2 and '--candidates must be 0 (every record) or more' in err
-    scan = ('scan', *common[1:7], '--corpus', fx/'corpus.jsonl', '--batch-size', 1, '--k', 3, '--quiet')
+    scan = ('scan', *common[1:7], '--corpus', fx/'corpus.jsonl', '--batch-size', 1, '--k', 2, '--quiet')
     rc, out, err = run(*scan, '--out', tmp_path/'s.parquet', '--scores-dir', tmp_path/'sd', '--candidates', 2); assert rc == 0, err
     assert f"scanned {len(want)} sequences (the union of each query's 2 best BM25 matches)" in out, out
     sd = inf.read_scores(tmp_path/'sd')                             # the scan's rows: the same records, the same scores
     assert sd.index.tolist() == want and (sd.to_numpy() == cand.to_numpy()).all(), (sd, cand)
     res = inf.ScanResult.load(tmp_path/'s.parquet')
-    assert res.candidates == 2 and res.n_train == 12 and res.indices[0].tolist() == cand['a'].sort_values(ascending=False).index[:3].tolist()
+    own = [sorted(idx[j].tolist()) for j in range(2)]                # each query's top k among its own matches, not the union
+    assert res.candidates == 2 and res.n_train == 12
+    assert [res.indices[j].tolist() for j in range(2)] == [cand.loc[own[j], c].sort_values(ascending=False, kind='stable').index.tolist()
+                                                           for j, c in enumerate(('a', 'b'))]
+    rc, _, err = run(*scan[:-3], '--k', 3, '--quiet', '--out', tmp_path/'k.parquet', '--candidates', 2)
+    assert rc == 2 and '--k 3 exceeds --candidates 2' in err, err
     rc, _, err = run(*scan, '--out', tmp_path/'n.parquet', '--candidates', -1)
     assert rc == 2 and '--candidates must be 0 (every record) or more' in err

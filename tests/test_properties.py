@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest, torch
 from hypothesis import given, settings, HealthCheck, strategies as st
 import influence_nb as inf
+from influence_nb.pbrf import keep_precision
 from influence_nb.search import scan, read_scores
 
 from randdata import VOCAB, rand_queries, rand_seqs as _rand_seqs
@@ -201,9 +202,10 @@ def test_P4_identity_equals_autograd_or_named_refusal(family, kind, role, rows, 
         return
     mine = [(r, r) for r in rows]
     other = [(s['input_ids'].tolist(), s['labels'].tolist()) for s in queries]
-    gq, gt = ((autograd_grads(m, layers, mine), autograd_grads(m, layers, other)) if role == 'queries'
-              else (autograd_grads(m, layers, other), autograd_grads(m, layers, mine)))
-    want = (gt * gt).sum(1) if role == 'self' else gq @ gt.T
-    got = call()
+    with keep_precision(m):     # float64 throughout: Llama, GPT-NeoX and OPT take norms or softmaxes in float32, whose
+        gq, gt = ((autograd_grads(m, layers, mine), autograd_grads(m, layers, other)) if role == 'queries'   # rounding
+                  else (autograd_grads(m, layers, other), autograd_grads(m, layers, mine)))              # moves with the
+        want = (gt * gt).sum(1) if role == 'self' else gq @ gt.T                                         # padding
+        got = call()
     assert got.shape == want.shape
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max())), (got, want)
