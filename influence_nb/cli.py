@@ -46,9 +46,9 @@ def _say_queries(names, log_ps, say=print):
 # %% ../nbs/13_cli.ipynb #48e43280
 def bm25_candidates(queries, train, k:int, tok) -> list[int]:
     "The indices of `train`, in order, among each query's `k` best BM25 matches (the paper's TF-IDF filter); all when `k` is 0 or covers `train`."
-    from influence_nb.tfidf import top_candidates
+    from influence_nb.tfidf import top_candidates, special_ids
     if not 0 < k < len(train): return list(range(len(train)))
-    idx = top_candidates(queries, train, k, ignore_ids=(tok.bos_token_id, tok.pad_token_id))[0]    # [n_q, k]
+    idx = top_candidates(queries, train, k, ignore_ids=special_ids(tok))[0]    # [n_q, k]
     return sorted(set(idx.flatten().tolist()))
 
 def _demo_candidates(query, train, candidates:int, tok, say) -> list[int]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS', 'SCORE_LEGEND', 'data_dir',
+__all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS', 'NATS_SCALE', 'SCORE_LEGEND', 'data_dir',
            'attended_span', 'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'end_sentence',
            'require_scored', 'check_int', 'check_max_length', 'field_value', 'TruncatedTextsWarning', 'special_prefix',
            'encode_texts', 'cut_texts', 'is_conversation', 'is_pair', 'is_text', 'text_value', 'shown_text',
@@ -1001,7 +1001,8 @@ def cached_factors(model, train, tag:str, progress=True, **fit_kw) -> tuple:
     return f, False
 
 # %% ../nbs/00_data.ipynb #a6f42366
+NATS_SCALE = ("it can exceed |log p|, and under EK-FAC or K-FAC curvature it was several times the exact value on the problems "
+              "of 21_exact: compare scores rather than read nats as a calibrated change")   # said by both legends
 SCORE_LEGEND = ("score = ∇log p(completion)ᵀ (G+λI)⁻¹ ∇log p(sequence); nats = score / N: the first-order change of "
-                "log p(completion) per extra copy of the sequence among N training sequences (a linear estimate: it can exceed "
-                "|log p|, and under EK-FAC or K-FAC curvature it was several times the exact value on the problems of 21_exact, so "
-                "compare scores rather than read nats as a calibrated change); positive = the sequence makes the completion more likely.")
+                "log p(completion) per extra copy of the sequence among N training sequences (a linear estimate: "
+                f"{NATS_SCALE}); positive = the sequence makes the completion more likely.")

@@ -13,8 +13,8 @@ from .modules import TrackedLayer, capture, find_modules
 
 # %% auto #0
 __all__ = ['LABEL_SAMPLING', 'EXACT_MAX_OUTPUTS', 'FACTOR_DTYPES', 'seq_generator', 'summed_loss', 'summed_loss_grad',
-           'check_fisher', 'fisher_sample', 'exact_cotangents', 'dist_info', 'all_reduce_sum', 'reporting',
-           'layer_passes', 'Gram', 'blas_threads', 'resolve_factor_dtype', 'fit_covariances', 'eigen',
+           'check_fisher', 'fisher_sample', 'exact_cotangents', 'dist_info', 'all_reduce_sum', 'all_finite',
+           'reporting', 'layer_passes', 'Gram', 'blas_threads', 'resolve_factor_dtype', 'fit_covariances', 'eigen',
            'precondition_eigen']
 
 # %% ../nbs/04_kfac.ipynb #e66b35a3
@@ -138,9 +138,12 @@ def all_reduce_sum(t:torch.Tensor) -> torch.Tensor:
     return t
 
 # %% ../nbs/04_kfac.ipynb #77d27312
+def all_finite(t:torch.Tensor) -> bool:
+    "No NaN/Inf in `t`: one sum (a NaN or Inf anywhere makes it non-finite); the elementwise test only if the sum overflows (float16: past 65504)."
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
 def _check_finite(x, what, name, batch_no, idx=None):
-    if not (torch.isfinite(x.sum()) or torch.isfinite(x).all()):   # one reduction: a NaN or Inf anywhere makes the sum non-finite,
-                                                                   # and so may a float16 sum of finite values past 65504: then look
+    if not all_finite(x):
         seqs = '' if idx is None else f" (sequences {idx[:8]}{' …' if len(idx) > 8 else ''})"
         hint = ("a model in float16 may overflow — try bfloat16 or float32" if x.dtype == torch.float16 else
                 "the model's own outputs on these sequences show whether it produces them")

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 import pandas as pd
-from .data import check_sequences, require_scored, grad_enabled, as_collection, attended_span
-from .kfac import layer_passes, all_reduce_sum, dist_info
+from .data import check_sequences, require_scored, grad_enabled, as_collection, attended_span, NATS_SCALE
+from .kfac import layer_passes, all_reduce_sum, dist_info, all_finite
 from .ekfac import Factors, seq_grads, check_damping, ITERATIVE
 from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'cg', 'pcg' (05b_solver)
 
@@ -25,15 +25,12 @@ from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'c
 __all__ = ['UNITS', 'STREAM_MACS', 'ScoreTable', 'check_query', 'check_k', 'Scores', 'to_float64', 'layer_sums',
            'shares_of_total', 'PrecondQuery', 'working_dtype', 'eigenbases', 'rotated_grads', 'shared_to',
            'query_gradients', 'canonical_to_flat', 'flat_to_canonical', 'truncated_svd', 'precondition_queries',
-           'all_finite', 'query_form', 'prepare_queries', 'contraction_costs', 'contract_scores', 'given_positions',
-           'place_tokens', 'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM',
-           'RegressorAsLM']
+           'query_form', 'prepare_queries', 'contraction_costs', 'contract_scores', 'given_positions', 'place_tokens',
+           'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM', 'RegressorAsLM']
 
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
-         "among the N training sequences (`n_train`); a linear estimate, so it can exceed |log p|, and under EK-FAC or "
-         "K-FAC curvature it was several times the exact value on the problems of `21_exact`: a ranking's scale, not a "
-         "calibrated change. Positive: more of it raises p.")
+         f"among the N training sequences (`n_train`); a linear estimate: {NATS_SCALE}. Positive: more of it raises p.")
 
 class ScoreTable(pd.DataFrame):
     "A DataFrame that prints its units legend (kept in `attrs['legend']`) under the table, in text and in HTML."
@@ -328,10 +325,6 @@ def precondition_queries(factors:Factors, qgrads:dict, damping=None, query_rank:
         p = joint[name].to(g.dtype) if joint is not None else factors.precondition(name, g, damping)
         out[name] = query_form(p, name, query_rank)
     return out
-
-def all_finite(t:torch.Tensor) -> bool:
-    "No NaN/Inf in `t`: one sum (a NaN or Inf anywhere makes it non-finite); the elementwise test only if the sum overflows."
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 def query_form(p:torch.Tensor, # [n_q, d_out, d_in+1] preconditioned query gradients of one layer
                name:str, # the layer, for the message

@@ -731,7 +731,7 @@ def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict,
 # %% ../nbs/08_search.ipynb #798981bd
 def _prefilter(stream:CorpusStream, qs:list, candidates:int, read, tokenizer, chunk_size:int, progress:bool, state:dict, ckpt) -> dict:
     "The first pass of a scan with `candidates`: `{own, wanted, n_docs, n_skipped, first}` — each query's BM25 best, their union, the records read, bad ones."
-    from influence_nb.tfidf import stream_candidates
+    from influence_nb.tfidf import stream_candidates, special_ids
     info, bad, by_bytes = {'n_skipped': 0}, {}, stream.kind in ('jsonl', 'text')
     bar = tqdm(total=stream.total, desc='bm25', unit='B' if by_bytes else 'seq', unit_scale=by_bytes, disable=not progress)
     def docs():
@@ -740,9 +740,8 @@ def _prefilter(stream:CorpusStream, qs:list, candidates:int, read, tokenizer, ch
             seqs, n_bad = read(chunk, None, bad); info['n_skipped'] += n_bad
             bar.update(((chunk[-1].offset or 0) - bar.n) if by_bytes else len(chunk))
             yield from ((it.index, s['input_ids'][s['attention_mask'].bool()]) for it, s in zip(chunk, seqs) if s is not None)
-    ignore = (tokenizer.bos_token_id, tokenizer.pad_token_id) if tokenizer is not None else ()   # as `score --candidates`
     with bar:
-        try: idx, _, n_docs = stream_candidates(qs, docs(), candidates, ignore_ids=ignore)
+        try: idx, _, n_docs = stream_candidates(qs, docs(), candidates, ignore_ids=special_ids(tokenizer))
         except ValueError as e:
             if 'no document' not in str(e): raise
             raise ValueError("`corpus` is empty: no sequence was scanned" +

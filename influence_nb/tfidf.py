@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from .data import as_sequences, check_int
 
 # %% auto #0
-__all__ = ['TokenIndex', 'bm25_scores', 'top_candidates', 'stream_candidates']
+__all__ = ['TokenIndex', 'bm25_scores', 'top_candidates', 'special_ids', 'stream_candidates']
 
 # %% ../nbs/07_tfidf.ipynb #374c22f9
 def _flat_tokens(xs, name: str, ignore_ids=()) -> tuple[np.ndarray, np.ndarray]:
@@ -165,6 +165,10 @@ def top_candidates(queries,          # sequences, lists of token ids or a [n_q, 
     return TokenIndex(corpus, k1=k1, ignore_ids=ignore_ids).top(queries, k, method)
 
 # %% ../nbs/07_tfidf.ipynb #5f461501
+def special_ids(tokenizer) -> tuple:
+    "The token ids the command line and `scan` leave out of BM25: the tokenizer's BOS and padding (none without a tokenizer)."
+    return () if tokenizer is None else (tokenizer.bos_token_id, tokenizer.pad_token_id)
+
 def _merge_best(best, vals, pos, k):
     "Each row's `k` largest of the running best `(values, positions)` and a block's, ties towards the lower position."
     v, p = (vals, pos) if best is None else (np.concatenate([best[0], vals], 1), np.concatenate([best[1], pos], 1))
