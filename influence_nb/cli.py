@@ -44,11 +44,12 @@ def _say_queries(names, log_ps, say=print):
     say(f"legend: {SCORE_LEGEND}")
 
 # %% ../nbs/13_cli.ipynb #48e43280
-def bm25_candidates(queries, train, k:int, tok) -> list[int]:
+def bm25_candidates(queries, train, k:int, tok, names=None) -> list[int]:
     "The indices of `train`, in order, among each query's `k` best BM25 matches (the paper's TF-IDF filter); all when `k` is 0 or covers `train`."
-    from influence_nb.tfidf import top_candidates, special_ids
+    from influence_nb.tfidf import top_candidates, special_ids, unmatched_note
     if not 0 < k < len(train): return list(range(len(train)))
-    idx = top_candidates(queries, train, k, ignore_ids=special_ids(tok))[0]    # [n_q, k]
+    idx, vals = top_candidates(queries, train, k, ignore_ids=special_ids(tok))    # [n_q, k]
+    if note := unmatched_note(vals, names): warnings.warn(note, stacklevel=2)    # candidates that match nothing are arbitrary
     return sorted(set(idx.flatten().tolist()))
 
 def _demo_candidates(query, train, candidates:int, tok, say) -> list[int]:
@@ -517,7 +518,7 @@ def _cmd_score(a):
                          "when records have one), so the table could not be reset to columns; give that query another 'id'.")
     train, pos, recs = _corpus(a, tok, model)
     if a.candidates:                                                # the paper's filter: only what resembles a query is scored
-        keep = bm25_candidates(queries, train, a.candidates, tok)
+        keep = bm25_candidates(queries, train, a.candidates, tok, names)
         if int(os.environ.get('RANK', '0')) == 0:
             print(f"scoring {len(keep):,} of {len(train):,} records: the union of each query's {a.candidates:,} best BM25 matches"
                   if len(keep) < len(train) else f"scoring all {len(train):,} records (--candidates {a.candidates:,} covers them)", flush=True)

@@ -729,9 +729,9 @@ def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict,
     return vals, inds
 
 # %% ../nbs/08_search.ipynb #798981bd
-def _prefilter(stream:CorpusStream, qs:list, candidates:int, read, tokenizer, chunk_size:int, progress:bool, state:dict, ckpt) -> dict:
+def _prefilter(stream:CorpusStream, qs:list, candidates:int, read, tokenizer, chunk_size:int, progress:bool, state:dict, ckpt, names=None) -> dict:
     "The first pass of a scan with `candidates`: `{own, wanted, n_docs, n_skipped, first}` — each query's BM25 best, their union, the records read, bad ones."
-    from influence_nb.tfidf import stream_candidates, special_ids
+    from influence_nb.tfidf import stream_candidates, special_ids, unmatched_note
     info, bad, by_bytes = {'n_skipped': 0}, {}, stream.kind in ('jsonl', 'text')
     bar = tqdm(total=stream.total, desc='bm25', unit='B' if by_bytes else 'seq', unit_scale=by_bytes, disable=not progress)
     def docs():
@@ -741,11 +741,12 @@ def _prefilter(stream:CorpusStream, qs:list, candidates:int, read, tokenizer, ch
             bar.update(((chunk[-1].offset or 0) - bar.n) if by_bytes else len(chunk))
             yield from ((it.index, s['input_ids'][s['attention_mask'].bool()]) for it, s in zip(chunk, seqs) if s is not None)
     with bar:
-        try: idx, _, n_docs = stream_candidates(qs, docs(), candidates, ignore_ids=special_ids(tokenizer))
+        try: idx, vals, n_docs = stream_candidates(qs, docs(), candidates, ignore_ids=special_ids(tokenizer))
         except ValueError as e:
             if 'no document' not in str(e): raise
             raise ValueError("`corpus` is empty: no sequence was scanned" +
                              (f" ({info['n_skipped']} bad records skipped)." if info['n_skipped'] else ".")) from None
+    if dist_info()[0] == 0 and (note := unmatched_note(vals, names)): warnings.warn(note, stacklevel=3)   # arbitrary candidates
     if state.setdefault('bm25', d := _digest(idx, n_docs)) != d:      # records added or changed after the checkpoint move the filter
         raise ValueError(f"The corpus's BM25 candidates differ from those checkpoint {ckpt} was scanned with (records were added "
                          "or changed since): resume with the same corpus, or delete the checkpoint to start over.")
@@ -807,7 +808,7 @@ def scan(model, # the model the factors were fitted on
         cut, bad = state.setdefault('cut', {}), state.setdefault('bad', {'first': None} if state['n_skipped'] else {})   # (None: unknown)
         # with a checkpoint, parts of this very scan are reused up to it — none if it was stopped before its first
         if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt, names)
-        convert = _only(pre := candidates and _prefilter(stream, qs, candidates, read, tokenizer, chunk_size, progress and rank == 0, state, ckpt), read)
+        convert = _only(pre := candidates and _prefilter(stream, qs, candidates, read, tokenizer, chunk_size, progress and rank == 0, state, ckpt, names), read)
         pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size)   # as `pairwise_scores` does
         items = _resume_items(stream, state, convert, ckpt, prefix := _guard(stream, state, ckpt))
         vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, lambda c: convert(c, cut, bad), k=k, chunk_size=chunk_size,

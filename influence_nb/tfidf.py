@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from .data import as_sequences, check_int
 
 # %% auto #0
-__all__ = ['TokenIndex', 'bm25_scores', 'top_candidates', 'special_ids', 'stream_candidates']
+__all__ = ['TokenIndex', 'bm25_scores', 'top_candidates', 'special_ids', 'stream_candidates', 'unmatched_note']
 
 # %% ../nbs/07_tfidf.ipynb #374c22f9
 def _flat_tokens(xs, name: str, ignore_ids=()) -> tuple[np.ndarray, np.ndarray]:
@@ -206,3 +206,19 @@ def stream_candidates(queries,          # sequences, lists of token ids or a [n_
         pos, val = _topk(s, min(k, s.shape[1]))
         best = _merge_best(best, val, pos + lo, k)
     return torch.from_numpy(np.frombuffer(index, np.int64)[best[1]].copy()), torch.from_numpy(best[0]), C
+
+# %% ../nbs/07_tfidf.ipynb #56d8cd99
+def unmatched_note(scores, # [n_q, k] BM25 scores of each query's candidates (`top_candidates`, `stream_candidates`)
+                   names=None, # the queries' names (default `queries[i]`)
+                  ) -> str|None:
+    "What to tell a user whose queries share a token with fewer documents than they keep; None when every candidate shares one."
+    s = torch.as_tensor(scores)
+    matched, k = (s > 0).sum(1).tolist(), s.shape[1]
+    thin = [(i, m) for i, m in enumerate(matched) if m < k]
+    if not thin: return None
+    name = lambda i: repr(str(names[i])) if names is not None else f'queries[{i}]'
+    listed = ', '.join(f"{name(i)} ({m})" for i, m in thin[:5]) + (f" and {len(thin) - 5} more" if len(thin) > 5 else '')
+    return (f"{len(thin)} of {len(matched)} queries share a token with fewer documents than their {k} candidates: {listed}. "
+            "Their other candidates score 0 in BM25 and are the first such documents in corpus order, not matches: "
+            "a query without a matching word gets arbitrary candidates (check its wording, or its tokenizer).")
+

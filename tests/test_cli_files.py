@@ -356,3 +356,21 @@ def test_score_candidates_are_the_bm25_union_with_unchanged_scores(fx, tmp_path)
     assert rc == 2 and '--k 3 exceeds --candidates 2' in err, err
     rc, _, err = run(*scan, '--out', tmp_path/'n.parquet', '--candidates', -1)
     assert rc == 2 and '--candidates must be 0 (every record) or more' in err
+
+
+def test_candidates_that_match_nothing_are_named(fx, tmp_path):
+    "A query that shares no token with the corpus gets its K candidates by corpus order (BM25 scores them all 0): `score` and\n    `scan` with `--candidates` say which queries that happened to, and how many of their candidates did match."
+    q = [{'id': 'a', 'prompt': 'The capital of country 1 is', 'completion': ' city 1'},
+         {'id': 'z', 'prompt': 'Xylophones', 'completion': ' Zebras'}]
+    (tmp_path/'q.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in q))
+    common = ('--model', fx/'model', '--factors', fx/'factors', '--queries', tmp_path/'q.jsonl', '--batch-size', 4)
+    note = "note: 1 of 2 queries share a token with fewer documents than their 3 candidates: 'z' (0)."
+    rc, out, err = run('score', *common, '--data', fx/'corpus.jsonl', '--out', tmp_path/'c.parquet', '--candidates', 3)
+    assert rc == 0 and note in err, err
+    rc, out, err = run('scan', *common, '--corpus', fx/'corpus.jsonl', '--out', tmp_path/'s.parquet', '--k', 2, '--quiet', '--candidates', 3)
+    assert rc == 0 and note in err, err
+    import influence_nb as inf
+    assert set(inf.ScanResult.load(tmp_path/'s.parquet').indices[1].tolist()) <= {0, 1, 2}   # among the first records: what the note warns of
+    rc, out, err = run('score', *common[:4], '--queries', fx/'queries.jsonl', '--data', fx/'corpus.jsonl', '--out', tmp_path/'a.parquet',
+                       '--candidates', 3)
+    assert rc == 0 and 'share a token' not in err, err                 # every candidate of query 'a' matches
