@@ -42,14 +42,19 @@ def clean_code_cell(cell: dict) -> dict | None:
     return dict(cell, source=src, outputs=outputs, metadata=meta)
 
 
+SETTINGS = ('set_num_threads', 'filterwarnings', 'simplefilter', 'set_verbosity_error', 'set_verbosity_warning')
+
 def is_setup(src: str) -> bool:
-    """Only imports (and thread settings): folded behind "Show code cell source", so that a page opens with its
-    prose, not with the nbdev preamble of imports."""
+    """Only imports, thread/warning/log-level settings and module dunders (`__all__`, `__version__`): folded behind
+    "Show code cell source", so that a page opens with its prose, not with the nbdev preamble of imports (99_api's
+    re-exports and `__all__`; `transformers.logging.set_verbosity_error()` in 01_theory and 03_modules)."""
     try: body = ast.parse(src).body
     except SyntaxError: return False
     setting = lambda n: (isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
-                         and ast.unparse(n.value.func).endswith(('set_num_threads', 'filterwarnings', 'simplefilter')))
-    return bool(body) and all(isinstance(n, (ast.Import, ast.ImportFrom)) or setting(n) for n in body)
+                         and ast.unparse(n.value.func).endswith(SETTINGS))
+    dunder = lambda n: (isinstance(n, ast.Assign) and all(isinstance(t, ast.Name) and re.fullmatch(r'__\w+__', t.id)
+                                                            for t in n.targets))
+    return bool(body) and all(isinstance(n, (ast.Import, ast.ImportFrom)) or setting(n) or dunder(n) for n in body)
 
 
 def clean_output(out: dict) -> dict | None:
@@ -276,10 +281,14 @@ def reading_order(stems: list[str]) -> list[str]:
     return ([READ_FIRST] if READ_FIRST in stems else []) + rest
 
 
+PACKAGE_CSS = ('explorer.css',)   # the package's own styles (influence_nb/assets), which conf.py's html_css_files names
+
 def write_source(nbs: Path, src: Path) -> list[str]:
     "Fill `src` with conf.py, static files, the cleaned notebooks and the API pages; return all page names."
     shutil.copy2(DOCS/'conf.py', src/'conf.py')
     shutil.copytree(DOCS/'_static', src/'_static')
+    for css in PACKAGE_CSS:   # explorer/viz HTML outputs (`inb-…` classes: badges, score bars, the top table) are styled by
+        shutil.copy2(ROOT/PKG/'assets'/css, src/'_static'/css)   # the app's <style>, which lives in a dropped widget view
     copy_mathjax(src/'_static')
     paths = sorted(nbs.glob('*.ipynb'))
     if not any(p.stem == 'index' for p in paths): raise ValueError(f"--nbs {nbs}: no index.ipynb (the home page)")

@@ -32,6 +32,16 @@ def md_line(line: str) -> str:
         parts[i] = re.sub(r'(?<=\w)_(?=\W|$)', r'\\_', parts[i].replace('|', r'\|'))
     return ''.join(parts)
 
+def field_docments(cls) -> dict:
+    """A dataclass's fields that carry a docment (the comment after the field), name -> text. autodoc lists every
+    field as an attribute of its own (`:undoc-members:`), so the text goes there, not into a parameter list too."""
+    import dataclasses
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)): return {}
+    try: docs = docments(cls, full=True)
+    except Exception: return {}
+    return {f.name: docs[f.name]['docment'] for f in dataclasses.fields(cls)
+            if f.name in docs and docs[f.name].get('docment')}
+
 def add_docments(app, what, name, obj, options, lines):
     """Docstrings are nbdev's Markdown: make them safe for reST, and show docments (the comment after each
     parameter, nbdev's way of documenting arguments) as a parameter list."""
@@ -43,8 +53,9 @@ def add_docments(app, what, name, obj, options, lines):
     try: docs = docments(obj, full=True)
     except Exception: return               # builtins, C extensions, objects without source
     have = '\n'.join(lines)
+    fields = set(field_docments(obj)) if what == 'class' else set()   # documented on their own entries below
     extra = [f':param {k}: {md_line(v["docment"])}' for k, v in docs.items()
-             if k not in ('self', 'return') and v.get('docment') and f':param {k}:' not in have]
+             if k not in ('self', 'return') and k not in fields and v.get('docment') and f':param {k}:' not in have]
     ret = docs.get('return', {}).get('docment')
     if ret and ':returns:' not in have: extra.append(f':returns: {md_line(ret)}')
     if extra: lines.extend([''] + extra)
@@ -62,7 +73,23 @@ def add_constants(app, docname, source):
               for n in names]
     source[0] += '\n## Constants\n\n```{eval-rst}\n' + '\n\n'.join(blocks) + '\n```\n'
 
+def add_field_comments(app):
+    """autodoc reads an attribute's doc from a `#:` comment before it (the analyzer's `attr_docs`); a dataclass field's
+    docment, the comment after it, stands in for one, so each field's entry says what it holds."""
+    import importlib, pkgutil
+    from sphinx.pycode import ModuleAnalyzer
+    pkg = importlib.import_module('influence_nb')
+    for m in pkgutil.walk_packages(pkg.__path__, 'influence_nb.'):
+        if any(p.startswith('_') for p in m.name.split('.')[1:]): continue
+        mod = importlib.import_module(m.name)
+        classes = [c for c in vars(mod).values() if isinstance(c, type) and c.__module__ == m.name and field_docments(c)]
+        if not classes: continue
+        analyzer = ModuleAnalyzer.for_module(m.name); analyzer.analyze()
+        for c in classes:
+            for field, doc in field_docments(c).items(): analyzer.attr_docs.setdefault((c.__qualname__, field), [doc, ''])
+
 def setup(app):
+    app.connect('builder-inited', add_field_comments)
     app.connect('autodoc-process-docstring', add_docments)
     app.connect('source-read', add_constants)
 
@@ -71,7 +98,7 @@ def setup(app):
 html_theme = 'furo'
 html_title = 'influence_nb'
 html_static_path = ['_static']
-html_css_files = ['influence_nb.css']
+html_css_files = ['explorer.css', 'influence_nb.css']   # explorer.css: from influence_nb/assets, copied by build.py (PACKAGE_CSS)
 html_copy_source = False
 html_show_sourcelink = False
 mathjax_path = 'mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full'   # the wheel's one combined config

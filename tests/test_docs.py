@@ -82,8 +82,11 @@ def test_clean_notebook_hides_directives_and_keeps_outputs():
 
 def test_only_setup_cells_are_folded():
     setup = ['import torch', 'from a import (b,\n    c)\nimport os', 'import torch\ntorch.set_num_threads(1)',
-             'import warnings; warnings.filterwarnings("ignore")', 'import warnings\nwarnings.simplefilter("ignore")']
-    code = ['import torch\nx = torch.ones(1)', 'torch.set_num_threads(1)\nprint(1)', '', '# just a comment', 'import (']
+             'import warnings; warnings.filterwarnings("ignore")', 'import warnings\nwarnings.simplefilter("ignore")',
+             'import transformers\ntransformers.logging.set_verbosity_error()',            # 03_modules' preamble
+             '__version__ = "0.1"\nfrom a import b\n__all__ = [\'b\']']                   # 99_api: the re-exports
+    code = ['import torch\nx = torch.ones(1)', 'torch.set_num_threads(1)\nprint(1)', '', '# just a comment', 'import (',
+            '__all__ = [1]\nall_ = 2', 'x.__all__ = []', 'transformers.logging.set_verbosity_info()\nprint(1)']
     assert [docs_build.is_setup(s) for s in setup] == [True] * len(setup)
     assert [docs_build.is_setup(s) for s in code] == [False] * len(code)
 
@@ -127,6 +130,87 @@ def test_site_has_every_notebook_and_module(site):
     assert nav[:len(nbs)] == order + ['api/index'], "navigation is not in reading order"
     viz = (SITE/'09_viz.html').read_text(encoding='utf-8')                     # the terminal heatmap in its own colours
     assert '<span style="background:rgb(202,0,32);color:rgb(255,255,255)"> Vel</span>' in viz and '\x1b[' not in viz
+
+
+def test_pages_open_with_prose(site):
+    """Between a notebook page's title (and its `>` summary) and its first prose, every code cell is folded behind
+    "Show code cell source": the nbdev preamble (imports, log levels, 99_api's re-exports and `__all__`) never
+    stands between the reader and the page's first sentence. Read from the HTML, no browser needed."""
+    from html.parser import HTMLParser
+    class Opening(HTMLParser):
+        "Classes of the article section's top-level children up to its first <p> or subsection."
+        def __init__(self):
+            super().__init__(); self.depth, self.sec, self.kids, self.done = 0, None, [], False
+        def handle_starttag(self, tag, attrs):
+            if tag in ('br', 'img', 'hr', 'input', 'meta', 'link'): return
+            self.depth += 1
+            cls = dict(attrs).get('class') or ''
+            if self.sec is None and tag == 'section': self.sec = self.depth; return
+            if self.sec is not None and not self.done and self.depth == self.sec + 1:
+                if tag in ('p', 'section', 'ul', 'ol', 'table'): self.done = True
+                else: self.kids.append((tag, cls))
+        def handle_endtag(self, tag):
+            if tag not in ('br', 'img', 'hr', 'input', 'meta', 'link'): self.depth -= 1
+    unfolded = {}
+    for name in sorted(p.stem for p in (ROOT/'nbs').glob('*.ipynb')):
+        html = (SITE/f'{name}.html').read_text(encoding='utf-8')
+        o = Opening(); o.feed(html.split('<article', 1)[1])
+        cells = [c for t, c in o.kids if 'cell' in c.split()]
+        if bad := [c for c in cells if 'tag_hide-input' not in c.split()]: unfolded[name] = bad
+    assert not unfolded, f"pages whose opening code is not folded: {unfolded}"
+    from bs4 import BeautifulSoup                                                 # furo's own dependency
+    api = BeautifulSoup((SITE/'99_api.html').read_text(encoding='utf-8'), 'html.parser')
+    reexports = [c for c in api.select('article div.cell') if '__all__ = [' in c.get_text()]
+    assert reexports and all('tag_hide-input' in c['class'] for c in reexports), "99_api's re-exports are not folded"
+
+
+def test_output_classes_are_styled(site):
+    """The explorer's and viz's HTML outputs (top table, "states the fact" badges, score bars, token heatmaps) carry
+    `inb-…` classes whose rules live in the package's influence_nb/assets/explorer.css. In a notebook the app's
+    <style> is on the page; on the site that widget is dropped, so each page that uses such a class must link a
+    stylesheet defining it (else the badge reads as plain text and the score bars vanish)."""
+    asset = (ROOT/'influence_nb'/'assets'/'explorer.css').read_text(encoding='utf-8')
+    defined = set(re.findall(r'\.(inb-[\w-]+)', asset))
+    assert {'inb-badge', 'inb-bar', 'inb-top'} <= defined
+    unstyled = {}
+    for page in sorted(SITE.glob('*.html')):
+        html = page.read_text(encoding='utf-8')
+        used = {c for cls in re.findall(r'class="([^"]*)"', html) for c in cls.split() if c in defined}
+        if not used: continue
+        linked = ''.join((SITE/href.split('?')[0]).read_text(encoding='utf-8')
+                         for href in re.findall(r'<link rel="stylesheet"[^>]*href="([^"]+\.css[^"]*)"', html)
+                         if (SITE/href.split('?')[0]).is_file())
+        if missing := sorted(c for c in used if f'.{c}' not in linked): unstyled[page.stem] = missing
+    assert unstyled == {}, f"HTML outputs whose classes no linked stylesheet defines: {unstyled}"
+    assert (SITE/'_static'/'explorer.css').read_text(encoding='utf-8') == asset
+
+
+def test_dataclass_fields_documented(site):
+    """A dataclass's fields (Scores.total, ScanResult.indices, Factors.tensors, ...) are listed by autodoc one entry
+    each; each field's docment (its shape, its meaning) is on that entry rather than on an empty one below a
+    parameter list that repeats it."""
+    import dataclasses
+    from bs4 import BeautifulSoup                                                 # furo's own dependency
+    from fastcore.docments import docments
+    def field_docs(cls):
+        docs = docments(cls, full=True)
+        return {f.name: docs[f.name]['docment'] for f in dataclasses.fields(cls) if docs.get(f.name, {}).get('docment')}
+    empty, repeated, n = [], [], 0
+    for mod in exported_modules():
+        m = importlib.import_module(mod)
+        classes = [getattr(m, c) for c in getattr(m, '__all__', []) if isinstance(getattr(m, c, None), type)]
+        classes = [c for c in classes if dataclasses.is_dataclass(c) and c.__module__ == mod and field_docs(c)]
+        if not classes: continue
+        page = BeautifulSoup((SITE/'api'/f'{mod}.html').read_text(encoding='utf-8'), 'html.parser')
+        for cls in classes:
+            for field, doc in field_docs(cls).items():
+                dt = page.find('dt', id=f'{mod}.{cls.__name__}.{field}'); n += 1
+                if dt is None or not dt.find_next_sibling('dd').get_text(strip=True): empty.append(f'{cls.__name__}.{field}')
+            params = page.find('dt', id=f'{mod}.{cls.__name__}').find_next_sibling('dd').find('dl', class_='field-list', recursive=False)
+            names = {st.get_text() for st in params.find_all('strong')} if params else set()
+            repeated += [f'{cls.__name__}.{f}' for f in names & set(field_docs(cls))]
+    assert n >= 50 and not empty, f"dataclass fields shown without their docment: {empty[:10]}"
+    assert not repeated, f"fields documented twice (parameter list and own entry): {repeated[:10]}"
 
 
 # ---- in a browser ---------------------------------------------------------------------------------------------
