@@ -147,6 +147,11 @@ def title_of(nb: dict, default: str) -> str:
     return default
 
 
+def nav_label(stem: str, title: str) -> str:
+    "The navigation's label of a notebook page: its file name, which the prose uses (`26_scale`), then its title as text."
+    return f"{stem} · {title.replace('`', '')}"
+
+
 def md_cell(text: str) -> dict:
     return {'cell_type': 'markdown', 'id': 'docs-nav', 'metadata': {}, 'source': text}
 
@@ -293,12 +298,13 @@ def write_source(nbs: Path, src: Path) -> list[str]:
     paths = sorted(nbs.glob('*.ipynb'))
     if not any(p.stem == 'index' for p in paths): raise ValueError(f"--nbs {nbs}: no index.ipynb (the home page)")
     chapters = reading_order([p.stem for p in paths])
+    labels = {p.stem: nav_label(p.stem, title_of(json.loads(p.read_text(encoding='utf-8')), p.stem)) for p in paths}
     pages, syms = {p.stem for p in paths}, symbol_index()
     api = api_pages(src, modules())
     for p in paths:
         nb = link_notebook(clean_notebook(json.loads(p.read_text(encoding='utf-8'))), pages, syms)
         if p.stem == 'index':   # the home page carries the navigation: notebooks in reading order, then the API
-            nb['cells'].append(md_cell('```{toctree}\n:hidden:\n:caption: Notebooks\n\n' + '\n'.join(chapters) +
+            nb['cells'].append(md_cell('```{toctree}\n:hidden:\n:caption: Notebooks\n\n' + '\n'.join(f'{labels[c]} <{c}>' for c in chapters) +
                                        '\n```\n\n```{toctree}\n:hidden:\n:caption: Reference\n\napi/index\n```\n'))
         (src/p.name).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
         copy_local_files(nb, nbs, src)

@@ -178,7 +178,8 @@ def as_sequences(data, # sequences: list of mappings, torch or HF Dataset, or li
     return seqs
 
 # %% ../nbs/00_data.ipynb #5d2ac46f
-def n_scored(seq:dict) -> int:
+def n_scored(seq:dict, # a normalised sequence (`as_sequences`): `input_ids`, `labels`
+            ) -> int:
     "Number of tokens of `seq` that contribute to its loss (labels after the shift that are not -100)."
     return int((seq['labels'][1:] != IGNORE_INDEX).sum())
 
@@ -625,7 +626,10 @@ def model_vocab(model) -> int|None:
     v = getattr(getattr(model, 'config', None), 'vocab_size', None)
     return v if isinstance(v, int) and v > 0 else None
 
-def check_sequences(model, data, name:str='data') -> list[dict]:
+def check_sequences(model, # the model the sequences are for: its vocabulary and context bound them
+                    data, # sequences in any form `as_sequences` takes
+                    name:str='data', # how errors name the argument
+                   ) -> list[dict]:
     "`as_sequences` with the vocabulary and context limits of `model`."
     return as_sequences(data, name=name, vocab_size=model_vocab(model), max_length=model_context(model))
 

@@ -238,7 +238,8 @@ def _candidates(model:nn.Module) -> dict[str, TrackedLayer]:
         elif is_trackable(m): out[n] = _tracked(n, m)
     return out
 
-def candidate_modules(model:nn.Module) -> list[str]:
+def candidate_modules(model:nn.Module, # any PyTorch model (a Hugging Face causal LM, a peft model, ...)
+                     ) -> list[str]:
     "Names of every trackable layer of `model` except the output (LM head) layer; experts appear as `<experts>.<param>[e]`."
     return list(_candidates(model))
 

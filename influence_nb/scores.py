@@ -38,9 +38,11 @@ class ScoreTable(pd.DataFrame):
     def _constructor(self): return ScoreTable
     def __repr__(self): return super().__repr__() + (f"\n{self.attrs['legend']}" if self.attrs.get('legend') else '')
     def _repr_html_(self):
-        import html
+        import html, re
         leg = self.attrs.get('legend')
-        return super()._repr_html_() + (f'<p style="font-size:smaller">{html.escape(leg)}</p>' if leg else '')
+        if not leg: return super()._repr_html_()
+        leg = re.sub(r'`([^`]+)`', r'<code>\1</code>', html.escape(leg))     # `n_train`: code, as the text means it
+        return super()._repr_html_() + f'<p style="font-size:smaller">{leg}</p>'
 
 def check_query(query, # a row index
                 n:int, # number of queries (rows)
@@ -85,7 +87,8 @@ class Scores:
     def top(self, query:int=0, # which query (row)
             k:int|None=10, # how many (None: all)
             texts:list[str]|None=None, # the training texts, for display
-            tokenizer=None, train=None, # or: decode `train[i]['input_ids']` with `tokenizer`
+            tokenizer=None, # or: decode `train[i]['input_ids']` with this tokenizer ...
+            train=None, # ... the training sequences scored (as given to `pairwise_scores`)
             largest:bool=True, # most positive first (False: most negative)
            ) -> pd.DataFrame:
         "The top-`k` training sequences of one query as a DataFrame (rank, index, score, nats, text) that prints its units."
@@ -495,8 +498,8 @@ def self_scores(model, # the model the factors were fitted on
                 factors:Factors, # from `fit_factors`
                 train, # sequences to score
                 damping:float|None=None, # as in `pairwise_scores`
-                batch_size:int=8,
-                progress:bool=True,
+                batch_size:int=8, # sequences per forward/backward pass
+                progress:bool=True, # a tqdm bar
                ) -> torch.Tensor:
     "`∇log p(n)ᵀ (G + λI)⁻¹ ∇log p(n)` for every sequence: `[n_train]`, float32 (float64 for a float64 model)."
     check_damping(damping)

@@ -395,7 +395,9 @@ def query_ids(self: ScanResult) -> list[str]|None:
 
 @patch
 def to_frame(self: ScanResult, texts=None, # `{index: text}` or a list, to add a text column
-             corpus=None, tokenizer=None, text_field:str|None=None, # or: read texts from the corpus (see `texts`)
+             corpus=None, # or: read the texts from the scanned corpus (a file path or the collection scanned) ...
+             tokenizer=None, # ... decoding token-id records with this tokenizer
+             text_field:str|None=None, # the records' text field (default: the scan's, else 'text')
             ) -> pd.DataFrame:
     "Long table: one row per (query, rank) with the query's id (when named), corpus index, score, nats and (when available) text."
     n_q, k = self.indices.shape

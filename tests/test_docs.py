@@ -128,6 +128,10 @@ def test_site_has_every_notebook_and_module(site):
     nav = re.findall(r'<a class="reference internal" href="([^"#]+)\.html">', home.split('sidebar-tree', 1)[1])
     order = ['99_api'] + [n for n in nbs if n not in ('index', '99_api')]        # README's "Start with `99_api`", then 00, 01, ...
     assert nav[:len(nbs)] == order + ['api/index'], "navigation is not in reading order"
+    labels = dict(re.findall(r'<a class="reference internal" href="([^"#]+)\.html">([^<]*)</a>', home.split('sidebar-tree', 1)[1]))
+    for name in order:                                                          # named as the prose names them: `26_scale`
+        assert labels[name].startswith(f'{name} · ') and '`' not in labels[name], (name, labels[name])
+    assert labels['13_cli'] == '13_cli · The influence-nb command', labels['13_cli']
     viz = (SITE/'09_viz.html').read_text(encoding='utf-8')                     # the terminal heatmap in its own colours
     assert '<span style="background:rgb(202,0,32);color:rgb(255,255,255)"> Vel</span>' in viz and '\x1b[' not in viz
 
