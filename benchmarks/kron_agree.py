@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 RESULTS = HERE / 'results' / 'kron_agree.json'
 RANK = 32
 BATCH = 8
@@ -149,14 +150,7 @@ def build_world(quick=False):
 # ---------------------------------------------------------------------------------------------------------------
 # Kronfluence: a Task as its docs describe, datasets, collate (right or left padding)
 # ---------------------------------------------------------------------------------------------------------------
-def summed_ce(logits, labels, sample=False):
-    "Token cross-entropy summed over scored tokens (labels aligned with inputs, shifted here); sampled labels if asked."
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    if sample:
-        with torch.no_grad():
-            s = torch.multinomial(logits.softmax(-1).reshape(-1, logits.shape[-1]), 1).reshape(labels.shape)
-            labels = torch.where(labels == -100, labels, s)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction='sum')
+from perf import summed_ce   # the Task's loss: the same summed token cross-entropy as perf.py's Kronfluence runs
 
 
 def first_label_masked(batch):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #32d43130
 from __future__ import annotations
-import os, re, sys, json, numbers, functools, warnings
+import os, re, sys, json, inspect, numbers, functools, warnings
 from pathlib import Path
 from contextlib import contextmanager, nullcontext
 from collections.abc import Mapping, Sequence, Iterable, Iterator
@@ -17,11 +17,11 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'require_scored', 'check_int', 'check_max_length', 'field_value', 'TruncatedTextsWarning', 'special_prefix',
            'encode_texts', 'cut_texts', 'is_conversation', 'is_pair', 'is_text', 'text_value', 'shown_text',
            'text_sequences', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'chat_sequence', 'chat_query',
-           'chat_pair', 'collate', 'batches', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
-           'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled',
-           'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'corpus_format',
-           'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_text', 'array_record', 'corpus_entries',
-           'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
+           'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences',
+           'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model',
+           'load_bundled', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs',
+           'lm_call', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_text',
+           'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -613,9 +613,15 @@ def batches(seqs:list[dict], # normalised sequences
         yield idx, collate([seqs[i] for i in idx], pad_id)
 
 # %% ../nbs/00_data.ipynb #09d36f4b
+def model_config(model):
+    "`model.config`; for a model without one, the config of the outermost module inside that has one (a `DataParallel`, a\n    torch.compile'd model, a user's module holding a causal LM); None for a model with no config anywhere (nanoGPT)."
+    cfg = getattr(model, 'config', None)
+    if cfg is not None or not isinstance(model, torch.nn.Module): return cfg
+    return next((c for m in model.modules() if hasattr(c := getattr(m, 'config', None), 'vocab_size')), None)
+
 def model_context(model) -> int|None:
     "The maximum sequence length a transformers model accepts, or None if its config does not say."
-    cfg = getattr(model, 'config', None)
+    cfg = model_config(model)
     for k in ('n_positions', 'max_position_embeddings', 'n_ctx', 'seq_length', 'max_sequence_length', 'max_seq_len'):
         v = getattr(cfg, k, None)
         if isinstance(v, int) and v > 0: return v
@@ -623,7 +629,7 @@ def model_context(model) -> int|None:
 
 def model_vocab(model) -> int|None:
     "The vocabulary size of a transformers model, or None."
-    v = getattr(getattr(model, 'config', None), 'vocab_size', None)
+    v = getattr(model_config(model), 'vocab_size', None)
     return v if isinstance(v, int) and v > 0 else None
 
 def check_sequences(model, # the model the sequences are for: its vocabulary and context bound them
@@ -744,6 +750,10 @@ def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_
         return _load_adapter(path, tokenizer, device, dtype)
     hub = bundled is None and not path.exists() and _HUB_ID.fullmatch(str(model)) is not None   # 'org/name' or 'name'
     if not hub and (not path.is_dir() or not (path/'config.json').exists()):
+        ckpts = sorted((p.name for p in path.glob('checkpoint-*') if (p/'config.json').is_file()),
+                       key=lambda n: int(n[11:]) if n[11:].isdigit() else -1) if path.is_dir() else []
+        if ckpts: raise ValueError(f"{str(model)!r} is a Trainer output folder: its models are in {ckpts[-3:]}; pass one of "
+                                   f"them (e.g. '{path/ckpts[-1]}', the latest), or the folder `trainer.save_model()` wrote.")
         raise ValueError(f"Unknown model {str(model)!r}: neither a bundled model {MODEL_NAMES}, a folder with a config.json "
                          "(save one with `model.save_pretrained(folder)`) nor a Hugging Face Hub id ('org/name').")
     if tokenizer is None:
@@ -841,7 +851,7 @@ def trained_weights(model):
 @contextmanager
 def eval_mode(model):
     "`model` in eval mode (no dropout), without a cache, with its trained weights (`trained_weights`) and, in float64, eager\n    MoE experts (`eager_kernels`) inside the block; every submodule's own mode (a mixed state included), `config.use_cache`\n    and the experts' kernel are restored after."
-    modes, cfg = [(m, m.training) for m in model.modules()], getattr(model, 'config', None)
+    modes, cfg = [(m, m.training) for m in model.modules()], model_config(model)
     cache = getattr(cfg, 'use_cache', None)
     model.eval()
     if cache: cfg.use_cache = False           # a recurrent state updated in place (RWKV, xLSTM) breaks the backward
@@ -858,14 +868,13 @@ def batch_logits(model, # a causal LM (called as `call(input_ids=, attention_mas
                  before_retry=None, # called before the second run (e.g. to clear hooks' captures)
                 ) -> torch.Tensor:
     "Logits `[B, T, V]` of batch `b`, run again without the padding mask when padding made any logit non-finite."
-    call = call or (lambda **kw: model(**kw))
-    out = call(input_ids=b['input_ids'], attention_mask=b['attention_mask'])
-    logits = getattr(out, 'logits', out)       # a NaN on a pad alone still poisons: NaN × 0 in masks, and in every backward
+    call, ids = call or lm_call(model), b['input_ids']
+    logits = logits_of(call(input_ids=ids, attention_mask=b['attention_mask']), ids)
+    # a NaN on a pad alone still poisons: NaN × 0 in masks, and in every backward
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32   # one sum, no [B, T, V] mask; no half overflow
     if bool(b['attention_mask'].bool().all()) or bool(torch.isfinite(logits.detach().sum(dtype=acc))): return logits
     if before_retry is not None: before_retry()        # a right pad is never attended to by an earlier token:
-    out = call(input_ids=b['input_ids'], attention_mask=torch.ones_like(b['attention_mask']))   # same real tokens
-    return getattr(out, 'logits', out)
+    return logits_of(call(input_ids=ids, attention_mask=torch.ones_like(b['attention_mask'])), ids)   # same real tokens
 
 def completion_logprobs(model, # a causal LM
                         seqs, # query sequences (`tokenize_pairs`): only tokens with labels are counted
@@ -883,6 +892,31 @@ def completion_logprobs(model, # a causal LM
             lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, lab.clamp(min=0)[..., None])[..., 0]
             out += torch.where(lab != IGNORE_INDEX, lp, 0).sum(1).tolist()             # unscored positions never count, NaN or not
     return torch.tensor(out, dtype=dtype)
+
+# %% ../nbs/00_data.ipynb #c5de9db8
+def lm_call(model):
+    "How `batch_logits` runs `model`: as `model(input_ids=, attention_mask=)` (transformers); a forward without an\n    `attention_mask` gets none, and one that takes no `input_ids` either (nanoGPT's `forward(idx, targets=None)`) gets the ids\n    as its first argument. Without a mask the logits are the same for a causal model on the right-padded batches `collate`\n    makes: no real token attends to a pad after it."
+    try: ps = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError): return lambda **kw: model(**kw)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values()) or 'attention_mask' in ps: return lambda **kw: model(**kw)
+    if 'input_ids' in ps: return lambda input_ids, attention_mask: model(input_ids=input_ids)
+    return lambda input_ids, attention_mask: model(input_ids)
+
+def logits_of(out, # what the model returned
+              ids:torch.Tensor, # [B, T] the batch's token ids
+             ) -> torch.Tensor:
+    "The logits `[B, T, V]` in a model's output: its `.logits` (or `['logits']`), the tensor itself, or the first item of a\n    tuple (transformers with `return_dict=False`, a value-head wrapper's `(logits, values)`, nanoGPT's `(logits, loss)`)."
+    x = getattr(out, 'logits', out)
+    if isinstance(x, Mapping) and 'logits' in x: x = x['logits']
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor): x = x[0]
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != tuple(ids.shape):
+        what = f"logits of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+        raise ValueError(f"`model` returned {what} for a batch of token ids of shape {tuple(ids.shape)}: influence_nb needs the "
+                         "logits at every position, [batch, T, vocab], as `.logits`, as the output itself or as the first item "
+                         "of a tuple. A model that returns only the last position's logits (nanoGPT, called without targets) "
+                         "must be wrapped to return them all.")
+    return x
+
 
 # %% ../nbs/00_data.ipynb #663e4a9c
 CORPUS_FORMATS = ("JSONL (.jsonl/.json/.ndjson: one JSON object per line with a text field, which may hold a conversation, "

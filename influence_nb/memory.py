@@ -9,6 +9,7 @@ import os, warnings
 import pandas as pd
 import torch
 from torch import nn
+from .data import lm_call, model_config
 from .modules import find_modules, _candidates, _keyword_names
 from .kfac import resolve_factor_dtype
 from .theory import available_memory
@@ -33,13 +34,13 @@ def shared_inputs(model:nn.Module, layers:list) -> dict|None:
     for layer in layers:
         if layer.expert is None:
             hooks.append(layer.module.register_forward_pre_hook(lambda mod, args, n=layer.name: seen.setdefault(n, args[0])))
-    device, cfg = next(model.parameters()).device, getattr(model, 'config', None)
+    device, cfg = next(model.parameters()).device, model_config(model)
     pad = getattr(cfg, 'pad_token_id', None)
     try:
         ids = torch.zeros(1, 2, dtype=torch.long, device=device)
         mask = {} if device.type == 'meta' else {'attention_mask': torch.ones_like(ids)}   # a meta mask cannot be read
         if device.type == 'meta' and pad is not None: cfg.pad_token_id = None   # else a padding check reads the meta ids
-        with torch.no_grad(): model(input_ids=ids, **mask)
+        with torch.no_grad(): lm_call(model)(input_ids=ids, attention_mask=mask.get('attention_mask'))   # as the passes call it
     except Exception: return None
     finally:
         for h in hooks: h.remove()

@@ -12,9 +12,9 @@ from .data import eval_mode
 
 # %% auto #0
 __all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'experts_layout', 'is_experts', 'expert_params', 'n_experts',
-           'expert_weights', 'expert_transposed', 'TrackedLayer', 'adapter_parts', 'adapter_state', 'candidate_modules',
-           'blocks', 'block_coverage', 'check_not_reused', 'check_unshared', 'check_model', 'check_causal',
-           'find_modules', 'tiny_model', 'layer_param_names', 'Capture', 'experts_forward', 'capture']
+           'expert_weights', 'expert_transposed', 'TrackedLayer', 'adapter_parts', 'adapter_state', 'output_head',
+           'candidate_modules', 'blocks', 'block_coverage', 'check_not_reused', 'check_unshared', 'check_model',
+           'check_causal', 'find_modules', 'tiny_model', 'layer_param_names', 'Capture', 'experts_forward', 'capture']
 
 # %% ../nbs/03_modules.ipynb #8ec08ef3
 MLP_LEAVES = {   # how `modules="mlp"` recognises a block's feed-forward weights, whatever the architecture
@@ -227,9 +227,18 @@ def _adapter_param(rel:str, tuners:set[str], unused=()) -> bool:
     return _under(mod, unused) or any(mod.startswith(t + '.') and not (mod + '.').startswith(t + '.base_layer.') for t in tuners)
 
 # %% ../nbs/03_modules.ipynb #5d2d572d
+def output_head(model:nn.Module) -> nn.Module|None:
+    "The LM head: `model.get_output_embeddings()`; for a model without that method, the head of the outermost module inside\n    that has one (a `DataParallel`, a user's module holding a causal LM), else a Linear named `lm_head` or whose weight an\n    `nn.Embedding` shares (nanoGPT ties `lm_head` to `wte`)."
+    if hasattr(model, 'get_output_embeddings'): return model.get_output_embeddings()
+    inner = next((m for m in model.modules() if hasattr(m, 'get_output_embeddings')), None)
+    if inner is not None: return inner.get_output_embeddings()
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return next((m for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                 and (n.rsplit('.', 1)[-1] == 'lm_head' or id(m.weight) in emb)), None)
+
 def _candidates(model:nn.Module) -> dict[str, TrackedLayer]:
     "Every trackable layer (and every expert's slice of an experts module) except the LM head, in model order."
-    head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
+    head = output_head(model)
     out, inside, unused = {}, None, _unused(model)   # inside: the head's name, when a peft adapter wraps it (its base layer and LoRA are the head too)
     for n, m in model.named_modules():
         if m is head: inside = n
@@ -376,7 +385,7 @@ def _warn_left_out(model, names, what='`modules`', parts:dict|None=None):
 
 def _left_out_weights(model, cands:dict, parts:dict) -> list[str]:
     "Weights of two or more dimensions no layer of `cands` covers, less embeddings, the LM head and adapters: what 'all' cannot track."
-    head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
+    head = output_head(model)
     skip = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) or (head is not None and m is head)]
     skip += _unused(model) + list(parts['matrices']) + list(parts['other']) + list(parts['unsupported'])
     covered = {x.name.rsplit('[', 1)[0] if x.expert is not None else f'{x.name}.{x.param}' for x in cands.values()}
@@ -457,11 +466,21 @@ def check_unshared(model:nn.Module, layers:list[TrackedLayer]):
                                  "`candidate_modules(model)` lists, without them).")
 
 # %% ../nbs/03_modules.ipynb #f9a9a3a7
+def _offloaded(model:nn.Module) -> bool:
+    "Whether accelerate's hooks load some of `model`'s weights at each forward pass (offloading)."
+    hooks = [getattr(m, '_hf_hook', None) for m in model.modules()]
+    return any(getattr(h, 'offload', False) or any(getattr(g, 'offload', False) for g in getattr(h, 'hooks', ())) for h in hooks)
+
 def check_model(model:nn.Module):
     "Raise unless `model` is an nn.Module whose parameters hold data on one device, and a causal model (`check_causal`)."
     if not isinstance(model, nn.Module): raise TypeError(f"`model` must be a torch nn.Module, got {type(model).__name__}.")
     devs = {p.device for p in model.parameters()}
     if not devs: raise ValueError(f"`model` ({type(model).__name__}) has no parameters: there is nothing to attribute influence to.")
+    if any(d.type == 'meta' for d in devs) and _offloaded(model):
+        raise ValueError(f"`model` ({type(model).__name__}) is offloaded by accelerate (device_map with 'cpu' or 'disk' entries, "
+                         "`cpu_offload` or `disk_offload`): its weights are loaded layer by layer during a forward pass and are "
+                         "on the 'meta' device between passes. influence_nb needs every weight in memory on one device: load it "
+                         "without offloading (`from_pretrained(folder)`, then `.to(device)`), or in a smaller dtype.")
     if any(d.type == 'meta' for d in devs):
         raise ValueError("`model` has parameters on the 'meta' device (no weights loaded); load its weights first, "
                          "e.g. `AutoModelForCausalLM.from_pretrained(...)` without device_map='meta'.")
@@ -515,11 +534,14 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
         bad = [n for n in names if n not in cands]
         if bad:
             all_names = dict(model.named_modules())
-            head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
+            head = output_head(model)
             why = {n: ('the output (LM) head, never tracked: its output factor is vocab × vocab, and it is often tied to the '
                        'input embeddings' if head is not None and all_names.get(n) is head else
                        'not a Linear/Conv1D layer' if n in all_names else 'no such module') for n in bad}
-            raise ValueError(f"Unknown or untrackable `modules` {why}. Candidates: {list(cands)}")
+            compiled = [n for n in bad if f'_orig_mod.{n}' in cands or (n.startswith('_orig_mod.') and n[10:] in cands)]
+            hint = (" A torch.compile'd model (OptimizedModule) names its layers '_orig_mod.<name>' and the model it wraps "
+                    "'<name>': fit and score the same object (or both on `model._orig_mod`)." if compiled else '')
+            raise ValueError(f"Unknown or untrackable `modules` {why}. Candidates: {list(cands)}{hint}")
         if len(set(names)) != len(names): raise ValueError(f"`modules` lists a layer twice: {names}.")
         order = {n: i for i, n in enumerate(cands)}
         names = sorted(names, key=order.get)
@@ -704,7 +726,8 @@ def capture(model:nn.Module, # the model whose layers are hooked
         for p, _ in flags: p.requires_grad_(False)
         handles = [layer.module.register_forward_hook(make_hook(layer.name)) for layer in layers if layer.expert is None]
         for m, tracked in experts.items(): m.forward = experts_forward(m, make_record(prefix[m], tracked))
-        with eval_mode(model): yield cap                                   # a mixed train/eval state comes back as it was
+        with eval_mode(model), torch.compiler.set_stance('force_eager'): yield cap   # mixed train/eval state comes back as it was;
+                                    # eager: a torch.compile'd graph skips the hooks' outputs, whose gradients then come out 0
     finally:
         for h in handles: h.remove()
         for m, f in saved.items():

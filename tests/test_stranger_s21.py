@@ -1,0 +1,178 @@
+"""Session 21, a stranger's own model held the way users hold it: `torch.compile`, accelerate offloading, `DataParallel`, a
+value-head wrapper, a nanoGPT-style model of their own. Each score is checked against autograd over the tracked weights
+(`strategy='identity'`: the plain gradient dot product), and the model is left as found."""
+import pytest, torch, torch.nn as nn, torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+import influence_nb as inf
+
+V = 50
+
+
+def gpt2(seed=0):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+def data(n=6, q=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    train = [{'input_ids': torch.randint(0, V, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g)} for _ in range(n)]
+    queries = []
+    for _ in range(q):
+        ids = torch.randint(0, V, (8,), generator=g); lab = ids.clone(); lab[:5] = -100
+        queries.append({'input_ids': ids, 'labels': lab})
+    return train, queries
+
+
+def autograd_scores(params, logits_fn, queries, train):
+    "grad log p(completion_q) . grad log p(sequence_n) over `params`, in float64, one sequence at a time."
+    def grad(s):
+        lab = s.get('labels', s['input_ids'])[1:]
+        lp = torch.log_softmax(logits_fn(s['input_ids'][None])[0, :-1].double(), -1)
+        keep = lab != -100
+        g = torch.autograd.grad(lp[keep].gather(-1, lab[keep][:, None]).sum(), params)
+        return torch.cat([x.reshape(-1) for x in g]).double()
+    return torch.stack([grad(s) for s in queries]) @ torch.stack([grad(s) for s in train]).T
+
+
+def rel(a, b): return float((a.double() - b).abs().max() / b.abs().max())
+
+
+def identity_scores(model, queries, train, **kw):
+    f = inf.fit_factors(model, train, strategy='identity', modules='mlp', **kw)
+    return inf.pairwise_scores(model, f, queries, train, **kw).total
+
+
+def mlp_params(model): return [p for n, p in model.named_parameters() if '.mlp.' in n]
+
+
+def state(model): return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize('how', ['torch.compile(model)', 'model.compile()'])
+def test_a_compiled_model_scores_as_autograd(how):
+    "A torch.compile'd graph left out the hooks' outputs: every gradient they took came out 0 (rel. error 1.01); now eager."
+    m, (train, queries) = gpt2(), data()
+    want = autograd_scores(mlp_params(m), lambda ids: m(ids).logits, queries, train)
+    if how == 'model.compile()': m.compile(); cm = m
+    else: cm = torch.compile(m)
+    before = state(cm)
+    assert rel(identity_scores(cm, queries, train), want) < 1e-5
+    assert all(torch.equal(v, state(cm)[k]) for k, v in before.items()) and not cm.training
+
+
+def test_factors_of_the_plain_model_on_its_compiled_wrapper_say_why():
+    m, (train, _) = gpt2(), data()
+    f = inf.fit_factors(m, train, strategy='identity', modules='mlp')
+    with pytest.raises(ValueError, match=r"torch.compile'd model \(OptimizedModule\) names its layers '_orig_mod"):
+        inf.self_scores(torch.compile(m), f, train)
+
+
+@pytest.mark.parametrize('how', ['cpu_offload', 'disk_offload'])
+def test_an_offloaded_model_is_named_as_such(how, tmp_path):
+    "accelerate's offloading leaves weights on 'meta' between passes; it was refused as a model with 'no weights loaded'."
+    import accelerate
+    m, (train, _) = gpt2(), data()
+    m = accelerate.cpu_offload(m, execution_device='cpu') if how == 'cpu_offload' else \
+        accelerate.disk_offload(m, str(tmp_path), execution_device='cpu')
+    with pytest.raises(ValueError, match='is offloaded by accelerate'):
+        inf.fit_factors(m, train, strategy='identity')
+
+
+class ValueHead(nn.Module):
+    "A user's RLHF-style wrapper: returns `(logits, values)` as a tuple, has no `config` and no `get_output_embeddings`."
+    def __init__(self, lm):
+        super().__init__(); self.lm, self.v_head = lm, nn.Linear(lm.config.hidden_size, 1)
+    def forward(self, input_ids, attention_mask=None):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.logits, self.v_head(out.hidden_states[-1])[..., 0]
+
+
+def test_a_value_head_wrapper_returning_a_tuple_scores_as_autograd():
+    "It failed with AttributeError: 'tuple' object has no attribute 'dtype'."
+    m, (train, queries) = gpt2(), data()
+    want = autograd_scores(mlp_params(m), lambda ids: m(ids).logits, queries, train)
+    assert rel(identity_scores(ValueHead(m), queries, train, batch_size=3), want) < 1e-5
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, d, h):
+        super().__init__(); self.h = h
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.Module(); self.attn.c_attn = nn.Linear(d, 3 * d); self.attn.c_proj = nn.Linear(d, d)
+        self.mlp = nn.Module(); self.mlp.c_fc = nn.Linear(d, 4 * d); self.mlp.c_proj = nn.Linear(4 * d, d)
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = [t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in self.attn.c_attn(self.ln_1(x)).split(C, 2)]
+        x = x + self.attn.c_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x))))
+
+
+class NanoGPT(nn.Module):
+    "nanoGPT's shape: `forward(idx, targets=None) -> (logits, loss)`, `lm_head` tied to `wte`, no config, no `.generate`."
+    def __init__(self, d=32, n_layer=2, h=4, block_size=32, last_only=False):
+        super().__init__(); self.last_only = last_only
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(V, d), wpe=nn.Embedding(block_size, d),
+                                              h=nn.ModuleList([NanoBlock(d, h) for _ in range(n_layer)]), ln_f=nn.LayerNorm(d)))
+        self.lm_head = nn.Linear(d, V, bias=False); self.transformer.wte.weight = self.lm_head.weight
+    def forward(self, idx, targets=None):
+        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.shape[1]))
+        for b in self.transformer.h: x = b(x)
+        x = self.transformer.ln_f(x)
+        if self.last_only and targets is None: return self.lm_head(x[:, [-1]]), None   # nanoGPT's generation shortcut
+        logits = self.lm_head(x)
+        return logits, None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def test_a_nanogpt_style_model_scores_as_autograd_padded_or_not():
+    "It failed with TypeError: forward() got an unexpected keyword argument 'input_ids'. It is run as `model(ids)`, without a\n    mask: exact on right-padded batches of a causal model (EK-FAC scores padded = unpadded)."
+    torch.manual_seed(0); m = NanoGPT().eval()
+    train, queries = data(n=8)
+    want = autograd_scores(mlp_params(m), lambda ids: m(ids)[0], queries, train)
+    assert rel(identity_scores(m, queries, train, batch_size=4), want) < 1e-5
+    f = inf.fit_factors(m, train, strategy='ekfac', batch_size=4)
+    a, b = (inf.pairwise_scores(m, f, queries, train, batch_size=bs).total for bs in (4, 1))
+    assert rel(a, b.double()) < 1e-5
+    names = [x.name for x in inf.find_modules(m, 'all')]      # the tied lm_head is the head, not a layer 'all' tracks
+    assert 'lm_head' not in names and len(names) == 8
+
+
+def test_logits_of_one_position_are_refused_by_shape():
+    torch.manual_seed(0); m = NanoGPT(last_only=True).eval()
+    train, _ = data()
+    with pytest.raises(ValueError, match=r"returned logits of shape \(\d+, 1, 50\) .* logits at every position"):
+        inf.fit_factors(m, train, strategy='ekfac')
+
+
+def test_wrapped_models_keep_the_vocabulary_context_and_head_of_the_model_inside():
+    "Without a `config` on top, token ids past the vocabulary, texts past a rotary model's context (silently scored) and the\n    LM head in modules='all' (a vocab × vocab factor) went unchecked."
+    g = gpt2()
+    for w in (nn.DataParallel(g), ValueHead(g)):
+        with pytest.raises(ValueError, match=r"token id 60 outside the model's vocabulary \[0, 50\)"):
+            inf.fit_factors(w, [{'input_ids': torch.tensor([1, 2, 60])}], strategy='identity')
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)).eval()
+    with pytest.raises(ValueError, match="has 40 tokens but the model's context is 32"):
+        inf.fit_factors(ValueHead(llama), [{'input_ids': torch.randint(0, V, (40,))}], strategy='identity')
+    plain = [x.name for x in inf.find_modules(llama, 'all')]
+    assert [x.name for x in inf.find_modules(nn.DataParallel(llama), 'all')] == [f'module.{n}' for n in plain]
+    assert [x.name for x in inf.find_modules(ValueHead(llama), 'all')] == [f'lm.{n}' for n in plain] + ['v_head']
+
+
+def test_a_trainer_output_folder_names_its_checkpoints(tmp_path):
+    "`--model run/` (Trainer's output_dir, with checkpoint-*/ inside) was 'neither a bundled model … nor a Hub id'."
+    for step in (9, 10, 100):
+        (tmp_path/'run'/f'checkpoint-{step}').mkdir(parents=True); (tmp_path/'run'/f'checkpoint-{step}'/'config.json').write_text('{}')
+    with pytest.raises(ValueError, match=r"is a Trainer output folder: .*checkpoint-100', the latest"):
+        inf.load_model(tmp_path/'run')
+
+
+def test_memory_estimates_find_shared_inputs_of_a_nanogpt_style_model():
+    "`memory.shared_inputs` called the model as transformers does and, on `forward(idx)`, returned None (the estimate then\n    guessed which layers share an input); it runs the model as the passes do: c_attn alone reads ln_1's output, and so on."
+    from influence_nb.memory import shared_inputs
+    torch.manual_seed(0); m = NanoGPT().eval()
+    got = shared_inputs(m, inf.find_modules(m, 'all'))
+    assert got is not None and len(got) == 8 and all(got[n] == n for n in got)   # no two of nanoGPT's layers read one input
+    g = gpt2()
+    assert shared_inputs(g, inf.find_modules(g, 'all')) is not None
