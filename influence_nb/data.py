@@ -894,9 +894,15 @@ def completion_logprobs(model, # a causal LM
     return torch.tensor(out, dtype=dtype)
 
 # %% ../nbs/00_data.ipynb #c5de9db8
+def _wrapped(model):
+    "The model a wrapper runs: torch.compile's `_orig_mod`, (Distributed)DataParallel's `module`, unwrapped in turn; else `model`."
+    inner = model._modules.get('_orig_mod') if isinstance(model, torch.nn.Module) else None
+    if inner is None and isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)): inner = model.module
+    return model if inner is None else _wrapped(inner)
+
 def lm_call(model):
-    "How `batch_logits` runs `model`: as `model(input_ids=, attention_mask=)` (transformers); a forward without an\n    `attention_mask` gets none, and one that takes no `input_ids` either (nanoGPT's `forward(idx, targets=None)`) gets the ids\n    as its first argument. Without a mask the logits are the same for a causal model on the right-padded batches `collate`\n    makes: no real token attends to a pad after it."
-    try: ps = inspect.signature(model.forward).parameters
+    "How `batch_logits` runs `model`: as `model(input_ids=, attention_mask=)` (transformers); a forward without an\n    `attention_mask` gets none, and one that takes no `input_ids` either (nanoGPT's `forward(idx, targets=None)`) gets the ids\n    as its first argument. Without a mask the logits are the same for a causal model on the right-padded batches `collate`\n    makes: no real token attends to a pad after it. A wrapper (torch.compile's, `DataParallel`) is called as its inner model is."
+    try: ps = inspect.signature(_wrapped(model).forward).parameters    # a wrapper's own is `(*args, **kwargs)`
     except (TypeError, ValueError): return lambda **kw: model(**kw)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps.values()) or 'attention_mask' in ps: return lambda **kw: model(**kw)
     if 'input_ids' in ps: return lambda input_ids, attention_mask: model(input_ids=input_ids)
@@ -915,6 +921,10 @@ def logits_of(out, # what the model returned
                          "logits at every position, [batch, T, vocab], as `.logits`, as the output itself or as the first item "
                          "of a tuple. A model that returns only the last position's logits (nanoGPT, called without targets) "
                          "must be wrapped to return them all.")
+    if ids.numel() and int(ids.max()) >= x.shape[-1]:   # hidden states [B, T, d] first in a tuple have the shape of logits
+        raise ValueError(f"`model` returned a [batch, T, {x.shape[-1]}] tensor for token ids up to {int(ids.max())}: not logits over "
+                         "the vocabulary (one per token id). If the model returns a tuple, put the logits first (e.g. not the "
+                         "hidden states), or return them as `.logits`.")
     return x
 
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_modules.ipynb #6ac9ec19
 from __future__ import annotations
-import re, ast, contextlib, functools, inspect, textwrap, warnings
+import re, ast, contextlib, functools, inspect, textwrap, threading, warnings
 from dataclasses import dataclass
 import torch
 from torch import nn
@@ -228,10 +228,10 @@ def _adapter_param(rel:str, tuners:set[str], unused=()) -> bool:
 
 # %% ../nbs/03_modules.ipynb #5d2d572d
 def output_head(model:nn.Module) -> nn.Module|None:
-    "The LM head: `model.get_output_embeddings()`; for a model without that method, the head of the outermost module inside\n    that has one (a `DataParallel`, a user's module holding a causal LM), else a Linear named `lm_head` or whose weight an\n    `nn.Embedding` shares (nanoGPT ties `lm_head` to `wte`)."
+    "The LM head: `model.get_output_embeddings()`; for a model without that method, the head of the outermost module inside\n    that has one (a `DataParallel`, a user's module holding a causal LM), else a Linear named `lm_head` or whose weight an\n    `nn.Embedding` shares (nanoGPT ties `lm_head` to `wte`; a user's head on a transformers base model, whose own says None)."
     if hasattr(model, 'get_output_embeddings'): return model.get_output_embeddings()
-    inner = next((m for m in model.modules() if hasattr(m, 'get_output_embeddings')), None)
-    if inner is not None: return inner.get_output_embeddings()
+    heads = (m.get_output_embeddings() for m in model.modules() if hasattr(m, 'get_output_embeddings'))
+    if (head := next((h for h in heads if h is not None), None)) is not None: return head
     emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return next((m for n, m in model.named_modules() if isinstance(m, nn.Linear)
                  and (n.rsplit('.', 1)[-1] == 'lm_head' or id(m.weight) in emb)), None)
@@ -685,6 +685,29 @@ def _twice_msg(name):
             "(track layers that run once per pass).")
 
 
+# %% ../nbs/03_modules.ipynb #43d25c8a
+_eager_lock, _eager_open = threading.Lock(), []   # one entry per open `_force_eager`; the first holds the stance found before it
+
+def _compiled(model:nn.Module) -> bool:
+    "Whether `model` or a module inside runs a torch.compile'd graph (`torch.compile(m)`'s wrapper, or `m.compile()`)."
+    return any(type(m).__name__ == 'OptimizedModule' or getattr(m, '_compiled_call_impl', None) is not None for m in model.modules())
+
+@contextlib.contextmanager
+def _force_eager(model:nn.Module):
+    "Compiled graphs run eagerly inside (they skip the hooks' outputs, whose gradients then come out 0). The stance is one for\n    the process: the first block open sets it and the last to close, in any thread and any order, restores what it found."
+    if not hasattr(torch.compiler, 'set_stance'):                          # torch < 2.6 cannot force eager
+        if _compiled(model): raise ValueError(f"`model` ({type(model).__name__}) is torch.compile'd, and this torch "
+            f"({torch.__version__}) cannot run it eagerly under the hooks (its graph would skip them: every gradient 0). Pass the "
+            "model before `torch.compile` (its `_orig_mod`), or upgrade to torch >= 2.6.")
+        yield; return
+    with _eager_lock: _eager_open.append(None if _eager_open else torch.compiler.set_stance('force_eager'))   # set now
+    try: yield
+    finally:
+        with _eager_lock:
+            first = _eager_open.pop()
+            if not _eager_open: first.__exit__(None, None, None)          # the stance found by the first block comes back
+
+
 # %% ../nbs/03_modules.ipynb #fdc1e5aa
 @contextlib.contextmanager
 def capture(model:nn.Module, # the model whose layers are hooked
@@ -726,8 +749,7 @@ def capture(model:nn.Module, # the model whose layers are hooked
         for p, _ in flags: p.requires_grad_(False)
         handles = [layer.module.register_forward_hook(make_hook(layer.name)) for layer in layers if layer.expert is None]
         for m, tracked in experts.items(): m.forward = experts_forward(m, make_record(prefix[m], tracked))
-        with eval_mode(model), torch.compiler.set_stance('force_eager'): yield cap   # mixed train/eval state comes back as it was;
-                                    # eager: a torch.compile'd graph skips the hooks' outputs, whose gradients then come out 0
+        with eval_mode(model), _force_eager(model): yield cap   # a mixed train/eval state comes back as it was
     finally:
         for h in handles: h.remove()
         for m, f in saved.items():

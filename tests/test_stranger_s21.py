@@ -176,3 +176,75 @@ def test_memory_estimates_find_shared_inputs_of_a_nanogpt_style_model():
     assert got is not None and len(got) == 8 and all(got[n] == n for n in got)   # no two of nanoGPT's layers read one input
     g = gpt2()
     assert shared_inputs(g, inf.find_modules(g, 'all')) is not None
+
+
+# --- session 21 review: wrappers of a model without `input_ids`, tuples led by hidden states, a head on a base model, the stance
+
+
+@pytest.mark.parametrize('wrap', [nn.DataParallel, torch.compile])
+def test_a_wrapped_nanogpt_style_model_is_called_as_the_model_inside(wrap):
+    "`lm_call` read the wrapper's `(*args, **kwargs)` and called `forward(idx)` with input_ids=: TypeError."
+    torch.manual_seed(0); m = NanoGPT().eval()
+    train, queries = data()
+    want = autograd_scores(mlp_params(m), lambda ids: m(ids)[0], queries, train)
+    assert rel(identity_scores(wrap(m), queries, train, batch_size=3), want) < 1e-5
+
+
+class HiddenFirst(nn.Module):
+    "A wrapper returning `(hidden_states, logits)`: the first item has the shape of logits, [batch, T, d]."
+    def __init__(self, lm): super().__init__(); self.lm = lm
+    def forward(self, input_ids, attention_mask=None):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[-1], out.logits
+
+
+def test_hidden_states_first_in_a_tuple_are_not_taken_for_logits():
+    "The true-Fisher fit sampled its labels from softmax(hidden states) and fitted silently; scores then hit an IndexError."
+    train, _ = data()
+    with pytest.raises(ValueError, match=r"returned a \[batch, T, 32\] tensor for token ids up to 4\d: not logits"):
+        inf.fit_factors(HiddenFirst(gpt2()), train, strategy='ekfac')
+
+
+def test_a_head_on_a_transformers_base_model_is_the_head():
+    "GPT2Model's `get_output_embeddings()` is None: `output_head` stopped there, and modules='all' tracked the vocab × vocab lm_head."
+    from transformers import GPT2Model
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = GPT2Model(GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=4, n_positions=32))
+            self.lm_head = nn.Linear(32, V, bias=False)
+        def forward(self, input_ids, attention_mask=None):
+            return self.lm_head(self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
+    b = Backbone()
+    from influence_nb.modules import output_head
+    assert output_head(b) is b.lm_head and 'lm_head' not in [x.name for x in inf.find_modules(b, 'all')]
+
+
+def test_captures_in_threads_give_the_compiler_stance_back():
+    "set_stance is process-wide and restored what each block found: two captures interleaved in threads left 'force_eager'."
+    import threading
+    from torch._dynamo import eval_frame
+    from influence_nb.modules import capture
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    def first():
+        g = gpt2()
+        with capture(g, inf.find_modules(g, 'mlp')): a_in.set(); b_in.wait(10)
+        a_out.set()
+    def second():
+        a_in.wait(10); g = gpt2(1)
+        with capture(g, inf.find_modules(g, 'mlp')): b_in.set(); a_out.wait(10)
+    before = eval_frame._stance.stance
+    ts = [threading.Thread(target=f) for f in (first, second)]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    assert eval_frame._stance.stance == before == 'default'
+
+
+def test_a_torch_without_set_stance_refuses_only_compiled_models(monkeypatch):
+    "`torch.compiler.set_stance` is torch >= 2.6 (pyproject allows 2.3): every capture raised AttributeError there."
+    monkeypatch.delattr(torch.compiler, 'set_stance')
+    m, (train, queries) = gpt2(), data()
+    want = autograd_scores(mlp_params(m), lambda ids: m(ids).logits, queries, train)
+    assert rel(identity_scores(m, queries, train), want) < 1e-5
+    with pytest.raises(ValueError, match=r"is torch.compile'd, and this torch .* cannot run it eagerly"):
+        inf.fit_factors(torch.compile(m), train, strategy='ekfac')
