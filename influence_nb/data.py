@@ -20,8 +20,9 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences',
            'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model',
            'load_bundled', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs',
-           'lm_call', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_text',
-           'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'cache_dir', 'cached_factors']
+           'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows',
+           'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'cache_dir',
+           'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -868,13 +869,13 @@ def batch_logits(model, # a causal LM (called as `call(input_ids=, attention_mas
                  before_retry=None, # called before the second run (e.g. to clear hooks' captures)
                 ) -> torch.Tensor:
     "Logits `[B, T, V]` of batch `b`, run again without the padding mask when padding made any logit non-finite."
-    call, ids = call or lm_call(model), b['input_ids']
-    logits = logits_of(call(input_ids=ids, attention_mask=b['attention_mask']), ids)
+    call, ids, tokens = call or lm_call(model), b['input_ids'], reads_tokens(model)
+    logits = logits_of(call(input_ids=ids, attention_mask=b['attention_mask']), ids, tokens)
     # a NaN on a pad alone still poisons: NaN × 0 in masks, and in every backward
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32   # one sum, no [B, T, V] mask; no half overflow
     if bool(b['attention_mask'].bool().all()) or bool(torch.isfinite(logits.detach().sum(dtype=acc))): return logits
     if before_retry is not None: before_retry()        # a right pad is never attended to by an earlier token:
-    return logits_of(call(input_ids=ids, attention_mask=torch.ones_like(b['attention_mask'])), ids)   # same real tokens
+    return logits_of(call(input_ids=ids, attention_mask=torch.ones_like(b['attention_mask'])), ids, tokens)   # same real tokens
 
 def completion_logprobs(model, # a causal LM
                         seqs, # query sequences (`tokenize_pairs`): only tokens with labels are counted
@@ -908,8 +909,14 @@ def lm_call(model):
     if 'input_ids' in ps: return lambda input_ids, attention_mask: model(input_ids=input_ids)
     return lambda input_ids, attention_mask: model(input_ids)
 
+def reads_tokens(model) -> bool:
+    """Whether `model`'s `input_ids` are token ids its logits index (a vocabulary in its config, or an embedding reading them),
+    not row indices of an adapter's data (`ClassifierAsLM`, whose logits are classes)."""
+    return model_vocab(model) is not None or any(isinstance(m, torch.nn.Embedding) for m in model.modules())
+
 def logits_of(out, # what the model returned
               ids:torch.Tensor, # [B, T] the batch's token ids
+              tokens:bool=True, # `ids` are token ids, each with its logit (`reads_tokens`): the last dimension must cover them
              ) -> torch.Tensor:
     "The logits `[B, T, V]` in a model's output: its `.logits` (or `['logits']`), the tensor itself, or the first item of a\n    tuple (transformers with `return_dict=False`, a value-head wrapper's `(logits, values)`, nanoGPT's `(logits, loss)`)."
     x = getattr(out, 'logits', out)
@@ -921,7 +928,7 @@ def logits_of(out, # what the model returned
                          "logits at every position, [batch, T, vocab], as `.logits`, as the output itself or as the first item "
                          "of a tuple. A model that returns only the last position's logits (nanoGPT, called without targets) "
                          "must be wrapped to return them all.")
-    if ids.numel() and int(ids.max()) >= x.shape[-1]:   # hidden states [B, T, d] first in a tuple have the shape of logits
+    if tokens and ids.numel() and int(ids.max()) >= x.shape[-1]:   # hidden states [B, T, d] first in a tuple have the shape of logits
         raise ValueError(f"`model` returned a [batch, T, {x.shape[-1]}] tensor for token ids up to {int(ids.max())}: not logits over "
                          "the vocabulary (one per token id). If the model returns a tuple, put the logits first (e.g. not the "
                          "hidden states), or return them as `.logits`.")
