@@ -277,7 +277,7 @@ examples:
 
 def _model_args(p, required=True):
     p.add_argument('--model', required=required, default=None if required else 'gpt2-l',
-                   help=f'bundled model {MODEL_NAMES}, a model folder (written by save_pretrained; a peft adapter folder loads its base model with the adapter) or a Hugging Face Hub id (org/name; offline: from the Hub cache)')
+                   help=f'bundled model {MODEL_NAMES}, a model folder (written by save_pretrained; a peft adapter folder loads its base model with the adapter) a Hugging Face Hub id (org/name; offline: from the Hub cache), or the function that builds a model outside transformers, module:function or file.py:function (called with no arguments; returns the model or (model, tokenizer))')
     p.add_argument('--tokenizer', default=None, help="tokenizer folder (default: the model folder's own; a folder without "
                    "one is refused, so that scores are never computed on another tokenizer's ids)")
     p.add_argument('--device', default=None, help="where the model runs: cpu (default), cuda, cuda:1, mps, or auto (a GPU where "

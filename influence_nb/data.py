@@ -20,9 +20,9 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences',
            'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model',
            'load_bundled', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs',
-           'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows',
-           'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'cache_dir',
-           'cached_factors']
+           'uncompiled', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows',
+           'corpus_rows', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences',
+           'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -618,12 +618,22 @@ def model_config(model):
     "`model.config`; for a model without one, the config of the outermost module inside that has one (a `DataParallel`, a\n    torch.compile'd model, a user's module holding a causal LM); None for a model with no config anywhere (nanoGPT)."
     cfg = getattr(model, 'config', None)
     if cfg is not None or not isinstance(model, torch.nn.Module): return cfg
-    return next((c for m in model.modules() if hasattr(c := getattr(m, 'config', None), 'vocab_size')), None)
+    parts = []                                      # the outermost modules inside with a vocabulary: the LMs a wrapper holds
+    for n, m in model.named_modules():
+        if hasattr(getattr(m, 'config', None), 'vocab_size') and not any(n.startswith(p + '.') for p, _ in parts): parts.append((n, m))
+    if len(parts) > 1:
+        raise ValueError(f"`model` ({type(model).__name__}) has no config of its own and holds {len(parts)} language models "
+                         f"({', '.join(f'{n}: {type(m).__name__}' for n, m in parts)}): influence_nb cannot tell which one computes "
+                         "its logits, and the vocabulary and context checks, the output head and the layers 'mlp' and 'all' track "
+                         f"depend on it. Pass the model that runs (e.g. `model.{parts[-1][0]}`), or give the wrapper that model's "
+                         "`config` and `get_output_embeddings`.")
+    return parts[0][1].config if parts else None
 
 def model_context(model) -> int|None:
     "The maximum sequence length a transformers model accepts, or None if its config does not say."
     cfg = model_config(model)
-    for k in ('n_positions', 'max_position_embeddings', 'n_ctx', 'seq_length', 'max_sequence_length', 'max_seq_len'):
+    for k in ('n_positions', 'max_position_embeddings', 'n_ctx', 'seq_length', 'max_sequence_length', 'max_seq_len',
+              'block_size'):   # nanoGPT's and minGPT's `config.block_size`
         v = getattr(cfg, k, None)
         if isinstance(v, int) and v > 0: return v
     return None
@@ -732,7 +742,7 @@ def _from_pretrained(where, device, dtype):
     return m.to(device).eval()
 
 # %% ../nbs/00_data.ipynb #631b6368
-def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_pretrained` (a model's, or a peft adapter's), a Hub id ('org/name') or a model object
+def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_pretrained` (a model's, or a peft adapter's), a Hub id ('org/name'), 'module:function' / 'file.py:function' (`_load_factory`) or a model object
                tokenizer=None, # a tokenizer or its folder; None: the model folder's own (bundled models: data/tokenizer)
                device=None, # where the model runs: None (a folder loads on the CPU; an object stays), 'cpu', 'cuda', 'cuda:1', 'auto' (an object is moved in place, as `.to` does)
                dtype=None, # None: a folder loads in its checkpoint's dtype (transformers' default), an object keeps its own; or a DTYPES name
@@ -745,6 +755,7 @@ def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_
         return _check_pair(model.to(device=device, dtype=dtype).eval(), load_tokenizer(tokenizer))
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"`model` must be a model, a bundled name {MODEL_NAMES} or a folder, got {type(model).__name__}.")
+    if (spec := _FACTORY.fullmatch(str(model))) and not Path(model).exists(): return _load_factory(spec, tokenizer, device, dtype)
     bundled = _bundled_dir(model)
     path = bundled or Path(model)
     if (path/'adapter_config.json').is_file() and not (path/'config.json').exists():
@@ -756,7 +767,8 @@ def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_
         if ckpts: raise ValueError(f"{str(model)!r} is a Trainer output folder: its models are in {ckpts[-3:]}; pass one of "
                                    f"them (e.g. '{path/ckpts[-1]}', the latest), or the folder `trainer.save_model()` wrote.")
         raise ValueError(f"Unknown model {str(model)!r}: neither a bundled model {MODEL_NAMES}, a folder with a config.json "
-                         "(save one with `model.save_pretrained(folder)`) nor a Hugging Face Hub id ('org/name').")
+                         "(save one with `model.save_pretrained(folder)`), a Hugging Face Hub id ('org/name') nor a function "
+                         "that builds the model ('module:function' or 'file.py:function').")
     if tokenizer is None:
         if hub: tokenizer = str(model)                                   # the repository's own tokenizer
         elif any((path/f).exists() for f in TOKENIZER_FILES): tokenizer = path
@@ -803,6 +815,42 @@ def load_bundled(name:str='gpt2-l', # one of MODEL_NAMES, or a model folder (wit
                 ) -> tuple:
     "`(model, tokenizer)` of a bundled model (eval mode, float32) and the project tokenizer."
     return load_model(name)
+
+# %% ../nbs/00_data.ipynb #8604a64d
+_FACTORY = re.compile(r'(?P<where>[A-Za-z_][\w.]*|.+\.py):(?P<fn>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)')   # 'pkg.mod:fn', 'dir/file.py:fn'
+
+def _import_factory(where:str, fn:str):
+    "The object `fn` (dotted) of the module `where`: a dotted module name (importable from the working directory), or a .py file."
+    import importlib, importlib.util
+    try:
+        if where.endswith('.py'):
+            if not Path(where).is_file(): raise ImportError(f"there is no file {where}")
+            spec = importlib.util.spec_from_file_location(f'_user_{Path(where).stem}', where)
+            mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)   # registered: dataclasses look their module up
+            spec.loader.exec_module(mod)
+        else:
+            sys.path.insert(0, os.getcwd())                     # as `python -m` would find it
+            try: mod = importlib.import_module(where)
+            finally: sys.path.remove(os.getcwd())
+        return functools.reduce(getattr, fn.split('.'), mod)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"Cannot load the model function {where}:{fn} ({type(e).__name__}: {e}). Give 'module:function' (a "
+                         "module importable from the working directory) or 'path/to/file.py:function'.") from None
+
+def _load_factory(spec, tokenizer, device, dtype) -> tuple:
+    """A model built by the user's own code: `spec` matched 'module:function' or 'file.py:function'; the function is called with
+    no arguments and returns the model, or `(model, tokenizer)`. For models outside transformers (nanoGPT's `GPT`) on the
+    command line: it must return the same weights each time (load a checkpoint), as factors are bound to them."""
+    fn = _import_factory(spec['where'], spec['fn'])
+    out = fn() if callable(fn) and not isinstance(fn, torch.nn.Module) else fn
+    model, tok = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{spec[0]} returned a {type(model).__name__}: it must return a torch.nn.Module, or (model, tokenizer).")
+    if tokenizer is None and tok is None:
+        raise ValueError(f"{spec[0]} returned a model without a tokenizer: pass the tokenizer it was trained with (`--tokenizer "
+                         "DIR` on the command line, `tokenizer=` in Python), or return `(model, tokenizer)`.")
+    return load_model(model, tokenizer if tokenizer is not None else tok, device, dtype)
+
 
 # %% ../nbs/00_data.ipynb #3be13a5d
 @contextmanager
@@ -900,6 +948,11 @@ def _wrapped(model):
     inner = model._modules.get('_orig_mod') if isinstance(model, torch.nn.Module) else None
     if inner is None and isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)): inner = model.module
     return model if inner is None else _wrapped(inner)
+
+def uncompiled(model):
+    "The model a `torch.compile` wrapper (OptimizedModule) holds, unwrapped in turn; else `model`. Layers and parameters are\n    named as in the plain model (no `_orig_mod.` prefix), so factors fitted on a model serve its compiled wrapper and back."
+    while isinstance(model, torch.nn.Module) and isinstance(inner := model._modules.get('_orig_mod'), torch.nn.Module): model = inner
+    return model
 
 def lm_call(model):
     "How `batch_logits` runs `model`: as `model(input_ids=, attention_mask=)` (transformers); a forward without an\n    `attention_mask` gets none, and one that takes no `input_ids` either (nanoGPT's `forward(idx, targets=None)`) gets the ids\n    as its first argument. Without a mask the logits are the same for a causal model on the right-padded batches `collate`\n    makes: no real token attends to a pad after it. A wrapper (torch.compile's, `DataParallel`) is called as its inner model is."

@@ -12,7 +12,7 @@ from safetensors.torch import save_file, load_file
 from safetensors import safe_open
 from fastcore.basics import patch
 from . import artefact
-from .data import check_sequences, require_scored, grad_enabled, n_scored, trained_weights
+from .data import check_sequences, require_scored, grad_enabled, n_scored, trained_weights, uncompiled
 from .modules import TrackedLayer, find_modules, check_model, adapter_state
 from .theory import check_damping   # the one damping rule: None, or a positive finite float
 from .kfac import (LABEL_SAMPLING, dist_info, fit_covariances, eigen, layer_passes, precondition_eigen, all_reduce_sum, check_fisher,
@@ -147,6 +147,7 @@ def _config(model) -> dict:
 
 def model_digest(model) -> dict:
     "What factors are bound to: the config and a 16-hex digest of each parameter's name, shape and (sampled) values."
+    model = uncompiled(model)                      # named as the plain model (a torch.compile wrapper adds `_orig_mod.`)
     params, config = {}, _config(model)
     with trained_weights(model):                   # RWKV's weights as trained, whether or not an eval forward rescaled them
         for n, p in model.named_parameters():      # tied weights appear once

@@ -8,7 +8,7 @@ import re, ast, contextlib, functools, inspect, textwrap, threading, warnings
 from dataclasses import dataclass
 import torch
 from torch import nn
-from .data import eval_mode
+from .data import eval_mode, uncompiled, model_config
 
 # %% auto #0
 __all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'experts_layout', 'is_experts', 'expert_params', 'n_experts',
@@ -230,6 +230,7 @@ def _adapter_param(rel:str, tuners:set[str], unused=()) -> bool:
 def output_head(model:nn.Module) -> nn.Module|None:
     "The LM head: `model.get_output_embeddings()`; for a model without that method, the head of the outermost module inside\n    that has one (a `DataParallel`, a user's module holding a causal LM), else a Linear named `lm_head` or whose weight an\n    `nn.Embedding` shares (nanoGPT ties `lm_head` to `wte`; a user's head on a transformers base model, whose own says None)."
     if hasattr(model, 'get_output_embeddings'): return model.get_output_embeddings()
+    model_config(model)                             # a wrapper holding several LMs is refused: which one's head is unknown
     heads = (m.get_output_embeddings() for m in model.modules() if hasattr(m, 'get_output_embeddings'))
     if (head := next((h for h in heads if h is not None), None)) is not None: return head
     emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -250,7 +251,7 @@ def _candidates(model:nn.Module) -> dict[str, TrackedLayer]:
 def candidate_modules(model:nn.Module, # any PyTorch model (a Hugging Face causal LM, a peft model, ...)
                      ) -> list[str]:
     "Names of every trackable layer of `model` except the output (LM head) layer; experts appear as `<experts>.<param>[e]`."
-    return list(_candidates(model))
+    return list(_candidates(uncompiled(model)))
 
 def blocks(model:nn.Module) -> list[str]:
     "Names of the model's blocks: the children of the `nn.ModuleList` holding the most parameters (`[]` if none)."
@@ -516,6 +517,10 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
                 ) -> list[TrackedLayer]:
     "The layers to track, in the model's order."
     check_model(model)
+    if (plain := uncompiled(model)) is not model:   # named as the plain model: `_orig_mod.` names are the same layers
+        model = plain
+        if isinstance(modules, (list, tuple)):
+            modules = [n.removeprefix('_orig_mod.') if isinstance(n, str) else n for n in modules]
     if not (isinstance(modules, str) or (isinstance(modules, (list, tuple)) and all(isinstance(n, str) for n in modules))):
         raise TypeError(f"`modules` must be 'mlp', 'all', 'lora' or a list of layer names (str), got {modules!r}.")
     cands = _candidates(model)
@@ -539,8 +544,8 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
                        'input embeddings' if head is not None and all_names.get(n) is head else
                        'not a Linear/Conv1D layer' if n in all_names else 'no such module') for n in bad}
             compiled = [n for n in bad if f'_orig_mod.{n}' in cands or (n.startswith('_orig_mod.') and n[10:] in cands)]
-            hint = (" A torch.compile'd model (OptimizedModule) names its layers '_orig_mod.<name>' and the model it wraps "
-                    "'<name>': fit and score the same object (or both on `model._orig_mod`)." if compiled else '')
+            hint = (" A torch.compile'd model (OptimizedModule) names its layers '_orig_mod.<name>'; influence_nb names them "
+                    "as the model it wraps does, '<name>' (factors serve both)." if compiled else '')
             raise ValueError(f"Unknown or untrackable `modules` {why}. Candidates: {list(cands)}{hint}")
         if len(set(names)) != len(names): raise ValueError(f"`modules` lists a layer twice: {names}.")
         order = {n: i for i, n in enumerate(cands)}

@@ -61,11 +61,20 @@ def test_a_compiled_model_scores_as_autograd(how):
     assert all(torch.equal(v, state(cm)[k]) for k, v in before.items()) and not cm.training
 
 
-def test_factors_of_the_plain_model_on_its_compiled_wrapper_say_why():
-    m, (train, _) = gpt2(), data()
-    f = inf.fit_factors(m, train, strategy='identity', modules='mlp')
-    with pytest.raises(ValueError, match=r"torch.compile'd model \(OptimizedModule\) names its layers '_orig_mod"):
-        inf.self_scores(torch.compile(m), f, train)
+@pytest.mark.parametrize('strategy', ['ekfac', 'cg'])
+def test_factors_serve_a_model_and_its_compiled_wrapper_alike(strategy, tmp_path):
+    "Session 22: factors fitted on a model were refused on its torch.compile wrapper (its layers are '_orig_mod.<name>') and\n    back; both are now named as the plain model, so either's factors (saved and loaded too) give the other's scores."
+    m, (train, queries) = gpt2(), data()
+    cm, kw = torch.compile(m), dict(damping=1e-3) if strategy == 'cg' else {}
+    plain = inf.fit_factors(m, train, strategy=strategy, modules='mlp')
+    wrapped = inf.fit_factors(cm, train, strategy=strategy, modules='mlp')
+    assert wrapped.modules == plain.modules == [n for n in inf.candidate_modules(cm) if '.mlp.' in n] and not plain.modules[0].startswith('_orig_mod')
+    if strategy == 'ekfac': plain.save(tmp_path); plain = inf.Factors.load(tmp_path)
+    want = inf.pairwise_scores(m, plain, queries, train, **kw).total
+    assert torch.equal(inf.pairwise_scores(cm, plain, queries, train, **kw).total, want)
+    assert torch.equal(inf.pairwise_scores(m, wrapped, queries, train, **kw).total, want)
+    named = [n for n, _ in cm.named_modules() if n.endswith('mlp.c_fc')]   # what the wrapper's own names say
+    assert named[0].startswith('_orig_mod.') and [x.name for x in inf.find_modules(cm, named)] == [n[10:] for n in named]
 
 
 @pytest.mark.parametrize('how', ['cpu_offload', 'disk_offload'])
