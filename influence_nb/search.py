@@ -732,28 +732,65 @@ def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict,
 
 # %% ../nbs/08_search.ipynb #798981bd
 def _prefilter(stream:CorpusStream, qs:list, candidates:int, read, tokenizer, chunk_size:int, progress:bool, state:dict, ckpt, names=None) -> dict:
-    "The first pass of a scan with `candidates`: `{own, wanted, n_docs, n_skipped, first}` — each query's BM25 best, their union, the records read, bad ones."
-    from influence_nb.tfidf import stream_candidates, special_ids, unmatched_note
-    info, bad, by_bytes = {'n_skipped': 0}, {}, stream.kind in ('jsonl', 'text')
+    """The first pass of a scan with `candidates`: `{own, wanted, n_docs, n_skipped, first}` — each query's BM25 best, their union,
+    the records read, bad ones. Under torch.distributed each process tokenizes a strided share of the records (`_shared_terms`)."""
+    from influence_nb.tfidf import doc_terms, rank_doc_terms, special_ids, unmatched_note
+    (rank, world), bad, by_bytes = dist_info(), {}, stream.kind in ('jsonl', 'text')
+    info = {'n_skipped': 0, 'first_at': None, 'failed_at': None}
     bar = tqdm(total=stream.total, desc='bm25', unit='B' if by_bytes else 'seq', unit_scale=by_bytes, disable=not progress)
     def docs():
         items = stream.items()
         while chunk := list(itertools.islice(items, chunk_size)):
-            seqs, n_bad = read(chunk, None, bad); info['n_skipped'] += n_bad
+            mine = chunk if world == 1 else [it for it in chunk if it.index % world == rank]   # this process's share
+            try: seqs, n_bad = read(mine, None, bad) if mine else ([], 0)
+            except Exception: info['failed_at'] = _failing(mine, read); raise
+            if n_bad and info['first_at'] is None: info['first_at'] = next(it.index for it, s in zip(mine, seqs) if s is None)
+            info['n_skipped'] += n_bad
             bar.update(((chunk[-1].offset or 0) - bar.n) if by_bytes else len(chunk))
-            yield from ((it.index, s['input_ids'][s['attention_mask'].bool()]) for it, s in zip(chunk, seqs) if s is not None)
+            yield from ((it.index, s['input_ids'][s['attention_mask'].bool()]) for it, s in zip(mine, seqs) if s is not None)
     with bar:
-        try: idx, vals, n_docs = stream_candidates(qs, docs(), candidates, ignore_ids=special_ids(tokenizer))
-        except ValueError as e:
-            if 'no document' not in str(e): raise
-            raise ValueError("`corpus` is empty: no sequence was scanned" +
-                             (f" ({info['n_skipped']} bad records skipped)." if info['n_skipped'] else ".")) from None
-    if dist_info()[0] == 0 and (note := unmatched_note(vals, names)): warnings.warn(note, stacklevel=3)   # arbitrary candidates
+        try: terms, err = doc_terms(qs, docs(), ignore_ids=special_ids(tokenizer)), None
+        except Exception as e:
+            if world == 1: raise
+            terms, err = None, e
+    if world > 1: terms = _shared_terms(terms, err, info, bad)
+    try: idx, vals, n_docs = rank_doc_terms(terms, candidates)
+    except ValueError as e:
+        if 'no document' not in str(e): raise
+        raise ValueError("`corpus` is empty: no sequence was scanned" +
+                         (f" ({info['n_skipped']} bad records skipped)." if info['n_skipped'] else ".")) from None
+    if rank == 0 and (note := unmatched_note(vals, names)): warnings.warn(note, stacklevel=3)   # arbitrary candidates
     if state.setdefault('bm25', d := _digest(idx, n_docs)) != d:      # records added or changed after the checkpoint move the filter
         raise ValueError(f"The corpus's BM25 candidates differ from those checkpoint {ckpt} was scanned with (records were added "
                          "or changed since): resume with the same corpus, or delete the checkpoint to start over.")
     return dict(own=[set(row) for row in idx.tolist()], wanted=set(idx.flatten().tolist()), n_docs=n_docs,
                 n_skipped=info['n_skipped'], first=bad.get('first'))
+
+def _failing(items:list, read) -> int|None:
+    "The index of the first of `items` that `read` refuses on its own (a chunk's conversion stopped at it)."
+    for it in items:
+        try: read([it], None, {})
+        except Exception: return it.index
+    return items[0].index if items else None
+
+
+# %% ../nbs/08_search.ipynb #e3a9999b
+def _shared_terms(terms:dict|None, err:Exception|None, info:dict, bad:dict) -> dict:
+    """Every process's `doc_terms` share, joined in index order, with the bad records counted over all (`bad['first']`: the
+    corpus's first). A process that stopped at a bad record stops them all: the one holding the corpus's first raises its error."""
+    import torch.distributed as dist
+    from influence_nb.tfidf import merge_doc_terms
+    rank, world = dist_info()
+    got = [None] * world
+    dist.all_gather_object(got, (terms, info['failed_at'] if err is not None else None, info['n_skipped'], info['first_at'], bad.get('first')))
+    failed = [(g[1], r) for r, g in enumerate(got) if g[1] is not None]
+    if failed or err is not None:
+        at, owner = min(failed) if failed else (None, rank)
+        if err is not None and owner == rank: raise err
+        raise RuntimeError(f"Process {owner} of {world} stopped at corpus record {at} (its error says why); this process stops too.")
+    info['n_skipped'] = sum(g[2] for g in got)
+    if firsts := [(g[3], g[4]) for g in got if g[3] is not None]: bad['first'] = min(firsts)[1]
+    return merge_doc_terms([g[0] for g in got])
 
 def _only(pre:dict|None, read):
     "`read` (a chunk's conversion) for the records a prefilter `pre` wants; the others become None, uncounted (no `pre`: all)."

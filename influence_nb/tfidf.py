@@ -14,7 +14,8 @@ from fastcore.basics import patch
 from .data import as_sequences, check_int
 
 # %% auto #0
-__all__ = ['TokenIndex', 'bm25_scores', 'top_candidates', 'special_ids', 'stream_candidates', 'unmatched_note']
+__all__ = ['TokenIndex', 'bm25_scores', 'top_candidates', 'special_ids', 'doc_terms', 'merge_doc_terms', 'rank_doc_terms',
+           'stream_candidates', 'unmatched_note']
 
 # %% ../nbs/07_tfidf.ipynb #374c22f9
 def _flat_tokens(xs, name: str, ignore_ids=()) -> tuple[np.ndarray, np.ndarray]:
@@ -175,6 +176,54 @@ def _merge_best(best, vals, pos, k):
     order = np.stack([np.lexsort((pr, -vr))[:k] for vr, pr in zip(v, p)])
     return np.take_along_axis(v, order, 1), np.take_along_axis(p, order, 1)
 
+def doc_terms(queries,         # sequences, lists of token ids or a [n_q, T] tensor (all input_ids are used)
+              docs,            # iterable of (index, token ids) pairs, read once; ids without padding
+              ignore_ids = (), # token ids to drop from the queries (BOS, EOS, pad)
+             ) -> dict:
+    """What BM25 needs of `docs`, read once, compactly (8 bytes a document and a query token it holds): `{'terms'` (the queries'
+    distinct tokens), `'qids', 'qlens'` (the queries as flat ids into them), `'index'` (each document's own index), `'cols'`,
+    `'lens'` (the query tokens each holds)`}`. Shares read by several processes are joined with `merge_doc_terms`."""
+    ignore = tuple(int(i) for i in ignore_ids if i is not None)
+    qids, qlens = _flat_tokens(queries, 'queries', ignore)
+    if (qlens == 0).any():
+        raise ValueError(f"`queries[{int(np.argmax(qlens == 0))}]` has no tokens left after dropping padding and `ignore_ids`.")
+    terms = np.unique(qids)                                             # the only tokens BM25 reads
+    index, cols, lens = array('q'), array('q'), array('q')
+    for i, ids in docs:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        held = np.searchsorted(terms, np.unique(ids[np.isin(ids, terms)]))   # which query tokens it holds
+        index.append(int(i)); cols.extend(held.tolist()); lens.append(len(held))
+    return dict(terms=terms, qids=qids, qlens=qlens, **{k: np.frombuffer(v, np.int64) for k, v in
+                                                        (('index', index), ('cols', cols), ('lens', lens))})
+
+def merge_doc_terms(parts:list[dict]) -> dict:
+    "One `doc_terms` of the documents of `parts` (the same queries; disjoint documents), in the order of their own indices."
+    index, lens = (np.concatenate([p[k] for p in parts]) for k in ('index', 'lens'))
+    cols, o = np.concatenate([p['cols'] for p in parts]), np.argsort(index, kind='stable')
+    starts = np.cumsum(lens) - lens                                     # where each document's tokens begin in `cols`
+    take = np.repeat(starts[o] - (np.cumsum(lens[o]) - lens[o]), lens[o]) + np.arange(int(lens.sum()))
+    return {**parts[0], 'index': index[o], 'cols': cols[take], 'lens': lens[o]}
+
+
+# %% ../nbs/07_tfidf.ipynb #de262eb4
+def rank_doc_terms(t:dict,           # `doc_terms` (or `merge_doc_terms`)
+                   k: int,           # documents kept per query; all when it covers the corpus
+                   block: int = 65536, # documents scored at a time (memory: [n_q, block] scores)
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    "Each query's `k` best documents in `t` by 'bm25': (their own indices [n_q, k], scores, documents); ties to the one read first."
+    k, C, terms = check_int(k, 'k'), len(t['index']), t['terms']
+    if C == 0: raise ValueError("`docs` is empty: no document was read.")
+    D = _term_matrix(t['cols'], t['lens'], len(terms))                  # [C, n_terms] existence
+    df = np.diff(D.tocsc().indptr)
+    idf = np.log((C - df + 0.5) / (df + 0.5) + 1.0)                     # as `TokenIndex`, for these tokens
+    W, Q = (D @ sp.diags(idf)).tocsr(), _term_matrix(np.searchsorted(terms, t['qids']), t['qlens'], len(terms))   # Q: distinct query tokens
+    best, k = None, min(k, C)
+    for lo in range(0, C, block):                                       # the same products as one, a block of documents at a time
+        s = np.asarray((Q @ W[lo:lo + block].T).todense(), dtype=np.float64)
+        pos, val = _topk(s, min(k, s.shape[1]))
+        best = _merge_best(best, val, pos + lo, k)
+    return torch.from_numpy(t['index'][best[1]].copy()), torch.from_numpy(best[0]), C
+
 def stream_candidates(queries,          # sequences, lists of token ids or a [n_q, T] tensor (all input_ids are used)
                       docs,             # iterable of (index, token ids) pairs, read once; ids without padding
                       k: int,           # documents kept per query; all when it covers the corpus
@@ -184,28 +233,8 @@ def stream_candidates(queries,          # sequences, lists of token ids or a [n_
     """`top_candidates(queries, docs, k)` with 'bm25' over documents read once: (their own indices [n_q, k], scores, documents
     read). Ties go to the document read first (the lower index when they arrive in order, as `scan` reads them)."""
     k = check_int(k, 'k')
-    ignore = tuple(int(i) for i in ignore_ids if i is not None)
-    qids, qlens = _flat_tokens(queries, 'queries', ignore)
-    if (qlens == 0).any():
-        raise ValueError(f"`queries[{int(np.argmax(qlens == 0))}]` has no tokens left after dropping padding and `ignore_ids`.")
-    terms = np.unique(qids)                                             # the only tokens BM25 reads
-    index, cols, lens = array('q'), array('q'), array('q')              # compact: 8 bytes a document and a held token
-    for i, ids in docs:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        held = np.searchsorted(terms, np.unique(ids[np.isin(ids, terms)]))   # which query tokens it holds
-        index.append(int(i)); cols.extend(held.tolist()); lens.append(len(held))
-    C = len(index)
-    if C == 0: raise ValueError("`docs` is empty: no document was read.")
-    D = _term_matrix(np.frombuffer(cols, np.int64), np.frombuffer(lens, np.int64), len(terms))   # [C, n_terms] existence
-    df = np.diff(D.tocsc().indptr)
-    idf = np.log((C - df + 0.5) / (df + 0.5) + 1.0)                     # as `TokenIndex`, for these tokens
-    W, Q = (D @ sp.diags(idf)).tocsr(), _term_matrix(np.searchsorted(terms, qids), qlens, len(terms))   # Q: distinct query tokens
-    best, k = None, min(k, C)
-    for lo in range(0, C, block):                                       # the same products as one, a block of documents at a time
-        s = np.asarray((Q @ W[lo:lo + block].T).todense(), dtype=np.float64)
-        pos, val = _topk(s, min(k, s.shape[1]))
-        best = _merge_best(best, val, pos + lo, k)
-    return torch.from_numpy(np.frombuffer(index, np.int64)[best[1]].copy()), torch.from_numpy(best[0]), C
+    return rank_doc_terms(doc_terms(queries, docs, ignore_ids), k, block)
+
 
 # %% ../nbs/07_tfidf.ipynb #56d8cd99
 def unmatched_note(scores, # [n_q, k] BM25 scores of each query's candidates (`top_candidates`, `stream_candidates`)

@@ -2,7 +2,7 @@
 scores, either alone (`python tests/dist_worker.py OUT CORPUS`) or as every rank of
 `torchrun --standalone --nproc_per_node N tests/dist_worker.py OUT CORPUS` (gloo on CPU). Rank 0 writes
 everything to OUT/results.safetensors so the test can compare a single process with N."""
-import os, sys
+import inspect, os, sys
 from pathlib import Path
 import torch
 import torch.distributed as dist
@@ -11,7 +11,15 @@ from safetensors.torch import save_file
 torch.set_num_threads(1)
 import influence_nb as inf
 from influence_nb.kfac import dist_info
+import influence_nb.search as search
 from influence_nb.search import scan, read_scores
+
+_convert, BM25_READ = search._convert, []
+def _spy(items, *args, **kw):
+    "Note the records the BM25 pass converts (tokenizes) in this process: called from `_prefilter`'s `docs`."
+    if any(f.function == 'docs' for f in inspect.stack()[1:4]): BM25_READ.extend(it.index for it in items)
+    return _convert(items, *args, **kw)
+search._convert = _spy
 
 
 def data(seed=0):
@@ -21,6 +29,29 @@ def data(seed=0):
     queries = inf.as_sequences([{'input_ids': torch.randint(1, 32, (8,), generator=g),
                                  'labels': [-100] * 5 + torch.randint(1, 32, (3,), generator=g).tolist()} for _ in range(3)])
     return train, queries
+
+
+def gathered(obj, world):
+    if world == 1: return [obj]
+    got = [None] * world; dist.all_gather_object(got, obj); return got
+
+
+def text(s): return torch.tensor(list(s.encode()), dtype=torch.uint8)
+
+
+def candidates(model, f, queries, corpus_path, rank, world) -> dict:
+    "Scans with BM25 candidates: each process converts only its share in the first pass; bad records count and stop as in one."
+    BM25_READ.clear()
+    s = scan(model, f, queries, corpus_path, k=4, candidates=6, chunk_size=8, batch_size=4, progress=False)
+    res = {'cand_indices': s.indices, 'cand_scores': s.scores, 'cand_n_train': torch.tensor(s.n_train)}
+    for r, got in enumerate(gathered(sorted(BM25_READ), world)): res[f'bm25_read_{r}'] = torch.tensor(got, dtype=torch.long)
+    bad = Path(corpus_path).with_name('bad.jsonl')       # the corpus with bad lines among its records
+    s = scan(model, f, queries, bad, k=4, candidates=6, chunk_size=8, batch_size=4, progress=False, on_bad_record='skip')
+    res.update({'skip_indices': s.indices, 'skip_n_skipped': torch.tensor(s.n_skipped), 'skip_first': text(s.first_skipped)})
+    try: scan(model, f, queries, bad, k=4, candidates=6, chunk_size=8, batch_size=4, progress=False); msg = 'no error'
+    except (ValueError, RuntimeError) as e: msg = f'{type(e).__name__}: {e}'
+    for r, m in enumerate(gathered(msg, world)): res[f'raise_{r}'] = text(m)
+    return res
 
 
 def main(out, corpus_path):
@@ -44,6 +75,7 @@ def main(out, corpus_path):
         for t in (s1.indices, s2.indices):
             ref = t.clone(); dist.broadcast(ref, 0)
             assert torch.equal(ref, t), f"rank {rank} disagrees with rank 0 on the scan result"
+    res.update(candidates(model, f, queries, corpus_path, rank, world))
     kept = s2.indices.flatten().tolist()                # the records' ids, noted as the scan went, on every rank
     assert s2.record_ids == {i: f'd{i}' for i in kept if i % 3 == 0}, (rank, s2.record_ids)
     res['refined_id_indices'] = torch.tensor(sorted(s2.record_ids))

@@ -26,6 +26,9 @@ def results(tmp_path_factory):
     corpus = d/'corpus.jsonl'
     corpus.write_text(''.join(json.dumps({'input_ids': s['input_ids'].tolist(), **({'id': f'd{i}'} if i % 3 == 0 else {})}) + '\n'
                               for i, s in enumerate(train)))                # every third record has its own id
+    lines = corpus.read_text().splitlines(keepends=True)
+    lines[9], lines[20] = '{"input_ids": [1.5, 2]}\n', '{"no_ids": 1}\n'    # bad records of process 1 (9) and 0 (20) of 2
+    (d/'bad.jsonl').write_text(''.join(lines))
     (d/'one').mkdir(); (d/'two').mkdir()
     main(str(d/'one'), str(corpus))                                     # a single process: this one
     one = load_file(str(d/'one'/'results.safetensors'))
@@ -123,3 +126,26 @@ def test_cli_fit_and_score_torchrun_equal_one_process(tmp_path):
     assert s1.index.equals(s2.index) and list(s1.columns) == list(s2.columns)
     rel = float(abs(s1.to_numpy() - s2.to_numpy()).max() / abs(s1.to_numpy()).max())
     assert rel < 1e-4, rel
+
+
+def test_scan_candidates_each_process_reads_its_share(results):
+    "The BM25 pass of `scan(candidates=)` converted the whole corpus in every process; now each its strided share."
+    one, two = results
+    assert torch.equal(one['cand_indices'], two['cand_indices']) and close(one['cand_scores'], two['cand_scores'])
+    assert int(one['cand_n_train']) == int(two['cand_n_train'])
+    assert one['bm25_read_0'].tolist() == list(range(37))
+    assert two['bm25_read_0'].tolist() == list(range(0, 37, 2)) and two['bm25_read_1'].tolist() == list(range(1, 37, 2))
+
+
+def text(t): return bytes(t.tolist()).decode()
+
+
+def test_scan_candidates_bad_records_as_one_process(results):
+    "Skipped: counted over the processes, the corpus's first named; raised: by the process holding the first, the others follow."
+    one, two = results
+    assert torch.equal(one['skip_indices'], two['skip_indices']) and int(one['skip_n_skipped']) == int(two['skip_n_skipped']) == 2
+    assert text(one['skip_first']) == text(two['skip_first']) and 'line 10' in text(one['skip_first'])
+    assert text(one['raise_0']).startswith('BadRecordError: Bad corpus record at') and 'line 10' in text(one['raise_0'])
+    assert text(two['raise_1']) == text(one['raise_0'])
+    assert text(two['raise_0']) == ('RuntimeError: Process 1 of 2 stopped at corpus record 9 (its error says why); this process '
+                                    'stops too.')
