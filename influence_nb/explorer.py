@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from . import viz
+from .modules import blocks as block_names
 import json
 import os
 from collections.abc import Mapping
@@ -55,9 +56,15 @@ FIT_SAMPLE = 600  # training sequences the explorer fits curvature factors on (a
 STRATEGIES_SHOWN = ('identity', 'diagonal', 'kfac', 'ekfac')  # factor-based strategies: fitted once, cached on disk
 
 def layer_blocks(names: list[str], # tracked layer names, e.g. 'transformer.h.3.mlp.c_fc'
-                ) -> list[int]:    # the transformer block of each
-    "The block number in each layer name (`viz.block_of`)."
-    return [viz.block_of(n, "the explorer's `blocks` range") for n in names]
+                 model=None,       # the model they belong to: its blocks (`modules.blocks`) decide; None: the names alone
+                ) -> list[int|None]: # the transformer block of each (None: a layer of `model` outside every block)
+    """The block of each layer: with `model`, the position of the block it lies in, None for a layer outside every block
+    (OPT's `project_in`/`project_out`, Gemma 3n's `altup_projections.0`, whose number is no block's); without, the block
+    number in its name (`viz.block_of`)."""
+    bl = block_names(model) if model is not None else []
+    if not bl: return [viz.block_of(n, "the explorer's `blocks` range") for n in names]
+    def of(n): return next((i for i, b in enumerate(bl) if n == b or n.startswith(b + '.')), None)
+    return [of(n) for n in names]
 
 # %% ../nbs/10_explorer.ipynb #b7376c4e
 def default_query(queries: list[dict]) -> dict:
@@ -281,7 +288,10 @@ def n_blocks(self: ExplorerSession, name: str) -> int:
     "Transformer blocks of bundled model `name`, from its config (without loading the weights)."
     from transformers import AutoConfig
     self._check_model(name)
-    if self.custom: return max(layer_blocks([layer.name for layer in find_modules(self.model(name)[0], self.modules, warn=False)])) + 1
+    if self.custom:
+        mdl = self.model(name)[0]
+        bl = layer_blocks([layer.name for layer in find_modules(mdl, self.modules, warn=False)], mdl)
+        return max((b for b in bl if b is not None), default=0) + 1
     return int(AutoConfig.from_pretrained(data_dir()/'models'/name).num_hidden_layers)
 
 @patch
@@ -434,6 +444,7 @@ class ExplorerResult:
     notes: list = field(default_factory=list)         # what the run warned about (the query's tokens, texts cut at the context)
     cut: list = field(default_factory=list)           # per top sequence: True if its text was cut at the model's context
     matched: int|None = None         # prefiltered: how many candidates share a word with the query (BM25 > 0)
+    block_of: dict = field(default_factory=dict)      # tracked layer -> its block (`layer_blocks`; None: outside every block)
 
     def __repr__(self):
         return (f"ExplorerResult({self.model}, {self.query.get('id') or 'typed query'}, {self.strategy}, "
@@ -566,7 +577,8 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     say(f"Loading {model}", 0.02)                                                       # 1. model, data, factors
     mdl, tok = session.model(model)
     names = [layer.name for layer in find_modules(mdl, session.modules, warn=False)]
-    counted = [n for n, b in zip(names, layer_blocks(names)) if blocks[0] <= b <= blocks[1]]
+    bl, whole = layer_blocks(names, mdl), tuple(blocks) == (0, session.n_blocks(model) - 1)   # layers outside every block
+    counted = [n for n, b in zip(names, bl) if (whole if b is None else blocks[0] <= b <= blocks[1])]   # count with all blocks
     if not counted: raise ValueError(f"No tracked layer lies in blocks {blocks}; the tracked layers are {names}.")
     laps('model')
     say("Tokenizing the training set", 0.08)
@@ -602,7 +614,8 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     say("Done", 1.0)
     return ExplorerResult(model, q, log_p, strategy, damping, blocks, counted, names, len(train), cand, matched is not None,
                           scores, pd.DataFrame(per_layer, index=pd.Index(cand, name='train_index'), columns=names),
-                          top, tokens, token_scores, source, laps.timings, notes, [i in cut_rows for i in top_idx], matched)
+                          top, tokens, token_scores, source, laps.timings, notes, [i in cut_rows for i in top_idx], matched,
+                         dict(zip(names, bl)))
 
 # %% ../nbs/10_explorer.ipynb #9038dd0a
 def _esc(x) -> str: return _html.escape(str(x), quote=True)
@@ -686,22 +699,26 @@ def heatmaps_html(result: ExplorerResult, # from `run_query`
 ANNOTATED_BLOCKS = 7   # up to this many blocks the chart writes each share in its cell (7: 710 px wide)
 
 def layer_figure(result: ExplorerResult): # -> matplotlib Figure
-    "Top sequences × counted blocks: each sequence's influence by transformer block (its layers added; shares when all are positive)."
+    """Top sequences × counted blocks: each sequence's influence by transformer block (its layers added; shares when all are
+    positive). Layers outside every block (OPT's `project_in`/`project_out`) add up in a last column, 'other'."""
     from matplotlib.figure import Figure
     df = result.per_layer.loc[result.top['train_index'], result.layers]
+    of = [result.block_of[n] if n in result.block_of else layer_blocks([n])[0] for n in result.layers]   # (else: by name)
+    blocks = sorted({b for b in of if b is not None})
+    cols = {f'block {b}': b for b in blocks} | ({'other': None} if None in of else {})
+    df = pd.DataFrame({c: df.loc[:, [x == b for x in of]].sum(axis=1) for c, b in cols.items()}, index=df.index)
     df.index = [f"#{i} {sid}" for i, sid in zip(result.top.index, result.top['id'])]
-    positive, blocks = bool((df.sum(axis=1) > 0).all()), sorted(set(layer_blocks(result.layers)))
-    n_blocks = len(blocks)
+    positive, n_blocks = bool((df.sum(axis=1) > 0).all()), len(cols)
     annot = n_blocks <= ANNOTATED_BLOCKS           # values in the cells; a deep model's blocks are colours only, so that
     width = max(4.5, 2.5 + 0.7 * n_blocks) if annot else min(7.4, 3.0 + 0.2 * n_blocks)   # it fits a 760-px window
     fig = Figure(figsize=(width, min(1.5 + 0.45 * len(df), 12)), layout="constrained")
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        viz.layer_heatmap(df, normalize=positive, by_block=True, annot=annot, ax=fig.add_subplot())
+        viz.layer_heatmap(df, normalize=positive, annot=annot, ax=fig.add_subplot())
     ax = fig.axes[0]
     if not annot:                                  # numbers only, at most 16 of them, upright
         step = -(-n_blocks // 16)
-        ax.set_xticks([j + 0.5 for j in range(0, n_blocks, step)], [str(b) for b in blocks[::step]], rotation=0)
+        ax.set_xticks([j + 0.5 for j in range(0, n_blocks, step)], [c.removeprefix('block ') for c in list(cols)[::step]], rotation=0)
     ax.set_xlabel("block"); ax.set_ylabel("top sequence")
     ax.set_title("Share of influence by block" if positive else "Influence by block")
     return fig
