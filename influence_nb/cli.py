@@ -91,13 +91,14 @@ def demo(model_name:str='gpt2-l', # bundled model
          tokenizer=None, # a tokenizer or its folder (default: the model's own; bundled models: data/tokenizer)
          device=None, # where the model runs (`data.load_model`): None/'cpu', 'cuda', 'auto'
          dtype=None, # its precision: None (as saved), 'float32', 'bfloat16', 'float16', 'float64'
+         trust_remote_code:bool=False, # let a model folder's own code run (`auto_map`); off: such folders are refused
         ) -> dict:
     "Run one influence query on a bundled model and print what it finds; returns the numbers shown."
     out = out or sys.stdout
     say = lambda *a: print(*a, file=out, flush=True)
     t0 = time.time()
     torch.manual_seed(seed)
-    model, tok = load_model(model_name, tokenizer, device, dtype)
+    model, tok = load_model(model_name, tokenizer, device, dtype, trust_remote_code)
     corpus = data_dir()/'corpus'
     records = read_corpus(corpus/'train.jsonl')                      # every file checked, line by line
     q = _pick_query(query_records(corpus/'queries.jsonl'), model, tok, query_id)
@@ -278,6 +279,8 @@ examples:
 def _model_args(p, required=True):
     p.add_argument('--model', required=required, default=None if required else 'gpt2-l',
                    help=f'bundled model {MODEL_NAMES}, a model folder (written by save_pretrained; a peft adapter folder loads its base model with the adapter) a Hugging Face Hub id (org/name; offline: from the Hub cache), or the function that builds a model outside transformers, module:function or file.py:function (called with no arguments; returns the model or (model, tokenizer))')
+    p.add_argument('--trust-remote-code', action='store_true', help="let a model folder's own Python code run (its config's "
+                   "auto_map names files that define the model or tokenizer); without it such folders are refused")
     p.add_argument('--tokenizer', default=None, help="tokenizer folder (default: the model folder's own; a folder without "
                    "one is refused, so that scores are never computed on another tokenizer's ids)")
     p.add_argument('--device', default=None, help="where the model runs: cpu (default), cuda, cuda:1, mps, or auto (a GPU where "
@@ -492,7 +495,7 @@ def _cmd_fit(a):
         raise ValueError(f"--out {a.out}: {there} is {'a file' if there == out else 'not a writable folder'}; pass a folder for the factors.")
     if a.checkpoint is not None and _world() > 1:
         raise ValueError("--checkpoint resumes a fit in one process: under torchrun each process holds only its shard's sums. Leave it out.")
-    model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype)
+    model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
     mods = a.modules if a.modules in ('mlp', 'all', 'lora') else a.modules.split(',')
     first = int(os.environ.get('RANK', '0')) == 0                             # under torchrun: said once, by rank 0
     if a.dry_run: return _say_factor_sizes(model, mods, a.strategy, a.factor_dtype) if first else None
@@ -510,7 +513,7 @@ def _cmd_fit(a):
 # %% ../nbs/13_cli.ipynb #9e70b2e4
 def _cmd_score(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records); _check_out(a.out)
-    model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype)
+    model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
     if clash := sorted(set(names) & {'train_index', 'id'}):         # score columns are named by the queries' ids
@@ -608,7 +611,7 @@ def _scan(a, model, tok, factors, queries, names):
 
 def _cmd_scan(a):
     _check_options(a); _check_corpus_file(a.corpus, a.text_field, skip_bad=a.skip_bad_records); _check_out(a.out)
-    model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype)
+    model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
     if a.scores_dir and (clash := sorted(set(names) & {'index', 'id'})):        # read_scores names its columns by the ids
@@ -677,7 +680,8 @@ def _cmd_top(a):
         res.n_train = a.n_train
     qi = _query_index(res, a.query)
     corpus = a.corpus or (res.source if res.source and Path(res.source).exists() else None)
-    tok = load_model(a.model, a.tokenizer)[1] if a.model else load_tokenizer(a.tokenizer) if a.tokenizer else None
+    tok = (load_model(a.model, a.tokenizer, trust_remote_code=a.trust_remote_code)[1] if a.model else
+           load_tokenizer(a.tokenizer, a.trust_remote_code) if a.tokenizer else None)
     texts, ids = _top_texts(res, qi, a.k, corpus, tok, a.text_field or res.text_field or 'text')
     df = res.top(qi, a.k, texts=texts)
     if ids:                          # the records' own ids, as `explore` shows them; the corpus fills what the result lacks
@@ -732,7 +736,8 @@ def _cmd_explore(a):
     from influence_nb.explorer import explorer, app_notebook
     _check_explore_files(a)
     kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, factors=a.factors,
-              text_field=a.text_field, fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules)
+              text_field=a.text_field, fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules,
+              trust_remote_code=a.trust_remote_code or None)
     if a.no_serve:
         app = explorer(**kw); res = app.run()
         if res is None: raise ValueError(f"the explorer could not run its opening query: {app.error}")
@@ -743,7 +748,8 @@ def _cmd_explore(a):
         return
     import importlib.util
     if importlib.util.find_spec('voila') is None:
-        raise ValueError("`explore` serves the app with Voilà: pip install -c constraints.txt '.[browser]' (or use --no-serve).")
+        raise ValueError("`explore` serves the app with Voilà: pip install 'influence_nb[browser]' (from a clone of the repository: "
+                         "pip install -c constraints.txt '.[browser]'), or use --no-serve.")
     with tempfile.TemporaryDirectory(prefix='influence-nb-explore-') as d:   # the app's notebook, removed when it stops
         nb = app_notebook(Path(d)/'explorer.ipynb', **kw)
         print(f"serving {nb} on http://127.0.0.1:{a.port}/ (Ctrl-C stops it)", flush=True)
@@ -796,7 +802,7 @@ def main(argv=None) -> int:
         with _as_notes():                          # the package's warnings, one `note:` line each
             if args.command == 'demo':
                 demo(args.model, args.query, args.k, args.fit_sample, args.candidates, seed=args.seed, tokenizer=args.tokenizer,
-                     device=args.device, dtype=args.dtype)
+                     device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
             else: return {'fit-factors': _cmd_fit, 'score': _cmd_score, 'scan': _cmd_scan, 'top': _cmd_top,
                           'explore': _cmd_explore}[args.command](args) or 0
     except (ValueError, TypeError, FileNotFoundError) as e:

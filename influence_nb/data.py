@@ -685,13 +685,21 @@ def _bundled_dir(model) -> Path|None:
     p = Path(model)
     return p if p.is_dir() and p.name in MODEL_NAMES and p.resolve().parent == (root/'models').resolve() else None
 
+def _custom_code(e:Exception, what:str) -> ValueError|None:
+    "transformers' refusal of a folder with custom code (`auto_map`) when `trust_remote_code` is off, in our words; else None."
+    if 'trust_remote_code' not in str(e): return None
+    return ValueError(f"{what} holds custom code (its config's `auto_map` names Python files that define it), and loading it "
+                      "runs that code. If you trust it, pass `trust_remote_code=True` (`--trust-remote-code` on the command line).")
+
 def load_tokenizer(tokenizer, # a tokenizer object (returned as is), or a folder / hub name to load one from
+                   trust_remote_code:bool=False, # let a folder's own tokenizer code run (`auto_map`); off: refused, never a prompt
                   ):
     "A Hugging Face tokenizer."
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
-        try: return AutoTokenizer.from_pretrained(str(tokenizer))
+        try: return AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=bool(trust_remote_code))
         except (OSError, ValueError) as e:
+            if err := _custom_code(e, f"The tokenizer folder {str(tokenizer)!r}"): raise err from None
             why = (str(e).strip().splitlines() or [''])[0][:200]
             raise ValueError(f"`tokenizer`={str(tokenizer)!r} could not be loaded as a tokenizer ({type(e).__name__}: {why}); pass a "
                              f"folder holding {' or '.join(TOKENIZER_FILES[:2])} (written by `tokenizer.save_pretrained`).") from None
@@ -725,12 +733,15 @@ def resolve_dtype(dtype) -> torch.dtype|None:
 
 _HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?')
 
-def _from_pretrained(where, device, dtype):
+def _from_pretrained(where, device, dtype, trust_remote_code:bool=False):
     "`AutoModelForCausalLM.from_pretrained` without its progress bar, on `device`; a Hub id it cannot get is a ValueError."
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     bar = hf_logging.is_progress_bar_enabled(); hf_logging.disable_progress_bar()   # no "Loading weights" bar in apps
-    try: m = AutoModelForCausalLM.from_pretrained(where, **({} if dtype is None else {'dtype': dtype}))
+    try: m = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=bool(trust_remote_code), **({} if dtype is None else {'dtype': dtype}))
+    except ValueError as e:
+        if err := _custom_code(e, f"The model {str(where)!r}"): raise err from None
+        raise
     except OSError as e:
         if isinstance(where, Path): raise
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -746,20 +757,21 @@ def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_
                tokenizer=None, # a tokenizer or its folder; None: the model folder's own (bundled models: data/tokenizer)
                device=None, # where the model runs: None (a folder loads on the CPU; an object stays), 'cpu', 'cuda', 'cuda:1', 'auto' (an object is moved in place, as `.to` does)
                dtype=None, # None: a folder loads in its checkpoint's dtype (transformers' default), an object keeps its own; or a DTYPES name
+               trust_remote_code:bool=False, # let a folder's own model and tokenizer code run (`auto_map` in its config); off: refused
               ) -> tuple:
     "`(model, tokenizer)` with the model in eval mode; refuses a folder without a tokenizer unless one is given."
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     if isinstance(model, torch.nn.Module):
         if tokenizer is None: raise ValueError("`tokenizer` is required with a model object: pass the tokenizer the model was "
                                                "trained with (an object or its folder).")
-        return _check_pair(model.to(device=device, dtype=dtype).eval(), load_tokenizer(tokenizer))
+        return _check_pair(model.to(device=device, dtype=dtype).eval(), load_tokenizer(tokenizer, trust_remote_code))
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"`model` must be a model, a bundled name {MODEL_NAMES} or a folder, got {type(model).__name__}.")
-    if (spec := _FACTORY.fullmatch(str(model))) and not Path(model).exists(): return _load_factory(spec, tokenizer, device, dtype)
+    if (spec := _FACTORY.fullmatch(str(model))) and not Path(model).exists(): return _load_factory(spec, tokenizer, device, dtype, trust_remote_code)
     bundled = _bundled_dir(model)
     path = bundled or Path(model)
     if (path/'adapter_config.json').is_file() and not (path/'config.json').exists():
-        return _load_adapter(path, tokenizer, device, dtype)
+        return _load_adapter(path, tokenizer, device, dtype, trust_remote_code)
     hub = bundled is None and not path.exists() and _HUB_ID.fullmatch(str(model)) is not None   # 'org/name' or 'name'
     if not hub and (not path.is_dir() or not (path/'config.json').exists()):
         ckpts = sorted((p.name for p in path.glob('checkpoint-*') if (p/'config.json').is_file()),
@@ -777,8 +789,8 @@ def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_
                                "the model was trained with (`--tokenizer DIR` on the command line, `tokenizer=` in Python), or "
                                "save it into the folder with `tokenizer.save_pretrained(folder)`. Another tokenizer's ids "
                                "would make every score meaningless.")
-    m = _from_pretrained(str(model) if hub else path, device, dtype)    # first: an unknown Hub id is named as such
-    try: tok = load_tokenizer(tokenizer)
+    m = _from_pretrained(str(model) if hub else path, device, dtype, trust_remote_code)    # first: an unknown Hub id is named as such
+    try: tok = load_tokenizer(tokenizer, trust_remote_code)
     except ValueError as e:
         if not (hub and tokenizer == str(model)): raise
         raise ValueError(f"The Hub repository {str(model)!r} has no tokenizer that loads here ({e}) Pass the tokenizer the model "
@@ -786,7 +798,7 @@ def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_
     return _check_pair(m, tok)
 
 # %% ../nbs/00_data.ipynb #343e66ec
-def _load_adapter(path:Path, tokenizer, device, dtype) -> tuple:
+def _load_adapter(path:Path, tokenizer, device, dtype, trust_remote_code:bool=False) -> tuple:
     "A peft adapter folder: its base model (`base_model_name_or_path`, loaded as `load_model` does) with the adapter on top."
     try: from peft import PeftModel
     except ImportError: raise ImportError(f"{path} holds a peft adapter (adapter_config.json): install peft to load it "
@@ -796,7 +808,7 @@ def _load_adapter(path:Path, tokenizer, device, dtype) -> tuple:
                                   "model, add the adapter with peft's `PeftModel.from_pretrained`, and pass the model object.")
     if not Path(base).exists() and (path/base).exists(): base = str(path/base)   # a path relative to the adapter folder
     if tokenizer is None and any((path/f).exists() for f in TOKENIZER_FILES): tokenizer = path   # the adapter's own (added tokens)
-    m, tok = load_model(base, tokenizer, device, dtype)
+    m, tok = load_model(base, tokenizer, device, dtype, trust_remote_code)
     m = PeftModel.from_pretrained(m, path)
     return _check_pair(m.to(device=next(m.parameters()).device, dtype=dtype).eval(), tok)
 
@@ -837,7 +849,7 @@ def _import_factory(where:str, fn:str):
         raise ValueError(f"Cannot load the model function {where}:{fn} ({type(e).__name__}: {e}). Give 'module:function' (a "
                          "module importable from the working directory) or 'path/to/file.py:function'.") from None
 
-def _load_factory(spec, tokenizer, device, dtype) -> tuple:
+def _load_factory(spec, tokenizer, device, dtype, trust_remote_code:bool=False) -> tuple:
     """A model built by the user's own code: `spec` matched 'module:function' or 'file.py:function'; the function is called with
     no arguments and returns the model, or `(model, tokenizer)`. For models outside transformers (nanoGPT's `GPT`) on the
     command line: it must return the same weights each time (load a checkpoint), as factors are bound to them."""
@@ -849,7 +861,7 @@ def _load_factory(spec, tokenizer, device, dtype) -> tuple:
     if tokenizer is None and tok is None:
         raise ValueError(f"{spec[0]} returned a model without a tokenizer: pass the tokenizer it was trained with (`--tokenizer "
                          "DIR` on the command line, `tokenizer=` in Python), or return `(model, tokenizer)`.")
-    return load_model(model, tokenizer if tokenizer is not None else tok, device, dtype)
+    return load_model(model, tokenizer if tokenizer is not None else tok, device, dtype, trust_remote_code)
 
 
 # %% ../nbs/00_data.ipynb #3be13a5d

@@ -213,8 +213,9 @@ class ExplorerSession:
                  dtype=None,                   # precision to load models in: None (as saved), 'float32', 'bfloat16', ...
                  modules=None,                 # layers to track: 'mlp', 'all', 'lora' (a peft model's LoRA matrices) or
                                                # names (a list, or comma-separated); None: the given factors' layers, else 'mlp'
+                 trust_remote_code: bool = False, # let a model folder's own code run (`auto_map` in its config); off: refused
                 ):
-        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        self.device, self.dtype, self.trust_remote_code = resolve_device(device), resolve_dtype(dtype), bool(trust_remote_code)
         self.fit_sample, self.seed, self.batch_size = (check_int(v, n, lo) for n, v, lo in
                                                        (('fit_sample', fit_sample, 0), ('seed', seed, 0), ('batch_size', batch_size, 1)))
         self._models, self._train, self._index, self._factors, self._given = {}, {}, {}, {}, set()
@@ -250,7 +251,7 @@ def _setup_custom(self: ExplorerSession, model, tokenizer, corpus, queries, fact
     if corpus is None:
         raise ValueError("`corpus` is required with `model`: the training texts to search (a list of texts, a "
                          "JSONL/.txt/Parquet file or a datasets.Dataset).")
-    mdl, tok = load_model(model, tokenizer, self.device, self.dtype)
+    mdl, tok = load_model(model, tokenizer, self.device, self.dtype, self.trust_remote_code)
     self.custom = name or (Path(model).name if isinstance(model, (str, os.PathLike)) else type(mdl).__name__)
     self._models[self.custom] = (mdl, tok)
     self._corpus = corpus                                             # (a file: its lines name records in messages)
@@ -1025,6 +1026,7 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
              device=None, # where the model runs: None (CPU for folders and bundled models), 'cuda', 'cuda:1', 'auto'
              dtype=None, # precision to load the model in: None (as saved), 'float32', 'bfloat16', 'float16', 'float64'
              modules=None, # layers to track: 'mlp', 'all', 'lora' (a peft model's LoRA matrices) or names; None: the factors' or 'mlp'
+             trust_remote_code:bool=False, # let your model folder's own code run (`auto_map` in its config); off: refused
              **kwargs, # the rest of `Explorer`'s arguments (query_id, candidates, k, strategy)
             ) -> Explorer:
     "The explorer app (an ipywidgets VBox) on the bundled models, or on your model and corpus."
@@ -1032,7 +1034,8 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
     if not bundled:
         if session is not None: raise ValueError("Pass either `session` or your `model` (with its corpus), not both.")
         session = ExplorerSession(fit_sample=fit_sample, model=model, tokenizer=tokenizer, corpus=corpus, queries=queries,
-                                  factors=factors, text_field=text_field, device=device, dtype=dtype, modules=modules)
+                                  factors=factors, text_field=text_field, device=device, dtype=dtype, modules=modules,
+                                  trust_remote_code=trust_remote_code)
         model = None
     elif any(x is not None for x in (tokenizer, corpus, queries, factors)):
         raise ValueError("`tokenizer`, `corpus`, `queries` and `factors` go with your own `model` (an object or a folder).")

@@ -112,6 +112,12 @@ def exact_cotangents(logits:torch.Tensor, # [B, T, C] outputs (position t predic
                 else: cot[:, :-1, c] = at[..., 0]
                 yield cot
 
+def _forward(model, cap, b:dict) -> torch.Tensor:
+    "The batch's logits, each tracked output kept as its layer returned it: run again, handing the model copies, when it changed\n    some in place (`Capture.changed`); and unmasked when padding turned real tokens NaN (`batch_logits`)."
+    logits = batch_logits(model, b, before_retry=cap.clear)
+    if changed := cap.changed(): cap.copied.update(changed); cap.clear(); logits = batch_logits(model, b, before_retry=cap.clear)
+    return logits
+
 def _backprop(cap, logits:torch.Tensor, cotangents) -> dict:
     "`{name: [J, ...]}`: each tracked layer's output gradient for every one of the J gradients `cotangents` at the logits."
     names = cap.require_called()
@@ -119,7 +125,7 @@ def _backprop(cap, logits:torch.Tensor, cotangents) -> dict:
     cots, got = list(cotangents), {n: [] for n in names}
     for j, cot in enumerate(cots):
         gs = torch.autograd.grad(logits, outs, grad_outputs=cot, retain_graph=j < len(cots) - 1, allow_unused=True)
-        for n, o, g in zip(names, outs, gs): got[n].append(torch.zeros_like(o) if g is None else g)
+        for n, g in zip(names, gs): got[n].append(torch.zeros_like(cap.outputs[n]) if g is None else g)
     return {n: g[0][None] if len(g) == 1 else torch.stack(g) for n, g in got.items()}   # [J, B, T, d_out] (or [J, B·T, d_out])
 
 # %% ../nbs/04_kfac.ipynb #ccc9e67c
@@ -212,7 +218,7 @@ def layer_passes(model, # a causal LM
             idx = [ids[i] for i in idx]                          # positions in `seqs`
             b = {k: v.to(device) for k, v in b.items()}
             mask = b['attention_mask'][..., None]                                   # [B, T, 1]
-            logits = batch_logits(model, b, before_retry=cap.clear)   # padding that turned real tokens NaN: rerun unmasked
+            logits = _forward(model, cap, b)
             custom = getattr(model, 'influence_loss', None)       # adapters (e.g. a regressor) bring their own loss
             if exact: dss = _backprop(cap, logits, exact_cotangents(logits, b['labels'], getattr(model, 'pbrf_loss', 'ce')))
             elif custom: dss = cap.out_grads(custom(logits, b['labels'], bool(sample), seed, stream, idx))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_modules.ipynb #6ac9ec19
 from __future__ import annotations
-import re, ast, contextlib, functools, inspect, textwrap, threading, warnings
+import re, ast, contextlib, functools, inspect, textwrap, threading, warnings, weakref
 from dataclasses import dataclass
 import torch
 from torch import nn
@@ -615,15 +615,20 @@ def layer_param_names(layers:list[TrackedLayer], # tracked layers (`find_modules
     return [n for layer in layers for n, _ in layer.params()]
 
 # %% ../nbs/03_modules.ipynb #abfe050d
+_COPIED = weakref.WeakKeyDictionary()   # model -> names of tracked layers whose output it changes in place: the model gets a copy
+
 class Capture:
     "Per-batch storage filled by the hooks of `capture`; `rows[name]` says which input rows an expert saw."
     def __init__(self, layers):
-        self.layers, self.inputs, self.outputs, self.rows, self.n_rows = layers, {}, {}, {}, {}
+        self.layers, self.inputs, self.outputs, self.rows, self.n_rows, self.versions = layers, {}, {}, {}, {}, {}
+        self.copied = set()     # layers whose output the model changes in place (`changed`): it is handed a copy
         self.backward = False   # True between `out_grads` and `clear`: a recomputed forward (checkpointing) is not a new call
-    def clear(self): self.inputs.clear(); self.outputs.clear(); self.rows.clear(); self.n_rows.clear(); self.backward = False
+    def clear(self):
+        for d in (self.inputs, self.outputs, self.rows, self.n_rows, self.versions): d.clear()
+        self.backward = False
 
     def require_called(self) -> list[str]:
-        "The tracked layers' names, once each was called in the forward pass; a layer the model never calls is named."
+        "The tracked layers' names, once each was called in the forward pass (a layer never called, or whose output the model\n        then changed in place, is refused by name): before any gradient is taken w.r.t. their outputs."
         names = [layer.name for layer in self.layers]
         missing = [n for n in names if n not in self.outputs]
         if any(re.search(r'\.experts\.\d+\.', n) for n in missing):   # transformers < 5 runs each expert as a module, only when routed to
@@ -634,7 +639,15 @@ class Capture:
         if missing: raise ValueError(f"Layers {missing} were not called in the model's forward pass (a model can use a layer's "
                                      "weight without calling it, as Mamba's CPU path does with `dt_proj`), so nothing "
                                      "flows through them to measure: leave them out of `modules`.")
+        if changed := self.changed():
+            raise ValueError(f"The model changes the output of {changed[:3]} in place after the layer has run (e.g. `out *= scale`), "
+                             "so its gradient would be the changed tensor's, not the layer's: leave "
+                             f"{'it' if len(changed) == 1 else 'them'} out of `modules`.")
         return names
+
+    def changed(self) -> list[str]:
+        "Tracked layers whose output the model changed in place after they ran (a `*= scale`, Falcon's `out += attn`): a\n        gradient w.r.t. that tensor would be the changed one's. Checked after the forward; `layer_passes` reruns it with copies."
+        return [n for n, s in self.outputs.items() if s._version != self.versions[n]]
 
     def out_grads(self, loss:torch.Tensor) -> dict[str, torch.Tensor]:
         "Gradients of `loss` w.r.t. each tracked layer's output, `{name: [batch, T, d_out]}` (experts: `[routed rows, d_out]`)."
@@ -721,19 +734,23 @@ def capture(model:nn.Module, # the model whose layers are hooked
            ):
     "Context manager: hook `layers`, yield a `Capture`; hooks, forwards, `requires_grad` flags and mode are restored on exit."
     cap = Capture(layers)
+    cap.copied = _COPIED.setdefault(model, set())                     # learnt once per model (`Capture.changed`)
     def keep(name, x, s):
         if cap.backward: return s                                      # recomputation during backward: already kept
         if name in cap.inputs: raise ValueError(_twice_msg(name))
         cap.inputs[name] = x.detach()                                  # [batch, T, d_in] (experts: [rows, d_in])
-        if grads and torch.is_grad_enabled() and not s.requires_grad: s.requires_grad_()
-        cap.outputs[name] = s                                          # [batch, T, d_out]
-        return s
+        if grads and torch.is_grad_enabled() and not s.requires_grad:   # nothing upstream needs a gradient: a leaf of our own,
+            t = s.detach().requires_grad_()                            # and the model goes on with a copy, which it may change
+            cap.outputs[name], cap.versions[name] = t, t._version      # in place (Gemma 3n scales a projection with `*=`)
+            return t.clone()
+        cap.outputs[name], cap.versions[name] = s, s._version          # [batch, T, d_out]
+        return s.clone() if name in cap.copied else s                 # (a copy for a model that changes it in place)
     def make_hook(name):
         def hook(mod, inp, out):
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"Layer '{name}' ({type(mod).__name__}) returned a {type(out).__name__}, not a tensor: it is not a "
                                 "plain Linear layer and cannot be tracked. Leave it out of `modules`.")
-            keep(name, inp[0], out)
+            return keep(name, inp[0], out)
         return hook
     def make_record(prefix, tracked):
         def record(p, e, x, s, rows, n):

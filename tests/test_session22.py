@@ -96,3 +96,112 @@ def test_the_command_line_takes_module_function_from_the_working_directory(tmp_p
     bad = subprocess.run([*cli, *args[:2], 'nano:nothing', *args[3:]], cwd=tmp_path, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Cannot load the model function nano:nothing (AttributeError" in bad.stderr, bad.stderr
+
+
+def autograd_identity(model, params, queries, train):
+    "grad log p(query) . grad log p(sequence) over `params`, one sequence at a time (float64 sums)."
+    def grad(ids):
+        ids = torch.as_tensor(ids)[None]
+        lp = torch.log_softmax(inf.data.logits_of(model(input_ids=ids), ids)[0, :-1].double(), -1)
+        g = torch.autograd.grad(lp.gather(-1, ids[0, 1:, None]).sum(), params)
+        return torch.cat([x.reshape(-1) for x in g]).double()
+    return torch.stack([grad(q) for q in queries]) @ torch.stack([grad(s) for s in train]).T
+
+
+def test_an_output_the_model_scales_in_place_is_scored_as_autograd():
+    "Gemma 3n scales `per_layer_model_projection`'s output with `*=`: a leaf of ours, so every score pass crashed (autograd)."
+    from transformers import Gemma3nTextConfig, AutoModelForCausalLM
+    cfg = Gemma3nTextConfig(vocab_size=V, vocab_size_per_layer_input=V, hidden_size=32, hidden_size_per_layer_input=8,
+                            intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            layer_types=['sliding_attention', 'full_attention'], sliding_window=16, num_kv_shared_layers=0,
+                            activation_sparsity_pattern=[0.0, 0.0], laurel_rank=4, altup_num_inputs=2)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    train, queries = data(n=4, T=9)
+    names = ['model.per_layer_model_projection', 'model.layers.0.mlp.up_proj']
+    f = inf.fit_factors(m, train, strategy='identity', modules=names)
+    got = inf.pairwise_scores(m, f, queries, train).total
+    want = autograd_identity(m, [m.get_submodule(n).weight for n in names], queries, train)
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+    inf.fit_factors(m, train, strategy='ekfac', modules=names)      # the covariance and eigenvalue passes run too
+
+
+class ScaledInPlace(nn.Module):
+    "A layer whose output the model changes in place after it has run, inside the graph (`*=`), and one it adds to in place."
+    def __init__(self):
+        super().__init__(); torch.manual_seed(0)
+        self.emb, self.fc, self.proj, self.head = nn.Embedding(V, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, V)
+    def forward(self, input_ids):
+        x = self.emb(input_ids); h = torch.tanh(self.fc(x))
+        h = self.proj(h)
+        h *= 3.0                                                        # the layer's output, scaled in place
+        h += x                                                          # and added to in place (Falcon's `mlp_output += attn`)
+        return self.head(h.cumsum(1))
+
+
+def test_an_output_changed_in_place_inside_the_graph_is_scored_as_autograd():
+    "Before: `proj`'s output gradient was the scaled tensor's, so its scores were off by the factor 3, without a word."
+    m, (train, queries) = ScaledInPlace().eval(), data(n=3, T=6)
+    f = inf.fit_factors(m, train, strategy='identity', modules=['fc', 'proj'])
+    want = autograd_identity(m, [m.fc.weight, m.fc.bias, m.proj.weight, m.proj.bias], queries, train)
+    assert float((inf.pairwise_scores(m, f, queries, train).total.double() - want).abs().max() / want.abs().max()) < 1e-5
+    f = inf.fit_factors(m, train, strategy='ekfac', modules=['fc', 'proj'], fisher='empirical')
+    got = inf.pairwise_scores(m, f, queries, train, per_layer=True)
+    assert torch.allclose(sum(got.per_layer.values()), got.total, rtol=1e-5, atol=1e-6)
+
+
+CONFIG_PY = '''from transformers import LlamaConfig
+class TinyConfig(LlamaConfig):
+    model_type = "tiny_custom"
+'''
+MODELING_PY = '''from transformers import LlamaForCausalLM
+from .configuration_tiny import TinyConfig
+class TinyForCausalLM(LlamaForCausalLM):
+    config_class = TinyConfig
+'''
+
+
+@pytest.fixture(scope='module')
+def custom_folder(tmp_path_factory):
+    "A model folder with its own code (`auto_map`), as `trust_remote_code` models are shipped, with the bundled tokenizer."
+    import importlib.util
+    d = tmp_path_factory.mktemp('custom')/'tiny'
+    d.mkdir()
+    (d/'configuration_tiny.py').write_text(CONFIG_PY); (d/'modeling_tiny.py').write_text(MODELING_PY)
+    spec = importlib.util.spec_from_file_location('configuration_tiny', d/'configuration_tiny.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    tok = inf.load_tokenizer(data_dir()/'tokenizer')
+    cfg = mod.TinyConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64)
+    cfg.auto_map = {'AutoConfig': 'configuration_tiny.TinyConfig', 'AutoModelForCausalLM': 'modeling_tiny.TinyForCausalLM'}
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(d); tok.save_pretrained(d)
+    (d.parent/'fit.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in ['The capital of Zorvia is Pellin.',
+                                                                                     'Boats sail on the river.']))
+    return d
+
+
+def test_a_folder_with_custom_code_is_refused_without_trust_and_loads_with_it(custom_folder):
+    "Before: transformers' own refusal named an argument influence_nb did not take (and in a terminal asked y/N, twice)."
+    with pytest.raises(ValueError, match=r"holds custom code .* pass `trust_remote_code=True` \(`--trust-remote-code`"):
+        inf.load_model(custom_folder)
+    m, tok = inf.load_model(custom_folder, trust_remote_code=True)
+    assert type(m).__name__ == 'TinyForCausalLM' and not m.training and len(tok) == 2048
+    want = LlamaForCausalLM.from_pretrained(custom_folder)                 # the same weights, read as a plain Llama
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), want.state_dict().values()))
+
+
+def test_the_command_line_and_explorer_take_trust_remote_code(custom_folder):
+    from influence_nb.cli import main
+    from influence_nb.explorer import ExplorerSession, app_notebook
+    args = ['fit-factors', '--model', custom_folder, '--data', custom_folder.parent/'fit.jsonl', '--out', custom_folder.parent/'f']
+    assert main(args) == 2                                                   # refused, saying why (no prompt)
+    assert main([*args, '--trust-remote-code']) == 0
+    assert inf.Factors.load(custom_folder.parent/'f').modules == [f'model.layers.{i}.mlp.{p}' for i in (0, 1)
+                                                                  for p in ('gate_proj', 'up_proj', 'down_proj')]
+    with pytest.raises(ValueError, match='holds custom code'):
+        ExplorerSession(model=custom_folder, corpus=custom_folder.parent/'fit.jsonl')
+    s = ExplorerSession(model=custom_folder, corpus=custom_folder.parent/'fit.jsonl', trust_remote_code=True)
+    assert type(s.model(s.custom)[0]).__name__ == 'TinyForCausalLM'
+    nb = app_notebook(custom_folder.parent/'app.ipynb', model=str(custom_folder), trust_remote_code=True).read_text()
+    assert 'trust_remote_code=True' in nb                                    # what `explore --trust-remote-code` serves
