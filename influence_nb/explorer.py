@@ -680,7 +680,7 @@ def top_html(result: ExplorerResult, # from `run_query`
 def heatmaps_html(result: ExplorerResult, # from `run_query`
                   shift: bool = False,    # draw values on the predicted token instead (see `09_viz`)
                  ) -> str:
-    "Token heatmaps of the top sequences on one shared colour scale; a copy of a sequence above is named, not drawn again."
+    "Token heatmaps of the top sequences on one shared colour scale, its legend under the first; a copy of a sequence above\n    is named, not drawn again."
     if not result.tokens: return '<div class="inb-heatmaps"></div>'
     scale = max(float(np.nanmax(np.abs(np.concatenate(result.token_scores)))), 1e-30)
     parts, same = [], _same_as(result.tokens, list(result.top.index))
@@ -689,7 +689,8 @@ def heatmaps_html(result: ExplorerResult, # from `run_query`
         if rank in same:                   # the same tokens as a sequence above: the same token-wise influence, drawn once
             parts.append(f'<div class="inb-heatmap inb-same" data-same-as="{same[rank]}"><b>{_esc(title)}</b> · the same '
                          f'tokens as #{same[rank]}, so the same token-wise influence: drawn above</div>')
-        else: parts.append(viz.token_heatmap_html(toks, vals, title=title, scale=scale, shift=shift, decode="none")
+        else: parts.append(viz.token_heatmap_html(toks, vals, title=title, scale=scale, shift=shift, decode="none",
+                                                  legend=not any('inb-legend' in p for p in parts))   # one scale: its legend once
                            + ('<div class="inb-muted inb-cut">… cut here: the text is longer than the model\'s context, and '
                               'only these tokens are read</div>' if cut else ''))
     hint = ('<div class="inb-muted">One colour scale for all rows (the largest token value sets it); hover a token for '

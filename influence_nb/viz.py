@@ -198,6 +198,7 @@ def token_heatmap_html(tokens: Sequence[str],  # token strings (byte-level BPE o
                        shift: bool = False,     # draw values[t] on token t+1 (the predicted token) instead of t
                        decode: str = "auto",    # token text: "auto", "bytes" (byte-level BPE) or "none"
                        fmt: str = "+.3g",       # format spec of the value shown on hover
+                       legend: bool = True,     # the colour bar and what the colours mean (rows sharing one scale: the first only)
                       ) -> str:
     "HTML with one `<span>` per token, coloured red (+) / blue (-) around white (0), the value on hover."
     texts, v = _token_values(tokens, values, shift, decode)
@@ -214,7 +215,7 @@ def token_heatmap_html(tokens: Sequence[str],  # token strings (byte-level BPE o
                      + ('' if text else ';display:inline-block;min-width:0.3em;height:1em') + f'">{shown}</span>')
     neg, pos = "rgb({},{},{})".format(*NEG_RGB), "rgb({},{},{})".format(*POS_RGB)
     head = (f'<div style="font-weight:bold;margin-bottom:4px">{_html.escape(title)}</div>' if title else "")
-    legend = (f'<div style="font-size:80%;margin-top:6px;color:#555">'
+    legend = '' if not legend else (f'<div class="inb-legend" style="font-size:80%;margin-top:6px;color:#555">'
               f'<div style="display:inline-block;width:120px;height:10px;vertical-align:middle;'
               f'background:linear-gradient(to right,{neg},#fff,{pos})"></div> '
               f'{format(-s, fmt)} … 0 … {format(s, fmt)}; red raises the completion\'s log-probability, blue lowers it; '
