@@ -831,6 +831,14 @@ def load_bundled(name:str='gpt2-l', # one of MODEL_NAMES, or a model folder (wit
 # %% ../nbs/00_data.ipynb #8604a64d
 _FACTORY = re.compile(r'(?P<where>[A-Za-z_][\w.]*|.+\.py):(?P<fn>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)')   # 'pkg.mod:fn', 'dir/file.py:fn'
 
+@contextmanager
+def _importable(folder):
+    "`folder` first on `sys.path`, as `python file.py` puts the file's folder (its sibling modules import) and `python -m` the\n    working directory; removed after."
+    folder = str(folder); sys.path.insert(0, folder)
+    try: yield
+    finally:
+        if folder in sys.path: sys.path.remove(folder)
+
 def _import_factory(where:str, fn:str):
     "The object `fn` (dotted) of the module `where`: a dotted module name (importable from the working directory), or a .py file."
     import importlib, importlib.util
@@ -840,10 +848,7 @@ def _import_factory(where:str, fn:str):
             spec = importlib.util.spec_from_file_location(f'_user_{Path(where).stem}', where)
             mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)   # registered: dataclasses look their module up
             spec.loader.exec_module(mod)
-        else:
-            sys.path.insert(0, os.getcwd())                     # as `python -m` would find it
-            try: mod = importlib.import_module(where)
-            finally: sys.path.remove(os.getcwd())
+        else: mod = importlib.import_module(where)               # (found as `python -m` would: `_load_factory`)
         return functools.reduce(getattr, fn.split('.'), mod)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"Cannot load the model function {where}:{fn} ({type(e).__name__}: {e}). Give 'module:function' (a "
@@ -853,8 +858,10 @@ def _load_factory(spec, tokenizer, device, dtype, trust_remote_code:bool=False) 
     """A model built by the user's own code: `spec` matched 'module:function' or 'file.py:function'; the function is called with
     no arguments and returns the model, or `(model, tokenizer)`. For models outside transformers (nanoGPT's `GPT`) on the
     command line: it must return the same weights each time (load a checkpoint), as factors are bound to them."""
-    fn = _import_factory(spec['where'], spec['fn'])
-    out = fn() if callable(fn) and not isinstance(fn, torch.nn.Module) else fn
+    where = spec['where']
+    with _importable(Path(where).resolve().parent if where.endswith('.py') else os.getcwd()):   # imports in the function too
+        fn = _import_factory(where, spec['fn'])
+        out = fn() if callable(fn) and not isinstance(fn, torch.nn.Module) else fn
     model, tok = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{spec[0]} returned a {type(model).__name__}: it must return a torch.nn.Module, or (model, tokenizer).")

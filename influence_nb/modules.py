@@ -254,8 +254,8 @@ def candidate_modules(model:nn.Module, # any PyTorch model (a Hugging Face causa
     return list(_candidates(uncompiled(model)))
 
 def blocks(model:nn.Module) -> list[str]:
-    "Names of the model's blocks: the children of the `nn.ModuleList` holding the most parameters (`[]` if none)."
-    best, size = [], 0
+    "Names of the model's blocks: the children of the `nn.ModuleList` holding the most parameters (`[]` if none); a\n    torch.compile wrapper's are named as its model's, as `candidate_modules` names their layers."
+    best, size, model = [], 0, uncompiled(model)
     for n, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and len(m):
             s = sum(p.numel() for p in m.parameters())
@@ -643,6 +643,10 @@ class Capture:
             raise ValueError(f"The model changes the output of {changed[:3]} in place after the layer has run (e.g. `out *= scale`), "
                              "so its gradient would be the changed tensor's, not the layer's: leave "
                              f"{'it' if len(changed) == 1 else 'them'} out of `modules`.")
+        if idle := [n for n in names if not self.outputs[n].requires_grad]:
+            raise ValueError(f"Layers {idle[:3]} ran without gradients (under `torch.no_grad`, as a reentrant checkpoint, "
+                             "`torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`, runs its forward), so no gradient "
+                             "reaches them: checkpoint with `use_reentrant=False`, or leave them out of `modules`.")
         return names
 
     def changed(self) -> list[str]:
@@ -736,7 +740,10 @@ def capture(model:nn.Module, # the model whose layers are hooked
     cap = Capture(layers)
     cap.copied = _COPIED.setdefault(model, set())                     # learnt once per model (`Capture.changed`)
     def keep(name, x, s):
-        if cap.backward: return s                                      # recomputation during backward: already kept
+        if cap.backward:                                               # recomputation during backward (checkpointing): already
+            if grads and torch.is_grad_enabled() and not s.requires_grad:   # kept; the model gets what it got in the forward
+                return s.detach().requires_grad_().clone()             # (a graph of the same shape: checkpoint compares them)
+            return s.clone() if name in cap.copied else s
         if name in cap.inputs: raise ValueError(_twice_msg(name))
         cap.inputs[name] = x.detach()                                  # [batch, T, d_in] (experts: [rows, d_in])
         if grads and torch.is_grad_enabled() and not s.requires_grad:   # nothing upstream needs a gradient: a leaf of our own,

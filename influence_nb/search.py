@@ -777,17 +777,19 @@ def _failing(items:list, read) -> int|None:
 # %% ../nbs/08_search.ipynb #e3a9999b
 def _shared_terms(terms:dict|None, err:Exception|None, info:dict, bad:dict) -> dict:
     """Every process's `doc_terms` share, joined in index order, with the bad records counted over all (`bad['first']`: the
-    corpus's first). A process that stopped at a bad record stops them all: the one holding the corpus's first raises its error."""
+    corpus's first). A process that stopped stops them all: the one holding the corpus's first bad record raises its error (a
+    process whose pass failed otherwise, its own)."""
     import torch.distributed as dist
     from influence_nb.tfidf import merge_doc_terms
     rank, world = dist_info()
     got = [None] * world
     dist.all_gather_object(got, (terms, info['failed_at'] if err is not None else None, info['n_skipped'], info['first_at'], bad.get('first')))
-    failed = [(g[1], r) for r, g in enumerate(got) if g[1] is not None]
-    if failed or err is not None:
-        at, owner = min(failed) if failed else (None, rank)
+    if stopped := [r for r, g in enumerate(got) if g[0] is None]:      # its pass raised (at a record, or elsewhere)
+        failed = [(g[1], r) for r, g in enumerate(got) if g[1] is not None]
+        at, owner = min(failed) if failed else (None, stopped[0])
         if err is not None and owner == rank: raise err
-        raise RuntimeError(f"Process {owner} of {world} stopped at corpus record {at} (its error says why); this process stops too.")
+        where = '' if at is None else f' at corpus record {at}'
+        raise RuntimeError(f"Process {owner} of {world} stopped{where} (its error says why); this process stops too.")
     info['n_skipped'] = sum(g[2] for g in got)
     if firsts := [(g[3], g[4]) for g in got if g[3] is not None]: bad['first'] = min(firsts)[1]
     return merge_doc_terms([g[0] for g in got])

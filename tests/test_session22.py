@@ -205,3 +205,71 @@ def test_the_command_line_and_explorer_take_trust_remote_code(custom_folder):
     assert type(s.model(s.custom)[0]).__name__ == 'TinyForCausalLM'
     nb = app_notebook(custom_folder.parent/'app.ipynb', model=str(custom_folder), trust_remote_code=True).read_text()
     assert 'trust_remote_code=True' in nb                                    # what `explore --trust-remote-code` serves
+
+
+# Review of session 22's changes: what its own tests did not show.
+
+class Checkpointed(nn.Module):
+    "Two blocks run under non-reentrant activation checkpointing (recomputed during the backward), one scaling in place."
+    def __init__(self, ckpt=True):
+        super().__init__(); torch.manual_seed(0)
+        self.emb, self.head, self.ckpt = nn.Embedding(V, 8), nn.Linear(8, V), ckpt
+        self.blocks = nn.ModuleList([nn.ModuleDict(dict(fc=nn.Linear(8, 16), proj=nn.Linear(16, 8))) for _ in range(2)])
+    def block(self, b, x):
+        h = b['proj'](torch.tanh(b['fc'](x)))
+        h *= 3.0                                                        # in place, as `ScaledInPlace`
+        return x + h
+    def forward(self, input_ids):
+        from torch.utils.checkpoint import checkpoint
+        x = self.emb(input_ids)
+        for b in self.blocks: x = checkpoint(self.block, b, x, use_reentrant=False) if self.ckpt else self.block(b, x)
+        return self.head(x.cumsum(1))
+
+
+def test_a_model_with_activation_checkpointing_is_scored_as_autograd():
+    "Before: the recomputation got the layer's output where the forward had got our leaf's copy: torch's CheckpointError."
+    m, ref, (train, queries) = Checkpointed().eval(), Checkpointed(ckpt=False).eval(), data(n=3, T=6)
+    names = [f'blocks.{i}.{p}' for i in (0, 1) for p in ('fc', 'proj')]
+    want = autograd_identity(ref, [p for n in names for p in ref.get_submodule(n).parameters()], queries, train)
+    got = inf.pairwise_scores(m, inf.fit_factors(m, train, strategy='identity', modules=names), queries, train).total
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+    f, g = (inf.fit_factors(x, train, strategy='ekfac', modules=names, fisher='empirical') for x in (m, ref))
+    assert torch.allclose(inf.pairwise_scores(m, f, queries, train).total, inf.pairwise_scores(ref, g, queries, train).total, rtol=1e-4)
+
+
+def test_a_compiled_models_layers_lie_in_its_blocks_in_the_explorer():
+    "Before: `modules.blocks` named a torch.compile wrapper's blocks '_orig_mod.…', so every layer fell in 'other' (1 block)."
+    from influence_nb.explorer import layer_blocks
+    m = llama(2, 16, 32, 0)
+    names = [x.name for x in inf.find_modules(torch.compile(m), 'mlp')]
+    assert layer_blocks(names, torch.compile(m)) == layer_blocks(names, m) == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_process_failing_outside_a_record_stops_the_others_in_our_words(monkeypatch):
+    "Before: a process whose BM25 pass failed other than at a record (failed_at None) left the others a bare TypeError."
+    import torch.distributed as dist
+    from influence_nb import search
+    from influence_nb.tfidf import doc_terms
+    mine = doc_terms([[1, 2]], [(1, [1, 2, 3])])
+    gathered = [(None, None, 0, None, None), (mine, None, 0, None, None)]          # process 0 raised (say, out of memory)
+    monkeypatch.setattr(dist, 'all_gather_object', lambda got, obj: got.__setitem__(slice(None), gathered))
+    monkeypatch.setattr(search, 'dist_info', lambda: (1, 2))
+    info = {'failed_at': None, 'n_skipped': 0, 'first_at': None}
+    with pytest.raises(RuntimeError, match=r'^Process 0 of 2 stopped \(its error says why\); this process stops too\.$'):
+        search._shared_terms(mine, None, info, {})
+    monkeypatch.setattr(search, 'dist_info', lambda: (0, 2))
+    with pytest.raises(MemoryError):                                                 # its own process raises its own error
+        search._shared_terms(None, MemoryError('out of memory'), info, {})
+
+
+def test_a_reentrant_checkpoint_is_refused_saying_what_to_do():
+    "A reentrant checkpoint runs its forward without gradients: before, autograd's 'element 0 of tensors does not require grad'."
+    from torch.utils.checkpoint import checkpoint
+    class Reentrant(Checkpointed):
+        def forward(self, input_ids):
+            x = self.emb(input_ids)
+            for b in self.blocks: x = checkpoint(self.block, b, x, use_reentrant=True)
+            return self.head(x.cumsum(1))
+    m, (train, _) = Reentrant().eval(), data(n=2, T=6)
+    with pytest.raises(ValueError, match=r"ran without gradients .* checkpoint with `use_reentrant=False`"):
+        inf.fit_factors(m, train, strategy='kfac', modules=['blocks.0.fc', 'blocks.1.fc'])
