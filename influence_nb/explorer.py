@@ -45,7 +45,7 @@ from .scores import pairwise_scores
 from .tfidf import TokenIndex
 
 # %% auto #0
-__all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'ANNOTATED_BLOCKS', 'layer_blocks', 'default_query', 'record_where',
+__all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'ANNOTATED_BLOCKS', 'K_MAX', 'layer_blocks', 'default_query', 'record_where',
            'corpus_records', 'query_rows', 'query_record', 'query_records', 'ExplorerSession', 'sequences_digest',
            'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'run_query', 'summary_html', 'top_html',
            'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'csv_link',
@@ -59,10 +59,10 @@ def layer_blocks(names: list[str], # tracked layer names, e.g. 'transformer.h.3.
                  model=None,       # the model they belong to: its blocks (`modules.blocks`) decide; None: the names alone
                 ) -> list[int|None]: # the transformer block of each (None: a layer of `model` outside every block)
     """The block of each layer: with `model`, the position of the block it lies in, None for a layer outside every block
-    (OPT's `project_in`/`project_out`, Gemma 3n's `altup_projections.0`, whose number is no block's); without, the block
-    number in its name (`viz.block_of`)."""
-    bl = block_names(model) if model is not None else []
-    if not bl: return [viz.block_of(n, "the explorer's `blocks` range") for n in names]
+    (OPT's `project_in`/`project_out`, Gemma 3n's `altup_projections.0`, whose number is no block's; every layer of a model
+    without blocks); without, the block number in its name (`viz.block_of`)."""
+    if model is None: return [viz.block_of(n, "the explorer's `blocks` range") for n in names]
+    bl = block_names(model)
     def of(n): return next((i for i, b in enumerate(bl) if n == b or n.startswith(b + '.')), None)
     return [of(n) for n in names]
 
@@ -778,7 +778,7 @@ class Explorer(widgets.VBox):
                  session: ExplorerSession|None = None, # caches; None: `ExplorerSession(fit_sample)`
                  model: str|None = None,       # initial model (default: the smallest bundled one)
                  query_id: str|None = None,    # initial query (default: `default_query`)
-                 candidates: int = 300,        # initial number of BM25 candidates
+                 candidates: int = 300,        # initial number of BM25 candidates (0: no filter, every sequence)
                  k: int = 5,                   # initial number of top sequences
                  strategy: str = 'ekfac',      # initial strategy
                  fit_sample: int = FIT_SAMPLE, # used when `session` is None
@@ -802,6 +802,8 @@ class Explorer(widgets.VBox):
         self.add_class('inb-app')
 
 # %% ../nbs/10_explorer.ipynb #bdcb546d
+K_MAX = 50   # top sequences the app shows at most
+
 @patch
 def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     "The widgets; each carries a CSS class (`inb-…`) that the browser test finds it by."
@@ -818,10 +820,12 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     self.prompt_w = widgets.Textarea(value=q['prompt'], description='Prompt', style=wide, layout=L('100%'), rows=2)
     self.completion_w = widgets.Text(value=q['completion'], description='Completion', style=wide, layout=L())
     # settings
-    self.prefilter_w = widgets.Checkbox(value=True, description='TF-IDF (BM25) prefilter', indent=False, layout=L('300px'))
-    n_train = len(s.records)
-    self.candidates_w = widgets.BoundedIntText(value=min(candidates, n_train), min=1, max=n_train, description='Candidates', style=wide, layout=L('220px'))
-    self.k_w = widgets.BoundedIntText(value=k, min=1, max=50, description='Top k', style=wide, layout=L('220px'))
+    candidates, k, n_train = check_int(candidates, 'candidates', 0), check_int(k, 'k', 1), len(s.records)   # (widgets clamp silently)
+    if k > K_MAX: raise ValueError(f"`k` is at most {K_MAX} in the explorer, got {k}: `scan` keeps any number of top sequences.")
+    self.prefilter_w = widgets.Checkbox(value=candidates > 0, description='TF-IDF (BM25) prefilter', indent=False, layout=L('300px'))
+    self.candidates_w = widgets.BoundedIntText(value=min(candidates, n_train) or n_train, min=1, max=n_train, description='Candidates',
+                                               style=wide, layout=L('220px'), disabled=not candidates)   # 0: every sequence, as `score`
+    self.k_w = widgets.BoundedIntText(value=k, min=1, max=K_MAX, description='Top k', style=wide, layout=L('220px'))
     self.strategy_w = widgets.Dropdown(options=list(STRATEGIES_SHOWN), value=strategy, description='Strategy', style=wide, layout=L('220px'))
     self.damping_w = widgets.Text(value='', placeholder='0.1 × mean eigenvalue', description='Damping',
                                   tooltip='Empty: 0.1 × the mean eigenvalue of each layer (the paper); or a positive number', style=wide, layout=L('300px'))
@@ -1058,6 +1062,7 @@ def app_notebook(path, # where to write the notebook (.ipynb)
     code = ("# The influence_nb explorer (written by `influence_nb.explorer.app_notebook`).\n"
             "import os, torch\nfrom influence_nb.explorer import explorer\n"
             "if os.environ.get('INFLUENCE_NB_THREADS'): torch.set_num_threads(int(os.environ['INFLUENCE_NB_THREADS']))\n"
+            f"os.chdir({os.getcwd()!r})   # where the app was made: a model's own relative paths, 'module:function', as given\n"
             f"explorer({', '.join(f'{k}={v!r}' for k, v in args.items())})")
     nb = {'cells': [{'cell_type': 'code', 'execution_count': None, 'id': 'app', 'metadata': {}, 'outputs': [],
                      'source': code.splitlines(keepends=True)}],

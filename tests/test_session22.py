@@ -273,3 +273,25 @@ def test_a_reentrant_checkpoint_is_refused_saying_what_to_do():
     m, (train, _) = Reentrant().eval(), data(n=2, T=6)
     with pytest.raises(ValueError, match=r"ran without gradients .* checkpoint with `use_reentrant=False`"):
         inf.fit_factors(m, train, strategy='kfac', modules=['blocks.0.fc', 'blocks.1.fc'])
+
+
+def test_the_explorer_runs_a_model_without_blocks():
+    "A model with no list of blocks (a small model of one's own) was refused by the explorer ('a block number in every name');\n    `candidates=0` scored one sequence and `k` above 50 was cut to 50, silently (the widgets' bounds)."
+    from influence_nb.explorer import explorer, layer_figure
+
+    class Nano(nn.Module):
+        def __init__(self):
+            super().__init__(); self.wte, self.mlp, self.lm_head = nn.Embedding(2048, 8), nn.Linear(8, 8), nn.Linear(8, 2048)
+        def forward(self, idx): return self.lm_head(torch.tanh(self.mlp(self.wte(idx))).cumsum(1))
+    torch.manual_seed(0)
+    m, texts = Nano(), ['a b c', 'c d', 'b c d e']
+    app = explorer(m, data_dir()/'tokenizer', texts, queries=[('a b', ' c')], modules='all', fit_sample=0, candidates=0, k=3)
+    r = app.run()                            # candidates=0: every sequence, as on the command line (the widget made it 1)
+    assert len(r.candidates) == 3 and not r.prefiltered
+    with pytest.raises(ValueError, match='`k` is at most 50 in the explorer'):   # (the widget cut 60 to 50, silently)
+        explorer(m, data_dir()/'tokenizer', texts, modules='all', k=60)
+    assert r.block_of == {'mlp': None} and [t.get_text() for t in layer_figure(r).axes[0].get_xticklabels()] == ['other']
+    tok = inf.load_tokenizer(data_dir()/'tokenizer')
+    f = inf.fit_factors(m, inf.tokenize(tok, texts), strategy='ekfac', modules='all', fisher='true')
+    want = inf.pairwise_scores(m, f, inf.tokenize_pairs(tok, [('a b', ' c')]), inf.tokenize(tok, texts)).total[0]
+    assert torch.allclose(torch.tensor(r.top.sort_values('id')['score'].to_numpy(), dtype=want.dtype), want, rtol=1e-4)
