@@ -495,8 +495,49 @@ def _reply_chars(full:str, probe:str, content:str) -> tuple[int, int, int]|None:
     turn = full[after:after + _common_text(probe[at + len(_REPLY):], full[after:])].rstrip()   # not what follows the turn
     return start, end, (after + len(turn)) if turn else end
 
+# %% ../nbs/00_data.ipynb #c5a1e0d2
+def _offset_span(offs, full:str, start:int, end:int, turn:int) -> tuple[int, int, int]:
+    "A reply's `(lo, mid, hi)` read from the offsets of the text's tokens (a fast tokenizer): the reference."
+    lo = next(k for k, (a, b) in enumerate(offs) if b > start)          # (a token taking the space before the reply: in)
+    mid = max(k for k, (a, b) in enumerate(offs) if a < end) + 1 if end > start else lo   # (a tool call: no text)
+    hi = max([mid] + [k + 1 for k, (a, b) in enumerate(offs[mid:], mid) if b <= turn])   # whole end-of-turn tokens only,
+    while hi > mid and not full[offs[hi - 1][0]:offs[hi - 1][1]].strip(): hi -= 1       # not the whitespace after them
+    return lo, mid, hi
+
+def _cut(tokenizer, full:str, ids:list[int], c:int) -> int|None:
+    "How many of `ids`, the tokens of `full`, hold `full[:c]`: the tokens of `full[:c]` when they begin `ids`, else None (one spans `c`)."
+    head = list(tokenizer(full[:c], add_special_tokens=False)['input_ids'])
+    unk = head[-1:] == [tokenizer.unk_token_id]                          # an unknown piece: its text is not its id's
+    return len(head) if ids[:len(head)] == head and not unk else None
+
+def _first_cut(cut, cs) -> int|None:
+    "The token count at the first of the character positions `cs` that no token spans; None if none."
+    return next((n for c in cs if (n := cut(c)) is not None), None)
+
+def _cut_span(tokenizer, full:str, ids:list[int], start:int, end:int, turn:int, who:str) -> tuple[int, int, int]:
+    """A reply's `(lo, mid, hi)` without offsets (a slow tokenizer): the first `n` tokens hold `full[:c]` exactly when the
+    tokens of `full[:c]` alone are those `n` (`_cut`). A boundary a token spans is refused, naming the reply (`who`); but a
+    token holding the whitespace before the reply and its start is the reply's, as the offsets path has it, when a cut in
+    that whitespace and the first cut after the start are one token apart (that token, and only it, spans the start)."""
+    cut = functools.partial(_cut, tokenizer, full, ids)
+    lo = cut(start)
+    if lo is None and (n := _first_cut(cut, range(start - 1, len(full[:start].rstrip()) - 1, -1))) is not None:
+        if _first_cut(cut, range(start + 1, max(end, turn) + 1)) == n + 1: lo = n
+    mid = cut(end) if end > start else lo                                # (a tool call: no text)
+    hi = cut(turn) if turn > end else mid                                # (the turn ends on a non-space: nothing to trim)
+    for c, n, what in ((start, lo, 'starts'), (end, mid, 'ends'), (turn, hi, 'its turn ends')):
+        if n is None:
+            unk = tokenizer(full[:c], add_special_tokens=False)['input_ids'][-1:] == [tokenizer.unk_token_id]
+            raise ValueError(f"{who} a token of the rendered text spans where the reply {what} ({full[max(0, c - 12):c]!r} | "
+                             f"{full[c:c + 12]!r}){', or is an unknown piece there, whose id does not tell its text' if unk else ''}"
+                             ", or the text before that place tokenizes otherwise alone; this tokenizer gives no offsets (a slow "
+                             "tokenizer), so the reply's tokens cannot be told apart exactly. Load the tokenizer's fast version (`use_fast=True`), or build the sequence yourself: a "
+                             "record with 'input_ids' and 'labels' (-100 where nothing is scored).")
+    return lo, mid, max(mid, hi)
+
+
 # %% ../nbs/00_data.ipynb #34bab491
-def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (and offsets: a fast tokenizer)
+def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (fast, or slow: `_cut_span`)
                     messages, # a conversation (`is_conversation`)
                     where:str='conversation', # names it in errors
                    ) -> tuple[list[int], dict[int, tuple[int, int, int]]]:
@@ -508,12 +549,12 @@ def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (
     messages = [dict(m) for m in messages]
     full, ids = _apply_template(tokenizer, messages, where, tokenize=False), _apply_template(tokenizer, messages, where)
     try: enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    except (NotImplementedError, TypeError, ValueError): enc = None
-    if enc is None or list(enc['input_ids']) != ids:
-        raise ValueError(f"{where}: this tokenizer does not give the offsets of the chat template's tokens in its text (a fast "
-                         "tokenizer does), so the replies cannot be found among them. Build the sequence yourself: a record "
-                         "with 'input_ids' and 'labels' (-100 where nothing is scored).")
-    offs, spans = enc['offset_mapping'], {}
+    except (NotImplementedError, TypeError, ValueError): enc = tokenizer(full, add_special_tokens=False)   # (no offsets)
+    if list(enc['input_ids']) != ids:
+        raise ValueError(f"{where}: this tokenizer, given the chat template's text, does not give the template's tokens, so the "
+                         "replies cannot be found among them. Build the sequence yourself: a record with 'input_ids' and "
+                         "'labels' (-100 where nothing is scored).")
+    offs, spans = enc.get('offset_mapping'), {}                         # None from a slow tokenizer: `_cut_span`
     for i, m in enumerate(messages):
         text = m.get('content') or ''
         if m['role'] != 'assistant' or i == 0 or not (text.strip() or m.get('tool_calls')): continue
@@ -532,11 +573,8 @@ def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (
             g = _apply_template(tokenizer, messages[:i], where, tokenize=False, generation_prompt=True)   # from where the model writes
             if full.startswith(g) and full.find(r.strip(), len(g), start) >= 0: start = len(g)
         if turn <= start: continue                                          # nothing of it rendered
-        lo = next(k for k, (a, b) in enumerate(offs) if b > start)          # (a token taking the space before the reply: in)
-        mid = max(k for k, (a, b) in enumerate(offs) if a < end) + 1 if end > start else lo   # (a tool call: no text)
-        hi = max([mid] + [k + 1 for k, (a, b) in enumerate(offs[mid:], mid) if b <= turn])   # whole end-of-turn tokens only,
-        while hi > mid and not full[offs[hi - 1][0]:offs[hi - 1][1]].strip(): hi -= 1       # not the whitespace after them
-        spans[i] = (lo, mid, hi)
+        who = f"{where}: the assistant reply at position {i} (0-based), {text[:40]!r}:"
+        spans[i] = (_offset_span(offs, full, start, end, turn) if offs is not None else _cut_span(tokenizer, full, ids, start, end, turn, who))
     return ids, spans
 
 def chat_sequence(tokenizer, # a Hugging Face tokenizer with a chat template
