@@ -415,6 +415,11 @@ def _explore_parser(sub):
     x.add_argument('--modules', default=None, help="layers to track: 'mlp', 'all', 'lora' (a peft adapter's LoRA matrices) or "
                    "comma-separated names (default: the --factors' layers, else mlp)")
     x.add_argument('--fit-sample', type=int, default=600, help='corpus sequences to fit factors on when fitting (0: all; default: 600)')
+    x.add_argument('--candidates', type=int, default=None, help="the app's opening number of BM25 candidates (0: every sequence; "
+                   "default: 300)")
+    x.add_argument('--k', type=int, default=None, help='the app\'s opening number of top sequences shown (at most 50; default: 5)')
+    x.add_argument('--strategy', default=None, choices=['identity', 'diagonal', 'kfac', 'ekfac'], help="the app's opening "
+                   "curvature strategy (default: ekfac)")
     x.add_argument('--port', type=int, default=8866, help='Voilà port on 127.0.0.1 (default: 8866)')
     x.add_argument('--no-serve', action='store_true', help='build the app here, run its opening query and print the top '
                    'sequences instead of serving it (a headless check)')
@@ -737,7 +742,10 @@ def _cmd_explore(a):
     _check_explore_files(a)
     kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, factors=a.factors,
               text_field=a.text_field, fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules,
-              trust_remote_code=a.trust_remote_code or None)
+              trust_remote_code=a.trust_remote_code or None, candidates=a.candidates, k=a.k, strategy=a.strategy)
+    kw = {k: v for k, v in kw.items() if v is not None}                      # the app's own defaults otherwise
+    if a.k is not None and not 1 <= a.k <= 50: raise ValueError(f"--k must be 1 to 50 in the explorer, got {a.k} (scan keeps any number).")
+    if a.candidates is not None and a.candidates < 0: raise ValueError(f"--candidates must be 0 (every sequence) or more, got {a.candidates}.")
     if a.no_serve:
         app = explorer(**kw); res = app.run()
         if res is None: raise ValueError(f"the explorer could not run its opening query: {app.error}")

@@ -295,3 +295,22 @@ def test_the_explorer_runs_a_model_without_blocks():
     f = inf.fit_factors(m, inf.tokenize(tok, texts), strategy='ekfac', modules='all', fisher='true')
     want = inf.pairwise_scores(m, f, inf.tokenize_pairs(tok, [('a b', ' c')]), inf.tokenize(tok, texts)).total[0]
     assert torch.allclose(torch.tensor(r.top.sort_values('id')['score'].to_numpy(), dtype=want.dtype), want, rtol=1e-4)
+
+
+def test_explore_takes_the_apps_opening_settings(tmp_path, capsys):
+    "`explore --candidates 0 --k 3 --strategy identity` opens the app so: every sequence, three shown, identity scores."
+    from influence_nb.cli import main
+    (tmp_path/'nano.py').write_text(NANO)
+    texts = ['The capital of Zorvia is Pellin.', 'Boats sail on the river.', 'A potter sells jars.', 'Pellin is old.']
+    (tmp_path/'c.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
+    (tmp_path/'q.jsonl').write_text(json.dumps({'id': 'q', 'prompt': 'The capital of Zorvia is', 'completion': ' Pellin'}) + '\n')
+    args = ['explore', '--model', f'{tmp_path}/nano.py:build', '--tokenizer', data_dir()/'tokenizer', '--corpus', tmp_path/'c.jsonl',
+            '--queries', tmp_path/'q.jsonl', '--modules', 'all', '--fit-sample', 0, '--no-serve']
+    assert main([*args, '--candidates', 0, '--k', 3, '--strategy', 'identity']) == 0
+    rows = [l.split() for l in capsys.readouterr().out.splitlines() if l[:1].isdigit()]
+    ns = {}; exec(NANO, ns)
+    m, tok = ns['build'](), inf.load_tokenizer(data_dir()/'tokenizer')
+    f = inf.fit_factors(m, inf.tokenize(tok, texts), strategy='identity', modules='all')
+    want = inf.pairwise_scores(m, f, inf.tokenize_pairs(tok, [('The capital of Zorvia is', ' Pellin')]), inf.tokenize(tok, texts)).total[0]
+    assert [int(r[1]) for r in rows] == want.topk(3).indices.tolist()              # rank, id (the index), score, ...
+    assert main([*args, '--k', 60]) == 2 and '--k must be 1 to 50' in capsys.readouterr().err
