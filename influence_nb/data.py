@@ -20,9 +20,9 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences',
            'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model',
            'load_bundled', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs',
-           'uncompiled', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows',
-           'corpus_rows', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences',
-           'cache_dir', 'cached_factors']
+           'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines',
+           'parquet_rows', 'corpus_rows', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus',
+           'corpus_sequences', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -1010,6 +1010,11 @@ def uncompiled(model):
     "The model a `torch.compile` wrapper (OptimizedModule) holds, unwrapped in turn; else `model`. Layers and parameters are\n    named as in the plain model (no `_orig_mod.` prefix), so factors fitted on a model serve its compiled wrapper and back."
     while isinstance(model, torch.nn.Module) and isinstance(inner := model._modules.get('_orig_mod'), torch.nn.Module): model = inner
     return model
+
+def uncompiled_names(names):
+    "Layer or parameter names as the model inside a torch.compile wrapper has them (`_orig_mod.` dropped); other values as given."
+    if not isinstance(names, (list, tuple)): return names
+    return [n.removeprefix('_orig_mod.') if isinstance(n, str) else n for n in names]
 
 def lm_call(model):
     "How `batch_logits` runs `model`: as `model(input_ids=, attention_mask=)` (transformers); a forward without an\n    `attention_mask` gets none, and one that takes no `input_ids` either (nanoGPT's `forward(idx, targets=None)`) gets the ids\n    as its first argument. Without a mask the logits are the same for a causal model on the right-padded batches `collate`\n    makes: no real token attends to a pad after it. A wrapper (torch.compile's, `DataParallel`) is called as its inner model is."

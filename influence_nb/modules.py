@@ -8,7 +8,7 @@ import re, ast, contextlib, functools, inspect, textwrap, threading, warnings, w
 from dataclasses import dataclass
 import torch
 from torch import nn
-from .data import eval_mode, uncompiled, model_config
+from .data import eval_mode, uncompiled, uncompiled_names, model_config
 
 # %% auto #0
 __all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'experts_layout', 'is_experts', 'expert_params', 'n_experts',
@@ -518,9 +518,7 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
     "The layers to track, in the model's order."
     check_model(model)
     if (plain := uncompiled(model)) is not model:   # named as the plain model: `_orig_mod.` names are the same layers
-        model = plain
-        if isinstance(modules, (list, tuple)):
-            modules = [n.removeprefix('_orig_mod.') if isinstance(n, str) else n for n in modules]
+        model, modules = plain, uncompiled_names(modules)
     if not (isinstance(modules, str) or (isinstance(modules, (list, tuple)) and all(isinstance(n, str) for n in modules))):
         raise TypeError(f"`modules` must be 'mlp', 'all', 'lora' or a list of layer names (str), got {modules!r}.")
     cands = _candidates(model)

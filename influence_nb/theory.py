@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, hessian
-from .data import uncompiled, check_sequences, require_scored, eval_mode, eager_kernels, IGNORE_INDEX
+from .data import uncompiled, uncompiled_names, check_sequences, require_scored, eval_mode, eager_kernels, IGNORE_INDEX
 
 # %% auto #0
 __all__ = ['exact_mode', 'check_damping', 'call_functional', 'FlatParams', 'example_grads', 'sequence_grads', 'available_memory',
@@ -104,8 +104,7 @@ class FlatParams:
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"`dtype` must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
         if (plain := uncompiled(model)) is not model:   # a torch.compile wrapper: its model, named without `_orig_mod.`
-            model = plain
-            if isinstance(param_names, (list, tuple)): param_names = [n.removeprefix('_orig_mod.') if isinstance(n, str) else n for n in param_names]
+            model, param_names = plain, uncompiled_names(param_names)
         self.model, self.names = model, _check_param_names(model, param_names, all_if_none)
         tracked = [dict(model.named_parameters(remove_duplicate=False))[n] for n in self.names]
         self.dtype, self.device = dtype or tracked[0].dtype, tracked[0].device       # inputs follow the model
