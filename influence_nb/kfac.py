@@ -119,14 +119,14 @@ def _forward(model, cap, b:dict) -> torch.Tensor:
     return logits
 
 def _backprop(cap, logits:torch.Tensor, cotangents) -> dict:
-    "`{name: [J, ...]}`: each tracked layer's output gradient for every one of the J gradients `cotangents` at the logits."
+    "`{name: [one per call: [J, ...]]}`: each tracked layer's output gradients for every one of the J gradients `cotangents`\n    at the logits."
     names = cap.require_called()
-    outs, cap.backward = [cap.outputs[n] for n in names], True
-    cots, got = list(cotangents), {n: [] for n in names}
+    outs, cap.backward = cap.calls(names), True
+    cots, got = list(cotangents), [[] for _ in outs]
     for j, cot in enumerate(cots):
         gs = torch.autograd.grad(logits, outs, grad_outputs=cot, retain_graph=j < len(cots) - 1, allow_unused=True)
-        for n, g in zip(names, gs): got[n].append(torch.zeros_like(cap.outputs[n]) if g is None else g)
-    return {n: g[0][None] if len(g) == 1 else torch.stack(g) for n, g in got.items()}   # [J, B, T, d_out] (or [J, B·T, d_out])
+        for k, (s, g) in enumerate(zip(outs, gs)): got[k].append(torch.zeros_like(s) if g is None else g)
+    return cap.regroup(names, [g[0][None] if len(g) == 1 else torch.stack(g) for g in got])   # [J, B, T, d_out] (or [J, B·T, d_out])
 
 # %% ../nbs/04_kfac.ipynb #ccc9e67c
 def dist_info() -> tuple[int, int]:
@@ -156,8 +156,8 @@ def _check_finite(x, what, name, batch_no, idx=None):
         raise ValueError(f"Non-finite values (NaN or Inf) in the {what} of layer '{name}' at batch {batch_no}{seqs}. "
                          f"Check the model's weights and the input ids; {hint}.")
 
-def _scatter_expert(cap, layer, x, d, B, T, mask):
-    "An expert's routed rows as `ā [B, T, d_in(+1)]`, `Ds [B, T, d_out]` (zero where not routed) and its token count."
+def _scatter_expert(cap, layer, x, d, B, T, mask, exact=False):
+    "An expert's routed rows as `ā [B, T, d_in(+1)]`, `Ds [B, T, d_out]` (`exact`: `[B, J, T, d_out]`, J gradients per\n    sequence; zero where not routed) and its token count."
     rows, n = cap.rows[layer.name], cap.n_rows[layer.name]
     if n != B * T:
         raise RuntimeError(f"The experts of '{layer.name}' received {n} token rows, not batch × length = {B * T}: "
@@ -165,10 +165,12 @@ def _scatter_expert(cap, layer, x, d, B, T, mask):
     a = x.new_zeros(B * T, layer.d_in1)
     a[rows, :layer.d_in] = x
     if layer.bias: a[rows, layer.d_in] = 1                                                   # ā = (a, 1) on routed tokens only
-    ds = d.new_zeros(B * T, layer.d_out)
-    ds[rows] = d.detach()
+    d = d.detach() if exact else d.detach()[None]                                           # [J, routed rows, d_out]
+    ds = d.new_zeros(len(d), B * T, layer.d_out)
+    ds[:, rows] = d
     m = mask.reshape(B * T, 1)
-    return (a * m).reshape(B, T, -1), (ds * m).reshape(B, T, -1), int(m[rows].sum())
+    ds = (ds * m).reshape(len(d), B, T, -1).transpose(0, 1)                                 # [B, J, T, d_out]
+    return (a * m).reshape(B, T, -1), (ds if exact else ds[:, 0]), int(m[rows].sum())
 
 # %% ../nbs/04_kfac.ipynb #51ebc723
 _PROGRESS = contextvars.ContextVar('influence_nb_progress', default=None)
@@ -190,6 +192,32 @@ class _Bar:
         if self.hear is not None: self.hear(self.name, self.done, self.total)
     def close(self): self.bar.close()
 
+# %% ../nbs/04_kfac.ipynb #4accb3b1
+def _token_rows(t:torch.Tensor, B:int, T:int, d:int, name:str, what:str) -> torch.Tensor:
+    "One call's `t` as `[J, B, T, d]` (J = 1 but for `fisher='exact'`): a layer may see its tokens flattened (OPT's `[B·T, d]`);\n    a layer that sees only some of them (the last token's, a pooled vector) is refused by name."
+    if t.shape[-1] != d or t.numel() % (B * T * d):
+        raise ValueError(f"Layer '{name}' had an {what} of shape {tuple(t.shape)} in a batch of {B} sequences × {T} tokens: "
+                         f"influence_nb tracks layers that see every token of the batch ([batch, tokens, {d}]) at each call. "
+                         "Leave it out of `modules`.")
+    return t.reshape(-1, B, T, d)
+
+def _call_acts(layer, xs:list, B:int, T:int, mask:torch.Tensor, padded:bool) -> torch.Tensor:
+    "ā `[B, k·T, d_in(+1)]`: the inputs of a layer's k calls side by side on the token axis, a pad 0 even if NaN."
+    parts = [_token_rows(x, B, T, layer.d_in, layer.name, 'input')[0] for x in xs]
+    a = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    if layer.bias: a = torch.cat([a, torch.ones_like(a[..., :1])], -1)                 # ā = (a, 1)
+    m = mask if len(parts) == 1 else mask.repeat(1, len(parts), 1)
+    return torch.where(m.bool(), a, 0) if padded else a
+
+def _call_grads(layer, ds:list, B:int, T:int, mask:torch.Tensor, padded:bool, exact:bool) -> torch.Tensor:
+    "Ds `[B, k·T, d_out]` (`exact`: `[B, J, k·T, d_out]`, J per sequence) of a layer's k calls, laid out as `_call_acts` lays ā."
+    parts = [_token_rows(d.detach(), B, T, layer.d_out, layer.name, 'output gradient').transpose(0, 1) for d in ds]   # [B, J, T, o]
+    d = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+    m = mask if len(parts) == 1 else mask.repeat(1, len(parts), 1)
+    if not exact: d = d[:, 0]
+    return torch.where((m[:, None] if exact else m).bool(), d, 0) if padded else d
+
+
 # %% ../nbs/04_kfac.ipynb #e4ac0004
 def layer_passes(model, # a causal LM
                  layers:list[TrackedLayer], # tracked layers (`find_modules`)
@@ -204,10 +232,8 @@ def layer_passes(model, # a causal LM
                  counts:bool=False, # also yield `{name: tokens the layer saw}` (an expert sees only those routed to it)
                 start:int=0, # batches to pass over unrun (a resumed fit: they were summed before it stopped)
                 ):
-    "Yield `(indices, acts, out_grads)` per batch: `{name: ā [B, T, d_in(+1)]}`, `{name: Ds [B, T, d_out]}`, masked.\n\n    An expert's rows are scattered to the positions of the tokens routed to it; the others are zero.\n\n    Under torch.distributed each process walks its shard `seqs[rank::world]`; `indices` are positions in `seqs`."
+    "Yield `(indices, acts, out_grads)` per batch: `{name: ā [B, T, d_in(+1)]}`, `{name: Ds [B, T, d_out]}`, masked.\n\n    An expert's rows are scattered to the positions of the tokens routed to it; the others are zero. A layer the model\n    calls k times per forward has its calls side by side on the token axis, `[B, k·T, ...]`: its gradient sums them all.\n\n    Under torch.distributed each process walks its shard `seqs[rank::world]`; `indices` are positions in `seqs`."
     device, exact = next(model.parameters()).device, sample == 'exact'
-    if exact and any(layer.expert is not None for layer in layers):
-        raise ValueError("fisher='exact' is for small dense heads; MoE experts are not supported: use fisher='true'.")
     rank, world = dist_info()
     ids = list(range(len(seqs)))[rank::world]                  # this process's shard (all of it when alone)
     mine = seqs if world == 1 else [seqs[i] for i in ids]
@@ -222,26 +248,21 @@ def layer_passes(model, # a causal LM
             custom = getattr(model, 'influence_loss', None)       # adapters (e.g. a regressor) bring their own loss
             if exact: dss = _backprop(cap, logits, exact_cotangents(logits, b['labels'], getattr(model, 'pbrf_loss', 'ce')))
             elif custom: dss = cap.out_grads(custom(logits, b['labels'], bool(sample), seed, stream, idx))
-            else: dss = {n: g[0] for n, g in _backprop(cap, logits, [summed_loss_grad(logits, b['labels'], bool(sample), seed, stream, idx)]).items()}
+            else: dss = {n: [g[0] for g in gs] for n, gs in _backprop(cap, logits, [summed_loss_grad(logits, b['labels'], bool(sample), seed, stream, idx)]).items()}
             acts, outg = {}, {}
             B, T = b['input_ids'].shape
             padded, seen = not bool(mask.all()), {}
             n_seen = {}
             for layer in layers:
-                x = cap.inputs[layer.name]
+                xs, ds = cap.inputs[layer.name], dss[layer.name]                   # one per call
                 if layer.expert is not None:   # this expert's rows, scattered back to their token positions
-                    acts[layer.name], outg[layer.name], n_seen[layer.name] = _scatter_expert(cap, layer, x, dss[layer.name], B, T, mask)
+                    acts[layer.name], outg[layer.name], n_seen[layer.name] = _scatter_expert(cap, layer, xs[0], ds[0], B, T, mask, exact)
                     continue
-                if counts: n_seen[layer.name] = int(mask.sum())
-                key = (x.data_ptr(), tuple(x.shape), layer.bias)
-                if key not in seen:   # layers reading one input (Llama's gate_proj, up_proj) share one ā tensor
-                    a = x.reshape(B, T, -1)                     # some models (OPT) flatten tokens: [B*T, d_in]
-                    if layer.bias: a = torch.cat([a, torch.ones_like(a[..., :1])], -1)     # ā = (a, 1)
-                    seen[key] = torch.where(mask.bool(), a, 0) if padded else a        # [B, T, d_in+1]; where: a pad is 0 even if NaN
-                acts[layer.name] = seen[key]
-                d = dss[layer.name].detach()
-                d = d.reshape(-1, B, T, d.shape[-1]).transpose(0, 1) if exact else d.reshape(B, T, -1)
-                outg[layer.name] = torch.where((mask[:, None] if exact else mask).bool(), d, 0) if padded else d   # [B, T, d_out] ([B, k·C, T, d_out])
+                if counts: n_seen[layer.name] = int(mask.sum()) * len(xs)       # each call sees every token
+                key = (tuple(x.data_ptr() for x in xs), tuple(xs[0].shape), layer.bias)
+                if key not in seen: seen[key] = _call_acts(layer, xs, B, T, mask, padded)   # layers reading one input (Llama's
+                acts[layer.name] = seen[key]                                                # gate_proj, up_proj) share one ā
+                outg[layer.name] = _call_grads(layer, ds, B, T, mask, padded, exact)
             # activations first, in model order: a NaN spreads to every gradient, so the first bad input names the culprit
             for what, arrs in (('activations', acts), ('output gradients', outg)):
                 for layer in layers: _check_finite(arrs[layer.name], what, layer.name, batch_no, idx)

@@ -12,8 +12,8 @@ from .data import eval_mode, uncompiled, uncompiled_names, model_config
 
 # %% auto #0
 __all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'experts_layout', 'is_experts', 'expert_params', 'n_experts',
-           'expert_weights', 'expert_transposed', 'TrackedLayer', 'adapter_parts', 'adapter_state', 'output_head',
-           'candidate_modules', 'blocks', 'block_coverage', 'check_not_reused', 'check_unshared', 'check_model',
+           'expert_weights', 'expert_transposed', 'TrackedLayer', 'adapter_parts', 'adapter_state', 'layer_aliases',
+           'output_head', 'candidate_modules', 'blocks', 'block_coverage', 'check_unshared', 'check_model',
            'check_causal', 'find_modules', 'tiny_model', 'layer_param_names', 'Capture', 'experts_forward', 'capture']
 
 # %% ../nbs/03_modules.ipynb #8ec08ef3
@@ -226,6 +226,29 @@ def _adapter_param(rel:str, tuners:set[str], unused=()) -> bool:
     mod = rel.rpartition('.')[0]
     return _under(mod, unused) or any(mod.startswith(t + '.') and not (mod + '.').startswith(t + '.base_layer.') for t in tuners)
 
+# %% ../nbs/03_modules.ipynb #0806ad5d
+def layer_aliases(model:nn.Module) -> dict[str, str]:
+    """`{other name: name}`: the names under which a layer runs again. A module registered at two places (a block reused), and
+    a layer of the same class holding the very weight and bias of an earlier one (tied: Zamba2's shared transformer block,
+    one copy per hybrid layer), are one layer, named where it first appears (`candidate_modules`); its gradient sums every
+    call of every alias."""
+    first, tied, out = {}, {}, {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if first.setdefault(id(m), n) != n: out[n] = first[id(m)]
+        elif is_trackable(m):
+            key = (type(m), id(m.weight), id(getattr(m, 'bias', None)))
+            if tied.setdefault(key, n) != n: out[n] = tied[key]
+    return out
+
+def _twin_modules(model:nn.Module, layers) -> dict[str, list[nn.Module]]:
+    "`{layer name: [other modules that run it]}` for the tracked `layers` with tied copies (`layer_aliases`): hooked too."
+    out, model = {}, uncompiled(model)
+    for other, name in layer_aliases(model).items():
+        m = model.get_submodule(other)
+        if all(m is not x for x in out.get(name, [])): out.setdefault(name, []).append(m)
+    return {layer.name: [m for m in out.get(layer.name, []) if m is not layer.module] for layer in layers if layer.expert is None}
+
+
 # %% ../nbs/03_modules.ipynb #5d2d572d
 def output_head(model:nn.Module) -> nn.Module|None:
     "The LM head: `model.get_output_embeddings()`; for a model without that method, the head of the outermost module inside\n    that has one (a `DataParallel`, a user's module holding a causal LM), else a Linear named `lm_head` or whose weight an\n    `nn.Embedding` shares (nanoGPT ties `lm_head` to `wte`; a user's head on a transformers base model, whose own says None)."
@@ -240,10 +263,10 @@ def output_head(model:nn.Module) -> nn.Module|None:
 def _candidates(model:nn.Module) -> dict[str, TrackedLayer]:
     "Every trackable layer (and every expert's slice of an experts module) except the LM head, in model order."
     head = output_head(model)
-    out, inside, unused = {}, None, _unused(model)   # inside: the head's name, when a peft adapter wraps it (its base layer and LoRA are the head too)
+    out, inside, unused, alias = {}, None, _unused(model), layer_aliases(model)   # inside: the head's name, when a peft adapter wraps it (its base layer and LoRA are the head too)
     for n, m in model.named_modules():
         if m is head: inside = n
-        if (inside is not None and _under(n, [inside])) or _under(n, unused): continue
+        if (inside is not None and _under(n, [inside])) or _under(n, unused) or n in alias: continue   # (a tied copy: the same layer)
         if is_experts(m): out.update({layer.name: layer for layer in _expert_layers(n, m)})
         elif is_trackable(m): out[n] = _tracked(n, m)
     return out
@@ -295,20 +318,21 @@ def _ffn_weights(block:nn.Module) -> list[str]:
     return out
 
 def block_coverage(model:nn.Module, names:list[str]) -> dict[str, dict]:
-    "Per block: `{'kinds': tracked kinds, 'missing': feed-forward weights no tracked layer covers}`."
-    cands = _candidates(model)
-    out = {}
-    for b in blocks(model):
-        mine = [cands[n] for n in names if n.startswith(b + '.')]
+    "Per block: `{'kinds': tracked kinds, 'missing': feed-forward weights no tracked layer covers}`; a layer registered in\n    several blocks (a shared block, as Zamba's) counts in each."
+    cands, out = _candidates(model), {}
+    weights = [(cands[n], id(cands[n].module.get_parameter(cands[n].param))) for n in names]
+    for b in blocks(model):   # each tracked layer under the name its weight has in the block, as `_ffn_weights` has it
+        inside = {id(p): n for n, p in model.get_submodule(b).named_parameters()}
+        mine = [(inside[w].removesuffix(f'.{t.param}') if t.expert is None else f'{inside[w]}[{t.expert}]', t)
+                for t, w in weights if w in inside]
         covered, n_exp = set(), {}
-        for layer in mine:
-            rel = layer.name[len(b) + 1:]
+        for rel, layer in mine:
             if layer.expert is None: covered.add(f'{rel}.weight')
             else:
                 key = rel.rsplit('[', 1)[0]; n_exp[key] = n_exp.get(key, 0) + 1
                 if n_exp[key] == n_experts(layer.module): covered.add(key)
         missing = [w for w in _ffn_weights(model.get_submodule(b)) if w not in covered]
-        out[b] = {'kinds': sorted({_kind(layer.name[len(b) + 1:]) for layer in mine}), 'missing': missing}
+        out[b] = {'kinds': sorted({_kind(rel) for rel, _ in mine}), 'missing': missing}
     return out
 
 # %% ../nbs/03_modules.ipynb #526b5721
@@ -326,7 +350,6 @@ def _mlp_names(model, cands):
         if names: return names
         raise ValueError(f"modules='mlp' found no blocks (nn.ModuleList) and no layer named like an MLP in {type(model).__name__}. "
                          f"Pass their names explicitly, e.g. modules={list(cands)[:4]!r} (all candidates: modules='all').")
-    check_not_reused(model, cands.values())   # before coverage, which would only see the first copy
     names, classed = [], {b: _classed(model.get_submodule(b)) for b in bl}
     for n, layer in cands.items():
         b = next((b for b in bl if n.startswith(b + '.')), None)   # the block holding layer n (None: outside blocks)
@@ -439,27 +462,18 @@ def _refuse_adapters(parts:dict, names:list[str]):
                          "with `model.set_adapter(name)`, or leave it out of `modules`.")
 
 # %% ../nbs/03_modules.ipynb #a6a4b4a1
-def check_not_reused(model:nn.Module, layers):
-    "Raise if a layer is registered at two places (a block or layer reused): it runs more than once per forward."
-    alias = {}
-    for n, m in model.named_modules(remove_duplicate=False): alias.setdefault(id(m), []).append(n)
-    for layer in layers:
-        if len(where := alias.get(id(layer.module), [])) > 1:
-            raise ValueError(f"`modules`: layer '{where[0]}' is used again as {where[1:]} (a block or layer reused), so it is "
-                             "called more than once per forward pass and per-layer hooks would see only part of its gradient. "
-                             "Track layers outside reused modules (for 'all': pass the names `candidate_modules(model)` lists, "
-                             "without them).")
-
 def check_unshared(model:nn.Module, layers:list[TrackedLayer]):
     "Raise if a tracked layer's weight or bias is also a parameter of another module (tied weights)."
     owners = {}   # id(parameter) -> {id(module): 'module.param'}; a module registered under two names is one owner
     for n, m in model.named_modules(remove_duplicate=False):
         for pn, p in m._parameters.items():
             if p is not None: owners.setdefault(id(p), {}).setdefault(id(m), f'{n}.{pn}' if n else pn)
+    twins = _twin_modules(model, layers)
     for layer in layers:
         if layer.expert is not None: continue   # expert slices are indexed views of one 3-D parameter: checked by calls
+        mine = {id(layer.module), *map(id, twins[layer.name])}   # tied copies of the whole layer run it: its calls
         for pn in ('weight', 'bias') if layer.bias else ('weight',):
-            others = [v for k, v in owners.get(id(getattr(layer.module, pn)), {}).items() if k != id(layer.module)]
+            others = [v for k, v in owners.get(id(getattr(layer.module, pn)), {}).items() if k not in mine]
             if others:
                 raise ValueError(f"Layer '{layer.name}' shares its {pn} with {others} (tied weights): the gradient of a shared "
                                  "weight sums the contributions of every module using it, which per-layer hooks cannot see. "
@@ -532,7 +546,8 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
         elif names is None: raise ValueError(f"Unknown `modules`={modules!r}: use 'mlp', 'all', 'lora' (a peft model's LoRA "
                                              f"matrices), or a list of names from {list(cands)}.")
     else:
-        names = list(modules)
+        alias = layer_aliases(model)   # a module registered twice is one layer, named where it is first registered
+        names = [alias.get(n, n) for n in modules]
         if not names: raise ValueError("`modules` is an empty list: name at least one layer, or use 'mlp' / 'all'.")
         bad = [n for n in names if n not in cands]
         if bad:
@@ -545,14 +560,16 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
             hint = (" A torch.compile'd model (OptimizedModule) names its layers '_orig_mod.<name>'; influence_nb names them "
                     "as the model it wraps does, '<name>' (factors serve both)." if compiled else '')
             raise ValueError(f"Unknown or untrackable `modules` {why}. Candidates: {list(cands)}{hint}")
-        if len(set(names)) != len(names): raise ValueError(f"`modules` lists a layer twice: {names}.")
+        if len(set(names)) != len(names):
+            raise ValueError(f"`modules` lists a layer twice: {list(modules)}" + (f" (a module registered at two places is one layer: "
+                             f"{ {n: alias[n] for n in modules if n in alias} })." if set(modules) & set(alias) else "."))
         order = {n: i for i, n in enumerate(cands)}
         names = sorted(names, key=order.get)
         if warn: _warn_left_out(model, names, parts=parts)
     if not names: raise ValueError(f"modules={modules!r} selected no layer of {type(model).__name__}; candidates: {list(cands)}")
     _refuse_adapters(parts, names)
     out = [cands[n] for n in names]
-    check_not_reused(model, out); check_unshared(model, out)   # (`capture` also refuses a second call at run time)
+    check_unshared(model, out)   # (`capture` checks it again)
     return out
 
 
@@ -616,7 +633,7 @@ def layer_param_names(layers:list[TrackedLayer], # tracked layers (`find_modules
 _COPIED = weakref.WeakKeyDictionary()   # model -> names of tracked layers whose output it changes in place: the model gets a copy
 
 class Capture:
-    "Per-batch storage filled by the hooks of `capture`; `rows[name]` says which input rows an expert saw."
+    "Per-batch storage filled by the hooks of `capture`: per tracked layer, a list with one input and one output per call (a\n    layer the model runs k times per forward has k); `rows[name]` says which input rows an expert saw."
     def __init__(self, layers):
         self.layers, self.inputs, self.outputs, self.rows, self.n_rows, self.versions = layers, {}, {}, {}, {}, {}
         self.copied = set()     # layers whose output the model changes in place (`changed`): it is handed a copy
@@ -641,7 +658,7 @@ class Capture:
             raise ValueError(f"The model changes the output of {changed[:3]} in place after the layer has run (e.g. `out *= scale`), "
                              "so its gradient would be the changed tensor's, not the layer's: leave "
                              f"{'it' if len(changed) == 1 else 'them'} out of `modules`.")
-        if idle := [n for n in names if not self.outputs[n].requires_grad]:
+        if idle := [n for n in names if not all(s.requires_grad for s in self.outputs[n])]:
             raise ValueError(f"Layers {idle[:3]} ran without gradients (under `torch.no_grad`, as a reentrant checkpoint, "
                              "`torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`, runs its forward), so no gradient "
                              "reaches them: checkpoint with `use_reentrant=False`, or leave them out of `modules`.")
@@ -649,14 +666,22 @@ class Capture:
 
     def changed(self) -> list[str]:
         "Tracked layers whose output the model changed in place after they ran (a `*= scale`, Falcon's `out += attn`): a\n        gradient w.r.t. that tensor would be the changed one's. Checked after the forward; `layer_passes` reruns it with copies."
-        return [n for n, s in self.outputs.items() if s._version != self.versions[n]]
+        return [n for n, ss in self.outputs.items() if any(s._version != v for s, v in zip(ss, self.versions[n]))]
 
-    def out_grads(self, loss:torch.Tensor) -> dict[str, torch.Tensor]:
-        "Gradients of `loss` w.r.t. each tracked layer's output, `{name: [batch, T, d_out]}` (experts: `[routed rows, d_out]`)."
+    def calls(self, names:list[str]) -> list[torch.Tensor]:
+        "Every call's output of the layers `names`, in order: what gradients are taken with respect to (`regroup` them)."
+        return [s for n in names for s in self.outputs[n]]
+
+    def regroup(self, names:list[str], flat) -> dict[str, list]:
+        "`{name: [one item per call]}` from a flat sequence aligned with `calls(names)` (None, an unreached output: zeros)."
+        it = iter(flat)
+        return {n: [torch.zeros_like(s) if (g := next(it)) is None else g for s in self.outputs[n]] for n in names}
+
+    def out_grads(self, loss:torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        "Gradients of `loss` w.r.t. each tracked layer's outputs, `{name: [one per call: [batch, T, d_out]]}` (experts:\n        `[routed rows, d_out]`)."
         names = self.require_called()
         self.backward = True
-        grads = torch.autograd.grad(loss, [self.outputs[n] for n in names], allow_unused=True)
-        return {n: (torch.zeros_like(self.outputs[n]) if g is None else g) for n, g in zip(names, grads)}
+        return self.regroup(names, torch.autograd.grad(loss, self.calls(names), allow_unused=True))
 
 # %% ../nbs/03_modules.ipynb #9443e74e
 def _expert_linear(mod, p, e, x):
@@ -700,9 +725,9 @@ def experts_forward(mod:nn.Module, # an experts module (`is_experts`)
 
 # %% ../nbs/03_modules.ipynb #a16c0002
 def _twice_msg(name):
-    return (f"Layer '{name}' was called more than once in one forward pass (a block or layer reused): its weight's gradient "
-            "is the sum over the calls, and influence_nb's per-layer hooks see one call per pass. Leave it out of `modules` "
-            "(track layers that run once per pass).")
+    return (f"Expert '{name}' was called more than once in one forward pass (an MoE block reused): influence_nb reads each "
+            "expert's routed tokens once per pass. Leave the experts out of `modules` (a dense layer called more than once is "
+            "tracked over all its calls).")
 
 
 # %% ../nbs/03_modules.ipynb #43d25c8a
@@ -742,13 +767,12 @@ def capture(model:nn.Module, # the model whose layers are hooked
             if grads and torch.is_grad_enabled() and not s.requires_grad:   # kept; the model gets what it got in the forward
                 return s.detach().requires_grad_().clone()             # (a graph of the same shape: checkpoint compares them)
             return s.clone() if name in cap.copied else s
-        if name in cap.inputs: raise ValueError(_twice_msg(name))
-        cap.inputs[name] = x.detach()                                  # [batch, T, d_in] (experts: [rows, d_in])
+        cap.inputs.setdefault(name, []).append(x.detach())            # one per call: [batch, T, d_in] (experts: [rows, d_in])
         if grads and torch.is_grad_enabled() and not s.requires_grad:   # nothing upstream needs a gradient: a leaf of our own,
             t = s.detach().requires_grad_()                            # and the model goes on with a copy, which it may change
-            cap.outputs[name], cap.versions[name] = t, t._version      # in place (Gemma 3n scales a projection with `*=`)
-            return t.clone()
-        cap.outputs[name], cap.versions[name] = s, s._version          # [batch, T, d_out]
+            cap.outputs.setdefault(name, []).append(t); cap.versions.setdefault(name, []).append(t._version)   # in place
+            return t.clone()                                           # (Gemma 3n scales a projection with `*=`)
+        cap.outputs.setdefault(name, []).append(s); cap.versions.setdefault(name, []).append(s._version)   # [batch, T, d_out]
         return s.clone() if name in cap.copied else s                 # (a copy for a model that changes it in place)
     def make_hook(name):
         def hook(mod, inp, out):
@@ -761,6 +785,7 @@ def capture(model:nn.Module, # the model whose layers are hooked
         def record(p, e, x, s, rows, n):
             name = f'{prefix}.{p}[{e}]'
             if name not in tracked: return s
+            if name in cap.inputs and not cap.backward: raise ValueError(_twice_msg(name))
             cap.rows[name], cap.n_rows[name] = rows, n                 # which of the n = batch·T token rows expert e saw
             return keep(name, x, s)
         return record
@@ -774,7 +799,9 @@ def capture(model:nn.Module, # the model whose layers are hooked
     check_unshared(model, layers)
     try:
         for p, _ in flags: p.requires_grad_(False)
-        handles = [layer.module.register_forward_hook(make_hook(layer.name)) for layer in layers if layer.expert is None]
+        twins = _twin_modules(model, layers)                               # tied copies of a layer: their calls are its calls
+        handles = [m.register_forward_hook(make_hook(layer.name)) for layer in layers if layer.expert is None
+                   for m in (layer.module, *twins[layer.name])]
         for m, tracked in experts.items(): m.forward = experts_forward(m, make_record(prefix[m], tracked))
         with eval_mode(model), _force_eager(model): yield cap   # a mixed train/eval state comes back as it was
     finally:

@@ -25,8 +25,9 @@ from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'c
 __all__ = ['UNITS', 'STREAM_MACS', 'ScoreTable', 'check_query', 'check_k', 'Scores', 'to_float64', 'layer_sums',
            'shares_of_total', 'PrecondQuery', 'working_dtype', 'eigenbases', 'rotated_grads', 'shared_to',
            'query_gradients', 'canonical_to_flat', 'flat_to_canonical', 'truncated_svd', 'precondition_queries',
-           'query_form', 'prepare_queries', 'contraction_costs', 'contract_scores', 'given_positions', 'place_tokens',
-           'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM', 'RegressorAsLM']
+           'query_form', 'prepare_queries', 'contraction_costs', 'contract_scores', 'given_positions', 'fold_calls',
+           'place_tokens', 'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM',
+           'RegressorAsLM']
 
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
@@ -424,6 +425,12 @@ def given_positions(data, # the training data as the caller gave it: re-readable
         width = max(width, torch.as_tensor(x['input_ids']).reshape(-1).shape[0] if isinstance(x, Mapping) else len(s['input_ids']))
     return starts, width
 
+def fold_calls(tok:torch.Tensor, # [n_q, B, k·T] one layer's per-token terms (`layer_passes` lays a layer's k calls side by side)
+               T:int, # the batch's length
+              ) -> torch.Tensor:
+    "`[n_q, B, T]`: the terms of a layer the model calls k times per forward, each token's calls summed."
+    return tok if tok.shape[-1] == T else tok.unflatten(-1, (-1, T)).sum(-2)
+
 def place_tokens(out:torch.Tensor, # [n_q, n_train, width] per-token scores in the coordinates given
                  tok:torch.Tensor, # [n_q, B, T] one batch's per-token scores (right-padded by `collate`)
                  idx:list[int], starts:list[int], seqs:list[dict], # the batch's rows; `given_positions`; normalised sequences
@@ -472,13 +479,13 @@ def pairwise_scores(model, # the model the factors were fitted on
     starts, width = given_positions(train, ts) if per_token else (None, 0)
     tok_scores = torch.zeros(len(qs), len(ts), width, dtype=dt) if per_token else None   # [n_q, n_train, longest given]
     for idx, acts, outg in layer_passes(model, layers, ts, batch_size, desc='scoring' if progress else None):
-        idx_t, tok_batch = torch.tensor(idx), 0
+        idx_t, tok_batch, T = torch.tensor(idx), 0, max(len(ts[i]['input_ids']) for i in idx)   # (`collate` pads to the longest)
         for layer in layers:
             s, tok, _ = contract_scores(pq[layer.name], acts[layer.name], outg[layer.name], per_token)
             s = s.cpu()
             total[:, idx_t] += s
             if per_layer: layer_scores[layer.name][:, idx_t] = s
-            if per_token: tok_batch = tok_batch + tok.cpu()                   # [n_q, B, T], summed over layers
+            if per_token: tok_batch = tok_batch + fold_calls(tok, T).cpu()    # [n_q, B, T], summed over layers
         if per_token: place_tokens(tok_scores, tok_batch, idx, starts, ts)
     if dist_info()[1] > 1:   # each process filled its shard's columns: add them up
         for t in [total, tok_scores, *(layer_scores or {}).values()]:

@@ -13,9 +13,9 @@ from torch.func import functional_call, grad, jacrev, hessian
 from .data import uncompiled, uncompiled_names, check_sequences, require_scored, eval_mode, eager_kernels, IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['exact_mode', 'check_damping', 'call_functional', 'FlatParams', 'example_grads', 'sequence_grads', 'available_memory',
-           'check_dense_fits', 'ggn_of_rows', 'exact_ggn', 'exact_hessian', 'influence_from_grads', 'param_blocks',
-           'flat_blocks', 'exact_influence']
+__all__ = ['exact_mode', 'check_damping', 'tied_names', 'call_functional', 'FlatParams', 'example_grads', 'sequence_grads',
+           'available_memory', 'check_dense_fits', 'ggn_of_rows', 'exact_ggn', 'exact_hessian', 'influence_from_grads',
+           'param_blocks', 'flat_blocks', 'exact_influence']
 
 # %% ../nbs/01_theory.ipynb #b3c63ba0
 def _check_param_names(model, param_names,
@@ -85,10 +85,26 @@ def check_damping(damping,                  # λ: a float, or None where the cal
                          "it is added to the curvature's eigenvalues, so use a small positive value (e.g. 1e-3 to 1e-1 of their mean)."))
     return float(damping)
 
+# %% ../nbs/01_theory.ipynb #08a669ba
+def tied_names(model) -> dict[str, list[str]]:
+    "`{name: [other names]}` of each parameter or buffer that other modules hold too (tied copies); a module registered at two\n    places is one module, and its second name is not listed."
+    first, out, done = {}, {}, set()
+    for mn, m in model.named_modules(remove_duplicate=False):
+        if id(m) in done: continue
+        done.add(id(m))
+        for pn, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is None: continue
+            n = f'{mn}.{pn}' if mn else pn
+            if first.setdefault(id(t), n) != n: out.setdefault(first[id(t)], []).append(n)
+    return out
+
+
 # %% ../nbs/01_theory.ipynb #89276685
 def call_functional(model, params:dict, args=(), kwargs=None):
-    "`torch.func.functional_call`, with a plain explanation when the model holds a custom autograd.Function torch.func cannot pass through."
-    try: return functional_call(model, params, args=args, kwargs=kwargs or {})
+    "`torch.func.functional_call` (tied copies get the tensor of the first name: torch's `tie_weights=True` leaves a module\n    registered twice holding plain tensors), explaining a custom autograd.Function torch.func cannot pass through."
+    ties = tied_names(model)
+    params = {**params, **{o: t for n, t in params.items() for o in ties.get(n, ())}}
+    try: return functional_call(model, params, args=args, kwargs=kwargs or {}, tie_weights=False)
     except RuntimeError as e:
         if 'autograd.Function' not in str(e) or 'functorch' not in str(e): raise
         raise RuntimeError(f"{type(model).__name__} runs a custom torch.autograd.Function (Bloom's GeLU is one) that torch.func "
