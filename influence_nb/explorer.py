@@ -40,16 +40,17 @@ from .artefact import digest
 from .data import data_dir, tokenize_pairs
 from .ekfac import Factors, check_damping, fingerprint, model_digest
 from .kfac import reporting
-from .modules import find_modules
+from .modules import find_modules, layer_aliases
+from .data import uncompiled
 from .scores import pairwise_scores
 from .tfidf import TokenIndex
 
 # %% auto #0
-__all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'ANNOTATED_BLOCKS', 'K_MAX', 'layer_blocks', 'default_query', 'record_where',
-           'corpus_records', 'query_rows', 'query_record', 'query_records', 'ExplorerSession', 'sequences_digest',
-           'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'run_query', 'summary_html', 'top_html',
-           'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'csv_link',
-           'explorer', 'app_notebook']
+__all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'ANNOTATED_BLOCKS', 'K_MAX', 'layer_blocks', 'shared_note', 'default_query',
+           'record_where', 'corpus_records', 'query_rows', 'query_record', 'query_records', 'ExplorerSession',
+           'sequences_digest', 'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'run_query', 'summary_html',
+           'top_html', 'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'Explorer',
+           'csv_link', 'explorer', 'app_notebook']
 
 # %% ../nbs/10_explorer.ipynb #6860dd62
 FIT_SAMPLE = 600  # training sequences the explorer fits curvature factors on (a seeded sample; 0 = all)
@@ -65,6 +66,17 @@ def layer_blocks(names: list[str], # tracked layer names, e.g. 'transformer.h.3.
     bl = block_names(model)
     def of(n): return next((i for i, b in enumerate(bl) if n == b or n.startswith(b + '.')), None)
     return [of(n) for n in names]
+
+def shared_note(names: list[str], model) -> str|None:
+    "A note naming the tracked layers that run in more than one block (a shared or reused block): each counts in one."
+    runs = {}
+    for other, first in layer_aliases(uncompiled(model)).items():
+        if first in names: runs.setdefault(first, set(layer_blocks([first], model))).update(layer_blocks([other], model))
+    if not (runs := {n: sorted(b for b in bs if b is not None) for n, bs in runs.items() if len(bs - {None}) > 1}): return None
+    n, bs = next(iter(runs.items()))
+    return (f"{len(runs)} tracked layer{'s run' if len(runs) > 1 else ' runs'} in more than one block (a shared block: '{n}' "
+            f"runs in blocks {', '.join(map(str, bs))}); each counts once, in the block where it is first named "
+            f"(block {bs[0]}), and the block range counts it only there.")
 
 # %% ../nbs/10_explorer.ipynb #b7376c4e
 def default_query(queries: list[dict]) -> dict:
@@ -589,7 +601,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
         warnings.simplefilter('always'); query = _query_sequence(q, mdl, tok, model)   # shown in the app, and still warned
     for w in said: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     cut_rows, cut_note = session._cut.get(session._tok_key(model), (set(), None))
-    notes = [_one_pair(str(w.message)) for w in said if issubclass(w.category, UserWarning)] + ([cut_note] if cut_note else [])
+    notes = [_one_pair(str(w.message)) for w in said if issubclass(w.category, UserWarning)] + [x for x in (cut_note, shared_note(names, mdl)) if x]
     log_p = float(completion_logprobs(mdl, query)[0])
     cached = (model, strategy) in session._factors
     say(f"{'Loading' if cached else 'Fitting (or loading cached)'} {strategy} factors "

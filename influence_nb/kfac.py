@@ -193,13 +193,17 @@ class _Bar:
     def close(self): self.bar.close()
 
 # %% ../nbs/04_kfac.ipynb #4accb3b1
-def _token_rows(t:torch.Tensor, B:int, T:int, d:int, name:str, what:str) -> torch.Tensor:
-    "One call's `t` as `[J, B, T, d]` (J = 1 but for `fisher='exact'`): a layer may see its tokens flattened (OPT's `[B·T, d]`);\n    a layer that sees only some of them (the last token's, a pooled vector) is refused by name."
-    if t.shape[-1] != d or t.numel() % (B * T * d):
+def _token_rows(t:torch.Tensor, B:int, T:int, d:int, name:str, what:str, J:int|None=None) -> torch.Tensor:
+    """One call's `t` as `[J, B, T, d]`: `[B, T, d]`, or flattened as OPT's layers see it, `[B·T, d]`; with `J` (the
+    pseudo-gradients of `fisher='exact'`) those shapes behind a leading J. Anything else is refused by name: a layer that
+    sees only some of the tokens (the last one, a pooled vector), more of them (a batch or sequence doubled inside the
+    model), or sees them sequence-first (`[T, B, d]`, torch's `batch_first=False`), whose rows would mix sequences."""
+    lead = tuple(t.shape[:-1])
+    if t.shape[-1] != d or lead[1 if J else 0:] not in ((B, T), (B * T,)) or (J and lead[0] != J):
         raise ValueError(f"Layer '{name}' had an {what} of shape {tuple(t.shape)} in a batch of {B} sequences × {T} tokens: "
-                         f"influence_nb tracks layers that see every token of the batch ([batch, tokens, {d}]) at each call. "
-                         "Leave it out of `modules`.")
-    return t.reshape(-1, B, T, d)
+                         f"influence_nb tracks layers that see every token of the batch once per call, batch first "
+                         f"([batch, tokens, {d}]). Leave it out of `modules`.")
+    return t.reshape(J or 1, B, T, d)
 
 def _call_acts(layer, xs:list, B:int, T:int, mask:torch.Tensor, padded:bool) -> torch.Tensor:
     "ā `[B, k·T, d_in(+1)]`: the inputs of a layer's k calls side by side on the token axis, a pad 0 even if NaN."
@@ -209,13 +213,13 @@ def _call_acts(layer, xs:list, B:int, T:int, mask:torch.Tensor, padded:bool) -> 
     m = mask if len(parts) == 1 else mask.repeat(1, len(parts), 1)
     return torch.where(m.bool(), a, 0) if padded else a
 
-def _call_grads(layer, ds:list, B:int, T:int, mask:torch.Tensor, padded:bool, exact:bool) -> torch.Tensor:
-    "Ds `[B, k·T, d_out]` (`exact`: `[B, J, k·T, d_out]`, J per sequence) of a layer's k calls, laid out as `_call_acts` lays ā."
-    parts = [_token_rows(d.detach(), B, T, layer.d_out, layer.name, 'output gradient').transpose(0, 1) for d in ds]   # [B, J, T, o]
+def _call_grads(layer, ds:list, B:int, T:int, mask:torch.Tensor, padded:bool, J:int|None=None) -> torch.Tensor:
+    "Ds `[B, k·T, d_out]` (with `J`, `fisher='exact'`'s pseudo-gradients: `[B, J, k·T, d_out]`) of a layer's k calls, laid\n    out as `_call_acts` lays ā."
+    parts = [_token_rows(d.detach(), B, T, layer.d_out, layer.name, 'output gradient', J).transpose(0, 1) for d in ds]   # [B, J, T, o]
     d = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
     m = mask if len(parts) == 1 else mask.repeat(1, len(parts), 1)
-    if not exact: d = d[:, 0]
-    return torch.where((m[:, None] if exact else m).bool(), d, 0) if padded else d
+    if not J: d = d[:, 0]
+    return torch.where((m[:, None] if J else m).bool(), d, 0) if padded else d
 
 
 # %% ../nbs/04_kfac.ipynb #e4ac0004
@@ -246,7 +250,7 @@ def layer_passes(model, # a causal LM
             mask = b['attention_mask'][..., None]                                   # [B, T, 1]
             logits = _forward(model, cap, b)
             custom = getattr(model, 'influence_loss', None)       # adapters (e.g. a regressor) bring their own loss
-            if exact: dss = _backprop(cap, logits, exact_cotangents(logits, b['labels'], getattr(model, 'pbrf_loss', 'ce')))
+            if exact: cots = list(exact_cotangents(logits, b['labels'], getattr(model, 'pbrf_loss', 'ce'))); dss = _backprop(cap, logits, cots)
             elif custom: dss = cap.out_grads(custom(logits, b['labels'], bool(sample), seed, stream, idx))
             else: dss = {n: [g[0] for g in gs] for n, gs in _backprop(cap, logits, [summed_loss_grad(logits, b['labels'], bool(sample), seed, stream, idx)]).items()}
             acts, outg = {}, {}
@@ -262,7 +266,7 @@ def layer_passes(model, # a causal LM
                 key = (tuple(x.data_ptr() for x in xs), tuple(xs[0].shape), layer.bias)
                 if key not in seen: seen[key] = _call_acts(layer, xs, B, T, mask, padded)   # layers reading one input (Llama's
                 acts[layer.name] = seen[key]                                                # gate_proj, up_proj) share one ā
-                outg[layer.name] = _call_grads(layer, ds, B, T, mask, padded, exact)
+                outg[layer.name] = _call_grads(layer, ds, B, T, mask, padded, len(cots) if exact else None)
             # activations first, in model order: a NaN spreads to every gradient, so the first bad input names the culprit
             for what, arrs in (('activations', acts), ('output gradients', outg)):
                 for layer in layers: _check_finite(arrs[layer.name], what, layer.name, batch_no, idx)

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 from .data import lm_call, model_config
-from .modules import find_modules, _candidates, _keyword_names
+from .modules import find_modules, _candidates, _keyword_names, layer_aliases, _twin_modules
 from .kfac import resolve_factor_dtype
 from .theory import available_memory
 
@@ -23,17 +23,19 @@ def _layers(model:nn.Module, modules) -> list:
     "`find_modules`, also for a model on the `meta` device (shapes only), whose weights `find_modules` refuses to use."
     if not any(p.device.type == 'meta' for p in model.parameters()): return find_modules(model, modules, warn=False)
     cands = _candidates(model)
-    names = list(modules) if not isinstance(modules, str) else _keyword_names(model, modules, cands, warn=False) or [modules]
+    alias = layer_aliases(model)                      # a second name of a layer is that layer, as in `find_modules`
+    names = [alias.get(n, n) for n in modules] if not isinstance(modules, str) else _keyword_names(model, modules, cands, warn=False) or [modules]
     bad = [n for n in names if n not in cands]
     if bad: raise ValueError(f"Unknown or untrackable `modules` {bad}. Candidates: {list(cands)}")
     return [cands[n] for n in names]
 
 def shared_inputs(model:nn.Module, layers:list) -> dict|None:
-    "`{layer: first layer reading the same input}` from one forward of two tokens; None if that forward fails."
-    seen, hooks = {}, []
+    "`{layer: first layer reading the same inputs}` from one forward of two tokens (a layer called k times: the same k\n    inputs, as the fit shares them); None if that forward fails."
+    seen, hooks, twins = {}, [], _twin_modules(model, layers)
     for layer in layers:
         if layer.expert is None:
-            hooks.append(layer.module.register_forward_pre_hook(lambda mod, args, n=layer.name: seen.setdefault(n, args[0])))
+            hooks += [m.register_forward_pre_hook(lambda mod, args, n=layer.name: seen.setdefault(n, []).append(args[0]))
+                      for m in (layer.module, *twins[layer.name])]
     device, cfg = next(model.parameters()).device, model_config(model)
     pad = getattr(cfg, 'pad_token_id', None)
     try:
@@ -47,7 +49,8 @@ def shared_inputs(model:nn.Module, layers:list) -> dict|None:
         if device.type == 'meta' and pad is not None: cfg.pad_token_id = pad
     first, bias = {}, {layer.name: layer.bias for layer in layers}
     key = lambda x: id(x) if x.device.type == 'meta' else x.data_ptr()   # meta tensors have no data to point at
-    return {n: first.setdefault((key(seen[n]), tuple(seen[n].shape), bias[n]), n) for n in bias if n in seen}   # first in model order, as the fit
+    return {n: first.setdefault((tuple(map(key, seen[n])), tuple(seen[n][0].shape), bias[n]), n)   # first in model order,
+            for n in bias if n in seen}                                                                # as the fit
 
 # %% ../nbs/05c_memory.ipynb #5c000007
 KEPT = {'identity': (), 'diagonal': ('diag',), 'kfac': ('A', 'QA', 'lA', 'S', 'QS', 'lS'),

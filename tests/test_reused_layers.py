@@ -241,3 +241,23 @@ def test_exact_fisher_sums_every_labelling_over_every_call():
     S, Lam = S / len(seqs), Lam / len(seqs)
     torch.testing.assert_close((QS * t['lS'].double()) @ QS.T, S, rtol=0, atol=1e-10 * float(S.abs().max()))
     torch.testing.assert_close(t['Lambda'].double(), Lam, rtol=0, atol=1e-10 * float(Lam.abs().max()))
+
+
+def test_gemma3n_all_layers_with_the_router_called_twice():
+    "Gemma 3n runs `altup.modality_router` twice per block (predict and correct): `'all'` was refused; it equals autograd."
+    from transformers import Gemma3nTextConfig, AutoModelForCausalLM
+    cfg = Gemma3nTextConfig(vocab_size=V, vocab_size_per_layer_input=V, hidden_size=32, hidden_size_per_layer_input=8,
+                            intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            layer_types=['sliding_attention', 'full_attention'], sliding_window=16, num_kv_shared_layers=0,
+                            activation_sparsity_pattern=[0.0, 0.0], laurel_rank=4, altup_num_inputs=2)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg).eval().double()
+    train, queries = randdata.rand_seqs(3, top=V), randdata.rand_queries(2, top=V)
+    layers = find_modules(m, 'all', warn=False)
+    router = [l.name for l in layers if l.name.endswith('altup.modality_router')]
+    assert len(router) == 2
+    for idx, acts, outg in inf.kfac.layer_passes(m, layers, train[:1], batch_size=1):
+        assert acts[router[0]].shape[1] == 2 * len(train[0]['input_ids'])          # two calls side by side
+    f = inf.fit_factors(m, train, 'identity', modules='all', progress=False)
+    got = inf.pairwise_scores(m, f, queries, train, batch_size=1, progress=False).total.double()
+    torch.testing.assert_close(got, autograd_dots(m, layers, queries, train), rtol=1e-10, atol=1e-12)
