@@ -13,8 +13,9 @@ from .data import eval_mode, uncompiled, uncompiled_names, model_config
 # %% auto #0
 __all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'experts_layout', 'is_experts', 'expert_params', 'n_experts',
            'expert_weights', 'expert_transposed', 'TrackedLayer', 'adapter_parts', 'adapter_state', 'layer_aliases',
-           'output_head', 'candidate_modules', 'blocks', 'block_coverage', 'check_unshared', 'check_model',
-           'check_causal', 'find_modules', 'tiny_model', 'layer_param_names', 'Capture', 'experts_forward', 'capture']
+           'output_head', 'candidate_modules', 'blocks', 'block_coverage', 'check_batch_first', 'check_unshared',
+           'check_model', 'check_causal', 'find_modules', 'tiny_model', 'layer_param_names', 'Capture',
+           'experts_forward', 'capture']
 
 # %% ../nbs/03_modules.ipynb #8ec08ef3
 MLP_LEAVES = {   # how `modules="mlp"` recognises a block's feed-forward weights, whatever the architecture
@@ -462,6 +463,17 @@ def _refuse_adapters(parts:dict, names:list[str]):
                          "with `model.set_adapter(name)`, or leave it out of `modules`.")
 
 # %% ../nbs/03_modules.ipynb #a6a4b4a1
+def check_batch_first(model:nn.Module, layers:list[TrackedLayer]):
+    "Raise if a tracked layer lies in a module built sequence-first (`batch_first=False`, the default of torch's\n    `nn.TransformerEncoderLayer`): its rows are `[tokens, batch]`, which per-sequence gradients would mix."
+    layered = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)          # these keep the flag in their attention
+    seq_first = [n for n, m in model.named_modules() if getattr(m.self_attn if isinstance(m, layered) else m, 'batch_first', None) is False]
+    if bad := [(layer.name, p) for layer in layers for p in seq_first if p == '' or _under(layer.name, [p])]:
+        (n, p), where = bad[0], f"'{bad[0][1]}', a" if bad[0][1] else 'the model, a'
+        raise ValueError(f"Layer '{n}' lies in {where} {type(model.get_submodule(p)).__name__} built with "
+                         "batch_first=False: it sees its tokens sequence-first ([tokens, batch, d]), and influence_nb reads one "
+                         "row per token of each sequence, batch first. Build it with batch_first=True (and pass it "
+                         "[batch, tokens, d]), or leave its layers out of `modules`.")
+
 def check_unshared(model:nn.Module, layers:list[TrackedLayer]):
     "Raise if a tracked layer's weight or bias is also a parameter of another module (tied weights)."
     owners = {}   # id(parameter) -> {id(module): 'module.param'}; a module registered under two names is one owner
@@ -569,7 +581,7 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
     if not names: raise ValueError(f"modules={modules!r} selected no layer of {type(model).__name__}; candidates: {list(cands)}")
     _refuse_adapters(parts, names)
     out = [cands[n] for n in names]
-    check_unshared(model, out)   # (`capture` checks it again)
+    check_unshared(model, out); check_batch_first(model, out)   # (`capture` checks the first again)
     return out
 
 

@@ -214,6 +214,16 @@ def test_what_stays_refused():
     with pytest.raises(ValueError, match=r"Layer 'pool' had an input of shape \(\d, 1, 12\) in a batch of \d sequences × \d+ tokens"):
         inf.pairwise_scores(lt, f, queries, train, progress=False)
 
+    class SeqFirst(Reusing):   # a hand-made block run on [tokens, batch, d]: rows of several sequences would mix
+        def __init__(self): super().__init__('loop')
+        def forward(self, input_ids, attention_mask=None, **kw):
+            x = self.blocks[0](self.emb(input_ids).transpose(0, 1)).transpose(0, 1)
+            return SimpleNamespace(logits=self.head(x))
+    sf = SeqFirst()
+    f = inf.fit_factors(sf, train, 'identity', modules=['blocks.0.mlp.0'], progress=False)
+    with pytest.raises(ValueError, match=r"Layer 'blocks.0.mlp.0' had an input of shape \(\d+, 3, 12\) in a batch of 3 sequences"):
+        inf.pairwise_scores(sf, f, train, train, batch_size=3, progress=False)
+
 
 def test_exact_fisher_sums_every_labelling_over_every_call():
     """fisher='exact' (32 outputs, one scored token): S and Λ of the looped layer equal the probability-weighted sum over

@@ -150,13 +150,13 @@ def test_sequence_first_layers_are_scored_right_or_refused():
     """torch's `nn.TransformerEncoderLayer` runs its feed-forward Linears on [T, B, d]. `layer_passes` reshapes every input to
     [B, T, d], so with more than one sequence per batch each 'sequence' mixes the tokens of several: identity scores are
     152 % off autograd at batch_size=3 (138 % with the layer looped), exact at batch_size=1 (pre-existing: the code before
-    session 23 gave the same for a model without a loop). Now refused at every batch size whose length differs from the
-    batch size, naming the layer and the batch-first layout it needs."""
+    session 23 gave the same for a model without a loop). Now refused by `find_modules`, which finds the layers inside a
+    module built with batch_first=False; a hand-made sequence-first model is refused by the shape check (below)."""
     m = SeqFirst().double().eval()
     train, queries = data()
     mods = ['layers.0.linear1', 'layers.0.linear2', 'layers.1.linear1', 'layers.1.linear2']
     for bs in (1, 3):
-        with pytest.raises(ValueError, match=r"Layer 'layers.0.linear1' had an input of shape .* batch first"):
+        with pytest.raises(ValueError, match=r"Layer 'layers.0.linear1' lies in 'layers.0', a TransformerEncoderLayer built with batch_first=False"):
             identity_scores(m, mods, queries, train, batch_size=bs)
 
 
