@@ -198,7 +198,7 @@ class Factors:
     shapes: dict                      # name -> [d_out, d_in(+1)] of the canonical gradient
     fisher: str                       # true | empirical | exact
     n_sequences: int                  # N: sequences the curvature was fitted on
-    n_tokens: int                     # unmasked tokens pooled into A and S
+    n_tokens: int                     # unmasked tokens of the fit sequences (a layer run k times per forward pools k× as many rows)
     seed: int
     fingerprint: str                  # of the tracked weights (see `fingerprint`)
     model_class: str = ''

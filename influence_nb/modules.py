@@ -482,10 +482,11 @@ def check_unshared(model:nn.Module, layers:list[TrackedLayer]):
             if p is not None: owners.setdefault(id(p), {}).setdefault(id(m), f'{n}.{pn}' if n else pn)
     twins = _twin_modules(model, layers)
     for layer in layers:
-        if layer.expert is not None: continue   # expert slices are indexed views of one 3-D parameter: checked by calls
-        mine = {id(layer.module), *map(id, twins[layer.name])}   # tied copies of the whole layer run it: its calls
-        for pn in ('weight', 'bias') if layer.bias else ('weight',):
-            others = [v for k, v in owners.get(id(getattr(layer.module, pn)), {}).items() if k not in mine]
+        if layer.expert is None: mine, tensors = {id(layer.module), *map(id, twins.get(layer.name, []))}, ['weight', 'bias'][:1 + layer.bias]
+        else:   # an expert: its 3-D tensors belong to the experts module (DBRX: to its `mlp`); another experts module is not a copy
+            mine, tensors = {id(layer.module.get_submodule(layer.param.rpartition('.')[0]))}, [layer.param] + [layer._bias_name()] * layer.bias
+        for pn in tensors:                                          # (tied copies of a whole dense layer run it: its calls)
+            others = [v for k, v in owners.get(id(layer.module.get_parameter(pn)), {}).items() if k not in mine]
             if others:
                 raise ValueError(f"Layer '{layer.name}' shares its {pn} with {others} (tied weights): the gradient of a shared "
                                  "weight sums the contributions of every module using it, which per-layer hooks cannot see. "
@@ -573,7 +574,7 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
                     "as the model it wraps does, '<name>' (factors serve both)." if compiled else '')
             raise ValueError(f"Unknown or untrackable `modules` {why}. Candidates: {list(cands)}{hint}")
         if len(set(names)) != len(names):
-            raise ValueError(f"`modules` lists a layer twice: {list(modules)}" + (f" (a module registered at two places is one layer: "
+            raise ValueError(f"`modules` lists a layer twice: {list(modules)}" + (f" (another name of a layer, a module registered again or a tied copy, is that layer: "
                              f"{ {n: alias[n] for n in modules if n in alias} })." if set(modules) & set(alias) else "."))
         order = {n: i for i, n in enumerate(cands)}
         names = sorted(names, key=order.get)

@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, jacrev, hessian
 from .data import uncompiled, uncompiled_names, check_sequences, require_scored, eval_mode, eager_kernels, IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['exact_mode', 'check_damping', 'tied_names', 'call_functional', 'FlatParams', 'example_grads', 'sequence_grads',
+__all__ = ['exact_mode', 'check_damping', 'tied_groups', 'call_functional', 'FlatParams', 'example_grads', 'sequence_grads',
            'available_memory', 'check_dense_fits', 'ggn_of_rows', 'exact_ggn', 'exact_hessian', 'influence_from_grads',
            'param_blocks', 'flat_blocks', 'exact_influence']
 
@@ -86,25 +86,32 @@ def check_damping(damping,                  # λ: a float, or None where the cal
     return float(damping)
 
 # %% ../nbs/01_theory.ipynb #08a669ba
-def tied_names(model) -> dict[str, list[str]]:
-    "`{name: [other names]}` of each parameter or buffer that other modules hold too (tied copies); a module registered at two\n    places is one module, and its second name is not listed."
-    first, out, done = {}, {}, set()
+def tied_groups(model) -> list[list[str]]:
+    "The names of each parameter or buffer that several modules hold (tied copies: GPT-2's `wte` and `lm_head`), one list\n    per tensor, first name first; a module registered at two places is one module, and its second name is not listed."
+    names, done = {}, set()
     for mn, m in model.named_modules(remove_duplicate=False):
         if id(m) in done: continue
         done.add(id(m))
         for pn, t in [*m._parameters.items(), *m._buffers.items()]:
-            if t is None: continue
-            n = f'{mn}.{pn}' if mn else pn
-            if first.setdefault(id(t), n) != n: out.setdefault(first[id(t)], []).append(n)
+            if t is not None: names.setdefault(id(t), []).append(f'{mn}.{pn}' if mn else pn)
+    return [ns for ns in names.values() if len(ns) > 1]
+
+def _tie(model, params:dict) -> dict:
+    "`params` with every name of a tied tensor given the tensor given for any of its names; two different ones are refused."
+    out = dict(params)
+    for names in tied_groups(model):
+        given = [n for n in names if n in params]
+        if not given: continue
+        if any(params[n] is not params[given[0]] for n in given[1:]):
+            raise ValueError(f"`params` gives different tensors for {given}, which are one tensor of the model (tied): give one.")
+        out.update({n: params[given[0]] for n in names})
     return out
 
 
 # %% ../nbs/01_theory.ipynb #89276685
 def call_functional(model, params:dict, args=(), kwargs=None):
-    "`torch.func.functional_call` (tied copies get the tensor of the first name: torch's `tie_weights=True` leaves a module\n    registered twice holding plain tensors), explaining a custom autograd.Function torch.func cannot pass through."
-    ties = tied_names(model)
-    params = {**params, **{o: t for n, t in params.items() for o in ties.get(n, ())}}
-    try: return functional_call(model, params, args=args, kwargs=kwargs or {}, tie_weights=False)
+    "`torch.func.functional_call` (tied copies get the tensor given under any of their names, `_tie`: torch's `tie_weights=True`\n    leaves a module registered twice holding plain tensors), explaining a custom autograd.Function torch.func cannot pass through."
+    try: return functional_call(model, _tie(model, params), args=args, kwargs=kwargs or {}, tie_weights=False)
     except RuntimeError as e:
         if 'autograd.Function' not in str(e) or 'functorch' not in str(e): raise
         raise RuntimeError(f"{type(model).__name__} runs a custom torch.autograd.Function (Bloom's GeLU is one) that torch.func "
