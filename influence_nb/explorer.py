@@ -691,22 +691,25 @@ def top_html(result: ExplorerResult, # from `run_query`
 # %% ../nbs/10_explorer.ipynb #52ca4c63
 def heatmaps_html(result: ExplorerResult, # from `run_query`
                   shift: bool = False,    # draw values on the predicted token instead (see `09_viz`)
+                  per_row: bool = False,  # each row on its own colour scale (where in a weaker sequence its influence lies)
                  ) -> str:
-    "Token heatmaps of the top sequences on one shared colour scale, its legend under the first; a copy of a sequence above\n    is named, not drawn again."
+    "Token heatmaps of the top sequences on one shared colour scale, its legend under the first (`per_row`: each row its own\n    scale and legend); a copy of a sequence above is named, not drawn again."
     if not result.tokens: return '<div class="inb-heatmaps"></div>'
-    scale = max(float(np.nanmax(np.abs(np.concatenate(result.token_scores)))), 1e-30)
+    top = lambda v: max(float(np.nanmax(np.abs(v))) if len(v) else 0.0, 1e-30)
+    shared = top(np.concatenate(result.token_scores))
     parts, same = [], _same_as(result.tokens, list(result.top.index))
     for (rank, r), toks, vals, cut in zip(result.top.iterrows(), result.tokens, result.token_scores, result.cut or [False] * len(result.tokens)):
         title = f"#{rank} · {r['id']} · score {_fmt_score(r['score'])}" + (f" · {_MATCH_LABEL[r['match']]}" if r['match'] else "")
         if rank in same:                   # the same tokens as a sequence above: the same token-wise influence, drawn once
             parts.append(f'<div class="inb-heatmap inb-same" data-same-as="{same[rank]}"><b>{_esc(title)}</b> · the same '
                          f'tokens as #{same[rank]}, so the same token-wise influence: drawn above</div>')
-        else: parts.append(viz.token_heatmap_html(toks, vals, title=title, scale=scale, shift=shift, decode="none",
-                                                  legend=not any('inb-legend' in p for p in parts))   # one scale: its legend once
+        else: parts.append(viz.token_heatmap_html(toks, vals, title=title, scale=top(vals) if per_row else shared, shift=shift,
+                                                  decode="none", legend=per_row or not any('inb-legend' in p for p in parts))
                            + ('<div class="inb-muted inb-cut">… cut here: the text is longer than the model\'s context, and '
                               'only these tokens are read</div>' if cut else ''))
-    hint = ('<div class="inb-muted">One colour scale for all rows (the largest token value sets it); hover a token for '
-            'its value.</div>')
+    hint = ('<div class="inb-muted">' + ('Each row on its own colour scale (its largest token value sets it): colours do not '
+            'compare across rows' if per_row else 'One colour scale for all rows (the largest token value sets it)')
+            + '; hover a token for its value.</div>')
     return '<div class="inb-heatmaps">' + hint + "".join(parts) + '</div>'
 
 # %% ../nbs/10_explorer.ipynb #b686d3b6
@@ -1019,13 +1022,17 @@ def _show(self: Explorer, res: ExplorerResult):
     lf, tf = layer_figure(res), tail_figure(res)
     table = widgets.HTML(top_html(res)); table.add_class('inb-table')
     heat = widgets.HTML(heatmaps_html(res)); heat.add_class('inb-heatmaps-box')
+    scale = widgets.ToggleButtons(options=[('One scale', False), ('A scale per row', True)], value=False,
+                                  tooltips=['Colours compare across rows', 'Where in each sequence its influence lies'])
+    scale.observe(lambda ch: setattr(heat, 'value', heatmaps_html(res, per_row=ch['new'])), names='value')
+    scale.add_class('inb-scale')
     limg = widgets.Image(value=figure_png(lf), format='png', layout=widgets.Layout(max_width='100%', height='auto'))
     timg = widgets.Image(value=figure_png(tf), format='png', layout=widgets.Layout(max_width='100%', height='auto'))
     limg.add_class('inb-layer-chart'); timg.add_class('inb-tail-plot')
     sec = lambda t: widgets.HTML(f'<div class="inb-section">{t}</div>')
     top = widgets.VBox([sec(f'Top {len(res.top)} training sequences'), table, widgets.HTML(csv_link(res))], layout=widgets.Layout(grid_area='top'))
     charts = widgets.Box([widgets.VBox([sec('Blocks'), limg]), widgets.VBox([sec('Tail'), timg])], layout=widgets.Layout(grid_area='charts'))
-    tokens = widgets.VBox([sec('Token-wise influence'), heat], layout=widgets.Layout(grid_area='tokens'))
+    tokens = widgets.VBox([sec('Token-wise influence'), scale, heat], layout=widgets.Layout(grid_area='tokens'))
     charts.add_class('inb-charts')
     grid = widgets.GridBox([top, charts, tokens])   # explorer.css places the areas: the charts beside the rest, or under the table
     grid.add_class('inb-results-grid')

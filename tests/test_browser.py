@@ -277,7 +277,12 @@ def test_explorer_on_own_llama_in_browser(own_url, own):
             assert rows[0]['id'] == q['record'], rows
             assert 'exceed |log p|' in page.inner_text('.inb-summary')           # the units legend is shown
             assert page.locator('.inb-results .inb-heatmap').count() == len(rows)
+            assert page.locator('.inb-heatmaps .inb-legend').count() == 1                # one shared scale
             _screenshot(page, ARTIFACTS/'explorer_llama.png')
+            page.locator('.inb-scale button', has_text='A scale per row').click()      # each row its own scale and legend
+            page.wait_for_function(f"document.querySelectorAll('.inb-heatmaps .inb-legend').length == {len(rows)}", timeout=30_000)
+            assert 'do not compare across rows' in page.inner_text('.inb-heatmaps')
+            _screenshot(page, ARTIFACTS/'explorer_llama_rows.png')
         finally:
             browser.close()
     assert not errors, "JavaScript errors in the page:\n" + "\n".join(errors)
