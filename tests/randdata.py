@@ -100,3 +100,14 @@ def model_folder(d, **kw):
     inf.tiny_model('gpt2', vocab=len(tok), **kw).save_pretrained(d/'model')
     tok.save_pretrained(d/'model')
     return d/'model'
+
+
+def tiny_gemma3n(vocab=VOCAB, seed=0):
+    "A float32 Gemma 3n text model (two blocks, AltUp with two inputs, a LAuReL of rank 4), random init."
+    from transformers import Gemma3nTextConfig, AutoModelForCausalLM
+    cfg = Gemma3nTextConfig(vocab_size=vocab, vocab_size_per_layer_input=vocab, hidden_size=32, hidden_size_per_layer_input=8,
+                            intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            layer_types=['sliding_attention', 'full_attention'], sliding_window=16, num_kv_shared_layers=0,
+                            activation_sparsity_pattern=[0.0, 0.0], laurel_rank=4, altup_num_inputs=2)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()

@@ -263,13 +263,7 @@ def test_exact_fisher_sums_every_labelling_over_every_call():
 
 def test_gemma3n_all_layers_with_the_router_called_twice():
     "Gemma 3n runs `altup.modality_router` twice per block (predict and correct): `'all'` was refused; it equals autograd."
-    from transformers import Gemma3nTextConfig, AutoModelForCausalLM
-    cfg = Gemma3nTextConfig(vocab_size=V, vocab_size_per_layer_input=V, hidden_size=32, hidden_size_per_layer_input=8,
-                            intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                            layer_types=['sliding_attention', 'full_attention'], sliding_window=16, num_kv_shared_layers=0,
-                            activation_sparsity_pattern=[0.0, 0.0], laurel_rank=4, altup_num_inputs=2)
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(cfg).eval().double()
+    m = randdata.tiny_gemma3n().double()
     train, queries = randdata.rand_seqs(3, top=V), randdata.rand_queries(2, top=V)
     layers = find_modules(m, 'all', warn=False)
     router = [l.name for l in layers if l.name.endswith('altup.modality_router')]

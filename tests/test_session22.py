@@ -5,6 +5,7 @@ import pytest, torch, torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 import influence_nb as inf
 from influence_nb.data import model_context, data_dir
+import randdata
 
 V = 60
 
@@ -110,13 +111,7 @@ def autograd_identity(model, params, queries, train):
 
 def test_an_output_the_model_scales_in_place_is_scored_as_autograd():
     "Gemma 3n scales `per_layer_model_projection`'s output with `*=`: a leaf of ours, so every score pass crashed (autograd)."
-    from transformers import Gemma3nTextConfig, AutoModelForCausalLM
-    cfg = Gemma3nTextConfig(vocab_size=V, vocab_size_per_layer_input=V, hidden_size=32, hidden_size_per_layer_input=8,
-                            intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                            layer_types=['sliding_attention', 'full_attention'], sliding_window=16, num_kv_shared_layers=0,
-                            activation_sparsity_pattern=[0.0, 0.0], laurel_rank=4, altup_num_inputs=2)
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(cfg).eval()
+    m = randdata.tiny_gemma3n(vocab=V)
     train, queries = data(n=4, T=9)
     names = ['model.per_layer_model_projection', 'model.layers.0.mlp.up_proj']
     f = inf.fit_factors(m, train, strategy='identity', modules=names)
