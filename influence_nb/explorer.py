@@ -1024,15 +1024,18 @@ def _show(self: Explorer, res: ExplorerResult):
     heat = widgets.HTML(heatmaps_html(res)); heat.add_class('inb-heatmaps-box')
     scale = widgets.ToggleButtons(options=[('One scale', False), ('A scale per row', True)], value=False,
                                   tooltips=['Colours compare across rows', 'Where in each sequence its influence lies'])
-    scale.observe(lambda ch: setattr(heat, 'value', heatmaps_html(res, per_row=ch['new'])), names='value')
-    scale.add_class('inb-scale')
+    where = widgets.ToggleButtons(options=[('On the token read', False), ('On the token predicted', True)], value=False,
+                                  tooltips=["A token's value, on that token (the paper's figures)", 'Each value on the next token, the one it helps predict'])
+    for w, c in ((scale, 'inb-scale'), (where, 'inb-where')):
+        w.add_class(c); w.observe(lambda ch: setattr(heat, 'value', heatmaps_html(res, shift=where.value, per_row=scale.value)), names='value')
     limg = widgets.Image(value=figure_png(lf), format='png', layout=widgets.Layout(max_width='100%', height='auto'))
     timg = widgets.Image(value=figure_png(tf), format='png', layout=widgets.Layout(max_width='100%', height='auto'))
     limg.add_class('inb-layer-chart'); timg.add_class('inb-tail-plot')
     sec = lambda t: widgets.HTML(f'<div class="inb-section">{t}</div>')
     top = widgets.VBox([sec(f'Top {len(res.top)} training sequences'), table, widgets.HTML(csv_link(res))], layout=widgets.Layout(grid_area='top'))
     charts = widgets.Box([widgets.VBox([sec('Blocks'), limg]), widgets.VBox([sec('Tail'), timg])], layout=widgets.Layout(grid_area='charts'))
-    tokens = widgets.VBox([sec('Token-wise influence'), scale, heat], layout=widgets.Layout(grid_area='tokens'))
+    views = widgets.Box([scale, where], layout=widgets.Layout(flex_flow='row wrap'))
+    tokens = widgets.VBox([sec('Token-wise influence'), views, heat], layout=widgets.Layout(grid_area='tokens'))
     charts.add_class('inb-charts')
     grid = widgets.GridBox([top, charts, tokens])   # explorer.css places the areas: the charts beside the rest, or under the table
     grid.add_class('inb-results-grid')

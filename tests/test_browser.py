@@ -283,6 +283,9 @@ def test_explorer_on_own_llama_in_browser(own_url, own):
             page.wait_for_function(f"document.querySelectorAll('.inb-heatmaps .inb-legend').length == {len(rows)}", timeout=30_000)
             assert 'do not compare across rows' in page.inner_text('.inb-heatmaps')
             _screenshot(page, ARTIFACTS/'explorer_llama_rows.png')
+            page.locator('.inb-where button', has_text='On the token predicted').click()  # values on the token they predict
+            page.wait_for_function("document.querySelector('.inb-heatmaps').innerText.includes('on the token it predicts')", timeout=30_000)
+            assert page.locator('.inb-heatmaps .inb-legend').count() == len(rows)     # still a scale per row
         finally:
             browser.close()
     assert not errors, "JavaScript errors in the page:\n" + "\n".join(errors)
