@@ -1022,9 +1022,10 @@ def _show(self: Explorer, res: ExplorerResult):
     lf, tf = layer_figure(res), tail_figure(res)
     table = widgets.HTML(top_html(res)); table.add_class('inb-table')
     heat = widgets.HTML(heatmaps_html(res)); heat.add_class('inb-heatmaps-box')
-    scale = widgets.ToggleButtons(options=[('One scale', False), ('A scale per row', True)], value=False,
+    fit = lambda: dict(style=dict(button_width='auto'), layout=widgets.Layout(margin='0 24px 4px 0'))   # whole labels, apart
+    scale = widgets.ToggleButtons(options=[('One scale', False), ('A scale per row', True)], value=False, **fit(),
                                   tooltips=['Colours compare across rows', 'Where in each sequence its influence lies'])
-    where = widgets.ToggleButtons(options=[('On the token read', False), ('On the token predicted', True)], value=False,
+    where = widgets.ToggleButtons(options=[('On the token read', False), ('On the token predicted', True)], value=False, **fit(),
                                   tooltips=["A token's value, on that token (the paper's figures)", 'Each value on the next token, the one it helps predict'])
     for w, c in ((scale, 'inb-scale'), (where, 'inb-where')):
         w.add_class(c); w.observe(lambda ch: setattr(heat, 'value', heatmaps_html(res, shift=where.value, per_row=scale.value)), names='value')
