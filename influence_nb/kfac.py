@@ -205,19 +205,21 @@ def _token_rows(t:torch.Tensor, B:int, T:int, d:int, name:str, what:str, J:int|N
                          f"([batch, tokens, {d}]). Leave it out of `modules`.")
     return t.reshape(J or 1, B, T, d)
 
+def _side_by_side(parts:list, dim:int, mask:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "A layer's k calls concatenated on the token axis `dim`, and the `[B, T, 1]` mask repeated to match (one call: as is)."
+    if len(parts) == 1: return parts[0], mask
+    return torch.cat(parts, dim), mask.repeat(1, len(parts), 1)
+
 def _call_acts(layer, xs:list, B:int, T:int, mask:torch.Tensor, padded:bool) -> torch.Tensor:
     "ā `[B, k·T, d_in(+1)]`: the inputs of a layer's k calls side by side on the token axis, a pad 0 even if NaN."
-    parts = [_token_rows(x, B, T, layer.d_in, layer.name, 'input')[0] for x in xs]
-    a = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    a, m = _side_by_side([_token_rows(x, B, T, layer.d_in, layer.name, 'input')[0] for x in xs], 1, mask)
     if layer.bias: a = torch.cat([a, torch.ones_like(a[..., :1])], -1)                 # ā = (a, 1)
-    m = mask if len(parts) == 1 else mask.repeat(1, len(parts), 1)
     return torch.where(m.bool(), a, 0) if padded else a
 
 def _call_grads(layer, ds:list, B:int, T:int, mask:torch.Tensor, padded:bool, J:int|None=None) -> torch.Tensor:
     "Ds `[B, k·T, d_out]` (with `J`, `fisher='exact'`'s pseudo-gradients: `[B, J, k·T, d_out]`) of a layer's k calls, laid\n    out as `_call_acts` lays ā."
     parts = [_token_rows(d.detach(), B, T, layer.d_out, layer.name, 'output gradient', J).transpose(0, 1) for d in ds]   # [B, J, T, o]
-    d = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
-    m = mask if len(parts) == 1 else mask.repeat(1, len(parts), 1)
+    d, m = _side_by_side(parts, 2, mask)
     if not J: d = d[:, 0]
     return torch.where((m[:, None] if J else m).bool(), d, 0) if padded else d
 

@@ -474,8 +474,8 @@ def check_batch_first(model:nn.Module, layers:list[TrackedLayer]):
                          "row per token of each sequence, batch first. Build it with batch_first=True (and pass it "
                          "[batch, tokens, d]), or leave its layers out of `modules`.")
 
-def check_unshared(model:nn.Module, layers:list[TrackedLayer]):
-    "Raise if a tracked layer's weight or bias is also a parameter of another module (tied weights)."
+def check_unshared(model:nn.Module, layers:list[TrackedLayer]) -> dict[str, list[nn.Module]]:
+    "Raise if a tracked layer's weight or bias is also a parameter of another module that is not a tied copy of the layer;\n    return the tied copies (`_twin_modules`), which `capture` hooks too."
     owners = {}   # id(parameter) -> {id(module): 'module.param'}; a module registered under two names is one owner
     for n, m in model.named_modules(remove_duplicate=False):
         for pn, p in m._parameters.items():
@@ -492,6 +492,8 @@ def check_unshared(model:nn.Module, layers:list[TrackedLayer]):
                                  "weight sums the contributions of every module using it, which per-layer hooks cannot see. "
                                  "Leave it out of `modules`, and the modules it is tied to (for 'all' or 'mlp': pass the names "
                                  "`candidate_modules(model)` lists, without them).")
+    return twins
+
 
 # %% ../nbs/03_modules.ipynb #f9a9a3a7
 def _offloaded(model:nn.Module) -> bool:
@@ -809,10 +811,9 @@ def capture(model:nn.Module, # the model whose layers are hooked
     flags = [(p, p.requires_grad) for p in model.parameters()]
     handles = []
     saved = {m: m.__dict__.get('forward') for m in experts}                 # an instance-level forward (e.g. accelerate's)
-    check_unshared(model, layers)
+    twins = check_unshared(model, layers)                               # tied copies of a layer: their calls are its calls
     try:
         for p, _ in flags: p.requires_grad_(False)
-        twins = _twin_modules(model, layers)                               # tied copies of a layer: their calls are its calls
         handles = [m.register_forward_hook(make_hook(layer.name)) for layer in layers if layer.expert is None
                    for m in (layer.module, *twins[layer.name])]
         for m, tracked in experts.items(): m.forward = experts_forward(m, make_record(prefix[m], tracked))
