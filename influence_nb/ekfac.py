@@ -16,7 +16,7 @@ from .data import check_sequences, require_scored, grad_enabled, n_scored, train
 from .modules import TrackedLayer, find_modules, check_model, adapter_state
 from .theory import check_damping   # the one damping rule: None, or a positive finite float
 from .kfac import (LABEL_SAMPLING, dist_info, fit_covariances, eigen, layer_passes, precondition_eigen, all_reduce_sum, check_fisher,
-                               fisher_sample, resolve_factor_dtype)
+                               fisher_sample, resolve_factor_dtype, watch_calls)
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'ITERATIVE', 'EIGEN', 'FORMAT_VERSION', 'FACTOR_DTYPE', 'SAMPLE', 'SAMPLE_OTHER', 'EIGENVALUES',
@@ -606,6 +606,18 @@ def _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed
             t['Lambda'] = average_null_space(v, t['lS'], eps(t), min(rows.get(n, scored), scored)) if fisher == 'true' else v
     return tensors, n_tok
 
+# %% ../nbs/05_ekfac.ipynb #a930cf55
+def _fit_info(model, seconds:float, fisher:str, fisher_samples:int, calls, eigh_dt, rotate_dt) -> dict:
+    "`Factors.info` of a fit: what `check` binds the factors to, and the settings a later reader needs."
+    info = {'fit_seconds': round(seconds, 3), 'model_digest': model_digest(model),
+            'model_dtype': str(next(model.parameters()).dtype).removeprefix('torch.')}   # for advice when it is loaded in another
+    if fisher_samples > 1: info['fisher_samples'] = fisher_samples
+    if calls.seen: info['calls'] = calls.record()                   # scoring warns where a layer runs another number of times
+    if fisher == 'true': info['label_sampling'] = LABEL_SAMPLING      # a cache of an older sampling is refit (`labels_current`)
+    info.update({k: str(v).removeprefix('torch.') for k, v in (('eigh_dtype', eigh_dt), ('rotate_dtype', rotate_dt)) if v is not None})   # only when set
+    return info
+
+
 # %% ../nbs/05_ekfac.ipynb #e5ac0002
 @grad_enabled   # works when called under torch.no_grad() or torch.inference_mode()
 def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or a compatible module
@@ -645,24 +657,21 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
     t0 = time.time()
     tensors, n_tok = {layer.name: {} for layer in layers}, int(sum(int(s['attention_mask'].sum()) for s in seqs))
     passes = seqs * fisher_samples                                  # copy j of sequence i draws as sequence i + jN
-    if strategy in EIGEN:
-        ck = None if checkpoint is None else FitCheckpoint(checkpoint, _fit_key(
-            model, layers, passes, strategy=strategy, fisher=fisher, batch_size=batch_size, seed=seed, dtype=dtype, eigh=eigh_dt, rotate=rotate_dt,
-            every=checkpoint_every))
-        tensors, n_tok = _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed, progress, dtype, eigh_dt,
-                                            rotate_dt, ck, checkpoint_every)
-        n_tok //= fisher_samples
-    elif strategy == 'diagonal':
-        for n, d in fit_diagonal(model, layers, passes, fisher, batch_size, seed, progress, dtype).items(): tensors[n]['diag'] = d
-    info = {'fit_seconds': round(time.time() - t0, 3), 'model_digest': model_digest(model),
-            'model_dtype': str(next(model.parameters()).dtype).removeprefix('torch.')}   # for advice when it is loaded in another
-    if fisher_samples > 1: info['fisher_samples'] = fisher_samples
-    if fisher == 'true': info['label_sampling'] = LABEL_SAMPLING      # a cache of an older sampling is refit (`labels_current`)
-    info.update({k: str(v).removeprefix('torch.') for k, v in (('eigh_dtype', eigh_dt), ('rotate_dtype', rotate_dt)) if v is not None})   # only when set
+    ck = None if checkpoint is None or strategy not in EIGEN else FitCheckpoint(checkpoint, _fit_key(
+        model, layers, passes, strategy=strategy, fisher=fisher, batch_size=batch_size, seed=seed, dtype=dtype, eigh=eigh_dt, rotate=rotate_dt,
+        every=checkpoint_every))
+    with watch_calls() as calls:                                    # how often each layer ran per forward (`04_kfac`)
+        if strategy in EIGEN:
+            tensors, n_tok = _fit_eigen_factors(model, layers, passes, strategy, fisher, batch_size, seed, progress, dtype, eigh_dt,
+                                                rotate_dt, ck, checkpoint_every)
+            n_tok //= fisher_samples
+        elif strategy == 'diagonal':
+            for n, d in fit_diagonal(model, layers, passes, fisher, batch_size, seed, progress, dtype).items(): tensors[n]['diag'] = d
+    info = _fit_info(model, time.time() - t0, fisher, fisher_samples, calls, eigh_dt, rotate_dt)
     f = Factors(strategy, [layer.name for layer in layers], {layer.name: [layer.d_out, layer.d_in1] for layer in layers}, fisher, len(seqs), n_tok,
                 seed, fingerprint(layers, model), type(model).__name__, tensors, info)
     check_factors_finite(f)
-    if strategy in EIGEN and ck is not None and not keep_checkpoint: ck.remove()
+    if ck is not None and not keep_checkpoint: ck.remove()
     warn_without_curvature(f)
     return f
 

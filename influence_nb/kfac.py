@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_kfac.ipynb #7adb5027
 from __future__ import annotations
-import hashlib, itertools, contextlib, contextvars
+import hashlib, itertools, contextlib, contextvars, warnings
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -14,8 +14,8 @@ from .modules import TrackedLayer, capture, find_modules
 # %% auto #0
 __all__ = ['LABEL_SAMPLING', 'EXACT_MAX_OUTPUTS', 'FACTOR_DTYPES', 'seq_generator', 'summed_loss', 'summed_loss_grad',
            'check_fisher', 'fisher_sample', 'exact_cotangents', 'dist_info', 'all_reduce_sum', 'all_finite',
-           'reporting', 'layer_passes', 'Gram', 'blas_threads', 'resolve_factor_dtype', 'fit_covariances', 'eigen',
-           'precondition_eigen']
+           'reporting', 'CallCounts', 'watch_calls', 'layer_passes', 'Gram', 'blas_threads', 'resolve_factor_dtype',
+           'fit_covariances', 'eigen', 'precondition_eigen']
 
 # %% ../nbs/04_kfac.ipynb #e66b35a3
 def seq_generator(seed:int, stream:int, index:int) -> torch.Generator:
@@ -224,6 +224,32 @@ def _call_grads(layer, ds:list, B:int, T:int, mask:torch.Tensor, padded:bool, J:
     return torch.where((m[:, None] if J else m).bool(), d, 0) if padded else d
 
 
+# %% ../nbs/04_kfac.ipynb #31c7a8d0
+_CALLS = contextvars.ContextVar('influence_nb_calls', default=None)
+
+class CallCounts:
+    "Calls per forward pass of each tracked layer, as the passes within `watch_calls` see them; a warning where `fitted` says otherwise."
+    def __init__(self, fitted:dict|None=None): # {name: [calls per forward the fit saw]} (`Factors.info['calls']`)
+        self.seen, self.fitted, self.warned = {}, fitted or {}, False
+    def note(self, name:str, k:int):
+        self.seen.setdefault(name, set()).add(k)
+        was = self.fitted.get(name)
+        if self.warned or was is None or len(was) != 1 or k == was[0]: return
+        self.warned = True
+        warnings.warn(f"Layer '{name}' ran {k} time{'s' * (k != 1)} in a forward pass here, and {was[0]} in every forward pass of the fit that "
+                      "made these factors. If the model's code changed (a loop's length, a block used again), the factors describe another "
+                      "function: fit them again. (A model whose depth depends on its input can run a layer a number of times the fit's "
+                      "sequences never did; then this is expected.)", stacklevel=2)
+    def record(self) -> dict: return {n: sorted(s) for n, s in self.seen.items()}
+
+@contextlib.contextmanager
+def watch_calls(fitted:dict|None=None): # what the fit saw (`Factors.info.get('calls')`); None: only record
+    "Within the block, every pass notes how often each tracked layer runs per forward; yields the `CallCounts`."
+    counts = CallCounts(fitted); token = _CALLS.set(counts)
+    try: yield counts
+    finally: _CALLS.reset(token)
+
+
 # %% ../nbs/04_kfac.ipynb #e4ac0004
 def layer_passes(model, # a causal LM
                  layers:list[TrackedLayer], # tracked layers (`find_modules`)
@@ -245,6 +271,7 @@ def layer_passes(model, # a causal LM
     mine = seqs if world == 1 else [seqs[i] for i in ids]
     todo = itertools.islice(batches(mine, batch_size, sort_by_length=sort_by_length, pad_id=pad_id), start, None)
     bar = _Bar(len(mine), min(start * batch_size, len(mine)), desc, desc is None or rank != 0)
+    calls = _CALLS.get()
     with capture(model, layers) as cap:
         for batch_no, (idx, b) in enumerate(todo, start):
             idx = [ids[i] for i in idx]                          # positions in `seqs`
@@ -261,6 +288,7 @@ def layer_passes(model, # a causal LM
             n_seen = {}
             for layer in layers:
                 xs, ds = cap.inputs[layer.name], dss[layer.name]                   # one per call
+                if calls is not None: calls.note(layer.name, len(xs))
                 if layer.expert is not None:   # this expert's rows, scattered back to their token positions
                     acts[layer.name], outg[layer.name], n_seen[layer.name] = _scatter_expert(cap, layer, xs[0], ds[0], B, T, mask, exact)
                     continue

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 import pandas as pd
 from .data import check_sequences, require_scored, grad_enabled, as_collection, attended_span, NATS_SCALE
-from .kfac import layer_passes, all_reduce_sum, dist_info, all_finite
+from .kfac import layer_passes, all_reduce_sum, dist_info, all_finite, watch_calls
 from .ekfac import Factors, seq_grads, check_damping, ITERATIVE
 from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'cg', 'pcg' (05b_solver)
 
@@ -368,17 +368,18 @@ def prepare_queries(model, # the model the factors were fitted on
     bases = eigenbases(factors, layers, dt, p.device)                              # {} unless K-FAC / EK-FAC
     denom = {n: factors.damped_eigenvalues(n, damping).to(p.device, dt) for n in bases}   # Λ + λ, as `Factors.precondition` damps
     out = _empty_queries(layers, len(queries), query_rank, dt, p.device)
-    for idx, acts, outg in layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None):
-        rotated_acts, conv = {}, {}   # gate_proj and up_proj read one input with one Q_A: converted and rotated once per batch
-        for layer in layers:
-            n, a, d = layer.name, shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt)
-            if n in bases:   # Q_S [(Q_Sᵀ g Q_A) ⊘ (Λ + λ)] Q_Aᵀ, the rotation in from the tokens
-                QS, QA = bases[n]
-                pre = QS @ rotated_grads(a, d, QS, QA, rotated_acts).div_(denom[n]) @ QA.T
-            else: pre = factors.precondition(n, seq_grads(a, d), damping)        # identity, diagonal
-            got = query_form(pre, n, query_rank)                                   # [B, ...] rows of this batch
-            for k in ('full', 'U', 'V'):
-                if getattr(got, k) is not None: getattr(out[n], k)[idx] = getattr(got, k)
+    with watch_calls(factors.info.get('calls')):                     # warns if a layer runs another number of times than in the fit
+        for idx, acts, outg in layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None):
+            rotated_acts, conv = {}, {}   # gate_proj and up_proj read one input with one Q_A: converted and rotated once per batch
+            for layer in layers:
+                n, a, d = layer.name, shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt)
+                if n in bases:   # Q_S [(Q_Sᵀ g Q_A) ⊘ (Λ + λ)] Q_Aᵀ, the rotation in from the tokens
+                    QS, QA = bases[n]
+                    pre = QS @ rotated_grads(a, d, QS, QA, rotated_acts).div_(denom[n]) @ QA.T
+                else: pre = factors.precondition(n, seq_grads(a, d), damping)        # identity, diagonal
+                got = query_form(pre, n, query_rank)                                   # [B, ...] rows of this batch
+                for k in ('full', 'U', 'V'):
+                    if getattr(got, k) is not None: getattr(out[n], k)[idx] = getattr(got, k)
     if dist_info()[1] > 1:   # each process filled its shard's rows: add them up
         for pq in out.values():
             for t in (pq.full, pq.U, pq.V):
@@ -521,11 +522,12 @@ def self_scores(model, # the model the factors were fitted on
         ev = factors.damped_eigenvalues(layer.name, damping)
         denom[layer.name] = None if ev is None else ev.to(p.device, dt)
     out = torch.zeros(len(ts), dtype=dt)
-    for idx, acts, outg in layer_passes(model, layers, ts, batch_size, desc='self-influence' if progress else None):
-        rotated_acts, conv = {}, {}
-        for layer in layers:
-            basis = (*bases[layer.name], rotated_acts) if layer.name in bases else None
-            out[torch.tensor(idx)] += _self_terms(shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt), denom[layer.name], basis).cpu()
+    with watch_calls(factors.info.get('calls')):
+        for idx, acts, outg in layer_passes(model, layers, ts, batch_size, desc='self-influence' if progress else None):
+            rotated_acts, conv = {}, {}
+            for layer in layers:
+                basis = (*bases[layer.name], rotated_acts) if layer.name in bases else None
+                out[torch.tensor(idx)] += _self_terms(shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt), denom[layer.name], basis).cpu()
     if not torch.isfinite(out).all():
         raise ValueError(f"Self-influence of train{(~torch.isfinite(out)).nonzero()[:8, 0].tolist()} overflows {out.dtype} (NaN/Inf): "
                          "the damping is too small for the curvature. Pass a larger `damping`, or None (0.1 × mean eigenvalue).")

@@ -273,3 +273,26 @@ def test_gemma3n_all_layers_with_the_router_called_twice():
     f = inf.fit_factors(m, train, 'identity', modules='all', progress=False)
     got = inf.pairwise_scores(m, f, queries, train, batch_size=1, progress=False).total.double()
     torch.testing.assert_close(got, autograd_dots(m, layers, queries, train), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('how', HOWS)
+def test_factors_record_each_layers_calls_and_warn_when_code_changes(how):
+    """Session 24: factors fitted while block 0 ran three times per forward record it (`info['calls']`), scoring the same
+    model says nothing, and scoring after the code changed to run it twice (same weights, same config: the digest cannot
+    see it; the reviewer of session 23 measured scores 0.83 off) warns naming the layer, once per call."""
+    import warnings
+    m = Reusing(how)
+    train, queries = data()
+    f = inf.fit_factors(m, train, 'ekfac', fisher='empirical', batch_size=4, progress=False)
+    assert f.info['calls'] == {'blocks.0.mlp.0': [3], 'blocks.0.mlp.2': [3], 'blocks.1.mlp.0': [1], 'blocks.1.mlp.2': [1]}
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        inf.pairwise_scores(m, f, queries, train, progress=False); inf.self_scores(m, f, train, progress=False)
+    def forward(input_ids, attention_mask=None, **kw):                # block 0's last call (or its last copy) dropped
+        x = m.emb(input_ids)
+        for i in ([0, 0, 1] if how == 'loop' else [0, 1, 2]): x = m.blocks[i](x)
+        return SimpleNamespace(logits=m.head(x))
+    m.forward = forward
+    with pytest.warns(UserWarning, match=r"Layer 'blocks.0.mlp.0' ran 2 times in a forward pass here, and 3 in every") as w:
+        inf.pairwise_scores(m, f, queries, train, progress=False)
+    assert sum('ran 2 times' in str(x.message) for x in w) == 1
