@@ -122,6 +122,7 @@ def _backprop(cap, logits:torch.Tensor, cotangents) -> dict:
     "`{name: [one per call: [J, ...]]}`: each tracked layer's output gradients for every one of the J gradients `cotangents`\n    at the logits."
     names = cap.require_called()
     outs, cap.backward = cap.calls(names), True
+    if not outs: return {}                                   # every tracked layer ran under the model's no_grad only
     cots, got = list(cotangents), [[] for _ in outs]
     for j, cot in enumerate(cots):
         gs = torch.autograd.grad(logits, outs, grad_outputs=cot, retain_graph=j < len(cots) - 1, allow_unused=True)
@@ -164,13 +165,17 @@ def _scatter_expert(cap, layer, x, d, B, T, mask, exact=False):
                            "influence_nb expects an MoE block to flatten its tokens before routing them.")
     a = x.new_zeros(B * T, layer.d_in1)
     a[rows, :layer.d_in] = x
+    once = rows.unique()                     # a token in two top-k slots of one expert (a hash router can) is one row, twice
+    if len(once) < len(rows) and not torch.equal(a[rows, :layer.d_in], x):
+        raise ValueError(f"Expert '{layer.name}' received a token in two of its top-k slots with different inputs (its router scales "
+                         "each slot's input): influence_nb keeps one input per token and expert. Leave the experts out of `modules`.")
     if layer.bias: a[rows, layer.d_in] = 1                                                   # ā = (a, 1) on routed tokens only
     d = d.detach() if exact else d.detach()[None]                                           # [J, routed rows, d_out]
     ds = d.new_zeros(len(d), B * T, layer.d_out)
-    ds[:, rows] = d
+    ds.index_add_(1, rows, d)                                    # one input, both slots' output gradients: their sum
     m = mask.reshape(B * T, 1)
     ds = (ds * m).reshape(len(d), B, T, -1).transpose(0, 1)                                 # [B, J, T, d_out]
-    return (a * m).reshape(B, T, -1), (ds if exact else ds[:, 0]), int(m[rows].sum())
+    return (a * m).reshape(B, T, -1), (ds if exact else ds[:, 0]), int(m[once].sum())
 
 # %% ../nbs/04_kfac.ipynb #51ebc723
 _PROGRESS = contextvars.ContextVar('influence_nb_progress', default=None)
@@ -195,11 +200,12 @@ class _Bar:
 # %% ../nbs/04_kfac.ipynb #4accb3b1
 def _token_rows(t:torch.Tensor, B:int, T:int, d:int, name:str, what:str, J:int|None=None) -> torch.Tensor:
     """One call's `t` as `[J, B, T, d]`: `[B, T, d]`, or flattened as OPT's layers see it, `[B·T, d]`; with `J` (the
-    pseudo-gradients of `fisher='exact'`) those shapes behind a leading J. Anything else is refused by name: a layer that
+    pseudo-gradients of `fisher='exact'`) those shapes behind a leading J; axes of size 1 anywhere among them (DeepSeek-V2's
+    `kv_b_proj` sees `[B, 1, T, d]`) change no row's place. Anything else is refused by name: a layer that
     sees only some of the tokens (the last one, a pooled vector), more of them (a batch or sequence doubled inside the
     model), or sees them sequence-first (`[T, B, d]`, torch's `batch_first=False`), whose rows would mix sequences."""
-    lead = tuple(t.shape[:-1])
-    if t.shape[-1] != d or lead[1 if J else 0:] not in ((B, T), (B * T,)) or (J and lead[0] != J):
+    lead, bare = tuple(t.shape[:-1]), lambda s: tuple(x for x in s if x != 1)   # axes of size 1 change no row's place:
+    if t.shape[-1] != d or bare(lead[1 if J else 0:]) not in (bare((B, T)), bare((B * T,))) or (J and lead[0] != J):   # DeepSeek's [B, 1, T, d]
         raise ValueError(f"Layer '{name}' had an {what} of shape {tuple(t.shape)} in a batch of {B} sequences × {T} tokens: "
                          f"influence_nb tracks layers that see every token of the batch once per call, batch first "
                          f"([batch, tokens, {d}]). Leave it out of `modules`.")
@@ -242,6 +248,17 @@ class CallCounts:
                       "sequences never did; then this is expected.)", stacklevel=2)
     def record(self) -> dict: return {n: sorted(s) for n, s in self.seen.items()}
 
+def _no_gradient(layer, B:int, T:int, J:int|None, device) -> tuple:
+    "`(ā, Ds, tokens seen)` of a layer the model ran only under its own `torch.no_grad` in this batch: zeros, none seen."
+    dt = layer.module.get_parameter(layer.param).dtype
+    ds = torch.zeros((B, J, T, layer.d_out) if J else (B, T, layer.d_out), dtype=dt, device=device)
+    return torch.zeros(B, T, layer.d_in1, dtype=dt, device=device), ds, 0
+
+def _say_no_gradient(names:list[str]):
+    warnings.warn(f"Layers {names[:6]}{' …' if len(names) > 6 else ''} ran only under `torch.no_grad` inside the model (as DeepSeek-V3.2's "
+                  "indexer does): no gradient reaches their weights, so their influence is 0 and they add nothing to the scores. "
+                  "Leave them out of `modules` to save the work.", stacklevel=3)
+
 @contextlib.contextmanager
 def watch_calls(fitted:dict|None=None): # what the fit saw (`Factors.info.get('calls')`); None: only record
     "Within the block, every pass notes how often each tracked layer runs per forward; yields the `CallCounts`."
@@ -271,7 +288,7 @@ def layer_passes(model, # a causal LM
     mine = seqs if world == 1 else [seqs[i] for i in ids]
     todo = itertools.islice(batches(mine, batch_size, sort_by_length=sort_by_length, pad_id=pad_id), start, None)
     bar = _Bar(len(mine), min(start * batch_size, len(mine)), desc, desc is None or rank != 0)
-    calls = _CALLS.get()
+    calls, told = _CALLS.get(), False
     with capture(model, layers) as cap:
         for batch_no, (idx, b) in enumerate(todo, start):
             idx = [ids[i] for i in idx]                          # positions in `seqs`
@@ -287,6 +304,10 @@ def layer_passes(model, # a causal LM
             padded, seen = not bool(mask.all()), {}
             n_seen = {}
             for layer in layers:
+                if layer.name not in dss:   # run only under the model's own torch.no_grad: no gradient, as for an unrouted expert
+                    acts[layer.name], outg[layer.name], n_seen[layer.name] = _no_gradient(layer, B, T, len(cots) if exact else None, device)
+                    if calls is not None: calls.note(layer.name, 0)
+                    continue
                 xs, ds = cap.inputs[layer.name], dss[layer.name]                   # one per call
                 if calls is not None: calls.note(layer.name, len(xs))
                 if layer.expert is not None:   # this expert's rows, scattered back to their token positions
@@ -300,6 +321,7 @@ def layer_passes(model, # a causal LM
             # activations first, in model order: a NaN spreads to every gradient, so the first bad input names the culprit
             for what, arrs in (('activations', acts), ('output gradients', outg)):
                 for layer in layers: _check_finite(arrs[layer.name], what, layer.name, batch_no, idx)
+            if not told and (idle := [n for n in cap.nograd if n not in dss]): _say_no_gradient(idle); told = True
             cap.clear(); del logits, dss, seen
             yield (idx, acts, outg, n_seen) if counts else (idx, acts, outg)
             del acts, outg, b, mask   # the next batch's forward must not find this one's arrays still held

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_modules.ipynb #6ac9ec19
 from __future__ import annotations
-import re, ast, contextlib, functools, inspect, textwrap, threading, warnings, weakref
+import re, ast, sys, contextlib, functools, inspect, textwrap, threading, warnings, weakref
 from dataclasses import dataclass
 import torch
 from torch import nn
@@ -13,9 +13,9 @@ from .data import eval_mode, uncompiled, uncompiled_names, model_config
 # %% auto #0
 __all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'experts_layout', 'is_experts', 'expert_params', 'n_experts',
            'expert_weights', 'expert_transposed', 'TrackedLayer', 'adapter_parts', 'adapter_state', 'layer_aliases',
-           'output_head', 'candidate_modules', 'blocks', 'block_coverage', 'check_batch_first', 'check_unshared',
-           'check_model', 'check_causal', 'find_modules', 'tiny_model', 'layer_param_names', 'Capture',
-           'experts_forward', 'capture']
+           'output_head', 'candidate_modules', 'blocks', 'block_coverage', 'other_stacks', 'check_batch_first',
+           'check_unshared', 'check_model', 'check_causal', 'find_modules', 'tiny_model', 'layer_param_names',
+           'Capture', 'experts_forward', 'reentrant_checkpoint', 'capture']
 
 # %% ../nbs/03_modules.ipynb #8ec08ef3
 MLP_LEAVES = {   # how `modules="mlp"` recognises a block's feed-forward weights, whatever the architecture
@@ -293,14 +293,17 @@ def _classed(block:nn.Module) -> set[str]:
 def _unclassified(block:nn.Module, rels:list[str]) -> list[str]:
     "The layers `rels` of `block` that sit in no attention or sequence-mixing submodule (`MLP_LEAVES['mixers']`)."
     mixers = {n for n, m in block.named_modules() if n and any(k in type(m).__name__ for k in MLP_LEAVES['mixers'])}
-    return [r for r in rels if not (any(a in p for p in r.split('.')[:-1] for a in MLP_LEAVES['attention'])
+    return [r for r in rels if not (any(_attention_part(p) for p in r.split('.')[:-1])
                                     or any('.'.join(r.split('.')[:i]) in mixers for i in range(1, r.count('.') + 1)))]
+
+def _attention_part(part:str) -> bool:   # 'self_attn', 'attention', not 'post_attention_layernorm' (a norm, named after what it follows)
+    return any(a in part for a in MLP_LEAVES['attention']) and 'norm' not in part
 
 def _is_ffn(rel:str, expert:bool=False, classed:set[str]=frozenset()) -> bool:
     "Is the layer at `rel` (path inside its block) a feed-forward weight? Experts are; routers are not."
     parts = rel.split('.')
     if expert: return True
-    if any(p in MLP_LEAVES['routers'] or any(a in p for a in MLP_LEAVES['attention']) for p in parts): return False
+    if any(p in MLP_LEAVES['routers'] or _attention_part(p) for p in parts): return False
     inside = any(c in p for p in parts[:-1] for c in MLP_LEAVES['containers'])   # mlp, shared_mlp, block_sparse_moe, ...
     inside = inside or any('.'.join(parts[:i]) in classed for i in range(1, len(parts)))   # NemotronH's `mixer`: NemotronHMLP
     return inside or (len(parts) == 1 and parts[0] in MLP_LEAVES['bare'])
@@ -344,6 +347,19 @@ def _alike_blocks(model, blocks:list[str]) -> list[list[str]]:
     return list(groups.values())
 
 # %% ../nbs/03_modules.ipynb #49c32ce4
+def other_stacks(model:nn.Module, cands:dict|None=None) -> dict[str, list[str]]:
+    "Feed-forward layers in lists of blocks besides the main one (`blocks`): `{list: layers}`, e.g. BLT's local encoder and decoder."
+    model = uncompiled(model); cands = _candidates(model) if cands is None else cands
+    main, lists, out = blocks(model), [], {}
+    for n, m in model.named_modules():
+        if not (isinstance(m, nn.ModuleList) and len(m)) or _under(n, lists) or f'{n}.0' in main: continue
+        lists.append(n)                                                # the outermost lists only (not one inside a block)
+        for i, block in enumerate(m):
+            b, classed = f'{n}.{i}', _classed(block)
+            out.setdefault(n, []).extend(c for c, layer in cands.items() if c.startswith(b + '.') and not _under(c, main)
+                                         and _is_ffn(c[len(b) + 1:], layer.expert is not None, classed))
+    return {n: v for n, v in out.items() if v}
+
 def _mlp_names(model, cands):
     bl = blocks(model)
     if not bl:   # no list of blocks (a hand-made model): anything called like an MLP projection
@@ -421,7 +437,15 @@ def _keyword_names(model:nn.Module, modules:str, cands:dict, warn:bool=True, par
     "The layer names `modules='mlp'|'all'|'lora'` selects from `cands` (None for another string); adapters only under 'lora'."
     parts = parts or adapter_parts(model)
     plain = {n: layer for n, layer in cands.items() if n not in set(parts['matrices'])}
-    if modules == 'mlp': return _mlp_names(model, plain)
+    if modules == 'mlp':
+        names = _mlp_names(model, plain)
+        if warn and (others := other_stacks(model, plain)):   # a second list of blocks (BLT's local encoder and decoder, HRM's H and L)
+            main = blocks(model)
+            warnings.warn(f"modules='mlp' tracks the feed-forward layers of the main list of blocks ('{main[0].rpartition('.')[0]}', "
+                          f"{len(main)} blocks) and leaves out those of the model's other lists of blocks: "
+                          + '; '.join(f"'{k}' ({len(v)} layer{'s' * (len(v) != 1)}, e.g. {v[0]})" for k, v in others.items())
+                          + ". To track them too, pass find_modules(model, 'mlp') names plus theirs (`other_stacks(model)` lists them).", stacklevel=3)
+        return names
     if modules == 'all':
         if warn: _warn_left_out(model, list(plain), "modules='all'", parts)   # feed-forward weights no trackable layer covers
         if warn and (left := _left_out_weights(model, cands, parts)):          # routers, convolutions, SSM matrices, ...
@@ -652,15 +676,16 @@ class Capture:
     def __init__(self, layers):
         self.layers, self.inputs, self.outputs, self.rows, self.n_rows, self.versions = layers, {}, {}, {}, {}, {}
         self.copied = set()     # layers whose output the model changes in place (`changed`): it is handed a copy
+        self.nograd = set()     # layers the model also ran under its own `torch.no_grad` (calls no gradient reaches: not kept)
         self.backward = False   # True between `out_grads` and `clear`: a recomputed forward (checkpointing) is not a new call
     def clear(self):
-        for d in (self.inputs, self.outputs, self.rows, self.n_rows, self.versions): d.clear()
+        for d in (self.inputs, self.outputs, self.rows, self.n_rows, self.versions, self.nograd): d.clear()
         self.backward = False
 
     def require_called(self) -> list[str]:
-        "The tracked layers' names, once each was called in the forward pass (a layer never called, or whose output the model\n        then changed in place, is refused by name): before any gradient is taken w.r.t. their outputs."
-        names = [layer.name for layer in self.layers]
-        missing = [n for n in names if n not in self.outputs]
+        "The tracked layers' names, once each was called in the forward pass (a layer never called, or whose output the model\n        then changed in place, is refused by name), less those run only under the model's own `torch.no_grad` (`nograd`),\n        whose gradient is 0: before any gradient is taken w.r.t. their outputs."
+        names = [layer.name for layer in self.layers if layer.name in self.outputs or layer.name not in self.nograd]
+        missing = [n for n in names if n not in self.outputs]   # (a layer run only under the model's no_grad has no gradient: left out)
         if any(re.search(r'\.experts\.\d+\.', n) for n in missing):   # transformers < 5 runs each expert as a module, only when routed to
             raise ValueError(f"MoE experts {missing[:3]}{'…' if len(missing) > 3 else ''} were not called in a batch that routed no token to "
                              "them: this version of transformers runs experts as separate modules, which influence_nb does not "
@@ -696,7 +721,7 @@ class Capture:
         "Gradients of `loss` w.r.t. each tracked layer's outputs, `{name: [one per call: [batch, T, d_out]]}` (experts:\n        `[routed rows, d_out]`)."
         names = self.require_called()
         self.backward = True
-        return self.regroup(names, torch.autograd.grad(loss, self.calls(names), allow_unused=True))
+        return self.regroup(names, torch.autograd.grad(loss, self.calls(names), allow_unused=True) if names else [])
 
 # %% ../nbs/03_modules.ipynb #9443e74e
 def _expert_linear(mod, p, e, x):
@@ -768,6 +793,18 @@ def _force_eager(model:nn.Module):
             if not _eager_open: first.__exit__(None, None, None)          # the stance found by the first block comes back
 
 
+# %% ../nbs/03_modules.ipynb #93d104ea
+def reentrant_checkpoint() -> bool:
+    "Whether the caller runs inside `torch.utils.checkpoint`'s reentrant forward (its function run without gradients)."
+    from torch.utils import checkpoint
+    code = getattr(getattr(getattr(checkpoint, 'CheckpointFunction', None), 'forward', None), '__code__', None)
+    f = sys._getframe(1)
+    while f is not None and code is not None:
+        if f.f_code is code: return True
+        f = f.f_back
+    return False
+
+
 # %% ../nbs/03_modules.ipynb #fdc1e5aa
 @contextlib.contextmanager
 def capture(model:nn.Module, # the model whose layers are hooked
@@ -782,6 +819,8 @@ def capture(model:nn.Module, # the model whose layers are hooked
             if grads and torch.is_grad_enabled() and not s.requires_grad:   # kept; the model gets what it got in the forward
                 return s.detach().requires_grad_().clone()             # (a graph of the same shape: checkpoint compares them)
             return s.clone() if name in cap.copied else s
+        if grads and not torch.is_grad_enabled() and not reentrant_checkpoint():   # under the model's own torch.no_grad (HRM's
+            cap.nograd.add(name); return s                             # early cycles): no gradient reaches the weight this way
         cap.inputs.setdefault(name, []).append(x.detach())            # one per call: [batch, T, d_in] (experts: [rows, d_in])
         if grads and torch.is_grad_enabled() and not s.requires_grad:   # nothing upstream needs a gradient: a leaf of our own,
             t = s.detach().requires_grad_()                            # and the model goes on with a copy, which it may change
