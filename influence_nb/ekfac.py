@@ -464,7 +464,7 @@ def warn_without_curvature(f:Factors):
     shown = ', '.join(empty[:8]) + (f' and {len(empty) - 8} more' if len(empty) > 8 else '')
     warnings.warn(f"{len(empty)} of {len(f.modules)} tracked layers have no curvature: {shown}. Either no fit token reached "
                   "them (an MoE expert nothing was routed to), or the loss does not depend on them (every gradient at their output "
-                  "was zero, as behind a weight initialised to zero). With damping=None each is damped with the model-wide 0.1 × mean eigenvalue of the layers that have curvature. "
+                  "was zero, as behind a weight initialised to zero, or the model runs them only under torch.no_grad). With damping=None each is damped with the model-wide 0.1 × mean eigenvalue of the layers that have curvature. "
                   "Fit on more data, pass `damping`, or leave them out with `modules=`.", stacklevel=4)   # the caller of fit_factors (through grad_enabled)
 
 # %% ../nbs/05_ekfac.ipynb #a0a62076

@@ -795,12 +795,12 @@ def _force_eager(model:nn.Module):
 
 # %% ../nbs/03_modules.ipynb #93d104ea
 def reentrant_checkpoint() -> bool:
-    "Whether the caller runs inside `torch.utils.checkpoint`'s reentrant forward (its function run without gradients)."
-    from torch.utils import checkpoint
-    code = getattr(getattr(getattr(checkpoint, 'CheckpointFunction', None), 'forward', None), '__code__', None)
+    """Whether the caller runs inside an autograd Function's forward, where gradients are off: how a reentrant checkpoint
+    (`torch.utils.checkpoint`'s `use_reentrant=True`, DeepSpeed's) runs its function, to run it again in the backward."""
     f = sys._getframe(1)
-    while f is not None and code is not None:
-        if f.f_code is code: return True
+    while f is not None:
+        code = f.f_code
+        if code.co_argcount and isinstance(f.f_locals.get(code.co_varnames[0]), torch.autograd.function.BackwardCFunction): return True
         f = f.f_back
     return False
 
