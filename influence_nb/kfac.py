@@ -122,7 +122,6 @@ def _backprop(cap, logits:torch.Tensor, cotangents) -> dict:
     "`{name: [one per call: [J, ...]]}`: each tracked layer's output gradients for every one of the J gradients `cotangents`\n    at the logits."
     names = cap.require_called()
     outs, cap.backward = cap.calls(names), True
-    if not outs: return {}                                   # every tracked layer ran under the model's no_grad only
     cots, got = list(cotangents), [[] for _ in outs]
     for j, cot in enumerate(cots):
         gs = torch.autograd.grad(logits, outs, grad_outputs=cot, retain_graph=j < len(cots) - 1, allow_unused=True)
@@ -261,7 +260,8 @@ def _say_no_gradient(names:list[str]):
 
 @contextlib.contextmanager
 def watch_calls(fitted:dict|None=None): # what the fit saw (`Factors.info.get('calls')`); None: only record
-    "Within the block, every pass notes how often each tracked layer runs per forward; yields the `CallCounts`."
+    "Within the block, every pass notes how often each tracked layer runs per forward; yields the `CallCounts`. Inside a\n    block watching the same factors' counts (`pairwise_scores` around `prepare_queries`), the outer one serves: one warning."
+    if (outer := _CALLS.get()) is not None and fitted is not None and outer.fitted is fitted: yield outer; return
     counts = CallCounts(fitted); token = _CALLS.set(counts)
     try: yield counts
     finally: _CALLS.reset(token)

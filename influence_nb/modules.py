@@ -11,11 +11,11 @@ from torch import nn
 from .data import eval_mode, uncompiled, uncompiled_names, model_config
 
 # %% auto #0
-__all__ = ['MLP_LEAVES', 'is_conv1d', 'is_trackable', 'experts_layout', 'is_experts', 'expert_params', 'n_experts',
-           'expert_weights', 'expert_transposed', 'TrackedLayer', 'adapter_parts', 'adapter_state', 'layer_aliases',
-           'output_head', 'candidate_modules', 'blocks', 'block_coverage', 'other_stacks', 'check_batch_first',
-           'check_unshared', 'check_model', 'check_causal', 'find_modules', 'tiny_model', 'layer_param_names',
-           'Capture', 'experts_forward', 'reentrant_checkpoint', 'capture']
+__all__ = ['MLP_LEAVES', 'OTHER_MODALITIES', 'is_conv1d', 'is_trackable', 'experts_layout', 'is_experts', 'expert_params',
+           'n_experts', 'expert_weights', 'expert_transposed', 'TrackedLayer', 'adapter_parts', 'adapter_state',
+           'layer_aliases', 'output_head', 'candidate_modules', 'blocks', 'block_coverage', 'other_stacks',
+           'check_batch_first', 'check_unshared', 'check_model', 'check_causal', 'find_modules', 'tiny_model',
+           'layer_param_names', 'Capture', 'experts_forward', 'reentrant_checkpoint', 'capture']
 
 # %% ../nbs/03_modules.ipynb #8ec08ef3
 MLP_LEAVES = {   # how `modules="mlp"` recognises a block's feed-forward weights, whatever the architecture
@@ -277,15 +277,6 @@ def candidate_modules(model:nn.Module, # any PyTorch model (a Hugging Face causa
     "Names of every trackable layer of `model` except the output (LM head) layer; experts appear as `<experts>.<param>[e]`."
     return list(_candidates(uncompiled(model)))
 
-def blocks(model:nn.Module) -> list[str]:
-    "Names of the model's blocks: the children of the `nn.ModuleList` holding the most parameters (`[]` if none); a\n    torch.compile wrapper's are named as its model's, as `candidate_modules` names their layers."
-    best, size, model = [], 0, uncompiled(model)
-    for n, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m):
-            s = sum(p.numel() for p in m.parameters())
-            if s > size: best, size = [f'{n}.{i}' for i in range(len(m))], s
-    return best
-
 def _classed(block:nn.Module) -> set[str]:
     "Paths in `block` of the submodules whose class name ends like a feed-forward part (`MLP_LEAVES['classes']`)."
     return {n for n, m in block.named_modules() if n and type(m).__name__.endswith(MLP_LEAVES['classes'])}
@@ -309,6 +300,22 @@ def _is_ffn(rel:str, expert:bool=False, classed:set[str]=frozenset()) -> bool:
     return inside or (len(parts) == 1 and parts[0] in MLP_LEAVES['bare'])
 
 def _kind(rel:str) -> str: return re.sub(r'\[\d+\]$', '[*]', rel)   # every expert of a projection is one kind
+
+# %% ../nbs/03_modules.ipynb #430f7371
+OTHER_MODALITIES = ('vision', 'visual', 'image', 'audio', 'speech', 'video')   # towers that read no text (`blocks`, `other_stacks`)
+
+def _other_modality(name:str) -> bool: return any(w in p for p in name.split('.') for w in OTHER_MODALITIES)
+
+def blocks(model:nn.Module) -> list[str]:
+    "Names of the model's blocks: the children of the `nn.ModuleList` holding the most parameters (`[]` if none), a\n    multimodal model's vision or audio tower aside; a torch.compile wrapper's are named as its model's, as\n    `candidate_modules` names their layers."
+    model = uncompiled(model)
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    lists = [x for x in lists if not _other_modality(x[0])] or lists           # a vision tower reads no text
+    if not lists: return []
+    size = lambda x: sum(p.numel() for p in x[1].parameters())
+    n, m = max(lists, key=size)                                                  # the first of equals
+    return [f'{n}.{i}' for i in range(len(m))] if size((n, m)) else []
+
 
 # %% ../nbs/03_modules.ipynb #ac544bba
 def _ffn_weights(block:nn.Module) -> list[str]:
@@ -348,11 +355,11 @@ def _alike_blocks(model, blocks:list[str]) -> list[list[str]]:
 
 # %% ../nbs/03_modules.ipynb #49c32ce4
 def other_stacks(model:nn.Module, cands:dict|None=None) -> dict[str, list[str]]:
-    "Feed-forward layers in lists of blocks besides the main one (`blocks`): `{list: layers}`, e.g. BLT's local encoder and decoder."
+    "Feed-forward layers in lists of blocks besides the main one (`blocks`): `{list: layers}`, e.g. BLT's local encoder and\n    decoder; a vision or audio tower, which reads no text, is not one (`OTHER_MODALITIES`)."
     model = uncompiled(model); cands = _candidates(model) if cands is None else cands
     main, lists, out = blocks(model), [], {}
     for n, m in model.named_modules():
-        if not (isinstance(m, nn.ModuleList) and len(m)) or _under(n, lists) or f'{n}.0' in main: continue
+        if not (isinstance(m, nn.ModuleList) and len(m)) or _under(n, lists) or f'{n}.0' in main or _other_modality(n): continue
         lists.append(n)                                                # the outermost lists only (not one inside a block)
         for i, block in enumerate(m):
             b, classed = f'{n}.{i}', _classed(block)
@@ -685,15 +692,20 @@ class Capture:
     def require_called(self) -> list[str]:
         "The tracked layers' names, once each was called in the forward pass (a layer never called, or whose output the model\n        then changed in place, is refused by name), less those run only under the model's own `torch.no_grad` (`nograd`),\n        whose gradient is 0: before any gradient is taken w.r.t. their outputs."
         names = [layer.name for layer in self.layers if layer.name in self.outputs or layer.name not in self.nograd]
+        if not names: raise ValueError(f"No tracked layer ran with gradients in this forward pass: the model runs {sorted(self.nograd)[:3]}"
+                                       "… only under `torch.no_grad` (or its whole forward so). Influence needs the gradients of "
+                                       "the log-probability; track layers that run with them.")
         missing = [n for n in names if n not in self.outputs]   # (a layer run only under the model's no_grad has no gradient: left out)
         if any(re.search(r'\.experts\.\d+\.', n) for n in missing):   # transformers < 5 runs each expert as a module, only when routed to
             raise ValueError(f"MoE experts {missing[:3]}{'…' if len(missing) > 3 else ''} were not called in a batch that routed no token to "
                              "them: this version of transformers runs experts as separate modules, which influence_nb does not "
                              "track. Install transformers >= 5 (its experts are fused weights, tracked per expert), or leave the "
                              "experts out of `modules`.")
-        if missing: raise ValueError(f"Layers {missing} were not called in the model's forward pass (a model can use a layer's "
-                                     "weight without calling it, as Mamba's CPU path does with `dt_proj`), so nothing "
-                                     "flows through them to measure: leave them out of `modules`.")
+        if missing: raise ValueError(f"Layers {missing[:6]}{' …' if len(missing) > 6 else ''} were not called in the model's forward "
+                                     "pass (a layer this input does not reach, as Mllama's cross-attention blocks without an image, "
+                                     "or a weight used without calling its layer, as Mamba's CPU path uses `dt_proj`), so nothing "
+                                     "flows through them to measure: leave them out of `modules`, e.g. modules=[layer.name for layer in "
+                                     f"find_modules(model, ...) if layer.name not in {missing[:2]}{'…' if len(missing) > 2 else ''}].")
         if changed := self.changed():
             raise ValueError(f"The model changes the output of {changed[:3]} in place after the layer has run (e.g. `out *= scale`), "
                              "so its gradient would be the changed tensor's, not the layer's: leave "
@@ -721,7 +733,7 @@ class Capture:
         "Gradients of `loss` w.r.t. each tracked layer's outputs, `{name: [one per call: [batch, T, d_out]]}` (experts:\n        `[routed rows, d_out]`)."
         names = self.require_called()
         self.backward = True
-        return self.regroup(names, torch.autograd.grad(loss, self.calls(names), allow_unused=True) if names else [])
+        return self.regroup(names, torch.autograd.grad(loss, self.calls(names), allow_unused=True))
 
 # %% ../nbs/03_modules.ipynb #9443e74e
 def _expert_linear(mod, p, e, x):
@@ -796,11 +808,11 @@ def _force_eager(model:nn.Module):
 # %% ../nbs/03_modules.ipynb #93d104ea
 def reentrant_checkpoint() -> bool:
     """Whether the caller runs inside an autograd Function's forward, where gradients are off: how a reentrant checkpoint
-    (`torch.utils.checkpoint`'s `use_reentrant=True`, DeepSpeed's) runs its function, to run it again in the backward."""
-    f = sys._getframe(1)
+    (`torch.utils.checkpoint`'s `use_reentrant=True`, DeepSpeed's, one's own) runs its function, to run it again in the
+    backward. Any Function's forward runs within `Function.apply`, with or without a `ctx` argument (`setup_context`)."""
+    apply, f = torch.autograd.function.Function.apply.__func__.__code__, sys._getframe(1)
     while f is not None:
-        code = f.f_code
-        if code.co_argcount and isinstance(f.f_locals.get(code.co_varnames[0]), torch.autograd.function.BackwardCFunction): return True
+        if f.f_code is apply: return True
         f = f.f_back
     return False
 

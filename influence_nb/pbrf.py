@@ -433,21 +433,27 @@ class _Linearised:
     def __init__(self, prob: FlatProblem, batches=None, n=None):
         self.loss, self.n = prob.loss, prob.N if n is None else n
         batches = prob.data.batches() if batches is None else batches
-        self.pieces = [self._linearise(prob, b) for b in batches]
+        self.pieces, way = [], 'check'                                   # the model's ops: checked on the first batch
+        for b in batches:
+            *piece, way = self._linearise(prob, b, way); self.pieces.append(piece)   # ... and its way of J v kept
 
     @staticmethod
-    def _linearise(prob: FlatProblem, b: _Batch):
+    def _linearise(prob: FlatProblem, b: _Batch, way: str = 'check'):   # 'check', 'double' (vjp of vjp) or 'forward' (jvp)
         # An LM's rows are all B·T positions, the unscored ones masked out of H (zero rows of p; `keep` for mse or non-finite logits):
         # selecting the scored rows would cost every product two passes over zeros [B·T, V] in its backward.
         keep = None if b.kind != 'lm' else torch.nn.functional.pad(b.scored, (0, 1)).reshape(-1, 1)   # [B·T, 1]
-        f = lambda th: prob.rows(th, b, every=keep is not None)         # θ -> [n_rows, d_out]
+        every = keep is not None                                         # (bound now: `keep` may be dropped below)
+        f = lambda th: prob.rows(th, b, every=every)                     # θ -> [n_rows, d_out]
         h, jt = vjp(f, prob.theta_s)                                     # jt: u ↦ (Jᵀu,)
         try:                                                             # u ↦ Jᵀu is linear, so its vjp is v ↦ J v:
+            if way == 'forward': raise NotImplementedError               # (the first batch's check chose forward mode)
             _, j_of = vjp(jt, torch.zeros_like(h))                       # forward mode from the stored graph
             j_of((prob.theta_s,))                                        # probe: every op must have a double backward
             j = lambda v: j_of((v,))[0]
+            if way == 'check': _check_jv(f, prob.theta_s, j)             # ... a true one: a once-differentiable op gives zeros
+            way = 'double'
         except (RuntimeError, NotImplementedError):                      # e.g. a fused attention kernel: re-run forward
-            j = lambda v: jvp(f, (prob.theta_s,), (v,))[1]
+            j, way = (lambda v: jvp(f, (prob.theta_s,), (v,))[1]), 'forward'
             try: j(torch.zeros_like(prob.theta_s))                        # probe: forward mode must exist too
             except NotImplementedError as e:
                 raise ValueError(f"The model uses an operation with neither a double backward nor forward-mode AD ({str(e).splitlines()[0]}"
@@ -459,7 +465,7 @@ class _Linearised:
         if p is not None and keep is not None:
             p = torch.where(keep, p, 0)                                  # p = 0 rows: H u = p ⊙ (u − pᵀu) = 0 ...
             if bool(torch.isfinite(h).all()): keep = None               # ... while J v is finite there; else also masked
-        return h, p, jt, j, keep
+        return h, p, jt, j, keep, way
 
     def __call__(self, V: torch.Tensor) -> torch.Tensor:                 # [k, P] -> G V [k, P]
         out = torch.zeros_like(V)
@@ -473,6 +479,22 @@ class _Linearised:
                 else:                                                    # large outputs (an LM's vocabulary): column by column
                     for c, v in enumerate(cols): out[lo + c] += jt(hv(j(v)))[0]
         return out / self.n
+
+# %% ../nbs/02_pbrf.ipynb #21cd8ee8
+def _check_jv(f, theta: torch.Tensor, j):
+    """Raise a RuntimeError (so `_Linearised` falls back to `jvp`) unless `j(v)` is the directional derivative of `f` at `theta`.
+    The vjp of a vjp is `J v` only where every op has a true double backward: through an autograd Function whose backward is
+    `once_differentiable` (fused kernels), torch.func gives zeros there without an error. Checked for one random v against
+    forward mode, or where that is missing against central differences."""
+    v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0), dtype=theta.dtype).to(theta.device)
+    got, eps = j(v), torch.finfo(theta.dtype).eps
+    try: want, tol = jvp(f, (theta,), (v,))[1], eps ** 0.5
+    except NotImplementedError:                                           # no forward mode either: differences, h ∝ ε^(1/3)
+        h = eps ** (1 / 3) * (1 + float(theta.abs().max())) / float(v.abs().max())
+        want, tol = (f(theta + h * v) - f(theta - h * v)) / (2 * h), 10 * eps ** (1 / 3)
+    err = float((got - want).abs().max()) / max(float(want.abs().max()), float(eps))
+    if not err <= tol: raise RuntimeError(f"J v through the double backward is {err:.2g} off the directional derivative")
+
 
 # %% ../nbs/02_pbrf.ipynb #8b19dd9b
 def _gnvp(prob: FlatProblem, V: torch.Tensor, batches=None, n=None) -> torch.Tensor:

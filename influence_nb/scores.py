@@ -473,21 +473,22 @@ def pairwise_scores(model, # the model the factors were fitted on
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries')
     if per_token and not hasattr(train, '__len__'): train = list(train)   # a one-shot iterable: read once, kept for `given_positions`
     ts = check_sequences(model, train, 'train'); require_scored(ts, 'train')
-    pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size, progress)
-    dt = next(iter(pq.values())).dtype                                # float32 (float64 for a float64 model)
-    total = torch.zeros(len(qs), len(ts), dtype=dt)
-    layer_scores = {layer.name: torch.zeros(len(qs), len(ts), dtype=dt) for layer in layers} if per_layer else None
     starts, width = given_positions(train, ts) if per_token else (None, 0)
-    tok_scores = torch.zeros(len(qs), len(ts), width, dtype=dt) if per_token else None   # [n_q, n_train, longest given]
-    for idx, acts, outg in layer_passes(model, layers, ts, batch_size, desc='scoring' if progress else None):
-        idx_t, tok_batch, T = torch.tensor(idx), 0, max(len(ts[i]['input_ids']) for i in idx)   # (`collate` pads to the longest)
-        for layer in layers:
-            s, tok, _ = contract_scores(pq[layer.name], acts[layer.name], outg[layer.name], per_token)
-            s = s.cpu()
-            total[:, idx_t] += s
-            if per_layer: layer_scores[layer.name][:, idx_t] = s
-            if per_token: tok_batch = tok_batch + fold_calls(tok, T).cpu()    # [n_q, B, T], summed over layers
-        if per_token: place_tokens(tok_scores, tok_batch, idx, starts, ts)
+    with watch_calls(getattr(factors, 'info', {}).get('calls')):      # both sides: a changed loop may show in the training side only
+        pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size, progress)
+        dt = next(iter(pq.values())).dtype                            # float32 (float64 for a float64 model)
+        total = torch.zeros(len(qs), len(ts), dtype=dt)
+        layer_scores = {layer.name: torch.zeros(len(qs), len(ts), dtype=dt) for layer in layers} if per_layer else None
+        tok_scores = torch.zeros(len(qs), len(ts), width, dtype=dt) if per_token else None   # [n_q, n_train, longest given]
+        for idx, acts, outg in layer_passes(model, layers, ts, batch_size, desc='scoring' if progress else None):
+            idx_t, tok_batch, T = torch.tensor(idx), 0, max(len(ts[i]['input_ids']) for i in idx)   # (`collate` pads to the longest)
+            for layer in layers:
+                s, tok, _ = contract_scores(pq[layer.name], acts[layer.name], outg[layer.name], per_token)
+                s = s.cpu()
+                total[:, idx_t] += s
+                if per_layer: layer_scores[layer.name][:, idx_t] = s
+                if per_token: tok_batch = tok_batch + fold_calls(tok, T).cpu()    # [n_q, B, T], summed over layers
+            if per_token: place_tokens(tok_scores, tok_batch, idx, starts, ts)
     if dist_info()[1] > 1:   # each process filled its shard's columns: add them up
         for t in [total, tok_scores, *(layer_scores or {}).values()]:
             if t is not None: all_reduce_sum(t)

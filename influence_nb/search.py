@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .data import (cut_texts, text_sequences, array_record, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection,
                                grad_enabled, check_max_length, check_int, n_scored)
-from .kfac import layer_passes, all_reduce_sum, dist_info
+from .kfac import layer_passes, all_reduce_sum, dist_info, watch_calls
 from .ekfac import Factors, check_damping
 from .scores import (prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
                                  working_dtype)
@@ -842,7 +842,7 @@ def scan(model, # the model the factors were fitted on
     fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), working_dtype(next(model.parameters())); vocab, skip = model_vocab(model), on_bad_record == 'skip'
     read = lambda items, cut=None, bad=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut, bad)
     ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path)); _check_paths(ckpt, spath)
-    with contextlib.ExitStack() as files:
+    with contextlib.ExitStack() as files, watch_calls(getattr(factors, 'info', {}).get('calls')):   # (a layer run more or less often than in the fit: warned)
         if rank == 0: _take_files(files, ckpt, spath)
         state, *top = _start_state(ckpt, spath, fp, cfg, len(qs), k, dtype)
         legacy = state['n_records'] > 0 and 'ids' not in state   # a checkpoint of a version that kept no ids; and the texts

@@ -79,3 +79,24 @@ def test_a_reentrant_checkpoint_of_ones_own_is_refused():
     train = randdata.rand_seqs(3, lo=4, hi=7, top=V)
     with pytest.raises(ValueError, match=r"ran without gradients .* checkpoint with `use_reentrant=False`"):
         inf.fit_factors(m, train, 'kfac', modules=['fc.0', 'fc.1'], progress=False)
+
+
+def test_scan_warns_when_the_training_side_runs_a_layer_another_number_of_times():
+    "A reviewer: only the queries' pass compared calls, so a changed depth that showed on the training side alone went unsaid;\n    `pairwise_scores` (`tests/test_review_s24.py`) and `scan` now watch that pass too."
+    class Depth(nn.Module):   # fc.0 runs once on batches of up to 8 tokens, twice on longer ones
+        def __init__(self, d=8):
+            super().__init__(); torch.manual_seed(0)
+            self.emb, self.fc, self.head = nn.Embedding(V, d), nn.ModuleList([nn.Linear(d, d)]), nn.Linear(d, V); self.double()
+        def forward(self, input_ids, attention_mask=None, **kw):
+            x = self.emb(input_ids)
+            for _ in range(1 if input_ids.shape[1] <= 8 else 2): x = x + torch.tanh(self.fc[0](x))
+            return SimpleNamespace(logits=self.head(x))
+    m = Depth()
+    short, long = randdata.rand_seqs(4, lo=4, hi=8, top=V), randdata.rand_seqs(4, lo=10, hi=12, top=V, seed=1)
+    queries = randdata.rand_queries(2, length=6, completion=2, top=V)
+    f = inf.fit_factors(m, short, 'ekfac', modules=['fc.0'], fisher='empirical', progress=False)
+    assert f.info['calls'] == {'fc.0': [1]}
+    with pytest.warns(UserWarning, match=r"Layer 'fc.0' ran 2 times in a forward pass here, and 1 in every"):
+        inf.scan(m, f, queries, long, k=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error'); inf.scan(m, f, queries, short, k=2, progress=False)
