@@ -588,14 +588,15 @@ def _scan_summary(res, before, ckpt, world:int, out) -> str:
 # %% ../nbs/13_cli.ipynb #c16b0003
 @contextlib.contextmanager
 def _as_notes():
-    "The package's own warnings (e.g. texts cut to --max-length) as one `note:` line each on stderr; others pass through."
-    caught = []
+    "The package's own warnings (e.g. texts cut to --max-length) as one `note:` line each on stderr, each text once (a fit's two\n    passes may say the same); others pass through."
+    caught, said = [], set()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('default'); yield
     finally:                       # replayed outside the recording context, also when the scan stops part-way
         for w in caught:
-            if 'influence_nb' in w.filename: print(f"note: {w.message}", file=sys.stderr)   # warned for a package caller
+            if 'influence_nb' in w.filename:                                # warned for a package caller
+                if str(w.message) not in said: print(f"note: {w.message}", file=sys.stderr); said.add(str(w.message))
             else: warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 def _scan(a, model, tok, factors, queries, names):

@@ -100,3 +100,45 @@ def test_scan_warns_when_the_training_side_runs_a_layer_another_number_of_times(
         inf.scan(m, f, queries, long, k=2, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter('error'); inf.scan(m, f, queries, short, k=2, progress=False)
+
+
+INDEXED = """
+import torch
+from torch import nn
+class Indexed(nn.Module):   # an indexer run only under torch.no_grad weighs each token's MLP output
+    def __init__(self):
+        super().__init__(); torch.manual_seed(0)
+        self.wte, self.idx = nn.Embedding(2048, 8), nn.Linear(8, 1)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)); self.lm_head = nn.Linear(8, 2048)
+    def forward(self, idx, targets=None):
+        x = self.wte(idx); x = x.cumsum(1) / torch.arange(1, idx.shape[1] + 1)[:, None]
+        with torch.no_grad(): w = torch.sigmoid(self.idx(x))
+        return self.lm_head(x + w * self.mlp(x)), None
+def build(): return Indexed()
+"""
+
+
+def test_the_command_line_says_once_that_a_layer_has_no_gradient(tmp_path):
+    "`fit-factors --modules all` on a model with an indexer run under no_grad: fitted, the indexer named once (both passes\n    warn it: the command line printed the same note twice), and `score` equals the API's EK-FAC scores without the indexer."
+    import json
+    (tmp_path/'m.py').write_text(INDEXED)
+    (tmp_path/'c.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in ['Boats sail on the river.', 'A potter sells jars.']))
+    (tmp_path/'q.jsonl').write_text(json.dumps({'prompt': 'A potter', 'completion': ' sells'}) + '\n')
+    base = ['--model', f'{tmp_path}/m.py:build', '--tokenizer', inf.data_dir()/'tokenizer']
+    rc, out, err = randdata.cli_run('fit-factors', *base, '--data', tmp_path/'c.jsonl', '--out', tmp_path/'f', '--modules', 'all')
+    assert rc == 0, err
+    assert err.count("note: Layers ['idx'] ran only under `torch.no_grad`") == 1, err
+    f = inf.Factors.load(tmp_path/'f')
+    assert f.modules == ['idx', 'mlp.0', 'mlp.2']
+    rc, out, err = randdata.cli_run('score', *base, '--data', tmp_path/'c.jsonl', '--factors', tmp_path/'f', '--queries',
+                                    tmp_path/'q.jsonl', '--out', tmp_path/'s.parquet')
+    assert rc == 0, err
+    import pandas as pd
+    from transformers import AutoTokenizer
+    got = pd.read_parquet(tmp_path/'s.parquet')
+    ns = {}; exec(INDEXED, ns); m = ns['build']()
+    tok = AutoTokenizer.from_pretrained(inf.data_dir()/'tokenizer')
+    train = inf.tokenize(tok, ['Boats sail on the river.', 'A potter sells jars.'])
+    q = inf.tokenize_pairs(tok, [('A potter', ' sells')])
+    want = inf.pairwise_scores(m, inf.fit_factors(m, train, modules=['mlp.0', 'mlp.2'], progress=False), q, train, progress=False)
+    torch.testing.assert_close(torch.tensor(got.iloc[:, 0].to_numpy()).double(), want.total[0].double(), rtol=1e-5, atol=1e-7)
