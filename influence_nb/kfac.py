@@ -321,7 +321,7 @@ def layer_passes(model, # a causal LM
             # activations first, in model order: a NaN spreads to every gradient, so the first bad input names the culprit
             for what, arrs in (('activations', acts), ('output gradients', outg)):
                 for layer in layers: _check_finite(arrs[layer.name], what, layer.name, batch_no, idx)
-            if not told and (idle := [l.name for l in layers if l.name in cap.nograd and l.name not in dss]): _say_no_gradient(idle); told = True
+            if not told and (idle := [x.name for x in layers if x.name in cap.nograd and x.name not in dss]): _say_no_gradient(idle); told = True
             cap.clear(); del logits, dss, seen
             yield (idx, acts, outg, n_seen) if counts else (idx, acts, outg)
             del acts, outg, b, mask   # the next batch's forward must not find this one's arrays still held
