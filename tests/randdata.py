@@ -111,3 +111,13 @@ def tiny_gemma3n(vocab=VOCAB, seed=0):
                             activation_sparsity_pattern=[0.0, 0.0], laurel_rank=4, altup_num_inputs=2)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def tracked_params(layers):
+    "The parameter names behind tracked layers, each once (an expert slice stands for its whole 3-D weight)."
+    out = []
+    for layer in layers:
+        for n, _ in layer.params():
+            n = n.rsplit('[', 1)[0] if n.endswith(']') else n
+            if n not in out: out.append(n)
+    return out

@@ -17,14 +17,7 @@ def model(family, layers):
     torch.manual_seed(0)
     return tiny_model(family, layers=layers).double()
 
-def whole_params(layers):
-    "The parameters behind tracked layers, each once: an expert slice stands for its whole weight (all experts are tracked)."
-    out = []
-    for layer in layers:
-        for n, _ in layer.params():
-            n = n.rsplit('[', 1)[0] if n.endswith(']') else n
-            if n not in out: out.append(n)
-    return out
+whole_params = randdata.tracked_params   # an expert slice stands for its whole weight (all experts are tracked)
 
 def identity_vs_autograd(m):
     layers = find_modules(m, 'mlp')

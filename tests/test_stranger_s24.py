@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import influence_nb as inf
 from influence_nb.modules import find_modules
 from influence_nb.pbrf import keep_precision
+import randdata
 
 transformers.logging.set_verbosity_error()
 V = 64
@@ -84,14 +85,7 @@ def data(top=V):
         qs.append({'input_ids': ids, 'labels': torch.cat([torch.full((3,), -100), ids[3:]])})
     return train, inf.as_sequences(qs)
 
-def tracked_params(layers):
-    "The parameter names behind tracked layers, each once (an expert slice stands for its whole 3-D weight)."
-    out = []
-    for layer in layers:
-        for n, _ in layer.params():
-            n = n.rsplit('[', 1)[0] if n.endswith(']') else n
-            if n not in out: out.append(n)
-    return out
+tracked_params = randdata.tracked_params
 
 def autograd(m, names, seqs):
     "Per-sequence gradients `[n, P]` of the summed token loss over parameters `names` (a parameter without one: zeros)."
