@@ -289,7 +289,9 @@ def _model_args(p, required=True):
                    "as transformers loads it; factors are stored in float32 unless the model is float64, or as fit-factors --factor-dtype says)")
 
 def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
-    p.add_argument(flag, required=required, default=None, help=f'{what} file: .jsonl, .txt (one document per line) or .parquet; blank lines are skipped and not counted in indices')
+    other = {'--data': '--corpus', '--corpus': '--data'}[flag]   # either name works in every command: one flag to remember
+    p.add_argument(flag, other, dest=flag[2:], required=required, default=None,
+                   help=f'{what} file: .jsonl, .txt (one document per line) or .parquet; blank lines are skipped and not counted in indices')
     p.add_argument('--text-field', default=text_default, help="JSONL field / Parquet column holding the text, dotted for a nested one ('doc.body'), or a conversation "
                    "(a list of role/content messages, e.g. 'messages': the chat template renders it, the assistant's turns are scored) (default: "
                    f"{text_default or 'the one the scan read'})")
