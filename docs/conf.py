@@ -73,9 +73,21 @@ def add_constants(app, docname, source):
               for n in names]
     source[0] += '\n## Constants\n\n```{eval-rst}\n' + '\n\n'.join(blocks) + '\n```\n'
 
+def constant_comments(mod) -> dict:
+    "An exported constant's comment on its first line (`NAME = value   # what it holds`), name -> text."
+    import io, re, tokenize
+    from pathlib import Path
+    src = Path(mod.__file__).read_text(encoding='utf-8')
+    comments = {t.start[0]: t.string.lstrip('#').strip() for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                if t.type == tokenize.COMMENT}
+    found = (re.match(r'([A-Z][A-Z0-9_]*)\s*(?::[^=]*)?=(?!=)', line) for line in src.splitlines())
+    return {m.group(1): comments[i] for i, m in enumerate(found, 1)
+            if m and m.group(1) in getattr(mod, '__all__', ()) and comments.get(i)}
+
 def add_field_comments(app):
-    """autodoc reads an attribute's doc from a `#:` comment before it (the analyzer's `attr_docs`); a dataclass field's
-    docment, the comment after it, stands in for one, so each field's entry says what it holds."""
+    """autodoc reads an attribute's doc from a `#:` comment before it (the analyzer's `attr_docs`). A dataclass field's
+    docment, the comment after it, stands in for one, and so does an exported constant's comment on its line, so each
+    field's and constant's entry says what it holds."""
     import importlib, pkgutil
     from sphinx.pycode import ModuleAnalyzer
     pkg = importlib.import_module('influence_nb')
@@ -83,10 +95,12 @@ def add_field_comments(app):
         if any(p.startswith('_') for p in m.name.split('.')[1:]): continue
         mod = importlib.import_module(m.name)
         classes = [c for c in vars(mod).values() if isinstance(c, type) and c.__module__ == m.name and field_docments(c)]
-        if not classes: continue
+        consts = constant_comments(mod)
+        if not (classes or consts): continue
         analyzer = ModuleAnalyzer.for_module(m.name); analyzer.analyze()
         for c in classes:
             for field, doc in field_docments(c).items(): analyzer.attr_docs.setdefault((c.__qualname__, field), [doc, ''])
+        for name, doc in consts.items(): analyzer.attr_docs.setdefault(('', name), [doc, ''])
 
 def setup(app):
     app.connect('builder-inited', add_field_comments)

@@ -713,7 +713,7 @@ def context_length(model, # a transformers model
 
 # %% ../nbs/00_data.ipynb #255c93e6
 MODEL_NAMES = ('gpt2-s', 'gpt2-m', 'gpt2-l')   # the bundled tiny GPT-2 family in data/models
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'tokenizer.model')
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'tokenizer.model')   # any of them: a folder holds a tokenizer
 
 def _bundled_dir(model) -> Path|None:
     "The folder of bundled model `model` (its name, or its folder under data/models), else None."
@@ -745,7 +745,8 @@ def load_tokenizer(tokenizer, # a tokenizer object (returned as is), or a folder
     raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer or a folder holding one, got {type(tokenizer).__name__}.")
 
 # %% ../nbs/00_data.ipynb #7a3572f9
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float64': torch.float64}
+DTYPES = {   # the names `load_model(dtype=)` and `--dtype` take
+          'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float64': torch.float64}
 
 def resolve_device(device) -> torch.device|None:
     "None stays None; 'auto' is CUDA where there is one, else the CPU; any other device must exist on this machine."
@@ -1171,8 +1172,10 @@ def cached_factors(model, train, tag:str, progress=True, **fit_kw) -> tuple:
     return f, False
 
 # %% ../nbs/00_data.ipynb #a6f42366
-NATS_SCALE = ("it can exceed |log p|, and under EK-FAC or K-FAC curvature it was several times the exact value on the problems "
-              "of 21_exact: compare scores rather than read nats as a calibrated change")   # said by both legends
-SCORE_LEGEND = ("score = ∇log p(completion)ᵀ (G+λI)⁻¹ ∇log p(sequence); nats = score / N: the first-order change of "
-                "log p(completion) per extra copy of the sequence among N training sequences (a linear estimate: "
-                f"{NATS_SCALE}); positive = the sequence makes the completion more likely.")
+NATS_SCALE = (   # how far to trust `nats` (part of `SCORE_LEGEND`)
+    "it can exceed |log p|, and under EK-FAC or K-FAC curvature it was several times the exact value on the problems "
+    "of 21_exact: compare scores rather than read nats as a calibrated change")   # said by both legends
+SCORE_LEGEND = (   # the line printed under every table of scores: sign and units
+    "score = ∇log p(completion)ᵀ (G+λI)⁻¹ ∇log p(sequence); nats = score / N: the first-order change of "
+    "log p(completion) per extra copy of the sequence among N training sequences (a linear estimate: "
+    f"{NATS_SCALE}); positive = the sequence makes the completion more likely.")

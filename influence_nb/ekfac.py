@@ -27,11 +27,11 @@ __all__ = ['STRATEGIES', 'ITERATIVE', 'EIGEN', 'FORMAT_VERSION', 'FACTOR_DTYPE',
            'average_null_space', 'fit_factors', 'labels_current']
 
 # %% ../nbs/05_ekfac.ipynb #a4f25866
-STRATEGIES = ('identity', 'diagonal', 'kfac', 'ekfac', 'lissa', 'cg', 'pcg')
+STRATEGIES = ('identity', 'diagonal', 'kfac', 'ekfac', 'lissa', 'cg', 'pcg')   # what `fit_factors(strategy=)` takes
 ITERATIVE = ('lissa', 'cg', 'pcg')   # solve with the full damped GGN of all tracked layers (`02_pbrf`); small models only
 EIGEN = ('kfac', 'ekfac', 'pcg')     # fit covariances and their eigenbases ('pcg': EK-FAC is its preconditioner)
 FORMAT_VERSION = 1
-FACTOR_DTYPE = None   # default `factor_dtype`: float32 factors (float64 for a float64 model); see 'Float32 factors'
+FACTOR_DTYPE = None   # default `factor_dtype`: float32 factors (float64 for a float64 model); see `05_ekfac`, 'Float32 factors'
 
 def seq_grads(acts:torch.Tensor, # [B, T, d_in+1]
               out_grads:torch.Tensor, # [B, T, d_out], or [B, J, T, d_out] (fisher='exact': J pseudo-gradients per sequence)
@@ -65,7 +65,7 @@ def _rotated_squares(acts_rot:torch.Tensor, # [B, T, d_in+1] activations in the 
     return out
 
 def fit_lambda(model, layers, seqs, eig, fisher='true', batch_size=8, seed=0, progress=True, dtype=torch.float64,
-               rotate_dtype:torch.dtype|None=None, # None: rotate in the activations' dtype; torch.bfloat16: see 'Faster rotations'
+               rotate_dtype:torch.dtype|None=None, # None: rotate in the activations' dtype; torch.bfloat16: see `05_ekfac`, 'Faster rotations'
                resume:dict|None=None, # the state `save` was last given by a pass that stopped: this one goes on from it
                save=None, # called with the pass's state (totals, batches done) every `save_every` batches (`fit_covariances`)
                save_every:int=64, # batches between `save` calls (float64: rounded up to a multiple of the flush period, 32)
@@ -631,9 +631,9 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
                 solver:dict|None=None, # lissa / cg / pcg options, passed to `pbrf.lissa_ihvp` / `pbrf.cg_ihvp`
                 fisher_samples:int=1, # labels sampled per token (true Fisher): more cut the Monte-Carlo noise, at k× the passes
                 factor_dtype:str|None=FACTOR_DTYPE, # 'float32', 'float64', None: the model's precision (float64 only for a float64 model)
-                eigh_dtype:str|torch.dtype|None=None, # None: float64 eigendecompositions (the default); 'float32': faster (see 'Fit options')
-                rotate_dtype:str|torch.dtype|None=None, # None: Λ's rotations in the model's dtype; 'bfloat16': faster (see 'Fit options')
-                checkpoint:str|Path|None=None, # 'kfac'/'ekfac': a folder keeping the fit's progress; run again to resume (see above)
+                eigh_dtype:str|torch.dtype|None=None, # None: float64 eigendecompositions (the default); 'float32': faster (`05_ekfac`, 'Fit options')
+                rotate_dtype:str|torch.dtype|None=None, # None: Λ's rotations in the model's dtype; 'bfloat16': faster (`05_ekfac`, 'Fit options')
+                checkpoint:str|Path|None=None, # 'kfac'/'ekfac': a folder keeping the fit's progress; run again to resume (`05_ekfac`, 'Resuming an interrupted fit')
                 checkpoint_every:int=64, # batches between saves to `checkpoint`
                 keep_checkpoint:bool=False, # True: leave `checkpoint` for the caller to remove once the factors are saved
                ) -> Factors|IterativeSolver:

@@ -23,7 +23,7 @@ def seq_generator(seed:int, stream:int, index:int) -> torch.Generator:
     h = hashlib.blake2b(f'{seed}/{stream}/{index}'.encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(h, 'little') & ((1 << 63) - 1))
 
-LABEL_SAMPLING = 2   # how true-Fisher labels are drawn; fits record it (2: float32 uniforms, a float64 cumulative sum; session 20)
+LABEL_SAMPLING = 2   # how true-Fisher labels are drawn; fits record it (format 2: float32 uniforms, a float64 cumulative sum)
 
 def _sample_labels(probs:torch.Tensor, # [B, T-1, V] the model's predictive distributions
                    targets:torch.Tensor, # [B, T-1] data labels (-100 = not scored); sampled ones replace them in place
@@ -215,11 +215,33 @@ def _side_by_side(parts:list, dim:int, mask:torch.Tensor) -> tuple[torch.Tensor,
     if len(parts) == 1: return parts[0], mask
     return torch.cat(parts, dim), mask.repeat(1, len(parts), 1)
 
-def _call_acts(layer, xs:list, B:int, T:int, mask:torch.Tensor, padded:bool) -> torch.Tensor:
+def _call_acts(layer, xs:list, B:int, T:int, mask:torch.Tensor, padded:bool,
+               drop:torch.Tensor|None=None, # [B, k]: calls a sequence threw away (`_discarded_calls`), zeroed as pads are
+              ) -> torch.Tensor:
     "ā `[B, k·T, d_in(+1)]`: the inputs of a layer's k calls side by side on the token axis, a pad 0 even if NaN."
     a, m = _side_by_side([_token_rows(x, B, T, layer.d_in, layer.name, 'input')[0] for x in xs], 1, mask)
     if layer.bias: a = torch.cat([a, torch.ones_like(a[..., :1])], -1)                 # ā = (a, 1)
+    if drop is not None: m, padded = m * (~drop).repeat_interleave(T, 1)[..., None].to(m.dtype), True
     return torch.where(m.bool(), a, 0) if padded else a
+
+def _input_key(layer, xs:list) -> tuple:
+    "What layers reading one input (Llama's gate_proj, up_proj) have in common, so they share one ā."
+    return tuple(x.data_ptr() for x in xs), tuple(xs[0].shape), layer.bias
+
+def _discarded_calls(layers, cap, dss:dict, B:int, T:int, J:int|None=None) -> dict:
+    """`{input key: [B, k] bool}` for inputs of layers run k > 1 times: the calls whose output a sequence threw away (an
+    adaptive-depth model runs a batch to its deepest sequence and keeps a halted one's state): a zero output gradient at
+    every token of that call, in every layer reading the input, where another call of the sequence has one. Their
+    inputs are left out of A, as when the sequence runs alone and those calls do not happen."""
+    out = {}
+    for layer in layers:
+        xs = cap.inputs.get(layer.name, ())
+        if len(xs) < 2 or layer.expert is not None or layer.name not in dss: continue
+        zero = torch.stack([_token_rows(d.detach(), B, T, layer.d_out, layer.name, 'output gradient', J).transpose(0, 1)
+                            .reshape(B, -1).eq(0).all(1) for d in dss[layer.name]], 1)          # [B, k]
+        key, gone = _input_key(layer, xs), zero & ~zero.all(1, keepdim=True)
+        out[key] = out[key] & gone if key in out else gone
+    return {k: v for k, v in out.items() if bool(v.any())}
 
 def _call_grads(layer, ds:list, B:int, T:int, mask:torch.Tensor, padded:bool, J:int|None=None) -> torch.Tensor:
     "Ds `[B, k·T, d_out]` (with `J`, `fisher='exact'`'s pseudo-gradients: `[B, J, k·T, d_out]`) of a layer's k calls, laid\n    out as `_call_acts` lays ā."
@@ -301,11 +323,11 @@ def layer_passes(model, # a causal LM
             else: dss = {n: [g[0] for g in gs] for n, gs in _backprop(cap, logits, [summed_loss_grad(logits, b['labels'], bool(sample), seed, stream, idx)]).items()}
             acts, outg = {}, {}
             B, T = b['input_ids'].shape
-            padded, seen = not bool(mask.all()), {}
-            n_seen = {}
+            padded, seen, n_seen, J = not bool(mask.all()), {}, {}, (len(cots) if exact else None)
+            dropped = _discarded_calls(layers, cap, dss, B, T, J)                  # calls of a halted sequence (adaptive depth)
             for layer in layers:
                 if layer.name not in dss:   # run only under the model's own torch.no_grad: no gradient, as for an unrouted expert
-                    acts[layer.name], outg[layer.name], n_seen[layer.name] = _no_gradient(layer, B, T, len(cots) if exact else None, device)
+                    acts[layer.name], outg[layer.name], n_seen[layer.name] = _no_gradient(layer, B, T, J, device)
                     if calls is not None: calls.note(layer.name, 0)
                     continue
                 xs, ds = cap.inputs[layer.name], dss[layer.name]                   # one per call
@@ -313,11 +335,11 @@ def layer_passes(model, # a causal LM
                 if layer.expert is not None:   # this expert's rows, scattered back to their token positions
                     acts[layer.name], outg[layer.name], n_seen[layer.name] = _scatter_expert(cap, layer, xs[0], ds[0], B, T, mask, exact)
                     continue
-                if counts: n_seen[layer.name] = int(mask.sum()) * len(xs)       # each call sees every token
-                key = (tuple(x.data_ptr() for x in xs), tuple(xs[0].shape), layer.bias)
-                if key not in seen: seen[key] = _call_acts(layer, xs, B, T, mask, padded)   # layers reading one input (Llama's
-                acts[layer.name] = seen[key]                                                # gate_proj, up_proj) share one ā
-                outg[layer.name] = _call_grads(layer, ds, B, T, mask, padded, len(cots) if exact else None)
+                key, drop = _input_key(layer, xs), dropped.get(_input_key(layer, xs))
+                if counts: n_seen[layer.name] = int(mask.sum()) * len(xs) - (0 if drop is None else int((mask[..., 0].sum(1)[:, None] * drop).sum()))
+                if key not in seen: seen[key] = _call_acts(layer, xs, B, T, mask, padded, drop)   # layers reading one input
+                acts[layer.name] = seen[key]                                                # (Llama's gate_proj, up_proj) share one ā
+                outg[layer.name] = _call_grads(layer, ds, B, T, mask, padded, J)
             # activations first, in model order: a NaN spreads to every gradient, so the first bad input names the culprit
             for what, arrs in (('activations', acts), ('output gradients', outg)):
                 for layer in layers: _check_finite(arrs[layer.name], what, layer.name, batch_no, idx)
@@ -482,7 +504,7 @@ def fit_covariances(model, # a causal LM
 # %% ../nbs/04_kfac.ipynb #65dabd58
 def eigen(cov:dict, # {'A': [n, n], 'S': [m, m]} symmetric matrices (any float dtype)
           dtype:torch.dtype=torch.float64, # of the results
-          eigh_dtype:torch.dtype=torch.float64, # of the decomposition itself (float32: faster, see 'Float32 eigh')
+          eigh_dtype:torch.dtype=torch.float64, # of the decomposition itself (float32: faster, see `04_kfac`, 'Float32 eigh')
           device=None, # where to decompose (e.g. the model's GPU); None: where `cov` is. The results come back to `cov`'s device
          ) -> dict:
     "Eigendecompositions `{'QA', 'lA', 'QS', 'lS'}` of a layer's covariances, in `eigh_dtype` (eigenvalues clamped at 0)."

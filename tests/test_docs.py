@@ -311,3 +311,13 @@ def test_colour_codes_become_html():
     assert docs_build.ansi_html('\x1b[2Ka\x1b[31mb\x1b[0m\x1b[K') == '<pre class="inb-ansi">a<span style="color:rgb(205,49,49)">b</span></pre>'
     err = {'output_type': 'stream', 'name': 'stderr', 'text': ['\x1b[31mwarning\x1b[0m\n']}
     assert docs_build.clean_output(err) is err                           # stderr keeps its own styling
+
+
+def test_constants_say_what_they_hold(site):
+    """An exported constant's comment on its line (`NAME = value   # what it holds`) is the text of its entry on the
+    API page (autodoc reads only `#:` comments, so the docs build hands it these)."""
+    from bs4 import BeautifulSoup
+    page = BeautifulSoup((SITE/'api'/'influence_nb.data.html').read_text(encoding='utf-8'), 'html.parser')
+    for name, words in (('IGNORE_INDEX', 'marks a token as not scored'), ('SCORE_LEGEND', 'printed under every table')):
+        dt = page.find('dt', id=f'influence_nb.data.{name}')
+        assert dt is not None and words in dt.find_next_sibling('dd').get_text(), name
