@@ -193,12 +193,12 @@ def test_training_prompts_are_left_out_of_s_and_lambda_only():
 
 def test_the_oracle_sees_a_misplaced_bias_column(monkeypatch):
     "The oracle is not blind: with the bias coordinate moved to the first column of ā, A and the scores are far off."
-    import influence_nb.kfac as K
-    orig = K._call_acts
+    import influence_nb.kfac as kfac
+    orig = kfac._call_acts
     def bias_first(layer, xs, B, T, mask, padded, drop=None):
         a = orig(layer, xs, B, T, mask, padded, drop)
         return torch.cat([a[..., -1:], a[..., :-1]], -1) if layer.bias else a
-    monkeypatch.setattr(K, '_call_acts', bias_first)
+    monkeypatch.setattr(kfac, '_call_acts', bias_first)
     train, queries = data()
     err, _, _ = oracle(build('gpt2'), train, queries, 'all', batch_sizes=(1,))
     assert err['A'][0] > 0.5 and err['scores'][0] > 0.1, err

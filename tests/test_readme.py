@@ -39,7 +39,7 @@ def test_use_your_own_model_section_runs():
     code = sec.split('```python\n', 1)[1].split('```', 1)[0]
     assert len(code.strip().splitlines()) <= 10
     torch.set_num_threads(1)
-    ns = {'inf': inf}
+    ns = {}                                   # as a fresh script: the section brings its own imports
     exec(compile(code, 'README:Use your own model', 'exec'), ns)
     assert tuple(ns['scores'].total.shape) == (1, 100)
     assert type(ns['llama']).__name__ == 'LlamaForCausalLM' and all('.mlp.' in m for m in ns['factors'].modules)
