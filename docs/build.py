@@ -173,8 +173,16 @@ def symbol_index() -> dict[str, str]:
     return {k: next(iter(v)) for k, v in seen.items() if len(v) == 1}
 
 
-def link_markdown(text: str, pages: set[str], syms: dict[str, str], prefix: str = '') -> str:
-    "Backticked notebook names and exported symbols become links; fenced code blocks are left alone."
+REPO_PATH = re.compile(r'(?<![\[`\w])`((?:benchmarks|tests|docs|data|nbs|\.ci)/[\w./-]*\w)`(?![`\]])')
+
+def repository_url() -> str:
+    "The repository's address (pyproject's `[project.urls] Repository`): a file of it that the prose names links there."
+    import tomllib
+    return tomllib.loads((ROOT/'pyproject.toml').read_text())['project']['urls']['Repository'].rstrip('/')
+
+def link_markdown(text: str, pages: set[str], syms: dict[str, str], prefix: str = '', repo: str | None = None) -> str:
+    """Backticked notebook names and exported symbols become links, and so do files of the repository (`benchmarks/README.md`)
+    when `repo` is its address; fenced code blocks are left alone."""
     out, fenced = [], False
     for line in text.splitlines(keepends=True):
         if FENCE.match(line): fenced = not fenced
@@ -185,12 +193,15 @@ def link_markdown(text: str, pages: set[str], syms: dict[str, str], prefix: str 
                 if name in syms: return f'{{py:obj}}`{name} <{syms[name]}>`'
                 return m.group(0)
             line = CODE_SPAN.sub(sub, line)
+            if repo: line = REPO_PATH.sub(lambda m: f'[`{m.group(1)}`]({repo}/blob/main/{m.group(1)})'
+                                          if (ROOT/m.group(1)).exists() else m.group(0), line)
         out.append(line)
     return ''.join(out)
 
 
 def link_notebook(nb: dict, pages: set[str], syms: dict[str, str]) -> dict:
-    cells = [dict(c, source=link_markdown(''.join(c['source']), pages, syms)) if c['cell_type'] == 'markdown' else c
+    repo = repository_url()
+    cells = [dict(c, source=link_markdown(''.join(c['source']), pages, syms, repo=repo)) if c['cell_type'] == 'markdown' else c
              for c in nb['cells']]
     return dict(nb, cells=cells)
 

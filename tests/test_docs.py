@@ -99,6 +99,13 @@ def test_links_to_notebooks_and_symbols():
     assert got.splitlines()[0] == ("See [`06_scores`](06_scores.ipynb), {py:obj}`fit_factors <influence_nb.ekfac.fit_factors>`"
                                    " and `not_a_name`.")
     assert got.splitlines()[1:] == md.splitlines()[1:]                            # fenced code untouched
+    # a file of the repository named in prose links to it there; a path that is no file of it stays as written
+    md = "Numbers in `benchmarks/README.md`, not in `benchmarks/nowhere.md`.\n```\n`benchmarks/README.md`\n```\n"
+    got = docs_build.link_markdown(md, set(), syms, repo='https://example.org/r')
+    assert got.splitlines()[0] == ("Numbers in [`benchmarks/README.md`](https://example.org/r/blob/main/benchmarks/README.md),"
+                                   " not in `benchmarks/nowhere.md`.")
+    assert got.splitlines()[1:] == md.splitlines()[1:]
+    assert docs_build.repository_url().startswith('https://')
 
 
 # ---- the built site -------------------------------------------------------------------------------------------
