@@ -389,6 +389,20 @@ def index(self: ExplorerSession, name: str) -> TokenIndex:
     return self._index[key]
 
 @patch
+def where(self: ExplorerSession, j: int) -> str:
+    "Where training record `j` is, for a reader to find it: its file and line (a Parquet file's row), else `corpus[j]`."
+    if '_where' not in self.__dict__:       # one pass over the file, once: the line of each record (blank lines hold none)
+        from influence_nb.corpus import _corpus_dir   # (the bundled records' file, as `load_corpus` finds it)
+        path = self._corpus if self.custom else _corpus_dir(None)/'train.jsonl'
+        if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file(): self._where = None
+        elif Path(path).suffix.lower() == '.parquet': self._where = (Path(path).name, None)
+        else:
+            with open(path, 'rb') as f: self._where = (Path(path).name, [n for n, raw in corpus_lines(f) if raw.strip()])
+    if self._where is None or (self._where[1] is not None and j >= len(self._where[1])): return f'corpus[{j}]'   # (file since cut)
+    name, lines = self._where
+    return f'{name}, row {j}' if lines is None else f'{name}, line {lines[j]}'
+
+@patch
 def fit_indices(self: ExplorerSession, n_train: int) -> list[int]:
     "The training sequences the factors are fitted on: a seeded sample (as in `influence-nb demo`)."
     if 0 < self.fit_sample < n_train:
@@ -449,7 +463,7 @@ class ExplorerResult:
     prefiltered: bool                # candidates came from the BM25 filter
     scores: np.ndarray               # [n_cand] influence summed over `layers`
     per_layer: pd.DataFrame          # [n_cand, len(all_layers)] each layer's term (index: training index)
-    top: pd.DataFrame                # rank -> train_index, id, kind, match, score, nats, text
+    top: pd.DataFrame                # rank -> train_index, id, where (file and line), kind, match, score, nats, text
     tokens: list = field(default_factory=list)        # readable text of each token of each top sequence (`viz.token_texts`)
     token_scores: list = field(default_factory=list)  # [n_tokens] array per top sequence (sums to its score)
     factors_source: str = ''         # 'memory', 'disk' or 'fitted'
@@ -528,10 +542,10 @@ def _candidate_scores(mdl, factors, query, seqs, names, damping, batch_size, say
         per_layer[part] = torch.stack([sc.per_layer[n][0] for n in names], -1).double().numpy()
     return per_layer[[first[key] for key in keys]]                                  # [n_cand, n_layers]
 
-def _top_frame(q, records, top_idx, top_scores, n_train) -> pd.DataFrame:
-    "The top-k table: rank -> train_index, id, kind, match, score, nats, text."
-    return pd.DataFrame({'rank': range(1, len(top_idx) + 1), 'train_index': top_idx,
-                         'id': [records[i]['id'] for i in top_idx], 'kind': [records[i]['kind'] for i in top_idx],
+def _top_frame(q, records, top_idx, top_scores, n_train, where=lambda i: '') -> pd.DataFrame:
+    "The top-k table: rank -> train_index, id, where (the record's file and line: `ExplorerSession.where`), kind, match, score, nats, text."
+    return pd.DataFrame({'rank': range(1, len(top_idx) + 1), 'train_index': top_idx, 'id': [records[i]['id'] for i in top_idx],
+                         'where': [where(i) for i in top_idx], 'kind': [records[i]['kind'] for i in top_idx],
                          'match': [_matches(q, records[i]) for i in top_idx], 'score': top_scores,
                          'nats': top_scores / n_train, 'text': [shown_text(records[i]['text']) for i in top_idx]}).set_index('rank')
 
@@ -622,7 +636,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
                          per_token=True, batch_size=session.batch_size, progress=False).per_token[0].double().numpy()
     tokens = [viz.token_texts(tok, train[i]['input_ids']) for i in top_idx]
     token_scores = [pt[r, :len(t)] for r, t in enumerate(tokens)]
-    top = _top_frame(q, records, top_idx, scores[order], len(train))
+    top = _top_frame(q, records, top_idx, scores[order], len(train), session.where)
     laps('tokens')
     say("Done", 1.0)
     return ExplorerResult(model, q, log_p, strategy, damping, blocks, counted, names, len(train), cand, matched is not None,
@@ -679,8 +693,10 @@ def top_html(result: ExplorerResult, # from `run_query`
         colour = 'var(--inb-pos)' if r['score'] >= 0 else 'var(--inb-neg)'
         badge = (f'<span class="inb-badge inb-badge-{_esc(r["match"])}">{_MATCH_LABEL[r["match"]]}</span>'
                  if r['match'] else '') + (f' <span class="inb-muted inb-same-text">same tokens as #{same[rank]}</span>' if rank in same else '')
+        sub = ' '.join(x for x in (f'<span class="inb-muted">{_esc(r["kind"])}</span>' if r['kind'] else '', badge) if x)   # kind, badges
         rows.append(f'<tr class="inb-row" data-rank="{rank}" data-train-id="{_esc(r["id"])}" data-train-index="{r["train_index"]}">'
-                    f'<td class="inb-num">{rank}</td><td class="inb-id">{_esc(r["id"])}<br><span class="inb-muted">{_esc(r["kind"])}</span> {badge}</td>'
+                    f'<td class="inb-num">{rank}</td><td class="inb-id">{_esc(r["id"])}' + (f'<br>{sub}' if sub else '')
+                    + (f'<br><span class="inb-muted inb-where" title="where the record is in the corpus">{_esc(r["where"])}</span>' if r.get('where') else '') + '</td>'
                     f'<td class="inb-num inb-score">{_fmt_score(r["score"])}<div class="inb-bar" style="width:{w}%;background:{colour}"></div></td>'
                     f'<td class="inb-num">{r["nats"]:+.3g}</td><td class="inb-text" title="{_esc(r["text"])}">{_esc(_short(r["text"], max_chars))}</td></tr>')   # hover: all of it
     head = ('<tr><th>#</th><th>training sequence</th><th>score</th>'
@@ -716,8 +732,9 @@ def heatmaps_html(result: ExplorerResult, # from `run_query`
 ANNOTATED_BLOCKS = 7   # up to this many blocks the chart writes each share in its cell (7: 710 px wide)
 
 def layer_figure(result: ExplorerResult): # -> matplotlib Figure
-    """Top sequences × counted blocks: each sequence's influence by transformer block (its layers added; shares when all are
-    positive). Layers outside every block (OPT's `project_in`/`project_out`) add up in a last column, 'other'."""
+    """Top sequences × counted blocks: each sequence's influence by transformer block, its layers added, as shares of the row's
+    total when every block is positive; else as signed shares of the row's total |influence| (in [-1, 1]: a row whose blocks
+    nearly cancel cannot blow up the colour scale). Layers outside every block (OPT's `project_in`) add up in a column 'other'."""
     from matplotlib.figure import Figure
     df = result.per_layer.loc[result.top['train_index'], result.layers]
     of = [result.block_of[n] if n in result.block_of else layer_blocks([n])[0] for n in result.layers]   # (else: by name)
@@ -725,7 +742,8 @@ def layer_figure(result: ExplorerResult): # -> matplotlib Figure
     cols = {f'block {b}': b for b in blocks} | ({'other': None} if None in of else {})
     df = pd.DataFrame({c: df.loc[:, [x == b for x in of]].sum(axis=1) for c, b in cols.items()}, index=df.index)
     df.index = [f"#{i} {sid}" for i, sid in zip(result.top.index, result.top['id'])]
-    positive, n_blocks = bool((df.sum(axis=1) > 0).all()), len(cols)
+    positive, n_blocks = bool((df.to_numpy() >= 0).all() and (df.sum(axis=1) > 0).all()), len(cols)
+    if not positive: df = df.div(df.abs().sum(axis=1).where(lambda s: s > 0, 1.0), axis=0)   # signed shares: |shares| add to 1
     annot = n_blocks <= ANNOTATED_BLOCKS           # values in the cells; a deep model's blocks are colours only, so that
     width = max(4.5, 2.5 + 0.7 * n_blocks) if annot else min(7.4, 3.0 + 0.2 * n_blocks)   # it fits a 760-px window
     fig = Figure(figsize=(width, min(1.5 + 0.45 * len(df), 12)), layout="constrained")
@@ -737,7 +755,8 @@ def layer_figure(result: ExplorerResult): # -> matplotlib Figure
         step = -(-n_blocks // 16)
         ax.set_xticks([j + 0.5 for j in range(0, n_blocks, step)], [c.removeprefix('block ') for c in list(cols)[::step]], rotation=0)
     ax.set_xlabel("block"); ax.set_ylabel("top sequence")
-    ax.set_title("Share of influence by block" if positive else "Influence by block")
+    ax.set_title("Share of influence by block" if positive else "Signed share of influence by block")
+    if not positive: fig.axes[-1].set_ylabel("block ÷ the row's total |influence|")   # the colour bar
     return fig
 
 def tail_figure(result: ExplorerResult): # -> matplotlib Figure
@@ -881,6 +900,9 @@ def _wire(self: Explorer):
     self.model_w.observe(self._on_model, names='value')
     self.prefilter_w.observe(lambda ch: setattr(self.candidates_w, 'disabled', not ch['new']), names='value')
     self.run_w.on_click(lambda b: self.run())
+    for w in (self.model_w, self.source_w, self.query_w, self.prompt_w, self.completion_w, self.prefilter_w, self.candidates_w,
+              self.k_w, self.strategy_w, self.damping_w, self.blocks_w):   # results on show that no longer match: said
+        w.observe(self._mark_stale, names='value')
     with warnings.catch_warnings():     # ipywidgets 8 deprecates on_submit, but only it tells Enter from leaving the box
         warnings.simplefilter('ignore', DeprecationWarning)
         for w in (self.completion_w, self.damping_w):               # Enter in a one-line box runs the query, as Run does
@@ -978,6 +1000,16 @@ def settings(self: Explorer) -> dict:
     return kw
 
 @patch
+def _mark_stale(self: Explorer, change=None):
+    "After a run, say above its results when the controls no longer describe them (results change only when Run is pressed)."
+    if self.result is None or self.run_w.disabled or not self.results_w.children: return
+    try: stale = self.settings() != self._shown
+    except ValueError: stale = True                                   # (an unreadable damping: not what was run either)
+    note = ('<div class="inb-note inb-stale">The settings or the query have changed since these results were computed: '
+            'press Run to update them.</div>' if stale else '')
+    self.results_w.children[0].value = note + summary_html(self.result)
+
+@patch
 def run(self: Explorer) -> ExplorerResult|None:
     "What the Run button does: run the query with the current settings and show the results (or the error)."
     self._t0 = time.time(); self.runs += 1
@@ -990,7 +1022,7 @@ def run(self: Explorer) -> ExplorerResult|None:
         res = run_query(self.session, progress=lambda stage, frac: self._say(stage, 0.95 * frac), **kw)   # the rest: rendering
         self._say('Rendering the results', 0.95)
         self._show(res)
-        self.result = res
+        self.result, self._shown = res, kw          # what the results on show were computed with
         self.progress_w.value, self.progress_w.bar_style = 100, 'success'
         self.status_w.value = (f'<span class="inb-stage inb-done" data-run="{self.runs}">Done</span> in {time.time() - self._t0:.1f} s — '
                                f'top sequence: <b>{_esc(res.top.iloc[0]["id"])}</b>')
@@ -1010,7 +1042,7 @@ def run(self: Explorer) -> ExplorerResult|None:
 
 # %% ../nbs/10_explorer.ipynb #76d2dfb0
 def csv_link(result: ExplorerResult) -> str:
-    "A link that saves the top sequences (rank, training index, id, score, nats, full text) as a CSV file."
+    "A link that saves the top sequences (rank, training index, id, where in the corpus, score, nats, full text) as a CSV file."
     df = result.top.drop(columns=[c for c in ('kind', 'match') if c in result.top])
     data = base64.b64encode(df.to_csv(index_label='rank').encode()).decode()
     name = re.sub(r'[^A-Za-z0-9_.-]', '_', str(result.query.get('id') or 'typed-query'))
