@@ -275,7 +275,9 @@ def test_explorer_on_own_llama_in_browser(own_url, own):
             _run_ok(page, q['id'], RUN_TIMEOUT)
             rows = _top_rows(page)
             assert rows[0]['id'] == q['record'], rows
-            assert 'exceed |log p|' in page.inner_text('.inb-summary')           # the units legend is shown
+            assert 'positive score means' in page.inner_text('.inb-summary summary')  # the units, in one line on screen
+            page.locator('.inb-units summary').click()                              # ... and the whole legend a click away
+            assert 'exceed |log p|' in page.inner_text('.inb-units')
             assert page.locator('.inb-results .inb-heatmap').count() == len(rows)
             assert page.locator('.inb-heatmaps .inb-legend').count() == 1                # one shared scale
             _screenshot(page, ARTIFACTS/'explorer_llama.png')
