@@ -152,8 +152,24 @@ def nav_label(stem: str, title: str) -> str:
     return f"{stem} · {title.replace('`', '')}"
 
 
-def md_cell(text: str) -> dict:
-    return {'cell_type': 'markdown', 'id': 'docs-nav', 'metadata': {}, 'source': text}
+def md_cell(text: str, cell_id: str = 'docs-nav') -> dict:
+    return {'cell_type': 'markdown', 'id': cell_id, 'metadata': {}, 'source': text}
+
+
+def exported_module(nb: dict) -> str | None:
+    "`influence_nb.<name>` of a notebook's `#| default_exp <name>` (None: it exports nothing)."
+    for c in nb['cells']:
+        if c['cell_type'] == 'code' and (m := re.search(r'^\s*#\s*\|\s*default_exp\s+([\w.]+)', ''.join(c['source']), re.M)):
+            return f'{PKG}.{m.group(1)}'
+    return None
+
+
+def module_line(mod: str) -> str:
+    "The line under a page's title that says where its names come from (the import cells are folded away)."
+    if mod == f'{PKG}.__init__':   # 99_api writes the package's own __init__: what `import influence_nb as inf` gives
+        return f"*The code on this page is `{PKG}` itself, `import {PKG} as inf` ({{doc}}`the API reference <api/index>`).*"
+    return (f"*The code on this page is the module `{mod}` ({{doc}}`its API page <api/{mod}>`): `from {mod} import ...` "
+            f"for any name defined here; `import influence_nb as inf` holds the main ones.*")
 
 
 # ---- links: `06_scores` -> that notebook's page, `fit_factors` -> its API entry (as nbdev's docs do) ----------
@@ -313,7 +329,10 @@ def write_source(nbs: Path, src: Path) -> list[str]:
     pages, syms = {p.stem for p in paths}, symbol_index()
     api = api_pages(src, modules())
     for p in paths:
-        nb = link_notebook(clean_notebook(json.loads(p.read_text(encoding='utf-8'))), pages, syms)
+        raw = json.loads(p.read_text(encoding='utf-8'))
+        nb = link_notebook(clean_notebook(raw), pages, syms)
+        if (mod := exported_module(raw)) and nb['cells']:   # where this page's names are imported from, under its title
+            nb['cells'].insert(1, md_cell(module_line(mod), 'docs-module'))
         if p.stem == 'index':   # the home page carries the navigation: notebooks in reading order, then the API
             nb['cells'].append(md_cell('```{toctree}\n:hidden:\n:caption: Notebooks\n\n' + '\n'.join(f'{labels[c]} <{c}>' for c in chapters) +
                                        '\n```\n\n```{toctree}\n:hidden:\n:caption: Reference\n\napi/index\n```\n'))

@@ -71,6 +71,7 @@ def add_constants(app, docname, source):
     if not names: return
     blocks = [f'.. autodata:: {mod.__name__}.{n}' + ('\n   :no-value:' if len(repr(getattr(mod, n))) > 120 else '')
               for n in names]
+    source[0] = source[0].replace('   :undoc-members:\n', f"   :undoc-members:\n   :exclude-members: {', '.join(names)}\n", 1)   # listed once, below
     source[0] += '\n## Constants\n\n```{eval-rst}\n' + '\n\n'.join(blocks) + '\n```\n'
 
 def constant_comments(mod) -> dict:

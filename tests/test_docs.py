@@ -328,3 +328,19 @@ def test_constants_say_what_they_hold(site):
     for name, words in (('IGNORE_INDEX', 'marks a token as not scored'), ('SCORE_LEGEND', 'printed under every table')):
         dt = page.find('dt', id=f'influence_nb.data.{name}')
         assert dt is not None and words in dt.find_next_sibling('dd').get_text(), name
+
+
+def test_each_page_says_where_its_names_come_from(site):
+    """The import cells are folded away, and most names a page defines are not in `influence_nb` itself: under its title,
+    a page that exports a module names it and links its API page; the index (which exports nothing) does not."""
+    from bs4 import BeautifulSoup
+    page = BeautifulSoup((SITE/'07_tfidf.html').read_text(encoding='utf-8'), 'html.parser')
+    line = next(p for p in page.find_all('p') if 'The code on this page is the module' in p.get_text())
+    assert 'influence_nb.tfidf' in line.get_text() and line.find('a')['href'].endswith('api/influence_nb.tfidf.html')
+    assert 'The code on this page is the module' not in (SITE/'index.html').read_text(encoding='utf-8')
+
+
+def test_api_pages_list_each_constant_once(site):
+    "A documented constant is listed once per API page (under 'Constants'), not again among the members above."
+    page = (SITE/'api'/'influence_nb.data.html').read_text(encoding='utf-8')
+    assert page.count('id="influence_nb.data.IGNORE_INDEX"') == 1
