@@ -677,7 +677,7 @@ def newton(self: _PBRFSolve, steps: int, tol: float):
     for _ in range(steps):
         if self.gnorm <= tol: return
         old, old_gnorm = self.theta.detach().clone(), self.gnorm
-        eta = min(0.1, max(1e-4, 0.1 * tol / self.gnorm))                   # inexact Newton: tighter near the solution
+        eta = min(0.1, max(1e-4, 0.1 * tol / self.gnorm))                   # inexact Newton: looser near the solution
         try: step, it, _ = _cg(self.curvature, -self.theta.grad[None].clone(), eta, min(10 * self.prob.P, 1000))
         except ValueError: return                                          # M not positive definite (large −ε)
         self.n_cg += it
