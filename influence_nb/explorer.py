@@ -679,9 +679,8 @@ def summary_html(result: ExplorerResult) -> str:
     return (f'<div class="inb-summary" data-query-id="{_esc(q.get("id") or "")}"><b>{_esc(which)}</b>: <span class="inb-prompt-text">{_esc(q["prompt"])}</span>'
             f'<span class="inb-completion-text">{_esc(q["completion"])}</span> · log p = {result.log_p:.3f} nats<br>'
             f'<span class="inb-muted">{_esc(result.model)} · {_esc(result.strategy)} ({damping_text}) · {cand} · {blocks} · '
-            f'factors {result.factors_source} · {secs:.1f} s</span>'
-            f'<details class="inb-muted inb-units"><summary>Reading the numbers: a positive score means the sequence makes the '
-            f'completion more likely; nats = score / N (more)</summary>{_esc(SCORE_LEGEND)}</details>'
+            f'factors {result.factors_source} · {secs:.1f} s</span><details class="inb-muted inb-units"><summary>Reading the numbers: a '
+            f'positive score means the sequence makes the completion more likely; nats = score / N (more)</summary>{_esc(SCORE_LEGEND)}</details>'
             + ''.join(f'<div class="inb-note">note: {_esc(x)}</div>' for x in result.notes) + '</div>')
 
 def top_html(result: ExplorerResult, # from `run_query`
