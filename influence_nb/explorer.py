@@ -774,6 +774,9 @@ def tail_figure(result: ExplorerResult): # -> matplotlib Figure
         try: fig = viz.tail_plot(result.scores, fit=n_pos >= 20, labels=[label], min_tail=min(50, max(10, n_pos // 2)))
         except ValueError: fig = viz.tail_plot(result.scores, fit=False, labels=[label])
     fig.axes[0].set_title(f"Tail of positive influence ({n_pos} of {len(result.scores)} candidates)")
+    if any('α' in t.get_text() for t in fig.axes[0].get_legend().get_texts()) if fig.axes[0].get_legend() else False:
+        fig.text(0.01, 0.0, "α: the tail's power-law exponent (smaller: fewer sequences hold more of the influence); "
+                 "KS: the fit's largest gap to the data", fontsize=7, color='#555', va='bottom')   # what the legend's numbers are
     return fig
 
 def figure_png(fig, dpi: int = 96) -> bytes:
