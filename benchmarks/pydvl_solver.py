@@ -26,7 +26,7 @@ import argparse, json, logging, os, platform, sys, time, warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / 'benchmarks' / 'results' / 'pydvl_solver.json'
+OUT = ROOT / 'nbs' / 'results' / 'pydvl_solver.json'   # read by nbs/20_validation.ipynb
 
 
 def parse(argv=None):
