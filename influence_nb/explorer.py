@@ -46,11 +46,11 @@ from .scores import pairwise_scores
 from .tfidf import TokenIndex
 
 # %% auto #0
-__all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'ANNOTATED_BLOCKS', 'K_MAX', 'layer_blocks', 'shared_note', 'default_query',
-           'record_where', 'corpus_records', 'query_rows', 'query_record', 'query_records', 'ExplorerSession',
-           'sequences_digest', 'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'run_query', 'summary_html',
-           'top_html', 'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'Explorer',
-           'csv_link', 'explorer', 'app_notebook']
+__all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'ANNOTATED_BLOCKS', 'K_MAX', 'STRATEGY_LABELS', 'STRATEGY_HINTS', 'layer_blocks',
+           'shared_note', 'default_query', 'record_where', 'corpus_records', 'query_rows', 'query_record',
+           'query_records', 'ExplorerSession', 'sequences_digest', 'factor_cache_tag', 'restrict_factors',
+           'ExplorerResult', 'run_query', 'summary_html', 'top_html', 'heatmaps_html', 'layer_figure', 'tail_figure',
+           'figure_png', 'parse_damping', 'Explorer', 'csv_link', 'explorer', 'app_notebook']
 
 # %% ../nbs/10_explorer.ipynb #6860dd62
 FIT_SAMPLE = 600  # training sequences the explorer fits curvature factors on (a seeded sample; 0 = all)
@@ -775,8 +775,8 @@ def tail_figure(result: ExplorerResult): # -> matplotlib Figure
         except ValueError: fig = viz.tail_plot(result.scores, fit=False, labels=[label])
     fig.axes[0].set_title(f"Tail of positive influence ({n_pos} of {len(result.scores)} candidates)")
     if any('α' in t.get_text() for t in fig.axes[0].get_legend().get_texts()) if fig.axes[0].get_legend() else False:
-        fig.text(0.01, 0.0, "α: the tail's power-law exponent (smaller: fewer sequences hold more of the influence); "
-                 "KS: the fit's largest gap to the data", fontsize=7, color='#555', va='bottom')   # what the legend's numbers are
+        fig.supxlabel("α: the tail's power-law exponent (smaller: fewer sequences hold more of the influence)\n"
+                      "KS: the fit's largest gap to the data", fontsize=7.5, color='#555', x=0.01, ha='left')   # the layout makes room for it
     return fig
 
 def figure_png(fig, dpi: int = 96) -> bytes:
@@ -841,6 +841,15 @@ class Explorer(widgets.VBox):
 
 # %% ../nbs/10_explorer.ipynb #bdcb546d
 K_MAX = 50   # top sequences the app shows at most
+STRATEGY_LABELS = {'identity': 'identity (no curvature)', 'diagonal': 'diagonal Fisher', 'kfac': 'K-FAC', 'ekfac': 'EK-FAC (the paper)'}
+STRATEGY_HINTS = {   # one line under the dropdown: what the chosen curvature is
+    'identity': 'Gradient dot products: no curvature, no damping. Fast; favours sequences with large gradients.',
+    'diagonal': "The Fisher's diagonal: each parameter scaled alone, correlations between parameters ignored.",
+    'kfac': 'Kronecker factors A ⊗ S of each layer: correlations within a layer, eigenvalues products of the factors’.',
+    'ekfac': 'K-FAC’s eigenbases with their eigenvalues refitted to the gradients (Grosse et al. 2023): the most accurate.'}
+
+def _strategy_hint(strategy:str) -> str:
+    return f'<div class="inb-muted inb-hint">{_esc(STRATEGY_HINTS[strategy])}</div>'
 
 @patch
 def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
@@ -864,7 +873,9 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     self.candidates_w = widgets.BoundedIntText(value=min(candidates, n_train) or n_train, min=1, max=n_train, description='Candidates',
                                                style=wide, layout=L('220px'), disabled=not candidates)   # 0: every sequence, as `score`
     self.k_w = widgets.BoundedIntText(value=k, min=1, max=K_MAX, description='Top k', style=wide, layout=L('220px'))
-    self.strategy_w = widgets.Dropdown(options=list(STRATEGIES_SHOWN), value=strategy, description='Strategy', style=wide, layout=L('220px'))
+    self.strategy_w = widgets.Dropdown(options=[(STRATEGY_LABELS[x], x) for x in STRATEGIES_SHOWN], value=strategy,
+                                       description='Strategy', style=wide, layout=L('300px'))
+    self.strategy_hint_w = widgets.HTML(value=_strategy_hint(strategy))
     self.damping_w = widgets.Text(value='', placeholder='0.1 × mean eigenvalue', description='Damping',
                                   tooltip='Empty: 0.1 × the mean eigenvalue of each layer (the paper); or a positive number', style=wide, layout=L('300px'))
     nb = s.n_blocks(model)
@@ -878,7 +889,7 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     for w, c in [(self.model_w, 'inb-model'), (self.source_w, 'inb-source'), (self.filter_w, 'inb-filter'),
                  (self.query_w, 'inb-query'), (self.prompt_w, 'inb-prompt'), (self.completion_w, 'inb-completion'),
                  (self.prefilter_w, 'inb-prefilter'), (self.candidates_w, 'inb-candidates'), (self.k_w, 'inb-k'),
-                 (self.strategy_w, 'inb-strategy'), (self.damping_w, 'inb-damping'), (self.blocks_w, 'inb-blocks'),
+                 (self.strategy_w, 'inb-strategy'), (self.strategy_hint_w, 'inb-strategy-hint'), (self.damping_w, 'inb-damping'), (self.blocks_w, 'inb-blocks'),
                  (self.run_w, 'inb-run'), (self.progress_w, 'inb-progress'), (self.status_w, 'inb-status'),
                  (self.error_w, 'inb-error-box'), (self.results_w, 'inb-results')]:
         w.add_class(c)
@@ -904,6 +915,7 @@ def _wire(self: Explorer):
     self.model_w.observe(self._on_model, names='value')
     self.prefilter_w.observe(lambda ch: setattr(self.candidates_w, 'disabled', not ch['new']), names='value')
     self.run_w.on_click(lambda b: self.run())
+    self.strategy_w.observe(lambda ch: setattr(self.strategy_hint_w, 'value', _strategy_hint(ch['new'])), names='value')
     for w in (self.model_w, self.source_w, self.query_w, self.prompt_w, self.completion_w, self.prefilter_w, self.candidates_w,
               self.k_w, self.strategy_w, self.damping_w, self.blocks_w):   # results on show that no longer match: said
         w.observe(self._mark_stale, names='value')
@@ -923,7 +935,7 @@ def _layout(self: Explorer) -> list:
     qbox = widgets.VBox([widgets.HTML('<div class="inb-panel-title">Query</div>'), self.model_w, self.source_w,
                          self.filter_w, self.query_w, self.prompt_w, self.completion_w], layout=widgets.Layout(flex='3 1 420px'))
     sbox = widgets.VBox([widgets.HTML('<div class="inb-panel-title">Settings</div>'), self.prefilter_w, self.candidates_w,
-                         self.k_w, self.strategy_w, self.damping_w, self.blocks_w], layout=widgets.Layout(flex='2 1 300px'))
+                         self.k_w, self.strategy_w, self.strategy_hint_w, self.damping_w, self.blocks_w], layout=widgets.Layout(flex='2 1 300px'))
     qbox.add_class('inb-panel'); sbox.add_class('inb-panel')
     # side by side while both fit their least width (420 + 300 px and the gap), one above the other below that
     controls = widgets.HBox([qbox, sbox], layout=widgets.Layout(flex_flow='row wrap', width='100%'))
