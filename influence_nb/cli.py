@@ -416,6 +416,8 @@ def _explore_parser(sub):
     x.add_argument('--factors', default=None, help='factors written by fit-factors for this model (default: fitted and cached)')
     x.add_argument('--modules', default=None, help="layers to track: 'mlp', 'all', 'lora' (a peft adapter's LoRA matrices) or "
                    "comma-separated names (default: the --factors' layers, else mlp)")
+    x.add_argument('--max-length', type=int, default=None, help="cut corpus texts to this many tokens, the length the model was "
+                   "trained at (default: the model's context; queries are never cut)")
     x.add_argument('--fit-sample', type=int, default=600, help='corpus sequences to fit factors on when fitting (0: all; default: 600)')
     x.add_argument('--candidates', type=int, default=None, help="the app's opening number of BM25 candidates (0: every sequence; "
                    "default: 300)")
@@ -518,6 +520,19 @@ def _cmd_fit(a):
 
 
 # %% ../nbs/13_cli.ipynb #9e70b2e4
+def _say_repeated_ids(recs, pos, path):
+    "Tell (on stderr) when records share an `id`: the scores' index names each by `train_index` (its place in the file) and id."
+    first, again = {}, []
+    for j, r in enumerate(recs):
+        if not (i := record_id(r)): continue
+        if i in first: again.append((i, first[i], j))
+        else: first[i] = j
+    if again:
+        i, j0, j1 = again[0]
+        print(f"note: {len(again)} record(s) of {path.name} repeat an earlier record's id (the first: {i!r}, {record_where(path, pos[j0])} "
+              f"and {record_where(path, pos[j1])}); the output's `train_index`, the record's place in the file, tells them apart: "
+              "join on it, or give every record its own id.", file=sys.stderr)
+
 def _cmd_score(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
@@ -527,6 +542,7 @@ def _cmd_score(a):
         raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the output's index (train_index, and id "
                          "when records have one), so the table could not be reset to columns; give that query another 'id'.")
     train, pos, recs = _corpus(a, tok, model)
+    _say_repeated_ids(recs, pos, Path(a.data))
     if a.candidates:                                                # the paper's filter: only what resembles a query is scored
         keep = bm25_candidates(queries, train, a.candidates, tok, names)
         if int(os.environ.get('RANK', '0')) == 0:
@@ -644,7 +660,12 @@ def _query_index(res, q:str) -> int:
         i = int(q)
         if not 0 <= i < res.n_queries: raise ValueError(f"--query {i} is out of range: this result has {res.n_queries} queries.")
         return i
-    raise ValueError(f"--query {q!r} is neither a query id of this result ({', '.join(names[:10]) or 'none stored'}) nor a position.")
+    import difflib
+    near = difflib.get_close_matches(q, names, n=3)
+    listed = (f" Its {len(names):,} query ids: {', '.join(names[:10])}" + (f", … and {len(names) - 10:,} more." if len(names) > 10 else '.')
+              if names else ' It stores no query ids.')
+    raise ValueError(f"--query {q!r} is neither a query id of this result nor a position (0 to {res.n_queries - 1})"
+                     + (f"; did you mean {' or '.join(map(repr, near))}?" if near else '.') + listed)
 
 def _unreadable(r, text_field) -> str|None:
     "Why corpus record `r` (as `search` reads it) has no text to show, or None."
@@ -745,7 +766,8 @@ def _cmd_explore(a):
     _check_explore_files(a)
     kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, factors=a.factors,
               text_field=a.text_field, fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules,
-              trust_remote_code=a.trust_remote_code or None, candidates=a.candidates, k=a.k, strategy=a.strategy)
+              trust_remote_code=a.trust_remote_code or None, candidates=a.candidates, k=a.k, strategy=a.strategy,
+              max_length=a.max_length)
     kw = {k: v for k, v in kw.items() if v is not None}                      # the app's own defaults otherwise
     if a.k is not None and not 1 <= a.k <= 50: raise ValueError(f"--k must be 1 to 50 in the explorer, got {a.k} (scan keeps any number).")
     if a.candidates is not None and a.candidates < 0: raise ValueError(f"--candidates must be 0 (every sequence) or more, got {a.candidates}.")

@@ -380,9 +380,12 @@ def _spaced_word(c:str) -> bool:
     o = ord(c) if c else 0
     return c.isalnum() and o < 0x2E80 and not (0x0E00 <= o <= 0x109F or 0x1780 <= o <= 0x17FF)
 
-def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=(), special:list=(), named:str='', glued:list=()):
+def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=(), special:list=(), named:str='', glued:list=(), blank:list=()):
     "One warning per kind for `tokenize_pairs`, however many pairs it concerns: `(i, text)` lists, `n` pairs in all."
     first = lambda xs: f"{len(xs):,} of {n:,} pairs (the first: pairs[{xs[0][0]}], {xs[0][1]!r})"
+    if blank: warnings.warn(f"{first(blank)}: the completion is only whitespace, so what is measured is the log-probability of "
+                            "that space or line break after the prompt, as written. If a word was meant to follow, it is missing "
+                            "(a field left empty, a stripped value).", stacklevel=3)
     if joined: warnings.warn(f"{first(joined)}: the prompt's last word runs on into the completion (or, in text written "
                              "without spaces, its last characters), and the tokenizer joins them into a token spanning both; that "
                              "token is measured with the completion (the prompt ends before it). To measure the completion alone, "
@@ -413,7 +416,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
     if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str): pairs = [pairs]
     pairs = list(pairs)
     if not pairs: raise ValueError("`pairs` is empty: pass at least one (prompt, completion) pair.")
-    out, spaced, unknown, joined, special, glued = [], [], [], [], [], []
+    out, spaced, unknown, joined, special, glued, blank = [], [], [], [], [], [], []
     unk = tokenizer.unk_token_id                          # (GPT-2's unk is its end-of-text token, a known one: not warned about)
     if unk in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id): unk = None
     specials = set(getattr(tokenizer, 'all_special_ids', None) or []) - {unk}   # a mere unk is warned about on its own
@@ -423,6 +426,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
             raise TypeError(f"pairs[{i}] must be a (prompt, completion) pair of strings or a dict with those keys.")
         prompt, completion = p
         if not completion: raise ValueError(f"pairs[{i}] has an empty completion: there is nothing to measure.")
+        if not completion.strip(): blank.append((i, completion))
         p_ids = list(tokenizer(prompt, add_special_tokens=False)['input_ids'])
         p_ids, c_ids, how = _completion_ids(tokenizer, prompt, completion, p_ids)
         where = (i, prompt[-12:] + '|' + completion[:12])
@@ -449,7 +453,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
         out.append({'input_ids': p_ids + c_ids, 'labels': [IGNORE_INDEX]*len(p_ids) + c_ids})
     hits = sorted(set().union(*(h for *_, h in special)))                  # every special token met, named in the warning
     named = ', '.join(map(repr, tokenizer.convert_ids_to_tokens(hits[:5]))) + (f' and {len(hits) - 5} more' if len(hits) > 5 else '') if hits else ''
-    _warn_pairs(spaced, unknown, len(pairs), tokenizer.unk_token, joined, special, named, glued)
+    _warn_pairs(spaced, unknown, len(pairs), tokenizer.unk_token, joined, special, named, glued, blank)
     seqs = as_sequences(out, name='pairs')
     require_scored(seqs, 'pairs')
     return seqs

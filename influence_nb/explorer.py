@@ -226,10 +226,12 @@ class ExplorerSession:
                  modules=None,                 # layers to track: 'mlp', 'all', 'lora' (a peft model's LoRA matrices) or
                                                # names (a list, or comma-separated); None: the given factors' layers, else 'mlp'
                  trust_remote_code: bool = False, # let a model folder's own code run (`auto_map` in its config); off: refused
+                 max_length: int|None = None,  # cut training texts to this many tokens (the length the model was trained at); None: its context
                 ):
         self.device, self.dtype, self.trust_remote_code = resolve_device(device), resolve_dtype(dtype), bool(trust_remote_code)
         self.fit_sample, self.seed, self.batch_size = (check_int(v, n, lo) for n, v, lo in
                                                        (('fit_sample', fit_sample, 0), ('seed', seed, 0), ('batch_size', batch_size, 1)))
+        self.max_length = None if max_length is None else check_int(max_length, 'max_length', 1)
         self._models, self._train, self._index, self._factors, self._given = {}, {}, {}, {}, set()
         self._cut = {}                    # tokenizer key -> (the training rows cut at the context, the note saying so)
         self._records = self._queries = self._corpus = None
@@ -350,8 +352,18 @@ def _tok_key(self: ExplorerSession, name):
         spec = {k: v for k, v in json.loads(tok.backend_tokenizer.to_str()).items() if k not in ('truncation', 'padding')}
         rules = hash(json.dumps(spec, sort_keys=True))
     else: rules = id(tok)
-    keys[name] = (rules, json.dumps(getattr(tok, 'chat_template', None), sort_keys=True), context_length(model, tok))   # (a dict of named templates too)
+    keys[name] = (rules, json.dumps(getattr(tok, 'chat_template', None), sort_keys=True), self.text_length(name))   # (a dict of named templates too)
     return keys[name]
+
+@patch
+def text_length(self: ExplorerSession, name: str) -> int|None:
+    "Where training texts are cut for model `name`: `max_length` when given (at most the model's context), else the context."
+    model, tok = self.model(name)
+    ctx = context_length(model, tok)
+    if self.max_length is None: return ctx
+    if ctx is not None and self.max_length > ctx:
+        raise ValueError(f"`max_length` is {self.max_length}, but {name} reads at most {ctx} tokens: give {ctx} or less.")
+    return self.max_length
 
 @patch
 def train(self: ExplorerSession, name: str) -> list[dict]:
@@ -359,8 +371,8 @@ def train(self: ExplorerSession, name: str) -> list[dict]:
     key = self._tok_key(name)
     if key not in self._train:
         model, tok = self.model(name)
-        ctx = context_length(model, tok)
-        with warnings.catch_warnings():                 # said below in the explorer's terms: it has no max_length to raise
+        ctx = self.text_length(name)
+        with warnings.catch_warnings():                 # said below in the explorer's terms
             warnings.simplefilter('ignore', TruncatedTextsWarning)
             self._train[key] = corpus_sequences(self.records, tok, ctx)
         if empty := [j for j, s in enumerate(self._train[key]) if n_scored(s) == 0]:   # named as the user knows them
@@ -372,8 +384,10 @@ def train(self: ExplorerSession, name: str) -> list[dict]:
                              "turns fall beyond the context). Remove them from the corpus.")
         texts = [j for j, r in enumerate(self.records) if 'input_ids' not in r]
         cut = cut_texts(tok, [self.records[j]['text'] for j in texts], [self._train[key][j]['input_ids'] for j in texts], ctx) if ctx else []
-        note = (f"{len(cut):,} of {len(self.records):,} training texts are longer than {name}'s context ({ctx} tokens), "
-                f"so only their first {ctx} tokens are scored (the first: id {self.records[texts[cut[0]]]['id']}).") if cut else None
+        limit = (f"{name}'s context ({ctx} tokens; `max_length`, `--max-length` on the command line, cuts them shorter, to the "
+                 "length the model was trained at)") if self.max_length is None else f"`max_length` ({ctx} tokens)"
+        note = (f"{len(cut):,} of {len(self.records):,} training texts are longer than {limit}, so only their first {ctx} "
+                f"tokens are scored (the first: id {self.records[texts[cut[0]]]['id']}).") if cut else None
         self._cut[key] = ({texts[j] for j in cut}, note)                    # each run shows it (`run_query`'s notes)
         if cut: warnings.warn(note, TruncatedTextsWarning, stacklevel=2)
     return self._train[key]
@@ -1103,6 +1117,7 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
              dtype=None, # precision to load the model in: None (as saved), 'float32', 'bfloat16', 'float16', 'float64'
              modules=None, # layers to track: 'mlp', 'all', 'lora' (a peft model's LoRA matrices) or names; None: the factors' or 'mlp'
              trust_remote_code:bool=False, # let your model folder's own code run (`auto_map` in its config); off: refused
+             max_length:int|None=None, # cut training texts to this many tokens (the length the model was trained at); None: its context
              **kwargs, # the rest of `Explorer`'s arguments (query_id, candidates, k, strategy)
             ) -> Explorer:
     "The explorer app (an ipywidgets VBox) on the bundled models, or on your model and corpus."
@@ -1111,13 +1126,14 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
         if session is not None: raise ValueError("Pass either `session` or your `model` (with its corpus), not both.")
         session = ExplorerSession(fit_sample=fit_sample, model=model, tokenizer=tokenizer, corpus=corpus, queries=queries,
                                   factors=factors, text_field=text_field, device=device, dtype=dtype, modules=modules,
-                                  trust_remote_code=trust_remote_code)
+                                  trust_remote_code=trust_remote_code, max_length=max_length)
         model = None
     elif any(x is not None for x in (tokenizer, corpus, queries, factors)):
         raise ValueError("`tokenizer`, `corpus`, `queries` and `factors` go with your own `model` (an object or a folder).")
-    elif device is not None or dtype is not None or modules is not None:
-        if session is not None: raise ValueError("Pass `device`, `dtype` and `modules` to the `ExplorerSession` you give, not to `explorer`.")
-        session = ExplorerSession(fit_sample=fit_sample, device=device, dtype=dtype, modules=modules)
+    elif device is not None or dtype is not None or modules is not None or max_length is not None:
+        if session is not None:
+            raise ValueError("Pass `device`, `dtype`, `modules` and `max_length` to the `ExplorerSession` you give, not to `explorer`.")
+        session = ExplorerSession(fit_sample=fit_sample, device=device, dtype=dtype, modules=modules, max_length=max_length)
     return Explorer(session=session, model=model, fit_sample=fit_sample, **kwargs)
 
 # %% ../nbs/10_explorer.ipynb #01d89fea

@@ -77,6 +77,25 @@ def test_explore_headless(own):
     assert q['record'] in first, out
 
 
+def test_explore_max_length(own):
+    "`explore --max-length` cuts the corpus where `score --max-length` does: the same top sequences, the same scores."
+    d, q = own['dir'], own['query_records'][0]
+    cli('score', '--model', own['model'], '--factors', d/'factors', '--queries', own['queries'], '--data', own['corpus'],
+        '--max-length', 6, '--out', d/'s6.parquet')
+    want = pd.read_parquet(d/'s6.parquet')[q['id']].droplevel('train_index').sort_values(ascending=False)[:5]
+    out, err = cli('explore', '--model', own['model'], '--corpus', own['corpus'], '--queries', own['queries'],
+                   '--factors', d/'factors', '--max-length', 6, '--candidates', 0, '--no-serve')
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in ([str(r)] for r in range(1, 6))]
+    assert [r[1] for r in rows] == want.index.tolist(), (out, want)
+    assert all(abs(float(r[2]) - v) <= 5e-4 * abs(v) for r, v in zip(rows, want)), (out, want)
+    full, _ = cli('explore', '--model', own['model'], '--corpus', own['corpus'], '--queries', own['queries'],
+                  '--factors', d/'factors', '--candidates', 0, '--no-serve')
+    assert full != out                                                # the cut changed what is scored
+    _, err = cli('explore', '--model', own['model'], '--corpus', own['corpus'], '--queries', own['queries'],
+                 '--max-length', 100000, '--no-serve', code=2)
+    assert 'reads at most' in err, err
+
+
 def test_refusals(own):
     d = own['dir']
     bare = d/'bare'; bare.mkdir(exist_ok=True)
