@@ -519,7 +519,7 @@ def _cmd_fit(a):
     if a.checkpoint is not None: FitCheckpoint(a.checkpoint, '').remove()   # only once the factors are safely written
 
 
-# %% ../nbs/13_cli.ipynb #9e70b2e4
+# %% ../nbs/13_cli.ipynb #02a3a4c2
 def _say_repeated_ids(recs, pos, path):
     "Tell (on stderr) when records share an `id`: the scores' index names each by `train_index` (its place in the file) and id."
     first, again = {}, []
@@ -533,6 +533,8 @@ def _say_repeated_ids(recs, pos, path):
               f"and {record_where(path, pos[j1])}); the output's `train_index`, the record's place in the file, tells them apart: "
               "join on it, or give every record its own id.", file=sys.stderr)
 
+
+# %% ../nbs/13_cli.ipynb #9e70b2e4
 def _cmd_score(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
@@ -765,9 +767,8 @@ def _cmd_explore(a):
     from influence_nb.explorer import explorer, app_notebook
     _check_explore_files(a)
     kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, factors=a.factors,
-              text_field=a.text_field, fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules,
-              trust_remote_code=a.trust_remote_code or None, candidates=a.candidates, k=a.k, strategy=a.strategy,
-              max_length=a.max_length)
+              text_field=a.text_field, fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules, max_length=a.max_length,
+              trust_remote_code=a.trust_remote_code or None, candidates=a.candidates, k=a.k, strategy=a.strategy)
     kw = {k: v for k, v in kw.items() if v is not None}                      # the app's own defaults otherwise
     if a.k is not None and not 1 <= a.k <= 50: raise ValueError(f"--k must be 1 to 50 in the explorer, got {a.k} (scan keeps any number).")
     if a.candidates is not None and a.candidates < 0: raise ValueError(f"--candidates must be 0 (every sequence) or more, got {a.candidates}.")
