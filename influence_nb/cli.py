@@ -314,6 +314,7 @@ def _fit_parser(sub):
     f.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
     f.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context; queries are never cut)")
     _skip_arg(f)
+    f.add_argument('--quiet', action='store_true', help='no progress bar')
     f.add_argument('--seed', type=int, default=0, help='seed of the pseudo-label sampling (default: 0)')
     f.add_argument('--fisher-samples', type=int, default=1, help='labels sampled per token (true Fisher; default: 1)')
     f.add_argument('--checkpoint', default=None, help='kfac/ekfac: a folder that keeps the fit\'s progress; run the same command '
@@ -358,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--candidates', type=int, default=0, help="score only the records among each query's K best BM25 matches (the paper's "
                    "TF-IDF filter; rows: their union, in file order; default 0: every record)")
     _skip_arg(s)
+    s.add_argument('--quiet', action='store_true', help='no progress bar')
     _scan_parser(sub, fmt)
     t = sub.add_parser('top', help="print one query's top sequences from a scan result",
                        description='Print the most influential sequences of one query from a `scan` result, with their texts.')
@@ -514,7 +516,7 @@ def _cmd_fit(a):
     with _process_group() as (rank, world):      # under torchrun each process fits its shard; the sums are all-reduced
         f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
                         factor_dtype=a.factor_dtype, eigh_dtype=a.eigh_dtype, rotate_dtype=a.rotate_dtype,
-                        checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, keep_checkpoint=True, progress=rank == 0)
+                        checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, keep_checkpoint=True, progress=rank == 0 and not a.quiet)
         if rank == 0: print(f"saved {f} to {f.save(a.out)}" + (f" (fitted by {world} processes)" if world > 1 else ''))
     if a.checkpoint is not None: FitCheckpoint(a.checkpoint, '').remove()   # only once the factors are safely written
 
@@ -554,7 +556,7 @@ def _cmd_score(a):
     with _process_group() as (rank, world):      # under torchrun each process scores its shard; every one gets all scores
         lps = completion_logprobs(model, queries)
         if rank == 0: _say_queries(names, lps)
-        sc = pairwise_scores(model, factors, queries, train, a.damping, a.query_rank, batch_size=a.batch_size, progress=rank == 0)
+        sc = pairwise_scores(model, factors, queries, train, a.damping, a.query_rank, batch_size=a.batch_size, progress=rank == 0 and not a.quiet)
     if rank != 0: return
     ids, index = [record_id(r) for r in recs], pd.Index(pos, name='train_index')     # the records' positions in the file
     if any(ids): index = pd.MultiIndex.from_arrays([pos, ids], names=['train_index', 'id'])   # and their own ids, as `top` shows them

@@ -735,7 +735,10 @@ def main(argv: list[str] | None = None, # command-line arguments (None: sys.argv
         ) -> int:                       # exit status: 0 done, 2 bad arguments
     "Command line: run validation tasks by name and write their results to `--out`."
     p = argparse.ArgumentParser(prog=prog, description='How close do influence approximations get '
-                                'to the PBRF, and do their scores predict retraining? (nbs/20_validation, nbs/22_lds)')
+                                'to the PBRF, and do their scores predict retraining? Runs the project\'s own validation '
+                                'problems (MLPs on scikit-learn data, the bundled gpt2-s and its corpus; nbs/20_validation, '
+                                'nbs/22_lds), not a model of yours: for your model, call the Python functions those notebooks '
+                                'show (influence_nb.exact.compare, evaluate.influence_methods and pbrf_truth, the lds module).')
     p.add_argument('--tasks', default=','.join(TASKS), help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
     p.add_argument('--out', required=True, help='the JSON file to write (merged with the tasks already there)')
     p.add_argument('--threads', type=int, default=1, help='torch threads (1: comparable timings on a shared machine)')

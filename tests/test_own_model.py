@@ -118,5 +118,6 @@ def test_experiment_and_validate_dispatch(command, module, option):
     "`influence-nb experiment|validate ARGS` hands ARGS to the module's own `main`, named as the command: its --help, exit 0."
     out, _ = cli(command, '--help')
     assert out.startswith(f'usage: influence-nb {command}') and option in out, out
+    if command == 'validate': assert 'not a model of yours' in ' '.join(out.split()), out   # what it runs, said
     _, err = cli(command, '--no-such-option', code=2)            # the module's parser saw the arguments
     assert f'influence-nb {command}: error' in err and module not in err, err
