@@ -59,7 +59,9 @@ def influence_methods(model,            # an LM-style model (or `ClassifierAsLM`
                       damping_rel: float, # λ = damping_rel × mean EK-FAC eigenvalue, the same for every method
                       batch_size=64, seed=0,
                       fit_ekfac=None,   # EK-FAC factors already fitted on `fit` (skips that fit)
-                      anchor=None,      # the mean eigenvalue λ is a multiple of (None: that of the EK-FAC fitted here)
+                      anchor=None,      # the mean eigenvalue λ is a multiple of (None: that of the EK-FAC fitted here, a
+                                        # Monte-Carlo estimate of trace(G)/P with one label per token: on a small fit set, pass
+                                        # the exact-Fisher EK-FAC's or a many-sample fit's `mean_eigenvalue`)
                      ) -> tuple:        # (scores {name: [n_q, n_points]}, seconds {name: s}, λ, EK-FAC factors)
     "Every method of `methods` through `fit_factors` + `pairwise_scores` at one absolute damping, timed."
     if not methods: raise ValueError("`methods` is empty: pass e.g. {'ekfac': ('ekfac', None)}.")
