@@ -205,19 +205,26 @@ def test_resumed_scan_counts_the_time_before_the_stop(d, monkeypatch, tmp_path):
 
 
 def test_explorer_says_which_texts_its_context_cuts(d):
-    "The explorer has no max_length: its note names the model's context and the record's id, not a setting it lacks."
+    """The explorer's note names where texts were cut (the model's context, or the `max_length` given), the record's id, and
+    the setting that cuts them shorter."""
     import warnings
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from influence_nb.explorer import ExplorerSession
     from influence_nb.data import TruncatedTextsWarning
     model, tok = AutoModelForCausalLM.from_pretrained(d/'model').eval(), AutoTokenizer.from_pretrained(d/'model')
     corpus = [{'id': f'r{i}', 'text': t} for i, t in enumerate(TEXTS)] + [{'id': 'long', 'text': ' '.join(TEXTS)}]
-    s = ExplorerSession(model=model, tokenizer=tok, corpus=corpus, queries=[('The capital of country 3 is', ' city 3')], name='m')
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter('always')
-        s.train('m')
-    msgs = [str(x.message) for x in w if issubclass(x.category, TruncatedTextsWarning)]
-    assert msgs == [f"1 of {len(corpus)} training texts are longer than m's context (64 tokens), so only their first 64 tokens "
+    msgs = []
+    for max_length in (None, 32):
+        s = ExplorerSession(model=model, tokenizer=tok, corpus=corpus, queries=[('The capital of country 3 is', ' city 3')],
+                            name='m', max_length=max_length)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always')
+            s.train('m')
+        msgs += [str(x.message) for x in w if issubclass(x.category, TruncatedTextsWarning)]
+    assert msgs == [f"1 of {len(corpus)} training texts are longer than m's context (64 tokens; `max_length`, `--max-length` on "
+                    "the command line, cuts them shorter, to the length the model was trained at), so only their first 64 "
+                    "tokens are scored (the first: id long).",
+                    f"1 of {len(corpus)} training texts are longer than `max_length` (32 tokens), so only their first 32 tokens "
                     "are scored (the first: id long)."], msgs
 
 
