@@ -12,7 +12,7 @@ import pandas as pd
 from .data import (cut_texts, corpus_lines, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
-                               require_scored, end_sentence, array_record, DTYPES)
+                               require_scored, end_sentence, array_record, iter_windows, DTYPES)
 from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
@@ -231,7 +231,8 @@ def _say_truncated(recs, seqs, tok, n, flag, path, pos):
     texts = [j for j, r in enumerate(recs) if 'input_ids' not in r]             # token-id records are never cut
     cut = [texts[j] for j in cut_texts(tok, [recs[j]['text'] for j in texts], [seqs[j]['input_ids'] for j in texts], n)]
     if cut: print(f"note: {len(cut)} of {len(seqs)} {flag} {path.name} records are longer than {n} tokens (--max-length, default: the model's "
-                  f"context) and were cut to their first {n} (the first: {record_where(path, pos[cut[0]])}); only those tokens are scored.",
+                  f"context) and were cut to their first {n} (the first: {record_where(path, pos[cut[0]])}); only those tokens are scored; "
+                  "`influence-nb windows` cuts them into windows instead, so that every token is scored.",
                   file=sys.stderr)
 
 def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False):
@@ -274,7 +275,8 @@ examples:
   torchrun --nproc_per_node 2 $(which influence-nb) scan ...   # each process scans its shard; one result
   torchrun --nproc_per_node 2 $(which influence-nb) fit-factors ...   # each fits its shard; the sums are added
   influence-nb top --result result.parquet --query my-query-id --k 10
-  influence-nb explore --model my-llama/ --corpus corpus.jsonl --queries q.jsonl"""
+  influence-nb explore --model my-llama/ --corpus corpus.jsonl --queries q.jsonl
+  influence-nb windows --model my-llama/ --corpus books.jsonl --max-length 2048 --out windows.jsonl   # long documents"""
 
 def _model_args(p, required=True):
     p.add_argument('--model', required=required, default=None if required else 'gpt2-l',
@@ -372,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--width', type=int, default=100, help='characters of text to show (default: 100)')
     t.add_argument('--n-train', type=int, default=None, help='N of the training set, for nats = score / N (default: the one the scan recorded)')
     _explore_parser(sub)
+    _windows_parser(sub)
     for name, target in (('experiment', 'influence_nb.experiments.harness'), ('validate', 'influence_nb.evaluate')):
         e = sub.add_parser(name, add_help=False, help=f'run {target}.main with the remaining arguments (see `{name} --help`)')
         e.add_argument('args', nargs=argparse.REMAINDER, help=f'arguments of {target}.main')
@@ -480,12 +483,12 @@ def _rank_device(device:str|None) -> str|None:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
 # %% ../nbs/13_cli.ipynb #6fae3c28
-def _check_out(path, what='--out', suffixes=('.parquet',)):
+def _check_out(path, what='--out', suffixes=('.parquet',), kind='Parquet'):
     "Refuse an output file in a missing folder, or one whose suffix names a format that is not the one written."
     p = Path(path)
     if suffixes and p.suffix.lower() not in suffixes:
         raise ValueError(f"{what} {path}: {f'the suffix {p.suffix!r}' if p.suffix else 'no suffix'} names a format that is not "
-                         f"written; the file is Parquet, so accepted suffixes are: {', '.join(suffixes)}.")
+                         f"written; the file is {kind}, so accepted suffixes are: {', '.join(suffixes)}.")
     parent = p.resolve().parent
     if not parent.is_dir(): raise ValueError(f"{what} {path}: the folder {parent} does not exist; create it first.")
 
@@ -520,6 +523,59 @@ def _cmd_fit(a):
         if rank == 0: print(f"saved {f} to {f.save(a.out)}" + (f" (fitted by {world} processes)" if world > 1 else ''))
     if a.checkpoint is not None: FitCheckpoint(a.checkpoint, '').remove()   # only once the factors are safely written
 
+
+# %% ../nbs/13_cli.ipynb #fc194309
+def _windows_parser(sub):
+    w = sub.add_parser('windows', help='cut long documents into training-length windows: a corpus file every command reads',
+                       description="Cut each document of a corpus into consecutive windows of --max-length tokens (with --pack: join "
+                                   "all documents, each closed by the end-of-text token, and cut the stream into blocks), as training "
+                                   "cut them, and write them as JSONL token-id records that fit-factors, score, scan and explore read. "
+                                   "A window's id is its document's id (or position in the file), '#' and its number; in Python, "
+                                   "influence_nb.source_scores(pd.read_parquet(SCORES), WINDOWS) sums score's table back to documents.")
+    _corpus_args(w, '--corpus', what='the documents')
+    w.add_argument('--tokenizer', default=None, help="tokenizer folder (default: the --model folder's)")
+    w.add_argument('--model', default=None, help='a bundled model name or a model folder whose tokenizer to use (the weights are not loaded)')
+    w.add_argument('--trust-remote-code', action='store_true', help="let a tokenizer folder's own Python code run")
+    w.add_argument('--max-length', type=int, required=True, help='tokens per window: the length the model was trained at')
+    w.add_argument('--pack', action='store_true', help='join all documents and cut the stream into blocks (packed training) '
+                   'instead of cutting each document on its own')
+    w.add_argument('--separator', default='eos', help="with --pack: the token id put after each document, 'eos' (the tokenizer's "
+                   "end-of-text token; default) or 'none'")
+    w.add_argument('--out', required=True, help='output .jsonl: one window per line (id, source and start or, packed, sources; input_ids)')
+    _skip_arg(w)
+
+def _windows_tokenizer(a):
+    "The tokenizer `windows` cuts with: --tokenizer, else the bundled model's or the --model folder's own."
+    if a.tokenizer is None and a.model is None: raise ValueError("pass --tokenizer (or --model, whose tokenizer is used): windows are counted in its tokens.")
+    bundled = a.tokenizer is None and a.model in MODEL_NAMES and not Path(a.model).is_dir()
+    return load_tokenizer(data_dir()/'models'/a.model if bundled else a.tokenizer or a.model, a.trust_remote_code)
+
+def _cmd_windows(a):
+    if a.max_length < 2: raise ValueError(f"--max-length must be at least 2 (a window scores the tokens after its first), got {a.max_length}.")
+    sep = None if str(a.separator).lower() == 'none' else a.separator if a.separator == 'eos' else int(a.separator) if str(a.separator).isdigit() else False
+    if sep is False: raise ValueError(f"--separator must be 'eos', 'none' or a token id, got {a.separator!r}.")
+    _check_corpus_file(a.corpus, a.text_field, '--corpus', a.skip_bad_records); _check_out(a.out, suffixes=('.jsonl',), kind='JSONL')
+    tok, path, bad, n = _windows_tokenizer(a), Path(a.corpus), [], [0]
+    def records():                                                   # streamed: a corpus of any size, a chunk in memory
+        for j, (where, r, why) in enumerate(corpus_entries(path, a.text_field)):
+            n[0] += 1
+            if why and not a.skip_bad_records: raise ValueError(f"--corpus {path.name}, {where}: {end_sentence(why)} {_SKIP_ADVICE}.")
+            if why: bad.append((where, why))
+            else: yield {**r, 'id': record_id(r) or str(j)}          # a record without an id is named by its position in the file
+    tmp, wins, toks, split = Path(a.out).with_name(Path(a.out).name + '.tmp'), 0, 0, set()
+    try:
+        with open(tmp, 'w', encoding='utf-8') as f:                  # written whole, then moved: never a half file under --out
+            for r in iter_windows(tok, records(), a.max_length, pack=a.pack, separator=sep):
+                f.write(json.dumps(r, ensure_ascii=False) + '\n'); wins += 1; toks += len(r['input_ids'])
+                if not a.pack and r['start'] > 0: split.add(r['source'])
+        os.replace(tmp, a.out)
+    finally: tmp.unlink(missing_ok=True)
+    docs = n[0] - len(bad)
+    if bad: print(f"note: --corpus {path.name}: skipped {len(bad)} of its {n[0]} records, which cannot be read (--skip-bad-records; "
+                  f"the first: {bad[0][0]}: {bad[0][1]}).", file=sys.stderr)
+    if a.pack: print(f"wrote {wins:,} blocks of at most {a.max_length} tokens ({toks:,} tokens) packed from {docs:,} documents to {a.out}")
+    else: print(f"wrote {wins:,} windows of at most {a.max_length} tokens ({toks:,} tokens) from {docs:,} documents "
+                f"({len(split):,} longer than {a.max_length} tokens, split) to {a.out}")
 
 # %% ../nbs/13_cli.ipynb #02a3a4c2
 def _say_repeated_ids(recs, pos, path):
@@ -840,7 +896,7 @@ def main(argv=None) -> int:
                 demo(args.model, args.query, args.k, args.fit_sample, args.candidates, seed=args.seed, tokenizer=args.tokenizer,
                      device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
             else: return {'fit-factors': _cmd_fit, 'score': _cmd_score, 'scan': _cmd_scan, 'top': _cmd_top,
-                          'explore': _cmd_explore}[args.command](args) or 0
+                          'explore': _cmd_explore, 'windows': _cmd_windows}[args.command](args) or 0
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"influence-nb {args.command}: error: {_cli_words(str(e))}", file=sys.stderr); return 2
     except KeyboardInterrupt:                      # Ctrl-C: no traceback, and what was kept

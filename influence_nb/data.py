@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #32d43130
 from __future__ import annotations
-import os, re, sys, json, inspect, numbers, functools, warnings
+import os, re, sys, json, inspect, numbers, functools, itertools, warnings
 from pathlib import Path
 from contextlib import contextmanager, nullcontext
 from collections.abc import Mapping, Sequence, Iterable, Iterator
@@ -22,7 +22,7 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'load_bundled', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs',
            'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines',
            'parquet_rows', 'corpus_rows', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus',
-           'corpus_sequences', 'cache_dir', 'cached_factors']
+           'corpus_sequences', 'iter_windows', 'token_windows', 'source_scores', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -352,7 +352,8 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
     if max_length is not None and (cut := cut_texts(tokenizer, texts, [s['input_ids'] for s in seqs], max_length)):
         warnings.warn(f"{len(cut):,} of {len(texts):,} texts were longer than max_length={max_length} tokens and were cut to their "
                       f"first {max_length} (the first: texts[{cut[0]}]); only those tokens are scored. Pass a larger max_length "
-                      "(the command line cuts at the model's context: `context_length(model, tokenizer)`), or None for no limit.",
+                      "(the command line cuts at the model's context: `context_length(model, tokenizer)`), or None for no limit; "
+                      "to score every token at the length the model was trained at, cut long texts into windows (`token_windows`).",
                       TruncatedTextsWarning, stacklevel=2)
     return as_sequences(seqs, name='texts')
 
@@ -1147,6 +1148,149 @@ def corpus_sequences(records:list[dict], # from `read_corpus`
     for j, r in enumerate(records):
         if j not in out: out[j] = as_sequence({k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}, j, 'corpus')
     return [out[j] for j in range(len(records))]
+
+# %% ../nbs/00_data.ipynb #cbe8f635
+@contextmanager
+def _no_length_notice():
+    "transformers' notice that a text exceeds the model's length is silenced: here it is cut into windows on purpose."
+    from transformers.utils import logging as hf_logging
+    old = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()
+    try: yield
+    finally: hf_logging.set_verbosity(old)
+
+def _text_id(t, j:int, names, seen:dict) -> str:
+    "Text `j`'s id: the next of `names` (the caller's ids) if given, else a record's own non-null 'id', else `j`; repeats refused."
+    if names is not None:
+        if (x := next(names, None)) is None: raise ValueError(f"`ids` ran out at texts[{j}]: give one id per text.")
+        x = str(x)
+    else: x = str(t['id']) if isinstance(t, Mapping) and t.get('id') is not None else str(j)
+    if x in seen: raise ValueError(f"texts[{seen[x]}] and texts[{j}] have the same id {x!r}: a window names the text it came "
+                                   "from, so ids must be unique; pass `ids=` with one id per text.")
+    seen[x] = j; return x
+
+def _item_sequences(tokenizer, items:list, text_field:str) -> list[dict]:
+    "Uncut sequences of texts, conversations, pairs, records of them, and records holding 'input_ids' (taken as they are)."
+    given = {j: as_sequence({k: t[k] for k in ('input_ids', 'labels', 'attention_mask') if k in t}, j, 'texts')
+             for j, t in enumerate(items) if isinstance(t, Mapping) and 'input_ids' in t}
+    rest = [j for j in range(len(items)) if j not in given]
+    with _no_length_notice(): made = tokenize(tokenizer, [items[j] for j in rest], None, text_field) if rest else []
+    out = {**given, **dict(zip(rest, made))}
+    return [out[j] for j in range(len(items))]
+
+def _window_record(ids:torch.Tensor, labels:torch.Tensor, **where) -> dict:
+    "A window as a corpus record: plain lists, with 'labels' only where some token is not scored."
+    rec = {'input_ids': ids.tolist()}
+    if (labels != ids).any(): rec['labels'] = labels.tolist()
+    return {**where, **rec}
+
+# %% ../nbs/00_data.ipynb #72265d2b
+def _cut_blocks(buf:list, spans:list, length:int, b:int, final:bool=False):
+    "Packed blocks cut from the front of `buf` ([ids, labels] tensors) while a whole one is there (`final`: the rest too); `spans` ([id, start, n, at]) follow."
+    while len(buf[0]) >= length or (final and len(buf[0])):
+        held = [[x, s0 + max(-a, 0), min(a + n, length) - max(a, 0)] for x, s0, n, a in spans if a < length and a + n > 0]
+        yield _window_record(buf[0][:length], buf[1][:length], id=f'block-{b}', sources=held); b += 1
+        buf[:] = [buf[0][length:], buf[1][length:]]
+        spans[:] = [[x, s0, n, a - length] for x, s0, n, a in spans if a + n > length]
+
+def iter_windows(tokenizer, # a Hugging Face tokenizer
+                 texts, # texts, conversations, pairs, records of them (`text_field`) or records with 'input_ids'; any iterable
+                 length:int, # tokens per window: the length the model was trained at
+                 ids=None, # one id per text (default: a record's own 'id', else the text's position)
+                 pack:bool=False, # join all texts and cut the stream into blocks, as packed training does
+                 separator:int|str|None='eos', # packed: the token after each text ('eos': the tokenizer's end token, if any)
+                 text_field:str='text', # the field holding the text when `texts` holds records (dotted for nested)
+                 chunk_size:int=256, # texts tokenized at a time: memory holds one chunk, whatever the corpus's size
+                ) -> Iterator[dict]:
+    "`token_windows` one window at a time, reading `texts` a chunk at a time (a corpus file's records as they stream)."
+    if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
+    length, chunk_size = check_int(length, 'length', lo=2), check_int(chunk_size, 'chunk_size')   # one token: nothing scored
+    sep = tokenizer.eos_token_id if separator == 'eos' else separator
+    if sep is not None: sep = check_int(sep, 'separator', lo=0)
+    items = _iter_data([texts] if isinstance(texts, (str, Mapping)) else texts, 'texts')
+    return _windows(tokenizer, items, length, ids, pack, sep, text_field, chunk_size)
+
+def _windows(tokenizer, items, length, ids, pack, sep, text_field, chunk_size):
+    names, seen, n = iter(ids) if ids is not None else None, {}, 0
+    buf, spans, at, b, last = [torch.empty(0, dtype=torch.long)] * 2, [], 0, 0, None   # packed: the unfinished block
+    while chunk := list(itertools.islice(items, chunk_size)):
+        seqs = _item_sequences(tokenizer, chunk, text_field)
+        for j, (t, s) in enumerate(zip(chunk, seqs), start=n):
+            x = _text_id(t, j, names, seen)
+            if not pack:
+                for a in range(0, len(s['input_ids']), length):
+                    r = _window_record(s['input_ids'][a:a + length], s['labels'][a:a + length], id=f'{x}#{a // length}', source=x, start=a)
+                    if n_scored(as_sequence(r)) > 0: yield r    # a window that scores nothing: training learns nothing from it
+                continue
+            if sep is not None and last is not None and last != sep and int(s['input_ids'][0]) != sep:   # (a BOS that is the EOS parts them)
+                buf = [torch.cat([buf[0], torch.tensor([sep])]), torch.cat([buf[1], torch.tensor([sep])])]
+            spans.append([x, 0, len(s['input_ids']), len(buf[0])])
+            buf = [torch.cat([buf[0], s['input_ids']]), torch.cat([buf[1], s['labels']])]; last = int(s['input_ids'][-1])
+            for r in _cut_blocks(buf, spans, length, b):
+                b += 1
+                if n_scored(as_sequence(r)) > 0: yield r
+        n += len(chunk)
+    if names is not None and next(names, None) is not None: raise ValueError(f"`ids` has more entries than the {n} texts; give one id per text.")
+    if not n: raise ValueError("`texts` is empty: pass at least one text.")
+    if pack and sep is not None and last != sep:
+        buf = [torch.cat([buf[0], torch.tensor([sep])]), torch.cat([buf[1], torch.tensor([sep])])]
+    for r in _cut_blocks(buf, spans, length, b, final=True):
+        if n_scored(as_sequence(r)) > 0: yield r
+
+# %% ../nbs/00_data.ipynb #014cb70c
+def token_windows(tokenizer, # a Hugging Face tokenizer
+                  texts, # texts, conversations, pairs, records of them (`text_field`) or records with 'input_ids'
+                  length:int, # tokens per window: the length the model was trained at
+                  ids=None, # one id per text (default: a record's own 'id', else the text's position)
+                  pack:bool=False, # join all texts and cut the stream into blocks, as packed training does
+                  separator:int|str|None='eos', # packed: the token after each text ('eos': the tokenizer's end token, if any)
+                  text_field:str='text', # the field holding the text when `texts` holds records (dotted for nested)
+                 ) -> list[dict]:
+    """Every token of `texts` in training sequences of at most `length` tokens, as corpus records: each text cut into
+    consecutive windows ('id' `'<text id>#<k>'`, 'source', 'start'), or with `pack` all texts joined and cut into blocks
+    ('id' `'block-<k>'`, 'sources' `[[id, start, n], ...]`); windows with no scored token are left out."""
+    return list(iter_windows(tokenizer, texts, length, ids, pack, separator, text_field))
+
+def _read_windows(windows) -> list[dict]:
+    "Window records from `token_windows`, or from a JSONL file of them (`influence-nb windows`)."
+    if isinstance(windows, (str, os.PathLike)):
+        windows = [json.loads(x) for x in Path(windows).read_text(encoding='utf-8-sig').splitlines() if x.strip()]
+    windows = list(windows)
+    if not all(isinstance(w, Mapping) and 'source' in w and 'start' in w for w in windows):
+        packed = any(isinstance(w, Mapping) and 'sources' in w for w in windows)
+        raise ValueError("a packed block holds several texts, and its score is the block's: a text's share of it is not a sum "
+                         "of scores (its tokens' terms are: `per_token=True`)." if packed else
+                         "`windows` must be `token_windows`' records (each with 'source' and 'start'), or a JSONL file of them.")
+    return windows
+
+def source_scores(scores, # `pairwise_scores`' result, a [n_queries, n_windows] tensor or array, or `influence-nb score`'s table
+                  windows, # the windows scored, in order: `token_windows`' records or a JSONL file of them
+                 ) -> 'pd.DataFrame':
+    """Each text's influence, the sum of its windows' scores: one row per text (in the order of `windows`), one column
+    per query; scores that leave some of a text's windows out are refused."""
+    import pandas as pd
+    wins = _read_windows(windows)
+    if isinstance(scores, pd.DataFrame):                            # rows: windows, at their positions in the file
+        names = scores.index.names
+        pos = scores.index.get_level_values('train_index') if 'train_index' in names else range(len(scores))
+        table = scores.set_axis(list(pos), axis=0)
+    else:
+        total = getattr(scores, 'total', scores)
+        arr = total.detach().cpu().double().numpy() if isinstance(total, torch.Tensor) else np.asarray(total, dtype=float)
+        if arr.ndim != 2: raise ValueError(f"`scores` must be [n_queries, n_windows], got shape {arr.shape}.")
+        table = pd.DataFrame(arr.T)
+    if (bad := [p for p in table.index if not 0 <= p < len(wins)]):
+        raise ValueError(f"the scores have a row for window {bad[0]}, but `windows` holds {len(wins)}: were they scored on these windows?")
+    if table.index.duplicated().any():
+        raise ValueError(f"the scores hold window {wins[table.index[table.index.duplicated()][0]]['id']} more than once.")
+    if len(table) != len(wins):
+        missing = sorted(set(range(len(wins))) - set(table.index))
+        raise ValueError(f"the scores cover {table.index.nunique():,} of {len(wins):,} windows (the first left out: "
+                         f"{wins[missing[0]]['id']}), so a text's sum would miss some of its windows; score "
+                         "every window (`score` without --candidates).")
+    table = table.sort_index()                                      # summed in the windows' order, whatever the rows' order
+    src = pd.Index([str(wins[p]['source']) for p in table.index], name='source')
+    out = table.set_axis(src, axis=0).groupby(level='source', sort=False).sum()
+    return out.reindex(pd.unique(pd.Index([str(w['source']) for w in wins])))
 
 # %% ../nbs/00_data.ipynb #805828ee
 def cache_dir() -> Path:

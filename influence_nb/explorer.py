@@ -387,7 +387,8 @@ def train(self: ExplorerSession, name: str) -> list[dict]:
         limit = (f"{name}'s context ({ctx} tokens; `max_length`, `--max-length` on the command line, cuts them shorter, to the "
                  "length the model was trained at)") if self.max_length is None else f"`max_length` ({ctx} tokens)"
         note = (f"{len(cut):,} of {len(self.records):,} training texts are longer than {limit}, so only their first {ctx} "
-                f"tokens are scored (the first: id {self.records[texts[cut[0]]]['id']}).") if cut else None
+                f"tokens are scored (the first: id {self.records[texts[cut[0]]]['id']}); `token_windows` (`influence-nb windows`) "
+                "cuts them into windows instead, so that every token is scored.") if cut else None
         self._cut[key] = ({texts[j] for j in cut}, note)                    # each run shows it (`run_query`'s notes)
         if cut: warnings.warn(note, TruncatedTextsWarning, stacklevel=2)
     return self._train[key]

@@ -202,7 +202,8 @@ def _count_cut(cut:dict, items, texts:dict, ids:list, tokenizer, max_length:int)
 def _say_cut(cut:dict, max_length:int|None):
     "Warn (for the caller of `scan`) how many texts were cut to `max_length`, if any."
     if cut: warnings.warn(f"{cut['n']:,} texts were longer than max_length={max_length} tokens and were cut "
-                          f"to their first {max_length} (the first: {cut['first']}); only those tokens are scored.", TruncatedTextsWarning, stacklevel=4)
+                          f"to their first {max_length} (the first: {cut['first']}); only those tokens are scored; `token_windows` "
+                          "(`influence-nb windows`) cuts long texts into windows instead, so that every token is scored.", TruncatedTextsWarning, stacklevel=4)
 
 # %% ../nbs/08_search.ipynb #60db7376
 def merge_topk(values:torch.Tensor, # [n_q, k0] best scores so far (-inf: empty slot)

@@ -213,7 +213,7 @@ def test_explorer_says_which_texts_its_context_cuts(d):
     from influence_nb.data import TruncatedTextsWarning
     model, tok = AutoModelForCausalLM.from_pretrained(d/'model').eval(), AutoTokenizer.from_pretrained(d/'model')
     corpus = [{'id': f'r{i}', 'text': t} for i, t in enumerate(TEXTS)] + [{'id': 'long', 'text': ' '.join(TEXTS)}]
-    msgs = []
+    msgs, WINDOWS = [], "; `token_windows` (`influence-nb windows`) cuts them into windows instead, so that every token is scored."
     for max_length in (None, 32):
         s = ExplorerSession(model=model, tokenizer=tok, corpus=corpus, queries=[('The capital of country 3 is', ' city 3')],
                             name='m', max_length=max_length)
@@ -223,9 +223,9 @@ def test_explorer_says_which_texts_its_context_cuts(d):
         msgs += [str(x.message) for x in w if issubclass(x.category, TruncatedTextsWarning)]
     assert msgs == [f"1 of {len(corpus)} training texts are longer than m's context (64 tokens; `max_length`, `--max-length` on "
                     "the command line, cuts them shorter, to the length the model was trained at), so only their first 64 "
-                    "tokens are scored (the first: id long).",
+                    "tokens are scored (the first: id long)" + WINDOWS,
                     f"1 of {len(corpus)} training texts are longer than `max_length` (32 tokens), so only their first 32 tokens "
-                    "are scored (the first: id long)."], msgs
+                    "are scored (the first: id long)" + WINDOWS], msgs
 
 
 def test_fit_factors_refuses_a_bad_out_before_fitting(d, tmp_path, monkeypatch):
