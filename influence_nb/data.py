@@ -1187,7 +1187,8 @@ def _window_record(ids:torch.Tensor, labels:torch.Tensor, **where) -> dict:
 def _cut_blocks(buf:list, spans:list, length:int, b:int, final:bool=False):
     "Packed blocks cut from the front of `buf` ([ids, labels] tensors) while a whole one is there (`final`: the rest too); `spans` ([id, start, n, at]) follow."
     while len(buf[0]) >= length or (final and len(buf[0])):
-        held = [[x, s0 + max(-a, 0), min(a + n, length) - max(a, 0)] for x, s0, n, a in spans if a < length and a + n > 0]
+        held = [{'source': x, 'start': s0 + max(-a, 0), 'at': max(a, 0), 'n': min(a + n, length) - max(a, 0)}
+                for x, s0, n, a in spans if a < length and a + n > 0]
         yield _window_record(buf[0][:length], buf[1][:length], id=f'block-{b}', sources=held); b += 1
         buf[:] = [buf[0][length:], buf[1][length:]]
         spans[:] = [[x, s0, n, a - length] for x, s0, n, a in spans if a + n > length]
@@ -1247,7 +1248,8 @@ def token_windows(tokenizer, # a Hugging Face tokenizer
                  ) -> list[dict]:
     """Every token of `texts` in training sequences of at most `length` tokens, as corpus records: each text cut into
     consecutive windows ('id' `'<text id>#<k>'`, 'source', 'start'), or with `pack` all texts joined and cut into blocks
-    ('id' `'block-<k>'`, 'sources' `[[id, start, n], ...]`); windows with no scored token are left out."""
+    ('id' `'block-<k>'`, 'sources': each text's 'source', 'start', 'at' in the block and 'n' tokens); windows with no
+    scored token are left out."""
     return list(iter_windows(tokenizer, texts, length, ids, pack, separator, text_field))
 
 def _read_windows(windows) -> list[dict]:
@@ -1255,20 +1257,41 @@ def _read_windows(windows) -> list[dict]:
     if isinstance(windows, (str, os.PathLike)):
         windows = [json.loads(x) for x in Path(windows).read_text(encoding='utf-8-sig').splitlines() if x.strip()]
     windows = list(windows)
-    if not all(isinstance(w, Mapping) and 'source' in w and 'start' in w for w in windows):
-        packed = any(isinstance(w, Mapping) and 'sources' in w for w in windows)
-        raise ValueError("a packed block holds several texts, and its score is the block's: a text's share of it is not a sum "
-                         "of scores (its tokens' terms are: `per_token=True`)." if packed else
-                         "`windows` must be `token_windows`' records (each with 'source' and 'start'), or a JSONL file of them.")
+    if not all(isinstance(w, Mapping) and (('source' in w and 'start' in w) or 'sources' in w) for w in windows):
+        raise ValueError("`windows` must be `token_windows`' records (each with 'source' and 'start', or packed, 'sources'), "
+                         "or a JSONL file of them.")
     return windows
+
+def _packed_shares(tok:np.ndarray, # [n_q, n_blocks, T] per-token scores of the blocks
+                   wins:list[dict], # the blocks
+                  ) -> tuple[list[str], np.ndarray]:
+    "Each text's share of packed blocks' scores, `(ids, [n_q, n_texts])`: its tokens' terms, with the separator that closes it."
+    order, sums, owner = {}, [], None
+    for b, w in enumerate(wins):
+        marks = [(int(s['at']), str(s['source'])) for s in w['sources']]
+        if not marks or marks[0][0] > 0: marks = [(0, owner if owner is not None else marks[0][1])] + marks   # a separator first
+        for (a, x), e in zip(marks, [m[0] for m in marks[1:]] + [len(w['input_ids'])]):
+            if x not in order: order[x] = len(sums); sums.append(np.zeros(tok.shape[0]))
+            sums[order[x]] += tok[:, b, a:e].sum(-1)
+        owner = marks[-1][1]
+    return list(order), np.stack(sums, 1)
 
 def source_scores(scores, # `pairwise_scores`' result, a [n_queries, n_windows] tensor or array, or `influence-nb score`'s table
                   windows, # the windows scored, in order: `token_windows`' records or a JSONL file of them
                  ) -> 'pd.DataFrame':
-    """Each text's influence, the sum of its windows' scores: one row per text (in the order of `windows`), one column
-    per query; scores that leave some of a text's windows out are refused."""
+    """Each text's influence, the sum of its windows' scores (packed blocks: of its tokens' terms, `per_token=True`): one
+    row per text (in the order of `windows`), one column per query; scores that leave some windows out are refused."""
     import pandas as pd
     wins = _read_windows(windows)
+    if any('sources' in w for w in wins):                           # packed: a block's score is split by its tokens
+        tok = scores if isinstance(scores, (torch.Tensor, np.ndarray)) else getattr(scores, 'per_token', None)
+        if tok is None or tok.ndim != 3:
+            raise ValueError("packed blocks hold several texts, so a text's share of a block's score is the sum of its tokens' "
+                             "terms: pass `pairwise_scores(..., per_token=True)` (or its [n_queries, n_blocks, T] `per_token`).")
+        tok = tok.detach().cpu().double().numpy() if isinstance(tok, torch.Tensor) else np.asarray(tok, dtype=float)
+        if tok.shape[1] != len(wins): raise ValueError(f"the scores cover {tok.shape[1]:,} blocks, `windows` holds {len(wins):,}: score every block.")
+        names, sums = _packed_shares(tok, wins)
+        return pd.DataFrame(sums.T, index=pd.Index(names, name='source'))
     if isinstance(scores, pd.DataFrame):                            # rows: windows, at their positions in the file
         names = scores.index.names
         pos = scores.index.get_level_values('train_index') if 'train_index' in names else range(len(scores))
