@@ -12,7 +12,7 @@ import pandas as pd
 from .data import (cut_texts, corpus_lines, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
-                               require_scored, end_sentence, array_record, iter_windows, DTYPES)
+                               require_scored, end_sentence, array_record, iter_windows, model_tokenizer, NoWindowWarning, DTYPES)
 from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
@@ -527,55 +527,88 @@ def _cmd_fit(a):
 # %% ../nbs/13_cli.ipynb #fc194309
 def _windows_parser(sub):
     w = sub.add_parser('windows', help='cut long documents into training-length windows: a corpus file every command reads',
-                       description="Cut each document of a corpus into consecutive windows of --max-length tokens (with --pack: join "
-                                   "all documents, each closed by the end-of-text token, and cut the stream into blocks), as training "
-                                   "cut them, and write them as JSONL token-id records that fit-factors, score, scan and explore read. "
-                                   "A window's id is its document's id (or position in the file), '#' and its number; in Python, "
-                                   "influence_nb.source_scores(pd.read_parquet(SCORES), WINDOWS) sums score's table back to documents.")
+                       description="Cut each document of a corpus into consecutive windows of --max-length tokens, as training cut "
+                                   "them (with --pack: join all documents, each closed by the end-of-text token, and cut the stream "
+                                   "into blocks, block-<k>), and write them as JSONL token-id records that fit-factors, score, scan and "
+                                   "explore read. A window's id is its document's id (or position in the file), '#' and its number; in "
+                                   "Python, influence_nb.source_scores(pd.read_parquet(SCORES), WINDOWS) sums score's table back to "
+                                   "documents. Packed blocks mix documents: their split needs per-token scores, from Python "
+                                   "(pairwise_scores(..., per_token=True)).")
     _corpus_args(w, '--corpus', what='the documents')
-    w.add_argument('--tokenizer', default=None, help="tokenizer folder (default: the --model folder's)")
-    w.add_argument('--model', default=None, help='a bundled model name or a model folder whose tokenizer to use (the weights are not loaded)')
-    w.add_argument('--trust-remote-code', action='store_true', help="let a tokenizer folder's own Python code run")
+    w.add_argument('--tokenizer', default=None, help="tokenizer folder (default: the --model's, as the other commands pair them)")
+    w.add_argument('--model', default=None, help='a bundled model name, a model folder or Hub id: its tokenizer cuts the windows, and '
+                   '--max-length may not exceed its context (the weights are not loaded)')
+    w.add_argument('--trust-remote-code', action='store_true', help="let a folder's own Python code run (its config's auto_map)")
     w.add_argument('--max-length', type=int, required=True, help='tokens per window: the length the model was trained at')
     w.add_argument('--pack', action='store_true', help='join all documents and cut the stream into blocks (packed training) '
                    'instead of cutting each document on its own')
-    w.add_argument('--separator', default='eos', help="with --pack: the token id put after each document, 'eos' (the tokenizer's "
-                   "end-of-text token; default) or 'none'")
+    w.add_argument('--separator', default=None, help="with --pack: the token put after each document, 'eos' (the tokenizer's "
+                   "end-of-text token; default), 'none', or a token id")
     w.add_argument('--out', required=True, help='output .jsonl: one window per line (id, source and start or, packed, sources; input_ids)')
     _skip_arg(w)
 
-def _windows_tokenizer(a):
-    "The tokenizer `windows` cuts with: --tokenizer, else the bundled model's or the --model folder's own."
+def _windows_tokenizer(a) -> tuple:
+    "`(tokenizer, context)` that `windows` cuts with: --tokenizer, else the --model's own (as `load_model` pairs them), and its context."
     if a.tokenizer is None and a.model is None: raise ValueError("pass --tokenizer (or --model, whose tokenizer is used): windows are counted in its tokens.")
-    bundled = a.tokenizer is None and a.model in MODEL_NAMES and not Path(a.model).is_dir()
-    return load_tokenizer(data_dir()/'models'/a.model if bundled else a.tokenizer or a.model, a.trust_remote_code)
+    if a.model is None: return load_tokenizer(a.tokenizer, a.trust_remote_code), None
+    return model_tokenizer(a.model, a.tokenizer, a.trust_remote_code)
 
+def _separator(a):
+    "--separator as `iter_windows` takes it; refused without --pack, where nothing is put between documents."
+    if a.separator is None: return 'eos'
+    if not a.pack: raise ValueError("--separator goes with --pack: unpacked windows never join documents.")
+    v = a.separator.strip().lower()
+    if v in ('eos', 'none'): return None if v == 'none' else 'eos'
+    if v.isdigit(): return int(v)
+    raise ValueError(f"--separator must be 'eos', 'none' or a token id, got {a.separator!r}.")
+
+# %% ../nbs/13_cli.ipynb #ed44ee87
 def _cmd_windows(a):
     if a.max_length < 2: raise ValueError(f"--max-length must be at least 2 (a window scores the tokens after its first), got {a.max_length}.")
-    sep = None if str(a.separator).lower() == 'none' else a.separator if a.separator == 'eos' else int(a.separator) if str(a.separator).isdigit() else False
-    if sep is False: raise ValueError(f"--separator must be 'eos', 'none' or a token id, got {a.separator!r}.")
-    _check_corpus_file(a.corpus, a.text_field, '--corpus', a.skip_bad_records); _check_out(a.out, suffixes=('.jsonl',), kind='JSONL')
-    tok, path, bad, n = _windows_tokenizer(a), Path(a.corpus), [], [0]
-    def records():                                                   # streamed: a corpus of any size, a chunk in memory
+    sep = _separator(a)
+    _check_corpus_file(a.corpus, a.text_field, '--corpus', a.skip_bad_records); _check_out(a.out, suffixes=('.jsonl', '.json', '.ndjson'), kind='JSONL')
+    path, out = Path(a.corpus), Path(a.out)
+    if out.resolve() == path.resolve(): raise ValueError(f"--out {a.out} is the --corpus file: write the windows to another file.")
+    tok, ctx = _windows_tokenizer(a)
+    if ctx is not None and a.max_length > ctx:
+        raise ValueError(f"--max-length {a.max_length} exceeds the model's context ({ctx} tokens): such windows could not be scored; "
+                         f"pass the length the model was trained at (at most {ctx}).")
+    bad, seen, n = [], {}, [0]                                       # seen: each id's place in the file
+    def records():                            # streamed: windows are written a chunk of documents at a time (Parquet rows are read first)
         for j, (where, r, why) in enumerate(corpus_entries(path, a.text_field)):
             n[0] += 1
             if why and not a.skip_bad_records: raise ValueError(f"--corpus {path.name}, {where}: {end_sentence(why)} {_SKIP_ADVICE}.")
-            if why: bad.append((where, why))
-            else: yield {**r, 'id': record_id(r) or str(j)}          # a record without an id is named by its position in the file
-    tmp, wins, toks, split = Path(a.out).with_name(Path(a.out).name + '.tmp'), 0, 0, set()
+            if why: bad.append((where, why)); continue
+            x = record_id(r) or str(j)                                # a record without an id: its position in the file
+            if x in seen: raise ValueError(f"--corpus {path.name}, {where}: the id {x!r} is also {seen[x]}'s (a record without an id "
+                                           "is named by its position); windows are named by their document's id, so give each record its own.")
+            seen[x] = where; yield {**r, 'id': x}
+    def on_bad(j, r, e):
+        why = re.sub(r'^texts\[\d+\]', 'the record', _reword(e))
+        if not a.skip_bad_records: raise ValueError(f"--corpus {path.name}, {seen[r['id']]}: {end_sentence(why)} {_SKIP_ADVICE}.")
+        bad.append((seen[r['id']], why))
+    st = iter_windows(tok, records(), a.max_length, pack=a.pack, separator=sep, on_bad=on_bad)
+    fd, tmp = tempfile.mkstemp(dir=out.resolve().parent, prefix=f'.{out.name}.', suffix='.tmp')
+    try: prev = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops as Ctrl-C does: no partial file left
+    except ValueError: prev = None                                  # (not the main thread: signals are not ours to set)
     try:
-        with open(tmp, 'w', encoding='utf-8') as f:                  # written whole, then moved: never a half file under --out
-            for r in iter_windows(tok, records(), a.max_length, pack=a.pack, separator=sep):
-                f.write(json.dumps(r, ensure_ascii=False) + '\n'); wins += 1; toks += len(r['input_ids'])
-                if not a.pack and r['start'] > 0: split.add(r['source'])
-        os.replace(tmp, a.out)
-    finally: tmp.unlink(missing_ok=True)
-    docs = n[0] - len(bad)
-    if bad: print(f"note: --corpus {path.name}: skipped {len(bad)} of its {n[0]} records, which cannot be read (--skip-bad-records; "
+        with open(fd, 'w', encoding='utf-8') as f, warnings.catch_warnings():
+            warnings.simplefilter('ignore', NoWindowWarning)          # said below, with the file's line
+            wins, toks = 0, 0
+            for r in st: f.write(json.dumps(r, ensure_ascii=False) + '\n'); wins += 1; toks += len(r['input_ids'])
+        if not wins: raise ValueError(f"--corpus {path.name}: none of its {st.n_texts} documents gave a window (each has fewer than two "
+                                      "tokens, or no token to score), so nothing was written.")
+        os.replace(tmp, out)
+    finally:
+        if prev is not None: signal.signal(signal.SIGTERM, prev)
+        Path(tmp).unlink(missing_ok=True)
+    if bad: print(f"note: --corpus {path.name}: skipped {len(bad)} of its {n[0]} records, which cannot be used (--skip-bad-records; "
                   f"the first: {bad[0][0]}: {bad[0][1]}).", file=sys.stderr)
-    if a.pack: print(f"wrote {wins:,} blocks of at most {a.max_length} tokens ({toks:,} tokens) packed from {docs:,} documents to {a.out}")
-    else: print(f"wrote {wins:,} windows of at most {a.max_length} tokens ({toks:,} tokens) from {docs:,} documents "
-                f"({len(split):,} longer than {a.max_length} tokens, split) to {a.out}")
+    if st.bare: print(f"note: {len(st.bare)} of the {st.n_texts} documents gave no window: they have fewer than two tokens, or no token "
+                      f"to score (the first: {seen[st.bare[0][1]]}).", file=sys.stderr)
+    unit = 'blocks' if a.pack else 'windows'
+    print(f"wrote {wins:,} {unit} of at most {a.max_length} tokens ({toks:,} tokens) from {st.n_texts - len(st.bare):,} documents "
+          f"({st.n_split:,} longer than {a.max_length} tokens{'' if a.pack else ', split'}) to {a.out}")
 
 # %% ../nbs/13_cli.ipynb #02a3a4c2
 def _say_repeated_ids(recs, pos, path):

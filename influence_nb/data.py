@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #32d43130
 from __future__ import annotations
-import os, re, sys, json, inspect, numbers, functools, itertools, warnings
+import os, re, sys, json, types, inspect, numbers, functools, itertools, warnings
 from pathlib import Path
 from contextlib import contextmanager, nullcontext
 from collections.abc import Mapping, Sequence, Iterable, Iterator
@@ -19,10 +19,11 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'text_sequences', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'chat_sequence', 'chat_query',
            'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences',
            'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model',
-           'load_bundled', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs',
-           'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines',
-           'parquet_rows', 'corpus_rows', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus',
-           'corpus_sequences', 'iter_windows', 'token_windows', 'source_scores', 'cache_dir', 'cached_factors']
+           'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits',
+           'completion_logprobs', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of',
+           'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_text', 'array_record',
+           'corpus_entries', 'read_corpus', 'corpus_sequences', 'NoWindowWarning', 'WindowStream', 'iter_windows',
+           'token_windows', 'source_scores', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -95,8 +96,11 @@ def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attenti
                         + (f"— `{name}` looks like the token ids of ONE sequence: pass a list of sequences, e.g. [ids]." if flat else
                            "(use `inf.tokenize(tokenizer, texts)` to make sequences from text)."))
     if 'input_ids' not in x:
-        text = next((k for k, v in x.items() if isinstance(v, str)), None)   # raw text, e.g. a `datasets` row
-        hint = (f" It holds raw text ({text!r}): tokenize it first, e.g. `inf.tokenize(tokenizer, {name}, text_field={text!r})` "
+        keys = [k for k, v in x.items() if isinstance(v, str)]      # raw text, e.g. a `datasets` row (an id is not the text)
+        text = 'text' if 'text' in keys else next((k for k in keys if k != 'id'), None)
+        hint = (" It is a prompt-completion record: tokenize queries with `inf.tokenize_pairs(tokenizer, [(r['prompt'], "
+                f"r['completion']) for r in {name}])`, training records with `inf.tokenize(tokenizer, {name})`." if is_pair(x) else
+                f" It holds raw text ({text!r}): tokenize it first, e.g. `inf.tokenize(tokenizer, {name}, text_field={text!r})` "
                 f"or `{name}.map(lambda b: tokenizer(b[{text!r}]), batched=True)`." if text else '')
         raise ValueError(f"{name}[{i}] has no 'input_ids' (keys: {sorted(x)}).{hint}")
     ids = _as_1d_long(x['input_ids'], 'input_ids', i, name)
@@ -797,25 +801,15 @@ def _from_pretrained(where, device, dtype, trust_remote_code:bool=False):
     return m.to(device).eval()
 
 # %% ../nbs/00_data.ipynb #631b6368
-def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_pretrained` (a model's, or a peft adapter's), a Hub id ('org/name'), 'module:function' / 'file.py:function' (`_load_factory`) or a model object
-               tokenizer=None, # a tokenizer or its folder; None: the model folder's own (bundled models: data/tokenizer)
-               device=None, # where the model runs: None (a folder loads on the CPU; an object stays), 'cpu', 'cuda', 'cuda:1', 'auto' (an object is moved in place, as `.to` does)
-               dtype=None, # None: a folder loads in its checkpoint's dtype (transformers' default), an object keeps its own; or a DTYPES name
-               trust_remote_code:bool=False, # let a folder's own model and tokenizer code run (`auto_map` in its config); off: refused
-              ) -> tuple:
-    "`(model, tokenizer)` with the model in eval mode; refuses a folder without a tokenizer unless one is given."
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
-    if isinstance(model, torch.nn.Module):
-        if tokenizer is None: raise ValueError("`tokenizer` is required with a model object: pass the tokenizer the model was "
-                                               "trained with (an object or its folder).")
-        return _check_pair(model.to(device=device, dtype=dtype).eval(), load_tokenizer(tokenizer, trust_remote_code))
-    if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"`model` must be a model, a bundled name {MODEL_NAMES} or a folder, got {type(model).__name__}.")
-    if (spec := _FACTORY.fullmatch(str(model))) and not Path(model).exists(): return _load_factory(spec, tokenizer, device, dtype, trust_remote_code)
+def _resolve(model, # a bundled name, a folder, a Hub id or 'module:function' (as `load_model` takes them)
+             tokenizer=None, # the caller's tokenizer (None: the model's own)
+            ) -> tuple:
+    "What `load_model` loads for `model`: `(kind, where, tokenizer)`, kind 'factory', 'adapter', 'hub' or 'folder'; unknown models refused."
+    if (spec := _FACTORY.fullmatch(str(model))) and not Path(model).exists(): return 'factory', spec, tokenizer
     bundled = _bundled_dir(model)
     path = bundled or Path(model)
     if (path/'adapter_config.json').is_file() and not (path/'config.json').exists():
-        return _load_adapter(path, tokenizer, device, dtype, trust_remote_code)
+        return 'adapter', path, tokenizer
     hub = bundled is None and not path.exists() and _HUB_ID.fullmatch(str(model)) is not None   # 'org/name' or 'name'
     if not hub and (not path.is_dir() or not (path/'config.json').exists()):
         ckpts = sorted((p.name for p in path.glob('checkpoint-*') if (p/'config.json').is_file()),
@@ -833,7 +827,27 @@ def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_
                                "the model was trained with (`--tokenizer DIR` on the command line, `tokenizer=` in Python), or "
                                "save it into the folder with `tokenizer.save_pretrained(folder)`. Another tokenizer's ids "
                                "would make every score meaningless.")
-    m = _from_pretrained(str(model) if hub else path, device, dtype, trust_remote_code)    # first: an unknown Hub id is named as such
+    return ('hub', str(model), tokenizer) if hub else ('folder', path, tokenizer)
+
+def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_pretrained` (a model's, or a peft adapter's), a Hub id ('org/name'), 'module:function' / 'file.py:function' (`_load_factory`) or a model object
+               tokenizer=None, # a tokenizer or its folder; None: the model folder's own (bundled models: data/tokenizer)
+               device=None, # where the model runs: None (a folder loads on the CPU; an object stays), 'cpu', 'cuda', 'cuda:1', 'auto' (an object is moved in place, as `.to` does)
+               dtype=None, # None: a folder loads in its checkpoint's dtype (transformers' default), an object keeps its own; or a DTYPES name
+               trust_remote_code:bool=False, # let a folder's own model and tokenizer code run (`auto_map` in its config); off: refused
+              ) -> tuple:
+    "`(model, tokenizer)` with the model in eval mode; refuses a folder without a tokenizer unless one is given."
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None: raise ValueError("`tokenizer` is required with a model object: pass the tokenizer the model was "
+                                               "trained with (an object or its folder).")
+        return _check_pair(model.to(device=device, dtype=dtype).eval(), load_tokenizer(tokenizer, trust_remote_code))
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"`model` must be a model, a bundled name {MODEL_NAMES} or a folder, got {type(model).__name__}.")
+    kind, where, tokenizer = _resolve(model, tokenizer)
+    if kind == 'factory': return _load_factory(where, tokenizer, device, dtype, trust_remote_code)
+    if kind == 'adapter': return _load_adapter(where, tokenizer, device, dtype, trust_remote_code)
+    hub = kind == 'hub'
+    m = _from_pretrained(where, device, dtype, trust_remote_code)    # first: an unknown Hub id is named as such
     try: tok = load_tokenizer(tokenizer, trust_remote_code)
     except ValueError as e:
         if not (hub and tokenizer == str(model)): raise
@@ -842,16 +856,21 @@ def load_model(model, # a bundled name (MODEL_NAMES), a folder written by `save_
     return _check_pair(m, tok)
 
 # %% ../nbs/00_data.ipynb #343e66ec
+def _adapter_base(path:Path, tokenizer) -> tuple:
+    "`(base model, tokenizer)` of a peft adapter folder: the base it names, and the adapter's own tokenizer (added tokens) unless one is given."
+    base = json.loads((path/'adapter_config.json').read_text()).get('base_model_name_or_path')
+    if not base: raise ValueError(f"{path/'adapter_config.json'} names no base model (`base_model_name_or_path`): load the base "
+                                  "model, add the adapter with peft's `PeftModel.from_pretrained`, and pass the model object.")
+    if not Path(base).exists() and (path/base).exists(): base = str(path/base)   # a path relative to the adapter folder
+    if tokenizer is None and any((path/f).exists() for f in TOKENIZER_FILES): tokenizer = path
+    return base, tokenizer
+
 def _load_adapter(path:Path, tokenizer, device, dtype, trust_remote_code:bool=False) -> tuple:
     "A peft adapter folder: its base model (`base_model_name_or_path`, loaded as `load_model` does) with the adapter on top."
     try: from peft import PeftModel
     except ImportError: raise ImportError(f"{path} holds a peft adapter (adapter_config.json): install peft to load it "
                                           "(`pip install peft`), or merge the adapter into its base model and save that.") from None
-    base = json.loads((path/'adapter_config.json').read_text()).get('base_model_name_or_path')
-    if not base: raise ValueError(f"{path/'adapter_config.json'} names no base model (`base_model_name_or_path`): load the base "
-                                  "model, add the adapter with peft's `PeftModel.from_pretrained`, and pass the model object.")
-    if not Path(base).exists() and (path/base).exists(): base = str(path/base)   # a path relative to the adapter folder
-    if tokenizer is None and any((path/f).exists() for f in TOKENIZER_FILES): tokenizer = path   # the adapter's own (added tokens)
+    base, tokenizer = _adapter_base(path, tokenizer)
     m, tok = load_model(base, tokenizer, device, dtype, trust_remote_code)
     m = PeftModel.from_pretrained(m, path)
     return _check_pair(m.to(device=next(m.parameters()).device, dtype=dtype).eval(), tok)
@@ -871,6 +890,23 @@ def load_bundled(name:str='gpt2-l', # one of MODEL_NAMES, or a model folder (wit
                 ) -> tuple:
     "`(model, tokenizer)` of a bundled model (eval mode, float32) and the project tokenizer."
     return load_model(name)
+
+def model_tokenizer(model, # by name, as `load_model` takes it: a bundled name, a folder (a model's or a peft adapter's), a Hub id, 'module:function'
+                    tokenizer=None, # a tokenizer or its folder (None: the one `load_model` pairs with the model)
+                    trust_remote_code:bool=False, # let a folder's own tokenizer code run
+                   ) -> tuple:
+    "`(tokenizer, context)`: the tokenizer `load_model` pairs with `model` and the context its config gives (None: unknown), without loading weights."
+    kind, where, tok = _resolve(model, tokenizer)
+    if kind == 'adapter': return model_tokenizer(*_adapter_base(where, tok), trust_remote_code)
+    if kind == 'factory':
+        if tok is None: raise ValueError(f"{str(model)!r} builds the model in code, which says nothing of its tokenizer: pass the "
+                                         "tokenizer it was trained with (`--tokenizer DIR` on the command line, `tokenizer=` in Python).")
+        return load_tokenizer(tok, trust_remote_code), None
+    from transformers import AutoConfig
+    try: cfg = AutoConfig.from_pretrained(str(where), trust_remote_code=bool(trust_remote_code))
+    except (OSError, ValueError): cfg = None
+    t = load_tokenizer(tok, trust_remote_code)
+    return t, context_length(types.SimpleNamespace(config=cfg), t)
 
 # %% ../nbs/00_data.ipynb #8604a64d
 _FACTORY = re.compile(r'(?P<where>[A-Za-z_][\w.]*|.+\.py):(?P<fn>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)')   # 'pkg.mod:fn', 'dir/file.py:fn'
@@ -1159,23 +1195,38 @@ def _no_length_notice():
     finally: hf_logging.set_verbosity(old)
 
 def _text_id(t, j:int, names, seen:dict) -> str:
-    "Text `j`'s id: the next of `names` (the caller's ids) if given, else a record's own non-null 'id', else `j`; repeats refused."
+    "Text `j`'s id: the next of `names` (the caller's ids) if given, else a record's own 'id' (not null or NaN), else `j`; repeats refused."
     if names is not None:
-        if (x := next(names, None)) is None: raise ValueError(f"`ids` ran out at texts[{j}]: give one id per text.")
-        x = str(x)
-    else: x = str(t['id']) if isinstance(t, Mapping) and t.get('id') is not None else str(j)
-    if x in seen: raise ValueError(f"texts[{seen[x]}] and texts[{j}] have the same id {x!r}: a window names the text it came "
-                                   "from, so ids must be unique; pass `ids=` with one id per text.")
+        if (x := next(names, seen)) is seen: raise ValueError(f"`ids` ran out at texts[{j}]: give one id per text.")
+        if x is None: raise ValueError(f"ids[{j}] is None: give every text an id.")
+    else:
+        x = t.get('id') if isinstance(t, Mapping) else None
+        if x is None or (isinstance(x, float) and x != x): x = j    # no id (a pandas NaN either): the text's position
+    if (x := str(x)) in seen: raise ValueError(f"texts[{seen[x]}] and texts[{j}] have the same id {x!r}: a window names the "
+                                               "text it came from, so ids must be unique; pass `ids=` with one id per text.")
     seen[x] = j; return x
 
-def _item_sequences(tokenizer, items:list, text_field:str) -> list[dict]:
+def _tokenized(tokenizer, items:list, text_field:str) -> list[dict]:
     "Uncut sequences of texts, conversations, pairs, records of them, and records holding 'input_ids' (taken as they are)."
     given = {j: as_sequence({k: t[k] for k in ('input_ids', 'labels', 'attention_mask') if k in t}, j, 'texts')
              for j, t in enumerate(items) if isinstance(t, Mapping) and 'input_ids' in t}
     rest = [j for j in range(len(items)) if j not in given]
     with _no_length_notice(): made = tokenize(tokenizer, [items[j] for j in rest], None, text_field) if rest else []
+    assert len(made) == len(rest), (len(made), len(rest))  # one sequence per text
     out = {**given, **dict(zip(rest, made))}
     return [out[j] for j in range(len(items))]
+
+def _item_sequences(tokenizer, items:list, text_field:str, start:int=0, on_bad=None) -> list[dict|None]:
+    "`_tokenized`; a text it cannot take is named by its place in the whole stream (`start` + j), or given to `on_bad(j, text, error)` and None."
+    try: return _tokenized(tokenizer, items, text_field)
+    except (ValueError, TypeError): pass                            # one by one, to name (or skip) the text that failed
+    out = []
+    for j, t in enumerate(items, start):
+        try: out.append(_tokenized(tokenizer, [t], text_field)[0])
+        except (ValueError, TypeError) as e:
+            if on_bad is None: raise type(e)(str(e).replace('texts[0]', f'texts[{j}]', 1)) from None
+            on_bad(j, t, e); out.append(None)
+    return out
 
 def _window_record(ids:torch.Tensor, labels:torch.Tensor, **where) -> dict:
     "A window as a corpus record: plain lists, with 'labels' only where some token is not scored."
@@ -1193,6 +1244,15 @@ def _cut_blocks(buf:list, spans:list, length:int, b:int, final:bool=False):
         buf[:] = [buf[0][length:], buf[1][length:]]
         spans[:] = [[x, s0, n, a - length] for x, s0, n, a in spans if a + n > length]
 
+class NoWindowWarning(UserWarning):
+    "Texts that gave no window: fewer than two tokens, or none scored (a conversation without a reply)."
+
+class WindowStream:
+    "The windows of `iter_windows`, one at a time; once read, what the texts gave: `n_texts`, `n_split` (longer than one window), `bare` ((position, id) of each text with no window)."
+    def __init__(self, gen_fn): self.n_texts, self.n_split, self.bare = 0, 0, []; self._gen = gen_fn(self)
+    def __iter__(self): return self
+    def __next__(self): return next(self._gen)
+
 def iter_windows(tokenizer, # a Hugging Face tokenizer
                  texts, # texts, conversations, pairs, records of them (`text_field`) or records with 'input_ids'; any iterable
                  length:int, # tokens per window: the length the model was trained at
@@ -1201,22 +1261,33 @@ def iter_windows(tokenizer, # a Hugging Face tokenizer
                  separator:int|str|None='eos', # packed: the token after each text ('eos': the tokenizer's end token, if any)
                  text_field:str='text', # the field holding the text when `texts` holds records (dotted for nested)
                  chunk_size:int=256, # texts tokenized at a time: memory holds one chunk, whatever the corpus's size
-                ) -> Iterator[dict]:
+                 on_bad=None, # called as on_bad(position, text, error) for a text that cannot be tokenized, which is left out (None: raise)
+                ) -> WindowStream:
     "`token_windows` one window at a time, reading `texts` a chunk at a time (a corpus file's records as they stream)."
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
     length, chunk_size = check_int(length, 'length', lo=2), check_int(chunk_size, 'chunk_size')   # one token: nothing scored
-    sep = tokenizer.eos_token_id if separator == 'eos' else separator
-    if sep is not None: sep = check_int(sep, 'separator', lo=0)
-    items = _iter_data([texts] if isinstance(texts, (str, Mapping)) else texts, 'texts')
-    return _windows(tokenizer, items, length, ids, pack, sep, text_field, chunk_size)
+    sep = tokenizer.eos_token_id if isinstance(separator, str) and separator.lower() == 'eos' else separator
+    if sep is not None: sep = check_int(sep, 'separator', lo=0, hi=len(tokenizer) - 1)   # a token of this tokenizer
+    one = (isinstance(texts, str) or is_pair(texts) or (isinstance(texts, Mapping) and not _is_batch(texts))
+           or (is_conversation(texts) and not any(text_field in m for m in texts)))   # one text, as `tokenize` reads it
+    coll = [texts] if one else as_collection(texts, 'texts')
+    if isinstance(ids, (str, bytes)): raise TypeError("`ids` must be a list with one id per text, not a string.")
+    if ids is not None and hasattr(ids, '__len__') and hasattr(coll, '__len__') and len(ids) != len(coll):
+        raise ValueError(f"`ids` has {len(ids)} entries for {len(coll)} texts; give one id per text.")
+    items = _iter_data(coll, 'texts')
+    return WindowStream(lambda st: _windows(st, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad))
 
-def _windows(tokenizer, items, length, ids, pack, sep, text_field, chunk_size):
+# %% ../nbs/00_data.ipynb #a47d6f42
+def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad):
     names, seen, n = iter(ids) if ids is not None else None, {}, 0
-    buf, spans, at, b, last = [torch.empty(0, dtype=torch.long)] * 2, [], 0, 0, None   # packed: the unfinished block
+    buf, spans, b, last = [torch.empty(0, dtype=torch.long)] * 2, [], 0, None   # packed: the unfinished block
     while chunk := list(itertools.islice(items, chunk_size)):
-        seqs = _item_sequences(tokenizer, chunk, text_field)
+        seqs = _item_sequences(tokenizer, chunk, text_field, n, on_bad)
         for j, (t, s) in enumerate(zip(chunk, seqs), start=n):
             x = _text_id(t, j, names, seen)
+            if s is None: continue                                  # left out by `on_bad`
+            st.n_texts += 1; st.n_split += len(s['input_ids']) > length
+            if n_scored(s) == 0: st.bare.append((j, x)); continue
             if not pack:
                 for a in range(0, len(s['input_ids']), length):
                     r = _window_record(s['input_ids'][a:a + length], s['labels'][a:a + length], id=f'{x}#{a // length}', source=x, start=a)
@@ -1230,9 +1301,11 @@ def _windows(tokenizer, items, length, ids, pack, sep, text_field, chunk_size):
                 b += 1
                 if n_scored(as_sequence(r)) > 0: yield r
         n += len(chunk)
-    if names is not None and next(names, None) is not None: raise ValueError(f"`ids` has more entries than the {n} texts; give one id per text.")
     if not n: raise ValueError("`texts` is empty: pass at least one text.")
-    if pack and sep is not None and last != sep:
+    if names is not None and next(names, None) is not None: raise ValueError(f"`ids` has more entries than the {n} texts; give one id per text.")
+    if st.bare: warnings.warn(f"{len(st.bare):,} of {n:,} texts have no token to score (fewer than two tokens, or a conversation "
+                              f"without a reply) and gave no window (the first: texts[{st.bare[0][0]}]).", NoWindowWarning, stacklevel=3)
+    if pack and sep is not None and last is not None and last != sep:
         buf = [torch.cat([buf[0], torch.tensor([sep])]), torch.cat([buf[1], torch.tensor([sep])])]
     for r in _cut_blocks(buf, spans, length, b, final=True):
         if n_scored(as_sequence(r)) > 0: yield r
@@ -1253,54 +1326,84 @@ def token_windows(tokenizer, # a Hugging Face tokenizer
     return list(iter_windows(tokenizer, texts, length, ids, pack, separator, text_field))
 
 def _read_windows(windows) -> list[dict]:
-    "Window records from `token_windows`, or from a JSONL file of them (`influence-nb windows`)."
+    "Window records from `token_windows`, or from a JSONL file of them (`influence-nb windows`); repeated ids refused."
     if isinstance(windows, (str, os.PathLike)):
         windows = [json.loads(x) for x in Path(windows).read_text(encoding='utf-8-sig').splitlines() if x.strip()]
     windows = list(windows)
-    if not all(isinstance(w, Mapping) and (('source' in w and 'start' in w) or 'sources' in w) for w in windows):
-        raise ValueError("`windows` must be `token_windows`' records (each with 'source' and 'start', or packed, 'sources'), "
-                         "or a JSONL file of them.")
+    if not all(isinstance(w, Mapping) and 'id' in w and (('source' in w and 'start' in w) or 'sources' in w) for w in windows):
+        raise ValueError("`windows` must be `token_windows`' records (each with 'id' and 'source' and 'start', or packed, "
+                         "'sources'), or a JSONL file of them.")
+    seen = {}
+    for j, w in enumerate(windows):
+        if (k := str(w['id'])) in seen:
+            raise ValueError(f"windows {seen[k]} and {j} have the same id {k!r} (two calls' windows joined?): a text's windows "
+                             "must be told from another's; give the texts distinct ids (`ids=`).")
+        seen[k] = j
     return windows
 
-def _packed_shares(tok:np.ndarray, # [n_q, n_blocks, T] per-token scores of the blocks
+def _packed_shares(tok:torch.Tensor, # [n_q, n_blocks, T] per-token scores of the blocks
                    wins:list[dict], # the blocks
-                  ) -> tuple[list[str], np.ndarray]:
-    "Each text's share of packed blocks' scores, `(ids, [n_q, n_texts])`: its tokens' terms, with the separator that closes it."
-    order, sums, owner = {}, [], None
+                  ) -> tuple[list[str], torch.Tensor]:
+    """Each text's share of packed blocks' scores, `(ids, [n_q, n_texts])`: the terms of the positions that predict its
+    tokens (position t predicts token t + 1), a separator counting as the text it closes."""
+    order, sums = {}, []
     for b, w in enumerate(wins):
-        marks = [(int(s['at']), str(s['source'])) for s in w['sources']]
-        if not marks or marks[0][0] > 0: marks = [(0, owner if owner is not None else marks[0][1])] + marks   # a separator first
-        for (a, x), e in zip(marks, [m[0] for m in marks[1:]] + [len(w['input_ids'])]):
-            if x not in order: order[x] = len(sums); sums.append(np.zeros(tok.shape[0]))
-            sums[order[x]] += tok[:, b, a:e].sum(-1)
-        owner = marks[-1][1]
-    return list(order), np.stack(sums, 1)
+        L, marks = len(w['input_ids']), sorted((int(s['at']), str(s['source'])) for s in w['sources'])
+        starts = [0] + [a for a, _ in marks[1:]]                    # token t belongs to the last text begun at or before it
+        ends = starts[1:] + [L]
+        for i, ((_, x), s0, e) in enumerate(zip(marks, starts, ends)):
+            lo, hi = max(s0 - 1, 0), (e - 1 if i + 1 < len(marks) else L)   # the positions that predict tokens s0 .. e-1
+            if x not in order: order[x] = len(sums); sums.append(torch.zeros(tok.shape[0], dtype=torch.float64))
+            sums[order[x]] += tok[:, b, lo:hi].double().sum(-1)
+    return list(order), torch.stack(sums, 1)
+
+# %% ../nbs/00_data.ipynb #cf783e0a
+def _score_table(scores, wins:list[dict]) -> 'pd.DataFrame':
+    "Scores as a float64 table with one row per window, indexed by the window's position in `wins`; tables checked against the windows' ids."
+    import pandas as pd
+    if not isinstance(scores, pd.DataFrame):
+        total = getattr(scores, 'total', scores)
+        arr = total.detach().cpu().double().numpy() if isinstance(total, torch.Tensor) else np.asarray(total, dtype=float)
+        if arr.ndim != 2: raise ValueError(f"`scores` must be [n_queries, n_windows], got shape {arr.shape}.")
+        return pd.DataFrame(arr.T)
+    if {'query', 'rank', 'score'} <= set(scores.columns):
+        raise ValueError("this is a `scan` result, each query's top k, not every window's score: a text's sum needs them all "
+                         "(`influence-nb score`, or `pairwise_scores`).")
+    if (text := [c for c in scores.columns if not pd.api.types.is_numeric_dtype(scores[c]) or c in ('train_index', 'id')]):
+        raise ValueError(f"the table has columns {text} besides the queries' scores: pass `score`'s table as it is read, "
+                         "indexed by train_index (and id).")
+    names, pos = scores.index.names, {str(w['id']): j for j, w in enumerate(wins)}
+    if 'id' in names:
+        got = [str(x) for x in scores.index.get_level_values('id')]
+        if (bad := next((x for x in got if x not in pos), None)) is not None:
+            raise ValueError(f"the table has a row for window {bad!r}, which `windows` does not hold: were they scored on these windows?")
+        where = [pos[x] for x in got]
+        if 'train_index' in names and list(scores.index.get_level_values('train_index')) != where:
+            raise ValueError("the table's train_index and id disagree with `windows`' order: were they scored on this file?")
+    elif 'train_index' in names: where = list(scores.index.get_level_values('train_index'))
+    elif isinstance(scores.index, pd.RangeIndex) and scores.index.start == 0 and scores.index.step == 1: where = list(scores.index)
+    else: raise ValueError("the table's rows name no window: index it by train_index or id, as `influence-nb score` writes it.")
+    return scores.set_axis(where, axis=0).astype('float64')
 
 def source_scores(scores, # `pairwise_scores`' result, a [n_queries, n_windows] tensor or array, or `influence-nb score`'s table
                   windows, # the windows scored, in order: `token_windows`' records or a JSONL file of them
                  ) -> 'pd.DataFrame':
-    """Each text's influence, the sum of its windows' scores (packed blocks: of its tokens' terms, `per_token=True`): one
-    row per text (in the order of `windows`), one column per query; scores that leave some windows out are refused."""
+    """Each text's influence, the sum of its windows' scores (packed blocks: of the terms of the positions that predict
+    its tokens, `per_token=True`): one row per text with a window, in order, one column per query, in float64; scores
+    that leave some windows out are refused."""
     import pandas as pd
     wins = _read_windows(windows)
     if any('sources' in w for w in wins):                           # packed: a block's score is split by its tokens
         tok = scores if isinstance(scores, (torch.Tensor, np.ndarray)) else getattr(scores, 'per_token', None)
         if tok is None or tok.ndim != 3:
-            raise ValueError("packed blocks hold several texts, so a text's share of a block's score is the sum of its tokens' "
-                             "terms: pass `pairwise_scores(..., per_token=True)` (or its [n_queries, n_blocks, T] `per_token`).")
-        tok = tok.detach().cpu().double().numpy() if isinstance(tok, torch.Tensor) else np.asarray(tok, dtype=float)
+            raise ValueError("packed blocks hold several texts, so a text's share of a block's score is a sum of per-token "
+                             "terms: pass `pairwise_scores(..., per_token=True)` (or its [n_queries, n_blocks, T] `per_token`); "
+                             "`influence-nb score` writes totals only.")
+        tok = torch.as_tensor(tok)
         if tok.shape[1] != len(wins): raise ValueError(f"the scores cover {tok.shape[1]:,} blocks, `windows` holds {len(wins):,}: score every block.")
         names, sums = _packed_shares(tok, wins)
-        return pd.DataFrame(sums.T, index=pd.Index(names, name='source'))
-    if isinstance(scores, pd.DataFrame):                            # rows: windows, at their positions in the file
-        names = scores.index.names
-        pos = scores.index.get_level_values('train_index') if 'train_index' in names else range(len(scores))
-        table = scores.set_axis(list(pos), axis=0)
-    else:
-        total = getattr(scores, 'total', scores)
-        arr = total.detach().cpu().double().numpy() if isinstance(total, torch.Tensor) else np.asarray(total, dtype=float)
-        if arr.ndim != 2: raise ValueError(f"`scores` must be [n_queries, n_windows], got shape {arr.shape}.")
-        table = pd.DataFrame(arr.T)
+        return pd.DataFrame(sums.T.numpy(), index=pd.Index(names, name='source'))
+    table = _score_table(scores, wins)
     if (bad := [p for p in table.index if not 0 <= p < len(wins)]):
         raise ValueError(f"the scores have a row for window {bad[0]}, but `windows` holds {len(wins)}: were they scored on these windows?")
     if table.index.duplicated().any():
