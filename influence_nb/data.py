@@ -179,7 +179,8 @@ def as_sequences(data, # sequences: list of mappings, torch or HF Dataset, or li
                              f"[0, {vocab_size}); labels are token ids or {IGNORE_INDEX}.")
         if max_length is not None and len(ids) > max_length:
             raise ValueError(f"{name}[{i}] has {len(ids)} tokens but the model's context is {max_length}; "
-                             f"truncate it (e.g. `inf.tokenize(..., max_length={max_length})`) or split it.")
+                             f"truncate it (e.g. `inf.tokenize(..., max_length={max_length})`) or cut it into windows of at most {max_length} "
+                             f"(`inf.token_windows`; `influence-nb windows --max-length {max_length}`).")
     return seqs
 
 # %% ../nbs/00_data.ipynb #5d2ac46f

@@ -174,7 +174,8 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
         elif vocab is not None and int(s['labels'].max()) >= vocab:
             out[j] = None; n_bad += _bad_record(items[j], f"labels outside the model's vocabulary [0, {vocab})", skip, bad)
         elif ctx is not None and len(ids) > ctx:
-            out[j] = None; n_bad += _bad_record(items[j], f"{len(ids)} tokens but the model's context is {ctx}; truncate it", skip, bad)
+            out[j] = None; n_bad += _bad_record(items[j], f"{len(ids)} tokens but the model's context is {ctx}; truncate it, or cut "
+                                                   f"it into windows of at most {ctx} (`influence-nb windows --max-length {ctx}`)", skip, bad)
         elif n_scored(s) == 0:   # an empty text (or one token): nothing to score, as `pairwise_scores` refuses it too
             what = ('its assistant replies lie' if is_conversation(texts[j]) else 'its completion lies' if is_pair(texts[j]) else None) if j in texts else None
             why = f"{what} beyond the first {len(ids)} tokens it is cut to" if what else f"{len(ids)} token(s); a training sequence needs at least 2"
