@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from .data import (IGNORE_INDEX, data_dir, as_sequences, tokenize, tokenize_pairs, collate, batches,
                                n_scored, check_sequences, load_bundled, load_model, load_tokenizer, read_corpus,
-                               completion_logprobs, context_length, chat_query, token_windows, iter_windows, source_scores, SCORE_LEGEND)
+                               completion_logprobs, context_length, chat_query, token_windows, iter_windows, block_parts, source_scores, SCORE_LEGEND)
 from .modules import find_modules, candidate_modules, tiny_model, TrackedLayer, MLP_LEAVES
 from .ekfac import Factors, fit_factors, fingerprint, STRATEGIES
 from .memory import factor_sizes
@@ -23,7 +23,7 @@ from .explorer import explorer
 
 __all__ = ['IGNORE_INDEX', 'data_dir', 'as_sequences', 'tokenize', 'tokenize_pairs', 'collate', 'batches', 'n_scored',
            'check_sequences', 'load_bundled', 'load_model', 'load_tokenizer', 'read_corpus', 'completion_logprobs',
-           'context_length', 'chat_query', 'token_windows', 'iter_windows', 'source_scores', 'SCORE_LEGEND', 'find_modules', 'candidate_modules', 'tiny_model', 'TrackedLayer',
+           'context_length', 'chat_query', 'token_windows', 'iter_windows', 'block_parts', 'source_scores', 'SCORE_LEGEND', 'find_modules', 'candidate_modules', 'tiny_model', 'TrackedLayer',
            'MLP_LEAVES', 'Factors', 'IterativeSolver', 'fit_factors', 'fingerprint', 'STRATEGIES', 'factor_sizes', 'Scores', 'pairwise_scores',
            'self_scores', 'ClassifierAsLM', 'RegressorAsLM', 'scan', 'ScanResult', 'read_scores', 'top_candidates',
            'load_corpus', 'explorer']

@@ -12,7 +12,7 @@ import pandas as pd
 from .data import (cut_texts, corpus_lines, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
-                               require_scored, end_sentence, array_record, iter_windows, model_tokenizer, NoWindowWarning, DTYPES)
+                               require_scored, end_sentence, array_record, iter_windows, model_tokenizer, NoWindowWarning, _parts, DTYPES)
 from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
@@ -532,8 +532,8 @@ def _windows_parser(sub):
                                    "into blocks, block-<k>), and write them as JSONL token-id records that fit-factors, score, scan and "
                                    "explore read. A window's id is its document's id (or position in the file), '#' and its number; in "
                                    "Python, influence_nb.source_scores(pd.read_parquet(SCORES), WINDOWS) sums score's table back to "
-                                   "documents. Packed blocks mix documents: their split needs per-token scores, from Python "
-                                   "(pairwise_scores(..., per_token=True)).")
+                                   "documents. Packed blocks mix documents: fit the factors on the blocks (--out) and score their parts (--parts), "
+                                   "which source_scores sums the same way.")
     _corpus_args(w, '--corpus', what='the documents')
     w.add_argument('--tokenizer', default=None, help="tokenizer folder (default: the --model's, as the other commands pair them)")
     w.add_argument('--model', default=None, help='a bundled model name, a model folder or Hub id: its tokenizer cuts the windows, and '
@@ -545,6 +545,8 @@ def _windows_parser(sub):
     w.add_argument('--separator', default=None, help="with --pack: the token put after each document, 'eos' (the tokenizer's "
                    "end-of-text token; default), 'none', or a token id")
     w.add_argument('--out', required=True, help='output .jsonl: one window per line (id, source and start or, packed, sources; input_ids)')
+    w.add_argument('--parts', default=None, help="with --pack: also write each block's parts to this .jsonl, one per document it "
+                   "holds with only that document's tokens scored: score them, and source_scores sums them per document")
     _skip_arg(w)
 
 def _windows_tokenizer(a) -> tuple:
@@ -562,13 +564,33 @@ def _separator(a):
     if v.isdigit(): return int(v)
     raise ValueError(f"--separator must be 'eos', 'none' or a token id, got {a.separator!r}.")
 
+# %% ../nbs/13_cli.ipynb #df917892
+@contextlib.contextmanager
+def _atomic_jsonl(*paths):
+    "Files to write whole or not at all: temporary files beside each path, moved there when the block ends without an error; a SIGTERM stops the block as Ctrl-C does."
+    tmps = [tempfile.mkstemp(dir=Path(p).resolve().parent, prefix=f'.{Path(p).name}.', suffix='.tmp') for p in paths]
+    try: prev = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    except ValueError: prev = None                                  # (not the main thread: signals are not ours to set)
+    try:
+        with contextlib.ExitStack() as files:
+            yield [files.enter_context(open(fd, 'w', encoding='utf-8')) for fd, _ in tmps]
+        mask = os.umask(0); os.umask(mask)                          # the permissions any new file gets here, not mkstemp's 0600
+        for (_, t), p in zip(tmps, paths): os.chmod(t, 0o666 & ~mask); os.replace(t, p)
+    finally:
+        if prev is not None: signal.signal(signal.SIGTERM, prev)
+        for _, t in tmps: Path(t).unlink(missing_ok=True)
+
 # %% ../nbs/13_cli.ipynb #ed44ee87
 def _cmd_windows(a):
     if a.max_length < 2: raise ValueError(f"--max-length must be at least 2 (a window scores the tokens after its first), got {a.max_length}.")
     sep = _separator(a)
     _check_corpus_file(a.corpus, a.text_field, '--corpus', a.skip_bad_records); _check_out(a.out, suffixes=('.jsonl', '.json', '.ndjson'), kind='JSONL')
     path, out = Path(a.corpus), Path(a.out)
-    if out.resolve() == path.resolve(): raise ValueError(f"--out {a.out} is the --corpus file: write the windows to another file.")
+    if a.parts and not a.pack: raise ValueError("--parts goes with --pack: unpacked windows each hold one document already.")
+    if a.parts: _check_out(a.parts, '--parts', suffixes=('.jsonl', '.json', '.ndjson'), kind='JSONL')
+    for flag, f in (('--out', out), ('--parts', Path(a.parts or out))):
+        if f.resolve() == path.resolve(): raise ValueError(f"{flag} {f} is the --corpus file: write the windows to another file.")
+    if a.parts and Path(a.parts).resolve() == out.resolve(): raise ValueError("--parts and --out name one file: give each its own.")
     tok, ctx = _windows_tokenizer(a)
     if ctx is not None and a.max_length > ctx:
         raise ValueError(f"--max-length {a.max_length} exceeds the model's context ({ctx} tokens): such windows could not be scored; "
@@ -588,27 +610,22 @@ def _cmd_windows(a):
         if not a.skip_bad_records: raise ValueError(f"--corpus {path.name}, {seen[r['id']]}: {end_sentence(why)} {_SKIP_ADVICE}.")
         bad.append((seen[r['id']], why))
     st = iter_windows(tok, records(), a.max_length, pack=a.pack, separator=sep, on_bad=on_bad)
-    fd, tmp = tempfile.mkstemp(dir=out.resolve().parent, prefix=f'.{out.name}.', suffix='.tmp')
-    try: prev = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill stops as Ctrl-C does: no partial file left
-    except ValueError: prev = None                                  # (not the main thread: signals are not ours to set)
-    try:
-        with open(fd, 'w', encoding='utf-8') as f, warnings.catch_warnings():
-            warnings.simplefilter('ignore', NoWindowWarning)          # said below, with the file's line
-            wins, toks = 0, 0
-            for r in st: f.write(json.dumps(r, ensure_ascii=False) + '\n'); wins += 1; toks += len(r['input_ids'])
+    outs, wins, toks, n_parts = [out] + ([Path(a.parts)] if a.parts else []), 0, 0, 0
+    with _atomic_jsonl(*outs) as files, warnings.catch_warnings():
+        warnings.simplefilter('ignore', NoWindowWarning)              # said below, with the file's line
+        for r in st:
+            files[0].write(json.dumps(r, ensure_ascii=False) + '\n'); wins += 1; toks += len(r['input_ids'])
+            for q in (_parts(r) if a.parts else []): files[1].write(json.dumps(q, ensure_ascii=False) + '\n'); n_parts += 1
         if not wins: raise ValueError(f"--corpus {path.name}: none of its {st.n_texts} documents gave a window (each has fewer than two "
                                       "tokens, or no token to score), so nothing was written.")
-        os.replace(tmp, out)
-    finally:
-        if prev is not None: signal.signal(signal.SIGTERM, prev)
-        Path(tmp).unlink(missing_ok=True)
     if bad: print(f"note: --corpus {path.name}: skipped {len(bad)} of its {n[0]} records, which cannot be used (--skip-bad-records; "
                   f"the first: {bad[0][0]}: {bad[0][1]}).", file=sys.stderr)
     if st.bare: print(f"note: {len(st.bare)} of the {st.n_texts} documents gave no window: they have fewer than two tokens, or no token "
                       f"to score (the first: {seen[st.bare[0][1]]}).", file=sys.stderr)
     unit = 'blocks' if a.pack else 'windows'
     print(f"wrote {wins:,} {unit} of at most {a.max_length} tokens ({toks:,} tokens) from {st.n_texts - len(st.bare):,} documents "
-          f"({st.n_split:,} longer than {a.max_length} tokens{'' if a.pack else ', split'}) to {a.out}")
+          f"({st.n_split:,} longer than {a.max_length} tokens{'' if a.pack else ', split'}) to {a.out}"
+          + (f"; their {n_parts:,} parts, one per document in a block, to {a.parts}" if a.parts else ''))
 
 # %% ../nbs/13_cli.ipynb #02a3a4c2
 def _say_repeated_ids(recs, pos, path):
@@ -907,13 +924,14 @@ def _dispatch(command, argv) -> int:
 
 # %% ../nbs/13_cli.ipynb #7ffa840e
 _CLI_WORDS = {'`fit_factors`': '`influence-nb fit-factors`', '`n_train`': '--n-train', 'a new `checkpoint` path': 'a new --checkpoint',
-              '`damping`': '--damping', '`query_rank`': '--query-rank', '`batch_size`': '--batch-size', '`max_length`': '--max-length',
+              '`damping`': '--damping', '`separator`': '--separator', '`query_rank`': '--query-rank', '`batch_size`': '--batch-size', '`max_length`': '--max-length',
               '`checkpoint`': '--checkpoint', '`device`': '--device', '`dtype`': '--dtype', '`tokenizer`=': '--tokenizer ', '`checkpoint_every`': '--checkpoint-every',
               '`modules`': '--modules', "factor_dtype='float32'": '--factor-dtype float32', '`influence_nb.memory.factor_sizes`': '`influence_nb.memory.factor_sizes` (Python)'}
 
 def _cli_words(msg:str) -> str:
     "A message of the Python API in the command line's words: its options, not its arguments."
-    msg = re.sub(r"truncate it \(e\.g\. `inf\.tokenize\(\.\.\., max_length=\d+\)`\) or split it", 'shorten it', msg)
+    msg = re.sub(r"truncate it \(e\.g\. `inf\.tokenize\(\.\.\., max_length=\d+\)`\) or cut it into windows of at most (\d+) "
+                 r"\(`inf\.token_windows`; (`influence-nb windows --max-length \d+`)\)", r"shorten it, or cut it into windows of at most \1 (\2)", msg)
     msg = re.sub(r"strategy='(\w+)'", r"--strategy \1", msg)
     for py, cli in _CLI_WORDS.items(): msg = msg.replace(py, cli)
     return msg

@@ -23,7 +23,7 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'completion_logprobs', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of',
            'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_text', 'array_record',
            'corpus_entries', 'read_corpus', 'corpus_sequences', 'NoWindowWarning', 'WindowStream', 'iter_windows',
-           'token_windows', 'source_scores', 'cache_dir', 'cached_factors']
+           'token_windows', 'block_parts', 'source_scores', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -782,6 +782,13 @@ def resolve_dtype(dtype) -> torch.dtype|None:
 
 _HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?')
 
+def _unknown_model(where:str, e:Exception) -> ValueError:
+    "A Hub id the Hub (or its cache, offline) could not give, named as such."
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ValueError(f"Unknown model {where!r}: not a bundled model {MODEL_NAMES} or a folder here, and the Hugging Face Hub "
+                      f"could not give it ({why}). Offline (HF_HUB_OFFLINE=1) only models already in the Hub cache load; "
+                      "otherwise pass a folder written by `save_pretrained`.")
+
 def _from_pretrained(where, device, dtype, trust_remote_code:bool=False):
     "`AutoModelForCausalLM.from_pretrained` without its progress bar, on `device`; a Hub id it cannot get is a ValueError."
     from transformers import AutoModelForCausalLM
@@ -793,10 +800,7 @@ def _from_pretrained(where, device, dtype, trust_remote_code:bool=False):
         raise
     except OSError as e:
         if isinstance(where, Path): raise
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"Unknown model {where!r}: not a bundled model {MODEL_NAMES} or a folder here, and the Hugging Face Hub "
-                         f"could not give it ({why}). Offline (HF_HUB_OFFLINE=1) only models already in the Hub cache load; "
-                         "otherwise pass a folder written by `save_pretrained`.") from None
+        raise _unknown_model(where, e) from None
     finally:
         if bar: hf_logging.enable_progress_bar()
     return m.to(device).eval()
@@ -905,7 +909,9 @@ def model_tokenizer(model, # by name, as `load_model` takes it: a bundled name, 
         return load_tokenizer(tok, trust_remote_code), None
     from transformers import AutoConfig
     try: cfg = AutoConfig.from_pretrained(str(where), trust_remote_code=bool(trust_remote_code))
-    except (OSError, ValueError): cfg = None
+    except (OSError, ValueError) as e:
+        if kind == 'hub': raise _unknown_model(where, e) from None       # named as `load_model` names it, not as a tokenizer
+        cfg = None
     t = load_tokenizer(tok, trust_remote_code)
     return t, context_length(types.SimpleNamespace(config=cfg), t)
 
@@ -1199,7 +1205,7 @@ def _text_id(t, j:int, names, seen:dict) -> str:
     "Text `j`'s id: the next of `names` (the caller's ids) if given, else a record's own 'id' (not null or NaN), else `j`; repeats refused."
     if names is not None:
         if (x := next(names, seen)) is seen: raise ValueError(f"`ids` ran out at texts[{j}]: give one id per text.")
-        if x is None: raise ValueError(f"ids[{j}] is None: give every text an id.")
+        if x is None or (isinstance(x, float) and x != x): raise ValueError(f"ids[{j}] is {x}: give every text an id.")
     else:
         x = t.get('id') if isinstance(t, Mapping) else None
         if x is None or (isinstance(x, float) and x != x): x = j    # no id (a pandas NaN either): the text's position
@@ -1268,6 +1274,9 @@ def iter_windows(tokenizer, # a Hugging Face tokenizer
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
     length, chunk_size = check_int(length, 'length', lo=2), check_int(chunk_size, 'chunk_size')   # one token: nothing scored
     sep = tokenizer.eos_token_id if isinstance(separator, str) and separator.lower() == 'eos' else separator
+    if pack and sep is None and separator is not None:
+        raise ValueError("the tokenizer has no end-of-text token to put after each packed text: pass `separator=` a token id, "
+                         "or None to join the texts with nothing between them (as transformers' run_clm does).")
     if sep is not None: sep = check_int(sep, 'separator', lo=0, hi=len(tokenizer) - 1)   # a token of this tokenizer
     one = (isinstance(texts, str) or is_pair(texts) or (isinstance(texts, Mapping) and not _is_batch(texts))
            or (is_conversation(texts) and not any(text_field in m for m in texts)))   # one text, as `tokenize` reads it
@@ -1288,7 +1297,7 @@ def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_fie
             x = _text_id(t, j, names, seen)
             if s is None: continue                                  # left out by `on_bad`
             st.n_texts += 1; st.n_split += len(s['input_ids']) > length
-            if n_scored(s) == 0: st.bare.append((j, x)); continue
+            if not pack and n_scored(s) == 0: st.bare.append((j, x)); continue   # (packed, its tokens follow others: predicted)
             if not pack:
                 for a in range(0, len(s['input_ids']), length):
                     r = _window_record(s['input_ids'][a:a + length], s['labels'][a:a + length], id=f'{x}#{a // length}', source=x, start=a)
@@ -1331,6 +1340,7 @@ def _read_windows(windows) -> list[dict]:
     if isinstance(windows, (str, os.PathLike)):
         windows = [json.loads(x) for x in Path(windows).read_text(encoding='utf-8-sig').splitlines() if x.strip()]
     windows = list(windows)
+    if not windows: raise ValueError("`windows` is empty.")
     if not all(isinstance(w, Mapping) and 'id' in w and (('source' in w and 'start' in w) or 'sources' in w) for w in windows):
         raise ValueError("`windows` must be `token_windows`' records (each with 'id' and 'source' and 'start', or packed, "
                          "'sources'), or a JSONL file of them.")
@@ -1342,21 +1352,26 @@ def _read_windows(windows) -> list[dict]:
         seen[k] = j
     return windows
 
-def _packed_shares(tok:torch.Tensor, # [n_q, n_blocks, T] per-token scores of the blocks
-                   wins:list[dict], # the blocks
-                  ) -> tuple[list[str], torch.Tensor]:
-    """Each text's share of packed blocks' scores, `(ids, [n_q, n_texts])`: the terms of the positions that predict its
-    tokens (position t predicts token t + 1), a separator counting as the text it closes."""
-    order, sums = {}, []
-    for b, w in enumerate(wins):
-        L, marks = len(w['input_ids']), sorted((int(s['at']), str(s['source'])) for s in w['sources'])
-        starts = [0] + [a for a, _ in marks[1:]]                    # token t belongs to the last text begun at or before it
-        ends = starts[1:] + [L]
-        for i, ((_, x), s0, e) in enumerate(zip(marks, starts, ends)):
-            lo, hi = max(s0 - 1, 0), (e - 1 if i + 1 < len(marks) else L)   # the positions that predict tokens s0 .. e-1
-            if x not in order: order[x] = len(sums); sums.append(torch.zeros(tok.shape[0], dtype=torch.float64))
-            sums[order[x]] += tok[:, b, lo:hi].double().sum(-1)
-    return list(order), torch.stack(sums, 1)
+def block_parts(blocks, # packed blocks (`token_windows(..., pack=True)`), or a JSONL file of them
+               ) -> list[dict]:
+    """Each packed block once per text it holds, with only that text's tokens scored (and the separator closing it): a
+    block's loss is the sum of its texts' loss terms, so the parts' scores add up to the block's. Ids '<block id>/<text id>'."""
+    if isinstance(blocks, (str, os.PathLike)): blocks = _read_windows(blocks)
+    return [r for w in blocks for r in _parts(w)]
+
+def _parts(w:Mapping) -> list[dict]:
+    "`block_parts` of one block; a part with no scored token (a text whose only token opens the block) is left out."
+    if 'sources' not in w: raise ValueError(f"window {w.get('id')!r} is not a packed block (it has no 'sources').")
+    ids, out = list(w['input_ids']), []
+    lab = list(w.get('labels', ids))
+    marks = sorted((int(s['at']), str(s['source']), int(s['start'])) for s in w['sources'])
+    for i, (at, x, start) in enumerate(marks):
+        hi = marks[i + 1][0] if i + 1 < len(marks) else len(ids)   # its tokens, and the separator after them
+        labels = [IGNORE_INDEX] * at + lab[at:hi] + [IGNORE_INDEX] * (len(ids) - hi)
+        if any(t != IGNORE_INDEX for t in labels[1:]):
+            out.append({'id': f"{w['id']}/{x}", 'source': x, 'start': start, 'block': w['id'], 'input_ids': ids, 'labels': labels})
+    return out
+
 
 # %% ../nbs/00_data.ipynb #cf783e0a
 def _score_table(scores, wins:list[dict]) -> 'pd.DataFrame':
@@ -1382,28 +1397,20 @@ def _score_table(scores, wins:list[dict]) -> 'pd.DataFrame':
         if 'train_index' in names and list(scores.index.get_level_values('train_index')) != where:
             raise ValueError("the table's train_index and id disagree with `windows`' order: were they scored on this file?")
     elif 'train_index' in names: where = list(scores.index.get_level_values('train_index'))
-    elif isinstance(scores.index, pd.RangeIndex) and scores.index.start == 0 and scores.index.step == 1: where = list(scores.index)
     else: raise ValueError("the table's rows name no window: index it by train_index or id, as `influence-nb score` writes it.")
     return scores.set_axis(where, axis=0).astype('float64')
 
 def source_scores(scores, # `pairwise_scores`' result, a [n_queries, n_windows] tensor or array, or `influence-nb score`'s table
                   windows, # the windows scored, in order: `token_windows`' records or a JSONL file of them
                  ) -> 'pd.DataFrame':
-    """Each text's influence, the sum of its windows' scores (packed blocks: of the terms of the positions that predict
-    its tokens, `per_token=True`): one row per text with a window, in order, one column per query, in float64; scores
-    that leave some windows out are refused."""
+    """Each text's influence, the sum of its windows' scores (packed blocks: of their parts', `block_parts`): one row per
+    text with a window, in order, one column per query, in float64; scores that leave some windows out are refused."""
     import pandas as pd
     wins = _read_windows(windows)
-    if any('sources' in w for w in wins):                           # packed: a block's score is split by its tokens
-        tok = scores if isinstance(scores, (torch.Tensor, np.ndarray)) else getattr(scores, 'per_token', None)
-        if tok is None or tok.ndim != 3:
-            raise ValueError("packed blocks hold several texts, so a text's share of a block's score is a sum of per-token "
-                             "terms: pass `pairwise_scores(..., per_token=True)` (or its [n_queries, n_blocks, T] `per_token`); "
-                             "`influence-nb score` writes totals only.")
-        tok = torch.as_tensor(tok)
-        if tok.shape[1] != len(wins): raise ValueError(f"the scores cover {tok.shape[1]:,} blocks, `windows` holds {len(wins):,}: score every block.")
-        names, sums = _packed_shares(tok, wins)
-        return pd.DataFrame(sums.T.numpy(), index=pd.Index(names, name='source'))
+    if any('sources' in w for w in wins):
+        raise ValueError("packed blocks hold several texts, so their scores say nothing of each text's: score the blocks' parts "
+                         "(`block_parts(blocks)`; `influence-nb windows --pack --parts FILE`), one per text with only its tokens "
+                         "scored, and sum those.")
     table = _score_table(scores, wins)
     if (bad := [p for p in table.index if not 0 <= p < len(wins)]):
         raise ValueError(f"the scores have a row for window {bad[0]}, but `windows` holds {len(wins)}: were they scored on these windows?")
