@@ -227,13 +227,17 @@ def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[d
 _SKIP_ADVICE = "Fix or remove it, or pass --skip-bad-records to leave such records out"
 
 def _say_truncated(recs, seqs, tok, n, flag, path, pos):
-    "Tell (on stderr) how many texts were longer than `n` tokens: only their first `n` tokens are scored."
+    "Tell (on stderr) how many texts were longer than `n` tokens (only their first `n` are scored), and how many token-id records (taken whole)."
     texts = [j for j, r in enumerate(recs) if 'input_ids' not in r]             # token-id records are never cut
     cut = [texts[j] for j in cut_texts(tok, [recs[j]['text'] for j in texts], [seqs[j]['input_ids'] for j in texts], n)]
     if cut: print(f"note: {len(cut)} of {len(seqs)} {flag} {path.name} records are longer than {n} tokens (--max-length, default: the model's "
                   f"context) and were cut to their first {n} (the first: {record_where(path, pos[cut[0]])}); only those tokens are scored; "
                   "`influence-nb windows` cuts them into windows instead, so that every token is scored.",
                   file=sys.stderr)
+    ids = [j for j, (r, s) in enumerate(zip(recs, seqs)) if 'input_ids' in r and len(s['input_ids']) > n]   # (within the context)
+    if ids: print(f"note: {len(ids)} of {len(seqs)} {flag} {path.name} records hold more than {n} token ids (the first: "
+                  f"{record_where(path, pos[ids[0]])}); token ids are taken as they are, never cut: `influence-nb windows "
+                  f"--max-length {n}` cuts them into windows of {n}.", file=sys.stderr)
 
 def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False):
     "Cheap checks of a corpus file that is streamed (scan, top, explore): it exists, has a known format and a record."
