@@ -599,7 +599,7 @@ def _cmd_windows(a):
     if ctx is not None and a.max_length > ctx:
         raise ValueError(f"--max-length {a.max_length} exceeds the model's context ({ctx} tokens): such windows could not be scored; "
                          f"pass the length the model was trained at (at most {ctx}).")
-    bad, seen, n = [], {}, [0]                                       # seen: each id's place in the file
+    bad, seen, n, dropped = [], {}, [0], set()                                       # seen: each id's place in the file
     def records():                            # streamed: windows are written a chunk of documents at a time (Parquet rows are read first)
         for j, (where, r, why) in enumerate(corpus_entries(path, a.text_field)):
             n[0] += 1
@@ -612,20 +612,23 @@ def _cmd_windows(a):
     def on_bad(j, r, e):
         why = re.sub(r'^texts\[\d+\]', 'the record', _reword(e))
         if not a.skip_bad_records: raise ValueError(f"--corpus {path.name}, {seen[r['id']]}: {end_sentence(why)} {_SKIP_ADVICE}.")
-        bad.append((seen[r['id']], why))
+        bad.append((seen[r['id']], why)); dropped.add(r['id'])
     st = iter_windows(tok, records(), a.max_length, pack=a.pack, separator=sep, on_bad=on_bad)
-    outs, wins, toks, n_parts = [out] + ([Path(a.parts)] if a.parts else []), 0, 0, 0
+    outs, wins, toks, n_parts, parted = [out] + ([Path(a.parts)] if a.parts else []), 0, 0, 0, set()
     with _atomic_jsonl(*outs) as files, warnings.catch_warnings():
         warnings.simplefilter('ignore', NoWindowWarning)              # said below, with the file's line
         for r in st:
             files[0].write(json.dumps(r, ensure_ascii=False) + '\n'); wins += 1; toks += len(r['input_ids'])
-            for q in (_parts(r) if a.parts else []): files[1].write(json.dumps(q, ensure_ascii=False) + '\n'); n_parts += 1
+            for q in (_parts(r) if a.parts else []): files[1].write(json.dumps(q, ensure_ascii=False) + '\n'); n_parts += 1; parted.add(q['source'])
         if not wins: raise ValueError(f"--corpus {path.name}: none of its {st.n_texts} documents gave a window (each has fewer than two "
                                       "tokens, or no token to score), so nothing was written.")
     if bad: print(f"note: --corpus {path.name}: skipped {len(bad)} of its {n[0]} records, which cannot be used (--skip-bad-records; "
                   f"the first: {bad[0][0]}: {bad[0][1]}).", file=sys.stderr)
     if st.bare: print(f"note: {len(st.bare)} of the {st.n_texts} documents gave no window: they have fewer than two tokens, or no token "
                       f"to score (the first: {seen[st.bare[0][1]]}).", file=sys.stderr)
+    if a.parts and (lone := [x for x in seen if x not in parted and x not in dropped]):
+        print(f"note: {len(lone)} documents have no token predicted in their blocks (one token opening a block, with nothing before "
+              f"it) and so no part (the first: {seen[lone[0]]}).", file=sys.stderr)
     unit = 'blocks' if a.pack else 'windows'
     print(f"wrote {wins:,} {unit} of at most {a.max_length} tokens ({toks:,} tokens) from {st.n_texts - len(st.bare):,} documents "
           f"({st.n_split:,} longer than {a.max_length} tokens{'' if a.pack else ', split'}) to {a.out}"

@@ -1242,12 +1242,13 @@ def _window_record(ids:torch.Tensor, labels:torch.Tensor, **where) -> dict:
     return {**where, **rec}
 
 # %% ../nbs/00_data.ipynb #72265d2b
-def _cut_blocks(buf:list, spans:list, length:int, b:int, final:bool=False):
+def _cut_blocks(buf:list, spans:list, length:int, b:int, sep:int|None, final:bool=False):
     "Packed blocks cut from the front of `buf` ([ids, labels] tensors) while a whole one is there (`final`: the rest too); `spans` ([id, start, n, at]) follow."
     while len(buf[0]) >= length or (final and len(buf[0])):
         held = [{'source': x, 'start': s0 + max(-a, 0), 'at': max(a, 0), 'n': min(a + n, length) - max(a, 0)}
                 for x, s0, n, a in spans if a < length and a + n > 0]
-        yield _window_record(buf[0][:length], buf[1][:length], id=f'block-{b}', sources=held); b += 1
+        mark = {} if sep is None else {'separator': sep}             # (`block_parts` gives a BOS that is the EOS to the text it ends)
+        yield _window_record(buf[0][:length], buf[1][:length], id=f'block-{b}', sources=held, **mark); b += 1
         buf[:] = [buf[0][length:], buf[1][length:]]
         spans[:] = [[x, s0, n, a - length] for x, s0, n, a in spans if a + n > length]
 
@@ -1307,7 +1308,7 @@ def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_fie
                 buf = [torch.cat([buf[0], torch.tensor([sep])]), torch.cat([buf[1], torch.tensor([sep])])]
             spans.append([x, 0, len(s['input_ids']), len(buf[0])])
             buf = [torch.cat([buf[0], s['input_ids']]), torch.cat([buf[1], s['labels']])]; last = int(s['input_ids'][-1])
-            for r in _cut_blocks(buf, spans, length, b):
+            for r in _cut_blocks(buf, spans, length, b, sep):
                 b += 1
                 if n_scored(as_sequence(r)) > 0: yield r
         n += len(chunk)
@@ -1317,7 +1318,7 @@ def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_fie
                               f"without a reply) and gave no window (the first: texts[{st.bare[0][0]}]).", NoWindowWarning, stacklevel=3)
     if pack and sep is not None and last is not None and last != sep:
         buf = [torch.cat([buf[0], torch.tensor([sep])]), torch.cat([buf[1], torch.tensor([sep])])]
-    for r in _cut_blocks(buf, spans, length, b, final=True):
+    for r in _cut_blocks(buf, spans, length, b, sep, final=True):
         if n_scored(as_sequence(r)) > 0: yield r
 
 # %% ../nbs/00_data.ipynb #014cb70c
@@ -1357,17 +1358,25 @@ def block_parts(blocks, # packed blocks (`token_windows(..., pack=True)`), or a 
     """Each packed block once per text it holds, with only that text's tokens scored (and the separator closing it): a
     block's loss is the sum of its texts' loss terms, so the parts' scores add up to the block's. Ids '<block id>/<text id>'."""
     if isinstance(blocks, (str, os.PathLike)): blocks = _read_windows(blocks)
-    return [r for w in blocks for r in _parts(w)]
+    blocks = list(blocks); out = [r for w in blocks for r in _parts(w)]
+    held, kept = dict.fromkeys(str(s['source']) for w in blocks for s in w.get('sources', [])), {r['source'] for r in out}
+    if none := [x for x in held if x not in kept]:
+        warnings.warn(f"{len(none):,} texts have no token predicted in their blocks (one token opening a block, with nothing "
+                      f"before it) and no part (the first: {none[0]!r}); training learnt nothing from them.", NoWindowWarning, stacklevel=2)
+    return out
 
 def _parts(w:Mapping) -> list[dict]:
-    "`block_parts` of one block; a part with no scored token (a text whose only token opens the block) is left out."
+    """`block_parts` of one block; a part with no scored token (a text whose only token opens the block) is left out. A text
+    that opens with the separator (a BOS that is also the EOS) leaves that token to the text it closes."""
     if 'sources' not in w: raise ValueError(f"window {w.get('id')!r} is not a packed block (it has no 'sources').")
-    ids, out = list(w['input_ids']), []
+    ids, out, sep = list(w['input_ids']), [], w.get('separator')
     lab = list(w.get('labels', ids))
-    marks = sorted((int(s['at']), str(s['source']), int(s['start'])) for s in w['sources'])
-    for i, (at, x, start) in enumerate(marks):
-        hi = marks[i + 1][0] if i + 1 < len(marks) else len(ids)   # its tokens, and the separator after them
-        labels = [IGNORE_INDEX] * at + lab[at:hi] + [IGNORE_INDEX] * (len(ids) - hi)
+    marks = sorted((int(s['at']), str(s['source']), int(s['start']), int(s['n'])) for s in w['sources'])
+    los = [at + (i > 0 and sep is not None and ids[at] == sep and marks[i - 1][0] + marks[i - 1][3] == at)
+           for i, (at, *_) in enumerate(marks)]                     # where each text's own tokens begin
+    for i, (_, x, start, _) in enumerate(marks):
+        lo, hi = los[i], (los[i + 1] if i + 1 < len(marks) else len(ids))   # its tokens, and the separator after them
+        labels = [IGNORE_INDEX] * lo + lab[lo:hi] + [IGNORE_INDEX] * (len(ids) - hi)
         if any(t != IGNORE_INDEX for t in labels[1:]):
             out.append({'id': f"{w['id']}/{x}", 'source': x, 'start': start, 'block': w['id'], 'input_ids': ids, 'labels': labels})
     return out
