@@ -23,7 +23,7 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'completion_logprobs', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of',
            'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_text', 'array_record',
            'corpus_entries', 'read_corpus', 'corpus_sequences', 'NoWindowWarning', 'WindowStream', 'iter_windows',
-           'token_windows', 'block_parts', 'source_scores', 'cache_dir', 'cached_factors']
+           'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -1381,6 +1381,12 @@ def _parts(w:Mapping) -> list[dict]:
             out.append({'id': f"{w['id']}/{x}", 'source': x, 'start': start, 'block': w['id'], 'input_ids': ids, 'labels': labels})
     return out
 
+
+def shown_ids(record:Mapping) -> list[int]:
+    "The token ids a person reads for a token-id record: all of them (padding dropped); of a packed block's part (`block_parts`), its own text's."
+    s = as_sequence(record, 0, 'record'); ids = s['input_ids'].tolist()
+    own = (s['labels'] != IGNORE_INDEX).nonzero().flatten().tolist() if 'block' in record else []
+    return ids[own[0]:own[-1] + 1] if own else ids
 
 # %% ../nbs/00_data.ipynb #cf783e0a
 def _score_table(scores, wins:list[dict]) -> 'pd.DataFrame':

@@ -34,7 +34,7 @@ import os
 from collections.abc import Mapping
 from .data import (cut_texts, corpus_lines, n_scored, is_conversation, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
-                               resolve_device, resolve_dtype)
+                               resolve_device, resolve_dtype, shown_ids)
 from .corpus import load_corpus, load_queries
 from .artefact import digest
 from .data import data_dir, tokenize_pairs
@@ -114,9 +114,9 @@ def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or 
         if not isinstance(r, Mapping): raise TypeError(f"{at(i)} is a {type(r).__name__}; expected a text or a record.")
         if is_text(v := text_value(r, text_field)): text = v   # (a conversation: its messages; a pair: prompt and completion)
         elif 'input_ids' in r:
-            try: ids = as_sequence(r, 0, 'record')['input_ids']
+            try: ids = shown_ids(r)                                   # (a packed block's part: its own text)
             except (ValueError, TypeError) as e: raise type(e)(f"{at(i)}: {str(e).replace('record[0]', 'the record')}") from None
-            text = tokenizer.decode(ids.tolist()) if tokenizer is not None else ' '.join(map(str, ids.tolist()))
+            text = tokenizer.decode(ids) if tokenizer is not None else ' '.join(map(str, ids))
         else: raise ValueError(f"{at(i)} has no text field {text_field!r} and no 'input_ids' (fields: {sorted(r)}).")
         out.append({**r, 'id': str(i if r.get('id') is None else r['id']), 'kind': str(r.get('kind') or ''), 'text': text})   # (Parquet nulls: none)
     if not out: raise ValueError("`corpus` is empty: pass at least one training text.")

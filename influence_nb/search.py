@@ -14,7 +14,7 @@ from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .data import (cut_texts, text_sequences, array_record, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection,
-                               grad_enabled, check_max_length, check_int, n_scored)
+                               grad_enabled, check_max_length, check_int, n_scored, shown_ids)
 from .kfac import layer_passes, all_reduce_sum, dist_info, watch_calls
 from .ekfac import Factors, check_damping
 from .scores import (prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
@@ -311,11 +311,11 @@ def record_text(raw, # a corpus record as read
                 tokenizer=None, # decodes token-id records
                 text_field:str='text', # where text records keep their text
                ) -> str:
-    "What a person reads for a record: its text, its decoded token ids, or (unreadable) a short repr."
+    "What a person reads for a record: its text, its decoded token ids (`shown_ids`), or (unreadable) a short repr."
     t = text_of(raw, text_field)
     if is_text(t): return shown_text(t)
-    try: ids = as_sequence(raw)['input_ids'].tolist()
-    except (TypeError, ValueError): return repr(raw)[:200]
+    try: ids = shown_ids(raw)                                      # (a packed block's part: its own text)
+    except (TypeError, ValueError, KeyError): return repr(raw)[:200]
     return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ' '.join(map(str, ids))
 
 def record_id(raw) -> str:
