@@ -1353,6 +1353,7 @@ def _read_windows(windows) -> list[dict]:
         seen[k] = j
     return windows
 
+# %% ../nbs/00_data.ipynb #4f04c25d
 def block_parts(blocks, # packed blocks (`token_windows(..., pack=True)`), or a JSONL file of them
                ) -> list[dict]:
     """Each packed block once per text it holds, with only that text's tokens scored (and the separator closing it): a
