@@ -600,8 +600,8 @@ def _cmd_windows(a):
         raise ValueError(f"--max-length {a.max_length} exceeds the model's context ({ctx} tokens): such windows could not be scored; "
                          f"pass the length the model was trained at (at most {ctx}).")
     bad, seen, n, dropped = [], {}, [0], set()                                       # seen: each id's place in the file
-    def records():                            # streamed: windows are written a chunk of documents at a time (Parquet rows are read first)
-        for j, (where, r, why) in enumerate(corpus_entries(path, a.text_field)):
+    def records():                                                   # streamed: a chunk of documents in memory at a time
+        for j, (where, r, why) in enumerate(corpus_entries(path, a.text_field, lazy=True)):
             n[0] += 1
             if why and not a.skip_bad_records: raise ValueError(f"--corpus {path.name}, {where}: {end_sentence(why)} {_SKIP_ADVICE}.")
             if why: bad.append((where, why)); continue

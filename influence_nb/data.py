@@ -1125,12 +1125,15 @@ def parquet_rows(p) -> Iterator[dict]:
 
 def corpus_rows(p, # a corpus file
                 kind:str, # its format: `corpus_format(p)`
+                lazy:bool=False, # Parquet: rows as they are read (a damaged page then shows after the rows before it), not all first
                ):
     "`(where, row)` pairs of corpus file `p`, in file order; a row that cannot be parsed is yielded as an Exception, not raised."
     if kind == 'parquet':   # as `scan` reads them
-        try: rows = list(parquet_rows(p))
-        except Exception as e: yield 'the file', ValueError(f"not a readable Parquet file ({type(e).__name__}: {e})"); return
-        for n, r in enumerate(rows): yield f'row {n}', r
+        rows, n = (parquet_rows(p) if lazy else None), 0
+        try:
+            if rows is None: rows = list(parquet_rows(p))
+            for r in rows: yield f'row {n}', r; n += 1
+        except Exception as e: yield 'the file', ValueError(f"not a readable Parquet file ({type(e).__name__}: {e})")
         return
     with open(p, 'rb') as f:
         for n, raw in corpus_lines(f):
@@ -1158,10 +1161,11 @@ def array_record(r:list) -> dict|ValueError:
 
 def corpus_entries(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
                    text_field:str='text', # the field (JSONL) or column (Parquet) holding each document's text; dotted for nested
+                   lazy:bool=False, # Parquet rows as they are read (`corpus_rows`), for a file larger than memory
                   ) -> Iterator[tuple[str, dict|None, str|None]]:
     "`(where, record, why)` for each record of a corpus file, in order: the record with its 'text' (or 'input_ids') entry and `why=None`, or `None` and why it cannot be read."
     p = Path(path); kind = corpus_format(p)
-    for where, r in corpus_rows(p, kind):
+    for where, r in corpus_rows(p, kind, lazy):
         if where == 'the file': raise ValueError(f"{p.name}, {where}: {r}. Accepted formats: {CORPUS_FORMATS}.")   # no record at all
         if isinstance(r, str): r = {text_field: r}                                # a JSON string is a text, as `scan` reads it
         if isinstance(r, list): r = array_record(r)                               # a JSON array of ids is a sequence, likewise
