@@ -12,7 +12,7 @@ import pandas as pd
 from .data import (cut_texts, corpus_lines, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
-                               require_scored, end_sentence, array_record, iter_windows, model_tokenizer, NoWindowWarning, _parts, DTYPES)
+                               require_scored, end_sentence, array_record, iter_windows, model_tokenizer, NoWindowWarning, block_parts, DTYPES)
 from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
@@ -616,10 +616,10 @@ def _cmd_windows(a):
     st = iter_windows(tok, records(), a.max_length, pack=a.pack, separator=sep, on_bad=on_bad)
     outs, wins, toks, n_parts, parted = [out] + ([Path(a.parts)] if a.parts else []), 0, 0, 0, set()
     with _atomic_jsonl(*outs) as files, warnings.catch_warnings():
-        warnings.simplefilter('ignore', NoWindowWarning)              # said below, with the file's line
+        warnings.simplefilter('ignore', NoWindowWarning)              # said below, with the file's line (and parts' too)
         for r in st:
             files[0].write(json.dumps(r, ensure_ascii=False) + '\n'); wins += 1; toks += len(r['input_ids'])
-            for q in (_parts(r) if a.parts else []): files[1].write(json.dumps(q, ensure_ascii=False) + '\n'); n_parts += 1; parted.add(q['source'])
+            for q in (block_parts([r]) if a.parts else []): files[1].write(json.dumps(q, ensure_ascii=False) + '\n'); n_parts += 1; parted.add(q['source'])
         if not wins: raise ValueError(f"--corpus {path.name}: none of its {st.n_texts} documents gave a window (each has fewer than two "
                                       "tokens, or no token to score), so nothing was written.")
     if bad: print(f"note: --corpus {path.name}: skipped {len(bad)} of its {n[0]} records, which cannot be used (--skip-bad-records; "
