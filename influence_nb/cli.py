@@ -548,7 +548,7 @@ def _windows_parser(sub):
                    'instead of cutting each document on its own')
     w.add_argument('--separator', default=None, help="with --pack: the token put after each document, 'eos' (the tokenizer's "
                    "end-of-text token; default), 'none', or a token id")
-    w.add_argument('--out', required=True, help='output .jsonl: one window per line (id, source and start or, packed, sources; input_ids)')
+    w.add_argument('--out', required=True, help="output .jsonl: one window per line (id, source and start or, packed, sources; the tokenizer's mark; input_ids)")
     w.add_argument('--parts', default=None, help="with --pack: also write each block's parts to this .jsonl, one per document it "
                    "holds with only that document's tokens scored: score them, and source_scores sums them per document")
     _skip_arg(w)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #32d43130
 from __future__ import annotations
-import os, re, sys, json, types, inspect, numbers, functools, itertools, warnings
+import os, re, sys, json, types, hashlib, inspect, numbers, functools, itertools, warnings
 from pathlib import Path
 from contextlib import contextmanager, nullcontext
 from collections.abc import Mapping, Sequence, Iterable, Iterator
@@ -22,8 +22,9 @@ __all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_F
            'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits',
            'completion_logprobs', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of',
            'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_text', 'array_record',
-           'corpus_entries', 'read_corpus', 'corpus_sequences', 'NoWindowWarning', 'WindowStream', 'iter_windows',
-           'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors']
+           'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning',
+           'WindowStream', 'iter_windows', 'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir',
+           'cached_factors']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -1190,11 +1191,31 @@ def corpus_sequences(records:list[dict], # from `read_corpus`
                      max_length:int|None=None, # truncate texts to this many tokens
                     ) -> list[dict]:
     "Sequences of corpus records: texts tokenized (every token scored; conversations: the assistant's turns), 'input_ids' records taken as they are."
+    if any('tokenizer' in r for r in records if 'input_ids' in r):  # windows made by `token_windows` name their tokenizer
+        mark = tokenizer_mark(tokenizer)
+        if (bad := next(((j, w) for j, r in enumerate(records) if (w := other_tokenizer(r, mark))), None)):
+            raise ValueError(f"corpus[{bad[0]}] holds {bad[1]}.")
     texts = {j: r['text'] for j, r in enumerate(records) if 'input_ids' not in r}
     out = dict(zip(texts, tokenize(tokenizer, list(texts.values()), max_length))) if texts else {}
     for j, r in enumerate(records):
         if j not in out: out[j] = as_sequence({k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}, j, 'corpus')
     return [out[j] for j in range(len(records))]
+
+# %% ../nbs/00_data.ipynb #92ccc168
+def tokenizer_mark(tokenizer) -> str|None:
+    "A short digest of a tokenizer's vocabulary (tokens and ids), carried by the token-id records `token_windows` makes; None if it has no `get_vocab`."
+    try: vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    except (AttributeError, NotImplementedError): return None
+    return hashlib.blake2b(json.dumps(vocab, ensure_ascii=False).encode(), digest_size=8).hexdigest()
+
+def other_tokenizer(record, # a corpus record
+                    mark:str|None, # `tokenizer_mark` of the tokenizer that reads it
+                   ) -> str|None:
+    "Why a token-id record cannot be read with the tokenizer of `mark` (it carries another tokenizer's mark), else None."
+    theirs = record.get('tokenizer') if isinstance(record, Mapping) and 'input_ids' in record else None
+    if theirs is None or mark is None or theirs == mark: return None
+    return (f"token ids made by another tokenizer (mark {theirs}; this model's tokenizer has {mark}): cut the "
+            "documents again with this model's tokenizer (`influence-nb windows --model ...`, `token_windows`)")
 
 # %% ../nbs/00_data.ipynb #cbe8f635
 @contextmanager
@@ -1246,13 +1267,13 @@ def _window_record(ids:torch.Tensor, labels:torch.Tensor, **where) -> dict:
     return {**where, **rec}
 
 # %% ../nbs/00_data.ipynb #72265d2b
-def _cut_blocks(buf:list, spans:list, length:int, b:int, sep:int|None, final:bool=False):
+def _cut_blocks(buf:list, spans:list, length:int, b:int, sep:int|None, mine:dict, final:bool=False):
     "Packed blocks cut from the front of `buf` ([ids, labels] tensors) while a whole one is there (`final`: the rest too); `spans` ([id, start, n, at]) follow."
     while len(buf[0]) >= length or (final and len(buf[0])):
         held = [{'source': x, 'start': s0 + max(-a, 0), 'at': max(a, 0), 'n': min(a + n, length) - max(a, 0)}
                 for x, s0, n, a in spans if a < length and a + n > 0]
         mark = {} if sep is None else {'separator': sep}             # (`block_parts` gives a BOS that is the EOS to the text it ends)
-        yield _window_record(buf[0][:length], buf[1][:length], id=f'block-{b}', sources=held, **mark); b += 1
+        yield _window_record(buf[0][:length], buf[1][:length], id=f'block-{b}', sources=held, **mark, **mine); b += 1
         buf[:] = [buf[0][length:], buf[1][length:]]
         spans[:] = [[x, s0, n, a - length] for x, s0, n, a in spans if a + n > length]
 
@@ -1294,7 +1315,8 @@ def iter_windows(tokenizer, # a Hugging Face tokenizer
 
 # %% ../nbs/00_data.ipynb #a47d6f42
 def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad):
-    names, seen, n = iter(ids) if ids is not None else None, {}, 0
+    names, seen, n, mark = iter(ids) if ids is not None else None, {}, 0, tokenizer_mark(tokenizer)
+    mine = {} if mark is None else {'tokenizer': mark}             # the records name the tokenizer that made their ids
     buf, spans, b, last = [torch.empty(0, dtype=torch.long)] * 2, [], 0, None   # packed: the unfinished block
     while chunk := list(itertools.islice(items, chunk_size)):
         seqs = _item_sequences(tokenizer, chunk, text_field, n, on_bad)
@@ -1305,14 +1327,14 @@ def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_fie
             if not pack and n_scored(s) == 0: st.bare.append((j, x)); continue   # (packed, its tokens follow others: predicted)
             if not pack:
                 for a in range(0, len(s['input_ids']), length):
-                    r = _window_record(s['input_ids'][a:a + length], s['labels'][a:a + length], id=f'{x}#{a // length}', source=x, start=a)
+                    r = _window_record(s['input_ids'][a:a + length], s['labels'][a:a + length], id=f'{x}#{a // length}', source=x, start=a, **mine)
                     if n_scored(as_sequence(r)) > 0: yield r    # a window that scores nothing: training learns nothing from it
                 continue
             if sep is not None and last is not None and last != sep and int(s['input_ids'][0]) != sep:   # (a BOS that is the EOS parts them)
                 buf = [torch.cat([buf[0], torch.tensor([sep])]), torch.cat([buf[1], torch.tensor([sep])])]
             spans.append([x, 0, len(s['input_ids']), len(buf[0])])
             buf = [torch.cat([buf[0], s['input_ids']]), torch.cat([buf[1], s['labels']])]; last = int(s['input_ids'][-1])
-            for r in _cut_blocks(buf, spans, length, b, sep):
+            for r in _cut_blocks(buf, spans, length, b, sep, mine):
                 b += 1
                 if n_scored(as_sequence(r)) > 0: yield r
         n += len(chunk)
@@ -1322,7 +1344,7 @@ def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_fie
                               f"without a reply) and gave no window (the first: texts[{st.bare[0][0]}]).", NoWindowWarning, stacklevel=3)
     if pack and sep is not None and last is not None and last != sep:
         buf = [torch.cat([buf[0], torch.tensor([sep])]), torch.cat([buf[1], torch.tensor([sep])])]
-    for r in _cut_blocks(buf, spans, length, b, sep, final=True):
+    for r in _cut_blocks(buf, spans, length, b, sep, mine, final=True):
         if n_scored(as_sequence(r)) > 0: yield r
 
 # %% ../nbs/00_data.ipynb #014cb70c
@@ -1383,7 +1405,8 @@ def _parts(w:Mapping) -> list[dict]:
         lo, hi = los[i], (los[i + 1] if i + 1 < len(marks) else len(ids))   # its tokens, and the separator after them
         labels = [IGNORE_INDEX] * lo + lab[lo:hi] + [IGNORE_INDEX] * (len(ids) - hi)
         if any(t != IGNORE_INDEX for t in labels[1:]):
-            out.append({'id': f"{w['id']}/{x}", 'source': x, 'start': start, 'block': w['id'], 'input_ids': ids, 'labels': labels})
+            out.append({'id': f"{w['id']}/{x}", 'source': x, 'start': start, 'block': w['id'],
+                        **({'tokenizer': w['tokenizer']} if 'tokenizer' in w else {}), 'input_ids': ids, 'labels': labels})
     return out
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .data import (cut_texts, text_sequences, array_record, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection,
-                               grad_enabled, check_max_length, check_int, n_scored, shown_ids)
+                               grad_enabled, check_max_length, check_int, n_scored, shown_ids, tokenizer_mark, other_tokenizer)
 from .kfac import layer_passes, all_reduce_sum, dist_info, watch_calls
 from .ekfac import Factors, check_damping
 from .scores import (prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
@@ -137,6 +137,8 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
              text_field:str='text', skip:bool=False, cut:dict|None=None, bad:dict|None=None) -> tuple[list, int]:
     "`(sequences, n_bad)` for one chunk: a sequence dict per record, None where a bad record was skipped (the first named in `bad`); texts cut to `max_length` counted in `cut`."
     out, texts, n_bad = [None] * len(items), {}, 0
+    marked = tokenizer is not None and any(isinstance(it.raw, Mapping) and 'tokenizer' in it.raw for it in items)
+    mark = tokenizer_mark(tokenizer) if marked else None               # windows name the tokenizer that made their ids
     for j, it in enumerate(items):
         if isinstance(it.raw, BadRecord): n_bad += _bad_record(it, it.raw.why, skip, bad); continue
         text = text_of(it.raw, text_field)
@@ -150,6 +152,7 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
             continue
         if isinstance(it.raw, Mapping) and 'input_ids' not in it.raw:          # a misspelt text field, or a record without one
             n_bad += _bad_record(it, missing_text(it.raw, text_field), skip, bad); continue
+        if why := other_tokenizer(it.raw, mark): n_bad += _bad_record(it, f'it holds {why}', skip, bad); continue
         try: out[j] = as_sequence(it.raw, it.index, 'corpus')
         except (TypeError, ValueError) as e: n_bad += _bad_record(it, str(e), skip, bad)
     if texts:
