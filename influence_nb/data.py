@@ -347,6 +347,9 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
     for i, t in enumerate(texts):
         if isinstance(t, Mapping):                       # a record: its text field, or its prompt and completion
             if not is_text(v := text_value(t, text_field)):
+                if v is not None or text_field in t:                 # there, but null or not a text
+                    raise TypeError(f"texts[{i}][{text_field!r}] is {'null' if v is None else f'a {type(v).__name__}'}, not a "
+                                    "string, a conversation or a prompt-completion pair.")
                 raise TypeError(f"texts[{i}] is a record without a string field {text_field!r} (keys: {sorted(t)}); "
                                 "pass `text_field=` naming the field that holds the text (or the conversation), or give the "
                                 "record 'prompt' and 'completion'.")
