@@ -12,7 +12,7 @@ import pandas as pd
 from .data import (cut_texts, corpus_lines, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
-                               require_scored, end_sentence, array_record, iter_windows, model_tokenizer, NoWindowWarning, block_parts, DTYPES)
+                               require_scored, end_sentence, array_record, iter_windows, JSONL_SUFFIXES, model_tokenizer, NoWindowWarning, block_parts, DTYPES)
 from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
@@ -588,10 +588,10 @@ def _atomic_jsonl(*paths):
 def _cmd_windows(a):
     if a.max_length < 2: raise ValueError(f"--max-length must be at least 2 (a window scores the tokens after its first), got {a.max_length}.")
     sep = _separator(a)
-    _check_corpus_file(a.corpus, a.text_field, '--corpus', a.skip_bad_records); _check_out(a.out, suffixes=('.jsonl', '.json', '.ndjson'), kind='JSONL')
+    _check_corpus_file(a.corpus, a.text_field, '--corpus', a.skip_bad_records); _check_out(a.out, suffixes=JSONL_SUFFIXES, kind='JSONL')
     path, out = Path(a.corpus), Path(a.out)
     if a.parts and not a.pack: raise ValueError("--parts goes with --pack: unpacked windows each hold one document already.")
-    if a.parts: _check_out(a.parts, '--parts', suffixes=('.jsonl', '.json', '.ndjson'), kind='JSONL')
+    if a.parts: _check_out(a.parts, '--parts', suffixes=JSONL_SUFFIXES, kind='JSONL')
     for flag, f in (('--out', out), ('--parts', Path(a.parts or out))):
         if f.resolve() == path.resolve(): raise ValueError(f"{flag} {f} is the --corpus file: write the windows to another file.")
     if a.parts and Path(a.parts).resolve() == out.resolve(): raise ValueError("--parts and --out name one file: give each its own.")

@@ -12,16 +12,16 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS', 'NATS_SCALE', 'SCORE_LEGEND', 'data_dir',
-           'attended_span', 'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'end_sentence',
-           'require_scored', 'check_int', 'check_max_length', 'field_value', 'TruncatedTextsWarning', 'special_prefix',
-           'encode_texts', 'cut_texts', 'is_conversation', 'is_pair', 'is_text', 'text_value', 'shown_text',
-           'text_sequences', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'chat_sequence', 'chat_query',
-           'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences',
-           'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model',
-           'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits',
-           'completion_logprobs', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of',
-           'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_text', 'array_record',
+__all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS', 'JSONL_SUFFIXES', 'NATS_SCALE',
+           'SCORE_LEGEND', 'data_dir', 'attended_span', 'as_sequence', 'as_collection', 'as_sequences', 'n_scored',
+           'end_sentence', 'require_scored', 'check_int', 'check_max_length', 'field_value', 'TruncatedTextsWarning',
+           'special_prefix', 'encode_texts', 'cut_texts', 'is_conversation', 'is_pair', 'is_text', 'text_value',
+           'shown_text', 'text_sequences', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'chat_sequence',
+           'chat_query', 'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab',
+           'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype',
+           'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode',
+           'batch_logits', 'completion_logprobs', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens',
+           'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_text', 'array_record',
            'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning',
            'WindowStream', 'iter_windows', 'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir',
            'cached_factors']
@@ -1109,11 +1109,13 @@ CORPUS_FORMATS = ("JSONL (.jsonl/.json/.ndjson: one JSON object per line with a 
                   "plain text (.txt: one document per line) or Parquet (.parquet: a text or 'input_ids' column); "
                   "blank lines (empty or only whitespace) are skipped, so a record's index counts records, not lines")
 
+JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')   # what a JSONL corpus file (or one `windows` writes) is named
+
 def corpus_format(path) -> str:
     "'jsonl', 'text' or 'parquet' from the suffix of corpus file `path` (which must exist)."
     p = Path(path)
     if not p.is_file(): raise FileNotFoundError(f"{p} does not exist." if not p.exists() else f"{p} is not a file.")
-    for kind, sufs in (('jsonl', ('.jsonl', '.json', '.ndjson')), ('text', ('.txt', '.text')), ('parquet', ('.parquet',))):
+    for kind, sufs in (('jsonl', JSONL_SUFFIXES), ('text', ('.txt', '.text')), ('parquet', ('.parquet',))):
         if p.suffix.lower() in sufs: return kind
     raise ValueError(f"{p.name}: unknown corpus format {p.suffix or '(no suffix)'!r}. Accepted formats: {CORPUS_FORMATS}.")
 
