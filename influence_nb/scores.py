@@ -73,7 +73,7 @@ class Scores:
     "Influence of every training sequence on every query (`pairwise_scores`): totals, optionally per layer and per token."
     total: torch.Tensor                         # [n_queries, n_train]
     per_layer: dict|None = None                 # layer name -> [n_queries, n_train]
-    per_token: torch.Tensor|None = None         # [n_queries, n_train, longest sequence given], term of token t as given (0 on padding)
+    per_token: torch.Tensor|None = None         # [n_queries, n_train, longest sequence given], token t's term (input × loss gradient at t; 0 on padding)
     n_train: int|None = None                    # N of the training set (for nats): `pairwise_scores` sets the larger of the scored and fit sets
     modules: list = field(default_factory=list) # tracked layers
     strategy: str = ''
