@@ -13,8 +13,8 @@ from safetensors import safe_open
 from .data import corpus_rows
 
 # %% auto #0
-__all__ = ['tensor_bytes', 'digest', 'digest_file', 'temp_beside', 'replacing', 'atomic_write', 'read_jsonl', 'cache_records',
-           'append_record', 'path_lock', 'write', 'read']
+__all__ = ['tensor_bytes', 'digest', 'digest_file', 'new_file_mode', 'temp_beside', 'replacing', 'atomic_write', 'read_jsonl',
+           'cache_records', 'append_record', 'path_lock', 'write', 'read']
 
 # %% ../nbs/05a_artefact.ipynb #a5b00003
 def tensor_bytes(t:torch.Tensor) -> bytes:
@@ -46,6 +46,15 @@ def digest_file(path, algo:str='sha256', size:int|None=None) -> str:
     with open(path, 'rb') as f: return digest(iter(lambda: f.read(1 << 20), b''), algo, size)
 
 # %% ../nbs/05a_artefact.ipynb #a5b00006
+def new_file_mode() -> int:
+    "The permissions a file created here gets, as `open` gives them: 0666 less the process's umask."
+    try:                                                        # Linux: read the umask without changing it
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'): return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError): pass
+    mask = os.umask(0o022); os.umask(mask)                       # elsewhere: set and restore it
+    return 0o666 & ~mask
+
 def _fsync(p):
     with open(p, 'rb') as fh: os.fsync(fh.fileno())
 
@@ -60,13 +69,13 @@ def temp_beside(path, # the file a replacement is written for
 @contextlib.contextmanager
 def replacing(path, # the file to replace (or create)
               prefix:str|None=None, # the temporary name's start (see `temp_beside`)
-              mode:int|None=None, # the new file's permissions (None: private to the user, 0600)
+              mode:int|None=None, # the new file's permissions (None: what any new file gets here, `new_file_mode`)
              ):
     "Yield a temporary file beside `path` to write; if the block succeeds it is flushed and renamed onto `path`, else removed."
     tmp = temp_beside(path, prefix)
     try:
         yield tmp
-        if mode is not None: os.chmod(tmp, mode)
+        os.chmod(tmp, new_file_mode() if mode is None else mode)   # (mkstemp's file is 0600)
         _fsync(tmp)
         os.replace(tmp, path)
     finally: tmp.unlink(missing_ok=True)

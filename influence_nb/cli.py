@@ -9,19 +9,20 @@ from collections.abc import Mapping
 from pathlib import Path
 import torch
 import pandas as pd
-from .data import (cut_texts, corpus_lines, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, CORPUS_FORMATS,
+from .data import (cut_texts, corpus_lines, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, end_sentence, array_record, iter_windows, JSONL_SUFFIXES, model_tokenizer, NoWindowWarning, block_parts, DTYPES)
 from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
+from .artefact import new_file_mode
 from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
-from .scores import pairwise_scores
+from .scores import pairwise_scores, unread_to_nan
 from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text, record_id
-from .explorer import query_records, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
+from .explorer import query_records, scored_phrase, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
 # %% auto #0
-__all__ = ['CULL_IDLE_S', 'bm25_candidates', 'token_heatmap_for', 'demo', 'build_parser', 'main']
+__all__ = ['CULL_IDLE_S', 'DEFAULT_PORT', 'bm25_candidates', 'token_heatmap_for', 'demo', 'build_parser', 'main']
 
 # %% ../nbs/13_cli.ipynb #7034018f
 def _pick_query(queries, model, tok, query_id=None):
@@ -77,7 +78,7 @@ def _say_token_shading(model, factors, query, seqs:list[dict], tok, say, out=Non
     for r, s in enumerate(seqs):
         ids = s['input_ids']
         if r + 1 in same: say(f"#{r+1}: the same tokens as #{same[r + 1]}, so the same shading (above)"); continue
-        say(f"#{r+1}: " + heatmap(token_texts(tok, ids), pt[r, :len(ids)].numpy(), decode="none", legend=r == 0))
+        say(f"#{r+1}: " + heatmap(token_texts(tok, ids), unread_to_nan(pt[r, :len(ids)], s.get('labels')), decode="none", legend=r == 0))
 
 # %% ../nbs/13_cli.ipynb #3281e085
 def demo(model_name:str='gpt2-l', # bundled model
@@ -127,6 +128,7 @@ def demo(model_name:str='gpt2-l', # bundled model
     say(f"\nTop {len(rows)} most influential training sequences:")
     with pd.option_context('display.max_colwidth', 90, 'display.width', 200):
         say(pd.DataFrame(rows).set_index('rank').to_string(float_format=lambda x: f'{x:.4g}'))
+    if note := nats_note([r['nats (per copy, N=%d)' % len(train)] for r in rows], lp): say(f"note: {note}")
     shares = sc.layer_shares(top=k).iloc[0]
     say(f"\nShare of the top-{len(rows)} influence per layer:")
     for name, v in shares.items(): say(f"  {name:<28s} {100*v:6.1f} %")
@@ -433,7 +435,11 @@ def _explore_parser(sub):
     x.add_argument('--k', type=int, default=None, help='the app\'s opening number of top sequences shown (at most 50; default: 5)')
     x.add_argument('--strategy', default=None, choices=['identity', 'diagonal', 'kfac', 'ekfac'], help="the app's opening "
                    "curvature strategy (default: ekfac)")
-    x.add_argument('--port', type=int, default=8866, help='Voilà port on 127.0.0.1 (default: 8866)')
+    x.add_argument('--query', default=None, help="the app's opening query: an id from --queries (default: the first)")
+    x.add_argument('--port', type=int, default=None, help=f'Voilà port (default: {DEFAULT_PORT}, or the next free one when it is '
+                   'taken; a port given must be free)')
+    x.add_argument('--host', default='127.0.0.1', help="address to serve on (default: 127.0.0.1, this machine only; 0.0.0.0: "
+                   "every network interface, so anyone who reaches the port can use the app)")
     x.add_argument('--no-serve', action='store_true', help='build the app here, run its opening query and print the top '
                    'sequences instead of serving it (a headless check)')
 
@@ -578,8 +584,7 @@ def _atomic_jsonl(*paths):
     try:
         with contextlib.ExitStack() as files:
             yield [files.enter_context(open(fd, 'w', encoding='utf-8')) for fd, _ in tmps]
-        mask = os.umask(0); os.umask(mask)                          # the permissions any new file gets here, not mkstemp's 0600
-        for (_, t), p in zip(tmps, paths): os.chmod(t, 0o666 & ~mask); os.replace(t, p)
+        for (_, t), p in zip(tmps, paths): os.chmod(t, new_file_mode()); os.replace(t, p)   # as any new file here, not mkstemp's 0600
     finally:
         if prev is not None: signal.signal(signal.SIGTERM, prev)
         for _, t in tmps: Path(t).unlink(missing_ok=True)
@@ -674,7 +679,9 @@ def _cmd_score(a):
     ids, index = [record_id(r) for r in recs], pd.Index(pos, name='train_index')     # the records' positions in the file
     if any(ids): index = pd.MultiIndex.from_arrays([pos, ids], names=['train_index', 'id'])   # and their own ids, as `top` shows them
     df = pd.DataFrame(sc.total.numpy().T, columns=names, index=index)
-    df.to_parquet(a.out); print(f"wrote {tuple(sc.total.shape)} scores (columns: query ids) to {a.out}" + (f" ({world} processes)" if world > 1 else ''))
+    df.to_parquet(a.out)
+    print(f"wrote the scores of {len(train):,} records × {len(names):,} queries to {a.out} (a row per record, a column per query id)"
+          + (f" ({world} processes)" if world > 1 else ''))
 
 
 # %% ../nbs/13_cli.ipynb #0ba6a4a1
@@ -717,7 +724,7 @@ def _scan_summary(res, before, ckpt, world:int, out) -> str:
     done += f" (the union of each query's {res.candidates:,} best BM25 matches)" if res.candidates else ''
     skipped = f" ({res.n_skipped:,} bad records skipped{f'; the first, {res.first_skipped}' if res.first_skipped else ''})"
     return (done + (skipped if res.n_skipped else '') + (f" in {world} processes" if world > 1 else '')
-            + f" in {res.seconds:.1f} s; top {res.k} of {res.n_queries} queries{' (refined at full rank)' if res.refined else ''} written to {out}")
+            + f" in {res.seconds:.1f} s; top {res.k} of {res.n_queries} queries{f' (picked at rank {res.query_rank}, their scores recomputed at full rank)' if res.refined else ''} written to {out}")
 
 
 # %% ../nbs/13_cli.ipynb #c16b0003
@@ -842,6 +849,7 @@ def _cmd_top(a):
     if 'text' in df: df['text'] = [t if len(t) <= a.width else t[:a.width - 1] + '…' for t in df['text']]
     with pd.option_context('display.max_colwidth', a.width + 2, 'display.width', 250):
         print(df.to_string(float_format=lambda x: f'{x:.4g}'))
+    if res.query_log_p and 'nats' in df and (note := nats_note(df['nats'], res.query_log_p[qi])): print(f"note: {note}")
 
 # %% ../nbs/13_cli.ipynb #c16b0004
 def _check_explore_files(a):
@@ -864,13 +872,39 @@ def _check_explore_files(a):
         try: query_records(a.queries)
         except (ValueError, TypeError, FileNotFoundError) as e: raise _again(e, f"--queries {e}") from None
     if a.factors is not None: _load_factors(a.factors)
+    if a.query is not None: _check_query_id(a, own)
+
+def _check_query_id(a, own:bool):
+    "--query must name a query the app will list: one of --queries, or of the bundled queries."
+    if own and a.queries is None: raise ValueError("--query names one of --queries: pass --queries too.")
+    from influence_nb.corpus import load_queries
+    ids = [q['id'] for q in (query_records(a.queries) if a.queries is not None else load_queries())]
+    if a.query in ids: return
+    import difflib
+    close = difflib.get_close_matches(a.query, ids, n=3)
+    raise ValueError(f"--query {a.query!r} is not an id of {'--queries' if a.queries is not None else 'the bundled queries'}"
+                     + (f"; did you mean {', '.join(close)}?" if close else f" (it has {len(ids):,}; the first: {ids[0]!r})."))
 
 CULL_IDLE_S = 300   # a page closed this long ago: its kernel (the model, the factors) is shut down
+DEFAULT_PORT = 8866
 
-def _serve_app(nb, port:int) -> int:
+def _serving_port(host:str, port:int|None) -> int:
+    "The port to serve on: `port` if given and free (else refused), or the first free one from `DEFAULT_PORT` on."
+    import socket
+    for p in ([port] if port is not None else range(DEFAULT_PORT, DEFAULT_PORT + 50)):
+        with socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)        # as the server will: a closed socket's TIME_WAIT is no owner
+            try: s.bind((host, p)); return p
+            except OSError as e: err = e
+    if port is None: raise ValueError(f"no free port on {host} from {DEFAULT_PORT} to {DEFAULT_PORT + 49}: pass one with --port.")
+    raise ValueError(f"--port {port} cannot be used on {host} ({err.strerror or err}): another program (perhaps another "
+                     "explorer) serves there; pass another --port, or none to take the first free one.")
+
+def _serve_app(nb, port:int, host:str='127.0.0.1') -> int:
     "Voilà on `nb` until it exits. Stopping this process (Ctrl-C, SIGTERM) stops Voilà and its kernels, and the kernels of closed pages are culled."
-    proc = subprocess.Popen([sys.executable, '-m', 'voila', str(nb), '--no-browser', f'--port={port}', '--Voila.ip=127.0.0.1',
-                             f'--MappingKernelManager.cull_idle_timeout={CULL_IDLE_S}', '--MappingKernelManager.cull_interval=60'])
+    proc = subprocess.Popen([sys.executable, '-m', 'voila', str(nb), '--no-browser', f'--port={port}', '--Voila.port_retries=0',
+                             f'--Voila.ip={host}', f'--MappingKernelManager.cull_idle_timeout={CULL_IDLE_S}',
+                             '--MappingKernelManager.cull_interval=60'])   # a port taken meanwhile: Voilà stops, not moves
     try: prev = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     except ValueError: prev = None                                    # not the main thread: Ctrl-C still reaches both
     try: return proc.wait()
@@ -881,7 +915,7 @@ def _serve_app(nb, port:int) -> int:
 def _cmd_explore(a):
     from influence_nb.explorer import explorer, app_notebook
     _check_explore_files(a)
-    kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, factors=a.factors,
+    kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, factors=a.factors, query_id=a.query,
               text_field=a.text_field, fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules, max_length=a.max_length,
               trust_remote_code=a.trust_remote_code or None, candidates=a.candidates, k=a.k, strategy=a.strategy)
     kw = {k: v for k, v in kw.items() if v is not None}                      # the app's own defaults otherwise
@@ -891,18 +925,22 @@ def _cmd_explore(a):
         app = explorer(**kw); res = app.run()
         if res is None: raise ValueError(f"the explorer could not run its opening query: {app.error}")
         _say_queries([res.query.get('id') or 'typed query'], [res.log_p])
+        print(f"{res.strategy}: scored {scored_phrase(res)}" + (" (--candidates 0 scores every one)" if res.prefiltered else ''))
         df = res.top[['id', 'score', 'nats', 'text']].copy()
         df['text'] = [t if len(t) <= 100 else t[:99] + '…' for t in df['text']]        # as `top` shows them
         print(df.to_string(float_format=lambda x: f'{x:.4g}'))
+        for note in res.notes: print(f"note: {note}")
         return
     import importlib.util
-    if importlib.util.find_spec('voila') is None:
-        raise ValueError("`explore` serves the app with Voilà: pip install 'influence_nb[browser]' (from a clone of the repository: "
+    if missing := [m for m in ('voila', 'ipykernel') if importlib.util.find_spec(m) is None]:   # Voilà runs the app in a Python kernel
+        raise ValueError(f"`explore` serves the app with Voilà, which needs {' and '.join(missing)}: pip install 'influence_nb[browser]' (from a clone of the repository: "
                          "pip install -c constraints.txt '.[browser]'), or use --no-serve.")
+    port = _serving_port(a.host, a.port)
     with tempfile.TemporaryDirectory(prefix='influence-nb-explore-') as d:   # the app's notebook, removed when it stops
         nb = app_notebook(Path(d)/'explorer.ipynb', **kw)
-        print(f"serving {nb} on http://127.0.0.1:{a.port}/ (Ctrl-C stops it)", flush=True)
-        return _serve_app(nb, a.port)
+        where = f"[{a.host}]" if ':' in a.host else a.host
+        print(f"serving {nb} on http://{where}:{port}/ (Ctrl-C stops it)", flush=True)
+        return _serve_app(nb, port, a.host)
 
 # %% ../nbs/13_cli.ipynb #47b47a94
 _DISPATCH = {'experiment': 'influence_nb.experiments.harness', 'validate': 'influence_nb.evaluate'}

@@ -12,19 +12,19 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS', 'JSONL_SUFFIXES', 'NATS_SCALE',
-           'SCORE_LEGEND', 'data_dir', 'attended_span', 'as_sequence', 'as_collection', 'as_sequences', 'n_scored',
-           'end_sentence', 'require_scored', 'check_int', 'check_max_length', 'field_value', 'TruncatedTextsWarning',
-           'special_prefix', 'encode_texts', 'cut_texts', 'is_conversation', 'is_pair', 'is_text', 'text_value',
-           'shown_text', 'text_sequences', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'chat_sequence',
-           'chat_query', 'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab',
-           'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype',
-           'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode',
-           'batch_logits', 'completion_logprobs', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens',
-           'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_text', 'array_record',
-           'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning',
-           'WindowStream', 'iter_windows', 'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir',
-           'cached_factors']
+__all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS',
+           'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span', 'as_sequence', 'as_collection', 'as_sequences',
+           'n_scored', 'end_sentence', 'require_scored', 'check_int', 'check_max_length', 'field_value',
+           'TruncatedTextsWarning', 'special_prefix', 'encode_texts', 'cut_texts', 'is_conversation', 'is_pair',
+           'is_text', 'text_value', 'shown_text', 'text_sequences', 'check_not_file_name', 'tokenize', 'tokenize_pairs',
+           'assistant_spans', 'chat_sequence', 'chat_query', 'chat_pair', 'collate', 'batches', 'model_config',
+           'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer',
+           'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels',
+           'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'uncompiled', 'uncompiled_names',
+           'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows',
+           'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark',
+           'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows', 'block_parts',
+           'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -45,6 +45,8 @@ def data_dir(required:bool=True, # raise if no data folder is found
 
 # %% ../nbs/00_data.ipynb #1e1914a3
 IGNORE_INDEX = -100  # label value that marks a token as not scored (transformers' convention)
+JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')   # what a JSONL corpus file (or one `windows` writes) is named
+CORPUS_SUFFIXES = {'jsonl': JSONL_SUFFIXES, 'text': ('.txt', '.text'), 'parquet': ('.parquet',)}   # a corpus file's format, by suffix
 
 def _as_1d_long(x, key, i, name):
     "Convert one field of sequence `i` to a 1-D int64 tensor, or raise naming what is wrong."
@@ -333,6 +335,16 @@ def text_sequences(tokenizer, # a Hugging Face tokenizer
         out[j] = {k: v[:max_length] for k, v in s.items()}
     return [out[j] for j in range(len(texts))]
 
+def check_not_file_name(texts, name:str='texts'):
+    "Refuse a corpus file's name where texts belong: `tokenize(tok, 'corpus.jsonl')` once scored the name as a text."
+    if not isinstance(texts, (str, os.PathLike)): return
+    p = Path(texts)
+    if isinstance(texts, str) and (p.suffix.lower() not in sum(CORPUS_SUFFIXES.values(), ())
+                                   or (any(c.isspace() for c in texts) and not p.is_file())): return   # a text
+    there = 'the file' if p.is_file() else 'the name of a corpus file (none is there)'
+    raise ValueError(f"`{name}` is {there} {str(texts)!r}, not texts: read its records with `inf.read_corpus({str(texts)!r})` "
+                     "(JSONL, .txt or Parquet; `text_field=` for another field) and pass them.")
+
 def tokenize(tokenizer, # a Hugging Face tokenizer
              texts:str|Sequence[str], # one text, conversation or pair (`is_text`), a list of them, or records / a `datasets.(Iterable)Dataset` with `text_field`
              max_length:int|None=128, # truncate to this many tokens (None: no limit)
@@ -340,7 +352,7 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
             ) -> list[dict]:
     "Training sequences from `texts`: every token of a text is scored; of a conversation (a list of messages), the assistant's replies; of a prompt-completion pair, the completion."
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
-    check_max_length(max_length)
+    check_max_length(max_length); check_not_file_name(texts)
     if isinstance(texts, str) or is_pair(texts) or (is_conversation(texts) and not any(text_field in m for m in texts)): texts = [texts]
     texts = list(as_collection(texts, 'texts'))
     if not texts: raise ValueError("`texts` is empty: pass at least one text.")
@@ -1109,13 +1121,11 @@ CORPUS_FORMATS = ("JSONL (.jsonl/.json/.ndjson: one JSON object per line with a 
                   "plain text (.txt: one document per line) or Parquet (.parquet: a text or 'input_ids' column); "
                   "blank lines (empty or only whitespace) are skipped, so a record's index counts records, not lines")
 
-JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')   # what a JSONL corpus file (or one `windows` writes) is named
-
 def corpus_format(path) -> str:
     "'jsonl', 'text' or 'parquet' from the suffix of corpus file `path` (which must exist)."
     p = Path(path)
     if not p.is_file(): raise FileNotFoundError(f"{p} does not exist." if not p.exists() else f"{p} is not a file.")
-    for kind, sufs in (('jsonl', JSONL_SUFFIXES), ('text', ('.txt', '.text')), ('parquet', ('.parquet',))):
+    for kind, sufs in CORPUS_SUFFIXES.items():
         if p.suffix.lower() in sufs: return kind
     raise ValueError(f"{p.name}: unknown corpus format {p.suffix or '(no suffix)'!r}. Accepted formats: {CORPUS_FORMATS}.")
 
@@ -1304,6 +1314,7 @@ def iter_windows(tokenizer, # a Hugging Face tokenizer
     "`token_windows` one window at a time, reading `texts` a chunk at a time (a corpus file's records as they stream)."
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
     length, chunk_size = check_int(length, 'length', lo=2), check_int(chunk_size, 'chunk_size')   # one token: nothing scored
+    check_not_file_name(texts)
     sep = tokenizer.eos_token_id if isinstance(separator, str) and separator.lower() == 'eos' else separator
     if pack and sep is None and separator is not None:
         raise ValueError("the tokenizer has no end-of-text token to put after each packed text: pass `separator=` a token id, "
@@ -1509,3 +1520,12 @@ SCORE_LEGEND = (   # the line printed under every table of scores: sign and unit
     "score = ∇log p(completion)ᵀ (G+λI)⁻¹ ∇log p(sequence); nats = score / N: the first-order change of "
     "log p(completion) per extra copy of the sequence among N training sequences (a linear estimate: "
     f"{NATS_SCALE}); positive = the sequence makes the completion more likely.")
+
+def nats_note(nats, # the nats shown for one query (a column of a top-k table)
+              log_p:float, # that query's log p(completion)
+             ) -> str|None:
+    "A note when a shown gain in nats is larger than log p can rise (to 0): there the linear estimate is plainly past its range."
+    gain = max((float(x) for x in nats if x == x), default=0.0)         # (NaN: no value)
+    if gain <= -float(log_p): return None
+    return (f"the top nats (+{gain:.3g}) is more than log p(completion) = {float(log_p):.3g} can rise (to 0): nats is a linear "
+            f"estimate, and {NATS_SCALE}.")

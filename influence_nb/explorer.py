@@ -32,7 +32,7 @@ from .modules import blocks as block_names
 import json
 import os
 from collections.abc import Mapping
-from .data import (cut_texts, corpus_lines, n_scored, is_conversation, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
+from .data import (cut_texts, corpus_lines, n_scored, is_conversation, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
                                resolve_device, resolve_dtype, shown_ids)
 from .corpus import load_corpus, load_queries
@@ -42,15 +42,15 @@ from .ekfac import Factors, check_damping, fingerprint, model_digest
 from .kfac import reporting
 from .modules import find_modules, layer_aliases
 from .data import uncompiled
-from .scores import pairwise_scores
+from .scores import pairwise_scores, unread_to_nan
 from .tfidf import TokenIndex
 
 # %% auto #0
 __all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'ANNOTATED_BLOCKS', 'K_MAX', 'STRATEGY_LABELS', 'STRATEGY_HINTS', 'layer_blocks',
            'shared_note', 'default_query', 'record_where', 'corpus_records', 'query_rows', 'query_record',
            'query_records', 'ExplorerSession', 'sequences_digest', 'factor_cache_tag', 'restrict_factors',
-           'ExplorerResult', 'run_query', 'summary_html', 'top_html', 'heatmaps_html', 'layer_figure', 'tail_figure',
-           'figure_png', 'parse_damping', 'Explorer', 'csv_link', 'explorer', 'app_notebook']
+           'ExplorerResult', 'run_query', 'scored_phrase', 'summary_html', 'top_html', 'heatmaps_html', 'layer_figure',
+           'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'csv_link', 'explorer', 'app_notebook']
 
 # %% ../nbs/10_explorer.ipynb #6860dd62
 FIT_SAMPLE = 600  # training sequences the explorer fits curvature factors on (a seeded sample; 0 = all)
@@ -652,6 +652,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     tokens = [viz.token_texts(tok, train[i]['input_ids']) for i in top_idx]
     token_scores = [pt[r, :len(t)] for r, t in enumerate(tokens)]
     top = _top_frame(q, records, top_idx, scores[order], len(train), session.where)
+    if note := nats_note(top['nats'], log_p): notes.append(note)
     laps('tokens')
     say("Done", 1.0)
     return ExplorerResult(model, q, log_p, strategy, damping, blocks, counted, names, len(train), cand, matched is not None,
@@ -679,14 +680,18 @@ def _same_as(items: list, ranks: list) -> dict:
 
 def _fmt_score(v: float) -> str: return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
 
+def scored_phrase(result: ExplorerResult) -> str:
+    "Which training sequences a result scored, in words ('the 300 best BM25 matches of 811 training sequences')."
+    n, m = len(result.candidates), result.matched
+    return (f"all {n:,}" if not result.prefiltered else f"the {n:,} best BM25 matches" if m is None or m == n else
+            f"{n:,} candidates (the {m:,} sharing a token with the query, then {n - m:,} others in corpus order)") + \
+           f" of {result.n_train:,} training sequences"
+
 def summary_html(result: ExplorerResult) -> str:
     "One paragraph: the query, its log-probability, what was scored and how long it took."
     q = result.query
     which = (f"{q['id']} ({', '.join(str(x) for x in (q.get('kind'), q.get('lang')) if x)})" if q.get('id') else "typed query")
-    n, m = len(result.candidates), result.matched
-    cand = (f"all {n:,}" if not result.prefiltered else f"the {n:,} best BM25 matches" if m is None or m == n else
-            f"{n:,} candidates (the {m:,} sharing a token with the query, then {n - m:,} others in corpus order)") + \
-           f" of {result.n_train:,} training sequences"
+    cand = scored_phrase(result)
     blocks = f"blocks {result.blocks[0]}–{result.blocks[1]} ({len(result.layers)} of {len(result.all_layers)} tracked layers)"
     damping_text = ("no curvature, no damping" if result.strategy == 'identity' else
                     f"damping {'0.1 × mean eigenvalue' if result.damping is None else f'{result.damping:g}'}")
@@ -735,7 +740,7 @@ def heatmaps_html(result: ExplorerResult, # from `run_query`
         if rank in same:                   # the same tokens as a sequence above: the same token-wise influence, drawn once
             parts.append(f'<div class="inb-heatmap inb-same" data-same-as="{same[rank]}"><b>{_esc(title)}</b> · the same '
                          f'tokens as #{same[rank]}, so the same token-wise influence: drawn above</div>')
-        else: parts.append(viz.token_heatmap_html(toks, vals, title=title, scale=top(vals) if per_row else shared, shift=shift,
+        else: parts.append(viz.token_heatmap_html(toks, unread_to_nan(vals), title=title, scale=top(vals) if per_row else shared, shift=shift,
                                                   decode="none", legend=per_row or not any('inb-legend' in p for p in parts))
                            + ('<div class="inb-muted inb-cut">… cut here: the text is longer than the model\'s context, and '
                               'only these tokens are read</div>' if cut else ''))

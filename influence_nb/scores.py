@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 import pandas as pd
-from .data import check_sequences, require_scored, grad_enabled, as_collection, attended_span, NATS_SCALE
+from .data import check_sequences, require_scored, grad_enabled, as_collection, attended_span, NATS_SCALE, IGNORE_INDEX
 from .kfac import layer_passes, all_reduce_sum, dist_info, all_finite, watch_calls
 from .ekfac import Factors, seq_grads, check_damping, ITERATIVE
 from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'cg', 'pcg' (05b_solver)
@@ -26,8 +26,8 @@ __all__ = ['UNITS', 'STREAM_MACS', 'ScoreTable', 'check_query', 'check_k', 'Scor
            'shares_of_total', 'PrecondQuery', 'working_dtype', 'eigenbases', 'rotated_grads', 'shared_to',
            'query_gradients', 'canonical_to_flat', 'flat_to_canonical', 'truncated_svd', 'precondition_queries',
            'query_form', 'prepare_queries', 'contraction_costs', 'contract_scores', 'given_positions', 'fold_calls',
-           'place_tokens', 'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM',
-           'RegressorAsLM']
+           'place_tokens', 'unread_to_nan', 'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores',
+           'ClassifierAsLM', 'RegressorAsLM']
 
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
@@ -440,6 +440,18 @@ def place_tokens(out:torch.Tensor, # [n_q, n_train, width] per-token scores in t
     for j, n in enumerate(idx):
         L = len(seqs[n]['input_ids'])
         out[:, n, starts[n]:starts[n] + L] = tok[:, j, :L]
+
+# %% ../nbs/06_scores.ipynb #e0d7d707
+def unread_to_nan(values, # per-token scores of one sequence: a row of `Scores.per_token` cut to its length ([..., T])
+                  labels=None, # its labels (None: every token scored)
+                 ) -> np.ndarray:
+    "`values` with NaN (no value) from the last scored token's position on: no scored prediction reads those positions, so their 0 measures nothing (a heatmap shows 'no value', not +0)."
+    v = to_float64(values, 'values').copy()
+    n = v.shape[-1]
+    lab = np.zeros(n, dtype=np.int64) if labels is None else torch.as_tensor(labels).cpu().numpy()[:n]
+    scored = np.flatnonzero(lab[1:] != IGNORE_INDEX) + 1        # label j is predicted at position j − 1 (the first never is)
+    v[..., (int(scored[-1]) if len(scored) else 0):] = np.nan
+    return v
 
 # %% ../nbs/06_scores.ipynb #5510995f
 def check_rank(query_rank):

@@ -4,7 +4,7 @@ a JSON, codec, pyarrow or safetensors error. Area 1 (caches): the factor cache i
 
 The table below crosses each kind of bad file with every command that reads that kind of file (run through
 `cli.main`, which is what the console script calls; one case also runs as a real subprocess)."""
-import json, os, shutil, subprocess, sys
+import json, os, shutil, socket, subprocess, sys
 import pandas as pd
 import pytest
 import torch
@@ -311,12 +311,28 @@ def test_explore_removes_its_notebook_when_it_stops(monkeypatch):
     from pathlib import Path
     from influence_nb import cli
     seen = []
-    def serve(nb, port):
+    def serve(nb, port, host):
         seen.append((Path(nb), Path(nb).is_file(), port)); return 0
     monkeypatch.setattr(cli, '_serve_app', serve)
-    assert run('explore', '--port', 8899)[0] == 0
-    nb, existed, port = seen[0]
-    assert existed and port == 8899 and nb.name == 'explorer.ipynb' and not nb.parent.exists()
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]           # a port that was free a moment ago
+    assert run('explore', '--port', port)[0] == 0
+    nb, existed, served = seen[0]
+    assert existed and served == port and nb.name == 'explorer.ipynb' and not nb.parent.exists()
+
+
+def test_explore_port_taken(monkeypatch):
+    "A stranger's explorer printed port 8881 while Voilà, finding it taken, served on 8882 (the printed URL showed another app).\n    A port given and taken is refused by name; without --port the first free one from the default is served and printed."
+    from influence_nb import cli
+    seen = []
+    monkeypatch.setattr(cli, '_serve_app', lambda nb, port, host: seen.append((port, host)) or 0)
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); s.listen(); busy = s.getsockname()[1]
+        rc, out, err = run('explore', '--port', busy)
+        assert rc == 2 and f'--port {busy} cannot be used on 127.0.0.1' in err and not seen, err
+        monkeypatch.setattr(cli, 'DEFAULT_PORT', busy)
+        rc, out, err = run('explore')
+        assert rc == 0 and seen[-1][0] > busy and f'on http://127.0.0.1:{seen[-1][0]}/' in out, (out, err)
 
 
 def test_score_candidates_are_the_bm25_union_with_unchanged_scores(fx, tmp_path):

@@ -77,6 +77,21 @@ def test_explore_headless(own):
     assert q['record'] in first, out
 
 
+
+def test_explore_query_and_what_was_scored(own):
+    "`explore --query ID` opens on that query (headless, only the first could be run), and says what it scored: a stranger's\n    --no-serve top differed from scan's, since it scored the BM25 candidates only, and the printout did not say so."
+    d, q, n = own['dir'], own['query_records'][2], len(own['records'])
+    common = ('explore', '--model', own['model'], '--corpus', own['corpus'], '--queries', own['queries'], '--factors', d/'factors')
+    out, _ = cli(*common, '--query', q['id'], '--candidates', 3, '--no-serve')
+    assert f"query {q['id']}: log p(completion)" in out, out
+    said = [line for line in out.splitlines() if line.startswith('ekfac: scored ')]
+    assert len(said) == 1 and f" of {n:,} training sequences (--candidates 0 scores every one)" in said[0], out
+    assert said[0].startswith(('ekfac: scored the 3 best BM25 matches', 'ekfac: scored 3 candidates')), out
+    out, _ = cli(*common, '--query', q['id'], '--candidates', 0, '--no-serve')
+    assert f"ekfac: scored all {n:,} of {n:,} training sequences\n" in out, out
+    _, err = cli(*common, '--query', q['id'] + 'x', '--no-serve', code=2)
+    assert f"--query {q['id'] + 'x'!r} is not an id of --queries; did you mean {q['id']}" in err, err
+
 def test_explore_max_length(own):
     "`explore --max-length` cuts the corpus where `score --max-length` does: the same top sequences, the same scores."
     d, q = own['dir'], own['query_records'][0]
