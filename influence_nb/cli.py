@@ -885,17 +885,23 @@ def _check_query_id(a, own:bool):
     raise ValueError(f"--query {a.query!r} is not an id of {'--queries' if a.queries is not None else 'the bundled queries'}"
                      + (f"; did you mean {', '.join(close)}?" if close else f" (it has {len(ids):,}; the first: {ids[0]!r})."))
 
+# %% ../nbs/13_cli.ipynb #21ea9f63
 CULL_IDLE_S = 300   # a page closed this long ago: its kernel (the model, the factors) is shut down
 DEFAULT_PORT = 8866
 
 def _serving_port(host:str, port:int|None) -> int:
     "The port to serve on: `port` if given and free (else refused), or the first free one from `DEFAULT_PORT` on."
-    import socket
+    import socket, errno
+    if port is not None and not 1 <= port <= 65535: raise ValueError(f"--port must be 1 to 65535, got {port}.")
     for p in ([port] if port is not None else range(DEFAULT_PORT, DEFAULT_PORT + 50)):
         with socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)        # as the server will: a closed socket's TIME_WAIT is no owner
             try: s.bind((host, p)); return p
-            except OSError as e: err = e
+            except OSError as e:
+                if e.errno not in (errno.EADDRINUSE, errno.EACCES):       # not the port's fault: the address is no one's here
+                    raise ValueError(f"--host {host} cannot be served on ({e.strerror or e}): give an address of this machine, "
+                                     "such as 127.0.0.1 (the default) or 0.0.0.0.") from None
+                err = e
     if port is None: raise ValueError(f"no free port on {host} from {DEFAULT_PORT} to {DEFAULT_PORT + 49}: pass one with --port.")
     raise ValueError(f"--port {port} cannot be used on {host} ({err.strerror or err}): another program (perhaps another "
                      "explorer) serves there; pass another --port, or none to take the first free one.")
@@ -912,6 +918,7 @@ def _serve_app(nb, port:int, host:str='127.0.0.1') -> int:
         if prev is not None: signal.signal(signal.SIGTERM, prev)
         if proc.poll() is None: proc.terminate(); proc.wait(30)
 
+# %% ../nbs/13_cli.ipynb #bf306f67
 def _cmd_explore(a):
     from influence_nb.explorer import explorer, app_notebook
     _check_explore_files(a)

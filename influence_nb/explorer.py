@@ -653,8 +653,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     token_scores = [pt[r, :len(t)] for r, t in enumerate(tokens)]
     top = _top_frame(q, records, top_idx, scores[order], len(train), session.where)
     if note := nats_note(top['nats'], log_p): notes.append(note)
-    laps('tokens')
-    say("Done", 1.0)
+    laps('tokens'); say("Done", 1.0)
     return ExplorerResult(model, q, log_p, strategy, damping, blocks, counted, names, len(train), cand, matched is not None,
                           scores, pd.DataFrame(per_layer, index=pd.Index(cand, name='train_index'), columns=names),
                           top, tokens, token_scores, source, laps.timings, notes, [i in cut_rows for i in top_idx], matched,
@@ -680,6 +679,7 @@ def _same_as(items: list, ranks: list) -> dict:
 
 def _fmt_score(v: float) -> str: return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
 
+# %% ../nbs/10_explorer.ipynb #4ba4dc43
 def scored_phrase(result: ExplorerResult) -> str:
     "Which training sequences a result scored, in words ('the 300 best BM25 matches of 811 training sequences')."
     n, m = len(result.candidates), result.matched

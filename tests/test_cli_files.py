@@ -333,6 +333,12 @@ def test_explore_port_taken(monkeypatch):
         monkeypatch.setattr(cli, 'DEFAULT_PORT', busy)
         rc, out, err = run('explore')
         assert rc == 0 and seen[-1][0] > busy and f'on http://127.0.0.1:{seen[-1][0]}/' in out, (out, err)
+    n = len(seen)
+    for args, msg in ((('--port', 70000), '--port must be 1 to 65535, got 70000'),
+                      (('--host', 'no-such-host.invalid'), '--host no-such-host.invalid cannot be served on'),
+                      (('--host', '192.0.2.1'), '--host 192.0.2.1 cannot be served on')):   # (an address of no machine here)
+        rc, out, err = run('explore', *args)
+        assert rc == 2 and msg in err and len(seen) == n, (args, err)
 
 
 def test_score_candidates_are_the_bm25_union_with_unchanged_scores(fx, tmp_path):
