@@ -8,18 +8,19 @@ import os, re, sys, json, math, time, signal, argparse, random, tempfile, subpro
 from collections.abc import Mapping
 from pathlib import Path
 import torch
+import numpy as np
 import pandas as pd
 from .data import (cut_texts, corpus_lines, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, end_sentence, array_record, iter_windows, JSONL_SUFFIXES, model_tokenizer, NoWindowWarning, block_parts, DTYPES)
 from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
-from .artefact import new_file_mode
+from .artefact import new_file_mode, replacing
 from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
 from .scores import pairwise_scores, unread_to_nan
 from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text, record_id
-from .explorer import query_records, scored_phrase, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
+from .explorer import query_records, scored_phrase, layer_blocks, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
 # %% auto #0
 __all__ = ['CULL_IDLE_S', 'DEFAULT_PORT', 'bm25_candidates', 'token_heatmap_for', 'demo', 'build_parser', 'main']
@@ -366,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context; queries are never cut)")
     s.add_argument('--candidates', type=int, default=0, help="score only the records among each query's K best BM25 matches (the paper's "
                    "TF-IDF filter; rows: their union, in file order; default 0: every record)")
+    s.add_argument('--per-layer', default=None, metavar='FILE', help="also write each tracked layer's part of every score to FILE "
+                   "(.parquet, a row per record, query and layer: train_index, id, query, layer, block, score); a record's "
+                   "parts add up to its score in --out (paper §3.3: which layers carry the influence)")
     _skip_arg(s)
     s.add_argument('--quiet', action='store_true', help='no progress bar')
     _scan_parser(sub, fmt)
@@ -655,8 +659,24 @@ def _say_repeated_ids(recs, pos, path):
 
 
 # %% ../nbs/13_cli.ipynb #9e70b2e4
+def _write_layer_scores(path, sc, model, names:list, pos:list, ids:list):
+    "`score --per-layer`: a long table, a row per (record, query, tracked layer), written whole or not at all."
+    n_l, n_q, n_t = len(sc.modules), len(names), len(pos)
+    part = torch.stack([sc.per_layer[m] for m in sc.modules]).numpy()          # [layers, queries, records]
+    li, qi, ti = (x.ravel() for x in np.meshgrid(range(n_l), range(n_q), range(n_t), indexing='ij'))
+    df = pd.DataFrame({'train_index': np.asarray(pos)[ti]})
+    if any(ids): df['id'] = np.asarray(ids, dtype=object)[ti]
+    blocks = pd.array(layer_blocks(sc.modules, model), dtype='Int64')         # <NA>: a layer outside every block
+    df = df.assign(query=np.asarray(names, dtype=object)[qi], layer=np.asarray(sc.modules, dtype=object)[li],
+                   block=blocks[li], score=part.ravel())
+    with replacing(path, prefix=f'.{Path(path).name}.') as tmp: df.to_parquet(tmp, index=False)
+    print(f"wrote {n_l} layers' parts of the {n_t:,} × {n_q:,} scores to {path}")
+
 def _cmd_score(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records); _check_out(a.out)
+    if a.per_layer is not None:
+        _check_out(a.per_layer, '--per-layer')
+        if Path(a.per_layer).resolve() == Path(a.out).resolve(): raise ValueError("--per-layer must name another file than --out.")
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
@@ -674,14 +694,16 @@ def _cmd_score(a):
     with _process_group() as (rank, world):      # under torchrun each process scores its shard; every one gets all scores
         lps = completion_logprobs(model, queries)
         if rank == 0: _say_queries(names, lps)
-        sc = pairwise_scores(model, factors, queries, train, a.damping, a.query_rank, batch_size=a.batch_size, progress=rank == 0 and not a.quiet)
+        sc = pairwise_scores(model, factors, queries, train, a.damping, a.query_rank, per_layer=a.per_layer is not None,
+                             batch_size=a.batch_size, progress=rank == 0 and not a.quiet)
     if rank != 0: return
     ids, index = [record_id(r) for r in recs], pd.Index(pos, name='train_index')     # the records' positions in the file
     if any(ids): index = pd.MultiIndex.from_arrays([pos, ids], names=['train_index', 'id'])   # and their own ids, as `top` shows them
     df = pd.DataFrame(sc.total.numpy().T, columns=names, index=index)
-    df.to_parquet(a.out)
+    with replacing(a.out, prefix=f'.{Path(a.out).name}.') as tmp: df.to_parquet(tmp)   # whole or not at all
     print(f"wrote the scores of {len(train):,} records × {len(names):,} queries to {a.out} (a row per record, a column per query id)"
           + (f" ({world} processes)" if world > 1 else ''))
+    if a.per_layer is not None: _write_layer_scores(a.per_layer, sc, model, names, pos, ids)
 
 
 # %% ../nbs/13_cli.ipynb #0ba6a4a1
