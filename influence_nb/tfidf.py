@@ -9,7 +9,6 @@ from array import array
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.feature_extraction.text import TfidfTransformer
 from fastcore.basics import patch
 from .data import as_sequences, check_int
 
@@ -107,6 +106,7 @@ class TokenIndex:
 
     def _tfidf_parts(self):
         if self._tfidf is None:
+            from sklearn.feature_extraction.text import TfidfTransformer     # imported when needed, not by every `import influence_nb`
             tr = TfidfTransformer()                                      # sklearn defaults: smooth idf, l2 norm
             self._tfidf = (tr, tr.fit_transform(self.counts).tocsr())
         return self._tfidf

@@ -165,3 +165,11 @@ def test_assets_are_package_data():
     assert files, "influence_nb/assets is empty: the explorer's CSS and the corpus datasheet template live there"
     undeclared = [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
     assert not undeclared, f"not declared in [tool.setuptools.package-data] of pyproject.toml (a wheel would lack them): {undeclared}"
+
+
+def test_import_leaves_scikit_learn_out():
+    "scikit-learn (TF-IDF's transformer) is imported where TF-IDF scores are first needed, not by `import influence_nb`:\n    it took about a quarter of every command's start-up."
+    import subprocess, sys
+    code = "import sys, influence_nb, influence_nb.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))"
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == '[]', out
