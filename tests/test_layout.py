@@ -168,7 +168,7 @@ def test_assets_are_package_data():
 
 
 def test_import_leaves_scikit_learn_out():
-    "scikit-learn (TF-IDF's transformer) is imported where TF-IDF scores are first needed, not by `import influence_nb`:\n    it took about a quarter of every command's start-up."
+    "scikit-learn (TF-IDF's transformer) is imported where TF-IDF scores are first needed, not by `import influence_nb`:\n    it was a large share of every command's start-up."
     import subprocess, sys
     code = "import sys, influence_nb, influence_nb.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))"
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, check=True).stdout
