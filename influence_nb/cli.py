@@ -929,10 +929,13 @@ def _serving_port(host:str, port:int|None) -> int:
                      "explorer) serves there; pass another --port, or none to take the first free one.")
 
 def _serve_app(nb, port:int, host:str='127.0.0.1') -> int:
-    "Voilà on `nb` until it exits. Stopping this process (Ctrl-C, SIGTERM) stops Voilà and its kernels, and the kernels of closed pages are culled."
+    """Voilà on `nb` until it exits. Stopping this process (Ctrl-C, SIGTERM) stops Voilà and its kernels, and the kernels of closed
+    pages are culled. Voilà says only errors (its warnings were noise to a stranger: the app's notebook 'is not trusted'), and
+    the app's kernel talks to it over local sockets, not TCP (which the kernel warned is unencrypted)."""
+    quiet = ['--Voila.log_level=ERROR'] + (['--KernelManager.transport=ipc'] if os.name == 'posix' else [])   # (see below)
     proc = subprocess.Popen([sys.executable, '-m', 'voila', str(nb), '--no-browser', f'--port={port}', '--Voila.port_retries=0',
                              f'--Voila.ip={host}', f'--MappingKernelManager.cull_idle_timeout={CULL_IDLE_S}',
-                             '--MappingKernelManager.cull_interval=60'])   # a port taken meanwhile: Voilà stops, not moves
+                             '--MappingKernelManager.cull_interval=60', *quiet])   # a port taken meanwhile: Voilà stops, not moves
     try: prev = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     except ValueError: prev = None                                    # not the main thread: Ctrl-C still reaches both
     try: return proc.wait()
