@@ -581,16 +581,13 @@ def _separator(a):
 # %% ../nbs/13_cli.ipynb #df917892
 @contextlib.contextmanager
 def _atomic_jsonl(*paths):
-    "Files to write whole or not at all: temporary files beside each path, moved there when the block ends without an error; a SIGTERM stops the block as Ctrl-C does."
+    "Files to write whole or not at all: temporary files beside each path, moved there when the block ends without an error (`main` turns a SIGTERM into the Ctrl-C that stops it)."
     tmps = [tempfile.mkstemp(dir=Path(p).resolve().parent, prefix=f'.{Path(p).name}.', suffix='.tmp') for p in paths]
-    try: prev = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    except ValueError: prev = None                                  # (not the main thread: signals are not ours to set)
     try:
         with contextlib.ExitStack() as files:
             yield [files.enter_context(open(fd, 'w', encoding='utf-8')) for fd, _ in tmps]
         for (_, t), p in zip(tmps, paths): os.chmod(t, new_file_mode()); os.replace(t, p)   # as any new file here, not mkstemp's 0600
     finally:
-        if prev is not None: signal.signal(signal.SIGTERM, prev)
         for _, t in tmps: Path(t).unlink(missing_ok=True)
 
 # %% ../nbs/13_cli.ipynb #ed44ee87
@@ -1013,13 +1010,22 @@ def _cli_words(msg:str) -> str:
     for py, cli in _CLI_WORDS.items(): msg = msg.replace(py, cli)
     return msg
 
+@contextlib.contextmanager
+def _term_as_interrupt():
+    "Inside the block a SIGTERM (a scheduler's pre-emption, torchrun stopping its workers) raises KeyboardInterrupt, so the\n    command stops as on Ctrl-C: temporary files removed, what was kept said. (Not the main thread: signals are not ours.)"
+    try: prev = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    except ValueError: prev = None
+    try: yield
+    finally:
+        if prev is not None: signal.signal(signal.SIGTERM, prev)
+
 def main(argv=None) -> int:
     "Entry point of the `influence-nb` console script: returns the exit code (0 ok, 2 bad input, 1 other failure, 130 Ctrl-C)."
     argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
     if argv and argv[0] in _DISPATCH: return _dispatch(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        with _as_notes():                          # the package's warnings, one `note:` line each
+        with _as_notes(), _term_as_interrupt():   # the package's warnings, one `note:` line each; SIGTERM stops as Ctrl-C does
             if args.command == 'demo':
                 demo(args.model, args.query, args.k, args.fit_sample, args.candidates, seed=args.seed, tokenizer=args.tokenizer,
                      device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_ekfac.ipynb #45563c88
 from __future__ import annotations
-import os, sys, json, hashlib, tempfile, time, contextlib, warnings
+import os, sys, json, hashlib, itertools, tempfile, time, contextlib, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -20,11 +20,11 @@ from .kfac import (LABEL_SAMPLING, dist_info, fit_covariances, eigen, layer_pass
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'ITERATIVE', 'EIGEN', 'FORMAT_VERSION', 'FACTOR_DTYPE', 'SAMPLE', 'SAMPLE_OTHER', 'EIGENVALUES',
-           'PRECONDITIONERS', 'FACTOR_STRATEGIES', 'FIT_DTYPES', 'NULL_ROUNDINGS', 'NULL_GAP', 'seq_grads',
-           'fit_lambda', 'fit_diagonal', 'fingerprint', 'model_digest', 'model_changes', 'precondition_identity',
-           'precondition_diagonal', 'precondition_in_eigenbasis', 'Factors', 'check_bound', 'save_factors',
-           'load_factors', 'check_factors_finite', 'fit_dtype', 'warn_without_curvature', 'FitCheckpoint',
-           'average_null_space', 'fit_factors', 'labels_current']
+           'PRECONDITIONERS', 'FACTOR_STRATEGIES', 'ASIDE_PREFIX', 'FIT_DTYPES', 'NULL_ROUNDINGS', 'NULL_GAP',
+           'seq_grads', 'fit_lambda', 'fit_diagonal', 'fingerprint', 'model_digest', 'model_changes',
+           'precondition_identity', 'precondition_diagonal', 'precondition_in_eigenbasis', 'Factors', 'check_bound',
+           'save_factors', 'load_factors', 'check_factors_finite', 'fit_dtype', 'warn_without_curvature',
+           'FitCheckpoint', 'average_null_space', 'fit_factors', 'labels_current']
 
 # %% ../nbs/05_ekfac.ipynb #a4f25866
 STRATEGIES = ('identity', 'diagonal', 'kfac', 'ekfac', 'lissa', 'cg', 'pcg')   # what `fit_factors(strategy=)` takes
@@ -416,6 +416,18 @@ def _fit_eigen(cov:dict, dtype, eigh_dtype=torch.float64, device=None) -> dict:
         tensors[n] = {'A': c['A'], 'S': c['S'], 'QA': a['QA'], 'lA': a['lA'], 'QS': e['QS'], 'lS': e['lS']}
     return tensors
 
+ASIDE_PREFIX = 'influence_nb-aside-'   # + the fitting process's id: a folder of covariances set aside during the Λ pass
+
+def _clear_stale_asides(root=None):
+    "Remove set-aside folders whose process is gone (a fit killed in its Λ pass leaves its covariances there, as large as they are)."
+    if os.name != 'posix': return                  # (elsewhere os.kill(pid, 0) is no mere question)
+    for d in Path(root or tempfile.gettempdir()).glob(f'{ASIDE_PREFIX}*'):
+        try: pid = int(d.name[len(ASIDE_PREFIX):].split('-')[0])
+        except ValueError: continue
+        try: os.kill(pid, 0)                       # signal 0: is the process there?
+        except ProcessLookupError: import shutil; shutil.rmtree(d, ignore_errors=True)
+        except (PermissionError, OSError): pass    # another user's process, alive: theirs
+
 @contextlib.contextmanager
 def _set_aside(tensors:dict, keys=('A', 'S')):
     "Inside the block, `tensors[name][k]` for `k` in `keys` wait in a temporary file, not in memory; they return bit for bit."
@@ -425,7 +437,8 @@ def _set_aside(tensors:dict, keys=('A', 'S')):
             if k in d: where.append((n, k, id(d[k]))); uniq.setdefault(id(d[k]), d[k])   # a shared A is stored once
     tmp = None
     try:
-        tmp = tempfile.TemporaryDirectory(prefix='influence_nb-')
+        _clear_stale_asides()
+        tmp = tempfile.TemporaryDirectory(prefix=f'{ASIDE_PREFIX}{os.getpid()}-')
         save_file({str(i): t.contiguous() for i, t in uniq.items()}, f'{tmp.name}/aside.safetensors')
     except OSError:                                 # no writable temporary folder or no room: they stay in memory
         if tmp is not None: tmp.cleanup()
@@ -493,7 +506,7 @@ def _nest_tensors(flat:dict, alias:dict) -> dict:
 class FitCheckpoint:
     "A folder that keeps an interrupted `fit_factors`'s progress: the covariance pass's sums, then the eigenbases, then Λ's sums."
     KEY, PARTS, VERSION = 'fit_checkpoint.json', ('covariances', 'eigen', 'lambda'), 1   # VERSION: the layout of the parts
-    def __init__(self, path, key:str): self.path, self.key = Path(path), key
+    def __init__(self, path, key:str, parts:dict|None=None): self.path, self.key, self.parts = Path(path), key, parts or {}
 
     def load(self) -> dict:
         "`{part: {'tensors': nested dict, **info}}` of the parts a fit with the same key saved ({} if none); another fit's is refused."
@@ -509,8 +522,9 @@ class FitCheckpoint:
             raise ValueError(f"checkpoint {self.path} was written by another version of influence_nb (checkpoint layout "
                              f"{head.get('version')!r}, this one reads {self.VERSION}); delete the folder to start the fit over.")
         if key != self.key:
-            raise ValueError(f"checkpoint {self.path} was written by a fit of another model, data or settings; run that fit again "
-                             "to resume it, or delete the folder (or pass another) to start this one.")
+            raise ValueError(f"checkpoint {self.path} was written by a fit of another model, data or settings"
+                             f"{_what_differs(head.get('parts'), self.parts)}; run that fit again to resume it, or delete the "
+                             "folder (or pass another) to start this one.")
         out = {}
         for part in self.PARTS:
             f = self.path/f'{part}.safetensors'
@@ -526,7 +540,7 @@ class FitCheckpoint:
              **info): # JSON-able facts stored with them (batches done, token counts)
         "Write one part with its facts in one file, by an atomic rename: a kill leaves the last whole save of every part."
         self.path.mkdir(parents=True, exist_ok=True)
-        if not (self.path/self.KEY).exists(): artefact.atomic_write(self.path/self.KEY, json.dumps({'key': self.key, 'version': self.VERSION}))
+        if not (self.path/self.KEY).exists(): artefact.atomic_write(self.path/self.KEY, json.dumps({'key': self.key, 'version': self.VERSION, 'parts': self.parts}))
         flat, alias = _flat_tensors(tensors)
         with artefact.replacing(self.path/f'{part}.safetensors') as tmp:   # written whole, flushed to disk, then renamed
             save_file(flat, str(tmp), metadata={'info': json.dumps({**info, 'alias': alias})})
@@ -549,14 +563,20 @@ class FitCheckpoint:
         with contextlib.suppress(OSError): self.path.rmdir()
 
 # %% ../nbs/05_ekfac.ipynb #21c0e35d
-def _fit_key(model, layers, seqs, **settings) -> str:
-    "What a fit checkpoint is bound to: the model's weights, the tracked layers, every sequence and every setting of the fit."
-    def parts():
-        yield json.dumps({**{k: str(v) for k, v in settings.items()}, 'model': model_digest(model), 'layers': fingerprint(layers, model)},
-                         sort_keys=True)
-        for s in seqs:
-            for k in ('input_ids', 'labels', 'attention_mask'): yield from (s[k], '|')
-    return artefact.digest(parts(), 'blake2b', 16)
+def _fit_key(model, layers, seqs, **settings) -> tuple[str, dict]:
+    """What a fit checkpoint is bound to: the model's weights, the tracked layers, every sequence and every setting of the fit;
+    `(key, parts)`, the parts kept beside the key so that a refusal names what differs."""
+    head = {**{k: str(v) for k, v in settings.items()}, 'model': model_digest(model), 'layers': fingerprint(layers, model)}
+    tokens = lambda: (x for s in seqs for k in ('input_ids', 'labels', 'attention_mask') for x in (s[k], '|'))
+    key = artefact.digest(itertools.chain([json.dumps(head, sort_keys=True)], tokens()), 'blake2b', 16)
+    return key, {**head, 'sequences': f"{len(seqs):,} ({artefact.digest(tokens(), 'blake2b', 8)})"}
+
+def _what_differs(theirs:dict, mine:dict) -> str:
+    "The parts of two fits' keys that differ, in words ('seed 0, not 1'); '' when the checkpoint kept none (older ones)."
+    words = {'model': "the model's weights", 'layers': 'the tracked layers', 'sequences': 'the training sequences'}
+    named = {'every': 'checkpoint_every', 'eigh': 'eigh_dtype', 'rotate': 'rotate_dtype', 'dtype': 'factor_dtype'}   # as `fit_factors` calls them
+    out = [words[k] if k in words else f"{named.get(k, k)} {theirs.get(k)}, not {mine[k]}" for k in mine if theirs and theirs.get(k) != mine[k]]
+    return '; it differs in ' + ', '.join(out) if out else ''
 
 NULL_ROUNDINGS = 1e2   # an eigenvalue of S within this many roundings of zero (relative to the largest) may be in its null space
 NULL_GAP = 1e-3       # ... and is, if S sums fewer rows than it has outputs or the next eigenvalue is 1/NULL_GAP times larger
@@ -657,7 +677,7 @@ def fit_factors(model, # a transformers causal LM (any AutoModelForCausalLM) or 
     t0 = time.time()
     tensors, n_tok = {layer.name: {} for layer in layers}, int(sum(int(s['attention_mask'].sum()) for s in seqs))
     passes = seqs * fisher_samples                                  # copy j of sequence i draws as sequence i + jN
-    ck = None if checkpoint is None or strategy not in EIGEN else FitCheckpoint(checkpoint, _fit_key(
+    ck = None if checkpoint is None or strategy not in EIGEN else FitCheckpoint(checkpoint, *_fit_key(
         model, layers, passes, strategy=strategy, fisher=fisher, batch_size=batch_size, seed=seed, dtype=dtype, eigh=eigh_dt, rotate=rotate_dt,
         every=checkpoint_every))
     with watch_calls() as calls:                                    # how often each layer ran per forward (`04_kfac`)

@@ -425,8 +425,16 @@ def _share_inputs(acts:dict) -> dict:
     first = {}
     return {name: first.setdefault(a.data_ptr(), name) for name, a in acts.items()}
 
+def _agreed_sharing(shared:dict) -> dict:
+    "Which layers read another's input, as the processes that ran a batch saw it: one whose shard was empty saw none, and would then reduce one A too many."
+    if dist_info()[1] == 1: return shared
+    import torch.distributed as dist
+    seen_by = [None] * dist_info()[1]; dist.all_gather_object(seen_by, shared)
+    return {k: v for s in seen_by for k, v in s.items()}
+
 def _finish_covariances(cov, layers, shared, seen, n_seqs, dtype, rows=None):
     "Fill in what a process with an empty shard lacks, share A, all-reduce and normalise (A per token, S per sequence)."
+    shared = _agreed_sharing(shared)                       # the same reductions, in the same order, on every process
     for layer in layers:   # a process whose shard is empty contributes zeros
         if shared.get(layer.name, layer.name) == layer.name: cov[layer.name].setdefault('A', torch.zeros(layer.d_in1, layer.d_in1, dtype=dtype))
         cov[layer.name].setdefault('S', torch.zeros(layer.d_out, layer.d_out, dtype=dtype))

@@ -396,3 +396,16 @@ def test_candidates_that_match_nothing_are_named(fx, tmp_path):
     rc, out, err = run('score', *common[:4], '--queries', fx/'queries.jsonl', '--data', fx/'corpus.jsonl', '--out', tmp_path/'a.parquet',
                        '--candidates', 3)
     assert rc == 0 and 'share a token' not in err, err                 # every candidate of query 'a' matches
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(fx, tmp_path, monkeypatch):
+    "A SIGTERM (a scheduler's pre-emption) killed `fit-factors` outright: no message, and its temporary copy of the covariances\n    was left behind. Every command now stops on it as on Ctrl-C (exit 130, what was kept said), and the handler is put back."
+    import signal, time
+    from influence_nb import cli
+    def fit(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM); time.sleep(10); raise AssertionError('the SIGTERM did not stop the fit')
+    monkeypatch.setattr(cli, 'fit_factors', fit)
+    before = signal.getsignal(signal.SIGTERM)
+    rc, out, err = run('fit-factors', '--model', fx/'model', '--data', fx/'corpus.jsonl', '--out', tmp_path/'f', '--quiet')
+    assert rc == 130 and 'influence-nb fit-factors: interrupted; nothing was kept; pass --checkpoint DIR' in err, err
+    assert signal.getsignal(signal.SIGTERM) is before and not (tmp_path/'f').exists()

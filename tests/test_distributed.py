@@ -149,3 +149,26 @@ def test_scan_candidates_bad_records_as_one_process(results):
     assert text(two['raise_1']) == text(one['raise_0'])
     assert text(two['raise_0']) == ('RuntimeError: Process 1 of 2 stopped at corpus record 9 (its error says why); this process '
                                     'stops too.')
+
+
+def test_cli_fit_with_a_process_that_gets_no_sequence(tmp_path):
+    "Fewer records than processes on a Llama (gate_proj and up_proj read one input): a stranger's run aborted in gloo,\n    since the process with no sequence had seen no sharing and reduced one covariance too many. Now it equals one process."
+    sys.path.insert(0, str(HERE))
+    import own_model
+    from influence_nb.ekfac import Factors
+    r = own_model.build(tmp_path)
+    (tmp_path/'one.jsonl').write_text(Path(r['corpus']).read_text().splitlines(keepends=True)[0])
+    script, env = HERE/'cli_main.py', {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    for name, cmd in {'one': [sys.executable, str(script)],
+                      'two': [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script)]}.items():
+        args = ['fit-factors', '--model', r['model'], '--data', tmp_path/'one.jsonl', '--out', tmp_path/f'f-{name}', '--quiet']
+        p = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, f"{name} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    one, two = Factors.load(tmp_path/'f-one'), Factors.load(tmp_path/'f-two')
+    assert (one.n_sequences, one.n_tokens) == (two.n_sequences, two.n_tokens) and one.n_sequences == 1
+    assert any('gate_proj' in n for n in one.tensors)
+    assert {n: sorted(t) for n, t in one.tensors.items()} == {n: sorted(t) for n, t in two.tensors.items()}
+    for n in one.tensors:
+        for k in one.tensors[n]:                                          # (a layer sharing another's input keeps no A of its own)
+            a, b = one.tensors[n][k], two.tensors[n][k]
+            assert torch.allclose(a, b, rtol=0, atol=1e-6 * float(a.abs().max())), (n, k)

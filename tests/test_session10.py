@@ -97,7 +97,7 @@ def test_fit_factors_resumes_after_ctrl_c(d, monkeypatch):
             assert rc == 130 and f"the fit resumes from {d/'ck'} when you run the same command again" in err, err
     assert sorted(p.name for p in (d/'ck').iterdir()) == ['eigen.safetensors', 'fit_checkpoint.json', 'lambda.safetensors']
     rc, _, err = run(*args, '--out', d/'f_other', '--checkpoint', d/'ck', '--seed', 1)
-    assert rc == 2 and 'another model, data or settings' in err, err
+    assert rc == 2 and 'another model, data or settings; it differs in seed 0, not 1;' in err, err   # named (a stranger had to guess)
     rc, _, err = run(*args, '--out', d/'f_resumed', '--checkpoint', d/'ck')
     assert rc == 0, err
     a, b = Factors.load(d/'f_whole'), Factors.load(d/'f_resumed')
