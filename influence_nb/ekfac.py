@@ -416,6 +416,7 @@ def _fit_eigen(cov:dict, dtype, eigh_dtype=torch.float64, device=None) -> dict:
         tensors[n] = {'A': c['A'], 'S': c['S'], 'QA': a['QA'], 'lA': a['lA'], 'QS': e['QS'], 'lS': e['lS']}
     return tensors
 
+# %% ../nbs/05_ekfac.ipynb #ad089cc7
 ASIDE_PREFIX = 'influence_nb-aside-'   # + the fitting process's id: a folder of covariances set aside during the Λ pass
 
 def _clear_stale_asides(root=None):
@@ -578,6 +579,7 @@ def _what_differs(theirs:dict, mine:dict) -> str:
     out = [words[k] if k in words else f"{named.get(k, k)} {theirs.get(k)}, not {mine[k]}" for k in mine if theirs and theirs.get(k) != mine[k]]
     return '; it differs in ' + ', '.join(out) if out else ''
 
+# %% ../nbs/05_ekfac.ipynb #646acf14
 NULL_ROUNDINGS = 1e2   # an eigenvalue of S within this many roundings of zero (relative to the largest) may be in its null space
 NULL_GAP = 1e-3       # ... and is, if S sums fewer rows than it has outputs or the next eigenvalue is 1/NULL_GAP times larger
 
