@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_ekfac.ipynb #45563c88
 from __future__ import annotations
-import os, sys, json, hashlib, itertools, tempfile, time, contextlib, warnings
+import os, sys, json, shutil, hashlib, itertools, tempfile, time, contextlib, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -426,7 +426,7 @@ def _clear_stale_asides(root=None):
         try: pid = int(d.name[len(ASIDE_PREFIX):].split('-')[0])
         except ValueError: continue
         try: os.kill(pid, 0)                       # signal 0: is the process there?
-        except ProcessLookupError: import shutil; shutil.rmtree(d, ignore_errors=True)
+        except ProcessLookupError: shutil.rmtree(d, ignore_errors=True)
         except (PermissionError, OSError): pass    # another user's process, alive: theirs
 
 @contextlib.contextmanager
