@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import numpy as np
 import pandas as pd
-from .data import (cut_texts, corpus_lines, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
+from .data import (cut_texts, corpus_lines, missing_id, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, end_sentence, array_record, iter_windows, JSONL_SUFFIXES, model_tokenizer, NoWindowWarning, block_parts, DTYPES)
@@ -199,7 +199,7 @@ def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[d
     "`(sequences, positions, records)` of the corpus file named by `flag` (texts cut to the context or --max-length), checked for `model`: each sequence's record index in the file (blank lines not counted; records left out by --skip-bad-records leave gaps)."
     path, skip = Path(getattr(a, flag.strip('-').replace('-', '_'))), getattr(a, 'skip_bad_records', False)
     n = getattr(a, 'max_length', None) or context_length(model, tok)
-    try: entries = list(corpus_entries(path, a.text_field))
+    try: entries = list(corpus_entries(path, a.text_field, id_field=a.id_field or 'id'))
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"{flag} {e}") from None
     bad = [(where, why) for where, _, why in entries if why]                   # read-level: not JSON, no text field, ...
     if bad and not skip: raise ValueError(f"{flag} {path.name}, {bad[0][0]}: {end_sentence(bad[0][1])} {_SKIP_ADVICE}. Accepted formats: {CORPUS_FORMATS}.")
@@ -242,11 +242,12 @@ def _say_truncated(recs, seqs, tok, n, flag, path, pos):
                   f"{record_where(path, pos[ids[0]])}); token ids are taken as they are, never cut: `influence-nb windows "
                   f"--max-length {n}` cuts them into windows of {n}.", file=sys.stderr)
 
-def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False):
-    "Cheap checks of a corpus file that is streamed (scan, top, explore): it exists, has a known format and a record."
+def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False, id_field='id'):
+    "Cheap checks of a corpus file that is streamed (scan, top, explore): it exists, has a known format and a record (with `id_field`)."
     try: kind = corpus_format(path)
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"{flag} {e}") from None
     p = Path(path)
+    if kind == 'text' and id_field != 'id': raise ValueError(f"--id-field {id_field}: {flag} {p.name} is plain text, a document per line, without fields to name them.")
     if kind == 'parquet':                                                   # the footer only: no row is read
         import pyarrow.parquet as pq
         try: pf = pq.ParquetFile(p)
@@ -257,6 +258,8 @@ def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False)
         if pf.metadata.num_rows == 0: raise ValueError(f"{flag} {p.name} holds no records.")
         if text_field not in cols and 'input_ids' not in cols:
             raise ValueError(f"{flag} {p.name} has no column {text_field!r} or 'input_ids' (columns: {cols}); pass --text-field.")
+        if id_field != 'id' and id_field not in cols and id_field.split('.')[0] not in cols:
+            raise ValueError(f"{flag} {p.name} has no column {id_field!r} (columns: {cols}); pass --id-field naming the column that names the records.")
         return
     with open(p, 'rb') as f:
         first = next((raw for _, raw in corpus_lines(f) if raw.strip()), None)                # stops at the first record
@@ -266,6 +269,9 @@ def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False)
     if not skip_bad and isinstance(rec, dict) and field_value(rec, text_field) is None and 'input_ids' not in rec and not is_pair(rec):   # a misspelt --text-field
         raise ValueError(f"{flag} {p.name}: the first record has no field {text_field!r} or 'input_ids' (fields: "
                          f"{sorted(_record_fields(rec))}); pass --text-field naming the field that holds the text.")
+    if not skip_bad and isinstance(rec, dict) and missing_id(rec, id_field):     # a misspelt --id-field
+        raise ValueError(f"{flag} {p.name}: the first record has no field {id_field!r} (fields: {sorted(_record_fields(rec))}); "
+                         "pass --id-field naming the field that names the records.")
 
 # %% ../nbs/13_cli.ipynb #c16b0002
 _EPILOG = """exit codes: 0 success; 2 bad arguments or input (the message says what to fix); 1 any other failure;
@@ -304,6 +310,9 @@ def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
     p.add_argument('--text-field', default=text_default, help="JSONL field / Parquet column holding the text, dotted for a nested one ('doc.body'), or a conversation "
                    "(a list of role/content messages, e.g. 'messages': the chat template renders it, the assistant's turns are scored) (default: "
                    f"{text_default or 'the one the scan read'})")
+    p.add_argument('--id-field', default=None, help="JSONL field / Parquet column naming each record in the output (e.g. doc_id; dotted "
+                   "for a nested one, 'meta.id'); a record without it is a bad record (default: "
+                   f"{'id' if text_default else 'the one the scan read'}; a record without an id is named by its position)")
 
 # %% ../nbs/13_cli.ipynb #4252b04b
 def _skip_arg(p):
@@ -517,7 +526,7 @@ def _load_factors(path, model=None) -> Factors:
         raise ValueError(f"--factors {path}: could not be read ({type(e).__name__}: {e}); refit the factors and save them again.") from None
 
 def _cmd_fit(a):
-    _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records)
+    _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records, a.id_field or 'id')
     out = Path(a.out); there = next(p for p in (out, *out.parents) if p.exists())   # checked before the fit, not after it
     if not there.is_dir() or not os.access(there, os.W_OK):
         raise ValueError(f"--out {a.out}: {there} is {'a file' if there == out else 'not a writable folder'}; pass a folder for the factors.")
@@ -594,7 +603,7 @@ def _atomic_jsonl(*paths):
 def _cmd_windows(a):
     if a.max_length < 2: raise ValueError(f"--max-length must be at least 2 (a window scores the tokens after its first), got {a.max_length}.")
     sep = _separator(a)
-    _check_corpus_file(a.corpus, a.text_field, '--corpus', a.skip_bad_records); _check_out(a.out, suffixes=JSONL_SUFFIXES, kind='JSONL')
+    _check_corpus_file(a.corpus, a.text_field, '--corpus', a.skip_bad_records, a.id_field or 'id'); _check_out(a.out, suffixes=JSONL_SUFFIXES, kind='JSONL')
     path, out = Path(a.corpus), Path(a.out)
     if a.parts and not a.pack: raise ValueError("--parts goes with --pack: unpacked windows each hold one document already.")
     if a.parts: _check_out(a.parts, '--parts', suffixes=JSONL_SUFFIXES, kind='JSONL')
@@ -607,7 +616,7 @@ def _cmd_windows(a):
                          f"pass the length the model was trained at (at most {ctx}).")
     bad, seen, n, dropped = [], {}, [0], set()                                       # seen: each id's place in the file
     def records():                                                   # streamed: a chunk of documents in memory at a time
-        for j, (where, r, why) in enumerate(corpus_entries(path, a.text_field, lazy=True)):
+        for j, (where, r, why) in enumerate(corpus_entries(path, a.text_field, lazy=True, id_field=a.id_field or 'id')):
             n[0] += 1
             if why and not a.skip_bad_records: raise ValueError(f"--corpus {path.name}, {where}: {end_sentence(why)} {_SKIP_ADVICE}.")
             if why: bad.append((where, why)); continue
@@ -670,7 +679,7 @@ def _write_layer_scores(path, sc, model, names:list, pos:list, ids:list):
     print(f"wrote {n_l} layers' parts of the {n_t:,} × {n_q:,} scores to {path}")
 
 def _cmd_score(a):
-    _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records); _check_out(a.out)
+    _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records, a.id_field or 'id'); _check_out(a.out)
     if a.per_layer is not None:
         _check_out(a.per_layer, '--per-layer')
         if Path(a.per_layer).resolve() == Path(a.out).resolve(): raise ValueError("--per-layer must name another file than --out.")
@@ -765,7 +774,7 @@ def _scan(a, model, tok, factors, queries, names):
     try:
         with _as_notes(): return scan(model, factors, queries, a.corpus, k=a.k, query_rank=a.query_rank, damping=a.damping, batch_size=a.batch_size,
                     chunk_size=a.chunk_size, tokenizer=tok, max_length=a.max_length or context_length(model, tok),
-                    text_field=a.text_field, on_bad_record='skip' if a.skip_bad_records else 'raise',
+                    text_field=a.text_field, id_field=a.id_field or 'id', on_bad_record='skip' if a.skip_bad_records else 'raise',
                     scores_path=a.scores_dir, checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every,
                     refine=a.refine, progress=not a.quiet, n_train=a.n_train, query_names=names, candidates=a.candidates or None)
     except BadRecordError as e:                               # the Python API's advice names `on_bad_record`: here, the option
@@ -777,7 +786,7 @@ def _scan(a, model, tok, factors, queries, names):
         raise
 
 def _cmd_scan(a):
-    _check_options(a); _check_corpus_file(a.corpus, a.text_field, skip_bad=a.skip_bad_records); _check_out(a.out)
+    _check_options(a); _check_corpus_file(a.corpus, a.text_field, skip_bad=a.skip_bad_records, id_field=a.id_field or 'id'); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
@@ -822,10 +831,10 @@ def _unreadable(r, text_field) -> str|None:
     try: as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')
     except (ValueError, TypeError) as e: return _reword(e)
 
-def _top_texts(res, qi:int, k:int, corpus, tok, text_field) -> tuple[dict, dict]:
+def _top_texts(res, qi:int, k:int, corpus, tok, text_field, id_field='id') -> tuple[dict, dict]:
     "`({index: text}, {index: the record's 'id'})` of one query's top `k` (`(None, {})` without a corpus); a record that cannot\n    be read is named, never shown as junk."
     if corpus is None: return None, {}
-    _check_corpus_file(corpus, text_field)
+    _check_corpus_file(corpus, text_field, id_field=id_field)
     want, texts, ids = {int(i) for i in res.indices[qi, :k].tolist() if i >= 0}, {}, {}
     try: items = list(CorpusStream(corpus, text_field).select(want))
     except Exception as e:
@@ -835,7 +844,7 @@ def _top_texts(res, qi:int, k:int, corpus, tok, text_field) -> tuple[dict, dict]
         why = _unreadable(it.raw, text_field)
         if why: raise ValueError(f"--corpus: {it.where}: {why}. This result ranks that record: fix the file, or pass the corpus that was scanned.")
         texts[it.index] = record_text(it.raw, tok, text_field)
-        if i := record_id(it.raw): ids[it.index] = i
+        if i := record_id(it.raw, id_field): ids[it.index] = i
     res.check_corpus(corpus, '--corpus')   # readable, but is it the content that was scanned?
     missing = sorted(want - set(texts))
     if missing:
@@ -854,10 +863,14 @@ def _cmd_top(a):
     corpus = a.corpus or (res.source if res.source and Path(res.source).exists() else None)
     tok = (load_model(a.model, a.tokenizer, trust_remote_code=a.trust_remote_code)[1] if a.model else
            load_tokenizer(a.tokenizer, a.trust_remote_code) if a.tokenizer else None)
-    texts, ids = _top_texts(res, qi, a.k, corpus, tok, a.text_field or res.text_field or 'text')
+    renamed = a.id_field is not None and a.id_field != (res.id_field or 'id')      # names from another field than the scan's
+    if renamed and corpus is None:
+        raise ValueError(f"--id-field {a.id_field}: the scan named its records by {res.id_field or 'id'!r}; pass --corpus, the scanned "
+                         "file, to name them by another field.")
+    texts, ids = _top_texts(res, qi, a.k, corpus, tok, a.text_field or res.text_field or 'text', a.id_field or res.id_field or 'id')
     df = res.top(qi, a.k, texts=texts)
-    if ids:                          # the records' own ids, as `explore` shows them; the corpus fills what the result lacks
-        col = [had or ids.get(int(i), '') for had, i in zip(df['id'] if 'id' in df else [''] * len(df), df['index'])]
+    if ids or renamed:               # the records' own ids, as `explore` shows them; the corpus fills what the result lacks
+        col = [(not renamed and had) or ids.get(int(i), '') for had, i in zip(df['id'] if 'id' in df else [''] * len(df), df['index'])]
         if 'id' in df: df['id'] = col
         else: df.insert(1, 'id', col)
     name = res.query_names[qi] if res.query_names else f'query {qi}'
@@ -875,12 +888,13 @@ def _check_explore_files(a):
     "Read every file `explore` was given before anything is served, so that a bad one exits with 2 naming it."
     own = a.model is not None and a.model not in MODEL_NAMES              # a bundled name brings its own corpus
     if own and a.corpus is None: raise ValueError("--corpus is required with --model: the training texts to search.")
+    if not own and a.id_field is not None: raise ValueError("--id-field names the field of your --corpus records: it goes with --model.")
     if own and a.no_serve and a.queries is None:
         raise ValueError("--no-serve runs the app's opening query, which with --model is the first of --queries: pass --queries "
                          "(JSONL with 'prompt' and 'completion' fields).")
     if a.corpus is not None:
-        _check_corpus_file(a.corpus, a.text_field)
-        try: recs = read_corpus(a.corpus, a.text_field)
+        _check_corpus_file(a.corpus, a.text_field, id_field=a.id_field or 'id')
+        try: recs = read_corpus(a.corpus, a.text_field, a.id_field or 'id')
         except (ValueError, FileNotFoundError) as e: raise _again(e, f"--corpus {e}") from None
         for j, r in enumerate(recs):                                    # token-id records: checked here, named by line
             if 'input_ids' not in r: continue
@@ -945,7 +959,7 @@ def _cmd_explore(a):
     from influence_nb.explorer import explorer, app_notebook
     _check_explore_files(a)
     kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, factors=a.factors, query_id=a.query,
-              text_field=a.text_field, fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules, max_length=a.max_length,
+              text_field=a.text_field, id_field=a.id_field, fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules, max_length=a.max_length,
               trust_remote_code=a.trust_remote_code or None, candidates=a.candidates, k=a.k, strategy=a.strategy)
     kw = {k: v for k, v in kw.items() if v is not None}                      # the app's own defaults otherwise
     if a.k is not None and not 1 <= a.k <= 50: raise ValueError(f"--k must be 1 to 50 in the explorer, got {a.k} (scan keeps any number).")

@@ -22,9 +22,9 @@ __all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'MODEL_NAMES', '
            'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels',
            'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'uncompiled', 'uncompiled_names',
            'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows',
-           'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark',
-           'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows', 'block_parts',
-           'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note']
+           'missing_id', 'with_id', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences',
+           'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows',
+           'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -1161,6 +1161,22 @@ def corpus_rows(p, # a corpus file
             except ValueError as e: yield f'line {n}', ValueError(f"not valid JSON ({e})")
 
 
+# %% ../nbs/00_data.ipynb #45caccd9
+_ABSENT = object()
+
+def missing_id(record, # a corpus record as read (a JSON value, a Parquet row)
+               id_field:str='id', # the field naming the record; dotted for nested
+              ) -> str|None:
+    "Why a record cannot be named by `id_field`: it lacks the field (a misspelt `id_field` would name every record by its position); None when it has it (a null too: no id) or when `id_field` is 'id', which records may leave out."
+    if id_field == 'id' or (isinstance(record, Mapping) and field_value(record, id_field, _ABSENT) is not _ABSENT): return None
+    fields = f"fields: {sorted(record)}" if isinstance(record, Mapping) else f"it is a {'text' if isinstance(record, str) else type(record).__name__}, without fields"
+    return f"no field {id_field!r} to take its id from ({fields}); pass the field that names the records, or none"
+
+def with_id(record:Mapping, id_field:str='id') -> dict:
+    "`record` with its `id` read from `id_field` (as it is when `id_field` is 'id')."
+    return dict(record) if id_field == 'id' else {**record, 'id': field_value(record, id_field)}
+
+
 # %% ../nbs/00_data.ipynb #2edb770b
 def missing_text(record:Mapping, text_field:str) -> str:
     "Why a corpus record without a usable `text_field` or 'input_ids' cannot be read: what the field holds, or the fields it has, and the way out."
@@ -1178,6 +1194,7 @@ def array_record(r:list) -> dict|ValueError:
 def corpus_entries(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
                    text_field:str='text', # the field (JSONL) or column (Parquet) holding each document's text; dotted for nested
                    lazy:bool=False, # Parquet rows as they are read (`corpus_rows`), for a file larger than memory
+                   id_field:str='id', # the field naming each record (its `id` in results); dotted for nested
                   ) -> Iterator[tuple[str, dict|None, str|None]]:
     "`(where, record, why)` for each record of a corpus file, in order: the record with its 'text' (or 'input_ids') entry and `why=None`, or `None` and why it cannot be read."
     p = Path(path); kind = corpus_format(p)
@@ -1186,16 +1203,17 @@ def corpus_entries(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`
         if isinstance(r, str): r = {text_field: r}                                # a JSON string is a text, as `scan` reads it
         if isinstance(r, list): r = array_record(r)                               # a JSON array of ids is a sequence, likewise
         why = (str(r) if isinstance(r, Exception) else f"expected a JSON object, got {type(r).__name__}" if not isinstance(r, Mapping)
-               else None if 'input_ids' in r or is_text(text_value(r, text_field)) else missing_text(r, text_field))
+               else None if 'input_ids' in r or is_text(text_value(r, text_field)) else missing_text(r, text_field)) or missing_id(r, id_field)
         if why: yield where, None, why
-        else: yield where, ({**r, 'text': text_value(r, text_field)} if 'input_ids' not in r else dict(r)), None   # a text, conversation or pair
+        else: yield where, with_id({**r, 'text': text_value(r, text_field)} if 'input_ids' not in r else r, id_field), None   # a text, conversation or pair
 
 def read_corpus(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
                 text_field:str='text', # the field (JSONL) or column (Parquet) holding each document's text; dotted for nested
+                id_field:str='id', # the field naming each record (its 'id' entry); dotted for nested
                ) -> list[dict]:
     "Every record of a corpus file, each with a 'text' (or 'input_ids') entry; bad records raise naming file and line."
     recs = []
-    for where, r, why in corpus_entries(path, text_field):
+    for where, r, why in corpus_entries(path, text_field, id_field=id_field):
         if why: raise ValueError(f"{Path(path).name}, {where}: {why}. Accepted formats: {CORPUS_FORMATS}.")
         recs.append(r)
     if not recs: raise ValueError(f"{Path(path).name} holds no records. Accepted formats: {CORPUS_FORMATS}.")

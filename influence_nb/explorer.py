@@ -32,7 +32,7 @@ from .modules import blocks as block_names
 import json
 import os
 from collections.abc import Mapping
-from .data import (cut_texts, corpus_lines, n_scored, is_conversation, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
+from .data import (cut_texts, corpus_lines, missing_id, with_id, n_scored, is_conversation, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
                                resolve_device, resolve_dtype, shown_ids)
 from .corpus import load_corpus, load_queries
@@ -103,15 +103,18 @@ def record_where(path, # a corpus file
 def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or records with a text / 'input_ids'
                    tokenizer=None, # decodes 'input_ids' records into the text shown
                    text_field: str = 'text', # the field holding a record's text
+                   id_field: str = 'id', # the field naming a record (its `id`; none: its position); dotted for nested
                   ) -> list[dict]:
     "The explorer's training records: dicts with `id`, `kind` and `text` (a conversation's messages: `shown_text` shows them; and `input_ids` when given)."
-    if isinstance(corpus, (str, os.PathLike)): rows = read_corpus(corpus, text_field)
+    if isinstance(corpus, (str, os.PathLike)): rows = read_corpus(corpus, text_field, id_field)
     elif isinstance(corpus, (bytes, Mapping)): raise TypeError("`corpus` must be a collection of texts or records, or a file path.")
     else: rows = [{'text': r} if isinstance(r, str) else r for r in corpus]
     out, path = [], corpus if isinstance(corpus, (str, os.PathLike)) else None
     at = lambda i: f"{Path(path).name}, {record_where(path, i)}" if path is not None else f"corpus[{i}]"   # named by line in a file
     for i, r in enumerate(rows):
         if not isinstance(r, Mapping): raise TypeError(f"{at(i)} is a {type(r).__name__}; expected a text or a record.")
+        if why := missing_id(r, id_field): raise ValueError(f"{at(i)}: {why}.")
+        r = with_id(r, id_field)
         if is_text(v := text_value(r, text_field)): text = v   # (a conversation: its messages; a pair: prompt and completion)
         elif 'input_ids' in r:
             try: ids = shown_ids(r)                                   # (a packed block's part: its own text)
@@ -227,6 +230,7 @@ class ExplorerSession:
                                                # names (a list, or comma-separated); None: the given factors' layers, else 'mlp'
                  trust_remote_code: bool = False, # let a model folder's own code run (`auto_map` in its config); off: refused
                  max_length: int|None = None,  # cut training texts to this many tokens (the length the model was trained at); None: its context
+                 id_field: str = 'id',         # with `model`: the field naming each corpus record (e.g. 'doc_id'; dotted for nested)
                 ):
         self.device, self.dtype, self.trust_remote_code = resolve_device(device), resolve_dtype(dtype), bool(trust_remote_code)
         self.fit_sample, self.seed, self.batch_size = (check_int(v, n, lo) for n, v, lo in
@@ -237,9 +241,9 @@ class ExplorerSession:
         self._records = self._queries = self._corpus = None
         self.custom = None                # the name of the user's model, when one was given
         self.modules = _session_modules(modules)
-        if model is not None: self._setup_custom(model, tokenizer, corpus, queries, factors, text_field, name)
-        elif any(x is not None for x in (tokenizer, corpus, queries, factors)):
-            raise ValueError("`tokenizer`, `corpus`, `queries` and `factors` go with `model`: pass your model too "
+        if model is not None: self._setup_custom(model, tokenizer, corpus, queries, factors, text_field, name, id_field)
+        elif any(x is not None for x in (tokenizer, corpus, queries, factors)) or id_field != 'id':
+            raise ValueError("`tokenizer`, `corpus`, `queries`, `factors` and `id_field` go with `model`: pass your model too "
                              "(or none of them for the bundled models).")
         if self.modules is None: self.modules = 'mlp'
 
@@ -261,7 +265,7 @@ class ExplorerSession:
 
 # %% ../nbs/10_explorer.ipynb #90425f14
 @patch
-def _setup_custom(self: ExplorerSession, model, tokenizer, corpus, queries, factors, text_field, name):
+def _setup_custom(self: ExplorerSession, model, tokenizer, corpus, queries, factors, text_field, name, id_field='id'):
     if corpus is None:
         raise ValueError("`corpus` is required with `model`: the training texts to search (a list of texts, a "
                          "JSONL/.txt/Parquet file or a datasets.Dataset).")
@@ -269,7 +273,7 @@ def _setup_custom(self: ExplorerSession, model, tokenizer, corpus, queries, fact
     self.custom = name or (Path(model).name if isinstance(model, (str, os.PathLike)) else type(mdl).__name__)
     self._models[self.custom] = (mdl, tok)
     self._corpus = corpus                                             # (a file: its lines name records in messages)
-    self._records, self._queries = corpus_records(corpus, tok, text_field), query_records(queries, tok)
+    self._records, self._queries = corpus_records(corpus, tok, text_field, id_field), query_records(queries, tok)
     if factors is not None:
         f = Factors.load(factors) if isinstance(factors, (str, os.PathLike)) else factors
         if not isinstance(f, Factors): raise TypeError(f"`factors` must be Factors or their folder, got {type(f).__name__}.")
@@ -1124,6 +1128,7 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
              modules=None, # layers to track: 'mlp', 'all', 'lora' (a peft model's LoRA matrices) or names; None: the factors' or 'mlp'
              trust_remote_code:bool=False, # let your model folder's own code run (`auto_map` in its config); off: refused
              max_length:int|None=None, # cut training texts to this many tokens (the length the model was trained at); None: its context
+             id_field:str='id', # the field naming each of your corpus records (e.g. 'doc_id'; dotted for nested)
              **kwargs, # the rest of `Explorer`'s arguments (query_id, candidates, k, strategy)
             ) -> Explorer:
     "The explorer app (an ipywidgets VBox) on the bundled models, or on your model and corpus."
@@ -1132,10 +1137,10 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
         if session is not None: raise ValueError("Pass either `session` or your `model` (with its corpus), not both.")
         session = ExplorerSession(fit_sample=fit_sample, model=model, tokenizer=tokenizer, corpus=corpus, queries=queries,
                                   factors=factors, text_field=text_field, device=device, dtype=dtype, modules=modules,
-                                  trust_remote_code=trust_remote_code, max_length=max_length)
+                                  trust_remote_code=trust_remote_code, max_length=max_length, id_field=id_field)
         model = None
-    elif any(x is not None for x in (tokenizer, corpus, queries, factors)):
-        raise ValueError("`tokenizer`, `corpus`, `queries` and `factors` go with your own `model` (an object or a folder).")
+    elif any(x is not None for x in (tokenizer, corpus, queries, factors)) or id_field != 'id':
+        raise ValueError("`tokenizer`, `corpus`, `queries`, `factors` and `id_field` go with your own `model` (an object or a folder).")
     elif device is not None or dtype is not None or modules is not None or max_length is not None:
         if session is not None:
             raise ValueError("Pass `device`, `dtype`, `modules` and `max_length` to the `ExplorerSession` you give, not to `explorer`.")

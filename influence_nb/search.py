@@ -13,7 +13,7 @@ import pandas as pd
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .data import (cut_texts, text_sequences, array_record, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection,
+from .data import (cut_texts, text_sequences, array_record, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, missing_id, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection,
                                grad_enabled, check_max_length, check_int, n_scored, shown_ids, tokenizer_mark, other_tokenizer)
 from .kfac import layer_passes, all_reduce_sum, dist_info, watch_calls
 from .ekfac import Factors, check_damping
@@ -48,9 +48,9 @@ class BadRecordError(ValueError):
 # %% ../nbs/08_search.ipynb #3ecbeb0d
 class CorpusStream:
     "A corpus that can be read from any position: a JSONL or Parquet file, an indexable collection or an iterable."
-    def __init__(self, corpus, text_field='text'):
+    def __init__(self, corpus, text_field='text', id_field='id'):
         if not isinstance(corpus, (str, os.PathLike)): corpus = as_collection(corpus, 'corpus')   # batches, DataFrames, Series
-        self.corpus, self.path, self.text_field = corpus, None, text_field
+        self.corpus, self.path, self.text_field, self.id_field = corpus, None, text_field, id_field
         if isinstance(corpus, (str, os.PathLike)):
             p = Path(corpus)
             if not p.exists(): raise FileNotFoundError(f"`corpus` file {p} does not exist.")
@@ -134,13 +134,14 @@ def _bad_record(item:_Item, why:str, skip:bool, bad:dict|None=None) -> int:
 
 # %% ../nbs/08_search.ipynb #6a47e997
 def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|None=None, max_length:int|None=None,
-             text_field:str='text', skip:bool=False, cut:dict|None=None, bad:dict|None=None) -> tuple[list, int]:
+             text_field:str='text', skip:bool=False, cut:dict|None=None, bad:dict|None=None, id_field:str='id') -> tuple[list, int]:
     "`(sequences, n_bad)` for one chunk: a sequence dict per record, None where a bad record was skipped (the first named in `bad`); texts cut to `max_length` counted in `cut`."
     out, texts, n_bad = [None] * len(items), {}, 0
     marked = tokenizer is not None and any(isinstance(it.raw, Mapping) and 'tokenizer' in it.raw for it in items)
     mark = tokenizer_mark(tokenizer) if marked else None               # windows name the tokenizer that made their ids
     for j, it in enumerate(items):
         if isinstance(it.raw, BadRecord): n_bad += _bad_record(it, it.raw.why, skip, bad); continue
+        if why := missing_id(it.raw, id_field): n_bad += _bad_record(it, why, skip, bad); continue   # (a misspelt `id_field`)
         text = text_of(it.raw, text_field)
         if text is not None:
             if not is_text(text):
@@ -202,6 +203,11 @@ def _count_cut(cut:dict, items, texts:dict, ids:list, tokenizer, max_length:int)
     keys = list(texts)
     longer = [keys[j] for j in cut_texts(tokenizer, [texts[k] for k in keys], ids, max_length)]
     if longer: cut['n'] = cut.get('n', 0) + len(longer); cut.setdefault('first', items[longer[0]].where)
+
+def _check_scanned(state:dict):
+    "A scan that scored no sequence is an error, naming the bad records it skipped."
+    if state['n_scanned'] == 0:
+        raise ValueError("`corpus` is empty: no sequence was scanned" + (f" ({state['n_skipped']} bad records skipped)." if state['n_skipped'] else "."))
 
 def _say_cut(cut:dict, max_length:int|None):
     "Warn (for the caller of `scan`) how many texts were cut to `max_length`, if any."
@@ -321,9 +327,11 @@ def record_text(raw, # a corpus record as read
     except (TypeError, ValueError, KeyError): return repr(raw)[:200]
     return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ' '.join(map(str, ids))
 
-def record_id(raw) -> str:
-    "A corpus record's own `id` as text; '' when it has none (not a JSON object, no `id`, a null or a Parquet NaN)."
-    v = raw.get('id') if isinstance(raw, Mapping) else None
+def record_id(raw, # a corpus record as read
+              id_field:str='id', # the field that names it; dotted for nested
+             ) -> str:
+    "A corpus record's own `id` (or `id_field`) as text; '' when it has none (not a JSON object, no such field, a null or a Parquet NaN)."
+    v = field_value(raw, id_field) if isinstance(raw, Mapping) else None
     return '' if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
 
 def file_digest(path) -> str:
@@ -351,6 +359,7 @@ class ScanResult:
     record_ids: dict|None = None   # `{index: id}`: the records' own `id` field, for the indices kept that have one
     first_skipped: str|None = None # the first bad record left out, 'where: why' (e.g. 'line 6 of c.jsonl: not valid JSON …')
     candidates: int|None = None    # the BM25 filter: only each query's `candidates` best matches were scored (None: every record)
+    id_field: str|None = None      # the field the records' ids were read from (None: their own 'id')
 
     @property
     def n_queries(self) -> int:
@@ -426,7 +435,7 @@ def top(self: ScanResult, query:int=0, # which query
     sub = ScanResult(self.indices[query:query + 1, :k], self.scores[query:query + 1, :k], self.n_scanned, self.n_skipped,
                      self.n_train, self.query_rank, self.refined, self.source, self.seconds,
                      source_digest=self.source_digest, text_field=self.text_field, n_truncated=self.n_truncated,
-                     record_ids=self.record_ids)
+                     record_ids=self.record_ids, id_field=self.id_field)
     return sub.to_frame(**kw).drop(columns='query').set_index('rank')
 
 @patch
@@ -451,7 +460,7 @@ def save(self: ScanResult, path:str|Path) -> Path:
     meta = {'n_scanned': self.n_scanned, 'n_skipped': self.n_skipped, 'n_train': self.n_train, 'query_rank': self.query_rank,
             'refined': self.refined, 'source': self.source, 'seconds': self.seconds, 'query_names': self.query_ids(),
             'query_log_p': self.query_log_p, 'source_digest': self.source_digest, 'text_field': self.text_field, 'n_truncated': self.n_truncated,
-            'first_skipped': self.first_skipped, 'candidates': self.candidates,
+            'first_skipped': self.first_skipped, 'candidates': self.candidates, 'id_field': self.id_field,
             'shape': list(self.indices.shape),
             'dtype': str(self.scores.dtype).replace('torch.', '')}
     df = pd.DataFrame({'query': torch.arange(self.n_queries).repeat_interleave(self.k).numpy(),
@@ -706,7 +715,7 @@ def _keep_ids(state:dict, index:list[int], rids:list[str], inds:torch.Tensor):
 def _kept_ids(state:dict, stream:CorpusStream, kept:set[int], legacy:bool) -> dict|None:
     "`{index: id}` of the kept records that have an id; after a checkpoint that kept none (an older version's), read again."
     ids = state.get('ids', {})
-    if legacy and not stream.one_shot: ids = {**ids, **{str(it.index): x for it in stream.select(kept) if (x := record_id(it.raw))}}
+    if legacy and not stream.one_shot: ids = {**ids, **{str(it.index): x for it in stream.select(kept) if (x := record_id(it.raw, stream.id_field))}}
     return {int(x): v for x, v in ids.items() if int(x) in kept} or None
 
 def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict, top:tuple, convert, *, k:int,
@@ -719,7 +728,7 @@ def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict,
     while chunk := list(itertools.islice(items, chunk_size)):
         seqs, n_bad = convert(chunk)
         keep = [j for j, s in enumerate(seqs) if s is not None]
-        index, rids = [chunk[j].index for j in keep], [record_id(chunk[j].raw) for j in keep]   # the records' own ids, once
+        index, rids = [chunk[j].index for j in keep], [record_id(chunk[j].raw, stream.id_field) for j in keep]   # the records' own ids, once
         if keep:
             sc = _score_chunk(model, layers, pq, [seqs[j] for j in keep], batch_size)     # [n_q, len(keep)]
             ranked = sc if own is None else sc.masked_fill(~torch.tensor([[i in o for i in index] for o in own]), float('-inf'))
@@ -824,6 +833,7 @@ def scan(model, # the model the factors were fitted on
          tokenizer=None, # tokenizes text records
          max_length:int|None=None, # truncate texts to this many tokens (default: the model's context)
          text_field:str='text', # the field of a JSON record that holds its text
+         id_field:str='id', # the field that names each record in results (`record_ids`), e.g. 'doc_id' or 'meta.id'; records without it are bad
          on_bad_record:str='raise', # 'raise' (error naming the line) or 'skip' (leave out and count)
          scores_path:str|Path|None=None, # directory to write every score to, one Parquet file per chunk
          checkpoint:str|Path|None=None, # checkpoint file: resumed from if it exists, updated as the scan goes
@@ -838,14 +848,14 @@ def scan(model, # the model the factors were fitted on
     _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train, candidates)
     layers = prepare_scoring(model, factors)
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries'); names = _query_names(query_names, len(qs), scores_path is not None)
-    stream = CorpusStream(corpus, text_field)
+    stream = CorpusStream(corpus, text_field, id_field)
     _check_twice(stream, refine and query_rank is not None, candidates)
     ctx, max_length = _scan_max_length(model, max_length)
     cfg = _config(factors, qs, stream, tokenizer, k=k, query_rank=query_rank, damping=damping, batch_size=batch_size,
                   chunk_size=chunk_size, max_length=max_length, text_field=text_field, on_bad_record=on_bad_record,
-                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}))
+                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}), **({'id_field': id_field} if id_field != 'id' else {}))
     fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), working_dtype(next(model.parameters())); vocab, skip = model_vocab(model), on_bad_record == 'skip'
-    read = lambda items, cut=None, bad=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut, bad)
+    read = lambda items, cut=None, bad=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut, bad, id_field)
     ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path)); _check_paths(ckpt, spath)
     with contextlib.ExitStack() as files, watch_calls(getattr(factors, 'info', {}).get('calls')):   # (a layer run more or less often than in the fit: warned)
         if rank == 0: _take_files(files, ckpt, spath)
@@ -860,16 +870,15 @@ def scan(model, # the model the factors were fitted on
         vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, lambda c: convert(c, cut, bad), k=k, chunk_size=chunk_size,
                                   batch_size=batch_size, dtype=dtype, spath=spath, ckpt=ckpt,
                                   checkpoint_every=checkpoint_every, rank=rank, progress=progress, prefix=prefix, own=pre and pre['own'])
-    _say_cut(cut, max_length)
-    if state['n_scanned'] == 0:
-        raise ValueError("`corpus` is empty: no sequence was scanned" + (f" ({state['n_skipped']} bad records skipped)." if state['n_skipped'] else "."))
+    _say_cut(cut, max_length); _check_scanned(state)
     n_skipped, first = state['n_skipped'] + (pre['n_skipped'] if pre else 0), bad.get('first') or (pre['first'] if pre else None)
     n = min(k, state['n_scanned']); vals, inds, refined = vals[:, :n], inds[:, :n], bool(refine and query_rank is not None)
     if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype)
     return ScanResult(inds, vals, state['n_scanned'], n_skipped, n_train or max(pre['n_docs'] if pre else state['n_scanned'], factors.n_sequences),
                       query_rank, refined, str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - state['t0'], 3),
                       source_digest=file_digest(stream.path) if stream.path else None, text_field=text_field, n_truncated=cut.get('n', 0),
-                      record_ids=_kept_ids(state, stream, set(inds.flatten().tolist()), legacy), first_skipped=first, query_names=names, candidates=candidates)
+                      record_ids=_kept_ids(state, stream, set(inds.flatten().tolist()), legacy), first_skipped=first, query_names=names, candidates=candidates,
+                      id_field=None if id_field == 'id' else id_field)
 
 # %% ../nbs/08_search.ipynb #9e8c4c89
 def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype):
