@@ -15,16 +15,17 @@ import torch
 __all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS',
            'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span', 'as_sequence', 'as_collection', 'as_sequences',
            'n_scored', 'end_sentence', 'require_scored', 'check_int', 'check_max_length', 'field_value',
-           'TruncatedTextsWarning', 'special_prefix', 'encode_texts', 'cut_texts', 'is_conversation', 'is_pair',
-           'is_text', 'text_value', 'shown_text', 'text_sequences', 'check_not_file_name', 'tokenize', 'tokenize_pairs',
-           'assistant_spans', 'chat_sequence', 'chat_query', 'chat_pair', 'collate', 'batches', 'model_config',
-           'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer',
-           'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels',
-           'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'uncompiled', 'uncompiled_names',
-           'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows',
-           'missing_id', 'with_id', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences',
-           'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows',
-           'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note']
+           'TruncatedTextsWarning', 'special_affixes', 'special_prefix', 'right_truncation', 'cut_texts',
+           'encode_texts', 'is_conversation', 'is_pair', 'is_text', 'text_value', 'shown_text', 'text_sequences',
+           'check_not_file_name', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'chat_sequence', 'chat_query',
+           'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences',
+           'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model',
+           'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits',
+           'completion_logprobs', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of',
+           'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_id', 'with_id', 'missing_text',
+           'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer',
+           'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows', 'block_parts', 'shown_ids',
+           'source_scores', 'cache_dir', 'cached_factors', 'nats_note']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -180,6 +181,9 @@ def as_sequences(data, # sequences: list of mappings, torch or HF Dataset, or li
         if vocab_size is not None and (s['labels'] >= vocab_size).any():
             raise ValueError(f"{name}[{i}]['labels'] holds {int(s['labels'].max())}, outside the model's vocabulary "
                              f"[0, {vocab_size}); labels are token ids or {IGNORE_INDEX}.")
+        if max_length is not None and len(ids) > max_length and name in ('queries', 'query'):   # its completion is at the end
+            raise ValueError(f"{name}[{i}] has {len(ids)} tokens but the model's context is {max_length}; a query is never cut (that would "
+                             f"drop its completion): shorten its prompt from the start, by at least {len(ids) - max_length} tokens.")
         if max_length is not None and len(ids) > max_length:
             raise ValueError(f"{name}[{i}] has {len(ids)} tokens but the model's context is {max_length}; "
                              f"truncate it (e.g. `inf.tokenize(..., max_length={max_length})`) or cut it into windows of at most {max_length} "
@@ -246,34 +250,32 @@ def field_value(record:Mapping, # a corpus record (a JSON object, a Parquet or `
 class TruncatedTextsWarning(UserWarning):
     "Texts longer than `max_length` tokens were cut: only their first `max_length` tokens are scored."
 
-def special_prefix(tokenizer, # a Hugging Face tokenizer
-                   text:str, # a text whose tokens are not all special
-                  ) -> list[int]:
-    "The special token ids `tokenizer` puts before `text` (e.g. `[bos]`), found by tokenizing it with and without them."
+def special_affixes(tokenizer, # a Hugging Face tokenizer
+                    text:str, # a text whose tokens are not all special
+                   ) -> tuple[list[int], list[int]]:
+    "The special token ids `tokenizer` puts before and after `text` (e.g. `[bos]` and `[eos]`), found by tokenizing it with and without them."
     full = list(tokenizer(text)['input_ids'])
     bare = list(tokenizer(text, add_special_tokens=False)['input_ids'])
     for lo in range(len(full) - len(bare) + 1):
-        if full[lo:lo + len(bare)] == bare: return full[:lo]
+        if full[lo:lo + len(bare)] == bare: return full[:lo], full[lo + len(bare):]
     raise ValueError(f"The tokenizer changes the tokens of {text!r} when it adds its special tokens, so the prompt's context "
                      "cannot be separated from them; build the queries yourself: 'input_ids' = prompt + completion ids, "
                      "'labels' = -100 on the prompt.")
 
-def encode_texts(tokenizer, # a Hugging Face tokenizer
-                 texts:list[str], # the texts
-                 max_length:int|None=None, # truncate to this many tokens (None: no limit)
-                ) -> list[list[int]]:
-    """Token ids of `texts`, with the special tokens the tokenizer adds; a text that already begins with the ones it puts
-    first, written out (a chat template rendered to text: `<|begin_of_text|>...`), keeps one copy of them, as
-    `apply_chat_template` gives: its BOS is not doubled."""
-    ids = [list(x) for x in tokenizer(texts, truncation=max_length is not None, max_length=max_length)['input_ids']]
-    try: pre = special_prefix(tokenizer, 'a')
-    except ValueError: return ids
-    mark, k = tokenizer.decode(pre) if pre else '', len(pre)
-    dup = [j for j, t in enumerate(texts) if mark and t.startswith(mark) and ids[j][:2 * k] == pre + pre]
-    if dup and max_length is not None:    # the second copy took a place within max_length: tokenized again with room for it
-        for j, x in zip(dup, tokenizer([texts[j] for j in dup], truncation=True, max_length=max_length + k)['input_ids']): ids[j] = list(x)
-    for j in dup: ids[j] = ids[j][k:]     # only the doubled prefix goes: what the tokenizer adds after the text stays
-    return ids
+def special_prefix(tokenizer, # a Hugging Face tokenizer
+                   text:str, # a text whose tokens are not all special
+                  ) -> list[int]:
+    "The special token ids `tokenizer` puts before `text` (e.g. `[bos]`)."
+    return special_affixes(tokenizer, text)[0]
+
+@contextmanager
+def right_truncation(tokenizer):
+    "Cut texts at their end whatever the tokenizer's `truncation_side` (some checkpoints ship 'left'): a cut text is its first tokens, as every note says."
+    side = getattr(tokenizer, 'truncation_side', 'right')
+    if side != 'right': tokenizer.truncation_side = 'right'
+    try: yield
+    finally:
+        if side != 'right': tokenizer.truncation_side = side
 
 def cut_texts(tokenizer, # the tokenizer that made `ids`
               texts:list, # the texts (`is_text`)
@@ -286,6 +288,31 @@ def cut_texts(tokenizer, # the tokenizer that made `ids`
     again = encode_texts(tokenizer, [texts[j] for j in plain], max_length + 1) if plain else []
     longer = {j for j, x in zip(plain, again) if len(x) > max_length}   # (max_length + 1, not no limit: no tokenizer length warning)
     return sorted(longer | {j for j in full if j not in plain and len(text_sequences(tokenizer, [texts[j]])[0]['input_ids']) > max_length})
+
+# %% ../nbs/00_data.ipynb #3cf047a0
+def encode_texts(tokenizer, # a Hugging Face tokenizer
+                 texts:list[str], # the texts
+                 max_length:int|None=None, # cut to the first this many tokens (None: no limit)
+                ) -> list[list[int]]:
+    """Token ids of `texts`, with the special tokens the tokenizer adds. A text that already begins with what the tokenizer
+    puts first, written out (a chat template rendered to text: `<|begin_of_text|>...`), is taken as rendered, as
+    `apply_chat_template` takes it: its BOS is not doubled and nothing is added after it. A text that ends with what the
+    tokenizer puts last keeps one copy. A cut keeps the first `max_length` tokens, whatever the tokenizer's
+    `truncation_side`, and puts no end token after them (the text has none there)."""
+    try: pre, suf = special_affixes(tokenizer, 'a')
+    except ValueError: pre, suf = [], []
+    k, n = len(pre), len(suf)
+    room = None if max_length is None else max_length + k + n     # a doubled prefix's place, and the end a cut text gets
+    with right_truncation(tokenizer): ids = [list(x) for x in tokenizer(texts, truncation=room is not None, max_length=room)['input_ids']]
+    first, last = (tokenizer.decode(pre) if k else ''), (tokenizer.decode(suf) if n else '')
+    for j, t in enumerate(texts):
+        x, whole = ids[j], room is None or len(ids[j]) < room           # whole: the tokenizer cut nothing
+        rendered = bool(first) and t.startswith(first) and x[:2 * k] == pre + pre
+        if rendered: x = x[k:]
+        if n and x[-n:] == suf and (not whole or rendered or (bool(last) and t.endswith(last) and x[-2 * n:] == suf + suf)):
+            x = x[:-n]                                                   # put after a cut, after a rendered text, or a second copy
+        ids[j] = x if max_length is None else x[:max_length]
+    return ids
 
 # %% ../nbs/00_data.ipynb #6681caa3
 def is_conversation(x) -> bool:
@@ -323,13 +350,16 @@ def text_sequences(tokenizer, # a Hugging Face tokenizer
                    max_length:int|None=None, # truncate to this many tokens (None: no limit)
                   ) -> list[dict]:
     """Sequence dicts of `texts`: a text's tokens all scored (`encode_texts`), a conversation's assistant replies
-    (`chat_sequence`), a pair's completion (tokenized as `tokenize_pairs` does a query; a conversation's: its replies)."""
+    (`chat_sequence`), a pair's completion (tokenized as `tokenize_pairs` does a query, and the tokenizer's EOS after it,
+    as TRL's SFTTrainer trains it; a conversation's: its replies)."""
     plain = [j for j, t in enumerate(texts) if isinstance(t, str)]
     out = dict(zip(plain, ({'input_ids': x} for x in encode_texts(tokenizer, [texts[j] for j in plain], max_length)))) if plain else {}
     for j, t in enumerate(texts):
         if j in out: continue
         if is_pair(t) and isinstance(t['prompt'], str):
             s = {k: v.tolist() for k, v in tokenize_pairs(tokenizer, [(t['prompt'], t['completion'])])[0].items() if k != 'attention_mask'}
+            if (eos := tokenizer.eos_token_id) is not None and s['input_ids'][-1] != eos:   # TRL ends each completion with EOS
+                s = {'input_ids': s['input_ids'] + [eos], 'labels': s['labels'] + [eos]}
         elif is_pair(t): s = chat_sequence(tokenizer, [*t['prompt'], *t['completion']], f'texts[{j}]', scored_from=len(t['prompt']))
         else: s = chat_sequence(tokenizer, t, f'texts[{j}]')
         out[j] = {k: v[:max_length] for k, v in s.items()}

@@ -32,7 +32,7 @@ from .modules import blocks as block_names
 import json
 import os
 from collections.abc import Mapping
-from .data import (cut_texts, corpus_lines, missing_id, with_id, n_scored, is_conversation, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
+from .data import (cut_texts, corpus_lines, missing_id, with_id, n_scored, is_conversation, is_pair, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
                                resolve_device, resolve_dtype, shown_ids)
 from .corpus import load_corpus, load_queries
@@ -168,6 +168,11 @@ def query_record(where: str, # names the row in messages, e.g. "q.jsonl, line 3"
     if not isinstance(q, Mapping):
         raise ValueError(f"{where} must be a (prompt, completion) pair or a dict with 'prompt' and 'completion' strings, "
                          f"got a {type(q).__name__}.")
+    if is_pair(q) and is_conversation(q['prompt']):                  # TRL's conversational row: one conversation, its answer last
+        if len(q['completion']) != 1 or q['completion'][0]['role'] != 'assistant':
+            raise ValueError(f"{where}: a conversation's 'completion' must be one assistant message, the answer measured "
+                             f"(got {len(q['completion'])}: {', '.join(m['role'] for m in q['completion'])}).")
+        q = {**{k: v for k, v in q.items() if k not in ('prompt', 'completion')}, 'messages': [*q['prompt'], *q['completion']]}
     if 'prompt' not in q and ('messages' in q or 'input_ids' in q):
         q = {**q, **_query_fields(where, q, tokenizer)}
         if tokenizer is None: return {**q, 'id': str(q.get('id', f'q{i}'))}

@@ -154,20 +154,25 @@ def test_an_opening_assistant_message_is_context_and_a_template_without_a_genera
     s = inf.tokenize(llama3, [two])[0]
     assert llama3.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == 'madrid<|end|>lima<|end|>'
 
-def test_a_written_bos_keeps_the_end_tokens_and_counts_as_cut(case):
+def test_a_written_bos_is_a_rendered_text_and_counts_as_cut(case):
+    "A text with the BOS written out is taken as rendered, as `apply_chat_template` takes it: one BOS, and no end token\n    added after it (one written out stays); cut, it is the plain text's first tokens."
     tok = case['tok']
     be = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()), bos_token='<|bos|>',
                                  eos_token='<|end|>')
     bos, eos = be.bos_token_id, be.eos_token_id
     be.backend_tokenizer.post_processor = processors.TemplateProcessing(single='<|bos|> $A <|end|>',
                                                                        special_tokens=[('<|bos|>', bos), ('<|end|>', eos)])
-    plain, written = inf.tokenize(be, ['paris', '<|bos|>paris'], max_length=None)
-    assert plain['input_ids'].tolist() == written['input_ids'].tolist() and written['input_ids'].tolist()[0] == bos
-    assert written['input_ids'].tolist()[-1] == eos and written['input_ids'].tolist().count(bos) == 1
-    n = len(plain['input_ids']) - 1
-    with pytest.warns(inf.data.TruncatedTextsWarning, match='2 of 2 texts'):
+    plain, written, ended = inf.tokenize(be, ['paris', '<|bos|>paris', '<|bos|>paris<|end|>'], max_length=None)
+    assert plain['input_ids'].tolist()[0] == bos and plain['input_ids'].tolist()[-1] == eos
+    assert written['input_ids'].tolist() == plain['input_ids'].tolist()[:-1]             # as the template would give it
+    assert ended['input_ids'].tolist() == plain['input_ids'].tolist() and ended['input_ids'].tolist().count(eos) == 1
+    n = len(written['input_ids'])                        # the rendered text fits; the plain one loses its end token
+    with pytest.warns(inf.data.TruncatedTextsWarning, match='1 of 2 texts'):
         cut = inf.tokenize(be, ['paris', '<|bos|>paris'], max_length=n)
-    assert cut[0]['input_ids'].tolist() == cut[1]['input_ids'].tolist() and len(cut[1]['input_ids']) == n
+    assert cut[0]['input_ids'].tolist() == cut[1]['input_ids'].tolist() == written['input_ids'].tolist()
+    with pytest.warns(inf.data.TruncatedTextsWarning, match='2 of 2 texts'):
+        cut = inf.tokenize(be, ['paris', '<|bos|>paris'], max_length=n - 1)
+    assert cut[0]['input_ids'].tolist() == cut[1]['input_ids'].tolist() == plain['input_ids'].tolist()[:n - 1]
 
 def test_the_answer_keeps_added_tokens_that_are_not_special(case):
     tok = case['tok']
@@ -229,8 +234,9 @@ def test_prompt_completion_records_score_the_completion_only(case, tmp_path):
     pairs = [{'prompt': f'what is the capital of {c}?', 'completion': f' {t}'} for c, t in FACTS]
     seqs = inf.tokenize(tok, pairs)
     want = inf.tokenize_pairs(tok, [(p['prompt'], p['completion']) for p in pairs])
-    for s, w in zip(seqs, want):
-        assert s['input_ids'].tolist() == w['input_ids'].tolist() and s['labels'].tolist() == w['labels'].tolist()
+    for s, w in zip(seqs, want):                          # the query's tokens, and the EOS TRL ends a completion with, scored
+        eos = [tok.eos_token_id]
+        assert s['input_ids'].tolist() == w['input_ids'].tolist() + eos and s['labels'].tolist() == w['labels'].tolist() + eos
     earlier = conversation('italy', 'rome', system=False)                      # a prompt holding an earlier reply
     conv_pair = {'prompt': earlier + [{'role': 'user', 'content': 'and of spain?'}],
                  'completion': [{'role': 'assistant', 'content': 'madrid'}]}
@@ -305,3 +311,15 @@ def test_reasoning_in_content_or_its_own_field_is_scored_with_the_reply(case):
     s = inf.tokenize(tok, [two])[0]                               # turn 1's reasoning is not rendered; turn 2 has none: its
     assert s['input_ids'].tolist() == tok.apply_chat_template(two, tokenize=True)['input_ids']   # empty block is the template's
     assert scored(s) == 'paris<|end|>rome<|end|>'
+
+
+def test_a_conversational_prompt_completion_query_is_its_conversation(case, tmp_path):
+    "TRL's conversational prompt-completion row as a query (API, explorer and --queries): the conversation's answer is measured."
+    from influence_nb.explorer import query_records
+    tok, conv = case['tok'], conversation('france', 'paris', system=False)
+    row = {'id': 'c', 'prompt': conv[:-1], 'completion': conv[-1:]}
+    got, want = query_records([row], tok)[0], query_records([{'id': 'c', 'messages': conv}], tok)[0]
+    assert (got['input_ids'], got['labels'], got['completion']) == (want['input_ids'], want['labels'], 'paris')
+    assert got['input_ids'] == chat_query(tok, conv)['input_ids']
+    with pytest.raises(ValueError, match="must be one assistant message"):
+        query_records([{**row, 'completion': conv}], tok)
