@@ -36,6 +36,11 @@ def stable_ids(path: Path):
             digest = hashlib.md5(STYLER_ID.sub('T_', text).encode()).hexdigest()[:6]
             for i, old in enumerate(ids): text = text.replace(old, f'T_{digest}{i}')
             out['data']['text/html'] = text.splitlines(keepends=True)
+    for cell in nb['cells']:                      # warnings name files by this checkout's path: a reader sees it from the repo root
+        for out in cell.get('outputs', []):
+            if out.get('output_type') == 'stream':
+                text = ''.join(out['text']) if isinstance(out['text'], list) else out['text']
+                out['text'] = text.replace(str(ROOT) + '/', '').splitlines(keepends=True)
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
 
 
@@ -58,6 +63,7 @@ def main(argv=None) -> int:
     missing = [str(p) for p in nbs if not p.exists() or p.suffix != '.ipynb']
     if missing: ap.error(f'not notebooks: {missing}')
     flags = ['notest'] + ([] if args.slow else ['slow'])
+    if args.slow: os.environ['INFLUENCE_NB_SLOW'] = '1'   # a slow cell runs only with it (`data.run_slow_cell`): Jupyter has no flags
     failed = []
     for nb in nbs:
         t0 = time.time()

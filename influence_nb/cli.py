@@ -976,8 +976,8 @@ def _cmd_explore(a):
         return
     import importlib.util
     if missing := [m for m in ('voila', 'ipykernel') if importlib.util.find_spec(m) is None]:   # Voilà runs the app in a Python kernel
-        raise ValueError(f"`explore` serves the app with Voilà, which needs {' and '.join(missing)}: pip install 'influence_nb[browser]' (from a clone of the repository: "
-                         "pip install -c constraints.txt '.[browser]'), or use --no-serve.")
+        raise ValueError(f"`explore` serves the app with Voilà, which needs {' and '.join(missing)}: from a clone of the repository, "
+                         "pip install -c constraints.txt '.[browser]', or use --no-serve.")
     port = _serving_port(a.host, a.port)
     with tempfile.TemporaryDirectory(prefix='influence-nb-explore-') as d:   # the app's notebook, removed when it stops
         nb = app_notebook(Path(d)/'explorer.ipynb', **kw)

@@ -15,17 +15,17 @@ import torch
 __all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS',
            'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span', 'as_sequence', 'as_collection', 'as_sequences',
            'n_scored', 'end_sentence', 'require_scored', 'check_int', 'check_max_length', 'field_value',
-           'TruncatedTextsWarning', 'special_affixes', 'special_prefix', 'right_truncation', 'cut_texts',
-           'encode_texts', 'is_conversation', 'is_pair', 'is_text', 'text_value', 'shown_text', 'text_sequences',
-           'check_not_file_name', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'chat_sequence', 'chat_query',
-           'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences',
-           'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype', 'load_model',
-           'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits',
-           'completion_logprobs', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of',
-           'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_id', 'with_id', 'missing_text',
-           'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer',
-           'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows', 'block_parts', 'shown_ids',
-           'source_scores', 'cache_dir', 'cached_factors', 'nats_note']
+           'TruncatedTextsWarning', 'raw_tokenizer_hint', 'special_affixes', 'special_prefix', 'right_truncation',
+           'cut_texts', 'encode_texts', 'is_conversation', 'is_pair', 'is_text', 'text_value', 'shown_text',
+           'text_sequences', 'check_not_file_name', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'chat_sequence',
+           'chat_query', 'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab',
+           'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype',
+           'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode',
+           'batch_logits', 'completion_logprobs', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens',
+           'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_id', 'with_id',
+           'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark',
+           'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows', 'block_parts',
+           'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note', 'run_slow_cell']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -250,6 +250,12 @@ def field_value(record:Mapping, # a corpus record (a JSON object, a Parquet or `
 class TruncatedTextsWarning(UserWarning):
     "Texts longer than `max_length` tokens were cut: only their first `max_length` tokens are scored."
 
+def raw_tokenizer_hint(tokenizer) -> str:
+    "The way from a `tokenizers.Tokenizer` (what `tokenizer.json` loads as) to the transformers tokenizer every function takes; '' for anything else."
+    if not type(tokenizer).__module__.startswith('tokenizers'): return ''
+    return (" It is a `tokenizers.Tokenizer`: wrap it as transformers does, `PreTrainedTokenizerFast(tokenizer_object=tok, "
+            "bos_token=..., eos_token=...)`, naming its special tokens (a folder holding tokenizer.json also loads, with `load_tokenizer`).")
+
 def special_affixes(tokenizer, # a Hugging Face tokenizer
                     text:str, # a text whose tokens are not all special
                    ) -> tuple[list[int], list[int]]:
@@ -375,13 +381,15 @@ def check_not_file_name(texts, name:str='texts'):
     raise ValueError(f"`{name}` is {there} {str(texts)!r}, not texts: read its records with `inf.read_corpus({str(texts)!r})` "
                      "(JSONL, .txt or Parquet; `text_field=` for another field) and pass them.")
 
+
+# %% ../nbs/00_data.ipynb #77a7bb01
 def tokenize(tokenizer, # a Hugging Face tokenizer
              texts:str|Sequence[str], # one text, conversation or pair (`is_text`), a list of them, or records / a `datasets.(Iterable)Dataset` with `text_field`
              max_length:int|None=128, # truncate to this many tokens (None: no limit)
              text_field:str='text', # the field holding the text when `texts` holds records (dotted for nested: 'doc.body')
             ) -> list[dict]:
     "Training sequences from `texts`: every token of a text is scored; of a conversation (a list of messages), the assistant's replies; of a prompt-completion pair, the completion."
-    if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
+    if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.{raw_tokenizer_hint(tokenizer)}")
     check_max_length(max_length); check_not_file_name(texts)
     if isinstance(texts, str) or is_pair(texts) or (is_conversation(texts) and not any(text_field in m for m in texts)): texts = [texts]
     texts = list(as_collection(texts, 'texts'))
@@ -464,7 +472,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
                    pairs:Sequence[tuple[str, str]], # (prompt, completion) pairs
                   ) -> list[dict]:
     "Query sequences: `labels` are -100 on the prompt, so only the completion is measured."
-    if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
+    if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.{raw_tokenizer_hint(tokenizer)}")
     if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str): pairs = [pairs]
     pairs = list(pairs)
     if not pairs: raise ValueError("`pairs` is empty: pass at least one (prompt, completion) pair.")
@@ -798,7 +806,7 @@ def load_tokenizer(tokenizer, # a tokenizer object (returned as is), or a folder
             raise ValueError(f"`tokenizer`={str(tokenizer)!r} could not be loaded as a tokenizer ({type(e).__name__}: {why}); pass a "
                              f"folder holding {' or '.join(TOKENIZER_FILES[:2])} (written by `tokenizer.save_pretrained`).") from None
     if callable(tokenizer) and hasattr(tokenizer, 'convert_ids_to_tokens'): return tokenizer
-    raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer or a folder holding one, got {type(tokenizer).__name__}.")
+    raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer or a folder holding one, got {type(tokenizer).__name__}.{raw_tokenizer_hint(tokenizer)}")
 
 # %% ../nbs/00_data.ipynb #7a3572f9
 DTYPES = {   # the names `load_model(dtype=)` and `--dtype` take
@@ -1360,7 +1368,7 @@ def iter_windows(tokenizer, # a Hugging Face tokenizer
                  on_bad=None, # called as on_bad(position, text, error) for a text that cannot be tokenized, which is left out (None: raise)
                 ) -> WindowStream:
     "`token_windows` one window at a time, reading `texts` a chunk at a time (a corpus file's records as they stream)."
-    if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.")
+    if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.{raw_tokenizer_hint(tokenizer)}")
     length, chunk_size = check_int(length, 'length', lo=2), check_int(chunk_size, 'chunk_size')   # one token: nothing scored
     check_not_file_name(texts)
     sep = tokenizer.eos_token_id if isinstance(separator, str) and separator.lower() == 'eos' else separator
@@ -1577,3 +1585,11 @@ def nats_note(nats, # the nats shown for one query (a column of a top-k table)
     if gain <= -float(log_p): return None
     return (f"the top nats (+{gain:.3g}) is more than log p(completion) = {float(log_p):.3g} can rise (to 0): nats is a linear "
             f"estimate, and {NATS_SCALE}.")
+
+# %% ../nbs/00_data.ipynb #f656cb34
+def run_slow_cell() -> bool:
+    "Whether a `#| slow` cell runs: only with `INFLUENCE_NB_SLOW=1` in the environment; otherwise it says that it was skipped."
+    if os.environ.get('INFLUENCE_NB_SLOW') == '1': return True
+    print("skipped: a slow cell (minutes to hours of CPU; the outputs below are from its last run). Set INFLUENCE_NB_SLOW=1 "
+          "in the environment to run it.")
+    return False

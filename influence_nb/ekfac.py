@@ -172,7 +172,9 @@ def model_changes(bound:dict, model) -> list[str]:
     return out
 
 # %% ../nbs/05_ekfac.ipynb #c38d255c
-def precondition_identity(V, t, damped): return V   # plain gradient dot products: nothing to invert
+def precondition_identity(V, t, damped):
+    "Identity curvature: the gradients as they are, so scores are plain gradient dot products (nothing to invert)."
+    return V
 
 def precondition_diagonal(V:torch.Tensor, t:dict, damped:torch.Tensor) -> torch.Tensor:
     "`V ⊘ (diag + λ)`, elementwise in float64."
@@ -199,9 +201,9 @@ class Factors:
     fisher: str                       # true | empirical | exact
     n_sequences: int                  # N: sequences the curvature was fitted on
     n_tokens: int                     # unmasked tokens of the fit sequences (a layer run k times per forward pools k× as many rows)
-    seed: int
+    seed: int                         # seeded the fit's sample order and true-Fisher pseudo-labels
     fingerprint: str                  # of the tracked weights (see `fingerprint`)
-    model_class: str = ''
+    model_class: str = ''             # the fitted model's class name (e.g. 'LlamaForCausalLM'), named when factors meet another
     tensors: dict = field(default_factory=dict)   # name -> {'QA','lA','QS','lS','Lambda','A','S','diag'}
     info: dict = field(default_factory=dict)      # free-form (timings, the model digest `check` compares)
 

@@ -477,8 +477,8 @@ class ExplorerResult:
     model: str                       # model name (bundled, or the session's own model)
     query: dict                      # id (None if typed), prompt, completion and the queries.jsonl fields
     log_p: float                     # log-probability of the completion given the prompt (nats)
-    strategy: str
-    damping: float|None
+    strategy: str                    # the curvature scored with: 'ekfac', 'kfac', 'diagonal' or 'identity'
+    damping: float|None              # λ as given; None: the default, 0.1 × the mean eigenvalue per layer
     blocks: tuple[int, int]          # inclusive range of transformer blocks counted
     layers: list[str]                # the tracked layers counted (those in `blocks`)
     all_layers: list[str]            # every tracked layer
@@ -867,6 +867,11 @@ class Explorer(widgets.VBox):
         self._wire()
         super().__init__(self._layout(), layout=widgets.Layout(width='100%'))
         self.add_class('inb-app')
+
+# %% ../nbs/10_explorer.ipynb #feb9312a
+import inspect
+_init = inspect.signature(Explorer.__init__)
+Explorer.__signature__ = _init.replace(parameters=list(_init.parameters.values())[1:])   # not traitlets' `__new__(*args, **kwargs)`
 
 # %% ../nbs/10_explorer.ipynb #bdcb546d
 K_MAX = 50   # top sequences the app shows at most

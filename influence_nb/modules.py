@@ -456,9 +456,10 @@ def _keyword_names(model:nn.Module, modules:str, cands:dict, warn:bool=True, par
     if modules == 'all':
         if warn: _warn_left_out(model, list(plain), "modules='all'", parts)   # feed-forward weights no trackable layer covers
         if warn and (left := _left_out_weights(model, cands, parts)):          # routers, convolutions, SSM matrices, ...
-            warnings.warn(f"modules='all' tracks every nn.Linear, GPT-2 Conv1D and expert weight except the LM head; these "
-                          f"{len(left)} weights belong to other kinds of layer and are left out, so their influence is not "
-                          f"counted: {', '.join(left[:6])}{f' and {len(left) - 6} more' if len(left) > 6 else ''}.", stacklevel=3)
+            warnings.warn(f"modules='all' tracks every nn.Linear, GPT-2 Conv1D and expert weight except the LM head; "
+                          + (f"this weight belongs to another kind of layer and is left out, so its influence is not " if len(left) == 1 else
+                             f"these {len(left)} weights belong to other kinds of layer and are left out, so their influence is not ")
+                          + f"counted: {', '.join(left[:6])}{f' and {len(left) - 6} more' if len(left) > 6 else ''}.", stacklevel=3)
         return list(plain)
     if modules != 'lora': return None
     if parts['scaled'] or parts['unsupported']: _refuse_adapters(parts, parts['scaled'] + parts['unsupported'])

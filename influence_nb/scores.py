@@ -76,8 +76,8 @@ class Scores:
     per_token: torch.Tensor|None = None         # [n_queries, n_train, longest sequence given], token t's term (input × loss gradient at t; 0 on padding)
     n_train: int|None = None                    # N of the training set (for nats): `pairwise_scores` sets the larger of the scored and fit sets
     modules: list = field(default_factory=list) # tracked layers
-    strategy: str = ''
-    query_rank: int|None = None
+    strategy: str = ''                          # the curvature the scores were preconditioned with (the factors' strategy)
+    query_rank: int|None = None                 # rank of the query gradients (paper §3.2.2); None: full rank
 
     @property
     def nats(self) -> torch.Tensor:

@@ -45,7 +45,7 @@ class IterativeSolver:
     fit_data: list = field(repr=False, compare=False)   # the checked fit sequences: G is the mean of their GGNs
     options: dict                        # passed to `pbrf.lissa_ihvp` / `pbrf.cg_ihvp` (with fit_factors' seed, batch_size)
     fingerprint: str                     # of the tracked weights (`ekfac.fingerprint`)
-    model_class: str = ''
+    model_class: str = ''                # the fitted model's class name, named when the solver meets another
     info: dict = field(default_factory=dict)   # 'model_digest' (what `check` compares), 'fit_seconds'
     preconditioner: Factors|None = None  # 'pcg' only: EK-FAC factors of the same layers, fitted on the same data
 

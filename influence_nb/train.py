@@ -15,7 +15,7 @@ from .artefact import atomic_write
 # %% auto #0
 __all__ = ['SIZES', 'VOCAB_SIZE', 'CONTEXT', 'BOS_ID', 'PAD_ID', 'RECIPES', 'model_config', 'n_params', 'encode_records',
            'length_batches', 'collate_ids', 'lm_loss', 'evaluate_loss', 'lr_schedule', 'adamw', 'train_step',
-           'train_model', 'fact_recall', 'recall_metrics', 'save_checkpoint', 'load_model', 'load_tokenizer',
+           'train_model', 'fact_recall', 'recall_metrics', 'save_checkpoint', 'shipped_model', 'shipped_tokenizer',
            'train_and_save', 'main']
 
 # %% ../nbs/12_train.ipynb #b7953967
@@ -365,7 +365,7 @@ def _models_dir(data_dir=None):
     from influence_nb.data import data_dir as _find
     return _find()/'models'
 
-def load_model(name:str, # 'gpt2-s', 'gpt2-m', 'gpt2-l' (or 's', 'm', 'l')
+def shipped_model(name:str, # 'gpt2-s', 'gpt2-m', 'gpt2-l' (or 's', 'm', 'l')
                data_dir=None, # the data folder; default: the bundled one
               ):
     "A shipped model of the family, in eval mode."
@@ -376,7 +376,7 @@ def load_model(name:str, # 'gpt2-s', 'gpt2-m', 'gpt2-l' (or 's', 'm', 'l')
         raise FileNotFoundError(f"No trained model at {path}. Train it with `python -m influence_nb.train --size {name[5:]}`.")
     return GPT2LMHeadModel.from_pretrained(str(path)).eval()
 
-def load_tokenizer(data_dir=None):
+def shipped_tokenizer(data_dir=None):
     "The project tokenizer (`data/tokenizer`)."
     from transformers import AutoTokenizer
     if data_dir is None:
@@ -399,7 +399,7 @@ def train_and_save(size:str, # 'gpt2-s', 'gpt2-m', 'gpt2-l' (or 's', 'm', 'l')
     if data_dir is None:
         from influence_nb.data import data_dir as _find
         data_dir = _find()
-    tok = load_tokenizer(data_dir)
+    tok = shipped_tokenizer(data_dir)
     train, val = load_corpus('train', data_dir), load_corpus('validation', data_dir)
     queries = load_queries(data_dir=data_dir)
     fq = [q for q in queries if q['kind'] == 'fact' and q['lang'] == 'en' and 'en' in q['langs_in_training']]

@@ -323,3 +323,10 @@ def test_a_conversational_prompt_completion_query_is_its_conversation(case, tmp_
     assert got['input_ids'] == chat_query(tok, conv)['input_ids']
     with pytest.raises(ValueError, match="must be one assistant message"):
         query_records([{**row, 'completion': conv}], tok)
+
+
+def test_a_bare_tokenizers_tokenizer_is_told_how_to_wrap(case):
+    "A `tokenizers.Tokenizer` (what tokenizer.json loads as) is refused with the way to the transformers tokenizer."
+    raw = case['tok'].backend_tokenizer
+    for f in (lambda: inf.load_tokenizer(raw), lambda: inf.tokenize(raw, 'paris'), lambda: inf.token_windows(raw, ['paris'], 8)):
+        with pytest.raises(TypeError, match=r"It is a `tokenizers.Tokenizer`: wrap it as transformers does"): f()

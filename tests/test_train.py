@@ -16,7 +16,7 @@ def test_tokenizer_offline():
 
 @pytest.mark.parametrize('name', list(train.SIZES))
 def test_models_load_with_sizes(name):
-    m = train.load_model(name)
+    m = train.shipped_model(name)
     from transformers import GPT2LMHeadModel
     assert train.n_params(m) == train.n_params(GPT2LMHeadModel(train.model_config(name)))
     assert m.config.n_positions == 128 and m.config.vocab_size == 2048
@@ -26,13 +26,13 @@ def test_models_load_with_sizes(name):
     assert log['n_params'] == train.n_params(m)
 
 def test_unknown_size():
-    with pytest.raises(ValueError, match='gpt2-m'): train.load_model('huge')
+    with pytest.raises(ValueError, match='gpt2-m'): train.shipped_model('huge')
 
 def test_gpt2_l_recall():
     torch.set_num_threads(1)
-    tok = train.load_tokenizer()
+    tok = train.shipped_tokenizer()
     qs = [q for q in load_queries(kind='fact', lang='en')
           if 'en' in q['langs_in_training'] and 'forward' in q['orders_in_training']]
     sample = random.Random(0).sample(qs, 100)
-    df = train.fact_recall(train.load_model('gpt2-l'), tok, sample, progress=False)
+    df = train.fact_recall(train.shipped_model('gpt2-l'), tok, sample, progress=False)
     assert df.correct.mean() >= 0.75

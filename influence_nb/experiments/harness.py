@@ -14,7 +14,7 @@ from ..artefact import atomic_write, digest, path_lock, replacing
 from ..data import cache_dir, data_dir, completion_logprobs
 from ..ekfac import labels_current
 from ..corpus import load_corpus, load_queries, load_facts, load_passages
-from ..train import load_model, load_tokenizer
+from ..train import shipped_model, shipped_tokenizer
 from ..tfidf import TokenIndex
 
 # %% auto #0
@@ -41,7 +41,7 @@ def size_name(s:str) -> str:
 class Data:
     "The corpus, tokenized once."
     def __init__(self):
-        self.tok = load_tokenizer()
+        self.tok = shipped_tokenizer()
         self.records = load_corpus('train')
         self.texts = [r['text'] for r in self.records]
         self._seqs = {}                                                       # record index -> sequence dict (lazy)
@@ -133,7 +133,7 @@ class Run:
     "One model size: the model, its factors, and the shared score matrices (computed on first use)."
     def __init__(self, size:str, d:Data, cfg:dict=CFG, cache:Path=None):
         self.size, self.d, self.cfg, self.cache = size_name(size), d, cfg, Path(cache or CACHE)
-        self.model = load_model(self.size)
+        self.model = shipped_model(self.size)
         t0 = time.time(); self.factors = get_factors(self.model, self.size, d, cfg, self.cache)
         self.seconds = {'factors': round(time.time() - t0, 1)}
         self._pool = self._unf = None
