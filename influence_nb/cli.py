@@ -167,7 +167,7 @@ def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
             seq = as_sequences([{k: q[k] for k in ('input_ids', 'labels')}], 'record') if 'input_ids' in q else _tokenize_query(tok, q, where)
             name = q['id']
             if not (isinstance(r, Mapping) and 'id' in r): unnamed.add(name)        # the default id q<position>
-            if model is not None: seq = check_sequences(model, seq, 'record')          # vocabulary and context
+            if model is not None: seq = check_sequences(model, seq, 'query')           # vocabulary and context (a query: never cut)
             require_scored(seq, 'record')
         except (ValueError, TypeError) as e:
             msg = str(e) if str(e).startswith(where) else f"{where}{'' if qid is None else f' (id {qid!r})'}: {_reword(e)}"
@@ -258,7 +258,7 @@ def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False,
         if pf.metadata.num_rows == 0: raise ValueError(f"{flag} {p.name} holds no records.")
         if text_field not in cols and 'input_ids' not in cols:
             raise ValueError(f"{flag} {p.name} has no column {text_field!r} or 'input_ids' (columns: {cols}); pass --text-field.")
-        if id_field != 'id' and id_field not in cols and id_field.split('.')[0] not in cols:
+        if id_field != 'id' and id_field not in cols:                   # (struct fields are listed by their dotted paths)
             raise ValueError(f"{flag} {p.name} has no column {id_field!r} (columns: {cols}); pass --id-field naming the column that names the records.")
         return
     with open(p, 'rb') as f:
@@ -834,7 +834,7 @@ def _unreadable(r, text_field) -> str|None:
 def _top_texts(res, qi:int, k:int, corpus, tok, text_field, id_field='id') -> tuple[dict, dict]:
     "`({index: text}, {index: the record's 'id'})` of one query's top `k` (`(None, {})` without a corpus); a record that cannot\n    be read is named, never shown as junk."
     if corpus is None: return None, {}
-    _check_corpus_file(corpus, text_field, id_field=id_field)
+    _check_corpus_file(corpus, text_field)           # (not the first record's id: the scan may have skipped it)
     want, texts, ids = {int(i) for i in res.indices[qi, :k].tolist() if i >= 0}, {}, {}
     try: items = list(CorpusStream(corpus, text_field).select(want))
     except Exception as e:
@@ -868,6 +868,8 @@ def _cmd_top(a):
         raise ValueError(f"--id-field {a.id_field}: the scan named its records by {res.id_field or 'id'!r}; pass --corpus, the scanned "
                          "file, to name them by another field.")
     texts, ids = _top_texts(res, qi, a.k, corpus, tok, a.text_field or res.text_field or 'text', a.id_field or res.id_field or 'id')
+    if renamed and a.id_field != 'id' and not ids:
+        raise ValueError(f"--id-field {a.id_field}: none of the records shown has that field; pass the field that names them.")
     df = res.top(qi, a.k, texts=texts)
     if ids or renamed:               # the records' own ids, as `explore` shows them; the corpus fills what the result lacks
         col = [(not renamed and had) or ids.get(int(i), '') for had, i in zip(df['id'] if 'id' in df else [''] * len(df), df['index'])]

@@ -22,10 +22,10 @@ __all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'MODEL_NAMES', '
            'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype',
            'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode',
            'batch_logits', 'completion_logprobs', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens',
-           'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'missing_id', 'with_id',
-           'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark',
-           'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows', 'block_parts',
-           'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note', 'run_slow_cell']
+           'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'has_field', 'missing_id',
+           'with_id', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences',
+           'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows',
+           'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note', 'run_slow_cell']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -306,7 +306,7 @@ def encode_texts(tokenizer, # a Hugging Face tokenizer
     tokenizer puts last keeps one copy. A cut keeps the first `max_length` tokens, whatever the tokenizer's
     `truncation_side`, and puts no end token after them (the text has none there)."""
     try: pre, suf = special_affixes(tokenizer, 'a')
-    except ValueError: pre, suf = [], []
+    except Exception: pre, suf = [], []                          # (a vocabulary without 'a' and no unknown token cannot say)
     k, n = len(pre), len(suf)
     room = None if max_length is None else max_length + k + n     # a doubled prefix's place, and the end a cut text gets
     with right_truncation(tokenizer): ids = [list(x) for x in tokenizer(texts, truncation=room is not None, max_length=room)['input_ids']]
@@ -1200,19 +1200,26 @@ def corpus_rows(p, # a corpus file
 
 
 # %% ../nbs/00_data.ipynb #45caccd9
-_ABSENT = object()
+def has_field(record:Mapping, field:str) -> bool:
+    "Whether `record` has `field` (dotted: followed into nested mappings), a null included, and a null met on the way (a Parquet row's null struct)."
+    if field in record: return True
+    for part in field.split('.'):
+        if record is None: return True
+        if not isinstance(record, Mapping) or part not in record: return False
+        record = record[part]
+    return True
 
 def missing_id(record, # a corpus record as read (a JSON value, a Parquet row)
-               id_field:str='id', # the field naming the record; dotted for nested
+               id_field:str|None='id', # the field naming the record; dotted for nested (None: 'id')
               ) -> str|None:
     "Why a record cannot be named by `id_field`: it lacks the field (a misspelt `id_field` would name every record by its position); None when it has it (a null too: no id) or when `id_field` is 'id', which records may leave out."
-    if id_field == 'id' or (isinstance(record, Mapping) and field_value(record, id_field, _ABSENT) is not _ABSENT): return None
+    if id_field in (None, 'id') or (isinstance(record, Mapping) and has_field(record, id_field)): return None
     fields = f"fields: {sorted(record)}" if isinstance(record, Mapping) else f"it is a {'text' if isinstance(record, str) else type(record).__name__}, without fields"
     return f"no field {id_field!r} to take its id from ({fields}); pass the field that names the records, or none"
 
-def with_id(record:Mapping, id_field:str='id') -> dict:
-    "`record` with its `id` read from `id_field` (as it is when `id_field` is 'id')."
-    return dict(record) if id_field == 'id' else {**record, 'id': field_value(record, id_field)}
+def with_id(record:Mapping, id_field:str|None='id') -> dict:
+    "`record` with its `id` read from `id_field` (as it is when `id_field` is 'id' or None)."
+    return dict(record) if id_field in (None, 'id') else {**record, 'id': field_value(record, id_field)}
 
 
 # %% ../nbs/00_data.ipynb #2edb770b
@@ -1588,8 +1595,8 @@ def nats_note(nats, # the nats shown for one query (a column of a top-k table)
 
 # %% ../nbs/00_data.ipynb #f656cb34
 def run_slow_cell() -> bool:
-    "Whether a `#| slow` cell runs: only with `INFLUENCE_NB_SLOW=1` in the environment; otherwise it says that it was skipped."
-    if os.environ.get('INFLUENCE_NB_SLOW') == '1': return True
+    "Whether a `#| slow` cell runs: under nbdev's test runner (which runs such a cell only when asked, `--flags slow`) or with `INFLUENCE_NB_SLOW=1` in the environment; otherwise it says that it was skipped."
+    if os.environ.get('INFLUENCE_NB_SLOW') == '1' or os.environ.get('IN_TEST') == '1': return True
     print("skipped: a slow cell (minutes to hours of CPU; the outputs below are from its last run). Set INFLUENCE_NB_SLOW=1 "
           "in the environment to run it.")
     return False

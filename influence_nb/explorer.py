@@ -32,11 +32,12 @@ from .modules import blocks as block_names
 import json
 import os
 from collections.abc import Mapping
-from .data import (cut_texts, corpus_lines, missing_id, with_id, n_scored, is_conversation, is_pair, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
+from .data import (cut_texts, corpus_lines, missing_id, with_id, as_collection, n_scored, is_conversation, is_pair, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
                                resolve_device, resolve_dtype, shown_ids)
 from .corpus import load_corpus, load_queries
 from .artefact import digest
+from .search import record_id
 from .data import data_dir, tokenize_pairs
 from .ekfac import Factors, check_damping, fingerprint, model_digest
 from .kfac import reporting
@@ -108,7 +109,7 @@ def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or 
     "The explorer's training records: dicts with `id`, `kind` and `text` (a conversation's messages: `shown_text` shows them; and `input_ids` when given)."
     if isinstance(corpus, (str, os.PathLike)): rows = read_corpus(corpus, text_field, id_field)
     elif isinstance(corpus, (bytes, Mapping)): raise TypeError("`corpus` must be a collection of texts or records, or a file path.")
-    else: rows = [{'text': r} if isinstance(r, str) else r for r in corpus]
+    else: rows = [{'text': r} if isinstance(r, str) else r for r in as_collection(corpus, 'corpus')]   # (a DataFrame: its rows)
     out, path = [], corpus if isinstance(corpus, (str, os.PathLike)) else None
     at = lambda i: f"{Path(path).name}, {record_where(path, i)}" if path is not None else f"corpus[{i}]"   # named by line in a file
     for i, r in enumerate(rows):
@@ -121,7 +122,7 @@ def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or 
             except (ValueError, TypeError) as e: raise type(e)(f"{at(i)}: {str(e).replace('record[0]', 'the record')}") from None
             text = tokenizer.decode(ids) if tokenizer is not None else ' '.join(map(str, ids))
         else: raise ValueError(f"{at(i)} has no text field {text_field!r} and no 'input_ids' (fields: {sorted(r)}).")
-        out.append({**r, 'id': str(i if r.get('id') is None else r['id']), 'kind': str(r.get('kind') or ''), 'text': text})   # (Parquet nulls: none)
+        out.append({**r, 'id': record_id(r) or str(i), 'kind': str(r.get('kind') or ''), 'text': text})   # (a null or NaN id: none)
     if not out: raise ValueError("`corpus` is empty: pass at least one training text.")
     return out
 

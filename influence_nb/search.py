@@ -331,7 +331,7 @@ def record_id(raw, # a corpus record as read
               id_field:str='id', # the field that names it; dotted for nested
              ) -> str:
     "A corpus record's own `id` (or `id_field`) as text; '' when it has none (not a JSON object, no such field, a null or a Parquet NaN)."
-    v = field_value(raw, id_field) if isinstance(raw, Mapping) else None
+    v = field_value(raw, id_field or 'id') if isinstance(raw, Mapping) else None
     return '' if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
 
 def file_digest(path) -> str:
@@ -670,8 +670,9 @@ def _start_state(ckpt:Path|None, spath:Path|None, fp:str, cfg:dict, n_q:int, k:i
     state = loaded[0]
     state['t0'] = time.time() - state.get('seconds', 0.0)   # a resumed scan's clock goes on from the time its checkpoint had
     if state.get('fingerprint') != fp:
-        diff = [f"{key}: checkpoint {state.get('config', {}).get(key)!r}, now {cfg[key]!r}" for key in cfg
-                if state.get('config', {}).get(key) != cfg[key]] or ['(unknown fields)']
+        old = state.get('config', {})                                  # a key only one side has: absent (the default) on the other
+        diff = [f"{key}: checkpoint {old.get(key)!r}, now {cfg.get(key)!r}" for key in sorted(set(cfg) | set(old), key=list({**cfg, **old}).index)
+                if old.get(key) != cfg.get(key)] or ['(unknown fields)']
         raise ValueError(f"Checkpoint {ckpt} belongs to a different scan — " + '; '.join(diff) +
                          f". Resume with the same queries, factors and arguments, or pass a new `checkpoint` path.")
     if loaded[1].dtype != dtype:    # a half-precision model's scan once kept its top-k in bfloat16/float16
@@ -846,7 +847,7 @@ def scan(model, # the model the factors were fitted on
         ) -> ScanResult:
     "Scan `corpus` for each query's `k` most influential sequences, in constant memory, resumable."
     _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train, candidates)
-    layers = prepare_scoring(model, factors)
+    layers, id_field = prepare_scoring(model, factors), id_field or 'id'
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries'); names = _query_names(query_names, len(qs), scores_path is not None)
     stream = CorpusStream(corpus, text_field, id_field)
     _check_twice(stream, refine and query_rank is not None, candidates)
