@@ -12,20 +12,21 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DTYPES', 'CORPUS_FORMATS',
-           'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span', 'as_sequence', 'as_collection', 'as_sequences',
-           'n_scored', 'end_sentence', 'require_scored', 'check_int', 'check_max_length', 'field_value',
+__all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DRIFT_PROBE', 'DTYPES',
+           'CORPUS_FORMATS', 'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span', 'as_sequence', 'as_collection',
+           'as_sequences', 'n_scored', 'end_sentence', 'require_scored', 'check_int', 'check_max_length', 'field_value',
            'TruncatedTextsWarning', 'raw_tokenizer_hint', 'special_affixes', 'special_prefix', 'right_truncation',
            'cut_texts', 'encode_texts', 'is_conversation', 'is_pair', 'is_text', 'text_value', 'shown_text',
            'text_sequences', 'check_not_file_name', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'chat_sequence',
            'chat_query', 'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab',
-           'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer', 'resolve_device', 'resolve_dtype',
-           'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode',
-           'batch_logits', 'completion_logprobs', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens',
-           'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'has_field', 'missing_id',
-           'with_id', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences',
-           'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows',
-           'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note', 'run_slow_cell']
+           'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer', 'TokenizerDriftWarning',
+           'tokenizer_drift', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'model_tokenizer',
+           'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'uncompiled',
+           'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows',
+           'corpus_rows', 'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record', 'corpus_entries',
+           'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream',
+           'iter_windows', 'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors',
+           'nats_note', 'run_slow_cell']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -799,14 +800,38 @@ def load_tokenizer(tokenizer, # a tokenizer object (returned as is), or a folder
     "A Hugging Face tokenizer."
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
-        try: return AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=bool(trust_remote_code))
+        try: tok = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=bool(trust_remote_code))
         except (OSError, ValueError) as e:
             if err := _custom_code(e, f"The tokenizer folder {str(tokenizer)!r}"): raise err from None
             why = (str(e).strip().splitlines() or [''])[0][:200]
             raise ValueError(f"`tokenizer`={str(tokenizer)!r} could not be loaded as a tokenizer ({type(e).__name__}: {why}); pass a "
                              f"folder holding {' or '.join(TOKENIZER_FILES[:2])} (written by `tokenizer.save_pretrained`).") from None
+        if why := tokenizer_drift(tok, tokenizer): warnings.warn(why, TokenizerDriftWarning, stacklevel=2)
+        return tok
     if callable(tokenizer) and hasattr(tokenizer, 'convert_ids_to_tokens'): return tokenizer
     raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer or a folder holding one, got {type(tokenizer).__name__}.{raw_tokenizer_hint(tokenizer)}")
+
+# %% ../nbs/00_data.ipynb #ffe56225
+DRIFT_PROBE = "The year 2026 had 42 rainy days; naïve café, ok?\n  Indented,  two  spaces."   # digits, accents, runs of spaces
+
+class TokenizerDriftWarning(UserWarning):
+    "transformers loaded a folder's tokenizer as a class that tokenizes differently from the folder's own tokenizer.json."
+
+def tokenizer_drift(tokenizer, # as transformers loaded it from `folder`
+                    folder, # the folder it came from
+                   ) -> str|None:
+    "How `tokenizer` tokenizes differently from `folder`'s own tokenizer.json, else None. transformers loads a model family's tokenizer class, which can rebuild the pre-tokenizer: a BPE of one's own saved beside a Qwen2 config then splits digits one by one."
+    f = Path(folder)/'tokenizer.json'
+    if not f.is_file() or not hasattr(tokenizer, 'backend_tokenizer'): return None
+    from tokenizers import Tokenizer
+    try: saved = Tokenizer.from_file(str(f)).encode(DRIFT_PROBE, add_special_tokens=False).ids
+    except Exception: return None                                     # (a tokenizer.json this library cannot read: no check)
+    got = list(tokenizer(DRIFT_PROBE, add_special_tokens=False)['input_ids'])
+    if got == saved: return None
+    return (f"transformers loads the tokenizer of {str(folder)!r} as {type(tokenizer).__name__}, which tokenizes differently from "
+            f"the folder's tokenizer.json ({len(got)} tokens, not {len(saved)}, for {DRIFT_PROBE[:24]!r}...). If the model was "
+            "trained with the tokenizer as saved, load that one: `PreTrainedTokenizerFast.from_pretrained(folder)` in Python; "
+            "on the command line, --tokenizer naming a folder that holds only its tokenizer files.")
 
 # %% ../nbs/00_data.ipynb #7a3572f9
 DTYPES = {   # the names `load_model(dtype=)` and `--dtype` take

@@ -330,3 +330,31 @@ def test_a_bare_tokenizers_tokenizer_is_told_how_to_wrap(case):
     raw = case['tok'].backend_tokenizer
     for f in (lambda: inf.load_tokenizer(raw), lambda: inf.tokenize(raw, 'paris'), lambda: inf.token_windows(raw, ['paris'], 8)):
         with pytest.raises(TypeError, match=r"It is a `tokenizers.Tokenizer`: wrap it as transformers does"): f()
+
+
+def test_a_trainers_own_tokens_and_labels_are_scored_as_labelled(case, tmp_path):
+    """A dataset as TRL's SFTTrainer prepares it (`trainer.train_dataset`: the conversation, `input_ids` and `labels`, here
+    every token of the conversation labelled, TRL's default) is scored exactly as labelled: through the API as a
+    `datasets.Dataset`, and through the command line as its `to_json` file. Identity scores equal autograd over those labels."""
+    import datasets
+    tok, m = case['tok'], case['model']
+    rows = []
+    for c in case['convs']:
+        ids = tok.apply_chat_template(c, tokenize=True)['input_ids']
+        rows.append({'messages': c, 'input_ids': ids, 'labels': list(ids)})
+    ds = datasets.Dataset.from_list(rows)
+    seqs = inf.as_sequences(ds)
+    assert all(s['labels'].tolist() == r['labels'] for s, r in zip(seqs, rows))      # every token, as labelled
+    f = inf.fit_factors(m, ds, 'identity', progress=False)
+    q = inf.as_sequences([chat_query(tok, conversation('france', 'paris', system=False))])
+    api = inf.pairwise_scores(m, f, q, ds, progress=False).total[0]
+    ps = [p for n, p in m.named_parameters() if n in randdata.param_names(m, 'mlp')]
+    for p in ps: p.requires_grad_(True)
+    ref = (randdata.autograd_grads(m, ps, q) @ randdata.autograd_grads(m, ps, seqs).T)[0]
+    assert torch.allclose(api, ref, rtol=1e-10, atol=0)
+    ds.to_json(tmp_path/'trl.jsonl')
+    f.save(tmp_path/'f')
+    rc, _, err = randdata.cli_run('score', '--model', case['dir']/'model', '--factors', tmp_path/'f', '--queries',
+                                  case['dir']/'q.jsonl', '--data', tmp_path/'trl.jsonl', '--out', tmp_path/'s.parquet')
+    assert rc == 0, err
+    assert torch.allclose(torch.tensor(pd.read_parquet(tmp_path/'s.parquet')['q1'].to_numpy()), api, rtol=1e-9, atol=0)
