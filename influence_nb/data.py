@@ -12,21 +12,21 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DRIFT_PROBE', 'DTYPES',
-           'CORPUS_FORMATS', 'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span', 'as_sequence', 'as_collection',
-           'as_sequences', 'n_scored', 'end_sentence', 'require_scored', 'check_int', 'check_max_length', 'field_value',
-           'TruncatedTextsWarning', 'raw_tokenizer_hint', 'special_affixes', 'special_prefix', 'right_truncation',
-           'cut_texts', 'encode_texts', 'is_conversation', 'is_pair', 'is_text', 'text_value', 'shown_text',
-           'text_sequences', 'check_not_file_name', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'chat_sequence',
-           'chat_query', 'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab',
-           'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer', 'TokenizerDriftWarning',
-           'tokenizer_drift', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'model_tokenizer',
-           'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'uncompiled',
-           'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows',
-           'corpus_rows', 'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record', 'corpus_entries',
-           'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream',
-           'iter_windows', 'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors',
-           'nats_note', 'run_slow_cell']
+__all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'GENERATION_BLOCK', 'MODEL_NAMES', 'TOKENIZER_FILES',
+           'DRIFT_PROBE', 'DTYPES', 'CORPUS_FORMATS', 'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span',
+           'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'end_sentence', 'require_scored', 'check_int',
+           'check_max_length', 'field_value', 'TruncatedTextsWarning', 'raw_tokenizer_hint', 'special_affixes',
+           'special_prefix', 'right_truncation', 'cut_texts', 'encode_texts', 'is_conversation', 'is_pair', 'is_text',
+           'text_value', 'shown_text', 'text_sequences', 'check_not_file_name', 'tokenize', 'tokenize_pairs',
+           'assistant_spans', 'generation_mask', 'chat_sequence', 'chat_query', 'chat_pair', 'collate', 'batches',
+           'model_config', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length',
+           'load_tokenizer', 'TokenizerDriftWarning', 'tokenizer_drift', 'resolve_device', 'resolve_dtype',
+           'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode',
+           'batch_logits', 'completion_logprobs', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens',
+           'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'has_field', 'missing_id',
+           'with_id', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences',
+           'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows',
+           'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note', 'run_slow_cell']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -642,6 +642,22 @@ def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (
         spans[i] = (_offset_span(offs, full, start, end, turn) if offs is not None else _cut_span(tokenizer, full, ids, start, end, turn, who))
     return ids, spans
 
+GENERATION_BLOCK = re.compile(r'\{%-?\s*generation\s*-?%\}')   # a chat template's marks of what training writes
+
+def generation_mask(tokenizer, # a Hugging Face tokenizer whose chat template may mark its replies with `{% generation %}`
+                    messages, # a conversation
+                    n:int, # its length in tokens (as `apply_chat_template` gives them)
+                   ) -> list[tuple[int, int]]|None:
+    "The `[a, b)` runs of tokens inside the template's `{% generation %}` blocks (transformers' `return_assistant_tokens_mask`, what TRL's `assistant_only_loss` trains); None for a template without them, or a tokenizer that cannot say (a slow one)."
+    if not isinstance(getattr(tokenizer, 'chat_template', None), str) or not GENERATION_BLOCK.search(tokenizer.chat_template): return None
+    try: mask = list(tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=True, return_dict=True,
+                                                    return_assistant_tokens_mask=True)['assistant_masks'])
+    except Exception: return None
+    if len(mask) != n or not any(mask): return None
+    edges = [j for j in range(1, n) if mask[j] != mask[j - 1]]
+    starts, ends = [0] * bool(mask[0]) + [j for j in edges if mask[j]], [j for j in edges if not mask[j]] + [n] * bool(mask[-1])
+    return list(zip(starts, ends))
+
 def chat_sequence(tokenizer, # a Hugging Face tokenizer with a chat template
                   messages, # a conversation (`is_conversation`)
                   where:str='conversation', # names it in errors
@@ -649,10 +665,17 @@ def chat_sequence(tokenizer, # a Hugging Face tokenizer with a chat template
                  ) -> dict:
     """A training sequence from a conversation: its tokens as the chat template renders them; the assistant's replies are
     scored (their text and the template's end-of-turn tokens after it, `assistant_spans`), the rest is context, as in supervised
-    fine-tuning (an opening assistant message, which answers nothing, too)."""
+    fine-tuning (an opening assistant message, which answers nothing, too). A template that marks what is trained with
+    `{% generation %}` blocks says it itself: those tokens are scored (`generation_mask`), as TRL's `assistant_only_loss` trains them."""
     ids, spans = assistant_spans(tokenizer, messages, where)
     labels = [IGNORE_INDEX] * len(ids)
     spans = {i: s for i, s in spans.items() if i >= scored_from}
+    marked = generation_mask(tokenizer, messages, len(ids))
+    if marked is not None and spans:                 # a pair's prompt: the runs that end before its completion's first reply
+        first = min(lo for lo, _, _ in spans.values()) if scored_from else 0
+        for a, b in marked:
+            if b > first: labels[a:b] = ids[a:b]
+        return {'input_ids': ids, 'labels': labels}
     for lo, _, hi in spans.values(): labels[lo:hi] = ids[lo:hi]
     if not spans:
         raise ValueError(f"{where} has no assistant message after another message: nothing in it is scored (the assistant's "

@@ -358,3 +358,26 @@ def test_a_trainers_own_tokens_and_labels_are_scored_as_labelled(case, tmp_path)
                                   case['dir']/'q.jsonl', '--data', tmp_path/'trl.jsonl', '--out', tmp_path/'s.parquet')
     assert rc == 0, err
     assert torch.allclose(torch.tensor(pd.read_parquet(tmp_path/'s.parquet')['q1'].to_numpy()), api, rtol=1e-9, atol=0)
+
+
+def test_a_template_with_generation_blocks_scores_what_it_marks(case):
+    """A template that marks its replies with `{% generation %}` (TRL's training templates: the newline before a reply, the
+    reply and its end-of-turn and newline) is scored as transformers' `return_assistant_tokens_mask` gives, which TRL's
+    `assistant_only_loss` trains; a pair's prompt replies stay context. Without the blocks, the replies and end tokens."""
+    tok = case['tok']
+    marked = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()), bos_token='<|bos|>',
+                                     eos_token='<|end|>')
+    marked.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}\n"
+                            "{{ m['content'] }}<|end|>\n{% endgeneration %}{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+                            "{% endif %}{% endfor %}")
+    conv = conversation('italy', 'rome', system=False) + conversation('peru', 'lima', system=False)
+    s = inf.tokenize(marked, [conv])[0]
+    enc = marked.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert s['input_ids'].tolist() == enc['input_ids'] and sum(enc['assistant_masks']) > 0
+    assert s['labels'].tolist() == [t if m else IGNORE_INDEX for t, m in zip(enc['input_ids'], enc['assistant_masks'])]
+    plain = inf.tokenize(tok, [conv])[0]                               # the same conversation, a template without blocks
+    assert tok.decode(plain['input_ids'][plain['labels'] != IGNORE_INDEX]) == 'rome<|end|>lima<|end|>'
+    p = inf.tokenize(marked, [{'prompt': conv[:3], 'completion': conv[3:]}])[0]
+    m = enc['assistant_masks']
+    a = m.index(1); b = m.index(0, a)                                    # the first reply's marked run: the prompt's, context
+    assert (p['labels'][:b] == IGNORE_INDEX).all() and p['labels'][b:].tolist() == s['labels'][b:].tolist()
