@@ -642,6 +642,8 @@ def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (
         spans[i] = (_offset_span(offs, full, start, end, turn) if offs is not None else _cut_span(tokenizer, full, ids, start, end, turn, who))
     return ids, spans
 
+
+# %% ../nbs/00_data.ipynb #d73eb817
 GENERATION_BLOCK = re.compile(r'\{%-?\s*generation\s*-?%\}')   # a chat template's marks of what training writes
 
 def generation_mask(tokenizer, # a Hugging Face tokenizer whose chat template may mark its replies with `{% generation %}`
