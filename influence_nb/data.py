@@ -363,14 +363,23 @@ def text_sequences(tokenizer, # a Hugging Face tokenizer
     out = dict(zip(plain, ({'input_ids': x} for x in encode_texts(tokenizer, [texts[j] for j in plain], max_length)))) if plain else {}
     for j, t in enumerate(texts):
         if j in out: continue
-        if is_pair(t) and isinstance(t['prompt'], str):
-            s = {k: v.tolist() for k, v in tokenize_pairs(tokenizer, [(t['prompt'], t['completion'])])[0].items() if k != 'attention_mask'}
-            if (eos := tokenizer.eos_token_id) is not None and s['input_ids'][-1] != eos:   # TRL ends each completion with EOS
-                s = {'input_ids': s['input_ids'] + [eos], 'labels': s['labels'] + [eos]}
+        if is_pair(t) and isinstance(t['prompt'], str): s = _text_pair(tokenizer, t, j)
         elif is_pair(t): s = chat_sequence(tokenizer, [*t['prompt'], *t['completion']], f'texts[{j}]', scored_from=len(t['prompt']))
         else: s = chat_sequence(tokenizer, t, f'texts[{j}]')
         out[j] = {k: v[:max_length] for k, v in s.items()}
     return [out[j] for j in range(len(texts))]
+
+def _text_pair(tokenizer, pair:Mapping, j:int) -> dict:
+    "Training pair `texts[j]` as `tokenize_pairs` tokenizes a query, then the tokenizer's EOS (TRL ends each completion with it); its notes and refusals name it."
+    name = lambda msg: re.sub(r'^1 of 1 pairs \(the first: pairs\[0\], ', f'texts[{j}] (a prompt-completion pair, ', str(msg)).replace('pairs[0]', f'texts[{j}]')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        try: s = {k: v.tolist() for k, v in tokenize_pairs(tokenizer, [(pair['prompt'], pair['completion'])])[0].items() if k != 'attention_mask'}
+        except ValueError as e: raise ValueError(name(e)) from None
+    for w in caught: warnings.warn(name(w.message), w.category, stacklevel=4)
+    if (eos := tokenizer.eos_token_id) is not None and s['input_ids'][-1] != eos:
+        s = {'input_ids': s['input_ids'] + [eos], 'labels': s['labels'] + [eos]}
+    return s
 
 def check_not_file_name(texts, name:str='texts'):
     "Refuse a corpus file's name where texts belong: `tokenize(tok, 'corpus.jsonl')` once scored the name as a text."
