@@ -682,10 +682,9 @@ def chat_sequence(tokenizer, # a Hugging Face tokenizer with a chat template
     labels = [IGNORE_INDEX] * len(ids)
     spans = {i: s for i, s in spans.items() if i >= scored_from}
     marked = generation_mask(tokenizer, messages, len(ids))
-    if marked is not None and spans:                 # a pair's prompt: the runs that end before its completion's first reply
-        first = min(lo for lo, _, _ in spans.values()) if scored_from else 0
-        for a, b in marked:
-            if b > first: labels[a:b] = ids[a:b]
+    if marked is not None and spans:   # a pair: what it shares with its prompt rendered as a generation prompt is context (TRL's cut)
+        cut = len(os.path.commonprefix([ids, _apply_template(tokenizer, messages[:scored_from], where, generation_prompt=True)])) if scored_from else 0
+        for a, b in marked: labels[max(a, cut):b] = ids[max(a, cut):b]
         return {'input_ids': ids, 'labels': labels}
     for lo, _, hi in spans.values(): labels[lo:hi] = ids[lo:hi]
     if not spans:
