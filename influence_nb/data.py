@@ -17,16 +17,17 @@ __all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'GENERATION_BLOC
            'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'end_sentence', 'require_scored', 'check_int',
            'check_max_length', 'field_value', 'TruncatedTextsWarning', 'raw_tokenizer_hint', 'special_affixes',
            'special_prefix', 'right_truncation', 'cut_texts', 'encode_texts', 'is_conversation', 'is_pair', 'is_text',
-           'text_value', 'shown_text', 'text_sequences', 'check_not_file_name', 'tokenize', 'tokenize_pairs',
-           'assistant_spans', 'generation_mask', 'chat_sequence', 'chat_query', 'chat_pair', 'collate', 'batches',
-           'model_config', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length',
-           'load_tokenizer', 'TokenizerDriftWarning', 'tokenizer_drift', 'resolve_device', 'resolve_dtype',
-           'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode',
-           'batch_logits', 'completion_logprobs', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens',
-           'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'has_field', 'missing_id',
-           'with_id', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences',
-           'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows',
-           'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note', 'run_slow_cell']
+           'text_value', 'shown_text', 'text_sequences', 'pair_end_id', 'check_not_file_name', 'tokenize',
+           'tokenize_pairs', 'assistant_spans', 'generation_mask', 'chat_sequence', 'chat_query', 'chat_pair',
+           'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
+           'context_length', 'load_tokenizer', 'TokenizerDriftWarning', 'tokenizer_drift', 'resolve_device',
+           'resolve_dtype', 'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights',
+           'eval_mode', 'batch_logits', 'completion_logprobs', 'pair_end_note', 'uncompiled', 'uncompiled_names',
+           'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows',
+           'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus',
+           'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows',
+           'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note',
+           'run_slow_cell']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -288,13 +289,14 @@ def cut_texts(tokenizer, # the tokenizer that made `ids`
               texts:list, # the texts (`is_text`)
               ids:list, # their token ids, truncated to `max_length`
               max_length:int,
+              pair_eos:bool|str|int=True, # as the pairs were tokenized (`text_sequences`)
              ) -> list[int]:
     "Positions of the `texts` longer than `max_length` tokens: only those cut to exactly that many can be, and one token more tells."
     full = [j for j, x in enumerate(ids) if len(x) == max_length]
     plain = [j for j in full if isinstance(texts[j], str)]           # the others are conversations and pairs (`text_sequences`)
     again = encode_texts(tokenizer, [texts[j] for j in plain], max_length + 1) if plain else []
     longer = {j for j, x in zip(plain, again) if len(x) > max_length}   # (max_length + 1, not no limit: no tokenizer length warning)
-    return sorted(longer | {j for j in full if j not in plain and len(text_sequences(tokenizer, [texts[j]])[0]['input_ids']) > max_length})
+    return sorted(longer | {j for j in full if j not in plain and len(text_sequences(tokenizer, [texts[j]], None, pair_eos)[0]['input_ids']) > max_length})
 
 # %% ../nbs/00_data.ipynb #3cf047a0
 def encode_texts(tokenizer, # a Hugging Face tokenizer
@@ -355,30 +357,44 @@ def shown_text(x) -> str:
 def text_sequences(tokenizer, # a Hugging Face tokenizer
                    texts:list, # texts, conversations and prompt-completion pairs (`is_text`)
                    max_length:int|None=None, # truncate to this many tokens (None: no limit)
+                   pair_eos:bool|str|int=True, # after a text pair's completion: the tokenizer's EOS (True), none (False), or this token
                   ) -> list[dict]:
     """Sequence dicts of `texts`: a text's tokens all scored (`encode_texts`), a conversation's assistant replies
-    (`chat_sequence`), a pair's completion (tokenized as `tokenize_pairs` does a query, and the tokenizer's EOS after it,
-    as TRL's SFTTrainer trains it; a conversation's: its replies)."""
+    (`chat_sequence`), a pair's completion (tokenized as `tokenize_pairs` does a query, and by default the tokenizer's EOS
+    after it, as TRL's SFTTrainer trains it; a conversation's: its replies)."""
+    end = pair_end_id(tokenizer, pair_eos)
     plain = [j for j, t in enumerate(texts) if isinstance(t, str)]
     out = dict(zip(plain, ({'input_ids': x} for x in encode_texts(tokenizer, [texts[j] for j in plain], max_length)))) if plain else {}
     for j, t in enumerate(texts):
         if j in out: continue
-        if is_pair(t) and isinstance(t['prompt'], str): s = _text_pair(tokenizer, t, j)
+        if is_pair(t) and isinstance(t['prompt'], str): s = _text_pair(tokenizer, t, j, end)
         elif is_pair(t): s = chat_sequence(tokenizer, [*t['prompt'], *t['completion']], f'texts[{j}]', scored_from=len(t['prompt']))
         else: s = chat_sequence(tokenizer, t, f'texts[{j}]')
         out[j] = {k: v[:max_length] for k, v in s.items()}
     return [out[j] for j in range(len(texts))]
 
-def _text_pair(tokenizer, pair:Mapping, j:int) -> dict:
-    "Training pair `texts[j]` as `tokenize_pairs` tokenizes a query, then the tokenizer's EOS (TRL ends each completion with it); its notes and refusals name it."
+def pair_end_id(tokenizer, pair_eos:bool|str|int=True) -> int|None:
+    "The token put after a text pair's completion: the tokenizer's EOS (True), none (False or None), a token (its text) or a token id."
+    if pair_eos is None or pair_eos is False: return None
+    if pair_eos is True: return tokenizer.eos_token_id
+    if isinstance(pair_eos, str):
+        i = tokenizer.convert_tokens_to_ids(pair_eos)
+        if i is None or (i == tokenizer.unk_token_id and pair_eos != tokenizer.unk_token):
+            raise ValueError(f"`pair_eos`={pair_eos!r} is not a token of this tokenizer; name the end token training put after "
+                             f"each completion (its EOS is {tokenizer.eos_token!r}), or pass False for none.")
+        return int(i)
+    return check_int(pair_eos, 'pair_eos', lo=0, hi=len(tokenizer) - 1)
+
+def _text_pair(tokenizer, pair:Mapping, j:int, end:int|None) -> dict:
+    "Training pair `texts[j]` as `tokenize_pairs` tokenizes a query, then `end` (TRL ends each completion with the EOS); its notes and refusals name it."
     name = lambda msg: re.sub(r'^1 of 1 pairs \(the first: pairs\[0\], ', f'texts[{j}] (a prompt-completion pair, ', str(msg)).replace('pairs[0]', f'texts[{j}]')
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         try: s = {k: v.tolist() for k, v in tokenize_pairs(tokenizer, [(pair['prompt'], pair['completion'])])[0].items() if k != 'attention_mask'}
         except ValueError as e: raise ValueError(name(e)) from None
     for w in caught: warnings.warn(name(w.message), w.category, stacklevel=4)
-    if (eos := tokenizer.eos_token_id) is not None and s['input_ids'][-1] != eos:
-        s = {'input_ids': s['input_ids'] + [eos], 'labels': s['labels'] + [eos]}
+    if end is not None and s['input_ids'][-1] != end:
+        s = {'input_ids': s['input_ids'] + [end], 'labels': s['labels'] + [end]}
     return s
 
 def check_not_file_name(texts, name:str='texts'):
@@ -397,8 +413,9 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
              texts:str|Sequence[str], # one text, conversation or pair (`is_text`), a list of them, or records / a `datasets.(Iterable)Dataset` with `text_field`
              max_length:int|None=128, # truncate to this many tokens (None: no limit)
              text_field:str='text', # the field holding the text when `texts` holds records (dotted for nested: 'doc.body')
+             pair_eos:bool|str|int=True, # after a text pair's completion: the tokenizer's EOS (True, as TRL trains), none (False), or this token
             ) -> list[dict]:
-    "Training sequences from `texts`: every token of a text is scored; of a conversation (a list of messages), the assistant's replies; of a prompt-completion pair, the completion."
+    "Training sequences from `texts`: every token of a text is scored; of a conversation (a list of messages), the assistant's replies; of a prompt-completion pair, the completion (and the end token after it)."
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.{raw_tokenizer_hint(tokenizer)}")
     check_max_length(max_length); check_not_file_name(texts)
     if isinstance(texts, str) or is_pair(texts) or (is_conversation(texts) and not any(text_field in m for m in texts)): texts = [texts]
@@ -417,8 +434,8 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
         if not is_text(t):
             raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str, a conversation (a list of messages, each with a "
                             "'role' and a 'content' string) or a prompt-completion pair.")
-    seqs = text_sequences(tokenizer, texts, max_length)
-    if max_length is not None and (cut := cut_texts(tokenizer, texts, [s['input_ids'] for s in seqs], max_length)):
+    seqs = text_sequences(tokenizer, texts, max_length, pair_eos)
+    if max_length is not None and (cut := cut_texts(tokenizer, texts, [s['input_ids'] for s in seqs], max_length, pair_eos)):
         warnings.warn(f"{len(cut):,} of {len(texts):,} texts were longer than max_length={max_length} tokens and were cut to their "
                       f"first {max_length} (the first: texts[{cut[0]}]); only those tokens are scored. Pass a larger max_length "
                       "(the command line cuts at the model's context: `context_length(model, tokenizer)`), or None for no limit; "
@@ -1160,6 +1177,27 @@ def completion_logprobs(model, # a causal LM
             out += torch.where(lab != IGNORE_INDEX, lp, 0).sum(1).tolist()             # unscored positions never count, NaN or not
     return torch.tensor(out, dtype=dtype)
 
+# %% ../nbs/00_data.ipynb #433da0f9
+def pair_end_note(model, # the model the records train
+                  tokenizer, # the tokenizer that made `seqs`
+                  texts:list, # the records' texts (`is_text`), in the order of `seqs`
+                  seqs:list[dict], # their sequences (`tokenize`, `corpus_sequences`)
+                  pair_eos:bool|str|int=True, # what was put after the text pairs' completions
+                  limit:int=32, # pairs looked at, at most
+                 ) -> str|None:
+    "A note when the token put after text pairs' completions is one the model hardly predicts there (median p < 0.01): training ended its completions otherwise, and that one token's gradient would outweigh the rest of each record."
+    end = pair_end_id(tokenizer, pair_eos)
+    idx = [j for j, t in enumerate(texts) if is_pair(t) and isinstance(t['prompt'], str)][:limit]
+    ends = [j for j in idx if int(as_sequence(seqs[j], j)['labels'][-1]) == end]
+    if end is None or not ends: return None
+    last = [as_sequence(seqs[j], j) for j in ends]
+    qs = [{'input_ids': s['input_ids'], 'labels': torch.cat([torch.full_like(s['labels'][:-1], IGNORE_INDEX), s['labels'][-1:]])} for s in last]
+    p = float(completion_logprobs(model, qs).exp().median())
+    if p >= 0.01: return None
+    return (f"the end token {tokenizer.convert_ids_to_tokens(end)!r} put after each prompt-completion record's completion has a median "
+            f"probability of {p:.2g} there under this model ({len(ends)} records): if training ended completions otherwise, score them "
+            "as it did: `pair_eos=False` (--pair-eos none) or the token it put there.")
+
 # %% ../nbs/00_data.ipynb #c5de9db8
 def _wrapped(model):
     "The model a wrapper runs: torch.compile's `_orig_mod`, (Distributed)DataParallel's `module`, unwrapped in turn; else `model`."
@@ -1325,6 +1363,7 @@ def read_corpus(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
 def corpus_sequences(records:list[dict], # from `read_corpus`
                      tokenizer, # tokenizes the 'text' records
                      max_length:int|None=None, # truncate texts to this many tokens
+                     pair_eos:bool|str|int=True, # after a text pair's completion (`tokenize`)
                     ) -> list[dict]:
     "Sequences of corpus records: texts tokenized (every token scored; conversations: the assistant's turns), 'input_ids' records taken as they are."
     if any('tokenizer' in r for r in records if 'input_ids' in r):  # windows made by `token_windows` name their tokenizer
@@ -1332,7 +1371,7 @@ def corpus_sequences(records:list[dict], # from `read_corpus`
         if (bad := next(((j, w) for j, r in enumerate(records) if (w := other_tokenizer(r, mark))), None)):
             raise ValueError(f"corpus[{bad[0]}] holds {bad[1]}.")
     texts = {j: r['text'] for j, r in enumerate(records) if 'input_ids' not in r}
-    out = dict(zip(texts, tokenize(tokenizer, list(texts.values()), max_length))) if texts else {}
+    out = dict(zip(texts, tokenize(tokenizer, list(texts.values()), max_length, pair_eos=pair_eos))) if texts else {}
     for j, r in enumerate(records):
         if j not in out: out[j] = as_sequence({k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}, j, 'corpus')
     return [out[j] for j in range(len(records))]
@@ -1374,23 +1413,23 @@ def _text_id(t, j:int, names, seen:dict) -> str:
                                                "text it came from, so ids must be unique; pass `ids=` with one id per text.")
     seen[x] = j; return x
 
-def _tokenized(tokenizer, items:list, text_field:str) -> list[dict]:
+def _tokenized(tokenizer, items:list, text_field:str, pair_eos=True) -> list[dict]:
     "Uncut sequences of texts, conversations, pairs, records of them, and records holding 'input_ids' (taken as they are)."
     given = {j: as_sequence({k: t[k] for k in ('input_ids', 'labels', 'attention_mask') if k in t}, j, 'texts')
              for j, t in enumerate(items) if isinstance(t, Mapping) and 'input_ids' in t}
     rest = [j for j in range(len(items)) if j not in given]
-    with _no_length_notice(): made = tokenize(tokenizer, [items[j] for j in rest], None, text_field) if rest else []
+    with _no_length_notice(): made = tokenize(tokenizer, [items[j] for j in rest], None, text_field, pair_eos) if rest else []
     assert len(made) == len(rest), (len(made), len(rest))  # one sequence per text
     out = {**given, **dict(zip(rest, made))}
     return [out[j] for j in range(len(items))]
 
-def _item_sequences(tokenizer, items:list, text_field:str, start:int=0, on_bad=None) -> list[dict|None]:
+def _item_sequences(tokenizer, items:list, text_field:str, start:int=0, on_bad=None, pair_eos=True) -> list[dict|None]:
     "`_tokenized`; a text it cannot take is named by its place in the whole stream (`start` + j), or given to `on_bad(j, text, error)` and None."
-    try: return _tokenized(tokenizer, items, text_field)
+    try: return _tokenized(tokenizer, items, text_field, pair_eos)
     except (ValueError, TypeError): pass                            # one by one, to name (or skip) the text that failed
     out = []
     for j, t in enumerate(items, start):
-        try: out.append(_tokenized(tokenizer, [t], text_field)[0])
+        try: out.append(_tokenized(tokenizer, [t], text_field, pair_eos)[0])
         except (ValueError, TypeError) as e:
             if on_bad is None: raise type(e)(str(e).replace('texts[0]', f'texts[{j}]', 1)) from None
             on_bad(j, t, e); out.append(None)
@@ -1431,6 +1470,7 @@ def iter_windows(tokenizer, # a Hugging Face tokenizer
                  text_field:str='text', # the field holding the text when `texts` holds records (dotted for nested)
                  chunk_size:int=256, # texts tokenized at a time: memory holds one chunk, whatever the corpus's size
                  on_bad=None, # called as on_bad(position, text, error) for a text that cannot be tokenized, which is left out (None: raise)
+                 pair_eos:bool|str|int=True, # after a text pair's completion (`tokenize`)
                 ) -> WindowStream:
     "`token_windows` one window at a time, reading `texts` a chunk at a time (a corpus file's records as they stream)."
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.{raw_tokenizer_hint(tokenizer)}")
@@ -1448,15 +1488,15 @@ def iter_windows(tokenizer, # a Hugging Face tokenizer
     if ids is not None and hasattr(ids, '__len__') and hasattr(coll, '__len__') and len(ids) != len(coll):
         raise ValueError(f"`ids` has {len(ids)} entries for {len(coll)} texts; give one id per text.")
     items = _iter_data(coll, 'texts')
-    return WindowStream(lambda st: _windows(st, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad))
+    return WindowStream(lambda st: _windows(st, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad, pair_eos))
 
 # %% ../nbs/00_data.ipynb #a47d6f42
-def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad):
+def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad, pair_eos=True):
     names, seen, n, mark = iter(ids) if ids is not None else None, {}, 0, tokenizer_mark(tokenizer)
     mine = {} if mark is None else {'tokenizer': mark}             # the records name the tokenizer that made their ids
     buf, spans, b, last = [torch.empty(0, dtype=torch.long)] * 2, [], 0, None   # packed: the unfinished block
     while chunk := list(itertools.islice(items, chunk_size)):
-        seqs = _item_sequences(tokenizer, chunk, text_field, n, on_bad)
+        seqs = _item_sequences(tokenizer, chunk, text_field, n, on_bad, pair_eos)
         for j, (t, s) in enumerate(zip(chunk, seqs), start=n):
             x = _text_id(t, j, names, seen)
             if s is None: continue                                  # left out by `on_bad`
@@ -1492,12 +1532,13 @@ def token_windows(tokenizer, # a Hugging Face tokenizer
                   pack:bool=False, # join all texts and cut the stream into blocks, as packed training does
                   separator:int|str|None='eos', # packed: the token after each text ('eos': the tokenizer's end token, if any)
                   text_field:str='text', # the field holding the text when `texts` holds records (dotted for nested)
+                  pair_eos:bool|str|int=True, # after a text pair's completion (`tokenize`)
                  ) -> list[dict]:
     """Every token of `texts` in training sequences of at most `length` tokens, as corpus records: each text cut into
     consecutive windows ('id' `'<text id>#<k>'`, 'source', 'start'), or with `pack` all texts joined and cut into blocks
     ('id' `'block-<k>'`, 'sources': each text's 'source', 'start', 'at' in the block and 'n' tokens); windows with no
     scored token are left out."""
-    return list(iter_windows(tokenizer, texts, length, ids, pack, separator, text_field))
+    return list(iter_windows(tokenizer, texts, length, ids, pack, separator, text_field, pair_eos=pair_eos))
 
 def _read_windows(windows) -> list[dict]:
     "Window records from `token_windows`, or from a JSONL file of them (`influence-nb windows`); repeated ids refused."
