@@ -4,13 +4,13 @@
 
 # %% ../nbs/13_cli.ipynb #7054df1b
 from __future__ import annotations
-import os, re, sys, json, math, time, signal, argparse, random, tempfile, subprocess, traceback, contextlib, warnings
+import os, re, sys, json, math, time, signal, argparse, random, tempfile, subprocess, traceback, contextlib, warnings, itertools
 from collections.abc import Mapping
 from pathlib import Path
 import torch
 import numpy as np
 import pandas as pd
-from .data import (cut_texts, corpus_lines, missing_id, pair_end_note, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
+from .data import (cut_texts, corpus_lines, missing_id, pair_end_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, end_sentence, array_record, iter_windows, JSONL_SUFFIXES, model_tokenizer, NoWindowWarning, block_parts, DTYPES)
@@ -23,7 +23,7 @@ from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, t
 from .explorer import query_records, scored_phrase, layer_blocks, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
 # %% auto #0
-__all__ = ['CULL_IDLE_S', 'DEFAULT_PORT', 'bm25_candidates', 'token_heatmap_for', 'demo', 'build_parser', 'main']
+__all__ = ['ID_LIKE', 'CULL_IDLE_S', 'DEFAULT_PORT', 'bm25_candidates', 'token_heatmap_for', 'demo', 'build_parser', 'main']
 
 # %% ../nbs/13_cli.ipynb #7034018f
 def _pick_query(queries, model, tok, query_id=None):
@@ -268,7 +268,7 @@ def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False,
     if first is None: raise ValueError(f"{flag} {p.name} holds no records (it is empty). Accepted formats: {CORPUS_FORMATS}.")
     try: rec = json.loads(first) if kind == 'jsonl' else None
     except ValueError: return                                                 # a broken line: the scan names it
-    if not skip_bad and isinstance(rec, dict) and field_value(rec, text_field) is None and 'input_ids' not in rec and not is_pair(rec):   # a misspelt --text-field
+    if not skip_bad and isinstance(rec, dict) and text_value(rec, text_field) is None and 'input_ids' not in rec:   # a misspelt --text-field
         raise ValueError(f"{flag} {p.name}: the first record has no field {text_field!r} or 'input_ids' (fields: "
                          f"{sorted(_record_fields(rec))}); pass --text-field naming the field that holds the text.")
     if not skip_bad and isinstance(rec, dict) and missing_id(rec, id_field):     # a misspelt --id-field
@@ -659,6 +659,17 @@ def _cmd_windows(a):
           + (f"; their {n_parts:,} parts, one per document in a block, to {a.parts}" if a.parts else ''))
 
 # %% ../nbs/13_cli.ipynb #02a3a4c2
+ID_LIKE = ('name', 'uid', 'uuid', 'key', 'docid', 'doc_name')   # besides fields ending in '_id'
+
+def _say_id_field(a, recs, flag='--data'):
+    "Without --id-field, tell (on stderr) when the records carry no 'id' but every one has an id-like field: they are named by position."
+    if a.id_field is not None or not recs or any(isinstance(r, Mapping) and r.get('id') is not None for r in recs): return
+    first = recs[0] if isinstance(recs[0], Mapping) else {}
+    like = [f for f in first if f.lower().endswith('_id') or f.lower() in ID_LIKE
+            and all(isinstance(r, Mapping) and r.get(f) is not None and not isinstance(r.get(f), (dict, list)) for r in recs)]
+    if like: print(f"note: {flag}: the records have no 'id' field, so they are named by their positions; each has {like[0]!r}: "
+                   f"--id-field {like[0]} names them by it.", file=sys.stderr)
+
 def _say_repeated_ids(recs, pos, path):
     "Tell (on stderr) when records share an `id`: the scores' index names each by `train_index` (its place in the file) and id."
     first, again = {}, []
@@ -699,7 +710,7 @@ def _cmd_score(a):
         raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the output's index (train_index, and id "
                          "when records have one), so the table could not be reset to columns; give that query another 'id'.")
     train, pos, recs = _corpus(a, tok, model)
-    _say_repeated_ids(recs, pos, Path(a.data))
+    _say_repeated_ids(recs, pos, Path(a.data)); _say_id_field(a, recs)
     if a.candidates:                                                # the paper's filter: only what resembles a query is scored
         keep = bm25_candidates(queries, train, a.candidates, tok, names)
         if int(os.environ.get('RANK', '0')) == 0:
@@ -802,6 +813,7 @@ def _cmd_scan(a):
     if a.scores_dir and (clash := sorted(set(names) & {'index', 'id'})):        # read_scores names its columns by the ids
         raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the --scores-dir table's index (index, and "
                          "id when records have one); give that query another 'id'.")
+    _say_id_field(a, [r for _, r, _ in itertools.islice(corpus_entries(Path(a.corpus), a.text_field, lazy=True), 100) if r], '--corpus')
     before = _checkpoint_holds(a.checkpoint)
     with _process_group() as (rank, world):
         lps = completion_logprobs(model, queries)
@@ -907,6 +919,7 @@ def _check_explore_files(a):
         _check_corpus_file(a.corpus, a.text_field, id_field=a.id_field or 'id')
         try: recs = read_corpus(a.corpus, a.text_field, a.id_field or 'id')
         except (ValueError, FileNotFoundError) as e: raise _again(e, f"--corpus {e}") from None
+        _say_id_field(a, recs, '--corpus')
         for j, r in enumerate(recs):                                    # token-id records: checked here, named by line
             if 'input_ids' not in r: continue
             try: as_sequences([{k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}], 'record')
@@ -980,7 +993,7 @@ def _cmd_explore(a):
         if res is None: raise ValueError(f"the explorer could not run its opening query: {app.error}")
         _say_queries([res.query.get('id') or 'typed query'], [res.log_p])
         print(f"{res.strategy}: scored {scored_phrase(res)}" + (" (--candidates 0 scores every one)" if res.prefiltered else ''))
-        df = res.top[['id', 'score', 'nats', 'text']].copy()
+        df = res.top[['train_index', 'id', 'score', 'nats', 'text']].copy()
         df['text'] = [t if len(t) <= 100 else t[:99] + '…' for t in df['text']]        # as `top` shows them
         print(df.to_string(float_format=lambda x: f'{x:.4g}'))
         for note in res.notes: print(f"note: {note}")

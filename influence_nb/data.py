@@ -12,22 +12,22 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'GENERATION_BLOCK', 'MODEL_NAMES', 'TOKENIZER_FILES',
-           'DRIFT_PROBE', 'DTYPES', 'CORPUS_FORMATS', 'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span',
-           'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'end_sentence', 'require_scored', 'check_int',
-           'check_max_length', 'field_value', 'TruncatedTextsWarning', 'raw_tokenizer_hint', 'special_affixes',
-           'special_prefix', 'right_truncation', 'cut_texts', 'encode_texts', 'is_conversation', 'is_pair', 'is_text',
-           'text_value', 'shown_text', 'text_sequences', 'pair_end_id', 'check_not_file_name', 'tokenize',
-           'tokenize_pairs', 'assistant_spans', 'generation_mask', 'chat_sequence', 'chat_query', 'chat_pair',
-           'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
-           'context_length', 'load_tokenizer', 'TokenizerDriftWarning', 'tokenizer_drift', 'resolve_device',
-           'resolve_dtype', 'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights',
-           'eval_mode', 'batch_logits', 'completion_logprobs', 'pair_end_note', 'uncompiled', 'uncompiled_names',
-           'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows',
-           'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus',
-           'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows',
-           'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note',
-           'run_slow_cell']
+__all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'MIXED_FIELDS', 'GENERATION_BLOCK', 'MODEL_NAMES',
+           'TOKENIZER_FILES', 'DRIFT_PROBE', 'DTYPES', 'CORPUS_FORMATS', 'NATS_SCALE', 'SCORE_LEGEND', 'data_dir',
+           'attended_span', 'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'end_sentence',
+           'require_scored', 'check_int', 'check_max_length', 'field_value', 'TruncatedTextsWarning',
+           'raw_tokenizer_hint', 'special_affixes', 'special_prefix', 'right_truncation', 'cut_texts', 'encode_texts',
+           'is_conversation', 'is_pair', 'is_text', 'text_value', 'shown_text', 'text_sequences', 'pair_end_id',
+           'check_not_file_name', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'generation_mask', 'chat_sequence',
+           'chat_query', 'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab',
+           'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer', 'TokenizerDriftWarning',
+           'tokenizer_drift', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'model_tokenizer',
+           'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'pair_end_note',
+           'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines',
+           'parquet_rows', 'corpus_rows', 'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record',
+           'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning',
+           'WindowStream', 'iter_windows', 'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir',
+           'cached_factors', 'nats_note', 'run_slow_cell']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -341,12 +341,20 @@ def is_text(x) -> bool:
     "What a training record holds as its text: a string, a conversation (`is_conversation`) or a prompt-completion pair (`is_pair`)."
     return isinstance(x, str) or is_conversation(x) or is_pair(x)
 
+MIXED_FIELDS = ('text', 'messages')   # a record's text or conversation, where a corpus mixes them
+
 def text_value(record:Mapping, # a corpus record
                text_field:str='text', # where it keeps its text (dotted for nested)
               ):
-    "A record's text: its `text_field`, or, without one, the record's own 'prompt' and 'completion' when they make a pair."
+    """A record's text: its `text_field`; without one (or a null there), the record's own 'prompt' and 'completion' when
+    they make a pair, and for the usual fields, 'text' and 'messages', the other one: a corpus may mix texts,
+    conversations and pairs, as TRL's formats do."""
     v = field_value(record, text_field)
-    return {'prompt': record['prompt'], 'completion': record['completion']} if v is None and is_pair(record) else v
+    if v is not None: return v
+    if is_pair(record): return {'prompt': record['prompt'], 'completion': record['completion']}
+    if text_field in MIXED_FIELDS:
+        return next((x for f in MIXED_FIELDS if f != text_field and (is_text(x := record.get(f)) or is_conversation(x))), None)
+    return None
 
 def shown_text(x) -> str:
     "A record's text as tables show it: a text as it is, a conversation one 'role: content' line per message, a pair both."

@@ -841,6 +841,9 @@ def _asset(name: str) -> str:
 _CSS = f"<style>\n{_asset('explorer.css')}</style>"
 
 def _query_label(q: dict, width: int = 96) -> str:
+    "A query as the picker lists it: a conversation by its last question and the answer, not its template's tokens."
+    m = q.get('messages')
+    if is_conversation(m) and len(m) >= 2: return _short(f"{q['id']} · {m[-2]['role']}: {m[-2].get('content') or ''} → {m[-1].get('content') or ''}", width)
     return _short(f"{q['id']} · {q['prompt']} →{q['completion']}", width)
 
 # %% ../nbs/10_explorer.ipynb #b1d02bc0

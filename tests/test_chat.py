@@ -381,3 +381,19 @@ def test_a_template_with_generation_blocks_scores_what_it_marks(case):
     m = enc['assistant_masks']
     a = m.index(1); b = m.index(0, a)                                    # the first reply's marked run: the prompt's, context
     assert (p['labels'][:b] == IGNORE_INDEX).all() and p['labels'][b:].tolist() == s['labels'][b:].tolist()
+
+
+def test_a_corpus_mixing_texts_conversations_and_pairs_is_read_as_each_says(case, tmp_path):
+    "TRL's three formats in one file (a 'text', 'messages', or 'prompt' and 'completion' per record) need no --text-field."
+    tok, m = case['tok'], case['model']
+    rows = [{'text': 'what is the capital of peru? lima'}, {'messages': case['convs'][0]},
+            {'prompt': 'what is the capital of spain?', 'completion': ' madrid'}, {'messages': case['convs'][1]}]
+    (tmp_path/'mixed.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    f = inf.fit_factors(m, inf.tokenize(tok, case['convs']), 'identity', progress=False); f.save(tmp_path/'f')
+    q = inf.as_sequences([chat_query(tok, conversation('france', 'paris', system=False))])
+    api = inf.pairwise_scores(m, f, q, inf.tokenize(tok, [r.get('text') or r.get('messages') or r for r in rows], 64), progress=False).total[0]
+    for extra in ([], ['--text-field', 'messages']):
+        rc, _, err = randdata.cli_run('score', '--model', case['dir']/'model', '--factors', tmp_path/'f', '--queries', case['dir']/'q.jsonl',
+                                      '--data', tmp_path/'mixed.jsonl', '--out', tmp_path/'s.parquet', *extra)
+        assert rc == 0, err
+        assert torch.allclose(torch.tensor(pd.read_parquet(tmp_path/'s.parquet')['q1'].to_numpy()), api, rtol=1e-9, atol=0)

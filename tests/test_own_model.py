@@ -101,8 +101,8 @@ def test_explore_max_length(own):
     out, err = cli('explore', '--model', own['model'], '--corpus', own['corpus'], '--queries', own['queries'],
                    '--factors', d/'factors', '--max-length', 6, '--candidates', 0, '--no-serve')
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in ([str(r)] for r in range(1, 6))]
-    assert [r[1] for r in rows] == want.index.tolist(), (out, want)
-    assert all(abs(float(r[2]) - v) <= 5e-4 * abs(v) for r, v in zip(rows, want)), (out, want)
+    assert [r[2] for r in rows] == want.index.tolist(), (out, want)          # rank, train_index, id, score, ...
+    assert all(abs(float(r[3]) - v) <= 5e-4 * abs(v) for r, v in zip(rows, want)), (out, want)
     full, _ = cli('explore', '--model', own['model'], '--corpus', own['corpus'], '--queries', own['queries'],
                   '--factors', d/'factors', '--candidates', 0, '--no-serve')
     assert full != out                                                # the cut changed what is scored
