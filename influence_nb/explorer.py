@@ -501,6 +501,7 @@ class ExplorerResult:
     cut: list = field(default_factory=list)           # per top sequence: True if its text was cut at the model's context
     matched: int|None = None         # prefiltered: how many candidates share a word with the query (BM25 > 0)
     block_of: dict = field(default_factory=dict)      # tracked layer -> its block (`layer_blocks`; None: outside every block)
+    scored: list = field(default_factory=list)        # per top sequence: [n_tokens] bool, the token is a label the record trains (else context)
 
     def __repr__(self):
         return (f"ExplorerResult({self.model}, {self.query.get('id') or 'typed query'}, {self.strategy}, "
@@ -671,7 +672,13 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     return ExplorerResult(model, q, log_p, strategy, damping, blocks, counted, names, len(train), cand, matched is not None,
                           scores, pd.DataFrame(per_layer, index=pd.Index(cand, name='train_index'), columns=names),
                           top, tokens, token_scores, source, laps.timings, notes, [i in cut_rows for i in top_idx], matched,
-                         dict(zip(names, bl)))
+                         dict(zip(names, bl)), [_label_mask(train[i]) for i in top_idx])
+
+# %% ../nbs/10_explorer.ipynb #bfc9def3
+def _label_mask(seq) -> np.ndarray:
+    "Per token of a training sequence: whether it is a label the record trains (predicted from what comes before); the first token, a prompt and a user turn are context."
+    labels = as_sequence(seq, 0)['labels']
+    return np.concatenate([[False], (labels[1:] != -100).numpy()])
 
 # %% ../nbs/10_explorer.ipynb #9038dd0a
 def _esc(x) -> str: return _html.escape(str(x), quote=True)
@@ -749,13 +756,15 @@ def heatmaps_html(result: ExplorerResult, # from `run_query`
     top = lambda v: max(float(np.nanmax(np.abs(v))) if len(v) else 0.0, 1e-30)
     shared = top(np.concatenate(result.token_scores))
     parts, same = [], _same_as(result.tokens, list(result.top.index))
-    for (rank, r), toks, vals, cut in zip(result.top.iterrows(), result.tokens, result.token_scores, result.cut or [False] * len(result.tokens)):
+    for (rank, r), toks, vals, cut, scored in zip(result.top.iterrows(), result.tokens, result.token_scores, result.cut or [False] * len(result.tokens),
+                                                  result.scored or [None] * len(result.tokens)):
         title = f"#{rank} · {r['id']} · score {_fmt_score(r['score'])}" + (f" · {_MATCH_LABEL[r['match']]}" if r['match'] else "")
         if rank in same:                   # the same tokens as a sequence above: the same token-wise influence, drawn once
             parts.append(f'<div class="inb-heatmap inb-same" data-same-as="{same[rank]}"><b>{_esc(title)}</b> · the same '
                          f'tokens as #{same[rank]}, so the same token-wise influence: drawn above</div>')
         else: parts.append(viz.token_heatmap_html(toks, unread_to_nan(vals), title=title, scale=top(vals) if per_row else shared, shift=shift,
-                                                  decode="none", legend=per_row or not any('inb-legend' in p for p in parts))
+                                                  decode="none", legend=per_row or not any('inb-legend' in p for p in parts),
+                                                  scored=scored)
                            + ('<div class="inb-muted inb-cut">… cut here: the text is longer than the model\'s context, and '
                               'only these tokens are read</div>' if cut else ''))
     hint = ('<div class="inb-muted">' + ('Each row on its own colour scale (its largest token value sets it): colours do not '

@@ -199,8 +199,9 @@ def token_heatmap_html(tokens: Sequence[str],  # token strings (byte-level BPE o
                        decode: str = "auto",    # token text: "auto", "bytes" (byte-level BPE) or "none"
                        fmt: str = "+.3g",       # format spec of the value shown on hover
                        legend: bool = True,     # the colour bar and what the colours mean (rows sharing one scale: the first only)
+                       scored: Sequence[bool] | None = None,  # per token: predicted and scored (a label); the others, context, are underlined
                       ) -> str:
-    "HTML with one `<span>` per token, coloured red (+) / blue (-) around white (0), the value on hover."
+    "HTML with one `<span>` per token, coloured red (+) / blue (-) around white (0), the value on hover; with `scored`, context tokens (not a label of the record: a prompt, a user turn, the first token) underlined and named so on hover."
     texts, v = _token_values(tokens, values, shift, decode)
     s = _resolve_scale(v, scale)
     rgb = influence_rgb(v, s)
@@ -209,9 +210,11 @@ def token_heatmap_html(tokens: Sequence[str],  # token strings (byte-level BPE o
         fg = _text_rgb(c)
         shown = _html.escape(text.replace("\n", "↵\n"), quote=True)
         what = repr(text) if text else "(first bytes of a character shown on a later token)"   # a sliver, not nothing
-        hover = _html.escape(f"#{i} {what}: " + ("no value" if np.isnan(val) else format(float(val), fmt)), quote=True)
-        parts.append(f'<span class="inb-tok" title="{hover}" style="background-color:rgb({c[0]},{c[1]},{c[2]});'
-                     f'color:rgb({fg[0]},{fg[1]},{fg[2]});border-radius:2px'
+        ctx = scored is not None and not scored[i]
+        hover = _html.escape(f"#{i} {what}: " + ("no value" if np.isnan(val) else format(float(val), fmt))
+                             + (" · context, not a scored token" if ctx else ""), quote=True)
+        parts.append(f'<span class="inb-tok{" inb-ctx" if ctx else ""}" title="{hover}" style="background-color:rgb({c[0]},{c[1]},{c[2]});'
+                     f'color:rgb({fg[0]},{fg[1]},{fg[2]});border-radius:2px' + (';border-bottom:1px dotted #888' if ctx else '')
                      + ('' if text else ';display:inline-block;min-width:0.3em;height:1em') + f'">{shown}</span>')
     neg, pos = "rgb({},{},{})".format(*NEG_RGB), "rgb({},{},{})".format(*POS_RGB)
     head = (f'<div style="font-weight:bold;margin-bottom:4px">{_html.escape(title)}</div>' if title else "")
@@ -219,7 +222,8 @@ def token_heatmap_html(tokens: Sequence[str],  # token strings (byte-level BPE o
               f'<div style="display:inline-block;width:120px;height:10px;vertical-align:middle;'
               f'background:linear-gradient(to right,{neg},#fff,{pos})"></div> '
               f'{format(-s, fmt)} … 0 … {format(s, fmt)}; red raises the completion\'s log-probability, blue lowers it; '
-              f'{_where(shift)}.</div>')
+              f'{_where(shift)}' + ('; dotted underline: context, a token the record does not train' if scored is not None and not all(scored) else '')
+              + '.</div>')
     return (f'<div class="inb-heatmap">{head}<div style="white-space:pre-wrap;line-height:1.8;word-break:break-word">'
             + "".join(parts) + f"</div>{legend}</div>")
 
