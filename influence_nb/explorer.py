@@ -701,6 +701,8 @@ def _same_as(items: list, ranks: list) -> dict:
 def _fmt_score(v: float) -> str: return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
 
 # %% ../nbs/10_explorer.ipynb #4ba4dc43
+_SOURCE_WORDS = {'memory': 'factors already loaded', 'disk': 'factors read from the cache', 'fitted': 'factors fitted for this run'}
+
 def scored_phrase(result: ExplorerResult) -> str:
     "Which training sequences a result scored, in words ('the 300 best BM25 matches of 811 training sequences')."
     n, m = len(result.candidates), result.matched
@@ -720,7 +722,7 @@ def summary_html(result: ExplorerResult) -> str:
     return (f'<div class="inb-summary" data-query-id="{_esc(q.get("id") or "")}"><b>{_esc(which)}</b>: <span class="inb-prompt-text">{_esc(q["prompt"])}</span>'
             f'<span class="inb-completion-text">{_esc(q["completion"])}</span> · log p = {result.log_p:.3f} nats<br>'
             f'<span class="inb-muted">{_esc(result.model)} · {_esc(result.strategy)} ({damping_text}) · {cand} · {blocks} · '
-            f'factors {result.factors_source} · {secs:.1f} s</span><details class="inb-muted inb-units"><summary>Reading the numbers: a '
+            f'{_SOURCE_WORDS.get(result.factors_source, "factors " + result.factors_source)} · {secs:.1f} s</span><details class="inb-muted inb-units"><summary>Reading the numbers: a '
             f'positive score means the sequence makes the completion more likely; nats = score / N (more)</summary>{_esc(SCORE_LEGEND)}</details>'
             + ''.join(f'<div class="inb-note">note: {_esc(x)}</div>' for x in result.notes) + '</div>')
 
@@ -980,7 +982,7 @@ def _layout(self: Explorer) -> list:
     "Header, the query and settings panels, the run row, the error box and the results."
     s, n_train = self.session, len(self.session.records)
     header = widgets.HTML(_CSS + '<h2>influence_nb explorer</h2><div class="inb-muted">Which training sequences made '
-                          'the model say this? EK-FAC influence functions (Grosse et al. 2023) on '
+                          'the model say this? Influence functions (Grosse et al. 2023; EK-FAC unless Strategy says another) on '
                           f'{_esc(s.custom) + f" and its corpus of {n_train:,} sequences" if s.custom else "the bundled tiny GPT-2s"}. '
                           f'{_esc(_factors_words(s, n_train))}</div>')
     qbox = widgets.VBox([widgets.HTML('<div class="inb-panel-title">Query</div>'), self.model_w, self.source_w,
