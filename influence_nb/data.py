@@ -1195,15 +1195,14 @@ def pair_end_note(model, # the model the records train
                  ) -> str|None:
     "A note when the token put after text pairs' completions is one the model hardly predicts there (median p < 0.01): training ended its completions otherwise, and that one token's gradient would outweigh the rest of each record."
     end = pair_end_id(tokenizer, pair_eos)
-    idx = [j for j, t in enumerate(texts) if is_pair(t) and isinstance(t['prompt'], str)][:limit]
-    ends = [j for j in idx if int(as_sequence(seqs[j], j)['labels'][-1]) == end]
-    if end is None or not ends: return None
-    last = [as_sequence(seqs[j], j) for j in ends]
+    pairs = [as_sequence(seqs[j], j) for j, t in enumerate(texts) if is_pair(t) and isinstance(t['prompt'], str)][:limit]
+    last = [s for s in pairs if int(s['labels'][-1]) == end]            # (a pair cut at max_length ends without it)
+    if end is None or not last: return None
     qs = [{'input_ids': s['input_ids'], 'labels': torch.cat([torch.full_like(s['labels'][:-1], IGNORE_INDEX), s['labels'][-1:]])} for s in last]
     p = float(completion_logprobs(model, qs).exp().median())
     if p >= 0.01: return None
     return (f"the end token {tokenizer.convert_ids_to_tokens(end)!r} put after each prompt-completion record's completion has a median "
-            f"probability of {p:.2g} there under this model ({len(ends)} records): if training ended completions otherwise, score them "
+            f"probability of {p:.2g} there under this model ({len(last)} records): if training ended completions otherwise, score them "
             "as it did: `pair_eos=False` (--pair-eos none) or the token it put there.")
 
 # %% ../nbs/00_data.ipynb #c5de9db8
