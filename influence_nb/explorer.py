@@ -1111,10 +1111,13 @@ def run(self: Explorer) -> ExplorerResult|None:
 
 # %% ../nbs/10_explorer.ipynb #76d2dfb0
 def csv_link(result: ExplorerResult) -> str:
-    "A link that saves the top sequences (rank, training index, id, where in the corpus, score, nats, full text) as a CSV file."
+    "A link that saves the top sequences (rank, training index, id, where in the corpus, score, nats, full text) as a CSV file, with the run's settings in its last columns, so that files of other runs can be told apart."
     df = result.top.drop(columns=[c for c in ('kind', 'match') if c in result.top])
+    df = df.assign(query=result.query.get('id') or 'typed query', prompt=result.query.get('prompt'), completion=result.query.get('completion'),
+                   model=result.model, strategy=result.strategy, damping='default' if result.damping is None else result.damping,
+                   blocks=f"{result.blocks[0]}-{result.blocks[1]}", scored=len(result.candidates), n_train=result.n_train)
     data = base64.b64encode(df.to_csv(index_label='rank').encode()).decode()
-    name = re.sub(r'[^A-Za-z0-9_.-]', '_', str(result.query.get('id') or 'typed-query'))
+    name = re.sub(r'[^A-Za-z0-9_.-]', '_', f"{result.query.get('id') or 'typed-query'}-{result.strategy}")
     return (f'<a class="inb-download" download="influence-{name}.csv" href="data:text/csv;charset=utf-8;base64,{data}">'
             f'Download these {len(df)} as CSV</a>')
 
