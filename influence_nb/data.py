@@ -353,7 +353,7 @@ def text_value(record:Mapping, # a corpus record
     if v is not None: return v
     if is_pair(record): return {'prompt': record['prompt'], 'completion': record['completion']}
     if text_field in MIXED_FIELDS:
-        return next((x for f in MIXED_FIELDS if f != text_field and (is_text(x := record.get(f)) or is_conversation(x))), None)
+        return next((x for f in MIXED_FIELDS if f != text_field and is_text(x := record.get(f))), None)   # (a conversation is a text)
     return None
 
 def shown_text(x) -> str:
