@@ -12,22 +12,23 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'MIXED_FIELDS', 'GENERATION_BLOCK', 'MODEL_NAMES',
+__all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'MIXED_FIELDS', 'TEMPLATE_OWN', 'GENERATION_BLOCK', 'MODEL_NAMES',
            'TOKENIZER_FILES', 'DRIFT_PROBE', 'DTYPES', 'CORPUS_FORMATS', 'NATS_SCALE', 'SCORE_LEGEND', 'data_dir',
            'attended_span', 'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'end_sentence',
            'require_scored', 'check_int', 'check_max_length', 'field_value', 'TruncatedTextsWarning',
            'raw_tokenizer_hint', 'special_affixes', 'special_prefix', 'right_truncation', 'cut_texts', 'encode_texts',
-           'is_conversation', 'is_pair', 'is_text', 'text_value', 'shown_text', 'text_sequences', 'pair_end_id',
-           'check_not_file_name', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'generation_mask', 'chat_sequence',
-           'chat_query', 'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab',
-           'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer', 'TokenizerDriftWarning',
-           'tokenizer_drift', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'model_tokenizer',
-           'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'pair_end_note',
-           'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines',
-           'parquet_rows', 'corpus_rows', 'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record',
-           'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning',
-           'WindowStream', 'iter_windows', 'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir',
-           'cached_factors', 'nats_note', 'run_slow_cell']
+           'is_conversation', 'is_pair', 'is_text', 'Chat', 'template_of', 'template_args', 'with_template',
+           'text_value', 'shown_text', 'text_sequences', 'pair_end_id', 'check_not_file_name', 'tokenize',
+           'tokenize_pairs', 'assistant_spans', 'generation_mask', 'chat_sequence', 'chat_query', 'chat_pair',
+           'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
+           'context_length', 'load_tokenizer', 'TokenizerDriftWarning', 'tokenizer_drift', 'resolve_device',
+           'resolve_dtype', 'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights',
+           'eval_mode', 'batch_logits', 'completion_logprobs', 'pair_end_note', 'uncompiled', 'uncompiled_names',
+           'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows',
+           'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus',
+           'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows',
+           'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note',
+           'run_slow_cell']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -343,18 +344,59 @@ def is_text(x) -> bool:
 
 MIXED_FIELDS = ('text', 'messages')   # a record's text or conversation, where a corpus mixes them
 
+# %% ../nbs/00_data.ipynb #30ec71ad
+class Chat(list):
+    "A conversation (a list of messages) with its record's own arguments for the chat template, `template`, which every rendering of it passes on."
+    def __init__(self, messages=(), template:Mapping|None=None): super().__init__(messages); self.template = dict(template or {})
+
+def template_of(messages) -> dict:
+    "The chat-template arguments a conversation carries (a `Chat`); {} for a plain list of messages."
+    return dict(getattr(messages, 'template', None) or {})
+
+TEMPLATE_OWN = ('conversation', 'tokenize', 'add_generation_prompt', 'continue_final_message', 'return_dict',
+                'return_assistant_tokens_mask', 'chat_template', 'tools')   # what influence_nb sets when it renders
+
+def _plain(x):
+    "A value as JSON gives it: arrays (a pandas row's) as lists, inside mappings and lists too."
+    if isinstance(x, np.ndarray): x = x.tolist()
+    if isinstance(x, Mapping): return {k: _plain(v) for k, v in x.items()}
+    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+def template_args(record:Mapping) -> dict:
+    """A record's own arguments for the chat template, as TRL's SFTTrainer passes them to `apply_chat_template`: its
+    'tools' (a list of tool schemas, or JSON text of one) and its 'chat_template_kwargs' (e.g. `{'enable_thinking': False}`);
+    {} for a record with neither (or nulls)."""
+    tools, kw = record.get('tools'), record.get('chat_template_kwargs')
+    if isinstance(tools, str):
+        try: tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the record's 'tools' is text but not JSON ({e}): give a list of tool schemas, or JSON text of one.") from None
+    if kw is not None and not isinstance(kw, Mapping):
+        raise TypeError(f"the record's 'chat_template_kwargs' is a {type(kw).__name__}, not a mapping of the chat template's "
+                        "arguments (e.g. {'enable_thinking': False}).")
+    if own := sorted(set(kw or {}) & set(TEMPLATE_OWN)):
+        raise ValueError(f"the record's 'chat_template_kwargs' sets {', '.join(map(repr, own))}, which influence_nb sets itself "
+                         "when it renders the conversation; leave them out (a record's tools go in its 'tools').")
+    return {**({'tools': _plain(tools)} if tools is not None else {}), **_plain(dict(kw or {}))}
+
+def with_template(v, record):
+    "`v`, a `record`'s conversation (or conversational pair), as a `Chat` carrying the record's `template_args`; anything else as it is."
+    pair = is_pair(v) and is_conversation(v['prompt'])
+    if not isinstance(record, Mapping) or not (pair or is_conversation(v)) or not (args := template_args(record)): return v
+    return {**v, 'prompt': Chat(v['prompt'], args)} if pair else Chat(v, args)
+
 def text_value(record:Mapping, # a corpus record
                text_field:str='text', # where it keeps its text (dotted for nested)
               ):
     """A record's text: its `text_field`; without one (or a null there), the record's own 'prompt' and 'completion' when
     they make a pair, and for the usual fields, 'text' and 'messages', the other one: a corpus may mix texts,
-    conversations and pairs, as TRL's formats do."""
+    conversations and pairs, as TRL's formats do.
+    A conversation carries the record's own arguments for its chat template (`with_template`)."""
     v = field_value(record, text_field)
-    if v is not None: return v
-    if is_pair(record): return {'prompt': record['prompt'], 'completion': record['completion']}
-    if text_field in MIXED_FIELDS:
-        return next((x for f in MIXED_FIELDS if f != text_field and is_text(x := record.get(f))), None)   # (a conversation is a text)
-    return None
+    if v is None and is_pair(record): v = {'prompt': record['prompt'], 'completion': record['completion']}
+    elif v is None and text_field in MIXED_FIELDS:
+        v = next((x for f in MIXED_FIELDS if f != text_field and is_text(x := record.get(f))), None)   # (a conversation is a text)
+    return with_template(v, record)
 
 def shown_text(x) -> str:
     "A record's text as tables show it: a text as it is, a conversation one 'role: content' line per message, a pair both."
@@ -376,7 +418,7 @@ def text_sequences(tokenizer, # a Hugging Face tokenizer
     for j, t in enumerate(texts):
         if j in out: continue
         if is_pair(t) and isinstance(t['prompt'], str): s = _text_pair(tokenizer, t, j, end)
-        elif is_pair(t): s = chat_sequence(tokenizer, [*t['prompt'], *t['completion']], f'texts[{j}]', scored_from=len(t['prompt']))
+        elif is_pair(t): s = chat_sequence(tokenizer, Chat([*t['prompt'], *t['completion']], template_of(t['prompt'])), f'texts[{j}]', scored_from=len(t['prompt']))
         else: s = chat_sequence(tokenizer, t, f'texts[{j}]')
         out[j] = {k: v[:max_length] for k, v in s.items()}
     return [out[j] for j in range(len(texts))]
@@ -554,9 +596,9 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
     return seqs
 
 # %% ../nbs/00_data.ipynb #9a32a403
-def _apply_template(tokenizer, messages, where:str='conversation', tokenize:bool=True, generation_prompt:bool=False):
-    "`apply_chat_template` on `messages`: its tokens, or (`tokenize=False`) its text; a template's refusal is a ValueError naming `where`."
-    try: out = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=tokenize, add_generation_prompt=generation_prompt)
+def _apply_template(tokenizer, messages, where:str='conversation', tokenize:bool=True, generation_prompt:bool=False, extra:Mapping|None=None):
+    "`apply_chat_template` on `messages` (with `extra`, the record's own arguments: `template_args`): its tokens, or (`tokenize=False`) its text; a template's refusal is a ValueError naming `where`."
+    try: out = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=tokenize, add_generation_prompt=generation_prompt, **(extra or {}))
     except Exception as e:
         if not type(e).__module__.startswith('jinja2'): raise
         raise ValueError(f"{where}: the chat template refuses this conversation ({type(e).__name__}: {e}).") from None
@@ -643,10 +685,12 @@ def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (
     """The conversation's tokens as the chat template renders them, and `{message: (lo, mid, hi)}` for each assistant
     reply: its tokens are `[lo, mid)` (its reasoning, where the template renders it, then its text), and with the
     end-of-turn tokens the template writes after it, `[lo, hi)`. Each reply is found where the template puts a stand-in
-    for it (`_reply_chars`). An opening assistant message answers nothing, and is context."""
+    for it (`_reply_chars`). An opening assistant message answers nothing, and is context. A `Chat` is rendered with its
+    record's own template arguments (`template_args`)."""
     _need_template(tokenizer, where)
+    template = functools.partial(_apply_template, tokenizer, where=where, extra=template_of(messages))
     messages = [dict(m) for m in messages]
-    full, ids = _apply_template(tokenizer, messages, where, tokenize=False), _apply_template(tokenizer, messages, where)
+    full, ids = template(messages, tokenize=False), template(messages)
     try: enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError): enc = tokenizer(full, add_special_tokens=False)   # (no offsets)
     if list(enc['input_ids']) != ids:
@@ -657,11 +701,11 @@ def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (
     for i, m in enumerate(messages):
         text = m.get('content') or ''
         if m['role'] != 'assistant' or i == 0 or not (text.strip() or m.get('tool_calls')): continue
-        probe = lambda m: _apply_template(tokenizer, messages[:i] + [{**m, 'content': _REPLY}], where, tokenize=False)
+        probe = lambda m: template(messages[:i] + [{**m, 'content': _REPLY}], tokenize=False)
         chars = _reply_chars(full, probe(m), text)
         if chars is None and (alt := _think_split(m)) is not None:           # reasoning written inside `content` ...
             trial = messages[:i] + [alt] + messages[i + 1:]
-            if _apply_template(tokenizer, trial, where, tokenize=False) == full:   # ... which the template splits off itself
+            if template(trial, tokenize=False) == full:   # ... which the template splits off itself
                 messages, m, text = trial, alt, alt['content']; chars = _reply_chars(full, probe(alt), text)
         if chars is None:
             raise ValueError(f"{where}: the assistant reply at position {i} (0-based), {text[:40]!r}, is not where the chat "
@@ -669,7 +713,7 @@ def assistant_spans(tokenizer, # a Hugging Face tokenizer with a chat template (
                              "'input_ids' and 'labels' (-100 where nothing is scored).")
         start, end, turn = chars
         if isinstance(r := m.get('reasoning_content'), str) and r.strip():    # reasoning the template rendered: the reply's too,
-            g = _apply_template(tokenizer, messages[:i], where, tokenize=False, generation_prompt=True)   # from where the model writes
+            g = template(messages[:i], tokenize=False, generation_prompt=True)   # from where the model writes
             if full.startswith(g) and full.find(r.strip(), len(g), start) >= 0: start = len(g)
         if turn <= start: continue                                          # nothing of it rendered
         who = f"{where}: the assistant reply at position {i} (0-based), {text[:40]!r}:"
@@ -687,7 +731,7 @@ def generation_mask(tokenizer, # a Hugging Face tokenizer whose chat template ma
     "The `[a, b)` runs of tokens inside the template's `{% generation %}` blocks (transformers' `return_assistant_tokens_mask`, what TRL's `assistant_only_loss` trains); None for a template without them, or a tokenizer that cannot say (a slow one)."
     if not isinstance(getattr(tokenizer, 'chat_template', None), str) or not GENERATION_BLOCK.search(tokenizer.chat_template): return None
     try: mask = list(tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=True, return_dict=True,
-                                                    return_assistant_tokens_mask=True)['assistant_masks'])
+                                                    return_assistant_tokens_mask=True, **template_of(messages))['assistant_masks'])
     except Exception: return None
     if len(mask) != n or not any(mask): return None
     edges = [j for j in range(1, n) if mask[j] != mask[j - 1]]
@@ -702,14 +746,17 @@ def chat_sequence(tokenizer, # a Hugging Face tokenizer with a chat template
     """A training sequence from a conversation: its tokens as the chat template renders them; the assistant's replies are
     scored (their text and the template's end-of-turn tokens after it, `assistant_spans`), the rest is context, as in supervised
     fine-tuning (an opening assistant message, which answers nothing, too). A template that marks what is trained with
-    `{% generation %}` blocks says it itself: those tokens are scored (`generation_mask`), as TRL's `assistant_only_loss` trains them."""
+    `{% generation %}` blocks says it itself: those tokens are scored (`generation_mask`), as TRL's `assistant_only_loss` trains them.
+    A pair (`scored_from` > 0) is cut as TRL's SFTTrainer cuts it: what it shares with its prompt rendered with the
+    generation prompt is context, and all that follows is scored (of it, with `{% generation %}` blocks, what they mark)."""
     ids, spans = assistant_spans(tokenizer, messages, where)
     labels = [IGNORE_INDEX] * len(ids)
     spans = {i: s for i, s in spans.items() if i >= scored_from}
     marked = generation_mask(tokenizer, messages, len(ids))
-    if marked is not None and spans:   # a pair: what it shares with its prompt rendered as a generation prompt is context (TRL's cut)
-        cut = len(os.path.commonprefix([ids, _apply_template(tokenizer, messages[:scored_from], where, generation_prompt=True)])) if scored_from else 0
-        for a, b in marked: labels[max(a, cut):b] = ids[max(a, cut):b]
+    if spans and (scored_from or marked is not None):
+        prompt = _apply_template(tokenizer, messages[:scored_from], where, generation_prompt=True, extra=template_of(messages)) if scored_from else []
+        cut = len(os.path.commonprefix([ids, prompt]))
+        for a, b in marked or [(cut, len(ids))]: labels[max(a, cut):b] = ids[max(a, cut):b]
         return {'input_ids': ids, 'labels': labels}
     for lo, _, hi in spans.values(): labels[lo:hi] = ids[lo:hi]
     if not spans:
@@ -724,7 +771,7 @@ def chat_query(tokenizer, # a Hugging Face tokenizer with a chat template
               ) -> dict:
     """A query from a conversation: the template's tokens up to the end of the last message, the assistant's answer, which
     alone is measured: its text, without the end-of-turn tokens and whitespace the template writes after it."""
-    messages = [dict(m) for m in messages]
+    messages = Chat([dict(m) for m in messages], template_of(messages))   # (a record's own template arguments kept)
     if messages[-1]['role'] != 'assistant' or len(messages) < 2:
         raise ValueError(f"{where}: a query's conversation ends with the assistant's answer to what comes before it, the "
                          f"completion measured; its last message is the {messages[-1]['role']!r} one"

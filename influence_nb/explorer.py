@@ -32,7 +32,7 @@ from .modules import blocks as block_names
 import json
 import os
 from collections.abc import Mapping
-from .data import (cut_texts, corpus_lines, missing_id, with_id, as_collection, pair_end_note, n_scored, is_conversation, is_pair, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
+from .data import (with_template, cut_texts, corpus_lines, missing_id, with_id, as_collection, pair_end_note, n_scored, is_conversation, is_pair, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
                                resolve_device, resolve_dtype, shown_ids)
 from .corpus import load_corpus, load_queries
@@ -148,7 +148,7 @@ def _query_fields(where:str, q:Mapping, tokenizer) -> dict:
         if not is_conversation(q['messages']):
             raise ValueError(f"{where}: field 'messages' must be a conversation: a list of messages with 'role' and 'content' strings.")
         if tokenizer is None: return {}
-        q = chat_query(tokenizer, q['messages'], where)        # the template's tokens: then shown as text, as token ids are
+        q = chat_query(tokenizer, with_template(q['messages'], q), where)   # the template's tokens (and the row's own tools): shown as text
     try: s = as_sequence({k: q[k] for k in ('input_ids', 'labels', 'attention_mask') if k in q}, 0, 'record')
     except (ValueError, TypeError) as e: raise type(e)(f"{where}: {_reword(e)}") from None
     if n_scored(s) == 0: raise ValueError(f"{where}: the record has no scored token: label the completion's tokens (-100 on the prompt).")

@@ -242,7 +242,8 @@ def test_prompt_completion_records_score_the_completion_only(case, tmp_path):
                  'completion': [{'role': 'assistant', 'content': 'madrid'}]}
     s = inf.tokenize(tok, [conv_pair])[0]
     assert s['input_ids'].tolist() == tok.apply_chat_template(conv_pair['prompt'] + conv_pair['completion'], tokenize=True)['input_ids']
-    assert tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == 'madrid<|end|>'    # the prompt's 'rome' is context
+    assert tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == 'madrid<|end|>\n'  # the prompt's 'rome' is context; all
+    # that the template writes after the prompt is the completion's, the newline too, as TRL's completion mask has it
     assert shown_text(pairs[0]) == 'what is the capital of france? paris'
     (tmp_path/'pairs.jsonl').write_text(''.join(json.dumps(p) + '\n' for p in pairs))
     rc, _, err = randdata.cli_run('fit-factors', '--model', case['dir']/'model', '--data', tmp_path/'pairs.jsonl', '--out',
@@ -397,3 +398,52 @@ def test_a_corpus_mixing_texts_conversations_and_pairs_is_read_as_each_says(case
                                       '--data', tmp_path/'mixed.jsonl', '--out', tmp_path/'s.parquet', *extra)
         assert rc == 0, err
         assert torch.allclose(torch.tensor(pd.read_parquet(tmp_path/'s.parquet')['q1'].to_numpy()), api, rtol=1e-9, atol=0)
+
+TOOLS_TEMPLATE = ("{{ bos_token }}{% if tools %}<|system|>\ntools:{% for t in tools %} {{ t['name'] }}{% endfor %}<|end|>\n{% endif %}"
+                  "{% if brief %}<|system|>\nanswer briefly<|end|>\n{% endif %}" + TEMPLATE.removeprefix('{{ bos_token }}'))
+
+def test_a_records_tools_and_template_arguments_reach_the_template(case, tmp_path):
+    "TRL renders each conversation with its record's `tools` and `chat_template_kwargs`: so do the API, the command line and the explorer."
+    from influence_nb.data import Chat
+    from influence_nb.explorer import ExplorerSession, run_query
+    tok = case['tok']
+    tt = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()), bos_token='<|bos|>',
+                                 eos_token='<|end|>', pad_token='<|pad|>')
+    tt.chat_template = TOOLS_TEMPLATE
+    cfg = case['model'].config.to_dict() | {'max_position_embeddings': 128}     # room for the tools' system turn
+    m = LlamaForCausalLM(LlamaConfig.from_dict(cfg)).double(); m.load_state_dict(case['model'].state_dict())
+    m.save_pretrained(tmp_path/'model'); tt.save_pretrained(tmp_path/'model')
+    tools = [{'name': 'capital', 'parameters': {'country': 'string'}}, {'name': 'answer'}]
+    args = [{'tools': tools, 'brief': True}, {'tools': tools}, {'brief': True}, {}, {'tools': tools}, {}]
+    recs = [{'id': f'c{i}', 'messages': conversation(c, t, system=False)} for i, (c, t) in enumerate(FACTS)]
+    for i, (r, a) in enumerate(zip(recs, args)):
+        if 'tools' in a: r['tools'] = tools if i else json.dumps(tools)       # a list, or JSON text (TRL's Parquet files)
+        if 'brief' in a: r['chat_template_kwargs'] = {'brief': True}
+    train = inf.tokenize(tt, recs, text_field='messages')
+    for s, r, a in zip(train, recs, args):
+        assert s['input_ids'].tolist() == tt.apply_chat_template(r['messages'], tokenize=True, **a)['input_ids']
+        assert tt.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == r['messages'][-1]['content'] + '<|end|>'
+    assert 'tools: capital answer' in tt.decode(train[0]['input_ids']) and 'answer briefly' in tt.decode(train[2]['input_ids'])
+    conv = conversation('france', 'paris', system=False)
+    q = inf.as_sequences([chat_query(tt, Chat(conv, {'tools': tools}))])
+    assert 'tools: capital answer' in tt.decode(q[0]['input_ids']) and tt.decode(q[0]['input_ids'][q[0]['labels'] != IGNORE_INDEX]) == 'paris'
+    f = inf.fit_factors(m, train, 'ekfac', batch_size=8, progress=False)
+    want = inf.pairwise_scores(m, f, q, train, progress=False).total[0]
+    bare = inf.tokenize(tt, [r['messages'] for r in recs])                      # the tokens without the records' arguments
+    assert not torch.allclose(inf.pairwise_scores(m, f, q, bare, progress=False).total[0], want, rtol=1e-3)
+    (tmp_path/'train.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    (tmp_path/'q.jsonl').write_text(json.dumps({'id': 'q1', 'messages': conv, 'tools': tools}) + '\n')
+    rc, _, err = randdata.cli_run('fit-factors', '--model', tmp_path/'model', '--data', tmp_path/'train.jsonl', '--text-field',
+                                  'messages', '--out', tmp_path/'f', '--batch-size', 8)
+    assert rc == 0, err
+    assert torch.allclose(inf.Factors.load(tmp_path/'f').tensors['model.layers.0.mlp.up_proj']['Lambda'],
+                          f.tensors['model.layers.0.mlp.up_proj']['Lambda'], rtol=1e-9, atol=0)
+    rc, _, err = randdata.cli_run('score', '--model', tmp_path/'model', '--factors', tmp_path/'f', '--queries', tmp_path/'q.jsonl',
+                                  '--data', tmp_path/'train.jsonl', '--text-field', 'messages', '--out', tmp_path/'s.parquet')
+    assert rc == 0, err
+    assert torch.allclose(torch.tensor(pd.read_parquet(tmp_path/'s.parquet')['q1'].to_numpy()), want, rtol=1e-9, atol=0)
+    s = ExplorerSession(model=m, tokenizer=tt, corpus=tmp_path/'train.jsonl', text_field='messages',
+                        queries=[{'id': 'q1', 'messages': conv, 'tools': tools}], fit_sample=0, batch_size=8)
+    res = run_query(s, s.custom, query_id='q1', prefilter=False, k=3, strategy='ekfac')
+    order = torch.argsort(torch.tensor(res.candidates))
+    assert torch.allclose(torch.tensor(res.scores)[order], want, rtol=1e-6, atol=0)
