@@ -436,12 +436,20 @@ def pair_end_id(tokenizer, pair_eos:bool|str|int=True) -> int|None:
     return check_int(pair_eos, 'pair_eos', lo=0, hi=len(tokenizer) - 1)
 
 def _text_pair(tokenizer, pair:Mapping, j:int, end:int|None) -> dict:
-    "Training pair `texts[j]` as `tokenize_pairs` tokenizes a query, then `end` (TRL ends each completion with the EOS); its notes and refusals name it."
+    """Training pair `texts[j]` as `tokenize_pairs` tokenizes a query, then `end` (TRL ends each completion with the EOS); its
+    notes and refusals name it. A prompt the tokenizer merges whole into the completion's first token, which a query
+    refuses, is trained as TRL trains it: the joined text's tokens, all scored after the special tokens before them."""
     name = lambda msg: re.sub(r'^1 of 1 pairs \(the first: pairs\[0\], ', f'texts[{j}] (a prompt-completion pair, ', str(msg)).replace('pairs[0]', f'texts[{j}]')
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         try: s = {k: v.tolist() for k, v in tokenize_pairs(tokenizer, [(pair['prompt'], pair['completion'])])[0].items() if k != 'attention_mask'}
-        except ValueError as e: raise ValueError(name(e)) from None
+        except ValueError as e:
+            if 'merges the whole prompt' not in str(e): raise ValueError(name(e)) from None
+            ids, k = encode_texts(tokenizer, [pair['prompt'] + pair['completion']])[0], len(special_prefix(tokenizer, pair['prompt']))
+            warnings.warn(f"texts[{j}] (a prompt-completion pair, {pair['prompt'][-12:] + '|' + pair['completion'][:12]!r}): the "
+                          "tokenizer merges the whole prompt with the start of the completion into one token, so no token is the "
+                          "prompt's alone; as TRL's SFTTrainer trains it, all the joined text's tokens are scored.", stacklevel=2)
+            s = {'input_ids': ids, 'labels': [IGNORE_INDEX] * k + ids[k:]}
     for w in caught: warnings.warn(name(w.message), w.category, stacklevel=4)
     if end is not None and s['input_ids'][-1] != end:
         s = {'input_ids': s['input_ids'] + [end], 'labels': s['labels'] + [end]}
