@@ -12,23 +12,23 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'MIXED_FIELDS', 'TEMPLATE_OWN', 'GENERATION_BLOCK', 'MODEL_NAMES',
-           'TOKENIZER_FILES', 'DRIFT_PROBE', 'DTYPES', 'CORPUS_FORMATS', 'NATS_SCALE', 'SCORE_LEGEND', 'data_dir',
-           'attended_span', 'as_sequence', 'as_collection', 'as_sequences', 'n_scored', 'end_sentence',
-           'require_scored', 'check_int', 'check_max_length', 'field_value', 'TruncatedTextsWarning',
-           'raw_tokenizer_hint', 'special_affixes', 'special_prefix', 'right_truncation', 'cut_texts', 'encode_texts',
-           'is_conversation', 'is_pair', 'is_text', 'Chat', 'template_of', 'template_args', 'with_template',
-           'text_value', 'shown_text', 'text_sequences', 'pair_end_id', 'check_not_file_name', 'tokenize',
-           'tokenize_pairs', 'assistant_spans', 'generation_mask', 'chat_sequence', 'chat_query', 'chat_pair',
-           'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled',
-           'context_length', 'load_tokenizer', 'TokenizerDriftWarning', 'tokenizer_drift', 'resolve_device',
-           'resolve_dtype', 'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights',
-           'eval_mode', 'batch_logits', 'completion_logprobs', 'pair_end_note', 'uncompiled', 'uncompiled_names',
-           'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows',
-           'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus',
-           'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows',
-           'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note',
-           'run_slow_cell']
+__all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'LOSS_WEIGHTS', 'MIXED_FIELDS', 'TEMPLATE_OWN',
+           'GENERATION_BLOCK', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DRIFT_PROBE', 'DTYPES', 'CORPUS_FORMATS',
+           'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span', 'as_sequence', 'as_collection', 'as_sequences',
+           'n_scored', 'end_sentence', 'require_scored', 'check_int', 'check_max_length', 'field_value',
+           'TruncatedTextsWarning', 'raw_tokenizer_hint', 'special_affixes', 'special_prefix', 'right_truncation',
+           'cut_texts', 'encode_texts', 'is_conversation', 'is_pair', 'is_text', 'Chat', 'template_of', 'template_args',
+           'with_template', 'text_value', 'shown_text', 'text_sequences', 'pair_end_id', 'check_not_file_name',
+           'tokenize', 'tokenize_pairs', 'assistant_spans', 'generation_mask', 'chat_sequence', 'chat_query',
+           'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences',
+           'grad_enabled', 'context_length', 'load_tokenizer', 'TokenizerDriftWarning', 'tokenizer_drift',
+           'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels',
+           'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'pair_end_note', 'uncompiled',
+           'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows',
+           'corpus_rows', 'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record', 'corpus_entries',
+           'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream',
+           'iter_windows', 'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors',
+           'nats_note', 'run_slow_cell']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -87,6 +87,9 @@ def attended_span(mask:torch.Tensor, # a 1-D 0/1 `attention_mask`
                          "run of tokens (padding only at the start or end). Split it into separate sequences.")
     return lo, hi
 
+# %% ../nbs/00_data.ipynb #dfacbe60
+LOSS_WEIGHTS = re.compile(r'weight|^loss_mask$', re.I)   # fields a trainer may weigh its loss by, which scores have no place for
+
 def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attention_mask`) or a list of ids
                 i:int=0, # position, used in error messages
                 name:str='data', # argument name, used in error messages
@@ -110,6 +113,10 @@ def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attenti
                 f" It holds raw text ({text!r}): tokenize it first, e.g. `inf.tokenize(tokenizer, {name}, text_field={text!r})` "
                 f"or `{name}.map(lambda b: tokenizer(b[{text!r}]), batched=True)`." if text else '')
         raise ValueError(f"{name}[{i}] has no 'input_ids' (keys: {sorted(x)}).{hint}")
+    if weights := [k for k in x if isinstance(k, str) and LOSS_WEIGHTS.search(k)]:
+        raise ValueError(f"{name}[{i}] has {', '.join(map(repr, weights))}: influence_nb has no loss weights and would ignore "
+                         "it, scoring every labelled token with weight 1. To leave tokens out, set their 'labels' to -100; "
+                         "if the field is not a weight, drop it from the sequences.")
     ids = _as_1d_long(x['input_ids'], 'input_ids', i, name)
     if len(ids) == 0: raise ValueError(f"{name}[{i}] is empty: 'input_ids' has no tokens.")
     if (ids < 0).any():
@@ -455,6 +462,7 @@ def _text_pair(tokenizer, pair:Mapping, j:int, end:int|None) -> dict:
         s = {'input_ids': s['input_ids'] + [end], 'labels': s['labels'] + [end]}
     return s
 
+# %% ../nbs/00_data.ipynb #4fe4b3fa
 def check_not_file_name(texts, name:str='texts'):
     "Refuse a corpus file's name where texts belong: `tokenize(tok, 'corpus.jsonl')` once scored the name as a text."
     if not isinstance(texts, (str, os.PathLike)): return
@@ -489,6 +497,8 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
                                 "pass `text_field=` naming the field that holds the text (or the conversation), or give the "
                                 "record 'prompt' and 'completion'.")
             texts[i] = t = v
+        if isinstance(t, tuple) and len(t) == 2 and all(isinstance(x, str) for x in t):   # (prompt, completion), as
+            texts[i] = t = {'prompt': t[0], 'completion': t[1]}                          # `tokenize_pairs` takes it
         if not is_text(t):
             raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str, a conversation (a list of messages, each with a "
                             "'role' and a 'content' string) or a prompt-completion pair.")
@@ -937,12 +947,14 @@ def tokenizer_drift(tokenizer, # as transformers loaded it from `folder`
     f = Path(folder)/'tokenizer.json'
     if not f.is_file() or not hasattr(tokenizer, 'backend_tokenizer'): return None
     from tokenizers import Tokenizer
-    try: saved = Tokenizer.from_file(str(f)).encode(DRIFT_PROBE, add_special_tokens=False).ids
+    try:
+        raw = Tokenizer.from_file(str(f)); raw.no_truncation(); raw.no_padding()   # (a cut a training loop left saved: not the split)
+        saved = raw.encode(DRIFT_PROBE, add_special_tokens=False).ids
     except Exception: return None                                     # (a tokenizer.json this library cannot read: no check)
     got = list(tokenizer(DRIFT_PROBE, add_special_tokens=False)['input_ids'])
     if got == saved: return None
     return (f"transformers loads the tokenizer of {str(folder)!r} as {type(tokenizer).__name__}, which tokenizes differently from "
-            f"the folder's tokenizer.json ({len(got)} tokens, not {len(saved)}, for {DRIFT_PROBE[:24]!r}...). If the model was "
+            f"the folder's tokenizer.json ({len(got)} tokens, not {len(saved)}, for a test sentence of ours, {DRIFT_PROBE[:24]!r}...). If the model was "
             "trained with the tokenizer as saved, load that one: `PreTrainedTokenizerFast.from_pretrained(folder)` in Python; "
             "on the command line, --tokenizer naming a folder that holds only its tokenizer files.")
 
