@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import numpy as np
 import pandas as pd
-from .data import (cut_texts, corpus_lines, missing_id, pair_end_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
+from .data import (cut_texts, corpus_lines, missing_id, pair_end_note, text_end_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, end_sentence, array_record, iter_windows, JSONL_SUFFIXES, model_tokenizer, NoWindowWarning, block_parts, DTYPES)
@@ -199,7 +199,7 @@ def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[d
     "`(sequences, positions, records)` of the corpus file named by `flag` (texts cut to the context or --max-length), checked for `model`: each sequence's record index in the file (blank lines not counted; records left out by --skip-bad-records leave gaps)."
     path, skip = Path(getattr(a, flag.strip('-').replace('-', '_'))), getattr(a, 'skip_bad_records', False)
     n = getattr(a, 'max_length', None) or context_length(model, tok)
-    eos = _pair_eos(a)
+    eos, tend = _pair_eos(a), _text_eos(a)
     try: entries = list(corpus_entries(path, a.text_field, id_field=a.id_field or 'id'))
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"{flag} {e}") from None
     bad = [(where, why) for where, _, why in entries if why]                   # read-level: not JSON, no text field, ...
@@ -210,11 +210,11 @@ def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[d
         warnings.simplefilter('ignore', TruncatedTextsWarning)                   # `_say_truncated` names the file and line instead
         try:
             if not recs: raise ValueError('no record')
-            seqs = check_sequences(model, corpus_sequences(recs, tok, n, eos), 'corpus'); require_scored(seqs, 'corpus')
+            seqs = check_sequences(model, corpus_sequences(recs, tok, n, eos, tend), 'corpus'); require_scored(seqs, 'corpus')
         except (ValueError, TypeError):                                           # find the bad records, name the first
             seqs, kept = [], []
             for j, r in zip(pos, recs):
-                try: s = check_sequences(model, corpus_sequences([r], tok, n, eos), 'record'); require_scored(s, 'record')
+                try: s = check_sequences(model, corpus_sequences([r], tok, n, eos, tend), 'record'); require_scored(s, 'record')
                 except (ValueError, TypeError) as e:
                     if not skip: raise _again(e, f"{flag} {path.name}, {entries[j][0]}: {end_sentence(_reword(e))} {_SKIP_ADVICE}.") from None
                     bad.append((entries[j][0], _reword(e))); continue
@@ -224,7 +224,9 @@ def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[d
     if bad: print(f"note: {flag} {path.name}: skipped {len(bad)} of its {len(entries)} records, which cannot be used (--skip-bad-records; "
                   f"the first: {bad[0][0]}: {bad[0][1]}); the others keep their positions in the file.", file=sys.stderr)
     _say_truncated(recs, seqs, tok, n, flag, path, pos)
-    if note := pair_end_note(model, tok, [r.get('text') for r in recs], seqs, eos): print(f"note: {flag} {path.name}: {note}", file=sys.stderr)
+    shown = [r.get('text') for r in recs]
+    for note in (pair_end_note(model, tok, shown, seqs, eos), text_end_note(model, tok, shown, seqs, tend)):
+        if note: print(f"note: {flag} {path.name}: {note}", file=sys.stderr)
     return seqs, pos, recs
 
 
@@ -305,10 +307,12 @@ def _model_args(p, required=True):
     p.add_argument('--dtype', default=None, choices=list(DTYPES), help="precision to load the model in (default: its checkpoint's, "
                    "as transformers loads it; factors are stored in float32 unless the model is float64, or as fit-factors --factor-dtype says)")
 
-def _pair_eos(a):
-    "--pair-eos as the Python API takes it: True (the tokenizer's end token), False (none), or the token named."
-    v = getattr(a, 'pair_eos', 'eos')
+def _pair_eos(a, flag:str='pair_eos', default:str='eos'):
+    "--pair-eos (or `flag`, --text-eos) as the Python API takes it: True (the tokenizer's end token), False (none), or the token named."
+    v = getattr(a, flag, default)
     return True if v == 'eos' else False if v == 'none' else v
+
+def _text_eos(a): return _pair_eos(a, 'text_eos', 'none')
 
 def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
     other = {'--data': '--corpus', '--corpus': '--data'}[flag]   # either name works in every command: one flag to remember
@@ -319,6 +323,9 @@ def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
                    f"{text_default or 'the one the scan read'})")
     p.add_argument('--pair-eos', default='eos', metavar='{eos,none,TOKEN}', help="after each prompt-completion record's completion, "
                    "the token training put there: eos (default: the tokenizer's end token, as TRL's SFTTrainer adds it), none, or a token")
+    p.add_argument('--text-eos', default='none', metavar='{none,eos,TOKEN}', help="after each text record, the token training put "
+                   "there: none (default, as in a pretraining corpus), eos (the tokenizer's end token, as TRL's SFTTrainer appends to "
+                   "each text of a 'text' dataset), or a token; scored with the text")
     p.add_argument('--id-field', default=None, help="JSONL field / Parquet column naming each record in the output (e.g. doc_id; dotted "
                    "for a nested one, 'meta.id'); a record without it is a bad record (default: "
                    f"{'id' if text_default else 'the one the scan read'}; a record without an id is named by its position)")
@@ -637,7 +644,7 @@ def _cmd_windows(a):
         why = re.sub(r'^texts\[\d+\]', 'the record', _reword(e))
         if not a.skip_bad_records: raise ValueError(f"--corpus {path.name}, {seen[r['id']]}: {end_sentence(why)} {_SKIP_ADVICE}.")
         bad.append((seen[r['id']], why)); dropped.add(r['id'])
-    st = iter_windows(tok, records(), a.max_length, pack=a.pack, separator=sep, on_bad=on_bad, pair_eos=_pair_eos(a))
+    st = iter_windows(tok, records(), a.max_length, pack=a.pack, separator=sep, on_bad=on_bad, pair_eos=_pair_eos(a), text_eos=_text_eos(a))
     outs, wins, toks, n_parts, parted = [out] + ([Path(a.parts)] if a.parts else []), 0, 0, 0, set()
     with _atomic_jsonl(*outs) as files, warnings.catch_warnings():
         warnings.simplefilter('ignore', NoWindowWarning)              # said below, with the file's line (and parts' too)
@@ -794,7 +801,7 @@ def _scan(a, model, tok, factors, queries, names):
     try:
         with _as_notes(): return scan(model, factors, queries, a.corpus, k=a.k, query_rank=a.query_rank, damping=a.damping, batch_size=a.batch_size,
                     chunk_size=a.chunk_size, tokenizer=tok, max_length=a.max_length or context_length(model, tok),
-                    text_field=a.text_field, id_field=a.id_field or 'id', pair_eos=_pair_eos(a), on_bad_record='skip' if a.skip_bad_records else 'raise',
+                    text_field=a.text_field, id_field=a.id_field or 'id', pair_eos=_pair_eos(a), text_eos=_text_eos(a), on_bad_record='skip' if a.skip_bad_records else 'raise',
                     scores_path=a.scores_dir, checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every,
                     refine=a.refine, progress=not a.quiet, n_train=a.n_train, query_names=names, candidates=a.candidates or None)
     except BadRecordError as e:                               # the Python API's advice names `on_bad_record`: here, the option
@@ -983,7 +990,7 @@ def _cmd_explore(a):
     from influence_nb.explorer import explorer, app_notebook
     _check_explore_files(a)
     kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, factors=a.factors, query_id=a.query,
-              text_field=a.text_field, id_field=a.id_field, pair_eos=None if a.pair_eos == 'eos' else _pair_eos(a), fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules, max_length=a.max_length,
+              text_field=a.text_field, id_field=a.id_field, pair_eos=None if a.pair_eos == 'eos' else _pair_eos(a), text_eos=None if a.text_eos == 'none' else _text_eos(a), fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules, max_length=a.max_length,
               trust_remote_code=a.trust_remote_code or None, candidates=a.candidates, k=a.k, strategy=a.strategy)
     kw = {k: v for k, v in kw.items() if v is not None}                      # the app's own defaults otherwise
     if a.k is not None and not 1 <= a.k <= 50: raise ValueError(f"--k must be 1 to 50 in the explorer, got {a.k} (scan keeps any number).")

@@ -23,12 +23,12 @@ __all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'LOSS_WEIGHTS', 
            'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences',
            'grad_enabled', 'context_length', 'load_tokenizer', 'TokenizerDriftWarning', 'tokenizer_drift',
            'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels',
-           'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'pair_end_note', 'uncompiled',
-           'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows',
-           'corpus_rows', 'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record', 'corpus_entries',
-           'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream',
-           'iter_windows', 'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors',
-           'nats_note', 'run_slow_cell']
+           'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'pair_end_note', 'text_end_note',
+           'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines',
+           'parquet_rows', 'corpus_rows', 'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record',
+           'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning',
+           'WindowStream', 'iter_windows', 'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir',
+           'cached_factors', 'nats_note', 'run_slow_cell']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -415,13 +415,16 @@ def text_sequences(tokenizer, # a Hugging Face tokenizer
                    texts:list, # texts, conversations and prompt-completion pairs (`is_text`)
                    max_length:int|None=None, # truncate to this many tokens (None: no limit)
                    pair_eos:bool|str|int=True, # after a text pair's completion: the tokenizer's EOS (True), none (False), or this token
+                   text_eos:bool|str|int=False, # after each text: nothing (False), the tokenizer's EOS (True, as TRL's SFTTrainer trains a 'text' dataset), or this token
                   ) -> list[dict]:
     """Sequence dicts of `texts`: a text's tokens all scored (`encode_texts`), a conversation's assistant replies
     (`chat_sequence`), a pair's completion (tokenized as `tokenize_pairs` does a query, and by default the tokenizer's EOS
-    after it, as TRL's SFTTrainer trains it; a conversation's: its replies)."""
-    end = pair_end_id(tokenizer, pair_eos)
+    after it, as TRL's SFTTrainer trains it; a conversation's: its replies). With `text_eos`, a text that is not cut
+    ends with that token, scored (once: a text that writes it out, or a tokenizer that adds it, keeps its own)."""
+    end, tend = pair_end_id(tokenizer, pair_eos), pair_end_id(tokenizer, text_eos, 'text_eos')
     plain = [j for j, t in enumerate(texts) if isinstance(t, str)]
-    out = dict(zip(plain, ({'input_ids': x} for x in encode_texts(tokenizer, [texts[j] for j in plain], max_length)))) if plain else {}
+    ended = lambda x: x + [tend] if tend is not None and x[-1:] != [tend] and (max_length is None or len(x) < max_length) else x
+    out = dict(zip(plain, ({'input_ids': ended(x)} for x in encode_texts(tokenizer, [texts[j] for j in plain], max_length)))) if plain else {}
     for j, t in enumerate(texts):
         if j in out: continue
         if is_pair(t) and isinstance(t['prompt'], str): s = _text_pair(tokenizer, t, j, end)
@@ -430,17 +433,17 @@ def text_sequences(tokenizer, # a Hugging Face tokenizer
         out[j] = {k: v[:max_length] for k, v in s.items()}
     return [out[j] for j in range(len(texts))]
 
-def pair_end_id(tokenizer, pair_eos:bool|str|int=True) -> int|None:
-    "The token put after a text pair's completion: the tokenizer's EOS (True), none (False or None), a token (its text) or a token id."
+def pair_end_id(tokenizer, pair_eos:bool|str|int=True, name:str='pair_eos') -> int|None:
+    "The token put after a text pair's completion (or, `name`='text_eos', after a text): the tokenizer's EOS (True), none (False or None), a token (its text) or a token id."
     if pair_eos is None or pair_eos is False: return None
     if pair_eos is True: return tokenizer.eos_token_id
     if isinstance(pair_eos, str):
         i = tokenizer.convert_tokens_to_ids(pair_eos)
         if i is None or (i == tokenizer.unk_token_id and pair_eos != tokenizer.unk_token):
-            raise ValueError(f"`pair_eos`={pair_eos!r} is not a token of this tokenizer; name the end token training put after "
-                             f"each completion (its EOS is {tokenizer.eos_token!r}), or pass False for none.")
+            raise ValueError(f"`{name}`={pair_eos!r} is not a token of this tokenizer; name the end token training put after "
+                             f"each {'text' if name == 'text_eos' else 'completion'} (its EOS is {tokenizer.eos_token!r}), or pass False for none.")
         return int(i)
-    return check_int(pair_eos, 'pair_eos', lo=0, hi=len(tokenizer) - 1)
+    return check_int(pair_eos, name, lo=0, hi=len(tokenizer) - 1)
 
 def _text_pair(tokenizer, pair:Mapping, j:int, end:int|None) -> dict:
     """Training pair `texts[j]` as `tokenize_pairs` tokenizes a query, then `end` (TRL ends each completion with the EOS); its
@@ -480,6 +483,7 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
              max_length:int|None=128, # truncate to this many tokens (None: no limit)
              text_field:str='text', # the field holding the text when `texts` holds records (dotted for nested: 'doc.body')
              pair_eos:bool|str|int=True, # after a text pair's completion: the tokenizer's EOS (True, as TRL trains), none (False), or this token
+             text_eos:bool|str|int=False, # after each text: nothing (False), the tokenizer's EOS (True, as TRL's SFTTrainer trains a 'text' dataset), or this token
             ) -> list[dict]:
     "Training sequences from `texts`: every token of a text is scored; of a conversation (a list of messages), the assistant's replies; of a prompt-completion pair, the completion (and the end token after it)."
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.{raw_tokenizer_hint(tokenizer)}")
@@ -502,7 +506,7 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
         if not is_text(t):
             raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str, a conversation (a list of messages, each with a "
                             "'role' and a 'content' string) or a prompt-completion pair.")
-    seqs = text_sequences(tokenizer, texts, max_length, pair_eos)
+    seqs = text_sequences(tokenizer, texts, max_length, pair_eos, text_eos)
     if max_length is not None and (cut := cut_texts(tokenizer, texts, [s['input_ids'] for s in seqs], max_length, pair_eos)):
         warnings.warn(f"{len(cut):,} of {len(texts):,} texts were longer than max_length={max_length} tokens and were cut to their "
                       f"first {max_length} (the first: texts[{cut[0]}]); only those tokens are scored. Pass a larger max_length "
@@ -1272,6 +1276,37 @@ def pair_end_note(model, # the model the records train
             f"probability of {p:.2g} there under this model ({len(last)} records): if training ended completions otherwise, score them "
             "as it did: `pair_eos=False` (--pair-eos none) or the token it put there.")
 
+# %% ../nbs/00_data.ipynb #9dafa853
+def text_end_note(model, # the model the records train
+                  tokenizer, # the tokenizer that made `seqs`
+                  texts:list, # the records' texts (`is_text`), in the order of `seqs`
+                  seqs:list[dict], # their sequences (`tokenize`, `corpus_sequences`)
+                  text_eos:bool|str|int=False, # what was put after the texts
+                  limit:int=32, # texts looked at, at most
+                 ) -> str|None:
+    """A note when the end of the texts disagrees with the model. Without `text_eos`: its end token has a median probability
+    above 0.5 right after them, so training put one after each (TRL's SFTTrainer does for a 'text' dataset), a token it
+    trained that is not scored. With it: below 0.01 there, so training ended the texts otherwise."""
+    end = pair_end_id(tokenizer, text_eos, 'text_eos')
+    probe = end if end is not None else tokenizer.eos_token_id
+    plain = [as_sequence(seqs[j], j) for j, t in enumerate(texts) if isinstance(t, str)][:limit]
+    ctx = model_context(model) or float('inf')                                         # (a text cut at the context: no room)
+    if end is None: plain = [s for s in plain if int(s['input_ids'][-1]) != probe and len(s['input_ids']) < ctx]   # (one written out: has it)
+    else: plain = [s for s in plain if int(s['labels'][-1]) == end]                      # (a text cut at max_length has none)
+    if probe is None or not plain: return None
+    at = lambda s: {'input_ids': torch.cat([s['input_ids'], torch.tensor([probe])]) if end is None else s['input_ids'],
+                    'labels': torch.tensor([IGNORE_INDEX] * (len(s['input_ids']) - (end is not None)) + [probe])}
+    p = float(completion_logprobs(model, [at(s) for s in plain]).exp().median())
+    name = tokenizer.convert_ids_to_tokens(probe)
+    if end is None and p > 0.5:
+        return (f"the model gives its end token {name!r} a median probability of {p:.2g} right after these texts ({len(plain)} "
+                "records): training likely put one after each (TRL's SFTTrainer does for a 'text' dataset), a token it trained "
+                "that is not scored here; score it too: `text_eos=True` (--text-eos eos).")
+    if end is not None and p < 0.01:
+        return (f"the end token {name!r} put after each text has a median probability of {p:.2g} there under this model "
+                f"({len(plain)} records): if training did not end its texts so, leave it out: `text_eos=False` (--text-eos none).")
+    return None
+
 # %% ../nbs/00_data.ipynb #c5de9db8
 def _wrapped(model):
     "The model a wrapper runs: torch.compile's `_orig_mod`, (Distributed)DataParallel's `module`, unwrapped in turn; else `model`."
@@ -1438,6 +1473,7 @@ def corpus_sequences(records:list[dict], # from `read_corpus`
                      tokenizer, # tokenizes the 'text' records
                      max_length:int|None=None, # truncate texts to this many tokens
                      pair_eos:bool|str|int=True, # after a text pair's completion (`tokenize`)
+                     text_eos:bool|str|int=False, # after each text (`tokenize`)
                     ) -> list[dict]:
     "Sequences of corpus records: texts tokenized (every token scored; conversations: the assistant's turns), 'input_ids' records taken as they are."
     if any('tokenizer' in r for r in records if 'input_ids' in r):  # windows made by `token_windows` name their tokenizer
@@ -1445,7 +1481,7 @@ def corpus_sequences(records:list[dict], # from `read_corpus`
         if (bad := next(((j, w) for j, r in enumerate(records) if (w := other_tokenizer(r, mark))), None)):
             raise ValueError(f"corpus[{bad[0]}] holds {bad[1]}.")
     texts = {j: r['text'] for j, r in enumerate(records) if 'input_ids' not in r}
-    out = dict(zip(texts, tokenize(tokenizer, list(texts.values()), max_length, pair_eos=pair_eos))) if texts else {}
+    out = dict(zip(texts, tokenize(tokenizer, list(texts.values()), max_length, pair_eos=pair_eos, text_eos=text_eos))) if texts else {}
     for j, r in enumerate(records):
         if j not in out: out[j] = as_sequence({k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}, j, 'corpus')
     return [out[j] for j in range(len(records))]
@@ -1487,23 +1523,23 @@ def _text_id(t, j:int, names, seen:dict) -> str:
                                                "text it came from, so ids must be unique; pass `ids=` with one id per text.")
     seen[x] = j; return x
 
-def _tokenized(tokenizer, items:list, text_field:str, pair_eos=True) -> list[dict]:
+def _tokenized(tokenizer, items:list, text_field:str, pair_eos=True, text_eos=False) -> list[dict]:
     "Uncut sequences of texts, conversations, pairs, records of them, and records holding 'input_ids' (taken as they are)."
     given = {j: as_sequence({k: t[k] for k in ('input_ids', 'labels', 'attention_mask') if k in t}, j, 'texts')
              for j, t in enumerate(items) if isinstance(t, Mapping) and 'input_ids' in t}
     rest = [j for j in range(len(items)) if j not in given]
-    with _no_length_notice(): made = tokenize(tokenizer, [items[j] for j in rest], None, text_field, pair_eos) if rest else []
+    with _no_length_notice(): made = tokenize(tokenizer, [items[j] for j in rest], None, text_field, pair_eos, text_eos) if rest else []
     assert len(made) == len(rest), (len(made), len(rest))  # one sequence per text
     out = {**given, **dict(zip(rest, made))}
     return [out[j] for j in range(len(items))]
 
-def _item_sequences(tokenizer, items:list, text_field:str, start:int=0, on_bad=None, pair_eos=True) -> list[dict|None]:
+def _item_sequences(tokenizer, items:list, text_field:str, start:int=0, on_bad=None, pair_eos=True, text_eos=False) -> list[dict|None]:
     "`_tokenized`; a text it cannot take is named by its place in the whole stream (`start` + j), or given to `on_bad(j, text, error)` and None."
-    try: return _tokenized(tokenizer, items, text_field, pair_eos)
+    try: return _tokenized(tokenizer, items, text_field, pair_eos, text_eos)
     except (ValueError, TypeError): pass                            # one by one, to name (or skip) the text that failed
     out = []
     for j, t in enumerate(items, start):
-        try: out.append(_tokenized(tokenizer, [t], text_field, pair_eos)[0])
+        try: out.append(_tokenized(tokenizer, [t], text_field, pair_eos, text_eos)[0])
         except (ValueError, TypeError) as e:
             if on_bad is None: raise type(e)(str(e).replace('texts[0]', f'texts[{j}]', 1)) from None
             on_bad(j, t, e); out.append(None)
@@ -1545,6 +1581,7 @@ def iter_windows(tokenizer, # a Hugging Face tokenizer
                  chunk_size:int=256, # texts tokenized at a time: memory holds one chunk, whatever the corpus's size
                  on_bad=None, # called as on_bad(position, text, error) for a text that cannot be tokenized, which is left out (None: raise)
                  pair_eos:bool|str|int=True, # after a text pair's completion (`tokenize`)
+                 text_eos:bool|str|int=False, # unpacked: after each text (`tokenize`); packed, `separator` is that token
                 ) -> WindowStream:
     "`token_windows` one window at a time, reading `texts` a chunk at a time (a corpus file's records as they stream)."
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.{raw_tokenizer_hint(tokenizer)}")
@@ -1555,6 +1592,9 @@ def iter_windows(tokenizer, # a Hugging Face tokenizer
         raise ValueError("the tokenizer has no end-of-text token to put after each packed text: pass `separator=` a token id, "
                          "or None to join the texts with nothing between them (as transformers' run_clm does).")
     if sep is not None: sep = check_int(sep, 'separator', lo=0, hi=len(tokenizer) - 1)   # a token of this tokenizer
+    if pack and pair_end_id(tokenizer, text_eos, 'text_eos') is not None:
+        raise ValueError("`text_eos` and `pack`: packed texts are joined by `separator` (the end token by default), which is "
+                         "the token after each text; leave `text_eos` unset.")
     one = (isinstance(texts, str) or is_pair(texts) or (isinstance(texts, Mapping) and not _is_batch(texts))
            or (is_conversation(texts) and not any(text_field in m for m in texts)))   # one text, as `tokenize` reads it
     coll = [texts] if one else as_collection(texts, 'texts')
@@ -1562,15 +1602,15 @@ def iter_windows(tokenizer, # a Hugging Face tokenizer
     if ids is not None and hasattr(ids, '__len__') and hasattr(coll, '__len__') and len(ids) != len(coll):
         raise ValueError(f"`ids` has {len(ids)} entries for {len(coll)} texts; give one id per text.")
     items = _iter_data(coll, 'texts')
-    return WindowStream(lambda st: _windows(st, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad, pair_eos))
+    return WindowStream(lambda st: _windows(st, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad, pair_eos, text_eos))
 
 # %% ../nbs/00_data.ipynb #a47d6f42
-def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad, pair_eos=True):
+def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad, pair_eos=True, text_eos=False):
     names, seen, n, mark = iter(ids) if ids is not None else None, {}, 0, tokenizer_mark(tokenizer)
     mine = {} if mark is None else {'tokenizer': mark}             # the records name the tokenizer that made their ids
     buf, spans, b, last = [torch.empty(0, dtype=torch.long)] * 2, [], 0, None   # packed: the unfinished block
     while chunk := list(itertools.islice(items, chunk_size)):
-        seqs = _item_sequences(tokenizer, chunk, text_field, n, on_bad, pair_eos)
+        seqs = _item_sequences(tokenizer, chunk, text_field, n, on_bad, pair_eos, text_eos)
         for j, (t, s) in enumerate(zip(chunk, seqs), start=n):
             x = _text_id(t, j, names, seen)
             if s is None: continue                                  # left out by `on_bad`
@@ -1607,12 +1647,13 @@ def token_windows(tokenizer, # a Hugging Face tokenizer
                   separator:int|str|None='eos', # packed: the token after each text ('eos': the tokenizer's end token, if any)
                   text_field:str='text', # the field holding the text when `texts` holds records (dotted for nested)
                   pair_eos:bool|str|int=True, # after a text pair's completion (`tokenize`)
+                  text_eos:bool|str|int=False, # unpacked: after each text (`tokenize`)
                  ) -> list[dict]:
     """Every token of `texts` in training sequences of at most `length` tokens, as corpus records: each text cut into
     consecutive windows ('id' `'<text id>#<k>'`, 'source', 'start'), or with `pack` all texts joined and cut into blocks
     ('id' `'block-<k>'`, 'sources': each text's 'source', 'start', 'at' in the block and 'n' tokens); windows with no
     scored token are left out."""
-    return list(iter_windows(tokenizer, texts, length, ids, pack, separator, text_field, pair_eos=pair_eos))
+    return list(iter_windows(tokenizer, texts, length, ids, pack, separator, text_field, pair_eos=pair_eos, text_eos=text_eos))
 
 def _read_windows(windows) -> list[dict]:
     "Window records from `token_windows`, or from a JSONL file of them (`influence-nb windows`); repeated ids refused."

@@ -143,9 +143,11 @@ class LDSResult:
     predicted: dict           # method -> [J, Q] summed scores over each subset
     subsets: list             # the J index lists
     def table(self) -> pd.DataFrame:
-        "One row per method: mean LDS, its standard error over queries, queries with LDS > 0."
+        """One row per method: mean LDS, its standard error over queries, queries with LDS > 0, and the queries it is over:
+        a query whose measurement did not vary across the retrained models has no LDS (NaN) and is left out of all three."""
         pq = self.per_query
-        return pd.DataFrame({'lds': pq.mean(), 'sem': pq.std(ddof=1) / np.sqrt(len(pq)), 'queries_above_0': (pq > 0).sum()})
+        n = pq.notna().sum()
+        return pd.DataFrame({'lds': pq.mean(), 'sem': pq.std(ddof=1) / np.sqrt(n), 'queries_above_0': (pq > 0).sum(), 'queries': n})
 
 def lds(model,                 # the model the scores were computed on is trained from this one (see `trainer`)
         train,                 # the N training sequences the scores are over

@@ -134,7 +134,7 @@ def _bad_record(item:_Item, why:str, skip:bool, bad:dict|None=None) -> int:
 
 # %% ../nbs/08_search.ipynb #6a47e997
 def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|None=None, max_length:int|None=None,
-             text_field:str='text', skip:bool=False, cut:dict|None=None, bad:dict|None=None, id_field:str='id', pair_eos=True) -> tuple[list, int]:
+             text_field:str='text', skip:bool=False, cut:dict|None=None, bad:dict|None=None, id_field:str='id', pair_eos=True, text_eos=False) -> tuple[list, int]:
     "`(sequences, n_bad)` for one chunk: a sequence dict per record, None where a bad record was skipped (the first named in `bad`); texts cut to `max_length` counted in `cut`."
     out, texts, n_bad = [None] * len(items), {}, 0
     marked = tokenizer is not None and any(isinstance(it.raw, Mapping) and 'tokenizer' in it.raw for it in items)
@@ -157,11 +157,11 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
         try: out[j] = as_sequence(it.raw, it.index, 'corpus')
         except (TypeError, ValueError) as e: n_bad += _bad_record(it, str(e), skip, bad)
     if texts:
-        try: seqs = text_sequences(tokenizer, list(texts.values()), max_length, pair_eos)
+        try: seqs = text_sequences(tokenizer, list(texts.values()), max_length, pair_eos, text_eos)
         except ValueError:                                     # a conversation the template cannot split: named by its record
             seqs = []
             for j, t in texts.items():
-                try: seqs.append(text_sequences(tokenizer, [t], max_length, pair_eos)[0])
+                try: seqs.append(text_sequences(tokenizer, [t], max_length, pair_eos, text_eos)[0])
                 except ValueError as e: seqs.append(None); n_bad += _bad_record(items[j], str(e).replace('texts[0]', 'the conversation'), skip, bad)
         if cut is not None and max_length is not None:
             _count_cut(cut, items, {j: t for (j, t), s in zip(texts.items(), seqs) if s is not None},
@@ -836,6 +836,7 @@ def scan(model, # the model the factors were fitted on
          text_field:str='text', # the field of a JSON record that holds its text
          id_field:str='id', # the field that names each record in results (`record_ids`), e.g. 'doc_id' or 'meta.id'; records without it are bad
          pair_eos:bool|str|int=True, # after a text pair's completion: the tokenizer's EOS (True), none (False), or this token (`tokenize`)
+         text_eos:bool|str|int=False, # after each text: nothing (False), the tokenizer's EOS (True, as TRL trains a 'text' dataset), or this token
          on_bad_record:str='raise', # 'raise' (error naming the line) or 'skip' (leave out and count)
          scores_path:str|Path|None=None, # directory to write every score to, one Parquet file per chunk
          checkpoint:str|Path|None=None, # checkpoint file: resumed from if it exists, updated as the scan goes
@@ -854,17 +855,16 @@ def scan(model, # the model the factors were fitted on
     _check_twice(stream, refine and query_rank is not None, candidates); ctx, max_length = _scan_max_length(model, max_length)
     cfg = _config(factors, qs, stream, tokenizer, k=k, query_rank=query_rank, damping=damping, batch_size=batch_size,
                   chunk_size=chunk_size, max_length=max_length, text_field=text_field, on_bad_record=on_bad_record,
-                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}), **({'id_field': id_field} if id_field != 'id' else {}), **({'pair_eos': pair_eos} if pair_eos is not True else {}))
+                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}), **({'id_field': id_field} if id_field != 'id' else {}), **({'pair_eos': pair_eos} if pair_eos is not True else {}), **({'text_eos': text_eos} if text_eos not in (False, None) else {}))
     fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), working_dtype(next(model.parameters())); vocab, skip = model_vocab(model), on_bad_record == 'skip'
-    read = lambda items, cut=None, bad=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut, bad, id_field, pair_eos)
+    read = lambda items, cut=None, bad=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut, bad, id_field, pair_eos, text_eos)
     ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path)); _check_paths(ckpt, spath)
     with contextlib.ExitStack() as files, watch_calls(getattr(factors, 'info', {}).get('calls')):   # (a layer run more or less often than in the fit: warned)
         if rank == 0: _take_files(files, ckpt, spath)
         state, *top = _start_state(ckpt, spath, fp, cfg, len(qs), k, dtype)
         legacy = state['n_records'] > 0 and 'ids' not in state   # a checkpoint of a version that kept no ids; and the texts
         cut, bad = state.setdefault('cut', {}), state.setdefault('bad', {'first': None} if state['n_skipped'] else {})   # (None: unknown)
-        # with a checkpoint, parts of this very scan are reused up to it — none if it was stopped before its first
-        if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt, names)
+        if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt, names)   # (a checkpoint's parts: reused)
         convert = _only(pre := candidates and _prefilter(stream, qs, candidates, read, tokenizer, chunk_size, progress and rank == 0, state, ckpt, names), read)
         pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size)   # as `pairwise_scores` does
         items = _resume_items(stream, state, convert, ckpt, prefix := _guard(stream, state, ckpt))

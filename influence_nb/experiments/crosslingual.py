@@ -55,12 +55,14 @@ def top_renderable(d, p:dict, j:int, k:int) -> np.ndarray:
 def crosslingual_summary(S:np.ndarray, # [queries, records, 6] scores in LANG_COLS order
                          cond:np.ndarray, # [queries] each fact's language condition ('all' or 'en')
                         ) -> dict:
-    "Per-language ratios of translated to English-statement influence (all queries and per condition)."
+    """Per-language ratios of translated to English-statement influence (all queries and per condition): the median over
+    queries of each query's ratio, which a query whose English statements have little influence cannot sway (its ratio
+    can be large, or negative)."""
     def ratios(sel):
         base = S[sel, :, 1].sum(1)                                   # re-rendered English statements
-        return {lang: json_float(np.mean(S[sel, :, 2 + k].sum(1) / base)) for k, lang in enumerate(('fr', 'de', 'es', 'names'))}
+        return {lang: json_float(np.median(S[sel, :, 2 + k].sum(1) / base)) for k, lang in enumerate(('fr', 'de', 'es', 'names'))}
     out = dict(ratio_to_english=ratios(np.ones(len(S), bool)), ratio_by_condition={c: ratios(cond == c) for c in ('all', 'en')},
-               original_vs_statements=json_float(np.mean(S[:, :, 1].sum(1) / S[:, :, 0].sum(1))))
+               original_vs_statements=json_float(np.median(S[:, :, 1].sum(1) / S[:, :, 0].sum(1))))
     out['mean_ratio'] = json_float(np.mean([out['ratio_to_english'][lang] for lang in ('fr', 'de', 'es')]))
     return out
 

@@ -19,7 +19,7 @@ def tail_stats(s:np.ndarray, # [n] one query's scores over the unbiased sample o
     "Power-law fit of the positive tail, top-`tail_frac` share of the positive total, largest score in nats."
     pos = np.sort(s[s > 0])[::-1]
     fit = fit_power_law(s, min_tail=50, max_candidates=300, n_boot=cfg['tail_boot'], seed=0)
-    return dict(alpha=json_float(fit['alpha']), xmin=json_float(fit['xmin']), ks=json_float(fit['ks']), p_value=json_float(fit['p_value']),
+    return dict(alpha=json_float(fit['alpha']), xmin=json_float(fit['xmin'], 17), ks=json_float(fit['ks']), p_value=json_float(fit['p_value']),   # (xmin exact: refit at it)
                 n_tail=fit['n_tail'], n_pos=fit['n_pos'], top1_share=json_float(top_share(s, cfg['tail_frac'])),
                 sum_pos=json_float(pos.sum(), 10), max_nats=json_float(s.max() / n_records),
                 top_values=[json_float(x, 8) for x in pos[:cfg['tail_stored']]])
