@@ -14,8 +14,8 @@ import torch
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'LOSS_WEIGHTS', 'MIXED_FIELDS', 'TEMPLATE_OWN',
            'GENERATION_BLOCK', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DRIFT_PROBE', 'DTYPES', 'CORPUS_FORMATS',
-           'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span', 'as_sequence', 'as_collection', 'as_sequences',
-           'n_scored', 'end_sentence', 'require_scored', 'check_int', 'check_max_length', 'field_value',
+           'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span', 'packed_row', 'as_sequence', 'as_collection',
+           'as_sequences', 'n_scored', 'end_sentence', 'require_scored', 'check_int', 'check_max_length', 'field_value',
            'TruncatedTextsWarning', 'raw_tokenizer_hint', 'special_affixes', 'special_prefix', 'right_truncation',
            'cut_texts', 'encode_texts', 'is_conversation', 'is_pair', 'is_text', 'Chat', 'template_of', 'template_args',
            'with_template', 'text_value', 'shown_text', 'text_sequences', 'pair_end_id', 'check_not_file_name',
@@ -90,6 +90,12 @@ def attended_span(mask:torch.Tensor, # a 1-D 0/1 `attention_mask`
 # %% ../nbs/00_data.ipynb #dfacbe60
 LOSS_WEIGHTS = re.compile(r'weight|^loss_mask$', re.I)   # fields a trainer may weigh its loss by, which scores have no place for
 
+def packed_row(x:Mapping) -> bool:
+    "A record holding several documents that training kept apart: TRL's packed rows ('seq_lengths' of more than one), or 'position_ids' that start again."
+    lens, pos = x.get('seq_lengths'), x.get('position_ids')
+    if lens is not None and np.size(lens) > 1: return True
+    return pos is not None and bool((np.asarray(pos).reshape(-1)[1:] == 0).any())
+
 def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attention_mask`) or a list of ids
                 i:int=0, # position, used in error messages
                 name:str='data', # argument name, used in error messages
@@ -117,6 +123,11 @@ def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attenti
         raise ValueError(f"{name}[{i}] has {', '.join(map(repr, weights))}: influence_nb has no loss weights and would ignore "
                          "it, scoring every labelled token with weight 1. To leave tokens out, set their 'labels' to -100; "
                          "if the field is not a weight, drop it from the sequences.")
+    if packed_row(x):
+        raise ValueError(f"{name}[{i}] is a packed row of several documents ('seq_lengths', or 'position_ids' that start again): "
+                         "training kept them apart (TRL's padding-free packing restarts the positions at each), but as one "
+                         "sequence each would attend to those before it. Pass the documents unpacked (TRL's `packing=False` "
+                         "with the same `max_length` gives them), or split each row at its `seq_lengths`.")
     ids = _as_1d_long(x['input_ids'], 'input_ids', i, name)
     if len(ids) == 0: raise ValueError(f"{name}[{i}] is empty: 'input_ids' has no tokens.")
     if (ids < 0).any():
