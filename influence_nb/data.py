@@ -87,7 +87,6 @@ def attended_span(mask:torch.Tensor, # a 1-D 0/1 `attention_mask`
                          "run of tokens (padding only at the start or end). Split it into separate sequences.")
     return lo, hi
 
-# %% ../nbs/00_data.ipynb #dfacbe60
 LOSS_WEIGHTS = re.compile(r'weight|^loss_mask$', re.I)   # fields a trainer may weigh its loss by, which scores have no place for
 
 def packed_row(x:Mapping) -> bool:
@@ -96,6 +95,7 @@ def packed_row(x:Mapping) -> bool:
     if lens is not None and np.size(lens) > 1: return True
     return pos is not None and bool((np.asarray(pos).reshape(-1)[1:] == 0).any())
 
+# %% ../nbs/00_data.ipynb #dfacbe60
 def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attention_mask`) or a list of ids
                 i:int=0, # position, used in error messages
                 name:str='data', # argument name, used in error messages

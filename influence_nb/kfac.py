@@ -13,9 +13,9 @@ from .modules import TrackedLayer, capture, find_modules
 
 # %% auto #0
 __all__ = ['LABEL_SAMPLING', 'EXACT_MAX_OUTPUTS', 'FACTOR_DTYPES', 'seq_generator', 'summed_loss', 'summed_loss_grad',
-           'check_fisher', 'fisher_sample', 'exact_cotangents', 'dist_info', 'all_reduce_sum', 'all_finite',
-           'reporting', 'CallCounts', 'watch_calls', 'layer_passes', 'Gram', 'blas_threads', 'resolve_factor_dtype',
-           'fit_covariances', 'eigen', 'precondition_eigen']
+           'loss_cotangent', 'check_fisher', 'fisher_sample', 'exact_cotangents', 'dist_info', 'all_reduce_sum',
+           'all_finite', 'reporting', 'CallCounts', 'watch_calls', 'layer_passes', 'Gram', 'blas_threads',
+           'resolve_factor_dtype', 'fit_covariances', 'eigen', 'precondition_eigen']
 
 # %% ../nbs/04_kfac.ipynb #e66b35a3
 def seq_generator(seed:int, stream:int, index:int) -> torch.Generator:
@@ -73,6 +73,25 @@ def summed_loss_grad(logits:torch.Tensor, # [batch, T, vocab]
         b, t = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
         grad[b, t, targets[b, t]] -= 1                                       # p − e_y
     return grad.to(logits.dtype)
+
+def loss_cotangent(logits:torch.Tensor, # [batch, T, vocab]
+                   batch:dict, # the batch (`collate`): 'input_ids', 'attention_mask', 'labels' (-100 = not scored)
+                   sample:bool=False, seed:int=0, stream:int=0, indices:list[int]|None=None, # as in `summed_loss`
+                   measurement=None, # a query's `f(logits, batch) -> [batch]` (None: log p of the labelled tokens)
+                  ) -> torch.Tensor:
+    """The output gradient a pass backpropagates: `∂ summed_loss / ∂ logits` (`summed_loss_grad`); with a `measurement` f,
+    `−∂ Σ f / ∂ logits`, so that a query's gradient is `−∇f` as the summed loss's is `−∇ log p(completion)`, and its
+    scores are `∇fᵀ (G + λI)⁻¹ ∇ log p(sequence)`. `f` must depend on each row's own real tokens only (the batch is
+    right-padded: `attention_mask` 0 after them)."""
+    if measurement is None: return summed_loss_grad(logits, batch['labels'], sample, seed, stream, indices)
+    z = (logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits).detach().requires_grad_(True)
+    with torch.enable_grad(): f = measurement(z, batch)
+    if not isinstance(f, torch.Tensor) or tuple(f.shape) != (len(z),):
+        raise ValueError(f"`measurement` must return a tensor with one value per sequence of the batch, shape ({len(z)},); got "
+                         f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}.")
+    if not f.requires_grad:
+        raise ValueError("`measurement`'s values do not depend on the logits it is given: compute them from its first argument.")
+    return torch.autograd.grad(-f.sum(), z)[0].to(logits.dtype)
 
 # %% ../nbs/04_kfac.ipynb #e4ac0002
 EXACT_MAX_OUTPUTS = 64   # fisher='exact' backpropagates one row per output class and scored token
@@ -302,10 +321,10 @@ def layer_passes(model, # a causal LM
                  pad_id:int=0,
                  counts:bool=False, # also yield `{name: tokens the layer saw}` (an expert sees only those routed to it)
                 start:int=0, # batches to pass over unrun (a resumed fit: they were summed before it stopped)
+                 measurement=None, # queries: `f(logits, batch) -> [B]` whose gradient replaces log p's (`loss_cotangent`)
                 ):
     "Yield `(indices, acts, out_grads)` per batch: `{name: ā [B, T, d_in(+1)]}`, `{name: Ds [B, T, d_out]}`, masked.\n\n    An expert's rows are scattered to the positions of the tokens routed to it; the others are zero. A layer the model\n    calls k times per forward has its calls side by side on the token axis, `[B, k·T, ...]`: its gradient sums them all.\n\n    Under torch.distributed each process walks its shard `seqs[rank::world]`; `indices` are positions in `seqs`."
-    device, exact = next(model.parameters()).device, sample == 'exact'
-    rank, world = dist_info()
+    device, exact, (rank, world) = next(model.parameters()).device, sample == 'exact', dist_info()
     ids = list(range(len(seqs)))[rank::world]                  # this process's shard (all of it when alone)
     mine = seqs if world == 1 else [seqs[i] for i in ids]
     todo = itertools.islice(batches(mine, batch_size, sort_by_length=sort_by_length, pad_id=pad_id), start, None)
@@ -319,8 +338,8 @@ def layer_passes(model, # a causal LM
             logits = _forward(model, cap, b)
             custom = getattr(model, 'influence_loss', None)       # adapters (e.g. a regressor) bring their own loss
             if exact: cots = list(exact_cotangents(logits, b['labels'], getattr(model, 'pbrf_loss', 'ce'))); dss = _backprop(cap, logits, cots)
-            elif custom: dss = cap.out_grads(custom(logits, b['labels'], bool(sample), seed, stream, idx))
-            else: dss = {n: [g[0] for g in gs] for n, gs in _backprop(cap, logits, [summed_loss_grad(logits, b['labels'], bool(sample), seed, stream, idx)]).items()}
+            elif custom and measurement is None: dss = cap.out_grads(custom(logits, b['labels'], bool(sample), seed, stream, idx))
+            else: dss = {n: [g[0] for g in gs] for n, gs in _backprop(cap, logits, [loss_cotangent(logits, b, bool(sample), seed, stream, idx, measurement)]).items()}
             acts, outg = {}, {}
             B, T = b['input_ids'].shape
             padded, seen, n_seen, J = not bool(mask.all()), {}, {}, (len(cots) if exact else None)

@@ -264,10 +264,10 @@ def shared_to(acts:dict, # one batch's `{name: ā}` (`layer_passes`): layers rea
     if id(t) not in done: done[id(t)] = (t, t.to(dt))                 # keyed by the tensor object the layers share (held alive)
     return done[id(t)][1]
 
-def query_gradients(model, layers, queries, batch_size=8, progress=False) -> dict:
-    "Per-query gradients of the summed loss (= −∇ log p(completion)) per layer, `{name: [n_q, d_out, d_in+1]}`."
+def query_gradients(model, layers, queries, batch_size=8, progress=False, measurement=None) -> dict:
+    "Per-query gradients of the summed loss (= −∇ log p(completion); with a `measurement` f, −∇f) per layer, `{name: [n_q, d_out, d_in+1]}`."
     out = {layer.name: None for layer in layers}
-    for idx, acts, outg in layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None):
+    for idx, acts, outg in layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None, measurement=measurement):
         for layer in layers:
             dt = working_dtype(acts[layer.name])
             g = seq_grads(acts[layer.name].to(dt), outg[layer.name].to(dt))   # [B, d_out, d_in+1]
@@ -360,16 +360,17 @@ def prepare_queries(model, # the model the factors were fitted on
                     damping:float|None=None, # None: 0.1 × mean eigenvalue per layer; a float: as given
                     query_rank:int|None=None, # truncate each layer's preconditioned queries to this rank
                     batch_size:int=8, progress:bool=False,
+                    measurement=None, # `f(logits, batch) -> [B]` measured instead of log p(completion) (`loss_cotangent`)
                    ) -> dict:
     "`{name: PrecondQuery}`: each layer's `(G_ℓ + λI)⁻¹ q_ℓ`, at rank `query_rank` if given; what scores and scans contract with."
     if factors.strategy in ITERATIVE:
-        return precondition_queries(factors, query_gradients(model, layers, queries, batch_size, progress), damping, query_rank, model)
+        return precondition_queries(factors, query_gradients(model, layers, queries, batch_size, progress, measurement), damping, query_rank, model)
     p = next(model.parameters()); dt = working_dtype(p)
     bases = eigenbases(factors, layers, dt, p.device)                              # {} unless K-FAC / EK-FAC
     denom = {n: factors.damped_eigenvalues(n, damping).to(p.device, dt) for n in bases}   # Λ + λ, as `Factors.precondition` damps
     out = _empty_queries(layers, len(queries), query_rank, dt, p.device)
     with watch_calls(factors.info.get('calls')):                     # warns if a layer runs another number of times than in the fit
-        for idx, acts, outg in layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None):
+        for idx, acts, outg in layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None, measurement=measurement):
             rotated_acts, conv = {}, {}   # gate_proj and up_proj read one input with one Q_A: converted and rotated once per batch
             for layer in layers:
                 n, a, d = layer.name, shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt)
@@ -478,8 +479,11 @@ def pairwise_scores(model, # the model the factors were fitted on
                     per_token:bool=False, # also return per-token scores, at the training tokens' positions as given
                     batch_size:int=8, # training sequences per batch
                     progress:bool=True, # tqdm bars
+                    measurement=None, # `f(logits, batch) -> [n]`, one value per query, measured instead of log p(completion)
                    ) -> Scores:
-    "Influence of every training sequence on every query's completion log-probability."
+    """Influence of every training sequence on every query's completion log-probability, or on `measurement` (a margin, a
+    loss over chosen tokens...): `f(logits, batch)` gets a right-padded batch of queries ('input_ids', 'attention_mask',
+    'labels') and their logits, and returns one differentiable value per query (`loss_cotangent`)."""
     check_damping(damping); check_rank(query_rank)
     layers = prepare_scoring(model, factors)
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries')
@@ -487,7 +491,7 @@ def pairwise_scores(model, # the model the factors were fitted on
     ts = check_sequences(model, train, 'train'); require_scored(ts, 'train')
     starts, width = given_positions(train, ts) if per_token else (None, 0)
     with watch_calls(getattr(factors, 'info', {}).get('calls')):      # both sides: a changed loop may show in the training side only
-        pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size, progress)
+        pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size, progress, measurement)
         dt = next(iter(pq.values())).dtype                            # float32 (float64 for a float64 model)
         total = torch.zeros(len(qs), len(ts), dtype=dt)
         layer_scores = {layer.name: torch.zeros(len(qs), len(ts), dtype=dt) for layer in layers} if per_layer else None
