@@ -223,20 +223,30 @@ def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[d
     if not seqs: raise ValueError(f"{flag} {path.name}: none of its {len(entries)} records can be used (the first: {bad[0][0]}: {bad[0][1]}).")
     if bad: print(f"note: {flag} {path.name}: skipped {len(bad)} of its {len(entries)} records, which cannot be used (--skip-bad-records; "
                   f"the first: {bad[0][0]}: {bad[0][1]}); the others keep their positions in the file.", file=sys.stderr)
-    _say_truncated(recs, seqs, tok, n, flag, path, pos)
-    shown = [r.get('text') for r in recs]
-    for note in (pair_end_note(model, tok, shown, seqs, eos), text_end_note(model, tok, shown, seqs, tend)):
-        if note: print(f"note: {flag} {path.name}: {note}", file=sys.stderr)
+    _say_truncated(recs, seqs, tok, n, flag, path, pos, eos, tend)
+    _say_ends(a, model, tok, recs, f"{flag} {path.name}", seqs)
     return seqs, pos, recs
 
 
 # %% ../nbs/13_cli.ipynb #0543d645
 _SKIP_ADVICE = "Fix or remove it, or pass --skip-bad-records to leave such records out"
 
-def _say_truncated(recs, seqs, tok, n, flag, path, pos):
+def _say_ends(a, model, tok, recs, where:str, seqs=None):
+    "The end-token notes (`pair_end_note`, `text_end_note`) on stderr, for `recs`: a corpus read whole with its `seqs`, or the first records of one a scan streams (tokenized here; a bad one among them: no note, the scan names it)."
+    eos, tend = _pair_eos(a), _text_eos(a)
+    if seqs is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', TruncatedTextsWarning)
+            try: seqs = corpus_sequences(recs, tok, getattr(a, 'max_length', None) or context_length(model, tok), eos, tend)
+            except (ValueError, TypeError): return
+    shown = [r.get('text') if 'input_ids' not in r else None for r in recs]       # texts only: a token-id record's end is not a text's
+    for note in (pair_end_note(model, tok, shown, seqs, eos), text_end_note(model, tok, shown, seqs, tend)):
+        if note: print(f"note: {where}: {note}", file=sys.stderr)
+
+def _say_truncated(recs, seqs, tok, n, flag, path, pos, pair_eos=True, text_eos=False):
     "Tell (on stderr) how many texts were longer than `n` tokens (only their first `n` are scored), and how many token-id records (taken whole)."
     texts = [j for j, r in enumerate(recs) if 'input_ids' not in r]             # token-id records are never cut
-    cut = [texts[j] for j in cut_texts(tok, [recs[j]['text'] for j in texts], [seqs[j]['input_ids'] for j in texts], n)]
+    cut = [texts[j] for j in cut_texts(tok, [recs[j]['text'] for j in texts], [seqs[j]['input_ids'] for j in texts], n, pair_eos, text_eos)]
     if cut: print(f"note: {len(cut)} of {len(seqs)} {flag} {path.name} records are longer than {n} tokens (--max-length, default: the model's "
                   f"context) and were cut to their first {n} (the first: {record_where(path, pos[cut[0]])}); only those tokens are scored; "
                   "`influence-nb windows` cuts them into windows instead, so that every token is scored.",
@@ -820,7 +830,8 @@ def _cmd_scan(a):
     if a.scores_dir and (clash := sorted(set(names) & {'index', 'id'})):        # read_scores names its columns by the ids
         raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the --scores-dir table's index (index, and "
                          "id when records have one); give that query another 'id'.")
-    _say_id_field(a, [r for _, r, _ in itertools.islice(corpus_entries(Path(a.corpus), a.text_field, lazy=True), 100) if r], '--corpus')
+    first = [r for _, r, _ in itertools.islice(corpus_entries(Path(a.corpus), a.text_field, lazy=True), 100) if r]
+    _say_id_field(a, first, '--corpus'); _say_ends(a, model, tok, first, f"--corpus {Path(a.corpus).name}")
     before = _checkpoint_holds(a.checkpoint)
     with _process_group() as (rank, world):
         lps = completion_logprobs(model, queries)

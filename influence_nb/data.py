@@ -14,21 +14,21 @@ import torch
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'LOSS_WEIGHTS', 'MIXED_FIELDS', 'TEMPLATE_OWN',
            'GENERATION_BLOCK', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DRIFT_PROBE', 'DTYPES', 'CORPUS_FORMATS',
-           'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span', 'packed_row', 'as_sequence', 'as_collection',
-           'as_sequences', 'n_scored', 'end_sentence', 'require_scored', 'check_int', 'check_max_length', 'field_value',
-           'TruncatedTextsWarning', 'raw_tokenizer_hint', 'special_affixes', 'special_prefix', 'right_truncation',
-           'cut_texts', 'encode_texts', 'is_conversation', 'is_pair', 'is_text', 'Chat', 'template_of', 'template_args',
-           'with_template', 'text_value', 'shown_text', 'text_sequences', 'pair_end_id', 'check_not_file_name',
-           'tokenize', 'tokenize_pairs', 'assistant_spans', 'generation_mask', 'chat_sequence', 'chat_query',
-           'chat_pair', 'collate', 'batches', 'model_config', 'model_context', 'model_vocab', 'check_sequences',
-           'grad_enabled', 'context_length', 'load_tokenizer', 'TokenizerDriftWarning', 'tokenizer_drift',
-           'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels',
-           'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs', 'pair_end_note', 'text_end_note',
-           'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines',
-           'parquet_rows', 'corpus_rows', 'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record',
-           'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning',
-           'WindowStream', 'iter_windows', 'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir',
-           'cached_factors', 'nats_note', 'run_slow_cell']
+           'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span', 'packed_row', 'check_fields', 'as_sequence',
+           'as_collection', 'as_sequences', 'n_scored', 'end_sentence', 'require_scored', 'check_int',
+           'check_max_length', 'field_value', 'TruncatedTextsWarning', 'raw_tokenizer_hint', 'special_affixes',
+           'special_prefix', 'right_truncation', 'cut_texts', 'encode_texts', 'is_conversation', 'is_pair', 'is_text',
+           'Chat', 'template_of', 'template_args', 'with_template', 'text_value', 'shown_text', 'text_sequences',
+           'pair_end_id', 'check_not_file_name', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'generation_mask',
+           'chat_sequence', 'chat_query', 'chat_pair', 'collate', 'batches', 'model_config', 'model_context',
+           'model_vocab', 'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer',
+           'TokenizerDriftWarning', 'tokenizer_drift', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled',
+           'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs',
+           'pair_end_note', 'text_end_note', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of',
+           'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'has_field', 'missing_id', 'with_id',
+           'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark',
+           'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows', 'block_parts',
+           'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note', 'run_slow_cell']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -90,10 +90,25 @@ def attended_span(mask:torch.Tensor, # a 1-D 0/1 `attention_mask`
 LOSS_WEIGHTS = re.compile(r'weight|^loss_mask$', re.I)   # fields a trainer may weigh its loss by, which scores have no place for
 
 def packed_row(x:Mapping) -> bool:
-    "A record holding several documents that training kept apart: TRL's packed rows ('seq_lengths' of more than one), or 'position_ids' that start again."
+    "A record holding several documents that training kept apart: TRL's packed rows ('seq_lengths' of more than one), or 'position_ids' that start again among its attended tokens (padding's own positions aside)."
     lens, pos = x.get('seq_lengths'), x.get('position_ids')
     if lens is not None and np.size(lens) > 1: return True
-    return pos is not None and bool((np.asarray(pos).reshape(-1)[1:] == 0).any())
+    if pos is None: return False
+    pos, mask = np.asarray(pos).reshape(-1), x.get('attention_mask')
+    if mask is not None and np.size(mask) == len(pos): pos = pos[np.asarray(mask).reshape(-1) != 0]
+    return bool((pos[1:] == 0).any())
+
+def check_fields(x:Mapping, i:int=0, name:str='data'):
+    "Refuse a sequence record whose other fields would change what it trains on, but which a score would ignore: loss weights (`LOSS_WEIGHTS`), or several documents packed apart (`packed_row`)."
+    if weights := [k for k in x if isinstance(k, str) and LOSS_WEIGHTS.search(k)]:
+        raise ValueError(f"{name}[{i}] has {', '.join(map(repr, weights))}: influence_nb has no loss weights and would ignore "
+                         "it, scoring every labelled token with weight 1. To leave tokens out, set their 'labels' to -100; "
+                         "if the field is not a weight, drop it from the sequences.")
+    if packed_row(x):
+        raise ValueError(f"{name}[{i}] is a packed row of several documents ('seq_lengths', or 'position_ids' that start again): "
+                         "training kept them apart (TRL's padding-free packing restarts the positions at each), but as one "
+                         "sequence each would attend to those before it. Pass the documents unpacked (TRL's `packing=False` "
+                         "with the same `max_length` gives them), or split each row at its `seq_lengths`.")
 
 # %% ../nbs/00_data.ipynb #dfacbe60
 def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attention_mask`) or a list of ids
@@ -102,7 +117,8 @@ def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attenti
                ) -> dict:
     "One sequence as a dict of 1-D int64 tensors `input_ids`, `labels`, `attention_mask`."
     if isinstance(x, (list, tuple)) and x and all(isinstance(e, str) for e in x):   # text where token ids belong
-        how = ("a (prompt, completion) pair? Tokenize pairs with `inf.tokenize_pairs(tokenizer, pairs)`" if len(x) == 2 else
+        how = ("a (prompt, completion) pair? Tokenize query pairs with `inf.tokenize_pairs(tokenizer, pairs)`, training pairs "
+               "with `inf.tokenize(tokenizer, pairs)` (which ends each completion with the EOS, as TRL trains it)" if len(x) == 2 else
                "Tokenize texts with `inf.tokenize(tokenizer, texts)`")
         raise TypeError(f"{name}[{i}] holds text ({x!r}), not token ids: {how}.")
     if isinstance(x, (list, tuple, torch.Tensor, np.ndarray)) and not isinstance(x, Mapping): x = {'input_ids': x}
@@ -119,15 +135,7 @@ def as_sequence(x, # a mapping with `input_ids` (and optional `labels`, `attenti
                 f" It holds raw text ({text!r}): tokenize it first, e.g. `inf.tokenize(tokenizer, {name}, text_field={text!r})` "
                 f"or `{name}.map(lambda b: tokenizer(b[{text!r}]), batched=True)`." if text else '')
         raise ValueError(f"{name}[{i}] has no 'input_ids' (keys: {sorted(x)}).{hint}")
-    if weights := [k for k in x if isinstance(k, str) and LOSS_WEIGHTS.search(k)]:
-        raise ValueError(f"{name}[{i}] has {', '.join(map(repr, weights))}: influence_nb has no loss weights and would ignore "
-                         "it, scoring every labelled token with weight 1. To leave tokens out, set their 'labels' to -100; "
-                         "if the field is not a weight, drop it from the sequences.")
-    if packed_row(x):
-        raise ValueError(f"{name}[{i}] is a packed row of several documents ('seq_lengths', or 'position_ids' that start again): "
-                         "training kept them apart (TRL's padding-free packing restarts the positions at each), but as one "
-                         "sequence each would attend to those before it. Pass the documents unpacked (TRL's `packing=False` "
-                         "with the same `max_length` gives them), or split each row at its `seq_lengths`.")
+    check_fields(x, i, name)
     ids = _as_1d_long(x['input_ids'], 'input_ids', i, name)
     if len(ids) == 0: raise ValueError(f"{name}[{i}] is empty: 'input_ids' has no tokens.")
     if (ids < 0).any():
@@ -309,12 +317,13 @@ def cut_texts(tokenizer, # the tokenizer that made `ids`
               ids:list, # their token ids, truncated to `max_length`
               max_length:int,
               pair_eos:bool|str|int=True, # as the pairs were tokenized (`text_sequences`)
+              text_eos:bool|str|int=False, # as the texts were (a text whose end token has no room counts as cut)
              ) -> list[int]:
     "Positions of the `texts` longer than `max_length` tokens: only those cut to exactly that many can be, and one token more tells."
-    full = [j for j, x in enumerate(ids) if len(x) == max_length]
+    full, tend = [j for j, x in enumerate(ids) if len(x) == max_length], pair_end_id(tokenizer, text_eos, 'text_eos')
     plain = [j for j in full if isinstance(texts[j], str)]           # the others are conversations and pairs (`text_sequences`)
     again = encode_texts(tokenizer, [texts[j] for j in plain], max_length + 1) if plain else []
-    longer = {j for j, x in zip(plain, again) if len(x) > max_length}   # (max_length + 1, not no limit: no tokenizer length warning)
+    longer = {j for j, x in zip(plain, again) if len(x) + (tend is not None and x[-1:] != [tend]) > max_length}   # (+ 1: no length warning)
     return sorted(longer | {j for j in full if j not in plain and len(text_sequences(tokenizer, [texts[j]], None, pair_eos)[0]['input_ids']) > max_length})
 
 # %% ../nbs/00_data.ipynb #3cf047a0
@@ -384,7 +393,8 @@ def template_args(record:Mapping) -> dict:
     """A record's own arguments for the chat template, as TRL's SFTTrainer passes them to `apply_chat_template`: its
     'tools' (a list of tool schemas, or JSON text of one) and its 'chat_template_kwargs' (e.g. `{'enable_thinking': False}`);
     {} for a record with neither (or nulls)."""
-    tools, kw = record.get('tools'), record.get('chat_template_kwargs')
+    nan = lambda v: None if isinstance(v, float) and v != v else v          # (a pandas row's NaN: absent)
+    tools, kw = nan(record.get('tools')), nan(record.get('chat_template_kwargs'))
     if isinstance(tools, str):
         try: tools = json.loads(tools)
         except json.JSONDecodeError as e:
@@ -447,6 +457,9 @@ def text_sequences(tokenizer, # a Hugging Face tokenizer
 def pair_end_id(tokenizer, pair_eos:bool|str|int=True, name:str='pair_eos') -> int|None:
     "The token put after a text pair's completion (or, `name`='text_eos', after a text): the tokenizer's EOS (True), none (False or None), a token (its text) or a token id."
     if pair_eos is None or pair_eos is False: return None
+    if pair_eos is True and name == 'text_eos' and tokenizer.eos_token_id is None:
+        raise ValueError("`text_eos`=True: this tokenizer has no end token (`eos_token`); name the token training put after each "
+                         "text (`text_eos='</s>'`, --text-eos TOKEN), or leave it unset.")
     if pair_eos is True: return tokenizer.eos_token_id
     if isinstance(pair_eos, str):
         i = tokenizer.convert_tokens_to_ids(pair_eos)
@@ -499,6 +512,9 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
     "Training sequences from `texts`: every token of a text is scored; of a conversation (a list of messages), the assistant's replies; of a prompt-completion pair, the completion (and the end token after it)."
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.{raw_tokenizer_hint(tokenizer)}")
     check_max_length(max_length); check_not_file_name(texts)
+    if isinstance(texts, tuple) and len(texts) == 2 and all(isinstance(x, str) for x in texts):
+        raise TypeError("`texts` is a tuple of two strings: for one (prompt, completion) pair pass a list of it, "
+                        "[(prompt, completion)]; for two texts, a list of them.")
     if isinstance(texts, str) or is_pair(texts) or (is_conversation(texts) and not any(text_field in m for m in texts)): texts = [texts]
     texts = list(as_collection(texts, 'texts'))
     if not texts: raise ValueError("`texts` is empty: pass at least one text.")
@@ -518,7 +534,7 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
             raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str, a conversation (a list of messages, each with a "
                             "'role' and a 'content' string) or a prompt-completion pair.")
     seqs = text_sequences(tokenizer, texts, max_length, pair_eos, text_eos)
-    if max_length is not None and (cut := cut_texts(tokenizer, texts, [s['input_ids'] for s in seqs], max_length, pair_eos)):
+    if max_length is not None and (cut := cut_texts(tokenizer, texts, [s['input_ids'] for s in seqs], max_length, pair_eos, text_eos)):
         warnings.warn(f"{len(cut):,} of {len(texts):,} texts were longer than max_length={max_length} tokens and were cut to their "
                       f"first {max_length} (the first: texts[{cut[0]}]); only those tokens are scored. Pass a larger max_length "
                       "(the command line cuts at the model's context: `context_length(model, tokenizer)`), or None for no limit; "
@@ -1284,7 +1300,7 @@ def pair_end_note(model, # the model the records train
     p = float(completion_logprobs(model, qs).exp().median())
     if p >= 0.01: return None
     return (f"the end token {tokenizer.convert_ids_to_tokens(end)!r} put after each prompt-completion record's completion has a median "
-            f"probability of {p:.2g} there under this model ({len(last)} records): if training ended completions otherwise, score them "
+            f"probability of {p:.2g} there under this model (the {len(last)} records looked at): if training ended completions otherwise, score them "
             "as it did: `pair_eos=False` (--pair-eos none) or the token it put there.")
 
 # %% ../nbs/00_data.ipynb #9dafa853
@@ -1310,12 +1326,12 @@ def text_end_note(model, # the model the records train
     p = float(completion_logprobs(model, [at(s) for s in plain]).exp().median())
     name = tokenizer.convert_ids_to_tokens(probe)
     if end is None and p > 0.5:
-        return (f"the model gives its end token {name!r} a median probability of {p:.2g} right after these texts ({len(plain)} "
-                "records): training likely put one after each (TRL's SFTTrainer does for a 'text' dataset), a token it trained "
+        return (f"the model gives its end token {name!r} a median probability of {p:.2g} right after these texts (the {len(plain)} "
+                "records looked at): training likely put one after each (TRL's SFTTrainer does for a 'text' dataset), a token it trained "
                 "that is not scored here; score it too: `text_eos=True` (--text-eos eos).")
     if end is not None and p < 0.01:
         return (f"the end token {name!r} put after each text has a median probability of {p:.2g} there under this model "
-                f"({len(plain)} records): if training did not end its texts so, leave it out: `text_eos=False` (--text-eos none).")
+                f"(the {len(plain)} records looked at): if training did not end its texts so, leave it out: `text_eos=False` (--text-eos none).")
     return None
 
 # %% ../nbs/00_data.ipynb #c5de9db8
@@ -1452,6 +1468,7 @@ def array_record(r:list) -> dict|ValueError:
     if all(isinstance(x, int) and not isinstance(x, bool) for x in r): return {'input_ids': r}
     return ValueError("a JSON array, but not of token ids (integers): a text goes in an object's text field")
 
+# %% ../nbs/00_data.ipynb #304643a1
 def corpus_entries(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
                    text_field:str='text', # the field (JSONL) or column (Parquet) holding each document's text; dotted for nested
                    lazy:bool=False, # Parquet rows as they are read (`corpus_rows`), for a file larger than memory
@@ -1463,10 +1480,13 @@ def corpus_entries(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`
         if where == 'the file': raise ValueError(f"{p.name}, {where}: {r}. Accepted formats: {CORPUS_FORMATS}.")   # no record at all
         if isinstance(r, str): r = {text_field: r}                                # a JSON string is a text, as `scan` reads it
         if isinstance(r, list): r = array_record(r)                               # a JSON array of ids is a sequence, likewise
-        why = (str(r) if isinstance(r, Exception) else f"expected a JSON object, got {type(r).__name__}" if not isinstance(r, Mapping)
-               else None if 'input_ids' in r or is_text(text_value(r, text_field)) else missing_text(r, text_field)) or missing_id(r, id_field)
-        if why: yield where, None, why
-        else: yield where, with_id({**r, 'text': text_value(r, text_field)} if 'input_ids' not in r else r, id_field), None   # a text, conversation or pair
+        text, why = None, str(r) if isinstance(r, Exception) else f"expected a JSON object, got {type(r).__name__}" if not isinstance(r, Mapping) else None
+        if why is None and 'input_ids' not in r:
+            try: text = text_value(r, text_field)
+            except (ValueError, TypeError) as e: why = str(e)                   # (its own 'tools' or 'chat_template_kwargs' are bad)
+            else: why = None if is_text(text) else missing_text(r, text_field)
+        if why := why or missing_id(r, id_field): yield where, None, why
+        else: yield where, with_id({**r, 'text': text} if 'input_ids' not in r else r, id_field), None   # a text, conversation or pair
 
 def read_corpus(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
                 text_field:str='text', # the field (JSONL) or column (Parquet) holding each document's text; dotted for nested
@@ -1494,7 +1514,8 @@ def corpus_sequences(records:list[dict], # from `read_corpus`
     texts = {j: r['text'] for j, r in enumerate(records) if 'input_ids' not in r}
     out = dict(zip(texts, tokenize(tokenizer, list(texts.values()), max_length, pair_eos=pair_eos, text_eos=text_eos))) if texts else {}
     for j, r in enumerate(records):
-        if j not in out: out[j] = as_sequence({k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}, j, 'corpus')
+        if j in out: continue
+        check_fields(r, j, 'corpus'); out[j] = as_sequence({k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}, j, 'corpus')
     return [out[j] for j in range(len(records))]
 
 # %% ../nbs/00_data.ipynb #92ccc168
@@ -1536,7 +1557,7 @@ def _text_id(t, j:int, names, seen:dict) -> str:
 
 def _tokenized(tokenizer, items:list, text_field:str, pair_eos=True, text_eos=False) -> list[dict]:
     "Uncut sequences of texts, conversations, pairs, records of them, and records holding 'input_ids' (taken as they are)."
-    given = {j: as_sequence({k: t[k] for k in ('input_ids', 'labels', 'attention_mask') if k in t}, j, 'texts')
+    given = {j: check_fields(t, j, 'texts') or as_sequence({k: t[k] for k in ('input_ids', 'labels', 'attention_mask') if k in t}, j, 'texts')
              for j, t in enumerate(items) if isinstance(t, Mapping) and 'input_ids' in t}
     rest = [j for j in range(len(items)) if j not in given]
     with _no_length_notice(): made = tokenize(tokenizer, [items[j] for j in rest], None, text_field, pair_eos, text_eos) if rest else []
@@ -1604,8 +1625,8 @@ def iter_windows(tokenizer, # a Hugging Face tokenizer
                          "or None to join the texts with nothing between them (as transformers' run_clm does).")
     if sep is not None: sep = check_int(sep, 'separator', lo=0, hi=len(tokenizer) - 1)   # a token of this tokenizer
     if pack and pair_end_id(tokenizer, text_eos, 'text_eos') is not None:
-        raise ValueError("`text_eos` and `pack`: packed texts are joined by `separator` (the end token by default), which is "
-                         "the token after each text; leave `text_eos` unset.")
+        raise ValueError("`text_eos` (--text-eos) and `pack` (--pack): packed texts are joined by `separator` (--separator; the "
+                         "end token by default), which is the token after each text; leave `text_eos` unset.")
     one = (isinstance(texts, str) or is_pair(texts) or (isinstance(texts, Mapping) and not _is_batch(texts))
            or (is_conversation(texts) and not any(text_field in m for m in texts)))   # one text, as `tokenize` reads it
     coll = [texts] if one else as_collection(texts, 'texts')

@@ -116,7 +116,9 @@ def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or 
         if not isinstance(r, Mapping): raise TypeError(f"{at(i)} is a {type(r).__name__}; expected a text or a record.")
         if why := missing_id(r, id_field): raise ValueError(f"{at(i)}: {why}.")
         r = with_id(r, id_field)
-        if is_text(v := text_value(r, text_field)): text = v   # (a conversation: its messages; a pair: prompt and completion)
+        try: v = text_value(r, text_field)
+        except (ValueError, TypeError) as e: raise type(e)(f"{at(i)}: {e}") from None   # (its own bad 'tools')
+        if is_text(v): text = v   # (a conversation: its messages; a pair: prompt and completion)
         elif 'input_ids' in r:
             try: ids = shown_ids(r)                                   # (a packed block's part: its own text)
             except (ValueError, TypeError) as e: raise type(e)(f"{at(i)}: {str(e).replace('record[0]', 'the record')}") from None
@@ -396,13 +398,13 @@ def train(self: ExplorerSession, name: str) -> list[dict]:
                              f"{self.records[j]['id']!r}{at} (an empty text, a one-token text, or a conversation whose assistant "
                              "turns fall beyond the context). Remove them from the corpus.")
         texts = [j for j, r in enumerate(self.records) if 'input_ids' not in r]
-        cut = cut_texts(tok, [self.records[j]['text'] for j in texts], [self._train[key][j]['input_ids'] for j in texts], ctx, self.pair_eos) if ctx else []
+        cut = cut_texts(tok, [self.records[j]['text'] for j in texts], [self._train[key][j]['input_ids'] for j in texts], ctx, self.pair_eos, self.text_eos) if ctx else []
         limit = (f"{name}'s context ({ctx} tokens; `max_length`, `--max-length` on the command line, cuts them shorter, to the "
                  "length the model was trained at)") if self.max_length is None else f"`max_length` ({ctx} tokens)"
         note = (f"{len(cut):,} of {len(self.records):,} training texts are longer than {limit}, so only their first {ctx} "
                 f"tokens are scored (the first: id {self.records[texts[cut[0]]]['id']}); `token_windows` (`influence-nb windows`) "
                 "cuts them into windows instead, so that every token is scored.") if cut else None
-        shown = [r.get('text') for r in self.records]                    # an end training lacked, or one it had
+        shown = [r.get('text') if 'input_ids' not in r else None for r in self.records]   # an end training lacked, or had
         ends = (pair_end_note(model, tok, shown, self._train[key], self.pair_eos), text_end_note(model, tok, shown, self._train[key], self.text_eos))
         note = ' '.join(x for x in (note, *ends) if x) or None
         self._cut[key] = ({texts[j] for j in cut}, note)                    # each run shows it (`run_query`'s notes)
@@ -1175,8 +1177,9 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
                                   factors=factors, text_field=text_field, device=device, dtype=dtype, modules=modules,
                                   trust_remote_code=trust_remote_code, max_length=max_length, id_field=id_field, pair_eos=pair_eos, text_eos=text_eos)
         model = None
-    elif any(x is not None for x in (tokenizer, corpus, queries, factors)) or id_field != 'id':
-        raise ValueError("`tokenizer`, `corpus`, `queries`, `factors` and `id_field` go with your own `model` (an object or a folder).")
+    elif any(x is not None for x in (tokenizer, corpus, queries, factors)) or id_field != 'id' or pair_eos is not True or text_eos is not False:
+        raise ValueError("`tokenizer`, `corpus`, `queries`, `factors`, `id_field`, `pair_eos` and `text_eos` go with your own `model` "
+                         "(an object or a folder); with a `session`, give them to the `ExplorerSession`.")
     elif device is not None or dtype is not None or modules is not None or max_length is not None:
         if session is not None:
             raise ValueError("Pass `device`, `dtype`, `modules` and `max_length` to the `ExplorerSession` you give, not to `explorer`.")

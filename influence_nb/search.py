@@ -142,7 +142,8 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
     for j, it in enumerate(items):
         if isinstance(it.raw, BadRecord): n_bad += _bad_record(it, it.raw.why, skip, bad); continue
         if why := missing_id(it.raw, id_field): n_bad += _bad_record(it, why, skip, bad); continue   # (a misspelt `id_field`)
-        text = text_of(it.raw, text_field)
+        try: text = text_of(it.raw, text_field)
+        except (ValueError, TypeError) as e: n_bad += _bad_record(it, str(e), skip, bad); continue   # (its own bad 'tools')
         if text is not None:
             if not is_text(text):
                 n_bad += _bad_record(it, missing_text(it.raw, text_field), skip, bad); continue     # (only a record has a field)
@@ -165,7 +166,7 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
                 except ValueError as e: seqs.append(None); n_bad += _bad_record(items[j], str(e).replace('texts[0]', 'the conversation'), skip, bad)
         if cut is not None and max_length is not None:
             _count_cut(cut, items, {j: t for (j, t), s in zip(texts.items(), seqs) if s is not None},
-                       [s['input_ids'] for s in seqs if s is not None], tokenizer, max_length, pair_eos)
+                       [s['input_ids'] for s in seqs if s is not None], tokenizer, max_length, pair_eos, text_eos)
         for j, s in zip(texts, seqs):
             if s is None: continue
             try: out[j] = as_sequence(s, items[j].index, 'corpus')
@@ -198,10 +199,10 @@ def _digest_chunk(items, seqs) -> str:
     return digest(parts(), 'blake2b', 16)
 
 # %% ../nbs/08_search.ipynb #0d406ee4
-def _count_cut(cut:dict, items, texts:dict, ids:list, tokenizer, max_length:int, pair_eos=True):
+def _count_cut(cut:dict, items, texts:dict, ids:list, tokenizer, max_length:int, pair_eos=True, text_eos=False):
     "Add to `cut` ('n', 'first': where) the texts longer than `max_length` tokens: only those tokenized to exactly that many can be."
     keys = list(texts)
-    longer = [keys[j] for j in cut_texts(tokenizer, [texts[k] for k in keys], ids, max_length, pair_eos)]
+    longer = [keys[j] for j in cut_texts(tokenizer, [texts[k] for k in keys], ids, max_length, pair_eos, text_eos)]
     if longer: cut['n'] = cut.get('n', 0) + len(longer); cut.setdefault('first', items[longer[0]].where)
 
 def _check_scanned(state:dict):
@@ -855,7 +856,7 @@ def scan(model, # the model the factors were fitted on
     _check_twice(stream, refine and query_rank is not None, candidates); ctx, max_length = _scan_max_length(model, max_length)
     cfg = _config(factors, qs, stream, tokenizer, k=k, query_rank=query_rank, damping=damping, batch_size=batch_size,
                   chunk_size=chunk_size, max_length=max_length, text_field=text_field, on_bad_record=on_bad_record,
-                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}), **({'id_field': id_field} if id_field != 'id' else {}), **({'pair_eos': pair_eos} if pair_eos is not True else {}), **({'text_eos': text_eos} if text_eos not in (False, None) else {}))
+                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}), **({'id_field': id_field} if id_field != 'id' else {}), **({'pair_eos': pair_eos} if pair_eos is not True else {}), **({'text_eos': text_eos} if text_eos is not False and text_eos is not None else {}))
     fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), working_dtype(next(model.parameters())); vocab, skip = model_vocab(model), on_bad_record == 'skip'
     read = lambda items, cut=None, bad=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut, bad, id_field, pair_eos, text_eos)
     ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path)); _check_paths(ckpt, spath)

@@ -447,3 +447,22 @@ def test_a_records_tools_and_template_arguments_reach_the_template(case, tmp_pat
     res = run_query(s, s.custom, query_id='q1', prefilter=False, k=3, strategy='ekfac')
     order = torch.argsort(torch.tensor(res.candidates))
     assert torch.allclose(torch.tensor(res.scores)[order], want, rtol=1e-6, atol=0)
+
+def test_a_record_with_bad_tools_is_a_bad_record_named_by_its_line(case, tmp_path):
+    "A record's 'tools' that are not JSON, or 'chat_template_kwargs' that are not a mapping: named by file and line, and skippable."
+    d = case['dir']
+    recs = [{'id': f'c{i}', 'messages': c} for i, c in enumerate(case['convs'])]
+    recs[2]['tools'] = '{not json'; recs[4]['chat_template_kwargs'] = 'brief'
+    (tmp_path/'bad.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    args = ('--model', d/'model', '--data', tmp_path/'bad.jsonl', '--text-field', 'messages', '--batch-size', 8)
+    rc, _, err = randdata.cli_run('fit-factors', *args, '--out', tmp_path/'f')
+    assert rc == 2 and 'bad.jsonl, line 3' in err and "'tools' is text but not JSON" in err, err
+    rc, _, err = randdata.cli_run('fit-factors', *args, '--out', tmp_path/'f', '--skip-bad-records')
+    assert rc == 0 and 'skipped 2 of its 6 records' in err, err
+    rc, _, err = randdata.cli_run('scan', '--model', d/'model', '--factors', tmp_path/'f', '--queries', d/'q.jsonl', '--corpus',
+                                  tmp_path/'bad.jsonl', '--text-field', 'messages', '--k', 2, '--out', tmp_path/'r.parquet', '--quiet',
+                                  '--skip-bad-records')
+    assert rc == 0, err
+    from influence_nb.search import ScanResult
+    r = ScanResult.load(tmp_path/'r.parquet')
+    assert r.n_scanned == 4 and r.n_skipped == 2 and not {2, 4} & set(r.indices.flatten().tolist())
