@@ -847,16 +847,16 @@ def scan(model, # the model the factors were fitted on
          n_train:int|None=None, # N of the training set, for `nats`; None: the larger of the sequences scanned and the factors' fit set
          query_names:list|None=None, # a name per query (e.g. its id): the result's `query_names`, the columns `read_scores` gives
          candidates:int|None=None, # rank each query among its own `candidates` best BM25 matches only (paper §3.2.1; a first pass reads the tokens)
+         measurement=None, # `f(logits, batch) -> [n]` measured instead of each query's log p(completion) (`pairwise_scores`)
         ) -> ScanResult:
     "Scan `corpus` for each query's `k` most influential sequences, in constant memory, resumable."
-    _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train, candidates)
-    layers, id_field = prepare_scoring(model, factors), id_field or 'id'
+    _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train, candidates); layers, id_field = prepare_scoring(model, factors), id_field or 'id'
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries'); names = _query_names(query_names, len(qs), scores_path is not None)
     stream = CorpusStream(corpus, text_field, id_field)
     _check_twice(stream, refine and query_rank is not None, candidates); ctx, max_length = _scan_max_length(model, max_length)
     cfg = _config(factors, qs, stream, tokenizer, k=k, query_rank=query_rank, damping=damping, batch_size=batch_size,
                   chunk_size=chunk_size, max_length=max_length, text_field=text_field, on_bad_record=on_bad_record,
-                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}), **({'id_field': id_field} if id_field != 'id' else {}), **({'pair_eos': pair_eos} if pair_eos is not True else {}), **({'text_eos': text_eos} if text_eos is not False and text_eos is not None else {}))
+                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}), **({'id_field': id_field} if id_field != 'id' else {}), **({'pair_eos': pair_eos} if pair_eos is not True else {}), **({'text_eos': text_eos} if text_eos is not False and text_eos is not None else {}), **_measured(measurement))
     fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), working_dtype(next(model.parameters())); vocab, skip = model_vocab(model), on_bad_record == 'skip'
     read = lambda items, cut=None, bad=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut, bad, id_field, pair_eos, text_eos)
     ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path)); _check_paths(ckpt, spath)
@@ -867,7 +867,7 @@ def scan(model, # the model the factors were fitted on
         cut, bad = state.setdefault('cut', {}), state.setdefault('bad', {'first': None} if state['n_skipped'] else {})   # (None: unknown)
         if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt, names)   # (a checkpoint's parts: reused)
         convert = _only(pre := candidates and _prefilter(stream, qs, candidates, read, tokenizer, chunk_size, progress and rank == 0, state, ckpt, names), read)
-        pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size)   # as `pairwise_scores` does
+        pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size, measurement=measurement)   # as `pairwise_scores` does
         items = _resume_items(stream, state, convert, ckpt, prefix := _guard(stream, state, ckpt))
         vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, lambda c: convert(c, cut, bad), k=k, chunk_size=chunk_size,
                                   batch_size=batch_size, dtype=dtype, spath=spath, ckpt=ckpt,
@@ -875,7 +875,7 @@ def scan(model, # the model the factors were fitted on
     _say_cut(cut, max_length); _check_scanned(state)
     n_skipped, first = state['n_skipped'] + (pre['n_skipped'] if pre else 0), bad.get('first') or (pre['first'] if pre else None)
     n = min(k, state['n_scanned']); vals, inds, refined = vals[:, :n], inds[:, :n], bool(refine and query_rank is not None)
-    if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype)
+    if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype, measurement)
     return ScanResult(inds, vals, state['n_scanned'], n_skipped, n_train or max(pre['n_docs'] if pre else state['n_scanned'], factors.n_sequences),
                       query_rank, refined, str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - state['t0'], 3),
                       source_digest=file_digest(stream.path) if stream.path else None, text_field=text_field, n_truncated=cut.get('n', 0),
@@ -883,9 +883,13 @@ def scan(model, # the model the factors were fitted on
                       id_field=None if id_field == 'id' else id_field)
 
 # %% ../nbs/08_search.ipynb #9e8c4c89
-def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype):
+def _measured(measurement) -> dict:
+    "A scan's record of its queries' `measurement` (by name: a checkpoint of another one is not resumed); {} for log p."
+    return {} if measurement is None else {'measurement': f"{getattr(measurement, '__module__', '')}.{getattr(measurement, '__qualname__', repr(measurement))}"}
+
+def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype, measurement=None):
     "Full-rank scores of each query's candidates `inds` `[n_q, k]`, re-sorted: `(scores, indices)`."
-    pq = prepare_queries(model, factors, layers, qs, damping, None, batch_size)
+    pq = prepare_queries(model, factors, layers, qs, damping, None, batch_size, measurement=measurement)
     wanted = sorted(set(inds.flatten().tolist()))
     full, pos, buf = torch.zeros(len(qs), len(wanted), dtype=dtype), {w: j for j, w in enumerate(wanted)}, []
     def flush():
