@@ -17,7 +17,7 @@ import torch
 from torch import nn
 import pandas as pd
 from .data import check_sequences, require_scored, grad_enabled, as_collection, attended_span, NATS_SCALE, IGNORE_INDEX
-from .kfac import layer_passes, all_reduce_sum, dist_info, all_finite, watch_calls
+from .kfac import layer_passes, all_reduce_sum, dist_info, all_finite, watch_calls, _Bar
 from .ekfac import Factors, seq_grads, check_damping, ITERATIVE
 from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'cg', 'pcg' (05b_solver)
 
@@ -25,9 +25,9 @@ from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'c
 __all__ = ['UNITS', 'STREAM_MACS', 'ScoreTable', 'check_query', 'check_k', 'Scores', 'to_float64', 'layer_sums',
            'shares_of_total', 'PrecondQuery', 'working_dtype', 'eigenbases', 'rotated_grads', 'shared_to',
            'query_gradients', 'canonical_to_flat', 'flat_to_canonical', 'truncated_svd', 'precondition_queries',
-           'query_form', 'prepare_queries', 'contraction_costs', 'contract_scores', 'given_positions', 'fold_calls',
-           'place_tokens', 'unread_to_nan', 'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores',
-           'ClassifierAsLM', 'RegressorAsLM']
+           'query_form', 'check_measurement', 'prepare_queries', 'contraction_costs', 'contract_scores',
+           'given_positions', 'fold_calls', 'place_tokens', 'unread_to_nan', 'check_rank', 'prepare_scoring',
+           'pairwise_scores', 'self_scores', 'ClassifierAsLM', 'RegressorAsLM']
 
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
@@ -353,6 +353,12 @@ def _empty_queries(layers, n:int, query_rank, dtype, device) -> dict:
                                              V=torch.zeros(n, i, query_rank, dtype=dtype, device=device))
     return out
 
+def check_measurement(measurement):
+    "Refuse a `measurement` that is neither None (log p of the labelled tokens) nor a callable `f(logits, batch) -> [batch]`."
+    if measurement is None or callable(measurement): return
+    raise TypeError("`measurement` must be None (log p of the labelled tokens) or a function `f(logits, batch)` returning one "
+                    f"differentiable value per sequence of the batch, got {type(measurement).__name__} {str(measurement)[:60]!r}.")
+
 def prepare_queries(model, # the model the factors were fitted on
                     factors:Factors, # fitted factors (or an iterative solver)
                     layers:list, # tracked layers (`prepare_scoring`)
@@ -363,6 +369,7 @@ def prepare_queries(model, # the model the factors were fitted on
                     measurement=None, # `f(logits, batch) -> [B]` measured instead of log p(completion) (`loss_cotangent`)
                    ) -> dict:
     "`{name: PrecondQuery}`: each layer's `(G_ℓ + λI)⁻¹ q_ℓ`, at rank `query_rank` if given; what scores and scans contract with."
+    check_measurement(measurement)
     if factors.strategy in ITERATIVE:
         return precondition_queries(factors, query_gradients(model, layers, queries, batch_size, progress, measurement), damping, query_rank, model)
     p = next(model.parameters()); dt = working_dtype(p)
@@ -484,7 +491,7 @@ def pairwise_scores(model, # the model the factors were fitted on
     """Influence of every training sequence on every query's completion log-probability, or on `measurement` (a margin, a
     loss over chosen tokens...): `f(logits, batch)` gets a right-padded batch of queries ('input_ids', 'attention_mask',
     'labels') and their logits, and returns one differentiable value per query (`loss_cotangent`)."""
-    check_damping(damping); check_rank(query_rank)
+    check_damping(damping); check_rank(query_rank); check_measurement(measurement)
     layers = prepare_scoring(model, factors)
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries')
     if per_token and not hasattr(train, '__len__'): train = list(train)   # a one-shot iterable: read once, kept for `given_positions`
@@ -525,15 +532,20 @@ def self_scores(model, # the model the factors were fitted on
                 damping:float|None=None, # as in `pairwise_scores`
                 batch_size:int=8, # sequences per forward/backward pass
                 progress:bool=True, # a tqdm bar
+                measurement=None, # `f(logits, batch) -> [B]` on one side instead of log p (Kronfluence's `use_measurement_for_self_influence`)
                ) -> torch.Tensor:
-    "`∇log p(n)ᵀ (G + λI)⁻¹ ∇log p(n)` for every sequence: `[n_train]`, float32 (float64 for a float64 model)."
-    check_damping(damping)
+    """`∇log p(n)ᵀ (G + λI)⁻¹ ∇log p(n)` (with a `measurement` f: `∇f(n)ᵀ (G + λI)⁻¹ ∇log p(n)`) for every sequence: `[n_train]`, float32 (float64 for a float64 model).
+    With f, the diagonal of `pairwise_scores(train, train, measurement=f)`."""
+    check_damping(damping); check_measurement(measurement)
     layers = prepare_scoring(model, factors)
     if factors.strategy in ITERATIVE:
-        s = pairwise_scores(model, factors, train, train, damping, batch_size=batch_size, progress=progress).total
+        s = pairwise_scores(model, factors, train, train, damping, batch_size=batch_size, progress=progress, measurement=measurement).total
         return torch.diagonal(s).clone()
     ts = check_sequences(model, train, 'train'); require_scored(ts, 'train')
     p = next(model.parameters()); dt = working_dtype(p)
+    if measurement is not None:
+        with watch_calls(factors.info.get('calls')): out = _measured_self(model, factors, layers, ts, damping, batch_size, progress, measurement, dt)
+        return all_reduce_sum(out)
     bases, denom = eigenbases(factors, layers, dt, p.device), {}
     for layer in layers:   # Λ + λ (None: identity), damped as `Factors.precondition` damps
         ev = factors.damped_eigenvalues(layer.name, damping)
@@ -549,6 +561,24 @@ def self_scores(model, # the model the factors were fitted on
         raise ValueError(f"Self-influence of train{(~torch.isfinite(out)).nonzero()[:8, 0].tolist()} overflows {out.dtype} (NaN/Inf): "
                          "the damping is too small for the curvature. Pass a larger `damping`, or None (0.1 × mean eigenvalue).")
     return all_reduce_sum(out)
+
+# %% ../nbs/06_scores.ipynb #f61f7c91
+def _measured_self(model, factors, layers:list, ts:list[dict], damping, batch_size:int, progress:bool, measurement, dt) -> torch.Tensor:
+    "`[n]`: each sequence's `∇fᵀ (G + λI)⁻¹ ∇log p`, `batch_size` sequences at a time (this process's part of each under torch.distributed)."
+    order = sorted(range(len(ts)), key=lambda i: -len(ts[i]['input_ids']))   # similar lengths together: each chunk is one batch
+    out = torch.zeros(len(ts), dtype=dt)
+    bar = _Bar(len(ts), 0, 'self-influence' if progress else None, not progress or dist_info()[0] != 0)
+    for j in range(0, len(order), batch_size):
+        chunk = order[j:j + batch_size]; seqs = [ts[i] for i in chunk]
+        pq = prepare_queries(model, factors, layers, seqs, damping, None, batch_size, False, measurement)   # (G + λI)⁻¹ (−∇f)
+        for idx, acts, outg in layer_passes(model, layers, seqs, batch_size):                                 # −∇log p
+            conv, rows = {}, torch.tensor([chunk[i] for i in idx])
+            for layer in layers:   # each sequence with its own row: [B, d_out, d_in+1] ⊙ [B, d_out, d_in+1], summed
+                g = seq_grads(shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt))
+                out[rows] += (pq[layer.name].full[idx] * g).sum((-1, -2)).cpu()
+        bar.update(len(chunk))
+    bar.close()
+    return out
 
 # %% ../nbs/06_scores.ipynb #0b737563
 def _watched(net:nn.Module) -> bool:
