@@ -4,13 +4,13 @@
 
 # %% ../nbs/13_cli.ipynb #7054df1b
 from __future__ import annotations
-import os, re, sys, json, math, time, signal, argparse, random, tempfile, subprocess, traceback, contextlib, warnings, itertools
+import os, re, sys, json, math, time, signal, argparse, dataclasses, random, tempfile, subprocess, traceback, contextlib, warnings, itertools
 from collections.abc import Mapping
 from pathlib import Path
 import torch
 import numpy as np
 import pandas as pd
-from .data import (cut_texts, corpus_lines, missing_id, pair_end_note, text_end_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
+from .data import (TokenRules, cut_texts, corpus_lines, missing_id, pair_end_note, text_end_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, end_sentence, array_record, iter_windows, JSONL_SUFFIXES, model_tokenizer, NoWindowWarning, block_parts, DTYPES)
@@ -198,8 +198,7 @@ def _record_fields(rec:dict, prefix='') -> list[str]:
 def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[dict]]:
     "`(sequences, positions, records)` of the corpus file named by `flag` (texts cut to the context or --max-length), checked for `model`: each sequence's record index in the file (blank lines not counted; records left out by --skip-bad-records leave gaps)."
     path, skip = Path(getattr(a, flag.strip('-').replace('-', '_'))), getattr(a, 'skip_bad_records', False)
-    n = getattr(a, 'max_length', None) or context_length(model, tok)
-    eos, tend = _pair_eos(a), _text_eos(a)
+    n, rules = getattr(a, 'max_length', None) or context_length(model, tok), _rules(a)
     try: entries = list(corpus_entries(path, a.text_field, id_field=a.id_field or 'id'))
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"{flag} {e}") from None
     bad = [(where, why) for where, _, why in entries if why]                   # read-level: not JSON, no text field, ...
@@ -210,11 +209,11 @@ def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[d
         warnings.simplefilter('ignore', TruncatedTextsWarning)                   # `_say_truncated` names the file and line instead
         try:
             if not recs: raise ValueError('no record')
-            seqs = check_sequences(model, corpus_sequences(recs, tok, n, eos, tend), 'corpus'); require_scored(seqs, 'corpus')
+            seqs = check_sequences(model, corpus_sequences(recs, tok, n, **dataclasses.asdict(rules)), 'corpus'); require_scored(seqs, 'corpus')
         except (ValueError, TypeError):                                           # find the bad records, name the first
             seqs, kept = [], []
             for j, r in zip(pos, recs):
-                try: s = check_sequences(model, corpus_sequences([r], tok, n, eos, tend), 'record'); require_scored(s, 'record')
+                try: s = check_sequences(model, corpus_sequences([r], tok, n, **dataclasses.asdict(rules)), 'record'); require_scored(s, 'record')
                 except (ValueError, TypeError) as e:
                     if not skip: raise _again(e, f"{flag} {path.name}, {entries[j][0]}: {end_sentence(_reword(e))} {_SKIP_ADVICE}.") from None
                     bad.append((entries[j][0], _reword(e))); continue
@@ -223,7 +222,7 @@ def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[d
     if not seqs: raise ValueError(f"{flag} {path.name}: none of its {len(entries)} records can be used (the first: {bad[0][0]}: {bad[0][1]}).")
     if bad: print(f"note: {flag} {path.name}: skipped {len(bad)} of its {len(entries)} records, which cannot be used (--skip-bad-records; "
                   f"the first: {bad[0][0]}: {bad[0][1]}); the others keep their positions in the file.", file=sys.stderr)
-    _say_truncated(recs, seqs, tok, n, flag, path, pos, eos, tend)
+    _say_truncated(recs, seqs, tok, n, flag, path, pos, rules)
     _say_ends(a, model, tok, recs, f"{flag} {path.name}", seqs)
     return seqs, pos, recs
 
@@ -233,20 +232,20 @@ _SKIP_ADVICE = "Fix or remove it, or pass --skip-bad-records to leave such recor
 
 def _say_ends(a, model, tok, recs, where:str, seqs=None):
     "The end-token notes (`pair_end_note`, `text_end_note`) on stderr, for `recs`: a corpus read whole with its `seqs`, or the first records of one a scan streams (tokenized here; a bad one among them: no note, the scan names it)."
-    eos, tend = _pair_eos(a), _text_eos(a)
+    rules = _rules(a)
     if seqs is None:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', TruncatedTextsWarning)
-            try: seqs = corpus_sequences(recs, tok, getattr(a, 'max_length', None) or context_length(model, tok), eos, tend)
+            try: seqs = corpus_sequences(recs, tok, getattr(a, 'max_length', None) or context_length(model, tok), **dataclasses.asdict(rules))
             except (ValueError, TypeError): return
     shown = [r.get('text') if 'input_ids' not in r else None for r in recs]       # texts only: a token-id record's end is not a text's
-    for note in (pair_end_note(model, tok, shown, seqs, eos), text_end_note(model, tok, shown, seqs, tend)):
+    for note in (pair_end_note(model, tok, shown, seqs, rules.pair_eos), text_end_note(model, tok, shown, seqs, rules.text_eos)):
         if note: print(f"note: {where}: {note}", file=sys.stderr)
 
-def _say_truncated(recs, seqs, tok, n, flag, path, pos, pair_eos=True, text_eos=False):
+def _say_truncated(recs, seqs, tok, n, flag, path, pos, rules:TokenRules=TokenRules()):
     "Tell (on stderr) how many texts were longer than `n` tokens (only their first `n` are scored), and how many token-id records (taken whole)."
     texts = [j for j, r in enumerate(recs) if 'input_ids' not in r]             # token-id records are never cut
-    cut = [texts[j] for j in cut_texts(tok, [recs[j]['text'] for j in texts], [seqs[j]['input_ids'] for j in texts], n, pair_eos, text_eos)]
+    cut = [texts[j] for j in cut_texts(tok, [recs[j]['text'] for j in texts], [seqs[j]['input_ids'] for j in texts], n, rules)]
     if cut: print(f"note: {len(cut)} of {len(seqs)} {flag} {path.name} records are longer than {n} tokens (--max-length, default: the model's "
                   f"context) and were cut to their first {n} (the first: {record_where(path, pos[cut[0]])}); only those tokens are scored; "
                   "`influence-nb windows` cuts them into windows instead, so that every token is scored.",
@@ -322,7 +321,10 @@ def _pair_eos(a, flag:str='pair_eos', default:str='eos'):
     v = getattr(a, flag, default)
     return True if v == 'eos' else False if v == 'none' else v
 
-def _text_eos(a): return _pair_eos(a, 'text_eos', 'none')
+def _rules(a) -> TokenRules:
+    "How training made its tokens (`TokenRules`), from --pair-eos, --text-eos, --assistant-only-loss and --completion-only-loss."
+    return TokenRules(_pair_eos(a), _pair_eos(a, 'text_eos', 'none'), getattr(a, 'assistant_only_loss', 'true') == 'true',
+                      getattr(a, 'completion_only_loss', 'true') == 'true')
 
 def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
     other = {'--data': '--corpus', '--corpus': '--data'}[flag]   # either name works in every command: one flag to remember
@@ -336,6 +338,11 @@ def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
     p.add_argument('--text-eos', default='none', metavar='{none,eos,TOKEN}', help="after each text record, the token training put "
                    "there: none (default, as in a pretraining corpus), eos (the tokenizer's end token, as TRL's SFTTrainer appends to "
                    "each text of a 'text' dataset), or a token; scored with the text")
+    p.add_argument('--assistant-only-loss', default='true', choices=['true', 'false'], help="a conversation record: true (default) "
+                   "scores the assistant's replies; false, every token the chat template writes, as TRL's SFTTrainer trains a "
+                   "'messages' dataset by default (its assistant_only_loss=False)")
+    p.add_argument('--completion-only-loss', default='true', choices=['true', 'false'], help="a prompt-completion record: true "
+                   "(default, as TRL's) scores the completion; false, the prompt too (TRL's completion_only_loss=False)")
     p.add_argument('--id-field', default=None, help="JSONL field / Parquet column naming each record in the output (e.g. doc_id; dotted "
                    "for a nested one, 'meta.id'); a record without it is a bad record (default: "
                    f"{'id' if text_default else 'the one the scan read'}; a record without an id is named by its position)")
@@ -654,7 +661,7 @@ def _cmd_windows(a):
         why = re.sub(r'^texts\[\d+\]', 'the record', _reword(e))
         if not a.skip_bad_records: raise ValueError(f"--corpus {path.name}, {seen[r['id']]}: {end_sentence(why)} {_SKIP_ADVICE}.")
         bad.append((seen[r['id']], why)); dropped.add(r['id'])
-    st = iter_windows(tok, records(), a.max_length, pack=a.pack, separator=sep, on_bad=on_bad, pair_eos=_pair_eos(a), text_eos=_text_eos(a))
+    st = iter_windows(tok, records(), a.max_length, pack=a.pack, separator=sep, on_bad=on_bad, **dataclasses.asdict(_rules(a)))
     outs, wins, toks, n_parts, parted = [out] + ([Path(a.parts)] if a.parts else []), 0, 0, 0, set()
     with _atomic_jsonl(*outs) as files, warnings.catch_warnings():
         warnings.simplefilter('ignore', NoWindowWarning)              # said below, with the file's line (and parts' too)
@@ -811,7 +818,7 @@ def _scan(a, model, tok, factors, queries, names):
     try:
         with _as_notes(): return scan(model, factors, queries, a.corpus, k=a.k, query_rank=a.query_rank, damping=a.damping, batch_size=a.batch_size,
                     chunk_size=a.chunk_size, tokenizer=tok, max_length=a.max_length or context_length(model, tok),
-                    text_field=a.text_field, id_field=a.id_field or 'id', pair_eos=_pair_eos(a), text_eos=_text_eos(a), on_bad_record='skip' if a.skip_bad_records else 'raise',
+                    text_field=a.text_field, id_field=a.id_field or 'id', **dataclasses.asdict(_rules(a)), on_bad_record='skip' if a.skip_bad_records else 'raise',
                     scores_path=a.scores_dir, checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every,
                     refine=a.refine, progress=not a.quiet, n_train=a.n_train, query_names=names, candidates=a.candidates or None)
     except BadRecordError as e:                               # the Python API's advice names `on_bad_record`: here, the option
@@ -1001,7 +1008,7 @@ def _cmd_explore(a):
     from influence_nb.explorer import explorer, app_notebook
     _check_explore_files(a)
     kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, factors=a.factors, query_id=a.query,
-              text_field=a.text_field, id_field=a.id_field, pair_eos=None if a.pair_eos == 'eos' else _pair_eos(a), text_eos=None if a.text_eos == 'none' else _text_eos(a), fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules, max_length=a.max_length,
+              text_field=a.text_field, id_field=a.id_field, **_rules(a).changed(), fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules, max_length=a.max_length,
               trust_remote_code=a.trust_remote_code or None, candidates=a.candidates, k=a.k, strategy=a.strategy)
     kw = {k: v for k, v in kw.items() if v is not None}                      # the app's own defaults otherwise
     if a.k is not None and not 1 <= a.k <= 50: raise ValueError(f"--k must be 1 to 50 in the explorer, got {a.k} (scan keeps any number).")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #32d43130
 from __future__ import annotations
-import os, re, sys, json, types, hashlib, inspect, numbers, functools, itertools, warnings
+import os, re, sys, json, types, dataclasses, hashlib, inspect, numbers, functools, itertools, warnings
 from pathlib import Path
 from contextlib import contextmanager, nullcontext
 from collections.abc import Mapping, Sequence, Iterable, Iterator
@@ -16,19 +16,20 @@ __all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'LOSS_WEIGHTS', 
            'GENERATION_BLOCK', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DRIFT_PROBE', 'DTYPES', 'CORPUS_FORMATS',
            'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span', 'packed_row', 'check_fields', 'as_sequence',
            'as_collection', 'as_sequences', 'n_scored', 'end_sentence', 'require_scored', 'check_int',
-           'check_max_length', 'field_value', 'TruncatedTextsWarning', 'raw_tokenizer_hint', 'special_affixes',
-           'special_prefix', 'right_truncation', 'cut_texts', 'encode_texts', 'is_conversation', 'is_pair', 'is_text',
-           'Chat', 'template_of', 'template_args', 'with_template', 'text_value', 'shown_text', 'text_sequences',
-           'pair_end_id', 'check_not_file_name', 'tokenize', 'tokenize_pairs', 'assistant_spans', 'generation_mask',
-           'chat_sequence', 'chat_query', 'chat_pair', 'collate', 'batches', 'model_config', 'model_context',
-           'model_vocab', 'check_sequences', 'grad_enabled', 'context_length', 'load_tokenizer',
-           'TokenizerDriftWarning', 'tokenizer_drift', 'resolve_device', 'resolve_dtype', 'load_model', 'load_bundled',
-           'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode', 'batch_logits', 'completion_logprobs',
-           'pair_end_note', 'text_end_note', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of',
-           'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows', 'has_field', 'missing_id', 'with_id',
-           'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark',
-           'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows', 'block_parts',
-           'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note', 'run_slow_cell']
+           'check_max_length', 'field_value', 'TokenRules', 'pair_end_id', 'TruncatedTextsWarning',
+           'raw_tokenizer_hint', 'special_affixes', 'special_prefix', 'right_truncation', 'cut_texts', 'encode_texts',
+           'is_conversation', 'is_pair', 'is_text', 'Chat', 'template_of', 'template_args', 'with_template',
+           'text_value', 'shown_text', 'text_sequences', 'check_not_file_name', 'tokenize', 'tokenize_pairs',
+           'assistant_spans', 'generation_mask', 'chat_sequence', 'chat_query', 'chat_pair', 'collate', 'batches',
+           'model_config', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length',
+           'load_tokenizer', 'TokenizerDriftWarning', 'tokenizer_drift', 'resolve_device', 'resolve_dtype',
+           'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode',
+           'batch_logits', 'completion_logprobs', 'pair_end_note', 'text_end_note', 'uncompiled', 'uncompiled_names',
+           'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows',
+           'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus',
+           'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows',
+           'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note',
+           'run_slow_cell']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -275,6 +276,50 @@ def field_value(record:Mapping, # a corpus record (a JSON object, a Parquet or `
         record = record[part]
     return record
 
+# %% ../nbs/00_data.ipynb #2cad0272
+@dataclasses.dataclass(frozen=True)
+class TokenRules:
+    """Which tokens of its records training scored, in the terms of TRL's `SFTConfig`: the token after each text pair's
+    completion (`pair_eos`: the tokenizer's EOS, True, as TRL writes it; none, False; or a token, by its text or id), and
+    after each text (`text_eos`: none, False, as in a pretraining corpus; True, the EOS TRL appends to each text of a 'text'
+    dataset); whether a conversation trained only its assistant's replies (`assistant_only_loss`: True here, where TRL's
+    default, False, trains every token the template writes) and a prompt-completion pair only its completion
+    (`completion_only_loss`: True, as TRL's default; False trains the prompt too)."""
+    pair_eos: bool|str|int = True
+    text_eos: bool|str|int = False
+    assistant_only_loss: bool = True
+    completion_only_loss: bool = True
+    def __post_init__(self):
+        for k in ('assistant_only_loss', 'completion_only_loss'):
+            if not isinstance(v := getattr(self, k), (bool, np.bool_)):
+                raise TypeError(f"`{k}` is True or False (as in TRL's SFTConfig), not {v!r}.")
+            object.__setattr__(self, k, bool(v))
+        for k in ('pair_eos', 'text_eos'):                              # a token id as a plain int (0 and 1 are not False and True)
+            if isinstance(v := getattr(self, k), numbers.Integral) and not isinstance(v, (bool, np.bool_)): object.__setattr__(self, k, int(v))
+    def ends(self, tokenizer) -> tuple[int|None, int|None]:
+        "The token ids put after a text pair's completion and after a text (None: nothing), checked against `tokenizer`."
+        return pair_end_id(tokenizer, self.pair_eos), pair_end_id(tokenizer, self.text_eos, 'text_eos')
+    def changed(self) -> dict:
+        "The rules that differ from the defaults (a scan's checkpoint records them)."
+        same = lambda v, d: type(v) is type(d) and v == d                # (token id 1 is not True)
+        return {f.name: v for f in dataclasses.fields(self) if not same(v := getattr(self, f.name), f.default)
+                and not (f.name == 'text_eos' and v is None)}
+
+def pair_end_id(tokenizer, pair_eos:bool|str|int=True, name:str='pair_eos') -> int|None:
+    "The token put after a text pair's completion (or, `name`='text_eos', after a text): the tokenizer's EOS (True), none (False or None), a token (its text) or a token id."
+    if pair_eos is None or pair_eos is False: return None
+    if pair_eos is True and name == 'text_eos' and tokenizer.eos_token_id is None:
+        raise ValueError("`text_eos`=True: this tokenizer has no end token (`eos_token`); name the token training put after each "
+                         "text (`text_eos='</s>'`, --text-eos TOKEN), or leave it unset.")
+    if pair_eos is True: return tokenizer.eos_token_id
+    if isinstance(pair_eos, str):
+        i = tokenizer.convert_tokens_to_ids(pair_eos)
+        if i is None or (i == tokenizer.unk_token_id and pair_eos != tokenizer.unk_token):
+            raise ValueError(f"`{name}`={pair_eos!r} is not a token of this tokenizer; name the end token training put after "
+                             f"each {'text' if name == 'text_eos' else 'completion'} (its EOS is {tokenizer.eos_token!r}), or pass False for none.")
+        return int(i)
+    return check_int(pair_eos, name, lo=0, hi=len(tokenizer) - 1)
+
 # %% ../nbs/00_data.ipynb #530dc0fc
 class TruncatedTextsWarning(UserWarning):
     "Texts longer than `max_length` tokens were cut: only their first `max_length` tokens are scored."
@@ -316,15 +361,14 @@ def cut_texts(tokenizer, # the tokenizer that made `ids`
               texts:list, # the texts (`is_text`)
               ids:list, # their token ids, truncated to `max_length`
               max_length:int,
-              pair_eos:bool|str|int=True, # as the pairs were tokenized (`text_sequences`)
-              text_eos:bool|str|int=False, # as the texts were (a text whose end token has no room counts as cut)
+              rules:TokenRules=TokenRules(), # as the texts were tokenized (`text_sequences`): a text whose end token has no room is cut
              ) -> list[int]:
     "Positions of the `texts` longer than `max_length` tokens: only those cut to exactly that many can be, and one token more tells."
-    full, tend = [j for j, x in enumerate(ids) if len(x) == max_length], pair_end_id(tokenizer, text_eos, 'text_eos')
+    full, tend = [j for j, x in enumerate(ids) if len(x) == max_length], rules.ends(tokenizer)[1]
     plain = [j for j in full if isinstance(texts[j], str)]           # the others are conversations and pairs (`text_sequences`)
     again = encode_texts(tokenizer, [texts[j] for j in plain], max_length + 1) if plain else []
     longer = {j for j, x in zip(plain, again) if len(x) + (tend is not None and x[-1:] != [tend]) > max_length}   # (+ 1: no length warning)
-    return sorted(longer | {j for j in full if j not in plain and len(text_sequences(tokenizer, [texts[j]], None, pair_eos)[0]['input_ids']) > max_length})
+    return sorted(longer | {j for j in full if j not in plain and len(text_sequences(tokenizer, [texts[j]], None, rules)[0]['input_ids']) > max_length})
 
 # %% ../nbs/00_data.ipynb #3cf047a0
 def encode_texts(tokenizer, # a Hugging Face tokenizer
@@ -435,39 +479,28 @@ def shown_text(x) -> str:
 def text_sequences(tokenizer, # a Hugging Face tokenizer
                    texts:list, # texts, conversations and prompt-completion pairs (`is_text`)
                    max_length:int|None=None, # truncate to this many tokens (None: no limit)
-                   pair_eos:bool|str|int=True, # after a text pair's completion: the tokenizer's EOS (True), none (False), or this token
-                   text_eos:bool|str|int=False, # after each text: nothing (False), the tokenizer's EOS (True, as TRL's SFTTrainer trains a 'text' dataset), or this token
+                   rules:TokenRules=TokenRules(), # the tokens training put after texts and pairs, and which it scored
                   ) -> list[dict]:
     """Sequence dicts of `texts`: a text's tokens all scored (`encode_texts`), a conversation's assistant replies
     (`chat_sequence`), a pair's completion (tokenized as `tokenize_pairs` does a query, and by default the tokenizer's EOS
-    after it, as TRL's SFTTrainer trains it; a conversation's: its replies). With `text_eos`, a text that is not cut
-    ends with that token, scored (once: a text that writes it out, or a tokenizer that adds it, keeps its own)."""
-    end, tend = pair_end_id(tokenizer, pair_eos), pair_end_id(tokenizer, text_eos, 'text_eos')
+    after it, as TRL's SFTTrainer trains it; a conversation's: all the template writes after the prompt). With the `rules`'
+    `text_eos`, a text that is not cut ends with that token, scored (once: a text that writes it out, or a tokenizer that
+    adds it, keeps its own); without `assistant_only_loss` every token of a conversation is scored, without
+    `completion_only_loss` every token of a pair."""
+    end, tend = rules.ends(tokenizer)
     plain = [j for j, t in enumerate(texts) if isinstance(t, str)]
     ended = lambda x: x + [tend] if tend is not None and x[-1:] != [tend] and (max_length is None or len(x) < max_length) else x
     out = dict(zip(plain, ({'input_ids': ended(x)} for x in encode_texts(tokenizer, [texts[j] for j in plain], max_length)))) if plain else {}
     for j, t in enumerate(texts):
         if j in out: continue
-        if is_pair(t) and isinstance(t['prompt'], str): s = _text_pair(tokenizer, t, j, end)
-        elif is_pair(t): s = chat_sequence(tokenizer, Chat([*t['prompt'], *t['completion']], template_of(t['prompt'])), f'texts[{j}]', scored_from=len(t['prompt']))
-        else: s = chat_sequence(tokenizer, t, f'texts[{j}]')
+        if is_pair(t) and isinstance(t['prompt'], str):
+            s = _text_pair(tokenizer, t, j, end)
+            if not rules.completion_only_loss: s['labels'] = list(s['input_ids'])             # the prompt trained too
+        elif is_pair(t): s = chat_sequence(tokenizer, Chat([*t['prompt'], *t['completion']], template_of(t['prompt'])), f'texts[{j}]',
+                                           len(t['prompt']), rules.assistant_only_loss, rules.completion_only_loss)
+        else: s = chat_sequence(tokenizer, t, f'texts[{j}]', assistant_only_loss=rules.assistant_only_loss)
         out[j] = {k: v[:max_length] for k, v in s.items()}
     return [out[j] for j in range(len(texts))]
-
-def pair_end_id(tokenizer, pair_eos:bool|str|int=True, name:str='pair_eos') -> int|None:
-    "The token put after a text pair's completion (or, `name`='text_eos', after a text): the tokenizer's EOS (True), none (False or None), a token (its text) or a token id."
-    if pair_eos is None or pair_eos is False: return None
-    if pair_eos is True and name == 'text_eos' and tokenizer.eos_token_id is None:
-        raise ValueError("`text_eos`=True: this tokenizer has no end token (`eos_token`); name the token training put after each "
-                         "text (`text_eos='</s>'`, --text-eos TOKEN), or leave it unset.")
-    if pair_eos is True: return tokenizer.eos_token_id
-    if isinstance(pair_eos, str):
-        i = tokenizer.convert_tokens_to_ids(pair_eos)
-        if i is None or (i == tokenizer.unk_token_id and pair_eos != tokenizer.unk_token):
-            raise ValueError(f"`{name}`={pair_eos!r} is not a token of this tokenizer; name the end token training put after "
-                             f"each {'text' if name == 'text_eos' else 'completion'} (its EOS is {tokenizer.eos_token!r}), or pass False for none.")
-        return int(i)
-    return check_int(pair_eos, name, lo=0, hi=len(tokenizer) - 1)
 
 def _text_pair(tokenizer, pair:Mapping, j:int, end:int|None) -> dict:
     """Training pair `texts[j]` as `tokenize_pairs` tokenizes a query, then `end` (TRL ends each completion with the EOS); its
@@ -508,8 +541,13 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
              text_field:str='text', # the field holding the text when `texts` holds records (dotted for nested: 'doc.body')
              pair_eos:bool|str|int=True, # after a text pair's completion: the tokenizer's EOS (True, as TRL trains), none (False), or this token
              text_eos:bool|str|int=False, # after each text: nothing (False), the tokenizer's EOS (True, as TRL's SFTTrainer trains a 'text' dataset), or this token
+             assistant_only_loss:bool=True, # a conversation: score the assistant's replies only (False: every token, TRL's default)
+             completion_only_loss:bool=True, # a prompt-completion pair: score the completion only (False: the prompt too)
             ) -> list[dict]:
-    "Training sequences from `texts`: every token of a text is scored; of a conversation (a list of messages), the assistant's replies; of a prompt-completion pair, the completion (and the end token after it)."
+    """Training sequences from `texts`: every token of a text is scored; of a conversation (a list of messages), the
+    assistant's replies; of a prompt-completion pair, the completion (and the end token after it). The arguments after
+    `text_field` say how training made its tokens (`TokenRules`)."""
+    rules = TokenRules(pair_eos, text_eos, assistant_only_loss, completion_only_loss)
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.{raw_tokenizer_hint(tokenizer)}")
     check_max_length(max_length); check_not_file_name(texts)
     if isinstance(texts, tuple) and len(texts) == 2 and all(isinstance(x, str) for x in texts):
@@ -533,8 +571,8 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
         if not is_text(t):
             raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str, a conversation (a list of messages, each with a "
                             "'role' and a 'content' string) or a prompt-completion pair.")
-    seqs = text_sequences(tokenizer, texts, max_length, pair_eos, text_eos)
-    if max_length is not None and (cut := cut_texts(tokenizer, texts, [s['input_ids'] for s in seqs], max_length, pair_eos, text_eos)):
+    seqs = text_sequences(tokenizer, texts, max_length, rules)
+    if max_length is not None and (cut := cut_texts(tokenizer, texts, [s['input_ids'] for s in seqs], max_length, rules)):
         warnings.warn(f"{len(cut):,} of {len(texts):,} texts were longer than max_length={max_length} tokens and were cut to their "
                       f"first {max_length} (the first: texts[{cut[0]}]); only those tokens are scored. Pass a larger max_length "
                       "(the command line cuts at the model's context: `context_length(model, tokenizer)`), or None for no limit; "
@@ -791,21 +829,30 @@ def chat_sequence(tokenizer, # a Hugging Face tokenizer with a chat template
                   messages, # a conversation (`is_conversation`)
                   where:str='conversation', # names it in errors
                   scored_from:int=0, # replies before this message are context (a prompt-completion pair's prompt)
+                  assistant_only_loss:bool=True, # score the replies only (False: every token the template writes, TRL's default)
+                  completion_only_loss:bool=True, # a pair (`scored_from` > 0): score what follows the prompt only (False: the prompt too)
                  ) -> dict:
     """A training sequence from a conversation: its tokens as the chat template renders them; the assistant's replies are
     scored (their text and the template's end-of-turn tokens after it, `assistant_spans`), the rest is context, as in supervised
     fine-tuning (an opening assistant message, which answers nothing, too). A template that marks what is trained with
     `{% generation %}` blocks says it itself: those tokens are scored (`generation_mask`), as TRL's `assistant_only_loss` trains them.
     A pair (`scored_from` > 0) is cut as TRL's SFTTrainer cuts it: what it shares with its prompt rendered with the
-    generation prompt is context, and all that follows is scored (of it, with `{% generation %}` blocks, what they mark)."""
+    generation prompt is context, and all that follows is scored (of it, with `{% generation %}` blocks, what they mark).
+    Without `assistant_only_loss` the replies are not looked for: every token is scored (a pair's, from its completion on);
+    without `completion_only_loss` a pair is scored as a conversation."""
+    pair = scored_from > 0 and completion_only_loss
+    cut = lambda ids: len(os.path.commonprefix([ids, _apply_template(tokenizer, messages[:scored_from], where, generation_prompt=True,
+                                                                     extra=template_of(messages))])) if pair else 0
+    if not assistant_only_loss:                                         # all the template writes (after a pair's prompt)
+        _need_template(tokenizer, where); ids = _apply_template(tokenizer, messages, where, extra=template_of(messages))
+        c = cut(ids); return {'input_ids': ids, 'labels': [IGNORE_INDEX] * c + ids[c:]}
     ids, spans = assistant_spans(tokenizer, messages, where)
     labels = [IGNORE_INDEX] * len(ids)
-    spans = {i: s for i, s in spans.items() if i >= scored_from}
+    spans = {i: s for i, s in spans.items() if i >= scored_from or not pair}
     marked = generation_mask(tokenizer, messages, len(ids))
-    if spans and (scored_from or marked is not None):
-        prompt = _apply_template(tokenizer, messages[:scored_from], where, generation_prompt=True, extra=template_of(messages)) if scored_from else []
-        cut = len(os.path.commonprefix([ids, prompt]))
-        for a, b in marked or [(cut, len(ids))]: labels[max(a, cut):b] = ids[max(a, cut):b]
+    if spans and (pair or marked is not None):
+        c = cut(ids)
+        for a, b in marked or [(c, len(ids))]: labels[max(a, c):b] = ids[max(a, c):b]
         return {'input_ids': ids, 'labels': labels}
     for lo, _, hi in spans.values(): labels[lo:hi] = ids[lo:hi]
     if not spans:
@@ -1505,6 +1552,8 @@ def corpus_sequences(records:list[dict], # from `read_corpus`
                      max_length:int|None=None, # truncate texts to this many tokens
                      pair_eos:bool|str|int=True, # after a text pair's completion (`tokenize`)
                      text_eos:bool|str|int=False, # after each text (`tokenize`)
+                     assistant_only_loss:bool=True, # a conversation: its replies only (`tokenize`)
+                     completion_only_loss:bool=True, # a pair: its completion only (`tokenize`)
                     ) -> list[dict]:
     "Sequences of corpus records: texts tokenized (every token scored; conversations: the assistant's turns), 'input_ids' records taken as they are."
     if any('tokenizer' in r for r in records if 'input_ids' in r):  # windows made by `token_windows` name their tokenizer
@@ -1512,7 +1561,7 @@ def corpus_sequences(records:list[dict], # from `read_corpus`
         if (bad := next(((j, w) for j, r in enumerate(records) if (w := other_tokenizer(r, mark))), None)):
             raise ValueError(f"corpus[{bad[0]}] holds {bad[1]}.")
     texts = {j: r['text'] for j, r in enumerate(records) if 'input_ids' not in r}
-    out = dict(zip(texts, tokenize(tokenizer, list(texts.values()), max_length, pair_eos=pair_eos, text_eos=text_eos))) if texts else {}
+    out = dict(zip(texts, tokenize(tokenizer, list(texts.values()), max_length, 'text', pair_eos, text_eos, assistant_only_loss, completion_only_loss))) if texts else {}
     for j, r in enumerate(records):
         if j in out: continue
         check_fields(r, j, 'corpus'); out[j] = as_sequence({k: r[k] for k in ('input_ids', 'labels', 'attention_mask') if k in r}, j, 'corpus')
@@ -1555,23 +1604,23 @@ def _text_id(t, j:int, names, seen:dict) -> str:
                                                "text it came from, so ids must be unique; pass `ids=` with one id per text.")
     seen[x] = j; return x
 
-def _tokenized(tokenizer, items:list, text_field:str, pair_eos=True, text_eos=False) -> list[dict]:
+def _tokenized(tokenizer, items:list, text_field:str, rules:TokenRules=TokenRules()) -> list[dict]:
     "Uncut sequences of texts, conversations, pairs, records of them, and records holding 'input_ids' (taken as they are)."
     given = {j: check_fields(t, j, 'texts') or as_sequence({k: t[k] for k in ('input_ids', 'labels', 'attention_mask') if k in t}, j, 'texts')
              for j, t in enumerate(items) if isinstance(t, Mapping) and 'input_ids' in t}
     rest = [j for j in range(len(items)) if j not in given]
-    with _no_length_notice(): made = tokenize(tokenizer, [items[j] for j in rest], None, text_field, pair_eos, text_eos) if rest else []
+    with _no_length_notice(): made = tokenize(tokenizer, [items[j] for j in rest], None, text_field, **dataclasses.asdict(rules)) if rest else []
     assert len(made) == len(rest), (len(made), len(rest))  # one sequence per text
     out = {**given, **dict(zip(rest, made))}
     return [out[j] for j in range(len(items))]
 
-def _item_sequences(tokenizer, items:list, text_field:str, start:int=0, on_bad=None, pair_eos=True, text_eos=False) -> list[dict|None]:
+def _item_sequences(tokenizer, items:list, text_field:str, start:int=0, on_bad=None, rules:TokenRules=TokenRules()) -> list[dict|None]:
     "`_tokenized`; a text it cannot take is named by its place in the whole stream (`start` + j), or given to `on_bad(j, text, error)` and None."
-    try: return _tokenized(tokenizer, items, text_field, pair_eos, text_eos)
+    try: return _tokenized(tokenizer, items, text_field, rules)
     except (ValueError, TypeError): pass                            # one by one, to name (or skip) the text that failed
     out = []
     for j, t in enumerate(items, start):
-        try: out.append(_tokenized(tokenizer, [t], text_field, pair_eos, text_eos)[0])
+        try: out.append(_tokenized(tokenizer, [t], text_field, rules)[0])
         except (ValueError, TypeError) as e:
             if on_bad is None: raise type(e)(str(e).replace('texts[0]', f'texts[{j}]', 1)) from None
             on_bad(j, t, e); out.append(None)
@@ -1614,6 +1663,8 @@ def iter_windows(tokenizer, # a Hugging Face tokenizer
                  on_bad=None, # called as on_bad(position, text, error) for a text that cannot be tokenized, which is left out (None: raise)
                  pair_eos:bool|str|int=True, # after a text pair's completion (`tokenize`)
                  text_eos:bool|str|int=False, # unpacked: after each text (`tokenize`); packed, `separator` is that token
+                 assistant_only_loss:bool=True, # a conversation: its replies only (`tokenize`)
+                 completion_only_loss:bool=True, # a pair: its completion only (`tokenize`)
                 ) -> WindowStream:
     "`token_windows` one window at a time, reading `texts` a chunk at a time (a corpus file's records as they stream)."
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.{raw_tokenizer_hint(tokenizer)}")
@@ -1624,7 +1675,8 @@ def iter_windows(tokenizer, # a Hugging Face tokenizer
         raise ValueError("the tokenizer has no end-of-text token to put after each packed text: pass `separator=` a token id, "
                          "or None to join the texts with nothing between them (as transformers' run_clm does).")
     if sep is not None: sep = check_int(sep, 'separator', lo=0, hi=len(tokenizer) - 1)   # a token of this tokenizer
-    if pack and pair_end_id(tokenizer, text_eos, 'text_eos') is not None:
+    rules = TokenRules(pair_eos, text_eos, assistant_only_loss, completion_only_loss)
+    if pack and rules.ends(tokenizer)[1] is not None:
         raise ValueError("`text_eos` (--text-eos) and `pack` (--pack): packed texts are joined by `separator` (--separator; the "
                          "end token by default), which is the token after each text; leave `text_eos` unset.")
     one = (isinstance(texts, str) or is_pair(texts) or (isinstance(texts, Mapping) and not _is_batch(texts))
@@ -1634,15 +1686,15 @@ def iter_windows(tokenizer, # a Hugging Face tokenizer
     if ids is not None and hasattr(ids, '__len__') and hasattr(coll, '__len__') and len(ids) != len(coll):
         raise ValueError(f"`ids` has {len(ids)} entries for {len(coll)} texts; give one id per text.")
     items = _iter_data(coll, 'texts')
-    return WindowStream(lambda st: _windows(st, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad, pair_eos, text_eos))
+    return WindowStream(lambda st: _windows(st, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad, rules))
 
 # %% ../nbs/00_data.ipynb #a47d6f42
-def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad, pair_eos=True, text_eos=False):
+def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_field, chunk_size, on_bad, rules:TokenRules=TokenRules()):
     names, seen, n, mark = iter(ids) if ids is not None else None, {}, 0, tokenizer_mark(tokenizer)
     mine = {} if mark is None else {'tokenizer': mark}             # the records name the tokenizer that made their ids
     buf, spans, b, last = [torch.empty(0, dtype=torch.long)] * 2, [], 0, None   # packed: the unfinished block
     while chunk := list(itertools.islice(items, chunk_size)):
-        seqs = _item_sequences(tokenizer, chunk, text_field, n, on_bad, pair_eos, text_eos)
+        seqs = _item_sequences(tokenizer, chunk, text_field, n, on_bad, rules)
         for j, (t, s) in enumerate(zip(chunk, seqs), start=n):
             x = _text_id(t, j, names, seen)
             if s is None: continue                                  # left out by `on_bad`
@@ -1680,12 +1732,15 @@ def token_windows(tokenizer, # a Hugging Face tokenizer
                   text_field:str='text', # the field holding the text when `texts` holds records (dotted for nested)
                   pair_eos:bool|str|int=True, # after a text pair's completion (`tokenize`)
                   text_eos:bool|str|int=False, # unpacked: after each text (`tokenize`)
+                  assistant_only_loss:bool=True, # a conversation: its replies only (`tokenize`)
+                  completion_only_loss:bool=True, # a pair: its completion only (`tokenize`)
                  ) -> list[dict]:
     """Every token of `texts` in training sequences of at most `length` tokens, as corpus records: each text cut into
     consecutive windows ('id' `'<text id>#<k>'`, 'source', 'start'), or with `pack` all texts joined and cut into blocks
     ('id' `'block-<k>'`, 'sources': each text's 'source', 'start', 'at' in the block and 'n' tokens); windows with no
     scored token are left out."""
-    return list(iter_windows(tokenizer, texts, length, ids, pack, separator, text_field, pair_eos=pair_eos, text_eos=text_eos))
+    return list(iter_windows(tokenizer, texts, length, ids, pack, separator, text_field, pair_eos=pair_eos, text_eos=text_eos,
+                             assistant_only_loss=assistant_only_loss, completion_only_loss=completion_only_loss))
 
 def _read_windows(windows) -> list[dict]:
     "Window records from `token_windows`, or from a JSONL file of them (`influence-nb windows`); repeated ids refused."

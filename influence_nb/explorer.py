@@ -32,7 +32,7 @@ from .modules import blocks as block_names
 import json
 import os
 from collections.abc import Mapping
-from .data import (text_end_note, with_template, cut_texts, corpus_lines, missing_id, with_id, as_collection, pair_end_note, n_scored, is_conversation, is_pair, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
+from .data import (TokenRules, text_end_note, with_template, cut_texts, corpus_lines, missing_id, with_id, as_collection, pair_end_note, n_scored, is_conversation, is_pair, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
                                resolve_device, resolve_dtype, shown_ids)
 from .corpus import load_corpus, load_queries
@@ -241,12 +241,14 @@ class ExplorerSession:
                  id_field: str = 'id',         # with `model`: the field naming each corpus record (e.g. 'doc_id'; dotted for nested)
                  pair_eos: bool|str|int = True, # after a text pair's completion: the tokenizer's EOS (as TRL trains), none (False), or this token
                  text_eos: bool|str|int = False, # after each text: nothing (False), the tokenizer's EOS (True, as TRL trains a 'text' dataset), or this token
+                 assistant_only_loss: bool = True, # a conversation: score the assistant's replies only (False: every token, TRL's default)
+                 completion_only_loss: bool = True, # a prompt-completion pair: score the completion only (False: the prompt too)
                 ):
         self.device, self.dtype, self.trust_remote_code = resolve_device(device), resolve_dtype(dtype), bool(trust_remote_code)
         self.fit_sample, self.seed, self.batch_size = (check_int(v, n, lo) for n, v, lo in
                                                        (('fit_sample', fit_sample, 0), ('seed', seed, 0), ('batch_size', batch_size, 1)))
         self.max_length = None if max_length is None else check_int(max_length, 'max_length', 1)
-        self.pair_eos, self.text_eos = pair_eos, text_eos
+        self.rules = TokenRules(pair_eos, text_eos, assistant_only_loss, completion_only_loss)   # how training made its tokens
         self._models, self._train, self._index, self._factors, self._given = {}, {}, {}, {}, set()
         self._cut = {}                    # tokenizer key -> (the training rows cut at the context, the note saying so)
         self._records = self._queries = self._corpus = None
@@ -389,7 +391,7 @@ def train(self: ExplorerSession, name: str) -> list[dict]:
         ctx = self.text_length(name)
         with warnings.catch_warnings():                 # said below in the explorer's terms
             warnings.simplefilter('ignore', TruncatedTextsWarning)
-            self._train[key] = corpus_sequences(self.records, tok, ctx, pair_eos=self.pair_eos, text_eos=self.text_eos)
+            self._train[key] = corpus_sequences(self.records, tok, ctx, **dataclasses.asdict(self.rules))
         if empty := [j for j, s in enumerate(self._train[key]) if n_scored(s) == 0]:   # named as the user knows them
             j, src = empty[0], self._corpus if isinstance(self._corpus, (str, os.PathLike)) else None
             at = f" ({Path(src).name}, {record_where(src, j)})" if src is not None else ''
@@ -398,14 +400,14 @@ def train(self: ExplorerSession, name: str) -> list[dict]:
                              f"{self.records[j]['id']!r}{at} (an empty text, a one-token text, or a conversation whose assistant "
                              "turns fall beyond the context). Remove them from the corpus.")
         texts = [j for j, r in enumerate(self.records) if 'input_ids' not in r]
-        cut = cut_texts(tok, [self.records[j]['text'] for j in texts], [self._train[key][j]['input_ids'] for j in texts], ctx, self.pair_eos, self.text_eos) if ctx else []
+        cut = cut_texts(tok, [self.records[j]['text'] for j in texts], [self._train[key][j]['input_ids'] for j in texts], ctx, self.rules) if ctx else []
         limit = (f"{name}'s context ({ctx} tokens; `max_length`, `--max-length` on the command line, cuts them shorter, to the "
                  "length the model was trained at)") if self.max_length is None else f"`max_length` ({ctx} tokens)"
         note = (f"{len(cut):,} of {len(self.records):,} training texts are longer than {limit}, so only their first {ctx} "
                 f"tokens are scored (the first: id {self.records[texts[cut[0]]]['id']}); `token_windows` (`influence-nb windows`) "
                 "cuts them into windows instead, so that every token is scored.") if cut else None
         shown = [r.get('text') if 'input_ids' not in r else None for r in self.records]   # an end training lacked, or had
-        ends = (pair_end_note(model, tok, shown, self._train[key], self.pair_eos), text_end_note(model, tok, shown, self._train[key], self.text_eos))
+        ends = (pair_end_note(model, tok, shown, self._train[key], self.rules.pair_eos), text_end_note(model, tok, shown, self._train[key], self.rules.text_eos))
         note = ' '.join(x for x in (note, *ends) if x) or None
         self._cut[key] = ({texts[j] for j in cut}, note)                    # each run shows it (`run_query`'s notes)
         if cut: warnings.warn(note, TruncatedTextsWarning, stacklevel=2)
@@ -1167,19 +1169,23 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
              id_field:str='id', # the field naming each of your corpus records (e.g. 'doc_id'; dotted for nested)
              pair_eos:bool|str|int=True, # after a text pair's completion: the tokenizer's EOS, none (False), or this token
              text_eos:bool|str|int=False, # after each text: nothing (False), the tokenizer's EOS (True, as TRL trains a 'text' dataset), or this token
+             assistant_only_loss:bool=True, # a conversation: score the assistant's replies only (False: every token, TRL's default)
+             completion_only_loss:bool=True, # a prompt-completion pair: score the completion only (False: the prompt too)
              **kwargs, # the rest of `Explorer`'s arguments (query_id, candidates, k, strategy)
             ) -> Explorer:
     "The explorer app (an ipywidgets VBox) on the bundled models, or on your model and corpus."
     bundled = model is None or (isinstance(model, str) and model in MODEL_NAMES and corpus is None)
+    rules = TokenRules(pair_eos, text_eos, assistant_only_loss, completion_only_loss)
     if not bundled:
         if session is not None: raise ValueError("Pass either `session` or your `model` (with its corpus), not both.")
         session = ExplorerSession(fit_sample=fit_sample, model=model, tokenizer=tokenizer, corpus=corpus, queries=queries,
                                   factors=factors, text_field=text_field, device=device, dtype=dtype, modules=modules,
-                                  trust_remote_code=trust_remote_code, max_length=max_length, id_field=id_field, pair_eos=pair_eos, text_eos=text_eos)
+                                  trust_remote_code=trust_remote_code, max_length=max_length, id_field=id_field, **dataclasses.asdict(rules))
         model = None
-    elif any(x is not None for x in (tokenizer, corpus, queries, factors)) or id_field != 'id' or pair_eos is not True or text_eos is not False:
-        raise ValueError("`tokenizer`, `corpus`, `queries`, `factors`, `id_field`, `pair_eos` and `text_eos` go with your own `model` "
-                         "(an object or a folder); with a `session`, give them to the `ExplorerSession`.")
+    elif any(x is not None for x in (tokenizer, corpus, queries, factors)) or id_field != 'id' or rules.changed():
+        raise ValueError("`tokenizer`, `corpus`, `queries`, `factors`, `id_field` and how training made its tokens (`pair_eos`, "
+                         "`text_eos`, `assistant_only_loss`, `completion_only_loss`) go with your own `model` (an object or a "
+                         "folder); with a `session`, give them to the `ExplorerSession`.")
     elif device is not None or dtype is not None or modules is not None or max_length is not None:
         if session is not None:
             raise ValueError("Pass `device`, `dtype`, `modules` and `max_length` to the `ExplorerSession` you give, not to `explorer`.")

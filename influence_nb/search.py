@@ -13,7 +13,7 @@ import pandas as pd
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .data import (cut_texts, text_sequences, array_record, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, missing_id, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection,
+from .data import (TokenRules, cut_texts, text_sequences, array_record, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, missing_id, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection,
                                grad_enabled, check_max_length, check_int, n_scored, shown_ids, tokenizer_mark, other_tokenizer)
 from .kfac import layer_passes, all_reduce_sum, dist_info, watch_calls
 from .ekfac import Factors, check_damping
@@ -134,7 +134,7 @@ def _bad_record(item:_Item, why:str, skip:bool, bad:dict|None=None) -> int:
 
 # %% ../nbs/08_search.ipynb #6a47e997
 def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|None=None, max_length:int|None=None,
-             text_field:str='text', skip:bool=False, cut:dict|None=None, bad:dict|None=None, id_field:str='id', pair_eos=True, text_eos=False) -> tuple[list, int]:
+             text_field:str='text', skip:bool=False, cut:dict|None=None, bad:dict|None=None, id_field:str='id', rules:TokenRules=TokenRules()) -> tuple[list, int]:
     "`(sequences, n_bad)` for one chunk: a sequence dict per record, None where a bad record was skipped (the first named in `bad`); texts cut to `max_length` counted in `cut`."
     out, texts, n_bad = [None] * len(items), {}, 0
     marked = tokenizer is not None and any(isinstance(it.raw, Mapping) and 'tokenizer' in it.raw for it in items)
@@ -158,15 +158,15 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
         try: out[j] = as_sequence(it.raw, it.index, 'corpus')
         except (TypeError, ValueError) as e: n_bad += _bad_record(it, str(e), skip, bad)
     if texts:
-        try: seqs = text_sequences(tokenizer, list(texts.values()), max_length, pair_eos, text_eos)
+        try: seqs = text_sequences(tokenizer, list(texts.values()), max_length, rules)
         except ValueError:                                     # a conversation the template cannot split: named by its record
             seqs = []
             for j, t in texts.items():
-                try: seqs.append(text_sequences(tokenizer, [t], max_length, pair_eos, text_eos)[0])
+                try: seqs.append(text_sequences(tokenizer, [t], max_length, rules)[0])
                 except ValueError as e: seqs.append(None); n_bad += _bad_record(items[j], str(e).replace('texts[0]', 'the conversation'), skip, bad)
         if cut is not None and max_length is not None:
             _count_cut(cut, items, {j: t for (j, t), s in zip(texts.items(), seqs) if s is not None},
-                       [s['input_ids'] for s in seqs if s is not None], tokenizer, max_length, pair_eos, text_eos)
+                       [s['input_ids'] for s in seqs if s is not None], tokenizer, max_length, rules)
         for j, s in zip(texts, seqs):
             if s is None: continue
             try: out[j] = as_sequence(s, items[j].index, 'corpus')
@@ -199,10 +199,10 @@ def _digest_chunk(items, seqs) -> str:
     return digest(parts(), 'blake2b', 16)
 
 # %% ../nbs/08_search.ipynb #0d406ee4
-def _count_cut(cut:dict, items, texts:dict, ids:list, tokenizer, max_length:int, pair_eos=True, text_eos=False):
+def _count_cut(cut:dict, items, texts:dict, ids:list, tokenizer, max_length:int, rules:TokenRules=TokenRules()):
     "Add to `cut` ('n', 'first': where) the texts longer than `max_length` tokens: only those tokenized to exactly that many can be."
     keys = list(texts)
-    longer = [keys[j] for j in cut_texts(tokenizer, [texts[k] for k in keys], ids, max_length, pair_eos, text_eos)]
+    longer = [keys[j] for j in cut_texts(tokenizer, [texts[k] for k in keys], ids, max_length, rules)]
     if longer: cut['n'] = cut.get('n', 0) + len(longer); cut.setdefault('first', items[longer[0]].where)
 
 def _check_scanned(state:dict):
@@ -838,6 +838,8 @@ def scan(model, # the model the factors were fitted on
          id_field:str='id', # the field that names each record in results (`record_ids`), e.g. 'doc_id' or 'meta.id'; records without it are bad
          pair_eos:bool|str|int=True, # after a text pair's completion: the tokenizer's EOS (True), none (False), or this token (`tokenize`)
          text_eos:bool|str|int=False, # after each text: nothing (False), the tokenizer's EOS (True, as TRL trains a 'text' dataset), or this token
+         assistant_only_loss:bool=True, # a conversation: score the assistant's replies only (False: every token, TRL's default)
+         completion_only_loss:bool=True, # a prompt-completion pair: score the completion only (False: the prompt too)
          on_bad_record:str='raise', # 'raise' (error naming the line) or 'skip' (leave out and count)
          scores_path:str|Path|None=None, # directory to write every score to, one Parquet file per chunk
          checkpoint:str|Path|None=None, # checkpoint file: resumed from if it exists, updated as the scan goes
@@ -852,13 +854,13 @@ def scan(model, # the model the factors were fitted on
     "Scan `corpus` for each query's `k` most influential sequences, in constant memory, resumable."
     _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train, candidates); layers, id_field = prepare_scoring(model, factors), id_field or 'id'
     qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries'); names = _query_names(query_names, len(qs), scores_path is not None)
-    stream = CorpusStream(corpus, text_field, id_field)
+    stream, rules = CorpusStream(corpus, text_field, id_field), TokenRules(pair_eos, text_eos, assistant_only_loss, completion_only_loss)
     _check_twice(stream, refine and query_rank is not None, candidates); ctx, max_length = _scan_max_length(model, max_length)
     cfg = _config(factors, qs, stream, tokenizer, k=k, query_rank=query_rank, damping=damping, batch_size=batch_size,
                   chunk_size=chunk_size, max_length=max_length, text_field=text_field, on_bad_record=on_bad_record,
-                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}), **({'id_field': id_field} if id_field != 'id' else {}), **({'pair_eos': pair_eos} if pair_eos is not True else {}), **({'text_eos': text_eos} if text_eos is not False and text_eos is not None else {}), **_measured(measurement))
+                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}), **({'id_field': id_field} if id_field != 'id' else {}), **rules.changed(), **_measured(measurement))
     fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), working_dtype(next(model.parameters())); vocab, skip = model_vocab(model), on_bad_record == 'skip'
-    read = lambda items, cut=None, bad=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut, bad, id_field, pair_eos, text_eos)
+    read = lambda items, cut=None, bad=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut, bad, id_field, rules)
     ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path)); _check_paths(ckpt, spath)
     with contextlib.ExitStack() as files, watch_calls(getattr(factors, 'info', {}).get('calls')):   # (a layer run more or less often than in the fit: warned)
         if rank == 0: _take_files(files, ckpt, spath)
@@ -870,17 +872,15 @@ def scan(model, # the model the factors were fitted on
         pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size, measurement=measurement)   # as `pairwise_scores` does
         items = _resume_items(stream, state, convert, ckpt, prefix := _guard(stream, state, ckpt))
         vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, lambda c: convert(c, cut, bad), k=k, chunk_size=chunk_size,
-                                  batch_size=batch_size, dtype=dtype, spath=spath, ckpt=ckpt,
-                                  checkpoint_every=checkpoint_every, rank=rank, progress=progress, prefix=prefix, own=pre and pre['own'])
+                                  batch_size=batch_size, dtype=dtype, spath=spath, ckpt=ckpt, checkpoint_every=checkpoint_every, rank=rank, progress=progress, prefix=prefix, own=pre and pre['own'])
     _say_cut(cut, max_length); _check_scanned(state)
     n_skipped, first = state['n_skipped'] + (pre['n_skipped'] if pre else 0), bad.get('first') or (pre['first'] if pre else None)
     n = min(k, state['n_scanned']); vals, inds, refined = vals[:, :n], inds[:, :n], bool(refine and query_rank is not None)
     if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype, measurement)
     return ScanResult(inds, vals, state['n_scanned'], n_skipped, n_train or max(pre['n_docs'] if pre else state['n_scanned'], factors.n_sequences),
                       query_rank, refined, str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - state['t0'], 3),
-                      source_digest=file_digest(stream.path) if stream.path else None, text_field=text_field, n_truncated=cut.get('n', 0),
-                      record_ids=_kept_ids(state, stream, set(inds.flatten().tolist()), legacy), first_skipped=first, query_names=names, candidates=candidates,
-                      id_field=None if id_field == 'id' else id_field)
+                      source_digest=file_digest(stream.path) if stream.path else None, text_field=text_field, n_truncated=cut.get('n', 0), candidates=candidates,
+                      record_ids=_kept_ids(state, stream, set(inds.flatten().tolist()), legacy), first_skipped=first, query_names=names, id_field=None if id_field == 'id' else id_field)
 
 # %% ../nbs/08_search.ipynb #9e8c4c89
 def _measured(measurement) -> dict:

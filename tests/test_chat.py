@@ -466,3 +466,54 @@ def test_a_record_with_bad_tools_is_a_bad_record_named_by_its_line(case, tmp_pat
     from influence_nb.search import ScanResult
     r = ScanResult.load(tmp_path/'r.parquet')
     assert r.n_scanned == 4 and r.n_skipped == 2 and not {2, 4} & set(r.indices.flatten().tolist())
+
+def test_trls_all_token_training_is_two_flags_through_api_cli_scan_and_explorer(case, tmp_path):
+    """TRL's SFTTrainer trains every token of a 'messages' record by default (`assistant_only_loss=False`), and a pair's prompt
+    with `completion_only_loss=False`: the same two settings say so here, in every entry point, and scores follow the tokens."""
+    from influence_nb.data import Chat, TokenRules
+    from influence_nb.explorer import ExplorerSession, run_query
+    from influence_nb.search import ScanResult
+    tok, m, convs, d = case['tok'], case['model'], case['convs'], case['dir']
+    every = inf.tokenize(tok, convs, assistant_only_loss=False)
+    for s, conv in zip(every, convs):                              # every token the template writes, the template's own too
+        assert s['input_ids'].tolist() == tok.apply_chat_template(conv, tokenize=True)['input_ids'] == s['labels'].tolist()
+    pairs = [{'prompt': c[:-1], 'completion': c[-1:]} for c in convs]
+    for s, p, e in zip(inf.tokenize(tok, pairs, assistant_only_loss=False), pairs, every):   # a pair: from the completion on
+        k = len(tok.apply_chat_template(p['prompt'], tokenize=True, add_generation_prompt=True)['input_ids'])
+        assert s['input_ids'].tolist() == e['input_ids'].tolist() and s['labels'].tolist() == [IGNORE_INDEX] * k + e['labels'].tolist()[k:]
+    both = inf.tokenize(tok, pairs, assistant_only_loss=False, completion_only_loss=False)
+    assert all(torch.equal(a['labels'], b['labels']) for a, b in zip(both, every))          # a pair trained whole: its conversation
+    reply = inf.tokenize(tok, pairs, completion_only_loss=False)       # the replies, the prompt's own (none here) included
+    assert [tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) for s in reply] == [c[-1]['content'] + '<|end|>' for c in convs]
+    texts = [('the capital of france is', ' paris'), ('the capital of peru is', ' lima')]
+    plain, whole = inf.tokenize(tok, texts), inf.tokenize(tok, texts, completion_only_loss=False)
+    for a, b in zip(plain, whole):                                 # a text pair: the same tokens, all of them scored
+        assert torch.equal(a['input_ids'], b['input_ids']) and torch.equal(b['labels'], b['input_ids']) and (a['labels'] == IGNORE_INDEX).sum() > 1
+    with pytest.raises(TypeError, match='assistant_only_loss'): inf.tokenize(tok, convs, assistant_only_loss='false')
+    wins = inf.token_windows(tok, convs, 64, assistant_only_loss=False)            # windows keep them: no label left out
+    assert len(wins) == len(convs) and not any('labels' in w for w in wins)
+    assert TokenRules(assistant_only_loss=False, text_eos=None).changed() == {'assistant_only_loss': False}
+    q = inf.as_sequences([chat_query(tok, conversation('france', 'paris', system=False))])
+    f = inf.fit_factors(m, every, 'ekfac', batch_size=8, progress=False)
+    want = inf.pairwise_scores(m, f, q, every, progress=False).total[0]
+    assert not torch.allclose(inf.pairwise_scores(m, f, q, inf.tokenize(tok, convs), progress=False).total[0], want, rtol=1e-2)
+    flag = ('--text-field', 'messages', '--assistant-only-loss', 'false')
+    rc, _, err = randdata.cli_run('fit-factors', '--model', d/'model', '--data', d/'train.jsonl', *flag, '--out', tmp_path/'f', '--batch-size', 8)
+    assert rc == 0, err
+    assert torch.allclose(inf.Factors.load(tmp_path/'f').tensors['model.layers.0.mlp.up_proj']['Lambda'],
+                          f.tensors['model.layers.0.mlp.up_proj']['Lambda'], rtol=1e-9, atol=0)
+    rc, _, err = randdata.cli_run('score', '--model', d/'model', '--factors', tmp_path/'f', '--queries', d/'q.jsonl',
+                                  '--data', d/'train.jsonl', *flag, '--out', tmp_path/'s.parquet')
+    assert rc == 0, err
+    assert torch.allclose(torch.tensor(pd.read_parquet(tmp_path/'s.parquet')['q1'].to_numpy()), want, rtol=1e-9, atol=0)
+    rc, _, err = randdata.cli_run('scan', '--model', d/'model', '--factors', tmp_path/'f', '--queries', d/'q.jsonl', '--corpus',
+                                  d/'train.jsonl', *flag, '--k', 6, '--out', tmp_path/'r.parquet', '--quiet')
+    assert rc == 0, err
+    r = ScanResult.load(tmp_path/'r.parquet')
+    assert torch.allclose(r.scores[0], want[r.indices[0]], rtol=1e-6, atol=0)
+    r = inf.scan(m, f, q, [{'messages': c} for c in convs], k=6, tokenizer=tok, text_field='messages', assistant_only_loss=False, progress=False)
+    assert torch.allclose(r.scores[0], want[r.indices[0]], rtol=1e-6, atol=0)
+    s = ExplorerSession(model=m, tokenizer=tok, corpus=d/'train.jsonl', text_field='messages', queries=d/'q.jsonl',
+                        fit_sample=0, batch_size=8, assistant_only_loss=False)
+    res = run_query(s, s.custom, query_id='q1', prefilter=False, k=3, strategy='ekfac')
+    assert torch.allclose(torch.tensor(res.scores)[torch.argsort(torch.tensor(res.candidates))], want, rtol=1e-6, atol=0)
