@@ -18,7 +18,7 @@ from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from .artefact import new_file_mode, replacing
 from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
-from .scores import pairwise_scores, unread_to_nan
+from .scores import pairwise_scores, self_scores, unread_to_nan
 from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text, record_id
 from .explorer import query_records, scored_phrase, layer_blocks, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
@@ -301,9 +301,11 @@ examples:
   torchrun --nproc_per_node 2 $(which influence-nb) scan ...   # each process scans its shard; one result
   torchrun --nproc_per_node 2 $(which influence-nb) fit-factors ...   # each fits its shard; the sums are added
   influence-nb top --result result.parquet --query my-query-id --k 10
+  influence-nb self-scores --model my-llama/ --factors factors/ --data corpus.jsonl --out self.parquet   # outliers, memorised records
   influence-nb explore --model my-llama/ --corpus corpus.jsonl --queries q.jsonl
   influence-nb windows --model my-llama/ --corpus books.jsonl --max-length 2048 --out windows.jsonl   # long documents"""
 
+# %% ../nbs/13_cli.ipynb #b8f8c8a9
 def _model_args(p, required=True):
     p.add_argument('--model', required=required, default=None if required else 'gpt2-l',
                    help=f'bundled model {MODEL_NAMES}, a model folder (written by save_pretrained; a peft adapter folder loads its base model with the adapter) a Hugging Face Hub id (org/name; offline: from the Hub cache), or the function that builds a model outside transformers, module:function or file.py:function (called with no arguments; returns the model or (model, tokenizer))')
@@ -377,6 +379,24 @@ def _fit_parser(sub):
     f.add_argument('--eigh-dtype', default=None, choices=['float32', 'float64'], help='precision of the eigendecompositions (default: float64)')
     f.add_argument('--rotate-dtype', default=None, choices=['bfloat16', 'float32', 'float64'], help="precision of Λ's rotations (default: the model's)")
 
+# %% ../nbs/13_cli.ipynb #36384009
+def _self_parser(sub):
+    "The `self-scores` command and its options."
+    s = sub.add_parser('self-scores', help="each record's self-influence, to Parquet: the records the model fits by themselves",
+                       description="The self-influence of every record of a corpus, ∇log p(n)ᵀ (G + λI)⁻¹ ∇log p(n) (`self_scores`): how "
+                                   "much a record's own preconditioned gradient raises its own likelihood. The highest are the records "
+                                   "the model fits by themselves, unlike the rest: outliers, memorised or mislabelled records. Under "
+                                   "torchrun each process scores its shard and rank 0 writes the table.")
+    _model_args(s); _corpus_args(s, '--data')
+    s.add_argument('--factors', required=True, help='directory written by fit-factors')
+    s.add_argument('--out', required=True, help="output .parquet: a row per record, column self_score (indexed by the record's position "
+                   "in the file, train_index, and by its id when the records have one)")
+    s.add_argument('--damping', type=float, default=None, help='damping λ (default: 0.1 × mean eigenvalue per layer)')
+    s.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
+    s.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context)")
+    s.add_argument('--k', type=int, default=10, help='records printed, the highest self-influence first (default: 10)')
+    _skip_arg(s)
+    s.add_argument('--quiet', action='store_true', help='no progress bar')
 
 # %% ../nbs/13_cli.ipynb #061835fd
 def build_parser() -> argparse.ArgumentParser:
@@ -414,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "parts add up to its score in --out (paper §3.3: which layers carry the influence)")
     _skip_arg(s)
     s.add_argument('--quiet', action='store_true', help='no progress bar')
+    _self_parser(sub)
     _scan_parser(sub, fmt)
     t = sub.add_parser('top', help="print one query's top sequences from a scan result",
                        description='Print the most influential sequences of one query from a `scan` result, with their texts.')
@@ -747,13 +768,42 @@ def _cmd_score(a):
         sc = pairwise_scores(model, factors, queries, train, a.damping, a.query_rank, per_layer=a.per_layer is not None,
                              batch_size=a.batch_size, progress=rank == 0 and not a.quiet)
     if rank != 0: return
-    ids, index = [record_id(r) for r in recs], pd.Index(pos, name='train_index')     # the records' positions in the file
-    if any(ids): index = pd.MultiIndex.from_arrays([pos, ids], names=['train_index', 'id'])   # and their own ids, as `top` shows them
-    df = pd.DataFrame(sc.total.numpy().T, columns=names, index=index)
+    ids = [record_id(r) for r in recs]
+    df = pd.DataFrame(sc.total.numpy().T, columns=names, index=_record_index(pos, recs))
     with replacing(a.out, prefix=f'.{Path(a.out).name}.') as tmp: df.to_parquet(tmp)   # whole or not at all
     print(f"wrote the scores of {len(train):,} records × {len(names):,} queries to {a.out} (a row per record, a column per query id)"
           + (f" ({world} processes)" if world > 1 else ''))
     if a.per_layer is not None: _write_layer_scores(a.per_layer, sc, model, names, pos, ids)
+
+
+# %% ../nbs/13_cli.ipynb #d3734a84
+def _record_index(pos:list, recs:list) -> pd.Index:
+    "A table's rows: the records' positions in the file (train_index), and their own ids when they have them, as `top` shows them."
+    ids = [record_id(r) for r in recs]
+    return pd.MultiIndex.from_arrays([pos, ids], names=['train_index', 'id']) if any(ids) else pd.Index(pos, name='train_index')
+
+def _cmd_self(a):
+    _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records, a.id_field or 'id'); _check_out(a.out)
+    model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
+    factors = _load_factors(a.factors, model)
+    train, pos, recs = _corpus(a, tok, model)
+    _say_repeated_ids(recs, pos, Path(a.data)); _say_id_field(a, recs)
+    with _process_group() as (rank, world):      # under torchrun each process scores its shard; the sums are added
+        s = self_scores(model, factors, train, a.damping, a.batch_size, progress=rank == 0 and not a.quiet)
+    if rank != 0: return
+    df = pd.DataFrame({'self_score': s.double().numpy()}, index=_record_index(pos, recs))
+    with replacing(a.out, prefix=f'.{Path(a.out).name}.') as tmp: df.to_parquet(tmp)   # whole or not at all
+    print(f"wrote the self-influence of {len(train):,} records to {a.out} (a row per record, column self_score)"
+          + (f" ({world} processes)" if world > 1 else ''))
+    order = np.argsort(-df['self_score'].to_numpy(), kind='stable')[:a.k]
+    top = df.iloc[order].reset_index()
+    top['text'] = [_short(shown_text(recs[j]['text']) if 'input_ids' not in recs[j] else f"[{len(train[j]['input_ids'])} token ids]") for j in order]
+    print(f"highest self-influence ({len(order)} of {len(train):,}):")
+    print(top.to_string(index=False, float_format=lambda x: f'{x:.4g}'))
+
+def _short(t:str, n:int=100) -> str:
+    "A record's text as the tables print it: one line, at most `n` characters."
+    t = ' '.join(t.split()); return t if len(t) <= n else t[:n - 1] + '…'
 
 
 # %% ../nbs/13_cli.ipynb #0ba6a4a1
@@ -1092,7 +1142,7 @@ def main(argv=None) -> int:
             if args.command == 'demo':
                 demo(args.model, args.query, args.k, args.fit_sample, args.candidates, seed=args.seed, tokenizer=args.tokenizer,
                      device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-            else: return {'fit-factors': _cmd_fit, 'score': _cmd_score, 'scan': _cmd_scan, 'top': _cmd_top,
+            else: return {'fit-factors': _cmd_fit, 'score': _cmd_score, 'self-scores': _cmd_self, 'scan': _cmd_scan, 'top': _cmd_top,
                           'explore': _cmd_explore, 'windows': _cmd_windows}[args.command](args) or 0
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"influence-nb {args.command}: error: {_cli_words(str(e))}", file=sys.stderr); return 2

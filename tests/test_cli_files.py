@@ -70,6 +70,7 @@ def _corpus_commands(fx, p):
     m, f, q = ['--model', fx/'model'], ['--factors', fx/'factors'], ['--queries', fx/'queries.jsonl']
     return {'fit-factors': ['fit-factors', *m, '--data', p, '--out', fx/'out-f', '--strategy', 'identity'],
             'score': ['score', *m, *f, *q, '--data', p, '--out', fx/'out.parquet'],
+            'self-scores': ['self-scores', *m, *f, '--data', p, '--out', fx/'out.parquet', '--quiet'],
             'scan': ['scan', *m, *f, *q, '--corpus', p, '--out', fx/'out.parquet', '--quiet'],
             'explore': ['explore', *m, *f, *q, '--corpus', p, '--no-serve'],
             'top': ['top', '--result', fx/'result.parquet', '--corpus', p, '--k', 12]}
@@ -85,8 +86,8 @@ def refused(argv, *fragments):
 
 # scan, top and explore accept a record with no scored token (its score is 0); explore and top meet ids outside the
 # vocabulary only when scoring (scan names their line then) — those pairs are left out of the table, not skipped.
-CORPUS_PAIRS = [(c, cmd) for c in CORPORA + CORPORA_TRAIN for cmd in ('fit-factors', 'score', 'scan', 'explore', 'top')
-                if (c not in CORPORA_TRAIN or cmd in ('fit-factors', 'score'))
+CORPUS_PAIRS = [(c, cmd) for c in CORPORA + CORPORA_TRAIN for cmd in ('fit-factors', 'score', 'self-scores', 'scan', 'explore', 'top')
+                if (c not in CORPORA_TRAIN or cmd in ('fit-factors', 'score', 'self-scores'))
                 and not (cmd in ('explore', 'top') and c[0] == 'input_ids out of vocabulary')]
 
 

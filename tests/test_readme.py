@@ -44,7 +44,7 @@ def test_use_your_own_model_section_runs():
     assert tuple(ns['scores'].total.shape) == (1, 100)
     assert type(ns['llama']).__name__ == 'LlamaForCausalLM' and all('.mlp.' in m for m in ns['factors'].modules)
     cmds = [l for l in sec.split('```bash\n', 1)[1].split('```', 1)[0].splitlines() if l.strip()]
-    assert {c.split()[1] for c in cmds} == {'fit-factors', 'scan', 'top', 'score', 'explore'}
+    assert {c.split()[1] for c in cmds} == {'fit-factors', 'scan', 'top', 'score', 'self-scores', 'explore'}
     for c in cmds:
         args = build_parser().parse_args(shlex.split(c)[1:])
         assert args.model in ('my-llama', None) and args.command == c.split()[1]
