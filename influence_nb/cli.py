@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import numpy as np
 import pandas as pd
-from .data import (TokenRules, cut_texts, corpus_lines, missing_id, pair_end_note, text_end_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
+from .data import (TokenRules, cut_texts, corpus_lines, missing_id, pair_end_note, text_end_note, chat_loss_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, end_sentence, array_record, iter_windows, JSONL_SUFFIXES, model_tokenizer, NoWindowWarning, block_parts, DTYPES)
@@ -18,7 +18,7 @@ from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from .artefact import new_file_mode, replacing
 from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
-from .scores import pairwise_scores, self_scores, unread_to_nan
+from .scores import pairwise_scores, self_scores, unread_to_nan, units, per_copy_column
 from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text, record_id
 from .explorer import query_records, scored_phrase, layer_blocks, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
@@ -239,7 +239,8 @@ def _say_ends(a, model, tok, recs, where:str, seqs=None):
             try: seqs = corpus_sequences(recs, tok, getattr(a, 'max_length', None) or context_length(model, tok), **dataclasses.asdict(rules))
             except (ValueError, TypeError): return
     shown = [r.get('text') if 'input_ids' not in r else None for r in recs]       # texts only: a token-id record's end is not a text's
-    for note in (pair_end_note(model, tok, shown, seqs, rules.pair_eos), text_end_note(model, tok, shown, seqs, rules.text_eos)):
+    for note in (pair_end_note(model, tok, shown, seqs, rules.pair_eos), text_end_note(model, tok, shown, seqs, rules.text_eos),
+                 chat_loss_note(shown, rules)):
         if note: print(f"note: {where}: {note}", file=sys.stderr)
 
 def _say_truncated(recs, seqs, tok, n, flag, path, pos, rules:TokenRules=TokenRules()):
@@ -328,13 +329,20 @@ def _rules(a) -> TokenRules:
     return TokenRules(_pair_eos(a), _pair_eos(a, 'text_eos', 'none'), getattr(a, 'assistant_only_loss', 'true') == 'true',
                       getattr(a, 'completion_only_loss', 'true') == 'true')
 
-def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
+def _corpus_args(p, flag, required=True, what='corpus', text_default='text', rules:bool=True):
     other = {'--data': '--corpus', '--corpus': '--data'}[flag]   # either name works in every command: one flag to remember
     p.add_argument(flag, other, dest=flag[2:], required=required, default=None,
                    help=f'{what} file: .jsonl, .txt (one document per line) or .parquet; blank lines are skipped and not counted in indices')
     p.add_argument('--text-field', default=text_default, help="JSONL field / Parquet column holding the text, dotted for a nested one ('doc.body'), or a conversation "
-                   "(a list of role/content messages, e.g. 'messages': the chat template renders it, the assistant's turns are scored) (default: "
+                   "(a list of role/content messages, e.g. 'messages': the chat template renders it; --assistant-only-loss says what is scored) (default: "
                    f"{text_default or 'the one the scan read'})")
+    if rules: _rule_args(p)
+    p.add_argument('--id-field', default=None, help="JSONL field / Parquet column naming each record in the output (e.g. doc_id; dotted "
+                   "for a nested one, 'meta.id'); a record without it is a bad record (default: "
+                   f"{'id' if text_default else 'the one the scan read'}; a record without an id is named by its position)")
+
+def _rule_args(p):
+    "The flags that say which tokens training scored (`TokenRules`)."
     p.add_argument('--pair-eos', default='eos', metavar='{eos,none,TOKEN}', help="after each prompt-completion record's completion, "
                    "the token training put there: eos (default: the tokenizer's end token, as TRL's SFTTrainer adds it), none, or a token")
     p.add_argument('--text-eos', default='none', metavar='{none,eos,TOKEN}', help="after each text record, the token training put "
@@ -344,10 +352,9 @@ def _corpus_args(p, flag, required=True, what='corpus', text_default='text'):
                    "scores the assistant's replies; false, every token the chat template writes, as TRL's SFTTrainer trains a "
                    "'messages' dataset by default (its assistant_only_loss=False)")
     p.add_argument('--completion-only-loss', default='true', choices=['true', 'false'], help="a prompt-completion record: true "
-                   "(default, as TRL's) scores the completion; false, the prompt too (TRL's completion_only_loss=False)")
-    p.add_argument('--id-field', default=None, help="JSONL field / Parquet column naming each record in the output (e.g. doc_id; dotted "
-                   "for a nested one, 'meta.id'); a record without it is a bad record (default: "
-                   f"{'id' if text_default else 'the one the scan read'}; a record without an id is named by its position)")
+                   "(default, as TRL's) scores the completion; false, the whole record, as a text (every token) or as a "
+                   "conversation (what --assistant-only-loss says: TRL's completion_only_loss=False, with its default "
+                   "assistant_only_loss=False, is both flags false)")
 
 # %% ../nbs/13_cli.ipynb #4252b04b
 def _skip_arg(p):
@@ -383,7 +390,7 @@ def _fit_parser(sub):
 def _self_parser(sub):
     "The `self-scores` command and its options."
     s = sub.add_parser('self-scores', help="each record's self-influence, to Parquet: the records the model fits by themselves",
-                       description="The self-influence of every record of a corpus, ∇log p(n)ᵀ (G + λI)⁻¹ ∇log p(n) (`self_scores`): how "
+                       description="The self-influence of every record of a corpus that fits in memory, ∇log p(n)ᵀ (G + λI)⁻¹ ∇log p(n) (`self_scores`): how "
                                    "much a record's own preconditioned gradient raises its own likelihood. The highest are the records "
                                    "the model fits by themselves, unlike the rest: outliers, memorised or mislabelled records. Under "
                                    "torchrun each process scores its shard and rank 0 writes the table.")
@@ -439,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser('top', help="print one query's top sequences from a scan result",
                        description='Print the most influential sequences of one query from a `scan` result, with their texts.')
     t.add_argument('--result', required=True, help='result .parquet written by `scan`')
-    _corpus_args(t, '--corpus', required=False, what='the scanned corpus, for texts (default: the path recorded in the result)',
+    _corpus_args(t, '--corpus', required=False, rules=False, what='the scanned corpus, for texts (default: the path recorded in the result)',
                  text_default=None)
     t.add_argument('--query', default='0', help='query id, or its 0-based position (default: 0)')
     t.add_argument('--k', type=int, default=10, help='how many sequences (default: 10)')
@@ -569,15 +576,30 @@ def _check_out(path, what='--out', suffixes=('.parquet',), kind='Parquet'):
     parent = p.resolve().parent
     if not parent.is_dir(): raise ValueError(f"{what} {path}: the folder {parent} does not exist; create it first.")
 
-def _load_factors(path, model=None) -> Factors:
-    "`Factors.load`, every failure to read the folder (or to match `model`, checked at once) reported as bad input naming --factors."
+def _load_factors(path, model=None, a=None) -> Factors:
+    """`Factors.load`, every failure to read the folder (or to match `model`, checked at once) reported as bad input naming
+    --factors; with the command's arguments `a`, a note when the fit read its records by other token flags (`_say_rules`)."""
     try:
         f = Factors.load(path)
         if model is not None: f.check(model)        # before any query is run: factors of other weights are refused first
+        if a is not None: _say_rules(a, f, path)
         return f
     except (ValueError, TypeError, FileNotFoundError) as e: raise _again(e, f"--factors: {e}") from None
     except Exception as e:                                    # e.g. a safetensors or OS error on a damaged file
         raise ValueError(f"--factors {path}: could not be read ({type(e).__name__}: {e}); refit the factors and save them again.") from None
+
+def _rule_words(rules:dict) -> str:
+    "Token rules that differ from the defaults (`TokenRules.changed`) in the command line's flags."
+    word = lambda k, v: ('true' if v else 'false') if k.endswith('_loss') else 'eos' if v is True else 'none' if v is False else str(v)
+    return ' '.join(f"--{k.replace('_', '-')} {word(k, v)}" for k, v in rules.items()) or 'the default token flags'
+
+def _say_rules(a, f:Factors, path):
+    "A note (stderr) when factors `fit-factors` wrote read their records by other token flags than this command reads its own."
+    if 'token_rules' not in f.info: return                           # fitted in Python, or by an older version: unknown
+    old, new = f.info['token_rules'], _rules(a).changed()
+    if old != new: print(f"note: --factors {path} were fitted on records read with {_rule_words(old)}; this command reads its "
+                         f"records with {_rule_words(new)}, so the factors describe other tokens than the ones scored here: "
+                         "pass the flags the fit had, or fit again.", file=sys.stderr)
 
 def _cmd_fit(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records, a.id_field or 'id')
@@ -597,6 +619,7 @@ def _cmd_fit(a):
         f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
                         factor_dtype=a.factor_dtype, eigh_dtype=a.eigh_dtype, rotate_dtype=a.rotate_dtype,
                         checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, keep_checkpoint=True, progress=rank == 0 and not a.quiet)
+        f.info['token_rules'] = _rules(a).changed()                      # the flags the records were read with (`_say_rules`)
         if rank == 0: print(f"saved {f} to {f.save(a.out)}" + (f" (fitted by {world} processes)" if world > 1 else ''))
     if a.checkpoint is not None: FitCheckpoint(a.checkpoint, '').remove()   # only once the factors are safely written
 
@@ -749,7 +772,7 @@ def _cmd_score(a):
         _check_out(a.per_layer, '--per-layer')
         if Path(a.per_layer).resolve() == Path(a.out).resolve(): raise ValueError("--per-layer must name another file than --out.")
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
-    factors = _load_factors(a.factors, model)
+    factors = _load_factors(a.factors, model, a)
     queries, names = _read_queries(a.queries, tok, model)
     if clash := sorted(set(names) & {'train_index', 'id'}):         # score columns are named by the queries' ids
         raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the output's index (train_index, and id "
@@ -785,7 +808,7 @@ def _record_index(pos:list, recs:list) -> pd.Index:
 def _cmd_self(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records, a.id_field or 'id'); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
-    factors = _load_factors(a.factors, model)
+    factors = _load_factors(a.factors, model, a)
     train, pos, recs = _corpus(a, tok, model)
     _say_repeated_ids(recs, pos, Path(a.data)); _say_id_field(a, recs)
     with _process_group() as (rank, world):      # under torchrun each process scores its shard; the sums are added
@@ -882,7 +905,7 @@ def _scan(a, model, tok, factors, queries, names):
 def _cmd_scan(a):
     _check_options(a); _check_corpus_file(a.corpus, a.text_field, skip_bad=a.skip_bad_records, id_field=a.id_field or 'id'); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
-    factors = _load_factors(a.factors, model)
+    factors = _load_factors(a.factors, model, a)
     queries, names = _read_queries(a.queries, tok, model)
     if a.scores_dir and (clash := sorted(set(names) & {'index', 'id'})):        # read_scores names its columns by the ids
         raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the --scores-dir table's index (index, and "
@@ -973,8 +996,10 @@ def _cmd_top(a):
         else: df.insert(1, 'id', col)
     name = res.query_names[qi] if res.query_names else f'query {qi}'
     print(f"{name}: top {len(df)} of {res.n_scanned:,} sequences (query rank {res.query_rank or 'full'}"
-          f"{', refined' if res.refined else ''}){f'; nats = score / N, N = {res.n_train:,}' if res.n_train else ''}")
-    if res.query_log_p: _say_queries([name], [res.query_log_p[qi]])
+          f"{', refined' if res.refined else ''}){f'; {per_copy_column(res.measurement)} = score / N, N = {res.n_train:,}' if res.n_train else ''}")
+    if res.token_rules: print(f"its records were read with {_rule_words(res.token_rules)}")
+    if res.measurement: print(f"legend: {units(res.measurement)}")                  # a scan (in Python) of a measurement of one's own
+    elif res.query_log_p: _say_queries([name], [res.query_log_p[qi]])
     else: print(f"legend: {SCORE_LEGEND}")
     if 'text' in df: df['text'] = [t if len(t) <= a.width else t[:a.width - 1] + '…' for t in df['text']]
     with pd.option_context('display.max_colwidth', a.width + 2, 'display.width', 250):

@@ -24,12 +24,12 @@ __all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'LOSS_WEIGHTS', 
            'model_config', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length',
            'load_tokenizer', 'TokenizerDriftWarning', 'tokenizer_drift', 'resolve_device', 'resolve_dtype',
            'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode',
-           'batch_logits', 'completion_logprobs', 'pair_end_note', 'text_end_note', 'uncompiled', 'uncompiled_names',
-           'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows', 'corpus_rows',
-           'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record', 'corpus_entries', 'read_corpus',
-           'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows',
-           'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note',
-           'run_slow_cell']
+           'batch_logits', 'completion_logprobs', 'pair_end_note', 'text_end_note', 'chat_loss_note', 'uncompiled',
+           'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows',
+           'corpus_rows', 'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record', 'corpus_entries',
+           'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream',
+           'iter_windows', 'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors',
+           'nats_note', 'run_slow_cell']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -1380,6 +1380,23 @@ def text_end_note(model, # the model the records train
         return (f"the end token {name!r} put after each text has a median probability of {p:.2g} there under this model "
                 f"(the {len(plain)} records looked at): if training did not end its texts so, leave it out: `text_eos=False` (--text-eos none).")
     return None
+
+# %% ../nbs/00_data.ipynb #2e0c54af
+def chat_loss_note(texts:list, # the records' texts, conversations and pairs (None for a token-id record)
+                   rules:TokenRules, # how they are read
+                  ) -> str|None:
+    """A note where TRL's defaults would have trained more of a conversation than is scored: its `SFTTrainer` trains every
+    token of a 'messages' record unless `assistant_only_loss=True`, and a conversational pair's prompt too with
+    `completion_only_loss=False` (its `assistant_only_loss` left False); nothing in a model says which a run did."""
+    if not rules.assistant_only_loss: return None
+    convs = sum(is_conversation(t) for t in texts)
+    whole = 0 if rules.completion_only_loss else sum(is_pair(t) and is_conversation(t['prompt']) for t in texts)
+    if not (convs or whole): return None
+    what = ' and '.join(x for x in (f"{convs:,} conversation(s)" * bool(convs),
+                                    f"{whole:,} conversational pair(s) trained whole" * bool(whole)) if x)
+    return (f"{what} of {len(texts):,} records are scored on the assistant's replies only (`assistant_only_loss`); TRL's "
+            "SFTTrainer trains every token of them unless its assistant_only_loss=True: if your run did, score them so: "
+            "`assistant_only_loss=False` (--assistant-only-loss false).")
 
 # %% ../nbs/00_data.ipynb #c5de9db8
 def _wrapped(model):

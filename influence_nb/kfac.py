@@ -81,17 +81,36 @@ def loss_cotangent(logits:torch.Tensor, # [batch, T, vocab]
                   ) -> torch.Tensor:
     """The output gradient a pass backpropagates: `∂ summed_loss / ∂ logits` (`summed_loss_grad`); with a `measurement` f,
     `−∂ Σ f / ∂ logits`, so that a query's gradient is `−∇f` as the summed loss's is `−∇ log p(completion)`, and its
-    scores are `∇fᵀ (G + λI)⁻¹ ∇ log p(sequence)`. `f` must depend on each row's own real tokens only (the batch is
-    right-padded: `attention_mask` 0 after them)."""
+    scores are `∇fᵀ (G + λI)⁻¹ ∇ log p(sequence)`. `f` is called as `f(logits, batch)`: the logits as the model gives
+    them (position t predicts token t + 1) and the batch's 'input_ids', 'attention_mask' and 'labels' (aligned with the
+    ids, -100 where nothing is measured). It must give each row its own value, from that row's real tokens only (the
+    batch is right-padded: `attention_mask` 0 after them): a value that mixes rows (`f - f.mean()`) or is flat in the
+    logits (rounded, an argmax) has no gradient, and is refused, as are values or gradients that are not finite."""
     if measurement is None: return summed_loss_grad(logits, batch['labels'], sample, seed, stream, indices)
     z = (logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits).detach().requires_grad_(True)
-    with torch.enable_grad(): f = measurement(z, batch)
+    try:
+        with torch.enable_grad(): f = measurement(z, batch)
+    except (TypeError, IndexError, KeyError, AttributeError) as e:   # (Kronfluence's `compute_measurement(batch, model)`)
+        raise type(e)(f"`measurement` failed ({type(e).__name__}: {str(e)[-160:]}); it is called as f(logits, batch): logits "
+                      "[batch, T, vocab], batch a dict of 'input_ids', 'attention_mask' and 'labels' (only these), and returns "
+                      "one value per sequence.") from e
     if not isinstance(f, torch.Tensor) or tuple(f.shape) != (len(z),):
         raise ValueError(f"`measurement` must return a tensor with one value per sequence of the batch, shape ({len(z)},); got "
                          f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}.")
     if not f.requires_grad:
         raise ValueError("`measurement`'s values do not depend on the logits it is given: compute them from its first argument.")
-    return torch.autograd.grad(-f.sum(), z)[0].to(logits.dtype)
+    rows = lambda bad: [indices[j] if indices is not None else j for j in bad.nonzero()[:, 0].tolist()][:5]
+    if not torch.isfinite(f).all():
+        raise ValueError(f"`measurement` gave a value that is not finite (NaN or Inf) for the sequence(s) {rows(~torch.isfinite(f))} "
+                         "of the batch: each query needs a finite value of f.")
+    g = torch.autograd.grad(-f.sum(), z)[0]
+    if not torch.isfinite(g).all():
+        raise ValueError(f"`measurement`'s gradient is not finite (NaN or Inf) for the sequence(s) {rows(~torch.isfinite(g).flatten(1).all(1))} "
+                         "of the batch (a log or a division at 0?).")
+    if not g.any():
+        raise ValueError("`measurement`'s gradient is zero for every sequence of the batch: f is flat in the logits (rounded, an "
+                         "argmax) or its values cancel across the batch (f - f.mean()); give each sequence its own differentiable value.")
+    return g.to(logits.dtype)
 
 # %% ../nbs/04_kfac.ipynb #e4ac0002
 EXACT_MAX_OUTPUTS = 64   # fisher='exact' backpropagates one row per output class and scored token

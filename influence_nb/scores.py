@@ -22,16 +22,32 @@ from .ekfac import Factors, seq_grads, check_damping, ITERATIVE
 from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'cg', 'pcg' (05b_solver)
 
 # %% auto #0
-__all__ = ['UNITS', 'STREAM_MACS', 'ScoreTable', 'check_query', 'check_k', 'Scores', 'to_float64', 'layer_sums',
-           'shares_of_total', 'PrecondQuery', 'working_dtype', 'eigenbases', 'rotated_grads', 'shared_to',
-           'query_gradients', 'canonical_to_flat', 'flat_to_canonical', 'truncated_svd', 'precondition_queries',
-           'query_form', 'check_measurement', 'prepare_queries', 'contraction_costs', 'contract_scores',
-           'given_positions', 'fold_calls', 'place_tokens', 'unread_to_nan', 'check_rank', 'prepare_scoring',
-           'pairwise_scores', 'self_scores', 'ClassifierAsLM', 'RegressorAsLM']
+__all__ = ['UNITS', 'STREAM_MACS', 'measurement_name', 'per_copy_column', 'units', 'ScoreTable', 'check_query', 'check_k',
+           'Scores', 'to_float64', 'layer_sums', 'shares_of_total', 'PrecondQuery', 'working_dtype', 'eigenbases',
+           'rotated_grads', 'shared_to', 'query_gradients', 'canonical_to_flat', 'flat_to_canonical', 'truncated_svd',
+           'precondition_queries', 'query_form', 'check_measurement', 'prepare_queries', 'contraction_costs',
+           'contract_scores', 'given_positions', 'fold_calls', 'place_tokens', 'unread_to_nan', 'check_rank',
+           'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM', 'RegressorAsLM']
 
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
          f"among the N training sequences (`n_train`); a linear estimate: {NATS_SCALE}. Positive: more of it raises p.")
+
+def measurement_name(measurement) -> str|None:
+    "How results name the queries' `measurement`: 'module.qualname' of the function (None: log p(completion), the default)."
+    if measurement is None: return None
+    return f"{getattr(measurement, '__module__', '')}.{getattr(measurement, '__qualname__', type(measurement).__qualname__)}"
+
+def per_copy_column(measurement:str|None) -> str:
+    "The column of score / N: 'nats' of log p(completion), or 'per_copy', in the units of a `measurement` of one's own."
+    return 'nats' if measurement is None else 'per_copy'
+
+def units(measurement:str|None=None) -> str:
+    "The legend under a table of scores: `UNITS`, or with a `measurement` (its name) what its scores and `per_copy` mean."
+    if measurement is None: return UNITS
+    return (f"score = ∇f(query)ᵀ (G+λI)⁻¹ ∇log p(sequence) for the measurement f = {measurement}; per_copy = score / N: the "
+            "first-order change of f from one extra copy of the training sequence among the N training sequences (`n_train`), "
+            "in f's units, a linear estimate. Positive: more of it raises f.")
 
 class ScoreTable(pd.DataFrame):
     "A DataFrame that prints its units legend (kept in `attrs['legend']`) under the table, in text and in HTML."
@@ -78,10 +94,11 @@ class Scores:
     modules: list = field(default_factory=list) # tracked layers
     strategy: str = ''                          # the curvature the scores were preconditioned with (the factors' strategy)
     query_rank: int|None = None                 # rank of the query gradients (paper §3.2.2); None: full rank
+    measurement: str|None = None                # the queries' measurement f, by name (`measurement_name`); None: log p(completion)
 
     @property
     def nats(self) -> torch.Tensor:
-        "Scores in the paper's unit: change of the completion's log-probability for one more copy in `N` sequences."
+        "Scores in the paper's unit: change of the completion's log-probability for one more copy in `N` sequences (with a `measurement`: of f, in its units)."
         if not self.n_train: raise ValueError("n_train is unknown for these scores.")
         return self.total / self.n_train
 
@@ -92,18 +109,18 @@ class Scores:
             train=None, # ... the training sequences scored (as given to `pairwise_scores`)
             largest:bool=True, # most positive first (False: most negative)
            ) -> pd.DataFrame:
-        "The top-`k` training sequences of one query as a DataFrame (rank, index, score, nats, text) that prints its units."
+        "The top-`k` training sequences of one query as a DataFrame (rank, index, score, nats, text) that prints its units (with a `measurement`: per_copy, f's)."
         row = self.total[check_query(query, self.total.shape[0])]
         check_k(k); k = row.numel() if k is None else min(int(k), row.numel())
         idx = torch.sort(row, descending=largest, stable=True).indices[:k]   # ties: the lower index first, as `scan` keeps them
         vals = row[idx]
         df = pd.DataFrame({'rank': range(1, k + 1), 'index': idx.tolist(), 'score': vals.tolist()})
-        if self.n_train: df['nats'] = df['score'] / self.n_train
+        if self.n_train: df[per_copy_column(self.measurement)] = df['score'] / self.n_train
         if texts is None and tokenizer is not None and train is not None:
             texts = {i: tokenizer.decode(train[i]['input_ids'], skip_special_tokens=True) for i in df['index']}
         if texts is not None: df['text'] = [texts[i] for i in df['index']]
         out = ScoreTable(df.set_index('rank'))
-        out.attrs['legend'] = UNITS + (f" Here N = {self.n_train:,}." if self.n_train else '')   # the N `nats` divided by
+        out.attrs['legend'] = units(self.measurement) + (f" Here N = {self.n_train:,}." if self.n_train else '')   # the N `nats` divided by
         return out
 
     def layer_shares(self, top:int|None=None) -> pd.DataFrame:
@@ -173,7 +190,7 @@ def save(self: Scores, path) -> Path:
     path = Path(path)
     t = {'total': self.total.contiguous(), **{f'per_layer/{n}': s.contiguous() for n, s in (self.per_layer or {}).items()}}
     if self.per_token is not None: t['per_token'] = self.per_token.contiguous()
-    meta = dict(n_train=self.n_train, modules=list(self.modules), strategy=self.strategy, query_rank=self.query_rank,
+    meta = dict(n_train=self.n_train, modules=list(self.modules), strategy=self.strategy, query_rank=self.query_rank, measurement=self.measurement,
                 per_layer=list(self.per_layer or {}))
     with replacing(path, mode=0o644) as tmp: save_file(t, str(tmp), metadata={'influence_nb.scores': json.dumps(meta)})
     return path
@@ -515,7 +532,7 @@ def pairwise_scores(model, # the model the factors were fitted on
     if dist_info()[1] > 1:   # each process filled its shard's columns: add them up
         for t in [total, tok_scores, *(layer_scores or {}).values()]:
             if t is not None: all_reduce_sum(t)
-    return Scores(total, layer_scores, tok_scores, max(len(ts), factors.n_sequences), [layer.name for layer in layers], factors.strategy, query_rank)
+    return Scores(total, layer_scores, tok_scores, max(len(ts), factors.n_sequences), [layer.name for layer in layers], factors.strategy, query_rank, measurement_name(measurement))
 
 # %% ../nbs/06_scores.ipynb #96fb2398
 def _self_terms(acts, outg, denom, basis) -> torch.Tensor:

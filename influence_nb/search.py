@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_search.ipynb #f851d976
 from __future__ import annotations
-import os, math, json, time, socket, hashlib, itertools, contextlib, warnings
+import os, math, json, time, types, socket, hashlib, functools, itertools, contextlib, warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from collections.abc import Mapping, Iterable, Iterator
@@ -17,12 +17,12 @@ from .data import (TokenRules, cut_texts, text_sequences, array_record, end_sent
                                grad_enabled, check_max_length, check_int, n_scored, shown_ids, tokenizer_mark, other_tokenizer)
 from .kfac import layer_passes, all_reduce_sum, dist_info, watch_calls
 from .ekfac import Factors, check_damping
-from .scores import (prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
+from .scores import (measurement_name, per_copy_column, prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
                                  working_dtype)
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'BadRecord', 'BadRecordError', 'CorpusStream', 'text_of', 'merge_topk', 'record_text', 'record_id',
-           'file_digest', 'ScanResult', 'read_scores', 'scan']
+           'file_digest', 'ScanResult', 'read_scores', 'scan', 'measurement_digest']
 
 # %% ../nbs/08_search.ipynb #58afcf5b
 @dataclass
@@ -361,6 +361,8 @@ class ScanResult:
     first_skipped: str|None = None # the first bad record left out, 'where: why' (e.g. 'line 6 of c.jsonl: not valid JSON …')
     candidates: int|None = None    # the BM25 filter: only each query's `candidates` best matches were scored (None: every record)
     id_field: str|None = None      # the field the records' ids were read from (None: their own 'id')
+    measurement: str|None = None   # the queries' measurement f, by name (`measurement_name`); None: log p(completion)
+    token_rules: dict|None = None  # how text records were read: the `TokenRules` that differ from the defaults ({}: none; None: unknown)
 
     @property
     def n_queries(self) -> int:
@@ -374,7 +376,9 @@ class ScanResult:
     def __repr__(self):
         return (f"ScanResult({self.n_queries} queries × top {self.k} of {self.n_scanned:,} sequences"
                 f"{f', {self.n_skipped} skipped' if self.n_skipped else ''}{f', {self.n_truncated} truncated' if self.n_truncated else ''}"
-                f"{f', BM25 candidates {self.candidates:,} per query' if self.candidates else ''}, rank={self.query_rank}, refined={self.refined})")
+                f"{f', BM25 candidates {self.candidates:,} per query' if self.candidates else ''}{f', measurement {self.measurement}' if self.measurement else ''}"
+                f"{''.join(f', {k}={v!r}' for k, v in (self.token_rules or {}).items())}"
+                f", rank={self.query_rank}, refined={self.refined})")
 
     def texts(self, corpus=None, # the scanned corpus (default: `source`): list, Dataset, JSONL/Parquet path
               tokenizer=None, # decodes token-id records
@@ -414,13 +418,13 @@ def to_frame(self: ScanResult, texts=None, # `{index: text}` or a list, to add a
              tokenizer=None, # ... decoding token-id records with this tokenizer
              text_field:str|None=None, # the records' text field (default: the scan's, else 'text')
             ) -> pd.DataFrame:
-    "Long table: one row per (query, rank) with the query's id (when named), corpus index, score, nats and (when available) text."
+    "Long table: one row per (query, rank) with the query's id (when named), corpus index, score, nats (with a `measurement`: per_copy, in f's units) and (when available) text."
     n_q, k = self.indices.shape
     df = pd.DataFrame({'query': torch.arange(n_q).repeat_interleave(k).tolist(), 'rank': list(range(1, k + 1)) * n_q,
                        'index': self.indices.flatten().tolist(), 'score': self.scores.flatten().double().tolist()})
     if (ids := self.query_ids()) is not None: df.insert(1, 'query_id', [ids[q] for q in df['query']])
     if self.record_ids: df.insert(df.columns.get_loc('index') + 1, 'id', [self.record_ids.get(i, '') for i in df['index']])
-    if self.n_train: df['nats'] = df['score'] / self.n_train
+    if self.n_train: df[per_copy_column(self.measurement)] = df['score'] / self.n_train
     if texts is None and (corpus is not None or (self.source is not None and Path(self.source).exists())):
         texts = self.texts(corpus, tokenizer, text_field)
     if texts is not None: df['text'] = [texts[i] for i in df['index']]
@@ -436,7 +440,7 @@ def top(self: ScanResult, query:int=0, # which query
     sub = ScanResult(self.indices[query:query + 1, :k], self.scores[query:query + 1, :k], self.n_scanned, self.n_skipped,
                      self.n_train, self.query_rank, self.refined, self.source, self.seconds,
                      source_digest=self.source_digest, text_field=self.text_field, n_truncated=self.n_truncated,
-                     record_ids=self.record_ids, id_field=self.id_field)
+                     record_ids=self.record_ids, id_field=self.id_field, measurement=self.measurement, token_rules=self.token_rules)
     return sub.to_frame(**kw).drop(columns='query').set_index('rank')
 
 @patch
@@ -461,7 +465,7 @@ def save(self: ScanResult, path:str|Path) -> Path:
     meta = {'n_scanned': self.n_scanned, 'n_skipped': self.n_skipped, 'n_train': self.n_train, 'query_rank': self.query_rank,
             'refined': self.refined, 'source': self.source, 'seconds': self.seconds, 'query_names': self.query_ids(),
             'query_log_p': self.query_log_p, 'source_digest': self.source_digest, 'text_field': self.text_field, 'n_truncated': self.n_truncated,
-            'first_skipped': self.first_skipped, 'candidates': self.candidates, 'id_field': self.id_field,
+            'first_skipped': self.first_skipped, 'candidates': self.candidates, 'id_field': self.id_field, 'measurement': self.measurement, 'token_rules': self.token_rules,
             'shape': list(self.indices.shape),
             'dtype': str(self.scores.dtype).replace('torch.', '')}
     df = pd.DataFrame({'query': torch.arange(self.n_queries).repeat_interleave(self.k).numpy(),
@@ -873,19 +877,54 @@ def scan(model, # the model the factors were fitted on
         items = _resume_items(stream, state, convert, ckpt, prefix := _guard(stream, state, ckpt))
         vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, lambda c: convert(c, cut, bad), k=k, chunk_size=chunk_size,
                                   batch_size=batch_size, dtype=dtype, spath=spath, ckpt=ckpt, checkpoint_every=checkpoint_every, rank=rank, progress=progress, prefix=prefix, own=pre and pre['own'])
-    _say_cut(cut, max_length); _check_scanned(state)
-    n_skipped, first = state['n_skipped'] + (pre['n_skipped'] if pre else 0), bad.get('first') or (pre['first'] if pre else None)
+    _say_cut(cut, max_length); _check_scanned(state); n_skipped, first = state['n_skipped'] + (pre['n_skipped'] if pre else 0), bad.get('first') or (pre['first'] if pre else None)
     n = min(k, state['n_scanned']); vals, inds, refined = vals[:, :n], inds[:, :n], bool(refine and query_rank is not None)
     if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype, measurement)
     return ScanResult(inds, vals, state['n_scanned'], n_skipped, n_train or max(pre['n_docs'] if pre else state['n_scanned'], factors.n_sequences),
                       query_rank, refined, str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - state['t0'], 3),
                       source_digest=file_digest(stream.path) if stream.path else None, text_field=text_field, n_truncated=cut.get('n', 0), candidates=candidates,
-                      record_ids=_kept_ids(state, stream, set(inds.flatten().tolist()), legacy), first_skipped=first, query_names=names, id_field=None if id_field == 'id' else id_field)
+                      record_ids=_kept_ids(state, stream, set(inds.flatten().tolist()), legacy), first_skipped=first, query_names=names, id_field=None if id_field == 'id' else id_field,
+                      measurement=measurement_name(measurement), token_rules=rules.changed())
 
 # %% ../nbs/08_search.ipynb #9e8c4c89
 def _measured(measurement) -> dict:
-    "A scan's record of its queries' `measurement` (by name: a checkpoint of another one is not resumed); {} for log p."
-    return {} if measurement is None else {'measurement': f"{getattr(measurement, '__module__', '')}.{getattr(measurement, '__qualname__', repr(measurement))}"}
+    """A scan's record of its queries' `measurement`: its name and what it computes (`measurement_digest`), so that a
+    checkpoint of another one, a lambda or an edited function of the same name, is not resumed; {} for log p."""
+    if measurement is None: return {}
+    return {'measurement': measurement_name(measurement), 'measurement_digest': measurement_digest(measurement)}
+
+def measurement_digest(fn, # a measurement: a function, lambda, closure, `functools.partial`, bound method or callable object
+                      ) -> str:
+    """A digest of what `fn` computes, the same in every process: its code and constants, its defaults, the values it
+    closes over (tensors by their bytes), and the functions and constants of its module that it names, followed a few
+    levels deep; an object it cannot see into (a model it closes over) counts by its type."""
+    h, seen = hashlib.blake2b(digest_size=12), set()
+    def feed(x, depth=0):
+        if depth > 6 or id(x) in seen: h.update(b'.'); return
+        if isinstance(x, (str, bytes, int, float, complex, bool, type(None))): h.update(repr(x).encode()); return
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f'{t.dtype}{tuple(x.shape)}'.encode()); h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, types.CodeType):
+            h.update(x.co_code); feed(x.co_consts, depth + 1); feed(x.co_names, depth + 1)
+        elif isinstance(x, types.FunctionType):
+            feed(x.__code__, depth + 1); feed(x.__defaults__, depth + 1); feed(x.__kwdefaults__, depth + 1)
+            feed([c.cell_contents for c in x.__closure__ or () if c.cell_contents is not x], depth + 1)
+            for n in x.__code__.co_names:                                # the module's helpers and constants it uses
+                if isinstance(g := x.__globals__.get(n), (types.FunctionType, str, bytes, int, float, torch.Tensor)): feed(g, depth + 1)
+        elif isinstance(x, types.MethodType): feed(x.__func__, depth + 1); feed(x.__self__, depth + 1)
+        elif isinstance(x, functools.partial): feed(x.func, depth + 1); feed(x.args, depth + 1); feed(x.keywords, depth + 1)
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            h.update(type(x).__name__.encode())
+            for e in (sorted(x, key=repr) if isinstance(x, (set, frozenset)) else x): feed(e, depth + 1)
+        elif isinstance(x, Mapping):
+            for k in sorted(x, key=repr): feed(k, depth + 1); feed(x[k], depth + 1)
+        else:
+            h.update(f'{type(x).__module__}.{type(x).__qualname__}'.encode())
+            if not isinstance(x, torch.nn.Module) and callable(x) and isinstance(call := getattr(type(x), '__call__', None), types.FunctionType):
+                feed(call, depth + 1); feed(getattr(x, '__dict__', {}), depth + 1)   # a callable object: its code and state
+    feed(fn); return h.hexdigest()
 
 def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype, measurement=None):
     "Full-rank scores of each query's candidates `inds` `[n_q, k]`, re-sorted: `(scores, indices)`."

@@ -517,3 +517,38 @@ def test_trls_all_token_training_is_two_flags_through_api_cli_scan_and_explorer(
                         fit_sample=0, batch_size=8, assistant_only_loss=False)
     res = run_query(s, s.custom, query_id='q1', prefilter=False, k=3, strategy='ekfac')
     assert torch.allclose(torch.tensor(res.scores)[torch.argsort(torch.tensor(res.candidates))], want, rtol=1e-6, atol=0)
+
+
+def test_the_token_flags_are_recorded_and_a_mismatch_or_trls_default_is_said(case, tmp_path):
+    """`fit-factors` records how it read the records and `score`/`scan`/the explorer say when they read them otherwise;
+    a conversation corpus read by the default rules gets a note on TRL's all-token default; a scan result keeps its rules,
+    and `top`, which reads no tokens, takes no token flags."""
+    from influence_nb.explorer import ExplorerSession, run_query
+    from influence_nb.search import ScanResult
+    d, m = case['dir'], case['model']
+    base = ('--model', d/'model', '--text-field', 'messages')
+    rc, _, err = randdata.cli_run('fit-factors', *base, '--data', d/'train.jsonl', '--out', tmp_path/'f0', '--batch-size', 8)
+    assert rc == 0, err
+    assert "6 conversation(s) of 6 records are scored on the assistant's replies only" in err and '--assistant-only-loss false' in err, err
+    assert inf.Factors.load(tmp_path/'f0').info['token_rules'] == {}
+    rc, _, err = randdata.cli_run('fit-factors', *base, '--data', d/'train.jsonl', '--out', tmp_path/'f1', '--assistant-only-loss', 'false')
+    assert rc == 0 and 'scored on the assistant' not in err, err
+    assert inf.Factors.load(tmp_path/'f1').info['token_rules'] == {'assistant_only_loss': False}
+    score = ('score', *base, '--queries', d/'q.jsonl', '--data', d/'train.jsonl', '--out', tmp_path/'s.parquet')
+    rc, _, err = randdata.cli_run(*score, '--factors', tmp_path/'f1')
+    assert rc == 0 and 'were fitted on records read with --assistant-only-loss false; this command reads its records with the default token flags' in err, err
+    rc, _, err = randdata.cli_run(*score, '--factors', tmp_path/'f1', '--assistant-only-loss', 'false')
+    assert rc == 0 and 'were fitted on records read' not in err, err
+    rc, _, err = randdata.cli_run('scan', *base, '--factors', tmp_path/'f1', '--queries', d/'q.jsonl', '--corpus', d/'train.jsonl',
+                                  '--assistant-only-loss', 'false', '--k', 3, '--out', tmp_path/'r.parquet', '--quiet')
+    assert rc == 0 and 'were fitted on records read' not in err, err
+    assert ScanResult.load(tmp_path/'r.parquet').token_rules == {'assistant_only_loss': False}
+    rc, out, err = randdata.cli_run('top', '--result', tmp_path/'r.parquet', '--k', 2)
+    assert rc == 0 and 'its records were read with --assistant-only-loss false' in out, out + err
+    with pytest.raises(SystemExit) as e: randdata.cli_run('top', '--result', tmp_path/'r.parquet', '--assistant-only-loss', 'false')
+    assert e.value.code == 2                                             # argparse: unrecognized arguments
+    s = ExplorerSession(model=m, tokenizer=case['tok'], corpus=d/'train.jsonl', text_field='messages', queries=d/'q.jsonl',
+                        factors=tmp_path/'f1', batch_size=8)
+    notes = ' '.join(run_query(s, s.custom, query_id='q1', prefilter=False, k=3, strategy='ekfac').notes)
+    assert "fitted on records read with assistant_only_loss=False; this session reads them with the defaults" in notes, notes
+    assert "6 conversation(s) of 6 records are scored on the assistant's replies only" in notes, notes
