@@ -25,9 +25,9 @@ from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'c
 __all__ = ['UNITS', 'STREAM_MACS', 'measurement_name', 'per_copy_column', 'units', 'ScoreTable', 'check_query', 'check_k',
            'Scores', 'to_float64', 'layer_sums', 'shares_of_total', 'PrecondQuery', 'working_dtype', 'eigenbases',
            'rotated_grads', 'shared_to', 'query_gradients', 'canonical_to_flat', 'flat_to_canonical', 'truncated_svd',
-           'precondition_queries', 'query_form', 'check_measurement', 'prepare_queries', 'contraction_costs',
-           'contract_scores', 'given_positions', 'fold_calls', 'place_tokens', 'unread_to_nan', 'check_rank',
-           'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM', 'RegressorAsLM']
+           'precondition_queries', 'query_form', 'check_measurement', 'check_queries', 'prepare_queries',
+           'contraction_costs', 'contract_scores', 'given_positions', 'fold_calls', 'place_tokens', 'unread_to_nan',
+           'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM', 'RegressorAsLM']
 
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
@@ -376,6 +376,12 @@ def check_measurement(measurement):
     raise TypeError("`measurement` must be None (log p of the labelled tokens) or a function `f(logits, batch)` returning one "
                     f"differentiable value per sequence of the batch, got {type(measurement).__name__} {str(measurement)[:60]!r}.")
 
+def check_queries(model, queries, measurement=None) -> list[dict]:
+    "The queries as sequences for `model` (`check_sequences`), each with a labelled token unless a `measurement` of one's own reads them, which may need none."
+    qs = check_sequences(model, queries, 'queries')
+    if measurement is None: require_scored(qs, 'queries')
+    return qs
+
 def prepare_queries(model, # the model the factors were fitted on
                     factors:Factors, # fitted factors (or an iterative solver)
                     layers:list, # tracked layers (`prepare_scoring`)
@@ -507,10 +513,13 @@ def pairwise_scores(model, # the model the factors were fitted on
                    ) -> Scores:
     """Influence of every training sequence on every query's completion log-probability, or on `measurement` (a margin, a
     loss over chosen tokens...): `f(logits, batch)` gets a right-padded batch of queries ('input_ids', 'attention_mask',
-    'labels') and their logits, and returns one differentiable value per query (`loss_cotangent`)."""
+    'labels' aligned with the ids, -100 where nothing is measured) and their logits as the model gives them (position t
+    predicts token t + 1), and returns one differentiable value per query from that query's own real tokens
+    (`loss_cotangent`); such queries need no labelled token. Against Kronfluence: its score of a task whose
+    `compute_measurement` returns f is minus this one (it multiplies by the training loss's gradient, −∇log p)."""
     check_damping(damping); check_rank(query_rank); check_measurement(measurement)
     layers = prepare_scoring(model, factors)
-    qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries')
+    qs = check_queries(model, queries, measurement)
     if per_token and not hasattr(train, '__len__'): train = list(train)   # a one-shot iterable: read once, kept for `given_positions`
     ts = check_sequences(model, train, 'train'); require_scored(ts, 'train')
     starts, width = given_positions(train, ts) if per_token else (None, 0)

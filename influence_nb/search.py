@@ -17,7 +17,7 @@ from .data import (TokenRules, cut_texts, text_sequences, array_record, end_sent
                                grad_enabled, check_max_length, check_int, n_scored, shown_ids, tokenizer_mark, other_tokenizer)
 from .kfac import layer_passes, all_reduce_sum, dist_info, watch_calls
 from .ekfac import Factors, check_damping
-from .scores import (measurement_name, per_copy_column, prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
+from .scores import (check_queries, measurement_name, per_copy_column, prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
                                  working_dtype)
 
 # %% auto #0
@@ -857,7 +857,7 @@ def scan(model, # the model the factors were fitted on
         ) -> ScanResult:
     "Scan `corpus` for each query's `k` most influential sequences, in constant memory, resumable."
     _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train, candidates); layers, id_field = prepare_scoring(model, factors), id_field or 'id'
-    qs = check_sequences(model, queries, 'queries'); require_scored(qs, 'queries'); names = _query_names(query_names, len(qs), scores_path is not None)
+    qs = check_queries(model, queries, measurement); names = _query_names(query_names, len(qs), scores_path is not None)
     stream, rules = CorpusStream(corpus, text_field, id_field), TokenRules(pair_eos, text_eos, assistant_only_loss, completion_only_loss)
     _check_twice(stream, refine and query_rank is not None, candidates); ctx, max_length = _scan_max_length(model, max_length)
     cfg = _config(factors, qs, stream, tokenizer, k=k, query_rank=query_rank, damping=damping, batch_size=batch_size,
