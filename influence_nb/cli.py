@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 import numpy as np
 import pandas as pd
-from .data import (TokenRules, cut_texts, corpus_lines, missing_id, pair_end_note, text_end_note, chat_loss_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
+from .viz import _shorten
+from .data import (TokenRules, rule_words, rules_note, cut_texts, corpus_lines, missing_id, pair_end_note, text_end_note, chat_loss_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, end_sentence, array_record, iter_windows, JSONL_SUFFIXES, model_tokenizer, NoWindowWarning, block_parts, DTYPES)
@@ -334,7 +335,7 @@ def _corpus_args(p, flag, required=True, what='corpus', text_default='text', rul
     p.add_argument(flag, other, dest=flag[2:], required=required, default=None,
                    help=f'{what} file: .jsonl, .txt (one document per line) or .parquet; blank lines are skipped and not counted in indices')
     p.add_argument('--text-field', default=text_default, help="JSONL field / Parquet column holding the text, dotted for a nested one ('doc.body'), or a conversation "
-                   "(a list of role/content messages, e.g. 'messages': the chat template renders it; --assistant-only-loss says what is scored) (default: "
+                   "(a list of role/content messages, e.g. 'messages': the chat template renders it" + ("; --assistant-only-loss says what is scored" if rules else '') + ") (default: "
                    f"{text_default or 'the one the scan read'})")
     if rules: _rule_args(p)
     p.add_argument('--id-field', default=None, help="JSONL field / Parquet column naming each record in the output (e.g. doc_id; dotted "
@@ -576,30 +577,24 @@ def _check_out(path, what='--out', suffixes=('.parquet',), kind='Parquet'):
     parent = p.resolve().parent
     if not parent.is_dir(): raise ValueError(f"{what} {path}: the folder {parent} does not exist; create it first.")
 
-def _load_factors(path, model=None, a=None) -> Factors:
-    """`Factors.load`, every failure to read the folder (or to match `model`, checked at once) reported as bad input naming
-    --factors; with the command's arguments `a`, a note when the fit read its records by other token flags (`_say_rules`)."""
+def _load_factors(path, model=None) -> Factors:
+    "`Factors.load`, every failure to read the folder (or to match `model`, checked at once) reported as bad input naming --factors."
     try:
         f = Factors.load(path)
         if model is not None: f.check(model)        # before any query is run: factors of other weights are refused first
-        if a is not None: _say_rules(a, f, path)
         return f
     except (ValueError, TypeError, FileNotFoundError) as e: raise _again(e, f"--factors: {e}") from None
     except Exception as e:                                    # e.g. a safetensors or OS error on a damaged file
         raise ValueError(f"--factors {path}: could not be read ({type(e).__name__}: {e}); refit the factors and save them again.") from None
 
-def _rule_words(rules:dict) -> str:
-    "Token rules that differ from the defaults (`TokenRules.changed`) in the command line's flags."
-    word = lambda k, v: ('true' if v else 'false') if k.endswith('_loss') else 'eos' if v is True else 'none' if v is False else str(v)
-    return ' '.join(f"--{k.replace('_', '-')} {word(k, v)}" for k, v in rules.items()) or 'the default token flags'
+def _shown(recs:list) -> list:
+    "The records' texts (conversations, pairs), None for a token-id record: what the token rules apply to."
+    return [r.get('text') if 'input_ids' not in r else None for r in recs]
 
-def _say_rules(a, f:Factors, path):
-    "A note (stderr) when factors `fit-factors` wrote read their records by other token flags than this command reads its own."
-    if 'token_rules' not in f.info: return                           # fitted in Python, or by an older version: unknown
-    old, new = f.info['token_rules'], _rules(a).changed()
-    if old != new: print(f"note: --factors {path} were fitted on records read with {_rule_words(old)}; this command reads its "
-                         f"records with {_rule_words(new)}, so the factors describe other tokens than the ones scored here: "
-                         "pass the flags the fit had, or fit again.", file=sys.stderr)
+def _say_rules(a, f:Factors, recs:list):
+    "A note (stderr) when `fit-factors` read the factors' records by other token flags than this command reads `recs` (`rules_note`)."
+    if 'token_rules' in f.info and (note := rules_note(f.info['token_rules'], _rules(a), _shown(recs))):   # (unknown: fitted in Python)
+        print(f"note: --factors {a.factors}: {note}", file=sys.stderr)
 
 def _cmd_fit(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records, a.id_field or 'id')
@@ -614,12 +609,12 @@ def _cmd_fit(a):
     if a.dry_run: return _say_factor_sizes(model, mods, a.strategy, a.factor_dtype) if first else None
     low = check_fit_memory(model, mods, a.strategy, a.factor_dtype)        # (`fit_factors` checks too): said before the data is read
     if low is not None and first: print(_room_line(a.strategy, factor_sizes(model, mods, a.strategy, a.factor_dtype), low.attrs['total']), flush=True)
-    train, _, _ = _corpus(a, tok, model)
+    train, _, recs = _corpus(a, tok, model)
     with _process_group() as (rank, world):      # under torchrun each process fits its shard; the sums are all-reduced
         f = fit_factors(model, train, a.strategy, mods, a.fisher, a.batch_size, a.seed, fisher_samples=a.fisher_samples,
                         factor_dtype=a.factor_dtype, eigh_dtype=a.eigh_dtype, rotate_dtype=a.rotate_dtype,
                         checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, keep_checkpoint=True, progress=rank == 0 and not a.quiet)
-        f.info['token_rules'] = _rules(a).changed()                      # the flags the records were read with (`_say_rules`)
+        f.info['token_rules'] = _rules(a).applied(_shown(recs))            # the flags that applied to its records (`_say_rules`)
         if rank == 0: print(f"saved {f} to {f.save(a.out)}" + (f" (fitted by {world} processes)" if world > 1 else ''))
     if a.checkpoint is not None: FitCheckpoint(a.checkpoint, '').remove()   # only once the factors are safely written
 
@@ -772,13 +767,13 @@ def _cmd_score(a):
         _check_out(a.per_layer, '--per-layer')
         if Path(a.per_layer).resolve() == Path(a.out).resolve(): raise ValueError("--per-layer must name another file than --out.")
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
-    factors = _load_factors(a.factors, model, a)
+    factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
     if clash := sorted(set(names) & {'train_index', 'id'}):         # score columns are named by the queries' ids
         raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the output's index (train_index, and id "
                          "when records have one), so the table could not be reset to columns; give that query another 'id'.")
     train, pos, recs = _corpus(a, tok, model)
-    _say_repeated_ids(recs, pos, Path(a.data)); _say_id_field(a, recs)
+    _say_repeated_ids(recs, pos, Path(a.data)); _say_id_field(a, recs); _say_rules(a, factors, recs)
     if a.candidates:                                                # the paper's filter: only what resembles a query is scored
         keep = bm25_candidates(queries, train, a.candidates, tok, names)
         if int(os.environ.get('RANK', '0')) == 0:
@@ -792,7 +787,7 @@ def _cmd_score(a):
                              batch_size=a.batch_size, progress=rank == 0 and not a.quiet)
     if rank != 0: return
     ids = [record_id(r) for r in recs]
-    df = pd.DataFrame(sc.total.numpy().T, columns=names, index=_record_index(pos, recs))
+    df = pd.DataFrame(sc.total.numpy().T, columns=names, index=_record_index(pos, ids))
     with replacing(a.out, prefix=f'.{Path(a.out).name}.') as tmp: df.to_parquet(tmp)   # whole or not at all
     print(f"wrote the scores of {len(train):,} records × {len(names):,} queries to {a.out} (a row per record, a column per query id)"
           + (f" ({world} processes)" if world > 1 else ''))
@@ -800,33 +795,28 @@ def _cmd_score(a):
 
 
 # %% ../nbs/13_cli.ipynb #d3734a84
-def _record_index(pos:list, recs:list) -> pd.Index:
-    "A table's rows: the records' positions in the file (train_index), and their own ids when they have them, as `top` shows them."
-    ids = [record_id(r) for r in recs]
+def _record_index(pos:list, ids:list) -> pd.Index:
+    "A table's rows: the records' positions in the file (train_index), and their own ids (`record_id`) when they have them, as `top` shows them."
     return pd.MultiIndex.from_arrays([pos, ids], names=['train_index', 'id']) if any(ids) else pd.Index(pos, name='train_index')
 
 def _cmd_self(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records, a.id_field or 'id'); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
-    factors = _load_factors(a.factors, model, a)
+    factors = _load_factors(a.factors, model)
     train, pos, recs = _corpus(a, tok, model)
-    _say_repeated_ids(recs, pos, Path(a.data)); _say_id_field(a, recs)
+    _say_repeated_ids(recs, pos, Path(a.data)); _say_id_field(a, recs); _say_rules(a, factors, recs)
     with _process_group() as (rank, world):      # under torchrun each process scores its shard; the sums are added
         s = self_scores(model, factors, train, a.damping, a.batch_size, progress=rank == 0 and not a.quiet)
     if rank != 0: return
-    df = pd.DataFrame({'self_score': s.double().numpy()}, index=_record_index(pos, recs))
+    df = pd.DataFrame({'self_score': s.double().numpy()}, index=_record_index(pos, [record_id(r) for r in recs]))
     with replacing(a.out, prefix=f'.{Path(a.out).name}.') as tmp: df.to_parquet(tmp)   # whole or not at all
     print(f"wrote the self-influence of {len(train):,} records to {a.out} (a row per record, column self_score)"
           + (f" ({world} processes)" if world > 1 else ''))
     order = np.argsort(-df['self_score'].to_numpy(), kind='stable')[:a.k]
     top = df.iloc[order].reset_index()
-    top['text'] = [_short(shown_text(recs[j]['text']) if 'input_ids' not in recs[j] else f"[{len(train[j]['input_ids'])} token ids]") for j in order]
+    top['text'] = [_shorten(shown_text(recs[j]['text']) if 'input_ids' not in recs[j] else f"[{len(train[j]['input_ids'])} token ids]", 100) for j in order]
     print(f"highest self-influence ({len(order)} of {len(train):,}):")
     print(top.to_string(index=False, float_format=lambda x: f'{x:.4g}'))
-
-def _short(t:str, n:int=100) -> str:
-    "A record's text as the tables print it: one line, at most `n` characters."
-    t = ' '.join(t.split()); return t if len(t) <= n else t[:n - 1] + '…'
 
 
 # %% ../nbs/13_cli.ipynb #0ba6a4a1
@@ -905,13 +895,13 @@ def _scan(a, model, tok, factors, queries, names):
 def _cmd_scan(a):
     _check_options(a); _check_corpus_file(a.corpus, a.text_field, skip_bad=a.skip_bad_records, id_field=a.id_field or 'id'); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
-    factors = _load_factors(a.factors, model, a)
+    factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
     if a.scores_dir and (clash := sorted(set(names) & {'index', 'id'})):        # read_scores names its columns by the ids
         raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the --scores-dir table's index (index, and "
                          "id when records have one); give that query another 'id'.")
     first = [r for _, r, _ in itertools.islice(corpus_entries(Path(a.corpus), a.text_field, lazy=True), 100) if r]
-    _say_id_field(a, first, '--corpus'); _say_ends(a, model, tok, first, f"--corpus {Path(a.corpus).name}")
+    _say_id_field(a, first, '--corpus'); _say_ends(a, model, tok, first, f"--corpus {Path(a.corpus).name}"); _say_rules(a, factors, first)
     before = _checkpoint_holds(a.checkpoint)
     with _process_group() as (rank, world):
         lps = completion_logprobs(model, queries)
@@ -997,7 +987,7 @@ def _cmd_top(a):
     name = res.query_names[qi] if res.query_names else f'query {qi}'
     print(f"{name}: top {len(df)} of {res.n_scanned:,} sequences (query rank {res.query_rank or 'full'}"
           f"{', refined' if res.refined else ''}){f'; {per_copy_column(res.measurement)} = score / N, N = {res.n_train:,}' if res.n_train else ''}")
-    if res.token_rules: print(f"its records were read with {_rule_words(res.token_rules)}")
+    if res.token_rules: print(f"its records were read with {rule_words(res.token_rules, cli=True)}")
     if res.measurement: print(f"legend: {units(res.measurement)}")                  # a scan (in Python) of a measurement of one's own
     elif res.query_log_p: _say_queries([name], [res.query_log_p[qi]])
     else: print(f"legend: {SCORE_LEGEND}")

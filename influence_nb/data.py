@@ -16,7 +16,7 @@ __all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'LOSS_WEIGHTS', 
            'GENERATION_BLOCK', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DRIFT_PROBE', 'DTYPES', 'CORPUS_FORMATS',
            'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span', 'packed_row', 'check_fields', 'as_sequence',
            'as_collection', 'as_sequences', 'n_scored', 'end_sentence', 'require_scored', 'check_int',
-           'check_max_length', 'field_value', 'TokenRules', 'pair_end_id', 'TruncatedTextsWarning',
+           'check_max_length', 'field_value', 'TokenRules', 'check_rules', 'pair_end_id', 'TruncatedTextsWarning',
            'raw_tokenizer_hint', 'special_affixes', 'special_prefix', 'right_truncation', 'cut_texts', 'encode_texts',
            'is_conversation', 'is_pair', 'is_text', 'Chat', 'template_of', 'template_args', 'with_template',
            'text_value', 'shown_text', 'text_sequences', 'check_not_file_name', 'tokenize', 'tokenize_pairs',
@@ -24,12 +24,12 @@ __all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'LOSS_WEIGHTS', 
            'model_config', 'model_context', 'model_vocab', 'check_sequences', 'grad_enabled', 'context_length',
            'load_tokenizer', 'TokenizerDriftWarning', 'tokenizer_drift', 'resolve_device', 'resolve_dtype',
            'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode',
-           'batch_logits', 'completion_logprobs', 'pair_end_note', 'text_end_note', 'chat_loss_note', 'uncompiled',
-           'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format', 'corpus_lines', 'parquet_rows',
-           'corpus_rows', 'has_field', 'missing_id', 'with_id', 'missing_text', 'array_record', 'corpus_entries',
-           'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer', 'NoWindowWarning', 'WindowStream',
-           'iter_windows', 'token_windows', 'block_parts', 'shown_ids', 'source_scores', 'cache_dir', 'cached_factors',
-           'nats_note', 'run_slow_cell']
+           'batch_logits', 'completion_logprobs', 'pair_end_note', 'text_end_note', 'chat_loss_note', 'rule_words',
+           'rules_note', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format',
+           'corpus_lines', 'parquet_rows', 'corpus_rows', 'has_field', 'missing_id', 'with_id', 'missing_text',
+           'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer',
+           'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows', 'block_parts', 'shown_ids',
+           'source_scores', 'cache_dir', 'cached_factors', 'nats_note', 'run_slow_cell']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -284,7 +284,8 @@ class TokenRules:
     after each text (`text_eos`: none, False, as in a pretraining corpus; True, the EOS TRL appends to each text of a 'text'
     dataset); whether a conversation trained only its assistant's replies (`assistant_only_loss`: True here, where TRL's
     default, False, trains every token the template writes) and a prompt-completion pair only its completion
-    (`completion_only_loss`: True, as TRL's default; False trains the prompt too)."""
+    (`completion_only_loss`: True, as TRL's default; False trains the whole pair, a conversational one as a conversation,
+    as `assistant_only_loss` says)."""
     pair_eos: bool|str|int = True
     text_eos: bool|str|int = False
     assistant_only_loss: bool = True
@@ -294,16 +295,28 @@ class TokenRules:
             if not isinstance(v := getattr(self, k), (bool, np.bool_)):
                 raise TypeError(f"`{k}` is True or False (as in TRL's SFTConfig), not {v!r}.")
             object.__setattr__(self, k, bool(v))
-        for k in ('pair_eos', 'text_eos'):                              # a token id as a plain int (0 and 1 are not False and True)
-            if isinstance(v := getattr(self, k), numbers.Integral) and not isinstance(v, (bool, np.bool_)): object.__setattr__(self, k, int(v))
+        for k in ('pair_eos', 'text_eos'):                              # None is none; a token id a plain int (0 and 1 are not False and True)
+            v = getattr(self, k)
+            object.__setattr__(self, k, False if v is None else bool(v) if isinstance(v, (bool, np.bool_)) else
+                               int(v) if isinstance(v, numbers.Integral) else v)
     def ends(self, tokenizer) -> tuple[int|None, int|None]:
         "The token ids put after a text pair's completion and after a text (None: nothing), checked against `tokenizer`."
         return pair_end_id(tokenizer, self.pair_eos), pair_end_id(tokenizer, self.text_eos, 'text_eos')
     def changed(self) -> dict:
         "The rules that differ from the defaults (a scan's checkpoint records them)."
         same = lambda v, d: type(v) is type(d) and v == d                # (token id 1 is not True)
-        return {f.name: v for f in dataclasses.fields(self) if not same(v := getattr(self, f.name), f.default)
-                and not (f.name == 'text_eos' and v is None)}
+        return {f.name: v for f in dataclasses.fields(self) if not same(v := getattr(self, f.name), f.default)}
+    def applied(self, texts:list) -> dict:
+        "The rules, with their values, that apply to the kinds of records among `texts` (what `fit-factors` records)."
+        kinds = {'pair_eos': lambda t: is_pair(t) and isinstance(t['prompt'], str), 'text_eos': lambda t: isinstance(t, str),
+                 'assistant_only_loss': lambda t: is_conversation(t) or (is_pair(t) and is_conversation(t['prompt'])),
+                 'completion_only_loss': is_pair}
+        return {k: getattr(self, k) for k, kind in kinds.items() if any(kind(t) for t in texts if t is not None)}
+
+def check_rules(rules) -> TokenRules:
+    "`rules` if it is a `TokenRules`; a TypeError saying how to make one otherwise (these readers once took `pair_eos` and `text_eos` themselves)."
+    if isinstance(rules, TokenRules): return rules
+    raise TypeError(f"`rules` must be a TokenRules, e.g. TokenRules(pair_eos=False, text_eos=True), got {rules!r}.")
 
 def pair_end_id(tokenizer, pair_eos:bool|str|int=True, name:str='pair_eos') -> int|None:
     "The token put after a text pair's completion (or, `name`='text_eos', after a text): the tokenizer's EOS (True), none (False or None), a token (its text) or a token id."
@@ -364,7 +377,7 @@ def cut_texts(tokenizer, # the tokenizer that made `ids`
               rules:TokenRules=TokenRules(), # as the texts were tokenized (`text_sequences`): a text whose end token has no room is cut
              ) -> list[int]:
     "Positions of the `texts` longer than `max_length` tokens: only those cut to exactly that many can be, and one token more tells."
-    full, tend = [j for j, x in enumerate(ids) if len(x) == max_length], rules.ends(tokenizer)[1]
+    full, tend = [j for j, x in enumerate(ids) if len(x) == max_length], check_rules(rules).ends(tokenizer)[1]
     plain = [j for j in full if isinstance(texts[j], str)]           # the others are conversations and pairs (`text_sequences`)
     again = encode_texts(tokenizer, [texts[j] for j in plain], max_length + 1) if plain else []
     longer = {j for j, x in zip(plain, again) if len(x) + (tend is not None and x[-1:] != [tend]) > max_length}   # (+ 1: no length warning)
@@ -487,7 +500,7 @@ def text_sequences(tokenizer, # a Hugging Face tokenizer
     `text_eos`, a text that is not cut ends with that token, scored (once: a text that writes it out, or a tokenizer that
     adds it, keeps its own); without `assistant_only_loss` every token of a conversation is scored, without
     `completion_only_loss` every token of a pair."""
-    end, tend = rules.ends(tokenizer)
+    end, tend = check_rules(rules).ends(tokenizer)
     plain = [j for j, t in enumerate(texts) if isinstance(t, str)]
     ended = lambda x: x + [tend] if tend is not None and x[-1:] != [tend] and (max_length is None or len(x) < max_length) else x
     out = dict(zip(plain, ({'input_ids': ended(x)} for x in encode_texts(tokenizer, [texts[j] for j in plain], max_length)))) if plain else {}
@@ -1397,6 +1410,29 @@ def chat_loss_note(texts:list, # the records' texts, conversations and pairs (No
     return (f"{what} of {len(texts):,} records are scored on the assistant's replies only (`assistant_only_loss`); TRL's "
             "SFTTrainer trains every token of them unless its assistant_only_loss=True: if your run did, score them so: "
             "`assistant_only_loss=False` (--assistant-only-loss false).")
+
+def rule_words(rules:dict, # token rules and their values (`TokenRules.applied`, `.changed`)
+               cli:bool=False, # as the command line's flags (else as the Python arguments)
+              ) -> str:
+    "Token rules as a user passes them: `assistant_only_loss=False`, or `--assistant-only-loss false`."
+    def flag(k, v):
+        if k.endswith('_loss'): return 'true' if v else 'false'
+        return 'eos' if v is True else 'none' if v is False else f'token id {v}' if isinstance(v, int) else str(v)
+    out = [f"--{k.replace('_', '-')} {flag(k, v)}" if cli else f"{k}={v!r}" for k, v in rules.items()]
+    return ' '.join(out) if cli else ', '.join(out)
+
+def rules_note(fitted:dict, # the rules the factors' records were read with (`TokenRules.applied`, in `Factors.info['token_rules']`)
+               rules:TokenRules, # how these records are read
+               texts:list, # these records' texts (None for a token-id record)
+              ) -> str|None:
+    "A note when factors were fitted on records read by other token rules than these records are, where both have records they apply to."
+    now = rules.applied(texts)
+    diff = {k: v for k, v in fitted.items() if k in now and now[k] != v}
+    if not diff: return None
+    mine = {k: now[k] for k in diff}
+    return (f"the factors were fitted on records read with {rule_words(diff)} ({rule_words(diff, True)}), and these records are "
+            f"read with {rule_words(mine)} ({rule_words(mine, True)}): the factors describe other tokens than the ones scored "
+            "here; pass the settings the fit had, or fit again.")
 
 # %% ../nbs/00_data.ipynb #c5de9db8
 def _wrapped(model):

@@ -32,7 +32,7 @@ from .modules import blocks as block_names
 import json
 import os
 from collections.abc import Mapping
-from .data import (TokenRules, chat_loss_note, text_end_note, with_template, cut_texts, corpus_lines, missing_id, with_id, as_collection, pair_end_note, n_scored, is_conversation, is_pair, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
+from .data import (TokenRules, rules_note, chat_loss_note, text_end_note, with_template, cut_texts, corpus_lines, missing_id, with_id, as_collection, pair_end_note, n_scored, is_conversation, is_pair, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
                                resolve_device, resolve_dtype, shown_ids)
 from .corpus import load_corpus, load_queries
@@ -408,7 +408,7 @@ def train(self: ExplorerSession, name: str) -> list[dict]:
                 "cuts them into windows instead, so that every token is scored.") if cut else None
         shown = [r.get('text') if 'input_ids' not in r else None for r in self.records]   # an end training lacked, or had
         ends = (pair_end_note(model, tok, shown, self._train[key], self.rules.pair_eos), text_end_note(model, tok, shown, self._train[key], self.rules.text_eos),
-                chat_loss_note(shown, self.rules), self._rules_note(name))
+                chat_loss_note(shown, self.rules), self._rules_note(name, shown))
         note = ' '.join(x for x in (note, *ends) if x) or None
         self._cut[key] = ({texts[j] for j in cut}, note)                    # each run shows it (`run_query`'s notes)
         if cut: warnings.warn(note, TruncatedTextsWarning, stacklevel=2)
@@ -465,13 +465,10 @@ def factors(self: ExplorerSession, name: str, strategy: str = 'ekfac') -> tuple[
     return f, 'disk' if hit else 'fitted'
 
 @patch
-def _rules_note(self: ExplorerSession, name:str) -> str|None:
-    "A note when factors given for model `name`, written by `influence-nb fit-factors`, were fitted on records read by other token rules than the session's."
+def _rules_note(self: ExplorerSession, name:str, shown:list) -> str|None:
+    "A note when factors given for model `name`, written by `influence-nb fit-factors`, read their records by other token rules than the session reads its own (`rules_note`)."
     theirs = [f.info['token_rules'] for (n, st), f in self._factors.items() if n == name and (n, st) in self._given and 'token_rules' in f.info]
-    if not theirs or theirs[0] == (mine := self.rules.changed()): return None
-    words = lambda d: ', '.join(f'{k}={v!r}' for k, v in d.items()) or 'the defaults'
-    return (f"The factors given were fitted on records read with {words(theirs[0])}; this session reads them with {words(mine)}: the "
-            "factors describe other tokens than the ones scored here (pass the same settings, or fit again).")
+    return rules_note(theirs[0], self.rules, shown) if theirs else None
 
 # %% ../nbs/10_explorer.ipynb #a3196cef
 def restrict_factors(factors: Factors, # fitted on `model`

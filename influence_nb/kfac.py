@@ -85,7 +85,8 @@ def loss_cotangent(logits:torch.Tensor, # [batch, T, vocab]
     them (position t predicts token t + 1) and the batch's 'input_ids', 'attention_mask' and 'labels' (aligned with the
     ids, -100 where nothing is measured). It must give each row its own value, from that row's real tokens only (the
     batch is right-padded: `attention_mask` 0 after them): a value that mixes rows (`f - f.mean()`) or is flat in the
-    logits (rounded, an argmax) has no gradient, and is refused, as are values or gradients that are not finite."""
+    logits (rounded, an argmax) has no gradient (`check_measured` refuses scores that are all zero). Values or gradients
+    that are not finite are refused here."""
     if measurement is None: return summed_loss_grad(logits, batch['labels'], sample, seed, stream, indices)
     z = (logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits).detach().requires_grad_(True)
     try:
@@ -102,14 +103,11 @@ def loss_cotangent(logits:torch.Tensor, # [batch, T, vocab]
     rows = lambda bad: [indices[j] if indices is not None else j for j in bad.nonzero()[:, 0].tolist()][:5]
     if not torch.isfinite(f).all():
         raise ValueError(f"`measurement` gave a value that is not finite (NaN or Inf) for the sequence(s) {rows(~torch.isfinite(f))} "
-                         "of the batch: each query needs a finite value of f.")
+                         "of the batch: each sequence measured needs a finite value of f.")
     g = torch.autograd.grad(-f.sum(), z)[0]
     if not torch.isfinite(g).all():
         raise ValueError(f"`measurement`'s gradient is not finite (NaN or Inf) for the sequence(s) {rows(~torch.isfinite(g).flatten(1).all(1))} "
                          "of the batch (a log or a division at 0?).")
-    if not g.any():
-        raise ValueError("`measurement`'s gradient is zero for every sequence of the batch: f is flat in the logits (rounded, an "
-                         "argmax) or its values cancel across the batch (f - f.mean()); give each sequence its own differentiable value.")
     return g.to(logits.dtype)
 
 # %% ../nbs/04_kfac.ipynb #e4ac0002

@@ -4,14 +4,14 @@
 
 # %% ../nbs/06_scores.ipynb #07215044
 from __future__ import annotations
-import json, numbers, warnings
+import re, json, numbers, warnings
 from pathlib import Path
 from fastcore.basics import patch
 from safetensors import safe_open
 from safetensors.torch import save_file, load_file
 from .artefact import replacing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 from torch import nn
@@ -25,9 +25,10 @@ from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'c
 __all__ = ['UNITS', 'STREAM_MACS', 'measurement_name', 'per_copy_column', 'units', 'ScoreTable', 'check_query', 'check_k',
            'Scores', 'to_float64', 'layer_sums', 'shares_of_total', 'PrecondQuery', 'working_dtype', 'eigenbases',
            'rotated_grads', 'shared_to', 'query_gradients', 'canonical_to_flat', 'flat_to_canonical', 'truncated_svd',
-           'precondition_queries', 'query_form', 'check_measurement', 'check_queries', 'prepare_queries',
-           'contraction_costs', 'contract_scores', 'given_positions', 'fold_calls', 'place_tokens', 'unread_to_nan',
-           'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM', 'RegressorAsLM']
+           'precondition_queries', 'query_form', 'check_measurement', 'prepare_queries', 'check_measured',
+           'check_queries', 'contraction_costs', 'contract_scores', 'given_positions', 'fold_calls', 'place_tokens',
+           'unread_to_nan', 'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM',
+           'RegressorAsLM']
 
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
@@ -176,11 +177,11 @@ def shares_of_total(sums:np.ndarray, # [n_q, n_layers] per-layer influence (`lay
 # %% ../nbs/06_scores.ipynb #1f4eee47
 @patch
 def to_frame(self: Scores) -> pd.DataFrame:
-    "One row per (query, train_index): `score`, `nats` (when N is known) and each layer's score (when computed)."
+    "One row per (query, train_index): `score`, `nats` (when N is known; with a `measurement`, `per_copy`) and each layer's score (when computed)."
     n_q, n_t = self.total.shape
     df = pd.DataFrame({'query': np.repeat(np.arange(n_q), n_t), 'train_index': np.tile(np.arange(n_t), n_q),
                        'score': to_float64(self.total, 'total').reshape(-1)})
-    if self.n_train: df['nats'] = df['score'] / self.n_train
+    if self.n_train: df[per_copy_column(self.measurement)] = df['score'] / self.n_train
     for name, s in (self.per_layer or {}).items(): df[name] = to_float64(s, name).reshape(-1)
     return df
 
@@ -190,8 +191,8 @@ def save(self: Scores, path) -> Path:
     path = Path(path)
     t = {'total': self.total.contiguous(), **{f'per_layer/{n}': s.contiguous() for n, s in (self.per_layer or {}).items()}}
     if self.per_token is not None: t['per_token'] = self.per_token.contiguous()
-    meta = dict(n_train=self.n_train, modules=list(self.modules), strategy=self.strategy, query_rank=self.query_rank, measurement=self.measurement,
-                per_layer=list(self.per_layer or {}))
+    meta = dict(n_train=self.n_train, modules=list(self.modules), strategy=self.strategy, query_rank=self.query_rank,
+                per_layer=list(self.per_layer or {}), **({'measurement': self.measurement} if self.measurement else {}))   # (older versions read it)
     with replacing(path, mode=0o644) as tmp: save_file(t, str(tmp), metadata={'influence_nb.scores': json.dumps(meta)})
     return path
 
@@ -206,6 +207,7 @@ def load(cls: Scores, path) -> Scores:
     except Exception as e: raise ValueError(f"Could not read {path} as a safetensors file ({type(e).__name__}: {e}).") from None
     t = load_file(str(path))
     per_layer = {n: t[f'per_layer/{n}'] for n in meta.pop('per_layer')} or None
+    meta = {k: v for k, v in meta.items() if k in {f.name for f in fields(cls)}}   # fields a newer version added: ignored
     return cls(t['total'], per_layer, t.get('per_token'), **meta)
 
 # %% ../nbs/06_scores.ipynb #a5549d57
@@ -376,12 +378,6 @@ def check_measurement(measurement):
     raise TypeError("`measurement` must be None (log p of the labelled tokens) or a function `f(logits, batch)` returning one "
                     f"differentiable value per sequence of the batch, got {type(measurement).__name__} {str(measurement)[:60]!r}.")
 
-def check_queries(model, queries, measurement=None) -> list[dict]:
-    "The queries as sequences for `model` (`check_sequences`), each with a labelled token unless a `measurement` of one's own reads them, which may need none."
-    qs = check_sequences(model, queries, 'queries')
-    if measurement is None: require_scored(qs, 'queries')
-    return qs
-
 def prepare_queries(model, # the model the factors were fitted on
                     factors:Factors, # fitted factors (or an iterative solver)
                     layers:list, # tracked layers (`prepare_scoring`)
@@ -416,6 +412,20 @@ def prepare_queries(model, # the model the factors were fitted on
             for t in (pq.full, pq.U, pq.V):
                 if t is not None: all_reduce_sum(t)
     return out
+
+# %% ../nbs/06_scores.ipynb #f591ae01
+def check_measured(scores:torch.Tensor, measurement) -> torch.Tensor:
+    "`scores`, unless they are all zero under a `measurement`: its gradient is zero for every query (flat in the logits, or mixing rows)."
+    if measurement is not None and not scores.any():
+        raise ValueError("Every score is 0: the `measurement`'s gradient is zero for every query. f is flat in the logits (rounded, "
+                         "an argmax) or its values cancel across a batch (f - f.mean()); give each query its own differentiable value.")
+    return scores
+
+def check_queries(model, queries, measurement=None) -> list[dict]:
+    "The queries as sequences for `model` (`check_sequences`), each with a labelled token unless a `measurement` of one's own reads them, which may need none."
+    qs = check_sequences(model, queries, 'queries')
+    if measurement is None: require_scored(qs, 'queries')
+    return qs
 
 # %% ../nbs/06_scores.ipynb #7ee92e4f
 STREAM_MACS = 48   # a matrix entry streamed through memory once costs about as long as this many multiply-adds (one core)
@@ -541,7 +551,7 @@ def pairwise_scores(model, # the model the factors were fitted on
     if dist_info()[1] > 1:   # each process filled its shard's columns: add them up
         for t in [total, tok_scores, *(layer_scores or {}).values()]:
             if t is not None: all_reduce_sum(t)
-    return Scores(total, layer_scores, tok_scores, max(len(ts), factors.n_sequences), [layer.name for layer in layers], factors.strategy, query_rank, measurement_name(measurement))
+    return Scores(check_measured(total, measurement), layer_scores, tok_scores, max(len(ts), factors.n_sequences), [layer.name for layer in layers], factors.strategy, query_rank, measurement_name(measurement))
 
 # %% ../nbs/06_scores.ipynb #96fb2398
 def _self_terms(acts, outg, denom, basis) -> torch.Tensor:
@@ -561,7 +571,8 @@ def self_scores(model, # the model the factors were fitted on
                 measurement=None, # `f(logits, batch) -> [B]` on one side instead of log p (Kronfluence's `use_measurement_for_self_influence`)
                ) -> torch.Tensor:
     """`∇log p(n)ᵀ (G + λI)⁻¹ ∇log p(n)` (with a `measurement` f: `∇f(n)ᵀ (G + λI)⁻¹ ∇log p(n)`) for every sequence: `[n_train]`, float32 (float64 for a float64 model).
-    With f, the diagonal of `pairwise_scores(train, train, measurement=f)`."""
+    With f, the diagonal of `pairwise_scores(train, train, measurement=f)`; Kronfluence's self-influence with
+    `use_measurement_for_self_influence` is minus this one (it multiplies by the training loss's gradient, −∇log p)."""
     check_damping(damping); check_measurement(measurement)
     layers = prepare_scoring(model, factors)
     if factors.strategy in ITERATIVE:
@@ -571,7 +582,7 @@ def self_scores(model, # the model the factors were fitted on
     p = next(model.parameters()); dt = working_dtype(p)
     if measurement is not None:
         with watch_calls(factors.info.get('calls')): out = _measured_self(model, factors, layers, ts, damping, batch_size, progress, measurement, dt)
-        return all_reduce_sum(out)
+        return check_measured(all_reduce_sum(out), measurement)
     bases, denom = eigenbases(factors, layers, dt, p.device), {}
     for layer in layers:   # Λ + λ (None: identity), damped as `Factors.precondition` damps
         ev = factors.damped_eigenvalues(layer.name, damping)
@@ -596,7 +607,9 @@ def _measured_self(model, factors, layers:list, ts:list[dict], damping, batch_si
     bar = _Bar(len(ts), 0, 'self-influence' if progress else None, not progress or dist_info()[0] != 0)
     for j in range(0, len(order), batch_size):
         chunk = order[j:j + batch_size]; seqs = [ts[i] for i in chunk]
-        pq = prepare_queries(model, factors, layers, seqs, damping, None, batch_size, False, measurement)   # (G + λI)⁻¹ (−∇f)
+        try: pq = prepare_queries(model, factors, layers, seqs, damping, None, batch_size, False, measurement)   # (G + λI)⁻¹ (−∇f)
+        except ValueError as e:                                       # f's refusals name positions in `seqs`: say them in `train`
+            raise ValueError(re.sub(r'sequence\(s\) \[([\d, ]+)\] of the batch', lambda m: 'sequence(s) ' + str([chunk[int(x)] for x in m[1].split(', ')]) + ' of `train`', str(e))) from None
         for idx, acts, outg in layer_passes(model, layers, seqs, batch_size):                                 # −∇log p
             conv, rows = {}, torch.tensor([chunk[i] for i in idx])
             for layer in layers:   # each sequence with its own row: [B, d_out, d_in+1] ⊙ [B, d_out, d_in+1], summed

@@ -5,6 +5,7 @@
 # %% ../nbs/08_search.ipynb #f851d976
 from __future__ import annotations
 import os, math, json, time, types, socket, hashlib, functools, itertools, contextlib, warnings
+import numpy as np
 from dataclasses import dataclass, fields
 from pathlib import Path
 from collections.abc import Mapping, Iterable, Iterator
@@ -17,7 +18,7 @@ from .data import (TokenRules, cut_texts, text_sequences, array_record, end_sent
                                grad_enabled, check_max_length, check_int, n_scored, shown_ids, tokenizer_mark, other_tokenizer)
 from .kfac import layer_passes, all_reduce_sum, dist_info, watch_calls
 from .ekfac import Factors, check_damping
-from .scores import (check_queries, measurement_name, per_copy_column, prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
+from .scores import (check_measured, check_queries, measurement_name, per_copy_column, prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
                                  working_dtype)
 
 # %% auto #0
@@ -676,6 +677,10 @@ def _start_state(ckpt:Path|None, spath:Path|None, fp:str, cfg:dict, n_q:int, k:i
     state['t0'] = time.time() - state.get('seconds', 0.0)   # a resumed scan's clock goes on from the time its checkpoint had
     if state.get('fingerprint') != fp:
         old = state.get('config', {})                                  # a key only one side has: absent (the default) on the other
+        if 'measurement' in old and 'measurement_digest' not in old and {**old, 'measurement_digest': cfg.get('measurement_digest')} == cfg:
+            raise ValueError(f"Checkpoint {ckpt} was written by an older version of influence_nb, which knew the measurement "
+                             f"by its name only ({old['measurement']}), so whether this is the same f cannot be told: scan again "
+                             "with a new `checkpoint` path (or delete this one).")
         diff = [f"{key}: checkpoint {old.get(key)!r}, now {cfg.get(key)!r}" for key in sorted(set(cfg) | set(old), key=list({**cfg, **old}).index)
                 if old.get(key) != cfg.get(key)] or ['(unknown fields)']
         raise ValueError(f"Checkpoint {ckpt} belongs to a different scan — " + '; '.join(diff) +
@@ -880,7 +885,7 @@ def scan(model, # the model the factors were fitted on
     _say_cut(cut, max_length); _check_scanned(state); n_skipped, first = state['n_skipped'] + (pre['n_skipped'] if pre else 0), bad.get('first') or (pre['first'] if pre else None)
     n = min(k, state['n_scanned']); vals, inds, refined = vals[:, :n], inds[:, :n], bool(refine and query_rank is not None)
     if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype, measurement)
-    return ScanResult(inds, vals, state['n_scanned'], n_skipped, n_train or max(pre['n_docs'] if pre else state['n_scanned'], factors.n_sequences),
+    return ScanResult(inds, check_measured(vals, measurement), state['n_scanned'], n_skipped, n_train or max(pre['n_docs'] if pre else state['n_scanned'], factors.n_sequences),
                       query_rank, refined, str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - state['t0'], 3),
                       source_digest=file_digest(stream.path) if stream.path else None, text_field=text_field, n_truncated=cut.get('n', 0), candidates=candidates,
                       record_ids=_kept_ids(state, stream, set(inds.flatten().tolist()), legacy), first_skipped=first, query_names=names, id_field=None if id_field == 'id' else id_field,
@@ -896,34 +901,36 @@ def _measured(measurement) -> dict:
 def measurement_digest(fn, # a measurement: a function, lambda, closure, `functools.partial`, bound method or callable object
                       ) -> str:
     """A digest of what `fn` computes, the same in every process: its code and constants, its defaults, the values it
-    closes over (tensors by their bytes), and the functions and constants of its module that it names, followed a few
-    levels deep; an object it cannot see into (a model it closes over) counts by its type."""
+    closes over and the module globals it names (arrays and tensors by their bytes, objects by their attributes), followed
+    a few levels deep; what it cannot see into (a model it closes over, an object without attributes) counts by its type."""
     h, seen = hashlib.blake2b(digest_size=12), set()
     def feed(x, depth=0):
         if depth > 6 or id(x) in seen: h.update(b'.'); return
         if isinstance(x, (str, bytes, int, float, complex, bool, type(None))): h.update(repr(x).encode()); return
-        seen.add(id(x))
-        if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous().reshape(-1)
-            h.update(f'{t.dtype}{tuple(x.shape)}'.encode()); h.update(t.view(torch.uint8).numpy().tobytes())
-        elif isinstance(x, types.CodeType):
-            h.update(x.co_code); feed(x.co_consts, depth + 1); feed(x.co_names, depth + 1)
-        elif isinstance(x, types.FunctionType):
-            feed(x.__code__, depth + 1); feed(x.__defaults__, depth + 1); feed(x.__kwdefaults__, depth + 1)
-            feed([c.cell_contents for c in x.__closure__ or () if c.cell_contents is not x], depth + 1)
-            for n in x.__code__.co_names:                                # the module's helpers and constants it uses
-                if isinstance(g := x.__globals__.get(n), (types.FunctionType, str, bytes, int, float, torch.Tensor)): feed(g, depth + 1)
-        elif isinstance(x, types.MethodType): feed(x.__func__, depth + 1); feed(x.__self__, depth + 1)
-        elif isinstance(x, functools.partial): feed(x.func, depth + 1); feed(x.args, depth + 1); feed(x.keywords, depth + 1)
-        elif isinstance(x, (list, tuple, set, frozenset)):
-            h.update(type(x).__name__.encode())
-            for e in (sorted(x, key=repr) if isinstance(x, (set, frozenset)) else x): feed(e, depth + 1)
-        elif isinstance(x, Mapping):
-            for k in sorted(x, key=repr): feed(k, depth + 1); feed(x[k], depth + 1)
-        else:
-            h.update(f'{type(x).__module__}.{type(x).__qualname__}'.encode())
-            if not isinstance(x, torch.nn.Module) and callable(x) and isinstance(call := getattr(type(x), '__call__', None), types.FunctionType):
-                feed(call, depth + 1); feed(getattr(x, '__dict__', {}), depth + 1)   # a callable object: its code and state
+        seen.add(id(x)); h.update(type(x).__qualname__.encode())
+        try:
+            if isinstance(x, torch.Tensor):
+                t = (x.to_dense() if x.layout != torch.strided else x).detach().cpu().contiguous().reshape(-1)
+                h.update(f'{t.dtype}{tuple(x.shape)}'.encode()); h.update(t.view(torch.uint8).numpy().tobytes())
+            elif isinstance(x, np.ndarray): h.update(f'{x.dtype}{x.shape}'.encode()); h.update(np.ascontiguousarray(x).tobytes())
+            elif isinstance(x, types.CodeType): h.update(x.co_code); feed(x.co_consts, depth + 1); feed(x.co_names, depth + 1)
+            elif isinstance(x, types.FunctionType):
+                feed(x.__code__, depth + 1); feed(x.__defaults__, depth + 1); feed(x.__kwdefaults__, depth + 1)
+                for cell_ in x.__closure__ or ():
+                    try: feed(cell_.cell_contents, depth + 1)
+                    except ValueError: h.update(b'<empty cell>')                  # a name the function assigns later
+                for n in x.__code__.co_names:                                     # the module's helpers, constants and tables
+                    if n in x.__globals__ and not isinstance(g := x.__globals__[n], (types.ModuleType, type)): feed(g, depth + 1)
+            elif isinstance(x, types.MethodType): feed(x.__func__, depth + 1); feed(x.__self__, depth + 1)
+            elif isinstance(x, functools.partial): feed(x.func, depth + 1); feed(x.args, depth + 1); feed(x.keywords, depth + 1)
+            elif isinstance(x, (list, tuple, set, frozenset)):
+                for e in (sorted(x, key=repr) if isinstance(x, (set, frozenset)) else x): feed(e, depth + 1)
+            elif isinstance(x, Mapping):
+                for k in sorted(x, key=repr): feed(k, depth + 1); feed(x[k], depth + 1)
+            elif not isinstance(x, torch.nn.Module):                                # an object: its class's call and its state
+                if callable(x) and isinstance(call := getattr(type(x), '__call__', None), types.FunctionType): feed(call, depth + 1)
+                feed(getattr(x, '__dict__', {}), depth + 1)
+        except Exception as e: h.update(f'<{type(e).__name__}>'.encode())      # what cannot be read counts by its type
     feed(fn); return h.hexdigest()
 
 def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype, measurement=None):

@@ -530,18 +530,19 @@ def test_the_token_flags_are_recorded_and_a_mismatch_or_trls_default_is_said(cas
     rc, _, err = randdata.cli_run('fit-factors', *base, '--data', d/'train.jsonl', '--out', tmp_path/'f0', '--batch-size', 8)
     assert rc == 0, err
     assert "6 conversation(s) of 6 records are scored on the assistant's replies only" in err and '--assistant-only-loss false' in err, err
-    assert inf.Factors.load(tmp_path/'f0').info['token_rules'] == {}
+    assert inf.Factors.load(tmp_path/'f0').info['token_rules'] == {'assistant_only_loss': True}   # the rules its records needed
     rc, _, err = randdata.cli_run('fit-factors', *base, '--data', d/'train.jsonl', '--out', tmp_path/'f1', '--assistant-only-loss', 'false')
     assert rc == 0 and 'scored on the assistant' not in err, err
     assert inf.Factors.load(tmp_path/'f1').info['token_rules'] == {'assistant_only_loss': False}
     score = ('score', *base, '--queries', d/'q.jsonl', '--data', d/'train.jsonl', '--out', tmp_path/'s.parquet')
     rc, _, err = randdata.cli_run(*score, '--factors', tmp_path/'f1')
-    assert rc == 0 and 'were fitted on records read with --assistant-only-loss false; this command reads its records with the default token flags' in err, err
+    assert rc == 0 and ('the factors were fitted on records read with assistant_only_loss=False (--assistant-only-loss false), and these '
+                        'records are read with assistant_only_loss=True (--assistant-only-loss true)') in err, err
     rc, _, err = randdata.cli_run(*score, '--factors', tmp_path/'f1', '--assistant-only-loss', 'false')
-    assert rc == 0 and 'were fitted on records read' not in err, err
+    assert rc == 0 and 'the factors were fitted on records read' not in err, err
     rc, _, err = randdata.cli_run('scan', *base, '--factors', tmp_path/'f1', '--queries', d/'q.jsonl', '--corpus', d/'train.jsonl',
                                   '--assistant-only-loss', 'false', '--k', 3, '--out', tmp_path/'r.parquet', '--quiet')
-    assert rc == 0 and 'were fitted on records read' not in err, err
+    assert rc == 0 and 'the factors were fitted on records read' not in err, err
     assert ScanResult.load(tmp_path/'r.parquet').token_rules == {'assistant_only_loss': False}
     rc, out, err = randdata.cli_run('top', '--result', tmp_path/'r.parquet', '--k', 2)
     assert rc == 0 and 'its records were read with --assistant-only-loss false' in out, out + err
@@ -550,5 +551,5 @@ def test_the_token_flags_are_recorded_and_a_mismatch_or_trls_default_is_said(cas
     s = ExplorerSession(model=m, tokenizer=case['tok'], corpus=d/'train.jsonl', text_field='messages', queries=d/'q.jsonl',
                         factors=tmp_path/'f1', batch_size=8)
     notes = ' '.join(run_query(s, s.custom, query_id='q1', prefilter=False, k=3, strategy='ekfac').notes)
-    assert "fitted on records read with assistant_only_loss=False; this session reads them with the defaults" in notes, notes
+    assert "the factors were fitted on records read with assistant_only_loss=False" in notes, notes
     assert "6 conversation(s) of 6 records are scored on the assistant's replies only" in notes, notes
