@@ -239,7 +239,7 @@ def _say_ends(a, model, tok, recs, where:str, seqs=None):
             warnings.simplefilter('ignore', TruncatedTextsWarning)
             try: seqs = corpus_sequences(recs, tok, getattr(a, 'max_length', None) or context_length(model, tok), **dataclasses.asdict(rules))
             except (ValueError, TypeError): return
-    shown = [r.get('text') if 'input_ids' not in r else None for r in recs]       # texts only: a token-id record's end is not a text's
+    shown = _shown(recs)                                                          # texts only: a token-id record's end is not a text's
     for note in (pair_end_note(model, tok, shown, seqs, rules.pair_eos), text_end_note(model, tok, shown, seqs, rules.text_eos),
                  chat_loss_note(shown, rules)):
         if note: print(f"note: {where}: {note}", file=sys.stderr)

@@ -499,7 +499,7 @@ def text_sequences(tokenizer, # a Hugging Face tokenizer
     after it, as TRL's SFTTrainer trains it; a conversation's: all the template writes after the prompt). With the `rules`'
     `text_eos`, a text that is not cut ends with that token, scored (once: a text that writes it out, or a tokenizer that
     adds it, keeps its own); without `assistant_only_loss` every token of a conversation is scored, without
-    `completion_only_loss` every token of a pair."""
+    `completion_only_loss` a pair whole (a conversational one as a conversation)."""
     end, tend = check_rules(rules).ends(tokenizer)
     plain = [j for j, t in enumerate(texts) if isinstance(t, str)]
     ended = lambda x: x + [tend] if tend is not None and x[-1:] != [tend] and (max_length is None or len(x) < max_length) else x
@@ -555,7 +555,7 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
              pair_eos:bool|str|int=True, # after a text pair's completion: the tokenizer's EOS (True, as TRL trains), none (False), or this token
              text_eos:bool|str|int=False, # after each text: nothing (False), the tokenizer's EOS (True, as TRL's SFTTrainer trains a 'text' dataset), or this token
              assistant_only_loss:bool=True, # a conversation: score the assistant's replies only (False: every token, TRL's default)
-             completion_only_loss:bool=True, # a prompt-completion pair: score the completion only (False: the prompt too)
+             completion_only_loss:bool=True, # a prompt-completion pair: score the completion only (False: the whole pair, a conversational one as `assistant_only_loss` says)
             ) -> list[dict]:
     """Training sequences from `texts`: every token of a text is scored; of a conversation (a list of messages), the
     assistant's replies; of a prompt-completion pair, the completion (and the end token after it). The arguments after
@@ -843,7 +843,7 @@ def chat_sequence(tokenizer, # a Hugging Face tokenizer with a chat template
                   where:str='conversation', # names it in errors
                   scored_from:int=0, # replies before this message are context (a prompt-completion pair's prompt)
                   assistant_only_loss:bool=True, # score the replies only (False: every token the template writes, TRL's default)
-                  completion_only_loss:bool=True, # a pair (`scored_from` > 0): score what follows the prompt only (False: the prompt too)
+                  completion_only_loss:bool=True, # a pair (`scored_from` > 0): score what follows the prompt only (False: score it as a conversation)
                  ) -> dict:
     """A training sequence from a conversation: its tokens as the chat template renders them; the assistant's replies are
     scored (their text and the template's end-of-turn tokens after it, `assistant_spans`), the rest is context, as in supervised

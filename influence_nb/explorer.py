@@ -242,7 +242,7 @@ class ExplorerSession:
                  pair_eos: bool|str|int = True, # after a text pair's completion: the tokenizer's EOS (as TRL trains), none (False), or this token
                  text_eos: bool|str|int = False, # after each text: nothing (False), the tokenizer's EOS (True, as TRL trains a 'text' dataset), or this token
                  assistant_only_loss: bool = True, # a conversation: score the assistant's replies only (False: every token, TRL's default)
-                 completion_only_loss: bool = True, # a prompt-completion pair: score the completion only (False: the prompt too)
+                 completion_only_loss: bool = True, # a prompt-completion pair: score the completion only (False: the whole pair, a conversational one as `assistant_only_loss` says)
                 ):
         self.device, self.dtype, self.trust_remote_code = resolve_device(device), resolve_dtype(dtype), bool(trust_remote_code)
         self.fit_sample, self.seed, self.batch_size = (check_int(v, n, lo) for n, v, lo in
@@ -1177,7 +1177,7 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
              pair_eos:bool|str|int=True, # after a text pair's completion: the tokenizer's EOS, none (False), or this token
              text_eos:bool|str|int=False, # after each text: nothing (False), the tokenizer's EOS (True, as TRL trains a 'text' dataset), or this token
              assistant_only_loss:bool=True, # a conversation: score the assistant's replies only (False: every token, TRL's default)
-             completion_only_loss:bool=True, # a prompt-completion pair: score the completion only (False: the prompt too)
+             completion_only_loss:bool=True, # a prompt-completion pair: score the completion only (False: the whole pair, a conversational one as `assistant_only_loss` says)
              **kwargs, # the rest of `Explorer`'s arguments (query_id, candidates, k, strategy)
             ) -> Explorer:
     "The explorer app (an ipywidgets VBox) on the bundled models, or on your model and corpus."

@@ -848,7 +848,7 @@ def scan(model, # the model the factors were fitted on
          pair_eos:bool|str|int=True, # after a text pair's completion: the tokenizer's EOS (True), none (False), or this token (`tokenize`)
          text_eos:bool|str|int=False, # after each text: nothing (False), the tokenizer's EOS (True, as TRL trains a 'text' dataset), or this token
          assistant_only_loss:bool=True, # a conversation: score the assistant's replies only (False: every token, TRL's default)
-         completion_only_loss:bool=True, # a prompt-completion pair: score the completion only (False: the prompt too)
+         completion_only_loss:bool=True, # a prompt-completion pair: score the completion only (False: the whole pair, a conversational one as `assistant_only_loss` says)
          on_bad_record:str='raise', # 'raise' (error naming the line) or 'skip' (leave out and count)
          scores_path:str|Path|None=None, # directory to write every score to, one Parquet file per chunk
          checkpoint:str|Path|None=None, # checkpoint file: resumed from if it exists, updated as the scan goes
