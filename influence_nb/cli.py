@@ -11,7 +11,7 @@ import torch
 import numpy as np
 import pandas as pd
 from .viz import _shorten
-from .data import (TokenRules, rule_words, rules_note, cut_texts, corpus_lines, missing_id, pair_end_note, text_end_note, chat_loss_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
+from .data import (TokenRules, n_scored, model_context, rule_words, rules_note, cut_texts, corpus_lines, missing_id, pair_end_note, text_end_note, chat_loss_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, end_sentence, array_record, iter_windows, JSONL_SUFFIXES, model_tokenizer, NoWindowWarning, block_parts, DTYPES)
@@ -24,7 +24,8 @@ from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, t
 from .explorer import query_records, scored_phrase, layer_blocks, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
 # %% auto #0
-__all__ = ['ID_LIKE', 'CULL_IDLE_S', 'DEFAULT_PORT', 'bm25_candidates', 'token_heatmap_for', 'demo', 'build_parser', 'main']
+__all__ = ['ID_LIKE', 'SELF_LEGEND', 'CULL_IDLE_S', 'DEFAULT_PORT', 'bm25_candidates', 'token_heatmap_for', 'demo',
+           'build_parser', 'main']
 
 # %% ../nbs/13_cli.ipynb #7034018f
 def _pick_query(queries, model, tok, query_id=None):
@@ -199,7 +200,10 @@ def _record_fields(rec:dict, prefix='') -> list[str]:
 def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[dict]]:
     "`(sequences, positions, records)` of the corpus file named by `flag` (texts cut to the context or --max-length), checked for `model`: each sequence's record index in the file (blank lines not counted; records left out by --skip-bad-records leave gaps)."
     path, skip = Path(getattr(a, flag.strip('-').replace('-', '_'))), getattr(a, 'skip_bad_records', False)
-    n, rules = getattr(a, 'max_length', None) or context_length(model, tok), _rules(a)
+    n, rules, ctx = getattr(a, 'max_length', None) or context_length(model, tok), _rules(a), model_context(model)
+    if getattr(a, 'max_length', None) and ctx is not None and a.max_length > ctx:   # (as `scan` refuses it)
+        raise ValueError(f"--max-length {a.max_length} exceeds the model's context ({ctx} tokens): every longer record would be "
+                         f"refused. Pass at most {ctx}, or leave it out.")
     try: entries = list(corpus_entries(path, a.text_field, id_field=a.id_field or 'id'))
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"{flag} {e}") from None
     bad = [(where, why) for where, _, why in entries if why]                   # read-level: not JSON, no text field, ...
@@ -392,17 +396,23 @@ def _self_parser(sub):
     "The `self-scores` command and its options."
     s = sub.add_parser('self-scores', help="each record's self-influence, to Parquet: the records the model fits by themselves",
                        description="The self-influence of every record of a corpus that fits in memory, ∇log p(n)ᵀ (G + λI)⁻¹ ∇log p(n) (`self_scores`): how "
-                                   "much a record's own preconditioned gradient raises its own likelihood. The highest are the records "
-                                   "the model fits by themselves, unlike the rest: outliers, memorised or mislabelled records. Under "
-                                   "torchrun each process scores its shard and rank 0 writes the table.")
+                                   "much a record's own preconditioned gradient raises its own likelihood. It is high for records unlike "
+                                   "the rest that the model has not fit (noise, another language, a contradicted fact) and low for what it "
+                                   "has learnt (a memorised or repeated record: its gradient is small); it sums over a record's tokens, so "
+                                   "longer records score higher (per_token divides by them), and the record's own loss is given beside it. "
+                                   "Under torchrun each process scores its shard and rank 0 writes the table.")
     _model_args(s); _corpus_args(s, '--data')
     s.add_argument('--factors', required=True, help='directory written by fit-factors')
-    s.add_argument('--out', required=True, help="output .parquet: a row per record, column self_score (indexed by the record's position "
-                   "in the file, train_index, and by its id when the records have one)")
+    s.add_argument('--out', required=True, help="output .parquet: a row per record, columns self_score, tokens (scored), per_token "
+                   "(self_score / tokens) and loss (−log p, summed), indexed by the record's position in the file, train_index, and "
+                   "by its id when the records have one")
     s.add_argument('--damping', type=float, default=None, help='damping λ (default: 0.1 × mean eigenvalue per layer)')
     s.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
     s.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context)")
-    s.add_argument('--k', type=int, default=10, help='records printed, the highest self-influence first (default: 10)')
+    s.add_argument('--k', type=int, default=10, help='records printed, the highest first (default: 10)')
+    s.add_argument('--sort', default='self_score', choices=['self_score', 'per_token', 'loss'], help='the column the printed records '
+                   'are ranked by (default: self_score)')
+    s.add_argument('--lowest', action='store_true', help='print the lowest k instead (where records the model has learnt land)')
     _skip_arg(s)
     s.add_argument('--quiet', action='store_true', help='no progress bar')
 
@@ -799,6 +809,10 @@ def _record_index(pos:list, ids:list) -> pd.Index:
     "A table's rows: the records' positions in the file (train_index), and their own ids (`record_id`) when they have them, as `top` shows them."
     return pd.MultiIndex.from_arrays([pos, ids], names=['train_index', 'id']) if any(ids) else pd.Index(pos, name='train_index')
 
+SELF_LEGEND = ("self_score = ∇log p(n)ᵀ (G+λI)⁻¹ ∇log p(n), summed over the record's tokens: high for records unlike the rest "
+               "that the model has not fit (noise, another language, a contradicted fact), low for what it has learnt (memorised or "
+               "repeated records); per_token = self_score / tokens scored; loss = −log p(n), summed.")
+
 def _cmd_self(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records, a.id_field or 'id'); _check_out(a.out)
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
@@ -808,15 +822,20 @@ def _cmd_self(a):
     with _process_group() as (rank, world):      # under torchrun each process scores its shard; the sums are added
         s = self_scores(model, factors, train, a.damping, a.batch_size, progress=rank == 0 and not a.quiet)
     if rank != 0: return
-    df = pd.DataFrame({'self_score': s.double().numpy()}, index=_record_index(pos, [record_id(r) for r in recs]))
+    n = torch.tensor([n_scored(x) for x in train])
+    df = pd.DataFrame({'self_score': s.double().numpy(), 'tokens': n.numpy(), 'per_token': (s.double() / n).numpy(),
+                       'loss': (-completion_logprobs(model, train, a.batch_size)).double().numpy()}, index=_record_index(pos, [record_id(r) for r in recs]))
+    df.attrs['influence_nb'] = {'strategy': factors.strategy, 'damping': a.damping, 'factors': factors.fingerprint, 'legend': SELF_LEGEND}
     with replacing(a.out, prefix=f'.{Path(a.out).name}.') as tmp: df.to_parquet(tmp)   # whole or not at all
-    print(f"wrote the self-influence of {len(train):,} records to {a.out} (a row per record, column self_score)"
+    print(f"wrote the self-influence of {len(train):,} records to {a.out} (a row per record: self_score, tokens, per_token, loss)"
           + (f" ({world} processes)" if world > 1 else ''))
-    order = np.argsort(-df['self_score'].to_numpy(), kind='stable')[:a.k]
+    order = np.argsort(df[a.sort].to_numpy() * (1 if a.lowest else -1), kind='stable')[:a.k]
     top = df.iloc[order].reset_index()
-    top['text'] = [_shorten(shown_text(recs[j]['text']) if 'input_ids' not in recs[j] else f"[{len(train[j]['input_ids'])} token ids]", 100) for j in order]
-    print(f"highest self-influence ({len(order)} of {len(train):,}):")
+    top.insert(0, 'rank', np.argsort(np.argsort(-df[a.sort].to_numpy(), kind='stable'), kind='stable')[order] + 1)   # 1: the highest
+    top['text'] = [_shorten(shown_text(recs[j]['text']) if 'input_ids' not in recs[j] else tok.decode(train[j]['input_ids']), 100) for j in order]
+    print(f"{'lowest' if a.lowest else 'highest'} {a.sort} ({len(order)} of {len(train):,}; rank 1 = the highest):")
     print(top.to_string(index=False, float_format=lambda x: f'{x:.4g}'))
+    print(f"legend: {SELF_LEGEND}")
 
 
 # %% ../nbs/13_cli.ipynb #0ba6a4a1
