@@ -343,8 +343,8 @@ def _corpus_args(p, flag, required=True, what='corpus', text_default='text', rul
                    f"{text_default or 'the one the scan read'})")
     if rules: _rule_args(p)
     p.add_argument('--id-field', default=None, help="JSONL field / Parquet column naming each record in the output (e.g. doc_id; dotted "
-                   "for a nested one, 'meta.id'); a record without it is a bad record (default: "
-                   f"{'id' if text_default else 'the one the scan read'}; a record without an id is named by its position)")
+                   "for a nested one, 'meta.id'); a record without it is a bad record, except with 'id', which records may leave "
+                   f"out: they are named by their position (default: {'id' if text_default else 'the one the scan read'})")
 
 def _rule_args(p):
     "The flags that say which tokens training scored (`TokenRules`)."
