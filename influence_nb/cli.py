@@ -197,13 +197,18 @@ def _record_fields(rec:dict, prefix='') -> list[str]:
     return [p for k, v in rec.items() for p in [prefix + k] + (_record_fields(v, prefix + k + '.') if isinstance(v, dict) else [])]
 
 # %% ../nbs/13_cli.ipynb #c16b0001
+def _max_length(a, model) -> int|None:
+    "--max-length, refused beyond the model's context (as `scan` refuses it): every longer record would be refused."
+    ctx, m = model_context(model), getattr(a, 'max_length', None)
+    if m and ctx is not None and m > ctx:
+        raise ValueError(f"--max-length {m} exceeds the model's context ({ctx} tokens): every longer record would be refused. "
+                         f"Pass at most {ctx}, or leave it out.")
+    return m
+
 def _corpus(a, tok, model, flag='--data') -> tuple[list[dict], list[int], list[dict]]:
     "`(sequences, positions, records)` of the corpus file named by `flag` (texts cut to the context or --max-length), checked for `model`: each sequence's record index in the file (blank lines not counted; records left out by --skip-bad-records leave gaps)."
     path, skip = Path(getattr(a, flag.strip('-').replace('-', '_'))), getattr(a, 'skip_bad_records', False)
-    n, rules, ctx = getattr(a, 'max_length', None) or context_length(model, tok), _rules(a), model_context(model)
-    if getattr(a, 'max_length', None) and ctx is not None and a.max_length > ctx:   # (as `scan` refuses it)
-        raise ValueError(f"--max-length {a.max_length} exceeds the model's context ({ctx} tokens): every longer record would be "
-                         f"refused. Pass at most {ctx}, or leave it out.")
+    n, rules = _max_length(a, model) or context_length(model, tok), _rules(a)
     try: entries = list(corpus_entries(path, a.text_field, id_field=a.id_field or 'id'))
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"{flag} {e}") from None
     bad = [(where, why) for where, _, why in entries if why]                   # read-level: not JSON, no text field, ...
@@ -616,6 +621,7 @@ def _cmd_fit(a):
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
     mods = a.modules if a.modules in ('mlp', 'all', 'lora') else a.modules.split(',')
     first = int(os.environ.get('RANK', '0')) == 0                             # under torchrun: said once, by rank 0
+    _max_length(a, model)
     if a.dry_run: return _say_factor_sizes(model, mods, a.strategy, a.factor_dtype) if first else None
     low = check_fit_memory(model, mods, a.strategy, a.factor_dtype)        # (`fit_factors` checks too): said before the data is read
     if low is not None and first: print(_room_line(a.strategy, factor_sizes(model, mods, a.strategy, a.factor_dtype), low.attrs['total']), flush=True)
@@ -829,10 +835,11 @@ def _cmd_self(a):
     with replacing(a.out, prefix=f'.{Path(a.out).name}.') as tmp: df.to_parquet(tmp)   # whole or not at all
     print(f"wrote the self-influence of {len(train):,} records to {a.out} (a row per record: self_score, tokens, per_token, loss)"
           + (f" ({world} processes)" if world > 1 else ''))
-    order = np.argsort(df[a.sort].to_numpy() * (1 if a.lowest else -1), kind='stable')[:a.k]
-    top = df.iloc[order].reset_index()
-    top.insert(0, 'rank', np.argsort(np.argsort(-df[a.sort].to_numpy(), kind='stable'), kind='stable')[order] + 1)   # 1: the highest
-    top['text'] = [_shorten(shown_text(recs[j]['text']) if 'input_ids' not in recs[j] else tok.decode(train[j]['input_ids']), 100) for j in order]
+    desc = np.argsort(-df[a.sort].to_numpy(), kind='stable')                # rank 1: the highest; ties in file order
+    rank = (np.arange(len(df)) + 1)[::-1][:a.k] if a.lowest else np.arange(1, min(a.k, len(df)) + 1)
+    order = desc[::-1][:a.k] if a.lowest else desc[:a.k]
+    top = df.iloc[order].reset_index(); top.insert(0, 'rank', rank)
+    top['text'] = [_shorten(shown_text(recs[j]['text']) if 'input_ids' not in recs[j] else tok.decode(train[j]['input_ids'], skip_special_tokens=True), 100) for j in order]
     print(f"{'lowest' if a.lowest else 'highest'} {a.sort} ({len(order)} of {len(train):,}; rank 1 = the highest):")
     print(top.to_string(index=False, float_format=lambda x: f'{x:.4g}'))
     print(f"legend: {SELF_LEGEND}")

@@ -1427,7 +1427,7 @@ def rules_note(fitted:dict, # the rules the factors' records were read with (`To
               ) -> str|None:
     "A note when factors were fitted on records read by other token rules than these records are, where both have records they apply to."
     now = rules.applied(texts)
-    diff = {k: v for k, v in fitted.items() if k in now and now[k] != v}
+    diff = {k: v for k, v in fitted.items() if k in now and not (type(now[k]) is type(v) and now[k] == v)}   # (token id 0 is not False)
     if not diff: return None
     mine = {k: now[k] for k in diff}
     return (f"the factors were fitted on records read with {rule_words(diff)} ({rule_words(diff, True)}), and these records are "

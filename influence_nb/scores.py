@@ -206,8 +206,9 @@ def load(cls: Scores, path) -> Scores:
     except KeyError: raise ValueError(f"{path} holds no influence_nb scores; was it written by `Scores.save`?") from None
     except Exception as e: raise ValueError(f"Could not read {path} as a safetensors file ({type(e).__name__}: {e}).") from None
     t = load_file(str(path))
-    per_layer = {n: t[f'per_layer/{n}'] for n in meta.pop('per_layer')} or None
-    meta = {k: v for k, v in meta.items() if k in {f.name for f in fields(cls)}}   # fields a newer version added: ignored
+    if missing := [n for n in meta.get('per_layer', []) if f'per_layer/{n}' not in t]: raise ValueError(f"{path} lacks the per-layer scores of {missing[0]!r}: it is damaged.")
+    per_layer = {n: t[f'per_layer/{n}'] for n in meta.pop('per_layer', [])} or None
+    meta = {k: v for k, v in meta.items() if k in {f.name for f in fields(cls)} - {'total', 'per_layer', 'per_token'}}   # fields a newer version added: ignored
     return cls(t['total'], per_layer, t.get('per_token'), **meta)
 
 # %% ../nbs/06_scores.ipynb #a5549d57
@@ -416,7 +417,8 @@ def prepare_queries(model, # the model the factors were fitted on
 # %% ../nbs/06_scores.ipynb #f591ae01
 def check_measured(scores:torch.Tensor, measurement) -> torch.Tensor:
     "`scores`, unless they are all zero under a `measurement`: its gradient is zero for every query (flat in the logits, or mixing rows)."
-    if measurement is not None and not scores.any():
+    seen = scores[torch.isfinite(scores)]                              # (a scan's unfilled places are -inf)
+    if measurement is not None and seen.numel() and not seen.any():
         raise ValueError("Every score is 0: the `measurement`'s gradient is zero for every query. f is flat in the logits (rounded, "
                          "an argmax) or its values cancel across a batch (f - f.mean()); give each query its own differentiable value.")
     return scores

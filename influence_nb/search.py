@@ -898,41 +898,6 @@ def _measured(measurement) -> dict:
     if measurement is None: return {}
     return {'measurement': measurement_name(measurement), 'measurement_digest': measurement_digest(measurement)}
 
-def measurement_digest(fn, # a measurement: a function, lambda, closure, `functools.partial`, bound method or callable object
-                      ) -> str:
-    """A digest of what `fn` computes, the same in every process: its code and constants, its defaults, the values it
-    closes over and the module globals it names (arrays and tensors by their bytes, objects by their attributes), followed
-    a few levels deep; what it cannot see into (a model it closes over, an object without attributes) counts by its type."""
-    h, seen = hashlib.blake2b(digest_size=12), set()
-    def feed(x, depth=0):
-        if depth > 6 or id(x) in seen: h.update(b'.'); return
-        if isinstance(x, (str, bytes, int, float, complex, bool, type(None))): h.update(repr(x).encode()); return
-        seen.add(id(x)); h.update(type(x).__qualname__.encode())
-        try:
-            if isinstance(x, torch.Tensor):
-                t = (x.to_dense() if x.layout != torch.strided else x).detach().cpu().contiguous().reshape(-1)
-                h.update(f'{t.dtype}{tuple(x.shape)}'.encode()); h.update(t.view(torch.uint8).numpy().tobytes())
-            elif isinstance(x, np.ndarray): h.update(f'{x.dtype}{x.shape}'.encode()); h.update(np.ascontiguousarray(x).tobytes())
-            elif isinstance(x, types.CodeType): h.update(x.co_code); feed(x.co_consts, depth + 1); feed(x.co_names, depth + 1)
-            elif isinstance(x, types.FunctionType):
-                feed(x.__code__, depth + 1); feed(x.__defaults__, depth + 1); feed(x.__kwdefaults__, depth + 1)
-                for cell_ in x.__closure__ or ():
-                    try: feed(cell_.cell_contents, depth + 1)
-                    except ValueError: h.update(b'<empty cell>')                  # a name the function assigns later
-                for n in x.__code__.co_names:                                     # the module's helpers, constants and tables
-                    if n in x.__globals__ and not isinstance(g := x.__globals__[n], (types.ModuleType, type)): feed(g, depth + 1)
-            elif isinstance(x, types.MethodType): feed(x.__func__, depth + 1); feed(x.__self__, depth + 1)
-            elif isinstance(x, functools.partial): feed(x.func, depth + 1); feed(x.args, depth + 1); feed(x.keywords, depth + 1)
-            elif isinstance(x, (list, tuple, set, frozenset)):
-                for e in (sorted(x, key=repr) if isinstance(x, (set, frozenset)) else x): feed(e, depth + 1)
-            elif isinstance(x, Mapping):
-                for k in sorted(x, key=repr): feed(k, depth + 1); feed(x[k], depth + 1)
-            elif not isinstance(x, torch.nn.Module):                                # an object: its class's call and its state
-                if callable(x) and isinstance(call := getattr(type(x), '__call__', None), types.FunctionType): feed(call, depth + 1)
-                feed(getattr(x, '__dict__', {}), depth + 1)
-        except Exception as e: h.update(f'<{type(e).__name__}>'.encode())      # what cannot be read counts by its type
-    feed(fn); return h.hexdigest()
-
 def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype, measurement=None):
     "Full-rank scores of each query's candidates `inds` `[n_q, k]`, re-sorted: `(scores, indices)`."
     pq = prepare_queries(model, factors, layers, qs, damping, None, batch_size, measurement=measurement)
@@ -949,3 +914,46 @@ def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk
     cols = torch.tensor([[pos[i] for i in row] for row in inds.tolist()])          # [n_q, k]
     s = full.gather(1, cols)
     return merge_topk(*_empty_topk(len(qs), inds.shape[1], dtype), s, inds, inds.shape[1])
+
+# %% ../nbs/08_search.ipynb #b9d2bc14
+def _code_names(code:types.CodeType) -> set:
+    "The global names `code` and the code nested in it (comprehensions, lambdas, inner functions) read."
+    return set(code.co_names).union(*(_code_names(c) for c in code.co_consts if isinstance(c, types.CodeType)))
+
+def measurement_digest(fn, # a measurement: a function, lambda, closure, `functools.partial`, bound method or callable object
+                      ) -> str:
+    """A digest of what `fn` computes, the same in every process: its code and constants, its defaults, the values it
+    closes over and the module globals it names (arrays and tensors by their bytes, objects by their attributes), followed
+    a few levels deep; what it cannot see into (a model it closes over, an object without attributes) counts by its type."""
+    h, seen = hashlib.blake2b(digest_size=12), set()
+    def feed(x, depth=0):
+        if depth > 6 or id(x) in seen: h.update(b'.'); return
+        if isinstance(x, (str, bytes, int, float, complex, bool, type(None))): h.update(repr(x).encode()); return
+        seen.add(id(x)); h.update(type(x).__qualname__.encode())
+        try:
+            if isinstance(x, torch.Tensor) and x.layout != torch.strided:       # sparse: its indices and values, never made dense
+                c = (x if x.layout == torch.sparse_coo else x.to_sparse_coo()).coalesce()
+                h.update(f'{tuple(x.shape)}'.encode()); feed(c.indices(), depth + 1); feed(c.values(), depth + 1)
+            elif isinstance(x, torch.Tensor):
+                t = x.detach().cpu().contiguous().reshape(-1)
+                h.update(f'{t.dtype}{tuple(x.shape)}'.encode()); h.update(t.view(torch.uint8).numpy())
+            elif isinstance(x, np.ndarray): h.update(f'{x.dtype}{x.shape}'.encode()); h.update(np.ascontiguousarray(x).view(np.uint8))
+            elif isinstance(x, types.CodeType): h.update(x.co_code); feed(x.co_consts, depth + 1); feed(x.co_names, depth + 1)
+            elif isinstance(x, types.FunctionType):
+                feed(x.__code__, depth + 1); feed(x.__defaults__, depth + 1); feed(x.__kwdefaults__, depth + 1)
+                for cell_ in x.__closure__ or ():
+                    try: feed(cell_.cell_contents, depth + 1)
+                    except ValueError: h.update(b'<empty cell>')                  # a name the function assigns later
+                for n in sorted(_code_names(x.__code__)):                          # the module's helpers, constants and tables,
+                    if n in x.__globals__ and not isinstance(g := x.__globals__[n], (types.ModuleType, type)): feed(g, depth + 1)   # comprehensions' too
+            elif isinstance(x, types.MethodType): feed(x.__func__, depth + 1); feed(x.__self__, depth + 1)
+            elif isinstance(x, functools.partial): feed(x.func, depth + 1); feed(x.args, depth + 1); feed(x.keywords, depth + 1)
+            elif isinstance(x, (list, tuple, set, frozenset)):
+                for e in (sorted(x, key=repr) if isinstance(x, (set, frozenset)) else x): feed(e, depth + 1)
+            elif isinstance(x, Mapping):
+                for k in sorted(x, key=repr): feed(k, depth + 1); feed(x[k], depth + 1)
+            elif not isinstance(x, torch.nn.Module):                                # an object: its class's call and its state
+                if callable(x) and isinstance(call := getattr(type(x), '__call__', None), types.FunctionType): feed(call, depth + 1)
+                feed(getattr(x, '__dict__', {}), depth + 1)
+        except Exception as e: h.update(f'<{type(e).__name__}>'.encode())      # what cannot be read counts by its type
+    feed(fn); return h.hexdigest()
