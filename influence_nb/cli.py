@@ -11,7 +11,7 @@ import torch
 import numpy as np
 import pandas as pd
 from .viz import _shorten
-from .data import (TokenRules, n_scored, model_context, rule_words, rules_note, cut_texts, corpus_lines, missing_id, pair_end_note, text_end_note, chat_loss_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
+from .data import (TokenRules, _importable, _import_factory, n_scored, model_context, rule_words, rules_note, cut_texts, corpus_lines, missing_id, pair_end_note, text_end_note, chat_loss_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, end_sentence, array_record, iter_windows, JSONL_SUFFIXES, model_tokenizer, NoWindowWarning, block_parts, DTYPES)
@@ -19,7 +19,7 @@ from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from .artefact import new_file_mode, replacing
 from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
-from .scores import pairwise_scores, self_scores, unread_to_nan, units, per_copy_column
+from .scores import pairwise_scores, self_scores, unread_to_nan, units, per_copy_column, measurement_name
 from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text, record_id
 from .explorer import query_records, scored_phrase, layer_blocks, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
@@ -42,10 +42,26 @@ def _pick_query(queries, model, tok, query_id=None):
     ok = ((lps > -2.5) & (lps < -0.2)).nonzero()
     return cands[int(ok[0])] if len(ok) else cands[0]
 
-def _say_queries(names, log_ps, say=print):
-    "Print each query's log p(completion) and the one-line legend of the scores' sign and units."
+def _say_queries(names, log_ps, say=print, measurement=None):
+    "Print each query's log p(completion) and the one-line legend of the scores' sign and units (a `measurement`'s, when given)."
     for n, lp in zip(names, log_ps): say(f"query {n}: log p(completion) = {float(lp):.3f} nats")
-    say(f"legend: {SCORE_LEGEND}")
+    say(f"legend: {SCORE_LEGEND if measurement is None else units(measurement_name(measurement))}")
+
+def _measurement_arg(p):
+    p.add_argument('--measurement', default=None, metavar='MODULE:FUNCTION', help="what each query measures instead of log "
+                   "p(completion): 'module:function' or 'file.py:function' naming f(logits, batch) -> one value per sequence, "
+                   "as `pairwise_scores(measurement=)` takes it (Kronfluence's compute_measurement, whose scores carry the opposite sign)")
+
+def _measurement(a):
+    "The function --measurement names (None: log p(completion)), loaded as --model loads 'module:function'."
+    if (spec := getattr(a, 'measurement', None)) is None: return None
+    where, _, fn = spec.rpartition(':')
+    if not where or not fn.isidentifier() and not all(x.isidentifier() for x in fn.split('.')):
+        raise ValueError(f"--measurement {spec!r}: give 'module:function' or 'path/to/file.py:function'.")
+    with _importable(Path(where).resolve().parent if where.endswith('.py') else os.getcwd()):
+        f = _import_factory(where, fn, 'the measurement')
+    if not callable(f): raise ValueError(f"--measurement {spec}: {type(f).__name__} is not a function f(logits, batch).")
+    return f
 
 # %% ../nbs/13_cli.ipynb #48e43280
 def bm25_candidates(queries, train, k:int, tok, names=None) -> list[int]:
@@ -417,6 +433,7 @@ def _self_parser(sub):
     s.add_argument('--k', type=int, default=10, help='records printed, the highest first (default: 10)')
     s.add_argument('--sort', default='self_score', choices=['self_score', 'per_token', 'loss'], help='the column the printed records '
                    'are ranked by (default: self_score)')
+    _measurement_arg(s)
     s.add_argument('--lowest', action='store_true', help='print the lowest k instead (where records the model has learnt land)')
     _skip_arg(s)
     s.add_argument('--quiet', action='store_true', help='no progress bar')
@@ -452,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context; queries are never cut)")
     s.add_argument('--candidates', type=int, default=0, help="score only the records among each query's K best BM25 matches (the paper's "
                    "TF-IDF filter; rows: their union, in file order; default 0: every record)")
+    _measurement_arg(s)
     s.add_argument('--per-layer', default=None, metavar='FILE', help="also write each tracked layer's part of every score to FILE "
                    "(.parquet, a row per record, query and layer: train_index, id, query, layer, block, score); a record's "
                    "parts add up to its score in --out (paper §3.3: which layers carry the influence)")
@@ -505,6 +523,7 @@ def _scan_parser(sub, fmt):
                    help='sequences between checkpoints, rounded up to whole --chunk-size chunks (default: 2000)')
     c.add_argument('--n-train', type=int, default=None, help="N of the training set, for nats = score / N (default: the larger of "
                    "the sequences scanned and the factors' fit set)")
+    _measurement_arg(c)
     c.add_argument('--quiet', action='store_true', help='no progress bar')
 
 def _explore_parser(sub):
@@ -782,6 +801,7 @@ def _cmd_score(a):
     if a.per_layer is not None:
         _check_out(a.per_layer, '--per-layer')
         if Path(a.per_layer).resolve() == Path(a.out).resolve(): raise ValueError("--per-layer must name another file than --out.")
+    measure = _measurement(a)                                   # (before the model loads: a bad spec is said at once)
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
@@ -798,9 +818,9 @@ def _cmd_score(a):
         train, pos, recs = [train[i] for i in keep], [pos[i] for i in keep], [recs[i] for i in keep]
     with _process_group() as (rank, world):      # under torchrun each process scores its shard; every one gets all scores
         lps = completion_logprobs(model, queries)
-        if rank == 0: _say_queries(names, lps)
+        if rank == 0: _say_queries(names, lps, measurement=measure)
         sc = pairwise_scores(model, factors, queries, train, a.damping, a.query_rank, per_layer=a.per_layer is not None,
-                             batch_size=a.batch_size, progress=rank == 0 and not a.quiet)
+                             batch_size=a.batch_size, progress=rank == 0 and not a.quiet, measurement=measure)
     if rank != 0: return
     ids = [record_id(r) for r in recs]
     df = pd.DataFrame(sc.total.numpy().T, columns=names, index=_record_index(pos, ids))
@@ -821,17 +841,20 @@ SELF_LEGEND = ("self_score = ∇log p(n)ᵀ (G+λI)⁻¹ ∇log p(n), summed ove
 
 def _cmd_self(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records, a.id_field or 'id'); _check_out(a.out)
+    measure = _measurement(a)
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
     factors = _load_factors(a.factors, model)
     train, pos, recs = _corpus(a, tok, model)
     _say_repeated_ids(recs, pos, Path(a.data)); _say_id_field(a, recs); _say_rules(a, factors, recs)
     with _process_group() as (rank, world):      # under torchrun each process scores its shard; the sums are added
-        s = self_scores(model, factors, train, a.damping, a.batch_size, progress=rank == 0 and not a.quiet)
+        s = self_scores(model, factors, train, a.damping, a.batch_size, progress=rank == 0 and not a.quiet, measurement=measure)
     if rank != 0: return
     n = torch.tensor([n_scored(x) for x in train])
     df = pd.DataFrame({'self_score': s.double().numpy(), 'tokens': n.numpy(), 'per_token': (s.double() / n).numpy(),
                        'loss': (-completion_logprobs(model, train, a.batch_size)).double().numpy()}, index=_record_index(pos, [record_id(r) for r in recs]))
-    df.attrs['influence_nb'] = {'strategy': factors.strategy, 'damping': a.damping, 'factors': factors.fingerprint, 'legend': SELF_LEGEND}
+    legend = SELF_LEGEND if measure is None else f"self_score = ∇f(n)ᵀ (G+λI)⁻¹ ∇log p(n) for the measurement f = {measurement_name(measure)}; " + SELF_LEGEND.split('; ', 1)[1]
+    df.attrs['influence_nb'] = {'strategy': factors.strategy, 'damping': a.damping, 'factors': factors.fingerprint, 'legend': legend,
+                                **({'measurement': measurement_name(measure)} if measure is not None else {})}
     with replacing(a.out, prefix=f'.{Path(a.out).name}.') as tmp: df.to_parquet(tmp)   # whole or not at all
     print(f"wrote the self-influence of {len(train):,} records to {a.out} (a row per record: self_score, tokens, per_token, loss)"
           + (f" ({world} processes)" if world > 1 else ''))
@@ -842,7 +865,7 @@ def _cmd_self(a):
     top['text'] = [_shorten(shown_text(recs[j]['text']) if 'input_ids' not in recs[j] else tok.decode(train[j]['input_ids'], skip_special_tokens=True), 100) for j in order]
     print(f"{'lowest' if a.lowest else 'highest'} {a.sort} ({len(order)} of {len(train):,}; rank 1 = the highest):")
     print(top.to_string(index=False, float_format=lambda x: f'{x:.4g}'))
-    print(f"legend: {SELF_LEGEND}")
+    print(f"legend: {legend}")
 
 
 # %% ../nbs/13_cli.ipynb #0ba6a4a1
@@ -902,14 +925,15 @@ def _as_notes():
                 if str(w.message) not in said: print(f"note: {w.message}", file=sys.stderr); said.add(str(w.message))
             else: warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
-def _scan(a, model, tok, factors, queries, names):
+def _scan(a, model, tok, factors, queries, names, measurement=None):
     "`search.scan` on the --corpus file; a record or a Parquet page it cannot read is reported naming the file."
     try:
         with _as_notes(): return scan(model, factors, queries, a.corpus, k=a.k, query_rank=a.query_rank, damping=a.damping, batch_size=a.batch_size,
                     chunk_size=a.chunk_size, tokenizer=tok, max_length=a.max_length or context_length(model, tok),
                     text_field=a.text_field, id_field=a.id_field or 'id', **dataclasses.asdict(_rules(a)), on_bad_record='skip' if a.skip_bad_records else 'raise',
                     scores_path=a.scores_dir, checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every,
-                    refine=a.refine, progress=not a.quiet, n_train=a.n_train, query_names=names, candidates=a.candidates or None)
+                    refine=a.refine, progress=not a.quiet, n_train=a.n_train, query_names=names, candidates=a.candidates or None,
+                    measurement=measurement)
     except BadRecordError as e:                               # the Python API's advice names `on_bad_record`: here, the option
         raise ValueError(f"--corpus: Bad corpus record at {e.where}: {end_sentence(e.why)} Fix or remove it, or pass --skip-bad-records to "
                          f"leave such records out (the summary counts them). Accepted formats: {CORPUS_FORMATS}.") from None
@@ -920,6 +944,7 @@ def _scan(a, model, tok, factors, queries, names):
 
 def _cmd_scan(a):
     _check_options(a); _check_corpus_file(a.corpus, a.text_field, skip_bad=a.skip_bad_records, id_field=a.id_field or 'id'); _check_out(a.out)
+    measure = _measurement(a)
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
@@ -931,8 +956,8 @@ def _cmd_scan(a):
     before = _checkpoint_holds(a.checkpoint)
     with _process_group() as (rank, world):
         lps = completion_logprobs(model, queries)
-        if rank == 0: _say_queries(names, lps)
-        res = _scan(a, model, tok, factors, queries, names)
+        if rank == 0: _say_queries(names, lps, measurement=measure)
+        res = _scan(a, model, tok, factors, queries, names, measure)
         res.query_log_p = [round(float(x), 6) for x in lps]
         if rank == 0: res.save(a.out)
     if rank == 0:

@@ -1221,7 +1221,7 @@ def _importable(folder):
     finally:
         if folder in sys.path: sys.path.remove(folder)
 
-def _import_factory(where:str, fn:str):
+def _import_factory(where:str, fn:str, what:str='the model function'):
     "The object `fn` (dotted) of the module `where`: a dotted module name (importable from the working directory), or a .py file."
     import importlib, importlib.util
     try:
@@ -1233,7 +1233,7 @@ def _import_factory(where:str, fn:str):
         else: mod = importlib.import_module(where)               # (found as `python -m` would: `_load_factory`)
         return functools.reduce(getattr, fn.split('.'), mod)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"Cannot load the model function {where}:{fn} ({type(e).__name__}: {e}). Give 'module:function' (a "
+        raise ValueError(f"Cannot load {what} {where}:{fn} ({type(e).__name__}: {e}). Give 'module:function' (a "
                          "module importable from the working directory) or 'path/to/file.py:function'.") from None
 
 def _load_factory(spec, tokenizer, device, dtype, trust_remote_code:bool=False) -> tuple:
