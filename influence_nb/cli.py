@@ -47,10 +47,14 @@ def _say_queries(names, log_ps, say=print, measurement=None):
     for n, lp in zip(names, log_ps): say(f"query {n}: log p(completion) = {float(lp):.3f} nats")
     say(f"legend: {SCORE_LEGEND if measurement is None else units(measurement_name(measurement))}")
 
-def _measurement_arg(p):
-    p.add_argument('--measurement', default=None, metavar='MODULE:FUNCTION', help="what each query measures instead of log "
-                   "p(completion): 'module:function' or 'file.py:function' naming f(logits, batch) -> one value per sequence, "
-                   "as `pairwise_scores(measurement=)` takes it (Kronfluence's compute_measurement, whose scores carry the opposite sign)")
+def _measurement_arg(p, self_scores:bool=False):
+    what = ("put f, computed on each record, on one side: self_score = ∇f(n)ᵀ (G+λI)⁻¹ ∇log p(n) (Kronfluence's "
+            "use_measurement_for_self_influence, whose scores are minus these)" if self_scores else
+            "measure f instead of each query's log p(completion) (Kronfluence's score for the same f is minus this one)")
+    p.add_argument('--measurement', default=None, metavar='MODULE:FUNCTION', help=f"{what}: 'module:function' or 'file.py:function' "
+                   "naming f(logits, batch) -> one differentiable value per sequence; batch holds the right-padded 'input_ids', "
+                   "'attention_mask' and 'labels' (-100 where nothing is measured), logits[:, t] predicts token t+1 (not "
+                   "Kronfluence's (batch, model) signature)")
 
 def _measurement(a):
     "The function --measurement names (None: log p(completion)), loaded as --model loads 'module:function'."
@@ -328,7 +332,7 @@ examples:
   torchrun --nproc_per_node 2 $(which influence-nb) scan ...   # each process scans its shard; one result
   torchrun --nproc_per_node 2 $(which influence-nb) fit-factors ...   # each fits its shard; the sums are added
   influence-nb top --result result.parquet --query my-query-id --k 10
-  influence-nb self-scores --model my-llama/ --factors factors/ --data corpus.jsonl --out self.parquet   # outliers, memorised records
+  influence-nb self-scores --model my-llama/ --factors factors/ --data corpus.jsonl --out self.parquet   # outliers, noisy records
   influence-nb explore --model my-llama/ --corpus corpus.jsonl --queries q.jsonl
   influence-nb windows --model my-llama/ --corpus books.jsonl --max-length 2048 --out windows.jsonl   # long documents"""
 
@@ -363,9 +367,10 @@ def _corpus_args(p, flag, required=True, what='corpus', text_default='text', rul
                    "(a list of role/content messages, e.g. 'messages': the chat template renders it" + ("; --assistant-only-loss says what is scored" if rules else '') + ") (default: "
                    f"{text_default or 'the one the scan read'})")
     if rules: _rule_args(p)
-    p.add_argument('--id-field', default=None, help="JSONL field / Parquet column naming each record in the output (e.g. doc_id; dotted "
-                   "for a nested one, 'meta.id'); a record without it is a bad record, except with 'id', which records may leave "
-                   f"out: they are named by their position (default: {'id' if text_default else 'the one the scan read'})")
+    p.add_argument('--id-field', default=None, help="JSONL field / Parquet column that names each record in the output (default: "
+                   f"{'id' if text_default else 'the one the scan read'}; dotted for a nested one, 'meta.id'). Records without an 'id' "
+                   "are named by their position; with any other --id-field, a record lacking that field is a bad record (an error, "
+                   "or skipped with --skip-bad-records)")
 
 def _rule_args(p):
     "The flags that say which tokens training scored (`TokenRules`)."
@@ -378,9 +383,9 @@ def _rule_args(p):
                    "scores the assistant's replies; false, every token the chat template writes, as TRL's SFTTrainer trains a "
                    "'messages' dataset by default (its assistant_only_loss=False)")
     p.add_argument('--completion-only-loss', default='true', choices=['true', 'false'], help="a prompt-completion record: true "
-                   "(default, as TRL's) scores the completion; false, the whole record, as a text (every token) or as a "
-                   "conversation (what --assistant-only-loss says: TRL's completion_only_loss=False, with its default "
-                   "assistant_only_loss=False, is both flags false)")
+                   "(default, as TRL's) scores the completion only; false scores the whole record: a text pair's every token, a "
+                   "conversational pair as a conversation (so --assistant-only-loss applies). TRL's completion_only_loss=False "
+                   "with its default assistant_only_loss=False is --completion-only-loss false --assistant-only-loss false")
 
 # %% ../nbs/13_cli.ipynb #4252b04b
 def _skip_arg(p):
@@ -415,12 +420,13 @@ def _fit_parser(sub):
 # %% ../nbs/13_cli.ipynb #36384009
 def _self_parser(sub):
     "The `self-scores` command and its options."
-    s = sub.add_parser('self-scores', help="each record's self-influence, to Parquet: the records the model fits by themselves",
+    s = sub.add_parser('self-scores', help="each record's self-influence (outliers first), to Parquet",
                        description="The self-influence of every record of a corpus that fits in memory, ∇log p(n)ᵀ (G + λI)⁻¹ ∇log p(n) (`self_scores`): how "
-                                   "much a record's own preconditioned gradient raises its own likelihood. It is high for records unlike "
-                                   "the rest that the model has not fit (noise, another language, a contradicted fact) and low for what it "
-                                   "has learnt (a memorised or repeated record: its gradient is small); it sums over a record's tokens, so "
-                                   "longer records score higher (per_token divides by them), and the record's own loss is given beside it. "
+                                   "much training more on a record raises its own log p, to first order. It tends to be high for records "
+                                   "unlike the rest that the model has not fit (noise, another language, a contradicted fact) and low for "
+                                   "records it predicts well (low loss); it sums over a record's tokens, so longer records tend to score "
+                                   "higher (per_token divides by them, --sort per_token ranks by it), and the record's loss is given beside it. "
+                                   "With --measurement f: ∇f(n)ᵀ (G + λI)⁻¹ ∇log p(n), f computed on each record. "
                                    "Under torchrun each process scores its shard and rank 0 writes the table.")
     _model_args(s); _corpus_args(s, '--data')
     s.add_argument('--factors', required=True, help='directory written by fit-factors')
@@ -433,7 +439,7 @@ def _self_parser(sub):
     s.add_argument('--k', type=int, default=10, help='records printed, the highest first (default: 10)')
     s.add_argument('--sort', default='self_score', choices=['self_score', 'per_token', 'loss'], help='the column the printed records '
                    'are ranked by (default: self_score)')
-    _measurement_arg(s)
+    _measurement_arg(s, self_scores=True)
     s.add_argument('--lowest', action='store_true', help='print the lowest k instead (where records the model has learnt land)')
     _skip_arg(s)
     s.add_argument('--quiet', action='store_true', help='no progress bar')
@@ -763,7 +769,7 @@ def _say_id_field(a, recs, flag='--data'):
     "Without --id-field, tell (on stderr) when the records carry no 'id' but every one has an id-like field: they are named by position."
     if a.id_field is not None or not recs or any(isinstance(r, Mapping) and r.get('id') is not None for r in recs): return
     first = recs[0] if isinstance(recs[0], Mapping) else {}
-    like = [f for f in first if f.lower().endswith('_id') or f.lower() in ID_LIKE
+    like = [f for f in first if (f.lower().endswith('_id') or f.lower() in ID_LIKE)
             and all(isinstance(r, Mapping) and r.get(f) is not None and not isinstance(r.get(f), (dict, list)) for r in recs)]
     if like: print(f"note: {flag}: the records have no 'id' field, so they are named by their positions; each has {like[0]!r}: "
                    f"--id-field {like[0]} names them by it.", file=sys.stderr)
@@ -835,9 +841,9 @@ def _record_index(pos:list, ids:list) -> pd.Index:
     "A table's rows: the records' positions in the file (train_index), and their own ids (`record_id`) when they have them, as `top` shows them."
     return pd.MultiIndex.from_arrays([pos, ids], names=['train_index', 'id']) if any(ids) else pd.Index(pos, name='train_index')
 
-SELF_LEGEND = ("self_score = ∇log p(n)ᵀ (G+λI)⁻¹ ∇log p(n), summed over the record's tokens: high for records unlike the rest "
-               "that the model has not fit (noise, another language, a contradicted fact), low for what it has learnt (memorised or "
-               "repeated records); per_token = self_score / tokens scored; loss = −log p(n), summed.")
+SELF_LEGEND = ("self_score = ∇log p(n)ᵀ (G+λI)⁻¹ ∇log p(n), summed over the record's tokens: it tends to be high for records "
+               "unlike the rest that the model has not fit (noise, another language, a contradicted fact) and low for records it "
+               "predicts well (low loss); per_token = self_score / tokens scored; loss = −log p(n), summed.")
 
 def _cmd_self(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records, a.id_field or 'id'); _check_out(a.out)
@@ -1039,7 +1045,7 @@ def _cmd_top(a):
     print(f"{name}: top {len(df)} of {res.n_scanned:,} sequences (query rank {res.query_rank or 'full'}"
           f"{', refined' if res.refined else ''}){f'; {per_copy_column(res.measurement)} = score / N, N = {res.n_train:,}' if res.n_train else ''}")
     if res.token_rules: print(f"its records were read with {rule_words(res.token_rules, cli=True)}")
-    if res.measurement: print(f"legend: {units(res.measurement)}")                  # a scan (in Python) of a measurement of one's own
+    if res.measurement: print(f"legend: {units(res.measurement)}")                  # a scan of a measurement of one's own
     elif res.query_log_p: _say_queries([name], [res.query_log_p[qi]])
     else: print(f"legend: {SCORE_LEGEND}")
     if 'text' in df: df['text'] = [t if len(t) <= a.width else t[:a.width - 1] + '…' for t in df['text']]

@@ -284,8 +284,8 @@ class TokenRules:
     after each text (`text_eos`: none, False, as in a pretraining corpus; True, the EOS TRL appends to each text of a 'text'
     dataset); whether a conversation trained only its assistant's replies (`assistant_only_loss`: True here, where TRL's
     default, False, trains every token the template writes) and a prompt-completion pair only its completion
-    (`completion_only_loss`: True, as TRL's default; False trains the whole pair, a conversational one as a conversation,
-    as `assistant_only_loss` says)."""
+    (`completion_only_loss`: True, as TRL's default; False scores the whole pair, a conversational one as a conversation,
+    so that `assistant_only_loss` applies)."""
     pair_eos: bool|str|int = True
     text_eos: bool|str|int = False
     assistant_only_loss: bool = True
@@ -557,9 +557,10 @@ def tokenize(tokenizer, # a Hugging Face tokenizer
              assistant_only_loss:bool=True, # a conversation: score the assistant's replies only (False: every token, TRL's default)
              completion_only_loss:bool=True, # a prompt-completion pair: score the completion only (False: the whole pair, a conversational one as `assistant_only_loss` says)
             ) -> list[dict]:
-    """Training sequences from `texts`: every token of a text is scored; of a conversation (a list of messages), the
-    assistant's replies; of a prompt-completion pair, the completion (and the end token after it). The arguments after
-    `text_field` say how training made its tokens (`TokenRules`)."""
+    """Training sequences from `texts`, each token scored as training scored it.
+    Every token of a text is scored; of a conversation (a list of messages), the assistant's replies; of a prompt-completion
+    pair, the completion (and the end token after it). The arguments after `text_field` say how training made its tokens
+    (`TokenRules`)."""
     rules = TokenRules(pair_eos, text_eos, assistant_only_loss, completion_only_loss)
     if not callable(tokenizer): raise TypeError(f"`tokenizer` must be a Hugging Face tokenizer, got {type(tokenizer).__name__}.{raw_tokenizer_hint(tokenizer)}")
     check_max_length(max_length); check_not_file_name(texts)
@@ -1407,9 +1408,9 @@ def chat_loss_note(texts:list, # the records' texts, conversations and pairs (No
     if not (convs or whole): return None
     what = ' and '.join(x for x in (f"{convs:,} conversation(s)" * bool(convs),
                                     f"{whole:,} conversational pair(s) trained whole" * bool(whole)) if x)
-    return (f"{what} of {len(texts):,} records are scored on the assistant's replies only (`assistant_only_loss`); TRL's "
-            "SFTTrainer trains every token of them unless its assistant_only_loss=True: if your run did, score them so: "
-            "`assistant_only_loss=False` (--assistant-only-loss false).")
+    return (f"{what} of {len(texts):,} records are scored on the assistant's replies only (`assistant_only_loss`). TRL's "
+            "SFTTrainer trains every token of a conversation unless its assistant_only_loss=True; if your run kept TRL's "
+            "default (False), score every token: `assistant_only_loss=False` (--assistant-only-loss false).")
 
 def rule_words(rules:dict, # token rules and their values (`TokenRules.applied`, `.changed`)
                cli:bool=False, # as the command line's flags (else as the Python arguments)

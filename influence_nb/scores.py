@@ -416,10 +416,10 @@ def prepare_queries(model, # the model the factors were fitted on
 
 # %% ../nbs/06_scores.ipynb #f591ae01
 def check_measured(scores:torch.Tensor, measurement) -> torch.Tensor:
-    "`scores`, unless they are all zero under a `measurement`: its gradient is zero for every query (flat in the logits, or mixing rows)."
+    "`scores`, unless they are all zero under a `measurement`: its gradient is zero everywhere (flat in the logits, or its values cancel across a batch, e.g. f − f.mean())."
     seen = scores[torch.isfinite(scores)]                              # (a scan's unfilled places are -inf)
     if measurement is not None and seen.numel() and not seen.any():
-        raise ValueError("Every score is 0: the `measurement`'s gradient is zero for every query. f is flat in the logits (rounded, "
+        raise ValueError("Every score is 0: the `measurement`'s gradient is zero for every query (or record). f is flat in the logits (rounded, "
                          "an argmax) or its values cancel across a batch (f - f.mean()); give each query its own differentiable value.")
     return scores
 
@@ -527,8 +527,8 @@ def pairwise_scores(model, # the model the factors were fitted on
     loss over chosen tokens...): `f(logits, batch)` gets a right-padded batch of queries ('input_ids', 'attention_mask',
     'labels' aligned with the ids, -100 where nothing is measured) and their logits as the model gives them (position t
     predicts token t + 1), and returns one differentiable value per query from that query's own real tokens
-    (`loss_cotangent`); such queries need no labelled token. Against Kronfluence: its score of a task whose
-    `compute_measurement` returns f is minus this one (it multiplies by the training loss's gradient, −∇log p)."""
+    (`loss_cotangent`). With a measurement, queries need no labelled token. Compared with Kronfluence: its score for a
+    task whose `compute_measurement` returns f is minus this one (it multiplies by the training loss's gradient, −∇log p)."""
     check_damping(damping); check_rank(query_rank); check_measurement(measurement)
     layers = prepare_scoring(model, factors)
     qs = check_queries(model, queries, measurement)
@@ -573,7 +573,8 @@ def self_scores(model, # the model the factors were fitted on
                 measurement=None, # `f(logits, batch) -> [B]` on one side instead of log p (Kronfluence's `use_measurement_for_self_influence`)
                ) -> torch.Tensor:
     """`∇log p(n)ᵀ (G + λI)⁻¹ ∇log p(n)` (with a `measurement` f: `∇f(n)ᵀ (G + λI)⁻¹ ∇log p(n)`) for every sequence: `[n_train]`, float32 (float64 for a float64 model).
-    With f, the diagonal of `pairwise_scores(train, train, measurement=f)`; Kronfluence's self-influence with
+    With f (which gets right-padded batches of `train`, labels included, as `pairwise_scores` gives it queries), the diagonal
+    of `pairwise_scores(train, train, measurement=f)`; Kronfluence's self-influence with
     `use_measurement_for_self_influence` is minus this one (it multiplies by the training loss's gradient, −∇log p)."""
     check_damping(damping); check_measurement(measurement)
     layers = prepare_scoring(model, factors)
