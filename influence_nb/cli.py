@@ -19,7 +19,7 @@ from .ekfac import Factors, FitCheckpoint, fit_factors, fit_dtype
 from .artefact import new_file_mode, replacing
 from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
-from .scores import pairwise_scores, self_scores, unread_to_nan, units, per_copy_column, measurement_name
+from .scores import pairwise_scores, self_scores, unread_to_nan, units, per_copy_column, measurement_name, query_group_rows
 from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text, record_id
 from .explorer import query_records, scored_phrase, layer_blocks, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
@@ -66,6 +66,39 @@ def _measurement(a):
         f = _import_factory(where, fn, 'the measurement')
     if not callable(f): raise ValueError(f"--measurement {spec}: {type(f).__name__} is not a function f(logits, batch).")
     return f
+
+# %% ../nbs/13_cli.ipynb #347ff712
+def _group_args(p):
+    "`--group-by FIELD` and `--aggregate`: a column per group of queries, their summed influence (`pairwise_scores(query_groups=)`)."
+    g = p.add_mutually_exclusive_group()
+    g.add_argument('--group-by', default=None, metavar='FIELD', help="sum the queries' influence by the value of this field of "
+                   "each --queries record (a str or an int; dotted for a nested field): one column per group, named by the value. "
+                   "For a behaviour seen across several prompts (Kronfluence's aggregate_query_gradients, by group)")
+    g.add_argument('--aggregate', action='store_true', help="sum every query's influence into one column, named 'all' "
+                   "(Kronfluence's aggregate_query_gradients)")
+
+def _query_groups(a, names:list):
+    "`query_groups` from --group-by (each query's value of the field) or --aggregate ('all'); None without them."
+    if getattr(a, 'aggregate', False): return 'all'
+    if (field := getattr(a, 'group_by', None)) is None: return None
+    out = []
+    for (where, r), name in zip(query_rows(a.queries), names):
+        v = field_value(r, field) if isinstance(r, Mapping) else None
+        if v is None or isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise ValueError(f"--group-by {field}: {where} (id {name!r}) " + ("has no such field" if v is None else
+                             f"holds {type(v).__name__} {v!r} there, not a str or an int") + f"; give every query its group in {field!r}.")
+        out.append(v)
+    if len({str(v) for v in out}) < len(set(out)):
+        raise ValueError(f"--group-by {field}: a number and a string among the groups print alike ({sorted(set(out), key=str)}), "
+                         "and the columns are named by them; write every group the same way.")
+    return out
+
+def _group_columns(groups, names:list, say=print) -> list:
+    "The result's columns: the queries' ids, or with groups each group's label, said with how many queries it sums."
+    if groups is None: return names
+    _, labels, sizes = query_group_rows(groups, len(names))
+    say("groups (each column sums its queries' influence): " + ', '.join(f"{g} ({n} {'query' if n == 1 else 'queries'})" for g, n in zip(labels, sizes)))
+    return [str(g) for g in labels]
 
 # %% ../nbs/13_cli.ipynb #48e43280
 def bm25_candidates(queries, train, k:int, tok, names=None) -> list[int]:
@@ -475,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context; queries are never cut)")
     s.add_argument('--candidates', type=int, default=0, help="score only the records among each query's K best BM25 matches (the paper's "
                    "TF-IDF filter; rows: their union, in file order; default 0: every record)")
-    _measurement_arg(s)
+    _measurement_arg(s); _group_args(s)
     s.add_argument('--per-layer', default=None, metavar='FILE', help="also write each tracked layer's part of every score to FILE "
                    "(.parquet, a row per record, query and layer: train_index, id, query, layer, block, score); a record's "
                    "parts add up to its score in --out (paper §3.3: which layers carry the influence)")
@@ -529,7 +562,7 @@ def _scan_parser(sub, fmt):
                    help='sequences between checkpoints, rounded up to whole --chunk-size chunks (default: 2000)')
     c.add_argument('--n-train', type=int, default=None, help="N of the training set, for nats = score / N (default: the larger of "
                    "the sequences scanned and the factors' fit set)")
-    _measurement_arg(c)
+    _measurement_arg(c); _group_args(c)
     c.add_argument('--quiet', action='store_true', help='no progress bar')
 
 def _explore_parser(sub):
@@ -811,7 +844,8 @@ def _cmd_score(a):
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
-    if clash := sorted(set(names) & {'train_index', 'id'}):         # score columns are named by the queries' ids
+    groups = _query_groups(a, names); cols = _group_columns(groups, names, say=lambda s: None)
+    if clash := sorted(set(cols) & {'train_index', 'id'}):          # score columns are named by the queries' ids (or groups)
         raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the output's index (train_index, and id "
                          "when records have one), so the table could not be reset to columns; give that query another 'id'.")
     train, pos, recs = _corpus(a, tok, model)
@@ -824,16 +858,17 @@ def _cmd_score(a):
         train, pos, recs = [train[i] for i in keep], [pos[i] for i in keep], [recs[i] for i in keep]
     with _process_group() as (rank, world):      # under torchrun each process scores its shard; every one gets all scores
         lps = completion_logprobs(model, queries)
-        if rank == 0: _say_queries(names, lps, measurement=measure)
+        if rank == 0: _say_queries(names, lps, measurement=measure); _group_columns(groups, names)
         sc = pairwise_scores(model, factors, queries, train, a.damping, a.query_rank, per_layer=a.per_layer is not None,
-                             batch_size=a.batch_size, progress=rank == 0 and not a.quiet, measurement=measure)
+                             batch_size=a.batch_size, progress=rank == 0 and not a.quiet, measurement=measure, query_groups=groups)
     if rank != 0: return
     ids = [record_id(r) for r in recs]
-    df = pd.DataFrame(sc.total.numpy().T, columns=names, index=_record_index(pos, ids))
+    df = pd.DataFrame(sc.total.numpy().T, columns=cols, index=_record_index(pos, ids))
     with replacing(a.out, prefix=f'.{Path(a.out).name}.') as tmp: df.to_parquet(tmp)   # whole or not at all
-    print(f"wrote the scores of {len(train):,} records × {len(names):,} queries to {a.out} (a row per record, a column per query id)"
+    print(f"wrote the scores of {len(train):,} records × {len(names):,} queries to {a.out} (a row per record, a column per "
+          + ("query id)" if groups is None else f"group: {len(cols):,} groups, each its queries' summed influence)")
           + (f" ({world} processes)" if world > 1 else ''))
-    if a.per_layer is not None: _write_layer_scores(a.per_layer, sc, model, names, pos, ids)
+    if a.per_layer is not None: _write_layer_scores(a.per_layer, sc, model, cols, pos, ids)
 
 
 # %% ../nbs/13_cli.ipynb #d3734a84
@@ -883,6 +918,9 @@ def _check_options(a):
     if getattr(a, 'candidates', 0) < 0: raise ValueError(f"--candidates must be 0 (every record) or more, got {a.candidates}.")
     if getattr(a, 'candidates', 0) and a.command == 'scan' and a.k > a.candidates:    # a query's top k comes from its own candidates
         raise ValueError(f"--k {a.k} exceeds --candidates {a.candidates}: each query keeps its top k among its own candidates.")
+    if getattr(a, 'candidates', 0) and a.command == 'scan' and (getattr(a, 'group_by', None) or getattr(a, 'aggregate', False)):
+        raise ValueError("--candidates ranks each query among its own BM25 matches, and a group's column sums several queries: "
+                         "leave --candidates out with --group-by or --aggregate.")
     d = getattr(a, 'damping', None)
     if d is not None and not (math.isfinite(d) and d > 0):
         raise ValueError(f"--damping must be a positive number, got {d}; omit it for 0.1 × the mean eigenvalue per layer.")
@@ -914,7 +952,7 @@ def _scan_summary(res, before, ckpt, world:int, out) -> str:
     done += f" (the union of each query's {res.candidates:,} best BM25 matches)" if res.candidates else ''
     skipped = f" ({res.n_skipped:,} bad records skipped{f'; the first, {res.first_skipped}' if res.first_skipped else ''})"
     return (done + (skipped if res.n_skipped else '') + (f" in {world} processes" if world > 1 else '')
-            + f" in {res.seconds:.1f} s; top {res.k} of {res.n_queries} queries{f' (picked at rank {res.query_rank}, their scores recomputed at full rank)' if res.refined else ''} written to {out}")
+            + f" in {res.seconds:.1f} s; top {res.k} of {res.n_queries} {'groups of queries' if res.group_sizes else 'queries'}{f' (picked at rank {res.query_rank}, their scores recomputed at full rank)' if res.refined else ''} written to {out}")
 
 
 # %% ../nbs/13_cli.ipynb #c16b0003
@@ -931,15 +969,15 @@ def _as_notes():
                 if str(w.message) not in said: print(f"note: {w.message}", file=sys.stderr); said.add(str(w.message))
             else: warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
-def _scan(a, model, tok, factors, queries, names, measurement=None):
+def _scan(a, model, tok, factors, queries, names, measurement=None, groups=None):
     "`search.scan` on the --corpus file; a record or a Parquet page it cannot read is reported naming the file."
     try:
         with _as_notes(): return scan(model, factors, queries, a.corpus, k=a.k, query_rank=a.query_rank, damping=a.damping, batch_size=a.batch_size,
                     chunk_size=a.chunk_size, tokenizer=tok, max_length=a.max_length or context_length(model, tok),
                     text_field=a.text_field, id_field=a.id_field or 'id', **dataclasses.asdict(_rules(a)), on_bad_record='skip' if a.skip_bad_records else 'raise',
                     scores_path=a.scores_dir, checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every,
-                    refine=a.refine, progress=not a.quiet, n_train=a.n_train, query_names=names, candidates=a.candidates or None,
-                    measurement=measurement)
+                    refine=a.refine, progress=not a.quiet, n_train=a.n_train, query_names=None if groups is not None else names,
+                    candidates=a.candidates or None, measurement=measurement, query_groups=groups)
     except BadRecordError as e:                               # the Python API's advice names `on_bad_record`: here, the option
         raise ValueError(f"--corpus: Bad corpus record at {e.where}: {end_sentence(e.why)} Fix or remove it, or pass --skip-bad-records to "
                          f"leave such records out (the summary counts them). Accepted formats: {CORPUS_FORMATS}.") from None
@@ -954,7 +992,8 @@ def _cmd_scan(a):
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
     factors = _load_factors(a.factors, model)
     queries, names = _read_queries(a.queries, tok, model)
-    if a.scores_dir and (clash := sorted(set(names) & {'index', 'id'})):        # read_scores names its columns by the ids
+    groups = _query_groups(a, names); cols = _group_columns(groups, names, say=lambda s: None)
+    if a.scores_dir and (clash := sorted(set(cols) & {'index', 'id'})):         # read_scores names its columns by the ids (groups)
         raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the --scores-dir table's index (index, and "
                          "id when records have one); give that query another 'id'.")
     first = [r for _, r, _ in itertools.islice(corpus_entries(Path(a.corpus), a.text_field, lazy=True), 100) if r]
@@ -962,9 +1001,9 @@ def _cmd_scan(a):
     before = _checkpoint_holds(a.checkpoint)
     with _process_group() as (rank, world):
         lps = completion_logprobs(model, queries)
-        if rank == 0: _say_queries(names, lps, measurement=measure)
-        res = _scan(a, model, tok, factors, queries, names, measure)
-        res.query_log_p = [round(float(x), 6) for x in lps]
+        if rank == 0: _say_queries(names, lps, measurement=measure); _group_columns(groups, names)
+        res = _scan(a, model, tok, factors, queries, names, measure, groups)
+        res.query_log_p = [round(float(x), 6) for x in lps] if groups is None else None   # (a group's row: no one completion)
         if rank == 0: res.save(a.out)
     if rank == 0:
         print(_scan_summary(res, before, a.checkpoint, world, a.out))
@@ -1045,6 +1084,7 @@ def _cmd_top(a):
     print(f"{name}: top {len(df)} of {res.n_scanned:,} sequences (query rank {res.query_rank or 'full'}"
           f"{', refined' if res.refined else ''}){f'; {per_copy_column(res.measurement)} = score / N, N = {res.n_train:,}' if res.n_train else ''}")
     if res.token_rules: print(f"its records were read with {rule_words(res.token_rules, cli=True)}")
+    if res.group_sizes: print(f"{name} is a group of {res.group_sizes[qi]} queries: each score is their summed influence")
     if res.measurement: print(f"legend: {units(res.measurement)}")                  # a scan of a measurement of one's own
     elif res.query_log_p: _say_queries([name], [res.query_log_p[qi]])
     else: print(f"legend: {SCORE_LEGEND}")

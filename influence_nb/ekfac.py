@@ -402,6 +402,10 @@ def _check_fit_args(strategy, fisher, fisher_samples, batch_size, seed, factor_d
         raise ValueError(f"`fisher_samples` must be a positive integer, got {fisher_samples!r}.")
     if fisher_samples > 1 and fisher != 'true':
         raise ValueError(f"`fisher_samples` > 1 needs fisher='true': fisher='{fisher}' samples no labels, there is nothing to sample.")
+    if fisher == 'empirical' and strategy in ('cg', 'lissa'):
+        raise ValueError(f"'{strategy}' solves with the Gauss–Newton matrix itself (the true Fisher's exact expectation) and reads no "
+                         "labels, so fisher='empirical' would be ignored. The empirical Fisher is for 'ekfac', 'kfac' and 'diagonal', "
+                         "and for the EK-FAC preconditioner of 'pcg', whose solve is still the Gauss–Newton one.")
     if fisher_samples > 1 and strategy not in (*EIGEN, 'diagonal'):
         raise ValueError(f"`fisher_samples` applies to the sampled curvature of 'kfac', 'ekfac', 'pcg' and 'diagonal'; "
                          f"'{strategy}' samples no labels (leave fisher_samples=1).")

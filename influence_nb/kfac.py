@@ -58,6 +58,25 @@ def summed_loss(logits:torch.Tensor, # [batch, T, vocab]
         with torch.no_grad(): _sample_labels(logits.softmax(-1), targets, seed, stream, indices)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction='sum')
 
+# %% ../nbs/04_kfac.ipynb #e4ac00a1
+def _check_rows_apart(f:torch.Tensor, # [B] the measurement's values, a function of `z`
+                      z:torch.Tensor, # [B, T, vocab] the logits it was given (a leaf)
+                      g:torch.Tensor, # −∂ Σ f / ∂ z, already computed (the graph kept)
+                      rows, # bad rows -> the sequences' indices, for the message
+                     ):
+    """Refuse an `f` whose value for one sequence reads another's logits (the batch's total, `f - f.mean()`): its scores
+    would change with the batch size. Row j's gradient of `Σ_i (i+1) f_i` is `(j+1)` times its gradient of `Σ_i f_i` exactly
+    when each `f_i` reads row i alone; one more backward pass through f (not the model) tells."""
+    w = torch.arange(1, len(f) + 1, dtype=f.dtype, device=f.device)
+    gw = torch.autograd.grad((w * f).sum(), z)[0]
+    err = (gw + g * w.view(-1, *[1] * (g.dim() - 1))).flatten(1).abs().amax(1)     # per row; 0 up to rounding when apart
+    bad = err > 1e-4 * float((g * w.view(-1, *[1] * (g.dim() - 1))).abs().max())
+    if bad.any():
+        raise ValueError(f"`measurement` mixes the sequences of a batch: its value for the sequence(s) {rows(bad)} depends on other "
+                         "sequences' logits (a batch total, f - f.mean()), so the scores would change with the batch size. Return "
+                         "each sequence's own value; to sum the influence on several queries, pass `query_groups` (`--group-by`, "
+                         "`--aggregate`).")
+
 # %% ../nbs/04_kfac.ipynb #e4ac0009
 def summed_loss_grad(logits:torch.Tensor, # [batch, T, vocab]
                      labels:torch.Tensor, # [batch, T], -100 = not scored
@@ -84,9 +103,9 @@ def loss_cotangent(logits:torch.Tensor, # [batch, T, vocab]
     scores are `∇fᵀ (G + λI)⁻¹ ∇ log p(sequence)`. `f` is called as `f(logits, batch)`: the logits as the model gives
     them (position t predicts token t + 1) and the batch's 'input_ids', 'attention_mask' and 'labels' (aligned with the
     ids, -100 where nothing is measured). It must give each row its own value, from that row's real tokens only (the
-    batch is right-padded: `attention_mask` 0 after them): a value that mixes rows (`f - f.mean()`) or is flat in the
-    logits (rounded, an argmax) has no gradient (`check_measured` refuses scores that are all zero). Values or gradients
-    that are not finite are refused here."""
+    batch is right-padded: `attention_mask` 0 after them). A value that mixes rows (the batch's total, `f - f.mean()`)
+    is refused here (`_check_rows_apart`), as are values or gradients that are not finite; one flat in the logits
+    (rounded, an argmax) has no gradient (`check_measured` refuses scores that are all zero)."""
     if measurement is None: return summed_loss_grad(logits, batch['labels'], sample, seed, stream, indices)
     z = (logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits).detach().requires_grad_(True)
     try:
@@ -104,7 +123,8 @@ def loss_cotangent(logits:torch.Tensor, # [batch, T, vocab]
     if not torch.isfinite(f).all():
         raise ValueError(f"`measurement` gave a value that is not finite (NaN or Inf) for the sequence(s) {rows(~torch.isfinite(f))} "
                          "of the batch: each sequence measured needs a finite value of f.")
-    g = torch.autograd.grad(-f.sum(), z)[0]
+    g = torch.autograd.grad(-f.sum(), z, retain_graph=len(z) > 1)[0]
+    if len(z) > 1: _check_rows_apart(f, z, g, rows)
     if not torch.isfinite(g).all():
         raise ValueError(f"`measurement`'s gradient is not finite (NaN or Inf) for the sequence(s) {rows(~torch.isfinite(g).flatten(1).all(1))} "
                          "of the batch (a log or a division at 0?).")

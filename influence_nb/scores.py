@@ -25,10 +25,10 @@ from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'c
 __all__ = ['UNITS', 'STREAM_MACS', 'measurement_name', 'per_copy_column', 'units', 'ScoreTable', 'check_query', 'check_k',
            'Scores', 'to_float64', 'layer_sums', 'shares_of_total', 'PrecondQuery', 'working_dtype', 'eigenbases',
            'rotated_grads', 'shared_to', 'query_gradients', 'canonical_to_flat', 'flat_to_canonical', 'truncated_svd',
-           'precondition_queries', 'query_form', 'check_measurement', 'prepare_queries', 'check_measured',
-           'check_queries', 'contraction_costs', 'contract_scores', 'given_positions', 'fold_calls', 'place_tokens',
-           'unread_to_nan', 'check_rank', 'prepare_scoring', 'pairwise_scores', 'self_scores', 'ClassifierAsLM',
-           'RegressorAsLM']
+           'precondition_queries', 'query_form', 'query_group_rows', 'summed_rows', 'check_measurement',
+           'prepare_queries', 'check_measured', 'check_queries', 'contraction_costs', 'contract_scores',
+           'given_positions', 'fold_calls', 'place_tokens', 'unread_to_nan', 'check_rank', 'prepare_scoring',
+           'pairwise_scores', 'self_scores', 'ClassifierAsLM', 'RegressorAsLM']
 
 # %% ../nbs/06_scores.ipynb #4f24e6e2
 UNITS = ("nats = score / N: the first-order change of log p(completion) from one extra copy of the training sequence "
@@ -96,6 +96,8 @@ class Scores:
     strategy: str = ''                          # the curvature the scores were preconditioned with (the factors' strategy)
     query_rank: int|None = None                 # rank of the query gradients (paper §3.2.2); None: full rank
     measurement: str|None = None                # the queries' measurement f, by name (`measurement_name`); None: log p(completion)
+    query_groups: list|None = None              # each row's group label when queries were summed by group (`query_group_rows`); None: a row per query
+    group_sizes: list|None = None               # how many queries each row sums
 
     @property
     def nats(self) -> torch.Tensor:
@@ -121,8 +123,14 @@ class Scores:
             texts = {i: tokenizer.decode(train[i]['input_ids'], skip_special_tokens=True) for i in df['index']}
         if texts is not None: df['text'] = [texts[i] for i in df['index']]
         out = ScoreTable(df.set_index('rank'))
-        out.attrs['legend'] = units(self.measurement) + (f" Here N = {self.n_train:,}." if self.n_train else '')   # the N `nats` divided by
+        out.attrs['legend'] = units(self.measurement) + (f" Here N = {self.n_train:,}." if self.n_train else '') + self._group_note(query)
         return out
+
+    def _group_note(self, row:int) -> str:
+        "What row `row` sums, when queries were grouped."
+        if not self.query_groups: return ''
+        n = self.group_sizes[row] if self.group_sizes else None
+        return f" Row {row} is group {self.query_groups[row]!r}: the summed influence on its {n} queries." if n else f" Row {row} is group {self.query_groups[row]!r}."
 
     def layer_shares(self, top:int|None=None) -> pd.DataFrame:
         "Each query's share of its total influence per layer (over all training sequences, or its `top`); NaN where the total is ≤ 0."
@@ -181,6 +189,7 @@ def to_frame(self: Scores) -> pd.DataFrame:
     n_q, n_t = self.total.shape
     df = pd.DataFrame({'query': np.repeat(np.arange(n_q), n_t), 'train_index': np.tile(np.arange(n_t), n_q),
                        'score': to_float64(self.total, 'total').reshape(-1)})
+    if self.query_groups: df.insert(1, 'group', np.repeat(np.array(self.query_groups, dtype=object), n_t))
     if self.n_train: df[per_copy_column(self.measurement)] = df['score'] / self.n_train
     for name, s in (self.per_layer or {}).items(): df[name] = to_float64(s, name).reshape(-1)
     return df
@@ -192,7 +201,8 @@ def save(self: Scores, path) -> Path:
     t = {'total': self.total.contiguous(), **{f'per_layer/{n}': s.contiguous() for n, s in (self.per_layer or {}).items()}}
     if self.per_token is not None: t['per_token'] = self.per_token.contiguous()
     meta = dict(n_train=self.n_train, modules=list(self.modules), strategy=self.strategy, query_rank=self.query_rank,
-                per_layer=list(self.per_layer or {}), **({'measurement': self.measurement} if self.measurement else {}))   # (older versions read it)
+                per_layer=list(self.per_layer or {}), **({'measurement': self.measurement} if self.measurement else {}),   # (older versions read it)
+                **({'query_groups': self.query_groups, 'group_sizes': self.group_sizes} if self.query_groups else {}))
     with replacing(path, mode=0o644) as tmp: save_file(t, str(tmp), metadata={'influence_nb.scores': json.dumps(meta)})
     return path
 
@@ -362,6 +372,32 @@ def query_form(p:torch.Tensor, # [n_q, d_out, d_in+1] preconditioned query gradi
     U, V = truncated_svd(p, query_rank)
     return PrecondQuery(U=U, V=V)
 
+# %% ../nbs/06_scores.ipynb #a9e0c001
+def query_group_rows(groups, # None: a row per query; 'all': one row summing every query; or a label (str or int) per query
+                     n:int, # how many queries
+                    ) -> tuple:
+    """`(rows, labels, sizes)`: each query's row, the rows' labels and how many queries each sums, or `(None, None, None)` for
+    a row per query. Queries of one label share a row, in the order the labels first appear: their influences add, because a
+    score is linear in the query's gradient (Kronfluence's `aggregate_query_gradients`, by group)."""
+    if groups is None: return None, None, None
+    if isinstance(groups, (str, bytes)):
+        if groups != 'all': raise ValueError(f"`query_groups` must be None, 'all' or a list of one label per query, got the string {groups!r}.")
+        groups = ['all'] * n
+    try: groups = [g.item() if isinstance(g, np.generic) else g for g in groups]
+    except TypeError: raise TypeError(f"`query_groups` must be None, 'all' or a list of one label per query, got {type(groups).__name__}.") from None
+    if len(groups) != n: raise ValueError(f"`query_groups` has {len(groups)} labels for {n} queries: give one per query.")
+    if bad := [g for g in groups if isinstance(g, bool) or not isinstance(g, (str, int))]:
+        raise TypeError(f"A query group's label must be a str or an int (saved with the scores), got {type(bad[0]).__name__} {bad[0]!r}.")
+    labels = list(dict.fromkeys(groups)); at = {g: r for r, g in enumerate(labels)}
+    rows = torch.tensor([at[g] for g in groups], dtype=torch.long)
+    return rows, labels, torch.bincount(rows, minlength=len(labels)).tolist()
+
+def summed_rows(t:torch.Tensor, # [n, ...] one row per query
+                rows:torch.Tensor, # [n] each query's row (`query_group_rows`)
+               ) -> torch.Tensor:
+    "`t`'s rows added up by `rows`: `[rows.max() + 1, ...]`."
+    return t.new_zeros(int(rows.max()) + 1, *t.shape[1:]).index_add_(0, rows.to(t.device), t)
+
 # %% ../nbs/06_scores.ipynb #b7a10e02
 def _empty_queries(layers, n:int, query_rank, dtype, device) -> dict:
     "`{name: PrecondQuery}` of zeros for `n` queries: full `[n, d_out, d_in+1]`, or `U`, `V` when `query_rank` truncates."
@@ -387,15 +423,19 @@ def prepare_queries(model, # the model the factors were fitted on
                     query_rank:int|None=None, # truncate each layer's preconditioned queries to this rank
                     batch_size:int=8, progress:bool=False,
                     measurement=None, # `f(logits, batch) -> [B]` measured instead of log p(completion) (`loss_cotangent`)
+                    rows:torch.Tensor|None=None, # each query's row (`query_group_rows`): the queries of a row are summed; None: a row each
                    ) -> dict:
     "`{name: PrecondQuery}`: each layer's `(G_ℓ + λI)⁻¹ q_ℓ`, at rank `query_rank` if given; what scores and scans contract with."
     check_measurement(measurement)
     if factors.strategy in ITERATIVE:
-        return precondition_queries(factors, query_gradients(model, layers, queries, batch_size, progress, measurement), damping, query_rank, model)
+        g = query_gradients(model, layers, queries, batch_size, progress, measurement)
+        if rows is not None: g = {n: summed_rows(t, rows) for n, t in g.items()}     # one right-hand side per group
+        return precondition_queries(factors, g, damping, query_rank, model)
     p = next(model.parameters()); dt = working_dtype(p)
+    rank = query_rank if rows is None else None     # a group's queries are summed at full rank, then truncated once
     bases = eigenbases(factors, layers, dt, p.device)                              # {} unless K-FAC / EK-FAC
     denom = {n: factors.damped_eigenvalues(n, damping).to(p.device, dt) for n in bases}   # Λ + λ, as `Factors.precondition` damps
-    out = _empty_queries(layers, len(queries), query_rank, dt, p.device)
+    out = _empty_queries(layers, len(queries) if rows is None else int(rows.max()) + 1, rank, dt, p.device)
     with watch_calls(factors.info.get('calls')):                     # warns if a layer runs another number of times than in the fit
         for idx, acts, outg in layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None, measurement=measurement):
             rotated_acts, conv = {}, {}   # gate_proj and up_proj read one input with one Q_A: converted and rotated once per batch
@@ -405,13 +445,15 @@ def prepare_queries(model, # the model the factors were fitted on
                     QS, QA = bases[n]
                     pre = QS @ rotated_grads(a, d, QS, QA, rotated_acts).div_(denom[n]) @ QA.T
                 else: pre = factors.precondition(n, seq_grads(a, d), damping)        # identity, diagonal
-                got = query_form(pre, n, query_rank)                                   # [B, ...] rows of this batch
+                got = query_form(pre, n, rank)                                         # [B, ...] rows of this batch
+                if rows is not None: out[n].full.index_add_(0, rows[idx].to(p.device), got.full); continue
                 for k in ('full', 'U', 'V'):
                     if getattr(got, k) is not None: getattr(out[n], k)[idx] = getattr(got, k)
     if dist_info()[1] > 1:   # each process filled its shard's rows: add them up
         for pq in out.values():
             for t in (pq.full, pq.U, pq.V):
                 if t is not None: all_reduce_sum(t)
+    if rows is not None and query_rank is not None: out = {n: query_form(pq.full, n, query_rank) for n, pq in out.items()}
     return out
 
 # %% ../nbs/06_scores.ipynb #f591ae01
@@ -510,6 +552,7 @@ def prepare_scoring(model, factors, modules=None):
                         f"(from `fit_factors(strategy='lissa'|'cg'|'pcg')`), got {type(factors).__name__}.")
     return factors.check(model, modules)
 
+# %% ../nbs/06_scores.ipynb #1ead4111
 @grad_enabled
 def pairwise_scores(model, # the model the factors were fitted on
                     factors:Factors|IterativeSolver, # from `fit_factors` / `Factors.load`
@@ -522,25 +565,29 @@ def pairwise_scores(model, # the model the factors were fitted on
                     batch_size:int=8, # training sequences per batch
                     progress:bool=True, # tqdm bars
                     measurement=None, # `f(logits, batch) -> [n]`, one value per query, measured instead of log p(completion)
+                    query_groups=None, # None: a row per query; 'all': one row, the queries' summed influence; a label per query: a row per label
                    ) -> Scores:
     """Influence of every training sequence on every query's completion log-probability, or on `measurement` (a margin, a
     loss over chosen tokens...): `f(logits, batch)` gets a right-padded batch of queries ('input_ids', 'attention_mask',
     'labels' aligned with the ids, -100 where nothing is measured) and their logits as the model gives them (position t
     predicts token t + 1), and returns one differentiable value per query from that query's own real tokens
-    (`loss_cotangent`). With a measurement, queries need no labelled token. Compared with Kronfluence: its score for a
+    (`loss_cotangent`). With a measurement, queries need no labelled token. With `query_groups`, each row is the summed
+    influence on a group of queries (the influence on a behaviour seen across prompts), computed from their summed gradient
+    (`query_group_rows`); at full rank it equals the sum of their rows. Compared with Kronfluence: its score for a
     task whose `compute_measurement` returns f is minus this one (it multiplies by the training loss's gradient, −∇log p)."""
     check_damping(damping); check_rank(query_rank); check_measurement(measurement)
     layers = prepare_scoring(model, factors)
     qs = check_queries(model, queries, measurement)
+    rows, labels, sizes = query_group_rows(query_groups, len(qs))
     if per_token and not hasattr(train, '__len__'): train = list(train)   # a one-shot iterable: read once, kept for `given_positions`
     ts = check_sequences(model, train, 'train'); require_scored(ts, 'train')
     starts, width = given_positions(train, ts) if per_token else (None, 0)
     with watch_calls(getattr(factors, 'info', {}).get('calls')):      # both sides: a changed loop may show in the training side only
-        pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size, progress, measurement)
-        dt = next(iter(pq.values())).dtype                            # float32 (float64 for a float64 model)
-        total = torch.zeros(len(qs), len(ts), dtype=dt)
-        layer_scores = {layer.name: torch.zeros(len(qs), len(ts), dtype=dt) for layer in layers} if per_layer else None
-        tok_scores = torch.zeros(len(qs), len(ts), width, dtype=dt) if per_token else None   # [n_q, n_train, longest given]
+        pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size, progress, measurement, rows)
+        n_q, dt = next(iter(pq.values())).n_q, next(iter(pq.values())).dtype   # rows; float32 (float64 for a float64 model)
+        total = torch.zeros(n_q, len(ts), dtype=dt)
+        layer_scores = {layer.name: torch.zeros(n_q, len(ts), dtype=dt) for layer in layers} if per_layer else None
+        tok_scores = torch.zeros(n_q, len(ts), width, dtype=dt) if per_token else None   # [n_q, n_train, longest given]
         for idx, acts, outg in layer_passes(model, layers, ts, batch_size, desc='scoring' if progress else None):
             idx_t, tok_batch, T = torch.tensor(idx), 0, max(len(ts[i]['input_ids']) for i in idx)   # (`collate` pads to the longest)
             for layer in layers:
@@ -553,7 +600,8 @@ def pairwise_scores(model, # the model the factors were fitted on
     if dist_info()[1] > 1:   # each process filled its shard's columns: add them up
         for t in [total, tok_scores, *(layer_scores or {}).values()]:
             if t is not None: all_reduce_sum(t)
-    return Scores(check_measured(total, measurement), layer_scores, tok_scores, max(len(ts), factors.n_sequences), [layer.name for layer in layers], factors.strategy, query_rank, measurement_name(measurement))
+    return Scores(check_measured(total, measurement), layer_scores, tok_scores, max(len(ts), factors.n_sequences), [layer.name for layer in layers], factors.strategy, query_rank,
+                  measurement_name(measurement), labels, sizes)
 
 # %% ../nbs/06_scores.ipynb #96fb2398
 def _self_terms(acts, outg, denom, basis) -> torch.Tensor:

@@ -18,7 +18,7 @@ from .data import (TokenRules, cut_texts, text_sequences, array_record, end_sent
                                grad_enabled, check_max_length, check_int, n_scored, shown_ids, tokenizer_mark, other_tokenizer)
 from .kfac import layer_passes, all_reduce_sum, dist_info, watch_calls
 from .ekfac import Factors, check_damping
-from .scores import (check_measured, check_queries, measurement_name, per_copy_column, prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
+from .scores import (check_measured, check_queries, query_group_rows, measurement_name, per_copy_column, prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
                                  working_dtype)
 
 # %% auto #0
@@ -364,6 +364,7 @@ class ScanResult:
     id_field: str|None = None      # the field the records' ids were read from (None: their own 'id')
     measurement: str|None = None   # the queries' measurement f, by name (`measurement_name`); None: log p(completion)
     token_rules: dict|None = None  # how text records were read: the `TokenRules` that differ from the defaults ({}: none; None: unknown)
+    group_sizes: list|None = None  # with `query_groups`: how many queries each row sums (the rows are named by the groups' labels)
 
     @property
     def n_queries(self) -> int:
@@ -467,7 +468,7 @@ def save(self: ScanResult, path:str|Path) -> Path:
             'refined': self.refined, 'source': self.source, 'seconds': self.seconds, 'query_names': self.query_ids(),
             'query_log_p': self.query_log_p, 'source_digest': self.source_digest, 'text_field': self.text_field, 'n_truncated': self.n_truncated,
             'first_skipped': self.first_skipped, 'candidates': self.candidates, 'id_field': self.id_field, 'measurement': self.measurement, 'token_rules': self.token_rules,
-            'shape': list(self.indices.shape),
+            **({'group_sizes': self.group_sizes} if self.group_sizes else {}),            'shape': list(self.indices.shape),
             'dtype': str(self.scores.dtype).replace('torch.', '')}
     df = pd.DataFrame({'query': torch.arange(self.n_queries).repeat_interleave(self.k).numpy(),
                        'rank': torch.arange(1, self.k + 1).repeat(self.n_queries).numpy(),
@@ -859,37 +860,37 @@ def scan(model, # the model the factors were fitted on
          query_names:list|None=None, # a name per query (e.g. its id): the result's `query_names`, the columns `read_scores` gives
          candidates:int|None=None, # rank each query among its own `candidates` best BM25 matches only (paper §3.2.1; a first pass reads the tokens)
          measurement=None, # `f(logits, batch) -> [n]` measured instead of each query's log p(completion) (`pairwise_scores`)
+         query_groups=None, # None: a top k per query; 'all' or a label per query: a top k per group, by its queries' summed influence (`pairwise_scores`)
         ) -> ScanResult:
     "Scan `corpus` for each query's `k` most influential sequences, in constant memory, resumable."
     _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train, candidates); layers, id_field = prepare_scoring(model, factors), id_field or 'id'
-    qs = check_queries(model, queries, measurement); names = _query_names(query_names, len(qs), scores_path is not None)
+    qs, names, rows, sizes = _scan_queries(model, queries, measurement, query_names, query_groups, candidates, scores_path is not None)
     stream, rules = CorpusStream(corpus, text_field, id_field), TokenRules(pair_eos, text_eos, assistant_only_loss, completion_only_loss)
     _check_twice(stream, refine and query_rank is not None, candidates); ctx, max_length = _scan_max_length(model, max_length)
     cfg = _config(factors, qs, stream, tokenizer, k=k, query_rank=query_rank, damping=damping, batch_size=batch_size,
                   chunk_size=chunk_size, max_length=max_length, text_field=text_field, on_bad_record=on_bad_record,
-                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}), **({'id_field': id_field} if id_field != 'id' else {}), **rules.changed(), **_measured(measurement))
+                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}), **({'id_field': id_field} if id_field != 'id' else {}), **rules.changed(), **_measured(measurement), **({'query_groups': rows.tolist()} if rows is not None else {}))
     fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), working_dtype(next(model.parameters())); vocab, skip = model_vocab(model), on_bad_record == 'skip'
     read = lambda items, cut=None, bad=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut, bad, id_field, rules)
     ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path)); _check_paths(ckpt, spath)
     with contextlib.ExitStack() as files, watch_calls(getattr(factors, 'info', {}).get('calls')):   # (a layer run more or less often than in the fit: warned)
         if rank == 0: _take_files(files, ckpt, spath)
-        state, *top = _start_state(ckpt, spath, fp, cfg, len(qs), k, dtype)
+        state, *top = _start_state(ckpt, spath, fp, cfg, len(names or qs), k, dtype)
         legacy = state['n_records'] > 0 and 'ids' not in state   # a checkpoint of a version that kept no ids; and the texts
         cut, bad = state.setdefault('cut', {}), state.setdefault('bad', {'first': None} if state['n_skipped'] else {})   # (None: unknown)
         if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt, names)   # (a checkpoint's parts: reused)
         convert = _only(pre := candidates and _prefilter(stream, qs, candidates, read, tokenizer, chunk_size, progress and rank == 0, state, ckpt, names), read)
-        pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size, measurement=measurement)   # as `pairwise_scores` does
+        pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size, measurement=measurement, rows=rows)   # as `pairwise_scores` does
         items = _resume_items(stream, state, convert, ckpt, prefix := _guard(stream, state, ckpt))
         vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, lambda c: convert(c, cut, bad), k=k, chunk_size=chunk_size,
                                   batch_size=batch_size, dtype=dtype, spath=spath, ckpt=ckpt, checkpoint_every=checkpoint_every, rank=rank, progress=progress, prefix=prefix, own=pre and pre['own'])
     _say_cut(cut, max_length); _check_scanned(state); n_skipped, first = state['n_skipped'] + (pre['n_skipped'] if pre else 0), bad.get('first') or (pre['first'] if pre else None)
-    n = min(k, state['n_scanned']); vals, inds, refined = vals[:, :n], inds[:, :n], bool(refine and query_rank is not None)
-    if refined: vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype, measurement)
+    n = min(k, state['n_scanned']); vals, inds, refined = vals[:, :n], inds[:, :n], bool(refine and query_rank is not None); vals, inds = _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype, measurement, rows) if refined else (vals, inds)
     return ScanResult(inds, check_measured(vals, measurement), state['n_scanned'], n_skipped, n_train or max(pre['n_docs'] if pre else state['n_scanned'], factors.n_sequences),
                       query_rank, refined, str(stream.path.resolve()) if stream.path is not None else None, round(time.time() - state['t0'], 3),
                       source_digest=file_digest(stream.path) if stream.path else None, text_field=text_field, n_truncated=cut.get('n', 0), candidates=candidates,
                       record_ids=_kept_ids(state, stream, set(inds.flatten().tolist()), legacy), first_skipped=first, query_names=names, id_field=None if id_field == 'id' else id_field,
-                      measurement=measurement_name(measurement), token_rules=rules.changed())
+                      measurement=measurement_name(measurement), token_rules=rules.changed(), group_sizes=sizes)
 
 # %% ../nbs/08_search.ipynb #9e8c4c89
 def _measured(measurement) -> dict:
@@ -898,11 +899,22 @@ def _measured(measurement) -> dict:
     if measurement is None: return {}
     return {'measurement': measurement_name(measurement), 'measurement_digest': measurement_digest(measurement)}
 
-def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype, measurement=None):
-    "Full-rank scores of each query's candidates `inds` `[n_q, k]`, re-sorted: `(scores, indices)`."
-    pq = prepare_queries(model, factors, layers, qs, damping, None, batch_size, measurement=measurement)
+def _scan_queries(model, queries, measurement, query_names, query_groups, candidates, scores:bool) -> tuple:
+    "`(qs, names, rows, sizes)`: the queries as sequences, the names of the result's rows, and with `query_groups` each query's row and the rows' sizes (`query_group_rows`)."
+    qs = check_queries(model, queries, measurement)
+    rows, labels, sizes = query_group_rows(query_groups, len(qs))
+    if rows is not None:
+        if query_names is not None: raise ValueError("Pass `query_names` or `query_groups`, not both: with groups, each group's label names its row.")
+        if candidates: raise ValueError("`candidates` ranks each query among its own BM25 matches, and a group's row sums several "
+                                        "queries: pass candidates=None with `query_groups`.")
+        query_names = [str(g) for g in labels]
+    return qs, _query_names(query_names, len(qs) if rows is None else len(labels), scores), rows, sizes
+
+def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk_size, convert, dtype, measurement=None, rows=None):
+    "Full-rank scores of each row's candidates `inds` `[n_q, k]` (a query's, or a group's with `rows`), re-sorted: `(scores, indices)`."
+    pq = prepare_queries(model, factors, layers, qs, damping, None, batch_size, measurement=measurement, rows=rows)
     wanted = sorted(set(inds.flatten().tolist()))
-    full, pos, buf = torch.zeros(len(qs), len(wanted), dtype=dtype), {w: j for j, w in enumerate(wanted)}, []
+    full, pos, buf = torch.zeros(inds.shape[0], len(wanted), dtype=dtype), {w: j for j, w in enumerate(wanted)}, []
     def flush():
         seqs = convert(buf)[0]
         full[:, [pos[it.index] for it in buf]] = _score_chunk(model, layers, pq, seqs, batch_size)
@@ -913,7 +925,7 @@ def _refine(model, layers, factors, qs, stream, inds, damping, batch_size, chunk
     if buf: flush()
     cols = torch.tensor([[pos[i] for i in row] for row in inds.tolist()])          # [n_q, k]
     s = full.gather(1, cols)
-    return merge_topk(*_empty_topk(len(qs), inds.shape[1], dtype), s, inds, inds.shape[1])
+    return merge_topk(*_empty_topk(inds.shape[0], inds.shape[1], dtype), s, inds, inds.shape[1])
 
 # %% ../nbs/08_search.ipynb #b9d2bc14
 def _code_names(code:types.CodeType) -> set:

@@ -66,6 +66,7 @@ def main(out, corpus_path):
         for key in ('A', 'S', 'Lambda'): res[f'{n}::{key}'] = f.tensors[n][key]
     res['pairwise'] = inf.pairwise_scores(model, f, queries, train, batch_size=4, progress=False).total
     res['self'] = inf.self_scores(model, f, train, batch_size=4, progress=False)
+    res['grouped'] = inf.pairwise_scores(model, f, queries, train, batch_size=4, progress=False, query_groups=[0, 1, 0]).total
     s1 = scan(model, f, queries, train, k=5, chunk_size=10, batch_size=3, progress=False)
     s2 = scan(model, f, queries, corpus_path, k=6, query_rank=1, refine=True, chunk_size=8, batch_size=4,
               scores_path=out/f'scores-{world}', checkpoint=out/f'scan-{world}.ckpt', checkpoint_every=8, progress=False)
