@@ -11,7 +11,7 @@ import torch
 import numpy as np
 import pandas as pd
 from .viz import _shorten
-from .data import (TokenRules, _importable, _import_factory, n_scored, model_context, rule_words, rules_note, cut_texts, corpus_lines, missing_id, pair_end_note, text_end_note, chat_loss_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
+from .data import (TokenRules, has_field, _importable, _import_factory, n_scored, model_context, rule_words, rules_note, cut_texts, corpus_lines, missing_id, pair_end_note, text_end_note, chat_loss_note, text_value, is_conversation, is_text, is_pair, shown_text, TruncatedTextsWarning, field_value, data_dir, tokenize, tokenize_pairs, as_sequences, MODEL_NAMES, SCORE_LEGEND, nats_note, CORPUS_FORMATS,
                                load_bundled, load_model, cache_dir, cached_factors, context_length, corpus_format,
                                read_corpus, corpus_entries, corpus_sequences, load_tokenizer, completion_logprobs, check_sequences,
                                require_scored, end_sentence, array_record, iter_windows, JSONL_SUFFIXES, model_tokenizer, NoWindowWarning, block_parts, DTYPES)
@@ -72,9 +72,9 @@ def _group_args(p):
     "`--group-by FIELD` and `--aggregate`: a column per group of queries, their summed influence (`pairwise_scores(query_groups=)`)."
     g = p.add_mutually_exclusive_group()
     g.add_argument('--group-by', default=None, metavar='FIELD', help="sum the queries' influence by the value of this field of "
-                   "each --queries record (a str or an int; dotted for a nested field): one column per group, named by the value. "
-                   "For a behaviour seen across several prompts (Kronfluence's aggregate_query_gradients, by group)")
-    g.add_argument('--aggregate', action='store_true', help="sum every query's influence into one column, named 'all' "
+                   "each --queries record (a str or an int; dotted for a nested field): one result per group, named by the value (score: "
+                   "a column; scan: a top k). For a behaviour seen across several prompts (Kronfluence's aggregate_query_gradients, by group)")
+    g.add_argument('--aggregate', action='store_true', help="sum every query's influence into one result, named 'all' "
                    "(Kronfluence's aggregate_query_gradients)")
 
 def _query_groups(a, names:list):
@@ -85,7 +85,8 @@ def _query_groups(a, names:list):
     for (where, r), name in zip(query_rows(a.queries), names):
         v = field_value(r, field) if isinstance(r, Mapping) else None
         if v is None or isinstance(v, bool) or not isinstance(v, (str, int)):
-            raise ValueError(f"--group-by {field}: {where} (id {name!r}) " + ("has no such field" if v is None else
+            raise ValueError(f"--group-by {field}: {where} (id {name!r}) " + ("has no such field" if not (isinstance(r, Mapping) and has_field(r, field))
+                             else "holds null there" if v is None else
                              f"holds {type(v).__name__} {v!r} there, not a str or an int") + f"; give every query its group in {field!r}.")
         out.append(v)
     if len({str(v) for v in out}) < len(set(out)):
@@ -500,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s); _corpus_args(s, '--data')
     s.add_argument('--factors', required=True, help='directory written by fit-factors')
     s.add_argument('--queries', required=True, help="JSONL with 'prompt' and 'completion' fields (or 'messages', a conversation ending with the answer; or 'input_ids' and 'labels'); an 'id' names a query")
-    s.add_argument('--out', required=True, help='output .parquet (one row per text, one column per query id; indexed by the text\'s position in the file, '
+    s.add_argument('--out', required=True, help='output .parquet (one row per text, one column per query id, or per group with --group-by/--aggregate; indexed by the text\'s position in the file, '
                    'train_index, and by its id when the records have one)')
     s.add_argument('--damping', type=float, default=None, help='damping λ (default: 0.1 × mean eigenvalue per layer)')
     s.add_argument('--query-rank', type=int, default=None, help='rank of the preconditioned query gradients (default: full)')
@@ -521,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--result', required=True, help='result .parquet written by `scan`')
     _corpus_args(t, '--corpus', required=False, rules=False, what='the scanned corpus, for texts (default: the path recorded in the result)',
                  text_default=None)
-    t.add_argument('--query', default='0', help='query id, or its 0-based position (default: 0)')
+    t.add_argument('--query', default='0', help="query id (a group's label for a scan with --group-by), or its 0-based position (default: 0)")
     t.add_argument('--k', type=int, default=10, help='how many sequences (default: 10)')
     _model_args(t, required=False); t.set_defaults(model=None)
     t.add_argument('--width', type=int, default=100, help='characters of text to show (default: 100)')
@@ -556,7 +557,7 @@ def _scan_parser(sub, fmt):
                    "filter; a first pass reads the corpus's tokens; the union of the queries' matches is scored; K >= --k; default 0: every record)")
     _skip_arg(c)
     c.add_argument('--scores-dir', default=None, help='also write every score, one Parquet file per chunk, to this (new or empty) directory (one row per record, '
-                   "by its index and, where records have one, their id; in the files, columns q0, q1, ... are the queries in the order of --queries; `influence_nb.read_scores` reads them with the queries' ids as column names)")
+                   "by its index and, where records have one, their id; in the files, columns q0, q1, ... are the queries in the order of --queries (with --group-by, the groups in the order they first appear); `influence_nb.read_scores` reads them with the queries' ids as column names)")
     c.add_argument('--checkpoint', default=None, help='checkpoint file: written as the scan goes, resumed from when it exists')
     c.add_argument('--checkpoint-every', type=int, default=2000,
                    help='sequences between checkpoints, rounded up to whole --chunk-size chunks (default: 2000)')
@@ -846,8 +847,9 @@ def _cmd_score(a):
     queries, names = _read_queries(a.queries, tok, model)
     groups = _query_groups(a, names); cols = _group_columns(groups, names, say=lambda s: None)
     if clash := sorted(set(cols) & {'train_index', 'id'}):          # score columns are named by the queries' ids (or groups)
-        raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the output's index (train_index, and id "
-                         "when records have one), so the table could not be reset to columns; give that query another 'id'.")
+        raise ValueError(f"--queries: a {'query has the id' if groups is None else 'group is named'} {clash[0]!r}, the name of the output's "
+                         "index (train_index, and id when records have one), so the table could not be reset to columns; give "
+                         + ("that query another 'id'." if groups is None else "that group another name."))
     train, pos, recs = _corpus(a, tok, model)
     _say_repeated_ids(recs, pos, Path(a.data)); _say_id_field(a, recs); _say_rules(a, factors, recs)
     if a.candidates:                                                # the paper's filter: only what resembles a query is scored
@@ -952,7 +954,7 @@ def _scan_summary(res, before, ckpt, world:int, out) -> str:
     done += f" (the union of each query's {res.candidates:,} best BM25 matches)" if res.candidates else ''
     skipped = f" ({res.n_skipped:,} bad records skipped{f'; the first, {res.first_skipped}' if res.first_skipped else ''})"
     return (done + (skipped if res.n_skipped else '') + (f" in {world} processes" if world > 1 else '')
-            + f" in {res.seconds:.1f} s; top {res.k} of {res.n_queries} {'groups of queries' if res.group_sizes else 'queries'}{f' (picked at rank {res.query_rank}, their scores recomputed at full rank)' if res.refined else ''} written to {out}")
+            + f" in {res.seconds:.1f} s; top {res.k} of {res.n_queries} {'group' if res.group_sizes else 'quer'}{'s' if res.group_sizes and res.n_queries > 1 else '' if res.group_sizes else 'ies' if res.n_queries > 1 else 'y'}{f' (picked at rank {res.query_rank}, their scores recomputed at full rank)' if res.refined else ''} written to {out}")
 
 
 # %% ../nbs/13_cli.ipynb #c16b0003
@@ -994,8 +996,9 @@ def _cmd_scan(a):
     queries, names = _read_queries(a.queries, tok, model)
     groups = _query_groups(a, names); cols = _group_columns(groups, names, say=lambda s: None)
     if a.scores_dir and (clash := sorted(set(cols) & {'index', 'id'})):         # read_scores names its columns by the ids (groups)
-        raise ValueError(f"--queries: a query has the id {clash[0]!r}, the name of the --scores-dir table's index (index, and "
-                         "id when records have one); give that query another 'id'.")
+        raise ValueError(f"--queries: a {'query has the id' if groups is None else 'group is named'} {clash[0]!r}, the name of the "
+                         "--scores-dir table's index (index, and id when records have one); give "
+                         + ("that query another 'id'." if groups is None else "that group another name."))
     first = [r for _, r, _ in itertools.islice(corpus_entries(Path(a.corpus), a.text_field, lazy=True), 100) if r]
     _say_id_field(a, first, '--corpus'); _say_ends(a, model, tok, first, f"--corpus {Path(a.corpus).name}"); _say_rules(a, factors, first)
     before = _checkpoint_holds(a.checkpoint)

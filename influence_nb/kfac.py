@@ -62,20 +62,31 @@ def summed_loss(logits:torch.Tensor, # [batch, T, vocab]
 def _check_rows_apart(f:torch.Tensor, # [B] the measurement's values, a function of `z`
                       z:torch.Tensor, # [B, T, vocab] the logits it was given (a leaf)
                       g:torch.Tensor, # −∂ Σ f / ∂ z, already computed (the graph kept)
+                      batch:dict, # the batch f was given
+                      measurement, # f
                       rows, # bad rows -> the sequences' indices, for the message
                      ):
-    """Refuse an `f` whose value for one sequence reads another's logits (the batch's total, `f - f.mean()`): its scores
-    would change with the batch size. Row j's gradient of `Σ_i (i+1) f_i` is `(j+1)` times its gradient of `Σ_i f_i` exactly
-    when each `f_i` reads row i alone; one more backward pass through f (not the model) tells."""
-    w = torch.arange(1, len(f) + 1, dtype=f.dtype, device=f.device)
-    gw = torch.autograd.grad((w * f).sum(), z)[0]
-    err = (gw + g * w.view(-1, *[1] * (g.dim() - 1))).flatten(1).abs().amax(1)     # per row; 0 up to rounding when apart
-    bad = err > 1e-4 * float((g * w.view(-1, *[1] * (g.dim() - 1))).abs().max())
+    """Refuse an `f` whose value for one sequence depends on the other sequences of its batch: its scores would change
+    with the batch size. Two checks. Through the logits: row j's gradient of `Σ_i w_i f_i` is `w_j` times its gradient of
+    `Σ_i f_i` when no `f_i` reads another row (weights 1, 2, 4, 1, …: powers of two, whose products are exact in every
+    float type), which one more backward pass through f (not the model) tells; this catches a batch total or
+    `f - f.mean()`. By value: f of the batch's shortest sequence alone, cut to its real tokens, equals its value in the
+    batch (to 1 %, and 4e-6 near 0, which half-precision arithmetic inside f can need); this catches what no gradient shows, such as a
+    detached total, a count of the batch's tokens, or a padding position read."""
+    w = (2.0 ** (torch.arange(len(f), device=f.device) % 3)).to(f.dtype).view(-1, *[1] * (g.dim() - 1))
+    gw = torch.autograd.grad((w.flatten() * f).sum(), z)[0]
+    err = (gw + g * w).flatten(1).abs().amax(1)                                      # per row: 0 when apart
+    bad = err > 1e-4 * float((g * w).abs().max()) + 1e-6      # (+: half precision near 0 inside f)
+    if not bad.any():
+        n = batch['attention_mask'].sum(1); j, L = int(n.argmin()), int(n.min())
+        with torch.no_grad(): alone = measurement(z.detach()[j:j + 1, :L], {k: v[j:j + 1, :L] for k, v in batch.items()})
+        a, b = float(torch.as_tensor(alone).reshape(-1)[0]), float(f[j].detach())
+        bad = torch.arange(len(f), device=f.device) == j if abs(a - b) > 1e-2 * max(abs(a), abs(b)) + 4e-6 else bad
     if bad.any():
-        raise ValueError(f"`measurement` mixes the sequences of a batch: its value for the sequence(s) {rows(bad)} depends on other "
-                         "sequences' logits (a batch total, f - f.mean()), so the scores would change with the batch size. Return "
-                         "each sequence's own value; to sum the influence on several queries, pass `query_groups` (`--group-by`, "
-                         "`--aggregate`).")
+        raise ValueError(f"`measurement` mixes the sequences of a batch: its value for the sequence(s) {rows(bad)} depends on the "
+                         "other sequences (a batch total, f - f.mean(), a count of the batch's tokens, a padding position read), "
+                         "so the scores would change with the batch size. Return each sequence's own value from its own real "
+                         "tokens; to sum the influence on several queries, pass `query_groups` (`--group-by`, `--aggregate`).")
 
 # %% ../nbs/04_kfac.ipynb #e4ac0009
 def summed_loss_grad(logits:torch.Tensor, # [batch, T, vocab]
@@ -97,15 +108,17 @@ def loss_cotangent(logits:torch.Tensor, # [batch, T, vocab]
                    batch:dict, # the batch (`collate`): 'input_ids', 'attention_mask', 'labels' (-100 = not scored)
                    sample:bool=False, seed:int=0, stream:int=0, indices:list[int]|None=None, # as in `summed_loss`
                    measurement=None, # a query's `f(logits, batch) -> [batch]` (None: log p of the labelled tokens)
+                   check_rows:bool=True, # check that f gives each row its own value (`_check_rows_apart`; a pass's first batch suffices)
                   ) -> torch.Tensor:
     """The output gradient a pass backpropagates: `∂ summed_loss / ∂ logits` (`summed_loss_grad`); with a `measurement` f,
     `−∂ Σ f / ∂ logits`, so that a query's gradient is `−∇f` as the summed loss's is `−∇ log p(completion)`, and its
     scores are `∇fᵀ (G + λI)⁻¹ ∇ log p(sequence)`. `f` is called as `f(logits, batch)`: the logits as the model gives
     them (position t predicts token t + 1) and the batch's 'input_ids', 'attention_mask' and 'labels' (aligned with the
     ids, -100 where nothing is measured). It must give each row its own value, from that row's real tokens only (the
-    batch is right-padded: `attention_mask` 0 after them). A value that mixes rows (the batch's total, `f - f.mean()`)
-    is refused here (`_check_rows_apart`), as are values or gradients that are not finite; one flat in the logits
-    (rounded, an argmax) has no gradient (`check_measured` refuses scores that are all zero)."""
+    batch is right-padded: `attention_mask` 0 after them). A value that depends on the other rows (the batch's total,
+    `f - f.mean()`) is refused here (`_check_rows_apart`, on a pass's first batch of two or more), as are values or
+    gradients that are not finite; one flat in the logits (rounded, an argmax) has no gradient (`check_measured`
+    refuses scores that are all zero)."""
     if measurement is None: return summed_loss_grad(logits, batch['labels'], sample, seed, stream, indices)
     z = (logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits).detach().requires_grad_(True)
     try:
@@ -123,8 +136,9 @@ def loss_cotangent(logits:torch.Tensor, # [batch, T, vocab]
     if not torch.isfinite(f).all():
         raise ValueError(f"`measurement` gave a value that is not finite (NaN or Inf) for the sequence(s) {rows(~torch.isfinite(f))} "
                          "of the batch: each sequence measured needs a finite value of f.")
-    g = torch.autograd.grad(-f.sum(), z, retain_graph=len(z) > 1)[0]
-    if len(z) > 1: _check_rows_apart(f, z, g, rows)
+    check_rows = check_rows and len(z) > 1
+    g = torch.autograd.grad(-f.sum(), z, retain_graph=check_rows)[0]
+    if check_rows: _check_rows_apart(f, z, g, batch, measurement, rows)
     if not torch.isfinite(g).all():
         raise ValueError(f"`measurement`'s gradient is not finite (NaN or Inf) for the sequence(s) {rows(~torch.isfinite(g).flatten(1).all(1))} "
                          "of the batch (a log or a division at 0?).")
@@ -366,7 +380,7 @@ def layer_passes(model, # a causal LM
     mine = seqs if world == 1 else [seqs[i] for i in ids]
     todo = itertools.islice(batches(mine, batch_size, sort_by_length=sort_by_length, pad_id=pad_id), start, None)
     bar = _Bar(len(mine), min(start * batch_size, len(mine)), desc, desc is None or rank != 0)
-    calls, told = _CALLS.get(), False
+    calls, told, f_checked = _CALLS.get(), False, False
     with capture(model, layers) as cap:
         for batch_no, (idx, b) in enumerate(todo, start):
             idx = [ids[i] for i in idx]                          # positions in `seqs`
@@ -376,7 +390,7 @@ def layer_passes(model, # a causal LM
             custom = getattr(model, 'influence_loss', None)       # adapters (e.g. a regressor) bring their own loss
             if exact: cots = list(exact_cotangents(logits, b['labels'], getattr(model, 'pbrf_loss', 'ce'))); dss = _backprop(cap, logits, cots)
             elif custom and measurement is None: dss = cap.out_grads(custom(logits, b['labels'], bool(sample), seed, stream, idx))
-            else: dss = {n: [g[0] for g in gs] for n, gs in _backprop(cap, logits, [loss_cotangent(logits, b, bool(sample), seed, stream, idx, measurement)]).items()}
+            else: dss = {n: [g[0] for g in gs] for n, gs in _backprop(cap, logits, [loss_cotangent(logits, b, bool(sample), seed, stream, idx, measurement, not f_checked)]).items()}; f_checked = f_checked or len(idx) > 1   # f's rows: checked apart once
             acts, outg = {}, {}
             B, T = b['input_ids'].shape
             padded, seen, n_seen, J = not bool(mask.all()), {}, {}, (len(cots) if exact else None)

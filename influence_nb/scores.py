@@ -105,7 +105,7 @@ class Scores:
         if not self.n_train: raise ValueError("n_train is unknown for these scores.")
         return self.total / self.n_train
 
-    def top(self, query:int=0, # which query (row)
+    def top(self, query:int|str=0, # which query (row); with `query_groups`, a group's label that is a string too
             k:int|None=10, # how many (None: all)
             texts:list[str]|None=None, # the training texts, for display
             tokenizer=None, # or: decode `train[i]['input_ids']` with this tokenizer ...
@@ -113,6 +113,7 @@ class Scores:
             largest:bool=True, # most positive first (False: most negative)
            ) -> pd.DataFrame:
         "The top-`k` training sequences of one query as a DataFrame (rank, index, score, nats, text) that prints its units (with a `measurement`: per_copy, f's)."
+        if isinstance(query, str) and query in (self.query_groups or []): query = self.query_groups.index(query)   # a group by its label
         row = self.total[check_query(query, self.total.shape[0])]
         check_k(k); k = row.numel() if k is None else min(int(k), row.numel())
         idx = torch.sort(row, descending=largest, stable=True).indices[:k]   # ties: the lower index first, as `scan` keeps them
@@ -389,6 +390,9 @@ def query_group_rows(groups, # None: a row per query; 'all': one row summing eve
     if bad := [g for g in groups if isinstance(g, bool) or not isinstance(g, (str, int))]:
         raise TypeError(f"A query group's label must be a str or an int (saved with the scores), got {type(bad[0]).__name__} {bad[0]!r}.")
     labels = list(dict.fromkeys(groups)); at = {g: r for r, g in enumerate(labels)}
+    if len({str(g) for g in labels}) < len(labels):
+        raise ValueError(f"`query_groups` has a number and a string that print alike ({sorted(labels, key=str)[:6]}): the rows are "
+                         "named by them in tables and files; write every label the same way.")
     rows = torch.tensor([at[g] for g in groups], dtype=torch.long)
     return rows, labels, torch.bincount(rows, minlength=len(labels)).tolist()
 
@@ -432,6 +436,7 @@ def prepare_queries(model, # the model the factors were fitted on
         if rows is not None: g = {n: summed_rows(t, rows) for n, t in g.items()}     # one right-hand side per group
         return precondition_queries(factors, g, damping, query_rank, model)
     p = next(model.parameters()); dt = working_dtype(p)
+    if rows is not None and query_rank is not None and int(rows.max()) > 0: return _groups_at_rank(model, factors, layers, queries, damping, query_rank, batch_size, progress, measurement, rows)
     rank = query_rank if rows is None else None     # a group's queries are summed at full rank, then truncated once
     bases = eigenbases(factors, layers, dt, p.device)                              # {} unless K-FAC / EK-FAC
     denom = {n: factors.damped_eigenvalues(n, damping).to(p.device, dt) for n in bases}   # Λ + λ, as `Factors.precondition` damps
@@ -454,6 +459,21 @@ def prepare_queries(model, # the model the factors were fitted on
             for t in (pq.full, pq.U, pq.V):
                 if t is not None: all_reduce_sum(t)
     if rows is not None and query_rank is not None: out = {n: query_form(pq.full, n, query_rank) for n, pq in out.items()}
+    return out
+
+# %% ../nbs/06_scores.ipynb #1f7ad047
+def _groups_at_rank(model, factors, layers, queries, damping, query_rank, batch_size, progress, measurement, rows) -> dict:
+    """`prepare_queries` of query groups at a lower `query_rank`, one group at a time: each group's full-rank sum is
+    truncated once its queries are in, so that one group's sum (the tracked layers' size) is held at a time, not all."""
+    out, n_rows = None, int(rows.max()) + 1
+    for r in range(n_rows):
+        sel = (rows == r).nonzero()[:, 0].tolist()
+        got = prepare_queries(model, factors, layers, [queries[i] for i in sel], damping, query_rank, batch_size, progress,
+                              measurement, torch.zeros(len(sel), dtype=torch.long))
+        if out is None: out = _empty_queries(layers, n_rows, query_rank, next(iter(got.values())).dtype, next(model.parameters()).device)
+        for n, pq in got.items():
+            for k in ('full', 'U', 'V'):
+                if getattr(pq, k) is not None: getattr(out[n], k)[r] = getattr(pq, k)[0]
     return out
 
 # %% ../nbs/06_scores.ipynb #f591ae01
@@ -573,7 +593,7 @@ def pairwise_scores(model, # the model the factors were fitted on
     predicts token t + 1), and returns one differentiable value per query from that query's own real tokens
     (`loss_cotangent`). With a measurement, queries need no labelled token. With `query_groups`, each row is the summed
     influence on a group of queries (the influence on a behaviour seen across prompts), computed from their summed gradient
-    (`query_group_rows`); at full rank it equals the sum of their rows. Compared with Kronfluence: its score for a
+    (`query_group_rows`); at full rank it equals the sum of their rows (`cg`, `pcg`: to their tolerance). Compared with Kronfluence: its score for a
     task whose `compute_measurement` returns f is minus this one (it multiplies by the training loss's gradient, −∇log p)."""
     check_damping(damping); check_rank(query_rank); check_measurement(measurement)
     layers = prepare_scoring(model, factors)

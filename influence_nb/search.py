@@ -368,7 +368,7 @@ class ScanResult:
 
     @property
     def n_queries(self) -> int:
-        "How many queries were scanned."
+        "How many queries were scanned: the result's rows (with `query_groups`, the groups)."
         return self.indices.shape[0]
     @property
     def k(self) -> int:
@@ -376,7 +376,7 @@ class ScanResult:
         return self.indices.shape[1]
 
     def __repr__(self):
-        return (f"ScanResult({self.n_queries} queries × top {self.k} of {self.n_scanned:,} sequences"
+        return (f"ScanResult({self.n_queries} {'groups of queries' if self.group_sizes else 'queries'} × top {self.k} of {self.n_scanned:,} sequences"
                 f"{f', {self.n_skipped} skipped' if self.n_skipped else ''}{f', {self.n_truncated} truncated' if self.n_truncated else ''}"
                 f"{f', BM25 candidates {self.candidates:,} per query' if self.candidates else ''}{f', measurement {self.measurement}' if self.measurement else ''}"
                 f"{''.join(f', {k}={v!r}' for k, v in (self.token_rules or {}).items())}"
@@ -869,7 +869,7 @@ def scan(model, # the model the factors were fitted on
     _check_twice(stream, refine and query_rank is not None, candidates); ctx, max_length = _scan_max_length(model, max_length)
     cfg = _config(factors, qs, stream, tokenizer, k=k, query_rank=query_rank, damping=damping, batch_size=batch_size,
                   chunk_size=chunk_size, max_length=max_length, text_field=text_field, on_bad_record=on_bad_record,
-                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}), **({'id_field': id_field} if id_field != 'id' else {}), **rules.changed(), **_measured(measurement), **({'query_groups': rows.tolist()} if rows is not None else {}))
+                  scores=scores_path is not None, **({'candidates': candidates} if candidates else {}), **({'id_field': id_field} if id_field != 'id' else {}), **rules.changed(), **_measured(measurement), **({'query_groups': _digest(rows)} if rows is not None else {}))
     fp, (rank, _), dtype = _digest(json.dumps(cfg, sort_keys=True)), dist_info(), working_dtype(next(model.parameters())); vocab, skip = model_vocab(model), on_bad_record == 'skip'
     read = lambda items, cut=None, bad=None: _convert(items, tokenizer, vocab, ctx, max_length, text_field, skip, cut, bad, id_field, rules)
     ckpt, spath = (Path(p) if p is not None else None for p in (checkpoint, scores_path)); _check_paths(ckpt, spath)
@@ -907,6 +907,8 @@ def _scan_queries(model, queries, measurement, query_names, query_groups, candid
         if query_names is not None: raise ValueError("Pass `query_names` or `query_groups`, not both: with groups, each group's label names its row.")
         if candidates: raise ValueError("`candidates` ranks each query among its own BM25 matches, and a group's row sums several "
                                         "queries: pass candidates=None with `query_groups`.")
+        if scores and (clash := sorted({str(g) for g in labels} & {'index', 'id'})):
+            raise ValueError(f"A query group is labelled {clash[0]!r}, a name of the scores folder's index (index, id): give that group another label.")
         query_names = [str(g) for g in labels]
     return qs, _query_names(query_names, len(qs) if rows is None else len(labels), scores), rows, sizes
 
