@@ -98,7 +98,7 @@ def _group_columns(groups, names:list, say=print) -> list:
     "The result's columns: the queries' ids, or with groups each group's label, said with how many queries it sums."
     if groups is None: return names
     _, labels, sizes = query_group_rows(groups, len(names))
-    say("groups (each column sums its queries' influence): " + ', '.join(f"{g} ({n} {'query' if n == 1 else 'queries'})" for g, n in zip(labels, sizes)))
+    say("groups (each sums its queries' influence): " + ', '.join(f"{g} ({n} {'query' if n == 1 else 'queries'})" for g, n in zip(labels, sizes)))
     return [str(g) for g in labels]
 
 # %% ../nbs/13_cli.ipynb #48e43280

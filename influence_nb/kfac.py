@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_kfac.ipynb #7adb5027
 from __future__ import annotations
-import hashlib, itertools, contextlib, contextvars, warnings
+import hashlib, itertools, contextlib, contextvars, math, warnings
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -12,10 +12,10 @@ from .data import IGNORE_INDEX, batches, check_sequences, batch_logits
 from .modules import TrackedLayer, capture, find_modules
 
 # %% auto #0
-__all__ = ['LABEL_SAMPLING', 'EXACT_MAX_OUTPUTS', 'FACTOR_DTYPES', 'seq_generator', 'summed_loss', 'summed_loss_grad',
-           'loss_cotangent', 'check_fisher', 'fisher_sample', 'exact_cotangents', 'dist_info', 'all_reduce_sum',
-           'all_finite', 'reporting', 'CallCounts', 'watch_calls', 'layer_passes', 'Gram', 'blas_threads',
-           'resolve_factor_dtype', 'fit_covariances', 'eigen', 'precondition_eigen']
+__all__ = ['LABEL_SAMPLING', 'EXACT_MAX_OUTPUTS', 'FACTOR_DTYPES', 'seq_generator', 'summed_loss', 'RowChecks',
+           'summed_loss_grad', 'loss_cotangent', 'check_fisher', 'fisher_sample', 'exact_cotangents', 'dist_info',
+           'all_reduce_sum', 'all_finite', 'reporting', 'CallCounts', 'watch_calls', 'layer_passes', 'Gram',
+           'blas_threads', 'resolve_factor_dtype', 'fit_covariances', 'eigen', 'precondition_eigen']
 
 # %% ../nbs/04_kfac.ipynb #e66b35a3
 def seq_generator(seed:int, stream:int, index:int) -> torch.Generator:
@@ -65,28 +65,49 @@ def _check_rows_apart(f:torch.Tensor, # [B] the measurement's values, a function
                       batch:dict, # the batch f was given
                       measurement, # f
                       rows, # bad rows -> the sequences' indices, for the message
+                      mode:bool|str=True, # True: both checks; 'value': the value check only
                      ):
     """Refuse an `f` whose value for one sequence depends on the other sequences of its batch: its scores would change
     with the batch size. Two checks. Through the logits: row j's gradient of `Σ_i w_i f_i` is `w_j` times its gradient of
     `Σ_i f_i` when no `f_i` reads another row (weights 1, 2, 4, 1, …: powers of two, whose products are exact in every
     float type), which one more backward pass through f (not the model) tells; this catches a batch total or
     `f - f.mean()`. By value: f of the batch's shortest sequence alone, cut to its real tokens, equals its value in the
-    batch (to 1 %, and 4e-6 near 0, which half-precision arithmetic inside f can need); this catches what no gradient shows, such as a
-    detached total, a count of the batch's tokens, or a padding position read."""
+    batch; this catches what no gradient shows, such as a detached total, a count of the batch's tokens, or a padding
+    position read (`RowChecks` repeats it until a batch with padding has been seen). The tolerances are relative: 1e-4 of
+    the largest weighted gradient and 1 % of the value, with floors for half-precision arithmetic inside f near 0: 1 % of
+    the batch's largest gradient, between 2.5e-7 (a few float16 steps there) and 1e-6; for a half-precision f, 1 % of its
+    largest value, between 2.5e-7 and 4e-6 (else a millionth of it)."""
     w = (2.0 ** (torch.arange(len(f), device=f.device) % 3)).to(f.dtype).view(-1, *[1] * (g.dim() - 1))
-    gw = torch.autograd.grad((w.flatten() * f).sum(), z)[0]
-    err = (gw + g * w).flatten(1).abs().amax(1)                                      # per row: 0 when apart
-    bad = err > 1e-4 * float((g * w).abs().max()) + 1e-6      # (+: half precision near 0 inside f)
+    bad = torch.zeros(len(f), dtype=torch.bool, device=f.device)
+    if mode is True:
+        gw = torch.autograd.grad((w.flatten() * f).sum(), z)[0]
+        scale = float((g * w).abs().max())
+        bad = (gw + g * w).flatten(1).abs().amax(1) > 1e-4 * scale + min(1e-6, max(1e-2 * scale, 2.5e-7))     # per row: 0 when apart
     if not bad.any():
         n = batch['attention_mask'].sum(1); j, L = int(n.argmin()), int(n.min())
-        with torch.no_grad(): alone = measurement(z.detach()[j:j + 1, :L], {k: v[j:j + 1, :L] for k, v in batch.items()})
-        a, b = float(torch.as_tensor(alone).reshape(-1)[0]), float(f[j].detach())
-        bad = torch.arange(len(f), device=f.device) == j if abs(a - b) > 1e-2 * max(abs(a), abs(b)) + 4e-6 else bad
+        try:
+            with torch.no_grad(): alone = measurement(z.detach()[j:j + 1, :L], {k: v[j:j + 1, :L] for k, v in batch.items()})
+        except Exception as e:
+            raise type(e)(f"`measurement` failed on one sequence alone ({L} tokens; {type(e).__name__}: {str(e)[-160:]}); f must "
+                          "give each sequence its own value from its own real tokens, in a batch of any size.") from e
+        a, b, top = float(torch.as_tensor(alone).reshape(-1)[0]), float(f[j].detach()), float(f.detach().abs().max())
+        floor = min(4e-6, max(1e-2 * top, 2.5e-7)) if f.dtype in (torch.float16, torch.bfloat16) else 1e-6 * top
+        if not (math.isfinite(a) and abs(a - b) <= 1e-2 * max(abs(a), abs(b)) + floor): bad[j] = True
     if bad.any():
         raise ValueError(f"`measurement` mixes the sequences of a batch: its value for the sequence(s) {rows(bad)} depends on the "
                          "other sequences (a batch total, f - f.mean(), a count of the batch's tokens, a padding position read), "
                          "so the scores would change with the batch size. Return each sequence's own value from its own real "
                          "tokens; to sum the influence on several queries, pass `query_groups` (`--group-by`, `--aggregate`).")
+
+class RowChecks:
+    "Which of `_check_rows_apart`'s checks a pass still owes, batch by batch: the gradient one once, the value one until a padded batch."
+    def __init__(self): self.grad = self.value = False
+    def __call__(self, b:dict) -> bool|str:
+        "The `check_rows` for batch `b` (True, 'value' or False), noted as done."
+        n, padded = len(b['input_ids']), not bool(b['attention_mask'].all())
+        mode = False if n < 2 else True if not self.grad else 'value' if padded and not self.value else False
+        self.grad |= n > 1; self.value |= n > 1 and padded
+        return mode
 
 # %% ../nbs/04_kfac.ipynb #e4ac0009
 def summed_loss_grad(logits:torch.Tensor, # [batch, T, vocab]
@@ -108,7 +129,7 @@ def loss_cotangent(logits:torch.Tensor, # [batch, T, vocab]
                    batch:dict, # the batch (`collate`): 'input_ids', 'attention_mask', 'labels' (-100 = not scored)
                    sample:bool=False, seed:int=0, stream:int=0, indices:list[int]|None=None, # as in `summed_loss`
                    measurement=None, # a query's `f(logits, batch) -> [batch]` (None: log p of the labelled tokens)
-                   check_rows:bool=True, # check that f gives each row its own value (`_check_rows_apart`; a pass's first batch suffices)
+                   check_rows:bool|str=True, # check that f gives each row its own value (`_check_rows_apart`; 'value': that check only)
                   ) -> torch.Tensor:
     """The output gradient a pass backpropagates: `∂ summed_loss / ∂ logits` (`summed_loss_grad`); with a `measurement` f,
     `−∂ Σ f / ∂ logits`, so that a query's gradient is `−∇f` as the summed loss's is `−∇ log p(completion)`, and its
@@ -116,7 +137,7 @@ def loss_cotangent(logits:torch.Tensor, # [batch, T, vocab]
     them (position t predicts token t + 1) and the batch's 'input_ids', 'attention_mask' and 'labels' (aligned with the
     ids, -100 where nothing is measured). It must give each row its own value, from that row's real tokens only (the
     batch is right-padded: `attention_mask` 0 after them). A value that depends on the other rows (the batch's total,
-    `f - f.mean()`) is refused here (`_check_rows_apart`, on a pass's first batch of two or more), as are values or
+    `f - f.mean()`) is refused here (`_check_rows_apart`, on the batches `RowChecks` picks), as are values or
     gradients that are not finite; one flat in the logits (rounded, an argmax) has no gradient (`check_measured`
     refuses scores that are all zero)."""
     if measurement is None: return summed_loss_grad(logits, batch['labels'], sample, seed, stream, indices)
@@ -136,9 +157,9 @@ def loss_cotangent(logits:torch.Tensor, # [batch, T, vocab]
     if not torch.isfinite(f).all():
         raise ValueError(f"`measurement` gave a value that is not finite (NaN or Inf) for the sequence(s) {rows(~torch.isfinite(f))} "
                          "of the batch: each sequence measured needs a finite value of f.")
-    check_rows = check_rows and len(z) > 1
-    g = torch.autograd.grad(-f.sum(), z, retain_graph=check_rows)[0]
-    if check_rows: _check_rows_apart(f, z, g, batch, measurement, rows)
+    check_rows = check_rows if len(z) > 1 else False
+    g = torch.autograd.grad(-f.sum(), z, retain_graph=check_rows is True)[0]
+    if check_rows: _check_rows_apart(f, z, g, batch, measurement, rows, check_rows)
     if not torch.isfinite(g).all():
         raise ValueError(f"`measurement`'s gradient is not finite (NaN or Inf) for the sequence(s) {rows(~torch.isfinite(g).flatten(1).all(1))} "
                          "of the batch (a log or a division at 0?).")
@@ -380,7 +401,7 @@ def layer_passes(model, # a causal LM
     mine = seqs if world == 1 else [seqs[i] for i in ids]
     todo = itertools.islice(batches(mine, batch_size, sort_by_length=sort_by_length, pad_id=pad_id), start, None)
     bar = _Bar(len(mine), min(start * batch_size, len(mine)), desc, desc is None or rank != 0)
-    calls, told, f_checked = _CALLS.get(), False, False
+    calls, told, checks = _CALLS.get(), False, RowChecks()
     with capture(model, layers) as cap:
         for batch_no, (idx, b) in enumerate(todo, start):
             idx = [ids[i] for i in idx]                          # positions in `seqs`
@@ -390,7 +411,7 @@ def layer_passes(model, # a causal LM
             custom = getattr(model, 'influence_loss', None)       # adapters (e.g. a regressor) bring their own loss
             if exact: cots = list(exact_cotangents(logits, b['labels'], getattr(model, 'pbrf_loss', 'ce'))); dss = _backprop(cap, logits, cots)
             elif custom and measurement is None: dss = cap.out_grads(custom(logits, b['labels'], bool(sample), seed, stream, idx))
-            else: dss = {n: [g[0] for g in gs] for n, gs in _backprop(cap, logits, [loss_cotangent(logits, b, bool(sample), seed, stream, idx, measurement, not f_checked)]).items()}; f_checked = f_checked or len(idx) > 1   # f's rows: checked apart once
+            else: dss = {n: [g[0] for g in gs] for n, gs in _backprop(cap, logits, [loss_cotangent(logits, b, bool(sample), seed, stream, idx, measurement, checks(b) if measurement else False)]).items()}
             acts, outg = {}, {}
             B, T = b['input_ids'].shape
             padded, seen, n_seen, J = not bool(mask.all()), {}, {}, (len(cots) if exact else None)

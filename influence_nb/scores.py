@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 import pandas as pd
 from .data import check_sequences, require_scored, grad_enabled, as_collection, attended_span, NATS_SCALE, IGNORE_INDEX
@@ -390,9 +391,9 @@ def query_group_rows(groups, # None: a row per query; 'all': one row summing eve
     if bad := [g for g in groups if isinstance(g, bool) or not isinstance(g, (str, int))]:
         raise TypeError(f"A query group's label must be a str or an int (saved with the scores), got {type(bad[0]).__name__} {bad[0]!r}.")
     labels = list(dict.fromkeys(groups)); at = {g: r for r, g in enumerate(labels)}
-    if len({str(g) for g in labels}) < len(labels):
-        raise ValueError(f"`query_groups` has a number and a string that print alike ({sorted(labels, key=str)[:6]}): the rows are "
-                         "named by them in tables and files; write every label the same way.")
+    if clash := [g for g in labels if isinstance(g, int) and str(g) in labels]:
+        raise ValueError(f"`query_groups` has labels that print alike ({clash[0]!r} and {str(clash[0])!r}): the rows are named by "
+                         "them in tables and files; write every label the same way.")
     rows = torch.tensor([at[g] for g in groups], dtype=torch.long)
     return rows, labels, torch.bincount(rows, minlength=len(labels)).tolist()
 
@@ -466,9 +467,9 @@ def _groups_at_rank(model, factors, layers, queries, damping, query_rank, batch_
     """`prepare_queries` of query groups at a lower `query_rank`, one group at a time: each group's full-rank sum is
     truncated once its queries are in, so that one group's sum (the tracked layers' size) is held at a time, not all."""
     out, n_rows = None, int(rows.max()) + 1
-    for r in range(n_rows):
+    for r in tqdm(range(n_rows), desc='query groups', disable=not progress or dist_info()[0] != 0):    # one bar, a step per group
         sel = (rows == r).nonzero()[:, 0].tolist()
-        got = prepare_queries(model, factors, layers, [queries[i] for i in sel], damping, query_rank, batch_size, progress,
+        got = prepare_queries(model, factors, layers, [queries[i] for i in sel], damping, query_rank, batch_size, False,
                               measurement, torch.zeros(len(sel), dtype=torch.long))
         if out is None: out = _empty_queries(layers, n_rows, query_rank, next(iter(got.values())).dtype, next(model.parameters()).device)
         for n, pq in got.items():

@@ -433,11 +433,12 @@ def to_frame(self: ScanResult, texts=None, # `{index: text}` or a list, to add a
     return df
 
 @patch
-def top(self: ScanResult, query:int=0, # which query
+def top(self: ScanResult, query:int|str=0, # which query (row); for a scan of `query_groups`, a group's label too
         k:int|None=None, # how many (default: all kept)
         **kw, # `texts`, `corpus`, `tokenizer`, `text_field` as in `to_frame`
        ) -> pd.DataFrame:
     "One query's top sequences, indexed by rank."
+    if isinstance(query, str) and self.group_sizes and query in (self.query_names or []): query = self.query_names.index(query)   # a group by its label
     query = check_query(query, self.n_queries, 'this result'); check_k(k)
     sub = ScanResult(self.indices[query:query + 1, :k], self.scores[query:query + 1, :k], self.n_scanned, self.n_skipped,
                      self.n_train, self.query_rank, self.refined, self.source, self.seconds,
