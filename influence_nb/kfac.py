@@ -13,9 +13,10 @@ from .modules import TrackedLayer, capture, find_modules
 
 # %% auto #0
 __all__ = ['LABEL_SAMPLING', 'EXACT_MAX_OUTPUTS', 'FACTOR_DTYPES', 'seq_generator', 'summed_loss', 'RowChecks',
-           'summed_loss_grad', 'loss_cotangent', 'check_fisher', 'fisher_sample', 'exact_cotangents', 'dist_info',
-           'all_reduce_sum', 'all_finite', 'reporting', 'CallCounts', 'watch_calls', 'layer_passes', 'Gram',
-           'blas_threads', 'resolve_factor_dtype', 'fit_covariances', 'eigen', 'precondition_eigen']
+           'shared_row_checks', 'summed_loss_grad', 'loss_cotangent', 'check_fisher', 'fisher_sample',
+           'exact_cotangents', 'dist_info', 'all_reduce_sum', 'all_finite', 'reporting', 'CallCounts', 'watch_calls',
+           'layer_passes', 'Gram', 'blas_threads', 'resolve_factor_dtype', 'fit_covariances', 'eigen',
+           'precondition_eigen']
 
 # %% ../nbs/04_kfac.ipynb #e66b35a3
 def seq_generator(seed:int, stream:int, index:int) -> torch.Generator:
@@ -94,8 +95,8 @@ def _check_rows_apart(f:torch.Tensor, # [B] the measurement's values, a function
         floor = min(4e-6, max(1e-2 * top, 2.5e-7)) if f.dtype in (torch.float16, torch.bfloat16) else 1e-6 * top
         if not (math.isfinite(a) and abs(a - b) <= 1e-2 * max(abs(a), abs(b)) + floor): bad[j] = True
     if bad.any():
-        raise ValueError(f"`measurement` mixes the sequences of a batch: its value for the sequence(s) {rows(bad)} depends on the "
-                         "other sequences (a batch total, f - f.mean(), a count of the batch's tokens, a padding position read), "
+        raise ValueError(f"`measurement` mixes the sequences of a batch: its value for the sequence(s) {rows(bad)} of the batch "
+                         "depends on the other sequences (a batch total, f - f.mean(), a count of the batch's tokens, a padding position read), "
                          "so the scores would change with the batch size. Return each sequence's own value from its own real "
                          "tokens; to sum the influence on several queries, pass `query_groups` (`--group-by`, `--aggregate`).")
 
@@ -108,6 +109,15 @@ class RowChecks:
         mode = False if n < 2 else True if not self.grad else 'value' if padded and not self.value else False
         self.grad |= n > 1; self.value |= n > 1 and padded
         return mode
+
+_ROWS = contextvars.ContextVar('influence_nb_row_checks', default=None)
+
+@contextlib.contextmanager
+def shared_row_checks():
+    "Within the block every pass shares one `RowChecks`, so that a measurement is checked once over many passes (`self_scores` makes one per batch)."
+    token = _ROWS.set(RowChecks())
+    try: yield
+    finally: _ROWS.reset(token)
 
 # %% ../nbs/04_kfac.ipynb #e4ac0009
 def summed_loss_grad(logits:torch.Tensor, # [batch, T, vocab]
@@ -401,7 +411,7 @@ def layer_passes(model, # a causal LM
     mine = seqs if world == 1 else [seqs[i] for i in ids]
     todo = itertools.islice(batches(mine, batch_size, sort_by_length=sort_by_length, pad_id=pad_id), start, None)
     bar = _Bar(len(mine), min(start * batch_size, len(mine)), desc, desc is None or rank != 0)
-    calls, told, checks = _CALLS.get(), False, RowChecks()
+    calls, told, checks = _CALLS.get(), False, _ROWS.get() or RowChecks()
     with capture(model, layers) as cap:
         for batch_no, (idx, b) in enumerate(todo, start):
             idx = [ids[i] for i in idx]                          # positions in `seqs`

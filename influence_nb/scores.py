@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from torch import nn
 import pandas as pd
 from .data import check_sequences, require_scored, grad_enabled, as_collection, attended_span, NATS_SCALE, IGNORE_INDEX
-from .kfac import layer_passes, all_reduce_sum, dist_info, all_finite, watch_calls, _Bar
+from .kfac import layer_passes, all_reduce_sum, dist_info, all_finite, watch_calls, _Bar, shared_row_checks
 from .ekfac import Factors, seq_grads, check_damping, ITERATIVE
 from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'cg', 'pcg' (05b_solver)
 
@@ -467,14 +467,15 @@ def _groups_at_rank(model, factors, layers, queries, damping, query_rank, batch_
     """`prepare_queries` of query groups at a lower `query_rank`, one group at a time: each group's full-rank sum is
     truncated once its queries are in, so that one group's sum (the tracked layers' size) is held at a time, not all."""
     out, n_rows = None, int(rows.max()) + 1
-    for r in tqdm(range(n_rows), desc='query groups', disable=not progress or dist_info()[0] != 0):    # one bar, a step per group
-        sel = (rows == r).nonzero()[:, 0].tolist()
-        got = prepare_queries(model, factors, layers, [queries[i] for i in sel], damping, query_rank, batch_size, False,
-                              measurement, torch.zeros(len(sel), dtype=torch.long))
-        if out is None: out = _empty_queries(layers, n_rows, query_rank, next(iter(got.values())).dtype, next(model.parameters()).device)
-        for n, pq in got.items():
-            for k in ('full', 'U', 'V'):
-                if getattr(pq, k) is not None: getattr(out[n], k)[r] = getattr(pq, k)[0]
+    with shared_row_checks():                                        # f checked once over the groups
+        for r in tqdm(range(n_rows), desc='query groups', disable=not progress or dist_info()[0] != 0):    # one bar, a step per group
+            sel = (rows == r).nonzero()[:, 0].tolist()
+            got = prepare_queries(model, factors, layers, [queries[i] for i in sel], damping, query_rank, batch_size, False,
+                                  measurement, torch.zeros(len(sel), dtype=torch.long))
+            if out is None: out = _empty_queries(layers, n_rows, query_rank, next(iter(got.values())).dtype, next(model.parameters()).device)
+            for n, pq in got.items():
+                for k in ('full', 'U', 'V'):
+                    if getattr(pq, k) is not None: getattr(out[n], k)[r] = getattr(pq, k)[0]
     return out
 
 # %% ../nbs/06_scores.ipynb #f591ae01
@@ -677,17 +678,18 @@ def _measured_self(model, factors, layers:list, ts:list[dict], damping, batch_si
     order = sorted(range(len(ts)), key=lambda i: -len(ts[i]['input_ids']))   # similar lengths together: each chunk is one batch
     out = torch.zeros(len(ts), dtype=dt)
     bar = _Bar(len(ts), 0, 'self-influence' if progress else None, not progress or dist_info()[0] != 0)
-    for j in range(0, len(order), batch_size):
-        chunk = order[j:j + batch_size]; seqs = [ts[i] for i in chunk]
-        try: pq = prepare_queries(model, factors, layers, seqs, damping, None, batch_size, False, measurement)   # (G + λI)⁻¹ (−∇f)
-        except ValueError as e:                                       # f's refusals name positions in `seqs`: say them in `train`
-            raise ValueError(re.sub(r'sequence\(s\) \[([\d, ]+)\] of the batch', lambda m: 'sequence(s) ' + str([chunk[int(x)] for x in m[1].split(', ')]) + ' of `train`', str(e))) from None
-        for idx, acts, outg in layer_passes(model, layers, seqs, batch_size):                                 # −∇log p
-            conv, rows = {}, torch.tensor([chunk[i] for i in idx])
-            for layer in layers:   # each sequence with its own row: [B, d_out, d_in+1] ⊙ [B, d_out, d_in+1], summed
-                g = seq_grads(shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt))
-                out[rows] += (pq[layer.name].full[idx] * g).sum((-1, -2)).cpu()
-        bar.update(len(chunk))
+    with shared_row_checks():                                        # f checked once over the batches, not in each
+        for j in range(0, len(order), batch_size):
+            chunk = order[j:j + batch_size]; seqs = [ts[i] for i in chunk]
+            try: pq = prepare_queries(model, factors, layers, seqs, damping, None, batch_size, False, measurement)   # (G + λI)⁻¹ (−∇f)
+            except ValueError as e:                                       # f's refusals name positions in `seqs`: say them in `train`
+                raise ValueError(re.sub(r'sequence\(s\) \[([\d, ]+)\] of the batch', lambda m: 'sequence(s) ' + str([chunk[int(x)] for x in m[1].split(', ')]) + ' of `train`', str(e))) from None
+            for idx, acts, outg in layer_passes(model, layers, seqs, batch_size):                                 # −∇log p
+                conv, rows = {}, torch.tensor([chunk[i] for i in idx])
+                for layer in layers:   # each sequence with its own row: [B, d_out, d_in+1] ⊙ [B, d_out, d_in+1], summed
+                    g = seq_grads(shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt))
+                    out[rows] += (pq[layer.name].full[idx] * g).sum((-1, -2)).cpu()
+            bar.update(len(chunk))
     bar.close()
     return out
 
