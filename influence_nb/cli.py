@@ -21,7 +21,7 @@ from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
 from .scores import pairwise_scores, self_scores, unread_to_nan, units, per_copy_column, measurement_name, query_group_rows
 from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text, record_id
-from .explorer import query_records, scored_phrase, layer_blocks, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
+from .explorer import query_records, query_groups_by, scored_phrase, layer_blocks, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
 # %% auto #0
 __all__ = ['ID_LIKE', 'SELF_LEGEND', 'CULL_IDLE_S', 'DEFAULT_PORT', 'bm25_candidates', 'token_heatmap_for', 'demo',
@@ -68,6 +68,27 @@ def _measurement(a):
     return f
 
 # %% ../nbs/13_cli.ipynb #347ff712
+def _queries_args(p, required=True, what=''):
+    "--queries and the flags naming its records' fields (`query_fields`) where a file names them its own way."
+    p.add_argument('--queries', required=required, default=None, help="JSONL with 'prompt' and 'completion' fields (or 'messages', a "
+                   "conversation ending with the answer; or 'input_ids' and 'labels'); an 'id' names a query" + what)
+    for part, eg in (('prompt', 'question'), ('completion', 'answer'), ('messages', 'conversation')):
+        p.add_argument(f'--{part}-field', default=None, metavar='FIELD', help=f"the --queries field holding each query's {part} "
+                       f"(default: '{part}'; e.g. '{eg}', dotted for a nested field)")
+    p.add_argument('--query-id-field', default=None, metavar='FIELD', help="the --queries field naming each query (default: 'id'; "
+                   "a query without one is named q<its position>)")
+
+def _query_fields(a) -> dict|None:
+    "`query_fields` from --prompt-field, --completion-field, --messages-field and --query-id-field (None: none given)."
+    out = {k: v for k, v in (('prompt', a.prompt_field), ('completion', a.completion_field), ('messages', a.messages_field),
+                             ('id', a.query_id_field)) if v is not None}
+    return out or None
+
+def _fields_hint(msg:str) -> str:
+    "A refusal of a query record lacking 'prompt' or 'completion', with the flags that name a file's own fields."
+    return msg + (" If the file names them otherwise, pass --prompt-field and --completion-field."
+                  if re.search(r"has no '(prompt|completion)' field", msg) else '')
+
 def _group_args(p):
     "`--group-by FIELD` and `--aggregate`: a column per group of queries, their summed influence (`pairwise_scores(query_groups=)`)."
     g = p.add_mutually_exclusive_group()
@@ -82,7 +103,7 @@ def _query_groups(a, names:list):
     if getattr(a, 'aggregate', False): return 'all'
     if (field := getattr(a, 'group_by', None)) is None: return None
     out = []
-    for (where, r), name in zip(query_rows(a.queries), names):
+    for (where, r), name in zip(query_rows(a.queries, _query_fields(a)), names):
         v = field_value(r, field) if isinstance(r, Mapping) else None
         if v is None or isinstance(v, bool) or not isinstance(v, (str, int)):
             raise ValueError(f"--group-by {field}: {where} (id {name!r}) " + ("has no such field" if not (isinstance(r, Mapping) and has_field(r, field))
@@ -208,10 +229,10 @@ def _tokenize_query(tok, q: dict, where: str) -> list[dict]:
         else: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return seq
 
-def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
+def _read_queries(path, tok, model=None, fields=None) -> tuple[list[dict], list[str]]:
     "Query sequences and ids from a JSONL file of `prompt`/`completion` (or `messages`, or `input_ids`/`labels`) records, checked one by one."
     seqs, names, unnamed = [], [], set()
-    try: rows = query_rows(path)
+    try: rows = query_rows(path, fields)
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"--queries {e}") from None
     for i, (where, r) in enumerate(rows):
         qid = None                                                        # named in a refusal once the record has given it
@@ -224,7 +245,7 @@ def _read_queries(path, tok, model=None) -> tuple[list[dict], list[str]]:
             require_scored(seq, 'record')
         except (ValueError, TypeError) as e:
             msg = str(e) if str(e).startswith(where) else f"{where}{'' if qid is None else f' (id {qid!r})'}: {_reword(e)}"
-            raise _again(e, f"--queries {msg}") from None
+            raise _again(e, _fields_hint(f"--queries {msg}")) from None
         seqs += seq; names.append(name)
     dup = sorted({x for x in names if names.count(x) > 1})
     if dup: raise ValueError(f"--queries {Path(path).name}: the ids {dup} appear more than once; give every query its own 'id'"
@@ -497,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    'Under torchrun each process scores its shard and rank 0 writes the table.')
     _model_args(s); _corpus_args(s, '--data')
     s.add_argument('--factors', required=True, help='directory written by fit-factors')
-    s.add_argument('--queries', required=True, help="JSONL with 'prompt' and 'completion' fields (or 'messages', a conversation ending with the answer; or 'input_ids' and 'labels'); an 'id' names a query")
+    _queries_args(s)
     s.add_argument('--out', required=True, help='output .parquet (one row per text, one column per query id, or per group with --group-by/--aggregate; indexed by the text\'s position in the file, '
                    'train_index, and by its id when the records have one)')
     s.add_argument('--damping', type=float, default=None, help='damping λ (default: 0.1 × mean eigenvalue per layer)')
@@ -540,7 +561,7 @@ def _scan_parser(sub, fmt):
                                    "torchrun each process scans its shard and rank 0 writes the one result.")
     _model_args(c); _corpus_args(c, '--corpus')
     c.add_argument('--factors', required=True, help='directory written by fit-factors (for this model)')
-    c.add_argument('--queries', required=True, help="JSONL with 'prompt' and 'completion' fields (or 'messages', a conversation ending with the answer; or 'input_ids' and 'labels'); an 'id' names a query")
+    _queries_args(c)
     c.add_argument('--out', required=True, help='result file (.parquet): query, query_id, rank, index, score; read it with `top`')
     c.add_argument('--k', type=int, default=100, help='sequences to keep per query (default: 100)')
     c.add_argument('--query-rank', type=int, default=None, help='store the preconditioned query gradients at this rank (paper: 32; default: full)')
@@ -569,7 +590,7 @@ def _explore_parser(sub):
                                    'or --model with --corpus (and optionally --queries and --factors).')
     _model_args(x, required=False); x.set_defaults(model=None)
     _corpus_args(x, '--corpus', required=False, what='training corpus (required with --model)')
-    x.add_argument('--queries', default=None, help="JSONL with 'prompt' and 'completion' (or 'messages', or 'input_ids' and 'labels'; and 'id') fields to pick from")
+    _queries_args(x, required=False, what=' to pick from')
     x.add_argument('--factors', default=None, help='factors written by fit-factors for this model (default: fitted and cached)')
     x.add_argument('--modules', default=None, help="layers to track: 'mlp', 'all', 'lora' (a peft adapter's LoRA matrices) or "
                    "comma-separated names (default: the --factors' layers, else mlp)")
@@ -581,7 +602,10 @@ def _explore_parser(sub):
     x.add_argument('--k', type=int, default=None, help='the app\'s opening number of top sequences shown (at most 50; default: 5)')
     x.add_argument('--strategy', default=None, choices=['identity', 'diagonal', 'kfac', 'ekfac'], help="the app's opening "
                    "curvature strategy (default: ekfac)")
-    x.add_argument('--query', default=None, help="the app's opening query: an id from --queries (default: the first)")
+    x.add_argument('--group-by', default=None, metavar='FIELD', help="offer groups of queries too: those holding one value in this "
+                   "field of their records (dotted for nested) are picked and scored as one, their summed influence (a query without "
+                   "the field is in no group; the bundled queries: fact_id, a fact asked in each language)")
+    x.add_argument('--query', default=None, help="the app's opening query: an id from --queries, or with --group-by a group's label (default: the first query)")
     x.add_argument('--port', type=int, default=None, help=f'Voilà port (default: {DEFAULT_PORT}, or the next free one when it is '
                    'taken; a port given must be free)')
     x.add_argument('--host', default='127.0.0.1', help="address to serve on (default: 127.0.0.1, this machine only; 0.0.0.0: "
@@ -841,7 +865,7 @@ def _cmd_score(a):
     measure = _measurement(a)                                   # (before the model loads: a bad spec is said at once)
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
     factors = _load_factors(a.factors, model)
-    queries, names = _read_queries(a.queries, tok, model)
+    queries, names = _read_queries(a.queries, tok, model, _query_fields(a))
     groups = _query_groups(a, names); cols = _group_columns(groups, names, say=lambda s: None)
     if clash := sorted(set(cols) & {'train_index', 'id'}):          # score columns are named by the queries' ids (or groups)
         raise ValueError(f"--queries: a {'query has the id' if groups is None else 'group is named'} {clash[0]!r}, the name of the output's "
@@ -990,7 +1014,7 @@ def _cmd_scan(a):
     measure = _measurement(a)
     model, tok = load_model(a.model, a.tokenizer, _rank_device(a.device), a.dtype, a.trust_remote_code)
     factors = _load_factors(a.factors, model)
-    queries, names = _read_queries(a.queries, tok, model)
+    queries, names = _read_queries(a.queries, tok, model, _query_fields(a))
     groups = _query_groups(a, names); cols = _group_columns(groups, names, say=lambda s: None)
     if a.scores_dir and (clash := sorted(set(cols) & {'index', 'id'})):         # read_scores names its columns by the ids (groups)
         raise ValueError(f"--queries: a {'query has the id' if groups is None else 'group is named'} {clash[0]!r}, the name of the "
@@ -1099,6 +1123,9 @@ def _check_explore_files(a):
     own = a.model is not None and a.model not in MODEL_NAMES              # a bundled name brings its own corpus
     if own and a.corpus is None: raise ValueError("--corpus is required with --model: the training texts to search.")
     if not own and a.id_field is not None: raise ValueError("--id-field names the field of your --corpus records: it goes with --model.")
+    if (named := _query_fields(a)) and (not own or a.queries is None):
+        raise ValueError(f"--{'query-id' if (k := next(iter(named))) == 'id' else k}-field names a field of your --queries records: it goes with "
+                         + ("--model and --queries." if not own else "--queries."))
     if own and a.no_serve and a.queries is None:
         raise ValueError("--no-serve runs the app's opening query, which with --model is the first of --queries: pass --queries "
                          "(JSONL with 'prompt' and 'completion' fields).")
@@ -1113,20 +1140,26 @@ def _check_explore_files(a):
             except (ValueError, TypeError) as e:
                 raise _again(e, f"--corpus {Path(a.corpus).name}, {record_where(a.corpus, j)}: {_reword(e)}") from None
     if a.queries is not None:
-        try: query_records(a.queries)
-        except (ValueError, TypeError, FileNotFoundError) as e: raise _again(e, f"--queries {e}") from None
+        try: query_records(a.queries, query_fields=_query_fields(a))
+        except (ValueError, TypeError, FileNotFoundError) as e: raise _again(e, _fields_hint(f"--queries {e}")) from None
     if a.factors is not None: _load_factors(a.factors)
-    if a.query is not None: _check_query_id(a, own)
+    return _check_query_id(a, own)
 
-def _check_query_id(a, own:bool):
-    "--query must name a query the app will list: one of --queries, or of the bundled queries."
-    if own and a.queries is None: raise ValueError("--query names one of --queries: pass --queries too.")
+def _check_query_id(a, own:bool) -> str|None:
+    "--query must name a query the app will list (one of --queries, or of the bundled queries) or a group of --group-by: 'query' or 'group' (None: no --query)."
+    if own and a.queries is None and (a.query is not None or a.group_by is not None):
+        raise ValueError(f"{'--query' if a.query is not None else '--group-by'} names {'one' if a.query is not None else 'a field'} of --queries: pass --queries too.")
     from influence_nb.corpus import load_queries
-    ids = [q['id'] for q in (query_records(a.queries) if a.queries is not None else load_queries())]
-    if a.query in ids: return
+    qs = query_records(a.queries, query_fields=_query_fields(a)) if a.queries is not None else load_queries()
+    try: groups = query_groups_by(qs, a.group_by) if a.group_by is not None else {}
+    except ValueError as e: raise ValueError(f"--group-by {a.group_by}: {str(e).split(': ', 1)[1]}") from None
+    ids = [q['id'] for q in qs]
+    if a.query is None or a.query in ids: return a.query and 'query'
+    if a.query in groups: return 'group'
     import difflib
-    close = difflib.get_close_matches(a.query, ids, n=3)
+    close = difflib.get_close_matches(a.query, ids + list(groups), n=3)
     raise ValueError(f"--query {a.query!r} is not an id of {'--queries' if a.queries is not None else 'the bundled queries'}"
+                     + (f" nor a group of --group-by {a.group_by}" if a.group_by else '')
                      + (f"; did you mean {', '.join(close)}?" if close else f" (it has {len(ids):,}; the first: {ids[0]!r})."))
 
 # %% ../nbs/13_cli.ipynb #21ea9f63
@@ -1168,8 +1201,9 @@ def _serve_app(nb, port:int, host:str='127.0.0.1') -> int:
 # %% ../nbs/13_cli.ipynb #bf306f67
 def _cmd_explore(a):
     from influence_nb.explorer import explorer, app_notebook
-    _check_explore_files(a)
-    kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, factors=a.factors, query_id=a.query,
+    pick = _check_explore_files(a)                                  # --query: a query's id, or a group's label
+    kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, query_fields=_query_fields(a), group_by=a.group_by,
+              **{'group' if pick == 'group' else 'query_id': a.query}, factors=a.factors,
               text_field=a.text_field, id_field=a.id_field, **_rules(a).changed(), fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules, max_length=a.max_length,
               trust_remote_code=a.trust_remote_code or None, candidates=a.candidates, k=a.k, strategy=a.strategy)
     kw = {k: v for k, v in kw.items() if v is not None}                      # the app's own defaults otherwise
@@ -1178,7 +1212,10 @@ def _cmd_explore(a):
     if a.no_serve:
         app = explorer(**kw); res = app.run()
         if res is None: raise ValueError(f"the explorer could not run its opening query: {app.error}")
-        _say_queries([res.query.get('id') or 'typed query'], [res.log_p])
+        if 'members' in res.query:                                   # a group: its queries' log p, and what its scores sum
+            print(f"group {res.query['id']} of {len(res.query['members'])} queries: each score is their summed influence")
+            _say_queries([m['id'] for m in res.query['members']], res.query['log_ps'])
+        else: _say_queries([res.query.get('id') or 'typed query'], [res.log_p])
         print(f"{res.strategy}: scored {scored_phrase(res)}" + (" (--candidates 0 scores every one)" if res.prefiltered else ''))
         df = res.top[['train_index', 'id', 'score', 'nats', 'text']].copy()
         df['text'] = [t if len(t) <= 100 else t[:99] + '…' for t in df['text']]        # as `top` shows them

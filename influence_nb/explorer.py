@@ -32,7 +32,7 @@ from .modules import blocks as block_names
 import json
 import os
 from collections.abc import Mapping
-from .data import (TokenRules, rules_note, chat_loss_note, text_end_note, with_template, cut_texts, corpus_lines, missing_id, with_id, as_collection, pair_end_note, n_scored, is_conversation, is_pair, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
+from .data import (TokenRules, rules_note, chat_loss_note, text_end_note, with_template, cut_texts, corpus_lines, missing_id, with_id, has_field, as_collection, pair_end_note, n_scored, is_conversation, is_pair, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
                                corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
                                resolve_device, resolve_dtype, shown_ids)
 from .corpus import load_corpus, load_queries
@@ -43,15 +43,16 @@ from .ekfac import Factors, check_damping, fingerprint, model_digest
 from .kfac import reporting
 from .modules import find_modules, layer_aliases
 from .data import uncompiled
-from .scores import pairwise_scores, unread_to_nan
+from .scores import pairwise_scores, unread_to_nan, query_group_rows
 from .tfidf import TokenIndex
 
 # %% auto #0
-__all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'ANNOTATED_BLOCKS', 'K_MAX', 'STRATEGY_LABELS', 'STRATEGY_HINTS', 'layer_blocks',
-           'shared_note', 'default_query', 'record_where', 'corpus_records', 'query_rows', 'query_record',
-           'query_records', 'ExplorerSession', 'sequences_digest', 'factor_cache_tag', 'restrict_factors',
-           'ExplorerResult', 'run_query', 'scored_phrase', 'summary_html', 'top_html', 'heatmaps_html', 'layer_figure',
-           'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'csv_link', 'explorer', 'app_notebook']
+__all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'QUERY_FIELDS', 'ANNOTATED_BLOCKS', 'K_MAX', 'STRATEGY_LABELS', 'STRATEGY_HINTS',
+           'layer_blocks', 'shared_note', 'default_query', 'record_where', 'corpus_records', 'check_query_fields',
+           'renamed_query', 'query_rows', 'query_record', 'query_records', 'ExplorerSession', 'query_groups_by',
+           'sequences_digest', 'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'run_query', 'scored_phrase',
+           'summary_html', 'top_html', 'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping',
+           'Explorer', 'csv_link', 'explorer', 'app_notebook']
 
 # %% ../nbs/10_explorer.ipynb #6860dd62
 FIT_SAMPLE = 600  # training sequences the explorer fits curvature factors on (a seeded sample; 0 = all)
@@ -129,13 +130,40 @@ def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or 
     return out
 
 # %% ../nbs/10_explorer.ipynb #4683717f
+QUERY_FIELDS = ('prompt', 'completion', 'id', 'messages')   # what a query record holds, by these names unless `query_fields` says
+
+def check_query_fields(query_fields, # None, or {'prompt': ..., 'completion': ..., 'id': ..., 'messages': ...}: the field holding each
+                      ) -> dict:
+    "The query fields named otherwise than `QUERY_FIELDS` (`{name: field}`, dotted for a nested field), checked."
+    if query_fields is None: return {}
+    if not isinstance(query_fields, Mapping):
+        raise TypeError(f"`query_fields` must map {', '.join(QUERY_FIELDS)} to field names, got a {type(query_fields).__name__}.")
+    if bad := [k for k in query_fields if k not in QUERY_FIELDS]:
+        raise ValueError(f"`query_fields` names {bad}: its keys are {list(QUERY_FIELDS)}, each mapped to the field holding it.")
+    if bad := [k for k, v in query_fields.items() if not isinstance(v, str) or not v]:
+        raise TypeError(f"`query_fields[{bad[0]!r}]` must be a field name (a non-empty string), got {query_fields[bad[0]]!r}.")
+    if len(set(query_fields.values())) < len(query_fields):
+        raise ValueError(f"`query_fields` {dict(query_fields)} takes two of a query's parts from one field: give each its own.")
+    return {k: v for k, v in query_fields.items() if v != k}
+
+def renamed_query(row, # a query row as read
+                  fields:dict, # `check_query_fields`' answer: {name: the row's field holding it}
+                 ):
+    "`row` with each of `fields` also under its own name (what `query_record` reads); a ValueError (returned) when the row lacks one."
+    if not fields or not isinstance(row, Mapping): return row
+    if missing := [(k, f) for k, f in fields.items() if not has_field(row, f)]:
+        return ValueError(f"no field {missing[0][1]!r} for the query's {missing[0][0]} (fields: {sorted(row)})")
+    return {**row, **{k: field_value(row, f) for k, f in fields.items()}}
+
 def query_rows(queries, # a collection of query rows, or a JSONL path
+               query_fields:dict|None=None, # the field holding each part of a query record, where not its own name: {'prompt': 'question', ...}
               ) -> list[tuple[str, object]]:
-    "`(where, row)` of each query: 'queries[i]' for a collection, 'FILE, line n' for a JSONL file (blank lines skipped)."
-    if not isinstance(queries, (str, os.PathLike)): return [(f'queries[{i}]', q) for i, q in enumerate(queries)]
+    "`(where, row)` of each query: 'queries[i]' for a collection, 'FILE, line n' for a JSONL file (blank lines skipped); fields renamed."
+    fields = check_query_fields(query_fields)
+    if not isinstance(queries, (str, os.PathLike)): return [(f'queries[{i}]', renamed_query(q, fields)) for i, q in enumerate(queries)]
     p = Path(queries)
     if not p.is_file(): raise FileNotFoundError(f"`queries` file {p} " + ("is a directory; pass a JSONL file." if p.is_dir() else "does not exist."))
-    rows = [(f'{p.name}, {where}', r) for where, r in corpus_rows(p, 'jsonl')]   # UTF-8 and JSON checked per line
+    rows = [(f'{p.name}, {where}', renamed_query(r, fields)) for where, r in corpus_rows(p, 'jsonl')]   # UTF-8 and JSON checked per line
     if not rows: raise ValueError(f"{p.name} holds no queries: write one JSON object per line with 'prompt' and 'completion'.")
     return rows
 
@@ -191,10 +219,11 @@ def query_record(where: str, # names the row in messages, e.g. "q.jsonl, line 3"
 
 def query_records(queries, # None, (prompt, completion) pairs, dicts with 'prompt' and 'completion' (+ 'id'), or a JSONL path
                   tokenizer=None, # for queries given as conversations or token ids (`query_record`)
+                  query_fields:dict|None=None, # the field holding each part of a record, where not its own name: {'prompt': 'question', ...}
                  ) -> list[dict]:
     "The explorer's queries: dicts with `id`, `prompt`, `completion` (and the query file's fields)."
     if queries is None: return []
-    out = [query_record(where, q, i, tokenizer) for i, (where, q) in enumerate(query_rows(queries))]
+    out = [query_record(where, q, i, tokenizer) for i, (where, q) in enumerate(query_rows(queries, query_fields))]
     ids = [q['id'] for q in out]
     if len(set(ids)) < len(ids):
         src = f"{Path(queries).name}: " if isinstance(queries, (str, os.PathLike)) else ''
@@ -239,6 +268,8 @@ class ExplorerSession:
                  trust_remote_code: bool = False, # let a model folder's own code run (`auto_map` in its config); off: refused
                  max_length: int|None = None,  # cut training texts to this many tokens (the length the model was trained at); None: its context
                  id_field: str = 'id',         # with `model`: the field naming each corpus record (e.g. 'doc_id'; dotted for nested)
+                 query_fields: dict|None = None, # with `queries`: the field holding each part of a query record where not its own name, e.g. {'prompt': 'question', 'completion': 'answer'}
+                 group_by: str|None = None,    # a query field (dotted for nested): the queries holding one value there form a group, scored as one
                  pair_eos: bool|str|int = True, # after a text pair's completion: the tokenizer's EOS (as TRL trains), none (False), or this token
                  text_eos: bool|str|int = False, # after each text: nothing (False), the tokenizer's EOS (True, as TRL trains a 'text' dataset), or this token
                  assistant_only_loss: bool = True, # a conversation: score the assistant's replies only (False: every token, TRL's default)
@@ -251,13 +282,16 @@ class ExplorerSession:
         self.rules = TokenRules(pair_eos, text_eos, assistant_only_loss, completion_only_loss)   # how training made its tokens
         self._models, self._train, self._index, self._factors, self._given = {}, {}, {}, {}, set()
         self._cut = {}                    # tokenizer key -> (the training rows cut at the context, the note saying so)
-        self._records = self._queries = self._corpus = None
+        self._records = self._queries = self._corpus = self._groups = None
+        if group_by is not None and (not isinstance(group_by, str) or not group_by):
+            raise TypeError(f"`group_by` must be the name of a field of the queries, got {group_by!r}.")
+        self.group_by = group_by
         self.custom = None                # the name of the user's model, when one was given
         self.modules = _session_modules(modules)
-        if model is not None: self._setup_custom(model, tokenizer, corpus, queries, factors, text_field, name, id_field)
-        elif any(x is not None for x in (tokenizer, corpus, queries, factors)) or id_field != 'id':
-            raise ValueError("`tokenizer`, `corpus`, `queries`, `factors` and `id_field` go with `model`: pass your model too "
-                             "(or none of them for the bundled models).")
+        if model is not None: self._setup_custom(model, tokenizer, corpus, queries, factors, text_field, name, id_field, query_fields)
+        elif any(x is not None for x in (tokenizer, corpus, queries, factors, query_fields)) or id_field != 'id':
+            raise ValueError("`tokenizer`, `corpus`, `queries`, `factors`, `id_field` and `query_fields` go with `model`: pass your "
+                             "model too (or none of them for the bundled models).")
         if self.modules is None: self.modules = 'mlp'
 
     @property
@@ -272,13 +306,14 @@ class ExplorerSession:
         if self._queries is None: self._queries = load_queries()
         return self._queries
 
-    def __repr__(self):
-        return (f"ExplorerSession(fit_sample={self.fit_sample}, seed={self.seed}, models loaded={list(self._models)}, "
-                f"factors={[f'{m}/{s}' for m, s in self._factors]})")
-
 # %% ../nbs/10_explorer.ipynb #90425f14
 @patch
-def _setup_custom(self: ExplorerSession, model, tokenizer, corpus, queries, factors, text_field, name, id_field='id'):
+def __repr__(self: ExplorerSession):
+    return (f"ExplorerSession(fit_sample={self.fit_sample}, seed={self.seed}, models loaded={list(self._models)}, "
+            f"factors={[f'{m}/{s}' for m, s in self._factors]})")
+
+@patch
+def _setup_custom(self: ExplorerSession, model, tokenizer, corpus, queries, factors, text_field, name, id_field='id', query_fields=None):
     if corpus is None:
         raise ValueError("`corpus` is required with `model`: the training texts to search (a list of texts, a "
                          "JSONL/.txt/Parquet file or a datasets.Dataset).")
@@ -286,7 +321,7 @@ def _setup_custom(self: ExplorerSession, model, tokenizer, corpus, queries, fact
     self.custom = name or (Path(model).name if isinstance(model, (str, os.PathLike)) else type(mdl).__name__)
     self._models[self.custom] = (mdl, tok)
     self._corpus = corpus                                             # (a file: its lines name records in messages)
-    self._records, self._queries = corpus_records(corpus, tok, text_field, id_field), query_records(queries, tok)
+    self._records, self._queries = corpus_records(corpus, tok, text_field, id_field), query_records(queries, tok, query_fields)
     if factors is not None:
         f = Factors.load(factors) if isinstance(factors, (str, os.PathLike)) else factors
         if not isinstance(f, Factors): raise TypeError(f"`factors` must be Factors or their folder, got {type(f).__name__}.")
@@ -340,6 +375,41 @@ def model(self: ExplorerSession, name: str):
     self._check_model(name)
     if name not in self._models: self._models[name] = load_model(name, None, self.device, self.dtype)   # `load_bundled`, placed
     return self._models[name]
+
+# %% ../nbs/10_explorer.ipynb #792054c4
+def query_groups_by(queries:list[dict], # query records (`query_records`)
+                    field:str, # the field whose value names a query's group (dotted for nested)
+                   ) -> dict:
+    "`{label: ids of its queries}`, in the order labels first appear; a query without the field (or a null there) is in none."
+    got = [(q['id'], v) for q in queries if (v := field_value(q, field)) is not None]
+    if bad := [(i, v) for i, v in got if isinstance(v, bool) or not isinstance(v, (str, int))]:
+        raise ValueError(f"`group_by` {field!r}: query {bad[0][0]!r} holds {type(bad[0][1]).__name__} {bad[0][1]!r} there; "
+                         "a group's label must be a str or an int.")
+    if not got: raise ValueError(f"`group_by` {field!r}: no query has a value there (fields of the first: {sorted(queries[0]) if queries else []}).")
+    try: query_group_rows([v for _, v in got], len(got))                # labels that print alike refused
+    except ValueError as e: raise ValueError(f"`group_by` {field!r}: {e}") from None
+    out = {}
+    for i, v in got: out.setdefault(str(v), []).append(i)
+    return out
+
+@patch(as_prop=True)
+def groups(self: ExplorerSession) -> dict:
+    "The groups of queries `group_by` makes: `{label: ids of its queries}` (`{}` without `group_by`)."
+    if self.group_by is None: return {}
+    if self._groups is None: self._groups = query_groups_by(self.queries, self.group_by)
+    return self._groups
+
+@patch
+def group(self: ExplorerSession, label) -> dict:
+    "Group `label` as one query: its `members`, the parts they all share (`lang`, `fact_id`, ...), their prompts and completions joined."
+    if str(label) not in self.groups:
+        close = difflib.get_close_matches(str(label), list(self.groups), n=3)
+        raise ValueError(f"Unknown group {label!r}" + (f" of {self.group_by!r}." if self.group_by else ": the session has no `group_by`.")
+                         + (f" Did you mean {', '.join(close)}?" if close else ''))
+    members = [self.query(i) for i in self.groups[str(label)]]
+    same = lambda k: members[0].get(k) if all(m.get(k) == members[0].get(k) for m in members) else None
+    return dict(id=str(label), kind='group', lang=same('lang'), fact_id=same('fact_id'), passage_id=same('passage_id'), members=members,
+                prompt=' | '.join(m['prompt'] for m in members), completion=' | '.join(m['completion'] for m in members))
 
 # %% ../nbs/10_explorer.ipynb #c16a0f04
 def sequences_digest(seqs, # sequences (anything `as_sequences` accepts)
@@ -521,7 +591,11 @@ class ExplorerResult:
                 f"blocks {self.blocks}, {len(self.candidates)} candidates, top {len(self.top)})")
 
 # %% ../nbs/10_explorer.ipynb #45329622
-def _resolve_query(session, query_id, prompt, completion) -> dict:
+def _resolve_query(session, query_id, prompt, completion, group=None) -> dict:
+    if group is not None:
+        if query_id is not None or prompt is not None or completion is not None:
+            raise ValueError("Give one of `group`, `query_id`, or `prompt` and `completion`.")
+        return session.group(group)
     if query_id is not None:
         if prompt is not None or completion is not None:
             raise ValueError("Give either `query_id` or `prompt` and `completion`, not both.")
@@ -568,7 +642,7 @@ def _check_run_args(session, model, strategy, damping, k, prefilter, candidates,
     if prefilter: candidates = check_int(candidates, 'candidates')
     return session, k, candidates, _check_blocks(blocks, session.n_blocks(model))
 
-def _candidate_scores(mdl, factors, query, seqs, names, damping, batch_size, say, label) -> np.ndarray:
+def _candidate_scores(mdl, factors, query, seqs, names, damping, batch_size, say, label, groups=None) -> np.ndarray:
     """`[n_cand, n_layers]`: each candidate's influence through each tracked layer, in chunks so that progress moves.
     Copies of one sequence are scored once: they tie exactly, so the lower index ranks first (scored in two batches, they
     could differ in the last bit, and which copy came first changed with the candidates)."""
@@ -581,7 +655,7 @@ def _candidate_scores(mdl, factors, query, seqs, names, damping, batch_size, say
     for c, part in enumerate(np.array_split(np.arange(len(uniq)), n_chunks)):
         say(f"Scoring {len(seqs):,} candidates with {label} (chunk {c + 1}/{n_chunks})", 0.45 + 0.4 * c / n_chunks)
         sc = pairwise_scores(mdl, factors, query, [uniq[j] for j in part], damping=damping, per_layer=True,
-                             batch_size=batch_size, progress=False)
+                             batch_size=batch_size, progress=False, query_groups=groups)
         per_layer[part] = torch.stack([sc.per_layer[n][0] for n in names], -1).double().numpy()
     return per_layer[[first[key] for key in keys]]                                  # [n_cand, n_layers]
 
@@ -594,12 +668,13 @@ def _top_frame(q, records, top_idx, top_scores, n_train, where=lambda i: '') -> 
 
 # %% ../nbs/10_explorer.ipynb #7a3e639e
 def _query_sequence(q:dict, mdl, tok, model:str) -> list[dict]:
-    "The query's sequence: its token ids when given so, else its prompt and completion tokenized; refused beyond the context."
+    "The query's sequence (a group's: one per query): its token ids when given so, else its prompt and completion tokenized; refused beyond the context."
+    if 'members' in q: return [s for m in q['members'] for s in _query_sequence(m, mdl, tok, model)]
     query = (as_sequences([{'input_ids': q['input_ids'], 'labels': q['labels']}]) if 'input_ids' in q
              else tokenize_pairs(tok, [(q['prompt'], q['completion'])]))
     n_ctx = context_length(mdl, tok)
     if n_ctx is not None and len(query[0]['input_ids']) > n_ctx:
-        raise ValueError(f"The query is {len(query[0]['input_ids'])} tokens long; {model} reads at most {n_ctx}. "
+        raise ValueError(f"The query{f' {q_id!r}' if (q_id := q.get('id')) else ''} is {len(query[0]['input_ids'])} tokens long; {model} reads at most {n_ctx}. "
                          "Shorten the prompt.")
     return query
 
@@ -608,6 +683,16 @@ def _one_pair(msg:str) -> str:
     "A `tokenize_pairs` warning about the one query, without the count and position a list of pairs needs."
     m = re.match(r"1 of 1 pairs \(the first: pairs\[0\], .*?\): (.)", msg, re.S)
     return msg if m is None else m.group(1).upper() + msg[m.end():]
+
+def _query_tokens(q:dict, mdl, tok, model:str) -> tuple[list[dict], list[str], float]:
+    """`(sequences, notes, log p)`: the query's sequences (`_query_sequence`), what tokenizing them warned about (shown in the app,
+    and still warned) and its completion's log p; a group's is its queries' sum, each query's in `q['log_ps']`."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter('always'); query = _query_sequence(q, mdl, tok, model)
+    for w in said: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    lps = completion_logprobs(mdl, query)
+    if 'members' in q: q['log_ps'] = [float(x) for x in lps]
+    return query, [_one_pair(str(w.message)) for w in said if issubclass(w.category, UserWarning)], float(lps.sum())
 
 def _fit_progress(say, strategy:str):
     "A `reporting` listener: a fit's progress on the app's bar (12–37 %), pass by pass (EK-FAC makes two)."
@@ -622,8 +707,12 @@ def _prefilter(session, model, query, candidates:int, n:int, say) -> tuple[np.nd
     "`(candidates, how many of them share words with the query)`: the BM25 top `candidates`, or all `n` (None: not filtered)."
     if candidates >= n: return np.arange(n), None
     say(f"Prefiltering: the {candidates:,} best BM25 matches among {n:,} sequences", 0.4)
-    ids, vals = session.index(model).top(query, candidates)
-    return ids[0].numpy(), int((vals[0] > 0).sum())    # past those, BM25 is 0: the rest come in corpus order
+    if len(query) == 1:
+        ids, vals = session.index(model).top(query, candidates)
+        return ids[0].numpy(), int((vals[0] > 0).sum())    # past those, BM25 is 0: the rest come in corpus order
+    s = session.index(model).scores(query).sum(0).numpy()    # a group: its queries' BM25 summed (a word shared counts in each)
+    top = np.lexsort((np.arange(n), -s))[:candidates]         # ties: the lower index first, as `TokenIndex.top`
+    return top, int((s[top] > 0).sum())
 
 
 # %% ../nbs/10_explorer.ipynb #ddfdff57
@@ -631,7 +720,8 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
               model: str = 'gpt2-s',           # a model name of the session (bundled, or yours)
               query_id: str|None = None,       # an id from queries.jsonl ...
               prompt: str|None = None,         # ... or a typed prompt
-              completion: str|None = None,     # ... and completion (the measured text)
+              completion: str|None = None,     # ... and completion (the measured text) ...
+              group: str|None = None,          # ... or a group's label (`ExplorerSession(group_by=)`): its queries as one, their summed influence
               prefilter: bool = True,          # score only the BM25 top `candidates` (paper §3.2.1)
               candidates: int = 500,           # how many candidates the filter keeps
               k: int = 5,                      # top sequences returned
@@ -643,7 +733,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     "Influence of the training sequences on one query's completion, as the explorer shows it."
     say, laps = progress or (lambda stage, frac: None), _Laps()
     session, k, candidates, blocks = _check_run_args(session, model, strategy, damping, k, prefilter, candidates, blocks)
-    q = _resolve_query(session, query_id, prompt, completion)
+    q = _resolve_query(session, query_id, prompt, completion, group)
     say(f"Loading {model}", 0.02)                                                       # 1. model, data, factors
     mdl, tok = session.model(model)
     names = [layer.name for layer in find_modules(mdl, session.modules, warn=False)]
@@ -654,12 +744,10 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     say("Tokenizing the training set", 0.08)
     train, records = session.train(model), session.records
     laps('tokenize')
-    with warnings.catch_warnings(record=True) as said:                                 # what the query's tokens warn about:
-        warnings.simplefilter('always'); query = _query_sequence(q, mdl, tok, model)   # shown in the app, and still warned
-    for w in said: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    query, notes, log_p = _query_tokens(q, mdl, tok, model)
     cut_rows, cut_note = session._cut.get(session._tok_key(model), (set(), None))
-    notes = [_one_pair(str(w.message)) for w in said if issubclass(w.category, UserWarning)] + [x for x in (cut_note, shared_note(names, mdl)) if x]
-    log_p = float(completion_logprobs(mdl, query)[0])
+    notes += [x for x in (cut_note, shared_note(names, mdl)) if x]
+    groups = 'all' if 'members' in q else None                                          # a group: one row, its queries' sum
     cached = (model, strategy) in session._factors
     say(f"{'Loading' if cached else 'Fitting (or loading cached)'} {strategy} factors "
         f"on {len(session.fit_indices(len(train))):,} training sequences", 0.12)
@@ -669,14 +757,14 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     if k > len(cand): notes.append(f"Top {k} asked, but only {len(cand):,} candidates were scored: all of them are shown.")
     laps('prefilter')
     per_layer = _candidate_scores(mdl, factors, query, [train[int(i)] for i in cand], names, damping,   # 3. scores
-                                  session.batch_size, say, strategy)
+                                  session.batch_size, say, strategy, groups)
     scores = per_layer[:, [names.index(n) for n in counted]].sum(1)                    # [n_cand]
     laps('score')
     say(f"Token-wise scores of the top {min(k, len(cand))}", 0.88)                    # 4. top k, token-wise
     order = np.lexsort((cand, -scores))[:k]                                            # score desc, then index asc
     top_idx = [int(cand[j]) for j in order]
     pt = pairwise_scores(mdl, restrict_factors(factors, mdl, counted), query, [train[i] for i in top_idx], damping=damping,
-                         per_token=True, batch_size=session.batch_size, progress=False).per_token[0].double().numpy()
+                         per_token=True, batch_size=session.batch_size, progress=False, query_groups=groups).per_token[0].double().numpy()
     tokens = [viz.token_texts(tok, train[i]['input_ids']) for i in top_idx]
     token_scores = [pt[r, :len(t)] for r, t in enumerate(tokens)]
     top = _top_frame(q, records, top_idx, scores[order], len(train), session.where)
@@ -727,13 +815,19 @@ def summary_html(result: ExplorerResult) -> str:
     "One paragraph: the query, its log-probability, what was scored and how long it took."
     q = result.query
     which = (f"{q['id']} ({', '.join(str(x) for x in (q.get('kind'), q.get('lang')) if x)})" if q.get('id') else "typed query")
+    pair = lambda x: f'<span class="inb-prompt-text">{_esc(x["prompt"])}</span><span class="inb-completion-text">{_esc(x["completion"])}</span>'
+    said = f'{pair(q)} · log p = {result.log_p:.3f} nats'
+    if 'members' in q:                                                # a group: each score sums its queries' scores
+        which = f"group {q['id']} ({len(q['members'])} queries{', ' + str(q['lang']) if q.get('lang') else ''})"
+        said = (f'each score is the summed influence on its {len(q["members"])} queries · summed log p = {result.log_p:.3f} nats'
+                '<ul class="inb-members">' + ''.join(f'<li data-query-id="{_esc(m["id"])}">{_esc(m["id"])}: {pair(m)} · log p = {lp:.3f}</li>'
+                                                     for m, lp in zip(q['members'], q['log_ps'])) + '</ul>')
     cand = scored_phrase(result)
     blocks = f"blocks {result.blocks[0]}–{result.blocks[1]} ({len(result.layers)} of {len(result.all_layers)} tracked layers)"
     damping_text = ("no curvature, no damping" if result.strategy == 'identity' else
                     f"damping {'0.1 × mean eigenvalue' if result.damping is None else f'{result.damping:g}'}")
     secs = sum(result.timings.values())
-    return (f'<div class="inb-summary" data-query-id="{_esc(q.get("id") or "")}"><b>{_esc(which)}</b>: <span class="inb-prompt-text">{_esc(q["prompt"])}</span>'
-            f'<span class="inb-completion-text">{_esc(q["completion"])}</span> · log p = {result.log_p:.3f} nats<br>'
+    return (f'<div class="inb-summary" data-query-id="{_esc(q.get("id") or "")}"><b>{_esc(which)}</b>: {said}' + ('' if 'members' in q else '<br>') +
             f'<span class="inb-muted">{_esc(result.model)} · {_esc(result.strategy)} ({damping_text}) · {cand} · {blocks} · '
             f'{_SOURCE_WORDS.get(result.factors_source, "factors " + result.factors_source)} · {secs:.1f} s</span><details class="inb-muted inb-units"><summary>Reading the numbers: a '
             f'positive score means the sequence makes the completion more likely; nats = score / N (more)</summary>{_esc(SCORE_LEGEND)}</details>'
@@ -866,6 +960,7 @@ _CSS = f"<style>\n{_asset('explorer.css')}</style>"
 
 def _query_label(q: dict, width: int = 96) -> str:
     "A query as the picker lists it: a conversation by its last question and the answer, not its template's tokens."
+    if 'members' in q: return _short(f"{q['id']} · {len(q['members'])} queries: " + ' | '.join(_query_label(x).split(' · ', 1)[1] for x in q['members']), width)
     m = q.get('messages')
     if is_conversation(m) and len(m) >= 2: return _short(f"{q['id']} · {m[-2]['role']}: {m[-2].get('content') or ''} → {m[-1].get('content') or ''}", width)
     return _short(f"{q['id']} · {q['prompt']} →{q['completion']}", width)
@@ -877,6 +972,7 @@ class Explorer(widgets.VBox):
                  session: ExplorerSession|None = None, # caches; None: `ExplorerSession(fit_sample)`
                  model: str|None = None,       # initial model (default: the smallest bundled one)
                  query_id: str|None = None,    # initial query (default: `default_query`)
+                 group: str|None = None,       # or the initial group of queries (a label of the session's `group_by`)
                  candidates: int = 300,        # initial number of BM25 candidates (0: no filter, every sequence)
                  k: int = 5,                   # initial number of top sequences
                  strategy: str = 'ekfac',      # initial strategy
@@ -889,8 +985,12 @@ class Explorer(widgets.VBox):
         model = model or models[0]
         s._check_model(model)
         if strategy not in STRATEGIES_SHOWN: raise ValueError(f"Unknown `strategy` {strategy!r}; choose one of {STRATEGIES_SHOWN}.")
-        q = s.query(query_id) if query_id else default_query(s.queries) if s.queries else None
-        self.result, self.error, self.last_traceback, self._last_pick = None, None, None, q and q['id']
+        if group is not None and query_id is not None: raise ValueError("Give `query_id` or `group`, not both.")
+        q = s.group(group) if group is not None else s.query(query_id) if query_id else default_query(s.queries) if s.queries else None
+        self.result, self.error, self.last_traceback = None, None, None
+        self._groups = [s.group(g) for g in s.groups]                  # the picker's groups (each a query of its queries)
+        self._last_pick = default_query(s.queries)['id'] if group is not None else q and q['id']
+        self._last_group = group if group is not None else (next(iter(s.groups), None))
         q = q or dict(id=None, prompt='', completion='')   # no queries given: start with a typed one
         self.runs = 0                                   # Run presses so far (status spans carry data-run)
         self._make_controls(q, models, model, candidates, k, strategy)
@@ -925,7 +1025,8 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     L = lambda w='100%': widgets.Layout(width='auto', max_width=w)   # 'auto' stretches to the panel inside its margins; 100% + margins overflowed
     # query controls
     self.model_w = widgets.Dropdown(options=models, value=model, description='Model', style=wide, layout=L())
-    self.source_w = widgets.ToggleButtons(options=[('From queries file', 'file'), ('Typed', 'typed')], value='file' if q['id'] else 'typed',
+    self.source_w = widgets.ToggleButtons(options=[('From queries file', 'file')] + ([('A group', 'group')] if s.groups else []) + [('Typed', 'typed')],
+                                          value='group' if 'members' in q else 'file' if q['id'] else 'typed',
                                           description='Source', style=dict(description_width='92px', button_width='140px'))
     self.filter_w = widgets.Text(value='', placeholder='filter the queries: an id or words of the prompt',
                                  description='Filter', style=wide, layout=L(), continuous_update=True)
@@ -1012,10 +1113,11 @@ def _layout(self: Explorer) -> list:
 # %% ../nbs/10_explorer.ipynb #971ceaf6
 @patch
 def _fill_queries(self: Explorer, select: str|None = None):
-    words = self.filter_w.value.lower().split()
-    qs = [q for q in self.session.queries
+    "The picker's list: the queries (or with Source 'A group', the groups) that match the filter's words."
+    words, grouped = self.filter_w.value.lower().split(), self.source_w.value == 'group'
+    qs = [q for q in (self._groups if grouped else self.session.queries)
           if all(w in f"{q['id']} {q['kind']} {q['lang']} {q['prompt']} {q['completion']}".lower() for w in words)]
-    keep = select or self.query_w.value or self._last_pick
+    keep = select or self.query_w.value or (self._last_group if grouped else self._last_pick)
     self.query_w.options = [(_query_label(q), q['id']) for q in qs]
     ids = [q['id'] for q in qs]
     self.query_w.value = keep if keep in ids else (ids[0] if ids else None)
@@ -1023,19 +1125,27 @@ def _fill_queries(self: Explorer, select: str|None = None):
 
 @patch
 def _on_query(self: Explorer, change):
-    if change['new'] is not None: self._last_pick = change['new']
-    if change['new'] is not None and self.source_w.value == 'file':
+    "A query picked: its prompt and completion shown (a group's, one query per line)."
+    grouped = self.source_w.value == 'group'
+    if change['new'] is not None: setattr(self, '_last_group' if grouped else '_last_pick', change['new'])
+    if change['new'] is not None and grouped:
+        ms = self.session.group(change['new'])['members']
+        self.prompt_w.value = '\n'.join(f"{m['prompt']} →{m['completion']}" for m in ms)
+        self.completion_w.value = f"(each query's own: {len(ms)} queries, their influence summed)"
+    elif change['new'] is not None and self.source_w.value == 'file':
         q = self.session.query(change['new'])
         self.prompt_w.value, self.completion_w.value = q['prompt'], q['completion']
 
 @patch
 def _sync_source(self: Explorer, change=None):
     "Enable the controls of the query source chosen; what was typed is kept while a file query is shown, and comes back."
-    from_file = self.source_w.value == 'file'
+    mode = self.source_w.value; from_file = mode != 'typed'        # 'file', 'group' (a group of the file's queries) or 'typed'
     self.filter_w.disabled = self.query_w.disabled = not from_file
     self.prompt_w.disabled = self.completion_w.disabled = from_file
     if from_file:
         if change is not None and change['old'] == 'typed': self._typed = (self.prompt_w.value, self.completion_w.value)   # what was typed
+        if change is not None and self._groups and (change['old'] == 'group') != (mode == 'group'):   # the picker's list changes
+            self._fill_queries(select=self._last_group if mode == 'group' else self._last_pick)
         if self.query_w.value is not None: self._on_query({'new': self.query_w.value})
     elif getattr(self, '_typed', None) is not None: self.prompt_w.value, self.completion_w.value = self._typed
 
@@ -1047,6 +1157,7 @@ def _on_model(self: Explorer, change):
         self.blocks_w.value = (0, nb - 1)
     except (ValueError, OSError) as e: self._show_error(e)
 
+# %% ../nbs/10_explorer.ipynb #3b36ffe4
 @patch
 def _say(self: Explorer, stage: str, frac: float):
     self.progress_w.value = int(round(100 * frac))
@@ -1073,10 +1184,10 @@ def settings(self: Explorer) -> dict:
     kw = dict(model=self.model_w.value, prefilter=self.prefilter_w.value, candidates=self.candidates_w.value,
               k=self.k_w.value, strategy=self.strategy_w.value, damping=parse_damping(self.damping_w.value),
               blocks=tuple(self.blocks_w.value))
-    if self.source_w.value == 'file':
+    if self.source_w.value != 'typed':
         if self.query_w.value is None:
             raise ValueError("No query is selected: clear or change the filter and pick a query, or switch to 'Typed'.")
-        kw['query_id'] = self.query_w.value
+        kw['group' if self.source_w.value == 'group' else 'query_id'] = self.query_w.value
     else:
         kw['prompt'], kw['completion'] = self.prompt_w.value, self.completion_w.value
     return kw
@@ -1174,11 +1285,13 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
              trust_remote_code:bool=False, # let your model folder's own code run (`auto_map` in its config); off: refused
              max_length:int|None=None, # cut training texts to this many tokens (the length the model was trained at); None: its context
              id_field:str='id', # the field naming each of your corpus records (e.g. 'doc_id'; dotted for nested)
+             query_fields:dict|None=None, # the field holding each part of your query records where not its own name: {'prompt': 'question', ...}
+             group_by:str|None=None, # a query field: the queries holding one value there form a group, picked and scored as one (summed influence)
              pair_eos:bool|str|int=True, # after a text pair's completion: the tokenizer's EOS, none (False), or this token
              text_eos:bool|str|int=False, # after each text: nothing (False), the tokenizer's EOS (True, as TRL trains a 'text' dataset), or this token
              assistant_only_loss:bool=True, # a conversation: score the assistant's replies only (False: every token, TRL's default)
              completion_only_loss:bool=True, # a prompt-completion pair: score the completion only (False: the whole pair, a conversational one as `assistant_only_loss` says)
-             **kwargs, # the rest of `Explorer`'s arguments (query_id, candidates, k, strategy)
+             **kwargs, # the rest of `Explorer`'s arguments (query_id or group, candidates, k, strategy)
             ) -> Explorer:
     "The explorer app (an ipywidgets VBox) on the bundled models, or on your model and corpus."
     bundled = model is None or (isinstance(model, str) and model in MODEL_NAMES and corpus is None)
@@ -1187,16 +1300,17 @@ def explorer(model=None, # a bundled name (initial choice), or your model: an ob
         if session is not None: raise ValueError("Pass either `session` or your `model` (with its corpus), not both.")
         session = ExplorerSession(fit_sample=fit_sample, model=model, tokenizer=tokenizer, corpus=corpus, queries=queries,
                                   factors=factors, text_field=text_field, device=device, dtype=dtype, modules=modules,
-                                  trust_remote_code=trust_remote_code, max_length=max_length, id_field=id_field, **dataclasses.asdict(rules))
+                                  trust_remote_code=trust_remote_code, max_length=max_length, id_field=id_field,
+                                  query_fields=query_fields, group_by=group_by, **dataclasses.asdict(rules))
         model = None
-    elif any(x is not None for x in (tokenizer, corpus, queries, factors)) or id_field != 'id' or rules.changed():
-        raise ValueError("`tokenizer`, `corpus`, `queries`, `factors`, `id_field` and how training made its tokens (`pair_eos`, "
+    elif any(x is not None for x in (tokenizer, corpus, queries, factors, query_fields)) or id_field != 'id' or rules.changed():
+        raise ValueError("`tokenizer`, `corpus`, `queries`, `factors`, `id_field`, `query_fields` and how training made its tokens (`pair_eos`, "
                          "`text_eos`, `assistant_only_loss`, `completion_only_loss`) go with your own `model` (an object or a "
                          "folder); with a `session`, give them to the `ExplorerSession`.")
-    elif device is not None or dtype is not None or modules is not None or max_length is not None:
+    elif device is not None or dtype is not None or modules is not None or max_length is not None or group_by is not None:
         if session is not None:
-            raise ValueError("Pass `device`, `dtype`, `modules` and `max_length` to the `ExplorerSession` you give, not to `explorer`.")
-        session = ExplorerSession(fit_sample=fit_sample, device=device, dtype=dtype, modules=modules, max_length=max_length)
+            raise ValueError("Pass `device`, `dtype`, `modules`, `max_length` and `group_by` to the `ExplorerSession` you give, not to `explorer`.")
+        session = ExplorerSession(fit_sample=fit_sample, device=device, dtype=dtype, modules=modules, max_length=max_length, group_by=group_by)
     return Explorer(session=session, model=model, fit_sample=fit_sample, **kwargs)
 
 # %% ../nbs/10_explorer.ipynb #01d89fea
@@ -1207,8 +1321,9 @@ def app_notebook(path, # where to write the notebook (.ipynb)
     paths = ('model', 'tokenizer', 'corpus', 'queries', 'factors')   # other strings (a device, a text field) stay as given
     args = {k: (str(Path(v).resolve()) if k in paths and isinstance(v, (str, os.PathLike)) and Path(v).exists() else v)
             for k, v in kwargs.items() if v is not None}
-    for k, v in args.items():
-        if not isinstance(v, (str, int, float, bool)): raise TypeError(f"`{k}` must be a path, name or number here, got {type(v).__name__}.")
+    for k, v in args.items():                                           # (and `query_fields`: a dict of names)
+        if not (isinstance(v, (str, int, float, bool)) or (isinstance(v, dict) and all(isinstance(x, str) for x in [*v, *v.values()]))):
+            raise TypeError(f"`{k}` must be a path, name or number here, got {type(v).__name__}.")
     code = ("# The influence_nb explorer (written by `influence_nb.explorer.app_notebook`).\n"
             "import os, torch\nfrom influence_nb.explorer import explorer\n"
             "if os.environ.get('INFLUENCE_NB_THREADS'): torch.set_num_threads(int(os.environ['INFLUENCE_NB_THREADS']))\n"
