@@ -1220,6 +1220,7 @@ def _cmd_explore(a):
         df = res.top[['train_index', 'id', 'score', 'nats', 'text']].copy()
         df['text'] = [t if len(t) <= 100 else t[:99] + '…' for t in df['text']]        # as `top` shows them
         print(df.to_string(float_format=lambda x: f'{x:.4g}'))
+        if res.by_query is not None: print("each query's part of these scores:\n" + res.by_query.to_string(float_format=lambda x: f'{x:.4g}'))
         for note in res.notes: print(f"note: {note}")
         return
     import importlib.util

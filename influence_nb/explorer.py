@@ -585,6 +585,7 @@ class ExplorerResult:
     matched: int|None = None         # prefiltered: how many candidates share a word with the query (BM25 > 0)
     block_of: dict = field(default_factory=dict)      # tracked layer -> its block (`layer_blocks`; None: outside every block)
     scored: list = field(default_factory=list)        # per top sequence: [n_tokens] bool, the token is a label the record trains (else context)
+    by_query: pd.DataFrame|None = None # a group's: each of its queries' part of each top score (rank × query id; a row sums to its score)
 
     def __repr__(self):
         return (f"ExplorerResult({self.model}, {self.query.get('id') or 'typed query'}, {self.strategy}, "
@@ -694,6 +695,13 @@ def _query_tokens(q:dict, mdl, tok, model:str) -> tuple[list[dict], list[str], f
     if 'members' in q: q['log_ps'] = [float(x) for x in lps]
     return query, [_one_pair(str(w.message)) for w in said if issubclass(w.category, UserWarning)], float(lps.sum())
 
+def _top_tokens(mdl, tok, factors, query, seqs, damping, batch_size) -> tuple[list, list, np.ndarray]:
+    "`(tokens, token scores, parts)`: each top sequence's tokens and per-token scores (a group's: its queries' summed), and each query's part of each score `[n_q, k]`."
+    pt = pairwise_scores(mdl, factors, query, seqs, damping=damping, per_token=True, batch_size=batch_size,
+                         progress=False).per_token.double().numpy()                  # [n_q, k, T]
+    tokens = [viz.token_texts(tok, s['input_ids']) for s in seqs]
+    return tokens, [pt.sum(0)[r, :len(t)] for r, t in enumerate(tokens)], pt.sum(-1)
+
 def _fit_progress(say, strategy:str):
     "A `reporting` listener: a fit's progress on the app's bar (12–37 %), pass by pass (EK-FAC makes two)."
     passes, state = 2 if strategy == 'ekfac' else 1, {'k': 0, 'last': None}
@@ -747,7 +755,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     query, notes, log_p = _query_tokens(q, mdl, tok, model)
     cut_rows, cut_note = session._cut.get(session._tok_key(model), (set(), None))
     notes += [x for x in (cut_note, shared_note(names, mdl)) if x]
-    groups = 'all' if 'members' in q else None                                          # a group: one row, its queries' sum
+    groups = 'all' if 'members' in q else None                                         # a group: one row, its queries' sum
     cached = (model, strategy) in session._factors
     say(f"{'Loading' if cached else 'Fitting (or loading cached)'} {strategy} factors "
         f"on {len(session.fit_indices(len(train))):,} training sequences", 0.12)
@@ -763,17 +771,16 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     say(f"Token-wise scores of the top {min(k, len(cand))}", 0.88)                    # 4. top k, token-wise
     order = np.lexsort((cand, -scores))[:k]                                            # score desc, then index asc
     top_idx = [int(cand[j]) for j in order]
-    pt = pairwise_scores(mdl, restrict_factors(factors, mdl, counted), query, [train[i] for i in top_idx], damping=damping,
-                         per_token=True, batch_size=session.batch_size, progress=False, query_groups=groups).per_token[0].double().numpy()
-    tokens = [viz.token_texts(tok, train[i]['input_ids']) for i in top_idx]
-    token_scores = [pt[r, :len(t)] for r, t in enumerate(tokens)]
+    tokens, token_scores, parts = _top_tokens(mdl, tok, restrict_factors(factors, mdl, counted), query, [train[i] for i in top_idx],
+                                              damping, session.batch_size)
     top = _top_frame(q, records, top_idx, scores[order], len(train), session.where)
+    by_query = pd.DataFrame(parts.T, index=top.index, columns=[m['id'] for m in q['members']]) if groups else None
     if note := nats_note(top['nats'], log_p): notes.append(note)
     laps('tokens'); say("Done", 1.0)
     return ExplorerResult(model, q, log_p, strategy, damping, blocks, counted, names, len(train), cand, matched is not None,
                           scores, pd.DataFrame(per_layer, index=pd.Index(cand, name='train_index'), columns=names),
                           top, tokens, token_scores, source, laps.timings, notes, [i in cut_rows for i in top_idx], matched,
-                         dict(zip(names, bl)), [_label_mask(train[i]) for i in top_idx])
+                         dict(zip(names, bl)), [_label_mask(train[i]) for i in top_idx], by_query)
 
 # %% ../nbs/10_explorer.ipynb #bfc9def3
 def _label_mask(seq) -> np.ndarray:
@@ -820,8 +827,8 @@ def summary_html(result: ExplorerResult) -> str:
     if 'members' in q:                                                # a group: each score sums its queries' scores
         which = f"group {q['id']} ({len(q['members'])} queries{', ' + str(q['lang']) if q.get('lang') else ''})"
         said = (f'each score is the summed influence on its {len(q["members"])} queries · summed log p = {result.log_p:.3f} nats'
-                '<ul class="inb-members">' + ''.join(f'<li data-query-id="{_esc(m["id"])}">{_esc(m["id"])}: {pair(m)} · log p = {lp:.3f}</li>'
-                                                     for m, lp in zip(q['members'], q['log_ps'])) + '</ul>')
+                '<ol class="inb-members">' + ''.join(f'<li data-query-id="{_esc(m["id"])}">{_esc(m["id"])}: {pair(m)} · log p = {lp:.3f}</li>'
+                                                     for m, lp in zip(q['members'], q['log_ps'])) + '</ol>')
     cand = scored_phrase(result)
     blocks = f"blocks {result.blocks[0]}–{result.blocks[1]} ({len(result.layers)} of {len(result.all_layers)} tracked layers)"
     damping_text = ("no curvature, no damping" if result.strategy == 'identity' else
@@ -844,11 +851,13 @@ def top_html(result: ExplorerResult, # from `run_query`
         colour = 'var(--inb-pos)' if r['score'] >= 0 else 'var(--inb-neg)'
         badge = (f'<span class="inb-badge inb-badge-{_esc(r["match"])}">{_MATCH_LABEL[r["match"]]}</span>'
                  if r['match'] else '') + (f' <span class="inb-muted inb-same-text">same tokens as #{same[rank]}</span>' if rank in same else '')
+        parts = ('' if result.by_query is None else '<div class="inb-muted inb-by-query">' + ' · '.join(   # a group: each query's part
+                 f'<span title="{_esc(c)}">#{j + 1} {_fmt_score(v)}</span>' for j, (c, v) in enumerate(result.by_query.loc[rank].items())) + '</div>')
         sub = ' '.join(x for x in (f'<span class="inb-muted">{_esc(r["kind"])}</span>' if r['kind'] else '', badge) if x)   # kind, badges
         rows.append(f'<tr class="inb-row" data-rank="{rank}" data-train-id="{_esc(r["id"])}" data-train-index="{r["train_index"]}">'
                     f'<td class="inb-num">{rank}</td><td class="inb-id">{_esc(r["id"])}' + (f'<br>{sub}' if sub else '')
                     + (f'<br><span class="inb-muted inb-where" title="where the record is in the corpus">{_esc(r["where"])}</span>' if r.get('where') else '') + '</td>'
-                    f'<td class="inb-num inb-score">{_fmt_score(r["score"])}<div class="inb-bar" style="width:{w}%;background:{colour}"></div></td>'
+                    f'<td class="inb-num inb-score">{_fmt_score(r["score"])}<div class="inb-bar" style="width:{w}%;background:{colour}"></div>{parts}</td>'
                     f'<td class="inb-num">{r["nats"]:+.3g}</td><td class="inb-text" title="{_esc(r["text"])}">{_esc(_short(r["text"], max_chars))}</td></tr>')   # hover: all of it
     head = ('<tr><th>#</th><th>training sequence</th><th>score</th>'
             f'<th title="score / N: change of the completion\'s log-probability for one more copy (N = {result.n_train:,})">nats</th>'
@@ -1240,6 +1249,7 @@ def csv_link(result: ExplorerResult) -> str:
     df = df.assign(query=result.query.get('id') or 'typed query', prompt=result.query.get('prompt'), completion=result.query.get('completion'),
                    model=result.model, strategy=result.strategy, damping='default' if result.damping is None else result.damping,
                    blocks=f"{result.blocks[0]}-{result.blocks[1]}", scored=len(result.candidates), n_train=result.n_train)
+    if result.by_query is not None: df = df.join(result.by_query.add_prefix('score of '))   # a group: each query's part
     data = base64.b64encode(df.to_csv(index_label='rank').encode()).decode()
     name = re.sub(r'[^A-Za-z0-9_.-]', '_', f"{result.query.get('id') or 'typed-query'}-{result.strategy}")
     return (f'<a class="inb-download" download="influence-{name}.csv" href="data:text/csv;charset=utf-8;base64,{data}">'
