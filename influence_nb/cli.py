@@ -85,9 +85,9 @@ def _query_fields(a) -> dict|None:
     return out or None
 
 def _fields_hint(msg:str) -> str:
-    "A refusal of a query record lacking 'prompt' or 'completion', with the flags that name a file's own fields."
-    return msg + (" If the file names them otherwise, pass --prompt-field and --completion-field."
-                  if re.search(r"has no '(prompt|completion)' field", msg) else '')
+    "A refusal of a query record, naming the flags where the Python message names `query_fields`."
+    return (msg.replace("`query_fields` naming the fields", "--prompt-field and --completion-field naming the fields")
+               .replace("(`query_fields={'messages': ...}` or `{'prompt': ..., 'completion': ...}`)", "(--messages-field, or --prompt-field and --completion-field)"))
 
 def _group_args(p):
     "`--group-by FIELD` and `--aggregate`: a column per group of queries, their summed influence (`pairwise_scores(query_groups=)`)."
@@ -103,7 +103,7 @@ def _query_groups(a, names:list):
     if getattr(a, 'aggregate', False): return 'all'
     if (field := getattr(a, 'group_by', None)) is None: return None
     out = []
-    for (where, r), name in zip(query_rows(a.queries, _query_fields(a)), names):
+    for (where, r), name in zip(query_rows(a.queries), names):
         v = field_value(r, field) if isinstance(r, Mapping) else None
         if v is None or isinstance(v, bool) or not isinstance(v, (str, int)):
             raise ValueError(f"--group-by {field}: {where} (id {name!r}) " + ("has no such field" if not (isinstance(r, Mapping) and has_field(r, field))
@@ -232,15 +232,15 @@ def _tokenize_query(tok, q: dict, where: str) -> list[dict]:
 def _read_queries(path, tok, model=None, fields=None) -> tuple[list[dict], list[str]]:
     "Query sequences and ids from a JSONL file of `prompt`/`completion` (or `messages`, or `input_ids`/`labels`) records, checked one by one."
     seqs, names, unnamed = [], [], set()
-    try: rows = query_rows(path, fields)
+    try: rows = query_rows(path)
     except (ValueError, FileNotFoundError) as e: raise _again(e, f"--queries {e}") from None
     for i, (where, r) in enumerate(rows):
         qid = None                                                        # named in a refusal once the record has given it
         try:
-            q = query_record(where, r, i, tok); qid = q['id']     # token ids, or a conversation's: its template's tokens
+            q = query_record(where, r, i, tok, fields); qid = q['id']     # token ids, or a conversation's: its template's tokens
             seq = as_sequences([{k: q[k] for k in ('input_ids', 'labels')}], 'record') if 'input_ids' in q else _tokenize_query(tok, q, where)
             name = q['id']
-            if not (isinstance(r, Mapping) and 'id' in r): unnamed.add(name)        # the default id q<position>
+            if not (isinstance(r, Mapping) and has_field(r, (fields or {}).get('id', 'id'))): unnamed.add(name)   # the default id q<position>
             if model is not None: seq = check_sequences(model, seq, 'query')           # vocabulary and context (a query: never cut)
             require_scored(seq, 'record')
         except (ValueError, TypeError) as e:
@@ -248,7 +248,7 @@ def _read_queries(path, tok, model=None, fields=None) -> tuple[list[dict], list[
             raise _again(e, _fields_hint(f"--queries {msg}")) from None
         seqs += seq; names.append(name)
     dup = sorted({x for x in names if names.count(x) > 1})
-    if dup: raise ValueError(f"--queries {Path(path).name}: the ids {dup} appear more than once; give every query its own 'id'"
+    if dup: raise ValueError(f"--queries {Path(path).name}: the ids {dup} appear more than once; give every query its own {(fields or {}).get('id', 'id')!r}"
                              + (" (a query without one is named q<its position>, from 0)." if set(dup) & unnamed else "."))
     return seqs, names
 
@@ -584,6 +584,7 @@ def _scan_parser(sub, fmt):
     _measurement_arg(c); _group_args(c)
     c.add_argument('--quiet', action='store_true', help='no progress bar')
 
+# %% ../nbs/13_cli.ipynb #2f0777ab
 def _explore_parser(sub):
     x = sub.add_parser('explore', help='open the influence explorer on a model and a corpus (Voilà)',
                        description='Serve the ipywidgets explorer with Voilà on localhost: the bundled models and corpus by default, '
@@ -604,8 +605,10 @@ def _explore_parser(sub):
                    "curvature strategy (default: ekfac)")
     x.add_argument('--group-by', default=None, metavar='FIELD', help="offer groups of queries too: those holding one value in this "
                    "field of their records (dotted for nested) are picked and scored as one, their summed influence (a query without "
-                   "the field is in no group; the bundled queries: fact_id, a fact asked in each language)")
-    x.add_argument('--query', default=None, help="the app's opening query: an id from --queries, or with --group-by a group's label (default: the first query)")
+                   "the field is in no group, unlike score and scan, which need it on every query; the bundled queries: fact_id, a "
+                   "fact asked in each language); the app offers them under Source, 'A group'")
+    x.add_argument('--query', default=None, help="the app's opening query: an id from --queries (default: the first)")
+    x.add_argument('--group', default=None, metavar='LABEL', help="or the app's opening group: a value of the --group-by field")
     x.add_argument('--port', type=int, default=None, help=f'Voilà port (default: {DEFAULT_PORT}, or the next free one when it is '
                    'taken; a port given must be free)')
     x.add_argument('--host', default='127.0.0.1', help="address to serve on (default: 127.0.0.1, this machine only; 0.0.0.0: "
@@ -1143,24 +1146,29 @@ def _check_explore_files(a):
         try: query_records(a.queries, query_fields=_query_fields(a))
         except (ValueError, TypeError, FileNotFoundError) as e: raise _again(e, _fields_hint(f"--queries {e}")) from None
     if a.factors is not None: _load_factors(a.factors)
-    return _check_query_id(a, own)
+    _check_query_id(a, own)
 
-def _check_query_id(a, own:bool) -> str|None:
-    "--query must name a query the app will list (one of --queries, or of the bundled queries) or a group of --group-by: 'query' or 'group' (None: no --query)."
+def _check_query_id(a, own:bool):
+    "--query must name a query the app will list (one of --queries, or of the bundled queries); --group a group of --group-by."
+    if a.group is not None and (a.group_by is None or a.query is not None):
+        raise ValueError("--group names a group of --group-by FIELD: pass --group-by too." if a.group_by is None else
+                         "--query and --group both name the app's opening pick: pass one of them.")
     if own and a.queries is None and (a.query is not None or a.group_by is not None):
         raise ValueError(f"{'--query' if a.query is not None else '--group-by'} names {'one' if a.query is not None else 'a field'} of --queries: pass --queries too.")
     from influence_nb.corpus import load_queries
     qs = query_records(a.queries, query_fields=_query_fields(a)) if a.queries is not None else load_queries()
     try: groups = query_groups_by(qs, a.group_by) if a.group_by is not None else {}
     except ValueError as e: raise ValueError(f"--group-by {a.group_by}: {str(e).split(': ', 1)[1]}") from None
-    ids = [q['id'] for q in qs]
-    if a.query is None or a.query in ids: return a.query and 'query'
-    if a.query in groups: return 'group'
+    ids, (what, pick) = [q['id'] for q in qs], (('--group', a.group) if a.group is not None else ('--query', a.query))
+    if pick is None or pick in (groups if a.group is not None else ids): return
     import difflib
-    close = difflib.get_close_matches(a.query, ids + list(groups), n=3)
-    raise ValueError(f"--query {a.query!r} is not an id of {'--queries' if a.queries is not None else 'the bundled queries'}"
-                     + (f" nor a group of --group-by {a.group_by}" if a.group_by else '')
-                     + (f"; did you mean {', '.join(close)}?" if close else f" (it has {len(ids):,}; the first: {ids[0]!r})."))
+    close = difflib.get_close_matches(pick, list(groups) if a.group is not None else ids, n=3)
+    if a.group is not None:
+        raise ValueError(f"--group {pick!r} is not a group of --group-by {a.group_by}" + (f"; did you mean {', '.join(close)}?" if close
+                         else f" (it has {len(groups):,}; the first: {next(iter(groups))!r})."))
+    raise ValueError(f"--query {pick!r} is not an id of {'--queries' if a.queries is not None else 'the bundled queries'}"
+                     + (f"; it is a group of --group-by {a.group_by}: pass --group {pick}" if pick in groups else
+                        f"; did you mean {', '.join(close)}?" if close else f" (it has {len(ids):,}; the first: {ids[0]!r})."))
 
 # %% ../nbs/13_cli.ipynb #21ea9f63
 CULL_IDLE_S = 300   # a page closed this long ago: its kernel (the model, the factors) is shut down
@@ -1201,9 +1209,9 @@ def _serve_app(nb, port:int, host:str='127.0.0.1') -> int:
 # %% ../nbs/13_cli.ipynb #bf306f67
 def _cmd_explore(a):
     from influence_nb.explorer import explorer, app_notebook
-    pick = _check_explore_files(a)                                  # --query: a query's id, or a group's label
+    _check_explore_files(a)
     kw = dict(model=a.model, tokenizer=a.tokenizer, corpus=a.corpus, queries=a.queries, query_fields=_query_fields(a), group_by=a.group_by,
-              **{'group' if pick == 'group' else 'query_id': a.query}, factors=a.factors,
+              query_id=a.query, group=a.group, factors=a.factors,
               text_field=a.text_field, id_field=a.id_field, **_rules(a).changed(), fit_sample=a.fit_sample, device=a.device, dtype=a.dtype, modules=a.modules, max_length=a.max_length,
               trust_remote_code=a.trust_remote_code or None, candidates=a.candidates, k=a.k, strategy=a.strategy)
     kw = {k: v for k, v in kw.items() if v is not None}                      # the app's own defaults otherwise

@@ -1941,11 +1941,12 @@ SCORE_LEGEND = (   # the line printed under every table of scores: sign and unit
 
 def nats_note(nats, # the nats shown for one query (a column of a top-k table)
               log_p:float, # that query's log p(completion)
+              what:str='log p(completion)', # what `log_p` is, in the note (a group's: its queries' summed log p)
              ) -> str|None:
     "A note when a shown gain in nats is larger than log p can rise (to 0): there the linear estimate is plainly past its range."
     gain = max((float(x) for x in nats if x == x), default=0.0)         # (NaN: no value)
     if gain <= -float(log_p): return None
-    return (f"the top nats (+{gain:.3g}) is more than log p(completion) = {float(log_p):.3g} can rise (to 0): nats is a linear "
+    return (f"the top nats (+{gain:.3g}) is more than {what} = {float(log_p):.3g} can rise (to 0): nats is a linear "
             f"estimate, and {NATS_SCALE}.")
 
 # %% ../nbs/00_data.ipynb #f656cb34

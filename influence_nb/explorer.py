@@ -146,24 +146,24 @@ def check_query_fields(query_fields, # None, or {'prompt': ..., 'completion': ..
         raise ValueError(f"`query_fields` {dict(query_fields)} takes two of a query's parts from one field: give each its own.")
     return {k: v for k, v in query_fields.items() if v != k}
 
-def renamed_query(row, # a query row as read
-                  fields:dict, # `check_query_fields`' answer: {name: the row's field holding it}
-                 ):
-    "`row` with each of `fields` also under its own name (what `query_record` reads); a ValueError (returned) when the row lacks one."
-    if not fields or not isinstance(row, Mapping): return row
+def renamed_query(where:str, # names the row in messages
+                  row:Mapping, # a query row as read
+                  fields:dict, # `check_query_fields`' answer: {part: the row's field holding it}
+                 ) -> dict:
+    """`row` with each of `fields` under its part's name, what `query_record` reads. A row naming its conversation in
+    `fields` is read from it, not from a 'prompt' or 'completion' field of its own; one lacking a field named is refused."""
     if missing := [(k, f) for k, f in fields.items() if not has_field(row, f)]:
-        return ValueError(f"no field {missing[0][1]!r} for the query's {missing[0][0]} (fields: {sorted(row)})")
-    return {**row, **{k: field_value(row, f) for k, f in fields.items()}}
+        raise ValueError(f"{where}: no field {missing[0][1]!r} for the query's {missing[0][0]} (fields: {sorted(row)}).")
+    drop = ('prompt', 'completion') if 'messages' in fields and 'prompt' not in fields else ()
+    return {**{k: v for k, v in row.items() if k not in drop}, **{k: field_value(row, f) for k, f in fields.items()}}
 
 def query_rows(queries, # a collection of query rows, or a JSONL path
-               query_fields:dict|None=None, # the field holding each part of a query record, where not its own name: {'prompt': 'question', ...}
               ) -> list[tuple[str, object]]:
-    "`(where, row)` of each query: 'queries[i]' for a collection, 'FILE, line n' for a JSONL file (blank lines skipped); fields renamed."
-    fields = check_query_fields(query_fields)
-    if not isinstance(queries, (str, os.PathLike)): return [(f'queries[{i}]', renamed_query(q, fields)) for i, q in enumerate(queries)]
+    "`(where, row)` of each query: 'queries[i]' for a collection, 'FILE, line n' for a JSONL file (blank lines skipped)."
+    if not isinstance(queries, (str, os.PathLike)): return [(f'queries[{i}]', q) for i, q in enumerate(queries)]
     p = Path(queries)
     if not p.is_file(): raise FileNotFoundError(f"`queries` file {p} " + ("is a directory; pass a JSONL file." if p.is_dir() else "does not exist."))
-    rows = [(f'{p.name}, {where}', renamed_query(r, fields)) for where, r in corpus_rows(p, 'jsonl')]   # UTF-8 and JSON checked per line
+    rows = [(f'{p.name}, {where}', r) for where, r in corpus_rows(p, 'jsonl')]   # UTF-8 and JSON checked per line
     if not rows: raise ValueError(f"{p.name} holds no queries: write one JSON object per line with 'prompt' and 'completion'.")
     return rows
 
@@ -192,6 +192,7 @@ def query_record(where: str, # names the row in messages, e.g. "q.jsonl, line 3"
                  q, # the row: a (prompt, completion) pair or a mapping (prompt and completion, a conversation, or token ids)
                  i: int, # its position (the default id is f"q{i}")
                  tokenizer=None, # renders a conversation (`chat_query`) and decodes token ids; None: they are only checked
+                 query_fields:dict|None=None, # the field holding each part of the row where not its own name: {'prompt': 'question', ...}
                 ) -> dict:
     "One query row checked field by field (`where` names it in messages): a dict with `id`, `prompt`, `completion` (and token ids when given so)."
     if isinstance(q, Exception): raise ValueError(f"{where}: {q}.")
@@ -199,6 +200,10 @@ def query_record(where: str, # names the row in messages, e.g. "q.jsonl, line 3"
     if not isinstance(q, Mapping):
         raise ValueError(f"{where} must be a (prompt, completion) pair or a dict with 'prompt' and 'completion' strings, "
                          f"got a {type(q).__name__}.")
+    raw, q = q, renamed_query(where, q, fields := check_query_fields(query_fields))
+    if 'messages' in q and 'prompt' in q and not fields.keys() & {'prompt', 'messages'} and not is_conversation(q['prompt']):   # which is the query?
+        raise ValueError(f"{where} has both a conversation ('messages') and a 'prompt': name the one that holds the query "
+                         "(`query_fields={'messages': ...}` or `{'prompt': ..., 'completion': ...}`).")
     if is_pair(q) and is_conversation(q['prompt']):                  # TRL's conversational row: one conversation, its answer last
         if len(q['completion']) != 1 or q['completion'][0]['role'] != 'assistant':
             raise ValueError(f"{where}: a conversation's 'completion' must be one assistant message, the answer measured "
@@ -208,8 +213,9 @@ def query_record(where: str, # names the row in messages, e.g. "q.jsonl, line 3"
         q = {**q, **_query_fields(where, q, tokenizer)}
         if tokenizer is None: return {**q, 'id': str(q.get('id', f'q{i}'))}
     for key in ('prompt', 'completion'):
-        if key not in q: raise ValueError(f"{where} has no '{key}' field (fields: {sorted(q)}); a query needs 'prompt' and "
-                                          "'completion' (or 'messages', a conversation ending with the answer, or 'input_ids' and 'labels').")
+        if key not in q: raise ValueError(f"{where} has no '{key}' field (fields: {sorted(raw)}); a query needs 'prompt' and "
+                                          "'completion' (or 'messages', a conversation ending with the answer, or 'input_ids' and 'labels'), "
+                                          "or `query_fields` naming the fields that hold them.")
         if not isinstance(q[key], str): raise TypeError(f"{where}: field '{key}' is a {type(q[key]).__name__}; it must be a string.")
     if not q['completion']:
         raise ValueError(f"{where}: field 'completion' is empty; give the text the model should produce after the prompt.")
@@ -223,12 +229,13 @@ def query_records(queries, # None, (prompt, completion) pairs, dicts with 'promp
                  ) -> list[dict]:
     "The explorer's queries: dicts with `id`, `prompt`, `completion` (and the query file's fields)."
     if queries is None: return []
-    out = [query_record(where, q, i, tokenizer) for i, (where, q) in enumerate(query_rows(queries, query_fields))]
+    fields = check_query_fields(query_fields)
+    out = [query_record(where, q, i, tokenizer, fields) for i, (where, q) in enumerate(query_rows(queries))]
     ids = [q['id'] for q in out]
     if len(set(ids)) < len(ids):
         src = f"{Path(queries).name}: " if isinstance(queries, (str, os.PathLike)) else ''
         raise ValueError(f"{src}query ids must be unique: the ids {sorted({x for x in ids if ids.count(x) > 1})} appear "
-                         "more than once; give every query its own 'id'.")
+                         f"more than once; give every query its own {fields.get('id', 'id')!r}.")
     return out
 
 # %% ../nbs/10_explorer.ipynb #3954a458
@@ -385,7 +392,11 @@ def query_groups_by(queries:list[dict], # query records (`query_records`)
     if bad := [(i, v) for i, v in got if isinstance(v, bool) or not isinstance(v, (str, int))]:
         raise ValueError(f"`group_by` {field!r}: query {bad[0][0]!r} holds {type(bad[0][1]).__name__} {bad[0][1]!r} there; "
                          "a group's label must be a str or an int.")
-    if not got: raise ValueError(f"`group_by` {field!r}: no query has a value there (fields of the first: {sorted(queries[0]) if queries else []}).")
+    if not got:
+        have = sorted({k for q in queries for k, v in q.items() if v is not None} - {'kind', 'prompt', 'completion'})
+        close = difflib.get_close_matches(field, have, n=3)
+        raise ValueError(f"`group_by` {field!r}: no query has a value there" + (f"; did you mean {', '.join(map(repr, close))}?" if close
+                         else f" (the queries' fields: {have})."))
     try: query_group_rows([v for _, v in got], len(got))                # labels that print alike refused
     except ValueError as e: raise ValueError(f"`group_by` {field!r}: {e}") from None
     out = {}
@@ -775,7 +786,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
                                               damping, session.batch_size)
     top = _top_frame(q, records, top_idx, scores[order], len(train), session.where)
     by_query = pd.DataFrame(parts.T, index=top.index, columns=[m['id'] for m in q['members']]) if groups else None
-    if note := nats_note(top['nats'], log_p): notes.append(note)
+    if note := nats_note(top['nats'], log_p, "its queries' summed log p" if groups else 'log p(completion)'): notes.append(note)
     laps('tokens'); say("Done", 1.0)
     return ExplorerResult(model, q, log_p, strategy, damping, blocks, counted, names, len(train), cand, matched is not None,
                           scores, pd.DataFrame(per_layer, index=pd.Index(cand, name='train_index'), columns=names),
@@ -813,9 +824,9 @@ _SOURCE_WORDS = {'memory': 'factors already loaded', 'disk': 'factors read from 
 
 def scored_phrase(result: ExplorerResult) -> str:
     "Which training sequences a result scored, in words ('the 300 best BM25 matches of 811 training sequences')."
-    n, m = len(result.candidates), result.matched
-    return (f"all {n:,}" if not result.prefiltered else f"the {n:,} best BM25 matches" if m is None or m == n else
-            f"{n:,} candidates (the {m:,} sharing a token with the query, then {n - m:,} others in corpus order)") + \
+    n, m, by = len(result.candidates), result.matched, " (by the group's queries' summed BM25)" if 'members' in result.query else ''
+    return (f"all {n:,}" if not result.prefiltered else f"the {n:,} best BM25 matches{by}" if m is None or m == n else
+            f"{n:,} candidates{by} (the {m:,} sharing a token with the query, then {n - m:,} others in corpus order)") + \
            f" of {result.n_train:,} training sequences"
 
 def summary_html(result: ExplorerResult) -> str:
@@ -1157,6 +1168,8 @@ def _sync_source(self: Explorer, change=None):
             self._fill_queries(select=self._last_group if mode == 'group' else self._last_pick)
         if self.query_w.value is not None: self._on_query({'new': self.query_w.value})
     elif getattr(self, '_typed', None) is not None: self.prompt_w.value, self.completion_w.value = self._typed
+    elif change is not None and change['old'] == 'group' and self.query_w.value is not None:   # not the group's list: its first query
+        m = self.session.group(self.query_w.value)['members'][0]; self.prompt_w.value, self.completion_w.value = m['prompt'], m['completion']
 
 @patch
 def _on_model(self: Explorer, change):
