@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_kfac.ipynb #7adb5027
 from __future__ import annotations
-import hashlib, itertools, contextlib, contextvars, math, warnings
+import hashlib, itertools, contextlib, contextvars, functools, math, warnings
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -14,9 +14,9 @@ from .modules import TrackedLayer, capture, find_modules
 # %% auto #0
 __all__ = ['LABEL_SAMPLING', 'EXACT_MAX_OUTPUTS', 'FACTOR_DTYPES', 'seq_generator', 'summed_loss', 'RowChecks',
            'shared_row_checks', 'summed_loss_grad', 'loss_cotangent', 'check_fisher', 'fisher_sample',
-           'exact_cotangents', 'dist_info', 'all_reduce_sum', 'all_finite', 'reporting', 'CallCounts', 'watch_calls',
-           'layer_passes', 'Gram', 'blas_threads', 'resolve_factor_dtype', 'fit_covariances', 'eigen',
-           'precondition_eigen']
+           'exact_cotangents', 'dist_info', 'all_reduce_sum', 'raise_together', 'stops_together', 'all_finite',
+           'reporting', 'CallCounts', 'watch_calls', 'layer_passes', 'Gram', 'blas_threads', 'resolve_factor_dtype',
+           'fit_covariances', 'eigen', 'precondition_eigen']
 
 # %% ../nbs/04_kfac.ipynb #e66b35a3
 def seq_generator(seed:int, stream:int, index:int) -> torch.Generator:
@@ -244,6 +244,38 @@ def all_reduce_sum(t:torch.Tensor) -> torch.Tensor:
         buf = t.to(dev); dist.all_reduce(buf); t.copy_(buf.to(t.device))
     return t
 
+def raise_together(err:Exception|None): # this process's error in the pass just ended (None: it went through)
+    "At a pass's end, under torch.distributed, one flag per process all-reduced: if one failed, all raise (it its own error, the others its text)."
+    rank, world = dist_info()
+    if world == 1:
+        if err is not None: raise err
+        return
+    failed = all_reduce_sum(torch.tensor([float(r == rank and err is not None) for r in range(world)]))
+    if not failed.any(): return
+    import torch.distributed as dist
+    said = [None] * world; dist.all_gather_object(said, None if err is None else (type(err).__name__, str(err)))
+    if err is not None: raise err
+    first = int(failed.nonzero()[0, 0]); name, msg = said[first]
+    kind = {k.__name__: k for k in (ValueError, TypeError, IndexError, KeyError, AttributeError)}.get(name, RuntimeError)
+    raise kind(f"Process {first} of {world} stopped, so this process stops too. Its error: {name}: {msg}")
+
+def stops_together(passes):
+    "A pass (a generator function) ending in `raise_together`: an error in one process (or one the caller `throw`s in) stops all there; alone, at once."
+    @functools.wraps(passes)
+    def run(*args, **kw):
+        it, err = passes(*args, **kw), None
+        try:
+            while err is None:
+                try: item = next(it)
+                except StopIteration: break
+                except Exception as e: err = e; continue
+                try: yield item
+                except Exception as e: err = e        # the caller's error on this batch, thrown in
+                item = None                            # (its arrays not held through the next batch's forward)
+        finally: it.close()
+        raise_together(err)
+    return run
+
 # %% ../nbs/04_kfac.ipynb #77d27312
 def all_finite(t:torch.Tensor) -> bool:
     "No NaN/Inf in `t`: one sum (a NaN or Inf anywhere makes it non-finite); the elementwise test only if the sum overflows (float16: past 65504)."
@@ -391,6 +423,7 @@ def watch_calls(fitted:dict|None=None): # what the fit saw (`Factors.info.get('c
 
 
 # %% ../nbs/04_kfac.ipynb #e4ac0004
+@stops_together
 def layer_passes(model, # a causal LM
                  layers:list[TrackedLayer], # tracked layers (`find_modules`)
                  seqs:list[dict], # normalised sequences
@@ -405,7 +438,7 @@ def layer_passes(model, # a causal LM
                 start:int=0, # batches to pass over unrun (a resumed fit: they were summed before it stopped)
                  measurement=None, # queries: `f(logits, batch) -> [B]` whose gradient replaces log p's (`loss_cotangent`)
                 ):
-    "Yield `(indices, acts, out_grads)` per batch: `{name: ā [B, T, d_in(+1)]}`, `{name: Ds [B, T, d_out]}`, masked.\n\n    An expert's rows are scattered to the positions of the tokens routed to it; the others are zero. A layer the model\n    calls k times per forward has its calls side by side on the token axis, `[B, k·T, ...]`: its gradient sums them all.\n\n    Under torch.distributed each process walks its shard `seqs[rank::world]`; `indices` are positions in `seqs`."
+    "Yield `(indices, acts, out_grads)` per batch: `{name: ā [B, T, d_in(+1)]}`, `{name: Ds [B, T, d_out]}`, masked.\n\n    An expert's rows are scattered to the positions of the tokens routed to it; the others are zero. A layer the model\n    calls k times per forward has its calls side by side on the token axis, `[B, k·T, ...]`: its gradient sums them all.\n\n    Under torch.distributed each process walks its shard `seqs[rank::world]`; `indices` are positions in `seqs`; an error in one\n    process stops them all at the pass's end (`stops_together`)."
     device, exact, (rank, world) = next(model.parameters()).device, sample == 'exact', dist_info()
     ids = list(range(len(seqs)))[rank::world]                  # this process's shard (all of it when alone)
     mine = seqs if world == 1 else [seqs[i] for i in ids]
@@ -422,8 +455,7 @@ def layer_passes(model, # a causal LM
             if exact: cots = list(exact_cotangents(logits, b['labels'], getattr(model, 'pbrf_loss', 'ce'))); dss = _backprop(cap, logits, cots)
             elif custom and measurement is None: dss = cap.out_grads(custom(logits, b['labels'], bool(sample), seed, stream, idx))
             else: dss = {n: [g[0] for g in gs] for n, gs in _backprop(cap, logits, [loss_cotangent(logits, b, bool(sample), seed, stream, idx, measurement, checks(b) if measurement else False)]).items()}
-            acts, outg = {}, {}
-            B, T = b['input_ids'].shape
+            acts, outg, (B, T) = {}, {}, b['input_ids'].shape
             padded, seen, n_seen, J = not bool(mask.all()), {}, {}, (len(cots) if exact else None)
             dropped = _discarded_calls(layers, cap, dss, B, T, J)                  # calls of a halted sequence (adaptive depth)
             for layer in layers:

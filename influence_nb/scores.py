@@ -443,14 +443,16 @@ def prepare_queries(model, # the model the factors were fitted on
     denom = {n: factors.damped_eigenvalues(n, damping).to(p.device, dt) for n in bases}   # Λ + λ, as `Factors.precondition` damps
     out = _empty_queries(layers, len(queries) if rows is None else int(rows.max()) + 1, rank, dt, p.device)
     with watch_calls(factors.info.get('calls')):                     # warns if a layer runs another number of times than in the fit
-        for idx, acts, outg in layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None, measurement=measurement):
+        for idx, acts, outg in (passes := layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None, measurement=measurement)):
             rotated_acts, conv = {}, {}   # gate_proj and up_proj read one input with one Q_A: converted and rotated once per batch
             for layer in layers:
                 n, a, d = layer.name, shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt)
                 if n in bases:   # Q_S [(Q_Sᵀ g Q_A) ⊘ (Λ + λ)] Q_Aᵀ, the rotation in from the tokens
                     QS, QA = bases[n]
                     pre = QS @ rotated_grads(a, d, QS, QA, rotated_acts).div_(denom[n]) @ QA.T
-                else: pre = factors.precondition(n, seq_grads(a, d), damping)        # identity, diagonal
+                else:                                                                  # identity, diagonal
+                    try: pre = factors.precondition(n, seq_grads(a, d), damping)
+                    except ValueError as e: passes.throw(e)                           # its refusal stops every process (`stops_together`)
                 got = query_form(pre, n, rank)                                         # [B, ...] rows of this batch
                 if rows is not None: out[n].full.index_add_(0, rows[idx].to(p.device), got.full); continue
                 for k in ('full', 'U', 'V'):
@@ -667,10 +669,10 @@ def self_scores(model, # the model the factors were fitted on
             for layer in layers:
                 basis = (*bases[layer.name], rotated_acts) if layer.name in bases else None
                 out[torch.tensor(idx)] += _self_terms(shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt), denom[layer.name], basis).cpu()
-    if not torch.isfinite(out).all():
+    if not torch.isfinite(all_reduce_sum(out)).all():      # summed first: every process sees every overflow, and refuses
         raise ValueError(f"Self-influence of train{(~torch.isfinite(out)).nonzero()[:8, 0].tolist()} overflows {out.dtype} (NaN/Inf): "
                          "the damping is too small for the curvature. Pass a larger `damping`, or None (0.1 × mean eigenvalue).")
-    return all_reduce_sum(out)
+    return out
 
 # %% ../nbs/06_scores.ipynb #f61f7c91
 def _measured_self(model, factors, layers:list, ts:list[dict], damping, batch_size:int, progress:bool, measurement, dt) -> torch.Tensor:

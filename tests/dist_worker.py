@@ -1,8 +1,9 @@
 """Worker for tests/test_distributed.py: fit EK-FAC factors on a tiny model and compute pairwise, self and scan
 scores, either alone (`python tests/dist_worker.py OUT CORPUS`) or as every rank of
 `torchrun --standalone --nproc_per_node N tests/dist_worker.py OUT CORPUS` (gloo on CPU). Rank 0 writes
-everything to OUT/results.safetensors so the test can compare a single process with N."""
-import inspect, os, sys
+everything to OUT/results.safetensors so the test can compare a single process with N.
+`dist_worker.py --refusals OUT` runs calls that one process refuses and another would not (`refusals`)."""
+import inspect, json, os, sys
 from pathlib import Path
 import torch
 import torch.distributed as dist
@@ -88,5 +89,33 @@ def main(out, corpus_path):
     if world > 1: dist.barrier(); dist.destroy_process_group()
 
 
+def refusals(out):
+    "Calls where only process 0 of 2 meets what is refused; each process writes every call's error to OUT/refusals-RANK.json."
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1: dist.init_process_group('gloo')
+    rank, world = dist_info()
+    model = inf.tiny_model('gpt2', layers=2).double()
+    train, queries = data()
+    f = inf.fit_factors(model, train, 'ekfac', batch_size=4, progress=False)
+    total = lambda z, b: z.logsumexp(-1).sum() * torch.ones(len(z), dtype=z.dtype)     # each row its batch's total
+    nan = inf.tiny_model('gpt2', layers=2).double()
+    with torch.no_grad(): nan.transformer.wpe.weight[3] = float('nan')                  # position 3: in sequence 0 only
+    calls = {'pairwise': lambda: inf.pairwise_scores(model, f, queries, train, batch_size=2, progress=False, measurement=total),
+             'self': lambda: inf.self_scores(model, f, train[:3], batch_size=3, progress=False, measurement=total),
+             'scan': lambda: scan(model, f, queries, train, k=2, batch_size=2, progress=False, measurement=total),
+             'fit': lambda: inf.fit_factors(nan, inf.as_sequences([[1, 2, 3, 4], [4, 5, 6], [7, 8, 9]]), 'ekfac', progress=False)}
+    m32 = inf.tiny_model('gpt2', layers=2)                                                 # float32: V / 1e-45 overflows
+    fd = inf.fit_factors(m32, train, 'diagonal', batch_size=8, progress=False)
+    for n in fd.tensors: fd.tensors[n]['diag'].zero_()                                     # one query or sequence: in process 0 only
+    calls['precondition'] = lambda: inf.pairwise_scores(m32, fd, queries[:1], train[:2], damping=1e-45, progress=False)
+    calls['overflow'] = lambda: inf.self_scores(m32, fd, train[:1], damping=1e-45, progress=False)
+    got = {}                                     # 3 queries or sequences, 2 processes: process 0 has 2, process 1 has 1
+    for name, call in calls.items():
+        try: call(); got[name] = 'no error'
+        except Exception as e: got[name] = f'{type(e).__name__}: {e}'
+    Path(out, f'refusals-{rank}.json').write_text(json.dumps(got))
+    if world > 1: dist.barrier(); dist.destroy_process_group()
+
+
 if __name__ == '__main__':
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == '--refusals': refusals(sys.argv[2])
+    else: main(sys.argv[1], sys.argv[2])

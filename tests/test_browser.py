@@ -291,3 +291,56 @@ def test_explorer_on_own_llama_in_browser(own_url, own):
         finally:
             browser.close()
     assert not errors, "JavaScript errors in the page:\n" + "\n".join(errors)
+
+
+@pytest.fixture(scope='module')
+def own_groups(own):
+    "The user's queries in a file of their own field names, each with a region: four countries a group."
+    rows = [{'key': q['id'], 'ask': q['prompt'], 'answer': q['completion'], 'region': 'north' if i < 4 else 'south'}
+            for i, q in enumerate(own['query_records'])]
+    path = own['corpus'].parent/'regions.jsonl'
+    path.write_text(''.join(__import__('json').dumps(r) + '\n' for r in rows))
+    return path, rows
+
+
+@pytest.fixture(scope='module')
+def own_group_url(tmp_path_factory, cache_dir, own, own_groups):
+    "`influence-nb explore ... --prompt-field ... --group-by region --group north`: the app opening on a group."
+    explore = lambda port: [sys.executable, '-c', 'import sys; from influence_nb.cli import main; sys.exit(main())', 'explore',
+                            '--model', str(own['model']), '--corpus', str(own['corpus']), '--queries', str(own_groups[0]),
+                            '--prompt-field', 'ask', '--completion-field', 'answer', '--query-id-field', 'key',
+                            '--group-by', 'region', '--group', 'north', '--fit-sample', '0', '--port', str(port)]
+    yield from _serve(explore, tmp_path_factory.mktemp('voila-groups'), cache_dir, 'groups')
+
+
+def test_explorer_groups_in_browser(own_group_url, own, own_groups):
+    """A group of queries picked and run as a person would: the app opens on the group 'north' (Source: 'A group'), lists
+    its four queries with their log p, ranks first the four records that state their facts (each query's own record
+    carries most of its row, shown under the score), and Source 'From queries file' lists the single queries again."""
+    from playwright.sync_api import sync_playwright
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    errors, north = [], [r for r in own_groups[1] if r['region'] == 'north']
+    want = {q['record'] for q in own['query_records'] if q['id'] in {r['key'] for r in north}}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={'width': 1500, 'height': 1000})
+            page.on('pageerror', lambda e: errors.append(f"pageerror: {e}"))
+            page.route(lambda url: not url.startswith(own_group_url.rstrip('/')) and not url.startswith('data:'),
+                       lambda route: route.fulfill(status=200, body=''))
+            page.goto(own_group_url, wait_until='domcontentloaded', timeout=60_000)
+            page.wait_for_selector('.inb-run', timeout=APP_TIMEOUT * 1000)
+            assert page.locator('.inb-source button.mod-active').inner_text().strip() == 'A group'
+            assert page.locator('.inb-prompt textarea').input_value().split('\n')[0] == f"{north[0]['ask']} →{north[0]['answer']}"
+            _run_ok(page, 'north', RUN_TIMEOUT)
+            assert page.locator('.inb-members li').count() == 4 and 'summed influence on its 4 queries' in page.inner_text('.inb-summary')
+            rows = _top_rows(page)
+            assert {r['id'] for r in rows[:4]} == want, rows
+            assert page.locator('.inb-results .inb-by-query').count() == len(rows)
+            _screenshot(page, ARTIFACTS/'explorer_group.png')
+            page.locator('.inb-source button', has_text='From queries file').click()
+            page.wait_for_function("document.querySelector('.inb-query select').options.length == 8", timeout=30_000)
+            assert page.locator('.inb-completion input').input_value() == own['query_records'][0]['completion']
+        finally:
+            browser.close()
+    assert not errors, "JavaScript errors in the page:\n" + "\n".join(errors)

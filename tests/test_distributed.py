@@ -1,6 +1,6 @@
 """The same `fit_factors`, `pairwise_scores`, `self_scores` and `scan` under `torchrun --nproc_per_node 2`
 (gloo, CPU) give a single process's results: each rank works on its strided shard and the sums are all-reduced."""
-import json, os, subprocess, sys, shutil
+import json, os, re, subprocess, sys, shutil
 from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
@@ -185,3 +185,35 @@ def test_cli_fit_with_a_process_that_gets_no_sequence(tmp_path):
         for k in one.tensors[n]:                                          # (a layer sharing another's input keeps no A of its own)
             a, b = one.tensors[n][k], two.tensors[n][k]
             assert torch.allclose(a, b, rtol=0, atol=1e-6 * float(a.abs().max())), (n, k)
+
+
+def test_refusal_in_one_process_stops_every_process(tmp_path):
+    """3 queries (or sequences) in 2 processes: process 0 has a batch of two rows, process 1 one row. A measurement giving
+    each row its batch's total is refused on process 0's batch only; a NaN (a position only process 0's shard reaches), a
+    preconditioning or a self-influence that overflows (one query or sequence: process 0's) likewise. Process 1 went on
+    into the pass's collective and died there ('Connection closed by peer') or waited. Now every process raises:
+    process 0 as one process does, process 1 the same text, naming process 0 (an overflow: each sees it in the sum)."""
+    sys.path.insert(0, str(HERE))
+    from dist_worker import refusals
+    (tmp_path/'one').mkdir(); (tmp_path/'two').mkdir()
+    refusals(str(tmp_path/'one'))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(HERE/'dist_worker.py'), '--refusals']
+    p = subprocess.Popen(cmd + [str(tmp_path/'two')], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try: out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:                           # workers waiting in a collective: torchrun stops them on SIGTERM
+        p.terminate(); out, err = p.communicate(timeout=60)
+        raise AssertionError(f"the processes hung:\n{err[-4000:]}") from None
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-2000:]}\n{err[-12000:]}"
+    one, r0, r1 = (json.loads((tmp_path/d/f'refusals-{r}.json').read_text()) for d, r in (('one', 0), ('two', 0), ('two', 1)))
+    assert set(one) == set(r0) == set(r1) == {'pairwise', 'self', 'scan', 'fit', 'precondition', 'overflow'}
+    assert one['overflow'].startswith('ValueError: Self-influence of train[0] overflows torch.float32')   # summed first: each
+    assert r0.pop('overflow') == r1.pop('overflow') == one.pop('overflow')                              # process sees it
+    assert one['precondition'].startswith("ValueError: Preconditioning layer 'transformer.h.0.mlp.c_fc' with damping 1e-45 gave NaN/Inf")
+    anon = lambda m: re.sub(r'\[[\d, ]+\]', '[…]', m)        # the batch refused holds other sequences in one process than in two
+    for name in ('pairwise', 'self', 'scan'):
+        assert one[name].startswith('ValueError: `measurement` mixes the sequences of a batch: its value for the sequence(s) [')
+        assert one[name].endswith('pass `query_groups` (`--group-by`, `--aggregate`).'), one[name]
+    assert one['fit'].startswith("ValueError: Non-finite values (NaN or Inf) in the activations of layer 'transformer.h.0.")
+    for name in one:
+        assert anon(r0[name]) == anon(one[name]), (name, r0[name])
+        assert r1[name] == f'ValueError: Process 0 of 2 stopped, so this process stops too. Its error: {r0[name]}', (name, r1[name])
