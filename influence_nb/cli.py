@@ -906,6 +906,12 @@ SELF_LEGEND = ("self_score = ∇log p(n)ᵀ (G+λI)⁻¹ ∇log p(n), summed ove
                "unlike the rest that the model has not fit (noise, another language, a contradicted fact) and low for records it "
                "predicts well (low loss); per_token = self_score / tokens scored; loss = −log p(n), summed.")
 
+def _as_records(msg:str, pos:list) -> str:
+    "A refusal naming sequences of `train` (`self_scores`) in the shell's words: the --data records, by their position in the file from 0."
+    at = lambda m: str([pos[int(x)] for x in m.split(', ')])
+    msg = re.sub(r'sequence\(s\) \[([\d, ]+)\] of `train`', lambda m: f'record(s) {at(m[1])} of --data (by position in the file, from 0)', msg)
+    return re.sub(r'Self-influence of train\[([\d, ]+)\]', lambda m: f'Self-influence of the --data records {at(m[1])} (by position, from 0)', msg)
+
 def _cmd_self(a):
     _check_options(a); _check_corpus_file(a.data, a.text_field, '--data', a.skip_bad_records, a.id_field or 'id'); _check_out(a.out)
     measure = _measurement(a)
@@ -914,7 +920,8 @@ def _cmd_self(a):
     train, pos, recs = _corpus(a, tok, model)
     _say_repeated_ids(recs, pos, Path(a.data)); _say_id_field(a, recs); _say_rules(a, factors, recs)
     with _process_group() as (rank, world):      # under torchrun each process scores its shard; the sums are added
-        s = self_scores(model, factors, train, a.damping, a.batch_size, progress=rank == 0 and not a.quiet, measurement=measure)
+        try: s = self_scores(model, factors, train, a.damping, a.batch_size, progress=rank == 0 and not a.quiet, measurement=measure)
+        except ValueError as e: raise ValueError(_as_records(str(e), pos)) from None
     if rank != 0: return
     n = torch.tensor([n_scored(x) for x in train])
     df = pd.DataFrame({'self_score': s.double().numpy(), 'tokens': n.numpy(), 'per_token': (s.double() / n).numpy(),

@@ -429,6 +429,7 @@ def prepare_queries(model, # the model the factors were fitted on
                     batch_size:int=8, progress:bool=False,
                     measurement=None, # `f(logits, batch) -> [B]` measured instead of log p(completion) (`loss_cotangent`)
                     rows:torch.Tensor|None=None, # each query's row (`query_group_rows`): the queries of a row are summed; None: a row each
+                    bases:dict|None=None, # the factors' eigenbases on the model's device (`eigenbases`), when the caller holds them
                    ) -> dict:
     "`{name: PrecondQuery}`: each layer's `(G_ℓ + λI)⁻¹ q_ℓ`, at rank `query_rank` if given; what scores and scans contract with."
     check_measurement(measurement)
@@ -439,7 +440,7 @@ def prepare_queries(model, # the model the factors were fitted on
     p = next(model.parameters()); dt = working_dtype(p)
     if rows is not None and query_rank is not None and int(rows.max()) > 0: return _groups_at_rank(model, factors, layers, queries, damping, query_rank, batch_size, progress, measurement, rows)
     rank = query_rank if rows is None else None     # a group's queries are summed at full rank, then truncated once
-    bases = eigenbases(factors, layers, dt, p.device)                              # {} unless K-FAC / EK-FAC
+    bases = eigenbases(factors, layers, dt, p.device) if bases is None else bases   # {} unless K-FAC / EK-FAC
     denom = {n: factors.damped_eigenvalues(n, damping).to(p.device, dt) for n in bases}   # Λ + λ, as `Factors.precondition` damps
     out = _empty_queries(layers, len(queries) if rows is None else int(rows.max()) + 1, rank, dt, p.device)
     with watch_calls(factors.info.get('calls')):                     # warns if a layer runs another number of times than in the fit
@@ -468,12 +469,13 @@ def prepare_queries(model, # the model the factors were fitted on
 def _groups_at_rank(model, factors, layers, queries, damping, query_rank, batch_size, progress, measurement, rows) -> dict:
     """`prepare_queries` of query groups at a lower `query_rank`, one group at a time: each group's full-rank sum is
     truncated once its queries are in, so that one group's sum (the tracked layers' size) is held at a time, not all."""
-    out, n_rows = None, int(rows.max()) + 1
+    out, n_rows, p = None, int(rows.max()) + 1, next(model.parameters())
+    bases = eigenbases(factors, layers, working_dtype(p), p.device)   # made once, not once per group (on a GPU: a copy each)
     with shared_row_checks():                                        # f checked once over the groups
         for r in tqdm(range(n_rows), desc='query groups', disable=not progress or dist_info()[0] != 0):    # one bar, a step per group
             sel = (rows == r).nonzero()[:, 0].tolist()
             got = prepare_queries(model, factors, layers, [queries[i] for i in sel], damping, query_rank, batch_size, False,
-                                  measurement, torch.zeros(len(sel), dtype=torch.long))
+                                  measurement, torch.zeros(len(sel), dtype=torch.long), bases)
             if out is None: out = _empty_queries(layers, n_rows, query_rank, next(iter(got.values())).dtype, next(model.parameters()).device)
             for n, pq in got.items():
                 for k in ('full', 'U', 'V'):
