@@ -420,6 +420,7 @@ def check_measurement(measurement):
     raise TypeError("`measurement` must be None (log p of the labelled tokens) or a function `f(logits, batch)` returning one "
                     f"differentiable value per sequence of the batch, got {type(measurement).__name__} {str(measurement)[:60]!r}.")
 
+# %% ../nbs/06_scores.ipynb #bd57e928
 def prepare_queries(model, # the model the factors were fitted on
                     factors:Factors, # fitted factors (or an iterative solver)
                     layers:list, # tracked layers (`prepare_scoring`)
