@@ -21,10 +21,10 @@ from . import memory
 from .memory import KEPT, check_fit_memory, factor_sizes, gigabytes
 from .scores import pairwise_scores, self_scores, unread_to_nan, units, per_copy_column, measurement_name, query_group_rows
 from .search import scan, ScanResult, CorpusStream, BadRecord, BadRecordError, text_of, record_text, record_id
-from .explorer import query_records, query_groups_by, scored_phrase, layer_blocks, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
+from .explorer import query_records, query_groups_by, check_query_fields, renamed_query, scored_phrase, layer_blocks, factor_cache_tag, query_rows, query_record, record_where, _same_as, _reword
 
 # %% auto #0
-__all__ = ['ID_LIKE', 'SELF_LEGEND', 'CULL_IDLE_S', 'DEFAULT_PORT', 'bm25_candidates', 'token_heatmap_for', 'demo',
+__all__ = ['FIELD_FLAGS', 'ID_LIKE', 'SELF_LEGEND', 'CULL_IDLE_S', 'DEFAULT_PORT', 'bm25_candidates', 'token_heatmap_for', 'demo',
            'build_parser', 'main']
 
 # %% ../nbs/13_cli.ipynb #7034018f
@@ -75,19 +75,26 @@ def _queries_args(p, required=True, what=''):
     for part, eg in (('prompt', 'question'), ('completion', 'answer'), ('messages', 'conversation')):
         p.add_argument(f'--{part}-field', default=None, metavar='FIELD', help=f"the --queries field holding each query's {part} "
                        f"(default: '{part}'; e.g. '{eg}', dotted for a nested field)")
-    p.add_argument('--query-id-field', default=None, metavar='FIELD', help="the --queries field naming each query (default: 'id'; "
-                   "a query without one is named q<its position>)")
+    p.add_argument('--query-id-field', default=None, metavar='FIELD', help="the --queries field naming each query (default: 'id', "
+                   "and a query without one is named q<its position>; a field named here must be on every query)")
+
+FIELD_FLAGS = {'prompt': '--prompt-field', 'completion': '--completion-field', 'messages': '--messages-field', 'id': '--query-id-field'}
 
 def _query_fields(a) -> dict|None:
-    "`query_fields` from --prompt-field, --completion-field, --messages-field and --query-id-field (None: none given)."
-    out = {k: v for k, v in (('prompt', a.prompt_field), ('completion', a.completion_field), ('messages', a.messages_field),
-                             ('id', a.query_id_field)) if v is not None}
+    "`query_fields` from --prompt-field, --completion-field, --messages-field and --query-id-field (None: none given), checked."
+    out = {k: v for k, flag in FIELD_FLAGS.items() if (v := getattr(a, flag[2:].replace('-', '_'))) is not None}
+    try: check_query_fields(out)
+    except ValueError as e: raise ValueError(_fields_hint(f"--queries: {e}")) from None
     return out or None
 
 def _fields_hint(msg:str) -> str:
-    "A refusal of a query record, naming the flags where the Python message names `query_fields`."
-    return (msg.replace("`query_fields` naming the fields", "--prompt-field and --completion-field naming the fields")
-               .replace("(`query_fields={'messages': ...}` or `{'prompt': ..., 'completion': ...}`)", "(--messages-field, or --prompt-field and --completion-field)"))
+    "A refusal about query fields in the shell's words: the flags, where the Python message names `query_fields`."
+    for old, new in (("`query_fields` naming the fields", "--prompt-field and --completion-field naming the fields"),
+                     ("(`query_fields={'messages': ...}` or `{'prompt': ..., 'completion': ...}`)", "(--messages-field, or --prompt-field and --completion-field)"),
+                     ("`query_fields` names a conversation ('messages') and a prompt or completion", "--messages-field goes without --prompt-field and --completion-field"),
+                     ("`query_fields` reads", "the flags read")):
+        msg = msg.replace(old, new)
+    return re.sub(r"\(name the (\w+)'s field too\)", lambda m: f"(pass {FIELD_FLAGS[m[1]]} too)", msg)
 
 def _group_args(p):
     "`--group-by FIELD` and `--aggregate`: a column per group of queries, their summed influence (`pairwise_scores(query_groups=)`)."
@@ -103,7 +110,9 @@ def _query_groups(a, names:list):
     if getattr(a, 'aggregate', False): return 'all'
     if (field := getattr(a, 'group_by', None)) is None: return None
     out = []
+    fields = check_query_fields(_query_fields(a))                    # (the record as `score` reads it: --query-id-field's id in 'id')
     for (where, r), name in zip(query_rows(a.queries), names):
+        if isinstance(r, Mapping): r = renamed_query(where, r, fields)
         v = field_value(r, field) if isinstance(r, Mapping) else None
         if v is None or isinstance(v, bool) or not isinstance(v, (str, int)):
             raise ValueError(f"--group-by {field}: {where} (id {name!r}) " + ("has no such field" if not (isinstance(r, Mapping) and has_field(r, field))

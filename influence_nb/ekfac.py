@@ -15,7 +15,7 @@ from . import artefact
 from .data import check_sequences, require_scored, grad_enabled, n_scored, trained_weights, uncompiled
 from .modules import TrackedLayer, find_modules, check_model, adapter_state
 from .theory import check_damping   # the one damping rule: None, or a positive finite float
-from .kfac import (LABEL_SAMPLING, dist_info, fit_covariances, eigen, layer_passes, precondition_eigen, all_reduce_sum, check_fisher,
+from .kfac import (LABEL_SAMPLING, dist_info, fit_covariances, eigen, layer_passes, together, precondition_eigen, all_reduce_sum, check_fisher,
                                fisher_sample, resolve_factor_dtype, watch_calls)
 
 # %% auto #0
@@ -75,36 +75,38 @@ def fit_lambda(model, layers, seqs, eig, fisher='true', batch_size=8, seed=0, pr
     Q, run, start = {}, {}, 0
     if resume is not None: Lam, start = resume['Lam'], resume['batches']
     if dtype != torch.float32: save_every = -(-save_every // 32) * 32   # saved right after a flush: the totals hold every batch so far
-    for b_no, (idx, acts, outg) in enumerate(layer_passes(model, layers, seqs, batch_size, sample=fisher_sample(fisher),
-                                                           seed=seed, stream=1, desc='eigenvalue correction' if progress else None, start=start), start):
-        rotated = {}   # layers sharing an input and its eigenbasis (Llama's gate_proj, up_proj: next to each other) rotate it once
-        for n in Lam:
-            if n not in Q:   # eigenbases in the rotation dtype and device, converted once (no copy when they match)
-                dev, dt = acts[n].device, rotate_dtype or acts[n].dtype
-                Q[n] = (eig[n]['QA'].to(dev, dt), eig[n]['QS'].to(dev, dt))
-            a, d = acts.pop(n), outg.pop(n)                                     # released once used (a with its last layer)
-            key = (a.data_ptr(), eig[n]['QA'].data_ptr())
-            if key not in rotated: rotated = {key: a.to(Q[n][0].dtype) @ Q[n][0]}   # only the latest input is kept
-            into = Lam[n] if Lam[n].device == d.device and Lam[n].dtype in (d.dtype, torch.float32) else run.get(n)
-            sq = _rotated_squares(rotated[key], d.to(Q[n][1].dtype) @ Q[n][1], out=into)   # float32 factors: summed in place
-            if into is None: run[n] = sq                                       # else in the working dtype, into the totals every 32 batches
-        acts = outg = rotated = sq = a = d = into = None                    # freed before the next batch's forward
-        if b_no % 32 == 31:
-            for n in run: Lam[n] += run[n].to('cpu', dtype)
-            run.clear()
-        if save is not None and b_no % save_every == save_every - 1:
-            for n in run: Lam[n] += run[n].to('cpu', dtype)                 # sums held apart (another device or dtype) go in first
-            run.clear(); save(dict(Lam=Lam, batches=b_no + 1))
+    with together(layer_passes(model, layers, seqs, batch_size, sample=fisher_sample(fisher), seed=seed, stream=1,
+                               desc='eigenvalue correction' if progress else None, start=start)) as passes:
+        for b_no, (idx, acts, outg) in enumerate(passes, start):
+            rotated = {}   # layers sharing an input and its eigenbasis (Llama's gate_proj, up_proj: next to each other) rotate it once
+            for n in Lam:
+                if n not in Q:   # eigenbases in the rotation dtype and device, converted once (no copy when they match)
+                    dev, dt = acts[n].device, rotate_dtype or acts[n].dtype
+                    Q[n] = (eig[n]['QA'].to(dev, dt), eig[n]['QS'].to(dev, dt))
+                a, d = acts.pop(n), outg.pop(n)                                     # released once used (a with its last layer)
+                key = (a.data_ptr(), eig[n]['QA'].data_ptr())
+                if key not in rotated: rotated = {key: a.to(Q[n][0].dtype) @ Q[n][0]}   # only the latest input is kept
+                into = Lam[n] if Lam[n].device == d.device and Lam[n].dtype in (d.dtype, torch.float32) else run.get(n)
+                sq = _rotated_squares(rotated[key], d.to(Q[n][1].dtype) @ Q[n][1], out=into)   # float32 factors: summed in place
+                if into is None: run[n] = sq                                       # else in the working dtype, into the totals every 32 batches
+            acts = outg = rotated = sq = a = d = into = None                    # freed before the next batch's forward
+            if b_no % 32 == 31:
+                for n in run: Lam[n] += run[n].to('cpu', dtype)
+                run.clear()
+            if save is not None and b_no % save_every == save_every - 1:
+                for n in run: Lam[n] += run[n].to('cpu', dtype)                 # sums held apart (another device or dtype) go in first
+                run.clear(); save(dict(Lam=Lam, batches=b_no + 1))
     for n in run: Lam[n] += run[n].to('cpu', dtype)
     return {n: all_reduce_sum(v) / len(seqs) for n, v in Lam.items()}
 
 def fit_diagonal(model, layers, seqs, fisher='true', batch_size=8, seed=0, progress=True, dtype=torch.float64) -> dict:
     "Diagonal Fisher `mean_n DW̄_n²` per layer, in `dtype`."
     diag = {layer.name: torch.zeros(layer.d_out, layer.d_in1, dtype=dtype) for layer in layers}
-    for idx, acts, outg in layer_passes(model, layers, seqs, batch_size, sample=fisher_sample(fisher), seed=seed, stream=1,
-                                        desc='diagonal' if progress else None):
-        for n in diag: diag[n] += _rotated_squares(acts[n], outg[n]).to('cpu', dtype)
-        acts = outg = None
+    with together(layer_passes(model, layers, seqs, batch_size, sample=fisher_sample(fisher), seed=seed, stream=1,
+                               desc='diagonal' if progress else None)) as passes:
+        for idx, acts, outg in passes:
+            for n in diag: diag[n] += _rotated_squares(acts[n], outg[n]).to('cpu', dtype)
+            acts = outg = None
     return {n: all_reduce_sum(v) / len(seqs) for n, v in diag.items()}
 
 # %% ../nbs/05_ekfac.ipynb #533f8338

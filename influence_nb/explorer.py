@@ -44,7 +44,7 @@ from .kfac import reporting
 from .modules import find_modules, layer_aliases
 from .data import uncompiled
 from .scores import pairwise_scores, unread_to_nan, query_group_rows
-from .tfidf import TokenIndex
+from .tfidf import TokenIndex, _topk
 
 # %% auto #0
 __all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'QUERY_FIELDS', 'ANNOTATED_BLOCKS', 'K_MAX', 'STRATEGY_LABELS', 'STRATEGY_HINTS',
@@ -142,8 +142,13 @@ def check_query_fields(query_fields, # None, or {'prompt': ..., 'completion': ..
         raise ValueError(f"`query_fields` names {bad}: its keys are {list(QUERY_FIELDS)}, each mapped to the field holding it.")
     if bad := [k for k, v in query_fields.items() if not isinstance(v, str) or not v]:
         raise TypeError(f"`query_fields[{bad[0]!r}]` must be a field name (a non-empty string), got {query_fields[bad[0]]!r}.")
-    if len(set(query_fields.values())) < len(query_fields):
-        raise ValueError(f"`query_fields` {dict(query_fields)} takes two of a query's parts from one field: give each its own.")
+    if 'messages' in query_fields and query_fields.keys() & {'prompt', 'completion'}:
+        raise ValueError("`query_fields` names a conversation ('messages') and a prompt or completion: a query is one or the other.")
+    full = {**dict(zip(QUERY_FIELDS, QUERY_FIELDS)), **query_fields}           # the parts left at their own names too
+    if clash := next(([k for k in full if full[k] == f] for f in full.values() if list(full.values()).count(f) > 1), None):
+        left = [k for k in clash if k not in query_fields]              # a part left at its own name, which the other's field is
+        raise ValueError(f"`query_fields` reads the {clash[0]} and the {clash[1]} from one field, {full[clash[0]]!r}: give each its own"
+                         + (f" (name the {left[0]}'s field too)." if left else "."))
     return {k: v for k, v in query_fields.items() if v != k}
 
 def renamed_query(where:str, # names the row in messages
@@ -154,9 +159,10 @@ def renamed_query(where:str, # names the row in messages
     `fields` is read from it, not from a 'prompt' or 'completion' field of its own; one lacking a field named is refused."""
     if missing := [(k, f) for k, f in fields.items() if not has_field(row, f)]:
         raise ValueError(f"{where}: no field {missing[0][1]!r} for the query's {missing[0][0]} (fields: {sorted(row)}).")
-    drop = ('prompt', 'completion') if 'messages' in fields and 'prompt' not in fields else ()
+    drop = ('prompt', 'completion') if 'messages' in fields else ('messages',) if fields.keys() & {'prompt', 'completion'} else ()   # the one named
     return {**{k: v for k, v in row.items() if k not in drop}, **{k: field_value(row, f) for k, f in fields.items()}}
 
+# %% ../nbs/10_explorer.ipynb #84c28c20
 def query_rows(queries, # a collection of query rows, or a JSONL path
               ) -> list[tuple[str, object]]:
     "`(where, row)` of each query: 'queries[i]' for a collection, 'FILE, line n' for a JSONL file (blank lines skipped)."
@@ -201,9 +207,10 @@ def query_record(where: str, # names the row in messages, e.g. "q.jsonl, line 3"
         raise ValueError(f"{where} must be a (prompt, completion) pair or a dict with 'prompt' and 'completion' strings, "
                          f"got a {type(q).__name__}.")
     raw, q = q, renamed_query(where, q, fields := check_query_fields(query_fields))
-    if 'messages' in q and 'prompt' in q and not fields.keys() & {'prompt', 'messages'} and not is_conversation(q['prompt']):   # which is the query?
-        raise ValueError(f"{where} has both a conversation ('messages') and a 'prompt': name the one that holds the query "
-                         "(`query_fields={'messages': ...}` or `{'prompt': ..., 'completion': ...}`).")
+    if 'messages' in q and ('prompt' in q or 'completion' in q) and not is_conversation(q.get('prompt')):   # which is the query?
+        raise ValueError(f"{where} has both a conversation ('messages') and a 'prompt' or 'completion': name the one that holds "
+                         "the query (`query_fields={'messages': ...}` or `{'prompt': ..., 'completion': ...}`).")
+    name = lambda part: fields.get(part, part)                            # a part's field, as the record names it
     if is_pair(q) and is_conversation(q['prompt']):                  # TRL's conversational row: one conversation, its answer last
         if len(q['completion']) != 1 or q['completion'][0]['role'] != 'assistant':
             raise ValueError(f"{where}: a conversation's 'completion' must be one assistant message, the answer measured "
@@ -216,11 +223,11 @@ def query_record(where: str, # names the row in messages, e.g. "q.jsonl, line 3"
         if key not in q: raise ValueError(f"{where} has no '{key}' field (fields: {sorted(raw)}); a query needs 'prompt' and "
                                           "'completion' (or 'messages', a conversation ending with the answer, or 'input_ids' and 'labels'), "
                                           "or `query_fields` naming the fields that hold them.")
-        if not isinstance(q[key], str): raise TypeError(f"{where}: field '{key}' is a {type(q[key]).__name__}; it must be a string.")
+        if not isinstance(q[key], str): raise TypeError(f"{where}: field {name(key)!r} is a {type(q[key]).__name__}; it must be a string.")
     if not q['completion']:
-        raise ValueError(f"{where}: field 'completion' is empty; give the text the model should produce after the prompt.")
+        raise ValueError(f"{where}: field {name('completion')!r} is empty; give the text the model should produce after the prompt.")
     if 'id' in q and (isinstance(q['id'], bool) or not isinstance(q['id'], (str, int))):
-        raise TypeError(f"{where}: field 'id' is a {type(q['id']).__name__}; it must be a string or an integer.")
+        raise TypeError(f"{where}: field {name('id')!r} is a {type(q['id']).__name__}; it must be a string or an integer.")
     return {'kind': 'query', 'lang': None, 'fact_id': None, 'passage_id': None, **q, 'id': str(q.get('id', f'q{i}'))}
 
 def query_records(queries, # None, (prompt, completion) pairs, dicts with 'prompt' and 'completion' (+ 'id'), or a JSONL path
@@ -398,7 +405,7 @@ def query_groups_by(queries:list[dict], # query records (`query_records`)
         raise ValueError(f"`group_by` {field!r}: no query has a value there" + (f"; did you mean {', '.join(map(repr, close))}?" if close
                          else f" (the queries' fields: {have})."))
     try: query_group_rows([v for _, v in got], len(got))                # labels that print alike refused
-    except ValueError as e: raise ValueError(f"`group_by` {field!r}: {e}") from None
+    except ValueError as e: raise ValueError(f"`group_by` {field!r}: " + str(e).replace('`query_groups` has labels', 'the queries hold labels')) from None
     out = {}
     for i, v in got: out.setdefault(str(v), []).append(i)
     return out
@@ -730,7 +737,7 @@ def _prefilter(session, model, query, candidates:int, n:int, say) -> tuple[np.nd
         ids, vals = session.index(model).top(query, candidates)
         return ids[0].numpy(), int((vals[0] > 0).sum())    # past those, BM25 is 0: the rest come in corpus order
     s = session.index(model).scores(query).sum(0).numpy()    # a group: its queries' BM25 summed (a word shared counts in each)
-    top = np.lexsort((np.arange(n), -s))[:candidates]         # ties: the lower index first, as `TokenIndex.top`
+    top = _topk(s[None], candidates)[0][0]                   # (ties: the lower index first, as `TokenIndex.top`)
     return top, int((s[top] > 0).sum())
 
 
@@ -838,8 +845,8 @@ def summary_html(result: ExplorerResult) -> str:
     if 'members' in q:                                                # a group: each score sums its queries' scores
         which = f"group {q['id']} ({len(q['members'])} queries{', ' + str(q['lang']) if q.get('lang') else ''})"
         said = (f'each score is the summed influence on its {len(q["members"])} queries · summed log p = {result.log_p:.3f} nats'
-                '<ol class="inb-members">' + ''.join(f'<li data-query-id="{_esc(m["id"])}">{_esc(m["id"])}: {pair(m)} · log p = {lp:.3f}</li>'
-                                                     for m, lp in zip(q['members'], q['log_ps'])) + '</ol>')
+                '<ul class="inb-members">' + ''.join(f'<li data-query-id="{_esc(m["id"])}">Q{j + 1} {_esc(m["id"])}: {pair(m)} · log p = {lp:.3f}</li>'
+                                                     for j, (m, lp) in enumerate(zip(q['members'], q['log_ps']))) + '</ul>')
     cand = scored_phrase(result)
     blocks = f"blocks {result.blocks[0]}–{result.blocks[1]} ({len(result.layers)} of {len(result.all_layers)} tracked layers)"
     damping_text = ("no curvature, no damping" if result.strategy == 'identity' else
@@ -863,7 +870,7 @@ def top_html(result: ExplorerResult, # from `run_query`
         badge = (f'<span class="inb-badge inb-badge-{_esc(r["match"])}">{_MATCH_LABEL[r["match"]]}</span>'
                  if r['match'] else '') + (f' <span class="inb-muted inb-same-text">same tokens as #{same[rank]}</span>' if rank in same else '')
         parts = ('' if result.by_query is None else '<div class="inb-muted inb-by-query">' + ' · '.join(   # a group: each query's part
-                 f'<span title="{_esc(c)}">#{j + 1} {_fmt_score(v)}</span>' for j, (c, v) in enumerate(result.by_query.loc[rank].items())) + '</div>')
+                 f'<span title="{_esc(c)}">Q{j + 1} {_fmt_score(v)}</span>' for j, (c, v) in enumerate(result.by_query.loc[rank].items())) + '</div>')
         sub = ' '.join(x for x in (f'<span class="inb-muted">{_esc(r["kind"])}</span>' if r['kind'] else '', badge) if x)   # kind, badges
         rows.append(f'<tr class="inb-row" data-rank="{rank}" data-train-id="{_esc(r["id"])}" data-train-index="{r["train_index"]}">'
                     f'<td class="inb-num">{rank}</td><td class="inb-id">{_esc(r["id"])}' + (f'<br>{sub}' if sub else '')
@@ -1138,6 +1145,7 @@ def _fill_queries(self: Explorer, select: str|None = None):
     qs = [q for q in (self._groups if grouped else self.session.queries)
           if all(w in f"{q['id']} {q['kind']} {q['lang']} {q['prompt']} {q['completion']}".lower() for w in words)]
     keep = select or self.query_w.value or (self._last_group if grouped else self._last_pick)
+    self._listing = 'group' if grouped else 'file'                     # which list the picker holds
     self.query_w.options = [(_query_label(q), q['id']) for q in qs]
     ids = [q['id'] for q in qs]
     self.query_w.value = keep if keep in ids else (ids[0] if ids else None)
@@ -1164,7 +1172,7 @@ def _sync_source(self: Explorer, change=None):
     self.prompt_w.disabled = self.completion_w.disabled = from_file
     if from_file:
         if change is not None and change['old'] == 'typed': self._typed = (self.prompt_w.value, self.completion_w.value)   # what was typed
-        if change is not None and self._groups and (change['old'] == 'group') != (mode == 'group'):   # the picker's list changes
+        if self._groups and mode != getattr(self, '_listing', 'file'):   # the picker holds the other list (e.g. group, typed, file)
             self._fill_queries(select=self._last_group if mode == 'group' else self._last_pick)
         if self.query_w.value is not None: self._on_query({'new': self.query_w.value})
     elif getattr(self, '_typed', None) is not None: self.prompt_w.value, self.completion_w.value = self._typed

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_kfac.ipynb #7adb5027
 from __future__ import annotations
-import hashlib, itertools, contextlib, contextvars, functools, math, warnings
+import builtins, hashlib, inspect, itertools, contextlib, contextvars, functools, math, warnings
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -14,9 +14,9 @@ from .modules import TrackedLayer, capture, find_modules
 # %% auto #0
 __all__ = ['LABEL_SAMPLING', 'EXACT_MAX_OUTPUTS', 'FACTOR_DTYPES', 'seq_generator', 'summed_loss', 'RowChecks',
            'shared_row_checks', 'summed_loss_grad', 'loss_cotangent', 'check_fisher', 'fisher_sample',
-           'exact_cotangents', 'dist_info', 'all_reduce_sum', 'raise_together', 'stops_together', 'all_finite',
-           'reporting', 'CallCounts', 'watch_calls', 'layer_passes', 'Gram', 'blas_threads', 'resolve_factor_dtype',
-           'fit_covariances', 'eigen', 'precondition_eigen']
+           'exact_cotangents', 'dist_info', 'all_reduce_sum', 'raise_together', 'stops_together', 'together',
+           'all_finite', 'reporting', 'CallCounts', 'watch_calls', 'layer_passes', 'Gram', 'blas_threads',
+           'resolve_factor_dtype', 'fit_covariances', 'eigen', 'precondition_eigen']
 
 # %% ../nbs/04_kfac.ipynb #e66b35a3
 def seq_generator(seed:int, stream:int, index:int) -> torch.Generator:
@@ -253,11 +253,11 @@ def raise_together(err:Exception|None): # this process's error in the pass just 
     failed = all_reduce_sum(torch.tensor([float(r == rank and err is not None) for r in range(world)]))
     if not failed.any(): return
     import torch.distributed as dist
-    said = [None] * world; dist.all_gather_object(said, None if err is None else (type(err).__name__, str(err)))
+    base = None if err is None else next(t.__name__ for t in type(err).__mro__ if t.__module__ == 'builtins')   # ValueError for BadRecordError
+    said = [None] * world; dist.all_gather_object(said, None if err is None else (type(err).__name__, base, str(err)))
     if err is not None: raise err
-    first = int(failed.nonzero()[0, 0]); name, msg = said[first]
-    kind = {k.__name__: k for k in (ValueError, TypeError, IndexError, KeyError, AttributeError)}.get(name, RuntimeError)
-    raise kind(f"Process {first} of {world} stopped, so this process stops too. Its error: {name}: {msg}")
+    first = int(failed.nonzero()[0, 0]); name, base, msg = said[first]
+    raise getattr(builtins, base)(f"Process {first} of {world} stopped, so this process stops too. Its error: {name}: {msg}")
 
 def stops_together(passes):
     "A pass (a generator function) ending in `raise_together`: an error in one process (or one the caller `throw`s in) stops all there; alone, at once."
@@ -275,6 +275,16 @@ def stops_together(passes):
         finally: it.close()
         raise_together(err)
     return run
+
+@contextlib.contextmanager
+def together(passes):
+    """Around a loop over a pass (`layer_passes`): an error in the loop's body is thrown into the pass, which ends with it
+    (`raise_together`: under torch.distributed every process stops); the pass is closed when the block ends, its hooks with it."""
+    try: yield passes
+    except Exception as e:
+        if inspect.getgeneratorstate(passes) == 'GEN_SUSPENDED': passes.throw(e)   # (raises: this error, or another process's)
+        raise
+    finally: passes.close()
 
 # %% ../nbs/04_kfac.ipynb #77d27312
 def all_finite(t:torch.Tensor) -> bool:
@@ -620,24 +630,25 @@ def fit_covariances(model, # a causal LM
         if last:   # a sum no batch reached since the resume (saved at the last batch, then stopped) is its total
             for name, c in held.items(): cov[name].update({k: t.to(dtype) for k, t in c.items()})
     with blas_threads():
-        for b_no, (idx, acts, outg, n_seen) in enumerate(layer_passes(model, layers, seqs, batch_size, sample=fisher_sample(fisher), seed=seed,
-                                                 stream=0, desc='covariances' if progress else None, counts=True, start=start), start):
-            n_tok += int(sum(int(seqs[i]['attention_mask'].sum()) for i in idx))
-            seen += torch.tensor([n_seen[layer.name] for layer in layers], dtype=torch.float64)
-            if not shared: shared = _share_inputs(acts)
-            for name in cov:
-                d = outg.pop(name)                                              # released once summed
-                d = d.reshape(-1, d.shape[-1])                                  # [B*T(*labels), d_out]
-                gram(name, 'S', d).add(d)
-                a = acts.pop(name)                                              # released with its last layer
-                if shared[name] == name:
-                    a = a.reshape(-1, a.shape[-1])                              # [B*T, d_in+1]
-                    gram(name, 'A', a).add(a)
-            acts = outg = a = d = None                                         # freed before the next batch's forward
-            if every and b_no % every == every - 1: flush()
-            if save is not None and b_no % save_every == save_every - 1:
-                sums = cov if every else {n: {**held.get(n, {}), **{k: g.peek() for (m, k), g in run.items() if m == n}} for n in cov}
-                save(dict(cov=sums, n_tok=n_tok, seen=seen, shared=shared, batches=b_no + 1))
+        with together(layer_passes(model, layers, seqs, batch_size, sample=fisher_sample(fisher), seed=seed, stream=0,
+                                   desc='covariances' if progress else None, counts=True, start=start)) as passes:
+            for b_no, (idx, acts, outg, n_seen) in enumerate(passes, start):
+                n_tok += int(sum(int(seqs[i]['attention_mask'].sum()) for i in idx))
+                seen += torch.tensor([n_seen[layer.name] for layer in layers], dtype=torch.float64)
+                if not shared: shared = _share_inputs(acts)
+                for name in cov:
+                    d = outg.pop(name)                                              # released once summed
+                    d = d.reshape(-1, d.shape[-1])                                  # [B*T(*labels), d_out]
+                    gram(name, 'S', d).add(d)
+                    a = acts.pop(name)                                              # released with its last layer
+                    if shared[name] == name:
+                        a = a.reshape(-1, a.shape[-1])                              # [B*T, d_in+1]
+                        gram(name, 'A', a).add(a)
+                acts = outg = a = d = None                                         # freed before the next batch's forward
+                if every and b_no % every == every - 1: flush()
+                if save is not None and b_no % save_every == save_every - 1:
+                    sums = cov if every else {n: {**held.get(n, {}), **{k: g.peek() for (m, k), g in run.items() if m == n}} for n in cov}
+                    save(dict(cov=sums, n_tok=n_tok, seen=seen, shared=shared, batches=b_no + 1))
     flush(last=True); run.clear()
     n_tok = int(all_reduce_sum(torch.tensor([n_tok], dtype=torch.float64)).item())
     return _finish_covariances(cov, layers, shared, seen, len(seqs), dtype, rows), n_tok

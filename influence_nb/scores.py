@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from torch import nn
 import pandas as pd
 from .data import check_sequences, require_scored, grad_enabled, as_collection, attended_span, NATS_SCALE, IGNORE_INDEX
-from .kfac import layer_passes, all_reduce_sum, dist_info, all_finite, watch_calls, _Bar, shared_row_checks
+from .kfac import layer_passes, together, all_reduce_sum, dist_info, all_finite, watch_calls, _Bar, shared_row_checks
 from .ekfac import Factors, seq_grads, check_damping, ITERATIVE
 from .solver import IterativeSolver   # what fit_factors returns for 'lissa', 'cg', 'pcg' (05b_solver)
 
@@ -299,12 +299,13 @@ def shared_to(acts:dict, # one batch's `{name: ā}` (`layer_passes`): layers rea
 def query_gradients(model, layers, queries, batch_size=8, progress=False, measurement=None) -> dict:
     "Per-query gradients of the summed loss (= −∇ log p(completion); with a `measurement` f, −∇f) per layer, `{name: [n_q, d_out, d_in+1]}`."
     out = {layer.name: None for layer in layers}
-    for idx, acts, outg in layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None, measurement=measurement):
-        for layer in layers:
-            dt = working_dtype(acts[layer.name])
-            g = seq_grads(acts[layer.name].to(dt), outg[layer.name].to(dt))   # [B, d_out, d_in+1]
-            if out[layer.name] is None: out[layer.name] = g.new_zeros(len(queries), *g.shape[1:])
-            out[layer.name][idx] = g
+    with together(layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None, measurement=measurement)) as passes:
+        for idx, acts, outg in passes:
+            for layer in layers:
+                dt = working_dtype(acts[layer.name])
+                g = seq_grads(acts[layer.name].to(dt), outg[layer.name].to(dt))   # [B, d_out, d_in+1]
+                if out[layer.name] is None: out[layer.name] = g.new_zeros(len(queries), *g.shape[1:])
+                out[layer.name][idx] = g
     if dist_info()[1] > 1:   # each process computed its shard of the queries: add them up
         dt = working_dtype(next(model.parameters()))
         for layer in layers:
@@ -445,20 +446,19 @@ def prepare_queries(model, # the model the factors were fitted on
     denom = {n: factors.damped_eigenvalues(n, damping).to(p.device, dt) for n in bases}   # Λ + λ, as `Factors.precondition` damps
     out = _empty_queries(layers, len(queries) if rows is None else int(rows.max()) + 1, rank, dt, p.device)
     with watch_calls(factors.info.get('calls')):                     # warns if a layer runs another number of times than in the fit
-        for idx, acts, outg in (passes := layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None, measurement=measurement)):
-            rotated_acts, conv = {}, {}   # gate_proj and up_proj read one input with one Q_A: converted and rotated once per batch
-            for layer in layers:
-                n, a, d = layer.name, shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt)
-                if n in bases:   # Q_S [(Q_Sᵀ g Q_A) ⊘ (Λ + λ)] Q_Aᵀ, the rotation in from the tokens
-                    QS, QA = bases[n]
-                    pre = QS @ rotated_grads(a, d, QS, QA, rotated_acts).div_(denom[n]) @ QA.T
-                else:                                                                  # identity, diagonal
-                    try: pre = factors.precondition(n, seq_grads(a, d), damping)
-                    except ValueError as e: passes.throw(e)                           # its refusal stops every process (`stops_together`)
-                got = query_form(pre, n, rank)                                         # [B, ...] rows of this batch
-                if rows is not None: out[n].full.index_add_(0, rows[idx].to(p.device), got.full); continue
-                for k in ('full', 'U', 'V'):
-                    if getattr(got, k) is not None: getattr(out[n], k)[idx] = getattr(got, k)
+        with together(layer_passes(model, layers, queries, batch_size, desc='query gradients' if progress else None, measurement=measurement)) as passes:
+            for idx, acts, outg in passes:
+                rotated_acts, conv = {}, {}   # gate_proj and up_proj read one input with one Q_A: converted and rotated once per batch
+                for layer in layers:
+                    n, a, d = layer.name, shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt)
+                    if n in bases:   # Q_S [(Q_Sᵀ g Q_A) ⊘ (Λ + λ)] Q_Aᵀ, the rotation in from the tokens
+                        QS, QA = bases[n]
+                        pre = QS @ rotated_grads(a, d, QS, QA, rotated_acts).div_(denom[n]) @ QA.T
+                    else: pre = factors.precondition(n, seq_grads(a, d), damping)      # identity, diagonal
+                    got = query_form(pre, n, rank)                                         # [B, ...] rows of this batch
+                    if rows is not None: out[n].full.index_add_(0, rows[idx].to(p.device), got.full); continue
+                    for k in ('full', 'U', 'V'):
+                        if getattr(got, k) is not None: getattr(out[n], k)[idx] = getattr(got, k)
     if dist_info()[1] > 1:   # each process filled its shard's rows: add them up
         for pq in out.values():
             for t in (pq.full, pq.U, pq.V):
@@ -615,15 +615,16 @@ def pairwise_scores(model, # the model the factors were fitted on
         total = torch.zeros(n_q, len(ts), dtype=dt)
         layer_scores = {layer.name: torch.zeros(n_q, len(ts), dtype=dt) for layer in layers} if per_layer else None
         tok_scores = torch.zeros(n_q, len(ts), width, dtype=dt) if per_token else None   # [n_q, n_train, longest given]
-        for idx, acts, outg in layer_passes(model, layers, ts, batch_size, desc='scoring' if progress else None):
-            idx_t, tok_batch, T = torch.tensor(idx), 0, max(len(ts[i]['input_ids']) for i in idx)   # (`collate` pads to the longest)
-            for layer in layers:
-                s, tok, _ = contract_scores(pq[layer.name], acts[layer.name], outg[layer.name], per_token)
-                s = s.cpu()
-                total[:, idx_t] += s
-                if per_layer: layer_scores[layer.name][:, idx_t] = s
-                if per_token: tok_batch = tok_batch + fold_calls(tok, T).cpu()    # [n_q, B, T], summed over layers
-            if per_token: place_tokens(tok_scores, tok_batch, idx, starts, ts)
+        with together(layer_passes(model, layers, ts, batch_size, desc='scoring' if progress else None)) as passes:
+            for idx, acts, outg in passes:
+                idx_t, tok_batch, T = torch.tensor(idx), 0, max(len(ts[i]['input_ids']) for i in idx)   # (`collate` pads to the longest)
+                for layer in layers:
+                    s, tok, _ = contract_scores(pq[layer.name], acts[layer.name], outg[layer.name], per_token)
+                    s = s.cpu()
+                    total[:, idx_t] += s
+                    if per_layer: layer_scores[layer.name][:, idx_t] = s
+                    if per_token: tok_batch = tok_batch + fold_calls(tok, T).cpu()    # [n_q, B, T], summed over layers
+                if per_token: place_tokens(tok_scores, tok_batch, idx, starts, ts)
     if dist_info()[1] > 1:   # each process filled its shard's columns: add them up
         for t in [total, tok_scores, *(layer_scores or {}).values()]:
             if t is not None: all_reduce_sum(t)
@@ -667,11 +668,12 @@ def self_scores(model, # the model the factors were fitted on
         denom[layer.name] = None if ev is None else ev.to(p.device, dt)
     out = torch.zeros(len(ts), dtype=dt)
     with watch_calls(factors.info.get('calls')):
-        for idx, acts, outg in layer_passes(model, layers, ts, batch_size, desc='self-influence' if progress else None):
-            rotated_acts, conv = {}, {}
-            for layer in layers:
-                basis = (*bases[layer.name], rotated_acts) if layer.name in bases else None
-                out[torch.tensor(idx)] += _self_terms(shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt), denom[layer.name], basis).cpu()
+        with together(layer_passes(model, layers, ts, batch_size, desc='self-influence' if progress else None)) as passes:
+            for idx, acts, outg in passes:
+                rotated_acts, conv = {}, {}
+                for layer in layers:
+                    basis = (*bases[layer.name], rotated_acts) if layer.name in bases else None
+                    out[torch.tensor(idx)] += _self_terms(shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt), denom[layer.name], basis).cpu()
     if not torch.isfinite(all_reduce_sum(out)).all():      # summed first: every process sees every overflow, and refuses
         raise ValueError(f"Self-influence of train{(~torch.isfinite(out)).nonzero()[:8, 0].tolist()} overflows {out.dtype} (NaN/Inf): "
                          "the damping is too small for the curvature. Pass a larger `damping`, or None (0.1 × mean eigenvalue).")
@@ -683,17 +685,19 @@ def _measured_self(model, factors, layers:list, ts:list[dict], damping, batch_si
     order = sorted(range(len(ts)), key=lambda i: -len(ts[i]['input_ids']))   # similar lengths together: each chunk is one batch
     out = torch.zeros(len(ts), dtype=dt)
     bar = _Bar(len(ts), 0, 'self-influence' if progress else None, not progress or dist_info()[0] != 0)
+    bases = eigenbases(factors, layers, dt, next(model.parameters()).device)   # made once for every chunk
     with shared_row_checks():                                        # f checked once over the batches, not in each
         for j in range(0, len(order), batch_size):
             chunk = order[j:j + batch_size]; seqs = [ts[i] for i in chunk]
-            try: pq = prepare_queries(model, factors, layers, seqs, damping, None, batch_size, False, measurement)   # (G + λI)⁻¹ (−∇f)
+            try: pq = prepare_queries(model, factors, layers, seqs, damping, None, batch_size, False, measurement, bases=bases)   # (G + λI)⁻¹ (−∇f)
             except ValueError as e:                                       # f's refusals name positions in `seqs`: say them in `train`
                 raise ValueError(re.sub(r'sequence\(s\) \[([\d, ]+)\] of the batch', lambda m: 'sequence(s) ' + str([chunk[int(x)] for x in m[1].split(', ')]) + ' of `train`', str(e))) from None
-            for idx, acts, outg in layer_passes(model, layers, seqs, batch_size):                                 # −∇log p
-                conv, rows = {}, torch.tensor([chunk[i] for i in idx])
-                for layer in layers:   # each sequence with its own row: [B, d_out, d_in+1] ⊙ [B, d_out, d_in+1], summed
-                    g = seq_grads(shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt))
-                    out[rows] += (pq[layer.name].full[idx] * g).sum((-1, -2)).cpu()
+            with together(layer_passes(model, layers, seqs, batch_size)) as passes:
+                for idx, acts, outg in passes:                                 # −∇log p
+                    conv, rows = {}, torch.tensor([chunk[i] for i in idx])
+                    for layer in layers:   # each sequence with its own row: [B, d_out, d_in+1] ⊙ [B, d_out, d_in+1], summed
+                        g = seq_grads(shared_to(acts, layer.name, dt, conv), outg[layer.name].to(dt))
+                        out[rows] += (pq[layer.name].full[idx] * g).sum((-1, -2)).cpu()
             bar.update(len(chunk))
     bar.close()
     return out

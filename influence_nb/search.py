@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .data import (TokenRules, cut_texts, text_sequences, array_record, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, missing_id, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection,
                                grad_enabled, check_max_length, check_int, n_scored, shown_ids, tokenizer_mark, other_tokenizer)
-from .kfac import layer_passes, all_reduce_sum, dist_info, watch_calls
+from .kfac import layer_passes, together, all_reduce_sum, dist_info, watch_calls
 from .ekfac import Factors, check_damping
 from .scores import (check_measured, check_queries, query_group_rows, measurement_name, per_copy_column, prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
                                  working_dtype)
@@ -240,10 +240,11 @@ def _score_chunk(model, layers, pq:dict, seqs:list[dict], batch_size:int) -> tor
     "Scores `[n_q, len(seqs)]` of a list of sequences against preconditioned queries `pq` (summed over layers), in their dtype."
     n_q, dtype = next(iter(pq.values())).n_q, next(iter(pq.values())).dtype    # float32 (float64 for a float64 model)
     total = torch.zeros(n_q, len(seqs), dtype=dtype)
-    for idx, acts, outg in layer_passes(model, layers, seqs, batch_size):
-        idx_t = torch.tensor(idx)
-        for layer in layers:
-            total[:, idx_t] += contract_scores(pq[layer.name], acts[layer.name], outg[layer.name])[0].cpu()
+    with together(layer_passes(model, layers, seqs, batch_size)) as passes:
+        for idx, acts, outg in passes:
+            idx_t = torch.tensor(idx)
+            for layer in layers:
+                total[:, idx_t] += contract_scores(pq[layer.name], acts[layer.name], outg[layer.name])[0].cpu()
     return all_reduce_sum(total) if dist_info()[1] > 1 else total
 
 # %% ../nbs/08_search.ipynb #5016423a

@@ -89,6 +89,19 @@ def main(out, corpus_path):
     if world > 1: dist.barrier(); dist.destroy_process_group()
 
 
+class ShardError(ValueError): "A caller's own error (a ValueError), met in the loop over a pass, in process 0 only."
+
+def _refused_in_body(rank, call):
+    "`call()` with `contract_scores`, which `pairwise_scores` calls in its loop over the scoring pass, refusing in process 0."
+    import influence_nb.scores as scores_module
+    orig = scores_module.contract_scores
+    def refusing(*a, **k):
+        if rank == 0: raise ShardError('refused in the loop over the pass, in process 0 only')
+        return orig(*a, **k)
+    scores_module.contract_scores = refusing
+    try: return call()
+    finally: scores_module.contract_scores = orig
+
 def refusals(out):
     "Calls where only process 0 of 2 meets what is refused; each process writes every call's error to OUT/refusals-RANK.json."
     if int(os.environ.get('WORLD_SIZE', '1')) > 1: dist.init_process_group('gloo')
@@ -108,6 +121,7 @@ def refusals(out):
     for n in fd.tensors: fd.tensors[n]['diag'].zero_()                                     # one query or sequence: in process 0 only
     calls['precondition'] = lambda: inf.pairwise_scores(m32, fd, queries[:1], train[:2], damping=1e-45, progress=False)
     calls['overflow'] = lambda: inf.self_scores(m32, fd, train[:1], damping=1e-45, progress=False)
+    calls['body'] = lambda: _refused_in_body(rank, lambda: inf.pairwise_scores(model, f, queries, train, batch_size=2, progress=False))
     got = {}                                     # 3 queries or sequences, 2 processes: process 0 has 2, process 1 has 1
     for name, call in calls.items():
         try: call(); got[name] = 'no error'

@@ -190,7 +190,8 @@ def test_cli_fit_with_a_process_that_gets_no_sequence(tmp_path):
 def test_refusal_in_one_process_stops_every_process(tmp_path):
     """3 queries (or sequences) in 2 processes: process 0 has a batch of two rows, process 1 one row. A measurement giving
     each row its batch's total is refused on process 0's batch only; a NaN (a position only process 0's shard reaches), a
-    preconditioning or a self-influence that overflows (one query or sequence: process 0's) likewise. Process 1 went on
+    preconditioning or a self-influence that overflows (one query or sequence: process 0's) likewise, and an error raised in
+    the caller's loop over a pass (`together` throws it in). Process 1 went on
     into the pass's collective and died there ('Connection closed by peer') or waited. Now every process raises:
     process 0 as one process does, process 1 the same text, naming process 0 (an overflow: each sees it in the sum)."""
     sys.path.insert(0, str(HERE))
@@ -205,7 +206,9 @@ def test_refusal_in_one_process_stops_every_process(tmp_path):
         raise AssertionError(f"the processes hung:\n{err[-4000:]}") from None
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-2000:]}\n{err[-12000:]}"
     one, r0, r1 = (json.loads((tmp_path/d/f'refusals-{r}.json').read_text()) for d, r in (('one', 0), ('two', 0), ('two', 1)))
-    assert set(one) == set(r0) == set(r1) == {'pairwise', 'self', 'scan', 'fit', 'precondition', 'overflow'}
+    assert set(one) == set(r0) == set(r1) == {'pairwise', 'self', 'scan', 'fit', 'precondition', 'overflow', 'body'}
+    assert one['body'] == 'ShardError: refused in the loop over the pass, in process 0 only'   # the loop's body's error
+    assert r1['body'].startswith('ValueError: Process 0 of 2 stopped')             # (a ValueError there: its builtin kind)
     assert one['overflow'].startswith('ValueError: Self-influence of train[0] overflows torch.float32')   # summed first: each
     assert r0.pop('overflow') == r1.pop('overflow') == one.pop('overflow')                              # process sees it
     assert one['precondition'].startswith("ValueError: Preconditioning layer 'transformer.h.0.mlp.c_fc' with damping 1e-45 gave NaN/Inf")
