@@ -255,6 +255,16 @@ def own_url(tmp_path_factory, cache_dir, own):
     yield from _serve(explore, tmp_path_factory.mktemp('voila-own'), cache_dir, 'own')
 
 
+def _open_app(browser, url, errors):
+    "A page on the app at `url`, drawn: JavaScript errors go to `errors`, requests elsewhere (no network here) get an empty answer."
+    page = browser.new_page(viewport={'width': 1500, 'height': 1000})
+    page.on('pageerror', lambda e: errors.append(f"pageerror: {e}"))
+    page.route(lambda u: not u.startswith(url.rstrip('/')) and not u.startswith('data:'), lambda route: route.fulfill(status=200, body=''))
+    page.goto(url, wait_until='domcontentloaded', timeout=60_000)
+    page.wait_for_selector('.inb-run', timeout=APP_TIMEOUT * 1000)
+    return page
+
+
 def test_explorer_on_own_llama_in_browser(own_url, own):
     "The app on a tiny Llama: opens on the first query, fits factors, and ranks the record stating the fact first."
     from playwright.sync_api import sync_playwright
@@ -264,12 +274,7 @@ def test_explorer_on_own_llama_in_browser(own_url, own):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={'width': 1500, 'height': 1000})
-            page.on('pageerror', lambda e: errors.append(f"pageerror: {e}"))
-            page.route(lambda url: not url.startswith(own_url.rstrip('/')) and not url.startswith('data:'),
-                       lambda route: route.fulfill(status=200, body=''))
-            page.goto(own_url, wait_until='domcontentloaded', timeout=60_000)
-            page.wait_for_selector('.inb-run', timeout=APP_TIMEOUT * 1000)
+            page = _open_app(browser, own_url, errors)
             assert page.locator('.inb-model select').input_value() == 'model'       # the folder's name
             assert page.locator('.inb-completion input').input_value() == q['completion']
             _run_ok(page, q['id'], RUN_TIMEOUT)
@@ -324,12 +329,7 @@ def test_explorer_groups_in_browser(own_group_url, own, own_groups):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={'width': 1500, 'height': 1000})
-            page.on('pageerror', lambda e: errors.append(f"pageerror: {e}"))
-            page.route(lambda url: not url.startswith(own_group_url.rstrip('/')) and not url.startswith('data:'),
-                       lambda route: route.fulfill(status=200, body=''))
-            page.goto(own_group_url, wait_until='domcontentloaded', timeout=60_000)
-            page.wait_for_selector('.inb-run', timeout=APP_TIMEOUT * 1000)
+            page = _open_app(browser, own_group_url, errors)
             assert page.locator('.inb-source button.mod-active').inner_text().strip() == 'A group'
             assert page.locator('.inb-prompt textarea').input_value().split('\n')[0] == f"{north[0]['ask']} →{north[0]['answer']}"
             _run_ok(page, 'north', RUN_TIMEOUT)
