@@ -257,7 +257,10 @@ def raise_together(err:Exception|None): # this process's error in the pass just 
     said = [None] * world; dist.all_gather_object(said, None if err is None else (type(err).__name__, base, str(err)))
     if err is not None: raise err
     first = int(failed.nonzero()[0, 0]); name, base, msg = said[first]
-    raise getattr(builtins, base)(f"Process {first} of {world} stopped, so this process stops too. Its error: {name}: {msg}")
+    text = f"Process {first} of {world} stopped, so this process stops too. Its error: {name}: {msg}"
+    try: stop = getattr(builtins, base)(text)
+    except TypeError: stop = RuntimeError(text)                         # a kind made otherwise (UnicodeDecodeError's five arguments)
+    raise stop
 
 def stops_together(passes):
     "A pass (a generator function) ending in `raise_together`: an error in one process (or one the caller `throw`s in) stops all there; alone, at once."
