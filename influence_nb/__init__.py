@@ -19,7 +19,7 @@ from .scores import Scores, pairwise_scores, self_scores, ClassifierAsLM, Regres
 from .search import scan, ScanResult, read_scores
 from .tfidf import top_candidates
 from .corpus import load_corpus
-from .explorer import explorer
+from . import explorer   # the module, callable: `inf.explorer(...)` opens the app (10_explorer)
 
 __all__ = ['IGNORE_INDEX', 'data_dir', 'as_sequences', 'tokenize', 'tokenize_pairs', 'collate', 'batches', 'n_scored',
            'check_sequences', 'load_bundled', 'load_model', 'load_tokenizer', 'read_corpus', 'completion_logprobs',

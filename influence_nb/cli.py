@@ -129,11 +129,12 @@ def _group_columns(groups, names:list, say=print) -> list:
     return [str(g) for g in labels]
 
 # %% ../nbs/13_cli.ipynb #48e43280
-def bm25_candidates(queries, train, k:int, tok, names=None) -> list[int]:
-    "The indices of `train`, in order, among each query's `k` best BM25 matches (the paper's TF-IDF filter); all when `k` is 0 or covers `train`."
+def bm25_candidates(queries, train, k:int, tok, names=None, groups=None) -> list[int]:
+    """The indices of `train`, in order, among each query's `k` best BM25 matches (the paper's TF-IDF filter; with `groups`, a
+    label per query, each group's, by its queries' summed BM25); all when `k` is 0 or covers `train`. `names`: the rows' names."""
     from influence_nb.tfidf import top_candidates, special_ids, unmatched_note
     if not 0 < k < len(train): return list(range(len(train)))
-    idx, vals = top_candidates(queries, train, k, ignore_ids=special_ids(tok))    # [n_q, k]
+    idx, vals = top_candidates(queries, train, k, ignore_ids=special_ids(tok), query_groups=groups)    # [rows, k]
     if note := unmatched_note(vals, names): warnings.warn(note, stacklevel=2)    # candidates that match nothing are arbitrary
     return sorted(set(idx.flatten().tolist()))
 
@@ -535,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
     s.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context; queries are never cut)")
     s.add_argument('--candidates', type=int, default=0, help="score only the records among each query's K best BM25 matches (the paper's "
-                   "TF-IDF filter; rows: their union, in file order; default 0: every record)")
+                   "TF-IDF filter; with --group-by, each group's, by its queries' summed BM25; rows: their union, in file order; default 0: every record)")
     _measurement_arg(s); _group_args(s)
     s.add_argument('--per-layer', default=None, metavar='FILE', help="also write each tracked layer's part of every score to FILE "
                    "(.parquet, a row per record, query and layer: train_index, id, query, layer, block, score); a record's "
@@ -580,7 +581,7 @@ def _scan_parser(sub, fmt):
     c.add_argument('--batch-size', type=int, default=8, help='sequences per forward/backward pass (default: 8)')
     c.add_argument('--chunk-size', type=int, default=1024, help='sequences per chunk: merged into the top-k, one scores file each (default: 1024)')
     c.add_argument('--max-length', type=int, default=None, help="truncate texts to this many tokens (default: the model's context)")
-    c.add_argument('--candidates', type=int, default=0, help="rank each query among its own K best BM25 matches only (the paper's TF-IDF "
+    c.add_argument('--candidates', type=int, default=0, help="rank each query (with --group-by, each group, by its queries' summed BM25) among its own K best BM25 matches only (the paper's TF-IDF "
                    "filter; a first pass reads the corpus's tokens; the union of the queries' matches is scored; K >= --k; default 0: every record)")
     _skip_arg(c)
     c.add_argument('--scores-dir', default=None, help='also write every score, one Parquet file per chunk, to this (new or empty) directory (one row per record, '
@@ -886,9 +887,10 @@ def _cmd_score(a):
     train, pos, recs = _corpus(a, tok, model)
     _say_repeated_ids(recs, pos, Path(a.data)); _say_id_field(a, recs); _say_rules(a, factors, recs)
     if a.candidates:                                                # the paper's filter: only what resembles a query is scored
-        keep = bm25_candidates(queries, train, a.candidates, tok, names)
+        keep, by = bm25_candidates(queries, train, a.candidates, tok, names if groups is None else cols, groups), " (by its queries' summed BM25)"
         if int(os.environ.get('RANK', '0')) == 0:
-            print(f"scoring {len(keep):,} of {len(train):,} records: the union of each query's {a.candidates:,} best BM25 matches"
+            print(f"scoring {len(keep):,} of {len(train):,} records: the union of each {'query' if groups is None else 'group'}'s "
+                  f"{a.candidates:,} best BM25 matches{'' if groups is None else by}"
                   if len(keep) < len(train) else f"scoring all {len(train):,} records (--candidates {a.candidates:,} covers them)", flush=True)
         train, pos, recs = [train[i] for i in keep], [pos[i] for i in keep], [recs[i] for i in keep]
     with _process_group() as (rank, world):      # under torchrun each process scores its shard; every one gets all scores
@@ -960,9 +962,6 @@ def _check_options(a):
     if getattr(a, 'candidates', 0) < 0: raise ValueError(f"--candidates must be 0 (every record) or more, got {a.candidates}.")
     if getattr(a, 'candidates', 0) and a.command == 'scan' and a.k > a.candidates:    # a query's top k comes from its own candidates
         raise ValueError(f"--k {a.k} exceeds --candidates {a.candidates}: each query keeps its top k among its own candidates.")
-    if getattr(a, 'candidates', 0) and a.command == 'scan' and (getattr(a, 'group_by', None) or getattr(a, 'aggregate', False)):
-        raise ValueError("--candidates ranks each query among its own BM25 matches, and a group's column sums several queries: "
-                         "leave --candidates out with --group-by or --aggregate.")
     d = getattr(a, 'damping', None)
     if d is not None and not (math.isfinite(d) and d > 0):
         raise ValueError(f"--damping must be a positive number, got {d}; omit it for 0.1 × the mean eigenvalue per layer.")
@@ -991,7 +990,7 @@ def _scan_summary(res, before, ckpt, world:int, out) -> str:
     done = (f"scanned {res.n_scanned:,} sequences" if before is None else
             f"resumed from {ckpt}, which held {n0:,} sequences ({t0:.1f} s); this run scanned {res.n_scanned - n0:,} more in "
             f"{max(res.seconds - t0, 0.0):.1f} s; in all {res.n_scanned:,} sequences")
-    done += f" (the union of each query's {res.candidates:,} best BM25 matches)" if res.candidates else ''
+    done += f" (the union of each {'group' if res.group_sizes else 'query'}'s {res.candidates:,} best BM25 matches)" if res.candidates else ''
     skipped = f" ({res.n_skipped:,} bad records skipped{f'; the first, {res.first_skipped}' if res.first_skipped else ''})"
     return (done + (skipped if res.n_skipped else '') + (f" in {world} processes" if world > 1 else '')
             + f" in {res.seconds:.1f} s; top {res.k} of {res.n_queries} {'group' if res.group_sizes else 'quer'}{'s' if res.group_sizes and res.n_queries > 1 else '' if res.group_sizes else 'ies' if res.n_queries > 1 else 'y'}{f' (picked at rank {res.query_rank}, their scores recomputed at full rank)' if res.refined else ''} written to {out}")

@@ -15,7 +15,9 @@ import math
 import random
 import re
 import time
+import sys
 import traceback
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +46,7 @@ from .kfac import reporting
 from .modules import find_modules, layer_aliases
 from .data import uncompiled
 from .scores import pairwise_scores, unread_to_nan, query_group_rows
-from .tfidf import TokenIndex, _topk
+from .tfidf import TokenIndex
 
 # %% auto #0
 __all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'QUERY_FIELDS', 'ANNOTATED_BLOCKS', 'K_MAX', 'STRATEGY_LABELS', 'STRATEGY_HINTS',
@@ -733,12 +735,8 @@ def _prefilter(session, model, query, candidates:int, n:int, say) -> tuple[np.nd
     "`(candidates, how many of them share words with the query)`: the BM25 top `candidates`, or all `n` (None: not filtered)."
     if candidates >= n: return np.arange(n), None
     say(f"Prefiltering: the {candidates:,} best BM25 matches among {n:,} sequences", 0.4)
-    if len(query) == 1:
-        ids, vals = session.index(model).top(query, candidates)
-        return ids[0].numpy(), int((vals[0] > 0).sum())    # past those, BM25 is 0: the rest come in corpus order
-    s = session.index(model).scores(query).sum(0).numpy()    # a group: its queries' BM25 summed (a word shared counts in each)
-    top = _topk(s[None], candidates)[0][0]                   # (ties: the lower index first, as `TokenIndex.top`)
-    return top, int((s[top] > 0).sum())
+    ids, vals = session.index(model).top(query, candidates, query_groups='all')   # a group: its queries' BM25 summed (07_tfidf)
+    return ids[0].numpy(), int((vals[0] > 0).sum())          # past those, BM25 is 0: the rest come in corpus order
 
 
 # %% ../nbs/10_explorer.ipynb #ddfdff57
@@ -1367,3 +1365,12 @@ def app_notebook(path, # where to write the notebook (.ipynb)
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(nb, indent=1) + '\n')
     return path
+
+# %% ../nbs/10_explorer.ipynb #ce231c79
+class _CallableModule(types.ModuleType):
+    "This module, callable: `influence_nb.explorer(...)` is `explorer(...)`, and `import influence_nb.explorer` gives the module."
+    def __call__(self, *args, **kwargs): return explorer(*args, **kwargs)
+    @property
+    def __signature__(self): return inspect.signature(explorer)
+
+if __name__ == 'influence_nb.explorer': sys.modules[__name__].__class__ = _CallableModule   # (not in this notebook's kernel)

@@ -759,8 +759,9 @@ def _scan_chunks(model, layers, pq:dict, stream:CorpusStream, items, state:dict,
     return vals, inds
 
 # %% ../nbs/08_search.ipynb #798981bd
-def _prefilter(stream:CorpusStream, qs:list, candidates:int, read, tokenizer, chunk_size:int, progress:bool, state:dict, ckpt, names=None) -> dict:
-    """The first pass of a scan with `candidates`: `{own, wanted, n_docs, n_skipped, first}` — each query's BM25 best, their union,
+def _prefilter(stream:CorpusStream, qs:list, candidates:int, read, tokenizer, chunk_size:int, progress:bool, state:dict, ckpt, names=None, rows=None) -> dict:
+    """The first pass of a scan with `candidates`: `{own, wanted, n_docs, n_skipped, first}` — each query's (with `rows`, each
+    group's, by its queries' summed BM25) best, their union,
     the records read, bad ones. Under torch.distributed each process tokenizes a strided share of the records (`_shared_terms`)."""
     from influence_nb.tfidf import doc_terms, rank_doc_terms, special_ids, unmatched_note
     (rank, world), bad, by_bytes = dist_info(), {}, stream.kind in ('jsonl', 'text')
@@ -782,7 +783,7 @@ def _prefilter(stream:CorpusStream, qs:list, candidates:int, read, tokenizer, ch
             if world == 1: raise
             terms, err = None, e
     if world > 1: terms = _shared_terms(terms, err, info, bad)
-    try: idx, vals, n_docs = rank_doc_terms(terms, candidates)
+    try: idx, vals, n_docs = rank_doc_terms(terms, candidates, query_groups=None if rows is None else rows.tolist())
     except ValueError as e:
         if 'no document' not in str(e): raise
         raise ValueError("`corpus` is empty: no sequence was scanned" +
@@ -860,13 +861,13 @@ def scan(model, # the model the factors were fitted on
          progress:bool=True, # tqdm bar with ETA
          n_train:int|None=None, # N of the training set, for `nats`; None: the larger of the sequences scanned and the factors' fit set
          query_names:list|None=None, # a name per query (e.g. its id): the result's `query_names`, the columns `read_scores` gives
-         candidates:int|None=None, # rank each query among its own `candidates` best BM25 matches only (paper §3.2.1; a first pass reads the tokens)
+         candidates:int|None=None, # rank each query (group: by summed BM25) among its own `candidates` best BM25 matches only (paper §3.2.1; a first pass reads the tokens)
          measurement=None, # `f(logits, batch) -> [n]` measured instead of each query's log p(completion) (`pairwise_scores`)
          query_groups=None, # None: a top k per query; 'all' or a label per query: a top k per group, by its queries' summed influence (`pairwise_scores`)
         ) -> ScanResult:
     "Scan `corpus` for each query's `k` most influential sequences, in constant memory, resumable."
     _check_scan_args(k, query_rank, damping, batch_size, chunk_size, checkpoint_every, on_bad_record, n_train, candidates); layers, id_field = prepare_scoring(model, factors), id_field or 'id'
-    qs, names, rows, sizes = _scan_queries(model, queries, measurement, query_names, query_groups, candidates, scores_path is not None)
+    qs, names, rows, sizes = _scan_queries(model, queries, measurement, query_names, query_groups, scores_path is not None)
     stream, rules = CorpusStream(corpus, text_field, id_field), TokenRules(pair_eos, text_eos, assistant_only_loss, completion_only_loss)
     _check_twice(stream, refine and query_rank is not None, candidates); ctx, max_length = _scan_max_length(model, max_length)
     cfg = _config(factors, qs, stream, tokenizer, k=k, query_rank=query_rank, damping=damping, batch_size=batch_size,
@@ -881,7 +882,7 @@ def scan(model, # the model the factors were fitted on
         legacy = state['n_records'] > 0 and 'ids' not in state   # a checkpoint of a version that kept no ids; and the texts
         cut, bad = state.setdefault('cut', {}), state.setdefault('bad', {'first': None} if state['n_skipped'] else {})   # (None: unknown)
         if rank == 0 and spath is not None: _scores_dir(spath, fp, state, ckpt is not None, ckpt, names)   # (a checkpoint's parts: reused)
-        convert = _only(pre := candidates and _prefilter(stream, qs, candidates, read, tokenizer, chunk_size, progress and rank == 0, state, ckpt, names), read)
+        convert = _only(pre := candidates and _prefilter(stream, qs, candidates, read, tokenizer, chunk_size, progress and rank == 0, state, ckpt, names, rows), read)
         pq = prepare_queries(model, factors, layers, qs, damping, query_rank, batch_size, measurement=measurement, rows=rows)   # as `pairwise_scores` does
         items = _resume_items(stream, state, convert, ckpt, prefix := _guard(stream, state, ckpt))
         vals, inds = _scan_chunks(model, layers, pq, stream, items, state, top, lambda c: convert(c, cut, bad), k=k, chunk_size=chunk_size,
@@ -901,14 +902,12 @@ def _measured(measurement) -> dict:
     if measurement is None: return {}
     return {'measurement': measurement_name(measurement), 'measurement_digest': measurement_digest(measurement)}
 
-def _scan_queries(model, queries, measurement, query_names, query_groups, candidates, scores:bool) -> tuple:
+def _scan_queries(model, queries, measurement, query_names, query_groups, scores:bool) -> tuple:
     "`(qs, names, rows, sizes)`: the queries as sequences, the names of the result's rows, and with `query_groups` each query's row and the rows' sizes (`query_group_rows`)."
     qs = check_queries(model, queries, measurement)
     rows, labels, sizes = query_group_rows(query_groups, len(qs))
     if rows is not None:
         if query_names is not None: raise ValueError("Pass `query_names` or `query_groups`, not both: with groups, each group's label names its row.")
-        if candidates: raise ValueError("`candidates` ranks each query among its own BM25 matches, and a group's row sums several "
-                                        "queries: pass candidates=None with `query_groups`.")
         if scores and (clash := sorted({str(g) for g in labels} & {'index', 'id'})):
             raise ValueError(f"A query group is labelled {clash[0]!r}, a name of the scores folder's index (index, id): give that group another label.")
         query_names = [str(g) for g in labels]

@@ -120,29 +120,37 @@ def scores(self: TokenIndex, queries, method: str = 'bm25') -> torch.Tensor:
     return torch.from_numpy(self._scores(queries, method))
 
 @patch
-def _scores(self: TokenIndex, queries, method: str) -> np.ndarray:
+def _scores(self: TokenIndex, queries, method: str, G=None) -> np.ndarray:
     if method not in _METHODS: raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
-    if method == 'bm25':
-        Q = self._query_matrix(queries, binary=True)                # [n_q, V] distinct query tokens
-        return np.asarray((Q @ self.weights.T).todense(), dtype=np.float64)
-    tr, D = self._tfidf_parts()
-    Q = tr.transform(self._query_matrix(queries, binary=False))     # [n_q, V] l2-normalised tf-idf
-    return np.asarray((Q @ D.T).todense(), dtype=np.float64)         # cosine similarity
+    if method == 'bm25': Q, D = self._query_matrix(queries, binary=True), self.weights   # [n_q, V] distinct query tokens
+    else:
+        tr, D = self._tfidf_parts()
+        Q = tr.transform(self._query_matrix(queries, binary=False)) # [n_q, V] l2-normalised tf-idf (cosine similarity)
+    if G is not None: Q = G @ Q                                     # `[rows, n_q]`: a group's row adds its queries' terms
+    return np.asarray((Q @ D.T).todense(), dtype=np.float64)
 
 # %% ../nbs/07_tfidf.ipynb #af94c148
+def _group_sums(query_groups, n:int) -> sp.csr_matrix|None:
+    "The `[n_rows, n]` 0/1 matrix whose rows add each group's queries (`query_group_rows`), or None: a row per query."
+    from influence_nb.scores import query_group_rows   # (imported here: scores reads no BM25, but is heavier)
+    rows, labels, _ = query_group_rows(query_groups, n)
+    return None if rows is None else sp.csr_matrix((np.ones(n), (rows.numpy(), np.arange(n))), shape=(len(labels), n))
+
 @patch
-def top(self: TokenIndex, queries, k: int, method: str = 'bm25', chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    "Top-`k` documents per query: (indices [n_q, k] int64, scores [n_q, k] float64), descending, ties -> lower index."
+def top(self: TokenIndex, queries, k: int, method: str = 'bm25', chunk: int = 256,
+        query_groups = None) -> tuple[torch.Tensor, torch.Tensor]:   # None, 'all' or a label per query: a row per group
+    """Top-`k` documents per query (per group with `query_groups`, ranked by its queries' summed scores): (indices [rows, k]
+    int64, scores [rows, k] float64), descending, ties -> lower index."""
     k = check_int(k, 'k')
     if k > self.n_docs:
         warnings.warn(f"k={k} exceeds the corpus size {self.n_docs}; returning all {self.n_docs} documents.")
         k = self.n_docs
     ids, lens = self._query_tokens(queries)                         # validate once, then score in chunks
-    seqs = [t.tolist() for t in np.split(ids, np.cumsum(lens)[:-1])]
-    idx, val = [], []
-    for lo in range(0, len(seqs), chunk):
-        i, v = _topk(self._scores(seqs[lo:lo + chunk], method), int(k))
-        idx.append(i); val.append(v)
+    seqs, G = [t.tolist() for t in np.split(ids, np.cumsum(lens)[:-1])], _group_sums(query_groups, len(lens))
+    if G is not None:                                               # a score is linear in the query's terms: add them, then rank
+        i, v = _topk(self._scores(seqs, method, G), int(k))
+        return torch.from_numpy(i), torch.from_numpy(v)
+    idx, val = zip(*(_topk(self._scores(seqs[lo:lo + chunk], method), int(k)) for lo in range(0, len(seqs), chunk)))
     return torch.from_numpy(np.concatenate(idx)), torch.from_numpy(np.concatenate(val))
 
 # %% ../nbs/07_tfidf.ipynb #c738edab
@@ -160,10 +168,11 @@ def top_candidates(queries,          # sequences, lists of token ids or a [n_q, 
                    method: str = 'bm25', # 'bm25' (paper) or 'tfidf' (sklearn TF-IDF cosine similarity)
                    k1: float = 1.5,  # BM25 saturation constant
                    ignore_ids = (),  # token ids to drop (BOS, EOS, pad)
-                  ) -> tuple[torch.Tensor, torch.Tensor]: # indices [n_q, k] int64, scores [n_q, k] float64
-    "The `k` best-matching corpus documents per query, sorted by score (descending; ties -> lower index)."
+                   query_groups = None, # None; 'all' or a label per query: a row per group, ranked by its queries' summed score
+                  ) -> tuple[torch.Tensor, torch.Tensor]: # indices [n_q, k] int64, scores [n_q, k] float64 (n_q: the groups)
+    "The `k` best-matching corpus documents per query (or group), sorted by score (descending; ties -> lower index)."
     if method not in _METHODS: raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
-    return TokenIndex(corpus, k1=k1, ignore_ids=ignore_ids).top(queries, k, method)
+    return TokenIndex(corpus, k1=k1, ignore_ids=ignore_ids).top(queries, k, method, query_groups=query_groups)
 
 # %% ../nbs/07_tfidf.ipynb #5f461501
 def special_ids(tokenizer) -> tuple:
@@ -209,14 +218,16 @@ def merge_doc_terms(parts:list[dict]) -> dict:
 def rank_doc_terms(t:dict,           # `doc_terms` (or `merge_doc_terms`)
                    k: int,           # documents kept per query; all when it covers the corpus
                    block: int = 65536, # documents scored at a time (memory: [n_q, block] scores)
+                   query_groups = None, # None; 'all' or a label per query: a row per group, ranked by its queries' summed score
                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    "Each query's `k` best documents in `t` by 'bm25': (their own indices [n_q, k], scores, documents); ties to the one read first."
+    "Each query's (group's) `k` best documents in `t` by 'bm25': (their own indices [rows, k], scores, documents); ties to the one read first."
     k, C, terms = check_int(k, 'k'), len(t['index']), t['terms']
     if C == 0: raise ValueError("`docs` is empty: no document was read.")
     D = _term_matrix(t['cols'], t['lens'], len(terms))                  # [C, n_terms] existence
     df = np.diff(D.tocsc().indptr)
     idf = np.log((C - df + 0.5) / (df + 0.5) + 1.0)                     # as `TokenIndex`, for these tokens
     W, Q = (D @ sp.diags(idf)).tocsr(), _term_matrix(np.searchsorted(terms, t['qids']), t['qlens'], len(terms))   # Q: distinct query tokens
+    if (G := _group_sums(query_groups, len(t['qlens']))) is not None: Q = (G @ Q).tocsr()   # a group's row: its queries' terms added
     best, k = None, min(k, C)
     for lo in range(0, C, block):                                       # the same products as one, a block of documents at a time
         s = np.asarray((Q @ W[lo:lo + block].T).todense(), dtype=np.float64)
@@ -229,11 +240,12 @@ def stream_candidates(queries,          # sequences, lists of token ids or a [n_
                       k: int,           # documents kept per query; all when it covers the corpus
                       ignore_ids = (),  # token ids to drop from the queries (BOS, EOS, pad)
                       block: int = 65536, # documents scored at a time (memory: [n_q, block] scores)
+                      query_groups = None, # None; 'all' or a label per query: a row per group, ranked by its queries' summed score
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`top_candidates(queries, docs, k)` with 'bm25' over documents read once: (their own indices [n_q, k], scores, documents
     read). Ties go to the document read first (the lower index when they arrive in order, as `scan` reads them)."""
     k = check_int(k, 'k')
-    return rank_doc_terms(doc_terms(queries, docs, ignore_ids), k, block)
+    return rank_doc_terms(doc_terms(queries, docs, ignore_ids), k, block, query_groups)
 
 
 # %% ../nbs/07_tfidf.ipynb #56d8cd99
