@@ -381,7 +381,7 @@ def _check_corpus_file(path, text_field='text', flag='--corpus', skip_bad=False,
 
 # %% ../nbs/13_cli.ipynb #c16b0002
 _EPILOG = """exit codes: 0 success; 2 bad arguments or input (the message says what to fix); 1 any other failure;
-130 interrupted (Ctrl-C; a scan with --checkpoint resumes when run again).
+130 interrupted (Ctrl-C; a scan or fit-factors run with --checkpoint resumes when run again).
 corpus files: """ + CORPUS_FORMATS + """.
 
 examples:
@@ -401,7 +401,7 @@ examples:
 # %% ../nbs/13_cli.ipynb #b8f8c8a9
 def _model_args(p, required=True):
     p.add_argument('--model', required=required, default=None if required else 'gpt2-l',
-                   help=f'bundled model {MODEL_NAMES}, a model folder (written by save_pretrained; a peft adapter folder loads its base model with the adapter) a Hugging Face Hub id (org/name; offline: from the Hub cache), or the function that builds a model outside transformers, module:function or file.py:function (called with no arguments; returns the model or (model, tokenizer))')
+                   help=f'bundled model {MODEL_NAMES}{"" if required else " (default: gpt2-l)"}, a model folder (written by save_pretrained; a peft adapter folder loads its base model with the adapter) a Hugging Face Hub id (org/name; offline: from the Hub cache), or the function that builds a model outside transformers, module:function or file.py:function (called with no arguments; returns the model or (model, tokenizer))')
     p.add_argument('--trust-remote-code', action='store_true', help="let a model folder's own Python code run (its config's "
                    "auto_map names files that define the model or tokenizer); without it such folders are refused")
     p.add_argument('--tokenizer', default=None, help="tokenizer folder (default: the model folder's own; a folder without "
@@ -421,7 +421,7 @@ def _rules(a) -> TokenRules:
     return TokenRules(_pair_eos(a), _pair_eos(a, 'text_eos', 'none'), getattr(a, 'assistant_only_loss', 'true') == 'true',
                       getattr(a, 'completion_only_loss', 'true') == 'true')
 
-def _corpus_args(p, flag, required=True, what='corpus', text_default='text', rules:bool=True):
+def _corpus_args(p, flag, required=True, what='corpus', text_default='text', rules:bool=True, skip:bool=True):
     other = {'--data': '--corpus', '--corpus': '--data'}[flag]   # either name works in every command: one flag to remember
     p.add_argument(flag, other, dest=flag[2:], required=required, default=None,
                    help=f'{what} file: .jsonl, .txt (one document per line) or .parquet; blank lines are skipped and not counted in indices')
@@ -431,8 +431,8 @@ def _corpus_args(p, flag, required=True, what='corpus', text_default='text', rul
     if rules: _rule_args(p)
     p.add_argument('--id-field', default=None, help="JSONL field / Parquet column that names each record in the output (default: "
                    f"{'id' if text_default else 'the one the scan read'}; dotted for a nested one, 'meta.id'). Records without an 'id' "
-                   "are named by their position; with any other --id-field, a record lacking that field is a bad record (an error, "
-                   "or skipped with --skip-bad-records)")
+                   "are named by their position; with any other --id-field, a record lacking that field is a bad record (an error"
+                   + (", or skipped with --skip-bad-records)" if skip else ")"))
 
 def _rule_args(p):
     "The flags that say which tokens training scored (`TokenRules`)."
@@ -463,7 +463,7 @@ def _fit_parser(sub):
     f.add_argument('--out', required=True, help='output directory for factors.safetensors + factors.json')
     f.add_argument('--strategy', default='ekfac', choices=['identity', 'diagonal', 'kfac', 'ekfac'], help='curvature approximation (default: ekfac)')
     f.add_argument('--modules', default='mlp', help="'mlp', 'all', 'lora' (a peft adapter's LoRA matrices) or comma-separated layer names (default: mlp)")
-    f.add_argument('--fisher', default='true', choices=['true', 'empirical'], help='labels sampled from the model (true, the paper) or the data labels')
+    f.add_argument('--fisher', default='true', choices=['true', 'empirical'], help='labels sampled from the model (true, the paper; the default) or the data labels')
     f.add_argument('--batch-size', type=int, default=8, help='sequences per batch (default: 8)')
     f.add_argument('--max-length', type=int, default=None, help="truncate corpus texts to this many tokens (default: the model's context; queries are never cut)")
     _skip_arg(f)
@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser('top', help="print one query's top sequences from a scan result",
                        description='Print the most influential sequences of one query from a `scan` result, with their texts.')
     t.add_argument('--result', required=True, help='result .parquet written by `scan`')
-    _corpus_args(t, '--corpus', required=False, rules=False, what='the scanned corpus, for texts (default: the path recorded in the result)',
+    _corpus_args(t, '--corpus', required=False, rules=False, skip=False, what='the scanned corpus, for texts (default: the path recorded in the result)',
                  text_default=None)
     t.add_argument('--query', default='0', help="query id (a group's label for a scan with --group-by), or its 0-based position (default: 0)")
     t.add_argument('--k', type=int, default=10, help='how many sequences (default: 10)')
@@ -600,7 +600,7 @@ def _explore_parser(sub):
                        description='Serve the ipywidgets explorer with Voilà on localhost: the bundled models and corpus by default, '
                                    'or --model with --corpus (and optionally --queries and --factors).')
     _model_args(x, required=False); x.set_defaults(model=None)
-    _corpus_args(x, '--corpus', required=False, what='training corpus (required with --model)')
+    _corpus_args(x, '--corpus', required=False, skip=False, what='training corpus (required with --model)')
     _queries_args(x, required=False, what=' to pick from')
     x.add_argument('--factors', default=None, help='factors written by fit-factors for this model (default: fitted and cached)')
     x.add_argument('--modules', default=None, help="layers to track: 'mlp', 'all', 'lora' (a peft adapter's LoRA matrices) or "

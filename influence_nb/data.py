@@ -319,7 +319,7 @@ def check_rules(rules) -> TokenRules:
     raise TypeError(f"`rules` must be a TokenRules, e.g. TokenRules(pair_eos=False, text_eos=True), got {rules!r}.")
 
 def pair_end_id(tokenizer, pair_eos:bool|str|int=True, name:str='pair_eos') -> int|None:
-    "The token put after a text pair's completion (or, `name`='text_eos', after a text): the tokenizer's EOS (True), none (False or None), a token (its text) or a token id."
+    "The token put after a text pair's completion (or, with `name='text_eos'`, after a text): the tokenizer's EOS (True), none (False or None), a token (its text) or a token id."
     if pair_eos is None or pair_eos is False: return None
     if pair_eos is True and name == 'text_eos' and tokenizer.eos_token_id is None:
         raise ValueError("`text_eos`=True: this tokenizer has no end token (`eos_token`); name the token training put after each "
@@ -1173,7 +1173,9 @@ def _load_adapter(path:Path, tokenizer, device, dtype, trust_remote_code:bool=Fa
                                           "(`pip install peft`), or merge the adapter into its base model and save that.") from None
     base, tokenizer = _adapter_base(path, tokenizer)
     m, tok = load_model(base, tokenizer, device, dtype, trust_remote_code)
-    m = PeftModel.from_pretrained(m, path)
+    with warnings.catch_warnings():     # peft asks for transformers' deprecated `is_gradient_checkpointing` (a FutureWarning)
+        warnings.filterwarnings('ignore', message='`is_gradient_checkpointing` is deprecated', category=FutureWarning)
+        m = PeftModel.from_pretrained(m, path)
     return _check_pair(m.to(device=next(m.parameters()).device, dtype=dtype).eval(), tok)
 
 def _check_pair(model, tok):

@@ -263,7 +263,7 @@ def raise_together(err:Exception|None): # this process's error in the pass just 
     raise stop
 
 def stops_together(passes):
-    "A pass (a generator function) ending in `raise_together`: an error in one process (or one the caller `throw`s in) stops all there; alone, at once."
+    "A pass (a generator function) ending in `raise_together`: an error in one process (or one the caller throws into it with `throw`) stops all there; alone, at once."
     @functools.wraps(passes)
     def run(*args, **kw):
         it, err = passes(*args, **kw), None

@@ -29,7 +29,9 @@ def lds_score(actual,    # `[J, Q]` measurement of each query after retraining o
     if actual.shape[0] < 3: raise ValueError(f"need at least 3 subsets to rank, got {actual.shape[0]}.")
     if not (np.isfinite(actual).all() and np.isfinite(predicted).all()):
         raise ValueError("`actual` or `predicted` contains NaN or Inf.")
-    return np.array([spearmanr(actual[:, q], predicted[:, q])[0] for q in range(actual.shape[1])])
+    flat = lambda x: np.ptp(x) == 0                                  # a constant column has no ranking: NaN, without scipy's warning
+    return np.array([np.nan if flat(actual[:, q]) or flat(predicted[:, q]) else spearmanr(actual[:, q], predicted[:, q])[0]
+                     for q in range(actual.shape[1])])
 
 # %% ../nbs/22_lds.ipynb #ffe03dfd
 def random_subsets(n: int,             # training sample size N

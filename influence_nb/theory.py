@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_theory.ipynb #1440903b
 from __future__ import annotations
-import contextlib, copy, difflib, math, os
+import contextlib, copy, difflib, math, os, warnings
 from collections.abc import Sequence
 from pathlib import Path
 import torch
@@ -181,7 +181,9 @@ def sequence_grads(model:torch.nn.Module, # LM-style: `model(input_ids=, attenti
                   ) -> torch.Tensor: # [n, P]
     "Per-sequence gradient of log p(scored tokens) w.r.t. the tracked parameters, flattened in `param_names` order."
     flat = FlatParams(model, param_names, dtype)
-    with exact_mode(model): return _grads(flat, _seqs(model, seqs, 'seqs'))
+    with exact_mode(model), warnings.catch_warnings():   # torch.func has no batching rule for SDPA's backward: slower, still exact
+        warnings.filterwarnings('ignore', message='There is a performance drop because we have not yet implemented the batching rule')
+        return _grads(flat, _seqs(model, seqs, 'seqs'))
 
 # %% ../nbs/01_theory.ipynb #c6806573
 def _cgroup_dirs(proc:Path=Path('/proc/self/cgroup'), root:Path=Path('/sys/fs/cgroup')) -> list[Path]:

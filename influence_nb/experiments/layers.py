@@ -56,10 +56,11 @@ def verdict_layers(res:dict) -> list[dict]:
         rows.append(dict(finding='averaged over queries, influence is spread roughly evenly over the blocks', size=size,
                          paper='roughly even', ours='block shares ' + ', '.join(f'{x:.2f}' for x in avg),
                          reproduced=bool(np.all((avg >= 0.5 / B) & (avg <= 1.5 / B)))))
-        rows.append(dict(finding='factual queries load on the upper layers', size=size, paper='upper layers',
-                         ours=f"upper-half share {f['upper_share']:.2f}", reproduced=f['upper_share'] > 0.5))
-        rows.append(dict(finding='memorized passages load on the upper layers', size=size, paper='upper layers',
-                         ours=f"upper-half share {m['upper_share']:.2f}", reproduced=m['upper_share'] > 0.5))
+        for name, g in (('factual queries', f), ('memorized passages', m)):
+            u = np.asarray(g['shares'], float)[:, B // 2:].sum(1)                          # each query's upper-half share
+            se = u.std(ddof=1) / math.sqrt(len(u))
+            rows.append(dict(finding=f'{name} load on the upper layers', size=size, paper='upper layers',
+                             ours=f"upper-half share {u.mean():.2f} ± {se:.2f}", reproduced=bool(u.mean() - 0.5 > 2 * se)))
         dq = lambda g: np.asarray(g['shares'], float) @ (np.arange(B) / max(B - 1, 1))   # per-query mean depth
         df, dt = dq(f), dq(t)
         diff, se = df.mean() - dt.mean(), math.sqrt(df.var(ddof=1) / len(df) + dt.var(ddof=1) / len(dt))
