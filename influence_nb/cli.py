@@ -135,7 +135,7 @@ def bm25_candidates(queries, train, k:int, tok, names=None, groups=None) -> list
     from influence_nb.tfidf import top_candidates, special_ids, unmatched_note
     if not 0 < k < len(train): return list(range(len(train)))
     idx, vals = top_candidates(queries, train, k, ignore_ids=special_ids(tok), query_groups=groups)    # [rows, k]
-    if note := unmatched_note(vals, names): warnings.warn(note, stacklevel=2)    # candidates that match nothing are arbitrary
+    if note := unmatched_note(vals, names, groups is not None): warnings.warn(note, stacklevel=2)    # candidates that match nothing are arbitrary
     return sorted(set(idx.flatten().tolist()))
 
 def _demo_candidates(query, train, candidates:int, tok, say) -> list[int]:
@@ -902,8 +902,10 @@ def _cmd_score(a):
     ids = [record_id(r) for r in recs]
     df = pd.DataFrame(sc.total.numpy().T, columns=cols, index=_record_index(pos, ids))
     with replacing(a.out, prefix=f'.{Path(a.out).name}.') as tmp: df.to_parquet(tmp)   # whole or not at all
-    print(f"wrote the scores of {len(train):,} records × {len(names):,} queries to {a.out} (a row per record, a column per "
-          + ("query id)" if groups is None else f"group: {len(cols):,} groups, each its queries' summed influence)")
+    cols_are = (f"{len(names):,} queries" if groups is None else
+                f"{len(cols):,} group{'s' if len(cols) > 1 else ''} of {len(names):,} queries")
+    print(f"wrote the scores of {len(train):,} records × {cols_are} to {a.out} (a row per record, a column per "
+          + ("query id)" if groups is None else "group: its queries' summed influence)")
           + (f" ({world} processes)" if world > 1 else ''))
     if a.per_layer is not None: _write_layer_scores(a.per_layer, sc, model, cols, pos, ids)
 

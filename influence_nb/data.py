@@ -880,7 +880,8 @@ def chat_query(tokenizer, # a Hugging Face tokenizer with a chat template
                where:str='conversation', # names it in errors
               ) -> dict:
     """A query from a conversation: the template's tokens up to the end of the last message, the assistant's answer, which
-    alone is measured: its text, without the end-of-turn tokens and whitespace the template writes after it."""
+    alone is measured: its text, without the end-of-turn tokens and whitespace the template writes after it. A sequence as
+    `tokenize_pairs` gives one: `input_ids`, `attention_mask` and `labels` tensors."""
     messages = Chat([dict(m) for m in messages], template_of(messages))   # (a record's own template arguments kept)
     if messages[-1]['role'] != 'assistant' or len(messages) < 2:
         raise ValueError(f"{where}: a query's conversation ends with the assistant's answer to what comes before it, the "
@@ -890,7 +891,8 @@ def chat_query(tokenizer, # a Hugging Face tokenizer with a chat template
     lo, mid, _ = spans.get(len(messages) - 1, (0, 0, 0))       # the answer's own tokens: not the end of its turn
     if mid <= lo: raise ValueError(f"{where}: the assistant's answer has no text (empty, or a tool call): there is nothing to "
                                    "measure; pass the query's 'prompt' and 'completion' yourself.")
-    return {'input_ids': ids[:mid], 'labels': [IGNORE_INDEX] * lo + ids[lo:mid]}
+    return {'input_ids': torch.tensor(ids[:mid]), 'attention_mask': torch.ones(mid, dtype=torch.long),
+            'labels': torch.tensor([IGNORE_INDEX] * lo + ids[lo:mid])}
 
 def chat_pair(tokenizer, # a Hugging Face tokenizer with a chat template
               messages, # a conversation ending with the assistant's answer
@@ -898,8 +900,8 @@ def chat_pair(tokenizer, # a Hugging Face tokenizer with a chat template
              ) -> tuple[str, str]:
     "`(prompt, completion)` texts of `chat_query`'s tokens, as a person reads the query (its tokens are `chat_query`'s)."
     q = chat_query(tokenizer, messages, where)
-    lo = q['labels'].count(IGNORE_INDEX)
-    return tokenizer.decode(q['input_ids'][:lo]), tokenizer.decode(q['input_ids'][lo:])
+    lo = int((q['labels'] == IGNORE_INDEX).sum())
+    return tokenizer.decode(q['input_ids'][:lo].tolist()), tokenizer.decode(q['input_ids'][lo:].tolist())
 
 # %% ../nbs/00_data.ipynb #fb3dc069
 def collate(seqs:list[dict], # normalised sequences (see `as_sequences`)

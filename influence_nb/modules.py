@@ -252,14 +252,18 @@ def _twin_modules(model:nn.Module, layers) -> dict[str, list[nn.Module]]:
 
 # %% ../nbs/03_modules.ipynb #5d2d572d
 def output_head(model:nn.Module) -> nn.Module|None:
-    "The LM head: `model.get_output_embeddings()`; for a model without that method, the head of the outermost module inside\n    that has one (a `DataParallel`, a user's module holding a causal LM), else a Linear named `lm_head` or whose weight an\n    `nn.Embedding` shares (nanoGPT ties `lm_head` to `wte`; a user's head on a transformers base model, whose own says None)."
+    """The LM head: `model.get_output_embeddings()`; for a model without that method, the head of the outermost module inside
+    that has one (a `DataParallel`, a user's module holding a causal LM), else a Linear named `lm_head` or whose weight an
+    `nn.Embedding` shares (nanoGPT ties `lm_head` to `wte`; a user's head on a transformers base model, whose own says None),
+    else the last Linear onto the embedding's vocabulary (a user's own LM with an untied `head` or `output`)."""
     if hasattr(model, 'get_output_embeddings'): return model.get_output_embeddings()
     model_config(model)                             # a wrapper holding several LMs is refused: which one's head is unknown
     heads = (m.get_output_embeddings() for m in model.modules() if hasattr(m, 'get_output_embeddings'))
     if (head := next((h for h in heads if h is not None), None)) is not None: return head
-    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return next((m for n, m in model.named_modules() if isinstance(m, nn.Linear)
-                 and (n.rsplit('.', 1)[-1] == 'lm_head' or id(m.weight) in emb)), None)
+    emb = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    tied, vocab, lin = {id(m.weight) for m in emb}, {m.num_embeddings for m in emb}, [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return next((m for n, m in lin if n.rsplit('.', 1)[-1] == 'lm_head' or id(m.weight) in tied), None) or \
+           next((m for n, m in reversed(lin) if m.out_features in vocab), None)
 
 def _candidates(model:nn.Module) -> dict[str, TrackedLayer]:
     "Every trackable layer (and every expert's slice of an experts module) except the LM head, in model order."

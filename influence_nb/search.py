@@ -788,7 +788,7 @@ def _prefilter(stream:CorpusStream, qs:list, candidates:int, read, tokenizer, ch
         if 'no document' not in str(e): raise
         raise ValueError("`corpus` is empty: no sequence was scanned" +
                          (f" ({info['n_skipped']} bad records skipped)." if info['n_skipped'] else ".")) from None
-    if rank == 0 and (note := unmatched_note(vals, names)): warnings.warn(note, stacklevel=3)   # arbitrary candidates
+    if rank == 0 and (note := unmatched_note(vals, names, rows is not None)): warnings.warn(note, stacklevel=3)   # arbitrary candidates
     if state.setdefault('bm25', d := _digest(idx, n_docs)) != d:      # records added or changed after the checkpoint move the filter
         raise ValueError(f"The corpus's BM25 candidates differ from those checkpoint {ckpt} was scanned with (records were added "
                          "or changed since): resume with the same corpus, or delete the checkpoint to start over.")

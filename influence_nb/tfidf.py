@@ -251,6 +251,7 @@ def stream_candidates(queries,          # sequences, lists of token ids or a [n_
 # %% ../nbs/07_tfidf.ipynb #56d8cd99
 def unmatched_note(scores, # [n_q, k] BM25 scores of each query's candidates (`top_candidates`, `stream_candidates`)
                    names=None, # the queries' names (default `queries[i]`)
+                   groups:bool=False, # the rows are groups of queries (`query_groups`), named by `names`
                   ) -> str|None:
     "What to tell a user whose queries share a token with fewer documents than they keep; None when every candidate shares one."
     s = torch.as_tensor(scores)
@@ -259,7 +260,8 @@ def unmatched_note(scores, # [n_q, k] BM25 scores of each query's candidates (`t
     if not thin: return None
     name = lambda i: repr(str(names[i])) if names is not None else f'queries[{i}]'
     listed = ', '.join(f"{name(i)} ({m})" for i, m in thin[:5]) + (f" and {len(thin) - 5} more" if len(thin) > 5 else '')
-    return (f"{len(thin)} of {len(matched)} queries share a token with fewer documents than their {k} candidates: {listed}. "
+    what = 'groups of queries' if groups else 'queries'
+    return (f"{len(thin)} of {len(matched)} {what} share a token with fewer documents than their {k} candidates: {listed}. "
             "Their other candidates score 0 in BM25 and are the first such documents in corpus order, not matches: "
             "a query without a matching word gets arbitrary candidates (check its wording, or its tokenizer).")
 

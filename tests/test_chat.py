@@ -147,7 +147,7 @@ def test_an_opening_assistant_message_is_context_and_a_template_without_a_genera
     assert s['input_ids'].tolist() == mistral.apply_chat_template(two, tokenize=True)['input_ids']
     assert mistral.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == 'madrid<|end|>lima<|end|>'
     q = chat_query(mistral, two)
-    assert mistral.decode([t for t in q['labels'] if t != IGNORE_INDEX]) == 'lima'
+    assert mistral.decode(q['input_ids'][q['labels'] != IGNORE_INDEX]) == 'lima'
     llama3 = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token='<|bos|>', eos_token='<|end|>')
     llama3.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n\n{{ m['content'] | trim }}<|end|>{% endfor %}"
                             "{% if add_generation_prompt %}<|assistant|>\n\n{% endif %}")   # blank lines the reply does not own
@@ -192,7 +192,7 @@ def test_a_query_has_the_template_tokens_when_the_template_writes_no_bos(case):
     assert want[0] != chatml.bos_token_id
     assert inf.tokenize(chatml, [conv])[0]['input_ids'].tolist() == want
     q = chat_query(chatml, conv)
-    assert q['input_ids'] == want[:len(q['input_ids'])]                        # no BOS the training sequences lack
+    assert q['input_ids'].tolist() == want[:len(q['input_ids'])]                        # no BOS the training sequences lack
 
 def test_a_conversation_the_template_refuses_is_named_and_can_be_skipped(case, tmp_path):
     d, tok = case['dir'], case['tok']
@@ -262,7 +262,8 @@ def test_a_reply_ending_in_whitespace_keeps_its_end_token_and_a_tool_call_turn_i
             {'role': 'user', 'content': 'and spain?'}, {'role': 'assistant', 'content': 'madrid '}]
     s = inf.tokenize(tok, [conv])[0]                   # the template keeps the reply as written, whitespace and all
     assert tok.decode(s['input_ids'][s['labels'] != IGNORE_INDEX]) == 'lima\n<|end|>madrid <|end|>'
-    assert tok.decode([t for t in chat_query(tok, conv)['labels'] if t != IGNORE_INDEX]) == 'madrid'
+    q = chat_query(tok, conv)
+    assert tok.decode(q['input_ids'][q['labels'] != IGNORE_INDEX]) == 'madrid'
     tools = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token='<|bos|>', eos_token='<|end|>')
     tools.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{% if m.content %}{{ m.content }}{% endif %}"
                            "{% if m.tool_calls %}[call {{ m.tool_calls[0].name }}]{% endif %}<|end|>\n{% endfor %}"
@@ -321,7 +322,7 @@ def test_a_conversational_prompt_completion_query_is_its_conversation(case, tmp_
     row = {'id': 'c', 'prompt': conv[:-1], 'completion': conv[-1:]}
     got, want = query_records([row], tok)[0], query_records([{'id': 'c', 'messages': conv}], tok)[0]
     assert (got['input_ids'], got['labels'], got['completion']) == (want['input_ids'], want['labels'], 'paris')
-    assert got['input_ids'] == chat_query(tok, conv)['input_ids']
+    assert got['input_ids'] == chat_query(tok, conv)['input_ids'].tolist()
     with pytest.raises(ValueError, match="must be one assistant message"):
         query_records([{**row, 'completion': conv}], tok)
 
