@@ -252,18 +252,20 @@ def _twin_modules(model:nn.Module, layers) -> dict[str, list[nn.Module]]:
 
 # %% ../nbs/03_modules.ipynb #5d2d572d
 def output_head(model:nn.Module) -> nn.Module|None:
-    """The LM head: `model.get_output_embeddings()`; for a model without that method, the head of the outermost module inside
-    that has one (a `DataParallel`, a user's module holding a causal LM), else a Linear named `lm_head` or whose weight an
-    `nn.Embedding` shares (nanoGPT ties `lm_head` to `wte`; a user's head on a transformers base model, whose own says None),
-    else the last Linear onto the embedding's vocabulary (a user's own LM with an untied `head` or `output`)."""
+    "The LM head: `model.get_output_embeddings()`; for a model without that method, the head of the outermost module inside\n    that has one (a `DataParallel`, a user's module holding a causal LM), else a Linear named `lm_head` or whose weight an\n    `nn.Embedding` shares (nanoGPT ties `lm_head` to `wte`; a user's head on a transformers base model, whose own says None)."
     if hasattr(model, 'get_output_embeddings'): return model.get_output_embeddings()
     model_config(model)                             # a wrapper holding several LMs is refused: which one's head is unknown
     heads = (m.get_output_embeddings() for m in model.modules() if hasattr(m, 'get_output_embeddings'))
     if (head := next((h for h in heads if h is not None), None)) is not None: return head
-    emb = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    tied, vocab, lin = {id(m.weight) for m in emb}, {m.num_embeddings for m in emb}, [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return next((m for n, m in lin if n.rsplit('.', 1)[-1] == 'lm_head' or id(m.weight) in tied), None) or \
-           next((m for n, m in reversed(lin) if m.out_features in vocab), None)
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return next((m for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                 and (n.rsplit('.', 1)[-1] == 'lm_head' or id(m.weight) in emb)), None)
+
+def _vocab_layers(model:nn.Module, names) -> list[str]:
+    "The Linear layers among `names` that map onto the input embedding's vocabulary, when `output_head` finds no head: maybe one."
+    if output_head(model) is not None: return []
+    vocab, mods = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}, dict(model.named_modules())
+    return [n for n in names if isinstance(mods.get(n), nn.Linear) and mods[n].out_features in vocab]
 
 def _candidates(model:nn.Module) -> dict[str, TrackedLayer]:
     "Every trackable layer (and every expert's slice of an experts module) except the LM head, in model order."
@@ -278,7 +280,7 @@ def _candidates(model:nn.Module) -> dict[str, TrackedLayer]:
 
 def candidate_modules(model:nn.Module, # any PyTorch model (a Hugging Face causal LM, a peft model, ...)
                      ) -> list[str]:
-    "Names of every trackable layer of `model` except the output (LM head) layer; experts appear as `<experts>.<param>[e]`."
+    "Names of every trackable layer of `model` except the output (LM) head, where `output_head` tells it; experts appear as `<experts>.<param>[e]`."
     return list(_candidates(uncompiled(model)))
 
 def _classed(block:nn.Module) -> set[str]:
@@ -464,6 +466,11 @@ def _keyword_names(model:nn.Module, modules:str, cands:dict, warn:bool=True, par
                           + (f"this weight belongs to another kind of layer and is left out, so its influence is not " if len(left) == 1 else
                              f"these {len(left)} weights belong to other kinds of layer and are left out, so their influence is not ")
                           + f"counted: {', '.join(left[:6])}{f' and {len(left) - 6} more' if len(left) > 6 else ''}.", stacklevel=3)
+        if warn and (onto := _vocab_layers(model, plain)):      # a user's own LM whose head has another name and no tie
+            warnings.warn(f"modules='all' tracks {onto}, which map{'s' if len(onto) == 1 else ''} onto the vocabulary: if one is "
+                          "your output head, its factor is vocabulary × vocabulary. influence_nb leaves out the head it can tell "
+                          "(`get_output_embeddings()`, a Linear named lm_head or one tied to the input embedding); list the "
+                          "layers to track to leave it out.", stacklevel=3)
         return list(plain)
     if modules != 'lora': return None
     if parts['scaled'] or parts['unsupported']: _refuse_adapters(parts, parts['scaled'] + parts['unsupported'])
