@@ -52,9 +52,9 @@ from .tfidf import TokenIndex
 __all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'QUERY_FIELDS', 'ANNOTATED_BLOCKS', 'K_MAX', 'STRATEGY_LABELS', 'STRATEGY_HINTS',
            'layer_blocks', 'shared_note', 'default_query', 'record_where', 'corpus_records', 'check_query_fields',
            'renamed_query', 'query_rows', 'query_record', 'query_records', 'ExplorerSession', 'query_groups_by',
-           'sequences_digest', 'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'run_query', 'scored_phrase',
-           'summary_html', 'top_html', 'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping',
-           'Explorer', 'csv_link', 'explorer', 'app_notebook']
+           'sequences_digest', 'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'p_text', 'unlikely_note',
+           'dominant_note', 'run_query', 'scored_phrase', 'summary_html', 'top_html', 'heatmaps_html', 'layer_figure',
+           'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'csv_link', 'explorer', 'app_notebook']
 
 # %% ../nbs/10_explorer.ipynb #6860dd62
 FIT_SAMPLE = 600  # training sequences the explorer fits curvature factors on (a seeded sample; 0 = all)
@@ -739,6 +739,25 @@ def _prefilter(session, model, query, candidates:int, n:int, say) -> tuple[np.nd
     return ids[0].numpy(), int((vals[0] > 0).sum())          # past those, BM25 is 0: the rest come in corpus order
 
 
+def p_text(log_p:float) -> str:
+    "A log-probability as a probability a person reads: 'p ≈ 2e-05' (or 'p ≈ 10^-192' past what a float holds)."
+    return f"p ≈ {math.exp(log_p):.1g}" if log_p > -700 else f"p ≈ 10^{log_p / math.log(10):.0f}"
+
+def unlikely_note(q:dict, log_p:float, below:float=0.01) -> str|None:
+    "A note when the model does not say the completion (p < `below`; a group: each such query): its top sequences would raise it, not taught it."
+    low = ([(f"Q{j + 1} {m['id']}", lp) for j, (m, lp) in enumerate(zip(q['members'], q['log_ps'])) if lp < math.log(below)]
+           if 'members' in q else [('the completion', log_p)] if log_p < math.log(below) else [])
+    if not low: return None
+    return (f"the model does not say {', '.join(f'{w} ({p_text(lp)})' for w, lp in low)}: the top sequences are the ones that "
+            "would make it more likely, not ones it was learnt from.")
+
+def dominant_note(q:dict, by_query:pd.DataFrame, share:float=0.75) -> str|None:
+    "A note when one of a group's queries makes more than `share` of its top scores' summed size: the ranking is mostly that query's."
+    size = by_query.abs().to_numpy().sum(0); j = int(size.argmax())
+    if len(size) < 2 or size[j] <= share * size.sum(): return None
+    return (f"Q{j + 1} {q['members'][j]['id']} makes {size[j] / size.sum():.0%} of the top scores (log p = {q['log_ps'][j]:.3g}): "
+            "the group's ranking is mostly that query's; pick its other queries one by one (From queries file) to see theirs.")
+
 # %% ../nbs/10_explorer.ipynb #ddfdff57
 def run_query(session: ExplorerSession|None = None, # caches models and factors; None: a fresh `ExplorerSession()`
               model: str = 'gpt2-s',           # a model name of the session (bundled, or yours)
@@ -791,7 +810,8 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
                                               damping, session.batch_size)
     top = _top_frame(q, records, top_idx, scores[order], len(train), session.where)
     by_query = pd.DataFrame(parts.T, index=top.index, columns=[m['id'] for m in q['members']]) if groups else None
-    if note := nats_note(top['nats'], log_p, "its queries' summed log p" if groups else 'log p(completion)'): notes.append(note)
+    notes += [x for x in (unlikely_note(q, log_p), groups and dominant_note(q, by_query),
+                          nats_note(top['nats'], log_p, "its queries' summed log p" if groups else 'log p(completion)')) if x]
     laps('tokens'); say("Done", 1.0)
     return ExplorerResult(model, q, log_p, strategy, damping, blocks, counted, names, len(train), cand, matched is not None,
                           scores, pd.DataFrame(per_layer, index=pd.Index(cand, name='train_index'), columns=names),
@@ -839,22 +859,23 @@ def summary_html(result: ExplorerResult) -> str:
     q = result.query
     which = (f"{q['id']} ({', '.join(str(x) for x in (q.get('kind'), q.get('lang')) if x)})" if q.get('id') else "typed query")
     pair = lambda x: f'<span class="inb-prompt-text">{_esc(x["prompt"])}</span><span class="inb-completion-text">{_esc(x["completion"])}</span>'
-    said = f'{pair(q)} · log p = {result.log_p:.3f} nats'
+    said = f'{pair(q)} · log p = {result.log_p:.3f} nats ({p_text(result.log_p)})'
     if 'members' in q:                                                # a group: each score sums its queries' scores
         which = f"group {q['id']} ({len(q['members'])} queries{', ' + str(q['lang']) if q.get('lang') else ''})"
         said = (f'each score is the summed influence on its {len(q["members"])} queries · summed log p = {result.log_p:.3f} nats'
-                '<ul class="inb-members">' + ''.join(f'<li data-query-id="{_esc(m["id"])}">Q{j + 1} {_esc(m["id"])}: {pair(m)} · log p = {lp:.3f}</li>'
+                '<ul class="inb-members">' + ''.join(f'<li data-query-id="{_esc(m["id"])}">Q{j + 1} {_esc(m["id"])}: {pair(m)} · log p = {lp:.3f} ({p_text(lp)})</li>'
                                                      for j, (m, lp) in enumerate(zip(q['members'], q['log_ps']))) + '</ul>')
     cand = scored_phrase(result)
     blocks = f"blocks {result.blocks[0]}–{result.blocks[1]} ({len(result.layers)} of {len(result.all_layers)} tracked layers)"
     damping_text = ("no curvature, no damping" if result.strategy == 'identity' else
                     f"damping {'0.1 × mean eigenvalue' if result.damping is None else f'{result.damping:g}'}")
-    secs = sum(result.timings.values())
+    secs, units = sum(result.timings.values()), nats_note(result.top['nats'], result.log_p, "its queries' summed log p" if 'members' in q else 'log p(completion)')
     return (f'<div class="inb-summary" data-query-id="{_esc(q.get("id") or "")}"><b>{_esc(which)}</b>: {said}' + ('' if 'members' in q else '<br>') +
             f'<span class="inb-muted">{_esc(result.model)} · {_esc(result.strategy)} ({damping_text}) · {cand} · {blocks} · '
             f'{_SOURCE_WORDS.get(result.factors_source, "factors " + result.factors_source)} · {secs:.1f} s</span><details class="inb-muted inb-units"><summary>Reading the numbers: a '
-            f'positive score means the sequence makes the completion more likely; nats = score / N (more)</summary>{_esc(SCORE_LEGEND)}</details>'
-            + ''.join(f'<div class="inb-note">note: {_esc(x)}</div>' for x in result.notes) + '</div>')
+            f'positive score means the sequence makes the completion more likely; nats = score / N, N = {result.n_train:,} training '
+            f'sequences (more)</summary>{_esc(SCORE_LEGEND)}' + (f'<p class="inb-units-here">Here {_esc(units.split(": nats is")[0])}.</p>' if units else '')
+            + '</details>' + ''.join(f'<div class="inb-note">note: {_esc(x)}</div>' for x in result.notes if x != units) + '</div>')
 
 def top_html(result: ExplorerResult, # from `run_query`
              max_chars: int = 180,   # training text shortened to this many characters
@@ -1052,7 +1073,7 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     self.model_w = widgets.Dropdown(options=models, value=model, description='Model', style=wide, layout=L())
     self.source_w = widgets.ToggleButtons(options=[('From queries file', 'file')] + ([('A group', 'group')] if s.groups else []) + [('Typed', 'typed')],
                                           value='group' if 'members' in q else 'file' if q['id'] else 'typed',
-                                          description='Source', style=dict(description_width='92px', button_width='140px'))
+                                          description='Source', style=dict(description_width='92px', button_width='auto'))
     self.filter_w = widgets.Text(value='', placeholder='filter the queries: an id or words of the prompt',
                                  description='Filter', style=wide, layout=L(), continuous_update=True)
     self.query_w = widgets.Dropdown(options=[], description='Pick', style=wide, layout=L())
@@ -1111,6 +1132,7 @@ def _wire(self: Explorer):
     for w in (self.model_w, self.source_w, self.query_w, self.prompt_w, self.completion_w, self.prefilter_w, self.candidates_w,
               self.k_w, self.strategy_w, self.damping_w, self.blocks_w):   # results on show that no longer match: said
         w.observe(self._mark_stale, names='value')
+        w.observe(lambda ch: None if self.run_w.disabled else self._clear_error(), names='value')   # a message about what was changed: gone
     with warnings.catch_warnings():     # ipywidgets 8 deprecates on_submit, but only it tells Enter from leaving the box
         warnings.simplefilter('ignore', DeprecationWarning)
         for w in (self.completion_w, self.damping_w):               # Enter in a one-line box runs the query, as Run does
@@ -1156,11 +1178,11 @@ def _on_query(self: Explorer, change):
     if change['new'] is not None: setattr(self, '_last_group' if grouped else '_last_pick', change['new'])
     if change['new'] is not None and grouped:
         ms = self.session.group(change['new'])['members']
-        self.prompt_w.value = '\n'.join(f"{m['prompt']} →{m['completion']}" for m in ms)
+        self.prompt_w.value, self.prompt_w.rows = '\n'.join(f"{m['prompt']} →{m['completion']}" for m in ms), min(len(ms), 6)
         self.completion_w.value = f"(each query's own: {len(ms)} queries, their influence summed)"
     elif change['new'] is not None and self.source_w.value == 'file':
         q = self.session.query(change['new'])
-        self.prompt_w.value, self.completion_w.value = q['prompt'], q['completion']
+        self.prompt_w.value, self.completion_w.value, self.prompt_w.rows = q['prompt'], q['completion'], 2
 
 @patch
 def _sync_source(self: Explorer, change=None):
@@ -1168,6 +1190,7 @@ def _sync_source(self: Explorer, change=None):
     mode = self.source_w.value; from_file = mode != 'typed'        # 'file', 'group' (a group of the file's queries) or 'typed'
     self.filter_w.disabled = self.query_w.disabled = not from_file
     self.prompt_w.disabled = self.completion_w.disabled = from_file
+    if not from_file: self.prompt_w.rows = 2                       # (a group's listing may have made it taller)
     if from_file:
         if change is not None and change['old'] == 'typed': self._typed = (self.prompt_w.value, self.completion_w.value)   # what was typed
         if self._groups and mode != getattr(self, '_listing', 'file'):   # the picker holds the other list (e.g. group, typed, file)
@@ -1221,10 +1244,10 @@ def settings(self: Explorer) -> dict:
     return kw
 
 @patch
-def _mark_stale(self: Explorer, change=None):
+def _mark_stale(self: Explorer, change=None, failed:bool=False):
     "After a run, say above its results when the controls no longer describe them (results change only when Run is pressed)."
     if self.result is None or self.run_w.disabled or not self.results_w.children: return
-    try: stale = self.settings() != self._shown
+    try: stale = failed or self.settings() != self._shown
     except ValueError: stale = True                                   # (an unreadable damping: not what was run either)
     note = ('<div class="inb-note inb-stale">The settings or the query have changed since these results were computed: '
             'press Run to update them.</div>' if stale else '')
@@ -1256,7 +1279,7 @@ def run(self: Explorer) -> ExplorerResult|None:
     finally:
         self.run_w.disabled, self.run_w.description = False, 'Run'
     self.progress_w.bar_style = 'danger'
-    self.result, self.results_w.children = None, []   # the last good run's results are not left on show as if they were this one's
+    self._mark_stale(failed=True)    # the last good run's results stay, for reading while the input is fixed, said not to be this run's
     self.status_w.value = f'<span class="inb-stage inb-failed" data-run="{self.runs}">Stopped</span>: see the message below.'
     return None
 
