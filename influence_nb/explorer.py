@@ -1169,7 +1169,9 @@ def _fill_queries(self: Explorer, select: str|None = None):
     self.query_w.options = [(_query_label(q), q['id']) for q in qs]
     ids = [q['id'] for q in qs]
     self.query_w.value = keep if keep in ids else (ids[0] if ids else None)
-    if not qs: self.status_w.value = f'No query matches the filter {_esc(self.filter_w.value)!s}.'
+    if not qs:                                                         # nothing picked: no query left on show as if it were
+        self.status_w.value = f'No query matches the filter {_esc(self.filter_w.value)!s}.'
+        self.prompt_w.value = self.completion_w.value = ''
 
 @patch
 def _on_query(self: Explorer, change):
@@ -1318,7 +1320,7 @@ def _show(self: Explorer, res: ExplorerResult):
     views = widgets.Box([scale, where], layout=widgets.Layout(flex_flow='row wrap'))
     tokens = widgets.VBox([sec('Token-wise influence'), views, heat], layout=widgets.Layout(grid_area='tokens'))
     charts.add_class('inb-charts')
-    grid = widgets.GridBox([top, charts, tokens])   # explorer.css places the areas: the charts beside the rest, or under the table
+    grid = widgets.GridBox([top, charts, tokens])   # explorer.css places the areas: the charts beside the rest, or last
     grid.add_class('inb-results-grid')
     self.results_w.children = [widgets.HTML(summary_html(res)), grid]
 
