@@ -740,7 +740,7 @@ def _prefilter(session, model, query, candidates:int, n:int, say) -> tuple[np.nd
 
 
 def p_text(log_p:float) -> str:
-    "A log-probability as a probability a person reads: 'p ≈ 2e-05' (or 'p ≈ 10^-192' past what a float holds)."
+    "A log-probability as a probability a person reads: 'p ≈ 2e-05' (or 'p ≈ 10^-347' past what a float holds)."
     return f"p ≈ {math.exp(log_p):.1g}" if log_p > -700 else f"p ≈ 10^{log_p / math.log(10):.0f}"
 
 def unlikely_note(q:dict, log_p:float, below:float=0.01) -> str|None:
@@ -1251,8 +1251,9 @@ def _mark_stale(self: Explorer, change=None, failed:bool=False):
     if self.result is None or self.run_w.disabled or not self.results_w.children: return
     try: stale = failed or self.settings() != self._shown
     except ValueError: stale = True                                   # (an unreadable damping: not what was run either)
-    note = ('<div class="inb-note inb-stale">The settings or the query have changed since these results were computed: '
-            'press Run to update them.</div>' if stale else '')
+    note = ('' if not stale else '<div class="inb-note inb-stale">' + ('The run stopped (the message above); these results are '
+            "the last finished run's." if failed else 'The settings or the query have changed since these results were computed: '
+            'press Run to update them.') + '</div>')
     self.results_w.children[0].value = note + summary_html(self.result)
 
 @patch
