@@ -52,9 +52,10 @@ from .tfidf import TokenIndex
 __all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'QUERY_FIELDS', 'ANNOTATED_BLOCKS', 'K_MAX', 'STRATEGY_LABELS', 'STRATEGY_HINTS',
            'layer_blocks', 'shared_note', 'default_query', 'record_where', 'corpus_records', 'check_query_fields',
            'renamed_query', 'query_rows', 'query_record', 'query_records', 'ExplorerSession', 'query_groups_by',
-           'sequences_digest', 'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'p_text', 'unlikely_note',
-           'dominant_note', 'run_query', 'scored_phrase', 'summary_html', 'top_html', 'heatmaps_html', 'layer_figure',
-           'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'csv_link', 'explorer', 'app_notebook']
+           'sequences_digest', 'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'holds', 'p_text',
+           'unlikely_note', 'dominant_note', 'run_query', 'scored_phrase', 'summary_html', 'top_html', 'heatmaps_html',
+           'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'csv_link', 'explorer',
+           'app_notebook']
 
 # %% ../nbs/10_explorer.ipynb #6860dd62
 FIT_SAMPLE = 600  # training sequences the explorer fits curvature factors on (a seeded sample; 0 = all)
@@ -636,11 +637,19 @@ def _check_blocks(blocks, n_blocks):
     if lo > hi: raise ValueError(f"`blocks` must have first <= last, got {tuple(blocks)}.")
     return (lo, hi)
 
+def holds(text:str, completion:str) -> bool:
+    "Whether `text` holds `completion` as words (stripped, any case, not inside a longer word); a completion under 3 characters never."
+    c = completion.strip()
+    return len(c) >= 3 and re.search(r'(?<!\w)' + re.escape(c) + r'(?!\w)', text, re.I) is not None
+
 def _matches(q, rec) -> str:
-    "'fact' if training record `rec` states the query's fact, 'passage' if it is a copy of its passage, else ''."
+    """'fact' if training record `rec` states the query's fact, 'passage' if it is a copy of its passage (the bundled world's
+    labels), 'completion' if its text holds the query's completion (a group's: any of its queries'), else ''."""
     if q.get('fact_id') and q['fact_id'] in (rec.get('fact_ids') or []): return 'fact'
     if q.get('passage_id') and q['passage_id'] == rec.get('passage_id'): return 'passage'
-    return ''
+    text = rec.get('text'); text = shown_text(text) if isinstance(text, (str, list, dict)) else ''
+    said = [m.get('completion') for m in q['members']] if 'members' in q else [q.get('completion')]
+    return 'completion' if any(isinstance(c, str) and holds(text, c) for c in said) else ''
 
 # %% ../nbs/10_explorer.ipynb #e8aa2232
 class _Laps:
@@ -831,7 +840,7 @@ def _short(text, n=140):
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 1] + "…"
 
-_MATCH_LABEL = {'fact': 'states the fact', 'passage': 'copy of the passage'}
+_MATCH_LABEL = {'fact': 'states the fact', 'passage': 'copy of the passage', 'completion': 'holds the completion'}
 
 def _same_as(items: list, ranks: list) -> dict:
     "`{rank: the rank of the first item equal to it}` for every item that repeats an earlier one (copies in a top-k)."
