@@ -18,6 +18,7 @@ import time
 import sys
 import traceback
 import types
+import unicodedata
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -637,10 +638,17 @@ def _check_blocks(blocks, n_blocks):
     if lo > hi: raise ValueError(f"`blocks` must have first <= last, got {tuple(blocks)}.")
     return (lo, hi)
 
+_UNSPACED = ('CJK', 'HIRAGANA', 'KATAKANA', 'THAI', 'LAO', 'KHMER', 'MYANMAR', 'TIBETAN')   # scripts written without spaces
+
+def _unspaced(ch:str) -> bool: return unicodedata.name(ch, '').startswith(_UNSPACED)
+
 def holds(text:str, completion:str) -> bool:
-    "Whether `text` holds `completion` as words (stripped, any case, not inside a longer word); a completion under 3 characters never."
+    """Whether `text` holds `completion` as words (stripped, any case, not inside a longer word; 3 characters or more). In
+    a script written without spaces (Chinese, Japanese, Thai) a word has no edge to see: there it is found anywhere (2 or more)."""
     c = completion.strip()
-    return len(c) >= 3 and re.search(r'(?<!\w)' + re.escape(c) + r'(?!\w)', text, re.I) is not None
+    if len(c) < (2 if any(map(_unspaced, c)) else 3): return False
+    edge = lambda ch, pat: '' if _unspaced(ch) else pat
+    return re.search(edge(c[0], r'(?<!\w)') + re.escape(c) + edge(c[-1], r'(?!\w)'), text, re.I) is not None
 
 def _matches(q, rec) -> str:
     """'fact' if training record `rec` states the query's fact, 'passage' if it is a copy of its passage (the bundled world's
@@ -1131,6 +1139,10 @@ def _factors_words(s, n_train:int) -> str:
 @patch
 def _wire(self: Explorer):
     "Connect the controls to what they change."
+    inputs = (self.model_w, self.source_w, self.query_w, self.prompt_w, self.completion_w, self.prefilter_w, self.candidates_w,
+              self.k_w, self.strategy_w, self.damping_w, self.blocks_w)
+    for w in inputs:    # first: a message about what was changed goes, before any observer below says something new
+        w.observe(lambda ch: None if self.run_w.disabled else self._clear_error(), names='value')
     self.filter_w.observe(lambda ch: self._fill_queries(), names='value')
     self.query_w.observe(self._on_query, names='value')
     self.source_w.observe(self._sync_source, names='value')
@@ -1138,10 +1150,7 @@ def _wire(self: Explorer):
     self.prefilter_w.observe(lambda ch: setattr(self.candidates_w, 'disabled', not ch['new']), names='value')
     self.run_w.on_click(lambda b: self.run())
     self.strategy_w.observe(lambda ch: setattr(self.strategy_hint_w, 'value', _strategy_hint(ch['new'])), names='value')
-    for w in (self.model_w, self.source_w, self.query_w, self.prompt_w, self.completion_w, self.prefilter_w, self.candidates_w,
-              self.k_w, self.strategy_w, self.damping_w, self.blocks_w):   # results on show that no longer match: said
-        w.observe(self._mark_stale, names='value')
-        w.observe(lambda ch: None if self.run_w.disabled else self._clear_error(), names='value')   # a message about what was changed: gone
+    for w in inputs: w.observe(self._mark_stale, names='value')        # results on show that no longer match: said
     with warnings.catch_warnings():     # ipywidgets 8 deprecates on_submit, but only it tells Enter from leaving the box
         warnings.simplefilter('ignore', DeprecationWarning)
         for w in (self.completion_w, self.damping_w):               # Enter in a one-line box runs the query, as Run does
@@ -1207,6 +1216,7 @@ def _sync_source(self: Explorer, change=None):
         if self._groups and mode != getattr(self, '_listing', 'file'):   # the picker holds the other list (e.g. group, typed, file)
             self._fill_queries(select=self._last_group if mode == 'group' else self._last_pick)
         if self.query_w.value is not None: self._on_query({'new': self.query_w.value})
+        else: self.prompt_w.value = self.completion_w.value = ''   # the filter matches nothing: no typed text shown as a file query
     elif getattr(self, '_typed', None) is not None: self.prompt_w.value, self.completion_w.value = self._typed
     elif change is not None and change['old'] == 'group' and self.query_w.value is not None:   # not the group's list: its first query
         m = self.session.group(self.query_w.value)['members'][0]; self.prompt_w.value, self.completion_w.value = m['prompt'], m['completion']

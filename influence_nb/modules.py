@@ -262,10 +262,13 @@ def output_head(model:nn.Module) -> nn.Module|None:
                  and (n.rsplit('.', 1)[-1] == 'lm_head' or id(m.weight) in emb)), None)
 
 def _vocab_layers(model:nn.Module, names) -> list[str]:
-    "The Linear layers among `names` that map onto the input embedding's vocabulary, when `output_head` finds no head: maybe one."
+    "The Linear layers among `names` that map onto the token embedding's vocabulary, when `output_head` finds no head: maybe one."
     if output_head(model) is not None: return []
-    vocab, mods = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}, dict(model.named_modules())
-    return [n for n in names if isinstance(mods.get(n), nn.Linear) and mods[n].out_features in vocab]
+    emb = model.get_input_embeddings() if hasattr(model, 'get_input_embeddings') else None   # (not the position embedding's size)
+    embs = [emb] if isinstance(emb, nn.Embedding) else [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    if not embs: return []
+    vocab, mods = max(m.num_embeddings for m in embs), dict(model.named_modules())   # a token table is the largest
+    return [n for n in names if isinstance(mods.get(n), nn.Linear) and mods[n].out_features == vocab]
 
 def _candidates(model:nn.Module) -> dict[str, TrackedLayer]:
     "Every trackable layer (and every expert's slice of an experts module) except the LM head, in model order."

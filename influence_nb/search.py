@@ -377,9 +377,10 @@ class ScanResult:
         return self.indices.shape[1]
 
     def __repr__(self):
+        per = 'group' if self.group_sizes else 'query'
         return (f"ScanResult({self.n_queries} {'groups of queries' if self.group_sizes else 'queries'} × top {self.k} of {self.n_scanned:,} sequences"
                 f"{f', {self.n_skipped} skipped' if self.n_skipped else ''}{f', {self.n_truncated} truncated' if self.n_truncated else ''}"
-                f"{f', BM25 candidates {self.candidates:,} per query' if self.candidates else ''}{f', measurement {self.measurement}' if self.measurement else ''}"
+                f"{f', BM25 candidates {self.candidates:,} per {per}' if self.candidates else ''}{f', measurement {self.measurement}' if self.measurement else ''}"
                 f"{''.join(f', {k}={v!r}' for k, v in (self.token_rules or {}).items())}"
                 f", rank={self.query_rank}, refined={self.refined})")
 

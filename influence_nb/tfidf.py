@@ -120,13 +120,18 @@ def scores(self: TokenIndex, queries, method: str = 'bm25') -> torch.Tensor:
     return torch.from_numpy(self._scores(queries, method))
 
 @patch
-def _scores(self: TokenIndex, queries, method: str, G=None) -> np.ndarray:
+def _rows(self: TokenIndex, queries, method: str, G=None) -> tuple:
+    "`(Q, D)`: the queries' term rows `[n_q, V]` (with `G` `[rows, n_q]`, a group's row adds its queries') and the documents'."
     if method not in _METHODS: raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
     if method == 'bm25': Q, D = self._query_matrix(queries, binary=True), self.weights   # [n_q, V] distinct query tokens
     else:
         tr, D = self._tfidf_parts()
         Q = tr.transform(self._query_matrix(queries, binary=False)) # [n_q, V] l2-normalised tf-idf (cosine similarity)
-    if G is not None: Q = G @ Q                                     # `[rows, n_q]`: a group's row adds its queries' terms
+    return (Q if G is None else (G @ Q).tocsr()), D
+
+@patch
+def _scores(self: TokenIndex, queries, method: str) -> np.ndarray:
+    Q, D = self._rows(queries, method)
     return np.asarray((Q @ D.T).todense(), dtype=np.float64)
 
 # %% ../nbs/07_tfidf.ipynb #af94c148
@@ -148,8 +153,9 @@ def top(self: TokenIndex, queries, k: int, method: str = 'bm25', chunk: int = 25
     ids, lens = self._query_tokens(queries)                         # validate once, then score in chunks
     seqs, G = [t.tolist() for t in np.split(ids, np.cumsum(lens)[:-1])], _group_sums(query_groups, len(lens))
     if G is not None:                                               # a score is linear in the query's terms: add them, then rank
-        i, v = _topk(self._scores(seqs, method, G), int(k))
-        return torch.from_numpy(i), torch.from_numpy(v)
+        Q, D = self._rows(seqs, method, G)                          # (a group's rows, `chunk` at a time, as queries below)
+        idx, val = zip(*(_topk(np.asarray((Q[lo:lo + chunk] @ D.T).todense(), dtype=np.float64), int(k)) for lo in range(0, Q.shape[0], chunk)))
+        return torch.from_numpy(np.concatenate(idx)), torch.from_numpy(np.concatenate(val))
     idx, val = zip(*(_topk(self._scores(seqs[lo:lo + chunk], method), int(k)) for lo in range(0, len(seqs), chunk)))
     return torch.from_numpy(np.concatenate(idx)), torch.from_numpy(np.concatenate(val))
 
