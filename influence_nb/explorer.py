@@ -829,7 +829,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     by_query = pd.DataFrame(parts.T, index=top.index, columns=[m['id'] for m in q['members']]) if groups else None
     notes += [x for x in (unlikely_note(q, log_p), groups and dominant_note(q, by_query),
                           nats_note(top['nats'], log_p, "its queries' summed log p" if groups else 'log p(completion)')) if x]
-    laps('tokens'); say("Done", 1.0)
+    laps('tokens'); say("Scored", 1.0)     # (the app's own "Done" follows, once the results are drawn)
     return ExplorerResult(model, q, log_p, strategy, damping, blocks, counted, names, len(train), cand, matched is not None,
                           scores, pd.DataFrame(per_layer, index=pd.Index(cand, name='train_index'), columns=names),
                           top, tokens, token_scores, source, laps.timings, notes, [i in cut_rows for i in top_idx], matched,
@@ -911,8 +911,8 @@ def top_html(result: ExplorerResult, # from `run_query`
         rows.append(f'<tr class="inb-row" data-rank="{rank}" data-train-id="{_esc(r["id"])}" data-train-index="{r["train_index"]}">'
                     f'<td class="inb-num">{rank}</td><td class="inb-id">{_esc(r["id"])}' + (f'<br>{sub}' if sub else '')
                     + (f'<br><span class="inb-muted inb-where" title="where the record is in the corpus">{_esc(r["where"])}</span>' if r.get('where') else '') + '</td>'
-                    f'<td class="inb-num inb-score">{_fmt_score(r["score"])}<div class="inb-bar" style="width:{w}%;background:{colour}"></div>{parts}</td>'
-                    f'<td class="inb-num">{r["nats"]:+.3g}</td><td class="inb-text" title="{_esc(r["text"])}">{_esc(_short(r["text"], max_chars))}</td></tr>')   # hover: all of it
+                    f'<td class="inb-num inb-score">{_fmt_score(r["score"])}<div class="inb-bar" style="width:{w}%;background:{colour}"></div></td>'
+                    f'<td class="inb-num">{r["nats"]:+.3g}</td><td class="inb-text" title="{_esc(r["text"])}">{_esc(_short(r["text"], max_chars))}{parts}</td></tr>')   # hover: all of it; a group's parts under it
     head = ('<tr><th>#</th><th>training sequence</th><th>score</th>'
             f'<th title="score / N: change of the completion\'s log-probability for one more copy (N = {result.n_train:,})">nats</th>'
             '<th>text</th></tr>')
