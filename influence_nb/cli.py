@@ -902,8 +902,8 @@ def _cmd_score(a):
     ids = [record_id(r) for r in recs]
     df = pd.DataFrame(sc.total.numpy().T, columns=cols, index=_record_index(pos, ids))
     with replacing(a.out, prefix=f'.{Path(a.out).name}.') as tmp: df.to_parquet(tmp)   # whole or not at all
-    cols_are = (f"{len(names):,} queries" if groups is None else
-                f"{len(cols):,} group{'s' if len(cols) > 1 else ''} of {len(names):,} queries")
+    cols_are = (f"{len(names):,} quer{'ies' if len(names) > 1 else 'y'}" if groups is None else
+                f"{len(cols):,} group{'s' if len(cols) > 1 else ''} ({len(names):,} queries in all)")
     print(f"wrote the scores of {len(train):,} records × {cols_are} to {a.out} (a row per record, a column per "
           + ("query id)" if groups is None else "group: its queries' summed influence)")
           + (f" ({world} processes)" if world > 1 else ''))
@@ -963,7 +963,7 @@ def _check_options(a):
         if v is not None and v < 1: raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}.")
     if getattr(a, 'candidates', 0) < 0: raise ValueError(f"--candidates must be 0 (every record) or more, got {a.candidates}.")
     if getattr(a, 'candidates', 0) and a.command == 'scan' and a.k > a.candidates:    # a query's top k comes from its own candidates
-        raise ValueError(f"--k {a.k} exceeds --candidates {a.candidates}: each query keeps its top k among its own candidates.")
+        raise ValueError(f"--k {a.k} exceeds --candidates {a.candidates}: each query (or group) keeps its top k among its own candidates.")
     d = getattr(a, 'damping', None)
     if d is not None and not (math.isfinite(d) and d > 0):
         raise ValueError(f"--damping must be a positive number, got {d}; omit it for 0.1 × the mean eigenvalue per layer.")

@@ -773,7 +773,7 @@ def dominant_note(q:dict, by_query:pd.DataFrame, share:float=0.75) -> str|None:
     size = by_query.abs().to_numpy().sum(0); j = int(size.argmax())
     if len(size) < 2 or size[j] <= share * size.sum(): return None
     return (f"Q{j + 1} {q['members'][j]['id']} makes {size[j] / size.sum():.0%} of the top scores (log p = {q['log_ps'][j]:.3g}): "
-            "the group's ranking is mostly that query's; pick its other queries one by one (From queries file) to see theirs.")
+            "the group's ranking is mostly that query's; score its other queries one by one to see theirs.")
 
 # %% ../nbs/10_explorer.ipynb #ddfdff57
 def run_query(session: ExplorerSession|None = None, # caches models and factors; None: a fresh `ExplorerSession()`
