@@ -152,11 +152,9 @@ def top(self: TokenIndex, queries, k: int, method: str = 'bm25', chunk: int = 25
         k = self.n_docs
     ids, lens = self._query_tokens(queries)                         # validate once, then score in chunks
     seqs, G = [t.tolist() for t in np.split(ids, np.cumsum(lens)[:-1])], _group_sums(query_groups, len(lens))
-    if G is not None:                                               # a score is linear in the query's terms: add them, then rank
-        Q, D = self._rows(seqs, method, G)                          # (a group's rows, `chunk` at a time, as queries below)
-        idx, val = zip(*(_topk(np.asarray((Q[lo:lo + chunk] @ D.T).todense(), dtype=np.float64), int(k)) for lo in range(0, Q.shape[0], chunk)))
-        return torch.from_numpy(np.concatenate(idx)), torch.from_numpy(np.concatenate(val))
-    idx, val = zip(*(_topk(self._scores(seqs[lo:lo + chunk], method), int(k)) for lo in range(0, len(seqs), chunk)))
+    Q, D = self._rows(seqs, method, G)            # a group's row adds its queries' terms: a score is linear in them
+    idx, val = zip(*(_topk(np.asarray((Q[lo:lo + chunk] @ D.T).todense(), dtype=np.float64), int(k))   # `chunk` rows at a time
+                     for lo in range(0, Q.shape[0], chunk)))
     return torch.from_numpy(np.concatenate(idx)), torch.from_numpy(np.concatenate(val))
 
 # %% ../nbs/07_tfidf.ipynb #c738edab
