@@ -133,3 +133,8 @@ def refusals(out):
 if __name__ == '__main__':
     if sys.argv[1] == '--refusals': refusals(sys.argv[2])
     else: main(sys.argv[1], sys.argv[2])
+    # Every result is on disk and every process has passed the last barrier: leave without the interpreter's teardown.
+    # Once in CI (session 34) the refusals run's process 1 died there or in the group's teardown with SIGABRT, "terminate
+    # called without an active exception", no Python frame on its stack; 4 reruns here did not repeat it, and the cause
+    # inside torch's gloo threads is not established. What the tests check is read from the files written above.
+    sys.stdout.flush(); sys.stderr.flush(); os._exit(0)
