@@ -1125,7 +1125,9 @@ def _cmd_top(a):
         if 'id' in df: df['id'] = col
         else: df.insert(1, 'id', col)
     name = res.query_names[qi] if res.query_names else f'query {qi}'
-    print(f"{name}: top {len(df)} of {res.n_scanned:,} sequences (query rank {res.query_rank or 'full'}"
+    among = (f"its {res.candidates:,} BM25 candidates ({res.n_scanned:,} sequences scored in all)"
+             if res.candidates and res.candidates < res.n_scanned else f"{res.n_scanned:,} sequences")
+    print(f"{name}: top {len(df)} of {among} (query rank {res.query_rank or 'full'}"
           f"{', refined' if res.refined else ''}){f'; {per_copy_column(res.measurement)} = score / N, N = {res.n_train:,}' if res.n_train else ''}")
     if res.token_rules: print(f"its records were read with {rule_words(res.token_rules, cli=True)}")
     if res.group_sizes: print(f"{name} is a group of {res.group_sizes[qi]} queries: each score is their summed influence")

@@ -50,13 +50,13 @@ from .scores import pairwise_scores, unread_to_nan, query_group_rows
 from .tfidf import TokenIndex
 
 # %% auto #0
-__all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'QUERY_FIELDS', 'ANNOTATED_BLOCKS', 'K_MAX', 'STRATEGY_LABELS', 'STRATEGY_HINTS',
-           'layer_blocks', 'shared_note', 'default_query', 'record_where', 'corpus_records', 'check_query_fields',
-           'renamed_query', 'query_rows', 'query_record', 'query_records', 'ExplorerSession', 'query_groups_by',
-           'sequences_digest', 'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'holds', 'p_text',
-           'unlikely_note', 'dominant_note', 'run_query', 'scored_phrase', 'summary_html', 'top_html', 'heatmaps_html',
-           'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'csv_link', 'explorer',
-           'app_notebook']
+__all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'QUERY_FIELDS', 'ANNOTATED_BLOCKS', 'TAIL_FIT_MIN', 'K_MAX', 'STRATEGY_LABELS',
+           'STRATEGY_HINTS', 'layer_blocks', 'shared_note', 'default_query', 'record_where', 'corpus_records',
+           'check_query_fields', 'renamed_query', 'query_rows', 'query_record', 'query_records', 'ExplorerSession',
+           'query_groups_by', 'sequences_digest', 'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'holds',
+           'p_text', 'unlikely_note', 'dominant_note', 'run_query', 'scored_phrase', 'summary_html', 'top_html',
+           'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'csv_link',
+           'explorer', 'app_notebook']
 
 # %% ../nbs/10_explorer.ipynb #6860dd62
 FIT_SAMPLE = 600  # training sequences the explorer fits curvature factors on (a seeded sample; 0 = all)
@@ -680,8 +680,9 @@ def _check_run_args(session, model, strategy, damping, k, prefilter, candidates,
     if prefilter: candidates = check_int(candidates, 'candidates')
     return session, k, candidates, _check_blocks(blocks, session.n_blocks(model))
 
-def _candidate_scores(mdl, factors, query, seqs, names, damping, batch_size, say, label, groups=None) -> np.ndarray:
-    """`[n_cand, n_layers]`: each candidate's influence through each tracked layer, in chunks so that progress moves.
+def _candidate_scores(mdl, factors, query, seqs, names, damping, batch_size, say, label) -> np.ndarray:
+    """`[n_cand, n_queries, n_layers]`: each candidate's influence on each query through each tracked layer, in chunks so
+    that progress moves (a group's row is the sum over its queries, each kept apart here for `dominant_note`).
     Copies of one sequence are scored once: they tie exactly, so the lower index ranks first (scored in two batches, they
     could differ in the last bit, and which copy came first changed with the candidates)."""
     first, uniq = {}, []                                                             # key -> row of `uniq`; its sequences
@@ -689,13 +690,13 @@ def _candidate_scores(mdl, factors, query, seqs, names, damping, batch_size, say
     for s, key in zip(seqs, keys):
         if key not in first: first[key] = len(uniq); uniq.append(s)
     n_chunks = max(1, min(20, len(uniq) // 64))
-    per_layer = np.zeros((len(uniq), len(names)))                                      # [n_unique, n_layers]
+    per_layer = np.zeros((len(uniq), len(query), len(names)))                         # [n_unique, n_queries, n_layers]
     for c, part in enumerate(np.array_split(np.arange(len(uniq)), n_chunks)):
         say(f"Scoring {len(seqs):,} candidates with {label} (chunk {c + 1}/{n_chunks})", 0.45 + 0.4 * c / n_chunks)
         sc = pairwise_scores(mdl, factors, query, [uniq[j] for j in part], damping=damping, per_layer=True,
-                             batch_size=batch_size, progress=False, query_groups=groups)
-        per_layer[part] = torch.stack([sc.per_layer[n][0] for n in names], -1).double().numpy()
-    return per_layer[[first[key] for key in keys]]                                  # [n_cand, n_layers]
+                             batch_size=batch_size, progress=False)
+        per_layer[part] = torch.stack([sc.per_layer[n].T for n in names], -1).double().numpy()
+    return per_layer[[first[key] for key in keys]]                                  # [n_cand, n_queries, n_layers]
 
 def _top_frame(q, records, top_idx, top_scores, n_train, where=lambda i: '') -> pd.DataFrame:
     "The top-k table: rank -> train_index, id, where (the record's file and line: `ExplorerSession.where`), kind, match, score, nats, text."
@@ -768,11 +769,12 @@ def unlikely_note(q:dict, log_p:float, below:float=0.01) -> str|None:
     return (f"the model does not say {', '.join(f'{w} ({p_text(lp)})' for w, lp in low)}: the top sequences are the ones that "
             "would make it more likely, not ones it was learnt from.")
 
-def dominant_note(q:dict, by_query:pd.DataFrame, share:float=0.75) -> str|None:
-    "A note when one of a group's queries makes more than `share` of its top scores' summed size: the ranking is mostly that query's."
-    size = by_query.abs().to_numpy().sum(0); j = int(size.argmax())
+def dominant_note(q:dict, per_query, share:float=0.75) -> str|None:
+    """A note when one of a group's queries makes more than `share` of the summed size of its candidates' scores
+    (`per_query`: `[n_cand, n_queries]`, every scored candidate, so the note does not change with k): the ranking is mostly that query's."""
+    size = np.abs(np.asarray(per_query, dtype=float)).sum(0); j = int(size.argmax())
     if len(size) < 2 or size[j] <= share * size.sum(): return None
-    return (f"Q{j + 1} {q['members'][j]['id']} makes {size[j] / size.sum():.0%} of the top scores (log p = {q['log_ps'][j]:.3g}): "
+    return (f"Q{j + 1} {q['members'][j]['id']} makes {size[j] / size.sum():.0%} of the scores of the {len(per_query):,} candidates (log p = {q['log_ps'][j]:.3g}): "
             "the group's ranking is mostly that query's; score its other queries one by one to see theirs.")
 
 # %% ../nbs/10_explorer.ipynb #ddfdff57
@@ -816,9 +818,10 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     cand, matched = _prefilter(session, model, query, candidates if prefilter else len(train), len(train), say)   # 2. candidates
     if k > len(cand): notes.append(f"Top {k} asked, but only {len(cand):,} candidates were scored: all of them are shown.")
     laps('prefilter')
-    per_layer = _candidate_scores(mdl, factors, query, [train[int(i)] for i in cand], names, damping,   # 3. scores
-                                  session.batch_size, say, strategy, groups)
-    scores = per_layer[:, [names.index(n) for n in counted]].sum(1)                    # [n_cand]
+    each = _candidate_scores(mdl, factors, query, [train[int(i)] for i in cand], names, damping,   # 3. scores
+                             session.batch_size, say, strategy)                        # [n_cand, n_queries, n_layers]
+    per_layer, per_query = each.sum(1), each[:, :, [names.index(n) for n in counted]].sum(2)   # a group: its queries summed
+    scores = per_query.sum(1)                                                          # [n_cand]
     laps('score')
     say(f"Token-wise scores of the top {min(k, len(cand))}", 0.88)                    # 4. top k, token-wise
     order = np.lexsort((cand, -scores))[:k]                                            # score desc, then index asc
@@ -827,7 +830,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
                                               damping, session.batch_size)
     top = _top_frame(q, records, top_idx, scores[order], len(train), session.where)
     by_query = pd.DataFrame(parts.T, index=top.index, columns=[m['id'] for m in q['members']]) if groups else None
-    notes += [x for x in (unlikely_note(q, log_p), groups and dominant_note(q, by_query),
+    notes += [x for x in (unlikely_note(q, log_p), groups and dominant_note(q, per_query),
                           nats_note(top['nats'], log_p, "its queries' summed log p" if groups else 'log p(completion)')) if x]
     laps('tokens'); say("Scored", 1.0)     # (the app's own "Done" follows, once the results are drawn)
     return ExplorerResult(model, q, log_p, strategy, damping, blocks, counted, names, len(train), cand, matched is not None,
@@ -859,7 +862,14 @@ def _same_as(items: list, ranks: list) -> dict:
         else: first[key] = rank
     return out
 
-def _fmt_score(v: float) -> str: return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+def _decimals(scale: float) -> int:
+    "Decimals that give the largest |score| of a table (`scale`) four significant digits: one format for every number of it."
+    return int(min(6, max(0, 3 - math.floor(math.log10(scale))))) if scale > 0 and math.isfinite(scale) else 4
+
+def _fmt_score(v: float, d: int) -> str:
+    "`v` with `d` decimals and thousands grouped; a value that rounds to zero is '0', not '-0'."
+    s = f"{v:,.{d}f}"
+    return s.lstrip('-') if float(s.replace(',', '')) == 0 else s
 
 # %% ../nbs/10_explorer.ipynb #4ba4dc43
 _SOURCE_WORDS = {'memory': 'factors already loaded', 'disk': 'factors read from the cache', 'fitted': 'factors fitted for this run'}
@@ -900,18 +910,19 @@ def top_html(result: ExplorerResult, # from `run_query`
     "The top-k table as HTML; each row has `data-rank` and `data-train-id`; a shortened text shows in full on hover."
     rows, same = [], _same_as(result.tokens or list(result.top['text']), list(result.top.index))   # as the heatmaps see copies
     smax = max(float(np.abs(result.top['score']).max()), 1e-30) if len(result.top) else 1.0
+    d = _decimals(max(smax, float(np.abs(result.by_query.to_numpy()).max()) if result.by_query is not None and result.by_query.size else 0))   # one format
     for rank, r in result.top.iterrows():
         w = int(round(100 * abs(r['score']) / smax))
         colour = 'var(--inb-pos)' if r['score'] >= 0 else 'var(--inb-neg)'
         badge = (f'<span class="inb-badge inb-badge-{_esc(r["match"])}">{_MATCH_LABEL[r["match"]]}</span>'
                  if r['match'] else '') + (f' <span class="inb-muted inb-same-text">same tokens as #{same[rank]}</span>' if rank in same else '')
         parts = ('' if result.by_query is None else '<div class="inb-muted inb-by-query">' + ' · '.join(   # a group: each query's part
-                 f'<span title="{_esc(c)}">Q{j + 1} {_fmt_score(v)}</span>' for j, (c, v) in enumerate(result.by_query.loc[rank].items())) + '</div>')
+                 f'<span title="{_esc(c)}">Q{j + 1} {_fmt_score(v, d)}</span>' for j, (c, v) in enumerate(result.by_query.loc[rank].items())) + '</div>')
         sub = ' '.join(x for x in (f'<span class="inb-muted">{_esc(r["kind"])}</span>' if r['kind'] else '', badge) if x)   # kind, badges
         rows.append(f'<tr class="inb-row" data-rank="{rank}" data-train-id="{_esc(r["id"])}" data-train-index="{r["train_index"]}">'
                     f'<td class="inb-num">{rank}</td><td class="inb-id">{_esc(r["id"])}' + (f'<br>{sub}' if sub else '')
                     + (f'<br><span class="inb-muted inb-where" title="where the record is in the corpus">{_esc(r["where"])}</span>' if r.get('where') else '') + '</td>'
-                    f'<td class="inb-num inb-score">{_fmt_score(r["score"])}<div class="inb-bar" style="width:{w}%;background:{colour}"></div></td>'
+                    f'<td class="inb-num inb-score">{_fmt_score(r["score"], d)}<div class="inb-bar" style="width:{w}%;background:{colour}"></div></td>'
                     f'<td class="inb-num">{r["nats"]:+.3g}</td><td class="inb-text" title="{_esc(r["text"])}">{_esc(_short(r["text"], max_chars))}{parts}</td></tr>')   # hover: all of it; a group's parts under it
     head = ('<tr><th>#</th><th>training sequence</th><th>score</th>'
             f'<th title="score / N: change of the completion\'s log-probability for one more copy (N = {result.n_train:,})">nats</th>'
@@ -928,9 +939,10 @@ def heatmaps_html(result: ExplorerResult, # from `run_query`
     top = lambda v: max(float(np.nanmax(np.abs(v))) if len(v) else 0.0, 1e-30)
     shared = top(np.concatenate(result.token_scores))
     parts, same = [], _same_as(result.tokens, list(result.top.index))
+    d = _decimals(float(np.abs(result.top['score']).max()) if len(result.top) else 0)   # the table's format
     for (rank, r), toks, vals, cut, scored in zip(result.top.iterrows(), result.tokens, result.token_scores, result.cut or [False] * len(result.tokens),
                                                   result.scored or [None] * len(result.tokens)):
-        title = f"#{rank} · {r['id']} · score {_fmt_score(r['score'])}" + (f" · {_MATCH_LABEL[r['match']]}" if r['match'] else "")
+        title = f"#{rank} · {r['id']} · score {_fmt_score(r['score'], d)}" + (f" · {_MATCH_LABEL[r['match']]}" if r['match'] else "")
         if rank in same:                   # the same tokens as a sequence above: the same token-wise influence, drawn once
             parts.append(f'<div class="inb-heatmap inb-same" data-same-as="{same[rank]}"><b>{_esc(title)}</b> · the same '
                          f'tokens as #{same[rank]}, so the same token-wise influence: drawn above</div>')
@@ -975,8 +987,10 @@ def layer_figure(result: ExplorerResult): # -> matplotlib Figure
     if not positive: fig.axes[-1].set_ylabel("block ÷ the row's total |influence|")   # the colour bar
     return fig
 
+TAIL_FIT_MIN = 100   # positive scores a power-law fit needs: its tail then holds at least 50 (`viz.fit_power_law`'s `min_tail`)
+
 def tail_figure(result: ExplorerResult): # -> matplotlib Figure
-    "CCDF of the candidates' positive scores on log-log axes, with a power-law fit when there are >= 20."
+    "CCDF of the candidates' positive scores on log-log axes, with a power-law fit when there are `TAIL_FIT_MIN` or more."
     n_pos = int((result.scores > 0).sum())
     label = result.query.get('id') or 'typed query'
     with warnings.catch_warnings():
@@ -986,12 +1000,12 @@ def tail_figure(result: ExplorerResult): # -> matplotlib Figure
             fig = Figure(figsize=(5.5, 4), layout="constrained"); ax = fig.add_subplot()
             ax.text(0.5, 0.5, "no positive scores among the candidates", ha="center", va="center"); ax.set_axis_off()
             return fig
-        try: fig = viz.tail_plot(result.scores, fit=n_pos >= 20, labels=[label], min_tail=min(50, max(10, n_pos // 2)))
-        except ValueError: fig = viz.tail_plot(result.scores, fit=False, labels=[label])
+        fig = viz.tail_plot(result.scores, fit=n_pos >= TAIL_FIT_MIN, labels=[label], min_tail=TAIL_FIT_MIN // 2)
     fig.axes[0].set_title(f"Tail of positive influence ({n_pos} of {len(result.scores)} candidates)")
     if any('α' in t.get_text() for t in fig.axes[0].get_legend().get_texts()) if fig.axes[0].get_legend() else False:
         fig.supxlabel("α: the tail's power-law exponent (smaller: fewer sequences hold more of the influence)\n"
                       "KS: the fit's largest gap to the data", fontsize=7.5, color='#555', x=0.01, ha='left')   # the layout makes room for it
+    else: fig.supxlabel(f"No power-law fit: it needs {TAIL_FIT_MIN} positive scores (score more candidates)", fontsize=7.5, color='#555', x=0.01, ha='left')
     return fig
 
 def figure_png(fig, dpi: int = 96) -> bytes:
@@ -1099,9 +1113,10 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     # settings
     candidates, k, n_train = check_int(candidates, 'candidates', 0), check_int(k, 'k', 1), len(s.records)   # (widgets clamp silently)
     if k > K_MAX: raise ValueError(f"`k` is at most {K_MAX} in the explorer, got {k}: `scan` keeps any number of top sequences.")
-    self.prefilter_w = widgets.Checkbox(value=candidates > 0, description='TF-IDF (BM25) prefilter', indent=False, layout=L('300px'))
+    on = 0 < candidates < n_train                # candidates that cover the corpus filter nothing: the box opens unticked
+    self.prefilter_w = widgets.Checkbox(value=on, description='TF-IDF (BM25) prefilter', indent=False, layout=L('300px'))
     self.candidates_w = widgets.BoundedIntText(value=min(candidates, n_train) or n_train, min=1, max=n_train, description='Candidates',
-                                               style=wide, layout=L('220px'), disabled=not candidates)   # 0: every sequence, as `score`
+                                               style=wide, layout=L('220px'), disabled=not on)   # 0: every sequence, as `score`
     self.k_w = widgets.BoundedIntText(value=k, min=1, max=K_MAX, description='Top k', style=wide, layout=L('220px'))
     self.strategy_w = widgets.Dropdown(options=[(STRATEGY_LABELS[x], x) for x in STRATEGIES_SHOWN], value=strategy,
                                        description='Strategy', style=wide, layout=L('300px'))
@@ -1336,7 +1351,9 @@ def _show(self: Explorer, res: ExplorerResult):
     limg.add_class('inb-layer-chart'); timg.add_class('inb-tail-plot')
     sec = lambda t: widgets.HTML(f'<div class="inb-section">{t}</div>')
     top = widgets.VBox([sec(f'Top {len(res.top)} training sequences'), table, widgets.HTML(csv_link(res))], layout=widgets.Layout(grid_area='top'))
-    charts = widgets.Box([widgets.VBox([sec('Blocks'), limg]), widgets.VBox([sec('Tail'), timg])], layout=widgets.Layout(grid_area='charts'))
+    tail = widgets.Accordion(children=[timg], titles=('Tail: how spread out the influence is',), selected_index=None)   # folded: for the curious
+    tail.add_class('inb-tail')
+    charts = widgets.Box([widgets.VBox([sec('Blocks'), limg]), tail], layout=widgets.Layout(grid_area='charts'))
     views = widgets.Box([scale, where], layout=widgets.Layout(flex_flow='row wrap'))
     tokens = widgets.VBox([sec('Token-wise influence'), views, heat], layout=widgets.Layout(grid_area='tokens'))
     charts.add_class('inb-charts')

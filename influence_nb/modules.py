@@ -20,7 +20,8 @@ __all__ = ['MLP_LEAVES', 'OTHER_MODALITIES', 'is_conv1d', 'is_trackable', 'exper
 # %% ../nbs/03_modules.ipynb #8ec08ef3
 MLP_LEAVES = {   # how `modules="mlp"` recognises a block's feed-forward weights, whatever the architecture
     'containers': ('mlp', 'feed_forward', 'ffn', 'moe', 'expert'),  # a submodule whose name contains one holds an MLP or MoE
-    'classes': ('MLP', 'FeedForward', 'FFN', 'MoE', 'Experts'),     # ... or whose class name ends with one (NemotronHMLP)
+    'classes': ('MLP', 'FeedForward', 'FFN', 'MoE', 'Experts',      # ... or whose class name ends with one (NemotronHMLP),
+                'Intermediate', 'Output'),                          # BERT's (as a decoder) `intermediate` and `output`; its attention's `output` sits in `attention`
     'bare': ('fc1', 'fc2'),                       # OPT keeps its two MLP layers directly in the block
     'routers': ('gate', 'router', 'shared_expert_gate', 'wg'),  # token → expert scores: not feed-forward weights
     'attention': ('attn', 'attention'),           # never feed-forward, even as experts (JetMoe's mixture of attention heads)
@@ -635,7 +636,7 @@ def find_modules(model:nn.Module, # a transformers causal LM (or any nn.Module)
 
 
 # %% ../nbs/03_modules.ipynb #cd18e1d8
-def tiny_model(family:str='gpt2', # gpt2, gpt_neox, llama, mistral, opt, qwen2, gptj, phi3 (fused gate_up_proj); MoE: mixtral, qwen2_moe, dbrx; nemotron_h (hybrid)
+def tiny_model(family:str='gpt2', # gpt2, gpt_neox, llama, mistral, opt, qwen2, gptj, bert (as a decoder), phi3 (fused gate_up_proj); MoE: mixtral, qwen2_moe, dbrx; nemotron_h (hybrid)
                vocab:int=32, # vocabulary size
                hidden:int=16, # hidden width
                layers:int=2, # number of blocks
@@ -645,7 +646,7 @@ def tiny_model(family:str='gpt2', # gpt2, gpt_neox, llama, mistral, opt, qwen2, 
     "A random-initialised tiny causal LM of `family`, in eval mode, for tests and examples (no download)."
     from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
                               Qwen2Config, OPTConfig, GPTJConfig, Phi3Config, MixtralConfig, Qwen2MoeConfig, DbrxConfig,
-                              NemotronHConfig)
+                              NemotronHConfig, BertConfig)
     common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     heads = 2
     dec = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
@@ -661,6 +662,8 @@ def tiny_model(family:str='gpt2', # gpt2, gpt_neox, llama, mistral, opt, qwen2, 
         'qwen2': lambda: Qwen2Config(intermediate_size=2*hidden, **dec),
         'opt': lambda: OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=4*hidden,
                                  word_embed_proj_dim=hidden, max_position_embeddings=ctx, dropout=0., **common),
+        'bert': lambda: BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4*hidden,
+                                   max_position_embeddings=ctx, is_decoder=True, hidden_dropout_prob=0., attention_probs_dropout_prob=0., **common),
         'gptj': lambda: GPTJConfig(n_embd=hidden, n_layer=layers, n_head=heads, rotary_dim=4, n_positions=ctx,
                                    resid_pdrop=0., embd_pdrop=0., attn_pdrop=0., **common),
         'phi3': lambda: Phi3Config(intermediate_size=2*hidden, resid_pdrop=0., embd_pdrop=0., **dec),

@@ -20,10 +20,10 @@ from .data import check_int
 from .scores import to_float64, layer_sums, shares_of_total   # one definition of layer shares (06_scores)
 
 # %% auto #0
-__all__ = ['POS_RGB', 'NEG_RGB', 'NAN_RGB', 'decode_tokens', 'token_texts', 'influence_rgb', 'token_heatmap_html', 'show_tokens',
-           'token_heatmap_ansi', 'token_heatmap_plain', 'l2_l1_ratio', 'is_spurious', 'block_of', 'layer_shares',
-           'layer_heatmap', 'layer_bars', 'fit_power_law', 'tail_plot', 'top_share', 'top_table', 'top_sequences_html',
-           'show_top_sequences']
+__all__ = ['POS_RGB', 'NEG_RGB', 'NAN_RGB', 'TOKEN_EDGE', 'decode_tokens', 'token_texts', 'influence_rgb', 'token_heatmap_html',
+           'show_tokens', 'token_heatmap_ansi', 'token_heatmap_plain', 'l2_l1_ratio', 'is_spurious', 'block_of',
+           'layer_shares', 'layer_heatmap', 'layer_bars', 'fit_power_law', 'tail_plot', 'top_share', 'top_table',
+           'top_sequences_html', 'show_top_sequences']
 
 # %% ../nbs/09_viz.ipynb #4e27eac4
 def _scores_matrix(scores, name: str = "scores") -> np.ndarray:
@@ -191,6 +191,8 @@ def _where(shift: bool) -> str:
             else "each value on the token that predicts the next one, as in the paper")
 
 # %% ../nbs/09_viz.ipynb #143d5d75
+TOKEN_EDGE = 'box-shadow:inset -1px 0 0 rgba(0,0,0,.16)'   # a hairline at each token's right edge: where a word's pieces split
+
 def token_heatmap_html(tokens: Sequence[str],  # token strings (byte-level BPE or decoded pieces)
                        values,                  # [n_tokens] influence of each token's gradient term; NaN = none
                        title: str | None = None,  # heading shown above the text
@@ -214,7 +216,7 @@ def token_heatmap_html(tokens: Sequence[str],  # token strings (byte-level BPE o
         hover = _html.escape(f"#{i} {what}: " + ("no value" if np.isnan(val) else format(float(val), fmt))
                              + (" · context, not a scored token" if ctx else ""), quote=True)
         parts.append(f'<span class="inb-tok{" inb-ctx" if ctx else ""}" title="{hover}" style="background-color:rgb({c[0]},{c[1]},{c[2]});'
-                     f'color:rgb({fg[0]},{fg[1]},{fg[2]});border-radius:2px' + (';border-bottom:1px dotted #888' if ctx else '')
+                     f'color:rgb({fg[0]},{fg[1]},{fg[2]});border-radius:2px;{TOKEN_EDGE}' + (';border-bottom:1px dotted #888' if ctx else '')
                      + ('' if text else ';display:inline-block;min-width:0.3em;height:1em') + f'">{shown}</span>')
     neg, pos = "rgb({},{},{})".format(*NEG_RGB), "rgb({},{},{})".format(*POS_RGB)
     head = (f'<div style="font-weight:bold;margin-bottom:4px">{_html.escape(title)}</div>' if title else "")
