@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'LOSS_WEIGHTS', 'MIXED_FIELDS', 'TEMPLATE_OWN',
+__all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'LOSS_WEIGHTS', 'MIXED_FIELDS', 'TEMPLATE_OWN', 'TABLE_SUFFIXES',
            'GENERATION_BLOCK', 'MODEL_NAMES', 'TOKENIZER_FILES', 'DRIFT_PROBE', 'DTYPES', 'CORPUS_FORMATS',
            'NATS_SCALE', 'SCORE_LEGEND', 'data_dir', 'attended_span', 'packed_row', 'check_fields', 'as_sequence',
            'as_collection', 'as_sequences', 'n_scored', 'end_sentence', 'require_scored', 'check_int',
@@ -536,15 +536,20 @@ def _text_pair(tokenizer, pair:Mapping, j:int, end:int|None) -> dict:
     return s
 
 # %% ../nbs/00_data.ipynb #4fe4b3fa
+TABLE_SUFFIXES = ('.csv', '.tsv', '.xlsx', '.xls')   # tables that are not read as they are: saved as Parquet, they are
+
 def check_not_file_name(texts, name:str='texts'):
     "Refuse a corpus file's name where texts belong: `tokenize(tok, 'corpus.jsonl')` once scored the name as a text."
     if not isinstance(texts, (str, os.PathLike)): return
     p = Path(texts)
-    if isinstance(texts, str) and (p.suffix.lower() not in sum(CORPUS_SUFFIXES.values(), ())
-                                   or (any(c.isspace() for c in texts) and not p.is_file())): return   # a text
-    there = 'the file' if p.is_file() else 'the name of a corpus file (none is there)'
-    raise ValueError(f"`{name}` is {there} {str(texts)!r}, not texts: read its records with `inf.read_corpus({str(texts)!r})` "
-                     "(JSONL, .txt or Parquet; `text_field=` for another field) and pass them.")
+    try: is_file = '\n' not in str(texts) and (p.suffix or len(p.parts) > 1) and p.is_file()   # 'Paris' is a text, a file there or not
+    except (OSError, ValueError): is_file = False                  # too long a name for a path: a text
+    named = p.suffix.lower() in sum(CORPUS_SUFFIXES.values(), TABLE_SUFFIXES)
+    if isinstance(texts, str) and not is_file and (not named or any(c.isspace() for c in texts)): return   # a text
+    there = 'the file' if is_file else 'the name of a corpus file (none is there)'
+    if p.suffix.lower() in TABLE_SUFFIXES: how = f"convert the table first, e.g. `pd.read_csv({str(texts)!r}).to_parquet('corpus.parquet')`, then read that"
+    else: how = f"read its records with `inf.read_corpus({str(texts)!r})` (JSONL, .txt or Parquet; `text_field=` for another field)"
+    raise ValueError(f"`{name}` is {there} {str(texts)!r}, not texts: {how} and pass them.")
 
 
 # %% ../nbs/00_data.ipynb #77a7bb01
@@ -1502,7 +1507,9 @@ def corpus_format(path) -> str:
     if not p.is_file(): raise FileNotFoundError(f"{p} does not exist." if not p.exists() else f"{p} is not a file.")
     for kind, sufs in CORPUS_SUFFIXES.items():
         if p.suffix.lower() in sufs: return kind
-    raise ValueError(f"{p.name}: unknown corpus format {p.suffix or '(no suffix)'!r}. Accepted formats: {CORPUS_FORMATS}.")
+    table = (f" A table is read once saved as Parquet, e.g. `pd.read_csv({str(p)!r}).to_parquet({str(p.with_suffix('.parquet'))!r})`."
+             if p.suffix.lower() in TABLE_SUFFIXES else '')
+    raise ValueError(f"{p.name}: unknown corpus format {p.suffix or '(no suffix)'!r}. Accepted formats: {CORPUS_FORMATS}.{table}")
 
 # %% ../nbs/00_data.ipynb #f82bf6ff
 def corpus_lines(f) -> Iterator[tuple[int, bytes]]:

@@ -14,7 +14,7 @@ import pandas as pd
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .data import (TokenRules, cut_texts, text_sequences, array_record, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, missing_id, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection,
+from .data import (TokenRules, cut_texts, text_sequences, array_record, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, missing_id, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection, corpus_format,
                                grad_enabled, check_max_length, check_int, n_scored, shown_ids, tokenizer_mark, other_tokenizer)
 from .kfac import layer_passes, together, all_reduce_sum, dist_info, watch_calls
 from .ekfac import Factors, check_damping
@@ -56,12 +56,11 @@ class CorpusStream:
             p = Path(corpus)
             if not p.exists(): raise FileNotFoundError(f"`corpus` file {p} does not exist.")
             if p.is_dir(): raise ValueError(f"`corpus`={str(p)!r} is a directory; pass a .jsonl or .parquet file.")
-            self.path = p
-            if p.suffix == '.parquet':
+            self.path, self.kind = p, corpus_format(p)    # by its suffix, as every reader of a corpus file: a CSV is refused, named
+            if self.kind == 'parquet':
                 import pyarrow.parquet as pq
-                self.kind, self.total = 'parquet', pq.ParquetFile(p).metadata.num_rows
-            elif p.suffix in ('.txt', '.text'): self.kind, self.total = 'text', p.stat().st_size  # one document per line
-            else: self.kind, self.total = 'jsonl', p.stat().st_size       # progress in bytes
+                self.total = pq.ParquetFile(p).metadata.num_rows
+            else: self.total = p.stat().st_size           # JSONL, or text (one document per line): progress in bytes
         elif isinstance(corpus, (bytes, Mapping)):
             raise TypeError(f"`corpus` must be a collection of sequences or a file path, got a single {type(corpus).__name__}.")
         elif hasattr(corpus, '__len__') and hasattr(corpus, '__getitem__'):
