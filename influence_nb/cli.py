@@ -818,6 +818,7 @@ def _cmd_windows(a):
             for q in (block_parts([r]) if a.parts else []): files[1].write(json.dumps(q, ensure_ascii=False) + '\n'); n_parts += 1; parted.add(q['source'])
         if not wins: raise ValueError(f"--corpus {path.name}: none of its {st.n_texts} documents gave a window (each has fewer than two "
                                       "tokens, or no token to score), so nothing was written.")
+    bad.sort(key=lambda b: int(re.search(r'\d+', b[0])[0]))         # in file order (a record's tokens are checked after later ones are read)
     if bad: print(f"note: --corpus {path.name}: skipped {len(bad)} of its {n[0]} records, which cannot be used (--skip-bad-records; "
                   f"the first: {bad[0][0]}: {bad[0][1]}).", file=sys.stderr)
     if st.bare: print(f"note: {len(st.bare)} of the {st.n_texts} documents gave no window: they have fewer than two tokens, or no token "
@@ -1237,7 +1238,8 @@ def _cmd_explore(a):
     if a.k is not None and not 1 <= a.k <= 50: raise ValueError(f"--k must be 1 to 50 in the explorer, got {a.k} (scan keeps any number).")
     if a.candidates is not None and a.candidates < 0: raise ValueError(f"--candidates must be 0 (every sequence) or more, got {a.candidates}.")
     if a.no_serve:
-        app = explorer(**kw); res = app.run()
+        with warnings.catch_warnings():                              # a run's notes say it: once, below
+            warnings.simplefilter('ignore', TruncatedTextsWarning); app = explorer(**kw); res = app.run()
         if res is None: raise ValueError(f"the explorer could not run its opening query: {app.error}")
         if 'members' in res.query:                                   # a group: its queries' log p, and what its scores sum
             print(f"group {res.query['id']} of {len(res.query['members'])} queries: each score is their summed influence")

@@ -26,10 +26,10 @@ __all__ = ['IGNORE_INDEX', 'JSONL_SUFFIXES', 'CORPUS_SUFFIXES', 'LOSS_WEIGHTS', 
            'load_model', 'load_bundled', 'model_tokenizer', 'eager_kernels', 'trained_weights', 'eval_mode',
            'batch_logits', 'completion_logprobs', 'pair_end_note', 'text_end_note', 'chat_loss_note', 'rule_words',
            'rules_note', 'uncompiled', 'uncompiled_names', 'lm_call', 'reads_tokens', 'logits_of', 'corpus_format',
-           'corpus_lines', 'parquet_rows', 'corpus_rows', 'has_field', 'missing_id', 'with_id', 'missing_text',
-           'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark', 'other_tokenizer',
-           'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows', 'block_parts', 'shown_ids',
-           'source_scores', 'cache_dir', 'cached_factors', 'nats_note', 'run_slow_cell']
+           'corpus_lines', 'parquet_rows', 'corpus_rows', 'has_field', 'missing_id', 'with_id', 'blank_text',
+           'missing_text', 'array_record', 'corpus_entries', 'read_corpus', 'corpus_sequences', 'tokenizer_mark',
+           'other_tokenizer', 'NoWindowWarning', 'WindowStream', 'iter_windows', 'token_windows', 'block_parts',
+           'shown_ids', 'source_scores', 'cache_dir', 'cached_factors', 'nats_note', 'run_slow_cell']
 
 # %% ../nbs/00_data.ipynb #029fcb8d
 def data_dir(required:bool=True, # raise if no data folder is found
@@ -329,7 +329,8 @@ def pair_end_id(tokenizer, pair_eos:bool|str|int=True, name:str='pair_eos') -> i
         i = tokenizer.convert_tokens_to_ids(pair_eos)
         if i is None or (i == tokenizer.unk_token_id and pair_eos != tokenizer.unk_token):
             raise ValueError(f"`{name}`={pair_eos!r} is not a token of this tokenizer; name the end token training put after "
-                             f"each {'text' if name == 'text_eos' else 'completion'} (its EOS is {tokenizer.eos_token!r}), or pass False for none.")
+                             f"each {'text' if name == 'text_eos' else 'completion'}: True for its EOS ({tokenizer.eos_token!r}"
+                             + ("; 'eos' is the command line's word for True" if pair_eos.lower() == 'eos' else '') + "), the token's text or id, or False for none.")
         return int(i)
     return check_int(pair_eos, name, lo=0, hi=len(tokenizer) - 1)
 
@@ -547,7 +548,7 @@ def check_not_file_name(texts, name:str='texts'):
     named = p.suffix.lower() in sum(CORPUS_SUFFIXES.values(), TABLE_SUFFIXES)
     if isinstance(texts, str) and not is_file and (not named or any(c.isspace() for c in texts)): return   # a text
     there = 'the file' if is_file else 'the name of a corpus file (none is there)'
-    if p.suffix.lower() in TABLE_SUFFIXES: how = f"convert the table first, e.g. `pd.read_csv({str(texts)!r}).to_parquet('corpus.parquet')`, then read that"
+    if p.suffix.lower() in TABLE_SUFFIXES: how = f"read the table first, e.g. `pd.read_csv({str(texts)!r})`: a DataFrame is a corpus (a row per record), or save it `.to_parquet`,"
     else: how = f"read its records with `inf.read_corpus({str(texts)!r})` (JSONL, .txt or Parquet; `text_field=` for another field)"
     raise ValueError(f"`{name}` is {there} {str(texts)!r}, not texts: {how} and pass them.")
 
@@ -1507,7 +1508,8 @@ def corpus_format(path) -> str:
     if not p.is_file(): raise FileNotFoundError(f"{p} does not exist." if not p.exists() else f"{p} is not a file.")
     for kind, sufs in CORPUS_SUFFIXES.items():
         if p.suffix.lower() in sufs: return kind
-    table = (f" A table is read once saved as Parquet, e.g. `pd.read_csv({str(p)!r}).to_parquet({str(p.with_suffix('.parquet'))!r})`."
+    table = (f" A table is read once saved as Parquet, e.g. `pd.read_csv({str(p)!r}).to_parquet({str(p.with_suffix('.parquet'))!r})`;"
+             " in Python, the DataFrame itself is a corpus (a row per record)."
              if p.suffix.lower() in TABLE_SUFFIXES else '')
     raise ValueError(f"{p.name}: unknown corpus format {p.suffix or '(no suffix)'!r}. Accepted formats: {CORPUS_FORMATS}.{table}")
 
@@ -1567,6 +1569,12 @@ def with_id(record:Mapping, id_field:str|None='id') -> dict:
 
 
 # %% ../nbs/00_data.ipynb #2edb770b
+def blank_text(text) -> str|None:
+    "Why a corpus record's text cannot be a training sequence when it is a string of only whitespace (or nothing), else None; as blank lines of a file are skipped."
+    if isinstance(text, str) and not text.strip():
+        return f"its text is {'empty' if not text else f'only whitespace ({text!r})'}: nothing to score"
+    return None
+
 def missing_text(record:Mapping, text_field:str) -> str:
     "Why a corpus record without a usable `text_field` or 'input_ids' cannot be read: what the field holds, or the fields it has, and the way out."
     v = field_value(record, text_field)
@@ -1596,7 +1604,7 @@ def corpus_entries(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`
         if why is None and 'input_ids' not in r:
             try: text = text_value(r, text_field)
             except (ValueError, TypeError) as e: why = str(e)                   # (its own 'tools' or 'chat_template_kwargs' are bad)
-            else: why = None if is_text(text) else missing_text(r, text_field)
+            else: why = blank_text(text) if is_text(text) else missing_text(r, text_field)
         if why := why or missing_id(r, id_field): yield where, None, why
         else: yield where, with_id({**r, 'text': text} if 'input_ids' not in r else r, id_field), None   # a text, conversation or pair
 
@@ -1605,6 +1613,9 @@ def read_corpus(path, # a .jsonl, .txt or .parquet file (see `CORPUS_FORMATS`)
                 id_field:str='id', # the field naming each record (its 'id' entry); dotted for nested
                ) -> list[dict]:
     "Every record of a corpus file, each with a 'text' (or 'input_ids') entry; bad records raise naming file and line."
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` is a {type(path).__name__}, not a corpus file: a DataFrame (a row per record) or a list of records is a "
+                        "corpus already; pass it to `tokenize`, `scan` or the explorer as it is.")
     recs = []
     for where, r, why in corpus_entries(path, text_field, id_field=id_field):
         if why: raise ValueError(f"{Path(path).name}, {where}: {why}. Accepted formats: {CORPUS_FORMATS}.")

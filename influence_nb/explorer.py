@@ -36,7 +36,7 @@ import json
 import os
 from collections.abc import Mapping
 from .data import (TokenRules, rules_note, chat_loss_note, text_end_note, with_template, cut_texts, corpus_lines, missing_id, with_id, has_field, as_collection, pair_end_note, n_scored, is_conversation, is_pair, is_text, text_value, shown_text, chat_query, TruncatedTextsWarning, field_value, MODEL_NAMES, SCORE_LEGEND, nats_note, as_sequence, as_sequences, cached_factors, completion_logprobs, context_length,
-                               corpus_sequences, load_model, read_corpus, corpus_rows, check_int,
+                               corpus_sequences, load_model, read_corpus, corpus_rows, check_int, blank_text,
                                resolve_device, resolve_dtype, shown_ids)
 from .corpus import load_corpus, load_queries
 from .artefact import digest
@@ -123,6 +123,7 @@ def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or 
         r = with_id(r, id_field)
         try: v = text_value(r, text_field)
         except (ValueError, TypeError) as e: raise type(e)(f"{at(i)}: {e}") from None   # (its own bad 'tools')
+        if why := is_text(v) and blank_text(v): raise ValueError(f"{at(i)}: {why}; leave the record out.")   # as `scan` and `read_corpus` say
         if is_text(v): text = v   # (a conversation: its messages; a pair: prompt and completion)
         elif 'input_ids' in r:
             try: ids = shown_ids(r)                                   # (a packed block's part: its own text)

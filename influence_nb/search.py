@@ -14,7 +14,7 @@ import pandas as pd
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .data import (TokenRules, cut_texts, text_sequences, array_record, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, missing_id, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection, corpus_format,
+from .data import (TokenRules, cut_texts, text_sequences, array_record, end_sentence, is_conversation, is_pair, is_text, text_value, shown_text, TruncatedTextsWarning, field_value, as_sequence, missing_text, missing_id, parquet_rows, check_sequences, require_scored, model_vocab, model_context, as_collection, corpus_format, blank_text,
                                grad_enabled, check_max_length, check_int, n_scored, shown_ids, tokenizer_mark, other_tokenizer)
 from .kfac import layer_passes, together, all_reduce_sum, dist_info, watch_calls
 from .ekfac import Factors, check_damping
@@ -147,6 +147,7 @@ def _convert(items:list[_Item], tokenizer=None, vocab:int|None=None, ctx:int|Non
         if text is not None:
             if not is_text(text):
                 n_bad += _bad_record(it, missing_text(it.raw, text_field), skip, bad); continue     # (only a record has a field)
+            if why := blank_text(text): n_bad += _bad_record(it, why, skip, bad); continue       # as a blank line: not a document
             if tokenizer is None:
                 raise TypeError(f"The corpus holds text ({items[j].where}): pass `tokenizer=` to tokenize it, "
                                 "or store token ids under 'input_ids'.")
@@ -491,7 +492,9 @@ def load(cls: ScanResult, path:str|Path) -> ScanResult:
     try: t = pq.read_table(path)
     except Exception as e: raise ValueError(f"Could not read {path} as Parquet ({e}).") from None
     raw = (t.schema.metadata or {}).get(b'influence_nb.scan')
-    if raw is None: raise ValueError(f"{path} is not a scan result (no influence_nb.scan metadata); was it written by `ScanResult.save`?")
+    if raw is None: raise ValueError(f"{path} is not a scan result (no influence_nb.scan metadata): this reads what `scan` (`ScanResult.save`, "
+                                     "`influence-nb scan`) writes. A table of `influence-nb score` (a row per record, a column per query) "
+                                     "is plain Parquet: read it with `pandas.read_parquet`.")
     meta = json.loads(raw); n_q, k = meta.pop('shape')
     dt = getattr(torch, meta.pop('dtype'))
     meta = {f: meta[f] for f in (x.name for x in fields(cls)) if f in meta}   # fields a newer version added: ignored
