@@ -399,9 +399,11 @@ examples:
   influence-nb windows --model my-llama/ --corpus books.jsonl --max-length 2048 --out windows.jsonl   # long documents"""
 
 # %% ../nbs/13_cli.ipynb #b8f8c8a9
-def _model_args(p, required=True):
-    p.add_argument('--model', required=required, default=None if required else 'gpt2-l',
-                   help=f'bundled model {MODEL_NAMES}{"" if required else " (default: gpt2-l)"}, a model folder (written by save_pretrained; a peft adapter folder loads its base model with the adapter) a Hugging Face Hub id (org/name; offline: from the Hub cache), or the function that builds a model outside transformers, module:function or file.py:function (called with no arguments; returns the model or (model, tokenizer))')
+def _model_args(p, required=True, default:str|None='gpt2-l', said:str|None=None):
+    "`--model` and what goes with it; without `required`, `default` is the model, named in the help as `said` says (default: itself)."
+    said = said or f'default: {default}'
+    p.add_argument('--model', required=required, default=None if required else default,
+                   help=f'bundled model {MODEL_NAMES}{"" if required else f" ({said})"}, a model folder (written by save_pretrained; a peft adapter folder loads its base model with the adapter), a Hugging Face Hub id (org/name; offline: from the Hub cache), or the function that builds a model outside transformers, module:function or file.py:function (called with no arguments; returns the model or (model, tokenizer))')
     p.add_argument('--trust-remote-code', action='store_true', help="let a model folder's own Python code run (its config's "
                    "auto_map names files that define the model or tokenizer); without it such folders are refused")
     p.add_argument('--tokenizer', default=None, help="tokenizer folder (default: the model folder's own; a folder without "
@@ -552,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
                  text_default=None)
     t.add_argument('--query', default='0', help="query id (a group's label for a scan with --group-by), or its 0-based position (default: 0)")
     t.add_argument('--k', type=int, default=10, help='how many sequences (default: 10)')
-    _model_args(t, required=False); t.set_defaults(model=None)
+    _model_args(t, required=False, default=None, said='to decode records of token ids; default: none')
     t.add_argument('--width', type=int, default=100, help='characters of text to show (default: 100)')
     t.add_argument('--n-train', type=int, default=None, help='N of the training set, for nats = score / N (default: the one the scan recorded)')
     _explore_parser(sub)
@@ -599,7 +601,7 @@ def _explore_parser(sub):
     x = sub.add_parser('explore', help='open the influence explorer on a model and a corpus (Voilà)',
                        description='Serve the ipywidgets explorer with Voilà on localhost: the bundled models and corpus by default, '
                                    'or --model with --corpus (and optionally --queries and --factors).')
-    _model_args(x, required=False); x.set_defaults(model=None)
+    _model_args(x, required=False, default=None, said='default: the three bundled models, opening on gpt2-s')
     _corpus_args(x, '--corpus', required=False, skip=False, what='training corpus (required with --model)')
     _queries_args(x, required=False, what=' to pick from')
     x.add_argument('--factors', default=None, help='factors written by fit-factors for this model (default: fitted and cached)')

@@ -624,9 +624,13 @@ def _spaced_word(c:str) -> bool:
     o = ord(c) if c else 0
     return c.isalnum() and o < 0x2E80 and not (0x0E00 <= o <= 0x109F or 0x1780 <= o <= 0x17FF)
 
-def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=(), special:list=(), named:str='', glued:list=(), blank:list=()):
+def _warn_pairs(spaced:list, unknown:list, n:int, unk_token, joined:list=(), special:list=(), named:str='', glued:list=(), blank:list=(),
+                bare:list=(), opener:str=''):
     "One warning per kind for `tokenize_pairs`, however many pairs it concerns: `(i, text)` lists, `n` pairs in all."
     first = lambda xs: f"{len(xs):,} of {n:,} pairs (the first: pairs[{xs[0][0]}], {xs[0][1]!r})"
+    if bare: warnings.warn(f"{first(bare)}: the prompt is empty, so the completion is measured after {opener} alone: its probability "
+                           "with no context, which a model that never met that token opening a text puts low. A prompt that "
+                           "begins as the training texts did measures what the model knows.", stacklevel=3)
     if blank: warnings.warn(f"{first(blank)}: the completion is only whitespace, so what is measured is the log-probability of "
                             "that space or line break after the prompt, as written. If a word was meant to follow, it is missing "
                             "(a field left empty, a stripped value).", stacklevel=3)
@@ -660,7 +664,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
     if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str): pairs = [pairs]
     pairs = list(pairs)
     if not pairs: raise ValueError("`pairs` is empty: pass at least one (prompt, completion) pair.")
-    out, spaced, unknown, joined, special, glued, blank = [], [], [], [], [], [], []
+    out, spaced, unknown, joined, special, glued, blank, bare = [], [], [], [], [], [], [], []
     unk = tokenizer.unk_token_id                          # (GPT-2's unk is its end-of-text token, a known one: not warned about)
     if unk in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id): unk = None
     specials = set(getattr(tokenizer, 'all_special_ids', None) or []) - {unk}   # a mere unk is warned about on its own
@@ -671,6 +675,7 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
         prompt, completion = p
         if not completion: raise ValueError(f"pairs[{i}] has an empty completion: there is nothing to measure.")
         if not completion.strip(): blank.append((i, completion))
+        if not prompt: bare.append((i, completion))
         p_ids = list(tokenizer(prompt, add_special_tokens=False)['input_ids'])
         p_ids, c_ids, how = _completion_ids(tokenizer, prompt, completion, p_ids)
         where = (i, prompt[-12:] + '|' + completion[:12])
@@ -697,7 +702,8 @@ def tokenize_pairs(tokenizer, # a Hugging Face tokenizer
         out.append({'input_ids': p_ids + c_ids, 'labels': [IGNORE_INDEX]*len(p_ids) + c_ids})
     hits = sorted(set().union(*(h for *_, h in special)))                  # every special token met, named in the warning
     named = ', '.join(map(repr, tokenizer.convert_ids_to_tokens(hits[:5]))) + (f' and {len(hits) - 5} more' if len(hits) > 5 else '') if hits else ''
-    _warn_pairs(spaced, unknown, len(pairs), tokenizer.unk_token, joined, special, named, glued, blank)
+    _warn_pairs(spaced, unknown, len(pairs), tokenizer.unk_token, joined, special, named, glued, blank, bare,
+                f"the BOS token {tokenizer.bos_token!r}" if tokenizer.bos_token is not None else "the tokens the tokenizer opens a text with")
     seqs = as_sequences(out, name='pairs')
     require_scored(seqs, 'pairs')
     return seqs
@@ -1954,8 +1960,8 @@ def cached_factors(model, train, tag:str, progress=True, **fit_kw) -> tuple:
 
 # %% ../nbs/00_data.ipynb #a6f42366
 NATS_SCALE = (   # how far to trust `nats` (part of `SCORE_LEGEND`)
-    "it can exceed |log p|, and under EK-FAC or K-FAC curvature it was several times the exact value on the problems "
-    "of 21_exact: compare scores rather than read nats as a calibrated change")   # said by both legends
+    "it can exceed |log p|, and under EK-FAC or K-FAC curvature it was several times the exact value on the small problems "
+    "where exact influence was computed (notebook 21_exact): compare scores rather than read nats as a calibrated change")   # said by both legends
 SCORE_LEGEND = (   # the line printed under every table of scores: sign and units
     "score = ∇log p(completion)ᵀ (G+λI)⁻¹ ∇log p(sequence); nats = score / N: the first-order change of "
     "log p(completion) per extra copy of the sequence among N training sequences (a linear estimate: "

@@ -55,8 +55,8 @@ __all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'QUERY_FIELDS', 'ANNOTATED_BLOCKS',
            'check_query_fields', 'renamed_query', 'query_rows', 'query_record', 'query_records', 'ExplorerSession',
            'query_groups_by', 'sequences_digest', 'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'holds',
            'p_text', 'unlikely_note', 'dominant_note', 'run_query', 'scored_phrase', 'summary_html', 'top_html',
-           'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'Explorer', 'csv_link',
-           'explorer', 'app_notebook']
+           'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'parse_count', 'Explorer',
+           'csv_link', 'explorer', 'app_notebook']
 
 # %% ../nbs/10_explorer.ipynb #6860dd62
 FIT_SAMPLE = 600  # training sequences the explorer fits curvature factors on (a seeded sample; 0 = all)
@@ -817,7 +817,7 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     with reporting(_fit_progress(say, strategy)): factors, source = session.factors(model, strategy)
     laps('factors')
     cand, matched = _prefilter(session, model, query, candidates if prefilter else len(train), len(train), say)   # 2. candidates
-    if k > len(cand): notes.append(f"Top {k} asked, but only {len(cand):,} candidates were scored: all of them are shown.")
+    if k > len(cand): notes.append(f"Top {k} asked, but only {len(cand):,} candidate{'s were' if len(cand) != 1 else ' was'} scored: {'all of them are' if len(cand) != 1 else 'it is'} shown.")
     laps('prefilter')
     each = _candidate_scores(mdl, factors, query, [train[int(i)] for i in cand], names, damping,   # 3. scores
                              session.batch_size, say, strategy)                        # [n_cand, n_queries, n_layers]
@@ -900,9 +900,9 @@ def summary_html(result: ExplorerResult) -> str:
     secs, units = sum(result.timings.values()), nats_note(result.top['nats'], result.log_p, "its queries' summed log p" if 'members' in q else 'log p(completion)')
     return (f'<div class="inb-summary" data-query-id="{_esc(q.get("id") or "")}"><b>{_esc(which)}</b>: {said}' + ('' if 'members' in q else '<br>') +
             f'<span class="inb-muted">{_esc(result.model)} · {_esc(result.strategy)} ({damping_text}) · {cand} · {blocks} · '
-            f'{_SOURCE_WORDS.get(result.factors_source, "factors " + result.factors_source)} · {secs:.1f} s</span><details class="inb-muted inb-units"><summary>Reading the numbers: a '
+            f'{"no factors" if result.strategy == "identity" else _SOURCE_WORDS.get(result.factors_source, "factors " + result.factors_source)} · {secs:.1f} s</span><details class="inb-muted inb-units"><summary>Reading the numbers: a '
             f'positive score means the sequence makes the completion more likely; nats = score / N, N = {result.n_train:,} training '
-            f'sequences (more)</summary>{_esc(SCORE_LEGEND)}' + (f'<p class="inb-units-here">Here {_esc(units.split(": nats is")[0])}.</p>' if units else '')
+            f'sequences <span class="inb-more">(more)</span></summary>{_esc(SCORE_LEGEND)}' + (f'<p class="inb-units-here">Here {_esc(units.split(": nats is")[0])}.</p>' if units else '')
             + '</details>' + ''.join(f'<div class="inb-note">note: {_esc(x)}</div>' for x in result.notes if x != units) + '</div>')
 
 def top_html(result: ExplorerResult, # from `run_query`
@@ -1006,7 +1006,10 @@ def tail_figure(result: ExplorerResult): # -> matplotlib Figure
     if any('α' in t.get_text() for t in fig.axes[0].get_legend().get_texts()) if fig.axes[0].get_legend() else False:
         fig.supxlabel("α: the tail's power-law exponent (smaller: fewer sequences hold more of the influence)\n"
                       "KS: the fit's largest gap to the data", fontsize=7.5, color='#555', x=0.01, ha='left')   # the layout makes room for it
-    else: fig.supxlabel(f"No power-law fit: it needs {TAIL_FIT_MIN} positive scores (score more candidates)", fontsize=7.5, color='#555', x=0.01, ha='left')
+    else:
+        more = '; score more candidates' if len(result.scores) < result.n_train else ''       # every sequence scored: nothing more to get
+        fig.supxlabel(f"No power-law fit: it needs {TAIL_FIT_MIN} positive scores, and {n_pos} of the {len(result.scores):,} scored are{more}",
+                      fontsize=7.5, color='#555', x=0.01, ha='left')
     return fig
 
 def figure_png(fig, dpi: int = 96) -> bytes:
@@ -1029,6 +1032,21 @@ def parse_damping(text: str # the damping box: empty or 'None' for the default, 
                          "Leave the box empty for the paper's default.")
     return v
 
+def parse_count(text: str, # a number box of the app (Top k, Candidates)
+                name: str, # the box's label, for the message
+                lo: int, # the least value
+                hi: int|None = None, # the largest value (None: no bound)
+                means: str = '', # what its least value means, said in the message ('0: every sequence')
+               ) -> int:
+    "A whole number typed in the app, from `lo` to `hi` ('1e1' is 10, '1,000' is 1000); ValueError, saying the range, otherwise: a box never turns what was typed into another number unsaid."
+    s = str(text).strip().replace(',', '').replace('_', '')
+    span = f"from {lo} to {hi:,}" if hi is not None else f"of {lo} or more"
+    try: v = float(s)
+    except ValueError: v = math.nan
+    if not (math.isfinite(v) and v == int(v) and lo <= v and (hi is None or v <= hi)):
+        raise ValueError(f"{name} must be a whole number {span}{f' ({means})' if means else ''}; got {s!r}.")
+    return int(v)
+
 # %% ../nbs/10_explorer.ipynb #403c43ab
 def _asset(name: str) -> str:
     "The text of a package data file in influence_nb/assets (CSS, HTML templates)."
@@ -1038,7 +1056,7 @@ _CSS = f"<style>\n{_asset('explorer.css')}</style>"
 
 def _query_label(q: dict, width: int = 96) -> str:
     "A query as the picker lists it: a conversation by its last question and the answer, not its template's tokens."
-    if 'members' in q: return _short(f"{q['id']} · {len(q['members'])} queries: " + ' | '.join(_query_label(x).split(' · ', 1)[1] for x in q['members']), width)
+    if 'members' in q: return _short(f"{q['id']} · {len(q['members'])} quer{'ies' if len(q['members']) != 1 else 'y'}: " + ' | '.join(_query_label(x).split(' · ', 1)[1] for x in q['members']), width)
     m = q.get('messages')
     if is_conversation(m) and len(m) >= 2: return _short(f"{q['id']} · {m[-2]['role']}: {m[-2].get('content') or ''} → {m[-1].get('content') or ''}", width)
     return _short(f"{q['id']} · {q['prompt']} →{q['completion']}", width)
@@ -1112,13 +1130,14 @@ def _make_controls(self: Explorer, q, models, model, candidates, k, strategy):
     self.prompt_w = widgets.Textarea(value=q['prompt'], description='Prompt', style=wide, layout=L('100%'), rows=2)
     self.completion_w = widgets.Text(value=q['completion'], description='Completion', style=wide, layout=L())
     # settings
-    candidates, k, n_train = check_int(candidates, 'candidates', 0), check_int(k, 'k', 1), len(s.records)   # (widgets clamp silently)
+    candidates, k, n_train = check_int(candidates, 'candidates', 0), check_int(k, 'k', 1), len(s.records)
     if k > K_MAX: raise ValueError(f"`k` is at most {K_MAX} in the explorer, got {k}: `scan` keeps any number of top sequences.")
     on = 0 < candidates < n_train                # candidates that cover the corpus filter nothing: the box opens unticked
     self.prefilter_w = widgets.Checkbox(value=on, description='TF-IDF (BM25) prefilter', indent=False, layout=L('300px'))
-    self.candidates_w = widgets.BoundedIntText(value=min(candidates, n_train) or n_train, min=1, max=n_train, description='Candidates',
-                                               style=wide, layout=L('220px'), disabled=not on)   # 0: every sequence, as `score`
-    self.k_w = widgets.BoundedIntText(value=k, min=1, max=K_MAX, description='Top k', style=wide, layout=L('220px'))
+    # number boxes are text, read by `parse_count` at Run: a number box of ipywidgets clamps or cuts what was typed, unsaid
+    self.candidates_w = widgets.Text(value=str(min(candidates, n_train) or n_train), placeholder=f'0 (every one) to {n_train:,}',
+                                     description='Candidates', style=wide, layout=L('220px'), disabled=not on)   # 0: every sequence, as `score`
+    self.k_w = widgets.Text(value=str(k), placeholder=f'1 to {K_MAX}', description='Top k', style=wide, layout=L('220px'))
     self.strategy_w = widgets.Dropdown(options=[(STRATEGY_LABELS[x], x) for x in STRATEGIES_SHOWN], value=strategy,
                                        description='Strategy', style=wide, layout=L('300px'))
     self.strategy_hint_w = widgets.HTML(value=_strategy_hint(strategy))
@@ -1169,7 +1188,7 @@ def _wire(self: Explorer):
     for w in inputs: w.observe(self._mark_stale, names='value')        # results on show that no longer match: said
     with warnings.catch_warnings():     # ipywidgets 8 deprecates on_submit, but only it tells Enter from leaving the box
         warnings.simplefilter('ignore', DeprecationWarning)
-        for w in (self.completion_w, self.damping_w):               # Enter in a one-line box runs the query, as Run does
+        for w in (self.completion_w, self.candidates_w, self.k_w, self.damping_w):   # Enter in a one-line box runs the query, as Run does
             w.on_submit(lambda _: None if self.run_w.disabled else self.run())
 
 @patch
@@ -1178,7 +1197,7 @@ def _layout(self: Explorer) -> list:
     s, n_train = self.session, len(self.session.records)
     header = widgets.HTML(_CSS + '<h2>influence_nb explorer</h2><div class="inb-muted">Which training sequences made '
                           'the model say this? Influence functions (Grosse et al. 2023; EK-FAC unless Strategy says another) on '
-                          f'{_esc(s.custom) + f" and its corpus of {n_train:,} sequences" if s.custom else "the bundled tiny GPT-2s"}. '
+                          f'{"the model <code>" + _esc(s.custom) + f"</code> and its corpus of {n_train:,} sequences" if s.custom else "the bundled tiny GPT-2s"}. '
                           f'{_esc(_factors_words(s, n_train))}</div>')
     qbox = widgets.VBox([widgets.HTML('<div class="inb-panel-title">Query</div>'), self.model_w, self.source_w,
                          self.filter_w, self.query_w, self.prompt_w, self.completion_w], layout=widgets.Layout(flex='3 1 420px'))
@@ -1263,15 +1282,19 @@ def _show_error(self: Explorer, e: BaseException, unexpected: bool = False):
 
 @patch
 def _clear_error(self: Explorer):
+    if self.error is not None and 'inb-failed' in self.status_w.value:        # the status pointed at the message: it goes too
+        self.status_w.value = f'<span class="inb-stage inb-ready" data-run="{self.runs}">Ready</span>: the input has changed; press Run.'
     self.error = None; self.error_w.value = ''; self.error_w.layout.display = 'none'
 
 # %% ../nbs/10_explorer.ipynb #ca559826
 @patch
 def settings(self: Explorer) -> dict:
     "The `run_query` arguments the controls describe (ValueError for unparsable input)."
-    kw = dict(model=self.model_w.value, prefilter=self.prefilter_w.value, candidates=self.candidates_w.value,
-              k=self.k_w.value, strategy=self.strategy_w.value, damping=parse_damping(self.damping_w.value),
-              blocks=tuple(self.blocks_w.value))
+    n = len(self.session.records)
+    cand = parse_count(self.candidates_w.value, 'Candidates', 0, means='0: every sequence') if self.prefilter_w.value else n
+    kw = dict(model=self.model_w.value, prefilter=0 < cand < n, candidates=cand if 0 < cand < n else n,   # covering the corpus: no filter
+              k=parse_count(self.k_w.value, 'Top k', 1, K_MAX, means=f'the app shows at most {K_MAX}; `scan` keeps any number'),
+              strategy=self.strategy_w.value, damping=parse_damping(self.damping_w.value), blocks=tuple(self.blocks_w.value))
     if self.source_w.value != 'typed':
         if self.query_w.value is None:
             raise ValueError("No query is selected: clear or change the filter and pick a query, or switch to 'Typed'.")

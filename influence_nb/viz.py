@@ -214,7 +214,8 @@ def token_heatmap_html(tokens: Sequence[str],  # token strings (byte-level BPE o
         what = repr(text) if text else "(first bytes of a character shown on a later token)"   # a sliver, not nothing
         ctx = scored is not None and not scored[i]
         hover = _html.escape(f"#{i} {what}: " + ("no value" if np.isnan(val) else format(float(val), fmt))
-                             + (" · context, not a scored token" if ctx else ""), quote=True)
+                             + ((" · context, not a scored token" + ("" if shift or np.isnan(val) else ": the value is its part in predicting the next one"))
+                                if ctx else ""), quote=True)
         parts.append(f'<span class="inb-tok{" inb-ctx" if ctx else ""}" title="{hover}" style="background-color:rgb({c[0]},{c[1]},{c[2]});'
                      f'color:rgb({fg[0]},{fg[1]},{fg[2]});border-radius:2px;{TOKEN_EDGE}' + (';border-bottom:1px dotted #888' if ctx else '')
                      + ('' if text else ';display:inline-block;min-width:0.3em;height:1em') + f'">{shown}</span>')
@@ -224,7 +225,8 @@ def token_heatmap_html(tokens: Sequence[str],  # token strings (byte-level BPE o
               f'<div style="display:inline-block;width:120px;height:10px;vertical-align:middle;'
               f'background:linear-gradient(to right,{neg},#fff,{pos})"></div> '
               f'{format(-s, fmt)} … 0 … {format(s, fmt)}; red raises the completion\'s log-probability, blue lowers it; '
-              f'{_where(shift)}' + ('; dotted underline: context, a token the record does not train' if scored is not None and not all(scored) else '')
+              f'{_where(shift)}' + ('; dotted underline: context, a token the record does not train' + ('' if shift else ' (the value it carries is its part in predicting the next token, which may be trained)')
+                 if scored is not None and not all(scored) else '')
               + '.</div>')
     return (f'<div class="inb-heatmap">{head}<div style="white-space:pre-wrap;line-height:1.8;word-break:break-word">'
             + "".join(parts) + f"</div>{legend}</div>")

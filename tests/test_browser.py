@@ -197,6 +197,11 @@ def test_explorer_in_browser(voila_url, expected):
             assert 'Damping must be a positive' in page.inner_text('.inb-error')
             assert 'Traceback' not in page.inner_text('body')
             page.fill('.inb-damping input', '')
+            page.fill('.inb-k input', '2.5')                                  # a number the box cannot use: said, not cut to 2
+            assert not _run(page, 60)
+            assert 'Top k must be a whole number from 1 to 50' in page.inner_text('.inb-error')
+            assert page.input_value('.inb-k input') == '2.5'                  # what was typed stays, to be fixed
+            page.fill('.inb-k input', '5')
 
             # a fact query: the top sequence is the one run_query ranks first, and it states the fact
             q, res = expected['fact']
