@@ -50,7 +50,7 @@ def data_dir(required:bool=True, # raise if no data folder is found
 
 # %% ../nbs/00_data.ipynb #1e1914a3
 IGNORE_INDEX = -100  # label value that marks a token as not scored (transformers' convention)
-JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson')   # what a JSONL corpus file (or one `windows` writes) is named
+JSONL_SUFFIXES = ('.jsonl', '.json', '.ndjson', '.jl', '.jsonlines')   # what a JSONL corpus file (or one `windows` writes) is named
 CORPUS_SUFFIXES = {'jsonl': JSONL_SUFFIXES, 'text': ('.txt', '.text'), 'parquet': ('.parquet',)}   # a corpus file's format, by suffix
 
 def _as_1d_long(x, key, i, name):
@@ -540,16 +540,18 @@ def _text_pair(tokenizer, pair:Mapping, j:int, end:int|None) -> dict:
 TABLE_SUFFIXES = ('.csv', '.tsv', '.xlsx', '.xls')   # tables that are not read as they are: saved as Parquet, they are
 
 def check_not_file_name(texts, name:str='texts'):
-    "Refuse a corpus file's name where texts belong: `tokenize(tok, 'corpus.jsonl')` once scored the name as a text."
+    """Refuse a file's name where texts belong: `tokenize(tok, 'corpus.jsonl')` once scored the name as a text. A string is
+    a file's name when it is named like a corpus or table file (no whitespace in it) or is one; a `Path` always is."""
     if not isinstance(texts, (str, os.PathLike)): return
-    p = Path(texts)
-    try: is_file = '\n' not in str(texts) and (p.suffix or len(p.parts) > 1) and p.is_file()   # 'Paris' is a text, a file there or not
+    p, suf = Path(texts), Path(texts).suffix.lower()
+    named = suf in sum(CORPUS_SUFFIXES.values(), TABLE_SUFFIXES)
+    try: is_file = '\n' not in str(texts) and p.is_file()
     except (OSError, ValueError): is_file = False                  # too long a name for a path: a text
-    named = p.suffix.lower() in sum(CORPUS_SUFFIXES.values(), TABLE_SUFFIXES)
-    if isinstance(texts, str) and not is_file and (not named or any(c.isspace() for c in texts)): return   # a text
-    there = 'the file' if is_file else 'the name of a corpus file (none is there)'
-    if p.suffix.lower() in TABLE_SUFFIXES: how = f"read the table first, e.g. `pd.read_csv({str(texts)!r})`: a DataFrame is a corpus (a row per record), or save it `.to_parquet`,"
-    else: how = f"read its records with `inf.read_corpus({str(texts)!r})` (JSONL, .txt or Parquet; `text_field=` for another field)"
+    if isinstance(texts, str) and not (named and (is_file or not any(c.isspace() for c in texts))): return   # a text ('README.md' too)
+    there = 'the file' if is_file else f"the name of a {'corpus ' if suf in sum(CORPUS_SUFFIXES.values(), ()) else ''}file (none is there)"
+    if suf in TABLE_SUFFIXES: how = f"read the table first, e.g. `pd.read_csv({str(texts)!r})`: a DataFrame is a corpus (a row per record), or save it `.to_parquet`,"
+    elif named: how = f"read its records with `inf.read_corpus({str(texts)!r})` (JSONL, .txt or Parquet; `text_field=` for another field)"
+    else: how = "read the texts from it yourself"
     raise ValueError(f"`{name}` is {there} {str(texts)!r}, not texts: {how} and pass them.")
 
 
@@ -1503,7 +1505,7 @@ def logits_of(out, # what the model returned
 
 
 # %% ../nbs/00_data.ipynb #663e4a9c
-CORPUS_FORMATS = ("JSONL (.jsonl/.json/.ndjson: one JSON object per line with a text field, which may hold a conversation, "
+CORPUS_FORMATS = ("JSONL (.jsonl/.json/.ndjson/.jl/.jsonlines: one JSON object per line with a text field, which may hold a conversation, "
                   "'prompt' and 'completion', or 'input_ids'; a bare array of token ids is a sequence too), "
                   "plain text (.txt: one document per line) or Parquet (.parquet: a text or 'input_ids' column); "
                   "blank lines (empty or only whitespace) are skipped, so a record's index counts records, not lines")
@@ -1514,10 +1516,12 @@ def corpus_format(path) -> str:
     if not p.is_file(): raise FileNotFoundError(f"{p} does not exist." if not p.exists() else f"{p} is not a file.")
     for kind, sufs in CORPUS_SUFFIXES.items():
         if p.suffix.lower() in sufs: return kind
-    table = (f" A table is read once saved as Parquet, e.g. `pd.read_csv({str(p)!r}).to_parquet({str(p.with_suffix('.parquet'))!r})`;"
-             " in Python, the DataFrame itself is a corpus (a row per record)."
-             if p.suffix.lower() in TABLE_SUFFIXES else '')
-    raise ValueError(f"{p.name}: unknown corpus format {p.suffix or '(no suffix)'!r}. Accepted formats: {CORPUS_FORMATS}.{table}")
+    suf = p.suffix.lower()
+    unzip = {'.gz': 'gunzip', '.bz2': 'bunzip2', '.xz': 'unxz', '.zst': 'zstd -d'}
+    how = (f" A table is read once saved as Parquet, e.g. `pd.read_csv({str(p)!r}).to_parquet({str(p.with_suffix('.parquet'))!r})`;"
+           " in Python, the DataFrame itself is a corpus (a row per record)." if suf in TABLE_SUFFIXES else
+           f" A compressed file is read once decompressed (`{unzip[suf]} {p.name}`)." if suf in unzip else '')
+    raise ValueError(f"{p.name}: unknown corpus format {p.suffix or '(no suffix)'!r}. Accepted formats: {CORPUS_FORMATS}.{how}")
 
 # %% ../nbs/00_data.ipynb #f82bf6ff
 def corpus_lines(f) -> Iterator[tuple[int, bytes]]:
@@ -1578,7 +1582,8 @@ def with_id(record:Mapping, id_field:str|None='id') -> dict:
 def blank_text(text) -> str|None:
     "Why a corpus record's text cannot be a training sequence when it is a string of only whitespace (or nothing), else None; as blank lines of a file are skipped."
     if isinstance(text, str) and not text.strip():
-        return f"its text is {'empty' if not text else f'only whitespace ({text!r})'}: nothing to score"
+        return (f"its text is {'empty' if not text else f'only whitespace ({text!r})'}, a blank document: a corpus file's blank "
+                "lines are skipped, and such a record is left out with them (to score it, tokenize it yourself)")
     return None
 
 def missing_text(record:Mapping, text_field:str) -> str:

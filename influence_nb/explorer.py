@@ -123,8 +123,8 @@ def corpus_records(corpus, # texts, a corpus file path, a `datasets.Dataset` or 
         r = with_id(r, id_field)
         try: v = text_value(r, text_field)
         except (ValueError, TypeError) as e: raise type(e)(f"{at(i)}: {e}") from None   # (its own bad 'tools')
-        if why := is_text(v) and blank_text(v): raise ValueError(f"{at(i)}: {why}; leave the record out.")   # as `scan` and `read_corpus` say
-        if is_text(v): text = v   # (a conversation: its messages; a pair: prompt and completion)
+        if 'input_ids' not in r and (why := is_text(v) and blank_text(v)): raise ValueError(f"{at(i)}: {why}; leave the record out.")   # as `scan` says
+        if is_text(v) and not ('input_ids' in r and blank_text(v)): text = v   # (a conversation: its messages; a pair: prompt and completion)
         elif 'input_ids' in r:
             try: ids = shown_ids(r)                                   # (a packed block's part: its own text)
             except (ValueError, TypeError) as e: raise type(e)(f"{at(i)}: {str(e).replace('record[0]', 'the record')}") from None
@@ -681,23 +681,26 @@ def _check_run_args(session, model, strategy, damping, k, prefilter, candidates,
     if prefilter: candidates = check_int(candidates, 'candidates')
     return session, k, candidates, _check_blocks(blocks, session.n_blocks(model))
 
-def _candidate_scores(mdl, factors, query, seqs, names, damping, batch_size, say, label) -> np.ndarray:
-    """`[n_cand, n_queries, n_layers]`: each candidate's influence on each query through each tracked layer, in chunks so
-    that progress moves (a group's row is the sum over its queries, each kept apart here for `dominant_note`).
+def _candidate_scores(mdl, factors, query, seqs, names, damping, batch_size, say, label, counted=None) -> tuple[np.ndarray, np.ndarray]:
+    """`(per_layer, per_query)`: each candidate's influence through each tracked layer, its queries summed `[n_cand, n_layers]`,
+    and on each query through the `counted` layers (default: all) `[n_cand, n_queries]` (a group's queries apart, for
+    `dominant_note`), scored in chunks so that progress moves and reduced as they come (memory: candidates × (layers + queries)).
     Copies of one sequence are scored once: they tie exactly, so the lower index ranks first (scored in two batches, they
     could differ in the last bit, and which copy came first changed with the candidates)."""
     first, uniq = {}, []                                                             # key -> row of `uniq`; its sequences
     keys = [(tuple(s['input_ids'].tolist()), tuple(s['labels'].tolist())) for s in seqs]
     for s, key in zip(seqs, keys):
         if key not in first: first[key] = len(uniq); uniq.append(s)
-    n_chunks = max(1, min(20, len(uniq) // 64))
-    per_layer = np.zeros((len(uniq), len(query), len(names)))                         # [n_unique, n_queries, n_layers]
+    n_chunks, counted = max(1, min(20, len(uniq) // 64)), list(names if counted is None else counted)
+    per_layer, per_query = np.zeros((len(uniq), len(names))), np.zeros((len(uniq), len(query)))
     for c, part in enumerate(np.array_split(np.arange(len(uniq)), n_chunks)):
         say(f"Scoring {len(seqs):,} candidates with {label} (chunk {c + 1}/{n_chunks})", 0.45 + 0.4 * c / n_chunks)
         sc = pairwise_scores(mdl, factors, query, [uniq[j] for j in part], damping=damping, per_layer=True,
                              batch_size=batch_size, progress=False)
-        per_layer[part] = torch.stack([sc.per_layer[n].T for n in names], -1).double().numpy()
-    return per_layer[[first[key] for key in keys]]                                  # [n_cand, n_queries, n_layers]
+        per_layer[part] = torch.stack([sc.per_layer[n].sum(0) for n in names], -1).double().numpy()     # [part, n_layers]
+        per_query[part] = sum(sc.per_layer[n].double() for n in counted).T.numpy()                      # [part, n_queries]
+    rows = [first[key] for key in keys]
+    return per_layer[rows], per_query[rows]
 
 def _top_frame(q, records, top_idx, top_scores, n_train, where=lambda i: '') -> pd.DataFrame:
     "The top-k table: rank -> train_index, id, where (the record's file and line: `ExplorerSession.where`), kind, match, score, nats, text."
@@ -819,9 +822,8 @@ def run_query(session: ExplorerSession|None = None, # caches models and factors;
     cand, matched = _prefilter(session, model, query, candidates if prefilter else len(train), len(train), say)   # 2. candidates
     if k > len(cand): notes.append(f"Top {k} asked, but only {len(cand):,} candidate{'s were' if len(cand) != 1 else ' was'} scored: {'all of them are' if len(cand) != 1 else 'it is'} shown.")
     laps('prefilter')
-    each = _candidate_scores(mdl, factors, query, [train[int(i)] for i in cand], names, damping,   # 3. scores
-                             session.batch_size, say, strategy)                        # [n_cand, n_queries, n_layers]
-    per_layer, per_query = each.sum(1), each[:, :, [names.index(n) for n in counted]].sum(2)   # a group: its queries summed
+    per_layer, per_query = _candidate_scores(mdl, factors, query, [train[int(i)] for i in cand], names, damping,   # 3. scores
+                                             session.batch_size, say, strategy, counted)   # [n_cand, n_layers], [n_cand, n_queries]
     scores = per_query.sum(1)                                                          # [n_cand]
     laps('score')
     say(f"Token-wise scores of the top {min(k, len(cand))}", 0.88)                    # 4. top k, token-wise
@@ -863,12 +865,20 @@ def _same_as(items: list, ranks: list) -> dict:
         else: first[key] = rank
     return out
 
-def _decimals(scale: float) -> int:
-    "Decimals that give the largest |score| of a table (`scale`) four significant digits: one format for every number of it."
-    return int(min(6, max(0, 3 - math.floor(math.log10(scale))))) if scale > 0 and math.isfinite(scale) else 4
+def _decimals(scale: float) -> int|None:
+    """Decimals that give the largest |score| of a table (`scale`) four significant digits: one format for every number of it.
+    None below 1e-3 and from 1e7 on, where fixed decimals would hide digits or run long: each number then has its own four."""
+    if not (scale > 0 and math.isfinite(scale)): return 4
+    return None if scale < 1e-3 or scale >= 1e7 else int(max(0, 3 - math.floor(math.log10(scale))))
 
-def _fmt_score(v: float, d: int) -> str:
-    "`v` with `d` decimals and thousands grouped; a value that rounds to zero is '0', not '-0'."
+def _table_decimals(result) -> int|None:
+    "The decimals of a result's table and of its heatmaps' titles: its largest |score|, a group's per-query parts included."
+    parts = result.by_query.to_numpy() if result.by_query is not None and result.by_query.size else np.zeros(0)
+    return _decimals(max([float(np.abs(x).max()) for x in (result.top['score'].to_numpy(), parts) if len(x)], default=0.0))
+
+def _fmt_score(v: float, d: int|None) -> str:
+    "`v` with `d` decimals and thousands grouped (None: four significant digits); a value that rounds to zero is '0', not '-0'."
+    if d is None: return f"{v:.4g}"
     s = f"{v:,.{d}f}"
     return s.lstrip('-') if float(s.replace(',', '')) == 0 else s
 
@@ -911,7 +921,7 @@ def top_html(result: ExplorerResult, # from `run_query`
     "The top-k table as HTML; each row has `data-rank` and `data-train-id`; a shortened text shows in full on hover."
     rows, same = [], _same_as(result.tokens or list(result.top['text']), list(result.top.index))   # as the heatmaps see copies
     smax = max(float(np.abs(result.top['score']).max()), 1e-30) if len(result.top) else 1.0
-    d = _decimals(max(smax, float(np.abs(result.by_query.to_numpy()).max()) if result.by_query is not None and result.by_query.size else 0))   # one format
+    d = _table_decimals(result)                                                        # one format for the table
     for rank, r in result.top.iterrows():
         w = int(round(100 * abs(r['score']) / smax))
         colour = 'var(--inb-pos)' if r['score'] >= 0 else 'var(--inb-neg)'
@@ -940,7 +950,7 @@ def heatmaps_html(result: ExplorerResult, # from `run_query`
     top = lambda v: max(float(np.nanmax(np.abs(v))) if len(v) else 0.0, 1e-30)
     shared = top(np.concatenate(result.token_scores))
     parts, same = [], _same_as(result.tokens, list(result.top.index))
-    d = _decimals(float(np.abs(result.top['score']).max()) if len(result.top) else 0)   # the table's format
+    d = _table_decimals(result)                                                        # the table's format
     for (rank, r), toks, vals, cut, scored in zip(result.top.iterrows(), result.tokens, result.token_scores, result.cut or [False] * len(result.tokens),
                                                   result.scored or [None] * len(result.tokens)):
         title = f"#{rank} · {r['id']} · score {_fmt_score(r['score'], d)}" + (f" · {_MATCH_LABEL[r['match']]}" if r['match'] else "")
@@ -1039,12 +1049,13 @@ def parse_count(text: str, # a number box of the app (Top k, Candidates)
                 means: str = '', # what its least value means, said in the message ('0: every sequence')
                ) -> int:
     "A whole number typed in the app, from `lo` to `hi` ('1e1' is 10, '1,000' is 1000); ValueError, saying the range, otherwise: a box never turns what was typed into another number unsaid."
-    s = str(text).strip().replace(',', '').replace('_', '')
+    typed = str(text).strip()
+    s = typed.replace(',', '') if re.fullmatch(r'\d{1,3}(,\d{3})+', typed) else typed   # commas only as thousands ('2,5' is refused)
     span = f"from {lo} to {hi:,}" if hi is not None else f"of {lo} or more"
-    try: v = float(s)
+    try: v = float(s) if '_' not in s and ',' not in s else math.nan
     except ValueError: v = math.nan
     if not (math.isfinite(v) and v == int(v) and lo <= v and (hi is None or v <= hi)):
-        raise ValueError(f"{name} must be a whole number {span}{f' ({means})' if means else ''}; got {s!r}.")
+        raise ValueError(f"{name} must be a whole number {span}{f' ({means})' if means else ''}; got {typed!r}.")
     return int(v)
 
 # %% ../nbs/10_explorer.ipynb #403c43ab

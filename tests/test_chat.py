@@ -134,7 +134,7 @@ def test_the_explorer_names_a_record_with_nothing_to_score_by_its_line(case, tmp
     with pytest.raises(ValueError, match=r"record 1, id 'b' \(c.jsonl, line 2\)"):
         run_query(s, s.custom, query_id='q0', prefilter=False)
     (tmp_path/'c.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in [recs[0], {'id': 'b', 'text': ' '}, recs[2]]))
-    with pytest.raises(ValueError, match=r"c.jsonl, line 2: its text is only whitespace \(' '\): nothing to score"):   # refused on reading
+    with pytest.raises(ValueError, match=r"c.jsonl, line 2: its text is only whitespace \(' '\), a blank document"):   # refused on reading
         ExplorerSession(model=case['model'], tokenizer=case['tok'], corpus=tmp_path/'c.jsonl', queries=[('the capital', ' of')])
 
 def test_an_opening_assistant_message_is_context_and_a_template_without_a_generation_prompt_works(case):
