@@ -345,7 +345,9 @@ def test_explorer_groups_in_browser(own_group_url, own, own_groups):
             _screenshot(page, ARTIFACTS/'explorer_group.png')
             page.locator('.inb-source button', has_text='From queries file').click()
             page.wait_for_function("document.querySelector('.inb-query select').options.length == 8", timeout=30_000)
-            assert page.locator('.inb-completion input').input_value() == own['query_records'][0]['completion']
+            first = own['query_records'][0]['completion']      # the list comes before the pick's fields: wait for those too
+            page.wait_for_function("v => document.querySelector('.inb-completion input').value === v", arg=first, timeout=30_000)
+            assert page.locator('.inb-completion input').input_value() == first
         finally:
             browser.close()
     assert not errors, "JavaScript errors in the page:\n" + "\n".join(errors)
