@@ -101,11 +101,18 @@ def ansi_html(text: str) -> str:
     return '<pre class="inb-ansi">' + ''.join(out) + '</pre>'
 
 
-def clean_notebook(nb: dict) -> dict:
-    "Directive lines removed, hidden cells dropped, widget state removed, a Python kernelspec guaranteed."
+def is_check(cell: dict) -> bool:
+    "A code cell that only asserts (its source opens with `assert`): README.md leaves it out (`.ci/readme.py`), and so does the home page."
+    return cell['cell_type'] == 'code' and ''.join(cell['source']).lstrip().startswith('assert')
+
+
+def clean_notebook(nb: dict, home: bool = False) -> dict:
+    """Directive lines removed, hidden cells dropped, widget state removed, a Python kernelspec guaranteed; on the
+    `home` page (index.ipynb, which README.md mirrors) the checks are left out too, as README.md leaves them out."""
     cells = []
     for c in nb['cells']:
-        if c['cell_type'] == 'code': c = clean_code_cell(c)
+        if home and is_check(c): c = None
+        elif c['cell_type'] == 'code': c = clean_code_cell(c)
         elif c['cell_type'] == 'raw': c = None
         else: c = dict(c, metadata={k: v for k, v in c.get('metadata', {}).items() if k == 'tags'})
         if c is not None: cells.append(c)
@@ -258,10 +265,13 @@ def summary(module: str, name: str) -> str:
 def api_pages(src: Path, mods: list[str]) -> list[str]:
     "Write api/index.md and api/<module>.md; return the page names in order."
     (src/'api').mkdir()
-    pages = []
+    pages, top = [], package_names()
     for mod in mods:
         nb = source_notebook(mod)
         origin = f'Defined, explained and tested in [`{nb}`](../{nb}.ipynb).\n\n' if nb else ''
+        if mine := [n for n, m in top if m == mod]:   # the names most readers came for, before the module's entries in source order
+            origin += ('Through `import influence_nb as inf`: ' + ', '.join(f'{{py:obj}}`inf.{n} <{mod}.{n}>`' for n in mine) +
+                       '. Every name of the module follows, in the order of its notebook.\n\n')
         (src/'api'/f'{mod}.md').write_text(
             f'# `{mod}`\n\n{origin}```{{eval-rst}}\n.. automodule:: {mod}\n   :members:\n   :undoc-members:\n'
             '   :show-inheritance:\n```\n',
@@ -330,7 +340,7 @@ def write_source(nbs: Path, src: Path) -> list[str]:
     api = api_pages(src, modules())
     for p in paths:
         raw = json.loads(p.read_text(encoding='utf-8'))
-        nb = link_notebook(clean_notebook(raw), pages, syms)
+        nb = link_notebook(clean_notebook(raw, home=p.stem == 'index'), pages, syms)
         if (mod := exported_module(raw)) and nb['cells']:   # where this page's names are imported from, under its title
             nb['cells'].insert(1, md_cell(module_line(mod), 'docs-module'))
         if p.stem == 'index':   # the home page carries the navigation: notebooks in reading order, then the API

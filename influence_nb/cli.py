@@ -557,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(t, required=False, default=None, said='to decode records of token ids; default: none')
     t.add_argument('--width', type=int, default=100, help='characters of text to show (default: 100)')
     t.add_argument('--n-train', type=int, default=None, help='N of the training set, for nats = score / N (default: the one the scan recorded)')
+    t.add_argument('--quiet', action='store_true', help='no notes on stderr (what the result cannot show, and why)')
     _explore_parser(sub)
     _windows_parser(sub)
     for name, target in (('experiment', 'influence_nb.experiments.harness'), ('validate', 'influence_nb.evaluate')):
@@ -829,6 +830,9 @@ def _cmd_windows(a):
         print(f"note: {len(lone)} documents have no token predicted in their blocks (one token opening a block, with nothing before "
               f"it) and so no part (the first: {seen[lone[0]]}).", file=sys.stderr)
     unit = 'blocks' if a.pack else 'windows'
+    if st.idle: print(f"note: {st.idle:,} {unit} ({st.idle_tokens:,} tokens) were left out as they score no token: a document's last "
+                      "window of one token (nothing before it to predict it from) or tokens the scoring rules leave out; training "
+                      "learns nothing from them either.", file=sys.stderr)
     print(f"wrote {wins:,} {unit} of at most {a.max_length} tokens ({toks:,} tokens) from {st.n_texts - len(st.bare):,} documents "
           f"({st.n_split:,} longer than {a.max_length} tokens{'' if a.pack else ', split'}) to {a.out}"
           + (f"; their {n_parts:,} parts, one per document in a block, to {a.parts}" if a.parts else ''))
@@ -1130,6 +1134,12 @@ def _cmd_top(a):
     name = res.query_names[qi] if res.query_names else f'query {qi}'
     among = (f"its {res.candidates:,} BM25 candidates ({res.n_scanned:,} sequences scored in all)"
              if res.candidates and res.candidates < res.n_scanned else f"{res.n_scanned:,} sequences")
+    kept, pool = res.indices.shape[1], min(res.candidates or res.n_scanned, res.n_scanned)
+    if not a.quiet and a.k > kept and kept < pool:
+        print(f"note: the scan kept its top {kept} per query (scan --k {kept}); scan again with --k {a.k} to see {a.k}.", file=sys.stderr)
+    if not a.quiet and texts is None:
+        print("note: no texts: " + (f"the scanned corpus {res.source} is not there; pass --corpus, the file that was scanned."
+              if res.source else "the scan read no corpus file; pass --corpus, the file that was scanned."), file=sys.stderr)
     print(f"{name}: top {len(df)} of {among} (query rank {res.query_rank or 'full'}"
           f"{', refined' if res.refined else ''}){f'; {per_copy_column(res.measurement)} = score / N, N = {res.n_train:,}' if res.n_train else ''}")
     if res.token_rules: print(f"its records were read with {rule_words(res.token_rules, cli=True)}")

@@ -63,6 +63,7 @@ class NameMaker:
             name = _make_name(self.rng, kind)
             if _ok_name(name, self.used): self.used.append(name); return name
     def person(self):
+        "A new 'First Last' name: both parts unused so far (and not alike), remembered so that no later name repeats them."
         while True:
             first, last = _make_name(self.rng, 'first'), _make_name(self.rng, 'last')
             if all(_ok_name(p, self.used) for p in (first, last)) and first != last:

@@ -1730,12 +1730,19 @@ def _cut_blocks(buf:list, spans:list, length:int, b:int, sep:int|None, mine:dict
         buf[:] = [buf[0][length:], buf[1][length:]]
         spans[:] = [[x, s0, n, a - length] for x, s0, n, a in spans if a + n > length]
 
+# %% ../nbs/00_data.ipynb #40ab28ce
 class NoWindowWarning(UserWarning):
     "Texts that gave no window: fewer than two tokens, or none scored (a conversation without a reply)."
 
 class WindowStream:
-    "The windows of `iter_windows`, one at a time; once read, what the texts gave: `n_texts`, `n_split` (longer than one window), `bare` ((position, id) of each text with no window)."
-    def __init__(self, gen_fn): self.n_texts, self.n_split, self.bare = 0, 0, []; self._gen = gen_fn(self)
+    """The windows of `iter_windows`, one at a time; once read, what the texts gave: `n_texts`, `n_split` (longer than one
+    window), `bare` ((position, id) of each text with no window), `idle` and `idle_tokens` (windows cut but left out, as
+    they score no token, e.g. a text's last window of one token, which has nothing before it to be predicted from)."""
+    def __init__(self, gen_fn): self.n_texts, self.n_split, self.bare, self.idle, self.idle_tokens = 0, 0, [], 0, 0; self._gen = gen_fn(self)
+    def scores(self, r:dict) -> bool:
+        "Whether window `r` scores a token; one that does not is counted in `idle` (and its tokens in `idle_tokens`)."
+        if n_scored(as_sequence(r)) > 0: return True
+        self.idle += 1; self.idle_tokens += len(r['input_ids']); return False
     def __iter__(self): return self
     def __next__(self): return next(self._gen)
 
@@ -1790,7 +1797,7 @@ def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_fie
             if not pack:
                 for a in range(0, len(s['input_ids']), length):
                     r = _window_record(s['input_ids'][a:a + length], s['labels'][a:a + length], id=f'{x}#{a // length}', source=x, start=a, **mine)
-                    if n_scored(as_sequence(r)) > 0: yield r    # a window that scores nothing: training learns nothing from it
+                    if st.scores(r): yield r    # a window that scores nothing: training learns nothing from it
                 continue
             if sep is not None and last is not None and last != sep and int(s['input_ids'][0]) != sep:   # (a BOS that is the EOS parts them)
                 buf = [torch.cat([buf[0], torch.tensor([sep])]), torch.cat([buf[1], torch.tensor([sep])])]
@@ -1798,7 +1805,7 @@ def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_fie
             buf = [torch.cat([buf[0], s['input_ids']]), torch.cat([buf[1], s['labels']])]; last = int(s['input_ids'][-1])
             for r in _cut_blocks(buf, spans, length, b, sep, mine):
                 b += 1
-                if n_scored(as_sequence(r)) > 0: yield r
+                if st.scores(r): yield r
         n += len(chunk)
     if not n: raise ValueError("`texts` is empty: pass at least one text.")
     if names is not None and next(names, None) is not None: raise ValueError(f"`ids` has more entries than the {n} texts; give one id per text.")
@@ -1807,7 +1814,7 @@ def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_fie
     if pack and sep is not None and last is not None and last != sep:
         buf = [torch.cat([buf[0], torch.tensor([sep])]), torch.cat([buf[1], torch.tensor([sep])])]
     for r in _cut_blocks(buf, spans, length, b, sep, mine, final=True):
-        if n_scored(as_sequence(r)) > 0: yield r
+        if st.scores(r): yield r
 
 # %% ../nbs/00_data.ipynb #014cb70c
 def token_windows(tokenizer, # a Hugging Face tokenizer
@@ -1942,7 +1949,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get('INFLUENCE_NB_CACHE', Path.home()/'.cache'/'influence_nb'))
 
 @grad_enabled
-def cached_factors(model, train, tag:str, progress=True, **fit_kw) -> tuple:
+def cached_factors(model, # the model to fit (its weights are part of the cache key)
+                   train, # the sequences to fit on (their tokens are part of the key)
+                   tag:str, # a name for the data in the cache's file names (e.g. 'explorer-600'); not part of the key
+                   progress=True, # tqdm bars while fitting
+                   **fit_kw, # `fit_factors` arguments (strategy, modules, fisher, seed, ...): part of the key
+                  ) -> tuple:
     "`(factors, from_cache)`: load the factors for this model, data tag and arguments, or fit and save them."
     from influence_nb.ekfac import Factors, fit_factors, fingerprint, labels_current, LABEL_SAMPLING
     from influence_nb.modules import find_modules

@@ -227,7 +227,8 @@ class Factors:
         "Raise unless these factors were fitted on `model`'s current tracked weights (and hold finite numbers)."
         return check_bound(self, model, modules)
 
-    def save(self, path:str|Path) -> Path:
+    def save(self, path:str|Path, # a folder (created if missing)
+            ) -> Path:
         "Write `path/factors.safetensors` and `path/factors.json` atomically (`artefact.write`); returns the folder."
         return save_factors(self, path)
 

@@ -12,6 +12,7 @@ import difflib
 import html as _html
 import io
 import math
+import os
 import random
 import re
 import time
@@ -19,6 +20,7 @@ import sys
 import traceback
 import types
 import unicodedata
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,9 +56,9 @@ __all__ = ['FIT_SAMPLE', 'STRATEGIES_SHOWN', 'QUERY_FIELDS', 'ANNOTATED_BLOCKS',
            'STRATEGY_HINTS', 'layer_blocks', 'shared_note', 'default_query', 'record_where', 'corpus_records',
            'check_query_fields', 'renamed_query', 'query_rows', 'query_record', 'query_records', 'ExplorerSession',
            'query_groups_by', 'sequences_digest', 'factor_cache_tag', 'restrict_factors', 'ExplorerResult', 'holds',
-           'p_text', 'unlikely_note', 'dominant_note', 'run_query', 'scored_phrase', 'summary_html', 'top_html',
-           'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping', 'parse_count', 'Explorer',
-           'csv_link', 'explorer', 'app_notebook']
+           'p_text', 'unlikely_note', 'dominant_note', 'run_query', 'served', 'page_link', 'scored_phrase',
+           'summary_html', 'top_html', 'heatmaps_html', 'layer_figure', 'tail_figure', 'figure_png', 'parse_damping',
+           'parse_count', 'Explorer', 'csv_link', 'explorer', 'app_notebook']
 
 # %% ../nbs/10_explorer.ipynb #6860dd62
 FIT_SAMPLE = 600  # training sequences the explorer fits curvature factors on (a seeded sample; 0 = all)
@@ -882,6 +884,20 @@ def _fmt_score(v: float, d: int|None) -> str:
     s = f"{v:,.{d}f}"
     return s.lstrip('-') if float(s.replace(',', '')) == 0 else s
 
+# %% ../nbs/10_explorer.ipynb #90533cb5
+def served() -> bool:
+    "Whether this kernel runs a page Voilà serves (it sets `SERVER_SOFTWARE` to 'voila/…' for the kernel of each visit)."
+    return os.environ.get('SERVER_SOFTWARE', '').startswith('voila')
+
+def page_link(result: ExplorerResult, models:int=1) -> str:
+    "A link that opens the app on the result's query or group (`?query=ID`, `?group=LABEL`; `&model=` where there are several): '' for a typed query."
+    q = result.query
+    if not q.get('id'): return ''
+    args = {('group' if 'members' in q else 'query'): q['id'], **({'model': result.model} if models > 1 else {})}
+    what = 'group' if 'members' in q else 'query'
+    return (f' · <a class="inb-link" href="?{_esc(urllib.parse.urlencode(args))}" target="_top" '
+            f'title="this page, opening on this {what}: to come back to it or to share it">link to this {what}</a>')
+
 # %% ../nbs/10_explorer.ipynb #4ba4dc43
 _SOURCE_WORDS = {'memory': 'factors already loaded', 'disk': 'factors read from the cache', 'fitted': 'factors fitted for this run'}
 
@@ -892,7 +908,9 @@ def scored_phrase(result: ExplorerResult) -> str:
             f"{n:,} candidates{by} (the {m:,} sharing a token with the query, then {n - m:,} others in corpus order)") + \
            f" of {result.n_train:,} training sequences"
 
-def summary_html(result: ExplorerResult) -> str:
+def summary_html(result: ExplorerResult,
+                 link: str = '', # `page_link`'s anchor, shown after the timing (the app adds it when Voilà serves it)
+                ) -> str:
     "One paragraph: the query, its log-probability, what was scored and how long it took."
     q = result.query
     which = (f"{q['id']} ({', '.join(str(x) for x in (q.get('kind'), q.get('lang')) if x)})" if q.get('id') else "typed query")
@@ -910,7 +928,7 @@ def summary_html(result: ExplorerResult) -> str:
     secs, units = sum(result.timings.values()), nats_note(result.top['nats'], result.log_p, "its queries' summed log p" if 'members' in q else 'log p(completion)')
     return (f'<div class="inb-summary" data-query-id="{_esc(q.get("id") or "")}"><b>{_esc(which)}</b>: {said}' + ('' if 'members' in q else '<br>') +
             f'<span class="inb-muted">{_esc(result.model)} · {_esc(result.strategy)} ({damping_text}) · {cand} · {blocks} · '
-            f'{"no factors" if result.strategy == "identity" else _SOURCE_WORDS.get(result.factors_source, "factors " + result.factors_source)} · {secs:.1f} s</span><details class="inb-muted inb-units"><summary>Reading the numbers: a '
+            f'{"no factors" if result.strategy == "identity" else _SOURCE_WORDS.get(result.factors_source, "factors " + result.factors_source)} · {secs:.1f} s{link}</span><details class="inb-muted inb-units"><summary>Reading the numbers: a '
             f'positive score means the sequence makes the completion more likely; nats = score / N, N = {result.n_train:,} training '
             f'sequences <span class="inb-more">(more)</span></summary>{_esc(SCORE_LEGEND)}' + (f'<p class="inb-units-here">Here {_esc(units.split(": nats is")[0])}.</p>' if units else '')
             + '</details>' + ''.join(f'<div class="inb-note">note: {_esc(x)}</div>' for x in result.notes if x != units) + '</div>')
@@ -1323,7 +1341,7 @@ def _mark_stale(self: Explorer, change=None, failed:bool=False):
     note = ('' if not stale else '<div class="inb-note inb-stale">' + ('The run stopped (the message above); these results are '
             "the last finished run's." if failed else 'The settings or the query have changed since these results were computed: '
             'press Run to update them.') + '</div>')
-    self.results_w.children[0].value = note + summary_html(self.result)
+    self.results_w.children[0].value = note + summary_html(self.result, self._link(self.result))
 
 @patch
 def run(self: Explorer) -> ExplorerResult|None:
@@ -1394,7 +1412,7 @@ def _show(self: Explorer, res: ExplorerResult):
     charts.add_class('inb-charts')
     grid = widgets.GridBox([top, charts, tokens])   # explorer.css places the areas: the charts beside the rest, or last
     grid.add_class('inb-results-grid')
-    self.results_w.children = [widgets.HTML(summary_html(res)), grid]
+    self.results_w.children = [widgets.HTML(summary_html(res, self._link(res))), grid]
 
 # %% ../nbs/10_explorer.ipynb #cb2e3c84
 def explorer(model=None, # a bundled name (initial choice), or your model: an object or a folder
@@ -1454,7 +1472,7 @@ def app_notebook(path, # where to write the notebook (.ipynb)
             "import os, torch\nfrom influence_nb.explorer import explorer\n"
             "if os.environ.get('INFLUENCE_NB_THREADS'): torch.set_num_threads(int(os.environ['INFLUENCE_NB_THREADS']))\n"
             f"os.chdir({os.getcwd()!r})   # where the app was made: a model's own relative paths, 'module:function', as given\n"
-            f"explorer({', '.join(f'{k}={v!r}' for k, v in args.items())})")
+            f"explorer({', '.join(f'{k}={v!r}' for k, v in args.items())}).open_link()   # on the query the page's link names (`?query=`)")
     nb = {'cells': [{'cell_type': 'code', 'execution_count': None, 'id': 'app', 'metadata': {}, 'outputs': [],
                      'source': code.splitlines(keepends=True)}],
           'metadata': {'kernelspec': {'display_name': 'python3', 'language': 'python', 'name': 'python3'}},
@@ -1462,6 +1480,36 @@ def app_notebook(path, # where to write the notebook (.ipynb)
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(nb, indent=1) + '\n')
     return path
+
+# %% ../nbs/10_explorer.ipynb #6db0a662
+@patch
+def _link(self: Explorer, result: ExplorerResult) -> str:
+    "The header's link to this result's query, where Voilà serves the app (a notebook has no page address to link)."
+    return page_link(result, len(self.model_w.options)) if served() else ''
+
+@patch
+def open_link(self: Explorer,
+              query_string: str|None = None, # 'query=ID', 'group=LABEL', '&model=NAME'; None: the page's (`QUERY_STRING`), '' in a notebook
+             ) -> Explorer:
+    "Pick the query, group and model a page link names; a name the app lacks is said in the message box. Returns the app."
+    args = urllib.parse.parse_qs((os.environ.get('QUERY_STRING', '') if query_string is None else query_string).lstrip('?'))
+    one = lambda k: args[k][-1] if k in args else None
+    try:
+        if (m := one('model')) is not None:
+            if m not in self.model_w.options:
+                raise ValueError(f"no model {m!r} here; this app has {', '.join(map(repr, self.model_w.options))}.")
+            self.model_w.value = m
+        if (g := one('group')) is not None:
+            if not self._groups: raise ValueError("this app has no groups (they come with `group_by`).")
+            self.session.group(g); mode, pick = 'group', g                   # (an unknown label: its message)
+        elif (q := one('query')) is not None: self.session.query(q); mode, pick = 'file', q
+        else: return self
+        self.filter_w.value = ''
+        self.source_w.value = mode
+        self._fill_queries(select=pick)
+        self._on_query({'new': self.query_w.value})
+    except ValueError as e: self._show_error(ValueError(f"The page's link ({urllib.parse.urlencode({k: v[-1] for k, v in args.items()})}): {e}"))
+    return self
 
 # %% ../nbs/10_explorer.ipynb #ce231c79
 class _CallableModule(types.ModuleType):

@@ -404,7 +404,10 @@ class CallCounts:
     "Calls per forward pass of each tracked layer, as the passes within `watch_calls` see them; a warning where `fitted` says otherwise."
     def __init__(self, fitted:dict|None=None): # {name: [calls per forward the fit saw]} (`Factors.info['calls']`)
         self.seen, self.fitted, self.warned = {}, fitted or {}, False
-    def note(self, name:str, k:int):
+    def note(self, name:str, # a tracked layer
+             k:int, # how many times it ran in this forward pass
+            ):
+        "Record that `name` ran `k` times in a forward pass; warn once if the fit saw it run another number of times in every pass."
         self.seen.setdefault(name, set()).add(k)
         was = self.fitted.get(name)
         if self.warned or was is None or len(was) != 1 or k == was[0]: return
@@ -413,7 +416,9 @@ class CallCounts:
                       "made these factors. If the model's code changed (a loop's length, a block used again), the factors describe another "
                       "function: fit them again. (A model whose depth depends on its input can run a layer a number of times the fit's "
                       "sequences never did; then this is expected.)", stacklevel=2)
-    def record(self) -> dict: return {n: sorted(s) for n, s in self.seen.items()}
+    def record(self) -> dict:
+        "`{layer: sorted calls per forward}` seen so far: what a fit stores as `info['calls']`."
+        return {n: sorted(s) for n, s in self.seen.items()}
 
 def _no_gradient(layer, B:int, T:int, J:int|None, device) -> tuple:
     "`(ā, Ds, tokens seen)` of a layer the model ran only under its own `torch.no_grad` in this batch: zeros, none seen."

@@ -704,6 +704,7 @@ class Capture:
         self.nograd = set()     # layers the model also ran under its own `torch.no_grad` (calls no gradient reaches: not kept)
         self.backward = False   # True between `out_grads` and `clear`: a recomputed forward (checkpointing) is not a new call
     def clear(self):
+        "Forget this pass's inputs, outputs and row bookkeeping (called after each batch), ready for the next forward."
         for d in (self.inputs, self.outputs, self.rows, self.n_rows, self.versions, self.nograd): d.clear()
         self.backward = False
 

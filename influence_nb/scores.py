@@ -641,7 +641,7 @@ def _self_terms(acts, outg, denom, basis) -> torch.Tensor:
 
 @grad_enabled
 def self_scores(model, # the model the factors were fitted on
-                factors:Factors, # from `fit_factors`
+                factors:Factors|IterativeSolver, # from `fit_factors` / `Factors.load`
                 train, # sequences to score
                 damping:float|None=None, # as in `pairwise_scores`
                 batch_size:int=8, # sequences per forward/backward pass
@@ -725,7 +725,9 @@ class ClassifierAsLM(nn.Module):
         return type('Out', (), {'logits': logits})()                     # [B, T, C], the same at every position
 
     @staticmethod
-    def sequences(indices, labels) -> list[dict]:
+    def sequences(indices, # rows of `X`
+                  labels, # each row's class
+                 ) -> list[dict]:
         "Sequences `[i, y]` scoring class `y` of example `i`."
         return [{'input_ids': [int(i), int(y)], 'labels': [-100, int(y)]} for i, y in zip(indices, labels)]
 
@@ -733,13 +735,17 @@ class ClassifierAsLM(nn.Module):
 class RegressorAsLM(ClassifierAsLM):
     "Wrap a regression `net` (features -> `[..., d_out]`) over rows of `X` with targets `Y` (squared-error loss)."
     pbrf_loss = 'mse'
-    def __init__(self, net:nn.Module, X:torch.Tensor, Y:torch.Tensor):
+    def __init__(self, net:nn.Module, # the regressor (any nn.Module of Linear layers and activations)
+                 X:torch.Tensor, # [n_examples, d] features; sequences refer to rows by index
+                 Y:torch.Tensor, # [n_examples] or [n_examples, d_out] targets
+                ):
         super().__init__(net, X)
         Y = torch.as_tensor(Y)
         self.register_buffer('Y', Y[:, None] if Y.dim() == 1 else Y)    # [n_examples, d_out]
 
     @staticmethod
-    def sequences(indices) -> list[dict]:
+    def sequences(indices, # rows of `X` (their targets are `Y`'s rows)
+                 ) -> list[dict]:
         "Sequences `[i, i]` scoring the squared error of example `i`."
         return [{'input_ids': [int(i), int(i)], 'labels': [-100, int(i)]} for i in indices]
 

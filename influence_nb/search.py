@@ -840,7 +840,7 @@ def _only(pre:dict|None, read):
 # %% ../nbs/08_search.ipynb #26099be4
 @grad_enabled
 def scan(model, # the model the factors were fitted on
-         factors:Factors, # from `fit_factors` / `Factors.load`
+         factors:Factors|IterativeSolver, # from `fit_factors` / `Factors.load`
          queries, # query sequences (`tokenize_pairs`): only completion tokens are measured
          corpus, # list / Dataset / iterable of sequences or texts, or a path to a JSONL, .txt (a document per line) or Parquet file
          k:int=100, # sequences to keep per query

@@ -231,7 +231,10 @@ def token_heatmap_html(tokens: Sequence[str],  # token strings (byte-level BPE o
     return (f'<div class="inb-heatmap">{head}<div style="white-space:pre-wrap;line-height:1.8;word-break:break-word">'
             + "".join(parts) + f"</div>{legend}</div>")
 
-def show_tokens(tokens: Sequence[str], values, **kwargs):
+def show_tokens(tokens: Sequence[str], # the tokens as text
+                values, # one value per token (e.g. a row of `Scores.per_token`)
+                **kwargs, # `token_heatmap_html`'s options
+               ):
     "`token_heatmap_html` as an `IPython.display.HTML` object, for notebooks."
     from IPython.display import HTML
     return HTML(token_heatmap_html(tokens, values, **kwargs))
@@ -625,7 +628,10 @@ def top_sequences_html(scores,                       # Scores-like with .total [
         parts.append(token_heatmap_html(toks, vals, title=title, scale=scale, shift=shift, decode=decode))
     return '<div style="display:flex;flex-direction:column;gap:12px">' + "".join(parts) + "</div>"
 
-def show_top_sequences(scores, train_tokens, **kwargs):
+def show_top_sequences(scores, # `Scores` with per-token scores
+                       train_tokens, # each training sequence's tokens as text
+                       **kwargs, # `top_sequences_html`'s options (query, k, ...)
+                      ):
     "`top_sequences_html` as an `IPython.display.HTML` object."
     from IPython.display import HTML
     return HTML(top_sequences_html(scores, train_tokens, **kwargs))

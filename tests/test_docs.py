@@ -4,6 +4,7 @@ Debian's headless Chromium, driven by Playwright, reads it from a localhost serv
 Needs Chromium at /usr/bin/chromium (or $INFLUENCE_NB_CHROMIUM) and playwright (the `browser` extra):
 `.ci/browser_setup.sh` installs both. Unlike a skip, a missing one FAILS here: the site is a deliverable.
 """
+import html as html_lib
 import functools
 import http.server
 import importlib.util
@@ -124,6 +125,8 @@ def test_site_has_every_notebook_and_module(site):
     for name in nbs: assert (SITE/f'{name}.html').is_file(), name
     for mod in mods:
         html = (SITE/'api'/f'{mod}.html').read_text(encoding='utf-8')
+        for name in [n for n, m in docs_build.package_names() if m == mod]:   # `inf.*` names first, linked, above the entries
+            assert html.index(f'inf.{name}') < html.index('<dl class="py'), f"api/{mod}.html does not open with inf.{name}"
         m = importlib.import_module(mod)
         for name in getattr(m, '__all__', []):                                    # every exported name documented
             assert f'id="{mod}.{name}"' in html, f"{mod}.{name} has no entry on api/{mod}.html"
@@ -139,6 +142,13 @@ def test_site_has_every_notebook_and_module(site):
     for name in order:                                                          # named as the prose names them: `26_scale`
         assert labels[name].startswith(f'{name} · ') and '`' not in labels[name], (name, labels[name])
     assert labels['13_cli'] == '13_cli · The influence-nb command', labels['13_cli']
+    index = json.loads((ROOT/'nbs'/'index.ipynb').read_text(encoding='utf-8'))          # the home page shows what README.md shows:
+    checks = [c for c in index['cells'] if docs_build.is_check(c)]                      # its checks stay in the notebook
+    text = html_lib.unescape(re.sub(r'<[^>]+>', '', home))
+    for c in checks: assert ''.join(c['source']).strip().splitlines()[0] not in text, f"check cell {c['id']} is on the home page"
+    assert checks
+    css = (SITE/'_static'/'influence_nb.css').read_text(encoding='utf-8')             # code wraps instead of running off the page
+    assert re.search(r'\.highlight pre[^{]*\{[^}]*white-space:\s*pre-wrap', css)
     viz = (SITE/'09_viz.html').read_text(encoding='utf-8')                     # the terminal heatmap in its own colours
     assert '<span style="background:rgb(202,0,32);color:rgb(255,255,255)"> Vel</span>' in viz and '\x1b[' not in viz
 
