@@ -208,12 +208,13 @@ def demo(model_name:str='gpt2-l', # bundled model
     cand = _demo_candidates(query, train, candidates, tok, say)
     sc = pairwise_scores(model, factors, query, [train[i] for i in cand], per_layer=True, batch_size=16)
     top = sc.total[0].topk(min(k, len(cand)))
-    rows = [{'rank': r + 1, 'train_index': cand[j], 'score': v, 'nats (per copy, N=%d)' % len(train): v / len(train),
+    col = f'nats (per copy, N={len(train):,})'
+    rows = [{'rank': r + 1, 'train_index': cand[j], 'score': v, col: v / len(train),
              'text': records[cand[j]]['text'][:90]} for r, (v, j) in enumerate(zip(top.values.tolist(), top.indices.tolist()))]
     say(f"\nTop {len(rows)} most influential training sequences:")
     with pd.option_context('display.max_colwidth', 90, 'display.width', 200):
         say(pd.DataFrame(rows).set_index('rank').to_string(float_format=lambda x: f'{x:.4g}'))
-    if note := nats_note([r['nats (per copy, N=%d)' % len(train)] for r in rows], lp): say(f"note: {note}")
+    if note := nats_note([r[col] for r in rows], lp): say(f"note: {note}")
     shares = sc.layer_shares(top=k).iloc[0]
     say(f"\nShare of the top-{len(rows)} influence per layer:")
     for name, v in shares.items(): say(f"  {name:<28s} {100*v:6.1f} %")
