@@ -554,11 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     _corpus_args(t, '--corpus', required=False, rules=False, skip=False, what='the scanned corpus, for texts (default: the path recorded in the result)',
                  text_default=None)
     t.add_argument('--query', default='0', help="query id (a group's label for a scan with --group-by), or its 0-based position (default: 0)")
-    t.add_argument('--k', type=int, default=10, help='how many sequences (default: 10)')
+    t.add_argument('--k', type=int, default=None, help='how many sequences (default: 10, or all the scan kept when fewer)')
     _model_args(t, required=False, default=None, said='to decode records of token ids; default: none')
     t.add_argument('--width', type=int, default=100, help='characters of text to show (default: 100)')
     t.add_argument('--n-train', type=int, default=None, help='N of the training set, for nats = score / N (default: the one the scan recorded)')
-    t.add_argument('--quiet', action='store_true', help='no notes on stderr (what the result cannot show, and why)')
+    t.add_argument('--quiet', action='store_true', help="no notes on what the result cannot show (more than the scan kept; texts whose corpus is gone)")
     _explore_parser(sub)
     _windows_parser(sub)
     for name, target in (('experiment', 'influence_nb.experiments.harness'), ('validate', 'influence_nb.evaluate')):
@@ -826,14 +826,15 @@ def _cmd_windows(a):
     if bad: print(f"note: --corpus {path.name}: skipped {len(bad)} of its {n[0]} records, which cannot be used (--skip-bad-records; "
                   f"the first: {bad[0][0]}: {bad[0][1]}).", file=sys.stderr)
     if st.bare: print(f"note: {len(st.bare)} of the {st.n_texts} documents gave no window: they have fewer than two tokens, or no token "
-                      f"to score (the first: {seen[st.bare[0][1]]}).", file=sys.stderr)
+                      f"a window predicts (the first: {seen[st.bare[0][1]]}).", file=sys.stderr)
     if a.parts and (lone := [x for x in seen if x not in parted and x not in dropped]):
         print(f"note: {len(lone)} documents have no token predicted in their blocks (one token opening a block, with nothing before "
               f"it) and so no part (the first: {seen[lone[0]]}).", file=sys.stderr)
     unit = 'blocks' if a.pack else 'windows'
-    if st.idle: print(f"note: {st.idle:,} {unit} ({st.idle_tokens:,} tokens) were left out as they score no token: a document's last "
-                      "window of one token (nothing before it to predict it from) or tokens the scoring rules leave out; training "
-                      "learns nothing from them either.", file=sys.stderr)
+    if st.idle: print(f"note: {st.idle:,} {unit if st.idle > 1 else unit[:-1]} ({st.idle_tokens:,} token{'s' * (st.idle_tokens > 1)}) "
+                      f"{'were' if st.idle > 1 else 'was'} left out, scoring no token: " + ("the stream's last block of one token"
+                      if a.pack else "a document's last window of one token") + " (nothing before it to predict it from) or tokens "
+                      "the scoring rules leave out; training learns nothing from them either.", file=sys.stderr)
     print(f"wrote {wins:,} {unit} of at most {a.max_length} tokens ({toks:,} tokens) from {st.n_texts - len(st.bare):,} documents "
           f"({st.n_split:,} longer than {a.max_length} tokens{'' if a.pack else ', split'}) to {a.out}"
           + (f"; their {n_parts:,} parts, one per document in a block, to {a.parts}" if a.parts else ''))
@@ -1112,7 +1113,8 @@ def _top_texts(res, qi:int, k:int, corpus, tok, text_field, id_field='id') -> tu
 # %% ../nbs/13_cli.ipynb #1b0683e8
 def _cmd_top(a):
     res = ScanResult.load(a.result)
-    if a.k < 1: raise ValueError(f"--k must be at least 1, got {a.k}.")
+    if a.k is not None and a.k < 1: raise ValueError(f"--k must be at least 1, got {a.k}.")
+    k = 10 if a.k is None else a.k
     if a.n_train is not None:
         if a.n_train < 1: raise ValueError(f"--n-train must be at least 1, got {a.n_train}.")
         res.n_train = a.n_train
@@ -1124,10 +1126,10 @@ def _cmd_top(a):
     if renamed and corpus is None:
         raise ValueError(f"--id-field {a.id_field}: the scan named its records by {res.id_field or 'id'!r}; pass --corpus, the scanned "
                          "file, to name them by another field.")
-    texts, ids = _top_texts(res, qi, a.k, corpus, tok, a.text_field or res.text_field or 'text', a.id_field or res.id_field or 'id')
+    texts, ids = _top_texts(res, qi, k, corpus, tok, a.text_field or res.text_field or 'text', a.id_field or res.id_field or 'id')
     if renamed and a.id_field != 'id' and not ids:
         raise ValueError(f"--id-field {a.id_field}: none of the records shown has that field; pass the field that names them.")
-    df = res.top(qi, a.k, texts=texts)
+    df = res.top(qi, k, texts=texts)
     if ids or renamed:               # the records' own ids, as `explore` shows them; the corpus fills what the result lacks
         col = [(not renamed and had) or ids.get(int(i), '') for had, i in zip(df['id'] if 'id' in df else [''] * len(df), df['index'])]
         if 'id' in df: df['id'] = col
@@ -1136,11 +1138,15 @@ def _cmd_top(a):
     among = (f"its {res.candidates:,} BM25 candidates ({res.n_scanned:,} sequences scored in all)"
              if res.candidates and res.candidates < res.n_scanned else f"{res.n_scanned:,} sequences")
     kept, pool = res.indices.shape[1], min(res.candidates or res.n_scanned, res.n_scanned)
-    if not a.quiet and a.k > kept and kept < pool:
-        print(f"note: the scan kept its top {kept} per query (scan --k {kept}); scan again with --k {a.k} to see {a.k}.", file=sys.stderr)
+    if not a.quiet and a.k is not None and a.k > kept and kept < pool:      # asked for more than the scan kept, and there are more
+        more = min(a.k, pool)
+        print(f"note: the scan kept its top {kept} per query (scan --k {kept}); scan again with --k {more} to see {more}"
+              + (f" (its --candidates {res.candidates} bound it: raise both to see {a.k})." if res.candidates and a.k > pool else "."),
+              file=sys.stderr)
     if not a.quiet and texts is None:
         print("note: no texts: " + (f"the scanned corpus {res.source} is not there; pass --corpus, the file that was scanned."
-              if res.source else "the scan read no corpus file; pass --corpus, the file that was scanned."), file=sys.stderr)
+              if res.source else "the scan read its texts from Python, not from a file: write them to a JSONL or .txt file, in "
+              "the same order, and pass it as --corpus."), file=sys.stderr)
     print(f"{name}: top {len(df)} of {among} (query rank {res.query_rank or 'full'}"
           f"{', refined' if res.refined else ''}){f'; {per_copy_column(res.measurement)} = score / N, N = {res.n_train:,}' if res.n_train else ''}")
     if res.token_rules: print(f"its records were read with {rule_words(res.token_rules, cli=True)}")

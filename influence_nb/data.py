@@ -1795,9 +1795,11 @@ def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_fie
             st.n_texts += 1; st.n_split += len(s['input_ids']) > length
             if not pack and n_scored(s) == 0: st.bare.append((j, x)); continue   # (packed, its tokens follow others: predicted)
             if not pack:
+                gave = False
                 for a in range(0, len(s['input_ids']), length):
                     r = _window_record(s['input_ids'][a:a + length], s['labels'][a:a + length], id=f'{x}#{a // length}', source=x, start=a, **mine)
-                    if st.scores(r): yield r    # a window that scores nothing: training learns nothing from it
+                    if st.scores(r): gave = True; yield r    # a window that scores nothing: training learns nothing from it
+                if not gave: st.bare.append((j, x))          # its scored tokens each opened a window: none is predicted
                 continue
             if sep is not None and last is not None and last != sep and int(s['input_ids'][0]) != sep:   # (a BOS that is the EOS parts them)
                 buf = [torch.cat([buf[0], torch.tensor([sep])]), torch.cat([buf[1], torch.tensor([sep])])]
@@ -1809,8 +1811,8 @@ def _windows(st:WindowStream, tokenizer, items, length, ids, pack, sep, text_fie
         n += len(chunk)
     if not n: raise ValueError("`texts` is empty: pass at least one text.")
     if names is not None and next(names, None) is not None: raise ValueError(f"`ids` has more entries than the {n} texts; give one id per text.")
-    if st.bare: warnings.warn(f"{len(st.bare):,} of {n:,} texts have no token to score (fewer than two tokens, or a conversation "
-                              f"without a reply) and gave no window (the first: texts[{st.bare[0][0]}]).", NoWindowWarning, stacklevel=3)
+    if st.bare: warnings.warn(f"{len(st.bare):,} of {n:,} texts have no token to score (fewer than two tokens, a conversation "
+                              f"without a reply, or scored tokens that each open a window) and gave no window (the first: texts[{st.bare[0][0]}]).", NoWindowWarning, stacklevel=3)
     if pack and sep is not None and last is not None and last != sep:
         buf = [torch.cat([buf[0], torch.tensor([sep])]), torch.cat([buf[1], torch.tensor([sep])])]
     for r in _cut_blocks(buf, spans, length, b, sep, mine, final=True):

@@ -1491,24 +1491,26 @@ def _link(self: Explorer, result: ExplorerResult) -> str:
 def open_link(self: Explorer,
               query_string: str|None = None, # 'query=ID', 'group=LABEL', '&model=NAME'; None: the page's (`QUERY_STRING`), '' in a notebook
              ) -> Explorer:
-    "Pick the query, group and model a page link names; a name the app lacks is said in the message box. Returns the app."
-    args = urllib.parse.parse_qs((os.environ.get('QUERY_STRING', '') if query_string is None else query_string).lstrip('?'))
-    one = lambda k: args[k][-1] if k in args else None
-    try:
-        if (m := one('model')) is not None:
-            if m not in self.model_w.options:
-                raise ValueError(f"no model {m!r} here; this app has {', '.join(map(repr, self.model_w.options))}.")
-            self.model_w.value = m
-        if (g := one('group')) is not None:
+    "Pick the query or group, and the model, a page link names: all of it, or (a name the app lacks) none, said in the message box. Returns the app."
+    raw = (os.environ.get('QUERY_STRING', '') if query_string is None else query_string).lstrip('?')
+    args = {k: v[-1] for k, v in urllib.parse.parse_qs(raw, keep_blank_values=True).items() if k in ('query', 'group', 'model')}
+    try:                                                              # every name checked before anything moves
+        if 'query' in args and 'group' in args: raise ValueError("give a query or a group, not both.")
+        if (m := args.get('model')) is not None and m not in self.model_w.options:
+            raise ValueError(f"no model {m!r} here; this app has {', '.join(map(repr, self.model_w.options))}.")
+        if (g := args.get('group')) is not None:
             if not self._groups: raise ValueError("this app has no groups (they come with `group_by`).")
             self.session.group(g); mode, pick = 'group', g                   # (an unknown label: its message)
-        elif (q := one('query')) is not None: self.session.query(q); mode, pick = 'file', q
-        else: return self
+        elif (q := args.get('query')) is not None: self.session.query(q); mode, pick = 'file', q
+        else: mode = None
+    except ValueError as e:
+        self._show_error(ValueError(f"The page's link ({urllib.parse.urlencode(args)}): {e}")); return self
+    if 'model' in args: self.model_w.value = args['model']
+    if mode is not None:
         self.filter_w.value = ''
         self.source_w.value = mode
         self._fill_queries(select=pick)
         self._on_query({'new': self.query_w.value})
-    except ValueError as e: self._show_error(ValueError(f"The page's link ({urllib.parse.urlencode({k: v[-1] for k, v in args.items()})}): {e}"))
     return self
 
 # %% ../nbs/10_explorer.ipynb #ce231c79

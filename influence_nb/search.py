@@ -18,6 +18,7 @@ from .data import (TokenRules, cut_texts, text_sequences, array_record, end_sent
                                grad_enabled, check_max_length, check_int, n_scored, shown_ids, tokenizer_mark, other_tokenizer)
 from .kfac import layer_passes, together, all_reduce_sum, dist_info, watch_calls
 from .ekfac import Factors, check_damping
+from .solver import IterativeSolver   # (a `factors` argument may be one)
 from .scores import (check_measured, check_queries, query_group_rows, measurement_name, per_copy_column, prepare_queries, contract_scores, check_rank, prepare_scoring, check_query, check_k,
                                  working_dtype)
 

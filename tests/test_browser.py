@@ -258,7 +258,7 @@ def test_explorer_in_browser(voila_url, expected):
     refused = 'console.error: Failed to load resource: the server responded with a status of 403 (Forbidden)'
     for _ in shutdowns:                                        # that refusal alone, once per page left
         if refused in errors: errors.remove(refused)
-    assert len(shutdowns) == 1 and not errors, "JavaScript errors in the page:\n" + "\n".join(errors)
+    assert len(shutdowns) <= 1 and not errors, "JavaScript errors in the page:\n" + "\n".join(errors)
     assert all('cdn.jsdelivr.net' in u for u in external), f"unexpected off-machine requests: {external}"
 
 
