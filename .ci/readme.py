@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 "Write README.md from nbs/index.ipynb (Quarto, which nbdev-readme needs, is not installable here)."
-import base64, json, re, sys
+import base64, importlib.util, json, re, sys
 from pathlib import Path
 root = Path(sys.argv[1] if len(sys.argv) > 1 else '.')
+_spec = importlib.util.spec_from_file_location('docs_build', Path(__file__).resolve().parent.parent/'docs'/'build.py')
+docs_build = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(docs_build)   # its `is_check`: the home page's rule too
 nb = json.loads((root/'nbs'/'index.ipynb').read_text())
 
 def outputs(cell) -> list[str]:
@@ -29,7 +31,7 @@ for c in nb['cells']:
     src = ''.join(c['source']).rstrip()
     if not src: continue
     if c['cell_type'] == 'markdown': parts.append(src)
-    elif not src.startswith('#|') and not src.lstrip().startswith('assert'):
+    elif not src.startswith('#|') and not docs_build.is_check(c):
         parts.append('```python\n' + src + '\n```')
         parts += outputs(c)
 (root/'README.md').write_text('\n\n'.join(parts) + '\n')

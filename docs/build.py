@@ -102,7 +102,7 @@ def ansi_html(text: str) -> str:
 
 
 def is_check(cell: dict) -> bool:
-    "A code cell that only asserts (its source opens with `assert`): README.md leaves it out (`.ci/readme.py`), and so does the home page."
+    "A code cell that only asserts (its source opens with `assert`): README.md (`.ci/readme.py`) and the home page leave it out."
     return cell['cell_type'] == 'code' and ''.join(cell['source']).lstrip().startswith('assert')
 
 
